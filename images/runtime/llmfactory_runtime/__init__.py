@@ -1,0 +1,10 @@
+"""llmfactory data plane: the workloads that run inside Jobs. Never imports kubernetes.
+
+Importing this package (or its store and progress modules) does not import torch, so the
+control plane can share the artifact store without pulling in the training stack.
+"""
+
+# Exit codes, part of the contract with the operator's Job podFailurePolicy.
+EXIT_OK = 0
+EXIT_FAILED = 1  # retryable: a crash, an OOM, a network error
+EXIT_INVALID_TASK = 2  # the task itself is wrong: retrying cannot help

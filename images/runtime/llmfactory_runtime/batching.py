@@ -1,0 +1,56 @@
+"""Conversations -> padded tensors, and the perplexity every phase measures the same way."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .chat import IGNORE, encode_for_training
+from .data import messages_of
+
+
+def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
+    """Encoded conversations that have at least one assistant token within max_len."""
+    encoded = [encode_for_training(tokenizer, messages_of(r), max_len) for r in rows]
+    return [e for e in encoded if any(label != IGNORE for label in e["labels"])]
+
+
+def collate(examples: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked out of attention and loss."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+@torch.no_grad()
+def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, all_tokens: bool = False) -> float | None:
+    """Token-weighted mean next-token loss over assistant tokens (or every real token)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size], pad_id, model.device)
+        if all_tokens:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def perplexity(model, tokenizer, rows: list[dict], max_len: int = 2048, batch_size: int = 4) -> dict[str, float]:
+    """{assistant: perplexity on assistant tokens, all: on every token} of a model on conversations."""
+    examples = encode_rows(tokenizer, rows, max_len)
+    if not examples:
+        raise ValueError("no conversation with an assistant answer to measure perplexity on")
+    return {"assistant": math.exp(mean_loss(model, examples, batch_size, tokenizer.pad_token_id)),
+            "all": math.exp(mean_loss(model, examples, batch_size, tokenizer.pad_token_id, all_tokens=True))}

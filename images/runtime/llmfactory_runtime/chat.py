@@ -1,0 +1,48 @@
+"""Chat templates and the token masks that make training learn only the assistant's words."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The ChatML template, for tokenizers that ship none (e.g. ones trained from scratch).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+IGNORE = -100  # label value that cross-entropy skips
+
+
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans written by the assistant (each answer
+    and its end-of-turn marker, so the model learns to stop)."""
+    text = render(tokenizer, messages)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1])
+        if not text.startswith(through) or not through.startswith(prefix):
+            raise ValueError("the chat template does not render conversations prefix by prefix; "
+                             "assistant-only loss cannot be located")
+        spans.append((len(prefix), len(through)))
+    return text, spans
+
+
+def encode_for_training(tokenizer, messages: list[dict[str, str]], max_length: int) -> dict[str, Any]:
+    """input_ids and labels, where labels are IGNORE everywhere but on assistant tokens."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                    truncation=True, max_length=max_length)
+    labels = []
+    for token, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        inside = any(a <= start < b for a, b in spans)
+        labels.append(token if inside else IGNORE)
+    return {"input_ids": enc["input_ids"], "labels": labels}

@@ -1,0 +1,35 @@
+"""Which teacher answers to keep."""
+
+from __future__ import annotations
+
+import re
+
+# Refusal openings in the languages of the reference workload; users extend them in the spec.
+REFUSAL_PATTERNS = [
+    r"\b(i'?m sorry|i apologi[sz]e|i can(no|')t (help|assist|provide|comply|do that)|i am unable to|"
+    r"i'?m unable to|i won'?t be able to|as an ai( language model)?)\b",
+    r"(извините|к сожалению,? я не могу|я не могу (помочь|выполнить|предоставить|ответить)|"
+    r"как (ии|искусственный интеллект|языковая модель))",
+    r"(抱歉|对不起|我无法|我不能(帮助|提供|回答|协助)|作为一个?(人工智能|AI|语言模型))",
+]
+
+
+class AnswerFilter:
+    def __init__(self, spec: dict):
+        self.spec = spec
+        patterns = (REFUSAL_PATTERNS if spec.get("refusals", True) else []) + spec.get("refusalPatterns", [])
+        self.refusal = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
+
+    def reason_to_drop(self, text: str, finished: bool) -> str | None:
+        """None to keep the answer, else the reason it is dropped."""
+        if not text.strip():
+            return "empty"
+        if self.spec.get("dropTruncated", True) and not finished:
+            return "truncated"
+        if len(text) < self.spec.get("minAnswerChars", 1):
+            return "too_short"
+        if self.spec.get("maxAnswerChars") and len(text) > self.spec["maxAnswerChars"]:
+            return "too_long"
+        if self.refusal and self.refusal.search(text[:300]):
+            return "refusal"
+        return None

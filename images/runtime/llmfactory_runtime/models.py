@@ -1,0 +1,122 @@
+"""Finding and loading models and tokenizers, wherever a ModelSource says they are."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .chat import CHATML_TEMPLATE
+from .store import open_store
+from .task import InvalidTask
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMFACTORY_CACHE", Path.home() / ".cache" / "llmfactory"))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype() -> torch.dtype:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _package_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    spec = importlib.util.find_spec(parsed.netloc)  # find_spec does not import the package
+    if spec is None or spec.origin is None:
+        raise InvalidTask(f"{uri}: Python package {parsed.netloc!r} is not installed")
+    return Path(spec.origin).parent / parsed.path.lstrip("/")
+
+
+def locate(source: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
+    """(directory or hub id, GGUF file name or None, from_pretrained kwargs) for a ModelSource."""
+    gguf = source.get("ggufFile")
+    if source.get("huggingface"):
+        return source["huggingface"], gguf, {"revision": source.get("revision")}
+    uri = source.get("uri") or ""
+    if uri.startswith("package://"):
+        path = _package_path(uri)
+    elif uri.startswith("file://"):
+        path = Path(urlparse(uri).path)
+    elif uri.startswith("s3://"):
+        path = cache_root() / "downloads" / hashlib.sha256(uri.encode()).hexdigest()[:24]
+        if not (path / ".complete").exists():
+            open_store(uri).download_dir("", path, require_commit=False)
+            (path / ".complete").touch()
+    else:
+        raise InvalidTask(f"model source needs huggingface or uri (s3://, file://, package://), got {source}")
+    if path.suffix == ".gguf":
+        path, gguf = path.parent, path.name
+    if not path.exists():
+        raise InvalidTask(f"model {uri}: {path} does not exist")
+    return str(path), gguf, {}
+
+
+def _gguf_cache(source: dict[str, Any], cache: bool) -> Path | None:
+    """A GGUF file dequantizes slowly (~20 s for 135M params); keep a safetensors copy once loaded."""
+    where, gguf, _ = locate(source)
+    if not gguf or not cache:
+        return None
+    stat = (Path(where) / gguf).stat() if Path(where, gguf).exists() else None
+    key = json.dumps([source, stat.st_size if stat else None, stat.st_mtime if stat else None], sort_keys=True)
+    return cache_root() / "gguf-as-safetensors" / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def load_tokenizer(source: dict[str, Any], cache: bool = True) -> PreTrainedTokenizerBase:
+    cached = _gguf_cache(source, cache)
+    if cached and (cached / ".complete").exists():
+        tok = AutoTokenizer.from_pretrained(cached)
+    else:
+        where, gguf, kwargs = locate(source)
+        tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, **kwargs)
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: dict[str, Any], dtype: torch.dtype | None = None, cache: bool = True, **kwargs):
+    """A causal LM on the best device, in the compute dtype unless told otherwise. A GGUF source is
+    kept as safetensors in the local cache unless cache=False (a file that is only checked once)."""
+    dtype = dtype or compute_dtype()
+    cached = _gguf_cache(source, cache)
+    if cached and (cached / ".complete").exists():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **kwargs)
+    else:
+        where, gguf, extra = locate(source)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **extra, **kwargs)
+        if cached:
+            _save_gguf_cache(model, AutoTokenizer.from_pretrained(where, gguf_file=gguf), cached)
+    return model.to(device())
+
+
+def _save_gguf_cache(model, tokenizer, path: Path) -> None:
+    # A GGUF-loaded model refuses save_pretrained while it still names its quantizer.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").touch()
+    try:
+        tmp.rename(path)  # atomic: a concurrent reader sees no cache or a whole one
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)

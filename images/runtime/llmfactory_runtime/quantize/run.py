@@ -1,0 +1,85 @@
+"""Quantization: GGUF files, each loaded back through transformers and measured for perplexity."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..batching import perplexity
+from ..data import read_split
+from ..models import load_model, load_tokenizer, locate
+from ..progress import Progress
+from ..store import Store
+from ..task import InvalidTask
+from .gguf_export import export
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _perplexity(source: dict, rows: list[dict], cache: bool = True) -> float:
+    model, tokenizer = load_model(source, cache=cache), load_tokenizer(source, cache=cache)
+    value = perplexity(model, tokenizer, rows)["assistant"]
+    del model
+    gc.collect()
+    return value
+
+
+def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
+    spec, inputs = task["spec"], task["inputs"]
+    types, validation = spec["types"], spec["validation"]
+    folder, gguf_file, _ = locate(inputs["model"])
+    if gguf_file:
+        raise InvalidTask("spec.model: the model is already a GGUF file; quantize the safetensors model it came from")
+    dataset = inputs.get("dataset")
+    rows = read_split(dataset["uri"], "test")[: validation["maxSamples"]] if dataset else []
+    progress.stage("measuring the unquantized model" if rows else "converting",
+                   total=len(types), unit="types")
+    reference = _perplexity(inputs["model"], rows) if rows else None
+
+    artifacts, passed = [], True
+    name = task["resource"]["name"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, type_name in enumerate(types):
+            progress.stage(f"converting to {type_name}", total=len(types), unit="types")
+            progress.update(i)
+            out = Path(tmp) / f"{name}-{type_name}.gguf"
+            params = export(Path(folder), out, type_name, name)
+            art: dict[str, Any] = {
+                "type": type_name,
+                "uri": f"{run.uri}/gguf/{out.name}",
+                "sizeBytes": out.stat().st_size,
+                "sha256": sha256_file(out),
+                "bitsPerWeight": round(out.stat().st_size * 8 / params, 3),
+            }
+            if rows:
+                progress.stage(f"validating {type_name}", total=len(types), unit="types")
+                progress.update(i)
+                # Loaded back the way users of transformers will load it: proof the file is usable.
+                value = _perplexity({"uri": f"file://{tmp}", "ggufFile": out.name}, rows, cache=False)
+                art["perplexity"] = round(value, 4)
+                art["perplexityIncreasePercent"] = round(100 * (value - reference) / reference, 3)
+                bound = validation.get("maxPerplexityIncreasePercent")
+                if bound is not None and art["perplexityIncreasePercent"] > bound:
+                    passed = False
+            run.upload_file(out, f"gguf/{out.name}")
+            artifacts.append(art)
+            out.unlink()
+            progress.update(i + 1, figure=f"{type_name} {art['sizeBytes'] / 1e6:.1f} MB")
+    run.commit("gguf")
+    return {
+        "artifacts": artifacts,
+        "referencePerplexity": round(reference, 4) if reference else None,
+        "passed": passed,
+        "datasetUri": dataset["uri"] if dataset else None,
+        "datasetFormat": dataset["format"] if dataset else None,
+        "datasetDigest": dataset["digest"] if dataset else None,
+    }

@@ -1,0 +1,82 @@
+"""Benchmark: perplexity on held-out conversations and an LLM judge's score, with gates."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, StatusBase
+from .fine_tune import DatasetInput
+
+
+class ModelUnderTest(ApiModel):
+    cel_rules: ClassVar = [
+        {"rule": "[has(self.fineTuneRef), has(self.quantizationRef), has(self.source)]"
+                 ".filter(x, x).size() == 1",
+         "message": "set exactly one of fineTuneRef, quantizationRef or source"},
+    ]
+
+    fine_tune_ref: LocalObjectReference | None = Field(None, description="A FineTune's trained model.")
+    quantization_ref: LocalObjectReference | None = Field(
+        None, description="A Quantization's first GGUF artifact, loaded back through transformers.")
+    source: ModelSource | None = Field(None, description="Any model by Hugging Face id or URI.")
+
+
+class Perplexity(ApiModel):
+    dataset: DatasetInput | None = Field(
+        None, description="Conversations to score; defaults to the FineTune's dataset.")
+    split: Literal["train", "validation", "test"] = Field("test", description="Which split to score.")
+    max_samples: int | None = Field(None, ge=1, description="Score at most this many conversations.")
+
+
+class Judge(ApiModel):
+    model: ModelSource = Field(description="The judging model, run locally with transformers.")
+    languages: list[str] = Field(default_factory=lambda: ["en", "ru", "zh"], min_length=1,
+                                 description="Built-in question sets to use (en, ru, zh).")
+    max_questions: int | None = Field(None, ge=1, description="Questions per language, at most.")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer of the model under test.")
+    batch_size: int = Field(8, ge=1, le=512, description="Questions answered together.")
+
+
+class Gate(ApiModel):
+    metric: str = Field(pattern=r"^[a-zA-Z][\w.]*$",
+                        description="A metric of the result, e.g. judge.score, perplexity.value, perplexity.increasePercent.")
+    op: Literal[">=", ">", "<=", "<"] = Field(description="Comparison the metric must satisfy.")
+    value: float = Field(description="Threshold.")
+
+
+class BenchmarkSpec(ApiModel):
+    cel_rules: ClassVar = [
+        {"rule": "has(self.perplexity) || has(self.judge)", "message": "enable at least one of perplexity or judge"},
+    ]
+
+    model: ModelUnderTest = Field(description="The model to evaluate.")
+    baseline: bool = Field(True, description="Also evaluate the FineTune's base model, for comparison.")
+    perplexity: Perplexity | None = Field(None, description="Perplexity on held-out conversations.")
+    judge: Judge | None = Field(None, description="LLM-as-judge scores on built-in questions (1-10).")
+    gates: list[Gate] = Field(default_factory=list, description="All must hold for result.passed.")
+
+
+class GateOutcome(ApiModel):
+    gate: str = Field(description="The gate as text.")
+    value: float | None = Field(None, description="The metric's value; unset when the metric is missing.")
+    passed: bool = Field(description="Whether it held.")
+
+
+class BenchmarkResult(ApiModel):
+    metrics: dict[str, float] = Field(description="Every figure, by dotted name (what gates refer to).")
+    gates: list[GateOutcome] = Field(default_factory=list, description="Each gate's outcome.")
+    passed: bool = Field(description="Every gate held.")
+    report_uri: str = Field(description="report.md and report.json.")
+
+
+class BenchmarkStatus(StatusBase):
+    result: BenchmarkResult | None = Field(None, description="Set when the benchmark finished.")
+
+
+KIND = KindInfo(
+    kind="Benchmark", plural="benchmarks", short_names=["bench"], phase="benchmark",
+    spec=BenchmarkSpec, status=BenchmarkStatus, headline_column="Score",
+    description="Scores a model: perplexity and an LLM judge, with pass/fail gates.",
+)

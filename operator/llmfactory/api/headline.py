@@ -1,0 +1,28 @@
+"""The one-line figure of a result: status.headline, the printer column and the summary table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def headline(kind: str, result: dict[str, Any] | None) -> str:
+    if not result:
+        return ""
+    if kind == "DatasetBuild":
+        rows = result["rows"]
+        return f"{sum(rows.values())} rows ({rows.get('train', 0)}/{rows.get('validation', 0)}/{rows.get('test', 0)})"
+    if kind == "FineTune":
+        return f"loss {result['firstLoss']:.3f} -> {result['finalLoss']:.3f}"
+    if kind == "Benchmark":
+        m = result["metrics"]
+        parts = []
+        if "judge.score" in m:
+            parts.append(f"judge {m['judge.score']:.2f}" + (f" (base {m['judge.baseline']:.2f})" if "judge.baseline" in m else ""))
+        if "perplexity.value" in m:
+            parts.append(f"ppl {m['perplexity.value']:.2f}" + (f" (base {m['perplexity.baseline']:.2f})" if "perplexity.baseline" in m else ""))
+        if result.get("gates"):
+            parts.append("gates passed" if result["passed"] else "gates FAILED")
+        return ", ".join(parts)
+    if kind == "Quantization":
+        return ", ".join(f"{a['type']} {a['sizeBytes'] / 1e6:.1f} MB" for a in result["artifacts"])
+    return ""

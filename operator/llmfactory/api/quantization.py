@@ -1,0 +1,66 @@
+"""Quantization: a trained model converted to GGUF for llama.cpp, with the quality loss measured."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, StatusBase
+
+# What gguf-py can write without llama.cpp's binaries.
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+
+
+class QuantizationInput(ApiModel):
+    cel_rules: ClassVar = [
+        {"rule": "has(self.fineTuneRef) != has(self.source)", "message": "set exactly one of fineTuneRef or source"},
+    ]
+
+    fine_tune_ref: LocalObjectReference | None = Field(None, description="A FineTune's trained model.")
+    source: ModelSource | None = Field(None, description="Any transformers Llama-family model by id or URI.")
+
+
+class Validation(ApiModel):
+    max_perplexity_increase_percent: float | None = Field(
+        None, ge=0, description="Fail when a type's perplexity exceeds the unquantized model's by more than this.")
+    max_samples: int = Field(32, ge=1, description="Held-out conversations to measure perplexity on.")
+
+
+class QuantizationSpec(ApiModel):
+    model: QuantizationInput = Field(description="The model to convert.")
+    format: Literal["gguf"] = Field("gguf", description="Output format.")
+    types: list[GgufType] = Field(default_factory=lambda: ["q8_0"], min_length=1,
+                                  description="One artifact per type.")
+    validation: Validation = Field(default_factory=Validation,
+                                   description="Perplexity check on the FineTune's test split.")
+
+
+class QuantizedArtifact(ApiModel):
+    type: str = Field(description="GGUF type.")
+    uri: str = Field(description="The .gguf file.")
+    size_bytes: int = Field(description="File size.")
+    sha256: str = Field(description="File digest.")
+    bits_per_weight: float = Field(description="File bits per model parameter.")
+    perplexity: float | None = Field(None, description="Perplexity of the GGUF loaded back.")
+    perplexity_increase_percent: float | None = Field(None, description="Versus the unquantized model.")
+
+
+class QuantizationResult(ApiModel):
+    artifacts: list[QuantizedArtifact] = Field(description="One per requested type.")
+    reference_perplexity: float | None = Field(None, description="Perplexity of the unquantized model.")
+    passed: bool = Field(description="Every artifact within validation bounds.")
+    dataset_uri: str | None = Field(None, description="Held-out data of the source model, passed on to a Benchmark.")
+    dataset_format: str | None = Field(None, description="Row format of that data.")
+    dataset_digest: str | None = Field(None, description="Digest of that data.")
+
+
+class QuantizationStatus(StatusBase):
+    result: QuantizationResult | None = Field(None, description="Set when the conversion finished.")
+
+
+KIND = KindInfo(
+    kind="Quantization", plural="quantizations", short_names=["quant"], phase="quantize",
+    spec=QuantizationSpec, status=QuantizationStatus, headline_column="Size",
+    description="Converts a model to GGUF types and measures their perplexity.",
+)

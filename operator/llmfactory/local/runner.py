@@ -1,0 +1,122 @@
+"""The local runner: plan each resource in dependency order and run its task as a subprocess
+of the real runtime, drawing progress from the progress.json it writes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmfactory_runtime.store import PROGRESS, TASK, finished_result, open_store
+
+from ..api import KINDS
+from ..api.headline import headline
+from ..planner import Resource, Waiting, dependency_order, parse, plan
+
+
+@dataclass
+class Outcome:
+    resource: Resource
+    status: str  # Succeeded, Reused, Failed, Skipped
+    task: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    seconds: float = 0.0
+    message: str = ""
+    log: Path | None = field(default=None)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("Succeeded", "Reused")
+
+
+class LocalRunner:
+    def __init__(self, store_uri: str, log_dir: Path, console: Console | None = None,
+                 env: dict[str, str] | None = None, poll_seconds: float = 0.5):
+        self.store_uri, self.log_dir = store_uri, Path(log_dir)
+        self.console = console or Console()
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.poll_seconds = poll_seconds
+
+    def run(self, manifests: list[dict[str, Any]]) -> list[Outcome]:
+        resources = dependency_order(parse(m) for m in manifests)
+        outcomes: dict[tuple, Outcome] = {}
+
+        def result_of(kind: str, namespace: str, name: str):
+            done = outcomes.get((kind, namespace, name))
+            return done.result if done and done.ok else None
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                      TimeElapsedColumn(), TextColumn("{task.fields[figure]}"), console=self.console) as bars:
+            for res in resources:
+                task = plan(res, result_of, self.store_uri)
+                if isinstance(task, Waiting):
+                    outcomes[res.key] = Outcome(res, "Skipped", message=f"{task.kind} {task.name} did not succeed")
+                    continue
+                outcomes[res.key] = self._run_one(res, task, bars)
+        return list(outcomes.values())
+
+    def _run_one(self, res: Resource, task: dict[str, Any], bars: Progress) -> Outcome:
+        run = open_store(task["artifactUri"])
+        label = f"{res.kind} {res.name}"
+        previous = finished_result(run)
+        if previous is not None:
+            bars.add_task(f"{label}: reused {task['digest'][:12]}", total=1, completed=1, figure=headline(res.kind, previous))
+            return Outcome(res, "Reused", task, previous, message=f"finished result reused from {run.uri}")
+        run.write_json(TASK, task)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{res.kind.lower()}-{res.name}-{task['digest'][:12]}.log"
+        bar = bars.add_task(f"{label}: starting", total=100, figure="")
+        started = time.time()
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "llmfactory_runtime", KINDS[res.kind].phase, "--task", task["artifactUri"]],
+                stdout=out, stderr=subprocess.STDOUT, env=self.env)
+            progress: dict[str, Any] = {}
+            while proc.poll() is None:
+                time.sleep(self.poll_seconds)
+                progress = run.read_json_or_none(PROGRESS) or progress
+                self._draw(bars, bar, label, progress)
+        progress = run.read_json_or_none(PROGRESS) or progress
+        seconds = time.time() - started
+        result = finished_result(run)
+        if proc.returncode != 0 or result is None:
+            message = progress.get("message") or _tail(log)
+            bars.update(bar, description=f"{label}: [red]failed[/red]", figure="")
+            return Outcome(res, "Failed", task, None, seconds, message, log)
+        bars.update(bar, description=f"{label}: done", completed=100, figure=headline(res.kind, result))
+        return Outcome(res, "Succeeded", task, result, seconds, log=log)
+
+    @staticmethod
+    def _draw(bars: Progress, bar, label: str, progress: dict[str, Any]) -> None:
+        if not progress:
+            return
+        stage = progress.get("stage") or ""
+        done, total = progress.get("done"), progress.get("total")
+        counter = f" {done}/{total} {progress.get('unit') or ''}" if total else ""
+        bars.update(bar, description=f"{label}: {stage}{counter}", completed=progress.get("percent") or 0,
+                    figure=progress.get("figure") or "")
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def summary(outcomes: list[Outcome]) -> Table:
+    table = Table(title="llmfactory run")
+    for column in ("Resource", "Status", "Time", "Result", "Artifacts"):
+        table.add_column(column)
+    colour = {"Succeeded": "green", "Reused": "cyan", "Failed": "red", "Skipped": "yellow"}
+    for o in outcomes:
+        table.add_row(f"{o.resource.kind}/{o.resource.name}", f"[{colour[o.status]}]{o.status}[/]",
+                      f"{o.seconds:.0f}s" if o.status == "Succeeded" else "-",
+                      headline(o.resource.kind, o.result) if o.ok else o.message.splitlines()[-1] if o.message else "",
+                      o.task["artifactUri"] if o.task else "")
+    return table

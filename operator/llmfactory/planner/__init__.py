@@ -1,0 +1,9 @@
+"""Manifests + referenced results -> task documents (the contract with the runtime)."""
+
+from .errors import PlanError
+from .graph import dependency_order, references
+from .manifests import Resource, parse, read_manifests
+from .tasks import Waiting, benchmark_metric_names, canonical_digest, plan
+
+__all__ = ["PlanError", "Resource", "Waiting", "benchmark_metric_names", "canonical_digest",
+           "dependency_order", "parse", "plan", "read_manifests", "references"]

