@@ -33,8 +33,10 @@ def cmd_run(args) -> int:
         return 2
     console.print(summary(outcomes))
     for o in outcomes:
+        if o.ok:
+            console.print(f"{o.resource.kind}/{o.resource.name}: {o.task['artifactUri']}", soft_wrap=True)
         if o.status == "Reused":
-            console.print(f"{o.resource.kind}/{o.resource.name}: unchanged, {o.message}")
+            console.print("  unchanged since the last run: its finished result was reused", soft_wrap=True)
         if o.status == "Failed":
             console.print(f"[red]{o.resource.kind}/{o.resource.name} failed[/red] (log: {o.log}):\n{o.message}")
     return 0 if all(o.ok for o in outcomes) else 1

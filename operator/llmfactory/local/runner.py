@@ -111,12 +111,16 @@ def _tail(log: Path, lines: int = 15) -> str:
 
 def summary(outcomes: list[Outcome]) -> Table:
     table = Table(title="llmfactory run")
-    for column in ("Resource", "Status", "Time", "Result", "Artifacts"):
-        table.add_column(column)
+    table.add_column("Resource", no_wrap=True)
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Time", justify="right", no_wrap=True)
+    table.add_column("Result")
     colour = {"Succeeded": "green", "Reused": "cyan", "Failed": "red", "Skipped": "yellow"}
     for o in outcomes:
+        if o.ok:
+            text = headline(o.resource.kind, o.result)
+        else:
+            text = o.message.splitlines()[-1] if o.message else ""
         table.add_row(f"{o.resource.kind}/{o.resource.name}", f"[{colour[o.status]}]{o.status}[/]",
-                      f"{o.seconds:.0f}s" if o.status == "Succeeded" else "-",
-                      headline(o.resource.kind, o.result) if o.ok else o.message.splitlines()[-1] if o.message else "",
-                      o.task["artifactUri"] if o.task else "")
+                      f"{o.seconds:.0f}s" if o.status == "Succeeded" else "-", text)
     return table

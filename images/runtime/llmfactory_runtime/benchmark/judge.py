@@ -42,21 +42,28 @@ def judge_messages(question: str, answer: str, reference: str | None) -> list[di
 
 @torch.no_grad()
 def rating_distribution(model, tokenizer, messages: list[dict[str, str]]) -> list[float]:
-    """P(rating) for ratings 1..10, from the judge's log-probabilities of writing "k]]"."""
+    """P(rating) for ratings 1..10, from the judge's log-probabilities of writing "k]]".
+
+    The shared prompt is read once; its KV cache is repeated for the ten candidates, so the
+    cost is one prompt pass plus a few tokens per candidate."""
     prompt = tokenizer(render(tokenizer, messages, add_generation_prompt=True) + "[[",
                        add_special_tokens=False)["input_ids"]
     candidates = [tokenizer(f"{k}]]", add_special_tokens=False)["input_ids"] for k in RATINGS]
-    width = len(prompt) + max(map(len, candidates))
-    ids = torch.full((len(candidates), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, cand in enumerate(candidates):
-        seq = prompt + cand
-        ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
-    logprobs = torch.log_softmax(model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float(), -1)
-    scores = []
-    for i, cand in enumerate(candidates):
-        positions = range(len(prompt) - 1, len(prompt) - 1 + len(cand))
-        scores.append(sum(float(logprobs[i, p, t]) for p, t in zip(positions, cand)))
+    out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
+    first = torch.log_softmax(out.logits[0, -1].float(), -1)
+    scores = [float(first[cand[0]]) for cand in candidates]
+    rest = max(len(c) for c in candidates) - 1
+    if rest:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(candidates))
+        # Right padding: a pad only follows a candidate's real tokens, so it cannot change them.
+        ids = torch.full((len(candidates), rest), tokenizer.pad_token_id, dtype=torch.long)
+        for i, cand in enumerate(candidates):
+            ids[i, : len(cand) - 1] = torch.tensor(cand[:-1])
+        logits = model(input_ids=ids.to(model.device), past_key_values=cache).logits
+        logprobs = torch.log_softmax(logits.float(), -1)
+        for i, cand in enumerate(candidates):
+            scores[i] += sum(float(logprobs[i, j - 1, cand[j]]) for j in range(1, len(cand)))
     return torch.softmax(torch.tensor(scores), 0).tolist()
 
 

@@ -1,0 +1,184 @@
+"""`llmfactory run` end to end on a tiny random-initialised Llama: all four phases, for real,
+as the user runs them (the CLI in a subprocess, the runtime as its subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from llmfactory.planner import benchmark_metric_names, parse
+from llmfactory_runtime.store import PROGRESS, finished_result, open_store
+
+PROMPTS = [("What is the capital of France?", "en"), ("Why is the sky blue?", "en"),
+           ("Write a poem about the sea.", "en"), ("What is the capital of France?", "en"),
+           ("Какая столица России?", "ru"), ("Почему небо голубое?", "ru"), ("Напиши стихотворение о море.", "ru"),
+           ("中国的首都是哪里？", "zh"), ("为什么天空是蓝色的？", "zh"), ("写一首关于大海的诗。", "zh")]
+
+
+def pipeline(model: Path) -> list[dict]:
+    source = {"uri": f"file://{model}"}
+    head = {"apiVersion": "llmfactory.dev/v1alpha1"}
+    return [
+        {**head, "kind": "DatasetBuild", "metadata": {"name": "data"}, "spec": {
+            "sources": [{"inline": [{"text": t, "language": lang} for t, lang in PROMPTS]}],
+            "teacher": {"model": source, "maxNewTokens": 12, "batchSize": 4},
+            "filters": {"dropTruncated": False}, "split": {"validation": 0.2, "test": 0.2}}},
+        {**head, "kind": "FineTune", "metadata": {"name": "ft"}, "spec": {
+            "baseModel": source, "dataset": {"datasetBuildRef": {"name": "data"}},
+            "lora": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
+            "hyperparameters": {"epochs": 5, "learningRate": 0.01, "batchSize": 2}}},
+        {**head, "kind": "Benchmark", "metadata": {"name": "bench"}, "spec": {
+            "model": {"fineTuneRef": {"name": "ft"}}, "perplexity": {},
+            "judge": {"model": source, "maxQuestions": 2, "maxNewTokens": 8},
+            "gates": [{"metric": "perplexity.changePercent", "op": "<", "value": 0}]}},
+        {**head, "kind": "Quantization", "metadata": {"name": "gguf"}, "spec": {
+            "model": {"fineTuneRef": {"name": "ft"}}, "types": ["f16", "q8_0"],
+            "validation": {"maxPerplexityIncreasePercent": 5}}},
+    ]
+
+
+def llmfactory(folder: Path, manifests: list[dict], store: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    (folder / "manifests.yaml").write_text(yaml.safe_dump_all(manifests, allow_unicode=True))
+    return subprocess.run([sys.executable, "-m", "llmfactory.cli", "run", "-f", "manifests.yaml", "--store", store],
+                          cwd=folder, capture_output=True, text=True, env={**os.environ, **(env or {}), "COLUMNS": "200"},
+                          timeout=600)
+
+
+def results(store: str, manifests: list[dict]) -> dict[str, dict]:
+    """Each resource's committed result, found the way the runner finds it (by its task digest)."""
+    out = {}
+    for name in [m["metadata"]["name"] for m in manifests]:
+        kind = next(m["kind"] for m in manifests if m["metadata"]["name"] == name).lower()
+        base = open_store(f"{store}/default/{kind}/{name}")
+        runs = sorted({key.split("/")[0] for key in base.list()})
+        committed = [finished_result(base.child(r)) for r in runs]
+        out[name] = [r for r in committed if r is not None]
+    return out
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_on_a_tiny_model(tiny_model, tmp_path):
+    manifests = pipeline(tiny_model)
+    store = f"file://{tmp_path}/artifacts"
+    first = llmfactory(tmp_path, manifests, store)
+    assert first.returncode == 0, first.stdout + first.stderr
+    for name in ("DatasetBuild/data", "FineTune/ft", "Benchmark/bench", "Quantization/gguf"):
+        assert name in first.stdout
+    assert first.stdout.count("Succeeded") == 4
+
+    found = results(store, manifests)
+    data, ft, bench, quant = (found[n][0] for n in ("data", "ft", "bench", "gguf"))
+    # DatasetBuild: one duplicate prompt dropped, every language kept, splits add up.
+    assert data["dropped"] == {"duplicate_prompt": 1}
+    assert data["rowsPerLanguage"] == {"en": 3, "ru": 3, "zh": 3}
+    assert sum(data["rows"].values()) == 9 and data["rows"]["test"] >= 1
+    split_prompts = {}
+    for split in ("train", "validation", "test"):
+        lines = open_store(data["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()
+        assert len(lines) == data["rows"][split]
+        split_prompts[split] = {json.loads(line)["messages"][0]["content"] for line in lines}
+    assert not (split_prompts["train"] & split_prompts["test"]) and not (split_prompts["train"] & split_prompts["validation"])
+    # FineTune: the loss went down, and the model it saved is whole.
+    assert ft["finalLoss"] < ft["firstLoss"]
+    assert ft["datasetDigest"] == data["digest"] and ft["trainTokens"] > 0
+    AutoModelForCausalLM.from_pretrained(ft["modelUri"].removeprefix("file://"))
+    # Benchmark: exactly the metrics the planner promised gates could use; the tuned model's
+    # perplexity on held-out answers improved over its base.
+    expected = benchmark_metric_names(parse(manifests[2]).spec, baseline=True)
+    assert set(bench["metrics"]) == expected
+    assert bench["metrics"]["perplexity.value"] < bench["metrics"]["perplexity.baseline"]
+    assert bench["passed"] is True and bench["gates"][0]["passed"]
+    assert open_store(bench["reportUri"]).exists("report.md")
+    # Quantization: each GGUF exists, matches its digest, loads back, and is close to the original.
+    assert [a["type"] for a in quant["artifacts"]] == ["f16", "q8_0"]
+    for art in quant["artifacts"]:
+        path = Path(art["uri"].removeprefix("file://"))
+        assert path.stat().st_size == art["sizeBytes"]
+        AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        assert abs(art["perplexityIncreasePercent"]) < 5
+    assert quant["passed"] is True
+
+    # Unchanged manifests: nothing runs again, and the user is told so.
+    again = llmfactory(tmp_path, manifests, store)
+    assert again.returncode == 0 and again.stdout.count("Reused") == 4 and "Succeeded" not in again.stdout
+    assert "unchanged" in again.stdout
+
+    # A changed FineTune reruns it and what depends on it, not the dataset.
+    manifests[1]["spec"]["hyperparameters"]["epochs"] = 4
+    changed = llmfactory(tmp_path, manifests, store)
+    assert changed.returncode == 0, changed.stdout
+    lines = {line.split()[1]: line for line in changed.stdout.splitlines() if line.startswith("│ ")}
+    assert "Reused" in lines["DatasetBuild/data"]
+    for name in ("FineTune/ft", "Benchmark/bench", "Quantization/gguf"):
+        assert "Succeeded" in lines[name], changed.stdout
+    assert len(results(store, manifests)["ft"]) == 2
+
+
+@pytest.mark.slow
+def test_pipeline_with_artifacts_in_s3(tiny_model, tmp_path, s3_bucket, seaweedfs):
+    manifests = pipeline(tiny_model)[:2]
+    store = f"s3://{s3_bucket}/llmfactory"
+    run = llmfactory(tmp_path, manifests, store, env=seaweedfs)
+    assert run.returncode == 0, run.stdout + run.stderr
+    found = results(store, manifests)
+    assert found["ft"][0]["modelUri"].startswith(f"{store}/default/finetune/ft/")
+    model = open_store(found["ft"][0]["modelUri"])
+    assert model.is_committed() and model.exists("model.safetensors")
+    assert not (tmp_path / "artifacts" / "default").exists()  # nothing went to local disk
+
+
+def test_failure_is_shown_and_dependents_are_skipped(tiny_model, tmp_path):
+    manifests = pipeline(tmp_path / "no-such-model")
+    run = llmfactory(tmp_path, manifests, f"file://{tmp_path}/artifacts")
+    assert run.returncode == 1
+    assert "Failed" in run.stdout and run.stdout.count("Skipped") == 3
+    assert "no-such-model" in run.stdout and "does not exist" in run.stdout
+
+
+def test_bad_manifest_is_refused_before_anything_runs(tiny_model, tmp_path):
+    manifests = pipeline(tiny_model)
+    manifests[1]["spec"]["dataset"]["datasetBuildRef"]["name"] = "dataa"
+    run = llmfactory(tmp_path, manifests, f"file://{tmp_path}/artifacts")
+    assert run.returncode == 2
+    assert "spec.dataset.datasetBuildRef.name" in run.stdout and "'dataa'" in run.stdout
+    assert not (tmp_path / "artifacts" / "default").exists()
+
+
+def test_restarted_dataset_build_reuses_every_paid_answer(tiny_model, tmp_path):
+    """A build killed after the teacher answered redoes none of the answers."""
+    from llmfactory.planner import plan
+
+    task = plan(parse(pipeline(tiny_model)[0]), lambda *k: None, f"file://{tmp_path}/store")
+    run = open_store(task["artifactUri"])
+    run.write_json("task.json", task)
+    cmd = [sys.executable, "-m", "llmfactory_runtime", "dataset", "--task", task["artifactUri"]]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    answers = {k: run.read_bytes(f"answers/{k}") for k in run.list("answers")}
+    assert answers
+    # Simulate the kill: the run's outputs and commit are gone, the saved answers are not.
+    for key in ("COMMITTED", "result.json"):
+        Path(run.root / key).unlink()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert run.read_json(PROGRESS)["figures"]["reused"] == 9
+    assert {k: run.read_bytes(f"answers/{k}") for k in run.list("answers")} == answers  # nothing new asked
+    # A committed run is never redone.
+    before = run.read_bytes("result.json")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0 and "nothing to do" in done.stderr and run.read_bytes("result.json") == before
+
+
+def test_runtime_rejects_a_task_for_another_phase(tiny_model, tmp_path):
+    from llmfactory.planner import plan
+
+    task = plan(parse(pipeline(tiny_model)[0]), lambda *k: None, f"file://{tmp_path}/store")
+    (tmp_path / "task.json").write_text(json.dumps(task))
+    run = subprocess.run([sys.executable, "-m", "llmfactory_runtime", "finetune", "--task", str(tmp_path / "task.json")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "not 'finetune'" in run.stderr

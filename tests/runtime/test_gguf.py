@@ -1,0 +1,67 @@
+"""HF -> GGUF with gguf-py, loaded back by transformers: same model, within the type's error."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmfactory_runtime.quantize.gguf_export import export
+from llmfactory_runtime.task import InvalidTask
+
+TEXT = "Почему небо голубое? The sea is wide. 为什么天空是蓝色的？"
+
+
+@pytest.mark.parametrize("qtype,tolerance", [("f32", 1e-4), ("f16", 2e-2), ("q8_0", 5e-2)])
+def test_gguf_loads_back_as_the_same_model(tiny_model, tmp_path, qtype, tolerance):
+    out = tmp_path / f"m-{qtype}.gguf"
+    params = export(tiny_model, out, qtype, "tiny")
+    original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert params == sum(p.numel() for p in original.parameters())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    for name, tensor in original.state_dict().items():
+        other = loaded.state_dict()[name]
+        assert torch.allclose(tensor, other, atol=tolerance, rtol=0), f"{name} differs beyond {tolerance}"
+    ids = AutoTokenizer.from_pretrained(tiny_model)(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b = original(ids).logits, loaded(ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_gguf_metadata_and_tokenizer_round_trip(tiny_model, tmp_path):
+    out = tmp_path / "m.gguf"
+    export(tiny_model, out, "q8_0", "tiny")
+    reader = gguf.GGUFReader(out)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.block_count"] == config["num_hidden_layers"]
+    assert fields["llama.attention.head_count_kv"] == config["num_key_value_heads"]
+    assert "<|im_start|>" in fields["tokenizer.chat_template"]
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    original = AutoTokenizer.from_pretrained(tiny_model)
+    loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    assert loaded(TEXT)["input_ids"] == original(TEXT)["input_ids"]
+    chat = [{"role": "user", "content": "hi"}]
+    assert loaded.apply_chat_template(chat, tokenize=False) == original.apply_chat_template(chat, tokenize=False)
+
+
+def test_q8_0_blocks_dequantize_within_their_error():
+    data = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    back = gguf.dequantize(gguf.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
+    assert np.abs(back - data).max() <= np.abs(data).max() / 127
+
+
+def test_unsupported_architecture_is_named(tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(InvalidTask, match="unsupported architecture 'gpt_neox'.*llama"):
+        export(folder, tmp_path / "x.gguf", "q8_0", "x")
