@@ -79,6 +79,23 @@ def cmd_crds(args) -> int:
     return 0
 
 
+def cmd_operator(args) -> int:
+    """Run the Kubernetes operator (settings from LLMFACTORY_* environment variables)."""
+    import asyncio  # noqa: PLC0415
+
+    import kopf  # noqa: PLC0415
+
+    from .controller.handlers import register  # noqa: PLC0415
+    from .controller.settings import OperatorSettings  # noqa: PLC0415
+
+    registry = kopf.OperatorRegistry()
+    register(registry, OperatorSettings.from_env())
+    asyncio.run(kopf.operator(registry=registry, clusterwide=not args.namespace, namespaces=args.namespace or (),
+                              liveness_endpoint=args.liveness, standalone=args.standalone,
+                              peering_name=args.peering))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmfactory", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default="crds")
     c.add_argument("--check", action="store_true", help="fail if the files differ from the models")
     c.set_defaults(func=cmd_crds)
+
+    o = sub.add_parser("operator", help="run the Kubernetes operator")
+    o.add_argument("-n", "--namespace", action="append", help="watch only these namespaces (default: all)")
+    o.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
+    o.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
+    o.add_argument("--peering", default="llmfactory", help="peering name shared by the replicas")
+    o.set_defaults(func=cmd_operator)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, StatusBase
+from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, RunOptions, StatusBase
 from .fine_tune import DatasetInput
 
 
@@ -46,7 +46,7 @@ class Gate(ApiModel):
     value: float = Field(description="Threshold.")
 
 
-class BenchmarkSpec(ApiModel):
+class BenchmarkSpec(RunOptions):
     cel_rules: ClassVar = [
         {"rule": "has(self.perplexity) || has(self.judge)", "message": "enable at least one of perplexity or judge"},
     ]

@@ -79,6 +79,21 @@ class Resources(ApiModel):
     memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
 
 
+class RunOptions(ApiModel):
+    """How a phase's runs are scheduled and cleaned up: fields every kind's spec has. They do
+    not change what a run computes, so they are not part of the task digest."""
+
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        "Retain", description="Retain keeps the artifacts in the store when the resource is deleted; "
+                              "Delete removes its artifact prefix.")
+    queue_name: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Kueue LocalQueue: the Job is created suspended with the "
+                                                "kueue.x-k8s.io/queue-name label, and Kueue admits it.")
+
+
+OPERATIONAL_FIELDS = ("deletionPolicy", "queueName")
+
+
 class Phase(str, Enum):
     pending = "Pending"
     waiting = "Waiting"

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import URI_PATTERN, ApiModel, KindInfo, ModelSource, StatusBase
+from .common import ApiModel, KindInfo, ModelSource, RunOptions, StatusBase, URI_PATTERN
 
 LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
 
@@ -63,7 +63,7 @@ class Split(ApiModel):
     seed: int = Field(42, description="Seed of the shuffle; the same seed gives the same split.")
 
 
-class DatasetBuildSpec(ApiModel):
+class DatasetBuildSpec(RunOptions):
     sources: list[Source] = Field(min_length=1, description="Where the prompts come from.")
     samples_per_language: dict[str, int] | None = Field(
         None, description="Keep at most this many prompts per language code (sampled with split.seed); "

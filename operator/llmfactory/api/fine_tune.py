@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import URI_PATTERN, ApiModel, KindInfo, LocalObjectReference, ModelSource, Resources, StatusBase
+from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, Resources, RunOptions, StatusBase, URI_PATTERN
 
 
 class DatasetInput(ApiModel):
@@ -40,7 +40,7 @@ class Hyperparameters(ApiModel):
     seed: int = Field(42, description="Seed for initialisation and shuffling.")
 
 
-class FineTuneSpec(ApiModel):
+class FineTuneSpec(RunOptions):
     cel_rules: ClassVar = [
         {"rule": "self.method != 'full' || !has(self.lora)", "message": "lora settings apply only to method lora"},
     ]

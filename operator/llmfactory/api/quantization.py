@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, StatusBase
+from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, RunOptions, StatusBase
 
 # What gguf-py can write without llama.cpp's binaries.
 GgufType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
@@ -27,7 +27,7 @@ class Validation(ApiModel):
     max_samples: int = Field(32, ge=1, description="Held-out conversations to measure perplexity on.")
 
 
-class QuantizationSpec(ApiModel):
+class QuantizationSpec(RunOptions):
     model: QuantizationInput = Field(description="The model to convert.")
     format: Literal["gguf"] = Field("gguf", description="Output format.")
     types: list[GgufType] = Field(default_factory=lambda: ["q8_0"], min_length=1,

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from .. import API_VERSION
 from ..api import KINDS
+from ..api.common import OPERATIONAL_FIELDS
 from .errors import PlanError
 from .graph import references
 from .manifests import Resource
@@ -66,7 +67,8 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, An
             return Waiting(kind, name, path)
         upstream[path] = result
     inputs = _INPUTS[res.kind](res, upstream)
-    body = {"phase": KINDS[res.kind].phase, "spec": res.spec.wire(), "inputs": inputs}
+    spec = {k: v for k, v in res.spec.wire().items() if k not in OPERATIONAL_FIELDS}
+    body = {"phase": KINDS[res.kind].phase, "spec": spec, "inputs": inputs}
     digest = canonical_digest(body)
     return {
         "apiVersion": API_VERSION,

@@ -1,0 +1,78 @@
+"""kopf handlers: each a short function; the work is in reconcile()."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import kopf
+
+from llmfactory_runtime.store import open_store
+
+from .. import GROUP, VERSION
+from ..api import KINDS
+from .kube import SERVER_ENV, Kube
+from .reconcile import Outcome, reconcile
+from .settings import OperatorSettings
+
+FINALIZER = "llmfactory.dev/artifacts"
+TERMINAL = ("Succeeded", "Failed")
+
+
+def _apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
+    """Patch only the status fields that changed; never rewrite the whole status."""
+    current = body.get("status") or {}
+    for key, value in outcome.status.items():
+        if current.get(key) != value:
+            patch.status[key] = value
+    if outcome.event:
+        kind, reason, message = outcome.event
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+
+def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Kube | None = None) -> None:
+    """Register the handlers of the four kinds for this settings object."""
+    clients: dict[str, Kube] = {}
+
+    def client() -> Kube:
+        if "kube" not in clients:
+            clients["kube"] = kube or Kube()
+        return clients["kube"]
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.posting.level = 20  # post INFO and above as Events
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        if os.environ.get(SERVER_ENV):
+            return kopf.ConnectionInfo(server=os.environ[SERVER_ENV], insecure=True)
+        return kopf.login_via_client(**kwargs)
+
+    def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        _apply(reconcile(dict(body), client(), config), body, patch)
+
+    def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        status = body.get("status") or {}
+        settled = status.get("observedGeneration") == body["metadata"].get("generation")
+        if settled and status.get("phase") in TERMINAL:
+            return
+        _apply(reconcile(dict(body), client(), config), body, patch)
+
+    def on_delete(body: kopf.Body, **_: Any) -> None:
+        meta = body["metadata"]
+        prefix = f"{config.store_uri.rstrip('/')}/{meta['namespace']}/{body['kind'].lower()}/{meta['name']}"
+        open_store(prefix).delete_prefix()
+        kopf.info(body, reason="ArtifactsDeleted", message=f"deleted {prefix} (deletionPolicy: Delete)")
+
+    def deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
+        return spec.get("deletionPolicy") == "Delete"
+
+    for info in KINDS.values():
+        resource = (GROUP, VERSION, info.plural)
+        kopf.on.create(*resource, registry=registry)(on_change)
+        kopf.on.update(*resource, registry=registry)(on_change)
+        kopf.on.resume(*resource, registry=registry)(on_change)
+        kopf.timer(*resource, registry=registry, interval=config.poll_seconds, initial_delay=config.poll_seconds)(on_timer)
+        kopf.on.delete(*resource, registry=registry, when=deletes_artifacts)(on_delete)

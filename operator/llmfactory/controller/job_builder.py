@@ -1,0 +1,160 @@
+"""Task document + resource -> the ConfigMap and Job (and, for multi-node training, the headless
+Service) that run it. Plain manifests; every one is validated against the official schemas in tests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llmfactory_runtime import EXIT_INVALID_TASK
+
+from ..api import KINDS
+from .settings import OperatorSettings
+
+TASK_DIR = "/etc/llmfactory"
+TASK_PATH = f"{TASK_DIR}/task.json"
+CONTAINER = "runtime"
+RENDEZVOUS_PORT = 29500
+MANAGED_BY = {"app.kubernetes.io/managed-by": "llmfactory"}
+
+
+def child_name(resource_name: str, digest: str) -> str:
+    """Deterministic per (resource, task): a restarted operator finds what it made. Job names
+    must fit a label value (63 characters), and an Indexed Job's pod hostnames add a suffix."""
+    return f"{resource_name[:48].rstrip('-.')}-{digest[:8]}"
+
+
+def labels(kind: str, name: str, digest: str) -> dict[str, str]:
+    return {**MANAGED_BY, "llmfactory.dev/kind": kind.lower(), "llmfactory.dev/name": name[:63],
+            "llmfactory.dev/task": digest[:16]}
+
+
+def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": body["metadata"]["name"],
+            "uid": body["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
+    env = [{"name": "HOME", "value": "/tmp"}, {"name": "LLMFACTORY_CACHE", "value": "/cache"},
+           {"name": "HF_HOME", "value": "/cache/huggingface"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if settings.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint})
+    if settings.s3_region:
+        env.append({"name": "AWS_REGION", "value": settings.s3_region})
+    if settings.s3_secret:  # a reference: the key never passes through the operator
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": settings.s3_secret, "key": key}}})
+    return env
+
+
+def _command(kind: str, gpus: int, nodes: int, service: str | None) -> list[str]:
+    phase = KINDS[kind].phase
+    runtime = ["-m", "llmfactory_runtime", phase, "--task", TASK_PATH]
+    if kind != "FineTune" or (gpus <= 1 and nodes == 1):
+        return ["python", *runtime]
+    launcher = ["torchrun", f"--nproc-per-node={max(gpus, 1)}"]
+    if nodes > 1:
+        # Pod 0 of the Indexed Job is the rendezvous point, reachable by name through the Service.
+        launcher += [f"--nnodes={nodes}", "--node-rank=$(JOB_COMPLETION_INDEX)",
+                     f"--master-addr={service}-0.{service}", f"--master-port={RENDEZVOUS_PORT}"]
+    return launcher + runtime
+
+
+def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings) -> list[dict[str, Any]]:
+    """[ConfigMap, Job] or [ConfigMap, Service, Job] for one run of the resource."""
+    kind, meta, spec = body["kind"], body["metadata"], body.get("spec", {})
+    namespace, digest = meta["namespace"], task["digest"]
+    name = child_name(meta["name"], digest)
+    tags = labels(kind, meta["name"], digest)
+    owner = [owner_reference(body)]
+    resources = spec.get("resources", {})
+    gpus = resources.get("gpusPerNode", settings.default_gpus.get(kind, 0))
+    nodes = resources.get("nodes", 1) if kind == "FineTune" else 1
+    queue = spec.get("queueName") or settings.default_queue_name
+
+    config_map = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace, "labels": tags, "ownerReferences": owner},
+        "data": {"task.json": json.dumps(task, indent=2, sort_keys=True)},
+    }
+    limits: dict[str, str] = {}
+    if gpus:
+        limits[settings.gpu_resource] = str(gpus)
+    for key in ("cpu", "memory"):
+        if resources.get(key):
+            limits[key] = resources[key]
+    container = {
+        "name": CONTAINER,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": _command(kind, gpus, nodes, name if nodes > 1 else None),
+        "env": _env(settings),
+        "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
+        "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
+                         {"name": "shm", "mountPath": "/dev/shm"},
+                         {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "cache", "mountPath": "/cache"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+    }
+    if nodes > 1:
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the Job retries; podFailurePolicy needs Never
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "task", "configMap": {"name": name}},
+                    {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
+                    {"name": "tmp", "emptyDir": {}},
+                    {"name": "cache", "emptyDir": {}}],
+    }
+    if settings.service_account:
+        pod_spec["serviceAccountName"] = settings.service_account
+    if gpus:
+        pod_spec["nodeSelector"] = dict(settings.node_selector)
+        pod_spec["tolerations"] = list(settings.tolerations)
+        if settings.affinity:
+            pod_spec["affinity"] = settings.affinity
+    if nodes > 1:
+        pod_spec["subdomain"] = name
+    job_meta = {"name": name, "namespace": namespace, "labels": dict(tags), "ownerReferences": owner}
+    if queue:
+        job_meta["labels"]["kueue.x-k8s.io/queue-name"] = queue
+    job_spec: dict[str, Any] = {
+        "backoffLimit": settings.backoff_limit,
+        "podFailurePolicy": {"rules": [
+            # The runtime's own verdict that the task is invalid: retrying cannot help.
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                  "values": [EXIT_INVALID_TASK]}},
+            # Preemption, eviction, node drain: not the workload's fault, not counted.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]},
+        "template": {"metadata": {"labels": dict(tags)}, "spec": pod_spec},
+    }
+    if queue:
+        job_spec["suspend"] = True  # Kueue admits it by unsuspending
+    if settings.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
+    if settings.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
+    if nodes > 1:
+        job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
+    if nodes == 1:
+        return [config_map, job]
+    service = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace, "labels": tags, "ownerReferences": owner},
+        "spec": {"clusterIP": "None", "selector": {"llmfactory.dev/task": tags["llmfactory.dev/task"],
+                                                   "llmfactory.dev/name": tags["llmfactory.dev/name"]},
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}], "publishNotReadyAddresses": True},
+    }
+    return [config_map, service, job]
+
+
+def api_path(obj: dict[str, Any]) -> str:
+    """The collection path a child is created under."""
+    ns = obj["metadata"]["namespace"]
+    return {"ConfigMap": f"/api/v1/namespaces/{ns}/configmaps", "Service": f"/api/v1/namespaces/{ns}/services",
+            "Job": f"/apis/batch/v1/namespaces/{ns}/jobs"}[obj["kind"]]

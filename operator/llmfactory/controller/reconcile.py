@@ -1,0 +1,133 @@
+"""One reconciliation of one resource: plan, wait, reuse, or ensure its Job and report on it.
+Called by the kopf handlers on create, update, resume and on a timer; idempotent."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from llmfactory_runtime.store import PROGRESS, finished_result, open_store
+
+from ..api import KINDS
+from ..planner import PlanError, Waiting, parse, plan
+from . import job_builder
+from .kube import Kube, custom_path
+from .settings import OperatorSettings
+from .status import situation, succeeded
+
+log = logging.getLogger(__name__)
+
+# Container states that mean the pod will not start by itself: shown on the resource.
+STUCK_WAITING = {"ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName",
+                 "CreateContainerError", "CrashLoopBackOff"}
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]  # the status patch
+    event: tuple[str, str, str] | None = None  # (type, reason, message) when something happened
+
+
+def manifest_of(body: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": body["apiVersion"], "kind": body["kind"],
+            "metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"]["namespace"]},
+            "spec": body.get("spec") or {}}
+
+
+def upstream_results(kube: Kube) -> Callable[[str, str, str], dict | None]:
+    def result_of(kind: str, namespace: str, name: str) -> dict | None:
+        obj = kube.get_or_none(custom_path(KINDS[kind].plural, namespace, name))
+        status = (obj or {}).get("status") or {}
+        if status.get("phase") != "Succeeded" or status.get("observedGeneration") != obj["metadata"].get("generation"):
+            return None
+        return status.get("result")
+    return result_of
+
+
+def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> Outcome:
+    kind, meta = body["kind"], body["metadata"]
+    old = body.get("status") or {}
+    generation = meta.get("generation")
+    try:
+        res = parse(manifest_of(body))
+        task = plan(res, upstream_results(kube), settings.store_uri)
+    except PlanError as exc:
+        message = f"{exc.field}: {exc.message}"
+        return Outcome(situation("Failed", "InvalidSpec", message, old, generation),
+                       ("Warning", "InvalidSpec", message))
+    if isinstance(task, Waiting):
+        message = task.reason
+        event = None if old.get("phase") == "Waiting" else ("Normal", "Waiting", message)
+        return Outcome(situation("Waiting", "WaitingForDependency", message, old, generation), event)
+
+    run = open_store(task["artifactUri"])
+    ident = {"taskDigest": task["digest"], "artifactUri": task["artifactUri"]}
+    result = finished_result(run)
+    job_name = job_builder.child_name(meta["name"], task["digest"])
+    if result is not None:
+        fresh = old.get("taskDigest") != task["digest"] or old.get("phase") != "Succeeded"
+        patch = succeeded(kind, result, old, generation, **ident, progress=_progress(run, done=True))
+        reused = not kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
+        verb = "reused a finished result with the same task digest" if reused else "finished"
+        return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
+                       if fresh else None)
+
+    created = False
+    for child in job_builder.build(body, task, settings):
+        created |= kube.ensure(job_builder.api_path(child), child) and child["kind"] == "Job"
+    job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
+    jstatus = job.get("status") or {}
+    progress = run.read_json_or_none(PROGRESS) or {}
+    attempts = int(jstatus.get("failed") or 0) + int(jstatus.get("active") or 0) + int(jstatus.get("succeeded") or 0)
+    fields = {**ident, "jobName": job_name, "attempts": attempts, "progress": _progress(run, progress=progress)}
+
+    failed = next((c for c in jstatus.get("conditions") or [] if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    if failed:
+        why = progress.get("message") if progress.get("state") == "Failed" else ""
+        message = f"Job {job_name} failed ({failed.get('reason', 'Failed')}): {why or failed.get('message', '')}".strip()
+        event = None if old.get("phase") == "Failed" and old.get("taskDigest") == task["digest"] else ("Warning", "JobFailed", message)
+        return Outcome(situation("Failed", failed.get("reason") or "JobFailed", message, old, generation, **fields), event)
+    complete = any(c.get("type") == "Complete" and c.get("status") == "True" for c in jstatus.get("conditions") or [])
+    if complete:  # the Job says done but no committed result: never report a partial output as finished
+        message = f"Job {job_name} completed without committing a result at {task['artifactUri']}"
+        return Outcome(situation("Failed", "NoResult", message, old, generation, **fields), ("Warning", "NoResult", message))
+
+    reason, message = "Running", progress.get("stage") or f"Job {job_name} started"
+    if job.get("spec", {}).get("suspend"):
+        reason, message = "Queued", f"Job {job_name} is suspended, waiting for admission (Kueue)"
+    problem = _pod_problem(kube, meta["namespace"], job_name)
+    if problem:
+        reason, message = problem
+    if progress.get("state") == "Failed" and int(jstatus.get("failed") or 0):
+        reason, message = "Retrying", f"attempt failed: {progress.get('message')}; the Job retries"
+    event = ("Normal", "JobCreated", f"created Job {job_name} for task {task['digest'][:16]}") if created else None
+    if problem and old.get("conditions") and old["conditions"][0].get("reason") != reason:
+        event = ("Warning", reason, message)
+    return Outcome(situation("Running", reason, message, old, generation, **fields), event)
+
+
+def _progress(run, progress: dict | None = None, done: bool = False) -> dict[str, Any]:
+    progress = progress if progress is not None else (run.read_json_or_none(PROGRESS) or {})
+    out = {"percent": 100.0 if done else progress.get("percent"), "done": progress.get("done"),
+           "total": progress.get("total"), "unit": progress.get("unit"), "stage": progress.get("stage"),
+           "etaSeconds": 0 if done else progress.get("etaSeconds"), "figure": progress.get("figure")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _pod_problem(kube: Kube, namespace: str, job_name: str) -> tuple[str, str] | None:
+    """Why the Job's pod is not progressing, in the pod's own words: unschedulable (no free GPU,
+    quota), an image that cannot be pulled, an OOM kill."""
+    for pod in kube.list(f"/api/v1/namespaces/{namespace}/pods", {"job-name": job_name}):
+        status = pod.get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                return cond.get("reason") or "Unschedulable", f"pod {pod['metadata']['name']}: {cond.get('message', '')}"
+        for cs in status.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING:
+                return waiting["reason"], f"pod {pod['metadata']['name']}: {waiting.get('message', waiting['reason'])}"
+            terminated = (cs.get("lastState") or {}).get("terminated") or (cs.get("state") or {}).get("terminated") or {}
+            if terminated.get("reason") == "OOMKilled":
+                return "OOMKilled", f"pod {pod['metadata']['name']} ran out of memory; raise spec.resources.memory or lower the batch size"
+    return None

@@ -1,0 +1,45 @@
+"""Operator settings: what a platform team sets once (Helm values), read from LLMFACTORY_* env vars."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class OperatorSettings(BaseModel):
+    store_uri: str = Field(description="Artifact store root, e.g. s3://bucket/llmfactory.")
+    image: str = Field("ghcr.io/llmfactory/runtime:0.1.0", description="Runtime image of every Job.")
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str | None = Field(None, description="ServiceAccount of the Jobs' pods (e.g. for IRSA).")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, SeaweedFS, Ceph).")
+    s3_region: str | None = None
+    s3_secret: str | None = Field(
+        None, description="Secret (in each resource's namespace) with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
+                          "passed to pods by secretKeyRef, never copied.")
+    gpu_resource: str = "nvidia.com/gpu"
+    default_gpus: dict[str, int] = Field(
+        default_factory=lambda: {"DatasetBuild": 1, "FineTune": 1, "Benchmark": 1, "Quantization": 0})
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Where GPU Jobs run (the H100 pool).")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    shm_size: str = "16Gi"
+    backoff_limit: int = 3
+    active_deadline_seconds: int | None = 7 * 24 * 3600
+    ttl_seconds_after_finished: int | None = 7 * 24 * 3600
+    default_queue_name: str | None = Field(None, description="Kueue LocalQueue for resources that name none.")
+    poll_seconds: float = Field(10.0, description="How often running and waiting resources are checked.")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(f"LLMFACTORY_{name.upper()}")
+            if raw is None:
+                continue
+            annotation = str(field.annotation)
+            values[name] = json.loads(raw) if any(t in annotation for t in ("dict", "list", "int", "float")) else raw
+        return cls(**values)

@@ -1,0 +1,140 @@
+"""The real kopf operator against kmock's Kubernetes emulator, with the harness as Job controller."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import aiohttp
+import kopf
+import pytest
+import pytest_asyncio
+
+from llmfactory.api import KINDS
+from llmfactory.controller.handlers import register
+from llmfactory.controller.kube import SERVER_ENV
+from llmfactory.controller.settings import OperatorSettings
+from tests.operator.harness import Emulator, JobController, declare_resources, objects_of
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/operator/" in str(item.fspath):
+            item.add_marker(pytest.mark.kmock(cls=Emulator))
+
+
+class Cluster:
+    """What a test does with the cluster: apply, read, wait, as kubectl would."""
+
+    def __init__(self, server, session: aiohttp.ClientSession):
+        self.server, self.session = server, session
+
+    def _path(self, kind: str, namespace: str = "default", name: str | None = None) -> str:
+        base = f"{self.server.url}/apis/llmfactory.dev/v1alpha1/namespaces/{namespace}/{KINDS[kind].plural}"
+        return f"{base}/{name}" if name else base
+
+    async def apply(self, manifest: dict[str, Any]) -> None:
+        ns = manifest["metadata"].get("namespace", "default")
+        manifest = {**manifest, "metadata": {**manifest["metadata"], "namespace": ns}}
+        async with self.session.post(self._path(manifest["kind"], ns), json=manifest) as resp:
+            resp.raise_for_status()
+
+    async def patch_spec(self, kind: str, name: str, spec: dict) -> None:
+        async with self.session.patch(self._path(kind, name=name), json={"spec": spec},
+                                      headers={"Content-Type": "application/merge-patch+json"}) as resp:
+            resp.raise_for_status()
+
+    async def delete(self, kind: str, name: str) -> None:
+        async with self.session.delete(self._path(kind, name=name)) as resp:
+            resp.raise_for_status()
+
+    async def get(self, kind: str, name: str) -> dict[str, Any] | None:
+        async with self.session.get(self._path(kind, name=name)) as resp:
+            return None if resp.status == 404 else await resp.json()
+
+    async def wait_for(self, kind: str, name: str, predicate, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        obj = None
+        while time.monotonic() < deadline:
+            obj = await self.get(kind, name)
+            if obj is not None and predicate(obj):
+                return obj
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"{kind} {name} did not get there in {timeout}s; last seen: {obj}")
+
+    def objects(self, plural: str) -> list[dict[str, Any]]:
+        return objects_of(self.server, plural)
+
+
+def phase_is(*phases):
+    return lambda obj: (obj.get("status") or {}).get("phase") in phases
+
+
+@pytest_asyncio.fixture
+async def cluster(kmock, monkeypatch):
+    declare_resources(kmock)
+    monkeypatch.setenv(SERVER_ENV, str(kmock.url).rstrip("/"))
+    async with aiohttp.ClientSession() as session:
+        yield Cluster(kmock, session)
+
+
+@pytest.fixture
+def operator_settings(tmp_path) -> OperatorSettings:
+    return OperatorSettings(store_uri=f"file://{tmp_path}/store", poll_seconds=0.5, backoff_limit=1,
+                            node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                            tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+class Operator:
+    """The real kopf operator, in a thread with its own event loop (as kopf.testing.KopfRunner
+    does), so the emulator keeps serving in the test's loop; start and stop it at will."""
+
+    def __init__(self, settings: OperatorSettings):
+        self.settings = settings
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        registry = kopf.OperatorRegistry()
+        register(registry, self.settings)
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(kopf.operator(registry=registry, clusterwide=True, standalone=True,
+                                                  stop_flag=self.stop_flag))
+        except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
+            self.error = exc
+        finally:
+            loop.close()
+
+    async def start(self) -> None:
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
+        self.thread.start()
+
+    async def stop(self) -> None:
+        if self.thread:
+            self.stop_flag.set()
+            await asyncio.to_thread(self.thread.join, 60)
+            assert not self.thread.is_alive(), "the operator did not stop"
+            self.thread = None
+        assert self.error is None, f"the operator crashed: {self.error!r}"
+
+
+@pytest_asyncio.fixture
+async def operator(cluster, operator_settings):
+    op = Operator(operator_settings)
+    await op.start()
+    yield op
+    await op.stop()
+
+
+@pytest_asyncio.fixture
+async def job_controller(cluster, tmp_path):
+    controller = JobController(cluster.server, tmp_path / "pods")
+    task = asyncio.create_task(controller.run_forever())
+    yield controller
+    task.cancel()
+    for t in controller._tasks:
+        t.cancel()

@@ -1,0 +1,148 @@
+"""What a cluster would do that kmock does not: stamp objects (uid, resourceVersion, generation)
+and run Jobs. The Job controller here really executes each Job's container command -- the real
+runtime -- as a local process, with the task from the Job's ConfigMap, then writes the Job's
+status back the way the real Job controller does (Complete, or Failed with its reason)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import os
+import sys
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+
+from llmfactory import GROUP, VERSION
+from llmfactory.api import KINDS
+from llmfactory.controller.job_builder import TASK_PATH
+from llmfactory_runtime import EXIT_INVALID_TASK
+
+_versions = itertools.count(1)
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus what the API server adds to objects on create and update."""
+
+    async def _handle(self, request):
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == kmock.action.CREATE:
+                if not meta.get("name") and meta.get("generateName"):  # kopf's Events use generateName
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                meta.setdefault("generation", 1)
+                meta["resourceVersion"] = str(next(_versions))
+            elif request.action == kmock.action.UPDATE:
+                meta["resourceVersion"] = str(next(_versions))
+                key = (request.resource, request.namespace, request.name)
+                if "spec" in request.data and request.subresource is None and key in self.objects:
+                    current = self.objects[key]
+                    if request.data["spec"] != current.get("spec"):
+                        meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
+        return await super()._handle(request)
+
+
+def declare_resources(server) -> None:
+    verbs = {"list", "watch", "get", "create", "patch", "delete"}
+    for info in KINDS.values():
+        server.resources[f"{GROUP}/{VERSION}/{info.plural}"] = kmock.ResourceInfo(
+            kind=info.kind, namespaced=True, verbs=verbs, subresources={"status"})
+    for key, kind in (("batch/v1/jobs", "Job"), ("v1/configmaps", "ConfigMap"), ("v1/services", "Service"),
+                      ("v1/pods", "Pod"), ("v1/secrets", "Secret"), ("v1/events", "Event"),
+                      ("v1/namespaces", "Namespace")):
+        server.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=kind != "Namespace", verbs=verbs,
+                                                   subresources={"status"} if kind == "Job" else set())
+
+
+def objects_of(server, plural: str) -> list[dict[str, Any]]:
+    return [obj.raw for (res, _, _), obj in list(server.objects.items())
+            if res.plural == plural and not obj.deleted]
+
+
+class JobController:
+    """Runs every Job it sees, once, honouring backoffLimit and the podFailurePolicy's FailJob rule."""
+
+    def __init__(self, server, workdir: Path, env: dict[str, str] | None = None):
+        self.server, self.workdir, self.env = server, workdir, env or {}
+        self.started: set[tuple[str, str]] = set()
+        self.paused = False
+        self._tasks: list[asyncio.Task] = []
+
+    async def run_forever(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            self.session = session
+            while True:
+                if not self.paused:
+                    for job in objects_of(self.server, "jobs"):
+                        key = (job["metadata"]["namespace"], job["metadata"]["name"])
+                        if key not in self.started and not job["spec"].get("suspend"):
+                            self.started.add(key)
+                            self._tasks.append(asyncio.create_task(self._execute(job)))
+                await asyncio.sleep(0.1)
+
+    async def _patch_status(self, job: dict, status: dict) -> None:
+        meta = job["metadata"]
+        url = f"{self.server.url}/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{meta['name']}/status"
+        async with self.session.patch(url, json={"status": status},
+                                      headers={"Content-Type": "application/merge-patch+json"}) as resp:
+            resp.raise_for_status()
+
+    def _environment(self, job: dict, container: dict) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        secrets = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in objects_of(self.server, "secrets")}
+        for var in container.get("env", []):
+            if var["name"] in ("HOME", "LLMFACTORY_CACHE", "HF_HOME"):
+                continue  # paths inside the image; the test process has its own
+            if "value" in var:
+                env[var["name"]] = var["value"]
+            else:  # the kubelet resolves secretKeyRef; so do we
+                ref = var["valueFrom"]["secretKeyRef"]
+                secret = secrets[(job["metadata"]["namespace"], ref["name"])]
+                env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        return env
+
+    async def _execute(self, job: dict) -> None:
+        meta, spec = job["metadata"], job["spec"]
+        pod = spec["template"]["spec"]
+        container = pod["containers"][0]
+        config_map_name = next(v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v)
+        config_map = next(c for c in objects_of(self.server, "configmaps")
+                          if c["metadata"]["name"] == config_map_name and c["metadata"]["namespace"] == meta["namespace"])
+        folder = self.workdir / meta["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "task.json").write_text(config_map["data"]["task.json"])
+        command = [sys.executable if part == "python" else part.replace(TASK_PATH, str(folder / "task.json"))
+                   for part in container["command"]]
+        failed = 0
+        while True:
+            await self._patch_status(job, {"active": 1, "failed": failed,
+                                           "startTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+            with (folder / f"attempt-{failed}.log").open("w") as log:
+                proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                                                            env=self._environment(job, container))
+                code = await proc.wait()
+            if code == 0:
+                await self._patch_status(job, {"active": 0, "succeeded": 1, "conditions": [
+                    {"type": "Complete", "status": "True", "reason": "Completed"}]})
+                return
+            failed += 1
+            if code == EXIT_INVALID_TASK:
+                reason, message = "PodFailurePolicy", f"Container runtime exited with {code}, matching FailJob rule"
+            elif failed > spec.get("backoffLimit", 6):
+                reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+            else:
+                continue
+            await self._patch_status(job, {"active": 0, "failed": failed, "conditions": [
+                {"type": "Failed", "status": "True", "reason": reason, "message": message}]})
+            return
+
+    def log_of(self, job_name: str) -> str:
+        return "\n".join(p.read_text() for p in sorted((self.workdir / job_name).glob("attempt-*.log")))
