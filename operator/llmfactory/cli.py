@@ -88,8 +88,12 @@ def cmd_operator(args) -> int:
     from .controller.handlers import register  # noqa: PLC0415
     from .controller.settings import OperatorSettings  # noqa: PLC0415
 
+    from prometheus_client import start_http_server  # noqa: PLC0415
+
     registry = kopf.OperatorRegistry()
     register(registry, OperatorSettings.from_env())
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
     asyncio.run(kopf.operator(registry=registry, clusterwide=not args.namespace, namespaces=args.namespace or (),
                               liveness_endpoint=args.liveness, standalone=args.standalone,
                               peering_name=args.peering))
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("operator", help="run the Kubernetes operator")
     o.add_argument("-n", "--namespace", action="append", help="watch only these namespaces (default: all)")
     o.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint")
+    o.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: off)")
     o.add_argument("--standalone", action="store_true", help="no peering (a single replica)")
     o.add_argument("--peering", default="llmfactory", help="peering name shared by the replicas")
     o.set_defaults(func=cmd_operator)

@@ -136,5 +136,4 @@ async def job_controller(cluster, tmp_path):
     task = asyncio.create_task(controller.run_forever())
     yield controller
     task.cancel()
-    for t in controller._tasks:
-        t.cancel()
+    await controller.shutdown()

@@ -75,6 +75,7 @@ class JobController:
         self.started: set[tuple[str, str]] = set()
         self.paused = False
         self._tasks: list[asyncio.Task] = []
+        self._procs: list[asyncio.subprocess.Process] = []
 
     async def run_forever(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -128,6 +129,7 @@ class JobController:
             with (folder / f"attempt-{failed}.log").open("w") as log:
                 proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT,
                                                             env=self._environment(job, container))
+                self._procs.append(proc)
                 code = await proc.wait()
             if code == 0:
                 await self._patch_status(job, {"active": 0, "succeeded": 1, "conditions": [
@@ -143,6 +145,15 @@ class JobController:
             await self._patch_status(job, {"active": 0, "failed": failed, "conditions": [
                 {"type": "Failed", "status": "True", "reason": reason, "message": message}]})
             return
+
+    async def shutdown(self) -> None:
+        """Kill what still runs: a test that ends mid-Job leaves no processes behind."""
+        for task in self._tasks:
+            task.cancel()
+        for proc in self._procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
 
     def log_of(self, job_name: str) -> str:
         return "\n".join(p.read_text() for p in sorted((self.workdir / job_name).glob("attempt-*.log")))

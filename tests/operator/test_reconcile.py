@@ -2,24 +2,193 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import kubernetes_validate
 import pytest
 
+from llmfactory_runtime.store import open_store
 from tests.e2e.test_local_runner import pipeline
 from tests.operator.conftest import phase_is
 
 pytestmark = pytest.mark.asyncio
+ORDER = (("DatasetBuild", "data"), ("FineTune", "ft"), ("Benchmark", "bench"), ("Quantization", "gguf"))
 
 
+def condition(obj, ctype):
+    return next(c for c in obj["status"]["conditions"] if c["type"] == ctype)
+
+
+def events_for(cluster, name):
+    return [e for e in cluster.objects("events") if e.get("involvedObject", {}).get("name") == name]
+
+
+@pytest.mark.slow
 async def test_four_resources_applied_at_once_run_in_order(cluster, operator, job_controller, tiny_model):
     for manifest in reversed(pipeline(tiny_model)):  # dependents first: they must wait
         await cluster.apply(manifest)
     bench = await cluster.wait_for("Benchmark", "bench", phase_is("Waiting"))
-    assert "FineTune ft" in bench["status"]["conditions"][0]["message"]
-    for kind, name in (("DatasetBuild", "data"), ("FineTune", "ft"), ("Benchmark", "bench"), ("Quantization", "gguf")):
+    assert condition(bench, "Ready")["status"] == "False"
+    assert condition(bench, "Reconciling")["reason"] == "WaitingForDependency"
+    assert "FineTune ft" in condition(bench, "Ready")["message"]
+
+    finished = {}
+    for kind, name in ORDER:
         obj = await cluster.wait_for(kind, name, phase_is("Succeeded", "Failed"), timeout=240)
-        assert obj["status"]["phase"] == "Succeeded", obj["status"]
-        ready = obj["status"]["conditions"][0]
-        assert (ready["type"], ready["status"]) == ("Ready", "True")
-        assert obj["status"]["result"] and obj["status"]["headline"]
-    jobs = cluster.objects("jobs")
-    assert len(jobs) == 4
+        status = obj["status"]
+        assert status["phase"] == "Succeeded", status
+        assert [(c["type"], c["status"]) for c in status["conditions"]] == [
+            ("Ready", "True"), ("Reconciling", "False"), ("Stalled", "False")]
+        assert status["observedGeneration"] == obj["metadata"]["generation"]
+        assert status["progress"]["percent"] == 100.0 and status["headline"] and status["attempts"] == 1
+        # The status carries the run's committed result, as the store has it.
+        run = open_store(status["artifactUri"])
+        assert status["result"] == run.read_json("result.json") and status["jobName"]
+        reasons = [e["reason"] for e in events_for(cluster, name)]
+        assert "JobCreated" in reasons and "Succeeded" in reasons
+        finished[kind] = obj
+    assert finished["FineTune"]["status"]["result"]["datasetDigest"] == finished["DatasetBuild"]["status"]["result"]["digest"]
+
+    # One Job and one ConfigMap per resource, owned by it, valid for every supported Kubernetes.
+    jobs, config_maps = cluster.objects("jobs"), cluster.objects("configmaps")
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(o["status"]["jobName"] for o in finished.values())
+    assert len(config_maps) == 4
+    uids = {o["metadata"]["uid"] for o in finished.values()}
+    for child in jobs + config_maps:
+        assert child["metadata"]["ownerReferences"][0]["uid"] in uids
+        clean = {k: v for k, v in child.items() if k != "status"}
+        clean["metadata"] = {k: v for k, v in child["metadata"].items()
+                             if k not in ("uid", "resourceVersion", "creationTimestamp", "generation")}
+        for version in ("1.29.0", "1.33.0"):
+            kubernetes_validate.validate(clean, version, strict=True)
+
+
+async def test_spec_change_makes_a_new_job_and_the_same_spec_reuses_the_result(cluster, operator, job_controller,
+                                                                             tiny_model):
+    data = pipeline(tiny_model)[0]
+    await cluster.apply(data)
+    first = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
+    await cluster.patch_spec("DatasetBuild", "data", {"split": {"validation": 0.1, "test": 0.1, "seed": 7}})
+    second = await cluster.wait_for("DatasetBuild", "data", lambda o: phase_is("Succeeded")(o) and
+                                    o["status"]["taskDigest"] != first["status"]["taskDigest"], timeout=120)
+    assert second["status"]["observedGeneration"] == 2
+    assert len(cluster.objects("jobs")) == 2  # the old Job is left alone
+    assert open_store(first["status"]["artifactUri"]).is_committed()
+
+    # Delete and re-apply the original: its finished result is reused, no Job is run again.
+    await cluster.delete("DatasetBuild", "data")
+    await asyncio.sleep(1)
+    await cluster.apply(data)
+    again = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=60)
+    assert again["status"]["taskDigest"] == first["status"]["taskDigest"]
+    assert again["status"]["result"] == first["status"]["result"]
+    assert len(cluster.objects("jobs")) == 2
+    assert any("reused" in e["message"] for e in events_for(cluster, "data"))
+
+
+async def test_invalid_spec_is_stalled_with_the_field_named(cluster, operator, tiny_model):
+    bench = pipeline(tiny_model)[2]
+    bench["spec"]["model"] = {"source": {"uri": f"file://{tiny_model}"}}
+    del bench["spec"]["perplexity"]
+    bench["spec"]["gates"] = [{"metric": "mtbench.score", "op": ">=", "value": 6.5}]
+    await cluster.apply(bench)
+    obj = await cluster.wait_for("Benchmark", "bench", phase_is("Failed"))
+    stalled = condition(obj, "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "InvalidSpec")
+    assert "spec.gates[0].metric" in stalled["message"] and "judge.score" in stalled["message"]
+    assert condition(obj, "Ready")["status"] == "False"
+    assert cluster.objects("jobs") == []
+
+
+async def test_invalid_task_fails_at_once_with_the_runtimes_error(cluster, operator, job_controller, tmp_path):
+    data = pipeline(tmp_path / "no-such-model")[0]
+    await cluster.apply(data)
+    obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Failed"), timeout=60)
+    stalled = condition(obj, "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "PodFailurePolicy"
+    assert "no-such-model" in stalled["message"] and "does not exist" in stalled["message"]
+    assert obj["status"]["attempts"] == 1  # not retried: retrying cannot help
+    assert any(e["reason"] == "JobFailed" and e["type"] == "Warning" for e in events_for(cluster, "data"))
+
+
+async def test_crashing_run_is_retried_then_failed(cluster, operator, job_controller, tiny_model, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for f in Path(tiny_model).iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "not a number"}))
+    data = pipeline(broken)[0]
+    await cluster.apply(data)
+    obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Failed"), timeout=120)
+    assert condition(obj, "Stalled")["reason"] == "BackoffLimitExceeded"
+    assert obj["status"]["attempts"] == 2  # backoffLimit 1: one retry
+
+
+async def test_operator_restarts_never_create_a_second_job(cluster, operator, job_controller, tiny_model):
+    job_controller.paused = True  # Jobs stay pending while the operator restarts around them
+    for manifest in pipeline(tiny_model):
+        await cluster.apply(manifest)
+    await cluster.wait_for("DatasetBuild", "data", phase_is("Running"))
+    rng = random.Random(0)
+    for _ in range(10):
+        await operator.stop()
+        await asyncio.sleep(rng.uniform(0, 0.3))
+        await operator.start()
+        await asyncio.sleep(rng.uniform(0, 1.0))
+    assert len(cluster.objects("jobs")) == 1
+    job_controller.paused = False
+    for kind, name in ORDER:
+        await cluster.wait_for(kind, name, phase_is("Succeeded"), timeout=240)
+        await operator.stop()
+        await operator.start()
+    names = [j["metadata"]["name"] for j in cluster.objects("jobs")]
+    assert len(names) == len(set(names)) == 4
+
+
+async def test_deletion_policy_delete_removes_the_artifacts(cluster, operator, job_controller, tiny_model,
+                                                            operator_settings):
+    keep, drop = pipeline(tiny_model)[0], pipeline(tiny_model)[0]
+    drop["metadata"] = {"name": "drop"}
+    drop["spec"]["deletionPolicy"] = "Delete"
+    await cluster.apply(keep)
+    await cluster.apply(drop)
+    for name in ("data", "drop"):
+        await cluster.wait_for("DatasetBuild", name, phase_is("Succeeded"), timeout=120)
+    dropped = await cluster.get("DatasetBuild", "drop")
+    assert "llmfactory.dev/artifacts" in dropped["metadata"].get("finalizers", [])
+    store = open_store(operator_settings.store_uri)
+    await cluster.delete("DatasetBuild", "drop")
+    await cluster.delete("DatasetBuild", "data")
+    for name in ("data", "drop"):
+        for _ in range(100):
+            if await cluster.get("DatasetBuild", name) is None:
+                break
+            await asyncio.sleep(0.2)
+        assert await cluster.get("DatasetBuild", name) is None
+    assert store.list("default/datasetbuild/drop") == []
+    assert store.list("default/datasetbuild/data")  # Retain, the default, keeps them
+
+
+async def test_metrics_count_reconciles_jobs_and_phases(cluster, operator, job_controller, tiny_model):
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    created = value("llmfactory_jobs_created_total", kind="DatasetBuild")
+    succeeded = value("llmfactory_resources", kind="DatasetBuild", phase="Succeeded")
+    data = pipeline(tiny_model)[0]
+    data["metadata"]["name"] = "counted"
+    await cluster.apply(data)
+    await cluster.wait_for("DatasetBuild", "counted", phase_is("Succeeded"), timeout=120)
+    await asyncio.sleep(1)
+    assert value("llmfactory_jobs_created_total", kind="DatasetBuild") == created + 1
+    assert value("llmfactory_resources", kind="DatasetBuild", phase="Succeeded") == succeeded + 1
+    assert value("llmfactory_reconciles_total", kind="DatasetBuild", phase="Running") >= 1
+    assert value("llmfactory_reconcile_seconds_count", kind="DatasetBuild") >= 2
+    await cluster.delete("DatasetBuild", "counted")
+    await asyncio.sleep(1)
+    assert value("llmfactory_resources", kind="DatasetBuild", phase="Succeeded") == succeeded

@@ -11,12 +11,22 @@ from llmfactory_runtime.store import open_store
 
 from .. import GROUP, VERSION
 from ..api import KINDS
+from . import metrics
 from .kube import SERVER_ENV, Kube
 from .reconcile import Outcome, reconcile
 from .settings import OperatorSettings
 
 FINALIZER = "llmfactory.dev/artifacts"
 TERMINAL = ("Succeeded", "Failed")
+
+
+def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: Kube, config: OperatorSettings) -> None:
+    kind, meta = body["kind"], body["metadata"]
+    with metrics.timed(kind):
+        outcome = reconcile(dict(body), kube, config)
+    metrics.observe(kind, meta["namespace"], meta["name"], outcome.status.get("phase"),
+                    outcome.event[1] if outcome.event else None)
+    _apply(outcome, body, patch)
 
 
 def _apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
@@ -51,14 +61,18 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
         return kopf.login_via_client(**kwargs)
 
     def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        _apply(reconcile(dict(body), client(), config), body, patch)
+        _reconcile(body, patch, client(), config)
 
     def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         status = body.get("status") or {}
         settled = status.get("observedGeneration") == body["metadata"].get("generation")
         if settled and status.get("phase") in TERMINAL:
             return
-        _apply(reconcile(dict(body), client(), config), body, patch)
+        _reconcile(body, patch, client(), config)
+
+    def on_deleted(body: kopf.Body, **_: Any) -> None:
+        meta = body["metadata"]
+        metrics.forget(body["kind"], meta["namespace"], meta["name"])
 
     def on_delete(body: kopf.Body, **_: Any) -> None:
         meta = body["metadata"]
@@ -76,3 +90,4 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
         kopf.on.resume(*resource, registry=registry)(on_change)
         kopf.timer(*resource, registry=registry, interval=config.poll_seconds, initial_delay=config.poll_seconds)(on_timer)
         kopf.on.delete(*resource, registry=registry, when=deletes_artifacts)(on_delete)
+        kopf.on.delete(*resource, registry=registry, optional=True)(on_deleted)  # no finalizer needed

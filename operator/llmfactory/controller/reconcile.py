@@ -68,7 +68,10 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     if result is not None:
         fresh = old.get("taskDigest") != task["digest"] or old.get("phase") != "Succeeded"
         patch = succeeded(kind, result, old, generation, **ident, progress=_progress(run, done=True))
-        reused = not kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
+        # Finished by a Job of this very object, or found done in the store (same task digest).
+        job = kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
+        owners = {o.get("uid") for o in ((job or {}).get("metadata") or {}).get("ownerReferences") or []}
+        reused = meta.get("uid") not in owners
         verb = "reused a finished result with the same task digest" if reused else "finished"
         return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
                        if fresh else None)
@@ -99,9 +102,11 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     problem = _pod_problem(kube, meta["namespace"], job_name)
     if problem:
         reason, message = problem
-    if progress.get("state") == "Failed" and int(jstatus.get("failed") or 0):
-        reason, message = "Retrying", f"attempt failed: {progress.get('message')}; the Job retries"
     event = ("Normal", "JobCreated", f"created Job {job_name} for task {task['digest'][:16]}") if created else None
+    if progress.get("state") == "Failed" and int(jstatus.get("failed") or 0):
+        reason, message = "Retrying", f"attempt {jstatus.get('failed')} failed: {progress.get('message')}; the Job retries"
+        if old.get("attempts") != attempts:
+            event = ("Warning", "Retrying", message)
     if problem and old.get("conditions") and old["conditions"][0].get("reason") != reason:
         event = ("Warning", reason, message)
     return Outcome(situation("Running", reason, message, old, generation, **fields), event)

@@ -1,0 +1,124 @@
+"""Every object the operator creates, in every variant, is valid for every Kubernetes version we
+support, and carries what a GPU platform team expects."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+
+from llmfactory.controller.job_builder import TASK_PATH, build, child_name
+from llmfactory.controller.settings import OperatorSettings
+from llmfactory.planner import parse, plan
+
+K8S_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+SETTINGS = OperatorSettings(
+    store_uri="s3://bucket/llmfactory", image="registry.example/llmfactory/runtime:0.1.0",
+    s3_endpoint="http://minio.storage:9000", s3_secret="llmfactory-s3", service_account="llmfactory-runtime",
+    node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+
+
+def fine_tune(resources=None, **spec):
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune",
+            "metadata": {"name": "llama3-seed", "namespace": "ml", "uid": "6c1b0a4e-0000-4000-8000-000000000001"},
+            "spec": {"baseModel": {"huggingface": "meta-llama/Meta-Llama-3-8B-Instruct"},
+                     "dataset": {"uri": "s3://bucket/data"}, "resources": resources or {}, **spec}}
+
+
+def children(body, settings=SETTINGS):
+    task = plan(parse(body), lambda *k: None, settings.store_uri)
+    return task, build(body, task, settings)
+
+
+VARIANTS = {
+    "one-gpu": fine_tune(),
+    "eight-gpus": fine_tune({"gpusPerNode": 8, "cpu": "64", "memory": "900Gi"}),
+    "two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}),
+    "kueue": fine_tune(queueName="h100-queue"),
+}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_object_is_valid_kubernetes(variant, version):
+    for obj in children(VARIANTS[variant])[1]:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def _job(objs):
+    return next(o for o in objs if o["kind"] == "Job")
+
+
+def test_single_gpu_job_is_locked_down_and_owned():
+    task, objs = children(VARIANTS["one-gpu"])
+    config_map, job = objs
+    assert json.loads(config_map["data"]["task.json"]) == task
+    name = child_name("llama3-seed", task["digest"])
+    assert job["metadata"]["name"] == config_map["metadata"]["name"] == name
+    for obj in objs:
+        owner = obj["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTune", "llama3-seed", True)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "llmfactory_runtime", "finetune", "--task", TASK_PATH]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert pod["nodeSelector"] == SETTINGS.node_selector and pod["tolerations"] == SETTINGS.tolerations
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = container["securityContext"]
+    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+                  "capabilities": {"drop": ["ALL"]}}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == SETTINGS.backoff_limit
+    assert pod["serviceAccountName"] == "llmfactory-runtime"
+
+
+def test_credentials_are_references_never_values():
+    _, objs = children(VARIANTS["one-gpu"])
+    env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    secret_vars = {e["name"]: e for e in env if e["name"].startswith("AWS_") and e["name"] != "AWS_ENDPOINT_URL"}
+    assert set(secret_vars) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for var in secret_vars.values():
+        assert "value" not in var and var["valueFrom"]["secretKeyRef"]["name"] == "llmfactory-s3"
+
+
+def test_multi_gpu_runs_torchrun_on_one_node():
+    _, objs = children(VARIANTS["eight-gpus"])
+    container = _job(objs)["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["torchrun", "--nproc-per-node=8"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "64", "memory": "900Gi"}
+
+
+def test_multi_node_is_an_indexed_job_with_a_headless_service():
+    _, objs = children(VARIANTS["two-nodes"])
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]
+    service, job = objs[1], objs[2]
+    assert service["spec"]["clusterIP"] == "None"
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    assert all(spec["template"]["metadata"]["labels"][k] == v for k, v in service["spec"]["selector"].items())
+    command = spec["template"]["spec"]["containers"][0]["command"]
+    name = service["metadata"]["name"]
+    assert "--nnodes=2" in command and "--node-rank=$(JOB_COMPLETION_INDEX)" in command
+    assert f"--master-addr={name}-0.{name}" in command
+
+
+def test_kueue_queue_label_and_suspended_job():
+    _, objs = children(VARIANTS["kueue"])
+    job = _job(objs)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-queue"
+    assert job["spec"]["suspend"] is True
+
+
+def test_cpu_only_phase_gets_no_gpu_and_no_gpu_pool():
+    body = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization",
+            "metadata": {"name": "q", "namespace": "ml", "uid": "u"},
+            "spec": {"model": {"source": {"uri": "s3://bucket/model"}}}}
+    pod = _job(children(body)[1])["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and pod["containers"][0]["resources"] == {}
