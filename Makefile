@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test crds clean
+.PHONY: demo test crds e2e-cluster clean
 
 $(INSTALLED): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/pytest
+
+# The operator scenario on a real cluster; skipped unless KUBECONFIG (and the variables that
+# tests/e2e/test_cluster.py names) are set.
+e2e-cluster: $(INSTALLED)
+	$(BIN)/pytest -m cluster -rs tests/e2e/test_cluster.py
 
 crds: $(INSTALLED)
 	$(BIN)/llmfactory crds --out crds

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any
 
 import aiohttp
-import kopf
 import pytest
 import pytest_asyncio
 
 from llmfactory.api import KINDS
-from llmfactory.controller.handlers import register
 from llmfactory.controller.kube import SERVER_ENV
 from llmfactory.controller.settings import OperatorSettings
-from tests.operator.harness import Emulator, JobController, declare_resources, objects_of
+from tests.operator.harness import Emulator, JobController, Operator, declare_resources, objects_of
 
 
 def pytest_collection_modifyitems(items):
@@ -85,41 +82,6 @@ def operator_settings(tmp_path) -> OperatorSettings:
     return OperatorSettings(store_uri=f"file://{tmp_path}/store", poll_seconds=0.5, backoff_limit=1,
                             node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                             tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
-
-
-class Operator:
-    """The real kopf operator, in a thread with its own event loop (as kopf.testing.KopfRunner
-    does), so the emulator keeps serving in the test's loop; start and stop it at will."""
-
-    def __init__(self, settings: OperatorSettings):
-        self.settings = settings
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def _run(self) -> None:
-        registry = kopf.OperatorRegistry()
-        register(registry, self.settings)
-        loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(kopf.operator(registry=registry, clusterwide=True, standalone=True,
-                                                  stop_flag=self.stop_flag))
-        except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
-            self.error = exc
-        finally:
-            loop.close()
-
-    async def start(self) -> None:
-        self.stop_flag = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
-        self.thread.start()
-
-    async def stop(self) -> None:
-        if self.thread:
-            self.stop_flag.set()
-            await asyncio.to_thread(self.thread.join, 60)
-            assert not self.thread.is_alive(), "the operator did not stop"
-            self.thread = None
-        assert self.error is None, f"the operator crashed: {self.error!r}"
 
 
 @pytest_asyncio.fixture

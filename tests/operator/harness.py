@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import sys
+import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,10 +19,13 @@ from typing import Any
 
 import aiohttp
 import kmock
+import kopf
 
 from llmfactory import GROUP, VERSION
 from llmfactory.api import KINDS
+from llmfactory.controller.handlers import register
 from llmfactory.controller.job_builder import TASK_PATH
+from llmfactory.controller.settings import OperatorSettings
 from llmfactory_runtime import EXIT_INVALID_TASK
 
 _versions = itertools.count(1)
@@ -157,3 +161,39 @@ class JobController:
 
     def log_of(self, job_name: str) -> str:
         return "\n".join(p.read_text() for p in sorted((self.workdir / job_name).glob("attempt-*.log")))
+
+
+class Operator:
+    """The real kopf operator, in a thread with its own event loop (as kopf.testing.KopfRunner
+    does), so the emulator keeps serving in the test's loop; start and stop it at will."""
+
+    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None):
+        self.settings, self.namespaces = settings, namespaces
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        registry = kopf.OperatorRegistry()
+        register(registry, self.settings)
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(kopf.operator(registry=registry, clusterwide=not self.namespaces,
+                                                  namespaces=self.namespaces or (), standalone=True,
+                                                  stop_flag=self.stop_flag))
+        except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
+            self.error = exc
+        finally:
+            loop.close()
+
+    async def start(self) -> None:
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
+        self.thread.start()
+
+    async def stop(self) -> None:
+        if self.thread:
+            self.stop_flag.set()
+            await asyncio.to_thread(self.thread.join, 60)
+            assert not self.thread.is_alive(), "the operator did not stop"
+            self.thread = None
+        assert self.error is None, f"the operator crashed: {self.error!r}"

@@ -192,3 +192,53 @@ async def test_metrics_count_reconciles_jobs_and_phases(cluster, operator, job_c
     await cluster.delete("DatasetBuild", "counted")
     await asyncio.sleep(1)
     assert value("llmfactory_resources", kind="DatasetBuild", phase="Succeeded") == succeeded
+
+
+async def test_pod_problems_are_shown_on_the_resource(cluster, operator, job_controller, tiny_model):
+    """An image that cannot be pulled or a pod that cannot be scheduled is visible without
+    `kubectl describe pod`: its reason and message are copied into the conditions."""
+    job_controller.paused = True
+    await cluster.apply(pipeline(tiny_model)[0])
+    obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Running"))
+    job = obj["status"]["jobName"]
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": f"{job}-x7k2p", "namespace": "default", "labels": {"job-name": job}},
+           "spec": {"containers": [{"name": "runtime", "image": "registry.example/runtime:missing"}]},
+           "status": {"phase": "Pending", "containerStatuses": [{
+               "name": "runtime", "ready": False, "restartCount": 0, "image": "registry.example/runtime:missing",
+               "imageID": "", "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                    "message": "Back-off pulling image registry.example/runtime:missing"}}}]}}
+    async with cluster.session.post(f"{cluster.server.url}/api/v1/namespaces/default/pods", json=pod) as resp:
+        resp.raise_for_status()
+    obj = await cluster.wait_for("DatasetBuild", "data",
+                                 lambda o: o["status"]["conditions"][0]["reason"] == "ImagePullBackOff")
+    assert "runtime:missing" in obj["status"]["conditions"][0]["message"]
+    assert any(e["reason"] == "ImagePullBackOff" and e["type"] == "Warning" for e in events_for(cluster, "data"))
+
+    unschedulable = {"status": {"phase": "Pending", "containerStatuses": [], "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]}}
+    async with cluster.session.patch(f"{cluster.server.url}/api/v1/namespaces/default/pods/{job}-x7k2p",
+                                     json=unschedulable,
+                                     headers={"Content-Type": "application/merge-patch+json"}) as resp:
+        resp.raise_for_status()
+    obj = await cluster.wait_for("DatasetBuild", "data",
+                                 lambda o: o["status"]["conditions"][0]["reason"] == "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in obj["status"]["conditions"][0]["message"]
+
+
+async def test_queued_job_waits_for_kueue(cluster, operator, job_controller, tiny_model):
+    data = pipeline(tiny_model)[0]
+    data["spec"]["queueName"] = "h100-queue"
+    await cluster.apply(data)
+    obj = await cluster.wait_for("DatasetBuild", "data",
+                                 lambda o: (o.get("status") or {}).get("conditions", [{}])[0].get("reason") == "Queued")
+    job = cluster.objects("jobs")[0]
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-queue"
+    # Kueue admits the workload by unsuspending the Job; then it runs.
+    async with cluster.session.patch(f"{cluster.server.url}/apis/batch/v1/namespaces/default/jobs/{job['metadata']['name']}",
+                                     json={"spec": {"suspend": False}},
+                                     headers={"Content-Type": "application/merge-patch+json"}) as resp:
+        resp.raise_for_status()
+    await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
+    assert obj["status"]["phase"] == "Running"
