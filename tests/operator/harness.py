@@ -175,20 +175,36 @@ class Operator:
     def _run(self) -> None:
         registry = kopf.OperatorRegistry()
         register(registry, self.settings)
-        loop = asyncio.new_event_loop()
+        loop = self.loop = asyncio.new_event_loop()
+        self.kopf_settings = kopf.OperatorSettings()
         try:
-            loop.run_until_complete(kopf.operator(registry=registry, clusterwide=not self.namespaces,
+            self.main = loop.create_task(kopf.operator(registry=registry, clusterwide=not self.namespaces,
                                                   namespaces=self.namespaces or (), standalone=True,
+                                                  settings=self.kopf_settings,
                                                   stop_flag=self.stop_flag))
+            loop.run_until_complete(self.main)
+        except asyncio.CancelledError:
+            pass  # killed
         except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
             self.error = exc
         finally:
+            # A killed operator leaves its handler threads; let them go with it.
+            self.kopf_settings.execution.executor.shutdown(wait=False, cancel_futures=True)
             loop.close()
 
     async def start(self) -> None:
         self.stop_flag = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
         self.thread.start()
+
+    async def kill(self) -> None:
+        """Stop abruptly, as a deleted or OOM-killed pod does: no graceful shutdown."""
+        if self.thread:
+            self.loop.call_soon_threadsafe(self.main.cancel)
+            await asyncio.to_thread(self.thread.join, 60)
+            self.stop_flag.set()  # kopf waits for it in a thread of its own: release that thread
+            assert not self.thread.is_alive(), "the operator did not stop"
+            self.thread = None
 
     async def stop(self) -> None:
         if self.thread:

@@ -122,3 +122,15 @@ def test_cpu_only_phase_gets_no_gpu_and_no_gpu_pool():
             "spec": {"model": {"source": {"uri": "s3://bucket/model"}}}}
     pod = _job(children(body)[1])["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and pod["containers"][0]["resources"] == {}
+
+
+def test_settings_come_from_the_environment():
+    settings = OperatorSettings.from_env({
+        "LLMFACTORY_STORE_URI": "s3://b/p", "LLMFACTORY_IMAGE": "img:1", "LLMFACTORY_BACKOFF_LIMIT": "5",
+        "LLMFACTORY_NODE_SELECTOR": '{"pool": "h100"}', "LLMFACTORY_POLL_SECONDS": "2.5",
+        "LLMFACTORY_TOLERATIONS": '[{"key": "gpu", "operator": "Exists"}]', "UNRELATED": "x"})
+    assert (settings.store_uri, settings.image, settings.backoff_limit) == ("s3://b/p", "img:1", 5)
+    assert settings.node_selector == {"pool": "h100"} and settings.poll_seconds == 2.5
+    assert settings.tolerations == [{"key": "gpu", "operator": "Exists"}]
+    with pytest.raises(ValueError, match="store_uri"):
+        OperatorSettings.from_env({})

@@ -242,3 +242,21 @@ async def test_queued_job_waits_for_kueue(cluster, operator, job_controller, tin
         resp.raise_for_status()
     await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
     assert obj["status"]["phase"] == "Running"
+
+
+@pytest.mark.slow
+async def test_a_hundred_restarts_at_random_moments_create_one_job_each(cluster, operator, tiny_model):
+    """No Job controller here: Jobs stay pending, so every restart finds them mid-run."""
+    manifests = pipeline(tiny_model)[:1] + [
+        {**pipeline(tiny_model)[0], "metadata": {"name": f"data-{i}"}} for i in range(3)]
+    rng = random.Random(42)
+    for manifest in manifests:
+        await cluster.apply(manifest)
+        await asyncio.sleep(rng.uniform(0, 0.05))
+    for _ in range(100):
+        await operator.kill()
+        await operator.start()
+        await asyncio.sleep(rng.uniform(0, 0.15))
+    await cluster.wait_for("DatasetBuild", "data-2", phase_is("Running"))
+    owners = [j["metadata"]["ownerReferences"][0]["name"] for j in cluster.objects("jobs")]
+    assert sorted(owners) == sorted(m["metadata"]["name"] for m in manifests)

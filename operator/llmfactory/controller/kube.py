@@ -44,7 +44,8 @@ class Kube:
         try:
             resp = self.api.call_api(path, method, query_params=query or [], body=body,
                                      header_params={"Content-Type": content_type, "Accept": "application/json"},
-                                     auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True)
+                                     auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+                                     _request_timeout=(10, 60))
         except ApiException as exc:
             if exc.status == 404:
                 raise NotFound(path) from None
