@@ -12,7 +12,9 @@ from llmfactory.controller.job_builder import TASK_PATH, build, child_name
 from llmfactory.controller.settings import OperatorSettings
 from llmfactory.planner import parse, plan
 
-K8S_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+# Every Kubernetes version kubernetes-validate ships, from 1.29 on.
+K8S_VERSIONS = sorted({v for v in kubernetes_validate.utils.all_versions()
+                       if tuple(map(int, v.split(".")[:2])) >= (1, 29)}, key=lambda v: tuple(map(int, v.split("."))))
 SETTINGS = OperatorSettings(
     store_uri="s3://bucket/llmfactory", image="registry.example/llmfactory/runtime:0.1.0",
     s3_endpoint="http://minio.storage:9000", s3_secret="llmfactory-s3", service_account="llmfactory-runtime",
@@ -37,6 +39,11 @@ VARIANTS = {
     "eight-gpus": fine_tune({"gpusPerNode": 8, "cpu": "64", "memory": "900Gi"}),
     "two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}),
     "kueue": fine_tune(queueName="h100-queue"),
+    "own-pool": fine_tune(scheduling={
+        "nodeSelector": {"pool": "a100"}, "tolerations": [{"key": "a100", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["eu-1a"]}]}]}}},
+        "priorityClassName": "training"}),
 }
 
 
@@ -107,6 +114,14 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service():
     name = service["metadata"]["name"]
     assert "--nnodes=2" in command and "--node-rank=$(JOB_COMPLETION_INDEX)" in command
     assert f"--master-addr={name}-0.{name}" in command
+
+
+def test_resource_scheduling_overrides_the_operator_defaults():
+    pod = _job(children(VARIANTS["own-pool"])[1])["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "a100"} and pod["tolerations"][0]["key"] == "a100"
+    assert pod["affinity"]["nodeAffinity"] and pod["priorityClassName"] == "training"
+    # Scheduling is not part of what the run computes: same task digest.
+    assert children(VARIANTS["own-pool"])[0]["digest"] == children(VARIANTS["one-gpu"])[0]["digest"]
 
 
 def test_kueue_queue_label_and_suspended_job():

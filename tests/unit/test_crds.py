@@ -13,7 +13,8 @@ from llmfactory.cli import main as cli
 from tests.crd_schema import validate_resource
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+K8S_VERSIONS = sorted({v for v in kubernetes_validate.utils.all_versions()
+                       if tuple(map(int, v.split(".")[:2])) >= (1, 29)})
 
 
 def test_crds_directory_is_generated_from_the_models():
@@ -93,3 +94,12 @@ BAD = [
 def test_bad_specs_are_rejected_by_the_crd_with_a_clear_message(kind, spec, expected):
     errors = validate_resource(crd(KINDS[kind]), _manifest(kind, spec))
     assert any(expected in e for e in errors), errors
+
+
+def test_scheduling_affinity_is_kept_as_written():
+    spec = {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "scheduling": {
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1}]}},
+        "tolerations": [{"key": "gpu", "operator": "Exists"}]}}
+    assert validate_resource(crd(KINDS["FineTune"]), _manifest("FineTune", spec)) == []
+    bad = {**spec, "scheduling": {"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}}
+    assert any("not in" in e for e in validate_resource(crd(KINDS["FineTune"]), _manifest("FineTune", bad)))

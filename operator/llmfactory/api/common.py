@@ -79,6 +79,28 @@ class Resources(ApiModel):
     memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
 
 
+class Toleration(ApiModel):
+    """corev1.Toleration."""
+
+    key: str | None = Field(None, description="Taint key; empty with operator Exists matches every taint.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, description="Taint value, with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all.")
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated.")
+
+
+class Scheduling(ApiModel):
+    """Where the phase's pods may run. Each field set here replaces the operator's default."""
+
+    node_selector: dict[str, str] | None = Field(None, description="Node labels the pods require.")
+    tolerations: list[Toleration] | None = Field(None, description="Taints the pods tolerate.")
+    affinity: dict[str, Any] | None = Field(
+        None, description="corev1.Affinity, passed to the pods as written.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    priority_class_name: str | None = Field(None, pattern=NAME_PATTERN, description="PriorityClass of the pods.")
+
+
 class RunOptions(ApiModel):
     """How a phase's runs are scheduled and cleaned up: fields every kind's spec has. They do
     not change what a run computes, so they are not part of the task digest."""
@@ -91,7 +113,11 @@ class RunOptions(ApiModel):
                                                 "kueue.x-k8s.io/queue-name label, and Kueue admits it.")
 
 
-OPERATIONAL_FIELDS = ("deletionPolicy", "queueName")
+    scheduling: Scheduling | None = Field(None, description="Node selector, tolerations and affinity of the "
+                                                            "phase's pods, overriding the operator's defaults.")
+
+
+OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "scheduling")
 
 
 class Phase(str, Enum):

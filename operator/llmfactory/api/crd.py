@@ -42,8 +42,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         node["enum"] = [node.pop("const")]
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in _DROPPED or (key == "additionalProperties" and value is False):
-            continue  # Kubernetes prunes unknown fields; additionalProperties: false is not structural
+        if key in _DROPPED or (key == "additionalProperties" and isinstance(value, bool)):
+            continue  # a boolean here is not structural: pruning, or preserve-unknown-fields, says it
         if key == "properties":
             out[key] = {name: _structural(v, defs) for name, v in value.items()}
         elif key in ("items", "additionalProperties") and isinstance(value, dict):

@@ -111,11 +111,14 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
-    if gpus:
-        pod_spec["nodeSelector"] = dict(settings.node_selector)
-        pod_spec["tolerations"] = list(settings.tolerations)
-        if settings.affinity:
-            pod_spec["affinity"] = settings.affinity
+    # The GPU pool by default; the resource's own scheduling, field by field, wins.
+    scheduling = spec.get("scheduling") or {}
+    defaults = {"nodeSelector": settings.node_selector, "tolerations": settings.tolerations,
+                "affinity": settings.affinity} if gpus else {}
+    for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        value = scheduling.get(field, defaults.get(field))
+        if value:
+            pod_spec[field] = value
     if nodes > 1:
         pod_spec["subdomain"] = name
     job_meta = {"name": name, "namespace": namespace, "labels": dict(tags), "ownerReferences": owner}
