@@ -5,7 +5,6 @@ A plain loop, top to bottom: data -> model -> optimizer -> epochs of steps -> ev
 
 from __future__ import annotations
 
-import hashlib
 import math
 import tempfile
 import time
@@ -17,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 from ..batching import collate, encode_rows, mean_loss
 from ..data import read_split
+from ..digests import sha256_files
 from ..models import load_model, load_tokenizer
 from ..progress import Progress
 from ..store import Store
@@ -30,13 +30,6 @@ def lr_lambda(warmup: int, total: int):
             return (step + 1) / warmup
         return max(0.0, (total - step) / max(1, total - warmup))
     return factor
-
-
-def sha256_of_weights(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        digest.update(f.read_bytes())
-    return "sha256:" + digest.hexdigest()
 
 
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
@@ -124,7 +117,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         full.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
         (out / "model" / "README.md").write_text(_model_card(task, eval_loss, losses))
-        result["digest"] = sha256_of_weights(out / "model")
+        result["digest"] = "sha256:" + sha256_files(sorted((out / "model").glob("*.safetensors")))
         run.upload_dir(out / "model", "model")
     run.write_bytes("metrics/loss.csv", ("step,epoch,loss,learning_rate\n" + "".join(
         f"{s},{e},{loss:.6f},{lr:.8g}\n" for s, e, loss, lr in losses)).encode())

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..batching import perplexity
 from ..data import read_split
+from ..digests import sha256_files
 from ..models import load_model, load_tokenizer, locate
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
 from .gguf_export import export
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _perplexity(source: dict, rows: list[dict], cache: bool = True) -> float:
@@ -57,7 +49,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                 "type": type_name,
                 "uri": f"{run.uri}/gguf/{out.name}",
                 "sizeBytes": out.stat().st_size,
-                "sha256": sha256_file(out),
+                "sha256": sha256_files([out]),
                 "bitsPerWeight": round(out.stat().st_size * 8 / params, 3),
             }
             if rows:
