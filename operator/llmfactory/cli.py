@@ -12,6 +12,8 @@ from rich.console import Console
 
 from .api import KINDS
 from .api.crd import crd
+from llmfactory_runtime.finetune.estimate import Estimate
+
 from .planner import PlanError, Waiting, dependency_order, parse, plan, read_manifests
 
 
@@ -54,6 +56,9 @@ def cmd_plan(args) -> int:
                 print(f"{res.ref}: task {task['digest'][:16]} -> {task['artifactUri']}")
                 if args.json:
                     print(json.dumps(task, indent=2))
+            estimate = task.estimate if isinstance(task, Waiting) else task.get("estimate")
+            if estimate:
+                print(f"  estimate: {Estimate(**estimate).summary()}")
     except (PlanError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

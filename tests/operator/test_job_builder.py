@@ -39,6 +39,11 @@ VARIANTS = {
     "eight-gpus": fine_tune({"gpusPerNode": 8, "cpu": "64", "memory": "900Gi"}),
     "two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}),
     "kueue": fine_tune(queueName="h100-queue"),
+    "zero3-two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}, method="full",
+                                 hyperparameters={"batchSize": 1, "gradientCheckpointing": True},
+                                 distribution={"strategy": "deepspeed", "zeroStage": 3}),
+    "qlora-wandb": fine_tune(method="qlora", tracking={"wandb": {
+        "project": "seed", "apiKeySecret": {"name": "wandb", "key": "api-key"}}}),
     "own-pool": fine_tune(scheduling={
         "nodeSelector": {"pool": "a100"}, "tolerations": [{"key": "a100", "operator": "Exists", "effect": "NoSchedule"}],
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
@@ -92,6 +97,24 @@ def test_credentials_are_references_never_values():
     assert set(secret_vars) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     for var in secret_vars.values():
         assert "value" not in var and var["valueFrom"]["secretKeyRef"]["name"] == "llmfactory-s3"
+
+
+def test_tracker_keys_are_secret_references_and_training_gets_time_to_checkpoint():
+    task, objs = children(VARIANTS["qlora-wandb"])
+    pod = _job(objs)["spec"]["template"]["spec"]
+    [key] = [e for e in pod["containers"][0]["env"] if e["name"] == "WANDB_API_KEY"]
+    assert key == {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
+    # The task carries the reference (where the key is), never a key: the operator never reads the Secret.
+    assert task["spec"]["tracking"]["wandb"]["apiKeySecret"] == {"name": "wandb", "key": "api-key"}
+    assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds
+
+
+def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():
+    task, objs = children(VARIANTS["zero3-two-nodes"])
+    container = _job(objs)["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][0] == "torchrun" and "--nnodes=2" in container["command"]
+    assert task["spec"]["distribution"] == {"strategy": "deepspeed", "zeroStage": 3, "offload": "none"}
+    assert task["estimate"]["total_gib"] < 80
 
 
 def test_multi_gpu_runs_torchrun_on_one_node():

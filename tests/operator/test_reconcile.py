@@ -51,6 +51,8 @@ async def test_four_resources_applied_at_once_run_in_order(cluster, operator, jo
         assert "JobCreated" in reasons and "Succeeded" in reasons
         finished[kind] = obj
     assert finished["FineTune"]["status"]["result"]["datasetDigest"] == finished["DatasetBuild"]["status"]["result"]["digest"]
+    # The planner's memory and time estimate for the tiny model, read from its config.json.
+    assert "GiB per GPU" in finished["FineTune"]["status"]["estimate"]
 
     # One Job and one ConfigMap per resource, owned by it, valid for every supported Kubernetes.
     jobs, config_maps = cluster.objects("jobs"), cluster.objects("configmaps")

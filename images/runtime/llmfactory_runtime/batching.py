@@ -29,22 +29,28 @@ def collate(examples: list[dict], pad_id: int, device) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, all_tokens: bool = False) -> float | None:
-    """Token-weighted mean next-token loss over assistant tokens (or every real token)."""
-    if not examples:
-        return None
+def loss_sums(model, examples: list[dict], batch_size: int, pad_id: int, device=None,
+              all_tokens: bool = False) -> tuple[float, int]:
+    """(summed next-token loss, tokens) over assistant tokens (or every real token)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id, model.device)
+        batch = collate(examples[start:start + batch_size], pad_id, device or model.device)
         if all_tokens:
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
         n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total += float(model(**batch).loss) * n
-        count += n
+        if n:
+            total += float(model(**batch, use_cache=False).loss) * n
+            count += n
     model.train(was_training)
-    return total / count
+    return total, count
+
+
+def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, all_tokens: bool = False) -> float | None:
+    """Token-weighted mean next-token loss over assistant tokens (or every real token)."""
+    total, count = loss_sums(model, examples, batch_size, pad_id, all_tokens=all_tokens)
+    return total / count if count else None
 
 
 def perplexity(model, tokenizer, rows: list[dict], max_len: int = 2048, batch_size: int = 4) -> dict[str, float]:

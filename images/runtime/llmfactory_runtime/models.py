@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .chat import CHATML_TEMPLATE
 from .store import open_store
@@ -92,11 +92,25 @@ def load_tokenizer(source: dict[str, Any], cache: bool = True) -> PreTrainedToke
     return tok
 
 
-def load_model(source: dict[str, Any], dtype: torch.dtype | None = None, cache: bool = True, **kwargs):
-    """A causal LM on the best device, in the compute dtype unless told otherwise. A GGUF source is
-    kept as safetensors in the local cache unless cache=False (a file that is only checked once)."""
+def load_config(source: dict[str, Any]):
+    """The model's config alone (no weights): what the memory check needs."""
+    cached = _gguf_cache(source, True)
+    if cached and (cached / ".complete").exists():
+        return AutoConfig.from_pretrained(cached)
+    where, gguf, kwargs = locate(source)
+    return AutoConfig.from_pretrained(where, gguf_file=gguf, **kwargs)
+
+
+def load_model(source: dict[str, Any], dtype: torch.dtype | None = None, cache: bool = True,
+               to: torch.device | None = None, **kwargs):
+    """A causal LM on the best device (or `to`), in the compute dtype unless told otherwise. A GGUF
+    source is kept as safetensors in the local cache unless cache=False (a file that is only checked once).
+    A model loaded with a device_map (e.g. 4-bit) stays where it was placed."""
     dtype = dtype or compute_dtype()
     cached = _gguf_cache(source, cache)
+    if cached and not (cached / ".complete").exists() and "quantization_config" in kwargs:
+        # transformers cannot quantize while reading GGUF: make the safetensors copy first.
+        load_model(source, dtype=dtype, cache=True, to=torch.device("cpu"))  # kept: only the cache
     if cached and (cached / ".complete").exists():
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **kwargs)
     else:
@@ -104,7 +118,9 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | None = None, cache: 
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **extra, **kwargs)
         if cached:
             _save_gguf_cache(model, AutoTokenizer.from_pretrained(where, gguf_file=gguf), cached)
-    return model.to(device())
+    if "device_map" in kwargs:
+        return model
+    return model.to(to or device())
 
 
 def _save_gguf_cache(model, tokenizer, path: Path) -> None:

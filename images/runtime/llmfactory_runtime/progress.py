@@ -17,6 +17,13 @@ class Progress:
         self.state: dict[str, Any] = {"state": "Running", "startedAt": self.started}
         self._written = 0.0
 
+    @classmethod
+    def silent(cls, run: Store) -> "Progress":
+        """For processes other than rank 0: one writer of progress.json per run."""
+        quiet = cls(run)
+        quiet._write = lambda force: None  # type: ignore[method-assign]
+        return quiet
+
     def stage(self, name: str, total: int | None = None, unit: str | None = None) -> None:
         """Start a new stage; done/total count within it."""
         self._stage_started = time.time()

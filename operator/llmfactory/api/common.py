@@ -77,6 +77,9 @@ class Resources(ApiModel):
     nodes: int = Field(1, ge=1, le=256, description="Pods (nodes) for multi-node training.")
     cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.")
     memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
+    gpu_memory_gib: float = Field(80, gt=0, le=1024, alias="gpuMemoryGiB", description=(
+        "Memory of one GPU in GiB. A FineTune whose estimated need exceeds it is refused before a Job "
+        "is created (80 for an H100 80GB)."))
 
 
 class Toleration(ApiModel):
@@ -118,6 +121,8 @@ class RunOptions(ApiModel):
 
 
 OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "scheduling")
+# In the task (the runtime needs them) but not in its digest: they do not change the result.
+RUNTIME_ONLY_FIELDS = ("checkpointing", "tracking")
 
 
 class Phase(str, Enum):

@@ -6,7 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, Resources, RunOptions, StatusBase, URI_PATTERN
+from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, Resources, RunOptions, SecretKeyRef,
+                     StatusBase, URI_PATTERN)
 
 
 class DatasetInput(ApiModel):
@@ -24,8 +25,16 @@ class Lora(ApiModel):
     alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1, description="Module names to adapt, or ['all-linear'].")
+        default_factory=lambda: ["all-linear"], min_length=1,
+        description="Module names to adapt (e.g. q_proj, v_proj), or ['all-linear']: every linear layer of "
+                    "the decoder blocks, whatever the architecture calls them (not the output head).")
+
+
+class QLora(ApiModel):
+    """How the frozen base is quantized for QLoRA (bitsandbytes 4-bit)."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 as in the QLoRA paper.")
+    double_quantization: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
 
 
 class Hyperparameters(ApiModel):
@@ -33,56 +42,153 @@ class Hyperparameters(ApiModel):
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    batch_size: int = Field(4, ge=1, le=4096, description="Conversations per micro-batch per process.")
-    gradient_accumulation: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
-    max_seq_length: int = Field(1024, ge=16, le=1048576, description="Tokens per conversation; longer ones are cut.")
+    batch_size: int = Field(4, ge=1, le=4096, description=(
+        "Sequences per micro-batch per process (packed sequences of maxSeqLength when packing is on)."))
+    gradient_accumulation: int = Field(1, ge=1, le=1024, description=(
+        "Micro-batches per optimizer step. The global batch is batchSize x gradientAccumulation x processes."))
+    max_seq_length: int = Field(1024, ge=16, le=1048576, description="Tokens per sequence; longer conversations are cut.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Seed for initialisation and shuffling.")
+    seed: int = Field(42, description="Seed for initialisation, dropout and shuffling.")
+    packing: bool = Field(True, description=(
+        "Pack several conversations into each sequence (attention and positions kept apart), so "
+        "compute is not spent on padding."))
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
+    fused_kernels: bool = Field(False, description=(
+        "Liger's fused Triton kernels for Llama-family models (RMSNorm, SwiGLU, RoPE, and linear + "
+        "cross-entropy without materialising the logits): less memory, more tokens/s. CUDA only."))
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
+        "Weights and compute dtype: auto is bf16 on GPUs that have it, fp32 on CPU."))
+
+
+class Distribution(ApiModel):
+    """How several processes share the work (resources.gpusPerNode x resources.nodes)."""
+
+    cel_rules: ClassVar = [
+        {"rule": "self.strategy == 'deepspeed' || (!has(self.zeroStage) && !has(self.offload))",
+         "message": "zeroStage and offload apply only to strategy deepspeed"},
+    ]
+
+    strategy: Literal["ddp", "deepspeed"] = Field("ddp", description=(
+        "ddp replicates the model on every process; deepspeed shards optimizer state (ZeRO 2) "
+        "and also weights (ZeRO 3)."))
+    zero_stage: Literal[2, 3] | None = Field(None, description="DeepSpeed ZeRO stage (deepspeed only; default 2).")
+    offload: Literal["none", "cpu"] | None = Field(None, description="Keep optimizer state in CPU memory (deepspeed only).")
+
+    @model_validator(mode="after")
+    def _deepspeed_defaults(self):
+        if self.strategy != "deepspeed" and (self.zero_stage or self.offload):
+            raise ValueError("zeroStage and offload apply only to strategy deepspeed")
+        if self.strategy == "deepspeed":
+            self.zero_stage = self.zero_stage or 2
+            self.offload = self.offload or "none"
+        return self
+
+
+class Checkpointing(ApiModel):
+    """Training state saved to the artifact store, so a preempted or killed run resumes where it was."""
+
+    every_steps: int = Field(100, ge=1, description="Save every this many optimizer steps (and on SIGTERM).")
+    keep_last: int = Field(2, ge=1, le=100, description="Committed checkpoints kept; older ones are deleted.")
+
+
+class WandB(ApiModel):
+    project: str = Field(min_length=1, description="Weights & Biases project.")
+    entity: str | None = Field(None, description="Team or user; the key's default when unset.")
+    mode: Literal["online", "offline"] = Field("online", description="offline writes runs to the artifact store only.")
+    api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding WANDB_API_KEY (online mode).")
+
+
+class MLflow(ApiModel):
+    tracking_uri: str = Field(min_length=1, description="MLflow tracking server URI (or a file:// path).")
+    experiment: str = Field("llmfactory", min_length=1, description="Experiment name.")
+
+
+class Tracking(ApiModel):
+    """Where training metrics are reported besides progress.json and metrics/loss.csv."""
+
+    tensorboard: bool = Field(False, description="Write TensorBoard event files under tensorboard/ in the artifacts.")
+    wandb: WandB | None = Field(None, description="Report to Weights & Biases.")
+    mlflow: MLflow | None = Field(None, description="Report to MLflow.")
 
 
 class FineTuneSpec(RunOptions):
     cel_rules: ClassVar = [
-        {"rule": "self.method != 'full' || !has(self.lora)", "message": "lora settings apply only to method lora"},
+        {"rule": "self.method != 'full' || !has(self.lora)", "message": "lora settings apply only to methods lora and qlora"},
+        {"rule": "self.method == 'qlora' || !has(self.qlora)", "message": "qlora settings apply only to method qlora"},
+        {"rule": "self.method != 'qlora' || !has(self.distribution) || self.distribution.strategy != 'deepspeed'",
+         "message": "qlora trains with distribution.strategy ddp: DeepSpeed ZeRO cannot shard 4-bit weights"},
+        {"rule": "self.method == 'full' || !has(self.distribution) || !has(self.distribution.zeroStage) "
+                 "|| self.distribution.zeroStage != 3",
+         "message": "distribution.zeroStage 3 shards the weights of a full fine-tune; adapters (lora) use zeroStage 2"},
     ]
 
     base_model: ModelSource = Field(description="The model to fine-tune.")
     dataset: DatasetInput = Field(description="The conversations to train on.")
-    method: Literal["lora", "full"] = Field("lora", description="lora trains an adapter; full trains every weight.")
-    lora: Lora | None = Field(None, description="Adapter settings (method lora); defaults apply when unset.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description=(
+        "lora trains an adapter on the frozen base; qlora does so on a 4-bit quantized base "
+        "(bitsandbytes); full trains every weight."))
+    lora: Lora | None = Field(None, description="Adapter settings (lora, qlora); defaults apply when unset.")
+    qlora: QLora | None = Field(None, description="4-bit quantization of the base (qlora); defaults apply when unset.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings.")
+    distribution: Distribution = Field(default_factory=Distribution, description="Multi-process training.")
+    checkpointing: Checkpointing = Field(default_factory=Checkpointing, description="Saving and resuming training state.")
+    tracking: Tracking = Field(default_factory=Tracking, description="Experiment trackers.")
+    merge_adapter: bool = Field(True, description=(
+        "Also save the adapter merged into its base as a whole model (what Benchmark and "
+        "Quantization use). Applies to lora and qlora."))
     resources: Resources = Field(default_factory=Resources, description="Compute for the training Job.")
 
     @model_validator(mode="after")
-    def _lora_defaults(self):
+    def _method_defaults(self):
+        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
+        if self.method == "full" and self.lora is not None:
+            raise ValueError("lora settings apply only to methods lora and qlora")
+        if self.method != "qlora" and self.qlora is not None:
+            raise ValueError("qlora settings apply only to method qlora")
+        if self.method == "qlora" and self.distribution.strategy == "deepspeed":
+            raise ValueError("qlora trains with distribution.strategy ddp: DeepSpeed ZeRO cannot shard 4-bit weights")
+        if self.method != "full" and self.distribution.zero_stage == 3:
+            raise ValueError("distribution.zeroStage 3 shards the weights of a full fine-tune; adapters use zeroStage 2")
         # Spelled out in the task, so the digest changes if a default ever does.
-        if self.method == "lora" and self.lora is None:
+        if self.method in ("lora", "qlora") and self.lora is None:
             self.lora = Lora()
+        if self.method == "qlora" and self.qlora is None:
+            self.qlora = QLora()
         return self
 
 
 class FineTuneResult(ApiModel):
-    model_uri: str = Field(description="Whole model (adapter merged into the base, or fully trained): safetensors, tokenizer, chat template.")
-    adapter_uri: str | None = Field(None, description="LoRA adapter (method lora).")
+    model_uri: str | None = Field(None, description=(
+        "Whole model (adapter merged into the base, or fully trained): safetensors, tokenizer, chat "
+        "template, generation config, model card. Absent when mergeAdapter is false."))
+    adapter_uri: str | None = Field(None, description="LoRA adapter (methods lora and qlora), with tokenizer and model card.")
     base_model: ModelSource = Field(description="The model that was fine-tuned.")
     dataset_uri: str = Field(description="Dataset the model was trained on.")
     dataset_format: str = Field(description="Row format of the dataset.")
     dataset_digest: str = Field(description="Digest of the dataset.")
-    digest: str = Field(description="sha256 over the saved model weights.")
-    first_loss: float = Field(description="Mean train loss of the first (up to ten) steps.")
-    final_loss: float = Field(description="Mean train loss of the last (up to ten) steps.")
+    digest: str = Field(description="sha256 over the saved weights (merged model, else adapter).")
+    first_loss: float = Field(description="Mean train loss of the first steps (ten, or a third of a shorter run).")
+    final_loss: float = Field(description="Mean train loss of the last steps (ten, or a third of a shorter run).")
     eval_loss: float | None = Field(None, description="Loss on the validation split after training.")
     steps: int = Field(description="Optimizer steps.")
     train_tokens: int = Field(description="Tokens seen in training (non-padding).")
-    tokens_per_second: float = Field(description="Training throughput.")
+    tokens_per_second: float = Field(description="Training throughput (real tokens, all processes).")
+    real_token_share: float = Field(description="Share of the tokens computed on that were not padding (0-1).")
+    processes: int = Field(1, description="Training processes (GPUs) that shared the work.")
+    peak_gpu_memory_gib: float | None = Field(None, alias="peakGpuMemoryGiB", description="Peak GPU memory PyTorch allocated on rank 0 (GiB).")
+    resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
+    loss_curve_uri: str = Field(description="metrics/loss.csv and loss.png: loss and learning rate per step.")
+    estimate: dict[str, float] | None = Field(None, description="The memory/FLOPs estimate for the real model and GPU.")
     wall_seconds: float = Field(description="Training wall time.")
 
 
 class FineTuneStatus(StatusBase):
     result: FineTuneResult | None = Field(None, description="Set when training succeeded.")
+    estimate: str | None = Field(None, description="Estimated GPU memory, FLOPs and time, from the planner.")
 
 
 KIND = KindInfo(
     kind="FineTune", plural="finetunes", short_names=["ft"], phase="finetune",
     spec=FineTuneSpec, status=FineTuneStatus, headline_column="Loss",
-    description="Fine-tunes a model on a dataset (LoRA or full).",
+    description="Fine-tunes a model on a dataset (LoRA, QLoRA or full).",
 )

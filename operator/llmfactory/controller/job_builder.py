@@ -34,6 +34,15 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
             "uid": body["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
+def _tracking_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Keys the experiment trackers read from the environment, by reference to the user's Secret."""
+    wandb = ((spec.get("tracking") or {}).get("wandb")) or {}
+    ref = wandb.get("apiKeySecret")
+    if not ref:
+        return []
+    return [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}}]
+
+
 def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "LLMFACTORY_CACHE", "value": "/cache"},
            {"name": "HF_HOME", "value": "/cache/huggingface"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
@@ -88,7 +97,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": _command(kind, gpus, nodes, name if nodes > 1 else None),
-        "env": _env(settings),
+        "env": _env(settings) + _tracking_env(spec),
         "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
                          {"name": "shm", "mountPath": "/dev/shm"},
@@ -111,6 +120,8 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
+    if kind == "FineTune":  # SIGTERM makes training checkpoint before it exits: give it the time
+        pod_spec["terminationGracePeriodSeconds"] = settings.termination_grace_seconds
     # The GPU pool by default; the resource's own scheduling, field by field, wins.
     scheduling = spec.get("scheduling") or {}
     defaults = {"nodeSelector": settings.node_selector, "tolerations": settings.tolerations,

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from llmfactory_runtime.finetune.estimate import Estimate
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
 
 from ..api import KINDS
@@ -56,10 +57,12 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         message = f"{exc.field}: {exc.message}"
         return Outcome(situation("Failed", "InvalidSpec", message, old, generation),
                        ("Warning", "InvalidSpec", message))
+    estimate = task.estimate if isinstance(task, Waiting) else task.get("estimate")
+    extra = {"estimate": Estimate(**estimate).summary()} if estimate else {}
     if isinstance(task, Waiting):
         message = task.reason
         event = None if old.get("phase") == "Waiting" else ("Normal", "Waiting", message)
-        return Outcome(situation("Waiting", "WaitingForDependency", message, old, generation), event)
+        return Outcome(situation("Waiting", "WaitingForDependency", message, old, generation, **extra), event)
 
     run = open_store(task["artifactUri"])
     ident = {"taskDigest": task["digest"], "artifactUri": task["artifactUri"]}
@@ -67,7 +70,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     job_name = job_builder.child_name(meta["name"], task["digest"])
     if result is not None:
         fresh = old.get("taskDigest") != task["digest"] or old.get("phase") != "Succeeded"
-        patch = succeeded(kind, result, old, generation, **ident, progress=_progress(run, done=True))
+        patch = succeeded(kind, result, old, generation, **ident, **extra, progress=_progress(run, done=True))
         # Finished by a Job of this very object, or found done in the store (same task digest).
         job = kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
         owners = {o.get("uid") for o in ((job or {}).get("metadata") or {}).get("ownerReferences") or []}
@@ -83,7 +86,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     jstatus = job.get("status") or {}
     progress = run.read_json_or_none(PROGRESS) or {}
     attempts = int(jstatus.get("failed") or 0) + int(jstatus.get("active") or 0) + int(jstatus.get("succeeded") or 0)
-    fields = {**ident, "jobName": job_name, "attempts": attempts, "progress": _progress(run, progress=progress)}
+    fields = {**ident, **extra, "jobName": job_name, "attempts": attempts, "progress": _progress(run, progress=progress)}
 
     failed = next((c for c in jstatus.get("conditions") or [] if c.get("type") == "Failed" and c.get("status") == "True"), None)
     if failed:

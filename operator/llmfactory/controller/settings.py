@@ -30,6 +30,9 @@ class OperatorSettings(BaseModel):
     active_deadline_seconds: int | None = 7 * 24 * 3600
     ttl_seconds_after_finished: int | None = 7 * 24 * 3600
     default_queue_name: str | None = Field(None, description="Kueue LocalQueue for resources that name none.")
+    termination_grace_seconds: int = Field(
+        300, description="Time a FineTune pod gets between SIGTERM (preemption, eviction) and SIGKILL to "
+                         "checkpoint to the store.")
     poll_seconds: float = Field(10.0, description="How often running and waiting resources are checked.")
 
     @classmethod

@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 from .. import API_VERSION
 from ..api import KINDS
-from ..api.common import OPERATIONAL_FIELDS
+from ..api.common import OPERATIONAL_FIELDS, RUNTIME_ONLY_FIELDS
 from .errors import PlanError
+from .estimate import check_fits
 from .graph import references
 from .manifests import Resource
 
@@ -29,6 +30,7 @@ class Waiting:
     kind: str
     name: str
     field: str
+    estimate: dict[str, Any] | None = None  # a FineTune's resource estimate, known before its inputs
 
     @property
     def reason(self) -> str:
@@ -60,17 +62,19 @@ def benchmark_metric_names(spec, baseline: bool) -> set[str]:
 
 def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, Any] | Waiting:
     """The task document for `res`, or Waiting when a referenced resource has not succeeded."""
+    estimate = check_fits(res) if res.kind == "FineTune" else None  # refuse before waiting on anything
     upstream: dict[str, dict[str, Any]] = {}
     for path, kind, name in references(res):
         result = result_of(kind, res.namespace, name)
         if result is None:
-            return Waiting(kind, name, path)
+            return Waiting(kind, name, path, estimate.as_dict() if estimate else None)
         upstream[path] = result
     inputs = _INPUTS[res.kind](res, upstream)
     spec = {k: v for k, v in res.spec.wire().items() if k not in OPERATIONAL_FIELDS}
     body = {"phase": KINDS[res.kind].phase, "spec": spec, "inputs": inputs}
-    digest = canonical_digest(body)
-    return {
+    # How often to checkpoint or where to report does not change what is computed.
+    digest = canonical_digest({**body, "spec": {k: v for k, v in spec.items() if k not in RUNTIME_ONLY_FIELDS}})
+    task = {
         "apiVersion": API_VERSION,
         "kind": "Task",
         "resource": {"kind": res.kind, "namespace": res.namespace, "name": res.name},
@@ -78,6 +82,9 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, An
         "digest": digest,
         "artifactUri": artifact_uri(store_uri, res, digest),
     }
+    if estimate is not None:
+        task["estimate"] = estimate.as_dict()
+    return task
 
 
 def _dataset(res: Resource, dataset, upstream: dict, path: str) -> dict[str, Any]:
@@ -106,6 +113,9 @@ def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, di
     if spec.fine_tune_ref:
         ft = upstream["spec.model.fineTuneRef"]
         dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"]}
+        if not ft.get("modelUri"):
+            raise PlanError(res.ref, "spec.model.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} kept only its "
+                            "adapter (spec.mergeAdapter: false); set mergeAdapter: true there to evaluate or quantize it")
         return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
     if getattr(spec, "quantization_ref", None):
         q = upstream["spec.model.quantizationRef"]

@@ -1,26 +1,41 @@
-"""FineTune: LoRA or full fine-tuning with loss on assistant tokens only.
+"""FineTune: LoRA, QLoRA or full fine-tuning, loss on assistant tokens only, on one process or many.
 
-A plain loop, top to bottom: data -> model -> optimizer -> epochs of steps -> evaluate -> save.
+Read top to bottom: processes -> data -> model -> optimizer -> resume -> steps (checkpoint every N
+and on SIGTERM) -> evaluate -> save. The same code runs alone, under torchrun (DDP) and under
+DeepSpeed ZeRO; a run killed at any moment resumes from its newest committed checkpoint and ends
+with the weights an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import json
+import random
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
-from ..batching import collate, encode_rows, mean_loss
+from ..batching import encode_rows, loss_sums
 from ..data import read_split
-from ..digests import sha256_files
-from ..models import load_model, load_tokenizer
+from ..models import load_config, load_tokenizer
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
+from . import checkpoint, distributed, outputs
+from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
+from .model_setup import load_for_training, load_trainable_state, trainable_state, training_dtype
+from .packing import collate, label_count, one_per_row, pack
+from .trackers import Trackers
+
+
+class Interrupted(Exception):
+    """SIGTERM (preemption, eviction, kubectl delete): training state was checkpointed first."""
 
 
 def lr_lambda(warmup: int, total: int):
@@ -32,10 +47,61 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
-def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
+def epoch_rows(examples: list[dict], epoch: int, hp: dict[str, Any], global_batch: int) -> list[list[int]]:
+    """The epoch's sequences (each a list of example indices), shuffled with the seed and padded
+    by wrapping around to whole steps, so every process does the same number of micro-batches."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hp["seed"] + epoch)).tolist()
+    rows = (pack([len(e["input_ids"]) for e in examples], order, hp["maxSeqLength"]) if hp["packing"]
+            else one_per_row(order))
+    short = -len(rows) % global_batch
+    return rows + [rows[i % len(rows)] for i in range(short)]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def sigterm_flag() -> threading.Event:
+    """Set on SIGTERM, which Kubernetes sends before it kills a pod (preemption, eviction)."""
+    flag = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    return flag
+
+
+def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any] | None:
+    world = distributed.init()
+    try:
+        return train(task, run, progress if world.main else Progress.silent(run), world)
+    finally:
+        distributed.shutdown(world)
+
+
+def train(task: dict[str, Any], run: Store, progress: Progress, world: distributed.World) -> dict[str, Any] | None:
     spec, inputs = task["spec"], task["inputs"]
-    hp = spec["hyperparameters"]
-    torch.manual_seed(hp["seed"])
+    hp, dist_spec, ckpt = spec["hyperparameters"], spec["distribution"], spec["checkpointing"]
+    deepspeed_on = dist_spec["strategy"] == "deepspeed"
+    dtype = training_dtype(hp["precision"], world.device)
+    stop = sigterm_flag()
+
+    # Will it fit? The planner checked with what it could read offline; now the real config and GPU.
+    est = estimate(shape_from_config(load_config(inputs["baseModel"]).to_dict()),
+                   plan_of({**spec, "resources": {"gpusPerNode": world.size, "nodes": 1}}))
+    if world.device.type == "cuda":
+        gpu_gib = torch.cuda.get_device_properties(world.device).total_memory / GIB
+        problem = does_not_fit(est, gpu_gib)
+        if problem:
+            raise InvalidTask(f"spec.resources: {problem}")
 
     # Data
     progress.stage("loading data and model")
@@ -43,113 +109,212 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     train_rows, val_rows = read_split(dataset["uri"], "train"), read_split(dataset["uri"], "validation")
     if not train_rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
-    model = load_model(inputs["baseModel"])
     tokenizer = load_tokenizer(inputs["baseModel"])
-    train = encode_rows(tokenizer, train_rows, hp["maxSeqLength"])
+    examples = encode_rows(tokenizer, train_rows, hp["maxSeqLength"])
     val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
-    if not train:
-        raise InvalidTask("no train conversation has an assistant token within maxSeqLength")
-
-    # Model
-    if spec["method"] == "lora":
-        lora = spec["lora"]
-        targets = lora["targetModules"]
-        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                            target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
-        try:
-            model = get_peft_model(model, config)
-        except ValueError as exc:  # e.g. a target module the architecture does not have
-            raise InvalidTask(f"spec.lora.targetModules: {exc}") from None
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    # Optimizer and schedule
+    if not examples:
+        raise InvalidTask("spec.hyperparameters.maxSeqLength: no train conversation has an assistant token within it")
     micro, accum = hp["batchSize"], hp["gradientAccumulation"]
-    steps_per_epoch = math.ceil(len(train) / (micro * accum))
-    total_steps = steps_per_epoch * hp["epochs"]
-    optimizer = torch.optim.AdamW(params, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
+    global_batch = micro * accum * world.size  # sequences per optimizer step, all processes together
+    epochs = [epoch_rows(examples, e, hp, global_batch) for e in range(hp["epochs"])]
+    steps_per_epoch = [len(rows) // global_batch for rows in epochs]
+    total_steps = sum(steps_per_epoch)
+
+    # Model: the same initial weights on every process, then each its own dropout stream.
+    torch.manual_seed(hp["seed"])
+    model = load_for_training(spec, inputs["baseModel"], world, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(hp["seed"] + 1000 * world.rank)
+    random.seed(hp["seed"] + world.rank)
+
+    # Optimizer and schedule (DeepSpeed builds its own from the same settings)
     warmup = int(total_steps * hp["warmupRatio"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
+    schedule = lr_lambda(warmup, total_steps)
+    if deepspeed_on:
+        import deepspeed  # noqa: PLC0415 - only in images that train with it
+
+        config = distributed.deepspeed_config(dist_spec, hp, dtype, world.device.type == "cuda")
+        if world.main:
+            run.write_json("deepspeed.json", config)  # what ran, for whoever debugs it
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        inner = engine.module
+    else:
+        optimizer = torch.optim.AdamW(params, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        engine = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+                  if world.size > 1 else model)
+        inner = model
+
+    # Resume from the newest committed checkpoint, if an earlier attempt left one
+    history: list[outputs.HistoryRow] = []
+    counters = {"tokens": 0.0, "positions": 0.0, "seconds": 0.0}
+    start = checkpoint.latest(run, world) or 0
+    if start:
+        progress.stage(f"resuming from checkpoint step {start}")
+        with tempfile.TemporaryDirectory(prefix="llmfactory-resume-") as tmp:
+            local = checkpoint.download(run, start, Path(tmp))
+            if deepspeed_on:
+                engine.load_checkpoint(str(local / "deepspeed"), tag="state")
+            else:
+                load_trainable_state(inner, load_file(local / "trainable.safetensors"))
+                optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
+                scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
+            set_rng_state(torch.load(local / f"rng-{world.rank}.pt", weights_only=False))
+            saved = json.loads((local / "state.json").read_text())
+            history, counters = [tuple(h) for h in saved["history"]], saved["counters"]
+
+    def save_checkpoint(step: int) -> None:
+        def write(local: Path) -> None:
+            if deepspeed_on:  # collective: every rank writes its ZeRO shard
+                engine.save_checkpoint(str(local / "deepspeed"), tag="state")
+            elif world.main:
+                save_file(trainable_state(inner), local / "trainable.safetensors")
+                torch.save(optimizer.state_dict(), local / "optimizer.pt")
+                torch.save(scheduler.state_dict(), local / "scheduler.pt")
+            if world.main:
+                (local / "state.json").write_text(json.dumps({"step": step, "history": history, "counters": counters}))
+            torch.save(rng_state(), local / f"rng-{world.rank}.pt")
+        progress.update(step, figure=f"saving checkpoint {step}")
+        checkpoint.save(run, world, step, write, ckpt["keepLast"])
+
+    trackers = Trackers(spec["tracking"], task["digest"][:16], spec, Path(tempfile.mkdtemp(prefix="llmfactory-tracking-"))) \
+        if world.main else None
 
     # Train
     progress.stage("training", total=total_steps, unit="steps")
-    losses: list[tuple[int, int, float, float]] = []  # step, epoch, loss, lr
-    step, tokens, started = 0, 0, time.time()
-    for epoch in range(hp["epochs"]):
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp["seed"] + epoch)).tolist()
-        for first in range(0, len(order), micro * accum):
-            chunk = order[first:first + micro * accum]
-            step_loss = 0.0
-            micro_batches = [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
-            for indices in micro_batches:
-                batch = collate([train[i] for i in indices], tokenizer.pad_token_id, model.device)
-                loss = model(**batch).loss / len(micro_batches)
-                loss.backward()
-                step_loss += float(loss)
-                tokens += int(batch["attention_mask"].sum())
+    progress.update(start)
+    for step in range(start + 1, total_steps + 1):
+        began = time.perf_counter()
+        epoch, index = _locate(step - 1, steps_per_epoch)
+        rows = epochs[epoch][index * global_batch:(index + 1) * global_batch]
+        micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)][world.rank::world.size]
+        batches = [collate(examples, group, tokenizer.pad_token_id, hp["packing"]) for group in micro_batches]
+        # Token-weighted over the whole step: a micro-batch's loss is its summed loss over the
+        # step's assistant tokens on all processes; DDP and DeepSpeed average gradients over
+        # processes, hence the factor world.size.
+        n_labels = world.sum(sum(label_count(b) for b in batches))
+        step_loss = 0.0
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(world.device) for k, v in batch.items()}
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
+            with sync:
+                loss = engine(**batch, num_items_in_batch=n_labels, use_cache=False).loss
+                if deepspeed_on:
+                    engine.backward(loss * world.size, scale_wrt_gas=False)
+                    engine.step()  # steps the optimizer on the last micro-batch only
+                else:
+                    (loss * world.size).backward()
+            step_loss += float(loss.detach())
+            counters["tokens"] += float(sum(len(examples[j]["input_ids"]) for g in micro_batches[i] for j in g))
+            counters["positions"] += float(batch["input_ids"].numel())
+        if not deepspeed_on:
             torch.nn.utils.clip_grad_norm_(params, hp["maxGradNorm"])
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            lr = scheduler.get_last_lr()[0]
-            losses.append((step, epoch, step_loss, lr))
-            rate = tokens / max(time.time() - started, 1e-9)
-            progress.update(step, figure=f"loss {step_loss:.3f}", loss=round(step_loss, 4),
-                            learningRate=lr, epoch=epoch, tokensPerSecond=round(rate, 1))
-    wall = time.time() - started
+        step_loss = world.sum(step_loss)
+        lr = scheduler.get_last_lr()[0]
+        history.append((step, epoch, step_loss, lr))
+        counters["seconds"] += time.perf_counter() - began
+        rate = world.sum(counters["tokens"]) / max(counters["seconds"], 1e-9)
+        progress.update(step, figure=f"loss {step_loss:.3f}", loss=round(step_loss, 4), learningRate=lr,
+                        epoch=epoch, tokensPerSecond=round(rate, 1))
+        if trackers:
+            trackers.log(step, {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_second": rate})
 
+        interrupted = world.any(stop.is_set())
+        if interrupted or (step % ckpt["everySteps"] == 0 and step < total_steps):
+            save_checkpoint(step)
+        if interrupted:
+            raise Interrupted(f"SIGTERM at step {step}: checkpoint saved, the next attempt resumes there")
+
+    # Evaluate: every process runs the same batches (ZeRO-3 forwards are collective).
     progress.stage("evaluating")
-    eval_loss = mean_loss(model, val, micro, tokenizer.pad_token_id)
+    eval_total, eval_count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
+    eval_loss = eval_total / eval_count if eval_count else None
+    tokens, positions = world.sum(counters["tokens"]), world.sum(counters["positions"])
 
-    # Save
+    # Save (rank 0; a ZeRO-3 model is gathered first, on every rank)
+    full_state = engine._zero3_consolidated_16bit_state_dict() if deepspeed_on and dist_spec["zeroStage"] == 3 else None
+    if not world.main:
+        return None
+    if trackers:
+        trackers.log(total_steps, {"eval/loss": eval_loss} if eval_loss is not None else {})
+        trackers.close()
+    # Means over up to ten steps (a third of a short run): one step's loss depends on its rows.
+    window = max(1, min(10, len(history) // 3))
+    first = [h[2] for h in history[:window]]
+    last = [h[2] for h in history[-window:]]
+    summary = {
+        "firstLoss": round(sum(first) / len(first), 4),
+        "finalLoss": round(sum(last) / len(last), 4),
+        "evalLoss": round(eval_loss, 4) if eval_loss is not None else None,
+        "steps": total_steps,
+        "processes": world.size,
+        "trainTokens": int(tokens),
+        "realTokenShare": round(tokens / max(positions, 1), 4),
+        "tokensPerSecond": round(tokens / max(counters["seconds"], 1e-9), 1),
+        "wallSeconds": round(counters["seconds"], 2),
+        "resumedFromStep": start or None,
+        "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated(world.device) / GIB, 2)
+        if world.device.type == "cuda" else None,
+    }
     progress.stage("saving")
-    result: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        if spec["method"] == "lora":
-            model.save_pretrained(out / "adapter")
-            tokenizer.save_pretrained(out / "adapter")
-            run.upload_dir(out / "adapter", "adapter")
-            result["adapterUri"] = run.child("adapter").uri
-        # Benchmark and Quantization need a whole model: the adapter merged into its base.
-        full = model.merge_and_unload() if spec["method"] == "lora" else model
-        full.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        (out / "model" / "README.md").write_text(_model_card(task, eval_loss, losses))
-        result["digest"] = "sha256:" + sha256_files(sorted((out / "model").glob("*.safetensors")))
-        run.upload_dir(out / "model", "model")
-    run.write_bytes("metrics/loss.csv", ("step,epoch,loss,learning_rate\n" + "".join(
-        f"{s},{e},{loss:.6f},{lr:.8g}\n" for s, e, loss, lr in losses)).encode())
-
-    # Means over up to ten steps: one step's loss depends too much on which rows it drew.
-    first = [loss for _, _, loss, _ in losses[:10]]
-    last = [loss for _, e, loss, _ in losses if e == hp["epochs"] - 1][-10:]
+    result = _save(task, run, inner, tokenizer, dtype, summary, full_state)
+    if trackers and any(trackers.local_dir.iterdir()):
+        run.upload_dir(trackers.local_dir, "tracking")  # TensorBoard events, offline W&B runs
+    # Absent rather than null: a merge patch of status drops nulls, and result.json should match it.
+    summary = {k: v for k, v in summary.items() if v is not None}
     return {
         **result,
-        "modelUri": run.child("model").uri,
+        **summary,
         "baseModel": inputs["baseModel"],
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
         "datasetDigest": dataset["digest"],
-        "firstLoss": round(sum(first) / len(first), 4),
-        "finalLoss": round(sum(last) / len(last), 4),
-        "evalLoss": round(eval_loss, 4) if eval_loss is not None else None,
-        "steps": step,
-        "trainTokens": tokens,
-        "tokensPerSecond": round(tokens / max(wall, 1e-9), 1),
-        "wallSeconds": round(wall, 2),
+        "lossCurveUri": outputs.write_loss_curve(run, history, task["resource"]["name"]),
+        "estimate": {_camel(k): round(v, 3) for k, v in est.as_dict().items()},
     }
 
 
-def _model_card(task: dict, eval_loss: float | None, losses: list) -> str:
-    spec = task["spec"]
-    return "\n".join([
-        f"# {task['resource']['name']}", "",
-        f"Fine-tuned by llmfactory ({spec['method']}) from `{task['inputs']['baseModel']}`.", "",
-        f"- dataset: `{task['inputs']['dataset']['uri']}` ({task['inputs']['dataset']['digest']})",
-        f"- hyperparameters: `{spec['hyperparameters']}`",
-        f"- steps: {len(losses)}; first loss {losses[0][2]:.4f}; last loss {losses[-1][2]:.4f}",
-        f"- validation loss: {eval_loss if eval_loss is None else round(eval_loss, 4)}",
-        f"- task digest: `{task['digest']}`", "",
-    ])
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def _locate(step_index: int, steps_per_epoch: list[int]) -> tuple[int, int]:
+    """(epoch, step within the epoch) of the step_index-th optimizer step."""
+    for epoch, n in enumerate(steps_per_epoch):
+        if step_index < n:
+            return epoch, step_index
+        step_index -= n
+    raise IndexError(step_index)
+
+
+def _save(task, run: Store, model, tokenizer, dtype, summary: dict, full_state) -> dict[str, Any]:
+    spec, method = task["spec"], task["spec"]["method"]
+    card = outputs.model_card(task, summary)
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="llmfactory-save-") as tmp:
+        out = Path(tmp)
+        if method in ("lora", "qlora"):
+            outputs.save_adapter(model, tokenizer, card, out / "adapter")
+            run.upload_dir(out / "adapter", "adapter")
+            result["adapterUri"] = run.child("adapter").uri
+            result["digest"] = outputs.weights_digest(out / "adapter")
+        if method == "full" or spec["mergeAdapter"]:
+            if full_state is not None and method == "full":
+                model.save_pretrained(out / "model", state_dict=full_state)
+                tokenizer.save_pretrained(out / "model")
+                (out / "model" / "README.md").write_text(card)
+            else:
+                outputs.save_merged(model, tokenizer, card, out / "model", method, task["inputs"]["baseModel"],
+                                    out / "adapter", dtype)
+            run.upload_dir(out / "model", "model")
+            result["modelUri"] = run.child("model").uri
+            result["digest"] = outputs.weights_digest(out / "model")
+    return result
+

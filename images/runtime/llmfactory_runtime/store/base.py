@@ -38,6 +38,10 @@ class Store(ABC):
     def delete_prefix(self, rel: str = "") -> None: ...
 
     @abstractmethod
+    def delete(self, rel: str) -> None:
+        """Remove one object; absent is fine."""
+
+    @abstractmethod
     def upload_file(self, local: Path, rel: str) -> None: ...
 
     @abstractmethod

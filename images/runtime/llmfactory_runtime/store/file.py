@@ -42,6 +42,9 @@ class FileStore(Store):
     def delete_prefix(self, rel: str = "") -> None:
         shutil.rmtree(self._path(rel), ignore_errors=True)
 
+    def delete(self, rel: str) -> None:
+        self._path(rel).unlink(missing_ok=True)
+
     def upload_file(self, local: Path, rel: str) -> None:
         dest = self._path(rel)
         dest.parent.mkdir(parents=True, exist_ok=True)

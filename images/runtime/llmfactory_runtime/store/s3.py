@@ -82,6 +82,9 @@ class S3Store(Store):
             self.client.delete_objects(Bucket=self.bucket,
                                        Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
 
+    def delete(self, rel: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
+
     def upload_file(self, local: Path, rel: str) -> None:
         self.client.upload_file(str(local), self.bucket, self._key(rel))
 

@@ -1,0 +1,202 @@
+"""FineTune throughput: tokens/s, MFU and peak GPU memory of the real runtime, per method.
+
+Builds a random-initialised Llama of a given shape (weights do not change speed), a synthetic
+multi-turn dataset, and a FineTune task per method through the planner, then runs
+`python -m llmfactory_runtime finetune` on each and prints a table. On CPU, `--shape small`
+compares packing with plain padding (and `--hf-trainer` adds transformers' Trainer, padded, on
+the same model and data).
+
+    python benchmarks/finetune_throughput.py --shape llama3-8b --methods lora,qlora --seq 2048 --batch 2
+    python benchmarks/finetune_throughput.py --shape small --methods lora --packing both --hf-trainer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "images" / "runtime"), str(ROOT / "tests")]
+
+from llmfactory.planner import parse, plan  # noqa: E402
+from llmfactory_runtime.data import dumps_jsonl  # noqa: E402
+from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, PEAK_FLOPS, ModelShape, estimate, plan_of  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": KNOWN_SHAPES["meta-llama/meta-llama-3-8b"],
+    "small": ModelShape(hidden=512, layers=8, intermediate=1376, vocab=8000, heads=8, kv_heads=4),
+}
+WORDS = ("the a model learns answers questions in english russian chinese quickly slowly because data "
+         "sea sky blue light paris moscow beijing poem river mountain city history science music").split()
+
+
+def make_model(shape: ModelShape, folder: Path) -> None:
+    import torch
+    from tiny_model import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").exists():
+        return
+    tokenizer = make_tokenizer(folder, vocab_size=400)
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, max_position_embeddings=8192,
+                         tie_word_embeddings=shape.tied_embeddings, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+
+
+def make_model_elsewhere(shape_name: str, folder: Path) -> None:
+    """In a child process, so this one holds no GPU memory while the runs measure theirs."""
+    if not (folder / "config.json").exists():
+        subprocess.run([sys.executable, __file__, "--shape", shape_name, "--make-model", str(folder)], check=True)
+
+
+def make_dataset(folder: Path, conversations: int, seq: int, seed: int = 0) -> str:
+    """Conversations of one to three turns and widely varied length (a few words to about a
+    quarter of the sequence per answer), like real chat data."""
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    rows = []
+    for _ in range(conversations):
+        messages = []
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            messages += [{"role": "user", "content": text(rng.randint(5, 30))},
+                         {"role": "assistant", "content": text(rng.randint(5, max(20, seq // 12)))}]
+        rows.append({"messages": messages})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_bytes(dumps_jsonl(rows))
+    (folder / "validation.jsonl").write_bytes(dumps_jsonl(rows[:4]))
+    return f"file://{folder}"
+
+
+def task_for(model: Path, dataset: str, store: str, method: str, args, packing: bool) -> dict:
+    spec = {"baseModel": {"uri": f"file://{model}"}, "dataset": {"uri": dataset}, "method": method,
+            "mergeAdapter": False,
+            "hyperparameters": {"epochs": 1, "batchSize": args.batch, "maxSeqLength": args.seq, "packing": packing,
+                                "gradientCheckpointing": args.checkpointing, "warmupRatio": 0.0,
+                                "fusedKernels": args.fused_kernels},
+            "checkpointing": {"everySteps": 100000}, "resources": {"gpusPerNode": 1}}
+    if method != "full":
+        spec["lora"] = {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "targetModules": ["all-linear"]}
+    manifest = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune",
+                "metadata": {"name": f"bench-{method}-{'packed' if packing else 'padded'}"}, "spec": spec}
+    return plan(parse(manifest), lambda *key: None, store)
+
+
+def run_runtime(task: dict, workdir: Path) -> dict:
+    path = workdir / f"task-{task['digest'][:12]}.json"
+    path.write_text(json.dumps(task))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "images" / "runtime"), os.environ.get("PYTHONPATH", "")])}
+    began = time.time()
+    proc = subprocess.run([sys.executable, "-m", "llmfactory_runtime", "finetune", "--task", str(path)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"runtime failed:\n{proc.stderr[-5000:]}")
+    result = json.loads(Path(task["artifactUri"][7:], "result.json").read_text())
+    result["processSeconds"] = time.time() - began
+    return result
+
+
+def run_hf_trainer(model_dir: Path, dataset: str, args) -> dict:
+    """transformers' Trainer with a padding collator (what most hand-written scripts do)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.data import read_split
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = encode_rows(tok, read_split(dataset, "train"), args.seq)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    train_args = TrainingArguments(output_dir=str(Path(args.workdir) / "hf"), per_device_train_batch_size=args.batch,
+                                   num_train_epochs=1, learning_rate=2e-4, logging_steps=10 ** 6, save_strategy="no",
+                                   report_to=[], bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+                                   dataloader_num_workers=0, remove_unused_columns=False,
+                                   gradient_checkpointing=args.checkpointing,
+                                   gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = Trainer(model=model, args=train_args, train_dataset=rows,
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    began = time.time()
+    trainer.train()
+    seconds = time.time() - began
+    real = sum(len(r["input_ids"]) for r in rows)
+    batches = [rows[i:i + args.batch] for i in range(0, len(rows), args.batch)]
+    positions = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
+    return {"tokensPerSecond": real / seconds, "realTokenShare": real / positions, "wallSeconds": seconds,
+            "peakGpuMemoryGiB": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--methods", default="lora")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--conversations", type=int, default=120)
+    parser.add_argument("--packing", choices=["on", "off", "both"], default="on")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--fused-kernels", action="store_true", help="Liger kernels (CUDA only)")
+    parser.add_argument("--hf-trainer", action="store_true", help="also run transformers' Trainer (padded, lora)")
+    parser.add_argument("--workdir", default="/tmp/llmfactory-bench")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--make-model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.make_model:
+        return make_model(SHAPES[args.shape], Path(args.make_model))
+
+    work = Path(args.workdir)
+    shape = SHAPES[args.shape]
+    began = time.time()
+    make_model_elsewhere(args.shape, work / f"model-{args.shape}")
+    print(f"model {args.shape}: {shape.params / 1e9:.2f}B params, ready in {time.time() - began:.0f} s", flush=True)
+    dataset = make_dataset(work / f"data-{args.seq}", args.conversations, args.seq)
+    rows = []
+    for method in args.methods.split(","):
+        for packing in {"on": [True], "off": [False], "both": [True, False]}[args.packing]:
+            task = task_for(work / f"model-{args.shape}", dataset, f"file://{work}/store-{time.time_ns()}", method, args, packing)
+            est = estimate(shape, plan_of(task["spec"]))
+            r = run_runtime(task, work)
+            mfu = r["tokensPerSecond"] * est.flops_per_token / PEAK_FLOPS if r.get("peakGpuMemoryGiB") else None
+            rows.append({"engine": "llmfactory", "method": method, "packing": packing, "tokensPerSecond": r["tokensPerSecond"],
+                         "realTokenShare": r["realTokenShare"], "mfu": mfu, "peakGpuMemoryGiB": r.get("peakGpuMemoryGiB"),
+                         "estimatedGiB": est.total_gib, "steps": r["steps"], "trainTokens": r["trainTokens"],
+                         "firstLoss": r["firstLoss"], "finalLoss": r["finalLoss"]})
+            print(json.dumps(rows[-1]), flush=True)
+    if args.hf_trainer:
+        r = run_hf_trainer(work / f"model-{args.shape}", dataset, args)
+        rows.append({"engine": "hf-trainer", "method": "lora", "packing": False, **r})
+        print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.batch}, gradient checkpointing {args.checkpointing}, "
+          f"lora r 16 all-linear dropout {args.lora_dropout}, fused kernels {args.fused_kernels}")
+    print(f"{'engine':<11} {'method':<6} {'packing':<8} {'tokens/s':>10} {'real share':>10} {'MFU':>6} {'peak GiB':>9} {'est. GiB':>9}")
+    for r in rows:
+        peak = f"{r['peakGpuMemoryGiB']:.1f}" if r.get("peakGpuMemoryGiB") else "-"
+        est_gib = f"{r['estimatedGiB']:.1f}" if r.get("estimatedGiB") else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        print(f"{r['engine']:<11} {r['method']:<6} {str(r['packing']):<8} {r['tokensPerSecond']:>10.0f} "
+              f"{r['realTokenShare']:>10.1%} {mfu:>6} {peak:>9} {est_gib:>9}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

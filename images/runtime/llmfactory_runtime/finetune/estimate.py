@@ -1,0 +1,229 @@
+"""GPU memory, FLOPs and time a FineTune needs, before anything is loaded.
+
+Pure Python (no torch): the planner refuses a spec that cannot fit, with these numbers, and
+the runtime repeats the check with the model's real config and the GPU it got. The figures
+are estimates (within ~5-15% of what PyTorch's allocator peaks at for Llama-shaped models):
+the point is to refuse the clearly impossible before a Job waits hours for eight H100s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GIB = 1024 ** 3
+# Dense bf16 peak of the H100 SXM, and the share of it a well-fed training step reaches.
+# The benchmarks in benchmarks/RESULTS.md measure the real share (MFU) on the GPU machine.
+PEAK_FLOPS = 989e12
+ASSUMED_MFU = {"full": 0.40, "lora": 0.35, "qlora": 0.25}
+CUDA_OVERHEAD_BYTES = 1.0 * GIB  # context, cuBLAS workspaces
+FRAGMENTATION = 1.05  # allocator slack on top of live tensors
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a decoder-only transformer's config."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer in one decoder block."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.module_dims().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        norms = (2 * self.layers + 1) * self.hidden
+        return self.linear_params + self.embedding_params + norms
+
+
+def shape_from_config(config: dict[str, Any]) -> ModelShape:
+    """A ModelShape from a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM and kin)."""
+    text = config.get("text_config") or config
+    try:
+        heads = int(text["num_attention_heads"])
+        return ModelShape(hidden=int(text["hidden_size"]), layers=int(text["num_hidden_layers"]),
+                          intermediate=int(text["intermediate_size"]), vocab=int(text["vocab_size"]),
+                          heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
+                          tied_embeddings=bool(text.get("tie_word_embeddings", False)))
+    except KeyError as exc:
+        raise ValueError(f"model config has no {exc.args[0]}: not a decoder-only transformer this estimate knows") from None
+
+
+# Shapes of models people fine-tune most, so `llmfactory plan` can check a hub id offline.
+KNOWN_SHAPES: dict[str, ModelShape] = {
+    "meta-llama/meta-llama-3-8b": ModelShape(4096, 32, 14336, 128256, 32, 8),
+    "meta-llama/meta-llama-3-8b-instruct": ModelShape(4096, 32, 14336, 128256, 32, 8),
+    "meta-llama/llama-3.1-8b": ModelShape(4096, 32, 14336, 128256, 32, 8),
+    "meta-llama/llama-3.1-8b-instruct": ModelShape(4096, 32, 14336, 128256, 32, 8),
+    "meta-llama/meta-llama-3-70b": ModelShape(8192, 80, 28672, 128256, 64, 8),
+    "meta-llama/llama-3.1-70b-instruct": ModelShape(8192, 80, 28672, 128256, 64, 8),
+    "meta-llama/llama-3.2-1b": ModelShape(2048, 16, 8192, 128256, 32, 8, True),
+    "meta-llama/llama-3.2-3b": ModelShape(3072, 28, 8192, 128256, 24, 8, True),
+    "mistralai/mistral-7b-v0.1": ModelShape(4096, 32, 14336, 32000, 32, 8),
+    "mistralai/mistral-7b-instruct-v0.3": ModelShape(4096, 32, 14336, 32768, 32, 8),
+    "qwen/qwen2-7b": ModelShape(3584, 28, 18944, 152064, 28, 4),
+    "qwen/qwen2.5-7b-instruct": ModelShape(3584, 28, 18944, 152064, 28, 4),
+    "huggingfacetb/smollm2-135m-instruct": ModelShape(576, 30, 1536, 49152, 9, 3, True),
+    "huggingfacetb/smollm2-1.7b-instruct": ModelShape(2048, 24, 8192, 49152, 32, 32, True),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the estimate is of: one FineTune spec on a given number of GPUs."""
+
+    method: str  # lora | qlora | full
+    micro_batch: int
+    seq_len: int
+    gpus: int  # processes in total (GPUs per node x nodes)
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    weight_bytes: int = 2  # bf16 / fp16; 4 for fp32
+    strategy: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 0
+    offload: bool = False
+
+
+@dataclass(frozen=True)
+class Estimate:
+    params: int
+    trainable_params: int
+    weights_gib: float
+    gradients_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    total_gib: float  # per GPU
+    flops_per_token: float
+    seconds_per_million_tokens: float  # on H100s at the assumed MFU
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"~{self.total_gib:.1f} GiB per GPU (weights {self.weights_gib:.1f}, gradients {self.gradients_gib:.1f}, "
+                f"optimizer {self.optimizer_gib:.1f}, activations {self.activations_gib:.1f}); "
+                f"{self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.2f}M trainable; "
+                f"{self.flops_per_token / 1e9:.1f} GFLOP/token, ~{self.seconds_per_million_tokens:.0f} s per 1M tokens")
+
+
+def trainable_params(shape: ModelShape, plan: Plan) -> int:
+    if plan.method == "full":
+        return shape.params
+    dims = shape.module_dims()
+    targets = LINEAR_MODULES if "all-linear" in plan.lora_targets else [t for t in plan.lora_targets if t in dims]
+    return shape.layers * sum(plan.lora_r * (dims[t][0] + dims[t][1]) for t in targets)
+
+
+def estimate(shape: ModelShape, plan: Plan) -> Estimate:
+    tokens = plan.micro_batch * plan.seq_len
+    world = max(plan.gpus, 1)
+    trainable = trainable_params(shape, plan)
+    other = shape.params - shape.linear_params
+
+    # Weights: nf4 packs two weights a byte plus ~3% for block scales (double-quantized).
+    if plan.method == "qlora":  # the layers left unquantized (embeddings, norms, head) are cast to fp32
+        weights = shape.linear_params * 0.516 + other * 4
+    else:
+        weights = shape.params * plan.weight_bytes
+    if plan.zero_stage == 3:
+        weights /= world
+
+    # Trainable state. Adapters train in fp32 (peft upcasts them): weight, gradient, two Adam moments.
+    # A full fine-tune in plain PyTorch keeps gradients and Adam moments in the weights' dtype;
+    # DeepSpeed keeps an fp32 master copy and fp32 moments, sharded over the ranks from ZeRO 1 on.
+    if plan.method == "full":
+        grads = trainable * plan.weight_bytes
+        optim = trainable * (12 if plan.strategy == "deepspeed" else 2 * plan.weight_bytes)
+    else:
+        weights += trainable * 4
+        grads, optim = trainable * 4, trainable * 8
+    if plan.zero_stage >= 2:
+        grads /= world
+    if plan.zero_stage >= 1:
+        optim /= world
+    if plan.offload:
+        optim = 0.0
+
+    # Activations kept for backward, bytes per token per layer. The coefficients follow what
+    # autograd saves in a Llama block (fp32 RMSNorm inputs and outputs; RoPE'd q and k; SDPA's
+    # q, k, v and output; the MLP's gate, activation, up and product) and were fitted to peaks
+    # measured on an H100 (benchmarks/RESULTS.md: within 5% for LoRA and QLoRA on Llama-3-8B).
+    # Adapters keep their inputs; dropout on them adds a mask, which QLoRA's fp32 adapters make
+    # a copy. Checkpointing keeps each layer's input and recomputes one layer at a time. The loss
+    # holds the logits, their fp32 upcast, log-softmax and its gradient (fp32 throughout for QLoRA,
+    # whose head stays unquantized in fp32).
+    h, kv, inter = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
+    per_layer = 28 * h + 8 * kv + 8 * inter
+    if plan.method != "full":
+        per_layer += 12 * h + 2 * inter
+        if plan.lora_dropout > 0:
+            per_layer += (6 * h + inter) * (3 if plan.method == "qlora" else 1)
+    if plan.method == "qlora":
+        per_layer += 8 * h
+    if plan.gradient_checkpointing:
+        layer_bytes = shape.layers * 2 * h + per_layer
+    else:
+        layer_bytes = shape.layers * per_layer
+    activations = tokens * (layer_bytes + shape.vocab * (16 if plan.method == "qlora" else 10))
+
+    total = (weights + grads + optim + activations) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
+
+    # FLOPs per token: forward = 2 x (matmul params) + causal attention; backward twice that for a
+    # full fine-tune, once for adapters (input gradients only); checkpointing repeats the forward.
+    matmul = shape.linear_params + shape.vocab * shape.hidden
+    forward = 2 * matmul + 2 * shape.layers * plan.seq_len * shape.hidden
+    backward = 2 * forward if plan.method == "full" else forward
+    flops = forward + backward + (forward if plan.gradient_checkpointing else 0)
+    seconds = 1e6 * flops / (world * PEAK_FLOPS * ASSUMED_MFU[plan.method])
+    return Estimate(params=shape.params, trainable_params=trainable, weights_gib=weights / GIB, gradients_gib=grads / GIB,
+                    optimizer_gib=optim / GIB, activations_gib=activations / GIB, total_gib=total / GIB,
+                    flops_per_token=float(flops), seconds_per_million_tokens=seconds)
+
+
+def plan_of(spec: dict[str, Any]) -> Plan:
+    """The Plan of a FineTune spec as it appears in a task document (camelCase, defaults filled)."""
+    hp, res = spec["hyperparameters"], spec.get("resources") or {}
+    dist = spec.get("distribution") or {}
+    lora = spec.get("lora") or {}
+    deepspeed = dist.get("strategy") == "deepspeed"
+    return Plan(method=spec["method"], micro_batch=hp["batchSize"], seq_len=hp["maxSeqLength"],
+                gpus=max(res.get("gpusPerNode", 1), 1) * res.get("nodes", 1),
+                lora_r=lora.get("r", 16), lora_targets=tuple(lora.get("targetModules") or ("all-linear",)),
+                lora_dropout=lora.get("dropout", 0.05),
+                gradient_checkpointing=hp.get("gradientCheckpointing", False),
+                weight_bytes=4 if hp.get("precision") == "fp32" else 2,
+                strategy=dist.get("strategy", "ddp"), zero_stage=(dist.get("zeroStage") or 0) if deepspeed else 0,
+                offload=deepspeed and dist.get("offload") == "cpu")
+
+
+def does_not_fit(est: Estimate, gpu_gib: float) -> str | None:
+    """None when the estimate fits a GPU of gpu_gib, else a sentence with the numbers and what to change."""
+    if est.total_gib <= gpu_gib:
+        return None
+    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; lower hyperparameters.batchSize "
+            f"or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, or shard with "
+            f"distribution.strategy deepspeed (zeroStage 3) over more GPUs")

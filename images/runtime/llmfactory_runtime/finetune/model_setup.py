@@ -1,0 +1,92 @@
+"""The model a FineTune trains: loaded in the training dtype, 4-bit for QLoRA, with adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..models import load_model
+from ..task import InvalidTask
+from .distributed import World
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def training_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """bf16 where the GPU has it, else fp16 on GPUs, fp32 on CPU; or what the spec says."""
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise InvalidTask("spec.hyperparameters.precision: fp16 needs a GPU; use bf16, fp32 or auto on CPU")
+        return DTYPES[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, dtype: torch.dtype):
+    """The model to train: base weights (4-bit for qlora), gradient checkpointing, adapters."""
+    method, hp = spec["method"], spec["hyperparameters"]
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    if method == "qlora":
+        try:
+            from transformers import BitsAndBytesConfig  # noqa: PLC0415
+            import bitsandbytes  # noqa: F401, PLC0415
+        except ImportError:
+            raise InvalidTask("spec.method qlora needs bitsandbytes, which this runtime image lacks") from None
+        q = spec["qlora"]
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q["quantType"], bnb_4bit_use_double_quant=q["doubleQuantization"],
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": world.device}
+    model = load_model(base, dtype=dtype, to=world.device, **kwargs)
+    model.config.use_cache = False  # no KV cache in training; packed batches need it off
+    if hp.get("fusedKernels"):
+        _fuse(model, world)
+
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training  # noqa: PLC0415
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hp["gradientCheckpointing"],
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hp["gradientCheckpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+        lora = spec["lora"]
+        targets = lora["targetModules"]
+        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
+                            target_modules="all-linear" if targets == ["all-linear"] else targets)
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:  # e.g. a target module the architecture does not have
+            raise InvalidTask(f"spec.lora.targetModules: {exc}") from None
+    model.train()
+    return model
+
+
+def _fuse(model, world: World) -> None:
+    """Swap in Liger's Triton kernels, module by module (adapters wrap the same Linear layers)."""
+    if world.device.type != "cuda":
+        raise InvalidTask("spec.hyperparameters.fusedKernels needs a CUDA GPU (Triton kernels); set it false on CPU")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # noqa: PLC0415
+    except ImportError:
+        raise InvalidTask("spec.hyperparameters.fusedKernels needs the liger-kernel package, which this runtime "
+                          "image lacks") from None
+    _apply_liger_kernel_to_instance(model=model)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The weights training changes (adapters, or everything for a full fine-tune), by name."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

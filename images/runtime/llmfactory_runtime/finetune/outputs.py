@@ -1,0 +1,95 @@
+"""What a finished FineTune leaves behind: adapter, merged model, model card, loss curve."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..digests import sha256_files
+from ..models import load_model
+from ..store import Store
+
+HistoryRow = tuple[int, int, float, float]  # step, epoch, loss, learning rate
+
+
+def loss_csv(history: list[HistoryRow]) -> bytes:
+    return ("step,epoch,loss,learning_rate\n" + "".join(
+        f"{s},{e},{loss:.6f},{lr:.8g}\n" for s, e, loss, lr in history)).encode()
+
+
+def loss_png(history: list[HistoryRow], title: str) -> bytes:
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")  # no display in a pod
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
+    fig, loss_ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    steps = [h[0] for h in history]
+    loss_ax.plot(steps, [h[2] for h in history], color="tab:blue", label="train loss")
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_ylabel("loss", color="tab:blue")
+    lr_ax = loss_ax.twinx()
+    lr_ax.plot(steps, [h[3] for h in history], color="tab:orange", alpha=0.6, label="learning rate")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    loss_ax.set_title(title)
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.getvalue()
+
+
+def write_loss_curve(run: Store, history: list[HistoryRow], title: str) -> str:
+    run.write_bytes("metrics/loss.csv", loss_csv(history))
+    run.write_bytes("metrics/loss.png", loss_png(history, title))
+    return run.child("metrics").uri
+
+
+def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
+    spec, inputs = task["spec"], task["inputs"]
+    base = inputs["baseModel"]
+    config = {k: spec[k] for k in ("method", "lora", "qlora", "hyperparameters", "distribution") if spec.get(k)}
+    return "\n".join([
+        f"# {task['resource']['name']}", "",
+        f"Fine-tuned by llmfactory ({spec['method']}) from `{base.get('huggingface') or base.get('uri')}`"
+        + (f" (`{base['ggufFile']}`)" if base.get("ggufFile") else "") + ".", "",
+        "## Data", "",
+        f"- dataset: `{inputs['dataset']['uri']}`",
+        f"- dataset digest: `{inputs['dataset']['digest']}`", "",
+        "## Training", "",
+        f"- steps: {summary['steps']} on {summary['processes']} process(es); train tokens {summary['trainTokens']}"
+        f" ({summary['realTokenShare']:.0%} of computed positions were real tokens)",
+        f"- loss: {summary['firstLoss']} (first steps) -> {summary['finalLoss']} (last steps); "
+        f"validation loss {summary['evalLoss']}",
+        f"- throughput: {summary['tokensPerSecond']} tokens/s, wall time {summary['wallSeconds']} s",
+        f"- task digest: `{task['digest']}`", "",
+        "## Configuration", "", "```json", json.dumps(config, indent=2, sort_keys=True), "```", "",
+    ])
+
+
+def save_adapter(model, tokenizer, card: str, out: Path) -> None:
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(card)
+
+
+def save_merged(model, tokenizer, card: str, out: Path, method: str, base: dict[str, Any],
+                adapter_dir: Path | None, dtype: torch.dtype) -> None:
+    """The whole model Benchmark and Quantization load. A 4-bit base cannot absorb its adapter
+    exactly, so QLoRA merges into the base reloaded unquantized (as the QLoRA authors do)."""
+    if method == "qlora":
+        from peft import PeftModel  # noqa: PLC0415
+        unquantized = load_model(base, dtype=dtype)
+        model = PeftModel.from_pretrained(unquantized, adapter_dir)
+    merged = model.merge_and_unload() if method in ("lora", "qlora") else model
+    merged.config.use_cache = True  # for whoever generates with it
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(card)
+
+
+def weights_digest(folder: Path) -> str:
+    return "sha256:" + sha256_files(sorted(folder.glob("*.safetensors")))

@@ -1,0 +1,65 @@
+"""Experiment trackers a FineTune reports to (spec.tracking), besides progress.json.
+
+Each is optional and imported only when asked for; a missing package is an invalid task that
+names the field. Keys (W&B) come from the environment, which the Job fills from a Secret.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..task import InvalidTask
+
+log = logging.getLogger(__name__)
+
+
+def _require(module: str, field: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise InvalidTask(f"{field} needs the {module.split('.')[0]} package, which this runtime image lacks") from None
+
+
+class Trackers:
+    """Fan-out of metrics to the trackers a spec asks for. Local files (TensorBoard events, an
+    offline W&B run) go to `local_dir`, which the caller uploads to the store at the end."""
+
+    def __init__(self, tracking: dict[str, Any], run_name: str, config: dict[str, Any], local_dir: Path):
+        self.tensorboard = self.wandb = self.mlflow = None
+        self.local_dir = local_dir
+        if tracking.get("tensorboard"):
+            tb = _require("torch.utils.tensorboard", "spec.tracking.tensorboard")
+            self.tensorboard = tb.SummaryWriter(log_dir=str(local_dir / "tensorboard"))
+        if tracking.get("wandb"):
+            cfg = tracking["wandb"]
+            wandb = _require("wandb", "spec.tracking.wandb")
+            self.wandb = wandb.init(project=cfg["project"], entity=cfg.get("entity"), mode=cfg.get("mode", "online"),
+                                    name=run_name, id=run_name, resume="allow", config=config,
+                                    dir=str(local_dir))
+        if tracking.get("mlflow"):
+            cfg = tracking["mlflow"]
+            mlflow = _require("mlflow", "spec.tracking.mlflow")
+            mlflow.set_tracking_uri(cfg["trackingUri"])
+            mlflow.set_experiment(cfg["experiment"])
+            self.mlflow = mlflow
+            mlflow.start_run(run_name=run_name)
+            mlflow.log_params({k: str(v) for k, v in config.items()})
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.tensorboard:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        if self.mlflow:
+            self.mlflow.log_metrics(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+        if self.mlflow:
+            self.mlflow.end_run()

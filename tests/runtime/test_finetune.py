@@ -1,0 +1,329 @@
+"""FineTune's training loop: packing, masking, one vs two processes, kill and resume, QLoRA, outputs."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmfactory_runtime.batching import encode_rows
+from llmfactory_runtime.chat import IGNORE
+from llmfactory_runtime.finetune import checkpoint
+from llmfactory_runtime.finetune.distributed import World
+from llmfactory_runtime.finetune.packing import collate, label_count, pack
+from llmfactory_runtime.store import open_store
+
+from finetune_helpers import SMOLLM2, conversations, finetune_task, run_finetune, runtime_command, write_dataset, write_task
+
+NO_DROPOUT = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
+
+
+def _result(task: dict) -> dict:
+    return open_store(task["artifactUri"]).read_json("result.json")
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# --- packing and masking, checked by hand ---------------------------------------------------------
+
+def test_packing_is_first_fit_in_shuffle_order_and_never_exceeds_the_length():
+    assert pack([5, 3, 4, 2], [0, 1, 2, 3], 8) == [[0, 1], [2, 3]]
+    assert pack([5, 4, 3, 2], [0, 1, 2, 3], 8) == [[0, 2], [1, 3]]  # 3 goes back to the first row with room
+    assert pack([5, 4, 3, 2], [0, 1, 2, 3], 8, window=1) == [[0], [1, 2], [3]]  # a closed row takes no more
+    assert pack([9, 1], [0, 1], 8) == [[0], [1]]  # a conversation longer than a row gets one of its own (cut)
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 300) for _ in range(2000)]
+    rows = pack(lengths, list(range(2000)), 512)
+    assert sorted(i for r in rows for i in r) == list(range(2000))
+    assert all(sum(lengths[i] for i in r) <= 512 for r in rows)
+    assert sum(lengths) / (512 * len(rows)) > 0.93
+
+
+def test_packed_batch_restarts_positions_and_labels_only_assistant_tokens():
+    examples = [{"input_ids": [11, 12, 13], "labels": [IGNORE, 12, 13]},
+                {"input_ids": [21, 22], "labels": [IGNORE, 22]},
+                {"input_ids": [31, 32, 33, 34], "labels": [IGNORE, IGNORE, 33, 34]}]
+    batch = collate(examples, [[0, 1], [2]], pad_id=0, packed=True)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 12, 13, IGNORE, 22], [IGNORE, IGNORE, 33, 34, IGNORE]]
+    assert "attention_mask" not in batch
+    assert label_count(batch) == 5
+    plain = collate(examples, [[1], [2]], pad_id=0, packed=False)
+    assert plain["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_a_packed_conversation_gets_exactly_the_logits_it_gets_alone(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples = encode_rows(tok, conversations(3), 96)
+    batch = collate(examples, [[0, 1, 2]], tok.pad_token_id, packed=True)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        at = 0
+        for e in examples:
+            alone = model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0]
+            n = len(e["input_ids"])
+            assert torch.allclose(packed[at:at + n], alone, atol=1e-5)
+            at += n
+
+
+def test_assistant_only_labels_cover_the_answers_and_their_end_of_turn(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    [example] = encode_rows(tok, conversations(1), 256)  # two turns: both answers are learned, no question is
+    learned = tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE])
+    assert learned == "The capital of France is Paris.<|im_end|>\nВоздух рассеивает синий свет сильнее всего.<|im_end|>\n"
+
+
+# --- whole runs -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    return write_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.mark.slow
+def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_runs(tiny_model, dataset, tmp_path):
+    mlruns = tmp_path / "mlruns"
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", tracking={
+        "tensorboard": True, "wandb": {"project": "llmfactory-test", "mode": "offline"},
+        "mlflow": {"trackingUri": f"file://{mlruns}", "experiment": "tests"}})
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    assert result["finalLoss"] < result["firstLoss"] - 0.3
+    assert result["evalLoss"] is not None and result["steps"] == len((Path(result["lossCurveUri"][7:]) / "loss.csv").read_text().splitlines()) - 1
+    assert 0.5 < result["realTokenShare"] <= 1 and result["tokensPerSecond"] > 0 and result["processes"] == 1
+    assert (Path(result["lossCurveUri"][7:]) / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adapter, merged = Path(result["adapterUri"][7:]), Path(result["modelUri"][7:])
+    assert task["inputs"]["dataset"]["digest"] in (merged / "README.md").read_text()
+    assert (merged / "tokenizer_config.json").exists() and (merged / "generation_config.json").exists()
+    tracking = Path(task["artifactUri"][7:]) / "tracking"
+    assert list((tracking / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tracking / "wandb").glob("offline-run-*/run-*.wandb"))
+    [loss_metric] = list(mlruns.glob("*/*/metrics/train/loss"))
+    assert len(loss_metric.read_text().splitlines()) == result["steps"]
+    # The adapter on its base gives the merged model's logits.
+    from peft import PeftModel
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with_adapter = PeftModel.from_pretrained(base, adapter).eval()
+    whole = AutoModelForCausalLM.from_pretrained(merged).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.allclose(with_adapter(ids).logits, whole(ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_full_fine_tune_trains_every_weight_and_saves_a_whole_model(tiny_model, dataset, tmp_path):
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="full",
+                         hyperparameters={"learningRate": 0.003, "gradientCheckpointing": True})
+    assert "lora" not in task["spec"]
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    assert result["finalLoss"] < result["firstLoss"] - 0.5 and "adapterUri" not in result
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]).state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(before)  # embeddings, norms, head: everything moved
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_path):
+    """Same global batch (1 x accumulation 2 vs 2 processes x 1): the same steps on the same data."""
+    one = finetune_task(tiny_model, dataset, f"file://{tmp_path}/one", lora=NO_DROPOUT,
+                        hyperparameters={"gradientAccumulation": 2})
+    two = finetune_task(tiny_model, dataset, f"file://{tmp_path}/two", lora=NO_DROPOUT, resources={"gpusPerNode": 2})
+    _ok(run_finetune(write_task(one, tmp_path)))
+    _ok(run_finetune(write_task(two, tmp_path), processes=2))
+    curve = [_loss_curve(t) for t in (one, two)]
+    assert len(curve[0]) == len(curve[1]) > 10
+    assert max(abs(a - b) for a, b in zip(*curve)) < 1e-4
+    assert _result(two)["processes"] == 2
+    assert _result(two)["trainTokens"] == _result(one)["trainTokens"]
+
+
+def _loss_curve(task: dict) -> list[float]:
+    rows = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]
+    return [float(r.split(",")[2]) for r in rows]
+
+
+def _adapter(task: dict) -> dict[str, torch.Tensor]:
+    return load_file(Path(_result(task)["adapterUri"][7:]) / "adapter_model.safetensors") \
+        if task["artifactUri"].startswith("file://") else _download_adapter(task)
+
+
+def _download_adapter(task: dict) -> dict[str, torch.Tensor]:
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        open_store(task["artifactUri"]).download_file("adapter/adapter_model.safetensors", Path(tmp) / "a.safetensors")
+        return load_file(Path(tmp) / "a.safetensors")
+
+
+def _start(task_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(runtime_command(task_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_until_training(task: dict, proc: subprocess.Popen, since: float, checkpointed: bool = False) -> None:
+    """Until this process (started at `since`) trains, and (if asked) a checkpoint is committed."""
+    run = open_store(task["artifactUri"])
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        progress = run.read_json_or_none("progress.json") or {}
+        if progress.get("stage") == "training" and progress.get("startedAt", 0) >= since - 1:
+            if not checkpointed or checkpoint.latest(run, ONE) is not None:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never trained (exit {proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}")
+
+
+ONE = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
+LONGER = {"epochs": 4}
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupted_weights(tiny_model, dataset, tmp_path, s3_bucket):
+    spec = {"lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["all-linear"]},  # dropout: RNG restored too
+            "checkpointing": {"everySteps": 3, "keepLast": 2}, "hyperparameters": LONGER}
+    reference = finetune_task(tiny_model, dataset, f"file://{tmp_path}/reference", **spec)
+    _ok(run_finetune(write_task(reference, tmp_path)))
+    expected = _adapter(reference)
+    rng = random.Random(1234)
+    for trial in range(3):
+        task = finetune_task(tiny_model, dataset, f"s3://{s3_bucket}/trial-{trial}", **spec)
+        assert task["digest"] == reference["digest"]
+        path = write_task(task, tmp_path)
+        for kill in range(2):
+            began = time.time()
+            proc = _start(path)
+            _wait_until_training(task, proc, began, checkpointed=kill == 0)
+            time.sleep(rng.uniform(0, 0.8))  # anywhere: mid-step, mid-upload, between marker and prune
+            proc.kill()  # SIGKILL: no chance to save; resume from the last committed checkpoint
+            proc.wait()
+            assert open_store(task["artifactUri"]).read_json_or_none("result.json") is None
+        _ok(run_finetune(path))
+        result = _result(task)
+        assert result["resumedFromStep"] is not None and result["resumedFromStep"] % 3 == 0
+        got = _adapter(task)
+        assert got.keys() == expected.keys()
+        assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+        assert _loss_curve(task) == pytest.approx(_loss_curve(reference), abs=1e-6)
+        steps = sorted(int(k.split("/")[0][5:]) for k in open_store(task["artifactUri"]).list("checkpoints")
+                       if k.endswith("COMMITTED"))
+        assert len(steps) <= 2  # keepLast
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_at_once_and_the_next_attempt_resumes_there(tiny_model, dataset, tmp_path):
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", checkpointing={"everySteps": 1000},
+                         hyperparameters=LONGER)
+    path = write_task(task, tmp_path)
+    began = time.time()
+    proc = _start(path)
+    _wait_until_training(task, proc, began)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 1
+    run = open_store(task["artifactUri"])
+    [saved] = [k for k in run.list("checkpoints") if k.endswith("COMMITTED")]
+    step = int(saved.split("/")[0][5:])
+    assert "SIGTERM at step" in run.read_json("progress.json")["message"]
+    _ok(run_finetune(path))
+    assert _result(task)["resumedFromStep"] == step
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_two_processes_matches_one_process_and_resumes_after_sigterm(tiny_model, dataset, tmp_path):
+    one = finetune_task(tiny_model, dataset, f"file://{tmp_path}/one", lora=NO_DROPOUT,
+                        hyperparameters={"gradientAccumulation": 2})
+    ds = finetune_task(tiny_model, dataset, f"file://{tmp_path}/ds", lora=NO_DROPOUT, resources={"gpusPerNode": 2},
+                       distribution={"strategy": "deepspeed", "zeroStage": 2})
+    _ok(run_finetune(write_task(one, tmp_path)))
+    path = write_task(ds, tmp_path)
+    began = time.time()
+    proc = subprocess.Popen(runtime_command(path, processes=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    _wait_until_training(ds, proc, began)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to its workers
+    assert proc.wait(timeout=120) != 0
+    assert checkpoint.latest(open_store(ds["artifactUri"]), ONE) is not None
+    _ok(run_finetune(path, processes=2))
+    assert _result(ds)["resumedFromStep"] is not None
+    config = open_store(ds["artifactUri"]).read_json("deepspeed.json")
+    assert config["zero_optimization"]["stage"] == 2 and config["train_micro_batch_size_per_gpu"] == 2
+    assert _loss_curve(ds) == pytest.approx(_loss_curve(one), abs=1e-4)
+
+
+def test_a_checkpoint_without_its_commit_marker_is_ignored_and_cleaned_up(tmp_path):
+    run = open_store(f"file://{tmp_path}")
+    world = ONE
+    for step in (2, 4):
+        checkpoint.save(run, world, step, lambda local, s=step: (local / "state.json").write_text(json.dumps(s)), keep_last=5)
+    run.write_bytes("checkpoints/step-6/state.json", b"half written")  # a save killed before its marker
+    assert checkpoint.latest(run, world) == 4
+    checkpoint.save(run, world, 8, lambda local: (local / "state.json").write_text("8"), keep_last=2)
+    assert checkpoint.latest(run, world) == 8
+    left = {k.split("/")[0] for k in run.list("checkpoints")}
+    assert left == {"step-4", "step-8"}  # step-2 pruned (keepLast 2), step-6 was never committed
+    local = checkpoint.download(run, 8, tmp_path / "dl")
+    assert (local / "state.json").read_text() == "8"
+
+
+@pytest.mark.slow
+def test_qlora_trains_a_4bit_base_on_cpu_and_its_adapter_reloads(tiny_model, dataset, tmp_path):
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="qlora", lora=NO_DROPOUT,
+                         hyperparameters={"learningRate": 0.005})
+    assert task["spec"]["qlora"] == {"quantType": "nf4", "doubleQuantization": True}
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    assert result["finalLoss"] < result["firstLoss"] - 0.3
+    from peft import PeftModel
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(base, result["adapterUri"][7:])
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    merged = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
+    assert merged.config.num_hidden_layers == 2 and getattr(merged.config, "quantization_config", None) is None
+
+
+@pytest.mark.slow
+def test_qlora_on_smollm2_learns_and_its_adapter_reloads_on_the_pretrained_base(tmp_path):
+    dataset = write_dataset(tmp_path / "data", train=24, validation=4)
+    task = finetune_task(SMOLLM2, dataset, f"file://{tmp_path}/store", method="qlora", mergeAdapter=False,
+                         lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
+                         hyperparameters={"epochs": 2, "batchSize": 4, "maxSeqLength": 128, "learningRate": 0.002})
+    _ok(run_finetune(write_task(task, tmp_path), timeout=600))
+    result = _result(task)
+    assert result["finalLoss"] < result["firstLoss"] and "modelUri" not in result
+    from peft import PeftModel
+    from llmfactory_runtime.models import load_model
+    model = PeftModel.from_pretrained(load_model(SMOLLM2), result["adapterUri"][7:])
+    assert sum(1 for name, _ in model.named_parameters() if "lora_A" in name) == 2 * 30  # q and v in 30 layers
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_model(tiny_model, dataset, tmp_path):
+    one = finetune_task(tiny_model, dataset, f"file://{tmp_path}/one", method="full",
+                        hyperparameters={"gradientAccumulation": 2})
+    zero3 = finetune_task(tiny_model, dataset, f"file://{tmp_path}/zero3", method="full", resources={"gpusPerNode": 2},
+                          distribution={"strategy": "deepspeed", "zeroStage": 3})
+    _ok(run_finetune(write_task(one, tmp_path)))
+    _ok(run_finetune(write_task(zero3, tmp_path), processes=2))
+    assert _loss_curve(zero3) == pytest.approx(_loss_curve(one), abs=1e-4)
+    expected = AutoModelForCausalLM.from_pretrained(_result(one)["modelUri"][7:]).state_dict()
+    gathered = AutoModelForCausalLM.from_pretrained(_result(zero3)["modelUri"][7:]).state_dict()
+    assert all(torch.allclose(gathered[k], expected[k], atol=1e-4) for k in expected)
+
+
+def test_fused_kernels_on_a_machine_without_cuda_is_an_invalid_task_naming_the_field(tiny_model, dataset, tmp_path):
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", hyperparameters={"fusedKernels": True})
+    proc = run_finetune(write_task(task, tmp_path))
+    assert proc.returncode == 2  # the Job fails at once (podFailurePolicy), no retries
+    assert "spec.hyperparameters.fusedKernels needs a CUDA GPU" in open_store(task["artifactUri"]).read_json("progress.json")["message"]

@@ -1,0 +1,111 @@
+"""The FineTune memory estimate: it matches what was measured on an H100, and the planner refuses
+what cannot fit, naming the numbers and what to change."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmfactory.planner import PlanError, Waiting, parse, plan
+from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Plan, estimate, shape_from_config
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA3_8B = KNOWN_SHAPES["meta-llama/meta-llama-3-8b"]
+LLAMA3_70B = KNOWN_SHAPES["meta-llama/meta-llama-3-70b"]
+
+
+def test_parameter_count_of_known_models():
+    assert LLAMA3_8B.params == pytest.approx(8.03e9, rel=0.01)
+    assert LLAMA3_70B.params == pytest.approx(70.6e9, rel=0.01)
+    assert KNOWN_SHAPES["huggingfacetb/smollm2-135m-instruct"].params == pytest.approx(134.5e6, rel=0.01)
+
+
+# Peak memory PyTorch allocated, measured with benchmarks/finetune_throughput.py on one H100
+# (benchmarks/RESULTS.md): Llama-3-8B shape, sequences of 2048, LoRA/QLoRA r16 on all linear layers.
+MEASURED = [
+    ("lora", 2, False, 0.05, 64.14),
+    ("lora", 2, False, 0.0, 59.43),
+    ("lora", 4, True, 0.05, 29.38),
+    ("qlora", 2, False, 0.05, 71.45),
+    ("qlora", 2, False, 0.0, 58.75),
+    ("qlora", 4, True, 0.05, 23.70),
+]
+
+
+@pytest.mark.parametrize("method,batch,checkpointing,dropout,measured_gib", MEASURED)
+def test_estimate_is_never_below_what_an_h100_measured_and_close_to_it(method, batch, checkpointing, dropout, measured_gib):
+    est = estimate(LLAMA3_8B, Plan(method=method, micro_batch=batch, seq_len=2048, gpus=1,
+                                   gradient_checkpointing=checkpointing, lora_dropout=dropout))
+    assert measured_gib <= est.total_gib <= measured_gib * 1.35
+
+
+def test_sharding_and_offload_divide_what_they_should():
+    ddp = estimate(LLAMA3_70B, Plan(method="full", micro_batch=1, seq_len=2048, gpus=16, gradient_checkpointing=True))
+    zero2 = estimate(LLAMA3_70B, Plan(method="full", micro_batch=1, seq_len=2048, gpus=16, gradient_checkpointing=True,
+                                      strategy="deepspeed", zero_stage=2))
+    zero3 = estimate(LLAMA3_70B, Plan(method="full", micro_batch=1, seq_len=2048, gpus=16, gradient_checkpointing=True,
+                                      strategy="deepspeed", zero_stage=3, offload=True))
+    assert zero2.weights_gib == ddp.weights_gib and zero2.gradients_gib == pytest.approx(ddp.gradients_gib / 16)
+    assert zero3.weights_gib == pytest.approx(ddp.weights_gib / 16) and zero3.optimizer_gib == 0
+    assert zero3.total_gib < 40 < ddp.total_gib
+
+
+def test_shape_from_a_config_without_the_needed_fields_is_a_clear_error():
+    assert shape_from_config({"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 400,
+                              "num_attention_heads": 4}).kv_heads == 4
+    with pytest.raises(ValueError, match="no intermediate_size"):
+        shape_from_config({"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 400, "num_attention_heads": 4})
+
+
+def _fine_tune(model: str, resources: dict, **spec) -> dict:
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "big"},
+            "spec": {"baseModel": {"huggingface": model}, "dataset": {"datasetBuildRef": {"name": "data"}},
+                     "resources": resources, **spec}}
+
+
+def test_planner_refuses_a_spec_that_cannot_fit_before_waiting_for_its_dataset():
+    manifest = _fine_tune("meta-llama/Meta-Llama-3-70B", {"gpusPerNode": 8}, method="full")
+    with pytest.raises(PlanError) as err:
+        plan(parse(manifest), lambda *key: None, "file:///tmp/store")
+    assert err.value.field == "spec.resources"
+    message = err.value.message
+    assert "GiB per GPU" in message and "80 GiB" in message and "zeroStage 3" in message and "qlora" in message
+
+
+def test_planner_accepts_the_same_model_sharded_with_offload_and_carries_the_estimate():
+    manifest = _fine_tune("meta-llama/Meta-Llama-3-70B", {"gpusPerNode": 8, "nodes": 2}, method="full",
+                          hyperparameters={"batchSize": 1, "maxSeqLength": 2048, "gradientCheckpointing": True},
+                          distribution={"strategy": "deepspeed", "zeroStage": 3, "offload": "cpu"})
+    waiting = plan(parse(manifest), lambda *key: None, "file:///tmp/store")
+    assert isinstance(waiting, Waiting) and waiting.estimate["total_gib"] < 80
+    # The GPU's size is the user's to state: a 40 GiB A100 does not take it.
+    manifest["spec"]["resources"]["gpuMemoryGiB"] = 20
+    with pytest.raises(PlanError, match="20 GiB"):
+        plan(parse(manifest), lambda *key: None, "file:///tmp/store")
+
+
+def test_unknown_models_are_not_refused_the_runtime_checks_them():
+    waiting = plan(parse(_fine_tune("someone/unknown-model", {"gpusPerNode": 1})), lambda *key: None, "file:///tmp/store")
+    assert isinstance(waiting, Waiting) and waiting.estimate is None
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"method": "qlora", "distribution": {"strategy": "deepspeed"}}, "DeepSpeed ZeRO cannot shard 4-bit weights"),
+    ({"method": "lora", "distribution": {"strategy": "deepspeed", "zeroStage": 3}}, "zeroStage 3"),
+    ({"method": "full", "lora": {"r": 8}}, "lora settings apply only"),
+    ({"method": "lora", "qlora": {"quantType": "nf4"}}, "qlora settings apply only"),
+    ({"distribution": {"strategy": "ddp", "zeroStage": 2}}, "zeroStage and offload apply only to strategy deepspeed"),
+])
+def test_contradictory_specs_are_refused_by_the_planner(spec, message):
+    with pytest.raises(PlanError, match=message):
+        parse(_fine_tune("someone/unknown-model", {"gpusPerNode": 1}, **spec))
+
+
+def test_llmfactory_plan_shows_the_estimate_read_from_the_quickstart_gguf():
+    out = subprocess.run([sys.executable, "-m", "llmfactory.cli", "plan", "-f", str(ROOT / "examples" / "quickstart")],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if "estimate:" in l)
+    assert "GiB per GPU" in line and "0.13B params" in line
