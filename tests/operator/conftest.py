@@ -78,8 +78,10 @@ async def cluster(kmock, monkeypatch):
 
 
 @pytest.fixture
-def operator_settings(tmp_path) -> OperatorSettings:
-    return OperatorSettings(store_uri=f"file://{tmp_path}/store", poll_seconds=0.5, backoff_limit=1,
+def operator_settings(tmp_path, request) -> OperatorSettings:
+    overrides = getattr(request, "param", {})  # @pytest.mark.parametrize("operator_settings", [{...}], indirect=True)
+    return OperatorSettings(**{"store_uri": f"file://{tmp_path}/store", "poll_seconds": 0.5, "backoff_limit": 1,
+                               **overrides},
                             node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                             tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
 

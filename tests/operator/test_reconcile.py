@@ -262,3 +262,18 @@ async def test_a_hundred_restarts_at_random_moments_create_one_job_each(cluster,
     await cluster.wait_for("DatasetBuild", "data-2", phase_is("Running"))
     owners = [j["metadata"]["ownerReferences"][0]["name"] for j in cluster.objects("jobs")]
     assert sorted(owners) == sorted(m["metadata"]["name"] for m in manifests)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("operator_settings", [{"poll_seconds": 3600}], indirect=True)
+async def test_finished_jobs_and_finished_dependencies_are_noticed_at_once_not_on_the_timer(
+        cluster, operator, job_controller, tiny_model):
+    """With an hour between timer ticks, only watching Jobs and upstream status moves the pipeline."""
+    data, ft = pipeline(tiny_model)[:2]
+    await cluster.apply(ft)
+    await cluster.wait_for("FineTune", "ft", phase_is("Waiting"))
+    await cluster.apply(data)
+    await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
+    done = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=120)
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["metadata"]["annotations"]["llmfactory.dev/last-change-seen"].startswith("Job ")

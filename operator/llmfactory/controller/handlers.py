@@ -12,11 +12,15 @@ from llmfactory_runtime.store import open_store
 from .. import GROUP, VERSION
 from ..api import KINDS
 from . import metrics
-from .kube import SERVER_ENV, Kube
-from .reconcile import Outcome, reconcile
+from .job_builder import MANAGED_BY
+from .kube import SERVER_ENV, Kube, NotFound, custom_path
+from .reconcile import Outcome, job_owner, job_summary, reconcile, waiting_on
 from .settings import OperatorSettings
 
 FINALIZER = "llmfactory.dev/artifacts"
+# Changing this annotation is an update to kopf: the way to have a resource reconciled now, when
+# its Job or what it waits for changed, instead of on its next timer tick.
+NUDGE = "llmfactory.dev/last-change-seen"
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -83,8 +87,35 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
     def deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
         return spec.get("deletionPolicy") == "Delete"
 
+    def nudge(kind: str, namespace: str, name: str, why: str) -> None:
+        path = custom_path(KINDS[kind].plural, namespace, name)
+        obj = client().get_or_none(path)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return  # gone or going: nothing to reconcile
+        if (obj["metadata"].get("annotations") or {}).get(NUDGE) != why:
+            try:
+                client().patch(path, {"metadata": {"annotations": {NUDGE: why}}})
+            except NotFound:  # deleted in between
+                pass
+
+    def on_job_event(body: kopf.Body, **_: Any) -> None:
+        owner = job_owner(dict(body))
+        if owner:
+            nudge(owner[0], body["metadata"]["namespace"], owner[1], job_summary(dict(body)))
+
+    def on_succeeded(body: kopf.Body, **_: Any) -> None:
+        meta, status = body["metadata"], body.get("status") or {}
+        for kind, name in waiting_on(client(), body["kind"], meta["namespace"], meta["name"]):
+            nudge(kind, meta["namespace"], name, f"{body['kind']} {meta['name']} succeeded ({status.get('taskDigest', '')[:16]})")
+
+    def succeeded_now(body: kopf.Body, **_: Any) -> bool:
+        status = body.get("status") or {}
+        return status.get("phase") == "Succeeded" and status.get("observedGeneration") == body["metadata"].get("generation")
+
+    kopf.on.event("batch", "v1", "jobs", registry=registry, labels=MANAGED_BY)(on_job_event)
     for info in KINDS.values():
         resource = (GROUP, VERSION, info.plural)
+        kopf.on.event(*resource, registry=registry, when=succeeded_now)(on_succeeded)
         kopf.on.create(*resource, registry=registry)(on_change)
         kopf.on.update(*resource, registry=registry)(on_change)
         kopf.on.resume(*resource, registry=registry)(on_change)

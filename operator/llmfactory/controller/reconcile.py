@@ -11,7 +11,7 @@ from llmfactory_runtime.finetune.estimate import Estimate
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
 
 from ..api import KINDS
-from ..planner import PlanError, Waiting, parse, plan
+from ..planner import PlanError, Waiting, parse, plan, references
 from . import job_builder
 from .kube import Kube, custom_path
 from .settings import OperatorSettings
@@ -139,3 +139,35 @@ def _pod_problem(kube: Kube, namespace: str, job_name: str) -> tuple[str, str] |
             if terminated.get("reason") == "OOMKilled":
                 return "OOMKilled", f"pod {pod['metadata']['name']} ran out of memory; raise spec.resources.memory or lower the batch size"
     return None
+
+
+def job_owner(job: dict[str, Any]) -> tuple[str, str] | None:
+    """(kind, name) of the resource that owns a Job, if it is one of ours."""
+    for ref in (job.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") in KINDS:
+            return ref["kind"], ref["name"]
+    return None
+
+
+def job_summary(job: dict[str, Any]) -> str:
+    """What changed in a Job, as a short stable string (the same state gives the same string)."""
+    status = job.get("status") or {}
+    done = sorted(c["type"] for c in status.get("conditions") or [] if c.get("status") == "True")
+    return (f"Job {job['metadata']['name']}: active={status.get('active', 0)} failed={status.get('failed', 0)} "
+            f"succeeded={status.get('succeeded', 0)} {','.join(done)}").strip()
+
+
+def waiting_on(kube: Kube, kind: str, namespace: str, name: str) -> list[tuple[str, str]]:
+    """(kind, name) of the resources in the namespace that wait for this one."""
+    found = []
+    for info in KINDS.values():
+        for obj in kube.list(custom_path(info.plural, namespace), {}):
+            if (obj.get("status") or {}).get("phase") != "Waiting":
+                continue
+            try:
+                refs = references(parse(manifest_of(obj)))
+            except PlanError:
+                continue
+            if any(k == kind and n == name for _, k, n in refs):
+                found.append((info.kind, obj["metadata"]["name"]))
+    return found
