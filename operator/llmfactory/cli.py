@@ -10,10 +10,10 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from .api import KINDS
-from .api.crd import crd
 from llmfactory_runtime.finetune.estimate import Estimate
 
+from .api import KINDS
+from .api.crd import crd
 from .planner import PlanError, Waiting, dependency_order, parse, plan, read_manifests
 
 

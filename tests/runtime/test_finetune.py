@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmfactory_runtime.batching import encode_rows
+from llmfactory_runtime.batching import collate_sequences as collate, encode_rows, label_count
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
-from llmfactory_runtime.finetune.packing import collate, label_count, pack
+from llmfactory_runtime.finetune.packing import pack
 from llmfactory_runtime.store import open_store
 
 from finetune_helpers import SMOLLM2, conversations, finetune_task, run_finetune, runtime_command, write_dataset, write_task
@@ -157,11 +157,7 @@ def _loss_curve(task: dict) -> list[float]:
 
 
 def _adapter(task: dict) -> dict[str, torch.Tensor]:
-    return load_file(Path(_result(task)["adapterUri"][7:]) / "adapter_model.safetensors") \
-        if task["artifactUri"].startswith("file://") else _download_adapter(task)
-
-
-def _download_adapter(task: dict) -> dict[str, torch.Tensor]:
+    """The trained adapter's weights, from whichever store the task wrote to."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         open_store(task["artifactUri"]).download_file("adapter/adapter_model.safetensors", Path(tmp) / "a.safetensors")

@@ -16,16 +16,36 @@ def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
     return [e for e in encoded if any(label != IGNORE for label in e["labels"])]
 
 
+def collate_sequences(examples: list[dict], rows: list[list[int]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Right-padded tensors, one row per sequence of examples (indices). Packed sequences carry
+    position_ids that restart per conversation (padding forms its own segment, from 0, with no
+    labels), from which transformers builds a block-diagonal mask; plain ones an attention_mask."""
+    seqs = [[examples[i] for i in row] for row in rows]
+    width = max(sum(len(e["input_ids"]) for e in seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    extra = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        at = 0
+        for e in seq:
+            n = len(e["input_ids"])
+            ids[i, at:at + n], labels[i, at:at + n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"])
+            extra[i, at:at + n] = torch.arange(n) if packed else 1
+            at += n
+        if packed:
+            extra[i, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+
 def collate(examples: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding is masked out of attention and loss."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    """Right-pad a batch, one conversation per row; padding is masked out of attention and loss."""
+    batch = collate_sequences(examples, [[i] for i in range(len(examples))], pad_id, packed=False)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss is taken on: labels shifted by one, as the model shifts them."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 @torch.no_grad()
@@ -39,7 +59,7 @@ def loss_sums(model, examples: list[dict], batch_size: int, pad_id: int, device=
         batch = collate(examples[start:start + batch_size], pad_id, device or model.device)
         if all_tokens:
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        n = label_count(batch)
         if n:
             total += float(model(**batch, use_cache=False).loss) * n
             count += n

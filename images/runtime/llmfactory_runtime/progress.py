@@ -11,18 +11,12 @@ from .store import PROGRESS, Store
 class Progress:
     """Throttled writer of progress.json for one stage of work (rows, steps, questions...)."""
 
-    def __init__(self, run: Store, min_interval: float = 1.0):
-        self.run, self.min_interval = run, min_interval
+    def __init__(self, run: Store, min_interval: float = 1.0, writes: bool = True):
+        # writes=False: a process other than rank 0 (one writer of progress.json per run)
+        self.run, self.min_interval, self.writes = run, min_interval, writes
         self.started = time.time()
         self.state: dict[str, Any] = {"state": "Running", "startedAt": self.started}
         self._written = 0.0
-
-    @classmethod
-    def silent(cls, run: Store) -> "Progress":
-        """For processes other than rank 0: one writer of progress.json per run."""
-        quiet = cls(run)
-        quiet._write = lambda force: None  # type: ignore[method-assign]
-        return quiet
 
     def stage(self, name: str, total: int | None = None, unit: str | None = None) -> None:
         """Start a new stage; done/total count within it."""
@@ -51,7 +45,7 @@ class Progress:
 
     def _write(self, force: bool) -> None:
         now = time.time()
-        if force or now - self._written >= self.min_interval:
+        if self.writes and (force or now - self._written >= self.min_interval):
             self.state["updatedAt"] = now
             self.run.write_json(PROGRESS, self.state)
             self._written = now

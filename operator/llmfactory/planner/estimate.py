@@ -31,7 +31,8 @@ def _gguf_shape(path: Path) -> ModelShape | None:
         from gguf import GGUFReader  # noqa: PLC0415 - optional in the operator image
     except ImportError:
         return None
-    fields = GGUFReader(path).fields
+    reader = GGUFReader(path)
+    fields = reader.fields
 
     def value(key: str):
         field = fields.get(key)
@@ -39,12 +40,12 @@ def _gguf_shape(path: Path) -> ModelShape | None:
 
     arch = bytes(value("general.architecture")).decode()
     vocab = fields.get("tokenizer.ggml.tokens")
+    tensors = {t.name for t in reader.tensors}
     config = {"hidden_size": value(f"{arch}.embedding_length"), "num_hidden_layers": value(f"{arch}.block_count"),
               "intermediate_size": value(f"{arch}.feed_forward_length"),
               "num_attention_heads": value(f"{arch}.attention.head_count"),
               "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
-              "vocab_size": len(vocab.data) if vocab else None, "tie_word_embeddings": "output.weight" not in
-              {t.name for t in GGUFReader(path).tensors}}
+              "vocab_size": len(vocab.data) if vocab else None, "tie_word_embeddings": "output.weight" not in tensors}
     config = {k: (v[0] if isinstance(v, list) else v) for k, v in config.items() if v is not None}
     return shape_from_config(config)
 

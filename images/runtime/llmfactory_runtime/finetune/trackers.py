@@ -6,18 +6,16 @@ names the field. Keys (W&B) come from the environment, which the Job fills from 
 
 from __future__ import annotations
 
-import logging
+import importlib
 from pathlib import Path
 from typing import Any
 
 from ..task import InvalidTask
 
-log = logging.getLogger(__name__)
-
 
 def _require(module: str, field: str):
     try:
-        return __import__(module, fromlist=["_"])
+        return importlib.import_module(module)
     except ImportError:
         raise InvalidTask(f"{field} needs the {module.split('.')[0]} package, which this runtime image lacks") from None
 

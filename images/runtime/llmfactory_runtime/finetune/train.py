@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..batching import encode_rows, loss_sums
+from ..batching import collate_sequences, encode_rows, label_count, loss_sums
 from ..data import read_split
 from ..models import load_config, load_tokenizer
 from ..progress import Progress
@@ -30,7 +30,7 @@ from ..task import InvalidTask
 from . import checkpoint, distributed, outputs
 from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
 from .model_setup import load_for_training, load_trainable_state, trainable_state, training_dtype
-from .packing import collate, label_count, one_per_row, pack
+from .packing import one_per_row, pack
 from .trackers import Trackers
 
 
@@ -82,7 +82,7 @@ def sigterm_flag() -> threading.Event:
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any] | None:
     world = distributed.init()
     try:
-        return train(task, run, progress if world.main else Progress.silent(run), world)
+        return train(task, run, progress if world.main else Progress(run, writes=False), world)
     finally:
         distributed.shutdown(world)
 
@@ -190,7 +190,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         epoch, index = _locate(step - 1, steps_per_epoch)
         rows = epochs[epoch][index * global_batch:(index + 1) * global_batch]
         micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)][world.rank::world.size]
-        batches = [collate(examples, group, tokenizer.pad_token_id, hp["packing"]) for group in micro_batches]
+        batches = [collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]) for group in micro_batches]
         # Token-weighted over the whole step: a micro-batch's loss is its summed loss over the
         # step's assistant tokens on all processes; DDP and DeepSpeed average gradients over
         # processes, hence the factor world.size.
