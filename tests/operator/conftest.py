@@ -47,15 +47,16 @@ class Cluster:
         async with self.session.delete(self._path(kind, name=name)) as resp:
             resp.raise_for_status()
 
-    async def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        async with self.session.get(self._path(kind, name=name)) as resp:
+    async def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        async with self.session.get(self._path(kind, namespace, name)) as resp:
             return None if resp.status == 404 else await resp.json()
 
-    async def wait_for(self, kind: str, name: str, predicate, timeout: float = 120) -> dict[str, Any]:
+    async def wait_for(self, kind: str, name: str, predicate, timeout: float = 120,
+                       namespace: str = "default") -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         obj = None
         while time.monotonic() < deadline:
-            obj = await self.get(kind, name)
+            obj = await self.get(kind, name, namespace)
             if obj is not None and predicate(obj):
                 return obj
             await asyncio.sleep(0.2)

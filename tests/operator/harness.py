@@ -22,7 +22,7 @@ import kopf
 
 from llmfactory import GROUP, VERSION
 from llmfactory.api import KINDS
-from llmfactory.controller.handlers import register
+from llmfactory.controller.handlers import kopf_settings, register
 from llmfactory.controller.job_builder import TASK_PATH
 from llmfactory.controller.settings import OperatorSettings
 from llmfactory_runtime import EXIT_INVALID_TASK
@@ -34,6 +34,12 @@ class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what the API server adds to objects on create and update."""
 
     async def _handle(self, request):
+        agent = request.headers.get("User-Agent", "")
+        if request.resource is not None and not agent.startswith("Python/"):  # the operator's own calls
+            # (kopf's and the kubernetes client's, not the test's aiohttp): the Helm chart's RBAC must allow them.
+            self.calls = getattr(self, "calls", set())
+            self.calls.add((request.resource.group or "", request.resource.plural, request.subresource or "",
+                            request.action.value))
         if request.resource is not None and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
             if request.action == kmock.action.CREATE:
@@ -166,19 +172,20 @@ class Operator:
     """The real kopf operator, in a thread with its own event loop (as kopf.testing.KopfRunner
     does), so the emulator keeps serving in the test's loop; start and stop it at will."""
 
-    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None):
-        self.settings, self.namespaces = settings, namespaces
+    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None, peering: str | None = None):
+        self.settings, self.namespaces, self.peering = settings, namespaces, peering
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
     def _run(self) -> None:
         registry = kopf.OperatorRegistry()
-        register(registry, self.settings)
+        register(registry, self.settings, namespaces=self.namespaces)
         loop = self.loop = asyncio.new_event_loop()
-        self.kopf_settings = kopf.OperatorSettings()
+        self.kopf_settings = kopf_settings(self.namespaces)
         try:
             self.main = loop.create_task(kopf.operator(registry=registry, clusterwide=not self.namespaces,
-                                                  namespaces=self.namespaces or (), standalone=True,
+                                                  namespaces=self.namespaces or (), standalone=not self.peering,
+                                                  peering_name=self.peering,
                                                   settings=self.kopf_settings,
                                                   stop_flag=self.stop_flag))
             loop.run_until_complete(self.main)

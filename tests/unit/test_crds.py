@@ -17,10 +17,14 @@ K8S_VERSIONS = sorted({v for v in kubernetes_validate.utils.all_versions()
                        if tuple(map(int, v.split(".")[:2])) >= (1, 29)})
 
 
-def test_crds_directory_is_generated_from_the_models():
-    assert cli(["crds", "--out", str(ROOT / "crds"), "--check"]) == 0, "crds/ is stale: run `make crds`"
-    assert sorted(p.name for p in (ROOT / "crds").glob("*.yaml")) == sorted(
-        f"{k.plural}.llmfactory.dev.yaml" for k in KINDS.values())
+def test_crds_directories_are_generated_from_the_models():
+    """crds/ (kubectl apply) and the Helm chart's crds/ are both the models' output, never edited."""
+    chart_crds = ROOT / "charts" / "llmfactory" / "crds"
+    assert cli(["crds", "--out", str(ROOT / "crds"), "--out", str(chart_crds), "--check"]) == 0, \
+        "crds/ or charts/llmfactory/crds/ is stale: run `make crds`"
+    for folder in (ROOT / "crds", chart_crds):
+        assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(
+            f"{k.plural}.llmfactory.dev.yaml" for k in KINDS.values())
 
 
 def test_stale_crds_are_detected(tmp_path):

@@ -22,6 +22,28 @@ FINALIZER = "llmfactory.dev/artifacts"
 # its Job or what it waits for changed, instead of on its next timer tick.
 NUDGE = "llmfactory.dev/last-change-seen"
 TERMINAL = ("Succeeded", "Failed")
+PEERING_API = "/apis/kopf.dev/v1"
+
+
+def kopf_settings(namespaces: list[str] | None) -> kopf.OperatorSettings:
+    """An operator that watches named namespaces holds only Roles there (the Helm chart's
+    namespaced mode): it must neither list namespaces nor watch CRDs cluster-wide."""
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = bool(namespaces)
+    return settings
+
+
+def ensure_peering(kube: Kube, name: str, namespaces: list[str] | None) -> None:
+    """kopf only patches an existing peering object: make it, so that a second replica stands
+    by instead of both reconciling (the chart installs the peering CRDs when replicaCount > 1)."""
+    if namespaces:
+        for namespace in namespaces:
+            kube.ensure(f"{PEERING_API}/namespaces/{namespace}/kopfpeerings",
+                        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                         "metadata": {"name": name, "namespace": namespace}})
+    else:
+        kube.ensure(f"{PEERING_API}/clusterkopfpeerings",
+                    {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}})
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: Kube, config: OperatorSettings) -> None:
@@ -44,7 +66,8 @@ def _apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
         kopf.event(body, type=kind, reason=reason, message=message)
 
 
-def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Kube | None = None) -> None:
+def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Kube | None = None,
+             namespaces: list[str] | None = None) -> None:
     """Register the handlers of the four kinds for this settings object."""
     clients: dict[str, Kube] = {}
 
@@ -57,6 +80,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = 20  # post INFO and above as Events
+        if settings.peering.mandatory:
+            ensure_peering(client(), settings.peering.name, namespaces)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -1,0 +1,92 @@
+"""The operator as the Helm chart runs it: with peering (replicaCount > 1) and namespaced (Roles only)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import kmock
+import pytest
+
+from tests.e2e.test_local_runner import pipeline
+from tests.helm import render
+from tests.operator.conftest import phase_is
+from tests.operator.harness import Operator, objects_of
+
+pytestmark = pytest.mark.asyncio
+
+
+def declare_peerings(server) -> None:
+    verbs = {"list", "watch", "get", "create", "patch"}
+    server.resources["kopf.dev/v1/clusterkopfpeerings"] = kmock.ResourceInfo(
+        kind="ClusterKopfPeering", namespaced=False, verbs=verbs)
+    server.resources["kopf.dev/v1/kopfpeerings"] = kmock.ResourceInfo(kind="KopfPeering", namespaced=True, verbs=verbs)
+
+
+async def wait_until(predicate, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError("condition not reached in time")
+
+
+def allowed(rules: list[dict], group: str, resource: str, verb: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+async def test_a_peered_replica_works_within_the_charts_rbac(cluster, operator_settings, job_controller, tiny_model,
+                                                            tmp_path):
+    """Two replicas in the chart: the operator makes its peering object, keeps it alive, runs a
+    resource to the end and deletes its artifacts, and every API call it made on the way is one
+    the chart's ClusterRole allows."""
+    declare_peerings(cluster.server)
+    op = Operator(operator_settings, peering="llmfactory")
+    await op.start()
+    try:
+        peering = await wait_until(lambda: [p for p in objects_of(cluster.server, "clusterkopfpeerings")
+                                            if (p.get("status") or {})])
+        assert peering[0]["metadata"]["name"] == "llmfactory"
+        assert len(peering[0]["status"]) == 1  # this replica, with its priority and lifetime
+        data = pipeline(tiny_model)[0]
+        data["spec"]["deletionPolicy"] = "Delete"
+        await cluster.apply(data)
+        obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
+        assert obj["status"]["jobName"]
+        await cluster.delete("DatasetBuild", "data")
+        await wait_until(lambda: not objects_of(cluster.server, "datasetbuilds"))
+    finally:
+        await op.stop()
+
+    (role,) = [o for o in render("3.18", {"store": {"uri": "s3://bucket/x"}, "replicaCount": 2}, tmp_path)
+               if o["kind"] == "ClusterRole"]
+    verbs = {"LIST": "list", "WATCH": "watch", "FETCH": "get", "CREATE": "create", "UPDATE": "patch",
+             "DELETE": "delete"}
+    calls = {(group, f"{plural}/{sub}" if sub else plural, verbs[action])
+             for group, plural, sub, action in cluster.server.calls if plural}  # plural None: discovery
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in calls and ("", "events", "create") in calls
+    denied = sorted(call for call in calls if not allowed(role["rules"], *call))
+    assert denied == [], f"the operator needs these, the chart does not grant them: {denied}"
+
+
+async def test_namespaced_operator_handles_only_its_namespace(cluster, operator_settings, tiny_model):
+    """The chart's Role mode: no namespace listing or CRD watch (kopf scanning off), and a
+    resource in another namespace is not touched."""
+    op = Operator(operator_settings, namespaces=["team-a"])
+    await op.start()
+    try:
+        mine, other = pipeline(tiny_model)[0], pipeline(tiny_model)[0]
+        mine["metadata"]["namespace"] = "team-a"
+        other["metadata"]["namespace"] = "team-b"
+        await cluster.apply(mine)
+        await cluster.apply(other)
+        await cluster.wait_for("DatasetBuild", "data", phase_is("Running", "Succeeded"), timeout=60,
+                               namespace="team-a")
+        await asyncio.sleep(2)
+        untouched = await cluster.get("DatasetBuild", "data", namespace="team-b")
+        assert "status" not in untouched or not untouched["status"].get("phase")
+        assert {j["metadata"]["namespace"] for j in objects_of(cluster.server, "jobs")} == {"team-a"}
+    finally:
+        await op.stop()
+
