@@ -90,3 +90,14 @@ def s3_bucket(seaweedfs, monkeypatch) -> str:
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
+
+
+@pytest.fixture
+def openai_server():
+    """A local OpenAI-compatible server; set .reply, .latency or .api_key before using .url."""
+    from tests.openai_server import OpenAIServer
+
+    server = OpenAIServer()
+    server.url = server.start()
+    yield server
+    server.stop()

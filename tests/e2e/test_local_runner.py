@@ -152,7 +152,8 @@ def test_bad_manifest_is_refused_before_anything_runs(tiny_model, tmp_path):
 
 
 def test_restarted_dataset_build_reuses_every_paid_answer(tiny_model, tmp_path):
-    """A build killed after the teacher answered redoes none of the answers."""
+    """A build killed after the teacher answered redoes none of the answers (local teacher; the
+    OpenAI-compatible one is covered in tests/runtime/test_dataset_build.py)."""
     from llmfactory.planner import plan
 
     task = plan(parse(pipeline(tiny_model)[0]), lambda *k: None, f"file://{tmp_path}/store")
@@ -160,14 +161,17 @@ def test_restarted_dataset_build_reuses_every_paid_answer(tiny_model, tmp_path):
     run.write_json("task.json", task)
     cmd = [sys.executable, "-m", "llmfactory_runtime", "dataset", "--task", task["artifactUri"]]
     assert subprocess.run(cmd, capture_output=True).returncode == 0
-    answers = {k: run.read_bytes(f"answers/{k}") for k in run.list("answers")}
-    assert answers
+    cache = open_store(task["cacheUri"])
+    answers = {k: cache.read_bytes(k) for k in cache.list()}
+    assert answers and run.read_json("result.json")["teacherUsage"]["requests"] == 9
     # Simulate the kill: the run's outputs and commit are gone, the saved answers are not.
     for key in ("COMMITTED", "result.json"):
         Path(run.root / key).unlink()
     assert subprocess.run(cmd, capture_output=True).returncode == 0
-    assert run.read_json(PROGRESS)["figures"]["reused"] == 9
-    assert {k: run.read_bytes(f"answers/{k}") for k in run.list("answers")} == answers  # nothing new asked
+    assert run.read_json(PROGRESS)["figures"]["cached"] == 9
+    usage = run.read_json("result.json")["teacherUsage"]
+    assert (usage["requests"], usage["cached"]) == (0, 9)
+    assert {k: cache.read_bytes(k) for k in cache.list()} == answers  # nothing new asked
     # A committed run is never redone.
     before = run.read_bytes("result.json")
     done = subprocess.run(cmd, capture_output=True, text=True)

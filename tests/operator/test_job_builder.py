@@ -109,6 +109,19 @@ def test_tracker_keys_are_secret_references_and_training_gets_time_to_checkpoint
     assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds
 
 
+def test_teacher_api_key_reaches_the_pod_only_by_reference():
+    body = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild",
+            "metadata": {"name": "seed-data", "namespace": "ml", "uid": "6c1b0a4e-0000-4000-8000-000000000002"},
+            "spec": {"sources": [{"huggingface": {"id": "lightblue/tagengo-gpt4"}}],
+                     "teacher": {"openai": {"model": "gpt-4o", "apiKeySecret": {"name": "openai", "key": "api-key"}}}}}
+    task, objs = children(body)
+    env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    [key] = [e for e in env if e["name"] == "LLMFACTORY_TEACHER_API_KEY"]
+    assert key == {"name": "LLMFACTORY_TEACHER_API_KEY",
+                   "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}}
+    assert task["inputs"] == {} and task["cacheUri"] == f"{SETTINGS.store_uri}/ml/cache"
+
+
 def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():
     task, objs = children(VARIANTS["zero3-two-nodes"])
     container = _job(objs)["spec"]["template"]["spec"]["containers"][0]

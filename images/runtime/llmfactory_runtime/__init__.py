@@ -8,3 +8,7 @@ control plane can share the artifact store without pulling in the training stack
 EXIT_OK = 0
 EXIT_FAILED = 1  # retryable: a crash, an OOM, a network error
 EXIT_INVALID_TASK = 2  # the task itself is wrong: retrying cannot help
+
+# Environment variables that carry API keys into the pod (the Job sets them by secretKeyRef).
+TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"
+JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"

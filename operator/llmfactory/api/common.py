@@ -70,6 +70,30 @@ class SecretKeyRef(ApiModel):
     key: str = Field(min_length=1, description="Key inside the Secret.")
 
 
+class Price(ApiModel):
+    input_per_million: float = Field(ge=0, description="USD per million prompt tokens.")
+    output_per_million: float = Field(ge=0, description="USD per million completion tokens.")
+
+
+class OpenAIEndpoint(ApiModel):
+    """An OpenAI-compatible chat-completions API: OpenAI, Azure OpenAI, vLLM, llama.cpp's server..."""
+
+    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://.+",
+                          description="API root; requests go to {baseUrl}/chat/completions.")
+    model: str = Field(min_length=1, description="Model the endpoint serves, e.g. gpt-4o.")
+    api_key_secret: SecretKeyRef | None = Field(
+        None, description="Secret holding the API key, sent as a Bearer token. The key reaches the pod by "
+                          "secretKeyRef and is never copied into the task, status or logs. Unset: no key.")
+    concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
+    requests_per_minute: int | None = Field(None, ge=1, description="The provider's request rate limit.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="The provider's token rate limit "
+                                          "(prompt plus completion tokens).")
+    timeout_seconds: float = Field(120, gt=0, le=3600, description="Per request.")
+    max_retries: int = Field(8, ge=0, le=50, description="Retries of a request on 429, 5xx, timeouts and "
+                             "dropped connections, with exponential backoff and jitter (Retry-After honoured).")
+    price: Price | None = Field(None, description="Token prices, for the cost in the result.")
+
+
 class Resources(ApiModel):
     """Compute for the phase's Job. The local runner ignores it."""
 

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import ApiModel, KindInfo, ModelSource, RunOptions, StatusBase, URI_PATTERN
+from .common import ApiModel, KindInfo, ModelSource, OpenAIEndpoint, RunOptions, StatusBase, URI_PATTERN
 
 LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
 
@@ -17,31 +17,63 @@ class InlinePrompt(ApiModel):
                                  description="ISO 639 code of the prompt's language, e.g. en, ru, zh.")
 
 
+class HuggingFaceDataset(ApiModel):
+    id: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$",
+                    description="Dataset repository id, e.g. lightblue/tagengo-gpt4.")
+    config: str | None = Field(None, description="Configuration (subset) name.")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Git revision; pin a commit for reproducible digests.")
+
+
 class Source(ApiModel):
     """One place prompts come from."""
 
     cel_rules: ClassVar = [
-        {"rule": "has(self.inline) != has(self.uri)", "message": "set exactly one of inline or uri"},
+        {"rule": "(has(self.inline) ? 1 : 0) + (has(self.uri) ? 1 : 0) + (has(self.huggingface) ? 1 : 0) == 1",
+         "message": "set exactly one of inline, uri or huggingface"},
     ]
 
     inline: list[InlinePrompt] | None = Field(None, min_length=1, description="Prompts written in the manifest.")
     uri: str | None = Field(None, pattern=URI_PATTERN,
-                            description="A JSONL file (s3:// or file://), one object per line.")
-    prompt_field: str = Field("prompt", description="JSONL field holding the prompt text.")
-    language_field: str = Field("language", description="JSONL field holding the prompt's language code.")
+                            description="A .jsonl or .parquet file (s3:// or file://).")
+    huggingface: HuggingFaceDataset | None = Field(None, description="A Hugging Face dataset.")
+    fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca"] = Field(
+        "auto", description="How rows hold prompts: prompt (a text column, promptField), sharegpt "
+                            "(conversations: [{from, value}]), openai (messages: [{role, content}]), alpaca "
+                            "(instruction, input). auto picks by the columns present.")
+    prompt_field: str = Field("prompt", description="Column holding the prompt text (fields: prompt).")
+    language_field: str = Field("language", description="Column holding the prompt's language code.")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN,
                                  description="Language of every prompt of this source that does not name its own.")
+    turns: Literal["all", "first"] = Field(
+        "all", description="Of a multi-turn conversation, ask the teacher every user turn (each seeing its "
+                           "earlier answers) or only the first.")
+    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows (in file order).")
 
 
 class Teacher(ApiModel):
-    """The model that answers the prompts."""
+    """The model that answers the prompts: an OpenAI-compatible API or a local model."""
 
-    model: ModelSource = Field(description="A local transformers model run inside the phase's pod.")
+    cel_rules: ClassVar = [
+        {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
+    ]
+
+    openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible chat-completions endpoint.")
+    model: ModelSource | None = Field(None, description="A local transformers model run inside the phase's pod.")
     system_prompt: str | None = Field(None, description="System message sent before every prompt.")
     temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
-    batch_size: int = Field(8, ge=1, le=512, description="Prompts answered together.")
+    batch_size: int = Field(8, ge=1, le=512, description="Prompts answered together (local model).")
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
+
+
+class LanguageDetection(ApiModel):
+    """Detect each prompt's language offline (py3langid); the detected code replaces the source's label."""
+
+    candidates: list[str] = Field(
+        default_factory=list, description="Languages to choose between (ISO 639-1); empty: the keys of "
+                                          "samplesPerLanguage, or all 97 the model knows. Fewer is more accurate.")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Drop prompts detected with less confidence.")
 
 
 class Filters(ApiModel):
@@ -51,6 +83,12 @@ class Filters(ApiModel):
     drop_truncated: bool = Field(True, description="Drop answers cut off at maxNewTokens.")
     min_answer_chars: int = Field(1, ge=0, description="Drop answers shorter than this.")
     max_answer_chars: int | None = Field(None, ge=1, description="Drop answers longer than this.")
+    max_answer_tokens: int | None = Field(None, ge=1, description="Drop answers longer than this, in the "
+                                                                  "teacher's tokens.")
+    near_duplicate_threshold: float = Field(
+        0.85, ge=0, le=1, description="Drop a prompt whose estimated Jaccard similarity (MinHash over word or "
+                                      "character shingles) to an earlier one reaches this; 0 removes exact "
+                                      "duplicates only.")
 
 
 class Split(ApiModel):
@@ -68,11 +106,22 @@ class DatasetBuildSpec(RunOptions):
     samples_per_language: dict[str, int] | None = Field(
         None, description="Keep at most this many prompts per language code (sampled with split.seed); "
                           "languages not listed are dropped. Unset keeps every prompt.")
+    language_detection: LanguageDetection | None = Field(
+        None, description="Detect prompt languages instead of trusting the sources' labels.")
     teacher: Teacher = Field(description="The model that writes the answers.")
     filters: Filters = Field(default_factory=Filters, description="Which answers to drop.")
     format: Literal["chatml", "sharegpt"] = Field(
         "chatml", description="chatml: {messages: [{role, content}]}; sharegpt: {conversations: [{from, value}]}.")
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
+    parquet: bool = Field(True, description="Also write each split as Parquet next to the JSONL.")
+
+
+class TeacherUsage(ApiModel):
+    requests: int = Field(description="Answers received from the teacher by this build (cache misses).")
+    cached: int = Field(description="Answers taken from the cache, not paid for again.")
+    prompt_tokens: int = Field(description="Prompt tokens of the answers received.")
+    completion_tokens: int = Field(description="Completion tokens of the answers received.")
+    cost_usd: float | None = Field(None, description="From teacher.openai.price.")
 
 
 class DatasetBuildResult(ApiModel):
@@ -82,7 +131,10 @@ class DatasetBuildResult(ApiModel):
     rows: dict[str, int] = Field(description="Rows per split.")
     rows_per_language: dict[str, int] = Field(description="Rows kept per language.")
     dropped: dict[str, int] = Field(description="Rows dropped, per reason.")
-    teacher_tokens: int = Field(description="Tokens the teacher generated.")
+    teacher_tokens: int = Field(description="Tokens the teacher generated for the kept and dropped rows.")
+    teacher_usage: TeacherUsage | None = Field(None, description="What this build asked of the teacher.")
+    dropped_examples: dict[str, list[str]] | None = Field(
+        None, description="A few dropped prompts per reason, shortened.")
 
 
 class DatasetBuildStatus(StatusBase):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmfactory_runtime import EXIT_INVALID_TASK
+from llmfactory_runtime import EXIT_INVALID_TASK, JUDGE_KEY_ENV, TEACHER_KEY_ENV
 
 from ..api import KINDS
 from .settings import OperatorSettings
@@ -34,13 +34,25 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
             "uid": body["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
-def _tracking_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Keys the experiment trackers read from the environment, by reference to the user's Secret."""
-    wandb = ((spec.get("tracking") or {}).get("wandb")) or {}
-    ref = wandb.get("apiKeySecret")
-    if not ref:
-        return []
-    return [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}}]
+# Where each API key of a spec reaches the runtime: by secretKeyRef into these variables, so the
+# key never passes through the operator, the task document or the status.
+SECRET_ENV = (
+    (("tracking", "wandb"), "WANDB_API_KEY"),
+    (("teacher", "openai"), TEACHER_KEY_ENV),
+    (("judge", "openai"), JUDGE_KEY_ENV),
+)
+
+
+def _secret_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    env = []
+    for path, name in SECRET_ENV:
+        node: Any = spec
+        for key in path:
+            node = (node or {}).get(key) if isinstance(node, dict) else None
+        ref = (node or {}).get("apiKeySecret")
+        if ref:
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}})
+    return env
 
 
 def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -97,7 +109,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": _command(kind, gpus, nodes, name if nodes > 1 else None),
-        "env": _env(settings) + _tracking_env(spec),
+        "env": _env(settings) + _secret_env(spec),
         "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
                          {"name": "shm", "mountPath": "/dev/shm"},

@@ -81,6 +81,9 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, An
         **body,
         "digest": digest,
         "artifactUri": artifact_uri(store_uri, res, digest),
+        # Paid answers (teacher, judge) are kept per namespace, outside any run: a changed filter
+        # or split is a new run that must not pay for them again.
+        "cacheUri": f"{store_uri.rstrip('/')}/{res.namespace}/cache",
     }
     if estimate is not None:
         task["estimate"] = estimate.as_dict()
@@ -99,7 +102,7 @@ def _model(source) -> dict[str, Any]:
 
 
 def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
-    return {"teacher": _model(res.spec.teacher.model)}
+    return {"teacher": _model(res.spec.teacher.model)} if res.spec.teacher.model else {}
 
 
 def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:

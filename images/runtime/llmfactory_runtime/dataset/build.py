@@ -1,50 +1,28 @@
-"""DatasetBuild: prompts -> teacher answers -> filters -> train/validation/test splits.
-
-Teacher answers are the expensive part, so they are saved to the store batch by batch and a
-restarted build asks only for the prompts that have no saved answer yet.
+"""DatasetBuild: prompts -> language detection, dedup, sampling -> teacher answers (cached
+across runs, never paid twice) -> filters -> train/validation/test splits as JSONL and Parquet.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from collections import Counter
 from typing import Any
 
 from ..data import SPLITS, dumps_jsonl, to_row
-from ..generate import generate
-from ..models import load_model, load_tokenizer
 from ..progress import Progress
 from ..store import Store
+from . import teacher as teacher_
+from .dedupe import dedupe
 from .filters import AnswerFilter
-from .sources import collect
-
-ANSWERS = "answers"
-
-
-def _prompt_key(prompt: str, system: str | None) -> str:
-    return hashlib.sha256(json.dumps([system, prompt]).encode()).hexdigest()[:32]
-
-
-def _conversation(prompt: str, system: str | None) -> list[dict[str, str]]:
-    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-
-
-def dedupe(prompts: list[dict], dropped: Counter) -> list[dict]:
-    seen, kept = set(), []
-    for p in prompts:
-        key = " ".join(p["prompt"].split()).casefold()
-        if key in seen:
-            dropped["duplicate_prompt"] += 1
-            continue
-        seen.add(key)
-        kept.append(p)
-    return kept
+from .languages import detect
+from .sources import Drops, collect
 
 
 def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed: int,
-                        dropped: Counter) -> list[dict]:
+                        drops: Drops) -> list[dict]:
     if not counts:
         return prompts
     rng, kept = random.Random(seed), []
@@ -55,37 +33,11 @@ def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed
         take = min(len(group), counts.get(lang, 0))
         chosen = set(map(id, rng.sample(group, take)))
         kept += [p for p in group if id(p) in chosen]
-        dropped["language_not_requested" if lang not in counts else "over_language_count"] += len(group) - take
+        for p in group:
+            if id(p) not in chosen:
+                drops.add("language_not_requested" if lang not in counts else "over_language_count",
+                          f"[{lang}] {p['turns'][0]}")
     return kept
-
-
-def answer_all(prompts: list[dict], teacher: dict, source: dict, run: Store, progress: Progress) -> dict:
-    """{prompt key: answer}; answers already in the store are reused, new ones saved per batch."""
-    system = teacher.get("systemPrompt")
-    answers: dict[str, dict] = {}
-    for name in run.list(ANSWERS):
-        answers.update(run.read_json(f"{ANSWERS}/{name}"))
-    todo = [p for p in prompts if _prompt_key(p["prompt"], system) not in answers]
-    progress.stage("answering prompts", total=len(prompts), unit="prompts")
-    progress.update(len(prompts) - len(todo), reused=len(prompts) - len(todo))
-    if not todo:
-        return answers
-    model = load_model(source)
-    tokenizer = load_tokenizer(source)
-    model.eval()
-    batch_size = teacher.get("batchSize", 8)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        outs = generate(model, tokenizer, [_conversation(p["prompt"], system) for p in batch],
-                        teacher.get("maxNewTokens", 256), teacher.get("temperature", 0.0),
-                        teacher.get("seed", 0) + start)
-        fresh = {_prompt_key(p["prompt"], system): {"text": o.text, "tokens": o.tokens, "finished": o.finished}
-                 for p, o in zip(batch, outs)}
-        # Saved before moving on: a killed build never asks the teacher for these again.
-        run.write_json(f"{ANSWERS}/{len(answers):08d}.json", fresh)
-        answers.update(fresh)
-        progress.update(len(prompts) - len(todo) + start + len(batch))
-    return answers
 
 
 def split_rows(rows: list[dict], split: dict) -> dict[str, list[dict]]:
@@ -103,58 +55,86 @@ def split_rows(rows: list[dict], split: dict) -> dict[str, list[dict]]:
 
 
 def _card(spec: dict, result: dict) -> str:
-    lines = ["# Dataset card", "", f"Built by llmfactory, format `{spec.get('format', 'chatml')}`.", "",
+    fmt = spec.get("format", "chatml")
+    lines = ["# Dataset card", "", f"Built by llmfactory: format `{fmt}`, digest `{result['digest']}`.", "",
              "| split | rows |", "|---|---|"]
     lines += [f"| {s} | {n} |" for s, n in result["rows"].items()]
     lines += ["", "| language | rows |", "|---|---|"]
     lines += [f"| {lang} | {n} |" for lang, n in sorted(result["rowsPerLanguage"].items())]
-    lines += ["", "| dropped because | rows |", "|---|---|"]
-    lines += [f"| {why} | {n} |" for why, n in sorted(result["dropped"].items())] or ["| - | 0 |"]
-    lines += ["", f"Teacher tokens generated: {result['teacherTokens']}", ""]
+    lines += ["", "| dropped because | rows | for example |", "|---|---|---|"]
+    examples = result.get("droppedExamples") or {}
+    lines += [f"| {why} | {n} | {' / '.join(examples.get(why, []))[:300].replace('|', '/')} |"
+              for why, n in sorted(result["dropped"].items())] or ["| - | 0 | |"]
+    usage = result.get("teacherUsage") or {}
+    lines += ["", f"Teacher: {usage.get('requests', 0)} answers received, {usage.get('cached', 0)} from the cache, "
+              f"{usage.get('promptTokens', 0)} prompt and {usage.get('completionTokens', 0)} completion tokens"
+              + (f", ${usage['costUsd']:.2f}" if usage.get("costUsd") is not None else "") + ".", ""]
     return "\n".join(lines)
 
 
-def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
-    spec = task["spec"]
-    teacher = spec["teacher"]
-    dropped: Counter = Counter()
-    progress.stage("reading prompts")
-    prompts = collect(spec["sources"], dropped)
-    prompts = dedupe(prompts, dropped)
-    prompts = sample_per_language(prompts, spec.get("samplesPerLanguage"), spec["split"]["seed"], dropped)
+def _parquet(rows: list[dict[str, Any]]) -> bytes:
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
 
-    answers = answer_all(prompts, teacher, task["inputs"]["teacher"], run, progress)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf, compression="zstd")
+    return buf.getvalue()
+
+
+def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) -> dict[str, Any]:
+    spec = task["spec"]
+    drops = Drops()
+    progress.stage("reading prompts")
+    prompts = collect(spec["sources"], drops)
+    wanted = spec.get("samplesPerLanguage")
+    if spec.get("languageDetection") is not None:
+        prompts = detect(prompts, spec["languageDetection"], wanted, drops)
+    prompts = dedupe(prompts, (spec.get("filters") or {}).get("nearDuplicateThreshold") or None, drops)  # 0: off
+    prompts = sample_per_language(prompts, wanted, spec["split"]["seed"], drops)
 
     keep = AnswerFilter(spec.get("filters", {}))
-    system, fmt, rows, tokens = teacher.get("systemPrompt"), spec.get("format", "chatml"), [], 0
-    for p in prompts:
-        key = _prompt_key(p["prompt"], system)
-        answer = answers[key]
-        tokens += answer["tokens"]
-        reason = keep.reason_to_drop(answer["text"], answer["finished"])
-        if reason:
-            dropped[reason] += 1
-            continue
-        messages = _conversation(p["prompt"], system) + [{"role": "assistant", "content": answer["text"]}]
-        rows.append({"key": key, "language": p["language"], "messages": messages})
+    rows, usage = teacher_.answer(prompts, spec["teacher"], task["inputs"].get("teacher"), task["cacheUri"],
+                                  keep, drops, progress, transport=transport)
+    for row in rows:
+        row["key"] = _first_user_key(row["messages"])
 
     progress.stage("writing splits")
+    fmt = spec.get("format", "chatml")
     splits = split_rows(rows, spec["split"])
     data = run.child("data")
     digest = hashlib.sha256()
     for name in SPLITS:
-        blob = dumps_jsonl(to_row(r["messages"], fmt, language=r["language"]) for r in splits[name])
+        rendered = [to_row(r["messages"], fmt, language=r["language"]) for r in splits[name]]
+        blob = dumps_jsonl(rendered)
         data.write_bytes(f"{name}.jsonl", blob)
         digest.update(name.encode() + b"\0" + blob)
+        if spec.get("parquet", True):
+            data.write_bytes(f"{name}.parquet", _parquet(rendered))
+    price = ((spec["teacher"].get("openai") or {}).get("price"))
+    teacher_usage = {"requests": usage.requests, "cached": usage.cached, "promptTokens": usage.prompt_tokens,
+                     "completionTokens": usage.completion_tokens}
+    if price:
+        teacher_usage["costUsd"] = round(usage.prompt_tokens * price["inputPerMillion"] / 1e6
+                                         + usage.completion_tokens * price["outputPerMillion"] / 1e6, 6)
     result = {
         "uri": data.uri,
         "format": fmt,
         "digest": "sha256:" + digest.hexdigest(),
         "rows": {name: len(splits[name]) for name in SPLITS},
         "rowsPerLanguage": dict(Counter(r["language"] for r in rows)),
-        "dropped": dict(dropped),
-        "teacherTokens": tokens,
+        "dropped": dict(drops.counts),
+        "droppedExamples": drops.examples,
+        "teacherTokens": usage.used_tokens,
+        "teacherUsage": teacher_usage,
     }
     data.write_bytes("README.md", _card(spec, result).encode())
     data.commit()
     return result
+
+
+def _first_user_key(messages: list[dict[str, str]]) -> str:
+    """What orders rows before the seeded shuffle: the system message and the opening prompt
+    (unique after dedupe), so the same data and seed always give the same split."""
+    first = next(m["content"] for m in messages if m["role"] == "user")
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    return hashlib.sha256(json.dumps([system, first]).encode()).hexdigest()[:32]

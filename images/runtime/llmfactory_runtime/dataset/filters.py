@@ -20,12 +20,14 @@ class AnswerFilter:
         patterns = (REFUSAL_PATTERNS if spec.get("refusals", True) else []) + spec.get("refusalPatterns", [])
         self.refusal = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE) if patterns else None
 
-    def reason_to_drop(self, text: str, finished: bool) -> str | None:
+    def reason_to_drop(self, text: str, finished: bool, tokens: int = 0) -> str | None:
         """None to keep the answer, else the reason it is dropped."""
         if not text.strip():
             return "empty"
         if self.spec.get("dropTruncated", True) and not finished:
             return "truncated"
+        if self.spec.get("maxAnswerTokens") and tokens > self.spec["maxAnswerTokens"]:
+            return "too_many_tokens"
         if len(text) < self.spec.get("minAnswerChars", 1):
             return "too_short"
         if self.spec.get("maxAnswerChars") and len(text) > self.spec["maxAnswerChars"]:

@@ -1,41 +1,127 @@
-"""Prompts from the sources of a DatasetBuild: inline lists and JSONL files."""
+"""Prompts from the sources of a DatasetBuild: inline lists, JSONL and Parquet files, Hugging
+Face datasets; rows in prompt-column, ShareGPT, OpenAI-messages or Alpaca shape.
+
+A prompt is {turns: [user messages], system, language}: the teacher answers every turn of a
+multi-turn conversation (or the first, with `turns: first`). Malformed rows are counted and a
+few shown in the report, never fatal.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
 from ..store import open_store
+from ..task import InvalidTask
 
 UNKNOWN_LANGUAGE = "und"
+EXAMPLES_PER_REASON = 3
+USER_ROLES, SYSTEM_ROLES = {"human", "user"}, {"system"}
 
 
-def _read_uri(uri: str) -> bytes:
+class Drops:
+    """Rows dropped, by reason, with a few examples of each for the report."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, example: Any = "", n: int = 1) -> None:
+        self.counts[reason] += n
+        shown = self.examples.setdefault(reason, [])
+        if example and len(shown) < EXAMPLES_PER_REASON:
+            text = example if isinstance(example, str) else json.dumps(example, ensure_ascii=False, default=str)
+            shown.append(text if len(text) <= 120 else text[:117] + "...")
+
+
+def _rows_of_uri(uri: str, field: str) -> Iterable[Any]:
     folder, name = uri.rstrip("/").rsplit("/", 1)
-    return open_store(folder).read_bytes(name)
+    data = open_store(folder).read_bytes(name)
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq  # noqa: PLC0415 - only for Parquet sources
+
+        yield from pq.read_table(io.BytesIO(data)).to_pylist()
+    elif name.endswith((".jsonl", ".json")):
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    yield line  # counted as malformed by the caller
+    else:
+        raise InvalidTask(f"{field}: {uri} is neither .jsonl nor .parquet")
 
 
-def collect(sources: list[dict[str, Any]], dropped: Counter) -> list[dict[str, str]]:
-    """[{prompt, language}] from every source, in order; malformed rows are counted, not fatal."""
+def _rows_of_huggingface(hf: dict[str, Any]) -> Iterable[Any]:
+    import datasets  # noqa: PLC0415 - only for Hugging Face sources
+
+    try:
+        ds = datasets.load_dataset(hf["id"], name=hf.get("config"), split=hf.get("split", "train"),
+                                   revision=hf.get("revision"))
+    except FileNotFoundError as exc:  # no such dataset, split or data files: the spec is wrong
+        raise InvalidTask(f"huggingface dataset {hf['id']}: {exc}") from None
+    yield from ds
+
+
+def _shape(row: dict[str, Any], fields: str) -> str:
+    if fields != "auto":
+        return fields
+    if "conversations" in row:
+        return "sharegpt"
+    if "messages" in row:
+        return "openai"
+    if "instruction" in row:
+        return "alpaca"
+    return "prompt"
+
+
+def _turns(row: dict[str, Any], shape: str, prompt_field: str) -> tuple[list[str], str | None]:
+    """(user turns, system message) of one row; ValueError/KeyError/TypeError when malformed."""
+    if shape == "prompt":
+        return [row[prompt_field]], None
+    if shape == "alpaca":
+        extra = row.get("input") or ""
+        return [row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")], None
+    if shape == "sharegpt":
+        items = [(m["from"], m["value"]) for m in row["conversations"]]
+    else:
+        items = [(m["role"], m["content"]) for m in row["messages"]]
+    system = next((text for role, text in items if role in SYSTEM_ROLES), None)
+    return [text for role, text in items if role in USER_ROLES], system
+
+
+def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise TypeError("not an object")
+    turns, system = _turns(row, _shape(row, source.get("fields", "auto")), source.get("promptField", "prompt"))
+    if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise ValueError("no user text")
+    if source.get("turns") == "first":
+        turns = turns[:1]
+    lang = row.get(source.get("languageField", "language"))
+    return {"turns": [t.strip() for t in turns], "system": system,
+            "language": lang if isinstance(lang, str) and lang else default_lang}
+
+
+def collect(sources: list[dict[str, Any]], drops: Drops) -> list[dict[str, Any]]:
+    """[{turns, system, language}] from every source, in order."""
     prompts = []
-    for source in sources:
+    for index, source in enumerate(sources):
         default_lang = source.get("language") or UNKNOWN_LANGUAGE
         if "inline" in source:
-            prompts += [{"prompt": p["text"], "language": p.get("language") or default_lang}
+            prompts += [{"turns": [p["text"]], "system": None, "language": p.get("language") or default_lang}
                         for p in source["inline"]]
             continue
-        field, lang_field = source.get("promptField", "prompt"), source.get("languageField", "language")
-        for line in _read_uri(source["uri"]).decode("utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
+        field = f"spec.sources[{index}]"
+        rows = (_rows_of_huggingface(source["huggingface"]) if "huggingface" in source
+                else _rows_of_uri(source["uri"], f"{field}.uri"))
+        for n, row in enumerate(rows):
+            if source.get("maxRows") and n >= source["maxRows"]:
+                break
             try:
-                row = json.loads(line)
-                text = row[field]
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError
-            except (ValueError, KeyError, TypeError):
-                dropped["malformed"] += 1
-                continue
-            prompts.append({"prompt": text.strip(), "language": row.get(lang_field) or default_lang})
+                prompts.append(_prompt(row, source, default_lang))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                drops.add("malformed", row)
     return prompts

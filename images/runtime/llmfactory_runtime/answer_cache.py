@@ -1,0 +1,73 @@
+"""Answers already paid for, kept in the store outside any run's prefix and keyed by what was
+asked (the model, the parameters, the whole conversation up to the question): a restarted
+build, or a new build that only changed its filters or split, never pays for them again.
+
+Each answer is written as its own object the moment it arrives (a kill loses nothing that was
+received); `compact` folds them into one pack so that the next start reads a few objects, not
+thousands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .store import Store, open_store
+
+SINGLES, PACKS = "answers", "packs"
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class AnswerCache:
+    def __init__(self, cache_uri: str, purpose: str, identity: dict[str, Any]):
+        """`identity`: what makes an answer differ besides the conversation (model, temperature,
+        max tokens...). Its digest names the folder, so unrelated answers are never even read."""
+        self.store: Store = open_store(f"{cache_uri.rstrip('/')}/{purpose}/{digest(identity)[:24]}")
+        self.answers: dict[str, dict[str, Any]] = {}
+        self.written: list[str] = []
+
+    @staticmethod
+    def key(messages: list[dict[str, str]]) -> str:
+        return digest(messages)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        names = self.store.list()
+
+        def read(name: str) -> dict[str, Any]:
+            try:
+                data = self.store.read_json(name)
+            except (ValueError, OSError):  # cut short by a kill while writing: as if never received
+                return {}
+            return data if name.startswith(PACKS) else {name.rsplit("/", 1)[-1].removesuffix(".json"): data}
+
+        with ThreadPoolExecutor(16) as pool:
+            for part in pool.map(read, names):
+                self.answers.update(part)
+        self.written = [n for n in names if n.startswith(SINGLES)]
+        return self.answers
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.answers.get(key)
+
+    def put(self, key: str, answer: dict[str, Any]) -> None:
+        self.store.write_json(f"{SINGLES}/{key}.json", answer)
+        self.answers[key] = answer
+        self.written.append(f"{SINGLES}/{key}.json")
+
+    def compact(self, minimum: int = 64) -> None:
+        """The single answers into one pack, then the singles go (the pack is written first, so a
+        kill in between only leaves duplicates)."""
+        if len(self.written) < minimum:
+            return
+        keys = [name.rsplit("/", 1)[-1].removesuffix(".json") for name in self.written]
+        self.store.write_json(f"{PACKS}/{uuid.uuid4().hex}.json",
+                              {k: self.answers[k] for k in keys if k in self.answers})
+        for name in self.written:
+            self.store.delete(name)
+        self.written = []

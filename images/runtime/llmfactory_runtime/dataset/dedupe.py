@@ -1,0 +1,54 @@
+"""Duplicate prompts: exact (after case and whitespace folding) and near (MinHash LSH over
+shingles: words for spaced scripts, characters for Chinese and Japanese) of each conversation's
+opening prompt; the first one kept."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .sources import Drops
+
+CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+NUM_PERM = 128
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def shingles(text: str, n: int = 3) -> set[str]:
+    text = _normal(text)
+    if CJK.search(text):
+        units = [c for c in text if not c.isspace()]
+    else:
+        units = re.findall(r"\w+", text)
+    if len(units) < n:
+        return {" ".join(units)} if units else {text}
+    return {" ".join(units[i:i + n]) for i in range(len(units) - n + 1)}
+
+
+def dedupe(prompts: list[dict[str, Any]], threshold: float | None, drops: Drops) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    lsh = None
+    if threshold is not None:
+        from datasketch import MinHash, MinHashLSH  # noqa: PLC0415
+
+        lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    kept = []
+    for index, p in enumerate(prompts):
+        text = p["turns"][0]  # conversations are told apart by their opening prompt
+        key = _normal(text)  # unique first prompts: no prompt can land in two splits
+        if key in seen:
+            drops.add("duplicate_prompt", p["turns"][0])
+            continue
+        seen.add(key)
+        if lsh is not None:
+            signature = MinHash(num_perm=NUM_PERM, seed=1)
+            signature.update_batch([s.encode() for s in shingles(text)])
+            if lsh.query(signature):
+                drops.add("near_duplicate_prompt", p["turns"][0])
+                continue
+            lsh.insert(str(index), signature)
+        kept.append(p)
+    return kept

@@ -1,0 +1,168 @@
+"""The teacher answers every user turn of every conversation, turn by turn (turn 2 sees the
+teacher's own answer to turn 1). Answers come from the cache when they were ever paid for;
+a conversation whose answer is dropped by the filters is not asked its later turns.
+
+Two backends, one contract: an OpenAI-compatible API (asynchronous, at the provider's rate
+limit) or a local transformers model (batched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..answer_cache import AnswerCache
+from ..openai_client import TEACHER_KEY_ENV, ChatClient, EndpointError, api_key
+from ..progress import Progress
+from ..task import InvalidTask
+from .filters import AnswerFilter
+from .sources import Drops
+
+# A request the endpoint refuses for this prompt only (content policy, too long): that row is
+# dropped; a refusal of every request (bad key, unknown model) is the spec's fault.
+PER_ROW_STATUSES = {400, 413, 422}
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    used_tokens: int = 0  # completion tokens of every answer this build used, cached ones included
+    rejected: dict[str, str] = field(default_factory=dict)  # cache key -> why the endpoint refused
+
+    def add(self, answer: dict[str, Any]) -> None:
+        self.requests += 1
+        self.prompt_tokens += answer.get("promptTokens", 0)
+        self.completion_tokens += answer["tokens"]
+
+
+def cache_identity(teacher: dict[str, Any], model_input: dict[str, Any] | None) -> dict[str, Any]:
+    """What, besides the conversation, decides an answer."""
+    params = {"temperature": teacher.get("temperature", 0.0), "maxNewTokens": teacher.get("maxNewTokens", 256)}
+    if "openai" in teacher:
+        return {"openai": {"baseUrl": teacher["openai"].get("baseUrl"), "model": teacher["openai"]["model"]},
+                **params}
+    return {"model": model_input, "seed": teacher.get("seed", 0), **params}
+
+
+def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, on_answer: Callable[[], None],
+                    transport=None) -> Callable[[list[tuple[str, list[dict]]]], None]:
+    endpoint = teacher["openai"]
+    key = api_key(endpoint, TEACHER_KEY_ENV, "spec.teacher.openai")
+
+    async def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
+        async with ChatClient(endpoint, key, transport=transport) as client:
+            async def ask(cache_key: str, messages: list[dict]) -> None:
+                try:
+                    c = await client.complete(messages, teacher.get("maxNewTokens", 256),
+                                              teacher.get("temperature", 0.0))
+                except EndpointError as exc:
+                    if exc.status in PER_ROW_STATUSES:
+                        usage.rejected[cache_key] = str(exc)
+                        on_answer()
+                        return
+                    if exc.status in (401, 403):
+                        raise InvalidTask(f"spec.teacher.openai: {exc} (check apiKeySecret)") from None
+                    if exc.status == 404:
+                        raise InvalidTask(f"spec.teacher.openai: {exc} (check baseUrl and model)") from None
+                    raise
+                answer = {"text": c.text, "tokens": c.completion_tokens, "promptTokens": c.prompt_tokens,
+                          "finished": c.finished}
+                await asyncio.to_thread(cache.put, cache_key, answer)  # saved before anything else
+                usage.add(answer)
+                on_answer()
+
+            await asyncio.gather(*(ask(k, m) for k, m in todo))
+
+    return lambda todo: asyncio.run(ask_all(todo))
+
+
+def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: AnswerCache, usage: Usage,
+                   on_answer: Callable[[], None]) -> Callable[[list[tuple[str, list[dict]]]], None]:
+    loaded: dict[str, Any] = {}
+
+    def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
+        from ..generate import generate  # noqa: PLC0415 - torch only for a local teacher
+        from ..models import load_model, load_tokenizer  # noqa: PLC0415
+
+        if not loaded:
+            loaded["model"], loaded["tokenizer"] = load_model(model_input), load_tokenizer(model_input)
+            loaded["model"].eval()
+        size = teacher.get("batchSize", 8)
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            outs = generate(loaded["model"], loaded["tokenizer"], [m for _, m in batch],
+                            teacher.get("maxNewTokens", 256), teacher.get("temperature", 0.0),
+                            teacher.get("seed", 0) + start)
+            for (cache_key, _), o in zip(batch, outs):
+                answer = {"text": o.text, "tokens": o.tokens, "finished": o.finished}
+                cache.put(cache_key, answer)
+                usage.add(answer)
+                on_answer()
+
+    return ask_all
+
+
+def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: dict[str, Any] | None,
+           cache_uri: str, keep: AnswerFilter, drops: Drops, progress: Progress,
+           transport=None) -> tuple[list[dict[str, Any]], Usage]:
+    """Conversations [{language, messages}] with every user turn answered and kept by the filters."""
+    cache = AnswerCache(cache_uri, "teacher", cache_identity(teacher, model_input))
+    cache.load()
+    usage = Usage()
+    total = sum(len(p["turns"]) for p in prompts)
+    progress.stage("asking the teacher", total=total, unit="turns")
+    done = [0]
+
+    def report() -> None:
+        progress.update(done[0], figure=f"{usage.requests} asked, {usage.cached} cached",
+                        requests=usage.requests, cached=usage.cached, completionTokens=usage.completion_tokens)
+
+    def on_answer() -> None:
+        done[0] += 1
+        report()
+
+    ask = (_openai_backend(teacher, cache, usage, on_answer, transport) if "openai" in teacher
+           else _local_backend(teacher, model_input, cache, usage, on_answer))
+    system_default = teacher.get("systemPrompt")
+    conversations = []
+    for p in prompts:
+        system = p.get("system") or system_default
+        conversations.append({"prompt": p, "alive": True,
+                              "messages": [{"role": "system", "content": system}] if system else []})
+    try:
+        for turn in range(max((len(p["turns"]) for p in prompts), default=0)):
+            asking = [c for c in conversations if c["alive"] and turn < len(c["prompt"]["turns"])]
+            todo = []
+            for c in asking:
+                c["messages"].append({"role": "user", "content": c["prompt"]["turns"][turn]})
+                c["key"] = AnswerCache.key(c["messages"])
+                if cache.get(c["key"]) is None:
+                    todo.append((c["key"], list(c["messages"])))
+            usage.cached += len(asking) - len(todo)
+            done[0] += len(asking) - len(todo)
+            if todo:
+                ask(todo)
+            for c in asking:
+                got = cache.get(c["key"])
+                usage.used_tokens += got["tokens"] if got else 0
+                reason = "teacher_rejected" if got is None else keep.reason_to_drop(got["text"], got["finished"],
+                                                                                    got["tokens"])
+                if reason:
+                    c["alive"] = False
+                    drops.add(reason, usage.rejected.get(c["key"]) or c["prompt"]["turns"][turn])
+                    continue
+                c["messages"].append({"role": "assistant", "content": got["text"]})
+            # Conversations cut short lose their later turns from the progress total.
+            skipped = sum(len(c["prompt"]["turns"]) - turn - 1 for c in asking if not c["alive"])
+            if skipped:
+                progress.state["total"] = progress.state["total"] - skipped
+            report()
+    finally:
+        cache.compact()
+    kept = [{"language": c["prompt"]["language"], "messages": c["messages"]} for c in conversations if c["alive"]]
+    return kept, usage
+

@@ -1,0 +1,187 @@
+"""An asynchronous OpenAI-compatible chat-completions client that uses a provider's rate limit
+fully and never gives up on a transient error: the DatasetBuild teacher and the Benchmark judge.
+
+- `concurrency` requests in flight; requests and tokens per minute as token buckets (the token
+  cost of a request is reserved up front from its prompt length and max_tokens, and corrected
+  with the usage the answer reports);
+- 429, 408, 5xx, timeouts and dropped connections are retried with exponential backoff and full
+  jitter, waiting at least what `Retry-After` asks; any other 4xx fails at once with the
+  provider's message (a wrong key, an unknown model, a bad parameter cannot get better).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import httpx
+
+from . import JUDGE_KEY_ENV, TEACHER_KEY_ENV  # noqa: F401 - re-exported for the phases
+from .task import InvalidTask
+RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+
+
+class EndpointError(Exception):
+    """The endpoint refused a request for a reason retrying cannot fix, or kept failing."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != "length"
+
+
+def api_key(endpoint: dict[str, Any], env_name: str, field: str) -> str | None:
+    """The key from the environment, where the Job put it by secretKeyRef (locally: export it)."""
+    ref = endpoint.get("apiKeySecret")
+    if not ref:
+        return None
+    key = os.environ.get(env_name)
+    if not key:
+        raise InvalidTask(f"{field}.apiKeySecret names Secret {ref['name']} key {ref['key']}, but {env_name} is "
+                          f"not set: on a cluster the operator passes it to the pod; locally, export {env_name}")
+    return key
+
+
+class TokenBucket:
+    """`rate` units per minute, holding at most a minute's worth; `take` waits until there is enough."""
+
+    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.capacity, self.clock = per_minute / 60.0, float(per_minute), clock
+        self.level, self.stamp = float(per_minute), clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_time(self, amount: float) -> float:
+        self._refill()
+        amount = min(amount, self.capacity)  # a request larger than a minute's budget waits for a full bucket
+        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
+
+    def take(self, amount: float) -> None:
+        self._refill()
+        self.level -= amount  # may go negative: a later correction is debt the next requests wait for
+
+    async def acquire(self, amount: float, sleep=asyncio.sleep) -> None:
+        while (delay := self.wait_time(amount)) > 0:
+            await sleep(delay)
+        self.take(min(amount, self.capacity))
+
+
+def retry_after(response: httpx.Response | None) -> float | None:
+    """Seconds the server asked us to wait (Retry-After as seconds or an HTTP date; retry-after-ms)."""
+    if response is None:
+        return None
+    if ms := response.headers.get("retry-after-ms"):
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Full jitter: a random wait up to base * 2^attempt, capped (many clients do not retry in step)."""
+    return random.uniform(0, min(cap, base * 2 ** attempt))
+
+
+class ChatClient:
+    def __init__(self, endpoint: dict[str, Any], key: str | None, transport: httpx.AsyncBaseTransport | None = None,
+                 backoff_base: float = 1.0):
+        self.endpoint, self.backoff_base = endpoint, backoff_base
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.AsyncClient(base_url=endpoint.get("baseUrl", "https://api.openai.com/v1").rstrip("/"),
+                                      headers=headers, transport=transport,
+                                      timeout=httpx.Timeout(endpoint.get("timeoutSeconds", 120)))
+        self.slots = asyncio.Semaphore(endpoint.get("concurrency", 16))
+        rpm, tpm = endpoint.get("requestsPerMinute"), endpoint.get("tokensPerMinute")
+        self.requests = TokenBucket(rpm) if rpm else None
+        self.tokens = TokenBucket(tpm) if tpm else None
+        self.retries = 0
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "ChatClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0,
+                       **extra: Any) -> Completion:
+        body = {"model": self.endpoint["model"], "messages": messages, "max_tokens": max_tokens,
+                "temperature": temperature, **extra}
+        # ~4 characters a token: reserved now, corrected by the reported usage afterwards.
+        reserved = sum(len(m["content"]) for m in messages) / 4 + max_tokens
+        async with self.slots:
+            for attempt in range(self.endpoint.get("maxRetries", 8) + 1):
+                if self.requests:
+                    await self.requests.acquire(1)
+                if self.tokens:
+                    await self.tokens.acquire(reserved)
+                response, problem = None, None
+                try:
+                    response = await self.http.post("/chat/completions", json=body)
+                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                if response is not None and response.status_code == 200:
+                    return self._parse(response, reserved)
+                if response is not None and response.status_code not in RETRYABLE:
+                    raise EndpointError(f"{self.endpoint.get('baseUrl')}: HTTP {response.status_code}: "
+                                        f"{_error_message(response)}", response.status_code)
+                problem = problem or f"HTTP {response.status_code}: {_error_message(response)}"
+                if attempt == self.endpoint.get("maxRetries", 8):
+                    break
+                self.retries += 1
+                await asyncio.sleep(max(retry_after(response) or 0.0, backoff(attempt, self.backoff_base)))
+        raise EndpointError(f"{self.endpoint.get('baseUrl')}: gave up after {attempt + 1} attempts: {problem}")
+
+    def _parse(self, response: httpx.Response, reserved: float) -> Completion:
+        data = response.json()
+        try:
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise EndpointError(f"{self.endpoint.get('baseUrl')}: not a chat completion: {str(data)[:200]}") from None
+        usage = data.get("usage") or {}
+        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        if self.tokens and usage:
+            self.tokens.take(prompt + completion - reserved)
+        return Completion(text, choice.get("finish_reason") or "stop", prompt, completion)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error")
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:300]
+        if error:
+            return str(error)[:300]
+    except (ValueError, AttributeError):
+        pass
+    return response.text[:300]

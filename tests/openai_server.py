@@ -1,0 +1,105 @@
+"""A local OpenAI-compatible chat-completions server (aiohttp, in a thread of its own) for the
+teacher and judge tests: scripted answers, latency, rate-limit and server errors, and a log of
+every request as the provider would see it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiohttp import web
+
+
+@dataclass
+class Request:
+    at: float
+    messages: list[dict[str, str]]
+    body: dict[str, Any]
+    authorization: str | None
+    status: int = 0
+    delivered_at: float | None = None
+
+    @property
+    def last_user(self) -> str:
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+def default_reply(request: Request) -> dict[str, Any]:
+    return {"text": f"Answer: {request.last_user}"}
+
+
+@dataclass
+class OpenAIServer:
+    """`reply(request)` -> {text, finish_reason?} or {status, headers?, error?} for a failure."""
+
+    reply: Callable[[Request], dict[str, Any]] = default_reply
+    latency: float = 0.0
+    api_key: str | None = None
+    requests: list[Request] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    async def _handle(self, http: web.Request) -> web.Response:
+        body = await http.json()
+        req = Request(time.monotonic(), body["messages"], body, http.headers.get("Authorization"))
+        self.requests.append(req)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.latency:
+                await asyncio.sleep(self.latency)
+            if self.api_key and req.authorization != f"Bearer {self.api_key}":
+                req.status = 401
+                return web.json_response({"error": {"message": "Incorrect API key provided",
+                                                    "type": "invalid_request_error"}}, status=401)
+            out = self.reply(req)
+            if "status" in out:
+                req.status = out["status"]
+                return web.json_response({"error": {"message": out.get("error", "scripted failure")}},
+                                         status=out["status"], headers=out.get("headers"))
+            req.status = 200
+            text = out["text"]
+            prompt_chars = sum(len(m["content"]) for m in req.messages)
+            response = web.json_response({
+                "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": out.get("finish_reason", "stop")}],
+                "usage": {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": len(text.split()),
+                          "total_tokens": prompt_chars // 4 + 1 + len(text.split())}})
+            req.delivered_at = time.monotonic()
+            return response
+        finally:
+            self.in_flight -= 1
+
+    def start(self) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ready = threading.Event()
+
+        def serve() -> None:
+            self.loop = asyncio.new_event_loop()
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._handle)
+            self.runner = web.AppRunner(app)
+            self.loop.run_until_complete(self.runner.setup())
+            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", port).start())
+            ready.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self.runner.cleanup())
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+        return f"http://127.0.0.1:{port}/v1"
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def asked(self, text: str) -> list[Request]:
+        return [r for r in self.requests if r.last_user == text]

@@ -1,0 +1,264 @@
+"""DatasetBuild with an OpenAI-compatible teacher (a local test server): sources and field
+shapes, language detection, near-duplicates, multi-turn answering, refusals, rate limits and
+retries, the answer cache across a kill, and keys kept out of everything written."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llmfactory.planner import parse, plan
+from llmfactory_runtime.dataset import build
+from llmfactory_runtime.dataset.sources import Drops, collect
+from llmfactory_runtime.openai_client import TokenBucket, retry_after
+from llmfactory_runtime.progress import Progress
+from llmfactory_runtime.store import open_store
+
+KEY = "sk-test-0123456789abcdef"
+SHAREGPT_ROWS = [
+    {"conversations": [{"from": "human", "value": "Explain how a hash map works, in short."},
+                       {"from": "gpt", "value": "old answer, not used"},
+                       {"from": "human", "value": "And what is a collision?"}]},
+    {"conversations": [{"from": "human", "value": "Объясни, как работает хеш-таблица, кратко."}]},
+    {"conversations": [{"from": "human", "value": "简单解释一下哈希表是如何工作的。"}]},
+    {"conversations": [{"from": "human", "value": "Explain how a hash map works, in short!"}]},  # near duplicate
+    {"conversations": [{"from": "human", "value": "Tell me how to pick a lock on my neighbour's door."},
+                       {"from": "human", "value": "Please, it is urgent."}]},                  # refused
+    {"conversations": [{"from": "human", "value": "Напиши очень длинный рассказ о зиме в деревне."}]},  # truncated
+    {"conversations": [{"from": "human", "value": "Что такое рекурсия? Приведи пример на Python."}]},
+    {"conversations": [{"from": "human", "value": "什么是递归？请用Python举一个例子。"}]},
+    {"conversations": "not a list"},                                                         # malformed
+    {"conversations": [{"from": "human", "value": "What is recursion? Give a Python example."}]},
+]
+
+
+def scripted(request) -> dict:
+    text = request.last_user
+    if "pick a lock" in text:
+        return {"text": "I'm sorry, but I can't help with that."}
+    if "Напиши очень длинный" in text:
+        return {"text": "Была зима, и в деревне", "finish_reason": "length"}
+    if "рекурсия" in text:
+        return {"text": "Рекурсия — это когда функция вызывает саму себя: def f(n): return 1 if n < 2 else n * f(n - 1)"}
+    if "递归" in text:
+        return {"text": "递归是函数调用自身。例如：def f(n): return 1 if n < 2 else n * f(n - 1)"}
+    return {"text": f"Here is a clear answer to: {text} It has several words so it is not empty."}
+
+
+def manifest(url: str, source: dict, **spec) -> dict:
+    teacher = {"openai": {"baseUrl": url, "model": "gpt-4o", "apiKeySecret": {"name": "openai", "key": "key"},
+                          "concurrency": 4, "price": {"inputPerMillion": 2.5, "outputPerMillion": 10.0}},
+               "maxNewTokens": 64}
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild", "metadata": {"name": "seed-data"},
+            "spec": {"sources": [source], "teacher": teacher, "samplesPerLanguage": {"en": 10, "ru": 10, "zh": 10},
+                     "languageDetection": {"minConfidence": 0.5}, "split": {"validation": 0.2, "test": 0.2},
+                     **spec}}
+
+
+def parquet_file(path: Path, rows: list[dict]) -> str:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"conversations": json.dumps(r["conversations"])} for r in rows]), buf)
+    path.write_bytes(buf.getvalue())
+    return f"file://{path}"
+
+
+def jsonl_file(path: Path, rows: list) -> str:
+    path.write_text("".join((json.dumps(r, ensure_ascii=False) if not isinstance(r, str) else r) + "\n"
+                            for r in rows))
+    return f"file://{path}"
+
+
+def run_in_process(tmp_path: Path, doc: dict) -> tuple[dict, dict]:
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    return task, build.run(task, store, Progress(store))
+
+
+def test_openai_teacher_builds_a_multilingual_multi_turn_dataset(tmp_path, openai_server, monkeypatch):
+    openai_server.reply, openai_server.api_key = scripted, KEY
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
+    source = {"uri": jsonl_file(tmp_path / "prompts.jsonl", SHAREGPT_ROWS), "fields": "sharegpt"}
+    task, result = run_in_process(tmp_path, manifest(openai_server.url, source))
+
+    # The second turn of a conversation is asked with the teacher's own first answer before it.
+    [second] = openai_server.asked("And what is a collision?")
+    assert [m["role"] for m in second.messages] == ["user", "assistant", "user"]
+    assert second.messages[1]["content"].startswith("Here is a clear answer to: Explain how a hash map")
+    # A refused first turn: its second turn is never paid for.
+    assert openai_server.asked("Please, it is urgent.") == []
+    assert all(r.authorization == f"Bearer {KEY}" for r in openai_server.requests)
+
+    assert result["dropped"] == {"malformed": 1, "near_duplicate_prompt": 1, "refusal": 1, "truncated": 1}
+    assert "pick a lock" in result["droppedExamples"]["refusal"][0]
+    assert result["rowsPerLanguage"] == {"en": 2, "ru": 2, "zh": 2}
+    assert sum(result["rows"].values()) == 6
+    usage = result["teacherUsage"]
+    assert usage["requests"] == len(openai_server.requests) == 9 and usage["cached"] == 0  # 8 first turns + 1
+    assert usage["costUsd"] == pytest.approx(usage["promptTokens"] * 2.5e-6 + usage["completionTokens"] * 1e-5, abs=1e-6)
+
+    data = open_store(result["uri"])
+    rows = [json.loads(line) for s in ("train", "validation", "test")
+            for line in data.read_bytes(f"{s}.jsonl").decode().splitlines()]
+    multi = next(r for r in rows if len(r["messages"]) == 4)
+    assert multi["messages"][3]["content"].startswith("Here is a clear answer to: And what is a collision?")
+    parquet = pq.read_table(io.BytesIO(data.read_bytes("train.parquet"))).to_pylist()
+    assert len(parquet) == result["rows"]["train"] and parquet[0]["messages"][0]["role"] == "user"
+    firsts = {s: {r["messages"][0]["content"] for r in
+                  (json.loads(x) for x in data.read_bytes(f"{s}.jsonl").decode().splitlines())}
+              for s in ("train", "validation", "test")}
+    assert not (firsts["train"] & firsts["test"]) and not (firsts["train"] & firsts["validation"])
+    card = data.read_bytes("README.md").decode()
+    assert "| refusal | 1 |" in card and "$" in card
+
+    # The key is referenced, never written: not in the task, the result, the card or progress.
+    run = open_store(task["artifactUri"])
+    for name in run.list():
+        assert KEY not in run.read_bytes(name).decode(errors="replace"), name
+
+    # Another build that only changes the split pays for nothing: every answer comes from the cache.
+    openai_server.requests.clear()
+    changed = manifest(openai_server.url, source, split={"validation": 0.3, "test": 0.1, "seed": 7})
+    _, again = run_in_process(tmp_path, changed)
+    assert openai_server.requests == [] and again["teacherUsage"]["requests"] == 0
+    assert again["teacherUsage"]["cached"] == 9 and again["rowsPerLanguage"] == result["rowsPerLanguage"]
+
+
+def test_rate_limited_and_failing_endpoint_is_retried_as_it_asks(tmp_path, openai_server, monkeypatch):
+    seen: dict[str, int] = {}
+
+    def flaky(request):
+        n = seen[request.last_user] = seen.get(request.last_user, 0) + 1
+        if n == 1:
+            return {"status": 429, "headers": {"Retry-After": "0.4"}, "error": "Rate limit reached for gpt-4o"}
+        if n == 2:
+            return {"status": 503, "error": "overloaded"}
+        return scripted(request)
+
+    openai_server.reply, openai_server.latency = flaky, 0.05
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
+    prompts = [{"text": f"Question number {i}: what is {i} plus {i}?", "language": "en"} for i in range(6)]
+    doc = manifest(openai_server.url, {"inline": prompts}, samplesPerLanguage=None, languageDetection=None)
+    doc["spec"]["teacher"]["openai"].update(concurrency=2, maxRetries=3)
+    _, result = run_in_process(tmp_path, doc)
+    assert sum(result["rows"].values()) == 6
+    assert openai_server.max_in_flight <= 2
+    for p in prompts:
+        first, second, third = openai_server.asked(p["text"])
+        assert (first.status, second.status, third.status) == (429, 503, 200)
+        assert second.at - first.at >= 0.4  # Retry-After honoured
+
+
+def test_an_endpoint_that_keeps_failing_fails_the_build_and_a_wrong_key_is_named(tmp_path, openai_server,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", "sk-wrong")
+    openai_server.api_key = KEY
+    doc = manifest(openai_server.url, {"inline": [{"text": "Hello there, teacher", "language": "en"}]},
+                   samplesPerLanguage=None, languageDetection=None)
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    store.write_json("task.json", task)
+    done = subprocess.run([sys.executable, "-m", "llmfactory_runtime", "dataset", "--task", task["artifactUri"]],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2  # invalid task: retrying the Job cannot help
+    assert "HTTP 401" in done.stderr and "apiKeySecret" in done.stderr and "sk-wrong" not in done.stderr
+
+    monkeypatch.delenv("LLMFACTORY_TEACHER_API_KEY")
+    done = subprocess.run([sys.executable, "-m", "llmfactory_runtime", "dataset", "--task", task["artifactUri"]],
+                          capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert done.returncode == 2 and "LLMFACTORY_TEACHER_API_KEY" in done.stderr and "openai" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_build_never_pays_twice_for_an_answer(tmp_path, openai_server):
+    """SIGKILL while answers stream in; the restarted build asks only what was never delivered."""
+    openai_server.reply, openai_server.latency = scripted, 0.3
+    prompts = [{"text": f"Tell me one fact about the number {i}.", "language": "en"} for i in range(24)]
+    doc = manifest(openai_server.url, {"inline": prompts}, samplesPerLanguage=None, languageDetection=None,
+                   filters={"nearDuplicateThreshold": 0})  # these prompts are near-duplicates by design
+    doc["spec"]["teacher"]["openai"].update(concurrency=3)
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    open_store(task["artifactUri"]).write_json("task.json", task)
+    cmd = [sys.executable, "-m", "llmfactory_runtime", "dataset", "--task", task["artifactUri"]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while sum(r.delivered_at is not None for r in openai_server.requests) < 9 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.15)  # delivered answers are saved; the next ones are still in flight
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    delivered = {r.last_user for r in openai_server.requests if r.delivered_at is not None}
+    assert 9 <= len(delivered) < 24
+    before = len(openai_server.requests)
+
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    asked_again = {r.last_user for r in openai_server.requests[before:]}
+    assert not asked_again & delivered, "paid twice for answers already received"
+    assert asked_again | delivered == {p["text"] for p in prompts}
+    result = open_store(task["artifactUri"]).read_json("result.json")
+    assert sum(result["rows"].values()) == 24 and result["teacherUsage"]["cached"] >= len(delivered)
+
+
+def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
+    """A Hugging Face dataset (datasets.load_dataset on a local folder: no hub here), Parquet,
+    Alpaca and OpenAI-messages rows; malformed rows counted with examples."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = tmp_path / "tagengo-like" / "data"
+    hub.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([
+        {"conversations": [{"from": "human", "value": "Привет! Как дела?"}, {"from": "gpt", "value": "Хорошо"}],
+         "language": "Russian"},
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi!"}],
+         "language": "English"}]), hub / "train-00000-of-00001.parquet")
+    alpaca = jsonl_file(tmp_path / "alpaca.jsonl", [{"instruction": "Translate to French", "input": "cat"},
+                                                     {"instruction": "Name a color", "input": ""}, "{broken json"])
+    messages = tmp_path / "messages.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": "2+2?"}]}]), messages)
+    drops = Drops()
+    prompts = collect([{"huggingface": {"id": str(hub.parent), "split": "train"}, "languageField": "nope"},
+                       {"uri": alpaca, "language": "en"}, {"uri": f"file://{messages}"}], drops)
+    assert [p["turns"] for p in prompts] == [["Привет! Как дела?"], ["Hi!"], ["Translate to French\n\ncat"],
+                                             ["Name a color"], ["2+2?"]]
+    assert prompts[1]["system"] == "Be brief." and prompts[2]["language"] == "en"
+    assert drops.counts == {"malformed": 1} and drops.examples["malformed"] == ["{broken json"]
+
+
+def test_short_prompts_are_told_apart_among_the_requested_languages():
+    from llmfactory_runtime.dataset.languages import detect
+
+    samples = [("Почему небо голубое?", "ru"), ("Why is the sky blue?", "en"), ("为什么天空是蓝色的？", "zh"),
+               ("Сколько стоит билет?", "ru"), ("How much is a ticket?", "en"), ("票多少钱？", "zh")]
+    drops = Drops()
+    found = detect([{"turns": [t]} for t, _ in samples], {"minConfidence": 0.5}, {"ru": 1, "en": 1, "zh": 1}, drops)
+    assert [p["language"] for p in found] == [lang for _, lang in samples]
+    with pytest.raises(ValueError, match="spec.languageDetection.candidates: xx"):
+        detect([], {"candidates": ["en", "xx"]}, None, drops)
+
+
+def test_token_bucket_waits_for_the_rate_and_retry_after_parses_both_forms():
+    now = [0.0]
+    bucket = TokenBucket(60, clock=lambda: now[0])  # one per second, a minute's burst
+    for _ in range(60):
+        assert bucket.wait_time(1) == 0
+        bucket.take(1)
+    assert bucket.wait_time(1) == pytest.approx(1.0)
+    now[0] += 2.5
+    assert bucket.wait_time(2) == 0 and bucket.wait_time(3) == pytest.approx(0.5)
+    bucket.take(-10)  # usage below the reservation gives tokens back
+    assert bucket.wait_time(12) == 0
+
+    import httpx
+    assert retry_after(httpx.Response(429, headers={"Retry-After": "7"})) == 7
+    assert retry_after(httpx.Response(429, headers={"retry-after-ms": "250"})) == 0.25
+    assert retry_after(httpx.Response(429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0
+    assert retry_after(httpx.Response(429)) is None
