@@ -120,6 +120,9 @@ def test_teacher_api_key_reaches_the_pod_only_by_reference():
     assert key == {"name": "LLMFACTORY_TEACHER_API_KEY",
                    "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}}
     assert task["inputs"] == {} and task["cacheUri"] == f"{SETTINGS.store_uri}/ml/cache"
+    # The teacher is an API: no GPU is held for it (the operator's default for DatasetBuild is one).
+    limits = _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    assert SETTINGS.default_gpus["DatasetBuild"] == 1 and "nvidia.com/gpu" not in limits
 
 
 def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():

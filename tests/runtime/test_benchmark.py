@@ -1,21 +1,44 @@
-"""Judge scoring, built-in questions and gates."""
+"""Judge scoring (local and API judges), built-in questions, multi-turn answering, the language
+rule, the rating cache, and gates."""
+
+import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmfactory_runtime.benchmark.judge import (RATINGS, builtin_questions, expected_rating, judge_messages,
+from llmfactory.planner import parse, plan
+from llmfactory_runtime.benchmark import run as benchmark
+from llmfactory_runtime.benchmark.judge import (RATINGS, expected_rating, judge_messages, parse_rating,
                                                 rating_distribution)
+from llmfactory_runtime.benchmark.questions import builtin_questions
 from llmfactory_runtime.benchmark.run import evaluate_gates
 from llmfactory_runtime.chat import render
+from llmfactory_runtime.progress import Progress
+from llmfactory_runtime.store import open_store
+
+QUESTION = {"question_id": "q", "category": "math", "turns": ["What is 2+2?"], "reference": "4", "language": "en"}
 
 
 @pytest.mark.parametrize("lang", ["en", "ru", "zh"])
-def test_builtin_question_sets_have_a_dozen_questions(lang):
+def test_builtin_question_sets_have_a_dozen_two_turn_questions(lang):
     questions = builtin_questions(lang)
     assert len(questions) == 12
     assert len({q["question_id"] for q in questions}) == 12
-    assert all(q["turns"] and q["category"] for q in questions)
+    assert all(len(q["turns"]) == 2 and q["category"] and q["language"] == lang for q in questions)
+    for q in questions:  # a reference, where given, covers both turns
+        assert q.get("reference") is None or len(q["reference"]) == 2
+
+
+@pytest.mark.parametrize("reply, rating", [
+    ("The answer is correct and clear. Rating: [[8]]", 8.0),
+    ("Format: [[rating]], e.g. [[5]]. My verdict: [[7.5]]", 7.5),
+    ("I would give it 7/10.", None),
+    ("[[11]]", None),
+    ("[[ 3 ]]", 3.0),
+])
+def test_ratings_are_parsed_from_the_last_double_bracket(reply, rating):
+    assert parse_rating(reply) == rating
 
 
 def test_unknown_language_is_named():
@@ -25,12 +48,12 @@ def test_unknown_language_is_named():
 
 def test_rating_distribution_is_a_probability_over_1_to_10(tiny_model):
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
-    probs = rating_distribution(model, tok, judge_messages("What is 2+2?", "4", reference="4"))
+    probs = rating_distribution(model, tok, judge_messages(QUESTION, ["4"], 0))
     assert len(probs) == len(RATINGS) and abs(sum(probs) - 1) < 1e-5
     assert 1 <= expected_rating(probs) <= 10
     assert expected_rating([0] * 9 + [1]) == 10
     # The cached computation equals scoring each "[[k]]" as a whole sequence.
-    prompt = tok(render(tok, judge_messages("What is 2+2?", "4", reference="4"), add_generation_prompt=True) + "[[",
+    prompt = tok(render(tok, judge_messages(QUESTION, ["4"], 0), add_generation_prompt=True) + "[[",
                  add_special_tokens=False)["input_ids"]
     naive = []
     for k in RATINGS:
@@ -50,3 +73,60 @@ def test_gates_pass_fail_and_missing_metrics():
     ], metrics)
     assert [o["passed"] for o in outcomes] == [True, False, False]
     assert outcomes[0]["gate"] == "judge.score >= 6.5" and outcomes[2]["value"] is None
+
+
+def scripted_judge(request) -> dict:
+    """An API judge: rambles without a rating the first time it sees a prompt, fails once with a
+    500, and rates turn-2 prompts 4 and turn-1 prompts 8."""
+    last = request.messages[-1]["content"]
+    prompt = request.messages[1]["content"]
+    scripted_judge.seen[prompt] = scripted_judge.seen.get(prompt, 0) + 1
+    if scripted_judge.seen[prompt] == 1 and len(request.messages) == 2 and "turn-two-please" not in prompt:
+        return {"text": "This answer is rather good, I think it deserves a seven out of ten."}
+    if "Give only the rating" in last and scripted_judge.seen[prompt] == 2:
+        return {"status": 500, "error": "upstream hiccup"}
+    return {"text": "Explanation. [[4]]" if "[Conversation]" in prompt else "Explanation. [[8]]"}
+
+
+def test_api_judge_grades_two_turns_reasks_and_never_pays_twice(tiny_model, tmp_path, openai_server, monkeypatch):
+    scripted_judge.seen = {}
+    openai_server.reply = scripted_judge
+    monkeypatch.setenv("LLMFACTORY_JUDGE_API_KEY", "sk-judge")
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "mt"},
+           "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}}, "baseline": False,
+                    "judge": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o",
+                                         "apiKeySecret": {"name": "openai", "key": "k"}, "maxRetries": 2},
+                              "languages": ["en"], "maxQuestions": 3, "maxNewTokens": 6, "languageRule": False},
+                    "gates": [{"metric": "judge.turn1", "op": ">=", "value": 7}]}}
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    result = benchmark.run(task, store, Progress(store))
+    m = result["metrics"]
+    assert (m["judge.turn1"], m["judge.turn2"], m["judge.score"], m["judge.unrated"]) == (8, 4, 6, 0)
+    assert result["passed"] is True
+    # Turn 2 was judged with the model's own first answer in the conversation.
+    answers = store.read_json("answers/model.json")
+    turn2 = [r for r in openai_server.requests if "[Conversation]" in r.messages[1]["content"]]
+    assert len(turn2) >= 3 and all(r.authorization == "Bearer sk-judge" for r in openai_server.requests)
+    q = builtin_questions("en")[0]
+    assert any(q["turns"][1] in r.messages[1]["content"] and answers["en-01"][0] in r.messages[1]["content"]
+               for r in turn2)
+    report = open_store(result["reportUri"])
+    assert report.read_bytes("scores.png")[:4] == b"\x89PNG"
+    assert json.loads(report.read_bytes("report.json"))["categories"]["model"]
+    # A second benchmark of the same answers (say, after a restart or with another gate) pays nothing.
+    asked = len(openai_server.requests)
+    doc["spec"]["gates"] = [{"metric": "judge.score", "op": ">=", "value": 5}]
+    again_task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    again_store = open_store(again_task["artifactUri"])
+    again = benchmark.run(again_task, again_store, Progress(again_store))
+    assert len(openai_server.requests) == asked and again["metrics"]["judge.score"] == 6
+
+
+def test_an_answer_in_another_language_scores_one_without_the_judge(tiny_model, tmp_path, monkeypatch):
+    from llmfactory_runtime.benchmark.judge import LanguageRule
+
+    rule = LanguageRule(["en", "ru", "zh"])
+    assert rule.off_language("ru", "The sky is blue because air scatters blue light more than red light.")
+    assert not rule.off_language("ru", "Небо голубое, потому что воздух рассеивает синий свет сильнее красного.")
+    assert not rule.off_language("zh", "def f(x): return x")  # too little text to tell

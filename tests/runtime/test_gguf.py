@@ -1,6 +1,7 @@
 """HF -> GGUF with gguf-py, loaded back by transformers: same model, within the type's error."""
 
 import json
+import os
 
 import gguf
 import numpy as np
@@ -65,3 +66,62 @@ def test_unsupported_architecture_is_named(tiny_model, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
     with pytest.raises(InvalidTask, match="unsupported architecture 'gpt_neox'.*llama"):
         export(folder, tmp_path / "x.gguf", "q8_0", "x")
+
+
+def quantization_task(model, tmp_path, types):
+    from llmfactory.planner import parse, plan
+
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization", "metadata": {"name": "tiny"},
+           "spec": {"model": {"source": {"uri": f"file://{model}"}}, "types": types}}
+    return plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+
+
+def test_k_quants_without_llama_cpp_fail_before_any_work_naming_the_tool(tiny_model, tmp_path, monkeypatch):
+    from llmfactory_runtime.progress import Progress
+    from llmfactory_runtime.quantize import run as quantize
+    from llmfactory_runtime.store import open_store
+
+    (tmp_path / "empty-bin").mkdir()
+    monkeypatch.setenv("LLMFACTORY_LLAMA_CPP_BIN", str(tmp_path / "empty-bin"))
+    task = quantization_task(tiny_model, tmp_path, ["q8_0", "q4_k_m"])
+    store = open_store(task["artifactUri"])
+    with pytest.raises(InvalidTask, match="llama-quantize.*LLMFACTORY_LLAMA_CPP_BIN"):
+        quantize.run(task, store, Progress(store))
+    assert store.list("gguf") == []  # nothing converted before the error
+
+
+LLAMA_CPP = os.environ.get("LLMFACTORY_LLAMA_CPP_BIN")
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="set LLMFACTORY_LLAMA_CPP_BIN to a llama.cpp build (the runtime image has "
+                                          "one) to run K-quants")
+def test_k_quant_and_importance_matrix_through_llama_cpp(tiny_model, tmp_path):
+    from llmfactory_runtime.quantize import llama_cpp
+
+    base = tmp_path / "base.gguf"
+    export(tiny_model, base, "f16", "tiny")
+    text = tmp_path / "calibration.txt"
+    text.write_text((TEXT + "\n") * 200)
+    llama_cpp.importance_matrix(base, text, tmp_path / "imatrix.dat", 2)
+    out = tmp_path / "tiny-q4_k_m.gguf"
+    llama_cpp.k_quantize(base, out, "q4_k_m", 2, tmp_path / "imatrix.dat")
+    reader = gguf.GGUFReader(out)
+    file_type = int(reader.fields["general.file_type"].parts[-1][0])
+    assert file_type == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(tiny_model)(TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids).logits).all()
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="set LLMFACTORY_LLAMA_CPP_BIN to a llama.cpp build to run K-quants")
+def test_quantization_phase_writes_k_quants_beside_python_types(tiny_model, tmp_path):
+    from llmfactory_runtime.progress import Progress
+    from llmfactory_runtime.quantize import run as quantize
+    from llmfactory_runtime.store import open_store
+
+    task = quantization_task(tiny_model, tmp_path, ["q8_0", "q4_k_m", "q6_k"])
+    store = open_store(task["artifactUri"])
+    result = quantize.run(task, store, Progress(store))
+    assert [a["type"] for a in result["artifacts"]] == ["q8_0", "q4_k_m", "q6_k"]
+    assert sorted(store.list("gguf")) == ["COMMITTED", "tiny-q4_k_m.gguf", "tiny-q6_k.gguf", "tiny-q8_0.gguf"]

@@ -102,7 +102,7 @@ BAD = [
     ("Benchmark", {"model": {"fineTuneRef": {"name": "a"}, "source": MODEL}, "perplexity": {}},
      "set exactly one of fineTuneRef, quantizationRef or source"),
     ("Benchmark", {"model": {"source": MODEL}}, "enable at least one of perplexity or judge"),
-    ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_m"]}, "not in"),
+    ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL, "fineTuneRef": {"name": "a"}}}, "set exactly one of fineTuneRef or source"),
 ]
 

@@ -28,7 +28,13 @@ def test_example_validates_against_its_crd(path):
         parse(doc)
 
 
-@pytest.mark.parametrize("folder", sorted({p.parent for p in EXAMPLES}), ids=lambda p: str(p.relative_to(ROOT)))
+def test_reference_workload_is_there():
+    assert any("seed-llama3" in str(p) for p in EXAMPLES) and any("multi-node" in str(p) for p in EXAMPLES)
+
+
+# An example is a top-level folder; its subfolders (variants such as seed-llama3/multi-node) plan with it.
+@pytest.mark.parametrize("folder", sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir()),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_example_folder_plans_in_dependency_order(folder):
     resources = dependency_order(parse(m) for m in read_manifests([folder]))
     kinds = [r.kind for r in resources]
@@ -36,3 +42,27 @@ def test_example_folder_plans_in_dependency_order(folder):
     first = plan(resources[0], lambda *k: None, "s3://bucket/llmfactory")
     assert not isinstance(first, Waiting) and first["artifactUri"].startswith("s3://bucket/llmfactory/default/")
     assert set(KINDS) == set(kinds)
+
+
+# What upstream resources report when they succeed (the fields the planner reads).
+UPSTREAM = {
+    "DatasetBuild": {"uri": "s3://bucket/data", "format": "sharegpt", "digest": "sha256:d"},
+    "FineTune": {"modelUri": "s3://bucket/model", "digest": "sha256:m", "baseModel": {"huggingface": "org/base"},
+                 "datasetUri": "s3://bucket/data", "datasetFormat": "sharegpt", "datasetDigest": "sha256:d"},
+    "Quantization": {"artifacts": [{"uri": "s3://bucket/q/model-q8_0.gguf", "sha256": "q"}],
+                     "datasetUri": "s3://bucket/data", "datasetFormat": "sharegpt", "datasetDigest": "sha256:d"},
+}
+
+
+@pytest.mark.parametrize("folder", sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir()),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_example_plans_once_what_it_references_succeeded(folder):
+    """Every resource, not only the first: gates, estimates and references are checked too."""
+    resources = dependency_order(parse(m) for m in read_manifests([folder]))
+    by_name = {(r.kind, r.name) for r in resources}
+    for res in resources:
+        def result_of(kind, namespace, name):
+            assert (kind, name) in by_name, f"{res.ref} references {kind} {name}, which the example lacks"
+            return UPSTREAM[kind]
+        task = plan(res, result_of, "s3://bucket/llmfactory")
+        assert not isinstance(task, Waiting) and task["digest"]

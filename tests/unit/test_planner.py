@@ -141,6 +141,24 @@ def test_quantization_validation_needs_held_out_data():
     assert err.value.field == "spec.validation.maxPerplexityIncreasePercent"
 
 
+@pytest.mark.parametrize("spec, words", [
+    ({"model": {"source": MODEL}, "types": ["q4_k_m"], "importanceMatrix": True}, "calibration data"),
+    ({"model": {"fineTuneRef": {"name": "ft"}}, "types": ["q8_0"], "importanceMatrix": True}, "K-quants only"),
+])
+def test_importance_matrix_needs_k_quants_and_calibration_data(spec, words):
+    with pytest.raises(PlanError) as err:
+        plan(parse(m("Quantization", "q", spec)), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    assert err.value.field == "spec.importanceMatrix" and words in err.value.message
+
+
+def test_scheduling_fields_of_a_phase_do_not_change_its_digest():
+    """resources of a DatasetBuild (unlike a FineTune's: processes shape the batch) say where it runs."""
+    base = m("DatasetBuild", "d", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": MODEL}})
+    moved = copy.deepcopy(base)
+    moved["spec"]["resources"] = {"gpusPerNode": 0, "memory": "8Gi"}
+    assert plan(parse(base), lookup({}), STORE)["digest"] == plan(parse(moved), lookup({}), STORE)["digest"]
+
+
 def test_benchmark_of_a_quantization_loads_its_first_gguf():
     result = {"artifacts": [{"type": "q8_0", "uri": "s3://b/q/gguf/x-q8_0.gguf", "sha256": "abc", "sizeBytes": 1,
                              "bitsPerWeight": 8.5}], "passed": True, "datasetUri": "s3://b/d",

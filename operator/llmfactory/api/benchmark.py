@@ -6,7 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, RunOptions, StatusBase
+from .common import (URI_PATTERN, ApiModel, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint, RunOptions,
+                     StatusBase)
 from .fine_tune import DatasetInput
 
 
@@ -30,13 +31,37 @@ class Perplexity(ApiModel):
     max_samples: int | None = Field(None, ge=1, description="Score at most this many conversations.")
 
 
+# MT-Bench's sampling temperatures by category: creative answers sampled, exact ones greedy.
+DEFAULT_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+                        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
+
+
 class Judge(ApiModel):
-    model: ModelSource = Field(description="The judging model, run locally with transformers.")
+    """MT-Bench-style single-answer grading (1-10) of multi-turn answers by an LLM judge."""
+
+    cel_rules: ClassVar = [
+        {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
+    ]
+
+    openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible judge, e.g. gpt-4o.")
+    model: ModelSource | None = Field(None, description="A local judge model run with transformers (its rating "
+                                                        "is the expectation over its probabilities of 1..10).")
     languages: list[str] = Field(default_factory=lambda: ["en", "ru", "zh"], min_length=1,
-                                 description="Built-in question sets to use (en, ru, zh).")
+                                 description="Languages to ask in: the built-in question sets (en, ru, zh), or "
+                                             "the questions of questionsUri whose `language` is listed.")
+    questions_uri: str | None = Field(
+        None, pattern=URI_PATTERN, description="JSONL of questions instead of the built-in sets: question_id, "
+                                               "category, turns (one or two), optional reference and language.")
     max_questions: int | None = Field(None, ge=1, description="Questions per language, at most.")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer of the model under test.")
     batch_size: int = Field(8, ge=1, le=512, description="Questions answered together.")
+    temperatures: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_TEMPERATURES),
+        description="Sampling temperature of the model under test per question category; unlisted: 0 (greedy).")
+    language_rule: bool = Field(True, description="An answer confidently in another language than its question "
+                                                  "scores 1 without asking the judge.")
+    max_reasks: int = Field(2, ge=0, le=5, description="Times an API judge whose reply has no [[rating]] is "
+                                                       "asked again; after that the answer counts as unrated.")
 
 
 class Gate(ApiModel):

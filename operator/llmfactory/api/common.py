@@ -94,13 +94,21 @@ class OpenAIEndpoint(ApiModel):
     price: Price | None = Field(None, description="Token prices, for the cost in the result.")
 
 
-class Resources(ApiModel):
-    """Compute for the phase's Job. The local runner ignores it."""
+class PodResources(ApiModel):
+    """Compute for the phase's pod. The local runner ignores it."""
+
+    gpus_per_node: int | None = Field(
+        None, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); unset: the operator's default for the kind "
+                                       "(none for a DatasetBuild whose teacher is an API).")
+    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.")
+    memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
+
+
+class Resources(PodResources):
+    """Compute for the training Job. The local runner ignores it."""
 
     gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu).")
     nodes: int = Field(1, ge=1, le=256, description="Pods (nodes) for multi-node training.")
-    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.")
-    memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
     gpu_memory_gib: float = Field(80, gt=0, le=1024, alias="gpuMemoryGiB", description=(
         "Memory of one GPU in GiB. A FineTune whose estimated need exceeds it is refused before a Job "
         "is created (80 for an H100 80GB)."))
@@ -142,9 +150,16 @@ class RunOptions(ApiModel):
 
     scheduling: Scheduling | None = Field(None, description="Node selector, tolerations and affinity of the "
                                                             "phase's pods, overriding the operator's defaults.")
+    resources: PodResources | None = Field(None, description="GPUs, CPU and memory of the phase's pod.")
 
 
-OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "scheduling")
+# Where and how a run is scheduled, not what it computes: left out of the task. (A FineTune's
+# resources are in it: the number of processes shapes the global batch.)
+OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "scheduling", "resources")
+
+
+def operational_fields(kind: str) -> tuple[str, ...]:
+    return tuple(f for f in OPERATIONAL_FIELDS if not (f == "resources" and kind == "FineTune"))
 # In the task (the runtime needs them) but not in its digest: they do not change the result.
 RUNTIME_ONLY_FIELDS = ("checkpointing", "tracking")
 

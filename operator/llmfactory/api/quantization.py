@@ -8,8 +8,9 @@ from pydantic import Field
 
 from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, RunOptions, StatusBase
 
-# What gguf-py can write without llama.cpp's binaries.
-GgufType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+# f32 ... q4_0: written by gguf-py in Python. K-quants: llama.cpp's llama-quantize (in the runtime image).
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0",
+                   "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q2_k"]
 
 
 class QuantizationInput(ApiModel):
@@ -31,7 +32,11 @@ class QuantizationSpec(RunOptions):
     model: QuantizationInput = Field(description="The model to convert.")
     format: Literal["gguf"] = Field("gguf", description="Output format.")
     types: list[GgufType] = Field(default_factory=lambda: ["q8_0"], min_length=1,
-                                  description="One artifact per type.")
+                                  description="One artifact per type. K-quants (q4_k_m, ...) run llama.cpp's "
+                                              "llama-quantize, which the runtime image carries.")
+    importance_matrix: bool = Field(
+        False, description="For K-quants: compute an importance matrix (llama-imatrix) on the FineTune's "
+                           "train split and quantize with it; better quality at the same size.")
     validation: Validation = Field(default_factory=Validation,
                                    description="Perplexity check on the FineTune's test split.")
 

@@ -88,8 +88,9 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     name = child_name(meta["name"], digest)
     tags = labels(kind, meta["name"], digest)
     owner = [owner_reference(body)]
-    resources = spec.get("resources", {})
-    gpus = resources.get("gpusPerNode", settings.default_gpus.get(kind, 0))
+    resources = spec.get("resources") or {}
+    api_teacher = kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {})
+    gpus = resources.get("gpusPerNode", 0 if api_teacher else settings.default_gpus.get(kind, 0))
     nodes = resources.get("nodes", 1) if kind == "FineTune" else 1
     queue = spec.get("queueName") or settings.default_queue_name
 

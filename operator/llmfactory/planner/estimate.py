@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Estimate, ModelShape, does_not_fit, estimate, plan_of, shape_from_config
 
-from ..api.common import OPERATIONAL_FIELDS
+from ..api.common import operational_fields
 from .errors import PlanError
 from .manifests import Resource
 
@@ -74,7 +74,7 @@ def fine_tune_estimate(res: Resource) -> Estimate | None:
         raise PlanError(res.ref, "spec.baseModel", str(exc)) from None
     if shape is None:
         return None
-    spec = {k: v for k, v in res.spec.wire().items() if k not in OPERATIONAL_FIELDS}
+    spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
     return estimate(shape, plan_of(spec))
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from .. import API_VERSION
 from ..api import KINDS
-from ..api.common import OPERATIONAL_FIELDS, RUNTIME_ONLY_FIELDS
+from ..api.common import RUNTIME_ONLY_FIELDS, operational_fields
 from .errors import PlanError
 from .estimate import check_fits
 from .graph import references
@@ -54,9 +54,11 @@ def benchmark_metric_names(spec, baseline: bool) -> set[str]:
             names |= {"perplexity.baseline", "perplexity.changePercent"}
     if spec.judge:
         langs = spec.judge.languages
-        names |= {"judge.score"} | {f"judge.score.{lang}" for lang in langs}
+        names |= {"judge.score", "judge.turn1", "judge.turn2", "judge.unrated"} | {
+            f"judge.score.{lang}" for lang in langs}
         if baseline:
-            names |= {"judge.baseline"} | {f"judge.baseline.{lang}" for lang in langs}
+            names |= {"judge.baseline", "judge.baseline.turn1", "judge.baseline.turn2"} | {
+                f"judge.baseline.{lang}" for lang in langs}
     return names
 
 
@@ -70,7 +72,7 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, An
             return Waiting(kind, name, path, estimate.as_dict() if estimate else None)
         upstream[path] = result
     inputs = _INPUTS[res.kind](res, upstream)
-    spec = {k: v for k, v in res.spec.wire().items() if k not in OPERATIONAL_FIELDS}
+    spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
     body = {"phase": KINDS[res.kind].phase, "spec": spec, "inputs": inputs}
     # How often to checkpoint or where to report does not change what is computed.
     digest = canonical_digest({**body, "spec": {k: v for k, v in spec.items() if k not in RUNTIME_ONLY_FIELDS}})
@@ -143,7 +145,7 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         else:
             raise PlanError(res.ref, "spec.perplexity.dataset",
                             "is required when the model does not come from a fineTuneRef")
-    if spec.judge:
+    if spec.judge and spec.judge.model:
         inputs["judge"] = _model(spec.judge.model)
     known = benchmark_metric_names(spec, baseline is not None)
     for i, gate in enumerate(spec.gates):
@@ -155,6 +157,11 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 
 def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     model, _, trained_on = _trained_model(res, upstream)
+    if res.spec.importance_matrix and not trained_on:
+        raise PlanError(res.ref, "spec.importanceMatrix", "needs calibration data, which only a fineTuneRef model "
+                                                          "provides (its dataset's train split)")
+    if res.spec.importance_matrix and not any(t.endswith(("_k", "_k_m", "_k_s")) for t in res.spec.types):
+        raise PlanError(res.ref, "spec.importanceMatrix", "applies to K-quants only (q4_k_m, q5_k_m, q6_k, ...)")
     if res.spec.validation.max_perplexity_increase_percent is not None and not trained_on:
         raise PlanError(res.ref, "spec.validation.maxPerplexityIncreasePercent",
                         "needs held-out data, which only a fineTuneRef model provides")

@@ -1,71 +1,156 @@
-"""LLM-as-judge, single-answer grading on a 1-10 scale.
+"""LLM-as-judge, single-answer grading on a 1-10 scale, turn by turn (MT-Bench style).
 
-A local judge is read, not parsed: instead of sampling a reply and hoping it contains
-"[[7]]", the judge is shown "[[" as the start of its reply and every rating 1..10 is scored
-by its log-probability. The expected rating under that distribution is the score: it never
-fails to parse, and it is deterministic.
+Two judges, one prompt:
+- an API judge (OpenAI-compatible) explains briefly and ends with [[rating]]; a reply without
+  one is asked again, then counted unrated. Ratings are cached by the exact judge prompt, so a
+  restarted benchmark (or one that adds a model) never pays for a rating twice;
+- a local judge is read, not parsed: it is shown "[[" as the start of its reply and every
+  rating 1..10 is scored by its log-probability; the expectation is the score (never fails to
+  parse, deterministic).
+
+Reference answers (math, reasoning...) are shown to the judge. An answer confidently in another
+language than its question scores 1 without asking the judge.
 """
 
 from __future__ import annotations
 
-import json
-from importlib import resources
+import asyncio
+import re
+from typing import Any
 
-import torch
-
-from ..chat import render
+from ..answer_cache import AnswerCache
+from ..openai_client import JUDGE_KEY_ENV, ChatClient, EndpointError, api_key
+from ..task import InvalidTask
+from .questions import reference
 
 RATINGS = list(range(1, 11))
+LANGUAGE_RULE_MIN_LETTERS = 20
+LANGUAGE_RULE_CONFIDENCE = 0.9
 
 JUDGE_SYSTEM = "You are a strict, impartial judge of answers written by AI assistants."
-JUDGE_PROMPT = (
-    "Rate the assistant's answer to the user's question on a scale of 1 to 10, considering "
-    "helpfulness, correctness, relevance, depth and whether it is written in the language of the question.{reference}"
-    " Reply with the rating only, in the form [[rating]], for example [[5]].\n\n"
-    "[Question]\n{question}\n\n[Answer]\n{answer}"
-)
+CRITERIA = ("considering helpfulness, correctness, relevance, depth and whether it is written in the language of "
+            "the question.")
+ASK_STYLE = {"api": "Explain your judgement in a few sentences, then give the rating in the form [[rating]], "
+                    "for example [[5]].",
+             "local": "Reply with the rating only, in the form [[rating]], for example [[5]]."}
+REASK = "Give only the rating now, in the form [[rating]], for example [[5]]."
+RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
 
-def builtin_questions(language: str) -> list[dict]:
-    """The project's own question set for a language (en, ru, zh)."""
-    path = resources.files("llmfactory_runtime.benchmark") / "questions" / f"{language}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no built-in questions for language {language!r}")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def judge_messages(question: dict, answers: list[str], turn: int, style: str = "local") -> list[dict[str, str]]:
+    """The judge's prompt for the answer to `turn` (0 or 1) of a question."""
+    ref = reference(question, turn)
+    ref_text = f" A reference answer is given: judge correctness against it.\n\n[Reference]\n{ref}" if ref else ""
+    if turn == 0:
+        body = (f"Rate the assistant's answer to the user's question on a scale of 1 to 10, {CRITERIA} "
+                f"{ASK_STYLE[style]}{ref_text}\n\n[Question]\n{question['turns'][0]}\n\n[Answer]\n{answers[0]}")
+    else:
+        history = "".join(f"\n\nUser: {question['turns'][i]}\n\nAssistant: {answers[i]}" for i in range(turn + 1))
+        body = (f"Rate the assistant's answer to the user's last question in this conversation on a scale of 1 to "
+                f"10, {CRITERIA} Rate the last answer only; the earlier turn is context. {ASK_STYLE[style]}"
+                f"{ref_text}\n\n[Conversation]{history}")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
 
 
-def judge_messages(question: str, answer: str, reference: str | None) -> list[dict[str, str]]:
-    ref = f" A correct answer is: {reference}" if reference else ""
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_PROMPT.format(reference=ref, question=question, answer=answer)}]
+def parse_rating(reply: str) -> float | None:
+    """The last [[n]] in the reply (a judge may quote the format earlier), if 1 <= n <= 10."""
+    found = [float(m) for m in RATING.findall(reply)]
+    return found[-1] if found and 1 <= found[-1] <= 10 else None
 
 
-@torch.no_grad()
 def rating_distribution(model, tokenizer, messages: list[dict[str, str]]) -> list[float]:
     """P(rating) for ratings 1..10, from the judge's log-probabilities of writing "k]]".
 
     The shared prompt is read once; its KV cache is repeated for the ten candidates, so the
     cost is one prompt pass plus a few tokens per candidate."""
-    prompt = tokenizer(render(tokenizer, messages, add_generation_prompt=True) + "[[",
-                       add_special_tokens=False)["input_ids"]
-    candidates = [tokenizer(f"{k}]]", add_special_tokens=False)["input_ids"] for k in RATINGS]
-    out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
-    first = torch.log_softmax(out.logits[0, -1].float(), -1)
-    scores = [float(first[cand[0]]) for cand in candidates]
-    rest = max(len(c) for c in candidates) - 1
-    if rest:
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(candidates))
-        # Right padding: a pad only follows a candidate's real tokens, so it cannot change them.
-        ids = torch.full((len(candidates), rest), tokenizer.pad_token_id, dtype=torch.long)
-        for i, cand in enumerate(candidates):
-            ids[i, : len(cand) - 1] = torch.tensor(cand[:-1])
-        logits = model(input_ids=ids.to(model.device), past_key_values=cache).logits
-        logprobs = torch.log_softmax(logits.float(), -1)
-        for i, cand in enumerate(candidates):
-            scores[i] += sum(float(logprobs[i, j - 1, cand[j]]) for j in range(1, len(cand)))
-    return torch.softmax(torch.tensor(scores), 0).tolist()
+    import torch  # noqa: PLC0415 - a local judge only
+
+    from ..chat import render  # noqa: PLC0415
+
+    with torch.no_grad():
+        prompt = tokenizer(render(tokenizer, messages, add_generation_prompt=True) + "[[",
+                           add_special_tokens=False)["input_ids"]
+        candidates = [tokenizer(f"{k}]]", add_special_tokens=False)["input_ids"] for k in RATINGS]
+        out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)
+        scores = [float(first[cand[0]]) for cand in candidates]
+        rest = max(len(c) for c in candidates) - 1
+        if rest:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(candidates))
+            # Right padding: a pad only follows a candidate's real tokens, so it cannot change them.
+            ids = torch.full((len(candidates), rest), tokenizer.pad_token_id, dtype=torch.long)
+            for i, cand in enumerate(candidates):
+                ids[i, : len(cand) - 1] = torch.tensor(cand[:-1])
+            logits = model(input_ids=ids.to(model.device), past_key_values=cache).logits
+            logprobs = torch.log_softmax(logits.float(), -1)
+            for i, cand in enumerate(candidates):
+                scores[i] += sum(float(logprobs[i, j - 1, cand[j]]) for j in range(1, len(cand)))
+        return torch.softmax(torch.tensor(scores), 0).tolist()
 
 
 def expected_rating(probabilities: list[float]) -> float:
     return sum(k * p for k, p in zip(RATINGS, probabilities))
+
+
+class LanguageRule:
+    """Is an answer confidently in another language than its question?"""
+
+    def __init__(self, languages: list[str]):
+        from ..dataset.languages import identifier  # noqa: PLC0415
+
+        self.ident = identifier(sorted(set(languages) | {"en"}))
+
+    def off_language(self, question_language: str, answer: str) -> bool:
+        if sum(c.isalpha() for c in answer) < LANGUAGE_RULE_MIN_LETTERS:
+            return False  # too short to tell (a number, a line of code)
+        found, confidence = self.ident.classify(answer)
+        return found != question_language and confidence >= LANGUAGE_RULE_CONFIDENCE
+
+
+def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
+                   max_reasks: int, on_rating, transport=None) -> dict[str, dict[str, Any]]:
+    """{item id: {rating (None when unrated), reply, attempts}} for each (id, judge messages)."""
+    cache = AnswerCache(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
+                                                        "model": endpoint["model"]}, "prompt": 1})
+    cache.load()
+    out: dict[str, dict[str, Any]] = {}
+    todo = []
+    for item_id, messages in items:
+        found = cache.get(AnswerCache.key(messages))
+        if found is not None:
+            out[item_id] = found
+            on_rating(item_id, found, cached=True)
+        else:
+            todo.append((item_id, messages))
+    if not todo:
+        return out
+    key = api_key(endpoint, JUDGE_KEY_ENV, "spec.judge.openai")
+
+    async def rate_all() -> None:
+        async with ChatClient(endpoint, key, transport=transport) as client:
+            async def rate(item_id: str, messages: list[dict[str, str]]) -> None:
+                asked = list(messages)
+                for attempt in range(1, max_reasks + 2):
+                    try:
+                        reply = (await client.complete(asked, max_tokens=512, temperature=0.0)).text
+                    except EndpointError as exc:
+                        if exc.status in (401, 403, 404):
+                            raise InvalidTask(f"spec.judge.openai: {exc}") from None
+                        raise
+                    rating = parse_rating(reply)
+                    if rating is not None or attempt > max_reasks:
+                        break
+                    asked += [{"role": "assistant", "content": reply}, {"role": "user", "content": REASK}]
+                verdict = {"rating": rating, "reply": reply, "attempts": attempt}
+                await asyncio.to_thread(cache.put, AnswerCache.key(messages), verdict)
+                out[item_id] = verdict
+                on_rating(item_id, verdict, cached=False)
+
+            await asyncio.gather(*(rate(i, m) for i, m in todo))
+
+    try:
+        asyncio.run(rate_all())
+    finally:
+        cache.compact()
+    return out

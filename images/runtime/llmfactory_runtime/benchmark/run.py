@@ -1,6 +1,6 @@
-"""Benchmark: perplexity on held-out conversations and LLM-judge scores, for the model under test
-and (optionally) its base model, then gates. Answers and ratings are saved as they are made, so a
-restarted benchmark redoes none of them."""
+"""Benchmark: perplexity on held-out conversations and LLM-judge scores of multi-turn answers,
+for the model under test and (optionally) its base model, then gates. Answers and ratings are
+saved as they are made, so a restarted benchmark redoes none of them."""
 
 from __future__ import annotations
 
@@ -16,17 +16,10 @@ from ..generate import generate
 from ..models import load_model, load_tokenizer
 from ..progress import Progress
 from ..store import Store
-from .judge import builtin_questions, expected_rating, judge_messages, rating_distribution
+from . import questions as questions_
+from .judge import LanguageRule, expected_rating, judge_messages, judge_with_api, rating_distribution
 
 OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
-
-
-def _questions(judge: dict) -> list[dict]:
-    questions = []
-    for lang in judge["languages"]:
-        qs = builtin_questions(lang)[: judge.get("maxQuestions") or None]
-        questions += [{**q, "language": lang} for q in qs]
-    return questions
 
 
 def _cached(run: Store, key: str, compute) -> Any:
@@ -36,6 +29,35 @@ def _cached(run: Store, key: str, compute) -> Any:
         found = compute()
         run.write_json(key, found)
     return found
+
+
+def _answer(model, tokenizer, judge: dict, questions: list[dict], answers: dict[str, list[str]], save,
+            progress: Progress) -> None:
+    """Answer every turn; turn 2 sees the model's own first answer. Sampled at each category's
+    temperature (greedy where unlisted), in batches of one temperature."""
+    temperatures = judge.get("temperatures") or {}
+    total = sum(len(q["turns"]) for q in questions)
+    progress.stage("answering questions", total=total, unit="turns")
+    for turn in (0, 1):
+        todo = [q for q in questions if turn < len(q["turns"]) and len(answers.get(q["question_id"], [])) == turn]
+        by_temperature: dict[float, list[dict]] = defaultdict(list)
+        for q in todo:
+            by_temperature[float(temperatures.get(q["category"], 0.0))].append(q)
+        for temperature, group in sorted(by_temperature.items()):
+            for start in range(0, len(group), judge["batchSize"]):
+                batch = group[start:start + judge["batchSize"]]
+                conversations = []
+                for q in batch:
+                    earlier = answers.get(q["question_id"], [])
+                    messages = []
+                    for i in range(turn):
+                        messages += [{"role": "user", "content": q["turns"][i]}, {"role": "assistant", "content": earlier[i]}]
+                    conversations.append(messages + [{"role": "user", "content": q["turns"][turn]}])
+                gens = generate(model, tokenizer, conversations, judge["maxNewTokens"], temperature, seed=turn)
+                for q, g in zip(batch, gens):
+                    answers.setdefault(q["question_id"], []).append(g.text)
+                save()
+                progress.update(sum(len(a) for a in answers.values()))
 
 
 def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], questions: list[dict],
@@ -49,47 +71,64 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], ques
         progress.stage(f"perplexity of {label}")
         out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(model, tokenizer, rows))
     if questions:
-        judge = spec["judge"]
         answers = run.read_json_or_none(f"answers/{label}.json") or {}
-        progress.stage(f"answering questions ({label})", total=len(questions), unit="questions")
-        todo = [q for q in questions if q["question_id"] not in answers]
-        for start in range(0, len(todo), judge["batchSize"]):
-            batch = todo[start:start + judge["batchSize"]]
-            gens = generate(model, tokenizer, [[{"role": "user", "content": q["turns"][0]}] for q in batch],
-                            judge["maxNewTokens"])
-            answers.update({q["question_id"]: g.text for q, g in zip(batch, gens)})
-            run.write_json(f"answers/{label}.json", answers)
-            progress.update(len(questions) - len(todo) + start + len(batch))
+        _answer(model, tokenizer, spec["judge"], questions, answers,
+                lambda: run.write_json(f"answers/{label}.json", answers), progress)
         out["answers"] = answers
     del model
     gc.collect()
     return out
 
 
-def _judge(source: dict, questions: list[dict], answers: dict[str, dict[str, str]], run: Store,
-           progress: Progress) -> dict[str, dict[str, float]]:
-    """{label: {question_id: rating}} with ratings saved per label as they are made."""
-    model, tokenizer = load_model(source), load_tokenizer(source)
-    model.eval()
-    ratings: dict[str, dict[str, float]] = {}
-    total = len(questions) * len(answers)
-    progress.stage("judging", total=total, unit="answers")
-    done = 0
+def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers: dict[str, dict[str, list[str]]],
+           task: dict, run: Store, progress: Progress) -> dict[str, dict[str, list[float | None]]]:
+    """{label: {question_id: [rating per turn]}}; None where an API judge gave no rating."""
+    items, ratings, why = [], {}, {}
+    rule = LanguageRule(judge["languages"]) if judge.get("languageRule", True) else None
     for label, by_id in answers.items():
-        ratings[label] = run.read_json_or_none(f"ratings/{label}.json") or {}
+        ratings[label] = {q["question_id"]: [None] * len(q["turns"]) for q in questions}
         for q in questions:
-            if q["question_id"] not in ratings[label]:
-                probs = rating_distribution(model, tokenizer,
-                                            judge_messages(q["turns"][0], by_id[q["question_id"]], q.get("reference")))
-                ratings[label][q["question_id"]] = round(expected_rating(probs), 4)
-                run.write_json(f"ratings/{label}.json", ratings[label])
-            done += 1
-            progress.update(done, figure=f"judged {done}/{total}")
+            for turn in range(len(q["turns"])):
+                answer = by_id[q["question_id"]][turn]
+                if rule and rule.off_language(q["language"], answer):
+                    ratings[label][q["question_id"]][turn] = 1.0
+                    why[f"{label}/{q['question_id']}/{turn}"] = "answered in another language"
+                    continue
+                style = "api" if "openai" in judge else "local"
+                items.append((label, q, turn, judge_messages(q, by_id[q["question_id"]], turn, style)))
+    progress.stage("judging", total=len(items), unit="answers")
+    done = [0]
+
+    def on_rating(item_id: str, verdict: dict, cached: bool) -> None:
+        label, qid, turn = item_id.split("/")
+        ratings[label][qid][int(turn)] = verdict["rating"]
+        done[0] += 1
+        progress.update(done[0], figure=f"judged {done[0]}/{len(items)}")
+
+    if "openai" in judge:
+        judge_with_api(judge["openai"], [(f"{lb}/{q['question_id']}/{t}", m) for lb, q, t, m in items],
+                       task["cacheUri"], judge.get("maxReasks", 2), on_rating)
+    elif items:
+        model, tokenizer = load_model(judge_model), load_tokenizer(judge_model)
+        model.eval()
+        saved = run.read_json_or_none("ratings/local.json") or {}
+        for label, q, turn, messages in items:
+            item_id = f"{label}/{q['question_id']}/{turn}"
+            if item_id not in saved:
+                saved[item_id] = round(expected_rating(rating_distribution(model, tokenizer, messages)), 4)
+                run.write_json("ratings/local.json", saved)
+            on_rating(item_id, {"rating": saved[item_id]}, cached=False)
+    run.write_json("ratings/language-rule.json", why)
     return ratings
 
 
-def _metrics(results: dict[str, dict], ratings: dict[str, dict[str, float]], questions: list[dict]) -> dict[str, float]:
-    metrics: dict[str, float] = {}
+def _mean(values: list[float | None]) -> float | None:
+    rated = [v for v in values if v is not None]
+    return mean(rated) if rated else None
+
+
+def _metrics(results: dict[str, dict], ratings: dict, questions: list[dict]) -> dict[str, float]:
+    metrics: dict[str, float | None] = {}
     if "perplexity" in results["model"]:
         metrics["perplexity.value"] = results["model"]["perplexity"]["assistant"]
         metrics["perplexity.allTokens"] = results["model"]["perplexity"]["all"]
@@ -100,12 +139,53 @@ def _metrics(results: dict[str, dict], ratings: dict[str, dict[str, float]], que
     for label, prefix in (("model", "judge.score"), ("baseline", "judge.baseline")):
         if label not in ratings:
             continue
-        by_lang = defaultdict(list)
+        every = [r for q in questions for r in ratings[label][q["question_id"]]]
+        metrics[prefix] = _mean(every)
+        for lang in sorted({q["language"] for q in questions}):
+            metrics[f"{prefix}.{lang}"] = _mean([r for q in questions if q["language"] == lang
+                                                 for r in ratings[label][q["question_id"]]])
+        turn_prefix = "judge" if label == "model" else prefix
+        for turn in (0, 1):
+            metrics[f"{turn_prefix}.turn{turn + 1}"] = _mean([ratings[label][q["question_id"]][turn] for q in questions
+                                                              if turn < len(q["turns"])])
+        if label == "model":
+            metrics["judge.unrated"] = sum(r is None for r in every)
+    return {k: round(v, 4) for k, v in metrics.items() if v is not None}
+
+
+def _categories(ratings: dict, questions: list[dict]) -> dict[str, dict[str, float]]:
+    out = {}
+    for label, by_id in ratings.items():
+        groups: dict[str, list] = defaultdict(list)
         for q in questions:
-            by_lang[q["language"]].append(ratings[label][q["question_id"]])
-        metrics[prefix] = mean(ratings[label].values())
-        metrics.update({f"{prefix}.{lang}": mean(v) for lang, v in by_lang.items()})
-    return {k: round(v, 4) for k, v in metrics.items()}
+            groups[q["category"]] += by_id[q["question_id"]]
+        out[label] = {cat: round(m, 3) for cat, values in sorted(groups.items()) if (m := _mean(values)) is not None}
+    return out
+
+
+def _chart(categories: dict[str, dict[str, float]]) -> bytes:
+    """Per-category scores, the model beside its baseline."""
+    import io  # noqa: PLC0415
+
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = sorted({c for scores in categories.values() for c in scores})
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 4))
+    width = 0.8 / max(len(categories), 1)
+    for i, (label, scores) in enumerate(categories.items()):
+        ax.bar([x + i * width for x in range(len(names))], [scores.get(n, 0) for n in names], width, label=label)
+    ax.set_xticks([x + width * (len(categories) - 1) / 2 for x in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylim(0, 10)
+    ax.set_ylabel("judge score (1-10)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[str, Any]]:
@@ -117,21 +197,33 @@ def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[st
     return outcomes
 
 
-def _report(task: dict, metrics: dict, gates: list, questions: list, ratings: dict, answers: dict) -> str:
+def _report(task: dict, metrics: dict, gates: list, questions: list, ratings: dict, answers: dict,
+            categories: dict) -> str:
     lines = [f"# Benchmark {task['resource']['name']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     if gates:
         lines += ["", "| gate | value | passed |", "|---|---|---|"]
         lines += [f"| {g['gate']} | {g['value']} | {'yes' if g['passed'] else 'NO'} |" for g in gates]
+    if categories:
+        labels = list(categories)
+        cats = sorted({c for scores in categories.values() for c in scores})
+        lines += ["", "![scores by category](scores.png)", "", "| category | " + " | ".join(labels) + " |",
+                  "|---|" + "---|" * len(labels)]
+        lines += [f"| {c} | " + " | ".join(str(categories[lb].get(c, "")) for lb in labels) + " |" for c in cats]
     if questions:
+        def fmt(r):
+            return "unrated" if r is None else f"{r:.2f}"
         lines += ["", "| question | category | " + " | ".join(ratings) + " |", "|---|---|" + "---|" * len(ratings)]
         lines += [f"| {q['question_id']} | {q['category']} | " +
-                  " | ".join(f"{ratings[label][q['question_id']]:.2f}" for label in ratings) + " |" for q in questions]
+                  " | ".join(" / ".join(fmt(r) for r in ratings[label][q['question_id']]) for label in ratings) + " |"
+                  for q in questions]
         lines += ["", "## Answers", ""]
         for q in questions:
-            lines += [f"### {q['question_id']}: {q['turns'][0]}", ""]
-            lines += [f"- **{label}**: {json.dumps(a[q['question_id']], ensure_ascii=False)}" for label, a in answers.items()]
-            lines.append("")
+            for turn, text in enumerate(q["turns"]):
+                lines += [f"### {q['question_id']}, turn {turn + 1}: {text}", ""]
+                lines += [f"- **{label}**: {json.dumps(a[q['question_id']][turn], ensure_ascii=False)}"
+                          for label, a in answers.items()]
+                lines.append("")
     return "\n".join(lines)
 
 
@@ -141,7 +233,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     if spec.get("perplexity"):
         ppl = spec["perplexity"]
         rows = read_split(inputs["dataset"]["uri"], ppl["split"])[: ppl.get("maxSamples") or None]
-    questions = _questions(spec["judge"]) if spec.get("judge") else []
+    questions = questions_.load(spec["judge"]) if spec.get("judge") else []
 
     models = {"model": inputs["model"]}
     if inputs.get("baseline"):
@@ -149,13 +241,16 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     results = {label: _evaluate_model(label, source, spec, rows, questions, run, progress)
                for label, source in models.items()}
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
-    ratings = _judge(inputs["judge"], questions, answers, run, progress) if questions else {}
+    ratings = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
 
     metrics = _metrics(results, ratings, questions)
     gates = evaluate_gates(spec.get("gates", []), metrics)
-    report = {"metrics": metrics, "gates": gates, "ratings": ratings, "answers": answers}
+    categories = _categories(ratings, questions)
+    report = {"metrics": metrics, "gates": gates, "categories": categories, "ratings": ratings, "answers": answers}
     run.write_json("report/report.json", report)
-    run.write_bytes("report/report.md", _report(task, metrics, gates, questions, ratings, answers).encode())
+    if categories:
+        run.write_bytes("report/scores.png", _chart(categories))
+    run.write_bytes("report/report.md", _report(task, metrics, gates, questions, ratings, answers, categories).encode())
     run.commit("report")
     return {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates),
             "reportUri": run.child("report").uri}

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..batching import perplexity
-from ..data import read_split
+from ..data import messages_of, read_split
 from ..digests import sha256_files
 from ..models import load_model, load_tokenizer, locate
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
+from . import llama_cpp
 from .gguf_export import export
 
 
@@ -25,12 +27,38 @@ def _perplexity(source: dict, rows: list[dict], cache: bool = True) -> float:
     return value
 
 
+def _k_quant(folder: Path, tmp: Path, out: Path, type_name: str, name: str, spec: dict, dataset: dict | None,
+             progress: Progress) -> int:
+    """A K-quant through llama.cpp, from an f16 GGUF written once per run (and an importance
+    matrix computed once on the train split, when asked)."""
+    base = tmp / "base-f16.gguf"
+    params_file = tmp / "base-f16.params"
+    if not base.exists():
+        params_file.write_text(str(export(folder, base, "f16", name)))
+    imatrix = None
+    if spec.get("importanceMatrix"):
+        imatrix = tmp / "imatrix.dat"
+        if not imatrix.exists():
+            progress.stage("computing the importance matrix")
+            calibration = tmp / "calibration.txt"
+            rows = read_split(dataset["uri"], "train")[:200]
+            calibration.write_text("\n\n".join("\n".join(m["content"] for m in messages_of(r)) for r in rows))
+            llama_cpp.importance_matrix(base, calibration, imatrix, os.cpu_count() or 2)
+    llama_cpp.k_quantize(base, out, type_name, os.cpu_count() or 2, imatrix)
+    return int(params_file.read_text())
+
+
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     spec, inputs = task["spec"], task["inputs"]
     types, validation = spec["types"], spec["validation"]
     folder, gguf_file, _ = locate(inputs["model"])
     if gguf_file:
         raise InvalidTask("spec.model: the model is already a GGUF file; quantize the safetensors model it came from")
+    k_types = [t for t in types if t in llama_cpp.K_QUANTS]
+    if k_types:  # fail before any work when the tools are missing
+        llama_cpp.tool("llama-quantize")
+        if spec.get("importanceMatrix"):
+            llama_cpp.tool("llama-imatrix")
     dataset = inputs.get("dataset")
     rows = read_split(dataset["uri"], "test")[: validation["maxSamples"]] if dataset else []
     progress.stage("measuring the unquantized model" if rows else "converting",
@@ -44,7 +72,10 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
             progress.stage(f"converting to {type_name}", total=len(types), unit="types")
             progress.update(i)
             out = Path(tmp) / f"{name}-{type_name}.gguf"
-            params = export(Path(folder), out, type_name, name)
+            if type_name in llama_cpp.K_QUANTS:
+                params = _k_quant(Path(folder), Path(tmp), out, type_name, name, spec, dataset, progress)
+            else:
+                params = export(Path(folder), out, type_name, name)
             art: dict[str, Any] = {
                 "type": type_name,
                 "uri": f"{run.uri}/gguf/{out.name}",
