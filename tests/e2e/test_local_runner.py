@@ -36,7 +36,7 @@ def pipeline(model: Path) -> list[dict]:
             "hyperparameters": {"epochs": 5, "learningRate": 0.01, "batchSize": 2}}},
         {**head, "kind": "Benchmark", "metadata": {"name": "bench"}, "spec": {
             "model": {"fineTuneRef": {"name": "ft"}}, "perplexity": {},
-            "judge": {"model": source, "maxQuestions": 2, "maxNewTokens": 8},
+            "judge": {"model": source, "maxQuestions": 1, "maxNewTokens": 8},
             "gates": [{"metric": "perplexity.changePercent", "op": "<", "value": 0}]}},
         {**head, "kind": "Quantization", "metadata": {"name": "gguf"}, "spec": {
             "model": {"fineTuneRef": {"name": "ft"}}, "types": ["f16", "q8_0"],
