@@ -18,6 +18,7 @@ K8S_VERSIONS = sorted({v for v in kubernetes_validate.utils.all_versions()
 SETTINGS = OperatorSettings(
     store_uri="s3://bucket/llmfactory", image="registry.example/llmfactory/runtime:0.1.0",
     s3_endpoint="http://minio.storage:9000", s3_secret="llmfactory-s3", service_account="llmfactory-runtime",
+    hf_token_secret="hf-token",
     node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
     tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
 
@@ -123,6 +124,9 @@ def test_teacher_api_key_reaches_the_pod_only_by_reference():
     # The teacher is an API: no GPU is held for it (the operator's default for DatasetBuild is one).
     limits = _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
     assert SETTINGS.default_gpus["DatasetBuild"] == 1 and "nvidia.com/gpu" not in limits
+    # Gated Hugging Face datasets and models: the token, too, only by reference.
+    [token] = [e for e in env if e["name"] == "HF_TOKEN"]
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}} and "value" not in token
 
 
 def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():

@@ -24,6 +24,7 @@ EVERYTHING = {
     "store": {"uri": "s3://team-bucket/llmfactory",
               "s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1", "credentialsSecret": "s3-keys"}},
     "runtime": {"image": "registry.example.com/llmfactory/runtime:0.1.0", "serviceAccount": "trainer",
+                "hfTokenSecret": "hf-token",
                 "defaultGpus": {"DatasetBuild": 0, "FineTune": 8, "Benchmark": 1, "Quantization": 0},
                 "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -105,6 +106,7 @@ def test_operator_settings_read_back_what_the_values_say(tmp_path):
     runtime = EVERYTHING["runtime"]
     assert settings.store_uri == EVERYTHING["store"]["uri"]
     assert settings.image == runtime["image"] and settings.service_account == "trainer"
+    assert settings.hf_token_secret == "hf-token"
     assert settings.default_gpus == runtime["defaultGpus"]
     assert (settings.node_selector, settings.tolerations, settings.affinity) == (
         runtime["nodeSelector"], runtime["tolerations"], runtime["affinity"])

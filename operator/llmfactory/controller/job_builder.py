@@ -65,6 +65,9 @@ def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
     if settings.s3_secret:  # a reference: the key never passes through the operator
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": settings.s3_secret, "key": key}}})
+    if settings.hf_token_secret:  # gated models (Llama 3): the token stays in the user's Secret
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": settings.hf_token_secret,
+                                                                         "key": "HF_TOKEN"}}})
     return env
 
 

@@ -19,6 +19,9 @@ class OperatorSettings(BaseModel):
     s3_secret: str | None = Field(
         None, description="Secret (in each resource's namespace) with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; "
                           "passed to pods by secretKeyRef, never copied.")
+    hf_token_secret: str | None = Field(
+        None, description="Secret (in each resource's namespace) with key HF_TOKEN, for gated or private Hugging "
+                          "Face models and datasets (Llama 3); passed to pods by secretKeyRef.")
     gpu_resource: str = "nvidia.com/gpu"
     default_gpus: dict[str, int] = Field(
         default_factory=lambda: {"DatasetBuild": 1, "FineTune": 1, "Benchmark": 1, "Quantization": 0})
