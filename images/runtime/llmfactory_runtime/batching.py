@@ -80,3 +80,21 @@ def perplexity(model, tokenizer, rows: list[dict], max_len: int = 2048, batch_si
         raise ValueError("no conversation with an assistant answer to measure perplexity on")
     return {"assistant": math.exp(mean_loss(model, examples, batch_size, tokenizer.pad_token_id)),
             "all": math.exp(mean_loss(model, examples, batch_size, tokenizer.pad_token_id, all_tokens=True))}
+
+
+def top_tokens(model, tokenizer, rows: list[dict], max_len: int = 2048, batch_size: int = 4) -> list[int]:
+    """The model's most likely next token at every assistant position, in order: two models
+    compared position by position give their top-token agreement."""
+    import torch  # noqa: PLC0415
+
+    examples = encode_rows(tokenizer, rows, max_len)
+    model.eval()
+    out: list[int] = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], tokenizer.pad_token_id, model.device)
+            labels = batch.pop("labels")
+            logits = model(**batch, use_cache=False).logits[:, :-1]
+            scored = labels[:, 1:] != IGNORE
+            out += logits.argmax(-1)[scored].tolist()
+    return out

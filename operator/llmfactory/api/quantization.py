@@ -25,6 +25,9 @@ class QuantizationInput(ApiModel):
 class Validation(ApiModel):
     max_perplexity_increase_percent: float | None = Field(
         None, ge=0, description="Fail when a type's perplexity exceeds the unquantized model's by more than this.")
+    min_top_token_agreement_percent: float | None = Field(
+        None, ge=0, le=100, description="Fail when a type's most likely next token matches the unquantized "
+                                        "model's at fewer than this share of held-out assistant positions.")
     max_samples: int = Field(32, ge=1, description="Held-out conversations to measure perplexity on.")
 
 
@@ -49,6 +52,9 @@ class QuantizedArtifact(ApiModel):
     bits_per_weight: float = Field(description="File bits per model parameter.")
     perplexity: float | None = Field(None, description="Perplexity of the GGUF loaded back.")
     perplexity_increase_percent: float | None = Field(None, description="Versus the unquantized model.")
+    top_token_agreement_percent: float | None = Field(
+        None, description="Share of held-out assistant positions where its top next token is the unquantized "
+                          "model's.")
 
 
 class QuantizationResult(ApiModel):

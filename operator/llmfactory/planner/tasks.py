@@ -162,6 +162,9 @@ def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                                                           "provides (its dataset's train split)")
     if res.spec.importance_matrix and not any(t.endswith(("_k", "_k_m", "_k_s")) for t in res.spec.types):
         raise PlanError(res.ref, "spec.importanceMatrix", "applies to K-quants only (q4_k_m, q5_k_m, q6_k, ...)")
+    if res.spec.validation.min_top_token_agreement_percent is not None and not trained_on:
+        raise PlanError(res.ref, "spec.validation.minTopTokenAgreementPercent",
+                        "needs held-out data, which only a fineTuneRef model provides")
     if res.spec.validation.max_perplexity_increase_percent is not None and not trained_on:
         raise PlanError(res.ref, "spec.validation.maxPerplexityIncreasePercent",
                         "needs held-out data, which only a fineTuneRef model provides")

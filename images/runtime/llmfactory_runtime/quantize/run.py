@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..batching import perplexity
+from ..batching import perplexity, top_tokens
 from ..data import messages_of, read_split
 from ..digests import sha256_files
 from ..models import load_model, load_tokenizer, locate
@@ -19,12 +19,13 @@ from . import llama_cpp
 from .gguf_export import export
 
 
-def _perplexity(source: dict, rows: list[dict], cache: bool = True) -> float:
+def measure_quality(source: dict, rows: list[dict], cache: bool = True) -> tuple[float, list[int]]:
+    """(perplexity on assistant tokens, the top token at each of them)."""
     model, tokenizer = load_model(source, cache=cache), load_tokenizer(source, cache=cache)
-    value = perplexity(model, tokenizer, rows)["assistant"]
+    value, tops = perplexity(model, tokenizer, rows)["assistant"], top_tokens(model, tokenizer, rows)
     del model
     gc.collect()
-    return value
+    return value, tops
 
 
 def _k_quant(folder: Path, tmp: Path, out: Path, type_name: str, name: str, spec: dict, dataset: dict | None,
@@ -63,7 +64,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     rows = read_split(dataset["uri"], "test")[: validation["maxSamples"]] if dataset else []
     progress.stage("measuring the unquantized model" if rows else "converting",
                    total=len(types), unit="types")
-    reference = _perplexity(inputs["model"], rows) if rows else None
+    reference, reference_tops = measure_quality(inputs["model"], rows) if rows else (None, [])
 
     artifacts, passed = [], True
     name = task["resource"]["name"]
@@ -87,11 +88,15 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                 progress.stage(f"validating {type_name}", total=len(types), unit="types")
                 progress.update(i)
                 # Loaded back the way users of transformers will load it: proof the file is usable.
-                value = _perplexity({"uri": f"file://{tmp}", "ggufFile": out.name}, rows, cache=False)
+                value, tops = measure_quality({"uri": f"file://{tmp}", "ggufFile": out.name}, rows, cache=False)
                 art["perplexity"] = round(value, 4)
                 art["perplexityIncreasePercent"] = round(100 * (value - reference) / reference, 3)
+                art["topTokenAgreementPercent"] = round(
+                    100 * sum(a == b for a, b in zip(tops, reference_tops)) / max(len(reference_tops), 1), 2)
                 bound = validation.get("maxPerplexityIncreasePercent")
-                if bound is not None and art["perplexityIncreasePercent"] > bound:
+                floor = validation.get("minTopTokenAgreementPercent")
+                if (bound is not None and art["perplexityIncreasePercent"] > bound) or \
+                        (floor is not None and art["topTokenAgreementPercent"] < floor):
                     passed = False
             run.upload_file(out, f"gguf/{out.name}")
             artifacts.append(art)
