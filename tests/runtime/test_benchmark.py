@@ -130,3 +130,32 @@ def test_an_answer_in_another_language_scores_one_without_the_judge(tiny_model, 
     assert rule.off_language("ru", "The sky is blue because air scatters blue light more than red light.")
     assert not rule.off_language("ru", "Небо голубое, потому что воздух рассеивает синий свет сильнее красного.")
     assert not rule.off_language("zh", "def f(x): return x")  # too little text to tell
+
+
+def test_questions_from_a_file_or_a_hugging_face_dataset_in_mt_bench_columns(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llmfactory_runtime.benchmark.questions import load
+    from llmfactory_runtime.task import InvalidTask
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = tmp_path / "mt_bench_prompts" / "data"
+    hub.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([
+        {"prompt_id": 81, "category": "writing", "prompt": ["Write a travel blog post.", "Rewrite it in rhymes."],
+         "reference": []},
+        {"prompt_id": 111, "category": "math", "prompt": ["Area of a 3-4-5 triangle?", "And its perimeter?"],
+         "reference": ["6", "12"]}]), hub / "train-00000-of-00001.parquet")
+    found = load({"questionsDataset": {"id": str(hub.parent), "split": "train"}, "languages": ["en"]})
+    assert [(q["question_id"], q["category"], len(q["turns"]), q["reference"]) for q in found] == [
+        ("81", "writing", 2, None), ("111", "math", 2, ["6", "12"])]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": "a", "turns": ["one"], "language": "ru"}\n{"question_id": "b", "turns": "x"}\n')
+    with pytest.raises(InvalidTask, match="questionsUri: question 2"):
+        load({"questionsUri": f"file://{bad}", "languages": ["ru"]})
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"question_id": "a", "turns": ["one"], "language": "ru"}\n')
+    assert [q["question_id"] for q in load({"questionsUri": f"file://{ok}", "languages": ["ru"]})] == ["a"]
+    with pytest.raises(InvalidTask, match="no question in languages.*'ru'"):
+        load({"questionsUri": f"file://{ok}", "languages": ["zh"]})

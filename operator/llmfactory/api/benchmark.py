@@ -8,6 +8,7 @@ from pydantic import Field
 
 from .common import (URI_PATTERN, ApiModel, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint, RunOptions,
                      StatusBase)
+from .dataset_build import HuggingFaceDataset
 from .fine_tune import DatasetInput
 
 
@@ -41,6 +42,8 @@ class Judge(ApiModel):
 
     cel_rules: ClassVar = [
         {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
+        {"rule": "!(has(self.questionsUri) && has(self.questionsDataset))",
+         "message": "set at most one of questionsUri or questionsDataset"},
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible judge, e.g. gpt-4o.")
@@ -49,6 +52,9 @@ class Judge(ApiModel):
     languages: list[str] = Field(default_factory=lambda: ["en", "ru", "zh"], min_length=1,
                                  description="Languages to ask in: the built-in question sets (en, ru, zh), or "
                                              "the questions of questionsUri whose `language` is listed.")
+    questions_dataset: HuggingFaceDataset | None = Field(
+        None, description="A Hugging Face dataset of questions instead of the built-in sets (MT-Bench's own, "
+                          "ru_mt_bench...), with the same columns as questionsUri.")
     questions_uri: str | None = Field(
         None, pattern=URI_PATTERN, description="JSONL of questions instead of the built-in sets: question_id, "
                                                "category, turns (one or two), optional reference and language.")

@@ -20,33 +20,49 @@ def builtin_questions(language: str) -> list[dict]:
             for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _from_uri(uri: str) -> list[dict]:
+def _rows_of(judge: dict[str, Any]) -> tuple[str, Any]:
+    """(field name for errors, the question rows) of questionsUri or questionsDataset."""
+    if judge.get("questionsDataset"):
+        from ..dataset.sources import rows_of_huggingface  # noqa: PLC0415
+
+        return "spec.judge.questionsDataset", rows_of_huggingface(judge["questionsDataset"])
+    uri = judge["questionsUri"]
     folder, name = uri.rstrip("/").rsplit("/", 1)
+    lines = open_store(folder).read_bytes(name).decode().splitlines()
+    return "spec.judge.questionsUri", (line for line in lines if line.strip())
+
+
+def _external(judge: dict[str, Any]) -> list[dict]:
+    field, rows = _rows_of(judge)
     questions = []
-    for n, line in enumerate(open_store(folder).read_bytes(name).decode().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, q in enumerate(rows, 1):
         try:
-            q = json.loads(line)
-            turns = q["turns"]
+            q = json.loads(q) if isinstance(q, str) else q
+            # MT-Bench's own columns on the hub (HuggingFaceH4/mt_bench_prompts) are prompt and prompt_id.
+            turns = q.get("turns") or q.get("prompt")
             if not (isinstance(turns, list) and 1 <= len(turns) <= 2 and all(isinstance(t, str) for t in turns)):
                 raise ValueError("turns must be a list of one or two strings")
-            questions.append({"question_id": str(q["question_id"]), "category": q.get("category", "general"),
-                              "turns": turns, "reference": q.get("reference"), "language": q.get("language", "en")})
+            qid = q.get("question_id", q.get("prompt_id"))
+            if qid is None:
+                raise KeyError("question_id")
+            questions.append({"question_id": str(qid), "category": q.get("category") or "general",
+                              "turns": turns, "reference": q.get("reference") or None,
+                              "language": q.get("language") or "en"})
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidTask(f"spec.judge.questionsUri: line {n} of {uri}: {exc}") from None
+            raise InvalidTask(f"{field}: question {n}: {exc!r}") from None
     return questions
 
 
 def load(judge: dict[str, Any]) -> list[dict]:
     limit = judge.get("maxQuestions") or None
-    if judge.get("questionsUri"):
-        pool = _from_uri(judge["questionsUri"])
+    if judge.get("questionsUri") or judge.get("questionsDataset"):
+        pool = _external(judge)
         chosen = []
         for lang in judge["languages"]:
             chosen += [q for q in pool if q["language"] == lang][:limit]
         if not chosen:
-            raise InvalidTask(f"spec.judge.questionsUri: no question in languages {judge['languages']}")
+            raise InvalidTask(f"spec.judge: no question in languages {judge['languages']}; the questions' "
+                              f"`language` column says {sorted({q['language'] for q in pool})}")
         return chosen
     chosen = []
     for lang in judge["languages"]:

@@ -54,7 +54,7 @@ def _rows_of_uri(uri: str, field: str) -> Iterable[Any]:
         raise InvalidTask(f"{field}: {uri} is neither .jsonl nor .parquet")
 
 
-def _rows_of_huggingface(hf: dict[str, Any]) -> Iterable[Any]:
+def rows_of_huggingface(hf: dict[str, Any]) -> Iterable[Any]:
     import datasets  # noqa: PLC0415 - only for Hugging Face sources
 
     try:
@@ -115,7 +115,7 @@ def collect(sources: list[dict[str, Any]], drops: Drops) -> list[dict[str, Any]]
                         for p in source["inline"]]
             continue
         field = f"spec.sources[{index}]"
-        rows = (_rows_of_huggingface(source["huggingface"]) if "huggingface" in source
+        rows = (rows_of_huggingface(source["huggingface"]) if "huggingface" in source
                 else _rows_of_uri(source["uri"], f"{field}.uri"))
         for n, row in enumerate(rows):
             if source.get("maxRows") and n >= source["maxRows"]:
