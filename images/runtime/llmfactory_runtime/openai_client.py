@@ -6,7 +6,8 @@ fully and never gives up on a transient error: the DatasetBuild teacher and the 
   with the usage the answer reports);
 - 429, 408, 5xx, timeouts and dropped connections are retried with exponential backoff and full
   jitter, waiting at least what `Retry-After` asks; any other 4xx fails at once with the
-  provider's message (a wrong key, an unknown model, a bad parameter cannot get better).
+  provider's message (a wrong key, an unknown model, a bad parameter cannot get better); 401, 403
+  and 404 are the spec's fault and fail as an invalid task naming the endpoint's field.
 """
 
 from __future__ import annotations
@@ -109,10 +110,14 @@ def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** attempt))
 
 
+# Refusals that say the endpoint's settings are wrong, not the request: what to check.
+SPEC_FAULTS = {401: "check apiKeySecret", 403: "check apiKeySecret", 404: "check baseUrl and model"}
+
+
 class ChatClient:
-    def __init__(self, endpoint: dict[str, Any], key: str | None, transport: httpx.AsyncBaseTransport | None = None,
-                 backoff_base: float = 1.0):
-        self.endpoint, self.backoff_base = endpoint, backoff_base
+    def __init__(self, endpoint: dict[str, Any], key: str | None, field: str,
+                 transport: httpx.AsyncBaseTransport | None = None, backoff_base: float = 1.0):
+        self.endpoint, self.field, self.backoff_base = endpoint, field, backoff_base
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.AsyncClient(base_url=endpoint.get("baseUrl", "https://api.openai.com/v1").rstrip("/"),
                                       headers=headers, transport=transport,
@@ -151,6 +156,9 @@ class ChatClient:
                     problem = f"{type(exc).__name__}: {exc}"
                 if response is not None and response.status_code == 200:
                     return self._parse(response, reserved)
+                if response is not None and response.status_code in SPEC_FAULTS:
+                    raise InvalidTask(f"{self.field}: {self.endpoint.get('baseUrl')}: HTTP {response.status_code}: "
+                                      f"{_error_message(response)} ({SPEC_FAULTS[response.status_code]})")
                 if response is not None and response.status_code not in RETRYABLE:
                     raise EndpointError(f"{self.endpoint.get('baseUrl')}: HTTP {response.status_code}: "
                                         f"{_error_message(response)}", response.status_code)

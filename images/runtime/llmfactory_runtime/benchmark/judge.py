@@ -19,8 +19,7 @@ import re
 from typing import Any
 
 from ..answer_cache import AnswerCache
-from ..openai_client import JUDGE_KEY_ENV, ChatClient, EndpointError, api_key
-from ..task import InvalidTask
+from ..openai_client import JUDGE_KEY_ENV, ChatClient, api_key
 from .questions import reference
 
 RATINGS = list(range(1, 11))
@@ -128,16 +127,11 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
     key = api_key(endpoint, JUDGE_KEY_ENV, "spec.judge.openai")
 
     async def rate_all() -> None:
-        async with ChatClient(endpoint, key, transport=transport) as client:
+        async with ChatClient(endpoint, key, "spec.judge.openai", transport=transport) as client:
             async def rate(item_id: str, messages: list[dict[str, str]]) -> None:
                 asked = list(messages)
                 for attempt in range(1, max_reasks + 2):
-                    try:
-                        reply = (await client.complete(asked, max_tokens=512, temperature=0.0)).text
-                    except EndpointError as exc:
-                        if exc.status in (401, 403, 404):
-                            raise InvalidTask(f"spec.judge.openai: {exc}") from None
-                        raise
+                    reply = (await client.complete(asked, max_tokens=512, temperature=0.0)).text
                     rating = parse_rating(reply)
                     if rating is not None or attempt > max_reasks:
                         break

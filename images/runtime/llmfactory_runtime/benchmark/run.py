@@ -85,6 +85,7 @@ def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers
     """{label: {question_id: [rating per turn]}}; None where an API judge gave no rating."""
     items, ratings, why = [], {}, {}
     rule = LanguageRule(judge["languages"]) if judge.get("languageRule", True) else None
+    style = "api" if "openai" in judge else "local"
     for label, by_id in answers.items():
         ratings[label] = {q["question_id"]: [None] * len(q["turns"]) for q in questions}
         for q in questions:
@@ -94,7 +95,6 @@ def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers
                     ratings[label][q["question_id"]][turn] = 1.0
                     why[f"{label}/{q['question_id']}/{turn}"] = "answered in another language"
                     continue
-                style = "api" if "openai" in judge else "local"
                 items.append((label, q, turn, judge_messages(q, by_id[q["question_id"]], turn, style)))
     progress.stage("judging", total=len(items), unit="answers")
     done = [0]

@@ -15,12 +15,11 @@ from typing import Any, Callable
 from ..answer_cache import AnswerCache
 from ..openai_client import TEACHER_KEY_ENV, ChatClient, EndpointError, api_key
 from ..progress import Progress
-from ..task import InvalidTask
 from .filters import AnswerFilter
 from .sources import Drops
 
 # A request the endpoint refuses for this prompt only (content policy, too long): that row is
-# dropped; a refusal of every request (bad key, unknown model) is the spec's fault.
+# dropped. A bad key or unknown model fails the build in the client (an invalid task).
 PER_ROW_STATUSES = {400, 413, 422}
 
 
@@ -54,21 +53,17 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
     key = api_key(endpoint, TEACHER_KEY_ENV, "spec.teacher.openai")
 
     async def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
-        async with ChatClient(endpoint, key, transport=transport) as client:
+        async with ChatClient(endpoint, key, "spec.teacher.openai", transport=transport) as client:
             async def ask(cache_key: str, messages: list[dict]) -> None:
                 try:
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
                                               teacher.get("temperature", 0.0))
                 except EndpointError as exc:
-                    if exc.status in PER_ROW_STATUSES:
-                        usage.rejected[cache_key] = str(exc)
-                        on_answer()
-                        return
-                    if exc.status in (401, 403):
-                        raise InvalidTask(f"spec.teacher.openai: {exc} (check apiKeySecret)") from None
-                    if exc.status == 404:
-                        raise InvalidTask(f"spec.teacher.openai: {exc} (check baseUrl and model)") from None
-                    raise
+                    if exc.status not in PER_ROW_STATUSES:
+                        raise
+                    usage.rejected[cache_key] = str(exc)
+                    on_answer()
+                    return
                 answer = {"text": c.text, "tokens": c.completion_tokens, "promptTokens": c.prompt_tokens,
                           "finished": c.finished}
                 await asyncio.to_thread(cache.put, cache_key, answer)  # saved before anything else

@@ -28,25 +28,14 @@ def measure_quality(source: dict, rows: list[dict], cache: bool = True) -> tuple
     return value, tops
 
 
-def _k_quant(folder: Path, tmp: Path, out: Path, type_name: str, name: str, spec: dict, dataset: dict | None,
-             progress: Progress) -> int:
-    """A K-quant through llama.cpp, from an f16 GGUF written once per run (and an importance
-    matrix computed once on the train split, when asked)."""
-    base = tmp / "base-f16.gguf"
-    params_file = tmp / "base-f16.params"
-    if not base.exists():
-        params_file.write_text(str(export(folder, base, "f16", name)))
-    imatrix = None
-    if spec.get("importanceMatrix"):
-        imatrix = tmp / "imatrix.dat"
-        if not imatrix.exists():
-            progress.stage("computing the importance matrix")
-            calibration = tmp / "calibration.txt"
-            rows = read_split(dataset["uri"], "train")[:200]
-            calibration.write_text("\n\n".join("\n".join(m["content"] for m in messages_of(r)) for r in rows))
-            llama_cpp.importance_matrix(base, calibration, imatrix, os.cpu_count() or 2)
-    llama_cpp.k_quantize(base, out, type_name, os.cpu_count() or 2, imatrix)
-    return int(params_file.read_text())
+def _importance_matrix(base: Path, tmp: Path, dataset: dict, progress: Progress) -> Path:
+    """llama-imatrix over the train split's conversations, as plain text."""
+    progress.stage("computing the importance matrix")
+    calibration, imatrix = tmp / "calibration.txt", tmp / "imatrix.dat"
+    rows = read_split(dataset["uri"], "train")[:200]
+    calibration.write_text("\n\n".join("\n".join(m["content"] for m in messages_of(r)) for r in rows))
+    llama_cpp.importance_matrix(base, calibration, imatrix, os.cpu_count() or 2)
+    return imatrix
 
 
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
@@ -69,12 +58,19 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     artifacts, passed = [], True
     name = task["resource"]["name"]
     with tempfile.TemporaryDirectory() as tmp:
+        # K-quants start from one f16 GGUF (and one importance matrix) shared by every K type.
+        base, base_params, imatrix = Path(tmp) / "base-f16.gguf", None, None
         for i, type_name in enumerate(types):
             progress.stage(f"converting to {type_name}", total=len(types), unit="types")
             progress.update(i)
             out = Path(tmp) / f"{name}-{type_name}.gguf"
             if type_name in llama_cpp.K_QUANTS:
-                params = _k_quant(Path(folder), Path(tmp), out, type_name, name, spec, dataset, progress)
+                if base_params is None:
+                    base_params = export(Path(folder), base, "f16", name)
+                    if spec.get("importanceMatrix"):
+                        imatrix = _importance_matrix(base, Path(tmp), dataset, progress)
+                llama_cpp.k_quantize(base, out, type_name, os.cpu_count() or 2, imatrix)
+                params = base_params
             else:
                 params = export(Path(folder), out, type_name, name)
             art: dict[str, Any] = {
