@@ -131,29 +131,45 @@ class JobController:
         (folder / "task.json").write_text(config_map["data"]["task.json"])
         command = [sys.executable if part == "python" else part.replace(TASK_PATH, str(folder / "task.json"))
                    for part in container["command"]]
-        failed = 0
-        while True:
-            await self._patch_status(job, {"active": 1, "failed": failed,
-                                           "startTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
-            with (folder / f"attempt-{failed}.log").open("w") as log:
+        # An Indexed Job: one pod per index, with JOB_COMPLETION_INDEX set and $(...) expanded (the kubelet's part).
+        indexes = range(spec.get("completions", 1)) if spec.get("completionMode") == "Indexed" else [None]
+        state = {"failed": 0, "active": len(indexes), "succeeded": 0, "verdict": None}
+        await self._patch_status(job, {"active": state["active"], "failed": 0,
+                                       "startTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        await asyncio.gather(*(self._run_pod(job, folder, container, command, index, state) for index in indexes))
+        if state["verdict"]:
+            reason, message = state["verdict"]
+            await self._patch_status(job, {"active": 0, "failed": state["failed"], "conditions": [
+                {"type": "Failed", "status": "True", "reason": reason, "message": message}]})
+        else:
+            await self._patch_status(job, {"active": 0, "succeeded": len(indexes), "conditions": [
+                {"type": "Complete", "status": "True", "reason": "Completed"}]})
+
+    async def _run_pod(self, job: dict, folder: Path, container: dict, command: list[str], index: int | None,
+                       state: dict) -> None:
+        env = self._environment(job, container)
+        if index is not None:
+            env["JOB_COMPLETION_INDEX"] = str(index)
+            command = [part.replace("$(JOB_COMPLETION_INDEX)", str(index)) for part in command]
+        attempt = 0
+        while state["verdict"] is None:
+            with (folder / f"attempt-{index or 0}-{attempt}.log").open("w") as log:
                 proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                                                            env=self._environment(job, container))
+                                                            env=env)
                 self._procs.append(proc)
                 code = await proc.wait()
             if code == 0:
-                await self._patch_status(job, {"active": 0, "succeeded": 1, "conditions": [
-                    {"type": "Complete", "status": "True", "reason": "Completed"}]})
+                state["active"] -= 1
+                state["succeeded"] += 1
                 return
-            failed += 1
+            state["failed"] += 1
+            attempt += 1
             if code == EXIT_INVALID_TASK:
-                reason, message = "PodFailurePolicy", f"Container runtime exited with {code}, matching FailJob rule"
-            elif failed > spec.get("backoffLimit", 6):
-                reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+                state["verdict"] = ("PodFailurePolicy", f"Container runtime exited with {code}, matching FailJob rule")
+            elif state["failed"] > job["spec"].get("backoffLimit", 6):
+                state["verdict"] = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
             else:
-                continue
-            await self._patch_status(job, {"active": 0, "failed": failed, "conditions": [
-                {"type": "Failed", "status": "True", "reason": reason, "message": message}]})
-            return
+                await self._patch_status(job, {"active": state["active"], "failed": state["failed"]})
 
     async def shutdown(self) -> None:
         """Kill what still runs: a test that ends mid-Job leaves no processes behind."""

@@ -35,7 +35,16 @@ def children(body, settings=SETTINGS):
     return task, build(body, task, settings)
 
 
+def dataset_build(**spec):
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild",
+            "metadata": {"name": "seed-data", "namespace": "ml", "uid": "6c1b0a4e-0000-4000-8000-000000000002"},
+            "spec": {"sources": [{"huggingface": {"id": "lightblue/tagengo-gpt4"}}],
+                     "teacher": {"openai": {"model": "gpt-4o", "apiKeySecret": {"name": "openai", "key": "api-key"}}},
+                     **spec}}
+
+
 VARIANTS = {
+    "sharded-dataset": dataset_build(shards=4),
     "one-gpu": fine_tune(),
     "eight-gpus": fine_tune({"gpusPerNode": 8, "cpu": "64", "memory": "900Gi"}),
     "two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}),
@@ -111,11 +120,7 @@ def test_tracker_keys_are_secret_references_and_training_gets_time_to_checkpoint
 
 
 def test_teacher_api_key_reaches_the_pod_only_by_reference():
-    body = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild",
-            "metadata": {"name": "seed-data", "namespace": "ml", "uid": "6c1b0a4e-0000-4000-8000-000000000002"},
-            "spec": {"sources": [{"huggingface": {"id": "lightblue/tagengo-gpt4"}}],
-                     "teacher": {"openai": {"model": "gpt-4o", "apiKeySecret": {"name": "openai", "key": "api-key"}}}}}
-    task, objs = children(body)
+    task, objs = children(dataset_build())
     env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
     [key] = [e for e in env if e["name"] == "LLMFACTORY_TEACHER_API_KEY"]
     assert key == {"name": "LLMFACTORY_TEACHER_API_KEY",
@@ -157,6 +162,15 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service():
     name = service["metadata"]["name"]
     assert "--nnodes=2" in command and "--node-rank=$(JOB_COMPLETION_INDEX)" in command
     assert f"--master-addr={name}-0.{name}" in command
+
+
+def test_sharded_dataset_build_is_an_indexed_job_with_one_pod_per_shard():
+    task, objs = children(VARIANTS["sharded-dataset"])
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]  # no rendezvous: shards meet in the store
+    spec = _job(objs)["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    assert spec["template"]["spec"]["containers"][0]["command"][-2:] == ["--shard", "$(JOB_COMPLETION_INDEX)"]
+    assert task["spec"]["shards"] == 4 and task["digest"] == children(dataset_build())[0]["digest"]
 
 
 def test_resource_scheduling_overrides_the_operator_defaults():

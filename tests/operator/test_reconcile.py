@@ -91,6 +91,23 @@ async def test_spec_change_makes_a_new_job_and_the_same_spec_reuses_the_result(c
     assert any("reused" in e["message"] for e in events_for(cluster, "data"))
 
 
+async def test_sharded_dataset_build_runs_one_pod_per_shard_and_merges(cluster, operator, job_controller,
+                                                                        openai_server):
+    prompts = [{"text": f"Give one fact about the number {i}.", "language": "en"} for i in range(8)]
+    await cluster.apply({
+        "apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild", "metadata": {"name": "data"},
+        "spec": {"sources": [{"inline": prompts}], "shards": 2, "filters": {"nearDuplicateThreshold": 0},
+                 "teacher": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o", "concurrency": 2}}}})
+    obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded", "Failed"), timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    [job] = cluster.objects("jobs")
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
+    assert job["status"]["succeeded"] == 2 and obj["status"]["attempts"] == 1
+    result = obj["status"]["result"]
+    assert sum(result["rows"].values()) == 8 and result["teacherUsage"]["requests"] == 8
+    assert sorted(r.last_user for r in openai_server.requests) == sorted(p["text"] for p in prompts)
+
+
 async def test_invalid_spec_is_stalled_with_the_field_named(cluster, operator, tiny_model):
     bench = pipeline(tiny_model)[2]
     bench["spec"]["model"] = {"source": {"uri": f"file://{tiny_model}"}}

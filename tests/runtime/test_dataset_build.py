@@ -209,6 +209,40 @@ def test_a_killed_build_never_pays_twice_for_an_answer(tmp_path, openai_server):
     assert sum(result["rows"].values()) == 24 and result["teacherUsage"]["cached"] >= len(delivered)
 
 
+def test_sharded_build_asks_each_prompt_once_within_the_limits_and_equals_one_process(tmp_path, openai_server):
+    """Three shard processes (the Indexed Job's pods) split the teacher's work and its limits; the
+    last to finish merges; the dataset is the one a single process builds."""
+    openai_server.reply, openai_server.latency = scripted, 0.05
+    prompts = [{"text": f"Name one use of the number {i} in everyday life.", "language": "en"} for i in range(12)]
+    doc = manifest(openai_server.url, {"inline": prompts}, samplesPerLanguage=None, languageDetection=None,
+                   filters={"nearDuplicateThreshold": 0}, shards=3)
+    doc["spec"]["teacher"]["openai"].update(concurrency=3, requestsPerMinute=6000)
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/sharded")
+    single_doc = json.loads(json.dumps(doc))
+    del single_doc["spec"]["shards"]
+    assert plan(parse(single_doc), lambda *k: None, f"file://{tmp_path}/sharded")["digest"] == task["digest"]
+    run = open_store(task["artifactUri"])
+    run.write_json("task.json", task)
+    cmd = [sys.executable, "-m", "llmfactory_runtime", "dataset", "--task", task["artifactUri"], "--shard"]
+    procs = [subprocess.Popen(cmd + [str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(3)]
+    assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+
+    assert sorted(r.last_user for r in openai_server.requests) == sorted(p["text"] for p in prompts)
+    assert openai_server.max_in_flight <= 3  # the build's concurrency, not each shard's
+    shards = [run.read_json(f"shards/{i}/result.json") for i in range(3)]
+    assert [s["prompts"] for s in shards] == [4, 4, 4] and sum(s["requests"] for s in shards) == 12
+    result = run.read_json("result.json")
+    assert result["teacherUsage"]["requests"] == 12 and result["teacherUsage"]["cached"] == 0
+    assert sum(result["rows"].values()) == 12
+    assert subprocess.run(cmd + ["3"], capture_output=True).returncode == 0  # already committed: nothing to do
+
+    openai_server.requests.clear()
+    _, single = run_in_process(tmp_path / "single", single_doc)
+    assert len(openai_server.requests) == 12  # its own store, its own cache
+    assert single["digest"] == result["digest"] and single["rows"] == result["rows"]
+
+
 def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
     """A Hugging Face dataset (datasets.load_dataset on a local folder: no hub here), Parquet,
     Alpaca and OpenAI-messages rows; malformed rows counted with examples."""

@@ -106,7 +106,7 @@ def test_runtime_entrypoint_and_job_commands_exist_in_the_image():
     assert (ROOT / "images/runtime/llmfactory_runtime/__main__.py").exists()
     # Jobs set their own command: python, or torchrun for multi-GPU training, both in the venv on PATH.
     for gpus, nodes in ((1, 1), (8, 1), (8, 2)):
-        command = job_builder._command("FineTune", gpus, nodes, "svc")
+        command = job_builder._command("FineTune", gpus, nodes, "svc", shards=1)
         assert command[0] in ("python", "torchrun") and command[command.index("-m") + 1] == "llmfactory_runtime"
     env = " ".join(arg for op, arg in final_stage(IMAGES["runtime"]) if op == "ENV")
     assert "PATH=/opt/venv/bin:" in env

@@ -1,20 +1,26 @@
-"""python -m llmfactory_runtime <phase> --task PATH_OR_URI
+"""python -m llmfactory_runtime <phase> --task PATH_OR_URI [--shard INDEX]
 
 Reads the task, does the phase's work under the task's artifact prefix, writes progress.json
 while it works and result.json + COMMITTED when it is done. A task whose result is already
 committed is not run again. Exit codes: 0 done, 1 failed (retry may help), 2 invalid task.
+
+A sharded DatasetBuild runs as N processes (an Indexed Job's pods), each with --shard: each
+does its share under shards/<index>/ and commits it there; whichever finds every shard
+committed after its own merges them into the run's result (several may: the merge is
+deterministic and writes the same files).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
 import traceback
 
 from . import EXIT_FAILED, EXIT_INVALID_TASK, EXIT_OK
-from .store import TASK, finished_result, open_store, write_result
+from .store import SHARDS, TASK, Store, finished_result, open_store, write_result
 from .task import InvalidTask, load_task
 
 PHASES = {
@@ -32,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=sorted(PHASES))
     parser.add_argument("--task", required=True, help="task.json path, or its s3:// / file:// URI")
+    parser.add_argument("--shard", type=int, help="this process's shard of a DatasetBuild with spec.shards > 1 "
+                                                  "(0-based; an Indexed Job passes its JOB_COMPLETION_INDEX)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -51,12 +59,36 @@ def main(argv: list[str] | None = None) -> int:
     if not run.exists(TASK):
         run.write_json(TASK, task)
 
+    phase = importlib.import_module(PHASES[args.phase])  # imports torch: after the cheap checks
+    if args.shard is not None:
+        shards = int(task["spec"].get("shards", 1))
+        if args.phase != "dataset" or not 0 <= args.shard < shards:
+            log.error("--shard %s: the task has %d shard(s) (spec.shards of a DatasetBuild)", args.shard, shards)
+            return EXIT_INVALID_TASK
+        own = run.child(f"{SHARDS}/{args.shard}")
+        if finished_result(own) is None:
+            code = _execute(functools.partial(phase.run_shard, shard=args.shard), task, own)
+            if code != EXIT_OK:
+                return code
+        waiting = [i for i in range(shards) if finished_result(run.child(f"{SHARDS}/{i}")) is None]
+        if waiting:
+            log.info("shard %d committed; shards %s still working, the last of them merges", args.shard, waiting)
+            return EXIT_OK
+        log.info("every shard committed: merging")
+    code = _execute(phase.run, task, run)
+    if code == EXIT_OK:
+        log.info("result committed at %s", run.uri)
+    return code
+
+
+def _execute(work, task: dict, run: Store) -> int:
+    """Run one unit of work under `run`: its progress.json while it works, its result + commit
+    marker when done; the exit code says whether a retry can help."""
     from .progress import Progress  # noqa: PLC0415
 
     progress = Progress(run)
-    phase = importlib.import_module(PHASES[args.phase])  # imports torch: after the cheap checks
     try:
-        result = phase.run(task, run, progress)
+        result = work(task, run, progress)
     except InvalidTask as exc:
         log.error("invalid task: %s", exc)
         progress.finish("Failed", f"InvalidTask: {exc}")
@@ -67,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     write_result(run, result)
     progress.finish("Succeeded")
-    log.info("result committed at %s", run.uri)
     return EXIT_OK
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -146,8 +146,6 @@ class RunOptions(ApiModel):
     queue_name: str | None = Field(
         None, pattern=NAME_PATTERN, description="Kueue LocalQueue: the Job is created suspended with the "
                                                 "kueue.x-k8s.io/queue-name label, and Kueue admits it.")
-
-
     scheduling: Scheduling | None = Field(None, description="Node selector, tolerations and affinity of the "
                                                             "phase's pods, overriding the operator's defaults.")
     resources: PodResources | None = Field(None, description="GPUs, CPU and memory of the phase's pod.")
@@ -160,8 +158,10 @@ OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "scheduling", "resources")
 
 def operational_fields(kind: str) -> tuple[str, ...]:
     return tuple(f for f in OPERATIONAL_FIELDS if not (f == "resources" and kind == "FineTune"))
+
+
 # In the task (the runtime needs them) but not in its digest: they do not change the result.
-RUNTIME_ONLY_FIELDS = ("checkpointing", "tracking")
+RUNTIME_ONLY_FIELDS = ("checkpointing", "tracking", "shards")
 
 
 class Phase(str, Enum):

@@ -114,6 +114,11 @@ class DatasetBuildSpec(RunOptions):
         "chatml", description="chatml: {messages: [{role, content}]}; sharegpt: {conversations: [{from, value}]}.")
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
     parquet: bool = Field(True, description="Also write each split as Parquet next to the JSONL.")
+    shards: int = Field(1, ge=1, le=128, description=(
+        "Split the teacher's work over this many pods (an Indexed Job; locally, processes): each answers "
+        "every N-th prompt into the answer cache, and the last to finish merges. The dataset is the same as "
+        "with 1 shard. The teacher's concurrency and rate limits stay limits of the whole build: each shard "
+        "gets 1/N of them."))
 
 
 class TeacherUsage(ApiModel):

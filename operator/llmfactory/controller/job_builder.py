@@ -71,9 +71,11 @@ def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
     return env
 
 
-def _command(kind: str, gpus: int, nodes: int, service: str | None) -> list[str]:
+def _command(kind: str, gpus: int, nodes: int, service: str | None, shards: int) -> list[str]:
     phase = KINDS[kind].phase
     runtime = ["-m", "llmfactory_runtime", phase, "--task", TASK_PATH]
+    if shards > 1:  # one pod per shard of an Indexed Job
+        runtime += ["--shard", "$(JOB_COMPLETION_INDEX)"]
     if kind != "FineTune" or (gpus <= 1 and nodes == 1):
         return ["python", *runtime]
     launcher = ["torchrun", f"--nproc-per-node={max(gpus, 1)}"]
@@ -95,6 +97,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     api_teacher = kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {})
     gpus = resources.get("gpusPerNode", 0 if api_teacher else settings.default_gpus.get(kind, 0))
     nodes = resources.get("nodes", 1) if kind == "FineTune" else 1
+    shards = spec.get("shards", 1) if kind == "DatasetBuild" else 1
     queue = spec.get("queueName") or settings.default_queue_name
 
     config_map = {
@@ -112,7 +115,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": _command(kind, gpus, nodes, name if nodes > 1 else None),
+        "command": _command(kind, gpus, nodes, name if nodes > 1 else None, shards),
         "env": _env(settings) + _secret_env(spec),
         "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
@@ -168,8 +171,8 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         job_spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
     if settings.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
-    if nodes > 1:
-        job_spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
+    if nodes > 1 or shards > 1:
+        job_spec.update(completionMode="Indexed", completions=max(nodes, shards), parallelism=max(nodes, shards))
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta, "spec": job_spec}
     if nodes == 1:
         return [config_map, job]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from llmfactory_runtime.finetune.estimate import Estimate
-from llmfactory_runtime.store import PROGRESS, finished_result, open_store
+from llmfactory_runtime.store import finished_result, open_store, read_progress
 
 from ..api import KINDS
 from ..planner import PlanError, Waiting, parse, plan, references
@@ -84,8 +84,9 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         created |= kube.ensure(job_builder.api_path(child), child) and child["kind"] == "Job"
     job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
     jstatus = job.get("status") or {}
-    progress = run.read_json_or_none(PROGRESS) or {}
-    attempts = int(jstatus.get("failed") or 0) + int(jstatus.get("active") or 0) + int(jstatus.get("succeeded") or 0)
+    progress = read_progress(run) or {}
+    # Failed pods, plus the run in progress or done (one, however many pods an Indexed Job has).
+    attempts = int(jstatus.get("failed") or 0) + int(bool(jstatus.get("active") or jstatus.get("succeeded")))
     fields = {**ident, **extra, "jobName": job_name, "attempts": attempts, "progress": _progress(run, progress=progress)}
 
     failed = next((c for c in jstatus.get("conditions") or [] if c.get("type") == "Failed" and c.get("status") == "True"), None)
@@ -116,7 +117,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
 
 
 def _progress(run, progress: dict | None = None, done: bool = False) -> dict[str, Any]:
-    progress = progress if progress is not None else (run.read_json_or_none(PROGRESS) or {})
+    progress = progress if progress is not None else (read_progress(run) or {})
     out = {"percent": 100.0 if done else progress.get("percent"), "done": progress.get("done"),
            "total": progress.get("total"), "unit": progress.get("unit"), "stage": progress.get("stage"),
            "etaSeconds": 0 if done else progress.get("etaSeconds"), "figure": progress.get("figure")}

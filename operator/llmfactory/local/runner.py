@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from llmfactory_runtime.store import PROGRESS, TASK, finished_result, open_store
+from llmfactory_runtime.store import TASK, finished_result, open_store, read_progress
 
 from ..api import KINDS
 from ..api.headline import headline
@@ -75,19 +75,22 @@ class LocalRunner:
         log = self.log_dir / f"{res.kind.lower()}-{res.name}-{task['digest'][:12]}.log"
         bar = bars.add_task(f"{label}: starting", total=100, figure="")
         started = time.time()
+        command = [sys.executable, "-m", "llmfactory_runtime", KINDS[res.kind].phase, "--task", task["artifactUri"]]
+        shards = task["spec"].get("shards", 1) if res.kind == "DatasetBuild" else 1
+        # A sharded build: one process per shard, as the Indexed Job's pods; the last one merges.
+        commands = [command + ["--shard", str(i)] for i in range(shards)] if shards > 1 else [command]
         with log.open("w") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "llmfactory_runtime", KINDS[res.kind].phase, "--task", task["artifactUri"]],
-                stdout=out, stderr=subprocess.STDOUT, env=self.env)
+            procs = [subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT, env=self.env) for c in commands]
             progress: dict[str, Any] = {}
-            while proc.poll() is None:
+            while any(p.poll() is None for p in procs):
                 time.sleep(self.poll_seconds)
-                progress = run.read_json_or_none(PROGRESS) or progress
+                progress = read_progress(run) or progress
                 self._draw(bars, bar, label, progress)
-        progress = run.read_json_or_none(PROGRESS) or progress
+        progress = read_progress(run) or progress
+        returncode = max(p.returncode for p in procs)
         seconds = time.time() - started
         result = finished_result(run)
-        if proc.returncode != 0 or result is None:
+        if returncode != 0 or result is None:
             message = progress.get("message") or _tail(log)
             bars.update(bar, description=f"{label}: [red]failed[/red]", figure="")
             return Outcome(res, "Failed", task, None, seconds, message, log)

@@ -1,5 +1,10 @@
 """DatasetBuild: prompts -> language detection, dedup, sampling -> teacher answers (cached
 across runs, never paid twice) -> filters -> train/validation/test splits as JSONL and Parquet.
+
+Sharded (spec.shards = N): every shard selects the same prompts (the selection is
+deterministic and cheap next to the teacher), asks the teacher for its every N-th one, which
+fills the answer cache, and commits what it paid; the merge is then an ordinary build that
+finds every answer in the cache, plus the shards' bills.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 
 from ..data import SPLITS, dumps_jsonl, to_row
 from ..progress import Progress
-from ..store import Store
+from ..store import SHARDS, Store, finished_result
 from . import teacher as teacher_
 from .dedupe import dedupe
 from .filters import AnswerFilter
@@ -81,20 +86,62 @@ def _parquet(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) -> dict[str, Any]:
-    spec = task["spec"]
-    drops = Drops()
+def _prompts(spec: dict[str, Any], drops: Drops, progress: Progress) -> list[dict]:
     progress.stage("reading prompts")
     prompts = collect(spec["sources"], drops)
     wanted = spec.get("samplesPerLanguage")
     if spec.get("languageDetection") is not None:
         prompts = detect(prompts, spec["languageDetection"], wanted, drops)
     prompts = dedupe(prompts, (spec.get("filters") or {}).get("nearDuplicateThreshold") or None, drops)  # 0: off
-    prompts = sample_per_language(prompts, wanted, spec["split"]["seed"], drops)
+    return sample_per_language(prompts, wanted, spec["split"]["seed"], drops)
 
-    keep = AnswerFilter(spec.get("filters", {}))
-    rows, usage = teacher_.answer(prompts, spec["teacher"], task["inputs"].get("teacher"), task["cacheUri"],
-                                  keep, drops, progress, transport=transport)
+
+def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: Progress, transport=None):
+    spec = task["spec"]
+    return teacher_.answer(prompts, spec["teacher"], task["inputs"].get("teacher"), task["cacheUri"],
+                           AnswerFilter(spec.get("filters", {})), drops, progress, transport=transport)
+
+
+SHARED_LIMITS = ("concurrency", "requestsPerMinute", "tokensPerMinute")
+
+
+def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, transport=None) -> dict[str, Any]:
+    """Answer every shards-th prompt, starting at `shard`, into the answer cache, at 1/shards of
+    the teacher's limits (the provider's limits are the account's, not the pod's)."""
+    shards = task["spec"]["shards"]
+    teacher = task["spec"]["teacher"]
+    if "openai" in teacher:
+        endpoint = dict(teacher["openai"])
+        for name in SHARED_LIMITS:
+            if endpoint.get(name):
+                endpoint[name] = max(1, endpoint[name] // shards)
+        task = {**task, "spec": {**task["spec"], "teacher": {**teacher, "openai": endpoint}}}
+    prompts = _prompts(task["spec"], Drops(), progress)[shard::shards]
+    rows, usage = _answer(task, prompts, Drops(), progress, transport)
+    return {"shard": shard, "prompts": len(prompts), "kept": len(rows), "requests": usage.requests,
+            "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens}
+
+
+def _shard_bills(run: Store, shards: int) -> dict[str, int]:
+    """What the shards paid for (the merge finds those answers in the cache)."""
+    bills = Counter()
+    for i in range(shards):
+        result = finished_result(run.child(f"{SHARDS}/{i}")) or {}
+        bills.update({k: result.get(k, 0) for k in ("requests", "promptTokens", "completionTokens")})
+    return dict(bills)
+
+
+def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) -> dict[str, Any]:
+    spec = task["spec"]
+    drops = Drops()
+    prompts = _prompts(spec, drops, progress)
+    rows, usage = _answer(task, prompts, drops, progress, transport)
+    if spec.get("shards", 1) > 1:
+        bills = _shard_bills(run, spec["shards"])
+        usage.cached -= bills.get("requests", 0)
+        usage.requests += bills.get("requests", 0)
+        usage.prompt_tokens += bills.get("promptTokens", 0)
+        usage.completion_tokens += bills.get("completionTokens", 0)
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
 

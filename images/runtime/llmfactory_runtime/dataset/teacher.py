@@ -9,7 +9,7 @@ limit) or a local transformers model (batched).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..answer_cache import AnswerCache
@@ -30,7 +30,6 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     used_tokens: int = 0  # completion tokens of every answer this build used, cached ones included
-    rejected: dict[str, str] = field(default_factory=dict)  # cache key -> why the endpoint refused
 
     def add(self, answer: dict[str, Any]) -> None:
         self.requests += 1
@@ -58,14 +57,13 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
                 try:
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
                                               teacher.get("temperature", 0.0))
+                    answer = {"text": c.text, "tokens": c.completion_tokens, "promptTokens": c.prompt_tokens,
+                              "finished": c.finished}
                 except EndpointError as exc:
                     if exc.status not in PER_ROW_STATUSES:
                         raise
-                    usage.rejected[cache_key] = str(exc)
-                    on_answer()
-                    return
-                answer = {"text": c.text, "tokens": c.completion_tokens, "promptTokens": c.prompt_tokens,
-                          "finished": c.finished}
+                    # Kept like an answer: a restart or a shard's merge does not ask again.
+                    answer = {"text": "", "tokens": 0, "finished": False, "rejected": str(exc)}
                 await asyncio.to_thread(cache.put, cache_key, answer)  # saved before anything else
                 usage.add(answer)
                 on_answer()
@@ -143,12 +141,12 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
                 ask(todo)
             for c in asking:
                 got = cache.get(c["key"])
-                usage.used_tokens += got["tokens"] if got else 0
-                reason = "teacher_rejected" if got is None else keep.reason_to_drop(got["text"], got["finished"],
-                                                                                    got["tokens"])
+                usage.used_tokens += got["tokens"]
+                reason = "teacher_rejected" if got.get("rejected") else keep.reason_to_drop(
+                    got["text"], got["finished"], got["tokens"])
                 if reason:
                     c["alive"] = False
-                    drops.add(reason, usage.rejected.get(c["key"]) or c["prompt"]["turns"][turn])
+                    drops.add(reason, got.get("rejected") or c["prompt"]["turns"][turn])
                     continue
                 c["messages"].append({"role": "assistant", "content": got["text"]})
             # Conversations cut short lose their later turns from the progress total.

@@ -11,6 +11,7 @@ from typing import Any
 from .base import COMMIT_MARKER, Store
 
 TASK, PROGRESS, RESULT = "task.json", "progress.json", "result.json"
+SHARDS = "shards"  # shards/<index>/: one shard of a sharded run, with its own progress and result
 
 
 def open_store(uri: str) -> Store:
@@ -30,9 +31,31 @@ def finished_result(run: Store) -> dict[str, Any] | None:
     return run.read_json(RESULT)
 
 
+def read_progress(run: Store) -> dict[str, Any] | None:
+    """The run's progress.json; for a sharded run that has not reached its merge yet, the
+    shards' progress summed (one figure for the operator's status and the local runner)."""
+    own = run.read_json_or_none(PROGRESS)
+    if own is not None:
+        return own
+    names = [n for n in run.list(SHARDS) if n.endswith(f"/{PROGRESS}")]
+    parts = [p for p in (run.read_json_or_none(f"{SHARDS}/{n}") for n in names) if p]
+    if not parts:
+        return None
+    done, total = sum(p.get("done") or 0 for p in parts), sum(p.get("total") or 0 for p in parts)
+    failed = next((p for p in parts if p.get("state") == "Failed"), None)
+    finished = sum(p.get("state") == "Succeeded" for p in parts)
+    return {"state": "Failed" if failed else "Running", "message": (failed or {}).get("message", ""),
+            "stage": f"{parts[0].get('stage') or 'working'} ({finished}/{len(parts)} shards done)",
+            "done": done, "total": total or None, "unit": parts[0].get("unit"),
+            "percent": round(100.0 * done / total, 1) if total else None,
+            "etaSeconds": max((p.get("etaSeconds") or 0 for p in parts), default=None),
+            "figure": f"{len(parts)} shards: " + ", ".join(str(p.get("figure") or p.get("stage")) for p in parts[:4])
+                      + (", ..." if len(parts) > 4 else "")}
+
+
 def write_result(run: Store, result: dict[str, Any]) -> None:
     run.write_json(RESULT, result)
     run.commit()
 
 
-__all__ = ["COMMIT_MARKER", "PROGRESS", "RESULT", "TASK", "Store", "finished_result", "open_store", "write_result"]
+__all__ = ["COMMIT_MARKER", "PROGRESS", "RESULT", "SHARDS", "TASK", "Store", "finished_result", "open_store", "read_progress", "write_result"]
