@@ -14,7 +14,7 @@ from llmfactory_runtime.finetune.estimate import Estimate
 
 from .api import KINDS
 from .api.crd import crd
-from .planner import PlanError, Waiting, dependency_order, parse, plan, read_manifests
+from .planner import PlanError, Waiting, config_maps_among, dependency_order, parse, plan, read_manifests
 
 
 def _store_uri(value: str) -> str:
@@ -47,9 +47,10 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     """Print each resource's task, as far as it can be resolved without running anything."""
     try:
-        resources = dependency_order(parse(m) for m in read_manifests(args.file))
-        for res in resources:
-            task = plan(res, lambda *key: None, _store_uri(args.store))
+        manifests, config_maps = config_maps_among(read_manifests(args.file))
+        for res in dependency_order(parse(m) for m in manifests):
+            task = plan(res, lambda *key: None, _store_uri(args.store),
+                        lambda namespace, name: config_maps.get((namespace, name)))
             if isinstance(task, Waiting):
                 print(f"{res.ref}: {task.reason}")
             else:

@@ -178,6 +178,26 @@ def test_restarted_dataset_build_reuses_every_paid_answer(tiny_model, tmp_path):
     assert done.returncode == 0 and "nothing to do" in done.stderr and run.read_bytes("result.json") == before
 
 
+def test_local_run_reads_a_config_map_among_the_manifests_and_runs_shards_as_processes(tmp_path, openai_server):
+    prompts = [{"prompt": f"Describe the shape number {i}.", "language": "en"} for i in range(6)]
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prompts"},
+                  "data": {"prompts.jsonl": "".join(json.dumps(p) + "\n" for p in prompts)}}
+    data = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild", "metadata": {"name": "data"},
+            "spec": {"sources": [{"configMap": {"name": "prompts", "key": "prompts.jsonl"}}], "shards": 2,
+                     "filters": {"nearDuplicateThreshold": 0},
+                     "teacher": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o"}}}}
+    store = f"file://{tmp_path}/artifacts"
+    missing = llmfactory(tmp_path, [data], store)
+    assert missing.returncode == 1 and "ConfigMap prompts is not among the manifests" in missing.stdout
+    run = llmfactory(tmp_path, [config_map, data], store)
+    assert run.returncode == 0, run.stdout + run.stderr
+    [result] = results(store, [data])["data"]
+    assert sum(result["rows"].values()) == 6 and result["teacherUsage"]["requests"] == 6
+    assert sorted(r.last_user for r in openai_server.requests) == sorted(p["prompt"] for p in prompts)
+    log = next((tmp_path / "artifacts" / "logs").glob("datasetbuild-data-*.log")).read_text()
+    assert "every shard committed: merging" in log
+
+
 def test_runtime_rejects_a_task_for_another_phase(tiny_model, tmp_path):
     from llmfactory.planner import plan
 

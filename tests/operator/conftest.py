@@ -29,7 +29,10 @@ class Cluster:
         self.server, self.session = server, session
 
     def _path(self, kind: str, namespace: str = "default", name: str | None = None) -> str:
-        base = f"{self.server.url}/apis/llmfactory.dev/v1alpha1/namespaces/{namespace}/{KINDS[kind].plural}"
+        if kind in KINDS:
+            base = f"{self.server.url}/apis/llmfactory.dev/v1alpha1/namespaces/{namespace}/{KINDS[kind].plural}"
+        else:  # core objects a user applies beside ours
+            base = f"{self.server.url}/api/v1/namespaces/{namespace}/{ {'ConfigMap': 'configmaps'}[kind]}"
         return f"{base}/{name}" if name else base
 
     async def apply(self, manifest: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from llmfactory.api import KINDS
 from llmfactory.controller.handlers import kopf_settings, register
 from llmfactory.controller.job_builder import TASK_PATH
 from llmfactory.controller.settings import OperatorSettings
-from llmfactory_runtime import EXIT_INVALID_TASK
+from llmfactory_runtime import CONFIG_MAPS_ENV, EXIT_INVALID_TASK
 
 _versions = itertools.count(1)
 
@@ -123,12 +123,18 @@ class JobController:
         meta, spec = job["metadata"], job["spec"]
         pod = spec["template"]["spec"]
         container = pod["containers"][0]
-        config_map_name = next(v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v)
-        config_map = next(c for c in objects_of(self.server, "configmaps")
-                          if c["metadata"]["name"] == config_map_name and c["metadata"]["namespace"] == meta["namespace"])
+        config_maps = {c["metadata"]["name"]: c for c in objects_of(self.server, "configmaps")
+                       if c["metadata"]["namespace"] == meta["namespace"]}
         folder = self.workdir / meta["name"]
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "task.json").write_text(config_map["data"]["task.json"])
+        # The kubelet's part: ConfigMap volumes as files (the task's, then any the run reads).
+        task_volume, *source_volumes = [v["configMap"] for v in pod["volumes"] if "configMap" in v]
+        (folder / "task.json").write_text(config_maps[task_volume["name"]]["data"]["task.json"])
+        for volume in source_volumes:
+            (folder / "config-maps" / volume["name"]).mkdir(parents=True, exist_ok=True)
+            for item in volume["items"]:
+                (folder / "config-maps" / volume["name"] / item["path"]).write_text(
+                    config_maps[volume["name"]]["data"][item["key"]])
         command = [sys.executable if part == "python" else part.replace(TASK_PATH, str(folder / "task.json"))
                    for part in container["command"]]
         # An Indexed Job: one pod per index, with JOB_COMPLETION_INDEX set and $(...) expanded (the kubelet's part).
@@ -147,7 +153,7 @@ class JobController:
 
     async def _run_pod(self, job: dict, folder: Path, container: dict, command: list[str], index: int | None,
                        state: dict) -> None:
-        env = self._environment(job, container)
+        env = {**self._environment(job, container), CONFIG_MAPS_ENV: str(folder / "config-maps")}
         if index is not None:
             env["JOB_COMPLETION_INDEX"] = str(index)
             command = [part.replace("$(JOB_COMPLETION_INDEX)", str(index)) for part in command]

@@ -30,8 +30,11 @@ def fine_tune(resources=None, **spec):
                      "dataset": {"uri": "s3://bucket/data"}, "resources": resources or {}, **spec}}
 
 
+PROMPTS = {"data": {"ru.jsonl": '{"prompt": "Привет"}\n', "en.jsonl": '{"prompt": "Hi"}\n'}}
+
+
 def children(body, settings=SETTINGS):
-    task = plan(parse(body), lambda *k: None, settings.store_uri)
+    task = plan(parse(body), lambda *k: None, settings.store_uri, lambda ns, name: PROMPTS)
     return task, build(body, task, settings)
 
 
@@ -45,6 +48,8 @@ def dataset_build(**spec):
 
 VARIANTS = {
     "sharded-dataset": dataset_build(shards=4),
+    "config-map-sources": dataset_build(sources=[{"configMap": {"name": "prompts", "key": "ru.jsonl"}},
+                                                 {"configMap": {"name": "prompts", "key": "en.jsonl"}}]),
     "one-gpu": fine_tune(),
     "eight-gpus": fine_tune({"gpusPerNode": 8, "cpu": "64", "memory": "900Gi"}),
     "two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}),
@@ -171,6 +176,19 @@ def test_sharded_dataset_build_is_an_indexed_job_with_one_pod_per_shard():
     assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
     assert spec["template"]["spec"]["containers"][0]["command"][-2:] == ["--shard", "$(JOB_COMPLETION_INDEX)"]
     assert task["spec"]["shards"] == 4 and task["digest"] == children(dataset_build())[0]["digest"]
+
+
+def test_config_map_sources_are_mounted_read_only_where_the_runtime_reads_them():
+    from llmfactory_runtime import CONFIG_MAPS_DIR
+
+    task, objs = children(VARIANTS["config-map-sources"])
+    pod = _job(objs)["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"].startswith("source-")]
+    assert volume["configMap"] == {"name": "prompts", "items": [{"key": "en.jsonl", "path": "en.jsonl"},
+                                                                {"key": "ru.jsonl", "path": "ru.jsonl"}]}
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": f"{CONFIG_MAPS_DIR}/prompts", "readOnly": True}
+    assert sorted(f["key"] for f in task["inputs"]["configMaps"].values()) == ["en.jsonl", "ru.jsonl"]
 
 
 def test_resource_scheduling_overrides_the_operator_defaults():

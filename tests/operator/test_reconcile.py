@@ -108,6 +108,39 @@ async def test_sharded_dataset_build_runs_one_pod_per_shard_and_merges(cluster, 
     assert sorted(r.last_user for r in openai_server.requests) == sorted(p["text"] for p in prompts)
 
 
+async def test_dataset_build_waits_for_its_config_map_and_reruns_when_it_changes(cluster, operator, job_controller,
+                                                                                 openai_server):
+    def prompts(n):
+        return "".join(json.dumps({"prompt": f"Say something about the colour number {i}."}) + "\n" for i in range(n))
+
+    await cluster.apply({
+        "apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild", "metadata": {"name": "data"},
+        "spec": {"sources": [{"configMap": {"name": "prompts", "key": "en.jsonl"}, "language": "en"}],
+                 "filters": {"nearDuplicateThreshold": 0},
+                 "teacher": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o"}}}})
+    waiting = await cluster.wait_for("DatasetBuild", "data", phase_is("Waiting"))
+    assert "ConfigMap prompts (spec.sources[0].configMap) to exist" in condition(waiting, "Ready")["message"]
+    await cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prompts"},
+                         "data": {"en.jsonl": prompts(5)}})
+    first = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded", "Failed"), timeout=120)
+    assert first["status"]["phase"] == "Succeeded", first["status"]
+    assert sum(first["status"]["result"]["rows"].values()) == 5
+    job = next(j for j in cluster.objects("jobs") if j["metadata"]["name"] == first["status"]["jobName"])
+    assert {"name": "source-0", "configMap": {"name": "prompts", "items": [{"key": "en.jsonl", "path": "en.jsonl"}]}} \
+        in job["spec"]["template"]["spec"]["volumes"]
+
+    # An edited ConfigMap is new input: a new task, a new Job, only the new prompts paid for.
+    async with cluster.session.patch(f"{cluster.server.url}/api/v1/namespaces/default/configmaps/prompts",
+                                     json={"data": {"en.jsonl": prompts(7)}},
+                                     headers={"Content-Type": "application/merge-patch+json"}) as resp:
+        resp.raise_for_status()
+    second = await cluster.wait_for("DatasetBuild", "data", lambda o: phase_is("Succeeded")(o) and
+                                    o["status"]["taskDigest"] != first["status"]["taskDigest"], timeout=120)
+    assert sum(second["status"]["result"]["rows"].values()) == 7
+    assert second["status"]["result"]["teacherUsage"] == {**second["status"]["result"]["teacherUsage"],
+                                                         "requests": 2, "cached": 5}
+
+
 async def test_invalid_spec_is_stalled_with_the_field_named(cluster, operator, tiny_model):
     bench = pipeline(tiny_model)[2]
     bench["spec"]["model"] = {"source": {"uri": f"file://{tiny_model}"}}

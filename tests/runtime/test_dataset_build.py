@@ -267,6 +267,25 @@ def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
     assert drops.counts == {"malformed": 1} and drops.examples["malformed"] == ["{broken json"]
 
 
+def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):
+    import hashlib
+
+    from llmfactory_runtime.task import InvalidTask
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "p.jsonl").write_text('{"prompt": "Почему небо голубое?"}\n{"oops": 1}\n')
+    monkeypatch.setenv("LLMFACTORY_CONFIG_MAPS", str(tmp_path))
+    planned = {"0": {"name": "prompts", "key": "p.jsonl", "sha256": hashlib.sha256((folder / "p.jsonl").read_bytes()).hexdigest()}}
+    drops = Drops()
+    prompts = collect([{"configMap": {"name": "prompts", "key": "p.jsonl"}, "language": "ru"}], drops, planned)
+    assert [(p["turns"], p["language"]) for p in prompts] == [(["Почему небо голубое?"], "ru")]
+    assert drops.counts == {"malformed": 1}
+    (folder / "p.jsonl").write_text('{"prompt": "edited after planning"}\n')
+    with pytest.raises(InvalidTask, match=r"spec.sources\[0\].configMap: ConfigMap prompts changed after this run"):
+        collect([{"configMap": {"name": "prompts", "key": "p.jsonl"}}], Drops(), planned)
+
+
 def test_short_prompts_are_told_apart_among_the_requested_languages():
     from llmfactory_runtime.dataset.languages import detect
 

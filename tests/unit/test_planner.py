@@ -167,3 +167,26 @@ def test_benchmark_of_a_quantization_loads_its_first_gguf():
     task = plan(parse(b), lookup({("Quantization", "q"): result}), STORE)
     assert task["inputs"]["model"] == {"uri": "s3://b/q/gguf", "ggufFile": "x-q8_0.gguf", "digest": "abc"}
     assert task["inputs"]["baseline"] is None and task["inputs"]["dataset"]["uri"] == "s3://b/d"
+
+
+def test_config_map_sources_wait_for_the_config_map_and_its_content_is_in_the_digest():
+    import base64
+
+    doc = m("DatasetBuild", "data", {"sources": [{"configMap": {"name": "prompts", "key": "en.jsonl"}},
+                                                 {"configMap": {"name": "prompts", "key": "zh.parquet"}}],
+                                     "teacher": {"model": MODEL}})
+    res = parse(doc)
+    cm = {"data": {"en.jsonl": '{"prompt": "hi"}\n'}, "binaryData": {"zh.parquet": base64.b64encode(b"PAR1").decode()}}
+    waiting = plan(res, lookup({}), STORE, lambda ns, name: None)
+    assert isinstance(waiting, Waiting) and waiting.reason == \
+        "waiting for ConfigMap prompts (spec.sources[0].configMap) to exist"
+    task = plan(res, lookup({}), STORE, lambda ns, name: cm if (ns, name) == ("default", "prompts") else None)
+    assert task["inputs"]["configMaps"]["1"] == {"name": "prompts", "key": "zh.parquet",
+                                                 "sha256": __import__("hashlib").sha256(b"PAR1").hexdigest()}
+    edited = {**cm, "data": {"en.jsonl": '{"prompt": "hello"}\n'}}
+    assert plan(res, lookup({}), STORE, lambda ns, name: edited)["digest"] != task["digest"]
+    with pytest.raises(PlanError, match=r"spec.sources\[1\].configMap.key: ConfigMap prompts has no key 'zh.parquet' "
+                                        r"\(it has: \['en.jsonl'\]\)"):
+        plan(res, lookup({}), STORE, lambda ns, name: {"data": cm["data"]})
+    with pytest.raises(PlanError, match="needs a cluster, or the ConfigMap among the manifests"):
+        plan(res, lookup({}), STORE)

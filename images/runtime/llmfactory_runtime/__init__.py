@@ -12,3 +12,7 @@ EXIT_INVALID_TASK = 2  # the task itself is wrong: retrying cannot help
 # Environment variables that carry API keys into the pod (the Job sets them by secretKeyRef).
 TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"
 JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"
+
+# Where a Job mounts the ConfigMaps a DatasetBuild reads prompts from (<dir>/<name>/<key>); the
+# local runner points this variable at the folder it writes them to.
+CONFIG_MAPS_ENV, CONFIG_MAPS_DIR = "LLMFACTORY_CONFIG_MAPS", "/etc/llmfactory/config-maps"

@@ -6,7 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import ApiModel, KindInfo, ModelSource, OpenAIEndpoint, RunOptions, StatusBase, URI_PATTERN
+from .common import (NAME_PATTERN, URI_PATTERN, ApiModel, KindInfo, ModelSource, OpenAIEndpoint, RunOptions,
+                     StatusBase)
 
 LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
 
@@ -25,18 +26,28 @@ class HuggingFaceDataset(ApiModel):
     revision: str | None = Field(None, description="Git revision; pin a commit for reproducible digests.")
 
 
+class ConfigMapFile(ApiModel):
+    name: str = Field(pattern=NAME_PATTERN, description="A ConfigMap in the DatasetBuild's namespace.")
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+\.(jsonl|json|parquet)$",
+                     description="The key holding the file: .jsonl or .json under data, .parquet under binaryData.")
+
+
 class Source(ApiModel):
     """One place prompts come from."""
 
     cel_rules: ClassVar = [
-        {"rule": "(has(self.inline) ? 1 : 0) + (has(self.uri) ? 1 : 0) + (has(self.huggingface) ? 1 : 0) == 1",
-         "message": "set exactly one of inline, uri or huggingface"},
+        {"rule": "(has(self.inline) ? 1 : 0) + (has(self.uri) ? 1 : 0) + (has(self.huggingface) ? 1 : 0)"
+                 " + (has(self.configMap) ? 1 : 0) == 1",
+         "message": "set exactly one of inline, uri, huggingface or configMap"},
     ]
 
     inline: list[InlinePrompt] | None = Field(None, min_length=1, description="Prompts written in the manifest.")
     uri: str | None = Field(None, pattern=URI_PATTERN,
                             description="A .jsonl or .parquet file (s3:// or file://).")
     huggingface: HuggingFaceDataset | None = Field(None, description="A Hugging Face dataset.")
+    config_map: ConfigMapFile | None = Field(
+        None, description="A file kept in a ConfigMap (up to 1 MiB), mounted into the pod. An edit to it is a new "
+                          "run (noticed at the operator's next poll); locally, a ConfigMap among the applied manifests.")
     fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca"] = Field(
         "auto", description="How rows hold prompts: prompt (a text column, promptField), sharegpt "
                             "(conversations: [{from, value}]), openai (messages: [{role, content}]), alpaca "

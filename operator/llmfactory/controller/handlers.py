@@ -46,6 +46,10 @@ def ensure_peering(kube: Kube, name: str, namespaces: list[str] | None) -> None:
                     {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}})
 
 
+def _reads_config_maps(body: kopf.Body) -> bool:
+    return any("configMap" in source for source in (body.get("spec") or {}).get("sources") or [])
+
+
 def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: Kube, config: OperatorSettings) -> None:
     kind, meta = body["kind"], body["metadata"]
     with metrics.timed(kind):
@@ -95,7 +99,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
     def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         status = body.get("status") or {}
         settled = status.get("observedGeneration") == body["metadata"].get("generation")
-        if settled and status.get("phase") in TERMINAL:
+        # A finished resource is done, unless it reads ConfigMaps: an edit to one is a new run.
+        if settled and status.get("phase") in TERMINAL and not _reads_config_maps(body):
             return
         _reconcile(body, patch, client(), config)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmfactory_runtime import EXIT_INVALID_TASK, JUDGE_KEY_ENV, TEACHER_KEY_ENV
+from llmfactory_runtime import CONFIG_MAPS_DIR, EXIT_INVALID_TASK, JUDGE_KEY_ENV, TEACHER_KEY_ENV
 
 from ..api import KINDS
 from .settings import OperatorSettings
@@ -71,6 +71,19 @@ def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
     return env
 
 
+def _config_map_volumes(task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) for the ConfigMaps a DatasetBuild reads: <CONFIG_MAPS_DIR>/<name>/<key>."""
+    keys: dict[str, set[str]] = {}
+    for file in (task["inputs"].get("configMaps") or {}).values():
+        keys.setdefault(file["name"], set()).add(file["key"])
+    volumes, mounts = [], []
+    for i, (name, wanted) in enumerate(sorted(keys.items())):
+        volumes.append({"name": f"source-{i}", "configMap": {
+            "name": name, "items": [{"key": k, "path": k} for k in sorted(wanted)]}})
+        mounts.append({"name": f"source-{i}", "mountPath": f"{CONFIG_MAPS_DIR}/{name}", "readOnly": True})
+    return volumes, mounts
+
+
 def _command(kind: str, gpus: int, nodes: int, service: str | None, shards: int) -> list[str]:
     phase = KINDS[kind].phase
     runtime = ["-m", "llmfactory_runtime", phase, "--task", TASK_PATH]
@@ -105,6 +118,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "metadata": {"name": name, "namespace": namespace, "labels": tags, "ownerReferences": owner},
         "data": {"task.json": json.dumps(task, indent=2, sort_keys=True)},
     }
+    source_volumes, source_mounts = _config_map_volumes(task)
     limits: dict[str, str] = {}
     if gpus:
         limits[settings.gpu_resource] = str(gpus)
@@ -121,7 +135,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
                          {"name": "shm", "mountPath": "/dev/shm"},
                          {"name": "tmp", "mountPath": "/tmp"},
-                         {"name": "cache", "mountPath": "/cache"}],
+                         {"name": "cache", "mountPath": "/cache"}, *source_mounts],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
     }
@@ -135,7 +149,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "volumes": [{"name": "task", "configMap": {"name": name}},
                     {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
                     {"name": "tmp", "emptyDir": {}},
-                    {"name": "cache", "emptyDir": {}}],
+                    {"name": "cache", "emptyDir": {}}, *source_volumes],
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account

@@ -52,7 +52,8 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     generation = meta.get("generation")
     try:
         res = parse(manifest_of(body))
-        task = plan(res, upstream_results(kube), settings.store_uri)
+        task = plan(res, upstream_results(kube), settings.store_uri,
+                    lambda namespace, name: kube.get_or_none(f"/api/v1/namespaces/{namespace}/configmaps/{name}"))
     except PlanError as exc:
         message = f"{exc.field}: {exc.message}"
         return Outcome(situation("Failed", "InvalidSpec", message, old, generation),

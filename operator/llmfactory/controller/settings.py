@@ -36,7 +36,8 @@ class OperatorSettings(BaseModel):
     termination_grace_seconds: int = Field(
         300, description="Time a FineTune pod gets between SIGTERM (preemption, eviction) and SIGKILL to "
                          "checkpoint to the store.")
-    poll_seconds: float = Field(10.0, description="How often running and waiting resources are checked.")
+    poll_seconds: float = Field(10.0, description="How often running and waiting resources (and finished ones "
+                                                  "that read ConfigMaps) are checked.")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":

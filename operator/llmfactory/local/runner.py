@@ -3,6 +3,7 @@ of the real runtime, drawing progress from the progress.json it writes."""
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -15,11 +16,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from llmfactory_runtime import CONFIG_MAPS_ENV
 from llmfactory_runtime.store import TASK, finished_result, open_store, read_progress
 
 from ..api import KINDS
 from ..api.headline import headline
-from ..planner import Resource, Waiting, dependency_order, parse, plan
+from ..planner import Resource, Waiting, config_maps_among, dependency_order, parse, plan
 
 
 @dataclass
@@ -46,6 +48,7 @@ class LocalRunner:
         self.poll_seconds = poll_seconds
 
     def run(self, manifests: list[dict[str, Any]]) -> list[Outcome]:
+        manifests, self.config_maps = config_maps_among(manifests)
         resources = dependency_order(parse(m) for m in manifests)
         outcomes: dict[tuple, Outcome] = {}
 
@@ -56,9 +59,10 @@ class LocalRunner:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                       TimeElapsedColumn(), TextColumn("{task.fields[figure]}"), console=self.console) as bars:
             for res in resources:
-                task = plan(res, result_of, self.store_uri)
+                task = plan(res, result_of, self.store_uri, lambda ns, name: self.config_maps.get((ns, name)))
                 if isinstance(task, Waiting):
-                    outcomes[res.key] = Outcome(res, "Skipped", message=f"{task.kind} {task.name} did not succeed")
+                    missing = "is not among the manifests" if task.kind == "ConfigMap" else "did not succeed"
+                    outcomes[res.key] = Outcome(res, "Skipped", message=f"{task.kind} {task.name} {missing}")
                     continue
                 outcomes[res.key] = self._run_one(res, task, bars)
         return list(outcomes.values())
@@ -79,8 +83,9 @@ class LocalRunner:
         shards = task["spec"].get("shards", 1) if res.kind == "DatasetBuild" else 1
         # A sharded build: one process per shard, as the Indexed Job's pods; the last one merges.
         commands = [command + ["--shard", str(i)] for i in range(shards)] if shards > 1 else [command]
+        env = {**self.env, CONFIG_MAPS_ENV: str(self._write_config_maps(res.namespace))}
         with log.open("w") as out:
-            procs = [subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT, env=self.env) for c in commands]
+            procs = [subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT, env=env) for c in commands]
             progress: dict[str, Any] = {}
             while any(p.poll() is None for p in procs):
                 time.sleep(self.poll_seconds)
@@ -96,6 +101,19 @@ class LocalRunner:
             return Outcome(res, "Failed", task, None, seconds, message, log)
         bars.update(bar, description=f"{label}: done", completed=100, figure=headline(res.kind, result))
         return Outcome(res, "Succeeded", task, result, seconds, log=log)
+
+    def _write_config_maps(self, namespace: str) -> Path:
+        """The namespace's ConfigMaps as files, laid out as a Job mounts them (<name>/<key>)."""
+        folder = self.log_dir / "config-maps" / namespace
+        for (ns, name), cm in self.config_maps.items():
+            if ns != namespace:
+                continue
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            for key, text in (cm.get("data") or {}).items():
+                (folder / name / key).write_text(text)
+            for key, b64 in (cm.get("binaryData") or {}).items():
+                (folder / name / key).write_bytes(base64.b64decode(b64))
+        return folder
 
     @staticmethod
     def _draw(bars: Progress, bar, label: str, progress: dict[str, Any]) -> None:

@@ -75,3 +75,17 @@ def read_manifests(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     for f in files:
         docs += [d for d in yaml.safe_load_all(f.read_text()) if d]
     return docs
+
+
+def config_maps_among(docs: list[dict[str, Any]], default_namespace: str = "default"
+                      ) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+    """(the llmfactory manifests, {(namespace, name): ConfigMap}): a DatasetBuild applied from
+    files reads its ConfigMap sources from the same files."""
+    config_maps, rest = {}, []
+    for doc in docs:
+        if doc.get("apiVersion") == "v1" and doc.get("kind") == "ConfigMap":
+            meta = doc.get("metadata") or {}
+            config_maps[(meta.get("namespace", default_namespace), meta.get("name"))] = doc
+        else:
+            rest.append(doc)
+    return rest, config_maps

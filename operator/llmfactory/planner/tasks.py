@@ -7,6 +7,7 @@ over all of that. Same inputs, same digest, same artifact prefix: finished work 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .graph import references
 from .manifests import Resource
 
 ResultLookup = Callable[[str, str, str], "dict[str, Any] | None"]  # (kind, namespace, name) -> status.result
+ConfigMapLookup = Callable[[str, str], "dict[str, Any] | None"]  # (namespace, name) -> the ConfigMap
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class Waiting:
 
     @property
     def reason(self) -> str:
-        return f"waiting for {self.kind} {self.name} ({self.field}) to succeed"
+        until = "exist" if self.kind == "ConfigMap" else "succeed"
+        return f"waiting for {self.kind} {self.name} ({self.field}) to {until}"
 
 
 def canonical_digest(obj: Any) -> str:
@@ -62,8 +65,10 @@ def benchmark_metric_names(spec, baseline: bool) -> set[str]:
     return names
 
 
-def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, Any] | Waiting:
-    """The task document for `res`, or Waiting when a referenced resource has not succeeded."""
+def plan(res: Resource, result_of: ResultLookup, store_uri: str,
+         config_map_of: ConfigMapLookup | None = None) -> dict[str, Any] | Waiting:
+    """The task document for `res`, or Waiting when a referenced resource has not succeeded
+    (or a ConfigMap it reads does not exist yet)."""
     estimate = check_fits(res) if res.kind == "FineTune" else None  # refuse before waiting on anything
     upstream: dict[str, dict[str, Any]] = {}
     for path, kind, name in references(res):
@@ -72,6 +77,12 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, An
             return Waiting(kind, name, path, estimate.as_dict() if estimate else None)
         upstream[path] = result
     inputs = _INPUTS[res.kind](res, upstream)
+    if res.kind == "DatasetBuild":
+        files = config_map_files(res, config_map_of)
+        if isinstance(files, Waiting):
+            return files
+        if files:
+            inputs["configMaps"] = files
     spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
     body = {"phase": KINDS[res.kind].phase, "spec": spec, "inputs": inputs}
     # How often to checkpoint or where to report does not change what is computed.
@@ -90,6 +101,30 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str) -> dict[str, An
     if estimate is not None:
         task["estimate"] = estimate.as_dict()
     return task
+
+
+def config_map_files(res: Resource, config_map_of: ConfigMapLookup | None) -> dict[str, dict] | Waiting:
+    """{source index: {name, key, sha256}} for the sources kept in ConfigMaps: the content's
+    digest goes into the task's, so an edited ConfigMap is a new run."""
+    files: dict[str, dict[str, Any]] = {}
+    for i, source in enumerate(res.spec.sources):
+        if source.config_map is None:
+            continue
+        field, ref = f"spec.sources[{i}].configMap", source.config_map
+        if config_map_of is None:
+            raise PlanError(res.ref, field, "a ConfigMap source needs a cluster, or the ConfigMap among the manifests")
+        found = config_map_of(res.namespace, ref.name)
+        if found is None:
+            return Waiting("ConfigMap", ref.name, field)
+        if ref.key in (found.get("data") or {}):
+            content = found["data"][ref.key].encode()
+        elif ref.key in (found.get("binaryData") or {}):
+            content = base64.b64decode(found["binaryData"][ref.key])
+        else:
+            keys = sorted({**(found.get("data") or {}), **(found.get("binaryData") or {})})
+            raise PlanError(res.ref, f"{field}.key", f"ConfigMap {ref.name} has no key {ref.key!r} (it has: {keys})")
+        files[str(i)] = {"name": ref.name, "key": ref.key, "sha256": hashlib.sha256(content).hexdigest()}
+    return files
 
 
 def _dataset(res: Resource, dataset, upstream: dict, path: str) -> dict[str, Any]:

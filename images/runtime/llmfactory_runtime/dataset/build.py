@@ -86,9 +86,10 @@ def _parquet(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def _prompts(spec: dict[str, Any], drops: Drops, progress: Progress) -> list[dict]:
+def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dict]:
+    spec = task["spec"]
     progress.stage("reading prompts")
-    prompts = collect(spec["sources"], drops)
+    prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"))
     wanted = spec.get("samplesPerLanguage")
     if spec.get("languageDetection") is not None:
         prompts = detect(prompts, spec["languageDetection"], wanted, drops)
@@ -116,7 +117,7 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
             if endpoint.get(name):
                 endpoint[name] = max(1, endpoint[name] // shards)
         task = {**task, "spec": {**task["spec"], "teacher": {**teacher, "openai": endpoint}}}
-    prompts = _prompts(task["spec"], Drops(), progress)[shard::shards]
+    prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage = _answer(task, prompts, Drops(), progress, transport)
     return {"shard": shard, "prompts": len(prompts), "kept": len(rows), "requests": usage.requests,
             "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens}
@@ -134,7 +135,7 @@ def _shard_bills(run: Store, shards: int) -> dict[str, int]:
 def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) -> dict[str, Any]:
     spec = task["spec"]
     drops = Drops()
-    prompts = _prompts(spec, drops, progress)
+    prompts = _prompts(task, drops, progress)
     rows, usage = _answer(task, prompts, drops, progress, transport)
     if spec.get("shards", 1) > 1:
         bills = _shard_bills(run, spec["shards"])

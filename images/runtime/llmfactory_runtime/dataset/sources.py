@@ -1,5 +1,6 @@
-"""Prompts from the sources of a DatasetBuild: inline lists, JSONL and Parquet files, Hugging
-Face datasets; rows in prompt-column, ShareGPT, OpenAI-messages or Alpaca shape.
+"""Prompts from the sources of a DatasetBuild: inline lists, JSONL and Parquet files (in the
+store or a mounted ConfigMap), Hugging Face datasets; rows in prompt-column, ShareGPT,
+OpenAI-messages or Alpaca shape.
 
 A prompt is {turns: [user messages], system, language}: the teacher answers every turn of a
 multi-turn conversation (or the first, with `turns: first`). Malformed rows are counted and a
@@ -8,11 +9,15 @@ few shown in the report, never fatal.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable
 
+from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
 from ..store import open_store
 from ..task import InvalidTask
 
@@ -38,7 +43,23 @@ class Drops:
 
 def _rows_of_uri(uri: str, field: str) -> Iterable[Any]:
     folder, name = uri.rstrip("/").rsplit("/", 1)
-    data = open_store(folder).read_bytes(name)
+    yield from _rows_of_file(open_store(folder).read_bytes(name), name, f"{field}: {uri}")
+
+
+def _rows_of_config_map(file: dict[str, str], field: str) -> Iterable[Any]:
+    """The mounted file, checked against the content the run was planned for."""
+    path = Path(os.environ.get(CONFIG_MAPS_ENV, CONFIG_MAPS_DIR)) / file["name"] / file["key"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidTask(f"{field}: ConfigMap {file['name']} key {file['key']} is not mounted at {path}") from None
+    if hashlib.sha256(data).hexdigest() != file["sha256"]:
+        raise InvalidTask(f"{field}: ConfigMap {file['name']} changed after this run was planned; the operator "
+                          "plans a new run for the new content")
+    yield from _rows_of_file(data, file["key"], f"{field}: ConfigMap {file['name']} key {file['key']}")
+
+
+def _rows_of_file(data: bytes, name: str, what: str) -> Iterable[Any]:
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq  # noqa: PLC0415 - only for Parquet sources
 
@@ -51,7 +72,7 @@ def _rows_of_uri(uri: str, field: str) -> Iterable[Any]:
                 except ValueError:
                     yield line  # counted as malformed by the caller
     else:
-        raise InvalidTask(f"{field}: {uri} is neither .jsonl nor .parquet")
+        raise InvalidTask(f"{what} is neither .jsonl nor .parquet")
 
 
 def rows_of_huggingface(hf: dict[str, Any]) -> Iterable[Any]:
@@ -105,8 +126,10 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
             "language": lang if isinstance(lang, str) and lang else default_lang}
 
 
-def collect(sources: list[dict[str, Any]], drops: Drops) -> list[dict[str, Any]]:
-    """[{turns, system, language}] from every source, in order."""
+def collect(sources: list[dict[str, Any]], drops: Drops,
+            config_maps: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """[{turns, system, language}] from every source, in order. `config_maps`: the task's
+    inputs.configMaps ({source index: {name, key, sha256}})."""
     prompts = []
     for index, source in enumerate(sources):
         default_lang = source.get("language") or UNKNOWN_LANGUAGE
@@ -115,8 +138,12 @@ def collect(sources: list[dict[str, Any]], drops: Drops) -> list[dict[str, Any]]
                         for p in source["inline"]]
             continue
         field = f"spec.sources[{index}]"
-        rows = (rows_of_huggingface(source["huggingface"]) if "huggingface" in source
-                else _rows_of_uri(source["uri"], f"{field}.uri"))
+        if "huggingface" in source:
+            rows = rows_of_huggingface(source["huggingface"])
+        elif "configMap" in source:
+            rows = _rows_of_config_map((config_maps or {})[str(index)], f"{field}.configMap")
+        else:
+            rows = _rows_of_uri(source["uri"], f"{field}.uri")
         for n, row in enumerate(rows):
             if source.get("maxRows") and n >= source["maxRows"]:
                 break
