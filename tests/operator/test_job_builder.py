@@ -124,12 +124,15 @@ def test_tracker_keys_are_secret_references_and_training_gets_time_to_checkpoint
     assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds
 
 
-def test_teacher_api_key_reaches_the_pod_only_by_reference():
-    task, objs = children(dataset_build())
+def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
+    task, objs = children(dataset_build(filters={"judge": {"openai": {
+        "model": "gpt-4o-mini", "apiKeySecret": {"name": "judge", "key": "token"}}}}))
     env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
     [key] = [e for e in env if e["name"] == "LLMFACTORY_TEACHER_API_KEY"]
     assert key == {"name": "LLMFACTORY_TEACHER_API_KEY",
                    "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}}
+    [judge] = [e for e in env if e["name"] == "LLMFACTORY_JUDGE_API_KEY"]
+    assert judge["valueFrom"] == {"secretKeyRef": {"name": "judge", "key": "token"}}
     assert task["inputs"] == {} and task["cacheUri"] == f"{SETTINGS.store_uri}/ml/cache"
     # The teacher is an API: no GPU is held for it (the operator's default for DatasetBuild is one).
     limits = _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})

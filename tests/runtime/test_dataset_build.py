@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmfactory.planner import parse, plan
+from llmfactory.planner import PlanError, parse, plan
 from llmfactory_runtime.dataset import build
 from llmfactory_runtime.dataset.sources import Drops, collect
 from llmfactory_runtime.openai_client import TokenBucket, retry_after
@@ -241,6 +241,75 @@ def test_sharded_build_asks_each_prompt_once_within_the_limits_and_equals_one_pr
     _, single = run_in_process(tmp_path / "single", single_doc)
     assert len(openai_server.requests) == 12  # its own store, its own cache
     assert single["digest"] == result["digest"] and single["rows"] == result["rows"]
+
+
+def test_a_judge_drops_weak_answers_and_long_prompts_are_never_asked(tmp_path, openai_server, tiny_model):
+    """filters.judge rates each answer (cached: a rebuild pays the judge nothing); maxPromptTokens,
+    counted with the student's tokenizer, drops a prompt before the teacher is paid for it."""
+    from llmfactory_runtime.benchmark.judge import JUDGE_SYSTEM
+
+    def teacher_and_judge(request):
+        if request.messages[0]["content"] == JUDGE_SYSTEM:
+            body = request.messages[1]["content"]
+            if "[Answer]\nWeak" in body or "Assistant: Weak" in body.rsplit("User:", 1)[-1]:
+                return {"text": "Vague and unhelpful. [[3]]"}
+            if "mumble" in body:
+                return {"text": "I would rather not rate this."}  # no rating, even when asked again
+            return {"text": "Clear and correct. Rating: [[8]]"}
+        text = request.last_user
+        if "weak" in text or text == "And briefly?":
+            return {"text": f"Weak answer to: {text}"}
+        if "mumble" in text:
+            return {"text": "mumble mumble"}
+        return {"text": f"A good answer to: {text}"}
+
+    openai_server.reply = teacher_and_judge
+    long_prompt = "Summarise this: " + " ".join(f"word{i}" for i in range(400))
+    prompts = [{"turns": ["Tell me about the sea.", "And briefly?"]}, {"turns": ["Tell me about the sun."]},
+               {"turns": ["A weak question about stars."]}, {"turns": ["Please mumble something."]},
+               {"turns": [long_prompt]}]
+    source = {"uri": jsonl_file(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": t}
+                                                                    for t in p["turns"]]} for p in prompts]),
+              "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None, filters={
+        "nearDuplicateThreshold": 0, "maxPromptTokens": 200, "tokenizer": {"uri": f"file://{tiny_model}"},
+        "judge": {"openai": {"baseUrl": openai_server.url, "model": "judge-model"}, "minScore": 6}})
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    _, result = run_in_process(tmp_path, doc)
+
+    assert openai_server.asked(long_prompt) == []  # never paid for
+    assert result["dropped"] == {"prompt_too_long": 1, "judge_low_score": 2, "judge_unrated": 1}
+    assert result["droppedExamples"]["judge_low_score"][0].startswith("3.0: ")
+    # The sea's first answer rated 8, its second turn 3: the conversation is dropped whole.
+    assert sum(result["rows"].values()) == 1 and result["rowsPerLanguage"] == {"en": 1}
+    judge_requests = [r for r in openai_server.requests if r.body["model"] == "judge-model"]
+    assert result["judgeUsage"] == {"requests": 5, "cached": 0}  # 4 first turns + the sea's second
+    assert len(judge_requests) == 5 + 1  # the unrated one was asked once more
+    # A rebuild with another split: the teacher and the judge are both paid nothing.
+    openai_server.requests.clear()
+    doc["spec"]["split"] = {"validation": 0.0, "test": 0.0, "seed": 1}
+    _, again = run_in_process(tmp_path, doc)
+    assert openai_server.requests == [] and again["judgeUsage"] == {"requests": 0, "cached": 5}
+
+    # With an API teacher, the tokenizer that counts must be named.
+    del doc["spec"]["filters"]["tokenizer"]
+    with pytest.raises(PlanError, match="spec.filters.tokenizer: is required with maxPromptTokens"):
+        plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+
+
+def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
+    """A local teacher and a local judge (the tiny random model: its expected rating is somewhere
+    in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one)."""
+    model = {"uri": f"file://{tiny_model}"}
+    prompts = [{"text": f"Question {i} about colours?", "language": "en"} for i in range(3)]
+    for bar, kept in ((10, 0), (1, 3)):
+        doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild", "metadata": {"name": "local"},
+               "spec": {"sources": [{"inline": prompts}], "teacher": {"model": model, "maxNewTokens": 8},
+                        "filters": {"nearDuplicateThreshold": 0, "dropTruncated": False, "refusals": False,
+                                    "judge": {"model": model, "minScore": bar}}}}
+        _, result = run_in_process(tmp_path, doc)
+        assert sum(result["rows"].values()) == kept and result.get("judgeUsage") is None
+        assert result["dropped"] == ({"judge_low_score": 3} if kept == 0 else {})
 
 
 def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):

@@ -85,7 +85,7 @@ def test_images_run_as_the_non_root_user_the_pods_ask_for(name, tmp_path):
                          if o["kind"] == "Deployment"]
         assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == image_uid
     else:
-        task = {"digest": "0" * 64, "artifactUri": "s3://b/x", "kind": "Quantization"}
+        task = {"digest": "0" * 64, "artifactUri": "s3://b/x", "kind": "Quantization", "inputs": {}}
         body = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization",
                 "metadata": {"name": "q", "namespace": "ns", "uid": "u"}, "spec": {}}
         job = job_builder.build(body, task, OperatorSettings(store_uri="s3://b/x"))[-1]

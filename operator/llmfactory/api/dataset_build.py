@@ -87,7 +87,26 @@ class LanguageDetection(ApiModel):
     min_confidence: float = Field(0.5, ge=0, le=1, description="Drop prompts detected with less confidence.")
 
 
+class AnswerJudge(ApiModel):
+    """A judge model rates each kept answer 1-10 (the Benchmark's single-answer grading prompt)."""
+
+    cel_rules: ClassVar = [
+        {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
+    ]
+
+    openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible judge; its ratings are cached.")
+    model: ModelSource | None = Field(None, description="A local judge, read by the log-probabilities of its ratings.")
+    min_score: float = Field(6, ge=1, le=10, description="Drop answers rated below this.")
+    max_reasks: int = Field(1, ge=0, le=5, description="Ask an API judge again this many times when its reply "
+                                                       "has no [[rating]]; still none: the answer is dropped.")
+
+
 class Filters(ApiModel):
+    cel_rules: ClassVar = [
+        {"rule": "!has(self.tokenizer) || has(self.maxPromptTokens)", "message": "tokenizer counts maxPromptTokens: "
+                                                                                 "set maxPromptTokens too"},
+    ]
+
     refusals: bool = Field(True, description="Drop answers that refuse (English, Russian, Chinese patterns).")
     refusal_patterns: list[str] = Field(default_factory=list,
                                         description="Extra case-insensitive regular expressions marking a refusal.")
@@ -96,6 +115,14 @@ class Filters(ApiModel):
     max_answer_chars: int | None = Field(None, ge=1, description="Drop answers longer than this.")
     max_answer_tokens: int | None = Field(None, ge=1, description="Drop answers longer than this, in the "
                                                                   "teacher's tokens.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Drop a conversation whose system message and user turns together are longer than "
+                                "this, in the tokens of filters.tokenizer (or the local teacher's), before the "
+                                "teacher is asked: keep it under the fine-tune's maxSeqLength.")
+    tokenizer: ModelSource | None = Field(
+        None, description="Whose tokens maxPromptTokens counts, usually the student's base model. Required with "
+                          "an openai teacher.")
+    judge: AnswerJudge | None = Field(None, description="Drop answers a judge model rates below minScore.")
     near_duplicate_threshold: float = Field(
         0.85, ge=0, le=1, description="Drop a prompt whose estimated Jaccard similarity (MinHash over word or "
                                       "character shingles) to an earlier one reaches this; 0 removes exact "
@@ -151,6 +178,8 @@ class DatasetBuildResult(ApiModel):
     teacher_usage: TeacherUsage | None = Field(None, description="What this build asked of the teacher.")
     dropped_examples: dict[str, list[str]] | None = Field(
         None, description="A few dropped prompts per reason, shortened.")
+    judge_usage: dict[str, int] | None = Field(
+        None, description="filters.judge: ratings asked of an API judge (requests) and found in the cache (cached).")
 
 
 class DatasetBuildStatus(StatusBase):

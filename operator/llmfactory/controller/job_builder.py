@@ -39,7 +39,8 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
 SECRET_ENV = (
     (("tracking", "wandb"), "WANDB_API_KEY"),
     (("teacher", "openai"), TEACHER_KEY_ENV),
-    (("judge", "openai"), JUDGE_KEY_ENV),
+    (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
+    (("filters", "judge", "openai"), JUDGE_KEY_ENV),  # a DatasetBuild's answer judge
 )
 
 
@@ -107,8 +108,10 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     tags = labels(kind, meta["name"], digest)
     owner = [owner_reference(body)]
     resources = spec.get("resources") or {}
-    api_teacher = kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {})
-    gpus = resources.get("gpusPerNode", 0 if api_teacher else settings.default_gpus.get(kind, 0))
+    # A DatasetBuild whose teacher (and answer judge) are APIs holds no GPU.
+    api_only = kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {}) and \
+        "model" not in ((spec.get("filters") or {}).get("judge") or {})
+    gpus = resources.get("gpusPerNode", 0 if api_only else settings.default_gpus.get(kind, 0))
     nodes = resources.get("nodes", 1) if kind == "FineTune" else 1
     shards = spec.get("shards", 1) if kind == "DatasetBuild" else 1
     queue = spec.get("queueName") or settings.default_queue_name

@@ -139,7 +139,18 @@ def _model(source) -> dict[str, Any]:
 
 
 def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
-    return {"teacher": _model(res.spec.teacher.model)} if res.spec.teacher.model else {}
+    spec, inputs = res.spec, {}
+    if spec.teacher.model:
+        inputs["teacher"] = _model(spec.teacher.model)
+    if spec.filters.max_prompt_tokens:
+        tokenizer = spec.filters.tokenizer or spec.teacher.model
+        if tokenizer is None:
+            raise PlanError(res.ref, "spec.filters.tokenizer", "is required with maxPromptTokens and an openai "
+                                                              "teacher: name the model whose tokens count (the student's)")
+        inputs["tokenizer"] = _model(tokenizer)
+    if spec.filters.judge and spec.filters.judge.model:
+        inputs["judge"] = _model(spec.filters.judge.model)
+    return inputs
 
 
 def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:

@@ -108,8 +108,10 @@ class LanguageRule:
 
 
 def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
-                   max_reasks: int, on_rating, transport=None) -> dict[str, dict[str, Any]]:
-    """{item id: {rating (None when unrated), reply, attempts}} for each (id, judge messages)."""
+                   max_reasks: int, on_rating, transport=None, field: str = "spec.judge.openai"
+                   ) -> dict[str, dict[str, Any]]:
+    """{item id: {rating (None when unrated), reply, attempts}} for each (id, judge messages).
+    `field`: where the endpoint is in the spec, for error messages."""
     cache = AnswerCache(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
                                                         "model": endpoint["model"]}, "prompt": 1})
     cache.load()
@@ -124,10 +126,10 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
             todo.append((item_id, messages))
     if not todo:
         return out
-    key = api_key(endpoint, JUDGE_KEY_ENV, "spec.judge.openai")
+    key = api_key(endpoint, JUDGE_KEY_ENV, field)
 
     async def rate_all() -> None:
-        async with ChatClient(endpoint, key, "spec.judge.openai", transport=transport) as client:
+        async with ChatClient(endpoint, key, field, transport=transport) as client:
             async def rate(item_id: str, messages: list[dict[str, str]]) -> None:
                 asked = list(messages)
                 for attempt in range(1, max_reasks + 2):

@@ -20,8 +20,9 @@ from ..data import SPLITS, dumps_jsonl, to_row
 from ..progress import Progress
 from ..store import SHARDS, Store, finished_result
 from . import teacher as teacher_
+from .answer_judge import AnswerJudge
 from .dedupe import dedupe
-from .filters import AnswerFilter
+from .filters import AnswerFilter, drop_long_prompts
 from .languages import detect
 from .sources import Drops, collect
 
@@ -93,14 +94,20 @@ def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dic
     wanted = spec.get("samplesPerLanguage")
     if spec.get("languageDetection") is not None:
         prompts = detect(prompts, spec["languageDetection"], wanted, drops)
-    prompts = dedupe(prompts, (spec.get("filters") or {}).get("nearDuplicateThreshold") or None, drops)  # 0: off
+    filters = spec.get("filters") or {}
+    prompts = dedupe(prompts, filters.get("nearDuplicateThreshold") or None, drops)  # 0: off
+    if filters.get("maxPromptTokens"):
+        prompts = drop_long_prompts(prompts, filters["maxPromptTokens"], task["inputs"]["tokenizer"], drops)
     return sample_per_language(prompts, wanted, spec["split"]["seed"], drops)
 
 
 def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: Progress, transport=None):
-    spec = task["spec"]
-    return teacher_.answer(prompts, spec["teacher"], task["inputs"].get("teacher"), task["cacheUri"],
-                           AnswerFilter(spec.get("filters", {})), drops, progress, transport=transport)
+    spec, filters = task["spec"], task["spec"].get("filters") or {}
+    judge = (AnswerJudge(filters["judge"], task["inputs"].get("judge"), task["cacheUri"], transport)
+             if filters.get("judge") else None)
+    rows, usage = teacher_.answer(prompts, spec["teacher"], task["inputs"].get("teacher"), task["cacheUri"],
+                                  AnswerFilter(filters), drops, progress, transport=transport, judge=judge)
+    return rows, usage, judge
 
 
 SHARED_LIMITS = ("concurrency", "requestsPerMinute", "tokensPerMinute")
@@ -118,9 +125,10 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
                 endpoint[name] = max(1, endpoint[name] // shards)
         task = {**task, "spec": {**task["spec"], "teacher": {**teacher, "openai": endpoint}}}
     prompts = _prompts(task, Drops(), progress)[shard::shards]
-    rows, usage = _answer(task, prompts, Drops(), progress, transport)
+    rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
     return {"shard": shard, "prompts": len(prompts), "kept": len(rows), "requests": usage.requests,
-            "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens}
+            "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
+            "judgeRequests": judge.requests if judge else 0}
 
 
 def _shard_bills(run: Store, shards: int) -> dict[str, int]:
@@ -128,7 +136,7 @@ def _shard_bills(run: Store, shards: int) -> dict[str, int]:
     bills = Counter()
     for i in range(shards):
         result = finished_result(run.child(f"{SHARDS}/{i}")) or {}
-        bills.update({k: result.get(k, 0) for k in ("requests", "promptTokens", "completionTokens")})
+        bills.update({k: result.get(k, 0) for k in ("requests", "promptTokens", "completionTokens", "judgeRequests")})
     return dict(bills)
 
 
@@ -136,13 +144,16 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     spec = task["spec"]
     drops = Drops()
     prompts = _prompts(task, drops, progress)
-    rows, usage = _answer(task, prompts, drops, progress, transport)
+    rows, usage, judge = _answer(task, prompts, drops, progress, transport)
     if spec.get("shards", 1) > 1:
         bills = _shard_bills(run, spec["shards"])
         usage.cached -= bills.get("requests", 0)
         usage.requests += bills.get("requests", 0)
         usage.prompt_tokens += bills.get("promptTokens", 0)
         usage.completion_tokens += bills.get("completionTokens", 0)
+        if judge:
+            judge.cached -= bills.get("judgeRequests", 0)
+            judge.requests += bills.get("judgeRequests", 0)
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
 
@@ -175,6 +186,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         "teacherTokens": usage.used_tokens,
         "teacherUsage": teacher_usage,
     }
+    if judge and "openai" in spec["filters"]["judge"]:
+        result["judgeUsage"] = {"requests": judge.requests, "cached": judge.cached}
     data.write_bytes("README.md", _card(spec, result).encode())
     data.commit()
     return result

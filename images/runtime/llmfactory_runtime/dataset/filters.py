@@ -1,8 +1,11 @@
-"""Which teacher answers to keep."""
+"""Which prompts to ask and which teacher answers to keep."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from .sources import Drops
 
 # Refusal openings in the languages of the reference workload; users extend them in the spec.
 REFUSAL_PATTERNS = [
@@ -35,3 +38,23 @@ class AnswerFilter:
         if self.refusal and self.refusal.search(text[:300]):
             return "refusal"
         return None
+
+
+def drop_long_prompts(prompts: list[dict[str, Any]], limit: int, tokenizer_input: dict[str, Any],
+                      drops: Drops) -> list[dict[str, Any]]:
+    """Prompts whose system message and user turns fit in `limit` tokens of the given tokenizer
+    (the student's, usually): a conversation the fine-tune would cut is not paid for."""
+    from ..models import load_tokenizer  # noqa: PLC0415 - transformers only when a limit is set
+
+    tokenizer = load_tokenizer(tokenizer_input)
+    texts = [[p.get("system") or "", *p["turns"]] for p in prompts]
+    flat = [t for group in texts for t in group]
+    lengths = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    kept = []
+    for p, group in zip(prompts, texts):
+        n = sum(next(lengths) for _ in group)
+        if n > limit:
+            drops.add("prompt_too_long", f"{n} tokens: {p['turns'][0]}")
+        else:
+            kept.append(p)
+    return kept

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from ..answer_cache import AnswerCache
 from ..openai_client import TEACHER_KEY_ENV, ChatClient, EndpointError, api_key
 from ..progress import Progress
+from .answer_judge import AnswerJudge
 from .filters import AnswerFilter
 from .sources import Drops
 
@@ -101,8 +102,9 @@ def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: 
 
 def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: dict[str, Any] | None,
            cache_uri: str, keep: AnswerFilter, drops: Drops, progress: Progress,
-           transport=None) -> tuple[list[dict[str, Any]], Usage]:
-    """Conversations [{language, messages}] with every user turn answered and kept by the filters."""
+           transport=None, judge: AnswerJudge | None = None) -> tuple[list[dict[str, Any]], Usage]:
+    """Conversations [{language, messages}] with every user turn answered and kept by the filters
+    (and rated at least judge.min_score by the judge, turn by turn)."""
     cache = AnswerCache(cache_uri, "teacher", cache_identity(teacher, model_input))
     cache.load()
     usage = Usage()
@@ -149,6 +151,8 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
                     drops.add(reason, got.get("rejected") or c["prompt"]["turns"][turn])
                     continue
                 c["messages"].append({"role": "assistant", "content": got["text"]})
+            if judge is not None:
+                _judge_turn(judge, [c for c in asking if c["alive"]], drops, progress)
             # Conversations cut short lose their later turns from the progress total.
             skipped = sum(len(c["prompt"]["turns"]) - turn - 1 for c in asking if not c["alive"])
             if skipped:
@@ -159,3 +163,18 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
     kept = [{"language": c["prompt"]["language"], "messages": c["messages"]} for c in conversations if c["alive"]]
     return kept, usage
 
+
+
+def _judge_turn(judge: AnswerJudge, answered: list[dict[str, Any]], drops: Drops, progress: Progress) -> None:
+    """Rate this turn's answers; a conversation whose answer rates below the bar ends here."""
+    if not answered:
+        return
+    progress.update(progress.state.get("done", 0), figure=f"judging {len(answered)} answers")
+    ratings = judge.ratings({str(i): c["messages"] for i, c in enumerate(answered)})
+    for i, c in enumerate(answered):
+        rating = ratings.get(str(i))
+        if rating is None or rating < judge.min_score:
+            c["alive"] = False
+            reason = "judge_unrated" if rating is None else "judge_low_score"
+            drops.add(reason, f"{rating:.1f}: {c['messages'][-2]['content']}" if rating is not None
+                      else c["messages"][-2]["content"])
