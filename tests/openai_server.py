@@ -34,7 +34,8 @@ def default_reply(request: Request) -> dict[str, Any]:
 
 @dataclass
 class OpenAIServer:
-    """`reply(request)` -> {text, finish_reason?} or {status, headers?, error?} for a failure."""
+    """`reply(request)` -> {text, finish_reason?} or {status, headers?, error?} for a failure;
+    `delay` (seconds) holds the answer back."""
 
     reply: Callable[[Request], dict[str, Any]] = default_reply
     latency: float = 0.0
@@ -57,6 +58,8 @@ class OpenAIServer:
                 return web.json_response({"error": {"message": "Incorrect API key provided",
                                                     "type": "invalid_request_error"}}, status=401)
             out = self.reply(req)
+            if out.get("delay"):  # a slow answer: longer than the client's timeout, it is a timeout
+                await asyncio.sleep(out["delay"])
             if "status" in out:
                 req.status = out["status"]
                 return web.json_response({"error": {"message": out.get("error", "scripted failure")}},

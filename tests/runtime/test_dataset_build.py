@@ -142,20 +142,23 @@ def test_rate_limited_and_failing_endpoint_is_retried_as_it_asks(tmp_path, opena
             return {"status": 429, "headers": {"Retry-After": "0.4"}, "error": "Rate limit reached for gpt-4o"}
         if n == 2:
             return {"status": 503, "error": "overloaded"}
+        if n == 3:
+            return {**scripted(request), "delay": 1.5}  # past timeoutSeconds: never delivered
         return scripted(request)
 
     openai_server.reply, openai_server.latency = flaky, 0.05
     monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
     prompts = [{"text": f"Question number {i}: what is {i} plus {i}?", "language": "en"} for i in range(6)]
     doc = manifest(openai_server.url, {"inline": prompts}, samplesPerLanguage=None, languageDetection=None)
-    doc["spec"]["teacher"]["openai"].update(concurrency=2, maxRetries=3)
+    doc["spec"]["teacher"]["openai"].update(concurrency=2, maxRetries=3, timeoutSeconds=0.5)
     _, result = run_in_process(tmp_path, doc)
-    assert sum(result["rows"].values()) == 6
+    assert sum(result["rows"].values()) == 6 and result["teacherUsage"]["requests"] == 6
     assert openai_server.max_in_flight <= 2
     for p in prompts:
-        first, second, third = openai_server.asked(p["text"])
-        assert (first.status, second.status, third.status) == (429, 503, 200)
+        first, second, third, fourth = openai_server.asked(p["text"])
+        assert (first.status, second.status, fourth.status) == (429, 503, 200)
         assert second.at - first.at >= 0.4  # Retry-After honoured
+        assert fourth.at - third.at >= 0.5  # the slow third was given up at timeoutSeconds, then retried
 
 
 def test_an_endpoint_that_keeps_failing_fails_the_build_and_a_wrong_key_is_named(tmp_path, openai_server,
