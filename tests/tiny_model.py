@@ -20,36 +20,96 @@ CORPUS = [
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# The splits Llama 3 and Qwen2 apply before byte-level BPE (their tokenizer.json pre_tokenizer).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(split: str | None):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if split is None:  # GPT-2's own split (SmolLM)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok, trainers.BpeTrainer(special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+
+def _sentencepiece_style():
+    """Llama 2 / Mistral: BPE over "▁"-joined words with byte fallback (<0x00>..<0xFF>)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    return tok, trainers.BpeTrainer(special_tokens=specials)
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 400, style: str = "gpt2"):
+    """style: gpt2 (SmolLM), llama3, qwen2 (byte-level BPE with their splits) or sentencepiece
+    (Llama 2, Mistral)."""
     from transformers import PreTrainedTokenizerFast
 
     from llmfactory_runtime.chat import CHATML_TEMPLATE
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if style == "sentencepiece":
+        tok, trainer = _sentencepiece_style()
+        vocab_size += 256
+    else:
+        tok, trainer = _byte_level({"gpt2": None, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[style])
+    trainer.vocab_size = vocab_size
     tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", bos_token="<|im_start|>")
+    if style == "sentencepiece":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                       pad_token="</s>")
+        fast.add_bos_token = True
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                                       pad_token="<|im_end|>", bos_token="<|im_start|>")
     fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(folder)
     return fast
 
 
-def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
+def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2") -> Path:
     """Save a 2-layer Llama (hidden 64, GQA 4/2 heads) and its tokenizer to folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
-    tokenizer = make_tokenizer(folder)
+    tok = make_tokenizer(folder, style=tokenizer)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_qwen2(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer Qwen2 (attention biases, tied embeddings) with a Qwen2-split tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = Path(folder)
+    tok = make_tokenizer(folder, style="qwen2")
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # random, not zero, biases: a converter that dropped them would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.02)
+    model.save_pretrained(folder)
     return folder

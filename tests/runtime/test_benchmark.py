@@ -159,3 +159,45 @@ def test_questions_from_a_file_or_a_hugging_face_dataset_in_mt_bench_columns(tmp
     assert [q["question_id"] for q in load({"questionsUri": f"file://{ok}", "languages": ["ru"]})] == ["a"]
     with pytest.raises(InvalidTask, match="no question in languages.*'ru'"):
         load({"questionsUri": f"file://{ok}", "languages": ["zh"]})
+
+
+def test_lm_eval_task_from_a_local_folder_scores_as_the_log_likelihoods_say(tiny_model, tmp_path):
+    """A two-question multiple-choice task (YAML + JSONL, lm-eval's own format, offline): the
+    accuracy lm-eval reports equals picking, per question, the choice the model finds likeliest."""
+    from pathlib import Path
+
+    folder = Path(__file__).parents[1] / "fixtures" / "lm_eval_tasks"
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "mc"},
+           "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}}, "baseline": False,
+                    "lmEval": {"tasks": ["tiny_quiz"], "tasksUri": f"file://{folder}"},
+                    "gates": [{"metric": "lmEval.tiny_quiz.acc", "op": ">=", "value": 0.5}]}}
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    result = benchmark.run(task, store, Progress(store))
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    expected = []
+    for line in (folder / "tiny_quiz.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        context = f"Question: {row['question']}\nAnswer:"
+        scores = []
+        for choice in row["choices"]:
+            whole = tok(context + " " + choice, add_special_tokens=False)["input_ids"]
+            n_context = len(tok(context, add_special_tokens=False)["input_ids"])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+            scores.append(sum(float(logprobs[i - 1, whole[i]]) for i in range(n_context, len(whole))))
+        expected.append(max(range(len(scores)), key=scores.__getitem__) == row["answer"])
+    acc = sum(expected) / len(expected)
+    assert result["metrics"]["lmEval.tiny_quiz.acc"] == pytest.approx(acc)
+    assert 0 <= result["metrics"]["lmEval.tiny_quiz.acc_norm"] <= 1
+    assert result["passed"] == (acc >= 0.5)
+    assert store.read_json("lm-eval/model.json")["tiny_quiz.acc"] == pytest.approx(acc)  # a restart redoes nothing
+
+    doc["spec"]["lmEval"]["tasks"] = ["no_such_task"]
+    doc["spec"]["gates"] = []
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store2")
+    store = open_store(task["artifactUri"])
+    from llmfactory_runtime.task import InvalidTask
+    with pytest.raises(InvalidTask, match=r"spec.lmEval.tasks: no task named \['no_such_task'\]"):
+        benchmark.run(task, store, Progress(store))

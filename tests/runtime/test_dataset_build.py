@@ -142,23 +142,40 @@ def test_rate_limited_and_failing_endpoint_is_retried_as_it_asks(tmp_path, opena
             return {"status": 429, "headers": {"Retry-After": "0.4"}, "error": "Rate limit reached for gpt-4o"}
         if n == 2:
             return {"status": 503, "error": "overloaded"}
-        if n == 3:
-            return {**scripted(request), "delay": 1.5}  # past timeoutSeconds: never delivered
         return scripted(request)
 
     openai_server.reply, openai_server.latency = flaky, 0.05
     monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
     prompts = [{"text": f"Question number {i}: what is {i} plus {i}?", "language": "en"} for i in range(6)]
     doc = manifest(openai_server.url, {"inline": prompts}, samplesPerLanguage=None, languageDetection=None)
-    doc["spec"]["teacher"]["openai"].update(concurrency=2, maxRetries=3, timeoutSeconds=0.5)
+    doc["spec"]["teacher"]["openai"].update(concurrency=2, maxRetries=3)
     _, result = run_in_process(tmp_path, doc)
     assert sum(result["rows"].values()) == 6 and result["teacherUsage"]["requests"] == 6
     assert openai_server.max_in_flight <= 2
     for p in prompts:
-        first, second, third, fourth = openai_server.asked(p["text"])
-        assert (first.status, second.status, fourth.status) == (429, 503, 200)
+        first, second, third = openai_server.asked(p["text"])
+        assert (first.status, second.status, third.status) == (429, 503, 200)
         assert second.at - first.at >= 0.4  # Retry-After honoured
-        assert fourth.at - third.at >= 0.5  # the slow third was given up at timeoutSeconds, then retried
+
+
+def test_an_answer_slower_than_the_timeout_is_given_up_and_asked_again(tmp_path, openai_server):
+    seen: dict[str, int] = {}
+
+    def slow_first(request):
+        n = seen[request.last_user] = seen.get(request.last_user, 0) + 1
+        return {**scripted(request), "delay": 2.0} if n == 1 else scripted(request)
+
+    openai_server.reply = slow_first
+    prompts = [{"text": f"A question about the planet number {i}?", "language": "en"} for i in range(2)]
+    doc = manifest(openai_server.url, {"inline": prompts}, samplesPerLanguage=None, languageDetection=None,
+                   filters={"nearDuplicateThreshold": 0})
+    doc["spec"]["teacher"]["openai"].update(timeoutSeconds=0.4, maxRetries=2)
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    _, result = run_in_process(tmp_path, doc)
+    assert sum(result["rows"].values()) == 2 and result["teacherUsage"]["requests"] == 2
+    for p in prompts:
+        slow, retried = openai_server.asked(p["text"])
+        assert 0.4 <= retried.at - slow.at < 2.0  # given up at timeoutSeconds, not when the answer came
 
 
 def test_an_endpoint_that_keeps_failing_fails_the_build_and_a_wrong_key_is_named(tmp_path, openai_server,

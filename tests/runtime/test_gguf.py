@@ -51,6 +51,56 @@ def test_gguf_metadata_and_tokenizer_round_trip(tiny_model, tmp_path):
     assert loaded.apply_chat_template(chat, tokenize=False) == original.apply_chat_template(chat, tokenize=False)
 
 
+MULTILINGUAL = TEXT + " 1234567 + 89 = ?\n\tTabs,  double  spaces; emoji 🙂 and Ünïcödé."
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2", "sentencepiece"])
+def test_other_families_and_tokenizers_convert_and_load_back(tmp_path, family):
+    """Llama 3's split, Qwen2 (architecture and split) and SentencePiece-style BPE with byte
+    fallback (Llama 2, Mistral): the weights and the tokenizer come back as they were."""
+    from tests.tiny_model import make_tiny_llama, make_tiny_qwen2
+
+    folder = tmp_path / family
+    if family == "qwen2":
+        make_tiny_qwen2(folder)
+    else:
+        make_tiny_llama(folder, tokenizer=family)
+    out = tmp_path / f"{family}.gguf"
+    export(folder, out, "f32", family)
+    reader = gguf.GGUFReader(out)
+    fields = {k: f.contents() for k, f in reader.fields.items() if k in (
+        "general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token")}
+    assert fields == {"llama3": {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2",
+                                 "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": False},
+                      "qwen2": {"general.architecture": "qwen2", "tokenizer.ggml.model": "gpt2",
+                                "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.add_bos_token": False},
+                      "sentencepiece": {"general.architecture": "llama", "tokenizer.ggml.model": "llama",
+                                        "tokenizer.ggml.pre": "default", "tokenizer.ggml.add_bos_token": True},
+                      }[family]
+    original_tok = AutoTokenizer.from_pretrained(folder)
+    loaded_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    assert loaded_tok(MULTILINGUAL)["input_ids"] == original_tok(MULTILINGUAL)["input_ids"]
+    assert loaded_tok.decode(original_tok(MULTILINGUAL)["input_ids"], skip_special_tokens=True) == MULTILINGUAL
+
+    original = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    ids = original_tok(MULTILINGUAL, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(original(ids).logits, loaded(ids).logits, atol=1e-4)
+
+
+def test_unknown_pre_tokenizer_is_named(tmp_path):
+    from tests.tiny_model import make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path / "m", tokenizer="llama3")
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}+"
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(InvalidTask, match=r"unsupported tokenizer pre-tokenizer .*Split.*knows byte-level BPE with "
+                                          r"the GPT-2 \(SmolLM\), Llama 3 or Qwen2 split"):
+        export(folder, tmp_path / "x.gguf", "f32", "x")
+
+
 def test_q8_0_blocks_dequantize_within_their_error():
     data = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
     back = gguf.dequantize(gguf.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)

@@ -25,7 +25,7 @@ def test_control_plane_never_imports_torch():
     assert "llmfactory.local.runner" in modules and "llmfactory.planner.tasks" in modules
     loaded = _imported_after(modules)
     # The operator image installs only the `operator` extra: nothing of the runtime's may load.
-    assert not loaded & {"torch", "transformers", "httpx", "datasets", "pyarrow", "datasketch", "py3langid"}
+    assert not loaded & {"torch", "transformers", "httpx", "datasets", "pyarrow", "datasketch", "py3langid", "lm_eval"}
 
 
 def test_runtime_never_imports_kubernetes():

@@ -108,7 +108,7 @@ BAD = [
      "baseUrl"),
     ("Benchmark", {"model": {"fineTuneRef": {"name": "a"}, "source": MODEL}, "perplexity": {}},
      "set exactly one of fineTuneRef, quantizationRef or source"),
-    ("Benchmark", {"model": {"source": MODEL}}, "enable at least one of perplexity or judge"),
+    ("Benchmark", {"model": {"source": MODEL}}, "enable at least one of perplexity, judge or lmEval"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL, "fineTuneRef": {"name": "a"}}}, "set exactly one of fineTuneRef or source"),
 ]

@@ -190,3 +190,14 @@ def test_config_map_sources_wait_for_the_config_map_and_its_content_is_in_the_di
         plan(res, lookup({}), STORE, lambda ns, name: {"data": cm["data"]})
     with pytest.raises(PlanError, match="needs a cluster, or the ConfigMap among the manifests"):
         plan(res, lookup({}), STORE)
+
+
+def test_gates_may_name_any_metric_of_a_listed_lm_eval_task_and_nothing_else():
+    spec = {"model": {"source": MODEL}, "baseline": False, "lmEval": {"tasks": ["mmlu", "arc_easy"]},
+            "gates": [{"metric": "lmEval.mmlu.acc", "op": ">=", "value": 0.6},
+                      {"metric": "lmEval.arc_easy.acc_norm", "op": ">=", "value": 0.7}]}
+    assert plan(parse(m("Benchmark", "b", spec)), lookup({}), STORE)["inputs"]["model"] == MODEL
+    spec["gates"].append({"metric": "lmEval.hellaswag.acc", "op": ">=", "value": 0.5})
+    with pytest.raises(PlanError, match=r"spec.gates\[2\].metric: 'lmEval.hellaswag.acc' is not reported.*"
+                                        r"'lmEval.arc_easy.<metric>', 'lmEval.mmlu.<metric>'"):
+        plan(parse(m("Benchmark", "b", spec)), lookup({}), STORE)

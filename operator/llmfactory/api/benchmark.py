@@ -1,4 +1,5 @@
-"""Benchmark: perplexity on held-out conversations and an LLM judge's score, with gates."""
+"""Benchmark: perplexity on held-out conversations, an LLM judge's score and lm-evaluation-harness
+tasks, with gates."""
 
 from __future__ import annotations
 
@@ -70,6 +71,22 @@ class Judge(ApiModel):
                                                        "asked again; after that the answer counts as unrated.")
 
 
+class LmEval(ApiModel):
+    """EleutherAI lm-evaluation-harness tasks, offline (multiple-choice suites such as MMLU)."""
+
+    tasks: list[str] = Field(min_length=1, description="Task or group names, as lm_eval --tasks takes them; "
+                                                       "metrics are reported as lmEval.<task>.<metric>.")
+    tasks_uri: str | None = Field(
+        None, pattern=URI_PATTERN, description="A folder (s3:// or file://) of task YAML files and their data, "
+                                               "lm_eval's --include_path; data_files paths are relative to it. "
+                                               "Set: only its tasks; unset: lm_eval's built-in tasks, whose data "
+                                               "comes from the hub.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per question; unset: the task's own.")
+    limit: int | None = Field(None, ge=1, description="Score at most this many examples per task.")
+    batch_size: int = Field(8, ge=1, le=512, description="Requests scored together.")
+    chat_template: bool = Field(False, description="Wrap prompts in the model's chat template.")
+
+
 class Gate(ApiModel):
     metric: str = Field(pattern=r"^[a-zA-Z][\w.]*$",
                         description="A metric of the result, e.g. judge.score, perplexity.value, perplexity.increasePercent.")
@@ -79,13 +96,15 @@ class Gate(ApiModel):
 
 class BenchmarkSpec(RunOptions):
     cel_rules: ClassVar = [
-        {"rule": "has(self.perplexity) || has(self.judge)", "message": "enable at least one of perplexity or judge"},
+        {"rule": "has(self.perplexity) || has(self.judge) || has(self.lmEval)",
+         "message": "enable at least one of perplexity, judge or lmEval"},
     ]
 
     model: ModelUnderTest = Field(description="The model to evaluate.")
     baseline: bool = Field(True, description="Also evaluate the FineTune's base model, for comparison.")
     perplexity: Perplexity | None = Field(None, description="Perplexity on held-out conversations.")
     judge: Judge | None = Field(None, description="LLM-as-judge scores on built-in questions (1-10).")
+    lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks.")
     gates: list[Gate] = Field(default_factory=list, description="All must hold for result.passed.")
 
 
@@ -109,5 +128,5 @@ class BenchmarkStatus(StatusBase):
 KIND = KindInfo(
     kind="Benchmark", plural="benchmarks", short_names=["bench"], phase="benchmark",
     spec=BenchmarkSpec, status=BenchmarkStatus, headline_column="Score",
-    description="Scores a model: perplexity and an LLM judge, with pass/fail gates.",
+    description="Scores a model: perplexity, an LLM judge and lm-eval tasks, with pass/fail gates.",
 )

@@ -20,6 +20,13 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
             parts.append(f"judge {m['judge.score']:.2f}" + (f" (base {m['judge.baseline']:.2f})" if "judge.baseline" in m else ""))
         if "perplexity.value" in m:
             parts.append(f"ppl {m['perplexity.value']:.2f}" + (f" (base {m['perplexity.baseline']:.2f})" if "perplexity.baseline" in m else ""))
+        # lm-eval: the first task's accuracy (acc_norm when the task reports it)
+        acc = sorted(k for k in m if k.startswith("lmEval.") and not k.startswith("lmEval.baseline.")
+                     and k.endswith((".acc", ".acc_norm")))
+        if acc:
+            key = next((k for k in acc if k.endswith(".acc_norm")), acc[0])
+            base = m.get(key.replace("lmEval.", "lmEval.baseline.", 1))
+            parts.append(f"{key.removeprefix('lmEval.')} {m[key]:.3f}" + (f" (base {base:.3f})" if base is not None else ""))
         if result.get("gates"):
             parts.append("gates passed" if result["passed"] else "gates FAILED")
         return ", ".join(parts)

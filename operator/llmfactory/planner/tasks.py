@@ -194,10 +194,15 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     if spec.judge and spec.judge.model:
         inputs["judge"] = _model(spec.judge.model)
     known = benchmark_metric_names(spec, baseline is not None)
+    # lm-eval metrics depend on the task's YAML: any metric of a named task may be gated.
+    tasks = set(spec.lm_eval.tasks) if spec.lm_eval else set()
     for i, gate in enumerate(spec.gates):
-        if gate.metric not in known:
+        parts = gate.metric.split(".")
+        of_task = parts[0] == "lmEval" and len(parts) >= 3 and parts[-2] in tasks
+        if gate.metric not in known and not of_task:
+            valid = sorted(known) + [f"lmEval.{t}.<metric>" for t in sorted(tasks)]
             raise PlanError(res.ref, f"spec.gates[{i}].metric",
-                            f"{gate.metric!r} is not reported by this benchmark; valid: {sorted(known)}")
+                            f"{gate.metric!r} is not reported by this benchmark; valid: {valid}")
     return inputs
 
 

@@ -1,12 +1,14 @@
-"""Benchmark: perplexity on held-out conversations and LLM-judge scores of multi-turn answers,
-for the model under test and (optionally) its base model, then gates. Answers and ratings are
+"""Benchmark: perplexity on held-out conversations, LLM-judge scores of multi-turn answers and
+lm-evaluation-harness tasks, for the model under test and (optionally) its base model, then gates. Answers and ratings are
 saved as they are made, so a restarted benchmark redoes none of them."""
 
 from __future__ import annotations
 
 import gc
 import json
+import tempfile
 from collections import defaultdict
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
@@ -16,6 +18,7 @@ from ..generate import generate
 from ..models import load_model, load_tokenizer
 from ..progress import Progress
 from ..store import Store
+from . import lm_eval_tasks
 from . import questions as questions_
 from .judge import LanguageRule, expected_rating, judge_messages, judge_with_api, rating_distribution
 
@@ -61,8 +64,8 @@ def _answer(model, tokenizer, judge: dict, questions: list[dict], answers: dict[
 
 
 def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], questions: list[dict],
-                    run: Store, progress: Progress) -> dict[str, Any]:
-    """Perplexity and answers of one model (label: model or baseline)."""
+                    run: Store, progress: Progress, tasks_dir: Path | None) -> dict[str, Any]:
+    """Perplexity, lm-eval scores and answers of one model (label: model or baseline)."""
     progress.stage(f"loading {label}")
     model, tokenizer = load_model(source), load_tokenizer(source)
     model.eval()
@@ -70,6 +73,10 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], ques
     if rows:
         progress.stage(f"perplexity of {label}")
         out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(model, tokenizer, rows))
+    if spec.get("lmEval"):
+        progress.stage(f"lm-eval tasks on {label}")
+        out["lmEval"] = _cached(run, f"lm-eval/{label}.json",
+                                lambda: lm_eval_tasks.evaluate(model, tokenizer, spec["lmEval"], tasks_dir))
     if questions:
         answers = run.read_json_or_none(f"answers/{label}.json") or {}
         _answer(model, tokenizer, spec["judge"], questions, answers,
@@ -136,6 +143,9 @@ def _metrics(results: dict[str, dict], ratings: dict, questions: list[dict]) -> 
             base = results["baseline"]["perplexity"]["assistant"]
             metrics["perplexity.baseline"] = base
             metrics["perplexity.changePercent"] = 100 * (metrics["perplexity.value"] - base) / base
+    for label, prefix in (("model", "lmEval"), ("baseline", "lmEval.baseline")):
+        for name, value in (results.get(label) or {}).get("lmEval", {}).items():
+            metrics[f"{prefix}.{name}"] = value
     for label, prefix in (("model", "judge.score"), ("baseline", "judge.baseline")):
         if label not in ratings:
             continue
@@ -238,8 +248,10 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     models = {"model": inputs["model"]}
     if inputs.get("baseline"):
         models["baseline"] = inputs["baseline"]
-    results = {label: _evaluate_model(label, source, spec, rows, questions, run, progress)
-               for label, source in models.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks_dir = lm_eval_tasks.fetch_tasks((spec.get("lmEval") or {}).get("tasksUri"), Path(tmp))
+        results = {label: _evaluate_model(label, source, spec, rows, questions, run, progress, tasks_dir)
+                   for label, source in models.items()}
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     ratings = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
 

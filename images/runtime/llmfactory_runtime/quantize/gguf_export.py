@@ -1,5 +1,12 @@
 """A saved transformers Llama-family model -> one GGUF file, written with gguf-py (llama.cpp's own
-Python package): architecture metadata, tensors under gguf's name mapping, and the tokenizer."""
+Python package): architecture metadata, tensors under gguf's name mapping, and the tokenizer.
+
+Architectures: Llama (2, 3), Mistral and SmolLM as llama.cpp's "llama" (q/k rows permuted to its
+rotary layout), Qwen2 as "qwen2" (attention biases, rotary halves as they are). Tokenizers, from
+tokenizer.json: byte-level BPE with the GPT-2, Llama 3 or Qwen2 split (tokenizer model "gpt2",
+pre-tokenizer gpt-2 / llama-bpe / qwen2) and SentencePiece-style BPE with byte fallback
+(Llama 2, Mistral: tokenizer model "llama", scores in merge order, <0xNN> byte tokens).
+Anything else fails naming what it found."""
 
 from __future__ import annotations
 
@@ -12,8 +19,17 @@ from safetensors import safe_open
 
 from ..task import InvalidTask
 
-# Architectures that llama.cpp runs as "llama" with the tensor layout written here.
-LLAMA_FAMILY = {"llama", "mistral"}
+# model_type -> (llama.cpp architecture, whether q/k rows are permuted to llama's rotary layout)
+ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True), "mistral": (gguf.MODEL_ARCH.LLAMA, True),
+                 "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}
+# The split a byte-level BPE applies before its merges -> llama.cpp's pre-tokenizer name.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
+KNOWN_TOKENIZERS = ("byte-level BPE with the GPT-2 (SmolLM), Llama 3 or Qwen2 split, and SentencePiece-style BPE "
+                    "with byte fallback (Llama 2, Mistral)")
 
 TYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -44,11 +60,36 @@ def _tensor_type(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType) 
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
-    """The llama.cpp pre-tokenizer id for a tokenizers pre_tokenizer (only those we can prove)."""
+    """llama.cpp's pre-tokenizer name for a byte-level BPE's pre_tokenizer (only splits we can prove)."""
     if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
+    parts = (pre or {}).get("pretokenizers") or []
+    if (pre or {}).get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Split" \
+            and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True):
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        if regex in SPLITS:
+            return SPLITS[regex]
     raise InvalidTask(f"unsupported tokenizer pre-tokenizer {json.dumps(pre)[:200]}: this converter knows "
-                      "byte-level BPE with the GPT-2 split (e.g. SmolLM, GPT-2)")
+                      f"{KNOWN_TOKENIZERS}")
+
+
+def _is_sentencepiece_style(tok: dict) -> bool:
+    """Llama 2 / Mistral tokenizer.json: BPE with byte fallback over words joined by U+2581."""
+    if not tok["model"].get("byte_fallback"):
+        return False
+    normalizers = json.dumps(tok.get("normalizer"), ensure_ascii=False)
+    pre = tok.get("pre_tokenizer") or {}
+    if ('"Prepend"' in normalizers and "\u2581" in normalizers) or pre.get("type") == "Metaspace":
+        return True
+    raise InvalidTask(f"unsupported byte-fallback BPE (normalizer {normalizers[:120]}, pre-tokenizer "
+                      f"{json.dumps(pre)[:120]}): this converter knows {KNOWN_TOKENIZERS}")
+
+
+def _adds_bos(tok: dict, config: dict) -> bool:
+    if "add_bos_token" in config:
+        return bool(config["add_bos_token"])
+    single = ((tok.get("post_processor") or {}).get("single") or [{}])[0]
+    return "SpecialToken" in single
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> None:
@@ -58,19 +99,31 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> No
     tok = json.loads(path.read_text())
     model = tok["model"]
     if model.get("type") != "BPE":
-        raise InvalidTask(f"unsupported tokenizer model {model.get('type')!r}: only BPE converts")
+        raise InvalidTask(f"unsupported tokenizer model {model.get('type')!r}: this converter knows {KNOWN_TOKENIZERS}")
+    sentencepiece = _is_sentencepiece_style(tok)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for text, idx in model["vocab"].items():
         if idx < vocab_size:
             tokens[idx], types[idx] = text, gguf.TokenType.NORMAL
+            if sentencepiece and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+                types[idx] = gguf.TokenType.BYTE
     for added in tok.get("added_tokens", []):
-        if added["id"] < vocab_size:
+        if added["id"] < vocab_size and types[added["id"]] != gguf.TokenType.BYTE:
             tokens[added["id"]] = added["content"]
             types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tok.get("pre_tokenizer")))
+    if sentencepiece:
+        # llama.cpp's SentencePiece tokenizer merges by score: a BPE vocabulary's ids are in merge order.
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores([-float(i) if t == gguf.TokenType.NORMAL else 0.0 for i, t in enumerate(types)])
+        writer.add_add_space_prefix(True)
+        if model.get("unk_token") in model["vocab"]:
+            types[model["vocab"][model["unk_token"]]] = gguf.TokenType.UNKNOWN
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer_name(tok.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -83,7 +136,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> No
         value = value.get("content") if isinstance(value, dict) else value
         if value in ids:
             add(ids[value])
-    writer.add_add_bos_token(bool(config.get("add_bos_token", False)))
+    writer.add_add_bos_token(_adds_bos(tok, config))
     template = config.get("chat_template")
     if not template and (folder / "chat_template.jinja").exists():
         template = (folder / "chat_template.jinja").read_text()
@@ -95,8 +148,9 @@ def export(folder: Path, out: Path, type_name: str, name: str) -> int:
     """Write `out`; returns the number of model parameters."""
     config = json.loads((folder / "config.json").read_text())
     arch = config.get("model_type")
-    if arch not in LLAMA_FAMILY:
-        raise InvalidTask(f"unsupported architecture {arch!r} for GGUF conversion; supported: {sorted(LLAMA_FAMILY)}")
+    if arch not in ARCHITECTURES:
+        raise InvalidTask(f"unsupported architecture {arch!r} for GGUF conversion; supported: {sorted(ARCHITECTURES)}")
+    gguf_arch, permute = ARCHITECTURES[arch]
     qtype, file_type = TYPES[type_name]
     n_layers, n_head = config["num_hidden_layers"], config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads", n_head)
@@ -105,7 +159,7 @@ def export(folder: Path, out: Path, type_name: str, name: str) -> int:
     if rope.get("rope_type", "default") != "default" or config.get("rope_scaling"):
         raise InvalidTask(f"unsupported RoPE scaling {rope or config.get('rope_scaling')}: only plain RoPE converts")
 
-    writer = gguf.GGUFWriter(out, "llama")
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf_arch])
     writer.add_name(name)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
@@ -120,7 +174,7 @@ def export(folder: Path, out: Path, type_name: str, name: str) -> int:
     writer.add_file_type(file_type)
     _add_tokenizer(writer, folder, config["vocab_size"])
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    names = gguf.get_tensor_name_map(gguf_arch, n_layers)
     params = 0
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as f:
@@ -128,9 +182,9 @@ def export(folder: Path, out: Path, type_name: str, name: str) -> int:
                 if "rotary_emb.inv_freq" in hf_name:
                     continue
                 data = f.get_tensor(hf_name).float().numpy()  # bf16 has no numpy dtype
-                if hf_name.endswith("q_proj.weight"):
+                if permute and hf_name.endswith("q_proj.weight"):
                     data = permute_qk(data, n_head)
-                elif hf_name.endswith("k_proj.weight"):
+                elif permute and hf_name.endswith("k_proj.weight"):
                     data = permute_qk(data, n_kv)
                 gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
