@@ -175,3 +175,25 @@ def test_quantization_phase_writes_k_quants_beside_python_types(tiny_model, tmp_
     result = quantize.run(task, store, Progress(store))
     assert [a["type"] for a in result["artifacts"]] == ["q8_0", "q4_k_m", "q6_k"]
     assert sorted(store.list("gguf")) == ["COMMITTED", "tiny-q4_k_m.gguf", "tiny-q6_k.gguf", "tiny-q8_0.gguf"]
+
+
+try:
+    import llama_cpp as _llama_cpp  # noqa: F401
+    HAS_LLAMA_CPP_PYTHON = True
+except ImportError:
+    HAS_LLAMA_CPP_PYTHON = False
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP_PYTHON, reason="llama-cpp-python is not installed (the runtime image has it)")
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2", "sentencepiece"])
+def test_llama_cpp_itself_reads_each_tokenizer_as_transformers_does(tmp_path, family):
+    from llmfactory_runtime.quantize import llama_cpp
+    from tests.tiny_model import make_tiny_llama, make_tiny_qwen2
+
+    folder = make_tiny_qwen2(tmp_path / family) if family == "qwen2" else make_tiny_llama(tmp_path / family,
+                                                                                          tokenizer=family)
+    out = tmp_path / f"{family}.gguf"
+    export(folder, out, "f16", family)
+    checked = llama_cpp.load_back(out, AutoTokenizer.from_pretrained(folder), "Why is the sky blue?", 2)
+    assert checked["tokenizerMatches"], family
+    assert checked["tokensPerSecond"] > 0 and isinstance(checked["answer"], str)

@@ -49,6 +49,7 @@ UPSTREAM = {
     "DatasetBuild": {"uri": "s3://bucket/data", "format": "sharegpt", "digest": "sha256:d"},
     "FineTune": {"modelUri": "s3://bucket/model", "digest": "sha256:m", "baseModel": {"huggingface": "org/base"},
                  "datasetUri": "s3://bucket/data", "datasetFormat": "sharegpt", "datasetDigest": "sha256:d"},
+    "Benchmark": {"metrics": {"judge.score": 7.0}, "gates": [], "passed": True, "reportUri": "s3://bucket/r"},
     "Quantization": {"artifacts": [{"uri": "s3://bucket/q/model-q8_0.gguf", "sha256": "q"}],
                      "datasetUri": "s3://bucket/data", "datasetFormat": "sharegpt", "datasetDigest": "sha256:d"},
 }

@@ -201,3 +201,19 @@ def test_gates_may_name_any_metric_of_a_listed_lm_eval_task_and_nothing_else():
     with pytest.raises(PlanError, match=r"spec.gates\[2\].metric: 'lmEval.hellaswag.acc' is not reported.*"
                                         r"'lmEval.arc_easy.<metric>', 'lmEval.mmlu.<metric>'"):
         plan(parse(m("Benchmark", "b", spec)), lookup({}), STORE)
+
+
+def test_a_quantization_gated_on_a_benchmark_waits_until_it_passes():
+    gated = m("Quantization", "q", {"model": {"fineTuneRef": {"name": "ft"}}, "types": ["q8_0"],
+                                    "benchmarkRef": {"name": "bench"}})
+    names = [r.name for r in dependency_order(parse(x) for x in [gated, BENCH, FT, DATA])]
+    assert names.index("bench") < names.index("q")
+    waiting = plan(parse(gated), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.reason == "waiting for Benchmark bench (spec.benchmarkRef) to succeed"
+    passed = {"metrics": {}, "gates": [], "passed": True, "reportUri": "s3://b/r"}
+    task = plan(parse(gated), lookup({("FineTune", "ft"): FT_RESULT, ("Benchmark", "bench"): passed}), STORE)
+    assert task["inputs"]["model"]["uri"] == FT_RESULT["modelUri"]
+    with pytest.raises(PlanError, match="cycle"):
+        looped = m("Benchmark", "bench", {"model": {"quantizationRef": {"name": "q"}}, "perplexity": {
+            "dataset": {"uri": "s3://b/d"}}})
+        dependency_order(parse(x) for x in [gated, looped, FT, DATA])

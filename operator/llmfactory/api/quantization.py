@@ -42,6 +42,9 @@ class QuantizationSpec(RunOptions):
                            "train split and quantize with it; better quality at the same size.")
     validation: Validation = Field(default_factory=Validation,
                                    description="Perplexity check on the FineTune's test split.")
+    benchmark_ref: LocalObjectReference | None = Field(
+        None, description="Convert only once this Benchmark has succeeded, i.e. passed its gates (one whose "
+                          "gates fail never succeeds: the Quantization keeps waiting).")
 
 
 class QuantizedArtifact(ApiModel):
@@ -55,6 +58,15 @@ class QuantizedArtifact(ApiModel):
     top_token_agreement_percent: float | None = Field(
         None, description="Share of held-out assistant positions where its top next token is the unquantized "
                           "model's.")
+    llama_cpp: LlamaCppCheck | None = Field(
+        None, description="The file loaded by llama.cpp itself (llama-cpp-python, when the runtime has it).")
+
+
+class LlamaCppCheck(ApiModel):
+    tokenizer_matches: bool = Field(description="llama.cpp cuts a multilingual sample into the same tokens as "
+                                                "the model's own tokenizer (a mismatch fails validation).")
+    answer: str = Field(description="The start of llama.cpp's greedy answer to a chat prompt.")
+    tokens_per_second: float = Field(description="Its generation speed in the phase's pod.")
 
 
 class QuantizationResult(ApiModel):

@@ -15,6 +15,8 @@ def references(res: Resource) -> list[tuple[str, str, str]]:
         refs.append(("spec.dataset.datasetBuildRef", "DatasetBuild", spec.dataset.dataset_build_ref.name))
     if res.kind in ("Benchmark", "Quantization") and spec.model.fine_tune_ref:
         refs.append(("spec.model.fineTuneRef", "FineTune", spec.model.fine_tune_ref.name))
+    if res.kind == "Quantization" and spec.benchmark_ref:
+        refs.append(("spec.benchmarkRef", "Benchmark", spec.benchmark_ref.name))
     if res.kind == "Benchmark":
         if spec.model.quantization_ref:
             refs.append(("spec.model.quantizationRef", "Quantization", spec.model.quantization_ref.name))

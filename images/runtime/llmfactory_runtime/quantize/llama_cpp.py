@@ -1,12 +1,14 @@
-"""llama.cpp's tools for what gguf-py cannot do in Python: K-quants (llama-quantize) and
-importance matrices (llama-imatrix). The runtime image builds them at a pinned tag; elsewhere
-point LLMFACTORY_LLAMA_CPP_BIN at a folder holding them."""
+"""llama.cpp for what gguf-py cannot do in Python: K-quants (llama-quantize) and importance
+matrices (llama-imatrix), which the runtime image builds at a pinned tag (elsewhere point
+LLMFACTORY_LLAMA_CPP_BIN at a folder holding them), and loading a GGUF back with llama.cpp
+itself through llama-cpp-python."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from ..task import InvalidTask
@@ -44,3 +46,27 @@ def k_quantize(source: Path, out: Path, type_name: str, threads: int, imatrix: P
     if imatrix is not None:
         command += ["--imatrix", str(imatrix)]
     _run(command + [str(source), str(out), K_QUANTS[type_name], str(threads)], "llama-quantize")
+
+
+TOKENIZER_SAMPLE = ("Почему небо голубое? Why is the sky blue? 为什么天空是蓝色的？ 1234567 + 89 = ?\n"
+                    "\tdouble  spaces, ünïcödé, emoji 🙂")
+
+
+def load_back(path: Path, tokenizer, prompt: str, threads: int) -> dict | None:
+    """The GGUF as llama.cpp loads it (llama-cpp-python, when installed; None otherwise): does
+    its tokenizer cut a multilingual sample as the model's own does, and does it answer a chat
+    prompt? A converter's most common failure is a tokenizer llama.cpp reads differently."""
+    try:
+        from llama_cpp import Llama  # noqa: PLC0415 - optional: the runtime image has it
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, seed=0, verbose=False)
+    ours = llm.tokenize(TOKENIZER_SAMPLE.encode(), add_bos=False, special=False)
+    theirs = tokenizer(TOKENIZER_SAMPLE, add_special_tokens=False)["input_ids"]
+    start = time.perf_counter()
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=24,
+                                     temperature=0.0)
+    seconds = time.perf_counter() - start
+    llm.close()
+    return {"tokenizerMatches": list(ours) == list(theirs), "answer": out["choices"][0]["message"]["content"][:200],
+            "tokensPerSecond": round(out["usage"]["completion_tokens"] / seconds, 1)}

@@ -1,4 +1,5 @@
-"""Quantization: GGUF files, each loaded back through transformers and measured for perplexity."""
+"""Quantization: GGUF files, each loaded back through transformers and measured for perplexity
+and top-token agreement, and through llama.cpp itself when llama-cpp-python is installed."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def measure_quality(source: dict, rows: list[dict], cache: bool = True) -> tuple
     del model
     gc.collect()
     return value, tops
+
+
+def _chat_prompt(rows: list[dict]) -> str:
+    """A held-out user message when there is one."""
+    for row in rows:
+        for message in messages_of(row):
+            if message["role"] == "user":
+                return message["content"]
+    return "Why is the sky blue? Answer in one sentence."
 
 
 def _importance_matrix(base: Path, tmp: Path, dataset: dict, progress: Progress) -> Path:
@@ -89,6 +99,12 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                 art["perplexityIncreasePercent"] = round(100 * (value - reference) / reference, 3)
                 art["topTokenAgreementPercent"] = round(
                     100 * sum(a == b for a, b in zip(tops, reference_tops)) / max(len(reference_tops), 1), 2)
+            checked = llama_cpp.load_back(out, load_tokenizer(inputs["model"]), _chat_prompt(rows),
+                                          os.cpu_count() or 2)
+            if checked is not None:
+                art["llamaCpp"] = checked
+                passed &= checked["tokenizerMatches"]
+            if rows:
                 bound = validation.get("maxPerplexityIncreasePercent")
                 floor = validation.get("minTopTokenAgreementPercent")
                 if (bound is not None and art["perplexityIncreasePercent"] > bound) or \
