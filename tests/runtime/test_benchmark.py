@@ -201,3 +201,24 @@ def test_lm_eval_task_from_a_local_folder_scores_as_the_log_likelihoods_say(tiny
     from llmfactory_runtime.task import InvalidTask
     with pytest.raises(InvalidTask, match=r"spec.lmEval.tasks: no task named \['no_such_task'\]"):
         benchmark.run(task, store, Progress(store))
+
+
+def test_a_lora_adapter_is_merged_onto_its_base_when_loaded(tiny_model, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from llmfactory_runtime.models import load_model, load_tokenizer
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
+    source = {"uri": f"file://{tiny_model}", "adapterUri": f"file://{tmp_path / 'adapter'}"}
+    merged = load_model(source, dtype=torch.float32, to=torch.device("cpu"))
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                                         tmp_path / "adapter").merge_and_unload()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = load_tokenizer(source)("Почему небо голубое?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, expected(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)  # the adapter changed it

@@ -217,3 +217,12 @@ def test_a_quantization_gated_on_a_benchmark_waits_until_it_passes():
         looped = m("Benchmark", "bench", {"model": {"quantizationRef": {"name": "q"}}, "perplexity": {
             "dataset": {"uri": "s3://b/d"}}})
         dependency_order(parse(x) for x in [gated, looped, FT, DATA])
+
+
+def test_an_adapter_only_fine_tune_is_benchmarked_on_its_base_but_not_quantized():
+    adapter_only = {k: v for k, v in FT_RESULT.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/ft/adapter"}
+    task = plan(parse(BENCH), lookup({("FineTune", "ft"): adapter_only}), STORE)
+    assert task["inputs"]["model"] == {**MODEL, "adapterUri": "s3://bucket/ft/adapter", "digest": "sha256:fff"}
+    assert task["inputs"]["baseline"] == MODEL
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft kept only its adapter.*mergeAdapter: true"):
+        plan(parse(QUANT), lookup({("FineTune", "ft"): adapter_only}), STORE)

@@ -79,6 +79,8 @@ def _gguf_cache(source: dict[str, Any], cache: bool) -> Path | None:
 
 
 def load_tokenizer(source: dict[str, Any], cache: bool = True) -> PreTrainedTokenizerBase:
+    if source.get("adapterUri"):  # a FineTune keeps the tokenizer it trained with beside its adapter
+        return load_tokenizer({"uri": source["adapterUri"]}, cache)
     cached = _gguf_cache(source, cache)
     if cached and (cached / ".complete").exists():
         tok = AutoTokenizer.from_pretrained(cached)
@@ -103,7 +105,8 @@ def load_config(source: dict[str, Any]):
 
 def load_model(source: dict[str, Any], dtype: torch.dtype | None = None, cache: bool = True,
                to: torch.device | None = None, **kwargs):
-    """A causal LM on the best device (or `to`), in the compute dtype unless told otherwise. A GGUF
+    """A causal LM on the best device (or `to`), in the compute dtype unless told otherwise, with the
+    LoRA adapter at source["adapterUri"] merged in when there is one. A GGUF
     source is kept as safetensors in the local cache unless cache=False (a file that is only checked once).
     A model loaded with a device_map (e.g. 4-bit) stays where it was placed."""
     dtype = dtype or compute_dtype()
@@ -118,6 +121,11 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | None = None, cache: 
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **extra, **kwargs)
         if cached:
             _save_gguf_cache(model, AutoTokenizer.from_pretrained(where, gguf_file=gguf), cached)
+    if source.get("adapterUri"):  # a FineTune that kept only its LoRA adapter: merged onto its base here
+        from peft import PeftModel  # noqa: PLC0415
+
+        folder, _, _ = locate({"uri": source["adapterUri"]})
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     if "device_map" in kwargs:
         return model
     return model.to(to or device())

@@ -20,7 +20,9 @@ class ModelUnderTest(ApiModel):
          "message": "set exactly one of fineTuneRef, quantizationRef or source"},
     ]
 
-    fine_tune_ref: LocalObjectReference | None = Field(None, description="A FineTune's trained model.")
+    fine_tune_ref: LocalObjectReference | None = Field(
+        None, description="A FineTune's trained model: its merged model, or its LoRA adapter merged onto its base "
+                          "when it kept only the adapter (mergeAdapter: false).")
     quantization_ref: LocalObjectReference | None = Field(
         None, description="A Quantization's first GGUF artifact, loaded back through transformers.")
     source: ModelSource | None = Field(None, description="Any model by Hugging Face id or URI.")

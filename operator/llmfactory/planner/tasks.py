@@ -164,10 +164,13 @@ def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, di
     if spec.fine_tune_ref:
         ft = upstream["spec.model.fineTuneRef"]
         dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"]}
-        if not ft.get("modelUri"):
+        if ft.get("modelUri"):
+            return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
+        if res.kind == "Quantization":  # GGUF conversion reads a whole safetensors model
             raise PlanError(res.ref, "spec.model.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} kept only its "
-                            "adapter (spec.mergeAdapter: false); set mergeAdapter: true there to evaluate or quantize it")
-        return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
+                            "adapter (spec.mergeAdapter: false); set mergeAdapter: true there to quantize it")
+        # A Benchmark evaluates the adapter on its base, merged when loaded.
+        return {**ft["baseModel"], "adapterUri": ft["adapterUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
     if getattr(spec, "quantization_ref", None):
         q = upstream["spec.model.quantizationRef"]
         first = q["artifacts"][0]
