@@ -65,7 +65,9 @@ def make_tokenizer(folder: Path, vocab_size: int = 400, style: str = "gpt2"):
     else:
         tok, trainer = _byte_level({"gpt2": None, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}[style])
     trainer.vocab_size = vocab_size
-    tok.train_from_iterator(CORPUS, trainer)
+    # Numbers, so that a split's digit rule (Llama 3 groups up to three, Qwen2 one) shows in the merges.
+    numbers = [] if style == "gpt2" else ["In 2024 there were 366 days, 8784 hours and 527040 minutes."] * 4
+    tok.train_from_iterator(CORPUS + numbers, trainer)
     if style == "sentencepiece":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                        pad_token="</s>")

@@ -197,3 +197,16 @@ def test_llama_cpp_itself_reads_each_tokenizer_as_transformers_does(tmp_path, fa
     checked = llama_cpp.load_back(out, AutoTokenizer.from_pretrained(folder), "Why is the sky blue?", 2)
     assert checked["tokenizerMatches"], family
     assert checked["tokensPerSecond"] > 0 and isinstance(checked["answer"], str)
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP_PYTHON, reason="llama-cpp-python is not installed (the runtime image has it)")
+def test_quantization_phase_records_llama_cpp_load_back(tiny_model, tmp_path):
+    from llmfactory_runtime.progress import Progress
+    from llmfactory_runtime.quantize import run as quantize
+    from llmfactory_runtime.store import open_store
+
+    task = quantization_task(tiny_model, tmp_path, ["q8_0"])
+    store = open_store(task["artifactUri"])
+    result = quantize.run(task, store, Progress(store))
+    checked = result["artifacts"][0]["llamaCpp"]
+    assert checked["tokenizerMatches"] and checked["tokensPerSecond"] > 0 and result["passed"]

@@ -49,7 +49,7 @@ def k_quantize(source: Path, out: Path, type_name: str, threads: int, imatrix: P
 
 
 TOKENIZER_SAMPLE = ("Почему небо голубое? Why is the sky blue? 为什么天空是蓝色的？ 1234567 + 89 = ?\n"
-                    "\tdouble  spaces, ünïcödé, emoji 🙂")
+                    "\tIn 2024 there were 366 days; double  spaces, ünïcödé, emoji 🙂")
 
 
 def load_back(path: Path, tokenizer, prompt: str, threads: int) -> dict | None:
