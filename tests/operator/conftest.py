@@ -65,6 +65,14 @@ class Cluster:
             await asyncio.sleep(0.2)
         raise AssertionError(f"{kind} {name} did not get there in {timeout}s; last seen: {obj}")
 
+    async def wait_gone(self, kind: str, name: str, timeout: float = 60) -> None:
+        """Until the object is deleted for good (its finalizer removed by the operator)."""
+        deadline = time.monotonic() + timeout
+        while await self.get(kind, name) is not None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{kind} {name} still exists {timeout}s after its deletion")
+            await asyncio.sleep(0.2)
+
     def objects(self, plural: str) -> list[dict[str, Any]]:
         return objects_of(self.server, plural)
 

@@ -82,7 +82,7 @@ async def test_spec_change_makes_a_new_job_and_the_same_spec_reuses_the_result(c
 
     # Delete and re-apply the original: its finished result is reused, no Job is run again.
     await cluster.delete("DatasetBuild", "data")
-    await asyncio.sleep(1)
+    await cluster.wait_gone("DatasetBuild", "data")
     await cluster.apply(data)
     again = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=60)
     assert again["status"]["taskDigest"] == first["status"]["taskDigest"]
@@ -181,23 +181,23 @@ async def test_crashing_run_is_retried_then_failed(cluster, operator, job_contro
 
 async def test_operator_restarts_never_create_a_second_job(cluster, operator, job_controller, tiny_model):
     job_controller.paused = True  # Jobs stay pending while the operator restarts around them
-    for manifest in pipeline(tiny_model):
+    for manifest in pipeline(tiny_model)[:2]:  # a dependency and its dependent (the whole chain: test above)
         await cluster.apply(manifest)
     await cluster.wait_for("DatasetBuild", "data", phase_is("Running"))
     rng = random.Random(0)
-    for _ in range(10):
+    for _ in range(6):
         await operator.stop()
         await asyncio.sleep(rng.uniform(0, 0.3))
         await operator.start()
         await asyncio.sleep(rng.uniform(0, 1.0))
     assert len(cluster.objects("jobs")) == 1
     job_controller.paused = False
-    for kind, name in ORDER:
+    for kind, name in ORDER[:2]:
         await cluster.wait_for(kind, name, phase_is("Succeeded"), timeout=240)
         await operator.stop()
         await operator.start()
     names = [j["metadata"]["name"] for j in cluster.objects("jobs")]
-    assert len(names) == len(set(names)) == 4
+    assert len(names) == len(set(names)) == 2
 
 
 async def test_deletion_policy_delete_removes_the_artifacts(cluster, operator, job_controller, tiny_model,

@@ -197,7 +197,7 @@ def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupte
         task = finetune_task(tiny_model, dataset, f"s3://{s3_bucket}/trial-{trial}", **spec)
         assert task["digest"] == reference["digest"]
         path = write_task(task, tmp_path)
-        for kill in range(2):
+        for kill in range(2 if trial == 0 else 1):  # the first trial also resumes a resumed run
             began = time.time()
             proc = _start(path)
             _wait_until_training(task, proc, began, checkpointed=kill == 0)
@@ -291,10 +291,10 @@ def test_qlora_trains_a_4bit_base_on_cpu_and_its_adapter_reloads(tiny_model, dat
 
 @pytest.mark.slow
 def test_qlora_on_smollm2_learns_and_its_adapter_reloads_on_the_pretrained_base(tmp_path):
-    dataset = write_dataset(tmp_path / "data", train=24, validation=4)
+    dataset = write_dataset(tmp_path / "data", train=12, validation=4)
     task = finetune_task(SMOLLM2, dataset, f"file://{tmp_path}/store", method="qlora", mergeAdapter=False,
                          lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
-                         hyperparameters={"epochs": 2, "batchSize": 4, "maxSeqLength": 128, "learningRate": 0.002})
+                         hyperparameters={"epochs": 2, "batchSize": 4, "maxSeqLength": 96, "learningRate": 0.002})
     _ok(run_finetune(write_task(task, tmp_path), timeout=600))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"] and "modelUri" not in result
