@@ -136,13 +136,21 @@ def test_full_fine_tune_trains_every_weight_and_saves_a_whole_model(tiny_model, 
     assert len(changed) == len(before)  # embeddings, norms, head: everything moved
 
 
-@pytest.mark.slow
-def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_path):
-    """Same global batch (1 x accumulation 2 vs 2 processes x 1): the same steps on the same data."""
-    one = finetune_task(tiny_model, dataset, f"file://{tmp_path}/one", lora=NO_DROPOUT,
+@pytest.fixture(scope="module")
+def one_process(tiny_model, dataset, tmp_path_factory) -> dict:
+    """One process, accumulation 2: the run that 2-process DDP and ZeRO-2 runs must reproduce (run once)."""
+    folder = tmp_path_factory.mktemp("one-process")
+    one = finetune_task(tiny_model, dataset, f"file://{folder}/one", lora=NO_DROPOUT,
                         hyperparameters={"gradientAccumulation": 2})
+    _ok(run_finetune(write_task(one, folder)))
+    return one
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_path, one_process):
+    """Same global batch (1 x accumulation 2 vs 2 processes x 1): the same steps on the same data."""
+    one = one_process
     two = finetune_task(tiny_model, dataset, f"file://{tmp_path}/two", lora=NO_DROPOUT, resources={"gpusPerNode": 2})
-    _ok(run_finetune(write_task(one, tmp_path)))
     _ok(run_finetune(write_task(two, tmp_path), processes=2))
     curve = [_loss_curve(t) for t in (one, two)]
     assert len(curve[0]) == len(curve[1]) > 10
@@ -182,7 +190,7 @@ def _wait_until_training(task: dict, proc: subprocess.Popen, since: float, check
 
 
 ONE = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
-LONGER = {"epochs": 4}
+LONGER = {"epochs": 3}
 
 
 @pytest.mark.slow
@@ -237,12 +245,11 @@ def test_sigterm_saves_a_checkpoint_at_once_and_the_next_attempt_resumes_there(t
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_on_two_processes_matches_one_process_and_resumes_after_sigterm(tiny_model, dataset, tmp_path):
-    one = finetune_task(tiny_model, dataset, f"file://{tmp_path}/one", lora=NO_DROPOUT,
-                        hyperparameters={"gradientAccumulation": 2})
+def test_deepspeed_zero2_on_two_processes_matches_one_process_and_resumes_after_sigterm(tiny_model, dataset, tmp_path,
+                                                                                        one_process):
+    one = one_process
     ds = finetune_task(tiny_model, dataset, f"file://{tmp_path}/ds", lora=NO_DROPOUT, resources={"gpusPerNode": 2},
                        distribution={"strategy": "deepspeed", "zeroStage": 2})
-    _ok(run_finetune(write_task(one, tmp_path)))
     path = write_task(ds, tmp_path)
     began = time.time()
     proc = subprocess.Popen(runtime_command(path, processes=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
