@@ -101,5 +101,6 @@ def _execute(work, task: dict, run: Store) -> int:
     progress.finish("Succeeded")
     return EXIT_OK
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,6 @@ of the real runtime, drawing progress from the progress.json it writes."""
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from llmfactory_runtime.store import TASK, finished_result, open_store, read_pro
 from ..api import KINDS
 from ..api.headline import headline
 from ..planner import Resource, Waiting, config_maps_among, dependency_order, parse, plan
+from ..planner.manifests import config_map_bytes
 
 
 @dataclass
@@ -109,10 +109,8 @@ class LocalRunner:
             if ns != namespace:
                 continue
             (folder / name).mkdir(parents=True, exist_ok=True)
-            for key, text in (cm.get("data") or {}).items():
-                (folder / name / key).write_text(text)
-            for key, b64 in (cm.get("binaryData") or {}).items():
-                (folder / name / key).write_bytes(base64.b64decode(b64))
+            for key in {**(cm.get("data") or {}), **(cm.get("binaryData") or {})}:
+                (folder / name / key).write_bytes(config_map_bytes(cm, key))
         return folder
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -89,3 +90,12 @@ def config_maps_among(docs: list[dict[str, Any]], default_namespace: str = "defa
         else:
             rest.append(doc)
     return rest, config_maps
+
+
+def config_map_bytes(config_map: dict[str, Any], key: str) -> bytes | None:
+    """A ConfigMap key's content, from data (text) or binaryData (base64); None when absent."""
+    if key in (config_map.get("data") or {}):
+        return config_map["data"][key].encode()
+    if key in (config_map.get("binaryData") or {}):
+        return base64.b64decode(config_map["binaryData"][key])
+    return None

@@ -7,7 +7,6 @@ over all of that. Same inputs, same digest, same artifact prefix: finished work 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from ..api.common import RUNTIME_ONLY_FIELDS, operational_fields
 from .errors import PlanError
 from .estimate import check_fits
 from .graph import references
-from .manifests import Resource
+from .manifests import Resource, config_map_bytes
 
 ResultLookup = Callable[[str, str, str], "dict[str, Any] | None"]  # (kind, namespace, name) -> status.result
 ConfigMapLookup = Callable[[str, str], "dict[str, Any] | None"]  # (namespace, name) -> the ConfigMap
@@ -116,11 +115,8 @@ def config_map_files(res: Resource, config_map_of: ConfigMapLookup | None) -> di
         found = config_map_of(res.namespace, ref.name)
         if found is None:
             return Waiting("ConfigMap", ref.name, field)
-        if ref.key in (found.get("data") or {}):
-            content = found["data"][ref.key].encode()
-        elif ref.key in (found.get("binaryData") or {}):
-            content = base64.b64decode(found["binaryData"][ref.key])
-        else:
+        content = config_map_bytes(found, ref.key)
+        if content is None:
             keys = sorted({**(found.get("data") or {}), **(found.get("binaryData") or {})})
             raise PlanError(res.ref, f"{field}.key", f"ConfigMap {ref.name} has no key {ref.key!r} (it has: {keys})")
         files[str(i)] = {"name": ref.name, "key": ref.key, "sha256": hashlib.sha256(content).hexdigest()}

@@ -10,17 +10,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..store import open_store
 from ..task import InvalidTask
 
 
-def fetch_tasks(uri: str | None, into: Path) -> Path | None:
-    """The task folder on local disk (downloaded when it is in s3://)."""
+def task_folder(uri: str | None) -> Path | None:
+    """spec.lmEval.tasksUri on local disk (an s3:// folder is downloaded once into the model cache)."""
     if uri is None:
         return None
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    return open_store(uri).download_dir("", into / "tasks", require_commit=False)
+    from ..models import locate  # noqa: PLC0415 - the one place that turns a URI into a local folder
+
+    try:
+        return Path(locate({"uri": uri})[0])
+    except InvalidTask as exc:
+        raise InvalidTask(f"spec.lmEval.tasksUri: {exc}") from None
 
 
 def metric_name(task: str, key: str) -> str | None:
@@ -58,4 +60,3 @@ def evaluate(model, tokenizer, spec: dict[str, Any], tasks_dir: Path | None) -> 
             if name and isinstance(value, (int, float)):
                 metrics[name] = float(value)
     return metrics
-

@@ -1,12 +1,11 @@
 """Benchmark: perplexity on held-out conversations, LLM-judge scores of multi-turn answers and
-lm-evaluation-harness tasks, for the model under test and (optionally) its base model, then gates. Answers and ratings are
-saved as they are made, so a restarted benchmark redoes none of them."""
+lm-evaluation-harness tasks, for the model under test and (optionally) its base model, then
+gates. Answers and ratings are saved as they are made, so a restarted benchmark redoes none of them."""
 
 from __future__ import annotations
 
 import gc
 import json
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -248,10 +247,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     models = {"model": inputs["model"]}
     if inputs.get("baseline"):
         models["baseline"] = inputs["baseline"]
-    with tempfile.TemporaryDirectory() as tmp:
-        tasks_dir = lm_eval_tasks.fetch_tasks((spec.get("lmEval") or {}).get("tasksUri"), Path(tmp))
-        results = {label: _evaluate_model(label, source, spec, rows, questions, run, progress, tasks_dir)
-                   for label, source in models.items()}
+    tasks_dir = lm_eval_tasks.task_folder((spec.get("lmEval") or {}).get("tasksUri"))
+    results = {label: _evaluate_model(label, source, spec, rows, questions, run, progress, tasks_dir)
+               for label, source in models.items()}
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     ratings = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
 

@@ -47,12 +47,10 @@ def drop_long_prompts(prompts: list[dict[str, Any]], limit: int, tokenizer_input
     from ..models import load_tokenizer  # noqa: PLC0415 - transformers only when a limit is set
 
     tokenizer = load_tokenizer(tokenizer_input)
-    texts = [[p.get("system") or "", *p["turns"]] for p in prompts]
-    flat = [t for group in texts for t in group]
-    lengths = iter(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+    texts = ["\n".join([p.get("system") or "", *p["turns"]]) for p in prompts]  # one tokenizer call for all
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     kept = []
-    for p, group in zip(prompts, texts):
-        n = sum(next(lengths) for _ in group)
+    for p, n in zip(prompts, lengths):
         if n > limit:
             drops.add("prompt_too_long", f"{n} tokens: {p['turns'][0]}")
         else:

@@ -5,6 +5,7 @@ itself through llama-cpp-python."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -52,14 +53,17 @@ TOKENIZER_SAMPLE = ("Почему небо голубое? Why is the sky blue? 
                     "\tIn 2024 there were 366 days; double  spaces, ünïcödé, emoji 🙂")
 
 
-def load_back(path: Path, tokenizer, prompt: str, threads: int) -> dict | None:
-    """The GGUF as llama.cpp loads it (llama-cpp-python, when installed; None otherwise): does
-    its tokenizer cut a multilingual sample as the model's own does, and does it answer a chat
-    prompt? A converter's most common failure is a tokenizer llama.cpp reads differently."""
-    try:
-        from llama_cpp import Llama  # noqa: PLC0415 - optional: the runtime image has it
-    except ImportError:
-        return None
+def can_load_back() -> bool:
+    """Whether llama-cpp-python is installed (the runtime image has it)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def load_back(path: Path, tokenizer, prompt: str, threads: int) -> dict:
+    """The GGUF as llama.cpp loads it: does its tokenizer cut a multilingual sample as the
+    model's own does, and does it answer a chat prompt? A converter's most common failure is a
+    tokenizer llama.cpp reads differently."""
+    from llama_cpp import Llama  # noqa: PLC0415 - optional: see can_load_back
+
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, seed=0, verbose=False)
     ours = llm.tokenize(TOKENIZER_SAMPLE.encode(), add_bos=False, special=False)
     theirs = tokenizer(TOKENIZER_SAMPLE, add_special_tokens=False)["input_ids"]

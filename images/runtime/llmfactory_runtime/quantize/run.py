@@ -65,7 +65,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                    total=len(types), unit="types")
     reference, reference_tops = measure_quality(inputs["model"], rows) if rows else (None, [])
 
-    artifacts, passed = [], True
+    artifacts, passed, tokenizer = [], True, None
     name = task["resource"]["name"]
     with tempfile.TemporaryDirectory() as tmp:
         # K-quants start from one f16 GGUF (and one importance matrix) shared by every K type.
@@ -99,17 +99,15 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                 art["perplexityIncreasePercent"] = round(100 * (value - reference) / reference, 3)
                 art["topTokenAgreementPercent"] = round(
                     100 * sum(a == b for a, b in zip(tops, reference_tops)) / max(len(reference_tops), 1), 2)
-            checked = llama_cpp.load_back(out, load_tokenizer(inputs["model"]), _chat_prompt(rows),
-                                          os.cpu_count() or 2)
-            if checked is not None:
-                art["llamaCpp"] = checked
-                passed &= checked["tokenizerMatches"]
-            if rows:
                 bound = validation.get("maxPerplexityIncreasePercent")
                 floor = validation.get("minTopTokenAgreementPercent")
                 if (bound is not None and art["perplexityIncreasePercent"] > bound) or \
                         (floor is not None and art["topTokenAgreementPercent"] < floor):
                     passed = False
+            if llama_cpp.can_load_back():
+                tokenizer = tokenizer or load_tokenizer(inputs["model"])
+                art["llamaCpp"] = llama_cpp.load_back(out, tokenizer, _chat_prompt(rows), os.cpu_count() or 2)
+                passed &= art["llamaCpp"]["tokenizerMatches"]
             run.upload_file(out, f"gguf/{out.name}")
             artifacts.append(art)
             out.unlink()

@@ -58,4 +58,5 @@ def write_result(run: Store, result: dict[str, Any]) -> None:
     run.commit()
 
 
-__all__ = ["COMMIT_MARKER", "PROGRESS", "RESULT", "SHARDS", "TASK", "Store", "finished_result", "open_store", "read_progress", "write_result"]
+__all__ = ["COMMIT_MARKER", "PROGRESS", "RESULT", "SHARDS", "TASK", "Store", "finished_result", "open_store",
+           "read_progress", "write_result"]
