@@ -92,7 +92,7 @@ def cmd_operator(args) -> int:
 
     import kopf  # noqa: PLC0415
 
-    from .controller.handlers import kopf_settings, register  # noqa: PLC0415
+    from .controller.handlers import kopf_settings, register, replica_priority  # noqa: PLC0415
     from .controller.settings import OperatorSettings  # noqa: PLC0415
 
     from prometheus_client import start_http_server  # noqa: PLC0415
@@ -106,7 +106,8 @@ def cmd_operator(args) -> int:
     asyncio.run(kopf.operator(registry=registry, settings=kopf_settings(args.namespace),
                               clusterwide=not args.namespace, namespaces=args.namespace or (),
                               liveness_endpoint=args.liveness, standalone=args.standalone,
-                              peering_name=None if args.standalone else args.peering))
+                              peering_name=None if args.standalone else args.peering,
+                              priority=replica_priority() if args.priority is None else args.priority))
     return 0
 
 
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--peering", default="llmfactory",
                    help="peering name shared by the replicas: one reconciles, the others stand by "
                         "(needs kopf's peering CRDs: the Helm chart installs them when replicaCount > 1)")
+    o.add_argument("--priority", type=int, help="peering priority: the highest live replica reconciles "
+                                                "(default: drawn at random, so that no two replicas tie)")
     o.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     o.set_defaults(func=cmd_operator)
     return parser

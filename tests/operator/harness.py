@@ -22,7 +22,7 @@ import kopf
 
 from llmfactory import GROUP, VERSION
 from llmfactory.api import KINDS
-from llmfactory.controller.handlers import kopf_settings, register
+from llmfactory.controller.handlers import kopf_settings, register, replica_priority
 from llmfactory.controller.job_builder import TASK_PATH
 from llmfactory.controller.settings import OperatorSettings
 from llmfactory_runtime import CONFIG_MAPS_ENV, EXIT_INVALID_TASK
@@ -194,8 +194,12 @@ class Operator:
     """The real kopf operator, in a thread with its own event loop (as kopf.testing.KopfRunner
     does), so the emulator keeps serving in the test's loop; start and stop it at will."""
 
-    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None, peering: str | None = None):
+    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None, peering: str | None = None,
+                 priority: int | None = None, peering_lifetime: int = 60):
         self.settings, self.namespaces, self.peering = settings, namespaces, peering
+        # As `llmfactory operator` does: each replica draws its own priority unless told one.
+        self.priority = replica_priority() if priority is None else priority
+        self.peering_lifetime = peering_lifetime
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -204,10 +208,11 @@ class Operator:
         register(registry, self.settings, namespaces=self.namespaces)
         loop = self.loop = asyncio.new_event_loop()
         self.kopf_settings = kopf_settings(self.namespaces)
+        self.kopf_settings.peering.lifetime = self.peering_lifetime
         try:
             self.main = loop.create_task(kopf.operator(registry=registry, clusterwide=not self.namespaces,
                                                   namespaces=self.namespaces or (), standalone=not self.peering,
-                                                  peering_name=self.peering,
+                                                  peering_name=self.peering, priority=self.priority,
                                                   settings=self.kopf_settings,
                                                   stop_flag=self.stop_flag))
             loop.run_until_complete(self.main)

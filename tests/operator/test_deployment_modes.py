@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
 import time
 
 import kmock
@@ -68,6 +70,37 @@ async def test_a_peered_replica_works_within_the_charts_rbac(cluster, operator_s
     assert ("kopf.dev", "clusterkopfpeerings", "patch") in calls and ("", "events", "create") in calls
     denied = sorted(call for call in calls if not allowed(role["rules"], *call))
     assert denied == [], f"the operator needs these, the chart does not grant them: {denied}"
+
+
+async def test_two_replicas_one_reconciles_and_the_other_takes_over(cluster, operator_settings, job_controller,
+                                                                    tiny_model, caplog):
+    """replicaCount: 2 runs two identical replicas. kopf pauses every replica that ties with another
+    on priority (the cluster would be unserved), so each draws its own: the higher reconciles, the
+    other stands by and takes over once the first's peering entry expires."""
+    caplog.set_level(logging.INFO)
+    declare_peerings(cluster.server)
+    replicas = [Operator(operator_settings, peering="llmfactory", peering_lifetime=4) for _ in range(2)]
+    assert replicas[0].priority != replicas[1].priority
+    leader = max(replicas, key=lambda r: r.priority)
+    logged = lambda words: any(words in r.getMessage() for r in caplog.records)  # noqa: E731
+    for replica in replicas:
+        await replica.start()
+    try:
+        await wait_until(lambda: logged("Pausing operations in favour of"))
+        assert not logged("Possibly conflicting operators with the same priority")
+        first = pipeline(tiny_model)[0]
+        await cluster.apply(first)
+        await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
+        await leader.kill()  # abruptly: its peering entry stays until its lifetime ends
+        second = copy.deepcopy(first)
+        second["metadata"]["name"] = "data-2"
+        await cluster.apply(second)
+        await cluster.wait_for("DatasetBuild", "data-2", phase_is("Succeeded"), timeout=120)
+        assert logged("Resuming operations after the pause")
+        assert len(objects_of(cluster.server, "jobs")) == 2
+    finally:
+        for replica in replicas:
+            await replica.stop()
 
 
 async def test_namespaced_operator_handles_only_its_namespace(cluster, operator_settings, tiny_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import kopf
@@ -23,6 +24,13 @@ FINALIZER = "llmfactory.dev/artifacts"
 NUDGE = "llmfactory.dev/last-change-seen"
 TERMINAL = ("Succeeded", "Failed")
 PEERING_API = "/apis/kopf.dev/v1"
+
+
+def replica_priority() -> int:
+    """kopf pauses every replica that sees another one with its own priority, which would leave
+    the cluster unserved with two identical replicas: each draws its own. The highest reconciles;
+    the others stand by and take over once its peering entry expires."""
+    return random.SystemRandom().randint(1, 2**31 - 1)
 
 
 def kopf_settings(namespaces: list[str] | None) -> kopf.OperatorSettings:
