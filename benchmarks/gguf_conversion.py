@@ -1,7 +1,9 @@
-"""GGUF conversion on SmolLM2-135M-Instruct: throughput (MB of source weights per second) per
-type, file size, bits per weight, and the quality kept (perplexity increase and top-token
-agreement against the unquantized model) on conversations built from the project's reference
-answers. K-quants run when LLMFACTORY_LLAMA_CPP_BIN points at a llama.cpp build.
+"""Quantization of SmolLM2-135M-Instruct: throughput (MB of source weights per second) per
+type, size, bits per weight, and the quality kept (perplexity increase and top-token agreement
+against the unquantized model) on conversations built from the project's reference answers.
+GGUF types, then compressed-tensors fp8 and gptq through llmcompressor (awq too on CUDA),
+calibrated on the quickstart's 100 prompts. K-quants run when LLMFACTORY_LLAMA_CPP_BIN points at a
+llama.cpp build.
 
     .venv/bin/python benchmarks/gguf_conversion.py
 """
@@ -9,13 +11,17 @@ answers. K-quants run when LLMFACTORY_LLAMA_CPP_BIN points at a llama.cpp build.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+import yaml
+
 from llmfactory_runtime.benchmark.questions import builtin_questions
-from llmfactory_runtime.models import _gguf_cache, load_model
-from llmfactory_runtime.quantize import llama_cpp
+from llmfactory_runtime.models import _gguf_cache, load_model, load_tokenizer
+from llmfactory_runtime.quantize import compressed, llama_cpp
 from llmfactory_runtime.quantize.gguf_export import export
 from llmfactory_runtime.quantize.run import measure_quality
 
@@ -36,12 +42,34 @@ def rows() -> list[dict]:
     return out
 
 
+def calibration_prompts() -> list[list[dict[str, str]]]:
+    """The quickstart's prompts as single user turns: text the measured conversations do not contain."""
+    doc = yaml.safe_load((Path(__file__).parent.parent / "examples/quickstart/01-dataset.yaml").read_text())
+    return [[{"role": "user", "content": item["text"]}] for item in doc["spec"]["sources"][0]["inline"]]
+
+
+def compressed_types() -> list[str]:
+    try:
+        compressed.check_can_run(["fp8"])
+    except Exception as e:  # noqa: BLE001 - say why the rows are missing
+        print(f"compressed-tensors skipped: {e}")
+        return []
+    return ["fp8", "gptq"] + (["awq"] if compressed.pinned_memory_available() else [])
+
+
+def row(type_name: str, weights_mb: float, seconds: float, size: int, params: int, value: float,
+        reference: float, agree: float) -> str:
+    return (f"{type_name:<8} {weights_mb / seconds:>7.1f} {size / 1e6:>8.1f} {size * 8 / params:>7.2f} "
+            f"{100 * (value - reference) / reference:>7.2f} {agree:>11.1%}")
+
+
 def main() -> None:
     load_model(SOURCE)  # the safetensors cache of the GGUF: the "unquantized" model here
     folder = _gguf_cache(SOURCE, True)
     weights_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1e6
     data = rows()
-    reference, reference_tops = measure_quality({"uri": f"file://{folder}"}, data)
+    prompt = "Why is the sky blue?"
+    reference, reference_tops, _ = measure_quality({"uri": f"file://{folder}"}, data, prompt)
     types = PYTHON_TYPES + (list(llama_cpp.K_QUANTS) if os.environ.get(llama_cpp.BIN_ENV) else [])
     print(f"source: {weights_mb:.0f} MB of safetensors, reference perplexity {reference:.3f} on {len(data)} "
           f"conversations")
@@ -59,12 +87,26 @@ def main() -> None:
             else:
                 params = export(folder, out, type_name, "smollm2")
             seconds = time.perf_counter() - start
-            value, tops = measure_quality({"uri": f"file://{tmp}", "ggufFile": out.name}, data, cache=False)
+            value, tops, _ = measure_quality({"uri": f"file://{tmp}", "ggufFile": out.name}, data, prompt,
+                                             cache=False)
             agree = sum(a == b for a, b in zip(tops, reference_tops)) / len(reference_tops)
-            size = out.stat().st_size
-            print(f"{type_name:<8} {weights_mb / seconds:>7.1f} {size / 1e6:>8.1f} {size * 8 / params:>7.2f} "
-                  f"{100 * (value - reference) / reference:>7.2f} {agree:>11.1%}")
+            print(row(type_name, weights_mb, seconds, out.stat().st_size, params, value, reference, agree))
             out.unlink()
+        tokenizer = load_tokenizer({"uri": f"file://{folder}"})
+        for type_name in compressed_types():
+            out = Path(tmp) / f"m-{type_name}"
+            model = load_model({"uri": f"file://{folder}"}, to=torch.device("cpu"))
+            calibration = compressed.calibration_set(tokenizer, calibration_prompts())
+            start = time.perf_counter()
+            compressed.compress(model, tokenizer, type_name, out,
+                                calibration if type_name in compressed.CALIBRATED else None)
+            seconds = time.perf_counter() - start
+            del model
+            value, tops, _ = measure_quality({"uri": f"file://{out}"}, data, prompt, cache=False)
+            agree = sum(a == b for a, b in zip(tops, reference_tops)) / len(reference_tops)
+            size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            print(row(type_name, weights_mb, seconds, size, params, value, reference, agree))
+            shutil.rmtree(out)
 
 
 if __name__ == "__main__":

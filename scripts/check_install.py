@@ -13,6 +13,7 @@ checks = {
     "transformers": lambda v: Version(v).major == 5,
     "deepspeed": lambda v: v == "0.19.8",
     "bitsandbytes": lambda v: v == "0.50.2",
+    "llmcompressor": lambda v: v == "0.14.0.1",
 }
 bad = [f"{name} {version(name)}" for name, ok in checks.items() if not ok(version(name))]
 if bad:

@@ -1,5 +1,5 @@
 """Validate a custom resource against a CRD's structural schema the way the API server would:
-types, required fields, enums, patterns, bounds, CEL rules (x-kubernetes-validations) -- and
+defaults, types, required fields, enums, patterns, bounds, CEL rules (x-kubernetes-validations) -- and
 report fields the server would silently prune, which are bugs in a manifest."""
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
             errors.append(f"{path}: length {len(value)} violates {bound} {schema[bound]}")
     if isinstance(value, dict):
         props = schema.get("properties")
+        # The API server fills in defaults before it validates (CEL rules see them).
+        value = {**{k: p["default"] for k, p in (props or {}).items() if "default" in p}, **value}
         for name in schema.get("required", []):
             if name not in value:
                 errors.append(f"{path}.{name}: required")

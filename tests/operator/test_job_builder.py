@@ -46,11 +46,18 @@ def dataset_build(**spec):
                      **spec}}
 
 
+def quantization(**spec):
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization",
+            "metadata": {"name": "q", "namespace": "ml", "uid": "u"},
+            "spec": {"model": {"source": {"uri": "s3://bucket/model"}}, **spec}}
+
+
 VARIANTS = {
     "sharded-dataset": dataset_build(shards=4),
     "config-map-sources": dataset_build(sources=[{"configMap": {"name": "prompts", "key": "ru.jsonl"}},
                                                  {"configMap": {"name": "prompts", "key": "en.jsonl"}}]),
     "one-gpu": fine_tune(),
+    "compressed-tensors": quantization(format="compressed-tensors", types=["fp8"]),
     "eight-gpus": fine_tune({"gpusPerNode": 8, "cpu": "64", "memory": "900Gi"}),
     "two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}),
     "kueue": fine_tune(queueName="h100-queue"),
@@ -210,11 +217,19 @@ def test_kueue_queue_label_and_suspended_job():
 
 
 def test_cpu_only_phase_gets_no_gpu_and_no_gpu_pool():
-    body = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization",
-            "metadata": {"name": "q", "namespace": "ml", "uid": "u"},
-            "spec": {"model": {"source": {"uri": "s3://bucket/model"}}}}
-    pod = _job(children(body)[1])["spec"]["template"]["spec"]
+    pod = _job(children(quantization())[1])["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and pod["containers"][0]["resources"] == {}
+
+
+def test_compressed_tensors_quantization_runs_on_the_gpu_pool():
+    # GGUF conversion is CPU work (the operator's default for Quantization is no GPU); fp8/gptq/awq
+    # through llmcompressor are GPU work unless the resource says otherwise.
+    assert SETTINGS.default_gpus["Quantization"] == 0
+    pod = _job(children(quantization(format="compressed-tensors", types=["fp8"]))[1])["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == SETTINGS.node_selector
+    on_cpu = quantization(format="compressed-tensors", types=["fp8"], resources={"gpusPerNode": 0})
+    assert "limits" not in _job(children(on_cpu)[1])["spec"]["template"]["spec"]["containers"][0]["resources"]
 
 
 def test_settings_come_from_the_environment():

@@ -110,6 +110,9 @@ BAD = [
      "set exactly one of fineTuneRef, quantizationRef or source"),
     ("Benchmark", {"model": {"source": MODEL}}, "enable at least one of perplexity, judge or lmEval"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
+    ("Quantization", {"model": {"source": MODEL}, "types": ["q8_0", "gptq"]}, "format gguf takes GGUF types"),
+    ("Quantization", {"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8", "q4_0"]},
+     "format compressed-tensors takes types fp8, gptq, awq"),
     ("Quantization", {"model": {"source": MODEL, "fineTuneRef": {"name": "a"}}}, "set exactly one of fineTuneRef or source"),
 ]
 

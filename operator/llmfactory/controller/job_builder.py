@@ -100,6 +100,17 @@ def _command(kind: str, gpus: int, nodes: int, service: str | None, shards: int)
     return launcher + runtime
 
 
+def _default_gpus(kind: str, spec: dict[str, Any], settings: OperatorSettings) -> int:
+    # A DatasetBuild whose teacher (and answer judge) are APIs holds no GPU; compressed-tensors
+    # types are GPU formats (llmcompressor calibrates on one), GGUF conversion is CPU work.
+    if kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {}) and \
+            "model" not in ((spec.get("filters") or {}).get("judge") or {}):
+        return 0
+    if kind == "Quantization" and spec.get("format") == "compressed-tensors":
+        return max(settings.default_gpus.get(kind, 0), 1)
+    return settings.default_gpus.get(kind, 0)
+
+
 def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings) -> list[dict[str, Any]]:
     """[ConfigMap, Job] or [ConfigMap, Service, Job] for one run of the resource."""
     kind, meta, spec = body["kind"], body["metadata"], body.get("spec", {})
@@ -108,10 +119,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     tags = labels(kind, meta["name"], digest)
     owner = [owner_reference(body)]
     resources = spec.get("resources") or {}
-    # A DatasetBuild whose teacher (and answer judge) are APIs holds no GPU.
-    api_only = kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {}) and \
-        "model" not in ((spec.get("filters") or {}).get("judge") or {})
-    gpus = resources.get("gpusPerNode", 0 if api_only else settings.default_gpus.get(kind, 0))
+    gpus = resources.get("gpusPerNode", _default_gpus(kind, spec, settings))
     nodes = resources.get("nodes", 1) if kind == "FineTune" else 1
     shards = spec.get("shards", 1) if kind == "DatasetBuild" else 1
     queue = spec.get("queueName") or settings.default_queue_name

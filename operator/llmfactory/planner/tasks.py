@@ -15,6 +15,7 @@ from typing import Any, Callable
 from .. import API_VERSION
 from ..api import KINDS
 from ..api.common import RUNTIME_ONLY_FIELDS, operational_fields
+from ..api.quantization import CALIBRATED_TYPES
 from .errors import PlanError
 from .estimate import check_fits
 from .graph import references
@@ -162,7 +163,7 @@ def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, di
         dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"]}
         if ft.get("modelUri"):
             return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
-        if res.kind == "Quantization":  # GGUF conversion reads a whole safetensors model
+        if res.kind == "Quantization":  # conversion reads a whole safetensors model
             raise PlanError(res.ref, "spec.model.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} kept only its "
                             "adapter (spec.mergeAdapter: false); set mergeAdapter: true there to quantize it")
         # A Benchmark evaluates the adapter on its base, merged when loaded.
@@ -170,9 +171,11 @@ def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, di
     if getattr(spec, "quantization_ref", None):
         q = upstream["spec.model.quantizationRef"]
         first = q["artifacts"][0]
-        folder, gguf_file = first["uri"].rsplit("/", 1)
         dataset = ({"uri": q["datasetUri"], "format": q["datasetFormat"], "digest": q["datasetDigest"]}
                    if q.get("datasetUri") else None)
+        if not first["uri"].endswith(".gguf"):  # a compressed-tensors folder
+            return {"uri": first["uri"], "digest": first["sha256"]}, None, dataset
+        folder, gguf_file = first["uri"].rsplit("/", 1)
         return {"uri": folder, "ggufFile": gguf_file, "digest": first["sha256"]}, None, dataset
     return _model(spec.source), None, None
 
@@ -207,6 +210,14 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 
 def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     model, _, trained_on = _trained_model(res, upstream)
+    calibrated = [t for t in res.spec.types if t in CALIBRATED_TYPES]
+    if calibrated and not trained_on:
+        raise PlanError(res.ref, "spec.types", f"{calibrated[0]} calibrates on conversations, which only a "
+                        "fineTuneRef model provides (its dataset's train split); fp8 needs none")
+    gpus = res.spec.resources.gpus_per_node if res.spec.resources else None
+    if "awq" in res.spec.types and gpus == 0:
+        raise PlanError(res.ref, "spec.resources.gpusPerNode", "is 0, but awq runs on a CUDA GPU (llmcompressor's "
+                        "AWQ); leave it unset or give 1, or use gptq or fp8, which also run on CPU")
     if res.spec.importance_matrix and not trained_on:
         raise PlanError(res.ref, "spec.importanceMatrix", "needs calibration data, which only a fineTuneRef model "
                                                           "provides (its dataset's train split)")
