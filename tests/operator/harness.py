@@ -33,7 +33,22 @@ _versions = itertools.count(1)
 class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus what the API server adds to objects on create and update."""
 
+    def __iter__(self):
+        # kmock finds which reaction serves a request by testing whether the request is among the
+        # requests each reaction's filter passes, iterating the server's whole request history:
+        # quadratic, and what made hundreds of resources take minutes. Only requests being served
+        # can be asked about, so the filters see those (the history itself is kept).
+        yield from getattr(self, "_serving", ())
+
     async def _handle(self, request):
+        self._serving = getattr(self, "_serving", [])
+        self._serving.append(request)
+        try:
+            return await self._handle_as_api_server(request)
+        finally:
+            self._serving.remove(request)
+
+    async def _handle_as_api_server(self, request):
         agent = request.headers.get("User-Agent", "")
         if request.resource is not None and not agent.startswith("Python/"):  # the operator's own calls
             # (kopf's and the kubernetes client's, not the test's aiohttp): the Helm chart's RBAC must allow them.

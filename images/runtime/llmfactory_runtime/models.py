@@ -103,7 +103,7 @@ def load_config(source: dict[str, Any]):
     return AutoConfig.from_pretrained(where, gguf_file=gguf, **kwargs)
 
 
-def load_model(source: dict[str, Any], dtype: torch.dtype | None = None, cache: bool = True,
+def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, cache: bool = True,
                to: torch.device | None = None, **kwargs):
     """A causal LM on the best device (or `to`), in the compute dtype unless told otherwise, with the
     LoRA adapter at source["adapterUri"] merged in when there is one. A GGUF

@@ -93,7 +93,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
             progress.update(i)
             out, art = Path(tmp) / f"{name}-{type_name}{'.gguf' if is_gguf else ''}", {}
             if not is_gguf:
-                model = load_model(inputs["model"], to=torch.device("cpu"))  # llmcompressor moves layers itself
+                # On the CPU (llmcompressor moves layers to the GPU itself), in the source's own dtype:
+                # what stays unquantized (embeddings, norms, head) is saved as the source had it.
+                model = load_model(inputs["model"], dtype="auto", to=torch.device("cpu"))
                 params = sum(p.numel() for p in model.parameters())
                 calibration = (compressed.calibration_set(tokenizer, _calibration(spec, dataset))
                                if type_name in compressed.CALIBRATED and dataset else None)
