@@ -319,7 +319,8 @@ def test_a_judge_drops_weak_answers_and_long_prompts_are_never_asked(tmp_path, o
 
 def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
     """A local teacher and a local judge (the tiny random model: its expected rating is somewhere
-    in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one)."""
+    in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one). The
+    second build changes only the bar: the answers and their ratings come from the cache."""
     model = {"uri": f"file://{tiny_model}"}
     prompts = [{"text": f"Question {i} about colours?", "language": "en"} for i in range(3)]
     for bar, kept in ((10, 0), (1, 3)):
@@ -328,7 +329,8 @@ def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
                         "filters": {"nearDuplicateThreshold": 0, "dropTruncated": False, "refusals": False,
                                     "judge": {"model": model, "minScore": bar}}}}
         _, result = run_in_process(tmp_path, doc)
-        assert sum(result["rows"].values()) == kept and result.get("judgeUsage") is None
+        assert sum(result["rows"].values()) == kept
+        assert result["judgeUsage"] == ({"requests": 3, "cached": 0} if bar == 10 else {"requests": 0, "cached": 3})
         assert result["dropped"] == ({"judge_low_score": 3} if kept == 0 else {})
 
 

@@ -95,7 +95,8 @@ class AnswerJudge(ApiModel):
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible judge; its ratings are cached.")
-    model: ModelSource | None = Field(None, description="A local judge, read by the log-probabilities of its ratings.")
+    model: ModelSource | None = Field(None, description="A local judge, read by the log-probabilities of its ratings "
+                                                        "(cached too).")
     min_score: float = Field(6, ge=1, le=10, description="Drop answers rated below this.")
     max_reasks: int = Field(1, ge=0, le=5, description="Ask an API judge again this many times when its reply "
                                                        "has no [[rating]]; still none: the answer is dropped.")
@@ -179,7 +180,8 @@ class DatasetBuildResult(ApiModel):
     dropped_examples: dict[str, list[str]] | None = Field(
         None, description="A few dropped prompts per reason, shortened.")
     judge_usage: dict[str, int] | None = Field(
-        None, description="filters.judge: ratings asked of an API judge (requests) and found in the cache (cached).")
+        None, description="filters.judge: ratings asked of an API judge or computed by a local one (requests), "
+                          "and found in the cache (cached).")
 
 
 class DatasetBuildStatus(StatusBase):

@@ -1,13 +1,14 @@
 """filters.judge: a judge model rates every answer the teacher gave, 1-10, with the Benchmark's
 single-answer grading prompt (a later turn is rated with the conversation before it); answers
-below minScore are dropped. An API judge's ratings are cached like the teacher's answers, so a
-restart or a sharded build's merge never pays for one twice; a local judge reads its rating
-from the log-probabilities of "[[k]]" and never fails to give one."""
+below minScore are dropped. Ratings are cached like the teacher's answers, so a restart, a
+rebuild with other filters or a sharded build's merge never pays for one twice. A local judge
+reads its rating from the log-probabilities of "[[k]]" and never fails to give one."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..answer_cache import AnswerCache
 from ..benchmark.judge import expected_rating, judge_messages, judge_with_api, rating_distribution
 
 FIELD = "spec.filters.judge.openai"
@@ -39,8 +40,25 @@ class AnswerJudge:
             verdicts = judge_with_api(self.spec["openai"], items, self.cache_uri, self.spec.get("maxReasks", 1),
                                       count, self.transport, field=FIELD)
             return {cid: verdict["rating"] for cid, verdict in verdicts.items()}
-        model, tokenizer = self._local()
-        return {cid: expected_rating(rating_distribution(model, tokenizer, messages)) for cid, messages in items}
+        return self._local_ratings(items)
+
+    def _local_ratings(self, items: list[tuple[str, list[dict[str, str]]]]) -> dict[str, float]:
+        cache = AnswerCache(self.cache_uri, "judge", {"local": self.model_input})
+        cache.load()
+        ratings = {}
+        for cid, messages in items:
+            key = AnswerCache.key(messages)
+            verdict = cache.get(key)
+            if verdict is None:
+                model, tokenizer = self._local()
+                verdict = {"rating": expected_rating(rating_distribution(model, tokenizer, messages))}
+                cache.put(key, verdict)
+                self.requests += 1
+            else:
+                self.cached += 1
+            ratings[cid] = verdict["rating"]
+        cache.compact()
+        return ratings
 
     def _local(self) -> tuple:
         if self._loaded is None:

@@ -186,7 +186,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         "teacherTokens": usage.used_tokens,
         "teacherUsage": teacher_usage,
     }
-    if judge and "openai" in spec["filters"]["judge"]:
+    if judge:
         result["judgeUsage"] = {"requests": judge.requests, "cached": judge.cached}
     data.write_bytes("README.md", _card(spec, result).encode())
     data.commit()

@@ -62,12 +62,61 @@ def _files(out: Path) -> list[Path]:
     return [out] if out.is_file() else sorted(p for p in out.rglob("*") if p.is_file())
 
 
+class GgufWriter:
+    """GGUF files: Python types straight from the safetensors; K-quants from one f16 GGUF (and one
+    importance matrix) shared by every K type of the run."""
+
+    def __init__(self, task: dict, tmp: Path, progress: Progress):
+        self.spec, self.dataset, self.name = task["spec"], task["inputs"].get("dataset"), task["resource"]["name"]
+        self.folder = Path(locate(task["inputs"]["model"])[0])
+        self.tmp, self.progress = tmp, progress
+        self.base, self.base_params, self.imatrix = tmp / "base-f16.gguf", None, None
+
+    def write(self, type_name: str, out: Path) -> tuple[int, dict]:
+        """(parameters, what the artifact records besides the common fields)"""
+        if type_name not in llama_cpp.K_QUANTS:
+            return export(self.folder, out, type_name, self.name), {}
+        if self.base_params is None:
+            self.base_params = export(self.folder, self.base, "f16", self.name)
+            if self.spec.get("importanceMatrix"):
+                self.imatrix = _importance_matrix(self.base, self.tmp, _calibration(self.spec, self.dataset),
+                                                  self.progress)
+        llama_cpp.k_quantize(self.base, out, type_name, os.cpu_count() or 2, self.imatrix)
+        return self.base_params, {}
+
+
+class CompressedWriter:
+    """compressed-tensors folders, each quantized from a fresh copy of the model."""
+
+    def __init__(self, task: dict, tokenizer):
+        self.spec, self.dataset, self.source = task["spec"], task["inputs"].get("dataset"), task["inputs"]["model"]
+        self.tokenizer = tokenizer
+
+    def write(self, type_name: str, out: Path) -> tuple[int, dict]:
+        # On the CPU (llmcompressor moves layers to the GPU itself), in the source's own dtype:
+        # what stays unquantized (embeddings, norms, head) is saved as the source had it.
+        model = load_model(self.source, dtype="auto", to=torch.device("cpu"))
+        params = sum(p.numel() for p in model.parameters())
+        calibration = (compressed.calibration_set(self.tokenizer, _calibration(self.spec, self.dataset))
+                       if type_name in compressed.CALIBRATED and self.dataset else None)
+        extra = compressed.compress(model, self.tokenizer, type_name, out, calibration)
+        del model
+        gc.collect()
+        return params, extra
+
+
+def _within_bounds(art: dict, validation: dict) -> bool:
+    bound = validation.get("maxPerplexityIncreasePercent")
+    floor = validation.get("minTopTokenAgreementPercent")
+    return not ((bound is not None and art["perplexityIncreasePercent"] > bound) or
+                (floor is not None and art["topTokenAgreementPercent"] < floor))
+
+
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     spec, inputs = task["spec"], task["inputs"]
     types, validation = spec["types"], spec["validation"]
     is_gguf = spec["format"] == "gguf"
-    folder, gguf_file, _ = locate(inputs["model"])
-    if gguf_file:
+    if locate(inputs["model"])[1]:
         raise InvalidTask("spec.model: the model is already a GGUF file; quantize the safetensors model it came from")
     # Fail before any work when the tools are missing.
     if not is_gguf:
@@ -86,34 +135,15 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     artifacts, passed, tokenizer = [], True, load_tokenizer(inputs["model"])
     name, prefix = task["resource"]["name"], "gguf" if is_gguf else "compressed"
     with tempfile.TemporaryDirectory() as tmp:
-        # K-quants start from one f16 GGUF (and one importance matrix) shared by every K type.
-        base, base_params, imatrix = Path(tmp) / "base-f16.gguf", None, None
+        writer = GgufWriter(task, Path(tmp), progress) if is_gguf else CompressedWriter(task, tokenizer)
         for i, type_name in enumerate(types):
             progress.stage(f"converting to {type_name}", total=len(types), unit="types")
             progress.update(i)
-            out, art = Path(tmp) / f"{name}-{type_name}{'.gguf' if is_gguf else ''}", {}
-            if not is_gguf:
-                # On the CPU (llmcompressor moves layers to the GPU itself), in the source's own dtype:
-                # what stays unquantized (embeddings, norms, head) is saved as the source had it.
-                model = load_model(inputs["model"], dtype="auto", to=torch.device("cpu"))
-                params = sum(p.numel() for p in model.parameters())
-                calibration = (compressed.calibration_set(tokenizer, _calibration(spec, dataset))
-                               if type_name in compressed.CALIBRATED and dataset else None)
-                art = compressed.compress(model, tokenizer, type_name, out, calibration)
-                del model
-                gc.collect()
-            elif type_name in llama_cpp.K_QUANTS:
-                if base_params is None:
-                    base_params = export(Path(folder), base, "f16", name)
-                    if spec.get("importanceMatrix"):
-                        imatrix = _importance_matrix(base, Path(tmp), _calibration(spec, dataset), progress)
-                llama_cpp.k_quantize(base, out, type_name, os.cpu_count() or 2, imatrix)
-                params = base_params
-            else:
-                params = export(Path(folder), out, type_name, name)
+            out = Path(tmp) / (f"{name}-{type_name}.gguf" if is_gguf else f"{name}-{type_name}")
+            params, extra = writer.write(type_name, out)
             size = sum(p.stat().st_size for p in _files(out))
             art = {"type": type_name, "uri": f"{run.uri}/{prefix}/{out.name}", "sizeBytes": size,
-                   "sha256": sha256_files(_files(out)), "bitsPerWeight": round(size * 8 / params, 3), **art}
+                   "sha256": sha256_files(_files(out)), "bitsPerWeight": round(size * 8 / params, 3), **extra}
             if rows:
                 progress.stage(f"validating {type_name}", total=len(types), unit="types")
                 progress.update(i)
@@ -124,11 +154,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                 art["perplexityIncreasePercent"] = round(100 * (value - reference) / reference, 3)
                 art["topTokenAgreementPercent"] = round(
                     100 * sum(a == b for a, b in zip(tops, reference_tops)) / max(len(reference_tops), 1), 2)
-                bound = validation.get("maxPerplexityIncreasePercent")
-                floor = validation.get("minTopTokenAgreementPercent")
-                if (bound is not None and art["perplexityIncreasePercent"] > bound) or \
-                        (floor is not None and art["topTokenAgreementPercent"] < floor):
-                    passed = False
+                passed &= _within_bounds(art, validation)
             if is_gguf and llama_cpp.can_load_back():
                 art["llamaCpp"] = llama_cpp.load_back(out, tokenizer, prompt, os.cpu_count() or 2)
                 passed &= art["llamaCpp"]["tokenizerMatches"]
