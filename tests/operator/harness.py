@@ -209,12 +209,9 @@ class Operator:
     """The real kopf operator, in a thread with its own event loop (as kopf.testing.KopfRunner
     does), so the emulator keeps serving in the test's loop; start and stop it at will."""
 
-    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None, peering: str | None = None,
-                 priority: int | None = None, peering_lifetime: int = 60):
+    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None, peering: str | None = None):
         self.settings, self.namespaces, self.peering = settings, namespaces, peering
-        # As `llmfactory operator` does: each replica draws its own priority unless told one.
-        self.priority = replica_priority() if priority is None else priority
-        self.peering_lifetime = peering_lifetime
+        self.priority = replica_priority()  # as `llmfactory operator` draws it
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -223,7 +220,6 @@ class Operator:
         register(registry, self.settings, namespaces=self.namespaces)
         loop = self.loop = asyncio.new_event_loop()
         self.kopf_settings = kopf_settings(self.namespaces)
-        self.kopf_settings.peering.lifetime = self.peering_lifetime
         try:
             self.main = loop.create_task(kopf.operator(registry=registry, clusterwide=not self.namespaces,
                                                   namespaces=self.namespaces or (), standalone=not self.peering,
