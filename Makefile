@@ -30,7 +30,7 @@ demo: $(INSTALLED)
 	$(BIN)/llmfactory run -f examples/quickstart/
 
 test: $(INSTALLED)
-	$(BIN)/pytest
+	scripts/test.sh
 
 # The operator scenario on a real cluster; skipped unless KUBECONFIG (and the variables that
 # tests/e2e/test_cluster.py names) are set.
