@@ -226,6 +226,7 @@ class Operator:
                                                   peering_name=self.peering, priority=self.priority,
                                                   settings=self.kopf_settings,
                                                   stop_flag=self.stop_flag))
+            self.running.set()
             loop.run_until_complete(self.main)
         except asyncio.CancelledError:
             pass  # killed
@@ -237,9 +238,12 @@ class Operator:
             loop.close()
 
     async def start(self) -> None:
-        self.stop_flag = threading.Event()
+        self.stop_flag, self.running = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
         self.thread.start()
+        # Until its loop and task exist, a kill would reach the previous run's closed loop (seen
+        # on a loaded machine).
+        assert await asyncio.to_thread(self.running.wait, 60), "the operator did not start"
 
     async def kill(self) -> None:
         """Stop abruptly, as a deleted or OOM-killed pod does: no graceful shutdown."""
