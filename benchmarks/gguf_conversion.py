@@ -93,10 +93,10 @@ def main() -> None:
             print(row(type_name, weights_mb, seconds, out.stat().st_size, params, value, reference, agree))
             out.unlink()
         tokenizer = load_tokenizer({"uri": f"file://{folder}"})
+        calibration = compressed.calibration_set(tokenizer, calibration_prompts())
         for type_name in compressed_types():
             out = Path(tmp) / f"m-{type_name}"
             model = load_model({"uri": f"file://{folder}"}, to=torch.device("cpu"))
-            calibration = compressed.calibration_set(tokenizer, calibration_prompts())
             start = time.perf_counter()
             compressed.compress(model, tokenizer, type_name, out,
                                 calibration if type_name in compressed.CALIBRATED else None)

@@ -90,15 +90,20 @@ class CompressedWriter:
 
     def __init__(self, task: dict, tokenizer):
         self.spec, self.dataset, self.source = task["spec"], task["inputs"].get("dataset"), task["inputs"]["model"]
-        self.tokenizer = tokenizer
+        self.tokenizer, self._calibration = tokenizer, None
+
+    def calibration(self):
+        """The tokenized calibration conversations, built once for gptq and awq alike."""
+        if self._calibration is None and self.dataset:
+            self._calibration = compressed.calibration_set(self.tokenizer, _calibration(self.spec, self.dataset))
+        return self._calibration
 
     def write(self, type_name: str, out: Path) -> tuple[int, dict]:
         # On the CPU (llmcompressor moves layers to the GPU itself), in the source's own dtype:
         # what stays unquantized (embeddings, norms, head) is saved as the source had it.
         model = load_model(self.source, dtype="auto", to=torch.device("cpu"))
         params = sum(p.numel() for p in model.parameters())
-        calibration = (compressed.calibration_set(self.tokenizer, _calibration(self.spec, self.dataset))
-                       if type_name in compressed.CALIBRATED and self.dataset else None)
+        calibration = self.calibration() if type_name in compressed.CALIBRATED else None
         extra = compressed.compress(model, self.tokenizer, type_name, out, calibration)
         del model
         gc.collect()
