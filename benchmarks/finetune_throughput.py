@@ -36,7 +36,9 @@ WORDS = ("the a model learns answers questions in english russian chinese quickl
          "sea sky blue light paris moscow beijing poem river mountain city history science music").split()
 
 
-def make_model(shape: ModelShape, folder: Path) -> None:
+def make_model(shape: ModelShape, folder: Path, full_vocab: bool = False) -> None:
+    """full_vocab: pad the tokenizer with plain tokens up to the model's vocabulary, so that any id a
+    random model generates decodes (generation benchmarks)."""
     import torch
     from tiny_model import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,6 +46,9 @@ def make_model(shape: ModelShape, folder: Path) -> None:
     if (folder / "config.json").exists():
         return
     tokenizer = make_tokenizer(folder, vocab_size=400)
+    if full_vocab:
+        tokenizer.add_tokens([f" w{i}" for i in range(shape.vocab - len(tokenizer))])
+        tokenizer.save_pretrained(folder)
     config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                          num_key_value_heads=shape.kv_heads, max_position_embeddings=8192,

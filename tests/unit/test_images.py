@@ -118,6 +118,16 @@ def test_runtime_entrypoint_and_job_commands_exist_in_the_image():
     assert "llama-quantize" in copied
 
 
+def test_vllm_gets_a_virtualenv_of_its_own_where_the_runtime_looks_for_it():
+    runs = [arg for op, arg in instructions(IMAGES["runtime"]) if op == "RUN" and "vllm==" in arg]
+    assert len(runs) == 1 and "/opt/vllm/bin/pip install vllm==" in runs[0]  # never into /opt/venv: its torch
+    env = " ".join(arg for op, arg in final_stage(IMAGES["runtime"]) if op == "ENV")
+    runtime = (ROOT / "images/runtime/llmfactory_runtime/vllm_server.py").read_text()
+    assert "LLMFACTORY_VLLM=/opt/vllm/bin/vllm" in env and 'os.environ.get("LLMFACTORY_VLLM")' in runtime
+    copied = [arg for op, arg in final_stage(IMAGES["runtime"]) if op == "COPY"]
+    assert "--from=build /opt/vllm /opt/vllm" in copied
+
+
 @pytest.mark.parametrize("name", IMAGES)
 def test_copied_sources_exist(name):
     for op, arg in instructions(IMAGES[name]):

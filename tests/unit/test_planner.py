@@ -190,6 +190,26 @@ def test_benchmark_of_a_quantization_loads_its_first_artifact():
     assert task["inputs"]["model"] == {"uri": "s3://b/q/compressed/x-fp8", "digest": "abc"}
 
 
+def test_vllm_is_refused_for_a_gguf_model_before_a_job_runs():
+    gguf = {"artifacts": [{"type": "q8_0", "uri": "s3://b/q/gguf/x-q8_0.gguf", "sha256": "abc", "sizeBytes": 1}],
+            "passed": True}
+    vllm_judge = {"openai": {"model": "judge"}, "engine": "vllm"}
+    b = m("Benchmark", "b", {"model": {"quantizationRef": {"name": "q"}}, "judge": vllm_judge})
+    with pytest.raises(PlanError) as err:
+        plan(parse(b), lookup({("Quantization", "q"): gguf}), STORE)
+    assert err.value.field == "spec.judge.engine" and "x-q8_0.gguf" in err.value.message
+    assert "compressed-tensors" in err.value.message
+    # auto picks transformers for it at run time; a compressed-tensors folder is served by vLLM.
+    plan(parse(m("Benchmark", "b", {"model": {"quantizationRef": {"name": "q"}}, "judge": {**vllm_judge, "engine": "auto"}})),
+         lookup({("Quantization", "q"): gguf}), STORE)
+    gguf["artifacts"][0]["uri"] = "s3://b/q/compressed/x-fp8"
+    plan(parse(b), lookup({("Quantization", "q"): gguf}), STORE)
+    teacher = m("DatasetBuild", "d", {"sources": [{"inline": [{"text": "hi"}]}],
+                                      "teacher": {"model": {"uri": "file:///m/x.gguf"}, "engine": "vllm"}})
+    with pytest.raises(PlanError, match="spec.teacher.engine: is vllm, but the model is the GGUF file x.gguf"):
+        plan(parse(teacher), lookup({}), STORE)
+
+
 def test_config_map_sources_wait_for_the_config_map_and_its_content_is_in_the_digest():
     import base64
 

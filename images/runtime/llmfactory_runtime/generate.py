@@ -1,4 +1,5 @@
-"""Batched chat generation with a local transformers model (teacher answers, benchmark answers)."""
+"""Batched chat generation with a local transformers model (teacher answers, benchmark answers);
+vllm_server.VllmServer.generate is the same with vLLM."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ class Generation:
     finished: bool  # ended on end-of-turn rather than at max_new_tokens
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """End of turn: the tokenizer's end-of-sequence and ChatML's <|im_end|>, where they exist."""
+    return sorted(t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+                  if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id)
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0) -> list[Generation]:
@@ -22,8 +29,7 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     tokenizer.padding_side = "left"
     enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, return_tensors="pt",
                                         padding=True, return_dict=True).to(model.device)
-    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    stop = stop_token_ids(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     if temperature > 0:
         torch.manual_seed(seed)

@@ -7,8 +7,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import (URI_PATTERN, ApiModel, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint, RunOptions,
-                     StatusBase)
+from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, Engine, KindInfo, LocalObjectReference, ModelSource,
+                     OpenAIEndpoint, RunOptions, StatusBase)
 from .dataset_build import HuggingFaceDataset
 from .fine_tune import DatasetInput
 
@@ -64,7 +64,9 @@ class Judge(ApiModel):
                                                "category, turns (one or two), optional reference and language.")
     max_questions: int | None = Field(None, ge=1, description="Questions per language, at most.")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer of the model under test.")
-    batch_size: int = Field(8, ge=1, le=512, description="Questions answered together.")
+    batch_size: int = Field(8, ge=1, le=512, description="Questions answered together (transformers engine).")
+    engine: Engine = Field("auto", description=ENGINE_DESCRIPTION.replace("the local model", "the model under "
+                                                                          "test (and its baseline)"))
     temperatures: dict[str, float] = Field(
         default_factory=lambda: dict(DEFAULT_TEMPERATURES),
         description="Sampling temperature of the model under test per question category; unlisted: 0 (greedy).")
@@ -92,7 +94,7 @@ class LmEval(ApiModel):
 
 class Gate(ApiModel):
     metric: str = Field(pattern=r"^[a-zA-Z][\w.]*$",
-                        description="A metric of the result, e.g. judge.score, perplexity.value, perplexity.increasePercent.")
+                        description="A metric of the result, e.g. judge.score, perplexity.value, perplexity.changePercent.")
     op: Literal[">=", ">", "<=", "<"] = Field(description="Comparison the metric must satisfy.")
     value: float = Field(description="Threshold.")
 
@@ -101,6 +103,10 @@ class BenchmarkSpec(RunOptions):
     cel_rules: ClassVar = [
         {"rule": "has(self.perplexity) || has(self.judge) || has(self.lmEval)",
          "message": "enable at least one of perplexity, judge or lmEval"},
+        {"rule": "!has(self.judge) || self.judge.engine != 'vllm' || !has(self.model.source) || "
+                 "!has(self.model.source.ggufFile)",
+         "message": "judge.engine vllm cannot load a GGUF model (model.source.ggufFile): use engine transformers "
+                    "or auto"},
     ]
 
     model: ModelUnderTest = Field(description="The model to evaluate.")

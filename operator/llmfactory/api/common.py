@@ -60,6 +60,14 @@ class ModelSource(ApiModel):
         None, description="Load this GGUF file inside the model location instead of safetensors.")
 
 
+# How a local model generates text (answers of a teacher or of a model under test).
+Engine = Literal["auto", "transformers", "vllm"]
+ENGINE_DESCRIPTION = (
+    "How the local model generates: vllm (continuous batching on a GPU; the runtime image built with "
+    "WITH_VLLM=true; not for GGUF files), transformers (batches of batchSize; any device, GGUF too), or auto: "
+    "vLLM where the image has it, a GPU is visible and the model is not GGUF, transformers otherwise.")
+
+
 class LocalObjectReference(ApiModel):
     name: str = Field(pattern=NAME_PATTERN, max_length=253,
                       description="Name of a resource in the same namespace.")

@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import (NAME_PATTERN, URI_PATTERN, ApiModel, KindInfo, ModelSource, OpenAIEndpoint, RunOptions,
-                     StatusBase)
+from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, Engine, KindInfo, ModelSource,
+                     OpenAIEndpoint, RunOptions, StatusBase)
 
 LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
 
@@ -67,14 +67,20 @@ class Teacher(ApiModel):
 
     cel_rules: ClassVar = [
         {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
+        {"rule": "self.engine == 'auto' || has(self.model)",
+         "message": "engine applies to a local model teacher (model), not to openai"},
+        {"rule": "self.engine != 'vllm' || !has(self.model) || !has(self.model.ggufFile)",
+         "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible chat-completions endpoint.")
-    model: ModelSource | None = Field(None, description="A local transformers model run inside the phase's pod.")
+    model: ModelSource | None = Field(None, description="A local model run inside the phase's pod (see engine).")
+    engine: Engine = Field("auto", description=ENGINE_DESCRIPTION)
     system_prompt: str | None = Field(None, description="System message sent before every prompt.")
     temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
-    batch_size: int = Field(8, ge=1, le=512, description="Prompts answered together (local model).")
+    batch_size: int = Field(8, ge=1, le=512, description="Prompts answered together (local model, transformers "
+                                                        "engine; vLLM schedules every prompt of a turn itself).")
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
 
 

@@ -139,6 +139,7 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     spec, inputs = res.spec, {}
     if spec.teacher.model:
         inputs["teacher"] = _model(spec.teacher.model)
+        _check_engine(res, "spec.teacher.engine", spec.teacher.engine, inputs["teacher"])
     if spec.filters.max_prompt_tokens:
         tokenizer = spec.filters.tokenizer or spec.teacher.model
         if tokenizer is None:
@@ -180,6 +181,14 @@ def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, di
     return _model(spec.source), None, None
 
 
+def _check_engine(res: Resource, field: str, engine: str, model: dict[str, Any]) -> None:
+    """vLLM reads safetensors, not GGUF (a Quantization's GGUF file, a source's ggufFile)."""
+    gguf = model.get("ggufFile") or (model.get("uri") or "").rsplit("/", 1)[-1]
+    if engine == "vllm" and gguf.endswith(".gguf"):
+        raise PlanError(res.ref, field, f"is vllm, but the model is the GGUF file {gguf}, which vLLM does not "
+                        "load: use engine transformers (or auto), or a Quantization with format compressed-tensors")
+
+
 def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     spec = res.spec
     model, base, trained_on = _trained_model(res, upstream)
@@ -193,6 +202,10 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         else:
             raise PlanError(res.ref, "spec.perplexity.dataset",
                             "is required when the model does not come from a fineTuneRef")
+    if spec.judge:
+        _check_engine(res, "spec.judge.engine", spec.judge.engine, model)
+        if baseline:
+            _check_engine(res, "spec.judge.engine", spec.judge.engine, baseline)
     if spec.judge and spec.judge.model:
         inputs["judge"] = _model(spec.judge.model)
     known = benchmark_metric_names(spec, baseline is not None)

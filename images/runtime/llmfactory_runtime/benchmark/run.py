@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -17,6 +19,7 @@ from ..generate import generate
 from ..models import load_model, load_tokenizer
 from ..progress import Progress
 from ..store import Store
+from ..vllm_server import VllmServer, choose_engine
 from . import lm_eval_tasks
 from . import questions as questions_
 from .judge import LanguageRule, expected_rating, judge_messages, judge_with_api, rating_distribution
@@ -33,21 +36,24 @@ def _cached(run: Store, key: str, compute) -> Any:
     return found
 
 
-def _answer(model, tokenizer, judge: dict, questions: list[dict], answers: dict[str, list[str]], save,
-            progress: Progress) -> None:
-    """Answer every turn; turn 2 sees the model's own first answer. Sampled at each category's
-    temperature (greedy where unlisted), in batches of one temperature."""
+def _answer(ask, batch_size: int | None, judge: dict, questions: list[dict], answers: dict[str, list[str]], save,
+            progress: Progress) -> int:
+    """Answer every turn with ask(conversations, max_new_tokens, temperature, seed); turn 2 sees the
+    model's own first answer. Sampled at each category's temperature (greedy where unlisted), in
+    batches of one temperature (batch_size None: all of them at once). Returns the turns answered."""
     temperatures = judge.get("temperatures") or {}
     total = sum(len(q["turns"]) for q in questions)
     progress.stage("answering questions", total=total, unit="turns")
+    answered = 0
     for turn in (0, 1):
         todo = [q for q in questions if turn < len(q["turns"]) and len(answers.get(q["question_id"], [])) == turn]
         by_temperature: dict[float, list[dict]] = defaultdict(list)
         for q in todo:
             by_temperature[float(temperatures.get(q["category"], 0.0))].append(q)
         for temperature, group in sorted(by_temperature.items()):
-            for start in range(0, len(group), judge["batchSize"]):
-                batch = group[start:start + judge["batchSize"]]
+            size = batch_size or len(group)
+            for start in range(0, len(group), size):
+                batch = group[start:start + size]
                 conversations = []
                 for q in batch:
                     earlier = answers.get(q["question_id"], [])
@@ -55,33 +61,63 @@ def _answer(model, tokenizer, judge: dict, questions: list[dict], answers: dict[
                     for i in range(turn):
                         messages += [{"role": "user", "content": q["turns"][i]}, {"role": "assistant", "content": earlier[i]}]
                     conversations.append(messages + [{"role": "user", "content": q["turns"][turn]}])
-                gens = generate(model, tokenizer, conversations, judge["maxNewTokens"], temperature, seed=turn)
+                gens = ask(conversations, judge["maxNewTokens"], temperature, turn)
                 for q, g in zip(batch, gens):
                     answers.setdefault(q["question_id"], []).append(g.text)
+                answered += len(batch)
                 save()
                 progress.update(sum(len(a) for a in answers.values()))
+    return answered
+
+
+def _answer_questions(label: str, source: dict, judge: dict, questions: list[dict], run: Store, progress: Progress,
+                      loaded) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """The model's answers, and how they were made (engine, answers per second)."""
+    answers = run.read_json_or_none(f"answers/{label}.json") or {}
+    engine = choose_engine(judge.get("engine", "auto"), source, "spec.judge.engine")
+    if all(len(answers.get(q["question_id"], [])) == len(q["turns"]) for q in questions):
+        return answers, {"engine": engine, "answered": 0, "seconds": 0.0, "answersPerSecond": None}  # restarted
+    started = time.monotonic()
+    if engine == "vllm":
+        progress.stage(f"starting vLLM for {label}")
+        with VllmServer(source) as server:
+            started = time.monotonic()
+            answered = _answer(server.generate, None, judge, questions, answers,
+                               lambda: run.write_json(f"answers/{label}.json", answers), progress)
+    else:
+        model, tokenizer = loaded()
+        answered = _answer(partial(generate, model, tokenizer), judge["batchSize"], judge, questions, answers,
+                           lambda: run.write_json(f"answers/{label}.json", answers), progress)
+    seconds = time.monotonic() - started
+    return answers, {"engine": engine, "answered": answered, "seconds": round(seconds, 2),
+                     "answersPerSecond": round(answered / seconds, 3) if answered and seconds else None}
 
 
 def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], questions: list[dict],
                     run: Store, progress: Progress, tasks_dir: Path | None) -> dict[str, Any]:
-    """Perplexity, lm-eval scores and answers of one model (label: model or baseline)."""
-    progress.stage(f"loading {label}")
-    model, tokenizer = load_model(source), load_tokenizer(source)
-    model.eval()
+    """Answers, perplexity and lm-eval scores of one model (label: model or baseline). Answers
+    first: a vLLM server has given the GPU back before transformers loads the model, if it must."""
+    held: dict[str, Any] = {}
+
+    def loaded():
+        if not held:
+            progress.stage(f"loading {label}")
+            held["model"], held["tokenizer"] = load_model(source), load_tokenizer(source)
+            held["model"].eval()
+        return held["model"], held["tokenizer"]
+
     out: dict[str, Any] = {}
+    if questions:
+        out["answers"], out["generation"] = _answer_questions(label, source, spec["judge"], questions, run,
+                                                              progress, loaded)
     if rows:
         progress.stage(f"perplexity of {label}")
-        out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(model, tokenizer, rows))
+        out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(*loaded(), rows))
     if spec.get("lmEval"):
         progress.stage(f"lm-eval tasks on {label}")
         out["lmEval"] = _cached(run, f"lm-eval/{label}.json",
-                                lambda: lm_eval_tasks.evaluate(model, tokenizer, spec["lmEval"], tasks_dir))
-    if questions:
-        answers = run.read_json_or_none(f"answers/{label}.json") or {}
-        _answer(model, tokenizer, spec["judge"], questions, answers,
-                lambda: run.write_json(f"answers/{label}.json", answers), progress)
-        out["answers"] = answers
-    del model
+                                lambda: lm_eval_tasks.evaluate(*loaded(), spec["lmEval"], tasks_dir))
+    held.clear()
     gc.collect()
     return out
 
@@ -207,7 +243,7 @@ def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[st
 
 
 def _report(task: dict, metrics: dict, gates: list, questions: list, ratings: dict, answers: dict,
-            categories: dict) -> str:
+            categories: dict, generation: dict) -> str:
     lines = [f"# Benchmark {task['resource']['name']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     if gates:
@@ -219,6 +255,10 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, ratings: di
         lines += ["", "![scores by category](scores.png)", "", "| category | " + " | ".join(labels) + " |",
                   "|---|" + "---|" * len(labels)]
         lines += [f"| {c} | " + " | ".join(str(categories[lb].get(c, "")) for lb in labels) + " |" for c in cats]
+    if generation:
+        lines += ["", "| answered by | engine | turns | answers/s |", "|---|---|---|---|"]
+        lines += [f"| {label} | {g['engine']} | {g['answered']} | {g['answersPerSecond']} |"
+                  for label, g in generation.items()]
     if questions:
         def fmt(r):
             return "unrated" if r is None else f"{r:.2f}"
@@ -256,11 +296,13 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     metrics = _metrics(results, ratings, questions)
     gates = evaluate_gates(spec.get("gates", []), metrics)
     categories = _categories(ratings, questions)
-    report = {"metrics": metrics, "gates": gates, "categories": categories, "ratings": ratings, "answers": answers}
+    generation = {label: r["generation"] for label, r in results.items() if "generation" in r}
+    report = {"metrics": metrics, "gates": gates, "categories": categories, "ratings": ratings, "answers": answers,
+              "generation": generation}
     run.write_json("report/report.json", report)
     if categories:
         run.write_bytes("report/scores.png", _chart(categories))
-    run.write_bytes("report/report.md", _report(task, metrics, gates, questions, ratings, answers, categories).encode())
+    run.write_bytes("report/report.md", _report(task, metrics, gates, questions, ratings, answers, categories, generation).encode())
     run.commit("report")
     return {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates),
             "reportUri": run.child("report").uri}

@@ -3,12 +3,13 @@ teacher's own answer to turn 1). Answers come from the cache when they were ever
 a conversation whose answer is dropped by the filters is not asked its later turns.
 
 Two backends, one contract: an OpenAI-compatible API (asynchronous, at the provider's rate
-limit) or a local transformers model (batched).
+limit) or a local model, batched with transformers or served by vLLM (then asked like an API).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -48,16 +49,18 @@ def cache_identity(teacher: dict[str, Any], model_input: dict[str, Any] | None) 
 
 
 def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, on_answer: Callable[[], None],
-                    transport=None) -> Callable[[list[tuple[str, list[dict]]]], None]:
-    endpoint = teacher["openai"]
-    key = api_key(endpoint, TEACHER_KEY_ENV, "spec.teacher.openai")
+                    transport=None, endpoint: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None) -> Callable[[list[tuple[str, list[dict]]]], None]:
+    """teacher.openai, or `endpoint` (a local vLLM server) with `extra` request parameters."""
+    key = api_key(teacher["openai"], TEACHER_KEY_ENV, "spec.teacher.openai") if endpoint is None else None
+    endpoint = endpoint or teacher["openai"]
 
     async def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
         async with ChatClient(endpoint, key, "spec.teacher.openai", transport=transport) as client:
             async def ask(cache_key: str, messages: list[dict]) -> None:
                 try:
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
-                                              teacher.get("temperature", 0.0))
+                                              teacher.get("temperature", 0.0), **(extra or {}))
                     answer = {"text": c.text, "tokens": c.completion_tokens, "promptTokens": c.prompt_tokens,
                               "finished": c.finished}
                 except EndpointError as exc:
@@ -72,6 +75,26 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
             await asyncio.gather(*(ask(k, m) for k, m in todo))
 
     return lambda todo: asyncio.run(ask_all(todo))
+
+
+def _vllm_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: AnswerCache, usage: Usage,
+                  on_answer: Callable[[], None], stack: contextlib.ExitStack,
+                  share_gpu: bool) -> Callable[[list[tuple[str, list[dict]]]], None]:
+    """The local teacher served by vLLM (started at the first question, stopped with the build)."""
+    asking: list[Callable] = []
+
+    def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
+        if not asking:
+            from ..vllm_server import VllmServer  # noqa: PLC0415
+
+            # A local answer judge loads beside it with transformers: vLLM leaves it half the GPU.
+            server = stack.enter_context(VllmServer(model_input, teacher.get("seed", 0),
+                                                    gpu_memory_utilization=0.45 if share_gpu else None))
+            extra = {**server.request_params, "seed": teacher.get("seed", 0)}
+            asking.append(_openai_backend(teacher, cache, usage, on_answer, endpoint=server.endpoint, extra=extra))
+        asking[0](todo)
+
+    return ask_all
 
 
 def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: AnswerCache, usage: Usage,
@@ -100,6 +123,12 @@ def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: 
     return ask_all
 
 
+def _engine(teacher: dict[str, Any], model_input: dict[str, Any]) -> str:
+    from ..vllm_server import choose_engine  # noqa: PLC0415 - loads tokenizers: only for a local teacher
+
+    return choose_engine(teacher.get("engine", "auto"), model_input, "spec.teacher.engine")
+
+
 def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: dict[str, Any] | None,
            cache_uri: str, keep: AnswerFilter, drops: Drops, progress: Progress,
            transport=None, judge: AnswerJudge | None = None) -> tuple[list[dict[str, Any]], Usage]:
@@ -120,8 +149,14 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
         done[0] += 1
         report()
 
-    ask = (_openai_backend(teacher, cache, usage, on_answer, transport) if "openai" in teacher
-           else _local_backend(teacher, model_input, cache, usage, on_answer))
+    stack = contextlib.ExitStack()
+    if "openai" in teacher:
+        ask = _openai_backend(teacher, cache, usage, on_answer, transport)
+    elif _engine(teacher, model_input) == "vllm":
+        ask = _vllm_backend(teacher, model_input, cache, usage, on_answer, stack,
+                            share_gpu=judge is not None and judge.model_input is not None)
+    else:
+        ask = _local_backend(teacher, model_input, cache, usage, on_answer)
     system_default = teacher.get("systemPrompt")
     conversations = []
     for p in prompts:
@@ -159,6 +194,7 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
                 progress.state["total"] = progress.state["total"] - skipped
             report()
     finally:
+        stack.close()
         cache.compact()
     kept = [{"language": c["prompt"]["language"], "messages": c["messages"]} for c in conversations if c["alive"]]
     return kept, usage

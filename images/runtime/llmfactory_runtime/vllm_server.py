@@ -1,0 +1,203 @@
+"""vLLM as the generation engine: `vllm serve` in a child process, asked through the same
+OpenAI-compatible client as an API teacher or judge.
+
+vLLM pins its own torch and transformers (0.33: torch 2.14, transformers < 5.21), which are not
+ours, so it lives in a virtualenv of its own (the runtime image's /opt/vllm, WITH_VLLM=true) and
+is reached over HTTP on the loopback. The server gets the tokenizer and chat template the
+transformers engine would use, no generation_config defaults (plain temperature sampling, like
+ours), and stops on the same end-of-turn tokens, so both engines answer the same prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .generate import Generation, stop_token_ids
+from .models import load_tokenizer, locate
+from .openai_client import ChatClient
+from .task import InvalidTask
+
+log = logging.getLogger(__name__)
+
+SERVED_NAME = "model"
+ADAPTER_NAME = "adapter"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts
+START_TIMEOUT = float(os.environ.get("LLMFACTORY_VLLM_START_TIMEOUT", 1800))  # weights download + compile
+
+
+def vllm_executable() -> str | None:
+    """The `vllm` command: LLMFACTORY_VLLM (the image sets /opt/vllm/bin/vllm), else PATH."""
+    path = os.environ.get("LLMFACTORY_VLLM") or shutil.which("vllm")
+    return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def _cuda_devices() -> int:
+    import torch  # noqa: PLC0415
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_engine(engine: str, source: dict[str, Any], field: str) -> str:
+    """'vllm' or 'transformers' for `engine` (auto, vllm, transformers) and this model; an explicit
+    vllm that cannot run is an invalid task, said before any model is loaded."""
+    if engine == "transformers":
+        return "transformers"
+    problem = None
+    if source.get("ggufFile") or (source.get("uri") or "").endswith(".gguf"):
+        problem = "vLLM does not load GGUF files; use engine transformers, or a compressed-tensors Quantization"
+    elif vllm_executable() is None:
+        problem = ("no vLLM in this image: build the runtime image with --build-arg WITH_VLLM=true (or point "
+                   "LLMFACTORY_VLLM at a vllm executable), or use engine transformers")
+    elif _cuda_devices() == 0:
+        problem = "vLLM needs a CUDA GPU and none is visible: give the pod a GPU, or use engine transformers"
+    if problem is None:
+        return "vllm"
+    if engine == "vllm":
+        raise InvalidTask(f"{field} is vllm, but {problem}")
+    log.info("%s auto: transformers (%s)", field, problem.split(";")[0].split(":")[0])
+    return "transformers"
+
+
+def _lora_rank(adapter_folder: str) -> int:
+    rank = int(json.loads(Path(adapter_folder, "adapter_config.json").read_text())["r"])
+    fitting = [r for r in LORA_RANKS if r >= rank]
+    if not fitting:
+        raise InvalidTask(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANKS[-1]}); use engine transformers")
+    return fitting[0]
+
+
+def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, port: int, gpus: int,
+                  seed: int = 0) -> list[str]:
+    """`vllm serve` for a ModelSource: a directory or Hugging Face id, with a FineTune's LoRA adapter
+    served beside its base (requests then name the adapter) rather than merged first."""
+    base = {k: v for k, v in source.items() if k not in ("adapterUri", "digest")}
+    where, _, kwargs = locate(base)
+    command = [executable, "serve", where, "--host", "127.0.0.1", "--port", str(port),
+               "--served-model-name", SERVED_NAME, "--tokenizer", tokenizer_dir,
+               "--chat-template", str(Path(tokenizer_dir, "chat_template.jinja")),
+               "--generation-config", "vllm", "--tensor-parallel-size", str(max(gpus, 1)), "--seed", str(seed)]
+    if kwargs.get("revision"):
+        command += ["--revision", kwargs["revision"]]
+    if source.get("adapterUri"):
+        folder, _, _ = locate({"uri": source["adapterUri"]})
+        command += ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={folder}",
+                    "--max-lora-rank", str(_lora_rank(folder))]
+    return command
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """A running `vllm serve` for one model, for the length of a `with` block."""
+
+    def __init__(self, source: dict[str, Any], seed: int = 0, gpu_memory_utilization: float | None = None):
+        self.source, self.seed, self.gpu_memory_utilization = source, seed, gpu_memory_utilization
+        self.tokenizer = load_tokenizer(source)
+        self.process: subprocess.Popen | None = None
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.port = _free_port()
+
+    @property
+    def endpoint(self) -> dict[str, Any]:
+        """An OpenAIEndpoint (as in a task) for this server."""
+        model = ADAPTER_NAME if self.source.get("adapterUri") else SERVED_NAME
+        # vLLM batches whatever is in flight: send plenty, it schedules them.
+        return {"baseUrl": f"http://127.0.0.1:{self.port}/v1", "model": model, "concurrency": 256,
+                "timeoutSeconds": 3600, "maxRetries": 2}
+
+    @property
+    def request_params(self) -> dict[str, Any]:
+        """Sent with every request: stop where the transformers engine stops, no special tokens in text."""
+        return {"stop_token_ids": stop_token_ids(self.tokenizer), "skip_special_tokens": True}
+
+    def __enter__(self) -> "VllmServer":
+        executable = vllm_executable()
+        if executable is None:
+            raise InvalidTask("no vLLM executable (LLMFACTORY_VLLM or vllm on PATH)")
+        self._workdir = tempfile.TemporaryDirectory(prefix="llmfactory-vllm-")
+        tokenizer_dir = Path(self._workdir.name, "tokenizer")
+        self.tokenizer.save_pretrained(tokenizer_dir)
+        (tokenizer_dir / "chat_template.jinja").write_text(self.tokenizer.chat_template)
+        command = serve_command(executable, self.source, str(tokenizer_dir), self.port, _cuda_devices(), self.seed)
+        if self.gpu_memory_utilization:
+            command += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        log.info("starting vLLM: %s", " ".join(command))
+        started = time.monotonic()
+        # Its own process group: vLLM's engine and workers are its children, stopped with it.
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True)
+        threading.Thread(target=self._relay_log, daemon=True).start()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        log.info("vLLM ready in %.0f s on port %d", time.monotonic() - started, self.port)
+        return self
+
+    def _relay_log(self) -> None:
+        """vLLM's log goes to the pod log, and its last lines into the error when it dies."""
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.log_tail.append(line.rstrip())
+            sys.stderr.write(f"[vllm] {line}")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                time.sleep(0.2)  # let the relay read the last lines
+                raise RuntimeError(f"vLLM exited with code {self.process.returncode} while starting:\n"
+                                   + "\n".join(self.log_tail))
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"vLLM did not answer /health within {START_TIMEOUT:.0f} s "
+                           "(LLMFACTORY_VLLM_START_TIMEOUT):\n" + "\n".join(self.log_tail))
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if hasattr(self, "_workdir"):
+            self._workdir.cleanup()
+
+    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> list[Generation]:
+        """What generate.generate returns for these conversations, all sent at once."""
+        async def ask_all() -> list[Generation]:
+            async with ChatClient(self.endpoint, None, "vLLM") as client:
+                done = await asyncio.gather(*(client.complete(c, max_new_tokens, temperature, seed=seed,
+                                                              **self.request_params) for c in conversations))
+            # The end-of-turn token is counted in completion_tokens; the transformers engine does not count it.
+            return [Generation(c.text.strip(), c.completion_tokens - (1 if c.finish_reason == "stop" else 0), c.finished)
+                    for c in done]
+
+        return asyncio.run(ask_all())

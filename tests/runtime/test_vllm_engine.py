@@ -1,0 +1,143 @@
+"""vLLM as the generation engine of a Benchmark and a DatasetBuild teacher: which engine runs,
+what `vllm serve` is given, and how a vLLM that cannot run is reported. The answers themselves
+need vLLM and a CUDA GPU: that test runs where both are (the GPU machine), and skips here."""
+
+import os
+import stat
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmfactory.planner import parse, plan
+from llmfactory_runtime.benchmark import run as benchmark
+from llmfactory_runtime.dataset import build as dataset_build
+from llmfactory_runtime.progress import Progress
+from llmfactory_runtime.store import open_store
+from llmfactory_runtime.task import InvalidTask
+from llmfactory_runtime.vllm_server import VllmServer, choose_engine, serve_command, vllm_executable
+
+HAS_VLLM_AND_GPU = vllm_executable() is not None and torch.cuda.is_available()
+
+
+def _executable(path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def _flags(command: list[str]) -> dict[str, str | bool]:
+    """--flag value pairs after `vllm serve MODEL`; a flag without a value is True."""
+    flags, i = {}, 3
+    while i < len(command):
+        has_value = i + 1 < len(command) and not command[i + 1].startswith("--")
+        flags[command[i]] = command[i + 1] if has_value else True
+        i += 2 if has_value else 1
+    return flags
+
+
+def _benchmark_task(tiny_model, tmp_path, engine: str, source=None) -> dict:
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": f"b-{engine}"},
+           "spec": {"model": {"source": source or {"uri": f"file://{tiny_model}"}}, "baseline": False,
+                    "judge": {"model": {"uri": f"file://{tiny_model}"}, "languages": ["en"], "maxQuestions": 2,
+                              "maxNewTokens": 8, "engine": engine}}}
+    return plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+
+
+@pytest.mark.skipif(HAS_VLLM_AND_GPU, reason="this machine runs vLLM")
+def test_auto_is_transformers_without_vllm_or_without_a_gpu(tiny_model, tmp_path, monkeypatch):
+    source = {"uri": f"file://{tiny_model}"}
+    monkeypatch.delenv("LLMFACTORY_VLLM", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert choose_engine("auto", source, "spec.judge.engine") == "transformers"
+    monkeypatch.setenv("LLMFACTORY_VLLM", _executable(tmp_path / "vllm", "exit 0\n"))  # vLLM, but no GPU
+    assert choose_engine("auto", source, "spec.judge.engine") == "transformers"
+    assert choose_engine("auto", {"uri": "file:///m", "ggufFile": "m.gguf"}, "spec.judge.engine") == "transformers"
+    # The answers are the transformers engine's, and the report says which engine made them.
+    task = _benchmark_task(tiny_model, tmp_path, "auto")
+    store = open_store(task["artifactUri"])
+    benchmark.run(task, store, Progress(store))
+    report = store.read_json("report/report.json")
+    assert report["generation"]["model"]["engine"] == "transformers"
+    assert report["generation"]["model"]["answered"] == 4 and report["generation"]["model"]["answersPerSecond"] > 0
+    assert "| model | transformers | 4 |" in store.read_bytes("report/report.md").decode()
+
+
+@pytest.mark.skipif(HAS_VLLM_AND_GPU, reason="this machine runs vLLM")
+def test_an_explicit_vllm_that_cannot_run_fails_the_task_before_any_model_is_loaded(tiny_model, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.delenv("LLMFACTORY_VLLM", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    task = _benchmark_task(tiny_model, tmp_path, "vllm")
+    store = open_store(task["artifactUri"])
+    with pytest.raises(InvalidTask, match="spec.judge.engine is vllm, but no vLLM in this image: build the runtime "
+                                          "image with --build-arg WITH_VLLM=true"):
+        benchmark.run(task, store, Progress(store))
+    monkeypatch.setenv("LLMFACTORY_VLLM", _executable(tmp_path / "vllm", "exit 0\n"))
+    with pytest.raises(InvalidTask, match="vLLM needs a CUDA GPU and none is visible: give the pod a GPU, or "
+                                          "use engine transformers"):
+        benchmark.run(task, store, Progress(store))
+    assert store.read_json_or_none("answers/model.json") is None
+    # A DatasetBuild's local teacher says the same, naming its own field.
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild", "metadata": {"name": "d"},
+           "spec": {"sources": [{"inline": [{"text": "Why is the sky blue?", "language": "en"}]}],
+                    "teacher": {"model": {"uri": f"file://{tiny_model}"}, "engine": "vllm", "maxNewTokens": 4}}}
+    build = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    build_store = open_store(build["artifactUri"])
+    with pytest.raises(InvalidTask, match="spec.teacher.engine is vllm, but vLLM needs a CUDA GPU"):
+        dataset_build.run(build, build_store, Progress(build_store))
+
+
+def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter_beside_its_base(tiny_model,
+                                                                                                  tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
+    source = {"uri": f"file://{tiny_model}", "adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "x"}
+    command = serve_command("/opt/vllm/bin/vllm", source, "/tmp/tok", 8123, gpus=2)
+    assert command[:3] == ["/opt/vllm/bin/vllm", "serve", str(tiny_model)]
+    flags = _flags(command)
+    assert flags["--enable-lora"] is True
+    assert flags["--tokenizer"] == "/tmp/tok" and flags["--chat-template"] == "/tmp/tok/chat_template.jinja"
+    assert flags["--generation-config"] == "vllm"  # plain temperature sampling, as the transformers engine does
+    assert flags["--tensor-parallel-size"] == "2" and flags["--host"] == "127.0.0.1" and flags["--port"] == "8123"
+    assert flags["--lora-modules"] == f"adapter={tmp_path / 'adapter'}"
+    assert flags["--max-lora-rank"] == "8"  # r=4 rounded up to a rank vLLM accepts
+    hub = serve_command("vllm", {"huggingface": "meta-llama/Meta-Llama-3-8B-Instruct", "revision": "abc123"},
+                        "/tmp/tok", 8123, gpus=1)
+    assert hub[2] == "meta-llama/Meta-Llama-3-8B-Instruct" and _flags(hub)["--revision"] == "abc123"
+    assert "--enable-lora" not in hub
+
+
+def test_a_vllm_that_dies_while_starting_fails_with_its_last_log_lines(tiny_model, tmp_path, monkeypatch):
+    seen = tmp_path / "argv"
+    monkeypatch.setenv("LLMFACTORY_VLLM", _executable(tmp_path / "vllm", f"""\
+        echo "$@" > {seen}
+        echo "INFO loading weights"
+        echo "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" >&2
+        exit 1
+        """))
+    with pytest.raises(RuntimeError, match=r"(?s)vLLM exited with code 1 while starting:.*CUDA out of memory"):
+        with VllmServer({"uri": f"file://{tiny_model}"}):
+            pass
+    argv = seen.read_text().split()
+    tokenizer_dir = argv[argv.index("--tokenizer") + 1]
+    assert not os.path.exists(tokenizer_dir)  # its scratch folder is gone with it
+
+
+@pytest.mark.skipif(not HAS_VLLM_AND_GPU, reason="needs vLLM (LLMFACTORY_VLLM or vllm on PATH) and a CUDA GPU")
+def test_vllm_answers_every_turn_like_the_transformers_engine(tiny_model, tmp_path):
+    runs = {}
+    for engine in ("vllm", "transformers"):
+        task = _benchmark_task(tiny_model, tmp_path, engine)
+        store = open_store(task["artifactUri"])
+        benchmark.run(task, store, Progress(store))
+        runs[engine] = store.read_json("report/report.json")
+    vllm, hf = runs["vllm"], runs["transformers"]
+    assert vllm["generation"]["model"]["engine"] == "vllm" and vllm["generation"]["model"]["answered"] == 4
+    assert vllm["answers"]["model"].keys() == hf["answers"]["model"].keys()
+    assert all(len(turns) == 2 and all(turns) for turns in vllm["answers"]["model"].values())
