@@ -48,6 +48,31 @@ class Emulator(kmock.KubernetesEmulator):
         finally:
             self._serving.remove(request)
 
+    async def _serve_watch(self, request):
+        # kmock 0.8 lists the objects, streams them, and only then subscribes to the change bus: a
+        # change in between was never delivered (a watcher could miss an update for good). Here
+        # the subscription is taken with the listing, under the lock the changes are published in.
+        yield b""
+        bus = self._buses[request.resource]
+        async with self._lock:
+            marker = await bus.mark()
+            existing = [obj.raw for (resource, namespace, name), obj in self._objects.items()
+                        if not obj.deleted and self._watched(request, resource, namespace, name)]
+        try:
+            for raw in existing:
+                yield {"type": "ADDED", "object": raw}
+            async for event in bus.stream(since=marker):
+                meta = event.get("object", {}).get("metadata", {})
+                if self._watched(request, request.resource, meta.get("namespace"), meta.get("name")):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+    @staticmethod
+    def _watched(request, resource, namespace, name) -> bool:
+        return (resource == request.resource and request.namespace in (None, namespace)
+                and request.name in (None, name))
+
     async def _handle_as_api_server(self, request):
         agent = request.headers.get("User-Agent", "")
         if request.resource is not None and not agent.startswith("Python/"):  # the operator's own calls
@@ -209,9 +234,11 @@ class Operator:
     """The real kopf operator, in a thread with its own event loop (as kopf.testing.KopfRunner
     does), so the emulator keeps serving in the test's loop; start and stop it at will."""
 
-    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None, peering: str | None = None):
+    def __init__(self, settings: OperatorSettings, namespaces: list[str] | None = None, peering: str | None = None,
+                 peering_lifetime: int = 60):
         self.settings, self.namespaces, self.peering = settings, namespaces, peering
         self.priority = replica_priority()  # as `llmfactory operator` draws it
+        self.peering_lifetime = peering_lifetime
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -220,6 +247,7 @@ class Operator:
         register(registry, self.settings, namespaces=self.namespaces)
         loop = self.loop = asyncio.new_event_loop()
         self.kopf_settings = kopf_settings(self.namespaces)
+        self.kopf_settings.peering.lifetime = self.peering_lifetime
         try:
             self.main = loop.create_task(kopf.operator(registry=registry, clusterwide=not self.namespaces,
                                                   namespaces=self.namespaces or (), standalone=not self.peering,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import logging
 import time
 from datetime import datetime, timezone
 
@@ -103,6 +105,39 @@ async def test_two_replicas_draw_priorities_so_that_exactly_one_reconciles():
     assert await paused(lower, alive) and not await paused(higher, alive)
     # One fixed priority for both, as before: both pause.
     assert await paused("pod-a", {"pod-a": 0, "pod-b": 0}) and await paused("pod-b", {"pod-a": 0, "pod-b": 0})
+
+
+async def test_two_replicas_one_reconciles_and_the_other_takes_over(cluster, operator_settings, job_controller,
+                                                                    tiny_model, caplog):
+    """The same, with two real operators on the emulator: the standby stays paused while the
+    leader works, and takes over when the leader is killed and its peering entry expires."""
+    caplog.set_level(logging.INFO)
+    declare_peerings(cluster.server)
+    # The lower first: alone, it works; when the higher joins, it pauses in the higher's favour.
+    # (A replica that finds a higher one at its start never works at all and says nothing.)
+    replicas = sorted((Operator(operator_settings, peering="llmfactory", peering_lifetime=4) for _ in range(2)),
+                      key=lambda r: r.priority)
+    leader = replicas[-1]
+    logged = lambda words: any(words in r.getMessage() for r in caplog.records)  # noqa: E731
+    for replica in replicas:
+        await replica.start()
+        await wait_until(lambda: logged("Resuming operations after the pause"))
+    try:
+        await wait_until(lambda: logged("Pausing operations in favour of"))
+        assert not logged("Possibly conflicting operators with the same priority")
+        first = pipeline(tiny_model)[0]
+        await cluster.apply(first)
+        await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
+        await leader.kill()  # abruptly: its peering entry stays until its lifetime ends
+        second = copy.deepcopy(first)
+        second["metadata"]["name"] = "data-2"
+        await cluster.apply(second)
+        await cluster.wait_for("DatasetBuild", "data-2", phase_is("Succeeded"), timeout=120)
+        assert logged("Resuming operations after the pause")
+        assert len(objects_of(cluster.server, "jobs")) == 2
+    finally:
+        for replica in replicas:
+            await replica.stop()
 
 
 async def test_namespaced_operator_handles_only_its_namespace(cluster, operator_settings, tiny_model):

@@ -98,19 +98,20 @@ def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter
     peft_model.save_pretrained(tmp_path / "adapter")
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
     source = {"uri": f"file://{tiny_model}", "adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "x"}
-    command = serve_command("/opt/vllm/bin/vllm", source, "/tmp/tok", 8123, gpus=2)
+    command = serve_command("/opt/vllm/bin/vllm", source, "/tmp/tok", 8123, gpus=3)
     assert command[:3] == ["/opt/vllm/bin/vllm", "serve", str(tiny_model)]
     flags = _flags(command)
     assert flags["--enable-lora"] is True
     assert flags["--tokenizer"] == "/tmp/tok" and flags["--chat-template"] == "/tmp/tok/chat_template.jinja"
     assert flags["--generation-config"] == "vllm"  # plain temperature sampling, as the transformers engine does
+    # Three GPUs visible, four attention heads: two GPUs split them evenly.
     assert flags["--tensor-parallel-size"] == "2" and flags["--host"] == "127.0.0.1" and flags["--port"] == "8123"
     assert flags["--lora-modules"] == f"adapter={tmp_path / 'adapter'}"
     assert flags["--max-lora-rank"] == "8"  # r=4 rounded up to a rank vLLM accepts
     hub = serve_command("vllm", {"huggingface": "meta-llama/Meta-Llama-3-8B-Instruct", "revision": "abc123"},
                         "/tmp/tok", 8123, gpus=1)
     assert hub[2] == "meta-llama/Meta-Llama-3-8B-Instruct" and _flags(hub)["--revision"] == "abc123"
-    assert "--enable-lora" not in hub
+    assert _flags(hub)["--tensor-parallel-size"] == "1" and "--enable-lora" not in hub
 
 
 def test_a_vllm_that_dies_while_starting_fails_with_its_last_log_lines(tiny_model, tmp_path, monkeypatch):

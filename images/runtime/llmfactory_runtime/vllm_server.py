@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from .generate import Generation, stop_token_ids
-from .models import load_tokenizer, locate
+from .models import load_config, load_tokenizer, locate
 from .openai_client import ChatClient
 from .task import InvalidTask
 
@@ -82,16 +82,22 @@ def _lora_rank(adapter_folder: str) -> int:
     return fitting[0]
 
 
+def tensor_parallel_size(gpus: int, attention_heads: int) -> int:
+    """The most GPUs, of those visible, that split the attention heads evenly (vLLM requires it)."""
+    return max(d for d in range(1, max(gpus, 1) + 1) if attention_heads % d == 0)
+
+
 def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, port: int, gpus: int,
                   seed: int = 0) -> list[str]:
     """`vllm serve` for a ModelSource: a directory or Hugging Face id, with a FineTune's LoRA adapter
     served beside its base (requests then name the adapter) rather than merged first."""
     base = {k: v for k, v in source.items() if k not in ("adapterUri", "digest")}
     where, _, kwargs = locate(base)
+    heads = load_config(base).num_attention_heads if gpus > 1 else 1
     command = [executable, "serve", where, "--host", "127.0.0.1", "--port", str(port),
                "--served-model-name", SERVED_NAME, "--tokenizer", tokenizer_dir,
-               "--chat-template", str(Path(tokenizer_dir, "chat_template.jinja")),
-               "--generation-config", "vllm", "--tensor-parallel-size", str(max(gpus, 1)), "--seed", str(seed)]
+               "--chat-template", str(Path(tokenizer_dir, "chat_template.jinja")), "--generation-config", "vllm",
+               "--tensor-parallel-size", str(tensor_parallel_size(gpus, heads)), "--seed", str(seed)]
     if kwargs.get("revision"):
         command += ["--revision", kwargs["revision"]]
     if source.get("adapterUri"):
