@@ -43,10 +43,35 @@ def test_task_document_is_resolved_and_deterministic():
     task = plan(parse(FT), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
     assert task["phase"] == "finetune"
     assert task["inputs"]["dataset"] == {"uri": "s3://bucket/data", "format": "chatml", "digest": "sha256:aaa"}
-    assert task["spec"]["lora"]["r"] == 16  # defaults are spelled out, so they are part of the digest
+    assert task["spec"]["lora"]["r"] == 16  # defaults are spelled out for the runtime
     assert task["artifactUri"] == f"{STORE}/default/finetune/ft/{task['digest'][:16]}"
     again = plan(parse(copy.deepcopy(FT)), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
     assert again["digest"] == task["digest"]
+
+
+def test_a_field_added_later_with_a_default_does_not_rerun_finished_resources():
+    """An upgrade that adds a defaulted field (the CRD then fills it into every stored object)
+    must not give finished resources new digests, which would run them all again."""
+    import dataclasses
+
+    from pydantic import Field
+
+    from llmfactory.api.fine_tune import FineTuneSpec
+
+    class NextVersionSpec(FineTuneSpec):
+        future_option: int = Field(3, description="added in a later version")
+
+    results = lookup({("DatasetBuild", "data"): DATA_RESULT})
+    now = parse(FT)
+    later = dataclasses.replace(now, spec=NextVersionSpec.model_validate({**FT["spec"], "futureOption": 3}))
+    assert later.spec.wire()["futureOption"] == 3
+    assert plan(later, results, STORE)["digest"] == plan(now, results, STORE)["digest"]
+    # Writing a default out is the same spec; setting the new field to something else is a new run.
+    explicit = copy.deepcopy(FT)
+    explicit["spec"]["lora"] = {"r": 16}
+    assert plan(parse(explicit), results, STORE)["digest"] == plan(now, results, STORE)["digest"]
+    other = dataclasses.replace(now, spec=NextVersionSpec.model_validate({**FT["spec"], "futureOption": 4}))
+    assert plan(other, results, STORE)["digest"] != plan(now, results, STORE)["digest"]
 
 
 def test_digest_changes_with_the_spec_and_with_upstream_artifacts():
@@ -207,6 +232,11 @@ def test_vllm_is_refused_for_a_gguf_model_before_a_job_runs():
     teacher = m("DatasetBuild", "d", {"sources": [{"inline": [{"text": "hi"}]}],
                                       "teacher": {"model": {"uri": "file:///m/x.gguf"}, "engine": "vllm"}})
     with pytest.raises(PlanError, match="spec.teacher.engine: is vllm, but the model is the GGUF file x.gguf"):
+        plan(parse(teacher), lookup({}), STORE)
+    # ... and runs on a GPU.
+    teacher["spec"]["teacher"]["model"]["uri"] = "file:///m/x"
+    teacher["spec"]["resources"] = {"gpusPerNode": 0}
+    with pytest.raises(PlanError, match="spec.resources.gpusPerNode: is 0, but spec.teacher.engine is vllm"):
         plan(parse(teacher), lookup({}), STORE)
 
 

@@ -65,6 +65,16 @@ def benchmark_metric_names(spec, baseline: bool) -> set[str]:
     return names
 
 
+def digest_spec(res: Resource) -> dict[str, Any]:
+    """The part of the spec a run's result depends on, as the digest sees it: fields left at their
+    default are left out, so a field added with a default in a later version (which the CRD then
+    fills into every stored object) does not make finished resources run again after an upgrade.
+    How often to checkpoint or where to report does not change what is computed either."""
+    written = res.spec.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
+    return {k: v for k, v in written.items()
+            if k not in operational_fields(res.kind) and k not in RUNTIME_ONLY_FIELDS}
+
+
 def plan(res: Resource, result_of: ResultLookup, store_uri: str,
          config_map_of: ConfigMapLookup | None = None) -> dict[str, Any] | Waiting:
     """The task document for `res`, or Waiting when a referenced resource has not succeeded
@@ -85,8 +95,7 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str,
             inputs["configMaps"] = files
     spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
     body = {"phase": KINDS[res.kind].phase, "spec": spec, "inputs": inputs}
-    # How often to checkpoint or where to report does not change what is computed.
-    digest = canonical_digest({**body, "spec": {k: v for k, v in spec.items() if k not in RUNTIME_ONLY_FIELDS}})
+    digest = canonical_digest({**body, "spec": digest_spec(res)})
     task = {
         "apiVersion": API_VERSION,
         "kind": "Task",
@@ -182,11 +191,16 @@ def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, di
 
 
 def _check_engine(res: Resource, field: str, engine: str, model: dict[str, Any]) -> None:
-    """vLLM reads safetensors, not GGUF (a Quantization's GGUF file, a source's ggufFile)."""
+    """vLLM runs on a GPU and reads safetensors, not GGUF (a Quantization's GGUF file, a source's ggufFile)."""
+    if engine != "vllm":
+        return
     gguf = model.get("ggufFile") or (model.get("uri") or "").rsplit("/", 1)[-1]
-    if engine == "vllm" and gguf.endswith(".gguf"):
+    if gguf.endswith(".gguf"):
         raise PlanError(res.ref, field, f"is vllm, but the model is the GGUF file {gguf}, which vLLM does not "
                         "load: use engine transformers (or auto), or a Quantization with format compressed-tensors")
+    if res.spec.resources and res.spec.resources.gpus_per_node == 0:
+        raise PlanError(res.ref, "spec.resources.gpusPerNode", f"is 0, but {field} is vllm, which runs on a GPU: "
+                        "leave it unset or give 1 or more, or use engine transformers (or auto)")
 
 
 def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
