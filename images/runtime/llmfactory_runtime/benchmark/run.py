@@ -77,7 +77,7 @@ def _answer_questions(label: str, source: dict, judge: dict, questions: list[dic
     engine = choose_engine(judge.get("engine", "auto"), source, "spec.judge.engine")
     if all(len(answers.get(q["question_id"], [])) == len(q["turns"]) for q in questions):
         return answers, {"engine": engine, "answered": 0, "seconds": 0.0, "answersPerSecond": None}  # restarted
-    started = time.monotonic()
+    # Timed from the first question: loading the model or starting the server is not answering.
     if engine == "vllm":
         progress.stage(f"starting vLLM for {label}")
         with VllmServer(source) as server:
@@ -86,6 +86,7 @@ def _answer_questions(label: str, source: dict, judge: dict, questions: list[dic
                                lambda: run.write_json(f"answers/{label}.json", answers), progress)
     else:
         model, tokenizer = loaded()
+        started = time.monotonic()
         answered = _answer(partial(generate, model, tokenizer), judge["batchSize"], judge, questions, answers,
                            lambda: run.write_json(f"answers/{label}.json", answers), progress)
     seconds = time.monotonic() - started
