@@ -119,9 +119,12 @@ class VllmServer:
     def __init__(self, source: dict[str, Any], seed: int = 0, gpu_memory_utilization: float | None = None):
         self.source, self.seed, self.gpu_memory_utilization = source, seed, gpu_memory_utilization
         self.tokenizer = load_tokenizer(source)
+        # Sent with every request: stop where the transformers engine stops, no special tokens in text.
+        self.request_params = {"stop_token_ids": stop_token_ids(self.tokenizer), "skip_special_tokens": True}
         self.process: subprocess.Popen | None = None
         self.log_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.port = _free_port()
+        self._workdir: tempfile.TemporaryDirectory | None = None
 
     @property
     def endpoint(self) -> dict[str, Any]:
@@ -131,29 +134,25 @@ class VllmServer:
         return {"baseUrl": f"http://127.0.0.1:{self.port}/v1", "model": model, "concurrency": 256,
                 "timeoutSeconds": 3600, "maxRetries": 2}
 
-    @property
-    def request_params(self) -> dict[str, Any]:
-        """Sent with every request: stop where the transformers engine stops, no special tokens in text."""
-        return {"stop_token_ids": stop_token_ids(self.tokenizer), "skip_special_tokens": True}
-
     def __enter__(self) -> "VllmServer":
         executable = vllm_executable()
         if executable is None:
             raise InvalidTask("no vLLM executable (LLMFACTORY_VLLM or vllm on PATH)")
         self._workdir = tempfile.TemporaryDirectory(prefix="llmfactory-vllm-")
-        tokenizer_dir = Path(self._workdir.name, "tokenizer")
-        self.tokenizer.save_pretrained(tokenizer_dir)
-        (tokenizer_dir / "chat_template.jinja").write_text(self.tokenizer.chat_template)
-        command = serve_command(executable, self.source, str(tokenizer_dir), self.port, _cuda_devices(), self.seed)
-        if self.gpu_memory_utilization:
-            command += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-        log.info("starting vLLM: %s", " ".join(command))
         started = time.monotonic()
-        # Its own process group: vLLM's engine and workers are its children, stopped with it.
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True)
-        threading.Thread(target=self._relay_log, daemon=True).start()
         try:
+            tokenizer_dir = Path(self._workdir.name, "tokenizer")
+            self.tokenizer.save_pretrained(tokenizer_dir)
+            (tokenizer_dir / "chat_template.jinja").write_text(self.tokenizer.chat_template)
+            command = serve_command(executable, self.source, str(tokenizer_dir), self.port, _cuda_devices(),
+                                    self.seed)
+            if self.gpu_memory_utilization:
+                command += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+            log.info("starting vLLM: %s", " ".join(command))
+            # Its own process group: vLLM's engine and workers are its children, stopped with it.
+            self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                            start_new_session=True)
+            threading.Thread(target=self._relay_log, daemon=True).start()
             self._wait_ready()
         except BaseException:
             self.__exit__(None, None, None)
@@ -192,7 +191,7 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        if hasattr(self, "_workdir"):
+        if self._workdir is not None:
             self._workdir.cleanup()
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 0.0,
