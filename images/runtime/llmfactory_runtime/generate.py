@@ -1,11 +1,18 @@
-"""Batched chat generation with a local transformers model (teacher answers, benchmark answers);
-vllm_server.VllmServer.generate is the same with vLLM."""
+"""Chat generation with a local transformers model (teacher answers, benchmark answers), by
+continuous batching; vllm_server.VllmServer.generate is the same with vLLM."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
+from transformers.generation import ContinuousBatchingConfig
+
+# The most prompt tokens one forward pass takes in (longer prompts are prefilled in chunks).
+MAX_BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -21,24 +28,58 @@ def stop_token_ids(tokenizer) -> list[int]:
                   if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id)
 
 
-@torch.inference_mode()
+def prompt_ids(tokenizer, conversation: list[dict[str, str]]) -> list[int]:
+    return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def to_generation(tokenizer, tokens: list[int], stop: list[int]) -> Generation:
+    """The answer up to (without) the first end-of-turn token."""
+    ended = next((i for i, t in enumerate(tokens) if t in stop), None)
+    body = tokens if ended is None else tokens[:ended]
+    return Generation(tokenizer.decode(body, skip_special_tokens=True).strip(), len(body), ended is not None)
+
+
+@torch.no_grad()  # not inference_mode: the KV cache made here is written by the generation thread
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-             temperature: float = 0.0, seed: int = 0) -> list[Generation]:
-    """Answer the last user turn of each conversation. Left padding keeps every prompt's end
-    aligned, so one batch decodes all of them together."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, return_tensors="pt",
-                                        padding=True, return_dict=True).to(model.device)
+             temperature: float = 0.0, seed: int = 0, concurrency: int = 8,
+             on_answer: Callable[[int, Generation], None] | None = None) -> list[Generation]:
+    """Answer the last user turn of each conversation, in order; on_answer(index, answer) as each
+    one finishes. Up to `concurrency` conversations decode together, and one that ends hands its
+    place to the next at once: a static batch would go on decoding until its longest answer ends."""
+    if not conversations:
+        return []
+    prompts = [prompt_ids(tokenizer, c) for c in conversations]
     stop = stop_token_ids(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    if temperature > 0:
-        torch.manual_seed(seed)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=stop,
-                         pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None, **sampling)
-    results = []
-    for row in out[:, enc["input_ids"].shape[1]:].tolist():
-        ended = next((i for i, t in enumerate(row) if t in stop), None)
-        body = row if ended is None else row[:ended]
-        results.append(Generation(tokenizer.decode(body, skip_special_tokens=True).strip(),
-                                  len(body), ended is not None))
-    return results
+    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                              top_p=None, top_k=None, **sampling)
+    concurrency = min(concurrency, len(prompts))
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    # A cache that holds every running conversation whole, sized from the work rather than from free
+    # memory (the library's default takes most of it: a whole node's RAM on CPU, the share of a judge
+    # loaded beside it on a GPU), so nothing is ever evicted and recomputed.
+    batching = ContinuousBatchingConfig(max_requests_per_batch=concurrency, seed=seed,
+                                        max_batch_tokens=max(MAX_BATCH_TOKENS, concurrency))
+    batching.num_blocks = concurrency * math.ceil(longest / batching.page_size)
+    answers: list[Generation | None] = [None] * len(prompts)
+    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=batching,
+                                                   block=True, timeout=60) as manager:
+        index = {rid: i for i, rid in enumerate(manager.add_requests(prompts, max_new_tokens=max_new_tokens))}
+        waiting = len(prompts)
+        while waiting:
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError(f"generation stopped with {waiting} answers to go: "
+                                       f"{manager.background_thread_status.fatal_error}")
+                continue
+            if not result.is_finished():
+                continue
+            if result.error is not None:
+                raise RuntimeError(f"generation failed: {result.error}")
+            i = index[result.request_id]
+            answers[i] = to_generation(tokenizer, result.generated_tokens, stop)
+            waiting -= 1
+            if on_answer:
+                on_answer(i, answers[i])
+    return answers

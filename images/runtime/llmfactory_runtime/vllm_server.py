@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,14 +196,22 @@ class VllmServer:
             self._workdir.cleanup()
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0) -> list[Generation]:
-        """What generate.generate returns for these conversations, all sent at once."""
+                 seed: int = 0, on_answer: Callable[[int, Generation], None] | None = None) -> list[Generation]:
+        """What generate.generate returns for these conversations, all sent at once (vLLM schedules them)."""
+        answers: list[Generation | None] = [None] * len(conversations)
+
         async def ask_all() -> list[Generation]:
             async with ChatClient(self.endpoint, None, "vLLM") as client:
-                done = await asyncio.gather(*(client.complete(c, max_new_tokens, temperature, seed=seed,
-                                                              **self.request_params) for c in conversations))
-            # The end-of-turn token is counted in completion_tokens; the transformers engine does not count it.
-            return [Generation(c.text.strip(), c.completion_tokens - (1 if c.finish_reason == "stop" else 0), c.finished)
-                    for c in done]
+                async def ask(i: int) -> None:
+                    c = await client.complete(conversations[i], max_new_tokens, temperature, seed=seed,
+                                              **self.request_params)
+                    # completion_tokens counts the end-of-turn token; the transformers engine does not.
+                    answers[i] = Generation(c.text.strip(), c.completion_tokens - (1 if c.finish_reason == "stop" else 0),
+                                            c.finished)
+                    if on_answer:
+                        on_answer(i, answers[i])
+
+                await asyncio.gather(*(ask(i) for i in range(len(conversations))))
+            return answers
 
         return asyncio.run(ask_all())

@@ -64,7 +64,8 @@ class Judge(ApiModel):
                                                "category, turns (one or two), optional reference and language.")
     max_questions: int | None = Field(None, ge=1, description="Questions per language, at most.")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer of the model under test.")
-    batch_size: int = Field(8, ge=1, le=512, description="Questions answered together (transformers engine).")
+    batch_size: int = Field(8, ge=1, le=512, description="Questions decoding together (transformers engine; one "
+                                                        "that ends hands its place to the next at once).")
     engine: Engine = Field("auto", description=ENGINE_DESCRIPTION.replace("the local model", "the model under "
                                                                           "test (and its baseline)"))
     temperatures: dict[str, float] = Field(

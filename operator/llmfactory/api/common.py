@@ -64,7 +64,8 @@ class ModelSource(ApiModel):
 Engine = Literal["auto", "transformers", "vllm"]
 ENGINE_DESCRIPTION = (
     "How the local model generates: vllm (continuous batching on a GPU; the runtime image built with "
-    "WITH_VLLM=true; not for GGUF files), transformers (batches of batchSize; any device, GGUF too), or auto: "
+    "WITH_VLLM=true; not for GGUF files), transformers (continuous batching, batchSize at a time; any device, "
+    "GGUF too), or auto: "
     "vLLM where the image has it, a GPU is visible and the model is not GGUF, transformers otherwise.")
 
 

@@ -79,8 +79,9 @@ class Teacher(ApiModel):
     system_prompt: str | None = Field(None, description="System message sent before every prompt.")
     temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
-    batch_size: int = Field(8, ge=1, le=512, description="Prompts answered together (local model, transformers "
-                                                        "engine; vLLM schedules every prompt of a turn itself).")
+    batch_size: int = Field(8, ge=1, le=512, description="Prompts decoding together (local model, transformers "
+                                                        "engine; one that ends hands its place to the next at once; "
+                                                        "vLLM schedules every prompt of a turn itself).")
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
 
 

@@ -36,11 +36,11 @@ def _cached(run: Store, key: str, compute) -> Any:
     return found
 
 
-def _answer(ask, batch_size: int | None, judge: dict, questions: list[dict], answers: dict[str, list[str]], save,
-            progress: Progress) -> int:
-    """Answer every turn with ask(conversations, max_new_tokens, temperature, seed); turn 2 sees the
-    model's own first answer. Sampled at each category's temperature (greedy where unlisted), in
-    batches of one temperature (batch_size None: all of them at once). Returns the turns answered."""
+def _answer(ask, judge: dict, questions: list[dict], answers: dict[str, list[str]], save, progress: Progress) -> int:
+    """Answer every turn with ask(conversations, max_new_tokens, temperature, seed, on_answer); turn 2
+    sees the model's own first answer. Sampled at each category's temperature (greedy where
+    unlisted), one request per temperature; each answer is saved as it finishes. Returns the turns
+    answered."""
     temperatures = judge.get("temperatures") or {}
     total = sum(len(q["turns"]) for q in questions)
     progress.stage("answering questions", total=total, unit="turns")
@@ -51,22 +51,21 @@ def _answer(ask, batch_size: int | None, judge: dict, questions: list[dict], ans
         for q in todo:
             by_temperature[float(temperatures.get(q["category"], 0.0))].append(q)
         for temperature, group in sorted(by_temperature.items()):
-            size = batch_size or len(group)
-            for start in range(0, len(group), size):
-                batch = group[start:start + size]
-                conversations = []
-                for q in batch:
-                    earlier = answers.get(q["question_id"], [])
-                    messages = []
-                    for i in range(turn):
-                        messages += [{"role": "user", "content": q["turns"][i]}, {"role": "assistant", "content": earlier[i]}]
-                    conversations.append(messages + [{"role": "user", "content": q["turns"][turn]}])
-                gens = ask(conversations, judge["maxNewTokens"], temperature, turn)
-                for q, g in zip(batch, gens):
-                    answers.setdefault(q["question_id"], []).append(g.text)
-                answered += len(batch)
+            conversations = []
+            for q in group:
+                earlier = answers.get(q["question_id"], [])
+                messages = []
+                for i in range(turn):
+                    messages += [{"role": "user", "content": q["turns"][i]}, {"role": "assistant", "content": earlier[i]}]
+                conversations.append(messages + [{"role": "user", "content": q["turns"][turn]}])
+
+            def done(i: int, g, group=group) -> None:
+                answers.setdefault(group[i]["question_id"], []).append(g.text)
                 save()
                 progress.update(sum(len(a) for a in answers.values()))
+
+            ask(conversations, judge["maxNewTokens"], temperature, turn, on_answer=done)
+            answered += len(group)
     return answered
 
 
@@ -82,13 +81,14 @@ def _answer_questions(label: str, source: dict, judge: dict, questions: list[dic
         progress.stage(f"starting vLLM for {label}")
         with VllmServer(source) as server:
             started = time.monotonic()
-            answered = _answer(server.generate, None, judge, questions, answers,
+            answered = _answer(server.generate, judge, questions, answers,
                                lambda: run.write_json(f"answers/{label}.json", answers), progress)
     else:
         model, tokenizer = loaded()
         started = time.monotonic()
-        answered = _answer(partial(generate, model, tokenizer), judge["batchSize"], judge, questions, answers,
-                           lambda: run.write_json(f"answers/{label}.json", answers), progress)
+        ask = partial(generate, model, tokenizer, concurrency=judge["batchSize"])
+        answered = _answer(ask, judge, questions, answers, lambda: run.write_json(f"answers/{label}.json", answers),
+                           progress)
     seconds = time.monotonic() - started
     return answers, {"engine": engine, "answered": answered, "seconds": round(seconds, 2),
                      "answersPerSecond": round(answered / seconds, 3) if answered and seconds else None}

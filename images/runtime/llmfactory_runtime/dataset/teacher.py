@@ -3,7 +3,8 @@ teacher's own answer to turn 1). Answers come from the cache when they were ever
 a conversation whose answer is dropped by the filters is not asked its later turns.
 
 Two backends, one contract: an OpenAI-compatible API (asynchronous, at the provider's rate
-limit) or a local model, batched with transformers or served by vLLM (then asked like an API).
+limit) or a local model, continuously batched with transformers or served by vLLM (then asked
+like an API).
 """
 
 from __future__ import annotations
@@ -108,17 +109,16 @@ def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: 
         if not loaded:
             loaded["model"], loaded["tokenizer"] = load_model(model_input), load_tokenizer(model_input)
             loaded["model"].eval()
-        size = teacher.get("batchSize", 8)
-        for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
-            outs = generate(loaded["model"], loaded["tokenizer"], [m for _, m in batch],
-                            teacher.get("maxNewTokens", 256), teacher.get("temperature", 0.0),
-                            teacher.get("seed", 0) + start)
-            for (cache_key, _), o in zip(batch, outs):
-                answer = {"text": o.text, "tokens": o.tokens, "finished": o.finished}
-                cache.put(cache_key, answer)
-                usage.add(answer)
-                on_answer()
+
+        def save(i: int, o) -> None:  # each answer cached as it finishes: a restart asks only the rest
+            answer = {"text": o.text, "tokens": o.tokens, "finished": o.finished}
+            cache.put(todo[i][0], answer)
+            usage.add(answer)
+            on_answer()
+
+        generate(loaded["model"], loaded["tokenizer"], [m for _, m in todo], teacher.get("maxNewTokens", 256),
+                 teacher.get("temperature", 0.0), teacher.get("seed", 0), concurrency=teacher.get("batchSize", 8),
+                 on_answer=save)
 
     return ask_all
 

@@ -1,0 +1,67 @@
+"""Local generation by continuous batching: the answers a conversation gets do not depend on the
+conversations decoding beside it, and each answer is handed over as soon as it is finished."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmfactory_runtime.generate import generate, prompt_ids, stop_token_ids, to_generation
+from llmfactory_runtime.models import load_model, load_tokenizer
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Почему небо голубое?"}],
+    [{"role": "user", "content": "中国的首都是哪里？"}],
+    [{"role": "user", "content": "Write a short poem about the sea."},
+     {"role": "assistant", "content": "The sea is wide and the waves are blue."},
+     {"role": "user", "content": "Напиши стихотворение о море."}],
+    [{"role": "user", "content": "Explain why the sky is blue."}],
+    [{"role": "user", "content": "为什么天空是蓝色的？"}],
+    [{"role": "user", "content": "Какая столица России?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model):
+    source = {"uri": f"file://{tiny_model}"}
+    model, tokenizer = load_model(source, dtype=torch.float32, to=torch.device("cpu")), load_tokenizer(source)
+    return model.eval(), tokenizer
+
+
+def test_each_answer_is_the_one_the_conversation_gets_decoded_alone(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    stop = stop_token_ids(tokenizer)
+    alone = []
+    for conversation in CONVERSATIONS:  # transformers' own generate, one conversation, no padding
+        ids = torch.tensor([prompt_ids(tokenizer, conversation)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None)
+        alone.append(to_generation(tokenizer, out[0, ids.shape[1]:].tolist(), stop))
+    handed = []
+    # Three at a time for seven conversations: places are handed on while others still decode.
+    answers = generate(model, tokenizer, CONVERSATIONS, 12, concurrency=3, on_answer=lambda i, g: handed.append((i, g)))
+    assert answers == alone
+    assert sorted(i for i, _ in handed) == list(range(len(CONVERSATIONS)))
+    assert all(answers[i] is g for i, g in handed)
+    assert all(0 < a.tokens <= 12 for a in answers) and any(a.text for a in answers)
+
+
+def test_sampling_is_reproducible_by_seed(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    first, again = (generate(model, tokenizer, CONVERSATIONS, 10, temperature=1.5, seed=5, concurrency=4)
+                    for _ in range(2))
+    other = generate(model, tokenizer, CONVERSATIONS, 10, temperature=1.5, seed=6, concurrency=4)
+    assert first == again
+    assert first != other
+
+
+def test_an_answer_ends_at_the_first_end_of_turn_token(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    body = tokenizer.encode("Paris.")
+    ended = to_generation(tokenizer, [*body, end, *tokenizer.encode("more")], stop_token_ids(tokenizer))
+    assert (ended.text, ended.tokens, ended.finished) == ("Paris.", len(body), True)
+    cut = to_generation(tokenizer, body, stop_token_ids(tokenizer))
+    assert (cut.text, cut.tokens, cut.finished) == ("Paris.", len(body), False)
+    assert generate(None, tokenizer, [], 8) == []
