@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
 from llmfactory_runtime.finetune.packing import pack
-from llmfactory_runtime.store import open_store
+from llmfactory_runtime.store import finished_result, open_store
 
 from finetune_helpers import SMOLLM2, conversations, finetune_task, run_finetune, runtime_command, write_dataset, write_task
 
@@ -93,8 +94,11 @@ def dataset(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
-def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_runs(tiny_model, dataset, tmp_path):
-    mlruns = tmp_path / "mlruns"
+def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_runs(tiny_model, dataset, tmp_path,
+                                                                                   monkeypatch):
+    mlruns, scratch = tmp_path / "mlruns", tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", tracking={
         "tensorboard": True, "wandb": {"project": "llmfactory-test", "mode": "offline"},
         "mlflow": {"trackingUri": f"file://{mlruns}", "experiment": "tests"}})
@@ -112,6 +116,7 @@ def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_ru
     assert list((tracking / "wandb").glob("offline-run-*/run-*.wandb"))
     [loss_metric] = list(mlruns.glob("*/*/metrics/train/loss"))
     assert len(loss_metric.read_text().splitlines()) == result["steps"]
+    assert not list(scratch.glob("llmfactory-*"))  # tracker files, checkpoints, saves: uploaded, then removed
     # The adapter on its base gives the merged model's logits.
     from peft import PeftModel
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -122,12 +127,22 @@ def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_ru
         assert torch.allclose(with_adapter(ids).logits, whole(ids).logits, atol=1e-4)
 
 
+FULL = {"learningRate": 0.003, "gradientCheckpointing": True, "gradientAccumulation": 2}
+
+
+@pytest.fixture(scope="module")
+def one_process_full(tiny_model, dataset, tmp_path_factory) -> dict:
+    """A full fine-tune in one process (run once): checked on its own, and reproduced by ZeRO-3."""
+    folder = tmp_path_factory.mktemp("one-process-full")
+    task = finetune_task(tiny_model, dataset, f"file://{folder}/store", method="full", hyperparameters=FULL)
+    _ok(run_finetune(write_task(task, folder)))
+    return task
+
+
 @pytest.mark.slow
-def test_full_fine_tune_trains_every_weight_and_saves_a_whole_model(tiny_model, dataset, tmp_path):
-    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="full",
-                         hyperparameters={"learningRate": 0.003, "gradientCheckpointing": True})
+def test_full_fine_tune_trains_every_weight_and_saves_a_whole_model(tiny_model, one_process_full):
+    task = one_process_full
     assert "lora" not in task["spec"]
-    _ok(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"] - 0.5 and "adapterUri" not in result
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
@@ -151,12 +166,28 @@ def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_pat
     """Same global batch (1 x accumulation 2 vs 2 processes x 1): the same steps on the same data."""
     one = one_process
     two = finetune_task(tiny_model, dataset, f"file://{tmp_path}/two", lora=NO_DROPOUT, resources={"gpusPerNode": 2})
-    _ok(run_finetune(write_task(two, tmp_path), processes=2))
+    committed = _run_watching_the_commit(two, write_task(two, tmp_path), tmp_path, processes=2)
+    assert committed and all(result is not None for result in committed)  # never finished before rank 0 saved
     curve = [_loss_curve(t) for t in (one, two)]
     assert len(curve[0]) == len(curve[1]) > 10
     assert max(abs(a - b) for a, b in zip(*curve)) < 1e-4
     assert _result(two)["processes"] == 2
     assert _result(two)["trainTokens"] == _result(one)["trainTokens"]
+
+
+def _run_watching_the_commit(task: dict, task_path: Path, tmp_path: Path, processes: int) -> list[dict | None]:
+    """Run to the end; return result.json as seen each time the run was found committed."""
+    run, seen = open_store(task["artifactUri"]), []
+    with open(tmp_path / "stderr.log", "w+") as stderr:
+        proc = subprocess.Popen(runtime_command(task_path, processes), stdout=subprocess.DEVNULL, stderr=stderr,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        while proc.poll() is None:
+            if run.is_committed():
+                seen.append(run.read_json_or_none("result.json"))
+            time.sleep(0.01)
+        stderr.seek(0)
+        assert proc.returncode == 0, stderr.read()[-4000:]
+    return [*seen, finished_result(run)]
 
 
 def _loss_curve(task: dict) -> list[float]:
@@ -176,10 +207,11 @@ def _start(task_path: Path) -> subprocess.Popen:
     return subprocess.Popen(runtime_command(task_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_until_training(task: dict, proc: subprocess.Popen, since: float, checkpointed: bool = False) -> None:
+def _wait_until_training(task: dict, proc: subprocess.Popen, since: float, checkpointed: bool = False,
+                         timeout: float = 120) -> None:
     """Until this process (started at `since`) trains, and (if asked) a checkpoint is committed."""
     run = open_store(task["artifactUri"])
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         progress = run.read_json_or_none("progress.json") or {}
         if progress.get("stage") == "training" and progress.get("startedAt", 0) >= since - 1:
@@ -227,8 +259,11 @@ def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupte
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_once_and_the_next_attempt_resumes_there(tiny_model, dataset, tmp_path):
+    mlruns = tmp_path / "mlruns"
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", checkpointing={"everySteps": 1000},
-                         hyperparameters=LONGER)
+                         hyperparameters=LONGER, tracking={
+                             "tensorboard": True, "wandb": {"project": "t", "mode": "offline"},
+                             "mlflow": {"trackingUri": f"file://{mlruns}", "experiment": "tests"}})
     path = write_task(task, tmp_path)
     began = time.time()
     proc = _start(path)
@@ -242,19 +277,37 @@ def test_sigterm_saves_a_checkpoint_at_once_and_the_next_attempt_resumes_there(t
     assert "SIGTERM at step" in run.read_json("progress.json")["message"]
     _ok(run_finetune(path))
     assert _result(task)["resumedFromStep"] == step
+    # The tracker files are whole: the first attempt's came back with the checkpoint.
+    tracking = Path(task["artifactUri"][7:]) / "tracking"
+    assert _tensorboard_steps(tracking / "tensorboard", "train/loss") == list(range(1, _result(task)["steps"] + 1))
+    assert len(list((tracking / "wandb").glob("offline-run-*/run-*.wandb"))) == 2  # one run id: `wandb sync` joins them
+    [mlflow_run] = [m.parent.parent.parent for m in mlruns.glob("*/*/metrics/train/loss")]  # one run, both attempts
+    assert mlflow_run.name == (tracking / "mlflow-run-id").read_text()
+    assert [int(line.split()[2]) for line in (mlflow_run / "metrics/train/loss").read_text().splitlines()] == \
+        list(range(1, _result(task)["steps"] + 1))
+
+
+def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    return sorted(event.step for events in sorted(folder.glob("events.out.tfevents.*"))
+                  for event in EventFileLoader(str(events)).Load()
+                  if any(value.tag == tag for value in event.summary.value))
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_on_two_processes_matches_one_process_and_resumes_after_sigterm(tiny_model, dataset, tmp_path,
-                                                                                        one_process):
+@pytest.mark.deepspeed
+def test_deepspeed_zero2_with_cpu_offload_on_two_processes_matches_one_process_and_resumes_after_sigterm(
+        tiny_model, dataset, tmp_path, one_process):
+    """The optimizer runs in CPU memory (DeepSpeed's CPUAdam; JIT-compiled on first use) and its
+    offloaded state is what the checkpoint saves and the resumed run restores."""
     one = one_process
     ds = finetune_task(tiny_model, dataset, f"file://{tmp_path}/ds", lora=NO_DROPOUT, resources={"gpusPerNode": 2},
-                       distribution={"strategy": "deepspeed", "zeroStage": 2})
+                       distribution={"strategy": "deepspeed", "zeroStage": 2, "offload": "cpu"})
     path = write_task(ds, tmp_path)
     began = time.time()
     proc = subprocess.Popen(runtime_command(path, processes=2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    _wait_until_training(ds, proc, began)
+    _wait_until_training(ds, proc, began, timeout=400)  # on a fresh machine DeepSpeed compiles its CPU ops first
     proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to its workers
     assert proc.wait(timeout=120) != 0
     assert checkpoint.latest(open_store(ds["artifactUri"]), ONE) is not None
@@ -262,6 +315,7 @@ def test_deepspeed_zero2_on_two_processes_matches_one_process_and_resumes_after_
     assert _result(ds)["resumedFromStep"] is not None
     config = open_store(ds["artifactUri"]).read_json("deepspeed.json")
     assert config["zero_optimization"]["stage"] == 2 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert _loss_curve(ds) == pytest.approx(_loss_curve(one), abs=1e-4)
 
 
@@ -312,12 +366,13 @@ def test_qlora_on_smollm2_learns_and_its_adapter_reloads_on_the_pretrained_base(
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_model(tiny_model, dataset, tmp_path):
-    one = finetune_task(tiny_model, dataset, f"file://{tmp_path}/one", method="full",
-                        hyperparameters={"gradientAccumulation": 2})
+@pytest.mark.deepspeed
+def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_model(tiny_model, dataset, tmp_path,
+                                                                                   one_process_full):
+    one = one_process_full
     zero3 = finetune_task(tiny_model, dataset, f"file://{tmp_path}/zero3", method="full", resources={"gpusPerNode": 2},
+                          hyperparameters={**FULL, "gradientAccumulation": 1},
                           distribution={"strategy": "deepspeed", "zeroStage": 3})
-    _ok(run_finetune(write_task(one, tmp_path)))
     _ok(run_finetune(write_task(zero3, tmp_path), processes=2))
     assert _loss_curve(zero3) == pytest.approx(_loss_curve(one), abs=1e-4)
     expected = AutoModelForCausalLM.from_pretrained(_result(one)["modelUri"][7:]).state_dict()

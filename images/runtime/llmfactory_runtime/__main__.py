@@ -75,15 +75,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info("shard %d committed; shards %s still working, the last of them merges", args.shard, waiting)
             return EXIT_OK
         log.info("every shard committed: merging")
-    code = _execute(phase.run, task, run)
-    if code == EXIT_OK:
-        log.info("result committed at %s", run.uri)
-    return code
+    return _execute(phase.run, task, run)
 
 
 def _execute(work, task: dict, run: Store) -> int:
     """Run one unit of work under `run`: its progress.json while it works, its result + commit
-    marker when done; the exit code says whether a retry can help."""
+    marker when done; the exit code says whether a retry can help. Work that returns no result is
+    a worker of a distributed run (torchrun rank > 0): rank 0 writes the result when it has saved
+    everything, so the worker commits nothing (a commit of its own would mark the run finished
+    while rank 0 still uploads, and finished for good if rank 0 then died)."""
     from .progress import Progress  # noqa: PLC0415
 
     progress = Progress(run)
@@ -97,8 +97,12 @@ def _execute(work, task: dict, run: Store) -> int:
         traceback.print_exc()
         progress.finish("Failed", f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
+    if result is None:
+        log.info("this process's share is done; rank 0 commits the result")
+        return EXIT_OK
     write_result(run, result)
     progress.finish("Succeeded")
+    log.info("result committed at %s", run.uri)
     return EXIT_OK
 
 

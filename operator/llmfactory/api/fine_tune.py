@@ -99,14 +99,17 @@ class WandB(ApiModel):
 
 
 class MLflow(ApiModel):
-    tracking_uri: str = Field(min_length=1, description="MLflow tracking server URI (or a file:// path).")
+    tracking_uri: str = Field(min_length=1, description="MLflow tracking server URI (or a file:// path). A resumed "
+                                                        "run logs to the same MLflow run (its id is in tracking/).")
     experiment: str = Field("llmfactory", min_length=1, description="Experiment name.")
 
 
 class Tracking(ApiModel):
     """Where training metrics are reported besides progress.json and metrics/loss.csv."""
 
-    tensorboard: bool = Field(False, description="Write TensorBoard event files under tensorboard/ in the artifacts.")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files under tracking/tensorboard/ in the "
+                                                 "artifacts; each checkpoint carries them, so a resumed run continues "
+                                                 "the curve.")
     wandb: WandB | None = Field(None, description="Report to Weights & Biases.")
     mlflow: MLflow | None = Field(None, description="Report to MLflow.")
 

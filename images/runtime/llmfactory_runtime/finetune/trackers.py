@@ -20,9 +20,13 @@ def _require(module: str, field: str):
         raise InvalidTask(f"{field} needs the {module.split('.')[0]} package, which this runtime image lacks") from None
 
 
+MLFLOW_RUN_ID = "mlflow-run-id"
+
+
 class Trackers:
     """Fan-out of metrics to the trackers a spec asks for. Local files (TensorBoard events, an
-    offline W&B run) go to `local_dir`, which the caller uploads to the store at the end."""
+    offline W&B run) go to `local_dir`, which every checkpoint carries (a resumed run continues
+    them) and the caller uploads to the store at the end."""
 
     def __init__(self, tracking: dict[str, Any], run_name: str, config: dict[str, Any], local_dir: Path):
         self.tensorboard = self.wandb = self.mlflow = None
@@ -42,8 +46,12 @@ class Trackers:
             mlflow.set_tracking_uri(cfg["trackingUri"])
             mlflow.set_experiment(cfg["experiment"])
             self.mlflow = mlflow
-            mlflow.start_run(run_name=run_name)
-            mlflow.log_params({k: str(v) for k, v in config.items()})
+            run_id = local_dir / MLFLOW_RUN_ID
+            if run_id.exists():  # restored with a checkpoint: the earlier attempt's run goes on
+                mlflow.start_run(run_id=run_id.read_text())
+            else:
+                run_id.write_text(mlflow.start_run(run_name=run_name).info.run_id)
+                mlflow.log_params({k: str(v) for k, v in config.items()})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.tensorboard:
@@ -53,6 +61,11 @@ class Trackers:
             self.wandb.log(metrics, step=step)
         if self.mlflow:
             self.mlflow.log_metrics(metrics, step=step)
+
+    def flush(self) -> None:
+        """Local files up to date, for a checkpoint to carry them (the others report as they go)."""
+        if self.tensorboard:
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.tensorboard:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import signal
 import tempfile
 import threading
@@ -32,6 +33,8 @@ from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
 from .model_setup import load_for_training, load_trainable_state, trainable_state, training_dtype
 from .packing import one_per_row, pack
 from .trackers import Trackers
+
+TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
 
 
 class Interrupted(Exception):
@@ -82,12 +85,16 @@ def sigterm_flag() -> threading.Event:
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any] | None:
     world = distributed.init()
     try:
-        return train(task, run, progress if world.main else Progress(run, writes=False), world)
+        with tempfile.TemporaryDirectory(prefix="llmfactory-tracking-") as tracking_dir:
+            return train(task, run, progress if world.main else Progress(run, writes=False), world, Path(tracking_dir))
     finally:
         distributed.shutdown(world)
 
 
-def train(task: dict[str, Any], run: Store, progress: Progress, world: distributed.World) -> dict[str, Any] | None:
+def train(task: dict[str, Any], run: Store, progress: Progress, world: distributed.World,
+          tracking_dir: Path) -> dict[str, Any] | None:
+    """Train as one process of `world`; rank 0 saves and returns the result, the others None.
+    Trackers' local files (TensorBoard, offline W&B) go to `tracking_dir`: in each checkpoint, uploaded at the end."""
     spec, inputs = task["spec"], task["inputs"]
     hp, dist_spec, ckpt = spec["hyperparameters"], spec["distribution"], spec["checkpointing"]
     deepspeed_on = dist_spec["strategy"] == "deepspeed"
@@ -164,6 +171,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             set_rng_state(torch.load(local / f"rng-{world.rank}.pt", weights_only=False))
             saved = json.loads((local / "state.json").read_text())
             history, counters = [tuple(h) for h in saved["history"]], saved["counters"]
+            if world.main and (local / TRACKING).is_dir():  # the earlier attempts' tracker files: curves go on
+                shutil.copytree(local / TRACKING, tracking_dir, dirs_exist_ok=True)
+    trackers = Trackers(spec["tracking"], task["digest"][:16], spec, tracking_dir) if world.main else None
 
     def save_checkpoint(step: int) -> None:
         def write(local: Path) -> None:
@@ -175,12 +185,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 torch.save(scheduler.state_dict(), local / "scheduler.pt")
             if world.main:
                 (local / "state.json").write_text(json.dumps({"step": step, "history": history, "counters": counters}))
+                trackers.flush()
+                shutil.copytree(tracking_dir, local / TRACKING, symlinks=True)  # W&B links its latest run
             torch.save(rng_state(), local / f"rng-{world.rank}.pt")
         progress.update(step, figure=f"saving checkpoint {step}")
         checkpoint.save(run, world, step, write, ckpt["keepLast"])
-
-    trackers = Trackers(spec["tracking"], task["digest"][:16], spec, Path(tempfile.mkdtemp(prefix="llmfactory-tracking-"))) \
-        if world.main else None
 
     # Train
     progress.stage("training", total=total_steps, unit="steps")
@@ -265,7 +274,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     progress.stage("saving")
     result = _save(task, run, inner, tokenizer, dtype, summary, full_state)
     if trackers and any(trackers.local_dir.iterdir()):
-        run.upload_dir(trackers.local_dir, "tracking")  # TensorBoard events, offline W&B runs
+        run.upload_dir(trackers.local_dir, TRACKING)  # TensorBoard events, offline W&B runs
     # Absent rather than null: a merge patch of status drops nulls, and result.json should match it.
     summary = {k: v for k, v in summary.items() if v is not None}
     return {
