@@ -51,6 +51,26 @@ def test_directories_upload_with_a_marker_and_partial_ones_are_refused(store, tm
         store.download_dir("partial", tmp_path / "p")
 
 
+def test_writers_of_the_same_file_at_once_leave_one_whole_copy(store, tmp_path):
+    """Merging shards, two processes may write and upload the same files at the same moment."""
+    from concurrent.futures import ThreadPoolExecutor
+    sources = []
+    for i in range(4):
+        sources.append(tmp_path / f"v{i}")
+        sources[-1].write_bytes(bytes([i]) * 200_000)
+
+    def write(i: int) -> None:
+        for _ in range(10):
+            store.upload_file(sources[i % 4], "merged/train.jsonl")
+            store.write_bytes("merged/result.json", bytes([i % 4]) * 50_000)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(8)))  # raises if one writer's rename took another's file away
+    assert store.read_bytes("merged/train.jsonl") in {src.read_bytes() for src in sources}
+    assert len(set(store.read_bytes("merged/result.json"))) == 1
+    assert store.list("merged") == ["result.json", "train.jsonl"]  # no temporary file left behind
+
+
 def test_delete_prefix_removes_only_that_prefix(store):
     store.write_bytes("keep/a", b"1")
     store.write_bytes("drop/a", b"1")

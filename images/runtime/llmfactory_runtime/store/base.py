@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -89,8 +91,13 @@ def _join(a: str, b: str) -> str:
     return f"{a.rstrip('/')}/{b}" if a else b
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes | None = None, source: Path | None = None) -> None:
+    """Write `data` (or copy `source`) to `path` so that a reader sees the old file or the new one,
+    never a part: through a temporary file of this thread's own, then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    if source is None:
+        tmp.write_bytes(data)
+    else:
+        shutil.copyfile(source, tmp)
     os.replace(tmp, path)

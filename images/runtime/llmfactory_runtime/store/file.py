@@ -46,11 +46,7 @@ class FileStore(Store):
         self._path(rel).unlink(missing_ok=True)
 
     def upload_file(self, local: Path, rel: str) -> None:
-        dest = self._path(rel)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(local, tmp)
-        tmp.replace(dest)
+        atomic_write(self._path(rel), source=local)  # two processes may upload the same file
 
     def download_file(self, rel: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
