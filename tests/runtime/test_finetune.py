@@ -330,8 +330,25 @@ def test_a_checkpoint_without_its_commit_marker_is_ignored_and_cleaned_up(tmp_pa
     assert checkpoint.latest(run, world) == 8
     left = {k.split("/")[0] for k in run.list("checkpoints")}
     assert left == {"step-4", "step-8"}  # step-2 pruned (keepLast 2), step-6 was never committed
-    local = checkpoint.download(run, 8, tmp_path / "dl")
+    local = checkpoint.download(run, 8, tmp_path / "dl", world)
     assert (local / "state.json").read_text() == "8"
+
+
+def test_each_rank_downloads_the_shared_files_and_only_its_own_shards(tmp_path):
+    run = open_store(f"file://{tmp_path}/store")
+    files = ["state.json", "rng-0.pt", "rng-1.pt", "rng-10.pt", "deepspeed/latest",
+             "deepspeed/state/mp_rank_00_model_states.pt",
+             *(f"deepspeed/state/{prefix}zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
+               for r in (0, 1, 10) for prefix, kind in (("", "model"), ("bf16_", "optim")))]
+    for name in files:
+        run.write_bytes(f"checkpoints/step-4/{name}", name.encode())
+    run.commit("checkpoints/step-4")
+    rank_1 = World(rank=1, size=11, local_rank=1, device=torch.device("cpu"))
+    local = checkpoint.download(run, 4, tmp_path / "rank-1", rank_1)
+    got = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert got == sorted(["state.json", "rng-1.pt", "deepspeed/latest", "deepspeed/state/mp_rank_00_model_states.pt",
+                          "deepspeed/state/zero_pp_rank_1_mp_rank_00_model_states.pt",
+                          "deepspeed/state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"])
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ marker. A save cut short by a kill has no marker and is never resumed from.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,8 @@ from ..store import COMMIT_MARKER, Store
 from .distributed import World
 
 PREFIX = "checkpoints"
+# Files that belong to one rank: ours (rng-<rank>.pt) and DeepSpeed's ([bf16_]zero_pp_rank_<rank>_...).
+_RANK_FILE = re.compile(r"(?:^|/)rng-(\d+)\.pt$|zero_pp_rank_(\d+)_")
 log = logging.getLogger(__name__)
 
 
@@ -70,5 +73,11 @@ def prune(run: Store, keep_last: int) -> None:
             run.delete_prefix(_rel(step))
 
 
-def download(run: Store, step: int, local: Path) -> Path:
-    return run.download_dir(_rel(step), local)
+def download(run: Store, step: int, local: Path, world: World) -> Path:
+    """This process's share of a committed checkpoint: the shared files and its own rank's RNG state
+    and ZeRO shards, not the other ranks' (eight processes on a node would otherwise each fetch
+    every shard: eight times the traffic and the disk)."""
+    def wanted(key: str) -> bool:
+        owner = _RANK_FILE.search(key)
+        return owner is None or int(owner.group(1) or owner.group(2)) == world.rank
+    return run.download_dir(_rel(step), local, wanted=wanted)

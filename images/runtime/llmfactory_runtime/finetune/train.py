@@ -161,7 +161,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if start:
         progress.stage(f"resuming from checkpoint step {start}")
         with tempfile.TemporaryDirectory(prefix="llmfactory-resume-") as tmp:
-            local = checkpoint.download(run, start, Path(tmp))
+            local = checkpoint.download(run, start, Path(tmp), world)
             if deepspeed_on:
                 engine.load_checkpoint(str(local / "deepspeed"), tag="state")
             else:

@@ -8,7 +8,7 @@ import shutil
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 COMMIT_MARKER = "COMMITTED"
 
@@ -76,13 +76,15 @@ class Store(ABC):
             self.upload_file(path, _join(rel, path.relative_to(local).as_posix()))
         self.commit(rel, {"files": {p.relative_to(local).as_posix(): p.stat().st_size for p in files}})
 
-    def download_dir(self, rel: str, local: Path, require_commit: bool = True) -> Path:
-        """Download a committed directory; refuse an uncommitted one (unless told it was made elsewhere)."""
+    def download_dir(self, rel: str, local: Path, require_commit: bool = True,
+                     wanted: Callable[[str], bool] = lambda key: True) -> Path:
+        """Download a committed directory (its files that are `wanted`); refuse an uncommitted one
+        (unless told it was made elsewhere)."""
         if require_commit and not self.is_committed(rel):
             raise FileNotFoundError(f"{_join(self.uri, rel)} is not a committed directory")
         local = Path(local)
         for key in self.list(rel):
-            if key != COMMIT_MARKER:
+            if key != COMMIT_MARKER and wanted(key):
                 self.download_file(_join(rel, key), local / key)
         return local
 
