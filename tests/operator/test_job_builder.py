@@ -64,8 +64,9 @@ VARIANTS = {
     "zero3-two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}, method="full",
                                  hyperparameters={"batchSize": 1, "gradientCheckpointing": True},
                                  distribution={"strategy": "deepspeed", "zeroStage": 3}),
-    "qlora-wandb": fine_tune(method="qlora", tracking={"wandb": {
-        "project": "seed", "apiKeySecret": {"name": "wandb", "key": "api-key"}}}),
+    "qlora-wandb": fine_tune(method="qlora", tracking={
+        "wandb": {"project": "seed", "apiKeySecret": {"name": "wandb", "key": "api-key"}},
+        "mlflow": {"trackingUri": "https://mlflow.example.com", "apiKeySecret": {"name": "mlflow", "key": "token"}}}),
     "own-pool": fine_tune(scheduling={
         "nodeSelector": {"pool": "a100"}, "tolerations": [{"key": "a100", "operator": "Exists", "effect": "NoSchedule"}],
         "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
@@ -126,6 +127,8 @@ def test_tracker_keys_are_secret_references_and_training_gets_time_to_checkpoint
     pod = _job(objs)["spec"]["template"]["spec"]
     [key] = [e for e in pod["containers"][0]["env"] if e["name"] == "WANDB_API_KEY"]
     assert key == {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
+    [token] = [e for e in pod["containers"][0]["env"] if e["name"] == "MLFLOW_TRACKING_TOKEN"]
+    assert token == {"name": "MLFLOW_TRACKING_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mlflow", "key": "token"}}}
     # The task carries the reference (where the key is), never a key: the operator never reads the Secret.
     assert task["spec"]["tracking"]["wandb"]["apiKeySecret"] == {"name": "wandb", "key": "api-key"}
     assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds

@@ -106,6 +106,12 @@ BAD = [
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"openai": {"model": "gpt-4o",
                                                                                      "baseUrl": "api.openai.com"}}},
      "baseUrl"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"openai": {
+        "model": "gpt-4o", "baseUrl": "https://me:sk-123@proxy.example.com/v1"}}},
+     "baseUrl must not carry credentials (user:password@host): put the key in a Secret and name it in apiKeySecret"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"},
+                  "tracking": {"mlflow": {"trackingUri": "https://me:token@mlflow.example.com"}}},
+     "trackingUri must not carry credentials"),
     ("Benchmark", {"model": {"fineTuneRef": {"name": "a"}, "source": MODEL}, "perplexity": {}},
      "set exactly one of fineTuneRef, quantizationRef or source"),
     ("Benchmark", {"model": {"source": MODEL}}, "enable at least one of perplexity, judge or lmEval"),

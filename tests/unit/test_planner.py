@@ -141,6 +141,12 @@ def test_bad_field_is_named_with_its_path():
     assert err.value.field == "spec.epochs"
     with pytest.raises(PlanError, match="apiVersion"):
         parse({**FT, "apiVersion": "llmfactory.dev/v1"})
+    secret_in_url = copy.deepcopy(FT)
+    secret_in_url["spec"]["tracking"] = {"mlflow": {"trackingUri": "https://me:token@mlflow.example.com"}}
+    with pytest.raises(PlanError) as err:
+        parse(secret_in_url)
+    assert err.value.field == "spec.tracking.mlflow.trackingUri" and "apiKeySecret" in err.value.message
+    assert "token" not in str(err.value).replace("trackingUri", "")  # the error does not repeat the credential
 
 
 def test_gate_on_an_unknown_metric_is_refused_with_the_valid_ones():

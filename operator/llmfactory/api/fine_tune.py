@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, Resources, RunOptions, SecretKeyRef,
-                     StatusBase, URI_PATTERN)
+                     StatusBase, URI_PATTERN, no_credentials_in_url)
 
 
 class DatasetInput(ApiModel):
@@ -98,10 +98,19 @@ class WandB(ApiModel):
     api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding WANDB_API_KEY (online mode).")
 
 
+_TRACKING_URI_RULE, _tracking_uri_check = no_credentials_in_url("trackingUri")
+
+
 class MLflow(ApiModel):
-    tracking_uri: str = Field(min_length=1, description="MLflow tracking server URI (or a file:// path). A resumed "
-                                                        "run logs to the same MLflow run (its id is in tracking/).")
+    cel_rules: ClassVar = [_TRACKING_URI_RULE]
+    _no_credentials = _tracking_uri_check
+
+    tracking_uri: str = Field(min_length=1, max_length=2048, description=(
+        "MLflow tracking server URI (or a file:// path). A resumed run logs to the same MLflow run (its id "
+        "is in tracking/)."))
     experiment: str = Field("llmfactory", min_length=1, description="Experiment name.")
+    api_key_secret: SecretKeyRef | None = Field(None, description=(
+        "Secret holding the server's token (MLFLOW_TRACKING_TOKEN: Databricks, or a server behind token auth)."))
 
 
 class Tracking(ApiModel):

@@ -38,6 +38,7 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
 # key never passes through the operator, the task document or the status.
 SECRET_ENV = (
     (("tracking", "wandb"), "WANDB_API_KEY"),
+    (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"),
     (("teacher", "openai"), TEACHER_KEY_ENV),
     (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
     (("filters", "judge", "openai"), JUDGE_KEY_ENV),  # a DatasetBuild's answer judge
