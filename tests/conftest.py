@@ -44,7 +44,8 @@ def pytest_collection_finish(session):
     if any(item.get_closest_marker("deepspeed") for item in session.items):
         session.config.stash[_deepspeed_ops] = subprocess.Popen(
             ["nice", "-n", "19", sys.executable, "-c", _DEEPSPEED_OPS],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a Ctrl-C of the tests does not cut the build short
 
 
 def pytest_sessionfinish(session):
