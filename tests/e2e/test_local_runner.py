@@ -66,6 +66,7 @@ def results(store: str, manifests: list[dict]) -> dict[str, dict]:
 @pytest.mark.slow
 def test_quickstart_pipeline_on_a_tiny_model_with_artifacts_in_s3(tiny_model, tmp_path, s3_bucket, seaweedfs):
     manifests = pipeline(tiny_model)
+    manifests[1]["spec"]["resources"] = {"gpusPerNode": 2}  # two processes under torchrun, as the Job would
     store = f"s3://{s3_bucket}/llmfactory"
     first = llmfactory(tmp_path, manifests, store, env=seaweedfs)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -87,7 +88,7 @@ def test_quickstart_pipeline_on_a_tiny_model_with_artifacts_in_s3(tiny_model, tm
     assert not (split_prompts["train"] & split_prompts["test"]) and not (split_prompts["train"] & split_prompts["validation"])
     # FineTune: the loss went down, and the model it saved is whole.
     assert ft["finalLoss"] < ft["firstLoss"]
-    assert ft["datasetDigest"] == data["digest"] and ft["trainTokens"] > 0
+    assert ft["datasetDigest"] == data["digest"] and ft["trainTokens"] > 0 and ft["processes"] == 2
     assert ft["modelUri"].startswith(f"{store}/default/finetune/ft/") and open_store(ft["modelUri"]).is_committed()
     AutoModelForCausalLM.from_pretrained(open_store(ft["modelUri"]).download_dir("", tmp_path / "ft-model"))
     # Benchmark: exactly the metrics the planner promised gates could use; the tuned model's

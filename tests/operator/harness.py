@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import os
+import signal
 import sys
 import threading
 import uuid
@@ -175,8 +177,12 @@ class JobController:
             for item in volume["items"]:
                 (folder / "config-maps" / volume["name"] / item["path"]).write_text(
                     config_maps[volume["name"]]["data"][item["key"]])
-        command = [sys.executable if part == "python" else part.replace(TASK_PATH, str(folder / "task.json"))
-                   for part in container["command"]]
+        # The image's python and torchrun are this environment's.
+        command = [part.replace(TASK_PATH, str(folder / "task.json")) for part in container["command"]]
+        if command[0] == "python":
+            command[0] = sys.executable
+        elif command[0] == "torchrun":
+            command[:1] = [sys.executable, "-m", "torch.distributed.run"]
         # An Indexed Job: one pod per index, with JOB_COMPLETION_INDEX set and $(...) expanded (the kubelet's part).
         indexes = range(spec.get("completions", 1)) if spec.get("completionMode") == "Indexed" else [None]
         state = {"failed": 0, "active": len(indexes), "succeeded": 0, "verdict": None}
@@ -201,7 +207,7 @@ class JobController:
         while state["verdict"] is None:
             with (folder / f"attempt-{index or 0}-{attempt}.log").open("w") as log:
                 proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                                                            env=env)
+                                                            env=env, start_new_session=True)  # a pod: torchrun and its workers
                 self._procs.append(proc)
                 code = await proc.wait()
             if code == 0:
@@ -223,7 +229,8 @@ class JobController:
             task.cancel()
         for proc in self._procs:
             if proc.returncode is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):  # it may just have ended
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole pod, torchrun's workers too
                 await proc.wait()
 
     def log_of(self, job_name: str) -> str:

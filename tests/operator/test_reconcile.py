@@ -28,7 +28,9 @@ def events_for(cluster, name):
 
 @pytest.mark.slow
 async def test_four_resources_applied_at_once_run_in_order(cluster, operator, job_controller, tiny_model):
-    for manifest in reversed(pipeline(tiny_model)):  # dependents first: they must wait
+    manifests = pipeline(tiny_model)
+    manifests[1]["spec"]["resources"] = {"gpusPerNode": 2}  # the Job runs torchrun with two processes
+    for manifest in reversed(manifests):  # dependents first: they must wait
         await cluster.apply(manifest)
     bench = await cluster.wait_for("Benchmark", "bench", phase_is("Waiting"))
     assert condition(bench, "Ready")["status"] == "False"
@@ -51,6 +53,7 @@ async def test_four_resources_applied_at_once_run_in_order(cluster, operator, jo
         assert "JobCreated" in reasons and "Succeeded" in reasons
         finished[kind] = obj
     assert finished["FineTune"]["status"]["result"]["datasetDigest"] == finished["DatasetBuild"]["status"]["result"]["digest"]
+    assert finished["FineTune"]["status"]["result"]["processes"] == 2
     # The planner's memory and time estimate for the tiny model, read from its config.json.
     assert "GiB per GPU" in finished["FineTune"]["status"]["estimate"]
 

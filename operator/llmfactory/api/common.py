@@ -140,7 +140,8 @@ class PodResources(ApiModel):
 
 
 class Resources(PodResources):
-    """Compute for the training Job. The local runner ignores it."""
+    """Compute for the training Job. Locally, `llmfactory run` trains with as many processes
+    (gpusPerNode x nodes, torchrun on this machine) and ignores the rest."""
 
     gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu).")
     nodes: int = Field(1, ge=1, le=256, description="Pods (nodes) for multi-node training.")

@@ -80,6 +80,9 @@ class LocalRunner:
         bar = bars.add_task(f"{label}: starting", total=100, figure="")
         started = time.time()
         command = [sys.executable, "-m", "llmfactory_runtime", KINDS[res.kind].phase, "--task", task["artifactUri"]]
+        processes = _training_processes(res)
+        if processes > 1:  # as the Job's torchrun, on this machine (the digest counts the processes)
+            command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
         shards = task["spec"].get("shards", 1) if res.kind == "DatasetBuild" else 1
         # A sharded build: one process per shard, as the Indexed Job's pods; the last one merges.
         commands = [command + ["--shard", str(i)] for i in range(shards)] if shards > 1 else [command]
@@ -122,6 +125,14 @@ class LocalRunner:
         counter = f" {done}/{total} {progress.get('unit') or ''}" if total else ""
         bars.update(bar, description=f"{label}: {stage}{counter}", completed=progress.get("percent") or 0,
                     figure=progress.get("figure") or "")
+
+
+def _training_processes(res: Resource) -> int:
+    """How many processes a FineTune trains with: gpusPerNode x nodes, as on the cluster. They shape
+    the global batch, so the result is the one its digest promises; other kinds run one process."""
+    if res.kind != "FineTune":
+        return 1
+    return max(res.spec.resources.gpus_per_node, 1) * res.spec.resources.nodes
 
 
 def _tail(log: Path, lines: int = 15) -> str:
