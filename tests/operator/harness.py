@@ -178,7 +178,8 @@ class JobController:
                 (folder / "config-maps" / volume["name"] / item["path"]).write_text(
                     config_maps[volume["name"]]["data"][item["key"]])
         # The image's python and torchrun are this environment's.
-        command = [part.replace(TASK_PATH, str(folder / "task.json")) for part in container["command"]]
+        command = [self._resolve(job, part.replace(TASK_PATH, str(folder / "task.json")))
+                   for part in container["command"]]
         if command[0] == "python":
             command[0] = sys.executable
         elif command[0] == "torchrun":
@@ -196,6 +197,23 @@ class JobController:
         else:
             await self._patch_status(job, {"active": 0, "succeeded": len(indexes), "conditions": [
                 {"type": "Complete", "status": "True", "reason": "Completed"}]})
+
+    def _resolve(self, job: dict, part: str) -> str:
+        """Cluster DNS's part: `<job>-<index>.<subdomain>` names pod <index> of an Indexed Job whose
+        pods' subdomain is a headless Service of the namespace; here every pod is on 127.0.0.1. Any
+        other name stays as it is, and a pod that needs it fails as it would on a cluster."""
+        flag, _, host = part.partition("=")
+        if flag != "--master-addr":
+            return part
+        hostname, _, subdomain = host.partition(".")
+        pod, ns = job["spec"]["template"]["spec"], job["metadata"]["namespace"]
+        headless = {s["metadata"]["name"] for s in objects_of(self.server, "services")
+                    if s["metadata"]["namespace"] == ns and s["spec"].get("clusterIP") == "None"}
+        index = hostname.removeprefix(f"{job['metadata']['name']}-")
+        if (job["spec"].get("completionMode") == "Indexed" and index.isdigit() and int(index) < job["spec"]["completions"]
+                and subdomain == pod.get("subdomain") and subdomain in headless):
+            return f"{flag}=127.0.0.1"
+        return part
 
     async def _run_pod(self, job: dict, folder: Path, container: dict, command: list[str], index: int | None,
                        state: dict) -> None:

@@ -116,6 +116,23 @@ async def test_sharded_dataset_build_runs_one_pod_per_shard_and_merges(cluster, 
     assert sorted(r.last_user for r in openai_server.requests) == sorted(p["text"] for p in prompts)
 
 
+async def test_multi_node_fine_tune_pods_find_pod_0_through_the_service_and_train_as_one(
+        cluster, operator, job_controller, tiny_model, tmp_path):
+    from tests.runtime.finetune_helpers import write_dataset
+    await cluster.apply({
+        "apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ft"},
+        "spec": {"baseModel": {"uri": f"file://{tiny_model}"}, "dataset": {"uri": write_dataset(tmp_path / "data")},
+                 "hyperparameters": {"epochs": 1, "batchSize": 2, "maxSeqLength": 96},
+                 "resources": {"gpusPerNode": 1, "nodes": 2}}})
+    obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    [job], [service] = cluster.objects("jobs"), cluster.objects("services")
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
+    assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
+    # Two pods, one process each, rendezvous at pod 0: one run of two processes, committed once.
+    assert obj["status"]["result"]["processes"] == 2 and obj["status"]["attempts"] == 1
+
+
 async def test_dataset_build_waits_for_its_config_map_and_reruns_when_it_changes(cluster, operator, job_controller,
                                                                                  openai_server):
     def prompts(n):
