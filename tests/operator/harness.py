@@ -27,7 +27,7 @@ from llmfactory.api import KINDS
 from llmfactory.controller.handlers import kopf_settings, register, replica_priority
 from llmfactory.controller.job_builder import TASK_PATH
 from llmfactory.controller.settings import OperatorSettings
-from llmfactory_runtime import CONFIG_MAPS_ENV, EXIT_INVALID_TASK
+from llmfactory_runtime import CONFIG_MAPS_ENV
 
 _versions = itertools.count(1)
 
@@ -118,8 +118,18 @@ def objects_of(server, plural: str) -> list[dict[str, Any]]:
             if res.plural == plural and not obj.deleted]
 
 
+def _exit_code_action(job: dict, code: int) -> str | None:
+    """The Job controller's reading of the podFailurePolicy: the first exit-code rule that matches."""
+    for rule in (job["spec"].get("podFailurePolicy") or {}).get("rules", []):
+        match = rule.get("onExitCodes")
+        if match and (code in match["values"]) == (match["operator"] == "In"):
+            return rule["action"]
+    return None
+
+
 class JobController:
-    """Runs every Job it sees, once, honouring backoffLimit and the podFailurePolicy's FailJob rule."""
+    """Runs every Job it sees, once, honouring backoffLimit and the podFailurePolicy's exit-code rules
+    (its pod-condition rules need a kubelet: no pod here is disrupted)."""
 
     def __init__(self, server, workdir: Path, env: dict[str, str] | None = None):
         self.server, self.workdir, self.env = server, workdir, env or {}
@@ -127,6 +137,7 @@ class JobController:
         self.paused = False
         self._tasks: list[asyncio.Task] = []
         self._procs: list[asyncio.subprocess.Process] = []
+        self.pods: dict[tuple[str, int | None], asyncio.subprocess.Process] = {}  # (job, index): its running process
 
     async def run_forever(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -177,13 +188,11 @@ class JobController:
             for item in volume["items"]:
                 (folder / "config-maps" / volume["name"] / item["path"]).write_text(
                     config_maps[volume["name"]]["data"][item["key"]])
-        # The image's python and torchrun are this environment's.
+        # The image's python is this environment's.
         command = [self._resolve(job, part.replace(TASK_PATH, str(folder / "task.json")))
                    for part in container["command"]]
-        if command[0] == "python":
-            command[0] = sys.executable
-        elif command[0] == "torchrun":
-            command[:1] = [sys.executable, "-m", "torch.distributed.run"]
+        assert command[0] == "python", command
+        command[0] = sys.executable
         # An Indexed Job: one pod per index, with JOB_COMPLETION_INDEX set and $(...) expanded (the kubelet's part).
         indexes = range(spec.get("completions", 1)) if spec.get("completionMode") == "Indexed" else [None]
         state = {"failed": 0, "active": len(indexes), "succeeded": 0, "verdict": None}
@@ -227,19 +236,28 @@ class JobController:
                 proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT,
                                                             env=env, start_new_session=True)  # a pod: torchrun and its workers
                 self._procs.append(proc)
+                self.pods[(job["metadata"]["name"], index)] = proc
                 code = await proc.wait()
             if code == 0:
                 state["active"] -= 1
                 state["succeeded"] += 1
                 return
-            state["failed"] += 1
             attempt += 1
-            if code == EXIT_INVALID_TASK:
+            action = _exit_code_action(job, code)
+            if action == "Ignore":  # a new pod, not counted
+                continue
+            state["failed"] += 1
+            if action == "FailJob":
                 state["verdict"] = ("PodFailurePolicy", f"Container runtime exited with {code}, matching FailJob rule")
             elif state["failed"] > job["spec"].get("backoffLimit", 6):
                 state["verdict"] = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
             else:
                 await self._patch_status(job, {"active": state["active"], "failed": state["failed"]})
+
+    def terminate(self, job_name: str, index: int | None = None) -> None:
+        """The kubelet's part when a pod is preempted or evicted: SIGTERM to its PID 1 (the container's
+        command), which must pass it on; the pod then exits with its own code."""
+        self.pods[(job_name, index)].send_signal(signal.SIGTERM)
 
     async def shutdown(self) -> None:
         """Kill what still runs: a test that ends mid-Job leaves no processes behind."""

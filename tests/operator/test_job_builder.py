@@ -108,7 +108,8 @@ def test_single_gpu_job_is_locked_down_and_owned():
     assert shm["emptyDir"]["medium"] == "Memory"
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
-    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1] == {"action": "Ignore", "onExitCodes": {"containerName": "runtime", "operator": "In", "values": [3]}}
+    assert rules[2] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == SETTINGS.backoff_limit
     assert pod["serviceAccountName"] == "llmfactory-runtime"
 
@@ -155,7 +156,8 @@ def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
 def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():
     task, objs = children(VARIANTS["zero3-two-nodes"])
     container = _job(objs)["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][0] == "torchrun" and "--nnodes=2" in container["command"]
+    assert container["command"][:3] == ["python", "-m", "llmfactory_runtime.torchrun"]
+    assert "--nnodes=2" in container["command"]
     assert task["spec"]["distribution"] == {"strategy": "deepspeed", "zeroStage": 3, "offload": "none"}
     assert task["estimate"]["total_gib"] < 80
 
@@ -163,7 +165,10 @@ def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():
 def test_multi_gpu_runs_torchrun_on_one_node():
     _, objs = children(VARIANTS["eight-gpus"])
     container = _job(objs)["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:2] == ["torchrun", "--nproc-per-node=8"]
+    assert container["command"][:4] == ["python", "-m", "llmfactory_runtime.torchrun", "--nproc-per-node=8"]
+    # SIGTERM: torchrun waits for the workers' checkpoint for the pod's grace period, not its own 30 s.
+    grace = _job(objs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert f"--shutdown-timeout={grace - 10}" in container["command"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "64", "memory": "900Gi"}
 
 

@@ -116,14 +116,18 @@ async def test_sharded_dataset_build_runs_one_pod_per_shard_and_merges(cluster, 
     assert sorted(r.last_user for r in openai_server.requests) == sorted(p["text"] for p in prompts)
 
 
+def two_node_fine_tune(tiny_model, tmp_path, epochs: int) -> dict:
+    """FineTune `ft` on the tiny model: two pods (nodes) of one training process each."""
+    from tests.runtime.finetune_helpers import write_dataset
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ft"},
+            "spec": {"baseModel": {"uri": f"file://{tiny_model}"}, "dataset": {"uri": write_dataset(tmp_path / "data")},
+                     "hyperparameters": {"epochs": epochs, "batchSize": 2, "maxSeqLength": 96},
+                     "checkpointing": {"everySteps": 1000}, "resources": {"gpusPerNode": 1, "nodes": 2}}}
+
+
 async def test_multi_node_fine_tune_pods_find_pod_0_through_the_service_and_train_as_one(
         cluster, operator, job_controller, tiny_model, tmp_path):
-    from tests.runtime.finetune_helpers import write_dataset
-    await cluster.apply({
-        "apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "ft"},
-        "spec": {"baseModel": {"uri": f"file://{tiny_model}"}, "dataset": {"uri": write_dataset(tmp_path / "data")},
-                 "hyperparameters": {"epochs": 1, "batchSize": 2, "maxSeqLength": 96},
-                 "resources": {"gpusPerNode": 1, "nodes": 2}}})
+    await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=1))
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     [job], [service] = cluster.objects("jobs"), cluster.objects("services")
@@ -131,6 +135,29 @@ async def test_multi_node_fine_tune_pods_find_pod_0_through_the_service_and_trai
     assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
     # Two pods, one process each, rendezvous at pod 0: one run of two processes, committed once.
     assert obj["status"]["result"]["processes"] == 2 and obj["status"]["attempts"] == 1
+
+
+async def test_a_preempted_node_of_a_multi_node_fine_tune_stops_every_node_at_a_checkpoint_and_the_run_resumes(
+        cluster, operator, job_controller, tiny_model, tmp_path):
+    await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=4))
+    obj = await cluster.wait_for("FineTune", "ft", lambda o: "artifactUri" in o.get("status", {}))
+    run, job_name = open_store(obj["status"]["artifactUri"]), obj["status"]["jobName"]
+    for _ in range(600):
+        progress = run.read_json_or_none("progress.json") or {}
+        if progress.get("stage") == "training" and progress.get("done"):
+            break
+        await asyncio.sleep(0.1)
+    job_controller.terminate(job_name, index=1)  # node 1 is preempted; node 0 is not told by Kubernetes
+    obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    # Both nodes checkpointed the same step and stopped with "interrupted" (the podFailurePolicy's Ignore):
+    # no failure counted, and the next pods resumed from that step.
+    assert obj["status"]["result"]["resumedFromStep"] is not None and obj["status"]["attempts"] == 1
+    [job] = cluster.objects("jobs")
+    assert not job["status"].get("failed")
+    assert job_controller.log_of(job_name).count("SIGTERM at step") >= 2  # pod 0's rank too, not only pod 1's
+    [interrupted] = [e for e in events_for(cluster, "ft") if e["reason"] == "Interrupted"]
+    assert "checkpoint saved" in interrupted["message"] and interrupted["type"] == "Warning"
 
 
 async def test_dataset_build_waits_for_its_config_map_and_reruns_when_it_changes(cluster, operator, job_controller,

@@ -67,7 +67,7 @@ def runtime_command(task_path: Path, processes: int = 1) -> list[str]:
     runtime = ["-m", "llmfactory_runtime", "finetune", "--task", str(task_path)]
     if processes == 1:
         return [sys.executable, *runtime]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *runtime]
+    return [sys.executable, "-m", "llmfactory_runtime.torchrun", "--standalone", f"--nproc-per-node={processes}", *runtime]
 
 
 def run_finetune(task_path: Path, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -107,11 +107,14 @@ def test_operator_entrypoint_is_the_cli_the_chart_calls():
 def test_runtime_entrypoint_and_job_commands_exist_in_the_image():
     (entrypoint,) = [arg for op, arg in final_stage(IMAGES["runtime"]) if op == "ENTRYPOINT"]
     assert yaml.safe_load(entrypoint) == ["python", "-m", "llmfactory_runtime"]
-    assert (ROOT / "images/runtime/llmfactory_runtime/__main__.py").exists()
-    # Jobs set their own command: python, or torchrun for multi-GPU training, both in the venv on PATH.
+    # Jobs set their own command: the venv's python (on PATH) runs the runtime, alone or under our torchrun.
     for gpus, nodes in ((1, 1), (8, 1), (8, 2)):
-        command = job_builder._command("FineTune", gpus, nodes, "svc", shards=1)
-        assert command[0] in ("python", "torchrun") and command[command.index("-m") + 1] == "llmfactory_runtime"
+        command = job_builder._command("FineTune", gpus, nodes, "svc", shards=1, grace_seconds=300)
+        modules = [command[i + 1] for i, part in enumerate(command) if part == "-m"]
+        assert command[0] == "python" and modules[-1] == "llmfactory_runtime"
+        assert modules[:-1] == ([] if gpus == 1 else ["llmfactory_runtime.torchrun"])
+        assert all((ROOT / "images/runtime" / f"{m.replace('.', '/')}{'/__main__' if m == 'llmfactory_runtime' else ''}.py").exists()
+                   for m in modules)
     env = " ".join(arg for op, arg in final_stage(IMAGES["runtime"]) if op == "ENV")
     assert "PATH=/opt/venv/bin:" in env
     copied = " ".join(arg for op, arg in final_stage(IMAGES["runtime"]) if op == "COPY")

@@ -8,6 +8,11 @@ control plane can share the artifact store without pulling in the training stack
 EXIT_OK = 0
 EXIT_FAILED = 1  # retryable: a crash, an OOM, a network error
 EXIT_INVALID_TASK = 2  # the task itself is wrong: retrying cannot help
+EXIT_INTERRUPTED = 3  # stopped by SIGTERM (preemption) after a checkpoint: a retry resumes, not the work's fault
+
+
+class Interrupted(Exception):
+    """Work stopped by SIGTERM after saving what the next attempt resumes from."""
 
 # Environment variables that carry API keys into the pod (the Job sets them by secretKeyRef).
 TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"

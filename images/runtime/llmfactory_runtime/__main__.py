@@ -2,7 +2,8 @@
 
 Reads the task, does the phase's work under the task's artifact prefix, writes progress.json
 while it works and result.json + COMMITTED when it is done. A task whose result is already
-committed is not run again. Exit codes: 0 done, 1 failed (retry may help), 2 invalid task.
+committed is not run again. Exit codes: 0 done, 1 failed (retry may help), 2 invalid task,
+3 interrupted by SIGTERM after a checkpoint (the next attempt resumes there).
 
 A sharded DatasetBuild runs as N processes (an Indexed Job's pods), each with --shard: each
 does its share under shards/<index>/ and commits it there; whichever finds every shard
@@ -19,7 +20,7 @@ import logging
 import sys
 import traceback
 
-from . import EXIT_FAILED, EXIT_INVALID_TASK, EXIT_OK
+from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, EXIT_OK, Interrupted
 from .store import SHARDS, TASK, Store, finished_result, open_store, write_result
 from .task import InvalidTask, load_task
 
@@ -93,6 +94,10 @@ def _execute(work, task: dict, run: Store) -> int:
         log.error("invalid task: %s", exc)
         progress.finish("Failed", f"InvalidTask: {exc}")
         return EXIT_INVALID_TASK
+    except Interrupted as exc:
+        log.warning("%s", exc)
+        progress.finish("Interrupted", str(exc))
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - reported to the operator, then the pod fails
         traceback.print_exc()
         progress.finish("Failed", f"{type(exc).__name__}: {exc}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmfactory_runtime import CONFIG_MAPS_DIR, EXIT_INVALID_TASK, JUDGE_KEY_ENV, TEACHER_KEY_ENV
+from llmfactory_runtime import CONFIG_MAPS_DIR, EXIT_INTERRUPTED, EXIT_INVALID_TASK, JUDGE_KEY_ENV, TEACHER_KEY_ENV
 
 from ..api import KINDS
 from .settings import OperatorSettings
@@ -86,14 +86,17 @@ def _config_map_volumes(task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def _command(kind: str, gpus: int, nodes: int, service: str | None, shards: int) -> list[str]:
+def _command(kind: str, gpus: int, nodes: int, service: str | None, shards: int, grace_seconds: int) -> list[str]:
     phase = KINDS[kind].phase
     runtime = ["-m", "llmfactory_runtime", phase, "--task", TASK_PATH]
     if shards > 1:  # one pod per shard of an Indexed Job
         runtime += ["--shard", "$(JOB_COMPLETION_INDEX)"]
     if kind != "FineTune" or (gpus <= 1 and nodes == 1):
         return ["python", *runtime]
-    launcher = ["torchrun", f"--nproc-per-node={max(gpus, 1)}"]
+    # torchrun that exits with the runtime's code (podFailurePolicy reads it). On SIGTERM it gives
+    # the workers the pod's grace period, less ten seconds to report, to checkpoint (its default: 30 s).
+    launcher = ["python", "-m", "llmfactory_runtime.torchrun", f"--nproc-per-node={max(gpus, 1)}",
+                f"--shutdown-timeout={max(grace_seconds - 10, 1)}"]
     if nodes > 1:
         # Pod 0 of the Indexed Job is the rendezvous point, reachable by name through the Service.
         launcher += [f"--nnodes={nodes}", "--node-rank=$(JOB_COMPLETION_INDEX)",
@@ -141,7 +144,8 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": _command(kind, gpus, nodes, name if nodes > 1 else None, shards),
+        "command": _command(kind, gpus, nodes, name if nodes > 1 else None, shards,
+                            settings.termination_grace_seconds),
         "env": _env(settings) + _secret_env(spec),
         "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
@@ -186,6 +190,10 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
             # The runtime's own verdict that the task is invalid: retrying cannot help.
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                                   "values": [EXIT_INVALID_TASK]}},
+            # SIGTERM after a checkpoint: this pod's own preemption, or a sibling's in a multi-node run
+            # (every rank checkpoints and stops together). The next attempt resumes; not a failure.
+            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                 "values": [EXIT_INTERRUPTED]}},
             # Preemption, eviction, node drain: not the workload's fault, not counted.
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]},

@@ -108,6 +108,10 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     if problem:
         reason, message = problem
     event = ("Normal", "JobCreated", f"created Job {job_name} for task {task['digest'][:16]}") if created else None
+    if progress.get("state") == "Interrupted":  # SIGTERM after a checkpoint: the Job's next pod resumes (not counted)
+        reason, message = "Interrupted", f"{progress.get('message')}; the Job starts a new pod"
+        if (old.get("conditions") or [{}])[0].get("reason") != reason:
+            event = ("Warning", reason, message)
     if progress.get("state") == "Failed" and int(jstatus.get("failed") or 0):
         reason, message = "Retrying", f"attempt {jstatus.get('failed')} failed: {progress.get('message')}; the Job retries"
         if old.get("attempts") != attempts:

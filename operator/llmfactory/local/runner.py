@@ -82,7 +82,7 @@ class LocalRunner:
         command = [sys.executable, "-m", "llmfactory_runtime", KINDS[res.kind].phase, "--task", task["artifactUri"]]
         processes = _training_processes(res)
         if processes > 1:  # as the Job's torchrun, on this machine (the digest counts the processes)
-            command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+            command[1:1] = ["-m", "llmfactory_runtime.torchrun", "--standalone", f"--nproc-per-node={processes}"]
         shards = task["spec"].get("shards", 1) if res.kind == "DatasetBuild" else 1
         # A sharded build: one process per shard, as the Indexed Job's pods; the last one merges.
         commands = [command + ["--shard", str(i)] for i in range(shards)] if shards > 1 else [command]

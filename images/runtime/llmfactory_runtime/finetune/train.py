@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import Interrupted
 from ..batching import collate_sequences, encode_rows, label_count, loss_sums
 from ..data import read_split
 from ..models import load_config, load_tokenizer
@@ -35,10 +36,6 @@ from .packing import one_per_row, pack
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
-
-
-class Interrupted(Exception):
-    """SIGTERM (preemption, eviction, kubectl delete): training state was checkpointed first."""
 
 
 def lr_lambda(warmup: int, total: int):
