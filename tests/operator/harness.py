@@ -128,8 +128,9 @@ def _exit_code_action(job: dict, code: int) -> str | None:
 
 
 class JobController:
-    """Runs every Job it sees, once, honouring backoffLimit and the podFailurePolicy's exit-code rules
-    (its pod-condition rules need a kubelet: no pod here is disrupted)."""
+    """Runs every Job it sees, once, honouring backoffLimit, the podFailurePolicy's exit-code rules
+    (its pod-condition rules need a kubelet: no pod here is disrupted) and `suspend` (Kueue's
+    preemption: the running pods get SIGTERM, and no new one starts until the Job is resumed)."""
 
     def __init__(self, server, workdir: Path, env: dict[str, str] | None = None):
         self.server, self.workdir, self.env = server, workdir, env or {}
@@ -138,6 +139,7 @@ class JobController:
         self._tasks: list[asyncio.Task] = []
         self._procs: list[asyncio.subprocess.Process] = []
         self.pods: dict[tuple[str, int | None], asyncio.subprocess.Process] = {}  # (job, index): its running process
+        self._terminated: set[asyncio.subprocess.Process] = set()
 
     async def run_forever(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -146,6 +148,8 @@ class JobController:
                 if not self.paused:
                     for job in objects_of(self.server, "jobs"):
                         key = (job["metadata"]["namespace"], job["metadata"]["name"])
+                        if job["spec"].get("suspend"):
+                            self._stop_pods(job["metadata"]["name"])
                         if key not in self.started and not job["spec"].get("suspend"):
                             self.started.add(key)
                             self._tasks.append(asyncio.create_task(self._execute(job)))
@@ -232,6 +236,8 @@ class JobController:
             command = [part.replace("$(JOB_COMPLETION_INDEX)", str(index)) for part in command]
         attempt = 0
         while state["verdict"] is None:
+            while self._suspended(job):
+                await asyncio.sleep(0.1)
             with (folder / f"attempt-{index or 0}-{attempt}.log").open("w") as log:
                 proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT,
                                                             env=env, start_new_session=True)  # a pod: torchrun and its workers
@@ -257,7 +263,20 @@ class JobController:
     def terminate(self, job_name: str, index: int | None = None) -> None:
         """The kubelet's part when a pod is preempted or evicted: SIGTERM to its PID 1 (the container's
         command), which must pass it on; the pod then exits with its own code."""
-        self.pods[(job_name, index)].send_signal(signal.SIGTERM)
+        proc = self.pods[(job_name, index)]
+        if proc not in self._terminated:  # once: a second SIGTERM would cut torchrun's shutdown short
+            self._terminated.add(proc)
+            proc.send_signal(signal.SIGTERM)
+
+    def _stop_pods(self, job_name: str) -> None:
+        for (name, index), proc in list(self.pods.items()):
+            if name == job_name and proc.returncode is None:
+                self.terminate(name, index)
+
+    def _suspended(self, job: dict) -> bool:
+        meta = job["metadata"]
+        return any(j["spec"].get("suspend") for j in objects_of(self.server, "jobs")
+                   if (j["metadata"]["namespace"], j["metadata"]["name"]) == (meta["namespace"], meta["name"]))
 
     async def shutdown(self) -> None:
         """Kill what still runs: a test that ends mid-Job leaves no processes behind."""

@@ -125,6 +125,16 @@ def two_node_fine_tune(tiny_model, tmp_path, epochs: int) -> dict:
                      "checkpointing": {"everySteps": 1000}, "resources": {"gpusPerNode": 1, "nodes": 2}}}
 
 
+async def wait_until_training(run, timeout: float = 60) -> None:
+    """Until the run's progress.json shows an optimizer step done."""
+    for _ in range(int(timeout * 10)):
+        progress = run.read_json_or_none("progress.json") or {}
+        if progress.get("stage") == "training" and progress.get("done"):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{run.uri} did not start training in {timeout}s")
+
+
 async def test_multi_node_fine_tune_pods_find_pod_0_through_the_service_and_train_as_one(
         cluster, operator, job_controller, tiny_model, tmp_path):
     await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=1))
@@ -142,11 +152,7 @@ async def test_a_preempted_node_of_a_multi_node_fine_tune_stops_every_node_at_a_
     await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=4))
     obj = await cluster.wait_for("FineTune", "ft", lambda o: "artifactUri" in o.get("status", {}))
     run, job_name = open_store(obj["status"]["artifactUri"]), obj["status"]["jobName"]
-    for _ in range(600):
-        progress = run.read_json_or_none("progress.json") or {}
-        if progress.get("stage") == "training" and progress.get("done"):
-            break
-        await asyncio.sleep(0.1)
+    await wait_until_training(run)
     job_controller.terminate(job_name, index=1)  # node 1 is preempted; node 0 is not told by Kubernetes
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
@@ -331,21 +337,53 @@ async def test_pod_problems_are_shown_on_the_resource(cluster, operator, job_con
     assert "Insufficient nvidia.com/gpu" in obj["status"]["conditions"][0]["message"]
 
 
+def reason_is(reason: str):
+    return lambda o: (o.get("status") or {}).get("conditions", [{}])[0].get("reason") == reason
+
+
+async def kueue_sets_suspend(cluster, job_name: str, suspend: bool) -> None:
+    """Kueue admits a workload by unsuspending its Job, and preempts it by suspending it again."""
+    async with cluster.session.patch(f"{cluster.server.url}/apis/batch/v1/namespaces/default/jobs/{job_name}",
+                                     json={"spec": {"suspend": suspend}},
+                                     headers={"Content-Type": "application/merge-patch+json"}) as resp:
+        resp.raise_for_status()
+
+
 async def test_queued_job_waits_for_kueue(cluster, operator, job_controller, tiny_model):
     data = pipeline(tiny_model)[0]
     data["spec"]["queueName"] = "h100-queue"
     await cluster.apply(data)
-    obj = await cluster.wait_for("DatasetBuild", "data",
-                                 lambda o: (o.get("status") or {}).get("conditions", [{}])[0].get("reason") == "Queued")
+    obj = await cluster.wait_for("DatasetBuild", "data", reason_is("Queued"))
     job = cluster.objects("jobs")[0]
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-queue"
-    # Kueue admits the workload by unsuspending the Job; then it runs.
-    async with cluster.session.patch(f"{cluster.server.url}/apis/batch/v1/namespaces/default/jobs/{job['metadata']['name']}",
-                                     json={"spec": {"suspend": False}},
-                                     headers={"Content-Type": "application/merge-patch+json"}) as resp:
-        resp.raise_for_status()
+    await kueue_sets_suspend(cluster, job["metadata"]["name"], False)  # admitted: it runs
     await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
     assert obj["status"]["phase"] == "Running"
+
+
+async def test_a_fine_tune_preempted_by_kueue_checkpoints_waits_queued_and_resumes_when_readmitted(
+        cluster, operator, job_controller, tiny_model, tmp_path):
+    ft = two_node_fine_tune(tiny_model, tmp_path, epochs=8)
+    ft["spec"]["queueName"] = "h100-queue"
+    await cluster.apply(ft)
+    obj = await cluster.wait_for("FineTune", "ft", reason_is("Queued"))
+    run, job_name = open_store(obj["status"]["artifactUri"]), obj["status"]["jobName"]
+    await kueue_sets_suspend(cluster, job_name, False)
+    await wait_until_training(run)
+    await kueue_sets_suspend(cluster, job_name, True)  # a higher-priority workload takes the GPUs
+    for _ in range(300):  # every pod checkpoints the same step and stops
+        if (run.read_json_or_none("progress.json") or {}).get("state") == "Interrupted":
+            break
+        await asyncio.sleep(0.1)
+    [saved] = [k for k in run.list("checkpoints") if k.endswith("COMMITTED")]
+    # Not failed: queued for the quota again, with the progress it had.
+    obj = await cluster.wait_for("FineTune", "ft", lambda o: reason_is("Queued")(o) and o["status"]["progress"].get("done"))
+    assert obj["status"]["phase"] == "Running"
+    await kueue_sets_suspend(cluster, job_name, False)
+    obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert saved == f"step-{obj['status']['result']['resumedFromStep']}/COMMITTED"
+    assert obj["status"]["attempts"] == 1 and not cluster.objects("jobs")[0]["status"].get("failed")
 
 
 @pytest.mark.slow

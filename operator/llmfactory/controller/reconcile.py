@@ -102,16 +102,16 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         return Outcome(situation("Failed", "NoResult", message, old, generation, **fields), ("Warning", "NoResult", message))
 
     reason, message = "Running", progress.get("stage") or f"Job {job_name} started"
-    if job.get("spec", {}).get("suspend"):
+    if progress.get("state") == "Interrupted":  # SIGTERM after a checkpoint: the Job's next pod resumes (not counted)
+        reason, message = "Interrupted", f"{progress.get('message')}; the Job starts a new pod"
+    if job.get("spec", {}).get("suspend"):  # Kueue took the quota back (or has not given it yet)
         reason, message = "Queued", f"Job {job_name} is suspended, waiting for admission (Kueue)"
     problem = _pod_problem(kube, meta["namespace"], job_name)
     if problem:
         reason, message = problem
     event = ("Normal", "JobCreated", f"created Job {job_name} for task {task['digest'][:16]}") if created else None
-    if progress.get("state") == "Interrupted":  # SIGTERM after a checkpoint: the Job's next pod resumes (not counted)
-        reason, message = "Interrupted", f"{progress.get('message')}; the Job starts a new pod"
-        if (old.get("conditions") or [{}])[0].get("reason") != reason:
-            event = ("Warning", reason, message)
+    if reason == "Interrupted" and (old.get("conditions") or [{}])[0].get("reason") != reason:
+        event = ("Warning", reason, message)
     if progress.get("state") == "Failed" and int(jstatus.get("failed") or 0):
         reason, message = "Retrying", f"attempt {jstatus.get('failed')} failed: {progress.get('message')}; the Job retries"
         if old.get("attempts") != attempts:
