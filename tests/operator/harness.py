@@ -118,6 +118,23 @@ def objects_of(server, plural: str) -> list[dict[str, Any]]:
             if res.plural == plural and not obj.deleted]
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as the end of a pod's container does. Not its process
+    group: torchrun starts every worker in a session of its own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for member in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
+
+
 def _exit_code_action(job: dict, code: int) -> str | None:
     """The Job controller's reading of the podFailurePolicy: the first exit-code rule that matches."""
     for rule in (job["spec"].get("podFailurePolicy") or {}).get("rules", []):
@@ -239,8 +256,9 @@ class JobController:
             while self._suspended(job):
                 await asyncio.sleep(0.1)
             with (folder / f"attempt-{index or 0}-{attempt}.log").open("w") as log:
+                # In a session of its own: a Ctrl-C of the tests ends it through shutdown(), as a whole.
                 proc = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                                                            env=env, start_new_session=True)  # a pod: torchrun and its workers
+                                                            env=env, start_new_session=True)
                 self._procs.append(proc)
                 self.pods[(job["metadata"]["name"], index)] = proc
                 code = await proc.wait()
@@ -284,8 +302,7 @@ class JobController:
             task.cancel()
         for proc in self._procs:
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):  # it may just have ended
-                    os.killpg(proc.pid, signal.SIGKILL)  # the whole pod, torchrun's workers too
+                _kill_tree(proc.pid)  # the whole pod, torchrun's workers too
                 await proc.wait()
 
     def log_of(self, job_name: str) -> str:

@@ -185,6 +185,8 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service():
     name = service["metadata"]["name"]
     assert "--nnodes=2" in command and "--node-rank=$(JOB_COMPLETION_INDEX)" in command
     assert f"--master-addr={name}-0.{name}" in command
+    # One node's crash fails both pods: the retries are whole-run retries, as for one pod.
+    assert spec["backoffLimit"] == 2 * SETTINGS.backoff_limit
 
 
 def test_sharded_dataset_build_is_an_indexed_job_with_one_pod_per_shard():

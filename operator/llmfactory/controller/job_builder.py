@@ -185,7 +185,9 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     if queue:
         job_meta["labels"]["kueue.x-k8s.io/queue-name"] = queue
     job_spec: dict[str, Any] = {
-        "backoffLimit": settings.backoff_limit,
+        # Counted per failed pod: one node's crash fails every node's pod (their collectives break),
+        # so a multi-node run gets the same number of whole-run retries as a single pod.
+        "backoffLimit": settings.backoff_limit * nodes,
         "podFailurePolicy": {"rules": [
             # The runtime's own verdict that the task is invalid: retrying cannot help.
             {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
