@@ -14,6 +14,7 @@ EXIT_INTERRUPTED = 3  # stopped by SIGTERM (preemption) after a checkpoint: a re
 class Interrupted(Exception):
     """Work stopped by SIGTERM after saving what the next attempt resumes from."""
 
+
 # Environment variables that carry API keys into the pod (the Job sets them by secretKeyRef).
 TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"
 JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"
