@@ -118,7 +118,7 @@ def objects_of(server, plural: str) -> list[dict[str, Any]]:
             if res.plural == plural and not obj.deleted]
 
 
-def _kill_tree(pid: int) -> None:
+def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants, as the end of a pod's container does. Not its process
     group: torchrun starts every worker in a session of its own."""
     children: dict[int, list[int]] = {}
@@ -135,19 +135,22 @@ def _kill_tree(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
 
 
-def _exit_code_action(job: dict, code: int) -> str | None:
-    """The Job controller's reading of the podFailurePolicy: the first exit-code rule that matches."""
-    for rule in (job["spec"].get("podFailurePolicy") or {}).get("rules", []):
+def _exit_code_rule(job: dict, code: int) -> tuple[str | None, int | None]:
+    """The Job controller's reading of the podFailurePolicy: (action, index) of the first exit-code
+    rule that matches."""
+    for index, rule in enumerate((job["spec"].get("podFailurePolicy") or {}).get("rules", [])):
         match = rule.get("onExitCodes")
         if match and (code in match["values"]) == (match["operator"] == "In"):
-            return rule["action"]
-    return None
+            return rule["action"], index
+    return None, None
 
 
 class JobController:
     """Runs every Job it sees, once, honouring backoffLimit, the podFailurePolicy's exit-code rules
     (its pod-condition rules need a kubelet: no pod here is disrupted) and `suspend` (Kueue's
-    preemption: the running pods get SIGTERM, and no new one starts until the Job is resumed)."""
+    preemption: the running pods get SIGTERM, their ends are not evaluated, and no new pod starts
+    until the Job is resumed). A failing Job's other pods get SIGTERM, and the Job is marked Failed
+    once they have ended (Kubernetes 1.31 on: FailureTarget first, Failed when no pod is left)."""
 
     def __init__(self, server, workdir: Path, env: dict[str, str] | None = None):
         self.server, self.workdir, self.env = server, workdir, env or {}
@@ -262,21 +265,31 @@ class JobController:
                 self._procs.append(proc)
                 self.pods[(job["metadata"]["name"], index)] = proc
                 code = await proc.wait()
+            if code < 0:  # killed by a signal: the container runtime reports 128 + its number
+                code = 128 - code
             if code == 0:
                 state["active"] -= 1
                 state["succeeded"] += 1
                 return
+            if state["verdict"] is not None:  # stopped because the Job failed: not evaluated
+                return
             attempt += 1
-            action = _exit_code_action(job, code)
+            if self._suspended(job):  # stopped by the suspension: a new pod once resumed
+                continue
+            action, rule = _exit_code_rule(job, code)
             if action == "Ignore":  # a new pod, not counted
                 continue
             state["failed"] += 1
             if action == "FailJob":
-                state["verdict"] = ("PodFailurePolicy", f"Container runtime exited with {code}, matching FailJob rule")
+                pod_name = f"{job['metadata']['namespace']}/{job['metadata']['name']}-{index or 0}"
+                state["verdict"] = ("PodFailurePolicy", f"Container {container['name']} for pod {pod_name} failed "
+                                                        f"with exit code {code} matching FailJob rule at index {rule}")
             elif state["failed"] > job["spec"].get("backoffLimit", 6):
                 state["verdict"] = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
-            else:
-                await self._patch_status(job, {"active": state["active"], "failed": state["failed"]})
+            if state["verdict"]:
+                self._stop_pods(job["metadata"]["name"])  # Kubernetes ends the failed Job's other pods
+                return
+            await self._patch_status(job, {"active": state["active"], "failed": state["failed"]})
 
     def terminate(self, job_name: str, index: int | None = None) -> None:
         """The kubelet's part when a pod is preempted or evicted: SIGTERM to its PID 1 (the container's
@@ -285,6 +298,10 @@ class JobController:
         if proc not in self._terminated:  # once: a second SIGTERM would cut torchrun's shutdown short
             self._terminated.add(proc)
             proc.send_signal(signal.SIGTERM)
+
+    def running(self, job_name: str) -> int:
+        """How many of the Job's pods still run (a terminated pod runs until it has stopped)."""
+        return sum(proc.returncode is None for (name, _), proc in list(self.pods.items()) if name == job_name)
 
     def _stop_pods(self, job_name: str) -> None:
         for (name, index), proc in list(self.pods.items()):
@@ -302,7 +319,7 @@ class JobController:
             task.cancel()
         for proc in self._procs:
             if proc.returncode is None:
-                _kill_tree(proc.pid)  # the whole pod, torchrun's workers too
+                kill_tree(proc.pid)  # the whole pod, torchrun's workers too
                 await proc.wait()
 
     def log_of(self, job_name: str) -> str:

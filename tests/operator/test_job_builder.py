@@ -185,8 +185,24 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service():
     name = service["metadata"]["name"]
     assert "--nnodes=2" in command and "--node-rank=$(JOB_COMPLETION_INDEX)" in command
     assert f"--master-addr={name}-0.{name}" in command
-    # One node's crash fails both pods: the retries are whole-run retries, as for one pod.
-    assert spec["backoffLimit"] == 2 * SETTINGS.backoff_limit
+    # Any pod's end ends the attempt (JobSet's rule): the operator, not the Job, starts the next one.
+    rules = spec["podFailurePolicy"]["rules"]
+    assert spec["backoffLimit"] == 0 and [r["action"] for r in rules] == ["FailJob"] * 3
+    assert (job["metadata"]["labels"]["llmfactory.dev/attempt"],
+            job["metadata"]["annotations"]["llmfactory.dev/failures-before"]) == ("1", "0")
+
+
+def test_a_later_attempt_of_a_multi_node_fine_tune_is_a_new_job_whose_pods_meet_under_new_names():
+    body = VARIANTS["two-nodes"]
+    task, first = children(body)
+    later = build(body, task, SETTINGS, attempt=3, failures=1)
+    assert [o["metadata"]["name"] for o in later[:2]] == [o["metadata"]["name"] for o in first[:2]]  # one Service
+    name, job = first[1]["metadata"]["name"], later[2]
+    assert job["metadata"]["name"] == f"{name}-3" and len(f"{job['metadata']['name']}-1") <= 63  # pod hostnames
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert f"--master-addr={name}-3-0.{name}" in command and job["spec"]["template"]["spec"]["subdomain"] == name
+    assert job["metadata"]["annotations"]["llmfactory.dev/failures-before"] == "1"
+    kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
 
 
 def test_sharded_dataset_build_is_an_indexed_job_with_one_pod_per_shard():

@@ -10,9 +10,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
+from llmfactory.controller.reconcile import attempt_ending
 from llmfactory_runtime.store import open_store
 from tests.e2e.test_local_runner import pipeline
 from tests.operator.conftest import phase_is
+from tests.operator.harness import kill_tree
 
 pytestmark = pytest.mark.asyncio
 ORDER = (("DatasetBuild", "data"), ("FineTune", "ft"), ("Benchmark", "bench"), ("Quantization", "gguf"))
@@ -156,14 +158,104 @@ async def test_a_preempted_node_of_a_multi_node_fine_tune_stops_every_node_at_a_
     job_controller.terminate(job_name, index=1)  # node 1 is preempted; node 0 is not told by Kubernetes
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
-    # Both nodes checkpointed the same step and stopped with "interrupted" (the podFailurePolicy's Ignore):
-    # no failure counted, and the next pods resumed from that step.
-    assert obj["status"]["result"]["resumedFromStep"] is not None and obj["status"]["attempts"] == 1
-    [job] = cluster.objects("jobs")
-    assert not job["status"].get("failed")
+    # Both nodes checkpointed the same step and stopped with "interrupted": the attempt's Job ended
+    # (its podFailurePolicy), and the next attempt, a Job of its own, resumed from that step.
+    assert obj["status"]["result"]["resumedFromStep"] is not None and obj["status"]["attempts"] == 2
+    first, second = sorted(cluster.objects("jobs"), key=lambda j: len(j["metadata"]["name"]))
+    assert first["status"]["conditions"][0]["reason"] == "PodFailurePolicy" and second["metadata"]["name"] == f"{job_name}-2"
+    assert second["metadata"]["annotations"]["llmfactory.dev/failures-before"] == "0"  # not counted
     assert job_controller.log_of(job_name).count("SIGTERM at step") >= 2  # pod 0's rank too, not only pod 1's
-    [interrupted] = [e for e in events_for(cluster, "ft") if e["reason"] == "Interrupted"]
-    assert "checkpoint saved" in interrupted["message"] and interrupted["type"] == "Warning"
+    # What happened, then what the operator did about it.
+    stopped, restarted = [e for e in events_for(cluster, "ft") if e["reason"] == "Interrupted"]
+    assert "checkpoint saved" in stopped["message"] and stopped["type"] == restarted["type"] == "Warning"
+    assert "attempt 2 resumes from the last checkpoint (not counted as a failure)" in restarted["message"]
+
+
+async def test_a_crashed_node_of_a_multi_node_fine_tune_restarts_every_node_from_the_last_checkpoint(
+        cluster, operator, job_controller, tiny_model, tmp_path):
+    ft = two_node_fine_tune(tiny_model, tmp_path, epochs=4)
+    ft["spec"]["checkpointing"] = {"everySteps": 2}
+    await cluster.apply(ft)
+    obj = await cluster.wait_for("FineTune", "ft", lambda o: "artifactUri" in o.get("status", {}))
+    run, job_name = open_store(obj["status"]["artifactUri"]), obj["status"]["jobName"]
+    for _ in range(1200):
+        if any(k.endswith("COMMITTED") for k in run.list("checkpoints")):
+            break
+        await asyncio.sleep(0.1)
+    # Node 1 is lost: its processes die at once, no SIGTERM, no checkpoint. A replacement pod in the
+    # same Job would meet the old pod 0 at the rendezvous, and both would wait for ever.
+    kill_tree(job_controller.pods[(job_name, 1)].pid)
+    obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=240)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["result"]["resumedFromStep"] and obj["status"]["attempts"] == 2
+    jobs = {j["metadata"]["name"]: j for j in cluster.objects("jobs")}
+    assert jobs[job_name]["status"]["conditions"][0]["reason"] == "BackoffLimitExceeded"
+    assert jobs[f"{job_name}-2"]["metadata"]["annotations"]["llmfactory.dev/failures-before"] == "1"
+    [retrying] = [e for e in events_for(cluster, "ft") if e["reason"] == "Retrying"]
+    assert "attempt 2 resumes from the last checkpoint (1 of 1 retries used)" in retrying["message"]
+
+
+async def end_job(cluster, name: str, status: dict) -> None:
+    """The Job controller's part, by hand."""
+    async with cluster.session.patch(f"{cluster.server.url}/apis/batch/v1/namespaces/default/jobs/{name}/status",
+                                     json={"status": status},
+                                     headers={"Content-Type": "application/merge-patch+json"}) as resp:
+        resp.raise_for_status()
+
+
+def failed(reason: str, message: str) -> list[dict]:
+    return [{"type": "Failed", "status": "True", "reason": reason, "message": message}]
+
+
+async def test_a_multi_node_fine_tune_counts_only_real_failures_and_starts_each_attempt_once_the_last_ones_pods_are_gone(
+        cluster, operator, job_controller, tiny_model, tmp_path):
+    job_controller.paused = True  # this test plays the Job controller by hand
+    await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=1))
+    obj = await cluster.wait_for("FineTune", "ft", lambda o: (o.get("status") or {}).get("jobName"))
+    first = obj["status"]["jobName"]
+
+    async def jobs(count: int) -> list[str]:
+        for _ in range(200):
+            names = sorted((j["metadata"]["name"] for j in cluster.objects("jobs")), key=len)
+            if len(names) >= count:
+                return names
+            await asyncio.sleep(0.05)
+        return names
+
+    # Node 1 is preempted (its pod has DisruptionTarget); node 0's pod is still stopping.
+    await end_job(cluster, first, {"active": 1, "failed": 1, "conditions": failed(
+        "PodFailurePolicy", f"Pod default/{first}-1-x has condition DisruptionTarget matching FailJob rule at index 2")})
+    obj = await cluster.wait_for("FineTune", "ft", reason_is("Interrupted"))
+    assert "attempt 2 starts once its pods have stopped" in obj["status"]["conditions"][0]["message"]
+    await asyncio.sleep(1)  # two timer ticks: still no second attempt while a pod of the first runs
+    assert await jobs(1) == [first]
+    await end_job(cluster, first, {"active": 0})
+    assert await jobs(2) == [first, f"{first}-2"]
+    # Real failures are counted: backoffLimit 1 allows one retry, and the next failure is final.
+    await end_job(cluster, f"{first}-2", {"failed": 1, "conditions": failed(
+        "BackoffLimitExceeded", "Job has reached the specified backoff limit")})
+    assert await jobs(3) == [first, f"{first}-2", f"{first}-3"]
+    await end_job(cluster, f"{first}-3", {"failed": 1, "conditions": failed(
+        "BackoffLimitExceeded", "Job has reached the specified backoff limit")})
+    obj = await cluster.wait_for("FineTune", "ft", phase_is("Failed"))
+    assert condition(obj, "Stalled")["reason"] == "BackoffLimitExceeded" and obj["status"]["attempts"] == 3
+    await asyncio.sleep(1)
+    assert await jobs(4) == [first, f"{first}-2", f"{first}-3"]  # no fourth attempt
+
+
+async def test_an_invalid_task_ends_a_multi_node_fine_tune_and_a_preemption_does_not():
+    rules = [{"action": "FailJob", "onExitCodes": {"containerName": "runtime", "operator": "In", "values": [2]}},
+             {"action": "FailJob", "onExitCodes": {"containerName": "runtime", "operator": "In", "values": [3]}}]
+
+    def job(reason, message):
+        return {"spec": {"podFailurePolicy": {"rules": rules}}, "status": {"conditions": failed(reason, message)}}
+    exits = "Container runtime for pod default/ft-1 failed with exit code {} matching FailJob rule at index {}"
+    assert attempt_ending(job("PodFailurePolicy", exits.format(2, 0))) == "final"
+    assert attempt_ending(job("PodFailurePolicy", exits.format(3, 1))) == "interrupted"
+    assert attempt_ending(job("BackoffLimitExceeded", "")) == "failed"
+    assert attempt_ending(job("DeadlineExceeded", "")) == "final"
+    assert attempt_ending(job("PodFailurePolicy", "a message of another Kubernetes")) == "failed"  # counted: bounded
+    assert attempt_ending({"spec": {}, "status": {"active": 2}}) is None
 
 
 async def test_dataset_build_waits_for_its_config_map_and_reruns_when_it_changes(cluster, operator, job_controller,
@@ -379,6 +471,10 @@ async def test_a_fine_tune_preempted_by_kueue_checkpoints_waits_queued_and_resum
     # Not failed: queued for the quota again, with the progress it had.
     obj = await cluster.wait_for("FineTune", "ft", lambda o: reason_is("Queued")(o) and o["status"]["progress"].get("done"))
     assert obj["status"]["phase"] == "Running"
+    for _ in range(300):  # Kueue readmits a preempted workload once its pods are gone
+        if not job_controller.running(job_name):
+            break
+        await asyncio.sleep(0.1)
     await kueue_sets_suspend(cluster, job_name, False)
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
     assert obj["status"]["phase"] == "Succeeded", obj["status"]

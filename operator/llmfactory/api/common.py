@@ -243,7 +243,8 @@ class StatusBase(ApiModel):
     task_digest: str | None = Field(None, description="Digest of the resolved task the run executes.")
     artifact_uri: str | None = Field(None, description="Where this run's artifacts are stored.")
     job_name: str | None = Field(None, description="The Job executing the current run.")
-    attempts: int | None = Field(None, description="Pod attempts of the current run.")
+    attempts: int | None = Field(None, description="Pod attempts of the current run; of a multi-node FineTune, "
+                                                   "its attempts as a whole (one Job each).")
     headline: str | None = Field(None, description="The result's headline figure, for kubectl get.")
 
 

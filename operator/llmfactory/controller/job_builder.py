@@ -16,12 +16,29 @@ TASK_PATH = f"{TASK_DIR}/task.json"
 CONTAINER = "runtime"
 RENDEZVOUS_PORT = 29500
 MANAGED_BY = {"app.kubernetes.io/managed-by": "llmfactory"}
+ATTEMPT_LABEL = "llmfactory.dev/attempt"
+FAILURES_ANNOTATION = "llmfactory.dev/failures-before"
 
 
 def child_name(resource_name: str, digest: str) -> str:
     """Deterministic per (resource, task): a restarted operator finds what it made. Job names
     must fit a label value (63 characters), and an Indexed Job's pod hostnames add a suffix."""
     return f"{resource_name[:48].rstrip('-.')}-{digest[:8]}"
+
+
+def attempt_name(base: str, attempt: int) -> str:
+    """A multi-node FineTune's attempt n > 1 is a Job of its own (below): `<base>-<n>`. Its pods'
+    hostnames are new, so no pod of a new attempt can meet a pod of the old one at the rendezvous."""
+    return base if attempt == 1 else f"{base}-{attempt}"
+
+
+def attempt_of(job: dict[str, Any]) -> int:
+    return int(job["metadata"].get("labels", {}).get(ATTEMPT_LABEL, "1"))
+
+
+def failures_before(job: dict[str, Any]) -> int:
+    """Counted failures of the attempts before this Job (its annotation, written when it was made)."""
+    return int((job["metadata"].get("annotations") or {}).get(FAILURES_ANNOTATION, "0"))
 
 
 def labels(kind: str, name: str, digest: str) -> dict[str, str]:
@@ -86,7 +103,7 @@ def _config_map_volumes(task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def _command(kind: str, gpus: int, nodes: int, service: str | None, shards: int, grace_seconds: int) -> list[str]:
+def _command(kind: str, gpus: int, nodes: int, job: str, service: str, shards: int, grace_seconds: int) -> list[str]:
     phase = KINDS[kind].phase
     runtime = ["-m", "llmfactory_runtime", phase, "--task", TASK_PATH]
     if shards > 1:  # one pod per shard of an Indexed Job
@@ -100,7 +117,7 @@ def _command(kind: str, gpus: int, nodes: int, service: str | None, shards: int,
     if nodes > 1:
         # Pod 0 of the Indexed Job is the rendezvous point, reachable by name through the Service.
         launcher += [f"--nnodes={nodes}", "--node-rank=$(JOB_COMPLETION_INDEX)",
-                     f"--master-addr={service}-0.{service}", f"--master-port={RENDEZVOUS_PORT}"]
+                     f"--master-addr={job}-0.{service}", f"--master-port={RENDEZVOUS_PORT}"]
     return launcher + runtime
 
 
@@ -115,8 +132,19 @@ def _default_gpus(kind: str, spec: dict[str, Any], settings: OperatorSettings) -
     return settings.default_gpus.get(kind, 0)
 
 
-def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings) -> list[dict[str, Any]]:
-    """[ConfigMap, Job] or [ConfigMap, Service, Job] for one run of the resource."""
+def _nodes(body: dict[str, Any]) -> int:
+    return (body.get("spec", {}).get("resources") or {}).get("nodes", 1) if body["kind"] == "FineTune" else 1
+
+
+def restarts_as_a_whole(body: dict[str, Any]) -> bool:
+    """A multi-node FineTune: each attempt is a Job of its own (see build)."""
+    return _nodes(body) > 1
+
+
+def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings, attempt: int = 1,
+          failures: int = 0) -> list[dict[str, Any]]:
+    """[ConfigMap, Job] or [ConfigMap, Service, Job] for one run of the resource; a multi-node
+    FineTune's Job is that of one attempt, after `failures` counted failures."""
     kind, meta, spec = body["kind"], body["metadata"], body.get("spec", {})
     namespace, digest = meta["namespace"], task["digest"]
     name = child_name(meta["name"], digest)
@@ -124,9 +152,10 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     owner = [owner_reference(body)]
     resources = spec.get("resources") or {}
     gpus = resources.get("gpusPerNode", _default_gpus(kind, spec, settings))
-    nodes = resources.get("nodes", 1) if kind == "FineTune" else 1
+    nodes = _nodes(body)
     shards = spec.get("shards", 1) if kind == "DatasetBuild" else 1
     queue = spec.get("queueName") or settings.default_queue_name
+    job_name = attempt_name(name, attempt) if nodes > 1 else name
 
     config_map = {
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -144,8 +173,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": _command(kind, gpus, nodes, name if nodes > 1 else None, shards,
-                            settings.termination_grace_seconds),
+        "command": _command(kind, gpus, nodes, job_name, name, shards, settings.termination_grace_seconds),
         "env": _env(settings) + _secret_env(spec),
         "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
@@ -181,24 +209,33 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
             pod_spec[field] = value
     if nodes > 1:
         pod_spec["subdomain"] = name
-    job_meta = {"name": name, "namespace": namespace, "labels": dict(tags), "ownerReferences": owner}
+    job_meta = {"name": job_name, "namespace": namespace, "labels": dict(tags), "ownerReferences": owner}
     if queue:
         job_meta["labels"]["kueue.x-k8s.io/queue-name"] = queue
+    rules = [
+        # The runtime's own verdict that the task is invalid: retrying cannot help.
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": [EXIT_INVALID_TASK]}},
+        # SIGTERM after a checkpoint: the pod's preemption. The next pod resumes; not a failure.
+        {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                             "values": [EXIT_INTERRUPTED]}},
+        # Preemption, eviction, node drain: not the workload's fault, not counted.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
+    backoff_limit = settings.backoff_limit
+    if nodes > 1:
+        # JobSet's rule: when one node's pod ends, every pod of the run restarts, as a new Job. A
+        # replacement pod in the same Job would get the old pod's hostname and could join the old
+        # pod 0 at the rendezvous while it still lives, and both would wait for ever. So the Job
+        # fails on any pod's end, and the operator starts the next attempt once no pod is left,
+        # counting only real failures against the backoff limit (see reconcile).
+        backoff_limit = 0
+        rules[1]["action"] = rules[2]["action"] = "FailJob"
+        job_meta["labels"][ATTEMPT_LABEL] = str(attempt)
+        job_meta["annotations"] = {FAILURES_ANNOTATION: str(failures)}
     job_spec: dict[str, Any] = {
-        # Counted per failed pod: one node's crash fails every node's pod (their collectives break),
-        # so a multi-node run gets the same number of whole-run retries as a single pod.
-        "backoffLimit": settings.backoff_limit * nodes,
-        "podFailurePolicy": {"rules": [
-            # The runtime's own verdict that the task is invalid: retrying cannot help.
-            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                  "values": [EXIT_INVALID_TASK]}},
-            # SIGTERM after a checkpoint: this pod's own preemption, or a sibling's in a multi-node run
-            # (every rank checkpoints and stops together). The next attempt resumes; not a failure.
-            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                 "values": [EXIT_INTERRUPTED]}},
-            # Preemption, eviction, node drain: not the workload's fault, not counted.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]},
+        "backoffLimit": backoff_limit,
+        "podFailurePolicy": {"rules": rules},
         "template": {"metadata": {"labels": dict(tags)}, "spec": pod_spec},
     }
     if queue:

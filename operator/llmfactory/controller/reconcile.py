@@ -4,9 +4,11 @@ Called by the kopf handlers on create, update, resume and on a timer; idempotent
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from llmfactory_runtime import EXIT_INVALID_TASK
 from llmfactory_runtime.finetune.estimate import Estimate
 from llmfactory_runtime.store import finished_result, open_store, read_progress
 
@@ -80,17 +82,23 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
                        if fresh else None)
 
-    created = False
-    for child in job_builder.build(body, task, settings):
-        created |= kube.ensure(job_builder.api_path(child), child) and child["kind"] == "Job"
-    job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
-    jstatus = job.get("status") or {}
     progress = read_progress(run) or {}
-    # Failed pods, plus the run in progress or done (one, however many pods an Indexed Job has).
-    attempts = int(jstatus.get("failed") or 0) + int(bool(jstatus.get("active") or jstatus.get("succeeded")))
+    if job_builder.restarts_as_a_whole(body):
+        job, created, restart = _attempt(body, task, kube, settings, progress)
+        job_name, attempts = job["metadata"]["name"], job_builder.attempt_of(job)
+    else:
+        created, restart = _ensure(job_builder.build(body, task, settings), kube), None
+        job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
+        jstatus = job.get("status") or {}
+        # Failed pods, plus the run in progress or done (one, however many pods an Indexed Job has).
+        attempts = int(jstatus.get("failed") or 0) + int(bool(jstatus.get("active") or jstatus.get("succeeded")))
+    jstatus = job.get("status") or {}
     fields = {**ident, **extra, "jobName": job_name, "attempts": attempts, "progress": _progress(run, progress=progress)}
 
-    failed = next((c for c in jstatus.get("conditions") or [] if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    failed = _failed(job)
+    if restart:  # a multi-node attempt ended; the next one has started, or starts once its pods are gone
+        return Outcome(situation("Running", *restart, old, generation, **fields),
+                       ("Warning", *restart) if created else None)
     if failed:
         why = progress.get("message") if progress.get("state") == "Failed" else ""
         message = f"Job {job_name} failed ({failed.get('reason', 'Failed')}): {why or failed.get('message', '')}".strip()
@@ -103,7 +111,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
 
     reason, message = "Running", progress.get("stage") or f"Job {job_name} started"
     if progress.get("state") == "Interrupted":  # SIGTERM after a checkpoint: the Job's next pod resumes (not counted)
-        reason, message = "Interrupted", f"{progress.get('message')}; the Job starts a new pod"
+        reason, message = "Interrupted", f"{progress.get('message')}; a new pod resumes from it"
     if job.get("spec", {}).get("suspend"):  # Kueue took the quota back (or has not given it yet)
         reason, message = "Queued", f"Job {job_name} is suspended, waiting for admission (Kueue)"
     problem = _pod_problem(kube, meta["namespace"], job_name)
@@ -119,6 +127,77 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     if problem and old.get("conditions") and old["conditions"][0].get("reason") != reason:
         event = ("Warning", reason, message)
     return Outcome(situation("Running", reason, message, old, generation, **fields), event)
+
+
+def _ensure(children: list[dict[str, Any]], kube: Kube) -> bool:
+    """Create the children that are absent; True when this call created the Job."""
+    created = False
+    for child in children:
+        created |= kube.ensure(job_builder.api_path(child), child) and child["kind"] == "Job"
+    return created
+
+
+def _failed(job: dict[str, Any]) -> dict[str, Any] | None:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), None)
+
+
+def attempt_ending(job: dict[str, Any]) -> str | None:
+    """How a multi-node attempt's Job ended: None (it has not), "interrupted" (a pod was preempted
+    or stopped at a checkpoint: not counted), "failed" (counted), "final" (a retry cannot help: an
+    invalid task, the deadline). The Job controller names the podFailurePolicy rule that failed it."""
+    failed = _failed(job)
+    if failed is None:
+        return None
+    if failed.get("reason") == "BackoffLimitExceeded":
+        return "failed"
+    if failed.get("reason") != "PodFailurePolicy":
+        return "final"
+    match = re.search(r"rule at index (\d+)", failed.get("message") or "")
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    if not match or int(match[1]) >= len(rules):
+        return "failed"  # a message this operator cannot read: count it, so retries stay bounded
+    codes = (rules[int(match[1])].get("onExitCodes") or {}).get("values") or []
+    return "final" if EXIT_INVALID_TASK in codes else "interrupted"
+
+
+def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: OperatorSettings,
+             progress: dict[str, Any]) -> tuple[dict[str, Any], bool, tuple[str, str] | None]:
+    """(the Job of the current attempt, whether this call created it, (reason, message) when an
+    attempt ended and the next one took or takes its place) for a multi-node FineTune: a Job per
+    attempt. The next attempt starts once no pod of the last one is left, so none of them still
+    writes a checkpoint or holds the GPUs; failures are counted on the Jobs, so a restarted
+    operator counts the same."""
+    meta = body["metadata"]
+    tags = job_builder.labels(body["kind"], meta["name"], task["digest"])
+    jobs = kube.list(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs", tags)
+    latest = max(jobs, key=job_builder.attempt_of, default=None)
+    attempt, failures, restart = 1, 0, None
+    ending = attempt_ending(latest) if latest else None
+    if latest and ending in ("interrupted", "failed"):
+        attempt = job_builder.attempt_of(latest)
+        failures = job_builder.failures_before(latest) + (ending == "failed")
+        if failures <= settings.backoff_limit:
+            why = progress.get("message") if progress.get("state") in ("Failed", "Interrupted") else \
+                _failed(latest).get("message") if ending == "interrupted" else \
+                f"a pod of Job {latest['metadata']['name']} failed"
+            done = "was interrupted" if ending == "interrupted" else "failed"
+            reason = "Interrupted" if ending == "interrupted" else "Retrying"
+            lstatus = latest.get("status") or {}
+            if lstatus.get("active") or lstatus.get("terminating"):
+                return latest, False, (reason, f"attempt {attempt} {done} ({why}); attempt {attempt + 1} starts "
+                                               "once its pods have stopped")
+            attempt += 1
+            counted = "not counted as a failure" if ending == "interrupted" else \
+                f"{failures} of {settings.backoff_limit} retries used"
+            restart = (reason, f"attempt {attempt - 1} {done} ({why}); attempt {attempt} resumes from the last "
+                               f"checkpoint ({counted})")
+    elif latest:
+        attempt = job_builder.attempt_of(latest)
+    created = _ensure(job_builder.build(body, task, settings, attempt, failures), kube)
+    job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/"
+                   f"{job_builder.attempt_name(job_builder.child_name(meta['name'], task['digest']), attempt)}")
+    return job, created, restart if created else None
 
 
 def _progress(run, progress: dict | None = None, done: bool = False) -> dict[str, Any]:
