@@ -7,10 +7,12 @@ import json
 import random
 from pathlib import Path
 
+import kopf
 import kubernetes_validate
 import pytest
 
-from llmfactory.controller.reconcile import attempt_ending
+from llmfactory.controller.handlers import _apply
+from llmfactory.controller.reconcile import Outcome, attempt_ending
 from llmfactory_runtime.store import open_store
 from tests.e2e.test_local_runner import pipeline
 from tests.operator.conftest import phase_is
@@ -241,6 +243,15 @@ async def test_a_multi_node_fine_tune_counts_only_real_failures_and_starts_each_
     assert condition(obj, "Stalled")["reason"] == "BackoffLimitExceeded" and obj["status"]["attempts"] == 3
     await asyncio.sleep(1)
     assert await jobs(4) == [first, f"{first}-2", f"{first}-3"]  # no fourth attempt
+
+
+async def test_a_status_patch_drops_the_progress_fields_a_new_stage_lacks():
+    """kopf sends a merge patch, which keeps keys it does not name: a stage without a total must
+    not go on showing the last stage's percent and ETA."""
+    patch = kopf.Patch()
+    body = {"status": {"progress": {"stage": "training", "percent": 40.0, "etaSeconds": 12, "done": 4}}}
+    _apply(Outcome({"progress": {"stage": "evaluating", "done": 4}}), body, patch)
+    assert patch.status["progress"] == {"stage": "evaluating", "done": 4, "percent": None, "etaSeconds": None}
 
 
 async def test_an_invalid_task_ends_a_multi_node_fine_tune_and_a_preemption_does_not():

@@ -109,7 +109,7 @@ def test_runtime_entrypoint_and_job_commands_exist_in_the_image():
     assert yaml.safe_load(entrypoint) == ["python", "-m", "llmfactory_runtime"]
     # Jobs set their own command: the venv's python (on PATH) runs the runtime, alone or under our torchrun.
     for gpus, nodes in ((1, 1), (8, 1), (8, 2)):
-        command = job_builder._command("FineTune", gpus, nodes, "svc", shards=1, grace_seconds=300)
+        command = job_builder._command("FineTune", gpus, nodes, "job", "svc", shards=1, grace_seconds=300)
         modules = [command[i + 1] for i, part in enumerate(command) if part == "-m"]
         assert command[0] == "python" and modules[-1] == "llmfactory_runtime"
         assert modules[:-1] == ([] if gpus == 1 else ["llmfactory_runtime.torchrun"])

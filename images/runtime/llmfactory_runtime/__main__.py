@@ -17,6 +17,7 @@ import argparse
 import functools
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -87,7 +88,9 @@ def _execute(work, task: dict, run: Store) -> int:
     while rank 0 still uploads, and finished for good if rank 0 then died)."""
     from .progress import Progress  # noqa: PLC0415
 
-    progress = Progress(run)
+    # One writer of progress.json per run: a torchrun rank other than 0 that stops (SIGTERM) or fails
+    # would overwrite rank 0's steps and figures with its own empty state.
+    progress = Progress(run, writes=os.environ.get("RANK", "0") == "0")
     try:
         result = work(task, run, progress)
     except InvalidTask as exc:

@@ -72,6 +72,11 @@ def _apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
     current = body.get("status") or {}
     for key, value in outcome.status.items():
         if current.get(key) != value:
+            was = current.get(key)
+            if isinstance(value, dict) and isinstance(was, dict):
+                # A merge patch only adds and replaces keys: drop the ones the new value lacks (a
+                # stage's ETA or figure must not outlive it).
+                value = {**{k: None for k in was if k not in value}, **value}
             patch.status[key] = value
     if outcome.event:
         kind, reason, message = outcome.event

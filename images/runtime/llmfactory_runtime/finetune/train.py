@@ -83,7 +83,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any] 
     world = distributed.init()
     try:
         with tempfile.TemporaryDirectory(prefix="llmfactory-tracking-") as tracking_dir:
-            return train(task, run, progress if world.main else Progress(run, writes=False), world, Path(tracking_dir))
+            return train(task, run, progress, world, Path(tracking_dir))  # rank 0's alone writes (see _execute)
     finally:
         distributed.shutdown(world)
 
