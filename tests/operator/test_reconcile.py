@@ -175,6 +175,11 @@ async def test_a_preempted_node_of_a_multi_node_fine_tune_stops_every_node_at_a_
 
 async def test_a_crashed_node_of_a_multi_node_fine_tune_restarts_every_node_from_the_last_checkpoint(
         cluster, operator, job_controller, tiny_model, tmp_path):
+    from prometheus_client import REGISTRY
+
+    def jobs_created():
+        return REGISTRY.get_sample_value("llmfactory_jobs_created_total", {"kind": "FineTune"}) or 0.0
+    before = jobs_created()
     ft = two_node_fine_tune(tiny_model, tmp_path, epochs=4)
     ft["spec"]["checkpointing"] = {"everySteps": 2}
     await cluster.apply(ft)
@@ -195,6 +200,7 @@ async def test_a_crashed_node_of_a_multi_node_fine_tune_restarts_every_node_from
     assert jobs[f"{job_name}-2"]["metadata"]["annotations"]["llmfactory.dev/failures-before"] == "1"
     [retrying] = [e for e in events_for(cluster, "ft") if e["reason"] == "Retrying"]
     assert "attempt 2 resumes from the last checkpoint (1 of 1 retries used)" in retrying["message"]
+    assert jobs_created() == before + 2  # /metrics counts the second attempt's Job too
 
 
 async def end_job(cluster, name: str, status: dict) -> None:

@@ -63,7 +63,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: Kube, config: OperatorS
     with metrics.timed(kind):
         outcome = reconcile(dict(body), kube, config)
     metrics.observe(kind, meta["namespace"], meta["name"], outcome.status.get("phase"),
-                    outcome.event[1] if outcome.event else None)
+                    outcome.event[1] if outcome.event else None, outcome.job_created)
     _apply(outcome, body, patch)
 
 

@@ -30,7 +30,8 @@ def timed(kind: str):
         LATENCY.labels(kind).observe(time.perf_counter() - start)
 
 
-def observe(kind: str, namespace: str, name: str, phase: str | None, event_reason: str | None) -> None:
+def observe(kind: str, namespace: str, name: str, phase: str | None, event_reason: str | None,
+            job_created: bool = False) -> None:
     RECONCILES.labels(kind, phase or "Unknown").inc()
     key = (kind, namespace, name)
     previous = _phases.get(key)
@@ -39,9 +40,9 @@ def observe(kind: str, namespace: str, name: str, phase: str | None, event_reaso
             RESOURCES.labels(kind, previous).dec()
         RESOURCES.labels(kind, phase).inc()
         _phases[key] = phase
-    if event_reason == "JobCreated":
+    if job_created:
         JOBS_CREATED.labels(kind).inc()
-    elif event_reason == "JobFailed":
+    if event_reason == "JobFailed":
         JOBS_FAILED.labels(kind).inc()
     elif event_reason == "Retrying":
         JOBS_RETRIED.labels(kind).inc()

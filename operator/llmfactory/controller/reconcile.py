@@ -30,6 +30,7 @@ STUCK_WAITING = {"ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError
 class Outcome:
     status: dict[str, Any]  # the status patch
     event: tuple[str, str, str] | None = None  # (type, reason, message) when something happened
+    job_created: bool = False  # this reconciliation created a Job (a run's first, or a later attempt)
 
 
 def manifest_of(body: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     failed = _failed(job)
     if restart:  # a multi-node attempt ended; the next one has started, or starts once its pods are gone
         return Outcome(situation("Running", *restart, old, generation, **fields),
-                       ("Warning", *restart) if created else None)
+                       ("Warning", *restart) if created else None, job_created=created)
     if failed:
         why = progress.get("message") if progress.get("state") == "Failed" else ""
         message = f"Job {job_name} failed ({failed.get('reason', 'Failed')}): {why or failed.get('message', '')}".strip()
@@ -126,7 +127,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
             event = ("Warning", "Retrying", message)
     if problem and old.get("conditions") and old["conditions"][0].get("reason") != reason:
         event = ("Warning", reason, message)
-    return Outcome(situation("Running", reason, message, old, generation, **fields), event)
+    return Outcome(situation("Running", reason, message, old, generation, **fields), event, job_created=created)
 
 
 def _ensure(children: list[dict[str, Any]], kube: Kube) -> bool:
