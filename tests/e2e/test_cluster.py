@@ -64,6 +64,8 @@ async def test_pipeline_on_a_real_cluster(tiny_model):
         for manifest in pipeline(Path("/unused")):
             manifest["metadata"]["namespace"] = namespace
             _point_models_at(manifest, model_uri)
+            if manifest["kind"] == "FineTune":  # two pods that meet through the headless Service's DNS
+                manifest["spec"]["resources"] = {"gpusPerNode": 0, "nodes": 2}
             kube.create(custom_path(KINDS[manifest["kind"]].plural, namespace), manifest)
         deadline = time.monotonic() + 1800
         for kind, name in (("DatasetBuild", "data"), ("FineTune", "ft"), ("Benchmark", "bench"), ("Quantization", "gguf")):
@@ -75,6 +77,8 @@ async def test_pipeline_on_a_real_cluster(tiny_model):
                 assert time.monotonic() < deadline, f"{kind} {name} still {phase}"
                 await asyncio.sleep(5)
             assert phase == "Succeeded", obj["status"]
+        assert (await asyncio.to_thread(kube.get, custom_path("finetunes", namespace, "ft")))["status"]["result"][
+            "processes"] == 2  # one run of two processes, one per pod
     finally:
         await operator.stop()
         kube.delete(f"/api/v1/namespaces/{namespace}")
