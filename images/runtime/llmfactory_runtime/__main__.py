@@ -21,7 +21,7 @@ import os
 import sys
 import traceback
 
-from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, EXIT_OK, Interrupted
+from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, EXIT_OK, Interrupted, cpus
 from .store import SHARDS, TASK, Store, finished_result, open_store, write_result
 from .task import InvalidTask, load_task
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         run.write_json(TASK, task)
 
     phase = importlib.import_module(PHASES[args.phase])  # imports torch: after the cheap checks
+    _size_torch_threads()
     if args.shard is not None:
         shards = int(task["spec"].get("shards", 1))
         if args.phase != "dataset" or not 0 <= args.shard < shards:
@@ -78,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         log.info("every shard committed: merging")
     return _execute(phase.run, task, run)
+
+
+def _size_torch_threads() -> None:
+    """As many threads as the pod's CPU limit allows, not one per core of the node."""
+    import torch  # noqa: PLC0415
+
+    threads = cpus.torch_threads()
+    if threads is not None and threads != torch.get_num_threads():
+        log.info("PyTorch threads: %d (the CPUs this process may use), not %d", threads, torch.get_num_threads())
+        torch.set_num_threads(threads)
 
 
 def _execute(work, task: dict, run: Store) -> int:

@@ -135,7 +135,8 @@ class PodResources(ApiModel):
     gpus_per_node: int | None = Field(
         None, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); unset: the operator's default for the kind "
                                        "(none for a DatasetBuild whose teacher is an API).")
-    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.")
+    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'. PyTorch's and llama.cpp's thread "
+                                          "pools are sized to it, not to the node's cores.")
     memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
 
 

@@ -5,7 +5,6 @@ question; GGUF files also through llama.cpp itself when llama-cpp-python is inst
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import cpus
 from ..batching import perplexity, top_tokens
 from ..data import messages_of, read_split
 from ..digests import sha256_files
@@ -54,7 +54,7 @@ def _importance_matrix(base: Path, tmp: Path, conversations: list, progress: Pro
     progress.stage("computing the importance matrix")
     calibration, imatrix = tmp / "calibration.txt", tmp / "imatrix.dat"
     calibration.write_text("\n\n".join("\n".join(m["content"] for m in c) for c in conversations))
-    llama_cpp.importance_matrix(base, calibration, imatrix, os.cpu_count() or 2)
+    llama_cpp.importance_matrix(base, calibration, imatrix, cpus.available())
     return imatrix
 
 
@@ -81,7 +81,7 @@ class GgufWriter:
             if self.spec.get("importanceMatrix"):
                 self.imatrix = _importance_matrix(self.base, self.tmp, _calibration(self.spec, self.dataset),
                                                   self.progress)
-        llama_cpp.k_quantize(self.base, out, type_name, os.cpu_count() or 2, self.imatrix)
+        llama_cpp.k_quantize(self.base, out, type_name, cpus.available(), self.imatrix)
         return self.base_params, {}
 
 
@@ -161,7 +161,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                     100 * sum(a == b for a, b in zip(tops, reference_tops)) / max(len(reference_tops), 1), 2)
                 passed &= _within_bounds(art, validation)
             if is_gguf and llama_cpp.can_load_back():
-                art["llamaCpp"] = llama_cpp.load_back(out, tokenizer, prompt, os.cpu_count() or 2)
+                art["llamaCpp"] = llama_cpp.load_back(out, tokenizer, prompt, cpus.available())
                 passed &= art["llamaCpp"]["tokenizerMatches"]
             if is_gguf:
                 run.upload_file(out, f"gguf/{out.name}")
