@@ -7,12 +7,11 @@ import json
 import random
 from pathlib import Path
 
-import kopf
 import kubernetes_validate
 import pytest
 
-from llmfactory.controller.handlers import _apply
-from llmfactory.controller.reconcile import Outcome, attempt_ending
+from llmfactory.controller.handlers import status_changes
+from llmfactory.controller.reconcile import attempt_ending
 from llmfactory_runtime.store import open_store
 from tests.e2e.test_local_runner import pipeline
 from tests.operator.conftest import phase_is
@@ -28,6 +27,16 @@ def condition(obj, ctype):
 
 def events_for(cluster, name):
     return [e for e in cluster.objects("events") if e.get("involvedObject", {}).get("name") == name]
+
+
+def story(cluster, job_controller, obj) -> str:
+    """What a failed assertion on a run shows: its whole status, its Events and the end of each
+    pod's log (a dict as the message would be cut short)."""
+    name = obj["metadata"]["name"]
+    events = "\n".join(f"  {e['type']} {e['reason']}: {e['message']}" for e in events_for(cluster, name))
+    logs = "".join(f"\n--- {path.relative_to(job_controller.workdir)}\n" + "\n".join(path.read_text().splitlines()[-15:])
+                   for path in sorted(job_controller.workdir.glob("*/attempt-*.log")))
+    return f"status: {json.dumps(obj.get('status'), indent=1)}\nevents:\n{events}\npod logs:{logs}"
 
 
 @pytest.mark.slow
@@ -106,7 +115,7 @@ async def test_sharded_dataset_build_runs_one_pod_per_shard_and_merges(cluster, 
         "spec": {"sources": [{"inline": prompts}], "shards": 2, "filters": {"nearDuplicateThreshold": 0},
                  "teacher": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o", "concurrency": 2}}}})
     obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded", "Failed"), timeout=180)
-    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
     [job] = cluster.objects("jobs")
     assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
     # The resource succeeds on the committed result; the Job's status follows once its last pod has exited.
@@ -143,7 +152,7 @@ async def test_multi_node_fine_tune_pods_find_pod_0_through_the_service_and_trai
         cluster, operator, job_controller, tiny_model, tmp_path):
     await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=1))
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
-    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
     [job], [service] = cluster.objects("jobs"), cluster.objects("services")
     assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
     assert job["spec"]["template"]["spec"]["subdomain"] == service["metadata"]["name"]
@@ -159,7 +168,7 @@ async def test_a_preempted_node_of_a_multi_node_fine_tune_stops_every_node_at_a_
     await wait_until_training(run)
     job_controller.terminate(job_name, index=1)  # node 1 is preempted; node 0 is not told by Kubernetes
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
-    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
     # Both nodes checkpointed the same step and stopped with "interrupted": the attempt's Job ended
     # (its podFailurePolicy), and the next attempt, a Job of its own, resumed from that step.
     assert obj["status"]["result"]["resumedFromStep"] is not None and obj["status"]["attempts"] == 2
@@ -193,7 +202,7 @@ async def test_a_crashed_node_of_a_multi_node_fine_tune_restarts_every_node_from
     # same Job would meet the old pod 0 at the rendezvous, and both would wait for ever.
     kill_tree(job_controller.pods[(job_name, 1)].pid)
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=240)
-    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
     assert obj["status"]["result"]["resumedFromStep"] and obj["status"]["attempts"] == 2
     jobs = {j["metadata"]["name"]: j for j in cluster.objects("jobs")}
     assert jobs[job_name]["status"]["conditions"][0]["reason"] == "BackoffLimitExceeded"
@@ -252,12 +261,11 @@ async def test_a_multi_node_fine_tune_counts_only_real_failures_and_starts_each_
 
 
 async def test_a_status_patch_drops_the_progress_fields_a_new_stage_lacks():
-    """kopf sends a merge patch, which keeps keys it does not name: a stage without a total must
-    not go on showing the last stage's percent and ETA."""
-    patch = kopf.Patch()
-    body = {"status": {"progress": {"stage": "training", "percent": 40.0, "etaSeconds": 12, "done": 4}}}
-    _apply(Outcome({"progress": {"stage": "evaluating", "done": 4}}), body, patch)
-    assert patch.status["progress"] == {"stage": "evaluating", "done": 4, "percent": None, "etaSeconds": None}
+    """The status is sent as a merge patch, which keeps keys it does not name: a stage without a
+    total must not go on showing the last stage's percent and ETA."""
+    current = {"progress": {"stage": "training", "percent": 40.0, "etaSeconds": 12, "done": 4}, "phase": "Running"}
+    patch = status_changes({"progress": {"stage": "evaluating", "done": 4}, "phase": "Running"}, current)
+    assert patch == {"progress": {"stage": "evaluating", "done": 4, "percent": None, "etaSeconds": None}}
 
 
 async def test_an_invalid_task_ends_a_multi_node_fine_tune_and_a_preemption_does_not():
@@ -494,7 +502,7 @@ async def test_a_fine_tune_preempted_by_kueue_checkpoints_waits_queued_and_resum
         await asyncio.sleep(0.1)
     await kueue_sets_suspend(cluster, job_name, False)
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
-    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
     assert saved == f"step-{obj['status']['result']['resumedFromStep']}/COMMITTED"
     assert obj["status"]["attempts"] == 1 and not cluster.objects("jobs")[0]["status"].get("failed")
 

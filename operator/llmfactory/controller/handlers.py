@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from typing import Any
 
 import kopf
@@ -58,35 +59,64 @@ def _reads_config_maps(body: kopf.Body) -> bool:
     return any("configMap" in source for source in (body.get("spec") or {}).get("sources") or [])
 
 
-def _reconcile(body: kopf.Body, patch: kopf.Patch, kube: Kube, config: OperatorSettings) -> None:
+def _reconcile(body: kopf.Body, kube: Kube, config: OperatorSettings,
+               lock: threading.Lock) -> tuple[dict[str, Any], tuple[str, str, str]] | None:
+    """Reconcile the object's latest version and patch its status before the next reconciliation
+    of it begins; (the object, the Event to post) when something happened. kopf runs timers in
+    parallel with the change handlers of the same object (by design), each with a body that may
+    predate the other's patch: two views of different moments, patched in either order, left a
+    status that was neither (phase Failed beside the conditions of a running attempt)."""
     kind, meta = body["kind"], body["metadata"]
-    with metrics.timed(kind):
-        outcome = reconcile(dict(body), kube, config)
-    metrics.observe(kind, meta["namespace"], meta["name"], outcome.status.get("phase"),
-                    outcome.event[1] if outcome.event else None, outcome.job_created)
-    _apply(outcome, body, patch)
+    path = custom_path(KINDS[kind].plural, meta["namespace"], meta["name"])
+    with lock:
+        latest = kube.get_or_none(path)
+        if latest is None or latest["metadata"].get("uid") != meta.get("uid") or \
+                latest["metadata"].get("deletionTimestamp"):
+            return None  # deleted or going (or made anew: its own events reconcile it)
+        with metrics.timed(kind):
+            outcome = reconcile(latest, kube, config)
+        metrics.observe(kind, meta["namespace"], meta["name"], outcome.status.get("phase"),
+                        outcome.event[1] if outcome.event else None, outcome.job_created)
+        changes = status_changes(outcome.status, latest.get("status") or {})
+        if changes:
+            try:
+                kube.patch(f"{path}/status", {"status": changes})
+            except NotFound:
+                return None
+    return (latest, outcome.event) if outcome.event else None
 
 
-def _apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
-    """Patch only the status fields that changed; never rewrite the whole status."""
-    current = body.get("status") or {}
-    for key, value in outcome.status.items():
-        if current.get(key) != value:
-            was = current.get(key)
+def _post(happened: tuple[dict[str, Any], tuple[str, str, str]] | None) -> None:
+    if happened:
+        obj, (event_type, reason, message) = happened
+        kopf.event(obj, type=event_type, reason=reason, message=message)
+
+
+def status_changes(status: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch from the current status to `status`: only the fields that changed; never
+    a rewrite of the whole status."""
+    changes = {}
+    for key, value in status.items():
+        was = current.get(key)
+        if was != value:
             if isinstance(value, dict) and isinstance(was, dict):
                 # A merge patch only adds and replaces keys: drop the ones the new value lacks (a
                 # stage's ETA or figure must not outlive it).
                 value = {**{k: None for k in was if k not in value}, **value}
-            patch.status[key] = value
-    if outcome.event:
-        kind, reason, message = outcome.event
-        kopf.event(body, type=kind, reason=reason, message=message)
+            changes[key] = value
+    return changes
 
 
 def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Kube | None = None,
              namespaces: list[str] | None = None) -> None:
     """Register the handlers of the four kinds for this settings object."""
     clients: dict[str, Kube] = {}
+    locks: dict[str, threading.Lock] = {}  # per object (uid): one reconciliation at a time
+    locks_guard = threading.Lock()
+
+    def lock_of(body: kopf.Body) -> threading.Lock:
+        with locks_guard:
+            return locks.setdefault(body["metadata"]["uid"], threading.Lock())
 
     def client() -> Kube:
         if "kube" not in clients:
@@ -106,20 +136,22 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
             return kopf.ConnectionInfo(server=os.environ[SERVER_ENV], insecure=True)
         return kopf.login_via_client(**kwargs)
 
-    def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        _reconcile(body, patch, client(), config)
+    def on_change(body: kopf.Body, **_: Any) -> None:
+        _post(_reconcile(body, client(), config, lock_of(body)))
 
-    def on_timer(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    def on_timer(body: kopf.Body, **_: Any) -> None:
         status = body.get("status") or {}
         settled = status.get("observedGeneration") == body["metadata"].get("generation")
         # A finished resource is done, unless it reads ConfigMaps: an edit to one is a new run.
         if settled and status.get("phase") in TERMINAL and not _reads_config_maps(body):
             return
-        _reconcile(body, patch, client(), config)
+        _post(_reconcile(body, client(), config, lock_of(body)))
 
     def on_deleted(body: kopf.Body, **_: Any) -> None:
         meta = body["metadata"]
         metrics.forget(body["kind"], meta["namespace"], meta["name"])
+        with locks_guard:
+            locks.pop(meta.get("uid"), None)
 
     def on_delete(body: kopf.Body, **_: Any) -> None:
         meta = body["metadata"]

@@ -73,15 +73,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     result = finished_result(run)
     job_name = job_builder.child_name(meta["name"], task["digest"])
     if result is not None:
-        fresh = old.get("taskDigest") != task["digest"] or old.get("phase") != "Succeeded"
-        patch = succeeded(kind, result, old, generation, **ident, **extra, progress=_progress(run, done=True))
-        # Finished by a Job of this very object, or found done in the store (same task digest).
-        job = kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
-        owners = {o.get("uid") for o in ((job or {}).get("metadata") or {}).get("ownerReferences") or []}
-        reused = meta.get("uid") not in owners
-        verb = "reused a finished result with the same task digest" if reused else "finished"
-        return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
-                       if fresh else None)
+        return _finished(body, task, result, run, kube, extra)
 
     progress = read_progress(run) or {}
     if job_builder.restarts_as_a_whole(body):
@@ -101,11 +93,14 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         return Outcome(situation("Running", *restart, old, generation, **fields),
                        ("Warning", *restart) if created else None, job_created=created)
     if failed:
+        progress = read_progress(run) or {}  # the pod's last word, written before the Job failed: read after it
         why = progress.get("message") if progress.get("state") == "Failed" else ""
         message = f"Job {job_name} failed ({failed.get('reason', 'Failed')}): {why or failed.get('message', '')}".strip()
         event = None if old.get("phase") == "Failed" and old.get("taskDigest") == task["digest"] else ("Warning", "JobFailed", message)
         return Outcome(situation("Failed", failed.get("reason") or "JobFailed", message, old, generation, **fields), event)
     complete = any(c.get("type") == "Complete" and c.get("status") == "True" for c in jstatus.get("conditions") or [])
+    if complete and (result := finished_result(run)) is not None:  # committed since it was read above
+        return _finished(body, task, result, run, kube, extra)
     if complete:  # the Job says done but no committed result: never report a partial output as finished
         message = f"Job {job_name} completed without committing a result at {task['artifactUri']}"
         return Outcome(situation("Failed", "NoResult", message, old, generation, **fields), ("Warning", "NoResult", message))
@@ -128,6 +123,22 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     if problem and old.get("conditions") and old["conditions"][0].get("reason") != reason:
         event = ("Warning", reason, message)
     return Outcome(situation("Running", reason, message, old, generation, **fields), event, job_created=created)
+
+
+def _finished(body: dict[str, Any], task: dict[str, Any], result: dict[str, Any], run, kube: Kube,
+              extra: dict[str, Any]) -> Outcome:
+    """Succeeded (or, for a Benchmark, gates failed) on the run's committed result."""
+    kind, meta, old = body["kind"], body["metadata"], body.get("status") or {}
+    fresh = old.get("taskDigest") != task["digest"] or old.get("phase") != "Succeeded"
+    patch = succeeded(kind, result, old, meta.get("generation"), taskDigest=task["digest"],
+                      artifactUri=task["artifactUri"], **extra, progress=_progress(run, done=True))
+    # Finished by a Job of this very object, or found done in the store (same task digest).
+    job_name = job_builder.child_name(meta["name"], task["digest"])
+    job = kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
+    owners = {o.get("uid") for o in ((job or {}).get("metadata") or {}).get("ownerReferences") or []}
+    verb = "finished" if meta.get("uid") in owners else "reused a finished result with the same task digest"
+    return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
+                   if fresh else None)
 
 
 def _ensure(children: list[dict[str, Any]], kube: Kube) -> bool:
