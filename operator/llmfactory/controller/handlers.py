@@ -16,7 +16,7 @@ from ..api import KINDS
 from . import metrics
 from .job_builder import MANAGED_BY
 from .kube import SERVER_ENV, Kube, NotFound, custom_path
-from .reconcile import Outcome, job_owner, job_summary, reconcile, waiting_on
+from .reconcile import job_owner, job_summary, reconcile, waiting_on
 from .settings import OperatorSettings
 
 FINALIZER = "llmfactory.dev/artifacts"

@@ -50,7 +50,7 @@ def upstream_results(kube: Kube) -> Callable[[str, str, str], dict | None]:
 
 
 def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> Outcome:
-    kind, meta = body["kind"], body["metadata"]
+    meta = body["metadata"]
     old = body.get("status") or {}
     generation = meta.get("generation")
     try:
