@@ -73,7 +73,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     result = finished_result(run)
     job_name = job_builder.child_name(meta["name"], task["digest"])
     if result is not None:
-        return _finished(body, task, result, run, kube, extra)
+        return _finished(body, task, result, run, kube, {**ident, **extra})
 
     progress = read_progress(run) or {}
     if job_builder.restarts_as_a_whole(body):
@@ -100,7 +100,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         return Outcome(situation("Failed", failed.get("reason") or "JobFailed", message, old, generation, **fields), event)
     complete = any(c.get("type") == "Complete" and c.get("status") == "True" for c in jstatus.get("conditions") or [])
     if complete and (result := finished_result(run)) is not None:  # committed since it was read above
-        return _finished(body, task, result, run, kube, extra)
+        return _finished(body, task, result, run, kube, {**ident, **extra})
     if complete:  # the Job says done but no committed result: never report a partial output as finished
         message = f"Job {job_name} completed without committing a result at {task['artifactUri']}"
         return Outcome(situation("Failed", "NoResult", message, old, generation, **fields), ("Warning", "NoResult", message))
@@ -126,12 +126,11 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
 
 
 def _finished(body: dict[str, Any], task: dict[str, Any], result: dict[str, Any], run, kube: Kube,
-              extra: dict[str, Any]) -> Outcome:
+              fields: dict[str, Any]) -> Outcome:
     """Succeeded (or, for a Benchmark, gates failed) on the run's committed result."""
     kind, meta, old = body["kind"], body["metadata"], body.get("status") or {}
     fresh = old.get("taskDigest") != task["digest"] or old.get("phase") != "Succeeded"
-    patch = succeeded(kind, result, old, meta.get("generation"), taskDigest=task["digest"],
-                      artifactUri=task["artifactUri"], **extra, progress=_progress(run, done=True))
+    patch = succeeded(kind, result, old, meta.get("generation"), **fields, progress=_progress(run, done=True))
     # Finished by a Job of this very object, or found done in the store (same task digest).
     job_name = job_builder.child_name(meta["name"], task["digest"])
     job = kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
