@@ -195,13 +195,16 @@ def test_multi_node_is_an_indexed_job_with_a_headless_service():
 def test_a_later_attempt_of_a_multi_node_fine_tune_is_a_new_job_whose_pods_meet_under_new_names():
     body = VARIANTS["two-nodes"]
     task, first = children(body)
-    later = build(body, task, SETTINGS, attempt=3, failures=1)
+    later = build(body, task, SETTINGS, attempt=3, failures=1, active_before=3600)
     assert [o["metadata"]["name"] for o in later[:2]] == [o["metadata"]["name"] for o in first[:2]]  # one Service
     name, job = first[1]["metadata"]["name"], later[2]
     assert job["metadata"]["name"] == f"{name}-3" and len(f"{job['metadata']['name']}-1") <= 63  # pod hostnames
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert f"--master-addr={name}-3-0.{name}" in command and job["spec"]["template"]["spec"]["subdomain"] == name
     assert job["metadata"]["annotations"]["llmfactory.dev/failures-before"] == "1"
+    # The attempts share one deadline: this one gets what the first two left.
+    assert job["spec"]["activeDeadlineSeconds"] == SETTINGS.active_deadline_seconds - 3600
+    assert job["metadata"]["annotations"]["llmfactory.dev/active-seconds-before"] == "3600"
     kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import kubernetes_validate
@@ -270,6 +271,38 @@ async def test_a_multi_node_fine_tune_counts_only_real_failures_and_starts_each_
     assert condition(obj, "Stalled")["reason"] == "BackoffLimitExceeded" and obj["status"]["attempts"] == 3
     await asyncio.sleep(1)
     assert await jobs(4) == [first, f"{first}-2", f"{first}-3"]  # no fourth attempt
+
+
+async def test_a_multi_node_fine_tunes_attempts_share_one_active_deadline(cluster, operator, job_controller,
+                                                                         operator_settings, tiny_model, tmp_path):
+    """A Job's activeDeadlineSeconds spans its pods' retries; a multi-node run's attempts are Jobs of
+    their own, and together get no more than the deadline (7 days by default)."""
+    job_controller.paused = True  # this test plays the Job controller by hand
+    deadline, day = operator_settings.active_deadline_seconds, 24 * 3600
+    await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=1))
+    obj = await cluster.wait_for("FineTune", "ft", lambda o: (o.get("status") or {}).get("jobName"))
+    first = obj["status"]["jobName"]
+
+    def ran(days: float, reason: str, message: str) -> dict:
+        now = datetime.now(timezone.utc)
+        return {"active": 0, "failed": 1, "startTime": f"{now - timedelta(days=days):%Y-%m-%dT%H:%M:%SZ}",
+                "conditions": [{**failed(reason, message)[0], "lastTransitionTime": f"{now:%Y-%m-%dT%H:%M:%SZ}"}]}
+    # Attempt 1 ran 4 days, then a node was preempted: attempt 2 gets the 3 days left.
+    await end_job(cluster, first, ran(4, "PodFailurePolicy",
+                                      f"Pod default/{first}-1-x has condition DisruptionTarget matching FailJob rule at index 2"))
+    obj = await cluster.wait_for("FineTune", "ft", lambda o: o["status"].get("jobName") == f"{first}-2")
+    [second] = [j for j in cluster.objects("jobs") if j["metadata"]["name"] == f"{first}-2"]
+    assert deadline - 4 * day - 5 <= second["spec"]["activeDeadlineSeconds"] <= deadline - 4 * day
+    # Attempt 2 fails after 3.5 days: a retry is left (backoffLimit 1), time is not.
+    await end_job(cluster, f"{first}-2", ran(3.5, "BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+    obj = await cluster.wait_for("FineTune", "ft", phase_is("Failed"))
+    stalled = condition(obj, "Stalled")
+    assert stalled["reason"] == "DeadlineExceeded", story(cluster, job_controller, obj)
+    assert f"used its activeDeadlineSeconds ({deadline} s) over 2 attempts" in stalled["message"]
+    [event] = [e for e in await events_for(cluster, "ft", "DeadlineExceeded") if e["reason"] == "DeadlineExceeded"]
+    assert event["type"] == "Warning"
+    await asyncio.sleep(1)  # two timer ticks
+    assert len(cluster.objects("jobs")) == 2  # no third attempt
 
 
 async def test_a_status_patch_drops_the_progress_fields_a_new_stage_lacks():

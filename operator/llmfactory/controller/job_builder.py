@@ -18,6 +18,7 @@ RENDEZVOUS_PORT = 29500
 MANAGED_BY = {"app.kubernetes.io/managed-by": "llmfactory"}
 ATTEMPT_LABEL = "llmfactory.dev/attempt"
 FAILURES_ANNOTATION = "llmfactory.dev/failures-before"
+ACTIVE_ANNOTATION = "llmfactory.dev/active-seconds-before"
 
 
 def child_name(resource_name: str, digest: str) -> str:
@@ -39,6 +40,11 @@ def attempt_of(job: dict[str, Any]) -> int:
 def failures_before(job: dict[str, Any]) -> int:
     """Counted failures of the attempts before this Job (its annotation, written when it was made)."""
     return int((job["metadata"].get("annotations") or {}).get(FAILURES_ANNOTATION, "0"))
+
+
+def active_seconds_before(job: dict[str, Any]) -> int:
+    """Seconds the attempts before this Job ran (its annotation, written when it was made)."""
+    return int((job["metadata"].get("annotations") or {}).get(ACTIVE_ANNOTATION, "0"))
 
 
 def labels(kind: str, name: str, digest: str) -> dict[str, str]:
@@ -142,9 +148,10 @@ def restarts_as_a_whole(body: dict[str, Any]) -> bool:
 
 
 def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings, attempt: int = 1,
-          failures: int = 0) -> list[dict[str, Any]]:
+          failures: int = 0, active_before: int = 0) -> list[dict[str, Any]]:
     """[ConfigMap, Job] or [ConfigMap, Service, Job] for one run of the resource; a multi-node
-    FineTune's Job is that of one attempt, after `failures` counted failures."""
+    FineTune's Job is that of one attempt, after `failures` counted failures and `active_before`
+    seconds of running (the caller starts no attempt once they reach the deadline)."""
     kind, meta, spec = body["kind"], body["metadata"], body.get("spec", {})
     namespace, digest = meta["namespace"], task["digest"]
     name = child_name(meta["name"], digest)
@@ -232,7 +239,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         backoff_limit = 0
         rules[1]["action"] = rules[2]["action"] = "FailJob"
         job_meta["labels"][ATTEMPT_LABEL] = str(attempt)
-        job_meta["annotations"] = {FAILURES_ANNOTATION: str(failures)}
+        job_meta["annotations"] = {FAILURES_ANNOTATION: str(failures), ACTIVE_ANNOTATION: str(active_before)}
     job_spec: dict[str, Any] = {
         "backoffLimit": backoff_limit,
         "podFailurePolicy": {"rules": rules},
@@ -241,7 +248,9 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     if queue:
         job_spec["suspend"] = True  # Kueue admits it by unsuspending
     if settings.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = settings.active_deadline_seconds
+        # A Job's deadline spans its pods' retries; a multi-node run's attempts are Jobs of their
+        # own, so each gets what the earlier ones left.
+        job_spec["activeDeadlineSeconds"] = settings.active_deadline_seconds - (active_before if nodes > 1 else 0)
     if settings.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
     if nodes > 1 or shards > 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from llmfactory_runtime import EXIT_INVALID_TASK
@@ -77,10 +78,10 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
 
     progress = read_progress(run) or {}
     if job_builder.restarts_as_a_whole(body):
-        job, created, restart = _attempt(body, task, kube, settings, progress)
+        job, created, turn = _attempt(body, task, kube, settings, progress)
         job_name, attempts = job["metadata"]["name"], job_builder.attempt_of(job)
     else:
-        created, restart = _ensure(job_builder.build(body, task, settings), kube), None
+        created, turn = _ensure(job_builder.build(body, task, settings), kube), None
         job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
         jstatus = job.get("status") or {}
         # Failed pods, plus the run in progress or done (one, however many pods an Indexed Job has).
@@ -89,9 +90,11 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     fields = {**ident, **extra, "jobName": job_name, "attempts": attempts, "progress": _progress(run, progress=progress)}
 
     failed = _failed(job)
-    if restart:  # a multi-node attempt ended; the next one has started, or starts once its pods are gone
-        return Outcome(situation("Running", *restart, old, generation, **fields),
-                       ("Warning", *restart) if created else None, job_created=created)
+    if turn:  # a multi-node attempt ended; the next one has started, starts once its pods are gone, or cannot
+        phase, reason, message = turn
+        ended = phase == "Failed" and (old.get("phase") != "Failed" or old.get("taskDigest") != task["digest"])
+        return Outcome(situation(phase, reason, message, old, generation, **fields),
+                       ("Warning", reason, message) if created or ended else None, job_created=created)
     if failed:
         progress = read_progress(run) or {}  # the pod's last word, written before the Job failed: read after it
         why = progress.get("message") if progress.get("state") == "Failed" else ""
@@ -173,17 +176,17 @@ def attempt_ending(job: dict[str, Any]) -> str | None:
 
 
 def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: OperatorSettings,
-             progress: dict[str, Any]) -> tuple[dict[str, Any], bool, tuple[str, str] | None]:
-    """(the Job of the current attempt, whether this call created it, (reason, message) when an
-    attempt ended and the next one took or takes its place) for a multi-node FineTune: a Job per
-    attempt. The next attempt starts once no pod of the last one is left, so none of them still
-    writes a checkpoint or holds the GPUs; failures are counted on the Jobs, so a restarted
-    operator counts the same."""
+             progress: dict[str, Any]) -> tuple[dict[str, Any], bool, tuple[str, str, str] | None]:
+    """(the Job of the current attempt, whether this call created it, (phase, reason, message) when an
+    attempt ended and the next one took or takes its place, or cannot) for a multi-node FineTune: a
+    Job per attempt. The next attempt starts once no pod of the last one is left, so none of them
+    still writes a checkpoint or holds the GPUs; failures and running time are counted on the Jobs,
+    so a restarted operator counts the same."""
     meta = body["metadata"]
     tags = job_builder.labels(body["kind"], meta["name"], task["digest"])
     jobs = kube.list(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs", tags)
     latest = max(jobs, key=job_builder.attempt_of, default=None)
-    attempt, failures, restart = 1, 0, None
+    attempt, failures, active, turn = 1, 0, 0, None
     ending = attempt_ending(latest) if latest else None
     if latest and ending in ("interrupted", "failed"):
         attempt = job_builder.attempt_of(latest)
@@ -194,21 +197,39 @@ def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: O
                 f"a pod of Job {latest['metadata']['name']} failed"
             done = "was interrupted" if ending == "interrupted" else "failed"
             reason = "Interrupted" if ending == "interrupted" else "Retrying"
+            active = job_builder.active_seconds_before(latest) + _active_seconds(latest)
+            deadline = settings.active_deadline_seconds
+            if deadline and active >= deadline:
+                return latest, False, ("Failed", "DeadlineExceeded", (
+                    f"attempt {attempt} {done} ({why}), and the run has used its activeDeadlineSeconds "
+                    f"({deadline} s) over {attempt} attempts: no attempt {attempt + 1} is started"))
             lstatus = latest.get("status") or {}
             if lstatus.get("active") or lstatus.get("terminating"):
-                return latest, False, (reason, f"attempt {attempt} {done} ({why}); attempt {attempt + 1} starts "
-                                               "once its pods have stopped")
+                return latest, False, ("Running", reason, f"attempt {attempt} {done} ({why}); attempt {attempt + 1} "
+                                                          "starts once its pods have stopped")
             attempt += 1
             counted = "not counted as a failure" if ending == "interrupted" else \
                 f"{failures} of {settings.backoff_limit} retries used"
-            restart = (reason, f"attempt {attempt - 1} {done} ({why}); attempt {attempt} resumes from the last "
-                               f"checkpoint ({counted})")
-    elif latest:
-        attempt = job_builder.attempt_of(latest)
-    created = _ensure(job_builder.build(body, task, settings, attempt, failures), kube)
+            turn = ("Running", reason, f"attempt {attempt - 1} {done} ({why}); attempt {attempt} resumes from the "
+                                       f"last checkpoint ({counted})")
+    elif latest:  # running, or ended for good: the same Job, as made
+        attempt, failures = job_builder.attempt_of(latest), job_builder.failures_before(latest)
+        active = job_builder.active_seconds_before(latest)
+    created = _ensure(job_builder.build(body, task, settings, attempt, failures, active), kube)
     job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/"
                    f"{job_builder.attempt_name(job_builder.child_name(meta['name'], task['digest']), attempt)}")
-    return job, created, restart if created else None
+    return job, created, turn if created else None
+
+
+def _active_seconds(job: dict[str, Any]) -> int:
+    """How long a finished attempt's Job ran: from its start (reset, as Kubernetes does, when a
+    suspended Job is admitted again) to the condition that failed it."""
+    start = (job.get("status") or {}).get("startTime")
+    if not start:
+        return 0  # never started: it waited suspended in the queue
+    end = (_failed(job) or {}).get("lastTransitionTime")
+    end_at = datetime.fromisoformat(end) if end else datetime.now(timezone.utc)
+    return max(0, int((end_at - datetime.fromisoformat(start)).total_seconds()))
 
 
 def _progress(run, progress: dict | None = None, done: bool = False) -> dict[str, Any]:
