@@ -361,6 +361,37 @@ async def test_dataset_build_waits_for_its_config_map_and_reruns_when_it_changes
                                                          "requests": 2, "cached": 5}
 
 
+async def test_a_stopped_dataset_build_pod_is_an_interruption_and_the_next_pod_pays_only_for_the_rest(
+        cluster, operator, job_controller, openai_server):
+    """A pod stopped by Kubernetes (SIGTERM: a preemption, an eviction, `kubectl delete pod`) is not
+    a failure: the Job makes a new pod, which asks the teacher only what was never answered."""
+    openai_server.latency = 0.3
+    prompts = [{"text": f"Say one thing about the colour number {i}.", "language": "en"} for i in range(16)]
+    await cluster.apply({
+        "apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild", "metadata": {"name": "data"},
+        "spec": {"sources": [{"inline": prompts}], "filters": {"nearDuplicateThreshold": 0},
+                 "languageDetection": None, "samplesPerLanguage": None,
+                 "teacher": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o", "concurrency": 2}}}})
+    obj = await cluster.wait_for("DatasetBuild", "data", lambda o: (o.get("status") or {}).get("jobName"))
+    for _ in range(600):
+        if sum(r.delivered_at is not None for r in openai_server.requests) >= 4:
+            break
+        await asyncio.sleep(0.1)
+    delivered = {r.last_user for r in openai_server.requests if r.delivered_at is not None}
+    await asyncio.sleep(0.15)  # these answers are saved; the next ones are in flight
+    job_controller.terminate(obj["status"]["jobName"])
+    before = len(openai_server.requests)
+    obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded", "Failed"), timeout=120)
+    assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
+    assert sum(obj["status"]["result"]["rows"].values()) == 16
+    again = {r.last_user for r in openai_server.requests[before:]} & delivered
+    assert not again, f"paid twice for {again}"
+    [job] = cluster.objects("jobs")
+    assert not job["status"].get("failed")  # exit code 3: ignored by the podFailurePolicy
+    [stopped] = [e for e in await events_for(cluster, "data", "Interrupted") if e["reason"] == "Interrupted"]
+    assert stopped["message"].startswith("SIGTERM") and "a new pod resumes from it" in stopped["message"]
+
+
 async def test_invalid_spec_is_stalled_with_the_field_named(cluster, operator, tiny_model):
     bench = pipeline(tiny_model)[2]
     bench["spec"]["model"] = {"source": {"uri": f"file://{tiny_model}"}}

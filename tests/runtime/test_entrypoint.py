@@ -39,3 +39,31 @@ def test_a_worker_rank_that_stops_or_fails_leaves_rank_0s_progress_as_it_is(tmp_
     assert _execute(broken, {}, run) == EXIT_FAILED and run.read_json(PROGRESS) == mine
     monkeypatch.setenv("RANK", "0")
     assert _execute(broken, {}, run) == EXIT_FAILED and run.read_json(PROGRESS)["state"] == "Failed"
+
+
+def test_sigterm_anywhere_in_the_work_is_an_interruption_not_a_failure(tmp_path):
+    """Kubernetes stops a pod with SIGTERM (preemption, eviction, a deleted pod): the runtime exits
+    with 3, which the Job's podFailurePolicy does not count, and says so in progress.json."""
+    import os
+    import signal
+    import time
+
+    from llmfactory_runtime import EXIT_INTERRUPTED
+
+    run = open_store(f"file://{tmp_path}/run")
+    answered = []
+
+    def answering(task, run, progress):
+        for i in range(1000):
+            answered.append(i)  # what a phase saves as it goes (answers in the cache)
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        return {"rows": len(answered)}
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert _execute(answering, {}, run) == EXIT_INTERRUPTED
+    assert len(answered) < 10 and not run.is_committed()
+    progress = run.read_json(PROGRESS)
+    assert progress["state"] == "Interrupted" and progress["message"].startswith("SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before  # outside the work, SIGTERM is as it was

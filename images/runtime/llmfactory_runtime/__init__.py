@@ -8,7 +8,7 @@ control plane can share the artifact store without pulling in the training stack
 EXIT_OK = 0
 EXIT_FAILED = 1  # retryable: a crash, an OOM, a network error
 EXIT_INVALID_TASK = 2  # the task itself is wrong: retrying cannot help
-EXIT_INTERRUPTED = 3  # stopped by SIGTERM (preemption) after a checkpoint: a retry resumes, not the work's fault
+EXIT_INTERRUPTED = 3  # stopped by SIGTERM (preemption) with its work saved: a retry resumes, not the work's fault
 
 
 class Interrupted(Exception):

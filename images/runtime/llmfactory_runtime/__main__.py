@@ -3,7 +3,7 @@
 Reads the task, does the phase's work under the task's artifact prefix, writes progress.json
 while it works and result.json + COMMITTED when it is done. A task whose result is already
 committed is not run again. Exit codes: 0 done, 1 failed (retry may help), 2 invalid task,
-3 interrupted by SIGTERM after a checkpoint (the next attempt resumes there).
+3 interrupted by SIGTERM, with what was done saved (the next attempt resumes there).
 
 A sharded DatasetBuild runs as N processes (an Indexed Job's pods), each with --shard: each
 does its share under shards/<index>/ and commits it there; whichever finds every shard
@@ -14,11 +14,14 @@ deterministic and writes the same files).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, EXIT_OK, Interrupted, cpus
@@ -91,6 +94,30 @@ def _size_torch_threads() -> None:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def _stopped_by_sigterm():
+    """SIGTERM (Kubernetes stopping the pod: a preemption, an eviction, a deleted pod) ends the
+    work with Interrupted, so the pod exits with 3 and the Job does not count it as a failure.
+    Every phase keeps what it has paid for as it goes (answers and verdicts in the answer cache,
+    FineTune checkpoints: training takes SIGTERM over itself and stops at a step's end), so
+    stopping anywhere loses nothing the next attempt would need. Once only: an `except
+    Exception` deep in a library may swallow it, and a second SIGTERM must not cut the
+    shutdown short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (a test calling this from another)
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Interrupted("SIGTERM: the pod is being stopped; what was saved so far (answers, checkpoints) "
+                          "stays in the store and the next attempt goes on from it")
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _execute(work, task: dict, run: Store) -> int:
     """Run one unit of work under `run`: its progress.json while it works, its result + commit
     marker when done; the exit code says whether a retry can help. Work that returns no result is
@@ -103,7 +130,8 @@ def _execute(work, task: dict, run: Store) -> int:
     # would overwrite rank 0's steps and figures with its own empty state.
     progress = Progress(run, writes=os.environ.get("RANK", "0") == "0")
     try:
-        result = work(task, run, progress)
+        with _stopped_by_sigterm():
+            result = work(task, run, progress)
     except InvalidTask as exc:
         log.error("invalid task: %s", exc)
         progress.finish("Failed", f"InvalidTask: {exc}")

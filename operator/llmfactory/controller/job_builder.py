@@ -223,7 +223,8 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         # The runtime's own verdict that the task is invalid: retrying cannot help.
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                               "values": [EXIT_INVALID_TASK]}},
-        # SIGTERM after a checkpoint: the pod's preemption. The next pod resumes; not a failure.
+        # SIGTERM with the work saved (a checkpoint, the answers): the pod was stopped (preemption,
+        # eviction, deletion). The next pod resumes; not a failure.
         {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                              "values": [EXIT_INTERRUPTED]}},
         # Preemption, eviction, node drain: not the workload's fault, not counted.

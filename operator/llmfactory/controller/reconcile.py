@@ -109,7 +109,7 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         return Outcome(situation("Failed", "NoResult", message, old, generation, **fields), ("Warning", "NoResult", message))
 
     reason, message = "Running", progress.get("stage") or f"Job {job_name} started"
-    if progress.get("state") == "Interrupted":  # SIGTERM after a checkpoint: the Job's next pod resumes (not counted)
+    if progress.get("state") == "Interrupted":  # SIGTERM, work saved: the Job's next pod resumes (not counted)
         reason, message = "Interrupted", f"{progress.get('message')}; a new pod resumes from it"
     if job.get("spec", {}).get("suspend"):  # Kueue took the quota back (or has not given it yet)
         reason, message = "Queued", f"Job {job_name} is suspended, waiting for admission (Kueue)"
