@@ -61,6 +61,7 @@ VARIANTS = {
     "eight-gpus": fine_tune({"gpusPerNode": 8, "cpu": "64", "memory": "900Gi"}),
     "two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}),
     "kueue": fine_tune(queueName="h100-queue"),
+    "suspended": fine_tune(suspend=True),
     "zero3-two-nodes": fine_tune({"gpusPerNode": 8, "nodes": 2}, method="full",
                                  hyperparameters={"batchSize": 1, "gradientCheckpointing": True},
                                  distribution={"strategy": "deepspeed", "zeroStage": 3}),
@@ -243,6 +244,13 @@ def test_kueue_queue_label_and_suspended_job():
     job = _job(objs)
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "h100-queue"
     assert job["spec"]["suspend"] is True
+
+
+def test_a_suspended_resource_gets_a_suspended_job_of_the_same_task():
+    task, objs = children(VARIANTS["suspended"])
+    job = _job(objs)
+    assert job["spec"]["suspend"] is True and "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    assert task["digest"] == children(VARIANTS["one-gpu"])[0]["digest"]  # resuming it runs the same task
 
 
 def test_cpu_only_phase_gets_no_gpu_and_no_gpu_pool():

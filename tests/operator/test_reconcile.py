@@ -9,6 +9,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import kmock
 import kubernetes_validate
 import pytest
 
@@ -581,6 +582,67 @@ async def test_a_fine_tune_preempted_by_kueue_checkpoints_waits_queued_and_resum
     assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
     assert saved == f"step-{obj['status']['result']['resumedFromStep']}/COMMITTED"
     assert obj["status"]["attempts"] == 1 and not cluster.objects("jobs")[0]["status"].get("failed")
+
+
+async def test_spec_suspend_pauses_a_fine_tune_at_a_checkpoint_and_resuming_goes_on_from_it(
+        cluster, operator, job_controller, tiny_model, tmp_path):
+    ft = two_node_fine_tune(tiny_model, tmp_path, epochs=8)
+    ft["spec"]["resources"] = {"gpusPerNode": 1}
+    await cluster.apply(ft)
+    obj = await cluster.wait_for("FineTune", "ft", lambda o: "artifactUri" in o.get("status", {}))
+    run, job_name, digest = open_store(obj["status"]["artifactUri"]), obj["status"]["jobName"], obj["status"]["taskDigest"]
+    await wait_until_training(run)
+    await cluster.patch_spec("FineTune", "ft", {"suspend": True})  # e.g. to lend the GPUs for a while
+    obj = await cluster.wait_for("FineTune", "ft", reason_is("Suspended"))
+    assert obj["status"]["phase"] == "Waiting" and "set spec.suspend to false" in condition(obj, "Ready")["message"]
+    for _ in range(300):  # the Job controller stops the suspended Job's pod; it checkpoints first
+        if not job_controller.running(job_name):
+            break
+        await asyncio.sleep(0.1)
+    [saved] = [k for k in run.list("checkpoints") if k.endswith("COMMITTED")]
+    await asyncio.sleep(1)  # two timer ticks: still paused, no new pod, no second Job
+    assert not job_controller.running(job_name) and [j["spec"]["suspend"] for j in cluster.objects("jobs")] == [True]
+
+    await cluster.patch_spec("FineTune", "ft", {"suspend": False})
+    obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
+    # The same task (suspend is not in the digest), resumed where it stopped, nothing counted as failed.
+    assert obj["status"]["taskDigest"] == digest and saved == f"step-{obj['status']['result']['resumedFromStep']}/COMMITTED"
+    [job] = cluster.objects("jobs")
+    assert job["spec"]["suspend"] is False and not job["status"].get("failed")
+    reasons = [e["reason"] for e in await events_for(cluster, "ft", "Suspended", "Resumed", "Succeeded")]
+    assert reasons.index("Suspended") < reasons.index("Resumed") < reasons.index("Succeeded")
+
+
+async def test_spec_suspend_in_a_kueue_queue_deactivates_the_jobs_workload(cluster, operator, tiny_model):
+    """Kueue owns a queued Job's suspend (it would admit a Job suspended by anyone else at once):
+    the Workload it made for the Job is deactivated instead, and activated again on resume."""
+    cluster.server.resources["kueue.x-k8s.io/v1beta1/workloads"] = kmock.ResourceInfo(
+        kind="Workload", namespaced=True, verbs={"list", "get", "create", "patch"})
+    data = pipeline(tiny_model)[0]
+    data["spec"].update(queueName="h100-queue", suspend=True)
+    await cluster.apply(data)
+    obj = await cluster.wait_for("DatasetBuild", "data", reason_is("Suspended"))
+    assert "waiting for Kueue's Workload" in condition(obj, "Ready")["message"]
+    [job] = cluster.objects("jobs")
+    workload = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+                "metadata": {"name": f"job-{job['metadata']['name']}-1a2b3", "namespace": "default", "ownerReferences": [
+                    {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+                     "uid": job["metadata"]["uid"], "controller": True}]},
+                "spec": {"active": True, "queueName": "h100-queue"}}
+    async with cluster.session.post(f"{cluster.server.url}/apis/kueue.x-k8s.io/v1beta1/namespaces/default/workloads",
+                                    json=workload) as resp:
+        resp.raise_for_status()
+
+    def active() -> bool:
+        return cluster.objects("workloads")[0]["spec"]["active"]
+    obj = await cluster.wait_for("DatasetBuild", "data", lambda o: "is deactivated" in condition(o, "Ready")["message"])
+    assert workload["metadata"]["name"] in condition(obj, "Ready")["message"] and active() is False
+    await cluster.patch_spec("DatasetBuild", "data", {"suspend": False})
+    await cluster.wait_for("DatasetBuild", "data", reason_is("Queued"))  # back in the queue, for Kueue to admit
+    assert active() is True and cluster.objects("jobs")[0]["spec"]["suspend"] is True  # the Job is Kueue's
+    assert [e["reason"] for e in await events_for(cluster, "data", "Suspended", "Resumed")
+            if e["reason"] in ("Suspended", "Resumed")] == ["Suspended", "Resumed"]
 
 
 @pytest.mark.slow

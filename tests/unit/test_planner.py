@@ -83,7 +83,7 @@ def test_digest_changes_with_the_spec_and_with_upstream_artifacts():
     assert plan(parse(FT), lookup({("DatasetBuild", "data"): rebuilt}), STORE)["digest"] != base
     # Scheduling and clean-up do not change what a run computes.
     queued = copy.deepcopy(FT)
-    queued["spec"].update(queueName="gpu-queue", deletionPolicy="Delete")
+    queued["spec"].update(queueName="gpu-queue", deletionPolicy="Delete", suspend=True)
     assert plan(parse(queued), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)["digest"] == base
     # Where artifacts go is not an input: the same work has the same digest in any store.
     assert plan(parse(FT), lookup({("DatasetBuild", "data"): DATA_RESULT}), "file:///tmp/a")["digest"] == base

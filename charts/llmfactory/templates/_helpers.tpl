@@ -37,10 +37,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: [datasetbuilds/status, finetunes/status, benchmarks/status, quantizations/status]
   verbs: [get, patch]
 # Children: the task ConfigMap, the Job, the rendezvous Service of multi-node training. Deleted by
-# the garbage collector through ownerReferences, never by the operator.
+# the garbage collector through ownerReferences, never by the operator. A Job is patched only to
+# suspend or resume it (spec.suspend).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create]
+  verbs: [get, list, watch, create, patch]
+# spec.suspend of a resource in a Kueue queue deactivates its Job's Workload (Kueue owns the Job's suspend).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, patch]
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create]

@@ -183,6 +183,12 @@ class RunOptions(ApiModel):
     queue_name: str | None = Field(
         None, pattern=NAME_PATTERN, description="Kueue LocalQueue: the Job is created suspended with the "
                                                 "kueue.x-k8s.io/queue-name label, and Kueue admits it.")
+    suspend: bool = Field(
+        False, description="Pause the run: its Job is suspended, so its pods stop (a FineTune saves a checkpoint "
+                           "first, a DatasetBuild or Benchmark keeps the answers it has) and none starts until "
+                           "this is false again; the run then resumes where it stopped. A resource created "
+                           "suspended starts nothing. With queueName, Kueue owns the Job's suspend, so its "
+                           "Workload is deactivated instead (spec.active: false) and gives its quota back.")
     scheduling: Scheduling | None = Field(None, description="Node selector, tolerations and affinity of the "
                                                             "phase's pods, overriding the operator's defaults.")
     resources: PodResources | None = Field(None, description="GPUs, CPU and memory of the phase's pod.")
@@ -190,7 +196,7 @@ class RunOptions(ApiModel):
 
 # Where and how a run is scheduled, not what it computes: left out of the task. (A FineTune's
 # resources are in it: the number of processes shapes the global batch.)
-OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "scheduling", "resources")
+OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources")
 
 
 def operational_fields(kind: str) -> tuple[str, ...]:

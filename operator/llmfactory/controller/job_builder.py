@@ -18,6 +18,7 @@ RENDEZVOUS_PORT = 29500
 MANAGED_BY = {"app.kubernetes.io/managed-by": "llmfactory"}
 ATTEMPT_LABEL = "llmfactory.dev/attempt"
 FAILURES_ANNOTATION = "llmfactory.dev/failures-before"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ACTIVE_ANNOTATION = "llmfactory.dev/active-seconds-before"
 
 
@@ -218,7 +219,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         pod_spec["subdomain"] = name
     job_meta = {"name": job_name, "namespace": namespace, "labels": dict(tags), "ownerReferences": owner}
     if queue:
-        job_meta["labels"]["kueue.x-k8s.io/queue-name"] = queue
+        job_meta["labels"][QUEUE_LABEL] = queue
     rules = [
         # The runtime's own verdict that the task is invalid: retrying cannot help.
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
@@ -246,8 +247,8 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "podFailurePolicy": {"rules": rules},
         "template": {"metadata": {"labels": dict(tags)}, "spec": pod_spec},
     }
-    if queue:
-        job_spec["suspend"] = True  # Kueue admits it by unsuspending
+    if queue or spec.get("suspend"):
+        job_spec["suspend"] = True  # Kueue admits it by unsuspending; spec.suspend: see reconcile
     if settings.active_deadline_seconds:
         # A Job's deadline spans its pods' retries; a multi-node run's attempts are Jobs of their
         # own, so each gets what the earlier ones left.

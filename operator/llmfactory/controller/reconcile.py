@@ -16,11 +16,13 @@ from llmfactory_runtime.store import finished_result, open_store, read_progress
 from ..api import KINDS
 from ..planner import PlanError, Waiting, parse, plan, references
 from . import job_builder
-from .kube import Kube, custom_path
+from .kube import Kube, NotFound, custom_path
 from .settings import OperatorSettings
 from .status import situation, succeeded
 
 log = logging.getLogger(__name__)
+
+KUEUE_API = "/apis/kueue.x-k8s.io/v1beta1"
 
 # Container states that mean the pod will not start by itself: shown on the resource.
 STUCK_WAITING = {"ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName",
@@ -108,6 +110,11 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         message = f"Job {job_name} completed without committing a result at {task['artifactUri']}"
         return Outcome(situation("Failed", "NoResult", message, old, generation, **fields), ("Warning", "NoResult", message))
 
+    was_held = (old.get("conditions") or [{}])[0].get("reason") == "Suspended"
+    held = _hold(body, job, kube, was_held)
+    if held:
+        return Outcome(situation("Waiting", "Suspended", held, old, generation, **fields),
+                       None if was_held else ("Normal", "Suspended", held), job_created=created)
     reason, message = "Running", progress.get("stage") or f"Job {job_name} started"
     if progress.get("state") == "Interrupted":  # SIGTERM, work saved: the Job's next pod resumes (not counted)
         reason, message = "Interrupted", f"{progress.get('message')}; a new pod resumes from it"
@@ -123,6 +130,8 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
         reason, message = "Retrying", f"attempt {jstatus.get('failed')} failed: {progress.get('message')}; the Job retries"
         if old.get("attempts") != attempts:
             event = ("Warning", "Retrying", message)
+    if was_held:  # the first look since spec.suspend went false: that, not what the pause did to the pod
+        event = ("Normal", "Resumed", f"spec.suspend is false: Job {job_name} runs again")
     if problem and old.get("conditions") and old["conditions"][0].get("reason") != reason:
         event = ("Warning", reason, message)
     return Outcome(situation("Running", reason, message, old, generation, **fields), event, job_created=created)
@@ -141,6 +150,44 @@ def _finished(body: dict[str, Any], task: dict[str, Any], result: dict[str, Any]
     verb = "finished" if meta.get("uid") in owners else "reused a finished result with the same task digest"
     return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
                    if fresh else None)
+
+
+def _hold(body: dict[str, Any], job: dict[str, Any], kube: Kube, was_held: bool) -> str | None:
+    """Apply spec.suspend to the run's unfinished Job; the status message while it holds the run.
+    The Job controller stops a suspended Job's pods with SIGTERM (the runtime saves and exits as
+    interrupted) and starts new ones when it is resumed. A Job in a Kueue queue is Kueue's to
+    suspend (it would admit it again at once): its Workload is deactivated instead."""
+    want, meta = bool((body.get("spec") or {}).get("suspend")), job["metadata"]
+    name, path = meta["name"], f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{meta['name']}"
+    if job_builder.QUEUE_LABEL not in (meta.get("labels") or {}):
+        if bool(job["spec"].get("suspend")) != want:
+            job["spec"] = kube.patch(path, {"spec": {"suspend": want}})["spec"]
+        return (f"spec.suspend is true: Job {name} is suspended and its pods stopped, their work saved; set "
+                "spec.suspend to false to resume") if want else None
+    if not (want or was_held):
+        return None  # nothing to deactivate, nothing to give back: no Workload read
+    workloads = _workloads_of(kube, job)
+    for workload in workloads:
+        if workload.get("spec", {}).get("active", True) == want:
+            kube.patch(f"{KUEUE_API}/namespaces/{meta['namespace']}/workloads/{workload['metadata']['name']}",
+                       {"spec": {"active": not want}})
+    if not want:
+        return None
+    if not workloads:
+        return f"spec.suspend is true: waiting for Kueue's Workload of Job {name} to deactivate it"
+    return (f"spec.suspend is true: Kueue Workload {workloads[0]['metadata']['name']} of Job {name} is "
+            "deactivated (its pods stopped, their work saved, its quota given back); set spec.suspend to false "
+            "to queue it again")
+
+
+def _workloads_of(kube: Kube, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Kueue's Workloads of a Job: owned by it. None when Kueue is not installed."""
+    try:
+        items = kube.list(f"{KUEUE_API}/namespaces/{job['metadata']['namespace']}/workloads", {})
+    except NotFound:
+        return []
+    uid = job["metadata"].get("uid")
+    return [w for w in items if any(o.get("uid") == uid for o in w["metadata"].get("ownerReferences") or [])]
 
 
 def _ensure(children: list[dict[str, Any]], kube: Kube) -> bool:
