@@ -263,8 +263,12 @@ def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: O
         attempt, failures = job_builder.attempt_of(latest), job_builder.failures_before(latest)
         active = job_builder.active_seconds_before(latest)
     created = _ensure(job_builder.build(body, task, settings, attempt, failures, active), kube)
-    job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/"
-                   f"{job_builder.attempt_name(job_builder.child_name(meta['name'], task['digest']), attempt)}")
+    name = job_builder.attempt_name(job_builder.child_name(meta["name"], task["digest"]), attempt)
+    # The Job as listed above, the view this decision was made on. Read again, it may have failed
+    # meanwhile, and would then pass for the run's end without its failure being counted (that
+    # change brings the next reconciliation, which counts it).
+    listed = next((j for j in jobs if j["metadata"]["name"] == name), None)
+    job = listed if listed and not created else kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{name}")
     return job, created, turn if created else None
 
 
