@@ -3,6 +3,7 @@
 --   Stalled=True   -> Degraded     (a terminal failure: invalid spec, runtime error, failed gates)
 --   Ready=True     -> Healthy      (Succeeded)
 --   Job queued     -> Suspended    (created suspended, waiting for Kueue admission)
+--   spec.suspend   -> Suspended    (paused by the user: reason Suspended)
 --   otherwise      -> Progressing  (Pending, Waiting for a referenced resource, Running)
 -- A status older than the spec (observedGeneration behind) is Progressing: the operator has not
 -- yet seen what Git just applied.
@@ -40,7 +41,7 @@ elseif ready ~= nil and ready.status == "True" then
   hs.status = "Healthy"
   hs.message = describe(ready, "succeeded")
 elseif reconciling ~= nil and reconciling.status == "True" then
-  if reconciling.reason == "Queued" then
+  if reconciling.reason == "Queued" or reconciling.reason == "Suspended" then
     hs.status = "Suspended"
   end
   hs.message = describe(reconciling, obj.status.phase or "in progress")
