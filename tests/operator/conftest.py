@@ -50,6 +50,17 @@ class Cluster:
         async with self.session.delete(self._path(kind, name=name)) as resp:
             resp.raise_for_status()
 
+    async def annotate(self, kind: str, name: str, annotations: dict[str, str]) -> None:
+        """`kubectl annotate --overwrite`: a metadata change, not a spec change."""
+        async with self.session.patch(self._path(kind, name=name), json={"metadata": {"annotations": annotations}},
+                                      headers={"Content-Type": "application/merge-patch+json"}) as resp:
+            resp.raise_for_status()
+
+    async def delete_child(self, api: str, plural: str, name: str) -> None:
+        """What the garbage collector or the TTL controller does to a Job or ConfigMap (kmock has neither)."""
+        async with self.session.delete(f"{self.server.url}/{api}/namespaces/default/{plural}/{name}") as resp:
+            resp.raise_for_status()
+
     async def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any] | None:
         async with self.session.get(self._path(kind, namespace, name)) as resp:
             return None if resp.status == 404 else await resp.json()

@@ -154,7 +154,7 @@ class JobController:
 
     def __init__(self, server, workdir: Path, env: dict[str, str] | None = None):
         self.server, self.workdir, self.env = server, workdir, env or {}
-        self.started: set[tuple[str, str]] = set()
+        self.started: set[str] = set()
         self.paused = False
         self._tasks: list[asyncio.Task] = []
         self._procs: list[asyncio.subprocess.Process] = []
@@ -167,7 +167,7 @@ class JobController:
             while True:
                 if not self.paused:
                     for job in objects_of(self.server, "jobs"):
-                        key = (job["metadata"]["namespace"], job["metadata"]["name"])
+                        key = job["metadata"]["uid"]  # a Job deleted and made again under its name runs again
                         if job["spec"].get("suspend"):
                             self._stop_pods(job["metadata"]["name"])
                         if key not in self.started and not job["spec"].get("suspend"):

@@ -37,11 +37,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: [datasetbuilds/status, finetunes/status, benchmarks/status, quantizations/status]
   verbs: [get, patch]
 # Children: the task ConfigMap, the Job, the rendezvous Service of multi-node training. Deleted by
-# the garbage collector through ownerReferences, never by the operator. A Job is patched only to
-# suspend or resume it (spec.suspend).
+# the garbage collector through ownerReferences. A Job is patched only to suspend or resume it
+# (spec.suspend), and deleted only when a failed run is retried (llmfactory.dev/retry).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # spec.suspend of a resource in a Kueue queue deactivates its Job's Workload (Kueue owns the Job's suspend).
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]

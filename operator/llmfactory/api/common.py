@@ -253,6 +253,10 @@ class StatusBase(ApiModel):
     attempts: int | None = Field(None, description="Pod attempts of the current run; of a multi-node FineTune, "
                                                    "its attempts as a whole (one Job each).")
     headline: str | None = Field(None, description="The result's headline figure, for kubectl get.")
+    last_handled_retry: str | None = Field(
+        None, description="The value of the llmfactory.dev/retry annotation the operator last acted on. A failed "
+                          "run stays failed until that annotation gets a new value (or the spec changes): then it "
+                          "runs again, resuming from what it saved.")
 
 
 class KindInfo(BaseModel):

@@ -79,9 +79,11 @@ class Kube:
     def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._call("PATCH", path, body, content_type="application/merge-patch+json")
 
-    def delete(self, path: str) -> None:
+    def delete(self, path: str, propagation: str | None = None) -> None:
+        """Delete if present. `propagation` Background has a Job's pods deleted with it (the API's
+        default for Jobs orphans them)."""
         try:
-            self._call("DELETE", path)
+            self._call("DELETE", path, query=[("propagationPolicy", propagation)] if propagation else None)
         except NotFound:
             pass
 

@@ -23,6 +23,9 @@ from .status import situation, succeeded
 log = logging.getLogger(__name__)
 
 KUEUE_API = "/apis/kueue.x-k8s.io/v1beta1"
+# `kubectl annotate finetune NAME llmfactory.dev/retry=$(date +%s) --overwrite`: run a failed run
+# again (any new value; status.lastHandledRetry is the last one acted on).
+RETRY_ANNOTATION = "llmfactory.dev/retry"
 
 # Container states that mean the pod will not start by itself: shown on the resource.
 STUCK_WAITING = {"ImagePullBackOff", "ErrImagePull", "CreateContainerConfigError", "InvalidImageName",
@@ -53,6 +56,14 @@ def upstream_results(kube: Kube) -> Callable[[str, str, str], dict | None]:
 
 
 def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> Outcome:
+    outcome = _reconcile(body, kube, settings)
+    retry = (body["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
+    if retry is not None:  # seen, whatever it did: a request made while nothing had failed is not
+        outcome.status["lastHandledRetry"] = retry  # carried over to a later failure
+    return outcome
+
+
+def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> Outcome:
     meta = body["metadata"]
     old = body.get("status") or {}
     generation = meta.get("generation")
@@ -77,14 +88,29 @@ def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> O
     job_name = job_builder.child_name(meta["name"], task["digest"])
     if result is not None:
         return _finished(body, task, result, run, kube, {**ident, **extra})
+    stalled = next((c for c in old.get("conditions") or [] if c["type"] == "Stalled"), {})
+    if old.get("phase") == "Failed" and old.get("taskDigest") == task["digest"] and stalled.get("reason") != "InvalidSpec":
+        return _failed_run(body, task, kube, stalled, {**ident, **extra})
 
     progress = read_progress(run) or {}
-    if job_builder.restarts_as_a_whole(body):
-        job, created, turn = _attempt(body, task, kube, settings, progress)
-        job_name, attempts = job["metadata"]["name"], job_builder.attempt_of(job)
+    restarts_as_a_whole = job_builder.restarts_as_a_whole(body)
+    if restarts_as_a_whole:
+        jobs = _jobs_of_run(body, task, kube)
     else:
         created, turn = _ensure(job_builder.build(body, task, settings), kube), None
-        job = kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
+        jobs = [j for j in [kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")] if j]
+    in_the_way = _in_the_way(body, jobs)
+    if not jobs and not restarts_as_a_whole:  # created, then deleted before it could be read
+        in_the_way = f"Job {job_name} is being deleted; the run starts once it is gone"
+    if in_the_way:
+        event = None if (old.get("conditions") or [{}])[0].get("reason") == "OldJobPresent" else \
+            ("Normal", "OldJobPresent", in_the_way)
+        return Outcome(situation("Pending", "OldJobPresent", in_the_way, old, generation, **ident, **extra), event)
+    if restarts_as_a_whole:
+        job, created, turn = _attempt(body, task, kube, settings, progress, jobs)
+        job_name, attempts = job["metadata"]["name"], job_builder.attempt_of(job)
+    else:
+        job = jobs[0]
         jstatus = job.get("status") or {}
         # Failed pods, plus the run in progress or done (one, however many pods an Indexed Job has).
         attempts = int(jstatus.get("failed") or 0) + int(bool(jstatus.get("active") or jstatus.get("succeeded")))
@@ -150,6 +176,56 @@ def _finished(body: dict[str, Any], task: dict[str, Any], result: dict[str, Any]
     verb = "finished" if meta.get("uid") in owners else "reused a finished result with the same task digest"
     return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
                    if fresh else None)
+
+
+def _failed_run(body: dict[str, Any], task: dict[str, Any], kube: Kube, stalled: dict[str, Any],
+                fields: dict[str, Any]) -> Outcome:
+    """A run that failed stays failed, whatever becomes of its Jobs (the TTL controller deletes them
+    after ttlSecondsAfterFinished; a restarted operator must not start the run again). It runs
+    again when asked to (a new llmfactory.dev/retry value) or when the spec changed without
+    changing the task (resources, scheduling): its Jobs are deleted, and the next reconciliation
+    starts a fresh one, which resumes from what the failed one saved (checkpoints, cached answers)."""
+    meta, old = body["metadata"], body.get("status") or {}
+    retry = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
+    if retry is not None and retry != old.get("lastHandledRetry"):
+        why = f"{RETRY_ANNOTATION}={retry}"
+    elif old.get("observedGeneration") != meta.get("generation"):
+        why = f"the spec changed (generation {meta.get('generation')}) and the task did not"
+    else:
+        return Outcome(situation("Failed", stalled.get("reason", "Failed"), stalled.get("message", ""), old,
+                                 meta.get("generation")))
+    deleted = sorted(j["metadata"]["name"] for j in _jobs_of_run(body, task, kube) if _owned(body, j))
+    for name in deleted:
+        kube.delete(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{name}", propagation="Background")
+    message = (f"{why}: the failed run starts again and resumes from what it saved"
+               + (f" (deleted its Job {', '.join(deleted)})" if deleted else ""))
+    return Outcome(situation("Pending", "RetryRequested", message, old, meta.get("generation"), **fields),
+                   ("Normal", "RetryRequested", message))
+
+
+def _jobs_of_run(body: dict[str, Any], task: dict[str, Any], kube: Kube) -> list[dict[str, Any]]:
+    """The Jobs made for this resource's task: one, or a multi-node FineTune's one per attempt."""
+    meta = body["metadata"]
+    return kube.list(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs",
+                     job_builder.labels(body["kind"], meta["name"], task["digest"]))
+
+
+def _owned(body: dict[str, Any], child: dict[str, Any]) -> bool:
+    return any(o.get("uid") == body["metadata"].get("uid") for o in child["metadata"].get("ownerReferences") or [])
+
+
+def _in_the_way(body: dict[str, Any], jobs: list[dict[str, Any]]) -> str | None:
+    """Why the run cannot go on with the Jobs found under its names: one left by a deleted resource
+    of the same name (the garbage collector has not removed it yet: adopting it would report that
+    resource's outcome), or one being deleted (a retry). None when they are this run's own."""
+    kind, name = body["kind"], body["metadata"]["name"]
+    for job in jobs:
+        if not _owned(body, job):
+            return (f"Job {job['metadata']['name']} belongs to an earlier {kind} named {name}, since deleted; "
+                    "the run starts once Kubernetes has garbage-collected it")
+        if job["metadata"].get("deletionTimestamp"):
+            return f"Job {job['metadata']['name']} is being deleted; the run starts once it is gone"
+    return None
 
 
 def _hold(body: dict[str, Any], job: dict[str, Any], kube: Kube, was_held: bool) -> str | None:
@@ -223,15 +299,13 @@ def attempt_ending(job: dict[str, Any]) -> str | None:
 
 
 def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: OperatorSettings,
-             progress: dict[str, Any]) -> tuple[dict[str, Any], bool, tuple[str, str, str] | None]:
+             progress: dict[str, Any], jobs: list[dict[str, Any]]) -> tuple[dict[str, Any], bool, tuple[str, str, str] | None]:
     """(the Job of the current attempt, whether this call created it, (phase, reason, message) when an
     attempt ended and the next one took or takes its place, or cannot) for a multi-node FineTune: a
     Job per attempt. The next attempt starts once no pod of the last one is left, so none of them
     still writes a checkpoint or holds the GPUs; failures and running time are counted on the Jobs,
     so a restarted operator counts the same."""
     meta = body["metadata"]
-    tags = job_builder.labels(body["kind"], meta["name"], task["digest"])
-    jobs = kube.list(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs", tags)
     latest = max(jobs, key=job_builder.attempt_of, default=None)
     attempt, failures, active, turn = 1, 0, 0, None
     ending = attempt_ending(latest) if latest else None
