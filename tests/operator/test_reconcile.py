@@ -704,10 +704,11 @@ async def test_spec_suspend_pauses_a_fine_tune_at_a_checkpoint_and_resuming_goes
     assert reasons.index("Suspended") < reasons.index("Resumed") < reasons.index("Succeeded")
 
 
-async def test_spec_suspend_in_a_kueue_queue_deactivates_the_jobs_workload(cluster, operator, tiny_model):
+@pytest.mark.parametrize("kueue_api", ["kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1"])  # Kueue >= 0.15, older
+async def test_spec_suspend_in_a_kueue_queue_deactivates_the_jobs_workload(cluster, operator, tiny_model, kueue_api):
     """Kueue owns a queued Job's suspend (it would admit a Job suspended by anyone else at once):
     the Workload it made for the Job is deactivated instead, and activated again on resume."""
-    cluster.server.resources["kueue.x-k8s.io/v1beta1/workloads"] = kmock.ResourceInfo(
+    cluster.server.resources[f"{kueue_api}/workloads"] = kmock.ResourceInfo(  # the one version this Kueue serves
         kind="Workload", namespaced=True, verbs={"list", "get", "create", "patch"})
     data = pipeline(tiny_model)[0]
     data["spec"].update(queueName="h100-queue", suspend=True)
@@ -715,12 +716,12 @@ async def test_spec_suspend_in_a_kueue_queue_deactivates_the_jobs_workload(clust
     obj = await cluster.wait_for("DatasetBuild", "data", reason_is("Suspended"))
     assert "waiting for Kueue's Workload" in condition(obj, "Ready")["message"]
     [job] = cluster.objects("jobs")
-    workload = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+    workload = {"apiVersion": kueue_api, "kind": "Workload",
                 "metadata": {"name": f"job-{job['metadata']['name']}-1a2b3", "namespace": "default", "ownerReferences": [
                     {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
                      "uid": job["metadata"]["uid"], "controller": True}]},
                 "spec": {"active": True, "queueName": "h100-queue"}}
-    async with cluster.session.post(f"{cluster.server.url}/apis/kueue.x-k8s.io/v1beta1/namespaces/default/workloads",
+    async with cluster.session.post(f"{cluster.server.url}/apis/{kueue_api}/namespaces/default/workloads",
                                     json=workload) as resp:
         resp.raise_for_status()
 

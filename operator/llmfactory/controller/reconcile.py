@@ -22,7 +22,9 @@ from .status import situation, succeeded
 
 log = logging.getLogger(__name__)
 
-KUEUE_API = "/apis/kueue.x-k8s.io/v1beta1"
+# Kueue's Workload API, newest first: v1beta2 from Kueue 0.15 on (v1beta1 is no longer served
+# from 0.17), v1beta1 before. Both have spec.active.
+KUEUE_APIS = ("/apis/kueue.x-k8s.io/v1beta2", "/apis/kueue.x-k8s.io/v1beta1")
 # `kubectl annotate finetune NAME llmfactory.dev/retry=$(date +%s) --overwrite`: run a failed run
 # again (any new value; status.lastHandledRetry is the last one acted on).
 RETRY_ANNOTATION = "llmfactory.dev/retry"
@@ -242,10 +244,10 @@ def _hold(body: dict[str, Any], job: dict[str, Any], kube: Kube, was_held: bool)
                 "spec.suspend to false to resume") if want else None
     if not (want or was_held):
         return None  # nothing to deactivate, nothing to give back: no Workload read
-    workloads = _workloads_of(kube, job)
+    api, workloads = _workloads_of(kube, job)
     for workload in workloads:
         if workload.get("spec", {}).get("active", True) == want:
-            kube.patch(f"{KUEUE_API}/namespaces/{meta['namespace']}/workloads/{workload['metadata']['name']}",
+            kube.patch(f"{api}/namespaces/{meta['namespace']}/workloads/{workload['metadata']['name']}",
                        {"spec": {"active": not want}})
     if not want:
         return None
@@ -256,14 +258,17 @@ def _hold(body: dict[str, Any], job: dict[str, Any], kube: Kube, was_held: bool)
             "to queue it again")
 
 
-def _workloads_of(kube: Kube, job: dict[str, Any]) -> list[dict[str, Any]]:
-    """Kueue's Workloads of a Job: owned by it. None when Kueue is not installed."""
-    try:
-        items = kube.list(f"{KUEUE_API}/namespaces/{job['metadata']['namespace']}/workloads", {})
-    except NotFound:
-        return []
+def _workloads_of(kube: Kube, job: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """(the Workload API the cluster serves, Kueue's Workloads of a Job: owned by it). None when
+    Kueue is not installed."""
     uid = job["metadata"].get("uid")
-    return [w for w in items if any(o.get("uid") == uid for o in w["metadata"].get("ownerReferences") or [])]
+    for api in KUEUE_APIS:
+        try:
+            items = kube.list(f"{api}/namespaces/{job['metadata']['namespace']}/workloads", {})
+        except NotFound:
+            continue
+        return api, [w for w in items if any(o.get("uid") == uid for o in w["metadata"].get("ownerReferences") or [])]
+    return KUEUE_APIS[0], []
 
 
 def _ensure(children: list[dict[str, Any]], kube: Kube) -> bool:
