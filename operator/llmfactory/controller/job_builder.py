@@ -270,8 +270,12 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     return [config_map, service, job]
 
 
+def jobs_path(namespace: str, name: str | None = None) -> str:
+    return f"/apis/batch/v1/namespaces/{namespace}/jobs" + (f"/{name}" if name else "")
+
+
 def api_path(obj: dict[str, Any]) -> str:
     """The collection path a child is created under."""
     ns = obj["metadata"]["namespace"]
     return {"ConfigMap": f"/api/v1/namespaces/{ns}/configmaps", "Service": f"/api/v1/namespaces/{ns}/services",
-            "Job": f"/apis/batch/v1/namespaces/{ns}/jobs"}[obj["kind"]]
+            "Job": jobs_path(ns)}[obj["kind"]]

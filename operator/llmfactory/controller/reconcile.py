@@ -100,7 +100,8 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
         jobs = _jobs_of_run(body, task, kube)
     else:
         created, turn = _ensure(job_builder.build(body, task, settings), kube), None
-        jobs = [j for j in [kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")] if j]
+        job = kube.get_or_none(job_builder.jobs_path(meta["namespace"], job_name))
+        jobs = [job] if job else []
     in_the_way = _in_the_way(body, jobs)
     if not jobs and not restarts_as_a_whole:  # created, then deleted before it could be read
         in_the_way = f"Job {job_name} is being deleted; the run starts once it is gone"
@@ -173,9 +174,8 @@ def _finished(body: dict[str, Any], task: dict[str, Any], result: dict[str, Any]
     patch = succeeded(kind, result, old, meta.get("generation"), **fields, progress=_progress(run, done=True))
     # Finished by a Job of this very object, or found done in the store (same task digest).
     job_name = job_builder.child_name(meta["name"], task["digest"])
-    job = kube.get_or_none(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{job_name}")
-    owners = {o.get("uid") for o in ((job or {}).get("metadata") or {}).get("ownerReferences") or []}
-    verb = "finished" if meta.get("uid") in owners else "reused a finished result with the same task digest"
+    job = kube.get_or_none(job_builder.jobs_path(meta["namespace"], job_name))
+    verb = "finished" if job and _owned(body, job) else "reused a finished result with the same task digest"
     return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
                    if fresh else None)
 
@@ -198,7 +198,7 @@ def _failed_run(body: dict[str, Any], task: dict[str, Any], kube: Kube, stalled:
                                  meta.get("generation")))
     deleted = sorted(j["metadata"]["name"] for j in _jobs_of_run(body, task, kube) if _owned(body, j))
     for name in deleted:
-        kube.delete(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{name}", propagation="Background")
+        kube.delete(job_builder.jobs_path(meta["namespace"], name), propagation="Background")
     message = (f"{why}: the failed run starts again and resumes from what it saved"
                + (f" (deleted its Job {', '.join(deleted)})" if deleted else ""))
     return Outcome(situation("Pending", "RetryRequested", message, old, meta.get("generation"), **fields),
@@ -208,12 +208,11 @@ def _failed_run(body: dict[str, Any], task: dict[str, Any], kube: Kube, stalled:
 def _jobs_of_run(body: dict[str, Any], task: dict[str, Any], kube: Kube) -> list[dict[str, Any]]:
     """The Jobs made for this resource's task: one, or a multi-node FineTune's one per attempt."""
     meta = body["metadata"]
-    return kube.list(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs",
-                     job_builder.labels(body["kind"], meta["name"], task["digest"]))
+    return kube.list(job_builder.jobs_path(meta["namespace"]), job_builder.labels(body["kind"], meta["name"], task["digest"]))
 
 
-def _owned(body: dict[str, Any], child: dict[str, Any]) -> bool:
-    return any(o.get("uid") == body["metadata"].get("uid") for o in child["metadata"].get("ownerReferences") or [])
+def _owned(owner: dict[str, Any], child: dict[str, Any]) -> bool:
+    return any(o.get("uid") == owner["metadata"].get("uid") for o in child["metadata"].get("ownerReferences") or [])
 
 
 def _in_the_way(body: dict[str, Any], jobs: list[dict[str, Any]]) -> str | None:
@@ -236,7 +235,7 @@ def _hold(body: dict[str, Any], job: dict[str, Any], kube: Kube, was_held: bool)
     interrupted) and starts new ones when it is resumed. A Job in a Kueue queue is Kueue's to
     suspend (it would admit it again at once): its Workload is deactivated instead."""
     want, meta = bool((body.get("spec") or {}).get("suspend")), job["metadata"]
-    name, path = meta["name"], f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{meta['name']}"
+    name, path = meta["name"], job_builder.jobs_path(meta["namespace"], meta["name"])
     if job_builder.QUEUE_LABEL not in (meta.get("labels") or {}):
         if bool(job["spec"].get("suspend")) != want:
             job["spec"] = kube.patch(path, {"spec": {"suspend": want}})["spec"]
@@ -261,13 +260,12 @@ def _hold(body: dict[str, Any], job: dict[str, Any], kube: Kube, was_held: bool)
 def _workloads_of(kube: Kube, job: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     """(the Workload API the cluster serves, Kueue's Workloads of a Job: owned by it). None when
     Kueue is not installed."""
-    uid = job["metadata"].get("uid")
     for api in KUEUE_APIS:
         try:
             items = kube.list(f"{api}/namespaces/{job['metadata']['namespace']}/workloads", {})
         except NotFound:
             continue
-        return api, [w for w in items if any(o.get("uid") == uid for o in w["metadata"].get("ownerReferences") or [])]
+        return api, [w for w in items if _owned(job, w)]
     return KUEUE_APIS[0], []
 
 
@@ -347,7 +345,7 @@ def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: O
     # meanwhile, and would then pass for the run's end without its failure being counted (that
     # change brings the next reconciliation, which counts it).
     listed = next((j for j in jobs if j["metadata"]["name"] == name), None)
-    job = listed if listed and not created else kube.get(f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{name}")
+    job = listed if listed and not created else kube.get(job_builder.jobs_path(meta["namespace"], name))
     return job, created, turn if created else None
 
 
