@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
+from llmfactory_runtime import EXIT_FAILED, EXIT_INTERRUPTED, Interrupted
 from llmfactory_runtime.__main__ import _execute
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
 
@@ -23,8 +28,6 @@ def test_a_worker_rank_commits_nothing_and_leaves_progress_to_rank_0(tmp_path):
 def test_a_worker_rank_that_stops_or_fails_leaves_rank_0s_progress_as_it_is(tmp_path, monkeypatch):
     """On SIGTERM every rank stops at the same checkpoint; rank 0 reports the step, and a worker's own
     (empty) progress written after it would hide the step from the resource's status."""
-    from llmfactory_runtime import EXIT_FAILED, EXIT_INTERRUPTED, Interrupted
-
     run = open_store(f"file://{tmp_path}/run")
     mine = {"state": "Interrupted", "stage": "training", "done": 5, "message": "SIGTERM at step 5"}
     run.write_json(PROGRESS, mine)
@@ -44,12 +47,6 @@ def test_a_worker_rank_that_stops_or_fails_leaves_rank_0s_progress_as_it_is(tmp_
 def test_sigterm_anywhere_in_the_work_is_an_interruption_not_a_failure(tmp_path):
     """Kubernetes stops a pod with SIGTERM (preemption, eviction, a deleted pod): the runtime exits
     with 3, which the Job's podFailurePolicy does not count, and says so in progress.json."""
-    import os
-    import signal
-    import time
-
-    from llmfactory_runtime import EXIT_INTERRUPTED
-
     run = open_store(f"file://{tmp_path}/run")
     answered = []
 
