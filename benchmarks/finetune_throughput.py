@@ -8,6 +8,10 @@ the same model and data).
 
     python benchmarks/finetune_throughput.py --shape llama3-8b --methods lora,qlora --seq 2048 --batch 2
     python benchmarks/finetune_throughput.py --shape small --methods lora --packing both --hf-trainer
+
+`--profile N` instead runs N training steps per method in this process under torch.profiler (the
+runtime's own model setup and packed batches) and prints where the time goes, by operator and
+by kind of work: what to look at before changing anything for speed.
 """
 
 from __future__ import annotations
@@ -148,6 +152,81 @@ def run_hf_trainer(model_dir: Path, dataset: str, args) -> dict:
             "peakGpuMemoryGiB": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None}
 
 
+# Kinds of work, by the names torch.profiler gives kernels and ops (first match wins).
+KINDS = [("attention", ("attention", "flash", "fmha", "efficient_attention", "sdpa")),
+         ("4-bit dequantize", ("dequantize", "kdequant")),
+         ("matmul", ("gemm", "matmul", "mm", "linear", "addmm", "bmm", "cutlass", "sm90_xmma", "nvjet")),
+         ("loss", ("cross_entropy", "nll_loss", "log_softmax")),
+         ("optimizer", ("adam", "foreach", "multi_tensor")),
+         ("dropout", ("bernoulli", "dropout")),
+         ("copy and cast", ("copy", "to_copy", "cat", "contiguous", "clone", "memcpy")),
+         ("elementwise", ("mul", "add", "silu", "rsqrt", "pow", "mean", "neg", "elementwise", "vectorized",
+                          "reduce", "fill", "where", "index"))]
+
+
+def profile(task: dict, steps: int) -> None:
+    """Train `steps` steps of `task` under torch.profiler, after two warm-up steps, and print the
+    operators that take the most device time and the split by kind of work."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from llmfactory_runtime.batching import collate_sequences, encode_rows
+    from llmfactory_runtime.data import read_split
+    from llmfactory_runtime.finetune.distributed import World
+    from llmfactory_runtime.finetune.model_setup import load_for_training, training_dtype
+    from llmfactory_runtime.finetune.train import epoch_rows
+    from llmfactory_runtime.models import load_tokenizer
+
+    spec, inputs = task["spec"], task["inputs"]
+    hp = spec["hyperparameters"]
+    cuda = torch.cuda.is_available()
+    world = World(rank=0, size=1, local_rank=0, device=torch.device("cuda" if cuda else "cpu"))
+    tokenizer = load_tokenizer(inputs["baseModel"])
+    examples = encode_rows(tokenizer, read_split(inputs["dataset"]["uri"], "train"), hp["maxSeqLength"])
+    groups = epoch_rows(examples, 0, hp, hp["batchSize"])
+    batches = [collate_sequences(examples, groups[i:i + hp["batchSize"]], tokenizer.pad_token_id, hp["packing"])
+               for i in range(0, len(groups) - hp["batchSize"] + 1, hp["batchSize"])]
+    if len(batches) < steps + 2:
+        raise SystemExit(f"--profile {steps} needs {steps + 2} batches, the data makes {len(batches)}: raise --conversations")
+    model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learningRate"])
+
+    def step(batch) -> None:
+        loss = model(**{k: v.to(world.device) for k, v in batch.items()}, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for batch in batches[:2]:
+        step(batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    began = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for batch in batches[2:steps + 2]:
+            step(batch)
+    seconds = time.perf_counter() - began
+    device_time = "self_device_time_total" if cuda else "self_cpu_time_total"
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    print(events.table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+    kinds: dict[str, float] = {}
+    for e in events:
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # on a GPU, kernels only (their CPU-side ops would count twice)
+        name = e.key.lower()
+        kind = next((k for k, words in KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + getattr(e, device_time) / 1e6
+    busy = sum(kinds.values())
+    tokens = sum(int(b["input_ids"].numel()) for b in batches[2:steps + 2])
+    print(f"\n{task['spec']['method']}: {steps} steps in {seconds:.2f} s under the profiler "
+          f"({tokens / seconds:.0f} positions/s); {'GPU' if cuda else 'CPU'} busy {busy:.2f} s")
+    print(f"{'kind of work':<18} {'seconds':>8} {'share':>6}")
+    for kind, secs in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:<18} {secs:>8.3f} {secs / max(busy, 1e-9):>6.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -162,6 +241,7 @@ def main() -> None:
     parser.add_argument("--hf-trainer", action="store_true", help="also run transformers' Trainer (padded, lora)")
     parser.add_argument("--workdir", default="/tmp/llmfactory-bench")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--profile", type=int, metavar="STEPS", help="profile STEPS steps per method instead")
     parser.add_argument("--make-model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_model:
@@ -173,6 +253,12 @@ def main() -> None:
     make_model_elsewhere(args.shape, work / f"model-{args.shape}")
     print(f"model {args.shape}: {shape.params / 1e9:.2f}B params, ready in {time.time() - began:.0f} s", flush=True)
     dataset = make_dataset(work / f"data-{args.seq}", args.conversations, args.seq)
+    if args.profile:
+        for method in args.methods.split(","):
+            packing = args.packing != "off"
+            profile(task_for(work / f"model-{args.shape}", dataset, f"file://{work}/profile", method, args, packing),
+                    args.profile)
+        return
     rows = []
     for method in args.methods.split(","):
         for packing in {"on": [True], "off": [False], "both": [True, False]}[args.packing]:

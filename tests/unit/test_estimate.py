@@ -25,6 +25,8 @@ def test_parameter_count_of_known_models():
 
 # Peak memory PyTorch allocated, measured with benchmarks/finetune_throughput.py on one H100
 # (benchmarks/RESULTS.md): Llama-3-8B shape, sequences of 2048, LoRA/QLoRA r16 on all linear layers.
+# The QLoRA peaks are from before its unquantized layers stayed in bf16 (2026-11-24), an upper
+# bound of today's: the estimate must still cover them.
 MEASURED = [
     ("lora", 2, False, 0.05, 64.14),
     ("lora", 2, False, 0.0, 59.43),

@@ -145,8 +145,8 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
     other = shape.params - shape.linear_params
 
     # Weights: nf4 packs two weights a byte plus ~3% for block scales (double-quantized).
-    if plan.method == "qlora":  # the layers left unquantized (embeddings, norms, head) are cast to fp32
-        weights = shape.linear_params * 0.516 + other * 4
+    if plan.method == "qlora":  # the layers left unquantized (embeddings, norms, head) stay in the training dtype
+        weights = shape.linear_params * 0.516 + other * plan.weight_bytes
     else:
         weights = shape.params * plan.weight_bytes
     if plan.zero_stage == 3:
@@ -172,10 +172,12 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
     # autograd saves in a Llama block (fp32 RMSNorm inputs and outputs; RoPE'd q and k; SDPA's
     # q, k, v and output; the MLP's gate, activation, up and product) and were fitted to peaks
     # measured on an H100 (benchmarks/RESULTS.md: within 5% for LoRA and QLoRA on Llama-3-8B).
-    # Adapters keep their inputs; dropout on them adds a mask, which QLoRA's fp32 adapters make
-    # a copy. Checkpointing keeps each layer's input and recomputes one layer at a time. The loss
-    # holds the logits, their fp32 upcast, log-softmax and its gradient (fp32 throughout for QLoRA,
-    # whose head stays unquantized in fp32).
+    # Adapters keep their inputs; dropout on them adds a mask. Checkpointing keeps each layer's
+    # input and recomputes one layer at a time. The loss holds the logits, their fp32 upcast,
+    # log-softmax and its gradient. QLoRA's extra terms (a fp32 residual stream, dropout copies,
+    # fp32 logits) were fitted when its unquantized layers ran in fp32, as peft prepares them;
+    # they no longer do (model_setup.py), so these terms are an upper bound until the next H100
+    # measurement fits them again.
     h, kv, inter = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
     per_layer = 28 * h + 8 * kv + 8 * inter
     if plan.method != "full":
