@@ -17,6 +17,7 @@ by kind of work: what to look at before changing anything for speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -101,6 +102,8 @@ def task_for(model: Path, dataset: str, store: str, method: str, args, packing: 
             "checkpointing": {"everySteps": 100000}, "resources": {"gpusPerNode": 1}}
     if method != "full":
         spec["lora"] = {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "targetModules": ["all-linear"]}
+    if method == "qlora":
+        spec["qlora"] = {"dequantizeOnce": args.qlora_dequantize}
     manifest = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune",
                 "metadata": {"name": f"bench-{method}-{'packed' if packing else 'padded'}"}, "spec": spec}
     return plan(parse(manifest), lambda *key: None, store)
@@ -164,7 +167,7 @@ KINDS = [("attention", ("attention", "flash", "fmha", "efficient_attention", "sd
                           "reduce", "fill", "where", "index"))]
 
 
-def profile(task: dict, steps: int) -> None:
+def profile(task: dict, shape: ModelShape, steps: int) -> None:
     """Train `steps` steps of `task` under torch.profiler, after two warm-up steps, and print the
     operators that take the most device time and the split by kind of work."""
     import torch
@@ -173,7 +176,7 @@ def profile(task: dict, steps: int) -> None:
     from llmfactory_runtime.batching import collate_sequences, encode_rows
     from llmfactory_runtime.data import read_split
     from llmfactory_runtime.finetune.distributed import World
-    from llmfactory_runtime.finetune.model_setup import load_for_training, training_dtype
+    from llmfactory_runtime.finetune.model_setup import dequantize_once, load_for_training, training_dtype
     from llmfactory_runtime.finetune.train import epoch_rows
     from llmfactory_runtime.models import load_tokenizer
 
@@ -188,7 +191,12 @@ def profile(task: dict, steps: int) -> None:
                for i in range(0, len(groups) - hp["batchSize"] + 1, hp["batchSize"])]
     if len(batches) < steps + 2:
         raise SystemExit(f"--profile {steps} needs {steps + 2} batches, the data makes {len(batches)}: raise --conversations")
-    model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device))
+    dequantize = False
+    if spec["method"] == "qlora":  # as the runtime decides it
+        gpu = tuple(x / 2 ** 30 for x in reversed(torch.cuda.mem_get_info())) if cuda else None
+        as_lora = estimate(shape, dataclasses.replace(plan_of(spec), method="lora"))
+        dequantize = dequantize_once(spec["qlora"]["dequantizeOnce"], as_lora, gpu)
+    model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device), dequantize)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learningRate"])
 
     def step(batch) -> None:
@@ -220,7 +228,7 @@ def profile(task: dict, steps: int) -> None:
         kinds[kind] = kinds.get(kind, 0.0) + getattr(e, device_time) / 1e6
     busy = sum(kinds.values())
     tokens = sum(int(b["input_ids"].numel()) for b in batches[2:steps + 2])
-    print(f"\n{task['spec']['method']}: {steps} steps in {seconds:.2f} s under the profiler "
+    print(f"\n{task['spec']['method']}{' (dequantized once)' if dequantize else ''}: {steps} steps in {seconds:.2f} s under the profiler "
           f"({tokens / seconds:.0f} positions/s); {'GPU' if cuda else 'CPU'} busy {busy:.2f} s")
     print(f"{'kind of work':<18} {'seconds':>8} {'share':>6}")
     for kind, secs in sorted(kinds.items(), key=lambda kv: -kv[1]):
@@ -238,6 +246,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--fused-kernels", action="store_true", help="Liger kernels (CUDA only)")
+    parser.add_argument("--qlora-dequantize", choices=["auto", "always", "never"], default="auto",
+                        help="spec.qlora.dequantizeOnce for the qlora runs")
     parser.add_argument("--hf-trainer", action="store_true", help="also run transformers' Trainer (padded, lora)")
     parser.add_argument("--workdir", default="/tmp/llmfactory-bench")
     parser.add_argument("--json", help="also write the rows here")
@@ -257,7 +267,7 @@ def main() -> None:
         for method in args.methods.split(","):
             packing = args.packing != "off"
             profile(task_for(work / f"model-{args.shape}", dataset, f"file://{work}/profile", method, args, packing),
-                    args.profile)
+                    shape, args.profile)
         return
     rows = []
     for method in args.methods.split(","):
@@ -266,9 +276,10 @@ def main() -> None:
             est = estimate(shape, plan_of(task["spec"]))
             r = run_runtime(task, work)
             mfu = r["tokensPerSecond"] * est.flops_per_token / PEAK_FLOPS if r.get("peakGpuMemoryGiB") else None
-            rows.append({"engine": "llmfactory", "method": method, "packing": packing, "tokensPerSecond": r["tokensPerSecond"],
+            rows.append({"engine": "llmfactory", "method": method + ("*" if r.get("dequantizedOnce") else ""),
+                         "packing": packing, "tokensPerSecond": r["tokensPerSecond"],
                          "realTokenShare": r["realTokenShare"], "mfu": mfu, "peakGpuMemoryGiB": r.get("peakGpuMemoryGiB"),
-                         "estimatedGiB": est.total_gib, "steps": r["steps"], "trainTokens": r["trainTokens"],
+                         "estimatedGiB": r["estimate"]["totalGib"], "steps": r["steps"], "trainTokens": r["trainTokens"],
                          "firstLoss": r["firstLoss"], "finalLoss": r["finalLoss"]})
             print(json.dumps(rows[-1]), flush=True)
     if args.hf_trainer:
@@ -277,7 +288,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.batch}, gradient checkpointing {args.checkpointing}, "
-          f"lora r 16 all-linear dropout {args.lora_dropout}, fused kernels {args.fused_kernels}")
+          f"lora r 16 all-linear dropout {args.lora_dropout}, fused kernels {args.fused_kernels}"
+          f"{'; qlora* = 4-bit weights dequantized once' if any(r['method'] == 'qlora*' for r in rows) else ''}")
     print(f"{'engine':<11} {'method':<6} {'packing':<8} {'tokens/s':>10} {'real share':>10} {'MFU':>6} {'peak GiB':>9} {'est. GiB':>9}")
     for r in rows:
         peak = f"{r['peakGpuMemoryGiB']:.1f}" if r.get("peakGpuMemoryGiB") else "-"

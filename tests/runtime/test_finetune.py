@@ -357,16 +357,44 @@ def test_each_rank_downloads_the_shared_files_and_only_its_own_shards(tmp_path):
 def test_qlora_trains_a_4bit_base_on_cpu_and_its_adapter_reloads(tiny_model, dataset, tmp_path):
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="qlora", lora=NO_DROPOUT,
                          hyperparameters={"learningRate": 0.005})
-    assert task["spec"]["qlora"] == {"quantType": "nf4", "doubleQuantization": True}
+    assert task["spec"]["qlora"] == {"quantType": "nf4", "doubleQuantization": True, "dequantizeOnce": "auto"}
     _ok(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"] - 0.3
+    assert result["dequantizedOnce"] is False  # auto: only on a GPU with the memory for it
     from peft import PeftModel
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     model = PeftModel.from_pretrained(base, result["adapterUri"][7:])
     assert any("lora_A" in name for name, _ in model.named_parameters())
     merged = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
     assert merged.config.num_hidden_layers == 2 and getattr(merged.config, "quantization_config", None) is None
+
+    # Dequantized once, the same 4-bit-rounded weights: the same run, step for step.
+    once = finetune_task(tiny_model, dataset, f"file://{tmp_path}/once", method="qlora", lora=NO_DROPOUT,
+                         qlora={"dequantizeOnce": "always"}, hyperparameters={"learningRate": 0.005})
+    _ok(run_finetune(write_task(once, tmp_path)))
+    assert _result(once)["dequantizedOnce"] is True
+    assert _loss_curve(once) == pytest.approx(_loss_curve(task), abs=1e-5)
+    expected, got = _adapter(task), _adapter(once)
+    assert expected.keys() == got.keys() and all(torch.allclose(got[k], expected[k], atol=1e-5) for k in expected)
+
+
+def test_qlora_dequantizes_once_where_the_memory_is_there_and_refuses_always_where_it_cannot_fit():
+    from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Plan, estimate
+    from llmfactory_runtime.finetune.model_setup import dequantize_once
+    from llmfactory_runtime.task import InvalidTask
+
+    as_lora = estimate(KNOWN_SHAPES["meta-llama/meta-llama-3-8b"], Plan(method="lora", micro_batch=2, seq_len=2048, gpus=1))
+    assert 60 < as_lora.total_gib < 75
+    assert dequantize_once("auto", as_lora, (79.2, 78.0)) is True  # an H100 of its own
+    assert dequantize_once("auto", as_lora, (79.2, 40.0)) is False  # shared: another process holds half
+    assert dequantize_once("auto", as_lora, (39.4, 39.0)) is False  # a MIG slice
+    assert dequantize_once("auto", as_lora, None) is False  # CPU
+    assert dequantize_once("never", as_lora, (79.2, 78.0)) is False
+    assert dequantize_once("always", as_lora, (79.2, 40.0)) is True
+    assert dequantize_once("always", as_lora, None) is True
+    with pytest.raises(InvalidTask, match=r"spec.qlora.dequantizeOnce: always needs ~6\d.\d GiB .* 39.4 GiB .* auto or never"):
+        dequantize_once("always", as_lora, (39.4, 39.0))
 
 
 def test_qlora_keeps_its_unquantized_layers_in_the_training_dtype_as_lora_does_and_trains_in_bf16(tiny_model):
@@ -393,6 +421,15 @@ def test_qlora_keeps_its_unquantized_layers_in_the_training_dtype_as_lora_does_a
         optimizer.zero_grad()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.3
+
+    # Dequantized once: plain Linear layers, and the very logits of the 4-bit model.
+    once = load_for_training({"method": "qlora", "hyperparameters": {"gradientCheckpointing": False}, "lora": NO_DROPOUT,
+                              "qlora": {"quantType": "nf4", "doubleQuantization": True}},
+                             {"uri": f"file://{tiny_model}"}, ONE, torch.bfloat16, dequantize=True)
+    assert not any(p.dtype == torch.uint8 for p in once.parameters())
+    four_bit = load("qlora")
+    with torch.no_grad():
+        assert torch.equal(once(input_ids=ids).logits, four_bit(input_ids=ids).logits)
 
 
 @pytest.mark.slow

@@ -35,6 +35,13 @@ class QLora(ApiModel):
 
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 as in the QLoRA paper.")
     double_quantization: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
+    dequantize_once: Literal["auto", "always", "never"] = Field("auto", description=(
+        "Dequantize the 4-bit weights once, after loading, and train against that copy in the training "
+        "dtype, instead of dequantizing every weight in every forward and backward pass. The adapter "
+        "trains against the same 4-bit-rounded weights either way, so the result is the same; once runs "
+        "at about LoRA's speed with LoRA's memory. auto: on a GPU whose free memory holds the LoRA-sized "
+        "estimate, else keep 4-bit; always: also on CPU, refused with the numbers where it cannot fit; "
+        "never: keep the weights 4-bit (the least memory)."))
 
 
 class Hyperparameters(ApiModel):
@@ -188,6 +195,8 @@ class FineTuneResult(ApiModel):
     real_token_share: float = Field(description="Share of the tokens computed on that were not padding (0-1).")
     processes: int = Field(1, description="Training processes (GPUs) that shared the work.")
     peak_gpu_memory_gib: float | None = Field(None, alias="peakGpuMemoryGiB", description="Peak GPU memory PyTorch allocated on rank 0 (GiB).")
+    dequantized_once: bool | None = Field(None, description=(
+        "qlora: whether the 4-bit weights were dequantized once (spec.qlora.dequantizeOnce) on rank 0."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description="metrics/loss.csv and loss.png: loss and learning rate per step.")
     estimate: dict[str, float] | None = Field(None, description="The memory/FLOPs estimate for the real model and GPU.")

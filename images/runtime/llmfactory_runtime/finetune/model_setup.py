@@ -9,6 +9,7 @@ import torch
 from ..models import load_model
 from ..task import InvalidTask
 from .distributed import World
+from .estimate import Estimate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -24,8 +25,28 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, dtype: torch.dtype):
-    """The model to train: base weights (4-bit for qlora), gradient checkpointing, adapters."""
+def dequantize_once(setting: str, as_lora: Estimate, gpu_gib: tuple[float, float] | None) -> bool:
+    """Whether QLoRA trains against its 4-bit weights dequantized once (spec.qlora.dequantizeOnce).
+    as_lora: the memory estimate with the weights in the training dtype; gpu_gib: (total, free) on
+    the GPU, None on CPU. auto asks for free memory, not total, so a GPU shared with another
+    process keeps the 4-bit weights."""
+    if setting == "never" or (setting == "auto" and gpu_gib is None):
+        return False
+    if gpu_gib is None:
+        return True
+    total, free = gpu_gib
+    if setting == "auto":
+        return as_lora.total_gib <= free
+    if as_lora.total_gib > total:
+        raise InvalidTask(f"spec.qlora.dequantizeOnce: always needs {as_lora.summary()}, more than the "
+                          f"{total:g} GiB a GPU has; set it to auto or never")
+    return True
+
+
+def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, dtype: torch.dtype,
+                      dequantize: bool = False):
+    """The model to train: base weights (4-bit for qlora, dequantized once if `dequantize`),
+    gradient checkpointing, adapters."""
     method, hp = spec["method"], spec["hyperparameters"]
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
     if method == "qlora":
@@ -40,6 +61,10 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": world.device}
     model = load_model(base, dtype=dtype, to=world.device, **kwargs)
+    if dequantize:
+        # Each 4-bit Linear becomes a plain one holding bitsandbytes' own dequantization of its
+        # weights: the very values its forward and backward would compute every time.
+        model = model.dequantize(dtype=dtype)
     model.config.use_cache = False  # no KV cache in training; packed batches need it off
     if hp.get("fusedKernels"):
         _fuse(model, world)

@@ -9,6 +9,7 @@ with the weights an uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import shutil
@@ -31,7 +32,8 @@ from ..store import Store
 from ..task import InvalidTask
 from . import checkpoint, distributed, outputs
 from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
-from .model_setup import load_for_training, load_trainable_state, trainable_state, training_dtype
+from .model_setup import (dequantize_once, load_for_training, load_trainable_state, trainable_state,
+                          training_dtype)
 from .packing import one_per_row, pack
 from .trackers import Trackers
 
@@ -99,13 +101,21 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     stop = sigterm_flag()
 
     # Will it fit? The planner checked with what it could read offline; now the real config and GPU.
-    est = estimate(shape_from_config(load_config(inputs["baseModel"]).to_dict()),
-                   plan_of({**spec, "resources": {"gpusPerNode": world.size, "nodes": 1}}))
+    shape = shape_from_config(load_config(inputs["baseModel"]).to_dict())
+    plan = plan_of({**spec, "resources": {"gpusPerNode": world.size, "nodes": 1}})
+    est = estimate(shape, plan)
+    gpu_gib = None
     if world.device.type == "cuda":
-        gpu_gib = torch.cuda.get_device_properties(world.device).total_memory / GIB
-        problem = does_not_fit(est, gpu_gib)
+        free, total = torch.cuda.mem_get_info(world.device)
+        gpu_gib = (total / GIB, free / GIB)
+        problem = does_not_fit(est, gpu_gib[0])
         if problem:
             raise InvalidTask(f"spec.resources: {problem}")
+    dequantize = False
+    if spec["method"] == "qlora":
+        as_lora = estimate(shape, dataclasses.replace(plan, method="lora"))
+        dequantize = dequantize_once(spec["qlora"].get("dequantizeOnce", "auto"), as_lora, gpu_gib)
+        est = as_lora if dequantize else est
 
     # Data
     progress.stage("loading data and model")
@@ -126,7 +136,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     # Model: the same initial weights on every process, then each its own dropout stream.
     torch.manual_seed(hp["seed"])
-    model = load_for_training(spec, inputs["baseModel"], world, dtype)
+    if dequantize:
+        progress.stage("loading data and model (qlora: 4-bit weights dequantized once, see spec.qlora.dequantizeOnce)")
+    model = load_for_training(spec, inputs["baseModel"], world, dtype, dequantize)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(hp["seed"] + 1000 * world.rank)
     random.seed(hp["seed"] + world.rank)
@@ -267,6 +279,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "resumedFromStep": start or None,
         "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated(world.device) / GIB, 2)
         if world.device.type == "cuda" else None,
+        "dequantizedOnce": dequantize if spec["method"] == "qlora" else None,
     }
     progress.stage("saving")
     result = _save(task, run, inner, tokenizer, dtype, summary, full_state)
