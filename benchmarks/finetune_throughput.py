@@ -17,7 +17,6 @@ by kind of work: what to look at before changing anything for speed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -31,7 +30,8 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "images" / "runtime"), str(RO
 
 from llmfactory.planner import parse, plan  # noqa: E402
 from llmfactory_runtime.data import dumps_jsonl  # noqa: E402
-from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, PEAK_FLOPS, ModelShape, estimate, plan_of  # noqa: E402
+from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, PEAK_FLOPS, ModelShape, as_dequantized,  # noqa: E402
+                                                   estimate, plan_of)
 
 SHAPES = {
     "llama3-8b": KNOWN_SHAPES["meta-llama/meta-llama-3-8b"],
@@ -194,7 +194,7 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     dequantize = False
     if spec["method"] == "qlora":  # as the runtime decides it
         gpu = tuple(x / 2 ** 30 for x in reversed(torch.cuda.mem_get_info())) if cuda else None
-        as_lora = estimate(shape, dataclasses.replace(plan_of(spec), method="lora"))
+        as_lora = estimate(shape, as_dequantized(plan_of(spec)))
         dequantize = dequantize_once(spec["qlora"]["dequantizeOnce"], as_lora, gpu)
     model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device), dequantize)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learningRate"])

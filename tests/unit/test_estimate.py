@@ -89,6 +89,22 @@ def test_planner_accepts_the_same_model_sharded_with_offload_and_carries_the_est
         plan(parse(manifest), lambda *key: None, "file:///tmp/store")
 
 
+def test_planner_refuses_qlora_dequantized_once_always_where_only_4bit_fits_and_lets_auto_decide():
+    hp = {"batchSize": 2, "maxSeqLength": 2048, "gradientCheckpointing": True}
+    on_a_24gib_gpu = {"gpusPerNode": 1, "gpuMemoryGiB": 24}
+    always = _fine_tune("meta-llama/Meta-Llama-3-8B", on_a_24gib_gpu, method="qlora", hyperparameters=hp,
+                        qlora={"dequantizeOnce": "always"})
+    with pytest.raises(PlanError) as err:
+        plan(parse(always), lambda *key: None, "file:///tmp/store")
+    assert err.value.field == "spec.qlora.dequantizeOnce" and "24 GiB" in err.value.message
+    assert "auto or never" in err.value.message
+    auto = _fine_tune("meta-llama/Meta-Llama-3-8B", on_a_24gib_gpu, method="qlora", hyperparameters=hp)
+    waiting = plan(parse(auto), lambda *key: None, "file:///tmp/store")
+    assert isinstance(waiting, Waiting) and waiting.estimate["total_gib"] < 24  # 4-bit fits; the runtime decides
+    always["spec"]["resources"]["gpuMemoryGiB"] = 80
+    assert isinstance(plan(parse(always), lambda *key: None, "file:///tmp/store"), Waiting)
+
+
 def test_unknown_models_are_not_refused_the_runtime_checks_them():
     waiting = plan(parse(_fine_tune("someone/unknown-model", {"gpusPerNode": 1})), lambda *key: None, "file:///tmp/store")
     assert isinstance(waiting, Waiting) and waiting.estimate is None

@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from urllib.parse import urlparse
 
-from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Estimate, ModelShape, does_not_fit, estimate, plan_of, shape_from_config
+from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, Estimate, ModelShape, Plan, as_dequantized,
+                                                   dequantized_does_not_fit, does_not_fit, estimate, plan_of,
+                                                   shape_from_config)
 
 from ..api.common import operational_fields
 from .errors import PlanError
@@ -66,8 +68,7 @@ def model_shape(source) -> ModelShape | None:
     return None
 
 
-def fine_tune_estimate(res: Resource) -> Estimate | None:
-    """The estimate for a FineTune, or None when the model's shape is not known offline."""
+def _shape_and_plan(res: Resource) -> tuple[ModelShape, Plan] | None:
     try:
         shape = model_shape(res.spec.base_model)
     except ValueError as exc:
@@ -75,14 +76,24 @@ def fine_tune_estimate(res: Resource) -> Estimate | None:
     if shape is None:
         return None
     spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
-    return estimate(shape, plan_of(spec))
+    return shape, plan_of(spec)
 
 
 def check_fits(res: Resource) -> Estimate | None:
-    """Refuse a FineTune that cannot fit the GPUs it asks for."""
-    est = fine_tune_estimate(res)
-    if est is not None and res.spec.resources.gpus_per_node > 0:
-        problem = does_not_fit(est, res.spec.resources.gpu_memory_gib)
+    """The estimate for a FineTune (None when the model's shape is not known offline); a
+    refusal when it cannot fit the GPUs it asks for."""
+    known = _shape_and_plan(res)
+    if known is None:
+        return None
+    shape, plan = known
+    est = estimate(shape, plan)
+    gpu_gib = res.spec.resources.gpu_memory_gib
+    if res.spec.resources.gpus_per_node > 0:
+        problem = does_not_fit(est, gpu_gib)
         if problem:
             raise PlanError(res.ref, "spec.resources", problem)
+        if res.spec.qlora and res.spec.qlora.dequantize_once == "always":
+            problem = dequantized_does_not_fit(estimate(shape, as_dequantized(plan)), gpu_gib)
+            if problem:
+                raise PlanError(res.ref, "spec.qlora.dequantizeOnce", problem)
     return est

@@ -8,7 +8,7 @@ the point is to refuse the clearly impossible before a Job waits hours for eight
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 GIB = 1024 ** 3
@@ -229,3 +229,16 @@ def does_not_fit(est: Estimate, gpu_gib: float) -> str | None:
     return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; lower hyperparameters.batchSize "
             f"or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, or shard with "
             f"distribution.strategy deepspeed (zeroStage 3) over more GPUs")
+
+
+def as_dequantized(plan: Plan) -> Plan:
+    """A QLoRA plan with its 4-bit weights dequantized once (spec.qlora.dequantizeOnce): LoRA's memory."""
+    return replace(plan, method="lora")
+
+
+def dequantized_does_not_fit(as_lora: Estimate, gpu_gib: float) -> str | None:
+    """None when QLoRA dequantized once fits a GPU of gpu_gib, else what spec.qlora.dequantizeOnce: always
+    needs and what to set instead."""
+    if as_lora.total_gib <= gpu_gib:
+        return None
+    return f"always needs {as_lora.summary()}, more than the {gpu_gib:g} GiB a GPU has; set it to auto or never"

@@ -9,7 +9,7 @@ import torch
 from ..models import load_model
 from ..task import InvalidTask
 from .distributed import World
-from .estimate import Estimate
+from .estimate import Estimate, dequantized_does_not_fit
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -37,9 +37,9 @@ def dequantize_once(setting: str, as_lora: Estimate, gpu_gib: tuple[float, float
     total, free = gpu_gib
     if setting == "auto":
         return as_lora.total_gib <= free
-    if as_lora.total_gib > total:
-        raise InvalidTask(f"spec.qlora.dequantizeOnce: always needs {as_lora.summary()}, more than the "
-                          f"{total:g} GiB a GPU has; set it to auto or never")
+    problem = dequantized_does_not_fit(as_lora, total)
+    if problem:
+        raise InvalidTask(f"spec.qlora.dequantizeOnce: {problem}")
     return True
 
 

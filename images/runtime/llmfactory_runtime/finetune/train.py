@@ -9,7 +9,6 @@ with the weights an uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import random
 import shutil
@@ -31,7 +30,7 @@ from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
 from . import checkpoint, distributed, outputs
-from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
+from .estimate import GIB, as_dequantized, does_not_fit, estimate, plan_of, shape_from_config
 from .model_setup import (dequantize_once, load_for_training, load_trainable_state, trainable_state,
                           training_dtype)
 from .packing import one_per_row, pack
@@ -113,7 +112,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             raise InvalidTask(f"spec.resources: {problem}")
     dequantize = False
     if spec["method"] == "qlora":
-        as_lora = estimate(shape, dataclasses.replace(plan, method="lora"))
+        as_lora = estimate(shape, as_dequantized(plan))
         dequantize = dequantize_once(spec["qlora"].get("dequantizeOnce", "auto"), as_lora, gpu_gib)
         est = as_lora if dequantize else est
 
