@@ -98,7 +98,7 @@ def task_for(model: Path, dataset: str, store: str, method: str, args, packing: 
             "mergeAdapter": False,
             "hyperparameters": {"epochs": 1, "batchSize": args.batch, "maxSeqLength": args.seq, "packing": packing,
                                 "gradientCheckpointing": args.checkpointing, "warmupRatio": 0.0,
-                                "fusedKernels": args.fused_kernels},
+                                "fusedKernels": args.fused_kernels, "compile": args.compile},
             "checkpointing": {"everySteps": 100000}, "resources": {"gpusPerNode": 1}}
     if method != "full":
         spec["lora"] = {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "targetModules": ["all-linear"]}
@@ -168,8 +168,9 @@ KINDS = [("attention", ("attention", "flash", "fmha", "efficient_attention", "sd
 
 
 def profile(task: dict, shape: ModelShape, steps: int) -> None:
-    """Train `steps` steps of `task` under torch.profiler, after two warm-up steps, and print the
-    operators that take the most device time and the split by kind of work."""
+    """After a few warm-up steps (where a compiled run compiles), time `steps` training steps of `task`
+    (steady-state tokens/s, start-up excluded), then run as many again under torch.profiler and print
+    the operators that take the most device time and the split by kind of work."""
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -181,16 +182,19 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     from llmfactory_runtime.models import load_tokenizer
 
     spec, inputs = task["spec"], task["inputs"]
-    hp = spec["hyperparameters"]
+    hp, micro = spec["hyperparameters"], spec["hyperparameters"]["batchSize"]
     cuda = torch.cuda.is_available()
     world = World(rank=0, size=1, local_rank=0, device=torch.device("cuda" if cuda else "cpu"))
     tokenizer = load_tokenizer(inputs["baseModel"])
     examples = encode_rows(tokenizer, read_split(inputs["dataset"]["uri"], "train"), hp["maxSeqLength"])
-    groups = epoch_rows(examples, 0, hp, hp["batchSize"])
-    batches = [collate_sequences(examples, groups[i:i + hp["batchSize"]], tokenizer.pad_token_id, hp["packing"])
-               for i in range(0, len(groups) - hp["batchSize"] + 1, hp["batchSize"])]
-    if len(batches) < steps + 2:
-        raise SystemExit(f"--profile {steps} needs {steps + 2} batches, the data makes {len(batches)}: raise --conversations")
+    rows = epoch_rows(examples, 0, hp, micro)
+    groups = [rows[i:i + micro] for i in range(0, len(rows) - micro + 1, micro)]
+    warm_up = 6 if hp.get("compile") else 2  # a compiled run compiles a graph per variant it meets
+    if len(groups) < 2 * steps + warm_up:
+        raise SystemExit(f"--profile {steps} needs {2 * steps + warm_up} batches, the data makes {len(groups)}: "
+                         "raise --conversations")
+    batches = [collate_sequences(examples, g, tokenizer.pad_token_id, hp["packing"]) for g in groups]
+    real = [sum(len(examples[j]["input_ids"]) for row in g for j in row) for g in groups]
     dequantize = False
     if spec["method"] == "qlora":  # as the runtime decides it
         gpu = tuple(x / 2 ** 30 for x in reversed(torch.cuda.mem_get_info())) if cuda else None
@@ -199,22 +203,22 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device), dequantize)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learningRate"])
 
-    def step(batch) -> None:
-        loss = model(**{k: v.to(world.device) for k, v in batch.items()}, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def train(first: int, n: int) -> float:
+        began = time.perf_counter()
+        for batch in batches[first:first + n]:
+            loss = model(**{k: v.to(world.device) for k, v in batch.items()}, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        return time.perf_counter() - began
 
-    for batch in batches[:2]:
-        step(batch)
+    train(0, warm_up)
+    seconds = train(warm_up, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    began = time.perf_counter()
     with torch_profile(activities=activities) as prof:
-        for batch in batches[2:steps + 2]:
-            step(batch)
-    seconds = time.perf_counter() - began
+        train(warm_up + steps, steps)
     device_time = "self_device_time_total" if cuda else "self_cpu_time_total"
     sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
@@ -227,9 +231,9 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
         kind = next((k for k, words in KINDS if any(w in name for w in words)), "other")
         kinds[kind] = kinds.get(kind, 0.0) + getattr(e, device_time) / 1e6
     busy = sum(kinds.values())
-    tokens = sum(int(b["input_ids"].numel()) for b in batches[2:steps + 2])
-    print(f"\n{task['spec']['method']}{' (dequantized once)' if dequantize else ''}: {steps} steps in {seconds:.2f} s under the profiler "
-          f"({tokens / seconds:.0f} positions/s); {'GPU' if cuda else 'CPU'} busy {busy:.2f} s")
+    label = spec["method"] + (" (dequantized once)" if dequantize else "") + (" compiled" if hp.get("compile") else "")
+    print(f"\n{label}: {steps} steps in {seconds:.2f} s after warm-up: {sum(real[warm_up:warm_up + steps]) / seconds:.0f} real "
+          f"tokens/s; under the profiler, {'GPU' if cuda else 'CPU'} busy {busy:.2f} s")
     print(f"{'kind of work':<18} {'seconds':>8} {'share':>6}")
     for kind, secs in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"{kind:<18} {secs:>8.3f} {secs / max(busy, 1e-9):>6.1%}")
@@ -246,6 +250,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--fused-kernels", action="store_true", help="Liger kernels (CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="hyperparameters.compile (torch.compile per layer)")
     parser.add_argument("--qlora-dequantize", choices=["auto", "always", "never"], default="auto",
                         help="spec.qlora.dequantizeOnce for the qlora runs")
     parser.add_argument("--hf-trainer", action="store_true", help="also run transformers' Trainer (padded, lora)")
@@ -288,7 +293,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.batch}, gradient checkpointing {args.checkpointing}, "
-          f"lora r 16 all-linear dropout {args.lora_dropout}, fused kernels {args.fused_kernels}"
+          f"lora r 16 all-linear dropout {args.lora_dropout}, fused kernels {args.fused_kernels}, compile {args.compile}"
           f"{'; qlora* = 4-bit weights dequantized once' if any(r['method'] == 'qlora*' for r in rows) else ''}")
     print(f"{'engine':<11} {'method':<6} {'packing':<8} {'tokens/s':>10} {'real share':>10} {'MFU':>6} {'peak GiB':>9} {'est. GiB':>9}")
     for r in rows:

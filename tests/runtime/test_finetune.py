@@ -19,7 +19,7 @@ from llmfactory_runtime.batching import collate_sequences as collate, encode_row
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
-from llmfactory_runtime.finetune.model_setup import load_for_training
+from llmfactory_runtime.finetune.model_setup import load_for_training, trainable_state
 from llmfactory_runtime.finetune.packing import pack
 from llmfactory_runtime.store import finished_result, open_store
 
@@ -351,6 +351,32 @@ def test_each_rank_downloads_the_shared_files_and_only_its_own_shards(tmp_path):
     assert got == sorted(["state.json", "rng-1.pt", "deepspeed/latest", "deepspeed/state/mp_rank_00_model_states.pt",
                           "deepspeed/state/zero_pp_rank_1_mp_rank_00_model_states.pt",
                           "deepspeed/state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_exactly_as_uncompiled_ones_and_keep_their_weight_names(tiny_model):
+    ids = torch.randint(5, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([list(range(12)) + list(range(20))] * 2)  # two packed conversations a row
+
+    def train(compile_: bool):
+        torch.manual_seed(0)
+        spec = {"method": "lora", "lora": NO_DROPOUT, "hyperparameters": {"gradientCheckpointing": False,
+                                                                         "compile": compile_}}
+        model = load_for_training(spec, {"uri": f"file://{tiny_model}"}, ONE, torch.float32)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        losses = []
+        for _ in range(3):
+            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return model, losses
+
+    (plain, expected), (compiled, got) = train(False), train(True)
+    assert any(getattr(m, "_compiled_call_impl", None) for m in compiled.modules())
+    assert got == pytest.approx(expected, abs=1e-5) and got[-1] < got[0]
+    assert trainable_state(compiled).keys() == trainable_state(plain).keys()  # checkpoints and adapters as ever
 
 
 @pytest.mark.slow

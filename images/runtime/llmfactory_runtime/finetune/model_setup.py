@@ -87,8 +87,24 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             model = get_peft_model(model, config)
         except ValueError as exc:  # e.g. a target module the architecture does not have
             raise InvalidTask(f"spec.lora.targetModules: {exc}") from None
+    if hp.get("compile"):
+        _compile_layers(model)
     model.train()
     return model
+
+
+def _compile_layers(model) -> None:
+    """torch.compile each decoder layer in place (regional compilation). Every layer runs the same
+    code, so one graph serves them all and the compile costs one layer's time; parameter names,
+    hence checkpoints and the saved adapter, do not change."""
+    from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise InvalidTask("spec.hyperparameters.compile: transformers does not mark this architecture's decoder "
+                          "layers (GradientCheckpointingLayer); set it false")
+    for layer in layers:
+        layer.compile(dynamic=True)  # packed rows vary in length: one graph for all of them
 
 
 def _fuse(model, world: World) -> None:
