@@ -64,8 +64,9 @@ class Hyperparameters(ApiModel):
         "Liger's fused Triton kernels for Llama-family models (RMSNorm, SwiGLU, RoPE, and linear + "
         "cross-entropy without materialising the logits): less memory, more tokens/s. CUDA only."))
     compile: bool = Field(False, description=(
-        "torch.compile each decoder layer (one graph serves every layer, so it compiles once, in about "
-        "a minute on a GPU, at the start of each attempt): fused elementwise kernels, more tokens/s. "
+        "torch.compile each decoder layer: norms, activations, RoPE and residual adds fused into fewer "
+        "kernels. One graph serves every layer, compiled at the start of each attempt (and again for "
+        "evaluation). "
         "Dropout draws its random numbers differently when compiled, so the loss curve differs "
         "slightly from an uncompiled run's. Under DeepSpeed ZeRO 3 its parameter hooks make the layers "
         "recompile up to torch's limit, after which they run uncompiled."))
