@@ -174,23 +174,21 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
     # measured on an H100 (benchmarks/RESULTS.md: within 5% for LoRA and QLoRA on Llama-3-8B).
     # Adapters keep their inputs; dropout on them adds a mask. Checkpointing keeps each layer's
     # input and recomputes one layer at a time. The loss holds the logits, their fp32 upcast,
-    # log-softmax and its gradient. QLoRA's extra terms (a fp32 residual stream, dropout copies,
-    # fp32 logits) were fitted when its unquantized layers ran in fp32, as peft prepares them;
-    # they no longer do (model_setup.py), so these terms are an upper bound until the next H100
-    # measurement fits them again.
+    # log-softmax and its gradient. QLoRA keeps what LoRA keeps: its unquantized layers run in the
+    # training dtype as LoRA's do (model_setup.py), and a frozen 4-bit layer, like a frozen Linear,
+    # saves nothing of its own for backward. (Until 2026-11-24 they ran in fp32, peft's default,
+    # and QLoRA had terms of its own, fitted then.)
     h, kv, inter = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
     per_layer = 28 * h + 8 * kv + 8 * inter
     if plan.method != "full":
         per_layer += 12 * h + 2 * inter
         if plan.lora_dropout > 0:
-            per_layer += (6 * h + inter) * (3 if plan.method == "qlora" else 1)
-    if plan.method == "qlora":
-        per_layer += 8 * h
+            per_layer += 6 * h + inter
     if plan.gradient_checkpointing:
         layer_bytes = shape.layers * 2 * h + per_layer
     else:
         layer_bytes = shape.layers * per_layer
-    activations = tokens * (layer_bytes + shape.vocab * (16 if plan.method == "qlora" else 10))
+    activations = tokens * (layer_bytes + shape.vocab * 10)
 
     total = (weights + grads + optim + activations) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
 
