@@ -30,8 +30,7 @@ sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "images" / "runtime"), str(RO
 
 from llmfactory.planner import parse, plan  # noqa: E402
 from llmfactory_runtime.data import dumps_jsonl  # noqa: E402
-from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, PEAK_FLOPS, ModelShape, as_dequantized,  # noqa: E402
-                                                   estimate, plan_of)
+from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, PEAK_FLOPS, ModelShape, estimate, plan_of  # noqa: E402
 
 SHAPES = {
     "llama3-8b": KNOWN_SHAPES["meta-llama/meta-llama-3-8b"],
@@ -177,7 +176,8 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     from llmfactory_runtime.batching import collate_sequences, encode_rows
     from llmfactory_runtime.data import read_split
     from llmfactory_runtime.finetune.distributed import World
-    from llmfactory_runtime.finetune.model_setup import dequantize_once, load_for_training, training_dtype
+    from llmfactory_runtime.finetune.model_setup import (gpu_memory_gib, load_for_training, qlora_dequantized,
+                                                         training_dtype)
     from llmfactory_runtime.finetune.train import epoch_rows
     from llmfactory_runtime.models import load_tokenizer
 
@@ -195,11 +195,7 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
                          "raise --conversations")
     batches = [collate_sequences(examples, g, tokenizer.pad_token_id, hp["packing"]) for g in groups]
     real = [sum(len(examples[j]["input_ids"]) for row in g for j in row) for g in groups]
-    dequantize = False
-    if spec["method"] == "qlora":  # as the runtime decides it
-        gpu = tuple(x / 2 ** 30 for x in reversed(torch.cuda.mem_get_info())) if cuda else None
-        as_lora = estimate(shape, as_dequantized(plan_of(spec)))
-        dequantize = dequantize_once(spec["qlora"]["dequantizeOnce"], as_lora, gpu)
+    dequantize = qlora_dequantized(spec, shape, plan_of(spec), gpu_memory_gib(world.device)) is not None
     model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device), dequantize)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learningRate"])
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from urllib.parse import urlparse
 
-from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, Estimate, ModelShape, Plan, as_dequantized,
+from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, Estimate, ModelShape, as_dequantized,
                                                    dequantized_does_not_fit, does_not_fit, estimate, plan_of,
                                                    shape_from_config)
 
@@ -68,24 +68,16 @@ def model_shape(source) -> ModelShape | None:
     return None
 
 
-def _shape_and_plan(res: Resource) -> tuple[ModelShape, Plan] | None:
+def check_fits(res: Resource) -> Estimate | None:
+    """The estimate for a FineTune (None when the model's shape is not known offline); a
+    refusal when it cannot fit the GPUs it asks for."""
     try:
         shape = model_shape(res.spec.base_model)
     except ValueError as exc:
         raise PlanError(res.ref, "spec.baseModel", str(exc)) from None
     if shape is None:
         return None
-    spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
-    return shape, plan_of(spec)
-
-
-def check_fits(res: Resource) -> Estimate | None:
-    """The estimate for a FineTune (None when the model's shape is not known offline); a
-    refusal when it cannot fit the GPUs it asks for."""
-    known = _shape_and_plan(res)
-    if known is None:
-        return None
-    shape, plan = known
+    plan = plan_of({k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)})
     est = estimate(shape, plan)
     gpu_gib = res.spec.resources.gpu_memory_gib
     if res.spec.resources.gpus_per_node > 0:

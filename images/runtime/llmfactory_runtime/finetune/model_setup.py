@@ -9,7 +9,7 @@ import torch
 from ..models import load_model
 from ..task import InvalidTask
 from .distributed import World
-from .estimate import Estimate, dequantized_does_not_fit
+from .estimate import GIB, Estimate, ModelShape, Plan, as_dequantized, dequantized_does_not_fit, estimate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,6 +41,24 @@ def dequantize_once(setting: str, as_lora: Estimate, gpu_gib: tuple[float, float
     if problem:
         raise InvalidTask(f"spec.qlora.dequantizeOnce: {problem}")
     return True
+
+
+def gpu_memory_gib(device: torch.device) -> tuple[float, float] | None:
+    """(total, free) GiB of a CUDA device; None on CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return total / GIB, free / GIB
+
+
+def qlora_dequantized(spec: dict[str, Any], shape: ModelShape, plan: Plan,
+                      gpu_gib: tuple[float, float] | None) -> Estimate | None:
+    """For a QLoRA run that dequantizes its weights once, the (LoRA-sized) estimate it trains under;
+    None when it keeps them 4-bit or is no QLoRA run."""
+    if spec["method"] != "qlora":
+        return None
+    as_lora = estimate(shape, as_dequantized(plan))
+    return as_lora if dequantize_once(spec["qlora"].get("dequantizeOnce", "auto"), as_lora, gpu_gib) else None
 
 
 def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, dtype: torch.dtype,

@@ -30,9 +30,9 @@ from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
 from . import checkpoint, distributed, outputs
-from .estimate import GIB, as_dequantized, does_not_fit, estimate, plan_of, shape_from_config
-from .model_setup import (dequantize_once, load_for_training, load_trainable_state, trainable_state,
-                          training_dtype)
+from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
+from .model_setup import (gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
+                          trainable_state, training_dtype)
 from .packing import one_per_row, pack
 from .trackers import Trackers
 
@@ -103,18 +103,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     shape = shape_from_config(load_config(inputs["baseModel"]).to_dict())
     plan = plan_of({**spec, "resources": {"gpusPerNode": world.size, "nodes": 1}})
     est = estimate(shape, plan)
-    gpu_gib = None
-    if world.device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(world.device)
-        gpu_gib = (total / GIB, free / GIB)
+    gpu_gib = gpu_memory_gib(world.device)
+    if gpu_gib:
         problem = does_not_fit(est, gpu_gib[0])
         if problem:
             raise InvalidTask(f"spec.resources: {problem}")
-    dequantize = False
-    if spec["method"] == "qlora":
-        as_lora = estimate(shape, as_dequantized(plan))
-        dequantize = dequantize_once(spec["qlora"].get("dequantizeOnce", "auto"), as_lora, gpu_gib)
-        est = as_lora if dequantize else est
+    dequantized = qlora_dequantized(spec, shape, plan, gpu_gib)
+    dequantize = dequantized is not None
+    est = dequantized or est
 
     # Data
     progress.stage("loading data and model")
