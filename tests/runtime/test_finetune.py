@@ -152,6 +152,21 @@ def test_full_fine_tune_trains_every_weight_and_saves_a_whole_model(tiny_model, 
     assert len(changed) == len(before)  # embeddings, norms, head: everything moved
 
 
+@pytest.mark.slow
+def test_fp16_is_mixed_precision_and_follows_the_fp32_loss_curve_with_finite_fp32_weights(tiny_model, dataset, tmp_path,
+                                                                                         one_process_full):
+    # Pure fp16 cannot train: Adam's eps rounds to 0, so at the first step every weight without a
+    # gradient (the embeddings of tokens the batch lacks) became 0/0 = NaN.
+    fp16 = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="full",
+                         hyperparameters={**FULL, "precision": "fp16"})
+    _ok(run_finetune(write_task(fp16, tmp_path)))
+    result = _result(fp16)
+    assert _loss_curve(fp16) == pytest.approx(_loss_curve(one_process_full), abs=5e-3)
+    weights = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]).state_dict()
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert result["skippedSteps"] == 0  # the loss scale never overflowed here
+
+
 @pytest.fixture(scope="module")
 def one_process(tiny_model, dataset, tmp_path_factory) -> dict:
     """One process, accumulation 2: the run that 2-process DDP and ZeRO-2 runs must reproduce (run once)."""
@@ -519,11 +534,16 @@ def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_mo
     assert all(torch.allclose(gathered[k], expected[k], atol=1e-4) for k in expected)
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_fused_kernels_on_a_machine_without_cuda_is_an_invalid_task_naming_the_field(tiny_model, dataset, tmp_path,
-                                                                                     processes):
-    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", hyperparameters={"fusedKernels": True},
-                         resources={"gpusPerNode": 0 if processes == 1 else processes})
+@pytest.mark.parametrize("processes,spec,message", [
+    (1, {"hyperparameters": {"fusedKernels": True}}, "spec.hyperparameters.fusedKernels needs a CUDA GPU"),
+    (2, {"hyperparameters": {"fusedKernels": True}}, "spec.hyperparameters.fusedKernels needs a CUDA GPU"),
+    (1, {"hyperparameters": {"precision": "fp16"}, "distribution": {"strategy": "deepspeed"}},
+     "spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU"),
+])
+def test_what_needs_a_gpu_on_a_machine_without_cuda_is_an_invalid_task_naming_the_field(tiny_model, dataset, tmp_path,
+                                                                                        processes, spec, message):
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store",
+                         resources={"gpusPerNode": 0 if processes == 1 else processes}, **spec)
     proc = run_finetune(write_task(task, tmp_path), processes=processes)
     assert proc.returncode == 2  # the Job fails at once (podFailurePolicy), no retries: under torchrun too
-    assert "spec.hyperparameters.fusedKernels needs a CUDA GPU" in open_store(task["artifactUri"]).read_json("progress.json")["message"]
+    assert message in open_store(task["artifactUri"]).read_json("progress.json")["message"]

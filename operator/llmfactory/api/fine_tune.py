@@ -71,7 +71,11 @@ class Hyperparameters(ApiModel):
         "slightly from an uncompiled run's. Under DeepSpeed ZeRO 3 its parameter hooks make the layers "
         "recompile up to torch's limit, after which they run uncompiled."))
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
-        "Weights and compute dtype: auto is bf16 on GPUs that have it, fp32 on CPU."))
+        "Weights and compute dtype: auto is bf16 on GPUs that have it (Ampere and later), fp16 on older "
+        "GPUs, fp32 on CPU. fp16 is mixed precision: trainable weights in fp32 (a full fine-tune's whole "
+        "model, saved so), the forward in fp16, the loss scaled so small gradients survive; a step whose "
+        "gradients overflow is skipped (result.skippedSteps). On CPU it is slow; it exists there to "
+        "check a spec. Under DeepSpeed, its own fp16 mode (GPU only)."))
 
 
 class Distribution(ApiModel):
@@ -204,6 +208,9 @@ class FineTuneResult(ApiModel):
     peak_gpu_memory_gib: float | None = Field(None, alias="peakGpuMemoryGiB", description="Peak GPU memory PyTorch allocated on rank 0 (GiB).")
     dequantized_once: bool | None = Field(None, description=(
         "qlora: whether the 4-bit weights were dequantized once (spec.qlora.dequantizeOnce) on rank 0."))
+    skipped_steps: int | None = Field(None, description=(
+        "fp16: optimizer steps skipped because the scaled gradients overflowed (the loss scale was then "
+        "halved). A few at the start are normal; many mean the model overflows fp16: use bf16 or fp32."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description="metrics/loss.csv and loss.png: loss and learning rate per step.")
     estimate: dict[str, float] | None = Field(None, description="The memory/FLOPs estimate for the real model and GPU.")

@@ -31,8 +31,8 @@ from ..store import Store
 from ..task import InvalidTask
 from . import checkpoint, distributed, outputs
 from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
-from .model_setup import (gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
-                          trainable_state, training_dtype)
+from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, mixed_fp16,
+                          qlora_dequantized, trainable_state, training_dtype)
 from .packing import one_per_row, pack
 from .trackers import Trackers
 
@@ -97,11 +97,21 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     hp, dist_spec, ckpt = spec["hyperparameters"], spec["distribution"], spec["checkpointing"]
     deepspeed_on = dist_spec["strategy"] == "deepspeed"
     dtype = training_dtype(hp["precision"], world.device)
+    if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
+        raise InvalidTask("spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU "
+                          "(DeepSpeed has no fp16 on CPU); use bf16 or fp32, or strategy ddp")
+    # fp16 mixed precision (see mixed_fp16): the forward under autocast, the loss scaled so that small
+    # gradients survive fp16; a step whose gradients overflow is skipped and the scale halved.
+    amp = mixed_fp16(spec, dtype)
+    scaler = torch.amp.GradScaler(world.device.type, enabled=amp)
     stop = sigterm_flag()
 
-    # Will it fit? The planner checked with what it could read offline; now the real config and GPU.
+    # Will it fit? The planner checked with what it could read offline; now the real config, the
+    # precision auto resolved to, and the GPU.
     shape = shape_from_config(load_config(inputs["baseModel"]).to_dict())
-    plan = plan_of({**spec, "resources": {"gpusPerNode": world.size, "nodes": 1}})
+    precision = next(name for name, d in DTYPES.items() if d == dtype)
+    plan = plan_of({**spec, "hyperparameters": {**hp, "precision": precision},
+                    "resources": {"gpusPerNode": world.size, "nodes": 1}})
     est = estimate(shape, plan)
     gpu_gib = gpu_memory_gib(world.device)
     if gpu_gib:
@@ -174,6 +184,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
             set_rng_state(torch.load(local / f"rng-{world.rank}.pt", weights_only=False))
             saved = json.loads((local / "state.json").read_text())
+            if saved.get("lossScale"):
+                scaler.load_state_dict(saved["lossScale"])
             history, counters = [tuple(h) for h in saved["history"]], saved["counters"]
             if world.main and (local / TRACKING).is_dir():  # the earlier attempts' tracker files: curves go on
                 shutil.copytree(local / TRACKING, tracking_dir, dirs_exist_ok=True)
@@ -188,7 +200,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 torch.save(optimizer.state_dict(), local / "optimizer.pt")
                 torch.save(scheduler.state_dict(), local / "scheduler.pt")
             if world.main:
-                (local / "state.json").write_text(json.dumps({"step": step, "history": history, "counters": counters}))
+                (local / "state.json").write_text(json.dumps({"step": step, "history": history, "counters": counters,
+                                                              "lossScale": scaler.state_dict()}))
                 trackers.flush()
                 shutil.copytree(tracking_dir, local / TRACKING, symlinks=True)  # W&B links its latest run
             torch.save(rng_state(), local / f"rng-{world.rank}.pt")
@@ -214,18 +227,24 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
             with sync:
-                loss = engine(**batch, num_items_in_batch=n_labels, use_cache=False).loss
+                with torch.autocast(world.device.type, dtype=torch.float16, enabled=amp):
+                    loss = engine(**batch, num_items_in_batch=n_labels, use_cache=False).loss
                 if deepspeed_on:
                     engine.backward(loss * world.size, scale_wrt_gas=False)
                     engine.step()  # steps the optimizer on the last micro-batch only
                 else:
-                    (loss * world.size).backward()
+                    scaler.scale(loss * world.size).backward()
             step_loss += float(loss.detach())
             counters["tokens"] += float(sum(len(examples[j]["input_ids"]) for g in micro_batches[i] for j in g))
             counters["positions"] += float(batch["input_ids"].numel())
         if not deepspeed_on:
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(params, hp["maxGradNorm"])
-            optimizer.step()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when the gradients overflowed
+            scaler.update()
+            if amp and scaler.get_scale() < scale:
+                counters["skippedSteps"] = counters.get("skippedSteps", 0) + 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         step_loss = world.sum(step_loss)
@@ -246,7 +265,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     # Evaluate: every process runs the same batches (ZeRO-3 forwards are collective).
     progress.stage("evaluating")
-    eval_total, eval_count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
+    with torch.autocast(world.device.type, dtype=torch.float16, enabled=amp):
+        eval_total, eval_count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
     eval_loss = eval_total / eval_count if eval_count else None
     tokens, positions = world.sum(counters["tokens"]), world.sum(counters["positions"])
 
@@ -275,6 +295,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated(world.device) / GIB, 2)
         if world.device.type == "cuda" else None,
         "dequantizedOnce": dequantize if spec["method"] == "qlora" else None,
+        "skippedSteps": int(counters.get("skippedSteps", 0)) if amp else None,
     }
     progress.stage("saving")
     result = _save(task, run, inner, tokenizer, dtype, summary, full_state)
