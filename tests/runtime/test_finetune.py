@@ -153,18 +153,46 @@ def test_full_fine_tune_trains_every_weight_and_saves_a_whole_model(tiny_model, 
 
 
 @pytest.mark.slow
-def test_fp16_is_mixed_precision_and_follows_the_fp32_loss_curve_with_finite_fp32_weights(tiny_model, dataset, tmp_path,
-                                                                                         one_process_full):
-    # Pure fp16 cannot train: Adam's eps rounds to 0, so at the first step every weight without a
-    # gradient (the embeddings of tokens the batch lacks) became 0/0 = NaN.
-    fp16 = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="full",
-                         hyperparameters={**FULL, "precision": "fp16"})
-    _ok(run_finetune(write_task(fp16, tmp_path)))
-    result = _result(fp16)
-    assert _loss_curve(fp16) == pytest.approx(_loss_curve(one_process_full), abs=5e-3)
-    weights = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]).state_dict()
-    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
-    assert result["skippedSteps"] == 0  # the loss scale never overflowed here
+def test_16_bit_full_fine_tunes_step_fp32_master_weights_and_move_as_fp32_does(tiny_model, tmp_path):
+    # At a full fine-tune's usual learning rate most of Adam's updates are below half a bf16 step:
+    # plain bf16 AdamW moved 0.4 times as far as fp32 here. In fp16 Adam's eps rounds to 0, and
+    # every weight without a gradient became 0/0 = NaN at the first step.
+    data = write_dataset(tmp_path / "data", train=16, validation=2)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    runs = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        task = finetune_task(tiny_model, data, f"file://{tmp_path}/{precision}", method="full", hyperparameters={
+            "learningRate": 2e-5, "epochs": 1, "precision": precision}, checkpointing={"everySteps": 4})
+        _ok(run_finetune(write_task(task, tmp_path)))
+        weights = AutoModelForCausalLM.from_pretrained(_result(task)["modelUri"][7:], dtype=torch.float32).state_dict()
+        runs[precision] = task, weights
+
+    def moved(precision: str, weights: dict) -> torch.Tensor:
+        """How each weight moved, on the grid of `precision`'s dtype (a 16-bit run's saved weights are on it)."""
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        return torch.cat([(weights[k].to(dtype).float() - before[k].to(dtype).float()).flatten() for k in before])
+
+    fp32_task, fp32_weights = runs["fp32"]
+    for precision in ("bf16", "fp16"):
+        task, weights = runs[precision]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        got, expected = moved(precision, weights), moved(precision, fp32_weights)  # fp32's run, rounded alike
+        assert got.norm() > 0.7 * expected.norm()
+        assert (got != 0).sum() > 0.8 * (expected != 0).sum()
+    assert _loss_curve(runs["fp16"][0]) == pytest.approx(_loss_curve(fp32_task), abs=1e-3)
+    assert _result(runs["fp16"][0])["skippedSteps"] == 0 and "skippedSteps" not in _result(runs["bf16"][0])
+
+    # Killed after the checkpoint at step 4 (its result gone), it resumes from the fp32 master weights
+    # and loss scale there and ends exactly where it ended.
+    task, weights = runs["fp16"]
+    steps = _result(task)["steps"]
+    run = open_store(task["artifactUri"])
+    run.delete("COMMITTED")
+    run.delete("result.json")
+    _ok(run_finetune(write_task(task, tmp_path)))
+    assert _result(task)["resumedFromStep"] == 4 and _result(task)["steps"] == steps > 4
+    resumed = AutoModelForCausalLM.from_pretrained(_result(task)["modelUri"][7:], dtype=torch.float32).state_dict()
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
 
 
 @pytest.fixture(scope="module")

@@ -72,10 +72,10 @@ class Hyperparameters(ApiModel):
         "recompile up to torch's limit, after which they run uncompiled."))
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
         "Weights and compute dtype: auto is bf16 on GPUs that have it (Ampere and later), fp16 on older "
-        "GPUs, fp32 on CPU. fp16 is mixed precision: trainable weights in fp32 (a full fine-tune's whole "
-        "model, saved so), the forward in fp16, the loss scaled so small gradients survive; a step whose "
-        "gradients overflow is skipped (result.skippedSteps). On CPU it is slow; it exists there to "
-        "check a spec. Under DeepSpeed, its own fp16 mode (GPU only)."))
+        "GPUs, fp32 on CPU. In bf16 and fp16 a full fine-tune's optimizer updates fp32 master copies of "
+        "the weights, as DeepSpeed does (16-bit weights cannot take small updates); fp16 also scales "
+        "the loss so small gradients survive, and skips a step whose gradients overflow "
+        "(result.skippedSteps). fp16 is slow on CPU, and under DeepSpeed needs a GPU."))
 
 
 class Distribution(ApiModel):

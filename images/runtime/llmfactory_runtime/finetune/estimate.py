@@ -102,8 +102,7 @@ class Plan:
     lora_targets: tuple[str, ...] = ("all-linear",)
     lora_dropout: float = 0.05
     gradient_checkpointing: bool = False
-    weight_bytes: int = 2  # bf16 / fp16; 4 for fp32 and for a full fine-tune's fp32 master weights in fp16 mixed precision
-    fp16_weight_copies: bool = False  # fp16 mixed precision: autocast's fp16 copy of each fp32 weight
+    weight_bytes: int = 2  # bf16 / fp16; 4 for fp32
     strategy: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 0
     offload: bool = False
@@ -150,17 +149,17 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
         weights = shape.linear_params * 0.516 + other * plan.weight_bytes
     else:
         weights = shape.params * plan.weight_bytes
-    if plan.fp16_weight_copies:  # made in the forward, kept for backward
-        weights += shape.params * 2
     if plan.zero_stage == 3:
         weights /= world
 
     # Trainable state. Adapters train in fp32 (peft upcasts them): weight, gradient, two Adam moments.
-    # A full fine-tune in plain PyTorch keeps gradients and Adam moments in the weights' dtype;
-    # DeepSpeed keeps an fp32 master copy and fp32 moments, sharded over the ranks from ZeRO 1 on.
+    # A full fine-tune keeps Adam's moments in fp32 and, for 16-bit weights, an fp32 master copy
+    # (master_weights.py; DeepSpeed likewise, sharded over the ranks from ZeRO 1 on), whose fp32
+    # gradient plain PyTorch holds at the optimizer step.
     if plan.method == "full":
-        grads = trainable * plan.weight_bytes
-        optim = trainable * (12 if plan.strategy == "deepspeed" else 2 * plan.weight_bytes)
+        master = plan.weight_bytes == 2
+        grads = trainable * (4 if master and plan.strategy != "deepspeed" else plan.weight_bytes)
+        optim = trainable * (12 if master else 8)
     else:
         weights += trainable * 4
         grads, optim = trainable * 4, trainable * 8
@@ -213,14 +212,12 @@ def plan_of(spec: dict[str, Any]) -> Plan:
     dist = spec.get("distribution") or {}
     lora = spec.get("lora") or {}
     deepspeed = dist.get("strategy") == "deepspeed"
-    # fp16 outside DeepSpeed is mixed precision (model_setup.mixed_fp16): a full fine-tune keeps fp32 weights.
-    fp32_master = hp.get("precision") == "fp16" and spec["method"] == "full" and not deepspeed
     return Plan(method=spec["method"], micro_batch=hp["batchSize"], seq_len=hp["maxSeqLength"],
                 gpus=max(res.get("gpusPerNode", 1), 1) * res.get("nodes", 1),
                 lora_r=lora.get("r", 16), lora_targets=tuple(lora.get("targetModules") or ("all-linear",)),
                 lora_dropout=lora.get("dropout", 0.05),
                 gradient_checkpointing=hp.get("gradientCheckpointing", False),
-                weight_bytes=4 if hp.get("precision") == "fp32" or fp32_master else 2, fp16_weight_copies=fp32_master,
+                weight_bytes=4 if hp.get("precision") == "fp32" else 2,
                 strategy=dist.get("strategy", "ddp"), zero_stage=(dist.get("zeroStage") or 0) if deepspeed else 0,
                 offload=deepspeed and dist.get("offload") == "cpu")
 

@@ -24,15 +24,6 @@ def training_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def mixed_fp16(spec: dict[str, Any], dtype: torch.dtype) -> bool:
-    """Whether training is fp16 mixed precision, as HF Trainer's fp16 mode: trainable weights in fp32,
-    the forward under fp16 autocast, the loss scaled. Pure fp16 cannot train: Adam's eps (1e-8)
-    rounds to 0 in fp16, so a weight without gradient (an unseen token's embedding) becomes 0/0 at
-    the first step, and gradients below 6e-8 vanish. Not under DeepSpeed, whose fp16 mode keeps
-    fp32 master weights and scales the loss itself."""
-    return dtype == torch.float16 and (spec.get("distribution") or {}).get("strategy") != "deepspeed"
-
-
 def dequantize_once(setting: str, as_lora: Estimate, gpu_gib: tuple[float, float] | None) -> bool:
     """Whether QLoRA trains against its 4-bit weights dequantized once (spec.qlora.dequantizeOnce).
     as_lora: the memory estimate with the weights in the training dtype; gpu_gib: (total, free) on
@@ -86,9 +77,7 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             load_in_4bit=True, bnb_4bit_quant_type=q["quantType"], bnb_4bit_use_double_quant=q["doubleQuantization"],
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": world.device}
-    # fp16 mixed precision keeps a full fine-tune's weights (all trainable) in fp32; peft keeps adapters fp32.
-    weights = torch.float32 if method == "full" and mixed_fp16(spec, dtype) else dtype
-    model = load_model(base, dtype=weights, to=world.device, **kwargs)
+    model = load_model(base, dtype=dtype, to=world.device, **kwargs)
     if dequantize:
         # Each 4-bit Linear becomes a plain one holding bitsandbytes' own dequantization of its
         # weights: the very values its forward and backward would compute every time.

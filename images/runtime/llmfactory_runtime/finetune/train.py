@@ -31,8 +31,9 @@ from ..store import Store
 from ..task import InvalidTask
 from . import checkpoint, distributed, outputs
 from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
-from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, mixed_fp16,
-                          qlora_dequantized, trainable_state, training_dtype)
+from .master_weights import MasterWeights
+from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
+                          trainable_state, training_dtype)
 from .packing import one_per_row, pack
 from .trackers import Trackers
 
@@ -100,10 +101,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
         raise InvalidTask("spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU "
                           "(DeepSpeed has no fp16 on CPU); use bf16 or fp32, or strategy ddp")
-    # fp16 mixed precision (see mixed_fp16): the forward under autocast, the loss scaled so that small
-    # gradients survive fp16; a step whose gradients overflow is skipped and the scale halved.
-    amp = mixed_fp16(spec, dtype)
-    scaler = torch.amp.GradScaler(world.device.type, enabled=amp)
+    # fp16: the loss scaled so that small gradients survive fp16, as HF Trainer and DeepSpeed (which
+    # scales its own) do; a step whose gradients overflow is skipped and the scale halved.
+    scale_loss = dtype == torch.float16 and not deepspeed_on
+    scaler = torch.amp.GradScaler(world.device.type, enabled=scale_loss)
     stop = sigterm_flag()
 
     # Will it fit? The planner checked with what it could read offline; now the real config, the
@@ -144,7 +145,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if dequantize:
         progress.stage("loading data and model (qlora: 4-bit weights dequantized once, see spec.qlora.dequantizeOnce)")
     model = load_for_training(spec, inputs["baseModel"], world, dtype, dequantize)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # A 16-bit full fine-tune steps fp32 master weights (master_weights.py); DeepSpeed keeps its own.
+    master = MasterWeights(named) if not deepspeed_on and MasterWeights.needed(params) else None
+    stepped = master.params if master else params  # what the optimizer updates
     torch.manual_seed(hp["seed"] + 1000 * world.rank)
     random.seed(hp["seed"] + world.rank)
 
@@ -162,7 +167,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         inner = engine.module
     else:
-        optimizer = torch.optim.AdamW(params, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
+        optimizer = torch.optim.AdamW(stepped, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
                   if world.size > 1 else model)
@@ -179,7 +184,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             if deepspeed_on:
                 engine.load_checkpoint(str(local / "deepspeed"), tag="state")
             else:
-                load_trainable_state(inner, load_file(local / "trainable.safetensors"))
+                trained = load_file(local / "trainable.safetensors")
+                load_trainable_state(inner, trained)
+                if master:
+                    master.load(trained)
                 optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
                 scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
             set_rng_state(torch.load(local / f"rng-{world.rank}.pt", weights_only=False))
@@ -196,7 +204,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             if deepspeed_on:  # collective: every rank writes its ZeRO shard
                 engine.save_checkpoint(str(local / "deepspeed"), tag="state")
             elif world.main:
-                save_file(trainable_state(inner), local / "trainable.safetensors")
+                save_file(master.state() if master else trainable_state(inner), local / "trainable.safetensors")
                 torch.save(optimizer.state_dict(), local / "optimizer.pt")
                 torch.save(scheduler.state_dict(), local / "scheduler.pt")
             if world.main:
@@ -227,8 +235,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
             with sync:
-                with torch.autocast(world.device.type, dtype=torch.float16, enabled=amp):
-                    loss = engine(**batch, num_items_in_batch=n_labels, use_cache=False).loss
+                loss = engine(**batch, num_items_in_batch=n_labels, use_cache=False).loss
                 if deepspeed_on:
                     engine.backward(loss * world.size, scale_wrt_gas=False)
                     engine.step()  # steps the optimizer on the last micro-batch only
@@ -238,12 +245,16 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             counters["tokens"] += float(sum(len(examples[j]["input_ids"]) for g in micro_batches[i] for j in g))
             counters["positions"] += float(batch["input_ids"].numel())
         if not deepspeed_on:
+            if master:
+                master.gradients_up()
             scaler.unscale_(optimizer)  # clip the true gradients
-            torch.nn.utils.clip_grad_norm_(params, hp["maxGradNorm"])
+            torch.nn.utils.clip_grad_norm_(stepped, hp["maxGradNorm"])
             scale = scaler.get_scale()
             scaler.step(optimizer)  # skipped when the gradients overflowed
             scaler.update()
-            if amp and scaler.get_scale() < scale:
+            if master:
+                master.weights_down()
+            if scale_loss and scaler.get_scale() < scale:
                 counters["skippedSteps"] = counters.get("skippedSteps", 0) + 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -265,8 +276,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     # Evaluate: every process runs the same batches (ZeRO-3 forwards are collective).
     progress.stage("evaluating")
-    with torch.autocast(world.device.type, dtype=torch.float16, enabled=amp):
-        eval_total, eval_count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
+    eval_total, eval_count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
     eval_loss = eval_total / eval_count if eval_count else None
     tokens, positions = world.sum(counters["tokens"]), world.sum(counters["positions"])
 
@@ -295,7 +305,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated(world.device) / GIB, 2)
         if world.device.type == "cuda" else None,
         "dequantizedOnce": dequantize if spec["method"] == "qlora" else None,
-        "skippedSteps": int(counters.get("skippedSteps", 0)) if amp else None,
+        "skippedSteps": int(counters.get("skippedSteps", 0)) if scale_loss else None,
     }
     progress.stage("saving")
     result = _save(task, run, inner, tokenizer, dtype, summary, full_state)
