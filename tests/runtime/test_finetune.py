@@ -100,7 +100,7 @@ def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_ru
     mlruns, scratch = tmp_path / "mlruns", tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
-    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", tracking={
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", hyperparameters={"evalEverySteps": 4}, tracking={
         "tensorboard": True, "wandb": {"project": "llmfactory-test", "mode": "offline"},
         "mlflow": {"trackingUri": f"file://{mlruns}", "experiment": "tests"}})
     _ok(run_finetune(write_task(task, tmp_path)))
@@ -117,6 +117,15 @@ def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_ru
     assert list((tracking / "wandb").glob("offline-run-*/run-*.wandb"))
     [loss_metric] = list(mlruns.glob("*/*/metrics/train/loss"))
     assert len(loss_metric.read_text().splitlines()) == result["steps"]
+    # The validation loss every 4 steps and at the end: in the loss curve and the trackers.
+    rows = [line.split(",") for line in (Path(result["lossCurveUri"][7:]) / "loss.csv").read_text().splitlines()]
+    assert rows[0] == ["step", "epoch", "loss", "learning_rate", "eval_loss"]
+    evaluated = [int(r[0]) for r in rows[1:] if r[4]]
+    assert evaluated == [*range(4, result["steps"], 4), result["steps"]]
+    assert float(rows[-1][4]) == pytest.approx(result["evalLoss"], abs=1e-4)
+    assert _tensorboard_steps(tracking / "tensorboard", "eval/loss") == evaluated
+    [eval_metric] = list(mlruns.glob("*/*/metrics/eval/loss"))
+    assert [int(line.split()[2]) for line in eval_metric.read_text().splitlines()] == evaluated
     assert not list(scratch.glob("llmfactory-*"))  # tracker files, checkpoints, saves: uploaded, then removed
     # The adapter on its base gives the merged model's logits.
     from peft import PeftModel
@@ -209,7 +218,8 @@ def one_process(tiny_model, dataset, tmp_path_factory) -> dict:
 def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_path, one_process):
     """Same global batch (1 x accumulation 2 vs 2 processes x 1): the same steps on the same data."""
     one = one_process
-    two = finetune_task(tiny_model, dataset, f"file://{tmp_path}/two", lora=NO_DROPOUT, resources={"gpusPerNode": 2})
+    two = finetune_task(tiny_model, dataset, f"file://{tmp_path}/two", lora=NO_DROPOUT, resources={"gpusPerNode": 2},
+                        hyperparameters={"evalEverySteps": 3})  # evaluating on the way changes no step
     committed = _run_watching_the_commit(two, write_task(two, tmp_path), tmp_path, processes=2)
     assert committed and all(result is not None for result in committed)  # never finished before rank 0 saved
     curve = [_loss_curve(t) for t in (one, two)]
@@ -305,7 +315,7 @@ def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupte
 def test_sigterm_saves_a_checkpoint_at_once_and_the_next_attempt_resumes_there(tiny_model, dataset, tmp_path):
     mlruns = tmp_path / "mlruns"
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", checkpointing={"everySteps": 1000},
-                         hyperparameters=LONGER, tracking={
+                         hyperparameters={**LONGER, "evalEverySteps": 2}, tracking={
                              "tensorboard": True, "wandb": {"project": "t", "mode": "offline"},
                              "mlflow": {"trackingUri": f"file://{mlruns}", "experiment": "tests"}})
     path = write_task(task, tmp_path)
@@ -325,6 +335,11 @@ def test_sigterm_saves_a_checkpoint_at_once_and_the_next_attempt_resumes_there(t
     # The tracker files are whole: the first attempt's came back with the checkpoint.
     tracking = Path(task["artifactUri"][7:]) / "tracking"
     assert _tensorboard_steps(tracking / "tensorboard", "train/loss") == list(range(1, _result(task)["steps"] + 1))
+    steps = _result(task)["steps"]
+    evaluated = [*range(2, steps, 2), steps]  # the first attempt's evaluations came back with the checkpoint
+    assert [int(r.split(",")[0]) for r in open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode()
+            .splitlines()[1:] if r.split(",")[4]] == evaluated
+    assert _tensorboard_steps(tracking / "tensorboard", "eval/loss") == evaluated
     assert len(list((tracking / "wandb").glob("offline-run-*/run-*.wandb"))) == 2  # one run id: `wandb sync` joins them
     [mlflow_run] = [m.parent.parent.parent for m in mlruns.glob("*/*/metrics/train/loss")]  # one run, both attempts
     assert mlflow_run.name == (tracking / "mlflow-run-id").read_text()

@@ -59,6 +59,10 @@ class Hyperparameters(ApiModel):
     packing: bool = Field(True, description=(
         "Pack several conversations into each sequence (attention and positions kept apart), so "
         "compute is not spent on padding."))
+    eval_every_steps: int | None = Field(None, ge=1, description=(
+        "Also compute the loss on the validation split every this many optimizer steps (progress.json, "
+        "trackers' eval/loss, the eval_loss column of metrics/loss.csv and the plot); by default only "
+        "after training. Training goes on exactly as without it."))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
     fused_kernels: bool = Field(False, description=(
         "Liger's fused Triton kernels for Llama-family models (RMSNorm, SwiGLU, RoPE, and linear + "

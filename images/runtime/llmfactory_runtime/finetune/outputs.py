@@ -14,14 +14,17 @@ from ..models import load_model
 from ..store import Store
 
 HistoryRow = tuple[int, int, float, float]  # step, epoch, loss, learning rate
+EvalRow = tuple[int, float]  # step, validation loss
 
 
-def loss_csv(history: list[HistoryRow]) -> bytes:
-    return ("step,epoch,loss,learning_rate\n" + "".join(
-        f"{s},{e},{loss:.6f},{lr:.8g}\n" for s, e, loss, lr in history)).encode()
+def loss_csv(history: list[HistoryRow], evals: list[EvalRow]) -> bytes:
+    """One row a step; eval_loss is empty where the validation split was not evaluated."""
+    at = {step: f"{loss:.6f}" for step, loss in evals}
+    return ("step,epoch,loss,learning_rate,eval_loss\n" + "".join(
+        f"{s},{e},{loss:.6f},{lr:.8g},{at.get(s, '')}\n" for s, e, loss, lr in history)).encode()
 
 
-def loss_png(history: list[HistoryRow], title: str) -> bytes:
+def loss_png(history: list[HistoryRow], evals: list[EvalRow], title: str) -> bytes:
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")  # no display in a pod
     from matplotlib import pyplot as plt  # noqa: PLC0415
@@ -29,6 +32,9 @@ def loss_png(history: list[HistoryRow], title: str) -> bytes:
     fig, loss_ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     steps = [h[0] for h in history]
     loss_ax.plot(steps, [h[2] for h in history], color="tab:blue", label="train loss")
+    if evals:
+        loss_ax.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="tab:green", label="validation loss")
+        loss_ax.legend(loc="upper right")
     loss_ax.set_xlabel("optimizer step")
     loss_ax.set_ylabel("loss", color="tab:blue")
     lr_ax = loss_ax.twinx()
@@ -42,9 +48,9 @@ def loss_png(history: list[HistoryRow], title: str) -> bytes:
     return out.getvalue()
 
 
-def write_loss_curve(run: Store, history: list[HistoryRow], title: str) -> str:
-    run.write_bytes("metrics/loss.csv", loss_csv(history))
-    run.write_bytes("metrics/loss.png", loss_png(history, title))
+def write_loss_curve(run: Store, history: list[HistoryRow], evals: list[EvalRow], title: str) -> str:
+    run.write_bytes("metrics/loss.csv", loss_csv(history, evals))
+    run.write_bytes("metrics/loss.png", loss_png(history, evals, title))
     return run.child("metrics").uri
 
 

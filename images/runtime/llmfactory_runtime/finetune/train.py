@@ -175,6 +175,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     # Resume from the newest committed checkpoint, if an earlier attempt left one
     history: list[outputs.HistoryRow] = []
+    evals: list[outputs.EvalRow] = []
     counters = {"tokens": 0.0, "positions": 0.0, "seconds": 0.0}
     start = checkpoint.latest(run, world) or 0
     if start:
@@ -195,6 +196,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             if saved.get("lossScale"):
                 scaler.load_state_dict(saved["lossScale"])
             history, counters = [tuple(h) for h in saved["history"]], saved["counters"]
+            evals = [tuple(e) for e in saved.get("evals", [])]
             if world.main and (local / TRACKING).is_dir():  # the earlier attempts' tracker files: curves go on
                 shutil.copytree(local / TRACKING, tracking_dir, dirs_exist_ok=True)
     trackers = Trackers(spec["tracking"], task["digest"][:16], spec, tracking_dir) if world.main else None
@@ -209,12 +211,24 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 torch.save(scheduler.state_dict(), local / "scheduler.pt")
             if world.main:
                 (local / "state.json").write_text(json.dumps({"step": step, "history": history, "counters": counters,
-                                                              "lossScale": scaler.state_dict()}))
+                                                              "evals": evals, "lossScale": scaler.state_dict()}))
                 trackers.flush()
                 shutil.copytree(tracking_dir, local / TRACKING, symlinks=True)  # W&B links its latest run
             torch.save(rng_state(), local / f"rng-{world.rank}.pt")
         progress.update(step, figure=f"saving checkpoint {step}")
         checkpoint.save(run, world, step, write, ckpt["keepLast"])
+
+    def evaluate(step: int) -> float | None:
+        """Loss on the validation split. Every process runs the same batches (ZeRO-3 forwards are
+        collective); without dropout, evaluation draws no random numbers, so training goes on as if
+        it had not happened."""
+        total, count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
+        if not count:
+            return None
+        evals.append((step, total / count))
+        if trackers:
+            trackers.log(step, {"eval/loss": total / count})
+        return total / count
 
     # Train
     progress.stage("training", total=total_steps, unit="steps")
@@ -269,15 +283,18 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             trackers.log(step, {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_second": rate})
 
         interrupted = world.any(stop.is_set())
+        if hp.get("evalEverySteps") and step % hp["evalEverySteps"] == 0 and step < total_steps and not interrupted:
+            progress.update(step, figure=f"loss {step_loss:.3f}, evaluating")
+            eval_loss = evaluate(step)
+            if eval_loss is not None:
+                progress.update(step, figure=f"loss {step_loss:.3f}, eval {eval_loss:.3f}", evalLoss=round(eval_loss, 4))
         if interrupted or (step % ckpt["everySteps"] == 0 and step < total_steps):
             save_checkpoint(step)
         if interrupted:
             raise Interrupted(f"SIGTERM at step {step}: checkpoint saved, the next attempt resumes there")
 
-    # Evaluate: every process runs the same batches (ZeRO-3 forwards are collective).
     progress.stage("evaluating")
-    eval_total, eval_count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
-    eval_loss = eval_total / eval_count if eval_count else None
+    eval_loss = evaluate(total_steps)
     tokens, positions = world.sum(counters["tokens"]), world.sum(counters["positions"])
 
     # Save (rank 0; a ZeRO-3 model is gathered first, on every rank)
@@ -285,7 +302,6 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if not world.main:
         return None
     if trackers:
-        trackers.log(total_steps, {"eval/loss": eval_loss} if eval_loss is not None else {})
         trackers.close()
     # Means over up to ten steps (a third of a short run): one step's loss depends on its rows.
     window = max(1, min(10, len(history) // 3))
@@ -320,7 +336,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
         "datasetDigest": dataset["digest"],
-        "lossCurveUri": outputs.write_loss_curve(run, history, task["resource"]["name"]),
+        "lossCurveUri": outputs.write_loss_curve(run, history, evals, task["resource"]["name"]),
         "estimate": {_camel(k): round(v, 3) for k, v in est.as_dict().items()},
     }
 
