@@ -216,7 +216,8 @@ class FineTuneResult(ApiModel):
         "fp16: optimizer steps skipped because the scaled gradients overflowed (the loss scale was then "
         "halved). A few at the start are normal; many mean the model overflows fp16: use bf16 or fp32."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
-    loss_curve_uri: str = Field(description="metrics/loss.csv and loss.png: loss and learning rate per step.")
+    loss_curve_uri: str = Field(description=(
+        "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated."))
     estimate: dict[str, float] | None = Field(None, description="The memory/FLOPs estimate for the real model and GPU.")
     wall_seconds: float = Field(description="Training wall time.")
 
