@@ -227,6 +227,7 @@ def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_pat
     assert max(abs(a - b) for a, b in zip(*curve)) < 1e-4
     assert _result(two)["processes"] == 2
     assert _result(two)["trainTokens"] == _result(one)["trainTokens"]
+    assert _result(two)["evalLoss"] == pytest.approx(_result(one)["evalLoss"], abs=1e-4)  # each evaluated half
 
 
 def _run_watching_the_commit(task: dict, task_path: Path, tmp_path: Path, processes: int) -> list[dict | None]:

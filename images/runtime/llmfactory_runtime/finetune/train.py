@@ -219,10 +219,15 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         checkpoint.save(run, world, step, write, ckpt["keepLast"])
 
     def evaluate(step: int) -> float | None:
-        """Loss on the validation split. Every process runs the same batches (ZeRO-3 forwards are
-        collective); without dropout, evaluation draws no random numbers, so training goes on as if
-        it had not happened."""
-        total, count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
+        """Loss on the validation split, token-weighted. The processes share it, every size-th
+        conversation each, except under ZeRO-3, whose forwards are collective (every process runs
+        every batch). Without dropout, evaluation draws no random numbers, so training goes on as
+        if it had not happened."""
+        if deepspeed_on and dist_spec["zeroStage"] == 3:
+            total, count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
+        else:
+            total, count = (world.sum(x) for x in loss_sums(inner, val[world.rank::world.size], micro,
+                                                                tokenizer.pad_token_id, world.device))
         if not count:
             return None
         evals.append((step, total / count))
