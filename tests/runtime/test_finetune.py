@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
 from llmfactory_runtime.finetune.model_setup import load_for_training, trainable_state
 from llmfactory_runtime.finetune.packing import pack
+from llmfactory_runtime.finetune.train import lr_lambda
 from llmfactory_runtime.store import finished_result, open_store
 
 from finetune_helpers import SMOLLM2, conversations, finetune_task, run_finetune, runtime_command, write_dataset, write_task
@@ -49,6 +51,16 @@ def test_packing_is_first_fit_in_shuffle_order_and_never_exceeds_the_length():
     assert sorted(i for r in rows for i in r) == list(range(2000))
     assert all(sum(lengths[i] for i in r) <= 512 for r in rows)
     assert sum(lengths) / (512 * len(rows)) > 0.93
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]),
+    ("cosine", [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464, 0.0]),
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_learning_rate_warms_up_then_decays_as_the_scheduler_says(kind, expected):
+    factor = lr_lambda(kind, warmup=2, total=6)
+    assert [factor(step) for step in range(7)] == pytest.approx(expected, abs=1e-4)
 
 
 def test_packed_batch_restarts_positions_and_labels_only_assistant_tokens():
@@ -100,7 +112,8 @@ def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_ru
     mlruns, scratch = tmp_path / "mlruns", tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
-    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", hyperparameters={"evalEverySteps": 4}, tracking={
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", hyperparameters={
+        "evalEverySteps": 4, "lrScheduler": "cosine"}, tracking={
         "tensorboard": True, "wandb": {"project": "llmfactory-test", "mode": "offline"},
         "mlflow": {"trackingUri": f"file://{mlruns}", "experiment": "tests"}})
     _ok(run_finetune(write_task(task, tmp_path)))
@@ -120,6 +133,9 @@ def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_ru
     # The validation loss every 4 steps and at the end: in the loss curve and the trackers.
     rows = [line.split(",") for line in (Path(result["lossCurveUri"][7:]) / "loss.csv").read_text().splitlines()]
     assert rows[0] == ["step", "epoch", "loss", "learning_rate", "eval_loss"]
+    steps = result["steps"]  # the learning rate after each step: cosine from 0.01 (no warmup) to zero
+    assert [float(r[3]) for r in rows[1:]] == pytest.approx([0.005 * (1 + math.cos(math.pi * s / steps))
+                                                            for s in range(1, steps + 1)], abs=1e-9)
     evaluated = [int(r[0]) for r in rows[1:] if r[4]]
     assert evaluated == [*range(4, result["steps"], 4), result["steps"]]
     assert float(rows[-1][4]) == pytest.approx(result["evalLoss"], abs=1e-4)

@@ -48,6 +48,9 @@ class Hyperparameters(ApiModel):
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the train split.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear warmup.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description=(
+        "The learning rate after warmup: linear decay to zero (HF Trainer's and OpenAI's), cosine decay "
+        "to zero (Axolotl's and torchtune's usual choice), or constant."))
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(4, ge=1, le=4096, description=(
         "Sequences per micro-batch per process (packed sequences of maxSeqLength when packing is on)."))

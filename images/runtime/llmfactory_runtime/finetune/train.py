@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import signal
@@ -40,12 +41,13 @@ from .trackers import Trackers
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup, then linear decay to zero."""
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Linear warmup, then (spec.hyperparameters.lrScheduler) linear or cosine decay to zero, or constant."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return {"linear": 1.0 - done, "cosine": 0.5 * (1.0 + math.cos(math.pi * done)), "constant": 1.0}[kind]
     return factor
 
 
@@ -155,7 +157,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     # Optimizer and schedule (DeepSpeed builds its own from the same settings)
     warmup = int(total_steps * hp["warmupRatio"])
-    schedule = lr_lambda(warmup, total_steps)
+    schedule = lr_lambda(hp.get("lrScheduler", "linear"), warmup, total_steps)
     if deepspeed_on:
         import deepspeed  # noqa: PLC0415 - only in images that train with it
 
