@@ -237,9 +237,20 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             trackers.log(step, {"eval/loss": total / count})
         return total / count
 
+    def evaluate_on_the_way(step: int) -> None:
+        """At every evalEverySteps-th step (the end has its own evaluation)."""
+        every = hp.get("evalEverySteps")
+        if every and step % every == 0 and step < total_steps and step not in (e[0] for e in evals):
+            progress.update(step, figure="evaluating")
+            loss = evaluate(step)
+            if loss is not None:
+                progress.update(step, figure=f"eval loss {loss:.3f}", evalLoss=round(loss, 4))
+
     # Train
     progress.stage("training", total=total_steps, unit="steps")
     progress.update(start)
+    if start:
+        evaluate_on_the_way(start)  # due there, if a SIGTERM cut the last attempt short of it
     for step in range(start + 1, total_steps + 1):
         began = time.perf_counter()
         epoch, index = _locate(step - 1, steps_per_epoch)
@@ -290,11 +301,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             trackers.log(step, {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_second": rate})
 
         interrupted = world.any(stop.is_set())
-        if hp.get("evalEverySteps") and step % hp["evalEverySteps"] == 0 and step < total_steps and not interrupted:
-            progress.update(step, figure=f"loss {step_loss:.3f}, evaluating")
-            eval_loss = evaluate(step)
-            if eval_loss is not None:
-                progress.update(step, figure=f"loss {step_loss:.3f}, eval {eval_loss:.3f}", evalLoss=round(eval_loss, 4))
+        if not interrupted:  # else the checkpoint first: the grace period is short
+            evaluate_on_the_way(step)
         if interrupted or (step % ckpt["everySteps"] == 0 and step < total_steps):
             save_checkpoint(step)
         if interrupted:
