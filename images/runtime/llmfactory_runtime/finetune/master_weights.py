@@ -2,11 +2,11 @@
 
 A bf16 weight cannot take an update smaller than half its precision step (1/512 to 1/256 of its
 value): at a full fine-tune's usual learning rates (1e-5) most of Adam's updates round away, and
-pure-bf16 AdamW leaves most weights where they were. In fp16 worse: Adam's eps (1e-8) rounds to 0, so a weight without a gradient (the
-embedding of a token the batch lacks) becomes 0/0 at the first step. So, as DeepSpeed's bf16 and
-fp16 modes and Megatron do, the model runs in 16 bits and the optimizer holds fp32 weights and
-moments: after backward the gradients are copied up, after the step the weights are copied down.
-Adapters need none of this: peft keeps them in fp32.
+pure-bf16 AdamW leaves most weights where they were. fp16 is worse: Adam's eps (1e-8) rounds to 0,
+so a weight without a gradient (the embedding of a token the batch lacks) becomes 0/0 at the first
+step. So, as DeepSpeed's bf16 and fp16 modes and Megatron do, the model runs in 16 bits and the
+optimizer holds fp32 weights and moments: after backward the gradients are copied up, after the
+step the weights are copied down. Adapters need none of this: peft keeps them in fp32.
 """
 
 from __future__ import annotations
