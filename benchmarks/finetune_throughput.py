@@ -100,7 +100,8 @@ def task_for(model: Path, dataset: str, store: str, method: str, args, packing: 
                                 "fusedKernels": args.fused_kernels, "compile": args.compile},
             "checkpointing": {"everySteps": 100000}, "resources": {"gpusPerNode": 1}}
     if method != "full":
-        spec["lora"] = {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "targetModules": ["all-linear"]}
+        spec["lora"] = {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "targetModules": ["all-linear"],
+                        "dora": args.dora}
     if method == "qlora":
         spec["qlora"] = {"dequantizeOnce": args.qlora_dequantize}
     manifest = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune",
@@ -176,6 +177,7 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     from llmfactory_runtime.batching import collate_sequences, encode_rows
     from llmfactory_runtime.data import read_split
     from llmfactory_runtime.finetune.distributed import World
+    from llmfactory_runtime.finetune.master_weights import MasterWeights
     from llmfactory_runtime.finetune.model_setup import (gpu_memory_gib, load_for_training, qlora_dequantized,
                                                          training_dtype)
     from llmfactory_runtime.finetune.train import epoch_rows
@@ -197,14 +199,21 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     real = [sum(len(examples[j]["input_ids"]) for row in g for j in row) for g in groups]
     dequantize = qlora_dequantized(spec, shape, plan_of(spec), gpu_memory_gib(world.device)) is not None
     model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device), dequantize)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learningRate"])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # As the runtime steps: a 16-bit full fine-tune through fp32 master weights (the copies timed too).
+    master = MasterWeights(named) if MasterWeights.needed([p for _, p in named]) else None
+    optimizer = torch.optim.AdamW(master.params if master else [p for _, p in named], lr=hp["learningRate"])
 
     def train(first: int, n: int) -> float:
         began = time.perf_counter()
         for batch in batches[first:first + n]:
             loss = model(**{k: v.to(world.device) for k, v in batch.items()}, use_cache=False).loss
             loss.backward()
+            if master:
+                master.gradients_up()
             optimizer.step()
+            if master:
+                master.weights_down()
             optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -245,6 +254,7 @@ def main() -> None:
     parser.add_argument("--packing", choices=["on", "off", "both"], default="on")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--dora", action="store_true", help="lora.dora (weight-decomposed LoRA)")
     parser.add_argument("--fused-kernels", action="store_true", help="Liger kernels (CUDA only)")
     parser.add_argument("--compile", action="store_true", help="hyperparameters.compile (torch.compile per layer)")
     parser.add_argument("--qlora-dequantize", choices=["auto", "always", "never"], default="auto",
@@ -289,7 +299,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.batch}, gradient checkpointing {args.checkpointing}, "
-          f"lora r 16 all-linear dropout {args.lora_dropout}, fused kernels {args.fused_kernels}, compile {args.compile}"
+          f"lora r 16 all-linear dropout {args.lora_dropout}{' dora' if args.dora else ''}, fused kernels {args.fused_kernels}, compile {args.compile}"
           f"{'; qlora* = 4-bit weights dequantized once' if any(r['method'] == 'qlora*' for r in rows) else ''}")
     print(f"{'engine':<11} {'method':<6} {'packing':<8} {'tokens/s':>10} {'real share':>10} {'MFU':>6} {'peak GiB':>9} {'est. GiB':>9}")
     for r in rows:

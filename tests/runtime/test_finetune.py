@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmfactory_runtime.batching import collate_sequences as collate, encode_rows, label_count
+from llmfactory_runtime.batching import collate_sequences as collate, encode_rows, label_count, loss_sums
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
 from llmfactory_runtime.finetune.model_setup import load_for_training, trainable_state
 from llmfactory_runtime.finetune.packing import pack
-from llmfactory_runtime.finetune.train import lr_lambda
+from llmfactory_runtime.data import dumps_jsonl
+from llmfactory_runtime.finetune.train import best_step, evaluations_without_improvement, lr_lambda
 from llmfactory_runtime.store import finished_result, open_store
 
-from finetune_helpers import SMOLLM2, conversations, finetune_task, run_finetune, runtime_command, write_dataset, write_task
+from finetune_helpers import PAIRS, SMOLLM2, conversations, finetune_task, run_finetune, runtime_command, write_dataset, write_task
 
 NO_DROPOUT = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
 
@@ -298,8 +300,8 @@ LONGER = {"epochs": 3}
 
 @pytest.mark.slow
 def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupted_weights(tiny_model, dataset, tmp_path, s3_bucket):
-    spec = {"lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["all-linear"]},  # dropout: RNG restored too
-            "checkpointing": {"everySteps": 3, "keepLast": 2}, "hyperparameters": LONGER}
+    spec = {"lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["all-linear"]},  # dropout, NEFTune: RNG
+            "checkpointing": {"everySteps": 3, "keepLast": 2}, "hyperparameters": {**LONGER, "neftuneNoiseAlpha": 5}}
     reference = finetune_task(tiny_model, dataset, f"file://{tmp_path}/reference", **spec)
     _ok(run_finetune(write_task(reference, tmp_path)))
     expected = _adapter(reference)
@@ -326,6 +328,54 @@ def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupte
         steps = sorted(int(k.split("/")[0][5:]) for k in open_store(task["artifactUri"]).list("checkpoints")
                        if k.endswith("COMMITTED"))
         assert len(steps) <= 2  # keepLast
+
+
+@pytest.mark.parametrize("losses,min_delta,since", [
+    ([3.0, 2.5, 2.6, 2.55, 2.7], 0.0, 3),
+    ([3.0, 2.5, 2.6, 2.4], 0.0, 0),
+    ([3.0, 2.5, 2.45, 2.42], 0.1, 2),  # better, but not by more than minDelta
+    ([], 0.0, 0),
+])
+def test_patience_counts_the_evaluations_since_the_last_improvement(losses, min_delta, since):
+    assert evaluations_without_improvement(losses, min_delta) == since
+
+
+def test_the_best_step_is_the_lowest_validation_loss_the_earliest_of_equals():
+    assert best_step([(2, 3.0), (4, 2.5), (6, 2.5), (8, 2.7)]) == 4
+    assert best_step([]) is None
+
+
+def test_early_stopping_ends_training_and_saves_the_best_evaluations_weights(tiny_model, tmp_path):
+    """Four conversations learnt hard and judged on four others: the validation loss soon stops
+    improving. The run stops `patience` evaluations after its best, and what it saves is the best
+    step's weights, whose checkpoint outlived keepLast 1."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
+    (data / "train.jsonl").write_bytes(dumps_jsonl(rows[:4] * 4))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl(rows[4:]))
+    task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", lora=NO_DROPOUT,
+                         checkpointing={"everySteps": 1, "keepLast": 1}, hyperparameters={
+                             "epochs": 8, "learningRate": 0.03, "evalEverySteps": 1, "earlyStopping": {"patience": 3}})
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    curve = [line.split(",") for line in open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode()
+             .splitlines()[1:]]
+    evals = {int(r[0]): float(r[4]) for r in curve}
+    assert result["stoppedEarly"] is True and result["steps"] == len(curve) and int(curve[-1][1]) < 7  # of 8 epochs
+    assert result["bestStep"] == min(evals, key=evals.get) == result["steps"] - 3
+    assert result["evalLoss"] == pytest.approx(evals[result["bestStep"]], abs=1e-4)
+    assert evals[result["steps"]] > result["evalLoss"] + 1e-3  # the last step's weights were worse
+    committed = {int(k.split("/")[0][5:]) for k in open_store(task["artifactUri"]).list("checkpoints")
+                 if k.endswith("COMMITTED")}
+    assert committed == {result["bestStep"], result["steps"]}
+    # What was saved is the best step's model: its validation loss is the best one.
+    merged = Path(result["modelUri"][7:])
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    total, count = loss_sums(model, encode_rows(tokenizer, rows[4:], 96), 2, tokenizer.pad_token_id)
+    assert total / count == pytest.approx(result["evalLoss"], abs=1e-4)
+    assert f"those of step {result['bestStep']}, the lowest validation loss" in (merged / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -487,6 +537,31 @@ def test_qlora_trains_a_4bit_base_on_cpu_and_its_adapter_reloads(tiny_model, dat
     assert expected.keys() == got.keys() and all(torch.allclose(got[k], expected[k], atol=1e-5) for k in expected)
 
 
+def test_dora_with_rank_stabilized_scaling_trains_magnitudes_and_merges_into_the_model_it_computes(
+        tiny_model, dataset, tmp_path):
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store",
+                         lora={**NO_DROPOUT, "dora": True, "rsLora": True})
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    assert result["finalLoss"] < result["firstLoss"] - 0.3
+    from peft import PeftModel
+    adapter = Path(result["adapterUri"][7:])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    # The magnitudes trained: no longer the norms of the base weights' rows they start from.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with_adapter = PeftModel.from_pretrained(base, adapter).eval()
+    q_proj = with_adapter.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == pytest.approx(16 / math.sqrt(8))  # alpha / sqrt(r)
+    magnitude = q_proj.lora_magnitude_vector["default"].weight
+    assert not torch.allclose(magnitude, torch.linalg.norm(q_proj.base_layer.weight, dim=1), atol=1e-3)
+    # The merged model computes what base + adapter does.
+    whole = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.allclose(with_adapter(ids).logits, whole(ids).logits, atol=1e-4)
+
+
 def test_qlora_dequantizes_once_where_the_memory_is_there_and_refuses_always_where_it_cannot_fit():
     from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Plan, estimate
     from llmfactory_runtime.finetune.model_setup import dequantize_once
@@ -505,30 +580,69 @@ def test_qlora_dequantizes_once_where_the_memory_is_there_and_refuses_always_whe
         dequantize_once("always", as_lora, (39.4, 39.0))
 
 
+def test_neftune_adds_noise_within_its_bound_to_the_embeddings_while_training_only(tiny_model):
+    def embeddings(alpha: float | None):
+        hp = {"gradientCheckpointing": False, **({"neftuneNoiseAlpha": alpha} if alpha else {})}
+        model = load_for_training({"method": "lora", "lora": NO_DROPOUT, "hyperparameters": hp},
+                                  {"uri": f"file://{tiny_model}"}, ONE, torch.float32)
+        return model, model.get_input_embeddings()
+
+    ids = torch.tensor([[5, 17, 42, 99, 7, 8]])
+    (_, clean), (model, noisy) = embeddings(None), embeddings(5.0)
+    bound = 5.0 / math.sqrt(ids.shape[1] * clean.embedding_dim)  # alpha / sqrt(L x d)
+    with torch.no_grad():
+        noise = (noisy(ids) - clean(ids)).abs()
+        assert noise.max() <= bound * 1.0001 and noise.mean() > bound / 3  # uniform in [-bound, bound]
+        model.eval()
+        assert torch.equal(noisy(ids), clean(ids))
+
+
+def _kept_for_backward(tiny_model, spec: dict, tokens_per_row: int = 64) -> int:
+    """Bytes autograd holds for backward at the end of a bf16 forward (two rows of packed
+    conversations), the weights themselves not counted."""
+    ids = torch.randint(5, 100, (2, tokens_per_row), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([list(range(24)) + list(range(tokens_per_row - 24))] * 2)
+    spec = {"hyperparameters": {"gradientCheckpointing": False}, "qlora": {"quantType": "nf4", "doubleQuantization": True},
+            **spec}
+    model = load_for_training(spec, {"uri": f"file://{tiny_model}"}, ONE, torch.bfloat16)
+    weights = {p.data_ptr() for p in model.parameters()}
+    saved: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in weights:
+            saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in saved) if t is not None}
+    loss.backward()
+    return sum(alive.values())
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_qlora_keeps_for_backward_exactly_what_lora_keeps(tiny_model, dropout):
     # What the memory estimate assumes: the 4-bit layers save nothing of their own, and nothing runs
     # in fp32 that LoRA runs in bf16 (with peft's fp32 upcast QLoRA kept 8-21% more here).
-    ids = torch.randint(5, 100, (2, 64), generator=torch.Generator().manual_seed(0))
-    positions = torch.tensor([list(range(24)) + list(range(40))] * 2)
+    lora = {**NO_DROPOUT, "dropout": dropout}
+    assert _kept_for_backward(tiny_model, {"method": "qlora", "lora": lora}) == \
+        _kept_for_backward(tiny_model, {"method": "lora", "lora": lora}) > 0
 
-    def saved_bytes(method: str) -> int:
-        spec = {"method": method, "hyperparameters": {"gradientCheckpointing": False},
-                "lora": {**NO_DROPOUT, "dropout": dropout}, "qlora": {"quantType": "nf4", "doubleQuantization": True}}
-        model = load_for_training(spec, {"uri": f"file://{tiny_model}"}, ONE, torch.bfloat16)
-        weights = {p.data_ptr() for p in model.parameters()}
-        kept: dict[int, int] = {}
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.data_ptr() not in weights:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_estimate_counts_what_dora_keeps_for_backward_beyond_lora(tiny_model, method, dropout):
+    from llmfactory_runtime.finetune.estimate import dora_transient, estimate, plan_of, shape_from_config
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss.backward()
-        return sum(kept.values())
-
-    assert saved_bytes("qlora") == saved_bytes("lora") > 0
+    lora = {**NO_DROPOUT, "dropout": dropout}
+    measured = (_kept_for_backward(tiny_model, {"method": method, "lora": {**lora, "dora": True}})
+                - _kept_for_backward(tiny_model, {"method": method, "lora": lora}))
+    shape = shape_from_config(json.loads((tiny_model / "config.json").read_text()))
+    spec = {"method": method, "hyperparameters": {"batchSize": 2, "maxSeqLength": 64, "precision": "bf16"}}
+    lora_plan, dora_plan = plan_of({**spec, "lora": lora}), plan_of({**spec, "lora": {**lora, "dora": True}})
+    estimated = (estimate(shape, dora_plan).activations_gib - estimate(shape, lora_plan).activations_gib) * 2 ** 30
+    # Within 3%: what is not counted is a few vectors the size of a layer's output.
+    assert estimated - dora_transient(shape, dora_plan) == pytest.approx(measured, rel=0.03)
 
 
 def test_qlora_keeps_its_unquantized_layers_in_the_training_dtype_as_lora_does_and_trains_in_bf16(tiny_model):

@@ -2,6 +2,7 @@
 what `vllm serve` is given, and how a vLLM that cannot run is reported. The answers themselves
 need vLLM and a CUDA GPU: that test runs where both are (the GPU machine), and skips here."""
 
+import json
 import os
 import stat
 import textwrap
@@ -112,6 +113,11 @@ def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter
                         "/tmp/tok", 8123, gpus=1)
     assert hub[2] == "meta-llama/Meta-Llama-3-8B-Instruct" and _flags(hub)["--revision"] == "abc123"
     assert _flags(hub)["--tensor-parallel-size"] == "1" and "--enable-lora" not in hub
+    # vLLM serves no DoRA adapter (it would refuse it after loading the base): said before it starts.
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(InvalidTask, match="vLLM cannot serve a DoRA adapter .* use engine transformers"):
+        serve_command("/opt/vllm/bin/vllm", source, "/tmp/tok", 8123, gpus=1)
 
 
 def test_a_vllm_that_dies_while_starting_fails_with_its_last_log_lines(tiny_model, tmp_path, monkeypatch):

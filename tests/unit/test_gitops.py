@@ -49,6 +49,8 @@ def resource(status: dict | None, generation: int = 2, kind: str = "FineTune") -
     (situation("Failed", "InvalidSpec", "spec.hyperparameters.batchSize: must be >= 1", {}, 2),
      "Degraded", "spec.hyperparameters.batchSize"),
     (succeeded("FineTune", FINETUNE_RESULT, {}, 2), "Healthy", "loss 1.400 -> 0.800"),
+    (succeeded("FineTune", {**FINETUNE_RESULT, "bestStep": 40, "stoppedEarly": True}, {}, 2), "Healthy",
+     "loss 1.400 -> 0.800, best eval at step 40 (stopped early)"),
 ])
 def test_each_operator_situation_maps_to_argo_health(status, expected, words):
     state, message = health(resource(status))

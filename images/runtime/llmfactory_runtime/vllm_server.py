@@ -76,7 +76,11 @@ def choose_engine(engine: str, source: dict[str, Any], field: str) -> str:
 
 
 def _lora_rank(adapter_folder: str) -> int:
-    rank = int(json.loads(Path(adapter_folder, "adapter_config.json").read_text())["r"])
+    config = json.loads(Path(adapter_folder, "adapter_config.json").read_text())
+    if config.get("use_dora"):
+        raise InvalidTask("vLLM cannot serve a DoRA adapter (the FineTune's lora.dora) beside its base; use engine "
+                          "transformers, or the FineTune's merged model (mergeAdapter true)")
+    rank = int(config["r"])
     fitting = [r for r in LORA_RANKS if r >= rank]
     if not fitting:
         raise InvalidTask(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANKS[-1]}); use engine transformers")

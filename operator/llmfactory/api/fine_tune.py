@@ -28,6 +28,14 @@ class Lora(ApiModel):
         default_factory=lambda: ["all-linear"], min_length=1,
         description="Module names to adapt (e.g. q_proj, v_proj), or ['all-linear']: every linear layer of "
                     "the decoder blocks, whatever the architecture calls them (not the output head).")
+    rs_lora: bool = Field(False, description=(
+        "Rank-stabilized LoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r, so that high ranks "
+        "keep learning (Kalajdzievski, 2023)."))
+    dora: bool = Field(False, description=(
+        "Weight-decomposed LoRA (DoRA, Liu et al., 2024): also train each adapted layer's weight "
+        "magnitude. Often closer to a full fine-tune at the same rank; costs more time and activation "
+        "memory (the estimate counts it). The merged model is an ordinary one; vLLM cannot serve a DoRA "
+        "adapter unmerged."))
 
 
 class QLora(ApiModel):
@@ -44,7 +52,24 @@ class QLora(ApiModel):
         "never: keep the weights 4-bit (the least memory)."))
 
 
+class EarlyStopping(ApiModel):
+    """Stop when the validation loss stops improving (HF Trainer's EarlyStoppingCallback)."""
+
+    patience: int = Field(3, ge=1, le=1000, description=(
+        "Evaluations (every hyperparameters.evalEverySteps) in a row without an improvement after which "
+        "training stops."))
+    min_delta: float = Field(0.0, ge=0, description=(
+        "An evaluation improves when its validation loss is lower than the best so far by more than this."))
+
+
 class Hyperparameters(ApiModel):
+    cel_rules: ClassVar = [
+        {"rule": "!has(self.earlyStopping) || has(self.evalEverySteps)",
+         "message": "earlyStopping needs evalEverySteps: the validation loss it watches is computed that often"},
+        {"rule": "!has(self.selectBest) || !self.selectBest || has(self.evalEverySteps)",
+         "message": "selectBest needs evalEverySteps: the best weights are chosen among the evaluations"},
+    ]
+
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the train split.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear warmup.")
@@ -66,6 +91,18 @@ class Hyperparameters(ApiModel):
         "Also compute the loss on the validation split every this many optimizer steps (progress.json, "
         "trackers' eval/loss, the eval_loss column of metrics/loss.csv and the plot); by default only "
         "after training. Training goes on exactly as without it."))
+    early_stopping: EarlyStopping | None = Field(None, description=(
+        "Stop training once the validation loss has not improved for `patience` evaluations; the "
+        "outputs are then the best evaluation's weights (as with selectBest). Needs evalEverySteps."))
+    select_best: bool = Field(False, description=(
+        "Save as the adapter and model the weights of the evaluation with the lowest validation loss "
+        "(the final one included), not the last step's (HF Trainer's load_best_model_at_end). A "
+        "checkpoint is saved at each new best and kept beside the last checkpointing.keepLast ones. "
+        "Needs evalEverySteps."))
+    neftune_noise_alpha: float | None = Field(None, gt=0, le=1000, description=(
+        "NEFTune (Jain et al., 2023): add uniform noise of at most alpha/sqrt(L x d) to the input embeddings "
+        "in training steps (L the sequence's length, the packed one with packing; d the hidden size), as "
+        "HF Trainer's neftune_noise_alpha does; 5 is the paper's usual value. Evaluation sees none."))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
     fused_kernels: bool = Field(False, description=(
         "Liger's fused Triton kernels for Llama-family models (RMSNorm, SwiGLU, RoPE, and linear + "
@@ -83,6 +120,15 @@ class Hyperparameters(ApiModel):
         "the weights, as DeepSpeed does (16-bit weights cannot take small updates); fp16 also scales "
         "the loss so small gradients survive, and skips a step whose gradients overflow "
         "(result.skippedSteps). fp16 is slow on CPU, and under DeepSpeed needs a GPU."))
+
+    @model_validator(mode="after")
+    def _needs_evaluations(self):
+        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
+        if self.eval_every_steps is None:
+            for rule, wanted in zip(self.cel_rules, (self.early_stopping is not None, self.select_best)):
+                if wanted:
+                    raise ValueError(rule["message"])
+        return self
 
 
 class Distribution(ApiModel):
@@ -218,6 +264,11 @@ class FineTuneResult(ApiModel):
     skipped_steps: int | None = Field(None, description=(
         "fp16: optimizer steps skipped because the scaled gradients overflowed (the loss scale was then "
         "halved). A few at the start are normal; many mean the model overflows fp16: use bf16 or fp32."))
+    best_step: int | None = Field(None, description=(
+        "The step whose weights were saved, with hyperparameters.selectBest or earlyStopping: the "
+        "evaluation with the lowest validation loss (evalLoss is that loss)."))
+    stopped_early: bool | None = Field(None, description=(
+        "True when hyperparameters.earlyStopping ended training before its last step (steps says where)."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description=(
         "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated."))

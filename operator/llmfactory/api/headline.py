@@ -12,7 +12,9 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
         rows = result["rows"]
         return f"{sum(rows.values())} rows ({rows.get('train', 0)}/{rows.get('validation', 0)}/{rows.get('test', 0)})"
     if kind == "FineTune":
-        return f"loss {result['firstLoss']:.3f} -> {result['finalLoss']:.3f}"
+        best = (f", best eval at step {result['bestStep']}" + (" (stopped early)" if result.get("stoppedEarly") else "")
+                if result.get("bestStep") else "")
+        return f"loss {result['firstLoss']:.3f} -> {result['finalLoss']:.3f}{best}"
     if kind == "Benchmark":
         m = result["metrics"]
         parts = []

@@ -81,7 +81,7 @@ def check_fits(res: Resource) -> Estimate | None:
     est = estimate(shape, plan)
     gpu_gib = res.spec.resources.gpu_memory_gib
     if res.spec.resources.gpus_per_node > 0:
-        problem = does_not_fit(est, gpu_gib)
+        problem = does_not_fit(est, gpu_gib, plan)
         if problem:
             raise PlanError(res.ref, "spec.resources", problem)
         if res.spec.qlora and res.spec.qlora.dequantize_once == "always":

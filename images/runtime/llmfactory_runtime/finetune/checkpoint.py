@@ -44,8 +44,10 @@ def latest(run: Store, world: World) -> int | None:
     return world.broadcast(step)
 
 
-def save(run: Store, world: World, step: int, write: Callable[[Path], None], keep_last: int) -> None:
-    """Collective: each process writes and uploads its files, then rank 0 commits and prunes."""
+def save(run: Store, world: World, step: int, write: Callable[[Path], None], keep_last: int,
+         pinned: int | None = None) -> None:
+    """Collective: each process writes and uploads its files, then rank 0 commits and prunes
+    (keeping `pinned`, the best evaluation's checkpoint, too)."""
     rel = _rel(step)
     with tempfile.TemporaryDirectory(prefix="llmfactory-ckpt-") as tmp:
         local = Path(tmp)
@@ -57,15 +59,16 @@ def save(run: Store, world: World, step: int, write: Callable[[Path], None], kee
     if world.main:
         run.commit(rel, {"step": step, "processes": world.size})
         log.info("checkpoint committed: %s/%s", run.uri, rel)
-        prune(run, keep_last)
+        prune(run, keep_last, pinned)
     world.barrier()
 
 
-def prune(run: Store, keep_last: int) -> None:
-    """Delete all but the newest keep_last committed checkpoints, and leftovers of cut-short saves
-    older than the newest committed one. The marker goes first: a half-deleted one is not trusted."""
+def prune(run: Store, keep_last: int, pinned: int | None = None) -> None:
+    """Delete all but the newest keep_last committed checkpoints (and `pinned`), and leftovers of
+    cut-short saves older than the newest committed one. The marker goes first: a half-deleted one
+    is not trusted."""
     seen, committed = _steps(run)
-    keep = set(sorted(committed)[-keep_last:])
+    keep = set(sorted(committed)[-keep_last:]) | {pinned}
     newest = max(committed, default=-1)
     for step in sorted(seen - keep):
         if step in committed or step < newest:

@@ -101,6 +101,7 @@ class Plan:
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ("all-linear",)
     lora_dropout: float = 0.05
+    lora_dora: bool = False
     gradient_checkpointing: bool = False
     weight_bytes: int = 2  # bf16 / fp16; 4 for fp32
     strategy: str = "ddp"  # ddp | deepspeed
@@ -130,12 +131,19 @@ class Estimate:
                 f"{self.flops_per_token / 1e9:.1f} GFLOP/token, ~{self.seconds_per_million_tokens:.0f} s per 1M tokens")
 
 
+def adapted_dims(shape: ModelShape, plan: Plan) -> list[tuple[int, int]]:
+    """(in, out) features of the linear layers one decoder block adapts."""
+    dims = shape.module_dims()
+    targets = LINEAR_MODULES if "all-linear" in plan.lora_targets else [t for t in plan.lora_targets if t in dims]
+    return [dims[t] for t in targets]
+
+
 def trainable_params(shape: ModelShape, plan: Plan) -> int:
     if plan.method == "full":
         return shape.params
-    dims = shape.module_dims()
-    targets = LINEAR_MODULES if "all-linear" in plan.lora_targets else [t for t in plan.lora_targets if t in dims]
-    return shape.layers * sum(plan.lora_r * (dims[t][0] + dims[t][1]) for t in targets)
+    adapted = adapted_dims(shape, plan)
+    magnitudes = sum(out for _, out in adapted) if plan.lora_dora else 0  # DoRA's per-output magnitude
+    return shape.layers * (sum(plan.lora_r * (i + o) for i, o in adapted) + magnitudes)
 
 
 def estimate(shape: ModelShape, plan: Plan) -> Estimate:
@@ -186,11 +194,13 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
         per_layer += 12 * h + 2 * inter
         if plan.lora_dropout > 0:
             per_layer += 6 * h + inter
+    dora_per_token, dora_fixed = _dora_activations(shape, plan)
+    per_layer += dora_per_token
     if plan.gradient_checkpointing:
-        layer_bytes = shape.layers * 2 * h + per_layer
+        layer_bytes, fixed = shape.layers * 2 * h + per_layer, dora_fixed
     else:
-        layer_bytes = shape.layers * per_layer
-    activations = tokens * (layer_bytes + shape.vocab * 10)
+        layer_bytes, fixed = shape.layers * per_layer, shape.layers * dora_fixed
+    activations = tokens * (layer_bytes + shape.vocab * 10) + fixed + dora_transient(shape, plan)
 
     total = (weights + grads + optim + activations) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
 
@@ -199,11 +209,39 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
     matmul = shape.linear_params + shape.vocab * shape.hidden
     forward = 2 * matmul + 2 * shape.layers * plan.seq_len * shape.hidden
     backward = 2 * forward if plan.method == "full" else forward
+    if plan.lora_dora and plan.lora_dropout > 0:  # each adapted layer runs again on the dropped-out input
+        adapted = 2 * shape.layers * sum(i * o for i, o in adapted_dims(shape, plan))
+        forward, backward = forward + adapted, backward + adapted
     flops = forward + backward + (forward if plan.gradient_checkpointing else 0)
     seconds = 1e6 * flops / (world * PEAK_FLOPS * ASSUMED_MFU[plan.method])
     return Estimate(params=shape.params, trainable_params=trainable, weights_gib=weights / GIB, gradients_gib=grads / GIB,
                     optimizer_gib=optim / GIB, activations_gib=activations / GIB, total_gib=total / GIB,
                     flops_per_token=float(flops), seconds_per_million_tokens=seconds)
+
+
+def _dora_activations(shape: ModelShape, plan: Plan) -> tuple[float, float]:
+    """What DoRA (peft's) keeps for backward beyond LoRA, per decoder layer: (bytes per token, bytes).
+    Per adapted layer and token, the base layer's output (for the magnitude's gradient) and the
+    adapter's, in fp32 (peft computes adapters in fp32). Without dropout the base output is the
+    layer's own; with it, peft runs the layer again on the dropped-out input in the adapter's dtype:
+    in fp32, keeping an fp32 copy of the weight for backward (in 16-bit training; in fp32 it is the
+    weight itself). Checked against autograd's saved tensors (tests/runtime/test_finetune.py)."""
+    if plan.method == "full" or not plan.lora_dora:
+        return 0.0, 0.0
+    adapted = adapted_dims(shape, plan)
+    outs = sum(o for _, o in adapted)
+    dropout = plan.lora_dropout > 0
+    per_token = outs * (8 if dropout else plan.weight_bytes + 4)
+    copies = 4 * sum(i * o for i, o in adapted) if dropout and plan.weight_bytes == 2 else 0
+    return per_token, copies
+
+
+def dora_transient(shape: ModelShape, plan: Plan) -> float:
+    """The most DoRA holds for a moment in one layer's forward: peft builds the adapter's weight by
+    passing an fp32 identity the size of the input through it, and the weight plus it for the norm."""
+    if plan.method == "full" or not plan.lora_dora:
+        return 0.0
+    return max(4 * i * i + (4 + 2 * plan.weight_bytes) * i * o for i, o in adapted_dims(shape, plan))
 
 
 def plan_of(spec: dict[str, Any]) -> Plan:
@@ -215,18 +253,20 @@ def plan_of(spec: dict[str, Any]) -> Plan:
     return Plan(method=spec["method"], micro_batch=hp["batchSize"], seq_len=hp["maxSeqLength"],
                 gpus=max(res.get("gpusPerNode", 1), 1) * res.get("nodes", 1),
                 lora_r=lora.get("r", 16), lora_targets=tuple(lora.get("targetModules") or ("all-linear",)),
-                lora_dropout=lora.get("dropout", 0.05),
+                lora_dropout=lora.get("dropout", 0.05), lora_dora=lora.get("dora", False),
                 gradient_checkpointing=hp.get("gradientCheckpointing", False),
                 weight_bytes=4 if hp.get("precision") == "fp32" else 2,
                 strategy=dist.get("strategy", "ddp"), zero_stage=(dist.get("zeroStage") or 0) if deepspeed else 0,
                 offload=deepspeed and dist.get("offload") == "cpu")
 
 
-def does_not_fit(est: Estimate, gpu_gib: float) -> str | None:
+def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
     """None when the estimate fits a GPU of gpu_gib, else a sentence with the numbers and what to change."""
     if est.total_gib <= gpu_gib:
         return None
-    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; lower hyperparameters.batchSize "
+    dora = ("set lora.dropout 0 (DoRA with dropout keeps an fp32 copy of each adapted weight), "
+            if plan.lora_dora and plan.lora_dropout > 0 and plan.method != "full" else "")
+    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dora}lower hyperparameters.batchSize "
             f"or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, or shard with "
             f"distribution.strategy deepspeed (zeroStage 3) over more GPUs")
 

@@ -91,6 +91,11 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
     # residual stream) and the head: on Llama-3-8B that is 2 GiB more weights and the 128k-vocab
     # head's matmuls in fp32, a fraction of bf16's speed. Axolotl casts them back for the same reason.
     # (Its other step, input gradients for reentrant checkpointing, is moot with use_reentrant=False.)
+    if hp.get("neftuneNoiseAlpha"):  # HF Trainer's own hook; it adds noise only while the model trains
+        from transformers.integrations.neftune import neftune_post_forward_hook  # noqa: PLC0415
+        embeddings = model.get_input_embeddings()
+        embeddings.neftune_noise_alpha = hp["neftuneNoiseAlpha"]
+        embeddings.register_forward_hook(neftune_post_forward_hook)
     if hp["gradientCheckpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -99,7 +104,8 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         lora = spec["lora"]
         targets = lora["targetModules"]
         config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
-                            target_modules="all-linear" if targets == ["all-linear"] else targets)
+                            target_modules="all-linear" if targets == ["all-linear"] else targets,
+                            use_rslora=lora.get("rsLora", False), use_dora=lora.get("dora", False))
         try:
             model = get_peft_model(model, config)
         except ValueError as exc:  # e.g. a target module the architecture does not have

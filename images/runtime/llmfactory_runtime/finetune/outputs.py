@@ -70,6 +70,9 @@ def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
         f" ({summary['realTokenShare']:.0%} of computed positions were real tokens)",
         f"- loss: {summary['firstLoss']} (first steps) -> {summary['finalLoss']} (last steps); "
         f"validation loss {summary['evalLoss']}",
+        *([f"- weights: those of step {summary['bestStep']}, the lowest validation loss"
+           + ("; training stopped early (earlyStopping)" if summary.get("stoppedEarly") else "")]
+          if summary.get("bestStep") else []),
         f"- throughput: {summary['tokensPerSecond']} tokens/s, wall time {summary['wallSeconds']} s",
         f"- task digest: `{task['digest']}`", "",
         "## Configuration", "", "```json", json.dumps(config, indent=2, sort_keys=True), "```", "",

@@ -51,6 +51,20 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return factor
 
 
+def best_step(evals: list[tuple[int, float]]) -> int | None:
+    """The step of the lowest validation loss (the earliest of equals)."""
+    return min(evals, key=lambda e: (e[1], e[0]))[0] if evals else None
+
+
+def evaluations_without_improvement(losses: list[float], min_delta: float) -> int:
+    """How many of the last evaluations in a row did not beat the best before them by more than
+    min_delta (what earlyStopping's patience counts)."""
+    best, since = math.inf, 0
+    for loss in losses:
+        best, since = (loss, 0) if loss < best - min_delta else (best, since + 1)
+    return since
+
+
 def epoch_rows(examples: list[dict], epoch: int, hp: dict[str, Any], global_batch: int) -> list[list[int]]:
     """The epoch's sequences (each a list of example indices), shuffled with the seed and padded
     by wrapping around to whole steps, so every process does the same number of micro-batches."""
@@ -118,7 +132,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     est = estimate(shape, plan)
     gpu_gib = gpu_memory_gib(world.device)
     if gpu_gib:
-        problem = does_not_fit(est, gpu_gib[0])
+        problem = does_not_fit(est, gpu_gib[0], plan)
         if problem:
             raise InvalidTask(f"spec.resources: {problem}")
     dequantized = qlora_dequantized(spec, shape, plan, gpu_gib)
@@ -136,6 +150,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
     if not examples:
         raise InvalidTask("spec.hyperparameters.maxSeqLength: no train conversation has an assistant token within it")
+    early = hp.get("earlyStopping")
+    select_best = bool(hp.get("selectBest") or early)  # early stopping outputs the best weights, as HF's does
+    if select_best and not val:
+        raise InvalidTask(f"spec.hyperparameters.{'earlyStopping' if early else 'selectBest'}: dataset "
+                          f"{dataset['uri']} has no validation conversation within maxSeqLength to choose by")
     micro, accum = hp["batchSize"], hp["gradientAccumulation"]
     global_batch = micro * accum * world.size  # sequences per optimizer step, all processes together
     epochs = [epoch_rows(examples, e, hp, global_batch) for e in range(hp["epochs"])]
@@ -179,20 +198,24 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     history: list[outputs.HistoryRow] = []
     evals: list[outputs.EvalRow] = []
     counters = {"tokens": 0.0, "positions": 0.0, "seconds": 0.0}
-    start = checkpoint.latest(run, world) or 0
-    if start:
-        progress.stage(f"resuming from checkpoint step {start}")
+
+    def restore(step: int, weights_only: bool = False) -> None:
+        """The training state saved at `step` (to resume), or only its weights (the best ones, at the end)."""
+        nonlocal history, counters, evals
         with tempfile.TemporaryDirectory(prefix="llmfactory-resume-") as tmp:
-            local = checkpoint.download(run, start, Path(tmp), world)
-            if deepspeed_on:
+            local = checkpoint.download(run, step, Path(tmp), world)
+            if deepspeed_on:  # collective; its optimizer state too, which no longer matters at the end
                 engine.load_checkpoint(str(local / "deepspeed"), tag="state")
             else:
                 trained = load_file(local / "trainable.safetensors")
                 load_trainable_state(inner, trained)
                 if master:
                     master.load(trained)
-                optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
-                scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
+                if not weights_only:
+                    optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
+                    scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
+            if weights_only:
+                return
             set_rng_state(torch.load(local / f"rng-{world.rank}.pt", weights_only=False))
             saved = json.loads((local / "state.json").read_text())
             if saved.get("lossScale"):
@@ -201,6 +224,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             evals = [tuple(e) for e in saved.get("evals", [])]
             if world.main and (local / TRACKING).is_dir():  # the earlier attempts' tracker files: curves go on
                 shutil.copytree(local / TRACKING, tracking_dir, dirs_exist_ok=True)
+
+    start = checkpoint.latest(run, world) or 0
+    if start:
+        progress.stage(f"resuming from checkpoint step {start}")
+        restore(start)
     trackers = Trackers(spec["tracking"], task["digest"][:16], spec, tracking_dir) if world.main else None
 
     def save_checkpoint(step: int) -> None:
@@ -218,7 +246,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 shutil.copytree(tracking_dir, local / TRACKING, symlinks=True)  # W&B links its latest run
             torch.save(rng_state(), local / f"rng-{world.rank}.pt")
         progress.update(step, figure=f"saving checkpoint {step}")
-        checkpoint.save(run, world, step, write, ckpt["keepLast"])
+        checkpoint.save(run, world, step, write, ckpt["keepLast"], best_step(evals) if select_best else None)
 
     def evaluate(step: int) -> float | None:
         """Loss on the validation split, token-weighted. The processes share it, every size-th
@@ -246,12 +274,17 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             if loss is not None:
                 progress.update(step, figure=f"eval loss {loss:.3f}", evalLoss=round(loss, 4))
 
+    def stop_early() -> bool:
+        return bool(early) and evaluations_without_improvement([e[1] for e in evals], early["minDelta"]) >= early["patience"]
+
     # Train
     progress.stage("training", total=total_steps, unit="steps")
     progress.update(start)
     if start:
         evaluate_on_the_way(start)  # due there, if a SIGTERM cut the last attempt short of it
-    for step in range(start + 1, total_steps + 1):
+    step = start  # a new best there already has its checkpoint: the one resumed from
+    while step < total_steps and not stop_early():
+        step += 1
         began = time.perf_counter()
         epoch, index = _locate(step - 1, steps_per_epoch)
         rows = epochs[epoch][index * global_batch:(index + 1) * global_batch]
@@ -303,13 +336,23 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         interrupted = world.any(stop.is_set())
         if not interrupted:  # else the checkpoint first: the grace period is short
             evaluate_on_the_way(step)
-        if interrupted or (step % ckpt["everySteps"] == 0 and step < total_steps):
+        new_best = select_best and best_step(evals) == step  # its weights may be the ones to output
+        if interrupted or new_best or (step % ckpt["everySteps"] == 0 and step < total_steps):
             save_checkpoint(step)
         if interrupted:
             raise Interrupted(f"SIGTERM at step {step}: checkpoint saved, the next attempt resumes there")
 
-    progress.stage("evaluating")
-    eval_loss = evaluate(total_steps)
+    # DeepSpeed scales an fp16 loss itself and counts the steps it skips (kept in its checkpoints).
+    skipped = (int(counters.get("skippedSteps", 0)) if scale_loss
+               else int(engine.skipped_steps) if deepspeed_on and dtype == torch.float16 else None)
+    if step == total_steps:  # else stopped early, just after an evaluation
+        progress.stage("evaluating")
+        evaluate(total_steps)
+    best = best_step(evals) if select_best else None
+    if best is not None and best != step:
+        progress.stage(f"loading the best weights (step {best})")
+        restore(best, weights_only=True)
+    eval_loss = dict(evals).get(best or step)
     tokens, positions = world.sum(counters["tokens"]), world.sum(counters["positions"])
 
     # Save (rank 0; a ZeRO-3 model is gathered first, on every rank)
@@ -326,7 +369,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "firstLoss": round(sum(first) / len(first), 4),
         "finalLoss": round(sum(last) / len(last), 4),
         "evalLoss": round(eval_loss, 4) if eval_loss is not None else None,
-        "steps": total_steps,
+        "steps": step,
+        "bestStep": best,
+        "stoppedEarly": step < total_steps if early else None,
         "processes": world.size,
         "trainTokens": int(tokens),
         "realTokenShare": round(tokens / max(positions, 1), 4),
@@ -336,7 +381,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated(world.device) / GIB, 2)
         if world.device.type == "cuda" else None,
         "dequantizedOnce": dequantize if spec["method"] == "qlora" else None,
-        "skippedSteps": int(counters.get("skippedSteps", 0)) if scale_loss else None,
+        "skippedSteps": skipped,
     }
     progress.stage("saving")
     result = _save(task, run, inner, tokenizer, dtype, summary, full_state)
