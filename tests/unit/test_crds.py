@@ -73,7 +73,11 @@ def _manifest(kind, spec):
 MODEL = {"uri": "file:///models/m"}
 BAD = [
     ("FineTune", {"baseModel": {"uri": "file:///m", "huggingface": "a/b"}, "dataset": {"uri": "file:///d"}},
-     "set exactly one of huggingface or uri"),
+     "set exactly one of huggingface, uri or fineTuneRef"),
+    ("FineTune", {"baseModel": {"fineTuneRef": {"name": "sft"}, "uri": "file:///m"}, "dataset": {"uri": "file:///d"}},
+     "set exactly one of huggingface, uri or fineTuneRef"),
+    ("FineTune", {"baseModel": {"fineTuneRef": {"name": "sft"}, "ggufFile": "m.gguf"}, "dataset": {"uri": "file:///d"}},
+     "ggufFile applies to a huggingface or uri model"),
     ("FineTune", {"baseModel": {"uri": "file:///m", "revision": "main"}, "dataset": {"uri": "file:///d"}},
      "revision applies only to a huggingface model"),
     ("FineTune", {"baseModel": MODEL, "dataset": {}}, "set exactly one of datasetBuildRef or uri"),

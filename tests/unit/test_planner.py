@@ -303,3 +303,25 @@ def test_an_adapter_only_fine_tune_is_benchmarked_on_its_base_but_not_quantized(
     assert task["inputs"]["baseline"] == MODEL
     with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft kept only its adapter.*mergeAdapter: true"):
         plan(parse(QUANT), lookup({("FineTune", "ft"): adapter_only}), STORE)
+
+
+def test_a_fine_tune_goes_on_training_another_fine_tunes_model_after_it_and_reruns_when_it_does():
+    staged = m("FineTune", "domain", {"baseModel": {"fineTuneRef": {"name": "ft"}},
+                                      "dataset": {"uri": "s3://bucket/domain-data"}})
+    names = [r.name for r in dependency_order(parse(x) for x in [staged, FT, DATA])]
+    assert names.index("data") < names.index("ft") < names.index("domain")
+    waiting = plan(parse(staged), lookup({}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.baseModel.fineTuneRef"
+    task = plan(parse(staged), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    assert task["inputs"]["baseModel"] == {"uri": FT_RESULT["modelUri"]}
+    retrained = {**FT_RESULT, "modelUri": "s3://bucket/default/finetune/ft/0123456789abcdef/model"}
+    assert plan(parse(staged), lookup({("FineTune", "ft"): retrained}), STORE)["digest"] != task["digest"]
+    adapter_only = {k: v for k, v in FT_RESULT.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/ft/adapter"}
+    with pytest.raises(PlanError, match="spec.baseModel.fineTuneRef: FineTune ft kept only its adapter.*mergeAdapter: true"):
+        plan(parse(staged), lookup({("FineTune", "ft"): adapter_only}), STORE)
+    with pytest.raises(PlanError, match="spec.baseModel: .*set exactly one of huggingface, uri or fineTuneRef"):
+        parse(m("FineTune", "x", {"baseModel": {"fineTuneRef": {"name": "ft"}, "uri": "file:///m"},
+                                  "dataset": {"uri": "s3://d"}}))
+    with pytest.raises(PlanError, match="cycle"):
+        dependency_order(parse(x) for x in [m("FineTune", "ft", {"baseModel": {"fineTuneRef": {"name": "domain"}},
+                                                                  "dataset": {"uri": "s3://d"}}), staged])

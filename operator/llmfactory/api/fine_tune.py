@@ -10,6 +10,33 @@ from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, Reso
                      StatusBase, URI_PATTERN, no_credentials_in_url)
 
 
+class BaseModel(ModelSource):
+    """The model to fine-tune: a Hugging Face repository, a URI, or what another FineTune trained."""
+
+    cel_rules: ClassVar = [
+        {"rule": "[has(self.huggingface), has(self.uri), has(self.fineTuneRef)].filter(x, x).size() == 1",
+         "message": "set exactly one of huggingface, uri or fineTuneRef"},
+        {"rule": "!has(self.revision) || has(self.huggingface)",
+         "message": "revision applies only to a huggingface model"},
+        {"rule": "!has(self.ggufFile) || !has(self.fineTuneRef)",
+         "message": "ggufFile applies to a huggingface or uri model; a fineTuneRef is the FineTune's merged model"},
+    ]
+
+    fine_tune_ref: LocalObjectReference | None = Field(None, description=(
+        "A FineTune in this namespace whose merged model (its mergeAdapter true) this one trains further, "
+        "as the OpenAI API fine-tunes a fine-tuned model (e.g. general instructions first, then a domain); "
+        "this one waits until that one has succeeded."))
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
+        if sum(x is not None for x in (self.huggingface, self.uri, self.fine_tune_ref)) != 1:
+            raise ValueError(self.cel_rules[0]["message"])
+        if self.gguf_file and self.fine_tune_ref:
+            raise ValueError(self.cel_rules[2]["message"])
+        return self
+
+
 class DatasetInput(ApiModel):
     cel_rules: ClassVar = [
         {"rule": "has(self.datasetBuildRef) != has(self.uri)", "message": "set exactly one of datasetBuildRef or uri"},
@@ -205,7 +232,7 @@ class FineTuneSpec(RunOptions):
          "message": "distribution.zeroStage 3 shards the weights of a full fine-tune; adapters (lora) use zeroStage 2"},
     ]
 
-    base_model: ModelSource = Field(description="The model to fine-tune.")
+    base_model: BaseModel = Field(description="The model to fine-tune.")
     dataset: DatasetInput = Field(description="The conversations to train on.")
     method: Literal["lora", "qlora", "full"] = Field("lora", description=(
         "lora trains an adapter on the frozen base; qlora does so on a 4-bit quantized base "

@@ -13,6 +13,8 @@ def references(res: Resource) -> list[tuple[str, str, str]]:
     spec, refs = res.spec, []
     if res.kind == "FineTune" and spec.dataset.dataset_build_ref:
         refs.append(("spec.dataset.datasetBuildRef", "DatasetBuild", spec.dataset.dataset_build_ref.name))
+    if res.kind == "FineTune" and spec.base_model.fine_tune_ref:
+        refs.append(("spec.baseModel.fineTuneRef", "FineTune", spec.base_model.fine_tune_ref.name))
     if res.kind in ("Benchmark", "Quantization") and spec.model.fine_tune_ref:
         refs.append(("spec.model.fineTuneRef", "FineTune", spec.model.fine_tune_ref.name))
     if res.kind == "Quantization" and spec.benchmark_ref:

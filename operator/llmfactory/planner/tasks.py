@@ -161,8 +161,21 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 
 
 def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
-    return {"baseModel": _model(res.spec.base_model),
+    return {"baseModel": _base_model(res, upstream),
             "dataset": _dataset(res, res.spec.dataset, upstream, "spec.dataset")}
+
+
+def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:
+    """A FineTune's base: its source, or the merged model of the FineTune it names (whose URI holds
+    that one's task digest, so a retrained base is a new run here too)."""
+    ref = res.spec.base_model.fine_tune_ref
+    if ref is None:
+        return _model(res.spec.base_model)
+    trained = upstream["spec.baseModel.fineTuneRef"]
+    if not trained.get("modelUri"):  # an adapter alone is relative to a base this run would not know
+        raise PlanError(res.ref, "spec.baseModel.fineTuneRef", f"FineTune {ref.name} kept only its adapter "
+                        "(spec.mergeAdapter: false); set mergeAdapter: true there to train on its model")
+    return {"uri": trained["modelUri"]}
 
 
 def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, dict | None]:
