@@ -101,23 +101,39 @@ async def test_four_resources_applied_at_once_run_in_order(cluster, operator, jo
 async def test_spec_change_makes_a_new_job_and_the_same_spec_reuses_the_result(cluster, operator, job_controller,
                                                                              tiny_model):
     data = pipeline(tiny_model)[0]
+    # A resource that ran on the dataset: a new dataset is a new task for it, run without being asked.
+    bench = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "ppl"},
+             "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}},
+                      "perplexity": {"dataset": {"datasetBuildRef": {"name": "data"}}}}}
     await cluster.apply(data)
+    await cluster.apply(bench)
     first = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
+    measured = await cluster.wait_for("Benchmark", "ppl", phase_is("Succeeded"), timeout=120)
+    # ... and its Job's own last word seen (it would reconcile the Benchmark once more by itself).
+    await cluster.wait_for("Benchmark", "ppl", lambda o: "succeeded=1" in o["metadata"].get("annotations", {}).get(
+        "llmfactory.dev/last-change-seen", ""), timeout=60)
     await cluster.patch_spec("DatasetBuild", "data", {"split": {"validation": 0.1, "test": 0.1, "seed": 7}})
     second = await cluster.wait_for("DatasetBuild", "data", lambda o: phase_is("Succeeded")(o) and
                                     o["status"]["taskDigest"] != first["status"]["taskDigest"], timeout=120)
     assert second["status"]["observedGeneration"] == 2
-    assert len(cluster.objects("jobs")) == 2  # the old Job is left alone
+    remeasured = await cluster.wait_for("Benchmark", "ppl", lambda o: phase_is("Succeeded")(o) and
+                                        o["status"]["taskDigest"] != measured["status"]["taskDigest"], timeout=120)
+    assert remeasured["metadata"]["generation"] == 1  # its spec never changed
+    assert len(cluster.objects("jobs")) == 4  # the old Jobs are left alone
     assert open_store(first["status"]["artifactUri"]).is_committed()
 
-    # Delete and re-apply the original: its finished result is reused, no Job is run again.
+    # Delete and re-apply the original: its finished result is reused, no Job is run again, and the
+    # Benchmark, back on the first dataset, reuses its first result too.
     await cluster.delete("DatasetBuild", "data")
     await cluster.wait_gone("DatasetBuild", "data")
     await cluster.apply(data)
     again = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=60)
     assert again["status"]["taskDigest"] == first["status"]["taskDigest"]
     assert again["status"]["result"] == first["status"]["result"]
-    assert len(cluster.objects("jobs")) == 2
+    back = await cluster.wait_for("Benchmark", "ppl", lambda o: phase_is("Succeeded")(o) and
+                                  o["status"]["taskDigest"] == measured["status"]["taskDigest"], timeout=60)
+    assert back["status"]["result"] == measured["status"]["result"]
+    assert len(cluster.objects("jobs")) == 4
     # Succeeded three times by this name: the first spec, the second, and the re-applied object's reuse.
     assert any("reused" in e["message"] for e in await events_for(cluster, "data", *["Succeeded"] * 3))
 

@@ -25,7 +25,8 @@ class BaseModel(ModelSource):
     fine_tune_ref: LocalObjectReference | None = Field(None, description=(
         "A FineTune in this namespace whose merged model (its mergeAdapter true) this one trains further, "
         "as the OpenAI API fine-tunes a fine-tuned model (e.g. general instructions first, then a domain); "
-        "this one waits until that one has succeeded."))
+        "this one waits until that one has succeeded, and runs again on the new model when that one is "
+        "retrained."))
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -16,7 +16,7 @@ from ..api import KINDS
 from . import metrics
 from .job_builder import MANAGED_BY
 from .kube import SERVER_ENV, Kube, NotFound, custom_path
-from .reconcile import job_owner, job_summary, reconcile, waiting_on
+from .reconcile import dependents, job_owner, job_summary, reconcile
 from .settings import OperatorSettings
 
 FINALIZER = "llmfactory.dev/artifacts"
@@ -180,7 +180,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
 
     def on_succeeded(body: kopf.Body, **_: Any) -> None:
         meta, status = body["metadata"], body.get("status") or {}
-        for kind, name in waiting_on(client(), body["kind"], meta["namespace"], meta["name"]):
+        for kind, name in dependents(client(), body["kind"], meta["namespace"], meta["name"]):
             nudge(kind, meta["namespace"], name, f"{body['kind']} {meta['name']} succeeded ({status.get('taskDigest', '')[:16]})")
 
     def succeeded_now(body: kopf.Body, **_: Any) -> bool:
