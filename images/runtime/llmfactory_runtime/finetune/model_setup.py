@@ -85,17 +85,17 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
     model.config.use_cache = False  # no KV cache in training; packed batches need it off
     if hp.get("fusedKernels"):
         _fuse(model, world)
+    if hp.get("neftuneNoiseAlpha"):  # HF Trainer's own hook; it adds noise only while the model trains
+        from transformers.integrations.neftune import neftune_post_forward_hook  # noqa: PLC0415
+        embeddings = model.get_input_embeddings()
+        embeddings.neftune_noise_alpha = hp["neftuneNoiseAlpha"]
+        embeddings.register_forward_hook(neftune_post_forward_hook)
 
     # QLoRA is prepared exactly as LoRA: peft's prepare_model_for_kbit_training is not used because
     # it casts every unquantized weight to fp32, and with it the embeddings' output (so the whole
     # residual stream) and the head: on Llama-3-8B that is 2 GiB more weights and the 128k-vocab
     # head's matmuls in fp32, a fraction of bf16's speed. Axolotl casts them back for the same reason.
     # (Its other step, input gradients for reentrant checkpointing, is moot with use_reentrant=False.)
-    if hp.get("neftuneNoiseAlpha"):  # HF Trainer's own hook; it adds noise only while the model trains
-        from transformers.integrations.neftune import neftune_post_forward_hook  # noqa: PLC0415
-        embeddings = model.get_input_embeddings()
-        embeddings.neftune_noise_alpha = hp["neftuneNoiseAlpha"]
-        embeddings.register_forward_hook(neftune_post_forward_hook)
     if hp["gradientCheckpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
