@@ -317,6 +317,58 @@ def test_a_judge_drops_weak_answers_and_long_prompts_are_never_asked(tmp_path, o
         plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
 
 
+def test_preferences_pair_the_teachers_answer_with_the_students_own_and_a_dpo_fine_tune_reads_them(
+        tmp_path, openai_server, tiny_model):
+    """The teacher's answer is chosen, the local student's answer to the same turns is rejected (cached:
+    a rebuild generates none); where the two agree there is nothing to prefer and the pair is dropped."""
+    from llmfactory.api.headline import headline
+    from llmfactory_runtime.data import preference_of
+    from llmfactory_runtime.generate import generate
+    from llmfactory_runtime.models import load_model, load_tokenizer
+
+    student = {"uri": f"file://{tiny_model}"}
+    tie = "Say what you would say."
+    [students_own] = generate(load_model(student).eval(), load_tokenizer(student), [[{"role": "user", "content": tie}]], 8)
+    openai_server.reply = lambda request: {"text": students_own.text if request.last_user == tie
+                                           else f"A good answer to: {request.last_user}"}
+    prompts = [["Tell me about the sea.", "And briefly?"], ["Tell me about the sun."], ["Tell me about rain."], [tie]]
+    source = {"uri": jsonl_file(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": t} for t in turns]}
+                                                       for turns in prompts]), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None,
+                   filters={"nearDuplicateThreshold": 0},
+                   preferences={"rejected": {"model": student, "maxNewTokens": 8}})
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    task, result = run_in_process(tmp_path, doc)
+
+    assert result["format"] == "preference" and result["dropped"] == {"preference_tie": 1}
+    assert headline("DatasetBuild", result).startswith("3 preference pairs (")
+    assert result["rejectedUsage"] == {"requests": 4, "cached": 0}
+    rows = [json.loads(line) for split in ("train", "validation", "test")
+            for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
+    by_prompt = {row["prompt"][0]["content"]: row for row in rows}
+    assert sorted(by_prompt) == ["Tell me about rain.", "Tell me about the sea.", "Tell me about the sun."]
+    sea = preference_of(by_prompt["Tell me about the sea."])
+    assert [m["content"] for m in sea[0]] == ["Tell me about the sea.", "A good answer to: Tell me about the sea.",
+                                              "And briefly?"]  # the second turn, after the teacher's first answer
+    assert sea[1] == [{"role": "assistant", "content": "A good answer to: And briefly?"}]
+    for row in rows:
+        _, chosen, rejected = preference_of(row)
+        assert rejected[0]["content"] != chosen[0]["content"] and not rejected[0]["content"].startswith("A good")
+    # A rebuild with another split generates nothing again.
+    doc["spec"]["split"] = {"validation": 0.0, "test": 0.0, "seed": 1}
+    _, again = run_in_process(tmp_path, doc)
+    assert again["rejectedUsage"] == {"requests": 0, "cached": 4}
+
+    # A DPO FineTune reads them; one on a build of conversations is refused, naming the field.
+    fine_tune = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "dpo"},
+                 "spec": {"baseModel": student, "dataset": {"datasetBuildRef": {"name": "seed-data"}},
+                          "objective": "dpo", "resources": {"gpusPerNode": 0}}}
+    planned = plan(parse(fine_tune), lambda *k: result, f"file://{tmp_path}/store")
+    assert planned["inputs"]["dataset"] == {"uri": result["uri"], "format": "preference", "digest": result["digest"]}
+    with pytest.raises(PlanError, match="spec.dataset.datasetBuildRef: DatasetBuild seed-data wrote conversations"):
+        plan(parse(fine_tune), lambda *k: {**result, "format": "chatml"}, f"file://{tmp_path}/store")
+
+
 def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
     """A local teacher and a local judge (the tiny random model: its expected rating is somewhere
     in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one). The

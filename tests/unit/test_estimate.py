@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmfactory.planner import PlanError, Waiting, parse, plan
+from llmfactory.planner.estimate import check_fits
 from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Plan, estimate, plan_of, shape_from_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,6 +147,21 @@ def test_planner_refuses_dora_with_dropout_where_lora_fits_and_says_what_it_need
     assert isinstance(plan(parse(dora), lambda *key: None, "file:///tmp/store"), Waiting)
 
 
+def test_planner_counts_both_conversations_of_a_dpo_pair_in_a_row():
+    """A DPO row holds a pair, chosen and rejected, each up to maxSeqLength: twice the activations."""
+    hp = {"batchSize": 2, "maxSeqLength": 2048}
+    on_an_h100 = {"gpusPerNode": 1, "gpuMemoryGiB": 80}
+    sft = _fine_tune("meta-llama/Meta-Llama-3-8B", on_an_h100, hyperparameters=hp, lora={"dropout": 0.0})
+    sft_estimate = check_fits(parse(sft)).as_dict()
+    dpo = {**sft, "spec": {**sft["spec"], "objective": "dpo", "dataset": {"uri": "s3://b/prefs"}}}
+    with pytest.raises(PlanError) as err:
+        check_fits(parse(dpo))
+    assert err.value.field == "spec.resources" and "80 GiB" in err.value.message
+    dpo["spec"]["hyperparameters"] = {**hp, "batchSize": 1}
+    half = check_fits(parse(dpo)).as_dict()
+    assert half["total_gib"] == sft_estimate["total_gib"] and half["activations_gib"] == sft_estimate["activations_gib"]
+
+
 def test_unknown_models_are_not_refused_the_runtime_checks_them():
     waiting = plan(parse(_fine_tune("someone/unknown-model", {"gpusPerNode": 1})), lambda *key: None, "file:///tmp/store")
     assert isinstance(waiting, Waiting) and waiting.estimate is None
@@ -159,6 +175,7 @@ def test_unknown_models_are_not_refused_the_runtime_checks_them():
     ({"distribution": {"strategy": "ddp", "zeroStage": 2}}, "zeroStage and offload apply only to strategy deepspeed"),
     ({"hyperparameters": {"earlyStopping": {"patience": 2}}}, "earlyStopping needs evalEverySteps"),
     ({"hyperparameters": {"selectBest": True}}, "selectBest needs evalEverySteps"),
+    ({"dpo": {"beta": 0.2}}, "dpo settings apply only to objective dpo"),
 ])
 def test_contradictory_specs_are_refused_by_the_planner(spec, message):
     with pytest.raises(PlanError, match=message):

@@ -19,13 +19,13 @@ def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: boo
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict[str, str]], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans written by the assistant (each answer
-    and its end-of-turn marker, so the model learns to stop)."""
+    and its end-of-turn marker, so the model learns to stop), from message `first` on."""
     text = render(tokenizer, messages)
     spans = []
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or i < first:
             continue
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
@@ -36,9 +36,10 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
     return text, spans
 
 
-def encode_for_training(tokenizer, messages: list[dict[str, str]], max_length: int) -> dict[str, Any]:
-    """input_ids and labels, where labels are IGNORE everywhere but on assistant tokens."""
-    text, spans = assistant_spans(tokenizer, messages)
+def encode_for_training(tokenizer, messages: list[dict[str, str]], max_length: int, first: int = 0) -> dict[str, Any]:
+    """input_ids and labels, where labels are IGNORE everywhere but on assistant tokens (of the
+    messages from `first` on: a DPO pair's answers, not its prompt's earlier turns)."""
+    text, spans = assistant_spans(tokenizer, messages, first)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
                     truncation=True, max_length=max_length)
     labels = []

@@ -1,4 +1,5 @@
-"""Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split."""
+"""Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split; and
+preference pairs for DPO in OpenAI's or TRL's form."""
 
 from __future__ import annotations
 
@@ -19,11 +20,56 @@ def to_row(messages: list[dict[str, str]], fmt: str, **extra: Any) -> dict[str, 
     return {"messages": messages, **extra}
 
 
+def preference_row(messages: list[dict[str, str]], rejected: str, **extra: Any) -> dict[str, Any]:
+    """TRL's conversational preference row: the conversation's last answer chosen, `rejected` rejected."""
+    return {"prompt": messages[:-1], "chosen": messages[-1:], "rejected": [{"role": "assistant", "content": rejected}],
+            **extra}
+
+
 def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
-    """ChatML messages from a row in either format."""
+    """ChatML messages from a row in either format; of a preference row (DPO), the prompt and its
+    chosen answer: what perplexity, calibration and supervised fine-tuning on such a dataset see."""
     if "messages" in row:
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if "conversations" not in row:
+        prompt, chosen, _ = preference_of(row)
+        return prompt + chosen
     return [{"role": _CHATML_ROLE[c["from"]], "content": c["value"]} for c in row["conversations"]]
+
+
+def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+    """(prompt, chosen, rejected) messages of a preference row: OpenAI's {input: {messages},
+    preferred_output, non_preferred_output}; TRL's {prompt, chosen, rejected} with strings or
+    messages; or TRL's chosen and rejected whole conversations, whose common start is the prompt.
+    A ValueError says what the row lacks."""
+    def turns(value: Any, role: str) -> list[dict[str, str]]:
+        if isinstance(value, str):
+            return [{"role": role, "content": value}]
+        if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+            return [{"role": m["role"], "content": m["content"]} for m in value]
+        raise ValueError(f"expected a string or a list of {{role, content}} messages, got {str(value)[:80]!r}")
+
+    if "preferred_output" in row or "non_preferred_output" in row:
+        prompt = turns(row.get("input", {}).get("messages"), "user")
+        chosen, rejected = (turns(row.get(k), "assistant") for k in ("preferred_output", "non_preferred_output"))
+    elif "chosen" in row and "rejected" in row:
+        chosen, rejected = turns(row["chosen"], "assistant"), turns(row["rejected"], "assistant")
+        if "prompt" in row:
+            prompt = turns(row["prompt"], "user")
+        else:  # whole conversations: the prompt is what they share, up to the first message that differs
+            shared = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
+            while shared and chosen[shared - 1]["role"] == "assistant":  # the answers start after a prompt turn
+                shared -= 1
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    else:
+        raise ValueError("a preference row needs chosen and rejected (with prompt, or as whole conversations), "
+                         "or input.messages, preferred_output and non_preferred_output")
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise ValueError("a preference row's prompt must end with a user (or system) message")
+    for name, answer in (("chosen", chosen), ("rejected", rejected)):
+        if not answer or any(m["role"] != "assistant" for m in answer):
+            raise ValueError(f"a preference row's {name} answer must be one or more assistant messages")
+    return prompt, chosen, rejected
 
 
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, Engine, KindInfo, ModelSource,
                      OpenAIEndpoint, RunOptions, StatusBase)
@@ -137,6 +137,27 @@ class Filters(ApiModel):
                                       "duplicates only.")
 
 
+class RejectedAnswers(ApiModel):
+    """Who writes the rejected answer of each preference pair: a local model, usually the student
+    before fine-tuning (its own answers are what DPO should move it away from)."""
+
+    model: ModelSource = Field(description="The model, run inside the phase's pod.")
+    engine: Engine = Field("auto", description=ENGINE_DESCRIPTION)
+    temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
+    batch_size: int = Field(8, ge=1, le=512, description="Prompts decoding together (transformers engine).")
+    seed: int = Field(0, description="Sampling seed when temperature > 0.")
+
+
+class Preferences(ApiModel):
+    """Write preference pairs for a FineTune with objective dpo, instead of conversations."""
+
+    rejected: RejectedAnswers = Field(description=(
+        "Answers the last user turn of every kept conversation (seeing the teacher's earlier turns and "
+        "system message); the teacher's answer is the chosen one. Answers are cached like the teacher's; "
+        "a pair whose two answers are the same is dropped (preference_tie)."))
+
+
 class Split(ApiModel):
     cel_rules: ClassVar = [
         {"rule": "self.validation + self.test < 1.0", "message": "validation + test must leave rows for train"},
@@ -148,6 +169,11 @@ class Split(ApiModel):
 
 
 class DatasetBuildSpec(RunOptions):
+    cel_rules: ClassVar = [
+        {"rule": "!has(self.preferences) || !has(self.format) || self.format == 'chatml'",
+         "message": "preferences write TRL's prompt, chosen and rejected messages: leave format chatml"},
+    ]
+
     sources: list[Source] = Field(min_length=1, description="Where the prompts come from.")
     samples_per_language: dict[str, int] | None = Field(
         None, description="Keep at most this many prompts per language code (sampled with split.seed); "
@@ -158,6 +184,9 @@ class DatasetBuildSpec(RunOptions):
     filters: Filters = Field(default_factory=Filters, description="Which answers to drop.")
     format: Literal["chatml", "sharegpt"] = Field(
         "chatml", description="chatml: {messages: [{role, content}]}; sharegpt: {conversations: [{from, value}]}.")
+    preferences: Preferences | None = Field(None, description=(
+        "Write preference pairs ({prompt, chosen, rejected} messages, TRL's form; format preference) for a "
+        "FineTune with objective dpo: the teacher's answer chosen, preferences.rejected's answer rejected."))
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
     parquet: bool = Field(True, description="Also write each split as Parquet next to the JSONL.")
     shards: int = Field(1, ge=1, le=128, description=(
@@ -165,6 +194,13 @@ class DatasetBuildSpec(RunOptions):
         "every N-th prompt into the answer cache, and the last to finish merges. The dataset is the same as "
         "with 1 shard. The teacher's concurrency and rate limits stay limits of the whole build: each shard "
         "gets 1/N of them."))
+
+    @model_validator(mode="after")
+    def _preference_rows(self):
+        # The CEL rule above, for manifests that never meet an API server (llmfactory run / plan).
+        if self.preferences is not None and self.format != "chatml":
+            raise ValueError(self.cel_rules[0]["message"])
+        return self
 
 
 class TeacherUsage(ApiModel):
@@ -189,6 +225,8 @@ class DatasetBuildResult(ApiModel):
     judge_usage: dict[str, int] | None = Field(
         None, description="filters.judge: ratings asked of an API judge or computed by a local one (requests), "
                           "and found in the cache (cached).")
+    rejected_usage: dict[str, int] | None = Field(
+        None, description="preferences: rejected answers generated (requests) and found in the cache (cached).")
 
 
 class DatasetBuildStatus(StatusBase):

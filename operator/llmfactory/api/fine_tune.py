@@ -45,7 +45,10 @@ class DatasetInput(ApiModel):
 
     dataset_build_ref: LocalObjectReference | None = Field(None, description="A DatasetBuild in this namespace.")
     uri: str | None = Field(None, pattern=URI_PATTERN,
-                            description="Prefix holding train.jsonl and validation.jsonl (chatml rows).")
+                            description=(
+        "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), or "
+        "preference pairs in OpenAI's or TRL's form, which a FineTune with objective dpo learns from; "
+        "anything else reads each pair's prompt with its chosen answer."))
 
 
 class Lora(ApiModel):
@@ -90,6 +93,15 @@ class EarlyStopping(ApiModel):
         "An evaluation improves when its validation loss is lower than the best so far by more than this."))
 
 
+class Dpo(ApiModel):
+    """Direct Preference Optimization (Rafailov et al., 2023), as OpenAI's fine-tuning API and TRL do it."""
+
+    beta: float = Field(0.1, gt=0, le=10, description=(
+        "How far the model may move from the reference (the base model before training): low values "
+        "(0.05-0.1) follow the preferences more, high values keep closer to the base. 0.1 is TRL's and "
+        "OpenAI's default."))
+
+
 class Hyperparameters(ApiModel):
     cel_rules: ClassVar = [
         {"rule": "!has(self.earlyStopping) || has(self.evalEverySteps)",
@@ -106,7 +118,8 @@ class Hyperparameters(ApiModel):
         "to zero (Axolotl's and torchtune's usual choice), or constant."))
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(4, ge=1, le=4096, description=(
-        "Sequences per micro-batch per process (packed sequences of maxSeqLength when packing is on)."))
+        "Sequences per micro-batch per process (packed sequences of maxSeqLength when packing is on; with "
+        "objective dpo, sequences of whole pairs, up to twice maxSeqLength)."))
     gradient_accumulation: int = Field(1, ge=1, le=1024, description=(
         "Micro-batches per optimizer step. The global batch is batchSize x gradientAccumulation x processes."))
     max_seq_length: int = Field(1024, ge=16, le=1048576, description="Tokens per sequence; longer conversations are cut.")
@@ -231,6 +244,8 @@ class FineTuneSpec(RunOptions):
         {"rule": "self.method == 'full' || !has(self.distribution) || !has(self.distribution.zeroStage) "
                  "|| self.distribution.zeroStage != 3",
          "message": "distribution.zeroStage 3 shards the weights of a full fine-tune; adapters (lora) use zeroStage 2"},
+        {"rule": "(has(self.objective) && self.objective == 'dpo') || !has(self.dpo)",
+         "message": "dpo settings apply only to objective dpo"},
     ]
 
     base_model: BaseModel = Field(description="The model to fine-tune.")
@@ -238,6 +253,16 @@ class FineTuneSpec(RunOptions):
     method: Literal["lora", "qlora", "full"] = Field("lora", description=(
         "lora trains an adapter on the frozen base; qlora does so on a 4-bit quantized base "
         "(bitsandbytes); full trains every weight."))
+    objective: Literal["sft", "dpo"] = Field("sft", description=(
+        "sft learns the assistant answers of conversations (supervised fine-tuning); dpo learns from "
+        "preference pairs, a chosen and a rejected answer to the same prompt, to make the chosen one "
+        "more likely than the rejected one relative to the base model (Direct Preference Optimization). "
+        "dpo reads a DatasetBuild with preferences, or rows at dataset.uri in OpenAI's preference format "
+        "({input: {messages}, preferred_output, non_preferred_output}) or TRL's ({prompt, chosen, "
+        "rejected}, or chosen and rejected conversations sharing their prompt). With dpo, maxSeqLength bounds each of the two "
+        "conversations and a pair's two share a sequence (of up to twice maxSeqLength); the loss "
+        "curves show the DPO loss, which starts at ln 2 = 0.693."))
+    dpo: Dpo | None = Field(None, description="DPO settings (objective dpo); defaults apply when unset.")
     lora: Lora | None = Field(None, description="Adapter settings (lora, qlora); defaults apply when unset.")
     qlora: QLora | None = Field(None, description="4-bit quantization of the base (qlora); defaults apply when unset.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings.")
@@ -260,7 +285,11 @@ class FineTuneSpec(RunOptions):
             raise ValueError("qlora trains with distribution.strategy ddp: DeepSpeed ZeRO cannot shard 4-bit weights")
         if self.method != "full" and self.distribution.zero_stage == 3:
             raise ValueError("distribution.zeroStage 3 shards the weights of a full fine-tune; adapters use zeroStage 2")
+        if self.objective != "dpo" and self.dpo is not None:
+            raise ValueError(self.cel_rules[4]["message"])
         # Spelled out in the task, so the digest changes if a default ever does.
+        if self.objective == "dpo" and self.dpo is None:
+            self.dpo = Dpo()
         if self.method in ("lora", "qlora") and self.lora is None:
             self.lora = Lora()
         if self.method == "qlora" and self.qlora is None:
@@ -280,7 +309,7 @@ class FineTuneResult(ApiModel):
     digest: str = Field(description="sha256 over the saved weights (merged model, else adapter).")
     first_loss: float = Field(description="Mean train loss of the first steps (ten, or a third of a shorter run).")
     final_loss: float = Field(description="Mean train loss of the last steps (ten, or a third of a shorter run).")
-    eval_loss: float | None = Field(None, description="Loss on the validation split after training.")
+    eval_loss: float | None = Field(None, description="Loss on the validation split after training (the DPO loss with objective dpo).")
     steps: int = Field(description="Optimizer steps.")
     train_tokens: int = Field(description="Tokens seen in training (non-padding).")
     tokens_per_second: float = Field(description="Training throughput (real tokens, all processes).")
@@ -297,6 +326,12 @@ class FineTuneResult(ApiModel):
         "evaluation with the lowest validation loss (evalLoss is that loss)."))
     stopped_early: bool | None = Field(None, description=(
         "True when hyperparameters.earlyStopping ended training before its last step (steps says where)."))
+    reward_accuracy: float | None = Field(None, description=(
+        "objective dpo: share of validation pairs whose chosen answer the saved model prefers to the "
+        "rejected one more than the base model did (implicit reward of chosen > rejected)."))
+    reward_margin: float | None = Field(None, description=(
+        "objective dpo: mean over validation pairs of the implicit reward of the chosen answer minus the "
+        "rejected one's (beta x change of log-probability from the base model)."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description=(
         "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated."))

@@ -10,11 +10,13 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
         return ""
     if kind == "DatasetBuild":
         rows = result["rows"]
-        return f"{sum(rows.values())} rows ({rows.get('train', 0)}/{rows.get('validation', 0)}/{rows.get('test', 0)})"
+        unit = "preference pairs" if result.get("format") == "preference" else "rows"
+        return f"{sum(rows.values())} {unit} ({rows.get('train', 0)}/{rows.get('validation', 0)}/{rows.get('test', 0)})"
     if kind == "FineTune":
         best = (f", best eval at step {result['bestStep']}" + (" (stopped early)" if result.get("stoppedEarly") else "")
                 if result.get("bestStep") else "")
-        return f"loss {result['firstLoss']:.3f} -> {result['finalLoss']:.3f}{best}"
+        rewards = f", reward accuracy {result['rewardAccuracy']:.2f}" if result.get("rewardAccuracy") is not None else ""
+        return f"loss {result['firstLoss']:.3f} -> {result['finalLoss']:.3f}{rewards}{best}"
     if kind == "Benchmark":
         m = result["metrics"]
         parts = []

@@ -129,10 +129,11 @@ def _command(kind: str, gpus: int, nodes: int, job: str, service: str, shards: i
 
 
 def _default_gpus(kind: str, spec: dict[str, Any], settings: OperatorSettings) -> int:
-    # A DatasetBuild whose teacher (and answer judge) are APIs holds no GPU; compressed-tensors
-    # types are GPU formats (llmcompressor calibrates on one), GGUF conversion is CPU work.
+    # A DatasetBuild whose teacher (and answer judge) are APIs, and that has no local model write
+    # rejected answers, holds no GPU; compressed-tensors types are GPU formats (llmcompressor
+    # calibrates on one), GGUF conversion is CPU work.
     if kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {}) and \
-            "model" not in ((spec.get("filters") or {}).get("judge") or {}):
+            "model" not in ((spec.get("filters") or {}).get("judge") or {}) and not spec.get("preferences"):
         return 0
     if kind == "Quantization" and spec.get("format") == "compressed-tensors":
         return max(settings.default_gpus.get(kind, 0), 1)

@@ -157,12 +157,22 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         inputs["tokenizer"] = _model(tokenizer)
     if spec.filters.judge and spec.filters.judge.model:
         inputs["judge"] = _model(spec.filters.judge.model)
+    if spec.preferences:
+        inputs["rejected"] = _model(spec.preferences.rejected.model)
+        _check_engine(res, "spec.preferences.rejected.engine", spec.preferences.rejected.engine, inputs["rejected"])
     return inputs
 
 
 def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
-    return {"baseModel": _base_model(res, upstream),
-            "dataset": _dataset(res, res.spec.dataset, upstream, "spec.dataset")}
+    dataset = _dataset(res, res.spec.dataset, upstream, "spec.dataset")
+    if res.spec.objective == "dpo":
+        built = res.spec.dataset.dataset_build_ref
+        if built and dataset["format"] != "preference":
+            raise PlanError(res.ref, "spec.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote conversations "
+                            f"(format {dataset['format']}), but objective dpo trains on preference pairs: set "
+                            "spec.preferences there, or point dataset.uri at preference rows")
+        dataset["format"] = "preference"  # a Benchmark or Quantization of it reads the prompts and chosen answers
+    return {"baseModel": _base_model(res, upstream), "dataset": dataset}
 
 
 def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:

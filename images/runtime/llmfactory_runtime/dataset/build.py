@@ -1,5 +1,6 @@
 """DatasetBuild: prompts -> language detection, dedup, sampling -> teacher answers (cached
-across runs, never paid twice) -> filters -> train/validation/test splits as JSONL and Parquet.
+across runs, never paid twice) -> filters -> (preferences: a second, rejected answer to each
+conversation's last turn) -> train/validation/test splits as JSONL and Parquet.
 
 Sharded (spec.shards = N): every shard selects the same prompts (the selection is
 deterministic and cheap next to the teacher), asks the teacher for its every N-th one, which
@@ -16,7 +17,7 @@ import random
 from collections import Counter
 from typing import Any
 
-from ..data import SPLITS, dumps_jsonl, to_row
+from ..data import SPLITS, dumps_jsonl, preference_row, to_row
 from ..progress import Progress
 from ..store import SHARDS, Store, finished_result
 from . import teacher as teacher_
@@ -60,8 +61,8 @@ def split_rows(rows: list[dict], split: dict) -> dict[str, list[dict]]:
     return {"test": rows[:cut_test], "validation": rows[cut_test:cut_val], "train": rows[cut_val:]}
 
 
-def _card(spec: dict, result: dict) -> str:
-    fmt = spec.get("format", "chatml")
+def _card(result: dict) -> str:
+    fmt = result["format"]
     lines = ["# Dataset card", "", f"Built by llmfactory: format `{fmt}`, digest `{result['digest']}`.", "",
              "| split | rows |", "|---|---|"]
     lines += [f"| {s} | {n} |" for s, n in result["rows"].items()]
@@ -75,6 +76,9 @@ def _card(spec: dict, result: dict) -> str:
     lines += ["", f"Teacher: {usage.get('requests', 0)} answers received, {usage.get('cached', 0)} from the cache, "
               f"{usage.get('promptTokens', 0)} prompt and {usage.get('completionTokens', 0)} completion tokens"
               + (f", ${usage['costUsd']:.2f}" if usage.get("costUsd") is not None else "") + ".", ""]
+    if result.get("rejectedUsage"):
+        lines += [f"Rejected answers (preferences): {result['rejectedUsage']['requests']} generated, "
+                  f"{result['rejectedUsage']['cached']} from the cache.", ""]
     return "\n".join(lines)
 
 
@@ -110,6 +114,24 @@ def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: P
     return rows, usage, judge
 
 
+def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress):
+    """spec.preferences: each kept conversation gets preferences.rejected's answer to its last turn
+    (the teacher's answer there is the chosen one); a pair of two equal answers teaches nothing."""
+    prefs = task["spec"].get("preferences")
+    if not prefs:
+        return rows, None
+    answers, usage = teacher_.answer_again([r["messages"][:-1] for r in rows], prefs["rejected"],
+                                           task["inputs"]["rejected"], task["cacheUri"],
+                                           "spec.preferences.rejected.engine", progress)
+    kept = []
+    for row, got in zip(rows, answers):
+        if got["text"].strip() == row["messages"][-1]["content"].strip():
+            drops.add("preference_tie", row["messages"][-2]["content"])
+        else:
+            kept.append({**row, "rejected": got["text"]})
+    return kept, usage
+
+
 SHARED_LIMITS = ("concurrency", "requestsPerMinute", "tokensPerMinute")
 
 
@@ -126,9 +148,10 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
         task = {**task, "spec": {**task["spec"], "teacher": {**teacher, "openai": endpoint}}}
     prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
+    _, rejected = _rejected(task, rows, Drops(), progress)  # into the cache, for the merge
     return {"shard": shard, "prompts": len(prompts), "kept": len(rows), "requests": usage.requests,
             "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
-            "judgeRequests": judge.requests if judge else 0}
+            "judgeRequests": judge.requests if judge else 0, "rejectedRequests": rejected.requests if rejected else 0}
 
 
 def _shard_bills(run: Store, shards: int) -> dict[str, int]:
@@ -136,7 +159,8 @@ def _shard_bills(run: Store, shards: int) -> dict[str, int]:
     bills = Counter()
     for i in range(shards):
         result = finished_result(run.child(f"{SHARDS}/{i}")) or {}
-        bills.update({k: result.get(k, 0) for k in ("requests", "promptTokens", "completionTokens", "judgeRequests")})
+        bills.update({k: result.get(k, 0) for k in ("requests", "promptTokens", "completionTokens", "judgeRequests",
+                                                    "rejectedRequests")})
     return dict(bills)
 
 
@@ -145,6 +169,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     drops = Drops()
     prompts = _prompts(task, drops, progress)
     rows, usage, judge = _answer(task, prompts, drops, progress, transport)
+    rows, rejected_usage = _rejected(task, rows, drops, progress)
     if spec.get("shards", 1) > 1:
         bills = _shard_bills(run, spec["shards"])
         usage.cached -= bills.get("requests", 0)
@@ -154,16 +179,20 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         if judge:
             judge.cached -= bills.get("judgeRequests", 0)
             judge.requests += bills.get("judgeRequests", 0)
+        if rejected_usage:
+            rejected_usage.cached -= bills.get("rejectedRequests", 0)
+            rejected_usage.requests += bills.get("rejectedRequests", 0)
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
 
     progress.stage("writing splits")
-    fmt = spec.get("format", "chatml")
+    fmt = "preference" if spec.get("preferences") else spec.get("format", "chatml")
     splits = split_rows(rows, spec["split"])
     data = run.child("data")
     digest = hashlib.sha256()
     for name in SPLITS:
-        rendered = [to_row(r["messages"], fmt, language=r["language"]) for r in splits[name]]
+        rendered = [preference_row(r["messages"], r["rejected"], language=r["language"]) if fmt == "preference"
+                    else to_row(r["messages"], fmt, language=r["language"]) for r in splits[name]]
         blob = dumps_jsonl(rendered)
         data.write_bytes(f"{name}.jsonl", blob)
         digest.update(name.encode() + b"\0" + blob)
@@ -188,7 +217,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     }
     if judge:
         result["judgeUsage"] = {"requests": judge.requests, "cached": judge.cached}
-    data.write_bytes("README.md", _card(spec, result).encode())
+    if rejected_usage:
+        result["rejectedUsage"] = {"requests": rejected_usage.requests, "cached": rejected_usage.cached}
+    data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result
 

@@ -123,10 +123,10 @@ def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: 
     return ask_all
 
 
-def _engine(teacher: dict[str, Any], model_input: dict[str, Any]) -> str:
+def _engine(teacher: dict[str, Any], model_input: dict[str, Any], field: str = "spec.teacher.engine") -> str:
     from ..vllm_server import choose_engine  # noqa: PLC0415 - loads tokenizers: only for a local teacher
 
-    return choose_engine(teacher.get("engine", "auto"), model_input, "spec.teacher.engine")
+    return choose_engine(teacher.get("engine", "auto"), model_input, field)
 
 
 def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: dict[str, Any] | None,
@@ -214,3 +214,30 @@ def _judge_turn(judge: AnswerJudge, answered: list[dict[str, Any]], drops: Drops
             reason = "judge_unrated" if rating is None else "judge_low_score"
             drops.add(reason, f"{rating:.1f}: {c['messages'][-2]['content']}" if rating is not None
                       else c["messages"][-2]["content"])
+
+
+def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any], model_input: dict[str, Any],
+                 cache_uri: str, field: str, progress: Progress) -> tuple[list[dict[str, Any]], Usage]:
+    """Another local model's answer to each conversation as it stands (ending with a user turn):
+    a preference pair's rejected answer. Cached like the teacher's, so a rerun asks only what is new."""
+    cache = AnswerCache(cache_uri, "teacher", cache_identity(answerer, model_input))
+    cache.load()
+    usage = Usage()
+    progress.stage("answering again (the rejected answers)", total=len(contexts), unit="answers")
+    keys = [AnswerCache.key(messages) for messages in contexts]
+    todo = list({k: (k, m) for k, m in zip(keys, contexts) if cache.get(k) is None}.values())
+    usage.cached = len(contexts) - len(todo)
+
+    def on_answer() -> None:
+        progress.update(usage.cached + usage.requests, figure=f"{usage.requests} generated, {usage.cached} cached")
+
+    stack = contextlib.ExitStack()
+    try:
+        if todo and _engine(answerer, model_input, field) == "vllm":
+            _vllm_backend(answerer, model_input, cache, usage, on_answer, stack, share_gpu=False)(todo)
+        elif todo:
+            _local_backend(answerer, model_input, cache, usage, on_answer)(todo)
+    finally:
+        stack.close()
+        cache.compact()
+    return [cache.get(k) for k in keys], usage

@@ -34,6 +34,14 @@ class World:
         dist.all_reduce(t)
         return float(t.item())
 
+    def sum_tensor(self, value: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of a tensor over all processes (on the tensor's device)."""
+        if self.size == 1:
+            return value
+        t = value.to(self.device)
+        dist.all_reduce(t)
+        return t.to(value.device)
+
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0) > 0
 

@@ -250,7 +250,8 @@ def plan_of(spec: dict[str, Any]) -> Plan:
     dist = spec.get("distribution") or {}
     lora = spec.get("lora") or {}
     deepspeed = dist.get("strategy") == "deepspeed"
-    return Plan(method=spec["method"], micro_batch=hp["batchSize"], seq_len=hp["maxSeqLength"],
+    pair = 2 if spec.get("objective") == "dpo" else 1  # a DPO row holds a pair's two conversations
+    return Plan(method=spec["method"], micro_batch=hp["batchSize"], seq_len=pair * hp["maxSeqLength"],
                 gpus=max(res.get("gpusPerNode", 1), 1) * res.get("nodes", 1),
                 lora_r=lora.get("r", 16), lora_targets=tuple(lora.get("targetModules") or ("all-linear",)),
                 lora_dropout=lora.get("dropout", 0.05), lora_dora=lora.get("dora", False),

@@ -1,4 +1,5 @@
-"""FineTune: LoRA, QLoRA or full fine-tuning, loss on assistant tokens only, on one process or many.
+"""FineTune: LoRA, QLoRA or full fine-tuning, loss on assistant tokens only (or DPO on preference
+pairs), on one process or many.
 
 Read top to bottom: processes -> data -> model -> optimizer -> resume -> steps (checkpoint every N
 and on SIGTERM) -> evaluate -> save. The same code runs alone, under torchrun (DDP) and under
@@ -36,6 +37,7 @@ from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
                           trainable_state, training_dtype)
 from .packing import one_per_row, pack
+from .preference import answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_lengths, pair_logps
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
@@ -65,12 +67,12 @@ def evaluations_without_improvement(losses: list[float], min_delta: float) -> in
     return since
 
 
-def epoch_rows(examples: list[dict], epoch: int, hp: dict[str, Any], global_batch: int) -> list[list[int]]:
-    """The epoch's sequences (each a list of example indices), shuffled with the seed and padded
-    by wrapping around to whole steps, so every process does the same number of micro-batches."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(hp["seed"] + epoch)).tolist()
-    rows = (pack([len(e["input_ids"]) for e in examples], order, hp["maxSeqLength"]) if hp["packing"]
-            else one_per_row(order))
+def epoch_rows(lengths: list[int], epoch: int, hp: dict[str, Any], global_batch: int, max_len: int) -> list[list[int]]:
+    """The epoch's sequences (each a list of indices of conversations, or of DPO pairs, of these
+    lengths), shuffled with the seed and padded by wrapping around to whole steps, so every process
+    does the same number of micro-batches."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(hp["seed"] + epoch)).tolist()
+    rows = pack(lengths, order, max_len) if hp["packing"] else one_per_row(order)
     short = -len(rows) % global_batch
     return rows + [rows[i % len(rows)] for i in range(short)]
 
@@ -113,6 +115,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     spec, inputs = task["spec"], task["inputs"]
     hp, dist_spec, ckpt = spec["hyperparameters"], spec["distribution"], spec["checkpointing"]
     deepspeed_on = dist_spec["strategy"] == "deepspeed"
+    zero3 = deepspeed_on and dist_spec["zeroStage"] == 3
+    dpo = spec["dpo"] if spec.get("objective") == "dpo" else None  # its settings
     dtype = training_dtype(hp["precision"], world.device)
     if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
         raise InvalidTask("spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU "
@@ -146,18 +150,27 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if not train_rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
     tokenizer = load_tokenizer(inputs["baseModel"])
-    examples = encode_rows(tokenizer, train_rows, hp["maxSeqLength"])
-    val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
+    # What a sequence is made of: conversations, or with DPO pairs of them (chosen, rejected) side by side.
+    if dpo:
+        examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], "train.jsonl")
+        val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], "validation.jsonl")
+        lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
+    else:
+        examples = encode_rows(tokenizer, train_rows, hp["maxSeqLength"])
+        val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
+        lengths, unit_len = [len(e["input_ids"]) for e in examples], hp["maxSeqLength"]
     if not examples:
-        raise InvalidTask("spec.hyperparameters.maxSeqLength: no train conversation has an assistant token within it")
+        raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {'pair' if dpo else 'conversation'} has "
+                          "an assistant token within it")
     early = hp.get("earlyStopping")
     select_best = bool(hp.get("selectBest") or early)  # early stopping outputs the best weights, as HF's does
     if select_best and not val:
         raise InvalidTask(f"spec.hyperparameters.{'earlyStopping' if early else 'selectBest'}: dataset "
-                          f"{dataset['uri']} has no validation conversation within maxSeqLength to choose by")
+                          f"{dataset['uri']} has no validation {'pair' if dpo else 'conversation'} within maxSeqLength "
+                          "to choose by")
     micro, accum = hp["batchSize"], hp["gradientAccumulation"]
     global_batch = micro * accum * world.size  # sequences per optimizer step, all processes together
-    epochs = [epoch_rows(examples, e, hp, global_batch) for e in range(hp["epochs"])]
+    epochs = [epoch_rows(lengths, e, hp, global_batch, unit_len) for e in range(hp["epochs"])]
     steps_per_epoch = [len(rows) // global_batch for rows in epochs]
     total_steps = sum(steps_per_epoch)
 
@@ -197,11 +210,13 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # Resume from the newest committed checkpoint, if an earlier attempt left one
     history: list[outputs.HistoryRow] = []
     evals: list[outputs.EvalRow] = []
+    rewards: dict[int, tuple[float, float]] = {}  # DPO: validation reward accuracy and margin, by step
     counters = {"tokens": 0.0, "positions": 0.0, "seconds": 0.0}
+    reference: dict[str, torch.Tensor] | None = None  # DPO: the reference's answer log-probabilities
 
     def restore(step: int, weights_only: bool = False) -> None:
         """The training state saved at `step` (to resume), or only its weights (the best ones, at the end)."""
-        nonlocal history, counters, evals
+        nonlocal history, counters, evals, rewards, reference
         with tempfile.TemporaryDirectory(prefix="llmfactory-resume-") as tmp:
             local = checkpoint.download(run, step, Path(tmp), world)
             if deepspeed_on:  # collective; its optimizer state too, which no longer matters at the end
@@ -222,6 +237,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 scaler.load_state_dict(saved["lossScale"])
             history, counters = [tuple(h) for h in saved["history"]], saved["counters"]
             evals = [tuple(e) for e in saved.get("evals", [])]
+            rewards = {step: tuple(r) for step, *r in saved.get("rewards", [])}
+            if dpo:
+                reference = torch.load(local / "reference.pt", weights_only=True)
             if world.main and (local / TRACKING).is_dir():  # the earlier attempts' tracker files: curves go on
                 shutil.copytree(local / TRACKING, tracking_dir, dirs_exist_ok=True)
 
@@ -230,6 +248,23 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         progress.stage(f"resuming from checkpoint step {start}")
         restore(start)
     trackers = Trackers(spec["tracking"], task["digest"][:16], spec, tracking_dir) if world.main else None
+
+    def my_share(items: list) -> list:
+        """What this process evaluates: every size-th item, except under ZeRO-3, whose forwards are
+        collective (every process runs every batch)."""
+        return items if zero3 else items[world.rank::world.size]
+
+    def add_up(value):
+        return value if zero3 else world.sum(value)
+
+    if dpo and reference is None:  # before the first step: the model is still the reference
+        progress.stage("dpo: the reference model's log-probabilities")
+        reference = {}
+        for split, convs in (("train", examples), ("validation", val)):
+            mine = my_share(list(range(len(convs) // 2)))
+            logps = torch.zeros((len(convs) // 2, 2), dtype=torch.float32)
+            logps[mine] = pair_logps(inner, convs, mine, micro, tokenizer.pad_token_id, world.device).cpu()
+            reference[split] = logps if zero3 else world.sum_tensor(logps)
 
     def save_checkpoint(step: int) -> None:
         def write(local: Path) -> None:
@@ -240,8 +275,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 torch.save(optimizer.state_dict(), local / "optimizer.pt")
                 torch.save(scheduler.state_dict(), local / "scheduler.pt")
             if world.main:
-                (local / "state.json").write_text(json.dumps({"step": step, "history": history, "counters": counters,
-                                                              "evals": evals, "lossScale": scaler.state_dict()}))
+                (local / "state.json").write_text(json.dumps({
+                    "step": step, "history": history, "counters": counters, "evals": evals,
+                    "rewards": [(s, *r) for s, r in rewards.items()], "lossScale": scaler.state_dict()}))
+                if dpo:
+                    torch.save(reference, local / "reference.pt")
                 trackers.flush()
                 shutil.copytree(tracking_dir, local / TRACKING, symlinks=True)  # W&B links its latest run
             torch.save(rng_state(), local / f"rng-{world.rank}.pt")
@@ -249,20 +287,27 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         checkpoint.save(run, world, step, write, ckpt["keepLast"], best_step(evals) if select_best else None)
 
     def evaluate(step: int) -> float | None:
-        """Loss on the validation split, token-weighted. The processes share it, every size-th
-        conversation each, except under ZeRO-3, whose forwards are collective (every process runs
-        every batch). Without dropout, evaluation draws no random numbers, so training goes on as
-        if it had not happened."""
-        if deepspeed_on and dist_spec["zeroStage"] == 3:
-            total, count = loss_sums(inner, val, micro, tokenizer.pad_token_id, world.device)
+        """Loss on the validation split, token-weighted (DPO: the mean over pairs, with the reward
+        accuracy and margin), shared among the processes (my_share). Evaluation draws no random
+        numbers, so training goes on as if it had not happened."""
+        if dpo:
+            mine = my_share(list(range(len(val) // 2)))
+            losses, margins = dpo_terms(pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu(),
+                                        reference["validation"][mine], dpo["beta"])
+            total, count = add_up(float(losses.sum())), add_up(len(mine))
+            if count:
+                rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
         else:
-            total, count = (world.sum(x) for x in loss_sums(inner, val[world.rank::world.size], micro,
-                                                                tokenizer.pad_token_id, world.device))
+            total, count = (add_up(x) for x in loss_sums(inner, my_share(val), micro, tokenizer.pad_token_id,
+                                                         world.device))
         if not count:
             return None
         evals.append((step, total / count))
         if trackers:
-            trackers.log(step, {"eval/loss": total / count})
+            metrics = {"eval/loss": total / count}
+            if dpo:
+                metrics |= {"eval/rewards/accuracy": rewards[step][0], "eval/rewards/margin": rewards[step][1]}
+            trackers.log(step, metrics)
         return total / count
 
     def evaluate_on_the_way(step: int) -> None:
@@ -289,25 +334,37 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         epoch, index = _locate(step - 1, steps_per_epoch)
         rows = epochs[epoch][index * global_batch:(index + 1) * global_batch]
         micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)][world.rank::world.size]
-        batches = [collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]) for group in micro_batches]
-        # Token-weighted over the whole step: a micro-batch's loss is its summed loss over the
-        # step's assistant tokens on all processes; DDP and DeepSpeed average gradients over
-        # processes, hence the factor world.size.
-        n_labels = world.sum(sum(label_count(b) for b in batches))
-        step_loss = 0.0
-        for i, batch in enumerate(batches):
+        # Token-weighted over the whole step (DPO: pair-weighted): a micro-batch's loss is its summed
+        # loss over the step's assistant tokens (pairs) on all processes; DDP and DeepSpeed average
+        # gradients over processes, hence the factor world.size.
+        if dpo:
+            batches = [collate_pairs(examples, group, tokenizer.pad_token_id) for group in micro_batches]
+            n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
+        else:
+            batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
+                       for group in micro_batches]
+            n_items = world.sum(sum(label_count(b) for b, _ in batches))
+        step_loss, preferred = 0.0, 0.0
+        for i, (batch, counts) in enumerate(batches):
             batch = {k: v.to(world.device) for k, v in batch.items()}
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
             with sync:
-                loss = engine(**batch, num_items_in_batch=n_labels, use_cache=False).loss
+                if dpo:
+                    pairs = [p for row in micro_batches[i] for p in row]
+                    losses, margins = dpo_terms(answer_logps(engine, batch, counts),
+                                                reference["train"][pairs].to(world.device), dpo["beta"])
+                    loss = losses.sum() / n_items
+                    preferred += float((margins > 0).sum())
+                else:
+                    loss = engine(**batch, num_items_in_batch=n_items, use_cache=False).loss
                 if deepspeed_on:
                     engine.backward(loss * world.size, scale_wrt_gas=False)
                     engine.step()  # steps the optimizer on the last micro-batch only
                 else:
                     scaler.scale(loss * world.size).backward()
             step_loss += float(loss.detach())
-            counters["tokens"] += float(sum(len(examples[j]["input_ids"]) for g in micro_batches[i] for j in g))
+            counters["tokens"] += float(sum(lengths[j] for row in micro_batches[i] for j in row))
             counters["positions"] += float(batch["input_ids"].numel())
         if not deepspeed_on:
             if master:
@@ -328,10 +385,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         history.append((step, epoch, step_loss, lr))
         counters["seconds"] += time.perf_counter() - began
         rate = world.sum(counters["tokens"]) / max(counters["seconds"], 1e-9)
+        accuracy = {"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if dpo else {}  # of the step's pairs
         progress.update(step, figure=f"loss {step_loss:.3f}", loss=round(step_loss, 4), learningRate=lr,
-                        epoch=epoch, tokensPerSecond=round(rate, 1))
+                        epoch=epoch, tokensPerSecond=round(rate, 1), **accuracy)
         if trackers:
-            trackers.log(step, {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_second": rate})
+            metrics = {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_second": rate}
+            if dpo:
+                metrics["train/rewards/accuracy"] = accuracy["rewardAccuracy"]
+            trackers.log(step, metrics)
 
         interrupted = world.any(stop.is_set())
         if not interrupted:  # else the checkpoint first: the grace period is short
@@ -352,7 +413,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if best is not None and best != step:
         progress.stage(f"loading the best weights (step {best})")
         restore(best, weights_only=True)
-    eval_loss = dict(evals).get(best or step)
+    saved_at = best or step  # the step whose weights are saved
+    eval_loss, reward = dict(evals).get(saved_at), rewards.get(saved_at)
     tokens, positions = world.sum(counters["tokens"]), world.sum(counters["positions"])
 
     # Save (rank 0; a ZeRO-3 model is gathered first, on every rank)
@@ -372,6 +434,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "steps": step,
         "bestStep": best,
         "stoppedEarly": step < total_steps if early else None,
+        "rewardAccuracy": round(reward[0], 4) if reward else None,
+        "rewardMargin": round(reward[1], 4) if reward else None,
         "processes": world.size,
         "trainTokens": int(tokens),
         "realTokenShare": round(tokens / max(positions, 1), 4),

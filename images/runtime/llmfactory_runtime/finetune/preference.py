@@ -1,0 +1,87 @@
+"""DPO (spec.objective dpo): a preference pair's chosen and rejected conversations side by side in
+one sequence, the log-probability the model gives each answer, and the loss against the reference's.
+
+The reference is the model before its first step (a new LoRA adapter adds zero, so that is the
+base): its log-probabilities are computed once, before training, and kept in every checkpoint,
+so a resumed run never takes its partly trained weights for the reference, and no second copy of
+the model is held for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..batching import collate_sequences
+from ..chat import IGNORE, encode_for_training
+from ..data import preference_of
+from ..task import InvalidTask
+
+
+def encode_pairs(tokenizer, rows: list[dict], max_len: int, where: str) -> list[dict]:
+    """Conversations in pairs, [chosen 0, rejected 0, chosen 1, ...], each cut at max_len, labels on
+    the answers only (not on the prompt's earlier assistant turns). A pair whose chosen or rejected
+    answer lies wholly beyond max_len is left out: it has nothing to compare."""
+    convs = []
+    for n, row in enumerate(rows, 1):
+        try:
+            prompt, chosen, rejected = preference_of(row)
+        except ValueError as e:
+            raise InvalidTask(f"spec.objective dpo: {where} row {n}: {e}") from None
+        pair = [encode_for_training(tokenizer, prompt + answer, max_len, first=len(prompt)) for answer in (chosen, rejected)]
+        if all(any(label != IGNORE for label in c["labels"]) for c in pair):
+            convs += pair
+    return convs
+
+
+def pair_lengths(convs: list[dict]) -> list[int]:
+    """Tokens of each pair's two conversations together (what packing places as one unit)."""
+    return [len(convs[i]["input_ids"]) + len(convs[i + 1]["input_ids"]) for i in range(0, len(convs), 2)]
+
+
+def conversations_of(rows: list[list[int]]) -> list[list[int]]:
+    """Rows of pair indices -> rows of conversation indices, each pair's chosen then rejected."""
+    return [[k for i in row for k in (2 * i, 2 * i + 1)] for row in rows]
+
+
+def collate_pairs(convs: list[dict], rows: list[list[int]], pad_id: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """A batch whose rows hold whole pairs, kept apart by restarting position ids (as packing does,
+    whether or not hyperparameters.packing puts several pairs in a row), and the conversations per row."""
+    conv_rows = conversations_of(rows)
+    return collate_sequences(convs, conv_rows, pad_id, packed=True), [len(r) for r in conv_rows]
+
+
+def answer_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """Summed log-probability of each conversation's answer tokens, in row order, as (pairs, 2):
+    chosen, rejected. A conversation is the segment its position ids restart at."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    rows, width = labels.shape
+    token = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                             reduction="none")  # 0 where there is no label
+    stride = width + 1  # more than the segments a row can have
+    segment = (batch["position_ids"] == 0).cumsum(1)[:, 1:] - 1  # of each predicted token
+    segment = segment + stride * torch.arange(rows, device=segment.device)[:, None]
+    sums = torch.zeros(rows * stride, dtype=token.dtype, device=token.device).index_add(0, segment.flatten(), token)
+    picked = torch.cat([stride * r + torch.arange(c, device=sums.device) for r, c in enumerate(counts)])
+    return sums[picked].view(-1, 2)
+
+
+def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: the DPO loss -log sigmoid(margin), and the margin, beta x (how much more the model
+    than the reference favours chosen over rejected): the implicit rewards' difference."""
+    margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    return -F.logsigmoid(margin), margin
+
+
+@torch.no_grad()
+def pair_logps(model, convs: list[dict], pairs: list[int], batch_size: int, pad_id: int, device) -> torch.Tensor:
+    """answer_logps of the given pairs, one pair per row, in evaluation mode (no dropout, no NEFTune noise)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch, counts = collate_pairs(convs, [[i] for i in pairs[start:start + batch_size]], pad_id)
+        out.append(answer_logps(model, {k: v.to(device) for k, v in batch.items()}, counts))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, 2))

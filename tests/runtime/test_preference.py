@@ -1,0 +1,125 @@
+"""DPO (objective dpo): preference rows in OpenAI's and TRL's forms, pairs kept apart in packed
+sequences, a run that learns its preferences, and a resumed run that keeps its reference."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmfactory.api.headline import headline
+from llmfactory_runtime.chat import IGNORE
+from llmfactory_runtime.data import dumps_jsonl, messages_of, preference_of
+from llmfactory_runtime.finetune.preference import answer_logps, collate_pairs, encode_pairs, pair_logps
+from llmfactory_runtime.store import open_store
+
+from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task
+
+REFUSAL = "I cannot answer that."
+
+
+def _rows() -> list[dict]:
+    """Each question's answer preferred to a refusal: a preference a tiny random model can learn."""
+    return [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+             "rejected": [{"role": "assistant", "content": REFUSAL}]} for q, a in PAIRS]
+
+
+def _dataset(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(dumps_jsonl(_rows() * 3))
+    (folder / "validation.jsonl").write_bytes(dumps_jsonl(_rows()))
+    return f"file://{folder}"
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_openai_and_trl_preference_rows_give_the_same_prompt_and_answers():
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}
+    good, bad = {"role": "assistant", "content": "Paris."}, {"role": "assistant", "content": "Lyon."}
+    forms = [
+        {"input": {"messages": [system, user]}, "preferred_output": [good], "non_preferred_output": [bad]},  # OpenAI
+        {"prompt": [system, user], "chosen": [good], "rejected": [bad]},  # TRL, explicit prompt
+        {"chosen": [system, user, good], "rejected": [system, user, bad]},  # TRL, implicit prompt
+    ]
+    for row in forms:
+        assert preference_of(row) == ([system, user], [good], [bad])
+        assert messages_of(row) == [system, user, good]  # what perplexity and calibration read
+    assert preference_of({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}) == \
+        ([user], [good], [bad])
+    # Two whole conversations that differ in a later turn share the earlier turns as their prompt.
+    follow = {"role": "user", "content": "And of Italy?"}
+    assert preference_of({"chosen": [user, good, follow, {"role": "assistant", "content": "Rome."}],
+                          "rejected": [user, good, follow, bad]})[0] == [user, good, follow]
+    with pytest.raises(ValueError, match="needs chosen and rejected"):
+        preference_of({"messages": [user, good]} | {"chosen": [good]})
+    with pytest.raises(ValueError, match="rejected answer must be one or more assistant messages"):
+        preference_of({"prompt": [user], "chosen": [good], "rejected": [user]})
+    with pytest.raises(ValueError, match="prompt must end with a user"):
+        preference_of({"prompt": [user, good], "chosen": [good], "rejected": [bad]})
+
+
+def test_a_pair_packed_beside_others_gets_the_answer_log_probabilities_it_gets_alone(tiny_model):
+    """Only the answers count (not the prompt's earlier assistant turn), and packed pairs do not see each other."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = _rows()[:3]
+    rows[0]["prompt"] = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}] + rows[0]["prompt"]
+    convs = encode_pairs(tok, rows, 96, "train.jsonl")
+    learned = tok.decode([t for t, label in zip(convs[0]["input_ids"], convs[0]["labels"]) if label != IGNORE])
+    assert learned == PAIRS[0][1] + "<|im_end|>\n"
+    batch, counts = collate_pairs(convs, [[0, 2], [1]], tok.pad_token_id)
+    with torch.no_grad():
+        packed = answer_logps(model, batch, counts)
+        alone = []
+        for c in convs:
+            ids = torch.tensor(c["input_ids"])
+            logp = model(input_ids=ids[None]).logits[0, :-1].log_softmax(-1)
+            scored = torch.tensor(c["labels"][1:]) != IGNORE
+            alone.append(float(logp[torch.arange(len(ids) - 1), ids[1:]][scored].sum()))
+    assert packed.flatten().tolist() == pytest.approx(alone[0:2] + alone[4:6] + alone[2:4], abs=1e-4)
+
+
+def test_dpo_learns_to_prefer_the_chosen_answers_and_a_resumed_run_keeps_its_reference(tiny_model, tmp_path):
+    """The loss starts at ln 2 (the model is its own reference), the saved model prefers the chosen
+    answers by the margin reported, and a run resumed from a checkpoint, whose weights have moved,
+    takes the reference from the checkpoint and ends with the uninterrupted run's weights."""
+    task = finetune_task(tiny_model, _dataset(tmp_path / "data"), f"file://{tmp_path}/store", objective="dpo",
+                         dpo={"beta": 0.2}, checkpointing={"everySteps": 4, "keepLast": 20},
+                         hyperparameters={"epochs": 3, "learningRate": 0.02})
+    path = write_task(task, tmp_path)
+    _ok(run_finetune(path))
+    run = open_store(task["artifactUri"])
+    result = run.read_json("result.json")
+    first_step = run.read_bytes("metrics/loss.csv").decode().splitlines()[1].split(",")
+    assert float(first_step[2]) == pytest.approx(math.log(2), abs=1e-5)
+    assert result["evalLoss"] < 0.5 and result["finalLoss"] < result["firstLoss"]
+    assert result["rewardAccuracy"] == 1.0 and result["datasetFormat"] == "preference"
+    # The saved model prefers the chosen answers by the margin reported, measured here on its own.
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    val = encode_pairs(tok, _rows(), 96, "validation.jsonl")
+    pairs = list(range(len(val) // 2))
+    logps = {name: pair_logps(AutoModelForCausalLM.from_pretrained(path), val, pairs, 4, tok.pad_token_id, "cpu")
+             for name, path in (("base", tiny_model), ("tuned", result["modelUri"][7:]))}
+    change = logps["tuned"] - logps["base"]
+    assert float((0.2 * (change[:, 0] - change[:, 1])).mean()) == pytest.approx(result["rewardMargin"], abs=1e-3)
+    assert "reward accuracy 1.0" in (Path(result["modelUri"][7:]) / "README.md").read_text()
+    assert headline("FineTune", result).endswith("reward accuracy 1.00")
+
+    uninterrupted = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
+    # As if the run had been killed after its checkpoint at step 4: later checkpoints and the result gone.
+    run.delete("COMMITTED")
+    for key in run.list("checkpoints"):
+        if not key.startswith("step-4/"):
+            run.delete(f"checkpoints/{key}")
+    _ok(run_finetune(path))
+    result = run.read_json("result.json")
+    assert result["resumedFromStep"] == 4
+    resumed = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6)
