@@ -71,9 +71,10 @@ def make_model_elsewhere(shape_name: str, folder: Path) -> None:
         subprocess.run([sys.executable, __file__, "--shape", shape_name, "--make-model", str(folder)], check=True)
 
 
-def make_dataset(folder: Path, conversations: int, seq: int, seed: int = 0) -> str:
+def make_dataset(folder: Path, conversations: int, seq: int, seed: int = 0, dpo: bool = False) -> str:
     """Conversations of one to three turns and widely varied length (a few words to about a
-    quarter of the sequence per answer), like real chat data."""
+    quarter of the sequence per answer), like real chat data; with dpo, preference rows whose
+    rejected answer is another answer of the same kind."""
     rng = random.Random(seed)
 
     def text(n: int) -> str:
@@ -85,7 +86,9 @@ def make_dataset(folder: Path, conversations: int, seq: int, seed: int = 0) -> s
         for _ in range(rng.choice([1, 1, 2, 3])):
             messages += [{"role": "user", "content": text(rng.randint(5, 30))},
                          {"role": "assistant", "content": text(rng.randint(5, max(20, seq // 12)))}]
-        rows.append({"messages": messages})
+        rows.append({"prompt": messages[:-1], "chosen": messages[-1:],
+                     "rejected": [{"role": "assistant", "content": text(rng.randint(5, max(20, seq // 12)))}]}
+                    if dpo else {"messages": messages})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_bytes(dumps_jsonl(rows))
     (folder / "validation.jsonl").write_bytes(dumps_jsonl(rows[:4]))
@@ -99,6 +102,8 @@ def task_for(model: Path, dataset: str, store: str, method: str, args, packing: 
                                 "gradientCheckpointing": args.checkpointing, "warmupRatio": 0.0,
                                 "fusedKernels": args.fused_kernels, "compile": args.compile},
             "checkpointing": {"everySteps": 100000}, "resources": {"gpusPerNode": 1}}
+    if args.dpo:
+        spec["objective"] = "dpo"
     if method != "full":
         spec["lora"] = {"r": 16, "alpha": 32, "dropout": args.lora_dropout, "targetModules": ["all-linear"],
                         "dora": args.dora}
@@ -255,6 +260,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--dora", action="store_true", help="lora.dora (weight-decomposed LoRA)")
+    parser.add_argument("--dpo", action="store_true", help="objective dpo on preference pairs (a row holds "
+                                                            "pairs: up to twice --seq tokens)")
     parser.add_argument("--fused-kernels", action="store_true", help="Liger kernels (CUDA only)")
     parser.add_argument("--compile", action="store_true", help="hyperparameters.compile (torch.compile per layer)")
     parser.add_argument("--qlora-dequantize", choices=["auto", "always", "never"], default="auto",
@@ -265,6 +272,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, metavar="STEPS", help="profile STEPS steps per method instead")
     parser.add_argument("--make-model", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.dpo and (args.profile or args.hf_trainer):
+        parser.error("--dpo runs the runtime only: --profile and --hf-trainer train on conversations")
     if args.make_model:
         return make_model(SHAPES[args.shape], Path(args.make_model))
 
@@ -273,7 +282,8 @@ def main() -> None:
     began = time.time()
     make_model_elsewhere(args.shape, work / f"model-{args.shape}")
     print(f"model {args.shape}: {shape.params / 1e9:.2f}B params, ready in {time.time() - began:.0f} s", flush=True)
-    dataset = make_dataset(work / f"data-{args.seq}", args.conversations, args.seq)
+    dataset = make_dataset(work / f"data-{args.seq}{'-dpo' if args.dpo else ''}", args.conversations, args.seq,
+                           dpo=args.dpo)
     if args.profile:
         for method in args.methods.split(","):
             packing = args.packing != "off"
@@ -299,7 +309,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.batch}, gradient checkpointing {args.checkpointing}, "
-          f"lora r 16 all-linear dropout {args.lora_dropout}{' dora' if args.dora else ''}, fused kernels {args.fused_kernels}, compile {args.compile}"
+          f"lora r 16 all-linear dropout {args.lora_dropout}{' dora' if args.dora else ''}"
+          f"{', objective dpo' if args.dpo else ''}, fused kernels {args.fused_kernels}, compile {args.compile}"
           f"{'; qlora* = 4-bit weights dequantized once' if any(r['method'] == 'qlora*' for r in rows) else ''}")
     print(f"{'engine':<11} {'method':<6} {'packing':<8} {'tokens/s':>10} {'real share':>10} {'MFU':>6} {'peak GiB':>9} {'est. GiB':>9}")
     for r in rows:
