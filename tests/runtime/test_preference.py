@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmfactory.api.headline import headline
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl, messages_of, preference_of
-from llmfactory_runtime.finetune.preference import answer_logps, collate_pairs, encode_pairs, pair_logps
+from llmfactory_runtime.finetune.preference import answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_logps
 from llmfactory_runtime.store import open_store
 
 from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task
@@ -62,6 +62,16 @@ def test_openai_and_trl_preference_rows_give_the_same_prompt_and_answers():
         preference_of({"prompt": [user], "chosen": [good], "rejected": [user]})
     with pytest.raises(ValueError, match="prompt must end with a user"):
         preference_of({"prompt": [user, good], "chosen": [good], "rejected": [bad]})
+
+
+def test_the_dpo_loss_by_hand_and_sft_weight_adds_the_chosen_answers_mean_token_nll():
+    policy = torch.tensor([[-10.0, -12.0], [-8.0, -6.0]])  # summed answer log-probabilities: chosen, rejected
+    reference = torch.tensor([[-11.0, -11.0], [-8.0, -6.0]])
+    loss, margin = dpo_terms(policy, reference, beta=0.5)
+    assert margin.tolist() == [1.0, 0.0]  # 0.5 x ((-10 + 11) - (-12 + 11)); unchanged from the reference
+    assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(2)])
+    rpo, _ = dpo_terms(policy, reference, 0.5, sft_weight=0.2, chosen=torch.tensor([5.0, 4.0]))
+    assert (rpo - loss).tolist() == pytest.approx([0.2 * 10 / 5, 0.2 * 8 / 4])
 
 
 def test_a_pair_packed_beside_others_gets_the_answer_log_probabilities_it_gets_alone(tiny_model):

@@ -141,6 +141,11 @@ class RejectedAnswers(ApiModel):
     """Who writes the rejected answer of each preference pair: a local model, usually the student
     before fine-tuning (its own answers are what DPO should move it away from)."""
 
+    cel_rules: ClassVar = [
+        {"rule": "self.engine != 'vllm' || !has(self.model.ggufFile)",
+         "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
+    ]
+
     model: ModelSource = Field(description="The model, run inside the phase's pod.")
     engine: Engine = Field("auto", description=ENGINE_DESCRIPTION)
     temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")

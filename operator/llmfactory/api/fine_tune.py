@@ -44,8 +44,7 @@ class DatasetInput(ApiModel):
     ]
 
     dataset_build_ref: LocalObjectReference | None = Field(None, description="A DatasetBuild in this namespace.")
-    uri: str | None = Field(None, pattern=URI_PATTERN,
-                            description=(
+    uri: str | None = Field(None, pattern=URI_PATTERN, description=(
         "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), or "
         "preference pairs in OpenAI's or TRL's form, which a FineTune with objective dpo learns from; "
         "anything else reads each pair's prompt with its chosen answer."))
@@ -100,6 +99,10 @@ class Dpo(ApiModel):
         "How far the model may move from the reference (the base model before training): low values "
         "(0.05-0.1) follow the preferences more, high values keep closer to the base. 0.1 is TRL's and "
         "OpenAI's default."))
+    sft_weight: float | None = Field(None, gt=0, le=100, description=(
+        "Also add this times the chosen answer's mean token negative log-likelihood to each pair's loss "
+        "(RPO, Pang et al., 2024; Llama 3's recipe used 0.2): plain DPO often lowers the likelihood of the "
+        "chosen answers along with the rejected ones', and this keeps the chosen ones likely. Unset: plain DPO."))
 
 
 class Hyperparameters(ApiModel):
@@ -259,9 +262,10 @@ class FineTuneSpec(RunOptions):
         "more likely than the rejected one relative to the base model (Direct Preference Optimization). "
         "dpo reads a DatasetBuild with preferences, or rows at dataset.uri in OpenAI's preference format "
         "({input: {messages}, preferred_output, non_preferred_output}) or TRL's ({prompt, chosen, "
-        "rejected}, or chosen and rejected conversations sharing their prompt). With dpo, maxSeqLength bounds each of the two "
-        "conversations and a pair's two share a sequence (of up to twice maxSeqLength); the loss "
-        "curves show the DPO loss, which starts at ln 2 = 0.693."))
+        "rejected}, or chosen and rejected conversations sharing their prompt). With dpo, maxSeqLength "
+        "bounds each of the two conversations and a pair's two share a sequence (of up to twice "
+        "maxSeqLength); the loss curves show the DPO loss, which starts at ln 2 = 0.693 (plus dpo.sftWeight's "
+        "term)."))
     dpo: Dpo | None = Field(None, description="DPO settings (objective dpo); defaults apply when unset.")
     lora: Lora | None = Field(None, description="Adapter settings (lora, qlora); defaults apply when unset.")
     qlora: QLora | None = Field(None, description="4-bit quantization of the base (qlora); defaults apply when unset.")

@@ -114,7 +114,7 @@ def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: P
     return rows, usage, judge
 
 
-def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress):
+def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress, judge: AnswerJudge | None):
     """spec.preferences: each kept conversation gets preferences.rejected's answer to its last turn
     (the teacher's answer there is the chosen one); a pair of two equal answers teaches nothing."""
     prefs = task["spec"].get("preferences")
@@ -122,7 +122,8 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
         return rows, None
     answers, usage = teacher_.answer_again([r["messages"][:-1] for r in rows], prefs["rejected"],
                                            task["inputs"]["rejected"], task["cacheUri"],
-                                           "spec.preferences.rejected.engine", progress)
+                                           "spec.preferences.rejected.engine", progress,
+                                           share_gpu=judge is not None and judge.model_input is not None)
     kept = []
     for row, got in zip(rows, answers):
         if got["text"].strip() == row["messages"][-1]["content"].strip():
@@ -148,7 +149,7 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
         task = {**task, "spec": {**task["spec"], "teacher": {**teacher, "openai": endpoint}}}
     prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
-    _, rejected = _rejected(task, rows, Drops(), progress)  # into the cache, for the merge
+    _, rejected = _rejected(task, rows, Drops(), progress, judge)  # into the cache, for the merge
     return {"shard": shard, "prompts": len(prompts), "kept": len(rows), "requests": usage.requests,
             "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
             "judgeRequests": judge.requests if judge else 0, "rejectedRequests": rejected.requests if rejected else 0}
@@ -169,7 +170,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     drops = Drops()
     prompts = _prompts(task, drops, progress)
     rows, usage, judge = _answer(task, prompts, drops, progress, transport)
-    rows, rejected_usage = _rejected(task, rows, drops, progress)
+    rows, rejected_usage = _rejected(task, rows, drops, progress, judge)
     if spec.get("shards", 1) > 1:
         bills = _shard_bills(run, spec["shards"])
         usage.cached -= bills.get("requests", 0)

@@ -217,9 +217,11 @@ def _judge_turn(judge: AnswerJudge, answered: list[dict[str, Any]], drops: Drops
 
 
 def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any], model_input: dict[str, Any],
-                 cache_uri: str, field: str, progress: Progress) -> tuple[list[dict[str, Any]], Usage]:
+                 cache_uri: str, field: str, progress: Progress,
+                 share_gpu: bool = False) -> tuple[list[dict[str, Any]], Usage]:
     """Another local model's answer to each conversation as it stands (ending with a user turn):
-    a preference pair's rejected answer. Cached like the teacher's, so a rerun asks only what is new."""
+    a preference pair's rejected answer. Cached like the teacher's, so a rerun asks only what is new.
+    share_gpu: a local answer judge stays loaded beside it."""
     cache = AnswerCache(cache_uri, "teacher", cache_identity(answerer, model_input))
     cache.load()
     usage = Usage()
@@ -234,7 +236,7 @@ def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any],
     stack = contextlib.ExitStack()
     try:
         if todo and _engine(answerer, model_input, field) == "vllm":
-            _vllm_backend(answerer, model_input, cache, usage, on_answer, stack, share_gpu=False)(todo)
+            _vllm_backend(answerer, model_input, cache, usage, on_answer, stack, share_gpu=share_gpu)(todo)
         elif todo:
             _local_backend(answerer, model_input, cache, usage, on_answer)(todo)
     finally:

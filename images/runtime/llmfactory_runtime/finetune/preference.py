@@ -34,6 +34,12 @@ def encode_pairs(tokenizer, rows: list[dict], max_len: int, where: str) -> list[
     return convs
 
 
+def chosen_tokens(convs: list[dict]) -> torch.Tensor:
+    """Answer tokens of each pair's chosen conversation (what sftWeight's mean is taken over)."""
+    return torch.tensor([sum(label != IGNORE for label in convs[i]["labels"]) for i in range(0, len(convs), 2)],
+                        dtype=torch.float32)
+
+
 def pair_lengths(convs: list[dict]) -> list[int]:
     """Tokens of each pair's two conversations together (what packing places as one unit)."""
     return [len(convs[i]["input_ids"]) + len(convs[i + 1]["input_ids"]) for i in range(0, len(convs), 2)]
@@ -67,11 +73,16 @@ def answer_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> to
     return sums[picked].view(-1, 2)
 
 
-def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair: the DPO loss -log sigmoid(margin), and the margin, beta x (how much more the model
-    than the reference favours chosen over rejected): the implicit rewards' difference."""
+def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float, sft_weight: float | None = None,
+              chosen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: the DPO loss -log sigmoid(margin), plus sft_weight x the chosen answer's mean token
+    negative log-likelihood (RPO; `chosen`: its answer tokens), and the margin, beta x (how much more
+    the model than the reference favours chosen over rejected): the implicit rewards' difference."""
     margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
-    return -F.logsigmoid(margin), margin
+    loss = -F.logsigmoid(margin)
+    if sft_weight:
+        loss = loss - sft_weight * policy[:, 0] / chosen.to(policy)
+    return loss, margin
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
                           trainable_state, training_dtype)
 from .packing import one_per_row, pack
-from .preference import answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_lengths, pair_logps
+from .preference import answer_logps, chosen_tokens, collate_pairs, dpo_terms, encode_pairs, pair_lengths, pair_logps
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
@@ -155,6 +155,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], "train.jsonl")
         val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], "validation.jsonl")
         lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
+        train_chosen = chosen_tokens(examples)  # for dpo.sftWeight
     else:
         examples = encode_rows(tokenizer, train_rows, hp["maxSeqLength"])
         val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
@@ -293,7 +294,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if dpo:
             mine = my_share(list(range(len(val) // 2)))
             losses, margins = dpo_terms(pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu(),
-                                        reference["validation"][mine], dpo["beta"])
+                                        reference["validation"][mine], dpo["beta"], dpo.get("sftWeight"),
+                                        chosen_tokens(val)[mine])
             total, count = add_up(float(losses.sum())), add_up(len(mine))
             if count:
                 rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
@@ -353,7 +355,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 if dpo:
                     pairs = [p for row in micro_batches[i] for p in row]
                     losses, margins = dpo_terms(answer_logps(engine, batch, counts),
-                                                reference["train"][pairs].to(world.device), dpo["beta"])
+                                                reference["train"][pairs].to(world.device), dpo["beta"],
+                                                dpo.get("sftWeight"), train_chosen[pairs])
                     loss = losses.sum() / n_items
                     preferred += float((margins > 0).sum())
                 else:
