@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmfactory.planner import parse, plan
+from llmfactory.planner import PlanError, parse, plan
 from llmfactory_runtime.benchmark import run as benchmark
 from llmfactory_runtime.benchmark.judge import (RATINGS, expected_rating, judge_messages, parse_rating,
                                                 rating_distribution)
@@ -222,3 +222,54 @@ def test_a_lora_adapter_is_merged_onto_its_base_when_loaded(tiny_model, tmp_path
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, expected(ids).logits, atol=1e-5)
         assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)  # the adapter changed it
+
+
+def test_a_dpo_fine_tunes_held_out_pairs_are_scored_against_its_base(tiny_model, tmp_path):
+    """Preference rows as the perplexity dataset (a DPO FineTune's): the pairs are scored too, per
+    token for preference.accuracy, and against the baseline for DPO's implicit reward."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmfactory_runtime.data import dumps_jsonl
+    from llmfactory_runtime.preference import encode_pairs, pair_logps
+
+    torch.manual_seed(3)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for q, a, r in [("Capital of France?", "Paris.", "Lyon, I think, or maybe Marseille."),
+                            ("Почему небо голубое?", "Рассеяние света.", "Не знаю."),
+                            ("天空为什么是蓝色的？", "光的散射。", "因为海。"), ("2+2?", "4", "5"),
+                            ("Name a colour.", "Blue.", "Seven.")]]  # five: a share and its complement differ
+    (tmp_path / "prefs").mkdir()
+    (tmp_path / "prefs" / "test.jsonl").write_bytes(dumps_jsonl(rows))
+    fine_tune = {"adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "sha256:a",
+                 "baseModel": {"uri": f"file://{tiny_model}"}, "datasetUri": f"file://{tmp_path / 'prefs'}",
+                 "datasetFormat": "preference", "datasetDigest": "sha256:d"}
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "prefs"},
+           "spec": {"model": {"fineTuneRef": {"name": "dpo"}}, "perplexity": {},
+                    "gates": [{"metric": "preference.rewardAccuracy", "op": ">=", "value": 0.0}]}}
+    task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    metrics = benchmark.run(task, store, Progress(store))["metrics"]
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    convs = encode_pairs(tok, rows, 2048, "test")
+    tuned, base = (pair_logps(m.eval(), convs, list(range(5)), 4, tok.pad_token_id, "cpu")
+                   for m in (adapter.merge_and_unload(), AutoModelForCausalLM.from_pretrained(tiny_model)))
+    tokens = torch.tensor([[sum(label != -100 for label in convs[k]["labels"]) for k in (i, i + 1)]
+                           for i in range(0, 10, 2)])
+    per_token = {name: logps / tokens for name, logps in (("tuned", tuned), ("base", base))}
+    assert metrics["preference.accuracy"] == pytest.approx(float((per_token["tuned"][:, 0] > per_token["tuned"][:, 1])
+                                                                 .float().mean()))
+    assert metrics["preference.baseline"] == pytest.approx(float((per_token["base"][:, 0] > per_token["base"][:, 1])
+                                                                 .float().mean()))
+    gain = tuned - base
+    assert metrics["preference.rewardAccuracy"] == pytest.approx(float((gain[:, 0] > gain[:, 1]).float().mean()))
+    torch.testing.assert_close(torch.tensor(store.read_json("preference/model.json")["logps"]), tuned, atol=1e-4, rtol=0)
+    assert store.read_json("preference/baseline.json")["tokens"] == tokens.tolist()  # a restart redoes nothing
+    # A gate on a preference metric of a dataset of conversations is refused when planned.
+    with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'preference.rewardAccuracy' is not reported"):
+        plan(parse(doc), lambda *k: {**fine_tune, "datasetFormat": "chatml"}, f"file://{tmp_path}/store")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmfactory.api.headline import headline
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl, messages_of, preference_of
-from llmfactory_runtime.finetune.preference import answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_logps
+from llmfactory_runtime.preference import answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_logps
 from llmfactory_runtime.store import open_store
 
 from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task

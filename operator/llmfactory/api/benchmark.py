@@ -31,7 +31,12 @@ class ModelUnderTest(ApiModel):
 
 class Perplexity(ApiModel):
     dataset: DatasetInput | None = Field(
-        None, description="Conversations to score; defaults to the FineTune's dataset.")
+        None, description="Conversations to score; defaults to the FineTune's dataset. Of preference pairs "
+                          "(a DPO FineTune's, or a DatasetBuild's with preferences) the prompts and chosen answers "
+                          "are scored, and the pairs too: preference.accuracy (share of pairs whose chosen answer "
+                          "the model finds likelier per token), and with a baseline preference.baseline and "
+                          "preference.rewardAccuracy (share whose chosen answer gained more log-probability over "
+                          "the baseline than the rejected one: DPO's implicit reward).")
     split: Literal["train", "validation", "test"] = Field("test", description="Which split to score.")
     max_samples: int | None = Field(None, ge=1, description="Score at most this many conversations.")
 

@@ -48,13 +48,16 @@ def artifact_uri(store_uri: str, res: Resource, digest: str) -> str:
     return f"{store_uri.rstrip('/')}/{res.namespace}/{res.kind.lower()}/{res.name}/{digest[:16]}"
 
 
-def benchmark_metric_names(spec, baseline: bool) -> set[str]:
-    """The metrics a Benchmark with this spec reports (what gates may name)."""
+def benchmark_metric_names(spec, baseline: bool, preference_rows: bool = False) -> set[str]:
+    """The metrics a Benchmark with this spec reports (what gates may name); preference_rows: its
+    perplexity dataset holds preference pairs, which it scores too."""
     names: set[str] = set()
     if spec.perplexity:
         names |= {"perplexity.value", "perplexity.allTokens"}
         if baseline:
             names |= {"perplexity.baseline", "perplexity.changePercent"}
+        if preference_rows:
+            names |= {"preference.accuracy"} | ({"preference.baseline", "preference.rewardAccuracy"} if baseline else set())
     if spec.judge:
         langs = spec.judge.languages
         names |= {"judge.score", "judge.turn1", "judge.turn2", "judge.unrated"} | {
@@ -245,7 +248,8 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
             _check_engine(res, "spec.judge.engine", spec.judge.engine, baseline)
     if spec.judge and spec.judge.model:
         inputs["judge"] = _model(spec.judge.model)
-    known = benchmark_metric_names(spec, baseline is not None)
+    known = benchmark_metric_names(spec, baseline is not None,
+                                   (inputs.get("dataset") or {}).get("format") == "preference")
     # lm-eval metrics depend on the task's YAML: any metric of a named task may be gated.
     tasks = set(spec.lm_eval.tasks) if spec.lm_eval else set()
     for i, gate in enumerate(spec.gates):

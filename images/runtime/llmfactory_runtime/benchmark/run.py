@@ -14,6 +14,7 @@ from statistics import mean
 from typing import Any
 
 from ..batching import perplexity
+from ..preference import pair_scores
 from ..data import read_split
 from ..generate import generate
 from ..models import load_model, load_tokenizer
@@ -94,10 +95,11 @@ def _answer_questions(label: str, source: dict, judge: dict, questions: list[dic
                      "answersPerSecond": round(answered / seconds, 3) if answered and seconds else None}
 
 
-def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], questions: list[dict],
+def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], pairs: bool, questions: list[dict],
                     run: Store, progress: Progress, tasks_dir: Path | None) -> dict[str, Any]:
-    """Answers, perplexity and lm-eval scores of one model (label: model or baseline). Answers
-    first: a vLLM server has given the GPU back before transformers loads the model, if it must."""
+    """Answers, perplexity (and, of preference rows, the pairs' log-probabilities) and lm-eval
+    scores of one model (label: model or baseline). Answers first: a vLLM server has given the GPU
+    back before transformers loads the model, if it must."""
     held: dict[str, Any] = {}
 
     def loaded():
@@ -114,6 +116,10 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], ques
     if rows:
         progress.stage(f"perplexity of {label}")
         out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(*loaded(), rows))
+    if rows and pairs:
+        progress.stage(f"preference pairs of {label}")
+        where = f"spec.perplexity.dataset: {spec['perplexity']['split']}.jsonl"
+        out["preference"] = _cached(run, f"preference/{label}.json", lambda: pair_scores(*loaded(), rows, where))
     if spec.get("lmEval"):
         progress.stage(f"lm-eval tasks on {label}")
         out["lmEval"] = _cached(run, f"lm-eval/{label}.json",
@@ -170,8 +176,22 @@ def _mean(values: list[float | None]) -> float | None:
     return mean(rated) if rated else None
 
 
+def _prefers_chosen(scores: dict[str, list[list[float]]]) -> float | None:
+    """Share of pairs whose chosen answer the model finds likelier per token than the rejected one."""
+    return _mean([float(c / max(nc, 1) > r / max(nr, 1)) for (c, r), (nc, nr) in zip(scores["logps"], scores["tokens"])])
+
+
 def _metrics(results: dict[str, dict], ratings: dict, questions: list[dict]) -> dict[str, float]:
     metrics: dict[str, float | None] = {}
+    if "preference" in results["model"]:
+        tuned = results["model"]["preference"]
+        metrics["preference.accuracy"] = _prefers_chosen(tuned)
+        if "baseline" in results:
+            base = results["baseline"]["preference"]
+            metrics["preference.baseline"] = _prefers_chosen(base)
+            # DPO's implicit reward against the baseline: did the chosen answer gain more than the rejected?
+            metrics["preference.rewardAccuracy"] = _mean([
+                float(mc - bc > mr - br) for (mc, mr), (bc, br) in zip(tuned["logps"], base["logps"])])
     if "perplexity" in results["model"]:
         metrics["perplexity.value"] = results["model"]["perplexity"]["assistant"]
         metrics["perplexity.allTokens"] = results["model"]["perplexity"]["all"]
@@ -289,7 +309,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     if inputs.get("baseline"):
         models["baseline"] = inputs["baseline"]
     tasks_dir = lm_eval_tasks.task_folder((spec.get("lmEval") or {}).get("tasksUri"))
-    results = {label: _evaluate_model(label, source, spec, rows, questions, run, progress, tasks_dir)
+    pairs = bool(rows) and inputs["dataset"].get("format") == "preference"
+    results = {label: _evaluate_model(label, source, spec, rows, pairs, questions, run, progress, tasks_dir)
                for label, source in models.items()}
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     ratings = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}

@@ -37,7 +37,7 @@ from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
                           trainable_state, training_dtype)
 from .packing import one_per_row, pack
-from .preference import answer_logps, chosen_tokens, collate_pairs, dpo_terms, encode_pairs, pair_lengths, pair_logps
+from ..preference import answer_logps, chosen_tokens, collate_pairs, dpo_terms, encode_pairs, pair_lengths, pair_logps
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
@@ -152,8 +152,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     tokenizer = load_tokenizer(inputs["baseModel"])
     # What a sequence is made of: conversations, or with DPO pairs of them (chosen, rejected) side by side.
     if dpo:
-        examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], "train.jsonl")
-        val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], "validation.jsonl")
+        examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective dpo: train.jsonl")
+        val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective dpo: validation.jsonl")
         lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
         train_chosen = chosen_tokens(examples)  # for dpo.sftWeight
     else:

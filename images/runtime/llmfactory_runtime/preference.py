@@ -1,10 +1,11 @@
-"""DPO (spec.objective dpo): a preference pair's chosen and rejected conversations side by side in
-one sequence, the log-probability the model gives each answer, and the loss against the reference's.
+"""Preference pairs: a pair's chosen and rejected conversations side by side in one sequence, the
+log-probability a model gives each answer, and DPO's loss against a reference's. FineTune's
+objective dpo trains with them; a Benchmark scores held-out pairs with them.
 
-The reference is the model before its first step (a new LoRA adapter adds zero, so that is the
-base): its log-probabilities are computed once, before training, and kept in every checkpoint,
-so a resumed run never takes its partly trained weights for the reference, and no second copy of
-the model is held for it.
+In training the reference is the model before its first step (a new LoRA adapter adds zero, so
+that is the base): its log-probabilities are computed once, before training, and kept in every
+checkpoint (finetune/train.py), so a resumed run never takes its partly trained weights for the
+reference, and no second copy of the model is held for it.
 """
 
 from __future__ import annotations
@@ -12,32 +13,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..batching import collate_sequences
-from ..chat import IGNORE, encode_for_training
-from ..data import preference_of
-from ..task import InvalidTask
+from .batching import collate_sequences
+from .chat import IGNORE, encode_for_training
+from .data import preference_of
+from .task import InvalidTask
 
 
 def encode_pairs(tokenizer, rows: list[dict], max_len: int, where: str) -> list[dict]:
     """Conversations in pairs, [chosen 0, rejected 0, chosen 1, ...], each cut at max_len, labels on
     the answers only (not on the prompt's earlier assistant turns). A pair whose chosen or rejected
-    answer lies wholly beyond max_len is left out: it has nothing to compare."""
+    answer lies wholly beyond max_len is left out: it has nothing to compare. `where` names the
+    field and file in the error a malformed row gets."""
     convs = []
     for n, row in enumerate(rows, 1):
         try:
             prompt, chosen, rejected = preference_of(row)
         except ValueError as e:
-            raise InvalidTask(f"spec.objective dpo: {where} row {n}: {e}") from None
+            raise InvalidTask(f"{where} row {n}: {e}") from None
         pair = [encode_for_training(tokenizer, prompt + answer, max_len, first=len(prompt)) for answer in (chosen, rejected)]
         if all(any(label != IGNORE for label in c["labels"]) for c in pair):
             convs += pair
     return convs
 
 
+def answer_tokens(convs: list[dict]) -> list[list[int]]:
+    """Answer tokens of each pair's chosen and rejected conversations."""
+    return [[sum(label != IGNORE for label in convs[k]["labels"]) for k in (i, i + 1)] for i in range(0, len(convs), 2)]
+
+
 def chosen_tokens(convs: list[dict]) -> torch.Tensor:
-    """Answer tokens of each pair's chosen conversation (what sftWeight's mean is taken over)."""
-    return torch.tensor([sum(label != IGNORE for label in convs[i]["labels"]) for i in range(0, len(convs), 2)],
-                        dtype=torch.float32)
+    """Answer tokens of each pair's chosen conversation (what dpo.sftWeight's mean is taken over)."""
+    return torch.tensor([chosen for chosen, _ in answer_tokens(convs)], dtype=torch.float32)
 
 
 def pair_lengths(convs: list[dict]) -> list[int]:
@@ -96,3 +102,13 @@ def pair_logps(model, convs: list[dict], pairs: list[int], batch_size: int, pad_
         out.append(answer_logps(model, {k: v.to(device) for k, v in batch.items()}, counts))
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def pair_scores(model, tokenizer, rows: list[dict], where: str, max_len: int = 2048,
+                batch_size: int = 4) -> dict[str, list[list[float]]]:
+    """A Benchmark's view of a model on preference rows: per pair, the summed log-probability of
+    the chosen and rejected answers, and their answer tokens."""
+    convs = encode_pairs(tokenizer, rows, max_len, where)
+    pairs = list(range(len(convs) // 2))
+    logps = pair_logps(model, convs, pairs, batch_size, tokenizer.pad_token_id, model.device)
+    return {"logps": logps.tolist(), "tokens": answer_tokens(convs)}
