@@ -369,6 +369,36 @@ def test_preferences_pair_the_teachers_answer_with_the_students_own_and_a_dpo_fi
         plan(parse(fine_tune), lambda *k: {**result, "format": "chatml"}, f"file://{tmp_path}/store")
 
 
+def test_a_judged_pair_whose_rejected_answer_rates_as_high_as_the_chosen_one_is_dropped(
+        tmp_path, openai_server, tiny_model):
+    from llmfactory_runtime.benchmark.judge import JUDGE_SYSTEM
+
+    def teacher_and_judge(request):
+        if request.messages[0]["content"] == JUDGE_SYSTEM:
+            body = request.messages[1]["content"]
+            return {"text": "[[8]]" if "[Answer]\nA good answer" in body else
+                    "[[2]]" if "[Answer]\nMeh." in body else "[[3]]"}  # the student's answers: 3
+        return {"text": "Meh." if "rain" in request.last_user else f"A good answer to: {request.last_user}"}
+
+    openai_server.reply = teacher_and_judge
+    prompts = ["Tell me about the sea.", "Tell me about the sun.", "Tell me about rain."]
+    source = {"uri": jsonl_file(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": p}]}
+                                                       for p in prompts]), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None, filters={
+        "nearDuplicateThreshold": 0, "judge": {"openai": {"baseUrl": openai_server.url, "model": "judge"}, "minScore": 1}},
+        preferences={"rejected": {"model": {"uri": f"file://{tiny_model}"}, "maxNewTokens": 8}})
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    _, result = run_in_process(tmp_path, doc)
+
+    assert result["dropped"] == {"preference_not_better": 1}  # rain: the teacher's "Meh." (2) below the student's (3)
+    assert result["droppedExamples"]["preference_not_better"] == ["3.0 >= 2.0: Tell me about rain."]
+    rows = [json.loads(line) for split in ("train", "validation", "test")
+            for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
+    assert sorted(r["prompt"][0]["content"] for r in rows) == prompts[:2]
+    assert all((r["score_chosen"], r["score_rejected"]) == (8.0, 3.0) for r in rows)
+    assert result["judgeUsage"] == {"requests": 6, "cached": 3}  # the chosen answers' ratings came from the cache
+
+
 def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
     """A local teacher and a local judge (the tiny random model: its expected rating is somewhere
     in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one). The

@@ -160,7 +160,10 @@ class Preferences(ApiModel):
     rejected: RejectedAnswers = Field(description=(
         "Answers the last user turn of every kept conversation (seeing the teacher's earlier turns and "
         "system message); the teacher's answer is the chosen one. Answers are cached like the teacher's; "
-        "a pair whose two answers are the same is dropped (preference_tie)."))
+        "a pair whose two answers are the same is dropped (preference_tie). With filters.judge both answers "
+        "are rated (score_chosen, score_rejected in the rows) and a pair whose rejected answer rates at "
+        "least as high as the chosen one is dropped (preference_not_better); minScore applies to the "
+        "chosen answers only."))
 
 
 class Split(ApiModel):

@@ -116,7 +116,10 @@ def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: P
 
 def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress, judge: AnswerJudge | None):
     """spec.preferences: each kept conversation gets preferences.rejected's answer to its last turn
-    (the teacher's answer there is the chosen one); a pair of two equal answers teaches nothing."""
+    (the teacher's answer there is the chosen one); a pair of two equal answers teaches nothing.
+    With filters.judge, both answers are rated (the chosen one's rating comes from the cache) and a
+    pair whose rejected answer rates at least as high as the chosen one is dropped: DPO would push
+    the student away from an answer as good as the teacher's."""
     prefs = task["spec"].get("preferences")
     if not prefs:
         return rows, None
@@ -124,12 +127,23 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
                                            task["inputs"]["rejected"], task["cacheUri"],
                                            "spec.preferences.rejected.engine", progress,
                                            share_gpu=judge is not None and judge.model_input is not None)
+    pairs = [{**row, "rejected": got["text"]} for row, got in zip(rows, answers)]
+    scores: dict[str, float | None] = {}
+    if judge is not None and pairs:
+        progress.stage(f"judging {len(pairs)} rejected answers")
+        scores = judge.ratings({f"{side}{i}": p["messages"] if side == "chosen" else
+                                p["messages"][:-1] + [{"role": "assistant", "content": p["rejected"]}]
+                                for i, p in enumerate(pairs) for side in ("chosen", "rejected")})
     kept = []
-    for row, got in zip(rows, answers):
-        if got["text"].strip() == row["messages"][-1]["content"].strip():
-            drops.add("preference_tie", row["messages"][-2]["content"])
+    for i, pair in enumerate(pairs):
+        chosen, rejected = scores.get(f"chosen{i}"), scores.get(f"rejected{i}")
+        prompt = pair["messages"][-2]["content"]
+        if pair["rejected"].strip() == pair["messages"][-1]["content"].strip():
+            drops.add("preference_tie", prompt)
+        elif chosen is not None and rejected is not None and rejected >= chosen:
+            drops.add("preference_not_better", f"{rejected:.1f} >= {chosen:.1f}: {prompt}")
         else:
-            kept.append({**row, "rejected": got["text"]})
+            kept.append({**pair, "scores": (chosen, rejected)} if scores else pair)
     return kept, usage
 
 
@@ -192,7 +206,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     data = run.child("data")
     digest = hashlib.sha256()
     for name in SPLITS:
-        rendered = [preference_row(r["messages"], r["rejected"], language=r["language"]) if fmt == "preference"
+        rendered = [preference_row(r["messages"], r["rejected"], language=r["language"], **_scores(r))
+                    if fmt == "preference"
                     else to_row(r["messages"], fmt, language=r["language"]) for r in splits[name]]
         blob = dumps_jsonl(rendered)
         data.write_bytes(f"{name}.jsonl", blob)
@@ -223,6 +238,12 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result
+
+
+def _scores(row: dict) -> dict[str, float]:
+    """A judged pair's ratings, in UltraFeedback's column names."""
+    chosen, rejected = row.get("scores") or (None, None)
+    return {k: v for k, v in (("score_chosen", chosen), ("score_rejected", rejected)) if v is not None}
 
 
 def _first_user_key(messages: list[dict[str, str]]) -> str:
