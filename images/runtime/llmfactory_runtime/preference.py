@@ -10,6 +10,8 @@ reference, and no second copy of the model is held for it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -92,14 +94,18 @@ def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float, sft_we
 
 
 @torch.no_grad()
-def pair_logps(model, convs: list[dict], pairs: list[int], batch_size: int, pad_id: int, device) -> torch.Tensor:
-    """answer_logps of the given pairs, one pair per row, in evaluation mode (no dropout, no NEFTune noise)."""
+def pair_logps(model, convs: list[dict], pairs: list[int], batch_size: int, pad_id: int, device,
+               on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """answer_logps of the given pairs, one pair per row, in evaluation mode (no dropout, no NEFTune
+    noise); on_batch(pairs done) after each batch."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(pairs), batch_size):
         batch, counts = collate_pairs(convs, [[i] for i in pairs[start:start + batch_size]], pad_id)
         out.append(answer_logps(model, {k: v.to(device) for k, v in batch.items()}, counts))
+        if on_batch:
+            on_batch(min(start + batch_size, len(pairs)))
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros((0, 2))
 

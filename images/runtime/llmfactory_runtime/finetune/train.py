@@ -259,12 +259,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         return value if zero3 else world.sum(value)
 
     if dpo and reference is None:  # before the first step: the model is still the reference
-        progress.stage("dpo: the reference model's log-probabilities")
         reference = {}
         for split, convs in (("train", examples), ("validation", val)):
             mine = my_share(list(range(len(convs) // 2)))
+            progress.stage(f"dpo: the reference model's log-probabilities of the {split} pairs", total=len(mine),
+                           unit="pairs")  # rank 0's share
             logps = torch.zeros((len(convs) // 2, 2), dtype=torch.float32)
-            logps[mine] = pair_logps(inner, convs, mine, micro, tokenizer.pad_token_id, world.device).cpu()
+            logps[mine] = pair_logps(inner, convs, mine, micro, tokenizer.pad_token_id, world.device,
+                                     on_batch=progress.update).cpu()
             reference[split] = logps if zero3 else world.sum_tensor(logps)
 
     def save_checkpoint(step: int) -> None:
