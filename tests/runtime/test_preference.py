@@ -114,8 +114,8 @@ def test_dpo_learns_to_prefer_the_chosen_answers_and_a_resumed_run_keeps_its_ref
     tok = AutoTokenizer.from_pretrained(tiny_model)
     val = encode_pairs(tok, _rows(), 96, "validation.jsonl")
     pairs = list(range(len(val) // 2))
-    logps = {name: pair_logps(AutoModelForCausalLM.from_pretrained(path), val, pairs, 4, tok.pad_token_id, "cpu")
-             for name, path in (("base", tiny_model), ("tuned", result["modelUri"][7:]))}
+    logps = {name: pair_logps(AutoModelForCausalLM.from_pretrained(folder), val, pairs, 4, tok.pad_token_id, "cpu")
+             for name, folder in (("base", tiny_model), ("tuned", result["modelUri"][7:]))}
     change = logps["tuned"] - logps["base"]
     assert float((0.2 * (change[:, 0] - change[:, 1])).mean()) == pytest.approx(result["rewardMargin"], abs=1e-3)
     assert "reward accuracy 1.0" in (Path(result["modelUri"][7:]) / "README.md").read_text()
