@@ -155,7 +155,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective dpo: train.jsonl")
         val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective dpo: validation.jsonl")
         lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
-        train_chosen = chosen_tokens(examples)  # for dpo.sftWeight
+        train_chosen, val_chosen = chosen_tokens(examples), chosen_tokens(val)  # for dpo.sftWeight
     else:
         examples = encode_rows(tokenizer, train_rows, hp["maxSeqLength"])
         val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
@@ -297,7 +297,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             mine = my_share(list(range(len(val) // 2)))
             losses, margins = dpo_terms(pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu(),
                                         reference["validation"][mine], dpo["beta"], dpo.get("sftWeight"),
-                                        chosen_tokens(val)[mine])
+                                        val_chosen[mine])
             total, count = add_up(float(losses.sum())), add_up(len(mine))
             if count:
                 rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
