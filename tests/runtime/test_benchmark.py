@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory.planner import PlanError, parse, plan
 from llmfactory_runtime.benchmark import run as benchmark
-from llmfactory_runtime.benchmark.judge import (RATINGS, expected_rating, judge_messages, parse_rating,
-                                                rating_distribution)
+from llmfactory_runtime.benchmark.judge import (RATINGS, comparison_outcome, expected_rating, judge_messages,
+                                                parse_rating, parse_verdict, rating_distribution)
 from llmfactory_runtime.benchmark.questions import builtin_questions
 from llmfactory_runtime.benchmark.run import evaluate_gates
 from llmfactory_runtime.chat import render
@@ -18,6 +18,19 @@ from llmfactory_runtime.progress import Progress
 from llmfactory_runtime.store import open_store
 
 QUESTION = {"question_id": "q", "category": "math", "turns": ["What is 2+2?"], "reference": "4", "language": "en"}
+
+
+def _planned(doc: dict, tmp_path, fine_tune: dict | None = None, store: str = "store"):
+    """The Benchmark's task, planned as the operator would (fine_tune: the result its fineTuneRef
+    names), and its run's store."""
+    task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/{store}")
+    return task, open_store(task["artifactUri"])
+
+
+def _run(doc: dict, tmp_path, fine_tune: dict | None = None) -> tuple[dict, object]:
+    """The Benchmark run to its result, and its run's store."""
+    task, store = _planned(doc, tmp_path, fine_tune)
+    return benchmark.run(task, store, Progress(store)), store
 
 
 @pytest.mark.parametrize("lang", ["en", "ru", "zh"])
@@ -98,9 +111,7 @@ def test_api_judge_grades_two_turns_reasks_and_never_pays_twice(tiny_model, tmp_
                                          "apiKeySecret": {"name": "openai", "key": "k"}, "maxRetries": 2},
                               "languages": ["en"], "maxQuestions": 3, "maxNewTokens": 6, "languageRule": False},
                     "gates": [{"metric": "judge.turn1", "op": ">=", "value": 7}]}}
-    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
-    store = open_store(task["artifactUri"])
-    result = benchmark.run(task, store, Progress(store))
+    result, store = _run(doc, tmp_path)
     m = result["metrics"]
     assert (m["judge.turn1"], m["judge.turn2"], m["judge.score"], m["judge.unrated"]) == (8, 4, 6, 0)
     assert result["passed"] is True
@@ -117,9 +128,7 @@ def test_api_judge_grades_two_turns_reasks_and_never_pays_twice(tiny_model, tmp_
     # A second benchmark of the same answers (say, after a restart or with another gate) pays nothing.
     asked = len(openai_server.requests)
     doc["spec"]["gates"] = [{"metric": "judge.score", "op": ">=", "value": 5}]
-    again_task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
-    again_store = open_store(again_task["artifactUri"])
-    again = benchmark.run(again_task, again_store, Progress(again_store))
+    again, _ = _run(doc, tmp_path)
     assert len(openai_server.requests) == asked and again["metrics"]["judge.score"] == 6
 
 
@@ -171,9 +180,7 @@ def test_lm_eval_task_from_a_local_folder_scores_as_the_log_likelihoods_say(tiny
            "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}}, "baseline": False,
                     "lmEval": {"tasks": ["tiny_quiz"], "tasksUri": f"file://{folder}"},
                     "gates": [{"metric": "lmEval.tiny_quiz.acc", "op": ">=", "value": 0.5}]}}
-    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
-    store = open_store(task["artifactUri"])
-    result = benchmark.run(task, store, Progress(store))
+    result, store = _run(doc, tmp_path)
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
     expected = []
@@ -196,23 +203,31 @@ def test_lm_eval_task_from_a_local_folder_scores_as_the_log_likelihoods_say(tiny
 
     doc["spec"]["lmEval"]["tasks"] = ["no_such_task"]
     doc["spec"]["gates"] = []
-    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store2")
-    store = open_store(task["artifactUri"])
+    task, store = _planned(doc, tmp_path, store="store2")
     from llmfactory_runtime.task import InvalidTask
     with pytest.raises(InvalidTask, match=r"spec.lmEval.tasks: no task named \['no_such_task'\]"):
         benchmark.run(task, store, Progress(store))
 
 
+def _random_adapter(tiny_model, folder, seed: int):
+    """A LoRA adapter with random (not zero) B matrices, saved with its tokenizer: a "fine-tuned"
+    model whose answers differ from its base's."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return adapter
+
+
 def test_a_lora_adapter_is_merged_onto_its_base_when_loaded(tiny_model, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     from llmfactory_runtime.models import load_model, load_tokenizer
 
-    torch.manual_seed(1)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft_model.save_pretrained(tmp_path / "adapter")
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
+    _random_adapter(tiny_model, tmp_path / "adapter", seed=1)
     source = {"uri": f"file://{tiny_model}", "adapterUri": f"file://{tmp_path / 'adapter'}"}
     merged = load_model(source, dtype=torch.float32, to=torch.device("cpu"))
     expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
@@ -227,16 +242,10 @@ def test_a_lora_adapter_is_merged_onto_its_base_when_loaded(tiny_model, tmp_path
 def test_a_dpo_fine_tunes_held_out_pairs_are_scored_against_its_base(tiny_model, tmp_path):
     """Preference rows as the perplexity dataset (a DPO FineTune's): the pairs are scored too, per
     token for preference.accuracy, and against the baseline for DPO's implicit reward."""
-    from peft import LoraConfig, get_peft_model
-
     from llmfactory_runtime.data import dumps_jsonl
     from llmfactory_runtime.preference import encode_pairs, pair_logps
 
-    torch.manual_seed(3)
-    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    adapter.save_pretrained(tmp_path / "adapter")
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
+    adapter = _random_adapter(tiny_model, tmp_path / "adapter", seed=3)
     rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
              "rejected": [{"role": "assistant", "content": r}]}
             for q, a, r in [("Capital of France?", "Paris.", "Lyon, I think, or maybe Marseille."),
@@ -251,9 +260,8 @@ def test_a_dpo_fine_tunes_held_out_pairs_are_scored_against_its_base(tiny_model,
     doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "prefs"},
            "spec": {"model": {"fineTuneRef": {"name": "dpo"}}, "perplexity": {},
                     "gates": [{"metric": "preference.rewardAccuracy", "op": ">=", "value": 0.0}]}}
-    task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
-    store = open_store(task["artifactUri"])
-    metrics = benchmark.run(task, store, Progress(store))["metrics"]
+    result, store = _run(doc, tmp_path, fine_tune)
+    metrics = result["metrics"]
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     convs = encode_pairs(tok, rows, 2048, "test")
@@ -273,3 +281,165 @@ def test_a_dpo_fine_tunes_held_out_pairs_are_scored_against_its_base(tiny_model,
     # A gate on a preference metric of a dataset of conversations is refused when planned.
     with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'preference.rewardAccuracy' is not reported"):
         plan(parse(doc), lambda *k: {**fine_tune, "datasetFormat": "chatml"}, f"file://{tmp_path}/store")
+
+
+@pytest.mark.parametrize("reply, verdict", [
+    ("Assistant A explains the cause; B does not. [[A]]", "A"),
+    ("Format: [[A]], [[B]] or [[C]]. Both are equally vague: [[ C ]]", "C"),
+    ("B is better.", None),
+    ("[[D]]", None),
+])
+def test_verdicts_are_parsed_from_the_last_double_bracket(reply, verdict):
+    assert parse_verdict(reply) == verdict
+
+
+@pytest.mark.parametrize("model_first, model_second, outcome", [
+    ("A", "B", "win"), ("B", "A", "loss"),  # both orders agree
+    ("A", "A", "tie"), ("B", "B", "tie"),  # the judge prefers a position, not an answer
+    ("A", "C", "tie"), ("C", "A", "tie"), ("C", "C", "tie"),
+    ("A", None, None), (None, None, None),  # undecided
+])
+def test_a_comparison_is_won_only_when_both_orders_agree(model_first, model_second, outcome):
+    assert comparison_outcome(model_first, model_second) == outcome
+
+
+def test_pairwise_language_rule_and_win_rate():
+    """An answer in another language loses without the judge; both in another language tie; the
+    judge's verdicts are read from the model's side in each order."""
+    from llmfactory_runtime.benchmark.judge import LanguageRule
+    from llmfactory_runtime.benchmark.run import _compare, _pairwise_metrics
+
+    en = "The sky looks blue because the air scatters blue sunlight far more than red sunlight."
+    ru = "Небо голубое, потому что воздух рассеивает синий солнечный свет сильнее, чем красный."
+    questions = [{"question_id": q, "category": "stem", "turns": ["Why is the sky blue?", "Shorter?"], "language": "en"}
+                 for q in ("judged", "off")] + [{"question_id": "both-off", "category": "stem",
+                                                 "turns": ["Why is the sky blue?"], "language": "en"}]
+    answers = {"model": {"judged": [en, en + " Yes."], "off": [ru, en], "both-off": [ru]},
+               "baseline": {"judged": [en + " Indeed.", en], "off": [en, ru], "both-off": [ru]}}
+    asked = []
+
+    def judging(items, kind, stage):
+        asked.extend(item_id for item_id, _ in items)
+        # judged/0: the model wins in both orders; judged/1: one order is undecided.
+        return {"judged/0/0": "A", "judged/0/1": "B", "judged/1/0": "B", "judged/1/1": None}
+
+    outcomes, games, why = _compare({"openai": {}}, questions, answers, LanguageRule(["en", "ru"]), judging)
+    assert asked == ["judged/0/0", "judged/0/1", "judged/1/0", "judged/1/1"]  # nothing else needed the judge
+    assert outcomes == {"judged": ["win", None], "off": ["loss", "win"], "both-off": ["tie"]}
+    assert games["judged"] == [["A", "B"], ["B", None]]
+    assert why["off/0"] == "the model answered in another language" and why["both-off/0"].startswith("both")
+    metrics = _pairwise_metrics(outcomes, questions)
+    assert (metrics["judge.wins"], metrics["judge.ties"], metrics["judge.losses"], metrics["judge.undecided"]) == (2, 1, 1, 1)
+    assert metrics["judge.winRate"] == pytest.approx(2.5 / 4)
+    assert (metrics["judge.winRate.turn1"], metrics["judge.winRate.turn2"]) == (pytest.approx(1.5 / 3), 1.0)
+
+
+def _scripted_comparer(answers_of):
+    """An API judge comparing the model's answer (found with answers_of()) with the baseline's, by the
+    question: "win" favours the model, "lose" the baseline, "bias" always says A, "mute" never gives a
+    verdict, "two" favours the model in turn 1 and calls turn 2 a tie. Its first reply to each "win"
+    prompt has no verdict (it is asked again)."""
+    seen = {}
+
+    def reply(request) -> dict:
+        prompt = request.messages[1]["content"]
+        seen[prompt] = seen.get(prompt, 0) + 1
+        qid = next(q for q in ("win", "lose", "bias", "mute", "two") if f"Question {q}:" in prompt)
+        if "[Conversation with assistant A]" in prompt:
+            return {"text": "Equally good second answers. [[C]]"}
+        model_answer = answers_of()[qid][0]
+        model_is_a = f"[Assistant A's answer]\n{model_answer}\n\n[Assistant B's answer]" in prompt
+        if qid == "mute" or (qid == "win" and seen[prompt] == 1):
+            return {"text": "Both answers have merits."}
+        if qid == "bias":
+            return {"text": "The first one. [[A]]"}
+        better_is_model = qid in ("win", "two")
+        return {"text": "Verdict: " + ("[[A]]" if model_is_a == better_is_model else "[[B]]")}
+
+    return reply
+
+
+def test_api_judge_compares_the_model_with_its_baseline_in_both_orders(tiny_model, tmp_path, openai_server,
+                                                                        monkeypatch):
+    from llmfactory.api.headline import headline
+
+    _random_adapter(tiny_model, tmp_path / "adapter", seed=5)
+    questions = [{"question_id": q, "category": "general", "turns": [f"Question {q}: why is the sky blue?"]}
+                 for q in ("win", "lose", "bias", "mute")]
+    questions.append({"question_id": "two", "category": "general",
+                      "turns": ["Question two: name a colour.", "Now name another one."]})
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    fine_tune = {"adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "sha256:a",
+                 "baseModel": {"uri": f"file://{tiny_model}"}, "datasetUri": "file:///unused",
+                 "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
+    monkeypatch.setenv("LLMFACTORY_JUDGE_API_KEY", "sk-judge")
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "pairs"},
+           "spec": {"model": {"fineTuneRef": {"name": "tuned"}},
+                    "judge": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o",
+                                         "apiKeySecret": {"name": "openai", "key": "k"}},
+                              "mode": "pairwise", "questionsUri": f"file://{tmp_path}/questions.jsonl",
+                              "languages": ["en"], "maxNewTokens": 6, "maxReasks": 1, "languageRule": False},
+                    "gates": [{"metric": "judge.winRate", "op": ">=", "value": 0.5}]}}
+    task, store = _planned(doc, tmp_path, fine_tune)
+    openai_server.reply = _scripted_comparer(lambda: store.read_json("answers/model.json"))
+    result = benchmark.run(task, store, Progress(store))
+
+    model, base = store.read_json("answers/model.json"), store.read_json("answers/baseline.json")
+    assert all(model[q] != base[q] for q in model)  # the adapter changed every answer: the script can tell them apart
+    m = result["metrics"]
+    # win, loss, tie (position bias), undecided, and "two": a win then a tie
+    assert (m["judge.wins"], m["judge.ties"], m["judge.losses"], m["judge.undecided"]) == (2, 2, 1, 1)
+    assert m["judge.winRate"] == 0.6 and m["judge.winRate.turn1"] == 0.625 and m["judge.winRate.turn2"] == 0.5
+    assert "judge.score" not in m and result["passed"] is True
+    assert headline("Benchmark", result) == "win rate 0.60 vs base, gates passed"
+    # Turn 2 shows each assistant's own conversation; every comparison was asked in both orders.
+    turn2 = [r.messages[1]["content"] for r in openai_server.requests
+             if "[Conversation with assistant A]" in r.messages[1]["content"]]
+    assert len(turn2) == 2 and all(model["two"][0] in p and base["two"][0] in p for p in turn2)
+    assert turn2[0].index(model["two"][1]) < turn2[0].index(base["two"][1]) or \
+        turn2[1].index(model["two"][1]) < turn2[1].index(base["two"][1])
+    report = open_store(result["reportUri"])
+    assert report.read_bytes("win-rate.png")[:4] == b"\x89PNG"
+    assert "| general | 2 | 2 | 1 | 1 | 0.6 |" in report.read_bytes("report.md").decode()
+    # A second run with another gate pays for nothing: every verdict, the undecided ones too, is cached.
+    asked = len(openai_server.requests)
+    doc["spec"]["gates"] = [{"metric": "judge.losses", "op": "<=", "value": 0}]
+    again, _ = _run(doc, tmp_path, fine_tune)
+    assert len(openai_server.requests) == asked and again["metrics"]["judge.winRate"] == 0.6
+    assert again["passed"] is False
+    # Without a baseline there is nothing to compare with: refused when planned.
+    doc["spec"]["model"] = {"source": {"uri": f"file://{tiny_model}"}}
+    with pytest.raises(PlanError, match=r"spec.judge.mode: is pairwise, which compares the model with its baseline"):
+        plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+
+
+def test_a_local_judge_grades_and_compares_by_its_likeliest_verdict(tiny_model, tmp_path):
+    """mode both with a local judge: the ratings and the two orders' verdicts are what the judge
+    model's log-probabilities give for the prompts, kept in the run."""
+    from llmfactory_runtime.benchmark.judge import local_judgement, pairwise_messages
+    from llmfactory_runtime.benchmark.questions import builtin_questions
+
+    _random_adapter(tiny_model, tmp_path / "adapter", seed=5)
+    fine_tune = {"adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "sha256:a",
+                 "baseModel": {"uri": f"file://{tiny_model}"}, "datasetUri": "file:///unused",
+                 "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "local"},
+           "spec": {"model": {"fineTuneRef": {"name": "tuned"}},
+                    "judge": {"model": {"uri": f"file://{tiny_model}"}, "mode": "both", "languages": ["en"],
+                              "maxQuestions": 2, "maxNewTokens": 4, "languageRule": False}}}
+    result, store = _run(doc, tmp_path, fine_tune)
+    metrics = result["metrics"]
+
+    judge, tok = AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+    model, base = store.read_json("answers/model.json"), store.read_json("answers/baseline.json")
+    verdicts = store.read_json("ratings/local-pairwise.json")
+    outcomes = []
+    for q in builtin_questions("en")[:2]:
+        for turn in (0, 1):
+            pair = [local_judgement(judge, tok, pairwise_messages(q, *answers, turn), "verdict")
+                    for answers in ((model[q["question_id"]], base[q["question_id"]]),
+                                    (base[q["question_id"]], model[q["question_id"]]))]
+            assert [verdicts[f"{q['question_id']}/{turn}/{order}"] for order in (0, 1)] == pair
+            outcomes.append(comparison_outcome(*pair))
+    assert metrics["judge.winRate"] == pytest.approx(sum({"win": 1, "tie": 0.5, "loss": 0}[o] for o in outcomes) / 4)
+    assert metrics["judge.undecided"] == 0 and {"judge.score", "judge.baseline"} <= metrics.keys()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, Engine, KindInfo, LocalObjectReference, ModelSource,
                      OpenAIEndpoint, RunOptions, StatusBase)
@@ -47,7 +47,8 @@ DEFAULT_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "mat
 
 
 class Judge(ApiModel):
-    """MT-Bench-style single-answer grading (1-10) of multi-turn answers by an LLM judge."""
+    """MT-Bench-style judging of multi-turn answers by an LLM judge: single-answer grading (1-10),
+    and/or pairwise comparison with the baseline's answers."""
 
     cel_rules: ClassVar = [
         {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
@@ -77,9 +78,19 @@ class Judge(ApiModel):
         default_factory=lambda: dict(DEFAULT_TEMPERATURES),
         description="Sampling temperature of the model under test per question category; unlisted: 0 (greedy).")
     language_rule: bool = Field(True, description="An answer confidently in another language than its question "
-                                                  "scores 1 without asking the judge.")
-    max_reasks: int = Field(2, ge=0, le=5, description="Times an API judge whose reply has no [[rating]] is "
-                                                       "asked again; after that the answer counts as unrated.")
+                                                  "scores 1 (loses a comparison) without asking the judge.")
+    max_reasks: int = Field(2, ge=0, le=5, description="Times an API judge whose reply has no [[rating]] (or "
+                                                       "[[A]], [[B]], [[C]]) is asked again; after that the "
+                                                       "answer counts as unrated (the comparison as undecided).")
+    mode: Literal["single", "pairwise", "both"] = Field("single", description=(
+        "single: each answer graded 1-10 on its own (judge.score, judge.baseline...). pairwise: the model's "
+        "answer and the baseline's to the same turn shown side by side, the judge names the better one "
+        "or a tie, asked twice with the two in swapped places; a win needs both orders to agree, so the "
+        "judge's preference for a position counts as a tie (MT-Bench's pairwise-baseline mode). Reports "
+        "judge.winRate (wins plus half the ties, of the decided comparisons; 0.5 is even), judge.wins, "
+        "judge.ties, judge.losses, judge.undecided, and judge.winRate per language and turn; often "
+        "tells models apart that single grades both about the same. Needs the baseline (a fineTuneRef "
+        "model, baseline true). both: single and pairwise."))
 
 
 class LmEval(ApiModel):
@@ -100,7 +111,8 @@ class LmEval(ApiModel):
 
 class Gate(ApiModel):
     metric: str = Field(pattern=r"^[a-zA-Z][\w.]*$",
-                        description="A metric of the result, e.g. judge.score, perplexity.value, perplexity.changePercent.")
+                        description="A metric of the result, e.g. judge.score, judge.winRate, perplexity.value, "
+                                    "perplexity.changePercent.")
     op: Literal[">=", ">", "<=", "<"] = Field(description="Comparison the metric must satisfy.")
     value: float = Field(description="Threshold.")
 
@@ -109,6 +121,9 @@ class BenchmarkSpec(RunOptions):
     cel_rules: ClassVar = [
         {"rule": "has(self.perplexity) || has(self.judge) || has(self.lmEval)",
          "message": "enable at least one of perplexity, judge or lmEval"},
+        {"rule": "!has(self.judge) || !has(self.judge.mode) || self.judge.mode == 'single' || !has(self.baseline) "
+                 "|| self.baseline",
+         "message": "judge.mode pairwise and both compare the model with its baseline: set baseline true"},
         {"rule": "!has(self.judge) || self.judge.engine != 'vllm' || !has(self.model.source) || "
                  "!has(self.model.source.ggufFile)",
          "message": "judge.engine vllm cannot load a GGUF model (model.source.ggufFile): use engine transformers "
@@ -121,6 +136,13 @@ class BenchmarkSpec(RunOptions):
     judge: Judge | None = Field(None, description="LLM-as-judge scores on built-in questions (1-10).")
     lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks.")
     gates: list[Gate] = Field(default_factory=list, description="All must hold for result.passed.")
+
+    @model_validator(mode="after")
+    def _pairwise_needs_baseline(self):
+        # The CEL rule above, for manifests that never meet an API server (llmfactory run / plan).
+        if self.judge and self.judge.mode != "single" and not self.baseline:
+            raise ValueError(self.cel_rules[1]["message"])
+        return self
 
 
 class GateOutcome(ApiModel):

@@ -60,11 +60,15 @@ def benchmark_metric_names(spec, baseline: bool, preference_rows: bool = False) 
             names |= {"preference.accuracy"} | ({"preference.baseline", "preference.rewardAccuracy"} if baseline else set())
     if spec.judge:
         langs = spec.judge.languages
-        names |= {"judge.score", "judge.turn1", "judge.turn2", "judge.unrated"} | {
-            f"judge.score.{lang}" for lang in langs}
-        if baseline:
-            names |= {"judge.baseline", "judge.baseline.turn1", "judge.baseline.turn2"} | {
-                f"judge.baseline.{lang}" for lang in langs}
+        if spec.judge.mode != "pairwise":
+            names |= {"judge.score", "judge.turn1", "judge.turn2", "judge.unrated"} | {
+                f"judge.score.{lang}" for lang in langs}
+            if baseline:
+                names |= {"judge.baseline", "judge.baseline.turn1", "judge.baseline.turn2"} | {
+                    f"judge.baseline.{lang}" for lang in langs}
+        if spec.judge.mode != "single":
+            names |= {"judge.winRate", "judge.winRate.turn1", "judge.winRate.turn2", "judge.wins", "judge.ties",
+                      "judge.losses", "judge.undecided"} | {f"judge.winRate.{lang}" for lang in langs}
     return names
 
 
@@ -242,6 +246,9 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         else:
             raise PlanError(res.ref, "spec.perplexity.dataset",
                             "is required when the model does not come from a fineTuneRef")
+    if spec.judge and spec.judge.mode != "single" and not baseline:
+        raise PlanError(res.ref, "spec.judge.mode", f"is {spec.judge.mode}, which compares the model with its "
+                        "baseline, the base model of a fineTuneRef; this model has none: use mode single")
     if spec.judge:
         _check_engine(res, "spec.judge.engine", spec.judge.engine, model)
         if baseline:

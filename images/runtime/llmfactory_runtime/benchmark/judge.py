@@ -1,15 +1,19 @@
-"""LLM-as-judge, single-answer grading on a 1-10 scale, turn by turn (MT-Bench style).
+"""LLM-as-judge, MT-Bench style, turn by turn: single-answer grading on a 1-10 scale, and pairwise
+comparison of two models' answers (which is better, or a tie).
 
-Two judges, one prompt:
-- an API judge (OpenAI-compatible) explains briefly and ends with [[rating]]; a reply without
-  one is asked again, then counted unrated. Ratings are cached by the exact judge prompt, so a
-  restarted benchmark (or one that adds a model) never pays for a rating twice;
+Two judges, the same prompts:
+- an API judge (OpenAI-compatible) explains briefly and ends with [[rating]] (or [[A]], [[B]],
+  [[C]]); a reply without one is asked again, then counted unrated. Judgements are cached by the
+  exact judge prompt, so a restarted benchmark (or one that adds a model) never pays twice;
 - a local judge is read, not parsed: it is shown "[[" as the start of its reply and every
-  rating 1..10 is scored by its log-probability; the expectation is the score (never fails to
-  parse, deterministic).
+  rating 1..10 (or verdict A, B, C) is scored by its log-probability; a rating is the
+  expectation, a verdict the likeliest (never fails to parse, deterministic).
+
+A pairwise comparison is asked twice, the answers in swapped places: a win needs both orders to
+agree, so a judge's preference for a position comes out as a tie (MT-Bench's rule).
 
 Reference answers (math, reasoning...) are shown to the judge. An answer confidently in another
-language than its question scores 1 without asking the judge.
+language than its question scores 1 (loses a comparison) without asking the judge.
 """
 
 from __future__ import annotations
@@ -35,20 +39,72 @@ ASK_STYLE = {"api": "Explain your judgement in a few sentences, then give the ra
 REASK = "Give only the rating now, in the form [[rating]], for example [[5]]."
 RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 
+VERDICTS = ["A", "B", "C"]  # A better, B better, a tie
+COMPARE_CRITERIA = ("considering helpfulness, correctness, relevance, depth and whether each is written in the "
+                    "language of the question. Do not let the order of the answers, their length or the "
+                    "assistants' names sway you.")
+ASK_VERDICT = {"api": "Explain your comparison in a few sentences, then give your verdict: [[A]] if assistant A's "
+                      "answer is better, [[B]] if assistant B's is, [[C]] for a tie.",
+               "local": "Reply with the verdict only: [[A]] if assistant A's answer is better, [[B]] if assistant "
+                        "B's is, [[C]] for a tie."}
+REASK_VERDICT = "Give only the verdict now: [[A]], [[B]] or [[C]]."
+VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+
 
 def judge_messages(question: dict, answers: list[str], turn: int, style: str = "local") -> list[dict[str, str]]:
     """The judge's prompt for the answer to `turn` (0 or 1) of a question."""
-    ref = reference(question, turn)
-    ref_text = f" A reference answer is given: judge correctness against it.\n\n[Reference]\n{ref}" if ref else ""
+    ref_text = _reference_text(question, turn)
     if turn == 0:
         body = (f"Rate the assistant's answer to the user's question on a scale of 1 to 10, {CRITERIA} "
                 f"{ASK_STYLE[style]}{ref_text}\n\n[Question]\n{question['turns'][0]}\n\n[Answer]\n{answers[0]}")
     else:
-        history = "".join(f"\n\nUser: {question['turns'][i]}\n\nAssistant: {answers[i]}" for i in range(turn + 1))
         body = (f"Rate the assistant's answer to the user's last question in this conversation on a scale of 1 to "
                 f"10, {CRITERIA} Rate the last answer only; the earlier turn is context. {ASK_STYLE[style]}"
-                f"{ref_text}\n\n[Conversation]{history}")
+                f"{ref_text}\n\n[Conversation]{_history(question, answers, turn)}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+
+
+def _reference_text(question: dict, turn: int) -> str:
+    ref = reference(question, turn)
+    return f" A reference answer is given: judge correctness against it.\n\n[Reference]\n{ref}" if ref else ""
+
+
+def _history(question: dict, answers: list[str], turn: int) -> str:
+    return "".join(f"\n\nUser: {question['turns'][i]}\n\nAssistant: {answers[i]}" for i in range(turn + 1))
+
+
+def pairwise_messages(question: dict, first: list[str], second: list[str], turn: int,
+                      style: str = "local") -> list[dict[str, str]]:
+    """The judge's prompt comparing two assistants' answers to `turn` (0 or 1) of a question, the
+    answers `first` shown as assistant A's."""
+    if turn == 0:
+        body = (f"Compare two AI assistants' answers to the user's question, {COMPARE_CRITERIA} {ASK_VERDICT[style]}"
+                f"{_reference_text(question, turn)}\n\n[Question]\n{question['turns'][0]}\n\n"
+                f"[Assistant A's answer]\n{first[0]}\n\n[Assistant B's answer]\n{second[0]}")
+    else:
+        body = (f"Compare two AI assistants' answers to the user's last question in these conversations, "
+                f"{COMPARE_CRITERIA} Compare the last answers only; the earlier turn is context. "
+                f"{ASK_VERDICT[style]}{_reference_text(question, turn)}\n\n"
+                f"[Conversation with assistant A]{_history(question, first, turn)}\n\n"
+                f"[Conversation with assistant B]{_history(question, second, turn)}")
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+
+
+def parse_verdict(reply: str) -> str | None:
+    """The last [[A]], [[B]] or [[C]] in the reply (a judge may quote the format earlier)."""
+    found = VERDICT.findall(reply)
+    return found[-1] if found else None
+
+
+def comparison_outcome(model_first: str | None, model_second: str | None) -> str | None:
+    """The model's result of a comparison asked twice: shown as A (model_first's verdict), then as B.
+    win or loss only when both orders agree; otherwise (a tie, or each order favouring its first or
+    second answer) a tie; None when either was undecided."""
+    if model_first is None or model_second is None:
+        return None
+    as_a = {"A": "win", "B": "loss", "C": "tie"}[model_first]
+    as_b = {"A": "loss", "B": "win", "C": "tie"}[model_second]
+    return as_a if as_a == as_b else "tie"
 
 
 def parse_rating(reply: str) -> float | None:
@@ -58,9 +114,23 @@ def parse_rating(reply: str) -> float | None:
 
 
 def rating_distribution(model, tokenizer, messages: list[dict[str, str]]) -> list[float]:
-    """P(rating) for ratings 1..10, from the judge's log-probabilities of writing "k]]".
+    """P(rating) for ratings 1..10, from the judge's log-probabilities of writing "k]]"."""
+    return choice_distribution(model, tokenizer, messages, [str(k) for k in RATINGS])
 
-    The shared prompt is read once; its KV cache is repeated for the ten candidates, so the
+
+def local_judgement(model, tokenizer, messages: list[dict[str, str]], kind: str) -> float | str:
+    """A local judge's rating (kind rating: the expectation over 1..10) or verdict (kind verdict: the
+    likeliest of A, B, C)."""
+    if kind == "rating":
+        return round(expected_rating(rating_distribution(model, tokenizer, messages)), 4)
+    probs = choice_distribution(model, tokenizer, messages, VERDICTS)
+    return VERDICTS[max(range(len(VERDICTS)), key=probs.__getitem__)]
+
+
+def choice_distribution(model, tokenizer, messages: list[dict[str, str]], choices: list[str]) -> list[float]:
+    """P(choice) over the choices, from the judge's log-probabilities of writing "choice]]" after "[[".
+
+    The shared prompt is read once; its KV cache is repeated for every candidate, so the
     cost is one prompt pass plus a few tokens per candidate."""
     import torch  # noqa: PLC0415 - a local judge only
 
@@ -69,7 +139,7 @@ def rating_distribution(model, tokenizer, messages: list[dict[str, str]]) -> lis
     with torch.no_grad():
         prompt = tokenizer(render(tokenizer, messages, add_generation_prompt=True) + "[[",
                            add_special_tokens=False)["input_ids"]
-        candidates = [tokenizer(f"{k}]]", add_special_tokens=False)["input_ids"] for k in RATINGS]
+        candidates = [tokenizer(f"{c}]]", add_special_tokens=False)["input_ids"] for c in choices]
         out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
         scores = [float(first[cand[0]]) for cand in candidates]
@@ -107,11 +177,15 @@ class LanguageRule:
         return found != question_language and confidence >= LANGUAGE_RULE_CONFIDENCE
 
 
+PARSERS = {"rating": (parse_rating, REASK), "verdict": (parse_verdict, REASK_VERDICT)}
+
+
 def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
-                   max_reasks: int, on_rating, transport=None, field: str = "spec.judge.openai"
+                   max_reasks: int, on_rating, transport=None, field: str = "spec.judge.openai", kind: str = "rating"
                    ) -> dict[str, dict[str, Any]]:
-    """{item id: {rating (None when unrated), reply, attempts}} for each (id, judge messages).
-    `field`: where the endpoint is in the spec, for error messages."""
+    """{item id: {rating (or verdict: kind; None when the reply had none), reply, attempts}} for each
+    (id, judge messages). `field`: where the endpoint is in the spec, for error messages."""
+    parse, reask = PARSERS[kind]
     cache = AnswerCache(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
                                                         "model": endpoint["model"]}, "prompt": 1})
     cache.load()
@@ -134,11 +208,11 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
                 asked = list(messages)
                 for attempt in range(1, max_reasks + 2):
                     reply = (await client.complete(asked, max_tokens=512, temperature=0.0)).text
-                    rating = parse_rating(reply)
-                    if rating is not None or attempt > max_reasks:
+                    judged = parse(reply)
+                    if judged is not None or attempt > max_reasks:
                         break
-                    asked += [{"role": "assistant", "content": reply}, {"role": "user", "content": REASK}]
-                verdict = {"rating": rating, "reply": reply, "attempts": attempt}
+                    asked += [{"role": "assistant", "content": reply}, {"role": "user", "content": reask}]
+                verdict = {kind: judged, "reply": reply, "attempts": attempt}
                 await asyncio.to_thread(cache.put, AnswerCache.key(messages), verdict)
                 out[item_id] = verdict
                 on_rating(item_id, verdict, cached=False)

@@ -1,6 +1,7 @@
-"""Benchmark: perplexity on held-out conversations, LLM-judge scores of multi-turn answers and
-lm-evaluation-harness tasks, for the model under test and (optionally) its base model, then
-gates. Answers and ratings are saved as they are made, so a restarted benchmark redoes none of them."""
+"""Benchmark: perplexity on held-out conversations, LLM-judge scores of multi-turn answers (graded
+alone, or compared with the baseline's) and lm-evaluation-harness tasks, for the model under test
+and (optionally) its base model, then gates. Answers and judgements are saved as they are made, so
+a restarted benchmark redoes none of them."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from ..store import Store
 from ..vllm_server import VllmServer, choose_engine
 from . import lm_eval_tasks
 from . import questions as questions_
-from .judge import LanguageRule, expected_rating, judge_messages, judge_with_api, rating_distribution
+from .judge import (LanguageRule, comparison_outcome, judge_messages, judge_with_api, local_judgement,
+                    pairwise_messages)
 
 OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
 
@@ -129,46 +131,109 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], pair
     return out
 
 
-def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers: dict[str, dict[str, list[str]]],
-           task: dict, run: Store, progress: Progress) -> dict[str, dict[str, list[float | None]]]:
-    """{label: {question_id: [rating per turn]}}; None where an API judge gave no rating."""
+def _judge_items(judge: dict, items: list[tuple[str, list[dict[str, str]]]], kind: str, task: dict, run: Store,
+                 progress: Progress, local_judge) -> dict[str, Any]:
+    """{item id: rating (kind rating) or verdict A/B/C (kind verdict), None where an API judge gave
+    none} for each (item id, judge messages). Each judgement is kept as it comes (an API judge's in
+    the namespace's cache, a local judge's in the run); local_judge() loads the local judge."""
+    out: dict[str, Any] = {}
+
+    def on_verdict(item_id: str, verdict: dict, cached: bool) -> None:
+        out[item_id] = verdict[kind]
+        progress.update(len(out), figure=f"judged {len(out)}/{len(items)}")
+
+    if "openai" in judge:
+        judge_with_api(judge["openai"], items, task["cacheUri"], judge.get("maxReasks", 2), on_verdict, kind=kind)
+    elif items:
+        model, tokenizer = local_judge()
+        path = f"ratings/local{'' if kind == 'rating' else '-pairwise'}.json"
+        saved = run.read_json_or_none(path) or {}
+        for item_id, messages in items:
+            if item_id not in saved:
+                saved[item_id] = local_judgement(model, tokenizer, messages, kind)
+                run.write_json(path, saved)
+            on_verdict(item_id, {kind: saved[item_id]}, cached=False)
+    return out
+
+
+def _grade(judge: dict, questions: list[dict], answers: dict[str, dict[str, list[str]]], rule: LanguageRule | None,
+           judging) -> tuple[dict[str, dict[str, list[float | None]]], dict[str, str]]:
+    """Single-answer grading: {label: {question_id: [rating per turn]}} (None where an API judge gave
+    no rating), and why answers were rated without the judge."""
     items, ratings, why = [], {}, {}
-    rule = LanguageRule(judge["languages"]) if judge.get("languageRule", True) else None
     style = "api" if "openai" in judge else "local"
     for label, by_id in answers.items():
         ratings[label] = {q["question_id"]: [None] * len(q["turns"]) for q in questions}
         for q in questions:
             for turn in range(len(q["turns"])):
-                answer = by_id[q["question_id"]][turn]
-                if rule and rule.off_language(q["language"], answer):
+                if rule and rule.off_language(q["language"], by_id[q["question_id"]][turn]):
                     ratings[label][q["question_id"]][turn] = 1.0
                     why[f"{label}/{q['question_id']}/{turn}"] = "answered in another language"
                     continue
-                items.append((label, q, turn, judge_messages(q, by_id[q["question_id"]], turn, style)))
-    progress.stage("judging", total=len(items), unit="answers")
-    done = [0]
-
-    def on_rating(item_id: str, verdict: dict, cached: bool) -> None:
+                items.append((f"{label}/{q['question_id']}/{turn}", judge_messages(q, by_id[q["question_id"]], turn, style)))
+    for item_id, rating in judging(items, "rating", "judging").items():
         label, qid, turn = item_id.split("/")
-        ratings[label][qid][int(turn)] = verdict["rating"]
-        done[0] += 1
-        progress.update(done[0], figure=f"judged {done[0]}/{len(items)}")
+        ratings[label][qid][int(turn)] = rating
+    return ratings, why
 
-    if "openai" in judge:
-        judge_with_api(judge["openai"], [(f"{lb}/{q['question_id']}/{t}", m) for lb, q, t, m in items],
-                       task["cacheUri"], judge.get("maxReasks", 2), on_rating)
-    elif items:
-        model, tokenizer = load_model(judge_model), load_tokenizer(judge_model)
-        model.eval()
-        saved = run.read_json_or_none("ratings/local.json") or {}
-        for label, q, turn, messages in items:
-            item_id = f"{label}/{q['question_id']}/{turn}"
-            if item_id not in saved:
-                saved[item_id] = round(expected_rating(rating_distribution(model, tokenizer, messages)), 4)
-                run.write_json("ratings/local.json", saved)
-            on_rating(item_id, {"rating": saved[item_id]}, cached=False)
+
+def _compare(judge: dict, questions: list[dict], answers: dict[str, dict[str, list[str]]], rule: LanguageRule | None,
+             judging) -> tuple[dict[str, list[str | None]], dict[str, list[str | None]], dict[str, str]]:
+    """Pairwise comparison with the baseline: {question_id: [the model's outcome per turn: win, tie,
+    loss, None when undecided]}, the two orders' verdicts per turn ([model as A, model as B]), and why
+    comparisons were decided without the judge (an answer in another language loses)."""
+    style = "api" if "openai" in judge else "local"
+    model, base = answers["model"], answers["baseline"]
+    outcomes = {q["question_id"]: [None] * len(q["turns"]) for q in questions}
+    games: dict[str, list[list[str | None]]] = {q["question_id"]: [[None, None] for _ in q["turns"]] for q in questions}
+    items, why = [], {}
+    for q in questions:
+        qid = q["question_id"]
+        for turn in range(len(q["turns"])):
+            off = [bool(rule and rule.off_language(q["language"], a[qid][turn])) for a in (model, base)]
+            if any(off):
+                outcomes[qid][turn] = "tie" if all(off) else ("loss" if off[0] else "win")
+                why[f"{qid}/{turn}"] = ("both answered in another language" if all(off) else
+                                        f"the {'model' if off[0] else 'baseline'} answered in another language")
+                continue
+            items += [(f"{qid}/{turn}/0", pairwise_messages(q, model[qid], base[qid], turn, style)),
+                      (f"{qid}/{turn}/1", pairwise_messages(q, base[qid], model[qid], turn, style))]
+    for item_id, verdict in judging(items, "verdict", "comparing with the baseline").items():
+        qid, turn, order = item_id.split("/")
+        games[qid][int(turn)][int(order)] = verdict
+    for item_id, _ in items[::2]:
+        qid, turn, _ = item_id.split("/")
+        outcomes[qid][int(turn)] = comparison_outcome(*games[qid][int(turn)])
+    return outcomes, games, why
+
+
+def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers: dict[str, dict[str, list[str]]],
+           task: dict, run: Store, progress: Progress) -> dict[str, Any]:
+    """The judge's work, as judge.mode asks: {ratings (single), pairwise: {outcomes, games} (pairwise)}."""
+    rule = LanguageRule(judge["languages"]) if judge.get("languageRule", True) else None
+    held: dict[str, Any] = {}
+
+    def local_judge():
+        if not held:
+            held["model"], held["tokenizer"] = load_model(judge_model), load_tokenizer(judge_model)
+            held["model"].eval()
+        return held["model"], held["tokenizer"]
+
+    def judging(items, kind, stage):
+        progress.stage(stage, total=len(items), unit="judgements")
+        return _judge_items(judge, items, kind, task, run, progress, local_judge)
+
+    out: dict[str, Any] = {}
+    why: dict[str, str] = {}
+    mode = judge.get("mode", "single")
+    if mode != "pairwise":
+        out["ratings"], why = _grade(judge, questions, answers, rule, judging)
+    if mode != "single":
+        outcomes, games, pair_why = _compare(judge, questions, answers, rule, judging)
+        out["pairwise"] = {"outcomes": outcomes, "games": games}
+        why |= {f"pairwise/{k}": v for k, v in pair_why.items()}
     run.write_json("ratings/language-rule.json", why)
-    return ratings
+    return out
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -181,7 +246,28 @@ def _prefers_chosen(scores: dict[str, list[list[float]]]) -> float | None:
     return _mean([float(c / max(nc, 1) > r / max(nr, 1)) for (c, r), (nc, nr) in zip(scores["logps"], scores["tokens"])])
 
 
-def _metrics(results: dict[str, dict], ratings: dict, questions: list[dict]) -> dict[str, float]:
+OUTCOME_SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
+def _win_rate(outcomes: list[str | None]) -> float | None:
+    """Wins plus half the ties, of the decided comparisons."""
+    return _mean([OUTCOME_SCORE[o] if o else None for o in outcomes])
+
+
+def _pairwise_metrics(outcomes: dict[str, list[str | None]], questions: list[dict]) -> dict[str, float | None]:
+    every = [o for q in questions for o in outcomes[q["question_id"]]]
+    metrics = {"judge.winRate": _win_rate(every), "judge.undecided": every.count(None)}
+    metrics |= {"judge.wins": every.count("win"), "judge.ties": every.count("tie"), "judge.losses": every.count("loss")}
+    for lang in sorted({q["language"] for q in questions}):
+        metrics[f"judge.winRate.{lang}"] = _win_rate([o for q in questions if q["language"] == lang
+                                                      for o in outcomes[q["question_id"]]])
+    for turn in (0, 1):
+        metrics[f"judge.winRate.turn{turn + 1}"] = _win_rate([outcomes[q["question_id"]][turn] for q in questions
+                                                              if turn < len(q["turns"])])
+    return metrics
+
+
+def _metrics(results: dict[str, dict], judged: dict[str, Any], questions: list[dict]) -> dict[str, float]:
     metrics: dict[str, float | None] = {}
     if "preference" in results["model"]:
         tuned = results["model"]["preference"]
@@ -202,6 +288,9 @@ def _metrics(results: dict[str, dict], ratings: dict, questions: list[dict]) -> 
     for label, prefix in (("model", "lmEval"), ("baseline", "lmEval.baseline")):
         for name, value in (results.get(label) or {}).get("lmEval", {}).items():
             metrics[f"{prefix}.{name}"] = value
+    if "pairwise" in judged:
+        metrics |= _pairwise_metrics(judged["pairwise"]["outcomes"], questions)
+    ratings = judged.get("ratings", {})
     for label, prefix in (("model", "judge.score"), ("baseline", "judge.baseline")):
         if label not in ratings:
             continue
@@ -229,8 +318,17 @@ def _categories(ratings: dict, questions: list[dict]) -> dict[str, dict[str, flo
     return out
 
 
-def _chart(categories: dict[str, dict[str, float]]) -> bytes:
-    """Per-category scores, the model beside its baseline."""
+def _pairwise_categories(outcomes: dict[str, list[str | None]], questions: list[dict]) -> dict[str, dict[str, float]]:
+    """Per category: wins, ties, losses, undecided and the win rate."""
+    groups: dict[str, list] = defaultdict(list)
+    for q in questions:
+        groups[q["category"]] += outcomes[q["question_id"]]
+    return {cat: {"wins": found.count("win"), "ties": found.count("tie"), "losses": found.count("loss"),
+                  "undecided": found.count(None), "winRate": _win_rate(found)} for cat, found in sorted(groups.items())}
+
+
+def _chart(categories: dict[str, dict[str, float]], ylabel: str = "judge score (1-10)", top: float = 10) -> bytes:
+    """Per-category figures, the model beside its baseline."""
     import io  # noqa: PLC0415
 
     import matplotlib  # noqa: PLC0415
@@ -244,8 +342,8 @@ def _chart(categories: dict[str, dict[str, float]]) -> bytes:
     for i, (label, scores) in enumerate(categories.items()):
         ax.bar([x + i * width for x in range(len(names))], [scores.get(n, 0) for n in names], width, label=label)
     ax.set_xticks([x + width * (len(categories) - 1) / 2 for x in range(len(names))], names, rotation=30, ha="right")
-    ax.set_ylim(0, 10)
-    ax.set_ylabel("judge score (1-10)")
+    ax.set_ylim(0, top)
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
@@ -263,8 +361,9 @@ def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[st
     return outcomes
 
 
-def _report(task: dict, metrics: dict, gates: list, questions: list, ratings: dict, answers: dict,
+def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dict, answers: dict,
             categories: dict, generation: dict) -> str:
+    ratings, pairwise = judged.get("ratings", {}), judged.get("pairwise")
     lines = [f"# Benchmark {task['resource']['name']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(metrics.items())]
     if gates:
@@ -276,6 +375,12 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, ratings: di
         lines += ["", "![scores by category](scores.png)", "", "| category | " + " | ".join(labels) + " |",
                   "|---|" + "---|" * len(labels)]
         lines += [f"| {c} | " + " | ".join(str(categories[lb].get(c, "")) for lb in labels) + " |" for c in cats]
+    if pairwise:
+        lines += ["", "## The model against its baseline", "", "Each turn's two answers compared twice, in swapped "
+                  "places; a win needs both orders to agree.", "", "![win rate by category](win-rate.png)", "",
+                  "| category | wins | ties | losses | undecided | win rate |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c} | {v['wins']} | {v['ties']} | {v['losses']} | {v['undecided']} | "
+                  f"{'' if v['winRate'] is None else round(v['winRate'], 3)} |" for c, v in pairwise["categories"].items()]
     if generation:
         lines += ["", "| answered by | engine | turns | answers/s |", "|---|---|---|---|"]
         lines += [f"| {label} | {g['engine']} | {g['answered']} | {g['answersPerSecond']} |"
@@ -283,10 +388,13 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, ratings: di
     if questions:
         def fmt(r):
             return "unrated" if r is None else f"{r:.2f}"
-        lines += ["", "| question | category | " + " | ".join(ratings) + " |", "|---|---|" + "---|" * len(ratings)]
-        lines += [f"| {q['question_id']} | {q['category']} | " +
-                  " | ".join(" / ".join(fmt(r) for r in ratings[label][q['question_id']]) for label in ratings) + " |"
-                  for q in questions]
+        columns = [*ratings, *(["vs baseline"] if pairwise else [])]
+        lines += ["", "| question | category | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+        for q in questions:
+            cells = [" / ".join(fmt(r) for r in ratings[label][q["question_id"]]) for label in ratings]
+            if pairwise:
+                cells.append(" / ".join(o or "undecided" for o in pairwise["outcomes"][q["question_id"]]))
+            lines.append(f"| {q['question_id']} | {q['category']} | " + " | ".join(cells) + " |")
         lines += ["", "## Answers", ""]
         for q in questions:
             for turn, text in enumerate(q["turns"]):
@@ -313,18 +421,23 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     results = {label: _evaluate_model(label, source, spec, rows, pairs, questions, run, progress, tasks_dir)
                for label, source in models.items()}
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
-    ratings = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
+    judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
+    if "pairwise" in judged:
+        judged["pairwise"]["categories"] = _pairwise_categories(judged["pairwise"]["outcomes"], questions)
 
-    metrics = _metrics(results, ratings, questions)
+    metrics = _metrics(results, judged, questions)
     gates = evaluate_gates(spec.get("gates", []), metrics)
-    categories = _categories(ratings, questions)
+    categories = _categories(judged.get("ratings", {}), questions)
     generation = {label: r["generation"] for label, r in results.items() if "generation" in r}
-    report = {"metrics": metrics, "gates": gates, "categories": categories, "ratings": ratings, "answers": answers,
-              "generation": generation}
+    report = {"metrics": metrics, "gates": gates, "categories": categories, "ratings": judged.get("ratings", {}),
+              "answers": answers, "generation": generation, **({"pairwise": judged["pairwise"]} if "pairwise" in judged else {})}
     run.write_json("report/report.json", report)
     if categories:
         run.write_bytes("report/scores.png", _chart(categories))
-    run.write_bytes("report/report.md", _report(task, metrics, gates, questions, ratings, answers, categories, generation).encode())
+    if "pairwise" in judged:
+        rates = {c: v["winRate"] for c, v in judged["pairwise"]["categories"].items() if v["winRate"] is not None}
+        run.write_bytes("report/win-rate.png", _chart({"model vs baseline": rates}, "win rate (ties count half)", 1))
+    run.write_bytes("report/report.md", _report(task, metrics, gates, questions, judged, answers, categories, generation).encode())
     run.commit("report")
     return {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates),
             "reportUri": run.child("report").uri}
