@@ -64,14 +64,24 @@ def test_openai_and_trl_preference_rows_give_the_same_prompt_and_answers():
         preference_of({"prompt": [user, good], "chosen": [good], "rejected": [bad]})
 
 
-def test_the_dpo_loss_by_hand_and_sft_weight_adds_the_chosen_answers_mean_token_nll():
+def test_the_preference_losses_by_hand_and_sft_weight_adds_the_chosen_answers_mean_token_nll():
     policy = torch.tensor([[-10.0, -12.0], [-8.0, -6.0]])  # summed answer log-probabilities: chosen, rejected
     reference = torch.tensor([[-11.0, -11.0], [-8.0, -6.0]])
-    loss, margin = dpo_terms(policy, reference, beta=0.5)
+    tokens = torch.tensor([[5.0, 2.0], [4.0, 3.0]])  # their answer tokens
+    loss, margin = dpo_terms(policy, reference, tokens, {"beta": 0.5})
     assert margin.tolist() == [1.0, 0.0]  # 0.5 x ((-10 + 11) - (-12 + 11)); unchanged from the reference
     assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-1.0)), math.log(2)])
-    rpo, _ = dpo_terms(policy, reference, 0.5, sft_weight=0.2, chosen=torch.tensor([5.0, 4.0]))
+    rpo, _ = dpo_terms(policy, reference, tokens, {"beta": 0.5, "sftWeight": 0.2})
     assert (rpo - loss).tolist() == pytest.approx([0.2 * 10 / 5, 0.2 * 8 / 4])
+    # Conservative DPO: a share of the pairs counted as if the other answer had been chosen.
+    smoothed, _ = dpo_terms(policy, reference, tokens, {"beta": 0.5, "labelSmoothing": 0.1})
+    assert smoothed.tolist() == pytest.approx([0.9 * math.log(1 + math.exp(-1.0)) + 0.1 * math.log(1 + math.e),
+                                               math.log(2)])
+    # IPO on per-token means: pair 0's h = (-10 + 11) / 5 - (-12 + 11) / 2 = 0.7, aimed at 1 / (2 x 0.5) = 1.
+    ipo, ipo_margin = dpo_terms(policy, reference, tokens, {"beta": 0.5, "loss": "ipo"})
+    assert ipo.tolist() == pytest.approx([(0.7 - 1) ** 2, 1.0]) and ipo_margin.tolist() == pytest.approx([0.35, 0.0])
+    hinge, _ = dpo_terms(policy, reference, tokens, {"beta": 0.5, "loss": "hinge"})
+    assert hinge.tolist() == [0.0, 1.0]  # a margin of 1 is enough; none costs 1
 
 
 def test_a_pair_packed_beside_others_gets_the_answer_log_probabilities_it_gets_alone(tiny_model):

@@ -103,6 +103,8 @@ BAD = [
                       "preferences": {"rejected": {"model": MODEL}}}, "preferences write TRL's prompt"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo", "dpo": {"beta": 0}},
      "violates minimum"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo",
+                  "dpo": {"loss": "ipo", "labelSmoothing": 0.1}}, "labelSmoothing applies to loss sigmoid"),
     ("DatasetBuild", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": MODEL},
                       "split": {"validation": 0.5, "test": 0.5}}, "validation + test must leave rows for train"),
     ("DatasetBuild", {"sources": [{}], "teacher": {"model": MODEL}},

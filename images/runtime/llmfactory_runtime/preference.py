@@ -43,9 +43,9 @@ def answer_tokens(convs: list[dict]) -> list[list[int]]:
     return [[sum(label != IGNORE for label in convs[k]["labels"]) for k in (i, i + 1)] for i in range(0, len(convs), 2)]
 
 
-def chosen_tokens(convs: list[dict]) -> torch.Tensor:
-    """Answer tokens of each pair's chosen conversation (what dpo.sftWeight's mean is taken over)."""
-    return torch.tensor([chosen for chosen, _ in answer_tokens(convs)], dtype=torch.float32)
+def token_counts(convs: list[dict]) -> torch.Tensor:
+    """answer_tokens as a (pairs, 2) tensor: what dpo_terms takes per-token means over."""
+    return torch.tensor(answer_tokens(convs), dtype=torch.float32).view(-1, 2)
 
 
 def pair_lengths(convs: list[dict]) -> list[int]:
@@ -81,15 +81,34 @@ def answer_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> to
     return sums[picked].view(-1, 2)
 
 
-def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float, sft_weight: float | None = None,
-              chosen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair: the DPO loss -log sigmoid(margin), plus sft_weight x the chosen answer's mean token
-    negative log-likelihood (RPO; `chosen`: its answer tokens), and the margin, beta x (how much more
-    the model than the reference favours chosen over rejected): the implicit rewards' difference."""
-    margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
-    loss = -F.logsigmoid(margin)
-    if sft_weight:
-        loss = loss - sft_weight * policy[:, 0] / chosen.to(policy)
+def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor,
+              dpo: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair: the loss that dpo.loss names, and the margin: beta x how much more the model than
+    the reference favours chosen over rejected (the implicit rewards' difference; > 0 counts as
+    preferred). policy and reference: summed answer log-probabilities, (pairs, 2) chosen, rejected;
+    tokens: their answer tokens.
+    - sigmoid (DPO, Rafailov et al.): -log sigmoid(margin); with labelSmoothing e, the conservative
+      DPO's -(1 - e) log sigmoid(margin) - e log sigmoid(-margin), for labels a share e of which is
+      taken to be flipped;
+    - ipo (Azar et al.): (h - 1 / (2 beta))^2, h the log-ratio difference of the per-token mean
+      log-probabilities (TRL's choice: length does not decide), margin beta x h; it stops pushing
+      once the margin reaches 1/2 rather than driving it to infinity;
+    - hinge (SLiC, Zhao et al.): max(0, 1 - margin).
+    sftWeight adds that times the chosen answer's mean token negative log-likelihood (RPO)."""
+    beta, kind = dpo["beta"], dpo.get("loss", "sigmoid")
+    tokens = tokens.to(policy).clamp(min=1)
+    change = (policy / tokens - reference.to(policy) / tokens) if kind == "ipo" else policy - reference.to(policy)
+    h = change[:, 0] - change[:, 1]
+    margin = beta * h
+    if kind == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    elif kind == "hinge":
+        loss = F.relu(1 - margin)
+    else:
+        smoothing = dpo.get("labelSmoothing") or 0.0
+        loss = -(1 - smoothing) * F.logsigmoid(margin) - smoothing * F.logsigmoid(-margin)
+    if dpo.get("sftWeight"):
+        loss = loss - dpo["sftWeight"] * policy[:, 0] / tokens[:, 0]
     return loss, margin
 
 

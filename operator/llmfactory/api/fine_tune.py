@@ -95,6 +95,23 @@ class EarlyStopping(ApiModel):
 class Dpo(ApiModel):
     """Direct Preference Optimization (Rafailov et al., 2023), as OpenAI's fine-tuning API and TRL do it."""
 
+    cel_rules: ClassVar = [
+        {"rule": "!has(self.labelSmoothing) || !has(self.loss) || self.loss == 'sigmoid'",
+         "message": "labelSmoothing applies to loss sigmoid (conservative DPO)"},
+    ]
+
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description=(
+        "The preference loss, as TRL's loss_type names it. sigmoid: DPO's -log sigmoid(margin), starting at "
+        "ln 2 = 0.693. ipo (Identity Preference Optimization, Azar et al., 2023): the squared distance of the "
+        "log-ratio difference, of per-token mean log-probabilities, from 1/(2 beta); it stops pushing once the "
+        "preference is that strong, where DPO keeps widening the gap and can overfit a small or "
+        "near-deterministic preference set; starts at (1/(2 beta))^2 (25 with beta 0.1). hinge (SLiC, Zhao et "
+        "al., 2023): max(0, 1 - margin), starting at 1."))
+    label_smoothing: float | None = Field(None, gt=0, lt=0.5, description=(
+        "Conservative DPO (loss sigmoid): treat this share of the pairs as if their labels might be flipped, "
+        "-(1 - e) log sigmoid(margin) - e log sigmoid(-margin), for noisy preferences (TRL's label_smoothing; "
+        "0.1 is a common value). Unset: plain DPO."))
+
     beta: float = Field(0.1, gt=0, le=10, description=(
         "How far the model may move from the reference (the base model before training): low values "
         "(0.05-0.1) follow the preferences more, high values keep closer to the base. 0.1 is TRL's and "
@@ -103,6 +120,13 @@ class Dpo(ApiModel):
         "Also add this times the chosen answer's mean token negative log-likelihood to each pair's loss "
         "(RPO, Pang et al., 2024; Llama 3's recipe used 0.2): plain DPO often lowers the likelihood of the "
         "chosen answers along with the rejected ones', and this keeps the chosen ones likely. Unset: plain DPO."))
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self):
+        # The CEL rule above, for manifests that never meet an API server (llmfactory run / plan).
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError(self.cel_rules[0]["message"])
+        return self
 
 
 class Hyperparameters(ApiModel):
@@ -264,8 +288,8 @@ class FineTuneSpec(RunOptions):
         "({input: {messages}, preferred_output, non_preferred_output}) or TRL's ({prompt, chosen, "
         "rejected}, or chosen and rejected conversations sharing their prompt). With dpo, maxSeqLength "
         "bounds each of the two conversations and a pair's two share a sequence (of up to twice "
-        "maxSeqLength); the loss curves show the DPO loss, which starts at ln 2 = 0.693 (plus dpo.sftWeight's "
-        "term)."))
+        "maxSeqLength); the loss curves show the preference loss (dpo.loss; DPO's starts at ln 2 = 0.693), "
+        "plus dpo.sftWeight's term."))
     dpo: Dpo | None = Field(None, description="DPO settings (objective dpo); defaults apply when unset.")
     lora: Lora | None = Field(None, description="Adapter settings (lora, qlora); defaults apply when unset.")
     qlora: QLora | None = Field(None, description="4-bit quantization of the base (qlora); defaults apply when unset.")

@@ -37,7 +37,7 @@ from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
                           trainable_state, training_dtype)
 from .packing import one_per_row, pack
-from ..preference import answer_logps, chosen_tokens, collate_pairs, dpo_terms, encode_pairs, pair_lengths, pair_logps
+from ..preference import answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_lengths, pair_logps, token_counts
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
@@ -155,7 +155,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective dpo: train.jsonl")
         val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective dpo: validation.jsonl")
         lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
-        train_chosen, val_chosen = chosen_tokens(examples), chosen_tokens(val)  # for dpo.sftWeight
+        train_tokens, val_tokens = token_counts(examples), token_counts(val)  # answer tokens (ipo, sftWeight)
     else:
         examples = encode_rows(tokenizer, train_rows, hp["maxSeqLength"])
         val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
@@ -296,8 +296,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if dpo:
             mine = my_share(list(range(len(val) // 2)))
             losses, margins = dpo_terms(pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu(),
-                                        reference["validation"][mine], dpo["beta"], dpo.get("sftWeight"),
-                                        val_chosen[mine])
+                                        reference["validation"][mine], val_tokens[mine], dpo)
             total, count = add_up(float(losses.sum())), add_up(len(mine))
             if count:
                 rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
@@ -356,9 +355,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             with sync:
                 if dpo:
                     pairs = [p for row in micro_batches[i] for p in row]
-                    losses, margins = dpo_terms(answer_logps(engine, batch, counts),
-                                                reference["train"][pairs].to(world.device), dpo["beta"],
-                                                dpo.get("sftWeight"), train_chosen[pairs])
+                    losses, margins = dpo_terms(answer_logps(engine, batch, counts), reference["train"][pairs],
+                                                train_tokens[pairs], dpo)
                     loss = losses.sum() / n_items
                     preferred += float((margins > 0).sum())
                 else:
