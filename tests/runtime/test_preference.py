@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmfactory.api.headline import headline
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl, messages_of, preference_of
-from llmfactory_runtime.preference import answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_logps
+from llmfactory_runtime.preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_logps,
+                                           token_counts)
 from llmfactory_runtime.store import open_store
 
 from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task
@@ -82,6 +83,16 @@ def test_the_preference_losses_by_hand_and_sft_weight_adds_the_chosen_answers_me
     assert ipo.tolist() == pytest.approx([(0.7 - 1) ** 2, 1.0]) and ipo_margin.tolist() == pytest.approx([0.35, 0.0])
     hinge, _ = dpo_terms(policy, reference, tokens, {"beta": 0.5, "loss": "hinge"})
     assert hinge.tolist() == [0.0, 1.0]  # a margin of 1 is enough; none costs 1
+    # Reference-free, on per-token means: pair 0's are -10 / 5 = -2 and -12 / 2 = -6, pair 1's -2 and -2.
+    simpo, simpo_margin = dpo_terms(policy, None, tokens, {"beta": 0.5, "loss": "simpo", "gamma": 0.5})
+    assert simpo_margin.tolist() == [2.0, 0.0]
+    assert simpo.tolist() == pytest.approx([math.log(1 + math.exp(-1.5)), math.log(1 + math.exp(0.5))])
+    orpo, _ = dpo_terms(policy, None, tokens, {"beta": 0.5, "loss": "orpo"})
+
+    def log_odds(mean):
+        return mean - math.log(1 - math.exp(mean))
+    assert orpo.tolist() == pytest.approx([2 + 0.5 * math.log(1 + math.exp(-(log_odds(-2) - log_odds(-6)))),
+                                           2 + 0.5 * math.log(2)])
 
 
 def test_a_pair_packed_beside_others_gets_the_answer_log_probabilities_it_gets_alone(tiny_model):
@@ -143,3 +154,22 @@ def test_dpo_learns_to_prefer_the_chosen_answers_and_a_resumed_run_keeps_its_ref
     resumed = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6)
+
+
+def test_orpo_trains_without_a_reference_and_reports_its_own_margin(tiny_model, tmp_path):
+    """A reference-free loss: no reference pass, no reference in the checkpoints; the saved model
+    finds the chosen answers likelier per token, by the margin reported (measured here on its own)."""
+    task = finetune_task(tiny_model, _dataset(tmp_path / "data"), f"file://{tmp_path}/store", objective="dpo",
+                         dpo={"loss": "orpo", "beta": 0.2}, checkpointing={"everySteps": 4, "keepLast": 20},
+                         hyperparameters={"epochs": 3, "learningRate": 0.02})
+    _ok(run_finetune(write_task(task, tmp_path)))
+    run = open_store(task["artifactUri"])
+    result = run.read_json("result.json")
+    saved = run.list("checkpoints")
+    assert any(k.endswith("/state.json") for k in saved) and not any(k.endswith("reference.pt") for k in saved)
+    assert result["finalLoss"] < result["firstLoss"] and result["rewardAccuracy"] == 1.0
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    val = encode_pairs(tok, _rows(), 96, "validation.jsonl")
+    tuned = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
+    mean = pair_logps(tuned, val, list(range(len(val) // 2)), 4, tok.pad_token_id, "cpu") / token_counts(val)
+    assert float((0.2 * (mean[:, 0] - mean[:, 1])).mean()) == pytest.approx(result["rewardMargin"], abs=1e-3)

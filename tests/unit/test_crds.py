@@ -105,6 +105,8 @@ BAD = [
      "violates minimum"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo",
                   "dpo": {"loss": "ipo", "labelSmoothing": 0.1}}, "labelSmoothing applies to loss sigmoid"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo", "dpo": {"gamma": 1.0}},
+     "gamma applies to loss simpo"),
     ("DatasetBuild", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": MODEL},
                       "split": {"validation": 0.5, "test": 0.5}}, "validation + test must leave rows for train"),
     ("DatasetBuild", {"sources": [{}], "teacher": {"model": MODEL}},

@@ -1,5 +1,6 @@
 """Preference pairs: a pair's chosen and rejected conversations side by side in one sequence, the
-log-probability a model gives each answer, and DPO's loss against a reference's. FineTune's
+log-probability a model gives each answer, and the preference losses (DPO's and its variants, most
+against a reference's log-probabilities). FineTune's
 objective dpo trains with them; a Benchmark scores held-out pairs with them.
 
 In training the reference is the model before its first step (a new LoRA adapter adds zero, so
@@ -81,12 +82,20 @@ def answer_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> to
     return sums[picked].view(-1, 2)
 
 
-def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tensor,
+REFERENCE_FREE = {"simpo", "orpo"}  # losses of the model's own likelihoods: no reference pass
+
+
+def needs_reference(dpo: dict) -> bool:
+    return dpo.get("loss", "sigmoid") not in REFERENCE_FREE
+
+
+def dpo_terms(policy: torch.Tensor, reference: torch.Tensor | None, tokens: torch.Tensor,
               dpo: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair: the loss that dpo.loss names, and the margin: beta x how much more the model than
-    the reference favours chosen over rejected (the implicit rewards' difference; > 0 counts as
-    preferred). policy and reference: summed answer log-probabilities, (pairs, 2) chosen, rejected;
-    tokens: their answer tokens.
+    """Per pair: the loss that dpo.loss names, and the margin (the implicit rewards' difference;
+    > 0 counts as preferring the chosen answer). policy and reference: summed answer
+    log-probabilities, (pairs, 2) chosen, rejected; tokens: their answer tokens.
+    Against the reference, the margin is beta x how much more the model than the reference favours
+    chosen over rejected:
     - sigmoid (DPO, Rafailov et al.): -log sigmoid(margin); with labelSmoothing e, the conservative
       DPO's -(1 - e) log sigmoid(margin) - e log sigmoid(-margin), for labels a share e of which is
       taken to be flipped;
@@ -94,21 +103,37 @@ def dpo_terms(policy: torch.Tensor, reference: torch.Tensor, tokens: torch.Tenso
       log-probabilities (TRL's choice: length does not decide), margin beta x h; it stops pushing
       once the margin reaches 1/2 rather than driving it to infinity;
     - hinge (SLiC, Zhao et al.): max(0, 1 - margin).
+    Reference-free (reference None), the margin is beta x the difference of the per-token mean
+    log-probabilities:
+    - simpo (Meng et al.): -log sigmoid(margin - gamma);
+    - orpo (Hong et al.): the chosen answer's mean token negative log-likelihood minus
+      beta x log sigmoid of the log odds ratio of the two answers' mean likelihoods.
     sftWeight adds that times the chosen answer's mean token negative log-likelihood (RPO)."""
     beta, kind = dpo["beta"], dpo.get("loss", "sigmoid")
     tokens = tokens.to(policy).clamp(min=1)
-    change = (policy / tokens - reference.to(policy) / tokens) if kind == "ipo" else policy - reference.to(policy)
-    h = change[:, 0] - change[:, 1]
-    margin = beta * h
-    if kind == "ipo":
-        loss = (h - 1 / (2 * beta)) ** 2
-    elif kind == "hinge":
-        loss = F.relu(1 - margin)
+    mean = policy / tokens
+    if kind in REFERENCE_FREE:
+        margin = beta * (mean[:, 0] - mean[:, 1])
+        if kind == "simpo":
+            loss = -F.logsigmoid(margin - dpo.get("gamma", 0.5))
+        else:
+            # log odds = log p - log(1 - p) of the mean likelihood p; expm1 keeps 1 - p exact near p = 1
+            log_odds = mean - torch.log(-torch.expm1(mean.clamp(max=-1e-6)))
+            loss = -mean[:, 0] - beta * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1])
     else:
-        smoothing = dpo.get("labelSmoothing") or 0.0
-        loss = -(1 - smoothing) * F.logsigmoid(margin) - smoothing * F.logsigmoid(-margin)
+        reference = reference.to(policy)
+        change = mean - reference / tokens if kind == "ipo" else policy - reference
+        h = change[:, 0] - change[:, 1]
+        margin = beta * h
+        if kind == "ipo":
+            loss = (h - 1 / (2 * beta)) ** 2
+        elif kind == "hinge":
+            loss = F.relu(1 - margin)
+        else:
+            smoothing = dpo.get("labelSmoothing") or 0.0
+            loss = -(1 - smoothing) * F.logsigmoid(margin) - smoothing * F.logsigmoid(-margin)
     if dpo.get("sftWeight"):
-        loss = loss - dpo["sftWeight"] * policy[:, 0] / tokens[:, 0]
+        loss = loss - dpo["sftWeight"] * mean[:, 0]
     return loss, margin
 
 

@@ -93,39 +93,56 @@ class EarlyStopping(ApiModel):
 
 
 class Dpo(ApiModel):
-    """Direct Preference Optimization (Rafailov et al., 2023), as OpenAI's fine-tuning API and TRL do it."""
+    """Preference optimization: Direct Preference Optimization (Rafailov et al., 2023), as OpenAI's
+    fine-tuning API and TRL do it, and its variants."""
 
     cel_rules: ClassVar = [
         {"rule": "!has(self.labelSmoothing) || !has(self.loss) || self.loss == 'sigmoid'",
          "message": "labelSmoothing applies to loss sigmoid (conservative DPO)"},
+        {"rule": "!has(self.gamma) || (has(self.loss) && self.loss == 'simpo')",
+         "message": "gamma applies to loss simpo"},
     ]
 
-    loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description=(
-        "The preference loss, as TRL's loss_type names it. sigmoid: DPO's -log sigmoid(margin), starting at "
-        "ln 2 = 0.693. ipo (Identity Preference Optimization, Azar et al., 2023): the squared distance of the "
-        "log-ratio difference, of per-token mean log-probabilities, from 1/(2 beta); it stops pushing once the "
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = Field("sigmoid", description=(
+        "The preference loss, as TRL's loss_type (and Axolotl's rl) names it. Against the reference (the "
+        "model before training): sigmoid: DPO's -log sigmoid(margin), starting at ln 2 = 0.693. ipo "
+        "(Identity Preference Optimization, Azar et al., 2023): the squared distance of the log-ratio "
+        "difference, of per-token mean log-probabilities, from 1/(2 beta); it stops pushing once the "
         "preference is that strong, where DPO keeps widening the gap and can overfit a small or "
         "near-deterministic preference set; starts at (1/(2 beta))^2 (25 with beta 0.1). hinge (SLiC, Zhao et "
-        "al., 2023): max(0, 1 - margin), starting at 1."))
+        "al., 2023): max(0, 1 - margin), starting at 1. Reference-free, on the per-token mean log-probability "
+        "of each answer (no reference pass before training): simpo (Meng et al., 2024): -log sigmoid(beta x "
+        "its difference - gamma); its paper uses beta 2 to 2.5 (set beta: the 0.1 default is DPO's). orpo "
+        "(Hong et al., 2024): the chosen answer's negative log-likelihood plus beta (ORPO's lambda; 0.1 is "
+        "TRL's default) x -log sigmoid of the log odds ratio of the two answers: supervised fine-tuning and "
+        "preference in one stage, from a base model that has had no SFT."))
+    beta: float = Field(0.1, gt=0, le=10, description=(
+        "How far the model may move from the reference (the base model before training): low values "
+        "(0.05-0.1) follow the preferences more, high values keep closer to the base. 0.1 is TRL's and "
+        "OpenAI's default. simpo: the reward scale (2-2.5 in its paper); orpo: the weight of the odds-ratio "
+        "term."))
+    gamma: float | None = Field(None, ge=0, le=10, description=(
+        "loss simpo: the target reward margin the chosen answer must exceed the rejected one by (TRL's "
+        "simpo_gamma); default 0.5."))
     label_smoothing: float | None = Field(None, gt=0, lt=0.5, description=(
         "Conservative DPO (loss sigmoid): treat this share of the pairs as if their labels might be flipped, "
         "-(1 - e) log sigmoid(margin) - e log sigmoid(-margin), for noisy preferences (TRL's label_smoothing; "
         "0.1 is a common value). Unset: plain DPO."))
-
-    beta: float = Field(0.1, gt=0, le=10, description=(
-        "How far the model may move from the reference (the base model before training): low values "
-        "(0.05-0.1) follow the preferences more, high values keep closer to the base. 0.1 is TRL's and "
-        "OpenAI's default."))
     sft_weight: float | None = Field(None, gt=0, le=100, description=(
         "Also add this times the chosen answer's mean token negative log-likelihood to each pair's loss "
         "(RPO, Pang et al., 2024; Llama 3's recipe used 0.2): plain DPO often lowers the likelihood of the "
-        "chosen answers along with the rejected ones', and this keeps the chosen ones likely. Unset: plain DPO."))
+        "chosen answers along with the rejected ones', and this keeps the chosen ones likely (with simpo, "
+        "TRL's CPO-SimPO cpo_alpha). Unset: plain DPO."))
 
     @model_validator(mode="after")
-    def _smoothing_is_for_sigmoid(self):
-        # The CEL rule above, for manifests that never meet an API server (llmfactory run / plan).
+    def _loss_settings(self):
+        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError(self.cel_rules[0]["message"])
+        if self.gamma is not None and self.loss != "simpo":
+            raise ValueError(self.cel_rules[1]["message"])
+        if self.loss == "simpo" and self.gamma is None:
+            self.gamma = 0.5  # spelled out in the task, as the other defaults are
         return self
 
 
@@ -290,7 +307,8 @@ class FineTuneSpec(RunOptions):
         "bounds each of the two conversations and a pair's two share a sequence (of up to twice "
         "maxSeqLength); the loss curves show the preference loss (dpo.loss; DPO's starts at ln 2 = 0.693), "
         "plus dpo.sftWeight's term."))
-    dpo: Dpo | None = Field(None, description="DPO settings (objective dpo); defaults apply when unset.")
+    dpo: Dpo | None = Field(None, description=(
+        "Preference settings (objective dpo): the loss (DPO or a variant) and its strength; defaults apply when unset."))
     lora: Lora | None = Field(None, description="Adapter settings (lora, qlora); defaults apply when unset.")
     qlora: QLora | None = Field(None, description="4-bit quantization of the base (qlora); defaults apply when unset.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings.")
@@ -356,10 +374,12 @@ class FineTuneResult(ApiModel):
         "True when hyperparameters.earlyStopping ended training before its last step (steps says where)."))
     reward_accuracy: float | None = Field(None, description=(
         "objective dpo: share of validation pairs whose chosen answer the saved model prefers to the "
-        "rejected one more than the base model did (implicit reward of chosen > rejected)."))
+        "rejected one more than the base model did (implicit reward of chosen > rejected); with a "
+        "reference-free dpo.loss (simpo, orpo), whose chosen answer it finds likelier per token."))
     reward_margin: float | None = Field(None, description=(
         "objective dpo: mean over validation pairs of the implicit reward of the chosen answer minus the "
-        "rejected one's (beta x change of log-probability from the base model)."))
+        "rejected one's (beta x change of log-probability from the base model; with simpo and orpo, beta x "
+        "the per-token mean log-probability)."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description=(
         "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated."))

@@ -37,7 +37,8 @@ from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
                           trainable_state, training_dtype)
 from .packing import one_per_row, pack
-from ..preference import answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_lengths, pair_logps, token_counts
+from ..preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, needs_reference, pair_lengths,
+                          pair_logps, token_counts)
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
@@ -117,6 +118,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     deepspeed_on = dist_spec["strategy"] == "deepspeed"
     zero3 = deepspeed_on and dist_spec["zeroStage"] == 3
     dpo = spec["dpo"] if spec.get("objective") == "dpo" else None  # its settings
+    referenced = bool(dpo) and needs_reference(dpo)  # simpo and orpo need none
     dtype = training_dtype(hp["precision"], world.device)
     if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
         raise InvalidTask("spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU "
@@ -239,7 +241,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             history, counters = [tuple(h) for h in saved["history"]], saved["counters"]
             evals = [tuple(e) for e in saved.get("evals", [])]
             rewards = {step: tuple(r) for step, *r in saved.get("rewards", [])}
-            if dpo:
+            if referenced:
                 reference = torch.load(local / "reference.pt", weights_only=True)
             if world.main and (local / TRACKING).is_dir():  # the earlier attempts' tracker files: curves go on
                 shutil.copytree(local / TRACKING, tracking_dir, dirs_exist_ok=True)
@@ -258,7 +260,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     def add_up(value):
         return value if zero3 else world.sum(value)
 
-    if dpo and reference is None:  # before the first step: the model is still the reference
+    if referenced and reference is None:  # before the first step: the model is still the reference
         reference = {}
         for split, convs in (("train", examples), ("validation", val)):
             mine = my_share(list(range(len(convs) // 2)))
@@ -281,7 +283,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 (local / "state.json").write_text(json.dumps({
                     "step": step, "history": history, "counters": counters, "evals": evals,
                     "rewards": [(s, *r) for s, r in rewards.items()], "lossScale": scaler.state_dict()}))
-                if dpo:
+                if referenced:
                     torch.save(reference, local / "reference.pt")
                 trackers.flush()
                 shutil.copytree(tracking_dir, local / TRACKING, symlinks=True)  # W&B links its latest run
@@ -296,7 +298,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if dpo:
             mine = my_share(list(range(len(val) // 2)))
             losses, margins = dpo_terms(pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu(),
-                                        reference["validation"][mine], val_tokens[mine], dpo)
+                                        reference["validation"][mine] if referenced else None, val_tokens[mine], dpo)
             total, count = add_up(float(losses.sum())), add_up(len(mine))
             if count:
                 rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
@@ -355,8 +357,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             with sync:
                 if dpo:
                     pairs = [p for row in micro_batches[i] for p in row]
-                    losses, margins = dpo_terms(answer_logps(engine, batch, counts), reference["train"][pairs],
-                                                train_tokens[pairs], dpo)
+                    losses, margins = dpo_terms(answer_logps(engine, batch, counts),
+                                                reference["train"][pairs] if referenced else None, train_tokens[pairs], dpo)
                     loss = losses.sum() / n_items
                     preferred += float((margins > 0).sum())
                 else:
