@@ -149,9 +149,16 @@ def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
     # The teacher is an API: no GPU is held for it (the operator's default for DatasetBuild is one).
     limits = _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
     assert SETTINGS.default_gpus["DatasetBuild"] == 1 and "nvidia.com/gpu" not in limits
-    # A local model writing the rejected answers of preference pairs gets the GPU.
+    # A local model writing the rejected answers of preference pairs gets the GPU; an API model, its
+    # own key by reference and no GPU.
     _, objs = children(dataset_build(preferences={"rejected": {"model": {"huggingface": "org/student"}}}))
     assert _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    _, objs = children(dataset_build(preferences={"rejected": {"openai": {
+        "model": "gpt-4o-mini", "apiKeySecret": {"name": "weak", "key": "token"}}}}))
+    container = _job(objs)["spec"]["template"]["spec"]["containers"][0]
+    [weak] = [e for e in container["env"] if e["name"] == "LLMFACTORY_REJECTED_API_KEY"]
+    assert weak["valueFrom"] == {"secretKeyRef": {"name": "weak", "key": "token"}}
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
     # Gated Hugging Face datasets and models: the token, too, only by reference.
     [token] = [e for e in env if e["name"] == "HF_TOKEN"]
     assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}} and "value" not in token

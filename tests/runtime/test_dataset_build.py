@@ -369,6 +369,61 @@ def test_preferences_pair_the_teachers_answer_with_the_students_own_and_a_dpo_fi
         plan(parse(fine_tune), lambda *k: {**result, "format": "chatml"}, f"file://{tmp_path}/store")
 
 
+def test_rejected_answers_from_an_api_model_with_its_own_key_and_pairs_without_one_dropped(
+        tmp_path, openai_server, monkeypatch):
+    """A weaker API model writes the rejected answers, with its own key; a prompt it refuses (400)
+    and an empty answer leave no pair. Nothing local is loaded, and no key reaches the task."""
+    def teacher_and_weak(request):
+        if request.body["model"] != "weak":
+            return {"text": f"A good answer to: {request.last_user}"}
+        if "rain" in request.last_user:
+            return {"status": 400, "error": "content policy"}
+        return {"text": "" if "sun" in request.last_user else f"Meh: {request.last_user}"}
+
+    openai_server.reply = teacher_and_weak
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", "sk-teacher")
+    monkeypatch.setenv("LLMFACTORY_REJECTED_API_KEY", "sk-weak")
+    prompts = [["Tell me about the sea.", "And briefly?"], ["Tell me about the sun."], ["Tell me about rain."],
+               ["Tell me about snow."]]
+    source = {"uri": jsonl_file(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": t} for t in turns]}
+                                                       for turns in prompts]), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None,
+                   filters={"nearDuplicateThreshold": 0}, preferences={"rejected": {"openai": {
+                       "baseUrl": openai_server.url, "model": "weak", "apiKeySecret": {"name": "weak", "key": "k"}}}})
+    task, result = run_in_process(tmp_path, doc)
+
+    assert "rejected" not in task["inputs"] and "sk-" not in json.dumps(task)
+    assert result["dropped"] == {"rejected_refused": 1, "rejected_empty": 1}
+    assert result["rejectedUsage"] == {"requests": 4, "cached": 0}  # the refusal is kept too: never asked again
+    weak = [r for r in openai_server.requests if r.body["model"] == "weak"]
+    assert {r.authorization for r in weak} == {"Bearer sk-weak"}
+    assert {r.authorization for r in openai_server.requests if r not in weak} == {"Bearer sk-teacher"}
+    # The second turn's rejected answer was written after the teacher's first answer.
+    [sea] = [r for r in weak if r.last_user == "And briefly?"]
+    assert [m["content"] for m in sea.messages] == ["Tell me about the sea.", "A good answer to: Tell me about the sea.",
+                                                    "And briefly?"]
+    rows = [json.loads(line) for split in ("train", "validation", "test")
+            for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
+    assert sorted((r["prompt"][-1]["content"], r["rejected"][0]["content"]) for r in rows) == [
+        ("And briefly?", "Meh: And briefly?"), ("Tell me about snow.", "Meh: Tell me about snow.")]
+    doc["spec"]["split"] = {"validation": 0.0, "test": 0.0, "seed": 1}
+    _, again = run_in_process(tmp_path, doc)
+    assert again["rejectedUsage"] == {"requests": 0, "cached": 4} and again["dropped"] == result["dropped"]
+
+
+def test_shards_divide_every_apis_limits():
+    from llmfactory_runtime.dataset.build import _shared_limits
+
+    spec = {"teacher": {"openai": {"model": "t", "concurrency": 16, "requestsPerMinute": 1000}},
+            "filters": {"judge": {"openai": {"model": "j", "tokensPerMinute": 90000}}},
+            "preferences": {"rejected": {"openai": {"model": "w", "concurrency": 3}}}}
+    shared = _shared_limits(spec, 4)
+    assert shared["teacher"]["openai"] == {"model": "t", "concurrency": 4, "requestsPerMinute": 250}
+    assert shared["filters"]["judge"]["openai"]["tokensPerMinute"] == 22500
+    assert shared["preferences"]["rejected"]["openai"]["concurrency"] == 1  # never below one
+    assert spec["teacher"]["openai"]["concurrency"] == 16  # the task itself is left as it was
+
+
 def test_a_judged_pair_whose_rejected_answer_rates_as_high_as_the_chosen_one_is_dropped(
         tmp_path, openai_server, tiny_model):
     from llmfactory_runtime.benchmark.judge import JUDGE_SYSTEM

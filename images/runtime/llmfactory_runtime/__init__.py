@@ -18,6 +18,7 @@ class Interrupted(Exception):
 # Environment variables that carry API keys into the pod (the Job sets them by secretKeyRef).
 TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"
 JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"
+REJECTED_KEY_ENV = "LLMFACTORY_REJECTED_API_KEY"  # a DatasetBuild's preferences.rejected.openai
 
 # Where a Job mounts the ConfigMaps a DatasetBuild reads prompts from (<dir>/<name>/<key>); the
 # local runner points this variable at the folder it writes them to.

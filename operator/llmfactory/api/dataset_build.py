@@ -139,19 +139,35 @@ class Filters(ApiModel):
 
 class RejectedAnswers(ApiModel):
     """Who writes the rejected answer of each preference pair: a local model, usually the student
-    before fine-tuning (its own answers are what DPO should move it away from)."""
+    before fine-tuning (its own answers are what DPO should move it away from), or a weaker model
+    behind an OpenAI-compatible API (UltraFeedback's way)."""
 
     cel_rules: ClassVar = [
-        {"rule": "self.engine != 'vllm' || !has(self.model.ggufFile)",
+        {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
+        {"rule": "self.engine == 'auto' || has(self.model)",
+         "message": "engine applies to a local model (model), not to openai"},
+        {"rule": "self.engine != 'vllm' || !has(self.model) || !has(self.model.ggufFile)",
          "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
     ]
 
-    model: ModelSource = Field(description="The model, run inside the phase's pod.")
+    model: ModelSource | None = Field(None, description="A local model, run inside the phase's pod.")
+    openai: OpenAIEndpoint | None = Field(None, description=(
+        "An OpenAI-compatible chat-completions endpoint (its own apiKeySecret, rate limits and retries). "
+        "A request it refuses for one prompt (400, 413, 422) drops that pair (rejected_refused)."))
     engine: Engine = Field("auto", description=ENGINE_DESCRIPTION)
     temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
     batch_size: int = Field(8, ge=1, le=512, description="Prompts decoding together (transformers engine).")
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
+
+    @model_validator(mode="after")
+    def _one_answerer(self):
+        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
+        if (self.model is None) == (self.openai is None):
+            raise ValueError(self.cel_rules[0]["message"])
+        if self.openai is not None and self.engine != "auto":
+            raise ValueError(self.cel_rules[1]["message"])
+        return self
 
 
 class Preferences(ApiModel):
@@ -160,10 +176,10 @@ class Preferences(ApiModel):
     rejected: RejectedAnswers = Field(description=(
         "Answers the last user turn of every kept conversation (seeing the teacher's earlier turns and "
         "system message); the teacher's answer is the chosen one. Answers are cached like the teacher's; "
-        "a pair whose two answers are the same is dropped (preference_tie). With filters.judge both answers "
-        "are rated (score_chosen, score_rejected in the rows) and a pair whose rejected answer rates at "
-        "least as high as the chosen one is dropped (preference_not_better); minScore applies to the "
-        "chosen answers only."))
+        "a pair whose two answers are the same is dropped (preference_tie), one whose rejected answer is "
+        "empty too (rejected_empty). With filters.judge both answers are rated (score_chosen, "
+        "score_rejected in the rows) and a pair whose rejected answer rates at least as high as the chosen "
+        "one is dropped (preference_not_better); minScore applies to the chosen answers only."))
 
 
 class Split(ApiModel):

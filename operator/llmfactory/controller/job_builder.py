@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmfactory_runtime import CONFIG_MAPS_DIR, EXIT_INTERRUPTED, EXIT_INVALID_TASK, JUDGE_KEY_ENV, TEACHER_KEY_ENV
+from llmfactory_runtime import (CONFIG_MAPS_DIR, EXIT_INTERRUPTED, EXIT_INVALID_TASK, JUDGE_KEY_ENV, REJECTED_KEY_ENV,
+                                TEACHER_KEY_ENV)
 
 from ..api import KINDS
 from .settings import OperatorSettings
@@ -66,6 +67,7 @@ SECRET_ENV = (
     (("teacher", "openai"), TEACHER_KEY_ENV),
     (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
     (("filters", "judge", "openai"), JUDGE_KEY_ENV),  # a DatasetBuild's answer judge
+    (("preferences", "rejected", "openai"), REJECTED_KEY_ENV),  # a DatasetBuild's rejected answers
 )
 
 
@@ -129,11 +131,12 @@ def _command(kind: str, gpus: int, nodes: int, job: str, service: str, shards: i
 
 
 def _default_gpus(kind: str, spec: dict[str, Any], settings: OperatorSettings) -> int:
-    # A DatasetBuild whose teacher (and answer judge) are APIs, and that has no local model write
-    # rejected answers, holds no GPU; compressed-tensors types are GPU formats (llmcompressor
-    # calibrates on one), GGUF conversion is CPU work.
+    # A DatasetBuild whose teacher (and answer judge, and rejected answers' writer) are APIs holds
+    # no GPU; compressed-tensors types are GPU formats (llmcompressor calibrates on one), GGUF
+    # conversion is CPU work.
     if kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {}) and \
-            "model" not in ((spec.get("filters") or {}).get("judge") or {}) and not spec.get("preferences"):
+            "model" not in ((spec.get("filters") or {}).get("judge") or {}) and \
+            "model" not in ((spec.get("preferences") or {}).get("rejected") or {}):
         return 0
     if kind == "Quantization" and spec.get("format") == "compressed-tensors":
         return max(settings.default_gpus.get(kind, 0), 1)

@@ -164,7 +164,7 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         inputs["tokenizer"] = _model(tokenizer)
     if spec.filters.judge and spec.filters.judge.model:
         inputs["judge"] = _model(spec.filters.judge.model)
-    if spec.preferences:
+    if spec.preferences and spec.preferences.rejected.model:
         inputs["rejected"] = _model(spec.preferences.rejected.model)
         _check_engine(res, "spec.preferences.rejected.engine", spec.preferences.rejected.engine, inputs["rejected"])
     return inputs

@@ -10,6 +10,7 @@ finds every answer in the cache, plus the shards' bills.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -114,9 +115,11 @@ def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: P
     return rows, usage, judge
 
 
-def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress, judge: AnswerJudge | None):
+def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress, judge: AnswerJudge | None,
+              transport=None):
     """spec.preferences: each kept conversation gets preferences.rejected's answer to its last turn
-    (the teacher's answer there is the chosen one); a pair of two equal answers teaches nothing.
+    (the teacher's answer there is the chosen one); a pair of two equal answers teaches nothing, nor
+    does one without a rejected answer (empty, or refused by an API).
     With filters.judge, both answers are rated (the chosen one's rating comes from the cache) and a
     pair whose rejected answer rates at least as high as the chosen one is dropped: DPO would push
     the student away from an answer as good as the teacher's."""
@@ -124,10 +127,18 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
     if not prefs:
         return rows, None
     answers, usage = teacher_.answer_again([r["messages"][:-1] for r in rows], prefs["rejected"],
-                                           task["inputs"]["rejected"], task["cacheUri"],
-                                           "spec.preferences.rejected.engine", progress,
-                                           share_gpu=judge is not None and judge.model_input is not None)
-    pairs = [{**row, "rejected": got["text"]} for row, got in zip(rows, answers)]
+                                           task["inputs"].get("rejected"), task["cacheUri"],
+                                           "spec.preferences.rejected", progress,
+                                           share_gpu=judge is not None and judge.model_input is not None,
+                                           transport=transport)
+    pairs = []
+    for row, got in zip(rows, answers):
+        if got.get("rejected"):  # the endpoint refused this prompt (kept in the cache as such)
+            drops.add("rejected_refused", got["rejected"])
+        elif not got["text"].strip():
+            drops.add("rejected_empty", row["messages"][-2]["content"])
+        else:
+            pairs.append({**row, "rejected": got["text"]})
     scores: dict[str, float | None] = {}
     if judge is not None and pairs:
         progress.stage(f"judging {len(pairs)} rejected answers")
@@ -148,22 +159,31 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
 
 
 SHARED_LIMITS = ("concurrency", "requestsPerMinute", "tokensPerMinute")
+API_ENDPOINTS = (("teacher",), ("filters", "judge"), ("preferences", "rejected"))  # where spec.*.openai may be
+
+
+def _shared_limits(spec: dict[str, Any], shards: int) -> dict[str, Any]:
+    """The spec with every API endpoint's limits divided among the shards."""
+    spec = copy.deepcopy(spec)
+    for path in API_ENDPOINTS:
+        node = spec
+        for key in path:
+            node = (node or {}).get(key)
+        endpoint = (node or {}).get("openai")
+        for name in SHARED_LIMITS:
+            if endpoint and endpoint.get(name):
+                endpoint[name] = max(1, endpoint[name] // shards)
+    return spec
 
 
 def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, transport=None) -> dict[str, Any]:
     """Answer every shards-th prompt, starting at `shard`, into the answer cache, at 1/shards of
-    the teacher's limits (the provider's limits are the account's, not the pod's)."""
+    each API's limits (the provider's limits are the account's, not the pod's)."""
     shards = task["spec"]["shards"]
-    teacher = task["spec"]["teacher"]
-    if "openai" in teacher:
-        endpoint = dict(teacher["openai"])
-        for name in SHARED_LIMITS:
-            if endpoint.get(name):
-                endpoint[name] = max(1, endpoint[name] // shards)
-        task = {**task, "spec": {**task["spec"], "teacher": {**teacher, "openai": endpoint}}}
+    task = {**task, "spec": _shared_limits(task["spec"], shards)}
     prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
-    _, rejected = _rejected(task, rows, Drops(), progress, judge)  # into the cache, for the merge
+    _, rejected = _rejected(task, rows, Drops(), progress, judge, transport)  # into the cache, for the merge
     return {"shard": shard, "prompts": len(prompts), "kept": len(rows), "requests": usage.requests,
             "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
             "judgeRequests": judge.requests if judge else 0, "rejectedRequests": rejected.requests if rejected else 0}
@@ -184,7 +204,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     drops = Drops()
     prompts = _prompts(task, drops, progress)
     rows, usage, judge = _answer(task, prompts, drops, progress, transport)
-    rows, rejected_usage = _rejected(task, rows, drops, progress, judge)
+    rows, rejected_usage = _rejected(task, rows, drops, progress, judge, transport)
     if spec.get("shards", 1) > 1:
         bills = _shard_bills(run, spec["shards"])
         usage.cached -= bills.get("requests", 0)

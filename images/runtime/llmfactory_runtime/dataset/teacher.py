@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..answer_cache import AnswerCache
-from ..openai_client import TEACHER_KEY_ENV, ChatClient, EndpointError, api_key
+from ..openai_client import REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, EndpointError, api_key
 from ..progress import Progress
 from .answer_judge import AnswerJudge
 from .filters import AnswerFilter
@@ -50,14 +50,16 @@ def cache_identity(teacher: dict[str, Any], model_input: dict[str, Any] | None) 
 
 
 def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, on_answer: Callable[[], None],
-                    transport=None, endpoint: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> Callable[[list[tuple[str, list[dict]]]], None]:
-    """teacher.openai, or `endpoint` (a local vLLM server) with `extra` request parameters."""
-    key = api_key(teacher["openai"], TEACHER_KEY_ENV, "spec.teacher.openai") if endpoint is None else None
+                    transport=None, endpoint: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    key_env: str = TEACHER_KEY_ENV, field: str = "spec.teacher.openai",
+                    ) -> Callable[[list[tuple[str, list[dict]]]], None]:
+    """teacher.openai (its key in key_env; `field` names it in errors), or `endpoint` (a local vLLM
+    server) with `extra` request parameters."""
+    key = api_key(teacher["openai"], key_env, field) if endpoint is None else None
     endpoint = endpoint or teacher["openai"]
 
     async def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
-        async with ChatClient(endpoint, key, "spec.teacher.openai", transport=transport) as client:
+        async with ChatClient(endpoint, key, field, transport=transport) as client:
             async def ask(cache_key: str, messages: list[dict]) -> None:
                 try:
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
@@ -216,12 +218,13 @@ def _judge_turn(judge: AnswerJudge, answered: list[dict[str, Any]], drops: Drops
                       else c["messages"][-2]["content"])
 
 
-def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any], model_input: dict[str, Any],
-                 cache_uri: str, field: str, progress: Progress,
-                 share_gpu: bool = False) -> tuple[list[dict[str, Any]], Usage]:
-    """Another local model's answer to each conversation as it stands (ending with a user turn):
-    a preference pair's rejected answer. Cached like the teacher's, so a rerun asks only what is new.
-    share_gpu: a local answer judge stays loaded beside it."""
+def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any], model_input: dict[str, Any] | None,
+                 cache_uri: str, field: str, progress: Progress, share_gpu: bool = False,
+                 transport=None) -> tuple[list[dict[str, Any]], Usage]:
+    """Another model's answer to each conversation as it stands (ending with a user turn): a
+    preference pair's rejected answer, from answerer.openai (its key in REJECTED_KEY_ENV) or the
+    local model_input. Cached like the teacher's, so a rerun asks only what is new. `field`: where
+    the answerer is in the spec; share_gpu: a local answer judge stays loaded beside it."""
     cache = AnswerCache(cache_uri, "teacher", cache_identity(answerer, model_input))
     cache.load()
     usage = Usage()
@@ -235,7 +238,10 @@ def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any],
 
     stack = contextlib.ExitStack()
     try:
-        if todo and _engine(answerer, model_input, field) == "vllm":
+        if todo and "openai" in answerer:
+            _openai_backend(answerer, cache, usage, on_answer, transport, key_env=REJECTED_KEY_ENV,
+                            field=f"{field}.openai")(todo)
+        elif todo and _engine(answerer, model_input, f"{field}.engine") == "vllm":
             _vllm_backend(answerer, model_input, cache, usage, on_answer, stack, share_gpu=share_gpu)(todo)
         elif todo:
             _local_backend(answerer, model_input, cache, usage, on_answer)(todo)
