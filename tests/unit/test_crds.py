@@ -10,7 +10,8 @@ import yaml
 from llmfactory.api import KINDS
 from llmfactory.api.crd import crd
 from llmfactory.cli import main as cli
-from tests.crd_schema import validate_resource
+from llmfactory.api.schema_check import validate_resource
+from llmfactory.planner import PlanError, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSIONS = sorted({v for v in kubernetes_validate.utils.all_versions()
@@ -163,9 +164,34 @@ BAD = [
 
 
 @pytest.mark.parametrize("kind,spec,expected", BAD, ids=[f"{k}-{e[:25]}" for k, _, e in BAD])
-def test_bad_specs_are_rejected_by_the_crd_with_a_clear_message(kind, spec, expected):
+def test_bad_specs_are_rejected_by_the_crd_and_by_the_planner_with_a_clear_message(kind, spec, expected):
     errors = validate_resource(crd(KINDS[kind]), _manifest(kind, spec))
     assert any(expected in e for e in errors), errors
+    # llmfactory plan and run refuse what kubectl apply would, in the CRD's words where pydantic,
+    # which checks types, bounds and patterns first, has none of its own.
+    with pytest.raises(PlanError) as err:
+        parse(_manifest(kind, spec))
+    assert expected in str(err.value) or expected in PYDANTIC_WORDS, err.value
+
+
+PYDANTIC_WORDS = {"not in", "minimum", "violates minimum", "does not match", "unknown field",
+                  "format gguf takes GGUF types", "format compressed-tensors takes types fp8, gptq, awq"}
+
+
+MINIMAL = [
+    ("DatasetBuild", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"openai": {"model": "gpt-4o"}}}),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}}),
+    ("Benchmark", {"model": {"source": MODEL}, "perplexity": {"dataset": {"uri": "file:///d"}}}),
+    ("Quantization", {"model": {"source": MODEL}}),
+]
+
+
+@pytest.mark.parametrize("kind,spec", MINIMAL, ids=[k for k, _ in MINIMAL])
+def test_a_manifest_that_leaves_every_default_out_is_accepted(kind, spec):
+    """Every CEL rule evaluates on the fields the API server fills in; one that reads a field without a
+    CRD default fails to evaluate, and kubectl apply refuses the object (types of a Quantization did)."""
+    assert validate_resource(crd(KINDS[kind]), _manifest(kind, spec)) == []
+    parse(_manifest(kind, spec))
 
 
 def test_scheduling_affinity_is_kept_as_written():

@@ -8,7 +8,7 @@ import yaml
 
 from llmfactory.api import KINDS
 from llmfactory.planner import Waiting, dependency_order, parse, plan, read_manifests
-from tests.crd_schema import validate_resource
+from llmfactory.api.schema_check import validate_resource
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = {yaml.safe_load(p.read_text())["spec"]["names"]["kind"]: yaml.safe_load(p.read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, Engine, KindInfo, LocalObjectReference, ModelSource,
                      OpenAIEndpoint, RunOptions, StatusBase)
@@ -136,13 +136,6 @@ class BenchmarkSpec(RunOptions):
     judge: Judge | None = Field(None, description="LLM-as-judge scores on built-in questions (1-10).")
     lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks.")
     gates: list[Gate] = Field(default_factory=list, description="All must hold for result.passed.")
-
-    @model_validator(mode="after")
-    def _pairwise_needs_baseline(self):
-        # The CEL rule above, for manifests that never meet an API server (llmfactory run / plan).
-        if self.judge and self.judge.mode != "single" and not self.baseline:
-            raise ValueError(self.cel_rules[1]["message"])
-        return self
 
 
 class GateOutcome(ApiModel):

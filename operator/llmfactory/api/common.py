@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import Enum
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 # Kubernetes names: RFC 1123 subdomain, as metadata.name.
@@ -20,20 +19,11 @@ URI_PATTERN = r"^(s3|file|package)://.+$"
 CREDENTIALS_IN_URL = r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@"
 
 
-def no_credentials_in_url(field: str) -> tuple[dict[str, str], classmethod]:
-    """For a URL field (camelCase name): the CEL rule the CRD enforces, and the same check as a
-    pydantic validator (local runs and the planner)."""
-    message = (f"{field} must not carry credentials (user:password@host): put the key in a Secret and "
-               "name it in apiKeySecret")
-
-    def check(cls, value: str) -> str:
-        if re.match(CREDENTIALS_IN_URL, value):
-            raise ValueError(message)
-        return value
-
-    python_name = re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), field)
-    return ({"rule": f"!self.{field}.matches('{CREDENTIALS_IN_URL}')", "message": message},
-            field_validator(python_name)(check))
+def no_credentials_in_url(field: str) -> dict[str, str]:
+    """For a URL field (camelCase name): the CEL rule the CRD (and the planner) enforces."""
+    return {"rule": f"!self.{field}.matches('{CREDENTIALS_IN_URL}')", "fieldPath": f".{field}",
+            "message": (f"{field} must not carry credentials (user:password@host): put the key in a Secret and "
+                        "name it in apiKeySecret")}
 
 
 class ApiModel(BaseModel):
@@ -104,14 +94,10 @@ class Price(ApiModel):
     output_per_million: float = Field(ge=0, description="USD per million completion tokens.")
 
 
-_BASE_URL_RULE, _base_url_check = no_credentials_in_url("baseUrl")
-
-
 class OpenAIEndpoint(ApiModel):
     """An OpenAI-compatible chat-completions API: OpenAI, Azure OpenAI, vLLM, llama.cpp's server..."""
 
-    cel_rules: ClassVar = [_BASE_URL_RULE]
-    _no_credentials = _base_url_check
+    cel_rules: ClassVar = [no_credentials_in_url("baseUrl")]
 
     base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://.+", max_length=2048,
                           description="API root; requests go to {baseUrl}/chat/completions.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, Engine, KindInfo, ModelSource,
                      OpenAIEndpoint, RunOptions, StatusBase)
@@ -160,15 +160,6 @@ class RejectedAnswers(ApiModel):
     batch_size: int = Field(8, ge=1, le=512, description="Prompts decoding together (transformers engine).")
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
 
-    @model_validator(mode="after")
-    def _one_answerer(self):
-        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
-        if (self.model is None) == (self.openai is None):
-            raise ValueError(self.cel_rules[0]["message"])
-        if self.openai is not None and self.engine != "auto":
-            raise ValueError(self.cel_rules[1]["message"])
-        return self
-
 
 class Preferences(ApiModel):
     """Write preference pairs for a FineTune with objective dpo, instead of conversations."""
@@ -218,13 +209,6 @@ class DatasetBuildSpec(RunOptions):
         "every N-th prompt into the answer cache, and the last to finish merges. The dataset is the same as "
         "with 1 shard. The teacher's concurrency and rate limits stay limits of the whole build: each shard "
         "gets 1/N of them."))
-
-    @model_validator(mode="after")
-    def _preference_rows(self):
-        # The CEL rule above, for manifests that never meet an API server (llmfactory run / plan).
-        if self.preferences is not None and self.format != "chatml":
-            raise ValueError(self.cel_rules[0]["message"])
-        return self
 
 
 class TeacherUsage(ApiModel):

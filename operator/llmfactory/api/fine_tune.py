@@ -28,15 +28,6 @@ class BaseModel(ModelSource):
         "this one waits until that one has succeeded, and runs again on the new model when that one is "
         "retrained."))
 
-    @model_validator(mode="after")
-    def _one_source(self):
-        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
-        if sum(x is not None for x in (self.huggingface, self.uri, self.fine_tune_ref)) != 1:
-            raise ValueError(self.cel_rules[0]["message"])
-        if self.gguf_file and self.fine_tune_ref:
-            raise ValueError(self.cel_rules[2]["message"])
-        return self
-
 
 class DatasetInput(ApiModel):
     cel_rules: ClassVar = [
@@ -135,12 +126,7 @@ class Dpo(ApiModel):
         "TRL's CPO-SimPO cpo_alpha). Unset: plain DPO."))
 
     @model_validator(mode="after")
-    def _loss_settings(self):
-        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
-        if self.label_smoothing and self.loss != "sigmoid":
-            raise ValueError(self.cel_rules[0]["message"])
-        if self.gamma is not None and self.loss != "simpo":
-            raise ValueError(self.cel_rules[1]["message"])
+    def _simpo_gamma(self):
         if self.loss == "simpo" and self.gamma is None:
             self.gamma = 0.5  # spelled out in the task, as the other defaults are
         return self
@@ -206,15 +192,6 @@ class Hyperparameters(ApiModel):
         "the loss so small gradients survive, and skips a step whose gradients overflow "
         "(result.skippedSteps). fp16 is slow on CPU, and under DeepSpeed needs a GPU."))
 
-    @model_validator(mode="after")
-    def _needs_evaluations(self):
-        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
-        if self.eval_every_steps is None:
-            for rule, wanted in zip(self.cel_rules, (self.early_stopping is not None, self.select_best)):
-                if wanted:
-                    raise ValueError(rule["message"])
-        return self
-
 
 class Distribution(ApiModel):
     """How several processes share the work (resources.gpusPerNode x resources.nodes)."""
@@ -232,8 +209,6 @@ class Distribution(ApiModel):
 
     @model_validator(mode="after")
     def _deepspeed_defaults(self):
-        if self.strategy != "deepspeed" and (self.zero_stage or self.offload):
-            raise ValueError("zeroStage and offload apply only to strategy deepspeed")
         if self.strategy == "deepspeed":
             self.zero_stage = self.zero_stage or 2
             self.offload = self.offload or "none"
@@ -254,12 +229,8 @@ class WandB(ApiModel):
     api_key_secret: SecretKeyRef | None = Field(None, description="Secret holding WANDB_API_KEY (online mode).")
 
 
-_TRACKING_URI_RULE, _tracking_uri_check = no_credentials_in_url("trackingUri")
-
-
 class MLflow(ApiModel):
-    cel_rules: ClassVar = [_TRACKING_URI_RULE]
-    _no_credentials = _tracking_uri_check
+    cel_rules: ClassVar = [no_credentials_in_url("trackingUri")]
 
     tracking_uri: str = Field(min_length=1, max_length=2048, description=(
         "MLflow tracking server URI (or a file:// path). A resumed run logs to the same MLflow run (its id "
@@ -322,18 +293,8 @@ class FineTuneSpec(RunOptions):
 
     @model_validator(mode="after")
     def _method_defaults(self):
-        # The CEL rules above, for manifests that never meet an API server (llmfactory run / plan).
-        if self.method == "full" and self.lora is not None:
-            raise ValueError("lora settings apply only to methods lora and qlora")
-        if self.method != "qlora" and self.qlora is not None:
-            raise ValueError("qlora settings apply only to method qlora")
-        if self.method == "qlora" and self.distribution.strategy == "deepspeed":
-            raise ValueError("qlora trains with distribution.strategy ddp: DeepSpeed ZeRO cannot shard 4-bit weights")
-        if self.method != "full" and self.distribution.zero_stage == 3:
-            raise ValueError("distribution.zeroStage 3 shards the weights of a full fine-tune; adapters use zeroStage 2")
-        if self.objective != "dpo" and self.dpo is not None:
-            raise ValueError(self.cel_rules[4]["message"])
-        # Spelled out in the task, so the digest changes if a default ever does.
+        # Spelled out in the task, so the digest changes if a default ever does. (What may be set
+        # with what is the CEL rules' to say: the planner checks them as the API server does.)
         if self.objective == "dpo" and self.dpo is None:
             self.dpo = Dpo()
         if self.method in ("lora", "qlora") and self.lora is None:

@@ -40,11 +40,14 @@ class Validation(ApiModel):
 
 
 class QuantizationSpec(RunOptions):
+    # types unset is ["q8_0"] (the planner's default; a list default is not the CRD's), which
+    # format compressed-tensors does not take.
     cel_rules: ClassVar = [
-        {"rule": "self.format != 'gguf' || self.types.all(t, t in %s)" % list(GGUF_TYPES),
+        {"rule": "self.format != 'gguf' || !has(self.types) || self.types.all(t, t in %s)" % list(GGUF_TYPES),
          "message": "format gguf takes GGUF types: " + ", ".join(GGUF_TYPES)},
-        {"rule": "self.format != 'compressed-tensors' || self.types.all(t, t in %s)" % list(COMPRESSED_TYPES),
-         "message": "format compressed-tensors takes types fp8, gptq, awq"},
+        {"rule": "self.format != 'compressed-tensors' || (has(self.types) && self.types.all(t, t in %s))"
+                 % list(COMPRESSED_TYPES),
+         "message": "format compressed-tensors takes types fp8, gptq, awq (types is required with it)"},
     ]
 
     model: QuantizationInput = Field(description="The model to convert.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -13,6 +14,8 @@ from pydantic import ValidationError
 from .. import API_VERSION
 from ..api import KINDS
 from ..api.common import ApiModel
+from ..api.crd import crd
+from ..api.schema_check import validate_resource
 from .errors import PlanError
 
 Key = tuple[str, str, str]  # kind, namespace, name
@@ -42,8 +45,14 @@ def _field_path(loc: Iterable[Any]) -> str:
     return path
 
 
+@lru_cache(maxsize=None)
+def _crd(kind: str) -> dict[str, Any]:
+    return crd(KINDS[kind])
+
+
 def parse(manifest: dict[str, Any], default_namespace: str = "default") -> Resource:
-    """Validate one manifest against its kind's API model."""
+    """Validate one manifest against its kind's API model, then against its CRD as the API server
+    would (its CEL rules above all): what `kubectl apply` refuses is refused here too."""
     kind = manifest.get("kind")
     meta = manifest.get("metadata") or {}
     name = meta.get("name") or "<unnamed>"
@@ -59,6 +68,10 @@ def parse(manifest: dict[str, Any], default_namespace: str = "default") -> Resou
     except ValidationError as exc:
         first = exc.errors()[0]
         raise PlanError(ref, _field_path(first["loc"]), first["msg"]) from None
+    errors = validate_resource(_crd(kind), {k: v for k, v in manifest.items() if k != "status"})
+    if errors:
+        where, _, message = errors[0].partition(": ")
+        raise PlanError(ref, where.removeprefix(f"{kind}."), message)
     return Resource(kind, meta.get("namespace", default_namespace), meta["name"], spec, manifest)
 
 

@@ -1,10 +1,15 @@
 """Validate a custom resource against a CRD's structural schema the way the API server would:
 defaults, types, required fields, enums, patterns, bounds, CEL rules (x-kubernetes-validations) -- and
-report fields the server would silently prune, which are bugs in a manifest."""
+report fields the server would silently prune, which are bugs in a manifest.
+
+The planner runs it on every manifest (llmfactory plan and run, the operator), so a manifest that
+`kubectl apply` would refuse is refused locally too, with the API server's message: the CEL rules
+of the API types are their single statement, not mirrored by hand in Python."""
 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 import celpy
@@ -13,10 +18,19 @@ _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
 _cel = celpy.Environment()
 
 
+@lru_cache(maxsize=None)
+def _program(rule: str):
+    return _cel.program(_cel.compile(rule))
+
+
 def _cel_check(rule: dict, value: Any, path: str) -> list[str]:
-    program = _cel.program(_cel.compile(rule["rule"]))
-    if not program.evaluate({"self": celpy.json_to_cel(value)}):
-        return [f"{path}: {rule.get('message', rule['rule'])}"]
+    try:
+        held = _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+    except celpy.CELEvalError as exc:  # the API server refuses the object too (e.g. "no such key")
+        return [f"{path}: {rule.get('message', rule['rule'])} (the rule {rule['rule']!r} could not be evaluated: "
+                f"{exc.args[0] if exc.args else exc})"]
+    if not held:
+        return [f"{path}{rule.get('fieldPath', '')}: {rule.get('message', rule['rule'])}"]
     return []
 
 
