@@ -391,7 +391,7 @@ def test_api_judge_compares_the_model_with_its_baseline_in_both_orders(tiny_mode
     assert (m["judge.wins"], m["judge.ties"], m["judge.losses"], m["judge.undecided"]) == (2, 2, 1, 1)
     assert m["judge.winRate"] == 0.6 and m["judge.winRate.turn1"] == 0.625 and m["judge.winRate.turn2"] == 0.5
     assert "judge.score" not in m and result["passed"] is True
-    assert headline("Benchmark", result) == "win rate 0.60 vs base, gates passed"
+    assert headline("Benchmark", result) == "win rate 0.60 vs baseline, gates passed"
     # Turn 2 shows each assistant's own conversation; every comparison was asked in both orders.
     turn2 = [r.messages[1]["content"] for r in openai_server.requests
              if "[Conversation with assistant A]" in r.messages[1]["content"]]

@@ -221,6 +221,28 @@ def test_benchmark_of_a_quantization_loads_its_first_artifact():
     assert task["inputs"]["model"] == {"uri": "s3://b/q/compressed/x-fp8", "digest": "abc"}
 
 
+def test_a_quantization_is_compared_with_the_fine_tune_it_was_made_from():
+    """spec.baselineModel: the baseline is the named FineTune's model, not a base; the Benchmark
+    waits for it, runs after it, and its digest follows that model's."""
+    gguf = {"artifacts": [{"type": "q4_k_m", "uri": "s3://b/q/gguf/x-q4_k_m.gguf", "sha256": "abc", "sizeBytes": 1}],
+            "passed": True, "datasetUri": "s3://b/d", "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
+    b = m("Benchmark", "b", {"model": {"quantizationRef": {"name": "q"}}, "baselineModel": {"fineTuneRef": {"name": "ft"}},
+                             "judge": {"openai": {"model": "judge"}, "mode": "pairwise"}, "perplexity": {},
+                             "gates": [{"metric": "judge.winRate", "op": ">=", "value": 0.45},
+                                       {"metric": "perplexity.changePercent", "op": "<=", "value": 2}]})
+    waiting = plan(parse(b), lookup({("Quantization", "q"): gguf}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.baselineModel.fineTuneRef"
+    results = {("Quantization", "q"): gguf, ("FineTune", "ft"): FT_RESULT}
+    task = plan(parse(b), lookup(results), STORE)
+    assert task["inputs"]["baseline"] == {"uri": "s3://bucket/ft/model", "digest": "sha256:fff"}
+    retrained = plan(parse(b), lookup({**results, ("FineTune", "ft"): {**FT_RESULT, "digest": "sha256:ggg"}}), STORE)
+    assert retrained["digest"] != task["digest"]
+    order = [r.name for r in dependency_order(parse(x) for x in [b, QUANT, FT, DATA])]
+    assert order.index("ft") < order.index("b")
+    with pytest.raises(PlanError, match="baselineModel is the baseline to evaluate: set baseline true"):
+        parse(m("Benchmark", "b", {**b["spec"], "baseline": False, "judge": {"openai": {"model": "judge"}}}))
+
+
 def test_vllm_is_refused_for_a_gguf_model_before_a_job_runs():
     gguf = {"artifacts": [{"type": "q8_0", "uri": "s3://b/q/gguf/x-q8_0.gguf", "sha256": "abc", "sizeBytes": 1}],
             "passed": True}

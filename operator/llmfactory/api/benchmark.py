@@ -124,6 +124,8 @@ class BenchmarkSpec(RunOptions):
         {"rule": "!has(self.judge) || !has(self.judge.mode) || self.judge.mode == 'single' || !has(self.baseline) "
                  "|| self.baseline",
          "message": "judge.mode pairwise and both compare the model with its baseline: set baseline true"},
+        {"rule": "!has(self.baselineModel) || !has(self.baseline) || self.baseline",
+         "message": "baselineModel is the baseline to evaluate: set baseline true (or leave it unset)"},
         {"rule": "!has(self.judge) || self.judge.engine != 'vllm' || !has(self.model.source) || "
                  "!has(self.model.source.ggufFile)",
          "message": "judge.engine vllm cannot load a GGUF model (model.source.ggufFile): use engine transformers "
@@ -131,7 +133,14 @@ class BenchmarkSpec(RunOptions):
     ]
 
     model: ModelUnderTest = Field(description="The model to evaluate.")
-    baseline: bool = Field(True, description="Also evaluate the FineTune's base model, for comparison.")
+    baseline: bool = Field(True, description=(
+        "Also evaluate a baseline, for comparison (*.baseline metrics, judge.mode pairwise): the FineTune's "
+        "base model, or baselineModel."))
+    baseline_model: ModelUnderTest | None = Field(None, description=(
+        "The baseline, instead of the FineTune's base: e.g. the FineTune a Quantization was made from (did "
+        "quantizing cost judge score?), another FineTune of the same base (which hyperparameters won?), or "
+        "the SFT model a DPO one started from. It runs on the same questions, dataset and tasks; the Benchmark "
+        "waits for it as for the model."))
     perplexity: Perplexity | None = Field(None, description="Perplexity on held-out conversations.")
     judge: Judge | None = Field(None, description="LLM-as-judge scores on built-in questions (1-10).")
     lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks.")

@@ -22,6 +22,11 @@ def references(res: Resource) -> list[tuple[str, str, str]]:
     if res.kind == "Benchmark":
         if spec.model.quantization_ref:
             refs.append(("spec.model.quantizationRef", "Quantization", spec.model.quantization_ref.name))
+        if spec.baseline_model and spec.baseline_model.fine_tune_ref:
+            refs.append(("spec.baselineModel.fineTuneRef", "FineTune", spec.baseline_model.fine_tune_ref.name))
+        if spec.baseline_model and spec.baseline_model.quantization_ref:
+            refs.append(("spec.baselineModel.quantizationRef", "Quantization",
+                         spec.baseline_model.quantization_ref.name))
         if spec.perplexity and spec.perplexity.dataset and spec.perplexity.dataset.dataset_build_ref:
             refs.append(("spec.perplexity.dataset.datasetBuildRef", "DatasetBuild",
                          spec.perplexity.dataset.dataset_build_ref.name))

@@ -195,21 +195,22 @@ def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:
     return {"uri": trained["modelUri"]}
 
 
-def _trained_model(res: Resource, upstream: dict) -> tuple[dict, dict | None, dict | None]:
-    """(model, its base model, the dataset it was trained on) for a model input with refs."""
-    spec = res.spec.model
+def _trained_model(res: Resource, upstream: dict, field: str = "spec.model") -> tuple[dict, dict | None, dict | None]:
+    """(model, its base model, the dataset it was trained on) for a model input with refs: the
+    resource's spec.model, or another field of that type (a Benchmark's spec.baselineModel)."""
+    spec = res.spec.baseline_model if field == "spec.baselineModel" else res.spec.model
     if spec.fine_tune_ref:
-        ft = upstream["spec.model.fineTuneRef"]
+        ft = upstream[f"{field}.fineTuneRef"]
         dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"]}
         if ft.get("modelUri"):
             return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
         if res.kind == "Quantization":  # conversion reads a whole safetensors model
-            raise PlanError(res.ref, "spec.model.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} kept only its "
+            raise PlanError(res.ref, f"{field}.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} kept only its "
                             "adapter (spec.mergeAdapter: false); set mergeAdapter: true there to quantize it")
         # A Benchmark evaluates the adapter on its base, merged when loaded.
         return {**ft["baseModel"], "adapterUri": ft["adapterUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
     if getattr(spec, "quantization_ref", None):
-        q = upstream["spec.model.quantizationRef"]
+        q = upstream[f"{field}.quantizationRef"]
         first = q["artifacts"][0]
         dataset = ({"uri": q["datasetUri"], "format": q["datasetFormat"], "digest": q["datasetDigest"]}
                    if q.get("datasetUri") else None)
@@ -236,6 +237,8 @@ def _check_engine(res: Resource, field: str, engine: str, model: dict[str, Any])
 def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     spec = res.spec
     model, base, trained_on = _trained_model(res, upstream)
+    if spec.baseline_model:  # another model to compare with than the FineTune's base
+        base = _trained_model(res, upstream, "spec.baselineModel")[0]
     baseline = base if spec.baseline else None
     inputs: dict[str, Any] = {"model": model, "baseline": baseline}
     if spec.perplexity:
@@ -248,7 +251,8 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                             "is required when the model does not come from a fineTuneRef")
     if spec.judge and spec.judge.mode != "single" and not baseline:
         raise PlanError(res.ref, "spec.judge.mode", f"is {spec.judge.mode}, which compares the model with its "
-                        "baseline, the base model of a fineTuneRef; this model has none: use mode single")
+                        "baseline, the base model of a fineTuneRef; this model has none: name one in "
+                        "spec.baselineModel, or use mode single")
     if spec.judge:
         _check_engine(res, "spec.judge.engine", spec.judge.engine, model)
         if baseline:
