@@ -193,6 +193,11 @@ def test_a_manifest_that_leaves_every_default_out_is_accepted(kind, spec):
     assert validate_resource(crd(KINDS[kind]), _manifest(kind, spec)) == []
     parse(_manifest(kind, spec))
 
+    # A null is an unset field to the API server (dropped before defaults, the field not being nullable).
+    nulled = {**spec, "resources": None}
+    assert validate_resource(crd(KINDS[kind]), _manifest(kind, nulled)) == []
+    parse(_manifest(kind, nulled))
+
 
 def test_scheduling_affinity_is_kept_as_written():
     spec = {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "scheduling": {

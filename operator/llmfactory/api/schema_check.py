@@ -34,6 +34,16 @@ def _cel_check(rule: dict, value: Any, path: str) -> list[str]:
     return []
 
 
+def without_nulls(value: Any) -> Any:
+    """The object as the API server stores it: a null is an unset field (the server drops nulls of
+    fields that are not `nullable`, and no field of these CRDs is)."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
 def validate(schema: dict, value: Any, path: str = "") -> list[str]:
     errors: list[str] = []
     kind = schema.get("type")
@@ -60,7 +70,9 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
             errors.append(f"{path}: length {len(value)} violates {bound} {schema[bound]}")
     if isinstance(value, dict):
         props = schema.get("properties")
-        # The API server fills in defaults before it validates (CEL rules see them).
+        # The API server drops nulls (no field here is nullable: see without_nulls), then fills in
+        # defaults, before it validates (CEL rules see them).
+        value = {k: v for k, v in value.items() if v is not None}
         value = {**{k: p["default"] for k, p in (props or {}).items() if "default" in p}, **value}
         for name in schema.get("required", []):
             if name not in value:

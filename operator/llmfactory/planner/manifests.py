@@ -15,7 +15,7 @@ from .. import API_VERSION
 from ..api import KINDS
 from ..api.common import ApiModel
 from ..api.crd import crd
-from ..api.schema_check import validate_resource
+from ..api.schema_check import validate_resource, without_nulls
 from .errors import PlanError
 
 Key = tuple[str, str, str]  # kind, namespace, name
@@ -63,8 +63,9 @@ def parse(manifest: dict[str, Any], default_namespace: str = "default") -> Resou
                         f"got {manifest.get('apiVersion')!r} {kind!r}")
     if not meta.get("name"):
         raise PlanError(ref, "metadata.name", "is required")
+    manifest = {**manifest, "spec": without_nulls(manifest.get("spec") or {})}  # as kubectl apply stores it
     try:
-        spec = KINDS[kind].spec.model_validate(manifest.get("spec") or {})
+        spec = KINDS[kind].spec.model_validate(manifest["spec"])
     except ValidationError as exc:
         first = exc.errors()[0]
         raise PlanError(ref, _field_path(first["loc"]), first["msg"]) from None
