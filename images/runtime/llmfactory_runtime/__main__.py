@@ -153,5 +153,19 @@ def _execute(work, task: dict, run: Store) -> int:
     return EXIT_OK
 
 
+def _exit(code: int) -> None:
+    """Exit with `code`. A worker process of a multi-process run other than rank 0 has written all it
+    writes (rank 0 holds the trackers and commits): it skips the interpreter's teardown, whose C++
+    destructors (threads of DeepSpeed's and gloo's) can abort a finished process with SIGABRT
+    ("terminate called without an active exception", seen once under ZeRO-3 on CPU), which would
+    fail a Job whose result rank 0 has committed."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
