@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import shutil
+import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -599,7 +600,10 @@ async def test_metrics_count_reconciles_jobs_and_phases(cluster, operator, job_c
     assert value("llmfactory_reconciles_total", kind="DatasetBuild", phase="Running") >= 1
     assert value("llmfactory_reconcile_seconds_count", kind="DatasetBuild") >= 2
     await cluster.delete("DatasetBuild", "counted")
-    await asyncio.sleep(1)
+    # Gone from the gauge once its deletion is handled (its finalizer runs first: a second or more on a busy machine).
+    deadline = time.monotonic() + 10
+    while value("llmfactory_resources", kind="DatasetBuild", phase="Succeeded") != succeeded and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
     assert value("llmfactory_resources", kind="DatasetBuild", phase="Succeeded") == succeeded
 
 
