@@ -20,6 +20,22 @@ TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"
 JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"
 REJECTED_KEY_ENV = "LLMFACTORY_REJECTED_API_KEY"  # a DatasetBuild's preferences.rejected.openai
 
+# Where a DatasetBuild's spec names OpenAI-compatible endpoints, and the variable each one's key
+# reaches the pod in (the operator's job_builder sets them; sharded builds divide their limits).
+DATASET_BUILD_ENDPOINTS = (
+    (("teacher", "openai"), TEACHER_KEY_ENV),
+    (("filters", "judge", "openai"), JUDGE_KEY_ENV),
+    (("preferences", "rejected", "openai"), REJECTED_KEY_ENV),
+)
+
+
+def at_path(spec: dict, path: tuple[str, ...]):
+    """spec[path[0]][path[1]]..., or None where a part is unset."""
+    node = spec
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
 # Where a Job mounts the ConfigMaps a DatasetBuild reads prompts from (<dir>/<name>/<key>); the
 # local runner points this variable at the folder it writes them to.
 CONFIG_MAPS_ENV, CONFIG_MAPS_DIR = "LLMFACTORY_CONFIG_MAPS", "/etc/llmfactory/config-maps"

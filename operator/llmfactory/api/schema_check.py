@@ -70,9 +70,7 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
             errors.append(f"{path}: length {len(value)} violates {bound} {schema[bound]}")
     if isinstance(value, dict):
         props = schema.get("properties")
-        # The API server drops nulls (no field here is nullable: see without_nulls), then fills in
-        # defaults, before it validates (CEL rules see them).
-        value = {k: v for k, v in value.items() if v is not None}
+        # The API server fills in defaults before it validates (CEL rules see them).
         value = {**{k: p["default"] for k, p in (props or {}).items() if "default" in p}, **value}
         for name in schema.get("required", []):
             if name not in value:
@@ -95,5 +93,6 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
 
 def validate_resource(crd: dict, manifest: dict) -> list[str]:
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    body = {k: v for k, v in manifest.items() if k in ("apiVersion", "kind", "metadata", "spec", "status")}
+    kept = ("apiVersion", "kind", "metadata", "spec", "status")
+    body = without_nulls({k: v for k, v in manifest.items() if k in kept})  # as the API server stores it
     return validate(schema, body, manifest.get("kind", ""))

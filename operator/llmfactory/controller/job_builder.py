@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmfactory_runtime import (CONFIG_MAPS_DIR, EXIT_INTERRUPTED, EXIT_INVALID_TASK, JUDGE_KEY_ENV, REJECTED_KEY_ENV,
-                                TEACHER_KEY_ENV)
+from llmfactory_runtime import (CONFIG_MAPS_DIR, DATASET_BUILD_ENDPOINTS, EXIT_INTERRUPTED, EXIT_INVALID_TASK,
+                                JUDGE_KEY_ENV, at_path)
 
 from ..api import KINDS
 from .settings import OperatorSettings
@@ -64,20 +64,15 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
 SECRET_ENV = (
     (("tracking", "wandb"), "WANDB_API_KEY"),
     (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"),
-    (("teacher", "openai"), TEACHER_KEY_ENV),
     (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
-    (("filters", "judge", "openai"), JUDGE_KEY_ENV),  # a DatasetBuild's answer judge
-    (("preferences", "rejected", "openai"), REJECTED_KEY_ENV),  # a DatasetBuild's rejected answers
+    *DATASET_BUILD_ENDPOINTS,  # the teacher, the answer judge, the rejected answers' writer
 )
 
 
 def _secret_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
     env = []
     for path, name in SECRET_ENV:
-        node: Any = spec
-        for key in path:
-            node = (node or {}).get(key) if isinstance(node, dict) else None
-        ref = (node or {}).get("apiKeySecret")
+        ref = (at_path(spec, path) or {}).get("apiKeySecret")
         if ref:
             env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}})
     return env

@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from typing import Any
 
+from .. import DATASET_BUILD_ENDPOINTS, at_path
 from ..data import SPLITS, dumps_jsonl, preference_row, to_row
 from ..progress import Progress
 from ..store import SHARDS, Store, finished_result
@@ -159,17 +160,11 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
 
 
 SHARED_LIMITS = ("concurrency", "requestsPerMinute", "tokensPerMinute")
-API_ENDPOINTS = (("teacher",), ("filters", "judge"), ("preferences", "rejected"))  # where spec.*.openai may be
-
-
 def _shared_limits(spec: dict[str, Any], shards: int) -> dict[str, Any]:
     """The spec with every API endpoint's limits divided among the shards."""
     spec = copy.deepcopy(spec)
-    for path in API_ENDPOINTS:
-        node = spec
-        for key in path:
-            node = (node or {}).get(key)
-        endpoint = (node or {}).get("openai")
+    for path, _ in DATASET_BUILD_ENDPOINTS:
+        endpoint = at_path(spec, path)
         for name in SHARED_LIMITS:
             if endpoint and endpoint.get(name):
                 endpoint[name] = max(1, endpoint[name] // shards)
