@@ -94,7 +94,8 @@ def field_rows(schema: dict, prefix: str = "spec", required: bool = False):
     for name, sub in (schema.get("properties") or {}).items():
         path = f"{prefix}.{name}"
         req = name in (schema.get("required") or [])
-        default = f" Default {_inline(sub['default'])}." if "default" in sub else ""
+        # An object's default {} only says that its fields' defaults apply: they are listed below it.
+        default = f" Default {_inline(sub['default'])}." if sub.get("default", {}) != {} else ""
         yield f"`{path}`{' (required)' if req else ''}", _type(sub), _cell(sub.get("description", "") + default)
         if sub.get("type") == "object" and sub.get("properties"):
             yield from field_rows(sub, path)

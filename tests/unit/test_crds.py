@@ -10,8 +10,9 @@ import yaml
 from llmfactory.api import KINDS
 from llmfactory.api.crd import crd
 from llmfactory.cli import main as cli
-from llmfactory.api.schema_check import validate_resource
+from llmfactory.api.schema_check import validate, validate_resource, with_defaults
 from llmfactory.planner import PlanError, parse
+from llmfactory.planner.tasks import digest_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSIONS = sorted({v for v in kubernetes_validate.utils.all_versions()
@@ -197,6 +198,48 @@ def test_a_manifest_that_leaves_every_default_out_is_accepted(kind, spec):
     nulled = {**spec, "resources": None}
     assert validate_resource(crd(KINDS[kind]), _manifest(kind, nulled)) == []
     parse(_manifest(kind, nulled))
+
+
+def _spec_schema(kind):
+    return crd(KINDS[kind])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+@pytest.mark.parametrize("kind,spec", MINIMAL, ids=[k for k, _ in MINIMAL])
+def test_the_api_server_stores_the_defaults_the_operator_uses(kind, spec):
+    """`kubectl get -o yaml` of a minimal manifest shows every setting the runs will use: the CRD's
+    defaults (lists, maps and nested objects included) are the API types' own, field for field."""
+    stored = with_defaults(_spec_schema(kind), spec)
+    used = KINDS[kind].spec.model_validate(spec).model_dump(by_alias=True, mode="json", exclude_none=True)
+    # Defaults that depend on another field (lora settings for method lora, not full) cannot be a
+    # CRD's; the task spells them out instead.
+    assert {k for k in used if k not in stored} == CONDITIONAL_DEFAULTS.get(kind, set())
+    assert stored == {k: v for k, v in used.items() if k in stored}
+    if kind == "FineTune":
+        assert stored["hyperparameters"]["epochs"] == 1 and stored["checkpointing"]["everySteps"] == 100
+    # Objects stored before these defaults existed, and re-read with them after a CRD upgrade, keep
+    # their digest: finished work is not run again.
+    assert digest_spec(parse(_manifest(kind, stored))) == digest_spec(parse(_manifest(kind, spec)))
+
+
+CONDITIONAL_DEFAULTS = {"FineTune": {"lora"}}
+
+
+def _defaults(schema, path="spec"):
+    if "default" in schema:
+        yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from _defaults(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            yield from _defaults(schema[key], f"{path}[]")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_default_is_valid_where_it_stands(kind):
+    """The API server refuses a CRD whose default does not validate against its own schema (after
+    its nested defaults are filled in)."""
+    for path, schema in _defaults(_spec_schema(kind)):
+        assert validate(schema, with_defaults(schema, schema["default"]), path) == [], path
 
 
 def test_scheduling_affinity_is_kept_as_written():

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, NoDefault
+
 from .. import GROUP, VERSION
 from .common import KindInfo
 
@@ -55,9 +58,25 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
+class _FactoryDefaults(GenerateJsonSchema):
+    """Fields with a default_factory get their default in the schema too, as Kubebuilder's
+    `+kubebuilder:default`: the API server then stores what the operator will use (`kubectl get -o
+    yaml` and `kubectl explain` show it, CEL rules see it). A nested object defaults to `{}`, whose
+    own fields' defaults the server fills in, so each default is written once."""
+
+    def get_default_value(self, schema):
+        factory = schema.get("default_factory")
+        if factory is None or schema.get("default_factory_takes_data"):
+            return super().get_default_value(schema)
+        if isinstance(factory, type) and issubclass(factory, BaseModel):
+            return {}
+        default = factory()
+        return default if default is not None else NoDefault
+
+
 def openapi_schema(model: type) -> dict[str, Any]:
     """The structural schema of one pydantic model."""
-    raw = model.model_json_schema(by_alias=True, mode="validation")
+    raw = model.model_json_schema(by_alias=True, mode="validation", schema_generator=_FactoryDefaults)
     return _structural(raw, raw.get("$defs", {}))
 
 

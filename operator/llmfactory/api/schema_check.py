@@ -8,6 +8,7 @@ of the API types are their single statement, not mirrored by hand in Python."""
 
 from __future__ import annotations
 
+import copy
 import re
 from functools import lru_cache
 from typing import Any
@@ -44,6 +45,22 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
+def with_defaults(schema: dict, value: Any) -> Any:
+    """The object with the schema's defaults filled in where a field is absent, at every depth, as
+    the API server stores it before it validates (CEL rules see the defaults). A defaulted `{}` gets
+    its own fields' defaults in turn."""
+    if isinstance(value, dict):
+        props = schema.get("properties")
+        if props is not None:
+            value = {**{k: copy.deepcopy(p["default"]) for k, p in props.items() if "default" in p}, **value}
+            return {k: with_defaults(props[k], v) if k in props else v for k, v in value.items()}
+        if isinstance(schema.get("additionalProperties"), dict):
+            return {k: with_defaults(schema["additionalProperties"], v) for k, v in value.items()}
+    if isinstance(value, list) and "items" in schema:
+        return [with_defaults(schema["items"], v) for v in value]
+    return value
+
+
 def validate(schema: dict, value: Any, path: str = "") -> list[str]:
     errors: list[str] = []
     kind = schema.get("type")
@@ -70,8 +87,6 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
             errors.append(f"{path}: length {len(value)} violates {bound} {schema[bound]}")
     if isinstance(value, dict):
         props = schema.get("properties")
-        # The API server fills in defaults before it validates (CEL rules see them).
-        value = {**{k: p["default"] for k, p in (props or {}).items() if "default" in p}, **value}
         for name in schema.get("required", []):
             if name not in value:
                 errors.append(f"{path}.{name}: required")
@@ -94,5 +109,5 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
 def validate_resource(crd: dict, manifest: dict) -> list[str]:
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     kept = ("apiVersion", "kind", "metadata", "spec", "status")
-    body = without_nulls({k: v for k, v in manifest.items() if k in kept})  # as the API server stores it
-    return validate(schema, body, manifest.get("kind", ""))
+    body = with_defaults(schema, without_nulls({k: v for k, v in manifest.items() if k in kept}))
+    return validate(schema, body, manifest.get("kind", ""))  # as the API server stores it
