@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -9,7 +10,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import torch
@@ -129,6 +130,28 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, c
     if "device_map" in kwargs:
         return model
     return model.to(to or device())
+
+
+class LazyModel:
+    """A model (in eval mode) and its tokenizer, loaded the first time they are asked for, so that a
+    restarted phase whose results are all saved loads nothing; release() lets them go before the
+    next model loads."""
+
+    def __init__(self, source: dict[str, Any], on_load: Callable[[], None] | None = None):
+        self.source, self._on_load, self._held = source, on_load, None
+
+    def __call__(self) -> tuple[Any, PreTrainedTokenizerBase]:
+        if self._held is None:
+            if self._on_load:
+                self._on_load()
+            model = load_model(self.source)
+            model.eval()
+            self._held = (model, load_tokenizer(self.source))
+        return self._held
+
+    def release(self) -> None:
+        self._held = None
+        gc.collect()
 
 
 def _save_gguf_cache(model, tokenizer, path: Path) -> None:

@@ -5,7 +5,6 @@ a restarted benchmark redoes none of them."""
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections import defaultdict
@@ -18,7 +17,7 @@ from ..batching import perplexity
 from ..preference import pair_scores
 from ..data import read_split
 from ..generate import generate
-from ..models import load_model, load_tokenizer
+from ..models import LazyModel
 from ..progress import Progress
 from ..store import Store
 from ..vllm_server import VllmServer, choose_engine
@@ -102,15 +101,7 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], pair
     """Answers, perplexity (and, of preference rows, the pairs' log-probabilities) and lm-eval
     scores of one model (label: model or baseline). Answers first: a vLLM server has given the GPU
     back before transformers loads the model, if it must."""
-    held: dict[str, Any] = {}
-
-    def loaded():
-        if not held:
-            progress.stage(f"loading {label}")
-            held["model"], held["tokenizer"] = load_model(source), load_tokenizer(source)
-            held["model"].eval()
-        return held["model"], held["tokenizer"]
-
+    loaded = LazyModel(source, on_load=lambda: progress.stage(f"loading {label}"))
     out: dict[str, Any] = {}
     if questions:
         out["answers"], out["generation"] = _answer_questions(label, source, spec["judge"], questions, run,
@@ -126,8 +117,7 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], pair
         progress.stage(f"lm-eval tasks on {label}")
         out["lmEval"] = _cached(run, f"lm-eval/{label}.json",
                                 lambda: lm_eval_tasks.evaluate(*loaded(), spec["lmEval"], tasks_dir))
-    held.clear()
-    gc.collect()
+    loaded.release()
     return out
 
 
@@ -211,13 +201,7 @@ def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers
            task: dict, run: Store, progress: Progress) -> dict[str, Any]:
     """The judge's work, as judge.mode asks: {ratings (single), pairwise: {outcomes, games} (pairwise)}."""
     rule = LanguageRule(judge["languages"]) if judge.get("languageRule", True) else None
-    held: dict[str, Any] = {}
-
-    def local_judge():
-        if not held:
-            held["model"], held["tokenizer"] = load_model(judge_model), load_tokenizer(judge_model)
-            held["model"].eval()
-        return held["model"], held["tokenizer"]
+    local_judge = LazyModel(judge_model)
 
     def judging(items, kind, stage):
         progress.stage(stage, total=len(items), unit="judgements")
@@ -233,6 +217,7 @@ def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers
         out["pairwise"] = {"outcomes": outcomes, "games": games}
         why |= {f"pairwise/{k}": v for k, v in pair_why.items()}
     run.write_json("ratings/language-rule.json", why)
+    local_judge.release()
     return out
 
 

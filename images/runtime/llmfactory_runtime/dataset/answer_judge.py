@@ -19,7 +19,7 @@ class AnswerJudge:
         self.spec, self.model_input, self.cache_uri, self.transport = spec, model_input, cache_uri, transport
         self.min_score = spec.get("minScore", 6)
         self.requests = self.cached = 0
-        self._loaded: tuple | None = None
+        self._model = None  # a LazyModel, for a local judge
 
     def prompt(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         """The judge's prompt for the last answer of a conversation."""
@@ -61,10 +61,8 @@ class AnswerJudge:
         return ratings
 
     def _local(self) -> tuple:
-        if self._loaded is None:
-            from ..models import load_model, load_tokenizer  # noqa: PLC0415 - torch only for a local judge
+        if self._model is None:
+            from ..models import LazyModel  # noqa: PLC0415 - torch only for a local judge
 
-            model = load_model(self.model_input)
-            model.eval()
-            self._loaded = (model, load_tokenizer(self.model_input))
-        return self._loaded
+            self._model = LazyModel(self.model_input)
+        return self._model()

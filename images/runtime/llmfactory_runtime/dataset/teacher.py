@@ -102,15 +102,13 @@ def _vllm_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: A
 
 def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: AnswerCache, usage: Usage,
                    on_answer: Callable[[], None]) -> Callable[[list[tuple[str, list[dict]]]], None]:
-    loaded: dict[str, Any] = {}
+    from ..generate import generate  # noqa: PLC0415 - torch only for a local teacher
+    from ..models import LazyModel  # noqa: PLC0415
+
+    loaded = LazyModel(model_input)  # not loaded when every answer is cached
 
     def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
-        from ..generate import generate  # noqa: PLC0415 - torch only for a local teacher
-        from ..models import load_model, load_tokenizer  # noqa: PLC0415
-
-        if not loaded:
-            loaded["model"], loaded["tokenizer"] = load_model(model_input), load_tokenizer(model_input)
-            loaded["model"].eval()
+        model, tokenizer = loaded()
 
         def save(i: int, o) -> None:  # each answer cached as it finishes: a restart asks only the rest
             answer = {"text": o.text, "tokens": o.tokens, "finished": o.finished}
@@ -118,7 +116,7 @@ def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: 
             usage.add(answer)
             on_answer()
 
-        generate(loaded["model"], loaded["tokenizer"], [m for _, m in todo], teacher.get("maxNewTokens", 256),
+        generate(model, tokenizer, [m for _, m in todo], teacher.get("maxNewTokens", 256),
                  teacher.get("temperature", 0.0), teacher.get("seed", 0), concurrency=teacher.get("batchSize", 8),
                  on_answer=save)
 
