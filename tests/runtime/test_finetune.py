@@ -187,13 +187,15 @@ def test_16_bit_full_fine_tunes_step_fp32_master_weights_and_move_as_fp32_does(t
     # every weight without a gradient became 0/0 = NaN at the first step.
     data = write_dataset(tmp_path / "data", train=16, validation=2)
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
-    runs = {}
-    for precision in ("fp32", "bf16", "fp16"):
-        task = finetune_task(tiny_model, data, f"file://{tmp_path}/{precision}", method="full", hyperparameters={
-            "learningRate": 2e-5, "epochs": 1, "precision": precision}, checkpointing={"everySteps": 4})
-        _ok(run_finetune(write_task(task, tmp_path)))
-        weights = AutoModelForCausalLM.from_pretrained(_result(task)["modelUri"][7:], dtype=torch.float32).state_dict()
-        runs[precision] = task, weights
+    tasks = {precision: finetune_task(tiny_model, data, f"file://{tmp_path}/{precision}", method="full",
+                                      hyperparameters={"learningRate": 2e-5, "epochs": 1, "precision": precision},
+                                      checkpointing={"everySteps": 4}) for precision in ("fp32", "bf16", "fp16")}
+    with ThreadPoolExecutor(3) as pool:  # independent runs side by side
+        for done in [pool.submit(run_finetune, write_task(task, tmp_path)) for task in tasks.values()]:
+            _ok(done.result())
+    runs = {precision: (task, AutoModelForCausalLM.from_pretrained(_result(task)["modelUri"][7:],
+                                                                   dtype=torch.float32).state_dict())
+            for precision, task in tasks.items()}
 
     def moved(precision: str, weights: dict) -> torch.Tensor:
         """How each weight moved, on the grid of `precision`'s dtype (a 16-bit run's saved weights are on it)."""
@@ -698,7 +700,7 @@ def test_qlora_on_smollm2_learns_and_its_adapter_reloads_on_the_pretrained_base(
     dataset = write_dataset(tmp_path / "data", train=12, validation=4)
     task = finetune_task(SMOLLM2, dataset, f"file://{tmp_path}/store", method="qlora", mergeAdapter=False,
                          lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
-                         hyperparameters={"epochs": 2, "batchSize": 4, "maxSeqLength": 96, "learningRate": 0.002})
+                         hyperparameters={"epochs": 1, "batchSize": 4, "maxSeqLength": 96, "learningRate": 0.002})
     _ok(run_finetune(write_task(task, tmp_path), timeout=600))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"] and "modelUri" not in result
