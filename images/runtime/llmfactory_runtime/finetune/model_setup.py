@@ -78,6 +78,8 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": world.device}
     model = load_model(base, dtype=dtype, to=world.device, **kwargs)
+    if method == "qlora":
+        _keep_the_trainable_4bit_layout(model)
     if dequantize:
         # Each 4-bit Linear becomes a plain one holding bitsandbytes' own dequantization of its
         # weights: the very values its forward and backward would compute every time.
@@ -114,6 +116,19 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         _compile_layers(model)
     model.train()
     return model
+
+
+def _keep_the_trainable_4bit_layout(model) -> None:
+    """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel the first time the layer
+    runs in eval mode without gradients (as every evaluation runs it) and from then on calls that
+    kernel, which has no backward: after the first evaluation no gradient would pass through the
+    base layers, silently, and a layer whose input size is not a multiple of 64 fails to repack.
+    Training keeps the layout autograd knows; on GPUs the flag is never read."""
+    import bitsandbytes as bnb  # noqa: PLC0415
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _compile_layers(model) -> None:
