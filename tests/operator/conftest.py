@@ -124,3 +124,4 @@ async def job_controller(cluster, tmp_path):
     yield controller
     task.cancel()
     await controller.shutdown()
+    assert not controller.errors, "\n".join(controller.errors)

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,6 +161,7 @@ class JobController:
         self._procs: list[asyncio.subprocess.Process] = []
         self.pods: dict[tuple[str, int | None], asyncio.subprocess.Process] = {}  # (job, index): its running process
         self._terminated: set[asyncio.subprocess.Process] = set()
+        self.errors: list[str] = []  # Jobs that could not be run, and why
 
     async def run_forever(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -172,7 +174,7 @@ class JobController:
                             self._stop_pods(job["metadata"]["name"])
                         if key not in self.started and not job["spec"].get("suspend"):
                             self.started.add(key)
-                            self._tasks.append(asyncio.create_task(self._execute(job)))
+                            self._tasks.append(asyncio.create_task(self._execute_noting_errors(job)))
                 await asyncio.sleep(0.1)
 
     async def _patch_status(self, job: dict, status: dict) -> None:
@@ -195,6 +197,16 @@ class JobController:
                 secret = secrets[(job["metadata"]["namespace"], ref["name"])]
                 env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
         return env
+
+    async def _execute_noting_errors(self, job: dict) -> None:
+        """A Job this stand-in cannot run (say, its ConfigMap is gone) would otherwise just never
+        run, silently: the test fails at its teardown instead (see the job_controller fixture)."""
+        try:
+            await self._execute(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.errors.append(f"Job {job['metadata']['name']}: {traceback.format_exc()}")
 
     async def _execute(self, job: dict) -> None:
         meta, spec = job["metadata"], job["spec"]

@@ -51,7 +51,8 @@ def story(cluster, job_controller, obj) -> str:
     events = "\n".join(f"  {e['type']} {e['reason']}: {e['message']}" for e in posted_events(cluster, name))
     logs = "".join(f"\n--- {path.relative_to(job_controller.workdir)}\n" + "\n".join(path.read_text().splitlines()[-15:])
                    for path in sorted(job_controller.workdir.glob("*/attempt-*.log")))
-    return f"status: {json.dumps(obj.get('status'), indent=1)}\nevents:\n{events}\npod logs:{logs}"
+    unrun = "".join(f"\n{error}" for error in job_controller.errors)
+    return f"status: {json.dumps(obj.get('status'), indent=1)}\nevents:\n{events}\npod logs:{logs}{unrun}"
 
 
 @pytest.mark.slow
@@ -530,8 +531,15 @@ async def test_a_resource_made_again_under_a_deleted_ones_name_waits_for_the_old
     assert ready["reason"] == "OldJobPresent" and old_job["metadata"]["name"] in ready["message"]
     assert "garbage-collected" in ready["message"]
 
-    for api, plural in (("apis/batch/v1", "jobs"), ("api/v1", "configmaps")):  # the garbage collector's turn
-        await cluster.delete_child(api, plural, old_job["metadata"]["name"])
+    # The garbage collector's turn, the old Job first: its ConfigMap, under the new run's name too,
+    # would be collected under the new Job, whose pod could then never mount its task.
+    await cluster.delete_child("apis/batch/v1", "jobs", old_job["metadata"]["name"])
+    await asyncio.sleep(2)
+    obj = await cluster.get("DatasetBuild", "data")
+    assert cluster.objects("jobs") == [] and obj["status"]["phase"] == "Pending", story(cluster, job_controller, obj)
+    ready = condition(obj, "Ready")
+    assert ready["reason"] == "OldJobPresent" and f"ConfigMap {old_job['metadata']['name']}" in ready["message"]
+    await cluster.delete_child("api/v1", "configmaps", old_job["metadata"]["name"])
     obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Succeeded"), timeout=120)
     [job] = cluster.objects("jobs")
     assert job["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]

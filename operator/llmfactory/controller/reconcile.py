@@ -96,21 +96,25 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
 
     progress = read_progress(run) or {}
     restarts_as_a_whole = job_builder.restarts_as_a_whole(body)
-    if restarts_as_a_whole:
-        jobs = _jobs_of_run(body, task, kube)
-    else:
-        created, turn = _ensure(job_builder.build(body, task, settings), kube), None
-        job = kube.get_or_none(job_builder.jobs_path(meta["namespace"], job_name))
-        jobs = [job] if job else []
-    in_the_way = _in_the_way(body, jobs)
-    if not jobs and not restarts_as_a_whole:  # created, then deleted before it could be read
-        in_the_way = f"Job {job_name} is being deleted; the run starts once it is gone"
+    try:
+        if restarts_as_a_whole:
+            jobs = _jobs_of_run(body, task, kube)
+        else:
+            created, turn = _ensure(body, job_builder.build(body, task, settings), kube), None
+            job = kube.get_or_none(job_builder.jobs_path(meta["namespace"], job_name))
+            jobs = [job] if job else []
+        in_the_way = _in_the_way(body, jobs)
+        if not jobs and not restarts_as_a_whole:  # created, then deleted before it could be read
+            in_the_way = f"Job {job_name} is being deleted; the run starts once it is gone"
+        if restarts_as_a_whole and not in_the_way:
+            job, created, turn = _attempt(body, task, kube, settings, progress, jobs)
+    except ChildInTheWay as exc:
+        in_the_way = str(exc)
     if in_the_way:
         event = None if (old.get("conditions") or [{}])[0].get("reason") == "OldJobPresent" else \
             ("Normal", "OldJobPresent", in_the_way)
         return Outcome(situation("Pending", "OldJobPresent", in_the_way, old, generation, **ident, **extra), event)
     if restarts_as_a_whole:
-        job, created, turn = _attempt(body, task, kube, settings, progress, jobs)
         job_name, attempts = job["metadata"]["name"], job_builder.attempt_of(job)
     else:
         job = jobs[0]
@@ -215,17 +219,21 @@ def _owned(owner: dict[str, Any], child: dict[str, Any]) -> bool:
     return any(o.get("uid") == owner["metadata"].get("uid") for o in child["metadata"].get("ownerReferences") or [])
 
 
-def _in_the_way(body: dict[str, Any], jobs: list[dict[str, Any]]) -> str | None:
-    """Why the run cannot go on with the Jobs found under its names: one left by a deleted resource
-    of the same name (the garbage collector has not removed it yet: adopting it would report that
-    resource's outcome), or one being deleted (a retry). None when they are this run's own."""
-    kind, name = body["kind"], body["metadata"]["name"]
-    for job in jobs:
-        if not _owned(body, job):
-            return (f"Job {job['metadata']['name']} belongs to an earlier {kind} named {name}, since deleted; "
+class ChildInTheWay(Exception):
+    """A ConfigMap or Service under the run's name that is not this resource's (see _ensure)."""
+
+
+def _in_the_way(body: dict[str, Any], children: list[dict[str, Any]], kind: str = "Job") -> str | None:
+    """Why the run cannot go on with the children found under its names: one left by a deleted
+    resource of the same name (the garbage collector has not removed it yet: adopting a Job would
+    report that resource's outcome), or one being deleted (a retry). None when they are this run's own."""
+    owner, name = body["kind"], body["metadata"]["name"]
+    for child in children:
+        if not _owned(body, child):
+            return (f"{kind} {child['metadata']['name']} belongs to an earlier {owner} named {name}, since deleted; "
                     "the run starts once Kubernetes has garbage-collected it")
-        if job["metadata"].get("deletionTimestamp"):
-            return f"Job {job['metadata']['name']} is being deleted; the run starts once it is gone"
+        if child["metadata"].get("deletionTimestamp"):
+            return f"{kind} {child['metadata']['name']} is being deleted; the run starts once it is gone"
     return None
 
 
@@ -269,11 +277,23 @@ def _workloads_of(kube: Kube, job: dict[str, Any]) -> tuple[str, list[dict[str, 
     return KUEUE_APIS[0], []
 
 
-def _ensure(children: list[dict[str, Any]], kube: Kube) -> bool:
-    """Create the children that are absent; True when this call created the Job."""
+def _ensure(body: dict[str, Any], children: list[dict[str, Any]], kube: Kube) -> bool:
+    """Create the children that are absent, in order (the Job last); True when this call created the
+    Job. A ConfigMap or Service found under its name must be this resource's, else ChildInTheWay: one
+    that a deleted resource of the same name left (same name, same task) would be garbage-collected
+    under the new Job, whose pods could then never mount their task."""
     created = False
     for child in children:
-        created |= kube.ensure(job_builder.api_path(child), child) and child["kind"] == "Job"
+        path = job_builder.api_path(child)
+        if kube.ensure(path, child):
+            created |= child["kind"] == "Job"
+        elif child["kind"] != "Job":  # the Job's owner is the caller's to check, with its state
+            name = child["metadata"]["name"]
+            found = kube.get_or_none(f"{path}/{name}")
+            why = _in_the_way(body, [found], child["kind"]) if found else \
+                f"{child['kind']} {name} is being deleted; the run starts once it is gone"
+            if why:
+                raise ChildInTheWay(why)
     return created
 
 
@@ -339,7 +359,7 @@ def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: O
     elif latest:  # running, or ended for good: the same Job, as made
         attempt, failures = job_builder.attempt_of(latest), job_builder.failures_before(latest)
         active = job_builder.active_seconds_before(latest)
-    created = _ensure(job_builder.build(body, task, settings, attempt, failures, active), kube)
+    created = _ensure(body, job_builder.build(body, task, settings, attempt, failures, active), kube)
     name = job_builder.attempt_name(job_builder.child_name(meta["name"], task["digest"]), attempt)
     # The Job as listed above, the view this decision was made on. Read again, it may have failed
     # meanwhile, and would then pass for the run's end without its failure being counted (that
