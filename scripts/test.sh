@@ -16,12 +16,12 @@ log=$(mktemp)
 BESIDE=(tests/operator tests/runtime/test_benchmark.py tests/runtime/test_dataset_build.py
         tests/runtime/test_preference.py tests/runtime/test_compressed.py)
 OMP_NUM_THREADS=1 "$bin/pytest" "${BESIDE[@]}" --durations=10 "$@" > "$log" 2>&1 &
-operator=$!
+beside=$!
 "$bin/pytest" "${BESIDE[@]/#/--ignore=}" --durations=15 "$@"
 rest=$?
-wait "$operator"
-ops=$?
+wait "$beside"
+beside_rc=$?
 echo "=================== ${BESIDE[*]} (ran beside the tests above) ==================="
 cat "$log"
 rm -f "$log"
-exit $(( rest != 0 || ops != 0 ))
+exit $(( rest != 0 || beside_rc != 0 ))

@@ -105,7 +105,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
             jobs = [job] if job else []
         in_the_way = _in_the_way(body, jobs)
         if not jobs and not restarts_as_a_whole:  # created, then deleted before it could be read
-            in_the_way = f"Job {job_name} is being deleted; the run starts once it is gone"
+            in_the_way = _being_deleted("Job", job_name)
         if restarts_as_a_whole and not in_the_way:
             job, created, turn = _attempt(body, task, kube, settings, progress, jobs)
     except ChildInTheWay as exc:
@@ -233,8 +233,12 @@ def _in_the_way(body: dict[str, Any], children: list[dict[str, Any]], kind: str 
             return (f"{kind} {child['metadata']['name']} belongs to an earlier {owner} named {name}, since deleted; "
                     "the run starts once Kubernetes has garbage-collected it")
         if child["metadata"].get("deletionTimestamp"):
-            return f"{kind} {child['metadata']['name']} is being deleted; the run starts once it is gone"
+            return _being_deleted(kind, child["metadata"]["name"])
     return None
+
+
+def _being_deleted(kind: str, name: str) -> str:
+    return f"{kind} {name} is being deleted; the run starts once it is gone"
 
 
 def _hold(body: dict[str, Any], job: dict[str, Any], kube: Kube, was_held: bool) -> str | None:
@@ -290,8 +294,7 @@ def _ensure(body: dict[str, Any], children: list[dict[str, Any]], kube: Kube) ->
         elif child["kind"] != "Job":  # the Job's owner is the caller's to check, with its state
             name = child["metadata"]["name"]
             found = kube.get_or_none(f"{path}/{name}")
-            why = _in_the_way(body, [found], child["kind"]) if found else \
-                f"{child['kind']} {name} is being deleted; the run starts once it is gone"
+            why = _in_the_way(body, [found], child["kind"]) if found else _being_deleted(child["kind"], name)
             if why:
                 raise ChildInTheWay(why)
     return created
