@@ -41,6 +41,36 @@ def test_estimate_is_never_below_what_an_h100_measured_and_close_to_it(method, b
     assert measured_gib <= est.total_gib <= measured_gib * 1.35
 
 
+def test_fused_kernels_are_credited_the_logits_their_fused_loss_never_holds():
+    # Measured on the H100 with fusedKernels (Liger 0.8.5): LoRA at 2 x 2048 tokens, no dropout, peaked at
+    # 48.4 GiB where it took 59.4 without; the estimate credits the loss's part of that, 5 GiB.
+    plans = {fused: Plan(method="lora", micro_batch=2, seq_len=2048, gpus=1, lora_dropout=0.0, fused_loss=fused)
+             for fused in (False, True)}
+    unfused, fused = (estimate(LLAMA3_8B, p) for p in plans.values())
+    assert 48.4 <= fused.total_gib <= 48.4 * 1.35
+    per_token = 10 * LLAMA3_8B.vocab - 6 * LLAMA3_8B.hidden  # logits, fp32 upcast, log-softmax, gradient -> chunks
+    assert unfused.total_gib - fused.total_gib == pytest.approx(4096 * per_token * 1.05 / 2 ** 30)
+
+    def fused_loss(**spec) -> bool:
+        spec = {"method": "lora", "hyperparameters": {"batchSize": 1, "maxSeqLength": 512, **spec.pop("hp", {})}, **spec}
+        return plan_of(spec).fused_loss
+
+    assert fused_loss(hp={"fusedKernels": True}) and not fused_loss()
+    assert not fused_loss(hp={"fusedKernels": True}, objective="dpo")  # DPO computes its log-probabilities from logits
+
+
+def test_planner_lets_fused_kernels_fit_what_the_logits_alone_made_too_big():
+    """The seed example's QLoRA (4 x 4096 tokens, checkpointing) on a 24 GiB GPU: the 128k-vocabulary
+    logits are over half of what it needs, and Liger's fused loss never holds them."""
+    hp = {"batchSize": 4, "maxSeqLength": 4096, "gradientCheckpointing": True}
+    manifest = _fine_tune("meta-llama/Meta-Llama-3-8B", {"gpusPerNode": 1, "gpuMemoryGiB": 24}, method="qlora",
+                          hyperparameters=hp)
+    with pytest.raises(PlanError, match="24 GiB"):
+        check_fits(parse(manifest))
+    manifest["spec"]["hyperparameters"]["fusedKernels"] = True
+    assert check_fits(parse(manifest)).total_gib < 24
+
+
 @pytest.mark.parametrize("batch,checkpointing,dropout", [(2, False, 0.05), (2, False, 0.0), (4, True, 0.05)])
 def test_qlora_needs_what_lora_needs_less_the_weights_4bit_saves(batch, checkpointing, dropout):
     # QLoRA keeps for backward exactly what LoRA keeps (tests/runtime/test_finetune.py counts it).
@@ -176,6 +206,8 @@ def test_unknown_models_are_not_refused_the_runtime_checks_them():
     ({"hyperparameters": {"earlyStopping": {"patience": 2}}}, "earlyStopping needs evalEverySteps"),
     ({"hyperparameters": {"selectBest": True}}, "selectBest needs evalEverySteps"),
     ({"dpo": {"beta": 0.2}}, "dpo settings apply only to objective dpo"),
+    ({"method": "full", "hyperparameters": {"fusedKernels": True}, "distribution": {"strategy": "deepspeed", "zeroStage": 3}},
+     "fusedKernels cannot run under distribution.zeroStage 3"),
 ])
 def test_contradictory_specs_are_refused_by_the_planner(spec, message):
     with pytest.raises(PlanError, match=message):

@@ -107,6 +107,7 @@ class Plan:
     strategy: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 0
     offload: bool = False
+    fused_loss: bool = False  # Liger's fused linear + cross-entropy computes the SFT loss (fusedKernels)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,12 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
     # measured on an H100 (benchmarks/RESULTS.md: within 5% for LoRA and QLoRA on Llama-3-8B).
     # Adapters keep their inputs; dropout on them adds a mask. Checkpointing keeps each layer's
     # input and recomputes one layer at a time. The loss holds the logits, their fp32 upcast,
-    # log-softmax and its gradient. QLoRA keeps what LoRA keeps: its unquantized layers run in the
+    # log-softmax and its gradient; Liger's fused linear + cross-entropy (fusedKernels, SFT) never
+    # holds them whole: it keeps the gradient of its input (2h bytes a token) and, for a moment,
+    # one chunk's logits, sized to about as much again (up to twice that, rounded up to a power of
+    # two). Its fused norms, SwiGLU and RoPE keep less than what is counted here (11 GiB less
+    # measured on Llama-3-8B at 2 x 2048 tokens, of which the loss is 5): not credited, as they
+    # were measured once only. QLoRA keeps what LoRA keeps: its unquantized layers run in the
     # training dtype as LoRA's do (model_setup.py), and a frozen 4-bit layer, like a frozen Linear,
     # saves nothing of its own for backward. (Until 2026-11-24 they ran in fp32, peft's default,
     # and QLoRA had terms of its own, fitted then.)
@@ -200,7 +206,8 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
         layer_bytes, fixed = shape.layers * 2 * h + per_layer, dora_fixed
     else:
         layer_bytes, fixed = shape.layers * per_layer, shape.layers * dora_fixed
-    activations = tokens * (layer_bytes + shape.vocab * 10) + fixed + dora_transient(shape, plan)
+    loss_bytes = 6 * h if plan.fused_loss else 10 * shape.vocab
+    activations = tokens * (layer_bytes + loss_bytes) + fixed + dora_transient(shape, plan)
 
     total = (weights + grads + optim + activations) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
 
@@ -258,7 +265,9 @@ def plan_of(spec: dict[str, Any]) -> Plan:
                 gradient_checkpointing=hp.get("gradientCheckpointing", False),
                 weight_bytes=4 if hp.get("precision") == "fp32" else 2,
                 strategy=dist.get("strategy", "ddp"), zero_stage=(dist.get("zeroStage") or 0) if deepspeed else 0,
-                offload=deepspeed and dist.get("offload") == "cpu")
+                offload=deepspeed and dist.get("offload") == "cpu",
+                # DPO takes the log-probabilities from the logits itself: Liger's fused loss is SFT's only.
+                fused_loss=bool(hp.get("fusedKernels")) and spec.get("objective", "sft") == "sft")
 
 
 def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
