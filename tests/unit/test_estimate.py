@@ -44,19 +44,18 @@ def test_estimate_is_never_below_what_an_h100_measured_and_close_to_it(method, b
 def test_fused_kernels_are_credited_the_logits_their_fused_loss_never_holds():
     # Measured on the H100 with fusedKernels (Liger 0.8.5): LoRA at 2 x 2048 tokens, no dropout, peaked at
     # 48.4 GiB where it took 59.4 without; the estimate credits the loss's part of that, 5 GiB.
-    plans = {fused: Plan(method="lora", micro_batch=2, seq_len=2048, gpus=1, lora_dropout=0.0, fused_loss=fused)
-             for fused in (False, True)}
-    unfused, fused = (estimate(LLAMA3_8B, p) for p in plans.values())
+    unfused, fused = (estimate(LLAMA3_8B, Plan(method="lora", micro_batch=2, seq_len=2048, gpus=1, lora_dropout=0.0,
+                                               fused_loss=f)) for f in (False, True))
     assert 48.4 <= fused.total_gib <= 48.4 * 1.35
     per_token = 10 * LLAMA3_8B.vocab - 6 * LLAMA3_8B.hidden  # logits, fp32 upcast, log-softmax, gradient -> chunks
     assert unfused.total_gib - fused.total_gib == pytest.approx(4096 * per_token * 1.05 / 2 ** 30)
 
-    def fused_loss(**spec) -> bool:
-        spec = {"method": "lora", "hyperparameters": {"batchSize": 1, "maxSeqLength": 512, **spec.pop("hp", {})}, **spec}
-        return plan_of(spec).fused_loss
+    def fused_loss(fused_kernels: bool, objective: str = "sft") -> bool:
+        hp = {"batchSize": 1, "maxSeqLength": 512, "fusedKernels": fused_kernels}
+        return plan_of({"method": "lora", "objective": objective, "hyperparameters": hp}).fused_loss
 
-    assert fused_loss(hp={"fusedKernels": True}) and not fused_loss()
-    assert not fused_loss(hp={"fusedKernels": True}, objective="dpo")  # DPO computes its log-probabilities from logits
+    assert fused_loss(True) and not fused_loss(False)
+    assert not fused_loss(True, objective="dpo")  # DPO computes its log-probabilities from the logits
 
 
 def test_planner_lets_fused_kernels_fit_what_the_logits_alone_made_too_big():
