@@ -149,10 +149,12 @@ def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
     # The teacher is an API: no GPU is held for it (the operator's default for DatasetBuild is one).
     limits = _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
     assert SETTINGS.default_gpus["DatasetBuild"] == 1 and "nvidia.com/gpu" not in limits
-    # A local model writing the rejected answers of preference pairs gets the GPU; an API model, its
-    # own key by reference and no GPU.
-    _, objs = children(dataset_build(preferences={"rejected": {"model": {"huggingface": "org/student"}}}))
-    assert _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # A local model judging the answers or writing the rejected answers of preference pairs gets the
+    # GPU; an API model, its own key by reference and no GPU.
+    for local in ({"filters": {"judge": {"model": {"huggingface": "org/judge"}}}},
+                  {"preferences": {"rejected": {"model": {"huggingface": "org/student"}}}}):
+        _, objs = children(dataset_build(**local))
+        assert _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     _, objs = children(dataset_build(preferences={"rejected": {"openai": {
         "model": "gpt-4o-mini", "apiKeySecret": {"name": "weak", "key": "token"}}}}))
     container = _job(objs)["spec"]["template"]["spec"]["containers"][0]

@@ -249,3 +249,16 @@ def test_scheduling_affinity_is_kept_as_written():
     assert validate_resource(crd(KINDS["FineTune"]), _manifest("FineTune", spec)) == []
     bad = {**spec, "scheduling": {"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}}
     assert any("not in" in e for e in validate_resource(crd(KINDS["FineTune"]), _manifest("FineTune", bad)))
+
+
+def test_each_value_gets_its_own_verdict_and_a_rule_that_cannot_be_evaluated_is_named():
+    """Verdicts are memoised (the operator validates the same spec at every reconciliation): an
+    edited value is judged anew, and the unedited one as before."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+              "x-kubernetes-validations": [{"rule": "self.a < self.b", "message": "a must be below b"}]}
+    assert validate(schema, {"a": 1, "b": 2}, "spec") == []
+    assert validate(schema, {"a": 3, "b": 2}, "spec") == ["spec: a must be below b"]
+    assert validate(schema, {"a": 1, "b": 2}, "spec") == []
+    [error] = validate(schema, {"a": 1}, "spec")
+    assert error.startswith("spec: a must be below b (the rule 'self.a < self.b' could not be evaluated: ")
+    assert "'b'" in error, error  # the missing key

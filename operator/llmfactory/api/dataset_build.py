@@ -210,6 +210,13 @@ class DatasetBuildSpec(RunOptions):
         "with 1 shard. The teacher's concurrency and rate limits stay limits of the whole build: each shard "
         "gets 1/N of them."))
 
+    def runs_a_local_model(self) -> bool:
+        """Whether a model runs in the pod (the teacher, the answer judge or the rejected answers'
+        writer) rather than behind an API: what decides that the build's pod needs a GPU."""
+        judge, preferences = self.filters.judge, self.preferences
+        return any(model is not None for model in (self.teacher.model, judge and judge.model,
+                                                   preferences and preferences.rejected.model))
+
 
 class TeacherUsage(ApiModel):
     requests: int = Field(description="Answers received from the teacher by this build (cache misses).")

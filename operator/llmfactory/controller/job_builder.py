@@ -10,6 +10,8 @@ from llmfactory_runtime import (CONFIG_MAPS_DIR, DATASET_BUILD_ENDPOINTS, EXIT_I
                                 JUDGE_KEY_ENV, at_path)
 
 from ..api import KINDS
+from ..api.dataset_build import DatasetBuildSpec
+from ..api.quantization import QuantizationSpec
 from .settings import OperatorSettings
 
 TASK_DIR = "/etc/llmfactory"
@@ -126,14 +128,12 @@ def _command(kind: str, gpus: int, nodes: int, job: str, service: str, shards: i
 
 
 def _default_gpus(kind: str, spec: dict[str, Any], settings: OperatorSettings) -> int:
-    # A DatasetBuild whose teacher (and answer judge, and rejected answers' writer) are APIs holds
-    # no GPU; compressed-tensors types are GPU formats (llmcompressor calibrates on one), GGUF
-    # conversion is CPU work.
-    if kind == "DatasetBuild" and "openai" in (spec.get("teacher") or {}) and \
-            "model" not in ((spec.get("filters") or {}).get("judge") or {}) and \
-            "model" not in ((spec.get("preferences") or {}).get("rejected") or {}):
+    # A DatasetBuild whose models are all APIs holds no GPU; compressed-tensors types are GPU
+    # formats (llmcompressor calibrates on one), GGUF conversion is CPU work.
+    typed = KINDS[kind].spec.model_validate(spec)
+    if isinstance(typed, DatasetBuildSpec) and not typed.runs_a_local_model():
         return 0
-    if kind == "Quantization" and spec.get("format") == "compressed-tensors":
+    if isinstance(typed, QuantizationSpec) and typed.format == "compressed-tensors":
         return max(settings.default_gpus.get(kind, 0), 1)
     return settings.default_gpus.get(kind, 0)
 
