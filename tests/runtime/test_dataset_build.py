@@ -367,6 +367,15 @@ def test_preferences_pair_the_teachers_answer_with_the_students_own_and_a_dpo_fi
     assert planned["inputs"]["dataset"] == {"uri": result["uri"], "format": "preference", "digest": result["digest"]}
     with pytest.raises(PlanError, match="spec.dataset.datasetBuildRef: DatasetBuild seed-data wrote conversations"):
         plan(parse(fine_tune), lambda *k: {**result, "format": "chatml"}, f"file://{tmp_path}/store")
+    # So does a KTO one (each pair a desirable and an undesirable answer); rows at a URI may be unpaired.
+    fine_tune["spec"]["objective"] = "kto"
+    planned = plan(parse(fine_tune), lambda *k: result, f"file://{tmp_path}/store")
+    assert planned["inputs"]["dataset"]["format"] == "preference" and planned["spec"]["kto"]["beta"] == 0.1
+    with pytest.raises(PlanError, match="but objective kto trains on answers labelled desirable or not: set "
+                                        "spec.preferences there, or point dataset.uri at unpaired rows"):
+        plan(parse(fine_tune), lambda *k: {**result, "format": "chatml"}, f"file://{tmp_path}/store")
+    fine_tune["spec"]["dataset"] = {"uri": result["uri"]}
+    assert plan(parse(fine_tune), lambda *k: None, f"file://{tmp_path}/store")["inputs"]["dataset"]["format"] == "unpaired"
 
 
 def test_rejected_answers_from_an_api_model_with_its_own_key_and_pairs_without_one_dropped(

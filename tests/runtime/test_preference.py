@@ -1,5 +1,6 @@
 """DPO (objective dpo): preference rows in OpenAI's and TRL's forms, pairs kept apart in packed
-sequences, a run that learns its preferences, and a resumed run that keeps its reference."""
+sequences, a run that learns its preferences, and a resumed run that keeps its reference; KTO
+(objective kto): unpaired rows, its loss by hand, and a run that learns from them."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory.api.headline import headline
 from llmfactory_runtime.chat import IGNORE
-from llmfactory_runtime.data import dumps_jsonl, messages_of, preference_of
-from llmfactory_runtime.preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, pair_logps,
-                                           token_counts)
+from llmfactory_runtime.batching import encode_rows
+from llmfactory_runtime.data import dumps_jsonl, labelled_of, messages_of, preference_of
+from llmfactory_runtime.preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, encode_unpaired,
+                                           kto_agrees, kto_terms, pair_logps, token_counts)
 from llmfactory_runtime.store import open_store
 
 from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task
@@ -38,6 +40,22 @@ def _dataset(folder: Path) -> str:
 
 def _ok(proc) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _resumed_from_step_4_ends_with_the_same_weights(run, task_path: Path, result: dict) -> None:
+    """As if the run had been killed after its checkpoint at step 4 (later checkpoints and the result
+    gone): the next attempt resumes there, with the reference kept in it, and ends with the same adapter."""
+    uninterrupted = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
+    run.delete("COMMITTED")
+    for key in run.list("checkpoints"):
+        if not key.startswith("step-4/"):
+            run.delete(f"checkpoints/{key}")
+    _ok(run_finetune(task_path))
+    result = run.read_json("result.json")
+    assert result["resumedFromStep"] == 4
+    resumed = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6)
 
 
 def test_openai_and_trl_preference_rows_give_the_same_prompt_and_answers():
@@ -142,18 +160,7 @@ def test_dpo_learns_to_prefer_the_chosen_answers_and_a_resumed_run_keeps_its_ref
     assert "reward accuracy 1.0" in (Path(result["modelUri"][7:]) / "README.md").read_text()
     assert headline("FineTune", result).endswith("reward accuracy 1.00")
 
-    uninterrupted = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
-    # As if the run had been killed after its checkpoint at step 4: later checkpoints and the result gone.
-    run.delete("COMMITTED")
-    for key in run.list("checkpoints"):
-        if not key.startswith("step-4/"):
-            run.delete(f"checkpoints/{key}")
-    _ok(run_finetune(path))
-    result = run.read_json("result.json")
-    assert result["resumedFromStep"] == 4
-    resumed = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
-    for name, weight in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6)
+    _resumed_from_step_4_ends_with_the_same_weights(run, path, result)
 
 
 def test_orpo_trains_without_a_reference_and_reports_its_own_margin(tiny_model, tmp_path):
@@ -173,3 +180,91 @@ def test_orpo_trains_without_a_reference_and_reports_its_own_margin(tiny_model, 
     tuned = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
     mean = pair_logps(tuned, val, list(range(len(val) // 2)), 4, tok.pad_token_id, "cpu") / token_counts(val)
     assert float((0.2 * (mean[:, 0] - mean[:, 1])).mean()) == pytest.approx(result["rewardMargin"], abs=1e-3)
+
+
+# --- KTO -------------------------------------------------------------------------------------------
+
+def _unpaired_rows() -> list[dict]:
+    """Each question's answer desirable, a refusal undesirable: labelled one by one, never paired."""
+    return [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": answer}],
+             "label": label} for q, a in PAIRS for answer, label in ((a, True), (REFUSAL, False))]
+
+
+def test_unpaired_rows_and_preference_pairs_give_kto_its_labelled_answers(tiny_model):
+    user, good, bad = ({"role": r, "content": c} for r, c in (("user", "Capital of France?"), ("assistant", "Paris."),
+                                                               ("assistant", "Lyon.")))
+    assert labelled_of({"prompt": "Capital of France?", "completion": "Lyon.", "label": False}) == [([user], [bad], False)]
+    assert labelled_of({"prompt": [user], "completion": [good], "label": True}) == [([user], [good], True)]
+    assert labelled_of({"prompt": [user], "chosen": [good], "rejected": [bad]}) == [([user], [good], True),
+                                                                                  ([user], [bad], False)]
+    unpaired = {"prompt": [user], "completion": [bad], "label": False}
+    assert messages_of(unpaired) == [user, bad]  # what a Benchmark's perplexity or a calibration reads...
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert encode_rows(tok, [unpaired, {**unpaired, "label": True}], 96) == encode_rows(tok, [{"messages": [user, bad]}], 96)
+    with pytest.raises(ValueError, match="label must be true .* or false, got 'yes'"):  # ...but not an undesirable answer
+        labelled_of({**unpaired, "label": "yes"})
+    with pytest.raises(ValueError, match="needs prompt, completion and label"):
+        labelled_of({"prompt": [user], "label": True})
+    with pytest.raises(ValueError, match="completion must be one or more assistant messages"):
+        labelled_of({"prompt": [user], "completion": [user], "label": True})
+    # Each example beside its mismatched conversation: its own prompt, the next example's answer.
+    convs, desirable = encode_unpaired(tok, [unpaired, {"prompt": "Hi", "completion": "Hello!", "label": True}], 96, "x")
+    assert desirable.tolist() == [False, True]
+    answers = [tok.decode([t for t, label in zip(c["input_ids"], c["labels"]) if label != IGNORE]) for c in convs]
+    assert answers == [f"{a}<|im_end|>\n" for a in ("Lyon.", "Hello!", "Hello!", "Lyon.")]
+    assert convs[0]["input_ids"][:5] == convs[1]["input_ids"][:5]  # the same prompt
+
+
+def test_the_kto_loss_by_hand():
+    policy, reference = torch.tensor([-10.0, -20.0, -5.0]), torch.tensor([-12.0, -18.0, -5.0])
+    desirable = torch.tensor([True, False, False])
+    kto = {"beta": 0.1, "desirableWeight": 1.0, "undesirableWeight": 2.0}
+    loss, reward = kto_terms(policy, reference, 0.5, desirable, kto)
+    assert reward.tolist() == pytest.approx([0.2, -0.2, 0.0])  # 0.1 x the change from the reference
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # Measured against the reference point beta x kl = 0.05: a desirable answer's reward is to be above
+    # it, an undesirable one's below.
+    assert loss.tolist() == pytest.approx([1 - sigmoid(0.2 - 0.05), 2 * (1 - sigmoid(0.05 + 0.2)),
+                                           2 * (1 - sigmoid(0.05))])
+    assert kto_agrees(reward, 0.5, desirable, 0.1).tolist() == [True, True, True]
+    assert kto_agrees(reward, 3.0, desirable, 0.1).tolist() == [False, True, True]  # reference point 0.3
+    # The model as its own reference, no divergence yet: every loss is half its weight.
+    start, _ = kto_terms(policy, policy, 0.0, desirable, kto)
+    assert start.tolist() == [0.5, 1.0, 1.0]
+
+
+def test_kto_learns_from_unpaired_labels_and_a_resumed_run_keeps_its_reference(tiny_model, tmp_path):
+    """The loss starts at 1/2 (the model is its own reference), the saved model has raised the
+    desirable answers and lowered the undesirable ones by the margin reported, and a run resumed
+    from a checkpoint takes the reference from it and ends with the uninterrupted run's weights."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_unpaired_rows() * 2))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl(_unpaired_rows()))
+    task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="kto",
+                         kto={"beta": 0.5}, checkpointing={"everySteps": 4, "keepLast": 20},
+                         hyperparameters={"epochs": 2, "learningRate": 0.02})
+    assert task["spec"]["kto"] == {"beta": 0.5, "desirableWeight": 1.0, "undesirableWeight": 1.0}
+    path = write_task(task, tmp_path)
+    _ok(run_finetune(path))
+    run = open_store(task["artifactUri"])
+    result = run.read_json("result.json")
+    first_step = run.read_bytes("metrics/loss.csv").decode().splitlines()[1].split(",")
+    assert float(first_step[2]) == pytest.approx(0.5, abs=1e-6)
+    assert result["evalLoss"] < 0.4 and result["finalLoss"] < result["firstLoss"]
+    assert result["rewardAccuracy"] == 1.0 and result["datasetFormat"] == "unpaired"
+    assert any(k.endswith("/reference.pt") for k in run.list("checkpoints"))
+    card = (Path(result["modelUri"][7:]) / "README.md").read_text()
+    assert "- KTO loss: " in card and "labelled answers (validation examples): reward accuracy 1.0" in card
+    assert headline("FineTune", result).endswith("reward accuracy 1.00")
+    # The saved model moved each answer its label's way, by the margin reported, measured here on its own.
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    val, desirable = encode_unpaired(tok, _unpaired_rows(), 96, "validation.jsonl")
+    examples = list(range(len(val) // 2))
+    logps = {name: pair_logps(AutoModelForCausalLM.from_pretrained(folder), val, examples, 4, tok.pad_token_id, "cpu")
+             for name, folder in (("base", tiny_model), ("tuned", result["modelUri"][7:]))}
+    reward = 0.5 * (logps["tuned"] - logps["base"])[:, 0]
+    assert (reward[desirable] > 0).all() and (reward[~desirable] < 0).all()
+    assert float(reward[desirable].mean() - reward[~desirable].mean()) == pytest.approx(result["rewardMargin"], abs=1e-3)
+
+    _resumed_from_step_4_ends_with_the_same_weights(run, path, result)

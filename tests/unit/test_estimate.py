@@ -205,6 +205,7 @@ def test_unknown_models_are_not_refused_the_runtime_checks_them():
     ({"hyperparameters": {"earlyStopping": {"patience": 2}}}, "earlyStopping needs evalEverySteps"),
     ({"hyperparameters": {"selectBest": True}}, "selectBest needs evalEverySteps"),
     ({"dpo": {"beta": 0.2}}, "dpo settings apply only to objective dpo"),
+    ({"kto": {"beta": 0.2}}, "kto settings apply only to objective kto"),
     ({"method": "full", "hyperparameters": {"fusedKernels": True}, "distribution": {"strategy": "deepspeed", "zeroStage": 3}},
      "fusedKernels cannot run under distribution.zeroStage 3"),
 ])

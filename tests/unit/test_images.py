@@ -91,7 +91,8 @@ def test_images_run_as_the_non_root_user_the_pods_ask_for(name, tmp_path):
     else:
         task = {"digest": "0" * 64, "artifactUri": "s3://b/x", "kind": "Quantization", "inputs": {}}
         body = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization",
-                "metadata": {"name": "q", "namespace": "ns", "uid": "u"}, "spec": {}}
+                "metadata": {"name": "q", "namespace": "ns", "uid": "u"},
+                "spec": {"model": {"source": {"huggingface": "org/m"}}}}
         job = job_builder.build(body, task, OperatorSettings(store_uri="s3://b/x"))[-1]
         assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == image_uid
 

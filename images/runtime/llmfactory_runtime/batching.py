@@ -7,12 +7,13 @@ import math
 import torch
 
 from .chat import IGNORE, encode_for_training
-from .data import messages_of
+from .data import messages_of, undesirable
 
 
 def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
-    """Encoded conversations that have at least one assistant token within max_len."""
-    encoded = [encode_for_training(tokenizer, messages_of(r), max_len) for r in rows]
+    """Encoded conversations that have at least one assistant token within max_len (of unpaired
+    rows, those whose answer is desirable)."""
+    encoded = [encode_for_training(tokenizer, messages_of(r), max_len) for r in rows if not undesirable(r)]
     return [e for e in encoded if any(label != IGNORE for label in e["labels"])]
 
 

@@ -1,5 +1,5 @@
-"""Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split; and
-preference pairs for DPO in OpenAI's or TRL's form."""
+"""Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split;
+preference pairs for DPO in OpenAI's or TRL's form; and TRL's unpaired rows for KTO."""
 
 from __future__ import annotations
 
@@ -28,13 +28,31 @@ def preference_row(messages: list[dict[str, str]], rejected: str, **extra: Any) 
 
 def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     """ChatML messages from a row in either format; of a preference row (DPO), the prompt and its
-    chosen answer: what perplexity, calibration and supervised fine-tuning on such a dataset see."""
+    chosen answer, and of an unpaired row (KTO), the prompt and its answer: what perplexity,
+    calibration and supervised fine-tuning on such a dataset see."""
     if "messages" in row:
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    if "completion" in row:
+        [(prompt, answer, _)] = labelled_of(row)
+        return prompt + answer
     if "conversations" not in row:
         prompt, chosen, _ = preference_of(row)
         return prompt + chosen
     return [{"role": _CHATML_ROLE[c["from"]], "content": c["value"]} for c in row["conversations"]]
+
+
+def undesirable(row: dict[str, Any]) -> bool:
+    """An unpaired row whose answer is labelled undesirable (KTO's label false): not an answer to
+    learn with sft or to measure perplexity on."""
+    return "completion" in row and row.get("label") is False
+
+
+def _turns(value: Any, role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise ValueError(f"expected a string or a list of {{role, content}} messages, got {str(value)[:80]!r}")
 
 
 def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
@@ -42,20 +60,13 @@ def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[
     preferred_output, non_preferred_output}; TRL's {prompt, chosen, rejected} with strings or
     messages; or TRL's chosen and rejected whole conversations, whose common start is the prompt.
     A ValueError says what the row lacks."""
-    def turns(value: Any, role: str) -> list[dict[str, str]]:
-        if isinstance(value, str):
-            return [{"role": role, "content": value}]
-        if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-            return [{"role": m["role"], "content": m["content"]} for m in value]
-        raise ValueError(f"expected a string or a list of {{role, content}} messages, got {str(value)[:80]!r}")
-
     if "preferred_output" in row or "non_preferred_output" in row:
-        prompt = turns(row.get("input", {}).get("messages"), "user")
-        chosen, rejected = (turns(row.get(k), "assistant") for k in ("preferred_output", "non_preferred_output"))
+        prompt = _turns(row.get("input", {}).get("messages"), "user")
+        chosen, rejected = (_turns(row.get(k), "assistant") for k in ("preferred_output", "non_preferred_output"))
     elif "chosen" in row and "rejected" in row:
-        chosen, rejected = turns(row["chosen"], "assistant"), turns(row["rejected"], "assistant")
+        chosen, rejected = _turns(row["chosen"], "assistant"), _turns(row["rejected"], "assistant")
         if "prompt" in row:
-            prompt = turns(row["prompt"], "user")
+            prompt = _turns(row["prompt"], "user")
         else:  # whole conversations: the prompt is what they share, up to the first message that differs
             shared = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
             while shared and chosen[shared - 1]["role"] == "assistant":  # the answers start after a prompt turn
@@ -70,6 +81,26 @@ def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[
         if not answer or any(m["role"] != "assistant" for m in answer):
             raise ValueError(f"a preference row's {name} answer must be one or more assistant messages")
     return prompt, chosen, rejected
+
+
+def labelled_of(row: dict[str, Any]) -> list[tuple[list[dict[str, str]], list[dict[str, str]], bool]]:
+    """(prompt, answer, desirable) examples of a row, for KTO: TRL's unpaired {prompt, completion,
+    label} (strings or messages; label true for a desirable answer); a preference row gives two, its
+    chosen answer desirable and its rejected one not (TRL's unpair_preference_dataset). A ValueError
+    says what the row lacks."""
+    if "completion" not in row:
+        if "label" in row:
+            raise ValueError("an unpaired row needs prompt, completion and label")
+        prompt, chosen, rejected = preference_of(row)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    if not isinstance(row.get("label"), bool):
+        raise ValueError(f"an unpaired row's label must be true (a desirable answer) or false, got {row.get('label')!r}")
+    prompt, answer = _turns(row.get("prompt"), "user"), _turns(row["completion"], "assistant")
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise ValueError("an unpaired row's prompt must end with a user (or system) message")
+    if not answer or any(m["role"] != "assistant" for m in answer):
+        raise ValueError("an unpaired row's completion must be one or more assistant messages")
+    return [(prompt, answer, row["label"])]
 
 
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:

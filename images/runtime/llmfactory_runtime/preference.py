@@ -1,7 +1,9 @@
 """Preference pairs: a pair's chosen and rejected conversations side by side in one sequence, the
 log-probability a model gives each answer, and the preference losses (DPO's and its variants, most
 against a reference's log-probabilities). FineTune's
-objective dpo trains with them; a Benchmark scores held-out pairs with them.
+objective dpo trains with them; a Benchmark scores held-out pairs with them. Objective kto's
+unpaired examples are pairs too: an example's own conversation beside a mismatched one (its prompt,
+another example's answer), whose log-probabilities give KTO's reference point.
 
 In training the reference is the model before its first step (a new LoRA adapter adds zero, so
 that is the base): its log-probabilities are computed once, before training, and kept in every
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from .batching import collate_sequences
 from .chat import IGNORE, encode_for_training
-from .data import preference_of
+from .data import labelled_of, preference_of
 from .task import InvalidTask
 
 
@@ -66,9 +68,9 @@ def collate_pairs(convs: list[dict], rows: list[list[int]], pad_id: int) -> tupl
     return collate_sequences(convs, conv_rows, pad_id, packed=True), [len(r) for r in conv_rows]
 
 
-def answer_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> torch.Tensor:
-    """Summed log-probability of each conversation's answer tokens, in row order, as (pairs, 2):
-    chosen, rejected. A conversation is the segment its position ids restart at."""
+def segment_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """Summed log-probability of each conversation's answer tokens, in row order, flat: `counts`
+    conversations per row, each the segment its position ids restart at."""
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     labels = batch["labels"][:, 1:]
     rows, width = labels.shape
@@ -79,7 +81,12 @@ def answer_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> to
     segment = segment + stride * torch.arange(rows, device=segment.device)[:, None]
     sums = torch.zeros(rows * stride, dtype=token.dtype, device=token.device).index_add(0, segment.flatten(), token)
     picked = torch.cat([stride * r + torch.arange(c, device=sums.device) for r, c in enumerate(counts)])
-    return sums[picked].view(-1, 2)
+    return sums[picked]
+
+
+def answer_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """segment_logps of rows of whole pairs, as (pairs, 2): chosen, rejected."""
+    return segment_logps(model, batch, counts).view(-1, 2)
 
 
 REFERENCE_FREE = {"simpo", "orpo"}  # losses of the model's own likelihoods: no reference pass
@@ -135,6 +142,51 @@ def dpo_terms(policy: torch.Tensor, reference: torch.Tensor | None, tokens: torc
     if dpo.get("sftWeight"):
         loss = loss - dpo["sftWeight"] * mean[:, 0]
     return loss, margin
+
+
+def encode_unpaired(tokenizer, rows: list[dict], max_len: int, where: str) -> tuple[list[dict], torch.Tensor]:
+    """KTO's examples as pairs, [own 0, mismatched 0, own 1, ...], and whether each is desirable.
+    The mismatched conversation is the example's prompt with the next example's answer (TRL's KL
+    completions, shifted by one over the whole split rather than within a batch, so that they do not
+    depend on how batches fall). An example whose answer lies wholly beyond max_len is left out."""
+    examples = []
+    for n, row in enumerate(rows, 1):
+        try:
+            examples += labelled_of(row)
+        except ValueError as e:
+            raise InvalidTask(f"{where} row {n}: {e}") from None
+    convs, desirable = [], []
+    for i, (prompt, answer, label) in enumerate(examples):
+        other = examples[(i + 1) % len(examples)][1]
+        own, mismatched = (encode_for_training(tokenizer, prompt + a, max_len, first=len(prompt)) for a in (answer, other))
+        if any(t != IGNORE for t in own["labels"]):
+            convs += [own, mismatched]
+            desirable.append(label)
+    return convs, torch.tensor(desirable, dtype=torch.bool)
+
+
+def kto_terms(policy: torch.Tensor, reference: torch.Tensor, kl: float, desirable: torch.Tensor,
+              kto: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, KTO's loss (Ethayarajh et al., 2024, as TRL computes it) and its implicit reward
+    beta x (log-probability change of its answer from the reference). A desirable answer's loss is
+    desirableWeight x (1 - sigmoid(reward - beta kl)), an undesirable one's undesirableWeight x
+    (1 - sigmoid(beta kl - reward)): each starts at 1/2 x its weight and falls as the reward moves
+    past the reference point to its side. policy, reference: the examples' summed answer
+    log-probabilities; kl: the reference point, the mean log-probability change of the mismatched
+    conversations (KTO's estimate of the KL divergence from the reference), floored at 0."""
+    beta = kto["beta"]
+    reward = beta * (policy - reference.to(policy))
+    desirable = desirable.to(policy.device)
+    loss = torch.where(desirable, kto["desirableWeight"] * (1 - torch.sigmoid(reward - beta * kl)),
+                       kto["undesirableWeight"] * (1 - torch.sigmoid(beta * kl - reward)))
+    return loss, reward
+
+
+def kto_agrees(reward: torch.Tensor, kl: float, desirable: torch.Tensor, beta: float) -> torch.Tensor:
+    """Whether each example's reward lies past the reference point on its label's side (its loss
+    below half its weight): KTO's counterpart of a pair preferred."""
+    ahead = reward.detach() - beta * kl
+    return torch.where(desirable.to(ahead.device), ahead > 0, ahead < 0)
 
 
 @torch.no_grad()

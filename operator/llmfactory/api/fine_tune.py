@@ -37,8 +37,9 @@ class DatasetInput(ApiModel):
     dataset_build_ref: LocalObjectReference | None = Field(None, description="A DatasetBuild in this namespace.")
     uri: str | None = Field(None, pattern=URI_PATTERN, description=(
         "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), or "
-        "preference pairs in OpenAI's or TRL's form, which a FineTune with objective dpo learns from; "
-        "anything else reads each pair's prompt with its chosen answer."))
+        "preference pairs in OpenAI's or TRL's form, which a FineTune with objective dpo or kto learns from "
+        "(anything else reads each pair's prompt with its chosen answer), or TRL's unpaired rows {prompt, "
+        "completion, label} for objective kto (anything else reads the desirable ones)."))
 
 
 class Lora(ApiModel):
@@ -130,6 +131,20 @@ class Dpo(ApiModel):
         if self.loss == "simpo" and self.gamma is None:
             self.gamma = 0.5  # spelled out in the task, as the other defaults are
         return self
+
+
+class Kto(ApiModel):
+    """Kahneman-Tversky Optimization (Ethayarajh et al., 2024), as TRL's KTOTrainer computes it: from
+    answers labelled desirable or undesirable one by one, no pairs needed (thumbs up and down)."""
+
+    beta: float = Field(0.1, gt=0, le=10, description=(
+        "How far the model may move from the reference (the base model before training), as DPO's beta: "
+        "0.1 is TRL's default."))
+    desirable_weight: float = Field(1.0, gt=0, le=100, description=(
+        "Weight of the desirable examples' loss. With unequal numbers of desirable and undesirable "
+        "examples, KTO's paper advises weights such that desirableWeight x desirable examples / "
+        "(undesirableWeight x undesirable examples) lies between 1 and 4/3."))
+    undesirable_weight: float = Field(1.0, gt=0, le=100, description="Weight of the undesirable examples' loss.")
 
 
 class Hyperparameters(ApiModel):
@@ -263,6 +278,8 @@ class FineTuneSpec(RunOptions):
          "message": "distribution.zeroStage 3 shards the weights of a full fine-tune; adapters (lora) use zeroStage 2"},
         {"rule": "(has(self.objective) && self.objective == 'dpo') || !has(self.dpo)",
          "message": "dpo settings apply only to objective dpo"},
+        {"rule": "(has(self.objective) && self.objective == 'kto') || !has(self.kto)",
+         "message": "kto settings apply only to objective kto"},
         {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.fusedKernels) "
                  "|| !self.hyperparameters.fusedKernels || !has(self.distribution) "
                  "|| !has(self.distribution.zeroStage) || self.distribution.zeroStage != 3",
@@ -276,7 +293,7 @@ class FineTuneSpec(RunOptions):
     method: Literal["lora", "qlora", "full"] = Field("lora", description=(
         "lora trains an adapter on the frozen base; qlora does so on a 4-bit quantized base "
         "(bitsandbytes); full trains every weight."))
-    objective: Literal["sft", "dpo"] = Field("sft", description=(
+    objective: Literal["sft", "dpo", "kto"] = Field("sft", description=(
         "sft learns the assistant answers of conversations (supervised fine-tuning); dpo learns from "
         "preference pairs, a chosen and a rejected answer to the same prompt, to make the chosen one "
         "more likely than the rejected one relative to the base model (Direct Preference Optimization). "
@@ -285,9 +302,17 @@ class FineTuneSpec(RunOptions):
         "rejected}, or chosen and rejected conversations sharing their prompt). With dpo, maxSeqLength "
         "bounds each of the two conversations and a pair's two share a sequence (of up to twice "
         "maxSeqLength); the loss curves show the preference loss (dpo.loss; DPO's starts at ln 2 = 0.693), "
-        "plus dpo.sftWeight's term."))
+        "plus dpo.sftWeight's term. kto learns from answers labelled desirable or undesirable one by one "
+        "(Kahneman-Tversky Optimization: feedback such as thumbs up and down, without pairs): rows at "
+        "dataset.uri in TRL's unpaired form ({prompt, completion, label}, label true for a desirable "
+        "answer), or preference pairs (a DatasetBuild with preferences, or rows in OpenAI's or TRL's form), "
+        "each giving its chosen answer as desirable and its rejected one as undesirable. Its loss starts "
+        "at half the examples' weight (0.5 with kto's default weights)."))
     dpo: Dpo | None = Field(None, description=(
         "Preference settings (objective dpo): the loss (DPO or a variant) and its strength; defaults apply when unset."))
+    kto: Kto | None = Field(None, description=(
+        "KTO settings (objective kto): its strength and the weights of desirable and undesirable examples; "
+        "defaults apply when unset."))
     lora: Lora | None = Field(None, description="Adapter settings (lora, qlora); defaults apply when unset.")
     qlora: QLora | None = Field(None, description="4-bit quantization of the base (qlora); defaults apply when unset.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings.")
@@ -305,6 +330,8 @@ class FineTuneSpec(RunOptions):
         # with what is the CEL rules' to say: the planner checks them as the API server does.)
         if self.objective == "dpo" and self.dpo is None:
             self.dpo = Dpo()
+        if self.objective == "kto" and self.kto is None:
+            self.kto = Kto()
         if self.method in ("lora", "qlora") and self.lora is None:
             self.lora = Lora()
         if self.method == "qlora" and self.qlora is None:
@@ -324,7 +351,8 @@ class FineTuneResult(ApiModel):
     digest: str = Field(description="sha256 over the saved weights (merged model, else adapter).")
     first_loss: float = Field(description="Mean train loss of the first steps (ten, or a third of a shorter run).")
     final_loss: float = Field(description="Mean train loss of the last steps (ten, or a third of a shorter run).")
-    eval_loss: float | None = Field(None, description="Loss on the validation split after training (the DPO loss with objective dpo).")
+    eval_loss: float | None = Field(None, description=(
+        "Loss on the validation split after training (the DPO loss with objective dpo, KTO's with kto)."))
     steps: int = Field(description="Optimizer steps.")
     train_tokens: int = Field(description="Tokens seen in training (non-padding).")
     tokens_per_second: float = Field(description="Training throughput (real tokens, all processes).")
@@ -344,11 +372,14 @@ class FineTuneResult(ApiModel):
     reward_accuracy: float | None = Field(None, description=(
         "objective dpo: share of validation pairs whose chosen answer the saved model prefers to the "
         "rejected one more than the base model did (implicit reward of chosen > rejected); with a "
-        "reference-free dpo.loss (simpo, orpo), whose chosen answer it finds likelier per token."))
+        "reference-free dpo.loss (simpo, orpo), whose chosen answer it finds likelier per token. objective "
+        "kto: share of validation examples whose implicit reward lies past KTO's reference point on the side "
+        "of their label (above it for a desirable answer, below for an undesirable one)."))
     reward_margin: float | None = Field(None, description=(
         "objective dpo: mean over validation pairs of the implicit reward of the chosen answer minus the "
         "rejected one's (beta x change of log-probability from the base model; with simpo and orpo, beta x "
-        "the per-token mean log-probability)."))
+        "the per-token mean log-probability). objective kto: the desirable answers' mean implicit reward "
+        "minus the undesirable ones'."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description=(
         "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated."))

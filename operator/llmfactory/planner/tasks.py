@@ -172,13 +172,17 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 
 def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     dataset = _dataset(res, res.spec.dataset, upstream, "spec.dataset")
-    if res.spec.objective == "dpo":
-        built = res.spec.dataset.dataset_build_ref
-        if built and dataset["format"] != "preference":
-            raise PlanError(res.ref, "spec.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote conversations "
-                            f"(format {dataset['format']}), but objective dpo trains on preference pairs: set "
-                            "spec.preferences there, or point dataset.uri at preference rows")
+    objective, built = res.spec.objective, res.spec.dataset.dataset_build_ref
+    if objective in ("dpo", "kto") and built and dataset["format"] != "preference":
+        wants = "preference pairs" if objective == "dpo" else "answers labelled desirable or not"
+        rows = "preference rows" if objective == "dpo" else "unpaired rows (prompt, completion, label) or preference rows"
+        raise PlanError(res.ref, "spec.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote conversations "
+                        f"(format {dataset['format']}), but objective {objective} trains on {wants}: set "
+                        f"spec.preferences there, or point dataset.uri at {rows}")
+    if objective == "dpo" or objective == "kto" and built:
         dataset["format"] = "preference"  # a Benchmark or Quantization of it reads the prompts and chosen answers
+    elif objective == "kto":  # its rows may be unpaired: no pair metrics for a Benchmark of it
+        dataset["format"] = "unpaired"
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
 
 

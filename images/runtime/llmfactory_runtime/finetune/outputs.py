@@ -57,8 +57,10 @@ def write_loss_curve(run: Store, history: list[HistoryRow], evals: list[EvalRow]
 def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
     spec, inputs = task["spec"], task["inputs"]
     base = inputs["baseModel"]
-    config = {k: spec[k] for k in ("method", "objective", "dpo", "lora", "qlora", "hyperparameters", "distribution")
-              if spec.get(k)}
+    config = {k: spec[k] for k in ("method", "objective", "dpo", "kto", "lora", "qlora", "hyperparameters",
+                                   "distribution") if spec.get(k)}
+    objective = spec.get("objective", "sft")
+    preferences = {"dpo": "preferences (validation pairs)", "kto": "labelled answers (validation examples)"}
     return "\n".join([
         f"# {task['resource']['name']}", "",
         f"Fine-tuned by llmfactory ({spec['method']}) from `{base.get('huggingface') or base.get('uri')}`"
@@ -69,10 +71,10 @@ def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
         "## Training", "",
         f"- steps: {summary['steps']} on {summary['processes']} process(es); train tokens {summary['trainTokens']}"
         f" ({summary['realTokenShare']:.0%} of computed positions were real tokens)",
-        f"- {'DPO loss' if spec.get('objective') == 'dpo' else 'loss'}: {summary['firstLoss']} (first steps) -> "
+        f"- {objective.upper() + ' loss' if objective != 'sft' else 'loss'}: {summary['firstLoss']} (first steps) -> "
         f"{summary['finalLoss']} (last steps); validation loss {summary['evalLoss']}",
-        *([f"- preferences (validation pairs): reward accuracy {summary['rewardAccuracy']}, reward margin "
-           f"{summary['rewardMargin']} (beta {spec['dpo']['beta']})"] if spec.get("objective") == "dpo" else []),
+        *([f"- {preferences[objective]}: reward accuracy {summary['rewardAccuracy']}, reward margin "
+           f"{summary['rewardMargin']} (beta {spec[objective]['beta']})"] if objective in preferences else []),
         *([f"- weights: those of step {summary['bestStep']}, the lowest validation loss"
            + ("; training stopped early (earlyStopping)" if summary.get("stoppedEarly") else "")]
           if summary.get("bestStep") else []),

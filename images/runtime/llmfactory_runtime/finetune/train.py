@@ -1,5 +1,5 @@
 """FineTune: LoRA, QLoRA or full fine-tuning, loss on assistant tokens only (or DPO on preference
-pairs), on one process or many.
+pairs, or KTO on answers labelled desirable or not), on one process or many.
 
 Read top to bottom: processes -> data -> model -> optimizer -> resume -> steps (checkpoint every N
 and on SIGTERM) -> evaluate -> save. The same code runs alone, under torchrun (DDP) and under
@@ -37,8 +37,8 @@ from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
                           trainable_state, training_dtype)
 from .packing import one_per_row, pack
-from ..preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, needs_reference, pair_lengths,
-                          pair_logps, token_counts)
+from ..preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, encode_unpaired, kto_agrees,
+                          kto_terms,                           needs_reference, pair_lengths, pair_logps, segment_logps, token_counts)
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
@@ -118,7 +118,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     deepspeed_on = dist_spec["strategy"] == "deepspeed"
     zero3 = deepspeed_on and dist_spec["zeroStage"] == 3
     dpo = spec["dpo"] if spec.get("objective") == "dpo" else None  # its settings
-    referenced = bool(dpo) and needs_reference(dpo)  # simpo and orpo need none
+    kto = spec["kto"] if spec.get("objective") == "kto" else None
+    paired = bool(dpo or kto)  # examples of two conversations (KTO: its own, and a mismatched one)
+    referenced = bool(kto) or bool(dpo) and needs_reference(dpo)  # simpo and orpo need none
+    unit = "pair" if dpo else "example" if kto else "conversation"
     dtype = training_dtype(hp["precision"], world.device)
     if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
         raise InvalidTask("spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU "
@@ -152,8 +155,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if not train_rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
     tokenizer = load_tokenizer(inputs["baseModel"])
-    # What a sequence is made of: conversations, or with DPO pairs of them (chosen, rejected) side by side.
-    if dpo:
+    # What a sequence is made of: conversations, or with DPO pairs of them (chosen, rejected) side by
+    # side; with KTO, examples' own conversations in training (their mismatched ones apart, without
+    # gradients), both side by side for the reference and in evaluation.
+    if kto:
+        examples, desirable = encode_unpaired(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective kto: train.jsonl")
+        val, val_desirable = encode_unpaired(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective kto: validation.jsonl")
+        lengths, unit_len = [len(c["input_ids"]) for c in examples[::2]], hp["maxSeqLength"]
+    elif dpo:
         examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective dpo: train.jsonl")
         val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective dpo: validation.jsonl")
         lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
@@ -163,13 +172,13 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
         lengths, unit_len = [len(e["input_ids"]) for e in examples], hp["maxSeqLength"]
     if not examples:
-        raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {'pair' if dpo else 'conversation'} has "
+        raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {unit} has "
                           "an assistant token within it")
     early = hp.get("earlyStopping")
     select_best = bool(hp.get("selectBest") or early)  # early stopping outputs the best weights, as HF's does
     if select_best and not val:
         raise InvalidTask(f"spec.hyperparameters.{'earlyStopping' if early else 'selectBest'}: dataset "
-                          f"{dataset['uri']} has no validation {'pair' if dpo else 'conversation'} within maxSeqLength "
+                          f"{dataset['uri']} has no validation {unit} within maxSeqLength "
                           "to choose by")
     micro, accum = hp["batchSize"], hp["gradientAccumulation"]
     global_batch = micro * accum * world.size  # sequences per optimizer step, all processes together
@@ -213,9 +222,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # Resume from the newest committed checkpoint, if an earlier attempt left one
     history: list[outputs.HistoryRow] = []
     evals: list[outputs.EvalRow] = []
-    rewards: dict[int, tuple[float, float]] = {}  # DPO: validation reward accuracy and margin, by step
+    rewards: dict[int, tuple[float, float]] = {}  # DPO, KTO: validation reward accuracy and margin, by step
     counters = {"tokens": 0.0, "positions": 0.0, "seconds": 0.0}
-    reference: dict[str, torch.Tensor] | None = None  # DPO: the reference's answer log-probabilities
+    reference: dict[str, torch.Tensor] | None = None  # DPO, KTO: the reference's answer log-probabilities
 
     def restore(step: int, weights_only: bool = False) -> None:
         """The training state saved at `step` (to resume), or only its weights (the best ones, at the end)."""
@@ -260,12 +269,17 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     def add_up(value):
         return value if zero3 else world.sum(value)
 
+    def kto_rows(group: list[list[int]], column: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """A batch of rows of KTO examples' own conversations (column 0) or mismatched ones (1)."""
+        rows = [[2 * i + column for i in row] for row in group]
+        return collate_sequences(examples, rows, tokenizer.pad_token_id, packed=True), [len(r) for r in rows]
+
     if referenced and reference is None:  # before the first step: the model is still the reference
         reference = {}
         for split, convs in (("train", examples), ("validation", val)):
             mine = my_share(list(range(len(convs) // 2)))
-            progress.stage(f"dpo: the reference model's log-probabilities of the {split} pairs", total=len(mine),
-                           unit="pairs")  # rank 0's share
+            progress.stage(f"{spec['objective']}: the reference model's log-probabilities of the {split} {unit}s",
+                           total=len(mine), unit=f"{unit}s")  # rank 0's share
             logps = torch.zeros((len(convs) // 2, 2), dtype=torch.float32)
             logps[mine] = pair_logps(inner, convs, mine, micro, tokenizer.pad_token_id, world.device,
                                      on_batch=progress.update).cpu()
@@ -292,10 +306,21 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         checkpoint.save(run, world, step, write, ckpt["keepLast"], best_step(evals) if select_best else None)
 
     def evaluate(step: int) -> float | None:
-        """Loss on the validation split, token-weighted (DPO: the mean over pairs, with the reward
-        accuracy and margin), shared among the processes (my_share). Evaluation draws no random
-        numbers, so training goes on as if it had not happened."""
-        if dpo:
+        """Loss on the validation split, token-weighted (DPO, KTO: the mean over pairs or examples,
+        with the reward accuracy and margin), shared among the processes (my_share). Evaluation
+        draws no random numbers, so training goes on as if it had not happened."""
+        if kto:  # the reference point from the whole split's mismatched conversations
+            mine = my_share(list(range(len(val) // 2)))
+            logps = pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu()
+            ref, good = reference["validation"][mine], val_desirable[mine]
+            count = add_up(len(mine))
+            kl = max(add_up(float((logps[:, 1] - ref[:, 1]).sum())) / max(count, 1), 0.0)
+            losses, reward = kto_terms(logps[:, 0], ref[:, 0], kl, good, kto)
+            total, agreed = add_up(float(losses.sum())), add_up(float(kto_agrees(reward, kl, good, kto["beta"]).sum()))
+            sides = [(add_up(float(reward[side].sum())), add_up(int(side.sum()))) for side in (good, ~good)]
+            if count:  # mean reward of the desirable answers minus the undesirable ones' (a side absent: 0)
+                rewards[step] = (agreed / count, sum(sign * r / max(n, 1) for sign, (r, n) in zip((1, -1), sides)))
+        elif dpo:
             mine = my_share(list(range(len(val) // 2)))
             losses, margins = dpo_terms(pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu(),
                                         reference["validation"][mine] if referenced else None, val_tokens[mine], dpo)
@@ -310,7 +335,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         evals.append((step, total / count))
         if trackers:
             metrics = {"eval/loss": total / count}
-            if dpo:
+            if paired:
                 metrics |= {"eval/rewards/accuracy": rewards[step][0], "eval/rewards/margin": rewards[step][1]}
             trackers.log(step, metrics)
         return total / count
@@ -339,10 +364,22 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         epoch, index = _locate(step - 1, steps_per_epoch)
         rows = epochs[epoch][index * global_batch:(index + 1) * global_batch]
         micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)][world.rank::world.size]
-        # Token-weighted over the whole step (DPO: pair-weighted): a micro-batch's loss is its summed
-        # loss over the step's assistant tokens (pairs) on all processes; DDP and DeepSpeed average
-        # gradients over processes, hence the factor world.size.
-        if dpo:
+        # Token-weighted over the whole step (DPO, KTO: pair- or example-weighted): a micro-batch's loss
+        # is its summed loss over the step's assistant tokens (pairs, examples) on all processes; DDP
+        # and DeepSpeed average gradients over processes, hence the factor world.size.
+        if kto:
+            batches = [kto_rows(group, 0) for group in micro_batches]
+            n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
+            # KTO's reference point, from the step's mismatched conversations on all processes: no
+            # gradient flows through it (as in TRL), so it is computed first, apart.
+            with torch.no_grad():
+                shift = 0.0
+                for group in micro_batches:
+                    batch, counts = kto_rows(group, 1)
+                    logps = segment_logps(inner, {k: v.to(world.device) for k, v in batch.items()}, counts).cpu()
+                    shift += float((logps - reference["train"][[p for row in group for p in row], 1]).sum())
+            kl = max(world.sum(shift) / n_items, 0.0)
+        elif dpo:
             batches = [collate_pairs(examples, group, tokenizer.pad_token_id) for group in micro_batches]
             n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
         else:
@@ -355,7 +392,13 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
             with sync:
-                if dpo:
+                if kto:
+                    items = [p for row in micro_batches[i] for p in row]
+                    losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
+                                               desirable[items], kto)
+                    loss = losses.sum() / n_items
+                    preferred += float(kto_agrees(reward, kl, desirable[items], kto["beta"]).sum())
+                elif dpo:
                     pairs = [p for row in micro_batches[i] for p in row]
                     losses, margins = dpo_terms(answer_logps(engine, batch, counts),
                                                 reference["train"][pairs] if referenced else None, train_tokens[pairs], dpo)
@@ -390,12 +433,12 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         history.append((step, epoch, step_loss, lr))
         counters["seconds"] += time.perf_counter() - began
         rate = world.sum(counters["tokens"]) / max(counters["seconds"], 1e-9)
-        accuracy = {"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if dpo else {}  # of the step's pairs
+        accuracy = {"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired else {}  # of the step's pairs
         progress.update(step, figure=f"loss {step_loss:.3f}", loss=round(step_loss, 4), learningRate=lr,
                         epoch=epoch, tokensPerSecond=round(rate, 1), **accuracy)
         if trackers:
             metrics = {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_second": rate}
-            if dpo:
+            if paired:
                 metrics["train/rewards/accuracy"] = accuracy["rewardAccuracy"]
             trackers.log(step, metrics)
 

@@ -14,7 +14,7 @@ import torch
 
 from .. import cpus
 from ..batching import perplexity, top_tokens
-from ..data import messages_of, read_split
+from ..data import messages_of, read_split, undesirable
 from ..digests import sha256_files
 from ..generate import generate
 from ..models import load_model, load_tokenizer, locate
@@ -45,8 +45,9 @@ def _chat_prompt(rows: list[dict]) -> str:
 
 
 def _calibration(spec: dict, dataset: dict) -> list[list[dict[str, str]]]:
-    """The first calibrationSamples conversations of the train split."""
-    return [messages_of(r) for r in read_split(dataset["uri"], "train")[: spec["calibrationSamples"]]]
+    """The first calibrationSamples conversations of the train split (of unpaired rows, the desirable ones)."""
+    rows = [r for r in read_split(dataset["uri"], "train") if not undesirable(r)]
+    return [messages_of(r) for r in rows[: spec["calibrationSamples"]]]
 
 
 def _importance_matrix(base: Path, tmp: Path, conversations: list, progress: Progress) -> Path:
