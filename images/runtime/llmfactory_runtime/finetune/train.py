@@ -38,7 +38,7 @@ from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_traina
                           trainable_state, training_dtype)
 from .packing import one_per_row, pack
 from ..preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, encode_unpaired, kto_agrees,
-                          kto_terms,                           needs_reference, pair_lengths, pair_logps, segment_logps, token_counts)
+                          kto_terms, needs_reference, pair_lengths, pair_logps, segment_logps, token_counts)
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
