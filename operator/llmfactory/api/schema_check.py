@@ -36,8 +36,8 @@ def _verdict(rule: str, value_json: str) -> bool | str:
         return str(exc.args[0] if exc.args else exc)
 
 
-def _cel_check(rule: dict, value: Any, path: str) -> list[str]:
-    verdict = _verdict(rule["rule"], json.dumps(value, sort_keys=True))
+def _cel_check(rule: dict, value_json: str, path: str) -> list[str]:
+    verdict = _verdict(rule["rule"], value_json)
     if isinstance(verdict, str):
         return [f"{path}: {rule.get('message', rule['rule'])} (the rule {rule['rule']!r} could not be evaluated: "
                 f"{verdict})"]
@@ -112,8 +112,10 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
         for i, item in enumerate(value):
             errors += validate(schema["items"], item, f"{path}[{i}]")
     if not errors:
-        for rule in schema.get("x-kubernetes-validations", []):
-            errors += _cel_check(rule, value, path)
+        rules = schema.get("x-kubernetes-validations", [])
+        value_json = json.dumps(value, sort_keys=True) if rules else ""  # once for all the node's rules
+        for rule in rules:
+            errors += _cel_check(rule, value_json, path)
     return errors
 
 
