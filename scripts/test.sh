@@ -2,8 +2,9 @@
 # The whole suite as two pytest processes side by side: the operator tests mostly wait (on the
 # emulator, on timers, on the Jobs the harness runs), so beside them run the runtime tests that
 # need no S3 server and spend their time in one process (BESIDE), while the rest keeps both cores
-# busy. They share no ports: only the rest starts SeaweedFS. Arguments go to both (e.g. -x). Fails
-# if either fails; the second process's output is printed after the rest's.
+# busy. They share no ports: only the rest starts SeaweedFS. Arguments go to both (e.g. -x, or
+# --extended for the tests the default run leaves out: make test-all). Fails if either fails; the
+# second process's output is printed after the rest's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=.venv/bin

@@ -26,13 +26,34 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-# DeepSpeed JIT-compiles its CPU ops (CPUAdam for offload, its shared-memory allreduce) on first
-# use: ~1.5 minutes on 2 cores on a fresh machine. When DeepSpeed tests are collected, the ops are
-# compiled at once at the lowest priority, in CPU time the other tests leave idle; a test that
-# needs them sooner waits on torch's build lock and then loads them.
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true",
+                     help="also run the tests marked extended (make test-all): the default run leaves them out to "
+                          "stay under 15 minutes on 2 cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked extended run only with --extended. Each repeats, at a larger scale or on a second
+    path, behaviour a test of the default run checks (the mark's reason names which)."""
+    left_out = [item for item in items if item.get_closest_marker("extended")]
+    for item in left_out:
+        if not item.get_closest_marker("extended").kwargs.get("reason"):
+            raise pytest.UsageError(f"{item.nodeid}: extended(reason=...) names the default run's test of the same behaviour")
+    if config.getoption("--extended"):
+        return
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("extended")]
+
+
+# DeepSpeed JIT-compiles its CPU ops (its shared-memory allreduce for any run on CPU, CPUAdam for
+# optimizer offload) on first use: ~1.5 minutes on 2 cores on a fresh machine. The ops the collected
+# tests name in their deepspeed mark are compiled at once, at the lowest priority, in CPU time the
+# other tests leave idle; a test that needs them sooner waits on torch's build lock and then loads them.
 _DEEPSPEED_OPS = """
+import sys
 from deepspeed.accelerator import get_accelerator
-for name in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+for name in sys.argv[1:]:
     builder = get_accelerator().create_op_builder(name)
     if builder is not None and builder.is_compatible():
         builder.load()
@@ -41,9 +62,10 @@ _deepspeed_ops = pytest.StashKey[subprocess.Popen]()
 
 
 def pytest_collection_finish(session):
-    if any(item.get_closest_marker("deepspeed") for item in session.items):
+    ops = sorted({op for item in session.items for mark in item.iter_markers("deepspeed") for op in mark.args})
+    if ops:
         session.config.stash[_deepspeed_ops] = subprocess.Popen(
-            ["nice", "-n", "19", sys.executable, "-c", _DEEPSPEED_OPS],
+            ["nice", "-n", "19", sys.executable, "-c", _DEEPSPEED_OPS, *ops],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)  # a Ctrl-C of the tests does not cut the build short
 

@@ -215,6 +215,10 @@ async def test_a_preempted_node_of_a_multi_node_fine_tune_stops_every_node_at_a_
     assert "attempt 2 resumes from the last checkpoint (not counted as a failure)" in restarted["message"]
 
 
+@pytest.mark.extended(reason=(
+    "test_a_multi_node_fine_tune_counts_only_real_failures_and_starts_each_attempt_once_the_last_ones_pods_are_gone "
+    "counts a lost node's failure (the Jobs ended by hand) and the preempted-node test restarts every node "
+    "from a checkpoint; only this test kills a node's processes"))
 async def test_a_crashed_node_of_a_multi_node_fine_tune_restarts_every_node_from_the_last_checkpoint(
         cluster, operator, job_controller, tiny_model, tmp_path):
     from prometheus_client import REGISTRY
@@ -545,6 +549,9 @@ async def test_a_resource_made_again_under_a_deleted_ones_name_waits_for_the_old
     assert job["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
 
 
+@pytest.mark.extended(reason=(
+    "test_a_hundred_restarts_at_random_moments_create_one_job_each restarts the operator around pending Jobs; "
+    "this test also around Jobs that run and finish"))
 async def test_operator_restarts_never_create_a_second_job(cluster, operator, job_controller, tiny_model):
     job_controller.paused = True  # Jobs stay pending while the operator restarts around them
     for manifest in pipeline(tiny_model)[:2]:  # a dependency and its dependent (the whole chain: test above)
@@ -672,6 +679,10 @@ async def test_queued_job_waits_for_kueue(cluster, operator, job_controller, tin
     assert obj["status"]["phase"] == "Running"
 
 
+@pytest.mark.extended(reason=(
+    "test_spec_suspend_pauses_a_fine_tune_at_a_checkpoint_and_resuming_goes_on_from_it suspends a running "
+    "Job (its pods checkpoint, the run resumes) and test_queued_job_waits_for_kueue waits for admission; "
+    "this test has Kueue do both"))
 async def test_a_fine_tune_preempted_by_kueue_checkpoints_waits_queued_and_resumes_when_readmitted(
         cluster, operator, job_controller, tiny_model, tmp_path):
     ft = two_node_fine_tune(tiny_model, tmp_path, epochs=8)

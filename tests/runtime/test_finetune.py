@@ -180,6 +180,10 @@ def test_full_fine_tune_trains_every_weight_and_saves_a_whole_model(tiny_model, 
     assert len(changed) == len(before)  # embeddings, norms, head: everything moved
 
 
+@pytest.mark.extended(reason=(
+    "test_full_fine_tune_trains_every_weight_and_saves_a_whole_model trains a full fine-tune in fp32 and "
+    "tests/unit/test_estimate.py counts the 16-bit one's fp32 master weights; only this test trains in "
+    "bf16 and fp16"))
 @pytest.mark.slow
 def test_16_bit_full_fine_tunes_step_fp32_master_weights_and_move_as_fp32_does(tiny_model, tmp_path):
     # At a full fine-tune's usual learning rate most of Adam's updates are below half a bf16 step:
@@ -302,47 +306,47 @@ ONE = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
 LONGER = {"epochs": 3}
 
 
+KILLED_SPEC = {"lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["all-linear"]},  # dropout, NEFTune: RNG
+               "checkpointing": {"everySteps": 3, "keepLast": 2}, "hyperparameters": {**LONGER, "neftuneNoiseAlpha": 5}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, dataset, tmp_path_factory) -> dict:
+    """The run the killed and resumed ones must end as (run once for every trial)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    reference = finetune_task(tiny_model, dataset, f"file://{folder}/reference", **KILLED_SPEC)
+    _ok(run_finetune(write_task(reference, folder)))
+    return reference
+
+
 @pytest.mark.slow
-def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupted_weights(tiny_model, dataset, tmp_path, s3_bucket):
-    spec = {"lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["all-linear"]},  # dropout, NEFTune: RNG
-            "checkpointing": {"everySteps": 3, "keepLast": 2}, "hyperparameters": {**LONGER, "neftuneNoiseAlpha": 5}}
-    reference = finetune_task(tiny_model, dataset, f"file://{tmp_path}/reference", **spec)
+@pytest.mark.parametrize("trial", [0, *(pytest.param(t, marks=pytest.mark.extended(
+    reason="trial 0 of the default run kills a run twice, once after it resumed")) for t in (1, 2))])
+def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupted_weights(tiny_model, dataset, tmp_path,
+                                                                                           s3_bucket, uninterrupted, trial):
+    """SIGKILLed at random moments (trial 0 also kills the resumed run), then resumed to the end."""
+    rng = random.Random(1234 + trial)
+    task = finetune_task(tiny_model, dataset, f"s3://{s3_bucket}/trial-{trial}", **KILLED_SPEC)
+    assert task["digest"] == uninterrupted["digest"]
+    path = write_task(task, tmp_path)
+    for kill in range(2 if trial == 0 else 1):
+        began = time.time()
+        proc = _start(path)
+        _wait_until_training(task, proc, began, checkpointed=kill == 0)
+        time.sleep(rng.uniform(0, 0.8))  # anywhere: mid-step, mid-upload, between marker and prune
+        proc.kill()  # SIGKILL: no chance to save; resume from the last committed checkpoint
+        proc.wait()
+        assert open_store(task["artifactUri"]).read_json_or_none("result.json") is None
+    _ok(run_finetune(path))
 
-    def killed_and_resumed(trial: int) -> dict:
-        """A run SIGKILLed at random moments (the first trial also kills a resumed run), then resumed to the end."""
-        rng = random.Random(1234 + trial)
-        task = finetune_task(tiny_model, dataset, f"s3://{s3_bucket}/trial-{trial}", **spec)
-        assert task["digest"] == reference["digest"]
-        (tmp_path / f"trial-{trial}").mkdir()
-        path = write_task(task, tmp_path / f"trial-{trial}")
-        for kill in range(2 if trial == 0 else 1):
-            began = time.time()
-            proc = _start(path)
-            _wait_until_training(task, proc, began, checkpointed=kill == 0)
-            time.sleep(rng.uniform(0, 0.8))  # anywhere: mid-step, mid-upload, between marker and prune
-            proc.kill()  # SIGKILL: no chance to save; resume from the last committed checkpoint
-            proc.wait()
-            assert open_store(task["artifactUri"]).read_json_or_none("result.json") is None
-        _ok(run_finetune(path))
-        return task
-
-    # The uninterrupted run and the three trials side by side (independent runs; the wall time of one).
-    with ThreadPoolExecutor(4) as pool:
-        uninterrupted = pool.submit(lambda: _ok(run_finetune(write_task(reference, tmp_path))))
-        trials = [pool.submit(killed_and_resumed, trial) for trial in range(3)]
-        uninterrupted.result()
-        expected = _adapter(reference)
-        for done in trials:
-            task = done.result()
-            result = _result(task)
-            assert result["resumedFromStep"] is not None and result["resumedFromStep"] % 3 == 0
-            got = _adapter(task)
-            assert got.keys() == expected.keys()
-            assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
-            assert _loss_curve(task) == pytest.approx(_loss_curve(reference), abs=1e-6)
-            steps = sorted(int(k.split("/")[0][5:]) for k in open_store(task["artifactUri"]).list("checkpoints")
-                           if k.endswith("COMMITTED"))
-            assert len(steps) <= 2  # keepLast
+    result, expected, got = _result(task), _adapter(uninterrupted), _adapter(task)
+    assert result["resumedFromStep"] is not None and result["resumedFromStep"] % 3 == 0
+    assert got.keys() == expected.keys()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+    assert _loss_curve(task) == pytest.approx(_loss_curve(uninterrupted), abs=1e-6)
+    steps = sorted(int(k.split("/")[0][5:]) for k in open_store(task["artifactUri"]).list("checkpoints")
+                   if k.endswith("COMMITTED"))
+    assert len(steps) <= 2  # keepLast
 
 
 @pytest.mark.parametrize("losses,min_delta,since", [
@@ -438,8 +442,12 @@ def _tensorboard_steps(folder: Path, tag: str) -> list[int]:
                   if any(value.tag == tag for value in event.summary.value))
 
 
+@pytest.mark.extended(reason=(
+    "test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_model runs DeepSpeed on "
+    "two processes and test_sigterm_saves_a_checkpoint_at_once_and_the_next_attempt_resumes_there resumes"
+    " after SIGTERM; only this test offloads the optimizer (CPUAdam)"))
 @pytest.mark.slow
-@pytest.mark.deepspeed
+@pytest.mark.deepspeed("ShareMemCommBuilder", "CPUAdamBuilder")  # gloo's allreduce on shared memory; offload
 def test_deepspeed_zero2_with_cpu_offload_on_two_processes_matches_one_process_and_resumes_after_sigterm(
         tiny_model, dataset, tmp_path, one_process):
     """The optimizer runs in CPU memory (DeepSpeed's CPUAdam; JIT-compiled on first use) and its
@@ -495,6 +503,8 @@ def test_each_rank_downloads_the_shared_files_and_only_its_own_shards(tmp_path):
                           "deepspeed/state/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"])
 
 
+@pytest.mark.extended(reason=(
+    "the only test of hyperparameters.compile: inductor builds C++ kernels, over a minute on 2 cores"))
 @pytest.mark.slow
 def test_compiled_layers_train_exactly_as_uncompiled_ones_and_keep_their_weight_names(tiny_model, tmp_path):
     # One layer: the first layer's input needs no gradient and the others' do, a graph each; one is
@@ -719,6 +729,9 @@ def test_an_evaluation_on_the_way_changes_no_qlora_gradient(tiny_model):
     assert after[1].keys() == before[1].keys() and all(torch.equal(after[1][n], g) for n, g in before[1].items())
 
 
+@pytest.mark.extended(reason=(
+    "test_qlora_trains_a_4bit_base_on_cpu_and_its_adapter_reloads trains QLoRA on the tiny model; this "
+    "one on a pretrained GGUF base (SmolLM2, as make demo loads it)"))
 @pytest.mark.slow
 def test_qlora_on_smollm2_learns_and_its_adapter_reloads_on_the_pretrained_base(tmp_path):
     dataset = write_dataset(tmp_path / "data", train=12, validation=4)
@@ -735,7 +748,7 @@ def test_qlora_on_smollm2_learns_and_its_adapter_reloads_on_the_pretrained_base(
 
 
 @pytest.mark.slow
-@pytest.mark.deepspeed
+@pytest.mark.deepspeed("ShareMemCommBuilder")
 def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_model(tiny_model, dataset, tmp_path,
                                                                                    one_process_full):
     one = one_process_full
