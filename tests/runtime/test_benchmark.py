@@ -239,29 +239,37 @@ def test_a_lora_adapter_is_merged_onto_its_base_when_loaded(tiny_model, tmp_path
         assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)  # the adapter changed it
 
 
+def _benchmark_of_held_out_rows(tiny_model, tmp_path, rows: list[dict], dataset_format: str, seed: int):
+    """A Benchmark of a FineTune (a random adapter on the tiny model) whose dataset is `rows` in
+    `dataset_format`, the test split; its gate names preference.rewardAccuracy. Returns the
+    adapter, the manifest, the FineTune's result as the planner reads it, the metrics and the run."""
+    from llmfactory_runtime.data import dumps_jsonl
+
+    adapter = _random_adapter(tiny_model, tmp_path / "adapter", seed=seed)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "test.jsonl").write_bytes(dumps_jsonl(rows))
+    fine_tune = {"adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "sha256:a",
+                 "baseModel": {"uri": f"file://{tiny_model}"}, "datasetUri": f"file://{tmp_path / 'rows'}",
+                 "datasetFormat": dataset_format, "datasetDigest": "sha256:d"}
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "held-out"},
+           "spec": {"model": {"fineTuneRef": {"name": "tuned"}}, "perplexity": {},
+                    "gates": [{"metric": "preference.rewardAccuracy", "op": ">=", "value": 0.0}]}}
+    result, store = _run(doc, tmp_path, fine_tune)
+    return adapter, doc, fine_tune, result["metrics"], store
+
+
 def test_a_dpo_fine_tunes_held_out_pairs_are_scored_against_its_base(tiny_model, tmp_path):
     """Preference rows as the perplexity dataset (a DPO FineTune's): the pairs are scored too, per
     token for preference.accuracy, and against the baseline for DPO's implicit reward."""
-    from llmfactory_runtime.data import dumps_jsonl
     from llmfactory_runtime.preference import encode_pairs, pair_logps
 
-    adapter = _random_adapter(tiny_model, tmp_path / "adapter", seed=3)
     rows = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
              "rejected": [{"role": "assistant", "content": r}]}
             for q, a, r in [("Capital of France?", "Paris.", "Lyon, I think, or maybe Marseille."),
                             ("Почему небо голубое?", "Рассеяние света.", "Не знаю."),
                             ("天空为什么是蓝色的？", "光的散射。", "因为海。"), ("2+2?", "4", "5"),
                             ("Name a colour.", "Blue.", "Seven.")]]  # five: a share and its complement differ
-    (tmp_path / "prefs").mkdir()
-    (tmp_path / "prefs" / "test.jsonl").write_bytes(dumps_jsonl(rows))
-    fine_tune = {"adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "sha256:a",
-                 "baseModel": {"uri": f"file://{tiny_model}"}, "datasetUri": f"file://{tmp_path / 'prefs'}",
-                 "datasetFormat": "preference", "datasetDigest": "sha256:d"}
-    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "prefs"},
-           "spec": {"model": {"fineTuneRef": {"name": "dpo"}}, "perplexity": {},
-                    "gates": [{"metric": "preference.rewardAccuracy", "op": ">=", "value": 0.0}]}}
-    result, store = _run(doc, tmp_path, fine_tune)
-    metrics = result["metrics"]
+    adapter, doc, fine_tune, metrics, store = _benchmark_of_held_out_rows(tiny_model, tmp_path, rows, "preference", 3)
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     convs = encode_pairs(tok, rows, 2048, "test")
@@ -281,6 +289,40 @@ def test_a_dpo_fine_tunes_held_out_pairs_are_scored_against_its_base(tiny_model,
     # A gate on a preference metric of a dataset of conversations is refused when planned.
     with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'preference.rewardAccuracy' is not reported"):
         plan(parse(doc), lambda *k: {**fine_tune, "datasetFormat": "chatml"}, f"file://{tmp_path}/store")
+
+
+def test_a_kto_fine_tunes_held_out_labelled_answers_are_scored_against_its_base(tiny_model, tmp_path):
+    """KTO's unpaired rows as the perplexity dataset: each answer's log-probability change from the
+    baseline against the reference point (the mismatched conversations' mean change, at least 0),
+    as the FineTune's rewardAccuracy; pair metrics are not reported, nor this one without a baseline."""
+    from llmfactory_runtime.preference import encode_unpaired, pair_logps
+
+    rows = [{"prompt": q, "completion": a, "label": good}
+            for q, a, good in [("Capital of France?", "Paris.", True), ("Capital of France?", "Lyon, I think.", False),
+                               ("Почему небо голубое?", "Рассеяние света.", True), ("2+2?", "5", False),
+                               ("天空为什么是蓝色的？", "光的散射。", True), ("Name a colour.", "Seven.", False),
+                               ("Name a fruit.", "An apple.", True)]]  # seven: a share and its complement differ
+    adapter, doc, fine_tune, metrics, store = _benchmark_of_held_out_rows(tiny_model, tmp_path, rows, "unpaired", 5)
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    convs, desirable = encode_unpaired(tok, rows, 2048, "test")
+    tuned, base = (pair_logps(m.eval(), convs, list(range(7)), 4, tok.pad_token_id, "cpu")
+                   for m in (adapter.merge_and_unload(), AutoModelForCausalLM.from_pretrained(tiny_model)))
+    change = tuned - base
+    point = max(float(change[:, 1].mean()), 0.0)
+    agrees = torch.where(desirable, change[:, 0] > point, change[:, 0] < point)
+    assert 0 < agrees.sum() < 7  # the check below tells a share from its complement and from all or none
+    assert metrics["preference.rewardAccuracy"] == pytest.approx(float(agrees.float().mean()), abs=1e-4)  # as reported
+    assert "preference.accuracy" not in metrics and "preference.baseline" not in metrics
+    torch.testing.assert_close(torch.tensor(store.read_json("preference/model.json")["logps"]), tuned, atol=1e-4, rtol=0)
+    # Without a baseline there is no change to measure, and pairs there are none: gates on them are
+    # refused when planned.
+    alone = {**doc, "spec": {**doc["spec"], "baseline": False}}
+    with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'preference.rewardAccuracy' is not reported"):
+        plan(parse(alone), lambda *k: fine_tune, f"file://{tmp_path}/store")
+    with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'preference.accuracy' is not reported"):
+        plan(parse({**doc, "spec": {**doc["spec"], "gates": [{"metric": "preference.accuracy", "op": ">=", "value": 0}]}}),
+             lambda *k: fine_tune, f"file://{tmp_path}/store")
 
 
 @pytest.mark.parametrize("reply, verdict", [

@@ -214,3 +214,24 @@ def pair_scores(model, tokenizer, rows: list[dict], where: str, max_len: int = 2
     pairs = list(range(len(convs) // 2))
     logps = pair_logps(model, convs, pairs, batch_size, tokenizer.pad_token_id, model.device)
     return {"logps": logps.tolist(), "tokens": answer_tokens(convs)}
+
+
+def labelled_scores(model, tokenizer, rows: list[dict], where: str, max_len: int = 2048,
+                    batch_size: int = 4) -> dict[str, list]:
+    """A Benchmark's view of a model on KTO's labelled answers: per example, the summed
+    log-probability of its own answer and of its mismatched conversation, and whether its answer
+    is desirable (what labelled_agreement compares with a baseline's)."""
+    convs, desirable = encode_unpaired(tokenizer, rows, max_len, where)
+    logps = pair_logps(model, convs, list(range(len(convs) // 2)), batch_size, tokenizer.pad_token_id, model.device)
+    return {"logps": logps.tolist(), "desirable": desirable.tolist()}
+
+
+def labelled_agreement(model: dict[str, list], baseline: dict[str, list]) -> float | None:
+    """KTO's reward accuracy as the FineTune reports it on its validation split: the share of
+    answers whose log-probability change from the baseline lies past the reference point (the
+    mismatched conversations' mean change, floored at 0) on its label's side."""
+    if not model["logps"]:
+        return None
+    change = torch.tensor(model["logps"]) - torch.tensor(baseline["logps"])
+    kl = max(float(change[:, 1].mean()), 0.0)
+    return float(kto_agrees(change[:, 0], kl, torch.tensor(model["desirable"]), beta=1.0).float().mean())

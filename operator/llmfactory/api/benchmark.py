@@ -36,7 +36,9 @@ class Perplexity(ApiModel):
                           "are scored, and the pairs too: preference.accuracy (share of pairs whose chosen answer "
                           "the model finds likelier per token), and with a baseline preference.baseline and "
                           "preference.rewardAccuracy (share whose chosen answer gained more log-probability over "
-                          "the baseline than the rejected one: DPO's implicit reward).")
+                          "the baseline than the rejected one: DPO's implicit reward). Of a KTO FineTune's unpaired "
+                          "rows, with a baseline: preference.rewardAccuracy, the share of answers whose "
+                          "log-probability change from the baseline lies on its label's side of KTO's reference point.")
     split: Literal["train", "validation", "test"] = Field("test", description="Which split to score.")
     max_samples: int | None = Field(None, ge=1, description="Score at most this many conversations.")
 

@@ -48,16 +48,19 @@ def artifact_uri(store_uri: str, res: Resource, digest: str) -> str:
     return f"{store_uri.rstrip('/')}/{res.namespace}/{res.kind.lower()}/{res.name}/{digest[:16]}"
 
 
-def benchmark_metric_names(spec, baseline: bool, preference_rows: bool = False) -> set[str]:
-    """The metrics a Benchmark with this spec reports (what gates may name); preference_rows: its
-    perplexity dataset holds preference pairs, which it scores too."""
+def benchmark_metric_names(spec, baseline: bool, dataset_format: str | None = None) -> set[str]:
+    """The metrics a Benchmark with this spec reports (what gates may name); dataset_format: its
+    perplexity dataset's, whose preference pairs it scores too, and (against a baseline) unpaired
+    rows' labelled answers."""
     names: set[str] = set()
     if spec.perplexity:
         names |= {"perplexity.value", "perplexity.allTokens"}
         if baseline:
             names |= {"perplexity.baseline", "perplexity.changePercent"}
-        if preference_rows:
+        if dataset_format == "preference":
             names |= {"preference.accuracy"} | ({"preference.baseline", "preference.rewardAccuracy"} if baseline else set())
+        elif dataset_format == "unpaired" and baseline:
+            names |= {"preference.rewardAccuracy"}
     if spec.judge:
         langs = spec.judge.languages
         if spec.judge.mode != "pairwise":
@@ -181,7 +184,7 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                         f"spec.preferences there, or point dataset.uri at {rows}")
     if objective == "dpo" or objective == "kto" and built:
         dataset["format"] = "preference"  # a Benchmark or Quantization of it reads the prompts and chosen answers
-    elif objective == "kto":  # its rows may be unpaired: no pair metrics for a Benchmark of it
+    elif objective == "kto":  # its rows may be unpaired: a Benchmark of it scores labelled answers, not pairs
         dataset["format"] = "unpaired"
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
 
@@ -263,8 +266,7 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
             _check_engine(res, "spec.judge.engine", spec.judge.engine, baseline)
     if spec.judge and spec.judge.model:
         inputs["judge"] = _model(spec.judge.model)
-    known = benchmark_metric_names(spec, baseline is not None,
-                                   (inputs.get("dataset") or {}).get("format") == "preference")
+    known = benchmark_metric_names(spec, baseline is not None, (inputs.get("dataset") or {}).get("format"))
     # lm-eval metrics depend on the task's YAML: any metric of a named task may be gated.
     tasks = set(spec.lm_eval.tasks) if spec.lm_eval else set()
     for i, gate in enumerate(spec.gates):

@@ -14,7 +14,7 @@ from statistics import mean
 from typing import Any
 
 from ..batching import perplexity
-from ..preference import pair_scores
+from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import read_split
 from ..generate import generate
 from ..models import LazyModel
@@ -96,11 +96,16 @@ def _answer_questions(label: str, source: dict, judge: dict, questions: list[dic
                      "answersPerSecond": round(answered / seconds, 3) if answered and seconds else None}
 
 
-def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], pairs: bool, questions: list[dict],
-                    run: Store, progress: Progress, tasks_dir: Path | None) -> dict[str, Any]:
-    """Answers, perplexity (and, of preference rows, the pairs' log-probabilities) and lm-eval
-    scores of one model (label: model or baseline). Answers first: a vLLM server has given the GPU
-    back before transformers loads the model, if it must."""
+# How a Benchmark scores rows that say which answers are wanted, by the dataset's format: preference
+# pairs (DPO's), or answers labelled one by one (KTO's unpaired rows).
+LABELLED_ROWS = {"preference": ("preference pairs", pair_scores), "unpaired": ("labelled answers", labelled_scores)}
+
+
+def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], labelled: str | None,
+                    questions: list[dict], run: Store, progress: Progress, tasks_dir: Path | None) -> dict[str, Any]:
+    """Answers, perplexity (and, of rows in a LABELLED_ROWS format, the answers' log-probabilities)
+    and lm-eval scores of one model (label: model or baseline). Answers first: a vLLM server has
+    given the GPU back before transformers loads the model, if it must."""
     loaded = LazyModel(source, on_load=lambda: progress.stage(f"loading {label}"))
     out: dict[str, Any] = {}
     if questions:
@@ -109,10 +114,11 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], pair
     if rows:
         progress.stage(f"perplexity of {label}")
         out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(*loaded(), rows))
-    if rows and pairs:
-        progress.stage(f"preference pairs of {label}")
+    if rows and labelled:
+        what, scores = LABELLED_ROWS[labelled]
+        progress.stage(f"{what} of {label}")
         where = f"spec.perplexity.dataset: {spec['perplexity']['split']}.jsonl"
-        out["preference"] = _cached(run, f"preference/{label}.json", lambda: pair_scores(*loaded(), rows, where))
+        out["preference"] = _cached(run, f"preference/{label}.json", lambda: scores(*loaded(), rows, where))
     if spec.get("lmEval"):
         progress.stage(f"lm-eval tasks on {label}")
         out["lmEval"] = _cached(run, f"lm-eval/{label}.json",
@@ -254,7 +260,10 @@ def _pairwise_metrics(outcomes: dict[str, list[str | None]], questions: list[dic
 
 def _metrics(results: dict[str, dict], judged: dict[str, Any], questions: list[dict]) -> dict[str, float]:
     metrics: dict[str, float | None] = {}
-    if "preference" in results["model"]:
+    if "desirable" in results["model"].get("preference", {}):  # labelled answers: scored with a baseline only
+        metrics["preference.rewardAccuracy"] = labelled_agreement(results["model"]["preference"],
+                                                                  results["baseline"]["preference"])
+    elif "preference" in results["model"]:
         tuned = results["model"]["preference"]
         metrics["preference.accuracy"] = _prefers_chosen(tuned)
         if "baseline" in results:
@@ -402,8 +411,10 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     if inputs.get("baseline"):
         models["baseline"] = inputs["baseline"]
     tasks_dir = lm_eval_tasks.task_folder((spec.get("lmEval") or {}).get("tasksUri"))
-    pairs = bool(rows) and inputs["dataset"].get("format") == "preference"
-    results = {label: _evaluate_model(label, source, spec, rows, pairs, questions, run, progress, tasks_dir)
+    labelled = inputs["dataset"].get("format") if rows else None
+    if labelled not in LABELLED_ROWS or labelled == "unpaired" and "baseline" not in models:
+        labelled = None  # a labelled answer's log-probability says something only as a change from the baseline's
+    results = {label: _evaluate_model(label, source, spec, rows, labelled, questions, run, progress, tasks_dir)
                for label, source in models.items()}
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
