@@ -268,3 +268,33 @@ def test_kto_learns_from_unpaired_labels_and_a_resumed_run_keeps_its_reference(t
     assert float(reward[desirable].mean() - reward[~desirable].mean()) == pytest.approx(result["rewardMargin"], abs=1e-3)
 
     _resumed_from_step_4_ends_with_the_same_weights(run, path, result)
+
+
+@pytest.mark.extended(reason=(
+    "test_kto_learns_from_unpaired_labels_and_a_resumed_run_keeps_its_reference trains KTO in one "
+    "process and tests/runtime/test_finetune.py's test_two_processes_follow_the_loss_curve_of_one splits sft's "
+    "steps over two; this one splits KTO's, whose reference point spans the whole step"))
+@pytest.mark.slow
+def test_kto_on_two_processes_follows_one_process_with_accumulation_2(tiny_model, tmp_path):
+    """The same global batch, 1 process x accumulation 2 and 2 processes x 1: KTO's reference point
+    is taken over the whole step on all processes (not per micro-batch, as TRL's), so the loss
+    curves and the rewards reported are the same."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_unpaired_rows() * 2))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl(_unpaired_rows()))
+    tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{processes}", objective="kto",
+                           kto={"beta": 0.5}, lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
+                           resources={"gpusPerNode": processes},
+                           hyperparameters={"epochs": 1, "learningRate": 0.02, "gradientAccumulation": 3 - processes})
+             for processes in (1, 2)]
+    for processes, task in zip((1, 2), tasks):
+        _ok(run_finetune(write_task(task, tmp_path), processes=processes))
+    runs = [open_store(task["artifactUri"]) for task in tasks]
+    curves = [[float(line.split(",")[2]) for line in run.read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
+              for run in runs]
+    assert len(curves[0]) == len(curves[1]) > 3
+    assert max(abs(a - b) for a, b in zip(*curves)) < 1e-4
+    one, two = (run.read_json("result.json") for run in runs)
+    assert two["processes"] == 2 and two["rewardAccuracy"] == one["rewardAccuracy"]
+    assert two["rewardMargin"] == pytest.approx(one["rewardMargin"], abs=1e-4)
