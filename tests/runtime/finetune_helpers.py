@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmfactory.planner import parse, plan
+from llmfactory_runtime.store import open_store
 from llmfactory_runtime.data import dumps_jsonl
 
 PAIRS = [
@@ -73,3 +74,9 @@ def runtime_command(task_path: Path, processes: int = 1) -> list[str]:
 def run_finetune(task_path: Path, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(runtime_command(task_path, processes), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def loss_curve(task: dict[str, Any]) -> list[float]:
+    """The run's training loss at each step, from its metrics/loss.csv."""
+    rows = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]
+    return [float(r.split(",")[2]) for r in rows]

@@ -28,7 +28,8 @@ from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.finetune.train import best_step, evaluations_without_improvement, lr_lambda
 from llmfactory_runtime.store import finished_result, open_store
 
-from finetune_helpers import PAIRS, SMOLLM2, conversations, finetune_task, run_finetune, runtime_command, write_dataset, write_task
+from finetune_helpers import (PAIRS, SMOLLM2, conversations, finetune_task, loss_curve, run_finetune, runtime_command,
+                              write_dataset, write_task)
 
 NO_DROPOUT = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
 
@@ -213,7 +214,7 @@ def test_16_bit_full_fine_tunes_step_fp32_master_weights_and_move_as_fp32_does(t
         got, expected = moved(precision, weights), moved(precision, fp32_weights)  # fp32's run, rounded alike
         assert got.norm() > 0.7 * expected.norm()
         assert (got != 0).sum() > 0.8 * (expected != 0).sum()
-    assert _loss_curve(runs["fp16"][0]) == pytest.approx(_loss_curve(fp32_task), abs=1e-3)
+    assert loss_curve(runs["fp16"][0]) == pytest.approx(loss_curve(fp32_task), abs=1e-3)
     assert _result(runs["fp16"][0])["skippedSteps"] == 0 and "skippedSteps" not in _result(runs["bf16"][0])
 
     # Killed after the checkpoint at step 4 (its result gone), it resumes from the fp32 master weights
@@ -247,7 +248,7 @@ def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_pat
                         hyperparameters={"evalEverySteps": 3})  # evaluating on the way changes no step
     committed = _run_watching_the_commit(two, write_task(two, tmp_path), tmp_path, processes=2)
     assert committed and all(result is not None for result in committed)  # never finished before rank 0 saved
-    curve = [_loss_curve(t) for t in (one, two)]
+    curve = [loss_curve(t) for t in (one, two)]
     assert len(curve[0]) == len(curve[1]) > 10
     assert max(abs(a - b) for a, b in zip(*curve)) < 1e-4
     assert _result(two)["processes"] == 2
@@ -268,11 +269,6 @@ def _run_watching_the_commit(task: dict, task_path: Path, tmp_path: Path, proces
         stderr.seek(0)
         assert proc.returncode == 0, stderr.read()[-4000:]
     return [*seen, finished_result(run)]
-
-
-def _loss_curve(task: dict) -> list[float]:
-    rows = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]
-    return [float(r.split(",")[2]) for r in rows]
 
 
 def _adapter(task: dict) -> dict[str, torch.Tensor]:
@@ -343,7 +339,7 @@ def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupte
     assert result["resumedFromStep"] is not None and result["resumedFromStep"] % 3 == 0
     assert got.keys() == expected.keys()
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
-    assert _loss_curve(task) == pytest.approx(_loss_curve(uninterrupted), abs=1e-6)
+    assert loss_curve(task) == pytest.approx(loss_curve(uninterrupted), abs=1e-6)
     steps = sorted(int(k.split("/")[0][5:]) for k in open_store(task["artifactUri"]).list("checkpoints")
                    if k.endswith("COMMITTED"))
     assert len(steps) <= 2  # keepLast
@@ -468,7 +464,7 @@ def test_deepspeed_zero2_with_cpu_offload_on_two_processes_matches_one_process_a
     config = open_store(ds["artifactUri"]).read_json("deepspeed.json")
     assert config["zero_optimization"]["stage"] == 2 and config["train_micro_batch_size_per_gpu"] == 2
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert _loss_curve(ds) == pytest.approx(_loss_curve(one), abs=1e-4)
+    assert loss_curve(ds) == pytest.approx(loss_curve(one), abs=1e-4)
 
 
 def test_a_checkpoint_without_its_commit_marker_is_ignored_and_cleaned_up(tmp_path):
@@ -557,7 +553,7 @@ def test_qlora_trains_a_4bit_base_on_cpu_and_its_adapter_reloads(tiny_model, dat
                          qlora={"dequantizeOnce": "always"}, hyperparameters={"learningRate": 0.005})
     _ok(run_finetune(write_task(once, tmp_path)))
     assert _result(once)["dequantizedOnce"] is True
-    assert _loss_curve(once) == pytest.approx(_loss_curve(task), abs=1e-5)
+    assert loss_curve(once) == pytest.approx(loss_curve(task), abs=1e-5)
     expected, got = _adapter(task), _adapter(once)
     assert expected.keys() == got.keys() and all(torch.allclose(got[k], expected[k], atol=1e-5) for k in expected)
 
@@ -756,7 +752,7 @@ def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_mo
                           hyperparameters={**FULL, "gradientAccumulation": 1},
                           distribution={"strategy": "deepspeed", "zeroStage": 3})
     _ok(run_finetune(write_task(zero3, tmp_path), processes=2))
-    assert _loss_curve(zero3) == pytest.approx(_loss_curve(one), abs=1e-4)
+    assert loss_curve(zero3) == pytest.approx(loss_curve(one), abs=1e-4)
     expected = AutoModelForCausalLM.from_pretrained(_result(one)["modelUri"][7:]).state_dict()
     gathered = AutoModelForCausalLM.from_pretrained(_result(zero3)["modelUri"][7:]).state_dict()
     assert all(torch.allclose(gathered[k], expected[k], atol=1e-4) for k in expected)

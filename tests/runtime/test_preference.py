@@ -20,7 +20,7 @@ from llmfactory_runtime.preference import (answer_logps, collate_pairs, dpo_term
                                            kto_agrees, kto_terms, pair_logps, token_counts)
 from llmfactory_runtime.store import open_store
 
-from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task
+from finetune_helpers import PAIRS, finetune_task, loss_curve, run_finetune, write_task
 
 REFUSAL = "I cannot answer that."
 
@@ -145,8 +145,7 @@ def test_dpo_learns_to_prefer_the_chosen_answers_and_a_resumed_run_keeps_its_ref
     _ok(run_finetune(path))
     run = open_store(task["artifactUri"])
     result = run.read_json("result.json")
-    first_step = run.read_bytes("metrics/loss.csv").decode().splitlines()[1].split(",")
-    assert float(first_step[2]) == pytest.approx(math.log(2), abs=1e-5)
+    assert loss_curve(task)[0] == pytest.approx(math.log(2), abs=1e-5)
     assert result["evalLoss"] < 0.5 and result["finalLoss"] < result["firstLoss"]
     assert result["rewardAccuracy"] == 1.0 and result["datasetFormat"] == "preference"
     # The saved model prefers the chosen answers by the margin reported, measured here on its own.
@@ -188,6 +187,13 @@ def _unpaired_rows() -> list[dict]:
     """Each question's answer desirable, a refusal undesirable: labelled one by one, never paired."""
     return [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": answer}],
              "label": label} for q, a in PAIRS for answer, label in ((a, True), (REFUSAL, False))]
+
+
+def _unpaired_dataset(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(dumps_jsonl(_unpaired_rows() * 2))
+    (folder / "validation.jsonl").write_bytes(dumps_jsonl(_unpaired_rows()))
+    return f"file://{folder}"
 
 
 def test_unpaired_rows_and_preference_pairs_give_kto_its_labelled_answers(tiny_model):
@@ -237,11 +243,8 @@ def test_kto_learns_from_unpaired_labels_and_a_resumed_run_keeps_its_reference(t
     """The loss starts at 1/2 (the model is its own reference), the saved model has raised the
     desirable answers and lowered the undesirable ones by the margin reported, and a run resumed
     from a checkpoint takes the reference from it and ends with the uninterrupted run's weights."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_bytes(dumps_jsonl(_unpaired_rows() * 2))
-    (data / "validation.jsonl").write_bytes(dumps_jsonl(_unpaired_rows()))
-    task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="kto",
+    data = _unpaired_dataset(tmp_path / "data")
+    task = finetune_task(tiny_model, data, f"file://{tmp_path}/store", objective="kto",
                          kto={"beta": 0.5}, checkpointing={"everySteps": 4, "keepLast": 20},
                          hyperparameters={"epochs": 2, "learningRate": 0.02})
     assert task["spec"]["kto"] == {"beta": 0.5, "desirableWeight": 1.0, "undesirableWeight": 1.0}
@@ -249,8 +252,7 @@ def test_kto_learns_from_unpaired_labels_and_a_resumed_run_keeps_its_reference(t
     _ok(run_finetune(path))
     run = open_store(task["artifactUri"])
     result = run.read_json("result.json")
-    first_step = run.read_bytes("metrics/loss.csv").decode().splitlines()[1].split(",")
-    assert float(first_step[2]) == pytest.approx(0.5, abs=1e-6)
+    assert loss_curve(task)[0] == pytest.approx(0.5, abs=1e-6)
     assert result["evalLoss"] < 0.4 and result["finalLoss"] < result["firstLoss"]
     assert result["rewardAccuracy"] == 1.0 and result["datasetFormat"] == "unpaired"
     assert any(k.endswith("/reference.pt") for k in run.list("checkpoints"))
@@ -279,22 +281,17 @@ def test_kto_on_two_processes_follows_one_process_with_accumulation_2(tiny_model
     """The same global batch, 1 process x accumulation 2 and 2 processes x 1: KTO's reference point
     is taken over the whole step on all processes (not per micro-batch, as TRL's), so the loss
     curves and the rewards reported are the same."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_bytes(dumps_jsonl(_unpaired_rows() * 2))
-    (data / "validation.jsonl").write_bytes(dumps_jsonl(_unpaired_rows()))
-    tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{processes}", objective="kto",
+    data = _unpaired_dataset(tmp_path / "data")
+    tasks = [finetune_task(tiny_model, data, f"file://{tmp_path}/{processes}", objective="kto",
                            kto={"beta": 0.5}, lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
                            resources={"gpusPerNode": processes},
                            hyperparameters={"epochs": 1, "learningRate": 0.02, "gradientAccumulation": 3 - processes})
              for processes in (1, 2)]
     for processes, task in zip((1, 2), tasks):
         _ok(run_finetune(write_task(task, tmp_path), processes=processes))
-    runs = [open_store(task["artifactUri"]) for task in tasks]
-    curves = [[float(line.split(",")[2]) for line in run.read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
-              for run in runs]
+    curves = [loss_curve(task) for task in tasks]
     assert len(curves[0]) == len(curves[1]) > 3
     assert max(abs(a - b) for a, b in zip(*curves)) < 1e-4
-    one, two = (run.read_json("result.json") for run in runs)
+    one, two = (open_store(task["artifactUri"]).read_json("result.json") for task in tasks)
     assert two["processes"] == 2 and two["rewardAccuracy"] == one["rewardAccuracy"]
     assert two["rewardMargin"] == pytest.approx(one["rewardMargin"], abs=1e-4)
