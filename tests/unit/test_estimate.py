@@ -191,6 +191,21 @@ def test_planner_counts_both_conversations_of_a_dpo_pair_in_a_row():
     assert half["total_gib"] == sft_estimate["total_gib"] and half["activations_gib"] == sft_estimate["activations_gib"]
 
 
+def test_planner_counts_every_sampled_answer_of_a_grpo_micro_batch():
+    """batchSize counts GRPO's prompts; each trains grpo.generations sampled answers, one sequence each."""
+    hp = {"batchSize": 1, "maxSeqLength": 2048}
+    on_an_h100 = {"gpusPerNode": 1, "gpuMemoryGiB": 80}
+    sft = _fine_tune("meta-llama/Meta-Llama-3-8B", on_an_h100, hyperparameters={**hp, "batchSize": 2},
+                     lora={"dropout": 0.0})
+    grpo = {**sft, "spec": {**sft["spec"], "objective": "grpo", "dataset": {"uri": "s3://b/prompts"},
+                            "hyperparameters": hp, "grpo": {"generations": 2}}}
+    assert check_fits(parse(grpo)).as_dict() == check_fits(parse(sft)).as_dict()
+    grpo["spec"]["grpo"]["generations"] = 8
+    with pytest.raises(PlanError) as err:
+        check_fits(parse(grpo))
+    assert err.value.field == "spec.resources" and "80 GiB" in err.value.message
+
+
 def test_unknown_models_are_not_refused_the_runtime_checks_them():
     waiting = plan(parse(_fine_tune("someone/unknown-model", {"gpusPerNode": 1})), lambda *key: None, "file:///tmp/store")
     assert isinstance(waiting, Waiting) and waiting.estimate is None

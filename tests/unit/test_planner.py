@@ -347,3 +347,34 @@ def test_a_fine_tune_goes_on_training_another_fine_tunes_model_after_it_and_reru
     with pytest.raises(PlanError, match="cycle"):
         dependency_order(parse(x) for x in [m("FineTune", "ft", {"baseModel": {"fineTuneRef": {"name": "domain"}},
                                                                   "dataset": {"uri": "s3://d"}}), staged])
+
+
+GRPO = m("FineTune", "ft", {"baseModel": MODEL, "dataset": {"uri": "s3://bucket/prompts"}, "objective": "grpo",
+                            "grpo": {"grader": {"referenceField": "answer", "operation": "number",
+                                                "extract": "#### (.+)"}}})
+
+
+def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_cannot_measure_answers_on():
+    task = plan(parse(GRPO), lookup({}), STORE)
+    assert task["inputs"]["dataset"]["format"] == "graded"
+    assert task["spec"]["grpo"] == {"generations": 8, "temperature": 1.0, "maxNewTokens": 256, "scaleRewards": True,
+                                    "grader": {"referenceField": "answer", "operation": "number",
+                                               "extract": "#### (.+)"}}
+    bad = copy.deepcopy(GRPO)
+    bad["spec"]["grpo"]["grader"]["extract"] = "#### (.+"
+    with pytest.raises(PlanError, match=r"spec.grpo.grader.extract: '#### \(.\+' is not a regular expression"):
+        plan(parse(bad), lookup({}), STORE)
+    trained = {("FineTune", "ft"): {**FT_RESULT, "datasetFormat": "graded", "datasetUri": "s3://bucket/prompts"}}
+    with pytest.raises(PlanError, match="spec.perplexity.dataset: is required: FineTune ft trained with objective "
+                                        "grpo on prompts without answers"):
+        plan(parse(BENCH), lookup(trained), STORE)
+    judged = copy.deepcopy(BENCH)
+    judged["spec"]["perplexity"] = {"dataset": {"uri": "s3://bucket/held-out"}}
+    assert plan(parse(judged), lookup(trained), STORE)["inputs"]["dataset"]["uri"] == "s3://bucket/held-out"
+    # GGUF types need no data; a Quantization validated on held-out conversations does.
+    assert plan(parse(QUANT), lookup(trained), STORE)["inputs"]["dataset"] is None
+    validated = copy.deepcopy(QUANT)
+    validated["spec"]["validation"] = {"maxPerplexityIncreasePercent": 5}
+    with pytest.raises(PlanError, match="spec.validation.maxPerplexityIncreasePercent: needs conversations with "
+                                        "answers, but FineTune ft trained with objective grpo"):
+        plan(parse(validated), lookup(trained), STORE)

@@ -1,5 +1,6 @@
 """Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split;
-preference pairs for DPO in OpenAI's or TRL's form; and TRL's unpaired rows for KTO."""
+preference pairs for DPO in OpenAI's or TRL's form; TRL's unpaired rows for KTO; and prompts with
+reference answers for GRPO."""
 
 from __future__ import annotations
 
@@ -101,6 +102,17 @@ def labelled_of(row: dict[str, Any]) -> list[tuple[list[dict[str, str]], list[di
     if not answer or any(m["role"] != "assistant" for m in answer):
         raise ValueError("an unpaired row's completion must be one or more assistant messages")
     return [(prompt, answer, row["label"])]
+
+
+def prompt_of(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The prompt messages of a row that holds no answer (objective grpo's): OpenAI's {messages}
+    ending with a user turn, or {prompt} (a string or messages). A ValueError says what the row lacks."""
+    if "messages" not in row and "prompt" not in row:
+        raise ValueError("needs messages (ending with a user turn) or prompt")
+    prompt = _turns(row["messages"] if "messages" in row else row["prompt"], "user")
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError("a prompt must end with a user message (the answer is sampled, not given)")
+    return prompt
 
 
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:

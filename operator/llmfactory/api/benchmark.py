@@ -31,8 +31,9 @@ class ModelUnderTest(ApiModel):
 
 class Perplexity(ApiModel):
     dataset: DatasetInput | None = Field(
-        None, description="Conversations to score; defaults to the FineTune's dataset. Of preference pairs "
-                          "(a DPO FineTune's, or a DatasetBuild's with preferences) the prompts and chosen answers "
+        None, description="Conversations to score; defaults to the FineTune's dataset (a GRPO FineTune's "
+                          "prompts hold no answers: name one). Of preference pairs (a DPO FineTune's, or a "
+                          "DatasetBuild's with preferences) the prompts and chosen answers "
                           "are scored, and the pairs too: preference.accuracy (share of pairs whose chosen answer "
                           "the model finds likelier per token), and with a baseline preference.baseline and "
                           "preference.rewardAccuracy (share whose chosen answer gained more log-probability over "

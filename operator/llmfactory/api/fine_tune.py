@@ -39,7 +39,9 @@ class DatasetInput(ApiModel):
         "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), or "
         "preference pairs in OpenAI's or TRL's form, which a FineTune with objective dpo or kto learns from "
         "(anything else reads each pair's prompt with its chosen answer), or TRL's unpaired rows {prompt, "
-        "completion, label} for objective kto (anything else reads the desirable ones)."))
+        "completion, label} for objective kto (anything else reads the desirable ones), or prompts with "
+        "reference answers ({messages} ending with a user turn, or {prompt}, beside grpo.grader.referenceField) "
+        "for objective grpo."))
 
 
 class Lora(ApiModel):
@@ -145,6 +147,43 @@ class Kto(ApiModel):
         "examples, KTO's paper advises weights such that desirableWeight x desirable examples / "
         "(undesirableWeight x undesirable examples) lies between 1 and 4/3."))
     undesirable_weight: float = Field(1.0, gt=0, le=100, description="Weight of the undesirable examples' loss.")
+
+
+class Grader(ApiModel):
+    """How a sampled answer is scored, 1 when it passes and 0 when not, against the reference answer its
+    row holds (as OpenAI's reinforcement fine-tuning string_check grader does)."""
+
+    reference_field: str = Field("reference", min_length=1, max_length=253, description=(
+        "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number."))
+    operation: Literal["equals", "contains", "icontains", "number"] = Field("equals", description=(
+        "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
+        "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
+        "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
+        "graders compare final answers."))
+    extract: str | None = Field(None, min_length=1, max_length=1024, description=(
+        "A regular expression (Python's) picking what of the answer is compared: its last match's first "
+        "group (or the whole match without groups), e.g. '#### (.+)' for GSM8K's final-answer line or "
+        "'\\\\boxed\\{(.+?)\\}'. An answer without a match scores 0, so the format is learned too. Unset: "
+        "the whole answer."))
+
+
+class Grpo(ApiModel):
+    """Group Relative Policy Optimization (Shao et al., 2024), as TRL's GRPOTrainer does it with its
+    defaults: reinforcement learning from a grader's rewards, no reference model and no value model."""
+
+    generations: int = Field(8, ge=2, le=256, description=(
+        "Answers sampled per prompt (GRPO's group): each answer's advantage is its reward minus the "
+        "group's mean, so a group whose answers all score the same teaches nothing. More answers find a "
+        "passing one for harder prompts, at that many times the generation and training compute."))
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the answers (TRL's default 1).")
+    max_new_tokens: int = Field(256, ge=1, le=131072, description=(
+        "Longest sampled answer, in tokens; the prompt and answer together are cut at "
+        "hyperparameters.maxSeqLength."))
+    scale_rewards: bool = Field(True, description=(
+        "Divide each group's advantages by the standard deviation of its rewards (GRPO's); false keeps "
+        "them unscaled, as Dr. GRPO (Liu et al., 2025) advises against its bias toward too-easy and "
+        "too-hard prompts."))
+    grader: Grader = Field(default_factory=Grader, description="How each sampled answer is rewarded.")
 
 
 class Hyperparameters(ApiModel):
@@ -280,6 +319,20 @@ class FineTuneSpec(RunOptions):
          "message": "dpo settings apply only to objective dpo"},
         {"rule": "(has(self.objective) && self.objective == 'kto') || !has(self.kto)",
          "message": "kto settings apply only to objective kto"},
+        {"rule": "(has(self.objective) && self.objective == 'grpo') || !has(self.grpo)",
+         "message": "grpo settings apply only to objective grpo"},
+        {"rule": "!has(self.objective) || self.objective != 'grpo' || has(self.dataset.uri)",
+         "message": "objective grpo trains on prompts with reference answers for its grader at dataset.uri; "
+                    "a DatasetBuild writes answered conversations"},
+        {"rule": "!has(self.objective) || self.objective != 'grpo' || !has(self.hyperparameters) "
+                 "|| (!has(self.hyperparameters.earlyStopping) && (!has(self.hyperparameters.selectBest) "
+                 "|| !self.hyperparameters.selectBest))",
+         "message": "objective grpo has no validation loss for hyperparameters.earlyStopping or selectBest to "
+                    "choose by (its evaluations report the grader's mean reward)"},
+        {"rule": "!has(self.objective) || self.objective != 'grpo' || !has(self.distribution) "
+                 "|| !has(self.distribution.zeroStage) || self.distribution.zeroStage != 3",
+         "message": "objective grpo samples answers on each process on its own, which ZeRO 3's collective "
+                    "forwards cannot: use distribution.zeroStage 2 or strategy ddp"},
         {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.fusedKernels) "
                  "|| !self.hyperparameters.fusedKernels || !has(self.distribution) "
                  "|| !has(self.distribution.zeroStage) || self.distribution.zeroStage != 3",
@@ -293,7 +346,7 @@ class FineTuneSpec(RunOptions):
     method: Literal["lora", "qlora", "full"] = Field("lora", description=(
         "lora trains an adapter on the frozen base; qlora does so on a 4-bit quantized base "
         "(bitsandbytes); full trains every weight."))
-    objective: Literal["sft", "dpo", "kto"] = Field("sft", description=(
+    objective: Literal["sft", "dpo", "kto", "grpo"] = Field("sft", description=(
         "sft learns the assistant answers of conversations (supervised fine-tuning); dpo learns from "
         "preference pairs, a chosen and a rejected answer to the same prompt, to make the chosen one "
         "more likely than the rejected one relative to the base model (Direct Preference Optimization). "
@@ -307,12 +360,20 @@ class FineTuneSpec(RunOptions):
         "dataset.uri in TRL's unpaired form ({prompt, completion, label}, label true for a desirable "
         "answer), or preference pairs (a DatasetBuild with preferences, or rows in OpenAI's or TRL's form), "
         "each giving its chosen answer as desirable and its rejected one as undesirable. Its loss starts "
-        "at half the examples' weight (0.5 with kto's default weights)."))
+        "at half the examples' weight (0.5 with kto's default weights). grpo learns by reinforcement from "
+        "a grader (Group Relative Policy Optimization, as OpenAI's reinforcement fine-tuning and TRL's "
+        "GRPOTrainer): for each prompt it samples grpo.generations answers, scores each against the row's "
+        "reference answer (grpo.grader), and makes the answers that score above their group's mean more "
+        "likely; rows at dataset.uri hold the prompt (messages ending with a user turn, or prompt) and the "
+        "reference (OpenAI's {messages, <field>: ...}). batchSize counts prompts; its loss hovers near 0, "
+        "the curve to watch is the mean reward (metrics/loss.csv, progress.json)."))
     dpo: Dpo | None = Field(None, description=(
         "Preference settings (objective dpo): the loss (DPO or a variant) and its strength; defaults apply when unset."))
     kto: Kto | None = Field(None, description=(
         "KTO settings (objective kto): its strength and the weights of desirable and undesirable examples; "
         "defaults apply when unset."))
+    grpo: Grpo | None = Field(None, description=(
+        "GRPO settings (objective grpo): answers sampled per prompt and the grader; defaults apply when unset."))
     lora: Lora | None = Field(None, description="Adapter settings (lora, qlora); defaults apply when unset.")
     qlora: QLora | None = Field(None, description="4-bit quantization of the base (qlora); defaults apply when unset.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training settings.")
@@ -332,6 +393,8 @@ class FineTuneSpec(RunOptions):
             self.dpo = Dpo()
         if self.objective == "kto" and self.kto is None:
             self.kto = Kto()
+        if self.objective == "grpo" and self.grpo is None:
+            self.grpo = Grpo()
         if self.method in ("lora", "qlora") and self.lora is None:
             self.lora = Lora()
         if self.method == "qlora" and self.qlora is None:
@@ -380,9 +443,15 @@ class FineTuneResult(ApiModel):
         "rejected one's (beta x change of log-probability from the base model; with simpo and orpo, beta x "
         "the per-token mean log-probability). objective kto: the desirable answers' mean implicit reward "
         "minus the undesirable ones'."))
+    reward: float | None = Field(None, description=(
+        "objective grpo: the grader's mean reward (0-1) of the saved model's answers to the validation "
+        "prompts, decoded greedily."))
+    base_reward: float | None = Field(None, description=(
+        "objective grpo: the same of the model before training, to compare reward with."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description=(
-        "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated."))
+        "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated "
+        "(objective grpo: also the step's mean reward, and the validation prompts' where evaluated)."))
     estimate: dict[str, float] | None = Field(None, description="The memory/FLOPs estimate for the real model and GPU.")
     wall_seconds: float = Field(description="Training wall time.")
 

@@ -15,6 +15,9 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
     if kind == "FineTune":
         best = (f", best eval at step {result['bestStep']}" + (" (stopped early)" if result.get("stoppedEarly") else "")
                 if result.get("bestStep") else "")
+        if result.get("reward") is not None:  # objective grpo: the reward is what it raises; its loss stays near 0
+            base = f"{result['baseReward']:.2f} -> " if result.get("baseReward") is not None else ""
+            return f"reward {base}{result['reward']:.2f}"
         rewards = f", reward accuracy {result['rewardAccuracy']:.2f}" if result.get("rewardAccuracy") is not None else ""
         return f"loss {result['firstLoss']:.3f} -> {result['finalLoss']:.3f}{rewards}{best}"
     if kind == "Benchmark":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -186,6 +187,14 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         dataset["format"] = "preference"  # a Benchmark or Quantization of it reads the prompts and chosen answers
     elif objective == "kto":  # its rows may be unpaired: a Benchmark of it scores labelled answers, not pairs
         dataset["format"] = "unpaired"
+    elif objective == "grpo":  # prompts and references: no answers for a Benchmark or Quantization to read
+        dataset["format"] = "graded"
+        extract = res.spec.grpo.grader.extract
+        try:
+            re.compile(extract or "")
+        except re.error as e:
+            raise PlanError(res.ref, "spec.grpo.grader.extract", f"{extract!r} is not a regular expression "
+                            f"(Python's re): {e}") from None
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
 
 
@@ -251,6 +260,10 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     if spec.perplexity:
         if spec.perplexity.dataset:
             inputs["dataset"] = _dataset(res, spec.perplexity.dataset, upstream, "spec.perplexity.dataset")
+        elif trained_on and trained_on["format"] == "graded":
+            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: FineTune {spec.model.fine_tune_ref.name} "
+                            "trained with objective grpo on prompts without answers, which perplexity cannot be "
+                            "measured on; name a dataset of conversations")
         elif trained_on:
             inputs["dataset"] = trained_on
         else:
@@ -282,6 +295,17 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     model, _, trained_on = _trained_model(res, upstream)
     calibrated = [t for t in res.spec.types if t in CALIBRATED_TYPES]
+    if trained_on and trained_on["format"] == "graded":  # prompts alone: nothing to calibrate or validate on
+        validation = res.spec.validation
+        needs = ("spec.types" if calibrated else "spec.importanceMatrix" if res.spec.importance_matrix else
+                 "spec.validation.minTopTokenAgreementPercent" if validation.min_top_token_agreement_percent is not None
+                 else "spec.validation.maxPerplexityIncreasePercent"
+                 if validation.max_perplexity_increase_percent is not None else None)
+        if needs:
+            raise PlanError(res.ref, needs, f"needs conversations with answers, but FineTune "
+                            f"{res.spec.model.fine_tune_ref.name} trained with objective grpo on prompts alone "
+                            "(its answers were sampled in training)")
+        trained_on = None
     if calibrated and not trained_on:
         raise PlanError(res.ref, "spec.types", f"{calibrated[0]} calibrates on conversations, which only a "
                         "fineTuneRef model provides (its dataset's train split); fp8 needs none")

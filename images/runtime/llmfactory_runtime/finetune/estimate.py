@@ -258,7 +258,9 @@ def plan_of(spec: dict[str, Any]) -> Plan:
     lora = spec.get("lora") or {}
     deepspeed = dist.get("strategy") == "deepspeed"
     pair = 2 if spec.get("objective") == "dpo" else 1  # a DPO row holds a pair's two conversations
-    return Plan(method=spec["method"], micro_batch=hp["batchSize"], seq_len=pair * hp["maxSeqLength"],
+    # A GRPO micro-batch trains each of its prompts' sampled answers, one sequence each.
+    answers = (spec.get("grpo") or {}).get("generations", 8) if spec.get("objective") == "grpo" else 1
+    return Plan(method=spec["method"], micro_batch=hp["batchSize"] * answers, seq_len=pair * hp["maxSeqLength"],
                 gpus=max(res.get("gpusPerNode", 1), 1) * res.get("nodes", 1),
                 lora_r=lora.get("r", 16), lora_targets=tuple(lora.get("targetModules") or ("all-linear",)),
                 lora_dropout=lora.get("dropout", 0.05), lora_dora=lora.get("dora", False),

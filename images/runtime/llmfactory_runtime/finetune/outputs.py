@@ -13,23 +13,42 @@ from ..digests import sha256_files
 from ..models import load_model
 from ..store import Store
 
-HistoryRow = tuple[int, int, float, float]  # step, epoch, loss, learning rate
-EvalRow = tuple[int, float]  # step, validation loss
+# step, epoch, loss, learning rate (objective grpo: and the step's mean reward)
+HistoryRow = tuple[int, int, float, float] | tuple[int, int, float, float, float]
+EvalRow = tuple[int, float]  # step, validation loss (objective grpo: validation mean reward)
 
 
-def loss_csv(history: list[HistoryRow], evals: list[EvalRow]) -> bytes:
-    """One row a step; eval_loss is empty where the validation split was not evaluated."""
+def loss_csv(history: list[HistoryRow], evals: list[EvalRow], eval_rewards: list[EvalRow] | None = None) -> bytes:
+    """One row a step; eval_loss is empty where the validation split was not evaluated. With rewards
+    (objective grpo), also the step's mean reward and the validation prompts' where evaluated."""
     at = {step: f"{loss:.6f}" for step, loss in evals}
-    return ("step,epoch,loss,learning_rate,eval_loss\n" + "".join(
-        f"{s},{e},{loss:.6f},{lr:.8g},{at.get(s, '')}\n" for s, e, loss, lr in history)).encode()
+    if eval_rewards is None:
+        return ("step,epoch,loss,learning_rate,eval_loss\n" + "".join(
+            f"{s},{e},{loss:.6f},{lr:.8g},{at.get(s, '')}\n" for s, e, loss, lr in history)).encode()
+    graded = {step: f"{r:.6f}" for step, r in eval_rewards}
+    base = f"0,,,,,,{graded[0]}\n" if 0 in graded else ""  # the model before its first step
+    return ("step,epoch,loss,learning_rate,eval_loss,reward,eval_reward\n" + base + "".join(
+        f"{s},{e},{loss:.6f},{lr:.8g},{at.get(s, '')},{r:.6f},{graded.get(s, '')}\n"
+        for s, e, loss, lr, r in history)).encode()
 
 
-def loss_png(history: list[HistoryRow], evals: list[EvalRow], title: str) -> bytes:
+def loss_png(history: list[HistoryRow], evals: list[EvalRow], title: str,
+             eval_rewards: list[EvalRow] | None = None) -> bytes:
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")  # no display in a pod
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
-    fig, loss_ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if eval_rewards is None:
+        fig, loss_ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    else:  # the reward is what GRPO raises; its loss hovers near 0
+        fig, (reward_ax, loss_ax) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
+        reward_ax.plot([h[0] for h in history], [h[4] for h in history], color="tab:purple", label="train reward")
+        if eval_rewards:
+            reward_ax.plot([e[0] for e in eval_rewards], [e[1] for e in eval_rewards], "o-", color="tab:green",
+                           label="validation reward")
+        reward_ax.set_ylabel("mean reward")
+        reward_ax.legend(loc="lower right")
+        reward_ax.set_title(title)
     steps = [h[0] for h in history]
     loss_ax.plot(steps, [h[2] for h in history], color="tab:blue", label="train loss")
     if evals:
@@ -40,7 +59,8 @@ def loss_png(history: list[HistoryRow], evals: list[EvalRow], title: str) -> byt
     lr_ax = loss_ax.twinx()
     lr_ax.plot(steps, [h[3] for h in history], color="tab:orange", alpha=0.6, label="learning rate")
     lr_ax.set_ylabel("learning rate", color="tab:orange")
-    loss_ax.set_title(title)
+    if eval_rewards is None:
+        loss_ax.set_title(title)
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png")
@@ -48,16 +68,17 @@ def loss_png(history: list[HistoryRow], evals: list[EvalRow], title: str) -> byt
     return out.getvalue()
 
 
-def write_loss_curve(run: Store, history: list[HistoryRow], evals: list[EvalRow], title: str) -> str:
-    run.write_bytes("metrics/loss.csv", loss_csv(history, evals))
-    run.write_bytes("metrics/loss.png", loss_png(history, evals, title))
+def write_loss_curve(run: Store, history: list[HistoryRow], evals: list[EvalRow], title: str,
+                     eval_rewards: list[EvalRow] | None = None) -> str:
+    run.write_bytes("metrics/loss.csv", loss_csv(history, evals, eval_rewards))
+    run.write_bytes("metrics/loss.png", loss_png(history, evals, title, eval_rewards))
     return run.child("metrics").uri
 
 
 def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
     spec, inputs = task["spec"], task["inputs"]
     base = inputs["baseModel"]
-    config = {k: spec[k] for k in ("method", "objective", "dpo", "kto", "lora", "qlora", "hyperparameters",
+    config = {k: spec[k] for k in ("method", "objective", "dpo", "kto", "grpo", "lora", "qlora", "hyperparameters",
                                    "distribution") if spec.get(k)}
     objective = spec.get("objective", "sft")
     preferences = {"dpo": "preferences (validation pairs)", "kto": "labelled answers (validation examples)"}
@@ -75,6 +96,10 @@ def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
         f"{summary['finalLoss']} (last steps); validation loss {summary['evalLoss']}",
         *([f"- {preferences[objective]}: reward accuracy {summary['rewardAccuracy']}, reward margin "
            f"{summary['rewardMargin']} (beta {spec[objective]['beta']})"] if objective in preferences else []),
+        *([f"- grader's mean reward on the validation prompts (greedy answers): {summary.get('baseReward')} before "
+           f"training -> {summary.get('reward')} (grader: {spec['grpo']['grader']['operation']} against field "
+           f"{spec['grpo']['grader']['referenceField']!r}; {spec['grpo']['generations']} answers sampled per prompt)"]
+          if objective == "grpo" else []),
         *([f"- weights: those of step {summary['bestStep']}, the lowest validation loss"
            + ("; training stopped early (earlyStopping)" if summary.get("stoppedEarly") else "")]
           if summary.get("bestStep") else []),

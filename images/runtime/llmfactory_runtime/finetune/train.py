@@ -1,5 +1,6 @@
 """FineTune: LoRA, QLoRA or full fine-tuning, loss on assistant tokens only (or DPO on preference
-pairs, or KTO on answers labelled desirable or not), on one process or many.
+pairs, KTO on answers labelled desirable or not, or GRPO on a grader's rewards of sampled answers),
+on one process or many.
 
 Read top to bottom: processes -> data -> model -> optimizer -> resume -> steps (checkpoint every N
 and on SIGTERM) -> evaluate -> save. The same code runs alone, under torchrun (DDP) and under
@@ -31,7 +32,7 @@ from ..models import load_config, load_tokenizer
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
-from . import checkpoint, distributed, outputs
+from . import checkpoint, distributed, grpo as group_relative, outputs
 from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
 from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
@@ -119,9 +120,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     zero3 = deepspeed_on and dist_spec["zeroStage"] == 3
     dpo = spec["dpo"] if spec.get("objective") == "dpo" else None  # its settings
     kto = spec["kto"] if spec.get("objective") == "kto" else None
+    grpo = spec["grpo"] if spec.get("objective") == "grpo" else None
     paired = bool(dpo or kto)  # examples of two conversations (KTO: its own, and a mismatched one)
     referenced = bool(kto) or bool(dpo) and needs_reference(dpo)  # simpo and orpo need none
-    unit = "pair" if dpo else "example" if kto else "conversation"
+    unit = "pair" if dpo else "example" if kto else "prompt" if grpo else "conversation"
     dtype = training_dtype(hp["precision"], world.device)
     if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
         raise InvalidTask("spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU "
@@ -158,7 +160,13 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # What a sequence is made of: conversations, or with DPO pairs of them (chosen, rejected) side by
     # side; with KTO, examples' own conversations in training (their mismatched ones apart, without
     # gradients), both side by side for the reference and in evaluation.
-    if kto:
+    if grpo:  # prompts: the answers are sampled in each step
+        examples = group_relative.encode_prompts(tokenizer, train_rows, hp["maxSeqLength"], grpo["grader"],
+                                                 "spec.objective grpo: train.jsonl")
+        val = group_relative.encode_prompts(tokenizer, val_rows, hp["maxSeqLength"], grpo["grader"],
+                                            "spec.objective grpo: validation.jsonl")
+        lengths, unit_len = [len(e["prompt"]) for e in examples], hp["maxSeqLength"]
+    elif kto:
         examples, desirable = encode_unpaired(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective kto: train.jsonl")
         val, val_desirable = encode_unpaired(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective kto: validation.jsonl")
         lengths, unit_len = [len(c["input_ids"]) for c in examples[::2]], hp["maxSeqLength"]
@@ -173,7 +181,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         lengths, unit_len = [len(e["input_ids"]) for e in examples], hp["maxSeqLength"]
     if not examples:
         raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {unit} has "
-                          "an assistant token within it")
+                          + ("room for an answer" if grpo else "an assistant token") + " within it")
     early = hp.get("earlyStopping")
     select_best = bool(hp.get("selectBest") or early)  # early stopping outputs the best weights, as HF's does
     if select_best and not val:
@@ -182,7 +190,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                           "to choose by")
     micro, accum = hp["batchSize"], hp["gradientAccumulation"]
     global_batch = micro * accum * world.size  # sequences per optimizer step, all processes together
-    epochs = [epoch_rows(lengths, e, hp, global_batch, unit_len) for e in range(hp["epochs"])]
+    # GRPO's sequences are made in the step (a prompt's answers), so its rows are prompts, one each.
+    epochs = [epoch_rows(lengths, e, {**hp, "packing": hp["packing"] and not grpo}, global_batch, unit_len)
+              for e in range(hp["epochs"])]
     steps_per_epoch = [len(rows) // global_batch for rows in epochs]
     total_steps = sum(steps_per_epoch)
 
@@ -222,7 +232,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # Resume from the newest committed checkpoint, if an earlier attempt left one
     history: list[outputs.HistoryRow] = []
     evals: list[outputs.EvalRow] = []
-    rewards: dict[int, tuple[float, float]] = {}  # DPO, KTO: validation reward accuracy and margin, by step
+    # By step: DPO, KTO: validation reward accuracy and margin; GRPO: validation mean reward and answer tokens
+    rewards: dict[int, tuple[float, float]] = {}
     counters = {"tokens": 0.0, "positions": 0.0, "seconds": 0.0}
     reference: dict[str, torch.Tensor] | None = None  # DPO, KTO: the reference's answer log-probabilities
 
@@ -307,8 +318,19 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     def evaluate(step: int) -> float | None:
         """Loss on the validation split, token-weighted (DPO, KTO: the mean over pairs or examples,
-        with the reward accuracy and margin), shared among the processes (my_share). Evaluation
-        draws no random numbers, so training goes on as if it had not happened."""
+        with the reward accuracy and margin; GRPO: none, its greedy answers' mean reward), shared
+        among the processes (my_share). Evaluation draws no random numbers, so training goes on as
+        if it had not happened."""
+        if grpo:
+            mine = my_share(val)
+            got, answer_tokens = group_relative.greedy_rewards(inner, tokenizer, mine, micro, grpo, hp["maxSeqLength"],
+                                                               world.device)
+            count = add_up(len(mine))
+            if count:
+                rewards[step] = (add_up(got) / count, add_up(answer_tokens) / count)
+                if trackers:
+                    trackers.log(step, {"eval/reward": rewards[step][0], "eval/completion_length": rewards[step][1]})
+            return None
         if kto:  # the reference point from the whole split's mismatched conversations
             mine = my_share(list(range(len(val) // 2)))
             logps = pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu()
@@ -343,14 +365,20 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     def evaluate_on_the_way(step: int) -> None:
         """At every evalEverySteps-th step (the end has its own evaluation)."""
         every = hp.get("evalEverySteps")
-        if every and step % every == 0 and step < total_steps and step not in (e[0] for e in evals):
+        if every and step % every == 0 and step < total_steps and step not in {e[0] for e in evals} | rewards.keys():
             progress.update(step, figure="evaluating")
             loss = evaluate(step)
             if loss is not None:
                 progress.update(step, figure=f"eval loss {loss:.3f}", evalLoss=round(loss, 4))
+            elif grpo and step in rewards:
+                progress.update(step, figure=f"eval reward {rewards[step][0]:.3f}", evalReward=round(rewards[step][0], 4))
 
     def stop_early() -> bool:
         return bool(early) and evaluations_without_improvement([e[1] for e in evals], early["minDelta"]) >= early["patience"]
+
+    if grpo and val and 0 not in rewards:  # the model before training, to compare the reward with
+        progress.stage("grpo: the base model's reward on the validation prompts")
+        evaluate(0)
 
     # Train
     progress.stage("training", total=total_steps, unit="steps")
@@ -367,7 +395,15 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         # Token-weighted over the whole step (DPO, KTO: pair- or example-weighted): a micro-batch's loss
         # is its summed loss over the step's assistant tokens (pairs, examples) on all processes; DDP
         # and DeepSpeed average gradients over processes, hence the factor world.size.
-        if kto:
+        if grpo:
+            # The step's answers are sampled and scored first: its loss is normalized by all of them.
+            sampled = [group_relative.sampled_batch(inner, tokenizer, [examples[i] for row in group for i in row], grpo,
+                                                    hp["maxSeqLength"], world.device) for group in micro_batches]
+            batches = [(s["batch"], [1] * len(s["rewards"])) for s in sampled]
+            n_items = world.sum(sum(label_count(b) for b, _ in batches))  # answer tokens, all processes
+            mean_reward = (world.sum(float(sum(s["rewards"].sum() for s in sampled)))
+                           / world.sum(sum(len(s["rewards"]) for s in sampled)))
+        elif kto:
             batches = [kto_rows(group, 0) for group in micro_batches]
             n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
             # KTO's reference point, from the step's mismatched conversations on all processes: no
@@ -392,7 +428,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
             with sync:
-                if kto:
+                if grpo:
+                    logps = segment_logps(engine, batch, counts)
+                    loss = -(sampled[i]["advantages"].to(logps) * logps).sum() / n_items
+                elif kto:
                     items = [p for row in micro_batches[i] for p in row]
                     losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
                                                desirable[items], kto)
@@ -412,7 +451,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 else:
                     scaler.scale(loss * world.size).backward()
             step_loss += float(loss.detach())
-            counters["tokens"] += float(sum(lengths[j] for row in micro_batches[i] for j in row))
+            counters["tokens"] += float(sampled[i]["tokens"] if grpo else sum(lengths[j] for row in micro_batches[i] for j in row))
             counters["positions"] += float(batch["input_ids"].numel())
         if not deepspeed_on:
             if master:
@@ -430,16 +469,19 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             optimizer.zero_grad(set_to_none=True)
         step_loss = world.sum(step_loss)
         lr = scheduler.get_last_lr()[0]
-        history.append((step, epoch, step_loss, lr))
+        history.append((step, epoch, step_loss, lr, mean_reward) if grpo else (step, epoch, step_loss, lr))
         counters["seconds"] += time.perf_counter() - began
         rate = world.sum(counters["tokens"]) / max(counters["seconds"], 1e-9)
-        accuracy = {"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired else {}  # of the step's pairs
-        progress.update(step, figure=f"loss {step_loss:.3f}", loss=round(step_loss, 4), learningRate=lr,
-                        epoch=epoch, tokensPerSecond=round(rate, 1), **accuracy)
+        of_step = ({"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired  # of the step's pairs
+                   else {"reward": round(mean_reward, 4)} if grpo else {})
+        progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
+                        loss=round(step_loss, 4), learningRate=lr, epoch=epoch, tokensPerSecond=round(rate, 1), **of_step)
         if trackers:
             metrics = {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_second": rate}
             if paired:
-                metrics["train/rewards/accuracy"] = accuracy["rewardAccuracy"]
+                metrics["train/rewards/accuracy"] = of_step["rewardAccuracy"]
+            if grpo:
+                metrics["train/reward"] = mean_reward
             trackers.log(step, metrics)
 
         interrupted = world.any(stop.is_set())
@@ -482,8 +524,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "steps": step,
         "bestStep": best,
         "stoppedEarly": step < total_steps if early else None,
-        "rewardAccuracy": round(reward[0], 4) if reward else None,
-        "rewardMargin": round(reward[1], 4) if reward else None,
+        "rewardAccuracy": round(reward[0], 4) if reward and paired else None,
+        "rewardMargin": round(reward[1], 4) if reward and paired else None,
+        "reward": round(reward[0], 4) if reward and grpo else None,
+        "baseReward": round(rewards[0][0], 4) if grpo and 0 in rewards else None,
         "processes": world.size,
         "trainTokens": int(tokens),
         "realTokenShare": round(tokens / max(positions, 1), 4),
@@ -508,7 +552,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
         "datasetDigest": dataset["digest"],
-        "lossCurveUri": outputs.write_loss_curve(run, history, evals, task["resource"]["name"]),
+        "lossCurveUri": outputs.write_loss_curve(run, history, evals, task["resource"]["name"],
+                                                 sorted((s, r[0]) for s, r in rewards.items()) if grpo else None),
         "estimate": {_camel(k): round(v, 3) for k, v in est.as_dict().items()},
     }
 

@@ -1,0 +1,111 @@
+"""Objective grpo: Group Relative Policy Optimization (Shao et al., 2024) as TRL's GRPOTrainer runs
+it by default (one optimizer step per batch of samples, no KL term, DAPO's token-level loss).
+
+Each prompt gets `generations` sampled answers; each answer is scored by the grader; its advantage
+is its reward minus its group's mean (divided by the group's standard deviation with scaleRewards).
+With one step per sample batch the policy ratio is 1 at the step, so the clipped objective's
+gradient is that of  -sum(advantage x log p(answer)) / answer tokens of the step  (DAPO), which is
+the loss here. Sampling draws from torch's global generator, which every checkpoint saves: a resumed
+run samples what the uninterrupted run sampled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..batching import collate_sequences
+from ..chat import IGNORE
+from ..generate import prompt_ids, stop_token_ids
+from ..grader import graded_of, reward
+from ..task import InvalidTask
+
+
+def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str) -> list[dict[str, Any]]:
+    """{prompt: token ids, reference} of each row whose prompt leaves room for an answer within max_len."""
+    prompts = []
+    for n, row in enumerate(rows, 1):
+        try:
+            messages, reference = graded_of(row, grader["referenceField"])
+        except ValueError as e:
+            raise InvalidTask(f"{where} row {n}: {e}") from None
+        ids = prompt_ids(tokenizer, messages)
+        if len(ids) < max_len:
+            prompts.append({"prompt": ids, "reference": reference})
+    return prompts
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int,
+           max_len: int, device) -> list[list[int]]:
+    """n answers to each prompt (greedy when temperature is 0), in order: prompt 0's n, prompt 1's, ...
+    Each answer's tokens run up to and with its first end-of-turn token (learning to stop is learned
+    too), cut so that prompt and answer fit max_len. Dropout is off while sampling."""
+    was_training = model.training
+    model.eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    stop = stop_token_ids(tokenizer)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+        "do_sample": False}
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_return_sequences=n,
+                         max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
+                         eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+    model.train(was_training)
+    answers = []
+    for k, tokens in enumerate(out[:, width:].tolist()):
+        ended = next((i for i, t in enumerate(tokens) if t in stop), None)
+        answers.append(tokens[:len(tokens) if ended is None else ended + 1][:max_len - len(prompts[k // n])])
+    return answers
+
+
+def score(tokenizer, answers: list[list[int]], references: list[str], grader: dict) -> torch.Tensor:
+    """The grader's reward of each answer (its text without the end-of-turn token) against its reference."""
+    stop = set(stop_token_ids(tokenizer))
+    return torch.tensor([reward(tokenizer.decode([t for t in a if t not in stop], skip_special_tokens=True),
+                                ref, grader) for a, ref in zip(answers, references)], dtype=torch.float32)
+
+
+def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
+    """Each reward minus its group's mean (groups of n in order), divided by the group's standard
+    deviation (unbiased, plus 1e-4, as TRL's) when scale is true."""
+    groups = rewards.view(-1, n)
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(1, keepdim=True) + 1e-4)
+    return centred.flatten()
+
+
+def sequences(prompts: list[list[int]], answers: list[list[int]], n: int) -> list[dict[str, list[int]]]:
+    """Training examples: each answer after its prompt (n answers per prompt), labels on the answer only."""
+    return [{"input_ids": prompts[k // n] + a, "labels": [IGNORE] * len(prompts[k // n]) + a}
+            for k, a in enumerate(answers)]
+
+
+def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max_len: int, device) -> dict[str, Any]:
+    """A micro-batch of the step: grpo.generations answers sampled to each prompt of `chunk`, scored,
+    as a batch of one answer (after its prompt) per row, with each answer's advantage and reward."""
+    n = grpo["generations"]
+    prompts = [e["prompt"] for e in chunk]
+    answers = sample(model, tokenizer, prompts, n, grpo["temperature"], grpo["maxNewTokens"], max_len, device)
+    rewards = score(tokenizer, answers, [e["reference"] for e in chunk for _ in range(n)], grpo["grader"])
+    seqs = sequences(prompts, answers, n)
+    return {"batch": collate_sequences(seqs, [[k] for k in range(len(seqs))], tokenizer.pad_token_id, packed=True),
+            "advantages": advantages(rewards, n, grpo["scaleRewards"]), "rewards": rewards,
+            "tokens": sum(len(s["input_ids"]) for s in seqs)}
+
+
+def greedy_rewards(model, tokenizer, prompts: list[dict[str, Any]], batch_size: int, grpo: dict, max_len: int,
+                   device) -> tuple[float, int]:
+    """(summed reward, answer tokens) of the model's greedy answers to the prompts: its evaluation."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        answers = sample(model, tokenizer, [e["prompt"] for e in chunk], 1, 0.0, grpo["maxNewTokens"], max_len, device)
+        total += float(score(tokenizer, answers, [e["reference"] for e in chunk], grpo["grader"]).sum())
+        tokens += sum(map(len, answers))
+    return total, tokens

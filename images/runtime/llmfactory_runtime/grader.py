@@ -1,0 +1,49 @@
+"""Rewards for objective grpo: a sampled answer scored 1 or 0 against the reference answer its row
+holds (spec.grpo.grader), as OpenAI's string_check grader and GSM8K's final-answer check do."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from .data import prompt_of
+
+# A number as final answers write it: sign, thousands commas, decimals, an exponent.
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
+
+
+def last_number(text: str) -> float | None:
+    found = _NUMBER.findall(text.replace("$", ""))
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def graded_of(row: dict[str, Any], field: str) -> tuple[list[dict[str, str]], str]:
+    """(prompt messages, reference answer) of a row for objective grpo. A ValueError says what the row lacks."""
+    reference = row.get(field)
+    if isinstance(reference, bool) or not isinstance(reference, (str, int, float)):
+        raise ValueError(f"needs its reference answer in field {field!r} (spec.grpo.grader.referenceField) as "
+                         f"a string or a number, got {reference!r}")
+    return prompt_of(row), str(reference)
+
+
+def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
+    """1.0 when the answer passes the grader, else 0.0."""
+    if grader.get("extract"):
+        matches = list(re.finditer(grader["extract"], answer, re.DOTALL))
+        if not matches:
+            return 0.0
+        last = matches[-1]
+        answer = last.group(1) if last.re.groups else last.group(0)
+    answer, reference = answer.strip(), reference.strip()
+    operation = grader["operation"]
+    if operation == "equals":
+        passed = answer == reference
+    elif operation == "contains":
+        passed = reference in answer
+    elif operation == "icontains":
+        passed = reference.lower() in answer.lower()
+    else:  # number
+        got, want = last_number(answer), last_number(reference)
+        passed = got is not None and want is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)
+    return float(passed)

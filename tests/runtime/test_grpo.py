@@ -1,0 +1,155 @@
+"""GRPO (objective grpo): the grader, group-relative advantages, sampled answers that fit the
+sequence and end at the end of turn, and a run that raises the grader's reward and resumes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmfactory.api.headline import headline
+from llmfactory_runtime.chat import IGNORE
+from llmfactory_runtime.data import dumps_jsonl
+from llmfactory_runtime.finetune.grpo import advantages, encode_prompts, sample, score, sequences
+from llmfactory_runtime.generate import stop_token_ids
+from llmfactory_runtime.grader import graded_of, last_number, reward
+from llmfactory_runtime.store import open_store
+from llmfactory_runtime.task import InvalidTask
+
+from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task
+
+
+def grader(operation: str = "equals", extract: str | None = None, field: str = "answer") -> dict:
+    return {"referenceField": field, "operation": operation, **({"extract": extract} if extract else {})}
+
+
+def test_the_grader_compares_the_answer_or_what_extract_picks_of_it_with_the_reference():
+    assert reward("  Paris \n", "Paris", grader()) == 1.0
+    assert reward("Paris.", "Paris", grader()) == 0.0
+    assert reward("It is Paris.", "Paris", grader("contains")) == 1.0
+    assert reward("It is PARIS.", "Paris", grader("contains")) == 0.0
+    assert reward("It is PARIS.", "Paris", grader("icontains")) == 1.0
+    # GSM8K's way: the final answer after ####, as a number (commas, a dollar sign and decimals allowed).
+    math = grader("number", extract=r"#### (.+)")
+    assert reward("6 x 7 = 42, so\n#### 42", "42", math) == 1.0
+    assert reward("#### $1,250.00", "1250", math) == 1.0
+    assert reward("#### 41", "42", math) == 0.0
+    assert reward("The answer is 42.", "42", math) == 0.0  # no final-answer line: the format is graded too
+    assert reward("#### 40 ... #### 42", "42", math) == 1.0  # the last match counts
+    assert reward("2 + 40 = 42", "42", grader("number")) == 1.0  # the last number of the whole answer
+    assert reward(r"so \boxed{7}", "7", grader("equals", extract=r"\\boxed\{(.+?)\}")) == 1.0
+    assert reward("yes, Paris", "Paris", grader("equals", extract=r"Paris")) == 1.0  # no group: the whole match
+    assert last_number("-3.5e2 and 1,000,000") == 1_000_000 and last_number("none") is None
+
+
+def test_a_row_gives_its_prompt_and_reference_or_an_error_naming_what_it_lacks(tiny_model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "6 x 7?"}]
+    assert graded_of({"messages": messages, "answer": 42}, "answer") == (messages, "42")
+    assert graded_of({"prompt": "6 x 7?", "answer": "42"}, "answer") == ([{"role": "user", "content": "6 x 7?"}], "42")
+    with pytest.raises(ValueError, match="reference answer in field 'answer'.*got None"):
+        graded_of({"messages": messages}, "answer")
+    with pytest.raises(ValueError, match="needs messages"):
+        graded_of({"question": "6 x 7?", "answer": "42"}, "answer")
+    with pytest.raises(ValueError, match="must end with a user message"):
+        graded_of({"messages": messages + [{"role": "assistant", "content": "42"}], "answer": "42"}, "answer")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    with pytest.raises(InvalidTask, match="spec.objective grpo: train.jsonl row 2: needs its reference answer"):
+        encode_prompts(tok, [{"prompt": "a", "answer": "b"}, {"prompt": "c", "solution": "d"}], 96, grader(),
+                       "spec.objective grpo: train.jsonl")
+
+
+def test_advantages_are_each_reward_against_its_groups_mean_and_spread():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two groups of four
+    spread = (4 * 0.25 / 3) ** 0.5  # unbiased standard deviation of 1, 0, 0, 1
+    assert advantages(rewards, 4, scale=True).tolist() == pytest.approx(
+        [0.5 / (spread + 1e-4), -0.5 / (spread + 1e-4), -0.5 / (spread + 1e-4), 0.5 / (spread + 1e-4), 0, 0, 0, 0])
+    assert advantages(rewards, 4, scale=False).tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]  # Dr. GRPO
+
+
+def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_only_labels(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    rows = [{"prompt": q, "answer": a} for q, a in PAIRS[:3]]
+    prompts = [p["prompt"] for p in encode_prompts(tok, rows, 40, grader(), "train.jsonl")]
+    # The tiny model rarely ends a turn: make its end-of-turn token likely, so some answers do.
+    stop = stop_token_ids(tok)
+    with torch.no_grad():
+        model.lm_head.weight[stop[-1]] *= 0
+        model.lm_head.weight[stop[-1]] += model.lm_head.weight.mean(0) + 0.05
+    torch.manual_seed(0)
+    answers = sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu")
+    assert len(answers) == 12 and model.training is False  # the model was in eval mode before, and is again
+    ended = [a for a in answers if a[-1] in stop]
+    assert ended and len(ended) < len(answers)
+    for k, answer in enumerate(answers):
+        assert not set(answer[:-1]) & set(stop)  # nothing after the end of turn
+        assert len(prompts[k // 4]) + len(answer) <= 40
+    torch.manual_seed(0)
+    assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu") == answers  # torch's generator decides: resumable
+    greedy = sample(model, tok, prompts, 1, 0.0, 30, 40, "cpu")
+    assert greedy == sample(model, tok, prompts, 1, 0.0, 30, 40, "cpu")
+    seqs = sequences(prompts, answers, 4)
+    assert seqs[5]["input_ids"] == prompts[1] + answers[5]
+    assert seqs[5]["labels"] == [IGNORE] * len(prompts[1]) + answers[5]
+    # The grader sees the answer's text without its end-of-turn token.
+    text = [tok.decode([t for t in a if t not in stop], skip_special_tokens=True) for a in answers]
+    assert score(tok, answers, text, grader()).tolist() == [1.0] * 12
+
+
+def _rows(n: int) -> list[dict]:
+    """Prompts whose reference a tiny random model can learn to include: the letter a."""
+    return [{"messages": [{"role": "user", "content": PAIRS[i % len(PAIRS)][0]}], "answer": "a"} for i in range(n)]
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_weights(tiny_model, tmp_path):
+    """The reward of sampled answers rises over training; the saved model's greedy answers to the
+    validation prompts pass where the base model's did not (both measured here on their own); a run
+    resumed from a checkpoint samples what the uninterrupted run sampled and ends with its weights."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(16)))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(4)))
+    task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="full",
+                         grpo={"generations": 8, "maxNewTokens": 8, "grader": grader("contains")},
+                         checkpointing={"everySteps": 4, "keepLast": 20},
+                         hyperparameters={"epochs": 4, "batchSize": 4, "learningRate": 0.01, "evalEverySteps": 8})
+    path = write_task(task, tmp_path)
+    proc = run_finetune(path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = open_store(task["artifactUri"])
+    result = run.read_json("result.json")
+    assert result["steps"] == 16 and result["datasetFormat"] == "graded"
+    lines = run.read_bytes("metrics/loss.csv").decode().splitlines()
+    assert lines[0] == "step,epoch,loss,learning_rate,eval_loss,reward,eval_reward"
+    assert lines[1] == f"0,,,,,,{result['baseReward']:.6f}"  # the model before training
+    curve = [float(line.split(",")[5]) for line in lines[2:]]
+    assert sum(curve[-4:]) / 4 > sum(curve[:4]) / 4 + 0.3
+    assert [line.split(",")[6] != "" for line in lines[2:]] == [s in (8, 16) for s in range(1, 17)]
+    assert result["baseReward"] == 0.0 and result["reward"] == 1.0
+    assert headline("FineTune", result) == "reward 0.00 -> 1.00"
+    card = (Path(result["modelUri"][7:]) / "README.md").read_text()
+    assert "validation prompts (greedy answers): 0.0 before training -> 1.0" in card
+    # Measured here on its own: the saved model's greedy answers contain the reference, the base's do not.
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [p["prompt"] for p in encode_prompts(tok, _rows(4), 96, grader(), "validation.jsonl")]
+    for folder, expected in ((tiny_model, 0.0), (result["modelUri"][7:], 1.0)):
+        answers = sample(AutoModelForCausalLM.from_pretrained(folder), tok, prompts, 1, 0.0, 8, 96, "cpu")
+        assert score(tok, answers, ["a"] * 4, grader("contains")).mean() == expected
+
+    uninterrupted = load_file(Path(result["modelUri"][7:]) / "model.safetensors")
+    run.delete("COMMITTED")
+    for key in run.list("checkpoints"):
+        if not key.startswith("step-4/"):
+            run.delete(f"checkpoints/{key}")
+    proc = run_finetune(path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = run.read_json("result.json")
+    assert resumed["resumedFromStep"] == 4 and resumed["baseReward"] == 0.0
+    assert run.read_bytes("metrics/loss.csv").decode().splitlines() == lines
+    weights = load_file(Path(resumed["modelUri"][7:]) / "model.safetensors")
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(weights[name], weight, rtol=0, atol=1e-6)
