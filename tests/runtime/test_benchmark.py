@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmfactory.api.headline import headline
 from llmfactory.planner import PlanError, parse, plan
 from llmfactory_runtime.benchmark import run as benchmark
 from llmfactory_runtime.benchmark.judge import (RATINGS, comparison_outcome, expected_rating, judge_messages,
@@ -16,6 +17,7 @@ from llmfactory_runtime.benchmark.run import evaluate_gates
 from llmfactory_runtime.chat import render
 from llmfactory_runtime.progress import Progress
 from llmfactory_runtime.store import open_store
+from llmfactory_runtime.task import InvalidTask
 
 QUESTION = {"question_id": "q", "category": "math", "turns": ["What is 2+2?"], "reference": "4", "language": "en"}
 
@@ -323,6 +325,51 @@ def test_a_kto_fine_tunes_held_out_labelled_answers_are_scored_against_its_base(
     with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'preference.accuracy' is not reported"):
         plan(parse({**doc, "spec": {**doc["spec"], "gates": [{"metric": "preference.accuracy", "op": ">=", "value": 0}]}}),
              lambda *k: fine_tune, f"file://{tmp_path}/store")
+
+
+def test_a_grpo_fine_tunes_held_out_prompts_are_answered_and_rewarded_against_its_base(tiny_model, tmp_path):
+    """reward.value and reward.baseline: the grader's mean reward of each model's greedy answers to
+    the GRPO FineTune's test prompts, gate-able; each answer is kept, so a restarted run reads it
+    rather than asking again."""
+    from llmfactory_runtime.data import dumps_jsonl
+    from llmfactory_runtime.generate import generate
+
+    adapter = _random_adapter(tiny_model, tmp_path / "adapter", seed=5)
+    questions = ["Capital of France?", "Почему небо голубое?", "天空为什么是蓝色的？", "2+2?"]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tuned, base = ([g.text for g in generate(m.eval(), tok, conversations, 12)]
+                   for m in (adapter.merge_and_unload(), AutoModelForCausalLM.from_pretrained(tiny_model)))
+    assert all(t != b for t, b in zip(tuned, base))  # so that each reference below passes one model only
+    # References: the tuned model's answers to the first two, the base's to the third, neither's to the last.
+    rows = [{"messages": c, "solution": ref} for c, ref in zip(conversations, [*tuned[:2], base[2], "never"])]
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "test.jsonl").write_bytes(dumps_jsonl(rows))
+    fine_tune = {"adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "sha256:a",
+                 "baseModel": {"uri": f"file://{tiny_model}"}, "datasetUri": f"file://{tmp_path / 'prompts'}",
+                 "datasetFormat": "graded", "datasetDigest": "sha256:d"}
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "rewarded"},
+           "spec": {"model": {"fineTuneRef": {"name": "tuned"}},
+                    "reward": {"grader": {"referenceField": "solution"}, "maxNewTokens": 12},
+                    "gates": [{"metric": "reward.value", "op": ">=", "value": 0.5}]}}
+    task, store = _planned(doc, tmp_path, fine_tune)
+    result = benchmark.run(task, store, Progress(store))
+    assert result["metrics"] == {"reward.value": 0.5, "reward.baseline": 0.25} and result["passed"]
+    assert headline("Benchmark", result) == "reward 0.50 (base 0.25), gates passed"
+    report = store.read_json("report/report.json")["rewarded"]
+    assert report["model"] == {"answers": tuned, "rewards": [1.0, 1.0, 0.0, 0.0]}
+    assert report["baseline"]["rewards"] == [0.0, 0.0, 1.0, 0.0]
+    assert "## Rewarded answers" in store.read_bytes("report/report.md").decode()
+    # A restarted run reads the answers it has: an answer changed in the store is what gets graded.
+    saved = store.read_json("answers/reward-model.json")
+    store.write_json("answers/reward-model.json", {**saved, "3": "never"})
+    assert benchmark.run(task, store, Progress(store))["metrics"]["reward.value"] == 0.75
+    # A malformed row fails naming the field, the file and the row.
+    (tmp_path / "prompts" / "test.jsonl").write_bytes(dumps_jsonl(rows + [{"messages": conversations[0]}]))
+    task, store = _planned(doc, tmp_path, fine_tune, store="other")
+    with pytest.raises(InvalidTask, match="spec.reward.dataset: test.jsonl row 5: needs its reference answer in "
+                                          "field 'solution'"):
+        benchmark.run(task, store, Progress(store))
 
 
 @pytest.mark.parametrize("reply, verdict", [

@@ -151,7 +151,7 @@ BAD = [
      "trackingUri must not carry credentials"),
     ("Benchmark", {"model": {"fineTuneRef": {"name": "a"}, "source": MODEL}, "perplexity": {}},
      "set exactly one of fineTuneRef, quantizationRef or source"),
-    ("Benchmark", {"model": {"source": MODEL}}, "enable at least one of perplexity, judge or lmEval"),
+    ("Benchmark", {"model": {"source": MODEL}}, "enable at least one of perplexity, judge, lmEval or reward"),
     ("Benchmark", {"model": {"source": {**MODEL, "ggufFile": "m.gguf"}}, "judge": {"openai": {"model": "j"},
                                                                                   "engine": "vllm"}},
      "judge.engine vllm cannot load a GGUF model"),

@@ -378,3 +378,29 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
     with pytest.raises(PlanError, match="spec.validation.maxPerplexityIncreasePercent: needs conversations with "
                                         "answers, but FineTune ft trained with objective grpo"):
         plan(parse(validated), lookup(trained), STORE)
+
+
+def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset():
+    rewarded = m("Benchmark", "bench", {"model": {"fineTuneRef": {"name": "ft"}},
+                                        "reward": {"grader": {"referenceField": "answer", "operation": "number"}},
+                                        "gates": [{"metric": "reward.value", "op": ">=", "value": 0.6},
+                                                  {"metric": "reward.baseline", "op": "<", "value": 0.6}]})
+    graded = {("FineTune", "ft"): {**FT_RESULT, "datasetFormat": "graded", "datasetUri": "s3://bucket/prompts"}}
+    task = plan(parse(rewarded), lookup(graded), STORE)
+    assert task["inputs"]["rewardDataset"]["uri"] == "s3://bucket/prompts"
+    assert benchmark_metric_names(parse(rewarded).spec, baseline=True) == {"reward.value", "reward.baseline"}
+    with pytest.raises(PlanError, match="spec.reward.dataset: is required unless the model comes from a fineTuneRef "
+                                        "that trained with objective grpo"):
+        plan(parse(rewarded), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    named = copy.deepcopy(rewarded)
+    named["spec"]["reward"]["dataset"] = {"uri": "s3://bucket/math"}
+    assert plan(parse(named), lookup({("FineTune", "ft"): FT_RESULT}), STORE)["inputs"]["rewardDataset"]["uri"] == \
+        "s3://bucket/math"
+    alone = copy.deepcopy(rewarded)
+    alone["spec"]["baseline"] = False
+    with pytest.raises(PlanError, match=r"spec.gates\[1\].metric: 'reward.baseline' is not reported"):
+        plan(parse(alone), lookup(graded), STORE)
+    bad = copy.deepcopy(rewarded)
+    bad["spec"]["reward"]["grader"]["extract"] = "[0-9"
+    with pytest.raises(PlanError, match="spec.reward.grader.extract: '\\[0-9' is not a regular expression"):
+        plan(parse(bad), lookup(graded), STORE)

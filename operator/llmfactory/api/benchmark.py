@@ -1,5 +1,5 @@
-"""Benchmark: perplexity on held-out conversations, an LLM judge's score and lm-evaluation-harness
-tasks, with gates."""
+"""Benchmark: perplexity on held-out conversations, an LLM judge's score, lm-evaluation-harness
+tasks and a grader's reward of answers to held-out prompts, with gates."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import Field
 from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, Engine, KindInfo, LocalObjectReference, ModelSource,
                      OpenAIEndpoint, RunOptions, StatusBase)
 from .dataset_build import HuggingFaceDataset
-from .fine_tune import DatasetInput
+from .fine_tune import DatasetInput, Grader
 
 
 class ModelUnderTest(ApiModel):
@@ -112,18 +112,36 @@ class LmEval(ApiModel):
     chat_template: bool = Field(False, description="Wrap prompts in the model's chat template.")
 
 
+class Reward(ApiModel):
+    """The grader's mean reward (0-1) of the model's greedy answers to held-out prompts with reference
+    answers: what a GRPO FineTune raises, measured as it measures its validation prompts."""
+
+    grader: Grader = Field(default_factory=Grader, description=(
+        "How each answer is scored: usually the GRPO FineTune's grpo.grader, written again here."))
+    dataset: DatasetInput | None = Field(None, description=(
+        "Prompts with reference answers ({messages} ending with a user turn, or {prompt}, beside "
+        "grader.referenceField); defaults to the FineTune's dataset, when it trained with objective grpo."))
+    split: Literal["train", "validation", "test"] = Field("test", description="Which split's prompts to answer.")
+    max_samples: int | None = Field(None, ge=1, description="Answer at most this many prompts.")
+    max_new_tokens: int = Field(256, ge=1, le=131072, description="Longest answer (the FineTune's grpo.maxNewTokens).")
+    batch_size: int = Field(8, ge=1, le=512, description=(
+        "Prompts decoding together (transformers engine; one that ends hands its place to the next at once)."))
+    engine: Engine = Field("auto", description=ENGINE_DESCRIPTION.replace("the local model", "the model under "
+                                                                          "test (and its baseline)"))
+
+
 class Gate(ApiModel):
     metric: str = Field(pattern=r"^[a-zA-Z][\w.]*$",
                         description="A metric of the result, e.g. judge.score, judge.winRate, perplexity.value, "
-                                    "perplexity.changePercent.")
+                                    "perplexity.changePercent, reward.value.")
     op: Literal[">=", ">", "<=", "<"] = Field(description="Comparison the metric must satisfy.")
     value: float = Field(description="Threshold.")
 
 
 class BenchmarkSpec(RunOptions):
     cel_rules: ClassVar = [
-        {"rule": "has(self.perplexity) || has(self.judge) || has(self.lmEval)",
-         "message": "enable at least one of perplexity, judge or lmEval"},
+        {"rule": "has(self.perplexity) || has(self.judge) || has(self.lmEval) || has(self.reward)",
+         "message": "enable at least one of perplexity, judge, lmEval or reward"},
         {"rule": "!has(self.judge) || !has(self.judge.mode) || self.judge.mode == 'single' || !has(self.baseline) "
                  "|| self.baseline",
          "message": "judge.mode pairwise and both compare the model with its baseline: set baseline true"},
@@ -147,6 +165,8 @@ class BenchmarkSpec(RunOptions):
     perplexity: Perplexity | None = Field(None, description="Perplexity on held-out conversations.")
     judge: Judge | None = Field(None, description="LLM-as-judge scores on built-in questions (1-10).")
     lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks.")
+    reward: Reward | None = Field(None, description=(
+        "A grader's reward of greedy answers to held-out prompts (reward.value, and reward.baseline with a baseline)."))
     gates: list[Gate] = Field(default_factory=list, description="All must hold for result.passed.")
 
 
@@ -170,5 +190,5 @@ class BenchmarkStatus(StatusBase):
 KIND = KindInfo(
     kind="Benchmark", plural="benchmarks", short_names=["bench"], phase="benchmark",
     spec=BenchmarkSpec, status=BenchmarkStatus, headline_column="Score",
-    description="Scores a model: perplexity, an LLM judge and lm-eval tasks, with pass/fail gates.",
+    description="Scores a model: perplexity, an LLM judge, lm-eval tasks and a grader's reward, with pass/fail gates.",
 )

@@ -27,6 +27,8 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
             parts.append(f"judge {m['judge.score']:.2f}" + (f" (base {m['judge.baseline']:.2f})" if "judge.baseline" in m else ""))
         if "judge.winRate" in m:
             parts.append(f"win rate {m['judge.winRate']:.2f} vs baseline")
+        if "reward.value" in m:
+            parts.append(f"reward {m['reward.value']:.2f}" + (f" (base {m['reward.baseline']:.2f})" if "reward.baseline" in m else ""))
         if "perplexity.value" in m:
             parts.append(f"ppl {m['perplexity.value']:.2f}" + (f" (base {m['perplexity.baseline']:.2f})" if "perplexity.baseline" in m else ""))
         # lm-eval: the first task's accuracy (acc_norm when the task reports it)

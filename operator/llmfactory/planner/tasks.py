@@ -62,6 +62,8 @@ def benchmark_metric_names(spec, baseline: bool, dataset_format: str | None = No
             names |= {"preference.accuracy"} | ({"preference.baseline", "preference.rewardAccuracy"} if baseline else set())
         elif dataset_format == "unpaired" and baseline:
             names |= {"preference.rewardAccuracy"}
+    if spec.reward:
+        names |= {"reward.value"} | ({"reward.baseline"} if baseline else set())
     if spec.judge:
         langs = spec.judge.languages
         if spec.judge.mode != "pairwise":
@@ -189,13 +191,16 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         dataset["format"] = "unpaired"
     elif objective == "grpo":  # prompts and references: no answers for a Benchmark or Quantization to read
         dataset["format"] = "graded"
-        extract = res.spec.grpo.grader.extract
-        try:
-            re.compile(extract or "")
-        except re.error as e:
-            raise PlanError(res.ref, "spec.grpo.grader.extract", f"{extract!r} is not a regular expression "
-                            f"(Python's re): {e}") from None
+        _check_extract(res, "spec.grpo.grader.extract", res.spec.grpo.grader.extract)
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
+
+
+def _check_extract(res: Resource, field: str, extract: str | None) -> None:
+    """A grader's extract is compiled by the runtime's re: refuse one that would not compile, before a Job runs."""
+    try:
+        re.compile(extract or "")
+    except re.error as e:
+        raise PlanError(res.ref, field, f"{extract!r} is not a regular expression (Python's re): {e}") from None
 
 
 def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:
@@ -279,6 +284,18 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
             _check_engine(res, "spec.judge.engine", spec.judge.engine, baseline)
     if spec.judge and spec.judge.model:
         inputs["judge"] = _model(spec.judge.model)
+    if spec.reward:
+        _check_extract(res, "spec.reward.grader.extract", spec.reward.grader.extract)
+        for source in (model, baseline) if baseline else (model,):
+            _check_engine(res, "spec.reward.engine", spec.reward.engine, source)
+        if spec.reward.dataset:
+            inputs["rewardDataset"] = _dataset(res, spec.reward.dataset, upstream, "spec.reward.dataset")
+        elif trained_on and trained_on["format"] == "graded":
+            inputs["rewardDataset"] = trained_on
+        else:
+            raise PlanError(res.ref, "spec.reward.dataset", "is required unless the model comes from a fineTuneRef "
+                            "that trained with objective grpo (whose prompts and reference answers it reads): "
+                            "name a dataset of prompts with reference answers")
     known = benchmark_metric_names(spec, baseline is not None, (inputs.get("dataset") or {}).get("format"))
     # lm-eval metrics depend on the task's YAML: any metric of a named task may be gated.
     tasks = set(spec.lm_eval.tasks) if spec.lm_eval else set()

@@ -1,10 +1,11 @@
 """Benchmark: perplexity on held-out conversations, LLM-judge scores of multi-turn answers (graded
-alone, or compared with the baseline's) and lm-evaluation-harness tasks, for the model under test
-and (optionally) its base model, then gates. Answers and judgements are saved as they are made, so
-a restarted benchmark redoes none of them."""
+alone, or compared with the baseline's), lm-evaluation-harness tasks and a grader's reward of
+answers to held-out prompts, for the model under test and (optionally) its base model, then gates.
+Answers and judgements are saved as they are made, so a restarted benchmark redoes none of them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -17,9 +18,11 @@ from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import read_split
 from ..generate import generate
+from ..grader import graded_of, reward
 from ..models import LazyModel
 from ..progress import Progress
 from ..store import Store
+from ..task import InvalidTask
 from ..vllm_server import VllmServer, choose_engine
 from . import lm_eval_tasks
 from . import questions as questions_
@@ -71,6 +74,19 @@ def _answer(ask, judge: dict, questions: list[dict], answers: dict[str, list[str
     return answered
 
 
+@contextlib.contextmanager
+def _asking(engine: str, label: str, source: dict, loaded, batch_size: int, progress: Progress):
+    """ask(conversations, max_new_tokens, temperature, seed, on_answer=...) of the model: a vLLM server's,
+    or transformers' continuous batching of batch_size conversations."""
+    if engine == "vllm":
+        progress.stage(f"starting vLLM for {label}")
+        with VllmServer(source) as server:
+            yield server.generate
+    else:
+        model, tokenizer = loaded()
+        yield partial(generate, model, tokenizer, concurrency=batch_size)
+
+
 def _answer_questions(label: str, source: dict, judge: dict, questions: list[dict], run: Store, progress: Progress,
                       loaded) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """The model's answers, and how they were made (engine, answers per second)."""
@@ -78,22 +94,35 @@ def _answer_questions(label: str, source: dict, judge: dict, questions: list[dic
     engine = choose_engine(judge.get("engine", "auto"), source, "spec.judge.engine")
     if all(len(answers.get(q["question_id"], [])) == len(q["turns"]) for q in questions):
         return answers, {"engine": engine, "answered": 0, "seconds": 0.0, "answersPerSecond": None}  # restarted
-    # Timed from the first question: loading the model or starting the server is not answering.
-    if engine == "vllm":
-        progress.stage(f"starting vLLM for {label}")
-        with VllmServer(source) as server:
-            started = time.monotonic()
-            answered = _answer(server.generate, judge, questions, answers,
-                               lambda: run.write_json(f"answers/{label}.json", answers), progress)
-    else:
-        model, tokenizer = loaded()
-        started = time.monotonic()
-        ask = partial(generate, model, tokenizer, concurrency=judge["batchSize"])
+    with _asking(engine, label, source, loaded, judge["batchSize"], progress) as ask:
+        started = time.monotonic()  # from the first question: loading the model or starting a server is not answering
         answered = _answer(ask, judge, questions, answers, lambda: run.write_json(f"answers/{label}.json", answers),
                            progress)
     seconds = time.monotonic() - started
     return answers, {"engine": engine, "answered": answered, "seconds": round(seconds, 2),
                      "answersPerSecond": round(answered / seconds, 3) if answered and seconds else None}
+
+
+def _rewarded(label: str, source: dict, spec: dict, prompts: list[tuple[list[dict], str]], run: Store,
+              progress: Progress, loaded) -> dict[str, list]:
+    """{answers, rewards}: the model's greedy answer to each (prompt, reference) and its grader's reward.
+    Each answer is saved as it comes (a restarted benchmark asks only for the missing ones)."""
+    path = f"answers/reward-{label}.json"
+    answers: dict[str, str] = run.read_json_or_none(path) or {}
+    todo = [i for i in range(len(prompts)) if str(i) not in answers]
+    if todo:
+        engine = choose_engine(spec["engine"], source, "spec.reward.engine")
+        with _asking(engine, label, source, loaded, spec["batchSize"], progress) as ask:
+            progress.stage(f"answering the reward prompts ({label})", total=len(prompts), unit="answers")
+
+            def done(i: int, g) -> None:
+                answers[str(todo[i])] = g.text
+                run.write_json(path, answers)
+                progress.update(len(answers))
+
+            ask([prompts[i][0] for i in todo], spec["maxNewTokens"], 0.0, 0, on_answer=done)
+    texts = [answers[str(i)] for i in range(len(prompts))]
+    return {"answers": texts, "rewards": [reward(a, ref, spec["grader"]) for a, (_, ref) in zip(texts, prompts)]}
 
 
 # How a Benchmark scores rows that say which answers are wanted, by the dataset's format: preference
@@ -102,15 +131,18 @@ LABELLED_ROWS = {"preference": ("preference pairs", pair_scores), "unpaired": ("
 
 
 def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], labelled: str | None,
-                    questions: list[dict], run: Store, progress: Progress, tasks_dir: Path | None) -> dict[str, Any]:
-    """Answers, perplexity (and, of rows in a LABELLED_ROWS format, the answers' log-probabilities)
-    and lm-eval scores of one model (label: model or baseline). Answers first: a vLLM server has
-    given the GPU back before transformers loads the model, if it must."""
+                    questions: list[dict], prompts: list[tuple[list[dict], str]], run: Store, progress: Progress,
+                    tasks_dir: Path | None) -> dict[str, Any]:
+    """Answers, rewarded answers, perplexity (and, of rows in a LABELLED_ROWS format, the answers'
+    log-probabilities) and lm-eval scores of one model (label: model or baseline). Answers first: a
+    vLLM server has given the GPU back before transformers loads the model, if it must."""
     loaded = LazyModel(source, on_load=lambda: progress.stage(f"loading {label}"))
     out: dict[str, Any] = {}
     if questions:
         out["answers"], out["generation"] = _answer_questions(label, source, spec["judge"], questions, run,
                                                               progress, loaded)
+    if prompts:
+        out["reward"] = _rewarded(label, source, spec["reward"], prompts, run, progress, loaded)
     if rows:
         progress.stage(f"perplexity of {label}")
         out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(*loaded(), rows))
@@ -272,6 +304,9 @@ def _metrics(results: dict[str, dict], judged: dict[str, Any], questions: list[d
             # DPO's implicit reward against the baseline: did the chosen answer gain more than the rejected?
             metrics["preference.rewardAccuracy"] = _mean([
                 float(mc - bc > mr - br) for (mc, mr), (bc, br) in zip(tuned["logps"], base["logps"])])
+    for label, name in (("model", "reward.value"), ("baseline", "reward.baseline")):
+        if "reward" in (results.get(label) or {}):
+            metrics[name] = _mean(results[label]["reward"]["rewards"])
     if "perplexity" in results["model"]:
         metrics["perplexity.value"] = results["model"]["perplexity"]["assistant"]
         metrics["perplexity.allTokens"] = results["model"]["perplexity"]["all"]
@@ -355,8 +390,22 @@ def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[st
     return outcomes
 
 
+def _reward_prompts(spec: dict, dataset: dict) -> list[tuple[list[dict], str]]:
+    """(prompt messages, reference answer) of the reward dataset's rows."""
+    rows = read_split(dataset["uri"], spec["split"])[: spec.get("maxSamples") or None]
+    prompts = []
+    for n, row in enumerate(rows, 1):
+        try:
+            prompts.append(graded_of(row, spec["grader"]["referenceField"]))
+        except ValueError as e:
+            raise InvalidTask(f"spec.reward.dataset: {spec['split']}.jsonl row {n}: {e}") from None
+    if not prompts:
+        raise InvalidTask(f"spec.reward.dataset: {dataset['uri']} has no {spec['split']} rows to answer")
+    return prompts
+
+
 def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dict, answers: dict,
-            categories: dict, generation: dict) -> str:
+            categories: dict, generation: dict, prompts: list, rewarded: dict) -> str:
     ratings, pairwise = judged.get("ratings", {}), judged.get("pairwise")
     lines = [f"# Benchmark {task['resource']['name']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(metrics.items())]
@@ -379,6 +428,14 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dic
         lines += ["", "| answered by | engine | turns | answers/s |", "|---|---|---|---|"]
         lines += [f"| {label} | {g['engine']} | {g['answered']} | {g['answersPerSecond']} |"
                   for label, g in generation.items()]
+    if rewarded:
+        lines += ["", "## Rewarded answers", "", "Greedy answers to the reward prompts, each 1 when it passes the "
+                  "grader.", "", "| prompt | reference | " + " | ".join(rewarded) + " |", "|---|---|" + "---|" * len(rewarded)]
+        def cell(text: str, limit: int) -> str:  # one line, quoted, no column breaks
+            return json.dumps(text[:limit], ensure_ascii=False).replace("|", "\\|")
+        for i, (messages, reference) in enumerate(prompts):
+            cells = [f"{r['rewards'][i]:g}: {cell(r['answers'][i], 200)}" for r in rewarded.values()]
+            lines.append(f"| {cell(messages[-1]['content'], 120)} | {cell(reference, 120)} | " + " | ".join(cells) + " |")
     if questions:
         def fmt(r):
             return "unrated" if r is None else f"{r:.2f}"
@@ -406,6 +463,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         ppl = spec["perplexity"]
         rows = read_split(inputs["dataset"]["uri"], ppl["split"])[: ppl.get("maxSamples") or None]
     questions = questions_.load(spec["judge"]) if spec.get("judge") else []
+    prompts = _reward_prompts(spec["reward"], inputs["rewardDataset"]) if spec.get("reward") else []
 
     models = {"model": inputs["model"]}
     if inputs.get("baseline"):
@@ -414,8 +472,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     labelled = inputs["dataset"].get("format") if rows else None
     if labelled not in LABELLED_ROWS or labelled == "unpaired" and "baseline" not in models:
         labelled = None  # a labelled answer's log-probability says something only as a change from the baseline's
-    results = {label: _evaluate_model(label, source, spec, rows, labelled, questions, run, progress, tasks_dir)
+    results = {label: _evaluate_model(label, source, spec, rows, labelled, questions, prompts, run, progress, tasks_dir)
                for label, source in models.items()}
+    rewarded = {label: r["reward"] for label, r in results.items() if "reward" in r}
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
     if "pairwise" in judged:
@@ -426,14 +485,16 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     categories = _categories(judged.get("ratings", {}), questions)
     generation = {label: r["generation"] for label, r in results.items() if "generation" in r}
     report = {"metrics": metrics, "gates": gates, "categories": categories, "ratings": judged.get("ratings", {}),
-              "answers": answers, "generation": generation, **({"pairwise": judged["pairwise"]} if "pairwise" in judged else {})}
+              "answers": answers, "generation": generation, **({"pairwise": judged["pairwise"]} if "pairwise" in judged else {}),
+              **({"rewarded": rewarded} if rewarded else {})}
     run.write_json("report/report.json", report)
     if categories:
         run.write_bytes("report/scores.png", _chart(categories))
     if "pairwise" in judged:
         rates = {c: v["winRate"] for c, v in judged["pairwise"]["categories"].items() if v["winRate"] is not None}
         run.write_bytes("report/win-rate.png", _chart({"model vs baseline": rates}, "win rate (ties count half)", 1))
-    run.write_bytes("report/report.md", _report(task, metrics, gates, questions, judged, answers, categories, generation).encode())
+    run.write_bytes("report/report.md", _report(task, metrics, gates, questions, judged, answers, categories, generation,
+                                                prompts, rewarded).encode())
     run.commit("report")
     return {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates),
             "reportUri": run.child("report").uri}
