@@ -3,6 +3,7 @@ sequence and end at the end of turn, and a run that raises the grader's reward a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory.api.headline import headline
+from llmfactory_runtime.batching import token_logps
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl
-from llmfactory_runtime.finetune.grpo import advantages, encode_prompts, sample, score, sequences
+from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, sample, sampled_batch, score,
+                                              sequences)
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime.grader import graded_of, last_number, reward
 from llmfactory_runtime.store import open_store
@@ -99,6 +102,49 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     assert score(tok, answers, text, grader()).tolist() == [1.0] * 12
 
 
+def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl_to_the_reference():
+    """Value and gradient by hand: the ratio exp(logp - logp.detach()) is 1 with the gradient of logp,
+    the KL the k3 estimator exp(ref - logp) - (ref - logp) - 1, over answer tokens only."""
+    logps = torch.tensor([[-0.3, -1.0, -2.0], [-0.7, -0.5, -3.0]], requires_grad=True)
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6], [IGNORE, 4, IGNORE, 7]])  # predicted: labels[:, 1:]
+    answer = [(0, 1), (0, 2), (1, 0), (1, 2)]
+    reference = torch.tensor([[0.0, -1.5, -1.0], [0.0, -0.2, -3.0]])
+    advantage = torch.tensor([1.0, -2.0])
+    loss, kl = loss_terms(logps, labels, advantage, reference, beta=0.1)
+    delta = {(r, t): float(reference[r, t] - logps.detach()[r, t]) for r, t in answer}
+    expected_kl = sum(math.exp(d) - d - 1 for d in delta.values())
+    assert float(kl) == pytest.approx(expected_kl)
+    assert float(loss) == pytest.approx(-1.0 * 2 + 2.0 * 2 + 0.1 * expected_kl)
+    loss.backward()
+    expected = torch.zeros(2, 3)
+    for r, t in answer:
+        expected[r, t] = -float(advantage[r]) + 0.1 * (1 - math.exp(delta[r, t]))
+    torch.testing.assert_close(logps.grad, expected)
+    # Without a reference (beta 0): no KL, the same policy term.
+    loss, kl = loss_terms(logps.detach(), labels, advantage, None, beta=0.0)
+    assert float(loss) == pytest.approx(2.0) and float(kl) == 0.0
+
+
+def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).train()
+    chunk = encode_prompts(tok, [{"prompt": q, "answer": a} for q, a in PAIRS[:2]], 64, grader(), "train.jsonl")
+    spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": True, "beta": 0.1,
+            "grader": grader("contains")}
+    sampled = sampled_batch(model, tok, chunk, spec, 64, "cpu")
+    batch, answer = sampled["batch"], sampled["batch"]["labels"][:, 1:] != IGNORE
+    with torch.no_grad():
+        base = token_logps(AutoModelForCausalLM.from_pretrained(tiny_model), batch)
+        tuned = token_logps(model.eval(), batch)
+    torch.testing.assert_close(sampled["reference"][answer], base[answer])
+    assert not torch.allclose(tuned[answer], base[answer], atol=1e-3)  # the adapter is on again, and it matters
+    assert sampled_batch(model.train(), tok, chunk, {**spec, "beta": 0.0}, 64, "cpu")["reference"] is None
+
+
 def _rows(n: int) -> list[dict]:
     """Prompts whose reference a tiny random model can learn to include: the letter a."""
     return [{"messages": [{"role": "user", "content": PAIRS[i % len(PAIRS)][0]}], "answer": "a"} for i in range(n)]
@@ -153,3 +199,26 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     weights = load_file(Path(resumed["modelUri"][7:]) / "model.safetensors")
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(weights[name], weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_lora_grpo_run_with_beta_reports_its_kl_to_the_base(tiny_model, tmp_path):
+    """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
+    task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
+                         grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": grader("contains")},
+                         tracking={"tensorboard": True},
+                         hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05})
+    proc = run_finetune(write_task(task, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = open_store(task["artifactUri"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [k for k in run.list("tracking") if "events.out.tfevents" in k]
+    accumulator = EventAccumulator(str(Path(task["artifactUri"][7:]) / "tracking" / events[0]))
+    accumulator.Reload()
+    kl = [e.value for e in accumulator.Scalars("train/kl")]
+    assert len(kl) == 8 and kl[0] == 0.0 and kl[-1] > 1e-4
+    assert run.read_json("progress.json")["figures"]["kl"] == pytest.approx(kl[-1], rel=1e-3)

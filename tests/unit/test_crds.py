@@ -116,6 +116,8 @@ BAD = [
                   "distribution": {"strategy": "deepspeed", "zeroStage": 3}}, "use distribution.zeroStage 2"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"generations": 1}}, "violates minimum"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo", "method": "full",
+                  "grpo": {"beta": 0.04}}, "grpo.beta above 0 needs method lora or qlora"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "regex"}}}, "not in"),
     ("DatasetBuild", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": MODEL}, "format": "sharegpt",

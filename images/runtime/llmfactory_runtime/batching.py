@@ -44,6 +44,16 @@ def collate(examples: list[dict], pad_id: int, device) -> dict[str, torch.Tensor
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probability of each labelled token (0 where there is no label), (rows, width - 1): the
+    labels shifted by one, as the model predicts them. Packed rows (position_ids) attend per segment."""
+    context = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
+    logits = model(input_ids=batch["input_ids"], **context, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    return -torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                              ignore_index=IGNORE, reduction="none").view_as(labels)
+
+
 def label_count(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the loss is taken on: labels shifted by one, as the model shifts them."""
     return int((batch["labels"][:, 1:] != IGNORE).sum())

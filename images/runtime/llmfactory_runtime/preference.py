@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .batching import collate_sequences
+from .batching import collate_sequences, token_logps
 from .chat import IGNORE, encode_for_training
 from .data import labelled_of, preference_of
 from .task import InvalidTask
@@ -71,11 +71,9 @@ def collate_pairs(convs: list[dict], rows: list[list[int]], pad_id: int) -> tupl
 def segment_logps(model, batch: dict[str, torch.Tensor], counts: list[int]) -> torch.Tensor:
     """Summed log-probability of each conversation's answer tokens, in row order, flat: `counts`
     conversations per row, each the segment its position ids restart at."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    rows, width = labels.shape
-    token = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                             reduction="none")  # 0 where there is no label
+    token = token_logps(model, batch)  # 0 where there is no label
+    rows, width = token.shape
+    token = token.flatten()
     stride = width + 1  # more than the segments a row can have
     segment = (batch["position_ids"] == 0).cumsum(1)[:, 1:] - 1  # of each predicted token
     segment = segment + stride * torch.arange(rows, device=segment.device)[:, None]

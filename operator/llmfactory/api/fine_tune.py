@@ -168,8 +168,8 @@ class Grader(ApiModel):
 
 
 class Grpo(ApiModel):
-    """Group Relative Policy Optimization (Shao et al., 2024), as TRL's GRPOTrainer does it with its
-    defaults: reinforcement learning from a grader's rewards, no reference model and no value model."""
+    """Group Relative Policy Optimization (Shao et al., 2024), as TRL's GRPOTrainer does it:
+    reinforcement learning from a grader's rewards, without a value model."""
 
     generations: int = Field(8, ge=2, le=256, description=(
         "Answers sampled per prompt (GRPO's group): each answer's advantage is its reward minus the "
@@ -183,6 +183,11 @@ class Grpo(ApiModel):
         "Divide each group's advantages by the standard deviation of its rewards (GRPO's); false keeps "
         "them unscaled, as Dr. GRPO (Liu et al., 2025) advises against its bias toward too-easy and "
         "too-hard prompts."))
+    beta: float = Field(0.0, ge=0, le=10, description=(
+        "Weight of the KL penalty that keeps the model near its reference (the base before training: the "
+        "adapter switched off), per answer token with the k3 estimator, as DeepSeekMath (0.04) and TRL do. 0 "
+        "(TRL's default, as DAPO and Dr. GRPO advise) has none and needs no reference pass. Above 0 it needs "
+        "method lora or qlora, whose base is the reference without a second copy of the model."))
     grader: Grader = Field(default_factory=Grader, description="How each sampled answer is rewarded.")
 
 
@@ -329,6 +334,9 @@ class FineTuneSpec(RunOptions):
                  "|| !self.hyperparameters.selectBest))",
          "message": "objective grpo has no validation loss for hyperparameters.earlyStopping or selectBest to "
                     "choose by (its evaluations report the grader's mean reward)"},
+        {"rule": "self.method != 'full' || !has(self.grpo) || !has(self.grpo.beta) || self.grpo.beta == 0.0",
+         "message": "grpo.beta above 0 needs method lora or qlora: the reference is the base with the adapter "
+                    "switched off (a full fine-tune would need a second copy of the model)"},
         {"rule": "!has(self.objective) || self.objective != 'grpo' || !has(self.distribution) "
                  "|| !has(self.distribution.zeroStage) || self.distribution.zeroStage != 3",
          "message": "objective grpo samples answers on each process on its own, which ZeRO 3's collective "

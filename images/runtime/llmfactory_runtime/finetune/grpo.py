@@ -1,12 +1,14 @@
 """Objective grpo: Group Relative Policy Optimization (Shao et al., 2024) as TRL's GRPOTrainer runs
-it by default (one optimizer step per batch of samples, no KL term, DAPO's token-level loss).
+it (one optimizer step per batch of samples, DAPO's token-level loss, the KL term only with beta).
 
 Each prompt gets `generations` sampled answers; each answer is scored by the grader; its advantage
 is its reward minus its group's mean (divided by the group's standard deviation with scaleRewards).
-With one step per sample batch the policy ratio is 1 at the step, so the clipped objective's
-gradient is that of  -sum(advantage x log p(answer)) / answer tokens of the step  (DAPO), which is
-the loss here. Sampling draws from torch's global generator, which every checkpoint saves: a resumed
-run samples what the uninterrupted run sampled.
+With one step per sample batch the policy ratio is 1 at the step and the clip never binds, so each
+answer token's loss is  -ratio x advantage + beta x KL  with the ratio exp(logp - logp.detach())
+(value 1, gradient that of logp, as TRL writes it), summed over the step's answer tokens and divided
+by their number (DAPO). The KL to the reference (the base: the adapter switched off) is the k3
+estimator exp(ref - logp) - (ref - logp) - 1. Sampling draws from torch's global generator, which
+every checkpoint saves: a resumed run samples what the uninterrupted run sampled.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..batching import collate_sequences
+from ..batching import collate_sequences, token_logps
 from ..chat import IGNORE
 from ..generate import prompt_ids, stop_token_ids
 from ..grader import graded_of, reward
@@ -88,15 +90,37 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], n: int) -> lis
 
 def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max_len: int, device) -> dict[str, Any]:
     """A micro-batch of the step: grpo.generations answers sampled to each prompt of `chunk`, scored,
-    as a batch of one answer (after its prompt) per row, with each answer's advantage and reward."""
+    as a batch of one answer (after its prompt) per row, with each answer's advantage and reward, and
+    with grpo.beta the reference's token log-probabilities (the model with its adapter switched off)."""
     n = grpo["generations"]
     prompts = [e["prompt"] for e in chunk]
     answers = sample(model, tokenizer, prompts, n, grpo["temperature"], grpo["maxNewTokens"], max_len, device)
     rewards = score(tokenizer, answers, [e["reference"] for e in chunk for _ in range(n)], grpo["grader"])
     seqs = sequences(prompts, answers, n)
-    return {"batch": collate_sequences(seqs, [[k] for k in range(len(seqs))], tokenizer.pad_token_id, packed=True),
-            "advantages": advantages(rewards, n, grpo["scaleRewards"]), "rewards": rewards,
-            "tokens": sum(len(s["input_ids"]) for s in seqs)}
+    batch = collate_sequences(seqs, [[k] for k in range(len(seqs))], tokenizer.pad_token_id, packed=True)
+    reference = None
+    if grpo["beta"]:
+        with torch.no_grad(), model.disable_adapter():  # eval mode, as in sampling: no dropout drawn
+            was_training = model.training
+            model.eval()
+            reference = token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+            model.train(was_training)
+    return {"batch": batch, "advantages": advantages(rewards, n, grpo["scaleRewards"]), "rewards": rewards,
+            "reference": reference, "tokens": sum(len(s["input_ids"]) for s in seqs)}
+
+
+def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor, reference: torch.Tensor | None,
+               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, summed KL) over the answer tokens of a batch of one answer per row. logps: the
+    model's token log-probabilities (rows, width - 1), labels the batch's, advantage one per row."""
+    answer = labels[:, 1:] != IGNORE
+    per_token = -torch.exp(logps - logps.detach()) * advantage.to(logps)[:, None]
+    kl = torch.zeros_like(logps)
+    if reference is not None:
+        delta = reference.to(logps) - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    return per_token[answer].sum(), kl.detach()[answer].sum()
 
 
 def greedy_rewards(model, tokenizer, prompts: list[dict[str, Any]], batch_size: int, grpo: dict, max_len: int,

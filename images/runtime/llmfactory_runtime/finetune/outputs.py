@@ -98,7 +98,8 @@ def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
            f"{summary['rewardMargin']} (beta {spec[objective]['beta']})"] if objective in preferences else []),
         *([f"- grader's mean reward on the validation prompts (greedy answers): {summary.get('baseReward')} before "
            f"training -> {summary.get('reward')} (grader: {spec['grpo']['grader']['operation']} against field "
-           f"{spec['grpo']['grader']['referenceField']!r}; {spec['grpo']['generations']} answers sampled per prompt)"]
+           f"{spec['grpo']['grader']['referenceField']!r}; {spec['grpo']['generations']} answers sampled per prompt; "
+           f"KL weight beta {spec['grpo']['beta']})"]
           if objective == "grpo" else []),
         *([f"- weights: those of step {summary['bestStep']}, the lowest validation loss"
            + ("; training stopped early (earlyStopping)" if summary.get("stoppedEarly") else "")]

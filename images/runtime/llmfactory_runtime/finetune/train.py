@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import Interrupted
-from ..batching import collate_sequences, encode_rows, label_count, loss_sums
+from ..batching import collate_sequences, encode_rows, label_count, loss_sums, token_logps
 from ..data import read_split
 from ..models import load_config, load_tokenizer
 from ..progress import Progress
@@ -422,15 +422,18 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
                        for group in micro_batches]
             n_items = world.sum(sum(label_count(b) for b, _ in batches))
-        step_loss, preferred = 0.0, 0.0
+        step_loss, preferred, step_kl = 0.0, 0.0, 0.0
         for i, (batch, counts) in enumerate(batches):
             batch = {k: v.to(world.device) for k, v in batch.items()}
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
             with sync:
                 if grpo:
-                    logps = segment_logps(engine, batch, counts)
-                    loss = -(sampled[i]["advantages"].to(logps) * logps).sum() / n_items
+                    losses, kl_sum = group_relative.loss_terms(token_logps(engine, batch), batch["labels"],
+                                                               sampled[i]["advantages"], sampled[i]["reference"],
+                                                               grpo["beta"])
+                    loss = losses / n_items
+                    step_kl += float(kl_sum)
                 elif kto:
                     items = [p for row in micro_batches[i] for p in row]
                     losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
@@ -474,6 +477,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         rate = world.sum(counters["tokens"]) / max(counters["seconds"], 1e-9)
         of_step = ({"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired  # of the step's pairs
                    else {"reward": round(mean_reward, 4)} if grpo else {})
+        if grpo and grpo["beta"]:
+            of_step["kl"] = round(world.sum(step_kl) / n_items, 6)  # mean over the step's answer tokens
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
                         loss=round(step_loss, 4), learningRate=lr, epoch=epoch, tokensPerSecond=round(rate, 1), **of_step)
         if trackers:
@@ -481,7 +486,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             if paired:
                 metrics["train/rewards/accuracy"] = of_step["rewardAccuracy"]
             if grpo:
-                metrics["train/reward"] = mean_reward
+                metrics |= {"train/reward": mean_reward} | ({"train/kl": of_step["kl"]} if "kl" in of_step else {})
             trackers.log(step, metrics)
 
         interrupted = world.any(stop.is_set())
