@@ -52,8 +52,9 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
     for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
         ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
     stop = stop_token_ids(tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
-        "do_sample": False}
+    # The model's own distribution: nothing of its generation config (top_p, top_k, repetition penalty) applies.
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0
+                else {"do_sample": False}) | {"repetition_penalty": 1.0}
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_return_sequences=n,
                          max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
                          eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)

@@ -1,0 +1,89 @@
+"""Where a GRPO step's time goes, on SmolLM2-135M-Instruct with a LoRA adapter: sampling the
+answers (transformers' generate on one static batch per micro-batch, as the runtime samples), the
+reference pass (grpo.beta > 0 only), and training on them (forward and backward). For comparison,
+the same answers' worth of sampling by the runtime's continuous batching
+(`llmfactory_runtime.generate`), which GRPO does not use yet.
+
+    .venv/bin/python benchmarks/grpo_step.py [--prompts 4] [--generations 8] [--max-new-tokens 128] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+
+from llmfactory_runtime.batching import token_logps
+from llmfactory_runtime.finetune.grpo import encode_prompts, loss_terms, sampled_batch
+from llmfactory_runtime.generate import generate
+from llmfactory_runtime.models import load_model, load_tokenizer
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "01-dataset.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step (batchSize)")
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--beta", type=float, default=0.04)
+    args = parser.parse_args()
+
+    spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
+    source = spec["teacher"]["model"]
+    tokenizer = load_tokenizer(source)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(source, dtype=torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    rows = [{"prompt": p["text"], "reference": "the"} for p in spec["sources"][0]["inline"]]
+    grpo = {"generations": args.generations, "temperature": 1.0, "maxNewTokens": args.max_new_tokens,
+            "scaleRewards": True, "beta": args.beta, "grader": {"referenceField": "reference", "operation": "icontains"}}
+    prompts = encode_prompts(tokenizer, rows, 1024, grpo["grader"], "prompts")
+    print(f"{args.prompts} prompts x {args.generations} answers per step, up to {args.max_new_tokens} new tokens, "
+          f"temperature 1, beta {args.beta}, {torch.get_num_threads()} threads")
+    print("| step | sampling s | answers/s | answer tokens/s | reference s | training s | train tokens/s "
+          "| continuous batching s (same answers' worth) | sampling share of the step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for step in range(args.steps):
+        chunk = prompts[step * args.prompts:(step + 1) * args.prompts]
+        began = time.perf_counter()
+        sampled = sampled_batch(model, tokenizer, chunk, {**grpo, "beta": 0.0}, 1024, "cpu")
+        sampling = time.perf_counter() - began
+        if args.beta:  # timed apart: sampled_batch does it right after sampling
+            began = time.perf_counter()
+            with torch.no_grad(), model.disable_adapter():
+                reference = token_logps(model.eval(), sampled["batch"])
+            model.train()
+            reference_s = time.perf_counter() - began
+        else:
+            reference, reference_s = None, 0.0
+        batch, answers = sampled["batch"], len(sampled["rewards"])
+        answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        began = time.perf_counter()
+        loss, _ = loss_terms(token_logps(model, batch), batch["labels"], sampled["advantages"], reference, args.beta)
+        (loss / answer_tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        training = time.perf_counter() - began
+        conversations = [[{"role": "user", "content": rows[step * args.prompts + i]["prompt"]}]
+                         for i in range(len(chunk)) for _ in range(args.generations)]
+        model.eval()
+        began = time.perf_counter()
+        generate(model, tokenizer, conversations, args.max_new_tokens, temperature=1.0, seed=step,
+                 concurrency=len(conversations))
+        continuous = time.perf_counter() - began
+        model.train()
+        total = sampling + reference_s + training
+        print(f"| {step + 1} | {sampling:.1f} | {answers / sampling:.2f} | {answer_tokens / sampling:.1f} | "
+              f"{reference_s:.1f} | {training:.1f} | {sampled['tokens'] / training:.1f} | {continuous:.1f} | "
+              f"{sampling / total:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
