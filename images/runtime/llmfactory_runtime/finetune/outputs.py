@@ -96,8 +96,10 @@ def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
         f"{summary['finalLoss']} (last steps); validation loss {summary['evalLoss']}",
         *([f"- {preferences[objective]}: reward accuracy {summary['rewardAccuracy']}, reward margin "
            f"{summary['rewardMargin']} (beta {spec[objective]['beta']})"] if objective in preferences else []),
-        *([f"- grader's mean reward on the validation prompts (greedy answers): {summary.get('baseReward')} before "
-           f"training -> {summary.get('reward')} (grader: {spec['grpo']['grader']['operation']} against field "
+        *([(f"- grader's mean reward on the validation prompts (greedy answers): {summary['baseReward']} before "
+            f"training -> {summary['reward']}" if summary.get("reward") is not None else
+            "- no validation prompts: no reward measured")
+           + f" (grader: {spec['grpo']['grader']['operation']} against field "
            f"{spec['grpo']['grader']['referenceField']!r}; {spec['grpo']['generations']} answers sampled per prompt; "
            f"KL weight beta {spec['grpo']['beta']})"]
           if objective == "grpo" else []),
