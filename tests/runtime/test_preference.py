@@ -275,16 +275,20 @@ def test_kto_learns_from_unpaired_labels_and_a_resumed_run_keeps_its_reference(t
 @pytest.mark.extended(reason=(
     "test_kto_learns_from_unpaired_labels_and_a_resumed_run_keeps_its_reference trains KTO in one "
     "process and tests/runtime/test_finetune.py's test_two_processes_follow_the_loss_curve_of_one splits sft's "
-    "steps over two; this one splits KTO's, whose reference point spans the whole step"))
+    "steps over two; this one splits KTO's, whose reference point spans the whole step, under DDP and "
+    "DeepSpeed ZeRO-2"))
 @pytest.mark.slow
-def test_kto_on_two_processes_follows_one_process_with_accumulation_2(tiny_model, tmp_path):
-    """The same global batch, 1 process x accumulation 2 and 2 processes x 1: KTO's reference point
-    is taken over the whole step on all processes (not per micro-batch, as TRL's), so the loss
-    curves and the rewards reported are the same."""
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed", marks=pytest.mark.deepspeed("ShareMemCommBuilder"))])
+def test_kto_on_two_processes_follows_one_process_with_accumulation_2(tiny_model, tmp_path, strategy):
+    """The same global batch, 1 process x accumulation 2 and 2 processes x 1 (DDP, or DeepSpeed
+    ZeRO-2, which sums the processes' gradients itself): KTO's reference point is taken over the
+    whole step on all processes (not per micro-batch, as TRL's), so the loss curves and the rewards
+    reported are the same."""
     data = _unpaired_dataset(tmp_path / "data")
     tasks = [finetune_task(tiny_model, data, f"file://{tmp_path}/{processes}", objective="kto",
                            kto={"beta": 0.5}, lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
                            resources={"gpusPerNode": processes},
+                           distribution={"strategy": strategy} if processes == 2 else {"strategy": "ddp"},
                            hyperparameters={"epochs": 1, "learningRate": 0.02, "gradientAccumulation": 3 - processes})
              for processes in (1, 2)]
     for processes, task in zip((1, 2), tasks):
