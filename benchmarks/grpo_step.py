@@ -53,7 +53,7 @@ def main() -> None:
     for step in range(args.steps):
         chunk = prompts[step * args.prompts:(step + 1) * args.prompts]
         began = time.perf_counter()
-        sampled = sampled_batch(model, tokenizer, chunk, {**grpo, "beta": 0.0}, 1024, "cpu")
+        sampled = sampled_batch(model, tokenizer, chunk, {**grpo, "beta": 0.0}, 1024, "cpu", "file:///unused")
         sampling = time.perf_counter() - began
         if args.beta:  # timed apart: sampled_batch does it right after sampling
             began = time.perf_counter()

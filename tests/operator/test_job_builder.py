@@ -136,6 +136,17 @@ def test_tracker_keys_are_secret_references_and_training_gets_time_to_checkpoint
     assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_seconds
 
 
+def test_a_grpo_graders_judge_key_reaches_the_pod_only_by_reference():
+    judge = {"model": "gpt-4o-mini", "apiKeySecret": {"name": "grader", "key": "token"}}
+    task, objs = children(fine_tune(objective="grpo", grpo={"generations": 4, "grader": {
+        "referenceField": "answer", "operation": "judge", "judge": judge}},
+        hyperparameters={"batchSize": 1, "gradientCheckpointing": True}))
+    env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    [key] = [e for e in env if e["name"] == "LLMFACTORY_GRADER_API_KEY"]
+    assert key == {"name": "LLMFACTORY_GRADER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "grader", "key": "token"}}}
+    assert task["spec"]["grpo"]["grader"]["judge"]["apiKeySecret"] == {"name": "grader", "key": "token"}
+
+
 def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
     task, objs = children(dataset_build(filters={"judge": {"openai": {
         "model": "gpt-4o-mini", "apiKeySecret": {"name": "judge", "key": "token"}}}}))

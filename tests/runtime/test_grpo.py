@@ -18,7 +18,7 @@ from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, sample, sampled_batch, score,
                                               sequences)
 from llmfactory_runtime.generate import stop_token_ids
-from llmfactory_runtime.grader import graded_of, last_number, reward
+from llmfactory_runtime.grader import graded_of, last_number, reward, rewards
 from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
 
@@ -46,6 +46,33 @@ def test_the_grader_compares_the_answer_or_what_extract_picks_of_it_with_the_ref
     assert reward(r"so \boxed{7}", "7", grader("equals", extract=r"\\boxed\{(.+?)\}")) == 1.0
     assert reward("yes, Paris", "Paris", grader("equals", extract=r"Paris")) == 1.0  # no group: the whole match
     assert last_number("-3.5e2 and 1,000,000") == 1_000_000 and last_number("none") is None
+
+
+def test_a_judge_grader_rates_each_answer_against_its_reference_scaled_to_0_1_and_never_pays_twice(
+        openai_server, monkeypatch, tmp_path):
+    """OpenAI's score_model grader: the Benchmark's reference-guided prompt, (rating - 1) / 9, 0 for an
+    answer the judge gives no rating after its re-asks; its key from LLMFACTORY_GRADER_API_KEY."""
+    def judge(request):
+        body = request.messages[1]["content"]  # the grading prompt (a re-ask follows it)
+        answer = body.split("[Answer]\n", 1)[1] if "[Answer]\n" in body else ""
+        if "rambling" in answer:
+            return {"text": "I cannot decide."}
+        return {"text": "Correct. [[10]]" if answer.startswith("Paris") else "Wrong. [[4]]"}
+    openai_server.reply = judge
+    monkeypatch.setenv("LLMFACTORY_GRADER_API_KEY", "sk-grader")
+    spec = {"referenceField": "answer", "operation": "judge",
+            "judge": {"baseUrl": openai_server.url, "model": "gpt-4o-mini", "apiKeySecret": {"name": "g", "key": "k"}}}
+    got = rewards(spec, ["Capital of France?"] * 3, ["Paris.", "Lyon.", "rambling"], ["Paris"] * 3,
+                  f"file://{tmp_path}/cache", "spec.grpo.grader")
+    assert got == [1.0, pytest.approx(3 / 9), 0.0]
+    assert all(r.authorization == "Bearer sk-grader" for r in openai_server.requests)
+    prompt = openai_server.requests[0].messages[1]["content"]
+    assert "[Reference]\nParis" in prompt and "[Question]\nCapital of France?" in prompt
+    assert len(openai_server.requests) == 2 + 3  # the unrated answer asked again twice
+    asked = len(openai_server.requests)  # the same answers again (a resumed run): the cache answers
+    assert rewards(spec, ["Capital of France?"] * 3, ["Paris.", "Lyon.", "rambling"], ["Paris"] * 3,
+                   f"file://{tmp_path}/cache", "spec.grpo.grader") == got
+    assert len(openai_server.requests) == asked
 
 
 def test_a_row_gives_its_prompt_and_reference_or_an_error_naming_what_it_lacks(tiny_model):
@@ -99,7 +126,8 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     assert seqs[5]["labels"] == [IGNORE] * len(prompts[1]) + answers[5]
     # The grader sees the answer's text without its end-of-turn token.
     text = [tok.decode([t for t in a if t not in stop], skip_special_tokens=True) for a in answers]
-    assert score(tok, answers, text, grader()).tolist() == [1.0] * 12
+    prompts = [{"question": "?", "reference": t} for t in text]
+    assert score(tok, answers, prompts, grader(), "file:///unused").tolist() == [1.0] * 12
 
 
 def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl_to_the_reference():
@@ -135,14 +163,14 @@ def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny
     chunk = encode_prompts(tok, [{"prompt": q, "answer": a} for q, a in PAIRS[:2]], 64, grader(), "train.jsonl")
     spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": True, "beta": 0.1,
             "grader": grader("contains")}
-    sampled = sampled_batch(model, tok, chunk, spec, 64, "cpu")
+    sampled = sampled_batch(model, tok, chunk, spec, 64, "cpu", "file:///unused")
     batch, answer = sampled["batch"], sampled["batch"]["labels"][:, 1:] != IGNORE
     with torch.no_grad():
         base = token_logps(AutoModelForCausalLM.from_pretrained(tiny_model), batch)
         tuned = token_logps(model.eval(), batch)
     torch.testing.assert_close(sampled["reference"][answer], base[answer])
     assert not torch.allclose(tuned[answer], base[answer], atol=1e-3)  # the adapter is on again, and it matters
-    assert sampled_batch(model.train(), tok, chunk, {**spec, "beta": 0.0}, 64, "cpu")["reference"] is None
+    assert sampled_batch(model.train(), tok, chunk, {**spec, "beta": 0.0}, 64, "cpu", "file:///unused")["reference"] is None
 
 
 def _rows(n: int) -> list[dict]:
@@ -184,7 +212,8 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     prompts = [p["prompt"] for p in encode_prompts(tok, _rows(4), 96, grader(), "validation.jsonl")]
     for folder, expected in ((tiny_model, 0.0), (result["modelUri"][7:], 1.0)):
         answers = sample(AutoModelForCausalLM.from_pretrained(folder), tok, prompts, 1, 0.0, 8, 96, "cpu")
-        assert score(tok, answers, ["a"] * 4, grader("contains")).mean() == expected
+        graded = [{"question": "?", "reference": "a"}] * 4
+        assert score(tok, answers, graded, grader("contains"), "file:///unused").mean() == expected
 
     uninterrupted = load_file(Path(result["modelUri"][7:]) / "model.safetensors")
     run.delete("COMMITTED")

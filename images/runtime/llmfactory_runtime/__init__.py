@@ -19,6 +19,7 @@ class Interrupted(Exception):
 TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"
 JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"
 REJECTED_KEY_ENV = "LLMFACTORY_REJECTED_API_KEY"  # a DatasetBuild's preferences.rejected.openai
+GRADER_KEY_ENV = "LLMFACTORY_GRADER_API_KEY"  # a GRPO FineTune's or a Benchmark's reward grader.judge
 
 # Where a DatasetBuild's spec names OpenAI-compatible endpoints, and the variable each one's key
 # reaches the pod in (the operator's job_builder sets them; sharded builds divide their limits).

@@ -1,5 +1,6 @@
-"""Rewards for objective grpo: a sampled answer scored 1 or 0 against the reference answer its row
-holds (spec.grpo.grader), as OpenAI's string_check grader and GSM8K's final-answer check do."""
+"""Rewards for objective grpo and a Benchmark's reward: an answer scored 1 or 0 against the reference
+answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, or rated by
+an LLM judge against it (OpenAI's score_model grader)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import re
 from typing import Any
 
+from . import GRADER_KEY_ENV
 from .data import prompt_of
 
 # A number as final answers write it: sign, thousands commas, decimals, an exponent.
@@ -27,8 +29,25 @@ def graded_of(row: dict[str, Any], field: str) -> tuple[list[dict[str, str]], st
     return prompt_of(row), str(reference)
 
 
+def rewards(grader: dict[str, Any], questions: list[str], answers: list[str], references: list[str],
+            cache_uri: str, field: str) -> list[float]:
+    """The grader's reward of each answer to its question against its reference, 0-1. A judge
+    (operation judge) is asked about all of them at once, within its limits; `field` names the grader
+    in the spec, for its errors."""
+    if grader["operation"] != "judge":
+        return [reward(a, ref, grader) for a, ref in zip(answers, references)]
+    from .benchmark.judge import judge_messages, judge_with_api  # noqa: PLC0415 - its client only where it judges
+
+    items = [(str(i), judge_messages({"turns": [q], "reference": ref}, [a], 0, "api"))
+             for i, (q, a, ref) in enumerate(zip(questions, answers, references))]
+    rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
+                           field=f"{field}.judge", key_env=GRADER_KEY_ENV)
+    return [(rated[str(i)]["rating"] - 1) / 9 if rated[str(i)]["rating"] is not None else 0.0
+            for i in range(len(items))]
+
+
 def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
-    """1.0 when the answer passes the grader, else 0.0."""
+    """1.0 when the answer passes the grader's check (every operation but judge), else 0.0."""
     if grader.get("extract"):
         matches = list(re.finditer(grader["extract"], answer, re.DOTALL))
         if not matches:

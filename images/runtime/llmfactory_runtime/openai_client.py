@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import httpx
 
-from . import JUDGE_KEY_ENV, REJECTED_KEY_ENV, TEACHER_KEY_ENV  # noqa: F401 - re-exported for the phases
+from . import GRADER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, TEACHER_KEY_ENV  # noqa: F401 - re-exported for the phases
 from .task import InvalidTask
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 

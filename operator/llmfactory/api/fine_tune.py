@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, Resources, RunOptions, SecretKeyRef,
-                     StatusBase, URI_PATTERN, no_credentials_in_url)
+from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint, Resources, RunOptions,
+                     SecretKeyRef, StatusBase, URI_PATTERN, no_credentials_in_url)
 
 
 class BaseModel(ModelSource):
@@ -150,21 +150,33 @@ class Kto(ApiModel):
 
 
 class Grader(ApiModel):
-    """How a sampled answer is scored, 1 when it passes and 0 when not, against the reference answer its
-    row holds (as OpenAI's reinforcement fine-tuning string_check grader does)."""
+    """How a sampled answer is scored against the reference answer its row holds: 1 or 0 when it passes
+    a check (as OpenAI's reinforcement fine-tuning string_check grader does), or an LLM judge's rating
+    (its score_model grader)."""
+
+    cel_rules: ClassVar = [
+        {"rule": "(self.operation == 'judge') == has(self.judge)",
+         "message": "operation judge needs grader.judge (an OpenAI-compatible judge), which applies to it alone"},
+    ]
 
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
         "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number."))
-    operation: Literal["equals", "contains", "icontains", "number"] = Field("equals", description=(
+    operation: Literal["equals", "contains", "icontains", "number", "judge"] = Field("equals", description=(
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
         "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
-        "graders compare final answers."))
+        "graders compare final answers. judge: grader.judge rates the answer 1-10 against the reference "
+        "(the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an answer "
+        "it gives no rating after its re-asks scores 0): for answers no string check can grade."))
     extract: str | None = Field(None, min_length=1, max_length=1024, description=(
         "A regular expression (Python's) picking what of the answer is compared: its last match's first "
         "group (or the whole match without groups), e.g. '#### (.+)' for GSM8K's final-answer line or "
         "'\\\\boxed\\{(.+?)\\}'. An answer without a match scores 0, so the format is learned too. Unset: "
         "the whole answer."))
+    judge: OpenAIEndpoint | None = Field(None, description=(
+        "operation judge: the OpenAI-compatible judge (its key by apiKeySecret, LLMFACTORY_GRADER_API_KEY for "
+        "local runs). Its ratings are cached in the store like the Benchmark judge's, so a resumed run gets "
+        "the same rewards without paying again."))
 
 
 class Grpo(ApiModel):

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from llmfactory_runtime import (CONFIG_MAPS_DIR, DATASET_BUILD_ENDPOINTS, EXIT_INTERRUPTED, EXIT_INVALID_TASK,
-                                JUDGE_KEY_ENV, at_path)
+                                GRADER_KEY_ENV, JUDGE_KEY_ENV, at_path)
 
 from ..api import KINDS
 from ..api.dataset_build import DatasetBuildSpec
@@ -67,6 +67,8 @@ SECRET_ENV = (
     (("tracking", "wandb"), "WANDB_API_KEY"),
     (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"),
     (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
+    (("grpo", "grader", "judge"), GRADER_KEY_ENV),  # a GRPO FineTune's grader
+    (("reward", "grader", "judge"), GRADER_KEY_ENV),  # a Benchmark's reward grader
     *DATASET_BUILD_ENDPOINTS,  # the teacher, the answer judge, the rejected answers' writer
 )
 

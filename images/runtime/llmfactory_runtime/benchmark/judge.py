@@ -181,10 +181,11 @@ PARSERS = {"rating": (parse_rating, REASK), "verdict": (parse_verdict, REASK_VER
 
 
 def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
-                   max_reasks: int, on_rating, transport=None, field: str = "spec.judge.openai", kind: str = "rating"
-                   ) -> dict[str, dict[str, Any]]:
+                   max_reasks: int, on_rating, transport=None, field: str = "spec.judge.openai", kind: str = "rating",
+                   key_env: str = JUDGE_KEY_ENV) -> dict[str, dict[str, Any]]:
     """{item id: {rating (or verdict: kind; None when the reply had none), reply, attempts}} for each
-    (id, judge messages). `field`: where the endpoint is in the spec, for error messages."""
+    (id, judge messages). `field`: where the endpoint is in the spec, for error messages; `key_env`:
+    the variable its key is in."""
     parse, reask = PARSERS[kind]
     cache = AnswerCache(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
                                                         "model": endpoint["model"]}, "prompt": 1})
@@ -200,7 +201,7 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
             todo.append((item_id, messages))
     if not todo:
         return out
-    key = api_key(endpoint, JUDGE_KEY_ENV, field)
+    key = api_key(endpoint, key_env, field)
 
     async def rate_all() -> None:
         async with ChatClient(endpoint, key, field, transport=transport) as client:

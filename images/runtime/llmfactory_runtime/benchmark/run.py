@@ -18,7 +18,7 @@ from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import read_split
 from ..generate import generate
-from ..grader import graded_of, reward
+from ..grader import graded_of, rewards
 from ..models import LazyModel
 from ..progress import Progress
 from ..store import Store
@@ -105,7 +105,7 @@ def _answer_questions(label: str, source: dict, judge: dict, questions: list[dic
 
 def _rewarded(label: str, source: dict, spec: dict, prompts: list[tuple[list[dict], str]], run: Store,
               progress: Progress, loaded) -> dict[str, list]:
-    """{answers, rewards}: the model's greedy answer to each (prompt, reference) and its grader's reward.
+    """{answers}: the model's greedy answer to each (prompt, reference), which the grader then rewards.
     Each answer is saved as it comes (a restarted benchmark asks only for the missing ones)."""
     path = f"answers/reward-{label}.json"
     answers: dict[str, str] = run.read_json_or_none(path) or {}
@@ -121,8 +121,7 @@ def _rewarded(label: str, source: dict, spec: dict, prompts: list[tuple[list[dic
                 progress.update(len(answers))
 
             ask([prompts[i][0] for i in todo], spec["maxNewTokens"], 0.0, 0, on_answer=done)
-    texts = [answers[str(i)] for i in range(len(prompts))]
-    return {"answers": texts, "rewards": [reward(a, ref, spec["grader"]) for a, (_, ref) in zip(texts, prompts)]}
+    return {"answers": [answers[str(i)] for i in range(len(prompts))]}
 
 
 # How a Benchmark scores rows that say which answers are wanted, by the dataset's format: preference
@@ -475,6 +474,10 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     results = {label: _evaluate_model(label, source, spec, rows, labelled, questions, prompts, run, progress, tasks_dir)
                for label, source in models.items()}
     rewarded = {label: r["reward"] for label, r in results.items() if "reward" in r}
+    for answered in rewarded.values():  # after every model has answered: a judge asked once for all
+        answered["rewards"] = rewards(spec["reward"]["grader"], [messages[-1]["content"] for messages, _ in prompts],
+                                      answered["answers"], [ref for _, ref in prompts], task["cacheUri"],
+                                      "spec.reward.grader")
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
     if "pairwise" in judged:

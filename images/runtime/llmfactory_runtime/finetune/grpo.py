@@ -20,12 +20,13 @@ import torch
 from ..batching import collate_sequences, token_logps
 from ..chat import IGNORE
 from ..generate import prompt_ids, stop_token_ids
-from ..grader import graded_of, reward
+from ..grader import graded_of, rewards
 from ..task import InvalidTask
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str) -> list[dict[str, Any]]:
-    """{prompt: token ids, reference} of each row whose prompt leaves room for an answer within max_len."""
+    """{prompt: token ids, question: its last user message, reference} of each row whose prompt leaves
+    room for an answer within max_len."""
     prompts = []
     for n, row in enumerate(rows, 1):
         try:
@@ -34,7 +35,7 @@ def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, wher
             raise InvalidTask(f"{where} row {n}: {e}") from None
         ids = prompt_ids(tokenizer, messages)
         if len(ids) < max_len:
-            prompts.append({"prompt": ids, "reference": reference})
+            prompts.append({"prompt": ids, "question": messages[-1]["content"], "reference": reference})
     return prompts
 
 
@@ -66,11 +67,13 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
     return answers
 
 
-def score(tokenizer, answers: list[list[int]], references: list[str], grader: dict) -> torch.Tensor:
-    """The grader's reward of each answer (its text without the end-of-turn token) against its reference."""
+def score(tokenizer, answers: list[list[int]], prompts: list[dict[str, Any]], grader: dict, cache_uri: str) -> torch.Tensor:
+    """The grader's reward of each answer (its text without the end-of-turn token) to its prompt
+    ({question, reference}, as encode_prompts gives them)."""
     stop = set(stop_token_ids(tokenizer))
-    return torch.tensor([reward(tokenizer.decode([t for t in a if t not in stop], skip_special_tokens=True),
-                                ref, grader) for a, ref in zip(answers, references)], dtype=torch.float32)
+    texts = [tokenizer.decode([t for t in a if t not in stop], skip_special_tokens=True) for a in answers]
+    return torch.tensor(rewards(grader, [p["question"] for p in prompts], texts, [p["reference"] for p in prompts],
+                                cache_uri, "spec.grpo.grader"), dtype=torch.float32)
 
 
 def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
@@ -89,14 +92,15 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], n: int) -> lis
             for k, a in enumerate(answers)]
 
 
-def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max_len: int, device) -> dict[str, Any]:
+def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max_len: int, device,
+                  cache_uri: str) -> dict[str, Any]:
     """A micro-batch of the step: grpo.generations answers sampled to each prompt of `chunk`, scored,
     as a batch of one answer (after its prompt) per row, with each answer's advantage and reward, and
     with grpo.beta the reference's token log-probabilities (the model with its adapter switched off)."""
     n = grpo["generations"]
     prompts = [e["prompt"] for e in chunk]
     answers = sample(model, tokenizer, prompts, n, grpo["temperature"], grpo["maxNewTokens"], max_len, device)
-    rewards = score(tokenizer, answers, [e["reference"] for e in chunk for _ in range(n)], grpo["grader"])
+    got = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
     seqs = sequences(prompts, answers, n)
     batch = collate_sequences(seqs, [[k] for k in range(len(seqs))], tokenizer.pad_token_id, packed=True)
     reference = None
@@ -106,7 +110,7 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
             model.eval()
             reference = token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
             model.train(was_training)
-    return {"batch": batch, "advantages": advantages(rewards, n, grpo["scaleRewards"]), "rewards": rewards,
+    return {"batch": batch, "advantages": advantages(got, n, grpo["scaleRewards"]), "rewards": got,
             "reference": reference, "tokens": sum(len(s["input_ids"]) for s in seqs)}
 
 
@@ -125,12 +129,12 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
 
 
 def greedy_rewards(model, tokenizer, prompts: list[dict[str, Any]], batch_size: int, grpo: dict, max_len: int,
-                   device) -> tuple[float, int]:
+                   device, cache_uri: str) -> tuple[float, int]:
     """(summed reward, answer tokens) of the model's greedy answers to the prompts: its evaluation."""
     total, tokens = 0.0, 0
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         answers = sample(model, tokenizer, [e["prompt"] for e in chunk], 1, 0.0, grpo["maxNewTokens"], max_len, device)
-        total += float(score(tokenizer, answers, [e["reference"] for e in chunk], grpo["grader"]).sum())
+        total += float(score(tokenizer, answers, chunk, grpo["grader"], cache_uri).sum())
         tokens += sum(map(len, answers))
     return total, tokens

@@ -324,7 +324,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if grpo:
             mine = my_share(val)
             got, answer_tokens = group_relative.greedy_rewards(inner, tokenizer, mine, micro, grpo, hp["maxSeqLength"],
-                                                               world.device)
+                                                               world.device, task["cacheUri"])
             count = add_up(len(mine))
             if count:
                 rewards[step] = (add_up(got) / count, add_up(answer_tokens) / count)
@@ -398,7 +398,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if grpo:
             # The step's answers are sampled and scored first: its loss is normalized by all of them.
             sampled = [group_relative.sampled_batch(inner, tokenizer, [examples[i] for row in group for i in row], grpo,
-                                                    hp["maxSeqLength"], world.device) for group in micro_batches]
+                                                    hp["maxSeqLength"], world.device, task["cacheUri"])
+                       for group in micro_batches]
             batches = [(s["batch"], [1] * len(s["rewards"])) for s in sampled]
             n_items = world.sum(sum(label_count(b) for b, _ in batches))  # answer tokens, all processes
             mean_reward = (world.sum(float(sum(s["rewards"].sum() for s in sampled)))
