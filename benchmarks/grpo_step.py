@@ -17,7 +17,7 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 
-from llmfactory_runtime.batching import token_logps
+from llmfactory_runtime.batching import evaluating, token_logps
 from llmfactory_runtime.finetune.grpo import encode_prompts, loss_terms, sampled_batch
 from llmfactory_runtime.generate import generate
 from llmfactory_runtime.models import load_model, load_tokenizer
@@ -57,9 +57,8 @@ def main() -> None:
         sampling = time.perf_counter() - began
         if args.beta:  # timed apart: sampled_batch does it right after sampling
             began = time.perf_counter()
-            with torch.no_grad(), model.disable_adapter():
-                reference = token_logps(model.eval(), sampled["batch"])
-            model.train()
+            with torch.no_grad(), model.disable_adapter(), evaluating(model):
+                reference = token_logps(model, sampled["batch"])
             reference_s = time.perf_counter() - began
         else:
             reference, reference_s = None, 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -59,22 +60,31 @@ def label_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in evaluation mode (no dropout, no NEFTune noise) for the block, then as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def loss_sums(model, examples: list[dict], batch_size: int, pad_id: int, device=None,
               all_tokens: bool = False) -> tuple[float, int]:
     """(summed next-token loss, tokens) over assistant tokens (or every real token)."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id, device or model.device)
-        if all_tokens:
-            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
-        n = label_count(batch)
-        if n:
-            total += float(model(**batch, use_cache=False).loss) * n
-            count += n
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start:start + batch_size], pad_id, device or model.device)
+            if all_tokens:
+                batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+            n = label_count(batch)
+            if n:
+                total += float(model(**batch, use_cache=False).loss) * n
+                count += n
     return total, count
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import GRADER_KEY_ENV
 from .data import prompt_of
+from .task import InvalidTask
 
 # A number as final answers write it: sign, thousands commas, decimals, an exponent.
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
@@ -27,6 +28,17 @@ def graded_of(row: dict[str, Any], field: str) -> tuple[list[dict[str, str]], st
         raise ValueError(f"needs its reference answer in field {field!r} (spec.grpo.grader.referenceField) as "
                          f"a string or a number, got {reference!r}")
     return prompt_of(row), str(reference)
+
+
+def graded_rows(rows: list[dict[str, Any]], field: str, where: str) -> list[tuple[list[dict[str, str]], str]]:
+    """graded_of each row; a malformed one is an invalid task naming `where` (field and file) and the row."""
+    out = []
+    for n, row in enumerate(rows, 1):
+        try:
+            out.append(graded_of(row, field))
+        except ValueError as e:
+            raise InvalidTask(f"{where} row {n}: {e}") from None
+    return out
 
 
 def rewards(grader: dict[str, Any], questions: list[str], answers: list[str], references: list[str],

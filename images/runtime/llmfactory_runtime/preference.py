@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .batching import collate_sequences, token_logps
+from .batching import collate_sequences, evaluating, token_logps
 from .chat import IGNORE, encode_for_training
 from .data import labelled_of, preference_of
 from .task import InvalidTask
@@ -192,15 +192,13 @@ def pair_logps(model, convs: list[dict], pairs: list[int], batch_size: int, pad_
                on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """answer_logps of the given pairs, one pair per row, in evaluation mode (no dropout, no NEFTune
     noise); on_batch(pairs done) after each batch."""
-    was_training = model.training
-    model.eval()
     out = []
-    for start in range(0, len(pairs), batch_size):
-        batch, counts = collate_pairs(convs, [[i] for i in pairs[start:start + batch_size]], pad_id)
-        out.append(answer_logps(model, {k: v.to(device) for k, v in batch.items()}, counts))
-        if on_batch:
-            on_batch(min(start + batch_size, len(pairs)))
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            batch, counts = collate_pairs(convs, [[i] for i in pairs[start:start + batch_size]], pad_id)
+            out.append(answer_logps(model, {k: v.to(device) for k, v in batch.items()}, counts))
+            if on_batch:
+                on_batch(min(start + batch_size, len(pairs)))
     return torch.cat(out) if out else torch.zeros((0, 2))
 
 

@@ -18,7 +18,7 @@ from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import read_split
 from ..generate import generate
-from ..grader import graded_of, rewards
+from ..grader import graded_rows, rewards
 from ..models import LazyModel
 from ..progress import Progress
 from ..store import Store
@@ -392,12 +392,7 @@ def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[st
 def _reward_prompts(spec: dict, dataset: dict) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference answer) of the reward dataset's rows."""
     rows = read_split(dataset["uri"], spec["split"])[: spec.get("maxSamples") or None]
-    prompts = []
-    for n, row in enumerate(rows, 1):
-        try:
-            prompts.append(graded_of(row, spec["grader"]["referenceField"]))
-        except ValueError as e:
-            raise InvalidTask(f"spec.reward.dataset: {spec['split']}.jsonl row {n}: {e}") from None
+    prompts = graded_rows(rows, spec["grader"]["referenceField"], f"spec.reward.dataset: {spec['split']}.jsonl")
     if not prompts:
         raise InvalidTask(f"spec.reward.dataset: {dataset['uri']} has no {spec['split']} rows to answer")
     return prompts

@@ -17,22 +17,17 @@ from typing import Any
 
 import torch
 
-from ..batching import collate_sequences, token_logps
+from ..batching import collate_sequences, evaluating, token_logps
 from ..chat import IGNORE
-from ..generate import prompt_ids, stop_token_ids
-from ..grader import graded_of, rewards
-from ..task import InvalidTask
+from ..generate import prompt_ids, stop_token_ids, to_generation
+from ..grader import graded_rows, rewards
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str) -> list[dict[str, Any]]:
     """{prompt: token ids, question: its last user message, reference} of each row whose prompt leaves
     room for an answer within max_len."""
     prompts = []
-    for n, row in enumerate(rows, 1):
-        try:
-            messages, reference = graded_of(row, grader["referenceField"])
-        except ValueError as e:
-            raise InvalidTask(f"{where} row {n}: {e}") from None
+    for messages, reference in graded_rows(rows, grader["referenceField"], where):
         ids = prompt_ids(tokenizer, messages)
         if len(ids) < max_len:
             prompts.append({"prompt": ids, "question": messages[-1]["content"], "reference": reference})
@@ -45,8 +40,6 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
     """n answers to each prompt (greedy when temperature is 0), in order: prompt 0's n, prompt 1's, ...
     Each answer's tokens run up to and with its first end-of-turn token (learning to stop is learned
     too), cut so that prompt and answer fit max_len. Dropout is off while sampling."""
-    was_training = model.training
-    model.eval()
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -56,10 +49,10 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
     # The model's own distribution: nothing of its generation config (top_p, top_k, repetition penalty) applies.
     sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0
                 else {"do_sample": False}) | {"repetition_penalty": 1.0}
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_return_sequences=n,
-                         max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
-                         eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
-    model.train(was_training)
+    with evaluating(model):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_return_sequences=n,
+                             max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
     answers = []
     for k, tokens in enumerate(out[:, width:].tolist()):
         ended = next((i for i, t in enumerate(tokens) if t in stop), None)
@@ -70,8 +63,8 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
 def score(tokenizer, answers: list[list[int]], prompts: list[dict[str, Any]], grader: dict, cache_uri: str) -> torch.Tensor:
     """The grader's reward of each answer (its text without the end-of-turn token) to its prompt
     ({question, reference}, as encode_prompts gives them)."""
-    stop = set(stop_token_ids(tokenizer))
-    texts = [tokenizer.decode([t for t in a if t not in stop], skip_special_tokens=True) for a in answers]
+    stop = stop_token_ids(tokenizer)
+    texts = [to_generation(tokenizer, a, stop).text for a in answers]
     return torch.tensor(rewards(grader, [p["question"] for p in prompts], texts, [p["reference"] for p in prompts],
                                 cache_uri, "spec.grpo.grader"), dtype=torch.float32)
 
@@ -105,11 +98,8 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
     batch = collate_sequences(seqs, [[k] for k in range(len(seqs))], tokenizer.pad_token_id, packed=True)
     reference = None
     if grpo["beta"]:
-        with torch.no_grad(), model.disable_adapter():  # eval mode, as in sampling: no dropout drawn
-            was_training = model.training
-            model.eval()
+        with torch.no_grad(), model.disable_adapter(), evaluating(model):  # as in sampling: no dropout drawn
             reference = token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
-            model.train(was_training)
     return {"batch": batch, "advantages": advantages(got, n, grpo["scaleRewards"]), "rewards": got,
             "reference": reference, "tokens": sum(len(s["input_ids"]) for s in seqs)}
 

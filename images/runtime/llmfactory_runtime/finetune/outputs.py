@@ -22,14 +22,14 @@ def loss_csv(history: list[HistoryRow], evals: list[EvalRow], eval_rewards: list
     """One row a step; eval_loss is empty where the validation split was not evaluated. With rewards
     (objective grpo), also the step's mean reward and the validation prompts' where evaluated."""
     at = {step: f"{loss:.6f}" for step, loss in evals}
-    if eval_rewards is None:
-        return ("step,epoch,loss,learning_rate,eval_loss\n" + "".join(
-            f"{s},{e},{loss:.6f},{lr:.8g},{at.get(s, '')}\n" for s, e, loss, lr in history)).encode()
-    graded = {step: f"{r:.6f}" for step, r in eval_rewards}
-    base = f"0,,,,,,{graded[0]}\n" if 0 in graded else ""  # the model before its first step
-    return ("step,epoch,loss,learning_rate,eval_loss,reward,eval_reward\n" + base + "".join(
-        f"{s},{e},{loss:.6f},{lr:.8g},{at.get(s, '')},{r:.6f},{graded.get(s, '')}\n"
-        for s, e, loss, lr, r in history)).encode()
+    graded = {step: f"{r:.6f}" for step, r in eval_rewards or []}
+    lines = ["step,epoch,loss,learning_rate,eval_loss" + (",reward,eval_reward" if eval_rewards is not None else "")]
+    if 0 in graded:  # the model before its first step
+        lines.append(f"0,,,,,,{graded[0]}")
+    for s, e, loss, lr, *reward in history:
+        rewarded = f",{reward[0]:.6f},{graded.get(s, '')}" if reward else ""
+        lines.append(f"{s},{e},{loss:.6f},{lr:.8g},{at.get(s, '')}{rewarded}")
+    return "".join(line + "\n" for line in lines).encode()
 
 
 def loss_png(history: list[HistoryRow], evals: list[EvalRow], title: str,
