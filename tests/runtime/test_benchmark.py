@@ -364,6 +364,11 @@ def test_a_grpo_fine_tunes_held_out_prompts_are_answered_and_rewarded_against_it
     saved = store.read_json("answers/reward-model.json")
     store.write_json("answers/reward-model.json", {**saved, "3": "never"})
     assert benchmark.run(task, store, Progress(store))["metrics"]["reward.value"] == 0.75
+    # A python grader scores the same kept answers on its own scale, reading the row it is given.
+    task["spec"]["reward"]["grader"] = {"referenceField": "solution", "operation": "python", "source": (
+        "def grade(sample, item):\n    return (sample['output_text'] == item['solution']) + len(item['messages'])\n")}
+    assert benchmark.run(task, store, Progress(store))["metrics"] == {"reward.value": 1.75, "reward.baseline": 1.25}
+    assert store.read_json("report/report.json")["rewarded"]["model"]["rewards"] == [2.0, 2.0, 1.0, 2.0]
     # A malformed row fails naming the field, the file and the row.
     (tmp_path / "prompts" / "test.jsonl").write_bytes(dumps_jsonl(rows + [{"messages": conversations[0]}]))
     task, store = _planned(doc, tmp_path, fine_tune, store="other")

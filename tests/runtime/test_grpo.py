@@ -4,10 +4,12 @@ sequence and end at the end of turn, and a run that raises the grader's reward a
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -18,6 +20,7 @@ from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, sample, sampled_batch, score,
                                               sequences)
 from llmfactory_runtime.generate import stop_token_ids
+from llmfactory_runtime import python_grader as python_grader_module
 from llmfactory_runtime.grader import graded_of, last_number, reward, rewards
 from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
@@ -62,29 +65,105 @@ def test_a_judge_grader_rates_each_answer_against_its_reference_scaled_to_0_1_an
     monkeypatch.setenv("LLMFACTORY_GRADER_API_KEY", "sk-grader")
     spec = {"referenceField": "answer", "operation": "judge",
             "judge": {"baseUrl": openai_server.url, "model": "gpt-4o-mini", "apiKeySecret": {"name": "g", "key": "k"}}}
-    got = rewards(spec, ["Capital of France?"] * 3, ["Paris.", "Lyon.", "rambling"], ["Paris"] * 3,
-                  f"file://{tmp_path}/cache", "spec.grpo.grader")
+    graded = [graded_of({"prompt": "Capital of France?", "answer": "Paris"}, spec)] * 3
+    got = rewards(spec, ["Paris.", "Lyon.", "rambling"], graded, f"file://{tmp_path}/cache", "spec.grpo.grader")
     assert got == [1.0, pytest.approx(3 / 9), 0.0]
     assert all(r.authorization == "Bearer sk-grader" for r in openai_server.requests)
     prompt = openai_server.requests[0].messages[1]["content"]
     assert "[Reference]\nParis" in prompt and "[Question]\nCapital of France?" in prompt
     assert len(openai_server.requests) == 2 + 3  # the unrated answer asked again twice
     asked = len(openai_server.requests)  # the same answers again (a resumed run): the cache answers
-    assert rewards(spec, ["Capital of France?"] * 3, ["Paris.", "Lyon.", "rambling"], ["Paris"] * 3,
-                   f"file://{tmp_path}/cache", "spec.grpo.grader") == got
+    assert rewards(spec, ["Paris.", "Lyon.", "rambling"], graded, f"file://{tmp_path}/cache", "spec.grpo.grader") == got
     assert len(openai_server.requests) == asked
+
+
+def python_grader(source: str) -> dict:
+    return {"referenceField": "answer", "operation": "python", "source": textwrap.dedent(source)}
+
+
+def test_a_python_grader_scores_each_answer_with_its_whole_row_in_one_process_that_keeps_its_state():
+    """OpenAI's python grader: grade(sample, item) with sample's output_text and the row; bools and
+    NumPy numbers count; its prints go to the log, not into the scores; the module loads once."""
+    spec = python_grader("""
+        import numpy
+        calls = []
+
+        def grade(sample, item):
+            calls.append(sample["output_text"])
+            print("grading", sample["output_text"])  # the log's, not the channel the scores come back on
+            if item.get("count"):
+                return len(calls)
+            passed = item["answer"] in sample["output_text"]
+            return passed if not item.get("bonus") else numpy.float32(passed + 0.5 * ("because" in sample["output_text"]))
+    """)
+    rows = [{"prompt": "Capital of France?", "answer": "Paris"},
+            {"prompt": "Capital of France?", "answer": "Paris", "bonus": True}]
+    graded = [graded_of(r, spec) for r in rows]
+    got = rewards(spec, ["Paris.", "Paris, because.", "Lyon because"], [graded[0], graded[1], graded[1]], "file:///unused",
+                  "spec.grpo.grader")
+    assert got == [1.0, 1.5, 0.5]
+    counted = graded_of({"prompt": "?", "count": 1}, spec)
+    assert rewards(spec, ["a", "b"], [counted] * 2, "file:///unused", "spec.grpo.grader") == [4.0, 5.0]
+
+
+@pytest.mark.parametrize("body, error", [
+    ("return 1 / 0", r"grade\(\) failed on the answer 'b': Traceback \(most recent call last\):\n  File \"<grader "
+                     r"source>\", line 4, in grade\n.*ZeroDivisionError: division by zero"),
+    ("return '1'", r"grade\(\) failed on the answer 'b': it returned '1', not a finite number"),
+    ("return float('nan')", r"grade\(\) failed on the answer 'b': it returned nan, not a finite number"),
+    ("sys.exit(3)", r"grade\(\) failed on the answer 'b': Traceback.*line 4, in grade.*SystemExit: 3"),
+    ("time.sleep(30)", r"grade\(\) failed on the answer 'b': .*TimeoutError: ran past the time limit of 0.5 s"),
+])
+def test_a_python_grader_that_fails_on_an_answer_stops_the_run_naming_the_answer_and_why(body, error, monkeypatch):
+    monkeypatch.setattr(python_grader_module, "TIME_LIMIT_S", 0.5)
+    spec = python_grader(f"""
+        import sys, time
+        def grade(sample, item):
+            if sample["output_text"] == "b": {body}
+            return 1
+    """)
+    graded = [graded_of({"prompt": "?"}, spec)] * 2
+    with pytest.raises(InvalidTask, match=f"(?s)spec.grpo.grader.source: {error}"):
+        rewards(spec, ["a", "b"], graded, "file:///unused", "spec.grpo.grader")
+    # The grader's process goes on: the next batch's answers are graded.
+    assert rewards(spec, ["a"], graded[:1], "file:///unused", "spec.grpo.grader") == [1.0]
+
+
+def test_the_examples_python_grader_rewards_the_right_answer_and_reasoning_in_think_tags():
+    """examples/seed-llama3/11-grpo-python-grader.yaml's grader, as the runtime runs it."""
+    example = Path(__file__).parents[2] / "examples/seed-llama3/11-grpo-python-grader.yaml"
+    spec = yaml.safe_load(example.read_text())["spec"]["grpo"]["grader"] | {"referenceField": "reference"}
+    graded = [graded_of({"prompt": "Natalia sold 48 clips...", "answer": "1,250"}, spec)] * 5
+    answers = ["<think>48 + 1202</think>\n#### 1,250", "#### $1250", "<think>48 / 2</think>\n#### 24",
+               "The answer is 1250.", "#### 1250 <think>late</think>"]
+    assert rewards(spec, answers, graded, "file:///unused", "spec.grpo.grader") == [1.2, 1.0, 0.2, 0.0, 1.0]
+
+
+def test_python_source_that_cannot_load_or_ends_its_process_is_an_error_naming_the_field():
+    graded = [graded_of({"prompt": "?"}, python_grader("def grade(s, i): return 1"))]
+    for source, error in (("def grade(s, i) return 1", "SyntaxError"),
+                          ("import nonexistent_module_xyz", "ModuleNotFoundError"),
+                          ("grade = 3", "defines no function grade")):
+        with pytest.raises(InvalidTask, match=f"(?s)spec.grpo.grader.source: .*{error}"):
+            rewards(python_grader(source), ["a"], graded, "file:///unused", "spec.grpo.grader")
+    spec = python_grader("import os\ndef grade(s, i): os._exit(9)")
+    with pytest.raises(RuntimeError, match=r"spec.grpo.grader.source: the grader's process ended \(exit code 9\)"):
+        rewards(spec, ["a"], graded, "file:///unused", "spec.grpo.grader")
 
 
 def test_a_row_gives_its_prompt_and_reference_or_an_error_naming_what_it_lacks(tiny_model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "6 x 7?"}]
-    assert graded_of({"messages": messages, "answer": 42}, "answer") == (messages, "42")
-    assert graded_of({"prompt": "6 x 7?", "answer": "42"}, "answer") == ([{"role": "user", "content": "6 x 7?"}], "42")
+    row = {"messages": messages, "answer": 42}
+    assert graded_of(row, grader()) == {"messages": messages, "question": "6 x 7?", "reference": "42", "item": row}
+    assert graded_of({"prompt": "6 x 7?", "answer": "42"}, grader())["messages"] == [{"role": "user", "content": "6 x 7?"}]
     with pytest.raises(ValueError, match="reference answer in field 'answer'.*got None"):
-        graded_of({"messages": messages}, "answer")
+        graded_of({"messages": messages}, grader())
+    # A python grader reads what it needs of the row: no reference field is required.
+    assert graded_of({"messages": messages, "tests": ["x"]}, grader("python"))["reference"] is None
     with pytest.raises(ValueError, match="needs messages"):
-        graded_of({"question": "6 x 7?", "answer": "42"}, "answer")
+        graded_of({"question": "6 x 7?", "answer": "42"}, grader())
     with pytest.raises(ValueError, match="must end with a user message"):
-        graded_of({"messages": messages + [{"role": "assistant", "content": "42"}], "answer": "42"}, "answer")
+        graded_of({"messages": messages + [{"role": "assistant", "content": "42"}], "answer": "42"}, grader())
     tok = AutoTokenizer.from_pretrained(tiny_model)
     with pytest.raises(InvalidTask, match="spec.objective grpo: train.jsonl row 2: needs its reference answer"):
         encode_prompts(tok, [{"prompt": "a", "answer": "b"}, {"prompt": "c", "solution": "d"}], 96, grader(),
@@ -231,13 +310,25 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
 
 
 @pytest.mark.slow
-def test_a_lora_grpo_run_with_beta_reports_its_kl_to_the_base(tiny_model, tmp_path):
-    """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains."""
+def test_a_lora_grpo_run_with_beta_and_a_python_grader_reports_its_kl_to_the_base_and_the_graders_rewards(
+        tiny_model, tmp_path):
+    """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains. The
+    rewards are the python grader's, which reads a field of the row the other graders know nothing of."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
+    log = tmp_path / "graded.jsonl"
+    (data / "train.jsonl").write_bytes(dumps_jsonl([{**row, "log": str(log)} for row in _rows(8)]))
+    source = """
+        import json
+
+        def grade(sample, item):
+            score = len(sample["output_text"]) / 100 + (item["answer"] in sample["output_text"])
+            with open(item["log"], "a") as f:
+                f.write(json.dumps(score) + "\\n")
+            return score
+    """
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
-                         grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": grader("contains")},
+                         grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": python_grader(source)},
                          tracking={"tensorboard": True},
                          hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05})
     proc = run_finetune(write_task(task, tmp_path))
@@ -251,3 +342,8 @@ def test_a_lora_grpo_run_with_beta_reports_its_kl_to_the_base(tiny_model, tmp_pa
     kl = [e.value for e in accumulator.Scalars("train/kl")]
     assert len(kl) == 8 and kl[0] == 0.0 and kl[-1] > 1e-4
     assert run.read_json("progress.json")["figures"]["kl"] == pytest.approx(kl[-1], rel=1e-3)
+    # Each step's reward is the mean of what the grader returned for its 2 prompts x 4 answers.
+    graded = [float(line) for line in log.read_text().splitlines()]
+    steps = [float(line.split(",")[5]) for line in run.read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
+    assert len(graded) == 64 and len(set(graded)) > 4
+    assert steps == pytest.approx([sum(graded[i:i + 8]) / 8 for i in range(0, 64, 8)], abs=1e-6)

@@ -365,6 +365,21 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
     bad["spec"]["grpo"]["grader"]["extract"] = "#### (.+"
     with pytest.raises(PlanError, match=r"spec.grpo.grader.extract: '#### \(.\+' is not a regular expression"):
         plan(parse(bad), lookup({}), STORE)
+    python = copy.deepcopy(GRPO)
+    python["spec"]["grpo"]["grader"] = {"operation": "python", "source": "def grade(sample, item):\n    return 1\n"}
+    assert plan(parse(python), lookup({}), STORE)["spec"]["grpo"]["grader"]["source"].startswith("def grade(")
+    for source, error in (("def grade(sample, item)\n    return 1", "does not parse as Python: line 1: expected ':'"),
+                          ("def score(sample, item): return 1", "defines no function grade\\(sample, item\\)"),
+                          ("def grade(sample): return 1", "grade must take two arguments"),
+                          ("def grade(a, b, c): return 1", "grade must take two arguments"),
+                          ("async def grade(sample, item): return 1", "grade is async")):
+        python["spec"]["grpo"]["grader"]["source"] = source
+        with pytest.raises(PlanError, match=f"spec.grpo.grader.source: {error}"):
+            plan(parse(python), lookup({}), STORE)
+    for source in ("from graders import grade", "def _g(s, i): return 1\ngrade = _g", "def grade(*args): return 1",
+                   "def grade(sample, item, weight=2): return weight"):
+        python["spec"]["grpo"]["grader"]["source"] = source
+        assert plan(parse(python), lookup({}), STORE)
     trained = {("FineTune", "ft"): {**FT_RESULT, "datasetFormat": "graded", "datasetUri": "s3://bucket/prompts"}}
     with pytest.raises(PlanError, match="spec.perplexity.dataset: is required: FineTune ft trained with objective "
                                         "grpo on prompts without answers"):

@@ -1,6 +1,7 @@
 """Rewards for objective grpo and a Benchmark's reward: an answer scored 1 or 0 against the reference
-answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, or rated by
-an LLM judge against it (OpenAI's score_model grader)."""
+answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, rated by an
+LLM judge against it (OpenAI's score_model grader), or scored by the spec's own Python (its python
+grader)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import re
 from typing import Any
 
-from . import GRADER_KEY_ENV
+from . import GRADER_KEY_ENV, python_grader
 from .data import prompt_of
 from .task import InvalidTask
 
@@ -21,37 +22,45 @@ def last_number(text: str) -> float | None:
     return float(found[-1].replace(",", "")) if found else None
 
 
-def graded_of(row: dict[str, Any], field: str) -> tuple[list[dict[str, str]], str]:
-    """(prompt messages, reference answer) of a row for objective grpo. A ValueError says what the row lacks."""
+def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
+    """{messages: the prompt, question: its last user message, reference, item: the row} of a row for
+    the grader. A ValueError says what the row lacks: every operation but python compares the answer
+    with the reference the row holds (a python grader reads what it needs of the row itself)."""
+    field = grader["referenceField"]
     reference = row.get(field)
-    if isinstance(reference, bool) or not isinstance(reference, (str, int, float)):
-        raise ValueError(f"needs its reference answer in field {field!r} (spec.grpo.grader.referenceField) as "
+    valid = not isinstance(reference, bool) and isinstance(reference, (str, int, float))
+    if not valid and grader["operation"] != "python":
+        raise ValueError(f"needs its reference answer in field {field!r} (grader.referenceField) as "
                          f"a string or a number, got {reference!r}")
-    return prompt_of(row), str(reference)
+    messages = prompt_of(row)
+    return {"messages": messages, "question": messages[-1]["content"], "reference": str(reference) if valid else None,
+            "item": row}
 
 
-def graded_rows(rows: list[dict[str, Any]], field: str, where: str) -> list[tuple[list[dict[str, str]], str]]:
+def graded_rows(rows: list[dict[str, Any]], grader: dict[str, Any], where: str) -> list[dict[str, Any]]:
     """graded_of each row; a malformed one is an invalid task naming `where` (field and file) and the row."""
     out = []
     for n, row in enumerate(rows, 1):
         try:
-            out.append(graded_of(row, field))
+            out.append(graded_of(row, grader))
         except ValueError as e:
             raise InvalidTask(f"{where} row {n}: {e}") from None
     return out
 
 
-def rewards(grader: dict[str, Any], questions: list[str], answers: list[str], references: list[str],
-            cache_uri: str, field: str) -> list[float]:
-    """The grader's reward of each answer to its question against its reference, 0-1. A judge
-    (operation judge) is asked about all of them at once, within its limits; `field` names the grader
-    in the spec, for its errors."""
+def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
+            field: str) -> list[float]:
+    """The grader's reward of each answer to its graded row (as graded_of gives them): 0-1, or what a
+    python grader returns. A judge (operation judge) is asked about all of them at once, within its
+    limits; `field` names the grader in the spec, for its errors."""
+    if grader["operation"] == "python":
+        return python_grader.grade(grader["source"], answers, [g["item"] for g in graded], field)
     if grader["operation"] != "judge":
-        return [reward(a, ref, grader) for a, ref in zip(answers, references)]
+        return [reward(a, g["reference"], grader) for a, g in zip(answers, graded)]
     from .benchmark.judge import judge_messages, judge_with_api  # noqa: PLC0415 - its client only where it judges
 
-    items = [(str(i), judge_messages({"turns": [q], "reference": ref}, [a], 0, "api"))
-             for i, (q, a, ref) in enumerate(zip(questions, answers, references))]
+    items = [(str(i), judge_messages({"turns": [g["question"]], "reference": g["reference"]}, [a], 0, "api"))
+             for i, (a, g) in enumerate(zip(answers, graded))]
     rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
                            field=f"{field}.judge", key_env=GRADER_KEY_ENV)
     return [(rated[str(i)]["rating"] - 1) / 9 if rated[str(i)]["rating"] is not None else 0.0
@@ -59,7 +68,7 @@ def rewards(grader: dict[str, Any], questions: list[str], answers: list[str], re
 
 
 def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
-    """1.0 when the answer passes the grader's check (every operation but judge), else 0.0."""
+    """1.0 when the answer passes the grader's check (every operation but judge and python), else 0.0."""
     if grader.get("extract"):
         matches = list(re.finditer(grader["extract"], answer, re.DOTALL))
         if not matches:

@@ -113,8 +113,9 @@ class LmEval(ApiModel):
 
 
 class Reward(ApiModel):
-    """The grader's mean reward (0-1) of the model's greedy answers to held-out prompts with reference
-    answers: what a GRPO FineTune raises, measured as it measures its validation prompts."""
+    """The grader's mean reward (0-1, or the range of a python grader's) of the model's greedy answers to
+    held-out prompts with reference answers: what a GRPO FineTune raises, measured as it measures its
+    validation prompts."""
 
     grader: Grader = Field(default_factory=Grader, description=(
         "How each answer is scored: usually the GRPO FineTune's grpo.grader, written again here."))

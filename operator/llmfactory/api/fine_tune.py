@@ -151,23 +151,31 @@ class Kto(ApiModel):
 
 class Grader(ApiModel):
     """How a sampled answer is scored against the reference answer its row holds: 1 or 0 when it passes
-    a check (as OpenAI's reinforcement fine-tuning string_check grader does), or an LLM judge's rating
-    (its score_model grader)."""
+    a check (as OpenAI's reinforcement fine-tuning string_check grader does), an LLM judge's rating
+    (its score_model grader), or the spec's own Python function (its python grader)."""
 
     cel_rules: ClassVar = [
         {"rule": "(self.operation == 'judge') == has(self.judge)",
          "message": "operation judge needs grader.judge (an OpenAI-compatible judge), which applies to it alone"},
+        {"rule": "(self.operation == 'python') == has(self.source)",
+         "message": "operation python needs grader.source (Python defining grade(sample, item)), which applies "
+                    "to it alone"},
+        {"rule": "!has(self.extract) || (self.operation != 'judge' && self.operation != 'python')",
+         "message": "extract applies to the equals, contains, icontains and number checks: a judge or a python "
+                    "grader reads the whole answer"},
     ]
 
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
-        "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number."))
-    operation: Literal["equals", "contains", "icontains", "number", "judge"] = Field("equals", description=(
+        "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number. "
+        "Every row needs it, except with operation python, whose grade function reads the row itself."))
+    operation: Literal["equals", "contains", "icontains", "number", "judge", "python"] = Field("equals", description=(
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
         "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
         "graders compare final answers. judge: grader.judge rates the answer 1-10 against the reference "
         "(the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an answer "
-        "it gives no rating after its re-asks scores 0): for answers no string check can grade."))
+        "it gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
+        "grader.source's grade(sample, item) returns the reward."))
     extract: str | None = Field(None, min_length=1, max_length=1024, description=(
         "A regular expression (Python's) picking what of the answer is compared: its last match's first "
         "group (or the whole match without groups), e.g. '#### (.+)' for GSM8K's final-answer line or "
@@ -177,6 +185,14 @@ class Grader(ApiModel):
         "operation judge: the OpenAI-compatible judge (its key by apiKeySecret, LLMFACTORY_GRADER_API_KEY for "
         "local runs). Its ratings are cached in the store like the Benchmark judge's, so a resumed run gets "
         "the same rewards without paying again."))
+    source: str | None = Field(None, min_length=1, max_length=262144, description=(
+        "operation python: Python source (OpenAI's python grader) defining grade(sample, item) that returns "
+        "the reward as a number: sample is {\"output_text\": the answer}, item the dataset row with all its "
+        "fields. It runs in a process of its own beside each training process, with the runtime image's "
+        "packages; a call may take 60 s, and a grade that raises, runs longer or returns something other "
+        "than a finite number fails the run with its traceback and the answer. It should be deterministic, "
+        "so that a resumed run gets the rewards the interrupted one got. The planner refuses source that "
+        "does not parse or defines no grade."))
 
 
 class Grpo(ApiModel):
@@ -464,8 +480,8 @@ class FineTuneResult(ApiModel):
         "the per-token mean log-probability). objective kto: the desirable answers' mean implicit reward "
         "minus the undesirable ones'."))
     reward: float | None = Field(None, description=(
-        "objective grpo: the grader's mean reward (0-1) of the saved model's answers to the validation "
-        "prompts, decoded greedily."))
+        "objective grpo: the grader's mean reward (0-1, or on a python grader's own scale) of the saved "
+        "model's answers to the validation prompts, decoded greedily."))
     base_reward: float | None = Field(None, description=(
         "objective grpo: the same of the model before training, to compare reward with."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")

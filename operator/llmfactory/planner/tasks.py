@@ -7,6 +7,7 @@ over all of that. Same inputs, same digest, same artifact prefix: finished work 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import re
@@ -191,16 +192,40 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         dataset["format"] = "unpaired"
     elif objective == "grpo":  # prompts and references: no answers for a Benchmark or Quantization to read
         dataset["format"] = "graded"
-        _check_extract(res, "spec.grpo.grader.extract", res.spec.grpo.grader.extract)
+        _check_grader(res, "spec.grpo.grader", res.spec.grpo.grader)
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
 
 
-def _check_extract(res: Resource, field: str, extract: str | None) -> None:
-    """A grader's extract is compiled by the runtime's re: refuse one that would not compile, before a Job runs."""
+def _check_grader(res: Resource, field: str, grader) -> None:
+    """Refuse, before a Job runs, a grader the runtime could not use: an extract Python's re cannot
+    compile, or python source that does not parse or defines no grade(sample, item)."""
     try:
-        re.compile(extract or "")
+        re.compile(grader.extract or "")
     except re.error as e:
-        raise PlanError(res.ref, field, f"{extract!r} is not a regular expression (Python's re): {e}") from None
+        raise PlanError(res.ref, f"{field}.extract", f"{grader.extract!r} is not a regular expression (Python's re): "
+                        f"{e}") from None
+    if grader.source is None:
+        return
+    try:
+        module = ast.parse(grader.source)
+    except SyntaxError as e:
+        raise PlanError(res.ref, f"{field}.source", f"does not parse as Python: line {e.lineno}: {e.msg}") from None
+    grade, bound = None, set()  # bound: names the top level assigns or imports (grade = ..., from x import grade)
+    for node in module.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "grade":
+            grade = node
+        elif isinstance(node, ast.Assign):
+            bound |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {a.asname or a.name for a in node.names}
+    if grade is None and "grade" not in bound:
+        raise PlanError(res.ref, f"{field}.source", "defines no function grade(sample, item) at its top level")
+    if isinstance(grade, ast.AsyncFunctionDef):
+        raise PlanError(res.ref, f"{field}.source", "grade is async: it must be a plain function grade(sample, item)")
+    if grade is not None:
+        positional = len(grade.args.posonlyargs + grade.args.args)
+        if positional - len(grade.args.defaults) > 2 or positional < 2 and not grade.args.vararg:
+            raise PlanError(res.ref, f"{field}.source", "grade must take two arguments, grade(sample, item)")
 
 
 def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:
@@ -285,7 +310,7 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     if spec.judge and spec.judge.model:
         inputs["judge"] = _model(spec.judge.model)
     if spec.reward:
-        _check_extract(res, "spec.reward.grader.extract", spec.reward.grader.extract)
+        _check_grader(res, "spec.reward.grader", spec.reward.grader)
         for source in (model, baseline) if baseline else (model,):
             _check_engine(res, "spec.reward.engine", spec.reward.engine, source)
         if spec.reward.dataset:

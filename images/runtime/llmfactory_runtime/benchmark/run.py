@@ -103,9 +103,9 @@ def _answer_questions(label: str, source: dict, judge: dict, questions: list[dic
                      "answersPerSecond": round(answered / seconds, 3) if answered and seconds else None}
 
 
-def _rewarded(label: str, source: dict, spec: dict, prompts: list[tuple[list[dict], str]], run: Store,
-              progress: Progress, loaded) -> dict[str, list]:
-    """{answers}: the model's greedy answer to each (prompt, reference), which the grader then rewards.
+def _rewarded(label: str, source: dict, spec: dict, prompts: list[dict], run: Store, progress: Progress,
+              loaded) -> dict[str, list]:
+    """{answers}: the model's greedy answer to each graded row's prompt, which the grader then rewards.
     Each answer is saved as it comes (a restarted benchmark asks only for the missing ones)."""
     path = f"answers/reward-{label}.json"
     answers: dict[str, str] = run.read_json_or_none(path) or {}
@@ -120,7 +120,7 @@ def _rewarded(label: str, source: dict, spec: dict, prompts: list[tuple[list[dic
                 run.write_json(path, answers)
                 progress.update(len(answers))
 
-            ask([prompts[i][0] for i in todo], spec["maxNewTokens"], 0.0, 0, on_answer=done)
+            ask([prompts[i]["messages"] for i in todo], spec["maxNewTokens"], 0.0, 0, on_answer=done)
     return {"answers": [answers[str(i)] for i in range(len(prompts))]}
 
 
@@ -130,7 +130,7 @@ LABELLED_ROWS = {"preference": ("preference pairs", pair_scores), "unpaired": ("
 
 
 def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], labelled: str | None,
-                    questions: list[dict], prompts: list[tuple[list[dict], str]], run: Store, progress: Progress,
+                    questions: list[dict], prompts: list[dict], run: Store, progress: Progress,
                     tasks_dir: Path | None) -> dict[str, Any]:
     """Answers, rewarded answers, perplexity (and, of rows in a LABELLED_ROWS format, the answers'
     log-probabilities) and lm-eval scores of one model (label: model or baseline). Answers first: a
@@ -389,10 +389,10 @@ def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[st
     return outcomes
 
 
-def _reward_prompts(spec: dict, dataset: dict) -> list[tuple[list[dict], str]]:
-    """(prompt messages, reference answer) of the reward dataset's rows."""
+def _reward_prompts(spec: dict, dataset: dict) -> list[dict]:
+    """The reward dataset's rows as the grader sees them (grader.graded_of: prompt messages, reference...)."""
     rows = read_split(dataset["uri"], spec["split"])[: spec.get("maxSamples") or None]
-    prompts = graded_rows(rows, spec["grader"]["referenceField"], f"spec.reward.dataset: {spec['split']}.jsonl")
+    prompts = graded_rows(rows, spec["grader"], f"spec.reward.dataset: {spec['split']}.jsonl")
     if not prompts:
         raise InvalidTask(f"spec.reward.dataset: {dataset['uri']} has no {spec['split']} rows to answer")
     return prompts
@@ -423,13 +423,13 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dic
         lines += [f"| {label} | {g['engine']} | {g['answered']} | {g['answersPerSecond']} |"
                   for label, g in generation.items()]
     if rewarded:
-        lines += ["", "## Rewarded answers", "", "Greedy answers to the reward prompts, each 1 when it passes the "
-                  "grader.", "", "| prompt | reference | " + " | ".join(rewarded) + " |", "|---|---|" + "---|" * len(rewarded)]
+        lines += ["", "## Rewarded answers", "", "Greedy answers to the reward prompts, each after its reward "
+                  "(a check's 1 when it passes).", "", "| prompt | reference | " + " | ".join(rewarded) + " |", "|---|---|" + "---|" * len(rewarded)]
         def cell(text: str, limit: int) -> str:  # one line, quoted, no column breaks
             return json.dumps(text[:limit], ensure_ascii=False).replace("|", "\\|")
-        for i, (messages, reference) in enumerate(prompts):
+        for i, p in enumerate(prompts):
             cells = [f"{r['rewards'][i]:g}: {cell(r['answers'][i], 200)}" for r in rewarded.values()]
-            lines.append(f"| {cell(messages[-1]['content'], 120)} | {cell(reference, 120)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {cell(p['question'], 120)} | {cell(p['reference'] or '', 120)} | " + " | ".join(cells) + " |")
     if questions:
         def fmt(r):
             return "unrated" if r is None else f"{r:.2f}"
@@ -470,8 +470,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                for label, source in models.items()}
     rewarded = {label: r["reward"] for label, r in results.items() if "reward" in r}
     for answered in rewarded.values():  # after every model has answered: a judge asked once for all
-        answered["rewards"] = rewards(spec["reward"]["grader"], [messages[-1]["content"] for messages, _ in prompts],
-                                      answered["answers"], [ref for _, ref in prompts], task["cacheUri"],
+        answered["rewards"] = rewards(spec["reward"]["grader"], answered["answers"], prompts, task["cacheUri"],
                                       "spec.reward.grader")
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}

@@ -24,13 +24,13 @@ from ..grader import graded_rows, rewards
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str) -> list[dict[str, Any]]:
-    """{prompt: token ids, question: its last user message, reference} of each row whose prompt leaves
-    room for an answer within max_len."""
+    """{prompt: token ids, and the grader's view of the row (grader.graded_of)} of each row whose prompt
+    leaves room for an answer within max_len."""
     prompts = []
-    for messages, reference in graded_rows(rows, grader["referenceField"], where):
-        ids = prompt_ids(tokenizer, messages)
+    for graded in graded_rows(rows, grader, where):
+        ids = prompt_ids(tokenizer, graded["messages"])
         if len(ids) < max_len:
-            prompts.append({"prompt": ids, "question": messages[-1]["content"], "reference": reference})
+            prompts.append({"prompt": ids, **graded})
     return prompts
 
 
@@ -61,12 +61,11 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
 
 
 def score(tokenizer, answers: list[list[int]], prompts: list[dict[str, Any]], grader: dict, cache_uri: str) -> torch.Tensor:
-    """The grader's reward of each answer (its text without the end-of-turn token) to its prompt
-    ({question, reference}, as encode_prompts gives them)."""
+    """The grader's reward of each answer (its text without the end-of-turn token) to its prompt (as
+    encode_prompts gives them)."""
     stop = stop_token_ids(tokenizer)
     texts = [to_generation(tokenizer, a, stop).text for a in answers]
-    return torch.tensor(rewards(grader, [p["question"] for p in prompts], texts, [p["reference"] for p in prompts],
-                                cache_uri, "spec.grpo.grader"), dtype=torch.float32)
+    return torch.tensor(rewards(grader, texts, prompts, cache_uri, "spec.grpo.grader"), dtype=torch.float32)
 
 
 def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
