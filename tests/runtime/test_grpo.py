@@ -217,7 +217,7 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     answer = [(0, 1), (0, 2), (1, 0), (1, 2)]
     reference = torch.tensor([[0.0, -1.5, -1.0], [0.0, -0.2, -3.0]])
     advantage = torch.tensor([1.0, -2.0])
-    loss, kl = loss_terms(logps, labels, advantage, reference, beta=0.1)
+    loss, kl, clipped = loss_terms(logps, labels, advantage, reference, {"beta": 0.1, "epsilon": 0.2})
     delta = {(r, t): float(reference[r, t] - logps.detach()[r, t]) for r, t in answer}
     expected_kl = sum(math.exp(d) - d - 1 for d in delta.values())
     assert float(kl) == pytest.approx(expected_kl)
@@ -227,9 +227,34 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     for r, t in answer:
         expected[r, t] = -float(advantage[r]) + 0.1 * (1 - math.exp(delta[r, t]))
     torch.testing.assert_close(logps.grad, expected)
+    assert clipped == 0  # the ratio is 1 on a step's first update
     # Without a reference (beta 0): no KL, the same policy term.
-    loss, kl = loss_terms(logps.detach(), labels, advantage, None, beta=0.0)
+    loss, kl, _ = loss_terms(logps.detach(), labels, advantage, None, {"beta": 0.0, "epsilon": 0.2})
     assert float(loss) == pytest.approx(2.0) and float(kl) == 0.0
+
+
+@pytest.mark.parametrize("high", [None, 0.28])
+def test_on_later_updates_the_ratio_to_the_sampling_policy_is_clipped_where_the_advantage_pushes_it(high):
+    """grpo.iterations > 1: PPO's surrogate by hand. A token past 1 + epsilonHigh with a positive
+    advantage, or below 1 - epsilon with a negative one, counts at the clip bound and gets no gradient;
+    the others count ratio x advantage (DAPO's clip-higher: the upper bound apart)."""
+    old = torch.tensor([[-0.3, -1.0, -2.0], [-0.7, -0.5, -3.0]])
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6], [IGNORE, 4, IGNORE, 7]])
+    ratios = {(0, 1): 1.5, (0, 2): 0.9, (1, 0): 0.5, (1, 2): 1.5}  # rows' advantages +1 and -2
+    logps = old.clone()
+    for (r, t), ratio in ratios.items():
+        logps[r, t] += math.log(ratio)
+    logps.requires_grad_(True)
+    advantage = torch.tensor([1.0, -2.0])
+    upper = 1 + (high or 0.2)
+    loss, _, clipped = loss_terms(logps, labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "epsilonHigh": high}, old)
+    # (0,1): clipped at the upper bound; (0,2): 0.9 x 1 inside; (1,0): clipped at 0.8; (1,2): 1.5 x -2, the
+    # pessimistic side of a negative advantage, not clipped.
+    assert float(loss) == pytest.approx(-upper - 0.9 + 0.8 * 2 + 1.5 * 2) and int(clipped) == 2
+    loss.backward()
+    expected = torch.zeros(2, 3)
+    expected[0, 2], expected[1, 2] = -1.0 * 0.9, 2.0 * 1.5  # d(-ratio x advantage)/d logp = -advantage x ratio
+    torch.testing.assert_close(logps.grad, expected)
 
 
 def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny_model):
@@ -267,7 +292,8 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(16)))
     (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(4)))
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="full",
-                         grpo={"generations": 8, "maxNewTokens": 8, "grader": grader("contains")},
+                         grpo={"generations": 8, "maxNewTokens": 8, "grader": grader("contains"), "iterations": 2,
+                               "epsilonHigh": 0.28},
                          checkpointing={"everySteps": 4, "keepLast": 20},
                          hyperparameters={"epochs": 4, "batchSize": 4, "learningRate": 0.01, "evalEverySteps": 8})
     path = write_task(task, tmp_path)
@@ -276,6 +302,10 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     run = open_store(task["artifactUri"])
     result = run.read_json("result.json")
     assert result["steps"] == 16 and result["datasetFormat"] == "graded"
+    # iterations 2: two optimizer steps on each step's samples, the second one clipped to the sampling policy's.
+    optimizer = torch.load(Path(task["artifactUri"][7:]) / "checkpoints/step-4/optimizer.pt", weights_only=False)
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {8}
+    assert 0 <= run.read_json("progress.json")["figures"]["clipped"] < 1
     lines = run.read_bytes("metrics/loss.csv").decode().splitlines()
     assert lines[0] == "step,epoch,loss,learning_rate,eval_loss,reward,eval_reward"
     assert lines[1] == f"0,,,,,,{result['baseReward']:.6f}"  # the model before training

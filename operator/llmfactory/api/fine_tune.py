@@ -199,6 +199,12 @@ class Grpo(ApiModel):
     """Group Relative Policy Optimization (Shao et al., 2024), as TRL's GRPOTrainer does it:
     reinforcement learning from a grader's rewards, without a value model."""
 
+    cel_rules: ClassVar = [
+        {"rule": "(!has(self.epsilonHigh) && self.epsilon == 0.2) || self.iterations > 1",
+         "message": "epsilon and epsilonHigh clip the ratio to the sampling policy, which is 1 unless "
+                    "iterations is above 1: set grpo.iterations"},
+    ]
+
     generations: int = Field(8, ge=2, le=256, description=(
         "Answers sampled per prompt (GRPO's group): each answer's advantage is its reward minus the "
         "group's mean, so a group whose answers all score the same teaches nothing. More answers find a "
@@ -216,6 +222,16 @@ class Grpo(ApiModel):
         "adapter switched off), per answer token with the k3 estimator, as DeepSeekMath (0.04) and TRL do. 0 "
         "(TRL's default, as DAPO and Dr. GRPO advise) has none and needs no reference pass. Above 0 it needs "
         "method lora or qlora, whose base is the reference without a second copy of the model."))
+    iterations: int = Field(1, ge=1, le=16, description=(
+        "Optimizer steps on each batch of sampled answers (TRL's num_iterations, GRPO's mu): more learning "
+        "per sampling, which dominates a step's time. From the second on, each answer token's ratio to the "
+        "policy that sampled it is clipped to [1 - epsilon, 1 + epsilonHigh] (PPO's surrogate), so the "
+        "policy cannot run far from the answers it learns from. The learning-rate schedule counts these "
+        "optimizer steps; checkpoints and steps count batches of samples."))
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clip range of the ratio with iterations above 1 (TRL's 0.2).")
+    epsilon_high: float | None = Field(None, gt=0, le=10, description=(
+        "Upper clip range of the ratio; unset: epsilon. DAPO's clip-higher (0.28) leaves room for unlikely "
+        "tokens of good answers to gain, against entropy collapse."))
     grader: Grader = Field(default_factory=Grader, description="How each sampled answer is rewarded.")
 
 

@@ -1,13 +1,16 @@
 """Objective grpo: Group Relative Policy Optimization (Shao et al., 2024) as TRL's GRPOTrainer runs
-it (one optimizer step per batch of samples, DAPO's token-level loss, the KL term only with beta).
+it (grpo.iterations optimizer steps per batch of samples, DAPO's token-level loss, the KL term only
+with beta).
 
 Each prompt gets `generations` sampled answers; each answer is scored by the grader; its advantage
 is its reward minus its group's mean (divided by the group's standard deviation with scaleRewards).
-With one step per sample batch the policy ratio is 1 at the step and the clip never binds, so each
-answer token's loss is  -ratio x advantage + beta x KL  with the ratio exp(logp - logp.detach())
-(value 1, gradient that of logp, as TRL writes it), summed over the step's answer tokens and divided
-by their number (DAPO). The KL to the reference (the base: the adapter switched off) is the k3
-estimator exp(ref - logp) - (ref - logp) - 1. Sampling draws from torch's global generator, which
+Each answer token's loss is PPO's clipped surrogate  -min(ratio x advantage, clip(ratio, 1 - epsilon,
+1 + epsilonHigh) x advantage) + beta x KL, summed over the step's answer tokens and divided by their
+number (DAPO). On a step's first optimizer update the ratio is exp(logp - logp.detach()) (value 1,
+gradient that of logp, as TRL writes it: the clip cannot bind); with grpo.iterations above 1 the
+later updates divide by that first update's log-probabilities, the policy that sampled the answers.
+The KL to the reference (the base: the adapter switched off) is the k3 estimator
+exp(ref - logp) - (ref - logp) - 1. Sampling draws from torch's global generator, which
 every checkpoint saves: a resumed run samples what the uninterrupted run sampled.
 """
 
@@ -104,17 +107,24 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
 
 
 def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor, reference: torch.Tensor | None,
-               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, summed KL) over the answer tokens of a batch of one answer per row. logps: the
-    model's token log-probabilities (rows, width - 1), labels the batch's, advantage one per row."""
+               grpo: dict, old: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed loss, summed KL, clipped tokens) over the answer tokens of a batch of one answer per row.
+    logps: the model's token log-probabilities (rows, width - 1), labels the batch's, advantage one per
+    row; old: the sampling policy's log-probabilities (the first update's), None on the first update,
+    where the ratio is exp(logp - logp.detach())."""
     answer = labels[:, 1:] != IGNORE
-    per_token = -torch.exp(logps - logps.detach()) * advantage.to(logps)[:, None]
+    ratio = torch.exp(logps - (logps.detach() if old is None else old.to(logps)))
+    low, high = grpo["epsilon"], grpo.get("epsilonHigh") or grpo["epsilon"]
+    a = advantage.to(logps)[:, None]
+    # PPO's pessimistic surrogate: past the clip range on the side the advantage pushes, no gradient.
+    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - low, 1 + high) * a)
+    clipped = ((ratio < 1 - low) & (a < 0)) | ((ratio > 1 + high) & (a > 0))
     kl = torch.zeros_like(logps)
     if reference is not None:
         delta = reference.to(logps) - logps
         kl = torch.exp(delta) - delta - 1
-        per_token = per_token + beta * kl
-    return per_token[answer].sum(), kl.detach()[answer].sum()
+        per_token = per_token + grpo["beta"] * kl
+    return per_token[answer].sum(), kl.detach()[answer].sum(), clipped[answer].sum()
 
 
 def greedy_rewards(model, tokenizer, prompts: list[dict[str, Any]], batch_size: int, grpo: dict, max_len: int,

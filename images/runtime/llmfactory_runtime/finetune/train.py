@@ -210,8 +210,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     random.seed(hp["seed"] + world.rank)
 
     # Optimizer and schedule (DeepSpeed builds its own from the same settings)
-    warmup = int(total_steps * hp["warmupRatio"])
-    schedule = lr_lambda(hp.get("lrScheduler", "linear"), warmup, total_steps)
+    updates_per_step = grpo["iterations"] if grpo else 1  # optimizer steps per step; the schedule counts them
+    warmup = int(total_steps * updates_per_step * hp["warmupRatio"])
+    schedule = lr_lambda(hp.get("lrScheduler", "linear"), warmup, total_steps * updates_per_step)
     if deepspeed_on:
         import deepspeed  # noqa: PLC0415 - only in images that train with it
 
@@ -423,55 +424,61 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
                        for group in micro_batches]
             n_items = world.sum(sum(label_count(b) for b, _ in batches))
-        step_loss, preferred, step_kl = 0.0, 0.0, 0.0
-        for i, (batch, counts) in enumerate(batches):
-            batch = {k: v.to(world.device) for k, v in batch.items()}
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
-            with sync:
-                if grpo:
-                    losses, kl_sum = group_relative.loss_terms(token_logps(engine, batch), batch["labels"],
-                                                               sampled[i]["advantages"], sampled[i]["reference"],
-                                                               grpo["beta"])
-                    loss = losses / n_items
-                    step_kl += float(kl_sum)
-                elif kto:
-                    items = [p for row in micro_batches[i] for p in row]
-                    losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
-                                               desirable[items], kto)
-                    loss = losses.sum() / n_items
-                    preferred += float(kto_agrees(reward, kl, desirable[items], kto["beta"]).sum())
-                elif dpo:
-                    pairs = [p for row in micro_batches[i] for p in row]
-                    losses, margins = dpo_terms(answer_logps(engine, batch, counts),
-                                                reference["train"][pairs] if referenced else None, train_tokens[pairs], dpo)
-                    loss = losses.sum() / n_items
-                    preferred += float((margins > 0).sum())
-                else:
-                    loss = engine(**batch, num_items_in_batch=n_items, use_cache=False).loss
-                if deepspeed_on:
-                    engine.backward(loss * world.size, scale_wrt_gas=False)
-                    engine.step()  # steps the optimizer on the last micro-batch only
-                else:
-                    scaler.scale(loss * world.size).backward()
-            step_loss += float(loss.detach())
-            counters["tokens"] += float(sampled[i]["tokens"] if grpo else sum(lengths[j] for row in micro_batches[i] for j in row))
-            counters["positions"] += float(batch["input_ids"].numel())
-        if not deepspeed_on:
-            if master:
-                master.gradients_up()
-            scaler.unscale_(optimizer)  # clip the true gradients
-            torch.nn.utils.clip_grad_norm_(stepped, hp["maxGradNorm"])
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped when the gradients overflowed
-            scaler.update()
-            if master:
-                master.weights_down()
-            if scale_loss and scaler.get_scale() < scale:
-                counters["skippedSteps"] = counters.get("skippedSteps", 0) + 1
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_loss = world.sum(step_loss)
+        step_loss, preferred, step_kl, clipped, old_logps = 0.0, 0.0, 0.0, 0.0, {}
+        # objective grpo with iterations: several optimizer steps on the step's samples, the first one's
+        # log-probabilities (the sampling policy's) kept as the ratio's denominator for the others.
+        for _ in range(updates_per_step):
+            for i, (batch, counts) in enumerate(batches):
+                batch = {k: v.to(world.device) for k, v in batch.items()}
+                last = i == len(batches) - 1
+                sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
+                with sync:
+                    if grpo:
+                        logps = token_logps(engine, batch)
+                        losses, kl_sum, clipped_sum = group_relative.loss_terms(
+                            logps, batch["labels"], sampled[i]["advantages"], sampled[i]["reference"], grpo,
+                            old_logps.get(i))
+                        old_logps.setdefault(i, logps.detach())
+                        loss = losses / n_items
+                        step_kl += float(kl_sum)
+                        clipped += float(clipped_sum)
+                    elif kto:
+                        items = [p for row in micro_batches[i] for p in row]
+                        losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
+                                                   desirable[items], kto)
+                        loss = losses.sum() / n_items
+                        preferred += float(kto_agrees(reward, kl, desirable[items], kto["beta"]).sum())
+                    elif dpo:
+                        pairs = [p for row in micro_batches[i] for p in row]
+                        losses, margins = dpo_terms(answer_logps(engine, batch, counts),
+                                                    reference["train"][pairs] if referenced else None, train_tokens[pairs], dpo)
+                        loss = losses.sum() / n_items
+                        preferred += float((margins > 0).sum())
+                    else:
+                        loss = engine(**batch, num_items_in_batch=n_items, use_cache=False).loss
+                    if deepspeed_on:
+                        engine.backward(loss * world.size, scale_wrt_gas=False)
+                        engine.step()  # steps the optimizer on the last micro-batch only
+                    else:
+                        scaler.scale(loss * world.size).backward()
+                step_loss += float(loss.detach())
+                counters["tokens"] += float(sampled[i]["tokens"] if grpo else sum(lengths[j] for row in micro_batches[i] for j in row))
+                counters["positions"] += float(batch["input_ids"].numel())
+            if not deepspeed_on:
+                if master:
+                    master.gradients_up()
+                scaler.unscale_(optimizer)  # clip the true gradients
+                torch.nn.utils.clip_grad_norm_(stepped, hp["maxGradNorm"])
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped when the gradients overflowed
+                scaler.update()
+                if master:
+                    master.weights_down()
+                if scale_loss and scaler.get_scale() < scale:
+                    counters["skippedSteps"] = counters.get("skippedSteps", 0) + 1
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        step_loss = world.sum(step_loss) / updates_per_step
         lr = scheduler.get_last_lr()[0]
         history.append((step, epoch, step_loss, lr, mean_reward) if grpo else (step, epoch, step_loss, lr))
         counters["seconds"] += time.perf_counter() - began
@@ -479,7 +486,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         of_step = ({"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired  # of the step's pairs
                    else {"reward": round(mean_reward, 4)} if grpo else {})
         if grpo and grpo["beta"]:
-            of_step["kl"] = round(world.sum(step_kl) / n_items, 6)  # mean over the step's answer tokens
+            of_step["kl"] = round(world.sum(step_kl) / (n_items * updates_per_step), 6)  # per answer token
+        if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
+            of_step["clipped"] = round(world.sum(clipped) / (n_items * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
                         loss=round(step_loss, 4), learningRate=lr, epoch=epoch, tokensPerSecond=round(rate, 1), **of_step)
         if trackers:
@@ -488,6 +497,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 metrics["train/rewards/accuracy"] = of_step["rewardAccuracy"]
             if grpo:
                 metrics |= {"train/reward": mean_reward} | ({"train/kl": of_step["kl"]} if "kl" in of_step else {})
+                metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
             trackers.log(step, metrics)
 
         interrupted = world.any(stop.is_set())
