@@ -207,6 +207,18 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     text = [tok.decode([t for t in a if t not in stop], skip_special_tokens=True) for a in answers]
     prompts = [{"question": "?", "reference": t} for t in text]
     assert score(tok, answers, prompts, grader(), "file:///unused").tolist() == [1.0] * 12
+    # maskTruncated: the same answers, those that never ended without labels, all of them rewarded.
+    chunk = encode_prompts(tok, rows, 40, grader("contains"), "train.jsonl")
+    spec = {"generations": 4, "temperature": 1.0, "maxNewTokens": 30, "scaleRewards": True, "beta": 0.0,
+            "grader": grader("contains"), "maskTruncated": True}
+    torch.manual_seed(0)
+    sampled = sampled_batch(model, tok, chunk, spec, 40, "cpu", "file:///unused")
+    labelled = (sampled["batch"]["labels"] != IGNORE).any(1).tolist()
+    assert labelled == [a[-1] in stop for a in answers] and sampled["truncated"] == len(answers) - len(ended)
+    assert len(sampled["rewards"]) == 12 and sampled["answerTokens"] == sum(map(len, answers))
+    torch.manual_seed(0)
+    assert all((sampled_batch(model, tok, chunk, {**spec, "maskTruncated": False}, 40, "cpu", "file:///unused")
+                ["batch"]["labels"] != IGNORE).any(1))
 
 
 def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl_to_the_reference():
@@ -265,7 +277,7 @@ def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).train()
     chunk = encode_prompts(tok, [{"prompt": q, "answer": a} for q, a in PAIRS[:2]], 64, grader(), "train.jsonl")
-    spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": True, "beta": 0.1,
+    spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": True, "beta": 0.1, "maskTruncated": False,
             "grader": grader("contains")}
     sampled = sampled_batch(model, tok, chunk, spec, 64, "cpu", "file:///unused")
     batch, answer = sampled["batch"], sampled["batch"]["labels"][:, 1:] != IGNORE
@@ -371,6 +383,9 @@ def test_a_lora_grpo_run_with_beta_and_a_python_grader_reports_its_kl_to_the_bas
     accumulator.Reload()
     kl = [e.value for e in accumulator.Scalars("train/kl")]
     assert len(kl) == 8 and kl[0] == 0.0 and kl[-1] > 1e-4
+    lengths = [e.value for e in accumulator.Scalars("train/completion_length")]  # answers of at most 6 tokens
+    assert len(lengths) == 8 and all(0 < n <= 6 for n in lengths)
+    assert len(accumulator.Scalars("train/truncated_ratio")) == 8
     assert run.read_json("progress.json")["figures"]["kl"] == pytest.approx(kl[-1], rel=1e-3)
     # Each step's reward is the mean of what the grader returned for its 2 prompts x 4 answers.
     graded = [float(line) for line in log.read_text().splitlines()]

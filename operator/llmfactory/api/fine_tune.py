@@ -222,6 +222,11 @@ class Grpo(ApiModel):
         "adapter switched off), per answer token with the k3 estimator, as DeepSeekMath (0.04) and TRL do. 0 "
         "(TRL's default, as DAPO and Dr. GRPO advise) has none and needs no reference pass. Above 0 it needs "
         "method lora or qlora, whose base is the reference without a second copy of the model."))
+    mask_truncated: bool = Field(False, description=(
+        "Leave answers that never ended (cut at maxNewTokens or hyperparameters.maxSeqLength) out of the "
+        "loss, as DAPO's overlong filtering and TRL's mask_truncated_completions: an unfinished answer's "
+        "reward says little about its tokens. Their rewards still count in their group's mean. The share "
+        "cut is in progress.json's truncated either way."))
     iterations: int = Field(1, ge=1, le=16, description=(
         "Optimizer steps on each batch of sampled answers (TRL's num_iterations, GRPO's mu): more learning "
         "per sampling, which dominates a step's time. From the second on, each answer token's ratio to the "

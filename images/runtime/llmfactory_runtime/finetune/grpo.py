@@ -81,9 +81,12 @@ def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
     return centred.flatten()
 
 
-def sequences(prompts: list[list[int]], answers: list[list[int]], n: int) -> list[dict[str, list[int]]]:
-    """Training examples: each answer after its prompt (n answers per prompt), labels on the answer only."""
-    return [{"input_ids": prompts[k // n] + a, "labels": [IGNORE] * len(prompts[k // n]) + a}
+def sequences(prompts: list[list[int]], answers: list[list[int]], n: int,
+              masked: list[bool] | None = None) -> list[dict[str, list[int]]]:
+    """Training examples: each answer after its prompt (n answers per prompt), labels on the answer
+    only, none on a masked answer's (it is in the batch, out of the loss)."""
+    return [{"input_ids": prompts[k // n] + a,
+             "labels": [IGNORE] * len(prompts[k // n]) + ([IGNORE] * len(a) if masked and masked[k] else a)}
             for k, a in enumerate(answers)]
 
 
@@ -91,19 +94,24 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
                   cache_uri: str) -> dict[str, Any]:
     """A micro-batch of the step: grpo.generations answers sampled to each prompt of `chunk`, scored,
     as a batch of one answer (after its prompt) per row, with each answer's advantage and reward, and
-    with grpo.beta the reference's token log-probabilities (the model with its adapter switched off)."""
+    with grpo.beta the reference's token log-probabilities (the model with its adapter switched off).
+    With grpo.maskTruncated an answer that never ended has no labels: its reward still counts in its
+    group's mean (the others' advantages), its tokens not in the loss."""
     n = grpo["generations"]
     prompts = [e["prompt"] for e in chunk]
     answers = sample(model, tokenizer, prompts, n, grpo["temperature"], grpo["maxNewTokens"], max_len, device)
     got = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
-    seqs = sequences(prompts, answers, n)
+    stop = set(stop_token_ids(tokenizer))
+    truncated = [not a or a[-1] not in stop for a in answers]  # cut at maxNewTokens or maxSeqLength
+    seqs = sequences(prompts, answers, n, truncated if grpo["maskTruncated"] else None)
     batch = collate_sequences(seqs, [[k] for k in range(len(seqs))], tokenizer.pad_token_id, packed=True)
     reference = None
     if grpo["beta"]:
         with torch.no_grad(), model.disable_adapter(), evaluating(model):  # as in sampling: no dropout drawn
             reference = token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
     return {"batch": batch, "advantages": advantages(got, n, grpo["scaleRewards"]), "rewards": got,
-            "reference": reference, "tokens": sum(len(s["input_ids"]) for s in seqs)}
+            "reference": reference, "tokens": sum(len(s["input_ids"]) for s in seqs),
+            "answerTokens": sum(map(len, answers)), "truncated": sum(truncated)}
 
 
 def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor, reference: torch.Tensor | None,

@@ -402,9 +402,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                                                     hp["maxSeqLength"], world.device, task["cacheUri"])
                        for group in micro_batches]
             batches = [(s["batch"], [1] * len(s["rewards"])) for s in sampled]
-            n_items = world.sum(sum(label_count(b) for b, _ in batches))  # answer tokens, all processes
-            mean_reward = (world.sum(float(sum(s["rewards"].sum() for s in sampled)))
-                           / world.sum(sum(len(s["rewards"]) for s in sampled)))
+            # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
+            n_items = max(world.sum(sum(label_count(b) for b, _ in batches)), 1)
+            n_answers = world.sum(sum(len(s["rewards"]) for s in sampled))
+            mean_reward = world.sum(float(sum(s["rewards"].sum() for s in sampled))) / n_answers
         elif kto:
             batches = [kto_rows(group, 0) for group in micro_batches]
             n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
@@ -487,6 +488,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                    else {"reward": round(mean_reward, 4)} if grpo else {})
         if grpo and grpo["beta"]:
             of_step["kl"] = round(world.sum(step_kl) / (n_items * updates_per_step), 6)  # per answer token
+        if grpo:  # the sampled answers' mean length, and the share that never ended (cut at the limit)
+            of_step["answerLength"] = round(world.sum(sum(s["answerTokens"] for s in sampled)) / n_answers, 2)
+            of_step["truncated"] = round(world.sum(sum(s["truncated"] for s in sampled)) / n_answers, 4)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
             of_step["clipped"] = round(world.sum(clipped) / (n_items * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
@@ -497,6 +501,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 metrics["train/rewards/accuracy"] = of_step["rewardAccuracy"]
             if grpo:
                 metrics |= {"train/reward": mean_reward} | ({"train/kl": of_step["kl"]} if "kl" in of_step else {})
+                metrics |= {"train/completion_length": of_step["answerLength"], "train/truncated_ratio": of_step["truncated"]}
                 metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
             trackers.log(step, metrics)
 
