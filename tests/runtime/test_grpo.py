@@ -4,6 +4,8 @@ sequence and end at the end of turn, and a run that raises the grader's reward a
 from __future__ import annotations
 
 import math
+import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -104,6 +106,9 @@ def test_a_python_grader_scores_each_answer_with_its_whole_row_in_one_process_th
     assert got == [1.0, 1.5, 0.5]
     counted = graded_of({"prompt": "?", "count": 1}, spec)
     assert rewards(spec, ["a", "b"], [counted] * 2, "file:///unused", "spec.grpo.grader") == [4.0, 5.0]
+    # A SIGTERM to the process group is training's to handle (it checkpoints first): the grader goes on.
+    os.kill(python_grader_module._running[spec["source"]].proc.pid, signal.SIGTERM)
+    assert rewards(spec, ["c"], [counted], "file:///unused", "spec.grpo.grader") == [6.0]
 
 
 @pytest.mark.parametrize("body, error", [

@@ -111,6 +111,10 @@ def _serve(limit: float) -> None:
         raise TimeoutError(f"ran past the time limit of {limit:g} s")
 
     signal.signal(signal.SIGALRM, on_alarm)
+    # A SIGTERM or Ctrl-C sent to the whole process group (a local run, a launcher) is training's to
+    # handle: it checkpoints, then exits, which closes this process's input and so ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def limited(call, *args):
         signal.setitimer(signal.ITIMER_REAL, limit)
