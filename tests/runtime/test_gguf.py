@@ -126,6 +126,28 @@ def quantization_task(model, tmp_path, types):
     return plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
 
 
+def test_a_grpo_fine_tunes_quantization_passes_its_prompts_on_without_measuring_on_them(tiny_model, tmp_path):
+    """Its dataset holds prompts, no answers: nothing is measured on it, and the result passes it on for a
+    Benchmark's reward."""
+    from llmfactory.planner import parse, plan
+    from llmfactory_runtime.data import dumps_jsonl
+    from llmfactory_runtime.progress import Progress
+    from llmfactory_runtime.quantize import run as quantize
+    from llmfactory_runtime.store import open_store
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "test.jsonl").write_bytes(dumps_jsonl([{"prompt": "2+2?", "reference": "4"}]))
+    fine_tune = {"modelUri": f"file://{tiny_model}", "digest": "sha256:m", "baseModel": {"uri": f"file://{tiny_model}"},
+                 "datasetUri": f"file://{tmp_path / 'prompts'}", "datasetFormat": "graded", "datasetDigest": "sha256:d"}
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization", "metadata": {"name": "tiny"},
+           "spec": {"model": {"fineTuneRef": {"name": "grpo"}}, "types": ["q8_0"]}}
+    task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    result = quantize.run(task, store, Progress(store))
+    assert "perplexity" not in result["artifacts"][0] and result["referencePerplexity"] is None and result["passed"]
+    assert (result["datasetUri"], result["datasetFormat"]) == (fine_tune["datasetUri"], "graded")
+
+
 def test_k_quants_without_llama_cpp_fail_before_any_work_naming_the_tool(tiny_model, tmp_path, monkeypatch):
     from llmfactory_runtime.progress import Progress
     from llmfactory_runtime.quantize import run as quantize

@@ -387,8 +387,9 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
     judged = copy.deepcopy(BENCH)
     judged["spec"]["perplexity"] = {"dataset": {"uri": "s3://bucket/held-out"}}
     assert plan(parse(judged), lookup(trained), STORE)["inputs"]["dataset"]["uri"] == "s3://bucket/held-out"
-    # GGUF types need no data; a Quantization validated on held-out conversations does.
-    assert plan(parse(QUANT), lookup(trained), STORE)["inputs"]["dataset"] is None
+    # GGUF types need no data; a Quantization validated on held-out conversations does. Its task carries
+    # the prompts on (unused in it) for a Benchmark of the quantized model's reward.
+    assert plan(parse(QUANT), lookup(trained), STORE)["inputs"]["dataset"]["format"] == "graded"
     validated = copy.deepcopy(QUANT)
     validated["spec"]["validation"] = {"maxPerplexityIncreasePercent": 5}
     with pytest.raises(PlanError, match="spec.validation.maxPerplexityIncreasePercent: needs conversations with "
@@ -408,6 +409,17 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
     with pytest.raises(PlanError, match="spec.reward.dataset: is required unless the model comes from a fineTuneRef "
                                         "that trained with objective grpo"):
         plan(parse(rewarded), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    # Of a Quantization of the GRPO FineTune: the prompts its result passes on (perplexity still needs a dataset).
+    quantized = copy.deepcopy(rewarded)
+    quantized["spec"]["model"] = {"quantizationRef": {"name": "q"}}
+    quantized["spec"]["gates"] = quantized["spec"]["gates"][:1]  # no baseline: a GGUF has no base model
+    gguf = {("Quantization", "q"): {"artifacts": [{"uri": "s3://bucket/q/ft-q8_0.gguf", "sha256": "q"}],
+                                    "datasetUri": "s3://bucket/prompts", "datasetFormat": "graded", "datasetDigest": "d"}}
+    assert plan(parse(quantized), lookup(gguf), STORE)["inputs"]["rewardDataset"]["uri"] == "s3://bucket/prompts"
+    quantized["spec"]["perplexity"] = {}
+    with pytest.raises(PlanError, match="spec.perplexity.dataset: is required: the FineTune that Quantization q "
+                                        "quantized trained with objective grpo"):
+        plan(parse(quantized), lookup(gguf), STORE)
     named = copy.deepcopy(rewarded)
     named["spec"]["reward"]["dataset"] = {"uri": "s3://bucket/math"}
     assert plan(parse(named), lookup({("FineTune", "ft"): FT_RESULT}), STORE)["inputs"]["rewardDataset"]["uri"] == \

@@ -291,9 +291,11 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         if spec.perplexity.dataset:
             inputs["dataset"] = _dataset(res, spec.perplexity.dataset, upstream, "spec.perplexity.dataset")
         elif trained_on and trained_on["format"] == "graded":
-            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: FineTune {spec.model.fine_tune_ref.name} "
-                            "trained with objective grpo on prompts without answers, which perplexity cannot be "
-                            "measured on; name a dataset of conversations")
+            trainer = (f"FineTune {spec.model.fine_tune_ref.name}" if spec.model.fine_tune_ref else
+                       f"the FineTune that Quantization {spec.model.quantization_ref.name} quantized")
+            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: {trainer} trained with objective grpo "
+                            "on prompts without answers, which perplexity cannot be measured on; name a dataset of "
+                            "conversations")
         elif trained_on:
             inputs["dataset"] = trained_on
         else:
@@ -319,8 +321,8 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
             inputs["rewardDataset"] = trained_on
         else:
             raise PlanError(res.ref, "spec.reward.dataset", "is required unless the model comes from a fineTuneRef "
-                            "that trained with objective grpo (whose prompts and reference answers it reads): "
-                            "name a dataset of prompts with reference answers")
+                            "that trained with objective grpo, or a quantizationRef of one (whose prompts and "
+                            "reference answers it reads): name a dataset of prompts with reference answers")
     known = benchmark_metric_names(spec, baseline is not None, (inputs.get("dataset") or {}).get("format"))
     # lm-eval metrics depend on the task's YAML: any metric of a named task may be gated.
     tasks = set(spec.lm_eval.tasks) if spec.lm_eval else set()
@@ -337,7 +339,9 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     model, _, trained_on = _trained_model(res, upstream)
     calibrated = [t for t in res.spec.types if t in CALIBRATED_TYPES]
-    if trained_on and trained_on["format"] == "graded":  # prompts alone: nothing to calibrate or validate on
+    # Prompts alone: nothing to calibrate or validate on. The dataset is still passed on in the result,
+    # for a Benchmark of the quantized model to read its reward prompts from.
+    if trained_on and trained_on["format"] == "graded":
         validation = res.spec.validation
         needs = ("spec.types" if calibrated else "spec.importanceMatrix" if res.spec.importance_matrix else
                  "spec.validation.minTopTokenAgreementPercent" if validation.min_top_token_agreement_percent is not None
@@ -347,7 +351,6 @@ def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
             raise PlanError(res.ref, needs, f"needs conversations with answers, but FineTune "
                             f"{res.spec.model.fine_tune_ref.name} trained with objective grpo on prompts alone "
                             "(its answers were sampled in training)")
-        trained_on = None
     if calibrated and not trained_on:
         raise PlanError(res.ref, "spec.types", f"{calibrated[0]} calibrates on conversations, which only a "
                         "fineTuneRef model provides (its dataset's train split); fp8 needs none")

@@ -131,8 +131,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         llama_cpp.tool("llama-quantize")
         if spec.get("importanceMatrix"):
             llama_cpp.tool("llama-imatrix")
-    dataset = inputs.get("dataset")
-    rows = read_split(dataset["uri"], "test")[: validation["maxSamples"]] if dataset else []
+    dataset = inputs.get("dataset")  # a GRPO FineTune's prompts (format graded) have no answers to measure on
+    rows = (read_split(dataset["uri"], "test")[: validation["maxSamples"]]
+            if dataset and dataset["format"] != "graded" else [])
     prompt = _chat_prompt(rows)
     progress.stage("measuring the unquantized model" if rows else "converting",
                    total=len(types), unit="types")
