@@ -145,6 +145,14 @@ def test_a_grpo_graders_judge_key_reaches_the_pod_only_by_reference():
     [key] = [e for e in env if e["name"] == "LLMFACTORY_GRADER_API_KEY"]
     assert key == {"name": "LLMFACTORY_GRADER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "grader", "key": "token"}}}
     assert task["spec"]["grpo"]["grader"]["judge"]["apiKeySecret"] == {"name": "grader", "key": "token"}
+    # A sum grader's judge part: the same variable, from that part's Secret.
+    parts = [{"name": "format", "operation": "contains"},
+             {"name": "quality", "operation": "judge", "judge": {**judge, "apiKeySecret": {"name": "rater", "key": "k"}}}]
+    _, objs = children(fine_tune(objective="grpo", grpo={"generations": 4, "grader": {
+        "referenceField": "answer", "operation": "sum", "parts": parts}}, hyperparameters={"batchSize": 1}))
+    env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e["valueFrom"] for e in env if e["name"] == "LLMFACTORY_GRADER_API_KEY"] == [
+        {"secretKeyRef": {"name": "rater", "key": "k"}}]
 
 
 def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():

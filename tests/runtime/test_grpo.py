@@ -3,6 +3,7 @@ sequence and end at the end of turn, and a run that raises the grader's reward a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -156,6 +157,28 @@ def test_python_source_that_cannot_load_or_ends_its_process_is_an_error_naming_t
         rewards(spec, ["a"], graded, "file:///unused", "spec.grpo.grader")
 
 
+def test_a_sum_grader_adds_its_parts_rewards_each_times_its_weight_each_against_its_own_reference_field(tiny_model):
+    """TRL's reward functions with weights, OpenAI's multi grader: a correctness check on one field, a
+    format check on another, and a python length penalty."""
+    spec = {"referenceField": "reference", "operation": "sum", "parts": [
+        {"name": "correct", "operation": "number", "referenceField": "answer", "extract": "#### (.+)", "weight": 1.0},
+        {"name": "format", "operation": "contains", "referenceField": "marker", "weight": 0.2},
+        python_grader("def grade(sample, item): return len(sample['output_text'])") | {"name": "long", "weight": -0.01}]}
+    row = {"prompt": "6 x 7?", "answer": "42", "marker": "####"}
+    graded = [graded_of(row, spec)] * 3
+    assert graded[0]["reference"] == "42"  # the first compared part's
+    answers = ["#### 42", "It is 42.", "#### 41"]
+    got = rewards(spec, answers, graded, "file:///unused", "spec.grpo.grader")
+    assert got == pytest.approx([1 + 0.2 - 0.07, 0 + 0 - 0.09, 0 + 0.2 - 0.07])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = [tok(a, add_special_tokens=False)["input_ids"] for a in answers]
+    total, parts = score(tok, ids, graded, spec, "file:///unused")
+    assert total.tolist() == pytest.approx(got) and parts["correct"].tolist() == [1.0, 0.0, 0.0]
+    assert parts["format"].tolist() == [1.0, 0.0, 1.0] and parts["long"].tolist() == [7.0, 9.0, 7.0]
+    with pytest.raises(ValueError, match="reference answer in field 'marker'"):  # every compared part's field
+        graded_of({"prompt": "6 x 7?", "answer": "42"}, spec)
+
+
 def test_a_row_gives_its_prompt_and_reference_or_an_error_naming_what_it_lacks(tiny_model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "6 x 7?"}]
     row = {"messages": messages, "answer": 42}
@@ -210,8 +233,8 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     assert seqs[5]["labels"] == [IGNORE] * len(prompts[1]) + answers[5]
     # The grader sees the answer's text without its end-of-turn token.
     text = [tok.decode([t for t in a if t not in stop], skip_special_tokens=True) for a in answers]
-    prompts = [{"question": "?", "reference": t} for t in text]
-    assert score(tok, answers, prompts, grader(), "file:///unused").tolist() == [1.0] * 12
+    prompts = [graded_of({"prompt": "?", "answer": t}, grader()) for t in text]
+    assert score(tok, answers, prompts, grader(), "file:///unused")[0].tolist() == [1.0] * 12
     # maskTruncated: the same answers, those that never ended without labels, all of them rewarded.
     chunk = encode_prompts(tok, rows, 40, grader("contains"), "train.jsonl")
     spec = {"generations": 4, "temperature": 1.0, "maxNewTokens": 30, "scaleRewards": True, "beta": 0.0,
@@ -338,8 +361,8 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     prompts = [p["prompt"] for p in encode_prompts(tok, _rows(4), 96, grader(), "validation.jsonl")]
     for folder, expected in ((tiny_model, 0.0), (result["modelUri"][7:], 1.0)):
         answers = sample(AutoModelForCausalLM.from_pretrained(folder), tok, prompts, 1, 0.0, 8, 96, "cpu")
-        graded = [{"question": "?", "reference": "a"}] * 4
-        assert score(tok, answers, graded, grader("contains"), "file:///unused").mean() == expected
+        graded = [graded_of({"prompt": "?", "answer": "a"}, grader())] * 4
+        assert score(tok, answers, graded, grader("contains"), "file:///unused")[0].mean() == expected
 
     uninterrupted = load_file(Path(result["modelUri"][7:]) / "model.safetensors")
     run.delete("COMMITTED")
@@ -357,10 +380,11 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
 
 
 @pytest.mark.slow
-def test_a_lora_grpo_run_with_beta_and_a_python_grader_reports_its_kl_to_the_base_and_the_graders_rewards(
+def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_and_each_parts_rewards(
         tiny_model, tmp_path):
     """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains. The
-    rewards are the python grader's, which reads a field of the row the other graders know nothing of."""
+    rewards are a sum grader's: a python part, which reads a field of the row the other graders know
+    nothing of (and logs what it saw), and a check at half weight; each part's mean is reported."""
     data = tmp_path / "data"
     data.mkdir()
     log = tmp_path / "graded.jsonl"
@@ -369,13 +393,15 @@ def test_a_lora_grpo_run_with_beta_and_a_python_grader_reports_its_kl_to_the_bas
         import json
 
         def grade(sample, item):
-            score = len(sample["output_text"]) / 100 + (item["answer"] in sample["output_text"])
+            text = sample["output_text"]
             with open(item["log"], "a") as f:
-                f.write(json.dumps(score) + "\\n")
-            return score
+                f.write(json.dumps([len(text) / 100, item["answer"] in text]) + "\\n")
+            return len(text) / 100
     """
+    summed = {"operation": "sum", "parts": [python_grader(source) | {"name": "length"},
+                                            grader("contains") | {"name": "has_a", "weight": 0.5}]}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
-                         grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": python_grader(source)},
+                         grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed},
                          tracking={"tensorboard": True},
                          hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05})
     proc = run_finetune(write_task(task, tmp_path))
@@ -391,9 +417,16 @@ def test_a_lora_grpo_run_with_beta_and_a_python_grader_reports_its_kl_to_the_bas
     lengths = [e.value for e in accumulator.Scalars("train/completion_length")]  # answers of at most 6 tokens
     assert len(lengths) == 8 and all(0 < n <= 6 for n in lengths)
     assert len(accumulator.Scalars("train/truncated_ratio")) == 8
-    assert run.read_json("progress.json")["figures"]["kl"] == pytest.approx(kl[-1], rel=1e-3)
-    # Each step's reward is the mean of what the grader returned for its 2 prompts x 4 answers.
-    graded = [float(line) for line in log.read_text().splitlines()]
+    figures = run.read_json("progress.json")["figures"]
+    assert figures["kl"] == pytest.approx(kl[-1], rel=1e-3)
+    # Each step's reward: the mean over its 2 prompts x 4 answers of length + 0.5 x has_a; each part's mean apart.
+    graded = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [float(line.split(",")[5]) for line in run.read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
-    assert len(graded) == 64 and len(set(graded)) > 4
-    assert steps == pytest.approx([sum(graded[i:i + 8]) / 8 for i in range(0, 64, 8)], abs=1e-6)
+    assert len(graded) == 64 and len({length for length, _ in graded}) > 4
+    means = [[sum(g[part] for g in graded[i:i + 8]) / 8 for i in range(0, 64, 8)] for part in (0, 1)]
+    assert steps == pytest.approx([length + 0.5 * has_a for length, has_a in zip(*means)], abs=1e-6)
+    assert [e.value for e in accumulator.Scalars("train/rewards/length")] == pytest.approx(means[0], abs=1e-4)
+    assert figures["reward.has_a"] == pytest.approx(means[1][-1], abs=1e-4)
+    card = (Path(run.read_json("result.json")["adapterUri"][7:]) / "README.md").read_text()
+    assert "grader: sum of 1 x length (python, its source in the task document), 0.5 x has_a (contains against " \
+           "field 'answer')" in card

@@ -376,6 +376,15 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
         python["spec"]["grpo"]["grader"]["source"] = source
         with pytest.raises(PlanError, match=f"spec.grpo.grader.source: {error}"):
             plan(parse(python), lookup({}), STORE)
+    summed = copy.deepcopy(GRPO)
+    summed["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
+        {"name": "correct", "operation": "number", "referenceField": "answer"},
+        {"name": "brief", "operation": "python", "weight": -0.1, "source": "def grade(sample, item) return 1"}]}
+    with pytest.raises(PlanError, match=r"spec.grpo.grader.parts\[1\].source: does not parse as Python"):
+        plan(parse(summed), lookup({}), STORE)
+    summed["spec"]["grpo"]["grader"]["parts"][0]["extract"] = "#### (.+"
+    with pytest.raises(PlanError, match=r"spec.grpo.grader.parts\[0\].extract: '#### \(.\+' is not a regular"):
+        plan(parse(summed), lookup({}), STORE)
     for source in ("from graders import grade", "def _g(s, i): return 1\ngrade = _g", "def grade(*args): return 1",
                    "def grade(sample, item, weight=2): return weight"):
         python["spec"]["grpo"]["grader"]["source"] = source

@@ -1,7 +1,7 @@
 """Rewards for objective grpo and a Benchmark's reward: an answer scored 1 or 0 against the reference
 answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, rated by an
-LLM judge against it (OpenAI's score_model grader), or scored by the spec's own Python (its python
-grader)."""
+LLM judge against it (OpenAI's score_model grader), scored by the spec's own Python (its python
+grader), or a weighted sum of such (TRL's reward functions and weights, OpenAI's multi grader)."""
 
 from __future__ import annotations
 
@@ -22,19 +22,29 @@ def last_number(text: str) -> float | None:
     return float(found[-1].replace(",", "")) if found else None
 
 
+def parts_of(grader: dict[str, Any]) -> list[dict[str, Any]]:
+    """The graders whose rewards make the grader's: a sum's parts, or the grader itself."""
+    return grader["parts"] if grader["operation"] == "sum" else [grader]
+
+
+def reference_of(row: dict[str, Any], grader: dict[str, Any]) -> str | None:
+    """The row's reference answer in the grader's referenceField, as text; None unless a string or a number."""
+    value = row.get(grader["referenceField"])
+    return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+
+
 def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
     """{messages: the prompt, question: its last user message, reference, item: the row} of a row for
     the grader. A ValueError says what the row lacks: every operation but python compares the answer
     with the reference the row holds (a python grader reads what it needs of the row itself)."""
-    field = grader["referenceField"]
-    reference = row.get(field)
-    valid = not isinstance(reference, bool) and isinstance(reference, (str, int, float))
-    if not valid and grader["operation"] != "python":
-        raise ValueError(f"needs its reference answer in field {field!r} (grader.referenceField) as "
-                         f"a string or a number, got {reference!r}")
+    compared = [part for part in parts_of(grader) if part["operation"] != "python"]
+    for part in compared:
+        if reference_of(row, part) is None:
+            raise ValueError(f"needs its reference answer in field {part['referenceField']!r} (grader.referenceField) "
+                             f"as a string or a number, got {row.get(part['referenceField'])!r}")
     messages = prompt_of(row)
-    return {"messages": messages, "question": messages[-1]["content"], "reference": str(reference) if valid else None,
-            "item": row}
+    return {"messages": messages, "question": messages[-1]["content"],
+            "reference": reference_of(row, compared[0] if compared else grader), "item": row}
 
 
 def graded_rows(rows: list[dict[str, Any]], grader: dict[str, Any], where: str) -> list[dict[str, Any]]:
@@ -50,21 +60,47 @@ def graded_rows(rows: list[dict[str, Any]], grader: dict[str, Any], where: str) 
 
 def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
             field: str) -> list[float]:
-    """The grader's reward of each answer to its graded row (as graded_of gives them): 0-1, or what a
-    python grader returns. A judge (operation judge) is asked about all of them at once, within its
-    limits; `field` names the grader in the spec, for its errors."""
-    if grader["operation"] == "python":
+    """The grader's reward of each answer to its graded row (as graded_of gives them): 0-1, what a
+    python grader returns, or a sum's weighted parts. A judge (operation judge) is asked about all of
+    them at once, within its limits; `field` names the grader in the spec, for its errors."""
+    operation = grader["operation"]
+    if operation == "sum":
+        return weighted(grader, part_rewards(grader, answers, graded, cache_uri, field))
+    if operation == "python":
         return python_grader.grade(grader["source"], answers, [g["item"] for g in graded], field)
-    if grader["operation"] != "judge":
-        return [reward(a, g["reference"], grader) for a, g in zip(answers, graded)]
+    references = [reference_of(g["item"], grader) for g in graded]
+    if operation != "judge":
+        return [reward(a, ref, grader) for a, ref in zip(answers, references)]
     from .benchmark.judge import judge_messages, judge_with_api  # noqa: PLC0415 - its client only where it judges
 
-    items = [(str(i), judge_messages({"turns": [g["question"]], "reference": g["reference"]}, [a], 0, "api"))
-             for i, (a, g) in enumerate(zip(answers, graded))]
+    items = [(str(i), judge_messages({"turns": [g["question"]], "reference": ref}, [a], 0, "api"))
+             for i, (a, g, ref) in enumerate(zip(answers, graded, references))]
     rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
                            field=f"{field}.judge", key_env=GRADER_KEY_ENV)
     return [(rated[str(i)]["rating"] - 1) / 9 if rated[str(i)]["rating"] is not None else 0.0
             for i in range(len(items))]
+
+
+def part_rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
+                 field: str) -> dict[str, list[float]]:
+    """Each part's rewards of a sum grader (operation sum), by the part's name."""
+    return {part["name"]: rewards(part, answers, graded, cache_uri, f"{field}.parts[{i}]")
+            for i, part in enumerate(grader["parts"])}
+
+
+def weighted(grader: dict[str, Any], parts: dict[str, list[float]]) -> list[float]:
+    """A sum grader's reward of each answer: its parts' rewards (part_rewards), each times its weight."""
+    n = len(next(iter(parts.values())))
+    return [sum(part["weight"] * parts[part["name"]][k] for part in grader["parts"]) for k in range(n)]
+
+
+def describe(grader: dict[str, Any]) -> str:
+    """The grader in a few words, for the model card."""
+    if grader["operation"] == "sum":
+        return "sum of " + ", ".join(f"{p['weight']:g} x {p['name']} ({describe(p)})" for p in grader["parts"])
+    if grader["operation"] == "python":
+        return "python, its source in the task document"
+    return f"{grader['operation']} against field {grader['referenceField']!r}"
 
 
 def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:

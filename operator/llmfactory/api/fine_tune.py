@@ -149,10 +149,10 @@ class Kto(ApiModel):
     undesirable_weight: float = Field(1.0, gt=0, le=100, description="Weight of the undesirable examples' loss.")
 
 
-class Grader(ApiModel):
-    """How a sampled answer is scored against the reference answer its row holds: 1 or 0 when it passes
-    a check (as OpenAI's reinforcement fine-tuning string_check grader does), an LLM judge's rating
-    (its score_model grader), or the spec's own Python function (its python grader)."""
+class GraderPart(ApiModel):
+    """One way of scoring an answer against the reference answer its row holds: 1 or 0 when it passes a
+    check (as OpenAI's reinforcement fine-tuning string_check grader does), an LLM judge's rating (its
+    score_model grader), or the spec's own Python function (its python grader)."""
 
     cel_rules: ClassVar = [
         {"rule": "(self.operation == 'judge') == has(self.judge)",
@@ -160,9 +160,9 @@ class Grader(ApiModel):
         {"rule": "(self.operation == 'python') == has(self.source)",
          "message": "operation python needs grader.source (Python defining grade(sample, item)), which applies "
                     "to it alone"},
-        {"rule": "!has(self.extract) || (self.operation != 'judge' && self.operation != 'python')",
+        {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number']",
          "message": "extract applies to the equals, contains, icontains and number checks: a judge or a python "
-                    "grader reads the whole answer"},
+                    "grader reads the whole answer, and a sum's parts have their own"},
     ]
 
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
@@ -193,6 +193,39 @@ class Grader(ApiModel):
         "than a finite number fails the run with its traceback and the answer. It should be deterministic, "
         "so that a resumed run gets the rewards the interrupted one got. The planner refuses source that "
         "does not parse or defines no grade."))
+
+
+class WeightedPart(GraderPart):
+    """A part of a sum grader (grader.parts): its reward, weighted."""
+
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z][a-z0-9_]*$", description=(
+        "Names the part's mean reward in progress.json (reward.<name>) and the trackers (train/rewards/<name>), "
+        "as TRL logs each reward function's."))
+    weight: float = Field(1.0, ge=-100, le=100, description=(
+        "The part's weight in the sum (TRL's reward_weights); negative for a penalty."))
+
+
+class Grader(GraderPart):
+    """How a sampled answer is rewarded: one way of scoring it, or (operation sum) the weighted sum of
+    several, as TRL's reward functions with their weights and OpenAI's multi grader do."""
+
+    cel_rules: ClassVar = [
+        *GraderPart.cel_rules,
+        {"rule": "(self.operation == 'sum') == has(self.parts)",
+         "message": "operation sum needs grader.parts (the graders whose weighted rewards it adds), which apply "
+                    "to it alone"},
+        {"rule": "!has(self.parts) || self.parts.all(p, self.parts.exists_one(q, q.name == p.name))",
+         "message": "each of grader.parts needs a name of its own"},
+        {"rule": "!has(self.parts) || self.parts.filter(p, p.operation == 'judge').size() <= 1",
+         "message": "grader.parts may hold one judge: its key reaches the Job as LLMFACTORY_GRADER_API_KEY"},
+    ]
+
+    operation: Literal["equals", "contains", "icontains", "number", "judge", "python", "sum"] = Field(
+        "equals", description=GraderPart.model_fields["operation"].description + (
+            " sum: the weighted sum of grader.parts' rewards (e.g. a correctness check plus a format reward)."))
+    parts: list[WeightedPart] | None = Field(None, min_length=2, max_length=8, description=(
+        "operation sum: the graders whose rewards, each times its weight, make the reward; each reads the "
+        "row's reference through its own referenceField."))
 
 
 class Grpo(ApiModel):

@@ -67,16 +67,18 @@ SECRET_ENV = (
     (("tracking", "wandb"), "WANDB_API_KEY"),
     (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"),
     (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
-    (("grpo", "grader", "judge"), GRADER_KEY_ENV),  # a GRPO FineTune's grader
-    (("reward", "grader", "judge"), GRADER_KEY_ENV),  # a Benchmark's reward grader
     *DATASET_BUILD_ENDPOINTS,  # the teacher, the answer judge, the rejected answers' writer
 )
+GRADERS = (("grpo", "grader"), ("reward", "grader"))  # a GRPO FineTune's, a Benchmark's reward: their judge's key
 
 
 def _secret_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    endpoints = [(at_path(spec, path), name) for path, name in SECRET_ENV]
+    for grader in filter(None, (at_path(spec, path) for path in GRADERS)):  # itself, or a sum's part (one, by CEL)
+        endpoints += [(part.get("judge"), GRADER_KEY_ENV) for part in grader.get("parts") or [grader]]
     env = []
-    for path, name in SECRET_ENV:
-        ref = (at_path(spec, path) or {}).get("apiKeySecret")
+    for endpoint, name in endpoints:
+        ref = (endpoint or {}).get("apiKeySecret")
         if ref:
             env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}})
     return env

@@ -198,7 +198,9 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 
 def _check_grader(res: Resource, field: str, grader) -> None:
     """Refuse, before a Job runs, a grader the runtime could not use: an extract Python's re cannot
-    compile, or python source that does not parse or defines no grade(sample, item)."""
+    compile, or python source that does not parse or defines no grade(sample, item); a sum's parts alike."""
+    for i, part in enumerate(getattr(grader, "parts", None) or []):
+        _check_grader(res, f"{field}.parts[{i}]", part)
     try:
         re.compile(grader.extract or "")
     except re.error as e:

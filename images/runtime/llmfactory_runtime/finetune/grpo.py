@@ -23,7 +23,7 @@ import torch
 from ..batching import collate_sequences, evaluating, token_logps
 from ..chat import IGNORE
 from ..generate import prompt_ids, stop_token_ids, to_generation
-from ..grader import graded_rows, rewards
+from ..grader import graded_rows, part_rewards, rewards, weighted
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str) -> list[dict[str, Any]]:
@@ -63,12 +63,16 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
     return answers
 
 
-def score(tokenizer, answers: list[list[int]], prompts: list[dict[str, Any]], grader: dict, cache_uri: str) -> torch.Tensor:
+def score(tokenizer, answers: list[list[int]], prompts: list[dict[str, Any]], grader: dict,
+          cache_uri: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The grader's reward of each answer (its text without the end-of-turn token) to its prompt (as
-    encode_prompts gives them)."""
+    encode_prompts gives them), and a sum grader's parts' rewards by name (else none)."""
     stop = stop_token_ids(tokenizer)
     texts = [to_generation(tokenizer, a, stop).text for a in answers]
-    return torch.tensor(rewards(grader, texts, prompts, cache_uri, "spec.grpo.grader"), dtype=torch.float32)
+    if grader["operation"] != "sum":
+        return torch.tensor(rewards(grader, texts, prompts, cache_uri, "spec.grpo.grader")), {}
+    parts = part_rewards(grader, texts, prompts, cache_uri, "spec.grpo.grader")
+    return torch.tensor(weighted(grader, parts)), {name: torch.tensor(got) for name, got in parts.items()}
 
 
 def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
@@ -100,7 +104,7 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
     n = grpo["generations"]
     prompts = [e["prompt"] for e in chunk]
     answers = sample(model, tokenizer, prompts, n, grpo["temperature"], grpo["maxNewTokens"], max_len, device)
-    got = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
+    got, parts = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
     stop = set(stop_token_ids(tokenizer))
     truncated = [not a or a[-1] not in stop for a in answers]  # cut at maxNewTokens or maxSeqLength
     seqs = sequences(prompts, answers, n, truncated if grpo["maskTruncated"] else None)
@@ -111,7 +115,7 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
             reference = token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
     return {"batch": batch, "advantages": advantages(got, n, grpo["scaleRewards"]), "rewards": got,
             "reference": reference, "tokens": sum(len(s["input_ids"]) for s in seqs),
-            "answerTokens": sum(map(len, answers)), "truncated": sum(truncated)}
+            "answerTokens": sum(map(len, answers)), "truncated": sum(truncated), "parts": parts}
 
 
 def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor, reference: torch.Tensor | None,
@@ -142,6 +146,6 @@ def greedy_rewards(model, tokenizer, prompts: list[dict[str, Any]], batch_size: 
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         answers = sample(model, tokenizer, [e["prompt"] for e in chunk], 1, 0.0, grpo["maxNewTokens"], max_len, device)
-        total += float(score(tokenizer, answers, chunk, grpo["grader"], cache_uri).sum())
+        total += float(score(tokenizer, answers, chunk, grpo["grader"], cache_uri)[0].sum())
         tokens += sum(map(len, answers))
     return total, tokens

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..digests import sha256_files
+from ..grader import describe
 from ..models import load_model
 from ..store import Store
 
@@ -99,10 +100,7 @@ def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
         *([(f"- grader's mean reward on the validation prompts (greedy answers): {summary['baseReward']} before "
             f"training -> {summary['reward']}" if summary.get("reward") is not None else
             "- no validation prompts: no reward measured")
-           + (" (grader: python, its source in the task document; " if spec["grpo"]["grader"]["operation"] == "python"
-              else f" (grader: {spec['grpo']['grader']['operation']} against field "
-                   f"{spec['grpo']['grader']['referenceField']!r}; ")
-           + f"{spec['grpo']['generations']} answers sampled per prompt; "
+           + f" (grader: {describe(spec['grpo']['grader'])}; {spec['grpo']['generations']} answers sampled per prompt; "
            f"KL weight beta {spec['grpo']['beta']})"]
           if objective == "grpo" else []),
         *([f"- weights: those of step {summary['bestStep']}, the lowest validation loss"

@@ -488,6 +488,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                    else {"reward": round(mean_reward, 4)} if grpo else {})
         if grpo and grpo["beta"]:
             of_step["kl"] = round(world.sum(step_kl) / (n_items * updates_per_step), 6)  # per answer token
+        for name in sampled[0]["parts"] if grpo else ():  # a sum grader's parts: each one's mean reward
+            of_step[f"reward.{name}"] = round(world.sum(float(sum(s["parts"][name].sum() for s in sampled))) / n_answers, 4)
         if grpo:  # the sampled answers' mean length, and the share that never ended (cut at the limit)
             of_step["answerLength"] = round(world.sum(sum(s["answerTokens"] for s in sampled)) / n_answers, 2)
             of_step["truncated"] = round(world.sum(sum(s["truncated"] for s in sampled)) / n_answers, 4)
@@ -503,6 +505,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 metrics |= {"train/reward": mean_reward} | ({"train/kl": of_step["kl"]} if "kl" in of_step else {})
                 metrics |= {"train/completion_length": of_step["answerLength"], "train/truncated_ratio": of_step["truncated"]}
                 metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
+                metrics |= {f"train/rewards/{k[7:]}": v for k, v in of_step.items() if k.startswith("reward.")}
             trackers.log(step, metrics)
 
         interrupted = world.any(stop.is_set())
