@@ -104,7 +104,7 @@ def describe(grader: dict[str, Any]) -> str:
 
 
 def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
-    """1.0 when the answer passes the grader's check (every operation but judge and python), else 0.0."""
+    """1.0 when the answer passes the grader's check (equals, contains, icontains, number), else 0.0."""
     if grader.get("extract"):
         matches = list(re.finditer(grader["extract"], answer, re.DOTALL))
         if not matches:
