@@ -5,6 +5,7 @@ the same answers' worth of sampling by the runtime's continuous batching
 (`llmfactory_runtime.generate`), which GRPO does not use yet.
 
     .venv/bin/python benchmarks/grpo_step.py [--prompts 4] [--generations 8] [--max-new-tokens 128] [--steps 2]
+        [--iterations 1]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--iterations", type=int, default=1, help="optimizer steps per batch of samples")
     args = parser.parse_args()
 
     spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
@@ -47,10 +49,11 @@ def main() -> None:
             "grader": {"referenceField": "reference", "operation": "icontains"}}
     prompts = encode_prompts(tokenizer, rows, 1024, grpo["grader"], "prompts")
     print(f"{args.prompts} prompts x {args.generations} answers per step, up to {args.max_new_tokens} new tokens, "
-          f"temperature 1, beta {args.beta}, {torch.get_num_threads()} threads")
+          f"temperature 1, beta {args.beta}, {args.iterations} optimizer step(s) per step, "
+          f"{torch.get_num_threads()} threads")
     print("| step | sampling s | answers/s | answer tokens/s | reference s | training s | train tokens/s "
-          "| continuous batching s (same answers' worth) | sampling share of the step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| continuous batching s (same answers' worth) | sampling share of the step | s per optimizer step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for step in range(args.steps):
         chunk = prompts[step * args.prompts:(step + 1) * args.prompts]
         began = time.perf_counter()
@@ -65,11 +68,14 @@ def main() -> None:
             reference, reference_s = None, 0.0
         batch, answers = sampled["batch"], len(sampled["rewards"])
         answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
-        began = time.perf_counter()
-        loss, _, _ = loss_terms(token_logps(model, batch), batch["labels"], sampled["advantages"], reference, grpo)
-        (loss / answer_tokens).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        began, old = time.perf_counter(), None
+        for _ in range(args.iterations):  # grpo.iterations: the later updates against the first one's policy
+            logps = token_logps(model, batch)
+            loss, _, _ = loss_terms(logps, batch["labels"], sampled["advantages"], reference, grpo, old)
+            (loss / answer_tokens).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            old = logps.detach() if old is None else old
         training = time.perf_counter() - began
         conversations = [[{"role": "user", "content": rows[step * args.prompts + i]["prompt"]}]
                          for i in range(len(chunk)) for _ in range(args.generations)]
@@ -81,8 +87,8 @@ def main() -> None:
         model.train()
         total = sampling + reference_s + training
         print(f"| {step + 1} | {sampling:.1f} | {answers / sampling:.2f} | {answer_tokens / sampling:.1f} | "
-              f"{reference_s:.1f} | {training:.1f} | {sampled['tokens'] / training:.1f} | {continuous:.1f} | "
-              f"{sampling / total:.0%} |", flush=True)
+              f"{reference_s:.1f} | {training:.1f} | {args.iterations * sampled['tokens'] / training:.1f} | "
+              f"{continuous:.1f} | {sampling / total:.0%} | {total / args.iterations:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
