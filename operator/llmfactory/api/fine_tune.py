@@ -189,8 +189,9 @@ class GraderPart(ApiModel):
         "operation python: Python source (OpenAI's python grader) defining grade(sample, item) that returns "
         "the reward as a number: sample is {\"output_text\": the answer}, item the dataset row with all its "
         "fields. It runs in a process of its own beside each training process, with the runtime image's "
-        "packages; a call may take 60 s, and a grade that raises, runs longer or returns something other "
-        "than a finite number fails the run with its traceback and the answer. It should be deterministic, "
+        "packages and the Job's environment (the team's own code, as trusted as its image); a call may take "
+        "60 s, and a grade that raises, runs longer or returns something other than a finite number fails "
+        "the run with its traceback and the answer. It should be deterministic, "
         "so that a resumed run gets the rewards the interrupted one got. The planner refuses source that "
         "does not parse or defines no grade."))
 
