@@ -20,8 +20,8 @@ from llmfactory.api.headline import headline
 from llmfactory_runtime.batching import token_logps
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl
-from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, sample, sampled_batch, score,
-                                              sequences)
+from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, normalizer, sample, sampled_batch,
+                                              score, sequences)
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime import python_grader as python_grader_module
 from llmfactory_runtime.grader import graded_of, last_number, reward, rewards
@@ -257,7 +257,7 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     answer = [(0, 1), (0, 2), (1, 0), (1, 2)]
     reference = torch.tensor([[0.0, -1.5, -1.0], [0.0, -0.2, -3.0]])
     advantage = torch.tensor([1.0, -2.0])
-    loss, kl, clipped = loss_terms(logps, labels, advantage, reference, {"beta": 0.1, "epsilon": 0.2})
+    loss, kl, clipped = loss_terms(logps, labels, advantage, reference, {"beta": 0.1, "epsilon": 0.2, "lossType": "dapo"})
     delta = {(r, t): float(reference[r, t] - logps.detach()[r, t]) for r, t in answer}
     expected_kl = sum(math.exp(d) - d - 1 for d in delta.values())
     assert float(kl) == pytest.approx(expected_kl)
@@ -269,8 +269,20 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     torch.testing.assert_close(logps.grad, expected)
     assert clipped == 0  # the ratio is 1 on a step's first update
     # Without a reference (beta 0): no KL, the same policy term.
-    loss, kl, _ = loss_terms(logps.detach(), labels, advantage, None, {"beta": 0.0, "epsilon": 0.2})
+    loss, kl, _ = loss_terms(logps.detach(), labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "lossType": "dapo"})
     assert float(loss) == pytest.approx(2.0) and float(kl) == 0.0
+
+
+@pytest.mark.parametrize("loss_type, expected", [("dapo", (-1.0 * 3 + 2.0 * 1) / 4), ("grpo", (-1.0 + 2.0) / 2),
+                                                  ("dr_grpo", (-1.0 * 3 + 2.0 * 1) / (2 * 8))])
+def test_the_loss_type_decides_how_answers_of_different_lengths_weigh(loss_type, expected):
+    """TRL's loss_type by hand: a 3-token answer with advantage 1 and a 1-token answer with advantage -2
+    (ratio 1): dapo divides the summed loss by the step's 4 answer tokens, grpo averages each answer's
+    tokens and then the 2 answers, dr_grpo divides by 2 answers x maxNewTokens 8."""
+    labels = torch.tensor([[IGNORE, 5, 6, 7], [IGNORE, IGNORE, IGNORE, 7]])
+    spec = {"beta": 0.0, "epsilon": 0.2, "lossType": loss_type, "maxNewTokens": 8}
+    loss, _, _ = loss_terms(torch.zeros(2, 3), labels, torch.tensor([1.0, -2.0]), None, spec)
+    assert float(loss) / normalizer(spec, answer_tokens=4, answers=2) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("high", [None, 0.28])
@@ -287,7 +299,7 @@ def test_on_later_updates_the_ratio_to_the_sampling_policy_is_clipped_where_the_
     logps.requires_grad_(True)
     advantage = torch.tensor([1.0, -2.0])
     upper = 1 + (high or 0.2)
-    loss, _, clipped = loss_terms(logps, labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "epsilonHigh": high}, old)
+    loss, _, clipped = loss_terms(logps, labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "epsilonHigh": high, "lossType": "dapo"}, old)
     # (0,1): clipped at the upper bound; (0,2): 0.9 x 1 inside; (1,0): clipped at 0.8; (1,2): 1.5 x -2, the
     # pessimistic side of a negative advantage, not clipped.
     assert float(loss) == pytest.approx(-upper - 0.9 + 0.8 * 2 + 1.5 * 2) and int(clipped) == 2
@@ -305,7 +317,7 @@ def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).train()
     chunk = encode_prompts(tok, [{"prompt": q, "answer": a} for q, a in PAIRS[:2]], 64, grader(), "train.jsonl")
-    spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": True, "beta": 0.1, "maskTruncated": False,
+    spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": True, "beta": 0.1, "maskTruncated": False, "lossType": "dapo",
             "grader": grader("contains")}
     sampled = sampled_batch(model, tok, chunk, spec, 64, "cpu", "file:///unused")
     batch, answer = sampled["batch"], sampled["batch"]["labels"][:, 1:] != IGNORE

@@ -358,7 +358,7 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
     task = plan(parse(GRPO), lookup({}), STORE)
     assert task["inputs"]["dataset"]["format"] == "graded"
     assert task["spec"]["grpo"] == {"generations": 8, "temperature": 1.0, "maxNewTokens": 256, "scaleRewards": True,
-                                    "beta": 0.0, "maskTruncated": False, "iterations": 1, "epsilon": 0.2,
+                                    "beta": 0.0, "lossType": "dapo", "maskTruncated": False, "iterations": 1, "epsilon": 0.2,
                                     "grader": {"referenceField": "answer", "operation": "number",
                                                "extract": "#### (.+)"}}
     bad = copy.deepcopy(GRPO)

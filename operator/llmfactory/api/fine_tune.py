@@ -256,6 +256,12 @@ class Grpo(ApiModel):
         "adapter switched off), per answer token with the k3 estimator, as DeepSeekMath (0.04) and TRL do. 0 "
         "(TRL's default, as DAPO and Dr. GRPO advise) has none and needs no reference pass. Above 0 it needs "
         "method lora or qlora, whose base is the reference without a second copy of the model."))
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field("dapo", description=(
+        "How the step's loss is normalized, as TRL's loss_type. dapo (TRL's default): summed over every "
+        "answer token of the step and divided by their number, so every token weighs the same. grpo "
+        "(DeepSeekMath's): each answer's mean over its tokens, averaged over the answers, which weighs a "
+        "long answer's tokens less (a bias toward long wrong answers, Dr. GRPO shows). dr_grpo: summed and "
+        "divided by answers x maxNewTokens, a constant."))
     mask_truncated: bool = Field(False, description=(
         "Leave answers that never ended (cut at maxNewTokens or hyperparameters.maxSeqLength) out of the "
         "loss, as DAPO's overlong filtering and TRL's mask_truncated_completions: an unfinished answer's "

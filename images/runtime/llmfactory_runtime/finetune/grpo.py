@@ -6,7 +6,7 @@ Each prompt gets `generations` sampled answers; each answer is scored by the gra
 is its reward minus its group's mean (divided by the group's standard deviation with scaleRewards).
 Each answer token's loss is PPO's clipped surrogate  -min(ratio x advantage, clip(ratio, 1 - epsilon,
 1 + epsilonHigh) x advantage) + beta x KL, summed over the step's answer tokens and divided by their
-number (DAPO). On a step's first optimizer update the ratio is exp(logp - logp.detach()) (value 1,
+number (DAPO; grpo.lossType grpo and dr_grpo normalize as their papers do, see normalizer). On a step's first optimizer update the ratio is exp(logp - logp.detach()) (value 1,
 gradient that of logp, as TRL writes it: the clip cannot bind); with grpo.iterations above 1 the
 later updates divide by that first update's log-probabilities, the policy that sampled the answers.
 The KL to the reference (the base: the adapter switched off) is the k3 estimator
@@ -136,7 +136,16 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
         delta = reference.to(logps) - logps
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + grpo["beta"] * kl
+    if grpo["lossType"] == "grpo":  # each answer's mean over its own tokens (normalizer: the number of answers)
+        per_token = per_token / answer.sum(1, keepdim=True).clamp(min=1)
     return per_token[answer].sum(), kl.detach()[answer].sum(), clipped[answer].sum()
+
+
+def normalizer(grpo: dict, answer_tokens: int, answers: int) -> float:
+    """What a step's summed loss (loss_terms, over all processes) is divided by, by grpo.lossType:
+    dapo its answer tokens; grpo its answers (each answer's loss already a mean over its tokens);
+    dr_grpo its answers x maxNewTokens, a constant, so no answer's tokens weigh by its length."""
+    return {"dapo": answer_tokens, "grpo": answers, "dr_grpo": answers * grpo["maxNewTokens"]}[grpo["lossType"]]
 
 
 def greedy_rewards(model, tokenizer, prompts: list[dict[str, Any]], batch_size: int, grpo: dict, max_len: int,

@@ -403,8 +403,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                        for group in micro_batches]
             batches = [(s["batch"], [1] * len(s["rewards"])) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
-            n_items = max(world.sum(sum(label_count(b) for b, _ in batches)), 1)
+            n_tokens = max(world.sum(sum(label_count(b) for b, _ in batches)), 1)
             n_answers = world.sum(sum(len(s["rewards"]) for s in sampled))
+            n_items = group_relative.normalizer(grpo, n_tokens, n_answers)  # what the summed loss is divided by
             mean_reward = world.sum(float(sum(s["rewards"].sum() for s in sampled))) / n_answers
         elif kto:
             batches = [kto_rows(group, 0) for group in micro_batches]
@@ -487,14 +488,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         of_step = ({"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired  # of the step's pairs
                    else {"reward": round(mean_reward, 4)} if grpo else {})
         if grpo and grpo["beta"]:
-            of_step["kl"] = round(world.sum(step_kl) / (n_items * updates_per_step), 6)  # per answer token
+            of_step["kl"] = round(world.sum(step_kl) / (n_tokens * updates_per_step), 6)  # per answer token
         for name in sampled[0]["parts"] if grpo else ():  # a sum grader's parts: each one's mean reward
             of_step[f"reward.{name}"] = round(world.sum(float(sum(s["parts"][name].sum() for s in sampled))) / n_answers, 4)
         if grpo:  # the sampled answers' mean length, and the share that never ended (cut at the limit)
             of_step["answerLength"] = round(world.sum(sum(s["answerTokens"] for s in sampled)) / n_answers, 2)
             of_step["truncated"] = round(world.sum(sum(s["truncated"] for s in sampled)) / n_answers, 4)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
-            of_step["clipped"] = round(world.sum(clipped) / (n_items * (updates_per_step - 1)), 4)
+            of_step["clipped"] = round(world.sum(clipped) / (n_tokens * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
                         loss=round(step_loss, 4), learningRate=lr, epoch=epoch, tokensPerSecond=round(rate, 1), **of_step)
         if trackers:
