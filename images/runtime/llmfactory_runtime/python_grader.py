@@ -51,15 +51,21 @@ class PythonGrader:
         return reply["scores"]
 
     def _ask(self, request: dict) -> dict:
-        self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        try:
+            self.proc.stdin.write(json.dumps(request, ensure_ascii=False) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, ValueError):  # it had ended before this request (ValueError: input closed)
+            line = ""
         if not line:  # killed (out of memory), or the source ended its process with os._exit
             raise RuntimeError(f"{self.field}.source: the grader's process ended (exit code {self.proc.wait()})")
         return json.loads(line)
 
     def close(self) -> None:
-        self.proc.stdin.close()  # the child's loop ends at end of input
+        try:
+            self.proc.stdin.close()  # the child's loop ends at end of input
+        except BrokenPipeError:  # it had ended already, with a request unread
+            pass
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
