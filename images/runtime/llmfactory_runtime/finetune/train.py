@@ -377,6 +377,23 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     def stop_early() -> bool:
         return bool(early) and evaluations_without_improvement([e[1] for e in evals], early["minDelta"]) >= early["patience"]
 
+    def optimizer_step() -> None:
+        """One update from the accumulated gradients: clipped, loss-scaled (fp16), on master weights
+        where a 16-bit full fine-tune keeps them."""
+        if master:
+            master.gradients_up()
+        scaler.unscale_(optimizer)  # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(stepped, hp["maxGradNorm"])
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped when the gradients overflowed
+        scaler.update()
+        if master:
+            master.weights_down()
+        if scale_loss and scaler.get_scale() < scale:
+            counters["skippedSteps"] = counters.get("skippedSteps", 0) + 1
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
     if grpo and val and 0 not in rewards:  # the model before training, to compare the reward with
         progress.stage("grpo: the base model's reward on the validation prompts")
         evaluate(0)
@@ -466,20 +483,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 step_loss += float(loss.detach())
                 counters["tokens"] += float(sampled[i]["tokens"] if grpo else sum(lengths[j] for row in micro_batches[i] for j in row))
                 counters["positions"] += float(batch["input_ids"].numel())
-            if not deepspeed_on:
-                if master:
-                    master.gradients_up()
-                scaler.unscale_(optimizer)  # clip the true gradients
-                torch.nn.utils.clip_grad_norm_(stepped, hp["maxGradNorm"])
-                scale = scaler.get_scale()
-                scaler.step(optimizer)  # skipped when the gradients overflowed
-                scaler.update()
-                if master:
-                    master.weights_down()
-                if scale_loss and scaler.get_scale() < scale:
-                    counters["skippedSteps"] = counters.get("skippedSteps", 0) + 1
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            if not deepspeed_on:  # DeepSpeed's engine.step() updated on the last micro-batch
+                optimizer_step()
         step_loss = world.sum(step_loss) / updates_per_step
         lr = scheduler.get_last_lr()[0]
         history.append((step, epoch, step_loss, lr, mean_reward) if grpo else (step, epoch, step_loss, lr))
