@@ -80,6 +80,31 @@ def test_a_judge_grader_rates_each_answer_against_its_reference_scaled_to_0_1_an
     assert len(openai_server.requests) == asked
 
 
+def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_run_reads_its_ratings(
+        tiny_model, monkeypatch, tmp_path):
+    """grader.judgeModel: a judge model in the training process, its rating the expectation over its
+    probabilities of 1..10 on the reference-guided prompt, scaled to 0-1. Ratings are kept in the
+    store: a resumed run (a new process) gets the same rewards without loading the judge."""
+    from llmfactory_runtime import grader as grader_module, models
+    from llmfactory_runtime.benchmark.judge import expected_rating, judge_messages, rating_distribution
+
+    source = {"uri": f"file://{tiny_model}"}
+    spec = {"referenceField": "answer", "operation": "judge", "judgeModel": source}
+    graded = [graded_of({"prompt": "Capital of France?", "answer": "Paris"}, spec)] * 2
+    answers, cache = ["Paris.", "Lyon, surely."], f"file://{tmp_path}/cache"
+    got = rewards(spec, answers, graded, cache, "spec.grpo.grader")
+
+    model, tokenizer = models.load_model(source), models.load_tokenizer(source)
+    asked = [judge_messages({"turns": ["Capital of France?"], "reference": "Paris"}, [a], 0, "local") for a in answers]
+    assert "[Reference]\nParis" in asked[0][1]["content"]
+    expected = [(expected_rating(rating_distribution(model, tokenizer, m)) - 1) / 9 for m in asked]
+    assert got == pytest.approx(expected, abs=1e-5) and all(0 <= r <= 1 for r in got) and got[0] != got[1]
+
+    grader_module._local_judges.clear()  # a new process: no judge loaded
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the judge was loaded again"))
+    assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == got
+
+
 def python_grader(source: str) -> dict:
     return {"referenceField": "answer", "operation": "python", "source": textwrap.dedent(source)}
 
@@ -397,7 +422,8 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
         tiny_model, tmp_path):
     """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains. The
     rewards are a sum grader's: a python part, which reads a field of the row the other graders know
-    nothing of (and logs what it saw), and a check at half weight; each part's mean is reported."""
+    nothing of (and logs what it saw), a check at half weight, and a local judge (the tiny model) at
+    weight 0, rating in the training process; each part's mean is reported."""
     data = tmp_path / "data"
     data.mkdir()
     log = tmp_path / "graded.jsonl"
@@ -412,7 +438,9 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
             return len(text) / 100
     """
     summed = {"operation": "sum", "parts": [python_grader(source) | {"name": "length"},
-                                            grader("contains") | {"name": "has_a", "weight": 0.5}]}
+                                            grader("contains") | {"name": "has_a", "weight": 0.5},
+                                            {"operation": "judge", "judgeModel": {"uri": f"file://{tiny_model}"},
+                                             "referenceField": "answer", "name": "judged", "weight": 0}]}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
                          grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed},
                          tracking={"tensorboard": True},
@@ -440,6 +468,10 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     assert steps == pytest.approx([length + 0.5 * has_a for length, has_a in zip(*means)], abs=1e-6)
     assert [e.value for e in accumulator.Scalars("train/rewards/length")] == pytest.approx(means[0], abs=1e-4)
     assert figures["reward.has_a"] == pytest.approx(means[1][-1], abs=1e-4)
+    judged = [e.value for e in accumulator.Scalars("train/rewards/judged")]
+    assert len(judged) == 8 and all(0 < r < 1 for r in judged) and len(set(judged)) > 1
+    assert figures["reward.judged"] == pytest.approx(judged[-1], abs=1e-4)
+    assert any("/judge/" in name for name in open_store(f"file://{tmp_path}/store").list(""))  # kept for a resume
     card = (Path(run.read_json("result.json")["adapterUri"][7:]) / "README.md").read_text()
     assert "grader: sum of 1 x length (python, its source in the task document), 0.5 x has_a (contains against " \
-           "field 'answer')" in card
+           f"field 'answer'), 0 x judged (judge against field 'answer' by the local judge file://{tiny_model})" in card

@@ -141,7 +141,12 @@ BAD = [
                   "grpo": {"grader": {"operation": "sum", "parts": [
                       {"name": "a", "operation": "judge", "judge": {"model": "gpt-4o"}},
                       {"name": "b", "operation": "judge", "judge": {"model": "gpt-4o-mini"}}]}}},
-     "grader.parts may hold one judge"),
+     "grader.parts may hold one API judge"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {"judgeModel": MODEL}}}, "operation judge needs grader.judge"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {"operation": "judge", "judge": {"model": "gpt-4o"}, "judgeModel": MODEL}}},
+     "set one of grader.judge (an OpenAI-compatible judge) or grader.judgeModel"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "sum", "parts": [{"name": "a"}, {"name": "b", "operation": "python"}]}}},
      "operation python needs grader.source"),

@@ -206,6 +206,38 @@ def test_planner_counts_every_sampled_answer_of_a_grpo_micro_batch():
     assert err.value.field == "spec.resources" and "80 GiB" in err.value.message
 
 
+def test_planner_counts_a_grpo_graders_local_judge_beside_the_model():
+    """A judgeModel sits in bf16 on every GPU beside the model being trained, with the KV cache of one
+    rating's prompt (repeated for the ten ratings scored): a 7B judge takes 16 GiB."""
+    hp = {"batchSize": 1, "maxSeqLength": 2048}
+    grpo = _fine_tune("meta-llama/Meta-Llama-3-8B", {"gpusPerNode": 1, "gpuMemoryGiB": 141}, objective="grpo",
+                      dataset={"uri": "s3://b/prompts"}, hyperparameters=hp, lora={"dropout": 0.0},
+                      grpo={"generations": 2})
+    alone = check_fits(parse(grpo))
+    judge = {"operation": "judge", "judgeModel": {"huggingface": "Qwen/Qwen2.5-7B-Instruct"}}
+    grpo["spec"]["grpo"]["grader"] = judge
+    judged = check_fits(parse(grpo))
+    qwen = KNOWN_SHAPES["qwen/qwen2.5-7b-instruct"]
+    cache = 2 * qwen.layers * qwen.kv_heads * qwen.head_dim * (2048 + 512) * 2
+    assert judged.judge_gib * 2 ** 30 >= qwen.params * 2 + 11 * cache
+    assert judged.judge_gib == pytest.approx(16.0, abs=0.1) and alone.judge_gib == 0
+    assert judged.total_gib == pytest.approx(alone.total_gib + judged.judge_gib * 1.05)
+    assert "judge 16.0" in judged.summary() and "judge" not in alone.summary()
+    # On a 70 GiB GPU the model alone fits (63 GiB) and not with the judge, also as one part of a sum.
+    grpo["spec"]["resources"]["gpuMemoryGiB"] = 70
+    grpo["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
+        {"name": "correct", "operation": "number"}, {**judge, "name": "style", "weight": 0.2}]}
+    with pytest.raises(PlanError) as err:
+        check_fits(parse(grpo))
+    assert err.value.field == "spec.resources" and "judge 16.0" in err.value.message
+    assert "serve the local judge with vLLM and name it in grader.judge" in err.value.message
+    grpo["spec"]["grpo"]["grader"] = {"operation": "number"}
+    assert check_fits(parse(grpo)).total_gib < 70
+    # A judge whose shape cannot be known offline is counted by the runtime, with its config.
+    grpo["spec"]["grpo"]["grader"] = {**judge, "judgeModel": {"huggingface": "someone/judge"}}
+    assert check_fits(parse(grpo)).judge_gib == 0
+
+
 def test_unknown_models_are_not_refused_the_runtime_checks_them():
     waiting = plan(parse(_fine_tune("someone/unknown-model", {"gpusPerNode": 1})), lambda *key: None, "file:///tmp/store")
     assert isinstance(waiting, Waiting) and waiting.estimate is None

@@ -5,6 +5,7 @@ grader), or a weighted sum of such (TRL's reward functions and weights, OpenAI's
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -71,14 +72,33 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
     references = [reference_of(g["item"], grader) for g in graded]
     if operation != "judge":
         return [reward(a, ref, grader) for a, ref in zip(answers, references)]
-    from .benchmark.judge import judge_messages, judge_with_api  # noqa: PLC0415 - its client only where it judges
+    from .benchmark.judge import judge_messages, judge_with_api, judge_with_model  # noqa: PLC0415 - only to judge
 
-    items = [(str(i), judge_messages({"turns": [g["question"]], "reference": ref}, [a], 0, "api"))
+    local = grader.get("judgeModel")
+    items = [(str(i), judge_messages({"turns": [g["question"]], "reference": ref}, [a], 0, "local" if local else "api"))
              for i, (a, g, ref) in enumerate(zip(answers, graded, references))]
-    rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
-                           field=f"{field}.judge", key_env=GRADER_KEY_ENV)
+    if local:
+        rated = judge_with_model(_local_judge(local), local, items, cache_uri)
+    else:
+        rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
+                               field=f"{field}.judge", key_env=GRADER_KEY_ENV)
     return [(rated[str(i)]["rating"] - 1) / 9 if rated[str(i)]["rating"] is not None else 0.0
             for i in range(len(items))]
+
+
+_local_judges: dict[str, Any] = {}  # LazyModels by judge model: loaded at a process's first uncached rating
+
+
+def _local_judge(source: dict[str, Any]):
+    from .models import LazyModel  # noqa: PLC0415 - torch only for a local judge
+
+    return _local_judges.setdefault(json.dumps(source, sort_keys=True), LazyModel(source))
+
+
+def judge_models(grader: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The local judge models (judgeModel) the grader, or a sum's parts, load beside the model (none
+    without a grader)."""
+    return [part["judgeModel"] for part in parts_of(grader) if part.get("judgeModel")] if grader else []
 
 
 def part_rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
@@ -100,7 +120,9 @@ def describe(grader: dict[str, Any]) -> str:
         return "sum of " + ", ".join(f"{p['weight']:g} x {p['name']} ({describe(p)})" for p in grader["parts"])
     if grader["operation"] == "python":
         return "python, its source in the task document"
-    return f"{grader['operation']} against field {grader['referenceField']!r}"
+    judge = grader.get("judgeModel")
+    by = f" by the local judge {judge.get('huggingface') or judge['uri']}" if judge else ""
+    return f"{grader['operation']} against field {grader['referenceField']!r}{by}"
 
 
 def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:

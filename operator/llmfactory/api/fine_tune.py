@@ -155,8 +155,11 @@ class GraderPart(ApiModel):
     score_model grader), or the spec's own Python function (its python grader)."""
 
     cel_rules: ClassVar = [
-        {"rule": "(self.operation == 'judge') == has(self.judge)",
-         "message": "operation judge needs grader.judge (an OpenAI-compatible judge), which applies to it alone"},
+        {"rule": "(self.operation == 'judge') == (has(self.judge) || has(self.judgeModel))",
+         "message": "operation judge needs grader.judge (an OpenAI-compatible judge) or grader.judgeModel (a local "
+                    "one), which apply to it alone"},
+        {"rule": "!(has(self.judge) && has(self.judgeModel))",
+         "message": "set one of grader.judge (an OpenAI-compatible judge) or grader.judgeModel (a local one)"},
         {"rule": "(self.operation == 'python') == has(self.source)",
          "message": "operation python needs grader.source (Python defining grade(sample, item)), which applies "
                     "to it alone"},
@@ -172,9 +175,9 @@ class GraderPart(ApiModel):
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
         "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
-        "graders compare final answers. judge: grader.judge rates the answer 1-10 against the reference "
-        "(the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an answer "
-        "it gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
+        "graders compare final answers. judge: grader.judge or grader.judgeModel rates the answer 1-10 against "
+        "the reference (the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an "
+        "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
         "grader.source's grade(sample, item) returns the reward."))
     extract: str | None = Field(None, min_length=1, max_length=1024, description=(
         "A regular expression (Python's) picking what of the answer is compared: its last match's first "
@@ -185,6 +188,14 @@ class GraderPart(ApiModel):
         "operation judge: the OpenAI-compatible judge (its key by apiKeySecret, LLMFACTORY_GRADER_API_KEY for "
         "local runs). Its ratings are cached in the store like the Benchmark judge's, so a resumed run gets "
         "the same rewards without paying again."))
+    judge_model: ModelSource | None = Field(None, description=(
+        "operation judge: a local judge model instead of an API, run with transformers in each training "
+        "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "
+        "over its probabilities of writing 1..10, so it never fails to parse and costs one forward pass per "
+        "answer. An instruction-tuned model that can grade (e.g. Qwen2.5-7B-Instruct, a Prometheus model); its "
+        "weights take GPU memory beside the model's, which the planner counts. Its ratings are cached in the "
+        "store, so a resumed run gets the same rewards without asking it again. For a judge too large to sit "
+        "beside training, serve it with vLLM and name it in grader.judge instead."))
     source: str | None = Field(None, min_length=1, max_length=262144, description=(
         "operation python: Python source (OpenAI's python grader) defining grade(sample, item) that returns "
         "the reward as a number: sample is {\"output_text\": the answer}, item the dataset row with all its "
@@ -217,8 +228,9 @@ class Grader(GraderPart):
                     "to it alone"},
         {"rule": "!has(self.parts) || self.parts.all(p, self.parts.exists_one(q, q.name == p.name))",
          "message": "each of grader.parts needs a name of its own"},
-        {"rule": "!has(self.parts) || self.parts.filter(p, p.operation == 'judge').size() <= 1",
-         "message": "grader.parts may hold one judge: its key reaches the Job as LLMFACTORY_GRADER_API_KEY"},
+        {"rule": "!has(self.parts) || self.parts.filter(p, has(p.judge)).size() <= 1",
+         "message": "grader.parts may hold one API judge (grader.judge): its key reaches the Job as "
+                    "LLMFACTORY_GRADER_API_KEY; local judges (judgeModel) need no key"},
     ]
 
     operation: Literal["equals", "contains", "icontains", "number", "judge", "python", "sum"] = Field(

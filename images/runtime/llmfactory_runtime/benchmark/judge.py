@@ -19,6 +19,7 @@ language than its question scores 1 (loses a comparison) without asking the judg
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 from typing import Any
 
@@ -140,7 +141,9 @@ def choice_distribution(model, tokenizer, messages: list[dict[str, str]], choice
         prompt = tokenizer(render(tokenizer, messages, add_generation_prompt=True) + "[[",
                            add_special_tokens=False)["input_ids"]
         candidates = [tokenizer(f"{c}]]", add_special_tokens=False)["input_ids"] for c in choices]
-        out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
+        # Only the last position's logits: a long prompt's whole (tokens x vocab) would outweigh the cache.
+        last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True, **last)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
         scores = [float(first[cand[0]]) for cand in candidates]
         rest = max(len(c) for c in candidates) - 1
@@ -175,6 +178,28 @@ class LanguageRule:
             return False  # too short to tell (a number, a line of code)
         found, confidence = self.ident.classify(answer)
         return found != question_language and confidence >= LANGUAGE_RULE_CONFIDENCE
+
+
+def judge_with_model(loaded, source: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
+                     on_rating=lambda *_, **__: None) -> dict[str, dict[str, Any]]:
+    """{item id: {rating}} for each (id, judge messages in the local style) from a local judge:
+    `source` the model, loaded() its model and tokenizer (a LazyModel, so that a run whose ratings
+    are all cached loads nothing). Ratings are cached in the store by the exact prompt, as an API
+    judge's are, so any phase asking the same judge the same question reads the same rating."""
+    cache = AnswerCache(cache_uri, "judge", {"local": source})
+    cache.load()
+    out: dict[str, dict[str, Any]] = {}
+    for item_id, messages in items:
+        key = AnswerCache.key(messages)
+        verdict, cached = cache.get(key), True
+        if verdict is None:
+            model, tokenizer = loaded()
+            verdict, cached = {"rating": expected_rating(rating_distribution(model, tokenizer, messages))}, False
+            cache.put(key, verdict)
+        out[item_id] = verdict
+        on_rating(item_id, verdict, cached=cached)
+    cache.compact()
+    return out
 
 
 PARSERS = {"rating": (parse_rating, REASK), "verdict": (parse_verdict, REASK_VERDICT)}

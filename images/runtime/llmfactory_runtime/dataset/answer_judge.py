@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..answer_cache import AnswerCache
-from ..benchmark.judge import expected_rating, judge_messages, judge_with_api, rating_distribution
+from ..benchmark.judge import judge_messages, judge_with_api, judge_with_model
 
 FIELD = "spec.filters.judge.openai"
 
@@ -31,34 +30,17 @@ class AnswerJudge:
         """{id: rating of the conversation's last answer, None when an API judge gave none}."""
         items = [(cid, self.prompt(messages)) for cid, messages in conversations.items()]
         if "openai" in self.spec:
-            def count(_item: str, _verdict: dict, cached: bool) -> None:
-                if cached:
-                    self.cached += 1
-                else:
-                    self.requests += 1
-
             verdicts = judge_with_api(self.spec["openai"], items, self.cache_uri, self.spec.get("maxReasks", 1),
-                                      count, self.transport, field=FIELD)
-            return {cid: verdict["rating"] for cid, verdict in verdicts.items()}
-        return self._local_ratings(items)
+                                      self._count, self.transport, field=FIELD)
+        else:
+            verdicts = judge_with_model(self._local, self.model_input, items, self.cache_uri, self._count)
+        return {cid: verdict["rating"] for cid, verdict in verdicts.items()}
 
-    def _local_ratings(self, items: list[tuple[str, list[dict[str, str]]]]) -> dict[str, float]:
-        cache = AnswerCache(self.cache_uri, "judge", {"local": self.model_input})
-        cache.load()
-        ratings = {}
-        for cid, messages in items:
-            key = AnswerCache.key(messages)
-            verdict = cache.get(key)
-            if verdict is None:
-                model, tokenizer = self._local()
-                verdict = {"rating": expected_rating(rating_distribution(model, tokenizer, messages))}
-                cache.put(key, verdict)
-                self.requests += 1
-            else:
-                self.cached += 1
-            ratings[cid] = verdict["rating"]
-        cache.compact()
-        return ratings
+    def _count(self, _item: str, _verdict: dict, cached: bool) -> None:
+        if cached:
+            self.cached += 1
+        else:
+            self.requests += 1
 
     def _local(self) -> tuple:
         if self._model is None:

@@ -121,13 +121,15 @@ class Estimate:
     total_gib: float  # per GPU
     flops_per_token: float
     seconds_per_million_tokens: float  # on H100s at the assumed MFU
+    judge_gib: float = 0.0  # GRPO's local judges (grader judgeModel), beside the model on every GPU
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
+        judge = f", judge {self.judge_gib:.1f}" if self.judge_gib else ""
         return (f"~{self.total_gib:.1f} GiB per GPU (weights {self.weights_gib:.1f}, gradients {self.gradients_gib:.1f}, "
-                f"optimizer {self.optimizer_gib:.1f}, activations {self.activations_gib:.1f}); "
+                f"optimizer {self.optimizer_gib:.1f}, activations {self.activations_gib:.1f}{judge}); "
                 f"{self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.2f}M trainable; "
                 f"{self.flops_per_token / 1e9:.1f} GFLOP/token, ~{self.seconds_per_million_tokens:.0f} s per 1M tokens")
 
@@ -147,7 +149,8 @@ def trainable_params(shape: ModelShape, plan: Plan) -> int:
     return shape.layers * (sum(plan.lora_r * (i + o) for i, o in adapted) + magnitudes)
 
 
-def estimate(shape: ModelShape, plan: Plan) -> Estimate:
+def estimate(shape: ModelShape, plan: Plan, judges: tuple[ModelShape, ...] = ()) -> Estimate:
+    """`judges`: the shapes of the local judges (a GRPO grader's judgeModel) each process holds."""
     tokens = plan.micro_batch * plan.seq_len
     world = max(plan.gpus, 1)
     trainable = trainable_params(shape, plan)
@@ -209,7 +212,8 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
     loss_bytes = 6 * h if plan.fused_loss else 10 * shape.vocab
     activations = tokens * (layer_bytes + loss_bytes) + fixed + dora_transient(shape, plan)
 
-    total = (weights + grads + optim + activations) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
+    judged = sum(judge_bytes(judge, plan.seq_len) for judge in judges)
+    total = (weights + grads + optim + activations + judged) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
 
     # FLOPs per token: forward = 2 x (matmul params) + causal attention; backward twice that for a
     # full fine-tune, once for adapters (input gradients only); checkpointing repeats the forward.
@@ -223,7 +227,20 @@ def estimate(shape: ModelShape, plan: Plan) -> Estimate:
     seconds = 1e6 * flops / (world * PEAK_FLOPS * ASSUMED_MFU[plan.method])
     return Estimate(params=shape.params, trainable_params=trainable, weights_gib=weights / GIB, gradients_gib=grads / GIB,
                     optimizer_gib=optim / GIB, activations_gib=activations / GIB, total_gib=total / GIB,
-                    flops_per_token=float(flops), seconds_per_million_tokens=seconds)
+                    flops_per_token=float(flops), seconds_per_million_tokens=seconds, judge_gib=judged / GIB)
+
+
+JUDGE_PROMPT_TOKENS = 512  # the grading instructions and the reference, beside the question and answer
+
+
+def judge_bytes(judge: ModelShape, seq_len: int) -> float:
+    """A local judge in bf16 (models.compute_dtype on a GPU) and what one rating holds: the KV cache of
+    its prompt (the question and answer, up to maxSeqLength, with the instructions and reference),
+    repeated for each of the ten ratings it scores (benchmark/judge.py), and one layer's MLP at a
+    time; the logits of the last position only."""
+    tokens = seq_len + JUDGE_PROMPT_TOKENS
+    cache = 2 * judge.layers * judge.kv_heads * judge.head_dim * tokens * 2
+    return judge.params * 2 + 11 * cache + tokens * (3 * judge.intermediate + 4 * judge.hidden) * 2
 
 
 def _dora_activations(shape: ModelShape, plan: Plan) -> tuple[float, float]:
@@ -278,9 +295,11 @@ def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
         return None
     dora = ("set lora.dropout 0 (DoRA with dropout keeps an fp32 copy of each adapted weight), "
             if plan.lora_dora and plan.lora_dropout > 0 and plan.method != "full" else "")
-    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dora}lower hyperparameters.batchSize "
-            f"or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, or shard with "
-            f"distribution.strategy deepspeed (zeroStage 3) over more GPUs")
+    judge = ("serve the local judge with vLLM and name it in grader.judge instead of judgeModel, "
+             if est.judge_gib else "")
+    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dora}{judge}lower "
+            f"hyperparameters.batchSize or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, "
+            f"or shard with distribution.strategy deepspeed (zeroStage 3) over more GPUs")
 
 
 def as_dequantized(plan: Plan) -> Plan:

@@ -50,13 +50,13 @@ def gpu_memory_gib(device: torch.device) -> tuple[float, float] | None:
     return total / GIB, free / GIB
 
 
-def qlora_dequantized(spec: dict[str, Any], shape: ModelShape, plan: Plan,
-                      gpu_gib: tuple[float, float] | None) -> Estimate | None:
+def qlora_dequantized(spec: dict[str, Any], shape: ModelShape, plan: Plan, gpu_gib: tuple[float, float] | None,
+                      judges: tuple[ModelShape, ...] = ()) -> Estimate | None:
     """For a QLoRA run that dequantizes its weights once, the (LoRA-sized) estimate it trains under;
     None when it keeps them 4-bit or is no QLoRA run."""
     if spec["method"] != "qlora":
         return None
-    as_lora = estimate(shape, as_dequantized(plan))
+    as_lora = estimate(shape, as_dequantized(plan), judges)
     return as_lora if dequantize_once(spec["qlora"].get("dequantizeOnce", "auto"), as_lora, gpu_gib) else None
 
 
