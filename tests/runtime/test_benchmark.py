@@ -369,6 +369,17 @@ def test_a_grpo_fine_tunes_held_out_prompts_are_answered_and_rewarded_against_it
         "def grade(sample, item):\n    return (sample['output_text'] == item['solution']) + len(item['messages'])\n")}
     assert benchmark.run(task, store, Progress(store))["metrics"] == {"reward.value": 1.75, "reward.baseline": 1.25}
     assert store.read_json("report/report.json")["rewarded"]["model"]["rewards"] == [2.0, 2.0, 1.0, 2.0]
+    # A sum grader: the weighted total as reward.value, each part's mean apart (a gate may name one).
+    task["spec"]["reward"]["grader"] = {"operation": "sum", "parts": [
+        {"name": "exact", "referenceField": "solution", "operation": "equals", "weight": 1},
+        {"name": "turns", "operation": "python", "weight": -0.5, "source": "def grade(s, i):\n    return len(i['messages'])\n"}]}
+    metrics = benchmark.run(task, store, Progress(store))["metrics"]
+    assert metrics == {"reward.value": 0.25, "reward.baseline": -0.25, "reward.value.exact": 0.75,
+                       "reward.baseline.exact": 0.25, "reward.value.turns": 1.0, "reward.baseline.turns": 1.0}
+    assert store.read_json("report/report.json")["rewarded"]["model"]["parts"] == {"exact": [1.0, 1.0, 0.0, 1.0],
+                                                                                  "turns": [1, 1, 1, 1]}
+    assert '| "2+2?" | "never" | 0.5 (exact 1, turns 1): "never" | -0.5 (exact 0, turns 1): ' in \
+        store.read_bytes("report/report.md").decode()  # the kept answer changed above, and the base's
     # A malformed row fails naming the field, the file and the row.
     (tmp_path / "prompts" / "test.jsonl").write_bytes(dumps_jsonl(rows + [{"messages": conversations[0]}]))
     task, store = _planned(doc, tmp_path, fine_tune, store="other")

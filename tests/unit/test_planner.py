@@ -437,6 +437,20 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
     alone["spec"]["baseline"] = False
     with pytest.raises(PlanError, match=r"spec.gates\[1\].metric: 'reward.baseline' is not reported"):
         plan(parse(alone), lookup(graded), STORE)
+    # A sum grader's parts are metrics of their own, as judge.score.<language>; a gate may name one.
+    summed = copy.deepcopy(rewarded)
+    summed["spec"]["reward"]["grader"] = {"operation": "sum", "parts": [
+        {"name": "correct", "referenceField": "answer", "operation": "number"},
+        {"name": "format", "operation": "python", "source": "def grade(s, i): return 1", "weight": 0.2}]}
+    summed["spec"]["gates"] = [{"metric": "reward.value.correct", "op": ">=", "value": 0.6}]
+    assert benchmark_metric_names(parse(summed).spec, baseline=True) == {
+        "reward.value", "reward.baseline", "reward.value.correct", "reward.baseline.correct", "reward.value.format",
+        "reward.baseline.format"}
+    plan(parse(summed), lookup(graded), STORE)
+    summed["spec"]["gates"][0]["metric"] = "reward.value.style"
+    with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'reward.value.style' is not reported.*"
+                                        r"'reward.value.correct'"):
+        plan(parse(summed), lookup(graded), STORE)
     bad = copy.deepcopy(rewarded)
     bad["spec"]["reward"]["grader"]["extract"] = "[0-9"
     with pytest.raises(PlanError, match="spec.reward.grader.extract: '\\[0-9' is not a regular expression"):

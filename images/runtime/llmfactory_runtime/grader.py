@@ -101,6 +101,15 @@ def judge_models(grader: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [part["judgeModel"] for part in parts_of(grader) if part.get("judgeModel")] if grader else []
 
 
+def rewards_by_part(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
+                    field: str) -> tuple[list[float], dict[str, list[float]]]:
+    """The grader's rewards (as rewards gives them) and, of a sum grader, each part's by name (else none)."""
+    if grader["operation"] != "sum":
+        return rewards(grader, answers, graded, cache_uri, field), {}
+    parts = part_rewards(grader, answers, graded, cache_uri, field)
+    return weighted(grader, parts), parts
+
+
 def part_rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
                  field: str) -> dict[str, list[float]]:
     """Each part's rewards of a sum grader (operation sum), by the part's name."""

@@ -168,7 +168,8 @@ class BenchmarkSpec(RunOptions):
     judge: Judge | None = Field(None, description="LLM-as-judge scores on built-in questions (1-10).")
     lm_eval: LmEval | None = Field(None, description="lm-evaluation-harness tasks.")
     reward: Reward | None = Field(None, description=(
-        "A grader's reward of greedy answers to held-out prompts (reward.value, and reward.baseline with a baseline)."))
+        "A grader's reward of greedy answers to held-out prompts (reward.value, and reward.baseline with a baseline; "
+        "a sum grader's parts apart as reward.value.<part> and reward.baseline.<part>)."))
     gates: list[Gate] = Field(default_factory=list, description="All must hold for result.passed.")
 
 

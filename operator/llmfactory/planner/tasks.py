@@ -64,7 +64,9 @@ def benchmark_metric_names(spec, baseline: bool, dataset_format: str | None = No
         elif dataset_format == "unpaired" and baseline:
             names |= {"preference.rewardAccuracy"}
     if spec.reward:
-        names |= {"reward.value"} | ({"reward.baseline"} if baseline else set())
+        parts = [f".{part.name}" for part in spec.reward.grader.parts or []]  # a sum grader's, each apart
+        for name in ("reward.value", *(["reward.baseline"] if baseline else [])):
+            names |= {name} | {name + part for part in parts}
     if spec.judge:
         langs = spec.judge.languages
         if spec.judge.mode != "pairwise":

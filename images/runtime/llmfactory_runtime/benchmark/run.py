@@ -18,7 +18,7 @@ from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import read_split
 from ..generate import generate
-from ..grader import graded_rows, rewards
+from ..grader import graded_rows, rewards_by_part
 from ..models import LazyModel
 from ..progress import Progress
 from ..store import Store
@@ -306,6 +306,8 @@ def _metrics(results: dict[str, dict], judged: dict[str, Any], questions: list[d
     for label, name in (("model", "reward.value"), ("baseline", "reward.baseline")):
         if "reward" in (results.get(label) or {}):
             metrics[name] = _mean(results[label]["reward"]["rewards"])
+            for part, got in results[label]["reward"].get("parts", {}).items():  # as judge.score.<language>
+                metrics[f"{name}.{part}"] = _mean(got)
     if "perplexity" in results["model"]:
         metrics["perplexity.value"] = results["model"]["perplexity"]["assistant"]
         metrics["perplexity.allTokens"] = results["model"]["perplexity"]["all"]
@@ -424,11 +426,16 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dic
                   for label, g in generation.items()]
     if rewarded:
         lines += ["", "## Rewarded answers", "", "Greedy answers to the reward prompts, each after its reward "
-                  "(a check's 1 when it passes).", "", "| prompt | reference | " + " | ".join(rewarded) + " |", "|---|---|" + "---|" * len(rewarded)]
+                  "(a check's 1 when it passes; a sum's parts in brackets).", "",
+                  "| prompt | reference | " + " | ".join(rewarded) + " |", "|---|---|" + "---|" * len(rewarded)]
         def cell(text: str, limit: int) -> str:  # one line, quoted, no column breaks
             return json.dumps(text[:limit], ensure_ascii=False).replace("|", "\\|")
+
+        def scored(r: dict, i: int) -> str:
+            parts = ", ".join(f"{name} {got[i]:.3g}" for name, got in r.get("parts", {}).items())
+            return f"{r['rewards'][i]:.3g}" + (f" ({parts})" if parts else "")
         for i, p in enumerate(prompts):
-            cells = [f"{r['rewards'][i]:g}: {cell(r['answers'][i], 200)}" for r in rewarded.values()]
+            cells = [f"{scored(r, i)}: {cell(r['answers'][i], 200)}" for r in rewarded.values()]
             lines.append(f"| {cell(p['question'], 120)} | {cell(p['reference'] or '', 120)} | " + " | ".join(cells) + " |")
     if questions:
         def fmt(r):
@@ -470,8 +477,10 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                for label, source in models.items()}
     rewarded = {label: r["reward"] for label, r in results.items() if "reward" in r}
     for answered in rewarded.values():  # after every model has answered: a judge asked once for all
-        answered["rewards"] = rewards(spec["reward"]["grader"], answered["answers"], prompts, task["cacheUri"],
-                                      "spec.reward.grader")
+        answered["rewards"], parts = rewards_by_part(spec["reward"]["grader"], answered["answers"], prompts,
+                                                     task["cacheUri"], "spec.reward.grader")
+        if parts:  # a sum grader's: each part's reward of each answer, by name
+            answered["parts"] = parts
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
     if "pairwise" in judged:

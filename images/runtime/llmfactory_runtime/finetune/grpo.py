@@ -23,7 +23,7 @@ import torch
 from ..batching import collate_sequences, evaluating, token_logps
 from ..chat import IGNORE
 from ..generate import prompt_ids, stop_token_ids, to_generation
-from ..grader import graded_rows, part_rewards, rewards, weighted
+from ..grader import graded_rows, rewards_by_part
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str) -> list[dict[str, Any]]:
@@ -69,10 +69,8 @@ def score(tokenizer, answers: list[list[int]], prompts: list[dict[str, Any]], gr
     encode_prompts gives them), and a sum grader's parts' rewards by name (else none)."""
     stop = stop_token_ids(tokenizer)
     texts = [to_generation(tokenizer, a, stop).text for a in answers]
-    if grader["operation"] != "sum":
-        return torch.tensor(rewards(grader, texts, prompts, cache_uri, "spec.grpo.grader")), {}
-    parts = part_rewards(grader, texts, prompts, cache_uri, "spec.grpo.grader")
-    return torch.tensor(weighted(grader, parts)), {name: torch.tensor(got) for name, got in parts.items()}
+    total, parts = rewards_by_part(grader, texts, prompts, cache_uri, "spec.grpo.grader")
+    return torch.tensor(total), {name: torch.tensor(got) for name, got in parts.items()}
 
 
 def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
