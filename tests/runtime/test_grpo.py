@@ -475,3 +475,49 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     card = (Path(run.read_json("result.json")["adapterUri"][7:]) / "README.md").read_text()
     assert "grader: sum of 1 x length (python, its source in the task document), 0.5 x has_a (contains against " \
            f"field 'answer'), 0 x judged (judge against field 'answer' by the local judge file://{tiny_model})" in card
+
+
+@pytest.mark.extended(reason=(
+    "test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_weights runs GRPO with iterations "
+    "in one process and test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_and_each_parts_"
+    "rewards a sum grader with a local judge; this one runs both on two processes, under DDP and DeepSpeed ZeRO-2"))
+@pytest.mark.slow
+@pytest.mark.deepspeed("ShareMemCommBuilder")
+def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, tmp_path):
+    """Each process samples and grades its own prompts (a python grader process and a local judge each);
+    the step's loss is normalized over both processes' answer tokens, so DDP and DeepSpeed ZeRO-2
+    (which sums the gradients itself) follow the same curve, with grpo.iterations 2 stepping the
+    schedule twice a step and answers cut at maxNewTokens left out of the loss."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
+    summed = {"operation": "sum", "parts": [
+        grader("contains") | {"name": "has_a"},
+        python_grader("def grade(sample, item):\n    return len(sample['output_text']) / 100\n") | {"name": "length",
+                                                                                                   "weight": 0.5},
+        {"operation": "judge", "judgeModel": {"uri": f"file://{tiny_model}"}, "referenceField": "answer",
+         "name": "judged", "weight": 0.1}]}
+    tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{strategy}", objective="grpo",
+                           grpo={"generations": 4, "maxNewTokens": 6, "iterations": 2, "maskTruncated": True,
+                                 "grader": summed},
+                           distribution={"strategy": strategy}, resources={"gpusPerNode": 2},
+                           hyperparameters={"epochs": 2, "batchSize": 1, "learningRate": 0.05})
+             for strategy in ("ddp", "deepspeed")]
+    for task in tasks:
+        proc = run_finetune(write_task(task, tmp_path), processes=2)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [open_store(t["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:] for t in tasks]
+    assert len(lines[0]) == len(lines[1]) == 8  # 8 prompts, 2 a step (1 per process), 2 epochs
+    for ddp, deepspeed in zip(*lines):
+        (step, _, loss, lr, _, reward), other = ddp.split(",")[:6], deepspeed.split(",")
+        assert step == other[0] and reward == other[5] and lr == other[3]
+        assert float(loss) == pytest.approx(float(other[2]), abs=1e-4)
+    # Steps whose every answer was cut train nothing (loss 0, not NaN); the others agree above.
+    assert any(float(line.split(",")[2]) > 0.01 for line in lines[0])
+    # The schedule counts optimizer steps, two a step: linear decay over 16 of them.
+    assert [float(line.split(",")[3]) for line in lines[0]] == pytest.approx([0.05 * (16 - 2 * k) / 16
+                                                                              for k in range(1, 9)])
+    for task in tasks:
+        figures = open_store(task["artifactUri"]).read_json("progress.json")["figures"]
+        assert {"reward.has_a", "reward.length", "reward.judged", "clipped", "truncated"} <= set(figures)
+        assert 0 < figures["reward.judged"] < 1
