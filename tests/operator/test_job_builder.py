@@ -124,6 +124,23 @@ def test_credentials_are_references_never_values():
         assert "value" not in var and var["valueFrom"]["secretKeyRef"]["name"] == "llmfactory-s3"
 
 
+def test_every_secret_a_job_carries_is_a_credential_the_python_grader_never_sees():
+    """The runtime keeps CREDENTIAL_ENV out of a python grader's process (the code it runs may be a
+    model's): every variable a Job gets from a Secret must be in it."""
+    from llmfactory_runtime import CREDENTIAL_ENV
+
+    judge = {"model": "gpt-4o-mini", "apiKeySecret": {"name": "grader", "key": "token"}}
+    bodies = [*VARIANTS.values(), dataset_build(filters={"judge": {"openai": judge}},
+                                                preferences={"rejected": {"openai": judge}}),
+              fine_tune(objective="grpo", grpo={"generations": 2, "grader": {"operation": "judge", "judge": judge}},
+                        hyperparameters={"batchSize": 1})]
+    from_secrets = {e["name"] for body in bodies for e in _job(children(body)[1])["spec"]["template"]["spec"]
+                    ["containers"][0]["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert {"AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WANDB_API_KEY", "LLMFACTORY_GRADER_API_KEY",
+            "LLMFACTORY_REJECTED_API_KEY"} <= from_secrets
+    assert from_secrets <= set(CREDENTIAL_ENV)
+
+
 def test_tracker_keys_are_secret_references_and_training_gets_time_to_checkpoint():
     task, objs = children(VARIANTS["qlora-wandb"])
     pod = _job(objs)["spec"]["template"]["spec"]

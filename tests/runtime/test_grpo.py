@@ -160,6 +160,27 @@ def test_a_python_grader_that_fails_on_an_answer_stops_the_run_naming_the_answer
     assert rewards(spec, ["a"], graded[:1], "file:///unused", "spec.grpo.grader") == [1.0]
 
 
+def test_a_python_grader_runs_without_the_jobs_credentials(monkeypatch, tmp_path):
+    """A grader may run code a model wrote: the store's keys, API keys and tokens the Job carries are
+    not in its environment, nor can the AWS SDKs find a profile; the rest of the environment is."""
+    secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t", "LLMFACTORY_GRADER_API_KEY": "sk-1",
+               "HF_TOKEN": "hf_1", "WANDB_API_KEY": "w", "AWS_PROFILE": "prod"}
+    for name, value in {**secrets, "TEAM_SETTING": "kept"}.items():
+        monkeypatch.setenv(name, value)
+    spec = python_grader("""
+        import os
+
+        def grade(sample, item):
+            return os.environ.get(item["var"], "") == item["value"]
+    """)
+    items = [{"var": name, "value": value} for name, value in secrets.items()]
+    items += [{"var": "TEAM_SETTING", "value": "kept"}, {"var": "AWS_SHARED_CREDENTIALS_FILE", "value": os.devnull},
+              {"var": "AWS_CONFIG_FILE", "value": os.devnull}]
+    graded = [graded_of(item | {"prompt": "?"}, spec) for item in items]
+    got = rewards(spec, ["-"] * len(items), graded, f"file://{tmp_path}", "spec.grpo.grader")
+    assert got == [0.0] * len(secrets) + [1.0, 1.0, 1.0]
+
+
 def test_the_examples_python_grader_rewards_the_right_answer_and_reasoning_in_think_tags():
     """examples/seed-llama3/11-grpo-python-grader.yaml's grader, as the runtime runs it."""
     example = Path(__file__).parents[2] / "examples/seed-llama3/11-grpo-python-grader.yaml"

@@ -21,6 +21,19 @@ JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"
 REJECTED_KEY_ENV = "LLMFACTORY_REJECTED_API_KEY"  # a DatasetBuild's preferences.rejected.openai
 GRADER_KEY_ENV = "LLMFACTORY_GRADER_API_KEY"  # a GRPO FineTune's or a Benchmark's reward grader.judge
 
+# Credentials a pod's or a laptop's environment may carry: the operator's secretKeyRefs (the keys
+# above, the store's, Hugging Face's, the trackers') and what the AWS SDKs find on their own (IRSA,
+# EKS Pod Identity, a profile). Code that is not ours to vouch for, such as a python grader running
+# what a model wrote, gets an environment without them.
+CREDENTIAL_ENV = (
+    TEACHER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, GRADER_KEY_ENV,
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+    "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+)
+
 # Where a DatasetBuild's spec names OpenAI-compatible endpoints, and the variable each one's key
 # reaches the pod in (the operator's job_builder sets them; sharded builds divide their limits).
 DATASET_BUILD_ENDPOINTS = (

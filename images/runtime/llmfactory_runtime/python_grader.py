@@ -7,6 +7,11 @@ resumed run's random state is the checkpoint's, and a grader drawing from it wou
 sampled next); its prints go to the log rather than into the channel its scores come back on; and a
 call that runs past TIME_LIMIT_S is stopped by an alarm in that process without touching training.
 Importing this module imports nothing heavy: the child starts in a fraction of a second.
+
+The child's environment is the Job's without its credentials (CREDENTIAL_ENV), and the AWS SDKs are
+pointed away from the credential files of the home folder: a grader that runs the code a model
+wrote must not find the store's keys at hand. It is not a sandbox: files and the network the Job
+reaches, it reaches (the spec's description says so).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import traceback
 from typing import Any
 
+from . import CREDENTIAL_ENV
 from .task import InvalidTask
 
 # Seconds one grade() call (and the source's top-level code) may run: a hung grader stops the run
@@ -37,7 +43,7 @@ class PythonGrader:
     def __init__(self, source: str, field: str):
         self.field = field
         self.proc = subprocess.Popen([sys.executable, "-m", __name__, repr(TIME_LIMIT_S)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, encoding="utf-8")
+                                     stdout=subprocess.PIPE, text=True, encoding="utf-8", env=_environment())
         reply = self._ask({"source": source})
         if "error" in reply:
             self.close()
@@ -70,6 +76,13 @@ class PythonGrader:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def _environment() -> dict[str, str]:
+    """This process's environment without credentials; the AWS SDKs' credential and config files
+    pointed at nothing (so a profile in ~/.aws is not found either)."""
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV}
+    return env | {"AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
 
 
 def grade(source: str, answers: list[str], items: list[dict[str, Any]], field: str) -> list[float]:
