@@ -96,6 +96,22 @@ def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2") -> Pat
     return folder
 
 
+def make_tiny_reward_model(folder: Path, seed: int = 1) -> Path:
+    """A tiny Llama with a one-label classification head (a reward model, as TRL's RewardTrainer saves
+    one) and the same tokenizer as make_tiny_llama's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    folder = Path(folder)
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_labels=1,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
 def make_tiny_qwen2(folder: Path, seed: int = 0) -> Path:
     """A 2-layer Qwen2 (attention biases, tied embeddings) with a Qwen2-split tokenizer."""
     import torch

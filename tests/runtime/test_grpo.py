@@ -100,9 +100,42 @@ def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_
     expected = [(expected_rating(rating_distribution(model, tokenizer, m)) - 1) / 9 for m in asked]
     assert got == pytest.approx(expected, abs=1e-5) and all(0 <= r <= 1 for r in got) and got[0] != got[1]
 
-    grader_module._local_judges.clear()  # a new process: no judge loaded
+    grader_module._models.clear()  # a new process: no judge loaded
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the judge was loaded again"))
     assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == got
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tmp_path_factory) -> Path:
+    from tests.tiny_model import make_tiny_reward_model
+
+    return make_tiny_reward_model(tmp_path_factory.mktemp("tiny-reward-model"))
+
+
+def test_a_reward_model_grader_scores_the_prompt_and_answer_with_its_own_template_and_needs_no_reference(
+        tiny_model, tiny_reward_model, tmp_path):
+    """operation rewardModel, as TRL's reward models: the sequence classifier's output for the
+    conversation (prompt, then the answer as the assistant's turn) rendered with its chat template. A
+    causal LM named as one is refused before it scores anything: its head would be random."""
+    from transformers import AutoModelForSequenceClassification
+
+    from llmfactory_runtime.chat import render
+
+    spec = {"referenceField": "answer", "operation": "rewardModel", "rewardModel": {"uri": f"file://{tiny_reward_model}"}}
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]}]
+    graded = [graded_of(rows[0], spec)] * 2  # no reference needed
+    answers = ["Paris.", "Lyon, surely."]
+    got = rewards(spec, answers, graded, f"file://{tmp_path}", "spec.grpo.grader")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_reward_model)
+    with torch.no_grad():
+        expected = [float(model(**tok(render(tok, [*rows[0]["messages"], {"role": "assistant", "content": a}]),
+                                      add_special_tokens=False, return_tensors="pt")).logits[0, 0]) for a in answers]
+    assert got == pytest.approx(expected, abs=1e-5) and got[0] != got[1]
+    causal = {**spec, "rewardModel": {"uri": f"file://{tiny_model}"}}
+    with pytest.raises(InvalidTask, match=r"spec.grpo.grader.rewardModel: .* is not a reward model: its weights lack "
+                                          r"score.weight"):
+        rewards(causal, answers, graded, f"file://{tmp_path}", "spec.grpo.grader")
 
 
 def python_grader(source: str) -> dict:
@@ -440,11 +473,11 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
 
 @pytest.mark.slow
 def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_and_each_parts_rewards(
-        tiny_model, tmp_path):
+        tiny_model, tiny_reward_model, tmp_path):
     """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains. The
     rewards are a sum grader's: a python part, which reads a field of the row the other graders know
-    nothing of (and logs what it saw), a check at half weight, and a local judge (the tiny model) at
-    weight 0, rating in the training process; each part's mean is reported."""
+    nothing of (and logs what it saw), a check at half weight, and at weight 0 a local judge (the tiny
+    model) and a reward model, both in the training process; each part's mean is reported."""
     data = tmp_path / "data"
     data.mkdir()
     log = tmp_path / "graded.jsonl"
@@ -461,7 +494,9 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     summed = {"operation": "sum", "parts": [python_grader(source) | {"name": "length"},
                                             grader("contains") | {"name": "has_a", "weight": 0.5},
                                             {"operation": "judge", "judgeModel": {"uri": f"file://{tiny_model}"},
-                                             "referenceField": "answer", "name": "judged", "weight": 0}]}
+                                             "referenceField": "answer", "name": "judged", "weight": 0},
+                                            {"operation": "rewardModel", "name": "preferred", "weight": 0,
+                                             "rewardModel": {"uri": f"file://{tiny_reward_model}"}}]}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
                          grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed},
                          tracking={"tensorboard": True},
@@ -492,10 +527,13 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     judged = [e.value for e in accumulator.Scalars("train/rewards/judged")]
     assert len(judged) == 8 and all(0 < r < 1 for r in judged) and len(set(judged)) > 1
     assert figures["reward.judged"] == pytest.approx(judged[-1], abs=1e-4)
+    preferred = [e.value for e in accumulator.Scalars("train/rewards/preferred")]
+    assert len(preferred) == 8 and len(set(preferred)) > 1 and figures["reward.preferred"] == pytest.approx(preferred[-1])
     assert any("/judge/" in name for name in open_store(f"file://{tmp_path}/store").list(""))  # kept for a resume
     card = (Path(run.read_json("result.json")["adapterUri"][7:]) / "README.md").read_text()
     assert "grader: sum of 1 x length (python, its source in the task document), 0.5 x has_a (contains against " \
-           f"field 'answer'), 0 x judged (judge against field 'answer' by the local judge file://{tiny_model})" in card
+           f"field 'answer'), 0 x judged (judge against field 'answer' by the local judge file://{tiny_model}), " \
+           f"0 x preferred (reward model file://{tiny_reward_model})" in card
 
 
 @pytest.mark.extended(reason=(

@@ -3,6 +3,7 @@ what cannot fit, naming the numbers and what to change."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from llmfactory.planner import PlanError, Waiting, parse, plan
 from llmfactory.planner.estimate import check_fits
-from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Plan, estimate, plan_of, shape_from_config
+from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Plan, estimate, grader_bytes, plan_of, shape_from_config
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA3_8B = KNOWN_SHAPES["meta-llama/meta-llama-3-8b"]
@@ -206,9 +207,10 @@ def test_planner_counts_every_sampled_answer_of_a_grpo_micro_batch():
     assert err.value.field == "spec.resources" and "80 GiB" in err.value.message
 
 
-def test_planner_counts_a_grpo_graders_local_judge_beside_the_model():
+def test_planner_counts_a_grpo_graders_models_beside_the_model(tmp_path):
     """A judgeModel sits in bf16 on every GPU beside the model being trained, with the KV cache of one
-    rating's prompt (repeated for the ten ratings scored): a 7B judge takes 16 GiB."""
+    rating's prompt (repeated for the ten ratings scored): a 7B judge takes 16 GiB. A rewardModel of the
+    same shape reads the conversation once, without a cache."""
     hp = {"batchSize": 1, "maxSeqLength": 2048}
     grpo = _fine_tune("meta-llama/Meta-Llama-3-8B", {"gpusPerNode": 1, "gpuMemoryGiB": 141}, objective="grpo",
                       dataset={"uri": "s3://b/prompts"}, hyperparameters=hp, lora={"dropout": 0.0},
@@ -219,23 +221,32 @@ def test_planner_counts_a_grpo_graders_local_judge_beside_the_model():
     judged = check_fits(parse(grpo))
     qwen = KNOWN_SHAPES["qwen/qwen2.5-7b-instruct"]
     cache = 2 * qwen.layers * qwen.kv_heads * qwen.head_dim * (2048 + 512) * 2
-    assert judged.judge_gib * 2 ** 30 >= qwen.params * 2 + 11 * cache
-    assert judged.judge_gib == pytest.approx(16.0, abs=0.1) and alone.judge_gib == 0
-    assert judged.total_gib == pytest.approx(alone.total_gib + judged.judge_gib * 1.05)
-    assert "judge 16.0" in judged.summary() and "judge" not in alone.summary()
+    assert judged.graders_gib * 2 ** 30 >= qwen.params * 2 + 11 * cache
+    assert judged.graders_gib == pytest.approx(16.0, abs=0.1) and alone.graders_gib == 0
+    assert judged.total_gib == pytest.approx(alone.total_gib + judged.graders_gib * 1.05)
+    assert "grader models 16.0" in judged.summary() and "grader" not in alone.summary()
+    # A reward model of that shape, read from its config.json.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForSequenceClassification"], "num_labels": 1, "hidden_size": qwen.hidden,
+        "num_hidden_layers": qwen.layers, "intermediate_size": qwen.intermediate, "vocab_size": qwen.vocab,
+        "num_attention_heads": qwen.heads, "num_key_value_heads": qwen.kv_heads}))
+    grpo["spec"]["grpo"]["grader"] = {"operation": "rewardModel", "rewardModel": {"uri": f"file://{tmp_path}"}}
+    rewarded = check_fits(parse(grpo))
+    assert rewarded.graders_gib == pytest.approx(grader_bytes(qwen, 2048, "rewardModel") / 2 ** 30)
+    assert qwen.params * 2 / 2 ** 30 < rewarded.graders_gib < judged.graders_gib - 10 * cache / 2 ** 30
     # On a 70 GiB GPU the model alone fits (63 GiB) and not with the judge, also as one part of a sum.
     grpo["spec"]["resources"]["gpuMemoryGiB"] = 70
     grpo["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
         {"name": "correct", "operation": "number"}, {**judge, "name": "style", "weight": 0.2}]}
     with pytest.raises(PlanError) as err:
         check_fits(parse(grpo))
-    assert err.value.field == "spec.resources" and "judge 16.0" in err.value.message
-    assert "serve the local judge with vLLM and name it in grader.judge" in err.value.message
+    assert err.value.field == "spec.resources" and "grader models 16.0" in err.value.message
+    assert "use a smaller grader model (or serve a judge with vLLM behind grader.judge" in err.value.message
     grpo["spec"]["grpo"]["grader"] = {"operation": "number"}
     assert check_fits(parse(grpo)).total_gib < 70
     # A judge whose shape cannot be known offline is counted by the runtime, with its config.
     grpo["spec"]["grpo"]["grader"] = {**judge, "judgeModel": {"huggingface": "someone/judge"}}
-    assert check_fits(parse(grpo)).judge_gib == 0
+    assert check_fits(parse(grpo)).graders_gib == 0
 
 
 def test_unknown_models_are_not_refused_the_runtime_checks_them():

@@ -23,6 +23,13 @@ def last_number(text: str) -> float | None:
     return float(found[-1].replace(",", "")) if found else None
 
 
+# Graders that read no reference answer: a python grader reads the row itself, a reward model the
+# prompt and answer.
+WITHOUT_REFERENCE = ("python", "rewardModel")
+# Graders whose model runs in the grading process (judgeModel, rewardModel), by the field naming it.
+MODEL_FIELDS = {"judge": "judgeModel", "rewardModel": "rewardModel"}
+
+
 def parts_of(grader: dict[str, Any]) -> list[dict[str, Any]]:
     """The graders whose rewards make the grader's: a sum's parts, or the grader itself."""
     return grader["parts"] if grader["operation"] == "sum" else [grader]
@@ -38,7 +45,7 @@ def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
     """{messages: the prompt, question: its last user message, reference, item: the row} of a row for
     the grader. A ValueError says what the row lacks: every operation but python compares the answer
     with the reference the row holds (a python grader reads what it needs of the row itself)."""
-    compared = [part for part in parts_of(grader) if part["operation"] != "python"]
+    compared = [part for part in parts_of(grader) if part["operation"] not in WITHOUT_REFERENCE]
     for part in compared:
         if reference_of(row, part) is None:
             raise ValueError(f"needs its reference answer in field {part['referenceField']!r} (grader.referenceField) "
@@ -69,6 +76,13 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
         return weighted(grader, part_rewards(grader, answers, graded, cache_uri, field))
     if operation == "python":
         return python_grader.grade(grader["source"], answers, [g["item"] for g in graded], field)
+    if operation == "rewardModel":
+        from . import reward_model  # noqa: PLC0415 - torch only for a reward model
+
+        source = grader["rewardModel"]
+        model, tokenizer = _held(operation, source, lambda: reward_model.load(source, f"{field}.rewardModel"))
+        return reward_model.scores(model, tokenizer, [[*g["messages"], {"role": "assistant", "content": a}]
+                                                      for a, g in zip(answers, graded)])
     references = [reference_of(g["item"], grader) for g in graded]
     if operation != "judge":
         return [reward(a, ref, grader) for a, ref in zip(answers, references)]
@@ -78,7 +92,7 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
     items = [(str(i), judge_messages({"turns": [g["question"]], "reference": ref}, [a], 0, "local" if local else "api"))
              for i, (a, g, ref) in enumerate(zip(answers, graded, references))]
     if local:
-        rated = judge_with_model(_local_judge(local), local, items, cache_uri)
+        rated = judge_with_model(lambda: _held(operation, local, lambda: _judge(local)), local, items, cache_uri)
     else:
         rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
                                field=f"{field}.judge", key_env=GRADER_KEY_ENV)
@@ -86,19 +100,28 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
             for i in range(len(items))]
 
 
-_local_judges: dict[str, Any] = {}  # LazyModels by judge model: loaded at a process's first uncached rating
+_models: dict[str, tuple[Any, Any]] = {}  # (model, tokenizer) graders loaded, by operation and source: once a process
 
 
-def _local_judge(source: dict[str, Any]):
-    from .models import LazyModel  # noqa: PLC0415 - torch only for a local judge
+def _held(operation: str, source: dict[str, Any], load) -> tuple[Any, Any]:
+    key = json.dumps([operation, source], sort_keys=True)
+    if key not in _models:
+        _models[key] = load()
+    return _models[key]
 
-    return _local_judges.setdefault(json.dumps(source, sort_keys=True), LazyModel(source))
+
+def _judge(source: dict[str, Any]) -> tuple[Any, Any]:
+    from .models import load_model, load_tokenizer  # noqa: PLC0415 - torch only for a local judge
+
+    return load_model(source).eval(), load_tokenizer(source)
 
 
-def judge_models(grader: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The local judge models (judgeModel) the grader, or a sum's parts, load beside the model (none
-    without a grader)."""
-    return [part["judgeModel"] for part in parts_of(grader) if part.get("judgeModel")] if grader else []
+def grader_models(grader: dict[str, Any] | None) -> list[tuple[dict[str, Any], str]]:
+    """(source, operation) of each model the grader, or a sum's parts, loads beside the model being
+    trained: local judges and reward models (none without a grader)."""
+    parts = parts_of(grader) if grader else []
+    return [(part[MODEL_FIELDS[part["operation"]]], part["operation"]) for part in parts
+            if part.get(MODEL_FIELDS.get(part["operation"], ""))]
 
 
 def rewards_by_part(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
@@ -129,8 +152,10 @@ def describe(grader: dict[str, Any]) -> str:
         return "sum of " + ", ".join(f"{p['weight']:g} x {p['name']} ({describe(p)})" for p in grader["parts"])
     if grader["operation"] == "python":
         return "python, its source in the task document"
-    judge = grader.get("judgeModel")
-    by = f" by the local judge {judge.get('huggingface') or judge['uri']}" if judge else ""
+    model = grader.get(MODEL_FIELDS.get(grader["operation"], ""))
+    if grader["operation"] == "rewardModel":
+        return f"reward model {model.get('huggingface') or model['uri']}"
+    by = f" by the local judge {model.get('huggingface') or model['uri']}" if model else ""
     return f"{grader['operation']} against field {grader['referenceField']!r}{by}"
 
 

@@ -163,22 +163,31 @@ class GraderPart(ApiModel):
         {"rule": "(self.operation == 'python') == has(self.source)",
          "message": "operation python needs grader.source (Python defining grade(sample, item)), which applies "
                     "to it alone"},
+        {"rule": "(self.operation == 'rewardModel') == has(self.rewardModel)",
+         "message": "operation rewardModel needs grader.rewardModel (a sequence-classification model), which "
+                    "applies to it alone"},
+        {"rule": "!has(self.rewardModel) || !has(self.rewardModel.ggufFile)",
+         "message": "rewardModel is a sequence-classification model in safetensors: transformers loads no "
+                    "classification head from GGUF"},
         {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number']",
-         "message": "extract applies to the equals, contains, icontains and number checks: a judge or a python "
-                    "grader reads the whole answer, and a sum's parts have their own"},
+         "message": "extract applies to the equals, contains, icontains and number checks: a judge, a python "
+                    "grader or a reward model reads the whole answer, and a sum's parts have their own"},
     ]
 
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
         "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number. "
-        "Every row needs it, except with operation python, whose grade function reads the row itself."))
-    operation: Literal["equals", "contains", "icontains", "number", "judge", "python"] = Field("equals", description=(
+        "Every row needs it, except with operation python, whose grade function reads the row itself, and "
+        "rewardModel, which reads the prompt and answer only."))
+    operation: Literal["equals", "contains", "icontains", "number", "judge", "python", "rewardModel"] = Field(
+        "equals", description=(
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
         "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
         "graders compare final answers. judge: grader.judge or grader.judgeModel rates the answer 1-10 against "
         "the reference (the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an "
         "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
-        "grader.source's grade(sample, item) returns the reward."))
+        "grader.source's grade(sample, item) returns the reward. rewardModel: grader.rewardModel's score of the "
+        "conversation (prompt and answer), on its own scale, as TRL's reward models."))
     extract: str | None = Field(None, min_length=1, max_length=1024, description=(
         "A regular expression (Python's) picking what of the answer is compared: its last match's first "
         "group (or the whole match without groups), e.g. '#### (.+)' for GSM8K's final-answer line or "
@@ -196,6 +205,12 @@ class GraderPart(ApiModel):
         "weights take GPU memory beside the model's, which the planner counts. Its ratings are cached in the "
         "store, so a resumed run gets the same rewards without asking it again. For a judge too large to sit "
         "beside training, serve it with vLLM and name it in grader.judge instead."))
+    reward_model: ModelSource | None = Field(None, description=(
+        "operation rewardModel: a reward model (a transformers sequence-classification model with one "
+        "label, e.g. Skywork-Reward-Llama-3.1-8B, or one trained with TRL's RewardTrainer) whose output for "
+        "the prompt and answer, rendered with its own chat template, is the reward, as TRL's GRPOTrainer "
+        "uses one. It runs in each training (or benchmarking) process on its GPU, one answer per forward "
+        "pass; its weights take GPU memory beside the model's, which the planner counts."))
     source: str | None = Field(None, min_length=1, max_length=262144, description=(
         "operation python: Python source (OpenAI's python grader) defining grade(sample, item) that returns "
         "the reward as a number: sample is {\"output_text\": the answer}, item the dataset row with all its "
@@ -234,7 +249,7 @@ class Grader(GraderPart):
                     "LLMFACTORY_GRADER_API_KEY; local judges (judgeModel) need no key"},
     ]
 
-    operation: Literal["equals", "contains", "icontains", "number", "judge", "python", "sum"] = Field(
+    operation: Literal["equals", "contains", "icontains", "number", "judge", "python", "rewardModel", "sum"] = Field(
         "equals", description=GraderPart.model_fields["operation"].description + (
             " sum: the weighted sum of grader.parts' rewards (e.g. a correctness check plus a format reward)."))
     parts: list[WeightedPart] | None = Field(None, min_length=2, max_length=8, description=(

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, Estimate, ModelShape, as_dequantized,
                                                    dequantized_does_not_fit, does_not_fit, estimate, plan_of,
                                                    shape_from_config)
-from llmfactory_runtime.grader import judge_models
+from llmfactory_runtime.grader import grader_models
 
 from ..api.common import ModelSource, operational_fields
 from .errors import PlanError
@@ -80,23 +80,28 @@ def check_fits(res: Resource) -> Estimate | None:
         return None
     spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
     plan = plan_of(spec)
-    est = estimate(shape, plan, _judge_shapes(res, spec))
+    est = estimate(shape, plan, _grader_shapes(res, spec))
     gpu_gib = res.spec.resources.gpu_memory_gib
     if res.spec.resources.gpus_per_node > 0:
         problem = does_not_fit(est, gpu_gib, plan)
         if problem:
             raise PlanError(res.ref, "spec.resources", problem)
         if res.spec.qlora and res.spec.qlora.dequantize_once == "always":
-            problem = dequantized_does_not_fit(estimate(shape, as_dequantized(plan), _judge_shapes(res, spec)), gpu_gib)
+            problem = dequantized_does_not_fit(estimate(shape, as_dequantized(plan), _grader_shapes(res, spec)), gpu_gib)
             if problem:
                 raise PlanError(res.ref, "spec.qlora.dequantizeOnce", problem)
     return est
 
 
-def _judge_shapes(res: Resource, spec: dict) -> tuple[ModelShape, ...]:
-    """The shapes of a GRPO grader's local judges that can be known offline (the runtime counts the others)."""
-    sources = judge_models(spec["grpo"]["grader"] if spec.get("objective") == "grpo" else None)
-    try:
-        return tuple(filter(None, (model_shape(ModelSource.model_validate(s)) for s in sources)))
-    except ValueError as exc:
-        raise PlanError(res.ref, "spec.grpo.grader", f"judgeModel: {exc}") from None
+def _grader_shapes(res: Resource, spec: dict) -> tuple[tuple[ModelShape, str], ...]:
+    """(shape, operation) of the models a GRPO grader loads that can be known offline (the runtime
+    counts the others)."""
+    found = []
+    for source, operation in grader_models(spec["grpo"]["grader"] if spec.get("objective") == "grpo" else None):
+        try:
+            shape = model_shape(ModelSource.model_validate(source))
+        except ValueError as exc:
+            raise PlanError(res.ref, "spec.grpo.grader", f"{source}: {exc}") from None
+        if shape:
+            found.append((shape, operation))
+    return tuple(found)

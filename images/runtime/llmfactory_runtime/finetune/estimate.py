@@ -121,15 +121,15 @@ class Estimate:
     total_gib: float  # per GPU
     flops_per_token: float
     seconds_per_million_tokens: float  # on H100s at the assumed MFU
-    judge_gib: float = 0.0  # GRPO's local judges (grader judgeModel), beside the model on every GPU
+    graders_gib: float = 0.0  # GRPO's grader models (judgeModel, rewardModel), beside the model on every GPU
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
-        judge = f", judge {self.judge_gib:.1f}" if self.judge_gib else ""
+        graders = f", grader models {self.graders_gib:.1f}" if self.graders_gib else ""
         return (f"~{self.total_gib:.1f} GiB per GPU (weights {self.weights_gib:.1f}, gradients {self.gradients_gib:.1f}, "
-                f"optimizer {self.optimizer_gib:.1f}, activations {self.activations_gib:.1f}{judge}); "
+                f"optimizer {self.optimizer_gib:.1f}, activations {self.activations_gib:.1f}{graders}); "
                 f"{self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.2f}M trainable; "
                 f"{self.flops_per_token / 1e9:.1f} GFLOP/token, ~{self.seconds_per_million_tokens:.0f} s per 1M tokens")
 
@@ -149,8 +149,8 @@ def trainable_params(shape: ModelShape, plan: Plan) -> int:
     return shape.layers * (sum(plan.lora_r * (i + o) for i, o in adapted) + magnitudes)
 
 
-def estimate(shape: ModelShape, plan: Plan, judges: tuple[ModelShape, ...] = ()) -> Estimate:
-    """`judges`: the shapes of the local judges (a GRPO grader's judgeModel) each process holds."""
+def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str], ...] = ()) -> Estimate:
+    """`graders`: (shape, operation) of the models a GRPO grader loads in each process (grader_models)."""
     tokens = plan.micro_batch * plan.seq_len
     world = max(plan.gpus, 1)
     trainable = trainable_params(shape, plan)
@@ -212,8 +212,8 @@ def estimate(shape: ModelShape, plan: Plan, judges: tuple[ModelShape, ...] = ())
     loss_bytes = 6 * h if plan.fused_loss else 10 * shape.vocab
     activations = tokens * (layer_bytes + loss_bytes) + fixed + dora_transient(shape, plan)
 
-    judged = sum(judge_bytes(judge, plan.seq_len) for judge in judges)
-    total = (weights + grads + optim + activations + judged) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
+    graded = sum(grader_bytes(grader, plan.seq_len, operation) for grader, operation in graders)
+    total = (weights + grads + optim + activations + graded) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
 
     # FLOPs per token: forward = 2 x (matmul params) + causal attention; backward twice that for a
     # full fine-tune, once for adapters (input gradients only); checkpointing repeats the forward.
@@ -227,20 +227,22 @@ def estimate(shape: ModelShape, plan: Plan, judges: tuple[ModelShape, ...] = ())
     seconds = 1e6 * flops / (world * PEAK_FLOPS * ASSUMED_MFU[plan.method])
     return Estimate(params=shape.params, trainable_params=trainable, weights_gib=weights / GIB, gradients_gib=grads / GIB,
                     optimizer_gib=optim / GIB, activations_gib=activations / GIB, total_gib=total / GIB,
-                    flops_per_token=float(flops), seconds_per_million_tokens=seconds, judge_gib=judged / GIB)
+                    flops_per_token=float(flops), seconds_per_million_tokens=seconds, graders_gib=graded / GIB)
 
 
 JUDGE_PROMPT_TOKENS = 512  # the grading instructions and the reference, beside the question and answer
 
 
-def judge_bytes(judge: ModelShape, seq_len: int) -> float:
-    """A local judge in bf16 (models.compute_dtype on a GPU) and what one rating holds: the KV cache of
-    its prompt (the question and answer, up to maxSeqLength, with the instructions and reference),
-    repeated for each of the ten ratings it scores (benchmark/judge.py), and one layer's MLP at a
-    time; the logits of the last position only."""
-    tokens = seq_len + JUDGE_PROMPT_TOKENS
-    cache = 2 * judge.layers * judge.kv_heads * judge.head_dim * tokens * 2
-    return judge.params * 2 + 11 * cache + tokens * (3 * judge.intermediate + 4 * judge.hidden) * 2
+def grader_bytes(grader: ModelShape, seq_len: int, operation: str) -> float:
+    """A grader's model in bf16 (models.compute_dtype on a GPU) and what one score holds: one layer's
+    MLP at a time over the prompt and answer (up to maxSeqLength), and for a local judge (operation
+    judge) the KV cache of its prompt, with its instructions and the reference, repeated for each of
+    the ten ratings it scores (benchmark/judge.py); the logits of the last position only. A reward
+    model (rewardModel) reads the conversation once, without a cache."""
+    judge = operation == "judge"
+    tokens = seq_len + (JUDGE_PROMPT_TOKENS if judge else 0)
+    cache = 2 * grader.layers * grader.kv_heads * grader.head_dim * tokens * 2
+    return grader.params * 2 + (11 * cache if judge else 0) + tokens * (3 * grader.intermediate + 4 * grader.hidden) * 2
 
 
 def _dora_activations(shape: ModelShape, plan: Plan) -> tuple[float, float]:
@@ -295,9 +297,9 @@ def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
         return None
     dora = ("set lora.dropout 0 (DoRA with dropout keeps an fp32 copy of each adapted weight), "
             if plan.lora_dora and plan.lora_dropout > 0 and plan.method != "full" else "")
-    judge = ("serve the local judge with vLLM and name it in grader.judge instead of judgeModel, "
-             if est.judge_gib else "")
-    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dora}{judge}lower "
+    graders = ("use a smaller grader model (or serve a judge with vLLM behind grader.judge instead of judgeModel), "
+               if est.graders_gib else "")
+    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dora}{graders}lower "
             f"hyperparameters.batchSize or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, "
             f"or shard with distribution.strategy deepspeed (zeroStage 3) over more GPUs")
 

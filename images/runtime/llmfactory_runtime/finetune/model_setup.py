@@ -51,12 +51,12 @@ def gpu_memory_gib(device: torch.device) -> tuple[float, float] | None:
 
 
 def qlora_dequantized(spec: dict[str, Any], shape: ModelShape, plan: Plan, gpu_gib: tuple[float, float] | None,
-                      judges: tuple[ModelShape, ...] = ()) -> Estimate | None:
+                      graders: tuple[tuple[ModelShape, str], ...] = ()) -> Estimate | None:
     """For a QLoRA run that dequantizes its weights once, the (LoRA-sized) estimate it trains under;
     None when it keeps them 4-bit or is no QLoRA run."""
     if spec["method"] != "qlora":
         return None
-    as_lora = estimate(shape, as_dequantized(plan), judges)
+    as_lora = estimate(shape, as_dequantized(plan), graders)
     return as_lora if dequantize_once(spec["qlora"].get("dequantizeOnce", "auto"), as_lora, gpu_gib) else None
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .. import Interrupted
 from ..batching import collate_sequences, encode_rows, label_count, loss_sums, token_logps
 from ..data import read_split
-from ..grader import judge_models
+from ..grader import grader_models
 from ..models import load_config, load_tokenizer
 from ..progress import Progress
 from ..store import Store
@@ -141,14 +141,15 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     precision = next(name for name, d in DTYPES.items() if d == dtype)
     plan = plan_of({**spec, "hyperparameters": {**hp, "precision": precision},
                     "resources": {"gpusPerNode": world.size, "nodes": 1}})
-    judges = tuple(shape_from_config(load_config(j).to_dict()) for j in judge_models(grpo["grader"] if grpo else None))
-    est = estimate(shape, plan, judges)
+    graders = tuple((shape_from_config(load_config(source).to_dict()), operation)
+                    for source, operation in grader_models(grpo["grader"] if grpo else None))
+    est = estimate(shape, plan, graders)
     gpu_gib = gpu_memory_gib(world.device)
     if gpu_gib:
         problem = does_not_fit(est, gpu_gib[0], plan)
         if problem:
             raise InvalidTask(f"spec.resources: {problem}")
-    dequantized = qlora_dequantized(spec, shape, plan, gpu_gib, judges)
+    dequantized = qlora_dequantized(spec, shape, plan, gpu_gib, graders)
     dequantize = dequantized is not None
     est = dequantized or est
 
