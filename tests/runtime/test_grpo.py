@@ -542,8 +542,9 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     "rewards a sum grader with a local judge; this one runs both on two processes, under DDP and DeepSpeed ZeRO-2"))
 @pytest.mark.slow
 @pytest.mark.deepspeed("ShareMemCommBuilder")
-def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, tmp_path):
-    """Each process samples and grades its own prompts (a python grader process and a local judge each);
+def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, tiny_reward_model, tmp_path):
+    """Each process samples and grades its own prompts (a python grader process, a local judge and a
+    reward model each);
     the step's loss is normalized over both processes' answer tokens, so DDP and DeepSpeed ZeRO-2
     (which sums the gradients itself) follow the same curve, with grpo.iterations 2 stepping the
     schedule twice a step and answers cut at maxNewTokens left out of the loss."""
@@ -555,7 +556,9 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
         python_grader("def grade(sample, item):\n    return len(sample['output_text']) / 100\n") | {"name": "length",
                                                                                                    "weight": 0.5},
         {"operation": "judge", "judgeModel": {"uri": f"file://{tiny_model}"}, "referenceField": "answer",
-         "name": "judged", "weight": 0.1}]}
+         "name": "judged", "weight": 0.1},
+        {"operation": "rewardModel", "rewardModel": {"uri": f"file://{tiny_reward_model}"}, "name": "preferred",
+         "weight": 0.1}]}
     tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{strategy}", objective="grpo",
                            grpo={"generations": 4, "maxNewTokens": 6, "iterations": 2, "maskTruncated": True,
                                  "grader": summed},
@@ -578,5 +581,5 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
                                                                               for k in range(1, 9)])
     for task in tasks:
         figures = open_store(task["artifactUri"]).read_json("progress.json")["figures"]
-        assert {"reward.has_a", "reward.length", "reward.judged", "clipped", "truncated"} <= set(figures)
+        assert {"reward.has_a", "reward.length", "reward.judged", "reward.preferred", "clipped", "truncated"} <= set(figures)
         assert 0 < figures["reward.judged"] < 1
