@@ -1,0 +1,89 @@
+"""What grading costs per answer, by grader, as GRPO's step and a Benchmark's reward run them: the
+quickstart's prompts answered by SmolLM2-135M-Instruct (greedy, up to --max-new-tokens), then scored
+by each grader through `llmfactory_runtime.grader.rewards`:
+
+- a string check (icontains) and a python grader (its own process; the first call starts it);
+- a local judge (grader.judgeModel): SmolLM2-135M-Instruct itself, one prompt pass plus the ten
+  ratings' continuations per answer, each rating written to the store's cache (file:// here);
+- a reward model (grader.rewardModel): SmolLM2-135M's weights under a one-label head (untrained: the
+  speed does not depend on the head's values), one pass over the conversation per answer.
+
+Loading a grader's model is timed apart (once a process). Run twice from the same cache folder and
+the local judge's second pass reads its ratings instead (a resumed run's cost).
+
+    .venv/bin/python benchmarks/grader_cost.py [--answers 32] [--max-new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForSequenceClassification
+
+from llmfactory_runtime import grader as grader_module
+from llmfactory_runtime.generate import generate
+from llmfactory_runtime.grader import graded_rows, rewards
+from llmfactory_runtime.models import load_model, load_tokenizer
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "01-dataset.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--answers", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
+    source = spec["teacher"]["model"]
+    tokenizer = load_tokenizer(source)
+    model = load_model(source).eval()
+    rows = [{"prompt": p["text"], "reference": "the"} for p in spec["sources"][0]["inline"][:args.answers]]
+    answers = [g.text for g in generate(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows],
+                                        args.max_new_tokens)]
+    with tempfile.TemporaryDirectory(prefix="llmfactory-rm-") as tmp:
+        # A reward model of SmolLM2's shape: its weights under a fresh one-label head.
+        torch.manual_seed(0)
+        config = model.config.__class__(**model.config.to_dict())
+        config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+        classifier = AutoModelForSequenceClassification.from_config(config)
+        classifier.load_state_dict(model.state_dict(), strict=False)  # all but lm_head; score stays fresh
+        classifier.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del classifier, model
+        graders = {
+            "icontains": {"referenceField": "reference", "operation": "icontains"},
+            "python": {"referenceField": "reference", "operation": "python",
+                       "source": "def grade(sample, item):\n    return len(sample['output_text'].split()) / 100\n"},
+            "judgeModel (SmolLM2-135M)": {"referenceField": "reference", "operation": "judge", "judgeModel": source},
+            "rewardModel (SmolLM2-135M shape)": {"referenceField": "reference", "operation": "rewardModel",
+                                                 "rewardModel": {"uri": f"file://{tmp}"}},
+        }
+        cache = f"file://{tmp}/cache"
+        tokens = sum(len(tokenizer(a)["input_ids"]) for a in answers)
+        print(f"{len(answers)} answers of {tokens / len(answers):.0f} tokens on average, {torch.get_num_threads()} "
+              f"threads, {'cuda' if torch.cuda.is_available() else 'cpu'}")
+        print("| grader | first call s (loads) | s per answer | answers/s | cached rerun s per answer |")
+        print("|---|---|---|---|---|")
+        for name, grader in graders.items():
+            graded = graded_rows(rows, grader, "prompts")
+            began = time.perf_counter()
+            rewards(grader, answers[:1], graded[:1], cache, "grader")  # loads its model or starts its process
+            first = time.perf_counter() - began
+            began = time.perf_counter()
+            rewards(grader, answers[1:], graded[1:], cache, "grader")
+            each = (time.perf_counter() - began) / (len(answers) - 1)
+            began = time.perf_counter()
+            rewards(grader, answers[1:], graded[1:], cache, "grader")  # a resumed run: the judge's cache answers
+            again = (time.perf_counter() - began) / (len(answers) - 1)
+            print(f"| {name} | {first:.2f} | {each:.4f} | {1 / each:.1f} | {again:.4f} |", flush=True)
+            grader_module._models.clear()
+
+
+if __name__ == "__main__":
+    main()
