@@ -1,7 +1,8 @@
 """Rewards for objective grpo and a Benchmark's reward: an answer scored 1 or 0 against the reference
 answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, rated by an
-LLM judge against it (OpenAI's score_model grader), scored by the spec's own Python (its python
-grader), or a weighted sum of such (TRL's reward functions and weights, OpenAI's multi grader)."""
+LLM judge against it (OpenAI's score_model grader; an API, or a local model in this process), scored
+by the spec's own Python (its python grader) or by a reward model (TRL's), or a weighted sum of such
+(TRL's reward functions and weights, OpenAI's multi grader)."""
 
 from __future__ import annotations
 
@@ -69,11 +70,11 @@ def graded_rows(rows: list[dict[str, Any]], grader: dict[str, Any], where: str) 
 def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
             field: str) -> list[float]:
     """The grader's reward of each answer to its graded row (as graded_of gives them): 0-1, what a
-    python grader returns, or a sum's weighted parts. A judge (operation judge) is asked about all of
-    them at once, within its limits; `field` names the grader in the spec, for its errors."""
+    python grader returns, a reward model's score, or a sum's weighted parts. An API judge is asked
+    about all of them at once, within its limits; `field` names the grader in the spec, for its errors."""
     operation = grader["operation"]
     if operation == "sum":
-        return weighted(grader, part_rewards(grader, answers, graded, cache_uri, field))
+        return rewards_by_part(grader, answers, graded, cache_uri, field)[0]
     if operation == "python":
         return python_grader.grade(grader["source"], answers, [g["item"] for g in graded], field)
     if operation == "rewardModel":
