@@ -308,6 +308,12 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu") == answers  # torch's generator decides: resumable
     greedy = sample(model, tok, prompts, 1, 0.0, 30, 40, "cpu")
     assert greedy == sample(model, tok, prompts, 1, 0.0, 30, 40, "cpu")
+    # grpo.topK, topP and minP narrow the draw: to the likeliest token alone, each is greedy at temperature 1.
+    repeated = [a for a in greedy for _ in range(4)]
+    assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu", top_k=1) == repeated
+    assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu", top_p=1e-6) == repeated
+    assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu", min_p=0.999) == repeated
+    assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu", top_k=50) != repeated
     seqs = sequences(prompts, answers, 4)
     assert seqs[5]["input_ids"] == prompts[1] + answers[5]
     assert seqs[5]["labels"] == [IGNORE] * len(prompts[1]) + answers[5]

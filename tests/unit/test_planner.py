@@ -357,7 +357,8 @@ GRPO = m("FineTune", "ft", {"baseModel": MODEL, "dataset": {"uri": "s3://bucket/
 def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_cannot_measure_answers_on():
     task = plan(parse(GRPO), lookup({}), STORE)
     assert task["inputs"]["dataset"]["format"] == "graded"
-    assert task["spec"]["grpo"] == {"generations": 8, "temperature": 1.0, "maxNewTokens": 256, "scaleRewards": True,
+    assert task["spec"]["grpo"] == {"generations": 8, "temperature": 1.0, "topP": 1.0, "topK": 0, "minP": 0.0,
+                                    "maxNewTokens": 256, "scaleRewards": True,
                                     "beta": 0.0, "lossType": "dapo", "maskTruncated": False, "iterations": 1, "epsilon": 0.2,
                                     "grader": {"referenceField": "answer", "operation": "number",
                                                "extract": "#### (.+)"}}

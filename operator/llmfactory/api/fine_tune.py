@@ -272,6 +272,13 @@ class Grpo(ApiModel):
         "group's mean, so a group whose answers all score the same teaches nothing. More answers find a "
         "passing one for harder prompts, at that many times the generation and training compute."))
     temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the answers (TRL's default 1).")
+    top_p: float = Field(1.0, gt=0, le=1, description=(
+        "Nucleus sampling: draw from the likeliest tokens whose probabilities add up to topP (TRL's top_p; 1: "
+        "all). Below 1, the answers come from a narrower distribution than the policy's, which the loss "
+        "treats as the policy's, as TRL does."))
+    top_k: int = Field(0, ge=0, le=1000000, description="Draw from the topK likeliest tokens only (TRL's top_k; 0: all).")
+    min_p: float = Field(0.0, ge=0, lt=1, description=(
+        "Drop tokens less likely than minP times the likeliest one (TRL's min_p; 0: none)."))
     max_new_tokens: int = Field(256, ge=1, le=131072, description=(
         "Longest sampled answer, in tokens; the prompt and answer together are cut at "
         "hyperparameters.maxSeqLength."))

@@ -39,8 +39,9 @@ def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, wher
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int,
-           max_len: int, device) -> list[list[int]]:
-    """n answers to each prompt (greedy when temperature is 0), in order: prompt 0's n, prompt 1's, ...
+           max_len: int, device, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> list[list[int]]:
+    """n answers to each prompt (greedy when temperature is 0; top_p, top_k and min_p narrow what is
+    drawn from, as grpo.topP, topK and minP say), in order: prompt 0's n, prompt 1's, ...
     Each answer's tokens run up to and with its first end-of-turn token (learning to stop is learned
     too), cut so that prompt and answer fit max_len. Dropout is off while sampling."""
     width = max(len(p) for p in prompts)
@@ -49,9 +50,10 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
     for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
         ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
     stop = stop_token_ids(tokenizer)
-    # The model's own distribution: nothing of its generation config (top_p, top_k, repetition penalty) applies.
-    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0
-                else {"do_sample": False}) | {"repetition_penalty": 1.0}
+    # The spec's settings alone: nothing of the model's generation config (its top_p, top_k, repetition
+    # penalty) applies.
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                 "min_p": min_p or None} if temperature > 0 else {"do_sample": False}) | {"repetition_penalty": 1.0}
     with evaluating(model):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_return_sequences=n,
                              max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
@@ -101,7 +103,8 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
     group's mean (the others' advantages), its tokens not in the loss."""
     n = grpo["generations"]
     prompts = [e["prompt"] for e in chunk]
-    answers = sample(model, tokenizer, prompts, n, grpo["temperature"], grpo["maxNewTokens"], max_len, device)
+    answers = sample(model, tokenizer, prompts, n, grpo["temperature"], grpo["maxNewTokens"], max_len, device,
+                     grpo.get("topP", 1.0), grpo.get("topK", 0), grpo.get("minP", 0.0))
     got, parts = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
     stop = set(stop_token_ids(tokenizer))
     truncated = [not a or a[-1] not in stop for a in answers]  # cut at maxNewTokens or maxSeqLength
