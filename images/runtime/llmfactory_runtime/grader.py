@@ -93,7 +93,10 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
     items = [(str(i), judge_messages({"turns": [g["question"]], "reference": ref}, [a], 0, "local" if local else "api"))
              for i, (a, g, ref) in enumerate(zip(answers, graded, references))]
     if local:
-        rated = judge_with_model(lambda: _held(operation, local, lambda: _judge(local)), local, items, cache_uri)
+        from .models import LazyModel  # noqa: PLC0415 - torch only for a local judge
+
+        # Loaded only when a rating is not in the cache, then held for the process's later calls.
+        rated = judge_with_model(lambda: _held(operation, local, LazyModel(local)), local, items, cache_uri)
     else:
         rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
                                field=f"{field}.judge", key_env=GRADER_KEY_ENV)
@@ -109,12 +112,6 @@ def _held(operation: str, source: dict[str, Any], load) -> tuple[Any, Any]:
     if key not in _models:
         _models[key] = load()
     return _models[key]
-
-
-def _judge(source: dict[str, Any]) -> tuple[Any, Any]:
-    from .models import load_model, load_tokenizer  # noqa: PLC0415 - torch only for a local judge
-
-    return load_model(source).eval(), load_tokenizer(source)
 
 
 def grader_models(grader: dict[str, Any] | None) -> list[tuple[dict[str, Any], str]]:

@@ -79,15 +79,15 @@ def check_fits(res: Resource) -> Estimate | None:
     if shape is None:
         return None
     spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
-    plan = plan_of(spec)
-    est = estimate(shape, plan, _grader_shapes(res, spec))
+    plan, graders = plan_of(spec), _grader_shapes(res, spec)
+    est = estimate(shape, plan, graders)
     gpu_gib = res.spec.resources.gpu_memory_gib
     if res.spec.resources.gpus_per_node > 0:
         problem = does_not_fit(est, gpu_gib, plan)
         if problem:
             raise PlanError(res.ref, "spec.resources", problem)
         if res.spec.qlora and res.spec.qlora.dequantize_once == "always":
-            problem = dequantized_does_not_fit(estimate(shape, as_dequantized(plan), _grader_shapes(res, spec)), gpu_gib)
+            problem = dequantized_does_not_fit(estimate(shape, as_dequantized(plan), graders), gpu_gib)
             if problem:
                 raise PlanError(res.ref, "spec.qlora.dequantizeOnce", problem)
     return est
