@@ -284,12 +284,21 @@ def test_kto_on_two_processes_follows_one_process_with_accumulation_2(tiny_model
     ZeRO-2, which sums the processes' gradients itself): KTO's reference point is taken over the
     whole step on all processes (not per micro-batch, as TRL's), so the loss curves and the rewards
     reported are the same."""
-    data = _unpaired_dataset(tmp_path / "data")
-    tasks = [finetune_task(tiny_model, data, f"file://{tmp_path}/{processes}", objective="kto",
-                           kto={"beta": 0.5}, lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
-                           resources={"gpusPerNode": processes},
+    one, two = two_processes_and_one(tiny_model, tmp_path, strategy, _unpaired_dataset(tmp_path / "data"),
+                                     objective="kto", kto={"beta": 0.5},
+                                     lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]},
+                                     hyperparameters={"epochs": 1, "learningRate": 0.02})
+    assert two["rewardAccuracy"] == one["rewardAccuracy"]
+    assert two["rewardMargin"] == pytest.approx(one["rewardMargin"], abs=1e-4)
+
+
+def two_processes_and_one(model, tmp_path: Path, strategy: str, data: str, **spec) -> tuple[dict, dict]:
+    """Results of the same global batch as 1 process x gradientAccumulation 2 and as 2 processes x 1
+    under `strategy`, having checked that they follow the same loss curve."""
+    hp = spec.pop("hyperparameters")
+    tasks = [finetune_task(model, data, f"file://{tmp_path}/{processes}", resources={"gpusPerNode": processes},
                            distribution={"strategy": strategy} if processes == 2 else {"strategy": "ddp"},
-                           hyperparameters={"epochs": 1, "learningRate": 0.02, "gradientAccumulation": 3 - processes})
+                           hyperparameters={**hp, "gradientAccumulation": 3 - processes}, **spec)
              for processes in (1, 2)]
     for processes, task in zip((1, 2), tasks):
         _ok(run_finetune(write_task(task, tmp_path), processes=processes))
@@ -297,5 +306,5 @@ def test_kto_on_two_processes_follows_one_process_with_accumulation_2(tiny_model
     assert len(curves[0]) == len(curves[1]) > 3
     assert max(abs(a - b) for a, b in zip(*curves)) < 1e-4
     one, two = (open_store(task["artifactUri"]).read_json("result.json") for task in tasks)
-    assert two["processes"] == 2 and two["rewardAccuracy"] == one["rewardAccuracy"]
-    assert two["rewardMargin"] == pytest.approx(one["rewardMargin"], abs=1e-4)
+    assert two["processes"] == 2
+    return one, two

@@ -233,7 +233,10 @@ def test_planner_counts_a_grpo_graders_models_beside_the_model(tmp_path):
     grpo["spec"]["grpo"]["grader"] = {"operation": "rewardModel", "rewardModel": {"uri": f"file://{tmp_path}"}}
     rewarded = check_fits(parse(grpo))
     assert rewarded.graders_gib == pytest.approx(grader_bytes(qwen, 2048, "rewardModel") / 2 ** 30)
-    assert qwen.params * 2 / 2 ** 30 < rewarded.graders_gib < judged.graders_gib - 10 * cache / 2 ** 30
+    # Its weights are the causal LM's less the output layer (vocab x hidden), plus a score layer (hidden).
+    weights = qwen.params - qwen.vocab * qwen.hidden + qwen.hidden
+    assert weights * 2 / 2 ** 30 < rewarded.graders_gib < judged.graders_gib - 10 * cache / 2 ** 30
+    assert rewarded.graders_gib < qwen.params * 2 / 2 ** 30
     # On a 70 GiB GPU the model alone fits (63 GiB) and not with the judge, also as one part of a sum.
     grpo["spec"]["resources"]["gpuMemoryGiB"] = 70
     grpo["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
@@ -277,3 +280,18 @@ def test_llmfactory_plan_shows_the_estimate_read_from_the_quickstart_gguf():
                          capture_output=True, text=True, check=True).stdout
     line = next(l for l in out.splitlines() if "estimate:" in l)
     assert "GiB per GPU" in line and "0.13B params" in line
+
+
+def test_a_reward_model_in_training_holds_a_score_layer_and_no_vocabulary_logits():
+    """objective reward: a pair's two conversations are two rows of maxSeqLength (DPO's share one row of
+    twice that, the same tokens), and the output layer gives one score: the estimate drops the
+    vocabulary's logits (10 bytes a token and vocabulary entry) and the output layer's weights (128k x
+    4096 in bf16 on Llama-3-8B)."""
+    hp = {"batchSize": 1, "maxSeqLength": 2048}
+    dpo, rm = (check_fits(parse(_fine_tune("meta-llama/Meta-Llama-3-8B", {"gpusPerNode": 1}, objective=objective,
+                                           hyperparameters=hp, lora={"dropout": 0.0})))
+               for objective in ("dpo", "reward"))
+    llama = KNOWN_SHAPES["meta-llama/meta-llama-3-8b"]
+    assert (dpo.activations_gib - rm.activations_gib) * 2 ** 30 == pytest.approx(2 * 2048 * 10 * (llama.vocab - 1))
+    assert (dpo.weights_gib - rm.weights_gib) * 2 ** 30 == pytest.approx((llama.vocab - 1) * llama.hidden * 2)
+    assert rm.flops_per_token < dpo.flops_per_token and rm.params == dpo.params - (llama.vocab - 1) * llama.hidden

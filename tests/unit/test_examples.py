@@ -60,10 +60,12 @@ UPSTREAM = {
 def test_every_example_plans_once_what_it_references_succeeded(folder):
     """Every resource, not only the first: gates, estimates and references are checked too."""
     resources = dependency_order(parse(m) for m in read_manifests([folder]))
-    by_name = {(r.kind, r.name) for r in resources}
+    by_name = {(r.kind, r.name): r for r in resources}
     for res in resources:
         def result_of(kind, namespace, name):
             assert (kind, name) in by_name, f"{res.ref} references {kind} {name}, which the example lacks"
+            if kind == "FineTune":  # a reward model is only what a FineTune with objective reward trained
+                return {**UPSTREAM[kind], "objective": by_name[kind, name].spec.objective}
             return UPSTREAM[kind]
         task = plan(res, result_of, "s3://bucket/llmfactory")
         assert not isinstance(task, Waiting) and task["digest"]

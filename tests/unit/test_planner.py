@@ -456,3 +456,55 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
     bad["spec"]["reward"]["grader"]["extract"] = "[0-9"
     with pytest.raises(PlanError, match="spec.reward.grader.extract: '\\[0-9' is not a regular expression"):
         plan(parse(bad), lookup(graded), STORE)
+
+
+def test_a_reward_model_fine_tune_feeds_a_grpo_grader_by_reference_and_nothing_that_needs_text():
+    """objective reward trains on preference pairs; a GRPO FineTune's (or a Benchmark's) sum grader names
+    it by fineTuneRef: it waits for it, its task reads the trained model's URI (a retrained reward model is
+    a new run), and a language model named there, an adapter alone, or a Benchmark, Quantization or
+    further SFT of the reward model are refused naming the field."""
+    rm = m("FineTune", "rm", {"baseModel": MODEL, "dataset": {"datasetBuildRef": {"name": "data"}}, "objective": "reward"})
+    with pytest.raises(PlanError, match="spec.dataset.datasetBuildRef: DatasetBuild data wrote conversations .*"
+                                        "objective reward trains on preference pairs"):
+        plan(parse(rm), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
+    pairs = {**DATA_RESULT, "format": "preference"}
+    task = plan(parse(rm), lookup({("DatasetBuild", "data"): pairs}), STORE)
+    assert task["inputs"]["dataset"]["format"] == "preference" and task["spec"]["reward"] == {}
+    with pytest.raises(PlanError, match="reward settings apply only to objective reward"):
+        parse(m("FineTune", "x", {"baseModel": MODEL, "dataset": {"uri": "s3://d"}, "reward": {}}))
+
+    grpo = copy.deepcopy(GRPO)
+    grpo["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
+        {"name": "correct", "operation": "number", "referenceField": "answer"},
+        {"name": "preferred", "operation": "rewardModel", "weight": 0.5, "rewardModel": {"fineTuneRef": {"name": "rm"}}}]}
+    names = [r.name for r in dependency_order(parse(x) for x in [grpo, rm, DATA])]
+    assert names.index("data") < names.index("rm") < names.index("ft")
+    waiting = plan(parse(grpo), lookup({}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.grpo.grader.parts[1].rewardModel.fineTuneRef"
+    trained = {**FT_RESULT, "objective": "reward", "datasetFormat": "preference"}
+    task = plan(parse(grpo), lookup({("FineTune", "rm"): trained}), STORE)
+    assert task["spec"]["grpo"]["grader"]["parts"][1]["rewardModel"] == {"uri": FT_RESULT["modelUri"]}
+    retrained = {**trained, "modelUri": "s3://bucket/default/finetune/rm/0123456789abcdef/model"}
+    assert plan(parse(grpo), lookup({("FineTune", "rm"): retrained}), STORE)["digest"] != task["digest"]
+    with pytest.raises(PlanError, match=r"spec.grpo.grader.parts\[1\].rewardModel.fineTuneRef: FineTune rm trained "
+                                        "with objective sft, so it is a language model, not a reward model"):
+        plan(parse(grpo), lookup({("FineTune", "rm"): FT_RESULT}), STORE)
+    adapter_only = {k: v for k, v in trained.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/rm/adapter"}
+    with pytest.raises(PlanError, match=r"parts\[1\].rewardModel.fineTuneRef: FineTune rm kept only its adapter"):
+        plan(parse(grpo), lookup({("FineTune", "rm"): adapter_only}), STORE)
+    benchmark = m("Benchmark", "b", {"model": {"source": {"uri": "s3://bucket/tuned"}}, "baseline": False, "reward": {
+        "dataset": {"uri": "s3://bucket/prompts"},
+        "grader": {"operation": "rewardModel", "rewardModel": {"fineTuneRef": {"name": "rm"}}}}})
+    task = plan(parse(benchmark), lookup({("FineTune", "rm"): trained}), STORE)
+    assert task["spec"]["reward"]["grader"]["rewardModel"] == {"uri": FT_RESULT["modelUri"]}
+
+    for manifest, field in ((BENCH, "spec.model.fineTuneRef"), (QUANT, "spec.model.fineTuneRef")):
+        with pytest.raises(PlanError, match=f"{field}: FineTune ft trained a reward model, .*nothing to"):
+            plan(parse(manifest), lookup({("FineTune", "ft"): trained}), STORE)
+    further = m("FineTune", "more", {"baseModel": {"fineTuneRef": {"name": "ft"}}, "dataset": {"uri": "s3://d"}})
+    with pytest.raises(PlanError, match="spec.baseModel.fineTuneRef: FineTune ft trained a reward model, which "
+                                        "scores conversations and cannot write them: objective sft"):
+        plan(parse(further), lookup({("FineTune", "ft"): trained}), STORE)
+    further["spec"]["objective"] = "reward"  # a reward model trained further on other pairs
+    assert plan(parse(further), lookup({("FineTune", "ft"): trained}), STORE)["inputs"]["baseModel"] == {
+        "uri": FT_RESULT["modelUri"]}

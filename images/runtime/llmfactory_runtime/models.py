@@ -105,21 +105,24 @@ def load_config(source: dict[str, Any]):
 
 
 def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, cache: bool = True,
-               to: torch.device | None = None, **kwargs):
-    """A causal LM on the best device (or `to`), in the compute dtype unless told otherwise, with the
+               to: torch.device | None = None, auto_class=AutoModelForCausalLM, **kwargs):
+    """A causal LM (or what `auto_class` loads: a reward model to train is a sequence-classification
+    one) on the best device (or `to`), in the compute dtype unless told otherwise, with the
     LoRA adapter at source["adapterUri"] merged in when there is one. A GGUF
     source is kept as safetensors in the local cache unless cache=False (a file that is only checked once).
     A model loaded with a device_map (e.g. 4-bit) stays where it was placed."""
     dtype = dtype or compute_dtype()
     cached = _gguf_cache(source, cache)
-    if cached and not (cached / ".complete").exists() and "quantization_config" in kwargs:
-        # transformers cannot quantize while reading GGUF: make the safetensors copy first.
+    if cached and not (cached / ".complete").exists() and ("quantization_config" in kwargs
+                                                           or auto_class is not AutoModelForCausalLM):
+        # transformers cannot quantize while reading GGUF, and the cache is of the causal LM: make the
+        # safetensors copy first.
         load_model(source, dtype=dtype, cache=True, to=torch.device("cpu"))  # kept: only the cache
     if cached and (cached / ".complete").exists():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **kwargs)
+        model = auto_class.from_pretrained(cached, dtype=dtype, **kwargs)
     else:
         where, gguf, extra = locate(source)
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=gguf, dtype=dtype, **extra, **kwargs)
+        model = auto_class.from_pretrained(where, gguf_file=gguf, dtype=dtype, **extra, **kwargs)
         if cached:
             _save_gguf_cache(model, AutoTokenizer.from_pretrained(where, gguf_file=gguf), cached)
     if source.get("adapterUri"):  # a FineTune that kept only its LoRA adapter: merged onto its base here

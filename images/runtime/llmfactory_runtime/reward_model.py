@@ -1,13 +1,17 @@
-"""A reward model as a grader (operation rewardModel): a sequence-classification model with one label
-whose output for a conversation is its reward, as TRL's GRPOTrainer and RLHF pipelines use one."""
+"""A reward model: a sequence-classification model with one label whose output for a conversation
+is its reward, as TRL's GRPOTrainer and RLHF pipelines use one. A grader scores answers with it
+(operation rewardModel); a FineTune with objective reward trains one on preference pairs, as TRL's
+RewardTrainer does (Bradley-Terry: the chosen answer's score above the rejected one's)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
+from .batching import collate_sequences, evaluating
 from .chat import render
 from .models import compute_dtype, device, load_tokenizer, locate
 from .task import InvalidTask
@@ -38,3 +42,36 @@ def scores(model, tokenizer, conversations: list[list[dict[str, str]]]) -> list[
             ids = tokenizer(render(tokenizer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
             out.append(float(model(input_ids=ids.to(model.device)).logits[0, 0]))
     return out
+
+
+def pair_batch(convs: list[dict], pairs: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of pairs (indices into encode_pairs' conversations): each pair's chosen and rejected
+    conversation a row of its own, right-padded, since the model scores a row at its end."""
+    batch = collate_sequences(convs, [[k] for i in pairs for k in (2 * i, 2 * i + 1)], pad_id, packed=False)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def pair_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's score of each pair's chosen and rejected conversation in a pair_batch, (pairs, 2),
+    as a grader scores one alone: transformers reads each row at its last token that is not padding."""
+    return model(**batch, use_cache=False).logits.float().view(-1, 2)
+
+
+def reward_terms(rewards: torch.Tensor, reward: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, the reward model's loss -log sigmoid(chosen - rejected) (Bradley-Terry, as TRL's
+    RewardTrainer; with reward.centerRewardsCoefficient, plus that times (chosen + rejected)^2), and
+    the margin chosen - rejected (> 0: the pair is ranked right)."""
+    margin = rewards[:, 0] - rewards[:, 1]
+    loss = -F.logsigmoid(margin)
+    if reward.get("centerRewardsCoefficient"):
+        loss = loss + reward["centerRewardsCoefficient"] * rewards.sum(1) ** 2
+    return loss, margin
+
+
+@torch.no_grad()
+def evaluate_pairs(model, convs: list[dict], pairs: list[int], batch_size: int, pad_id: int, device) -> torch.Tensor:
+    """pair_rewards of the given pairs in evaluation mode (no dropout), batch_size pairs at a time."""
+    with evaluating(model):
+        out = [pair_rewards(model, {k: v.to(device) for k, v in pair_batch(convs, pairs[i:i + batch_size], pad_id).items()}).cpu()
+               for i in range(0, len(pairs), batch_size)]
+    return torch.cat(out) if out else torch.zeros((0, 2))

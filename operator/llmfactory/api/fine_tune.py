@@ -149,6 +149,32 @@ class Kto(ApiModel):
     undesirable_weight: float = Field(1.0, gt=0, le=100, description="Weight of the undesirable examples' loss.")
 
 
+class Reward(ApiModel):
+    """Reward model training (objective reward), as TRL's RewardTrainer: a Bradley-Terry model of
+    preference pairs, one score per conversation, the chosen answer's above the rejected one's."""
+
+    center_rewards_coefficient: float | None = Field(None, gt=0, le=1, description=(
+        "Also add this times the squared sum of each pair's two rewards to its loss (TRL's "
+        "center_rewards_coefficient; 0.01 in Eisenstein et al., 2023), which keeps the rewards centred on "
+        "zero: the pair loss sees only their difference, so without it the scale's offset drifts freely. "
+        "Unset: none."))
+
+
+class RewardModelSource(ModelSource):
+    """A reward model: a Hugging Face repository, a URI, or what a FineTune with objective reward trained."""
+
+    cel_rules: ClassVar = [
+        {"rule": "[has(self.huggingface), has(self.uri), has(self.fineTuneRef)].filter(x, x).size() == 1",
+         "message": "set exactly one of huggingface, uri or fineTuneRef"},
+        {"rule": "!has(self.revision) || has(self.huggingface)",
+         "message": "revision applies only to a huggingface model"},
+    ]
+
+    fine_tune_ref: LocalObjectReference | None = Field(None, description=(
+        "A FineTune in this namespace with objective reward (and mergeAdapter true) whose model scores the "
+        "answers; this one waits until that one has succeeded, and runs again when it is retrained."))
+
+
 class GraderPart(ApiModel):
     """One way of scoring an answer against the reference answer its row holds: 1 or 0 when it passes a
     check (as OpenAI's reinforcement fine-tuning string_check grader does), an LLM judge's rating (its
@@ -205,9 +231,10 @@ class GraderPart(ApiModel):
         "weights take GPU memory beside the model's, which the planner counts. Its ratings are cached in the "
         "store, so a resumed run gets the same rewards without asking it again. For a judge too large to sit "
         "beside training, serve it with vLLM and name it in grader.judge instead."))
-    reward_model: ModelSource | None = Field(None, description=(
+    reward_model: RewardModelSource | None = Field(None, description=(
         "operation rewardModel: a reward model (a transformers sequence-classification model with one "
-        "label, e.g. Skywork-Reward-Llama-3.1-8B, or one trained with TRL's RewardTrainer) whose output for "
+        "label, e.g. Skywork-Reward-Llama-3.1-8B, one trained with TRL's RewardTrainer, or a FineTune's with "
+        "objective reward, by fineTuneRef) whose output for "
         "the prompt and answer, rendered with its own chat template, is the reward, as TRL's GRPOTrainer "
         "uses one. It runs in each training (or benchmarking) process on its GPU, one answer per forward "
         "pass; its weights take GPU memory beside the model's, which the planner counts."))
@@ -450,6 +477,8 @@ class FineTuneSpec(RunOptions):
          "message": "kto settings apply only to objective kto"},
         {"rule": "(has(self.objective) && self.objective == 'grpo') || !has(self.grpo)",
          "message": "grpo settings apply only to objective grpo"},
+        {"rule": "(has(self.objective) && self.objective == 'reward') || !has(self.reward)",
+         "message": "reward settings apply only to objective reward"},
         {"rule": "!has(self.objective) || self.objective != 'grpo' || has(self.dataset.uri)",
          "message": "objective grpo trains on prompts with reference answers for its grader at dataset.uri; "
                     "a DatasetBuild writes answered conversations"},
@@ -478,7 +507,7 @@ class FineTuneSpec(RunOptions):
     method: Literal["lora", "qlora", "full"] = Field("lora", description=(
         "lora trains an adapter on the frozen base; qlora does so on a 4-bit quantized base "
         "(bitsandbytes); full trains every weight."))
-    objective: Literal["sft", "dpo", "kto", "grpo"] = Field("sft", description=(
+    objective: Literal["sft", "dpo", "kto", "grpo", "reward"] = Field("sft", description=(
         "sft learns the assistant answers of conversations (supervised fine-tuning); dpo learns from "
         "preference pairs, a chosen and a rejected answer to the same prompt, to make the chosen one "
         "more likely than the rejected one relative to the base model (Direct Preference Optimization). "
@@ -498,7 +527,15 @@ class FineTuneSpec(RunOptions):
         "reference answer (grpo.grader), and makes the answers that score above their group's mean more "
         "likely; rows at dataset.uri hold the prompt (messages ending with a user turn, or prompt) and the "
         "reference (OpenAI's {messages, <field>: ...}). batchSize counts prompts; its loss hovers near 0, "
-        "the curve to watch is the mean reward (metrics/loss.csv, progress.json)."))
+        "the curve to watch is the mean reward (metrics/loss.csv, progress.json). reward trains a reward "
+        "model (TRL's RewardTrainer) on the preference pairs dpo reads: the model with its output layer "
+        "replaced by one score per conversation (a transformers sequence-classification model with one "
+        "label, the score read at the conversation's last token), trained so that the chosen answer scores "
+        "above the rejected one (loss -log sigmoid(difference), starting near ln 2 = 0.693); what it saves "
+        "is what grader.rewardModel of a GRPO FineTune or Benchmark reads (fineTuneRef). Each conversation "
+        "is a row of its own (no packing); maxSeqLength bounds each."))
+    reward: Reward | None = Field(None, description=(
+        "Reward model settings (objective reward); defaults apply when unset."))
     dpo: Dpo | None = Field(None, description=(
         "Preference settings (objective dpo): the loss (DPO or a variant) and its strength; defaults apply when unset."))
     kto: Kto | None = Field(None, description=(
@@ -527,6 +564,8 @@ class FineTuneSpec(RunOptions):
             self.kto = Kto()
         if self.objective == "grpo" and self.grpo is None:
             self.grpo = Grpo()
+        if self.objective == "reward" and self.reward is None:
+            self.reward = Reward()
         if self.method in ("lora", "qlora") and self.lora is None:
             self.lora = Lora()
         if self.method == "qlora" and self.qlora is None:
@@ -540,6 +579,9 @@ class FineTuneResult(ApiModel):
         "template, generation config, model card. Absent when mergeAdapter is false."))
     adapter_uri: str | None = Field(None, description="LoRA adapter (methods lora and qlora), with tokenizer and model card.")
     base_model: ModelSource = Field(description="The model that was fine-tuned.")
+    objective: str | None = Field(None, description=(
+        "What it trained with (spec.objective): reward for a reward model, which scores conversations "
+        "rather than writing them."))
     dataset_uri: str = Field(description="Dataset the model was trained on.")
     dataset_format: str = Field(description="Row format of the dataset.")
     dataset_digest: str = Field(description="Digest of the dataset.")
@@ -547,7 +589,8 @@ class FineTuneResult(ApiModel):
     first_loss: float = Field(description="Mean train loss of the first steps (ten, or a third of a shorter run).")
     final_loss: float = Field(description="Mean train loss of the last steps (ten, or a third of a shorter run).")
     eval_loss: float | None = Field(None, description=(
-        "Loss on the validation split after training (the DPO loss with objective dpo, KTO's with kto)."))
+        "Loss on the validation split after training (the DPO loss with objective dpo, KTO's with kto, the "
+        "pair loss with reward)."))
     steps: int = Field(description="Optimizer steps.")
     train_tokens: int = Field(description="Tokens seen in training (non-padding).")
     tokens_per_second: float = Field(description="Training throughput (real tokens, all processes).")
@@ -568,13 +611,14 @@ class FineTuneResult(ApiModel):
         "objective dpo: share of validation pairs whose chosen answer the saved model prefers to the "
         "rejected one more than the base model did (implicit reward of chosen > rejected); with a "
         "reference-free dpo.loss (simpo, orpo), whose chosen answer it finds likelier per token. objective "
-        "kto: share of validation examples whose implicit reward lies past KTO's reference point on the side "
+        "reward: share of validation pairs whose chosen answer the reward model scores above the rejected one. "
+        "objective kto: share of validation examples whose implicit reward lies past KTO's reference point on the side "
         "of their label (above it for a desirable answer, below for an undesirable one)."))
     reward_margin: float | None = Field(None, description=(
         "objective dpo: mean over validation pairs of the implicit reward of the chosen answer minus the "
         "rejected one's (beta x change of log-probability from the base model; with simpo and orpo, beta x "
-        "the per-token mean log-probability). objective kto: the desirable answers' mean implicit reward "
-        "minus the undesirable ones'."))
+        "the per-token mean log-probability). objective reward: the chosen answers' mean score minus the "
+        "rejected ones'. objective kto: the desirable answers' mean implicit reward minus the undesirable ones'."))
     reward: float | None = Field(None, description=(
         "objective grpo: the grader's mean reward (0-1, or on a python grader's own scale) of the saved "
         "model's answers to the validation prompts, decoded greedily."))

@@ -98,6 +98,8 @@ def _grader_shapes(res: Resource, spec: dict) -> tuple[tuple[ModelShape, str], .
     counts the others)."""
     found = []
     for source, operation in grader_models(spec["grpo"]["grader"] if spec.get("objective") == "grpo" else None):
+        if "fineTuneRef" in source:  # a model not trained yet: the runtime counts it
+            continue
         try:
             shape = model_shape(ModelSource.model_validate(source))
         except ValueError as exc:

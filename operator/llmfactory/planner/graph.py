@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 from .errors import PlanError
 from .manifests import Key, Resource
@@ -30,7 +30,23 @@ def references(res: Resource) -> list[tuple[str, str, str]]:
         if spec.perplexity and spec.perplexity.dataset and spec.perplexity.dataset.dataset_build_ref:
             refs.append(("spec.perplexity.dataset.datasetBuildRef", "DatasetBuild",
                          spec.perplexity.dataset.dataset_build_ref.name))
+    for path, part in grader_parts(res):
+        if part.reward_model and part.reward_model.fine_tune_ref:
+            refs.append((f"{path}.rewardModel.fineTuneRef", "FineTune", part.reward_model.fine_tune_ref.name))
     return refs
+
+
+def grader_parts(res: Resource) -> list[tuple[str, Any]]:
+    """(field path, grader) of a GRPO FineTune's grader or a Benchmark's reward grader, and of each
+    part of a sum."""
+    spec = res.spec
+    if res.kind == "FineTune" and spec.grpo:
+        path, grader = "spec.grpo.grader", spec.grpo.grader
+    elif res.kind == "Benchmark" and spec.reward:
+        path, grader = "spec.reward.grader", spec.reward.grader
+    else:
+        return []
+    return [(path, grader)] + [(f"{path}.parts[{i}]", part) for i, part in enumerate(grader.parts or [])]
 
 
 def dependency_order(resources: Iterable[Resource]) -> list[Resource]:

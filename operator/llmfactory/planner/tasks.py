@@ -20,7 +20,7 @@ from ..api.common import RUNTIME_ONLY_FIELDS, operational_fields
 from ..api.quantization import CALIBRATED_TYPES
 from .errors import PlanError
 from .estimate import check_fits
-from .graph import references
+from .graph import grader_parts, references
 from .manifests import Resource, config_map_bytes
 
 ResultLookup = Callable[[str, str, str], "dict[str, Any] | None"]  # (kind, namespace, name) -> status.result
@@ -110,8 +110,10 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str,
         if files:
             inputs["configMaps"] = files
     spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
+    digested = digest_spec(res)
+    _resolve_reward_models(res, upstream, spec, digested)
     body = {"phase": KINDS[res.kind].phase, "spec": spec, "inputs": inputs}
-    digest = canonical_digest({**body, "spec": digest_spec(res)})
+    digest = canonical_digest({**body, "spec": digested})
     task = {
         "apiVersion": API_VERSION,
         "kind": "Task",
@@ -182,13 +184,13 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     dataset = _dataset(res, res.spec.dataset, upstream, "spec.dataset")
     objective, built = res.spec.objective, res.spec.dataset.dataset_build_ref
-    if objective in ("dpo", "kto") and built and dataset["format"] != "preference":
-        wants = "preference pairs" if objective == "dpo" else "answers labelled desirable or not"
-        rows = "preference rows" if objective == "dpo" else "unpaired rows (prompt, completion, label) or preference rows"
+    if objective in ("dpo", "kto", "reward") and built and dataset["format"] != "preference":
+        wants = "answers labelled desirable or not" if objective == "kto" else "preference pairs"
+        rows = "unpaired rows (prompt, completion, label) or preference rows" if objective == "kto" else "preference rows"
         raise PlanError(res.ref, "spec.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote conversations "
                         f"(format {dataset['format']}), but objective {objective} trains on {wants}: set "
                         f"spec.preferences there, or point dataset.uri at {rows}")
-    if objective == "dpo" or objective == "kto" and built:
+    if objective in ("dpo", "reward") or objective == "kto" and built:
         dataset["format"] = "preference"  # a Benchmark or Quantization of it reads the prompts and chosen answers
     elif objective == "kto":  # its rows may be unpaired: a Benchmark of it scores labelled answers, not pairs
         dataset["format"] = "unpaired"
@@ -239,6 +241,10 @@ def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:
     if ref is None:
         return _model(res.spec.base_model)
     trained = upstream["spec.baseModel.fineTuneRef"]
+    if trained.get("objective") == "reward" and res.spec.objective != "reward":
+        raise PlanError(res.ref, "spec.baseModel.fineTuneRef", f"FineTune {ref.name} trained a reward model, which "
+                        f"scores conversations and cannot write them: objective {res.spec.objective} needs a language "
+                        "model (name its base, or the FineTune that trained it)")
     if not trained.get("modelUri"):  # an adapter alone is relative to a base this run would not know
         raise PlanError(res.ref, "spec.baseModel.fineTuneRef", f"FineTune {ref.name} kept only its adapter "
                         "(spec.mergeAdapter: false); set mergeAdapter: true there to train on its model")
@@ -251,6 +257,12 @@ def _trained_model(res: Resource, upstream: dict, field: str = "spec.model") -> 
     spec = res.spec.baseline_model if field == "spec.baselineModel" else res.spec.model
     if spec.fine_tune_ref:
         ft = upstream[f"{field}.fineTuneRef"]
+        if ft.get("objective") == "reward":
+            use = "benchmark" if res.kind == "Benchmark" else "quantize"
+            raise PlanError(res.ref, f"{field}.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} trained a reward "
+                            f"model, which scores conversations and writes none: there is nothing to {use}. Its "
+                            "result's rewardAccuracy is its accuracy on the validation pairs; use it as "
+                            "grader.rewardModel (fineTuneRef) of a GRPO FineTune or a Benchmark's reward")
         dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"]}
         if ft.get("modelUri"):
             return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
@@ -269,6 +281,34 @@ def _trained_model(res: Resource, upstream: dict, field: str = "spec.model") -> 
         folder, gguf_file = first["uri"].rsplit("/", 1)
         return {"uri": folder, "ggufFile": gguf_file, "digest": first["sha256"]}, None, dataset
     return _model(spec.source), None, None
+
+
+def _resolve_reward_models(res: Resource, upstream: dict, *specs: dict[str, Any]) -> None:
+    """Replace each grader's rewardModel.fineTuneRef, in the task's spec and the one digested, with
+    that FineTune's model (whose URI holds its task digest: a retrained reward model is a new run)."""
+    for path, part in grader_parts(res):
+        ref = part.reward_model.fine_tune_ref if part.reward_model else None
+        if ref is None:
+            continue
+        field = f"{path}.rewardModel.fineTuneRef"
+        trained = upstream[field]
+        if trained.get("objective") != "reward":
+            raise PlanError(res.ref, field, f"FineTune {ref.name} trained with objective "
+                            f"{trained.get('objective') or 'sft'}, so it is a language model, not a reward model: "
+                            "name a FineTune with objective reward")
+        if not trained.get("modelUri"):
+            raise PlanError(res.ref, field, f"FineTune {ref.name} kept only its adapter (spec.mergeAdapter: false); "
+                            "set mergeAdapter: true there to score with its model")
+        for spec in specs:
+            _at(spec, path)["rewardModel"] = {"uri": trained["modelUri"]}
+
+
+def _at(spec: dict[str, Any], path: str) -> dict[str, Any]:
+    """The object at a field path such as spec.grpo.grader.parts[1] in a spec (camelCase) dict."""
+    node: Any = spec
+    for key, index in re.findall(r"(\w+)(?:\[(\d+)\])?", path.removeprefix("spec.")):
+        node = node[key] if index == "" else node[key][int(index)]
+    return node
 
 
 def _check_engine(res: Resource, field: str, engine: str, model: dict[str, Any]) -> None:

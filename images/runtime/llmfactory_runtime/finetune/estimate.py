@@ -33,6 +33,7 @@ class ModelShape:
     heads: int
     kv_heads: int
     tied_embeddings: bool = False
+    scores: bool = False  # a reward model: its output layer gives one score, not the vocabulary's logits
 
     @property
     def head_dim(self) -> int:
@@ -49,8 +50,14 @@ class ModelShape:
         return self.layers * sum(a * b for a, b in self.module_dims().values())
 
     @property
+    def outputs(self) -> int:
+        """Width of the output layer: the vocabulary's logits, or a reward model's one score."""
+        return 1 if self.scores else self.vocab
+
+    @property
     def embedding_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        """Input embeddings and output layer (a reward model's score layer is never tied)."""
+        return self.vocab * self.hidden + (0 if self.tied_embeddings and not self.scores else self.outputs * self.hidden)
 
     @property
     def params(self) -> int:
@@ -66,7 +73,8 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         return ModelShape(hidden=int(text["hidden_size"]), layers=int(text["num_hidden_layers"]),
                           intermediate=int(text["intermediate_size"]), vocab=int(text["vocab_size"]),
                           heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
-                          tied_embeddings=bool(text.get("tie_word_embeddings", False)))
+                          tied_embeddings=bool(text.get("tie_word_embeddings", False)),
+                          scores=any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or ()))
     except KeyError as exc:
         raise ValueError(f"model config has no {exc.args[0]}: not a decoder-only transformer this estimate knows") from None
 
@@ -108,6 +116,7 @@ class Plan:
     zero_stage: int = 0
     offload: bool = False
     fused_loss: bool = False  # Liger's fused linear + cross-entropy computes the SFT loss (fusedKernels)
+    reward_model: bool = False  # objective reward: the output layer replaced by one score (ModelShape.scores)
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,8 @@ def trainable_params(shape: ModelShape, plan: Plan) -> int:
 
 def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str], ...] = ()) -> Estimate:
     """`graders`: (shape, operation) of the models a GRPO grader loads in each process (grader_models)."""
+    if plan.reward_model:
+        shape = replace(shape, scores=True)
     tokens = plan.micro_batch * plan.seq_len
     world = max(plan.gpus, 1)
     trainable = trainable_params(shape, plan)
@@ -209,7 +220,7 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
         layer_bytes, fixed = shape.layers * 2 * h + per_layer, dora_fixed
     else:
         layer_bytes, fixed = shape.layers * per_layer, shape.layers * dora_fixed
-    loss_bytes = 6 * h if plan.fused_loss else 10 * shape.vocab
+    loss_bytes = 6 * h if plan.fused_loss else 10 * shape.outputs
     activations = tokens * (layer_bytes + loss_bytes) + fixed + dora_transient(shape, plan)
 
     graded = sum(grader_bytes(grader, plan.seq_len, operation) for grader, operation in graders)
@@ -217,7 +228,7 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
 
     # FLOPs per token: forward = 2 x (matmul params) + causal attention; backward twice that for a
     # full fine-tune, once for adapters (input gradients only); checkpointing repeats the forward.
-    matmul = shape.linear_params + shape.vocab * shape.hidden
+    matmul = shape.linear_params + shape.outputs * shape.hidden
     forward = 2 * matmul + 2 * shape.layers * plan.seq_len * shape.hidden
     backward = 2 * forward if plan.method == "full" else forward
     if plan.lora_dora and plan.lora_dropout > 0:  # each adapted layer runs again on the dropped-out input
@@ -238,8 +249,10 @@ def grader_bytes(grader: ModelShape, seq_len: int, operation: str) -> float:
     MLP at a time over the prompt and answer (up to maxSeqLength), and for a local judge (operation
     judge) the KV cache of its prompt, with its instructions and the reference, repeated for each of
     the ten ratings it scores (benchmark/judge.py); the logits of the last position only. A reward
-    model (rewardModel) reads the conversation once, without a cache."""
+    model (rewardModel) reads the conversation once, without a cache, and has a score layer for a head."""
     judge = operation == "judge"
+    if operation == "rewardModel":
+        grader = replace(grader, scores=True)
     tokens = seq_len + (JUDGE_PROMPT_TOKENS if judge else 0)
     cache = 2 * grader.layers * grader.kv_heads * grader.head_dim * tokens * 2
     return grader.params * 2 + (11 * cache if judge else 0) + tokens * (3 * grader.intermediate + 4 * grader.hidden) * 2
@@ -276,9 +289,11 @@ def plan_of(spec: dict[str, Any]) -> Plan:
     dist = spec.get("distribution") or {}
     lora = spec.get("lora") or {}
     deepspeed = dist.get("strategy") == "deepspeed"
-    pair = 2 if spec.get("objective") == "dpo" else 1  # a DPO row holds a pair's two conversations
-    # A GRPO micro-batch trains each of its prompts' sampled answers, one sequence each.
-    answers = (spec.get("grpo") or {}).get("generations", 8) if spec.get("objective") == "grpo" else 1
+    objective = spec.get("objective", "sft")
+    pair = 2 if objective == "dpo" else 1  # a DPO row holds a pair's two conversations
+    # A GRPO micro-batch trains each of its prompts' sampled answers, one sequence each; a reward
+    # model's, each of its pairs' two conversations, one row each.
+    answers = (spec.get("grpo") or {}).get("generations", 8) if objective == "grpo" else 2 if objective == "reward" else 1
     return Plan(method=spec["method"], micro_batch=hp["batchSize"] * answers, seq_len=pair * hp["maxSeqLength"],
                 gpus=max(res.get("gpusPerNode", 1), 1) * res.get("nodes", 1),
                 lora_r=lora.get("r", 16), lora_targets=tuple(lora.get("targetModules") or ("all-linear",)),
@@ -288,7 +303,7 @@ def plan_of(spec: dict[str, Any]) -> Plan:
                 strategy=dist.get("strategy", "ddp"), zero_stage=(dist.get("zeroStage") or 0) if deepspeed else 0,
                 offload=deepspeed and dist.get("offload") == "cpu",
                 # DPO takes the log-probabilities from the logits itself: Liger's fused loss is SFT's only.
-                fused_loss=bool(hp.get("fusedKernels")) and spec.get("objective", "sft") == "sft")
+                fused_loss=bool(hp.get("fusedKernels")) and objective == "sft", reward_model=objective == "reward")
 
 
 def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:

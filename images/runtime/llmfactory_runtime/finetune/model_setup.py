@@ -60,12 +60,24 @@ def qlora_dequantized(spec: dict[str, Any], shape: ModelShape, plan: Plan, gpu_g
     return as_lora if dequantize_once(spec["qlora"].get("dequantizeOnce", "auto"), as_lora, gpu_gib) else None
 
 
+def head_of(spec: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
+    """load_model's arguments for the model's head: none for a language model; for a reward model
+    (objective reward), transformers' sequence-classification model with one label, whose new score
+    layer replaces the output layer. It reads each row's score at its last token that is not
+    padding, as every user of the saved model will (hence pad_token_id in its config)."""
+    if spec.get("objective") != "reward":
+        return {}
+    from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
+
+    return {"auto_class": AutoModelForSequenceClassification, "num_labels": 1, "pad_token_id": pad_token_id}
+
+
 def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, dtype: torch.dtype,
-                      dequantize: bool = False):
-    """The model to train: base weights (4-bit for qlora, dequantized once if `dequantize`),
-    gradient checkpointing, adapters."""
+                      dequantize: bool = False, head: dict[str, Any] | None = None):
+    """The model to train: base weights (4-bit for qlora, dequantized once if `dequantize`) with
+    `head` (head_of), gradient checkpointing, adapters."""
     method, hp = spec["method"], spec["hyperparameters"]
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa", **(head or {})}
     if method == "qlora":
         try:
             from transformers import BitsAndBytesConfig  # noqa: PLC0415
@@ -105,7 +117,9 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         from peft import LoraConfig, get_peft_model  # noqa: PLC0415
         lora = spec["lora"]
         targets = lora["targetModules"]
-        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], task_type="CAUSAL_LM",
+        # SEQ_CLS: peft trains the reward model's new score layer whole beside the adapters (modules_to_save).
+        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                            task_type="SEQ_CLS" if head else "CAUSAL_LM",
                             target_modules="all-linear" if targets == ["all-linear"] else targets,
                             use_rslora=lora.get("rsLora", False), use_dora=lora.get("dora", False))
         try:

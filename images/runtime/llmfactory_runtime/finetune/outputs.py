@@ -79,10 +79,11 @@ def write_loss_curve(run: Store, history: list[HistoryRow], evals: list[EvalRow]
 def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
     spec, inputs = task["spec"], task["inputs"]
     base = inputs["baseModel"]
-    config = {k: spec[k] for k in ("method", "objective", "dpo", "kto", "grpo", "lora", "qlora", "hyperparameters",
+    config = {k: spec[k] for k in ("method", "objective", "dpo", "kto", "grpo", "reward", "lora", "qlora", "hyperparameters",
                                    "distribution") if spec.get(k)}
     objective = spec.get("objective", "sft")
-    preferences = {"dpo": "preferences (validation pairs)", "kto": "labelled answers (validation examples)"}
+    preferences = {"dpo": "preferences (validation pairs)", "kto": "labelled answers (validation examples)",
+                   "reward": "reward model on the validation pairs"}
     return "\n".join([
         f"# {task['resource']['name']}", "",
         f"Fine-tuned by llmfactory ({spec['method']}) from `{base.get('huggingface') or base.get('uri')}`"
@@ -96,7 +97,9 @@ def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
         f"- {objective.upper() + ' loss' if objective != 'sft' else 'loss'}: {summary['firstLoss']} (first steps) -> "
         f"{summary['finalLoss']} (last steps); validation loss {summary['evalLoss']}",
         *([f"- {preferences[objective]}: reward accuracy {summary['rewardAccuracy']}, reward margin "
-           f"{summary['rewardMargin']} (beta {spec[objective]['beta']})"] if objective in preferences else []),
+           f"{summary['rewardMargin']}" + (f" (beta {spec[objective]['beta']})" if objective != "reward" else
+                                           " (chosen answers' mean score minus the rejected ones')")]
+          if objective in preferences else []),
         *([(f"- grader's mean reward on the validation prompts (greedy answers): {summary['baseReward']} before "
             f"training -> {summary['reward']}" if summary.get("reward") is not None else
             "- no validation prompts: no reward measured")
@@ -119,12 +122,13 @@ def save_adapter(model, tokenizer, card: str, out: Path) -> None:
 
 
 def save_merged(model, tokenizer, card: str, out: Path, method: str, base: dict[str, Any],
-                adapter_dir: Path | None, dtype: torch.dtype) -> None:
-    """The whole model Benchmark and Quantization load. A 4-bit base cannot absorb its adapter
-    exactly, so QLoRA merges into the base reloaded unquantized (as the QLoRA authors do)."""
+                adapter_dir: Path | None, dtype: torch.dtype, head: dict[str, Any] | None = None) -> None:
+    """The whole model Benchmark and Quantization (or, a reward model, a grader) load. A 4-bit base
+    cannot absorb its adapter exactly, so QLoRA merges into the base reloaded unquantized (as the
+    QLoRA authors do), with the head it trained with (model_setup.head_of)."""
     if method == "qlora":
         from peft import PeftModel  # noqa: PLC0415
-        unquantized = load_model(base, dtype=dtype)
+        unquantized = load_model(base, dtype=dtype, **(head or {}))
         model = PeftModel.from_pretrained(unquantized, adapter_dir)
     merged = model.merge_and_unload() if method in ("lora", "qlora") else model
     merged.config.use_cache = True  # for whoever generates with it

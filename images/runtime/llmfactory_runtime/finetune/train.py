@@ -1,6 +1,6 @@
 """FineTune: LoRA, QLoRA or full fine-tuning, loss on assistant tokens only (or DPO on preference
-pairs, KTO on answers labelled desirable or not, or GRPO on a grader's rewards of sampled answers),
-on one process or many.
+pairs, KTO on answers labelled desirable or not, GRPO on a grader's rewards of sampled answers, or a
+reward model on preference pairs), on one process or many.
 
 Read top to bottom: processes -> data -> model -> optimizer -> resume -> steps (checkpoint every N
 and on SIGTERM) -> evaluate -> save. The same code runs alone, under torchrun (DDP) and under
@@ -36,12 +36,13 @@ from ..task import InvalidTask
 from . import checkpoint, distributed, grpo as group_relative, outputs
 from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
 from .master_weights import MasterWeights
-from .model_setup import (DTYPES, gpu_memory_gib, load_for_training, load_trainable_state, qlora_dequantized,
-                          trainable_state, training_dtype)
+from .model_setup import (DTYPES, gpu_memory_gib, head_of, load_for_training, load_trainable_state,
+                          qlora_dequantized, trainable_state, training_dtype)
 from .packing import one_per_row, pack
 from ..preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, encode_unpaired, kto_agrees,
                           kto_terms, needs_reference, pair_lengths, pair_logps, segment_logps, token_counts)
 from .trackers import Trackers
+from ..reward_model import evaluate_pairs, pair_batch, pair_rewards, reward_terms
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
 
@@ -122,9 +123,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     dpo = spec["dpo"] if spec.get("objective") == "dpo" else None  # its settings
     kto = spec["kto"] if spec.get("objective") == "kto" else None
     grpo = spec["grpo"] if spec.get("objective") == "grpo" else None
-    paired = bool(dpo or kto)  # examples of two conversations (KTO: its own, and a mismatched one)
+    reward_model = spec.get("objective") == "reward"  # its settings: spec["reward"]
+    paired = bool(dpo or kto or reward_model)  # examples of two conversations (KTO: its own, and a mismatched one)
     referenced = bool(kto) or bool(dpo) and needs_reference(dpo)  # simpo and orpo need none
-    unit = "pair" if dpo else "example" if kto else "prompt" if grpo else "conversation"
+    unit = "pair" if dpo or reward_model else "example" if kto else "prompt" if grpo else "conversation"
     dtype = training_dtype(hp["precision"], world.device)
     if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
         raise InvalidTask("spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU "
@@ -173,9 +175,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         examples, desirable = encode_unpaired(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective kto: train.jsonl")
         val, val_desirable = encode_unpaired(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective kto: validation.jsonl")
         lengths, unit_len = [len(c["input_ids"]) for c in examples[::2]], hp["maxSeqLength"]
-    elif dpo:
-        examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective dpo: train.jsonl")
-        val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective dpo: validation.jsonl")
+    elif dpo or reward_model:
+        where = f"spec.objective {spec['objective']}"
+        examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], f"{where}: train.jsonl")
+        val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], f"{where}: validation.jsonl")
         lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
         train_tokens, val_tokens = token_counts(examples), token_counts(val)  # answer tokens (ipo, sftWeight)
     else:
@@ -193,8 +196,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                           "to choose by")
     micro, accum = hp["batchSize"], hp["gradientAccumulation"]
     global_batch = micro * accum * world.size  # sequences per optimizer step, all processes together
-    # GRPO's sequences are made in the step (a prompt's answers), so its rows are prompts, one each.
-    epochs = [epoch_rows(lengths, e, {**hp, "packing": hp["packing"] and not grpo}, global_batch, unit_len)
+    # GRPO's sequences are made in the step (a prompt's answers), so its rows are prompts, one each; a
+    # reward model scores a row at its end, so its pairs are never packed.
+    epochs = [epoch_rows(lengths, e, {**hp, "packing": hp["packing"] and not (grpo or reward_model)}, global_batch, unit_len)
               for e in range(hp["epochs"])]
     steps_per_epoch = [len(rows) // global_batch for rows in epochs]
     total_steps = sum(steps_per_epoch)
@@ -203,7 +207,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     torch.manual_seed(hp["seed"])
     if dequantize:
         progress.stage("loading data and model (qlora: 4-bit weights dequantized once, see spec.qlora.dequantizeOnce)")
-    model = load_for_training(spec, inputs["baseModel"], world, dtype, dequantize)
+    model = load_for_training(spec, inputs["baseModel"], world, dtype, dequantize, head_of(spec, tokenizer.pad_token_id))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     # A 16-bit full fine-tune steps fp32 master weights (master_weights.py); DeepSpeed keeps its own.
@@ -346,6 +350,13 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             sides = [(add_up(float(reward[side].sum())), add_up(int(side.sum()))) for side in (good, ~good)]
             if count:  # mean reward of the desirable answers minus the undesirable ones' (a side absent: 0)
                 rewards[step] = (agreed / count, sum(sign * r / max(n, 1) for sign, (r, n) in zip((1, -1), sides)))
+        elif reward_model:
+            mine = my_share(list(range(len(val) // 2)))
+            losses, margins = reward_terms(evaluate_pairs(inner, val, mine, micro, tokenizer.pad_token_id, world.device),
+                                           spec["reward"])
+            total, count = add_up(float(losses.sum())), add_up(len(mine))
+            if count:
+                rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
         elif dpo:
             mine = my_share(list(range(len(val) // 2)))
             losses, margins = dpo_terms(pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu(),
@@ -442,6 +453,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         elif dpo:
             batches = [collate_pairs(examples, group, tokenizer.pad_token_id) for group in micro_batches]
             n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
+        elif reward_model:
+            batches = [(pair_batch(examples, [p for row in group for p in row], tokenizer.pad_token_id), None)
+                       for group in micro_batches]
+            n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
         else:
             batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
                        for group in micro_batches]
@@ -470,6 +485,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                                                    desirable[items], kto)
                         loss = losses.sum() / n_items
                         preferred += float(kto_agrees(reward, kl, desirable[items], kto["beta"]).sum())
+                    elif reward_model:
+                        losses, margins = reward_terms(pair_rewards(engine, batch), spec["reward"])
+                        loss = losses.sum() / n_items
+                        preferred += float((margins > 0).sum())
                     elif dpo:
                         pairs = [p for row in micro_batches[i] for p in row]
                         losses, margins = dpo_terms(answer_logps(engine, batch, counts),
@@ -582,6 +601,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         **result,
         **summary,
         "baseModel": inputs["baseModel"],
+        "objective": spec.get("objective", "sft"),
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
         "datasetDigest": dataset["digest"],
@@ -623,7 +643,7 @@ def _save(task, run: Store, model, tokenizer, dtype, summary: dict, full_state) 
                 (out / "model" / "README.md").write_text(card)
             else:
                 outputs.save_merged(model, tokenizer, card, out / "model", method, task["inputs"]["baseModel"],
-                                    out / "adapter", dtype)
+                                    out / "adapter", dtype, head_of(spec, tokenizer.pad_token_id))
             run.upload_dir(out / "model", "model")
             result["modelUri"] = run.child("model").uri
             result["digest"] = outputs.weights_digest(out / "model")
