@@ -6,7 +6,8 @@ by each grader through `llmfactory_runtime.grader.rewards`:
 - a local judge (grader.judgeModel): SmolLM2-135M-Instruct itself, one prompt pass plus the ten
   ratings' continuations per answer, each rating written to the store's cache (file:// here);
 - a reward model (grader.rewardModel): SmolLM2-135M's weights under a one-label head (untrained: the
-  speed does not depend on the head's values), one pass over the conversation per answer.
+  speed does not depend on the head's values), eight conversations a pass, and (the last row) one
+  at a time, as it scored them before 2026-12-03.
 
 Loading a grader's model is timed apart (once a process). Run twice from the same cache folder and
 the local judge's second pass reads its ratings instead (a resumed run's cost).
@@ -25,7 +26,7 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification
 
-from llmfactory_runtime import grader as grader_module
+from llmfactory_runtime import grader as grader_module, reward_model
 from llmfactory_runtime.generate import generate
 from llmfactory_runtime.grader import graded_rows, rewards
 from llmfactory_runtime.models import load_model, load_tokenizer
@@ -82,6 +83,14 @@ def main() -> None:
             rewards(grader, answers[1:], graded[1:], cache, "grader")  # a resumed run: the judge's cache answers
             again = (time.perf_counter() - began) / (len(answers) - 1)
             print(f"| {name} | {first:.2f} | {each:.4f} | {1 / each:.1f} | {again:.4f} |", flush=True)
+            if grader["operation"] == "rewardModel":  # the same model and answers, one conversation a pass
+                (held, held_tokenizer), = grader_module._models.values()
+                conversations = [[*g["messages"], {"role": "assistant", "content": a}]
+                                 for a, g in zip(answers[1:], graded[1:])]
+                began = time.perf_counter()
+                reward_model.scores(held, held_tokenizer, conversations, batch_size=1)
+                alone = (time.perf_counter() - began) / (len(answers) - 1)
+                print(f"| {name}, one at a time | - | {alone:.4f} | {1 / alone:.1f} | {alone:.4f} |", flush=True)
             grader_module._models.clear()
 
 

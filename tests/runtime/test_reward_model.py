@@ -39,7 +39,7 @@ def test_a_trained_reward_model_ranks_the_chosen_answers_first_where_the_grader_
     resumed from a checkpoint ends with the uninterrupted run's weights."""
     task = finetune_task(tiny_model, _dataset(tmp_path / "data"), f"file://{tmp_path}/store", objective="reward",
                          checkpointing={"everySteps": 4, "keepLast": 20},
-                         hyperparameters={"epochs": 2, "learningRate": 0.02, "packing": True})
+                         hyperparameters={"epochs": 2, "batchSize": 4, "learningRate": 0.02, "packing": True})
     path = write_task(task, tmp_path)
     _ok(run_finetune(path))
     run = open_store(task["artifactUri"])
@@ -66,8 +66,9 @@ def test_a_trained_reward_model_ranks_the_chosen_answers_first_where_the_grader_
 
 
 def test_pairs_scored_in_a_padded_batch_get_the_scores_they_get_alone(tiny_model, tmp_path):
-    """pair_batch right-pads conversations of different lengths; each row's score is read at its own
-    last token, as reward_model.scores reads a conversation alone."""
+    """pair_batch (training) and reward_model.scores (a grader) right-pad conversations of different
+    lengths; each row's score is read at its own last token, where a conversation alone is read. A
+    model whose config names no pad token is read one conversation at a time, to the same scores."""
     from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -77,8 +78,12 @@ def test_pairs_scored_in_a_padded_batch_get_the_scores_they_get_alone(tiny_model
     convs = encode_pairs(tok, rows, 96, "validation.jsonl")
     assert len({len(c["input_ids"]) for c in convs}) > 1  # padding happens
     batched = reward_model.evaluate_pairs(model, convs, list(range(4)), 4, tok.pad_token_id, "cpu")
-    alone = reward_model.scores(model, tok, [r["prompt"] + r[side] for r in rows for side in ("chosen", "rejected")])
+    conversations = [r["prompt"] + r[side] for r in rows for side in ("chosen", "rejected")]
+    alone = reward_model.scores(model, tok, conversations, batch_size=1)
     torch.testing.assert_close(batched.flatten(), torch.tensor(alone), rtol=0, atol=1e-5)
+    assert reward_model.scores(model, tok, conversations) == pytest.approx(alone, abs=1e-5)
+    model.config.pad_token_id = None
+    assert reward_model.scores(model, tok, conversations) == pytest.approx(alone, abs=1e-5)
 
 
 @pytest.mark.extended(reason=(

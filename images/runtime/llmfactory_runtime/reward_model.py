@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from .batching import collate_sequences, evaluating
 from .chat import render
+from .finetune.estimate import REWARD_MODEL_BATCH
 from .models import compute_dtype, device, load_tokenizer, locate
 from .task import InvalidTask
 
@@ -33,14 +34,29 @@ def load(source: dict[str, Any], field: str) -> tuple[Any, Any]:
     return model.to(device()).eval(), load_tokenizer(source)
 
 
-def scores(model, tokenizer, conversations: list[list[dict[str, str]]]) -> list[float]:
-    """The model's output for each conversation rendered with its chat template, one at a time (no
-    padding, so any model finds its last token)."""
-    out = []
+def scores(model, tokenizer, conversations: list[list[dict[str, str]]],
+           batch_size: int = REWARD_MODEL_BATCH) -> list[float]:
+    """The model's output for each conversation rendered with its chat template, batch_size at a time,
+    right-padded: transformers reads each row at its last token that is not its config's pad_token_id,
+    which is where it reads that conversation alone (and where objective reward trained it to score).
+    A model whose config names no pad token reads one conversation at a time. Conversations of
+    similar length go together, so that little is padding."""
+    encoded = [tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"] for messages in conversations]
+    pad = model.config.pad_token_id
+    size = batch_size if pad is not None else 1
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = [0.0] * len(encoded)
     with torch.no_grad():
-        for messages in conversations:
-            ids = tokenizer(render(tokenizer, messages), add_special_tokens=False, return_tensors="pt")["input_ids"]
-            out.append(float(model(input_ids=ids.to(model.device)).logits[0, 0]))
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            width = max(len(encoded[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad if pad is not None else 0, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, :len(encoded[i])], mask[row, :len(encoded[i])] = torch.tensor(encoded[i]), 1
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, 0]
+            for i, value in zip(chunk, logits.float().tolist()):
+                out[i] = value
     return out
 
 

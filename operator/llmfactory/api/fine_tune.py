@@ -236,8 +236,8 @@ class GraderPart(ApiModel):
         "label, e.g. Skywork-Reward-Llama-3.1-8B, one trained with TRL's RewardTrainer, or a FineTune's with "
         "objective reward, by fineTuneRef) whose output for "
         "the prompt and answer, rendered with its own chat template, is the reward, as TRL's GRPOTrainer "
-        "uses one. It runs in each training (or benchmarking) process on its GPU, one answer per forward "
-        "pass; its weights take GPU memory beside the model's, which the planner counts."))
+        "uses one. It runs in each training (or benchmarking) process on its GPU, eight answers per forward "
+        "pass (right-padded, each read at its last token, as transformers reads one alone); its weights take GPU memory beside the model's, which the planner counts."))
     source: str | None = Field(None, min_length=1, max_length=262144, description=(
         "operation python: Python source (OpenAI's python grader) defining grade(sample, item) that returns "
         "the reward as a number: sample is {\"output_text\": the answer}, item the dataset row with all its "

@@ -242,6 +242,7 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
 
 
 JUDGE_PROMPT_TOKENS = 512  # the grading instructions and the reference, beside the question and answer
+REWARD_MODEL_BATCH = 8  # answers a reward model grader scores in one pass (reward_model.scores)
 
 
 def grader_bytes(grader: ModelShape, seq_len: int, operation: str) -> float:
@@ -249,11 +250,12 @@ def grader_bytes(grader: ModelShape, seq_len: int, operation: str) -> float:
     MLP at a time over the prompt and answer (up to maxSeqLength), and for a local judge (operation
     judge) the KV cache of its prompt, with its instructions and the reference, repeated for each of
     the ten ratings it scores (benchmark/judge.py); the logits of the last position only. A reward
-    model (rewardModel) reads the conversation once, without a cache, and has a score layer for a head."""
+    model (rewardModel) reads REWARD_MODEL_BATCH conversations at once, without a cache, and has a
+    score layer for a head."""
     judge = operation == "judge"
     if operation == "rewardModel":
         grader = replace(grader, scores=True)
-    tokens = seq_len + (JUDGE_PROMPT_TOKENS if judge else 0)
+    tokens = seq_len + JUDGE_PROMPT_TOKENS if judge else seq_len * REWARD_MODEL_BATCH
     cache = 2 * grader.layers * grader.kv_heads * grader.head_dim * tokens * 2
     return grader.params * 2 + (11 * cache if judge else 0) + tokens * (3 * grader.intermediate + 4 * grader.hidden) * 2
 
