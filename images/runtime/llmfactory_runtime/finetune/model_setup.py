@@ -98,7 +98,7 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         model = model.dequantize(dtype=dtype)
     model.config.use_cache = False  # no KV cache in training; packed batches need it off
     if hp.get("fusedKernels"):
-        _fuse(model, world)
+        _fuse(model, world, language_model=not head)
     if hp.get("neftuneNoiseAlpha"):  # HF Trainer's own hook; it adds noise only while the model trains
         from transformers.integrations.neftune import neftune_post_forward_hook  # noqa: PLC0415
         embeddings = model.get_input_embeddings()
@@ -159,8 +159,10 @@ def _compile_layers(model) -> None:
         layer.compile(dynamic=True)  # packed rows vary in length: one graph for all of them
 
 
-def _fuse(model, world: World) -> None:
-    """Swap in Liger's Triton kernels, module by module (adapters wrap the same Linear layers)."""
+def _fuse(model, world: World, language_model: bool = True) -> None:
+    """Swap in Liger's Triton kernels, module by module (adapters wrap the same Linear layers). A
+    reward model keeps its own forward: Liger's fused linear + cross-entropy replaces the model's
+    forward with a causal LM's, which reads an output layer a sequence classifier does not have."""
     if world.device.type != "cuda":
         raise InvalidTask("spec.hyperparameters.fusedKernels needs a CUDA GPU (Triton kernels); set it false on CPU")
     try:
@@ -168,7 +170,7 @@ def _fuse(model, world: World) -> None:
     except ImportError:
         raise InvalidTask("spec.hyperparameters.fusedKernels needs the liger-kernel package, which this runtime "
                           "image lacks") from None
-    _apply_liger_kernel_to_instance(model=model)
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=language_model)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
