@@ -13,11 +13,13 @@ from transformers import AutoTokenizer
 
 from llmfactory.api.headline import headline
 from llmfactory_runtime import reward_model
-from llmfactory_runtime.preference import encode_pairs
+from llmfactory_runtime.data import dumps_jsonl
+from llmfactory_runtime.preference import encode_pairs, pair_margins
 from llmfactory_runtime.store import open_store
+from llmfactory_runtime.task import InvalidTask
 
 from finetune_helpers import finetune_task, loss_curve, run_finetune, write_task
-from test_preference import (_dataset, _ok, _resumed_from_step_4_ends_with_the_same_weights, _rows,
+from test_preference import (_ok, _resumed_from_step_4_ends_with_the_same_weights, _rows,
                              two_processes_and_one)
 
 
@@ -29,24 +31,49 @@ def test_the_reward_loss_by_hand():
     assert loss.tolist() == pytest.approx([math.log(1 + math.exp(-3)), math.log(1 + math.exp(1))])
     centred, _ = reward_model.reward_terms(rewards, {"centerRewardsCoefficient": 0.1})
     assert (centred - loss).tolist() == pytest.approx([0.1 * 1.0, 0.1 * 4.0])
+    # A row's margin (Llama 2's) is subtracted from the difference: the first pair must win by 2.5.
+    required, margin = reward_model.reward_terms(rewards, {}, torch.tensor([2.5, 0.0]))
+    assert required.tolist() == pytest.approx([math.log(1 + math.exp(-0.5)), math.log(1 + math.exp(1))])
+    assert margin.tolist() == [3.0, -1.0]
+
+
+def test_a_preference_rows_margin_reaches_its_pair_and_a_bad_one_is_refused_naming_the_row(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{**_rows()[0], "margin": 2}, _rows()[1], {**_rows()[2], "margin": 0.5}]
+    convs = encode_pairs(tok, rows, 96, "spec.objective reward: train.jsonl", margins=True)
+    assert pair_margins(convs, [2, 0, 1]).tolist() == [0.5, 2.0, 0.0]
+    for bad in ("2", True, float("nan")):
+        odd = [rows[0], {**rows[1], "margin": bad}]
+        with pytest.raises(InvalidTask, match=r"spec.objective reward: train.jsonl row 2: a preference row's margin "
+                                              "must be a finite number"):
+            encode_pairs(tok, odd, 96, "spec.objective reward: train.jsonl", margins=True)
+        assert len(encode_pairs(tok, odd, 96, "spec.objective dpo: train.jsonl")) == 4  # DPO reads no margin
+
+
+def _margined() -> list[dict]:
+    """Preference rows, every other one with a margin (how much more its chosen answer is preferred)."""
+    return [{**row, "margin": 1.5} if i % 2 else row for i, row in enumerate(_rows())]
+
+
+def _margined_dataset(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(dumps_jsonl(_margined() * 3))
+    (folder / "validation.jsonl").write_bytes(dumps_jsonl(_margined()))
+    return f"file://{folder}"
 
 
 def test_a_trained_reward_model_ranks_the_chosen_answers_first_where_the_grader_scores_it(tiny_model, tmp_path):
-    """LoRA on the tiny model learns to score each answer above a refusal: the validation pairs all
-    ranked right; the saved model, loaded as the rewardModel grader loads it and scoring one
-    conversation at a time, gives the margin the run reported (padding in training did not move
-    where a conversation is read); the adapter loads as peft's sequence classifier; and a run
-    resumed from a checkpoint ends with the uninterrupted run's weights."""
-    task = finetune_task(tiny_model, _dataset(tmp_path / "data"), f"file://{tmp_path}/store", objective="reward",
-                         checkpointing={"everySteps": 4, "keepLast": 20},
-                         hyperparameters={"epochs": 2, "batchSize": 4, "learningRate": 0.02, "packing": True})
-    path = write_task(task, tmp_path)
-    _ok(run_finetune(path))
-    run = open_store(task["artifactUri"])
-    result = run.read_json("result.json")
+    """LoRA on the tiny model learns to score each answer above a refusal (by a row's margin where it
+    has one): the validation pairs all ranked right; the saved model, loaded as the rewardModel
+    grader loads it, gives the margin and validation loss the run reported (padding in training did
+    not move where a conversation is read); and the adapter loads as peft's sequence classifier."""
+    task = _task(tiny_model, tmp_path)
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = open_store(task["artifactUri"]).read_json("result.json")
     assert result["objective"] == "reward" and result["datasetFormat"] == "preference"
     assert result["rewardAccuracy"] == 1.0 and result["evalLoss"] < 0.3 < result["firstLoss"]
-    assert abs(loss_curve(task)[0] - math.log(2)) < 0.3  # a new score layer: rewards near 0 at first
+    # A new score layer: rewards near 0 at first, so a pair's loss near ln(1 + e^margin): ln 2 to ~1.70.
+    assert math.log(2) - 0.3 < loss_curve(task)[0] < math.log1p(math.exp(1.5)) + 0.3
 
     rm, tok = reward_model.load({"uri": result["modelUri"]}, "spec.grpo.grader.rewardModel")
     assert type(rm).__name__ == "LlamaForSequenceClassification"
@@ -54,15 +81,36 @@ def test_a_trained_reward_model_ranks_the_chosen_answers_first_where_the_grader_
     rejected = reward_model.scores(rm, tok, [r["prompt"] + r["rejected"] for r in _rows()])
     assert all(c > r for c, r in zip(chosen, rejected))
     assert sum(c - r for c, r in zip(chosen, rejected)) / len(chosen) == pytest.approx(result["rewardMargin"], abs=1e-3)
+    # The validation loss counted each row's margin.
+    losses = [math.log1p(math.exp(-(c - r - row.get("margin", 0)))) for c, r, row in zip(chosen, rejected, _margined())]
+    assert sum(losses) / len(losses) == pytest.approx(result["evalLoss"], abs=1e-3)
     # The adapter alone, on its base, is the same model.
     adapter = AutoPeftModelForSequenceClassification.from_pretrained(result["adapterUri"][7:], num_labels=1).eval()
     adapter.config.pad_token_id = tok.pad_token_id
     assert reward_model.scores(adapter, tok, [_rows()[0]["prompt"] + _rows()[0]["chosen"]])[0] == pytest.approx(
         chosen[0], abs=1e-4)
-    assert "reward model on the validation pairs: reward accuracy 1.0" in (Path(result["modelUri"][7:]) / "README.md").read_text()
+    card = (Path(result["modelUri"][7:]) / "README.md").read_text()
+    assert "reward model on the validation pairs: reward accuracy 1.0" in card
     assert headline("FineTune", result).endswith("reward accuracy 1.00")
 
-    _resumed_from_step_4_ends_with_the_same_weights(run, path, result)
+
+def _task(tiny_model, tmp_path: Path, **spec) -> dict:
+    return finetune_task(tiny_model, _margined_dataset(tmp_path / "data"), f"file://{tmp_path}/store",
+                         objective="reward", **spec,
+                         hyperparameters={"epochs": 2, "batchSize": 4, "learningRate": 0.02, "packing": True})
+
+
+@pytest.mark.extended(reason=(
+    "test_a_trained_reward_model_ranks_the_chosen_answers_first_where_the_grader_scores_it trains a reward "
+    "model without interruption, and the DPO and KTO tests resume theirs from a checkpoint with the same "
+    "code; this one resumes a reward model, whose new score layer peft trains whole (modules_to_save)"))
+@pytest.mark.slow
+def test_a_resumed_reward_model_run_ends_with_the_uninterrupted_weights(tiny_model, tmp_path):
+    task = _task(tiny_model, tmp_path, checkpointing={"everySteps": 4, "keepLast": 20})
+    path = write_task(task, tmp_path)
+    _ok(run_finetune(path))
+    run = open_store(task["artifactUri"])
+    _resumed_from_step_4_ends_with_the_same_weights(run, path, run.read_json("result.json"))
 
 
 def test_pairs_scored_in_a_padded_batch_get_the_scores_they_get_alone(tiny_model, tmp_path):
@@ -96,7 +144,8 @@ def test_pairs_scored_in_a_padded_batch_get_the_scores_they_get_alone(tiny_model
 def test_a_reward_model_on_two_processes_follows_one_process_with_accumulation_2(tiny_model, tmp_path, strategy):
     """The same global batch, 1 process x accumulation 2 and 2 processes x 1: the same loss curve and
     validation accuracy and margin (each process starts from the same score layer)."""
-    one, two = two_processes_and_one(tiny_model, tmp_path, strategy, _dataset(tmp_path / "data"), objective="reward",
-                                     lora={"dropout": 0.0}, hyperparameters={"epochs": 2, "learningRate": 0.02})
+    one, two = two_processes_and_one(tiny_model, tmp_path, strategy, _margined_dataset(tmp_path / "data"),
+                                     objective="reward", lora={"dropout": 0.0},
+                                     hyperparameters={"epochs": 2, "learningRate": 0.02})
     assert two["rewardAccuracy"] == one["rewardAccuracy"]
     assert two["rewardMargin"] == pytest.approx(one["rewardMargin"], abs=1e-3)

@@ -5,6 +5,7 @@ reference answers for GRPO."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Iterable
 
 from .store import open_store
@@ -82,6 +83,16 @@ def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[
         if not answer or any(m["role"] != "assistant" for m in answer):
             raise ValueError(f"a preference row's {name} answer must be one or more assistant messages")
     return prompt, chosen, rejected
+
+
+def margin_of(row: dict[str, Any]) -> float:
+    """A preference row's margin (TRL's optional column; 0 without one): how much more its chosen
+    answer is preferred, e.g. from a rating's strength, as Llama 2's reward models used it. A
+    ValueError says what is wrong with it."""
+    margin = row.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"a preference row's margin must be a finite number, got {margin!r}")
+    return float(margin)
 
 
 def labelled_of(row: dict[str, Any]) -> list[tuple[list[dict[str, str]], list[dict[str, str]], bool]]:

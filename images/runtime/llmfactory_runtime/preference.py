@@ -20,25 +20,34 @@ import torch.nn.functional as F
 
 from .batching import collate_sequences, evaluating, token_logps
 from .chat import IGNORE, encode_for_training
-from .data import labelled_of, preference_of
+from .data import labelled_of, margin_of, preference_of
 from .task import InvalidTask
 
 
-def encode_pairs(tokenizer, rows: list[dict], max_len: int, where: str) -> list[dict]:
+def encode_pairs(tokenizer, rows: list[dict], max_len: int, where: str, margins: bool = False) -> list[dict]:
     """Conversations in pairs, [chosen 0, rejected 0, chosen 1, ...], each cut at max_len, labels on
-    the answers only (not on the prompt's earlier assistant turns). A pair whose chosen or rejected
-    answer lies wholly beyond max_len is left out: it has nothing to compare. `where` names the
-    field and file in the error a malformed row gets."""
+    the answers only (not on the prompt's earlier assistant turns); with `margins` (a reward model's
+    loss reads them, pair_margins; DPO ignores the column, as TRL's does) the chosen one carries the
+    row's margin (data.margin_of). A pair whose chosen or rejected answer lies wholly beyond max_len
+    is left out: it has nothing to compare. `where` names the field and file in the error a
+    malformed row gets."""
     convs = []
     for n, row in enumerate(rows, 1):
         try:
             prompt, chosen, rejected = preference_of(row)
+            margin = margin_of(row) if margins else 0.0
         except ValueError as e:
             raise InvalidTask(f"{where} row {n}: {e}") from None
         pair = [encode_for_training(tokenizer, prompt + answer, max_len, first=len(prompt)) for answer in (chosen, rejected)]
+        pair[0]["margin"] = margin
         if all(any(label != IGNORE for label in c["labels"]) for c in pair):
             convs += pair
     return convs
+
+
+def pair_margins(convs: list[dict], pairs: list[int]) -> torch.Tensor:
+    """The margins (encode_pairs) of the given pairs."""
+    return torch.tensor([convs[2 * i]["margin"] for i in pairs], dtype=torch.float32)
 
 
 def answer_tokens(convs: list[dict]) -> list[list[int]]:

@@ -41,7 +41,8 @@ def scores(model, tokenizer, conversations: list[list[dict[str, str]]],
     which is where it reads that conversation alone (and where objective reward trained it to score).
     A model whose config names no pad token reads one conversation at a time. Conversations of
     similar length go together, so that little is padding."""
-    encoded = [tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"] for messages in conversations]
+    encoded = [tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+               for messages in conversations]
     pad = model.config.pad_token_id
     size = batch_size if pad is not None else 1
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -73,12 +74,14 @@ def pair_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch, use_cache=False).logits.float().view(-1, 2)
 
 
-def reward_terms(rewards: torch.Tensor, reward: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair, the reward model's loss -log sigmoid(chosen - rejected) (Bradley-Terry, as TRL's
-    RewardTrainer; with reward.centerRewardsCoefficient, plus that times (chosen + rejected)^2), and
-    the margin chosen - rejected (> 0: the pair is ranked right)."""
+def reward_terms(rewards: torch.Tensor, reward: dict[str, Any],
+                 required: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pair, the reward model's loss -log sigmoid(chosen - rejected - required) (Bradley-Terry, as
+    TRL's RewardTrainer; `required` the rows' margins, preference.pair_margins, as Llama 2's margin
+    loss; with reward.centerRewardsCoefficient, plus that times (chosen + rejected)^2), and the margin
+    chosen - rejected (> 0: the pair is ranked right)."""
     margin = rewards[:, 0] - rewards[:, 1]
-    loss = -F.logsigmoid(margin)
+    loss = -F.logsigmoid(margin - (required.to(margin) if required is not None else 0.0))
     if reward.get("centerRewardsCoefficient"):
         loss = loss + reward["centerRewardsCoefficient"] * rewards.sum(1) ** 2
     return loss, margin
@@ -88,6 +91,6 @@ def reward_terms(rewards: torch.Tensor, reward: dict[str, Any]) -> tuple[torch.T
 def evaluate_pairs(model, convs: list[dict], pairs: list[int], batch_size: int, pad_id: int, device) -> torch.Tensor:
     """pair_rewards of the given pairs in evaluation mode (no dropout), batch_size pairs at a time."""
     with evaluating(model):
-        out = [pair_rewards(model, {k: v.to(device) for k, v in pair_batch(convs, pairs[i:i + batch_size], pad_id).items()}).cpu()
-               for i in range(0, len(pairs), batch_size)]
+        batches = (pair_batch(convs, pairs[i:i + batch_size], pad_id) for i in range(0, len(pairs), batch_size))
+        out = [pair_rewards(model, {k: v.to(device) for k, v in batch.items()}).cpu() for batch in batches]
     return torch.cat(out) if out else torch.zeros((0, 2))

@@ -531,7 +531,8 @@ class FineTuneSpec(RunOptions):
         "model (TRL's RewardTrainer) on the preference pairs dpo reads: the model with its output layer "
         "replaced by one score per conversation (a transformers sequence-classification model with one "
         "label, the score read at the conversation's last token), trained so that the chosen answer scores "
-        "above the rejected one (loss -log sigmoid(difference), starting near ln 2 = 0.693); what it saves "
+        "above the rejected one (loss -log sigmoid(difference), starting near ln 2 = 0.693; a row's margin, "
+        "TRL's optional column, is subtracted from the difference, as Llama 2's margin loss); what it saves "
         "is what grader.rewardModel of a GRPO FineTune or Benchmark reads (fineTuneRef). Each conversation "
         "is a row of its own (no packing); maxSeqLength bounds each."))
     reward: Reward | None = Field(None, description=(

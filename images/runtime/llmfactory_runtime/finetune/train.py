@@ -40,7 +40,8 @@ from .model_setup import (DTYPES, gpu_memory_gib, head_of, load_for_training, lo
                           qlora_dequantized, trainable_state, training_dtype)
 from .packing import one_per_row, pack
 from ..preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, encode_unpaired, kto_agrees,
-                          kto_terms, needs_reference, pair_lengths, pair_logps, segment_logps, token_counts)
+                          kto_terms, needs_reference, pair_lengths, pair_logps, pair_margins, segment_logps,
+                          token_counts)
 from .trackers import Trackers
 from ..reward_model import evaluate_pairs, pair_batch, pair_rewards, reward_terms
 
@@ -177,8 +178,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         lengths, unit_len = [len(c["input_ids"]) for c in examples[::2]], hp["maxSeqLength"]
     elif dpo or reward_model:
         where = f"spec.objective {spec['objective']}"
-        examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], f"{where}: train.jsonl")
-        val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], f"{where}: validation.jsonl")
+        examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], f"{where}: train.jsonl", reward_model)
+        val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], f"{where}: validation.jsonl", reward_model)
         lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
         train_tokens, val_tokens = token_counts(examples), token_counts(val)  # answer tokens (ipo, sftWeight)
     else:
@@ -353,7 +354,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         elif reward_model:
             mine = my_share(list(range(len(val) // 2)))
             losses, margins = reward_terms(evaluate_pairs(inner, val, mine, micro, tokenizer.pad_token_id, world.device),
-                                           spec["reward"])
+                                           spec["reward"], pair_margins(val, mine))
             total, count = add_up(float(losses.sum())), add_up(len(mine))
             if count:
                 rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
@@ -486,7 +487,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                         loss = losses.sum() / n_items
                         preferred += float(kto_agrees(reward, kl, desirable[items], kto["beta"]).sum())
                     elif reward_model:
-                        losses, margins = reward_terms(pair_rewards(engine, batch), spec["reward"])
+                        pairs = [p for row in micro_batches[i] for p in row]
+                        losses, margins = reward_terms(pair_rewards(engine, batch), spec["reward"],
+                                                       pair_margins(examples, pairs))
                         loss = losses.sum() / n_items
                         preferred += float((margins > 0).sum())
                     elif dpo:
