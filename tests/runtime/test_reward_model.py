@@ -12,9 +12,12 @@ from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
 
 from llmfactory.api.headline import headline
+from llmfactory.planner import parse, plan
 from llmfactory_runtime import reward_model
+from llmfactory_runtime.benchmark import run as benchmark
 from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.preference import encode_pairs, pair_margins
+from llmfactory_runtime.progress import Progress
 from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
 
@@ -93,9 +96,76 @@ def test_a_trained_reward_model_ranks_the_chosen_answers_first_where_the_grader_
     assert "reward model on the validation pairs: reward accuracy 1.0" in card
     assert headline("FineTune", result).endswith("reward accuracy 1.00")
 
+    # A Benchmark of it (spec.ranking, by fineTuneRef: the pairs it trained on) ranks them as the run did.
+    ranked, store = _benchmark({"model": {"fineTuneRef": {"name": "rm"}}, "ranking": {"split": "validation"},
+                                "gates": [{"metric": "ranking.accuracy", "op": ">=", "value": 0.9}]}, tmp_path, result)
+    assert ranked["metrics"] == {"ranking.accuracy": 1.0, "ranking.margin": pytest.approx(result["rewardMargin"],
+                                                                                          abs=1e-3)}
+    assert ranked["passed"] and headline("Benchmark", ranked) == "ranking accuracy 1.00, gates passed"
+    assert f"0 of {len(_rows())} pairs: the rejected answer scored at least as high" in store.read_bytes("report/report.md").decode()
+
+
+def _benchmark(spec: dict, tmp_path: Path, fine_tune: dict | None = None) -> tuple[dict, object]:
+    """A Benchmark run in this process, planned as the operator plans it (fine_tune: the result its
+    fineTuneRef names); its result and its run's store."""
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "b"}, "spec": spec}
+    task = plan(parse(doc), lambda *key: fine_tune, f"file://{tmp_path}/bench")
+    store = open_store(task["artifactUri"])
+    return benchmark.run(task, store, Progress(store)), store
+
+
+def _reward_model(tiny_model, folder: Path, seed: int) -> Path:
+    """An untrained reward model on the tiny model: a score layer at random (seeded), saved as one."""
+    from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_reward_models_ranking_counts_the_pairs_it_orders_right_beside_a_baseline_reward_model(tiny_model, tmp_path):
+    """Each pair twice, once with its answers swapped: whatever a model scores, exactly one of the two
+    is ranked right (the scores differ), so accuracy is 1/2 and the margins cancel -- unless chosen
+    and rejected were mixed up, or a conversation lost its prompt. The baseline, another reward model,
+    ranks the same pairs; the report lists the pairs ranked wrong; a restart scores nothing again;
+    a language model, and a row that is no preference pair, are refused naming the field."""
+    rows = _rows()[:4] + [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in _rows()[:4]]
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "test.jsonl").write_bytes(dumps_jsonl(rows))
+    rm, earlier = (_reward_model(tiny_model, tmp_path / name, seed) for name, seed in (("rm", 1), ("rm0", 2)))
+    spec = {"model": {"source": {"uri": f"file://{rm}"}}, "baselineModel": {"source": {"uri": f"file://{earlier}"}},
+            "ranking": {"dataset": {"uri": f"file://{tmp_path}/pairs"}, "batchSize": 3}}
+    result, store = _benchmark(spec, tmp_path)
+    assert result["metrics"]["ranking.accuracy"] == 0.5 and result["metrics"]["ranking.baseline"] == 0.5
+    assert result["metrics"]["ranking.margin"] == pytest.approx(0.0, abs=1e-5)
+    model, tok = reward_model.load({"uri": f"file://{rm}"}, "spec.model")
+    chosen = reward_model.scores(model, tok, [r["prompt"] + r["chosen"] for r in rows], batch_size=1)
+    rejected = reward_model.scores(model, tok, [r["prompt"] + r["rejected"] for r in rows], batch_size=1)
+    saved = store.read_json("ranking/model.json")["rewards"]
+    assert saved == [pytest.approx([c, r], abs=1e-5) for c, r in zip(chosen, rejected)]
+    assert store.read_json("ranking/baseline.json")["rewards"] != saved
+    report = store.read_bytes("report/report.md").decode()
+    wrong = [i + 1 for i, (c, r) in enumerate(zip(chosen, rejected)) if c <= r]
+    assert "4 of 8 pairs: the rejected answer scored at least as high" in report
+    assert sorted(int(line.split("|")[1]) for line in report.splitlines() if line.startswith("| ") and
+                  line.split("|")[1].strip().isdigit()) == wrong
+    # Restarted: the saved scores are the ranking (scores changed by hand show through).
+    store.write_json("ranking/model.json", {"rewards": [[1.0, 0.0]] * 8})
+    assert _benchmark(spec, tmp_path)[0]["metrics"]["ranking.accuracy"] == 1.0
+
+    with pytest.raises(InvalidTask, match="spec.model: .* is not a reward model"):
+        _benchmark({**spec, "model": {"source": {"uri": f"file://{tiny_model}"}}}, tmp_path)
+    (tmp_path / "pairs" / "test.jsonl").write_bytes(dumps_jsonl(rows[:2] + [{"prompt": "hi", "chosen": "x"}]))
+    with pytest.raises(InvalidTask, match="spec.ranking.dataset: test.jsonl row 3: a preference row needs chosen and "
+                                          "rejected"):
+        _benchmark({**spec, "baseline": False, "baselineModel": None}, tmp_path)
+
 
 def _task(tiny_model, tmp_path: Path, **spec) -> dict:
-    return finetune_task(tiny_model, _margined_dataset(tmp_path / "data"), f"file://{tmp_path}/store",
+    return finetune_task(tiny_model, _margined_dataset(tmp_path / "data"), f"file://{tmp_path}/store", name="rm",
                          objective="reward", **spec,
                          hyperparameters={"epochs": 2, "batchSize": 4, "learningRate": 0.02, "packing": True})
 

@@ -498,9 +498,12 @@ def test_a_reward_model_fine_tune_feeds_a_grpo_grader_by_reference_and_nothing_t
     task = plan(parse(benchmark), lookup({("FineTune", "rm"): trained}), STORE)
     assert task["spec"]["reward"]["grader"]["rewardModel"] == {"uri": FT_RESULT["modelUri"]}
 
-    for manifest, field in ((BENCH, "spec.model.fineTuneRef"), (QUANT, "spec.model.fineTuneRef")):
-        with pytest.raises(PlanError, match=f"{field}: FineTune ft trained a reward model, .*nothing to"):
-            plan(parse(manifest), lookup({("FineTune", "ft"): trained}), STORE)
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft trained a reward model, which scores "
+                                        "conversations and writes none: benchmark it with spec.ranking"):
+        plan(parse(BENCH), lookup({("FineTune", "ft"): trained}), STORE)
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft trained a reward model, .*nothing to "
+                                        "quantize"):
+        plan(parse(QUANT), lookup({("FineTune", "ft"): trained}), STORE)
     further = m("FineTune", "more", {"baseModel": {"fineTuneRef": {"name": "ft"}}, "dataset": {"uri": "s3://d"}})
     with pytest.raises(PlanError, match="spec.baseModel.fineTuneRef: FineTune ft trained a reward model, which "
                                         "scores conversations and cannot write them: objective sft"):
@@ -508,3 +511,69 @@ def test_a_reward_model_fine_tune_feeds_a_grpo_grader_by_reference_and_nothing_t
     further["spec"]["objective"] = "reward"  # a reward model trained further on other pairs
     assert plan(parse(further), lookup({("FineTune", "ft"): trained}), STORE)["inputs"]["baseModel"] == {
         "uri": FT_RESULT["modelUri"]}
+
+
+def test_a_benchmark_ranks_pairs_with_a_reward_model_and_with_nothing_else():
+    """spec.ranking: a reward model's accuracy on held-out preference pairs, by default the test split
+    of those it trained on; its base (a language model) is no baseline, another reward model is. A
+    language model or an adapter alone named there and a DatasetBuild of conversations are refused
+    naming the field (ranking beside a section that needs text: the CRD's rule, test_crds)."""
+    rm_result = {**FT_RESULT, "objective": "reward", "datasetFormat": "preference"}
+    ranking = m("Benchmark", "b", {"model": {"fineTuneRef": {"name": "rm"}}, "ranking": {},
+                                   "gates": [{"metric": "ranking.accuracy", "op": ">=", "value": 0.7}]})
+    waiting = plan(parse(ranking), lookup({}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.model.fineTuneRef"
+    task = plan(parse(ranking), lookup({("FineTune", "rm"): rm_result}), STORE)
+    assert task["inputs"]["model"] == {"uri": FT_RESULT["modelUri"], "digest": FT_RESULT["digest"]}
+    assert task["inputs"]["baseline"] is None  # its base is a language model
+    assert task["inputs"]["rankingDataset"] == {"uri": "s3://bucket/data", "format": "preference", "digest": "sha256:aaa"}
+    assert task["spec"]["ranking"] == {"split": "test", "batchSize": 8}
+    assert benchmark_metric_names(parse(ranking).spec, baseline=False) == {"ranking.accuracy", "ranking.margin"}
+    with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'ranking.baseline' is not reported"):
+        plan(parse({**ranking, "spec": {**ranking["spec"], "gates": [{"metric": "ranking.baseline", "op": ">", "value": 0}]}}),
+             lookup({("FineTune", "rm"): rm_result}), STORE)
+    # Against an earlier reward model: both rank the same pairs.
+    against = copy.deepcopy(ranking)
+    against["spec"]["baselineModel"] = {"fineTuneRef": {"name": "rm0"}}
+    against["spec"]["gates"].append({"metric": "ranking.baseline", "op": "<", "value": 1})
+    earlier = {**rm_result, "modelUri": "s3://bucket/rm0/model", "digest": "sha256:000"}
+    task = plan(parse(against), lookup({("FineTune", "rm"): rm_result, ("FineTune", "rm0"): earlier}), STORE)
+    assert task["inputs"]["baseline"] == {"uri": "s3://bucket/rm0/model", "digest": "sha256:000"}
+    with pytest.raises(PlanError, match="spec.baselineModel.fineTuneRef: FineTune rm0 trained with objective sft, so "
+                                        "it is a language model, which spec.ranking cannot score"):
+        plan(parse(against), lookup({("FineTune", "rm"): rm_result, ("FineTune", "rm0"): FT_RESULT}), STORE)
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune rm trained with objective dpo, so it is a "
+                                        "language model"):
+        plan(parse(ranking), lookup({("FineTune", "rm"): {**rm_result, "objective": "dpo"}}), STORE)
+    adapter_only = {k: v for k, v in rm_result.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/rm/adapter"}
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune rm kept only its adapter"):
+        plan(parse(ranking), lookup({("FineTune", "rm"): adapter_only}), STORE)
+
+    # Pairs from a DatasetBuild: waited for, and refused unless it wrote preference pairs.
+    built = copy.deepcopy(ranking)
+    built["spec"]["ranking"] = {"dataset": {"datasetBuildRef": {"name": "data"}}, "split": "validation"}
+    waiting = plan(parse(built), lookup({("FineTune", "rm"): rm_result}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.ranking.dataset.datasetBuildRef"
+    pairs = {**DATA_RESULT, "format": "preference"}
+    task = plan(parse(built), lookup({("FineTune", "rm"): rm_result, ("DatasetBuild", "data"): pairs}), STORE)
+    assert task["inputs"]["rankingDataset"]["uri"] == DATA_RESULT["uri"]
+    with pytest.raises(PlanError, match="spec.ranking.dataset.datasetBuildRef: DatasetBuild data wrote conversations"):
+        plan(parse(built), lookup({("FineTune", "rm"): rm_result, ("DatasetBuild", "data"): DATA_RESULT}), STORE)
+    # A reward model by source: the runtime checks it is one; its pairs must be named.
+    by_source = m("Benchmark", "b", {"model": {"source": {"uri": "s3://bucket/rm"}}, "ranking": {}})
+    with pytest.raises(PlanError, match="spec.ranking.dataset: is required when the model does not come from a "
+                                        "fineTuneRef"):
+        plan(parse(by_source), lookup({}), STORE)
+    by_source["spec"]["ranking"]["dataset"] = {"uri": "s3://bucket/pairs"}
+    assert plan(parse(by_source), lookup({}), STORE)["inputs"]["rankingDataset"]["uri"] == "s3://bucket/pairs"
+
+
+def test_a_benchmarks_reward_prompts_from_a_dataset_build_are_waited_for_and_read():
+    """spec.reward.dataset may name a DatasetBuild, like perplexity's: the Benchmark waits for it."""
+    rewarded = m("Benchmark", "b", {"model": {"source": MODEL}, "reward": {
+        "dataset": {"datasetBuildRef": {"name": "data"}}, "grader": {"operation": "number", "referenceField": "answer"}}})
+    assert [r.name for r in dependency_order(parse(x) for x in [rewarded, DATA])] == ["data", "b"]
+    waiting = plan(parse(rewarded), lookup({}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.reward.dataset.datasetBuildRef"
+    task = plan(parse(rewarded), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
+    assert task["inputs"]["rewardDataset"]["uri"] == DATA_RESULT["uri"]

@@ -1,5 +1,6 @@
 """Benchmark: perplexity on held-out conversations, an LLM judge's score, lm-evaluation-harness
-tasks and a grader's reward of answers to held-out prompts, with gates."""
+tasks and a grader's reward of answers to held-out prompts, or how a reward model ranks held-out
+preference pairs, with gates."""
 
 from __future__ import annotations
 
@@ -132,18 +133,41 @@ class Reward(ApiModel):
                                                                           "test (and its baseline)"))
 
 
+class Ranking(ApiModel):
+    """How a reward model (a FineTune with objective reward, or any sequence-classification model with
+    one label) ranks held-out preference pairs, as RewardBench scores one: the share whose chosen
+    answer it scores above the rejected one (ranking.accuracy; a tie counts as wrong) and the mean
+    score difference (ranking.margin), each conversation scored alone as a grader scores it."""
+
+    dataset: DatasetInput | None = Field(None, description=(
+        "Preference rows (prompt, chosen, rejected; or OpenAI's preferred_output and non_preferred_output); "
+        "defaults to the dataset the reward model's FineTune trained on."))
+    split: Literal["train", "validation", "test"] = Field("test", description="Which split's pairs to rank.")
+    max_samples: int | None = Field(None, ge=1, description="Rank at most this many pairs.")
+    batch_size: int = Field(8, ge=1, le=512, description="Conversations scored together (right-padded).")
+
+
 class Gate(ApiModel):
     metric: str = Field(pattern=r"^[a-zA-Z][\w.]*$",
                         description="A metric of the result, e.g. judge.score, judge.winRate, perplexity.value, "
-                                    "perplexity.changePercent, reward.value.")
+                                    "perplexity.changePercent, reward.value, ranking.accuracy.")
     op: Literal[">=", ">", "<=", "<"] = Field(description="Comparison the metric must satisfy.")
     value: float = Field(description="Threshold.")
 
 
 class BenchmarkSpec(RunOptions):
     cel_rules: ClassVar = [
-        {"rule": "has(self.perplexity) || has(self.judge) || has(self.lmEval) || has(self.reward)",
-         "message": "enable at least one of perplexity, judge, lmEval or reward"},
+        {"rule": "has(self.perplexity) || has(self.judge) || has(self.lmEval) || has(self.reward) || "
+                 "has(self.ranking)",
+         "message": "enable at least one of perplexity, judge, lmEval, reward or ranking"},
+        {"rule": "!has(self.ranking) || !(has(self.perplexity) || has(self.judge) || has(self.lmEval) || "
+                 "has(self.reward))",
+         "message": "ranking benchmarks a reward model, which writes no answers and has no perplexity: use it alone "
+                    "(a language model's preference of the chosen answers is perplexity's preference.accuracy on "
+                    "preference pairs)"},
+        {"rule": "!has(self.ranking) || !has(self.model.quantizationRef)",
+         "message": "ranking benchmarks a reward model; a Quantization holds a language model: name the reward "
+                    "model by fineTuneRef or source"},
         {"rule": "!has(self.judge) || !has(self.judge.mode) || self.judge.mode == 'single' || !has(self.baseline) "
                  "|| self.baseline",
          "message": "judge.mode pairwise and both compare the model with its baseline: set baseline true"},
@@ -170,6 +194,10 @@ class BenchmarkSpec(RunOptions):
     reward: Reward | None = Field(None, description=(
         "A grader's reward of greedy answers to held-out prompts (reward.value, and reward.baseline with a baseline; "
         "a sum grader's parts apart as reward.value.<part> and reward.baseline.<part>)."))
+    ranking: Ranking | None = Field(None, description=(
+        "The model under test is a reward model: how it ranks held-out preference pairs (ranking.accuracy, "
+        "ranking.margin; ranking.baseline, the baseline's accuracy, when baselineModel names another reward "
+        "model: a reward model's base is a language model, not compared)."))
     gates: list[Gate] = Field(default_factory=list, description="All must hold for result.passed.")
 
 

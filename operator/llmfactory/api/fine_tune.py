@@ -533,7 +533,8 @@ class FineTuneSpec(RunOptions):
         "label, the score read at the conversation's last token), trained so that the chosen answer scores "
         "above the rejected one (loss -log sigmoid(difference), starting near ln 2 = 0.693; a row's margin, "
         "TRL's optional column, is subtracted from the difference, as Llama 2's margin loss); what it saves "
-        "is what grader.rewardModel of a GRPO FineTune or Benchmark reads (fineTuneRef). Each conversation "
+        "is what grader.rewardModel of a GRPO FineTune or Benchmark reads (fineTuneRef), and what a "
+        "Benchmark's ranking scores held-out pairs with. Each conversation "
         "is a row of its own (no packing); maxSeqLength bounds each."))
     reward: Reward | None = Field(None, description=(
         "Reward model settings (objective reward); defaults apply when unset."))

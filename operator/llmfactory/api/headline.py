@@ -23,6 +23,9 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
     if kind == "Benchmark":
         m = result["metrics"]
         parts = []
+        if "ranking.accuracy" in m:
+            parts.append(f"ranking accuracy {m['ranking.accuracy']:.2f}" + (
+                f" (base {m['ranking.baseline']:.2f})" if "ranking.baseline" in m else ""))
         if "judge.score" in m:
             parts.append(f"judge {m['judge.score']:.2f}" + (f" (base {m['judge.baseline']:.2f})" if "judge.baseline" in m else ""))
         if "judge.winRate" in m:

@@ -27,9 +27,9 @@ def references(res: Resource) -> list[tuple[str, str, str]]:
         if spec.baseline_model and spec.baseline_model.quantization_ref:
             refs.append(("spec.baselineModel.quantizationRef", "Quantization",
                          spec.baseline_model.quantization_ref.name))
-        if spec.perplexity and spec.perplexity.dataset and spec.perplexity.dataset.dataset_build_ref:
-            refs.append(("spec.perplexity.dataset.datasetBuildRef", "DatasetBuild",
-                         spec.perplexity.dataset.dataset_build_ref.name))
+        for name, section in (("perplexity", spec.perplexity), ("reward", spec.reward), ("ranking", spec.ranking)):
+            if section and section.dataset and section.dataset.dataset_build_ref:
+                refs.append((f"spec.{name}.dataset.datasetBuildRef", "DatasetBuild", section.dataset.dataset_build_ref.name))
     for path, part in grader_parts(res):
         if part.reward_model and part.reward_model.fine_tune_ref:
             refs.append((f"{path}.rewardModel.fineTuneRef", "FineTune", part.reward_model.fine_tune_ref.name))

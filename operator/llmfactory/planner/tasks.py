@@ -55,6 +55,8 @@ def benchmark_metric_names(spec, baseline: bool, dataset_format: str | None = No
     perplexity dataset's, whose preference pairs it scores too, and (against a baseline) unpaired
     rows' labelled answers."""
     names: set[str] = set()
+    if spec.ranking:
+        names |= {"ranking.accuracy", "ranking.margin"} | ({"ranking.baseline"} if baseline else set())
     if spec.perplexity:
         names |= {"perplexity.value", "perplexity.allTokens"}
         if baseline:
@@ -257,12 +259,7 @@ def _trained_model(res: Resource, upstream: dict, field: str = "spec.model") -> 
     spec = res.spec.baseline_model if field == "spec.baselineModel" else res.spec.model
     if spec.fine_tune_ref:
         ft = upstream[f"{field}.fineTuneRef"]
-        if ft.get("objective") == "reward":
-            use = "benchmark" if res.kind == "Benchmark" else "quantize"
-            raise PlanError(res.ref, f"{field}.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} trained a reward "
-                            f"model, which scores conversations and writes none: there is nothing to {use}. Its "
-                            "result's rewardAccuracy is its accuracy on the validation pairs; use it as "
-                            "grader.rewardModel (fineTuneRef) of a GRPO FineTune or a Benchmark's reward")
+        _check_ranks(res, f"{field}.fineTuneRef", ft)
         dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"]}
         if ft.get("modelUri"):
             return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
@@ -281,6 +278,28 @@ def _trained_model(res: Resource, upstream: dict, field: str = "spec.model") -> 
         folder, gguf_file = first["uri"].rsplit("/", 1)
         return {"uri": folder, "ggufFile": gguf_file, "digest": first["sha256"]}, None, dataset
     return _model(spec.source), None, None
+
+
+def _check_ranks(res: Resource, field: str, trained: dict) -> None:
+    """A reward model (objective reward) is what a Benchmark's ranking scores, and all it scores: it
+    writes no text, so a Quantization or another Benchmark section has nothing to read, and a
+    language model has no score to rank pairs by. Its model, merged: an adapter alone is a score
+    layer and low-rank weights for a base it would be loaded onto."""
+    name, reward = field.removesuffix(".fineTuneRef"), trained.get("objective") == "reward"
+    ranking = res.kind == "Benchmark" and res.spec.ranking is not None
+    ref = (res.spec.baseline_model if name == "spec.baselineModel" else res.spec.model).fine_tune_ref.name
+    if reward and not ranking:
+        use = "benchmark it with spec.ranking" if res.kind == "Benchmark" else "there is nothing to quantize"
+        raise PlanError(res.ref, field, f"FineTune {ref} trained a reward model, which scores conversations and "
+                        f"writes none: {use} (how it ranks held-out preference pairs), or use it as "
+                        "grader.rewardModel (fineTuneRef) of a GRPO FineTune or a Benchmark's reward")
+    if ranking and not reward:
+        raise PlanError(res.ref, field, f"FineTune {ref} trained with objective {trained.get('objective') or 'sft'}, "
+                        "so it is a language model, which spec.ranking cannot score: name a FineTune with objective "
+                        "reward (a language model's preference is perplexity's preference.accuracy on preference pairs)")
+    if ranking and not trained.get("modelUri"):
+        raise PlanError(res.ref, field, f"FineTune {ref} kept only its adapter (spec.mergeAdapter: false); set "
+                        "mergeAdapter: true there to rank pairs with its model")
 
 
 def _resolve_reward_models(res: Resource, upstream: dict, *specs: dict[str, Any]) -> None:
@@ -327,10 +346,14 @@ def _check_engine(res: Resource, field: str, engine: str, model: dict[str, Any])
 def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     spec = res.spec
     model, base, trained_on = _trained_model(res, upstream)
+    if spec.ranking:  # a reward model's base is a language model: nothing to rank pairs with
+        base = None
     if spec.baseline_model:  # another model to compare with than the FineTune's base
         base = _trained_model(res, upstream, "spec.baselineModel")[0]
     baseline = base if spec.baseline else None
     inputs: dict[str, Any] = {"model": model, "baseline": baseline}
+    if spec.ranking:
+        inputs["rankingDataset"] = _ranking_dataset(res, upstream, trained_on)
     if spec.perplexity:
         if spec.perplexity.dataset:
             inputs["dataset"] = _dataset(res, spec.perplexity.dataset, upstream, "spec.perplexity.dataset")
@@ -378,6 +401,22 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
             raise PlanError(res.ref, f"spec.gates[{i}].metric",
                             f"{gate.metric!r} is not reported by this benchmark; valid: {valid}")
     return inputs
+
+
+def _ranking_dataset(res: Resource, upstream: dict, trained_on: dict | None) -> dict[str, Any]:
+    """spec.ranking's preference pairs: its dataset, or those the reward model trained on."""
+    if res.spec.ranking.dataset:
+        dataset = _dataset(res, res.spec.ranking.dataset, upstream, "spec.ranking.dataset")
+        built = res.spec.ranking.dataset.dataset_build_ref
+        if built and dataset["format"] != "preference":
+            raise PlanError(res.ref, "spec.ranking.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote "
+                            f"conversations (format {dataset['format']}), but a reward model ranks preference "
+                            "pairs: set spec.preferences there, or point dataset.uri at preference rows")
+        return dataset
+    if trained_on is None:
+        raise PlanError(res.ref, "spec.ranking.dataset", "is required when the model does not come from a "
+                        "fineTuneRef: name preference rows (prompt, chosen, rejected)")
+    return trained_on
 
 
 def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:

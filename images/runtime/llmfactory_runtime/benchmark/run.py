@@ -1,7 +1,8 @@
 """Benchmark: perplexity on held-out conversations, LLM-judge scores of multi-turn answers (graded
 alone, or compared with the baseline's), lm-evaluation-harness tasks and a grader's reward of
-answers to held-out prompts, for the model under test and (optionally) its base model, then gates.
-Answers and judgements are saved as they are made, so a restarted benchmark redoes none of them."""
+answers to held-out prompts, for the model under test and (optionally) its base model -- or, of a
+reward model, how it ranks held-out preference pairs -- then gates. Answers, judgements and scores
+are saved as they are made, so a restarted benchmark redoes none of them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
-from ..data import read_split
+from ..data import preference_of, read_split
 from ..generate import generate
 from ..grader import graded_rows, rewards_by_part
 from ..models import LazyModel
@@ -122,6 +123,29 @@ def _rewarded(label: str, source: dict, spec: dict, prompts: list[dict], run: St
 
             ask([prompts[i]["messages"] for i in todo], spec["maxNewTokens"], 0.0, 0, on_answer=done)
     return {"answers": [answers[str(i)] for i in range(len(prompts))]}
+
+
+def _ranked(label: str, source: dict, spec: dict, rows: list[dict], run: Store, progress: Progress) -> dict:
+    """{rewards: [[chosen, rejected] per pair]}: the reward model's score of each pair's two
+    conversations, each scored alone as a grader scores an answer (reward_model.scores)."""
+    from .. import reward_model  # noqa: PLC0415
+
+    def rank() -> dict:
+        where = f"spec.ranking.dataset: {spec['split']}.jsonl"
+        conversations = []
+        for n, row in enumerate(rows, 1):
+            try:
+                prompt, chosen, rejected = preference_of(row)
+            except ValueError as e:
+                raise InvalidTask(f"{where} row {n}: {e}") from None
+            conversations += [prompt + chosen, prompt + rejected]
+        progress.stage(f"loading {label}")
+        model, tokenizer = reward_model.load(source, "spec.model" if label == "model" else "spec.baselineModel")
+        progress.stage(f"ranking {len(rows)} pairs with {label}")
+        scored = reward_model.scores(model, tokenizer, conversations, spec["batchSize"])
+        return {"rewards": [scored[i:i + 2] for i in range(0, len(scored), 2)]}
+
+    return _cached(run, f"ranking/{label}.json", rank)
 
 
 # How a Benchmark scores rows that say which answers are wanted, by the dataset's format: preference
@@ -291,6 +315,11 @@ def _pairwise_metrics(outcomes: dict[str, list[str | None]], questions: list[dic
 
 def _metrics(results: dict[str, dict], judged: dict[str, Any], questions: list[dict]) -> dict[str, float]:
     metrics: dict[str, float | None] = {}
+    for label, name in (("model", "ranking.accuracy"), ("baseline", "ranking.baseline")):
+        if "ranking" in (results.get(label) or {}):
+            metrics[name] = _mean([float(c > r) for c, r in results[label]["ranking"]["rewards"]])
+    if "ranking" in results["model"]:
+        metrics["ranking.margin"] = _mean([c - r for c, r in results["model"]["ranking"]["rewards"]])
     if "desirable" in results["model"].get("preference", {}):  # labelled answers: scored with a baseline only
         metrics["preference.rewardAccuracy"] = labelled_agreement(results["model"]["preference"],
                                                                   results["baseline"]["preference"])
@@ -400,8 +429,31 @@ def _reward_prompts(spec: dict, dataset: dict) -> list[dict]:
     return prompts
 
 
+def _cell(text: str, limit: int) -> str:
+    """Text for a Markdown table cell: cut at limit, quoted on one line, no column breaks."""
+    return json.dumps(text[:limit], ensure_ascii=False).replace("|", "\\|")
+
+
+def _ranking_lines(pairs: list[dict], ranked: dict[str, list[list[float]]], shown: int = 20) -> list[str]:
+    """The pairs the model ranks wrong, worst first (at most `shown`): what to read before trusting it."""
+    wrong = sorted((c - r, i) for i, (c, r) in enumerate(ranked["model"]) if not c > r)
+    lines = ["", "## Pairs ranked wrong", "",
+             f"{len(wrong)} of {len(pairs)} pairs: the rejected answer scored at least as high as the chosen one"
+             + (f" (the {shown} with the lowest margin)" if len(wrong) > shown else "") + "."]
+    if not wrong:
+        return lines
+    lines += ["", "| pair | prompt | chosen | rejected | margin | " + " | ".join(f"{label} scores" for label in ranked)
+              + " |", "|---|---|---|---|---|" + "---|" * len(ranked)]
+    for margin, i in wrong[:shown]:
+        prompt, chosen, rejected = preference_of(pairs[i])
+        texts = [_cell(messages[-1]["content"], 120) for messages in (prompt, chosen, rejected)]
+        scores = [f"{got[i][0]:.3g} / {got[i][1]:.3g}" for got in ranked.values()]
+        lines.append(f"| {i + 1} | " + " | ".join(texts) + f" | {margin:.3g} | " + " | ".join(scores) + " |")
+    return lines
+
+
 def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dict, answers: dict,
-            categories: dict, generation: dict, prompts: list, rewarded: dict) -> str:
+            categories: dict, generation: dict, prompts: list, rewarded: dict, pairs: list, ranked: dict) -> str:
     ratings, pairwise = judged.get("ratings", {}), judged.get("pairwise")
     lines = [f"# Benchmark {task['resource']['name']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(metrics.items())]
@@ -428,15 +480,14 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dic
         lines += ["", "## Rewarded answers", "", "Greedy answers to the reward prompts, each after its reward "
                   "(a check's 1 when it passes; a sum's parts in brackets).", "",
                   "| prompt | reference | " + " | ".join(rewarded) + " |", "|---|---|" + "---|" * len(rewarded)]
-        def cell(text: str, limit: int) -> str:  # one line, quoted, no column breaks
-            return json.dumps(text[:limit], ensure_ascii=False).replace("|", "\\|")
-
         def scored(r: dict, i: int) -> str:
             parts = ", ".join(f"{name} {got[i]:.3g}" for name, got in r.get("parts", {}).items())
             return f"{r['rewards'][i]:.3g}" + (f" ({parts})" if parts else "")
         for i, p in enumerate(prompts):
-            cells = [f"{scored(r, i)}: {cell(r['answers'][i], 200)}" for r in rewarded.values()]
-            lines.append(f"| {cell(p['question'], 120)} | {cell(p['reference'] or '', 120)} | " + " | ".join(cells) + " |")
+            cells = [f"{scored(r, i)}: {_cell(r['answers'][i], 200)}" for r in rewarded.values()]
+            lines.append(f"| {_cell(p['question'], 120)} | {_cell(p['reference'] or '', 120)} | " + " | ".join(cells) + " |")
+    if ranked:
+        lines += _ranking_lines(pairs, ranked)
     if questions:
         def fmt(r):
             return "unrated" if r is None else f"{r:.2f}"
@@ -473,8 +524,18 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     labelled = inputs["dataset"].get("format") if rows else None
     if labelled not in LABELLED_ROWS or labelled == "unpaired" and "baseline" not in models:
         labelled = None  # a labelled answer's log-probability says something only as a change from the baseline's
-    results = {label: _evaluate_model(label, source, spec, rows, labelled, questions, prompts, run, progress, tasks_dir)
-               for label, source in models.items()}
+    pairs: list[dict] = []
+    if spec.get("ranking"):  # a reward model: ranking alone (the CRD's rule)
+        pairs = read_split(inputs["rankingDataset"]["uri"], spec["ranking"]["split"])[
+            : spec["ranking"].get("maxSamples") or None]
+        if not pairs:
+            raise InvalidTask(f"spec.ranking.dataset: {inputs['rankingDataset']['uri']} has no "
+                              f"{spec['ranking']['split']} pairs to rank")
+        results = {label: {"ranking": _ranked(label, source, spec["ranking"], pairs, run, progress)}
+                   for label, source in models.items()}
+    else:
+        results = {label: _evaluate_model(label, source, spec, rows, labelled, questions, prompts, run, progress,
+                                          tasks_dir) for label, source in models.items()}
     rewarded = {label: r["reward"] for label, r in results.items() if "reward" in r}
     for answered in rewarded.values():  # after every model has answered: a judge asked once for all
         answered["rewards"], parts = rewards_by_part(spec["reward"]["grader"], answered["answers"], prompts,
@@ -490,9 +551,10 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     gates = evaluate_gates(spec.get("gates", []), metrics)
     categories = _categories(judged.get("ratings", {}), questions)
     generation = {label: r["generation"] for label, r in results.items() if "generation" in r}
+    ranked = {label: r["ranking"]["rewards"] for label, r in results.items() if "ranking" in r}
     report = {"metrics": metrics, "gates": gates, "categories": categories, "ratings": judged.get("ratings", {}),
               "answers": answers, "generation": generation, **({"pairwise": judged["pairwise"]} if "pairwise" in judged else {}),
-              **({"rewarded": rewarded} if rewarded else {})}
+              **({"rewarded": rewarded} if rewarded else {}), **({"ranking": ranked} if ranked else {})}
     run.write_json("report/report.json", report)
     if categories:
         run.write_bytes("report/scores.png", _chart(categories))
@@ -500,7 +562,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         rates = {c: v["winRate"] for c, v in judged["pairwise"]["categories"].items() if v["winRate"] is not None}
         run.write_bytes("report/win-rate.png", _chart({"model vs baseline": rates}, "win rate (ties count half)", 1))
     run.write_bytes("report/report.md", _report(task, metrics, gates, questions, judged, answers, categories, generation,
-                                                prompts, rewarded).encode())
+                                                prompts, rewarded, pairs, ranked).encode())
     run.commit("report")
     return {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates),
             "reportUri": run.child("report").uri}
