@@ -210,6 +210,10 @@ BAD = [
      "judge.mode pairwise and both compare the model with its baseline: set baseline true"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"openai": {"model": "x"}, "engine": "vllm"}},
      "engine applies to a local model teacher"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": {
+        "uri": "s3://b/m", "fineTuneRef": {"name": "sft"}}}}, "set exactly one of huggingface, uri or fineTuneRef"),
+    ("Benchmark", {"model": {"source": MODEL}, "judge": {"model": {"fineTuneRef": {"name": "j"}, "ggufFile": "j.gguf"}}},
+     "ggufFile applies to a huggingface or uri model; a fineTuneRef is the FineTune's merged model"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}],
                       "teacher": {"model": {**MODEL, "ggufFile": "m.gguf"}, "engine": "vllm"}},
      "engine vllm cannot load a GGUF model"),

@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from llmfactory.planner import PlanError, Waiting, benchmark_metric_names, dependency_order, parse, plan
-from llmfactory.planner.graph import topological
+from llmfactory.planner.graph import references, topological
 
 STORE = "s3://bucket/llmfactory"
 MODEL = {"uri": "file:///models/base"}
@@ -577,3 +577,55 @@ def test_a_benchmarks_reward_prompts_from_a_dataset_build_are_waited_for_and_rea
     assert isinstance(waiting, Waiting) and waiting.field == "spec.reward.dataset.datasetBuildRef"
     task = plan(parse(rewarded), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
     assert task["inputs"]["rewardDataset"]["uri"] == DATA_RESULT["uri"]
+
+
+def test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judges_by_reference():
+    """On-policy preference pairs (the SFT model answers, its answers rejected, then DPO on top of it)
+    in one apply: a DatasetBuild names the FineTune by fineTuneRef, waits for it, and reads its merged
+    model by URI (a retrained SFT model is a new build). Every field that reads a model to write or
+    grade text takes one the same way; a reward model or an adapter alone there is refused."""
+    sft = m("FineTune", "sft", {"baseModel": MODEL, "dataset": {"datasetBuildRef": {"name": "data"}}})
+    pairs = m("DatasetBuild", "pairs", {"sources": [{"uri": "s3://bucket/prompts.jsonl"}], "teacher": {"model": MODEL},
+                                        "preferences": {"rejected": {"model": {"fineTuneRef": {"name": "sft"}}}}})
+    dpo = m("FineTune", "dpo", {"baseModel": {"fineTuneRef": {"name": "sft"}}, "objective": "dpo",
+                                "dataset": {"datasetBuildRef": {"name": "pairs"}}})
+    assert [r.name for r in dependency_order(parse(x) for x in [dpo, pairs, sft, DATA])] == ["data", "sft", "pairs", "dpo"]
+    waiting = plan(parse(pairs), lookup({}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.preferences.rejected.model.fineTuneRef"
+    task = plan(parse(pairs), lookup({("FineTune", "sft"): FT_RESULT}), STORE)
+    assert task["inputs"]["rejected"] == task["spec"]["preferences"]["rejected"]["model"] == {"uri": FT_RESULT["modelUri"]}
+    retrained = {**FT_RESULT, "modelUri": "s3://bucket/default/finetune/sft/0123456789abcdef/model"}
+    assert plan(parse(pairs), lookup({("FineTune", "sft"): retrained}), STORE)["digest"] != task["digest"]
+    # The same model by URI is the same build: the reference is resolved before the digest.
+    by_uri = copy.deepcopy(pairs)
+    by_uri["spec"]["preferences"]["rejected"]["model"] = {"uri": FT_RESULT["modelUri"]}
+    assert plan(parse(by_uri), lookup({}), STORE)["digest"] == task["digest"]
+    reward = {**FT_RESULT, "objective": "reward"}
+    with pytest.raises(PlanError, match="spec.preferences.rejected.model.fineTuneRef: FineTune sft trained a reward "
+                                        "model, which scores conversations and writes none"):
+        plan(parse(pairs), lookup({("FineTune", "sft"): reward}), STORE)
+    adapter_only = {k: v for k, v in FT_RESULT.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/sft/adapter"}
+    with pytest.raises(PlanError, match="spec.preferences.rejected.model.fineTuneRef: FineTune sft kept only its adapter"):
+        plan(parse(pairs), lookup({("FineTune", "sft"): adapter_only}), STORE)
+
+    # A teacher, a DatasetBuild's judge, a Benchmark's judge and a grader's local judge alike.
+    ref = {"fineTuneRef": {"name": "sft"}}
+    teacher = m("DatasetBuild", "d", {"sources": [{"uri": "s3://bucket/p.jsonl"}], "teacher": {"model": ref},
+                                      "filters": {"judge": {"model": ref}}})
+    judged = m("Benchmark", "b", {"model": {"source": MODEL}, "judge": {"model": ref}})
+    graded = copy.deepcopy(GRPO)
+    graded["spec"]["grpo"]["grader"] = {"operation": "judge", "referenceField": "answer", "judgeModel": ref}
+    for doc, fields in ((teacher, ["spec.teacher.model", "spec.filters.judge.model"]), (judged, ["spec.judge.model"]),
+                        (graded, ["spec.grpo.grader.judgeModel"])):
+        assert [path for path, _, _ in references(parse(doc))] == [f"{f}.fineTuneRef" for f in fields]
+        task = plan(parse(doc), lookup({("FineTune", "sft"): FT_RESULT}), STORE)
+        for field in fields:
+            node = task["spec"]
+            for key in field.split(".")[1:]:
+                node = node[key]
+            assert node == {"uri": FT_RESULT["modelUri"]}
+    assert task["spec"]["grpo"]["grader"]["judgeModel"] == {"uri": FT_RESULT["modelUri"]}
+    inputs = plan(parse(teacher), lookup({("FineTune", "sft"): FT_RESULT}), STORE)["inputs"]
+    assert inputs["teacher"] == inputs["judge"] == {"uri": FT_RESULT["modelUri"]}
+    assert plan(parse(judged), lookup({("FineTune", "sft"): FT_RESULT}), STORE)["inputs"]["judge"] == {
+        "uri": FT_RESULT["modelUri"]}

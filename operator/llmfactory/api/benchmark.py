@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, Engine, KindInfo, LocalObjectReference, ModelSource,
-                     OpenAIEndpoint, RunOptions, StatusBase)
+                     OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
 from .dataset_build import HuggingFaceDataset
 from .fine_tune import DatasetInput, Grader
 
@@ -61,7 +61,7 @@ class Judge(ApiModel):
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible judge, e.g. gpt-4o.")
-    model: ModelSource | None = Field(None, description="A local judge model run with transformers (its rating "
+    model: TrainedModelSource | None = Field(None, description="A local judge model run with transformers (its rating "
                                                         "is the expectation over its probabilities of 1..10).")
     languages: list[str] = Field(default_factory=lambda: ["en", "ru", "zh"], min_length=1,
                                  description="Languages to ask in: the built-in question sets (en, ru, zh), or "

@@ -84,6 +84,24 @@ class LocalObjectReference(ApiModel):
                       description="Name of a resource in the same namespace.")
 
 
+class TrainedModelSource(ModelSource):
+    """A model: a Hugging Face repository, a URI, or what a FineTune in this namespace trained."""
+
+    cel_rules: ClassVar = [
+        {"rule": "[has(self.huggingface), has(self.uri), has(self.fineTuneRef)].filter(x, x).size() == 1",
+         "message": "set exactly one of huggingface, uri or fineTuneRef"},
+        {"rule": "!has(self.revision) || has(self.huggingface)",
+         "message": "revision applies only to a huggingface model"},
+        {"rule": "!has(self.ggufFile) || !has(self.fineTuneRef)",
+         "message": "ggufFile applies to a huggingface or uri model; a fineTuneRef is the FineTune's merged model"},
+    ]
+
+    fine_tune_ref: LocalObjectReference | None = Field(None, description=(
+        "A FineTune in this namespace whose merged model (its mergeAdapter true) this is: e.g. the SFT model "
+        "writing the rejected answers of on-policy preference pairs, or a judge fine-tuned to grade. This "
+        "resource waits until that one has succeeded, and runs again when it is retrained."))
+
+
 class SecretKeyRef(ApiModel):
     name: str = Field(pattern=NAME_PATTERN, description="Name of a Secret in the same namespace.")
     key: str = Field(min_length=1, description="Key inside the Secret.")

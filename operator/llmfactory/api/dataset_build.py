@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, Engine, KindInfo, ModelSource,
-                     OpenAIEndpoint, RunOptions, StatusBase)
+                     OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
 
 LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
 
@@ -74,7 +74,7 @@ class Teacher(ApiModel):
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible chat-completions endpoint.")
-    model: ModelSource | None = Field(None, description="A local model run inside the phase's pod (see engine).")
+    model: TrainedModelSource | None = Field(None, description="A local model run inside the phase's pod (see engine).")
     engine: Engine = Field("auto", description=ENGINE_DESCRIPTION)
     system_prompt: str | None = Field(None, description="System message sent before every prompt.")
     temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")
@@ -102,7 +102,7 @@ class AnswerJudge(ApiModel):
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible judge; its ratings are cached.")
-    model: ModelSource | None = Field(None, description="A local judge, read by the log-probabilities of its ratings "
+    model: TrainedModelSource | None = Field(None, description="A local judge, read by the log-probabilities of its ratings "
                                                         "(cached too).")
     min_score: float = Field(6, ge=1, le=10, description="Drop answers rated below this.")
     max_reasks: int = Field(1, ge=0, le=5, description="Ask an API judge again this many times when its reply "
@@ -150,7 +150,7 @@ class RejectedAnswers(ApiModel):
          "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
     ]
 
-    model: ModelSource | None = Field(None, description="A local model, run inside the phase's pod.")
+    model: TrainedModelSource | None = Field(None, description="A local model, run inside the phase's pod.")
     openai: OpenAIEndpoint | None = Field(None, description=(
         "An OpenAI-compatible chat-completions endpoint (its own apiKeySecret, rate limits and retries). "
         "A request it refuses for one prompt (400, 413, 422) drops that pair (rejected_refused)."))

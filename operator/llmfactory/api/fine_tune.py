@@ -7,20 +7,13 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint, Resources, RunOptions,
-                     SecretKeyRef, StatusBase, URI_PATTERN, no_credentials_in_url)
+                     SecretKeyRef, StatusBase, TrainedModelSource, URI_PATTERN, no_credentials_in_url)
 
 
 class BaseModel(ModelSource):
     """The model to fine-tune: a Hugging Face repository, a URI, or what another FineTune trained."""
 
-    cel_rules: ClassVar = [
-        {"rule": "[has(self.huggingface), has(self.uri), has(self.fineTuneRef)].filter(x, x).size() == 1",
-         "message": "set exactly one of huggingface, uri or fineTuneRef"},
-        {"rule": "!has(self.revision) || has(self.huggingface)",
-         "message": "revision applies only to a huggingface model"},
-        {"rule": "!has(self.ggufFile) || !has(self.fineTuneRef)",
-         "message": "ggufFile applies to a huggingface or uri model; a fineTuneRef is the FineTune's merged model"},
-    ]
+    cel_rules: ClassVar = TrainedModelSource.cel_rules  # a TrainedModelSource's, but planned apart (_base_model)
 
     fine_tune_ref: LocalObjectReference | None = Field(None, description=(
         "A FineTune in this namespace whose merged model (its mergeAdapter true) this one trains further, "
@@ -160,15 +153,8 @@ class Reward(ApiModel):
         "Unset: none."))
 
 
-class RewardModelSource(ModelSource):
+class RewardModelSource(TrainedModelSource):
     """A reward model: a Hugging Face repository, a URI, or what a FineTune with objective reward trained."""
-
-    cel_rules: ClassVar = [
-        {"rule": "[has(self.huggingface), has(self.uri), has(self.fineTuneRef)].filter(x, x).size() == 1",
-         "message": "set exactly one of huggingface, uri or fineTuneRef"},
-        {"rule": "!has(self.revision) || has(self.huggingface)",
-         "message": "revision applies only to a huggingface model"},
-    ]
 
     fine_tune_ref: LocalObjectReference | None = Field(None, description=(
         "A FineTune in this namespace with objective reward (and mergeAdapter true) whose model scores the "
@@ -223,7 +209,7 @@ class GraderPart(ApiModel):
         "operation judge: the OpenAI-compatible judge (its key by apiKeySecret, LLMFACTORY_GRADER_API_KEY for "
         "local runs). Its ratings are cached in the store like the Benchmark judge's, so a resumed run gets "
         "the same rewards without paying again."))
-    judge_model: ModelSource | None = Field(None, description=(
+    judge_model: TrainedModelSource | None = Field(None, description=(
         "operation judge: a local judge model instead of an API, run with transformers in each training "
         "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "
         "over its probabilities of writing 1..10, so it never fails to parse and costs one forward pass per "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from ..api.common import ApiModel, TrainedModelSource
 from .errors import PlanError
 from .manifests import Key, Resource
 
@@ -30,23 +31,23 @@ def references(res: Resource) -> list[tuple[str, str, str]]:
         for name, section in (("perplexity", spec.perplexity), ("reward", spec.reward), ("ranking", spec.ranking)):
             if section and section.dataset and section.dataset.dataset_build_ref:
                 refs.append((f"spec.{name}.dataset.datasetBuildRef", "DatasetBuild", section.dataset.dataset_build_ref.name))
-    for path, part in grader_parts(res):
-        if part.reward_model and part.reward_model.fine_tune_ref:
-            refs.append((f"{path}.rewardModel.fineTuneRef", "FineTune", part.reward_model.fine_tune_ref.name))
+    for path, source in trained_models(res.spec):
+        refs.append((f"{path}.fineTuneRef", "FineTune", source.fine_tune_ref.name))
     return refs
 
 
-def grader_parts(res: Resource) -> list[tuple[str, Any]]:
-    """(field path, grader) of a GRPO FineTune's grader or a Benchmark's reward grader, and of each
-    part of a sum."""
-    spec = res.spec
-    if res.kind == "FineTune" and spec.grpo:
-        path, grader = "spec.grpo.grader", spec.grpo.grader
-    elif res.kind == "Benchmark" and spec.reward:
-        path, grader = "spec.reward.grader", spec.reward.grader
-    else:
+def trained_models(node: Any, path: str = "spec") -> list[tuple[str, TrainedModelSource]]:
+    """(field path, source) of every model the spec names by fineTuneRef to read it (a teacher, a
+    judge, a grader's reward model...), wherever it sits: a FineTune's baseModel, which it trains
+    further, and the model a Benchmark or Quantization evaluates are read apart (tasks.py)."""
+    if isinstance(node, TrainedModelSource):
+        return [(path, node)] if node.fine_tune_ref else []
+    if isinstance(node, list):
+        return [found for i, item in enumerate(node) for found in trained_models(item, f"{path}[{i}]")]
+    if not isinstance(node, ApiModel):
         return []
-    return [(path, grader)] + [(f"{path}.parts[{i}]", part) for i, part in enumerate(grader.parts or [])]
+    return [found for name, field in type(node).model_fields.items()
+            for found in trained_models(getattr(node, name), f"{path}.{field.alias or name}")]
 
 
 def dependency_order(resources: Iterable[Resource]) -> list[Resource]:

@@ -8,6 +8,7 @@ over all of that. Same inputs, same digest, same artifact prefix: finished work 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import re
@@ -16,11 +17,12 @@ from typing import Any, Callable
 
 from .. import API_VERSION
 from ..api import KINDS
-from ..api.common import RUNTIME_ONLY_FIELDS, operational_fields
+from ..api.common import RUNTIME_ONLY_FIELDS, ApiModel, operational_fields
+from ..api.fine_tune import RewardModelSource
 from ..api.quantization import CALIBRATED_TYPES
 from .errors import PlanError
 from .estimate import check_fits
-from .graph import grader_parts, references
+from .graph import references, trained_models
 from .manifests import Resource, config_map_bytes
 
 ResultLookup = Callable[[str, str, str], "dict[str, Any] | None"]  # (kind, namespace, name) -> status.result
@@ -104,6 +106,7 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str,
         if result is None:
             return Waiting(kind, name, path, estimate.as_dict() if estimate else None)
         upstream[path] = result
+    res = _with_trained_models(res, upstream)
     inputs = _INPUTS[res.kind](res, upstream)
     if res.kind == "DatasetBuild":
         files = config_map_files(res, config_map_of)
@@ -113,7 +116,6 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str,
             inputs["configMaps"] = files
     spec = {k: v for k, v in res.spec.wire().items() if k not in operational_fields(res.kind)}
     digested = digest_spec(res)
-    _resolve_reward_models(res, upstream, spec, digested)
     body = {"phase": KINDS[res.kind].phase, "spec": spec, "inputs": inputs}
     digest = canonical_digest({**body, "spec": digested})
     task = {
@@ -302,32 +304,41 @@ def _check_ranks(res: Resource, field: str, trained: dict) -> None:
                         "mergeAdapter: true there to rank pairs with its model")
 
 
-def _resolve_reward_models(res: Resource, upstream: dict, *specs: dict[str, Any]) -> None:
-    """Replace each grader's rewardModel.fineTuneRef, in the task's spec and the one digested, with
-    that FineTune's model (whose URI holds its task digest: a retrained reward model is a new run)."""
-    for path, part in grader_parts(res):
-        ref = part.reward_model.fine_tune_ref if part.reward_model else None
-        if ref is None:
-            continue
-        field = f"{path}.rewardModel.fineTuneRef"
-        trained = upstream[field]
-        if trained.get("objective") != "reward":
-            raise PlanError(res.ref, field, f"FineTune {ref.name} trained with objective "
+def _with_trained_models(res: Resource, upstream: dict) -> Resource:
+    """res with each model it names by fineTuneRef to read (graph.trained_models: a teacher, a judge,
+    a grader's reward model...) replaced by that FineTune's merged model, by URI: the task reads it
+    there and its digest holds it (the URI holds that FineTune's task digest, so a retrained model is
+    a new run here too). A reward model where text is written or graded, a language model where a
+    reward model scores, and an adapter alone are refused naming the field."""
+    uris = {}
+    for path, source in trained_models(res.spec):
+        field, name = f"{path}.fineTuneRef", source.fine_tune_ref.name
+        trained, scores = upstream[field], isinstance(source, RewardModelSource)
+        if scores and trained.get("objective") != "reward":
+            raise PlanError(res.ref, field, f"FineTune {name} trained with objective "
                             f"{trained.get('objective') or 'sft'}, so it is a language model, not a reward model: "
                             "name a FineTune with objective reward")
+        if not scores and trained.get("objective") == "reward":
+            raise PlanError(res.ref, field, f"FineTune {name} trained a reward model, which scores conversations and "
+                            "writes none: name a FineTune that trained a language model")
         if not trained.get("modelUri"):
-            raise PlanError(res.ref, field, f"FineTune {ref.name} kept only its adapter (spec.mergeAdapter: false); "
-                            "set mergeAdapter: true there to score with its model")
-        for spec in specs:
-            _at(spec, path)["rewardModel"] = {"uri": trained["modelUri"]}
+            raise PlanError(res.ref, field, f"FineTune {name} kept only its adapter (spec.mergeAdapter: false); "
+                            "set mergeAdapter: true there to read its model")
+        uris[path] = trained["modelUri"]
+    return dataclasses.replace(res, spec=_replaced(res.spec, "spec", uris)) if uris else res
 
 
-def _at(spec: dict[str, Any], path: str) -> dict[str, Any]:
-    """The object at a field path such as spec.grpo.grader.parts[1] in a spec (camelCase) dict."""
-    node: Any = spec
-    for key, index in re.findall(r"(\w+)(?:\[(\d+)\])?", path.removeprefix("spec.")):
-        node = node[key] if index == "" else node[key][int(index)]
-    return node
+def _replaced(node: Any, path: str, uris: dict[str, str]) -> Any:
+    """node (a spec or part of one at path) with the sources at the paths in uris read from those URIs."""
+    if path in uris:
+        return node.model_copy(update={"fine_tune_ref": None, "uri": uris[path]})
+    if isinstance(node, list):
+        return [_replaced(item, f"{path}[{i}]", uris) for i, item in enumerate(node)]
+    if not isinstance(node, ApiModel):
+        return node
+    updates = {name: new for name, field in type(node).model_fields.items()
+               if (new := _replaced(old := getattr(node, name), f"{path}.{field.alias or name}", uris)) is not old}
+    return node.model_copy(update=updates) if updates else node
 
 
 def _check_engine(res: Resource, field: str, engine: str, model: dict[str, Any]) -> None:
