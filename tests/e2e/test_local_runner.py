@@ -198,3 +198,34 @@ def test_runtime_rejects_a_task_for_another_phase(tiny_model, tmp_path):
     run = subprocess.run([sys.executable, "-m", "llmfactory_runtime", "finetune", "--task", str(tmp_path / "task.json")],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "not 'finetune'" in run.stderr
+
+
+@pytest.mark.extended(reason=(
+    "tests/unit/test_planner.py's test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judges_"
+    "by_reference plans the same chain and checks the rejected model's URI in the task; this one runs it"))
+@pytest.mark.slow
+def test_on_policy_pairs_are_written_by_the_sft_model_and_dpo_trains_on_them_in_one_run(tiny_model, tmp_path):
+    """SFT, then a DatasetBuild whose rejected answers the SFT model writes (fineTuneRef), then DPO on
+    those pairs from the SFT model: one `llmfactory run`, in dependency order."""
+    data, sft = pipeline(tiny_model)[:2]
+    sft["spec"]["hyperparameters"]["epochs"] = 1
+    head = {"apiVersion": "llmfactory.dev/v1alpha1"}
+    pairs = {**head, "kind": "DatasetBuild", "metadata": {"name": "pairs"}, "spec": {**data["spec"], "preferences": {
+        "rejected": {"model": {"fineTuneRef": {"name": "ft"}}, "maxNewTokens": 12, "temperature": 1.0}}}}
+    dpo = {**head, "kind": "FineTune", "metadata": {"name": "dpo"}, "spec": {
+        "baseModel": {"fineTuneRef": {"name": "ft"}}, "dataset": {"datasetBuildRef": {"name": "pairs"}},
+        "objective": "dpo", "hyperparameters": {"epochs": 1, "batchSize": 2, "learningRate": 0.01}}}
+    store = f"file://{tmp_path}/artifacts"
+    run = llmfactory(tmp_path, [dpo, pairs, sft, data], store)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("Succeeded") == 4
+    found = results(store, [data, sft, pairs, dpo])
+    built, trained = found["pairs"][0], found["ft"][0]
+    assert built["format"] == "preference" and sum(built["rows"].values()) > 0
+    written = json.loads(open_store(built["uri"]).read_bytes("train.jsonl").decode().splitlines()[0])
+    assert written["rejected"] and written["chosen"] != written["rejected"]
+    folder = open_store(f"{store}/default/datasetbuild/pairs")
+    [task_key] = [k for k in folder.list() if k.endswith("/task.json")]
+    planned = folder.read_json(task_key)
+    assert planned["inputs"]["rejected"] == {"uri": trained["modelUri"]}
+    assert found["dpo"][0]["rewardAccuracy"] is not None
