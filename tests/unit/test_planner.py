@@ -302,7 +302,7 @@ def test_gates_may_name_any_metric_of_a_listed_lm_eval_task_and_nothing_else():
         plan(parse(m("Benchmark", "b", spec)), lookup({}), STORE)
 
 
-def test_a_quantization_gated_on_a_benchmark_waits_until_it_passes():
+def test_a_quantization_or_fine_tune_gated_on_a_benchmark_waits_until_it_passes():
     gated = m("Quantization", "q", {"model": {"fineTuneRef": {"name": "ft"}}, "types": ["q8_0"],
                                     "benchmarkRef": {"name": "bench"}})
     names = [r.name for r in dependency_order(parse(x) for x in [gated, BENCH, FT, DATA])]
@@ -312,6 +312,17 @@ def test_a_quantization_gated_on_a_benchmark_waits_until_it_passes():
     passed = {"metrics": {}, "gates": [], "passed": True, "reportUri": "s3://b/r"}
     task = plan(parse(gated), lookup({("FineTune", "ft"): FT_RESULT, ("Benchmark", "bench"): passed}), STORE)
     assert task["inputs"]["model"]["uri"] == FT_RESULT["modelUri"]
+    # A gate, not an input: the same conversion with or without it (adding one reruns nothing).
+    ungated = {**gated, "spec": {k: v for k, v in gated["spec"].items() if k != "benchmarkRef"}}
+    assert plan(parse(ungated), lookup({("FineTune", "ft"): FT_RESULT}), STORE)["digest"] == task["digest"]
+    assert "benchmarkRef" not in task["spec"]
+    # A FineTune is gated the same way: GRPO against a reward model once a Benchmark of it passed.
+    grpo = copy.deepcopy(GRPO)
+    grpo["spec"]["benchmarkRef"] = {"name": "bench"}
+    waiting = plan(parse(grpo), lookup({}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.benchmarkRef"
+    assert plan(parse(grpo), lookup({("Benchmark", "bench"): passed}), STORE)["digest"] == plan(
+        parse(GRPO), lookup({}), STORE)["digest"]
     with pytest.raises(PlanError, match="cycle"):
         looped = m("Benchmark", "bench", {"model": {"quantizationRef": {"name": "q"}}, "perplexity": {
             "dataset": {"uri": "s3://b/d"}}})

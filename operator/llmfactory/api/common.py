@@ -198,9 +198,10 @@ class RunOptions(ApiModel):
     resources: PodResources | None = Field(None, description="GPUs, CPU and memory of the phase's pod.")
 
 
-# Where and how a run is scheduled, not what it computes: left out of the task. (A FineTune's
-# resources are in it: the number of processes shapes the global batch.)
-OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources")
+# Where, when and how a run is scheduled, not what it computes: left out of the task. (A FineTune's
+# resources are in it: the number of processes shapes the global batch.) benchmarkRef gates when a
+# FineTune or Quantization starts; the graph reads it.
+OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources", "benchmarkRef")
 
 
 def operational_fields(kind: str) -> tuple[str, ...]:

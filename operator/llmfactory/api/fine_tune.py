@@ -540,6 +540,11 @@ class FineTuneSpec(RunOptions):
     merge_adapter: bool = Field(True, description=(
         "Also save the adapter merged into its base as a whole model (what Benchmark and "
         "Quantization use). Applies to lora and qlora."))
+    benchmark_ref: LocalObjectReference | None = Field(None, description=(
+        "Train only once this Benchmark has succeeded, i.e. passed its gates (one whose gates fail never "
+        "succeeds: this FineTune keeps waiting), as a Quantization's benchmarkRef: e.g. GRPO against a reward "
+        "model only once a Benchmark of it ranks held-out pairs well enough. A gate, not an input: setting it "
+        "does not make a finished FineTune run again."))
     resources: Resources = Field(default_factory=Resources, description="Compute for the training Job.")
 
     @model_validator(mode="after")

@@ -70,7 +70,8 @@ class QuantizationSpec(RunOptions):
                                    description="Perplexity check on the FineTune's test split.")
     benchmark_ref: LocalObjectReference | None = Field(
         None, description="Convert only once this Benchmark has succeeded, i.e. passed its gates (one whose "
-                          "gates fail never succeeds: the Quantization keeps waiting).")
+                          "gates fail never succeeds: the Quantization keeps waiting). A gate, not an input: "
+                          "setting it does not make a finished Quantization run again.")
 
     @model_validator(mode="after")
     def _types_of_format(self):

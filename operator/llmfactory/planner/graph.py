@@ -18,7 +18,7 @@ def references(res: Resource) -> list[tuple[str, str, str]]:
         refs.append(("spec.baseModel.fineTuneRef", "FineTune", spec.base_model.fine_tune_ref.name))
     if res.kind in ("Benchmark", "Quantization") and spec.model.fine_tune_ref:
         refs.append(("spec.model.fineTuneRef", "FineTune", spec.model.fine_tune_ref.name))
-    if res.kind == "Quantization" and spec.benchmark_ref:
+    if res.kind in ("FineTune", "Quantization") and spec.benchmark_ref:
         refs.append(("spec.benchmarkRef", "Benchmark", spec.benchmark_ref.name))
     if res.kind == "Benchmark":
         if spec.model.quantization_ref:
