@@ -133,6 +133,8 @@ def test_a_reward_models_ranking_counts_the_pairs_it_orders_right_beside_a_basel
     ranks the same pairs; the report lists the pairs ranked wrong; a restart scores nothing again;
     a language model, and a row that is no preference pair, are refused naming the field."""
     rows = _rows()[:4] + [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in _rows()[:4]]
+    # A DatasetBuild's rows say their language; here a pair and its swap say different ones.
+    rows = [{**row, "language": "en" if i in (0, 1, 6, 7) else "ru"} for i, row in enumerate(rows)]
     (tmp_path / "pairs").mkdir()
     (tmp_path / "pairs" / "test.jsonl").write_bytes(dumps_jsonl(rows))
     rm, earlier = (_reward_model(tiny_model, tmp_path / name, seed) for name, seed in (("rm", 1), ("rm0", 2)))
@@ -150,6 +152,10 @@ def test_a_reward_models_ranking_counts_the_pairs_it_orders_right_beside_a_basel
     report = store.read_bytes("report/report.md").decode()
     wrong = [i + 1 for i, (c, r) in enumerate(zip(chosen, rejected)) if c <= r]
     assert "4 of 8 pairs: the rejected answer scored at least as high" in report
+    by_language = {lang: sum(chosen[i] > rejected[i] for i, row in enumerate(rows) if row["language"] == lang) / 4
+                   for lang in ("en", "ru")}
+    assert by_language["en"] != 0.5  # else a report that mixed the languages up would pass
+    assert all(f"| {lang} | 4 | {rate:.3f} |" in report for lang, rate in by_language.items())
     assert sorted(int(line.split("|")[1]) for line in report.splitlines() if line.startswith("| ") and
                   line.split("|")[1].strip().isdigit()) == wrong
     # Restarted: the saved scores are the ranking (scores changed by hand show through).

@@ -435,9 +435,19 @@ def _cell(text: str, limit: int) -> str:
 
 
 def _ranking_lines(pairs: list[dict], ranked: dict[str, list[list[float]]], shown: int = 20) -> list[str]:
-    """The pairs the model ranks wrong, worst first (at most `shown`): what to read before trusting it."""
+    """Accuracy by language, where the rows say theirs (a DatasetBuild's do), and the pairs the model
+    ranks wrong, worst first (at most `shown`): what to read before trusting it."""
+    lines = []
+    languages = sorted({row["language"] for row in pairs if row.get("language")})
+    if languages:
+        lines += ["", "| language | pairs | " + " | ".join(f"{label} accuracy" for label in ranked) + " |",
+                  "|---|---|" + "---|" * len(ranked)]
+        for lang in languages:
+            of = [i for i, row in enumerate(pairs) if row.get("language") == lang]
+            rates = [f"{sum(got[i][0] > got[i][1] for i in of) / len(of):.3f}" for got in ranked.values()]
+            lines.append(f"| {lang} | {len(of)} | " + " | ".join(rates) + " |")
     wrong = sorted((c - r, i) for i, (c, r) in enumerate(ranked["model"]) if not c > r)
-    lines = ["", "## Pairs ranked wrong", "",
+    lines += ["", "## Pairs ranked wrong", "",
              f"{len(wrong)} of {len(pairs)} pairs: the rejected answer scored at least as high as the chosen one"
              + (f" (the {shown} with the lowest margin)" if len(wrong) > shown else "") + "."]
     if not wrong:
