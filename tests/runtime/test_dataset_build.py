@@ -463,6 +463,51 @@ def test_a_judged_pair_whose_rejected_answer_rates_as_high_as_the_chosen_one_is_
     assert result["judgeUsage"] == {"requests": 6, "cached": 3}  # the chosen answers' ratings came from the cache
 
 
+def test_a_reward_model_scores_each_pair_and_one_whose_rejected_answer_scores_as_high_is_dropped(
+        tmp_path, openai_server, tiny_model):
+    """preferences.rewardModel: both answers of each pair scored (into the rows), and a pair the
+    reward model does not rank right dropped; scored as the reward model scores each conversation alone."""
+    from llmfactory_runtime import reward_model
+    from llmfactory_runtime.data import preference_of
+    from test_reward_model import _reward_model
+
+    def weak(prompt: str) -> str:  # answers unlike each other, which a random score layer orders either way
+        return prompt[::-1]
+
+    openai_server.reply = lambda request: {"text": weak(request.last_user) if request.body["model"] == "weak"
+                                           else f"A good answer to: {request.last_user}"}
+    prompts = [f"Tell me about {thing}." for thing in ("the sea", "the sun", "rain", "snow", "wind", "fog")]
+    source = {"uri": jsonl_file(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": p}]} for p in prompts]),
+              "language": "en"}
+    rm = _reward_model(tiny_model, tmp_path / "rm", seed=6)  # one that ranks one pair of the six right
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None,
+                   filters={"nearDuplicateThreshold": 0}, preferences={
+                       "rejected": {"openai": {"baseUrl": openai_server.url, "model": "weak"}},
+                       "rewardModel": {"uri": f"file://{rm}"}})
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    _, result = run_in_process(tmp_path, doc)
+
+    model, tok = reward_model.load({"uri": f"file://{rm}"}, "test")
+    conversation = {p: [{"role": "user", "content": p}] for p in prompts}
+    chosen = reward_model.scores(model, tok, [conversation[p] + [{"role": "assistant", "content": f"A good answer to: {p}"}]
+                                              for p in prompts], batch_size=1)
+    rejected = reward_model.scores(model, tok, [conversation[p] + [{"role": "assistant", "content": weak(p)}]
+                                                for p in prompts], batch_size=1)
+    right = {p for p, c, r in zip(prompts, chosen, rejected) if c > r}
+    assert 0 < len(right) < len(prompts)  # some kept, some dropped
+    assert result["dropped"] == {"preference_not_better": len(prompts) - len(right)}
+    rows = [json.loads(line) for split in ("train", "validation", "test")
+            for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
+    assert {preference_of(r)[0][-1]["content"] for r in rows} == right
+    for row in rows:
+        i = prompts.index(preference_of(row)[0][-1]["content"])
+        assert (row["score_chosen"], row["score_rejected"]) == (pytest.approx(chosen[i], abs=1e-4),
+                                                                 pytest.approx(rejected[i], abs=1e-4))
+    doc["spec"]["filters"]["judge"] = {"openai": {"baseUrl": openai_server.url, "model": "judge"}}
+    with pytest.raises(PlanError, match="both filters.judge and preferences.rewardModel would score the pairs"):
+        parse(doc)
+
+
 def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
     """A local teacher and a local judge (the tiny random model: its expected rating is somewhere
     in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one). The

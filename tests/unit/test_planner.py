@@ -640,3 +640,12 @@ def test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judg
     assert inputs["teacher"] == inputs["judge"] == {"uri": FT_RESULT["modelUri"]}
     assert plan(parse(judged), lookup({("FineTune", "sft"): FT_RESULT}), STORE)["inputs"]["judge"] == {
         "uri": FT_RESULT["modelUri"]}
+    # The pairs ranked by a reward model trained in the same apply: a reward model, where one scores.
+    ranked = copy.deepcopy(pairs)
+    ranked["spec"]["preferences"]["rewardModel"] = {"fineTuneRef": {"name": "rm"}}
+    assert "spec.preferences.rewardModel.fineTuneRef" in [path for path, _, _ in references(parse(ranked))]
+    upstream = lookup({("FineTune", "sft"): FT_RESULT, ("FineTune", "rm"): reward})
+    assert plan(parse(ranked), upstream, STORE)["spec"]["preferences"]["rewardModel"] == {"uri": FT_RESULT["modelUri"]}
+    with pytest.raises(PlanError, match="spec.preferences.rewardModel.fineTuneRef: FineTune rm trained with objective "
+                                        "sft, so it is a language model, not a reward model"):
+        plan(parse(ranked), lookup({("FineTune", "sft"): FT_RESULT, ("FineTune", "rm"): FT_RESULT}), STORE)

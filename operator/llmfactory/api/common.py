@@ -102,6 +102,14 @@ class TrainedModelSource(ModelSource):
         "resource waits until that one has succeeded, and runs again when it is retrained."))
 
 
+class RewardModelSource(TrainedModelSource):
+    """A reward model: a Hugging Face repository, a URI, or what a FineTune with objective reward trained."""
+
+    fine_tune_ref: LocalObjectReference | None = Field(None, description=(
+        "A FineTune in this namespace with objective reward (and mergeAdapter true) whose model scores the "
+        "answers; this one waits until that one has succeeded, and runs again when it is retrained."))
+
+
 class SecretKeyRef(ApiModel):
     name: str = Field(pattern=NAME_PATTERN, description="Name of a Secret in the same namespace.")
     key: str = Field(min_length=1, description="Key inside the Secret.")

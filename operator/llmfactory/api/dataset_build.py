@@ -7,7 +7,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, Engine, KindInfo, ModelSource,
-                     OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
+                     OpenAIEndpoint, RewardModelSource, RunOptions, StatusBase,
+                     TrainedModelSource)
 
 LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
 
@@ -164,6 +165,12 @@ class RejectedAnswers(ApiModel):
 class Preferences(ApiModel):
     """Write preference pairs for a FineTune with objective dpo, instead of conversations."""
 
+    reward_model: RewardModelSource | None = Field(None, description=(
+        "A reward model that scores both answers of each pair (e.g. a FineTune's with objective reward, by "
+        "fineTuneRef; or any sequence-classification model with one label), as filters.judge rates them: its "
+        "scores go into the rows (score_chosen, score_rejected) and a pair whose rejected answer scores at least "
+        "as high as the chosen one is dropped (preference_not_better). Runs in the phase's pod; nothing is paid, "
+        "so nothing is cached: a rebuild scores again."))
     rejected: RejectedAnswers = Field(description=(
         "Answers the last user turn of every kept conversation (seeing the teacher's earlier turns and "
         "system message); the teacher's answer is the chosen one. Answers are cached like the teacher's; "
@@ -187,6 +194,9 @@ class DatasetBuildSpec(RunOptions):
     cel_rules: ClassVar = [
         {"rule": "!has(self.preferences) || !has(self.format) || self.format == 'chatml'",
          "message": "preferences write TRL's prompt, chosen and rejected messages: leave format chatml"},
+        {"rule": "!has(self.preferences) || !has(self.preferences.rewardModel) || !has(self.filters) || "
+                 "!has(self.filters.judge)",
+         "message": "both filters.judge and preferences.rewardModel would score the pairs: set one"},
     ]
 
     sources: list[Source] = Field(min_length=1, description="Where the prompts come from.")

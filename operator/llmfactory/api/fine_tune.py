@@ -6,8 +6,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint, Resources, RunOptions,
-                     SecretKeyRef, StatusBase, TrainedModelSource, URI_PATTERN, no_credentials_in_url)
+from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint, Resources,
+                     RewardModelSource, RunOptions, SecretKeyRef, StatusBase, TrainedModelSource, URI_PATTERN,
+                     no_credentials_in_url)
 
 
 class BaseModel(ModelSource):
@@ -151,14 +152,6 @@ class Reward(ApiModel):
         "center_rewards_coefficient; 0.01 in Eisenstein et al., 2023), which keeps the rewards centred on "
         "zero: the pair loss sees only their difference, so without it the scale's offset drifts freely. "
         "Unset: none."))
-
-
-class RewardModelSource(TrainedModelSource):
-    """A reward model: a Hugging Face repository, a URI, or what a FineTune with objective reward trained."""
-
-    fine_tune_ref: LocalObjectReference | None = Field(None, description=(
-        "A FineTune in this namespace with objective reward (and mergeAdapter true) whose model scores the "
-        "answers; this one waits until that one has succeeded, and runs again when it is retrained."))
 
 
 class GraderPart(ApiModel):

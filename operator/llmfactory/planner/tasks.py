@@ -17,8 +17,7 @@ from typing import Any, Callable
 
 from .. import API_VERSION
 from ..api import KINDS
-from ..api.common import RUNTIME_ONLY_FIELDS, ApiModel, operational_fields
-from ..api.fine_tune import RewardModelSource
+from ..api.common import RUNTIME_ONLY_FIELDS, ApiModel, RewardModelSource, operational_fields
 from ..api.quantization import CALIBRATED_TYPES
 from .errors import PlanError
 from .estimate import check_fits

@@ -121,9 +121,9 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
     """spec.preferences: each kept conversation gets preferences.rejected's answer to its last turn
     (the teacher's answer there is the chosen one); a pair of two equal answers teaches nothing, nor
     does one without a rejected answer (empty, or refused by an API).
-    With filters.judge, both answers are rated (the chosen one's rating comes from the cache) and a
-    pair whose rejected answer rates at least as high as the chosen one is dropped: DPO would push
-    the student away from an answer as good as the teacher's."""
+    With filters.judge, both answers are rated (the chosen one's rating comes from the cache), or
+    with preferences.rewardModel scored, and a pair whose rejected answer rates at least as high as
+    the chosen one is dropped: DPO would push the student away from an answer as good as the teacher's."""
     prefs = task["spec"].get("preferences")
     if not prefs:
         return rows, None
@@ -141,11 +141,15 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
         else:
             pairs.append({**row, "rejected": got["text"]})
     scores: dict[str, float | None] = {}
+    sides = {f"{side}{i}": p["messages"] if side == "chosen" else
+             p["messages"][:-1] + [{"role": "assistant", "content": p["rejected"]}]
+             for i, p in enumerate(pairs) for side in ("chosen", "rejected")}
     if judge is not None and pairs:
         progress.stage(f"judging {len(pairs)} rejected answers")
-        scores = judge.ratings({f"{side}{i}": p["messages"] if side == "chosen" else
-                                p["messages"][:-1] + [{"role": "assistant", "content": p["rejected"]}]
-                                for i, p in enumerate(pairs) for side in ("chosen", "rejected")})
+        scores = judge.ratings(sides)
+    elif prefs.get("rewardModel") and pairs:
+        progress.stage(f"scoring {len(pairs)} pairs with the reward model")
+        scores = _reward_scores(prefs["rewardModel"], sides)
     kept = []
     for i, pair in enumerate(pairs):
         chosen, rejected = scores.get(f"chosen{i}"), scores.get(f"rejected{i}")
@@ -157,6 +161,14 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
         else:
             kept.append({**pair, "scores": (chosen, rejected)} if scores else pair)
     return kept, usage
+
+
+def _reward_scores(source: dict[str, Any], conversations: dict[str, list[dict]]) -> dict[str, float]:
+    """preferences.rewardModel's score of each conversation, by key."""
+    from .. import reward_model  # noqa: PLC0415 - torch only for a reward model
+
+    model, tokenizer = reward_model.load(source, "spec.preferences.rewardModel")
+    return dict(zip(conversations, reward_model.scores(model, tokenizer, list(conversations.values()))))
 
 
 SHARED_LIMITS = ("concurrency", "requestsPerMinute", "tokensPerMinute")
@@ -176,6 +188,7 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
     each API's limits (the provider's limits are the account's, not the pod's)."""
     shards = task["spec"]["shards"]
     task = {**task, "spec": _shared_limits(task["spec"], shards)}
+    (task["spec"].get("preferences") or {}).pop("rewardModel", None)  # nothing paid, nothing to share: the merge scores
     prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
     _, rejected = _rejected(task, rows, Drops(), progress, judge, transport)  # into the cache, for the merge
