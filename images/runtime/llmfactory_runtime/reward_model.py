@@ -34,6 +34,14 @@ def load(source: dict[str, Any], field: str) -> tuple[Any, Any]:
     return model.to(device()).eval(), load_tokenizer(source)
 
 
+def scores_of(source: dict[str, Any], field: str, conversations: list[list[dict[str, str]]],
+              batch_size: int = REWARD_MODEL_BATCH) -> list[float]:
+    """scores of the conversations by the reward model at source, loaded for this once (load's
+    checks name `field`) and let go after."""
+    model, tokenizer = load(source, field)
+    return scores(model, tokenizer, conversations, batch_size)
+
+
 def scores(model, tokenizer, conversations: list[list[dict[str, str]]],
            batch_size: int = REWARD_MODEL_BATCH) -> list[float]:
     """The model's output for each conversation rendered with its chat template, batch_size at a time,

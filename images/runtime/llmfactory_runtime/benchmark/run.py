@@ -139,10 +139,9 @@ def _ranked(label: str, source: dict, spec: dict, rows: list[dict], run: Store, 
             except ValueError as e:
                 raise InvalidTask(f"{where} row {n}: {e}") from None
             conversations += [prompt + chosen, prompt + rejected]
-        progress.stage(f"loading {label}")
-        model, tokenizer = reward_model.load(source, "spec.model" if label == "model" else "spec.baselineModel")
         progress.stage(f"ranking {len(rows)} pairs with {label}")
-        scored = reward_model.scores(model, tokenizer, conversations, spec["batchSize"])
+        scored = reward_model.scores_of(source, "spec.model" if label == "model" else "spec.baselineModel",
+                                        conversations, spec["batchSize"])
         return {"rewards": [scored[i:i + 2] for i in range(0, len(scored), 2)]}
 
     return _cached(run, f"ranking/{label}.json", rank)

@@ -167,8 +167,8 @@ def _reward_scores(source: dict[str, Any], conversations: dict[str, list[dict]])
     """preferences.rewardModel's score of each conversation, by key."""
     from .. import reward_model  # noqa: PLC0415 - torch only for a reward model
 
-    model, tokenizer = reward_model.load(source, "spec.preferences.rewardModel")
-    return dict(zip(conversations, reward_model.scores(model, tokenizer, list(conversations.values()))))
+    return dict(zip(conversations, reward_model.scores_of(source, "spec.preferences.rewardModel",
+                                                          list(conversations.values()))))
 
 
 SHARED_LIMITS = ("concurrency", "requestsPerMinute", "tokensPerMinute")

@@ -425,6 +425,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         epoch, index = _locate(step - 1, steps_per_epoch)
         rows = epochs[epoch][index * global_batch:(index + 1) * global_batch]
         micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)][world.rank::world.size]
+        items_of = [[k for row in group for k in row] for group in micro_batches]  # each micro-batch's examples
         # Token-weighted over the whole step (DPO, KTO: pair- or example-weighted): a micro-batch's loss
         # is its summed loss over the step's assistant tokens (pairs, examples) on all processes; DDP
         # and DeepSpeed average gradients over processes, hence the factor world.size.
@@ -441,23 +442,22 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             mean_reward = world.sum(float(sum(s["rewards"].sum() for s in sampled))) / n_answers
         elif kto:
             batches = [kto_rows(group, 0) for group in micro_batches]
-            n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
+            n_items = world.sum(sum(map(len, items_of)))
             # KTO's reference point, from the step's mismatched conversations on all processes: no
             # gradient flows through it (as in TRL), so it is computed first, apart.
             with torch.no_grad():
                 shift = 0.0
-                for group in micro_batches:
+                for group, items in zip(micro_batches, items_of):
                     batch, counts = kto_rows(group, 1)
                     logps = segment_logps(inner, {k: v.to(world.device) for k, v in batch.items()}, counts).cpu()
-                    shift += float((logps - reference["train"][[p for row in group for p in row], 1]).sum())
+                    shift += float((logps - reference["train"][items, 1]).sum())
             kl = max(world.sum(shift) / n_items, 0.0)
         elif dpo:
             batches = [collate_pairs(examples, group, tokenizer.pad_token_id) for group in micro_batches]
-            n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
+            n_items = world.sum(sum(map(len, items_of)))
         elif reward_model:
-            batches = [(pair_batch(examples, [p for row in group for p in row], tokenizer.pad_token_id), None)
-                       for group in micro_batches]
-            n_items = world.sum(sum(len(row) for group in micro_batches for row in group))
+            batches = [(pair_batch(examples, items, tokenizer.pad_token_id), None) for items in items_of]
+            n_items = world.sum(sum(map(len, items_of)))
         else:
             batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
                        for group in micro_batches]
@@ -481,19 +481,18 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                         step_kl += float(kl_sum)
                         clipped += float(clipped_sum)
                     elif kto:
-                        items = [p for row in micro_batches[i] for p in row]
+                        items = items_of[i]
                         losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
                                                    desirable[items], kto)
                         loss = losses.sum() / n_items
                         preferred += float(kto_agrees(reward, kl, desirable[items], kto["beta"]).sum())
                     elif reward_model:
-                        pairs = [p for row in micro_batches[i] for p in row]
                         losses, margins = reward_terms(pair_rewards(engine, batch), spec["reward"],
-                                                       pair_margins(examples, pairs))
+                                                       pair_margins(examples, items_of[i]))
                         loss = losses.sum() / n_items
                         preferred += float((margins > 0).sum())
                     elif dpo:
-                        pairs = [p for row in micro_batches[i] for p in row]
+                        pairs = items_of[i]
                         losses, margins = dpo_terms(answer_logps(engine, batch, counts),
                                                     reference["train"][pairs] if referenced else None, train_tokens[pairs], dpo)
                         loss = losses.sum() / n_items
@@ -506,7 +505,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                     else:
                         scaler.scale(loss * world.size).backward()
                 step_loss += float(loss.detach())
-                counters["tokens"] += float(sampled[i]["tokens"] if grpo else sum(lengths[j] for row in micro_batches[i] for j in row))
+                counters["tokens"] += float(sampled[i]["tokens"] if grpo else sum(lengths[j] for j in items_of[i]))
                 counters["positions"] += float(batch["input_ids"].numel())
             if not deepspeed_on:  # DeepSpeed's engine.step() updated on the last micro-batch
                 optimizer_step()
