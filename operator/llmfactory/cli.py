@@ -40,7 +40,8 @@ def cmd_run(args) -> int:
         if o.status == "Reused":
             console.print("  unchanged since the last run: its finished result was reused", soft_wrap=True)
         if o.status == "Failed":
-            console.print(f"[red]{o.resource.kind}/{o.resource.name} failed[/red] (log: {o.log}):\n{o.message}")
+            where = f" (log: {o.log})" if o.log else f" ({o.task['artifactUri']})"
+            console.print(f"[red]{o.resource.kind}/{o.resource.name} failed[/red]{where}:\n{o.message}", soft_wrap=True)
     return 0 if all(o.ok for o in outcomes) else 1
 
 

@@ -134,6 +134,31 @@ def test_failure_is_shown_and_dependents_are_skipped(tiny_model, tmp_path):
     assert "no-such-model" in run.stdout and "does not exist" in run.stdout
 
 
+def test_a_benchmark_whose_gates_fail_fails_and_what_it_gates_is_skipped_saying_why(tiny_model, tmp_path):
+    """As on the cluster: a Benchmark that finished with a failed gate is a failure, run or reused,
+    and a Quantization gated on it (spec.benchmarkRef) does not start."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"Name a colour ({i})."},
+                          {"role": "assistant", "content": "Blue."}]} for i in range(2)]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "bench"}, "spec": {
+        "model": {"source": {"uri": f"file://{tiny_model}"}}, "perplexity": {"dataset": {"uri": f"file://{data}"}},
+        "gates": [{"metric": "perplexity.value", "op": "<", "value": 1}]}}  # never: perplexity is at least 1
+    gated = {**pipeline(tiny_model)[3], "spec": {**pipeline(tiny_model)[3]["spec"], "benchmarkRef": {"name": "bench"},
+                                                 "model": {"source": {"uri": f"file://{tiny_model}"}}}}
+    store = f"file://{tmp_path}/artifacts"
+    for _ in range(2):  # run, then its finished result reused
+        run = llmfactory(tmp_path, [bench, gated], store)
+        assert run.returncode == 1, run.stdout + run.stderr
+        lines = {line.split()[1]: line for line in run.stdout.splitlines() if line.startswith("│ ")}
+        assert "Failed" in lines["Benchmark/bench"] and "Skipped" in lines["Quantization/gguf"], run.stdout
+        assert "gates failed: perplexity.value < 1" in run.stdout.replace("\n", " ")
+        assert "Benchmark bench did not succeed (benchmark finished but gates failed" in " ".join(run.stdout.split())
+    assert not results(store, [gated])["gguf"]
+    assert len(list((tmp_path / "artifacts" / "logs").glob("benchmark-bench-*.log"))) == 1  # ran once
+
+
 def test_bad_manifest_is_refused_before_anything_runs(tiny_model, tmp_path):
     manifests = pipeline(tiny_model)
     manifests[1]["spec"]["dataset"]["datasetBuildRef"]["name"] = "dataa"

@@ -187,12 +187,13 @@ def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
     assert SETTINGS.default_gpus["DatasetBuild"] == 1 and "nvidia.com/gpu" not in limits
     # A local model judging the answers or writing the rejected answers of preference pairs gets the
     # GPU; an API model, its own key by reference and no GPU.
+    api_rejected = {"openai": {"model": "gpt-4o-mini", "apiKeySecret": {"name": "weak", "key": "token"}}}
     for local in ({"filters": {"judge": {"model": {"huggingface": "org/judge"}}}},
-                  {"preferences": {"rejected": {"model": {"huggingface": "org/student"}}}}):
+                  {"preferences": {"rejected": {"model": {"huggingface": "org/student"}}}},
+                  {"preferences": {"rejected": api_rejected, "rewardModel": {"huggingface": "org/reward"}}}):
         _, objs = children(dataset_build(**local))
         assert _job(objs)["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    _, objs = children(dataset_build(preferences={"rejected": {"openai": {
-        "model": "gpt-4o-mini", "apiKeySecret": {"name": "weak", "key": "token"}}}}))
+    _, objs = children(dataset_build(preferences={"rejected": api_rejected}))
     container = _job(objs)["spec"]["template"]["spec"]["containers"][0]
     [weak] = [e for e in container["env"] if e["name"] == "LLMFACTORY_REJECTED_API_KEY"]
     assert weak["valueFrom"] == {"secretKeyRef": {"name": "weak", "key": "token"}}

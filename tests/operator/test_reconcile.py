@@ -443,6 +443,18 @@ async def test_invalid_spec_is_stalled_with_the_field_named(cluster, operator, t
     assert condition(obj, "Ready")["status"] == "False"
     assert cluster.objects("jobs") == []
 
+    # What waits on it says that it failed and why, rather than only that it waits.
+    gated = pipeline(tiny_model)[3]
+    gated["spec"] |= {"model": {"source": {"uri": f"file://{tiny_model}"}}, "benchmarkRef": {"name": "bench"}}
+    await cluster.apply(gated)
+    waiting = await cluster.wait_for("Quantization", "gguf", phase_is("Waiting"))
+    ready = condition(waiting, "Ready")
+    assert ready["reason"] == "DependencyFailed" and condition(waiting, "Reconciling")["status"] == "True"
+    assert ready["message"].startswith("waiting for Benchmark bench (spec.benchmarkRef) to succeed; it failed "
+                                       "(InvalidSpec): spec.gates[0].metric"), ready["message"]
+    [event] = [e for e in await events_for(cluster, "gguf", "DependencyFailed") if e["reason"] == "DependencyFailed"]
+    assert event["type"] == "Warning" and "spec.gates[0].metric" in event["message"]
+
 
 async def test_invalid_task_fails_at_once_with_the_runtimes_error(cluster, operator, job_controller, tmp_path):
     data = pipeline(tmp_path / "no-such-model")[0]

@@ -221,11 +221,13 @@ class DatasetBuildSpec(RunOptions):
         "gets 1/N of them."))
 
     def runs_a_local_model(self) -> bool:
-        """Whether a model runs in the pod (the teacher, the answer judge or the rejected answers'
-        writer) rather than behind an API: what decides that the build's pod needs a GPU."""
+        """Whether a model runs in the pod (the teacher, the answer judge, the rejected answers'
+        writer or the pairs' reward model) rather than behind an API: what decides that the build's
+        pod needs a GPU."""
         judge, preferences = self.filters.judge, self.preferences
-        return any(model is not None for model in (self.teacher.model, judge and judge.model,
-                                                   preferences and preferences.rejected.model))
+        return any(model is not None for model in (
+            self.teacher.model, judge and judge.model, preferences and preferences.rejected.model,
+            preferences and preferences.reward_model))
 
 
 class TeacherUsage(ApiModel):

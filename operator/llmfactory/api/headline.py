@@ -1,4 +1,5 @@
-"""The one-line figure of a result: status.headline, the printer column and the summary table."""
+"""The one-line figure of a result: status.headline, the printer column and the summary table;
+and the sentence that makes a finished Benchmark a failure."""
 
 from __future__ import annotations
 
@@ -47,3 +48,11 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
     if kind == "Quantization":
         return ", ".join(f"{a['type']} {a['sizeBytes'] / 1e6:.1f} MB" for a in result["artifacts"])
     return ""
+
+
+def gates_failed(kind: str, result: dict[str, Any]) -> str | None:
+    """Why a finished run counts as failed (a Benchmark whose gates did not all pass), or None.
+    What waits on it (spec.benchmarkRef) does not start: the operator and `llmfactory run` alike."""
+    if kind != "Benchmark" or not result.get("gates") or result.get("passed"):
+        return None
+    return f"benchmark finished but gates failed: {', '.join(g['gate'] for g in result['gates'] if not g['passed'])}"

@@ -178,19 +178,21 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
         if owner:
             nudge(owner[0], body["metadata"]["namespace"], owner[1], job_summary(dict(body)))
 
-    def on_succeeded(body: kopf.Body, **_: Any) -> None:
+    def on_settled(body: kopf.Body, **_: Any) -> None:
+        # Dependents plan at once: with its result, or to say that what they wait for failed.
         meta, status = body["metadata"], body.get("status") or {}
+        how = "succeeded" if status["phase"] == "Succeeded" else "failed"
         for kind, name in dependents(client(), body["kind"], meta["namespace"], meta["name"]):
-            nudge(kind, meta["namespace"], name, f"{body['kind']} {meta['name']} succeeded ({status.get('taskDigest', '')[:16]})")
+            nudge(kind, meta["namespace"], name, f"{body['kind']} {meta['name']} {how} ({status.get('taskDigest', '')[:16]})")
 
-    def succeeded_now(body: kopf.Body, **_: Any) -> bool:
+    def settled_now(body: kopf.Body, **_: Any) -> bool:
         status = body.get("status") or {}
-        return status.get("phase") == "Succeeded" and status.get("observedGeneration") == body["metadata"].get("generation")
+        return status.get("phase") in TERMINAL and status.get("observedGeneration") == body["metadata"].get("generation")
 
     kopf.on.event("batch", "v1", "jobs", registry=registry, labels=MANAGED_BY)(on_job_event)
     for info in KINDS.values():
         resource = (GROUP, VERSION, info.plural)
-        kopf.on.event(*resource, registry=registry, when=succeeded_now)(on_succeeded)
+        kopf.on.event(*resource, registry=registry, when=settled_now)(on_settled)
         kopf.on.create(*resource, registry=registry)(on_change)
         kopf.on.update(*resource, registry=registry)(on_change)
         kopf.on.resume(*resource, registry=registry)(on_change)

@@ -57,6 +57,27 @@ def upstream_results(kube: Kube) -> Callable[[str, str, str], dict | None]:
     return result_of
 
 
+def _waiting(task: Waiting, kube: Kube, namespace: str, old: dict[str, Any], generation: int | None,
+             extra: dict[str, Any]) -> Outcome:
+    """Waiting on a referenced resource; one that has failed is named with its own reason, since
+    nothing moves until someone mends it (a Benchmark whose gates failed, a build that crashed)."""
+    reason, message, event = "WaitingForDependency", task.reason, ("Normal", "Waiting")
+    if task.kind in KINDS:
+        upstream = kube.get_or_none(custom_path(KINDS[task.kind].plural, namespace, task.name)) or {}
+        status = upstream.get("status") or {}
+        stalled = _condition(status, "Stalled")
+        if status.get("phase") == "Failed" and stalled.get("status") == "True":
+            reason, event = "DependencyFailed", ("Warning", "DependencyFailed")
+            message = f"{message}; it failed ({stalled.get('reason')}): {stalled.get('message')}"
+    unchanged = old.get("phase") == "Waiting" and _condition(old, "Reconciling").get("reason") == reason
+    return Outcome(situation("Waiting", reason, message, old, generation, **extra),
+                   None if unchanged else (*event, message))
+
+
+def _condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == ctype), {})
+
+
 def reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> Outcome:
     outcome = _reconcile(body, kube, settings)
     retry = (body["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
@@ -80,9 +101,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
     estimate = task.estimate if isinstance(task, Waiting) else task.get("estimate")
     extra = {"estimate": Estimate(**estimate).summary()} if estimate else {}
     if isinstance(task, Waiting):
-        message = task.reason
-        event = None if old.get("phase") == "Waiting" else ("Normal", "Waiting", message)
-        return Outcome(situation("Waiting", "WaitingForDependency", message, old, generation, **extra), event)
+        return _waiting(task, kube, meta["namespace"], old, generation, extra)
 
     run = open_store(task["artifactUri"])
     ident = {"taskDigest": task["digest"], "artifactUri": task["artifactUri"]}
@@ -90,7 +109,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
     job_name = job_builder.child_name(meta["name"], task["digest"])
     if result is not None:
         return _finished(body, task, result, run, kube, {**ident, **extra})
-    stalled = next((c for c in old.get("conditions") or [] if c["type"] == "Stalled"), {})
+    stalled = _condition(old, "Stalled")
     if old.get("phase") == "Failed" and old.get("taskDigest") == task["digest"] and stalled.get("reason") != "InvalidSpec":
         return _failed_run(body, task, kube, stalled, {**ident, **extra})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from ..api.headline import headline
+from ..api.headline import gates_failed, headline
 
 
 def now() -> str:
@@ -40,9 +40,7 @@ def situation(phase: str, reason: str, message: str, old: dict[str, Any], genera
 
 def succeeded(kind: str, result: dict[str, Any], old: dict[str, Any], generation: int | None, **fields) -> dict[str, Any]:
     line = headline(kind, result)
-    gates_failed = kind == "Benchmark" and result.get("gates") and not result.get("passed")
-    if gates_failed:
-        failed = [g["gate"] for g in result["gates"] if not g["passed"]]
-        return situation("Failed", "GatesFailed", f"benchmark finished but gates failed: {', '.join(failed)}",
-                         old, generation, result=result, headline=line, **fields)
+    failure = gates_failed(kind, result)
+    if failure:
+        return situation("Failed", "GatesFailed", failure, old, generation, result=result, headline=line, **fields)
     return situation("Succeeded", "Succeeded", line, old, generation, result=result, headline=line, **fields)

@@ -19,7 +19,7 @@ from llmfactory_runtime import CONFIG_MAPS_ENV
 from llmfactory_runtime.store import TASK, finished_result, open_store, read_progress
 
 from ..api import KINDS
-from ..api.headline import headline
+from ..api.headline import gates_failed, headline
 from ..planner import Resource, Waiting, config_maps_among, dependency_order, parse, plan
 from ..planner.manifests import config_map_bytes
 
@@ -61,7 +61,9 @@ class LocalRunner:
             for res in resources:
                 task = plan(res, result_of, self.store_uri, lambda ns, name: self.config_maps.get((ns, name)))
                 if isinstance(task, Waiting):
-                    missing = "is not among the manifests" if task.kind == "ConfigMap" else "did not succeed"
+                    upstream = outcomes.get((task.kind, res.namespace, task.name))
+                    missing = ("is not among the manifests" if task.kind == "ConfigMap" else "did not succeed"
+                               + (f" ({upstream.message.splitlines()[-1]})" if upstream and upstream.message else ""))
                     outcomes[res.key] = Outcome(res, "Skipped", message=f"{task.kind} {task.name} {missing}")
                     continue
                 outcomes[res.key] = self._run_one(res, task, bars)
@@ -73,7 +75,7 @@ class LocalRunner:
         previous = finished_result(run)
         if previous is not None:
             bars.add_task(f"{label}: reused {task['digest'][:12]}", total=1, completed=1, figure=headline(res.kind, previous))
-            return Outcome(res, "Reused", task, previous, message=f"finished result reused from {run.uri}")
+            return _finished(res, "Reused", task, previous, message=f"finished result reused from {run.uri}")
         run.write_json(TASK, task)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{res.kind.lower()}-{res.name}-{task['digest'][:12]}.log"
@@ -103,7 +105,7 @@ class LocalRunner:
             bars.update(bar, description=f"{label}: [red]failed[/red]", figure="")
             return Outcome(res, "Failed", task, None, seconds, message, log)
         bars.update(bar, description=f"{label}: done", completed=100, figure=headline(res.kind, result))
-        return Outcome(res, "Succeeded", task, result, seconds, log=log)
+        return _finished(res, "Succeeded", task, result, seconds, log=log)
 
     def _write_config_maps(self, namespace: str) -> Path:
         """The namespace's ConfigMaps as files, laid out as a Job mounts them (<name>/<key>)."""
@@ -125,6 +127,15 @@ class LocalRunner:
         counter = f" {done}/{total} {progress.get('unit') or ''}" if total else ""
         bars.update(bar, description=f"{label}: {stage}{counter}", completed=progress.get("percent") or 0,
                     figure=progress.get("figure") or "")
+
+
+def _finished(res: Resource, status: str, task: dict[str, Any], result: dict[str, Any], seconds: float = 0.0,
+              message: str = "", log: Path | None = None) -> Outcome:
+    """A run with a result: a Benchmark whose gates failed is a failure, as on the cluster."""
+    failure = gates_failed(res.kind, result)
+    if failure:
+        return Outcome(res, "Failed", task, result, seconds, failure, log)
+    return Outcome(res, status, task, result, seconds, message, log)
 
 
 def _training_processes(res: Resource) -> int:
@@ -152,5 +163,5 @@ def summary(outcomes: list[Outcome]) -> Table:
         else:
             text = o.message.splitlines()[-1] if o.message else ""
         table.add_row(f"{o.resource.kind}/{o.resource.name}", f"[{colour[o.status]}]{o.status}[/]",
-                      f"{o.seconds:.0f}s" if o.status == "Succeeded" else "-", text)
+                      f"{o.seconds:.0f}s" if o.seconds else "-", text)
     return table
