@@ -508,6 +508,90 @@ def test_a_reward_model_scores_each_pair_and_one_whose_rejected_answer_scores_as
         parse(doc)
 
 
+def test_best_of_n_pairs_reject_the_lowest_rated_sample_and_choose_the_best_answer(tmp_path, openai_server):
+    """preferences.rejected.samples: several sampled answers per prompt, each cached; the judge rates
+    them all. chosen teacher: the teacher's answer against the lowest-rated sample; chosen best: the
+    highest-rated of the teacher's answer and the samples against the lowest. A rebuild asks nothing."""
+    from llmfactory_runtime.benchmark.judge import JUDGE_SYSTEM
+
+    ratings = {"A good answer.": 7, "Meh.": 2, "Okay.": 4, "Brilliant.": 9}
+    asked: dict[str, int] = {}
+
+    def reply(request):
+        if request.messages[0]["content"] == JUDGE_SYSTEM:
+            answer = request.messages[1]["content"].split("[Answer]\n")[1].split("\n")[0]
+            return {"text": f"[[{ratings[answer]}]]"}
+        if request.body["model"] != "student":
+            return {"text": "A good answer."}
+        n = asked[request.last_user] = asked.get(request.last_user, 0) + 1
+        if "rain" in request.last_user:  # samples all alike: one rival, rated below the teacher
+            return {"text": "Okay."}
+        if "snow" in request.last_user:  # a sample equal to the teacher's answer is no rival
+            return {"text": ["A good answer.", "Meh."][n % 2]}
+        return {"text": ["Meh.", "Okay.", "Brilliant."][n % 3]}
+
+    openai_server.reply = reply
+    prompts = ["Tell me about the sea.", "Tell me about the sun.", "Tell me about rain.", "Tell me about snow."]
+    source = {"uri": jsonl_file(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": p}]}
+                                                       for p in prompts]), "language": "en"}
+    api = {"baseUrl": openai_server.url}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None, filters={
+        "nearDuplicateThreshold": 0, "judge": {"openai": {**api, "model": "judge"}, "minScore": 1}},
+        split={"validation": 0.0, "test": 0.0}, preferences={
+            "rejected": {"openai": {**api, "model": "student"}, "samples": 3, "temperature": 1.0}})
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+
+    def pairs(result) -> dict[str, tuple]:
+        rows = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+        return {r["prompt"][-1]["content"]: (r["chosen"][0]["content"], r["rejected"][0]["content"],
+                                             r["score_chosen"], r["score_rejected"]) for r in rows}
+
+    _, result = run_in_process(tmp_path, doc)
+    assert asked == dict.fromkeys(prompts, 3) and result["rejectedUsage"] == {"requests": 12, "cached": 0}
+    assert pairs(result) == {"Tell me about the sea.": ("A good answer.", "Meh.", 7, 2),
+                             "Tell me about the sun.": ("A good answer.", "Meh.", 7, 2),
+                             "Tell me about rain.": ("A good answer.", "Okay.", 7, 4),
+                             "Tell me about snow.": ("A good answer.", "Meh.", 7, 2)}
+    # Rated: the teacher's four answers, then the samples (three each, one of rain's alike ones and
+    # of snow's one that is not the teacher's); the teacher's ratings came from the cache the second time.
+    assert result["judgeUsage"] == {"requests": 4 + (3 + 3 + 1 + 1), "cached": 4}
+
+    doc["spec"]["preferences"]["chosen"] = "best"
+    _, best = run_in_process(tmp_path, doc)
+    assert best["rejectedUsage"] == {"requests": 0, "cached": 12} and best["judgeUsage"]["requests"] == 0
+    assert pairs(best) == {"Tell me about the sea.": ("Brilliant.", "Meh.", 9, 2),
+                           "Tell me about the sun.": ("Brilliant.", "Meh.", 9, 2),
+                           "Tell me about rain.": ("A good answer.", "Okay.", 7, 4),
+                           "Tell me about snow.": ("A good answer.", "Meh.", 7, 2)}
+
+    for wrong, message in (({"samples": 3, "temperature": 0.0}, "samples above 1 need temperature above 0"),
+                           ({"samples": 17, "temperature": 1.0}, "samples")):
+        doc["spec"]["preferences"]["rejected"] |= wrong
+        with pytest.raises(PlanError, match=message):
+            parse(doc)
+    doc["spec"]["preferences"]["rejected"] |= {"samples": 3, "temperature": 1.0}
+    del doc["spec"]["filters"]["judge"]
+    with pytest.raises(PlanError, match="pick answers by their scores: set preferences.rewardModel or filters.judge"):
+        parse(doc)
+
+
+def test_local_samples_of_one_conversation_differ_and_are_cached(tmp_path, tiny_model):
+    """A local model's samples (the transformers engine), several to a conversation, in one call."""
+    from llmfactory_runtime.dataset.teacher import answer_again
+
+    store = open_store(f"file://{tmp_path}/run")
+    contexts = [[{"role": "user", "content": f"Name a colour ({i})."}] for i in range(2)]
+    answerer = {"model": {"uri": f"file://{tiny_model}"}, "temperature": 1.0, "maxNewTokens": 8, "samples": 4}
+    model_input = {"uri": f"file://{tiny_model}"}
+    got, usage = answer_again(contexts, answerer, model_input, f"file://{tmp_path}/cache", "spec.preferences.rejected",
+                              Progress(store))
+    assert usage.requests == 8 and [len(answers) for answers in got] == [4, 4]
+    assert all(len({a["text"] for a in answers}) > 1 for answers in got), got
+    again, usage = answer_again(contexts, {**answerer, "samples": 5}, model_input, f"file://{tmp_path}/cache",
+                                "spec.preferences.rejected", Progress(store))
+    assert (usage.requests, usage.cached) == (2, 8) and [a[:4] for a in again] == got  # only the fifth samples are new
+
+
 def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
     """A local teacher and a local judge (the tiny random model: its expected rating is somewhere
     in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one). The

@@ -148,3 +148,18 @@ def test_vllm_answers_every_turn_like_the_transformers_engine(tiny_model, tmp_pa
     assert vllm["generation"]["model"]["engine"] == "vllm" and vllm["generation"]["model"]["answered"] == 4
     assert vllm["answers"]["model"].keys() == hf["answers"]["model"].keys()
     assert all(len(turns) == 2 and all(turns) for turns in vllm["answers"]["model"].values())
+
+
+def test_each_sample_of_a_conversation_asks_vllm_with_a_seed_of_its_own(tmp_path, openai_server):
+    """On vLLM a request's seed fixes its sampling: were the rejected answers' samples of one
+    conversation asked with the teacher's one seed, they would all be the same answer."""
+    from llmfactory_runtime.answer_cache import AnswerCache
+    from llmfactory_runtime.dataset.teacher import Usage, _openai_backend
+
+    cache = AnswerCache(f"file://{tmp_path}/cache", "teacher", {"model": "served"})
+    messages = [{"role": "user", "content": "Name a colour."}]
+    ask = _openai_backend({"temperature": 1.0}, cache, Usage(), lambda: None,
+                          endpoint={"baseUrl": openai_server.url, "model": "served"}, extra={"seed": 5})
+    ask([(AnswerCache.key(messages, k), messages, k) for k in range(3)])
+    assert sorted(r.body["seed"] for r in openai_server.requests) == [5, 6, 7]
+    assert len({AnswerCache.key(messages, k) for k in range(3)} & cache.answers.keys()) == 3

@@ -33,8 +33,10 @@ class AnswerCache:
         self.written: list[str] = []
 
     @staticmethod
-    def key(messages: list[dict[str, str]]) -> str:
-        return digest(messages)
+    def key(messages: list[dict[str, str]], sample: int = 0) -> str:
+        """The key of the answer to the conversation; another `sample` is another answer to it (the
+        first keeps the plain key: a build that samples more finds the answers of one that sampled once)."""
+        return digest(messages) if sample == 0 else digest({"messages": messages, "sample": sample})
 
     def load(self) -> dict[str, dict[str, Any]]:
         names = self.store.list()

@@ -149,6 +149,8 @@ class RejectedAnswers(ApiModel):
          "message": "engine applies to a local model (model), not to openai"},
         {"rule": "self.engine != 'vllm' || !has(self.model) || !has(self.model.ggufFile)",
          "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
+        {"rule": "self.samples == 1 || self.temperature > 0",
+         "message": "samples above 1 need temperature above 0: greedy decoding writes the same answer every time"},
     ]
 
     model: TrainedModelSource | None = Field(None, description="A local model, run inside the phase's pod.")
@@ -160,6 +162,11 @@ class RejectedAnswers(ApiModel):
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
     batch_size: int = Field(8, ge=1, le=512, description="Prompts decoding together (transformers engine).")
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
+    samples: int = Field(1, ge=1, le=16, description=(
+        "Answers sampled per conversation (best of N; above 1 it needs temperature above 0, and "
+        "preferences.rewardModel or filters.judge to score them all): the lowest-scored one is rejected (with "
+        "preferences.chosen best, ranked with the teacher's answer). Each is cached: a build with more samples "
+        "asks only for the new ones."))
 
 
 class Preferences(ApiModel):
@@ -171,11 +178,16 @@ class Preferences(ApiModel):
         "scores go into the rows (score_chosen, score_rejected) and a pair whose rejected answer scores at least "
         "as high as the chosen one is dropped (preference_not_better). Runs in the phase's pod; nothing is paid, "
         "so nothing is cached: a rebuild scores again."))
+    chosen: Literal["teacher", "best"] = Field("teacher", description=(
+        "teacher: the teacher's answer is chosen, and rejected.samples' lowest-scored answer rejected. best: "
+        "the teacher's answer and the samples are ranked together by their scores, the highest chosen and the "
+        "lowest rejected (the on-policy pairs of SimPO's and Llama 3's recipes: the student's own samples, best "
+        "against worst); needs preferences.rewardModel or filters.judge."))
     rejected: RejectedAnswers = Field(description=(
         "Answers the last user turn of every kept conversation (seeing the teacher's earlier turns and "
-        "system message); the teacher's answer is the chosen one. Answers are cached like the teacher's; "
-        "a pair whose two answers are the same is dropped (preference_tie), one whose rejected answer is "
-        "empty too (rejected_empty). With filters.judge both answers are rated (score_chosen, "
+        "system message); the teacher's answer is the chosen one (see chosen and samples). Answers are cached "
+        "like the teacher's; a pair whose two answers are the same is dropped (preference_tie), one without a "
+        "rejected answer that is not empty too (rejected_empty). With filters.judge both answers are rated (score_chosen, "
         "score_rejected in the rows) and a pair whose rejected answer rates at least as high as the chosen "
         "one is dropped (preference_not_better); minScore applies to the chosen answers only."))
 
@@ -197,6 +209,11 @@ class DatasetBuildSpec(RunOptions):
         {"rule": "!has(self.preferences) || !has(self.preferences.rewardModel) || !has(self.filters) || "
                  "!has(self.filters.judge)",
          "message": "both filters.judge and preferences.rewardModel would score the pairs: set one"},
+        {"rule": "!has(self.preferences) || (self.preferences.rejected.samples == 1 && "
+                 "self.preferences.chosen == 'teacher') || has(self.preferences.rewardModel) || "
+                 "(has(self.filters) && has(self.filters.judge))",
+         "message": "preferences.rejected.samples above 1 and preferences.chosen best pick answers by their scores: "
+                    "set preferences.rewardModel or filters.judge"},
     ]
 
     sources: list[Source] = Field(min_length=1, description="Where the prompts come from.")

@@ -118,12 +118,15 @@ def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: P
 
 def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress, judge: AnswerJudge | None,
               transport=None):
-    """spec.preferences: each kept conversation gets preferences.rejected's answer to its last turn
-    (the teacher's answer there is the chosen one); a pair of two equal answers teaches nothing, nor
-    does one without a rejected answer (empty, or refused by an API).
-    With filters.judge, both answers are rated (the chosen one's rating comes from the cache), or
-    with preferences.rewardModel scored, and a pair whose rejected answer rates at least as high as
-    the chosen one is dropped: DPO would push the student away from an answer as good as the teacher's."""
+    """spec.preferences: each kept conversation gets preferences.rejected's answers to its last turn
+    (rejected.samples of them; the teacher's answer there is the chosen one); a sample equal to the
+    teacher's answer teaches nothing, nor does a pair without a rejected answer (every sample empty,
+    or refused by an API).
+    With filters.judge, the answers are rated (the teacher's rating comes from the cache), or with
+    preferences.rewardModel scored; the lowest-scored sample is rejected (with chosen best, the
+    highest-scored of the teacher's answer and the samples is chosen and the lowest rejected), and a
+    pair whose rejected answer rates at least as high as the chosen one is dropped: DPO would push
+    the student away from an answer as good as the one it is pulled to."""
     prefs = task["spec"].get("preferences")
     if not prefs:
         return rows, None
@@ -132,35 +135,57 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
                                            "spec.preferences.rejected", progress,
                                            share_gpu=judge is not None and judge.model_input is not None,
                                            transport=transport)
-    pairs = []
+    pairs = []  # (row, its samples: written, distinct, and not the teacher's answer)
     for row, got in zip(rows, answers):
-        if got.get("rejected"):  # the endpoint refused this prompt (kept in the cache as such)
-            drops.add("rejected_refused", got["rejected"])
-        elif not got["text"].strip():
-            drops.add("rejected_empty", row["messages"][-2]["content"])
+        distinct: dict[str, str] = {}
+        for answer in got:
+            if not answer.get("rejected") and answer["text"].strip():
+                distinct.setdefault(answer["text"].strip(), answer["text"])
+        samples = [text for key, text in distinct.items() if key != row["messages"][-1]["content"].strip()]
+        refused = next((a["rejected"] for a in got if a.get("rejected")), None)
+        if samples:
+            pairs.append((row, samples))
+        elif distinct:
+            drops.add("preference_tie", row["messages"][-2]["content"])
+        elif refused:  # the endpoint refused this prompt (kept in the cache as such)
+            drops.add("rejected_refused", refused)
         else:
-            pairs.append({**row, "rejected": got["text"]})
+            drops.add("rejected_empty", row["messages"][-2]["content"])
+    sides = {f"{i}.{k}": row["messages"][:-1] + [{"role": "assistant", "content": text}]
+             for i, (row, samples) in enumerate(pairs) for k, text in enumerate([row["messages"][-1]["content"], *samples])}
     scores: dict[str, float | None] = {}
-    sides = {f"{side}{i}": p["messages"] if side == "chosen" else
-             p["messages"][:-1] + [{"role": "assistant", "content": p["rejected"]}]
-             for i, p in enumerate(pairs) for side in ("chosen", "rejected")}
     if judge is not None and pairs:
-        progress.stage(f"judging {len(pairs)} rejected answers")
+        progress.stage(f"judging {len(sides) - len(pairs)} rejected answers")
         scores = judge.ratings(sides)
     elif prefs.get("rewardModel") and pairs:
-        progress.stage(f"scoring {len(pairs)} pairs with the reward model")
+        progress.stage(f"scoring {len(sides)} answers with the reward model")
         scores = _reward_scores(prefs["rewardModel"], sides)
     kept = []
-    for i, pair in enumerate(pairs):
-        chosen, rejected = scores.get(f"chosen{i}"), scores.get(f"rejected{i}")
-        prompt = pair["messages"][-2]["content"]
-        if pair["rejected"].strip() == pair["messages"][-1]["content"].strip():
-            drops.add("preference_tie", prompt)
-        elif chosen is not None and rejected is not None and rejected >= chosen:
-            drops.add("preference_not_better", f"{rejected:.1f} >= {chosen:.1f}: {prompt}")
+    for i, (row, samples) in enumerate(pairs):
+        # Candidates (score, text), the teacher's first: where scores tie, the teacher's is chosen.
+        teacher_answer, *rivals = [(scores.get(f"{i}.{k}"), text)
+                                   for k, text in enumerate([row["messages"][-1]["content"], *samples])]
+        (chosen, chosen_text), (rejected, rejected_text) = _pick(teacher_answer, rivals, prefs.get("chosen", "teacher"))
+        if chosen is not None and rejected is not None and rejected >= chosen:
+            drops.add("preference_not_better", f"{rejected:.1f} >= {chosen:.1f}: {row['messages'][-2]['content']}")
         else:
+            pair = {**row, "messages": row["messages"][:-1] + [{"role": "assistant", "content": chosen_text}],
+                    "rejected": rejected_text}
             kept.append({**pair, "scores": (chosen, rejected)} if scores else pair)
     return kept, usage
+
+
+def _pick(teacher: tuple, samples: list[tuple], chosen: str) -> tuple[tuple, tuple]:
+    """(chosen, rejected) of one conversation's candidates, each (score or None, text): the lowest-
+    scored sample rejected, and the teacher's answer chosen, or with chosen best the highest-scored of
+    all (and then the lowest of all rejected, the teacher's too). Unscored (a shard's, whose scores
+    the merge computes), the first sample is rejected."""
+    scored = [c for c in [teacher, *samples] if c[0] is not None]
+    if chosen == "best" and len(scored) > 1:
+        best = max(scored, key=lambda c: c[0])  # the first of equals: the teacher's
+        return best, min((c for c in scored if c is not best), key=lambda c: c[0])
+    rated = [c for c in samples if c[0] is not None]
+    return teacher, min(rated, key=lambda c: c[0]) if rated else samples[0]
 
 
 def _reward_scores(source: dict[str, Any], conversations: dict[str, list[dict]]) -> dict[str, float]:

@@ -49,21 +49,29 @@ def cache_identity(teacher: dict[str, Any], model_input: dict[str, Any] | None) 
     return {"model": model_input, "seed": teacher.get("seed", 0), **params}
 
 
+# What a backend is asked: (cache key, conversation, sample), sample counting the answers to the
+# same conversation (preferences.rejected.samples).
+Todo = list[tuple[str, list[dict], int]]
+
+
 def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, on_answer: Callable[[], None],
                     transport=None, endpoint: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                     key_env: str = TEACHER_KEY_ENV, field: str = "spec.teacher.openai",
-                    ) -> Callable[[list[tuple[str, list[dict]]]], None]:
+                    ) -> Callable[[Todo], None]:
     """teacher.openai (its key in key_env; `field` names it in errors), or `endpoint` (a local vLLM
-    server) with `extra` request parameters."""
+    server) with `extra` request parameters (a seed: each sample its own, or vLLM would repeat one)."""
     key = api_key(teacher["openai"], key_env, field) if endpoint is None else None
     endpoint = endpoint or teacher["openai"]
 
-    async def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
+    async def ask_all(todo: Todo) -> None:
         async with ChatClient(endpoint, key, field, transport=transport) as client:
-            async def ask(cache_key: str, messages: list[dict]) -> None:
+            async def ask(cache_key: str, messages: list[dict], sample: int) -> None:
+                params = {**(extra or {})}
+                if "seed" in params:
+                    params["seed"] += sample
                 try:
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
-                                              teacher.get("temperature", 0.0), **(extra or {}))
+                                              teacher.get("temperature", 0.0), **params)
                     answer = {"text": c.text, "tokens": c.completion_tokens, "promptTokens": c.prompt_tokens,
                               "finished": c.finished}
                 except EndpointError as exc:
@@ -75,18 +83,18 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
                 usage.add(answer)
                 on_answer()
 
-            await asyncio.gather(*(ask(k, m) for k, m in todo))
+            await asyncio.gather(*(ask(*item) for item in todo))
 
     return lambda todo: asyncio.run(ask_all(todo))
 
 
 def _vllm_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: AnswerCache, usage: Usage,
                   on_answer: Callable[[], None], stack: contextlib.ExitStack,
-                  share_gpu: bool) -> Callable[[list[tuple[str, list[dict]]]], None]:
+                  share_gpu: bool) -> Callable[[Todo], None]:
     """The local teacher served by vLLM (started at the first question, stopped with the build)."""
     asking: list[Callable] = []
 
-    def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
+    def ask_all(todo: Todo) -> None:
         if not asking:
             from ..vllm_server import VllmServer  # noqa: PLC0415
 
@@ -101,13 +109,13 @@ def _vllm_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: A
 
 
 def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: AnswerCache, usage: Usage,
-                   on_answer: Callable[[], None]) -> Callable[[list[tuple[str, list[dict]]]], None]:
+                   on_answer: Callable[[], None]) -> Callable[[Todo], None]:
     from ..generate import generate  # noqa: PLC0415 - torch only for a local teacher
     from ..models import LazyModel  # noqa: PLC0415
 
     loaded = LazyModel(model_input)  # not loaded when every answer is cached
 
-    def ask_all(todo: list[tuple[str, list[dict]]]) -> None:
+    def ask_all(todo: Todo) -> None:
         model, tokenizer = loaded()
 
         def save(i: int, o) -> None:  # each answer cached as it finishes: a restart asks only the rest
@@ -116,7 +124,8 @@ def _local_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: 
             usage.add(answer)
             on_answer()
 
-        generate(model, tokenizer, [m for _, m in todo], teacher.get("maxNewTokens", 256),
+        # Samples of one conversation decode in one call: they differ as the sampler's draws go on.
+        generate(model, tokenizer, [m for _, m, _ in todo], teacher.get("maxNewTokens", 256),
                  teacher.get("temperature", 0.0), teacher.get("seed", 0), concurrency=teacher.get("batchSize", 8),
                  on_answer=save)
 
@@ -171,7 +180,7 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
                 c["messages"].append({"role": "user", "content": c["prompt"]["turns"][turn]})
                 c["key"] = AnswerCache.key(c["messages"])
                 if cache.get(c["key"]) is None:
-                    todo.append((c["key"], list(c["messages"])))
+                    todo.append((c["key"], list(c["messages"]), 0))
             usage.cached += len(asking) - len(todo)
             done[0] += len(asking) - len(todo)
             if todo:
@@ -218,18 +227,23 @@ def _judge_turn(judge: AnswerJudge, answered: list[dict[str, Any]], drops: Drops
 
 def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any], model_input: dict[str, Any] | None,
                  cache_uri: str, field: str, progress: Progress, share_gpu: bool = False,
-                 transport=None) -> tuple[list[dict[str, Any]], Usage]:
-    """Another model's answer to each conversation as it stands (ending with a user turn): a
-    preference pair's rejected answer, from answerer.openai (its key in REJECTED_KEY_ENV) or the
-    local model_input. Cached like the teacher's, so a rerun asks only what is new. `field`: where
-    the answerer is in the spec; share_gpu: a local answer judge stays loaded beside it."""
+                 transport=None) -> tuple[list[list[dict[str, Any]]], Usage]:
+    """Another model's answers to each conversation as it stands (ending with a user turn),
+    answerer.samples of them: a preference pair's rejected answer and its rivals, from
+    answerer.openai (its key in REJECTED_KEY_ENV) or the local model_input. Cached like the
+    teacher's, so a rerun asks only what is new. `field`: where the answerer is in the spec;
+    share_gpu: a local answer judge stays loaded beside it."""
     cache = AnswerCache(cache_uri, "teacher", cache_identity(answerer, model_input))
     cache.load()
     usage = Usage()
-    progress.stage("answering again (the rejected answers)", total=len(contexts), unit="answers")
-    keys = [AnswerCache.key(messages) for messages in contexts]
-    todo = list({k: (k, m) for k, m in zip(keys, contexts) if cache.get(k) is None}.values())
-    usage.cached = len(contexts) - len(todo)
+    samples = answerer.get("samples", 1)
+    progress.stage("answering again (the rejected answers)" if samples == 1 else
+                   f"sampling {samples} answers to each conversation (the rejected answers)",
+                   total=len(contexts) * samples, unit="answers")
+    keys = [[AnswerCache.key(messages, k) for k in range(samples)] for messages in contexts]
+    todo = list({key: (key, messages, k) for messages, row in zip(contexts, keys)
+                 for k, key in enumerate(row) if cache.get(key) is None}.values())
+    usage.cached = len(contexts) * samples - len(todo)
 
     def on_answer() -> None:
         progress.update(usage.cached + usage.requests, figure=f"{usage.requests} generated, {usage.cached} cached")
@@ -246,4 +260,4 @@ def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any],
     finally:
         stack.close()
         cache.compact()
-    return [cache.get(k) for k in keys], usage
+    return [[cache.get(key) for key in row] for row in keys], usage
