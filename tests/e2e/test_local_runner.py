@@ -3,6 +3,7 @@ as the user runs them (the CLI in a subprocess, the runtime as its subprocesses)
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 from transformers import AutoModelForCausalLM
 
+from llmfactory.local.runner import LocalRunner
 from llmfactory.planner import benchmark_metric_names, parse
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
 
@@ -132,6 +135,8 @@ def test_failure_is_shown_and_dependents_are_skipped(tiny_model, tmp_path):
     assert run.returncode == 1
     assert "Failed" in run.stdout and run.stdout.count("Skipped") == 3
     assert "no-such-model" in run.stdout and "does not exist" in run.stdout
+    # What waits on it says why it will not run: the failure's last line.
+    assert "DatasetBuild data did not succeed (" in " ".join(run.stdout.split())
 
 
 def test_a_benchmark_whose_gates_fail_fails_and_what_it_gates_is_skipped_saying_why(tiny_model, tmp_path):
@@ -148,15 +153,18 @@ def test_a_benchmark_whose_gates_fail_fails_and_what_it_gates_is_skipped_saying_
     gated = {**pipeline(tiny_model)[3], "spec": {**pipeline(tiny_model)[3]["spec"], "benchmarkRef": {"name": "bench"},
                                                  "model": {"source": {"uri": f"file://{tiny_model}"}}}}
     store = f"file://{tmp_path}/artifacts"
-    for _ in range(2):  # run, then its finished result reused
-        run = llmfactory(tmp_path, [bench, gated], store)
-        assert run.returncode == 1, run.stdout + run.stderr
-        lines = {line.split()[1]: line for line in run.stdout.splitlines() if line.startswith("│ ")}
-        assert "Failed" in lines["Benchmark/bench"] and "Skipped" in lines["Quantization/gguf"], run.stdout
-        assert "gates failed: perplexity.value < 1" in run.stdout.replace("\n", " ")
-        assert "Benchmark bench did not succeed (benchmark finished but gates failed" in " ".join(run.stdout.split())
+    run = llmfactory(tmp_path, [bench, gated], store)
+    assert run.returncode == 1, run.stdout + run.stderr
+    lines = {line.split()[1]: line for line in run.stdout.splitlines() if line.startswith("│ ")}
+    assert "Failed" in lines["Benchmark/bench"] and "Skipped" in lines["Quantization/gguf"], run.stdout
+    text = " ".join(run.stdout.split())
+    assert "Benchmark bench did not succeed (benchmark finished but gates failed: perplexity.value < 1.0)" in text
     assert not results(store, [gated])["gguf"]
-    assert len(list((tmp_path / "artifacts" / "logs").glob("benchmark-bench-*.log"))) == 1  # ran once
+    # Its finished result, reused, fails the same way.
+    again = LocalRunner(store, tmp_path / "artifacts" / "logs", Console(file=io.StringIO())).run([bench, gated])
+    assert [(o.status, o.message) for o in again] == [
+        ("Failed", "benchmark finished but gates failed: perplexity.value < 1.0"),
+        ("Skipped", "Benchmark bench did not succeed (benchmark finished but gates failed: perplexity.value < 1.0)")]
 
 
 def test_bad_manifest_is_refused_before_anything_runs(tiny_model, tmp_path):
