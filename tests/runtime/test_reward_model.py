@@ -139,7 +139,8 @@ def test_a_reward_models_ranking_counts_the_pairs_it_orders_right_beside_a_basel
     (tmp_path / "pairs" / "test.jsonl").write_bytes(dumps_jsonl(rows))
     rm, earlier = (_reward_model(tiny_model, tmp_path / name, seed) for name, seed in (("rm", 1), ("rm0", 2)))
     spec = {"model": {"source": {"uri": f"file://{rm}"}}, "baselineModel": {"source": {"uri": f"file://{earlier}"}},
-            "ranking": {"dataset": {"uri": f"file://{tmp_path}/pairs"}, "batchSize": 3}}
+            "ranking": {"dataset": {"uri": f"file://{tmp_path}/pairs"}, "batchSize": 3, "languages": ["en", "ru"]},
+            "gates": [{"metric": "ranking.accuracy.ru", "op": ">=", "value": 0.5}]}
     result, store = _benchmark(spec, tmp_path)
     assert result["metrics"]["ranking.accuracy"] == 0.5 and result["metrics"]["ranking.baseline"] == 0.5
     assert result["metrics"]["ranking.margin"] == pytest.approx(0.0, abs=1e-5)
@@ -156,18 +157,25 @@ def test_a_reward_models_ranking_counts_the_pairs_it_orders_right_beside_a_basel
                    for lang in ("en", "ru")}
     assert by_language["en"] != 0.5  # else a report that mixed the languages up would pass
     assert all(f"| {lang} | 4 | {rate:.3f} |" in report for lang, rate in by_language.items())
+    # The languages listed are metrics too, gated on like any other.
+    assert {lang: result["metrics"][f"ranking.accuracy.{lang}"] for lang in ("en", "ru")} == by_language
+    assert {f"ranking.baseline.{lang}" for lang in ("en", "ru")} <= result["metrics"].keys()
+    assert result["passed"] == (by_language["ru"] >= 0.5)
     assert sorted(int(line.split("|")[1]) for line in report.splitlines() if line.startswith("| ") and
                   line.split("|")[1].strip().isdigit()) == wrong
     # Restarted: the saved scores are the ranking (scores changed by hand show through).
     store.write_json("ranking/model.json", {"rewards": [[1.0, 0.0]] * 8})
     assert _benchmark(spec, tmp_path)[0]["metrics"]["ranking.accuracy"] == 1.0
 
+    with pytest.raises(InvalidTask, match="spec.ranking.languages: no test pairs in zh; the rows' languages: en, ru"):
+        _benchmark({**spec, "ranking": {**spec["ranking"], "languages": ["en", "zh"]}, "gates": []}, tmp_path)
     with pytest.raises(InvalidTask, match="spec.model: .* is not a reward model"):
         _benchmark({**spec, "model": {"source": {"uri": f"file://{tiny_model}"}}}, tmp_path)
     (tmp_path / "pairs" / "test.jsonl").write_bytes(dumps_jsonl(rows[:2] + [{"prompt": "hi", "chosen": "x"}]))
     with pytest.raises(InvalidTask, match="spec.ranking.dataset: test.jsonl row 3: a preference row needs chosen and "
                                           "rejected"):
-        _benchmark({**spec, "baseline": False, "baselineModel": None}, tmp_path)
+        _benchmark({**spec, "baseline": False, "baselineModel": None, "gates": [],
+                    "ranking": {**spec["ranking"], "languages": []}}, tmp_path)
 
 
 def _task(tiny_model, tmp_path: Path, **spec) -> dict:

@@ -538,11 +538,22 @@ def test_a_benchmark_ranks_pairs_with_a_reward_model_and_with_nothing_else():
     assert task["inputs"]["model"] == {"uri": FT_RESULT["modelUri"], "digest": FT_RESULT["digest"]}
     assert task["inputs"]["baseline"] is None  # its base is a language model
     assert task["inputs"]["rankingDataset"] == {"uri": "s3://bucket/data", "format": "preference", "digest": "sha256:aaa"}
-    assert task["spec"]["ranking"] == {"split": "test", "batchSize": 8}
+    assert task["spec"]["ranking"] == {"split": "test", "batchSize": 8, "languages": []}
     assert benchmark_metric_names(parse(ranking).spec, baseline=False) == {"ranking.accuracy", "ranking.margin"}
     with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'ranking.baseline' is not reported"):
         plan(parse({**ranking, "spec": {**ranking["spec"], "gates": [{"metric": "ranking.baseline", "op": ">", "value": 0}]}}),
              lookup({("FineTune", "rm"): rm_result}), STORE)
+    # By language: only those listed are metrics a gate may name.
+    by_language = copy.deepcopy(ranking)
+    by_language["spec"]["gates"] = [{"metric": "ranking.accuracy.ru", "op": ">=", "value": 0.6}]
+    with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'ranking.accuracy.ru' is not reported"):
+        plan(parse(by_language), lookup({("FineTune", "rm"): rm_result}), STORE)
+    by_language["spec"]["ranking"]["languages"] = ["en", "ru"]
+    assert plan(parse(by_language), lookup({("FineTune", "rm"): rm_result}), STORE)["spec"]["ranking"]["languages"] == [
+        "en", "ru"]
+    by_language["spec"]["ranking"]["languages"] = ["Russian"]
+    with pytest.raises(PlanError, match=r"spec.ranking.languages\[0\]"):
+        parse(by_language)
     # Against an earlier reward model: both rank the same pairs.
     against = copy.deepcopy(ranking)
     against["spec"]["baselineModel"] = {"fineTuneRef": {"name": "rm0"}}

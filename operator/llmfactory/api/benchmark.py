@@ -4,13 +4,13 @@ preference pairs, with gates."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
 from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, Engine, KindInfo, LocalObjectReference, ModelSource,
                      OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
-from .dataset_build import HuggingFaceDataset
+from .dataset_build import LANGUAGE_PATTERN, HuggingFaceDataset
 from .fine_tune import DatasetInput, Grader
 
 
@@ -145,6 +145,11 @@ class Ranking(ApiModel):
     split: Literal["train", "validation", "test"] = Field("test", description="Which split's pairs to rank.")
     max_samples: int | None = Field(None, ge=1, description="Rank at most this many pairs.")
     batch_size: int = Field(8, ge=1, le=512, description="Conversations scored together (right-padded).")
+    languages: list[Annotated[str, Field(pattern=LANGUAGE_PATTERN)]] = Field(default_factory=list, description=(
+        "Also report ranking.accuracy.<language> (and ranking.baseline.<language> against a baseline) for "
+        "these languages, which gates may name: the pairs whose row says that language (a DatasetBuild's "
+        "rows do). A listed language without pairs fails the run, naming the languages the rows have. The "
+        "report shows every language the rows have either way."))
 
 
 class Gate(ApiModel):

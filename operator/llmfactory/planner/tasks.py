@@ -58,6 +58,8 @@ def benchmark_metric_names(spec, baseline: bool, dataset_format: str | None = No
     names: set[str] = set()
     if spec.ranking:
         names |= {"ranking.accuracy", "ranking.margin"} | ({"ranking.baseline"} if baseline else set())
+        for lang in spec.ranking.languages:
+            names |= {f"ranking.accuracy.{lang}"} | ({f"ranking.baseline.{lang}"} if baseline else set())
     if spec.perplexity:
         names |= {"perplexity.value", "perplexity.allTokens"}
         if baseline:

@@ -312,13 +312,23 @@ def _pairwise_metrics(outcomes: dict[str, list[str | None]], questions: list[dic
     return metrics
 
 
-def _metrics(results: dict[str, dict], judged: dict[str, Any], questions: list[dict]) -> dict[str, float]:
+def _ranking_metrics(results: dict[str, dict], pairs: list[dict], languages: list[str]) -> dict[str, float | None]:
+    """ranking.accuracy (ranking.baseline for the baseline), each also by the listed languages, and
+    ranking.margin."""
     metrics: dict[str, float | None] = {}
     for label, name in (("model", "ranking.accuracy"), ("baseline", "ranking.baseline")):
         if "ranking" in (results.get(label) or {}):
-            metrics[name] = _mean([float(c > r) for c, r in results[label]["ranking"]["rewards"]])
+            right = [float(c > r) for c, r in results[label]["ranking"]["rewards"]]
+            metrics[name] = _mean(right)
+            for lang in languages:
+                metrics[f"{name}.{lang}"] = _mean([ok for ok, row in zip(right, pairs) if row.get("language") == lang])
     if "ranking" in results["model"]:
         metrics["ranking.margin"] = _mean([c - r for c, r in results["model"]["ranking"]["rewards"]])
+    return metrics
+
+
+def _metrics(results: dict[str, dict], judged: dict[str, Any], questions: list[dict]) -> dict[str, float]:
+    metrics: dict[str, float | None] = {}
     if "desirable" in results["model"].get("preference", {}):  # labelled answers: scored with a baseline only
         metrics["preference.rewardAccuracy"] = labelled_agreement(results["model"]["preference"],
                                                                   results["baseline"]["preference"])
@@ -540,6 +550,11 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         if not pairs:
             raise InvalidTask(f"spec.ranking.dataset: {inputs['rankingDataset']['uri']} has no "
                               f"{spec['ranking']['split']} pairs to rank")
+        found = {row.get("language") for row in pairs} - {None}
+        missing = [lang for lang in spec["ranking"].get("languages") or [] if lang not in found]
+        if missing:
+            raise InvalidTask(f"spec.ranking.languages: no {spec['ranking']['split']} pairs in {', '.join(missing)}; "
+                              f"the rows' languages: {', '.join(sorted(found)) or 'none (no language field)'}")
         results = {label: {"ranking": _ranked(label, source, spec["ranking"], pairs, run, progress)}
                    for label, source in models.items()}
     else:
@@ -556,7 +571,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     if "pairwise" in judged:
         judged["pairwise"]["categories"] = _pairwise_categories(judged["pairwise"]["outcomes"], questions)
 
-    metrics = _metrics(results, judged, questions)
+    metrics = _ranking_metrics(results, pairs, spec["ranking"].get("languages") or []) if pairs else {}
+    metrics |= _metrics(results, judged, questions)
     gates = evaluate_gates(spec.get("gates", []), metrics)
     categories = _categories(judged.get("ratings", {}), questions)
     generation = {label: r["generation"] for label, r in results.items() if "generation" in r}
