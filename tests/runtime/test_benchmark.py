@@ -428,7 +428,8 @@ def test_pairwise_language_rule_and_win_rate():
         # judged/0: the model wins in both orders; judged/1: one order is undecided.
         return {"judged/0/0": "A", "judged/0/1": "B", "judged/1/0": "B", "judged/1/1": None}
 
-    outcomes, games, why = _compare({"openai": {}}, questions, answers, LanguageRule(["en", "ru"]), judging)
+    outcomes, games, why = _compare({"openai": {}}, questions, answers["model"], answers["baseline"], "baseline",
+                                    LanguageRule(["en", "ru"]), judging)
     assert asked == ["judged/0/0", "judged/0/1", "judged/1/0", "judged/1/1"]  # nothing else needed the judge
     assert outcomes == {"judged": ["win", None], "off": ["loss", "win"], "both-off": ["tie"]}
     assert games["judged"] == [["A", "B"], ["B", None]]
@@ -516,6 +517,51 @@ def test_api_judge_compares_the_model_with_its_baseline_in_both_orders(tiny_mode
     doc["spec"]["model"] = {"source": {"uri": f"file://{tiny_model}"}}
     with pytest.raises(PlanError, match=r"spec.judge.mode: is pairwise, which compares the model with its baseline"):
         plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+
+
+def test_pairwise_against_an_opponents_answers_from_a_file_needs_no_baseline(tiny_model, tmp_path, openai_server,
+                                                                              monkeypatch):
+    """judge.opponentAnswersUri: the model's answers compared with another model's, written once
+    (MT-Bench's model_answer rows), as the scripted judge decides; a question they do not answer (to
+    every turn) refuses the run before the model answers anything."""
+    questions = [{"question_id": q, "category": "general", "turns": [f"Question {q}: why is the sky blue?"]}
+                 for q in ("win", "lose", "bias", "mute")]
+    questions.append({"question_id": "two", "category": "general",
+                      "turns": ["Question two: name a colour.", "Now name another one."]})
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    gpt = [{"question_id": q["question_id"], "model_id": "gpt-4",
+            "choices": [{"index": 0, "turns": [f"GPT-4 on {q['question_id']}, turn {t + 1}." for t in range(len(q["turns"]))]}]}
+           for q in questions]
+    (tmp_path / "gpt-4.jsonl").write_text("".join(json.dumps(a) + "\n" for a in gpt))
+    monkeypatch.setenv("LLMFACTORY_JUDGE_API_KEY", "sk-judge")
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "vs-gpt4"},
+           "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}},
+                    "judge": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o",
+                                         "apiKeySecret": {"name": "openai", "key": "k"}},
+                              "mode": "pairwise", "questionsUri": f"file://{tmp_path}/questions.jsonl",
+                              "opponentAnswersUri": f"file://{tmp_path}/gpt-4.jsonl",
+                              "languages": ["en"], "maxNewTokens": 6, "maxReasks": 1, "languageRule": False}}}
+    task, store = _planned(doc, tmp_path)
+    assert task["inputs"]["baseline"] is None
+    openai_server.reply = _scripted_comparer(lambda: store.read_json("answers/model.json"))
+    result = benchmark.run(task, store, Progress(store))
+
+    m = result["metrics"]
+    assert (m["judge.wins"], m["judge.ties"], m["judge.losses"], m["judge.undecided"]) == (2, 2, 1, 1)
+    assert result["comparedWith"] == "opponent" and headline("Benchmark", result) == "win rate 0.60 vs opponent"
+    turn2 = [r.messages[1]["content"] for r in openai_server.requests
+             if "[Conversation with assistant A]" in r.messages[1]["content"]]
+    assert len(turn2) == 2 and all("GPT-4 on two, turn 1." in p and "GPT-4 on two, turn 2." in p for p in turn2)
+    report = open_store(result["reportUri"]).read_bytes("report.md").decode()
+    assert "## The model against its opponent" in report and '- **opponent**: "GPT-4 on win, turn 1."' in report
+
+    (tmp_path / "gpt-4.jsonl").write_text("".join(json.dumps(a) + "\n" for a in gpt[:4])
+                                          + json.dumps({"question_id": "two", "turns": ["Blue."]}) + "\n")
+    task, store = _planned(doc, tmp_path, store="other")
+    with pytest.raises(InvalidTask, match="spec.judge.opponentAnswersUri: no answer to every turn of 1 of the 5 "
+                                          "questions asked: two"):
+        benchmark.run(task, store, Progress(store))
+    assert not store.exists("answers/model.json")
 
 
 def test_a_local_judge_grades_and_compares_by_its_likeliest_verdict(tiny_model, tmp_path):

@@ -208,6 +208,16 @@ BAD = [
     ("Benchmark", {"model": {"fineTuneRef": {"name": "a"}}, "baseline": False,
                    "judge": {"openai": {"model": "j"}, "mode": "pairwise"}},
      "judge.mode pairwise and both compare the model with its baseline: set baseline true"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL},
+                      "filters": {"judge": {"model": MODEL}}, "preferences": {"rejected": {"model": MODEL, "samples": 4}}},
+     "samples above 1 need temperature above 0"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL},
+                      "preferences": {"rejected": {"model": MODEL, "samples": 4, "temperature": 0.8}}},
+     "preferences.rejected.samples above 1 and preferences.chosen best pick answers by their scores"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL},
+                      "preferences": {"chosen": "best", "rejected": {"model": MODEL}}},
+     "preferences.rejected.samples above 1 and preferences.chosen best pick answers by their scores"),
+    ("Benchmark", {"model": {"source": MODEL}, "ranking": {"languages": ["English"]}}, "does not match"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"openai": {"model": "x"}, "engine": "vllm"}},
      "engine applies to a local model teacher"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": {
@@ -254,6 +264,10 @@ MINIMAL = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}}),
     ("Benchmark", {"model": {"source": MODEL}, "perplexity": {"dataset": {"uri": "file:///d"}}}),
     ("Quantization", {"model": {"source": MODEL}}),
+    ("DatasetBuild", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"openai": {"model": "gpt-4o"}},
+                      "preferences": {"rejected": {"model": MODEL}}}),
+    ("Benchmark", {"model": {"source": MODEL}, "baseline": False,
+                   "judge": {"openai": {"model": "j"}, "mode": "pairwise", "opponentAnswersUri": "file:///a.jsonl"}}),
 ]
 
 

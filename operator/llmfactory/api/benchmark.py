@@ -94,7 +94,13 @@ class Judge(ApiModel):
         "judge.winRate (wins plus half the ties, of the decided comparisons; 0.5 is even), judge.wins, "
         "judge.ties, judge.losses, judge.undecided, and judge.winRate per language and turn; often "
         "tells models apart that single grades both about the same. Needs the baseline (a fineTuneRef "
-        "model, baseline true). both: single and pairwise."))
+        "model, baseline true) or opponentAnswersUri. both: single and pairwise."))
+    opponent_answers_uri: str | None = Field(None, pattern=URI_PATTERN, description=(
+        "A JSONL file of another model's answers to the same questions, e.g. GPT-4's, written once (MT-Bench's "
+        "model_answer rows {question_id, choices: [{turns}]}, or {question_id, turns}): modes pairwise and both "
+        "compare the model with these answers instead of the baseline's (MT-Bench's pairwise-baseline against "
+        "gpt-3.5-turbo, AlpacaEval's win rate against a reference model), and need no baseline for it. Every "
+        "question asked needs an answer with a turn for each of its turns."))
 
 
 class LmEval(ApiModel):
@@ -173,9 +179,10 @@ class BenchmarkSpec(RunOptions):
         {"rule": "!has(self.ranking) || !has(self.model.quantizationRef)",
          "message": "ranking benchmarks a reward model; a Quantization holds a language model: name the reward "
                     "model by fineTuneRef or source"},
-        {"rule": "!has(self.judge) || !has(self.judge.mode) || self.judge.mode == 'single' || !has(self.baseline) "
-                 "|| self.baseline",
-         "message": "judge.mode pairwise and both compare the model with its baseline: set baseline true"},
+        {"rule": "!has(self.judge) || !has(self.judge.mode) || self.judge.mode == 'single' || "
+                 "has(self.judge.opponentAnswersUri) || !has(self.baseline) || self.baseline",
+         "message": "judge.mode pairwise and both compare the model with its baseline: set baseline true (or "
+                    "judge.opponentAnswersUri)"},
         {"rule": "!has(self.baselineModel) || !has(self.baseline) || self.baseline",
          "message": "baselineModel is the baseline to evaluate: set baseline true (or leave it unset)"},
         {"rule": "!has(self.judge) || self.judge.engine != 'vllm' || !has(self.model.source) || "
@@ -217,6 +224,9 @@ class BenchmarkResult(ApiModel):
     gates: list[GateOutcome] = Field(default_factory=list, description="Each gate's outcome.")
     passed: bool = Field(description="Every gate held.")
     report_uri: str = Field(description="report.md and report.json.")
+    compared_with: Literal["baseline", "opponent"] | None = Field(None, description=(
+        "judge.mode pairwise and both: whose answers judge.winRate is against, the baseline's or the "
+        "opponent's (judge.opponentAnswersUri)."))
 
 
 class BenchmarkStatus(StatusBase):

@@ -30,7 +30,7 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
         if "judge.score" in m:
             parts.append(f"judge {m['judge.score']:.2f}" + (f" (base {m['judge.baseline']:.2f})" if "judge.baseline" in m else ""))
         if "judge.winRate" in m:
-            parts.append(f"win rate {m['judge.winRate']:.2f} vs baseline")
+            parts.append(f"win rate {m['judge.winRate']:.2f} vs {result.get('comparedWith') or 'baseline'}")
         if "reward.value" in m:
             parts.append(f"reward {m['reward.value']:.2f}" + (f" (base {m['reward.baseline']:.2f})" if "reward.baseline" in m else ""))
         if "perplexity.value" in m:

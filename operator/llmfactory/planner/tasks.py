@@ -380,10 +380,10 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         else:
             raise PlanError(res.ref, "spec.perplexity.dataset",
                             "is required when the model does not come from a fineTuneRef")
-    if spec.judge and spec.judge.mode != "single" and not baseline:
+    if spec.judge and spec.judge.mode != "single" and not baseline and not spec.judge.opponent_answers_uri:
         raise PlanError(res.ref, "spec.judge.mode", f"is {spec.judge.mode}, which compares the model with its "
                         "baseline, the base model of a fineTuneRef; this model has none: name one in "
-                        "spec.baselineModel, or use mode single")
+                        "spec.baselineModel, give spec.judge.opponentAnswersUri, or use mode single")
     if spec.judge:
         _check_engine(res, "spec.judge.engine", spec.judge.engine, model)
         if baseline:

@@ -73,6 +73,32 @@ def load(judge: dict[str, Any]) -> list[dict]:
     return chosen
 
 
+def opponent_answers(uri: str, questions: list[dict]) -> dict[str, list[str]]:
+    """judge.opponentAnswersUri: another model's answers, {question_id: [answer per turn]}, for each
+    question asked; MT-Bench's model_answer rows ({question_id, choices: [{turns}]}) or {question_id,
+    turns}. A question without an answer to each of its turns is an invalid task."""
+    field = "spec.judge.opponentAnswersUri"
+    folder, name = uri.rstrip("/").rsplit("/", 1)
+    found: dict[str, list[str]] = {}
+    for n, line in enumerate(open_store(folder).read_bytes(name).decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            turns = row["choices"][0]["turns"] if "choices" in row else row["turns"]
+            if not (isinstance(turns, list) and all(isinstance(t, str) for t in turns)):
+                raise ValueError("turns must be a list of strings")
+            found[str(row["question_id"])] = turns
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise InvalidTask(f"{field}: row {n}: {exc!r} (MT-Bench's model_answer rows: question_id, "
+                              "choices: [{turns: [...]}])") from None
+    short = [q["question_id"] for q in questions if len(found.get(q["question_id"], [])) < len(q["turns"])]
+    if short:
+        raise InvalidTask(f"{field}: no answer to every turn of {len(short)} of the {len(questions)} questions "
+                          f"asked: {', '.join(short[:10])}{' ...' if len(short) > 10 else ''}")
+    return {q["question_id"]: found[q["question_id"]][:len(q["turns"])] for q in questions}
+
+
 def reference(question: dict, turn: int) -> str | None:
     ref = question.get("reference")
     if isinstance(ref, list):

@@ -227,13 +227,14 @@ def _grade(judge: dict, questions: list[dict], answers: dict[str, dict[str, list
     return ratings, why
 
 
-def _compare(judge: dict, questions: list[dict], answers: dict[str, dict[str, list[str]]], rule: LanguageRule | None,
+def _compare(judge: dict, questions: list[dict], model: dict[str, list[str]], base: dict[str, list[str]],
+             against: str, rule: LanguageRule | None,
              judging) -> tuple[dict[str, list[str | None]], dict[str, list[str | None]], dict[str, str]]:
-    """Pairwise comparison with the baseline: {question_id: [the model's outcome per turn: win, tie,
-    loss, None when undecided]}, the two orders' verdicts per turn ([model as A, model as B]), and why
-    comparisons were decided without the judge (an answer in another language loses)."""
+    """Pairwise comparison with the other answers (`against`: the baseline's, or the opponent's of
+    judge.opponentAnswersUri): {question_id: [the model's outcome per turn: win, tie, loss, None when
+    undecided]}, the two orders' verdicts per turn ([model as A, model as B]), and why comparisons
+    were decided without the judge (an answer in another language loses)."""
     style = "api" if "openai" in judge else "local"
-    model, base = answers["model"], answers["baseline"]
     outcomes = {q["question_id"]: [None] * len(q["turns"]) for q in questions}
     games: dict[str, list[list[str | None]]] = {q["question_id"]: [[None, None] for _ in q["turns"]] for q in questions}
     items, why = [], {}
@@ -244,11 +245,11 @@ def _compare(judge: dict, questions: list[dict], answers: dict[str, dict[str, li
             if any(off):
                 outcomes[qid][turn] = "tie" if all(off) else ("loss" if off[0] else "win")
                 why[f"{qid}/{turn}"] = ("both answered in another language" if all(off) else
-                                        f"the {'model' if off[0] else 'baseline'} answered in another language")
+                                        f"the {'model' if off[0] else against} answered in another language")
                 continue
             items += [(f"{qid}/{turn}/0", pairwise_messages(q, model[qid], base[qid], turn, style)),
                       (f"{qid}/{turn}/1", pairwise_messages(q, base[qid], model[qid], turn, style))]
-    for item_id, verdict in judging(items, "verdict", "comparing with the baseline").items():
+    for item_id, verdict in judging(items, "verdict", f"comparing with the {against}").items():
         qid, turn, order = item_id.split("/")
         games[qid][int(turn)][int(order)] = verdict
     for item_id, _ in items[::2]:
@@ -258,8 +259,9 @@ def _compare(judge: dict, questions: list[dict], answers: dict[str, dict[str, li
 
 
 def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers: dict[str, dict[str, list[str]]],
-           task: dict, run: Store, progress: Progress) -> dict[str, Any]:
-    """The judge's work, as judge.mode asks: {ratings (single), pairwise: {outcomes, games} (pairwise)}."""
+           opponent: dict[str, list[str]] | None, task: dict, run: Store, progress: Progress) -> dict[str, Any]:
+    """The judge's work, as judge.mode asks: {ratings (single), pairwise: {outcomes, games, against}
+    (pairwise: against the opponent's answers where given, else the baseline's)}."""
     rule = LanguageRule(judge["languages"]) if judge.get("languageRule", True) else None
     local_judge = LazyModel(judge_model)
 
@@ -273,8 +275,10 @@ def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers
     if mode != "pairwise":
         out["ratings"], why = _grade(judge, questions, answers, rule, judging)
     if mode != "single":
-        outcomes, games, pair_why = _compare(judge, questions, answers, rule, judging)
-        out["pairwise"] = {"outcomes": outcomes, "games": games}
+        against = "opponent" if opponent else "baseline"
+        outcomes, games, pair_why = _compare(judge, questions, answers["model"], opponent or answers["baseline"],
+                                             against, rule, judging)
+        out["pairwise"] = {"outcomes": outcomes, "games": games, "against": against}
         why |= {f"pairwise/{k}": v for k, v in pair_why.items()}
     run.write_json("ratings/language-rule.json", why)
     local_judge.release()
@@ -486,7 +490,7 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dic
                   "|---|" + "---|" * len(labels)]
         lines += [f"| {c} | " + " | ".join(str(categories[lb].get(c, "")) for lb in labels) + " |" for c in cats]
     if pairwise:
-        lines += ["", "## The model against its baseline", "", "Each turn's two answers compared twice, in swapped "
+        lines += ["", f"## The model against its {pairwise['against']}", "", "Each turn's two answers compared twice, in swapped "
                   "places; a win needs both orders to agree.", "", "![win rate by category](win-rate.png)", "",
                   "| category | wins | ties | losses | undecided | win rate |", "|---|---|---|---|---|---|"]
         lines += [f"| {c} | {v['wins']} | {v['ties']} | {v['losses']} | {v['undecided']} | "
@@ -510,7 +514,7 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dic
     if questions:
         def fmt(r):
             return "unrated" if r is None else f"{r:.2f}"
-        columns = [*ratings, *(["vs baseline"] if pairwise else [])]
+        columns = [*ratings, *([f"vs {pairwise['against']}"] if pairwise else [])]
         lines += ["", "| question | category | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
         for q in questions:
             cells = [" / ".join(fmt(r) for r in ratings[label][q["question_id"]]) for label in ratings]
@@ -534,6 +538,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         ppl = spec["perplexity"]
         rows = read_split(inputs["dataset"]["uri"], ppl["split"])[: ppl.get("maxSamples") or None]
     questions = questions_.load(spec["judge"]) if spec.get("judge") else []
+    opponent = (questions_.opponent_answers(spec["judge"]["opponentAnswersUri"], questions)  # refused before answering
+                if questions and spec["judge"].get("opponentAnswersUri") else None)
     prompts = _reward_prompts(spec["reward"], inputs["rewardDataset"]) if spec.get("reward") else []
 
     models = {"model": inputs["model"]}
@@ -567,7 +573,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         if parts:  # a sum grader's: each part's reward of each answer, by name
             answered["parts"] = parts
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
-    judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, task, run, progress) if questions else {}
+    judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, opponent, task, run, progress) if questions else {}
+    if opponent:  # shown beside the model's in the report, not graded
+        answers["opponent"] = opponent
     if "pairwise" in judged:
         judged["pairwise"]["categories"] = _pairwise_categories(judged["pairwise"]["outcomes"], questions)
 
@@ -585,9 +593,11 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         run.write_bytes("report/scores.png", _chart(categories))
     if "pairwise" in judged:
         rates = {c: v["winRate"] for c, v in judged["pairwise"]["categories"].items() if v["winRate"] is not None}
-        run.write_bytes("report/win-rate.png", _chart({"model vs baseline": rates}, "win rate (ties count half)", 1))
+        run.write_bytes("report/win-rate.png", _chart({f"model vs {judged['pairwise']['against']}": rates},
+                                                      "win rate (ties count half)", 1))
     run.write_bytes("report/report.md", _report(task, metrics, gates, questions, judged, answers, categories, generation,
                                                 prompts, rewarded, pairs, ranked).encode())
     run.commit("report")
     return {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates),
-            "reportUri": run.child("report").uri}
+            "reportUri": run.child("report").uri,
+            **({"comparedWith": judged["pairwise"]["against"]} if "pairwise" in judged else {})}
