@@ -66,7 +66,8 @@ def _waiting(task: Waiting, kube: Kube, namespace: str, old: dict[str, Any], gen
         upstream = kube.get_or_none(custom_path(KINDS[task.kind].plural, namespace, task.name)) or {}
         status = upstream.get("status") or {}
         stalled = _condition(status, "Stalled")
-        if status.get("phase") == "Failed" and stalled.get("status") == "True":
+        current = status.get("observedGeneration") == (upstream.get("metadata") or {}).get("generation")
+        if status.get("phase") == "Failed" and stalled.get("status") == "True" and current:  # not one being changed
             reason, event = "DependencyFailed", ("Warning", "DependencyFailed")
             message = f"{message}; it failed ({stalled.get('reason')}): {stalled.get('message')}"
     unchanged = old.get("phase") == "Waiting" and _condition(old, "Reconciling").get("reason") == reason
