@@ -22,7 +22,7 @@ from llmfactory_runtime.dataset import build
 from llmfactory_runtime.dataset.sources import Drops, collect
 from llmfactory_runtime.openai_client import TokenBucket, retry_after
 from llmfactory_runtime.progress import Progress
-from llmfactory_runtime.store import open_store
+from llmfactory_runtime.store import open_store, write_result
 
 KEY = "sk-test-0123456789abcdef"
 SHAREGPT_ROWS = [
@@ -503,6 +503,26 @@ def test_a_reward_model_scores_each_pair_and_one_whose_rejected_answer_scores_as
         i = prompts.index(preference_of(row)[0][-1]["content"])
         assert (row["score_chosen"], row["score_rejected"]) == (pytest.approx(chosen[i], abs=1e-4),
                                                                  pytest.approx(rejected[i], abs=1e-4))
+    # The scores are cached like a judge's ratings: a rebuild (another split) loads no reward model.
+    assert result["rewardModelUsage"] == {"requests": 12, "cached": 0}
+    doc["spec"]["split"] = {"validation": 0.0, "test": 0.0, "seed": 1}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reward_model, "load", lambda *a: pytest.fail("the reward model was loaded again"))
+        _, again = run_in_process(tmp_path, doc)
+    assert again["rewardModelUsage"] == {"requests": 0, "cached": 12} and again["dropped"] == result["dropped"]
+    # Sharded: each shard scores its own share (its pod holds a GPU anyway); the merge, none.
+    sharded = {**doc, "spec": {**doc["spec"], "shards": 2}}
+    task = plan(parse(sharded), lambda *k: None, f"file://{tmp_path}/sharded")
+    store = open_store(task["artifactUri"])
+    for i in range(2):
+        own = store.child(f"shards/{i}")
+        write_result(own, build.run_shard(task, own, Progress(own), shard=i))
+        own.commit()
+    assert [store.child(f"shards/{i}").read_json("result.json")["rewardModelRequests"] for i in range(2)] == [6, 6]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reward_model, "load", lambda *a: pytest.fail("the merge loaded the reward model"))
+        merged = build.run(task, store, Progress(store))
+    assert merged["rewardModelUsage"] == {"requests": 12, "cached": 0} and merged["dropped"] == result["dropped"]
     doc["spec"]["filters"]["judge"] = {"openai": {"baseUrl": openai_server.url, "model": "judge"}}
     with pytest.raises(PlanError, match="both filters.judge and preferences.rewardModel would score the pairs"):
         parse(doc)

@@ -62,6 +62,11 @@ class AnswerCache:
         self.answers[key] = answer
         self.written.append(f"{SINGLES}/{key}.json")
 
+    def put_pack(self, answers: dict[str, dict[str, Any]]) -> None:
+        """Answers computed together (a batch of scores), written as one pack."""
+        self.store.write_json(f"{PACKS}/{uuid.uuid4().hex}.json", answers)
+        self.answers.update(answers)
+
     def compact(self, minimum: int = 64) -> None:
         """The single answers into one pack, then the singles go (the pack is written first, so a
         kill in between only leaves duplicates)."""

@@ -176,8 +176,9 @@ class Preferences(ApiModel):
         "A reward model that scores both answers of each pair (e.g. a FineTune's with objective reward, by "
         "fineTuneRef; or any sequence-classification model with one label), as filters.judge rates them: its "
         "scores go into the rows (score_chosen, score_rejected) and a pair whose rejected answer scores at least "
-        "as high as the chosen one is dropped (preference_not_better). Runs in the phase's pod; nothing is paid, "
-        "so nothing is cached: a rebuild scores again."))
+        "as high as the chosen one is dropped (preference_not_better). Runs in the phase's pod (each shard's pod "
+        "scoring its share); its scores are cached like the judge's ratings, so a restart or a rebuild scores "
+        "nothing twice."))
     chosen: Literal["teacher", "best"] = Field("teacher", description=(
         "teacher: the teacher's answer is chosen, and rejected.samples' lowest-scored answer rejected. best: "
         "the teacher's answer and the samples are ranked together by their scores, the highest chosen and the "
@@ -271,6 +272,9 @@ class DatasetBuildResult(ApiModel):
                           "and found in the cache (cached).")
     rejected_usage: dict[str, int] | None = Field(
         None, description="preferences: rejected answers generated (requests) and found in the cache (cached).")
+    reward_model_usage: dict[str, int] | None = Field(
+        None, description="preferences.rewardModel: answers scored by this build (requests) and scores found in "
+                          "the cache (cached).")
 
 
 class DatasetBuildStatus(StatusBase):

@@ -25,6 +25,7 @@ from ..store import SHARDS, Store, finished_result
 from . import teacher as teacher_
 from .answer_judge import AnswerJudge
 from .dedupe import dedupe
+from .reward_scorer import RewardScorer
 from .filters import AnswerFilter, drop_long_prompts
 from .languages import detect
 from .sources import Drops, collect
@@ -81,6 +82,9 @@ def _card(result: dict) -> str:
     if result.get("rejectedUsage"):
         lines += [f"Rejected answers (preferences): {result['rejectedUsage']['requests']} generated, "
                   f"{result['rejectedUsage']['cached']} from the cache.", ""]
+    if result.get("rewardModelUsage"):
+        lines += [f"Reward model scores: {result['rewardModelUsage']['requests']} computed, "
+                  f"{result['rewardModelUsage']['cached']} from the cache.", ""]
     return "\n".join(lines)
 
 
@@ -129,7 +133,8 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
     the student away from an answer as good as the one it is pulled to."""
     prefs = task["spec"].get("preferences")
     if not prefs:
-        return rows, None
+        return rows, None, None
+    scorer = RewardScorer(prefs["rewardModel"], task["cacheUri"]) if prefs.get("rewardModel") else None
     answers, usage = teacher_.answer_again([r["messages"][:-1] for r in rows], prefs["rejected"],
                                            task["inputs"].get("rejected"), task["cacheUri"],
                                            "spec.preferences.rejected", progress,
@@ -157,9 +162,9 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
     if judge is not None and pairs:
         progress.stage(f"judging {len(sides) - len(pairs)} rejected answers")
         scores = judge.ratings(sides)
-    elif prefs.get("rewardModel") and pairs:
-        progress.stage(f"scoring {len(sides)} answers with the reward model")
-        scores = _reward_scores(prefs["rewardModel"], sides)
+    elif scorer is not None and pairs:
+        progress.stage(f"scoring {len(sides)} answers with the reward model", total=len(sides), unit="answers")
+        scores = scorer.scores(sides, lambda done: progress.update(done, figure=f"{done} scored"))
     kept = []
     for i, (row, samples) in enumerate(pairs):
         # Candidates (score, text), the teacher's first: where scores tie, the teacher's is chosen.
@@ -172,28 +177,20 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
             pair = {**row, "messages": row["messages"][:-1] + [{"role": "assistant", "content": chosen_text}],
                     "rejected": rejected_text}
             kept.append({**pair, "scores": (chosen, rejected)} if scores else pair)
-    return kept, usage
+    return kept, usage, scorer
 
 
 def _pick(teacher: tuple, samples: list[tuple], chosen: str) -> tuple[tuple, tuple]:
     """(chosen, rejected) of one conversation's candidates, each (score or None, text): the lowest-
     scored sample rejected, and the teacher's answer chosen, or with chosen best the highest-scored of
-    all (and then the lowest of all rejected, the teacher's too). Unscored (a shard's, whose scores
-    the merge computes), the first sample is rejected."""
+    all (and then the lowest of all rejected, the teacher's too). Unscored (no scorer, or an API judge
+    that gave no rating), the first sample is rejected."""
     scored = [c for c in [teacher, *samples] if c[0] is not None]
     if chosen == "best" and len(scored) > 1:
         best = max(scored, key=lambda c: c[0])  # the first of equals: the teacher's
         return best, min((c for c in scored if c is not best), key=lambda c: c[0])
     rated = [c for c in samples if c[0] is not None]
     return teacher, min(rated, key=lambda c: c[0]) if rated else samples[0]
-
-
-def _reward_scores(source: dict[str, Any], conversations: dict[str, list[dict]]) -> dict[str, float]:
-    """preferences.rewardModel's score of each conversation, by key."""
-    from .. import reward_model  # noqa: PLC0415 - torch only for a reward model
-
-    return dict(zip(conversations, reward_model.scores_of(source, "spec.preferences.rewardModel",
-                                                          list(conversations.values()))))
 
 
 SHARED_LIMITS = ("concurrency", "requestsPerMinute", "tokensPerMinute")
@@ -213,13 +210,13 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
     each API's limits (the provider's limits are the account's, not the pod's)."""
     shards = task["spec"]["shards"]
     task = {**task, "spec": _shared_limits(task["spec"], shards)}
-    (task["spec"].get("preferences") or {}).pop("rewardModel", None)  # nothing paid, nothing to share: the merge scores
     prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
-    _, rejected = _rejected(task, rows, Drops(), progress, judge, transport)  # into the cache, for the merge
+    _, rejected, scorer = _rejected(task, rows, Drops(), progress, judge, transport)  # into the cache, for the merge
     return {"shard": shard, "prompts": len(prompts), "kept": len(rows), "requests": usage.requests,
             "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
-            "judgeRequests": judge.requests if judge else 0, "rejectedRequests": rejected.requests if rejected else 0}
+            "judgeRequests": judge.requests if judge else 0, "rejectedRequests": rejected.requests if rejected else 0,
+            "rewardModelRequests": scorer.requests if scorer else 0}
 
 
 def _shard_bills(run: Store, shards: int) -> dict[str, int]:
@@ -228,7 +225,7 @@ def _shard_bills(run: Store, shards: int) -> dict[str, int]:
     for i in range(shards):
         result = finished_result(run.child(f"{SHARDS}/{i}")) or {}
         bills.update({k: result.get(k, 0) for k in ("requests", "promptTokens", "completionTokens", "judgeRequests",
-                                                    "rejectedRequests")})
+                                                    "rejectedRequests", "rewardModelRequests")})
     return dict(bills)
 
 
@@ -237,7 +234,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     drops = Drops()
     prompts = _prompts(task, drops, progress)
     rows, usage, judge = _answer(task, prompts, drops, progress, transport)
-    rows, rejected_usage = _rejected(task, rows, drops, progress, judge, transport)
+    rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
     if spec.get("shards", 1) > 1:
         bills = _shard_bills(run, spec["shards"])
         usage.cached -= bills.get("requests", 0)
@@ -250,6 +247,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         if rejected_usage:
             rejected_usage.cached -= bills.get("rejectedRequests", 0)
             rejected_usage.requests += bills.get("rejectedRequests", 0)
+        if scorer:
+            scorer.cached -= bills.get("rewardModelRequests", 0)
+            scorer.requests += bills.get("rewardModelRequests", 0)
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
 
@@ -288,6 +288,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         result["judgeUsage"] = {"requests": judge.requests, "cached": judge.cached}
     if rejected_usage:
         result["rejectedUsage"] = {"requests": rejected_usage.requests, "cached": rejected_usage.cached}
+    if scorer:
+        result["rewardModelUsage"] = {"requests": scorer.requests, "cached": scorer.cached}
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result
