@@ -595,6 +595,56 @@ def test_best_of_n_pairs_reject_the_lowest_rated_sample_and_choose_the_best_answ
         parse(doc)
 
 
+def test_teacher_samples_each_turn_several_times_and_goes_on_with_the_judges_best_answer(tmp_path, openai_server):
+    """teacher.samples (rejection sampling): every answer to a turn rated, the best kept and the next
+    turn asked after it; a conversation whose best answer rates below minScore dropped. A rebuild asks
+    nothing; more than one sample needs a temperature and a judge."""
+    from llmfactory_runtime.benchmark.judge import JUDGE_SYSTEM
+
+    ratings = {"Meh.": 2, "Okay.": 4, "Brilliant.": 9}
+    asked: dict[str, int] = {}
+
+    def reply(request):
+        if request.messages[0]["content"] == JUDGE_SYSTEM:
+            answer = request.messages[1]["content"].replace("[Answer]\n", "Assistant: ").rsplit("Assistant: ", 1)[1]
+            return {"text": f"[[{ratings[answer.strip()]}]]"}
+        n = asked[request.last_user] = asked.get(request.last_user, 0) + 1
+        return {"text": "Meh." if "rain" in request.last_user else ["Meh.", "Okay.", "Brilliant."][n % 3]}
+
+    openai_server.reply = reply
+    conversations = [["Tell me about the sea."], ["Tell me about rain."], ["Tell me about the sun.", "And briefly?"]]
+    source = {"uri": jsonl_file(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": t} for t in turns]}
+                                                       for turns in conversations]), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None, filters={
+        "nearDuplicateThreshold": 0, "judge": {"openai": {"baseUrl": openai_server.url, "model": "judge"}, "minScore": 5}},
+        split={"validation": 0.0, "test": 0.0})
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    doc["spec"]["teacher"] |= {"samples": 3, "temperature": 1.0}
+    _, result = run_in_process(tmp_path, doc)
+
+    assert asked == {"Tell me about the sea.": 3, "Tell me about rain.": 3, "Tell me about the sun.": 3, "And briefly?": 3}
+    assert result["teacherUsage"]["requests"] == 12 and result["dropped"] == {"judge_low_score": 1}
+    rows = [json.loads(line)["messages"] for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+    assert sorted([m["content"] for m in row] for row in rows) == [
+        ["Tell me about the sea.", "Brilliant."], ["Tell me about the sun.", "Brilliant.", "And briefly?", "Brilliant."]]
+    # The second turn was asked after the best first answer, each of its three times.
+    second = [r for r in openai_server.requests if r.last_user == "And briefly?"]
+    assert len(second) == 3 and all(r.messages[1]["content"] == "Brilliant." for r in second)
+    assert result["judgeUsage"] == {"requests": 3 + 1 + 3 + 3, "cached": 0}  # rain's three alike answers: one rating
+
+    doc["spec"]["split"]["seed"] = 7
+    openai_server.requests.clear()
+    _, again = run_in_process(tmp_path, doc)
+    assert not openai_server.requests and again["teacherUsage"]["cached"] == 12 and again["rows"] == result["rows"]
+    doc["spec"]["teacher"]["temperature"] = 0.0
+    with pytest.raises(PlanError, match="samples above 1 need temperature above 0"):
+        parse(doc)
+    doc["spec"]["teacher"]["temperature"] = 1.0
+    del doc["spec"]["filters"]["judge"]
+    with pytest.raises(PlanError, match="teacher.samples above 1 need filters.judge to pick the best answer"):
+        parse(doc)
+
+
 def test_local_samples_of_one_conversation_differ_and_are_cached(tmp_path, tiny_model):
     """A local model's samples (the transformers engine), several to a conversation, in one call."""
     from llmfactory_runtime.dataset.teacher import answer_again

@@ -218,6 +218,9 @@ BAD = [
                       "preferences": {"chosen": "best", "rejected": {"model": MODEL}}},
      "preferences.rejected.samples above 1 and preferences.chosen best pick answers by their scores"),
     ("Benchmark", {"model": {"source": MODEL}, "ranking": {"languages": ["English"]}}, "does not match"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL, "samples": 4,
+                                                                     "temperature": 0.7}},
+     "teacher.samples above 1 need filters.judge to pick the best answer of each turn"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"openai": {"model": "x"}, "engine": "vllm"}},
      "engine applies to a local model teacher"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": {

@@ -72,6 +72,8 @@ class Teacher(ApiModel):
          "message": "engine applies to a local model teacher (model), not to openai"},
         {"rule": "self.engine != 'vllm' || !has(self.model) || !has(self.model.ggufFile)",
          "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
+        {"rule": "self.samples == 1 || self.temperature > 0",
+         "message": "samples above 1 need temperature above 0: greedy decoding writes the same answer every time"},
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible chat-completions endpoint.")
@@ -84,6 +86,11 @@ class Teacher(ApiModel):
                                                         "engine; one that ends hands its place to the next at once; "
                                                         "vLLM schedules every prompt of a turn itself).")
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
+    samples: int = Field(1, ge=1, le=16, description=(
+        "Answers sampled per turn (rejection sampling, as Llama 3's SFT data; above 1 it needs temperature "
+        "above 0 and filters.judge): the judge rates every answer the filters keep and the conversation goes "
+        "on with the best-rated one, dropped when even that rates below minScore. Each is cached: a build "
+        "with more samples asks only for the new ones."))
 
 
 class LanguageDetection(ApiModel):
@@ -205,6 +212,8 @@ class Split(ApiModel):
 
 class DatasetBuildSpec(RunOptions):
     cel_rules: ClassVar = [
+        {"rule": "self.teacher.samples == 1 || (has(self.filters) && has(self.filters.judge))",
+         "message": "teacher.samples above 1 need filters.judge to pick the best answer of each turn"},
         {"rule": "!has(self.preferences) || !has(self.format) || self.format == 'chatml'",
          "message": "preferences write TRL's prompt, chosen and rejected messages: leave format chatml"},
         {"rule": "!has(self.preferences) || !has(self.preferences.rewardModel) || !has(self.filters) || "

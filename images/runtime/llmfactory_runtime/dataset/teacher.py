@@ -142,12 +142,15 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
            cache_uri: str, keep: AnswerFilter, drops: Drops, progress: Progress,
            transport=None, judge: AnswerJudge | None = None) -> tuple[list[dict[str, Any]], Usage]:
     """Conversations [{language, messages}] with every user turn answered and kept by the filters
-    (and rated at least judge.min_score by the judge, turn by turn)."""
+    (and rated at least judge.min_score by the judge, turn by turn). With teacher.samples above 1,
+    each turn is answered that many times and the judge's best-rated answer that the filters keep
+    is the one the conversation goes on with (rejection sampling, as Llama 3's SFT data)."""
     cache = AnswerCache(cache_uri, "teacher", cache_identity(teacher, model_input))
     cache.load()
     usage = Usage()
-    total = sum(len(p["turns"]) for p in prompts)
-    progress.stage("asking the teacher", total=total, unit="turns")
+    samples = teacher.get("samples", 1)
+    total = sum(len(p["turns"]) for p in prompts) * samples
+    progress.stage("asking the teacher", total=total, unit="turns" if samples == 1 else "answers")
     done = [0]
 
     def report() -> None:
@@ -178,27 +181,28 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
             todo = []
             for c in asking:
                 c["messages"].append({"role": "user", "content": c["prompt"]["turns"][turn]})
-                c["key"] = AnswerCache.key(c["messages"])
-                if cache.get(c["key"]) is None:
-                    todo.append((c["key"], list(c["messages"]), 0))
-            usage.cached += len(asking) - len(todo)
-            done[0] += len(asking) - len(todo)
+                c["keys"] = [AnswerCache.key(c["messages"], k) for k in range(samples)]
+                todo += [(key, list(c["messages"]), k) for k, key in enumerate(c["keys"]) if cache.get(key) is None]
+            usage.cached += len(asking) * samples - len(todo)
+            done[0] += len(asking) * samples - len(todo)
             if todo:
                 ask(todo)
             for c in asking:
-                got = cache.get(c["key"])
-                usage.used_tokens += got["tokens"]
-                reason = "teacher_rejected" if got.get("rejected") else keep.reason_to_drop(
-                    got["text"], got["finished"], got["tokens"])
-                if reason:
+                got = [cache.get(key) for key in c["keys"]]
+                usage.used_tokens += sum(g["tokens"] for g in got)
+                reasons = ["teacher_rejected" if g.get("rejected") else keep.reason_to_drop(
+                    g["text"], g["finished"], g["tokens"]) for g in got]
+                c["answers"] = list(dict.fromkeys(g["text"] for g, reason in zip(got, reasons) if not reason))
+                if not c["answers"]:  # none kept: dropped for the first sample's reason
                     c["alive"] = False
-                    drops.add(reason, got.get("rejected") or c["prompt"]["turns"][turn])
-                    continue
-                c["messages"].append({"role": "assistant", "content": got["text"]})
+                    drops.add(reasons[0], got[0].get("rejected") or c["prompt"]["turns"][turn])
             if judge is not None:
                 _judge_turn(judge, [c for c in asking if c["alive"]], drops, progress)
+            for c in asking:
+                if c["alive"]:
+                    c["messages"].append({"role": "assistant", "content": c["answers"][0]})
             # Conversations cut short lose their later turns from the progress total.
-            skipped = sum(len(c["prompt"]["turns"]) - turn - 1 for c in asking if not c["alive"])
+            skipped = sum(len(c["prompt"]["turns"]) - turn - 1 for c in asking if not c["alive"]) * samples
             if skipped:
                 progress.state["total"] = progress.state["total"] - skipped
             report()
@@ -209,20 +213,25 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
     return kept, usage
 
 
-
-def _judge_turn(judge: AnswerJudge, answered: list[dict[str, Any]], drops: Drops, progress: Progress) -> None:
-    """Rate this turn's answers; a conversation whose answer rates below the bar ends here."""
-    if not answered:
+def _judge_turn(judge: AnswerJudge, answering: list[dict[str, Any]], drops: Drops, progress: Progress) -> None:
+    """Rate this turn's kept answers (c["answers"]) and leave each conversation its best-rated one
+    (the first of equals); a conversation whose best rates below the bar, or is unrated, ends here."""
+    if not answering:
         return
-    progress.update(progress.state.get("done", 0), figure=f"judging {len(answered)} answers")
-    ratings = judge.ratings({str(i): c["messages"] for i, c in enumerate(answered)})
-    for i, c in enumerate(answered):
-        rating = ratings.get(str(i))
-        if rating is None or rating < judge.min_score:
+    sides = {f"{i}.{k}": c["messages"] + [{"role": "assistant", "content": text}]
+             for i, c in enumerate(answering) for k, text in enumerate(c["answers"])}
+    progress.update(progress.state.get("done", 0), figure=f"judging {len(sides)} answers")
+    ratings = judge.ratings(sides)
+    for i, c in enumerate(answering):
+        rated = [(ratings[f"{i}.{k}"], text) for k, text in enumerate(c["answers"]) if ratings.get(f"{i}.{k}") is not None]
+        best = max(rated, key=lambda r: r[0], default=None)
+        if best is None or best[0] < judge.min_score:
             c["alive"] = False
-            reason = "judge_unrated" if rating is None else "judge_low_score"
-            drops.add(reason, f"{rating:.1f}: {c['messages'][-2]['content']}" if rating is not None
-                      else c["messages"][-2]["content"])
+            reason = "judge_unrated" if best is None else "judge_low_score"
+            drops.add(reason, f"{best[0]:.1f}: {c['messages'][-1]['content']}" if best is not None
+                      else c["messages"][-1]["content"])
+        else:
+            c["answers"] = [best[1]]
 
 
 def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any], model_input: dict[str, Any] | None,
