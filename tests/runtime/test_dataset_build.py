@@ -516,8 +516,7 @@ def test_a_reward_model_scores_each_pair_and_one_whose_rejected_answer_scores_as
     store = open_store(task["artifactUri"])
     for i in range(2):
         own = store.child(f"shards/{i}")
-        write_result(own, build.run_shard(task, own, Progress(own), shard=i))
-        own.commit()
+        write_result(own, build.run_shard(task, own, Progress(own), shard=i))  # committed, as the pod does
     assert [store.child(f"shards/{i}").read_json("result.json")["rewardModelRequests"] for i in range(2)] == [6, 6]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reward_model, "load", lambda *a: pytest.fail("the merge loaded the reward model"))

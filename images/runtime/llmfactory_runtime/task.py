@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .store import TASK, open_store
+from .store import TASK, read_file
 
 
 class InvalidTask(ValueError):
@@ -17,8 +17,7 @@ def load_task(location: str) -> dict[str, Any]:
     """A task from a local path (the Job's mounted ConfigMap) or a store URI of task.json or its run."""
     if location.startswith(("s3://", "file://")):
         uri = location if location.endswith(".json") else f"{location.rstrip('/')}/{TASK}"
-        folder, name = uri.rsplit("/", 1)
-        task = open_store(folder).read_json(name)
+        task = json.loads(read_file(uri))
     else:
         task = json.loads(Path(location).read_text())
     for key in ("phase", "spec", "inputs", "digest", "artifactUri"):

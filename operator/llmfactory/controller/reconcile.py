@@ -47,9 +47,13 @@ def manifest_of(body: dict[str, Any]) -> dict[str, Any]:
             "spec": body.get("spec") or {}}
 
 
-def upstream_results(kube: Kube) -> Callable[[str, str, str], dict | None]:
+def upstream_results(kube: Kube, seen: dict[tuple[str, str], dict] | None = None) -> Callable[[str, str, str], dict | None]:
+    """The planner's lookup of a referenced resource's result; `seen` keeps each object it read, by
+    (kind, name), for what the reconciliation says of one it waits for."""
     def result_of(kind: str, namespace: str, name: str) -> dict | None:
         obj = kube.get_or_none(custom_path(KINDS[kind].plural, namespace, name))
+        if seen is not None:
+            seen[(kind, name)] = obj or {}
         status = (obj or {}).get("status") or {}
         if status.get("phase") != "Succeeded" or status.get("observedGeneration") != obj["metadata"].get("generation"):
             return None
@@ -57,13 +61,13 @@ def upstream_results(kube: Kube) -> Callable[[str, str, str], dict | None]:
     return result_of
 
 
-def _waiting(task: Waiting, kube: Kube, namespace: str, old: dict[str, Any], generation: int | None,
+def _waiting(task: Waiting, upstream: dict[str, Any], old: dict[str, Any], generation: int | None,
              extra: dict[str, Any]) -> Outcome:
-    """Waiting on a referenced resource; one that has failed is named with its own reason, since
-    nothing moves until someone mends it (a Benchmark whose gates failed, a build that crashed)."""
+    """Waiting on a referenced resource (`upstream`, as the planner read it); one that has failed is
+    named with its own reason, since nothing moves until someone mends it (a Benchmark whose gates
+    failed, a build that crashed)."""
     reason, message, event = "WaitingForDependency", task.reason, ("Normal", "Waiting")
-    if task.kind in KINDS:
-        upstream = kube.get_or_none(custom_path(KINDS[task.kind].plural, namespace, task.name)) or {}
+    if upstream:
         status = upstream.get("status") or {}
         stalled = _condition(status, "Stalled")
         current = status.get("observedGeneration") == (upstream.get("metadata") or {}).get("generation")
@@ -91,9 +95,10 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
     meta = body["metadata"]
     old = body.get("status") or {}
     generation = meta.get("generation")
+    seen: dict[tuple[str, str], dict] = {}  # the referenced resources the planner read
     try:
         res = parse(manifest_of(body))
-        task = plan(res, upstream_results(kube), settings.store_uri,
+        task = plan(res, upstream_results(kube, seen), settings.store_uri,
                     lambda namespace, name: kube.get_or_none(f"/api/v1/namespaces/{namespace}/configmaps/{name}"))
     except PlanError as exc:
         message = f"{exc.field}: {exc.message}"
@@ -102,7 +107,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
     estimate = task.estimate if isinstance(task, Waiting) else task.get("estimate")
     extra = {"estimate": Estimate(**estimate).summary()} if estimate else {}
     if isinstance(task, Waiting):
-        return _waiting(task, kube, meta["namespace"], old, generation, extra)
+        return _waiting(task, seen.get((task.kind, task.name), {}), old, generation, extra)
 
     run = open_store(task["artifactUri"])
     ident = {"taskDigest": task["digest"], "artifactUri": task["artifactUri"]}

@@ -7,7 +7,7 @@ import json
 from importlib import resources
 from typing import Any
 
-from ..store import open_store
+from ..store import read_file
 from ..task import InvalidTask
 
 
@@ -26,9 +26,7 @@ def _rows_of(judge: dict[str, Any]) -> tuple[str, Any]:
         from ..dataset.sources import rows_of_huggingface  # noqa: PLC0415
 
         return "spec.judge.questionsDataset", rows_of_huggingface(judge["questionsDataset"])
-    uri = judge["questionsUri"]
-    folder, name = uri.rstrip("/").rsplit("/", 1)
-    lines = open_store(folder).read_bytes(name).decode().splitlines()
+    lines = read_file(judge["questionsUri"]).decode().splitlines()
     return "spec.judge.questionsUri", (line for line in lines if line.strip())
 
 
@@ -78,9 +76,8 @@ def opponent_answers(uri: str, questions: list[dict]) -> dict[str, list[str]]:
     question asked; MT-Bench's model_answer rows ({question_id, choices: [{turns}]}) or {question_id,
     turns}. A question without an answer to each of its turns is an invalid task."""
     field = "spec.judge.opponentAnswersUri"
-    folder, name = uri.rstrip("/").rsplit("/", 1)
     found: dict[str, list[str]] = {}
-    for n, line in enumerate(open_store(folder).read_bytes(name).decode().splitlines(), 1):
+    for n, line in enumerate(read_file(uri).decode().splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -142,15 +142,12 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
                                            transport=transport)
     pairs = []  # (row, its samples: written, distinct, and not the teacher's answer)
     for row, got in zip(rows, answers):
-        distinct: dict[str, str] = {}
-        for answer in got:
-            if not answer.get("rejected") and answer["text"].strip():
-                distinct.setdefault(answer["text"].strip(), answer["text"])
-        samples = [text for key, text in distinct.items() if key != row["messages"][-1]["content"].strip()]
+        written = teacher_.distinct([a["text"] for a in got if not a.get("rejected") and a["text"].strip()])
+        samples = teacher_.distinct(written, besides=row["messages"][-1]["content"])
         refused = next((a["rejected"] for a in got if a.get("rejected")), None)
         if samples:
             pairs.append((row, samples))
-        elif distinct:
+        elif written:
             drops.add("preference_tie", row["messages"][-2]["content"])
         elif refused:  # the endpoint refused this prompt (kept in the cache as such)
             drops.add("rejected_refused", refused)
@@ -237,19 +234,14 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
     if spec.get("shards", 1) > 1:
         bills = _shard_bills(run, spec["shards"])
-        usage.cached -= bills.get("requests", 0)
-        usage.requests += bills.get("requests", 0)
         usage.prompt_tokens += bills.get("promptTokens", 0)
         usage.completion_tokens += bills.get("completionTokens", 0)
-        if judge:
-            judge.cached -= bills.get("judgeRequests", 0)
-            judge.requests += bills.get("judgeRequests", 0)
-        if rejected_usage:
-            rejected_usage.cached -= bills.get("rejectedRequests", 0)
-            rejected_usage.requests += bills.get("rejectedRequests", 0)
-        if scorer:
-            scorer.cached -= bills.get("rewardModelRequests", 0)
-            scorer.requests += bills.get("rewardModelRequests", 0)
+        # What a shard paid for, the merge found in the cache: counted as the shard's requests.
+        for counter, bill in ((usage, "requests"), (judge, "judgeRequests"), (rejected_usage, "rejectedRequests"),
+                              (scorer, "rewardModelRequests")):
+            if counter is not None:
+                counter.cached -= bills.get(bill, 0)
+                counter.requests += bills.get(bill, 0)
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
-from ..store import open_store
+from ..store import read_file
 from ..task import InvalidTask
 
 UNKNOWN_LANGUAGE = "und"
@@ -42,8 +42,7 @@ class Drops:
 
 
 def _rows_of_uri(uri: str, field: str) -> Iterable[Any]:
-    folder, name = uri.rstrip("/").rsplit("/", 1)
-    yield from _rows_of_file(open_store(folder).read_bytes(name), name, f"{field}: {uri}")
+    yield from _rows_of_file(read_file(uri), uri.rstrip("/").rsplit("/", 1)[-1], f"{field}: {uri}")
 
 
 def _rows_of_config_map(file: dict[str, str], field: str) -> Iterable[Any]:

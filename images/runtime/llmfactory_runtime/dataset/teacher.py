@@ -192,7 +192,7 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
                 usage.used_tokens += sum(g["tokens"] for g in got)
                 reasons = ["teacher_rejected" if g.get("rejected") else keep.reason_to_drop(
                     g["text"], g["finished"], g["tokens"]) for g in got]
-                c["answers"] = list(dict.fromkeys(g["text"] for g, reason in zip(got, reasons) if not reason))
+                c["answers"] = distinct([g["text"] for g, reason in zip(got, reasons) if not reason])
                 if not c["answers"]:  # none kept: dropped for the first sample's reason
                     c["alive"] = False
                     drops.add(reasons[0], got[0].get("rejected") or c["prompt"]["turns"][turn])
@@ -211,6 +211,18 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
         cache.compact()
     kept = [{"language": c["prompt"]["language"], "messages": c["messages"]} for c in conversations if c["alive"]]
     return kept, usage
+
+
+def distinct(texts: list[str], besides: str | None = None) -> list[str]:
+    """The texts in order, each once (whitespace around it aside), and none equal to `besides`: the
+    samples of one turn worth rating apart."""
+    seen = {besides.strip()} if besides is not None else set()
+    out = []
+    for text in texts:
+        if text.strip() not in seen:
+            seen.add(text.strip())
+            out.append(text)
+    return out
 
 
 def _judge_turn(judge: AnswerJudge, answering: list[dict[str, Any]], drops: Drops, progress: Progress) -> None:

@@ -24,6 +24,12 @@ def open_store(uri: str) -> Store:
     raise ValueError(f"unsupported store URI {uri!r}: use s3://bucket/prefix or file:///absolute/path")
 
 
+def read_file(uri: str) -> bytes:
+    """One file named by its whole URI (a questions file, a task document, a source's rows)."""
+    folder, name = uri.rstrip("/").rsplit("/", 1)
+    return open_store(folder).read_bytes(name)
+
+
 def finished_result(run: Store) -> dict[str, Any] | None:
     """A run's result, only once the run committed it (a crash mid-write leaves no result)."""
     if not run.is_committed():
@@ -59,4 +65,4 @@ def write_result(run: Store, result: dict[str, Any]) -> None:
 
 
 __all__ = ["COMMIT_MARKER", "PROGRESS", "RESULT", "SHARDS", "TASK", "Store", "finished_result", "open_store",
-           "read_progress", "write_result"]
+           "read_file", "read_progress", "write_result"]
