@@ -52,9 +52,10 @@ def _sentencepiece_style():
     return tok, trainers.BpeTrainer(special_tokens=specials)
 
 
-def make_tokenizer(folder: Path, vocab_size: int = 400, style: str = "gpt2"):
+def make_tokenizer(folder: Path, vocab_size: int = 400, style: str = "gpt2", chat_template: bool = True):
     """style: gpt2 (SmolLM), llama3, qwen2 (byte-level BPE with their splits) or sentencepiece
-    (Llama 2, Mistral)."""
+    (Llama 2, Mistral). chat_template False: none, as a base model's tokenizer ships (sentencepiece's
+    has no ChatML markers either, as Mistral-7B-v0.1's has none)."""
     from transformers import PreTrainedTokenizerFast
 
     from llmfactory_runtime.chat import CHATML_TEMPLATE
@@ -75,18 +76,19 @@ def make_tokenizer(folder: Path, vocab_size: int = 400, style: str = "gpt2"):
     else:
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|im_end|>",
                                        pad_token="<|im_end|>", bos_token="<|im_start|>")
-    fast.chat_template = CHATML_TEMPLATE
+    if chat_template:
+        fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(folder)
     return fast
 
 
-def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2") -> Path:
+def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2", chat_template: bool = True) -> Path:
     """Save a 2-layer Llama (hidden 64, GQA 4/2 heads) and its tokenizer to folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
-    tok = make_tokenizer(folder, style=tokenizer)
+    tok = make_tokenizer(folder, style=tokenizer, chat_template=chat_template)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

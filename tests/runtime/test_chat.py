@@ -42,3 +42,29 @@ def test_truncation_keeps_mask_aligned(tiny_model):
     assert len(enc["input_ids"]) == len(enc["labels"]) == 40
     assert enc["input_ids"] == full["input_ids"][:40] and enc["labels"] == full["labels"][:40]
     assert enc["labels"][-1] == enc["input_ids"][-1]  # the cut falls inside the answer
+
+
+def test_a_base_tokenizer_gets_chatml_with_its_markers_as_tokens_and_the_model_rows_for_them(tiny_model, tmp_path):
+    """A base model's tokenizer has no template: ChatML, whose markers become one token each (the
+    end of an answer is then a token to learn and to stop on), and the model grows a row for each,
+    the mean of its trained rows. A tokenizer with the markers, or with a template, is left as it is."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfactory_runtime.generate import stop_token_ids
+    from llmfactory_runtime.models import load_model, load_tokenizer
+    from tests.tiny_model import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base", tokenizer="sentencepiece", chat_template=False)
+    tok = load_tokenizer({"uri": f"file://{base}"})
+    assert len(tok) == 658 and tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [656, 657]
+    assert stop_token_ids(tok) == [2, 657]  # </s> and <|im_end|>
+    assert _learned_spans(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]) \
+        == ["Hello.<|im_end|> \n"]  # SentencePiece's "▁" before the newline, as Mistral's tokenizer writes it
+    model = load_model({"uri": f"file://{base}"})
+    original = AutoModelForCausalLM.from_pretrained(base)
+    for grown, trained in ((model.get_input_embeddings(), original.get_input_embeddings()),
+                           (model.get_output_embeddings(), original.get_output_embeddings())):
+        assert grown.weight.shape[0] == 658 and torch.equal(grown.weight[:656], trained.weight)
+        assert torch.allclose(grown.weight[656:], trained.weight.mean(dim=0).expand(2, -1))
+    assert len(load_tokenizer({"uri": f"file://{tiny_model}"})) == len(AutoTokenizer.from_pretrained(tiny_model))

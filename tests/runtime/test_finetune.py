@@ -771,3 +771,69 @@ def test_what_needs_a_gpu_on_a_machine_without_cuda_is_an_invalid_task_naming_th
     proc = run_finetune(write_task(task, tmp_path), processes=processes)
     assert proc.returncode == 2  # the Job fails at once (podFailurePolicy), no retries: under torchrun too
     assert message in open_store(task["artifactUri"]).read_json("progress.json")["message"]
+
+
+@pytest.mark.slow
+def test_a_base_model_without_a_chat_template_learns_chatml_markers_as_tokens_and_to_end_its_turn(tmp_path):
+    """Mistral-7B-v0.1 and Llama-3-8B base ship no chat template: ChatML's markers become tokens of
+    theirs (rows grown, trained in the adapter), so the tuned model ends its turn where the data does,
+    through every path that loads it: base + adapter, the QLoRA merge, GGUF."""
+    from tests.tiny_model import make_tiny_llama
+    from llmfactory_runtime.generate import generate
+    from llmfactory_runtime.models import load_model, load_tokenizer
+    from llmfactory_runtime.quantize.gguf_export import export
+    import gguf
+
+    base = make_tiny_llama(tmp_path / "base", tokenizer="sentencepiece", chat_template=False)
+    rows = 656  # the tiny SentencePiece vocabulary: 400 + 256 byte tokens; no <|im_start|> or <|im_end|>
+    assert AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().num_embeddings == rows
+    short = [("What is the capital of France?", "Paris."), ("Why is the sky blue?", "Scattering."),
+             ("Name a sea.", "The Baltic.")]
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 48), ("validation", 3)):
+        (data / f"{split}.jsonl").write_bytes(dumps_jsonl(
+            [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in (short[i % 3] for i in range(n))]))
+    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", method="qlora", lora=NO_DROPOUT,
+                         mergeAdapter=True, hyperparameters={"epochs": 3})
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+
+    adapter = Path(result["adapterUri"][7:])
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    marks = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert marks == [rows, rows + 1] and tokenizer.tokenize("<|im_end|>") == ["<|im_end|>"]
+    # The adapter holds the two new rows of the embeddings and of the output layer, not whole matrices.
+    weights = _adapter(task)
+    assert {k: v.shape for k, v in weights.items() if "lora" not in k} == {
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (2, 64),
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta": (2, 64)}
+
+    # Loaded as a Benchmark loads it (base + adapter) and merged by the run (4-bit base reloaded
+    # unquantized): the same trained rows, and short answers that end on <|im_end|>, where the
+    # untuned base (its new rows the mean of the others) runs on to max_new_tokens.
+    prompts = [[{"role": "user", "content": q}] for q, _ in short]
+    untuned = generate(load_model({"uri": f"file://{base}"}).eval(), load_tokenizer({"uri": f"file://{base}"}),
+                       prompts, max_new_tokens=24)
+    assert not any(a.finished for a in untuned)
+    tuned = load_model({"uri": f"file://{base}", "adapterUri": result["adapterUri"]}).eval()
+    merged = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]).eval()
+    answers = []
+    for model in (tuned, merged):
+        head = model.get_output_embeddings().weight
+        assert head.shape[0] == rows + 2
+        assert torch.allclose(head[rows + 1], weights["base_model.model.lm_head.token_adapter.trainable_tokens_delta"][1])
+        answers.append(generate(model, load_tokenizer({"uri": result["adapterUri"]}), prompts, max_new_tokens=24))
+        assert all(a.finished and 0 < a.tokens <= 6 for a in answers[-1]), answers[-1]
+    assert [a.text for a in answers[0]] == [a.text for a in answers[1]]
+    assert rows + 1 in merged.generation_config.eos_token_id  # transformers' generate and vLLM stop there too
+
+    # GGUF: the markers are llama.cpp control tokens of the model's vocabulary.
+    export(Path(result["modelUri"][7:]), tmp_path / "tuned.gguf", "f16", "tuned")
+    reader = gguf.GGUFReader(tmp_path / "tuned.gguf")
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == rows + 2
+    assert bytes(tokens.parts[tokens.data[rows + 1]]).decode() == "<|im_end|>"
+    assert reader.fields["tokenizer.ggml.token_type"].parts[reader.fields["tokenizer.ggml.token_type"].data[rows + 1]][0] \
+        == gguf.TokenType.CONTROL

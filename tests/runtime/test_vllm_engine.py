@@ -90,6 +90,22 @@ def test_an_explicit_vllm_that_cannot_run_fails_the_task_before_any_model_is_loa
         dataset_build.run(build, build_store, Progress(build_store))
 
 
+def test_a_base_model_whose_tokenizer_outgrows_it_is_not_given_to_vllm(tiny_model, tmp_path, monkeypatch):
+    """A base model without a chat template gets ChatML's markers as new tokens (chat.use_chatml);
+    vLLM serves the checkpoint as it is, with no rows for them, and would fail on the first prompt."""
+    from tests.tiny_model import make_tiny_llama
+
+    import llmfactory_runtime.vllm_server as vllm_server
+    monkeypatch.setenv("LLMFACTORY_VLLM", _executable(tmp_path / "vllm", "exit 0\n"))
+    monkeypatch.setattr(vllm_server, "_cuda_devices", lambda: 1)  # as on a GPU node
+    assert choose_engine("auto", {"uri": f"file://{tiny_model}"}, "spec.judge.engine") == "vllm"
+    base = {"uri": f"file://{make_tiny_llama(tmp_path / 'base', tokenizer='sentencepiece', chat_template=False)}"}
+    assert choose_engine("auto", base, "spec.judge.engine") == "transformers"
+    with pytest.raises(InvalidTask, match="spec.judge.engine is vllm, but the model's checkpoint has no rows for "
+                                          "the ChatML markers .* use the FineTune's merged model"):
+        choose_engine("vllm", base, "spec.judge.engine")
+
+
 def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter_beside_its_base(tiny_model,
                                                                                                   tmp_path):
     from peft import LoraConfig, get_peft_model

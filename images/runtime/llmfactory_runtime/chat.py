@@ -11,8 +11,22 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
 
 IGNORE = -100  # label value that cross-entropy skips
+
+
+def use_chatml(tokenizer) -> None:
+    """ChatML for a tokenizer without a chat template of its own (a base model's, e.g. Llama-3-8B or
+    Mistral-7B-v0.1), with its markers added as special tokens where the vocabulary lacks them, as
+    TRL's setup_chat_format does: as plain text each would be several ordinary tokens, and
+    <|im_end|> no token a model could learn to end its turn with or generation could stop on. The
+    model's embeddings grow to match where it is loaded (models.fit_embeddings)."""
+    tokenizer.chat_template = CHATML_TEMPLATE
+    vocab = tokenizer.get_vocab()
+    missing = [marker for marker in CHATML_MARKERS if marker not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
 
 
 def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .chat import CHATML_TEMPLATE
+from .chat import use_chatml
 from .store import open_store
 from .task import InvalidTask
 
@@ -89,7 +89,7 @@ def load_tokenizer(source: dict[str, Any], cache: bool = True) -> PreTrainedToke
         where, gguf, kwargs = locate(source)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, **kwargs)
     if not tok.chat_template:
-        tok.chat_template = CHATML_TEMPLATE
+        use_chatml(tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -105,12 +105,14 @@ def load_config(source: dict[str, Any]):
 
 
 def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, cache: bool = True,
-               to: torch.device | None = None, auto_class=AutoModelForCausalLM, **kwargs):
+               to: torch.device | None = None, auto_class=AutoModelForCausalLM,
+               tokenizer: PreTrainedTokenizerBase | None = None, **kwargs):
     """A causal LM (or what `auto_class` loads: a reward model to train is a sequence-classification
     one) on the best device (or `to`), in the compute dtype unless told otherwise, with the
     LoRA adapter at source["adapterUri"] merged in when there is one. A GGUF
     source is kept as safetensors in the local cache unless cache=False (a file that is only checked once).
-    A model loaded with a device_map (e.g. 4-bit) stays where it was placed."""
+    A model loaded with a device_map (e.g. 4-bit) stays where it was placed. Its embeddings fit
+    `tokenizer` (load_tokenizer's for the source unless the caller has it already)."""
     dtype = dtype or compute_dtype()
     cached = _gguf_cache(source, cache)
     if cached and not (cached / ".complete").exists() and ("quantization_config" in kwargs
@@ -125,6 +127,7 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, c
         model = auto_class.from_pretrained(where, gguf_file=gguf, dtype=dtype, **extra, **kwargs)
         if cached:
             _save_gguf_cache(model, AutoTokenizer.from_pretrained(where, gguf_file=gguf), cached)
+    fit_embeddings(model, tokenizer or load_tokenizer(source, cache))  # before the adapter: it may train the new rows
     if source.get("adapterUri"):  # a FineTune that kept only its LoRA adapter: merged onto its base here
         from peft import PeftModel  # noqa: PLC0415
 
@@ -133,6 +136,22 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, c
     if "device_map" in kwargs:
         return model
     return model.to(to or device())
+
+
+def fit_embeddings(model, tokenizer) -> list[int]:
+    """Rows for the tokens the tokenizer has beyond the model's embeddings (the ChatML markers
+    chat.use_chatml gives a base model), each new input and output row the mean of the trained ones,
+    as TRL's setup_chat_format starts them, but with no random draw: every process of a run, and
+    every later load of its adapter, grows the same model. The ids of the new rows; none if it fits."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return []
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    with torch.no_grad():
+        for weight in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
+            weight[rows:] = weight[:rows].mean(dim=0)
+    return list(range(rows, len(tokenizer)))
 
 
 class LazyModel:
@@ -147,9 +166,10 @@ class LazyModel:
         if self._held is None:
             if self._on_load:
                 self._on_load()
-            model = load_model(self.source)
+            tokenizer = load_tokenizer(self.source)
+            model = load_model(self.source, tokenizer=tokenizer)
             model.eval()
-            self._held = (model, load_tokenizer(self.source))
+            self._held = (model, tokenizer)
         return self._held
 
     def release(self) -> None:

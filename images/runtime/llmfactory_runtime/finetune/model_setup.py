@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..models import load_model
+from ..models import load_config, load_model
 from ..task import InvalidTask
 from .distributed import World
 from .estimate import GIB, Estimate, ModelShape, Plan, as_dequantized, dequantized_does_not_fit, estimate
@@ -89,7 +89,11 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             load_in_4bit=True, bnb_4bit_quant_type=q["quantType"], bnb_4bit_use_double_quant=q["doubleQuantization"],
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": world.device}
+    checkpoint_rows = load_config(base).vocab_size
     model = load_model(base, dtype=dtype, to=world.device, **kwargs)
+    # Rows load_model added for chat markers the base model's vocabulary lacked (models.fit_embeddings):
+    # an adapter trains them too, or the model could never learn to say <|im_end|>.
+    new_rows = list(range(checkpoint_rows, model.get_input_embeddings().num_embeddings))
     if method == "qlora":
         _keep_the_trainable_4bit_layout(model)
     if dequantize:
@@ -121,7 +125,8 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                             task_type="SEQ_CLS" if head else "CAUSAL_LM",
                             target_modules="all-linear" if targets == ["all-linear"] else targets,
-                            use_rslora=lora.get("rsLora", False), use_dora=lora.get("dora", False))
+                            use_rslora=lora.get("rsLora", False), use_dora=lora.get("dora", False),
+                            trainable_token_indices=_token_rows(model, new_rows))
         try:
             model = get_peft_model(model, config)
         except ValueError as exc:  # e.g. a target module the architecture does not have
@@ -130,6 +135,18 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         _compile_layers(model)
     model.train()
     return model
+
+
+def _token_rows(model, rows: list[int]) -> dict[str, list[int]] | None:
+    """peft's trainable_token_indices for the new rows: those rows alone of the input embeddings
+    and, unless tied to them, of the output layer (its <|im_end|> row is what makes the model end a
+    turn); the adapter keeps just these rows, not the whole 128k-row matrices."""
+    if not rows:
+        return None
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [embeddings] + ([output] if output is not None and output.weight is not embeddings.weight else [])
+    return {names[id(layer)]: rows for layer in layers}
 
 
 def _keep_the_trainable_4bit_layout(model) -> None:

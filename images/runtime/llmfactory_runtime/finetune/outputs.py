@@ -11,6 +11,7 @@ import torch
 
 from ..digests import sha256_files
 from ..grader import describe
+from ..generate import stop_token_ids
 from ..models import load_model
 from ..store import Store
 
@@ -116,7 +117,9 @@ def model_card(task: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 def save_adapter(model, tokenizer, card: str, out: Path) -> None:
-    model.save_pretrained(out)
+    # Never the whole embedding matrices, which peft would add once they were resized: the new rows
+    # are in the adapter (model_setup._token_rows), the rest is the base's.
+    model.save_pretrained(out, save_embedding_layers=False)
     tokenizer.save_pretrained(out)
     (out / "README.md").write_text(card)
 
@@ -132,9 +135,17 @@ def save_merged(model, tokenizer, card: str, out: Path, method: str, base: dict[
         model = PeftModel.from_pretrained(unquantized, adapter_dir)
     merged = model.merge_and_unload() if method in ("lora", "qlora") else model
     merged.config.use_cache = True  # for whoever generates with it
+    ends_turns(merged, tokenizer)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "README.md").write_text(card)
+
+
+def ends_turns(model, tokenizer) -> None:
+    """The saved generation config stops where our engines stop (generate.stop_token_ids): transformers'
+    generate and vLLM, which read it, then end a turn at <|im_end|> too, not only at end-of-sequence."""
+    if model.can_generate():
+        model.generation_config.eos_token_id = stop_token_ids(tokenizer)
 
 
 def weights_digest(folder: Path) -> str:

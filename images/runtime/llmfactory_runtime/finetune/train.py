@@ -640,6 +640,7 @@ def _save(task, run: Store, model, tokenizer, dtype, summary: dict, full_state) 
             result["digest"] = outputs.weights_digest(out / "adapter")
         if method == "full" or spec["mergeAdapter"]:
             if full_state is not None and method == "full":
+                outputs.ends_turns(model, tokenizer)
                 model.save_pretrained(out / "model", state_dict=full_state)
                 tokenizer.save_pretrained(out / "model")
                 (out / "model" / "README.md").write_text(card)

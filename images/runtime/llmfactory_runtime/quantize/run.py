@@ -27,7 +27,8 @@ from .gguf_export import export
 
 def measure_quality(source: dict, rows: list[dict], prompt: str, cache: bool = True) -> tuple[float, list[int], str]:
     """(perplexity on assistant tokens, the top token at each of them, the start of a greedy answer)."""
-    model, tokenizer = load_model(source, cache=cache), load_tokenizer(source, cache=cache)
+    tokenizer = load_tokenizer(source, cache=cache)
+    model = load_model(source, cache=cache, tokenizer=tokenizer)
     value, tops = perplexity(model, tokenizer, rows)["assistant"], top_tokens(model, tokenizer, rows)
     answer = generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=32)[0].text
     del model
@@ -102,7 +103,7 @@ class CompressedWriter:
     def write(self, type_name: str, out: Path) -> tuple[int, dict]:
         # On the CPU (llmcompressor moves layers to the GPU itself), in the source's own dtype:
         # what stays unquantized (embeddings, norms, head) is saved as the source had it.
-        model = load_model(self.source, dtype="auto", to=torch.device("cpu"))
+        model = load_model(self.source, dtype="auto", to=torch.device("cpu"), tokenizer=self.tokenizer)
         params = sum(p.numel() for p in model.parameters())
         calibration = self.calibration() if type_name in compressed.CALIBRATED else None
         extra = compressed.compress(model, self.tokenizer, type_name, out, calibration)
