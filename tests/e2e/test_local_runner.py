@@ -135,8 +135,12 @@ def test_failure_is_shown_and_dependents_are_skipped(tiny_model, tmp_path):
     assert run.returncode == 1
     assert "Failed" in run.stdout and run.stdout.count("Skipped") == 3
     assert "no-such-model" in run.stdout and "does not exist" in run.stdout
-    # What waits on it says why it will not run: the failure's last line.
-    assert "DatasetBuild data did not succeed (" in " ".join(run.stdout.split())
+    # What waits on it says why it will not run: the failure's last line; what waits on a skipped
+    # one, the chain back to the failure, not reasons nested in one another.
+    text = " ".join(run.stdout.split())
+    assert "DatasetBuild data did not succeed (" in text
+    assert "FineTune ft was skipped: DatasetBuild data did not succeed (" in text
+    assert "did not succeed (DatasetBuild" not in text  # no reason nested in another
 
 
 def test_a_benchmark_whose_gates_fail_fails_and_what_it_gates_is_skipped_saying_why(tiny_model, tmp_path):

@@ -138,20 +138,19 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, c
     return model.to(to or device())
 
 
-def fit_embeddings(model, tokenizer) -> list[int]:
+def fit_embeddings(model, tokenizer) -> None:
     """Rows for the tokens the tokenizer has beyond the model's embeddings (the ChatML markers
     chat.use_chatml gives a base model), each new input and output row the mean of the trained ones,
     as TRL's setup_chat_format starts them, but with no random draw: every process of a run, and
-    every later load of its adapter, grows the same model. The ids of the new rows; none if it fits."""
+    every later load of its adapter, grows the same model."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) <= rows:
-        return []
+        return
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     with torch.no_grad():
         for weight in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
             weight[rows:] = weight[:rows].mean(dim=0)
-    return list(range(rows, len(tokenizer)))
 
 
 class LazyModel:

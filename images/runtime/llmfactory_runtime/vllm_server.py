@@ -67,7 +67,7 @@ def choose_engine(engine: str, source: dict[str, Any], field: str) -> str:
                    "LLMFACTORY_VLLM at a vllm executable), or use engine transformers")
     elif _cuda_devices() == 0:
         problem = "vLLM needs a CUDA GPU and none is visible: give the pod a GPU, or use engine transformers"
-    elif len(load_tokenizer(source)) > load_config(source).vocab_size:
+    elif len(load_tokenizer(source)) > load_config(source).get_text_config().vocab_size:
         problem = ("the model's checkpoint has no rows for the ChatML markers its tokenizer adds (a base model "
                    "without a chat template), which vLLM does not grow: use the FineTune's merged model "
                    "(mergeAdapter true), or engine transformers")

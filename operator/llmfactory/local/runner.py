@@ -61,10 +61,8 @@ class LocalRunner:
             for res in resources:
                 task = plan(res, result_of, self.store_uri, lambda ns, name: self.config_maps.get((ns, name)))
                 if isinstance(task, Waiting):
-                    upstream = outcomes.get((task.kind, res.namespace, task.name))
-                    missing = ("is not among the manifests" if task.kind == "ConfigMap" else "did not succeed"
-                               + (f" ({upstream.message.splitlines()[-1]})" if upstream and upstream.message else ""))
-                    outcomes[res.key] = Outcome(res, "Skipped", message=f"{task.kind} {task.name} {missing}")
+                    outcomes[res.key] = Outcome(res, "Skipped", message=_why_skipped(
+                        task, outcomes.get((task.kind, res.namespace, task.name))))
                     continue
                 outcomes[res.key] = self._run_one(res, task, bars)
         return list(outcomes.values())
@@ -136,6 +134,18 @@ def _finished(res: Resource, status: str, task: dict[str, Any], result: dict[str
     if failure:
         return Outcome(res, "Failed", task, result, seconds, failure, log)
     return Outcome(res, status, task, result, seconds, message, log)
+
+
+def _why_skipped(waiting: Waiting, upstream: Outcome | None) -> str:
+    """What a resource waited on, and why it never came: the failure's last line, or, behind a
+    resource skipped in turn, the chain back to it ("Benchmark b was skipped: FineTune f did not
+    succeed (...)") rather than the reasons nested in one another."""
+    if waiting.kind == "ConfigMap":
+        return f"ConfigMap {waiting.name} is not among the manifests"
+    if upstream and upstream.status == "Skipped":
+        return f"{waiting.kind} {waiting.name} was skipped: {upstream.message}"
+    reason = f" ({upstream.message.splitlines()[-1]})" if upstream and upstream.message else ""
+    return f"{waiting.kind} {waiting.name} did not succeed{reason}"
 
 
 def _training_processes(res: Resource) -> int:

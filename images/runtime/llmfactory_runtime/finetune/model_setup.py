@@ -89,7 +89,7 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             load_in_4bit=True, bnb_4bit_quant_type=q["quantType"], bnb_4bit_use_double_quant=q["doubleQuantization"],
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": world.device}
-    checkpoint_rows = load_config(base).vocab_size
+    checkpoint_rows = load_config(base).get_text_config().vocab_size
     model = load_model(base, dtype=dtype, to=world.device, **kwargs)
     # Rows load_model added for chat markers the base model's vocabulary lacked (models.fit_embeddings):
     # an adapter trains them too, or the model could never learn to say <|im_end|>.
