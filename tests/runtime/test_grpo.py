@@ -20,7 +20,8 @@ from llmfactory.api.headline import headline
 from llmfactory_runtime.batching import token_logps
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl
-from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, normalizer, sample, sampled_batch,
+from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, normalizer, overlong_penalties,
+                                              sample, sampled_batch,
                                               score, sequences)
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime import python_grader as python_grader_module
@@ -333,6 +334,26 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     torch.manual_seed(0)
     assert all((sampled_batch(model, tok, chunk, {**spec, "maskTruncated": False}, 40, "cpu", "file:///unused")
                 ["batch"]["labels"] != IGNORE).any(1))
+    # overlongPenalty: answers of at most 14 tokens, each rewarded less as far as it ran into the last 4
+    # (one cut at 14, by the whole 0.5); the penalty is also a part of its own.
+    short = {**spec, "maxNewTokens": 14}
+    torch.manual_seed(0)
+    answers = sample(model, tok, [e["prompt"] for e in chunk], 4, 1.0, 14, 40, "cpu")
+    torch.manual_seed(0)
+    plain = sampled_batch(model, tok, chunk, short, 40, "cpu", "file:///unused")
+    torch.manual_seed(0)
+    penalized = sampled_batch(model, tok, chunk, {**short, "overlongPenalty": {"bufferTokens": 4, "penalty": 0.5}},
+                              40, "cpu", "file:///unused")
+    expected = [-0.5 * min(max(len(a) - 10, 0) / 4, 1) for a in answers]
+    assert any(p == -0.5 for p in expected) and any(p == 0 for p in expected)
+    assert penalized["parts"]["overlongPenalty"].tolist() == pytest.approx(expected)
+    assert penalized["rewards"].tolist() == pytest.approx((plain["rewards"] + torch.tensor(expected)).tolist())
+
+
+def test_the_overlong_penalty_grows_over_the_buffer_before_max_new_tokens_as_dapos():
+    answers = [[7] * n for n in (10, 12, 13, 16, 20)]
+    assert overlong_penalties(answers, 20, {"bufferTokens": 8}).tolist() == pytest.approx([0, 0, -0.125, -0.5, -1])
+    assert overlong_penalties(answers, 20, {"bufferTokens": 8, "penalty": 2}).tolist()[-1] == -2
 
 
 def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl_to_the_reference():
@@ -504,7 +525,8 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
                                             {"operation": "rewardModel", "name": "preferred", "weight": 0,
                                              "rewardModel": {"uri": f"file://{tiny_reward_model}"}}]}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
-                         grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed},
+                         grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed,
+                               "overlongPenalty": {"bufferTokens": 3}},
                          tracking={"tensorboard": True},
                          hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05})
     proc = run_finetune(write_task(task, tmp_path))
@@ -522,12 +544,15 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     assert len(accumulator.Scalars("train/truncated_ratio")) == 8
     figures = run.read_json("progress.json")["figures"]
     assert figures["kl"] == pytest.approx(kl[-1], rel=1e-3)
-    # Each step's reward: the mean over its 2 prompts x 4 answers of length + 0.5 x has_a; each part's mean apart.
+    # Each step's reward: the mean over its 2 prompts x 4 answers of length + 0.5 x has_a + the overlong
+    # penalty (answers of 4 to 6 tokens lose up to 1); each part's mean apart.
     graded = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [float(line.split(",")[5]) for line in run.read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
     assert len(graded) == 64 and len({length for length, _ in graded}) > 4
     means = [[sum(g[part] for g in graded[i:i + 8]) / 8 for i in range(0, 64, 8)] for part in (0, 1)]
-    assert steps == pytest.approx([length + 0.5 * has_a for length, has_a in zip(*means)], abs=1e-6)
+    overlong = [e.value for e in accumulator.Scalars("train/rewards/overlongPenalty")]
+    assert len(overlong) == 8 and all(-1 <= p <= 0 for p in overlong) and min(overlong) < 0
+    assert steps == pytest.approx([length + 0.5 * has_a + p for length, has_a, p in zip(*means, overlong)], abs=1e-4)
     assert [e.value for e in accumulator.Scalars("train/rewards/length")] == pytest.approx(means[0], abs=1e-4)
     assert figures["reward.has_a"] == pytest.approx(means[1][-1], abs=1e-4)
     judged = [e.value for e in accumulator.Scalars("train/rewards/judged")]

@@ -263,6 +263,19 @@ class Grader(GraderPart):
         "row's reference through its own referenceField."))
 
 
+class OverlongPenalty(ApiModel):
+    """DAPO's soft overlong punishment (Yu et al., 2025; TRL's get_soft_overlong_punishment): an answer
+    that runs into the last bufferTokens before grpo.maxNewTokens loses reward in proportion to how
+    far it ran, the whole penalty at maxNewTokens, so answers learn to end before they are cut."""
+
+    buffer_tokens: int = Field(ge=1, le=131072, description=(
+        "The stretch before maxNewTokens where the penalty grows from 0 to its whole (DAPO's L_cache: 4096 "
+        "of 20480). An answer is counted with its end-of-turn token."))
+    penalty: float = Field(1.0, gt=0, le=100, description=(
+        "The reward lost at maxNewTokens (DAPO's 1, for rewards of -1 and 1): on the grader's scale, e.g. "
+        "larger for a reward model's scores."))
+
+
 class Grpo(ApiModel):
     """Group Relative Policy Optimization (Shao et al., 2024), as TRL's GRPOTrainer does it:
     reinforcement learning from a grader's rewards, without a value model."""
@@ -271,6 +284,9 @@ class Grpo(ApiModel):
         {"rule": "(!has(self.epsilonHigh) && self.epsilon == 0.2) || self.iterations > 1",
          "message": "epsilon and epsilonHigh clip the ratio to the sampling policy, which is 1 unless "
                     "iterations is above 1: set grpo.iterations"},
+        {"rule": "!has(self.overlongPenalty) || self.overlongPenalty.bufferTokens < self.maxNewTokens",
+         "message": "overlongPenalty.bufferTokens is the stretch before maxNewTokens where the penalty grows: "
+                    "set it below grpo.maxNewTokens"},
     ]
 
     generations: int = Field(8, ge=2, le=256, description=(
@@ -308,6 +324,11 @@ class Grpo(ApiModel):
         "loss, as DAPO's overlong filtering and TRL's mask_truncated_completions: an unfinished answer's "
         "reward says little about its tokens. Their rewards still count in their group's mean. The share "
         "cut is in progress.json's truncated either way."))
+    overlong_penalty: OverlongPenalty | None = Field(None, description=(
+        "DAPO's soft overlong punishment, added to the grader's reward of each sampled answer (the step's "
+        "reward in progress.json includes it, its mean apart as reward.overlongPenalty; the validation "
+        "reward is the grader's alone). Unset: none. Where maskTruncated leaves cut answers out of the "
+        "loss, this teaches the answers that still fit to end sooner."))
     iterations: int = Field(1, ge=1, le=16, description=(
         "Optimizer steps on each batch of sampled answers (TRL's num_iterations, GRPO's mu): more learning "
         "per sampling, which dominates a step's time. From the second on, each answer token's ratio to the "

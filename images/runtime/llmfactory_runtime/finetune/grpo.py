@@ -75,6 +75,15 @@ def score(tokenizer, answers: list[list[int]], prompts: list[dict[str, Any]], gr
     return torch.tensor(total), {name: torch.tensor(got) for name, got in parts.items()}
 
 
+def overlong_penalties(answers: list[list[int]], max_new_tokens: int, spec: dict[str, Any]) -> torch.Tensor:
+    """DAPO's soft overlong punishment of each answer (its tokens with its end-of-turn token, as TRL
+    counts them): 0 up to max_new_tokens - bufferTokens, then falling linearly to -penalty at
+    max_new_tokens, where an answer that never ended was cut."""
+    lengths = torch.tensor([float(len(a)) for a in answers])
+    start, buffer = max_new_tokens - spec["bufferTokens"], spec["bufferTokens"]
+    return -spec.get("penalty", 1.0) * ((lengths - start) / buffer).clamp(0, 1)
+
+
 def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
     """Each reward minus its group's mean (groups of n in order), divided by the group's standard
     deviation (unbiased, plus 1e-4, as TRL's) when scale is true."""
@@ -100,12 +109,16 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
     as a batch of one answer (after its prompt) per row, with each answer's advantage and reward, and
     with grpo.beta the reference's token log-probabilities (the model with its adapter switched off).
     With grpo.maskTruncated an answer that never ended has no labels: its reward still counts in its
-    group's mean (the others' advantages), its tokens not in the loss."""
+    group's mean (the others' advantages), its tokens not in the loss. grpo.overlongPenalty adds to
+    each reward (and to the parts, as overlongPenalty)."""
     n = grpo["generations"]
     prompts = [e["prompt"] for e in chunk]
     answers = sample(model, tokenizer, prompts, n, grpo["temperature"], grpo["maxNewTokens"], max_len, device,
                      grpo.get("topP", 1.0), grpo.get("topK", 0), grpo.get("minP", 0.0))
     got, parts = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
+    if grpo.get("overlongPenalty"):
+        parts["overlongPenalty"] = overlong_penalties(answers, grpo["maxNewTokens"], grpo["overlongPenalty"])
+        got = got + parts["overlongPenalty"]
     stop = set(stop_token_ids(tokenizer))
     truncated = [not a or a[-1] not in stop for a in answers]  # cut at maxNewTokens or maxSeqLength
     seqs = sequences(prompts, answers, n, truncated if grpo["maskTruncated"] else None)
