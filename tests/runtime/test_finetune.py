@@ -837,3 +837,47 @@ def test_a_base_model_without_a_chat_template_learns_chatml_markers_as_tokens_an
     assert bytes(tokens.parts[tokens.data[rows + 1]]).decode() == "<|im_end|>"
     assert reader.fields["tokenizer.ggml.token_type"].parts[reader.fields["tokenizer.ggml.token_type"].data[rows + 1]][0] \
         == gguf.TokenType.CONTROL
+
+
+# Mistral-7B-Instruct-v0.1's template, in short: user and assistant turns only, alternating.
+MISTRAL_V01_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.slow
+def test_a_template_that_refuses_the_data_is_named_and_chat_template_chatml_renders_it_instead(tmp_path):
+    from tests.tiny_model import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base", tokenizer="sentencepiece")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = MISTRAL_V01_TEMPLATE
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 16), ("validation", 2)):
+        (data / f"{split}.jsonl").write_bytes(dumps_jsonl(
+            [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
+                           {"role": "assistant", "content": a}]} for q, a in (PAIRS * 2)[:n]]))
+    refused = finetune_task(base, f"file://{data}", f"file://{tmp_path}/refused")
+    proc = run_finetune(write_task(refused, tmp_path))
+    assert proc.returncode == 2  # an invalid task: no retries
+    assert ("the model's chat template refuses a conversation of roles system, user, assistant: Conversation roles "
+            "must alternate") in open_store(refused["artifactUri"]).read_json("progress.json")["message"]
+
+    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", chatTemplate="chatml", lora=NO_DROPOUT)
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    assert result["finalLoss"] < result["firstLoss"]
+    saved = AutoTokenizer.from_pretrained(result["adapterUri"][7:])  # what a Benchmark or Quantization renders with
+    assert saved.apply_chat_template([{"role": "system", "content": "Be brief."}], tokenize=False) == \
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+    assert saved.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [656, 657]
+    assert {k for k in _adapter(task) if "lora" not in k} == {
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta"}
+    merged = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
+    assert merged.get_input_embeddings().num_embeddings == 658

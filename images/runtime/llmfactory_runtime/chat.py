@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .task import InvalidTask
+
 # The ChatML template, for tokenizers that ship none (e.g. ones trained from scratch).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -29,8 +31,22 @@ def use_chatml(tokenizer) -> None:
         tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
 
 
+def apply_template(tokenizer, messages: list[dict[str, str]], **kwargs: Any):
+    """tokenizer.apply_chat_template, where a template that refuses a conversation (raise_exception in
+    its Jinja: Mistral-7B-Instruct-v0.1's and Gemma's refuse a system message) is an invalid task
+    saying what it was given, not a crash to retry."""
+    from jinja2 import TemplateError  # noqa: PLC0415 - transformers' own dependency
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateError as exc:
+        roles = ", ".join(m["role"] for m in messages)
+        raise InvalidTask(f"the model's chat template refuses a conversation of roles {roles}: {exc} (a FineTune "
+                          "renders its data in ChatML instead with spec.chatTemplate chatml)") from None
+
+
 def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return apply_template(tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def assistant_spans(tokenizer, messages: list[dict[str, str]], first: int = 0) -> tuple[str, list[tuple[int, int]]]:

@@ -11,6 +11,8 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
+from .chat import apply_template
+
 # The most prompt tokens one forward pass takes in (longer prompts are prefilled in chunks).
 MAX_BATCH_TOKENS = 2048
 
@@ -29,7 +31,7 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def prompt_ids(tokenizer, conversation: list[dict[str, str]]) -> list[int]:
-    return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"])
+    return list(apply_template(tokenizer, conversation, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
 def to_generation(tokenizer, tokens: list[int], stop: list[int]) -> Generation:

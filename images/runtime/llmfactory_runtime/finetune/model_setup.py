@@ -73,9 +73,10 @@ def head_of(spec: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
 
 
 def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, dtype: torch.dtype,
-                      dequantize: bool = False, head: dict[str, Any] | None = None):
+                      dequantize: bool = False, head: dict[str, Any] | None = None, tokenizer=None):
     """The model to train: base weights (4-bit for qlora, dequantized once if `dequantize`) with
-    `head` (head_of), gradient checkpointing, adapters."""
+    `head` (head_of), rows for every token of `tokenizer` (the run's; the base's own unless given),
+    gradient checkpointing, adapters."""
     method, hp = spec["method"], spec["hyperparameters"]
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa", **(head or {})}
     if method == "qlora":
@@ -90,7 +91,7 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": world.device}
     checkpoint_rows = load_config(base).get_text_config().vocab_size
-    model = load_model(base, dtype=dtype, to=world.device, **kwargs)
+    model = load_model(base, dtype=dtype, to=world.device, tokenizer=tokenizer, **kwargs)
     # Rows load_model added for chat markers the base model's vocabulary lacked (models.fit_embeddings):
     # an adapter trains them too, or the model could never learn to say <|im_end|>.
     new_rows = list(range(checkpoint_rows, model.get_input_embeddings().num_embeddings))

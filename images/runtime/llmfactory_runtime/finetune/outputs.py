@@ -131,7 +131,7 @@ def save_merged(model, tokenizer, card: str, out: Path, method: str, base: dict[
     QLoRA authors do), with the head it trained with (model_setup.head_of)."""
     if method == "qlora":
         from peft import PeftModel  # noqa: PLC0415
-        unquantized = load_model(base, dtype=dtype, **(head or {}))
+        unquantized = load_model(base, dtype=dtype, tokenizer=tokenizer, **(head or {}))
         model = PeftModel.from_pretrained(unquantized, adapter_dir)
     merged = model.merge_and_unload() if method in ("lora", "qlora") else model
     merged.config.use_cache = True  # for whoever generates with it

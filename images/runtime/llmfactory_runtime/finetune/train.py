@@ -29,6 +29,7 @@ from .. import Interrupted
 from ..batching import collate_sequences, encode_rows, label_count, loss_sums, token_logps
 from ..data import read_split
 from ..grader import grader_models
+from ..chat import use_chatml
 from ..models import load_config, load_tokenizer
 from ..progress import Progress
 from ..store import Store
@@ -163,6 +164,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if not train_rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
     tokenizer = load_tokenizer(inputs["baseModel"])
+    if spec.get("chatTemplate") == "chatml":  # saved with the adapter and the merged model: loads follow it
+        use_chatml(tokenizer)
     # What a sequence is made of: conversations, or with DPO pairs of them (chosen, rejected) side by
     # side; with KTO, examples' own conversations in training (their mismatched ones apart, without
     # gradients), both side by side for the reference and in evaluation.
@@ -208,7 +211,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     torch.manual_seed(hp["seed"])
     if dequantize:
         progress.stage("loading data and model (qlora: 4-bit weights dequantized once, see spec.qlora.dequantizeOnce)")
-    model = load_for_training(spec, inputs["baseModel"], world, dtype, dequantize, head_of(spec, tokenizer.pad_token_id))
+    model = load_for_training(spec, inputs["baseModel"], world, dtype, dequantize, head_of(spec, tokenizer.pad_token_id),
+                              tokenizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     # A 16-bit full fine-tune steps fp32 master weights (master_weights.py); DeepSpeed keeps its own.
