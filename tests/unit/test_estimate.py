@@ -296,3 +296,17 @@ def test_a_reward_model_in_training_holds_a_score_layer_and_no_vocabulary_logits
     assert (dpo.activations_gib - rm.activations_gib) * 2 ** 30 == pytest.approx(2 * 2048 * 10 * (llama.vocab - 1))
     assert (dpo.weights_gib - rm.weights_gib) * 2 ** 30 == pytest.approx((llama.vocab - 1) * llama.hidden * 2)
     assert rm.flops_per_token < dpo.flops_per_token and rm.params == dpo.params - (llama.vocab - 1) * llama.hidden
+
+
+def test_chat_marker_rows_an_adapter_trains_add_the_output_layers_copy_and_gradient():
+    """A base model without ChatML's markers (Llama-3-8B base): two new rows, trained by peft's
+    trainable tokens, which rebuild the whole output layer with them each forward and take its whole
+    gradient in backward (in bf16, ~1 GiB each on a 128k vocabulary)."""
+    lora = Plan(method="lora", micro_batch=2, seq_len=2048, gpus=1)
+    plain, grown = estimate(LLAMA3_8B, lora), estimate(LLAMA3_8B, Plan(**{**lora.__dict__, "new_token_rows": 2}))
+    assert grown.trainable_params - plain.trainable_params == 2 * 2 * 4096  # input and output rows
+    # The copy and gradient, and the rows' fp32 weight, gradient and two Adam moments.
+    added = 2 * 128256 * 4096 * 2 + 16 * (2 * 2 * 4096)
+    assert grown.total_gib - plain.total_gib == pytest.approx(added * 1.05 / 2 ** 30)
+    full = Plan(method="full", micro_batch=2, seq_len=2048, gpus=1)
+    assert estimate(LLAMA3_8B, Plan(**{**full.__dict__, "new_token_rows": 2})) == estimate(LLAMA3_8B, full)

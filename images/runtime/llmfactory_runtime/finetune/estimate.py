@@ -117,6 +117,9 @@ class Plan:
     offload: bool = False
     fused_loss: bool = False  # Liger's fused linear + cross-entropy computes the SFT loss (fusedKernels)
     reward_model: bool = False  # objective reward: the output layer replaced by one score (ModelShape.scores)
+    # Embedding rows an adapter trains beside itself: chat markers the base's vocabulary lacked
+    # (model_setup._token_rows); only the runtime, which has the tokenizer, knows them.
+    new_token_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,9 @@ def trainable_params(shape: ModelShape, plan: Plan) -> int:
         return shape.params
     adapted = adapted_dims(shape, plan)
     magnitudes = sum(out for _, out in adapted) if plan.lora_dora else 0  # DoRA's per-output magnitude
-    return shape.layers * (sum(plan.lora_r * (i + o) for i, o in adapted) + magnitudes)
+    wrapped = 1 if shape.tied_embeddings or shape.scores else 2  # the input embeddings, and an untied output layer
+    return shape.layers * (sum(plan.lora_r * (i + o) for i, o in adapted) + magnitudes) \
+        + wrapped * plan.new_token_rows * shape.hidden
 
 
 def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str], ...] = ()) -> Estimate:
@@ -222,6 +227,12 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
         layer_bytes, fixed = shape.layers * per_layer, shape.layers * dora_fixed
     loss_bytes = 6 * h if plan.fused_loss else 10 * shape.outputs
     activations = tokens * (layer_bytes + loss_bytes) + fixed + dora_transient(shape, plan)
+    if plan.new_token_rows and plan.method != "full":
+        # peft's trainable tokens write their rows into a copy of the whole matrix each forward: the
+        # output layer's copy is kept for backward, which makes its whole gradient as well, at the
+        # peak where the logits' are (the input embeddings' copy and gradient come and go when
+        # little else is held). Counted from the code, not measured.
+        activations += 2 * (shape.vocab if not shape.scores else 1) * h * plan.weight_bytes
 
     graded = sum(grader_bytes(grader, plan.seq_len, operation) for grader, operation in graders)
     total = (weights + grads + optim + activations + graded) * FRAGMENTATION + CUDA_OVERHEAD_BYTES

@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,12 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # precision auto resolved to, and the GPU.
     shape = shape_from_config(load_config(inputs["baseModel"]).to_dict())
     precision = next(name for name, d in DTYPES.items() if d == dtype)
-    plan = plan_of({**spec, "hyperparameters": {**hp, "precision": precision},
-                    "resources": {"gpusPerNode": world.size, "nodes": 1}})
+    tokenizer = load_tokenizer(inputs["baseModel"])
+    if spec.get("chatTemplate") == "chatml":  # saved with the adapter and the merged model: loads follow it
+        use_chatml(tokenizer)
+    plan = replace(plan_of({**spec, "hyperparameters": {**hp, "precision": precision},
+                            "resources": {"gpusPerNode": world.size, "nodes": 1}}),
+                   new_token_rows=max(0, len(tokenizer) - shape.vocab))
     graders = tuple((shape_from_config(load_config(source).to_dict()), operation)
                     for source, operation in grader_models(grpo["grader"] if grpo else None))
     est = estimate(shape, plan, graders)
@@ -163,9 +168,6 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     train_rows, val_rows = read_split(dataset["uri"], "train"), read_split(dataset["uri"], "validation")
     if not train_rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
-    tokenizer = load_tokenizer(inputs["baseModel"])
-    if spec.get("chatTemplate") == "chatml":  # saved with the adapter and the merged model: loads follow it
-        use_chatml(tokenizer)
     # What a sequence is made of: conversations, or with DPO pairs of them (chosen, rejected) side by
     # side; with KTO, examples' own conversations in training (their mismatched ones apart, without
     # gradients), both side by side for the reference and in evaluation.
