@@ -98,14 +98,14 @@ def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2", chat_t
     return folder
 
 
-def make_tiny_reward_model(folder: Path, seed: int = 1) -> Path:
+def make_tiny_reward_model(folder: Path, seed: int = 1, tokenizer: str = "gpt2", chat_template: bool = True) -> Path:
     """A tiny Llama with a one-label classification head (a reward model, as TRL's RewardTrainer saves
     one) and the same tokenizer as make_tiny_llama's."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     folder = Path(folder)
-    tok = make_tokenizer(folder)
+    tok = make_tokenizer(folder, style=tokenizer, chat_template=chat_template)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_labels=1,

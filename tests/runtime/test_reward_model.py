@@ -233,3 +233,16 @@ def test_a_reward_model_on_two_processes_follows_one_process_with_accumulation_2
                                      hyperparameters={"epochs": 2, "learningRate": 0.02})
     assert two["rewardAccuracy"] == one["rewardAccuracy"]
     assert two["rewardMargin"] == pytest.approx(one["rewardMargin"], abs=1e-3)
+
+
+def test_a_reward_model_without_a_chat_template_scores_chatml_with_rows_for_its_markers(tmp_path):
+    """Its tokenizer gets ChatML's markers as tokens (models.load_tokenizer); the model grows rows for
+    them as every load does, rather than failing on token ids beyond its embeddings."""
+    from tests.tiny_model import make_tiny_reward_model
+
+    folder = make_tiny_reward_model(tmp_path / "rm", tokenizer="sentencepiece", chat_template=False)
+    model, tokenizer = reward_model.load({"uri": f"file://{folder}"}, "spec.grader.rewardModel")
+    assert len(tokenizer) == model.get_input_embeddings().num_embeddings == 658
+    got = reward_model.scores(model, tokenizer, [[{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": "Hello."}]])
+    assert len(got) == 1 and math.isfinite(got[0])

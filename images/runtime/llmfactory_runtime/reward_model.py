@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from .batching import collate_sequences, evaluating
 from .chat import render
 from .finetune.estimate import REWARD_MODEL_BATCH
-from .models import compute_dtype, device, load_tokenizer, locate
+from .models import compute_dtype, device, fit_embeddings, load_tokenizer, locate
 from .task import InvalidTask
 
 
@@ -31,7 +31,9 @@ def load(source: dict[str, Any], field: str) -> tuple[Any, Any]:
                           "name a sequence-classification model with one label)")
     if model.config.num_labels != 1:
         raise InvalidTask(f"{field}: {where} has {model.config.num_labels} labels; a reward model scores with one")
-    return model.to(device()).eval(), load_tokenizer(source)
+    tokenizer = load_tokenizer(source)
+    fit_embeddings(model, tokenizer)  # as load_model does: ChatML's markers for one without a template
+    return model.to(device()).eval(), tokenizer
 
 
 def scores_of(source: dict[str, Any], field: str, conversations: list[list[dict[str, str]]],
