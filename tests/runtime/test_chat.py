@@ -68,3 +68,42 @@ def test_a_base_tokenizer_gets_chatml_with_its_markers_as_tokens_and_the_model_r
         assert grown.weight.shape[0] == 658 and torch.equal(grown.weight[:656], trained.weight)
         assert torch.allclose(grown.weight[656:], trained.weight.mean(dim=0).expand(2, -1))
     assert len(load_tokenizer({"uri": f"file://{tiny_model}"})) == len(AutoTokenizer.from_pretrained(tiny_model))
+
+
+# Gemma's template, in short: its turns end on <end_of_turn>, not on the tokenizer's end-of-sequence.
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                  "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n'"
+                  " + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def test_generation_stops_on_the_end_of_turn_each_template_writes(tmp_path):
+    """Gemma's turns end on <end_of_turn>, Llama 3's on <|eot_id|>, ChatML's on <|im_end|>: each is
+    a stop token beside end-of-sequence (it was only ChatML's before), and what the model learns to
+    say after an answer."""
+    from llmfactory_runtime.chat import marker_ids, use_template
+    from llmfactory_runtime.generate import stop_token_ids
+    from tests.tiny_model import make_tokenizer
+
+    answer = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    gemma = make_tokenizer(tmp_path / "gemma", style="sentencepiece", chat_template=False)
+    gemma.add_special_tokens({"extra_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    gemma.chat_template = GEMMA_TEMPLATE
+    assert gemma.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [656, 657]
+    assert stop_token_ids(gemma) == [2, 657] and marker_ids(gemma) == [1, 656, 657]  # <s> is written too
+    assert _learned_spans(gemma, answer) == ["Hello.<end_of_turn> \n"]
+
+    llama3 = make_tokenizer(tmp_path / "llama3", style="llama3", chat_template=False)
+    assert use_template(llama3, "llama3") == [400, 401, 402]  # <|start_header_id|>, <|end_header_id|>, <|eot_id|>
+    assert llama3.apply_chat_template([{"role": "system", "content": " Be brief. "}, *answer], tokenize=False) == (
+        "<|im_start|>"  # the tokenizer's bos_token (Llama 3's is <|begin_of_text|>)
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>")
+    assert stop_token_ids(llama3) == [2, 402]
+    assert _learned_spans(llama3, answer) == ["Hello.<|eot_id|>"]
+
+    # A template that writes no special token after an answer stops on end-of-sequence alone.
+    plain = make_tokenizer(tmp_path / "plain", chat_template=False)
+    plain.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    assert stop_token_ids(plain) == [plain.eos_token_id]

@@ -839,6 +839,63 @@ def test_a_base_model_without_a_chat_template_learns_chatml_markers_as_tokens_an
         == gguf.TokenType.CONTROL
 
 
+def _llama31_like_base(folder: Path, padding: int) -> tuple[Path, list[int]]:
+    """A tiny base shaped as Llama-3.1-8B base ships: the Llama 3 template and its markers in the
+    vocabulary, their rows never trained (zeros), and `padding` spare rows beyond the tokenizer, as a
+    vocabulary padded to a multiple of 64 has (random: nothing says spare rows are zeros)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmfactory_runtime.chat import use_template
+    from tests.tiny_model import make_tokenizer
+
+    tok = make_tokenizer(folder, style="sentencepiece", chat_template=False)  # no ChatML markers either
+    markers = use_template(tok, "llama3")
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok) + padding, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            layer.weight[markers] = 1e-24 * torch.randn(len(markers), 64)
+    model.save_pretrained(folder)
+    return folder, markers
+
+
+def test_chat_markers_a_base_never_trained_start_at_the_mean_and_an_adapter_trains_them(tmp_path):
+    """Llama-3.1-8B base ships the Llama 3 template with <|eot_id|> and the header markers untrained
+    (zero rows): an adapter that left them so would never learn to end a turn. Their rows start at the
+    trained rows' mean and are trained beside the adapters, as are ChatML's markers where a padded
+    vocabulary gives them spare rows rather than new ones."""
+    from llmfactory_runtime.chat import end_of_turn
+    from llmfactory_runtime.finetune.model_setup import trained_token_rows
+    from llmfactory_runtime.models import tokenizer_for
+
+    base, markers = _llama31_like_base(tmp_path / "base", padding=5)
+    source = {"uri": f"file://{base}"}
+    original = AutoModelForCausalLM.from_pretrained(base)
+    rows = original.get_input_embeddings().num_embeddings
+    spec = {"method": "lora", "lora": NO_DROPOUT, "hyperparameters": {"gradientCheckpointing": False}}
+    for template, trained in (("model", markers), ("chatml", [rows - 5, rows - 4])):
+        tokenizer, added = tokenizer_for(source, template=template)
+        assert added == ([] if template == "model" else trained)  # ChatML's markers take two of the spare rows
+        model = load_for_training(spec, source, ONE, torch.float32, tokenizer=tokenizer, added_tokens=added)
+        assert trained_token_rows(model) == trained
+        assert model.config.vocab_size == rows  # nothing grown: the spare rows were there
+        untouched = [i for i in range(rows) if i not in trained]
+        for layer, before in (("embed_tokens", original.get_input_embeddings()), ("lm_head", original.get_output_embeddings())):
+            weight = model.get_submodule(f"base_model.model.{'model.' if layer == 'embed_tokens' else ''}{layer}")
+            start = weight.token_adapter.trainable_tokens_delta["default"]
+            assert torch.allclose(start, before.weight[untouched].mean(dim=0).expand(len(trained), -1), atol=1e-6)
+        # Trained: an answer's end-of-turn token gets a gradient in the output layer's row.
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        assert end_of_turn(tokenizer) in ids[0].tolist()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grad = model.get_submodule("base_model.model.lm_head").token_adapter.trainable_tokens_delta["default"].grad
+        assert grad[trained.index(end_of_turn(tokenizer))].abs().sum() > 0
+
+
 # Mistral-7B-Instruct-v0.1's template, in short: user and assistant turns only, alternating.
 MISTRAL_V01_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -849,7 +906,7 @@ MISTRAL_V01_TEMPLATE = (
 
 
 @pytest.mark.slow
-def test_a_template_that_refuses_the_data_is_named_and_chat_template_chatml_renders_it_instead(tmp_path):
+def test_a_template_that_refuses_the_data_is_named_and_chat_template_llama3_renders_it_instead(tmp_path):
     from tests.tiny_model import make_tiny_llama
 
     base = make_tiny_llama(tmp_path / "base", tokenizer="sentencepiece")
@@ -868,16 +925,17 @@ def test_a_template_that_refuses_the_data_is_named_and_chat_template_chatml_rend
     assert ("the model's chat template refuses a conversation of roles system, user, assistant: Conversation roles "
             "must alternate") in open_store(refused["artifactUri"]).read_json("progress.json")["message"]
 
-    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", chatTemplate="chatml", lora=NO_DROPOUT)
+    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", chatTemplate="llama3", lora=NO_DROPOUT)
     _ok(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"]
     saved = AutoTokenizer.from_pretrained(result["adapterUri"][7:])  # what a Benchmark or Quantization renders with
     assert saved.apply_chat_template([{"role": "system", "content": "Be brief."}], tokenize=False) == \
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-    assert saved.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [656, 657]
+        "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    assert saved.convert_tokens_to_ids(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]) == [656, 657, 658]
     assert {k for k in _adapter(task) if "lora" not in k} == {
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta",
         "base_model.model.lm_head.token_adapter.trainable_tokens_delta"}
     merged = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
-    assert merged.get_input_embeddings().num_embeddings == 658
+    assert merged.get_input_embeddings().num_embeddings == 659
+    assert merged.generation_config.eos_token_id == [2, 658]  # </s> and <|eot_id|>: generate stops at a turn's end

@@ -91,7 +91,7 @@ def test_an_explicit_vllm_that_cannot_run_fails_the_task_before_any_model_is_loa
 
 
 def test_a_base_model_whose_tokenizer_outgrows_it_is_not_given_to_vllm(tiny_model, tmp_path, monkeypatch):
-    """A base model without a chat template gets ChatML's markers as new tokens (chat.use_chatml);
+    """A base model without a chat template gets ChatML's markers as new tokens (chat.use_template);
     vLLM serves the checkpoint as it is, with no rows for them, and would fail on the first prompt."""
     from tests.tiny_model import make_tiny_llama
 
@@ -104,6 +104,29 @@ def test_a_base_model_whose_tokenizer_outgrows_it_is_not_given_to_vllm(tiny_mode
     with pytest.raises(InvalidTask, match="spec.judge.engine is vllm, but the model's checkpoint has no rows for "
                                           "the ChatML markers .* use the FineTune's merged model"):
         choose_engine("vllm", base, "spec.judge.engine")
+
+
+def test_an_adapter_that_trains_token_rows_is_not_given_to_vllm(tiny_model, tmp_path, monkeypatch):
+    """An adapter that trains rows of chat markers (a base whose markers were never trained, e.g.
+    Llama-3.1-8B base's <|eot_id|>) holds them beside its LoRA weights; vLLM's LoRA applies only the
+    latter, and the model it served would never end a turn."""
+    from peft import LoraConfig, get_peft_model
+
+    import llmfactory_runtime.vllm_server as vllm_server
+    monkeypatch.setenv("LLMFACTORY_VLLM", _executable(tmp_path / "vllm", "exit 0\n"))
+    monkeypatch.setattr(vllm_server, "_cuda_devices", lambda: 1)  # as on a GPU node
+    for name, rows in (("plain", None), ("rows", {"embed_tokens": [2], "lm_head": [2]})):
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                    LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=rows))
+        peft_model.save_pretrained(tmp_path / name)
+        AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / name)
+    source = {"uri": f"file://{tiny_model}"}
+    assert choose_engine("auto", {**source, "adapterUri": f"file://{tmp_path / 'plain'}"}, "spec.model.engine") == "vllm"
+    with_rows = {**source, "adapterUri": f"file://{tmp_path / 'rows'}"}
+    assert choose_engine("auto", with_rows, "spec.model.engine") == "transformers"
+    with pytest.raises(InvalidTask, match="spec.model.engine is vllm, but the adapter trains rows of chat markers .* "
+                                          "use the FineTune's merged model"):
+        choose_engine("vllm", with_rows, "spec.model.engine")
 
 
 def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter_beside_its_base(tiny_model,

@@ -6,29 +6,78 @@ from typing import Any
 
 from .task import InvalidTask
 
-# The ChatML template, for tokenizers that ship none (e.g. ones trained from scratch).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
+# Templates a FineTune can ask for (spec.chatTemplate), with the markers they write as tokens. ChatML
+# is also what a tokenizer without a template of its own gets (a base model's, or one trained here).
+TEMPLATES = {
+    "chatml": ("{% for message in messages %}"
+               "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+               "{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+               ("<|im_start|>", "<|im_end|>")),
+    # Meta's Llama 3 (and 3.1 without tools) template, as Axolotl's chat_template: llama3.
+    "llama3": ("{% for message in messages %}"
+               "{% if loop.first and bos_token %}{{ bos_token }}{% endif %}"
+               "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+               " + '<|eot_id|>' }}"
+               "{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+               ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+}
+CHATML_TEMPLATE = TEMPLATES["chatml"][0]
 
 IGNORE = -100  # label value that cross-entropy skips
 
+# A conversation to find a template's markers and end of turn with (no system message: Gemma's
+# and Mistral-Instruct-v0.1's templates refuse one).
+_SAMPLE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi there."},
+           {"role": "user", "content": "Bye."}]
 
-def use_chatml(tokenizer) -> None:
-    """ChatML for a tokenizer without a chat template of its own (a base model's, e.g. Llama-3-8B or
-    Mistral-7B-v0.1), with its markers added as special tokens where the vocabulary lacks them, as
-    TRL's setup_chat_format does: as plain text each would be several ordinary tokens, and
-    <|im_end|> no token a model could learn to end its turn with or generation could stop on. The
-    model's embeddings grow to match where it is loaded (models.fit_embeddings)."""
-    tokenizer.chat_template = CHATML_TEMPLATE
+
+def use_template(tokenizer, name: str) -> list[int]:
+    """Template `name` for the tokenizer, its markers added as special tokens where the vocabulary
+    lacks them, as TRL's setup_chat_format does for ChatML: as plain text each would be several
+    ordinary tokens, and the end-of-turn marker no token a model could learn to end its turn with or
+    generation could stop on. The ids it added, whose rows the model never trained: the model grows
+    rows for them where it has none (models.fit_embeddings), and an adapter trains them."""
+    template, markers = TEMPLATES[name]
+    tokenizer.chat_template = template
     vocab = tokenizer.get_vocab()
-    missing = [marker for marker in CHATML_MARKERS if marker not in vocab]
+    missing = [marker for marker in markers if marker not in vocab]
     if missing:
         tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(missing)
+
+
+def _special_tokens(tokenizer) -> dict[str, int]:
+    """The tokenizer's special and added tokens, by their text (what a template writes)."""
+    tokens = {token.content: i for i, token in tokenizer.added_tokens_decoder.items()}
+    return {**tokens, **{t: i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}}
+
+
+def marker_ids(tokenizer) -> list[int]:
+    """The special tokens the chat template writes around messages (ChatML's <|im_start|>, Llama 3's
+    <|start_header_id|>, ...): rows every conversation the model is trained on goes through."""
+    try:
+        text = render(tokenizer, _SAMPLE, add_generation_prompt=True) + render(tokenizer, _SAMPLE[:2])
+    except (InvalidTask, ValueError):  # no template, or one that refuses even this
+        return []
+    return sorted({i for token, i in _special_tokens(tokenizer).items() if token in text})
+
+
+def end_of_turn(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant's turn with (ChatML's <|im_end|>,
+    Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Phi-3's <|end|>), which generation stops on: often
+    not the tokenizer's end-of-sequence. None where the answer is followed by no such token."""
+    try:
+        prompt = render(tokenizer, _SAMPLE[:1], add_generation_prompt=True)
+        answered = render(tokenizer, _SAMPLE[:2])
+    except (InvalidTask, ValueError):
+        return None
+    answer = _SAMPLE[1]["content"]
+    at = answered.find(answer, len(prompt)) if answered.startswith(prompt) else -1
+    after = answered[at + len(answer):].lstrip() if at >= 0 else ""
+    ends = [(len(token), i) for token, i in _special_tokens(tokenizer).items() if token and after.startswith(token)]
+    return max(ends)[1] if ends else None
 
 
 def apply_template(tokenizer, messages: list[dict[str, str]], **kwargs: Any):
@@ -42,7 +91,7 @@ def apply_template(tokenizer, messages: list[dict[str, str]], **kwargs: Any):
     except TemplateError as exc:
         roles = ", ".join(m["role"] for m in messages)
         raise InvalidTask(f"the model's chat template refuses a conversation of roles {roles}: {exc} (a FineTune "
-                          "renders its data in ChatML instead with spec.chatTemplate chatml)") from None
+                          "renders its data with another template with spec.chatTemplate chatml or llama3)") from None
 
 
 def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:

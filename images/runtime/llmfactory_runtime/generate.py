@@ -11,7 +11,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
-from .chat import apply_template
+from .chat import apply_template, end_of_turn
 
 # The most prompt tokens one forward pass takes in (longer prompts are prefilled in chunks).
 MAX_BATCH_TOKENS = 2048
@@ -25,8 +25,9 @@ class Generation:
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """End of turn: the tokenizer's end-of-sequence and ChatML's <|im_end|>, where they exist."""
-    return sorted(t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    """End of turn: the tokenizer's end-of-sequence and the token its chat template ends a turn with
+    (chat.end_of_turn), where they exist."""
+    return sorted(t for t in {tokenizer.eos_token_id, end_of_turn(tokenizer)}
                   if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id)
 
 

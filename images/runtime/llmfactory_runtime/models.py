@@ -10,13 +10,13 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .chat import use_chatml
+from .chat import use_template
 from .store import open_store
 from .task import InvalidTask
 
@@ -80,19 +80,28 @@ def _gguf_cache(source: dict[str, Any], cache: bool) -> Path | None:
 
 
 def load_tokenizer(source: dict[str, Any], cache: bool = True) -> PreTrainedTokenizerBase:
+    return tokenizer_for(source, cache)[0]
+
+
+def tokenizer_for(source: dict[str, Any], cache: bool = True,
+                  template: str = "model") -> tuple[PreTrainedTokenizerBase, list[int]]:
+    """The source's tokenizer with chat template `template` (chat.TEMPLATES; "model": its own, ChatML
+    where it has none), and the ids of the markers that gave it beyond the tokenizer as shipped: rows
+    the checkpoint never trained even where it has them (a vocabulary padded to a multiple of 64)."""
     if source.get("adapterUri"):  # a FineTune keeps the tokenizer it trained with beside its adapter
-        return load_tokenizer({"uri": source["adapterUri"]}, cache)
+        return tokenizer_for({"uri": source["adapterUri"]}, cache, template)
     cached = _gguf_cache(source, cache)
     if cached and (cached / ".complete").exists():
         tok = AutoTokenizer.from_pretrained(cached)
     else:
         where, gguf, kwargs = locate(source)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, **kwargs)
-    if not tok.chat_template:
-        use_chatml(tok)
+    added = []
+    if template != "model" or not tok.chat_template:
+        added = use_template(tok, "chatml" if template == "model" else template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return tok, added
 
 
 def load_config(source: dict[str, Any]):
@@ -139,18 +148,43 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, c
 
 
 def fit_embeddings(model, tokenizer) -> None:
-    """Rows for the tokens the tokenizer has beyond the model's embeddings (the ChatML markers
-    chat.use_chatml gives a base model), each new input and output row the mean of the trained ones,
+    """Rows for the tokens the tokenizer has beyond the model's embeddings (the chat markers
+    chat.use_template gives a base model), each new input and output row the mean of the trained ones,
     as TRL's setup_chat_format starts them, but with no random draw: every process of a run, and
     every later load of its adapter, grows the same model."""
     rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) <= rows:
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        start_rows(model, range(rows, len(tokenizer)))
+
+
+def start_rows(model, rows: Sequence[int]) -> None:
+    """Input and output rows `rows` (tokens the checkpoint never trained) set to the mean of the
+    other rows, accumulated in fp32 without a copy of the matrix (1 GiB on Llama-3-8B)."""
+    rows = sorted(set(rows))
+    if not rows:
         return
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     layers = [model.get_input_embeddings(), model.get_output_embeddings()]
     with torch.no_grad():
         for weight in {id(layer.weight): layer.weight for layer in layers if layer is not None}.values():
-            weight[rows:] = weight[:rows].mean(dim=0)
+            index = torch.tensor(rows, device=weight.device)
+            rest = weight.sum(dim=0, dtype=torch.float32) - weight[index].sum(dim=0, dtype=torch.float32)
+            weight[index] = (rest / (weight.shape[0] - len(rows))).to(weight.dtype)
+
+
+def untrained_rows(model, ids: Sequence[int]) -> list[int]:
+    """Of token ids `ids`, those whose input embedding is (near) zero: never trained. Llama-3 and
+    Llama-3.1 base models have their chat markers (<|eot_id|>, <|start_header_id|>) so, about 1e-23,
+    Unsloth's fix_untrained_tokens finds them the same way; a vocabulary's padding rows may be zeros.
+    Near means under a thousandth of a typical row's norm (sampled: no fp32 copy of the matrix)."""
+    weight = model.get_input_embeddings().weight
+    ids = [i for i in ids if i < weight.shape[0]]
+    if not ids:
+        return []
+    with torch.no_grad():
+        typical = weight[:: max(1, weight.shape[0] // 4096)].float().norm(dim=1).median()
+        norms = weight[torch.tensor(ids, device=weight.device)].float().norm(dim=1)
+    return [i for i, norm in zip(ids, norms.tolist()) if norm <= 1e-3 * typical.item()]
 
 
 class LazyModel:

@@ -67,6 +67,10 @@ def choose_engine(engine: str, source: dict[str, Any], field: str) -> str:
                    "LLMFACTORY_VLLM at a vllm executable), or use engine transformers")
     elif _cuda_devices() == 0:
         problem = "vLLM needs a CUDA GPU and none is visible: give the pod a GPU, or use engine transformers"
+    elif source.get("adapterUri") and _adapter_config(source["adapterUri"]).get("trainable_token_indices"):
+        problem = ("the adapter trains rows of chat markers its base lacks or never trained (a base model's), "
+                   "which vLLM's LoRA does not apply: use the FineTune's merged model (mergeAdapter true), or "
+                   "engine transformers")
     elif len(load_tokenizer(source)) > load_config(source).get_text_config().vocab_size:
         problem = ("the model's checkpoint has no rows for the ChatML markers its tokenizer adds (a base model "
                    "without a chat template), which vLLM does not grow: use the FineTune's merged model "
@@ -79,8 +83,12 @@ def choose_engine(engine: str, source: dict[str, Any], field: str) -> str:
     return "transformers"
 
 
-def _lora_rank(adapter_folder: str) -> int:
-    config = json.loads(Path(adapter_folder, "adapter_config.json").read_text())
+def _adapter_config(adapter_uri: str) -> dict[str, Any]:
+    folder, _, _ = locate({"uri": adapter_uri})
+    return json.loads(Path(folder, "adapter_config.json").read_text())
+
+
+def _lora_rank(config: dict[str, Any]) -> int:
     if config.get("use_dora"):
         raise InvalidTask("vLLM cannot serve a DoRA adapter (the FineTune's lora.dora) beside its base; use engine "
                           "transformers, or the FineTune's merged model (mergeAdapter true)")
@@ -112,7 +120,7 @@ def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, p
     if source.get("adapterUri"):
         folder, _, _ = locate({"uri": source["adapterUri"]})
         command += ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={folder}",
-                    "--max-lora-rank", str(_lora_rank(folder))]
+                    "--max-lora-rank", str(_lora_rank(_adapter_config(source["adapterUri"])))]
     return command
 
 

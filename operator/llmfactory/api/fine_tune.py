@@ -504,14 +504,15 @@ class FineTuneSpec(RunOptions):
 
     base_model: BaseModel = Field(description="The model to fine-tune.")
     dataset: DatasetInput = Field(description="The conversations to train on.")
-    chat_template: Literal["model", "chatml"] = Field("model", description=(
+    chat_template: Literal["model", "chatml", "llama3"] = Field("model", description=(
         "How conversations are rendered, and saved with the tokenizer for whatever loads the result "
         "(Benchmark, Quantization, vLLM, llama.cpp). model: the base model's own template, or ChatML where "
-        "it has none (a base model: Llama-3-8B, Mistral-7B-v0.1). chatml: ChatML even where it has one, as "
-        "Axolotl's chat_template: chatml, e.g. for a template that refuses a system message "
-        "(Mistral-7B-Instruct-v0.1's, Gemma's). ChatML's <|im_start|> and <|im_end|> become tokens where "
-        "the vocabulary lacks them, with new embedding and output rows that LoRA and QLoRA train beside "
-        "the adapters."))
+        "it has none (a base model: Llama-3-8B, Mistral-7B-v0.1). chatml or llama3: that template even "
+        "where the model has one, as Axolotl's chat_template, e.g. for a template that refuses a system "
+        "message (Mistral-7B-Instruct-v0.1's, Gemma's), or Llama 3's on a Llama 3 base. Markers the "
+        "vocabulary lacks (ChatML's <|im_start|> and <|im_end|>) become tokens, and markers the base never "
+        "trained (Llama-3-8B base's <|eot_id|>, whose rows are zeros) start as the mean of the trained rows: "
+        "LoRA and QLoRA train those rows beside the adapters."))
     method: Literal["lora", "qlora", "full"] = Field("lora", description=(
         "lora trains an adapter on the frozen base; qlora does so on a 4-bit quantized base "
         "(bitsandbytes); full trains every weight."))

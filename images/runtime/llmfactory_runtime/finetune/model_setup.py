@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from ..models import load_config, load_model
+from ..chat import marker_ids
+from ..models import load_config, load_model, load_tokenizer, start_rows, untrained_rows
 from ..task import InvalidTask
 from .distributed import World
 from .estimate import GIB, Estimate, ModelShape, Plan, as_dequantized, dequantized_does_not_fit, estimate
@@ -73,10 +74,12 @@ def head_of(spec: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
 
 
 def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, dtype: torch.dtype,
-                      dequantize: bool = False, head: dict[str, Any] | None = None, tokenizer=None):
+                      dequantize: bool = False, head: dict[str, Any] | None = None, tokenizer=None,
+                      added_tokens: Sequence[int] = ()):
     """The model to train: base weights (4-bit for qlora, dequantized once if `dequantize`) with
-    `head` (head_of), rows for every token of `tokenizer` (the run's; the base's own unless given),
-    gradient checkpointing, adapters."""
+    `head` (head_of), rows for every token of `tokenizer` (the run's, with `added_tokens` beyond the
+    base's as models.tokenizer_for gives them; the base's own unless given), gradient checkpointing,
+    adapters."""
     method, hp = spec["method"], spec["hyperparameters"]
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa", **(head or {})}
     if method == "qlora":
@@ -91,10 +94,17 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": world.device}
     checkpoint_rows = load_config(base).get_text_config().vocab_size
+    tokenizer = tokenizer or load_tokenizer(base)
     model = load_model(base, dtype=dtype, to=world.device, tokenizer=tokenizer, **kwargs)
-    # Rows load_model added for chat markers the base model's vocabulary lacked (models.fit_embeddings):
-    # an adapter trains them too, or the model could never learn to say <|im_end|>.
-    new_rows = list(range(checkpoint_rows, model.get_input_embeddings().num_embeddings))
+    # Rows of chat markers the base never trained: the ones added for it (grown by load_model, or in a
+    # padded vocabulary's spare rows) and the template's own where they are still zeros (Llama-3.1-8B
+    # base's <|eot_id|>; not the padding token's, zero by design: nn.Embedding's padding_idx keeps it
+    # so). Each starts as the mean of the trained rows, and an adapter trains them too, or the model
+    # could never learn to end its turn.
+    markers = [i for i in marker_ids(tokenizer) if i != tokenizer.pad_token_id]
+    new_rows = sorted({*added_tokens, *range(checkpoint_rows, model.get_input_embeddings().num_embeddings),
+                       *untrained_rows(model, markers)})
+    start_rows(model, new_rows)
     if method == "qlora":
         _keep_the_trainable_4bit_layout(model)
     if dequantize:
@@ -136,6 +146,13 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         _compile_layers(model)
     model.train()
     return model
+
+
+def trained_token_rows(model) -> list[int]:
+    """The token rows an adapter trains beside its adapters (load_for_training)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    indices = getattr(config, "trainable_token_indices", None) or {}
+    return sorted({row for rows in indices.values() for row in rows})
 
 
 def _token_rows(model, rows: list[int]) -> dict[str, list[int]] | None:

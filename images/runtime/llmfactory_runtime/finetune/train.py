@@ -30,16 +30,15 @@ from .. import Interrupted
 from ..batching import collate_sequences, encode_rows, label_count, loss_sums, token_logps
 from ..data import read_split
 from ..grader import grader_models
-from ..chat import use_chatml
-from ..models import load_config, load_tokenizer
+from ..models import load_config, tokenizer_for
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
 from . import checkpoint, distributed, grpo as group_relative, outputs
-from .estimate import GIB, does_not_fit, estimate, plan_of, shape_from_config
+from .estimate import GIB, as_dequantized, does_not_fit, estimate, plan_of, shape_from_config
 from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, head_of, load_for_training, load_trainable_state,
-                          qlora_dequantized, trainable_state, training_dtype)
+                          qlora_dequantized, trainable_state, trained_token_rows, training_dtype)
 from .packing import one_per_row, pack
 from ..preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, encode_unpaired, kto_agrees,
                           kto_terms, needs_reference, pair_lengths, pair_logps, pair_margins, segment_logps,
@@ -144,12 +143,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # precision auto resolved to, and the GPU.
     shape = shape_from_config(load_config(inputs["baseModel"]).to_dict())
     precision = next(name for name, d in DTYPES.items() if d == dtype)
-    tokenizer = load_tokenizer(inputs["baseModel"])
-    if spec.get("chatTemplate") == "chatml":  # saved with the adapter and the merged model: loads follow it
-        use_chatml(tokenizer)
+    # The template is saved with the adapter and the merged model: every later load renders as training did.
+    tokenizer, added_tokens = tokenizer_for(inputs["baseModel"], template=spec.get("chatTemplate", "model"))
     plan = replace(plan_of({**spec, "hyperparameters": {**hp, "precision": precision},
                             "resources": {"gpusPerNode": world.size, "nodes": 1}}),
-                   new_token_rows=max(0, len(tokenizer) - shape.vocab))
+                   new_token_rows=len(added_tokens))
     graders = tuple((shape_from_config(load_config(source).to_dict()), operation)
                     for source, operation in grader_models(grpo["grader"] if grpo else None))
     est = estimate(shape, plan, graders)
@@ -214,7 +212,15 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if dequantize:
         progress.stage("loading data and model (qlora: 4-bit weights dequantized once, see spec.qlora.dequantizeOnce)")
     model = load_for_training(spec, inputs["baseModel"], world, dtype, dequantize, head_of(spec, tokenizer.pad_token_id),
-                              tokenizer)
+                              tokenizer, added_tokens)
+    token_rows = len(trained_token_rows(model))
+    if token_rows > plan.new_token_rows:  # marker rows the base never trained, seen only in its weights
+        plan = replace(plan, new_token_rows=token_rows)
+        est = estimate(shape, as_dequantized(plan) if dequantize else plan, graders)
+        problem = gpu_gib and does_not_fit(est, gpu_gib[0], plan)
+        if problem:
+            raise InvalidTask(f"spec.resources: {problem} (with the chat markers' rows the base model never "
+                              f"trained, {token_rows}, which LoRA trains beside the adapters)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     # A 16-bit full fine-tune steps fp32 master weights (master_weights.py); DeepSpeed keeps its own.
