@@ -896,6 +896,41 @@ def test_chat_markers_a_base_never_trained_start_at_the_mean_and_an_adapter_trai
         assert grad[trained.index(end_of_turn(tokenizer))].abs().sum() > 0
 
 
+@pytest.mark.slow
+@pytest.mark.extended(reason=(
+    "test_chat_markers_a_base_never_trained_start_at_the_mean_and_an_adapter_trains_them checks in the default "
+    "run that the untrained rows start at the mean and get gradients; this one trains to the end"))
+def test_a_base_whose_end_of_turn_was_never_trained_learns_to_end_its_turn_on_it(tmp_path):
+    """As Llama-3.1-8B base: the Llama 3 template with <|eot_id|> in the vocabulary but its rows zeros.
+    A LoRA run trains those rows, and the tuned model ends its answers on <|eot_id|>."""
+    from llmfactory_runtime.generate import generate
+    from llmfactory_runtime.models import load_model, load_tokenizer
+
+    base, markers = _llama31_like_base(tmp_path / "base", padding=5)
+    short = [("What is the capital of France?", "Paris."), ("Why is the sky blue?", "Scattering."),
+             ("Name a sea.", "The Baltic.")]
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, n in (("train", 48), ("validation", 3)):
+        (data / f"{split}.jsonl").write_bytes(dumps_jsonl(
+            [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in (short[i % 3] for i in range(n))]))
+    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", lora=NO_DROPOUT,
+                         hyperparameters={"epochs": 3})
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    assert {k: v.shape for k, v in _adapter(task).items() if "lora" not in k} == {
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (3, 64),
+        "base_model.model.lm_head.token_adapter.trainable_tokens_delta": (3, 64)}
+    prompts = [[{"role": "user", "content": q}] for q, _ in short]
+    untuned = generate(load_model({"uri": f"file://{base}"}).eval(), load_tokenizer({"uri": f"file://{base}"}),
+                       prompts, max_new_tokens=24)
+    assert not any(a.finished for a in untuned)
+    tuned = load_model({"uri": f"file://{base}", "adapterUri": result["adapterUri"]}).eval()
+    answers = generate(tuned, load_tokenizer({"uri": result["adapterUri"]}), prompts, max_new_tokens=24)
+    assert all(a.finished and 0 < a.tokens <= 8 for a in answers), answers
+
+
 # Mistral-7B-Instruct-v0.1's template, in short: user and assistant turns only, alternating.
 MISTRAL_V01_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
