@@ -106,27 +106,32 @@ def test_a_base_model_whose_tokenizer_outgrows_it_is_not_given_to_vllm(tiny_mode
         choose_engine("vllm", base, "spec.judge.engine")
 
 
-def test_an_adapter_that_trains_token_rows_is_not_given_to_vllm(tiny_model, tmp_path, monkeypatch):
-    """An adapter that trains rows of chat markers (a base whose markers were never trained, e.g.
-    Llama-3.1-8B base's <|eot_id|>) holds them beside its LoRA weights; vLLM's LoRA applies only the
-    latter, and the model it served would never end a turn."""
+@pytest.mark.parametrize("unservable, reason", [
+    ({"use_dora": True}, "vLLM cannot serve a DoRA adapter"),
+    ({"r": 1024}, r"the adapter's LoRA rank 1024 is above vLLM's largest \(512\)"),
+    # Rows of chat markers (a base whose markers were never trained, e.g. Llama-3.1-8B base's
+    # <|eot_id|>) beside the LoRA weights: vLLM applies only the latter, and would never end a turn.
+    ({"trainable_token_indices": {"embed_tokens": [2], "lm_head": [2]}}, "the adapter trains rows of chat markers"),
+])
+def test_an_adapter_vllm_cannot_serve_is_answered_by_transformers_under_auto(tiny_model, tmp_path, monkeypatch,
+                                                                             unservable, reason):
+    """engine auto picks transformers for it (it used to pick vLLM and then fail the task); engine vllm
+    is an invalid task, said before any model is loaded."""
     from peft import LoraConfig, get_peft_model
 
     import llmfactory_runtime.vllm_server as vllm_server
     monkeypatch.setenv("LLMFACTORY_VLLM", _executable(tmp_path / "vllm", "exit 0\n"))
     monkeypatch.setattr(vllm_server, "_cuda_devices", lambda: 1)  # as on a GPU node
-    for name, rows in (("plain", None), ("rows", {"embed_tokens": [2], "lm_head": [2]})):
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                                    LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=rows))
-        peft_model.save_pretrained(tmp_path / name)
-        AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / name)
-    source = {"uri": f"file://{tiny_model}"}
-    assert choose_engine("auto", {**source, "adapterUri": f"file://{tmp_path / 'plain'}"}, "spec.model.engine") == "vllm"
-    with_rows = {**source, "adapterUri": f"file://{tmp_path / 'rows'}"}
-    assert choose_engine("auto", with_rows, "spec.model.engine") == "transformers"
-    with pytest.raises(InvalidTask, match="spec.model.engine is vllm, but the adapter trains rows of chat markers .* "
-                                          "use the FineTune's merged model"):
-        choose_engine("vllm", with_rows, "spec.model.engine")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
+    source = {"uri": f"file://{tiny_model}", "adapterUri": f"file://{tmp_path / 'adapter'}"}
+    assert choose_engine("auto", source, "spec.model.engine") == "vllm"
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **unservable}))
+    assert choose_engine("auto", source, "spec.model.engine") == "transformers"
+    with pytest.raises(InvalidTask, match=f"spec.model.engine is vllm, but {reason}.* use the FineTune's merged model"):
+        choose_engine("vllm", source, "spec.model.engine")
 
 
 def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter_beside_its_base(tiny_model,
@@ -152,11 +157,6 @@ def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter
                         "/tmp/tok", 8123, gpus=1)
     assert hub[2] == "meta-llama/Meta-Llama-3-8B-Instruct" and _flags(hub)["--revision"] == "abc123"
     assert _flags(hub)["--tensor-parallel-size"] == "1" and "--enable-lora" not in hub
-    # vLLM serves no DoRA adapter (it would refuse it after loading the base): said before it starts.
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(InvalidTask, match="vLLM cannot serve a DoRA adapter .* use engine transformers"):
-        serve_command("/opt/vllm/bin/vllm", source, "/tmp/tok", 8123, gpus=1)
 
 
 def test_a_vllm_that_dies_while_starting_fails_with_its_last_log_lines(tiny_model, tmp_path, monkeypatch):

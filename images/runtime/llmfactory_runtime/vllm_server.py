@@ -67,10 +67,8 @@ def choose_engine(engine: str, source: dict[str, Any], field: str) -> str:
                    "LLMFACTORY_VLLM at a vllm executable), or use engine transformers")
     elif _cuda_devices() == 0:
         problem = "vLLM needs a CUDA GPU and none is visible: give the pod a GPU, or use engine transformers"
-    elif source.get("adapterUri") and _adapter_config(source["adapterUri"]).get("trainable_token_indices"):
-        problem = ("the adapter trains rows of chat markers its base lacks or never trained (a base model's), "
-                   "which vLLM's LoRA does not apply: use the FineTune's merged model (mergeAdapter true), or "
-                   "engine transformers")
+    elif source.get("adapterUri") and (adapter := _adapter_problem(_adapter_config(source["adapterUri"]))):
+        problem = adapter
     elif len(load_tokenizer(source)) > load_config(source).get_text_config().vocab_size:
         problem = ("the model's checkpoint has no rows for the ChatML markers its tokenizer adds (a base model "
                    "without a chat template), which vLLM does not grow: use the FineTune's merged model "
@@ -88,15 +86,23 @@ def _adapter_config(adapter_uri: str) -> dict[str, Any]:
     return json.loads(Path(folder, "adapter_config.json").read_text())
 
 
-def _lora_rank(config: dict[str, Any]) -> int:
+def _adapter_problem(config: dict[str, Any]) -> str | None:
+    """Why vLLM cannot serve this LoRA adapter beside its base (it would find out after loading the
+    base, or not at all), or None."""
+    merged = "use the FineTune's merged model (mergeAdapter true), or engine transformers"
     if config.get("use_dora"):
-        raise InvalidTask("vLLM cannot serve a DoRA adapter (the FineTune's lora.dora) beside its base; use engine "
-                          "transformers, or the FineTune's merged model (mergeAdapter true)")
-    rank = int(config["r"])
-    fitting = [r for r in LORA_RANKS if r >= rank]
-    if not fitting:
-        raise InvalidTask(f"LoRA rank {rank} is above vLLM's largest ({LORA_RANKS[-1]}); use engine transformers")
-    return fitting[0]
+        return f"vLLM cannot serve a DoRA adapter (the FineTune's lora.dora) beside its base: {merged}"
+    if int(config["r"]) > LORA_RANKS[-1]:
+        return f"the adapter's LoRA rank {config['r']} is above vLLM's largest ({LORA_RANKS[-1]}): {merged}"
+    if config.get("trainable_token_indices"):
+        return ("the adapter trains rows of chat markers its base lacks or never trained (a base model's), "
+                f"which vLLM's LoRA does not apply: {merged}")
+    return None
+
+
+def _lora_rank(config: dict[str, Any]) -> int:
+    """The adapter's rank rounded up to one vLLM accepts (choose_engine has refused any above them)."""
+    return next(r for r in LORA_RANKS if r >= int(config["r"]))
 
 
 def tensor_parallel_size(gpus: int, attention_heads: int) -> int:
