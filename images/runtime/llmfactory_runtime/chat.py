@@ -49,8 +49,9 @@ def use_template(tokenizer, name: str) -> list[int]:
 
 
 def _special_tokens(tokenizer) -> dict[str, int]:
-    """The tokenizer's special and added tokens, by their text (what a template writes)."""
-    tokens = {token.content: i for i, token in tokenizer.added_tokens_decoder.items()}
+    """The tokenizer's special tokens, by their text (what a template writes); not the added tokens
+    that are ordinary text (runs of spaces, as some code models' tokenizers add)."""
+    tokens = {token.content: i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     return {**tokens, **{t: i for t, i in zip(tokenizer.all_special_tokens, tokenizer.all_special_ids)}}
 
 
