@@ -773,6 +773,20 @@ def test_what_needs_a_gpu_on_a_machine_without_cuda_is_an_invalid_task_naming_th
     assert message in open_store(task["artifactUri"]).read_json("progress.json")["message"]
 
 
+SHORT = [("What is the capital of France?", "Paris."), ("Why is the sky blue?", "Scattering."),
+         ("Name a sea.", "The Baltic.")]
+
+
+def _short_answers(data: Path) -> Path:
+    """Three questions with answers of a few tokens, over and over: what a model learns to end fast."""
+    data.mkdir()
+    for split, n in (("train", 48), ("validation", 3)):
+        (data / f"{split}.jsonl").write_bytes(dumps_jsonl(
+            [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in (SHORT[i % 3] for i in range(n))]))
+    return data
+
+
 @pytest.mark.slow
 def test_a_base_model_without_a_chat_template_learns_chatml_markers_as_tokens_and_to_end_its_turn(tmp_path):
     """Mistral-7B-v0.1 and Llama-3-8B base ship no chat template: ChatML's markers become tokens of
@@ -787,14 +801,7 @@ def test_a_base_model_without_a_chat_template_learns_chatml_markers_as_tokens_an
     base = make_tiny_llama(tmp_path / "base", tokenizer="sentencepiece", chat_template=False)
     rows = 656  # the tiny SentencePiece vocabulary: 400 + 256 byte tokens; no <|im_start|> or <|im_end|>
     assert AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().num_embeddings == rows
-    short = [("What is the capital of France?", "Paris."), ("Why is the sky blue?", "Scattering."),
-             ("Name a sea.", "The Baltic.")]
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, n in (("train", 48), ("validation", 3)):
-        (data / f"{split}.jsonl").write_bytes(dumps_jsonl(
-            [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-             for q, a in (short[i % 3] for i in range(n))]))
+    data = _short_answers(tmp_path / "data")
     task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", method="qlora", lora=NO_DROPOUT,
                          mergeAdapter=True, hyperparameters={"epochs": 3})
     _ok(run_finetune(write_task(task, tmp_path)))
@@ -813,7 +820,7 @@ def test_a_base_model_without_a_chat_template_learns_chatml_markers_as_tokens_an
     # Loaded as a Benchmark loads it (base + adapter) and merged by the run (4-bit base reloaded
     # unquantized): the same trained rows, and short answers that end on <|im_end|>, where the
     # untuned base (its new rows the mean of the others) runs on to max_new_tokens.
-    prompts = [[{"role": "user", "content": q}] for q, _ in short]
+    prompts = [[{"role": "user", "content": q}] for q, _ in SHORT]
     untuned = generate(load_model({"uri": f"file://{base}"}).eval(), load_tokenizer({"uri": f"file://{base}"}),
                        prompts, max_new_tokens=24)
     assert not any(a.finished for a in untuned)
@@ -907,14 +914,7 @@ def test_a_base_whose_end_of_turn_was_never_trained_learns_to_end_its_turn_on_it
     from llmfactory_runtime.models import load_model, load_tokenizer
 
     base, markers = _llama31_like_base(tmp_path / "base", padding=5)
-    short = [("What is the capital of France?", "Paris."), ("Why is the sky blue?", "Scattering."),
-             ("Name a sea.", "The Baltic.")]
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, n in (("train", 48), ("validation", 3)):
-        (data / f"{split}.jsonl").write_bytes(dumps_jsonl(
-            [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-             for q, a in (short[i % 3] for i in range(n))]))
+    data = _short_answers(tmp_path / "data")
     task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", lora=NO_DROPOUT,
                          hyperparameters={"epochs": 3})
     _ok(run_finetune(write_task(task, tmp_path)))
@@ -922,7 +922,7 @@ def test_a_base_whose_end_of_turn_was_never_trained_learns_to_end_its_turn_on_it
     assert {k: v.shape for k, v in _adapter(task).items() if "lora" not in k} == {
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (3, 64),
         "base_model.model.lm_head.token_adapter.trainable_tokens_delta": (3, 64)}
-    prompts = [[{"role": "user", "content": q}] for q, _ in short]
+    prompts = [[{"role": "user", "content": q}] for q, _ in SHORT]
     untuned = generate(load_model({"uri": f"file://{base}"}).eval(), load_tokenizer({"uri": f"file://{base}"}),
                        prompts, max_new_tokens=24)
     assert not any(a.finished for a in untuned)
