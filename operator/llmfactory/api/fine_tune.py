@@ -61,13 +61,14 @@ class QLora(ApiModel):
 
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 as in the QLoRA paper.")
     double_quantization: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param saved).")
-    dequantize_once: Literal["auto", "always", "never"] = Field("auto", description=(
+    dequantize_once: Literal["auto", "always", "never"] = Field("never", description=(
         "Dequantize the 4-bit weights once, after loading, and train against that copy in the training "
         "dtype, instead of dequantizing every weight in every forward and backward pass. The adapter "
-        "trains against the same 4-bit-rounded weights either way, so the result is the same; once runs "
-        "at about LoRA's speed with LoRA's memory. auto: on a GPU whose free memory holds the LoRA-sized "
-        "estimate, else keep 4-bit; always: also on CPU, refused with the numbers where it cannot fit; "
-        "never: keep the weights 4-bit (the least memory)."))
+        "trains against the same 4-bit-rounded weights either way, so the result is the same; once "
+        "takes LoRA's memory. never (the default): keep the weights 4-bit, the least memory; on an "
+        "H200, Llama-3-8B's dequantization took 3.5% of the GPU's time and the 4-bit run was no slower. "
+        "auto: once on a GPU whose free memory holds the LoRA-sized estimate, else 4-bit; always: also "
+        "on CPU, refused with the numbers where it cannot fit."))
 
 
 class EarlyStopping(ApiModel):
@@ -399,8 +400,9 @@ class Hyperparameters(ApiModel):
         "recompile up to torch's limit, after which they run uncompiled."))
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
         "Weights and compute dtype: auto is bf16 on GPUs that have it (Ampere and later), fp16 on older "
-        "GPUs, fp32 on CPU. In bf16 and fp16 a full fine-tune's optimizer updates fp32 master copies of "
-        "the weights, as DeepSpeed does (16-bit weights cannot take small updates); fp16 also scales "
+        "GPUs, fp32 on CPU. Adapters run in it too. In bf16 and fp16 the optimizer updates fp32 master "
+        "copies of the trained weights (a full fine-tune's or the adapters'), as DeepSpeed does (16-bit "
+        "weights cannot take small updates); fp16 also scales "
         "the loss so small gradients survive, and skips a step whose gradients overflow "
         "(result.skippedSteps). fp16 is slow on CPU, and under DeepSpeed needs a GPU."))
 

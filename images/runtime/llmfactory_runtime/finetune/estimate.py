@@ -180,17 +180,14 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
     if plan.zero_stage == 3:
         weights /= world
 
-    # Trainable state. Adapters train in fp32 (peft upcasts them): weight, gradient, two Adam moments.
-    # A full fine-tune keeps Adam's moments in fp32 and, for 16-bit weights, an fp32 master copy
-    # (master_weights.py; DeepSpeed likewise, sharded over the ranks from ZeRO 1 on), whose fp32
-    # gradient plain PyTorch holds at the optimizer step.
-    if plan.method == "full":
-        master = plan.weight_bytes == 2
-        grads = trainable * (4 if master and plan.strategy != "deepspeed" else plan.weight_bytes)
-        optim = trainable * (12 if master else 8)
-    else:
-        weights += trainable * 4
-        grads, optim = trainable * 4, trainable * 8
+    # Trainable state, adapters or the whole model: weights in the training dtype, Adam's moments in
+    # fp32 and, for 16-bit weights, an fp32 master copy (master_weights.py; DeepSpeed likewise,
+    # sharded over the ranks from ZeRO 1 on), whose fp32 gradient plain PyTorch holds at the step.
+    master = plan.weight_bytes == 2
+    grads = trainable * (4 if master and plan.strategy != "deepspeed" else plan.weight_bytes)
+    optim = trainable * (12 if master else 8)
+    if plan.method != "full":
+        weights += trainable * plan.weight_bytes
     if plan.zero_stage >= 2:
         grads /= world
     if plan.zero_stage >= 1:
@@ -212,7 +209,10 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
     # were measured once only. QLoRA keeps what LoRA keeps: its unquantized layers run in the
     # training dtype as LoRA's do (model_setup.py), and a frozen 4-bit layer, like a frozen Linear,
     # saves nothing of its own for backward. (Until 2026-11-24 they ran in fp32, peft's default,
-    # and QLoRA had terms of its own, fitted then.)
+    # and QLoRA had terms of its own, fitted then.) The adapters' own terms were fitted while they
+    # ran in fp32 and kept fp32 copies of their inputs; since 2026-12-04 they run in the training
+    # dtype (model_setup._train_in), and on the tiny test model autograd keeps a third less for
+    # LoRA without dropout. Kept as fitted, so too high, until a GPU measures the new peaks.
     h, kv, inter = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
     per_layer = 28 * h + 8 * kv + 8 * inter
     if plan.method != "full":
@@ -274,26 +274,25 @@ def grader_bytes(grader: ModelShape, seq_len: int, operation: str) -> float:
 def _dora_activations(shape: ModelShape, plan: Plan) -> tuple[float, float]:
     """What DoRA (peft's) keeps for backward beyond LoRA, per decoder layer: (bytes per token, bytes).
     Per adapted layer and token, the base layer's output (for the magnitude's gradient) and the
-    adapter's, in fp32 (peft computes adapters in fp32). Without dropout the base output is the
-    layer's own; with it, peft runs the layer again on the dropped-out input in the adapter's dtype:
-    in fp32, keeping an fp32 copy of the weight for backward (in 16-bit training; in fp32 it is the
-    weight itself). Checked against autograd's saved tensors (tests/runtime/test_finetune.py)."""
+    adapter's, in the training dtype (adapters run in it: model_setup._train_in). Without dropout
+    the base output is the layer's own; with it, peft runs the layer again on the dropped-out input,
+    with the base weight itself, or for QLoRA with a dequantized copy of it, kept for backward.
+    Checked against autograd's saved tensors (tests/runtime/test_finetune.py)."""
     if plan.method == "full" or not plan.lora_dora:
         return 0.0, 0.0
     adapted = adapted_dims(shape, plan)
-    outs = sum(o for _, o in adapted)
-    dropout = plan.lora_dropout > 0
-    per_token = outs * (8 if dropout else plan.weight_bytes + 4)
-    copies = 4 * sum(i * o for i, o in adapted) if dropout and plan.weight_bytes == 2 else 0
+    per_token = 2 * plan.weight_bytes * sum(o for _, o in adapted)
+    copies = plan.weight_bytes * sum(i * o for i, o in adapted) if plan.lora_dropout > 0 and plan.method == "qlora" else 0
     return per_token, copies
 
 
 def dora_transient(shape: ModelShape, plan: Plan) -> float:
     """The most DoRA holds for a moment in one layer's forward: peft builds the adapter's weight by
-    passing an fp32 identity the size of the input through it, and the weight plus it for the norm."""
+    passing an identity the size of the input through it, then the weight (for QLoRA dequantized)
+    plus it for the norm; all in the training dtype."""
     if plan.method == "full" or not plan.lora_dora:
         return 0.0
-    return max(4 * i * i + (4 + 2 * plan.weight_bytes) * i * o for i, o in adapted_dims(shape, plan))
+    return max(plan.weight_bytes * (i * i + 3 * i * o) for i, o in adapted_dims(shape, plan))
 
 
 def plan_of(spec: dict[str, Any]) -> Plan:
@@ -323,8 +322,8 @@ def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
     """None when the estimate fits a GPU of gpu_gib, else a sentence with the numbers and what to change."""
     if est.total_gib <= gpu_gib:
         return None
-    dora = ("set lora.dropout 0 (DoRA with dropout keeps an fp32 copy of each adapted weight), "
-            if plan.lora_dora and plan.lora_dropout > 0 and plan.method != "full" else "")
+    dora = ("set lora.dropout 0 (QLoRA's DoRA with dropout keeps a dequantized copy of each adapted weight), "
+            if plan.lora_dora and plan.lora_dropout > 0 and plan.method == "qlora" else "")
     graders = ("use a smaller grader model (or serve a judge with vLLM behind grader.judge instead of judgeModel), "
                if est.graders_gib else "")
     return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dora}{graders}lower "

@@ -6,7 +6,7 @@ pure-bf16 AdamW leaves most weights where they were. fp16 is worse: Adam's eps (
 so a weight without a gradient (the embedding of a token the batch lacks) becomes 0/0 at the first
 step. So, as DeepSpeed's bf16 and fp16 modes and Megatron do, the model runs in 16 bits and the
 optimizer holds fp32 weights and moments: after backward the gradients are copied up, after the
-step the weights are copied down. Adapters need none of this: peft keeps them in fp32.
+step the weights are copied down. Adapters train the same way (model_setup._train_in).
 """
 
 from __future__ import annotations

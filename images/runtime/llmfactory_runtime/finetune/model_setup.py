@@ -58,7 +58,7 @@ def qlora_dequantized(spec: dict[str, Any], shape: ModelShape, plan: Plan, gpu_g
     if spec["method"] != "qlora":
         return None
     as_lora = estimate(shape, as_dequantized(plan), graders)
-    return as_lora if dequantize_once(spec["qlora"].get("dequantizeOnce", "auto"), as_lora, gpu_gib) else None
+    return as_lora if dequantize_once(spec["qlora"].get("dequantizeOnce", "never"), as_lora, gpu_gib) else None
 
 
 def head_of(spec: dict[str, Any], pad_token_id: int | None) -> dict[str, Any]:
@@ -142,6 +142,7 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
             model = get_peft_model(model, config)
         except ValueError as exc:  # e.g. a target module the architecture does not have
             raise InvalidTask(f"spec.lora.targetModules: {exc}") from None
+        _train_in(model, dtype)
     if hp.get("compile"):
         _compile_layers(model)
     model.train()
@@ -165,6 +166,19 @@ def _token_rows(model, rows: list[int]) -> dict[str, list[int]] | None:
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
     layers = [embeddings] + ([output] if output is not None and output.weight is not embeddings.weight else [])
     return {names[id(layer)]: rows for layer in layers}
+
+
+def _train_in(model, dtype: torch.dtype) -> None:
+    """Adapters (and the rows and layers trained beside them) in the training dtype, as the base
+    runs. peft keeps them in fp32, so every adapted layer would cast its input up, multiply in fp32
+    and cast the product back: on an H200, LoRA on Llama-3-8B spent about a third of its GPU time
+    in those casts and fp32 matmuls, and autograd kept the fp32 inputs besides
+    (benchmarks/RESULTS.md). Their precision is kept where it matters, as for a 16-bit full
+    fine-tune: the optimizer steps fp32 master copies (master_weights.py)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
 
 def _keep_the_trainable_4bit_layout(model) -> None:

@@ -223,7 +223,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                               f"trained, {token_rows}, which LoRA trains beside the adapters)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    # A 16-bit full fine-tune steps fp32 master weights (master_weights.py); DeepSpeed keeps its own.
+    # 16-bit trainable weights (adapters too) are stepped as fp32 master weights (master_weights.py);
+    # DeepSpeed keeps its own.
     master = MasterWeights(named) if not deepspeed_on and MasterWeights.needed(params) else None
     stepped = master.params if master else params  # what the optimizer updates
     torch.manual_seed(hp["seed"] + 1000 * world.rank)
@@ -405,8 +406,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         return bool(early) and evaluations_without_improvement([e[1] for e in evals], early["minDelta"]) >= early["patience"]
 
     def optimizer_step() -> None:
-        """One update from the accumulated gradients: clipped, loss-scaled (fp16), on master weights
-        where a 16-bit full fine-tune keeps them."""
+        """One update from the accumulated gradients: clipped, loss-scaled (fp16), on the master
+        weights of 16-bit trainable weights."""
         if master:
             master.gradients_up()
         scaler.unscale_(optimizer)  # clip the true gradients
