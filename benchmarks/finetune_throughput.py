@@ -194,7 +194,7 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     world = World(rank=0, size=1, local_rank=0, device=torch.device("cuda" if cuda else "cpu"))
     tokenizer = load_tokenizer(inputs["baseModel"])
     examples = encode_rows(tokenizer, read_split(inputs["dataset"]["uri"], "train"), hp["maxSeqLength"])
-    rows = epoch_rows(examples, 0, hp, micro)
+    rows = epoch_rows([len(e["input_ids"]) for e in examples], 0, hp, micro, hp["maxSeqLength"])
     groups = [rows[i:i + micro] for i in range(0, len(rows) - micro + 1, micro)]
     warm_up = 6 if hp.get("compile") else 2  # a compiled run compiles a graph per variant it meets
     if len(groups) < 2 * steps + warm_up:
@@ -203,7 +203,8 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     batches = [collate_sequences(examples, g, tokenizer.pad_token_id, hp["packing"]) for g in groups]
     real = [sum(len(examples[j]["input_ids"]) for row in g for j in row) for g in groups]
     dequantize = qlora_dequantized(spec, shape, plan_of(spec), gpu_memory_gib(world.device)) is not None
-    model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device), dequantize)
+    model = load_for_training(spec, inputs["baseModel"], world, training_dtype(hp["precision"], world.device), dequantize,
+                              tokenizer=tokenizer)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # As the runtime steps: a 16-bit full fine-tune through fp32 master weights (the copies timed too).
     master = MasterWeights(named) if MasterWeights.needed([p for _, p in named]) else None
@@ -264,7 +265,7 @@ def main() -> None:
                                                             "pairs: up to twice --seq tokens)")
     parser.add_argument("--fused-kernels", action="store_true", help="Liger kernels (CUDA only)")
     parser.add_argument("--compile", action="store_true", help="hyperparameters.compile (torch.compile per layer)")
-    parser.add_argument("--qlora-dequantize", choices=["auto", "always", "never"], default="auto",
+    parser.add_argument("--qlora-dequantize", choices=["auto", "always", "never"], default="never",
                         help="spec.qlora.dequantizeOnce for the qlora runs")
     parser.add_argument("--hf-trainer", action="store_true", help="also run transformers' Trainer (padded, lora)")
     parser.add_argument("--workdir", default="/tmp/llmfactory-bench")
