@@ -35,6 +35,7 @@ from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, PEAK_FLOPS, Model
 SHAPES = {
     "llama3-8b": KNOWN_SHAPES["meta-llama/meta-llama-3-8b"],
     "small": ModelShape(hidden=512, layers=8, intermediate=1376, vocab=8000, heads=8, kv_heads=4),
+    "tiny": ModelShape(hidden=64, layers=2, intermediate=128, vocab=400, heads=4, kv_heads=2),  # the suite's check
 }
 WORDS = ("the a model learns answers questions in english russian chinese quickly slowly because data "
          "sea sky blue light paris moscow beijing poem river mountain city history science music").split()
