@@ -80,3 +80,10 @@ def loss_curve(task: dict[str, Any]) -> list[float]:
     """The run's training loss at each step, from its metrics/loss.csv."""
     rows = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]
     return [float(r.split(",")[2]) for r in rows]
+
+
+# Phi-3's turn markers, as a template of one's own (spec.chatTemplate jinja).
+OWN_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+OWN_SPEC = {"chatTemplate": "jinja", "chatTemplateJinja": OWN_TEMPLATE,
+            "chatTemplateTokens": ["<|user|>", "<|assistant|>", "<|end|>"]}

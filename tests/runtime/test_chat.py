@@ -1,8 +1,11 @@
 """Loss only on the assistant's words: the mask is exact, checked by hand on small cases."""
 
+import pytest
 from transformers import AutoTokenizer
 
 from llmfactory_runtime.chat import IGNORE, encode_for_training
+
+from finetune_helpers import OWN_SPEC, OWN_TEMPLATE
 
 
 def _learned_spans(tok, messages, max_len=512) -> list[str]:
@@ -81,7 +84,7 @@ def test_generation_stops_on_the_end_of_turn_each_template_writes(tmp_path):
     """Gemma's turns end on <end_of_turn>, Llama 3's on <|eot_id|>, ChatML's on <|im_end|>: each is
     a stop token beside end-of-sequence (it was only ChatML's before), and what the model learns to
     say after an answer."""
-    from llmfactory_runtime.chat import marker_ids, use_template
+    from llmfactory_runtime.chat import TEMPLATES, marker_ids, use_template
     from llmfactory_runtime.generate import stop_token_ids
     from tests.tiny_model import make_tokenizer
 
@@ -94,7 +97,7 @@ def test_generation_stops_on_the_end_of_turn_each_template_writes(tmp_path):
     assert _learned_spans(gemma, answer) == ["Hello.<end_of_turn> \n"]
 
     llama3 = make_tokenizer(tmp_path / "llama3", style="llama3", chat_template=False)
-    assert use_template(llama3, "llama3") == [400, 401, 402]  # <|start_header_id|>, <|end_header_id|>, <|eot_id|>
+    assert use_template(llama3, *TEMPLATES["llama3"]) == [400, 401, 402]  # <|start_header_id|>, <|end_header_id|>, <|eot_id|>
     assert llama3.apply_chat_template([{"role": "system", "content": " Be brief. "}, *answer], tokenize=False) == (
         "<|im_start|>"  # the tokenizer's bos_token (Llama 3's is <|begin_of_text|>)
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
@@ -107,3 +110,38 @@ def test_generation_stops_on_the_end_of_turn_each_template_writes(tmp_path):
     plain = make_tokenizer(tmp_path / "plain", chat_template=False)
     plain.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
     assert stop_token_ids(plain) == [plain.eos_token_id]
+
+
+def test_a_template_of_ones_own_gets_its_markers_as_tokens_and_is_learned_and_stopped_on(tiny_model):
+    from llmfactory_runtime.chat import check_own_template, end_of_turn, template_of
+    from llmfactory_runtime.generate import stop_token_ids
+    from llmfactory_runtime.models import tokenizer_for
+
+    tok, added = tokenizer_for({"uri": f"file://{tiny_model}"}, cache=False, template=template_of(OWN_SPEC))
+    assert tok.chat_template == OWN_TEMPLATE and len(added) == 3
+    assert tok.convert_tokens_to_ids(OWN_SPEC["chatTemplateTokens"]) == added  # one token each, new rows
+    check_own_template(tok)
+    answer = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert _learned_spans(tok, answer) == ["Hello.<|end|>\n"]
+    assert end_of_turn(tok) == added[2] and added[2] in stop_token_ids(tok)
+
+    # A marker left out is ordinary text: no token to stop on.
+    plain, _ = tokenizer_for({"uri": f"file://{tiny_model}"}, cache=False,
+                             template=template_of({**OWN_SPEC, "chatTemplateTokens": ["<|user|>", "<|assistant|>"]}))
+    assert end_of_turn(plain) is None and len(plain.tokenize("<|end|>")) > 1
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{{ messages | length }}" + OWN_TEMPLATE, "prefix by prefix"),  # the count changes every earlier text
+    ("{{ messages[0]['content'] | no_such_filter }}", "no_such_filter"),
+    ("{{ raise_exception('only user and assistant turns') }}", "only user and assistant turns"),
+])
+def test_a_template_of_ones_own_that_cannot_locate_answers_is_refused_naming_the_field(tiny_model, template, words):
+    from llmfactory_runtime.chat import check_own_template, template_of
+    from llmfactory_runtime.models import tokenizer_for
+    from llmfactory_runtime.task import InvalidTask
+
+    tok, _ = tokenizer_for({"uri": f"file://{tiny_model}"}, cache=False,
+                           template=template_of({**OWN_SPEC, "chatTemplateJinja": template}))
+    with pytest.raises(InvalidTask, match=rf"^spec.chatTemplateJinja: .*{words}"):
+        check_own_template(tok)

@@ -28,8 +28,8 @@ from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.finetune.train import best_step, evaluations_without_improvement, lr_lambda
 from llmfactory_runtime.store import finished_result, open_store
 
-from finetune_helpers import (PAIRS, SMOLLM2, conversations, finetune_task, loss_curve, run_finetune, runtime_command,
-                              write_dataset, write_task)
+from finetune_helpers import (OWN_SPEC, PAIRS, SMOLLM2, conversations, finetune_task, loss_curve, run_finetune,
+                              runtime_command, write_dataset, write_task)
 
 NO_DROPOUT = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
 
@@ -915,11 +915,11 @@ def _llama31_like_base(folder: Path, padding: int) -> tuple[Path, list[int]]:
     vocabulary padded to a multiple of 64 has (random: nothing says spare rows are zeros)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmfactory_runtime.chat import use_template
+    from llmfactory_runtime.chat import TEMPLATES, use_template
     from tests.tiny_model import make_tokenizer
 
     tok = make_tokenizer(folder, style="sentencepiece", chat_template=False)  # no ChatML markers either
-    markers = use_template(tok, "llama3")
+    markers = use_template(tok, *TEMPLATES["llama3"])
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok) + padding, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -947,7 +947,7 @@ def test_chat_markers_a_base_never_trained_start_at_the_mean_and_an_adapter_trai
     rows = original.get_input_embeddings().num_embeddings
     spec = {"method": "lora", "lora": NO_DROPOUT, "hyperparameters": {"gradientCheckpointing": False}}
     for template, trained in (("model", markers), ("chatml", [rows - 5, rows - 4])):
-        tokenizer, added = tokenizer_for(source, template=template)
+        tokenizer, added = tokenizer_for(source, template=template_of({"chatTemplate": template}))
         assert added == ([] if template == "model" else trained)  # ChatML's markers take two of the spare rows
         model = load_for_training(spec, source, ONE, torch.float32, tokenizer=tokenizer, added_tokens=added)
         assert trained_token_rows(model) == trained
@@ -1037,3 +1037,11 @@ def test_a_template_that_refuses_the_data_is_named_and_chat_template_llama3_rend
     merged = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
     assert merged.get_input_embeddings().num_embeddings == 659
     assert merged.generation_config.eos_token_id == [2, 658]  # </s> and <|eot_id|>: generate stops at a turn's end
+
+    # Or a template of one's own (Phi-3's markers), saved with the model as Llama 3's is.
+    own = finetune_task(base, f"file://{data}", f"file://{tmp_path}/own", lora=NO_DROPOUT, mergeAdapter=False, **OWN_SPEC)
+    _ok(run_finetune(write_task(own, tmp_path)))
+    saved = AutoTokenizer.from_pretrained(_result(own)["adapterUri"][7:])
+    assert saved.apply_chat_template([{"role": "system", "content": "Be brief."}], tokenize=False) == \
+        "<|system|>\nBe brief.<|end|>\n"
+    assert saved.convert_tokens_to_ids(OWN_SPEC["chatTemplateTokens"]) == [656, 657, 658]

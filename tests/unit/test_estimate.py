@@ -277,6 +277,9 @@ def test_unknown_models_are_not_refused_the_runtime_checks_them():
     ({"kto": {"beta": 0.2}}, "kto settings apply only to objective kto"),
     ({"method": "full", "hyperparameters": {"fusedKernels": True}, "distribution": {"strategy": "deepspeed", "zeroStage": 3}},
      "fusedKernels cannot run under distribution.zeroStage 3"),
+    ({"chatTemplate": "jinja"}, "chatTemplateJinja is the template of chatTemplate jinja"),
+    ({"chatTemplate": "chatml", "chatTemplateJinja": "{{ messages }}"}, "chatTemplateJinja is the template of chatTemplate jinja"),
+    ({"chatTemplateTokens": ["<|end|>"]}, "chatTemplateTokens are the markers of chatTemplate jinja"),
 ])
 def test_contradictory_specs_are_refused_by_the_planner(spec, message):
     with pytest.raises(PlanError, match=message):

@@ -128,6 +128,20 @@ def test_cycles_are_reported_with_their_path():
     assert topological({"a": ["b"], "b": []}) == ["b", "a"]
 
 
+def test_a_chat_template_of_ones_own_that_does_not_parse_is_refused_with_its_line():
+    broken = "{% for message in messages %}\n{{ message['content'] }}\n{% endfor"
+    with pytest.raises(PlanError) as err:
+        plan(parse(_jinja_fine_tune(broken)), lambda *key: None, STORE)
+    assert err.value.field == "spec.chatTemplateJinja" and "line 3" in err.value.message
+    assert isinstance(plan(parse(_jinja_fine_tune(broken + " %}")), lambda *key: None, STORE), Waiting)
+
+
+def _jinja_fine_tune(template: str) -> dict:
+    return {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "own"},
+            "spec": {"baseModel": {"huggingface": "someone/model"}, "dataset": {"datasetBuildRef": {"name": "data"}},
+                     "chatTemplate": "jinja", "chatTemplateJinja": template, "chatTemplateTokens": ["<|end|>"]}}
+
+
 def test_bad_field_is_named_with_its_path():
     bad = copy.deepcopy(FT)
     bad["spec"]["hyperparameters"] = {"learningRate": -1}

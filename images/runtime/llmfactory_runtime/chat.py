@@ -33,13 +33,21 @@ _SAMPLE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content
            {"role": "user", "content": "Bye."}]
 
 
-def use_template(tokenizer, name: str) -> list[int]:
-    """Template `name` for the tokenizer, its markers added as special tokens where the vocabulary
+def template_of(spec: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """The template a FineTune asks for (spec.chatTemplate) and the markers it writes as tokens;
+    None for the model's own."""
+    name = spec.get("chatTemplate", "model")
+    if name == "jinja":
+        return spec["chatTemplateJinja"], tuple(spec.get("chatTemplateTokens") or ())
+    return None if name == "model" else TEMPLATES[name]
+
+
+def use_template(tokenizer, template: str, markers: tuple[str, ...]) -> list[int]:
+    """`template` for the tokenizer, its `markers` added as special tokens where the vocabulary
     lacks them, as TRL's setup_chat_format does for ChatML: as plain text each would be several
     ordinary tokens, and the end-of-turn marker no token a model could learn to end its turn with or
     generation could stop on. The ids it added, whose rows the model never trained: the model grows
     rows for them where it has none (models.fit_embeddings), and an adapter trains them."""
-    template, markers = TEMPLATES[name]
     tokenizer.chat_template = template
     vocab = tokenizer.get_vocab()
     missing = [marker for marker in markers if marker not in vocab]
@@ -92,7 +100,25 @@ def apply_template(tokenizer, messages: list[dict[str, str]], **kwargs: Any):
     except TemplateError as exc:
         roles = ", ".join(m["role"] for m in messages)
         raise InvalidTask(f"the model's chat template refuses a conversation of roles {roles}: {exc} (a FineTune "
-                          "renders its data with another template with spec.chatTemplate chatml or llama3)") from None
+                          "renders its data with another template with spec.chatTemplate chatml, llama3 or "
+                          "jinja)") from None
+
+
+def check_own_template(tokenizer) -> None:
+    """A FineTune's own template (spec.chatTemplateJinja), tried on a conversation before any data:
+    it must render one, and prefix by prefix, for the loss to find each answer."""
+    from jinja2 import TemplateError  # noqa: PLC0415
+
+    try:
+        tokenizer.apply_chat_template(_SAMPLE[:2], tokenize=False)
+    except TemplateError as exc:
+        raise InvalidTask(f"spec.chatTemplateJinja: does not render a conversation of a user and an assistant "
+                          f"turn: {exc}") from None
+    try:
+        assistant_spans(tokenizer, _SAMPLE[:2])
+    except ValueError as exc:
+        raise InvalidTask(f"spec.chatTemplateJinja: {exc}: it must write each message where the conversation "
+                          "before it ended") from None
 
 
 def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .chat import use_template
+from .chat import TEMPLATES, use_template
 from .store import open_store
 from .task import InvalidTask
 
@@ -84,10 +84,11 @@ def load_tokenizer(source: dict[str, Any], cache: bool = True) -> PreTrainedToke
 
 
 def tokenizer_for(source: dict[str, Any], cache: bool = True,
-                  template: str = "model") -> tuple[PreTrainedTokenizerBase, list[int]]:
-    """The source's tokenizer with chat template `template` (chat.TEMPLATES; "model": its own, ChatML
-    where it has none), and the ids of the markers that gave it beyond the tokenizer as shipped: rows
-    the checkpoint never trained even where it has them (a vocabulary padded to a multiple of 64)."""
+                  template: tuple[str, tuple[str, ...]] | None = None) -> tuple[PreTrainedTokenizerBase, list[int]]:
+    """The source's tokenizer with chat `template` and its markers (chat.template_of; None: its own,
+    ChatML where it has none), and the ids of the markers that gave it beyond the tokenizer as
+    shipped: rows the checkpoint never trained even where it has them (a vocabulary padded to a
+    multiple of 64)."""
     if source.get("adapterUri"):  # a FineTune keeps the tokenizer it trained with beside its adapter
         return tokenizer_for({"uri": source["adapterUri"]}, cache, template)
     cached = _gguf_cache(source, cache)
@@ -97,8 +98,8 @@ def tokenizer_for(source: dict[str, Any], cache: bool = True,
         where, gguf, kwargs = locate(source)
         tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, **kwargs)
     added = []
-    if template != "model" or not tok.chat_template:
-        added = use_template(tok, "chatml" if template == "model" else template)
+    if template or not tok.chat_template:
+        added = use_template(tok, *(template or TEMPLATES["chatml"]))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok, added

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -466,6 +466,10 @@ class Tracking(ApiModel):
 
 class FineTuneSpec(RunOptions):
     cel_rules: ClassVar = [
+        {"rule": "(has(self.chatTemplate) && self.chatTemplate == 'jinja') == has(self.chatTemplateJinja)",
+         "message": "chatTemplateJinja is the template of chatTemplate jinja: set both, or neither"},
+        {"rule": "!has(self.chatTemplateTokens) || (has(self.chatTemplate) && self.chatTemplate == 'jinja')",
+         "message": "chatTemplateTokens are the markers of chatTemplate jinja (chatml's and llama3's are known)"},
         {"rule": "self.method != 'full' || !has(self.lora)", "message": "lora settings apply only to methods lora and qlora"},
         {"rule": "self.method == 'qlora' || !has(self.qlora)", "message": "qlora settings apply only to method qlora"},
         {"rule": "self.method != 'qlora' || !has(self.distribution) || self.distribution.strategy != 'deepspeed'",
@@ -506,15 +510,28 @@ class FineTuneSpec(RunOptions):
 
     base_model: BaseModel = Field(description="The model to fine-tune.")
     dataset: DatasetInput = Field(description="The conversations to train on.")
-    chat_template: Literal["model", "chatml", "llama3"] = Field("model", description=(
+    chat_template: Literal["model", "chatml", "llama3", "jinja"] = Field("model", description=(
         "How conversations are rendered, and saved with the tokenizer for whatever loads the result "
         "(Benchmark, Quantization, vLLM, llama.cpp). model: the base model's own template, or ChatML where "
         "it has none (a base model: Llama-3-8B, Mistral-7B-v0.1). chatml or llama3: that template even "
         "where the model has one, as Axolotl's chat_template, e.g. for a template that refuses a system "
-        "message (Mistral-7B-Instruct-v0.1's, Gemma's), or Llama 3's on a Llama 3 base. Markers the "
+        "message (Mistral-7B-Instruct-v0.1's, Gemma's), or Llama 3's on a Llama 3 base. jinja: a template "
+        "of your own, chatTemplateJinja, with its markers in chatTemplateTokens. Markers the "
         "vocabulary lacks (ChatML's <|im_start|> and <|im_end|>) become tokens, and markers the base never "
         "trained (Llama-3-8B base's <|eot_id|>, whose rows are zeros) start as the mean of the trained rows: "
         "LoRA and QLoRA train those rows beside the adapters."))
+    chat_template_jinja: str | None = Field(None, min_length=1, max_length=65536, description=(
+        "chatTemplate jinja: the template, in the Jinja of a tokenizer's chat_template (rendered as "
+        "transformers does, with messages, add_generation_prompt, bos_token and eos_token). It must render a "
+        "conversation prefix by prefix, each message's text starting where the shorter conversation's "
+        "ended, for the loss to find each answer. The planner parses it; the runtime renders a "
+        "conversation with it before it reads any data."))
+    chat_template_tokens: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None, max_length=64, description=(
+            "chatTemplate jinja: the markers the template writes that must each be one token (<|user|>, "
+            "<|end|>, ...), above all the one that closes an answer, which generation stops on: added as "
+            "special tokens where the vocabulary lacks them, and trained as chatml's are. A marker left out "
+            "is ordinary text, several tokens a model cannot stop on."))
     method: Literal["lora", "qlora", "full"] = Field("lora", description=(
         "lora trains an adapter on the frozen base; qlora does so on a 4-bit quantized base "
         "(bitsandbytes); full trains every weight."))

@@ -100,7 +100,9 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str,
          config_map_of: ConfigMapLookup | None = None) -> dict[str, Any] | Waiting:
     """The task document for `res`, or Waiting when a referenced resource has not succeeded
     (or a ConfigMap it reads does not exist yet)."""
-    estimate = check_fits(res) if res.kind == "FineTune" else None  # refuse before waiting on anything
+    if res.kind == "FineTune":  # refuse before waiting on anything
+        _check_chat_template(res)
+    estimate = check_fits(res) if res.kind == "FineTune" else None
     upstream: dict[str, dict[str, Any]] = {}
     for path, kind, name in references(res):
         result = result_of(kind, res.namespace, name)
@@ -203,6 +205,20 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         dataset["format"] = "graded"
         _check_grader(res, "spec.grpo.grader", res.spec.grpo.grader)
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
+
+
+def _check_chat_template(res: Resource) -> None:
+    """Refuse, before a Job runs, a chatTemplateJinja that does not parse (in transformers' own Jinja
+    environment: sandboxed, with loop controls); how it renders is the runtime's to check."""
+    if res.spec.chat_template_jinja is None:
+        return
+    from jinja2 import TemplateSyntaxError  # noqa: PLC0415
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+
+    try:
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(res.spec.chat_template_jinja)
+    except TemplateSyntaxError as e:
+        raise PlanError(res.ref, "spec.chatTemplateJinja", f"does not parse as Jinja: line {e.lineno}: {e.message}") from None
 
 
 def _check_grader(res: Resource, field: str, grader) -> None:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import Interrupted
 from ..batching import collate_sequences, encode_rows, label_count, loss_sums, token_logps
+from ..chat import check_own_template, template_of
 from ..data import read_split
 from ..grader import grader_models
 from ..models import load_config, tokenizer_for
@@ -144,7 +145,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     shape = shape_from_config(load_config(inputs["baseModel"]).to_dict())
     precision = next(name for name, d in DTYPES.items() if d == dtype)
     # The template is saved with the adapter and the merged model: every later load renders as training did.
-    tokenizer, added_tokens = tokenizer_for(inputs["baseModel"], template=spec.get("chatTemplate", "model"))
+    tokenizer, added_tokens = tokenizer_for(inputs["baseModel"], template=template_of(spec))
+    if spec.get("chatTemplate") == "jinja":
+        check_own_template(tokenizer)
     plan = replace(plan_of({**spec, "hyperparameters": {**hp, "precision": precision},
                             "resources": {"gpusPerNode": world.size, "nodes": 1}}),
                    new_token_rows=len(added_tokens))
