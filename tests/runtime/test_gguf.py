@@ -41,10 +41,12 @@ def test_gguf_metadata_and_tokenizer_round_trip(tiny_model, tmp_path):
     assert fields["llama.block_count"] == config["num_hidden_layers"]
     assert fields["llama.attention.head_count_kv"] == config["num_key_value_heads"]
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
+    original = AutoTokenizer.from_pretrained(tiny_model)
+    # Where a turn ends, so llama.cpp stops there (not only on end-of-sequence).
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == original.convert_tokens_to_ids("<|im_end|>")
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
-    original = AutoTokenizer.from_pretrained(tiny_model)
     loaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     assert loaded(TEXT)["input_ids"] == original(TEXT)["input_ids"]
     chat = [{"role": "user", "content": "hi"}]

@@ -16,7 +16,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 from safetensors import safe_open
+from transformers import AutoTokenizer
 
+from ..chat import end_of_turn
 from ..task import InvalidTask
 
 # model_type -> (llama.cpp architecture, whether q/k rows are permuted to llama's rotary layout)
@@ -137,6 +139,11 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int) -> No
         if value in ids:
             add(ids[value])
     writer.add_add_bos_token(_adds_bos(tok, config))
+    # The token a turn ends with (ChatML's <|im_end|>, a template of one's own's): llama.cpp stops on
+    # it, where otherwise it guesses from a list of known texts and a new marker runs on.
+    eot = end_of_turn(AutoTokenizer.from_pretrained(folder))
+    if eot is not None and eot < vocab_size:
+        writer.add_eot_token_id(eot)
     template = config.get("chat_template")
     if not template and (folder / "chat_template.jinja").exists():
         template = (folder / "chat_template.jinja").read_text()
