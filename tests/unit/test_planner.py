@@ -221,6 +221,22 @@ def test_scheduling_fields_of_a_phase_do_not_change_its_digest():
     assert plan(parse(base), lookup({}), STORE)["digest"] == plan(parse(moved), lookup({}), STORE)["digest"]
 
 
+def test_how_qlora_runs_its_4bit_weights_does_not_change_its_digest():
+    """Dequantized once or in every pass, the adapter is the same: a QLoRA FineTune that names either,
+    or none (the default changed from auto to never), is not run again."""
+    results = lookup({("DatasetBuild", "data"): DATA_RESULT})
+    digests = set()
+    for setting in (None, "auto", "never", "always"):
+        ft = copy.deepcopy(FT)
+        ft["spec"] |= {"method": "qlora", **({"qlora": {"dequantizeOnce": setting}} if setting else {})}
+        task = plan(parse(ft), results, STORE)
+        assert task["spec"]["qlora"]["dequantizeOnce"] == (setting or "never")  # the runtime still gets it
+        digests.add(task["digest"])
+    assert len(digests) == 1
+    ft["spec"]["qlora"] = {"quantType": "fp4"}  # what the weights are does change it
+    assert plan(parse(ft), results, STORE)["digest"] not in digests
+
+
 def test_benchmark_of_a_quantization_loads_its_first_artifact():
     result = {"artifacts": [{"type": "q8_0", "uri": "s3://b/q/gguf/x-q8_0.gguf", "sha256": "abc", "sizeBytes": 1,
                              "bitsPerWeight": 8.5}], "passed": True, "datasetUri": "s3://b/d",

@@ -68,7 +68,8 @@ class QLora(ApiModel):
         "takes LoRA's memory. never (the default): keep the weights 4-bit, the least memory; on an "
         "H200, Llama-3-8B's dequantization took 3.5% of the GPU's time and the 4-bit run was no slower. "
         "auto: once on a GPU whose free memory holds the LoRA-sized estimate, else 4-bit; always: also "
-        "on CPU, refused with the numbers where it cannot fit."))
+        "on CPU, refused with the numbers where it cannot fit. Not part of the run's digest: changing it "
+        "runs nothing again."))
 
 
 class EarlyStopping(ApiModel):
