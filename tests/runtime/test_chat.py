@@ -135,6 +135,7 @@ def test_a_template_of_ones_own_gets_its_markers_as_tokens_and_is_learned_and_st
     ("{{ messages | length }}" + OWN_TEMPLATE, "prefix by prefix"),  # the count changes every earlier text
     ("{{ messages[0]['content'] | no_such_filter }}", "no_such_filter"),
     ("{{ raise_exception('only user and assistant turns') }}", "only user and assistant turns"),
+    ("{% if add_generation_prompt %}{{ raise_exception('no prompt') }}{% endif %}" + OWN_TEMPLATE, "no prompt"),
 ])
 def test_a_template_of_ones_own_that_cannot_locate_answers_is_refused_naming_the_field(tiny_model, template, words):
     from llmfactory_runtime.chat import check_own_template, template_of

@@ -116,6 +116,8 @@ def check_own_template(tokenizer) -> None:
                           f"turn: {exc}") from None
     try:
         assistant_spans(tokenizer, _SAMPLE[:2])
+    except InvalidTask as exc:  # e.g. it refuses add_generation_prompt
+        raise InvalidTask(f"spec.chatTemplateJinja: {exc}") from None
     except ValueError as exc:
         raise InvalidTask(f"spec.chatTemplateJinja: {exc}: it must write each message where the conversation "
                           "before it ended") from None
