@@ -937,7 +937,7 @@ def test_chat_markers_a_base_never_trained_start_at_the_mean_and_an_adapter_trai
     (zero rows): an adapter that left them so would never learn to end a turn. Their rows start at the
     trained rows' mean and are trained beside the adapters, as are ChatML's markers where a padded
     vocabulary gives them spare rows rather than new ones."""
-    from llmfactory_runtime.chat import end_of_turn
+    from llmfactory_runtime.chat import end_of_turn, template_of
     from llmfactory_runtime.finetune.model_setup import trained_token_rows
     from llmfactory_runtime.models import tokenizer_for
 
