@@ -256,16 +256,12 @@ def test_16_bit_lora_steps_fp32_master_weights_and_moves_as_fp32_does(tiny_model
     lora_a = [k for k in runs["fp32"] if "lora_A" in k]
     assert lora_a and {v.dtype for v in runs["bf16"].values()} == {torch.bfloat16}
 
-    def moved(precision: str) -> torch.Tensor:
-        """How each lora_A weight moved from its start, on the grid of `precision`'s dtype."""
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        return torch.cat([(runs[precision][k].float() - start[k].to(dtype).float()).flatten() for k in lora_a])
+    def moved(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """How each lora_A weight moved from its start, on the grid of `dtype`."""
+        return torch.cat([(weights[k].to(dtype).float() - start[k].to(dtype).float()).flatten() for k in lora_a])
 
-    for precision in ("bf16", "fp16"):
-        expected = torch.cat([(runs["fp32"][k].to(torch.bfloat16 if precision == "bf16" else torch.float16).float()
-                               - start[k].to(torch.bfloat16 if precision == "bf16" else torch.float16).float()).flatten()
-                              for k in lora_a])
-        got = moved(precision)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        got, expected = moved(runs[precision], dtype), moved(runs["fp32"], dtype)  # fp32's run, rounded alike
         assert got.norm() > 0.7 * expected.norm() > 0
         assert (got != 0).sum() > 0.8 * (expected != 0).sum()
     assert loss_curve(tasks["fp16"]) == pytest.approx(loss_curve(tasks["fp32"]), abs=1e-2)

@@ -217,8 +217,10 @@ def operational_fields(kind: str) -> tuple[str, ...]:
     return tuple(f for f in OPERATIONAL_FIELDS if not (f == "resources" and kind == "FineTune"))
 
 
-# In the task (the runtime needs them) but not in its digest: they do not change the result.
-RUNTIME_ONLY_FIELDS = ("checkpointing", "tracking", "shards")
+# In the task (the runtime needs them) but not in its digest: they do not change the result (a
+# dotted path names a field inside one: whether QLoRA dequantizes its 4-bit weights once, the same
+# adapter either way, tested).
+RUNTIME_ONLY_FIELDS = ("checkpointing", "tracking", "shards", "qlora.dequantizeOnce")
 
 
 class Phase(str, Enum):

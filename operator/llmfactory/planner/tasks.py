@@ -90,12 +90,16 @@ def digest_spec(res: Resource) -> dict[str, Any]:
     """The part of the spec a run's result depends on, as the digest sees it: fields left at their
     default are left out, so a field added with a default in a later version (which the CRD then
     fills into every stored object) does not make finished resources run again after an upgrade.
-    How often to checkpoint or where to report does not change what is computed either, nor whether
-    QLoRA dequantizes its 4-bit weights once (the same adapter, tested), whose default changed."""
+    How often to checkpoint or where to report does not change what is computed either."""
     written = res.spec.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
-    (written.get("qlora") or {}).pop("dequantizeOnce", None)
-    return {k: v for k, v in written.items()
-            if k not in operational_fields(res.kind) and k not in RUNTIME_ONLY_FIELDS}
+    digested = {k: v for k, v in written.items() if k not in operational_fields(res.kind)}
+    for path in RUNTIME_ONLY_FIELDS:
+        *parents, field = path.split(".")
+        holder = digested
+        for key in parents:
+            holder = holder.get(key) or {}
+        holder.pop(field, None)
+    return digested
 
 
 def plan(res: Resource, result_of: ResultLookup, store_uri: str,
