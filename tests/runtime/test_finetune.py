@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmfactory_runtime import batching
 from llmfactory_runtime.batching import collate_sequences as collate, encode_rows, label_count, loss_sums
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.finetune import checkpoint
@@ -79,6 +80,31 @@ def test_packed_batch_restarts_positions_and_labels_only_assistant_tokens():
     assert label_count(batch) == 5
     plain = collate(examples, [[1], [2]], pad_id=0, packed=False)
     assert plain["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_on_a_gpu_rows_are_padded_to_a_multiple_of_64_which_changes_no_loss(tiny_model, monkeypatch, packed):
+    """On a GPU (batching.WIDTH_MULTIPLE) a batch is as wide as the next multiple of 64, so that the
+    attention kernel meets few shapes; the padding is its own segment (packed) or masked (plain)
+    and carries no labels, so the loss is the one of the narrow batch."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples = encode_rows(tok, conversations(3), 96)
+    rows = [[0, 1], [2]] if packed else [[0], [1], [2]]
+    narrow = collate(examples, rows, tok.pad_token_id, packed)
+    monkeypatch.setattr(batching, "WIDTH_MULTIPLE", 64)
+    wide = collate(examples, rows, tok.pad_token_id, packed)
+    width = narrow["input_ids"].shape[1]
+    assert width % 64 and wide["input_ids"].shape[1] == -(-width // 64) * 64
+    for key in narrow:
+        assert torch.equal(wide[key][:, :width], narrow[key])
+    assert (wide["input_ids"][:, width:] == tok.pad_token_id).all() and (wide["labels"][:, width:] == IGNORE).all()
+    if packed:  # the padding is one segment of its own, counted from 0 where the row's conversations end
+        for i, row in enumerate(rows):
+            end = sum(len(examples[j]["input_ids"]) for j in row)
+            assert wide["position_ids"][i, end:].tolist() == list(range(wide["input_ids"].shape[1] - end))
+    with torch.no_grad():
+        assert model(**wide).loss.item() == pytest.approx(model(**narrow).loss.item(), abs=1e-6)
 
 
 def test_a_packed_conversation_gets_exactly_the_logits_it_gets_alone(tiny_model):

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from llmfactory.api.headline import headline
 from llmfactory.planner import parse, plan
-from llmfactory_runtime import reward_model
+from llmfactory_runtime import batching, reward_model
 from llmfactory_runtime.benchmark import run as benchmark
 from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.preference import encode_pairs, pair_margins
@@ -197,10 +197,12 @@ def test_a_resumed_reward_model_run_ends_with_the_uninterrupted_weights(tiny_mod
     _resumed_from_step_4_ends_with_the_same_weights(run, path, run.read_json("result.json"))
 
 
-def test_pairs_scored_in_a_padded_batch_get_the_scores_they_get_alone(tiny_model, tmp_path):
+@pytest.mark.parametrize("width_multiple", [1, 64])  # 64: a GPU's (batching.row_width)
+def test_pairs_scored_in_a_padded_batch_get_the_scores_they_get_alone(tiny_model, monkeypatch, width_multiple):
     """pair_batch (training) and reward_model.scores (a grader) right-pad conversations of different
     lengths; each row's score is read at its own last token, where a conversation alone is read. A
-    model whose config names no pad token is read one conversation at a time, to the same scores."""
+    model whose config names no pad token is read one conversation at a time, unpadded, to the same
+    scores."""
     from transformers import AutoModelForSequenceClassification  # noqa: PLC0415
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -209,9 +211,10 @@ def test_pairs_scored_in_a_padded_batch_get_the_scores_they_get_alone(tiny_model
     rows = _rows()[:4]
     convs = encode_pairs(tok, rows, 96, "validation.jsonl")
     assert len({len(c["input_ids"]) for c in convs}) > 1  # padding happens
-    batched = reward_model.evaluate_pairs(model, convs, list(range(4)), 4, tok.pad_token_id, "cpu")
     conversations = [r["prompt"] + r[side] for r in rows for side in ("chosen", "rejected")]
     alone = reward_model.scores(model, tok, conversations, batch_size=1)
+    monkeypatch.setattr(batching, "WIDTH_MULTIPLE", width_multiple)
+    batched = reward_model.evaluate_pairs(model, convs, list(range(4)), 4, tok.pad_token_id, "cpu")
     torch.testing.assert_close(batched.flatten(), torch.tensor(alone), rtol=0, atol=1e-5)
     assert reward_model.scores(model, tok, conversations) == pytest.approx(alone, abs=1e-5)
     model.config.pad_token_id = None

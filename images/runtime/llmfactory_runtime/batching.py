@@ -18,12 +18,27 @@ def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
     return [e for e in encoded if any(label != IGNORE for label in e["labels"])]
 
 
+# Rows' width: a multiple of this, 64 on a GPU. SDPA with a mask (packing's block-diagonal one, or
+# padding's) runs cuDNN's attention there (torch 2.11), which builds an execution plan for each
+# shape it has not seen, up to a second each (modelscope/FunASR#3704), and packed rows make a new
+# width nearly every step: 41 widths in the 69 steps of the H200 benchmark, whose first run on a
+# fresh machine spent 14 s (0.35 s a width) more than its steady state (benchmarks/RESULTS.md).
+# Rounded, that run meets 6 widths, for 1% more positions. On a CPU nothing is built per shape
+# and padding is only work.
+WIDTH_MULTIPLE = 64 if torch.cuda.is_available() else 1
+
+
+def row_width(longest: int) -> int:
+    """The width of a batch whose longest row has `longest` tokens (WIDTH_MULTIPLE)."""
+    return -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+
+
 def collate_sequences(examples: list[dict], rows: list[list[int]], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-padded tensors, one row per sequence of examples (indices). Packed sequences carry
-    position_ids that restart per conversation (padding forms its own segment, from 0, with no
-    labels), from which transformers builds a block-diagonal mask; plain ones an attention_mask."""
+    """Right-padded tensors, one row per sequence of examples (indices), row_width wide. Packed
+    sequences carry position_ids that restart per conversation (padding forms its own segment, from
+    0, with no labels), from which transformers builds a block-diagonal mask; plain ones an attention_mask."""
     seqs = [[examples[i] for i in row] for row in rows]
-    width = max(sum(len(e["input_ids"]) for e in seq) for seq in seqs)
+    width = row_width(max(sum(len(e["input_ids"]) for e in seq) for seq in seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
     extra = torch.zeros((len(seqs), width), dtype=torch.long)

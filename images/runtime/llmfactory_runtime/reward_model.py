@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from .batching import collate_sequences, evaluating
+from .batching import collate_sequences, evaluating, row_width
 from .chat import render
 from .finetune.estimate import REWARD_MODEL_BATCH
 from .models import compute_dtype, device, fit_embeddings, load_tokenizer, locate
@@ -60,7 +60,8 @@ def scores(model, tokenizer, conversations: list[list[dict[str, str]]],
     with torch.no_grad():
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
-            width = max(len(encoded[i]) for i in chunk)
+            longest = max(len(encoded[i]) for i in chunk)
+            width = row_width(longest) if pad is not None else longest  # else read at its last position
             ids = torch.full((len(chunk), width), pad if pad is not None else 0, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, i in enumerate(chunk):
