@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -733,6 +734,25 @@ def test_adapters_run_in_the_training_dtype_and_keep_less_for_backward_than_a_fu
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
     assert _kept_for_backward(tiny_model, {"method": "lora", "lora": NO_DROPOUT}) \
         < _kept_for_backward(tiny_model, {"method": "full"})
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])  # qlora keeps what lora keeps (test above)
+def test_the_estimate_counts_what_a_decoder_layer_keeps_for_backward(tiny_model, tmp_path, method):
+    """The memory estimate's activations per layer (estimate.py) against what autograd keeps: the same
+    model with one layer more keeps one layer's worth more (the loss and the rotary tables are shared)."""
+    from llmfactory_runtime.finetune.estimate import estimate, plan_of, shape_from_config
+
+    deeper = tmp_path / "deeper"
+    shutil.copytree(tiny_model, deeper)
+    config = json.loads((tiny_model / "config.json").read_text())
+    (deeper / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    spec = {"method": method, "lora": NO_DROPOUT} if method != "full" else {"method": "full"}
+    measured = _kept_for_backward(deeper, spec) - _kept_for_backward(tiny_model, spec)
+    hp = {"batchSize": 2, "maxSeqLength": 64, "precision": "bf16"}
+    shallow, deep = (estimate(shape_from_config(c), plan_of({**spec, "hyperparameters": hp}))
+                     for c in (config, {**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    # Within 2%: what is not counted is a vector or two (a norm's fp32 reciprocal, SDPA's logsumexp).
+    assert (deep.activations_gib - shallow.activations_gib) * 2 ** 30 == pytest.approx(measured, rel=0.02)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -195,37 +195,39 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
     if plan.offload:
         optim = 0.0
 
-    # Activations kept for backward, bytes per token per layer. The coefficients follow what
-    # autograd saves in a Llama block (fp32 RMSNorm inputs and outputs; RoPE'd q and k; SDPA's
-    # q, k, v and output; the MLP's gate, activation, up and product) and were fitted to peaks
-    # measured on an H100 (benchmarks/RESULTS.md: within 5% for LoRA and QLoRA on Llama-3-8B).
-    # Adapters keep their inputs; dropout on them adds a mask. Checkpointing keeps each layer's
-    # input and recomputes one layer at a time. The loss holds the logits, their fp32 upcast,
-    # log-softmax and its gradient; Liger's fused linear + cross-entropy (fusedKernels, SFT) never
-    # holds them whole: it keeps the gradient of its input (2h bytes a token) and, for a moment,
-    # one chunk's logits, sized to about as much again (up to twice that, rounded up to a power of
-    # two). Its fused norms, SwiGLU and RoPE keep less than what is counted here (11 GiB less
-    # measured on Llama-3-8B at 2 x 2048 tokens, of which the loss is 5): not credited, as they
-    # were measured once only. QLoRA keeps what LoRA keeps: its unquantized layers run in the
-    # training dtype as LoRA's do (model_setup.py), and a frozen 4-bit layer, like a frozen Linear,
-    # saves nothing of its own for backward. (Until 2026-11-24 they ran in fp32, peft's default,
-    # and QLoRA had terms of its own, fitted then.) The adapters' own terms were fitted while they
-    # ran in fp32 and kept fp32 copies of their inputs; since 2026-12-04 they run in the training
-    # dtype (model_setup._train_in), and on the tiny test model autograd keeps a third less for
-    # LoRA without dropout. Kept as fitted, so too high, until a GPU measures the new peaks.
-    h, kv, inter = shape.hidden, shape.kv_heads * shape.head_dim, shape.intermediate
-    per_layer = 28 * h + 8 * kv + 8 * inter
-    if plan.method != "full":
-        per_layer += 12 * h + 2 * inter
+    # Activations kept for backward, bytes per token per layer, as autograd keeps them in a Llama
+    # block (counted with saved-tensor hooks: tests/runtime/test_finetune.py): each RMSNorm's fp32
+    # input (8h for two); SDPA's q, k, v and output, k and v repeated to every head where a mask is
+    # given, as packing's is (8h), and its own copy of that seq x seq mask in bf16 (2 x seq); the
+    # input of the q/k/v and of the gate/up projections, once each, which their adapters' A
+    # matrices keep (4h), and each A's output (2r); the MLP's gate, SiLU, up and product (8 x
+    # intermediate). A full fine-tune also keeps each norm's bf16 output for its weight's gradient
+    # (4h). LoRA dropout gives each adapted layer its own dropped-out input and a mask of a byte an
+    # element (a GPU's; a CPU's take 2) in place of the shared inputs. Checkpointing keeps each
+    # layer's input and recomputes one layer at a time. The loss peaks as backward starts: the fp32
+    # logits' log-softmax, its gradient and its input's (12 bytes a logit). Liger's fused linear +
+    # cross-entropy (fusedKernels, SFT) never holds them whole: it keeps the gradient of its input
+    # (2h bytes a token) and, for a moment, one chunk's logits, sized to about as much again (up to
+    # twice that, rounded up to a power of two); its fused norms, SwiGLU and RoPE keep less than
+    # counted here (not credited). QLoRA keeps what LoRA keeps: its unquantized layers run in the
+    # training dtype and a frozen 4-bit layer saves nothing of its own. On one H200 (2026-12-04,
+    # benchmarks/RESULTS.md: Llama-3-8B, 2 x 2048 tokens, no dropout) LoRA and QLoRA both peaked
+    # 30.3 GiB above their weights and trainable state; this count says 30.4.
+    h, inter = shape.hidden, shape.intermediate
+    per_layer = 20 * h + 8 * inter + 2 * plan.seq_len
+    if plan.method == "full":
+        per_layer += 4 * h
+    else:
+        per_layer += 2 * plan.lora_r * len(adapted_dims(shape, plan))
         if plan.lora_dropout > 0:
-            per_layer += 6 * h + inter
+            per_layer += 14 * h + inter
     dora_per_token, dora_fixed = _dora_activations(shape, plan)
     per_layer += dora_per_token
     if plan.gradient_checkpointing:
         layer_bytes, fixed = shape.layers * 2 * h + per_layer, dora_fixed
     else:
         layer_bytes, fixed = shape.layers * per_layer, shape.layers * dora_fixed
-    loss_bytes = 6 * h if plan.fused_loss else 10 * shape.outputs
+    loss_bytes = 6 * h if plan.fused_loss else 12 * shape.outputs
     activations = tokens * (layer_bytes + loss_bytes) + fixed + dora_transient(shape, plan)
     if plan.new_token_rows and plan.method != "full":
         # peft's trainable tokens write their rows into a copy of the whole matrix each forward: the
@@ -322,11 +324,13 @@ def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
     """None when the estimate fits a GPU of gpu_gib, else a sentence with the numbers and what to change."""
     if est.total_gib <= gpu_gib:
         return None
-    dora = ("set lora.dropout 0 (QLoRA's DoRA with dropout keeps a dequantized copy of each adapted weight), "
-            if plan.lora_dora and plan.lora_dropout > 0 and plan.method == "qlora" else "")
+    dropout = ""
+    if plan.method != "full" and plan.lora_dropout > 0:
+        copies = " and, QLoRA's DoRA, a dequantized copy of its weight" if plan.lora_dora and plan.method == "qlora" else ""
+        dropout = f"set lora.dropout 0 (with dropout each adapted layer keeps its own dropped-out input{copies}), "
     graders = ("use a smaller grader model (or serve a judge with vLLM behind grader.judge instead of judgeModel), "
                if est.graders_gib else "")
-    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dora}{graders}lower "
+    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dropout}{graders}lower "
             f"hyperparameters.batchSize or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, "
             f"or shard with distribution.strategy deepspeed (zeroStage 3) over more GPUs")
 
