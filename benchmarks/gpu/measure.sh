@@ -31,6 +31,8 @@ case $part in
 1)  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.csv"
     python3 -c 'import torch, transformers, peft, bitsandbytes as b; print(torch.__version__, transformers.__version__, peft.__version__, b.__version__)' \
         | tee "$OUT/versions.txt"
+    # QLoRA first: the first run on a fresh machine, as a cluster's pod is, pays what nothing has
+    # cached yet (cuDNN's plans per batch width: batching.row_width).
     step runtime 240 --conversations "$CONVERSATIONS" --methods qlora,lora
     # Steady state after warm-up (where compiling happens), and the device time by kind of work.
     step profile 150 --conversations 150 --methods lora,qlora --profile 5
