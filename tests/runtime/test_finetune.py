@@ -663,7 +663,7 @@ def test_qlora_dequantizes_once_where_the_memory_is_there_and_refuses_always_whe
     from llmfactory_runtime.task import InvalidTask
 
     as_lora = estimate(KNOWN_SHAPES["meta-llama/meta-llama-3-8b"], Plan(method="lora", micro_batch=2, seq_len=2048, gpus=1))
-    assert 60 < as_lora.total_gib < 75
+    assert 50 < as_lora.total_gib < 65
     assert dequantize_once("auto", as_lora, (79.2, 78.0)) is True  # an H100 of its own
     assert dequantize_once("auto", as_lora, (79.2, 40.0)) is False  # shared: another process holds half
     assert dequantize_once("auto", as_lora, (39.4, 39.0)) is False  # a MIG slice
@@ -671,7 +671,7 @@ def test_qlora_dequantizes_once_where_the_memory_is_there_and_refuses_always_whe
     assert dequantize_once("never", as_lora, (79.2, 78.0)) is False
     assert dequantize_once("always", as_lora, (79.2, 40.0)) is True
     assert dequantize_once("always", as_lora, None) is True
-    with pytest.raises(InvalidTask, match=r"spec.qlora.dequantizeOnce: always needs ~6\d.\d GiB .* 39.4 GiB .* auto or never"):
+    with pytest.raises(InvalidTask, match=r"spec.qlora.dequantizeOnce: always needs ~5\d.\d GiB .* 39.4 GiB .* auto or never"):
         dequantize_once("always", as_lora, (39.4, 39.0))
 
 
