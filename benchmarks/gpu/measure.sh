@@ -3,7 +3,8 @@
 # for, in three parts that each fit one 10-minute call: `bash benchmarks/gpu/measure.sh 1|2|3`.
 # A session is lent 15 minutes of device time in all (the machine's start, ~35 s, included), so
 # part 1 holds what matters most, most important first: QLoRA (4-bit, the default) next to LoRA
-# through the runtime, then steady-state profiles (where the time goes), uncompiled and compiled.
+# through the runtime, then both compiled through the runtime (compile time included). Part 2:
+# steady-state profiles (where the time goes), uncompiled and compiled, and QLoRA dequantized once.
 # Each step runs under a time limit and leaves its log and JSON rows in $OUT; a step that runs out
 # of time leaves what it printed. SHAPE, SEQ and CONVERSATIONS override the sizes (a dry run on
 # CPU: SHAPE=small SEQ=256 CONVERSATIONS=40 OUT=/tmp/out bash benchmarks/gpu/measure.sh 1).
@@ -34,12 +35,13 @@ case $part in
     # QLoRA first: the first run on a fresh machine, as a cluster's pod is, pays what nothing has
     # cached yet (cuDNN's plans per batch width: batching.row_width).
     step runtime 240 --conversations "$CONVERSATIONS" --methods qlora,lora
-    # Steady state after warm-up (where compiling happens), and the device time by kind of work.
+    # torch.compile per layer through the runtime: LoRA first (its compiled steady state is known:
+    # 12.6k tokens/s), then 4-bit QLoRA, whose compiled profile once did not finish in 125 s.
+    step compile 300 --conversations "$CONVERSATIONS" --methods lora,qlora --compile ;;
+2)  # Steady state after warm-up (where compiling happens), and the device time by kind of work.
     step profile 150 --conversations 150 --methods lora,qlora --profile 5
-    step profile-compile 150 --conversations 150 --methods lora --profile 5 --compile ;;
-2)  # QLoRA dequantized once (qlora*) and torch.compile through the runtime (its tokens/s include compiling).
-    step qlora-auto 200 --conversations "$CONVERSATIONS" --methods qlora --qlora-dequantize auto
-    step compile 300 --conversations "$CONVERSATIONS" --methods qlora,lora --compile ;;
+    step profile-compile 150 --conversations 150 --methods lora --profile 5 --compile
+    step qlora-auto 200 --conversations "$CONVERSATIONS" --methods qlora --qlora-dequantize auto ;;
 3)  step dora 200 --conversations 200 --methods lora --dora --checkpointing
     # DPO: a row holds a pair, up to twice --seq: half the sequence, the same tokens per row.
     SEQ=$((SEQ / 2)) step dpo 180 --conversations "$CONVERSATIONS" --methods qlora,lora --dpo ;;
