@@ -9,6 +9,7 @@ import torch
 
 from .chat import IGNORE, encode_for_training
 from .data import messages_of, undesirable
+from .models import device
 
 
 def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
@@ -25,7 +26,7 @@ def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
 # fresh machine spent 14 s (0.35 s a width) more than its steady state (benchmarks/RESULTS.md).
 # Rounded, that run meets 6 widths, for 1% more positions. On a CPU nothing is built per shape
 # and padding is only work.
-WIDTH_MULTIPLE = 64 if torch.cuda.is_available() else 1
+WIDTH_MULTIPLE = 64 if device().type == "cuda" else 1
 
 
 def row_width(longest: int) -> int:
