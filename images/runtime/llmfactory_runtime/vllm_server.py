@@ -5,7 +5,8 @@ vLLM pins its own torch and transformers (0.33: torch 2.14, transformers < 5.21)
 ours, so it lives in a virtualenv of its own (the runtime image's /opt/vllm, WITH_VLLM=true) and
 is reached over HTTP on the loopback. The server gets the tokenizer and chat template the
 transformers engine would use, no generation_config defaults (plain temperature sampling, like
-ours), and stops on the same end-of-turn tokens, so both engines answer the same prompts.
+ours), the same dtype, and stops on the same end-of-turn tokens, so both engines answer the same
+prompts alike (tested with vLLM's CPU build, which serves when a task asks for engine vllm).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import Any
 import httpx
 
 from .generate import Generation, stop_token_ids
-from .models import load_config, load_tokenizer, locate
-from .openai_client import ChatClient
+from .models import compute_dtype, load_config, load_tokenizer, locate
+from .openai_client import ChatClient, Completion
 from .task import InvalidTask
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,31 @@ SERVED_NAME = "model"
 ADAPTER_NAME = "adapter"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what --max-lora-rank accepts
 START_TIMEOUT = float(os.environ.get("LLMFACTORY_VLLM_START_TIMEOUT", 1800))  # weights download + compile
+# GiB of KV cache for vLLM's CPU build unless VLLM_CPU_KVCACHE_SPACE says otherwise: its own default
+# takes most of the machine's memory (21 of 23.5 GiB on the test machine, a minute to allocate).
+CPU_KV_CACHE_GIB = 4
 
 
 def vllm_executable() -> str | None:
     """The `vllm` command: LLMFACTORY_VLLM (the image sets /opt/vllm/bin/vllm), else PATH."""
     path = os.environ.get("LLMFACTORY_VLLM") or shutil.which("vllm")
     return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+def vllm_build(executable: str) -> str:
+    """'cpu' for a CPU build of vLLM, whose version says so ("0.32.0+cpu": what vLLM's own platform
+    detection reads), else 'cuda'. Asked of the executable's Python without importing vLLM (seconds)."""
+    with open(executable, "rb") as f:
+        first = f.readline().decode(errors="replace")
+    interpreter = first[2:].strip().split(" ")[0] if first.startswith("#!") else ""
+    if not Path(interpreter).name.startswith("python"):
+        return "cuda"
+    try:
+        version = subprocess.run([interpreter, "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+                                 capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "cuda"
+    return "cpu" if "cpu" in version else "cuda"
 
 
 def _cuda_devices() -> int:
@@ -62,11 +82,14 @@ def choose_engine(engine: str, source: dict[str, Any], field: str) -> str:
     problem = None
     if source.get("ggufFile") or (source.get("uri") or "").endswith(".gguf"):
         problem = "vLLM does not load GGUF files; use engine transformers, or a compressed-tensors Quantization"
-    elif vllm_executable() is None:
+    elif (executable := vllm_executable()) is None:
         problem = ("no vLLM in this image: build the runtime image with --build-arg WITH_VLLM=true (or point "
                    "LLMFACTORY_VLLM at a vllm executable), or use engine transformers")
-    elif _cuda_devices() == 0:
+    elif (build := vllm_build(executable)) == "cuda" and _cuda_devices() == 0:
         problem = "vLLM needs a CUDA GPU and none is visible: give the pod a GPU, or use engine transformers"
+    elif build == "cpu" and engine == "auto":
+        # On a CPU, transformers answers a benchmark's few dozen prompts before vLLM has compiled.
+        problem = "this image's vLLM is a CPU build, which serves only where a task asks for engine vllm"
     elif source.get("adapterUri") and (adapter := _adapter_problem(_adapter_config(source["adapterUri"]))):
         problem = adapter
     elif len(load_tokenizer(source)) > load_config(source).get_text_config().vocab_size:
@@ -111,16 +134,18 @@ def tensor_parallel_size(gpus: int, attention_heads: int) -> int:
 
 
 def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, port: int, gpus: int,
-                  seed: int = 0) -> list[str]:
+                  seed: int = 0, dtype: str = "auto") -> list[str]:
     """`vllm serve` for a ModelSource: a directory or Hugging Face id, with a FineTune's LoRA adapter
-    served beside its base (requests then name the adapter) rather than merged first."""
+    served beside its base (requests then name the adapter) rather than merged first. dtype: the
+    transformers engine's (models.compute_dtype), not the checkpoint's, which vLLM would take."""
     base = {k: v for k, v in source.items() if k not in ("adapterUri", "digest")}
     where, _, kwargs = locate(base)
     heads = load_config(base).num_attention_heads if gpus > 1 else 1
     command = [executable, "serve", where, "--host", "127.0.0.1", "--port", str(port),
                "--served-model-name", SERVED_NAME, "--tokenizer", tokenizer_dir,
                "--chat-template", str(Path(tokenizer_dir, "chat_template.jinja")), "--generation-config", "vllm",
-               "--tensor-parallel-size", str(tensor_parallel_size(gpus, heads)), "--seed", str(seed)]
+               "--tensor-parallel-size", str(tensor_parallel_size(gpus, heads)), "--seed", str(seed),
+               "--dtype", dtype]
     if kwargs.get("revision"):
         command += ["--revision", kwargs["revision"]]
     if source.get("adapterUri"):
@@ -128,6 +153,12 @@ def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, p
         command += ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={folder}",
                     "--max-lora-rank", str(_lora_rank(_adapter_config(source["adapterUri"])))]
     return command
+
+
+def answer_tokens(completion: Completion) -> int:
+    """A vLLM answer's tokens as the transformers engine counts them: vLLM's completion_tokens also
+    counts the end-of-turn token it stopped on."""
+    return completion.completion_tokens - (1 if completion.finish_reason == "stop" else 0)
 
 
 def _free_port() -> int:
@@ -167,14 +198,19 @@ class VllmServer:
             tokenizer_dir = Path(self._workdir.name, "tokenizer")
             self.tokenizer.save_pretrained(tokenizer_dir)
             (tokenizer_dir / "chat_template.jinja").write_text(self.tokenizer.chat_template)
+            # vLLM reads a config beside the tokenizer too, and logs an error (after retrying) without one.
+            load_config({k: v for k, v in self.source.items() if k != "adapterUri"}).save_pretrained(tokenizer_dir)
             command = serve_command(executable, self.source, str(tokenizer_dir), self.port, _cuda_devices(),
-                                    self.seed)
+                                    self.seed, str(compute_dtype()).removeprefix("torch."))
             if self.gpu_memory_utilization:
                 command += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+            env = dict(os.environ)
+            if vllm_build(executable) == "cpu":
+                env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
             log.info("starting vLLM: %s", " ".join(command))
             # Its own process group: vLLM's engine and workers are its children, stopped with it.
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                            start_new_session=True)
+                                            start_new_session=True, env=env)
             threading.Thread(target=self._relay_log, daemon=True).start()
             self._wait_ready()
         except BaseException:
@@ -227,9 +263,7 @@ class VllmServer:
                 async def ask(i: int) -> None:
                     c = await client.complete(conversations[i], max_new_tokens, temperature, seed=seed,
                                               **self.request_params)
-                    # completion_tokens counts the end-of-turn token; the transformers engine does not.
-                    answers[i] = Generation(c.text.strip(), c.completion_tokens - (1 if c.finish_reason == "stop" else 0),
-                                            c.finished)
+                    answers[i] = Generation(c.text.strip(), answer_tokens(c), c.finished)
                     if on_answer:
                         on_answer(i, answers[i])
 

@@ -74,7 +74,7 @@ class ModelSource(ApiModel):
 Engine = Literal["auto", "transformers", "vllm"]
 ENGINE_DESCRIPTION = (
     "How the local model generates: vllm (continuous batching on a GPU; the runtime image built with "
-    "WITH_VLLM=true; not for GGUF files), transformers (continuous batching, batchSize at a time; any device, "
+    "WITH_VLLM=true, or on CPUs where its vLLM is a CPU build; not for GGUF files), transformers (continuous batching, batchSize at a time; any device, "
     "GGUF too), or auto: "
     "vLLM where the image has it, a GPU is visible and vLLM can serve the model (not a GGUF file; a LoRA adapter "
     "without DoRA, of rank up to 512 and training no token rows), transformers otherwise.")

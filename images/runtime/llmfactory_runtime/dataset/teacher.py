@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..answer_cache import AnswerCache
-from ..openai_client import REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, EndpointError, api_key
+from ..openai_client import REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, Completion, EndpointError, api_key
 from ..progress import Progress
 from .answer_judge import AnswerJudge
 from .filters import AnswerFilter
@@ -57,9 +57,10 @@ Todo = list[tuple[str, list[dict], int]]
 def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, on_answer: Callable[[], None],
                     transport=None, endpoint: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                     key_env: str = TEACHER_KEY_ENV, field: str = "spec.teacher.openai",
-                    ) -> Callable[[Todo], None]:
+                    tokens: Callable[[Completion], int] = lambda c: c.completion_tokens) -> Callable[[Todo], None]:
     """teacher.openai (its key in key_env; `field` names it in errors), or `endpoint` (a local vLLM
-    server) with `extra` request parameters (a seed: each sample its own, or vLLM would repeat one)."""
+    server) with `extra` request parameters (a seed: each sample its own, or vLLM would repeat one)
+    and `tokens`, how its answers' tokens are counted."""
     key = api_key(teacher["openai"], key_env, field) if endpoint is None else None
     endpoint = endpoint or teacher["openai"]
 
@@ -72,7 +73,7 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
                 try:
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
                                               teacher.get("temperature", 0.0), **params)
-                    answer = {"text": c.text, "tokens": c.completion_tokens, "promptTokens": c.prompt_tokens,
+                    answer = {"text": c.text, "tokens": tokens(c), "promptTokens": c.prompt_tokens,
                               "finished": c.finished}
                 except EndpointError as exc:
                     if exc.status not in PER_ROW_STATUSES:
@@ -96,13 +97,14 @@ def _vllm_backend(teacher: dict[str, Any], model_input: dict[str, Any], cache: A
 
     def ask_all(todo: Todo) -> None:
         if not asking:
-            from ..vllm_server import VllmServer  # noqa: PLC0415
+            from ..vllm_server import VllmServer, answer_tokens  # noqa: PLC0415
 
             # A local answer judge loads beside it with transformers: vLLM leaves it half the GPU.
             server = stack.enter_context(VllmServer(model_input, teacher.get("seed", 0),
                                                     gpu_memory_utilization=0.45 if share_gpu else None))
             extra = {**server.request_params, "seed": teacher.get("seed", 0)}
-            asking.append(_openai_backend(teacher, cache, usage, on_answer, endpoint=server.endpoint, extra=extra))
+            asking.append(_openai_backend(teacher, cache, usage, on_answer, endpoint=server.endpoint, extra=extra,
+                                          tokens=answer_tokens))
         asking[0](todo)
 
     return ask_all
