@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # On the GPU machine (the device tool), the FineTune measurements that benchmarks/RESULTS.md asks
-# for, in three parts that each fit one 10-minute call: `bash benchmarks/gpu/measure.sh 1|2|3`.
+# for, in parts that each fit one 10-minute call: `bash benchmarks/gpu/measure.sh 1|2|3|4`.
 # A session is lent 15 minutes of device time in all (the machine's start, ~35 s, included), so
 # part 1 holds what matters most, most important first: QLoRA (4-bit, the default) next to LoRA
 # through the runtime, then both compiled through the runtime (compile time included). Part 2:
 # steady-state profiles (where the time goes), uncompiled and compiled, and QLoRA dequantized once.
+# Part 4: a Benchmark's answering with transformers on the GPU (the first batch of 8 twice: does the
+# first run pay per new shape, as training did before batching.row_width?).
 # Each step runs under a time limit and leaves its log and JSON rows in $OUT; a step that runs out
 # of time leaves what it printed. SHAPE, SEQ and CONVERSATIONS override the sizes (a dry run on
 # CPU: SHAPE=small SEQ=256 CONVERSATIONS=40 OUT=/tmp/out bash benchmarks/gpu/measure.sh 1).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-part=${1:?which part: 1, 2 or 3}
+part=${1:?which part: 1, 2, 3 or 4}
 OUT=${OUT:?set OUT to a folder for the logs}
 SHAPE=${SHAPE:-llama3-8b} SEQ=${SEQ:-2048} CONVERSATIONS=${CONVERSATIONS:-300}
 if compgen -G ".wheels/*.whl" > /dev/null; then
@@ -45,5 +47,11 @@ case $part in
 3)  step dora 200 --conversations 200 --methods lora --dora --checkpointing
     # DPO: a row holds a pair, up to twice --seq: half the sequence, the same tokens per row.
     SEQ=$((SEQ / 2)) step dpo 180 --conversations "$CONVERSATIONS" --methods qlora,lora --dpo ;;
-*)  echo "part must be 1, 2 or 3" >&2; exit 2 ;;
+4)  echo "== generation (limit 540s)"
+    # Random weights never end a turn: every answer is 256 tokens, the same work in each run.
+    timeout 540 python3 benchmarks/generation_engines.py --shape "$SHAPE" --engines transformers \
+        --max-new-tokens "${NEW_TOKENS:-256}" --batch 8,8,36 --workdir /tmp/llmfactory-bench > "$OUT/generation.log" 2>&1
+    echo "rc=$?"
+    tail -n 8 "$OUT/generation.log" ;;
+*)  echo "part must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
