@@ -20,9 +20,9 @@ from llmfactory.api.headline import headline
 from llmfactory_runtime.batching import token_logps
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl
-from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, normalizer, overlong_penalties,
-                                              sample, sampled_batch,
-                                              score, sequences)
+from llmfactory_runtime.batching import collate_sequences
+from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, moving_rows, normalizer,
+                                              overlong_penalties, sample, sampled_batch, score, sequences)
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime import python_grader as python_grader_module
 from llmfactory_runtime.grader import graded_of, last_number, reward, rewards
@@ -287,6 +287,47 @@ def test_advantages_are_each_reward_against_its_groups_mean_and_spread():
     assert advantages(rewards, 4, scale=False).tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]  # Dr. GRPO
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_rows_that_cannot_move_the_loss_are_left_out_and_the_loss_and_gradients_stay_the_same(tiny_model, beta):
+    """A uniform group's answers (all rewarded alike: no advantage) and masked answers (no labels)
+    add nothing to the loss or its gradient; the batch leaves them out, and the step's loss and
+    gradients are those of the whole batch. With beta the KL term keeps every labelled answer."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    rows = [{"prompt": q, "answer": a} for q, a in PAIRS[:3]]
+    prompts = [p["prompt"] for p in encode_prompts(tok, rows, 40, grader(), "train.jsonl")]
+    torch.manual_seed(0)
+    answers = sample(model, tok, prompts, 8, 1.0, 12, 40, "cpu")
+    # One group that says something, one all right, one all 0.1: eight 0.1s' float32 mean is not 0.1,
+    # and divided by their spread (~1e-9) the difference would be an advantage of ~1e-4.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0] + [1.0] * 8 + [0.1] * 8)
+    assert float((rewards[16:] - rewards[16:].mean()).abs().max()) > 0
+    advantage = advantages(rewards, 8, scale=True)
+    assert advantage[8:].tolist() == [0.0] * 16 and all(advantage[:8] != 0)
+    masked = [False] * 24
+    masked[1] = masked[9] = True  # as maskTruncated leaves out answers that never ended
+    seqs = sequences(prompts, answers, 8, masked)
+    kept = moving_rows(advantage, masked, kl=bool(beta))
+    assert kept == ([k for k in range(24) if k not in (1, 9)] if beta else [0, 2, 3, 4, 5, 6, 7])
+    spec = {"epsilon": 0.2, "beta": beta, "lossType": "dapo"}
+    n_tokens = sum(len(a) for a, out in zip(answers, masked) if not out)
+
+    def loss_and_gradients(rows: list[int]) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        batch = collate_sequences(seqs, [[k] for k in rows], tok.pad_token_id, packed=True)
+        reference = token_logps(model, batch).detach() - 0.1 if beta else None  # any reference will do
+        loss = loss_terms(token_logps(model, batch), batch["labels"], advantage[rows], reference, spec)[0] / n_tokens
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters()]
+
+    whole, whole_grads = loss_and_gradients(list(range(24)))
+    part, part_grads = loss_and_gradients(kept)
+    assert part == pytest.approx(whole, rel=1e-5, abs=1e-7)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(part_grads, whole_grads))
+    assert any(g.abs().sum() > 0 for g in part_grads)  # a gradient there is, and kept rows carry it
+    assert moving_rows(torch.zeros(4), [False] * 4, kl=False) == [0]  # one row stays for the collectives
+
+
 def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_only_labels(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -328,12 +369,13 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
             "grader": grader("contains"), "maskTruncated": True}
     torch.manual_seed(0)
     sampled = sampled_batch(model, tok, chunk, spec, 40, "cpu", "file:///unused")
-    labelled = (sampled["batch"]["labels"] != IGNORE).any(1).tolist()
-    assert labelled == [a[-1] in stop for a in answers] and sampled["truncated"] == len(answers) - len(ended)
+    # The loss is normalized by the answers that ended (what it is taken on), every answer is rewarded.
+    assert sampled["labelled"] == sum(map(len, ended)) and sampled["truncated"] == len(answers) - len(ended)
     assert len(sampled["rewards"]) == 12 and sampled["answerTokens"] == sum(map(len, answers))
+    assert sampled["uniformGroups"] == sum(len(set(group)) == 1 for group in sampled["rewards"].view(3, 4).tolist())
     torch.manual_seed(0)
-    assert all((sampled_batch(model, tok, chunk, {**spec, "maskTruncated": False}, 40, "cpu", "file:///unused")
-                ["batch"]["labels"] != IGNORE).any(1))
+    assert sampled_batch(model, tok, chunk, {**spec, "maskTruncated": False}, 40, "cpu", "file:///unused"
+                         )["labelled"] == sum(map(len, answers))
     # overlongPenalty: answers of at most 14 tokens, each rewarded less as far as it ran into the last 4
     # (one cut at 14, by the whole 0.5); the penalty is also a part of its own.
     short = {**spec, "maxNewTokens": 14}
@@ -591,7 +633,8 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
         {"operation": "rewardModel", "rewardModel": {"uri": f"file://{tiny_reward_model}"}, "name": "preferred",
          "weight": 0.1}]}
     tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{strategy}", objective="grpo",
-                           grpo={"generations": 4, "maxNewTokens": 6, "iterations": 2, "maskTruncated": True,
+                           # 16 new tokens: enough that some answers end (a random model seldom does).
+                           grpo={"generations": 4, "maxNewTokens": 16, "iterations": 2, "maskTruncated": True,
                                  "grader": summed},
                            distribution={"strategy": strategy}, resources={"gpusPerNode": 2},
                            hyperparameters={"epochs": 2, "batchSize": 1, "learningRate": 0.05})
@@ -612,5 +655,6 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
                                                                               for k in range(1, 9)])
     for task in tasks:
         figures = open_store(task["artifactUri"]).read_json("progress.json")["figures"]
-        assert {"reward.has_a", "reward.length", "reward.judged", "reward.preferred", "clipped", "truncated"} <= set(figures)
+        assert {"reward.has_a", "reward.length", "reward.judged", "reward.preferred", "clipped", "truncated",
+                "uniformGroups"} <= set(figures)
         assert 0 < figures["reward.judged"] < 1

@@ -84,14 +84,21 @@ def overlong_penalties(answers: list[list[int]], max_new_tokens: int, spec: dict
     return -spec.get("penalty", 1.0) * ((lengths - start) / buffer).clamp(0, 1)
 
 
+def uniform_groups(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """Whether each group of n rewards (in order) is all one value: a group that says nothing."""
+    groups = rewards.view(-1, n)
+    return (groups == groups[:, :1]).all(1)
+
+
 def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
     """Each reward minus its group's mean (groups of n in order), divided by the group's standard
-    deviation (unbiased, plus 1e-4, as TRL's) when scale is true."""
+    deviation (unbiased, plus 1e-4, as TRL's) when scale is true; exactly 0 in a uniform group, not
+    its mean's rounding error (eight float32 rewards of 0.1: 7e-9, divided by their spread ~1e-4)."""
     groups = rewards.view(-1, n)
     centred = groups - groups.mean(1, keepdim=True)
     if scale:
         centred = centred / (groups.std(1, keepdim=True) + 1e-4)
-    return centred.flatten()
+    return centred.masked_fill(uniform_groups(rewards, n)[:, None], 0.0).flatten()
 
 
 def sequences(prompts: list[list[int]], answers: list[list[int]], n: int,
@@ -106,8 +113,9 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], n: int,
 def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max_len: int, device,
                   cache_uri: str) -> dict[str, Any]:
     """A micro-batch of the step: grpo.generations answers sampled to each prompt of `chunk`, scored,
-    as a batch of one answer (after its prompt) per row, with each answer's advantage and reward, and
-    with grpo.beta the reference's token log-probabilities (the model with its adapter switched off).
+    as a batch of one answer (after its prompt) per row, only those that can move the loss
+    (moving_rows), with each row's advantage, every answer's reward, and with grpo.beta the rows'
+    reference token log-probabilities (the model with its adapter switched off).
     With grpo.maskTruncated an answer that never ended has no labels: its reward still counts in its
     group's mean (the others' advantages), its tokens not in the loss. grpo.overlongPenalty adds to
     each reward (and to the parts, as overlongPenalty)."""
@@ -121,15 +129,32 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
         got = got + parts["overlongPenalty"]
     stop = set(stop_token_ids(tokenizer))
     truncated = [not a or a[-1] not in stop for a in answers]  # cut at maxNewTokens or maxSeqLength
-    seqs = sequences(prompts, answers, n, truncated if grpo["maskTruncated"] else None)
-    batch = collate_sequences(seqs, [[k] for k in range(len(seqs))], tokenizer.pad_token_id, packed=True)
+    masked = truncated if grpo["maskTruncated"] else [False] * len(answers)
+    seqs = sequences(prompts, answers, n, masked)
+    advantage = advantages(got, n, grpo["scaleRewards"])
+    rows = moving_rows(advantage, masked, bool(grpo["beta"]))
+    batch = collate_sequences(seqs, [[k] for k in rows], tokenizer.pad_token_id, packed=True)
     reference = None
     if grpo["beta"]:
         with torch.no_grad(), model.disable_adapter(), evaluating(model):  # as in sampling: no dropout drawn
             reference = token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
-    return {"batch": batch, "advantages": advantages(got, n, grpo["scaleRewards"]), "rewards": got,
-            "reference": reference, "tokens": sum(len(s["input_ids"]) for s in seqs),
-            "answerTokens": sum(map(len, answers)), "truncated": sum(truncated), "parts": parts}
+    # Answer tokens in the loss, counted before rows are left out: the step's loss is normalized by all.
+    labelled = sum(len(a) for a, out in zip(answers, masked) if not out)
+    return {"batch": batch, "advantages": advantage[rows], "rewards": got, "reference": reference,
+            "tokens": sum(len(s["input_ids"]) for s in seqs), "labelled": labelled,
+            "answerTokens": sum(map(len, answers)), "truncated": sum(truncated),
+            "uniformGroups": int(uniform_groups(got, n).sum()),
+            "parts": parts}
+
+
+def moving_rows(advantage: torch.Tensor, masked: list[bool], kl: bool) -> list[int]:
+    """The answers (rows) that can move the loss: labelled ones with an advantage (a group whose
+    rewards are all equal has none: its answers' surrogate is 0 with a 0 gradient), or with the KL
+    term every labelled one. The others are left out of the forward and backward passes, which
+    changes neither (TRL computes them). At least one row stays, so that every process runs its
+    passes (DDP and DeepSpeed reduce gradients in them)."""
+    rows = [k for k, a in enumerate(advantage.tolist()) if not masked[k] and (kl or a != 0)]
+    return rows or [0]
 
 
 def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor, reference: torch.Tensor | None,

@@ -450,9 +450,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             sampled = [group_relative.sampled_batch(inner, tokenizer, [examples[i] for row in group for i in row], grpo,
                                                     hp["maxSeqLength"], world.device, task["cacheUri"])
                        for group in micro_batches]
-            batches = [(s["batch"], [1] * len(s["rewards"])) for s in sampled]
+            batches = [(s["batch"], None) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
-            n_tokens = max(world.sum(sum(label_count(b) for b, _ in batches)), 1)
+            n_tokens = max(world.sum(sum(s["labelled"] for s in sampled)), 1)
             n_answers = world.sum(sum(len(s["rewards"]) for s in sampled))
             n_items = group_relative.normalizer(grpo, n_tokens, n_answers)  # what the summed loss is divided by
             mean_reward = world.sum(float(sum(s["rewards"].sum() for s in sampled))) / n_answers
@@ -539,6 +539,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if grpo:  # the sampled answers' mean length, and the share that never ended (cut at the limit)
             of_step["answerLength"] = round(world.sum(sum(s["answerTokens"] for s in sampled)) / n_answers, 2)
             of_step["truncated"] = round(world.sum(sum(s["truncated"] for s in sampled)) / n_answers, 4)
+            # Groups whose answers all scored alike: no advantage, nothing learned from them (left out of the passes).
+            of_step["uniformGroups"] = round(world.sum(sum(s["uniformGroups"] for s in sampled)) * grpo["generations"]
+                                             / n_answers, 4)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
             of_step["clipped"] = round(world.sum(clipped) / (n_tokens * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
@@ -549,7 +552,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 metrics["train/rewards/accuracy"] = of_step["rewardAccuracy"]
             if grpo:
                 metrics |= {"train/reward": mean_reward} | ({"train/kl": of_step["kl"]} if "kl" in of_step else {})
-                metrics |= {"train/completion_length": of_step["answerLength"], "train/truncated_ratio": of_step["truncated"]}
+                metrics |= {"train/completion_length": of_step["answerLength"], "train/truncated_ratio": of_step["truncated"],
+                            "train/frac_reward_zero_std": of_step["uniformGroups"]}
                 metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
                 metrics |= {f"train/rewards/{k[7:]}": v for k, v in of_step.items() if k.startswith("reward.")}
             trackers.log(step, metrics)
