@@ -1,6 +1,7 @@
 """Where a GRPO step's time goes, on SmolLM2-135M-Instruct with a LoRA adapter: sampling the
 answers (transformers' generate on one static batch per micro-batch, as the runtime samples), the
-reference pass (grpo.beta > 0 only), and training on them (forward and backward). For comparison,
+reference pass (grpo.beta > 0 only: timed by running it again), and training on them (forward and
+backward, on the answers that can move the loss: without beta, not a uniform group's). For comparison,
 the same answers' worth of sampling by the runtime's continuous batching
 (`llmfactory_runtime.generate`), which GRPO does not use yet.
 
@@ -52,22 +53,23 @@ def main() -> None:
           f"temperature 1, beta {args.beta}, {args.iterations} optimizer step(s) per step, "
           f"{torch.get_num_threads()} threads")
     print("| step | sampling s | answers/s | answer tokens/s | reference s | training s | train tokens/s "
-          "| continuous batching s (same answers' worth) | sampling share of the step | s per optimizer step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| continuous batching s (same answers' worth) | sampling share of the step | s per optimizer step "
+          "| answers trained |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for step in range(args.steps):
         chunk = prompts[step * args.prompts:(step + 1) * args.prompts]
         began = time.perf_counter()
-        sampled = sampled_batch(model, tokenizer, chunk, {**grpo, "beta": 0.0}, 1024, "cpu", "file:///unused")
+        sampled = sampled_batch(model, tokenizer, chunk, grpo, 1024, "cpu", "file:///unused")
         sampling = time.perf_counter() - began
-        if args.beta:  # timed apart: sampled_batch does it right after sampling
+        reference, reference_s = sampled["reference"], 0.0
+        if args.beta:  # sampled_batch ran it after sampling: timed by running it again, and taken off sampling
             began = time.perf_counter()
             with torch.no_grad(), model.disable_adapter(), evaluating(model):
-                reference = token_logps(model, sampled["batch"])
+                token_logps(model, sampled["batch"])
             reference_s = time.perf_counter() - began
-        else:
-            reference, reference_s = None, 0.0
+            sampling -= reference_s
         batch, answers = sampled["batch"], len(sampled["rewards"])
-        answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        answer_tokens = sampled["labelled"]  # the loss's normalizer: every answer's tokens, trained or not
         began, old = time.perf_counter(), None
         for _ in range(args.iterations):  # grpo.iterations: the later updates against the first one's policy
             logps = token_logps(model, batch)
@@ -88,7 +90,8 @@ def main() -> None:
         total = sampling + reference_s + training
         print(f"| {step + 1} | {sampling:.1f} | {answers / sampling:.2f} | {answer_tokens / sampling:.1f} | "
               f"{reference_s:.1f} | {training:.1f} | {args.iterations * sampled['tokens'] / training:.1f} | "
-              f"{continuous:.1f} | {sampling / total:.0%} | {total / args.iterations:.1f} |", flush=True)
+              f"{continuous:.1f} | {sampling / total:.0%} | {total / args.iterations:.1f} | "
+              f"{len(batch['input_ids'])}/{answers} |", flush=True)
 
 
 if __name__ == "__main__":
