@@ -96,6 +96,26 @@ def test_an_explicit_vllm_that_cannot_run_fails_the_task_before_any_model_is_loa
         dataset_build.run(build, build_store, Progress(build_store))
 
 
+def test_a_cpu_build_of_vllm_is_told_by_its_version_asked_of_the_python_beside_it(tmp_path, monkeypatch):
+    """As vLLM itself tells its CPU build ("+cpu" in its version); the python3 beside the executable
+    is asked, as pip's long-path scripts start with #!/bin/sh; a CPU build serves only when asked."""
+    bin_dir = tmp_path / "a-virtualenv-whose-path-is-long" / "bin"
+    bin_dir.mkdir(parents=True)
+    vllm = _executable(bin_dir / "vllm", "exec \"$(dirname \"$0\")/python3\" \"$0\" \"$@\"\n")
+    for version, build in (("0.32.0+cpu", "cpu"), ("0.33.0", "cuda")):
+        _executable(bin_dir / "python3", f"echo {version}\n")
+        assert vllm_build(vllm) == build
+    assert vllm_build(_executable(tmp_path / "vllm", "exit 0\n")) == "cuda"  # no Python to ask: the image's own
+    monkeypatch.setenv("LLMFACTORY_VLLM", vllm)
+    monkeypatch.setattr("llmfactory_runtime.vllm_server._cuda_devices", lambda: 0)
+    source = {"uri": "file:///unused"}
+    _executable(bin_dir / "python3", "echo 0.32.0+cpu\n")
+    assert choose_engine("auto", source, "spec.judge.engine") == "transformers"  # a CPU build only when asked
+    _executable(bin_dir / "python3", "echo 0.33.0\n")
+    with pytest.raises(InvalidTask, match="spec.judge.engine is vllm, but vLLM needs a CUDA GPU"):
+        choose_engine("vllm", source, "spec.judge.engine")
+
+
 def test_a_base_model_whose_tokenizer_outgrows_it_is_not_given_to_vllm(tiny_model, tmp_path, monkeypatch):
     """A base model without a chat template gets ChatML's markers as new tokens (chat.use_template);
     vLLM serves the checkpoint as it is, with no rows for them, and would fail on the first prompt."""

@@ -54,10 +54,16 @@ def vllm_executable() -> str | None:
 
 def vllm_build(executable: str) -> str:
     """'cpu' for a CPU build of vLLM, whose version says so ("0.32.0+cpu": what vLLM's own platform
-    detection reads), else 'cuda'. Asked of the executable's Python without importing vLLM (seconds)."""
-    with open(executable, "rb") as f:
-        first = f.readline().decode(errors="replace")
-    interpreter = first[2:].strip().split(" ")[0] if first.startswith("#!") else ""
+    detection reads), else 'cuda'. Asked of the executable's Python without importing vLLM (seconds):
+    the python3 beside it (a virtualenv's, or /usr/bin's), else its shebang's (pip writes a
+    `#!/bin/sh` one that execs the interpreter where the path is too long for a shebang)."""
+    beside = Path(executable).parent / "python3"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        interpreter = str(beside)
+    else:
+        with open(executable, "rb") as f:
+            first = f.readline().decode(errors="replace")
+        interpreter = first[2:].strip().split(" ")[0] if first.startswith("#!") else ""
     if not Path(interpreter).name.startswith("python"):
         return "cuda"
     try:
