@@ -64,4 +64,9 @@ def test_an_answer_ends_at_the_first_end_of_turn_token(model_and_tokenizer):
     assert (ended.text, ended.tokens, ended.finished) == ("Paris.", len(body), True)
     cut = to_generation(tokenizer, body, stop_token_ids(tokenizer))
     assert (cut.text, cut.tokens, cut.finished) == ("Paris.", len(body), False)
+    # Cut after the first byte of "М" (D0 9C; byte-level BPE writes the byte D0 as "Ð"): the answer
+    # ends before it, as vLLM's does, not with a U+FFFD.
+    half = to_generation(tokenizer, [*body, tokenizer.convert_tokens_to_ids("Ð")], stop_token_ids(tokenizer))
+    assert tokenizer.decode([tokenizer.convert_tokens_to_ids("Ð")]) == "\ufffd"
+    assert (half.text, half.tokens, half.finished) == ("Paris.", len(body) + 1, False)
     assert generate(None, tokenizer, [], 8) == []

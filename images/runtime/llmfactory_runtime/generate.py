@@ -36,10 +36,13 @@ def prompt_ids(tokenizer, conversation: list[dict[str, str]]) -> list[int]:
 
 
 def to_generation(tokenizer, tokens: list[int], stop: list[int]) -> Generation:
-    """The answer up to (without) the first end-of-turn token."""
+    """The answer up to (without) the first end-of-turn token. An answer cut at max_new_tokens inside
+    a character (byte-level tokens: its first bytes written, not its last) ends before that character,
+    as vLLM's answer does; decoded, its bytes would be a U+FFFD."""
     ended = next((i for i, t in enumerate(tokens) if t in stop), None)
     body = tokens if ended is None else tokens[:ended]
-    return Generation(tokenizer.decode(body, skip_special_tokens=True).strip(), len(body), ended is not None)
+    text = tokenizer.decode(body, skip_special_tokens=True).rstrip("\ufffd")
+    return Generation(text.strip(), len(body), ended is not None)
 
 
 @torch.no_grad()  # not inference_mode: the KV cache made here is written by the generation thread
