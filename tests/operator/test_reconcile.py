@@ -726,7 +726,9 @@ async def test_a_fine_tune_preempted_by_kueue_checkpoints_waits_queued_and_resum
 
 async def test_spec_suspend_pauses_a_fine_tune_at_a_checkpoint_and_resuming_goes_on_from_it(
         cluster, operator, job_controller, tiny_model, tmp_path):
-    ft = two_node_fine_tune(tiny_model, tmp_path, epochs=6)  # ~150 steps in one process
+    # ~300 steps in one process: on a fast machine the operator's suspend reached a 150-step run at
+    # its step 98 once, and another time after its end (no SIGTERM, so no checkpoint to resume from).
+    ft = two_node_fine_tune(tiny_model, tmp_path, epochs=12)
     ft["spec"]["resources"] = {"gpusPerNode": 1}
     await cluster.apply(ft)
     obj = await cluster.wait_for("FineTune", "ft", lambda o: "artifactUri" in o.get("status", {}))
@@ -748,8 +750,8 @@ async def test_spec_suspend_pauses_a_fine_tune_at_a_checkpoint_and_resuming_goes
     assert not job_controller.running(job_name) and [j["spec"]["suspend"] for j in cluster.objects("jobs")] == [True]
 
     await cluster.patch_spec("FineTune", "ft", {"suspend": False})
-    # A generous bound: on a busy machine the rest of the training alone has taken over two minutes.
-    obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=300)
+    # A generous bound: on a busy machine the rest of a 150-step run alone has taken over two minutes.
+    obj = await cluster.wait_for("FineTune", "ft", phase_is("Succeeded", "Failed"), timeout=600)
     assert obj["status"]["phase"] == "Succeeded", story(cluster, job_controller, obj)
     # The same task (suspend is not in the digest), resumed where it stopped, nothing counted as failed.
     assert obj["status"]["taskDigest"] == digest and saved == f"step-{obj['status']['result']['resumedFromStep']}/COMMITTED"
