@@ -139,12 +139,17 @@ def tensor_parallel_size(gpus: int, attention_heads: int) -> int:
     return max(d for d in range(1, max(gpus, 1) + 1) if attention_heads % d == 0)
 
 
+def base_of(source: dict[str, Any]) -> dict[str, Any]:
+    """The ModelSource vLLM loads as its model: without the adapter it serves beside it."""
+    return {k: v for k, v in source.items() if k not in ("adapterUri", "digest")}
+
+
 def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, port: int, gpus: int,
                   seed: int = 0, dtype: str = "auto") -> list[str]:
     """`vllm serve` for a ModelSource: a directory or Hugging Face id, with a FineTune's LoRA adapter
     served beside its base (requests then name the adapter) rather than merged first. dtype: the
     transformers engine's (models.compute_dtype), not the checkpoint's, which vLLM would take."""
-    base = {k: v for k, v in source.items() if k not in ("adapterUri", "digest")}
+    base = base_of(source)
     where, _, kwargs = locate(base)
     heads = load_config(base).num_attention_heads if gpus > 1 else 1
     command = [executable, "serve", where, "--host", "127.0.0.1", "--port", str(port),
@@ -205,7 +210,7 @@ class VllmServer:
             self.tokenizer.save_pretrained(tokenizer_dir)
             (tokenizer_dir / "chat_template.jinja").write_text(self.tokenizer.chat_template)
             # vLLM reads a config beside the tokenizer too, and logs an error (after retrying) without one.
-            load_config({k: v for k, v in self.source.items() if k != "adapterUri"}).save_pretrained(tokenizer_dir)
+            load_config(base_of(self.source)).save_pretrained(tokenizer_dir)
             command = serve_command(executable, self.source, str(tokenizer_dir), self.port, _cuda_devices(),
                                     self.seed, str(compute_dtype()).removeprefix("torch."))
             if self.gpu_memory_utilization:
