@@ -171,8 +171,10 @@ def two_node_fine_tune(tiny_model, tmp_path, epochs: int) -> dict:
                      "checkpointing": {"everySteps": 1000}, "resources": {"gpusPerNode": 1, "nodes": 2}}}
 
 
-async def wait_until_training(run, timeout: float = 60) -> None:
-    """Until the run's progress.json shows an optimizer step done."""
+async def wait_until_training(run, timeout: float = 180) -> None:
+    """Until the run's progress.json shows an optimizer step done. A generous bound: two pods'
+    torchrun starts beside the other pytest process (its real `vllm serve` tests among it) once
+    took over 60 s."""
     for _ in range(int(timeout * 10)):
         progress = run.read_json_or_none("progress.json") or {}
         if progress.get("stage") == "training" and progress.get("done"):
