@@ -197,7 +197,7 @@ async def test_multi_node_fine_tune_pods_find_pod_0_through_the_service_and_trai
 
 async def test_a_preempted_node_of_a_multi_node_fine_tune_stops_every_node_at_a_checkpoint_and_the_run_resumes(
         cluster, operator, job_controller, tiny_model, tmp_path):
-    await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=4))
+    await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=12))  # long enough to be caught training
     obj = await cluster.wait_for("FineTune", "ft", lambda o: "artifactUri" in o.get("status", {}))
     run, job_name = open_store(obj["status"]["artifactUri"]), obj["status"]["jobName"]
     await wait_until_training(run)
