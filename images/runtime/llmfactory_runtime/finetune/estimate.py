@@ -8,6 +8,7 @@ the point is to refuse the clearly impossible before a Job waits hours for eight
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -120,6 +121,7 @@ class Plan:
     # Embedding rows an adapter trains beside itself: chat markers the base's vocabulary lacked
     # (model_setup._token_rows); only the runtime, which has the tokenizer, knows them.
     new_token_rows: int = 0
+    vllm_sampler: bool = False  # GRPO's answers sampled by a vLLM server beside the process (grpo.engine vllm)
 
 
 @dataclass(frozen=True)
@@ -134,12 +136,14 @@ class Estimate:
     flops_per_token: float
     seconds_per_million_tokens: float  # on H100s at the assumed MFU
     graders_gib: float = 0.0  # GRPO's grader models (judgeModel, rewardModel), beside the model on every GPU
+    sampler_gib: float = 0.0  # GRPO's vLLM sampler (grpo.engine vllm), its own process on every GPU
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         graders = f", grader models {self.graders_gib:.1f}" if self.graders_gib else ""
+        graders += f", vLLM sampler {self.sampler_gib:.1f}" if self.sampler_gib else ""
         return (f"~{self.total_gib:.1f} GiB per GPU (weights {self.weights_gib:.1f}, gradients {self.gradients_gib:.1f}, "
                 f"optimizer {self.optimizer_gib:.1f}, activations {self.activations_gib:.1f}{graders}); "
                 f"{self.params / 1e9:.2f}B params, {self.trainable_params / 1e6:.2f}M trainable; "
@@ -237,7 +241,8 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
         activations += 2 * (shape.vocab if not shape.scores else 1) * h * plan.weight_bytes
 
     graded = sum(grader_bytes(grader, plan.seq_len, operation) for grader, operation in graders)
-    total = (weights + grads + optim + activations + graded) * FRAGMENTATION + CUDA_OVERHEAD_BYTES
+    sampler = vllm_sampler_bytes(shape, plan) if plan.vllm_sampler else 0.0  # vLLM allocates it all up front
+    total = (weights + grads + optim + activations + graded) * FRAGMENTATION + CUDA_OVERHEAD_BYTES + sampler
 
     # FLOPs per token: forward = 2 x (matmul params) + causal attention; backward twice that for a
     # full fine-tune, once for adapters (input gradients only); checkpointing repeats the forward.
@@ -251,7 +256,29 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
     seconds = 1e6 * flops / (world * PEAK_FLOPS * ASSUMED_MFU[plan.method])
     return Estimate(params=shape.params, trainable_params=trainable, weights_gib=weights / GIB, gradients_gib=grads / GIB,
                     optimizer_gib=optim / GIB, activations_gib=activations / GIB, total_gib=total / GIB,
-                    flops_per_token=float(flops), seconds_per_million_tokens=seconds, graders_gib=graded / GIB)
+                    flops_per_token=float(flops), seconds_per_million_tokens=seconds, graders_gib=graded / GIB,
+                    sampler_gib=sampler / GIB)
+
+
+# What vLLM holds beyond its weights and KV cache: its CUDA context, the profiling forward's activations
+# (up to max-num-batched-tokens), CUDA graphs and the sampler's logits. An allowance, not measured.
+VLLM_OVERHEAD_BYTES = 2.0 * GIB
+
+
+def vllm_sampler_bytes(shape: ModelShape, plan: Plan) -> float:
+    """What GRPO's vLLM sampler (grpo.engine vllm) is given of the GPU: the base model in 16 bits (for
+    qlora too: vLLM serves it unquantized), one LoRA slot of the adapter's rank, a KV cache for a
+    micro-batch's answers (batchSize x generations sequences of maxSeqLength) and VLLM_OVERHEAD_BYTES."""
+    weights = shape.params * 2
+    adapter = shape.layers * sum(plan.lora_r * (i + o) for i, o in shape.module_dims().values()) * 2
+    cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * plan.micro_batch * plan.seq_len
+    return weights + adapter + cache + VLLM_OVERHEAD_BYTES
+
+
+def gpu_memory_utilization(est: Estimate, gpu_gib: float) -> float:
+    """vLLM's --gpu-memory-utilization for the sampler's share (est.sampler_gib) of a GPU of gpu_gib:
+    the fraction of the whole GPU it may take, weights included, rounded up to a hundredth."""
+    return min(math.ceil(100 * est.sampler_gib / gpu_gib) / 100, 0.95)
 
 
 JUDGE_PROMPT_TOKENS = 512  # the grading instructions and the reference, beside the question and answer
@@ -317,7 +344,8 @@ def plan_of(spec: dict[str, Any]) -> Plan:
                 strategy=dist.get("strategy", "ddp"), zero_stage=(dist.get("zeroStage") or 0) if deepspeed else 0,
                 offload=deepspeed and dist.get("offload") == "cpu",
                 # DPO takes the log-probabilities from the logits itself: Liger's fused loss is SFT's only.
-                fused_loss=bool(hp.get("fusedKernels")) and objective == "sft", reward_model=objective == "reward")
+                fused_loss=bool(hp.get("fusedKernels")) and objective == "sft", reward_model=objective == "reward",
+                vllm_sampler=objective == "grpo" and (spec.get("grpo") or {}).get("engine") == "vllm")
 
 
 def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
@@ -330,6 +358,7 @@ def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
         dropout = f"set lora.dropout 0 (with dropout each adapted layer keeps its own dropped-out input{copies}), "
     graders = ("use a smaller grader model (or serve a judge with vLLM behind grader.judge instead of judgeModel), "
                if est.graders_gib else "")
+    graders += "set grpo.engine transformers (no vLLM beside the training), " if est.sampler_gib else ""
     return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dropout}{graders}lower "
             f"hyperparameters.batchSize or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, "
             f"or shard with distribution.strategy deepspeed (zeroStage 3) over more GPUs")

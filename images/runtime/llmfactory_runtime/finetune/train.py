@@ -35,7 +35,7 @@ from ..models import load_config, tokenizer_for
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
-from . import checkpoint, distributed, grpo as group_relative, outputs
+from . import checkpoint, distributed, grpo as group_relative, outputs, vllm_sampler
 from .estimate import GIB, as_dequantized, does_not_fit, estimate, plan_of, shape_from_config
 from .master_weights import MasterWeights
 from .model_setup import (DTYPES, gpu_memory_gib, head_of, load_for_training, load_trainable_state,
@@ -109,16 +109,17 @@ def sigterm_flag() -> threading.Event:
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any] | None:
     world = distributed.init()
     try:
-        with tempfile.TemporaryDirectory(prefix="llmfactory-tracking-") as tracking_dir:
-            return train(task, run, progress, world, Path(tracking_dir))  # rank 0's alone writes (see _execute)
+        with tempfile.TemporaryDirectory(prefix="llmfactory-tracking-") as tracking_dir, contextlib.ExitStack() as running:
+            return train(task, run, progress, world, Path(tracking_dir), running)  # rank 0's alone writes (see _execute)
     finally:
         distributed.shutdown(world)
 
 
 def train(task: dict[str, Any], run: Store, progress: Progress, world: distributed.World,
-          tracking_dir: Path) -> dict[str, Any] | None:
+          tracking_dir: Path, running: contextlib.ExitStack) -> dict[str, Any] | None:
     """Train as one process of `world`; rank 0 saves and returns the result, the others None.
-    Trackers' local files (TensorBoard, offline W&B) go to `tracking_dir`: in each checkpoint, uploaded at the end."""
+    Trackers' local files (TensorBoard, offline W&B) go to `tracking_dir`: in each checkpoint, uploaded at the end.
+    What runs beside the training (a vLLM sampler) is stopped with `running`."""
     spec, inputs = task["spec"], task["inputs"]
     hp, dist_spec, ckpt = spec["hyperparameters"], spec["distribution"], spec["checkpointing"]
     deepspeed_on = dist_spec["strategy"] == "deepspeed"
@@ -209,6 +210,12 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
               for e in range(hp["epochs"])]
     steps_per_epoch = [len(rows) // global_batch for rows in epochs]
     total_steps = sum(steps_per_epoch)
+
+    sampler = None
+    if grpo and grpo["engine"] == "vllm":  # before the model: vLLM takes its share of a GPU still empty
+        progress.stage("grpo: starting vLLM to sample the answers")
+        sampler = running.enter_context(vllm_sampler.start(inputs["baseModel"], tokenizer, added_tokens, spec, est,
+                                                           gpu_gib, world.local_rank, dtype))
 
     # Model: the same initial weights on every process, then each its own dropout stream.
     torch.manual_seed(hp["seed"])
@@ -446,9 +453,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         # is its summed loss over the step's assistant tokens (pairs, examples) on all processes; DDP
         # and DeepSpeed average gradients over processes, hence the factor world.size.
         if grpo:
+            if sampler:
+                sampler.sync(inner, step)
             # The step's answers are sampled and scored first: its loss is normalized by all of them.
             sampled = [group_relative.sampled_batch(inner, tokenizer, [examples[i] for row in group for i in row], grpo,
-                                                    hp["maxSeqLength"], world.device, task["cacheUri"])
+                                                    hp["maxSeqLength"], world.device, task["cacheUri"], sampler)
                        for group in micro_batches]
             batches = [(s["batch"], None) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
@@ -567,6 +576,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if interrupted:
             raise Interrupted(f"SIGTERM at step {step}: checkpoint saved, the next attempt resumes there")
 
+    running.close()  # the sampler's share of the GPU back before the evaluation and the merge
     # DeepSpeed scales an fp16 loss itself and counts the steps it skips (kept in its checkpoints).
     skipped = (int(counters.get("skippedSteps", 0)) if scale_loss
                else int(engine.skipped_steps) if deepspeed_on and dtype == torch.float16 else None)

@@ -1,0 +1,118 @@
+"""GRPO's answers sampled by vLLM (spec.grpo.engine vllm), as TRL's use_vllm.
+
+Each training process has a `vllm serve` of its own (on its GPU, or a CPU build), started before the
+model loads so that it gets its share of an empty GPU. It serves the base model; before each step's
+sampling the adapter, as the optimizer left it, is saved and loaded under a new name (and path:
+vLLM's prefix cache keys on both, so no prompt's cached keys and values from older weights are
+reused), the old one unloaded. Prompts go as token ids and answers come back as token ids, so
+nothing is tokenized twice. Each prompt's request carries a seed drawn from torch's generator
+(vLLM gives the n answers seed, seed + 1, ...): a resumed run, which restores the generator,
+sends the seeds the uninterrupted run sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from ..generate import stop_token_ids
+from ..task import InvalidTask
+from ..vllm_server import VllmServer, adapter_problem, base_of, choose_engine
+from .estimate import Estimate, gpu_memory_utilization
+
+log = logging.getLogger(__name__)
+
+
+def cuda_device(local_rank: int) -> str:
+    """The GPU a process of local_rank trains on, as the vLLM child's CUDA_VISIBLE_DEVICES names it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[local_rank].strip() if visible else str(local_rank)
+
+
+def start(base: dict[str, Any], tokenizer, added_tokens: list[int], spec: dict[str, Any], est: Estimate,
+          gpu_gib: tuple[float, float] | None, local_rank: int, dtype: torch.dtype) -> "VllmSampler":
+    """The sampler of a FineTune with grpo.engine vllm, for one process; an invalid task where vLLM
+    cannot serve what it trains, said before the model loads."""
+    if added_tokens:
+        raise InvalidTask("spec.grpo.engine is vllm, but the chat template's markers "
+                          f"({', '.join(tokenizer.convert_ids_to_tokens(added_tokens))}) are new to the base model's vocabulary (a base model): the "
+                          "adapter trains their rows, which vLLM's LoRA does not apply; use a model whose vocabulary "
+                          "has them (an instruct model), a chatTemplate jinja of markers it has, or engine transformers")
+    choose_engine("vllm", base_of(base), "spec.grpo.engine")
+    hp = spec["hyperparameters"]
+    return VllmSampler(base, tokenizer, spec["lora"]["r"], hp["maxSeqLength"], hp["seed"],
+                       str(dtype).removeprefix("torch."), gpu_memory_utilization(est, gpu_gib[0]) if gpu_gib else None,
+                       cuda_device(local_rank) if gpu_gib else None)
+
+
+class VllmSampler:
+    """A `vllm serve` of the base model that samples with the training model's adapter (sync)."""
+
+    def __init__(self, base: dict[str, Any], tokenizer, lora_rank: int, max_len: int, seed: int, dtype: str,
+                 gpu_memory_utilization: float | None = None, device: str | None = None):
+        self.server = VllmServer(base_of(base), seed, gpu_memory_utilization, tokenizer=tokenizer, dtype=dtype,
+                                 lora_rank=lora_rank, max_model_len=max_len, cuda_device=device)
+        self.stop = stop_token_ids(tokenizer)
+        self.adapter: tuple[str, Path] | None = None  # the one loaded: name, folder
+
+    def __enter__(self) -> "VllmSampler":
+        self.server.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.__exit__(*exc)
+
+    def sync(self, model, step: int) -> None:
+        """Serve the adapter as `model` (a PeftModel) has it now, before sampling step `step`."""
+        began = time.perf_counter()
+        name, folder = f"policy-{step}", Path(self.server.workdir, f"policy-{step}")
+        model.save_pretrained(folder)
+        if self.adapter is None:  # model_setup's adapter, as vLLM will see it: what it cannot serve is said once
+            problem = adapter_problem(model.peft_config["default"].to_dict())
+            if problem:
+                raise InvalidTask(f"spec.grpo.engine is vllm, but {problem.split(':')[0]}: use engine transformers")
+        self.server.load_adapter(name, folder)
+        if self.adapter is not None:
+            self.server.unload_adapter(self.adapter[0])
+            shutil.rmtree(self.adapter[1], ignore_errors=True)
+        self.adapter = (name, folder)
+        log.debug("adapter of step %d loaded into vLLM in %.2f s", step, time.perf_counter() - began)
+
+    def sample(self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int, max_len: int,
+               top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> list[list[int]]:
+        """What grpo.sample returns for these prompts, sampled by vLLM with the adapter last synced."""
+        assert self.adapter is not None, "sync before sampling"
+        seeds = torch.randint(0, 2 ** 31 - 1, (len(prompts),)).tolist()
+        params = {"model": self.adapter[0], "n": n, "temperature": temperature, "top_p": top_p,
+                  "stop_token_ids": self.stop, "return_token_ids": True, "skip_special_tokens": False,
+                  "repetition_penalty": 1.0} | ({"top_k": top_k} if top_k else {}) | ({"min_p": min_p} if min_p else {})
+
+        async def ask_all() -> list[list[list[int]]]:
+            limits = httpx.Limits(max_connections=len(prompts))
+            async with httpx.AsyncClient(base_url=self.server.url, timeout=3600, limits=limits) as client:
+                async def ask(prompt: list[int], seed: int) -> list[list[int]]:
+                    room = max_len - len(prompt)
+                    response = await client.post("/v1/completions", json=params | {
+                        "prompt": prompt, "seed": seed, "max_tokens": max(1, min(max_new_tokens, room))})
+                    if response.status_code != 200:
+                        raise RuntimeError(f"vLLM refused a sampling request: {response.text}\n"
+                                           + "\n".join(self.server.log_tail))
+                    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+                    return [self._answer(c["token_ids"], room) for c in choices]
+
+                return await asyncio.gather(*(ask(p, s) for p, s in zip(prompts, seeds)))
+
+        return [answer for group in asyncio.run(ask_all()) for answer in group]
+
+    def _answer(self, tokens: list[int], room: int) -> list[int]:
+        """An answer as grpo.sample has it: up to and with its first end-of-turn token, within room."""
+        ended = next((i for i, t in enumerate(tokens) if t in self.stop), None)
+        return tokens[:len(tokens) if ended is None else ended + 1][:room]

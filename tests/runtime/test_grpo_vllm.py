@@ -1,0 +1,164 @@
+"""GRPO's answers sampled by vLLM (grpo.engine vllm): its CPU build serves the base model with the
+adapter as each step left it, answers as the training model would, and a resumed run samples what
+the uninterrupted run sampled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmfactory_runtime.data import dumps_jsonl
+from llmfactory_runtime.finetune.grpo import sample
+from llmfactory_runtime.finetune.vllm_sampler import VllmSampler
+from llmfactory_runtime.generate import prompt_ids, stop_token_ids
+from llmfactory_runtime.store import open_store
+
+from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task
+from test_vllm_engine import _flags
+from tests.tiny_model import end_turn_early, make_tiny_llama
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU build serves where no GPU is visible")
+
+QUESTIONS = [q for q, _ in PAIRS[:4]]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny Llama vLLM's CPU attention takes (head size 64), whose greedy answer to the first
+    question ends its turn after a few tokens."""
+    folder = make_tiny_llama(tmp_path_factory.mktemp("policy") / "base", hidden_size=128, heads=2)
+    end_turn_early(folder, QUESTIONS[0])
+    return folder
+
+
+def test_vllm_samples_with_the_adapter_as_each_step_left_it_and_as_the_training_model_would(base, cpu_vllm):
+    """Greedy answers from vLLM after each sync equal the training model's own (transformers), with
+    the end-of-turn token where one ended; new adapter weights (an optimizer step) change them. With
+    a temperature, torch's generator decides the seeds, so the same generator state samples the
+    same answers (a resumed run's), and a prompt's answers differ from one another."""
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    end = stop_token_ids(tokenizer)
+    seen = []
+    with VllmSampler({"uri": f"file://{base}"}, tokenizer, lora_rank=4, max_len=64, seed=0, dtype="float32") as sampler:
+        for step in (1, 2):
+            sampler.sync(model, step)
+            got = sampler.sample(prompts, 1, 0.0, 8, 64)
+            assert got == sample(model, tokenizer, prompts, 1, 0.0, 8, 64, "cpu")
+            seen.append(got)
+            with torch.no_grad():  # what the optimizer does between steps
+                for name, weight in model.named_parameters():
+                    if "lora_B" in name:
+                        weight.normal_(0, 0.5)
+        # Answers that ended their turn (with it) and one cut at maxNewTokens, alike on both engines.
+        assert {(len(a) < 8, a[-1] in end) for a in seen[0]} == {(True, True), (False, False)}
+        assert seen[1] != seen[0]
+        assert sorted(p.name for p in Path(sampler.server.workdir).iterdir()) == ["policy-2", "tokenizer"]
+
+        torch.manual_seed(3)
+        drawn = sampler.sample(prompts, 4, 1.0, 8, 64)
+        torch.manual_seed(3)
+        assert sampler.sample(prompts, 4, 1.0, 8, 64) == drawn
+        assert len(drawn) == 16 and all(len({tuple(a) for a in drawn[i:i + 4]}) > 1 for i in range(0, 16, 4))
+        # Prompt and answer fit max_len: an answer with no room left is cut, as transformers cuts it.
+        short = sampler.sample(prompts[1:2], 2, 1.0, 8, len(prompts[1]) + 3)
+        assert [len(a) for a in short] == [3, 3]
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": PAIRS[i % len(PAIRS)][0]}], "answer": "a"} for i in range(n)]
+
+
+def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_sampled(base, tmp_path, cpu_vllm):
+    """A LoRA GRPO FineTune with grpo.engine vllm runs through the runtime's entrypoint with a
+    `vllm serve` beside it; resumed from a checkpoint, it samples the same answers (the same
+    rewards at every step) and ends with the same adapter."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(2)))
+    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="lora",
+                         lora={"r": 8, "dropout": 0.0},
+                         grpo={"generations": 4, "maxNewTokens": 8, "engine": "vllm", "grader": {
+                             "referenceField": "answer", "operation": "contains"}},
+                         checkpointing={"everySteps": 2, "keepLast": 10},
+                         hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05}, mergeAdapter=False)
+    path = write_task(task, tmp_path)
+    proc = run_finetune(path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "starting vLLM" in proc.stderr and "[vllm]" in proc.stderr
+    run = open_store(task["artifactUri"])
+    result = run.read_json("result.json")
+    assert result["steps"] == 8
+    lines = run.read_bytes("metrics/loss.csv").decode().splitlines()
+    rewards = [float(line.split(",")[5]) for line in lines[2:]]
+    assert len(rewards) == 8 and len(set(rewards)) > 1  # answers that differ in reward: something to learn from
+    adapter = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
+
+    run.delete("COMMITTED")
+    for key in run.list("checkpoints"):
+        if not key.startswith("step-4/"):
+            run.delete(f"checkpoints/{key}")
+    proc = run_finetune(path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert run.read_json("result.json")["resumedFromStep"] == 4
+    assert run.read_bytes("metrics/loss.csv").decode().splitlines() == lines
+    resumed = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
+    for name, weight in adapter.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6)
+
+
+def test_a_base_model_whose_chat_markers_the_adapter_would_train_is_refused_before_vllm_starts(tmp_path, cpu_vllm):
+    """A base model without a chat template gets ChatML's markers as new tokens, whose rows the
+    adapter trains and vLLM's LoRA would not apply: the task is invalid, said before vLLM starts."""
+    folder = make_tiny_llama(tmp_path / "base", tokenizer="sentencepiece", hidden_size=128, heads=2,
+                             chat_template=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(4)))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl([]))
+    task = finetune_task(folder, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
+                         grpo={"generations": 2, "engine": "vllm",
+                               "grader": {"referenceField": "answer", "operation": "contains"}})
+    proc = run_finetune(write_task(task, tmp_path))
+    assert proc.returncode == 2 and "[vllm]" not in proc.stderr  # an invalid task: no retries
+    message = open_store(task["artifactUri"]).read_json("progress.json")["message"]
+    assert "spec.grpo.engine is vllm, but the chat template's markers (<|im_" in message
+    assert "are new to the base model's vocabulary (a base model)" in message and "or engine transformers" in message
+
+
+def test_on_a_gpu_node_each_process_samples_on_its_own_gpu_with_the_planners_share_of_it(tiny_model, tmp_path,
+                                                                                           monkeypatch):
+    """What `vllm serve` is given for GRPO: the base alone, adapters loadable while it runs (one at a
+    time, up to the rank rounded to one vLLM takes), the process's own GPU of those visible, the
+    estimate's share of it, and sequences no longer than maxSeqLength."""
+    import llmfactory_runtime.vllm_server as vllm_server
+    from llmfactory_runtime.finetune import vllm_sampler
+    from llmfactory_runtime.finetune.estimate import Estimate
+
+    seen = tmp_path / "seen"
+    executable = tmp_path / "vllm"
+    executable.write_text(f'#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES $VLLM_ALLOW_RUNTIME_LORA_UPDATING $@" > {seen}\nexit 1\n')
+    executable.chmod(0o755)
+    monkeypatch.setenv("LLMFACTORY_VLLM", str(executable))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setattr(vllm_server, "_cuda_devices", lambda: 2)  # as on a node with two GPUs
+    spec = {"lora": {"r": 12}, "hyperparameters": {"maxSeqLength": 512, "seed": 7}}
+    est = Estimate(0, 0, 0.0, 0.0, 0.0, 0.0, 60.0, 0.0, 0.0, sampler_gib=19.0)
+    sampler = vllm_sampler.start({"uri": f"file://{tiny_model}", "digest": "d"}, AutoTokenizer.from_pretrained(tiny_model),
+                                 [], spec, est, (141.0, 140.0), 1, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="vLLM exited with code 1 while starting"):
+        with sampler:
+            pass
+    device, allowed, *command = seen.read_text().split()
+    assert (device, allowed, command[1]) == ("3", "True", str(tiny_model))
+    flags = _flags([str(executable), *command])
+    assert flags["--enable-lora"] is True and "--lora-modules" not in flags and flags["--max-loras"] == "1" and flags["--max-lora-rank"] == "16"
+    assert flags["--gpu-memory-utilization"] == "0.14" and flags["--max-model-len"] == "512"
+    assert flags["--tensor-parallel-size"] == "1" and flags["--dtype"] == "bfloat16"
