@@ -24,7 +24,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 
 from llmfactory_runtime.batching import evaluating, token_logps
-from llmfactory_runtime.finetune.grpo import encode_prompts, loss_terms, sampled_batch
+from llmfactory_runtime.finetune.grpo import encode_prompts, loss_terms, sampled_batch, sampling
 from llmfactory_runtime.finetune.vllm_sampler import VllmSampler
 from llmfactory_runtime.generate import generate
 from llmfactory_runtime.models import load_model, load_tokenizer
@@ -81,15 +81,17 @@ def run(args, running: contextlib.ExitStack) -> None:
             sampler.sync(model, step + 1)
         synced = time.perf_counter() - began
         began = time.perf_counter()
-        sampled = sampled_batch(model, tokenizer, chunk, grpo, 1024, "cpu", "file:///unused", sampler)
-        sampling = time.perf_counter() - began
+        drawn = (sampler.sample([e["prompt"] for e in chunk], args.generations, **sampling(grpo, 1024))
+                 if sampler else None)
+        sampled = sampled_batch(model, tokenizer, chunk, grpo, 1024, "cpu", "file:///unused", drawn)
+        sampling_s = time.perf_counter() - began
         reference, reference_s = sampled["reference"], 0.0
         if args.beta:  # sampled_batch ran it after sampling: timed by running it again, and taken off sampling
             began = time.perf_counter()
             with torch.no_grad(), model.disable_adapter(), evaluating(model):
                 token_logps(model, sampled["batch"])
             reference_s = time.perf_counter() - began
-            sampling -= reference_s
+            sampling_s -= reference_s
         batch, answers = sampled["batch"], len(sampled["rewards"])
         answer_tokens = sampled["labelled"]  # the loss's normalizer: every answer's tokens, trained or not
         began, old = time.perf_counter(), None
@@ -111,10 +113,11 @@ def run(args, running: contextlib.ExitStack) -> None:
                      concurrency=len(conversations))
             continuous = f"{time.perf_counter() - began:.1f}"
             model.train()
-        total = synced + sampling + reference_s + training
-        print(f"| {step + 1} | {synced:.2f} | {sampling:.1f} | {answers / sampling:.2f} | {answer_tokens / sampling:.1f} | "
+        total = synced + sampling_s + reference_s + training
+        print(f"| {step + 1} | {synced:.2f} | {sampling_s:.1f} | {answers / sampling_s:.2f} | "
+              f"{answer_tokens / sampling_s:.1f} | "
               f"{reference_s:.1f} | {training:.1f} | {args.iterations * sampled['tokens'] / training:.1f} | "
-              f"{continuous} | {sampling / total:.0%} | {total / args.iterations:.1f} | "
+              f"{continuous} | {sampling_s / total:.0%} | {total / args.iterations:.1f} | "
               f"{len(batch['input_ids'])}/{answers} |", flush=True)
 
 

@@ -77,8 +77,8 @@ def _rows(n: int) -> list[dict]:
 
 def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_sampled(base, tmp_path, cpu_vllm):
     """A LoRA GRPO FineTune with grpo.engine vllm runs through the runtime's entrypoint with a
-    `vllm serve` beside it; resumed from a checkpoint, it samples the same answers (the same
-    rewards at every step) and ends with the same adapter."""
+    `vllm serve` beside it (a step's two micro-batches sampled at once); resumed from a checkpoint, it
+    samples the same answers (the same rewards at every step) and ends with the same adapter."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
@@ -88,7 +88,8 @@ def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_
                          grpo={"generations": 4, "maxNewTokens": 8, "engine": "vllm", "grader": {
                              "referenceField": "answer", "operation": "contains"}},
                          checkpointing={"everySteps": 2, "keepLast": 10},
-                         hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05}, mergeAdapter=False)
+                         hyperparameters={"epochs": 2, "batchSize": 1, "gradientAccumulation": 2, "learningRate": 0.05},
+                         mergeAdapter=False)
     path = write_task(task, tmp_path)
     proc = run_finetune(path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -159,6 +160,7 @@ def test_on_a_gpu_node_each_process_samples_on_its_own_gpu_with_the_planners_sha
     device, allowed, *command = seen.read_text().split()
     assert (device, allowed, command[1]) == ("3", "True", str(tiny_model))
     flags = _flags([str(executable), *command])
-    assert flags["--enable-lora"] is True and "--lora-modules" not in flags and flags["--max-loras"] == "1" and flags["--max-lora-rank"] == "16"
+    assert flags["--enable-lora"] is True and "--lora-modules" not in flags
+    assert flags["--max-loras"] == "1" and flags["--max-lora-rank"] == "16"
     assert flags["--gpu-memory-utilization"] == "0.14" and flags["--max-model-len"] == "512"
     assert flags["--tensor-parallel-size"] == "1" and flags["--dtype"] == "bfloat16"

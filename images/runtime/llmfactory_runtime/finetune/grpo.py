@@ -110,10 +110,16 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], n: int,
             for k, a in enumerate(answers)]
 
 
+def sampling(grpo: dict, max_len: int) -> dict[str, Any]:
+    """The keyword arguments of sample (and of vllm_sampler.VllmSampler.sample) that grpo sets."""
+    return {"temperature": grpo["temperature"], "max_new_tokens": grpo["maxNewTokens"], "max_len": max_len,
+            "top_p": grpo.get("topP", 1.0), "top_k": grpo.get("topK", 0), "min_p": grpo.get("minP", 0.0)}
+
+
 def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max_len: int, device,
-                  cache_uri: str, sampler=None) -> dict[str, Any]:
+                  cache_uri: str, answers: list[list[int]] | None = None) -> dict[str, Any]:
     """A micro-batch of the step: grpo.generations answers sampled to each prompt of `chunk` (by the
-    model, or by `sampler`, a vllm_sampler.VllmSampler synced with it), scored,
+    model, unless `answers` are given: vLLM's, grpo.engine vllm), scored,
     as a batch of one answer (after its prompt) per row, only those that can move the loss
     (moving_rows), with each row's advantage, every answer's reward, and with grpo.beta the rows'
     reference token log-probabilities (the model with its adapter switched off).
@@ -122,10 +128,8 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
     each reward (and to the parts, as overlongPenalty)."""
     n = grpo["generations"]
     prompts = [e["prompt"] for e in chunk]
-    settings = {"temperature": grpo["temperature"], "max_new_tokens": grpo["maxNewTokens"], "max_len": max_len,
-                "top_p": grpo.get("topP", 1.0), "top_k": grpo.get("topK", 0), "min_p": grpo.get("minP", 0.0)}
-    answers = (sampler.sample(prompts, n, **settings) if sampler
-               else sample(model, tokenizer, prompts, n, device=device, **settings))
+    if answers is None:
+        answers = sample(model, tokenizer, prompts, n, device=device, **sampling(grpo, max_len))
     got, parts = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
     if grpo.get("overlongPenalty"):
         parts["overlongPenalty"] = overlong_penalties(answers, grpo["maxNewTokens"], grpo["overlongPenalty"])

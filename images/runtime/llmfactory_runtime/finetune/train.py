@@ -453,12 +453,16 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         # is its summed loss over the step's assistant tokens (pairs, examples) on all processes; DDP
         # and DeepSpeed average gradients over processes, hence the factor world.size.
         if grpo:
-            if sampler:
-                sampler.sync(inner, step)
             # The step's answers are sampled and scored first: its loss is normalized by all of them.
-            sampled = [group_relative.sampled_batch(inner, tokenizer, [examples[i] for row in group for i in row], grpo,
-                                                    hp["maxSeqLength"], world.device, task["cacheUri"], sampler)
-                       for group in micro_batches]
+            chunks = [[examples[i] for row in group for i in row] for group in micro_batches]
+            drawn = [None] * len(chunks)
+            if sampler:  # all of this process's answers of the step in flight at once: vLLM batches them
+                sampler.sync(inner, step)
+                drawn = sampler.sample_chunks([[e["prompt"] for e in c] for c in chunks], grpo["generations"],
+                                              **group_relative.sampling(grpo, hp["maxSeqLength"]))
+            sampled = [group_relative.sampled_batch(inner, tokenizer, chunk, grpo, hp["maxSeqLength"], world.device,
+                                                    task["cacheUri"], answers)
+                       for chunk, answers in zip(chunks, drawn)]
             batches = [(s["batch"], None) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
             n_tokens = max(world.sum(sum(s["labelled"] for s in sampled)), 1)

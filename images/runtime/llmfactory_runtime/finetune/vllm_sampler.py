@@ -42,10 +42,11 @@ def start(base: dict[str, Any], tokenizer, added_tokens: list[int], spec: dict[s
     """The sampler of a FineTune with grpo.engine vllm, for one process; an invalid task where vLLM
     cannot serve what it trains, said before the model loads."""
     if added_tokens:
-        raise InvalidTask("spec.grpo.engine is vllm, but the chat template's markers "
-                          f"({', '.join(tokenizer.convert_ids_to_tokens(added_tokens))}) are new to the base model's vocabulary (a base model): the "
-                          "adapter trains their rows, which vLLM's LoRA does not apply; use a model whose vocabulary "
-                          "has them (an instruct model), a chatTemplate jinja of markers it has, or engine transformers")
+        markers = ", ".join(tokenizer.convert_ids_to_tokens(added_tokens))
+        raise InvalidTask(f"spec.grpo.engine is vllm, but the chat template's markers ({markers}) are new to the base "
+                          "model's vocabulary (a base model): the adapter trains their rows, which vLLM's LoRA does "
+                          "not apply; use a model whose vocabulary has them (an instruct model), a chatTemplate jinja "
+                          "of markers it has, or engine transformers")
     choose_engine("vllm", base_of(base), "spec.grpo.engine")
     hp = spec["hyperparameters"]
     return VllmSampler(base, tokenizer, spec["lora"]["r"], hp["maxSeqLength"], hp["seed"],
@@ -111,6 +112,14 @@ class VllmSampler:
                 return await asyncio.gather(*(ask(p, s) for p, s in zip(prompts, seeds)))
 
         return [answer for group in asyncio.run(ask_all()) for answer in group]
+
+    def sample_chunks(self, chunks: list[list[list[int]]], n: int, **settings) -> list[list[list[int]]]:
+        """sample's answers to each chunk of prompts (a step's micro-batches), all sampled at once."""
+        answers = self.sample([p for chunk in chunks for p in chunk], n, **settings)
+        bounds = [0]
+        for chunk in chunks:
+            bounds.append(bounds[-1] + n * len(chunk))
+        return [answers[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def _answer(self, tokens: list[int], room: int) -> list[int]:
         """An answer as grpo.sample has it: up to and with its first end-of-turn token, within room."""
