@@ -100,6 +100,7 @@ def task_for(model: Path, dataset: str, store: str, method: str, args, packing: 
     spec = {"baseModel": {"uri": f"file://{model}"}, "dataset": {"uri": dataset}, "method": method,
             "mergeAdapter": False,
             "hyperparameters": {"epochs": 1, "batchSize": args.batch, "maxSeqLength": args.seq, "packing": packing,
+                                "learningRate": args.learning_rate,
                                 "gradientCheckpointing": args.checkpointing, "warmupRatio": 0.0,
                                 "fusedKernels": args.fused_kernels, "compile": args.compile},
             "checkpointing": {"everySteps": 100000}, "resources": {"gpusPerNode": 1}}
@@ -144,7 +145,8 @@ def run_hf_trainer(model_dir: Path, dataset: str, args) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     train_args = TrainingArguments(output_dir=str(Path(args.workdir) / "hf"), per_device_train_batch_size=args.batch,
-                                   num_train_epochs=1, learning_rate=2e-4, logging_steps=10 ** 6, save_strategy="no",
+                                   num_train_epochs=1, learning_rate=args.learning_rate, logging_steps=10 ** 6,
+                                   save_strategy="no",
                                    report_to=[], bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
                                    dataloader_num_workers=0, remove_unused_columns=False,
                                    gradient_checkpointing=args.checkpointing,
@@ -263,6 +265,8 @@ def main() -> None:
     parser.add_argument("--packing", choices=["on", "off", "both"], default="on")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="the FineTune default's (speed does not "
+                        "depend on it; a check that the loss falls in a few steps of a random model does)")
     parser.add_argument("--dora", action="store_true", help="lora.dora (weight-decomposed LoRA)")
     parser.add_argument("--dpo", action="store_true", help="objective dpo on preference pairs (a row holds "
                                                             "pairs: up to twice --seq tokens)")
