@@ -164,3 +164,25 @@ def test_on_a_gpu_node_each_process_samples_on_its_own_gpu_with_the_planners_sha
     assert flags["--max-loras"] == "1" and flags["--max-lora-rank"] == "16"
     assert flags["--gpu-memory-utilization"] == "0.14" and flags["--max-model-len"] == "512"
     assert flags["--tensor-parallel-size"] == "1" and flags["--dtype"] == "bfloat16"
+
+
+@pytest.mark.extended(reason=(
+    "test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_sampled runs one process; this "
+    "one two under DDP, each with a vLLM CPU server of its own on 2 cores"))
+@pytest.mark.slow
+def test_under_ddp_each_process_samples_its_own_prompts_with_a_vllm_of_its_own(base, tmp_path, cpu_vllm):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(2)))
+    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="lora",
+                         lora={"r": 8, "dropout": 0.0},
+                         grpo={"generations": 4, "maxNewTokens": 8, "engine": "vllm", "grader": {
+                             "referenceField": "answer", "operation": "contains"}},
+                         hyperparameters={"epochs": 1, "batchSize": 1, "learningRate": 0.05}, mergeAdapter=False)
+    proc = run_finetune(write_task(task, tmp_path), processes=2, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ports = {line.rsplit(" ", 1)[1] for line in proc.stderr.splitlines() if "vLLM ready in" in line}
+    assert len(ports) == 2  # a server per process
+    lines = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()
+    assert len(lines) == 2 + 4  # header, the base's validation reward, 4 steps of 2 prompts (one a process)

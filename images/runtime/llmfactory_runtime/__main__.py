@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "(0-based; an Indexed Job passes its JOB_COMPLETION_INDEX)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs each request at INFO: a line per teacher or judge answer, per vLLM sampling call.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     try:
         task = load_task(args.task)
