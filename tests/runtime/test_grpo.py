@@ -423,6 +423,32 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     assert float(loss) == pytest.approx(2.0) and float(kl) == 0.0
 
 
+def test_answers_vllm_sampled_weigh_each_token_by_the_truncated_ratio_of_the_policys_probability_to_vllms():
+    """grpo.engine vllm (TRL's vllm_importance_sampling_correction) by hand: tokens the training model
+    finds 0.5, 1 and 5 times as likely as vLLM did weigh 0.5, 1 and the cap 2, in value and gradient;
+    the KL term is not weighed; on a later update the ratio is the sampling policy's (old), not the
+    current one's; with the correction off, vLLM's numbers change nothing."""
+    logps = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
+    labels = torch.tensor([[IGNORE, 5, 6, 7]])
+    vllm = torch.tensor([[-1.0 + math.log(2), -1.0, -1.0 - math.log(5)]])
+    spec = {"beta": 0.0, "epsilon": 0.2, "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
+            "vllmImportanceSamplingCap": 2.0}
+    loss, _, _ = loss_terms(logps, labels, torch.tensor([1.0]), None, spec, sampler_logps=vllm)
+    assert float(loss) == pytest.approx(-(0.5 + 1 + 2))
+    loss.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([[-0.5, -1.0, -2.0]]))
+    reference = torch.full((1, 3), -1.5)
+    with_kl, kl, _ = loss_terms(logps.detach(), labels, torch.tensor([1.0]), reference, {**spec, "beta": 0.1},
+                                sampler_logps=vllm)
+    assert float(with_kl) == pytest.approx(-3.5 + 0.1 * float(kl)) and float(kl) > 0
+    later, _, _ = loss_terms(logps.detach() + 0.1, labels, torch.tensor([1.0]), None, spec,
+                             old=logps.detach(), sampler_logps=vllm)  # ratio exp(0.1), within the clip
+    assert float(later) == pytest.approx(-math.exp(0.1) * 3.5)
+    off, _, _ = loss_terms(logps.detach(), labels, torch.tensor([1.0]), None,
+                           {**spec, "vllmImportanceSamplingCorrection": False}, sampler_logps=vllm)
+    assert float(off) == pytest.approx(-3.0)
+
+
 @pytest.mark.parametrize("loss_type, expected", [("dapo", (-1.0 * 3 + 2.0 * 1) / 4), ("grpo", (-1.0 + 2.0) / 2),
                                                   ("dr_grpo", (-1.0 * 3 + 2.0 * 1) / (2 * 8))])
 def test_the_loss_type_decides_how_answers_of_different_lengths_weigh(loss_type, expected):

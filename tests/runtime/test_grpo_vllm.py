@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory_runtime.data import dumps_jsonl
-from llmfactory_runtime.finetune.grpo import sample
+from llmfactory_runtime.batching import collate_sequences, token_logps
+from llmfactory_runtime.finetune.grpo import sample, sequences
 from llmfactory_runtime.finetune.vllm_sampler import VllmSampler
 from llmfactory_runtime.generate import prompt_ids, stop_token_ids
 from llmfactory_runtime.store import open_store
@@ -49,8 +50,15 @@ def test_vllm_samples_with_the_adapter_as_each_step_left_it_and_as_the_training_
     with VllmSampler({"uri": f"file://{base}"}, tokenizer, lora_rank=4, max_len=64, seed=0, dtype="float32") as sampler:
         for step in (1, 2):
             sampler.sync(model, step)
-            got = sampler.sample(prompts, 1, 0.0, 8, 64)
+            got, logps = sampler.sample(prompts, 1, 0.0, 8, 64)
             assert got == sample(model, tokenizer, prompts, 1, 0.0, 8, 64, "cpu")
+            # vLLM's log-probabilities of its tokens are the training model's own (the correction's weight 1).
+            batch = collate_sequences(sequences(prompts, got, 1), [[k] for k in range(4)], tokenizer.pad_token_id, True)
+            with torch.no_grad():
+                own = token_logps(model, batch)
+            for k, (prompt, answer) in enumerate(zip(prompts, got)):
+                torch.testing.assert_close(torch.tensor(logps[k]), own[k, len(prompt) - 1:len(prompt) - 1 + len(answer)],
+                                           atol=1e-4, rtol=0)
             seen.append(got)
             with torch.no_grad():  # what the optimizer does between steps
                 for name, weight in model.named_parameters():
@@ -62,34 +70,37 @@ def test_vllm_samples_with_the_adapter_as_each_step_left_it_and_as_the_training_
         assert sorted(p.name for p in Path(sampler.server.workdir).iterdir()) == ["policy-2", "tokenizer"]
 
         torch.manual_seed(3)
-        drawn = sampler.sample(prompts, 4, 1.0, 8, 64)
+        drawn, _ = sampler.sample(prompts, 4, 1.0, 8, 64)
         torch.manual_seed(3)
-        assert sampler.sample(prompts, 4, 1.0, 8, 64) == drawn
+        assert sampler.sample(prompts, 4, 1.0, 8, 64)[0] == drawn
         assert len(drawn) == 16 and all(len({tuple(a) for a in drawn[i:i + 4]}) > 1 for i in range(0, 16, 4))
         # Prompt and answer fit max_len: an answer with no room left is cut, as transformers cuts it.
-        short = sampler.sample(prompts[1:2], 2, 1.0, 8, len(prompts[1]) + 3)
-        assert [len(a) for a in short] == [3, 3]
+        short, short_logps = sampler.sample(prompts[1:2], 2, 1.0, 8, len(prompts[1]) + 3)
+        assert [len(a) for a in short] == [len(x) for x in short_logps] == [3, 3]
 
 
 def _rows(n: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": PAIRS[i % len(PAIRS)][0]}], "answer": "a"} for i in range(n)]
 
 
+def _task(model: Path, tmp_path: Path, train: int = 8, validation: int = 2, **spec) -> dict:
+    """A LoRA GRPO FineTune sampling with vLLM, its prompts written under tmp_path."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(train)))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(validation)))
+    return finetune_task(model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="lora",
+                         lora={"r": 8, "dropout": 0.0}, mergeAdapter=False,
+                         grpo={"generations": 4, "maxNewTokens": 8, "engine": "vllm", "grader": {
+                             "referenceField": "answer", "operation": "contains"}}, **spec)
+
+
 def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_sampled(base, tmp_path, cpu_vllm):
     """A LoRA GRPO FineTune with grpo.engine vllm runs through the runtime's entrypoint with a
     `vllm serve` beside it (a step's two micro-batches sampled at once); resumed from a checkpoint, it
     samples the same answers (the same rewards at every step) and ends with the same adapter."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
-    (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(2)))
-    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="lora",
-                         lora={"r": 8, "dropout": 0.0},
-                         grpo={"generations": 4, "maxNewTokens": 8, "engine": "vllm", "grader": {
-                             "referenceField": "answer", "operation": "contains"}},
-                         checkpointing={"everySteps": 2, "keepLast": 10},
-                         hyperparameters={"epochs": 2, "batchSize": 1, "gradientAccumulation": 2, "learningRate": 0.05},
-                         mergeAdapter=False)
+    task = _task(base, tmp_path, checkpointing={"everySteps": 2, "keepLast": 10},
+                 hyperparameters={"epochs": 2, "batchSize": 1, "gradientAccumulation": 2, "learningRate": 0.05})
     path = write_task(task, tmp_path)
     proc = run_finetune(path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -100,6 +111,9 @@ def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_
     lines = run.read_bytes("metrics/loss.csv").decode().splitlines()
     rewards = [float(line.split(",")[5]) for line in lines[2:]]
     assert len(rewards) == 8 and len(set(rewards)) > 1  # answers that differ in reward: something to learn from
+    # vLLM's log-probabilities of its answers, against the training model's (the correction's weights): fp32 on
+    # both sides here, so they agree but for rounding.
+    assert 0 <= run.read_json("progress.json")["figures"]["samplerLogpDiff"] < 1e-3
     adapter = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
 
     run.delete("COMMITTED")
@@ -120,13 +134,7 @@ def test_a_base_model_whose_chat_markers_the_adapter_would_train_is_refused_befo
     adapter trains and vLLM's LoRA would not apply: the task is invalid, said before vLLM starts."""
     folder = make_tiny_llama(tmp_path / "base", tokenizer="sentencepiece", hidden_size=128, heads=2,
                              chat_template=False)
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(4)))
-    (data / "validation.jsonl").write_bytes(dumps_jsonl([]))
-    task = finetune_task(folder, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
-                         grpo={"generations": 2, "engine": "vllm",
-                               "grader": {"referenceField": "answer", "operation": "contains"}})
+    task = _task(folder, tmp_path, train=4, validation=0)
     proc = run_finetune(write_task(task, tmp_path))
     assert proc.returncode == 2 and "[vllm]" not in proc.stderr  # an invalid task: no retries
     message = open_store(task["artifactUri"]).read_json("progress.json")["message"]
@@ -171,15 +179,7 @@ def test_on_a_gpu_node_each_process_samples_on_its_own_gpu_with_the_planners_sha
     "one two under DDP, each with a vLLM CPU server of its own on 2 cores"))
 @pytest.mark.slow
 def test_under_ddp_each_process_samples_its_own_prompts_with_a_vllm_of_its_own(base, tmp_path, cpu_vllm):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
-    (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(2)))
-    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="lora",
-                         lora={"r": 8, "dropout": 0.0},
-                         grpo={"generations": 4, "maxNewTokens": 8, "engine": "vllm", "grader": {
-                             "referenceField": "answer", "operation": "contains"}},
-                         hyperparameters={"epochs": 1, "batchSize": 1, "learningRate": 0.05}, mergeAdapter=False)
+    task = _task(base, tmp_path, hyperparameters={"epochs": 1, "batchSize": 1, "learningRate": 0.05})
     proc = run_finetune(write_task(task, tmp_path), processes=2, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ports = {line.rsplit(" ", 1)[1] for line in proc.stderr.splitlines() if "vLLM ready in" in line}

@@ -128,6 +128,8 @@ BAD = [
                   "grpo": {"epsilonHigh": 0.28}}, "epsilon and epsilonHigh clip the ratio to the sampling policy"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo", "method": "full",
                   "grpo": {"engine": "vllm"}}, "grpo.engine vllm needs method lora or qlora"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"vllmImportanceSamplingCap": 3.0}}, "apply only to grpo.engine vllm"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo", "lora": {"dora": True},
                   "grpo": {"engine": "vllm"}}, "grpo.engine vllm cannot serve a DoRA adapter or one of rank above 512"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo", "lora": {"r": 1024},

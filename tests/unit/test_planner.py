@@ -402,7 +402,8 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
                                     "maxNewTokens": 256, "scaleRewards": True,
                                     "beta": 0.0, "lossType": "dapo", "maskTruncated": False, "iterations": 1, "epsilon": 0.2,
                                     "grader": {"referenceField": "answer", "operation": "number",
-                                               "extract": "#### (.+)"}, "engine": "transformers"}
+                                               "extract": "#### (.+)"}, "engine": "transformers",
+                                    "vllmImportanceSamplingCorrection": True, "vllmImportanceSamplingCap": 2.0}
     bad = copy.deepcopy(GRPO)
     bad["spec"]["grpo"]["grader"]["extract"] = "#### (.+"
     with pytest.raises(PlanError, match=r"spec.grpo.grader.extract: '#### \(.\+' is not a regular expression"):

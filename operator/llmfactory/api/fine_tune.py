@@ -286,6 +286,10 @@ class Grpo(ApiModel):
         {"rule": "(!has(self.epsilonHigh) && self.epsilon == 0.2) || self.iterations > 1",
          "message": "epsilon and epsilonHigh clip the ratio to the sampling policy, which is 1 unless "
                     "iterations is above 1: set grpo.iterations"},
+        {"rule": "(has(self.engine) && self.engine == 'vllm') || ((!has(self.vllmImportanceSamplingCorrection) "
+                 "|| self.vllmImportanceSamplingCorrection) && (!has(self.vllmImportanceSamplingCap) "
+                 "|| self.vllmImportanceSamplingCap == 2.0))",
+         "message": "grpo.vllmImportanceSamplingCorrection and vllmImportanceSamplingCap apply only to grpo.engine vllm"},
         {"rule": "!has(self.overlongPenalty) || self.overlongPenalty.bufferTokens < self.maxNewTokens",
          "message": "overlongPenalty.bufferTokens is the stretch before maxNewTokens where the penalty grows: "
                     "set it below grpo.maxNewTokens"},
@@ -354,6 +358,14 @@ class Grpo(ApiModel):
         "512, a base vLLM loads (not a GGUF file) with the chat markers in its vocabulary; for qlora vLLM "
         "serves the base unquantized, so the answers come from a policy a little off the trained one (as "
         "with TRL). Validation rewards are the training model's own greedy answers either way."))
+    vllm_importance_sampling_correction: bool = Field(True, description=(
+        "With engine vllm, weigh each answer token's loss by min(p_train / p_vllm, vllmImportanceSamplingCap), "
+        "the training model's probability of the token over vLLM's (truncated importance sampling, as TRL's "
+        "vllm_importance_sampling_correction): vLLM's kernels, and for qlora its unquantized base, give "
+        "probabilities a little off the trained policy's, and the answers are vLLM's. Their mean "
+        "|log p_train - log p_vllm| per token is progress.json's samplerLogpDiff."))
+    vllm_importance_sampling_cap: float = Field(2.0, ge=1, le=100, description=(
+        "Largest weight the importance sampling correction gives a token (TRL's 2)."))
 
 
 class Hyperparameters(ApiModel):

@@ -117,9 +117,10 @@ def sampling(grpo: dict, max_len: int) -> dict[str, Any]:
 
 
 def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max_len: int, device,
-                  cache_uri: str, answers: list[list[int]] | None = None) -> dict[str, Any]:
+                  cache_uri: str, drawn: tuple[list[list[int]], list[list[float]]] | None = None) -> dict[str, Any]:
     """A micro-batch of the step: grpo.generations answers sampled to each prompt of `chunk` (by the
-    model, unless `answers` are given: vLLM's, grpo.engine vllm), scored,
+    model, unless `drawn` gives them: vLLM's answers and its log-probabilities of their tokens, as
+    samplerLogps of the rows, grpo.engine vllm), scored,
     as a batch of one answer (after its prompt) per row, only those that can move the loss
     (moving_rows), with each row's advantage, every answer's reward, and with grpo.beta the rows'
     reference token log-probabilities (the model with its adapter switched off).
@@ -128,8 +129,8 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
     each reward (and to the parts, as overlongPenalty)."""
     n = grpo["generations"]
     prompts = [e["prompt"] for e in chunk]
-    if answers is None:
-        answers = sample(model, tokenizer, prompts, n, device=device, **sampling(grpo, max_len))
+    answers, answer_logps = drawn or (sample(model, tokenizer, prompts, n, device=device, **sampling(grpo, max_len)),
+                                      None)
     got, parts = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
     if grpo.get("overlongPenalty"):
         parts["overlongPenalty"] = overlong_penalties(answers, grpo["maxNewTokens"], grpo["overlongPenalty"])
@@ -145,9 +146,16 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
     if grpo["beta"]:
         with torch.no_grad(), model.disable_adapter(), evaluating(model):  # as in sampling: no dropout drawn
             reference = token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
+    sampler_logps = None
+    if answer_logps is not None:  # as token_logps lays them out: a row's answer tokens after its prompt
+        sampler_logps = torch.zeros(len(rows), batch["input_ids"].shape[1] - 1)
+        for r, k in enumerate(rows):
+            start = len(prompts[k // n]) - 1
+            sampler_logps[r, start:start + len(answers[k])] = torch.tensor(answer_logps[k])
     # Answer tokens in the loss, counted before rows are left out: the step's loss is normalized by all.
     labelled = sum(len(a) for a, out in zip(answers, masked) if not out)
     return {"batch": batch, "advantages": advantage[rows], "rewards": got, "reference": reference,
+            "samplerLogps": sampler_logps,
             "tokens": sum(len(s["input_ids"]) for s in seqs), "labelled": labelled,
             "answerTokens": sum(map(len, answers)), "truncated": sum(truncated),
             "uniformGroups": int(uniform_groups(got, n).sum()),
@@ -165,11 +173,14 @@ def moving_rows(advantage: torch.Tensor, masked: list[bool], kl: bool) -> list[i
 
 
 def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor, reference: torch.Tensor | None,
-               grpo: dict, old: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               grpo: dict, old: torch.Tensor | None = None,
+               sampler_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed loss, summed KL, clipped tokens) over the answer tokens of a batch of one answer per row.
     logps: the model's token log-probabilities (rows, width - 1), labels the batch's, advantage one per
     row; old: the sampling policy's log-probabilities (the first update's), None on the first update,
-    where the ratio is exp(logp - logp.detach())."""
+    where the ratio is exp(logp - logp.detach()). sampler_logps: vLLM's log-probabilities of the tokens
+    it sampled (grpo.engine vllm); with grpo.vllmImportanceSamplingCorrection each token's surrogate
+    is weighed by the truncated importance ratio min(exp(old - sampler_logps), cap), as TRL's."""
     answer = labels[:, 1:] != IGNORE
     ratio = torch.exp(logps - (logps.detach() if old is None else old.to(logps)))
     low, high = grpo["epsilon"], grpo.get("epsilonHigh") or grpo["epsilon"]
@@ -177,6 +188,10 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     # PPO's pessimistic surrogate: past the clip range on the side the advantage pushes, no gradient.
     per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - low, 1 + high) * a)
     clipped = ((ratio < 1 - low) & (a < 0)) | ((ratio > 1 + high) & (a > 0))
+    if sampler_logps is not None and grpo.get("vllmImportanceSamplingCorrection", True):
+        policy = logps.detach() if old is None else old.to(logps)
+        weight = torch.exp(policy - sampler_logps.to(logps)).clamp(max=grpo.get("vllmImportanceSamplingCap", 2.0))
+        per_token = per_token * weight
     kl = torch.zeros_like(logps)
     if reference is not None:
         delta = reference.to(logps) - logps
@@ -185,6 +200,13 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     if grpo["lossType"] == "grpo":  # each answer's mean over its own tokens (normalizer: the number of answers)
         per_token = per_token / answer.sum(1, keepdim=True).clamp(min=1)
     return per_token[answer].sum(), kl.detach()[answer].sum(), clipped[answer].sum()
+
+
+def sampler_mismatch(logps: torch.Tensor, sampler_logps: torch.Tensor, labels: torch.Tensor) -> float:
+    """The summed |logp - the sampler's| over the answer tokens (TRL's sampling_logp_difference): how
+    far vLLM's numbers are from the training model's for the same tokens."""
+    answer = labels[:, 1:] != IGNORE
+    return float((logps.detach() - sampler_logps.to(logps)).abs()[answer].sum())
 
 
 def normalizer(grpo: dict, answer_tokens: int, answers: int) -> float:

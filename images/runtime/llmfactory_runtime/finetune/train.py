@@ -455,7 +455,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if grpo:
             # The step's answers are sampled and scored first: its loss is normalized by all of them.
             chunks = [[examples[i] for row in group for i in row] for group in micro_batches]
-            drawn = [None] * len(chunks)
+            drawn: list = [None] * len(chunks)
             if sampler:  # all of this process's answers of the step in flight at once: vLLM batches them
                 sampler.sync(inner, step)
                 drawn = sampler.sample_chunks([[e["prompt"] for e in c] for c in chunks], grpo["generations"],
@@ -463,6 +463,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             sampled = [group_relative.sampled_batch(inner, tokenizer, chunk, grpo, hp["maxSeqLength"], world.device,
                                                     task["cacheUri"], answers)
                        for chunk, answers in zip(chunks, drawn)]
+            mismatch = [0.0, 0]  # |vLLM's log-probabilities - the training model's| summed, and over how many tokens
             batches = [(s["batch"], None) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
             n_tokens = max(world.sum(sum(s["labelled"] for s in sampled)), 1)
@@ -504,7 +505,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                         logps = token_logps(engine, batch)
                         losses, kl_sum, clipped_sum = group_relative.loss_terms(
                             logps, batch["labels"], sampled[i]["advantages"], sampled[i]["reference"], grpo,
-                            old_logps.get(i))
+                            old_logps.get(i), sampled[i]["samplerLogps"])
+                        if i not in old_logps and sampled[i]["samplerLogps"] is not None:
+                            mismatch[0] += group_relative.sampler_mismatch(logps, sampled[i]["samplerLogps"],
+                                                                           batch["labels"])
+                            mismatch[1] += label_count(batch)
                         old_logps.setdefault(i, logps.detach())
                         loss = losses / n_items
                         step_kl += float(kl_sum)
@@ -555,6 +560,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             # Groups whose answers all scored alike: no advantage, nothing learned from them (left out of the passes).
             of_step["uniformGroups"] = round(world.sum(sum(s["uniformGroups"] for s in sampled)) * grpo["generations"]
                                              / n_answers, 4)
+        if sampler:  # TRL's sampling_logp_difference: the engines' disagreement per answer token trained
+            of_step["samplerLogpDiff"] = round(world.sum(mismatch[0]) / max(world.sum(mismatch[1]), 1), 6)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
             of_step["clipped"] = round(world.sum(clipped) / (n_tokens * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
@@ -568,6 +575,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 metrics |= {"train/completion_length": of_step["answerLength"], "train/truncated_ratio": of_step["truncated"],
                             "train/frac_reward_zero_std": of_step["uniformGroups"]}
                 metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
+                metrics |= ({"sampling/sampling_logp_difference/mean": of_step["samplerLogpDiff"]}
+                            if "samplerLogpDiff" in of_step else {})
                 metrics |= {f"train/rewards/{k[7:]}": v for k, v in of_step.items() if k.startswith("reward.")}
             trackers.log(step, metrics)
 

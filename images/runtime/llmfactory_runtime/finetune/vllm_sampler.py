@@ -5,9 +5,11 @@ model loads so that it gets its share of an empty GPU. It serves the base model;
 sampling the adapter, as the optimizer left it, is saved and loaded under a new name (and path:
 vLLM's prefix cache keys on both, so no prompt's cached keys and values from older weights are
 reused), the old one unloaded. Prompts go as token ids and answers come back as token ids, so
-nothing is tokenized twice. Each prompt's request carries a seed drawn from torch's generator
-(vLLM gives the n answers seed, seed + 1, ...): a resumed run, which restores the generator,
-sends the seeds the uninterrupted run sent.
+nothing is tokenized twice, with vLLM's log-probability of each answer token (its raw one, before
+temperature, as the loss's own are taken): where the engines' numbers differ, the loss weighs each
+token by their ratio (grpo.vllmImportanceSamplingCorrection). Each prompt's request carries a seed
+drawn from torch's generator (vLLM gives the n answers seed, seed + 1, ...): a resumed run, which
+restores the generator, sends the seeds the uninterrupted run sent.
 """
 
 from __future__ import annotations
@@ -88,18 +90,19 @@ class VllmSampler:
         log.debug("adapter of step %d loaded into vLLM in %.2f s", step, time.perf_counter() - began)
 
     def sample(self, prompts: list[list[int]], n: int, temperature: float, max_new_tokens: int, max_len: int,
-               top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> list[list[int]]:
-        """What grpo.sample returns for these prompts, sampled by vLLM with the adapter last synced."""
+               top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> tuple[list[list[int]], list[list[float]]]:
+        """What grpo.sample returns for these prompts, sampled by vLLM with the adapter last synced, and
+        vLLM's log-probability of each answer token."""
         assert self.adapter is not None, "sync before sampling"
         seeds = torch.randint(0, 2 ** 31 - 1, (len(prompts),)).tolist()
         params = {"model": self.adapter[0], "n": n, "temperature": temperature, "top_p": top_p,
-                  "stop_token_ids": self.stop, "return_token_ids": True, "skip_special_tokens": False,
+                  "stop_token_ids": self.stop, "return_token_ids": True, "skip_special_tokens": False, "logprobs": 0,
                   "repetition_penalty": 1.0} | ({"top_k": top_k} if top_k else {}) | ({"min_p": min_p} if min_p else {})
 
-        async def ask_all() -> list[list[list[int]]]:
+        async def ask_all() -> list[list[tuple[list[int], list[float]]]]:
             limits = httpx.Limits(max_connections=len(prompts))
             async with httpx.AsyncClient(base_url=self.server.url, timeout=3600, limits=limits) as client:
-                async def ask(prompt: list[int], seed: int) -> list[list[int]]:
+                async def ask(prompt: list[int], seed: int) -> list[tuple[list[int], list[float]]]:
                     room = max_len - len(prompt)
                     response = await client.post("/v1/completions", json=params | {
                         "prompt": prompt, "seed": seed, "max_tokens": max(1, min(max_new_tokens, room))})
@@ -107,21 +110,25 @@ class VllmSampler:
                         raise RuntimeError(f"vLLM refused a sampling request: {response.text}\n"
                                            + "\n".join(self.server.log_tail))
                     choices = sorted(response.json()["choices"], key=lambda c: c["index"])
-                    return [self._answer(c["token_ids"], room) for c in choices]
+                    return [self._answer(c["token_ids"], c["logprobs"]["token_logprobs"], room) for c in choices]
 
                 return await asyncio.gather(*(ask(p, s) for p, s in zip(prompts, seeds)))
 
-        return [answer for group in asyncio.run(ask_all()) for answer in group]
+        drawn = [answer for group in asyncio.run(ask_all()) for answer in group]
+        return [tokens for tokens, _ in drawn], [logps for _, logps in drawn]
 
-    def sample_chunks(self, chunks: list[list[list[int]]], n: int, **settings) -> list[list[list[int]]]:
+    def sample_chunks(self, chunks: list[list[list[int]]], n: int,
+                      **settings) -> list[tuple[list[list[int]], list[list[float]]]]:
         """sample's answers to each chunk of prompts (a step's micro-batches), all sampled at once."""
-        answers = self.sample([p for chunk in chunks for p in chunk], n, **settings)
+        answers, logps = self.sample([p for chunk in chunks for p in chunk], n, **settings)
         bounds = [0]
         for chunk in chunks:
             bounds.append(bounds[-1] + n * len(chunk))
-        return [answers[a:b] for a, b in zip(bounds, bounds[1:])]
+        return [(answers[a:b], logps[a:b]) for a, b in zip(bounds, bounds[1:])]
 
-    def _answer(self, tokens: list[int], room: int) -> list[int]:
-        """An answer as grpo.sample has it: up to and with its first end-of-turn token, within room."""
+    def _answer(self, tokens: list[int], logps: list[float], room: int) -> tuple[list[int], list[float]]:
+        """An answer as grpo.sample has it (up to and with its first end-of-turn token, within room),
+        with its tokens' log-probabilities."""
         ended = next((i for i, t in enumerate(tokens) if t in self.stop), None)
-        return tokens[:len(tokens) if ended is None else ended + 1][:room]
+        keep = min(len(tokens) if ended is None else ended + 1, room)
+        return tokens[:keep], [float(x) for x in logps[:keep]]
