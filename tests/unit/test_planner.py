@@ -404,6 +404,12 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
                                     "grader": {"referenceField": "answer", "operation": "number",
                                                "extract": "#### (.+)"}, "engine": "transformers",
                                     "vllmImportanceSamplingCorrection": True, "vllmImportanceSamplingCap": 2.0}
+    on_cpu = copy.deepcopy(GRPO)
+    on_cpu["spec"] |= {"method": "lora", "resources": {"gpusPerNode": 0}}
+    on_cpu["spec"]["grpo"]["engine"] = "vllm"
+    with pytest.raises(PlanError, match=r"spec.resources.gpusPerNode: is 0, but spec.grpo.engine is vllm, which runs "
+                                        r"on a GPU"):
+        plan(parse(on_cpu), lookup({}), STORE)
     bad = copy.deepcopy(GRPO)
     bad["spec"]["grpo"]["grader"]["extract"] = "#### (.+"
     with pytest.raises(PlanError, match=r"spec.grpo.grader.extract: '#### \(.\+' is not a regular expression"):

@@ -210,6 +210,7 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     elif objective == "grpo":  # prompts and references: no answers for a Benchmark or Quantization to read
         dataset["format"] = "graded"
         _check_grader(res, "spec.grpo.grader", res.spec.grpo.grader)
+        _check_engine(res, "spec.grpo.engine", res.spec.grpo.engine, res.spec.base_model.wire())
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
 
 
