@@ -270,6 +270,7 @@ def vllm_sampler_bytes(shape: ModelShape, plan: Plan) -> float:
     qlora too: vLLM serves it unquantized), one LoRA slot of the adapter's rank, a KV cache for a
     micro-batch's answers (batchSize x generations sequences of maxSeqLength) and VLLM_OVERHEAD_BYTES."""
     weights = shape.params * 2
+    # Not trainable_params: vLLM's LoRA slot holds every linear layer it supports, whatever the adapter targets.
     adapter = shape.layers * sum(plan.lora_r * (i + o) for i, o in shape.module_dims().values()) * 2
     cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * plan.micro_batch * plan.seq_len
     return weights + adapter + cache + VLLM_OVERHEAD_BYTES

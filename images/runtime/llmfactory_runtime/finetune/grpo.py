@@ -58,11 +58,15 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_return_sequences=n,
                              max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
                              eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
-    answers = []
-    for k, tokens in enumerate(out[:, width:].tolist()):
-        ended = next((i for i, t in enumerate(tokens) if t in stop), None)
-        answers.append(tokens[:len(tokens) if ended is None else ended + 1][:max_len - len(prompts[k // n])])
-    return answers
+    return [tokens[:answer_length(tokens, stop, max_len - len(prompts[k // n]))]
+            for k, tokens in enumerate(out[:, width:].tolist())]
+
+
+def answer_length(tokens: list[int], stop: list[int], room: int) -> int:
+    """How many of the generated tokens make the answer: up to and with its first end-of-turn token,
+    at most room (what is left of maxSeqLength after its prompt)."""
+    ended = next((i for i, t in enumerate(tokens) if t in stop), None)
+    return min(len(tokens) if ended is None else ended + 1, room)
 
 
 def score(tokenizer, answers: list[list[int]], prompts: list[dict[str, Any]], grader: dict,
@@ -188,9 +192,9 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     # PPO's pessimistic surrogate: past the clip range on the side the advantage pushes, no gradient.
     per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - low, 1 + high) * a)
     clipped = ((ratio < 1 - low) & (a < 0)) | ((ratio > 1 + high) & (a > 0))
-    if sampler_logps is not None and grpo.get("vllmImportanceSamplingCorrection", True):
+    if sampler_logps is not None and grpo["vllmImportanceSamplingCorrection"]:
         policy = logps.detach() if old is None else old.to(logps)
-        weight = torch.exp(policy - sampler_logps.to(logps)).clamp(max=grpo.get("vllmImportanceSamplingCap", 2.0))
+        weight = torch.exp(policy - sampler_logps.to(logps)).clamp(max=grpo["vllmImportanceSamplingCap"])
         per_token = per_token * weight
     kl = torch.zeros_like(logps)
     if reference is not None:

@@ -461,8 +461,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 drawn = sampler.sample_chunks([[e["prompt"] for e in c] for c in chunks], grpo["generations"],
                                               **group_relative.sampling(grpo, hp["maxSeqLength"]))
             sampled = [group_relative.sampled_batch(inner, tokenizer, chunk, grpo, hp["maxSeqLength"], world.device,
-                                                    task["cacheUri"], answers)
-                       for chunk, answers in zip(chunks, drawn)]
+                                                    task["cacheUri"], given)
+                       for chunk, given in zip(chunks, drawn)]
             mismatch = [0.0, 0]  # |vLLM's log-probabilities - the training model's| summed, and over how many tokens
             batches = [(s["batch"], None) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).

@@ -29,6 +29,7 @@ from ..generate import stop_token_ids
 from ..task import InvalidTask
 from ..vllm_server import VllmServer, adapter_problem, base_of, choose_engine
 from .estimate import Estimate, gpu_memory_utilization
+from .grpo import answer_length
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ class VllmSampler:
         return [(answers[a:b], logps[a:b]) for a, b in zip(bounds, bounds[1:])]
 
     def _answer(self, tokens: list[int], logps: list[float], room: int) -> tuple[list[int], list[float]]:
-        """An answer as grpo.sample has it (up to and with its first end-of-turn token, within room),
-        with its tokens' log-probabilities."""
-        ended = next((i for i, t in enumerate(tokens) if t in self.stop), None)
-        keep = min(len(tokens) if ended is None else ended + 1, room)
+        """An answer as grpo.sample cuts it, with its tokens' log-probabilities."""
+        keep = answer_length(tokens, self.stop, room)
         return tokens[:keep], [float(x) for x in logps[:keep]]
