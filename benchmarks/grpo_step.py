@@ -24,7 +24,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 
 from llmfactory_runtime.batching import evaluating, token_logps
-from llmfactory_runtime.finetune.grpo import encode_prompts, loss_terms, sampled_batch, sampling
+from llmfactory_runtime.finetune.grpo import draw, encode_prompts, loss_terms, sampled_batch
 from llmfactory_runtime.finetune.vllm_sampler import VllmSampler
 from llmfactory_runtime.generate import generate
 from llmfactory_runtime.models import load_model, load_tokenizer
@@ -81,9 +81,8 @@ def run(args, running: contextlib.ExitStack) -> None:
             sampler.sync(model, step + 1)
         synced = time.perf_counter() - began
         began = time.perf_counter()
-        drawn = (sampler.sample([e["prompt"] for e in chunk], args.generations, **sampling(grpo, 1024))
-                 if sampler else None)
-        sampled = sampled_batch(model, tokenizer, chunk, grpo, 1024, "cpu", "file:///unused", drawn)
+        [groups] = draw(model, tokenizer, [chunk], grpo, 1024, "cpu", "file:///unused", sampler)
+        sampled = sampled_batch(model, tokenizer, groups, grpo, "cpu")
         sampling_s = time.perf_counter() - began
         reference, reference_s = sampled["reference"], 0.0
         if args.beta:  # sampled_batch ran it after sampling: timed by running it again, and taken off sampling
@@ -92,7 +91,7 @@ def run(args, running: contextlib.ExitStack) -> None:
                 token_logps(model, sampled["batch"])
             reference_s = time.perf_counter() - began
             sampling_s -= reference_s
-        batch, answers = sampled["batch"], len(sampled["rewards"])
+        batch, answers = sampled["batch"], sampled["answers"]
         answer_tokens = sampled["labelled"]  # the loss's normalizer: every answer's tokens, trained or not
         began, old = time.perf_counter(), None
         for _ in range(args.iterations):  # grpo.iterations: the later updates against the first one's policy

@@ -10,6 +10,7 @@ import signal
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,8 +22,9 @@ from llmfactory_runtime.batching import token_logps
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.batching import collate_sequences
-from llmfactory_runtime.finetune.grpo import (advantages, encode_prompts, loss_terms, moving_rows, normalizer,
-                                              overlong_penalties, sample, sampled_batch, score, sequences)
+from llmfactory_runtime.finetune.grpo import (Groups, advantages, draw, dynamic_sampling, encode_prompts, loss_terms,
+                                              moving_rows, normalizer, overlong_penalties, sample, sampled_batch, score,
+                                              sequences)
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime import python_grader as python_grader_module
 from llmfactory_runtime.grader import graded_of, last_number, reward, rewards
@@ -369,28 +371,67 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     spec = {"generations": 4, "temperature": 1.0, "maxNewTokens": 30, "scaleRewards": True, "beta": 0.0,
             "grader": grader("contains"), "maskTruncated": True}
     torch.manual_seed(0)
-    sampled = sampled_batch(model, tok, chunk, spec, 40, "cpu", "file:///unused")
+    [groups] = draw(model, tok, [chunk], spec, 40, "cpu", "file:///unused")
+    sampled = sampled_batch(model, tok, groups, spec, "cpu")
     # The loss is normalized by the answers that ended (what it is taken on), every answer is rewarded.
-    assert sampled["labelled"] == sum(map(len, ended)) and sampled["truncated"] == len(answers) - len(ended)
-    assert len(sampled["rewards"]) == 12 and sampled["answerTokens"] == sum(map(len, answers))
-    assert sampled["uniformGroups"] == sum(len(set(group)) == 1 for group in sampled["rewards"].view(3, 4).tolist())
-    torch.manual_seed(0)
-    assert sampled_batch(model, tok, chunk, {**spec, "maskTruncated": False}, 40, "cpu", "file:///unused"
-                         )["labelled"] == sum(map(len, answers))
+    assert groups.answers == answers and groups.truncated == [a[-1] not in stop for a in answers]
+    assert sampled["labelled"] == sum(map(len, ended)) and sampled["answers"] == len(groups.rewards) == 12
+    assert groups.uniform() == [g for g, group in enumerate(groups.rewards.view(3, 4).tolist()) if len(set(group)) == 1]
+    assert sampled_batch(model, tok, groups, {**spec, "maskTruncated": False}, "cpu")["labelled"] == sum(map(len, answers))
     # overlongPenalty: answers of at most 14 tokens, each rewarded less as far as it ran into the last 4
     # (one cut at 14, by the whole 0.5); the penalty is also a part of its own.
     short = {**spec, "maxNewTokens": 14}
     torch.manual_seed(0)
     answers = sample(model, tok, [e["prompt"] for e in chunk], 4, 1.0, 14, 40, "cpu")
     torch.manual_seed(0)
-    plain = sampled_batch(model, tok, chunk, short, 40, "cpu", "file:///unused")
+    [plain] = draw(model, tok, [chunk], short, 40, "cpu", "file:///unused")
     torch.manual_seed(0)
-    penalized = sampled_batch(model, tok, chunk, {**short, "overlongPenalty": {"bufferTokens": 4, "penalty": 0.5}},
-                              40, "cpu", "file:///unused")
+    [penalized] = draw(model, tok, [chunk], {**short, "overlongPenalty": {"bufferTokens": 4, "penalty": 0.5}},
+                       40, "cpu", "file:///unused")
     expected = [-0.5 * min(max(len(a) - 10, 0) / 4, 1) for a in answers]
     assert any(p == -0.5 for p in expected) and any(p == 0 for p in expected)
-    assert penalized["parts"]["overlongPenalty"].tolist() == pytest.approx(expected)
-    assert penalized["rewards"].tolist() == pytest.approx((plain["rewards"] + torch.tensor(expected)).tolist())
+    assert penalized.parts["overlongPenalty"].tolist() == pytest.approx(expected)
+    assert penalized.rewards.tolist() == pytest.approx((plain.rewards + torch.tensor(expected)).tolist())
+
+
+def _groups(names: str, rewards: list[list[float]], logps: bool = True) -> Groups:
+    """Groups of 2 answers to prompts named by letters: answer k of prompt x is [ord(x), k], cut when
+    its reward is 0; each answer's part "p" its reward x 10, its vLLM log-probabilities -reward."""
+    flat = [r for group in rewards for r in group]
+    return Groups([{"prompt": [ord(x)], "name": x} for x in names], [[ord(x), k] for x in names for k in range(2)],
+                  torch.tensor(flat), {"p": torch.tensor(flat) * 10}, [r == 0 for r in flat],
+                  [[-r, -r] for r in flat] if logps else None)
+
+
+def test_dynamic_sampling_replaces_each_uniform_group_with_a_fresh_prompts_round_after_round_until_none_is():
+    first = [_groups("ab", [[1, 1], [0, 1]]), _groups("cd", [[0, 0], [1, 1]])]  # a, c and d teach nothing
+    reserve = [{"prompt": [ord(x)], "name": x} for x in "efghi"]
+    scripted = {"e": [1, 1], "f": [0, 1], "g": [1, 0], "h": [0.5, 1], "i": [0, 1]}  # e is uniform too
+    asked = []
+
+    def draw_more(fresh):
+        asked.append("".join(e["name"] for e in fresh))
+        return [_groups(asked[-1][:2], [scripted[x] for x in asked[-1][:2]]),
+                *([_groups(asked[-1][2:], [scripted[x] for x in asked[-1][2:]])] if len(fresh) > 2 else [])]
+
+    groups, later = dynamic_sampling(first, reserve, draw_more)
+    # Round 1: a, c, d's places to e, f, g; round 2: e's (a's) place to h; i is never sampled.
+    assert asked == ["efg", "h"] and [len(g.prompts) for g in later] == [2, 1, 1]
+    assert [[e["name"] for e in g.prompts] for g in groups] == [["h", "b"], ["f", "g"]]
+    assert [g.uniform() for g in groups] == [[], []]
+    h, b, f, g = [0.5, 1], [0, 1], [0, 1], [1, 0]
+    assert groups[0].rewards.tolist() == h + b and groups[1].rewards.tolist() == f + g
+    assert groups[0].answers == [[ord("h"), 0], [ord("h"), 1], [ord("b"), 0], [ord("b"), 1]]
+    assert groups[1].parts["p"].tolist() == [10 * r for r in f + g]
+    assert groups[1].truncated == [r == 0 for r in f + g] and groups[1].sampler_logps == [[-r, -r] for r in f + g]
+    assert first[0].rewards.tolist() == [1, 1, 0, 1]  # the first round's groups, as sampled: the step's figures
+    # A reserve spent before every group teaches something: what is left uniform stays.
+    groups, later = dynamic_sampling(first, reserve[:1], lambda fresh: [_groups("e", [[1, 1]])])
+    assert [[e["name"] for e in g.prompts] for g in groups] == [["e", "b"], ["c", "d"]] and len(later) == 1
+    assert [g.uniform() for g in groups] == [[0], [0, 1]]
+    # Nothing uniform: nothing more is sampled.
+    assert dynamic_sampling(groups[:0] + [_groups("b", [[0, 1]], logps=False)], reserve,
+                            lambda fresh: pytest.fail("sampled"))[1] == []
 
 
 def test_the_overlong_penalty_grows_over_the_buffer_before_max_new_tokens_as_dapos():
@@ -495,14 +536,15 @@ def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny
     chunk = encode_prompts(tok, [{"prompt": q, "answer": a} for q, a in PAIRS[:2]], 64, grader(), "train.jsonl")
     spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": True, "beta": 0.1, "maskTruncated": False, "lossType": "dapo",
             "grader": grader("contains")}
-    sampled = sampled_batch(model, tok, chunk, spec, 64, "cpu", "file:///unused")
+    [groups] = draw(model, tok, [chunk], spec, 64, "cpu", "file:///unused")
+    sampled = sampled_batch(model, tok, groups, spec, "cpu")
     batch, answer = sampled["batch"], sampled["batch"]["labels"][:, 1:] != IGNORE
     with torch.no_grad():
         base = token_logps(AutoModelForCausalLM.from_pretrained(tiny_model), batch)
         tuned = token_logps(model.eval(), batch)
     torch.testing.assert_close(sampled["reference"][answer], base[answer])
     assert not torch.allclose(tuned[answer], base[answer], atol=1e-3)  # the adapter is on again, and it matters
-    assert sampled_batch(model.train(), tok, chunk, {**spec, "beta": 0.0}, 64, "cpu", "file:///unused")["reference"] is None
+    assert sampled_batch(model.train(), tok, groups, {**spec, "beta": 0.0}, "cpu")["reference"] is None
 
 
 def _rows(n: int) -> list[dict]:
@@ -565,6 +607,93 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     weights = load_file(Path(resumed["modelUri"][7:]) / "model.safetensors")
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(weights[name], weight, rtol=0, atol=1e-6)
+
+
+def _replay_dynamic_sampling(log: list[tuple[int, float]], n: int, batch: int, reserve: int) -> list[dict]:
+    """Each step's figures as dynamic sampling makes them, worked out again from the grader's log of
+    (row id, reward) per answer, in the order graded: a step's first `batch` groups, then replacements
+    for its uniform groups, `reserve` at most. Ends where the log does."""
+    groups = [log[i:i + n] for i in range(0, len(log), n)]
+    uniform = [len({r for _, r in g}) == 1 for g in groups]
+    steps, at = [], 0
+    while at < len(groups):
+        trained, left, drawn = list(range(at, at + batch)), reserve, batch
+        at += batch
+        while left and (slots := [k for k, g in enumerate(trained) if uniform[g]]):
+            take = min(len(slots), left)
+            for k, g in zip(slots, range(at, at + take)):
+                trained[k] = g
+            at, left, drawn = at + take, left - take, drawn + take
+        sampled = groups[at - drawn:at]
+        steps.append({"promptsSampled": drawn, "uniformGroups": sum(uniform[g] for g in trained) / batch,
+                      "reward": sum(r for g in sampled for _, r in g) / (n * drawn),
+                      "ids": [g[0][0] for g in sampled]})
+    return steps
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_trains_each_step_on_groups_that_teach_and_a_resumed_run_samples_the_same(
+        tiny_model, tmp_path):
+    """Two thirds of the prompts always pass or always fail (their groups teach nothing). With
+    dynamicSampling each step reads 3 x 2 prompts and replaces its uniform groups with fresh prompts'
+    round after round: what the grader saw, replayed, gives each step's prompts sampled, the share of
+    uniform groups left in its batch, and its reward (over every answer sampled); a run resumed from
+    its step-2 checkpoint samples the same prompts and answers."""
+    data = tmp_path / "data"
+    data.mkdir()
+    log = tmp_path / "graded.jsonl"
+    kinds = ["easy", "hard", "mixed"] * 4
+    (data / "train.jsonl").write_bytes(dumps_jsonl([{**row, "id": i, "kind": kinds[i], "log": str(log)}
+                                                    for i, row in enumerate(_rows(12))]))
+    source = """
+        import json
+
+        def grade(sample, item):
+            got = {"easy": 1.0, "hard": 0.0}.get(item["kind"], len(sample["output_text"]) % 3 / 2)
+            with open(item["log"], "a") as f:
+                f.write(json.dumps([item["id"], got]) + "\\n")
+            return got
+    """
+    task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
+                         grpo={"generations": 4, "maxNewTokens": 8, "grader": python_grader(source),
+                               "dynamicSampling": {"oversampling": 3}},
+                         tracking={"tensorboard": True}, checkpointing={"everySteps": 2, "keepLast": 5},
+                         hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05})
+    path = write_task(task, tmp_path)
+    proc = run_finetune(path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = open_store(task["artifactUri"])
+    assert run.read_json("result.json")["steps"] == 4  # 12 prompts, 6 read a step, 2 epochs
+    graded = [tuple(json.loads(line)) for line in log.read_text().splitlines()]
+    steps = _replay_dynamic_sampling(graded, 4, 2, 4)
+    assert len(steps) == 4 and all(len(set(s["ids"])) == len(s["ids"]) for s in steps)  # no prompt twice in a step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [k for k in run.list("tracking") if "events.out.tfevents" in k]
+    accumulator = EventAccumulator(str(Path(task["artifactUri"][7:]) / "tracking" / events[0]))
+    accumulator.Reload()
+    assert [e.value for e in accumulator.Scalars("train/prompts_sampled")] == [s["promptsSampled"] for s in steps]
+    assert [e.value for e in accumulator.Scalars("train/frac_reward_zero_std")] == [s["uniformGroups"] for s in steps]
+    lines = run.read_bytes("metrics/loss.csv").decode().splitlines()
+    assert [float(line.split(",")[5]) for line in lines[1:]] == pytest.approx([s["reward"] for s in steps], abs=1e-5)
+    # Replacements were sampled, and the batches trained hold fewer uniform groups than the first draws did.
+    assert sum(s["promptsSampled"] for s in steps) > 8
+    first_draws = sum(len({r for _, r in graded[4 * k:4 * k + 4]}) == 1
+                      for k, s in zip(np.cumsum([0] + [s["promptsSampled"] for s in steps][:-1]), steps) for k in (k, k + 1))
+    assert sum(s["uniformGroups"] for s in steps) * 2 < first_draws
+    assert run.read_json("progress.json")["figures"]["promptsSampled"] == steps[-1]["promptsSampled"]
+
+    run.delete("COMMITTED")
+    for key in run.list("checkpoints"):
+        if not key.startswith("step-2/"):
+            run.delete(f"checkpoints/{key}")
+    log.unlink()
+    proc = run_finetune(path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert run.read_json("result.json")["resumedFromStep"] == 2
+    after = 4 * sum(s["promptsSampled"] for s in steps[:2])
+    assert [tuple(json.loads(line)) for line in log.read_text().splitlines()] == graded[after:]
+    assert run.read_bytes("metrics/loss.csv").decode().splitlines() == lines
 
 
 @pytest.mark.slow

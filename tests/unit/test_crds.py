@@ -142,6 +142,8 @@ BAD = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"iterations": 1, "epsilon": 0.1}}, "which is 1 unless iterations is above 1"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"dynamicSampling": {"oversampling": 1}}}, "violates minimum"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "python"}}}, "operation python needs grader.source"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "sum"}}}, "operation sum needs grader.parts"),

@@ -404,6 +404,9 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
                                     "grader": {"referenceField": "answer", "operation": "number",
                                                "extract": "#### (.+)"}, "engine": "transformers",
                                     "vllmImportanceSamplingCorrection": True, "vllmImportanceSamplingCap": 2.0}
+    dynamic = copy.deepcopy(GRPO)
+    dynamic["spec"]["grpo"]["dynamicSampling"] = {}
+    assert plan(parse(dynamic), lookup({}), STORE)["spec"]["grpo"]["dynamicSampling"] == {"oversampling": 3}
     on_cpu = copy.deepcopy(GRPO)
     on_cpu["spec"] |= {"method": "lora", "resources": {"gpusPerNode": 0}}
     on_cpu["spec"]["grpo"]["engine"] = "vllm"

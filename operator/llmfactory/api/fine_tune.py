@@ -278,6 +278,14 @@ class OverlongPenalty(ApiModel):
         "larger for a reward model's scores."))
 
 
+class DynamicSampling(ApiModel):
+    """DAPO's dynamic sampling (Yu et al., 2025); grpo.dynamicSampling says what it does."""
+
+    oversampling: int = Field(3, ge=2, le=16, description=(
+        "Prompts each step reads, as a multiple of the prompts it trains on (hyperparameters.batchSize x "
+        "gradientAccumulation per process): the most it can sample to replace uniform groups (DAPO's 3)."))
+
+
 class Grpo(ApiModel):
     """Group Relative Policy Optimization (Shao et al., 2024), as TRL's GRPOTrainer does it:
     reinforcement learning from a grader's rewards, without a value model."""
@@ -335,6 +343,17 @@ class Grpo(ApiModel):
         "reward in progress.json includes it, its mean apart as reward.overlongPenalty; the validation "
         "reward is the grader's alone). Unset: none. Where maskTruncated leaves cut answers out of the "
         "loss, this teaches the answers that still fit to end sooner."))
+    dynamic_sampling: DynamicSampling | None = Field(None, description=(
+        "DAPO's dynamic sampling (Yu et al., 2025): a group whose answers all scored alike (all passed, all "
+        "failed) has no advantage and teaches nothing, so it is replaced by a fresh prompt's group before the "
+        "step trains. Each step reads oversampling times its prompts from the train split; the first share is "
+        "sampled as without it, then, round after round, as many of the rest as groups were uniform are "
+        "sampled together and take their places, until none is or the step's prompts are spent (a group still "
+        "uniform then trains with no advantage, as without it). Prompts a step leaves unsampled are not seen "
+        "in that epoch: an epoch has oversampling times fewer steps, each of groups to learn from. "
+        "progress.json's promptsSampled counts a step's prompts sampled; its reward, answerLength and truncated "
+        "are of every answer sampled, uniformGroups the share of the groups trained. Unset: none (uniform "
+        "groups train with no advantage, their share in uniformGroups)."))
     iterations: int = Field(1, ge=1, le=16, description=(
         "Optimizer steps on each batch of sampled answers (TRL's num_iterations, GRPO's mu): more learning "
         "per sampling, which dominates a step's time. From the second on, each answer token's ratio to the "

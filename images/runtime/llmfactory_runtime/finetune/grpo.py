@@ -10,12 +10,16 @@ number (DAPO; grpo.lossType grpo and dr_grpo normalize as their papers do, see n
 gradient that of logp, as TRL writes it: the clip cannot bind); with grpo.iterations above 1 the
 later updates divide by that first update's log-probabilities, the policy that sampled the answers.
 The KL to the reference (the base: the adapter switched off) is the k3 estimator
-exp(ref - logp) - (ref - logp) - 1. Sampling draws from torch's global generator, which
-every checkpoint saves: a resumed run samples what the uninterrupted run sampled.
+exp(ref - logp) - (ref - logp) - 1. With grpo.dynamicSampling (DAPO's) a step's groups whose
+answers all scored alike are replaced by spare prompts' groups before it trains (dynamic_sampling).
+Sampling draws from torch's global generator, which every checkpoint saves: a resumed run samples
+what the uninterrupted run sampled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -120,30 +124,93 @@ def sampling(grpo: dict, max_len: int) -> dict[str, Any]:
             "top_p": grpo.get("topP", 1.0), "top_k": grpo.get("topK", 0), "min_p": grpo.get("minP", 0.0)}
 
 
-def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max_len: int, device,
-                  cache_uri: str, drawn: tuple[list[list[int]], list[list[float]]] | None = None) -> dict[str, Any]:
-    """A micro-batch of the step: grpo.generations answers sampled to each prompt of `chunk` (by the
-    model, unless `drawn` gives them: vLLM's answers and its log-probabilities of their tokens, as
-    samplerLogps of the rows, grpo.engine vllm), scored,
-    as a batch of one answer (after its prompt) per row, only those that can move the loss
-    (moving_rows), with each row's advantage, every answer's reward, and with grpo.beta the rows'
-    reference token log-probabilities (the model with its adapter switched off).
-    With grpo.maskTruncated an answer that never ended has no labels: its reward still counts in its
-    group's mean (the others' advantages), its tokens not in the loss. grpo.overlongPenalty adds to
-    each reward (and to the parts, as overlongPenalty)."""
-    n = grpo["generations"]
-    prompts = [e["prompt"] for e in chunk]
-    answers, answer_logps = drawn or (sample(model, tokenizer, prompts, n, device=device, **sampling(grpo, max_len)),
-                                      None)
-    got, parts = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
-    if grpo.get("overlongPenalty"):
-        parts["overlongPenalty"] = overlong_penalties(answers, grpo["maxNewTokens"], grpo["overlongPenalty"])
-        got = got + parts["overlongPenalty"]
+@dataclass(frozen=True)
+class Groups:
+    """Prompts (as encode_prompts gives them), each with its group of sampled answers (generations
+    per prompt, in order), scored: a micro-batch before it becomes a batch (sampled_batch)."""
+
+    prompts: list[dict[str, Any]]
+    answers: list[list[int]]
+    rewards: torch.Tensor  # the grader's, plus grpo.overlongPenalty's
+    parts: dict[str, torch.Tensor]  # a sum grader's parts' rewards by name, and overlongPenalty
+    truncated: list[bool]  # never ended: cut at maxNewTokens or maxSeqLength
+    sampler_logps: list[list[float]] | None = None  # vLLM's log-probability of each answer token
+
+    @property
+    def generations(self) -> int:
+        return len(self.answers) // len(self.prompts)
+
+    def uniform(self) -> list[int]:
+        """The groups whose answers all scored alike."""
+        return uniform_groups(self.rewards, self.generations).nonzero().flatten().tolist()
+
+    def with_group(self, g: int, other: Groups, h: int) -> Groups:
+        """These groups with group g replaced by other's group h."""
+        n = self.generations
+
+        def spliced(mine, theirs):
+            parts = (mine[:g * n], theirs[h * n:(h + 1) * n], mine[(g + 1) * n:])
+            return torch.cat(parts) if isinstance(mine, torch.Tensor) else [x for part in parts for x in part]
+
+        return Groups(self.prompts[:g] + [other.prompts[h]] + self.prompts[g + 1:], spliced(self.answers, other.answers),
+                      spliced(self.rewards, other.rewards),
+                      {name: spliced(got, other.parts[name]) for name, got in self.parts.items()},
+                      spliced(self.truncated, other.truncated),
+                      None if self.sampler_logps is None else spliced(self.sampler_logps, other.sampler_logps))
+
+
+def draw(model, tokenizer, chunks: list[list[dict[str, Any]]], grpo: dict, max_len: int, device, cache_uri: str,
+         sampler=None) -> list[Groups]:
+    """Each chunk's prompts with grpo.generations answers sampled to each (by the model, chunk by chunk,
+    or by vLLM's `sampler`, every chunk at once, with its log-probabilities), scored by the grader, with
+    grpo.overlongPenalty added to each reward (and to the parts, as overlongPenalty)."""
+    n, settings = grpo["generations"], sampling(grpo, max_len)
+    prompts = [[e["prompt"] for e in chunk] for chunk in chunks]
+    drawn = (sampler.sample_chunks(prompts, n, **settings) if sampler else
+             [(sample(model, tokenizer, p, n, device=device, **settings), None) for p in prompts])
     stop = set(stop_token_ids(tokenizer))
-    truncated = [not a or a[-1] not in stop for a in answers]  # cut at maxNewTokens or maxSeqLength
-    masked = truncated if grpo["maskTruncated"] else [False] * len(answers)
+    out = []
+    for chunk, (answers, logps) in zip(chunks, drawn):
+        got, parts = score(tokenizer, answers, [e for e in chunk for _ in range(n)], grpo["grader"], cache_uri)
+        if grpo.get("overlongPenalty"):
+            parts["overlongPenalty"] = overlong_penalties(answers, grpo["maxNewTokens"], grpo["overlongPenalty"])
+            got = got + parts["overlongPenalty"]
+        out.append(Groups(list(chunk), answers, got, parts, [not a or a[-1] not in stop for a in answers], logps))
+    return out
+
+
+def dynamic_sampling(groups: list[Groups], reserve: list[dict[str, Any]],
+                     draw_more: Callable[[list[dict[str, Any]]], list[Groups]]) -> tuple[list[Groups], list[Groups]]:
+    """DAPO's dynamic sampling: each uniform group of the micro-batches' `groups` replaced by a fresh
+    prompt's, the fresh prompts taken in order from `reserve` and sampled together (draw_more), round
+    after round until no group is uniform or the reserve is spent; a group still uniform stays. Returns
+    the micro-batches' groups then, and every group the later rounds drew."""
+    later: list[Groups] = []
+    groups = list(groups)
+    while reserve:
+        slots = [(c, g) for c, chunk in enumerate(groups) for g in chunk.uniform()]
+        if not slots:
+            break
+        fresh, reserve = reserve[:len(slots)], reserve[len(slots):]
+        drawn = draw_more(fresh)
+        later += drawn
+        for (c, g), (new, h) in zip(slots, [(new, h) for new in drawn for h in range(len(new.prompts))]):
+            groups[c] = groups[c].with_group(g, new, h)
+    return groups, later
+
+
+def sampled_batch(model, tokenizer, groups: Groups, grpo: dict, device) -> dict[str, Any]:
+    """A micro-batch of the step from its sampled groups: a batch of one answer (after its prompt) per
+    row, only those that can move the loss (moving_rows), with each row's advantage, and with
+    grpo.beta the rows' reference token log-probabilities (the model with its adapter switched off);
+    with vLLM's log-probabilities (grpo.engine vllm), those of the rows' tokens as samplerLogps.
+    With grpo.maskTruncated an answer that never ended has no labels: its reward still counts in its
+    group's mean (the others' advantages), its tokens not in the loss."""
+    n, answers = groups.generations, groups.answers
+    prompts = [e["prompt"] for e in groups.prompts]
+    masked = groups.truncated if grpo["maskTruncated"] else [False] * len(answers)
     seqs = sequences(prompts, answers, n, masked)
-    advantage = advantages(got, n, grpo["scaleRewards"])
+    advantage = advantages(groups.rewards, n, grpo["scaleRewards"])
     rows = moving_rows(advantage, masked, bool(grpo["beta"]))
     batch = collate_sequences(seqs, [[k] for k in rows], tokenizer.pad_token_id, packed=True)
     reference = None
@@ -151,19 +218,15 @@ def sampled_batch(model, tokenizer, chunk: list[dict[str, Any]], grpo: dict, max
         with torch.no_grad(), model.disable_adapter(), evaluating(model):  # as in sampling: no dropout drawn
             reference = token_logps(model, {k: v.to(device) for k, v in batch.items()}).cpu()
     sampler_logps = None
-    if answer_logps is not None:  # as token_logps lays them out: a row's answer tokens after its prompt
+    if groups.sampler_logps is not None:  # as token_logps lays them out: a row's answer tokens after its prompt
         sampler_logps = torch.zeros(len(rows), batch["input_ids"].shape[1] - 1)
         for r, k in enumerate(rows):
             start = len(prompts[k // n]) - 1
-            sampler_logps[r, start:start + len(answers[k])] = torch.tensor(answer_logps[k])
+            sampler_logps[r, start:start + len(answers[k])] = torch.tensor(groups.sampler_logps[k])
     # Answer tokens in the loss, counted before rows are left out: the step's loss is normalized by all.
     labelled = sum(len(a) for a, out in zip(answers, masked) if not out)
-    return {"batch": batch, "advantages": advantage[rows], "rewards": got, "reference": reference,
-            "samplerLogps": sampler_logps,
-            "tokens": sum(len(s["input_ids"]) for s in seqs), "labelled": labelled,
-            "answerTokens": sum(map(len, answers)), "truncated": sum(truncated),
-            "uniformGroups": int(uniform_groups(got, n).sum()),
-            "parts": parts}
+    return {"batch": batch, "advantages": advantage[rows], "reference": reference, "samplerLogps": sampler_logps,
+            "tokens": sum(len(s["input_ids"]) for s in seqs), "labelled": labelled, "answers": len(answers)}
 
 
 def moving_rows(advantage: torch.Tensor, masked: list[bool], kl: bool) -> list[int]:

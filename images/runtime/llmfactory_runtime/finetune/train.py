@@ -11,6 +11,7 @@ with the weights an uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -204,11 +205,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                           "to choose by")
     micro, accum = hp["batchSize"], hp["gradientAccumulation"]
     global_batch = micro * accum * world.size  # sequences per optimizer step, all processes together
+    # grpo.dynamicSampling: a step reads more prompts than it trains on, to replace groups that teach nothing
+    oversampling = grpo["dynamicSampling"]["oversampling"] if grpo and grpo.get("dynamicSampling") else 1
     # GRPO's sequences are made in the step (a prompt's answers), so its rows are prompts, one each; a
     # reward model scores a row at its end, so its pairs are never packed.
-    epochs = [epoch_rows(lengths, e, {**hp, "packing": hp["packing"] and not (grpo or reward_model)}, global_batch, unit_len)
+    per_step = global_batch * oversampling  # rows a step reads
+    epochs = [epoch_rows(lengths, e, {**hp, "packing": hp["packing"] and not (grpo or reward_model)}, per_step, unit_len)
               for e in range(hp["epochs"])]
-    steps_per_epoch = [len(rows) // global_batch for rows in epochs]
+    steps_per_epoch = [len(rows) // per_step for rows in epochs]
     total_steps = sum(steps_per_epoch)
 
     sampler = None
@@ -436,6 +440,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         progress.stage("grpo: the base model's reward on the validation prompts")
         evaluate(0)
 
+    # grpo: sampled and scored prompts (group_relative.Groups) of micro-batches of prompts
+    draw = functools.partial(group_relative.draw, inner, tokenizer, grpo=grpo, max_len=hp["maxSeqLength"],
+                             device=world.device, cache_uri=task["cacheUri"], sampler=sampler)
+
     # Train
     progress.stage("training", total=total_steps, unit="steps")
     progress.update(start)
@@ -446,8 +454,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         step += 1
         began = time.perf_counter()
         epoch, index = _locate(step - 1, steps_per_epoch)
-        rows = epochs[epoch][index * global_batch:(index + 1) * global_batch]
+        rows = epochs[epoch][index * per_step:(index + 1) * per_step]
         micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)][world.rank::world.size]
+        reserve = [examples[i] for group in micro_batches[accum:] for row in group for i in row]  # grpo.dynamicSampling
+        micro_batches = micro_batches[:accum]
         items_of = [[k for row in group for k in row] for group in micro_batches]  # each micro-batch's examples
         # Token-weighted over the whole step (DPO, KTO: pair- or example-weighted): a micro-batch's loss
         # is its summed loss over the step's assistant tokens (pairs, examples) on all processes; DDP
@@ -455,21 +465,23 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if grpo:
             # The step's answers are sampled and scored first: its loss is normalized by all of them.
             chunks = [[examples[i] for row in group for i in row] for group in micro_batches]
-            drawn: list = [None] * len(chunks)
-            if sampler:  # all of this process's answers of the step in flight at once: vLLM batches them
+            if sampler:  # all of this process's answers of a round in flight at once: vLLM batches them
                 sampler.sync(inner, step)
-                drawn = sampler.sample_chunks([[e["prompt"] for e in c] for c in chunks], grpo["generations"],
-                                              **group_relative.sampling(grpo, hp["maxSeqLength"]))
-            sampled = [group_relative.sampled_batch(inner, tokenizer, chunk, grpo, hp["maxSeqLength"], world.device,
-                                                    task["cacheUri"], given)
-                       for chunk, given in zip(chunks, drawn)]
+            groups = draw(chunks)
+            drawn = list(groups)  # every group sampled in the step: the step's reward and answer figures
+            if reserve:
+                groups, later = group_relative.dynamic_sampling(
+                    groups, reserve, lambda fresh: draw([fresh[i:i + micro] for i in range(0, len(fresh), micro)]))
+                drawn += later
+            sampled = [group_relative.sampled_batch(inner, tokenizer, g, grpo, world.device) for g in groups]
             mismatch = [0.0, 0]  # |vLLM's log-probabilities - the training model's| summed, and over how many tokens
             batches = [(s["batch"], None) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
             n_tokens = max(world.sum(sum(s["labelled"] for s in sampled)), 1)
-            n_answers = world.sum(sum(len(s["rewards"]) for s in sampled))
+            n_answers = world.sum(sum(s["answers"] for s in sampled))
             n_items = group_relative.normalizer(grpo, n_tokens, n_answers)  # what the summed loss is divided by
-            mean_reward = world.sum(float(sum(s["rewards"].sum() for s in sampled))) / n_answers
+            n_drawn = world.sum(sum(len(g.answers) for g in drawn))
+            mean_reward = world.sum(float(sum(g.rewards.sum() for g in drawn))) / n_drawn
         elif kto:
             batches = [kto_rows(group, 0) for group in micro_batches]
             n_items = world.sum(sum(map(len, items_of)))
@@ -552,14 +564,17 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                    else {"reward": round(mean_reward, 4)} if grpo else {})
         if grpo and grpo["beta"]:
             of_step["kl"] = round(world.sum(step_kl) / (n_tokens * updates_per_step), 6)  # per answer token
-        for name in sampled[0]["parts"] if grpo else ():  # a sum grader's parts: each one's mean reward
-            of_step[f"reward.{name}"] = round(world.sum(float(sum(s["parts"][name].sum() for s in sampled))) / n_answers, 4)
+        for name in drawn[0].parts if grpo else ():  # a sum grader's parts: each one's mean reward
+            of_step[f"reward.{name}"] = round(world.sum(float(sum(g.parts[name].sum() for g in drawn))) / n_drawn, 4)
         if grpo:  # the sampled answers' mean length, and the share that never ended (cut at the limit)
-            of_step["answerLength"] = round(world.sum(sum(s["answerTokens"] for s in sampled)) / n_answers, 2)
-            of_step["truncated"] = round(world.sum(sum(s["truncated"] for s in sampled)) / n_answers, 4)
-            # Groups whose answers all scored alike: no advantage, nothing learned from them (left out of the passes).
-            of_step["uniformGroups"] = round(world.sum(sum(s["uniformGroups"] for s in sampled)) * grpo["generations"]
+            of_step["answerLength"] = round(world.sum(sum(sum(map(len, g.answers)) for g in drawn)) / n_drawn, 2)
+            of_step["truncated"] = round(world.sum(sum(sum(g.truncated) for g in drawn)) / n_drawn, 4)
+            # Groups trained whose answers all scored alike: no advantage, nothing learned from them (left
+            # out of the passes).
+            of_step["uniformGroups"] = round(world.sum(sum(len(g.uniform()) for g in groups)) * grpo["generations"]
                                              / n_answers, 4)
+        if grpo and oversampling > 1:  # the step's prompts sampled, all processes: its trained ones and replacements
+            of_step["promptsSampled"] = int(world.sum(sum(len(g.prompts) for g in drawn)))
         if sampler:  # TRL's sampling_logp_difference: the engines' disagreement per answer token trained
             of_step["samplerLogpDiff"] = round(world.sum(mismatch[0]) / max(world.sum(mismatch[1]), 1), 6)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
@@ -574,6 +589,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 metrics |= {"train/reward": mean_reward} | ({"train/kl": of_step["kl"]} if "kl" in of_step else {})
                 metrics |= {"train/completion_length": of_step["answerLength"], "train/truncated_ratio": of_step["truncated"],
                             "train/frac_reward_zero_std": of_step["uniformGroups"]}
+                metrics |= {"train/prompts_sampled": of_step["promptsSampled"]} if "promptsSampled" in of_step else {}
                 metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
                 metrics |= ({"sampling/sampling_logp_difference/mean": of_step["samplerLogpDiff"]}
                             if "samplerLogpDiff" in of_step else {})
