@@ -184,6 +184,8 @@ def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter
                         "/tmp/tok", 8123, gpus=1)
     assert hub[2] == "meta-llama/Meta-Llama-3-8B-Instruct" and _flags(hub)["--revision"] == "abc123"
     assert _flags(hub)["--tensor-parallel-size"] == "1" and "--enable-lora" not in hub
+    # The context vLLM fits in its KV cache, unless told (GRPO's sampler: maxSeqLength).
+    assert flags["--max-model-len"] == "auto" and _flags(hub)["--max-model-len"] == "auto"
 
 
 def test_a_vllm_that_dies_while_starting_fails_with_its_last_log_lines(tiny_model, tmp_path, monkeypatch):
@@ -278,6 +280,26 @@ def test_a_local_teacher_on_vllm_answers_as_on_transformers(served_model, tmp_pa
     assert [(tokens < 8, finished) for _, tokens, finished in got["vllm"]] == [(True, True), (False, False),
                                                                             (False, False)]
     assert got["vllm"][0][1] > 0 and any(text for text, _, _ in got["vllm"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU build serves where no GPU is visible")
+def test_a_model_whose_context_outgrows_vllms_kv_cache_is_served_at_the_length_that_fits(tmp_path, cpu_vllm, capfd):
+    """A 128k-context model whose KV cache at that length (12 layers x 4 key-value heads x 64, 1.5 GiB
+    in bfloat16, 3 in float32) outgrows what vLLM is given (1 GiB here; on a GPU, a teacher's share
+    beside its judge): vLLM refused to start; told to fit it, it serves at the length that fits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny_model import make_tokenizer
+
+    tok = make_tokenizer(tmp_path / "long", style="gpt2", chat_template=True)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=12,
+                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=131072,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "long")
+    with VllmServer({"uri": f"file://{tmp_path / 'long'}"}) as server:
+        [answer] = server.generate([[{"role": "user", "content": "Why is the sky blue?"}]], 4)
+    assert 0 < answer.tokens <= 4
+    assert "Auto-fit max_model_len: reduced from 131072 to" in capfd.readouterr().err
 
 
 def test_each_sample_of_a_conversation_asks_vllm_with_a_seed_of_its_own(tmp_path, openai_server):

@@ -150,7 +150,9 @@ def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, p
     """`vllm serve` for a ModelSource: a directory or Hugging Face id, with a FineTune's LoRA adapter
     served beside its base (requests then name the adapter) rather than merged first. dtype: the
     transformers engine's (models.compute_dtype), not the checkpoint's, which vLLM would take.
-    lora_rank: adapters of up to that rank loaded while it runs (load_adapter), one at a time."""
+    lora_rank: adapters of up to that rank loaded while it runs (load_adapter), one at a time.
+    max_model_len: the longest prompt and answer served (unset: what fits its KV cache, up to the
+    model's context)."""
     base = base_of(source)
     where, _, kwargs = locate(base)
     heads = load_config(base).num_attention_heads if gpus > 1 else 1
@@ -167,8 +169,10 @@ def serve_command(executable: str, source: dict[str, Any], tokenizer_dir: str, p
                     "--max-lora-rank", str(_lora_rank(_adapter_config(source["adapterUri"])))]
     elif lora_rank:
         command += ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(_lora_rank({"r": lora_rank}))]
-    if max_model_len:
-        command += ["--max-model-len", str(max_model_len)]
+    # Unset: vLLM's auto-fit, the model's whole context if its KV cache fits what vLLM is given, else the
+    # longest that does: a 128k-context model on a share of a GPU (a teacher beside its judge) or on a
+    # CPU build's KV space would otherwise refuse to start, for lengths no request here comes near.
+    command += ["--max-model-len", str(max_model_len) if max_model_len else "auto"]
     return command
 
 
