@@ -23,8 +23,8 @@ from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.batching import collate_sequences
 from llmfactory_runtime.finetune.grpo import (Groups, advantages, draw, dynamic_sampling, encode_prompts, loss_terms,
-                                              moving_rows, normalizer, overlong_penalties, sample, sampled_batch, score,
-                                              sequences)
+                                              moving_rows, normalizer, overlong_penalties, sample, sampled_batch,
+                                              sampler_mismatch, score, sequences)
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime import python_grader as python_grader_module
 from llmfactory_runtime.grader import graded_of, last_number, reward, rewards
@@ -473,7 +473,7 @@ def test_answers_vllm_sampled_weigh_each_token_by_the_truncated_ratio_of_the_pol
     labels = torch.tensor([[IGNORE, 5, 6, 7]])
     vllm = torch.tensor([[-1.0 + math.log(2), -1.0, -1.0 - math.log(5)]])
     spec = {"beta": 0.0, "epsilon": 0.2, "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
-            "vllmImportanceSamplingCap": 2.0}
+            "vllmImportanceSamplingCap": 2.0, "vllmImportanceSamplingMode": "token_truncate"}
     loss, _, _ = loss_terms(logps, labels, torch.tensor([1.0]), None, spec, sampler_logps=vllm)
     assert float(loss) == pytest.approx(-(0.5 + 1 + 2))
     loss.backward()
@@ -488,6 +488,29 @@ def test_answers_vllm_sampled_weigh_each_token_by_the_truncated_ratio_of_the_pol
     off, _, _ = loss_terms(logps.detach(), labels, torch.tensor([1.0]), None,
                            {**spec, "vllmImportanceSamplingCorrection": False}, sampler_logps=vllm)
     assert float(off) == pytest.approx(-3.0)
+
+
+@pytest.mark.parametrize("mode, weights, masked", [
+    ("token_truncate", [[0.5, 1, 2], [0, 1, 1.5]], 0), ("token_mask", [[0.5, 1, 0], [0, 1, 1.5]], 1),
+    ("sequence_truncate", [[2, 2, 2], [0, 1.5, 1.5]], 0), ("sequence_mask", [[0, 0, 0], [0, 1.5, 1.5]], 3)])
+def test_the_importance_sampling_mode_weighs_tokens_or_whole_answers_and_truncates_or_masks_above_the_cap(
+        mode, weights, masked):
+    """TRL's vllm_importance_sampling_mode by hand, cap 2: the first answer's tokens are 0.5, 1 and 5 times
+    as likely to the training model as to vLLM (the answer 2.5 times), the second's 1 and 1.5 (1.5), after
+    a prompt token whose numbers differ wildly and count for nothing. Value and gradient are each token's
+    weight; the masked tokens are counted."""
+    logps = torch.full((2, 3), -1.0, requires_grad=True)
+    labels = torch.tensor([[IGNORE, 5, 6, 7], [IGNORE, IGNORE, 6, 7]])
+    vllm = torch.tensor([[-1.0 + math.log(2), -1.0, -1.0 - math.log(5)], [9.0, -1.0, -1.0 - math.log(1.5)]])
+    spec = {"beta": 0.0, "epsilon": 0.2, "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
+            "vllmImportanceSamplingCap": 2.0, "vllmImportanceSamplingMode": mode}
+    loss, _, _ = loss_terms(logps, labels, torch.tensor([1.0, 1.0]), None, spec, sampler_logps=vllm)
+    assert float(loss) == pytest.approx(-sum(map(sum, weights)))
+    loss.backward()
+    torch.testing.assert_close(logps.grad, -torch.tensor(weights, dtype=torch.float32))
+    difference = math.log(2) + math.log(5) + math.log(1.5)
+    assert sampler_mismatch(logps, vllm, labels, spec) == (pytest.approx(difference), masked)
+    assert sampler_mismatch(logps, vllm, labels, {**spec, "vllmImportanceSamplingCorrection": False})[1] == 0
 
 
 @pytest.mark.parametrize("loss_type, expected", [("dapo", (-1.0 * 3 + 2.0 * 1) / 4), ("grpo", (-1.0 + 2.0) / 2),

@@ -83,8 +83,8 @@ def _rows(n: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": PAIRS[i % len(PAIRS)][0]}], "answer": "a"} for i in range(n)]
 
 
-def _task(model: Path, tmp_path: Path, train: int = 8, validation: int = 2, **spec) -> dict:
-    """A LoRA GRPO FineTune sampling with vLLM, its prompts written under tmp_path."""
+def _task(model: Path, tmp_path: Path, train: int = 8, validation: int = 2, grpo: dict | None = None, **spec) -> dict:
+    """A LoRA GRPO FineTune sampling with vLLM (grpo: more of its settings), its prompts written under tmp_path."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(train)))
@@ -93,14 +93,17 @@ def _task(model: Path, tmp_path: Path, train: int = 8, validation: int = 2, **sp
     return finetune_task(model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="lora",
                          lora={"r": 8, "dropout": 0.0}, mergeAdapter=False, resources={"gpusPerNode": 1},
                          grpo={"generations": 4, "maxNewTokens": 8, "engine": "vllm", "grader": {
-                             "referenceField": "answer", "operation": "contains"}}, **spec)
+                             "referenceField": "answer", "operation": "contains"}, **(grpo or {})}, **spec)
 
 
 def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_sampled(base, tmp_path, cpu_vllm):
     """A LoRA GRPO FineTune with grpo.engine vllm runs through the runtime's entrypoint with a
     `vllm serve` beside it (a step's two micro-batches sampled at once); resumed from a checkpoint, it
-    samples the same answers (the same rewards at every step) and ends with the same adapter."""
-    task = _task(base, tmp_path, checkpointing={"everySteps": 2, "keepLast": 10},
+    samples the same answers (the same rewards at every step) and ends with the same adapter. Its
+    importance sampling correction weighs whole answers and masks those vLLM found too unlikely
+    (sequence_mask): none, the engines agreeing."""
+    task = _task(base, tmp_path, grpo={"vllmImportanceSamplingMode": "sequence_mask"},
+                 checkpointing={"everySteps": 2, "keepLast": 10},
                  hyperparameters={"epochs": 2, "batchSize": 1, "gradientAccumulation": 2, "learningRate": 0.05})
     path = write_task(task, tmp_path)
     proc = run_finetune(path, timeout=600)
@@ -114,7 +117,8 @@ def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_
     assert len(rewards) == 8 and len(set(rewards)) > 1  # answers that differ in reward: something to learn from
     # vLLM's log-probabilities of its answers, against the training model's (the correction's weights): fp32 on
     # both sides here, so they agree but for rounding.
-    assert 0 <= run.read_json("progress.json")["figures"]["samplerLogpDiff"] < 1e-3
+    figures = run.read_json("progress.json")["figures"]
+    assert 0 <= figures["samplerLogpDiff"] < 1e-3 and figures["samplerMasked"] == 0
     adapter = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
 
     run.delete("COMMITTED")

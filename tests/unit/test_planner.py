@@ -403,7 +403,8 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
                                     "beta": 0.0, "lossType": "dapo", "maskTruncated": False, "iterations": 1, "epsilon": 0.2,
                                     "grader": {"referenceField": "answer", "operation": "number",
                                                "extract": "#### (.+)"}, "engine": "transformers",
-                                    "vllmImportanceSamplingCorrection": True, "vllmImportanceSamplingCap": 2.0}
+                                    "vllmImportanceSamplingCorrection": True, "vllmImportanceSamplingCap": 2.0,
+                                    "vllmImportanceSamplingMode": "token_truncate"}
     dynamic = copy.deepcopy(GRPO)
     dynamic["spec"]["grpo"]["dynamicSampling"] = {}
     assert plan(parse(dynamic), lookup({}), STORE)["spec"]["grpo"]["dynamicSampling"] == {"oversampling": 3}

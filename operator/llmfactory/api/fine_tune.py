@@ -296,8 +296,10 @@ class Grpo(ApiModel):
                     "iterations is above 1: set grpo.iterations"},
         {"rule": "(has(self.engine) && self.engine == 'vllm') || ((!has(self.vllmImportanceSamplingCorrection) "
                  "|| self.vllmImportanceSamplingCorrection) && (!has(self.vllmImportanceSamplingCap) "
-                 "|| self.vllmImportanceSamplingCap == 2.0))",
-         "message": "grpo.vllmImportanceSamplingCorrection and vllmImportanceSamplingCap apply only to grpo.engine vllm"},
+                 "|| self.vllmImportanceSamplingCap == 2.0) && (!has(self.vllmImportanceSamplingMode) "
+                 "|| self.vllmImportanceSamplingMode == 'token_truncate'))",
+         "message": "grpo.vllmImportanceSamplingCorrection, vllmImportanceSamplingMode and vllmImportanceSamplingCap "
+                    "apply only to grpo.engine vllm"},
         {"rule": "!has(self.overlongPenalty) || self.overlongPenalty.bufferTokens < self.maxNewTokens",
          "message": "overlongPenalty.bufferTokens is the stretch before maxNewTokens where the penalty grows: "
                     "set it below grpo.maxNewTokens"},
@@ -383,8 +385,17 @@ class Grpo(ApiModel):
         "vllm_importance_sampling_correction): vLLM's kernels, and for qlora its unquantized base, give "
         "probabilities a little off the trained policy's, and the answers are vLLM's. Their mean "
         "|log p_train - log p_vllm| per token is progress.json's samplerLogpDiff."))
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "token_truncate", description=(
+            "How the correction weighs, as TRL's vllm_importance_sampling_mode: token_* each answer token by its own "
+            "ratio, sequence_* every token of an answer by the answer's (the product of its tokens' ratios, so it "
+            "drifts from 1 as answers grow long); *_truncate a ratio above vllmImportanceSamplingCap counts as the cap "
+            "(truncated importance sampling), *_mask counts as 0, leaving the token (the answer) out of the gradient "
+            "(masked importance sampling, IcePop's; the Qwen team found sequence_mask the most stable). The share "
+            "of trained answer tokens masked is progress.json's samplerMasked."))
     vllm_importance_sampling_cap: float = Field(2.0, ge=1, le=100, description=(
-        "Largest weight the importance sampling correction gives a token (TRL's 2)."))
+        "Largest importance ratio the correction keeps (TRL's 2): above it, a token's or answer's weight is the "
+        "cap (*_truncate modes) or 0 (*_mask modes)."))
 
 
 class Hyperparameters(ApiModel):

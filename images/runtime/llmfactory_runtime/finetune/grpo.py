@@ -247,7 +247,7 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     row; old: the sampling policy's log-probabilities (the first update's), None on the first update,
     where the ratio is exp(logp - logp.detach()). sampler_logps: vLLM's log-probabilities of the tokens
     it sampled (grpo.engine vllm); with grpo.vllmImportanceSamplingCorrection each token's surrogate
-    is weighed by the truncated importance ratio min(exp(old - sampler_logps), cap), as TRL's."""
+    is weighed by its importance weight (sampler_weights), as TRL's."""
     answer = labels[:, 1:] != IGNORE
     ratio = torch.exp(logps - (logps.detach() if old is None else old.to(logps)))
     low, high = grpo["epsilon"], grpo.get("epsilonHigh") or grpo["epsilon"]
@@ -257,8 +257,7 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     clipped = ((ratio < 1 - low) & (a < 0)) | ((ratio > 1 + high) & (a > 0))
     if sampler_logps is not None and grpo["vllmImportanceSamplingCorrection"]:
         policy = logps.detach() if old is None else old.to(logps)
-        weight = torch.exp(policy - sampler_logps.to(logps)).clamp(max=grpo["vllmImportanceSamplingCap"])
-        per_token = per_token * weight
+        per_token = per_token * sampler_weights(policy, sampler_logps.to(logps), answer, grpo)
     kl = torch.zeros_like(logps)
     if reference is not None:
         delta = reference.to(logps) - logps
@@ -269,11 +268,30 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     return per_token[answer].sum(), kl.detach()[answer].sum(), clipped[answer].sum()
 
 
-def sampler_mismatch(logps: torch.Tensor, sampler_logps: torch.Tensor, labels: torch.Tensor) -> float:
-    """The summed |logp - the sampler's| over the answer tokens (TRL's sampling_logp_difference): how
-    far vLLM's numbers are from the training model's for the same tokens."""
+def sampler_weights(policy: torch.Tensor, sampler_logps: torch.Tensor, answer: torch.Tensor, grpo: dict) -> torch.Tensor:
+    """Each answer token's importance weight (rows, width - 1; rows, 1 for the sequence modes): the
+    sampling policy's probability over vLLM's, exp(policy - sampler_logps), of the token
+    (grpo.vllmImportanceSamplingMode token_*) or of the whole answer (sequence_*: the product over its
+    tokens), above grpo.vllmImportanceSamplingCap cut to it (*_truncate) or to 0 (*_mask)."""
+    mode, cap = grpo["vllmImportanceSamplingMode"], grpo["vllmImportanceSamplingCap"]
+    difference = (policy - sampler_logps) * answer
+    if mode.startswith("sequence"):
+        difference = difference.sum(1, keepdim=True)
+    ratio = torch.exp(difference)
+    return ratio.clamp(max=cap) if mode.endswith("truncate") else ratio.masked_fill(ratio > cap, 0.0)
+
+
+def sampler_mismatch(logps: torch.Tensor, sampler_logps: torch.Tensor, labels: torch.Tensor,
+                     grpo: dict) -> tuple[float, int]:
+    """Over the answer tokens: the summed |logp - the sampler's| (TRL's sampling_logp_difference), how
+    far vLLM's numbers are from the training model's for the same tokens; and how many tokens the
+    correction masks (weight 0: grpo.vllmImportanceSamplingMode *_mask, when it is on)."""
     answer = labels[:, 1:] != IGNORE
-    return float((logps.detach() - sampler_logps.to(logps)).abs()[answer].sum())
+    policy, sampler_logps = logps.detach(), sampler_logps.to(logps)
+    masked = 0
+    if grpo["vllmImportanceSamplingCorrection"]:
+        masked = int((sampler_weights(policy, sampler_logps, answer, grpo).expand_as(answer) == 0)[answer].sum())
+    return float((policy - sampler_logps).abs()[answer].sum()), masked
 
 
 def normalizer(grpo: dict, answer_tokens: int, answers: int) -> float:

@@ -474,7 +474,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                     groups, reserve, lambda fresh: draw([fresh[i:i + micro] for i in range(0, len(fresh), micro)]))
                 drawn += later
             sampled = [group_relative.sampled_batch(inner, tokenizer, g, grpo, world.device) for g in groups]
-            mismatch = [0.0, 0]  # |vLLM's log-probabilities - the training model's| summed, and over how many tokens
+            # |vLLM's log-probabilities - the training model's| summed, over how many tokens, and how many the
+            # importance sampling correction masked
+            mismatch = [0.0, 0, 0]
             batches = [(s["batch"], None) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
             n_tokens = max(world.sum(sum(s["labelled"] for s in sampled)), 1)
@@ -519,9 +521,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                             logps, batch["labels"], sampled[i]["advantages"], sampled[i]["reference"], grpo,
                             old_logps.get(i), sampled[i]["samplerLogps"])
                         if i not in old_logps and sampled[i]["samplerLogps"] is not None:
-                            mismatch[0] += group_relative.sampler_mismatch(logps, sampled[i]["samplerLogps"],
-                                                                           batch["labels"])
+                            difference, masked = group_relative.sampler_mismatch(logps, sampled[i]["samplerLogps"],
+                                                                                 batch["labels"], grpo)
+                            mismatch[0] += difference
                             mismatch[1] += label_count(batch)
+                            mismatch[2] += masked
                         old_logps.setdefault(i, logps.detach())
                         loss = losses / n_items
                         step_kl += float(kl_sum)
@@ -576,7 +580,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if grpo and oversampling > 1:  # the step's prompts sampled, all processes: its trained ones and replacements
             of_step["promptsSampled"] = int(world.sum(sum(len(g.prompts) for g in drawn)))
         if sampler:  # TRL's sampling_logp_difference: the engines' disagreement per answer token trained
-            of_step["samplerLogpDiff"] = round(world.sum(mismatch[0]) / max(world.sum(mismatch[1]), 1), 6)
+            trained_tokens = max(world.sum(mismatch[1]), 1)
+            of_step["samplerLogpDiff"] = round(world.sum(mismatch[0]) / trained_tokens, 6)
+            if grpo["vllmImportanceSamplingCorrection"] and grpo["vllmImportanceSamplingMode"].endswith("mask"):
+                of_step["samplerMasked"] = round(world.sum(mismatch[2]) / trained_tokens, 4)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
             of_step["clipped"] = round(world.sum(clipped) / (n_tokens * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
@@ -593,6 +600,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
                 metrics |= ({"sampling/sampling_logp_difference/mean": of_step["samplerLogpDiff"]}
                             if "samplerLogpDiff" in of_step else {})
+                metrics |= ({"sampling/importance_sampling_ratio/frac_masked": of_step["samplerMasked"]}
+                            if "samplerMasked" in of_step else {})
                 metrics |= {f"train/rewards/{k[7:]}": v for k, v in of_step.items() if k.startswith("reward.")}
             trackers.log(step, metrics)
 
