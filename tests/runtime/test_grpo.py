@@ -311,7 +311,7 @@ def test_rows_that_cannot_move_the_loss_are_left_out_and_the_loss_and_gradients_
     seqs = sequences(prompts, answers, 8, masked)
     kept = moving_rows(advantage, masked, kl=bool(beta))
     assert kept == ([k for k in range(24) if k not in (1, 9)] if beta else [0, 2, 3, 4, 5, 6, 7])
-    spec = {"epsilon": 0.2, "beta": beta, "lossType": "dapo"}
+    spec = {"epsilon": 0.2, "importanceSamplingLevel": "token", "beta": beta, "lossType": "dapo"}
     n_tokens = sum(len(a) for a, out in zip(answers, masked) if not out)
 
     def loss_and_gradients(rows: list[int]) -> tuple[float, list[torch.Tensor]]:
@@ -448,7 +448,7 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     answer = [(0, 1), (0, 2), (1, 0), (1, 2)]
     reference = torch.tensor([[0.0, -1.5, -1.0], [0.0, -0.2, -3.0]])
     advantage = torch.tensor([1.0, -2.0])
-    loss, kl, clipped = loss_terms(logps, labels, advantage, reference, {"beta": 0.1, "epsilon": 0.2, "lossType": "dapo"})
+    loss, kl, clipped = loss_terms(logps, labels, advantage, reference, {"beta": 0.1, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo"})
     delta = {(r, t): float(reference[r, t] - logps.detach()[r, t]) for r, t in answer}
     expected_kl = sum(math.exp(d) - d - 1 for d in delta.values())
     assert float(kl) == pytest.approx(expected_kl)
@@ -460,7 +460,7 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     torch.testing.assert_close(logps.grad, expected)
     assert clipped == 0  # the ratio is 1 on a step's first update
     # Without a reference (beta 0): no KL, the same policy term.
-    loss, kl, _ = loss_terms(logps.detach(), labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "lossType": "dapo"})
+    loss, kl, _ = loss_terms(logps.detach(), labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo"})
     assert float(loss) == pytest.approx(2.0) and float(kl) == 0.0
 
 
@@ -472,7 +472,7 @@ def test_answers_vllm_sampled_weigh_each_token_by_the_truncated_ratio_of_the_pol
     logps = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
     labels = torch.tensor([[IGNORE, 5, 6, 7]])
     vllm = torch.tensor([[-1.0 + math.log(2), -1.0, -1.0 - math.log(5)]])
-    spec = {"beta": 0.0, "epsilon": 0.2, "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
+    spec = {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
             "vllmImportanceSamplingCap": 2.0, "vllmImportanceSamplingMode": "token_truncate"}
     loss, _, _ = loss_terms(logps, labels, torch.tensor([1.0]), None, spec, sampler_logps=vllm)
     assert float(loss) == pytest.approx(-(0.5 + 1 + 2))
@@ -502,7 +502,7 @@ def test_the_importance_sampling_mode_weighs_tokens_or_whole_answers_and_truncat
     logps = torch.full((2, 3), -1.0, requires_grad=True)
     labels = torch.tensor([[IGNORE, 5, 6, 7], [IGNORE, IGNORE, 6, 7]])
     vllm = torch.tensor([[-1.0 + math.log(2), -1.0, -1.0 - math.log(5)], [9.0, -1.0, -1.0 - math.log(1.5)]])
-    spec = {"beta": 0.0, "epsilon": 0.2, "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
+    spec = {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
             "vllmImportanceSamplingCap": 2.0, "vllmImportanceSamplingMode": mode}
     loss, _, _ = loss_terms(logps, labels, torch.tensor([1.0, 1.0]), None, spec, sampler_logps=vllm)
     assert float(loss) == pytest.approx(-sum(map(sum, weights)))
@@ -520,7 +520,7 @@ def test_the_loss_type_decides_how_answers_of_different_lengths_weigh(loss_type,
     (ratio 1): dapo divides the summed loss by the step's 4 answer tokens, grpo averages each answer's
     tokens and then the 2 answers, dr_grpo divides by 2 answers x maxNewTokens 8."""
     labels = torch.tensor([[IGNORE, 5, 6, 7], [IGNORE, IGNORE, IGNORE, 7]])
-    spec = {"beta": 0.0, "epsilon": 0.2, "lossType": loss_type, "maxNewTokens": 8}
+    spec = {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": loss_type, "maxNewTokens": 8}
     loss, _, _ = loss_terms(torch.zeros(2, 3), labels, torch.tensor([1.0, -2.0]), None, spec)
     assert float(loss) / normalizer(spec, answer_tokens=4, answers=2) == pytest.approx(expected)
 
@@ -539,7 +539,7 @@ def test_on_later_updates_the_ratio_to_the_sampling_policy_is_clipped_where_the_
     logps.requires_grad_(True)
     advantage = torch.tensor([1.0, -2.0])
     upper = 1 + (high or 0.2)
-    loss, _, clipped = loss_terms(logps, labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "epsilonHigh": high, "lossType": "dapo"}, old)
+    loss, _, clipped = loss_terms(logps, labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "epsilonHigh": high, "lossType": "dapo"}, old)
     # (0,1): clipped at the upper bound; (0,2): 0.9 x 1 inside; (1,0): clipped at 0.8; (1,2): 1.5 x -2, the
     # pessimistic side of a negative advantage, not clipped.
     assert float(loss) == pytest.approx(-upper - 0.9 + 0.8 * 2 + 1.5 * 2) and int(clipped) == 2
@@ -547,6 +547,37 @@ def test_on_later_updates_the_ratio_to_the_sampling_policy_is_clipped_where_the_
     expected = torch.zeros(2, 3)
     expected[0, 2], expected[1, 2] = -1.0 * 0.9, 2.0 * 1.5  # d(-ratio x advantage)/d logp = -advantage x ratio
     torch.testing.assert_close(logps.grad, expected)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_gspos_sequence_level_ratio_is_each_answers_geometric_mean_clipped_as_one(loss_type):
+    """grpo.importanceSamplingLevel sequence (GSPO) by hand, epsilon 0.2, epsilonHigh 0.28, advantages +1:
+    an answer whose tokens' ratios are 1 and e^0.4 (token level: the second clipped) has the ratio
+    e^0.2 for both, inside the clip, each token's gradient the answer's mean; one whose tokens are both
+    e^0.3 is clipped whole (e^0.3 > 1.28): no gradient. On a first update (no old policy) sequence and
+    token levels give the same loss and gradient."""
+    labels = torch.tensor([[IGNORE, 5, 6], [IGNORE, 5, 6]])
+    old = torch.tensor([[-1.0, -2.0], [-1.5, -0.5]])
+    logps = (old + torch.tensor([[0.0, 0.4], [0.3, 0.3]])).requires_grad_(True)
+    spec = {"beta": 0.0, "epsilon": 0.2, "epsilonHigh": 0.28, "lossType": loss_type,
+            "importanceSamplingLevel": "sequence"}
+    per_answer = 2 if loss_type == "dapo" else 1  # grpo: each answer's mean over its 2 tokens
+    loss, _, clipped = loss_terms(logps, labels, torch.tensor([1.0, 1.0]), None, spec, old)
+    assert float(loss) == pytest.approx(-per_answer * (math.exp(0.2) + 1.28)) and int(clipped) == 2
+    loss.backward()
+    # d(-exp(mean log-ratio))/d logp_t = -exp(0.2) / 2 per token, from each of the answer's 2 tokens' losses
+    expected = torch.tensor([[-math.exp(0.2), -math.exp(0.2)], [0.0, 0.0]]) * per_answer / 2
+    torch.testing.assert_close(logps.grad, expected)
+    token = {**spec, "importanceSamplingLevel": "token"}
+    assert int(loss_terms(logps.detach(), labels, torch.tensor([1.0, 1.0]), None, token, old)[2]) == 3
+    on_policy = []
+    for level in (spec, token):
+        fresh = logps.detach().clone().requires_grad_(True)
+        first, _, _ = loss_terms(fresh, labels, torch.tensor([1.0, -0.5]), None, level)
+        first.backward()
+        on_policy.append((float(first), fresh.grad))
+    assert on_policy[0][0] == pytest.approx(on_policy[1][0])
+    torch.testing.assert_close(on_policy[0][1], on_policy[1][1])
 
 
 def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny_model):

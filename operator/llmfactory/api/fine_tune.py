@@ -291,9 +291,10 @@ class Grpo(ApiModel):
     reinforcement learning from a grader's rewards, without a value model."""
 
     cel_rules: ClassVar = [
-        {"rule": "(!has(self.epsilonHigh) && self.epsilon == 0.2) || self.iterations > 1",
-         "message": "epsilon and epsilonHigh clip the ratio to the sampling policy, which is 1 unless "
-                    "iterations is above 1: set grpo.iterations"},
+        {"rule": "(!has(self.epsilonHigh) && self.epsilon == 0.2 && (!has(self.importanceSamplingLevel) "
+                 "|| self.importanceSamplingLevel == 'token')) || self.iterations > 1",
+         "message": "epsilon, epsilonHigh and importanceSamplingLevel shape the ratio to the sampling policy, which is 1 "
+                    "unless iterations is above 1: set grpo.iterations"},
         {"rule": "(has(self.engine) && self.engine == 'vllm') || ((!has(self.vllmImportanceSamplingCorrection) "
                  "|| self.vllmImportanceSamplingCorrection) && (!has(self.vllmImportanceSamplingCap) "
                  "|| self.vllmImportanceSamplingCap == 2.0) && (!has(self.vllmImportanceSamplingMode) "
@@ -366,6 +367,12 @@ class Grpo(ApiModel):
     epsilon_high: float | None = Field(None, gt=0, le=10, description=(
         "Upper clip range of the ratio; unset: epsilon. DAPO's clip-higher (0.28) leaves room for unlikely "
         "tokens of good answers to gain, against entropy collapse."))
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description=(
+        "Where the ratio to the sampling policy (iterations above 1) is taken, as TRL's importance_sampling_level. "
+        "token: each answer token's own (PPO's, GRPO's). sequence: the answer's, the geometric mean of its tokens' "
+        "ratios, the same for all its tokens and clipped as one: GSPO (Zheng et al., 2025), which trained Qwen3, "
+        "steadier for long answers and mixture-of-experts models; its paper clips far tighter (epsilon 3e-4, "
+        "epsilonHigh 4e-4). On a step's first update both give the same loss and gradient."))
     grader: Grader = Field(default_factory=Grader, description="How each sampled answer is rewarded.")
     engine: Literal["transformers", "vllm"] = Field("transformers", description=(
         "What samples the answers, as TRL's use_vllm. transformers: the training model's own generate, in the "

@@ -245,11 +245,16 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     """(summed loss, summed KL, clipped tokens) over the answer tokens of a batch of one answer per row.
     logps: the model's token log-probabilities (rows, width - 1), labels the batch's, advantage one per
     row; old: the sampling policy's log-probabilities (the first update's), None on the first update,
-    where the ratio is exp(logp - logp.detach()). sampler_logps: vLLM's log-probabilities of the tokens
+    where the ratio is exp(logp - logp.detach()); with grpo.importanceSamplingLevel sequence (GSPO) each
+    token's ratio is its answer's, exp of the mean of its tokens' log-ratios. sampler_logps: vLLM's log-probabilities of the tokens
     it sampled (grpo.engine vllm); with grpo.vllmImportanceSamplingCorrection each token's surrogate
     is weighed by its importance weight (sampler_weights), as TRL's."""
     answer = labels[:, 1:] != IGNORE
-    ratio = torch.exp(logps - (logps.detach() if old is None else old.to(logps)))
+    log_ratio = logps - (logps.detach() if old is None else old.to(logps))
+    if grpo["importanceSamplingLevel"] == "sequence":  # GSPO: each token the answer's mean log-ratio
+        log_ratio = ((log_ratio * answer).sum(1, keepdim=True) / answer.sum(1, keepdim=True).clamp(min=1)
+                     ).expand_as(log_ratio)
+    ratio = torch.exp(log_ratio)
     low, high = grpo["epsilon"], grpo.get("epsilonHigh") or grpo["epsilon"]
     a = advantage.to(logps)[:, None]
     # PPO's pessimistic surrogate: past the clip range on the side the advantage pushes, no gradient.
