@@ -398,8 +398,11 @@ class Grpo(ApiModel):
             "ratio, sequence_* every token of an answer by the answer's (the product of its tokens' ratios, so it "
             "drifts from 1 as answers grow long); *_truncate a ratio above vllmImportanceSamplingCap counts as the cap "
             "(truncated importance sampling), *_mask counts as 0, leaving the token (the answer) out of the gradient "
-            "(masked importance sampling, IcePop's; the Qwen team found sequence_mask the most stable). The share "
-            "of trained answer tokens masked is progress.json's samplerMasked."))
+            "(masked importance sampling, IcePop's; the Qwen team found sequence_mask the most stable). TRL now "
+            "defaults to sequence_mask with a cap of 3; token_truncate (TRL's first default, OLMo's RL recipe) stays "
+            "the default here, since a whole answer's ratio drifts exponentially with its length where the engines "
+            "differ in 16 bits and has no lower bound. The share of trained answer tokens masked is progress.json's "
+            "samplerMasked."))
     vllm_importance_sampling_cap: float = Field(2.0, ge=1, le=100, description=(
         "Largest importance ratio the correction keeps (TRL's 2): above it, a token's or answer's weight is the "
         "cap (*_truncate modes) or 0 (*_mask modes)."))
