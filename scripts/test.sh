@@ -15,7 +15,8 @@ log=$(mktemp)
 # the rest 17:35 -> 14:16 with one thread; these runtime tests moved beside them 14:40 -> 9:49,
 # 22.7 -> 17.3 CPU-minutes).
 BESIDE=(tests/operator tests/runtime/test_benchmark.py tests/runtime/test_dataset_build.py
-        tests/runtime/test_preference.py tests/runtime/test_reward_model.py tests/runtime/test_compressed.py)
+        tests/runtime/test_preference.py tests/runtime/test_reward_model.py tests/runtime/test_compressed.py
+        tests/runtime/test_grpo.py)
 OMP_NUM_THREADS=1 "$bin/pytest" "${BESIDE[@]}" --durations=10 "$@" > "$log" 2>&1 &
 beside=$!
 "$bin/pytest" "${BESIDE[@]/#/--ignore=}" --durations=15 "$@"

@@ -83,9 +83,10 @@ def make_tokenizer(folder: Path, vocab_size: int = 400, style: str = "gpt2", cha
 
 
 def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2", chat_template: bool = True,
-                    hidden_size: int = 64, heads: int = 4) -> Path:
-    """Save a 2-layer Llama (hidden 64, GQA 4/2 heads unless told otherwise: heads/2 key-value heads)
-    and its tokenizer to folder."""
+                    hidden_size: int = 64, heads: int = 4, kv_heads: int | None = None, layers: int = 2,
+                    context: int = 512) -> Path:
+    """Save a 2-layer Llama (hidden 64, GQA 4/2 heads unless told otherwise: heads/2 key-value heads;
+    a context of 512) and its tokenizer to folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -93,8 +94,8 @@ def make_tiny_llama(folder: Path, seed: int = 0, tokenizer: str = "gpt2", chat_t
     tok = make_tokenizer(folder, style=tokenizer, chat_template=chat_template)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                         max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads // 2,
+                         max_position_embeddings=context, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
