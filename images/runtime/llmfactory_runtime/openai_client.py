@@ -173,7 +173,9 @@ class ChatClient:
         data = response.json()
         try:
             choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
+            # Stripped: the chat template sets the whitespace around a turn, not the answer (the
+            # transformers engine's are stripped too: generate.to_generation).
+            text = (choice["message"].get("content") or "").strip()
         except (KeyError, IndexError, TypeError, AttributeError):
             raise EndpointError(f"{self.endpoint.get('baseUrl')}: not a chat completion: {str(data)[:200]}") from None
         usage = data.get("usage") or {}

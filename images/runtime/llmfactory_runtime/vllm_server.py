@@ -320,7 +320,7 @@ class VllmServer:
                 async def ask(i: int) -> None:
                     c = await client.complete(conversations[i], max_new_tokens, temperature, seed=seed,
                                               **self.request_params)
-                    answers[i] = Generation(c.text.strip(), answer_tokens(c), c.finished)
+                    answers[i] = Generation(c.text, answer_tokens(c), c.finished)
                     if on_answer:
                         on_answer(i, answers[i])
 

@@ -73,9 +73,7 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
                 try:
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
                                               teacher.get("temperature", 0.0), **params)
-                    # Stripped, as the transformers engine's (generate.to_generation) and a Benchmark's are:
-                    # the chat template sets the whitespace around a turn, not the answer.
-                    answer = {"text": c.text.strip(), "tokens": tokens(c), "promptTokens": c.prompt_tokens,
+                    answer = {"text": c.text, "tokens": tokens(c), "promptTokens": c.prompt_tokens,
                               "finished": c.finished}
                 except EndpointError as exc:
                     if exc.status not in PER_ROW_STATUSES:
