@@ -91,13 +91,13 @@ def run(args, running: contextlib.ExitStack) -> None:
                 token_logps(model, sampled["batch"])
             reference_s = time.perf_counter() - began
             sampling_s -= reference_s
-        batch, answers = sampled["batch"], sampled["answers"]
+        batch, answers = sampled["batch"], len(groups.answers)
         answer_tokens = sampled["labelled"]  # the loss's normalizer: every answer's tokens, trained or not
         began, old = time.perf_counter(), None
         for _ in range(args.iterations):  # grpo.iterations: the later updates against the first one's policy
-            logps = token_logps(model, batch)
-            loss, _, _ = loss_terms(logps, batch["labels"], sampled["advantages"], reference, grpo, old)
-            (loss / answer_tokens).backward()
+            logps, _ = token_logps(model, batch, entropies=True)  # as the runtime: their entropy is a figure
+            terms = loss_terms(logps, batch["labels"], sampled["advantages"], reference, grpo, old)
+            (terms.loss / answer_tokens).backward()
             optimizer.step()
             optimizer.zero_grad()
             old = logps.detach() if old is None else old

@@ -1087,3 +1087,21 @@ def test_a_template_that_refuses_the_data_is_named_and_chat_template_llama3_rend
     assert saved.apply_chat_template([{"role": "system", "content": "Be brief."}], tokenize=False) == \
         "<|system|>\nBe brief.<|end|>\n"
     assert saved.convert_tokens_to_ids(OWN_SPEC["chatTemplateTokens"]) == [656, 657, 658]
+
+
+def _gather_in_process(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    world = World(rank=rank, size=3, local_rank=rank, device=torch.device("cpu"))
+    mine = [torch.tensor([1.0, 2.0]), torch.tensor([]), torch.tensor([3.0, 4.0, 5.0])][rank]
+    torch.save(world.gather(mine), f"{out}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gathered_values_are_every_processs_in_rank_order_whatever_their_lengths(tmp_path):
+    """World.gather (grpo.topEntropyQuantile ranks the entropies of every process's answer tokens):
+    three gloo processes with two, none and three values each get all five, in rank order."""
+    torch.multiprocessing.spawn(_gather_in_process, args=(str(tmp_path / "store"), str(tmp_path / "got")), nprocs=3)
+    for rank in range(3):
+        assert torch.load(tmp_path / f"got-{rank}.pt").tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]

@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory.api.headline import headline
+from llmfactory_runtime import batching
 from llmfactory_runtime.batching import token_logps
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.batching import collate_sequences
-from llmfactory_runtime.finetune.grpo import (Groups, advantages, draw, dynamic_sampling, encode_prompts, loss_terms,
-                                              moving_rows, normalizer, overlong_penalties, sample, sampled_batch,
-                                              sampler_mismatch, score, sequences)
+from llmfactory_runtime.finetune.grpo import (Groups, advantages, draw, dynamic_sampling, encode_prompts,
+                                              high_entropy, loss_terms, moving_rows, normalizer, overlong_penalties,
+                                              sample, sampled_batch, score, sequences)
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime import python_grader as python_grader_module
 from llmfactory_runtime.grader import graded_of, last_number, reward, rewards
@@ -375,7 +376,7 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     sampled = sampled_batch(model, tok, groups, spec, "cpu")
     # The loss is normalized by the answers that ended (what it is taken on), every answer is rewarded.
     assert groups.answers == answers and groups.truncated == [a[-1] not in stop for a in answers]
-    assert sampled["labelled"] == sum(map(len, ended)) and sampled["answers"] == len(groups.rewards) == 12
+    assert sampled["labelled"] == sum(map(len, ended)) and len(groups.answers) == len(groups.rewards) == 12
     assert groups.uniform() == [g for g, group in enumerate(groups.rewards.view(3, 4).tolist()) if len(set(group)) == 1]
     assert sampled_batch(model, tok, groups, {**spec, "maskTruncated": False}, "cpu")["labelled"] == sum(map(len, answers))
     # overlongPenalty: answers of at most 14 tokens, each rewarded less as far as it ran into the last 4
@@ -448,7 +449,7 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     answer = [(0, 1), (0, 2), (1, 0), (1, 2)]
     reference = torch.tensor([[0.0, -1.5, -1.0], [0.0, -0.2, -3.0]])
     advantage = torch.tensor([1.0, -2.0])
-    loss, kl, clipped = loss_terms(logps, labels, advantage, reference, {"beta": 0.1, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo"})
+    loss, kl, clipped, *_ = loss_terms(logps, labels, advantage, reference, {"beta": 0.1, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo"})
     delta = {(r, t): float(reference[r, t] - logps.detach()[r, t]) for r, t in answer}
     expected_kl = sum(math.exp(d) - d - 1 for d in delta.values())
     assert float(kl) == pytest.approx(expected_kl)
@@ -460,7 +461,7 @@ def test_the_loss_is_minus_the_advantage_per_answer_token_plus_beta_times_the_kl
     torch.testing.assert_close(logps.grad, expected)
     assert clipped == 0  # the ratio is 1 on a step's first update
     # Without a reference (beta 0): no KL, the same policy term.
-    loss, kl, _ = loss_terms(logps.detach(), labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo"})
+    loss, kl, *_ = loss_terms(logps.detach(), labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo"})
     assert float(loss) == pytest.approx(2.0) and float(kl) == 0.0
 
 
@@ -474,18 +475,18 @@ def test_answers_vllm_sampled_weigh_each_token_by_the_truncated_ratio_of_the_pol
     vllm = torch.tensor([[-1.0 + math.log(2), -1.0, -1.0 - math.log(5)]])
     spec = {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
             "vllmImportanceSamplingCap": 2.0, "vllmImportanceSamplingMode": "token_truncate"}
-    loss, _, _ = loss_terms(logps, labels, torch.tensor([1.0]), None, spec, sampler_logps=vllm)
+    loss, *_ = loss_terms(logps, labels, torch.tensor([1.0]), None, spec, sampler_logps=vllm)
     assert float(loss) == pytest.approx(-(0.5 + 1 + 2))
     loss.backward()
     torch.testing.assert_close(logps.grad, torch.tensor([[-0.5, -1.0, -2.0]]))
     reference = torch.full((1, 3), -1.5)
-    with_kl, kl, _ = loss_terms(logps.detach(), labels, torch.tensor([1.0]), reference, {**spec, "beta": 0.1},
+    with_kl, kl, *_ = loss_terms(logps.detach(), labels, torch.tensor([1.0]), reference, {**spec, "beta": 0.1},
                                 sampler_logps=vllm)
     assert float(with_kl) == pytest.approx(-3.5 + 0.1 * float(kl)) and float(kl) > 0
-    later, _, _ = loss_terms(logps.detach() + 0.1, labels, torch.tensor([1.0]), None, spec,
+    later, *_ = loss_terms(logps.detach() + 0.1, labels, torch.tensor([1.0]), None, spec,
                              old=logps.detach(), sampler_logps=vllm)  # ratio exp(0.1), within the clip
     assert float(later) == pytest.approx(-math.exp(0.1) * 3.5)
-    off, _, _ = loss_terms(logps.detach(), labels, torch.tensor([1.0]), None,
+    off, *_ = loss_terms(logps.detach(), labels, torch.tensor([1.0]), None,
                            {**spec, "vllmImportanceSamplingCorrection": False}, sampler_logps=vllm)
     assert float(off) == pytest.approx(-3.0)
 
@@ -504,13 +505,15 @@ def test_the_importance_sampling_mode_weighs_tokens_or_whole_answers_and_truncat
     vllm = torch.tensor([[-1.0 + math.log(2), -1.0, -1.0 - math.log(5)], [9.0, -1.0, -1.0 - math.log(1.5)]])
     spec = {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo", "vllmImportanceSamplingCorrection": True,
             "vllmImportanceSamplingCap": 2.0, "vllmImportanceSamplingMode": mode}
-    loss, _, _ = loss_terms(logps, labels, torch.tensor([1.0, 1.0]), None, spec, sampler_logps=vllm)
-    assert float(loss) == pytest.approx(-sum(map(sum, weights)))
-    loss.backward()
+    terms = loss_terms(logps, labels, torch.tensor([1.0, 1.0]), None, spec, sampler_logps=vllm)
+    assert float(terms.loss) == pytest.approx(-sum(map(sum, weights)))
+    terms.loss.backward()
     torch.testing.assert_close(logps.grad, -torch.tensor(weights, dtype=torch.float32))
-    difference = math.log(2) + math.log(5) + math.log(1.5)
-    assert sampler_mismatch(logps, vllm, labels, spec) == (pytest.approx(difference), masked)
-    assert sampler_mismatch(logps, vllm, labels, {**spec, "vllmImportanceSamplingCorrection": False})[1] == 0
+    difference = math.log(2) + math.log(5) + math.log(1.5)  # |log p_train - log p_vllm| over the answer tokens
+    assert (terms.sampler_difference, terms.sampler_masked) == (pytest.approx(difference), masked)
+    off = loss_terms(logps, labels, torch.tensor([1.0, 1.0]), None, {**spec, "vllmImportanceSamplingCorrection": False},
+                     sampler_logps=vllm)
+    assert (off.sampler_difference, off.sampler_masked) == (pytest.approx(difference), 0)
 
 
 @pytest.mark.parametrize("loss_type, expected", [("dapo", (-1.0 * 3 + 2.0 * 1) / 4), ("grpo", (-1.0 + 2.0) / 2),
@@ -521,7 +524,7 @@ def test_the_loss_type_decides_how_answers_of_different_lengths_weigh(loss_type,
     tokens and then the 2 answers, dr_grpo divides by 2 answers x maxNewTokens 8."""
     labels = torch.tensor([[IGNORE, 5, 6, 7], [IGNORE, IGNORE, IGNORE, 7]])
     spec = {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": loss_type, "maxNewTokens": 8}
-    loss, _, _ = loss_terms(torch.zeros(2, 3), labels, torch.tensor([1.0, -2.0]), None, spec)
+    loss, *_ = loss_terms(torch.zeros(2, 3), labels, torch.tensor([1.0, -2.0]), None, spec)
     assert float(loss) / normalizer(spec, answer_tokens=4, answers=2) == pytest.approx(expected)
 
 
@@ -539,7 +542,7 @@ def test_on_later_updates_the_ratio_to_the_sampling_policy_is_clipped_where_the_
     logps.requires_grad_(True)
     advantage = torch.tensor([1.0, -2.0])
     upper = 1 + (high or 0.2)
-    loss, _, clipped = loss_terms(logps, labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "epsilonHigh": high, "lossType": "dapo"}, old)
+    loss, _, clipped, *_ = loss_terms(logps, labels, advantage, None, {"beta": 0.0, "epsilon": 0.2, "importanceSamplingLevel": "token", "epsilonHigh": high, "lossType": "dapo"}, old)
     # (0,1): clipped at the upper bound; (0,2): 0.9 x 1 inside; (1,0): clipped at 0.8; (1,2): 1.5 x -2, the
     # pessimistic side of a negative advantage, not clipped.
     assert float(loss) == pytest.approx(-upper - 0.9 + 0.8 * 2 + 1.5 * 2) and int(clipped) == 2
@@ -562,7 +565,7 @@ def test_gspos_sequence_level_ratio_is_each_answers_geometric_mean_clipped_as_on
     spec = {"beta": 0.0, "epsilon": 0.2, "epsilonHigh": 0.28, "lossType": loss_type,
             "importanceSamplingLevel": "sequence"}
     per_answer = 2 if loss_type == "dapo" else 1  # grpo: each answer's mean over its 2 tokens
-    loss, _, clipped = loss_terms(logps, labels, torch.tensor([1.0, 1.0]), None, spec, old)
+    loss, _, clipped, *_ = loss_terms(logps, labels, torch.tensor([1.0, 1.0]), None, spec, old)
     assert float(loss) == pytest.approx(-per_answer * (math.exp(0.2) + 1.28)) and int(clipped) == 2
     loss.backward()
     # d(-exp(mean log-ratio))/d logp_t = -exp(0.2) / 2 per token, from each of the answer's 2 tokens' losses
@@ -573,11 +576,61 @@ def test_gspos_sequence_level_ratio_is_each_answers_geometric_mean_clipped_as_on
     on_policy = []
     for level in (spec, token):
         fresh = logps.detach().clone().requires_grad_(True)
-        first, _, _ = loss_terms(fresh, labels, torch.tensor([1.0, -0.5]), None, level)
+        first, *_ = loss_terms(fresh, labels, torch.tensor([1.0, -0.5]), None, level)
         first.backward()
         on_policy.append((float(first), fresh.grad))
     assert on_policy[0][0] == pytest.approx(on_policy[1][0])
     torch.testing.assert_close(on_policy[0][1], on_policy[1][1])
+
+
+def test_each_answer_tokens_entropy_is_that_of_the_models_next_token_distribution_where_it_is_predicted(
+        tiny_model, monkeypatch):
+    """token_logps' entropies (progress.json's entropy, topEntropyQuantile's ranking): the entropy of the
+    softmax of the logits that predict each labelled token, taken in chunks (here 3 positions, so
+    chunks end mid-row), 0 where there is no label; the log-probabilities are those without them."""
+    monkeypatch.setattr(batching, "ENTROPY_CHUNK", 3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    seqs = [{"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, IGNORE, 7, 8, 9]},
+            {"input_ids": [10, 11, 12], "labels": [IGNORE, 11, 12]}]
+    batch = collate_sequences(seqs, [[0], [1]], 0, packed=True)
+    with torch.no_grad():
+        logps, entropies = token_logps(model, batch, entropies=True)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[:, :-1]
+        torch.testing.assert_close(logps, token_logps(model, batch))
+    labelled = batch["labels"][:, 1:] != IGNORE
+    expected = torch.distributions.Categorical(logits=logits.float()).entropy().masked_fill(~labelled, 0.0)
+    torch.testing.assert_close(entropies, expected)
+    assert int((entropies > 0).sum()) == 5 and float(entropies.max()) <= math.log(model.config.vocab_size)
+
+
+def test_top_entropy_quantile_takes_the_policy_term_on_the_micro_batchs_highest_entropy_answer_tokens_only():
+    """grpo.topEntropyQuantile by hand: the threshold is the (1 - quantile) quantile (linear, as
+    torch.quantile) of the answer tokens' entropies on every process (here this one's four and another's
+    two), prompt tokens not ranked; the surrogate's value and gradient are the kept tokens' only, the
+    KL term every token's."""
+    labels = torch.tensor([[IGNORE, IGNORE, 5, 6], [IGNORE, 4, IGNORE, 7]])  # answer tokens: (0,1) (0,2) (1,0) (1,2)
+    entropies = torch.tensor([[9.0, 0.1, 2.0], [0.9, 9.0, 1.4]])
+    other_process = torch.tensor([0.5, 3.0])
+    keep = high_entropy(entropies, labels, 0.5, lambda mine: torch.cat([mine, other_process]))
+    threshold = float(torch.quantile(torch.tensor([0.1, 2.0, 0.9, 1.4, 0.5, 3.0]), 0.5))  # 1.15
+    assert keep.tolist() == [[False, False, True], [False, False, True]]
+    assert float(entropies[0, 2]) >= threshold > float(entropies[1, 0])
+    # This process alone: 0.1, 0.9, 1.4, 2.0 ranked; at 0.25 the threshold interpolates to 1.55.
+    assert high_entropy(entropies, labels, 0.25, lambda mine: mine).tolist() == [[False, False, True], [False] * 3]
+    assert high_entropy(entropies, labels, 1.0, lambda mine: mine).tolist() == (labels[:, 1:] != IGNORE).tolist()
+    logps = torch.tensor([[-0.3, -1.0, -2.0], [-0.7, -0.5, -3.0]], requires_grad=True)
+    reference = torch.tensor([[0.0, -1.5, -1.0], [0.0, -0.2, -3.0]])
+    spec = {"beta": 0.1, "epsilon": 0.2, "importanceSamplingLevel": "token", "lossType": "dapo"}
+    terms = loss_terms(logps, labels, torch.tensor([1.0, -2.0]), reference, spec, keep=keep)
+    full = loss_terms(logps.detach(), labels, torch.tensor([1.0, -2.0]), reference, spec)
+    assert terms.kl == pytest.approx(full.kl) and terms.kl > 0
+    assert float(terms.loss) == pytest.approx(-1.0 + 2.0 + 0.1 * terms.kl)  # kept: (0,2) advantage 1, (1,2) -2
+    terms.loss.backward()
+    delta = reference - logps.detach()
+    expected = 0.1 * (1 - torch.exp(delta)) * (labels[:, 1:] != IGNORE)
+    expected[0, 2] -= 1.0
+    expected[1, 2] += 2.0
+    torch.testing.assert_close(logps.grad, expected)
 
 
 def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny_model):
@@ -753,7 +806,8 @@ def test_dynamic_sampling_trains_each_step_on_groups_that_teach_and_a_resumed_ru
 @pytest.mark.slow
 def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_and_each_parts_rewards(
         tiny_model, tiny_reward_model, tmp_path):
-    """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains. The
+    """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains (its policy
+    term on the high-entropy half of the answer tokens: topEntropyQuantile, the KL on all). The
     rewards are a sum grader's: a python part, which reads a field of the row the other graders know
     nothing of (and logs what it saw), a check at half weight, and at weight 0 a local judge (the tiny
     model) and a reward model, both in the training process; each part's mean is reported."""
@@ -778,7 +832,7 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
                                              "rewardModel": {"uri": f"file://{tiny_reward_model}"}}]}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
                          grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed,
-                               "overlongPenalty": {"bufferTokens": 3}},
+                               "overlongPenalty": {"bufferTokens": 3}, "topEntropyQuantile": 0.5},
                          tracking={"tensorboard": True},
                          hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05})
     proc = run_finetune(write_task(task, tmp_path))
@@ -794,6 +848,10 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     lengths = [e.value for e in accumulator.Scalars("train/completion_length")]  # answers of at most 6 tokens
     assert len(lengths) == 8 and all(0 < n <= 6 for n in lengths)
     assert len(accumulator.Scalars("train/truncated_ratio")) == 8
+    # The policy's entropy per answer token: a random model's is near its vocabulary's uniform one.
+    entropy = [e.value for e in accumulator.Scalars("train/entropy")]
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_model).config.vocab_size
+    assert len(entropy) == 8 and all(0.5 * math.log(vocab) < h <= math.log(vocab) for h in entropy)
     figures = run.read_json("progress.json")["figures"]
     assert figures["kl"] == pytest.approx(kl[-1], rel=1e-3)
     # Each step's reward: the mean over its 2 prompts x 4 answers of length + 0.5 x has_a + the overlong
@@ -830,7 +888,8 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
     reward model each);
     the step's loss is normalized over both processes' answer tokens, so DDP and DeepSpeed ZeRO-2
     (which sums the gradients itself) follow the same curve, with grpo.iterations 2 stepping the
-    schedule twice a step and answers cut at maxNewTokens left out of the loss."""
+    schedule twice a step and answers cut at maxNewTokens left out of the loss; topEntropyQuantile ranks
+    the entropies of both processes' answer tokens together."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
@@ -845,7 +904,7 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
     tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{strategy}", objective="grpo",
                            # 16 new tokens: enough that some answers end (a random model seldom does).
                            grpo={"generations": 4, "maxNewTokens": 16, "iterations": 2, "maskTruncated": True,
-                                 "grader": summed},
+                                 "grader": summed, "topEntropyQuantile": 0.5},
                            distribution={"strategy": strategy}, resources={"gpusPerNode": 2},
                            hyperparameters={"epochs": 2, "batchSize": 1, "learningRate": 0.05})
              for strategy in ("ddp", "deepspeed")]
@@ -866,5 +925,5 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
     for task in tasks:
         figures = open_store(task["artifactUri"]).read_json("progress.json")["figures"]
         assert {"reward.has_a", "reward.length", "reward.judged", "reward.preferred", "clipped", "truncated",
-                "uniformGroups"} <= set(figures)
+                "uniformGroups", "entropy"} <= set(figures)
         assert 0 < figures["reward.judged"] < 1

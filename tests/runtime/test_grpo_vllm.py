@@ -20,7 +20,7 @@ from llmfactory_runtime.generate import prompt_ids, stop_token_ids
 from llmfactory_runtime.store import open_store
 
 from finetune_helpers import PAIRS, finetune_task, run_finetune, write_task
-from test_vllm_engine import _flags
+from vllm_helpers import serve_flags
 from tests.tiny_model import end_turn_early, make_tiny_llama
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU build serves where no GPU is visible")
@@ -172,7 +172,7 @@ def test_on_a_gpu_node_each_process_samples_on_its_own_gpu_with_the_planners_sha
             pass
     device, allowed, *command = seen.read_text().split()
     assert (device, allowed, command[1]) == ("3", "True", str(tiny_model))
-    flags = _flags([str(executable), *command])
+    flags = serve_flags([str(executable), *command])
     assert flags["--enable-lora"] is True and "--lora-modules" not in flags
     assert flags["--max-loras"] == "1" and flags["--max-lora-rank"] == "16"
     assert flags["--gpu-memory-utilization"] == "0.14" and flags["--max-model-len"] == "512"

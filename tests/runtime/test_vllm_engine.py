@@ -20,6 +20,7 @@ from llmfactory_runtime.task import InvalidTask
 from llmfactory_runtime.vllm_server import VllmServer, choose_engine, serve_command, vllm_build, vllm_executable
 
 from tests.tiny_model import end_turn_early
+from vllm_helpers import serve_flags
 
 HAS_VLLM_AND_GPU = vllm_executable() is not None and torch.cuda.is_available()
 
@@ -28,16 +29,6 @@ def _executable(path, body: str) -> str:
     path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
-
-
-def _flags(command: list[str]) -> dict[str, str | bool]:
-    """--flag value pairs after `vllm serve MODEL`; a flag without a value is True."""
-    flags, i = {}, 3
-    while i < len(command):
-        has_value = i + 1 < len(command) and not command[i + 1].startswith("--")
-        flags[command[i]] = command[i + 1] if has_value else True
-        i += 2 if has_value else 1
-    return flags
 
 
 def _benchmark_task(tiny_model, tmp_path, engine: str, source=None, **judge) -> dict:
@@ -171,7 +162,7 @@ def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter
     source = {"uri": f"file://{tiny_model}", "adapterUri": f"file://{tmp_path / 'adapter'}", "digest": "x"}
     command = serve_command("/opt/vllm/bin/vllm", source, "/tmp/tok", 8123, gpus=3, dtype="bfloat16")
     assert command[:3] == ["/opt/vllm/bin/vllm", "serve", str(tiny_model)]
-    flags = _flags(command)
+    flags = serve_flags(command)
     assert flags["--enable-lora"] is True
     assert flags["--tokenizer"] == "/tmp/tok" and flags["--chat-template"] == "/tmp/tok/chat_template.jinja"
     assert flags["--generation-config"] == "vllm"  # plain temperature sampling, as the transformers engine does
@@ -182,10 +173,10 @@ def test_vllm_is_served_the_tokenizer_of_the_transformers_engine_and_the_adapter
     assert flags["--max-lora-rank"] == "8"  # r=4 rounded up to a rank vLLM accepts
     hub = serve_command("vllm", {"huggingface": "meta-llama/Meta-Llama-3-8B-Instruct", "revision": "abc123"},
                         "/tmp/tok", 8123, gpus=1)
-    assert hub[2] == "meta-llama/Meta-Llama-3-8B-Instruct" and _flags(hub)["--revision"] == "abc123"
-    assert _flags(hub)["--tensor-parallel-size"] == "1" and "--enable-lora" not in hub
+    assert hub[2] == "meta-llama/Meta-Llama-3-8B-Instruct" and serve_flags(hub)["--revision"] == "abc123"
+    assert serve_flags(hub)["--tensor-parallel-size"] == "1" and "--enable-lora" not in hub
     # The context vLLM fits in its KV cache, unless told (GRPO's sampler: maxSeqLength).
-    assert flags["--max-model-len"] == "auto" and _flags(hub)["--max-model-len"] == "auto"
+    assert flags["--max-model-len"] == "auto" and serve_flags(hub)["--max-model-len"] == "auto"
 
 
 def test_a_vllm_that_dies_while_starting_fails_with_its_last_log_lines(tiny_model, tmp_path, monkeypatch):

@@ -61,14 +61,32 @@ def collate(examples: list[dict], pad_id: int, device) -> dict[str, torch.Tensor
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+# Positions whose next-token entropy token_logps computes at once: their fp32 logits and log-softmax
+# (8 bytes a logit, 1 GiB with a 128k vocabulary) come and go before backward's peak, which holds 12
+# bytes a logit of the whole batch (finetune/estimate.py).
+ENTROPY_CHUNK = 1024
+
+
+def token_logps(model, batch: dict[str, torch.Tensor], entropies: bool = False):
     """Log-probability of each labelled token (0 where there is no label), (rows, width - 1): the
-    labels shifted by one, as the model predicts them. Packed rows (position_ids) attend per segment."""
+    labels shifted by one, as the model predicts them. Packed rows (position_ids) attend per segment.
+    With entropies, (those, the entropy of the model's next-token distribution where each labelled
+    token is predicted (0 elsewhere), without gradient)."""
     context = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
-    logits = model(input_ids=batch["input_ids"], **context, use_cache=False).logits
+    logits = model(input_ids=batch["input_ids"], **context, use_cache=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
-    return -torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                              ignore_index=IGNORE, reduction="none").view_as(labels)
+    logps = -torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                               ignore_index=IGNORE, reduction="none").view_as(labels)
+    if not entropies:
+        return logps
+    out = torch.zeros_like(logps)
+    rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
+    with torch.no_grad():
+        for at in range(0, len(rows), ENTROPY_CHUNK):
+            where = rows[at:at + ENTROPY_CHUNK], cols[at:at + ENTROPY_CHUNK]
+            log_p = torch.log_softmax(logits[where].float(), -1)
+            out[where] = -(log_p.exp() * log_p).sum(-1)
+    return logps, out
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:

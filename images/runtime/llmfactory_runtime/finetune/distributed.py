@@ -42,6 +42,19 @@ class World:
         dist.all_reduce(t)
         return t.to(value.device)
 
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Every process's 1-d tensor (lengths may differ), concatenated in rank order."""
+        if self.size == 1:
+            return values
+        t = values.to(self.device)
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor([t.numel()], device=self.device))
+        padded = torch.zeros(max(*(int(n) for n in sizes), 1), dtype=t.dtype, device=self.device)
+        padded[:t.numel()] = t
+        out = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(out, padded)
+        return torch.cat([o[:int(n)] for o, n in zip(out, sizes)]).to(values.device)
+
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0) > 0
 

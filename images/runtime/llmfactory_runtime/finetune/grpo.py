@@ -10,8 +10,10 @@ number (DAPO; grpo.lossType grpo and dr_grpo normalize as their papers do, see n
 gradient that of logp, as TRL writes it: the clip cannot bind); with grpo.iterations above 1 the
 later updates divide by that first update's log-probabilities, the policy that sampled the answers.
 The KL to the reference (the base: the adapter switched off) is the k3 estimator
-exp(ref - logp) - (ref - logp) - 1. With grpo.dynamicSampling (DAPO's) a step's groups whose
-answers all scored alike are replaced by spare prompts' groups before it trains (dynamic_sampling).
+exp(ref - logp) - (ref - logp) - 1. With grpo.topEntropyQuantile the surrogate counts on the
+answer tokens of highest entropy only (high_entropy). With grpo.dynamicSampling (DAPO's) a step's
+groups whose answers all scored alike are replaced by spare prompts' groups before it trains
+(dynamic_sampling).
 Sampling draws from torch's global generator, which every checkpoint saves: a resumed run samples
 what the uninterrupted run sampled.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -226,7 +228,7 @@ def sampled_batch(model, tokenizer, groups: Groups, grpo: dict, device) -> dict[
     # Answer tokens in the loss, counted before rows are left out: the step's loss is normalized by all.
     labelled = sum(len(a) for a, out in zip(answers, masked) if not out)
     return {"batch": batch, "advantages": advantage[rows], "reference": reference, "samplerLogps": sampler_logps,
-            "tokens": sum(len(s["input_ids"]) for s in seqs), "labelled": labelled, "answers": len(answers)}
+            "tokens": sum(len(s["input_ids"]) for s in seqs), "labelled": labelled}
 
 
 def moving_rows(advantage: torch.Tensor, masked: list[bool], kl: bool) -> list[int]:
@@ -239,18 +241,31 @@ def moving_rows(advantage: torch.Tensor, masked: list[bool], kl: bool) -> list[i
     return rows or [0]
 
 
+class Terms(NamedTuple):
+    """Sums over a batch's answer tokens (loss_terms)."""
+
+    loss: torch.Tensor  # the summed loss, with its gradient
+    kl: float  # KL to the reference (0 without grpo.beta)
+    clipped: int  # tokens whose ratio was clipped
+    sampler_difference: float  # |logp - vLLM's| (TRL's sampling_logp_difference; 0 without vLLM's)
+    sampler_masked: int  # tokens the importance sampling correction weighed 0 (its *_mask modes)
+
+
 def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor, reference: torch.Tensor | None,
-               grpo: dict, old: torch.Tensor | None = None,
-               sampler_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed loss, summed KL, clipped tokens) over the answer tokens of a batch of one answer per row.
+               grpo: dict, old: torch.Tensor | None = None, sampler_logps: torch.Tensor | None = None,
+               keep: torch.Tensor | None = None) -> Terms:
+    """The loss and its figures over the answer tokens of a batch of one answer per row (Terms).
     logps: the model's token log-probabilities (rows, width - 1), labels the batch's, advantage one per
     row; old: the sampling policy's log-probabilities (the first update's), None on the first update,
     where the ratio is exp(logp - logp.detach()); with grpo.importanceSamplingLevel sequence (GSPO) each
-    token's ratio is its answer's, exp of the mean of its tokens' log-ratios. sampler_logps: vLLM's log-probabilities of the tokens
-    it sampled (grpo.engine vllm); with grpo.vllmImportanceSamplingCorrection each token's surrogate
-    is weighed by its importance weight (sampler_weights), as TRL's."""
+    token's ratio is its answer's, exp of the mean of its tokens' log-ratios. sampler_logps: vLLM's
+    log-probabilities of the tokens it sampled (grpo.engine vllm); with
+    grpo.vllmImportanceSamplingCorrection each token's surrogate is weighed by its importance weight
+    (sampler_weights), as TRL's. keep: the answer tokens whose surrogate counts (high_entropy's, for
+    grpo.topEntropyQuantile); the others keep their KL term, and the normalizer counts them still."""
     answer = labels[:, 1:] != IGNORE
-    log_ratio = logps - (logps.detach() if old is None else old.to(logps))
+    policy = logps.detach() if old is None else old.to(logps)
+    log_ratio = logps - policy
     if grpo["importanceSamplingLevel"] == "sequence":  # GSPO: each token the answer's mean log-ratio
         log_ratio = ((log_ratio * answer).sum(1, keepdim=True) / answer.sum(1, keepdim=True).clamp(min=1)
                      ).expand_as(log_ratio)
@@ -260,9 +275,16 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     # PPO's pessimistic surrogate: past the clip range on the side the advantage pushes, no gradient.
     per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - low, 1 + high) * a)
     clipped = ((ratio < 1 - low) & (a < 0)) | ((ratio > 1 + high) & (a > 0))
-    if sampler_logps is not None and grpo["vllmImportanceSamplingCorrection"]:
-        policy = logps.detach() if old is None else old.to(logps)
-        per_token = per_token * sampler_weights(policy, sampler_logps.to(logps), answer, grpo)
+    if keep is not None:
+        per_token = per_token * keep
+    difference, masked = 0.0, 0
+    if sampler_logps is not None:
+        sampler_logps = sampler_logps.to(logps)
+        difference = float((policy - sampler_logps).abs()[answer].sum())
+        if grpo["vllmImportanceSamplingCorrection"]:
+            weights = sampler_weights(policy, sampler_logps, answer, grpo)
+            per_token = per_token * weights
+            masked = int((weights.expand_as(answer) == 0)[answer].sum())
     kl = torch.zeros_like(logps)
     if reference is not None:
         delta = reference.to(logps) - logps
@@ -270,7 +292,8 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
         per_token = per_token + grpo["beta"] * kl
     if grpo["lossType"] == "grpo":  # each answer's mean over its own tokens (normalizer: the number of answers)
         per_token = per_token / answer.sum(1, keepdim=True).clamp(min=1)
-    return per_token[answer].sum(), kl.detach()[answer].sum(), clipped[answer].sum()
+    return Terms(per_token[answer].sum(), float(kl.detach()[answer].sum()), int(clipped[answer].sum()), difference,
+                 masked)
 
 
 def sampler_weights(policy: torch.Tensor, sampler_logps: torch.Tensor, answer: torch.Tensor, grpo: dict) -> torch.Tensor:
@@ -286,17 +309,21 @@ def sampler_weights(policy: torch.Tensor, sampler_logps: torch.Tensor, answer: t
     return ratio.clamp(max=cap) if mode.endswith("truncate") else ratio.masked_fill(ratio > cap, 0.0)
 
 
-def sampler_mismatch(logps: torch.Tensor, sampler_logps: torch.Tensor, labels: torch.Tensor,
-                     grpo: dict) -> tuple[float, int]:
-    """Over the answer tokens: the summed |logp - the sampler's| (TRL's sampling_logp_difference), how
-    far vLLM's numbers are from the training model's for the same tokens; and how many tokens the
-    correction masks (weight 0: grpo.vllmImportanceSamplingMode *_mask, when it is on)."""
+def high_entropy(entropies: torch.Tensor, labels: torch.Tensor, quantile: float,
+                 gather: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The answer tokens (rows, width - 1) whose entropy is at least the (1 - quantile) quantile of the
+    entropies of the micro-batch's answer tokens on every process (gather concatenates theirs), as
+    TRL's top_entropy_quantile: "Beyond the 80/20 rule" (Wang et al., 2025) found that the few
+    high-entropy tokens, where an answer forks, carry what reinforcement learning teaches (0.2 its best)."""
     answer = labels[:, 1:] != IGNORE
-    policy, sampler_logps = logps.detach(), sampler_logps.to(logps)
-    masked = 0
-    if grpo["vllmImportanceSamplingCorrection"]:
-        masked = int((sampler_weights(policy, sampler_logps, answer, grpo).expand_as(answer) == 0)[answer].sum())
-    return float((policy - sampler_logps).abs()[answer].sum()), masked
+    everyone = gather(entropies[answer].float()).sort().values
+    if not len(everyone):
+        return answer
+    # torch.quantile's linear interpolation, which refuses more than 2^24 values
+    at = (1 - quantile) * (len(everyone) - 1)
+    below = int(at)
+    threshold = everyone[below] + (at - below) * (everyone[min(below + 1, len(everyone) - 1)] - everyone[below])
+    return answer & (entropies >= threshold.to(entropies))
 
 
 def normalizer(grpo: dict, answer_tokens: int, answers: int) -> float:

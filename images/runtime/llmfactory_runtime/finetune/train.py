@@ -10,6 +10,7 @@ with the weights an uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -441,8 +442,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         evaluate(0)
 
     # grpo: sampled and scored prompts (group_relative.Groups) of micro-batches of prompts
-    draw = functools.partial(group_relative.draw, inner, tokenizer, grpo=grpo, max_len=hp["maxSeqLength"],
-                             device=world.device, cache_uri=task["cacheUri"], sampler=sampler)
+    draw = grpo and functools.partial(group_relative.draw, inner, tokenizer, grpo=grpo, max_len=hp["maxSeqLength"],
+                                      device=world.device, cache_uri=task["cacheUri"], sampler=sampler)
 
     # Train
     progress.stage("training", total=total_steps, unit="steps")
@@ -474,13 +475,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                     groups, reserve, lambda fresh: draw([fresh[i:i + micro] for i in range(0, len(fresh), micro)]))
                 drawn += later
             sampled = [group_relative.sampled_batch(inner, tokenizer, g, grpo, world.device) for g in groups]
-            # |vLLM's log-probabilities - the training model's| summed, over how many tokens, and how many the
-            # importance sampling correction masked
-            mismatch = [0.0, 0, 0]
             batches = [(s["batch"], None) for s in sampled]
             # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
             n_tokens = max(world.sum(sum(s["labelled"] for s in sampled)), 1)
-            n_answers = world.sum(sum(s["answers"] for s in sampled))
+            n_answers = world.sum(sum(len(g.answers) for g in groups))
             n_items = group_relative.normalizer(grpo, n_tokens, n_answers)  # what the summed loss is divided by
             n_drawn = world.sum(sum(len(g.answers) for g in drawn))
             mean_reward = world.sum(float(sum(g.rewards.sum() for g in drawn))) / n_drawn
@@ -506,7 +504,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
                        for group in micro_batches]
             n_items = world.sum(sum(label_count(b) for b, _ in batches))
-        step_loss, preferred, step_kl, clipped, old_logps = 0.0, 0.0, 0.0, 0.0, {}
+        step_loss, preferred, old_logps = 0.0, 0.0, {}
+        figures: collections.Counter = collections.Counter()  # grpo: sums of loss_terms' figures, and the entropy's
         # objective grpo with iterations: several optimizer steps on the step's samples, the first one's
         # log-probabilities (the sampling policy's) kept as the ratio's denominator for the others.
         for _ in range(updates_per_step):
@@ -516,20 +515,21 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
                 with sync:
                     if grpo:
-                        logps = token_logps(engine, batch)
-                        losses, kl_sum, clipped_sum = group_relative.loss_terms(
-                            logps, batch["labels"], sampled[i]["advantages"], sampled[i]["reference"], grpo,
-                            old_logps.get(i), sampled[i]["samplerLogps"])
-                        if i not in old_logps and sampled[i]["samplerLogps"] is not None:
-                            difference, masked = group_relative.sampler_mismatch(logps, sampled[i]["samplerLogps"],
-                                                                                 batch["labels"], grpo)
-                            mismatch[0] += difference
-                            mismatch[1] += label_count(batch)
-                            mismatch[2] += masked
+                        logps, entropies = token_logps(engine, batch, entropies=True)
+                        keep = (group_relative.high_entropy(entropies, batch["labels"], grpo["topEntropyQuantile"],
+                                                            world.gather) if grpo["topEntropyQuantile"] < 1 else None)
+                        terms = group_relative.loss_terms(logps, batch["labels"], sampled[i]["advantages"],
+                                                          sampled[i]["reference"], grpo, old_logps.get(i),
+                                                          sampled[i]["samplerLogps"], keep)
+                        if i not in old_logps:  # the sampling policy's figures, from the first update
+                            figures["trained"] += label_count(batch)
+                            figures["entropy"] += float(entropies.sum())  # 0 off the answer tokens
+                            figures["samplerDifference"] += terms.sampler_difference
+                            figures["samplerMasked"] += terms.sampler_masked
                         old_logps.setdefault(i, logps.detach())
-                        loss = losses / n_items
-                        step_kl += float(kl_sum)
-                        clipped += float(clipped_sum)
+                        loss = terms.loss / n_items
+                        figures["kl"] += terms.kl
+                        figures["clipped"] += terms.clipped
                     elif kto:
                         items = items_of[i]
                         losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
@@ -567,7 +567,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         of_step = ({"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired  # of the step's pairs
                    else {"reward": round(mean_reward, 4)} if grpo else {})
         if grpo and grpo["beta"]:
-            of_step["kl"] = round(world.sum(step_kl) / (n_tokens * updates_per_step), 6)  # per answer token
+            of_step["kl"] = round(world.sum(figures["kl"]) / (n_tokens * updates_per_step), 6)  # per answer token
         for name in drawn[0].parts if grpo else ():  # a sum grader's parts: each one's mean reward
             of_step[f"reward.{name}"] = round(world.sum(float(sum(g.parts[name].sum() for g in drawn))) / n_drawn, 4)
         if grpo:  # the sampled answers' mean length, and the share that never ended (cut at the limit)
@@ -579,13 +579,15 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                                              / n_answers, 4)
         if grpo and oversampling > 1:  # the step's prompts sampled, all processes: its trained ones and replacements
             of_step["promptsSampled"] = int(world.sum(sum(len(g.prompts) for g in drawn)))
+        if grpo:  # per answer token trained (rows with an advantage, or all with the KL term)
+            trained_tokens = max(world.sum(figures["trained"]), 1)
+            of_step["entropy"] = round(world.sum(figures["entropy"]) / trained_tokens, 4)
         if sampler:  # TRL's sampling_logp_difference: the engines' disagreement per answer token trained
-            trained_tokens = max(world.sum(mismatch[1]), 1)
-            of_step["samplerLogpDiff"] = round(world.sum(mismatch[0]) / trained_tokens, 6)
+            of_step["samplerLogpDiff"] = round(world.sum(figures["samplerDifference"]) / trained_tokens, 6)
             if grpo["vllmImportanceSamplingCorrection"] and grpo["vllmImportanceSamplingMode"].endswith("mask"):
-                of_step["samplerMasked"] = round(world.sum(mismatch[2]) / trained_tokens, 4)
+                of_step["samplerMasked"] = round(world.sum(figures["samplerMasked"]) / trained_tokens, 4)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
-            of_step["clipped"] = round(world.sum(clipped) / (n_tokens * (updates_per_step - 1)), 4)
+            of_step["clipped"] = round(world.sum(figures["clipped"]) / (n_tokens * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
                         loss=round(step_loss, 4), learningRate=lr, epoch=epoch, tokensPerSecond=round(rate, 1), **of_step)
         if trackers:
@@ -595,7 +597,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             if grpo:
                 metrics |= {"train/reward": mean_reward} | ({"train/kl": of_step["kl"]} if "kl" in of_step else {})
                 metrics |= {"train/completion_length": of_step["answerLength"], "train/truncated_ratio": of_step["truncated"],
-                            "train/frac_reward_zero_std": of_step["uniformGroups"]}
+                            "train/frac_reward_zero_std": of_step["uniformGroups"], "train/entropy": of_step["entropy"]}
                 metrics |= {"train/prompts_sampled": of_step["promptsSampled"]} if "promptsSampled" in of_step else {}
                 metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
                 metrics |= ({"sampling/sampling_logp_difference/mean": of_step["samplerLogpDiff"]}
