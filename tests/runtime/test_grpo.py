@@ -633,6 +633,39 @@ def test_top_entropy_quantile_takes_the_policy_term_on_the_micro_batchs_highest_
     torch.testing.assert_close(logps.grad, expected)
 
 
+def test_off_policy_masking_leaves_out_wrong_answers_the_policy_has_moved_away_from_keeping_their_kl():
+    """grpo.offPolicyMaskThreshold 0.5 (DeepSeek-V3.2's) by hand on a later update: answers whose mean
+    log p_sampled - log p_current is 0.6, 0.15 and 0.9 with advantages -1, -1 and +1: only the first, a
+    wrong answer the policy has moved away from, loses its surrogate (value and gradient); its KL
+    term stays. vLLM's log-probabilities, where given, are the sampling policy's."""
+    labels = torch.tensor([[IGNORE, 5, 6], [IGNORE, 5, 6], [IGNORE, 5, 6]])
+    old = torch.full((3, 2), -1.0)
+    logps = (old - torch.tensor([[0.4, 0.8], [0.15, 0.15], [0.9, 0.9]])).requires_grad_(True)
+    reference = torch.full((3, 2), -1.2)
+    spec = {"beta": 0.1, "epsilon": 0.2, "epsilonHigh": 10.0, "importanceSamplingLevel": "token", "lossType": "dapo",
+            "offPolicyMaskThreshold": 0.5}
+    advantage = torch.tensor([-1.0, -1.0, 1.0])
+    terms = loss_terms(logps, labels, advantage, reference, spec, old)
+    unmasked = loss_terms(logps.detach(), labels, advantage, reference, {**spec, "offPolicyMaskThreshold": None}, old)
+    assert terms.off_policy_masked == 1 and unmasked.off_policy_masked == 0 and terms.kl == pytest.approx(unmasked.kl)
+    ratio = torch.exp(logps.detach() - old)
+    # The first answer's surrogate, -min(r x -1, clip(r, 0.8, 11) x -1) = max(r, 0.8) per token, is gone.
+    assert float(unmasked.loss - terms.loss) == pytest.approx(float(ratio[0].clamp(min=0.8).sum()))
+    terms.loss.backward()
+    delta = reference - logps.detach()
+    expected = 0.1 * (1 - torch.exp(delta))  # every token's KL gradient
+    expected[1] += ratio[1]  # d(-r x -1)/d logp = r: inside the clip
+    expected[2] -= ratio[2]
+    torch.testing.assert_close(logps.grad, expected)
+    # vLLM's numbers are the sampling policy's, not old's: both wrong answers are 0.7 off them.
+    vllm = logps.detach() + torch.tensor([[0.7], [0.7], [0.0]])
+    sampled = loss_terms(logps.detach(), labels, advantage, None, {**spec, "vllmImportanceSamplingCorrection": False},
+                         old, sampler_logps=vllm)
+    assert sampled.off_policy_masked == 2
+    on_policy = loss_terms(logps.detach(), labels, advantage, None, spec)  # first update, transformers: nothing is off
+    assert on_policy.off_policy_masked == 0
+
+
 def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny_model):
     from peft import LoraConfig, get_peft_model
 
@@ -663,15 +696,16 @@ def _rows(n: int) -> list[dict]:
 def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_weights(tiny_model, tmp_path):
     """The reward of sampled answers rises over training; the saved model's greedy answers to the
     validation prompts pass where the base model's did not (both measured here on their own); a run
-    resumed from a checkpoint samples what the uninterrupted run sampled and ends with its weights."""
+    resumed from a checkpoint samples what the uninterrupted run sampled and ends with its weights.
+    Off-policy masking and the entropy figure are seen on the way."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(16)))
     (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(4)))
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="full",
                          grpo={"generations": 8, "maxNewTokens": 8, "grader": grader("contains"), "iterations": 2,
-                               "epsilonHigh": 0.28},
-                         checkpointing={"everySteps": 4, "keepLast": 20},
+                               "epsilonHigh": 0.28, "offPolicyMaskThreshold": 0.05},
+                         checkpointing={"everySteps": 4, "keepLast": 20}, tracking={"tensorboard": True},
                          hyperparameters={"epochs": 4, "batchSize": 4, "learningRate": 0.01, "evalEverySteps": 8})
     path = write_task(task, tmp_path)
     proc = run_finetune(path)
@@ -682,7 +716,20 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     # iterations 2: two optimizer steps on each step's samples, the second one clipped to the sampling policy's.
     optimizer = torch.load(Path(task["artifactUri"][7:]) / "checkpoints/step-4/optimizer.pt", weights_only=False)
     assert {int(state["step"]) for state in optimizer["state"].values()} == {8}
-    assert 0 <= run.read_json("progress.json")["figures"]["clipped"] < 1
+    figures = run.read_json("progress.json")["figures"]
+    assert 0 <= figures["clipped"] < 1 and 0 <= figures["offPolicyMasked"] < 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [k for k in run.list("tracking") if "events.out.tfevents" in k]
+    accumulator = EventAccumulator(str(Path(task["artifactUri"][7:]) / "tracking" / events[0]))
+    accumulator.Reload()
+    # offPolicyMaskThreshold: on each step's second update, wrong answers the first moved the policy away
+    # from are masked (the first update's answers are the policy's own: none), until no answer is wrong.
+    masked = [e.value for e in accumulator.Scalars("train/off_policy_masked")]
+    assert len(masked) == 16 and 0 < masked[0] <= 0.5 and all(0 <= m <= 0.5 for m in masked) and masked[-1] == 0
+    # The policy's entropy per answer token falls as it settles on answers that pass.
+    entropy = [e.value for e in accumulator.Scalars("train/entropy")]
+    assert entropy[-1] < entropy[0] - 1
     lines = run.read_bytes("metrics/loss.csv").decode().splitlines()
     assert lines[0] == "step,epoch,loss,learning_rate,eval_loss,reward,eval_reward"
     assert lines[1] == f"0,,,,,,{result['baseReward']:.6f}"  # the model before training

@@ -101,8 +101,9 @@ def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_
     `vllm serve` beside it (a step's two micro-batches sampled at once); resumed from a checkpoint, it
     samples the same answers (the same rewards at every step) and ends with the same adapter. Its
     importance sampling correction weighs whole answers and masks those vLLM found too unlikely
-    (sequence_mask): none, the engines agreeing."""
-    task = _task(base, tmp_path, grpo={"vllmImportanceSamplingMode": "sequence_mask"},
+    (sequence_mask), and off-policy masking measures answers against vLLM's numbers: none, the engines
+    agreeing."""
+    task = _task(base, tmp_path, grpo={"vllmImportanceSamplingMode": "sequence_mask", "offPolicyMaskThreshold": 0.01},
                  checkpointing={"everySteps": 2, "keepLast": 10},
                  hyperparameters={"epochs": 2, "batchSize": 1, "gradientAccumulation": 2, "learningRate": 0.05})
     path = write_task(task, tmp_path)
@@ -119,6 +120,7 @@ def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_
     # both sides here, so they agree but for rounding.
     figures = run.read_json("progress.json")["figures"]
     assert 0 <= figures["samplerLogpDiff"] < 1e-3 and figures["samplerMasked"] == 0
+    assert figures["offPolicyMasked"] == 0  # off-policy masking, vLLM's numbers the sampling policy's: none is off
     adapter = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
 
     run.delete("COMMITTED")

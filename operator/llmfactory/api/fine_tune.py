@@ -301,6 +301,9 @@ class Grpo(ApiModel):
                  "|| self.vllmImportanceSamplingMode == 'token_truncate'))",
          "message": "grpo.vllmImportanceSamplingCorrection, vllmImportanceSamplingMode and vllmImportanceSamplingCap "
                     "apply only to grpo.engine vllm"},
+        {"rule": "!has(self.offPolicyMaskThreshold) || self.iterations > 1 || (has(self.engine) && self.engine == 'vllm')",
+         "message": "offPolicyMaskThreshold masks answers the policy has moved away from since they were sampled, "
+                    "which only happens with grpo.iterations above 1 or grpo.engine vllm: set one of them"},
         {"rule": "!has(self.overlongPenalty) || self.overlongPenalty.bufferTokens < self.maxNewTokens",
          "message": "overlongPenalty.bufferTokens is the stretch before maxNewTokens where the penalty grows: "
                     "set it below grpo.maxNewTokens"},
@@ -383,6 +386,14 @@ class Grpo(ApiModel):
         "the answers trained (with an advantage, or all with beta), where TRL's include uniform groups'. "
         "progress.json's entropy is the mean per answer token trained, either way: a falling one is the policy "
         "collapsing onto few answers."))
+    off_policy_mask_threshold: float | None = Field(None, gt=0, le=100, description=(
+        "DeepSeek-V3.2's off-policy sequence masking, as TRL's off_policy_mask_threshold: an answer with a negative "
+        "advantage is left out of the policy term (its KL term stays) when the mean over its tokens of log p_sampled "
+        "- log p_current is above this, p_sampled being vLLM's (engine vllm) or the step's first update's. Pushing "
+        "down a wrong answer the policy has already moved away from teaches little and destabilizes training. Answers "
+        "are off the policy only with iterations above 1 or engine vllm. The paper gives no value; TRL's "
+        "documentation shows 0.5. Unset: none. progress.json's offPolicyMasked is the share of the answers trained "
+        "that it masked, over the step's updates."))
     grader: Grader = Field(default_factory=Grader, description="How each sampled answer is rewarded.")
     engine: Literal["transformers", "vllm"] = Field("transformers", description=(
         "What samples the answers, as TRL's use_vllm. transformers: the training model's own generate, in the "

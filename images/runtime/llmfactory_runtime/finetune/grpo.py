@@ -249,6 +249,7 @@ class Terms(NamedTuple):
     clipped: int  # tokens whose ratio was clipped
     sampler_difference: float  # |logp - vLLM's| (TRL's sampling_logp_difference; 0 without vLLM's)
     sampler_masked: int  # tokens the importance sampling correction weighed 0 (its *_mask modes)
+    off_policy_masked: int  # answers grpo.offPolicyMaskThreshold left out of the policy term
 
 
 def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor, reference: torch.Tensor | None,
@@ -262,7 +263,10 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     log-probabilities of the tokens it sampled (grpo.engine vllm); with
     grpo.vllmImportanceSamplingCorrection each token's surrogate is weighed by its importance weight
     (sampler_weights), as TRL's. keep: the answer tokens whose surrogate counts (high_entropy's, for
-    grpo.topEntropyQuantile); the others keep their KL term, and the normalizer counts them still."""
+    grpo.topEntropyQuantile); the others keep their KL term, and the normalizer counts them still.
+    With grpo.offPolicyMaskThreshold an answer with a negative advantage whose mean log-ratio of the
+    sampling policy (vLLM's, else old) to the current one is above it has no surrogate either
+    (DeepSeek-V3.2's off-policy sequence masking, as TRL's)."""
     answer = labels[:, 1:] != IGNORE
     policy = logps.detach() if old is None else old.to(logps)
     log_ratio = logps - policy
@@ -277,6 +281,13 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     clipped = ((ratio < 1 - low) & (a < 0)) | ((ratio > 1 + high) & (a > 0))
     if keep is not None:
         per_token = per_token * keep
+    off_policy = 0
+    if grpo.get("offPolicyMaskThreshold") is not None:
+        sampled_by = policy if sampler_logps is None else sampler_logps.to(logps)
+        drift = ((sampled_by - logps.detach()) * answer).sum(1) / answer.sum(1).clamp(min=1)
+        off = (advantage.to(logps) < 0) & (drift > grpo["offPolicyMaskThreshold"])
+        per_token = per_token * ~off[:, None]
+        off_policy = int(off.sum())
     difference, masked = 0.0, 0
     if sampler_logps is not None:
         sampler_logps = sampler_logps.to(logps)
@@ -293,7 +304,7 @@ def loss_terms(logps: torch.Tensor, labels: torch.Tensor, advantage: torch.Tenso
     if grpo["lossType"] == "grpo":  # each answer's mean over its own tokens (normalizer: the number of answers)
         per_token = per_token / answer.sum(1, keepdim=True).clamp(min=1)
     return Terms(per_token[answer].sum(), float(kl.detach()[answer].sum()), int(clipped[answer].sum()), difference,
-                 masked)
+                 masked, off_policy)
 
 
 def sampler_weights(policy: torch.Tensor, sampler_logps: torch.Tensor, answer: torch.Tensor, grpo: dict) -> torch.Tensor:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import Interrupted
 from ..batching import collate_sequences, encode_rows, label_count, loss_sums, token_logps
-from ..chat import check_own_template, template_of
+from ..chat import IGNORE, check_own_template, template_of
 from ..data import read_split
 from ..grader import grader_models
 from ..models import load_config, tokenizer_for
@@ -530,6 +530,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                         loss = terms.loss / n_items
                         figures["kl"] += terms.kl
                         figures["clipped"] += terms.clipped
+                        figures["offPolicyMasked"] += terms.off_policy_masked
+                        figures["answersTrained"] += int((batch["labels"][:, 1:] != IGNORE).any(1).sum())
                     elif kto:
                         items = items_of[i]
                         losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
@@ -586,6 +588,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             of_step["samplerLogpDiff"] = round(world.sum(figures["samplerDifference"]) / trained_tokens, 6)
             if grpo["vllmImportanceSamplingCorrection"] and grpo["vllmImportanceSamplingMode"].endswith("mask"):
                 of_step["samplerMasked"] = round(world.sum(figures["samplerMasked"]) / trained_tokens, 4)
+        if grpo and grpo.get("offPolicyMaskThreshold"):  # answers trained (over the updates) masked as off the policy
+            of_step["offPolicyMasked"] = round(world.sum(figures["offPolicyMasked"])
+                                               / max(world.sum(figures["answersTrained"]), 1), 4)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
             of_step["clipped"] = round(world.sum(figures["clipped"]) / (n_tokens * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
@@ -600,6 +605,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                             "train/frac_reward_zero_std": of_step["uniformGroups"], "train/entropy": of_step["entropy"]}
                 metrics |= {"train/prompts_sampled": of_step["promptsSampled"]} if "promptsSampled" in of_step else {}
                 metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
+                metrics |= ({"train/off_policy_masked": of_step["offPolicyMasked"]}
+                            if "offPolicyMasked" in of_step else {})
                 metrics |= ({"sampling/sampling_logp_difference/mean": of_step["samplerLogpDiff"]}
                             if "samplerLogpDiff" in of_step else {})
                 metrics |= ({"sampling/importance_sampling_ratio/frac_masked": of_step["samplerMasked"]}
