@@ -37,6 +37,20 @@ def base(tmp_path_factory) -> Path:
     return folder
 
 
+def _greedy_as_the_training_model(sampler: VllmSampler, model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
+    """vLLM's greedy answers, checked to be the training model's own (transformers'), and its
+    log-probabilities of their tokens the model's (the correction's weight 1)."""
+    got, logps = sampler.sample(prompts, 1, 0.0, 8, 64)
+    assert got == sample(model, tokenizer, prompts, 1, 0.0, 8, 64, "cpu")
+    batch = collate_sequences(sequences(prompts, got, 1), [[k] for k in range(len(prompts))], tokenizer.pad_token_id, True)
+    with torch.no_grad():
+        own = token_logps(model, batch)
+    for k, (prompt, answer) in enumerate(zip(prompts, got)):
+        torch.testing.assert_close(torch.tensor(logps[k]), own[k, len(prompt) - 1:len(prompt) - 1 + len(answer)],
+                                   atol=1e-4, rtol=0)
+    return got
+
+
 def test_vllm_samples_with_the_adapter_as_each_step_left_it_and_as_the_training_model_would(base, cpu_vllm):
     """Greedy answers from vLLM after each sync equal the training model's own (transformers), with
     the end-of-turn token where one ended; new adapter weights (an optimizer step) change them. With
@@ -50,16 +64,7 @@ def test_vllm_samples_with_the_adapter_as_each_step_left_it_and_as_the_training_
     with VllmSampler({"uri": f"file://{base}"}, tokenizer, lora_rank=4, max_len=64, seed=0, dtype="float32") as sampler:
         for step in (1, 2):
             sampler.sync(model, step)
-            got, logps = sampler.sample(prompts, 1, 0.0, 8, 64)
-            assert got == sample(model, tokenizer, prompts, 1, 0.0, 8, 64, "cpu")
-            # vLLM's log-probabilities of its tokens are the training model's own (the correction's weight 1).
-            batch = collate_sequences(sequences(prompts, got, 1), [[k] for k in range(4)], tokenizer.pad_token_id, True)
-            with torch.no_grad():
-                own = token_logps(model, batch)
-            for k, (prompt, answer) in enumerate(zip(prompts, got)):
-                torch.testing.assert_close(torch.tensor(logps[k]), own[k, len(prompt) - 1:len(prompt) - 1 + len(answer)],
-                                           atol=1e-4, rtol=0)
-            seen.append(got)
+            seen.append(_greedy_as_the_training_model(sampler, model, tokenizer, prompts))
             with torch.no_grad():  # what the optimizer does between steps
                 for name, weight in model.named_parameters():
                     if "lora_B" in name:
@@ -79,19 +84,45 @@ def test_vllm_samples_with_the_adapter_as_each_step_left_it_and_as_the_training_
         assert [len(a) for a in short] == [len(x) for x in short_logps] == [3, 3]
 
 
+@pytest.mark.extended(reason=(
+    "a vLLM start of its own (a minute on 2 cores); test_a_full_grpo_fine_tune_samples_with_vllm_from_the_weights_each_"
+    "step_left checks the same reload through a run: vLLM's numbers stay the training model's as its weights move"))
+def test_vllm_samples_with_a_full_fine_tunes_weights_as_each_step_left_them(base, cpu_vllm):
+    """method full: the whole model is saved and reloaded into vLLM in place before each step; its
+    greedy answers and their log-probabilities are then the training model's own, new weights (an
+    optimizer step) change them, and only the last step's weights stay on disk."""
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    seen = []
+    with VllmSampler({"uri": f"file://{base}"}, tokenizer, lora_rank=None, max_len=64, seed=0, dtype="float32") as sampler:
+        for step in (1, 2):
+            sampler.sync(model, step)
+            seen.append(_greedy_as_the_training_model(sampler, model, tokenizer, prompts))
+            with torch.no_grad():  # what the optimizer does between steps, to every weight
+                for name, weight in model.named_parameters():
+                    if "mlp" in name:
+                        weight.add_(torch.randn_like(weight) * 0.5)
+        assert seen[1] != seen[0]
+        assert sorted(p.name for p in Path(sampler.server.workdir).iterdir()) == ["policy-2", "tokenizer"]
+
+
 def _rows(n: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": PAIRS[i % len(PAIRS)][0]}], "answer": "a"} for i in range(n)]
 
 
-def _task(model: Path, tmp_path: Path, train: int = 8, validation: int = 2, grpo: dict | None = None, **spec) -> dict:
-    """A LoRA GRPO FineTune sampling with vLLM (grpo: more of its settings), its prompts written under tmp_path."""
+def _task(model: Path, tmp_path: Path, train: int = 8, validation: int = 2, grpo: dict | None = None,
+          method: str = "lora", **spec) -> dict:
+    """A GRPO FineTune (LoRA, or method full) sampling with vLLM (grpo: more of its settings), its prompts
+    written under tmp_path."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(train)))
     (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(validation)))
+    adapter = {"lora": {"r": 8, "dropout": 0.0}, "mergeAdapter": False} if method != "full" else {}
     # One GPU asked for, as the planner wants for vLLM; the runtime runs on what it finds (here the CPU build).
-    return finetune_task(model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="lora",
-                         lora={"r": 8, "dropout": 0.0}, mergeAdapter=False, resources={"gpusPerNode": 1},
+    return finetune_task(model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method=method,
+                         **adapter, resources={"gpusPerNode": 1},
                          grpo={"generations": 4, "maxNewTokens": 8, "engine": "vllm", "grader": {
                              "referenceField": "answer", "operation": "contains"}, **(grpo or {})}, **spec)
 
@@ -136,6 +167,23 @@ def test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_samples_what_it_
         torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6)
 
 
+def test_a_full_grpo_fine_tune_samples_with_vllm_from_the_weights_each_step_left(base, tmp_path, cpu_vllm):
+    """method full with grpo.engine vllm: the whole weights move every step (a high learning rate), and
+    vLLM's log-probabilities of the tokens it samples stay the training model's own, so each step's
+    weights were the ones vLLM sampled with."""
+    task = _task(base, tmp_path, method="full", hyperparameters={"epochs": 1, "batchSize": 2, "learningRate": 0.02})
+    proc = run_finetune(write_task(task, tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "starting vLLM" in proc.stderr
+    run = open_store(task["artifactUri"])
+    result = run.read_json("result.json")
+    assert result["steps"] == 4 and result["modelUri"] and not result.get("adapterUri")
+    trained = load_file(Path(result["modelUri"][7:]) / "model.safetensors")
+    before = load_file(base / "model.safetensors")
+    assert max(float((trained[k] - before[k]).abs().max()) for k in before if k in trained) > 1e-2
+    assert 0 <= run.read_json("progress.json")["figures"]["samplerLogpDiff"] < 1e-3
+
+
 def test_a_base_model_whose_chat_markers_the_adapter_would_train_is_refused_before_vllm_starts(tmp_path, cpu_vllm):
     """A base model without a chat template gets ChatML's markers as new tokens, whose rows the
     adapter trains and vLLM's LoRA would not apply: the task is invalid, said before vLLM starts."""
@@ -152,33 +200,42 @@ def test_a_base_model_whose_chat_markers_the_adapter_would_train_is_refused_befo
 def test_on_a_gpu_node_each_process_samples_on_its_own_gpu_with_the_planners_share_of_it(tiny_model, tmp_path,
                                                                                            monkeypatch):
     """What `vllm serve` is given for GRPO: the base alone, adapters loadable while it runs (one at a
-    time, up to the rank rounded to one vLLM takes), the process's own GPU of those visible, the
-    estimate's share of it, and sequences no longer than maxSeqLength."""
+    time, up to the rank rounded to one vLLM takes) or, for a full fine-tune, weights reloadable (its
+    development endpoints), the process's own GPU of those visible, the estimate's share of it, and
+    sequences no longer than maxSeqLength."""
     import llmfactory_runtime.vllm_server as vllm_server
     from llmfactory_runtime.finetune import vllm_sampler
     from llmfactory_runtime.finetune.estimate import Estimate
 
     seen = tmp_path / "seen"
     executable = tmp_path / "vllm"
-    executable.write_text(f'#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES $VLLM_ALLOW_RUNTIME_LORA_UPDATING $@" > {seen}\nexit 1\n')
+    executable.write_text(f'#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES ${{VLLM_ALLOW_RUNTIME_LORA_UPDATING:--}} '
+                          f'${{VLLM_SERVER_DEV_MODE:--}} $@" > {seen}\nexit 1\n')
     executable.chmod(0o755)
     monkeypatch.setenv("LLMFACTORY_VLLM", str(executable))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     monkeypatch.setattr(vllm_server, "_cuda_devices", lambda: 2)  # as on a node with two GPUs
-    spec = {"lora": {"r": 12}, "hyperparameters": {"maxSeqLength": 512, "seed": 7}}
     est = Estimate(0, 0, 0.0, 0.0, 0.0, 0.0, 60.0, 0.0, 0.0, sampler_gib=19.0)
-    sampler = vllm_sampler.start({"uri": f"file://{tiny_model}", "digest": "d"}, AutoTokenizer.from_pretrained(tiny_model),
-                                 [], spec, est, (141.0, 140.0), 1, torch.bfloat16)
-    with pytest.raises(RuntimeError, match="vLLM exited with code 1 while starting"):
-        with sampler:
-            pass
-    device, allowed, *command = seen.read_text().split()
-    assert (device, allowed, command[1]) == ("3", "True", str(tiny_model))
-    flags = serve_flags([str(executable), *command])
-    assert flags["--enable-lora"] is True and "--lora-modules" not in flags
-    assert flags["--max-loras"] == "1" and flags["--max-lora-rank"] == "16"
-    assert flags["--gpu-memory-utilization"] == "0.14" and flags["--max-model-len"] == "512"
-    assert flags["--tensor-parallel-size"] == "1" and flags["--dtype"] == "bfloat16"
+    for method in ("lora", "full"):
+        spec = {"method": method, "lora": {"r": 12} if method == "lora" else None,
+                "hyperparameters": {"maxSeqLength": 512, "seed": 7}}
+        sampler = vllm_sampler.start({"uri": f"file://{tiny_model}", "digest": "d"},
+                                     AutoTokenizer.from_pretrained(tiny_model), [], spec, est, (141.0, 140.0), 1,
+                                     torch.bfloat16)
+        with pytest.raises(RuntimeError, match="vLLM exited with code 1 while starting"):
+            with sampler:
+                pass
+        device, lora_updates, dev_mode, *command = seen.read_text().split()
+        assert (device, command[1]) == ("3", str(tiny_model))
+        flags = serve_flags([str(executable), *command])
+        assert flags["--gpu-memory-utilization"] == "0.14" and flags["--max-model-len"] == "512"
+        assert flags["--tensor-parallel-size"] == "1" and flags["--dtype"] == "bfloat16"
+        if method == "lora":
+            assert (lora_updates, dev_mode) == ("True", "-")
+            assert flags["--enable-lora"] is True and "--lora-modules" not in flags
+            assert flags["--max-loras"] == "1" and flags["--max-lora-rank"] == "16"
+        else:
+            assert (lora_updates, dev_mode) == ("-", "1") and "--enable-lora" not in flags
 
 
 @pytest.mark.extended(reason=(

@@ -128,8 +128,6 @@ BAD = [
                   "grpo": {"epsilonHigh": 0.28}}, "epsilon, epsilonHigh and importanceSamplingLevel shape the ratio"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"importanceSamplingLevel": "sequence"}}, "which is 1 unless iterations is above 1"),
-    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo", "method": "full",
-                  "grpo": {"engine": "vllm"}}, "grpo.engine vllm needs method lora or qlora"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"vllmImportanceSamplingCap": 3.0}}, "apply only to grpo.engine vllm"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",

@@ -268,7 +268,7 @@ def test_planner_counts_a_grpo_graders_models_beside_the_model(tmp_path):
 
 
 def test_grpo_sampling_with_vllm_counts_its_share_of_the_gpu_and_sets_vllms_fraction_to_it():
-    """grpo.engine vllm: the base model again in 16 bits (QLoRA's too), one LoRA slot, a KV cache for a
+    """grpo.engine vllm: the base model again in 16 bits (QLoRA's too), one LoRA slot (none for full), a KV cache for a
     micro-batch's answers (batchSize x generations of maxSeqLength) and vLLM's 2 GiB, beside the
     training's own; vLLM's --gpu-memory-utilization is that share of the GPU. Too much is refused,
     with engine transformers among what to change."""
@@ -292,6 +292,11 @@ def test_grpo_sampling_with_vllm_counts_its_share_of_the_gpu_and_sets_vllms_frac
     with pytest.raises(PlanError) as err:
         check_fits(parse(grpo))
     assert "vLLM sampler 19.0" in err.value.message and "set grpo.engine transformers" in err.value.message
+    # A full fine-tune's weights are reloaded into vLLM's copy of the base: no LoRA slot.
+    full = _fine_tune("meta-llama/Meta-Llama-3-8B", {"gpusPerNode": 8, "gpuMemoryGiB": 141}, method="full",
+                      objective="grpo", dataset={"uri": "s3://b/prompts"}, hyperparameters=hp,
+                      grpo={"generations": 8, "engine": "vllm"}, distribution={"strategy": "deepspeed"})
+    assert check_fits(parse(full)).sampler_gib * 2 ** 30 == pytest.approx(llama.params * 2 + cache + 2 * 2 ** 30)
 
 
 def test_unknown_models_are_not_refused_the_runtime_checks_them():

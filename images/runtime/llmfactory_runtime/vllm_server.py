@@ -193,15 +193,17 @@ class VllmServer:
 
     The rest is for GRPO's sampler (finetune/vllm_sampler.py): tokenizer, the one to save for vLLM
     (else the model's); dtype (else models.compute_dtype); lora_rank: adapters of up to that rank are
-    loaded while it runs (load_adapter); max_model_len; cuda_device: the one GPU it runs on (else all
-    visible, tensor-parallel)."""
+    loaded while it runs (load_adapter); reloads_weights: its weights are replaced while it runs
+    (reload_weights); max_model_len; cuda_device: the one GPU it runs on (else all visible,
+    tensor-parallel)."""
 
     def __init__(self, source: dict[str, Any], seed: int = 0, gpu_memory_utilization: float | None = None,
                  tokenizer=None, dtype: str | None = None, lora_rank: int | None = None,
-                 max_model_len: int | None = None, cuda_device: str | None = None):
+                 max_model_len: int | None = None, cuda_device: str | None = None, reloads_weights: bool = False):
         self.source, self.seed, self.gpu_memory_utilization = source, seed, gpu_memory_utilization
         self.tokenizer = tokenizer or load_tokenizer(source)
         self.dtype, self.lora_rank, self.max_model_len, self.cuda_device = dtype, lora_rank, max_model_len, cuda_device
+        self.reloads_weights = reloads_weights
         # Sent with every request: stop where the transformers engine stops, no special tokens in text.
         self.request_params = {"stop_token_ids": stop_token_ids(self.tokenizer), "skip_special_tokens": True}
         self.process: subprocess.Popen | None = None
@@ -230,6 +232,17 @@ class VllmServer:
         response = httpx.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=600)
         if response.status_code != 200:
             raise RuntimeError(f"vLLM could not unload the adapter {name}: {response.text}")
+
+    def reload_weights(self, folder: Path) -> None:
+        """Serve the weights saved in `folder` (safetensors, the served model's names and shapes) from
+        now on, in place of those it serves (the server started with reloads_weights). Prefixes cached
+        with the old weights are dropped, so no prompt is answered from their keys and values."""
+        for path, body in (("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}),
+                           ("/reset_prefix_cache", None)):
+            response = httpx.post(f"{self.url}{path}", json=body, timeout=3600)
+            if response.status_code != 200:
+                raise RuntimeError(f"vLLM could not load the weights in {folder} ({path}): {response.text}\n"
+                                   + "\n".join(self.log_tail))
 
     @property
     def endpoint(self) -> dict[str, Any]:
@@ -264,6 +277,8 @@ class VllmServer:
                 env["CUDA_VISIBLE_DEVICES"] = self.cuda_device
             if self.lora_rank:
                 env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the load_adapter endpoints
+            if self.reloads_weights:  # reload_weights' endpoints, served on the loopback only (--host)
+                env["VLLM_SERVER_DEV_MODE"] = "1"
             log.info("starting vLLM: %s", " ".join(command))
             # Its own process group: vLLM's engine and workers are its children, stopped with it.
             self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -399,12 +399,14 @@ class Grpo(ApiModel):
         "What samples the answers, as TRL's use_vllm. transformers: the training model's own generate, in the "
         "training process. vllm: a `vllm serve` beside each training process (on its GPU, or a CPU build of "
         "vLLM), started before the model loads, which serves the base model with the adapter as it is after "
-        "each step (saved and loaded by vLLM's LoRA API): continuous batching and paged attention on the GPU, where "
+        "each step (saved and loaded by vLLM's LoRA API), or for method full with the weights as they are (saved "
+        "to the pod's temporary folder, 2 bytes a parameter, and reloaded in place by vLLM): continuous batching "
+        "and paged attention on the GPU, where "
         "sampling is most of a step (on 2 CPU cores its CPU build sampled no faster than transformers: "
         "benchmarks/RESULTS.md). It takes a share of the GPU "
         "(the planner counts the base model again in 16 bits, a KV cache for batchSize x generations answers "
-        "of maxSeqLength, and vLLM's own 2 GiB). Methods lora and qlora only, without lora.dora, rank up to "
-        "512, a base vLLM loads (not a GGUF file) with the chat markers in its vocabulary; for qlora vLLM "
+        "of maxSeqLength, and vLLM's own 2 GiB). Adapters without lora.dora, of rank up to "
+        "512; a base vLLM loads (not a GGUF file) with the chat markers in its vocabulary; for qlora vLLM "
         "serves the base unquantized, so the answers come from a policy a little off the trained one (as "
         "with TRL). Validation rewards are the training model's own greedy answers either way."))
     vllm_importance_sampling_correction: bool = Field(True, description=(
@@ -582,9 +584,6 @@ class FineTuneSpec(RunOptions):
         {"rule": "self.method != 'full' || !has(self.grpo) || !has(self.grpo.beta) || self.grpo.beta == 0.0",
          "message": "grpo.beta above 0 needs method lora or qlora: the reference is the base with the adapter "
                     "switched off (a full fine-tune would need a second copy of the model)"},
-        {"rule": "!has(self.grpo) || !has(self.grpo.engine) || self.grpo.engine != 'vllm' || self.method != 'full'",
-         "message": "grpo.engine vllm needs method lora or qlora: vLLM loads the adapter as it is after each step "
-                    "(a full fine-tune's whole weights would be copied each step); use engine transformers"},
         {"rule": "!has(self.grpo) || !has(self.grpo.engine) || self.grpo.engine != 'vllm' || !has(self.lora) "
                  "|| ((!has(self.lora.dora) || !self.lora.dora) && (!has(self.lora.r) || self.lora.r <= 512))",
          "message": "grpo.engine vllm cannot serve a DoRA adapter or one of rank above 512 (vLLM's largest): "

@@ -267,11 +267,13 @@ VLLM_OVERHEAD_BYTES = 2.0 * GIB
 
 def vllm_sampler_bytes(shape: ModelShape, plan: Plan) -> float:
     """What GRPO's vLLM sampler (grpo.engine vllm) is given of the GPU: the base model in 16 bits (for
-    qlora too: vLLM serves it unquantized), one LoRA slot of the adapter's rank, a KV cache for a
-    micro-batch's answers (batchSize x generations sequences of maxSeqLength) and VLLM_OVERHEAD_BYTES."""
+    qlora too: vLLM serves it unquantized; a full fine-tune's weights reloaded into it), one LoRA slot
+    of the adapter's rank (none for a full fine-tune), a KV cache for a micro-batch's answers
+    (batchSize x generations sequences of maxSeqLength) and VLLM_OVERHEAD_BYTES."""
     weights = shape.params * 2
     # Not trainable_params: vLLM's LoRA slot holds every linear layer it supports, whatever the adapter targets.
-    adapter = shape.layers * sum(plan.lora_r * (i + o) for i, o in shape.module_dims().values()) * 2
+    adapter = 0 if plan.method == "full" else shape.layers * sum(plan.lora_r * (i + o)
+                                                                 for i, o in shape.module_dims().values()) * 2
     cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * plan.micro_batch * plan.seq_len
     return weights + adapter + cache + VLLM_OVERHEAD_BYTES
 
