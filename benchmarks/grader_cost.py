@@ -2,7 +2,8 @@
 quickstart's prompts answered by SmolLM2-135M-Instruct (greedy, up to --max-new-tokens), then scored
 by each grader through `llmfactory_runtime.grader.rewards`:
 
-- a string check (icontains) and a python grader (its own process; the first call starts it);
+- a string check (icontains), the similarity metrics (fuzzy, bleu, chrf, rougeL) and a python grader
+  (its own process; the first call starts it);
 - a local judge (grader.judgeModel): SmolLM2-135M-Instruct itself, one prompt pass plus the ten
   ratings' continuations per answer, each rating written to the store's cache (file:// here);
 - a reward model (grader.rewardModel): SmolLM2-135M's weights under a one-label head (untrained: the
@@ -59,6 +60,8 @@ def main() -> None:
         del classifier, model
         graders = {
             "icontains": {"referenceField": "reference", "operation": "icontains"},
+            **{f"similarity {metric}": {"referenceField": "reference", "operation": "similarity", "metric": metric}
+               for metric in ("fuzzy", "bleu", "chrf", "rougeL")},
             "python": {"referenceField": "reference", "operation": "python",
                        "source": "def grade(sample, item):\n    return len(sample['output_text'].split()) / 100\n"},
             "judgeModel (SmolLM2-135M)": {"referenceField": "reference", "operation": "judge", "judgeModel": source},

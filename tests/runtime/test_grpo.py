@@ -28,7 +28,8 @@ from llmfactory_runtime.finetune.grpo import (Groups, advantages, draw, dynamic_
                                               sample, sampled_batch, score, sequences)
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime import python_grader as python_grader_module
-from llmfactory_runtime.grader import graded_of, last_number, reward, rewards
+from llmfactory_runtime.grader import describe, graded_of, last_number, reward, rewards
+from llmfactory_runtime.similarity import similarity
 from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
 
@@ -56,6 +57,33 @@ def test_the_grader_compares_the_answer_or_what_extract_picks_of_it_with_the_ref
     assert reward(r"so \boxed{7}", "7", grader("equals", extract=r"\\boxed\{(.+?)\}")) == 1.0
     assert reward("yes, Paris", "Paris", grader("equals", extract=r"Paris")) == 1.0  # no group: the whole match
     assert last_number("-3.5e2 and 1,000,000") == 1_000_000 and last_number("none") is None
+
+
+def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_language():
+    """grader operation similarity (OpenAI's text_similarity) by hand, 0-1 by metric: rougeL's F-measure
+    of the longest common subsequence of words, Russian and each Chinese character counting (rouge_score's
+    own tokenizer keeps a-z and 0-9 only); fuzzy's matching characters; BLEU tokenized as Chinese where the
+    reference is (as one token a sentence shares nothing); chrF's character n-grams. Identical scores 1,
+    nothing in common 0; extract picks what is compared, as for the checks."""
+    def score(answer: str, reference: str, metric: str, extract: str | None = None) -> float:
+        return reward(answer, reference, {**grader("similarity", extract), "metric": metric})
+
+    assert score("a c d e", "a b c d", "rougeL") == pytest.approx(0.75)  # LCS a c d: 3/4 both ways
+    assert score("Москва столица", "Столица России Москва", "rougeL") == pytest.approx(0.4)  # LCS 1: P 1/2, R 1/3
+    assert score("北京是首都", "北京是中国的首都", "rougeL") == pytest.approx(2 * 1 * 5 / 8 / (1 + 5 / 8))
+    assert score("abc", "abd", "fuzzy") == pytest.approx(2 / 3) and score("A  b", "a b", "fuzzy") == 1.0
+    import sacrebleu
+
+    assert sacrebleu.sentence_bleu("中国的首都是北京", ["北京是中国的首都"]).score == 0  # 13a: one token each
+    assert 0.3 < score("中国的首都是北京", "北京是中国的首都", "bleu") < 1
+    assert score("the cat sat on the mat", "the cat sat on the mat", "bleu") == pytest.approx(1.0)
+    translation, reference = "Столица России — Москва.", "Москва — столица России."
+    assert score(translation, reference, "chrf") == pytest.approx(sacrebleu.sentence_chrf(translation, [reference]).score / 100)
+    assert 0.5 < score(translation, reference, "chrf") < 1 and score(reference, reference, "chrf") == pytest.approx(1.0)
+    for metric in ("fuzzy", "bleu", "chrf", "rougeL"):
+        assert score("", "Paris", metric) == 0.0 and score("Paris", "Paris", metric) == pytest.approx(1.0)
+    assert score("Answer: Paris. I think so.", "Paris", "fuzzy", extract=r"Answer: (\w+)") == 1.0
+    assert describe({**grader("similarity"), "metric": "chrf"}) == "similarity (chrf) against field 'answer'"
 
 
 def test_a_judge_grader_rates_each_answer_against_its_reference_scaled_to_0_1_and_never_pays_twice(
@@ -868,7 +896,7 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
         def grade(sample, item):
             text = sample["output_text"]
             with open(item["log"], "a") as f:
-                f.write(json.dumps([len(text) / 100, item["answer"] in text]) + "\\n")
+                f.write(json.dumps([len(text) / 100, item["answer"] in text, text]) + "\\n")
             return len(text) / 100
     """
     summed = {"operation": "sum", "parts": [python_grader(source) | {"name": "length"},
@@ -876,7 +904,9 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
                                             {"operation": "judge", "judgeModel": {"uri": f"file://{tiny_model}"},
                                              "referenceField": "answer", "name": "judged", "weight": 0},
                                             {"operation": "rewardModel", "name": "preferred", "weight": 0,
-                                             "rewardModel": {"uri": f"file://{tiny_reward_model}"}}]}
+                                             "rewardModel": {"uri": f"file://{tiny_reward_model}"}},
+                                            {"operation": "similarity", "metric": "chrf", "referenceField": "answer",
+                                             "name": "alike", "weight": 0}]}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
                          grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed,
                                "overlongPenalty": {"bufferTokens": 3}, "topEntropyQuantile": 0.5},
@@ -905,13 +935,17 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     # penalty (answers of 4 to 6 tokens lose up to 1); each part's mean apart.
     graded = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [float(line.split(",")[5]) for line in run.read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
-    assert len(graded) == 64 and len({length for length, _ in graded}) > 4
+    assert len(graded) == 64 and len({g[0] for g in graded}) > 4
     means = [[sum(g[part] for g in graded[i:i + 8]) / 8 for i in range(0, 64, 8)] for part in (0, 1)]
     overlong = [e.value for e in accumulator.Scalars("train/rewards/overlongPenalty")]
     assert len(overlong) == 8 and all(-1 <= p <= 0 for p in overlong) and min(overlong) < 0
     assert steps == pytest.approx([length + 0.5 * has_a + p for length, has_a, p in zip(*means, overlong)], abs=1e-4)
     assert [e.value for e in accumulator.Scalars("train/rewards/length")] == pytest.approx(means[0], abs=1e-4)
     assert figures["reward.has_a"] == pytest.approx(means[1][-1], abs=1e-4)
+    # The similarity part: each step's mean chrF of the answers the python part saw, against the reference.
+    alike = [sum(similarity(text, "a", "chrf") for _, _, text in graded[i:i + 8]) / 8 for i in range(0, 64, 8)]
+    assert [e.value for e in accumulator.Scalars("train/rewards/alike")] == pytest.approx(alike, abs=1e-4)
+    assert max(alike) > 0
     judged = [e.value for e in accumulator.Scalars("train/rewards/judged")]
     assert len(judged) == 8 and all(0 < r < 1 for r in judged) and len(set(judged)) > 1
     assert figures["reward.judged"] == pytest.approx(judged[-1], abs=1e-4)
@@ -921,7 +955,8 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     card = (Path(run.read_json("result.json")["adapterUri"][7:]) / "README.md").read_text()
     assert "grader: sum of 1 x length (python, its source in the task document), 0.5 x has_a (contains against " \
            f"field 'answer'), 0 x judged (judge against field 'answer' by the local judge file://{tiny_model}), " \
-           f"0 x preferred (reward model file://{tiny_reward_model})" in card
+           f"0 x preferred (reward model file://{tiny_reward_model}), 0 x alike (similarity (chrf) against field " \
+           "'answer')" in card
 
 
 @pytest.mark.extended(reason=(

@@ -1,5 +1,6 @@
 """Rewards for objective grpo and a Benchmark's reward: an answer scored 1 or 0 against the reference
-answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, rated by an
+answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, by how alike
+the two are (its text_similarity grader: similarity.py), rated by an
 LLM judge against it (OpenAI's score_model grader; an API, or a local model in this process), scored
 by the spec's own Python (its python grader) or by a reward model (TRL's), or a weighted sum of such
 (TRL's reward functions and weights, OpenAI's multi grader)."""
@@ -13,6 +14,7 @@ from typing import Any
 
 from . import GRADER_KEY_ENV, python_grader
 from .data import prompt_of
+from .similarity import similarity
 from .task import InvalidTask
 
 # A number as final answers write it: sign, thousands commas, decimals, an exponent.
@@ -154,11 +156,13 @@ def describe(grader: dict[str, Any]) -> str:
     if grader["operation"] == "rewardModel":
         return f"reward model {model.get('huggingface') or model['uri']}"
     by = f" by the local judge {model.get('huggingface') or model['uri']}" if model else ""
-    return f"{grader['operation']} against field {grader['referenceField']!r}{by}"
+    metric = f" ({grader['metric']})" if grader.get("metric") else ""
+    return f"{grader['operation']}{metric} against field {grader['referenceField']!r}{by}"
 
 
 def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
-    """1.0 when the answer passes the grader's check (equals, contains, icontains, number), else 0.0."""
+    """1.0 when the answer passes the grader's check (equals, contains, icontains, number), else 0.0;
+    operation similarity: how alike they are, 0-1 (grader.metric)."""
     if grader.get("extract"):
         matches = list(re.finditer(grader["extract"], answer, re.DOTALL))
         if not matches:
@@ -167,6 +171,8 @@ def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
         answer = last.group(1) if last.re.groups else last.group(0)
     answer, reference = answer.strip(), reference.strip()
     operation = grader["operation"]
+    if operation == "similarity":
+        return similarity(answer, reference, grader["metric"])
     if operation == "equals":
         passed = answer == reference
     elif operation == "contains":

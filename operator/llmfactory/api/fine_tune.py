@@ -158,8 +158,9 @@ class Reward(ApiModel):
 
 class GraderPart(ApiModel):
     """One way of scoring an answer against the reference answer its row holds: 1 or 0 when it passes a
-    check (as OpenAI's reinforcement fine-tuning string_check grader does), an LLM judge's rating (its
-    score_model grader), or the spec's own Python function (its python grader)."""
+    check (as OpenAI's reinforcement fine-tuning string_check grader does), how alike the two are (its
+    text_similarity grader), an LLM judge's rating (its score_model grader), or the spec's own Python
+    function (its python grader)."""
 
     cel_rules: ClassVar = [
         {"rule": "(self.operation == 'judge') == (has(self.judge) || has(self.judgeModel))",
@@ -176,25 +177,34 @@ class GraderPart(ApiModel):
         {"rule": "!has(self.rewardModel) || !has(self.rewardModel.ggufFile)",
          "message": "rewardModel is a sequence-classification model in safetensors: transformers loads no "
                     "classification head from GGUF"},
-        {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number']",
-         "message": "extract applies to the equals, contains, icontains and number checks: a judge, a python "
-                    "grader or a reward model reads the whole answer, and a sum's parts have their own"},
+        {"rule": "(self.operation == 'similarity') == has(self.metric)",
+         "message": "operation similarity needs grader.metric (fuzzy, bleu, chrf or rougeL), which applies to it alone"},
+        {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number', 'similarity']",
+         "message": "extract applies to the equals, contains, icontains, number and similarity checks: a judge, a "
+                    "python grader or a reward model reads the whole answer, and a sum's parts have their own"},
     ]
 
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
         "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number. "
         "Every row needs it, except with operation python, whose grade function reads the row itself, and "
         "rewardModel, which reads the prompt and answer only."))
-    operation: Literal["equals", "contains", "icontains", "number", "judge", "python", "rewardModel"] = Field(
+    operation: Literal["equals", "contains", "icontains", "number", "similarity", "judge", "python", "rewardModel"] = Field(
         "equals", description=(
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
         "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
-        "graders compare final answers. judge: grader.judge or grader.judgeModel rates the answer 1-10 against "
+        "graders compare final answers. similarity: how alike the answer and the reference are, 0-1, by "
+        "grader.metric (OpenAI's text_similarity grader): for translations and summaries. judge: grader.judge or grader.judgeModel rates the answer 1-10 against "
         "the reference (the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an "
         "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
         "grader.source's grade(sample, item) returns the reward. rewardModel: grader.rewardModel's score of the "
         "conversation (prompt and answer), on its own scale, as TRL's reward models."))
+    metric: Literal["fuzzy", "bleu", "chrf", "rougeL"] | None = Field(None, description=(
+        "operation similarity: fuzzy, difflib's ratio of matching characters (case and runs of whitespace "
+        "aside); bleu, sacrebleu's sentence BLEU (tokenized as its zh where the reference has Chinese "
+        "characters, 13a elsewhere); chrf, sacrebleu's chrF, character n-grams, for any language and "
+        "morphology (a good default for translations); rougeL, ROUGE-L's F-measure (rouge_score's longest "
+        "common subsequence of words, each CJK character a word), for summaries. Each scaled to 0-1."))
     extract: str | None = Field(None, min_length=1, max_length=1024, description=(
         "A regular expression (Python's) picking what of the answer is compared: its last match's first "
         "group (or the whole match without groups), e.g. '#### (.+)' for GSM8K's final-answer line or "
@@ -257,7 +267,8 @@ class Grader(GraderPart):
                     "LLMFACTORY_GRADER_API_KEY; local judges (judgeModel) need no key"},
     ]
 
-    operation: Literal["equals", "contains", "icontains", "number", "judge", "python", "rewardModel", "sum"] = Field(
+    operation: Literal["equals", "contains", "icontains", "number", "similarity", "judge", "python", "rewardModel",
+                       "sum"] = Field(
         "equals", description=GraderPart.model_fields["operation"].description + (
             " sum: the weighted sum of grader.parts' rewards (e.g. a correctness check plus a format reward)."))
     parts: list[WeightedPart] | None = Field(None, min_length=2, max_length=8, description=(

@@ -1,0 +1,50 @@
+"""How alike an answer is to its reference answer, 0-1 (grader operation similarity, grader.metric), as
+OpenAI's text_similarity grader scores one: for answers no string check can pass or fail, such as a
+translation or a summary.
+
+BLEU and chrF are sacrebleu's sentence scores (the reference implementation), ROUGE-L rouge_score's
+LCS F-measure, fuzzy difflib's ratio. Text in any language: chrF reads characters; BLEU tokenizes
+as sacrebleu's zh where the reference has Chinese characters (13a elsewhere); ROUGE-L reads words
+and each CJK character as a token (rouge_score's own tokenizer keeps a-z and 0-9 only, so Russian
+or Chinese would score 0).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# Each CJK character a token (they are written without spaces), else a run of other word characters.
+_TOKEN = re.compile(f"[{_CJK}]|(?:(?![{_CJK}])\\w)+")
+
+
+class _Tokenizer:
+    """rouge_score's tokenizer interface: casefolded words, each CJK character a word of its own."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _TOKEN.findall(text.casefold())
+
+
+@functools.cache
+def _rouge():
+    from rouge_score import rouge_scorer  # noqa: PLC0415 - only for rougeL
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer())
+
+
+def similarity(answer: str, reference: str, metric: str) -> float:
+    """The answer's similarity to the reference by metric (fuzzy, bleu, chrf, rougeL), 0-1."""
+    if metric == "fuzzy":  # case and runs of whitespace aside
+        a, b = (" ".join(text.casefold().split()) for text in (answer, reference))
+        return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+    import sacrebleu  # noqa: PLC0415 - only for bleu and chrf
+
+    if metric == "bleu":
+        tokenize = "zh" if _HAN.search(reference) else "13a"
+        return sacrebleu.sentence_bleu(answer, [reference], tokenize=tokenize).score / 100
+    if metric == "chrf":
+        return sacrebleu.sentence_chrf(answer, [reference]).score / 100
+    return _rouge().score(reference, answer)["rougeL"].fmeasure
