@@ -60,8 +60,9 @@ def test_the_grader_compares_the_answer_or_what_extract_picks_of_it_with_the_ref
 
 
 def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_language():
-    """grader operation similarity (OpenAI's text_similarity) by hand, 0-1 by metric: rougeL's F-measure
-    of the longest common subsequence of words, Russian and each Chinese character counting (rouge_score's
+    """grader operation similarity (OpenAI's text_similarity) by hand, 0-1 by metric: ROUGE's F-measures
+    of shared words, word pairs and the longest common subsequence, GLEU's lesser of n-gram precision and
+    recall, Russian and each Chinese character counting (rouge_score's
     own tokenizer keeps a-z and 0-9 only); fuzzy's matching characters; BLEU tokenized as Chinese where the
     reference is (as one token a sentence shares nothing); chrF's character n-grams. Identical scores 1,
     nothing in common 0; extract picks what is compared, as for the checks."""
@@ -69,6 +70,10 @@ def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_la
         return reward(answer, reference, {**grader("similarity", extract), "metric": metric})
 
     assert score("a c d e", "a b c d", "rougeL") == pytest.approx(0.75)  # LCS a c d: 3/4 both ways
+    assert score("a c d e", "a b c d", "rouge1") == pytest.approx(0.75)  # a, c, d shared
+    assert score("a c d e", "a b c d", "rouge2") == pytest.approx(1 / 3)  # c d of 3 pairs each
+    assert score("a c d e", "a b c d", "gleu") == pytest.approx(0.4)  # 1-4-grams: 4 of 10 shared, both ways
+    assert score("中国 北京", "北京是中国的首都", "rouge1") == pytest.approx(2 * 4 / 8 / (1 + 4 / 8))  # 4 characters
     assert score("Москва столица", "Столица России Москва", "rougeL") == pytest.approx(0.4)  # LCS 1: P 1/2, R 1/3
     assert score("北京是首都", "北京是中国的首都", "rougeL") == pytest.approx(2 * 1 * 5 / 8 / (1 + 5 / 8))
     assert score("abc", "abd", "fuzzy") == pytest.approx(2 / 3) and score("A  b", "a b", "fuzzy") == 1.0
@@ -80,8 +85,8 @@ def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_la
     translation, reference = "Столица России — Москва.", "Москва — столица России."
     assert score(translation, reference, "chrf") == pytest.approx(sacrebleu.sentence_chrf(translation, [reference]).score / 100)
     assert 0.5 < score(translation, reference, "chrf") < 1 and score(reference, reference, "chrf") == pytest.approx(1.0)
-    for metric in ("fuzzy", "bleu", "chrf", "rougeL"):
-        assert score("", "Paris", metric) == 0.0 and score("Paris", "Paris", metric) == pytest.approx(1.0)
+    for metric in ("fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rougeL"):
+        assert score("", "in Paris", metric) == 0.0 and score("in Paris", "in Paris", metric) == pytest.approx(1.0)
     assert score("Answer: Paris. I think so.", "Paris", "fuzzy", extract=r"Answer: (\w+)") == 1.0
     assert describe({**grader("similarity"), "metric": "chrf"}) == "similarity (chrf) against field 'answer'"
 

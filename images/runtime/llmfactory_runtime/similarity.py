@@ -2,11 +2,12 @@
 OpenAI's text_similarity grader scores one: for answers no string check can pass or fail, such as a
 translation or a summary.
 
-BLEU and chrF are sacrebleu's sentence scores (the reference implementation), ROUGE-L rouge_score's
-LCS F-measure, fuzzy difflib's ratio. Text in any language: chrF reads characters; BLEU tokenizes
-as sacrebleu's zh where the reference has Chinese characters (13a elsewhere); ROUGE-L reads words
-and each CJK character as a token (rouge_score's own tokenizer keeps a-z and 0-9 only, so Russian
-or Chinese would score 0).
+BLEU and chrF are sacrebleu's sentence scores (the reference implementation), ROUGE rouge_score's
+F-measures (ROUGE-1, -2, and -L of the longest common subsequence), GLEU nltk's sentence GLEU,
+fuzzy difflib's ratio. Text in any language: chrF reads characters; BLEU tokenizes as sacrebleu's zh
+where the reference has Chinese characters (13a elsewhere); ROUGE and GLEU read words and each CJK
+character as a token (rouge_score's own tokenizer keeps a-z and 0-9 only, so Russian or Chinese
+would score 0).
 """
 
 from __future__ import annotations
@@ -29,22 +30,28 @@ class _Tokenizer:
 
 
 @functools.cache
-def _rouge():
-    from rouge_score import rouge_scorer  # noqa: PLC0415 - only for rougeL
+def _rouge(metric: str):
+    from rouge_score import rouge_scorer  # noqa: PLC0415 - only for ROUGE
 
-    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer())
+    return rouge_scorer.RougeScorer([metric], tokenizer=_Tokenizer())
 
 
 def similarity(answer: str, reference: str, metric: str) -> float:
-    """The answer's similarity to the reference by metric (fuzzy, bleu, chrf, rougeL), 0-1."""
+    """The answer's similarity to the reference by metric (fuzzy, bleu, gleu, chrf, rouge1, rouge2,
+    rougeL), 0-1."""
     if metric == "fuzzy":  # case and runs of whitespace aside
         a, b = (" ".join(text.casefold().split()) for text in (answer, reference))
         return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
-    import sacrebleu  # noqa: PLC0415 - only for bleu and chrf
+    if metric in ("bleu", "chrf"):
+        import sacrebleu  # noqa: PLC0415 - only for bleu and chrf
 
-    if metric == "bleu":
+        if metric == "chrf":
+            return sacrebleu.sentence_chrf(answer, [reference]).score / 100
         tokenize = "zh" if _HAN.search(reference) else "13a"
         return sacrebleu.sentence_bleu(answer, [reference], tokenize=tokenize).score / 100
-    if metric == "chrf":
-        return sacrebleu.sentence_chrf(answer, [reference]).score / 100
-    return _rouge().score(reference, answer)["rougeL"].fmeasure
+    if metric == "gleu":
+        from nltk.translate.gleu_score import sentence_gleu  # noqa: PLC0415 - only for gleu
+
+        tokens = _Tokenizer().tokenize
+        return sentence_gleu([tokens(reference)], tokens(answer))
+    return _rouge(metric).score(reference, answer)[metric].fmeasure

@@ -178,7 +178,8 @@ class GraderPart(ApiModel):
          "message": "rewardModel is a sequence-classification model in safetensors: transformers loads no "
                     "classification head from GGUF"},
         {"rule": "(self.operation == 'similarity') == has(self.metric)",
-         "message": "operation similarity needs grader.metric (fuzzy, bleu, chrf or rougeL), which applies to it alone"},
+         "message": "operation similarity needs grader.metric (fuzzy, bleu, gleu, chrf, rouge1, rouge2 or rougeL), "
+                    "which applies to it alone"},
         {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number', 'similarity']",
          "message": "extract applies to the equals, contains, icontains, number and similarity checks: a judge, a "
                     "python grader or a reward model reads the whole answer, and a sum's parts have their own"},
@@ -199,12 +200,14 @@ class GraderPart(ApiModel):
         "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
         "grader.source's grade(sample, item) returns the reward. rewardModel: grader.rewardModel's score of the "
         "conversation (prompt and answer), on its own scale, as TRL's reward models."))
-    metric: Literal["fuzzy", "bleu", "chrf", "rougeL"] | None = Field(None, description=(
+    metric: Literal["fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rougeL"] | None = Field(None, description=(
         "operation similarity: fuzzy, difflib's ratio of matching characters (case and runs of whitespace "
         "aside); bleu, sacrebleu's sentence BLEU (tokenized as its zh where the reference has Chinese "
-        "characters, 13a elsewhere); chrf, sacrebleu's chrF, character n-grams, for any language and "
-        "morphology (a good default for translations); rougeL, ROUGE-L's F-measure (rouge_score's longest "
-        "common subsequence of words, each CJK character a word), for summaries. Each scaled to 0-1."))
+        "characters, 13a elsewhere); gleu, nltk's sentence GLEU (Google's BLEU for single sentences: the "
+        "lesser of n-gram precision and recall, n 1-4); chrf, sacrebleu's chrF, character n-grams, for any "
+        "language and morphology (a good default for translations); rouge1, rouge2, rougeL, rouge_score's "
+        "F-measure of shared words, word pairs, or their longest common subsequence, for summaries. BLEU "
+        "aside, words are runs of letters and digits, each CJK character a word of its own. Each scaled to 0-1."))
     extract: str | None = Field(None, min_length=1, max_length=1024, description=(
         "A regular expression (Python's) picking what of the answer is compared: its last match's first "
         "group (or the whole match without groups), e.g. '#### (.+)' for GSM8K's final-answer line or "
