@@ -526,12 +526,12 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                             figures["entropy"] += float(entropies.sum())  # 0 off the answer tokens
                             figures["samplerDifference"] += terms.sampler_difference
                             figures["samplerMasked"] += terms.sampler_masked
+                            figures["answersTrained"] += int((batch["labels"][:, 1:] != IGNORE).any(1).sum())
                         old_logps.setdefault(i, logps.detach())
                         loss = terms.loss / n_items
                         figures["kl"] += terms.kl
                         figures["clipped"] += terms.clipped
                         figures["offPolicyMasked"] += terms.off_policy_masked
-                        figures["answersTrained"] += int((batch["labels"][:, 1:] != IGNORE).any(1).sum())
                     elif kto:
                         items = items_of[i]
                         losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
@@ -590,7 +590,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 of_step["samplerMasked"] = round(world.sum(figures["samplerMasked"]) / trained_tokens, 4)
         if grpo and grpo.get("offPolicyMaskThreshold"):  # answers trained (over the updates) masked as off the policy
             of_step["offPolicyMasked"] = round(world.sum(figures["offPolicyMasked"])
-                                               / max(world.sum(figures["answersTrained"]), 1), 4)
+                                               / max(world.sum(figures["answersTrained"]) * updates_per_step, 1), 4)
         if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
             of_step["clipped"] = round(world.sum(figures["clipped"]) / (n_tokens * (updates_per_step - 1)), 4)
         progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",

@@ -8,9 +8,9 @@ reused), the old one unloaded. A full fine-tune's whole weights are saved instea
 place (vLLM's reload_weights), its prefix cache dropped. Prompts go as token ids and answers come
 back as token ids, so nothing is tokenized twice, with vLLM's log-probability of each answer token
 (its raw one, before temperature, as the loss's own are taken): where the engines' numbers differ,
-the loss weighs each token by their ratio (grpo.vllmImportanceSamplingCorrection). Each prompt's request carries a seed
-drawn from torch's generator (vLLM gives the n answers seed, seed + 1, ...): a resumed run, which
-restores the generator, sends the seeds the uninterrupted run sent.
+the loss weighs each token by their ratio (grpo.vllmImportanceSamplingCorrection). Each prompt's
+request carries a seed drawn from torch's generator (vLLM gives the n answers seed, seed + 1, ...):
+a resumed run, which restores the generator, sends the seeds the uninterrupted run sent.
 """
 
 from __future__ import annotations
