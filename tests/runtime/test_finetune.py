@@ -27,7 +27,8 @@ from llmfactory_runtime.finetune.distributed import World
 from llmfactory_runtime.finetune.model_setup import load_for_training, trainable_state
 from llmfactory_runtime.finetune.packing import pack
 from llmfactory_runtime.data import dumps_jsonl
-from llmfactory_runtime.finetune.train import best_step, evaluations_without_improvement, lr_lambda
+from llmfactory_runtime.finetune.evaluation import best_step, evaluations_without_improvement
+from llmfactory_runtime.finetune.train import lr_lambda
 from llmfactory_runtime.store import finished_result, open_store
 
 from finetune_helpers import (OWN_SPEC, PAIRS, SMOLLM2, conversations, finetune_task, loss_curve, run_finetune,

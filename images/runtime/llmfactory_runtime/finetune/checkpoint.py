@@ -8,10 +8,14 @@ marker. A save cut short by a kill has no marker and is never resumed from.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import torch
 
 from ..store import COMMIT_MARKER, Store
 from .distributed import World
@@ -20,6 +24,41 @@ PREFIX = "checkpoints"
 # Files that belong to one rank: ours (rng-<rank>.pt) and DeepSpeed's ([bf16_]zero_pp_rank_<rank>_...).
 _RANK_FILE = re.compile(r"(?:^|/)rng-(\d+)\.pt$|zero_pp_rank_(\d+)_")
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingState:
+    """What a run has done so far, beside its weights and optimizer: kept in each checkpoint's
+    state.json, and what the result is made of."""
+
+    history: list[tuple] = field(default_factory=list)  # outputs.HistoryRow of each step
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    # By step: dpo, kto, reward: validation reward accuracy and margin; grpo: validation mean reward and answer tokens
+    rewards: dict[int, tuple[float, float]] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0, "positions": 0.0, "seconds": 0.0})
+
+    def to_json(self, step: int, loss_scale: dict[str, Any]) -> dict[str, Any]:
+        return {"step": step, "history": self.history, "counters": self.counters, "evals": self.evals,
+                "rewards": [(s, *r) for s, r in self.rewards.items()], "lossScale": loss_scale}
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> TrainingState:
+        return cls([tuple(h) for h in saved["history"]], [tuple(e) for e in saved.get("evals", [])],
+                   {step: tuple(r) for step, *r in saved.get("rewards", [])}, saved["counters"])
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _rel(step: int) -> str:

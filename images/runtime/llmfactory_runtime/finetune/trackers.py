@@ -21,6 +21,17 @@ def _require(module: str, field: str):
 
 
 MLFLOW_RUN_ID = "mlflow-run-id"
+# A training step's figures as progress.json names them -> as TRL's trainers log them (a sum grader's
+# part X, progress.json's reward.X, goes to train/rewards/X).
+TRAIN_METRICS = {
+    "loss": "train/loss", "learningRate": "train/learning_rate", "tokensPerSecond": "train/tokens_per_second",
+    "rewardAccuracy": "train/rewards/accuracy",  # dpo, kto, reward: the step's pairs (examples) preferred
+    "reward": "train/reward", "kl": "train/kl", "answerLength": "train/completion_length",  # the rest: grpo
+    "truncated": "train/truncated_ratio", "uniformGroups": "train/frac_reward_zero_std", "entropy": "train/entropy",
+    "promptsSampled": "train/prompts_sampled", "clipped": "train/clip_ratio", "offPolicyMasked": "train/off_policy_masked",
+    "samplerLogpDiff": "sampling/sampling_logp_difference/mean",
+    "samplerMasked": "sampling/importance_sampling_ratio/frac_masked",
+}
 
 
 class Trackers:
@@ -61,6 +72,11 @@ class Trackers:
             self.wandb.log(metrics, step=step)
         if self.mlflow:
             self.mlflow.log_metrics(metrics, step=step)
+
+    def log_step(self, step: int, figures: dict[str, float]) -> None:
+        """A training step's figures (progress.json's names), under TRAIN_METRICS' names."""
+        self.log(step, {TRAIN_METRICS[k]: v for k, v in figures.items() if k in TRAIN_METRICS}
+                 | {f"train/rewards/{k[7:]}": v for k, v in figures.items() if k.startswith("reward.")})
 
     def flush(self) -> None:
         """Local files up to date, for a checkpoint to carry them (the others report as they go)."""

@@ -5,12 +5,13 @@ reward model on preference pairs), on one process or many.
 Read top to bottom: processes -> data -> model -> optimizer -> resume -> steps (checkpoint every N
 and on SIGTERM) -> evaluate -> save. The same code runs alone, under torchrun (DDP) and under
 DeepSpeed ZeRO; a run killed at any moment resumes from its newest committed checkpoint and ends
-with the weights an uninterrupted run would have.
+with the weights an uninterrupted run would have. What differs by objective lives beside it:
+encoding (the data), evaluation, grpo_step (a GRPO step's sampling and figures), preference and
+reward_model (the losses).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import json
@@ -21,7 +22,6 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +29,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import Interrupted
-from ..batching import collate_sequences, encode_rows, label_count, loss_sums, token_logps
-from ..chat import IGNORE, check_own_template, template_of
+from ..batching import collate_sequences, label_count
+from ..chat import check_own_template, template_of
 from ..data import read_split
-from ..grader import grader_models
-from ..models import load_config, tokenizer_for
+from ..models import tokenizer_for
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
-from . import checkpoint, distributed, grpo as group_relative, outputs, vllm_sampler
-from .estimate import GIB, as_dequantized, does_not_fit, estimate, plan_of, shape_from_config
+from . import checkpoint, distributed, encoding, evaluation, fit, grpo as group_relative, grpo_step, outputs, vllm_sampler
+from .estimate import GIB
 from .master_weights import MasterWeights
-from .model_setup import (DTYPES, gpu_memory_gib, head_of, load_for_training, load_trainable_state,
-                          qlora_dequantized, trainable_state, trained_token_rows, training_dtype)
+from .model_setup import (head_of, load_for_training, load_trainable_state, trainable_state, trained_token_rows,
+                          training_dtype)
 from .packing import one_per_row, pack
-from ..preference import (answer_logps, collate_pairs, dpo_terms, encode_pairs, encode_unpaired, kto_agrees,
-                          kto_terms, needs_reference, pair_lengths, pair_logps, pair_margins, segment_logps,
-                          token_counts)
+from ..preference import (answer_logps, collate_pairs, dpo_terms, kto_agrees, kto_terms, needs_reference, pair_logps,
+                          pair_margins, segment_logps)
 from .trackers import Trackers
-from ..reward_model import evaluate_pairs, pair_batch, pair_rewards, reward_terms
+from ..reward_model import pair_batch, pair_rewards, reward_terms
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
 
@@ -62,20 +60,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return factor
 
 
-def best_step(evals: list[tuple[int, float]]) -> int | None:
-    """The step of the lowest validation loss (the earliest of equals)."""
-    return min(evals, key=lambda e: (e[1], e[0]))[0] if evals else None
-
-
-def evaluations_without_improvement(losses: list[float], min_delta: float) -> int:
-    """How many of the last evaluations in a row did not beat the best before them by more than
-    min_delta (what earlyStopping's patience counts)."""
-    best, since = math.inf, 0
-    for loss in losses:
-        best, since = (loss, 0) if loss < best - min_delta else (best, since + 1)
-    return since
-
-
 def epoch_rows(lengths: list[int], epoch: int, hp: dict[str, Any], global_batch: int, max_len: int) -> list[list[int]]:
     """The epoch's sequences (each a list of indices of conversations, or of DPO pairs, of these
     lengths), shuffled with the seed and padded by wrapping around to whole steps, so every process
@@ -84,20 +68,6 @@ def epoch_rows(lengths: list[int], epoch: int, hp: dict[str, Any], global_batch:
     rows = pack(lengths, order, max_len) if hp["packing"] else one_per_row(order)
     short = -len(rows) % global_batch
     return rows + [rows[i % len(rows)] for i in range(short)]
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def sigterm_flag() -> threading.Event:
@@ -124,15 +94,16 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     What runs beside the training (a vLLM sampler) is stopped with `running`."""
     spec, inputs = task["spec"], task["inputs"]
     hp, dist_spec, ckpt = spec["hyperparameters"], spec["distribution"], spec["checkpointing"]
+    objective = spec.get("objective", "sft")
     deepspeed_on = dist_spec["strategy"] == "deepspeed"
     zero3 = deepspeed_on and dist_spec["zeroStage"] == 3
-    dpo = spec["dpo"] if spec.get("objective") == "dpo" else None  # its settings
-    kto = spec["kto"] if spec.get("objective") == "kto" else None
-    grpo = spec["grpo"] if spec.get("objective") == "grpo" else None
-    reward_model = spec.get("objective") == "reward"  # its settings: spec["reward"]
+    dpo = spec["dpo"] if objective == "dpo" else None  # its settings
+    kto = spec["kto"] if objective == "kto" else None
+    grpo = spec["grpo"] if objective == "grpo" else None
+    reward_model = objective == "reward"  # its settings: spec["reward"]
     paired = bool(dpo or kto or reward_model)  # examples of two conversations (KTO: its own, and a mismatched one)
     referenced = bool(kto) or bool(dpo) and needs_reference(dpo)  # simpo and orpo need none
-    unit = "pair" if dpo or reward_model else "example" if kto else "prompt" if grpo else "conversation"
+    unit = encoding.UNITS[objective]
     dtype = training_dtype(hp["precision"], world.device)
     if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
         raise InvalidTask("spec.hyperparameters.precision: fp16 under distribution.strategy deepspeed needs a GPU "
@@ -143,28 +114,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     scaler = torch.amp.GradScaler(world.device.type, enabled=scale_loss)
     stop = sigterm_flag()
 
-    # Will it fit? The planner checked with what it could read offline; now the real config, the
-    # precision auto resolved to, and the GPU.
-    shape = shape_from_config(load_config(inputs["baseModel"]).to_dict())
-    precision = next(name for name, d in DTYPES.items() if d == dtype)
     # The template is saved with the adapter and the merged model: every later load renders as training did.
     tokenizer, added_tokens = tokenizer_for(inputs["baseModel"], template=template_of(spec))
     if spec.get("chatTemplate") == "jinja":
         check_own_template(tokenizer)
-    plan = replace(plan_of({**spec, "hyperparameters": {**hp, "precision": precision},
-                            "resources": {"gpusPerNode": world.size, "nodes": 1}}),
-                   new_token_rows=len(added_tokens))
-    graders = tuple((shape_from_config(load_config(source).to_dict()), operation)
-                    for source, operation in grader_models(grpo["grader"] if grpo else None))
-    est = estimate(shape, plan, graders)
-    gpu_gib = gpu_memory_gib(world.device)
-    if gpu_gib:
-        problem = does_not_fit(est, gpu_gib[0], plan)
-        if problem:
-            raise InvalidTask(f"spec.resources: {problem}")
-    dequantized = qlora_dequantized(spec, shape, plan, gpu_gib, graders)
-    dequantize = dequantized is not None
-    est = dequantized or est
+    budget = fit.check(spec, inputs["baseModel"], world, dtype, len(added_tokens))
 
     # Data
     progress.stage("loading data and model")
@@ -172,35 +126,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     train_rows, val_rows = read_split(dataset["uri"], "train"), read_split(dataset["uri"], "validation")
     if not train_rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
-    # What a sequence is made of: conversations, or with DPO pairs of them (chosen, rejected) side by
-    # side; with KTO, examples' own conversations in training (their mismatched ones apart, without
-    # gradients), both side by side for the reference and in evaluation.
-    if grpo:  # prompts: the answers are sampled in each step
-        examples = group_relative.encode_prompts(tokenizer, train_rows, hp["maxSeqLength"], grpo["grader"],
-                                                 "spec.objective grpo: train.jsonl")
-        val = group_relative.encode_prompts(tokenizer, val_rows, hp["maxSeqLength"], grpo["grader"],
-                                            "spec.objective grpo: validation.jsonl")
-        lengths, unit_len = [len(e["prompt"]) for e in examples], hp["maxSeqLength"]
-    elif kto:
-        examples, desirable = encode_unpaired(tokenizer, train_rows, hp["maxSeqLength"], "spec.objective kto: train.jsonl")
-        val, val_desirable = encode_unpaired(tokenizer, val_rows, hp["maxSeqLength"], "spec.objective kto: validation.jsonl")
-        lengths, unit_len = [len(c["input_ids"]) for c in examples[::2]], hp["maxSeqLength"]
-    elif dpo or reward_model:
-        where = f"spec.objective {spec['objective']}"
-        examples = encode_pairs(tokenizer, train_rows, hp["maxSeqLength"], f"{where}: train.jsonl", reward_model)
-        val = encode_pairs(tokenizer, val_rows, hp["maxSeqLength"], f"{where}: validation.jsonl", reward_model)
-        lengths, unit_len = pair_lengths(examples), 2 * hp["maxSeqLength"]
-        train_tokens, val_tokens = token_counts(examples), token_counts(val)  # answer tokens (ipo, sftWeight)
-    else:
-        examples = encode_rows(tokenizer, train_rows, hp["maxSeqLength"])
-        val = encode_rows(tokenizer, val_rows, hp["maxSeqLength"])
-        lengths, unit_len = [len(e["input_ids"]) for e in examples], hp["maxSeqLength"]
+    data, val = encoding.encode(spec, tokenizer, train_rows, "train"), encoding.encode(spec, tokenizer, val_rows, "validation")
+    examples = data.examples
     if not examples:
         raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {unit} has "
                           + ("room for an answer" if grpo else "an assistant token") + " within it")
     early = hp.get("earlyStopping")
     select_best = bool(hp.get("selectBest") or early)  # early stopping outputs the best weights, as HF's does
-    if select_best and not val:
+    if select_best and not val.examples:
         raise InvalidTask(f"spec.hyperparameters.{'earlyStopping' if early else 'selectBest'}: dataset "
                           f"{dataset['uri']} has no validation {unit} within maxSeqLength "
                           "to choose by")
@@ -211,7 +144,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # GRPO's sequences are made in the step (a prompt's answers), so its rows are prompts, one each; a
     # reward model scores a row at its end, so its pairs are never packed.
     per_step = global_batch * oversampling  # rows a step reads
-    epochs = [epoch_rows(lengths, e, {**hp, "packing": hp["packing"] and not (grpo or reward_model)}, per_step, unit_len)
+    epochs = [epoch_rows(data.lengths, e, {**hp, "packing": hp["packing"] and not (grpo or reward_model)}, per_step,
+                         encoding.unit_length(spec))
               for e in range(hp["epochs"])]
     steps_per_epoch = [len(rows) // per_step for rows in epochs]
     total_steps = sum(steps_per_epoch)
@@ -219,23 +153,16 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     sampler = None
     if grpo and grpo["engine"] == "vllm":  # before the model: vLLM takes its share of a GPU still empty
         progress.stage("grpo: starting vLLM to sample the answers")
-        sampler = running.enter_context(vllm_sampler.start(inputs["baseModel"], tokenizer, added_tokens, spec, est,
-                                                           gpu_gib, world.local_rank, dtype))
+        sampler = running.enter_context(vllm_sampler.start(inputs["baseModel"], tokenizer, added_tokens, spec,
+                                                           budget.estimate, budget.gpu_gib, world.local_rank, dtype))
 
     # Model: the same initial weights on every process, then each its own dropout stream.
     torch.manual_seed(hp["seed"])
-    if dequantize:
+    if budget.dequantize:
         progress.stage("loading data and model (qlora: 4-bit weights dequantized once, see spec.qlora.dequantizeOnce)")
-    model = load_for_training(spec, inputs["baseModel"], world, dtype, dequantize, head_of(spec, tokenizer.pad_token_id),
-                              tokenizer, added_tokens)
-    token_rows = len(trained_token_rows(model))
-    if token_rows > plan.new_token_rows:  # marker rows the base never trained, seen only in its weights
-        plan = replace(plan, new_token_rows=token_rows)
-        est = estimate(shape, as_dequantized(plan) if dequantize else plan, graders)
-        problem = gpu_gib and does_not_fit(est, gpu_gib[0], plan)
-        if problem:
-            raise InvalidTask(f"spec.resources: {problem} (with the chat markers' rows the base model never "
-                              f"trained, {token_rows}, which LoRA trains beside the adapters)")
+    model = load_for_training(spec, inputs["baseModel"], world, dtype, budget.dequantize,
+                              head_of(spec, tokenizer.pad_token_id), tokenizer, added_tokens)
+    budget = budget.with_token_rows(len(trained_token_rows(model)))  # marker rows seen only in the weights
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     # 16-bit trainable weights (adapters too) are stepped as fp32 master weights (master_weights.py);
@@ -267,16 +194,12 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         inner = model
 
     # Resume from the newest committed checkpoint, if an earlier attempt left one
-    history: list[outputs.HistoryRow] = []
-    evals: list[outputs.EvalRow] = []
-    # By step: DPO, KTO: validation reward accuracy and margin; GRPO: validation mean reward and answer tokens
-    rewards: dict[int, tuple[float, float]] = {}
-    counters = {"tokens": 0.0, "positions": 0.0, "seconds": 0.0}
-    reference: dict[str, torch.Tensor] | None = None  # DPO, KTO: the reference's answer log-probabilities
+    state = checkpoint.TrainingState()
+    reference: dict[str, torch.Tensor] | None = None  # DPO, KTO: the reference's answer log-probabilities by split
 
     def restore(step: int, weights_only: bool = False) -> None:
         """The training state saved at `step` (to resume), or only its weights (the best ones, at the end)."""
-        nonlocal history, counters, evals, rewards, reference
+        nonlocal state, reference
         with tempfile.TemporaryDirectory(prefix="llmfactory-resume-") as tmp:
             local = checkpoint.download(run, step, Path(tmp), world)
             if deepspeed_on:  # collective; its optimizer state too, which no longer matters at the end
@@ -291,13 +214,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                     scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
             if weights_only:
                 return
-            set_rng_state(torch.load(local / f"rng-{world.rank}.pt", weights_only=False))
+            checkpoint.set_rng_state(torch.load(local / f"rng-{world.rank}.pt", weights_only=False))
             saved = json.loads((local / "state.json").read_text())
             if saved.get("lossScale"):
                 scaler.load_state_dict(saved["lossScale"])
-            history, counters = [tuple(h) for h in saved["history"]], saved["counters"]
-            evals = [tuple(e) for e in saved.get("evals", [])]
-            rewards = {step: tuple(r) for step, *r in saved.get("rewards", [])}
+            state = checkpoint.TrainingState.from_json(saved)
             if referenced:
                 reference = torch.load(local / "reference.pt", weights_only=True)
             if world.main and (local / TRACKING).is_dir():  # the earlier attempts' tracker files: curves go on
@@ -308,14 +229,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         progress.stage(f"resuming from checkpoint step {start}")
         restore(start)
     trackers = Trackers(spec["tracking"], task["digest"][:16], spec, tracking_dir) if world.main else None
-
-    def my_share(items: list) -> list:
-        """What this process evaluates: every size-th item, except under ZeRO-3, whose forwards are
-        collective (every process runs every batch)."""
-        return items if zero3 else items[world.rank::world.size]
-
-    def add_up(value):
-        return value if zero3 else world.sum(value)
+    share = evaluation.Share(world, zero3)  # what each process evaluates
 
     def kto_rows(group: list[list[int]], column: int) -> tuple[dict[str, torch.Tensor], list[int]]:
         """A batch of rows of KTO examples' own conversations (column 0) or mismatched ones (1)."""
@@ -324,12 +238,12 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     if referenced and reference is None:  # before the first step: the model is still the reference
         reference = {}
-        for split, convs in (("train", examples), ("validation", val)):
-            mine = my_share(list(range(len(convs) // 2)))
-            progress.stage(f"{spec['objective']}: the reference model's log-probabilities of the {split} {unit}s",
+        for split, encoded in (("train", data), ("validation", val)):
+            mine = share.mine(list(range(encoded.units)))
+            progress.stage(f"{objective}: the reference model's log-probabilities of the {split} {unit}s",
                            total=len(mine), unit=f"{unit}s")  # rank 0's share
-            logps = torch.zeros((len(convs) // 2, 2), dtype=torch.float32)
-            logps[mine] = pair_logps(inner, convs, mine, micro, tokenizer.pad_token_id, world.device,
+            logps = torch.zeros((encoded.units, 2), dtype=torch.float32)
+            logps[mine] = pair_logps(inner, encoded.examples, mine, micro, tokenizer.pad_token_id, world.device,
                                      on_batch=progress.update).cpu()
             reference[split] = logps if zero3 else world.sum_tensor(logps)
 
@@ -342,83 +256,43 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 torch.save(optimizer.state_dict(), local / "optimizer.pt")
                 torch.save(scheduler.state_dict(), local / "scheduler.pt")
             if world.main:
-                (local / "state.json").write_text(json.dumps({
-                    "step": step, "history": history, "counters": counters, "evals": evals,
-                    "rewards": [(s, *r) for s, r in rewards.items()], "lossScale": scaler.state_dict()}))
+                (local / "state.json").write_text(json.dumps(state.to_json(step, scaler.state_dict())))
                 if referenced:
                     torch.save(reference, local / "reference.pt")
                 trackers.flush()
                 shutil.copytree(tracking_dir, local / TRACKING, symlinks=True)  # W&B links its latest run
-            torch.save(rng_state(), local / f"rng-{world.rank}.pt")
+            torch.save(checkpoint.rng_state(), local / f"rng-{world.rank}.pt")
         progress.update(step, figure=f"saving checkpoint {step}")
-        checkpoint.save(run, world, step, write, ckpt["keepLast"], best_step(evals) if select_best else None)
+        checkpoint.save(run, world, step, write, ckpt["keepLast"],
+                        evaluation.best_step(state.evals) if select_best else None)
 
     def evaluate(step: int) -> float | None:
-        """Loss on the validation split, token-weighted (DPO, KTO: the mean over pairs or examples,
-        with the reward accuracy and margin; GRPO: none, its greedy answers' mean reward), shared
-        among the processes (my_share). Evaluation draws no random numbers, so training goes on as
-        if it had not happened."""
-        if grpo:
-            mine = my_share(val)
-            got, answer_tokens = group_relative.greedy_rewards(inner, tokenizer, mine, micro, grpo, hp["maxSeqLength"],
-                                                               world.device, task["cacheUri"])
-            count = add_up(len(mine))
-            if count:
-                rewards[step] = (add_up(got) / count, add_up(answer_tokens) / count)
-                if trackers:
-                    trackers.log(step, {"eval/reward": rewards[step][0], "eval/completion_length": rewards[step][1]})
-            return None
-        if kto:  # the reference point from the whole split's mismatched conversations
-            mine = my_share(list(range(len(val) // 2)))
-            logps = pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu()
-            ref, good = reference["validation"][mine], val_desirable[mine]
-            count = add_up(len(mine))
-            kl = max(add_up(float((logps[:, 1] - ref[:, 1]).sum())) / max(count, 1), 0.0)
-            losses, reward = kto_terms(logps[:, 0], ref[:, 0], kl, good, kto)
-            total, agreed = add_up(float(losses.sum())), add_up(float(kto_agrees(reward, kl, good, kto["beta"]).sum()))
-            sides = [(add_up(float(reward[side].sum())), add_up(int(side.sum()))) for side in (good, ~good)]
-            if count:  # mean reward of the desirable answers minus the undesirable ones' (a side absent: 0)
-                rewards[step] = (agreed / count, sum(sign * r / max(n, 1) for sign, (r, n) in zip((1, -1), sides)))
-        elif reward_model:
-            mine = my_share(list(range(len(val) // 2)))
-            losses, margins = reward_terms(evaluate_pairs(inner, val, mine, micro, tokenizer.pad_token_id, world.device),
-                                           spec["reward"], pair_margins(val, mine))
-            total, count = add_up(float(losses.sum())), add_up(len(mine))
-            if count:
-                rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
-        elif dpo:
-            mine = my_share(list(range(len(val) // 2)))
-            losses, margins = dpo_terms(pair_logps(inner, val, mine, micro, tokenizer.pad_token_id, world.device).cpu(),
-                                        reference["validation"][mine] if referenced else None, val_tokens[mine], dpo)
-            total, count = add_up(float(losses.sum())), add_up(len(mine))
-            if count:
-                rewards[step] = (add_up(float((margins > 0).sum())) / count, add_up(float(margins.sum())) / count)
-        else:
-            total, count = (add_up(x) for x in loss_sums(inner, my_share(val), micro, tokenizer.pad_token_id,
-                                                         world.device))
-        if not count:
-            return None
-        evals.append((step, total / count))
-        if trackers:
-            metrics = {"eval/loss": total / count}
-            if paired:
-                metrics |= {"eval/rewards/accuracy": rewards[step][0], "eval/rewards/margin": rewards[step][1]}
-            trackers.log(step, metrics)
-        return total / count
+        """The validation loss (grpo: none; its greedy answers' mean reward in state.rewards)."""
+        got = evaluation.validate(spec, inner, tokenizer, val, reference["validation"] if reference else None, share,
+                                  world.device, task["cacheUri"])
+        if got.rewards:
+            state.rewards[step] = got.rewards
+        if got.loss is not None:
+            state.evals.append((step, got.loss))
+        if trackers and got.metrics(objective):
+            trackers.log(step, got.metrics(objective))
+        return got.loss
 
     def evaluate_on_the_way(step: int) -> None:
         """At every evalEverySteps-th step (the end has its own evaluation)."""
         every = hp.get("evalEverySteps")
-        if every and step % every == 0 and step < total_steps and step not in {e[0] for e in evals} | rewards.keys():
+        if every and step % every == 0 and step < total_steps and step not in {e[0] for e in state.evals} | state.rewards.keys():
             progress.update(step, figure="evaluating")
             loss = evaluate(step)
             if loss is not None:
                 progress.update(step, figure=f"eval loss {loss:.3f}", evalLoss=round(loss, 4))
-            elif grpo and step in rewards:
-                progress.update(step, figure=f"eval reward {rewards[step][0]:.3f}", evalReward=round(rewards[step][0], 4))
+            elif grpo and step in state.rewards:
+                progress.update(step, figure=f"eval reward {state.rewards[step][0]:.3f}",
+                                evalReward=round(state.rewards[step][0], 4))
 
     def stop_early() -> bool:
-        return bool(early) and evaluations_without_improvement([e[1] for e in evals], early["minDelta"]) >= early["patience"]
+        return bool(early) and evaluation.evaluations_without_improvement(
+            [e[1] for e in state.evals], early["minDelta"]) >= early["patience"]
 
     def optimizer_step() -> None:
         """One update from the accumulated gradients: clipped, loss-scaled (fp16), on the master
@@ -433,11 +307,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if master:
             master.weights_down()
         if scale_loss and scaler.get_scale() < scale:
-            counters["skippedSteps"] = counters.get("skippedSteps", 0) + 1
+            state.counters["skippedSteps"] = state.counters.get("skippedSteps", 0) + 1
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if grpo and val and 0 not in rewards:  # the model before training, to compare the reward with
+    if grpo and val.examples and 0 not in state.rewards:  # the model before training, to compare the reward with
         progress.stage("grpo: the base model's reward on the validation prompts")
         evaluate(0)
 
@@ -451,6 +325,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if start:
         evaluate_on_the_way(start)  # due there, if a SIGTERM cut the last attempt short of it
     step = start  # a new best there already has its checkpoint: the one resumed from
+    counters = state.counters
     while step < total_steps and not stop_early():
         step += 1
         began = time.perf_counter()
@@ -463,28 +338,26 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         # Token-weighted over the whole step (DPO, KTO: pair- or example-weighted): a micro-batch's loss
         # is its summed loss over the step's assistant tokens (pairs, examples) on all processes; DDP
         # and DeepSpeed average gradients over processes, hence the factor world.size.
-        if grpo:
-            # The step's answers are sampled and scored first: its loss is normalized by all of them.
-            chunks = [[examples[i] for row in group for i in row] for group in micro_batches]
+        if grpo:  # the step's answers are sampled and scored first: its loss is normalized by all of them
             if sampler:  # all of this process's answers of a round in flight at once: vLLM batches them
                 sampler.sync(inner, step)
-            groups = draw(chunks)
-            drawn = list(groups)  # every group sampled in the step: the step's reward and answer figures
-            if reserve:
-                groups, later = group_relative.dynamic_sampling(
-                    groups, reserve, lambda fresh: draw([fresh[i:i + micro] for i in range(0, len(fresh), micro)]))
-                drawn += later
-            sampled = [group_relative.sampled_batch(inner, tokenizer, g, grpo, world.device) for g in groups]
-            batches = [(s["batch"], None) for s in sampled]
-            # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
-            n_tokens = max(world.sum(sum(s["labelled"] for s in sampled)), 1)
-            n_answers = world.sum(sum(len(g.answers) for g in groups))
-            n_items = group_relative.normalizer(grpo, n_tokens, n_answers)  # what the summed loss is divided by
-            n_drawn = world.sum(sum(len(g.answers) for g in drawn))
-            mean_reward = world.sum(float(sum(g.rewards.sum() for g in drawn))) / n_drawn
+            samples = grpo_step.Step(inner, tokenizer, grpo, world, [[examples[i] for i in items] for items in items_of],
+                                     reserve, draw, micro)
+            batches = [(batch, None) for batch in samples.batches()]
         elif kto:
             batches = [kto_rows(group, 0) for group in micro_batches]
-            n_items = world.sum(sum(map(len, items_of)))
+        elif dpo:
+            batches = [collate_pairs(examples, group, tokenizer.pad_token_id) for group in micro_batches]
+        elif reward_model:
+            batches = [(pair_batch(examples, items, tokenizer.pad_token_id), None) for items in items_of]
+        else:
+            batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
+                       for group in micro_batches]
+        # What the step's summed loss is divided by: its assistant tokens (sft), pairs (dpo, reward),
+        # examples (kto), all processes; grpo's by its lossType.
+        n_items = (samples.normalizer if grpo else
+                   world.sum(sum(label_count(b) for b, _ in batches) if objective == "sft" else sum(map(len, items_of))))
+        if kto:
             # KTO's reference point, from the step's mismatched conversations on all processes: no
             # gradient flows through it (as in TRL), so it is computed first, apart.
             with torch.no_grad():
@@ -494,50 +367,21 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                     logps = segment_logps(inner, {k: v.to(world.device) for k, v in batch.items()}, counts).cpu()
                     shift += float((logps - reference["train"][items, 1]).sum())
             kl = max(world.sum(shift) / n_items, 0.0)
-        elif dpo:
-            batches = [collate_pairs(examples, group, tokenizer.pad_token_id) for group in micro_batches]
-            n_items = world.sum(sum(map(len, items_of)))
-        elif reward_model:
-            batches = [(pair_batch(examples, items, tokenizer.pad_token_id), None) for items in items_of]
-            n_items = world.sum(sum(map(len, items_of)))
-        else:
-            batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
-                       for group in micro_batches]
-            n_items = world.sum(sum(label_count(b) for b, _ in batches))
-        step_loss, preferred, old_logps = 0.0, 0.0, {}
-        figures: collections.Counter = collections.Counter()  # grpo: sums of loss_terms' figures, and the entropy's
-        # objective grpo with iterations: several optimizer steps on the step's samples, the first one's
-        # log-probabilities (the sampling policy's) kept as the ratio's denominator for the others.
-        for _ in range(updates_per_step):
+        step_loss, preferred = 0.0, 0.0
+        for _ in range(updates_per_step):  # grpo.iterations; else one
             for i, (batch, counts) in enumerate(batches):
                 batch = {k: v.to(world.device) for k, v in batch.items()}
                 last = i == len(batches) - 1
                 sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
                 with sync:
                     if grpo:
-                        logps, entropies = token_logps(engine, batch, entropies=True)
-                        keep = (group_relative.high_entropy(entropies, batch["labels"], grpo["topEntropyQuantile"],
-                                                            world.gather) if grpo["topEntropyQuantile"] < 1 else None)
-                        terms = group_relative.loss_terms(logps, batch["labels"], sampled[i]["advantages"],
-                                                          sampled[i]["reference"], grpo, old_logps.get(i),
-                                                          sampled[i]["samplerLogps"], keep)
-                        if i not in old_logps:  # the sampling policy's figures, from the first update
-                            figures["trained"] += label_count(batch)
-                            figures["entropy"] += float(entropies.sum())  # 0 off the answer tokens
-                            figures["samplerDifference"] += terms.sampler_difference
-                            figures["samplerMasked"] += terms.sampler_masked
-                            figures["answersTrained"] += int((batch["labels"][:, 1:] != IGNORE).any(1).sum())
-                        old_logps.setdefault(i, logps.detach())
-                        loss = terms.loss / n_items
-                        figures["kl"] += terms.kl
-                        figures["clipped"] += terms.clipped
-                        figures["offPolicyMasked"] += terms.off_policy_masked
+                        loss = samples.loss(engine, batch, i) / n_items
                     elif kto:
                         items = items_of[i]
                         losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
-                                                   desirable[items], kto)
+                                                   data.desirable[items], kto)
                         loss = losses.sum() / n_items
-                        preferred += float(kto_agrees(reward, kl, desirable[items], kto["beta"]).sum())
+                        preferred += float(kto_agrees(reward, kl, data.desirable[items], kto["beta"]).sum())
                     elif reward_model:
                         losses, margins = reward_terms(pair_rewards(engine, batch), spec["reward"],
                                                        pair_margins(examples, items_of[i]))
@@ -546,7 +390,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                     elif dpo:
                         pairs = items_of[i]
                         losses, margins = dpo_terms(answer_logps(engine, batch, counts),
-                                                    reference["train"][pairs] if referenced else None, train_tokens[pairs], dpo)
+                                                    reference["train"][pairs] if referenced else None,
+                                                    data.answer_tokens[pairs], dpo)
                         loss = losses.sum() / n_items
                         preferred += float((margins > 0).sum())
                     else:
@@ -557,67 +402,27 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                     else:
                         scaler.scale(loss * world.size).backward()
                 step_loss += float(loss.detach())
-                counters["tokens"] += float(sampled[i]["tokens"] if grpo else sum(lengths[j] for j in items_of[i]))
+                counters["tokens"] += float(samples.tokens(i) if grpo else sum(data.lengths[j] for j in items_of[i]))
                 counters["positions"] += float(batch["input_ids"].numel())
             if not deepspeed_on:  # DeepSpeed's engine.step() updated on the last micro-batch
                 optimizer_step()
         step_loss = world.sum(step_loss) / updates_per_step
         lr = scheduler.get_last_lr()[0]
-        history.append((step, epoch, step_loss, lr, mean_reward) if grpo else (step, epoch, step_loss, lr))
+        state.history.append((step, epoch, step_loss, lr, samples.mean_reward) if grpo else (step, epoch, step_loss, lr))
         counters["seconds"] += time.perf_counter() - began
         rate = world.sum(counters["tokens"]) / max(counters["seconds"], 1e-9)
         of_step = ({"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired  # of the step's pairs
-                   else {"reward": round(mean_reward, 4)} if grpo else {})
-        if grpo and grpo["beta"]:
-            of_step["kl"] = round(world.sum(figures["kl"]) / (n_tokens * updates_per_step), 6)  # per answer token
-        for name in drawn[0].parts if grpo else ():  # a sum grader's parts: each one's mean reward
-            of_step[f"reward.{name}"] = round(world.sum(float(sum(g.parts[name].sum() for g in drawn))) / n_drawn, 4)
-        if grpo:  # the sampled answers' mean length, and the share that never ended (cut at the limit)
-            of_step["answerLength"] = round(world.sum(sum(sum(map(len, g.answers)) for g in drawn)) / n_drawn, 2)
-            of_step["truncated"] = round(world.sum(sum(sum(g.truncated) for g in drawn)) / n_drawn, 4)
-            # Groups trained whose answers all scored alike: no advantage, nothing learned from them (left
-            # out of the passes).
-            of_step["uniformGroups"] = round(world.sum(sum(len(g.uniform()) for g in groups)) * grpo["generations"]
-                                             / n_answers, 4)
-        if grpo and oversampling > 1:  # the step's prompts sampled, all processes: its trained ones and replacements
-            of_step["promptsSampled"] = int(world.sum(sum(len(g.prompts) for g in drawn)))
-        if grpo:  # per answer token trained (rows with an advantage, or all with the KL term)
-            trained_tokens = max(world.sum(figures["trained"]), 1)
-            of_step["entropy"] = round(world.sum(figures["entropy"]) / trained_tokens, 4)
-        if sampler:  # TRL's sampling_logp_difference: the engines' disagreement per answer token trained
-            of_step["samplerLogpDiff"] = round(world.sum(figures["samplerDifference"]) / trained_tokens, 6)
-            if grpo["vllmImportanceSamplingCorrection"] and grpo["vllmImportanceSamplingMode"].endswith("mask"):
-                of_step["samplerMasked"] = round(world.sum(figures["samplerMasked"]) / trained_tokens, 4)
-        if grpo and grpo.get("offPolicyMaskThreshold"):  # answers trained (over the updates) masked as off the policy
-            of_step["offPolicyMasked"] = round(world.sum(figures["offPolicyMasked"])
-                                               / max(world.sum(figures["answersTrained"]) * updates_per_step, 1), 4)
-        if updates_per_step > 1:  # the share of answer tokens whose ratio was clipped, after the first update
-            of_step["clipped"] = round(world.sum(figures["clipped"]) / (n_tokens * (updates_per_step - 1)), 4)
-        progress.update(step, figure=f"reward {mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
+                   else samples.report(updates_per_step, sampler is not None) if grpo else {})
+        progress.update(step, figure=f"reward {samples.mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
                         loss=round(step_loss, 4), learningRate=lr, epoch=epoch, tokensPerSecond=round(rate, 1), **of_step)
         if trackers:
-            metrics = {"train/loss": step_loss, "train/learning_rate": lr, "train/tokens_per_second": rate}
-            if paired:
-                metrics["train/rewards/accuracy"] = of_step["rewardAccuracy"]
-            if grpo:
-                metrics |= {"train/reward": mean_reward} | ({"train/kl": of_step["kl"]} if "kl" in of_step else {})
-                metrics |= {"train/completion_length": of_step["answerLength"], "train/truncated_ratio": of_step["truncated"],
-                            "train/frac_reward_zero_std": of_step["uniformGroups"], "train/entropy": of_step["entropy"]}
-                metrics |= {"train/prompts_sampled": of_step["promptsSampled"]} if "promptsSampled" in of_step else {}
-                metrics |= {"train/clip_ratio": of_step["clipped"]} if "clipped" in of_step else {}
-                metrics |= ({"train/off_policy_masked": of_step["offPolicyMasked"]}
-                            if "offPolicyMasked" in of_step else {})
-                metrics |= ({"sampling/sampling_logp_difference/mean": of_step["samplerLogpDiff"]}
-                            if "samplerLogpDiff" in of_step else {})
-                metrics |= ({"sampling/importance_sampling_ratio/frac_masked": of_step["samplerMasked"]}
-                            if "samplerMasked" in of_step else {})
-                metrics |= {f"train/rewards/{k[7:]}": v for k, v in of_step.items() if k.startswith("reward.")}
-            trackers.log(step, metrics)
+            trackers.log_step(step, of_step | {"loss": step_loss, "learningRate": lr, "tokensPerSecond": rate}
+                              | ({"reward": samples.mean_reward} if grpo else {}))
 
         interrupted = world.any(stop.is_set())
         if not interrupted:  # else the checkpoint first: the grace period is short
             evaluate_on_the_way(step)
-        new_best = select_best and best_step(evals) == step  # its weights may be the ones to output
+        new_best = select_best and evaluation.best_step(state.evals) == step  # its weights may be the ones to output
         if interrupted or new_best or (step % ckpt["everySteps"] == 0 and step < total_steps):
             save_checkpoint(step)
         if interrupted:
@@ -625,29 +430,29 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     running.close()  # the sampler's share of the GPU back before the evaluation and the merge
     # DeepSpeed scales an fp16 loss itself and counts the steps it skips (kept in its checkpoints).
-    skipped = (int(counters.get("skippedSteps", 0)) if scale_loss
+    skipped = (int(state.counters.get("skippedSteps", 0)) if scale_loss
                else int(engine.skipped_steps) if deepspeed_on and dtype == torch.float16 else None)
     if step == total_steps:  # else stopped early, just after an evaluation
         progress.stage("evaluating")
         evaluate(total_steps)
-    best = best_step(evals) if select_best else None
+    best = evaluation.best_step(state.evals) if select_best else None
     if best is not None and best != step:
         progress.stage(f"loading the best weights (step {best})")
         restore(best, weights_only=True)
-    saved_at = best or step  # the step whose weights are saved
-    eval_loss, reward = dict(evals).get(saved_at), rewards.get(saved_at)
-    tokens, positions = world.sum(counters["tokens"]), world.sum(counters["positions"])
 
     # Save (rank 0; a ZeRO-3 model is gathered first, on every rank)
-    full_state = engine._zero3_consolidated_16bit_state_dict() if deepspeed_on and dist_spec["zeroStage"] == 3 else None
+    tokens, positions = world.sum(state.counters["tokens"]), world.sum(state.counters["positions"])
+    full_state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
     if not world.main:
         return None
     if trackers:
         trackers.close()
     # Means over up to ten steps (a third of a short run): one step's loss depends on its rows.
-    window = max(1, min(10, len(history) // 3))
-    first = [h[2] for h in history[:window]]
-    last = [h[2] for h in history[-window:]]
+    window = max(1, min(10, len(state.history) // 3))
+    first = [h[2] for h in state.history[:window]]
+    last = [h[2] for h in state.history[-window:]]
+    saved_at = best or step  # the step whose weights are saved
+    eval_loss, reward = dict(state.evals).get(saved_at), state.rewards.get(saved_at)
     summary = {
         "firstLoss": round(sum(first) / len(first), 4),
         "finalLoss": round(sum(last) / len(last), 4),
@@ -658,16 +463,16 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "rewardAccuracy": round(reward[0], 4) if reward and paired else None,
         "rewardMargin": round(reward[1], 4) if reward and paired else None,
         "reward": round(reward[0], 4) if reward and grpo else None,
-        "baseReward": round(rewards[0][0], 4) if grpo and 0 in rewards else None,
+        "baseReward": round(state.rewards[0][0], 4) if grpo and 0 in state.rewards else None,
         "processes": world.size,
         "trainTokens": int(tokens),
         "realTokenShare": round(tokens / max(positions, 1), 4),
-        "tokensPerSecond": round(tokens / max(counters["seconds"], 1e-9), 1),
-        "wallSeconds": round(counters["seconds"], 2),
+        "tokensPerSecond": round(tokens / max(state.counters["seconds"], 1e-9), 1),
+        "wallSeconds": round(state.counters["seconds"], 2),
         "resumedFromStep": start or None,
         "peakGpuMemoryGiB": round(torch.cuda.max_memory_allocated(world.device) / GIB, 2)
         if world.device.type == "cuda" else None,
-        "dequantizedOnce": dequantize if spec["method"] == "qlora" else None,
+        "dequantizedOnce": budget.dequantize if spec["method"] == "qlora" else None,
         "skippedSteps": skipped,
     }
     progress.stage("saving")
@@ -680,13 +485,13 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         **result,
         **summary,
         "baseModel": inputs["baseModel"],
-        "objective": spec.get("objective", "sft"),
+        "objective": objective,
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
         "datasetDigest": dataset["digest"],
-        "lossCurveUri": outputs.write_loss_curve(run, history, evals, task["resource"]["name"],
-                                                 sorted((s, r[0]) for s, r in rewards.items()) if grpo else None),
-        "estimate": {_camel(k): round(v, 3) for k, v in est.as_dict().items()},
+        "lossCurveUri": outputs.write_loss_curve(run, state.history, state.evals, task["resource"]["name"],
+                                                 sorted((s, r[0]) for s, r in state.rewards.items()) if grpo else None),
+        "estimate": {_camel(k): round(v, 3) for k, v in budget.estimate.as_dict().items()},
     }
 
 
