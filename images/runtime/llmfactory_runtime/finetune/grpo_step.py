@@ -1,6 +1,7 @@
-"""One step of objective grpo as the training loop runs it: the step's prompts sampled and scored
-(with dynamic sampling's replacements), each micro-batch's loss over the step's updates, and the
-figures the step reports (progress.json, trackers). The loss itself is grpo.loss_terms."""
+"""One step of objective grpo as the training loop runs it (the face of steps.py's step objects): the
+step's prompts sampled and scored (with dynamic sampling's replacements), each micro-batch's loss over
+the step's updates, and the figures the step reports (progress.json, trackers). The loss itself is
+grpo.loss_terms."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .distributed import World
 FIGURES = ("trained", "entropy", "samplerDifference", "samplerMasked", "answersTrained", "kl", "clipped", "offPolicyMasked")
 
 
-class Step:
+class GrpoStep:
     """The step's samples on this process, its normalizer over all processes, and the figures its
     micro-batches add up as they train."""
 
@@ -37,6 +38,7 @@ class Step:
             self.drawn += later
         self.groups = groups
         self.sampled = [group_relative.sampled_batch(model, tokenizer, g, grpo, world.device) for g in groups]
+        self.batches = [(s["batch"], None) for s in self.sampled]
         # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
         self.answer_tokens = max(world.sum(sum(s["labelled"] for s in self.sampled)), 1)
         self.answers = world.sum(sum(len(g.answers) for g in groups))
@@ -48,14 +50,11 @@ class Step:
         # log-probabilities (the sampling policy's) kept as the ratio's denominator for the others.
         self.old_logps: dict[int, torch.Tensor] = {}
 
-    def batches(self) -> list[dict[str, torch.Tensor]]:
-        return [s["batch"] for s in self.sampled]
-
     def tokens(self, i: int) -> int:
         """Tokens of micro-batch i's sequences (prompts and answers, unpadded)."""
         return self.sampled[i]["tokens"]
 
-    def loss(self, engine, batch: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+    def loss(self, engine, batch: dict[str, torch.Tensor], counts: None, i: int) -> torch.Tensor:
         """Micro-batch i's loss (batch: on the device), its share of the step's normalized loss."""
         grpo, sampled = self.grpo, self.sampled[i]
         logps, entropies = token_logps(engine, batch, entropies=True)
@@ -75,7 +74,7 @@ class Step:
         self.figures["offPolicyMasked"] += terms.off_policy_masked
         return terms.loss / self.normalizer
 
-    def report(self, updates: int, sampler_on: bool) -> dict[str, float]:
+    def report(self, updates: int) -> dict[str, float]:
         """The step's figures, all processes (progress.json's names; trackers.TRAIN_METRICS maps them)."""
         grpo, world, drawn, n_drawn = self.grpo, self.world, self.drawn, self.answers_drawn
         # one reduction for all: every process reports every figure, in the same order
@@ -97,7 +96,7 @@ class Step:
         if grpo.get("dynamicSampling"):  # the step's prompts sampled, all processes: its trained ones and replacements
             out["promptsSampled"] = int(world.sum(sum(len(g.prompts) for g in drawn)))
         out["entropy"] = round(sums["entropy"] / trained, 4)
-        if sampler_on:  # TRL's sampling_logp_difference: the engines' disagreement per answer token trained
+        if drawn[0].sampler_logps is not None:  # sampled by vLLM. TRL's sampling_logp_difference: the engines' disagreement per answer token trained
             out["samplerLogpDiff"] = round(sums["samplerDifference"] / trained, 6)
             if grpo["vllmImportanceSamplingCorrection"] and grpo["vllmImportanceSamplingMode"].endswith("mask"):
                 out["samplerMasked"] = round(sums["samplerMasked"] / trained, 4)

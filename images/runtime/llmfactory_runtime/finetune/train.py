@@ -29,23 +29,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import Interrupted
-from ..batching import collate_sequences, label_count
 from ..chat import check_own_template, template_of
 from ..data import read_split
 from ..models import tokenizer_for
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
-from . import checkpoint, distributed, encoding, evaluation, fit, grpo as group_relative, grpo_step, outputs, vllm_sampler
+from . import (checkpoint, distributed, encoding, evaluation, fit, grpo as group_relative, grpo_step, outputs, steps,
+               vllm_sampler)
 from .estimate import GIB
 from .master_weights import MasterWeights
 from .model_setup import (head_of, load_for_training, load_trainable_state, trainable_state, trained_token_rows,
                           training_dtype)
 from .packing import one_per_row, pack
-from ..preference import (answer_logps, collate_pairs, dpo_terms, kto_agrees, kto_terms, needs_reference, pair_logps,
-                          pair_margins, segment_logps)
+from ..preference import needs_reference, pair_logps
 from .trackers import Trackers
-from ..reward_model import pair_batch, pair_rewards, reward_terms
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
 
@@ -97,12 +95,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     objective = spec.get("objective", "sft")
     deepspeed_on = dist_spec["strategy"] == "deepspeed"
     zero3 = deepspeed_on and dist_spec["zeroStage"] == 3
-    dpo = spec["dpo"] if objective == "dpo" else None  # its settings
-    kto = spec["kto"] if objective == "kto" else None
-    grpo = spec["grpo"] if objective == "grpo" else None
-    reward_model = objective == "reward"  # its settings: spec["reward"]
-    paired = bool(dpo or kto or reward_model)  # examples of two conversations (KTO: its own, and a mismatched one)
-    referenced = bool(kto) or bool(dpo) and needs_reference(dpo)  # simpo and orpo need none
+    grpo = spec["grpo"] if objective == "grpo" else None  # its settings
+    paired = objective in ("dpo", "kto", "reward")  # examples of two conversations (kto: its own, and a mismatched one)
+    referenced = objective == "kto" or objective == "dpo" and needs_reference(spec["dpo"])  # simpo and orpo need none
     unit = encoding.UNITS[objective]
     dtype = training_dtype(hp["precision"], world.device)
     if deepspeed_on and dtype == torch.float16 and world.device.type == "cpu":
@@ -144,7 +139,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # GRPO's sequences are made in the step (a prompt's answers), so its rows are prompts, one each; a
     # reward model scores a row at its end, so its pairs are never packed.
     per_step = global_batch * oversampling  # rows a step reads
-    epochs = [epoch_rows(data.lengths, e, {**hp, "packing": hp["packing"] and not (grpo or reward_model)}, per_step,
+    epochs = [epoch_rows(data.lengths, e, {**hp, "packing": hp["packing"] and objective not in ("grpo", "reward")}, per_step,
                          encoding.unit_length(spec))
               for e in range(hp["epochs"])]
     steps_per_epoch = [len(rows) // per_step for rows in epochs]
@@ -230,11 +225,6 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         restore(start)
     trackers = Trackers(spec["tracking"], task["digest"][:16], spec, tracking_dir) if world.main else None
     share = evaluation.Share(world, zero3)  # what each process evaluates
-
-    def kto_rows(group: list[list[int]], column: int) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """A batch of rows of KTO examples' own conversations (column 0) or mismatched ones (1)."""
-        rows = [[2 * i + column for i in row] for row in group]
-        return collate_sequences(examples, rows, tokenizer.pad_token_id, packed=True), [len(r) for r in rows]
 
     if referenced and reference is None:  # before the first step: the model is still the reference
         reference = {}
@@ -325,7 +315,6 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if start:
         evaluate_on_the_way(start)  # due there, if a SIGTERM cut the last attempt short of it
     step = start  # a new best there already has its checkpoint: the one resumed from
-    counters = state.counters
     while step < total_steps and not stop_early():
         step += 1
         began = time.perf_counter()
@@ -334,90 +323,48 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         micro_batches = [rows[i:i + micro] for i in range(0, len(rows), micro)][world.rank::world.size]
         reserve = [examples[i] for group in micro_batches[accum:] for row in group for i in row]  # grpo.dynamicSampling
         micro_batches = micro_batches[:accum]
-        items_of = [[k for row in group for k in row] for group in micro_batches]  # each micro-batch's examples
-        # Token-weighted over the whole step (DPO, KTO: pair- or example-weighted): a micro-batch's loss
-        # is its summed loss over the step's assistant tokens (pairs, examples) on all processes; DDP
-        # and DeepSpeed average gradients over processes, hence the factor world.size.
+        # Each micro-batch's loss is its share of the step's, normalized over the whole step on all
+        # processes (token-weighted; dpo, kto, reward: pair- or example-weighted); DDP and DeepSpeed
+        # average gradients over processes, hence the factor world.size.
         if grpo:  # the step's answers are sampled and scored first: its loss is normalized by all of them
             if sampler:  # all of this process's answers of a round in flight at once: vLLM batches them
                 sampler.sync(inner, step)
-            samples = grpo_step.Step(inner, tokenizer, grpo, world, [[examples[i] for i in items] for items in items_of],
-                                     reserve, draw, micro)
-            batches = [(batch, None) for batch in samples.batches()]
-        elif kto:
-            batches = [kto_rows(group, 0) for group in micro_batches]
-        elif dpo:
-            batches = [collate_pairs(examples, group, tokenizer.pad_token_id) for group in micro_batches]
-        elif reward_model:
-            batches = [(pair_batch(examples, items, tokenizer.pad_token_id), None) for items in items_of]
+            prompts = [[examples[i] for row in group for i in row] for group in micro_batches]
+            current = grpo_step.GrpoStep(inner, tokenizer, grpo, world, prompts, reserve, draw, micro)
+        elif objective == "sft":
+            current = steps.SftStep(data, micro_batches, tokenizer.pad_token_id, hp["packing"], world)
         else:
-            batches = [(collate_sequences(examples, group, tokenizer.pad_token_id, hp["packing"]), None)
-                       for group in micro_batches]
-        # What the step's summed loss is divided by: its assistant tokens (sft), pairs (dpo, reward),
-        # examples (kto), all processes; grpo's by its lossType.
-        n_items = (samples.normalizer if grpo else
-                   world.sum(sum(label_count(b) for b, _ in batches) if objective == "sft" else sum(map(len, items_of))))
-        if kto:
-            # KTO's reference point, from the step's mismatched conversations on all processes: no
-            # gradient flows through it (as in TRL), so it is computed first, apart.
-            with torch.no_grad():
-                shift = 0.0
-                for group, items in zip(micro_batches, items_of):
-                    batch, counts = kto_rows(group, 1)
-                    logps = segment_logps(inner, {k: v.to(world.device) for k, v in batch.items()}, counts).cpu()
-                    shift += float((logps - reference["train"][items, 1]).sum())
-            kl = max(world.sum(shift) / n_items, 0.0)
-        step_loss, preferred = 0.0, 0.0
+            current = steps.PreferenceStep(spec, inner, data, reference["train"] if reference else None, micro_batches,
+                                           tokenizer.pad_token_id, world)
+        step_loss = 0.0
         for _ in range(updates_per_step):  # grpo.iterations; else one
-            for i, (batch, counts) in enumerate(batches):
+            for i, (batch, counts) in enumerate(current.batches):
                 batch = {k: v.to(world.device) for k, v in batch.items()}
-                last = i == len(batches) - 1
+                last = i == len(current.batches) - 1
                 sync = contextlib.nullcontext() if last or world.size == 1 or deepspeed_on else engine.no_sync()
                 with sync:
-                    if grpo:
-                        loss = samples.loss(engine, batch, i) / n_items
-                    elif kto:
-                        items = items_of[i]
-                        losses, reward = kto_terms(segment_logps(engine, batch, counts), reference["train"][items, 0], kl,
-                                                   data.desirable[items], kto)
-                        loss = losses.sum() / n_items
-                        preferred += float(kto_agrees(reward, kl, data.desirable[items], kto["beta"]).sum())
-                    elif reward_model:
-                        losses, margins = reward_terms(pair_rewards(engine, batch), spec["reward"],
-                                                       pair_margins(examples, items_of[i]))
-                        loss = losses.sum() / n_items
-                        preferred += float((margins > 0).sum())
-                    elif dpo:
-                        pairs = items_of[i]
-                        losses, margins = dpo_terms(answer_logps(engine, batch, counts),
-                                                    reference["train"][pairs] if referenced else None,
-                                                    data.answer_tokens[pairs], dpo)
-                        loss = losses.sum() / n_items
-                        preferred += float((margins > 0).sum())
-                    else:
-                        loss = engine(**batch, num_items_in_batch=n_items, use_cache=False).loss
+                    loss = current.loss(engine, batch, counts, i)
                     if deepspeed_on:
                         engine.backward(loss * world.size, scale_wrt_gas=False)
                         engine.step()  # steps the optimizer on the last micro-batch only
                     else:
                         scaler.scale(loss * world.size).backward()
                 step_loss += float(loss.detach())
-                counters["tokens"] += float(samples.tokens(i) if grpo else sum(data.lengths[j] for j in items_of[i]))
-                counters["positions"] += float(batch["input_ids"].numel())
+                state.counters["tokens"] += float(current.tokens(i))
+                state.counters["positions"] += float(batch["input_ids"].numel())
             if not deepspeed_on:  # DeepSpeed's engine.step() updated on the last micro-batch
                 optimizer_step()
         step_loss = world.sum(step_loss) / updates_per_step
         lr = scheduler.get_last_lr()[0]
-        state.history.append((step, epoch, step_loss, lr, samples.mean_reward) if grpo else (step, epoch, step_loss, lr))
-        counters["seconds"] += time.perf_counter() - began
-        rate = world.sum(counters["tokens"]) / max(counters["seconds"], 1e-9)
-        of_step = ({"rewardAccuracy": round(world.sum(preferred) / n_items, 4)} if paired  # of the step's pairs
-                   else samples.report(updates_per_step, sampler is not None) if grpo else {})
-        progress.update(step, figure=f"reward {samples.mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
+        state.history.append((step, epoch, step_loss, lr, current.mean_reward) if grpo else (step, epoch, step_loss, lr))
+        state.counters["seconds"] += time.perf_counter() - began
+        rate = world.sum(state.counters["tokens"]) / max(state.counters["seconds"], 1e-9)
+        of_step = current.report(updates_per_step)
+        progress.update(step, figure=f"reward {current.mean_reward:.3f}" if grpo else f"loss {step_loss:.3f}",
                         loss=round(step_loss, 4), learningRate=lr, epoch=epoch, tokensPerSecond=round(rate, 1), **of_step)
         if trackers:
             trackers.log_step(step, of_step | {"loss": step_loss, "learningRate": lr, "tokensPerSecond": rate}
-                              | ({"reward": samples.mean_reward} if grpo else {}))
+                              | ({"reward": current.mean_reward} if grpo else {}))
 
         interrupted = world.any(stop.is_set())
         if not interrupted:  # else the checkpoint first: the grace period is short
