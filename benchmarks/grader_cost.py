@@ -61,7 +61,7 @@ def main() -> None:
         graders = {
             "icontains": {"referenceField": "reference", "operation": "icontains"},
             **{f"similarity {metric}": {"referenceField": "reference", "operation": "similarity", "metric": metric}
-               for metric in ("fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rougeL")},
+               for metric in ("fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5", "rougeL")},
             "python": {"referenceField": "reference", "operation": "python",
                        "source": "def grade(sample, item):\n    return len(sample['output_text'].split()) / 100\n"},
             "judgeModel (SmolLM2-135M)": {"referenceField": "reference", "operation": "judge", "judgeModel": source},

@@ -1,6 +1,6 @@
-"""A local OpenAI-compatible chat-completions server (aiohttp, in a thread of its own) for the
-teacher and judge tests: scripted answers, latency, rate-limit and server errors, and a log of
-every request as the provider would see it."""
+"""A local OpenAI-compatible chat-completions and embeddings server (aiohttp, in a thread of its own)
+for the teacher, judge and embeddings tests: scripted answers, latency, rate-limit and server errors,
+and a log of every request as the provider would see it."""
 
 from __future__ import annotations
 
@@ -32,12 +32,21 @@ def default_reply(request: Request) -> dict[str, Any]:
     return {"text": f"Answer: {request.last_user}"}
 
 
+def letter_counts(text: str) -> list[float]:
+    """The default embedding: how often each of a-z occurs (casefolded), so that cosines can be worked
+    out by hand."""
+    text = text.casefold()
+    return [float(text.count(chr(c))) for c in range(ord("a"), ord("z") + 1)]
+
+
 @dataclass
 class OpenAIServer:
     """`reply(request)` -> {text, finish_reason?} or {status, headers?, error?} for a failure;
     `delay` (seconds) holds the answer back."""
 
     reply: Callable[[Request], dict[str, Any]] = default_reply
+    embed: Callable[[str], list[float]] = letter_counts  # /embeddings: each input's vector
+    embedded: list[str] = field(default_factory=list)  # every text /embeddings was asked for, in order
     latency: float = 0.0
     api_key: str | None = None
     requests: list[Request] = field(default_factory=list)
@@ -78,6 +87,19 @@ class OpenAIServer:
         finally:
             self.in_flight -= 1
 
+    async def _embeddings(self, http: web.Request) -> web.Response:
+        body = await http.json()
+        if self.api_key and http.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "Incorrect API key provided"}}, status=401)
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        if any(not t for t in texts):  # as OpenAI answers
+            return web.json_response({"error": {"message": "'$.input' is invalid"}}, status=400)
+        self.embedded += texts
+        return web.json_response({
+            "object": "list", "model": body["model"],
+            "data": [{"object": "embedding", "index": i, "embedding": self.embed(t)} for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": sum(len(t) for t in texts) // 4 + 1, "total_tokens": 0}})
+
     def start(self) -> str:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -88,6 +110,7 @@ class OpenAIServer:
             self.loop = asyncio.new_event_loop()
             app = web.Application()
             app.router.add_post("/v1/chat/completions", self._handle)
+            app.router.add_post("/v1/embeddings", self._embeddings)
             self.runner = web.AppRunner(app)
             self.loop.run_until_complete(self.runner.setup())
             self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", port).start())

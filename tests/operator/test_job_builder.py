@@ -170,6 +170,15 @@ def test_a_grpo_graders_judge_key_reaches_the_pod_only_by_reference():
     env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
     assert [e["valueFrom"] for e in env if e["name"] == "LLMFACTORY_GRADER_API_KEY"] == [
         {"secretKeyRef": {"name": "rater", "key": "k"}}]
+    # A cosine part's embeddings endpoint: its own variable.
+    parts[0] = {"name": "meaning", "operation": "similarity", "metric": "cosine",
+                "embeddings": {"model": "text-embedding-3-large", "apiKeySecret": {"name": "openai", "key": "key"}}}
+    task, objs = children(fine_tune(objective="grpo", grpo={"generations": 4, "grader": {
+        "referenceField": "answer", "operation": "sum", "parts": parts}}, hyperparameters={"batchSize": 1}))
+    env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e["valueFrom"] for e in env if e["name"] == "LLMFACTORY_EMBEDDINGS_API_KEY"] == [
+        {"secretKeyRef": {"name": "openai", "key": "key"}}]
+    assert task["spec"]["grpo"]["grader"]["parts"][0]["embeddings"]["apiKeySecret"] == {"name": "openai", "key": "key"}
 
 
 def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():

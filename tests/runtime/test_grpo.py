@@ -61,7 +61,7 @@ def test_the_grader_compares_the_answer_or_what_extract_picks_of_it_with_the_ref
 
 def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_language():
     """grader operation similarity (OpenAI's text_similarity) by hand, 0-1 by metric: ROUGE's F-measures
-    of shared words, word pairs and the longest common subsequence, GLEU's lesser of n-gram precision and
+    of shared n-grams of 1 to 5 words and of the longest common subsequence, GLEU's lesser of n-gram precision and
     recall, Russian and each Chinese character counting (rouge_score's
     own tokenizer keeps a-z and 0-9 only); fuzzy's matching characters; BLEU tokenized as Chinese where the
     reference is (as one token a sentence shares nothing); chrF's character n-grams. Identical scores 1,
@@ -72,6 +72,9 @@ def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_la
     assert score("a c d e", "a b c d", "rougeL") == pytest.approx(0.75)  # LCS a c d: 3/4 both ways
     assert score("a c d e", "a b c d", "rouge1") == pytest.approx(0.75)  # a, c, d shared
     assert score("a c d e", "a b c d", "rouge2") == pytest.approx(1 / 3)  # c d of 3 pairs each
+    assert score("a b c d e", "x a b c d", "rouge3") == pytest.approx(2 / 3)  # a b c, b c d of 3 each
+    assert score("a b c d e", "x a b c d", "rouge4") == pytest.approx(1 / 2) and score("a b c d e", "x a b c d", "rouge5") == 0
+    assert score("in Paris", "in Paris", "rouge3") == 0.0  # no trigram to share: shorter than 3 words
     assert score("a c d e", "a b c d", "gleu") == pytest.approx(0.4)  # 1-4-grams: 4 of 10 shared, both ways
     assert score("中国 北京", "北京是中国的首都", "rouge1") == pytest.approx(2 * 4 / 8 / (1 + 4 / 8))  # 4 characters
     assert score("Москва столица", "Столица России Москва", "rougeL") == pytest.approx(0.4)  # LCS 1: P 1/2, R 1/3
@@ -85,8 +88,9 @@ def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_la
     translation, reference = "Столица России — Москва.", "Москва — столица России."
     assert score(translation, reference, "chrf") == pytest.approx(sacrebleu.sentence_chrf(translation, [reference]).score / 100)
     assert 0.5 < score(translation, reference, "chrf") < 1 and score(reference, reference, "chrf") == pytest.approx(1.0)
-    for metric in ("fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rougeL"):
-        assert score("", "in Paris", metric) == 0.0 and score("in Paris", "in Paris", metric) == pytest.approx(1.0)
+    for metric in ("fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5", "rougeL"):
+        same = "the capital is Paris, in France"
+        assert score("", same, metric) == 0.0 and score(same, same, metric) == pytest.approx(1.0)
     assert score("Answer: Paris. I think so.", "Paris", "fuzzy", extract=r"Answer: (\w+)") == 1.0
     assert describe({**grader("similarity"), "metric": "chrf"}) == "similarity (chrf) against field 'answer'"
 
@@ -115,6 +119,42 @@ def test_a_judge_grader_rates_each_answer_against_its_reference_scaled_to_0_1_an
     asked = len(openai_server.requests)  # the same answers again (a resumed run): the cache answers
     assert rewards(spec, ["Paris.", "Lyon.", "rambling"], graded, f"file://{tmp_path}/cache", "spec.grpo.grader") == got
     assert len(openai_server.requests) == asked
+
+
+def test_a_cosine_grader_compares_embeddings_asks_once_for_each_text_and_a_new_process_for_nothing_it_had(
+        openai_server, monkeypatch, tmp_path):
+    """metric cosine (OpenAI's text_similarity cosine): the cosine of the answer's and the reference's
+    embeddings from grader.embeddings (the server's: letter counts), its key from
+    LLMFACTORY_EMBEDDINGS_API_KEY; a call's texts in one request, a reference embedded once; an answer
+    extract finds nothing in scores 0 unasked; below 0 counts 0. Scores and reference embeddings are kept
+    in the store: a new process (a resumed run) asks for nothing it had. A refused key names the field."""
+    from llmfactory_runtime import embedding_similarity
+
+    openai_server.api_key = "sk-emb"
+    monkeypatch.setenv("LLMFACTORY_EMBEDDINGS_API_KEY", "sk-emb")
+    endpoint = {"baseUrl": openai_server.url, "model": "text-embedding-3-large", "apiKeySecret": {"name": "e", "key": "k"}}
+    spec = {"referenceField": "answer", "operation": "similarity", "metric": "cosine", "extract": "Answer: (.+)",
+            "embeddings": endpoint}
+    graded = [graded_of({"prompt": "Which letters?", "answer": "ab"}, spec)] * 3
+    cache = f"file://{tmp_path}/cache"
+
+    def score(answers: list[str]) -> list[float]:
+        return rewards(spec, answers, graded[:len(answers)], cache, "spec.grpo.grader")
+
+    assert score(["Answer: ab", "Answer: abb", "no answer"]) == pytest.approx([1.0, 3 / math.sqrt(10), 0.0])
+    assert openai_server.embedded == ["ab", "abb"]  # the reference is the first answer: asked once
+    assert describe(spec) == "similarity (cosine) against field 'answer' by text-embedding-3-large's embeddings"
+    assert score(["Answer: bab"]) == [pytest.approx(3 / math.sqrt(10))]
+    assert openai_server.embedded == ["ab", "abb", "bab"]  # the reference's embedding kept
+    embedding_similarity._held.clear()  # a new process
+    assert score(["Answer: abb", "Answer: ab"]) == pytest.approx([3 / math.sqrt(10), 1.0])
+    assert openai_server.embedded == ["ab", "abb", "bab"]
+
+    openai_server.embed = lambda text: [-1.0] * 26  # opposed to any letter counts
+    assert score(["Answer: opposed"]) == [0.0]
+    monkeypatch.setenv("LLMFACTORY_EMBEDDINGS_API_KEY", "sk-wrong")
+    with pytest.raises(InvalidTask, match=r"spec.grpo.grader.embeddings: .*HTTP 401.*check apiKeySecret"):
+        score(["Answer: new"])
 
 
 def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_run_reads_its_ratings(

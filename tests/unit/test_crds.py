@@ -160,6 +160,17 @@ BAD = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "similarity", "metric": "meteor"}}}, "not in"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {"operation": "similarity", "metric": "cosine"}}}, "metric cosine needs grader.embeddings"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {"operation": "similarity", "metric": "chrf",
+                                      "embeddings": {"model": "text-embedding-3-small"}}}},
+     "metric cosine needs grader.embeddings"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {"operation": "sum", "parts": [
+                      {"name": n, "operation": "similarity", "metric": "cosine", "embeddings": {"model": "e5"}}
+                      for n in "ab"]}}},
+     "grader.parts may hold one embeddings endpoint"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "sum"}}}, "operation sum needs grader.parts"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"parts": [{"name": "a"}, {"name": "b"}]}}}, "operation sum needs grader.parts"),

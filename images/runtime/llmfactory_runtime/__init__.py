@@ -20,13 +20,14 @@ TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"
 JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"
 REJECTED_KEY_ENV = "LLMFACTORY_REJECTED_API_KEY"  # a DatasetBuild's preferences.rejected.openai
 GRADER_KEY_ENV = "LLMFACTORY_GRADER_API_KEY"  # a GRPO FineTune's or a Benchmark's reward grader.judge
+EMBEDDINGS_KEY_ENV = "LLMFACTORY_EMBEDDINGS_API_KEY"  # their grader.embeddings (metric cosine)
 
 # Credentials a pod's or a laptop's environment may carry: the operator's secretKeyRefs (the keys
 # above, the store's, Hugging Face's, the trackers') and what the AWS SDKs find on their own (IRSA,
 # EKS Pod Identity, a profile). Code that is not ours to vouch for, such as a python grader running
 # what a model wrote, gets an environment without them.
 CREDENTIAL_ENV = (
-    TEACHER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, GRADER_KEY_ENV,
+    TEACHER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, GRADER_KEY_ENV, EMBEDDINGS_KEY_ENV,
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
     "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",

@@ -87,6 +87,11 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
         return reward_model.scores(model, tokenizer, [[*g["messages"], {"role": "assistant", "content": a}]
                                                       for a, g in zip(answers, graded)])
     references = [reference_of(g["item"], grader) for g in graded]
+    if grader.get("metric") == "cosine":  # the embeddings of all of them at once
+        from .embedding_similarity import cosines  # noqa: PLC0415 - only for metric cosine
+
+        return cosines(grader["embeddings"], [extracted(a, grader) for a in answers], [r.strip() for r in references],
+                       cache_uri, f"{field}.embeddings")
     if operation != "judge":
         return [reward(a, ref, grader) for a, ref in zip(answers, references)]
     from .benchmark.judge import judge_messages, judge_with_api, judge_with_model  # noqa: PLC0415 - only to judge
@@ -156,20 +161,30 @@ def describe(grader: dict[str, Any]) -> str:
     if grader["operation"] == "rewardModel":
         return f"reward model {model.get('huggingface') or model['uri']}"
     by = f" by the local judge {model.get('huggingface') or model['uri']}" if model else ""
+    by += f" by {grader['embeddings']['model']}'s embeddings" if grader.get("embeddings") else ""
     metric = f" ({grader['metric']})" if grader.get("metric") else ""
     return f"{grader['operation']}{metric} against field {grader['referenceField']!r}{by}"
 
 
-def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
-    """1.0 when the answer passes the grader's check (equals, contains, icontains, number), else 0.0;
-    operation similarity: how alike they are, 0-1 (grader.metric)."""
+def extracted(answer: str, grader: dict[str, Any]) -> str | None:
+    """What of the answer the grader compares: grader.extract's last match (its first group, if it has
+    one), or the whole answer; stripped. None when extract finds nothing (the answer scores 0)."""
     if grader.get("extract"):
         matches = list(re.finditer(grader["extract"], answer, re.DOTALL))
         if not matches:
-            return 0.0
+            return None
         last = matches[-1]
         answer = last.group(1) if last.re.groups else last.group(0)
-    answer, reference = answer.strip(), reference.strip()
+    return answer.strip()
+
+
+def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
+    """1.0 when the answer passes the grader's check (equals, contains, icontains, number), else 0.0;
+    operation similarity: how alike they are, 0-1 (grader.metric; cosine: see rewards)."""
+    answer = extracted(answer, grader)
+    if answer is None:
+        return 0.0
+    reference = reference.strip()
     operation = grader["operation"]
     if operation == "similarity":
         return similarity(answer, reference, grader["metric"])

@@ -1,5 +1,6 @@
-"""An asynchronous OpenAI-compatible chat-completions client that uses a provider's rate limit
-fully and never gives up on a transient error: the DatasetBuild teacher and the Benchmark judge.
+"""An asynchronous OpenAI-compatible client (chat completions, and embeddings) that uses a provider's
+rate limit fully and never gives up on a transient error: the DatasetBuild teacher, the Benchmark
+judge, the graders' judge and embeddings.
 
 - `concurrency` requests in flight; requests and tokens per minute as token buckets (the token
   cost of a request is reserved up front from its prompt length and max_tokens, and corrected
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 import httpx
 
-from . import GRADER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, TEACHER_KEY_ENV  # noqa: F401 - re-exported for the phases
+from . import EMBEDDINGS_KEY_ENV, GRADER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, TEACHER_KEY_ENV  # noqa: F401 - re-exported for the phases
 from .task import InvalidTask
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
@@ -143,6 +144,26 @@ class ChatClient:
                 "temperature": temperature, **extra}
         # ~4 characters a token: reserved now, corrected by the reported usage afterwards.
         reserved = sum(len(m["content"]) for m in messages) / 4 + max_tokens
+        return self._parse(await self._post("/chat/completions", body, reserved), reserved)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """The embedding of each text ({baseUrl}/embeddings, one request for them all)."""
+        reserved = sum(len(t) for t in texts) / 4
+        response = await self._post("/embeddings", {"model": self.endpoint["model"], "input": texts}, reserved)
+        try:
+            data = sorted(response.json()["data"], key=lambda d: d["index"])
+            vectors = [[float(x) for x in d["embedding"]] for d in data]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EndpointError(f"{self.endpoint.get('baseUrl')}: not embeddings ({exc}): {response.text[:200]}") from None
+        if len(vectors) != len(texts):
+            raise EndpointError(f"{self.endpoint.get('baseUrl')}: {len(vectors)} embeddings for {len(texts)} texts")
+        usage = response.json().get("usage") or {}
+        if self.tokens and usage.get("prompt_tokens"):
+            self.tokens.take(int(usage["prompt_tokens"]) - reserved)
+        return vectors
+
+    async def _post(self, path: str, body: dict[str, Any], reserved: float) -> httpx.Response:
+        """The endpoint's 200 answer to the request, within the limits, retried as the module says."""
         async with self.slots:
             for attempt in range(self.endpoint.get("maxRetries", 8) + 1):
                 if self.requests:
@@ -151,11 +172,11 @@ class ChatClient:
                     await self.tokens.acquire(reserved)
                 response, problem = None, None
                 try:
-                    response = await self.http.post("/chat/completions", json=body)
+                    response = await self.http.post(path, json=body)
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
                     problem = f"{type(exc).__name__}: {exc}"
                 if response is not None and response.status_code == 200:
-                    return self._parse(response, reserved)
+                    return response
                 if response is not None and response.status_code in SPEC_FAULTS:
                     raise InvalidTask(f"{self.field}: {self.endpoint.get('baseUrl')}: HTTP {response.status_code}: "
                                       f"{_error_message(response)} ({SPEC_FAULTS[response.status_code]})")

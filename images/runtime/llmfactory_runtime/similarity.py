@@ -3,7 +3,7 @@ OpenAI's text_similarity grader scores one: for answers no string check can pass
 translation or a summary.
 
 BLEU and chrF are sacrebleu's sentence scores (the reference implementation), ROUGE rouge_score's
-F-measures (ROUGE-1, -2, and -L of the longest common subsequence), GLEU nltk's sentence GLEU,
+F-measures (ROUGE-1 to -5 of shared n-grams, and -L of the longest common subsequence), GLEU nltk's sentence GLEU,
 fuzzy difflib's ratio. Text in any language: chrF reads characters; BLEU tokenizes as sacrebleu's zh
 where the reference has Chinese characters (13a elsewhere); ROUGE and GLEU read words and each CJK
 character as a token (rouge_score's own tokenizer keeps a-z and 0-9 only, so Russian or Chinese
@@ -37,7 +37,7 @@ def _rouge(metric: str):
 
 
 def similarity(answer: str, reference: str, metric: str) -> float:
-    """The answer's similarity to the reference by metric (fuzzy, bleu, gleu, chrf, rouge1, rouge2,
+    """The answer's similarity to the reference by metric (fuzzy, bleu, gleu, chrf, rouge1 to rouge5,
     rougeL), 0-1."""
     if metric == "fuzzy":  # case and runs of whitespace aside
         a, b = (" ".join(text.casefold().split()) for text in (answer, reference))
@@ -54,4 +54,6 @@ def similarity(answer: str, reference: str, metric: str) -> float:
 
         tokens = _Tokenizer().tokenize
         return sentence_gleu([tokens(reference)], tokens(answer))
+    if not metric.startswith("rouge"):  # cosine: embeddings from an endpoint, all answers at once
+        raise ValueError(f"metric {metric}: embedding_similarity.cosines scores it")
     return _rouge(metric).score(reference, answer)[metric].fmeasure

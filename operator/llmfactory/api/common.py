@@ -142,6 +142,16 @@ class OpenAIEndpoint(ApiModel):
     price: Price | None = Field(None, description="Token prices, for the cost in the result.")
 
 
+class EmbeddingsEndpoint(OpenAIEndpoint):
+    """An OpenAI-compatible embeddings API: OpenAI, Azure OpenAI, vLLM or Text Embeddings Inference serving an
+    embedding model, llama.cpp's server with --embedding..."""
+
+    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://.+", max_length=2048,
+                          description="API root; requests go to {baseUrl}/embeddings.")
+    model: str = Field(min_length=1, description="Embedding model the endpoint serves, e.g. text-embedding-3-large "
+                                                  "(OpenAI's text_similarity grader's).")
+
+
 class PodResources(ApiModel):
     """Compute for the phase's pod. The local runner ignores it."""
 

@@ -6,8 +6,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import (ApiModel, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint, Resources,
-                     RewardModelSource, RunOptions, SecretKeyRef, StatusBase, TrainedModelSource, URI_PATTERN,
+from .common import (ApiModel, EmbeddingsEndpoint, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint,
+                     Resources, RewardModelSource, RunOptions, SecretKeyRef, StatusBase, TrainedModelSource, URI_PATTERN,
                      no_credentials_in_url)
 
 
@@ -178,8 +178,11 @@ class GraderPart(ApiModel):
          "message": "rewardModel is a sequence-classification model in safetensors: transformers loads no "
                     "classification head from GGUF"},
         {"rule": "(self.operation == 'similarity') == has(self.metric)",
-         "message": "operation similarity needs grader.metric (fuzzy, bleu, gleu, chrf, rouge1, rouge2 or rougeL), "
-                    "which applies to it alone"},
+         "message": "operation similarity needs grader.metric (fuzzy, bleu, gleu, chrf, rouge1-rouge5, rougeL or "
+                    "cosine), which applies to it alone"},
+        {"rule": "(has(self.metric) && self.metric == 'cosine') == has(self.embeddings)",
+         "message": "metric cosine needs grader.embeddings (an OpenAI-compatible embeddings endpoint), which "
+                    "applies to it alone"},
         {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number', 'similarity']",
          "message": "extract applies to the equals, contains, icontains, number and similarity checks: a judge, a "
                     "python grader or a reward model reads the whole answer, and a sum's parts have their own"},
@@ -200,14 +203,18 @@ class GraderPart(ApiModel):
         "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
         "grader.source's grade(sample, item) returns the reward. rewardModel: grader.rewardModel's score of the "
         "conversation (prompt and answer), on its own scale, as TRL's reward models."))
-    metric: Literal["fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rougeL"] | None = Field(None, description=(
+    metric: Literal["fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5", "rougeL",
+                    "cosine"] | None = Field(None, description=(
         "operation similarity: fuzzy, difflib's ratio of matching characters (case and runs of whitespace "
         "aside); bleu, sacrebleu's sentence BLEU (tokenized as its zh where the reference has Chinese "
         "characters, 13a elsewhere); gleu, nltk's sentence GLEU (Google's BLEU for single sentences: the "
         "lesser of n-gram precision and recall, n 1-4); chrf, sacrebleu's chrF, character n-grams, for any "
-        "language and morphology (a good default for translations); rouge1, rouge2, rougeL, rouge_score's "
-        "F-measure of shared words, word pairs, or their longest common subsequence, for summaries. BLEU "
-        "aside, words are runs of letters and digits, each CJK character a word of its own. Each scaled to 0-1."))
+        "language and morphology (a good default for translations); rouge1 to rouge5, rougeL, rouge_score's "
+        "F-measure of shared n-grams of 1 to 5 words (a text shorter than n words has none: 0), or of their "
+        "longest common subsequence, for summaries (OpenAI's rouge_1 to rouge_5, rouge_l). BLEU "
+        "aside, words are runs of letters and digits, each CJK character a word of its own. cosine: the cosine "
+        "similarity of the two texts' embeddings by grader.embeddings, for meaning in other words (a paraphrase, "
+        "another language), as OpenAI's cosine; below 0 (opposed, rare) it counts 0. Each scaled to 0-1."))
     extract: str | None = Field(None, min_length=1, max_length=1024, description=(
         "A regular expression (Python's) picking what of the answer is compared: its last match's first "
         "group (or the whole match without groups), e.g. '#### (.+)' for GSM8K's final-answer line or "
@@ -217,6 +224,11 @@ class GraderPart(ApiModel):
         "operation judge: the OpenAI-compatible judge (its key by apiKeySecret, LLMFACTORY_GRADER_API_KEY for "
         "local runs). Its ratings are cached in the store like the Benchmark judge's, so a resumed run gets "
         "the same rewards without paying again."))
+    embeddings: EmbeddingsEndpoint | None = Field(None, description=(
+        "metric cosine: the OpenAI-compatible embeddings endpoint (its key by apiKeySecret, "
+        "LLMFACTORY_EMBEDDINGS_API_KEY for local runs). A step's answers and references go in one request; "
+        "each text's embedding is cached in the store, so a reference is embedded once and a resumed run "
+        "pays nothing again."))
     judge_model: TrainedModelSource | None = Field(None, description=(
         "operation judge: a local judge model instead of an API, run with transformers in each training "
         "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "
@@ -268,6 +280,9 @@ class Grader(GraderPart):
         {"rule": "!has(self.parts) || self.parts.filter(p, has(p.judge)).size() <= 1",
          "message": "grader.parts may hold one API judge (grader.judge): its key reaches the Job as "
                     "LLMFACTORY_GRADER_API_KEY; local judges (judgeModel) need no key"},
+        {"rule": "!has(self.parts) || self.parts.filter(p, has(p.embeddings)).size() <= 1",
+         "message": "grader.parts may hold one embeddings endpoint (metric cosine): its key reaches the Job as "
+                    "LLMFACTORY_EMBEDDINGS_API_KEY"},
     ]
 
     operation: Literal["equals", "contains", "icontains", "number", "similarity", "judge", "python", "rewardModel",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmfactory_runtime import (CONFIG_MAPS_DIR, DATASET_BUILD_ENDPOINTS, EXIT_INTERRUPTED, EXIT_INVALID_TASK,
-                                GRADER_KEY_ENV, JUDGE_KEY_ENV, at_path)
+from llmfactory_runtime import (CONFIG_MAPS_DIR, DATASET_BUILD_ENDPOINTS, EMBEDDINGS_KEY_ENV, EXIT_INTERRUPTED,
+                                EXIT_INVALID_TASK, GRADER_KEY_ENV, JUDGE_KEY_ENV, at_path)
 
 from ..api import KINDS
 from ..api.dataset_build import DatasetBuildSpec
@@ -69,13 +69,14 @@ SECRET_ENV = (
     (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
     *DATASET_BUILD_ENDPOINTS,  # the teacher, the answer judge, the rejected answers' writer
 )
-GRADERS = (("grpo", "grader"), ("reward", "grader"))  # a GRPO FineTune's, a Benchmark's reward: their judge's key
+GRADERS = (("grpo", "grader"), ("reward", "grader"))  # a GRPO FineTune's, a Benchmark's reward: their API keys
 
 
 def _secret_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
     endpoints = [(at_path(spec, path), name) for path, name in SECRET_ENV]
-    for grader in filter(None, (at_path(spec, path) for path in GRADERS)):  # itself, or a sum's part (one, by CEL)
-        endpoints += [(part.get("judge"), GRADER_KEY_ENV) for part in grader.get("parts") or [grader]]
+    for grader in filter(None, (at_path(spec, path) for path in GRADERS)):  # itself, or a sum's part (one each, by CEL)
+        for part in grader.get("parts") or [grader]:
+            endpoints += [(part.get("judge"), GRADER_KEY_ENV), (part.get("embeddings"), EMBEDDINGS_KEY_ENV)]
     env = []
     for endpoint, name in endpoints:
         ref = (endpoint or {}).get("apiKeySecret")
