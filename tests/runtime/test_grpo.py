@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory.api.headline import headline
-from llmfactory_runtime import batching
+from llmfactory_runtime import answer_cache, batching
+from llmfactory_runtime.answer_cache import AnswerCache
 from llmfactory_runtime.batching import token_logps
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.data import dumps_jsonl
@@ -98,7 +99,8 @@ def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_la
 def test_a_judge_grader_rates_each_answer_against_its_reference_scaled_to_0_1_and_never_pays_twice(
         openai_server, monkeypatch, tmp_path):
     """OpenAI's score_model grader: the Benchmark's reference-guided prompt, (rating - 1) / 9, 0 for an
-    answer the judge gives no rating after its re-asks; its key from LLMFACTORY_GRADER_API_KEY."""
+    answer the judge gives no rating after its re-asks; its key from LLMFACTORY_GRADER_API_KEY. Its
+    ratings are kept in the store, which a process reads once (a GRPO step asks every time)."""
     def judge(request):
         body = request.messages[1]["content"]  # the grading prompt (a re-ask follows it)
         answer = body.split("[Answer]\n", 1)[1] if "[Answer]\n" in body else ""
@@ -116,7 +118,12 @@ def test_a_judge_grader_rates_each_answer_against_its_reference_scaled_to_0_1_an
     prompt = openai_server.requests[0].messages[1]["content"]
     assert "[Reference]\nParis" in prompt and "[Question]\nCapital of France?" in prompt
     assert len(openai_server.requests) == 2 + 3  # the unrated answer asked again twice
-    asked = len(openai_server.requests)  # the same answers again (a resumed run): the cache answers
+    asked = len(openai_server.requests)  # the same answers again: the cache answers, read from the store once
+    load = AnswerCache.load
+    monkeypatch.setattr(AnswerCache, "load", lambda self: pytest.fail("the store was read again in the same process"))
+    assert rewards(spec, ["Paris.", "Lyon.", "rambling"], graded, f"file://{tmp_path}/cache", "spec.grpo.grader") == got
+    monkeypatch.setattr(AnswerCache, "load", load)
+    answer_cache._held.clear()  # a new process (a resumed run): from the store
     assert rewards(spec, ["Paris.", "Lyon.", "rambling"], graded, f"file://{tmp_path}/cache", "spec.grpo.grader") == got
     assert len(openai_server.requests) == asked
 
@@ -128,7 +135,6 @@ def test_a_cosine_grader_compares_embeddings_asks_once_for_each_text_and_a_new_p
     LLMFACTORY_EMBEDDINGS_API_KEY; a call's texts in one request, a reference embedded once; an answer
     extract finds nothing in scores 0 unasked; below 0 counts 0. Scores and reference embeddings are kept
     in the store: a new process (a resumed run) asks for nothing it had. A refused key names the field."""
-    from llmfactory_runtime import embedding_similarity
 
     openai_server.api_key = "sk-emb"
     monkeypatch.setenv("LLMFACTORY_EMBEDDINGS_API_KEY", "sk-emb")
@@ -146,7 +152,7 @@ def test_a_cosine_grader_compares_embeddings_asks_once_for_each_text_and_a_new_p
     assert describe(spec) == "similarity (cosine) against field 'answer' by text-embedding-3-large's embeddings"
     assert score(["Answer: bab"]) == [pytest.approx(3 / math.sqrt(10))]
     assert openai_server.embedded == ["ab", "abb", "bab"]  # the reference's embedding kept
-    embedding_similarity._held.clear()  # a new process
+    answer_cache._held.clear()  # a new process
     assert score(["Answer: abb", "Answer: ab"]) == pytest.approx([3 / math.sqrt(10), 1.0])
     assert openai_server.embedded == ["ab", "abb", "bab"]
 
@@ -177,7 +183,8 @@ def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_
     expected = [(expected_rating(rating_distribution(model, tokenizer, m)) - 1) / 9 for m in asked]
     assert got == pytest.approx(expected, abs=1e-5) and all(0 <= r <= 1 for r in got) and got[0] != got[1]
 
-    grader_module._models.clear()  # a new process: no judge loaded
+    grader_module._models.clear()  # a new process: no judge loaded, its ratings read from the store
+    answer_cache._held.clear()
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the judge was loaded again"))
     assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == got
 

@@ -18,6 +18,7 @@ from typing import Any
 from .store import Store, open_store
 
 SINGLES, PACKS = "answers", "packs"
+_held: dict[str, AnswerCache] = {}  # AnswerCache.opened(held=True)'s, by folder
 
 
 def digest(obj: Any) -> str:
@@ -25,6 +26,20 @@ def digest(obj: Any) -> str:
 
 
 class AnswerCache:
+    @classmethod
+    def opened(cls, cache_uri: str, purpose: str, identity: dict[str, Any], held: bool = False) -> AnswerCache:
+        """The cache, loaded. `held`: this process's one instance of the folder, loaded at its first
+        use only, for a caller that asks again and again (a GRPO grader, at every step), which would
+        otherwise reread the whole folder (a pack a call) each time; what it adds goes to the store too."""
+        if not held:
+            cache = cls(cache_uri, purpose, identity)
+            cache.load()
+            return cache
+        folder = f"{cache_uri.rstrip('/')}/{purpose}/{digest(identity)[:24]}"
+        if folder not in _held:
+            _held[folder] = cls.opened(cache_uri, purpose, identity)
+        return _held[folder]
+
     def __init__(self, cache_uri: str, purpose: str, identity: dict[str, Any]):
         """`identity`: what makes an answer differ besides the conversation (model, temperature,
         max tokens...). Its digest names the folder, so unrelated answers are never even read."""

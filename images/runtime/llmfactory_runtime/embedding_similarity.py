@@ -4,9 +4,9 @@ similarity of an answer's and its reference's embeddings, by an OpenAI-compatibl
 
 What was paid for is kept in the store (answer_cache), in two folders per endpoint and model: each
 score by its answer and reference, and each reference's embedding (a dataset's references recur every
-epoch; answers are sampled anew). A process reads them once, at its first call, and adds what it
-asks for after: a resumed run pays for nothing it had, and a long run does not reread its own
-history at every step.
+epoch; answers are sampled anew). A process reads them once, at its first call (AnswerCache.opened,
+held), and adds what it asks for after: a resumed run pays for nothing it had, and a long run does not
+reread its own history at every step.
 """
 
 from __future__ import annotations
@@ -20,17 +20,6 @@ from .answer_cache import AnswerCache, digest
 from .openai_client import ChatClient, api_key
 
 BATCH = 256  # texts a request embeds (OpenAI takes up to 2048)
-_held: dict[str, tuple[AnswerCache, AnswerCache]] = {}  # (scores, reference embeddings) by folder, once a process
-
-
-def _caches(cache_uri: str, endpoint: dict[str, Any]) -> tuple[AnswerCache, AnswerCache]:
-    identity = {"baseUrl": endpoint.get("baseUrl"), "model": endpoint["model"]}
-    name = f"{cache_uri}|{digest(identity)}"
-    if name not in _held:
-        _held[name] = (AnswerCache(cache_uri, "cosine", identity), AnswerCache(cache_uri, "embeddings", identity))
-        for cache in _held[name]:
-            cache.load()
-    return _held[name]
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -44,7 +33,9 @@ def cosines(endpoint: dict[str, Any], answers: list[str | None], references: lis
     """Each answer's cosine similarity to its reference, 0-1 (below 0 counts 0); an answer that is None
     (grader.extract found nothing) or empty scores 0 without a request. `field` names the endpoint in
     the spec, for its errors."""
-    scores, embedded = _caches(cache_uri, endpoint)
+    identity = {"baseUrl": endpoint.get("baseUrl"), "model": endpoint["model"]}
+    scores, embedded = (AnswerCache.opened(cache_uri, purpose, identity, held=True)
+                        for purpose in ("cosine", "embeddings"))
     keys = [digest([a, r]) if a and r else None for a, r in zip(answers, references)]
     todo = {k: (a, r) for k, a, r in zip(keys, answers, references) if k and scores.get(k) is None}
     if todo:

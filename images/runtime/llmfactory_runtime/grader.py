@@ -103,10 +103,10 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
         from .models import LazyModel  # noqa: PLC0415 - torch only for a local judge
 
         # Loaded only when a rating is not in the cache, then held for the process's later calls.
-        rated = judge_with_model(lambda: _held(operation, local, LazyModel(local)), local, items, cache_uri)
+        rated = judge_with_model(lambda: _held(operation, local, LazyModel(local)), local, items, cache_uri, held=True)
     else:
         rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
-                               field=f"{field}.judge", key_env=GRADER_KEY_ENV)
+                               field=f"{field}.judge", key_env=GRADER_KEY_ENV, held=True)
     return [(rated[str(i)]["rating"] - 1) / 9 if rated[str(i)]["rating"] is not None else 0.0
             for i in range(len(items))]
 

@@ -181,13 +181,13 @@ class LanguageRule:
 
 
 def judge_with_model(loaded, source: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
-                     on_rating=lambda *_, **__: None) -> dict[str, dict[str, Any]]:
+                     on_rating=lambda *_, **__: None, held: bool = False) -> dict[str, dict[str, Any]]:
     """{item id: {rating}} for each (id, judge messages in the local style) from a local judge:
     `source` the model, loaded() its model and tokenizer (a LazyModel, so that a run whose ratings
     are all cached loads nothing). Ratings are cached in the store by the exact prompt, as an API
-    judge's are, so any phase asking the same judge the same question reads the same rating."""
-    cache = AnswerCache(cache_uri, "judge", {"local": source})
-    cache.load()
+    judge's are, so any phase asking the same judge the same question reads the same rating. `held`:
+    the process's cache, read once (AnswerCache.opened), for a caller that asks at every step."""
+    cache = AnswerCache.opened(cache_uri, "judge", {"local": source}, held)
     out: dict[str, dict[str, Any]] = {}
     for item_id, messages in items:
         key = AnswerCache.key(messages)
@@ -207,14 +207,13 @@ PARSERS = {"rating": (parse_rating, REASK), "verdict": (parse_verdict, REASK_VER
 
 def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
                    max_reasks: int, on_rating, transport=None, field: str = "spec.judge.openai", kind: str = "rating",
-                   key_env: str = JUDGE_KEY_ENV) -> dict[str, dict[str, Any]]:
+                   key_env: str = JUDGE_KEY_ENV, held: bool = False) -> dict[str, dict[str, Any]]:
     """{item id: {rating (or verdict: kind; None when the reply had none), reply, attempts}} for each
     (id, judge messages). `field`: where the endpoint is in the spec, for error messages; `key_env`:
     the variable its key is in."""
     parse, reask = PARSERS[kind]
-    cache = AnswerCache(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
-                                                        "model": endpoint["model"]}, "prompt": 1})
-    cache.load()
+    cache = AnswerCache.opened(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
+                                                               "model": endpoint["model"]}, "prompt": 1}, held)
     out: dict[str, dict[str, Any]] = {}
     todo = []
     for item_id, messages in items:

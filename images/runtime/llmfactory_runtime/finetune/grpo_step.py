@@ -17,8 +17,9 @@ from . import grpo as group_relative
 from .distributed import World
 
 
-# What Step.loss adds up over a step's micro-batches
-FIGURES = ("trained", "entropy", "samplerDifference", "samplerMasked", "answersTrained", "kl", "clipped", "offPolicyMasked")
+# What GrpoStep.loss adds up over a step's micro-batches
+FIGURES = ("trained", "entropy", "samplerDifference", "samplerMasked", "answersTrained", "kl", "clipped",
+           "offPolicyMasked")
 
 
 class GrpoStep:
@@ -96,7 +97,8 @@ class GrpoStep:
         if grpo.get("dynamicSampling"):  # the step's prompts sampled, all processes: its trained ones and replacements
             out["promptsSampled"] = int(world.sum(sum(len(g.prompts) for g in drawn)))
         out["entropy"] = round(sums["entropy"] / trained, 4)
-        if drawn[0].sampler_logps is not None:  # sampled by vLLM. TRL's sampling_logp_difference: the engines' disagreement per answer token trained
+        # Sampled by vLLM: TRL's sampling_logp_difference, the engines' disagreement per answer token trained
+        if drawn[0].sampler_logps is not None:
             out["samplerLogpDiff"] = round(sums["samplerDifference"] / trained, 6)
             if grpo["vllmImportanceSamplingCorrection"] and grpo["vllmImportanceSamplingMode"].endswith("mask"):
                 out["samplerMasked"] = round(sums["samplerMasked"] / trained, 4)

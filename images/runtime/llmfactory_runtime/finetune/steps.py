@@ -82,7 +82,8 @@ class PreferenceStep:
             self.preferred += float(kto_agrees(reward, self.kl, desirable, settings["beta"]).sum())
         else:
             if self.objective == "reward":
-                losses, margins = reward_terms(pair_rewards(engine, batch), settings, pair_margins(self.data.examples, items))
+                losses, margins = reward_terms(pair_rewards(engine, batch), settings,
+                                               pair_margins(self.data.examples, items))
             else:
                 losses, margins = dpo_terms(answer_logps(engine, batch, counts),
                                             self.reference[items] if self.reference is not None else None,

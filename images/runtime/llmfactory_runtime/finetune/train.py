@@ -121,7 +121,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     train_rows, val_rows = read_split(dataset["uri"], "train"), read_split(dataset["uri"], "validation")
     if not train_rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
-    data, val = encoding.encode(spec, tokenizer, train_rows, "train"), encoding.encode(spec, tokenizer, val_rows, "validation")
+    data = encoding.encode(spec, tokenizer, train_rows, "train")
+    val = encoding.encode(spec, tokenizer, val_rows, "validation")
     examples = data.examples
     if not examples:
         raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {unit} has "
@@ -271,7 +272,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     def evaluate_on_the_way(step: int) -> None:
         """At every evalEverySteps-th step (the end has its own evaluation)."""
         every = hp.get("evalEverySteps")
-        if every and step % every == 0 and step < total_steps and step not in {e[0] for e in state.evals} | state.rewards.keys():
+        done = {e[0] for e in state.evals} | state.rewards.keys()
+        if every and step % every == 0 and step < total_steps and step not in done:
             progress.update(step, figure="evaluating")
             loss = evaluate(step)
             if loss is not None:
