@@ -932,12 +932,13 @@ def test_dynamic_sampling_trains_each_step_on_groups_that_teach_and_a_resumed_ru
 
 @pytest.mark.slow
 def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_and_each_parts_rewards(
-        tiny_model, tiny_reward_model, tmp_path):
+        tiny_model, tiny_reward_model, openai_server, tmp_path):
     """The adapter starts at zero, so the first step's KL is 0; it grows as the adapter trains (its policy
     term on the high-entropy half of the answer tokens: topEntropyQuantile, the KL on all). The
     rewards are a sum grader's: a python part, which reads a field of the row the other graders know
     nothing of (and logs what it saw), a check at half weight, and at weight 0 a local judge (the tiny
-    model) and a reward model, both in the training process; each part's mean is reported."""
+    model) and a reward model, both in the training process, chrF, and cosine by an embeddings endpoint
+    (the local server's letter counts); each part's mean is reported."""
     data = tmp_path / "data"
     data.mkdir()
     log = tmp_path / "graded.jsonl"
@@ -958,7 +959,10 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
                                             {"operation": "rewardModel", "name": "preferred", "weight": 0,
                                              "rewardModel": {"uri": f"file://{tiny_reward_model}"}},
                                             {"operation": "similarity", "metric": "chrf", "referenceField": "answer",
-                                             "name": "alike", "weight": 0}]}
+                                             "name": "alike", "weight": 0},
+                                            {"operation": "similarity", "metric": "cosine", "referenceField": "answer",
+                                             "name": "meaning", "weight": 0, "embeddings": {
+                                                 "baseUrl": openai_server.url, "model": "text-embedding-3-small"}}]}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
                          grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed,
                                "overlongPenalty": {"bufferTokens": 3}, "topEntropyQuantile": 0.5},
@@ -998,6 +1002,15 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     alike = [sum(similarity(text, "a", "chrf") for _, _, text in graded[i:i + 8]) / 8 for i in range(0, 64, 8)]
     assert [e.value for e in accumulator.Scalars("train/rewards/alike")] == pytest.approx(alike, abs=1e-4)
     assert max(alike) > 0
+    # The cosine part: the same, by the embeddings the server gave (the reference's asked for once).
+    from llmfactory_runtime.embedding_similarity import cosine
+    from tests.openai_server import letter_counts
+
+    def meaning_of(text: str) -> float:
+        return min(1.0, cosine(letter_counts(text.strip()), letter_counts("a"))) if text.strip() else 0.0
+    meaning = [sum(meaning_of(text) for _, _, text in graded[i:i + 8]) / 8 for i in range(0, 64, 8)]
+    assert [e.value for e in accumulator.Scalars("train/rewards/meaning")] == pytest.approx(meaning, abs=1e-4)
+    assert max(meaning) > 0 and len({text.strip() for _, _, text in graded} - {""}) <= len(openai_server.embedded)
     judged = [e.value for e in accumulator.Scalars("train/rewards/judged")]
     assert len(judged) == 8 and all(0 < r < 1 for r in judged) and len(set(judged)) > 1
     assert figures["reward.judged"] == pytest.approx(judged[-1], abs=1e-4)
@@ -1008,7 +1021,8 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     assert "grader: sum of 1 x length (python, its source in the task document), 0.5 x has_a (contains against " \
            f"field 'answer'), 0 x judged (judge against field 'answer' by the local judge file://{tiny_model}), " \
            f"0 x preferred (reward model file://{tiny_reward_model}), 0 x alike (similarity (chrf) against field " \
-           "'answer')" in card
+           "'answer'), 0 x meaning (similarity (cosine) against field 'answer' by text-embedding-3-small's " \
+           "embeddings)" in card
 
 
 @pytest.mark.extended(reason=(
