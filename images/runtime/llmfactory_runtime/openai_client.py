@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import httpx
 
-from . import EMBEDDINGS_KEY_ENV, GRADER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, TEACHER_KEY_ENV  # noqa: F401 - re-exported for the phases
+from . import (EMBEDDINGS_KEY_ENV, GRADER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV,  # noqa: F401 - re-exported
+               TEACHER_KEY_ENV)
 from .task import InvalidTask
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
@@ -151,13 +152,13 @@ class ChatClient:
         reserved = sum(len(t) for t in texts) / 4
         response = await self._post("/embeddings", {"model": self.endpoint["model"], "input": texts}, reserved)
         try:
-            data = sorted(response.json()["data"], key=lambda d: d["index"])
-            vectors = [[float(x) for x in d["embedding"]] for d in data]
+            payload = response.json()
+            vectors = [[float(x) for x in d["embedding"]] for d in sorted(payload["data"], key=lambda d: d["index"])]
         except (KeyError, TypeError, ValueError) as exc:
             raise EndpointError(f"{self.endpoint.get('baseUrl')}: not embeddings ({exc}): {response.text[:200]}") from None
         if len(vectors) != len(texts):
             raise EndpointError(f"{self.endpoint.get('baseUrl')}: {len(vectors)} embeddings for {len(texts)} texts")
-        usage = response.json().get("usage") or {}
+        usage = payload.get("usage") or {}
         if self.tokens and usage.get("prompt_tokens"):
             self.tokens.take(int(usage["prompt_tokens"]) - reserved)
         return vectors
