@@ -64,7 +64,7 @@ def run(args, running: contextlib.ExitStack) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     rows = [{"prompt": p["text"], "reference": "the"} for p in spec["sources"][0]["inline"]]
     grpo = {"generations": args.generations, "temperature": 1.0, "maxNewTokens": args.max_new_tokens,
-            "scaleRewards": True, "beta": args.beta, "epsilon": 0.2, "importanceSamplingLevel": "token", "maskTruncated": False, "lossType": "dapo",
+            "scaleRewards": "group", "beta": args.beta, "epsilon": 0.2, "importanceSamplingLevel": "token", "maskTruncated": False, "lossType": "dapo",
             "grader": {"referenceField": "reference", "operation": "icontains"}}
     prompts = encode_prompts(tokenizer, rows, 1024, grpo["grader"], "prompts")
     print(f"{args.prompts} prompts x {args.generations} answers per step, up to {args.max_new_tokens} new tokens, "

@@ -26,7 +26,9 @@ from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.batching import collate_sequences
 from llmfactory_runtime.finetune.grpo import (Groups, advantages, draw, dynamic_sampling, encode_prompts,
                                               high_entropy, loss_terms, moving_rows, normalizer, overlong_penalties,
-                                              sample, sampled_batch, score, sequences)
+                                              rewards_std, sample, sampled_batch, score, sequences)
+from llmfactory_runtime.finetune.distributed import World
+from llmfactory_runtime.finetune.grpo_step import GrpoStep
 from llmfactory_runtime.generate import stop_token_ids
 from llmfactory_runtime import python_grader as python_grader_module
 from llmfactory_runtime.grader import describe, graded_of, last_number, reward, rewards
@@ -362,12 +364,46 @@ def test_a_row_gives_its_prompt_and_reference_or_an_error_naming_what_it_lacks(t
                        "spec.objective grpo: train.jsonl")
 
 
-def test_advantages_are_each_reward_against_its_groups_mean_and_spread():
+def test_advantages_are_each_reward_against_its_groups_mean_divided_by_its_groups_or_the_steps_spread_or_not():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two groups of four
     spread = (4 * 0.25 / 3) ** 0.5  # unbiased standard deviation of 1, 0, 0, 1
-    assert advantages(rewards, 4, scale=True).tolist() == pytest.approx(
+    assert advantages(rewards, 4, "group").tolist() == pytest.approx(
         [0.5 / (spread + 1e-4), -0.5 / (spread + 1e-4), -0.5 / (spread + 1e-4), 0.5 / (spread + 1e-4), 0, 0, 0, 0])
-    assert advantages(rewards, 4, scale=False).tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]  # Dr. GRPO
+    assert advantages(rewards, 4, "batch", batch_std=2.0).tolist() == pytest.approx(
+        [0.5 / 2.0001, -0.5 / 2.0001, -0.5 / 2.0001, 0.5 / 2.0001, 0, 0, 0, 0])
+    assert advantages(rewards, 4, "none").tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]  # Dr. GRPO
+
+
+def test_scale_rewards_batch_divides_by_the_spread_of_every_reward_of_the_step_on_every_process(tiny_model):
+    """A group of near-equal rewards keeps its small advantages (group would magnify them to ~1):
+    the divisor is the standard deviation of the step's rewards, its micro-batches and the other
+    processes' included (one reduction of count, sum and sum of squares)."""
+    def reduced_here(rewards: list[torch.Tensor]) -> torch.Tensor:
+        sent = []
+        rewards_std(rewards, lambda t: sent.append(t) or t)
+        return sent[0]
+
+    mine, theirs = [torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0.5, 0.51, 0.5, 0.5])], [torch.tensor([3.0, 1, 2, 1])]
+    everything = torch.cat(mine + theirs)
+    assert rewards_std(mine, lambda t: t + reduced_here(theirs)) == pytest.approx(float(everything.std()))
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = tok("a question")["input_ids"]
+
+    def groups_of(rewards: torch.Tensor) -> Groups:
+        return Groups([{"prompt": prompt}], [[5, 6]] * 4, rewards, {}, [False] * 4)
+
+    spec = {"scaleRewards": "batch", "beta": 0.0, "maskTruncated": False, "lossType": "dapo", "generations": 4,
+            "maxNewTokens": 2}
+    world = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
+    step = GrpoStep(None, tok, spec, world, [[{}], [{}]], [], lambda chunks: [groups_of(r) for r in mine], micro=1)
+    spread = float(torch.cat(mine).std())
+    assert step.sampled[0]["advantages"].tolist() == pytest.approx([0.5 / (spread + 1e-4), -0.5 / (spread + 1e-4),
+                                                                   -0.5 / (spread + 1e-4), 0.5 / (spread + 1e-4)])
+    near_equal = step.sampled[1]["advantages"]
+    assert near_equal.tolist() == pytest.approx([-0.0025 / (spread + 1e-4), 0.0075 / (spread + 1e-4)] + [
+        -0.0025 / (spread + 1e-4)] * 2, rel=1e-4)
+    assert float(advantages(mine[1], 4, "group").abs().max()) > 1  # what group would have made of them
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
@@ -385,7 +421,7 @@ def test_rows_that_cannot_move_the_loss_are_left_out_and_the_loss_and_gradients_
     # and divided by their spread (~1e-9) the difference would be an advantage of ~1e-4.
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0] + [1.0] * 8 + [0.1] * 8)
     assert float((rewards[16:] - rewards[16:].mean()).abs().max()) > 0
-    advantage = advantages(rewards, 8, scale=True)
+    advantage = advantages(rewards, 8, "group")
     assert advantage[8:].tolist() == [0.0] * 16 and all(advantage[:8] != 0)
     masked = [False] * 24
     masked[1] = masked[9] = True  # as maskTruncated leaves out answers that never ended
@@ -449,7 +485,7 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     assert score(tok, answers, prompts, grader(), "file:///unused")[0].tolist() == [1.0] * 12
     # maskTruncated: the same answers, those that never ended without labels, all of them rewarded.
     chunk = encode_prompts(tok, rows, 40, grader("contains"), "train.jsonl")
-    spec = {"generations": 4, "temperature": 1.0, "maxNewTokens": 30, "scaleRewards": True, "beta": 0.0,
+    spec = {"generations": 4, "temperature": 1.0, "maxNewTokens": 30, "scaleRewards": "group", "beta": 0.0,
             "grader": grader("contains"), "maskTruncated": True}
     torch.manual_seed(0)
     [groups] = draw(model, tok, [chunk], spec, 40, "cpu", "file:///unused")
@@ -754,7 +790,7 @@ def test_with_beta_the_reference_is_the_base_model_the_adapter_switched_off(tiny
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).train()
     chunk = encode_prompts(tok, [{"prompt": q, "answer": a} for q, a in PAIRS[:2]], 64, grader(), "train.jsonl")
-    spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": True, "beta": 0.1, "maskTruncated": False, "lossType": "dapo",
+    spec = {"generations": 2, "temperature": 1.0, "maxNewTokens": 6, "scaleRewards": "group", "beta": 0.1, "maskTruncated": False, "lossType": "dapo",
             "grader": grader("contains")}
     [groups] = draw(model, tok, [chunk], spec, 64, "cpu", "file:///unused")
     sampled = sampled_batch(model, tok, groups, spec, "cpu")
@@ -1037,7 +1073,8 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
     the step's loss is normalized over both processes' answer tokens, so DDP and DeepSpeed ZeRO-2
     (which sums the gradients itself) follow the same curve, with grpo.iterations 2 stepping the
     schedule twice a step and answers cut at maxNewTokens left out of the loss; topEntropyQuantile ranks
-    the entropies of both processes' answer tokens together."""
+    the entropies of both processes' answer tokens together, and scaleRewards batch divides by the spread
+    of both processes' rewards."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
@@ -1052,7 +1089,7 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
     tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{strategy}", objective="grpo",
                            # 16 new tokens: enough that some answers end (a random model seldom does).
                            grpo={"generations": 4, "maxNewTokens": 16, "iterations": 2, "maskTruncated": True,
-                                 "grader": summed, "topEntropyQuantile": 0.5},
+                                 "grader": summed, "topEntropyQuantile": 0.5, "scaleRewards": "batch"},
                            distribution={"strategy": strategy}, resources={"gpusPerNode": 2},
                            hyperparameters={"epochs": 2, "batchSize": 1, "learningRate": 0.05})
              for strategy in ("ddp", "deepspeed")]

@@ -148,6 +148,8 @@ BAD = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"dynamicSampling": {"oversampling": 1}}}, "violates minimum"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"scaleRewards": "batches"}}, "not in"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"topEntropyQuantile": 0}}, "violates minimum"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"offPolicyMaskThreshold": 0.5}}, "only happens with grpo.iterations above 1 or grpo.engine vllm"),

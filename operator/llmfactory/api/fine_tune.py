@@ -353,10 +353,12 @@ class Grpo(ApiModel):
     max_new_tokens: int = Field(256, ge=1, le=131072, description=(
         "Longest sampled answer, in tokens; the prompt and answer together are cut at "
         "hyperparameters.maxSeqLength."))
-    scale_rewards: bool = Field(True, description=(
-        "Divide each group's advantages by the standard deviation of its rewards (GRPO's); false keeps "
-        "them unscaled, as Dr. GRPO (Liu et al., 2025) advises against its bias toward too-easy and "
-        "too-hard prompts."))
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description=(
+        "What each answer's advantage (its reward minus its group's mean) is divided by, as TRL's "
+        "scale_rewards. group (GRPO's): the standard deviation of its group's rewards. batch: that of "
+        "every reward of the step, all processes (Lite PPO's, in \"Tricks or Traps?\", 2025: a group of "
+        "near-equal rewards keeps its small advantages, which group would magnify). none: unscaled, as Dr. "
+        "GRPO (Liu et al., 2025) advises against group's bias toward too-easy and too-hard prompts."))
     beta: float = Field(0.0, ge=0, le=10, description=(
         "Weight of the KL penalty that keeps the model near its reference (the base before training: the "
         "adapter switched off), per answer token with the k3 estimator, as DeepSeekMath (0.04) and TRL do. 0 "

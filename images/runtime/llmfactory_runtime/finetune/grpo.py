@@ -3,7 +3,7 @@ it (grpo.iterations optimizer steps per batch of samples, DAPO's token-level los
 with beta).
 
 Each prompt gets `generations` sampled answers; each answer is scored by the grader; its advantage
-is its reward minus its group's mean (divided by the group's standard deviation with scaleRewards).
+is its reward minus its group's mean (divided by the group's or the step's standard deviation as scaleRewards says).
 Each answer token's loss is PPO's clipped surrogate  -min(ratio x advantage, clip(ratio, 1 - epsilon,
 1 + epsilonHigh) x advantage) + beta x KL, summed over the step's answer tokens and divided by their
 number (DAPO; grpo.lossType grpo and dr_grpo normalize as their papers do, see normalizer). On a step's first optimizer update the ratio is exp(logp - logp.detach()) (value 1,
@@ -100,15 +100,29 @@ def uniform_groups(rewards: torch.Tensor, n: int) -> torch.Tensor:
     return (groups == groups[:, :1]).all(1)
 
 
-def advantages(rewards: torch.Tensor, n: int, scale: bool) -> torch.Tensor:
-    """Each reward minus its group's mean (groups of n in order), divided by the group's standard
-    deviation (unbiased, plus 1e-4, as TRL's) when scale is true; exactly 0 in a uniform group, not
-    its mean's rounding error (eight float32 rewards of 0.1: 7e-9, divided by their spread ~1e-4)."""
+def advantages(rewards: torch.Tensor, n: int, scale: str, batch_std: float | None = None) -> torch.Tensor:
+    """Each reward minus its group's mean (groups of n in order), divided as grpo.scaleRewards says
+    (plus 1e-4, as TRL's): by the group's standard deviation (unbiased) with group, by batch_std
+    (the step's, all processes: rewards_std) with batch, not at all with none; exactly 0 in a uniform
+    group, not its mean's rounding error (eight float32 rewards of 0.1: 7e-9, divided by their spread
+    ~1e-4)."""
     groups = rewards.view(-1, n)
     centred = groups - groups.mean(1, keepdim=True)
-    if scale:
+    if scale == "group":
         centred = centred / (groups.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        centred = centred / (batch_std + 1e-4)
     return centred.masked_fill(uniform_groups(rewards, n)[:, None], 0.0).flatten()
+
+
+def rewards_std(rewards: list[torch.Tensor], world_sum_tensor: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """The unbiased standard deviation of every reward in `rewards` on all processes (grpo.scaleRewards
+    batch's divisor, TRL's rewards.std() over its gathered batch), from one reduction of their count,
+    sum and sum of squares (float64: a sum of squares of large rewards keeps its small spread)."""
+    flat = torch.cat([r.double().flatten() for r in rewards])
+    count, total, squares = world_sum_tensor(torch.stack([torch.tensor(float(len(flat)), dtype=torch.float64),
+                                                          flat.sum(), (flat * flat).sum()])).tolist()
+    return max((squares - total * total / count) / max(count - 1, 1), 0.0) ** 0.5
 
 
 def sequences(prompts: list[list[int]], answers: list[list[int]], n: int,
@@ -201,9 +215,10 @@ def dynamic_sampling(groups: list[Groups], reserve: list[dict[str, Any]],
     return groups, later
 
 
-def sampled_batch(model, tokenizer, groups: Groups, grpo: dict, device) -> dict[str, Any]:
+def sampled_batch(model, tokenizer, groups: Groups, grpo: dict, device, batch_std: float | None = None) -> dict[str, Any]:
     """A micro-batch of the step from its sampled groups: a batch of one answer (after its prompt) per
-    row, only those that can move the loss (moving_rows), with each row's advantage, and with
+    row, only those that can move the loss (moving_rows), with each row's advantage (batch_std: the
+    step's, for grpo.scaleRewards batch), and with
     grpo.beta the rows' reference token log-probabilities (the model with its adapter switched off);
     with vLLM's log-probabilities (grpo.engine vllm), those of the rows' tokens as samplerLogps.
     With grpo.maskTruncated an answer that never ended has no labels: its reward still counts in its
@@ -212,7 +227,7 @@ def sampled_batch(model, tokenizer, groups: Groups, grpo: dict, device) -> dict[
     prompts = [e["prompt"] for e in groups.prompts]
     masked = groups.truncated if grpo["maskTruncated"] else [False] * len(answers)
     seqs = sequences(prompts, answers, n, masked)
-    advantage = advantages(groups.rewards, n, grpo["scaleRewards"])
+    advantage = advantages(groups.rewards, n, grpo["scaleRewards"], batch_std)
     rows = moving_rows(advantage, masked, bool(grpo["beta"]))
     batch = collate_sequences(seqs, [[k] for k in rows], tokenizer.pad_token_id, packed=True)
     reference = None

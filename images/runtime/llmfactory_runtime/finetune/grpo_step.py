@@ -38,7 +38,10 @@ class GrpoStep:
                 groups, reserve, lambda fresh: draw([fresh[i:i + micro] for i in range(0, len(fresh), micro)]))
             self.drawn += later
         self.groups = groups
-        self.sampled = [group_relative.sampled_batch(model, tokenizer, g, grpo, world.device) for g in groups]
+        batch_std = (group_relative.rewards_std([g.rewards for g in groups], world.sum_tensor)
+                     if grpo["scaleRewards"] == "batch" else None)
+        self.sampled = [group_relative.sampled_batch(model, tokenizer, g, grpo, world.device, batch_std)
+                        for g in groups]
         self.batches = [(s["batch"], None) for s in self.sampled]
         # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
         self.answer_tokens = max(world.sum(sum(s["labelled"] for s in self.sampled)), 1)
