@@ -22,6 +22,7 @@ class Request:
     authorization: str | None
     status: int = 0
     delivered_at: float | None = None
+    billed: tuple[int, int] = (0, 0)  # the usage answered: prompt and completion tokens
 
     @property
     def last_user(self) -> str:
@@ -47,6 +48,7 @@ class OpenAIServer:
     reply: Callable[[Request], dict[str, Any]] = default_reply
     embed: Callable[[str], list[float]] = letter_counts  # /embeddings: each input's vector
     embedded: list[str] = field(default_factory=list)  # every text /embeddings was asked for, in order
+    embedding_tokens: int = 0  # the prompt tokens /embeddings billed
     latency: float = 0.0
     api_key: str | None = None
     requests: list[Request] = field(default_factory=list)
@@ -75,13 +77,13 @@ class OpenAIServer:
                                          status=out["status"], headers=out.get("headers"))
             req.status = 200
             text = out["text"]
-            prompt_chars = sum(len(m["content"]) for m in req.messages)
+            req.billed = (sum(len(m["content"]) for m in req.messages) // 4 + 1, len(text.split()))
             response = web.json_response({
                 "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": out.get("finish_reason", "stop")}],
-                "usage": {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": len(text.split()),
-                          "total_tokens": prompt_chars // 4 + 1 + len(text.split())}})
+                "usage": {"prompt_tokens": req.billed[0], "completion_tokens": req.billed[1],
+                          "total_tokens": sum(req.billed)}})
             req.delivered_at = time.monotonic()
             return response
         finally:
@@ -95,6 +97,7 @@ class OpenAIServer:
         if any(not t for t in texts):  # as OpenAI answers
             return web.json_response({"error": {"message": "'$.input' is invalid"}}, status=400)
         self.embedded += texts
+        self.embedding_tokens += sum(len(t) for t in texts) // 4 + 1
         return web.json_response({
             "object": "list", "model": body["model"],
             "data": [{"object": "embedding", "index": i, "embedding": self.embed(t)} for i, t in enumerate(texts)],
@@ -126,6 +129,11 @@ class OpenAIServer:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+    def billed(self, model: str) -> dict[str, int]:
+        """The chat tokens answered to requests for `model`, as an ApiUsage counts them."""
+        asked = [r.billed for r in self.requests if r.body["model"] == model]
+        return {"promptTokens": sum(p for p, _ in asked), "completionTokens": sum(c for _, c in asked)}
 
     def asked(self, text: str) -> list[Request]:
         return [r for r in self.requests if r.last_user == text]

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory.api.headline import headline
 from llmfactory.planner import PlanError, parse, plan
+from llmfactory_runtime import grader as grader_module
 from llmfactory_runtime.benchmark import run as benchmark
 from llmfactory_runtime.benchmark.judge import (RATINGS, comparison_outcome, expected_rating, judge_messages,
                                                 parse_rating, parse_verdict, rating_distribution)
@@ -110,10 +111,16 @@ def test_api_judge_grades_two_turns_reasks_and_never_pays_twice(tiny_model, tmp_
     doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "mt"},
            "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}}, "baseline": False,
                     "judge": {"openai": {"baseUrl": openai_server.url, "model": "gpt-4o",
-                                         "apiKeySecret": {"name": "openai", "key": "k"}, "maxRetries": 2},
+                                         "apiKeySecret": {"name": "openai", "key": "k"}, "maxRetries": 2,
+                                         "price": {"inputPerMillion": 2.5, "outputPerMillion": 10}},
                               "languages": ["en"], "maxQuestions": 3, "maxNewTokens": 6, "languageRule": False},
                     "gates": [{"metric": "judge.turn1", "op": ">=", "value": 7}]}}
     result, store = _run(doc, tmp_path)
+    # Six judgements paid for (three questions, two turns); the tokens of every request, re-asks too.
+    usage = result["judgeUsage"]
+    assert usage == {"requests": 6, "cached": 0, **openai_server.billed("gpt-4o"), "costUsd": usage["costUsd"]}
+    assert usage["costUsd"] == pytest.approx(usage["promptTokens"] * 2.5e-6 + usage["completionTokens"] * 1e-5,
+                                             abs=1e-6) and usage["costUsd"] > 0
     m = result["metrics"]
     assert (m["judge.turn1"], m["judge.turn2"], m["judge.score"], m["judge.unrated"]) == (8, 4, 6, 0)
     assert result["passed"] is True
@@ -132,6 +139,7 @@ def test_api_judge_grades_two_turns_reasks_and_never_pays_twice(tiny_model, tmp_
     doc["spec"]["gates"] = [{"metric": "judge.score", "op": ">=", "value": 5}]
     again, _ = _run(doc, tmp_path)
     assert len(openai_server.requests) == asked and again["metrics"]["judge.score"] == 6
+    assert again["judgeUsage"] == {"requests": 0, "cached": 6, "promptTokens": 0, "completionTokens": 0, "costUsd": 0}
 
 
 def test_an_answer_in_another_language_scores_one_without_the_judge(tiny_model, tmp_path, monkeypatch):
@@ -327,7 +335,8 @@ def test_a_kto_fine_tunes_held_out_labelled_answers_are_scored_against_its_base(
              lambda *k: fine_tune, f"file://{tmp_path}/store")
 
 
-def test_a_grpo_fine_tunes_held_out_prompts_are_answered_and_rewarded_against_its_base(tiny_model, tmp_path):
+def test_a_grpo_fine_tunes_held_out_prompts_are_answered_and_rewarded_against_its_base(tiny_model, tmp_path,
+                                                                                       openai_server):
     """reward.value and reward.baseline: the grader's mean reward of each model's greedy answers to
     the GRPO FineTune's test prompts, gate-able; each answer is kept, so a restarted run reads it
     rather than asking again."""
@@ -380,6 +389,18 @@ def test_a_grpo_fine_tunes_held_out_prompts_are_answered_and_rewarded_against_it
                                                                                   "turns": [1, 1, 1, 1]}
     assert '| "2+2?" | "never" | 0.5 (exact 1, turns 1): "never" | -0.5 (exact 0, turns 1): ' in \
         store.read_bytes("report/report.md").decode()  # the kept answer changed above, and the base's
+    # A cosine grader's embeddings endpoint: what was asked of it, with its cost, in the result.
+    grader_module._usage.clear()  # as in a new process
+    task["spec"]["reward"]["grader"] = {"referenceField": "solution", "operation": "similarity", "metric": "cosine",
+                                        "embeddings": {"baseUrl": openai_server.url, "model": "embed",
+                                                       "price": {"inputPerMillion": 100, "outputPerMillion": 0}}}
+    result = benchmark.run(task, store, Progress(store))
+    rewarded = store.read_json("report/report.json")["rewarded"]
+    scored = {(a, row["solution"]) for label in ("model", "baseline")
+              for a, row in zip(rewarded[label]["answers"], rows) if a}
+    assert result["graderUsage"] == {"embeddings": {
+        "requests": len(scored), "cached": 0, "promptTokens": openai_server.embedding_tokens, "completionTokens": 0,
+        "costUsd": round(openai_server.embedding_tokens * 1e-4, 6)}} and openai_server.embedding_tokens > 0
     # A malformed row fails naming the field, the file and the row.
     (tmp_path / "prompts" / "test.jsonl").write_bytes(dumps_jsonl(rows + [{"messages": conversations[0]}]))
     task, store = _planned(doc, tmp_path, fine_tune, store="other")

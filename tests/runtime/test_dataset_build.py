@@ -84,6 +84,11 @@ def run_in_process(tmp_path: Path, doc: dict) -> tuple[dict, dict]:
     return task, build.run(task, store, Progress(store))
 
 
+def _counts(usage: dict) -> dict[str, int]:
+    """A usage's answers paid for and found in the cache (a local model's: it bills no tokens)."""
+    return {"requests": usage["requests"], "cached": usage["cached"]}
+
+
 def test_openai_teacher_builds_a_multilingual_multi_turn_dataset(tmp_path, openai_server, monkeypatch):
     openai_server.reply, openai_server.api_key = scripted, KEY
     monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
@@ -251,9 +256,10 @@ def test_sharded_build_asks_each_prompt_once_within_the_limits_and_equals_one_pr
     assert sorted(r.last_user for r in openai_server.requests) == sorted(p["text"] for p in prompts)
     assert openai_server.max_in_flight <= 3  # the build's concurrency, not each shard's
     shards = [run.read_json(f"shards/{i}/result.json") for i in range(3)]
-    assert [s["prompts"] for s in shards] == [4, 4, 4] and sum(s["requests"] for s in shards) == 12
-    result = run.read_json("result.json")
-    assert result["teacherUsage"]["requests"] == 12 and result["teacherUsage"]["cached"] == 0
+    assert [s["prompts"] for s in shards] == [4, 4, 4] and sum(s["usage"]["teacher"]["requests"] for s in shards) == 12
+    result = run.read_json("result.json")  # the merge's: what the shards paid for, none of it twice
+    assert _counts(result["teacherUsage"]) == {"requests": 12, "cached": 0}
+    assert result["teacherUsage"]["promptTokens"] == openai_server.billed("gpt-4o")["promptTokens"]
     assert sum(result["rows"].values()) == 12
     assert subprocess.run(cmd + ["3"], capture_output=True).returncode == 0  # already committed: nothing to do
 
@@ -293,7 +299,8 @@ def test_a_judge_drops_weak_answers_and_long_prompts_are_never_asked(tmp_path, o
               "language": "en"}
     doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None, filters={
         "nearDuplicateThreshold": 0, "maxPromptTokens": 200, "tokenizer": {"uri": f"file://{tiny_model}"},
-        "judge": {"openai": {"baseUrl": openai_server.url, "model": "judge-model"}, "minScore": 6}})
+        "judge": {"openai": {"baseUrl": openai_server.url, "model": "judge-model",
+                             "price": {"inputPerMillion": 1, "outputPerMillion": 2}}, "minScore": 6}})
     del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
     _, result = run_in_process(tmp_path, doc)
 
@@ -303,13 +310,17 @@ def test_a_judge_drops_weak_answers_and_long_prompts_are_never_asked(tmp_path, o
     # The sea's first answer rated 8, its second turn 3: the conversation is dropped whole.
     assert sum(result["rows"].values()) == 1 and result["rowsPerLanguage"] == {"en": 1}
     judge_requests = [r for r in openai_server.requests if r.body["model"] == "judge-model"]
-    assert result["judgeUsage"] == {"requests": 5, "cached": 0}  # 4 first turns + the sea's second
+    # 4 first turns + the sea's second; the tokens of every request, the re-ask's too, at the judge's price
+    usage = result["judgeUsage"]
+    assert usage == {"requests": 5, "cached": 0, **openai_server.billed("judge-model"), "costUsd": usage["costUsd"]}
+    assert usage["costUsd"] == pytest.approx((usage["promptTokens"] + 2 * usage["completionTokens"]) / 1e6, abs=1e-6)
     assert len(judge_requests) == 5 + 1  # the unrated one was asked once more
     # A rebuild with another split: the teacher and the judge are both paid nothing.
     openai_server.requests.clear()
     doc["spec"]["split"] = {"validation": 0.0, "test": 0.0, "seed": 1}
     _, again = run_in_process(tmp_path, doc)
-    assert openai_server.requests == [] and again["judgeUsage"] == {"requests": 0, "cached": 5}
+    assert openai_server.requests == [] and again["judgeUsage"] == {"requests": 0, "cached": 5, "promptTokens": 0,
+                                                                    "completionTokens": 0, "costUsd": 0}
 
     # With an API teacher, the tokenizer that counts must be named.
     del doc["spec"]["filters"]["tokenizer"]
@@ -342,7 +353,7 @@ def test_preferences_pair_the_teachers_answer_with_the_students_own_and_a_dpo_fi
 
     assert result["format"] == "preference" and result["dropped"] == {"preference_tie": 1}
     assert headline("DatasetBuild", result).startswith("3 preference pairs (")
-    assert result["rejectedUsage"] == {"requests": 4, "cached": 0}
+    assert _counts(result["rejectedUsage"]) == {"requests": 4, "cached": 0}
     rows = [json.loads(line) for split in ("train", "validation", "test")
             for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
     by_prompt = {row["prompt"][0]["content"]: row for row in rows}
@@ -357,7 +368,7 @@ def test_preferences_pair_the_teachers_answer_with_the_students_own_and_a_dpo_fi
     # A rebuild with another split generates nothing again.
     doc["spec"]["split"] = {"validation": 0.0, "test": 0.0, "seed": 1}
     _, again = run_in_process(tmp_path, doc)
-    assert again["rejectedUsage"] == {"requests": 0, "cached": 4}
+    assert _counts(again["rejectedUsage"]) == {"requests": 0, "cached": 4}
 
     # A DPO FineTune reads them; one on a build of conversations is refused, naming the field.
     fine_tune = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "dpo"},
@@ -403,7 +414,8 @@ def test_rejected_answers_from_an_api_model_with_its_own_key_and_pairs_without_o
 
     assert "rejected" not in task["inputs"] and "sk-" not in json.dumps(task)
     assert result["dropped"] == {"rejected_refused": 1, "rejected_empty": 1}
-    assert result["rejectedUsage"] == {"requests": 4, "cached": 0}  # the refusal is kept too: never asked again
+    # The refusal is kept too (never asked again); the tokens are those of the answers
+    assert result["rejectedUsage"] == {"requests": 4, "cached": 0, **openai_server.billed("weak")}
     weak = [r for r in openai_server.requests if r.body["model"] == "weak"]
     assert {r.authorization for r in weak} == {"Bearer sk-weak"}
     assert {r.authorization for r in openai_server.requests if r not in weak} == {"Bearer sk-teacher"}
@@ -417,7 +429,7 @@ def test_rejected_answers_from_an_api_model_with_its_own_key_and_pairs_without_o
         ("And briefly?", "Meh: And briefly?"), ("Tell me about snow.", "Meh: Tell me about snow.")]
     doc["spec"]["split"] = {"validation": 0.0, "test": 0.0, "seed": 1}
     _, again = run_in_process(tmp_path, doc)
-    assert again["rejectedUsage"] == {"requests": 0, "cached": 4} and again["dropped"] == result["dropped"]
+    assert _counts(again["rejectedUsage"]) == {"requests": 0, "cached": 4} and again["dropped"] == result["dropped"]
 
 
 def test_shards_divide_every_apis_limits():
@@ -460,7 +472,8 @@ def test_a_judged_pair_whose_rejected_answer_rates_as_high_as_the_chosen_one_is_
             for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
     assert sorted(r["prompt"][0]["content"] for r in rows) == prompts[:2]
     assert all((r["score_chosen"], r["score_rejected"]) == (8.0, 3.0) for r in rows)
-    assert result["judgeUsage"] == {"requests": 6, "cached": 3}  # the chosen answers' ratings came from the cache
+    # the chosen answers' ratings came from the cache
+    assert result["judgeUsage"] == {"requests": 6, "cached": 3, **openai_server.billed("judge")}
 
 
 def test_a_reward_model_scores_each_pair_and_one_whose_rejected_answer_scores_as_high_is_dropped(
@@ -504,12 +517,12 @@ def test_a_reward_model_scores_each_pair_and_one_whose_rejected_answer_scores_as
         assert (row["score_chosen"], row["score_rejected"]) == (pytest.approx(chosen[i], abs=1e-4),
                                                                  pytest.approx(rejected[i], abs=1e-4))
     # The scores are cached like a judge's ratings: a rebuild (another split) loads no reward model.
-    assert result["rewardModelUsage"] == {"requests": 12, "cached": 0}
+    assert _counts(result["rewardModelUsage"]) == {"requests": 12, "cached": 0}
     doc["spec"]["split"] = {"validation": 0.0, "test": 0.0, "seed": 1}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reward_model, "load", lambda *a: pytest.fail("the reward model was loaded again"))
         _, again = run_in_process(tmp_path, doc)
-    assert again["rewardModelUsage"] == {"requests": 0, "cached": 12} and again["dropped"] == result["dropped"]
+    assert _counts(again["rewardModelUsage"]) == {"requests": 0, "cached": 12} and again["dropped"] == result["dropped"]
     # Sharded: each shard scores its own share (its pod holds a GPU anyway); the merge, none.
     sharded = {**doc, "spec": {**doc["spec"], "shards": 2}}
     task = plan(parse(sharded), lambda *k: None, f"file://{tmp_path}/sharded")
@@ -517,11 +530,12 @@ def test_a_reward_model_scores_each_pair_and_one_whose_rejected_answer_scores_as
     for i in range(2):
         own = store.child(f"shards/{i}")
         write_result(own, build.run_shard(task, own, Progress(own), shard=i))  # committed, as the pod does
-    assert [store.child(f"shards/{i}").read_json("result.json")["rewardModelRequests"] for i in range(2)] == [6, 6]
+    assert [store.child(f"shards/{i}").read_json("result.json")["usage"]["rewardModel"]["requests"]
+            for i in range(2)] == [6, 6]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(reward_model, "load", lambda *a: pytest.fail("the merge loaded the reward model"))
         merged = build.run(task, store, Progress(store))
-    assert merged["rewardModelUsage"] == {"requests": 12, "cached": 0} and merged["dropped"] == result["dropped"]
+    assert _counts(merged["rewardModelUsage"]) == {"requests": 12, "cached": 0} and merged["dropped"] == result["dropped"]
     doc["spec"]["filters"]["judge"] = {"openai": {"baseUrl": openai_server.url, "model": "judge"}}
     with pytest.raises(PlanError, match="both filters.judge and preferences.rewardModel would score the pairs"):
         parse(doc)
@@ -566,18 +580,18 @@ def test_best_of_n_pairs_reject_the_lowest_rated_sample_and_choose_the_best_answ
                                              r["score_chosen"], r["score_rejected"]) for r in rows}
 
     _, result = run_in_process(tmp_path, doc)
-    assert asked == dict.fromkeys(prompts, 3) and result["rejectedUsage"] == {"requests": 12, "cached": 0}
+    assert asked == dict.fromkeys(prompts, 3) and _counts(result["rejectedUsage"]) == {"requests": 12, "cached": 0}
     assert pairs(result) == {"Tell me about the sea.": ("A good answer.", "Meh.", 7, 2),
                              "Tell me about the sun.": ("A good answer.", "Meh.", 7, 2),
                              "Tell me about rain.": ("A good answer.", "Okay.", 7, 4),
                              "Tell me about snow.": ("A good answer.", "Meh.", 7, 2)}
     # Rated: the teacher's four answers, then the samples (three each, one of rain's alike ones and
     # of snow's one that is not the teacher's); the teacher's ratings came from the cache the second time.
-    assert result["judgeUsage"] == {"requests": 4 + (3 + 3 + 1 + 1), "cached": 4}
+    assert _counts(result["judgeUsage"]) == {"requests": 4 + (3 + 3 + 1 + 1), "cached": 4}
 
     doc["spec"]["preferences"]["chosen"] = "best"
     _, best = run_in_process(tmp_path, doc)
-    assert best["rejectedUsage"] == {"requests": 0, "cached": 12} and best["judgeUsage"]["requests"] == 0
+    assert _counts(best["rejectedUsage"]) == {"requests": 0, "cached": 12} and best["judgeUsage"]["requests"] == 0
     assert pairs(best) == {"Tell me about the sea.": ("Brilliant.", "Meh.", 9, 2),
                            "Tell me about the sun.": ("Brilliant.", "Meh.", 9, 2),
                            "Tell me about rain.": ("A good answer.", "Okay.", 7, 4),
@@ -629,7 +643,7 @@ def test_teacher_samples_each_turn_several_times_and_goes_on_with_the_judges_bes
     # The second turn was asked after the best first answer, each of its three times.
     second = [r for r in openai_server.requests if r.last_user == "And briefly?"]
     assert len(second) == 3 and all(r.messages[1]["content"] == "Brilliant." for r in second)
-    assert result["judgeUsage"] == {"requests": 3 + 1 + 3 + 3, "cached": 0}  # rain's three alike answers: one rating
+    assert _counts(result["judgeUsage"]) == {"requests": 3 + 1 + 3 + 3, "cached": 0}  # rain's three alike: one rating
 
     doc["spec"]["split"]["seed"] = 7
     openai_server.requests.clear()
@@ -674,7 +688,7 @@ def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
                                     "judge": {"model": model, "minScore": bar}}}}
         _, result = run_in_process(tmp_path, doc)
         assert sum(result["rows"].values()) == kept
-        assert result["judgeUsage"] == ({"requests": 3, "cached": 0} if bar == 10 else {"requests": 0, "cached": 3})
+        assert _counts(result["judgeUsage"]) == ({"requests": 3, "cached": 0} if bar == 10 else {"requests": 0, "cached": 3})
         assert result["dropped"] == ({"judge_low_score": 3} if kept == 0 else {})
 
 

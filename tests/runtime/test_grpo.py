@@ -1047,6 +1047,11 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     meaning = [sum(meaning_of(text) for _, _, text in graded[i:i + 8]) / 8 for i in range(0, 64, 8)]
     assert [e.value for e in accumulator.Scalars("train/rewards/meaning")] == pytest.approx(meaning, abs=1e-4)
     assert max(meaning) > 0 and len({text.strip() for _, _, text in graded} - {""}) <= len(openai_server.embedded)
+    # What the run asked of the embeddings endpoint, in its result: each answer scored once (again: cached).
+    usage = run.read_json("result.json")["graderUsage"]["meaning"]
+    assert usage == {"requests": len({text for _, _, text in graded if text}), "cached": usage["cached"],
+                     "promptTokens": openai_server.embedding_tokens, "completionTokens": 0}
+    assert openai_server.embedding_tokens > 0
     judged = [e.value for e in accumulator.Scalars("train/rewards/judged")]
     assert len(judged) == 8 and all(0 < r < 1 for r in judged) and len(set(judged)) > 1
     assert figures["reward.judged"] == pytest.approx(judged[-1], abs=1e-4)
@@ -1067,14 +1072,15 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     "rewards a sum grader with a local judge; this one runs both on two processes, under DDP and DeepSpeed ZeRO-2"))
 @pytest.mark.slow
 @pytest.mark.deepspeed("ShareMemCommBuilder")
-def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, tiny_reward_model, tmp_path):
+def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, tiny_reward_model, tmp_path,
+                                                                    openai_server):
     """Each process samples and grades its own prompts (a python grader process, a local judge and a
     reward model each);
     the step's loss is normalized over both processes' answer tokens, so DDP and DeepSpeed ZeRO-2
     (which sums the gradients itself) follow the same curve, with grpo.iterations 2 stepping the
     schedule twice a step and answers cut at maxNewTokens left out of the loss; topEntropyQuantile ranks
     the entropies of both processes' answer tokens together, and scaleRewards batch divides by the spread
-    of both processes' rewards."""
+    of both processes' rewards; what they asked of an embeddings endpoint is summed in the result."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(8)))
@@ -1085,7 +1091,9 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
         {"operation": "judge", "judgeModel": {"uri": f"file://{tiny_model}"}, "referenceField": "answer",
          "name": "judged", "weight": 0.1},
         {"operation": "rewardModel", "rewardModel": {"uri": f"file://{tiny_reward_model}"}, "name": "preferred",
-         "weight": 0.1}]}
+         "weight": 0.1},
+        {"operation": "similarity", "metric": "cosine", "referenceField": "answer", "name": "meaning", "weight": 0,
+         "embeddings": {"baseUrl": openai_server.url, "model": "e", "price": {"inputPerMillion": 50, "outputPerMillion": 0}}}]}
     tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{strategy}", objective="grpo",
                            # 16 new tokens: enough that some answers end (a random model seldom does).
                            grpo={"generations": 4, "maxNewTokens": 16, "iterations": 2, "maskTruncated": True,
@@ -1094,8 +1102,13 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
                            hyperparameters={"epochs": 2, "batchSize": 1, "learningRate": 0.05})
              for strategy in ("ddp", "deepspeed")]
     for task in tasks:
+        billed = openai_server.embedding_tokens
         proc = run_finetune(write_task(task, tmp_path), processes=2)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        # What both processes asked of the embeddings endpoint, summed, at its price
+        usage = open_store(task["artifactUri"]).read_json("result.json")["graderUsage"]["meaning"]
+        assert usage["promptTokens"] == openai_server.embedding_tokens - billed > 0
+        assert usage["costUsd"] == round(usage["promptTokens"] * 5e-5, 6) and usage["requests"] > 0
     lines = [open_store(t["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:] for t in tasks]
     assert len(lines[0]) == len(lines[1]) == 8  # 8 prompts, 2 a step (1 per process), 2 epochs
     for ddp, deepspeed in zip(*lines):

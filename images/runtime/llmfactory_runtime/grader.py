@@ -14,6 +14,7 @@ from typing import Any
 
 from . import GRADER_KEY_ENV, python_grader
 from .data import prompt_of
+from .usage import Usage
 from .similarity import similarity
 from .task import InvalidTask
 
@@ -91,7 +92,7 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
         from .embedding_similarity import cosines  # noqa: PLC0415 - only for metric cosine
 
         return cosines(grader["embeddings"], [extracted(a, grader) for a in answers], [r.strip() for r in references],
-                       cache_uri, f"{field}.embeddings")
+                       cache_uri, f"{field}.embeddings", _usage_of(field))
     if operation != "judge":
         return [reward(a, ref, grader) for a, ref in zip(answers, references)]
     from .benchmark.judge import judge_messages, judge_with_api, judge_with_model  # noqa: PLC0415 - only to judge
@@ -106,7 +107,7 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
         rated = judge_with_model(lambda: _held(operation, local, LazyModel(local)), local, items, cache_uri, held=True)
     else:
         rated = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
-                               field=f"{field}.judge", key_env=GRADER_KEY_ENV, held=True)
+                               field=f"{field}.judge", key_env=GRADER_KEY_ENV, held=True, usage=_usage_of(field))
     return [(rated[str(i)]["rating"] - 1) / 9 if rated[str(i)]["rating"] is not None else 0.0
             for i in range(len(items))]
 
@@ -119,6 +120,31 @@ def _held(operation: str, source: dict[str, Any], load) -> tuple[Any, Any]:
     if key not in _models:
         _models[key] = load()
     return _models[key]
+
+
+_usage: dict[str, Usage] = {}  # what this process asked of each grader's API endpoint, by the grader's field
+
+
+def _usage_of(field: str) -> Usage:
+    return _usage.setdefault(field, Usage())
+
+
+def api_endpoint(grader: dict[str, Any]) -> str | None:
+    """The field of the API endpoint a grader (not a sum) asks: judge (an API judge), embeddings (metric
+    cosine), or None."""
+    if grader["operation"] == "judge" and grader.get("judge"):
+        return "judge"
+    return "embeddings" if grader.get("metric") == "cosine" else None
+
+
+def api_usage(grader: dict[str, Any], field: str) -> dict[str, tuple[Usage, dict[str, float] | None]]:
+    """What this process asked of each API endpoint of the grader (`field`: where it is in the spec),
+    with the endpoint's price: by part name for a sum's parts, else by the endpoint's field (judge or
+    embeddings); none unasked yet count zeros, so every process of a run has the same ones."""
+    parts = ([(part["name"], part, f"{field}.parts[{i}]") for i, part in enumerate(grader["parts"])]
+             if grader["operation"] == "sum" else [(None, grader, field)])
+    return {name or endpoint: (_usage_of(where), part[endpoint].get("price"))
+            for name, part, where in parts if (endpoint := api_endpoint(part))}
 
 
 def grader_models(grader: dict[str, Any] | None) -> list[tuple[dict[str, Any], str]]:

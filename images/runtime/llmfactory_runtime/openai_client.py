@@ -26,6 +26,7 @@ import httpx
 from . import (EMBEDDINGS_KEY_ENV, GRADER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV,  # noqa: F401 - re-exported
                TEACHER_KEY_ENV)
 from .task import InvalidTask
+from .usage import Usage
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 
 
@@ -118,8 +119,10 @@ SPEC_FAULTS = {401: "check apiKeySecret", 403: "check apiKeySecret", 404: "check
 
 class ChatClient:
     def __init__(self, endpoint: dict[str, Any], key: str | None, field: str,
-                 transport: httpx.AsyncBaseTransport | None = None, backoff_base: float = 1.0):
-        self.endpoint, self.field, self.backoff_base = endpoint, field, backoff_base
+                 transport: httpx.AsyncBaseTransport | None = None, backoff_base: float = 1.0,
+                 usage: Usage | None = None):
+        """`usage`: where the tokens of each reply are counted (its caller counts the answers)."""
+        self.endpoint, self.field, self.backoff_base, self.usage = endpoint, field, backoff_base, usage
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.AsyncClient(base_url=endpoint.get("baseUrl", "https://api.openai.com/v1").rstrip("/"),
                                       headers=headers, transport=transport,
@@ -158,9 +161,11 @@ class ChatClient:
             raise EndpointError(f"{self.endpoint.get('baseUrl')}: not embeddings ({exc}): {response.text[:200]}") from None
         if len(vectors) != len(texts):
             raise EndpointError(f"{self.endpoint.get('baseUrl')}: {len(vectors)} embeddings for {len(texts)} texts")
-        usage = payload.get("usage") or {}
-        if self.tokens and usage.get("prompt_tokens"):
-            self.tokens.take(int(usage["prompt_tokens"]) - reserved)
+        prompt = int((payload.get("usage") or {}).get("prompt_tokens") or 0)
+        if self.tokens and prompt:
+            self.tokens.take(prompt - reserved)
+        if self.usage:
+            self.usage.billed(prompt)
         return vectors
 
     async def _post(self, path: str, body: dict[str, Any], reserved: float) -> httpx.Response:
@@ -204,6 +209,8 @@ class ChatClient:
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         if self.tokens and usage:
             self.tokens.take(prompt + completion - reserved)
+        if self.usage:
+            self.usage.billed(prompt, completion)
         return Completion(text, choice.get("finish_reason") or "stop", prompt, completion)
 
 

@@ -8,8 +8,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, Engine, KindInfo, LocalObjectReference, ModelSource,
-                     OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
+from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, ApiUsage, Engine, KindInfo, LocalObjectReference,
+                     ModelSource, OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
 from .dataset_build import LANGUAGE_PATTERN, HuggingFaceDataset
 from .fine_tune import DatasetInput, Grader
 
@@ -227,6 +227,11 @@ class BenchmarkResult(ApiModel):
     compared_with: Literal["baseline", "opponent"] | None = Field(None, description=(
         "judge.mode pairwise and both: whose answers judge.winRate is against, the baseline's or the "
         "opponent's (judge.opponentAnswersUri)."))
+    judge_usage: ApiUsage | None = Field(None, description=(
+        "With questions: the judgements asked of the judge (cost: judge.openai.price)."))
+    grader_usage: dict[str, ApiUsage] | None = Field(None, description=(
+        "reward.grader's API endpoints (an API judge, a cosine's embeddings): what was asked of each, by "
+        "endpoint field (judge, embeddings) or, in a sum, by part name (cost: its price)."))
 
 
 class BenchmarkStatus(StatusBase):

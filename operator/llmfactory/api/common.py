@@ -121,6 +121,17 @@ class Price(ApiModel):
     output_per_million: float = Field(ge=0, description="USD per million completion tokens.")
 
 
+class ApiUsage(ApiModel):
+    """What a run asked of one model: an API endpoint or a local model (no tokens then). A resumed or
+    restarted run counts what its last attempt asked; what an earlier attempt paid for is cached."""
+
+    requests: int = Field(description="Answers, ratings or scores paid for (cache misses).")
+    cached: int = Field(description="Answers, ratings or scores found in the cache, not paid for again.")
+    prompt_tokens: int = Field(0, description="Prompt tokens the endpoint billed (every request, re-asks included).")
+    completion_tokens: int = Field(0, description="Completion tokens the endpoint billed.")
+    cost_usd: float | None = Field(None, description="At the endpoint's price, when it has one.")
+
+
 class OpenAIEndpoint(ApiModel):
     """An OpenAI-compatible chat-completions API: OpenAI, Azure OpenAI, vLLM, llama.cpp's server..."""
 
@@ -139,7 +150,9 @@ class OpenAIEndpoint(ApiModel):
     timeout_seconds: float = Field(120, gt=0, le=3600, description="Per request.")
     max_retries: int = Field(8, ge=0, le=50, description="Retries of a request on 429, 5xx, timeouts and "
                              "dropped connections, with exponential backoff and jitter (Retry-After honoured).")
-    price: Price | None = Field(None, description="Token prices, for the cost in the result.")
+    price: Price | None = Field(None, description=(
+        "Token prices: the cost in the result's usage of this endpoint (teacherUsage, judgeUsage, rejectedUsage, "
+        "graderUsage)."))
 
 
 class EmbeddingsEndpoint(OpenAIEndpoint):
@@ -150,6 +163,8 @@ class EmbeddingsEndpoint(OpenAIEndpoint):
                           description="API root; requests go to {baseUrl}/embeddings.")
     model: str = Field(min_length=1, description="Embedding model the endpoint serves, e.g. text-embedding-3-large "
                                                   "(OpenAI's text_similarity grader's).")
+    price: Price | None = Field(None, description=(
+        "Token prices: the cost in the result's graderUsage. Embeddings bill input tokens only: outputPerMillion 0."))
 
 
 class PodResources(ApiModel):

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, Engine, KindInfo, ModelSource,
+from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, ApiUsage, Engine, KindInfo, ModelSource,
                      OpenAIEndpoint, RewardModelSource, RunOptions, StatusBase,
                      TrainedModelSource)
 
@@ -257,14 +257,6 @@ class DatasetBuildSpec(RunOptions):
             preferences and preferences.reward_model))
 
 
-class TeacherUsage(ApiModel):
-    requests: int = Field(description="Answers received from the teacher by this build (cache misses).")
-    cached: int = Field(description="Answers taken from the cache, not paid for again.")
-    prompt_tokens: int = Field(description="Prompt tokens of the answers received.")
-    completion_tokens: int = Field(description="Completion tokens of the answers received.")
-    cost_usd: float | None = Field(None, description="From teacher.openai.price.")
-
-
 class DatasetBuildResult(ApiModel):
     uri: str = Field(description="Prefix holding train.jsonl, validation.jsonl, test.jsonl and README.md.")
     format: str = Field(description="Row format of the files.")
@@ -273,17 +265,17 @@ class DatasetBuildResult(ApiModel):
     rows_per_language: dict[str, int] = Field(description="Rows kept per language.")
     dropped: dict[str, int] = Field(description="Rows dropped, per reason.")
     teacher_tokens: int = Field(description="Tokens the teacher generated for the kept and dropped rows.")
-    teacher_usage: TeacherUsage | None = Field(None, description="What this build asked of the teacher.")
+    teacher_usage: ApiUsage | None = Field(None, description="What this build asked of the teacher (cost: "
+                                                            "teacher.openai.price).")
     dropped_examples: dict[str, list[str]] | None = Field(
         None, description="A few dropped prompts per reason, shortened.")
-    judge_usage: dict[str, int] | None = Field(
-        None, description="filters.judge: ratings asked of an API judge or computed by a local one (requests), "
-                          "and found in the cache (cached).")
-    rejected_usage: dict[str, int] | None = Field(
-        None, description="preferences: rejected answers generated (requests) and found in the cache (cached).")
-    reward_model_usage: dict[str, int] | None = Field(
-        None, description="preferences.rewardModel: answers scored by this build (requests) and scores found in "
-                          "the cache (cached).")
+    judge_usage: ApiUsage | None = Field(
+        None, description="filters.judge: ratings asked of an API judge or computed by a local one (cost: "
+                          "filters.judge.openai.price).")
+    rejected_usage: ApiUsage | None = Field(
+        None, description="preferences: rejected answers generated (cost: preferences.rejected.openai.price).")
+    reward_model_usage: ApiUsage | None = Field(
+        None, description="preferences.rewardModel: answers scored by this build.")
 
 
 class DatasetBuildStatus(StatusBase):

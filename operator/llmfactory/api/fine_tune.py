@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import (ApiModel, EmbeddingsEndpoint, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint,
+from .common import (ApiModel, ApiUsage, EmbeddingsEndpoint, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint,
                      Resources, RewardModelSource, RunOptions, SecretKeyRef, StatusBase, TrainedModelSource, URI_PATTERN,
                      no_credentials_in_url)
 
@@ -785,6 +785,9 @@ class FineTuneResult(ApiModel):
         "model's answers to the validation prompts, decoded greedily."))
     base_reward: float | None = Field(None, description=(
         "objective grpo: the same of the model before training, to compare reward with."))
+    grader_usage: dict[str, ApiUsage] | None = Field(None, description=(
+        "objective grpo: what all processes asked of grpo.grader's API endpoints (an API judge, a cosine's "
+        "embeddings), by endpoint field (judge, embeddings) or, in a sum, by part name (cost: its price)."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description=(
         "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated "

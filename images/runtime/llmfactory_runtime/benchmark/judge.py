@@ -25,6 +25,7 @@ from typing import Any
 
 from ..answer_cache import AnswerCache
 from ..openai_client import JUDGE_KEY_ENV, ChatClient, api_key
+from ..usage import Usage
 from .questions import reference
 
 RATINGS = list(range(1, 11))
@@ -181,13 +182,16 @@ class LanguageRule:
 
 
 def judge_with_model(loaded, source: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
-                     on_rating=lambda *_, **__: None, held: bool = False) -> dict[str, dict[str, Any]]:
+                     on_rating=lambda *_, **__: None, held: bool = False,
+                     usage: Usage | None = None) -> dict[str, dict[str, Any]]:
     """{item id: {rating}} for each (id, judge messages in the local style) from a local judge:
     `source` the model, loaded() its model and tokenizer (a LazyModel, so that a run whose ratings
     are all cached loads nothing). Ratings are cached in the store by the exact prompt, as an API
     judge's are, so any phase asking the same judge the same question reads the same rating. `held`:
-    the process's cache, read once (AnswerCache.opened), for a caller that asks at every step."""
+    the process's cache, read once (AnswerCache.opened), for a caller that asks at every step; `usage`:
+    where ratings computed (requests) and found in the cache are counted."""
     cache = AnswerCache.opened(cache_uri, "judge", {"local": source}, held)
+    usage = usage or Usage()
     out: dict[str, dict[str, Any]] = {}
     for item_id, messages in items:
         key = AnswerCache.key(messages)
@@ -196,6 +200,9 @@ def judge_with_model(loaded, source: dict[str, Any], items: list[tuple[str, list
             model, tokenizer = loaded()
             verdict, cached = {"rating": expected_rating(rating_distribution(model, tokenizer, messages))}, False
             cache.put(key, verdict)
+            usage.paid()
+        else:
+            usage.cached += 1
         out[item_id] = verdict
         on_rating(item_id, verdict, cached=cached)
     cache.compact()
@@ -207,11 +214,14 @@ PARSERS = {"rating": (parse_rating, REASK), "verdict": (parse_verdict, REASK_VER
 
 def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
                    max_reasks: int, on_rating, transport=None, field: str = "spec.judge.openai", kind: str = "rating",
-                   key_env: str = JUDGE_KEY_ENV, held: bool = False) -> dict[str, dict[str, Any]]:
+                   key_env: str = JUDGE_KEY_ENV, held: bool = False,
+                   usage: Usage | None = None) -> dict[str, dict[str, Any]]:
     """{item id: {rating (or verdict: kind; None when the reply had none), reply, attempts}} for each
     (id, judge messages). `field`: where the endpoint is in the spec, for error messages; `key_env`:
-    the variable its key is in."""
+    the variable its key is in; `usage`: where replies (re-asks included) and their tokens, and the
+    verdicts found in the cache, are counted."""
     parse, reask = PARSERS[kind]
+    usage = usage or Usage()
     cache = AnswerCache.opened(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
                                                                "model": endpoint["model"]}, "prompt": 1}, held)
     out: dict[str, dict[str, Any]] = {}
@@ -220,6 +230,7 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
         found = cache.get(AnswerCache.key(messages))
         if found is not None:
             out[item_id] = found
+            usage.cached += 1
             on_rating(item_id, found, cached=True)
         else:
             todo.append((item_id, messages))
@@ -228,7 +239,7 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
     key = api_key(endpoint, key_env, field)
 
     async def rate_all() -> None:
-        async with ChatClient(endpoint, key, field, transport=transport) as client:
+        async with ChatClient(endpoint, key, field, transport=transport, usage=usage) as client:
             async def rate(item_id: str, messages: list[dict[str, str]]) -> None:
                 asked = list(messages)
                 for attempt in range(1, max_reasks + 2):
@@ -238,6 +249,7 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
                         break
                     asked += [{"role": "assistant", "content": reply}, {"role": "user", "content": reask}]
                 verdict = {kind: judged, "reply": reply, "attempts": attempt}
+                usage.requests += 1
                 await asyncio.to_thread(cache.put, AnswerCache.key(messages), verdict)
                 out[item_id] = verdict
                 on_rating(item_id, verdict, cached=False)

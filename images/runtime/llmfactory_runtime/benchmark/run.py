@@ -19,8 +19,9 @@ from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import preference_of, read_split
 from ..generate import generate
-from ..grader import graded_rows, rewards_by_part
+from ..grader import api_usage, graded_rows, rewards_by_part
 from ..models import LazyModel
+from ..usage import Usage
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
@@ -182,10 +183,11 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], labe
 
 
 def _judge_items(judge: dict, items: list[tuple[str, list[dict[str, str]]]], kind: str, task: dict, run: Store,
-                 progress: Progress, local_judge) -> dict[str, Any]:
+                 progress: Progress, local_judge, usage: Usage) -> dict[str, Any]:
     """{item id: rating (kind rating) or verdict A/B/C (kind verdict), None where an API judge gave
     none} for each (item id, judge messages). Each judgement is kept as it comes (an API judge's in
-    the namespace's cache, a local judge's in the run); local_judge() loads the local judge."""
+    the namespace's cache, a local judge's in the run), and counted in `usage`; local_judge() loads
+    the local judge."""
     out: dict[str, Any] = {}
 
     def on_verdict(item_id: str, verdict: dict, cached: bool) -> None:
@@ -193,7 +195,8 @@ def _judge_items(judge: dict, items: list[tuple[str, list[dict[str, str]]]], kin
         progress.update(len(out), figure=f"judged {len(out)}/{len(items)}")
 
     if "openai" in judge:
-        judge_with_api(judge["openai"], items, task["cacheUri"], judge.get("maxReasks", 2), on_verdict, kind=kind)
+        judge_with_api(judge["openai"], items, task["cacheUri"], judge.get("maxReasks", 2), on_verdict, kind=kind,
+                       usage=usage)
     elif items:
         model, tokenizer = local_judge()
         path = f"ratings/local{'' if kind == 'rating' else '-pairwise'}.json"
@@ -202,6 +205,9 @@ def _judge_items(judge: dict, items: list[tuple[str, list[dict[str, str]]]], kin
             if item_id not in saved:
                 saved[item_id] = local_judgement(model, tokenizer, messages, kind)
                 run.write_json(path, saved)
+                usage.paid()
+            else:
+                usage.cached += 1
             on_verdict(item_id, {kind: saved[item_id]}, cached=False)
     return out
 
@@ -264,10 +270,11 @@ def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers
     (pairwise: against the opponent's answers where given, else the baseline's)}."""
     rule = LanguageRule(judge["languages"]) if judge.get("languageRule", True) else None
     local_judge = LazyModel(judge_model)
+    usage = Usage()
 
     def judging(items, kind, stage):
         progress.stage(stage, total=len(items), unit="judgements")
-        return _judge_items(judge, items, kind, task, run, progress, local_judge)
+        return _judge_items(judge, items, kind, task, run, progress, local_judge, usage)
 
     out: dict[str, Any] = {}
     why: dict[str, str] = {}
@@ -282,6 +289,7 @@ def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers
         why |= {f"pairwise/{k}": v for k, v in pair_why.items()}
     run.write_json("ratings/language-rule.json", why)
     local_judge.release()
+    out["usage"] = usage.report((judge.get("openai") or {}).get("price"))
     return out
 
 
@@ -572,6 +580,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                                                      task["cacheUri"], "spec.reward.grader")
         if parts:  # a sum grader's: each part's reward of each answer, by name
             answered["parts"] = parts
+    # What the grader asked of its API endpoints (its judge, its embeddings), with the cost
+    grader_usage = {name: usage.report(price) for name, (usage, price)
+                    in api_usage(spec["reward"]["grader"], "spec.reward.grader").items()} if rewarded else {}
     answers = {label: r["answers"] for label, r in results.items() if "answers" in r}
     judged = _judge(spec["judge"], inputs.get("judge"), questions, answers, opponent, task, run, progress) if questions else {}
     if opponent:  # shown beside the model's in the report, not graded
@@ -600,4 +611,6 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     run.commit("report")
     return {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates),
             "reportUri": run.child("report").uri,
-            **({"comparedWith": judged["pairwise"]["against"]} if "pairwise" in judged else {})}
+            **({"comparedWith": judged["pairwise"]["against"]} if "pairwise" in judged else {}),
+            **({"judgeUsage": judged["usage"]} if judged else {}),
+            **({"graderUsage": grader_usage} if grader_usage else {})}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..benchmark.judge import judge_messages, judge_with_api, judge_with_model
+from ..usage import Usage
 
 FIELD = "spec.filters.judge.openai"
 
@@ -17,7 +18,7 @@ class AnswerJudge:
     def __init__(self, spec: dict[str, Any], model_input: dict[str, Any] | None, cache_uri: str, transport=None):
         self.spec, self.model_input, self.cache_uri, self.transport = spec, model_input, cache_uri, transport
         self.min_score = spec.get("minScore", 6)
-        self.requests = self.cached = 0
+        self.usage = Usage()  # ratings asked (or computed) and found in the cache, with an API judge's tokens
         self._model = None  # a LazyModel, for a local judge
 
     def prompt(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -31,17 +32,10 @@ class AnswerJudge:
         items = [(cid, self.prompt(messages)) for cid, messages in conversations.items()]
         if "openai" in self.spec:
             verdicts = judge_with_api(self.spec["openai"], items, self.cache_uri, self.spec.get("maxReasks", 1),
-                                      self._count, self.transport, field=FIELD)
+                                      lambda *_, **__: None, self.transport, field=FIELD, usage=self.usage)
         else:
-            verdicts = judge_with_model(self._local, self.model_input, items, self.cache_uri, self._count)
+            verdicts = judge_with_model(self._local, self.model_input, items, self.cache_uri, usage=self.usage)
         return {cid: verdict["rating"] for cid, verdict in verdicts.items()}
-
-    def _count(self, _item: str, _verdict: dict, cached: bool) -> None:
-        if cached:
-            self.cached += 1
-        else:
-            self.requests += 1
-
     def _local(self) -> tuple:
         if self._model is None:
             from ..models import LazyModel  # noqa: PLC0415 - torch only for a local judge

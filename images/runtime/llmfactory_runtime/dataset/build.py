@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import DATASET_BUILD_ENDPOINTS, at_path
 from ..data import SPLITS, dumps_jsonl, preference_row, to_row
+from ..usage import Usage
 from ..progress import Progress
 from ..store import SHARDS, Store, finished_result
 from . import teacher as teacher_
@@ -64,6 +65,12 @@ def split_rows(rows: list[dict], split: dict) -> dict[str, list[dict]]:
     return {"test": rows[:cut_test], "validation": rows[cut_test:cut_val], "train": rows[cut_val:]}
 
 
+# Each model's line on the dataset card: who, and what it gave
+CARD_USAGES = {"teacher": ("Teacher", "answers received"), "judge": ("Judge (filters.judge)", "ratings"),
+               "rejected": ("Rejected answers (preferences)", "generated"),
+               "rewardModel": ("Reward model (preferences.rewardModel)", "scores computed")}
+
+
 def _card(result: dict) -> str:
     fmt = result["format"]
     lines = ["# Dataset card", "", f"Built by llmfactory: format `{fmt}`, digest `{result['digest']}`.", "",
@@ -75,16 +82,13 @@ def _card(result: dict) -> str:
     examples = result.get("droppedExamples") or {}
     lines += [f"| {why} | {n} | {' / '.join(examples.get(why, []))[:300].replace('|', '/')} |"
               for why, n in sorted(result["dropped"].items())] or ["| - | 0 | |"]
-    usage = result.get("teacherUsage") or {}
-    lines += ["", f"Teacher: {usage.get('requests', 0)} answers received, {usage.get('cached', 0)} from the cache, "
-              f"{usage.get('promptTokens', 0)} prompt and {usage.get('completionTokens', 0)} completion tokens"
-              + (f", ${usage['costUsd']:.2f}" if usage.get("costUsd") is not None else "") + ".", ""]
-    if result.get("rejectedUsage"):
-        lines += [f"Rejected answers (preferences): {result['rejectedUsage']['requests']} generated, "
-                  f"{result['rejectedUsage']['cached']} from the cache.", ""]
-    if result.get("rewardModelUsage"):
-        lines += [f"Reward model scores: {result['rewardModelUsage']['requests']} computed, "
-                  f"{result['rewardModelUsage']['cached']} from the cache.", ""]
+    for role, (who, what) in CARD_USAGES.items():
+        usage = result.get(f"{role}Usage")
+        if usage:
+            tokens = (f", {usage['promptTokens']} prompt and {usage['completionTokens']} completion tokens"
+                      if usage["promptTokens"] or usage["completionTokens"] else "")
+            cost = f", ${usage['costUsd']:.2f}" if usage.get("costUsd") is not None else ""
+            lines += ["", f"{who}: {usage['requests']} {what}, {usage['cached']} from the cache{tokens}{cost}."]
     return "\n".join(lines)
 
 
@@ -210,20 +214,27 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
     prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
     _, rejected, scorer = _rejected(task, rows, Drops(), progress, judge, transport)  # into the cache, for the merge
-    return {"shard": shard, "prompts": len(prompts), "kept": len(rows), "requests": usage.requests,
-            "cached": usage.cached, "promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
-            "judgeRequests": judge.requests if judge else 0, "rejectedRequests": rejected.requests if rejected else 0,
-            "rewardModelRequests": scorer.requests if scorer else 0}
+    return {"shard": shard, "prompts": len(prompts), "kept": len(rows),
+            "usage": {role: u.report() for role, u in _usages(usage, judge, rejected, scorer).items()}}
 
 
-def _shard_bills(run: Store, shards: int) -> dict[str, int]:
-    """What the shards paid for (the merge finds those answers in the cache)."""
-    bills = Counter()
+def _usages(teacher: Usage, judge: AnswerJudge | None, rejected: Usage | None,
+            scorer: RewardScorer | None) -> dict[str, Usage]:
+    """What a build asked of each of its models, by their names in the result's usages."""
+    return {role: u for role, u in (("teacher", teacher), ("judge", judge and judge.usage), ("rejected", rejected),
+                                    ("rewardModel", scorer and scorer.usage)) if u is not None}
+
+
+def _add_shard_bills(run: Store, shards: int, usages: dict[str, Usage]) -> None:
+    """What the shards paid for, added to the merge's usages: the merge found those answers in the
+    cache, and counted them as cached."""
     for i in range(shards):
-        result = finished_result(run.child(f"{SHARDS}/{i}")) or {}
-        bills.update({k: result.get(k, 0) for k in ("requests", "promptTokens", "completionTokens", "judgeRequests",
-                                                    "rejectedRequests", "rewardModelRequests")})
-    return dict(bills)
+        bills = (finished_result(run.child(f"{SHARDS}/{i}")) or {}).get("usage", {})
+        for role, bill in bills.items():
+            if role in usages:
+                usages[role].cached -= bill["requests"]
+                usages[role].requests += bill["requests"]
+                usages[role].billed(bill["promptTokens"], bill["completionTokens"])
 
 
 def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) -> dict[str, Any]:
@@ -232,16 +243,9 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     prompts = _prompts(task, drops, progress)
     rows, usage, judge = _answer(task, prompts, drops, progress, transport)
     rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
+    usages = _usages(usage, judge, rejected_usage, scorer)
     if spec.get("shards", 1) > 1:
-        bills = _shard_bills(run, spec["shards"])
-        usage.prompt_tokens += bills.get("promptTokens", 0)
-        usage.completion_tokens += bills.get("completionTokens", 0)
-        # What a shard paid for, the merge found in the cache: counted as the shard's requests.
-        for counter, bill in ((usage, "requests"), (judge, "judgeRequests"), (rejected_usage, "rejectedRequests"),
-                              (scorer, "rewardModelRequests")):
-            if counter is not None:
-                counter.cached -= bills.get(bill, 0)
-                counter.requests += bills.get(bill, 0)
+        _add_shard_bills(run, spec["shards"], usages)
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
 
@@ -259,12 +263,6 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         digest.update(name.encode() + b"\0" + blob)
         if spec.get("parquet", True):
             data.write_bytes(f"{name}.parquet", _parquet(rendered))
-    price = ((spec["teacher"].get("openai") or {}).get("price"))
-    teacher_usage = {"requests": usage.requests, "cached": usage.cached, "promptTokens": usage.prompt_tokens,
-                     "completionTokens": usage.completion_tokens}
-    if price:
-        teacher_usage["costUsd"] = round(usage.prompt_tokens * price["inputPerMillion"] / 1e6
-                                         + usage.completion_tokens * price["outputPerMillion"] / 1e6, 6)
     result = {
         "uri": data.uri,
         "format": fmt,
@@ -274,14 +272,12 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         "dropped": dict(drops.counts),
         "droppedExamples": drops.examples,
         "teacherTokens": usage.used_tokens,
-        "teacherUsage": teacher_usage,
     }
-    if judge:
-        result["judgeUsage"] = {"requests": judge.requests, "cached": judge.cached}
-    if rejected_usage:
-        result["rejectedUsage"] = {"requests": rejected_usage.requests, "cached": rejected_usage.cached}
-    if scorer:
-        result["rewardModelUsage"] = {"requests": scorer.requests, "cached": scorer.cached}
+    # Each model's usage, with the cost at its endpoint's price (an API's).
+    endpoints = {"teacher": spec["teacher"], "judge": (spec.get("filters") or {}).get("judge"),
+                 "rejected": (spec.get("preferences") or {}).get("rejected")}
+    for role, u in usages.items():
+        result[f"{role}Usage"] = u.report(((endpoints.get(role) or {}).get("openai") or {}).get("price"))
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result

@@ -14,6 +14,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .. import usage as usage_module
 from ..answer_cache import AnswerCache
 from ..openai_client import REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, Completion, EndpointError, api_key
 from ..progress import Progress
@@ -27,17 +28,14 @@ PER_ROW_STATUSES = {400, 413, 422}
 
 
 @dataclass
-class Usage:
-    requests: int = 0
-    cached: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+class Usage(usage_module.Usage):
+    """The teacher's (or the rejected answers' answerer's), counted by the answers it gave, whatever
+    its backend."""
+
     used_tokens: int = 0  # completion tokens of every answer this build used, cached ones included
 
     def add(self, answer: dict[str, Any]) -> None:
-        self.requests += 1
-        self.prompt_tokens += answer.get("promptTokens", 0)
-        self.completion_tokens += answer["tokens"]
+        self.paid(answer.get("promptTokens", 0), answer["tokens"])
 
 
 def cache_identity(teacher: dict[str, Any], model_input: dict[str, Any] | None) -> dict[str, Any]:
@@ -147,8 +145,7 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
     (and rated at least judge.min_score by the judge, turn by turn). With teacher.samples above 1,
     each turn is answered that many times and the judge's best-rated answer that the filters keep
     is the one the conversation goes on with (rejection sampling, as Llama 3's SFT data)."""
-    cache = AnswerCache(cache_uri, "teacher", cache_identity(teacher, model_input))
-    cache.load()
+    cache = AnswerCache.opened(cache_uri, "teacher", cache_identity(teacher, model_input))
     usage = Usage()
     samples = teacher.get("samples", 1)
     total = sum(len(p["turns"]) for p in prompts) * samples
@@ -256,8 +253,7 @@ def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any],
     answerer.openai (its key in REJECTED_KEY_ENV) or the local model_input. Cached like the
     teacher's, so a rerun asks only what is new. `field`: where the answerer is in the spec;
     share_gpu: a local answer judge stays loaded beside it."""
-    cache = AnswerCache(cache_uri, "teacher", cache_identity(answerer, model_input))
-    cache.load()
+    cache = AnswerCache.opened(cache_uri, "teacher", cache_identity(answerer, model_input))
     usage = Usage()
     samples = answerer.get("samples", 1)
     progress.stage("answering again (the rejected answers)" if samples == 1 else

@@ -29,7 +29,8 @@ import torch
 from ..batching import collate_sequences, evaluating, token_logps
 from ..chat import IGNORE
 from ..generate import prompt_ids, stop_token_ids, to_generation
-from ..grader import graded_rows, rewards_by_part
+from ..grader import api_usage, graded_rows, rewards_by_part
+from ..usage import Usage
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str) -> list[dict[str, Any]]:
@@ -132,6 +133,18 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], n: int,
     return [{"input_ids": prompts[k // n] + a,
              "labels": [IGNORE] * len(prompts[k // n]) + ([IGNORE] * len(a) if masked and masked[k] else a)}
             for k, a in enumerate(answers)]
+
+
+def grader_usage(grader: dict[str, Any], world_sum_tensor: Callable[[torch.Tensor], torch.Tensor]) -> dict | None:
+    """What the run's processes asked of the grader's API endpoints (grader.api_usage), summed, with
+    the cost at each one's price; None when it asks none."""
+    usages = api_usage(grader, "spec.grpo.grader")
+    if not usages:
+        return None
+    names = sorted(usages)
+    counts = world_sum_tensor(torch.tensor([[usages[n][0].requests, usages[n][0].cached, usages[n][0].prompt_tokens,
+                                             usages[n][0].completion_tokens] for n in names], dtype=torch.float64))
+    return {n: Usage(*map(int, row)).report(usages[n][1]) for n, row in zip(names, counts.tolist())}
 
 
 def sampling(grpo: dict, max_len: int) -> dict[str, Any]:

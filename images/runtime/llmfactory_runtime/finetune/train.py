@@ -391,6 +391,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     # Save (rank 0; a ZeRO-3 model is gathered first, on every rank)
     tokens, positions = world.sum(state.counters["tokens"]), world.sum(state.counters["positions"])
+    grader_usage = group_relative.grader_usage(grpo["grader"], world.sum_tensor) if grpo else None
     full_state = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
     if not world.main:
         return None
@@ -423,6 +424,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if world.device.type == "cuda" else None,
         "dequantizedOnce": budget.dequantize if spec["method"] == "qlora" else None,
         "skippedSteps": skipped,
+        "graderUsage": grader_usage,
     }
     progress.stage("saving")
     result = _save(task, run, inner, tokenizer, dtype, summary, full_state)
