@@ -218,8 +218,8 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
                    usage: Usage | None = None) -> dict[str, dict[str, Any]]:
     """{item id: {rating (or verdict: kind; None when the reply had none), reply, attempts}} for each
     (id, judge messages). `field`: where the endpoint is in the spec, for error messages; `key_env`:
-    the variable its key is in; `usage`: where replies (re-asks included) and their tokens, and the
-    verdicts found in the cache, are counted."""
+    the variable its key is in; `usage`: where the verdicts asked for (requests) and found in the cache
+    are counted, with the tokens of every reply (re-asks included)."""
     parse, reask = PARSERS[kind]
     usage = usage or Usage()
     cache = AnswerCache.opened(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
