@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import textwrap
 from pathlib import Path
@@ -163,6 +164,49 @@ def test_a_cosine_grader_compares_embeddings_asks_once_for_each_text_and_a_new_p
     monkeypatch.setenv("LLMFACTORY_EMBEDDINGS_API_KEY", "sk-wrong")
     with pytest.raises(InvalidTask, match=r"spec.grpo.grader.embeddings: .*HTTP 401.*check apiKeySecret"):
         score(["Answer: new"])
+
+
+@pytest.mark.parametrize("pooling", [None, "cls", "lasttoken"])
+def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configuration_says_and_is_loaded_once(
+        tiny_model, monkeypatch, tmp_path, pooling):
+    """grader.embeddingModel: the cosine of the two texts' pooled last hidden states (mean over the
+    tokens without a sentence-transformers 1_Pooling/config.json, else the first or last token's),
+    worked out here text by text; the model is loaded once a process, and a new process whose scores
+    are all in the store loads nothing."""
+    from transformers import AutoModel
+
+    from llmfactory_runtime import embedding_similarity, grader as grader_module
+    from llmfactory_runtime.embedding_similarity import cosine
+
+    folder = tmp_path / "encoder"
+    shutil.copytree(tiny_model, folder)
+    if pooling:
+        (folder / "1_Pooling").mkdir()
+        mode = {"cls": "pooling_mode_cls_token", "lasttoken": "pooling_mode_lasttoken"}[pooling]
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({mode: True, "pooling_mode_mean_tokens": False}))
+    source = {"uri": f"file://{folder}"}
+    spec = {"referenceField": "answer", "operation": "similarity", "metric": "cosine", "embeddingModel": source}
+    graded = [graded_of({"prompt": "Capital of France?", "answer": "Paris is the capital"}, spec)] * 3
+    answers, cache = ["Paris.", "It is Lyon, surely, and nothing else", ""], f"file://{tmp_path}/cache"
+    grader_module._models.clear()
+    got = rewards(spec, answers, graded, cache, "spec.grpo.grader")
+
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+
+    def embedded(text: str) -> list[float]:
+        with torch.no_grad():
+            hidden = model(**tok(text, return_tensors="pt")).last_hidden_state[0]
+        return (hidden[0] if pooling == "cls" else hidden[-1] if pooling == "lasttoken" else hidden.mean(0)).tolist()
+
+    expected = [max(0.0, cosine(embedded(a), embedded("Paris is the capital"))) for a in answers[:2]]
+    assert got == pytest.approx(expected + [0.0], abs=1e-5) and got[0] != got[1]  # an empty answer scores 0
+    assert describe(spec) == f"similarity (cosine) against field 'answer' by file://{folder}'s embeddings (local)"
+    monkeypatch.setattr(embedding_similarity, "load_encoder", lambda s: pytest.fail("the model was loaded again"))
+    [new] = rewards(spec, ["Marseille"], graded[:1], cache, "spec.grpo.grader")  # the held model
+    assert new == pytest.approx(max(0.0, cosine(embedded("Marseille"), embedded("Paris is the capital"))), abs=1e-5)
+    grader_module._models.clear()  # a new process: its scores read from the store, nothing loaded
+    answer_cache._held.clear()
+    assert rewards(spec, answers + ["Marseille"], graded + graded[:1], cache, "spec.grpo.grader") == got + [new]
 
 
 def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_run_reads_its_ratings(
@@ -903,12 +947,13 @@ def _replay_dynamic_sampling(log: list[tuple[int, float]], n: int, batch: int, r
 
 @pytest.mark.slow
 def test_dynamic_sampling_trains_each_step_on_groups_that_teach_and_a_resumed_run_samples_the_same(
-        tiny_model, tmp_path):
+        tiny_model, tmp_path, openai_server):
     """Two thirds of the prompts always pass or always fail (their groups teach nothing). With
     dynamicSampling each step reads 3 x 2 prompts and replaces its uniform groups with fresh prompts'
     round after round: what the grader saw, replayed, gives each step's prompts sampled, the share of
     uniform groups left in its batch, and its reward (over every answer sampled); a run resumed from
-    its step-2 checkpoint samples the same prompts and answers."""
+    its step-2 checkpoint samples the same prompts and answers, and counts on what its grader's
+    embeddings part (weight 0) had paid for by then."""
     data = tmp_path / "data"
     data.mkdir()
     log = tmp_path / "graded.jsonl"
@@ -925,8 +970,12 @@ def test_dynamic_sampling_trains_each_step_on_groups_that_teach_and_a_resumed_ru
             return got
     """
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
-                         grpo={"generations": 4, "maxNewTokens": 8, "grader": python_grader(source),
-                               "dynamicSampling": {"oversampling": 3}},
+                         grpo={"generations": 4, "maxNewTokens": 8, "dynamicSampling": {"oversampling": 3},
+                               "grader": {"operation": "sum", "parts": [
+                                   python_grader(source) | {"name": "kind"},
+                                   {"operation": "similarity", "metric": "cosine", "referenceField": "answer",
+                                    "name": "meaning", "weight": 0,
+                                    "embeddings": {"baseUrl": openai_server.url, "model": "e"}}]}},
                          tracking={"tensorboard": True}, checkpointing={"everySteps": 2, "keepLast": 5},
                          hyperparameters={"epochs": 2, "batchSize": 2, "learningRate": 0.05})
     path = write_task(task, tmp_path)
@@ -958,12 +1007,22 @@ def test_dynamic_sampling_trains_each_step_on_groups_that_teach_and_a_resumed_ru
         if not key.startswith("step-2/"):
             run.delete(f"checkpoints/{key}")
     log.unlink()
+    first = run.read_json("result.json")["graderUsage"]["meaning"]
+    at_step_2 = run.read_json("checkpoints/step-2/state.json")["graderUsage"]["meaning"]
+    assert 0 < at_step_2["requests"] < first["requests"] and first["promptTokens"] == openai_server.embedding_tokens
     proc = run_finetune(path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert run.read_json("result.json")["resumedFromStep"] == 2
+    resumed = run.read_json("result.json")
+    assert resumed["resumedFromStep"] == 2
     after = 4 * sum(s["promptsSampled"] for s in steps[:2])
     assert [tuple(json.loads(line)) for line in log.read_text().splitlines()] == graded[after:]
     assert run.read_bytes("metrics/loss.csv").decode().splitlines() == lines
+    # The resumed run paid for nothing (the later answers' scores were in the store): what it reports is
+    # what was paid for by step 2, and the rest as cached.
+    usage = resumed["graderUsage"]["meaning"]
+    assert openai_server.embedding_tokens == first["promptTokens"]
+    assert (usage["requests"], usage["promptTokens"]) == (at_step_2["requests"], at_step_2["promptTokens"])
+    assert usage["requests"] + usage["cached"] == first["requests"] + first["cached"]
 
 
 @pytest.mark.slow
@@ -998,7 +1057,10 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
                                              "name": "alike", "weight": 0},
                                             {"operation": "similarity", "metric": "cosine", "referenceField": "answer",
                                              "name": "meaning", "weight": 0, "embeddings": {
-                                                 "baseUrl": openai_server.url, "model": "text-embedding-3-small"}}]}
+                                                 "baseUrl": openai_server.url, "model": "text-embedding-3-small"}},
+                                            {"operation": "similarity", "metric": "cosine", "referenceField": "answer",
+                                             "name": "meaning_here", "weight": 0,
+                                             "embeddingModel": {"uri": f"file://{tiny_model}"}}]}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo",
                          grpo={"generations": 4, "maxNewTokens": 6, "beta": 0.5, "grader": summed,
                                "overlongPenalty": {"bufferTokens": 3}, "topEntropyQuantile": 0.5},
@@ -1047,6 +1109,9 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     meaning = [sum(meaning_of(text) for _, _, text in graded[i:i + 8]) / 8 for i in range(0, 64, 8)]
     assert [e.value for e in accumulator.Scalars("train/rewards/meaning")] == pytest.approx(meaning, abs=1e-4)
     assert max(meaning) > 0 and len({text.strip() for _, _, text in graded} - {""}) <= len(openai_server.embedded)
+    # The local embedding model's part: scored in the training process (the tiny model's mean hidden states).
+    here = [e.value for e in accumulator.Scalars("train/rewards/meaning_here")]
+    assert len(here) == 8 and all(0 <= r <= 1 for r in here) and len(set(here)) > 1
     # What the run asked of the embeddings endpoint, in its result: each answer scored once (again: cached).
     usage = run.read_json("result.json")["graderUsage"]["meaning"]
     assert usage == {"requests": len({text for _, _, text in graded if text}), "cached": usage["cached"],
@@ -1063,7 +1128,8 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
            f"field 'answer'), 0 x judged (judge against field 'answer' by the local judge file://{tiny_model}), " \
            f"0 x preferred (reward model file://{tiny_reward_model}), 0 x alike (similarity (chrf) against field " \
            "'answer'), 0 x meaning (similarity (cosine) against field 'answer' by text-embedding-3-small's " \
-           "embeddings)" in card
+           f"embeddings), 0 x meaning_here (similarity (cosine) against field 'answer' by file://{tiny_model}'s " \
+           "embeddings (local))" in card
 
 
 @pytest.mark.extended(reason=(

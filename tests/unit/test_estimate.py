@@ -260,6 +260,21 @@ def test_planner_counts_a_grpo_graders_models_beside_the_model(tmp_path):
         check_fits(parse(grpo))
     assert err.value.field == "spec.resources" and "grader models 16.0" in err.value.message
     assert "use a smaller grader model (or serve a judge with vLLM behind grader.judge" in err.value.message
+    # A local embedding model (cosine) of an encoder's config.json: its weights and one layer's activations of
+    # 32 texts of maxSeqLength; any such part of a sum counts.
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["XLMRobertaModel"], "hidden_size": 1024, "num_hidden_layers": 24,
+        "intermediate_size": 4096, "vocab_size": 250002, "num_attention_heads": 16}))
+    grpo["spec"]["resources"]["gpuMemoryGiB"] = 141
+    grpo["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
+        {"name": "correct", "operation": "number"},
+        {"name": "meaning", "operation": "similarity", "metric": "cosine", "weight": 0.2,
+         "embeddingModel": {"uri": f"file://{tmp_path}"}}]}
+    embedded = check_fits(parse(grpo))
+    encoder = shape_from_config(json.loads((tmp_path / "config.json").read_text()))
+    assert embedded.graders_gib * 2 ** 30 == pytest.approx(
+        encoder.params * 2 + 32 * 2048 * (3 * encoder.intermediate + 4 * encoder.hidden) * 2)
+    assert 1 < embedded.graders_gib < judged.graders_gib
     grpo["spec"]["grpo"]["grader"] = {"operation": "number"}
     assert check_fits(parse(grpo)).total_gib < 60
     # A judge whose shape cannot be known offline is counted by the runtime, with its config.

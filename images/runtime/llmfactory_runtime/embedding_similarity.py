@@ -1,8 +1,9 @@
 """Metric cosine of grader operation similarity (OpenAI's text_similarity grader's cosine): the cosine
 similarity of an answer's and its reference's embeddings, by an OpenAI-compatible embeddings endpoint
-(grader.embeddings).
+(grader.embeddings) or a local embedding model (grader.embeddingModel: its last hidden states pooled as
+its sentence-transformers configuration says).
 
-What was paid for is kept in the store (answer_cache), in two folders per endpoint and model: each
+What was paid for is kept in the store (answer_cache), in two folders per endpoint (or model): each
 score by its answer and reference, and each reference's embedding (a dataset's references recur every
 epoch; answers are sampled anew). A process reads them once, at its first call (AnswerCache.opened,
 held), and adds what it asks for after: a resumed run pays for nothing it had, and a long run does not
@@ -12,12 +13,16 @@ reread its own history at every step.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import EMBEDDINGS_KEY_ENV
 from .answer_cache import AnswerCache, digest
 from .openai_client import ChatClient, api_key
+from .finetune.estimate import EMBEDDING_BATCH
 from .usage import Usage
 
 BATCH = 256  # texts a request embeds (OpenAI takes up to 2048)
@@ -29,14 +34,28 @@ def cosine(a: list[float], b: list[float]) -> float:
     return dot / norms if norms else 0.0
 
 
-def cosines(endpoint: dict[str, Any], answers: list[str | None], references: list[str], cache_uri: str,
-            field: str, usage: Usage | None = None) -> list[float]:
+# What embeds texts: (its identity, which names its caches; texts -> their embeddings)
+Embedder = tuple[dict[str, Any], Callable[[list[str]], list[list[float]]]]
+
+
+def api_embedder(endpoint: dict[str, Any], field: str, usage: Usage) -> Embedder:
+    """grader.embeddings (`field` names it in errors), its tokens counted in `usage`."""
+    return ({"baseUrl": endpoint.get("baseUrl"), "model": endpoint["model"]},
+            lambda texts: _embed(endpoint, texts, field, usage))
+
+
+def local_embedder(source: dict[str, Any], loaded: Callable[[], Encoder]) -> Embedder:
+    """grader.embeddingModel: loaded() gives it (load_encoder's), at the first text not in the cache."""
+    return {"local": source}, lambda texts: loaded().embed(texts)
+
+
+def cosines(embedder: Embedder, answers: list[str | None], references: list[str], cache_uri: str,
+            usage: Usage | None = None) -> list[float]:
     """Each answer's cosine similarity to its reference, 0-1 (below 0 counts 0); an answer that is None
-    (grader.extract found nothing) or empty scores 0 without a request. `field` names the endpoint in
-    the spec, for its errors; `usage`: where the scores computed and found in the cache, and the tokens
-    billed, are counted."""
+    (grader.extract found nothing) or empty scores 0 without a request. `usage`: where the scores
+    computed and found in the cache are counted."""
     usage = usage or Usage()
-    identity = {"baseUrl": endpoint.get("baseUrl"), "model": endpoint["model"]}
+    identity, embed = embedder
     scores, embedded = (AnswerCache.opened(cache_uri, purpose, identity, held=True)
                         for purpose in ("cosine", "embeddings"))
     keys = [digest([a, r]) if a and r else None for a, r in zip(answers, references)]
@@ -45,7 +64,7 @@ def cosines(endpoint: dict[str, Any], answers: list[str | None], references: lis
     if todo:
         texts = list(dict.fromkeys([a for a, _ in todo.values()]
                                    + [r for _, r in todo.values() if embedded.get(digest(r)) is None]))
-        vectors = dict(zip(texts, _embed(endpoint, texts, field, usage)))
+        vectors = dict(zip(texts, embed(texts)))
         usage.requests += len(todo)
         new_references = {digest(r): {"embedding": vectors[r]} for _, r in todo.values() if r in vectors}
         if new_references:
@@ -67,3 +86,62 @@ def _embed(endpoint: dict[str, Any], texts: list[str], field: str, usage: Usage)
         return [v for batch in batches for v in batch]
 
     return asyncio.run(embed_all())
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A local embedding model: its last hidden states pooled (mean over the text's tokens, the first
+    token's: cls, or the last one's: lasttoken), texts cut at max_length tokens."""
+
+    model: Any
+    tokenizer: Any
+    pooling: str
+    max_length: int
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        import torch  # noqa: PLC0415 - only for a local model
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), EMBEDDING_BATCH):
+                batch = self.tokenizer(texts[i:i + EMBEDDING_BATCH], padding=True, truncation=True,
+                                       max_length=self.max_length, return_tensors="pt").to(self.model.device)
+                hidden = self.model(**batch).last_hidden_state.float()
+                mask = batch["attention_mask"]
+                if self.pooling == "cls":
+                    pooled = hidden[:, 0]
+                elif self.pooling == "lasttoken":  # padded on the right
+                    pooled = hidden[torch.arange(len(hidden)), mask.sum(1) - 1]
+                else:
+                    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                out += pooled.cpu().tolist()
+        return out
+
+
+def load_encoder(source: dict[str, Any]) -> Encoder:
+    """The model at source (transformers' AutoModel, compute dtype, best device), pooled as its
+    sentence-transformers 1_Pooling/config.json says (mean without one), texts cut at its
+    sentence_bert_config.json's max_seq_length, else its tokenizer's or position embeddings' limit."""
+    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
+    from transformers.utils import cached_file  # noqa: PLC0415
+
+    from .models import compute_dtype, device, locate  # noqa: PLC0415
+
+    where, _, kwargs = locate(source)
+
+    def settings(name: str) -> dict[str, Any]:
+        path = cached_file(where, name, _raise_exceptions_for_missing_entries=False, **kwargs)
+        return json.loads(open(path).read()) if path else {}
+
+    pooling = settings("1_Pooling/config.json")
+    mode = ("cls" if pooling.get("pooling_mode_cls_token") else
+            "lasttoken" if pooling.get("pooling_mode_lasttoken") else "mean")
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:  # a decoder's: any token will do under the attention mask
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(where, dtype=compute_dtype(), **kwargs).to(device()).eval()
+    limit = (settings("sentence_bert_config.json").get("max_seq_length")
+             or (tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None)
+             or getattr(model.config, "max_position_embeddings", 512))
+    return Encoder(model, tokenizer, mode, int(limit))

@@ -30,8 +30,9 @@ def last_number(text: str) -> float | None:
 # Graders that read no reference answer: a python grader reads the row itself, a reward model the
 # prompt and answer.
 WITHOUT_REFERENCE = ("python", "rewardModel")
-# Graders whose model runs in the grading process (judgeModel, rewardModel), by the field naming it.
-MODEL_FIELDS = {"judge": "judgeModel", "rewardModel": "rewardModel"}
+# Graders whose model runs in the grading process (judgeModel, rewardModel, embeddingModel), by the field
+# naming it.
+MODEL_FIELDS = {"judge": "judgeModel", "rewardModel": "rewardModel", "similarity": "embeddingModel"}
 
 
 def parts_of(grader: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,10 +90,16 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
                                                       for a, g in zip(answers, graded)])
     references = [reference_of(g["item"], grader) for g in graded]
     if grader.get("metric") == "cosine":  # the embeddings of all of them at once
-        from .embedding_similarity import cosines  # noqa: PLC0415 - only for metric cosine
+        from . import embedding_similarity as embedding  # noqa: PLC0415 - only for metric cosine
 
-        return cosines(grader["embeddings"], [extracted(a, grader) for a in answers], [r.strip() for r in references],
-                       cache_uri, f"{field}.embeddings", _usage_of(field))
+        local = grader.get("embeddingModel")
+        if local:  # loaded only when a score is not in the cache, then held for the process's later calls
+            embedder = embedding.local_embedder(local, lambda: _held(operation, local,
+                                                                     lambda: embedding.load_encoder(local)))
+        else:
+            embedder = embedding.api_embedder(grader["embeddings"], f"{field}.embeddings", _usage_of(field))
+        return embedding.cosines(embedder, [extracted(a, grader) for a in answers], [r.strip() for r in references],
+                                 cache_uri, None if local else _usage_of(field))
     if operation != "judge":
         return [reward(a, ref, grader) for a, ref in zip(answers, references)]
     from .benchmark.judge import judge_messages, judge_with_api, judge_with_model  # noqa: PLC0415 - only to judge
@@ -134,7 +141,7 @@ def api_endpoint(grader: dict[str, Any]) -> str | None:
     cosine), or None."""
     if grader["operation"] == "judge" and grader.get("judge"):
         return "judge"
-    return "embeddings" if grader.get("metric") == "cosine" else None
+    return "embeddings" if grader.get("embeddings") else None
 
 
 def api_usage(grader: dict[str, Any], field: str) -> dict[str, tuple[Usage, dict[str, float] | None]]:
@@ -186,7 +193,9 @@ def describe(grader: dict[str, Any]) -> str:
     model = grader.get(MODEL_FIELDS.get(grader["operation"], ""))
     if grader["operation"] == "rewardModel":
         return f"reward model {model.get('huggingface') or model['uri']}"
-    by = f" by the local judge {model.get('huggingface') or model['uri']}" if model else ""
+    name = model and (model.get("huggingface") or model["uri"])
+    by = (f" by {name}'s embeddings (local)" if grader["operation"] == "similarity" else f" by the local judge {name}"
+          ) if model else ""
     by += f" by {grader['embeddings']['model']}'s embeddings" if grader.get("embeddings") else ""
     metric = f" ({grader['metric']})" if grader.get("metric") else ""
     return f"{grader['operation']}{metric} against field {grader['referenceField']!r}{by}"

@@ -122,8 +122,9 @@ class Price(ApiModel):
 
 
 class ApiUsage(ApiModel):
-    """What a run asked of one model: an API endpoint or a local model (no tokens then). A resumed or
-    restarted run counts what its last attempt asked; what an earlier attempt paid for is cached."""
+    """What a run asked of one model: an API endpoint or a local model (no tokens then). A restarted run
+    counts what its last attempt asked, what an earlier one paid for as cached (a resumed FineTune's
+    graderUsage counts on from its checkpoint)."""
 
     requests: int = Field(description="Answers, ratings or scores paid for (cache misses).")
     cached: int = Field(description="Answers, ratings or scores found in the cache, not paid for again.")

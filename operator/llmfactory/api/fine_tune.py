@@ -180,9 +180,14 @@ class GraderPart(ApiModel):
         {"rule": "(self.operation == 'similarity') == has(self.metric)",
          "message": "operation similarity needs grader.metric (fuzzy, bleu, gleu, chrf, rouge1-rouge5, rougeL or "
                     "cosine), which applies to it alone"},
-        {"rule": "(has(self.metric) && self.metric == 'cosine') == has(self.embeddings)",
-         "message": "metric cosine needs grader.embeddings (an OpenAI-compatible embeddings endpoint), which "
-                    "applies to it alone"},
+        {"rule": "(has(self.metric) && self.metric == 'cosine') == (has(self.embeddings) || has(self.embeddingModel))",
+         "message": "metric cosine needs grader.embeddings (an OpenAI-compatible embeddings endpoint) or "
+                    "grader.embeddingModel (a local one), which apply to it alone"},
+        {"rule": "!(has(self.embeddings) && has(self.embeddingModel))",
+         "message": "set one of grader.embeddings (an OpenAI-compatible endpoint) or grader.embeddingModel (a local "
+                    "model)"},
+        {"rule": "!has(self.embeddingModel) || !has(self.embeddingModel.ggufFile)",
+         "message": "embeddingModel is an encoder in safetensors: name its folder or repository, not a GGUF file"},
         {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number', 'similarity']",
          "message": "extract applies to the equals, contains, icontains, number and similarity checks: a judge, a "
                     "python grader or a reward model reads the whole answer, and a sum's parts have their own"},
@@ -213,8 +218,9 @@ class GraderPart(ApiModel):
         "F-measure of shared n-grams of 1 to 5 words (a text shorter than n words has none: 0), or of their "
         "longest common subsequence, for summaries (OpenAI's rouge_1 to rouge_5, rouge_l). BLEU "
         "aside, words are runs of letters and digits, each CJK character a word of its own. cosine: the cosine "
-        "similarity of the two texts' embeddings by grader.embeddings, for meaning in other words (a paraphrase, "
-        "another language), as OpenAI's cosine; below 0 (opposed, rare) it counts 0. Each scaled to 0-1."))
+        "similarity of the two texts' embeddings by grader.embeddings or grader.embeddingModel, for meaning in "
+        "other words (a paraphrase, another language), as OpenAI's cosine; below 0 (opposed, rare) it counts 0. "
+        "Each scaled to 0-1."))
     extract: str | None = Field(None, min_length=1, max_length=1024, description=(
         "A regular expression (Python's) picking what of the answer is compared: its last match's first "
         "group (or the whole match without groups), e.g. '#### (.+)' for GSM8K's final-answer line or "
@@ -229,6 +235,15 @@ class GraderPart(ApiModel):
         "LLMFACTORY_EMBEDDINGS_API_KEY for local runs). A step's answers and references go in one request; "
         "each text's embedding is cached in the store, so a reference is embedded once and a resumed run "
         "pays nothing again."))
+    embedding_model: ModelSource | None = Field(None, description=(
+        "metric cosine: a local embedding model instead of an endpoint, run with transformers in each training "
+        "(or benchmarking) process on its GPU: a text's embedding is its last hidden states pooled as the "
+        "model's sentence-transformers 1_Pooling/config.json says (mean, CLS or last token; mean without one), "
+        "e.g. BAAI/bge-m3 or sentence-transformers/paraphrase-multilingual-mpnet-base-v2 (models that need an "
+        "instruction prefix, such as e5's 'query: ', get none). Its weights take GPU memory beside the model's, "
+        "which the planner counts (32 texts of hyperparameters.maxSeqLength tokens at a time). Texts are cut at "
+        "the model's own limit (sentence_bert_config.json's max_seq_length, else its tokenizer's); scores and "
+        "the references' embeddings are cached in the store, as the endpoint's."))
     judge_model: TrainedModelSource | None = Field(None, description=(
         "operation judge: a local judge model instead of an API, run with transformers in each training "
         "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "
@@ -787,7 +802,8 @@ class FineTuneResult(ApiModel):
         "objective grpo: the same of the model before training, to compare reward with."))
     grader_usage: dict[str, ApiUsage] | None = Field(None, description=(
         "objective grpo: what all processes asked of grpo.grader's API endpoints (an API judge, a cosine's "
-        "embeddings), by endpoint field (judge, embeddings) or, in a sum, by part name (cost: its price)."))
+        "embeddings), by endpoint field (judge, embeddings) or, in a sum, by part name (cost: its price); kept "
+        "in each checkpoint, so a resumed run counts on from it."))
     resumed_from_step: int | None = Field(None, description="The checkpoint the last attempt resumed from.")
     loss_curve_uri: str = Field(description=(
         "metrics/loss.csv and loss.png: loss and learning rate per step, and the validation loss where evaluated "

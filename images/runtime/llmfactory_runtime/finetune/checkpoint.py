@@ -36,15 +36,19 @@ class TrainingState:
     # By step: dpo, kto, reward: validation reward accuracy and margin; grpo: validation mean reward and answer tokens
     rewards: dict[int, tuple[float, float]] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0, "positions": 0.0, "seconds": 0.0})
+    # grpo: what all processes had asked of the grader's API endpoints (grpo.grader_usage), at the checkpoint
+    grader_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self, step: int, loss_scale: dict[str, Any]) -> dict[str, Any]:
         return {"step": step, "history": self.history, "counters": self.counters, "evals": self.evals,
-                "rewards": [(s, *r) for s, r in self.rewards.items()], "lossScale": loss_scale}
+                "rewards": [(s, *r) for s, r in self.rewards.items()], "lossScale": loss_scale,
+                "graderUsage": self.grader_usage}
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> TrainingState:
         return cls([tuple(h) for h in saved["history"]], [tuple(e) for e in saved.get("evals", [])],
-                   {step: tuple(r) for step, *r in saved.get("rewards", [])}, saved["counters"])
+                   {step: tuple(r) for step, *r in saved.get("rewards", [])}, saved["counters"],
+                   saved.get("graderUsage") or {})
 
 
 def rng_state() -> dict[str, Any]:

@@ -286,6 +286,7 @@ def gpu_memory_utilization(est: Estimate, gpu_gib: float) -> float:
 
 JUDGE_PROMPT_TOKENS = 512  # the grading instructions and the reference, beside the question and answer
 REWARD_MODEL_BATCH = 8  # answers a reward model grader scores in one pass (reward_model.scores)
+EMBEDDING_BATCH = 32  # texts a local embedding model embeds in one pass (embedding_similarity.Encoder)
 
 
 def grader_bytes(grader: ModelShape, seq_len: int, operation: str) -> float:
@@ -294,11 +295,12 @@ def grader_bytes(grader: ModelShape, seq_len: int, operation: str) -> float:
     judge) the KV cache of its prompt, with its instructions and the reference, repeated for each of
     the ten ratings it scores (benchmark/judge.py); the logits of the last position only. A reward
     model (rewardModel) reads REWARD_MODEL_BATCH conversations at once, without a cache, and has a
-    score layer for a head."""
+    score layer for a head; an embedding model (similarity) EMBEDDING_BATCH texts."""
     judge = operation == "judge"
     if operation == "rewardModel":
         grader = replace(grader, scores=True)
-    tokens = seq_len + JUDGE_PROMPT_TOKENS if judge else seq_len * REWARD_MODEL_BATCH
+    batch = EMBEDDING_BATCH if operation == "similarity" else REWARD_MODEL_BATCH
+    tokens = seq_len + JUDGE_PROMPT_TOKENS if judge else seq_len * batch
     cache = 2 * grader.layers * grader.kv_heads * grader.head_dim * tokens * 2
     return grader.params * 2 + (11 * cache if judge else 0) + tokens * (3 * grader.intermediate + 4 * grader.hidden) * 2
 

@@ -137,7 +137,8 @@ def sequences(prompts: list[list[int]], answers: list[list[int]], n: int,
 
 def grader_usage(grader: dict[str, Any], world_sum_tensor: Callable[[torch.Tensor], torch.Tensor]) -> dict | None:
     """What the run's processes asked of the grader's API endpoints (grader.api_usage), summed, with
-    the cost at each one's price; None when it asks none."""
+    the cost at each one's price (a collective); None when it asks none. A resumed run's main process
+    counts on from its checkpoint's (resume_grader_usage)."""
     usages = api_usage(grader, "spec.grpo.grader")
     if not usages:
         return None
@@ -145,6 +146,16 @@ def grader_usage(grader: dict[str, Any], world_sum_tensor: Callable[[torch.Tenso
     counts = world_sum_tensor(torch.tensor([[usages[n][0].requests, usages[n][0].cached, usages[n][0].prompt_tokens,
                                              usages[n][0].completion_tokens] for n in names], dtype=torch.float64))
     return {n: Usage(*map(int, row)).report(usages[n][1]) for n, row in zip(names, counts.tolist())}
+
+
+def resume_grader_usage(grader: dict[str, Any], saved: dict[str, dict[str, Any]]) -> None:
+    """This process counts on from a checkpoint's grader usage (grader_usage's, of all processes: the
+    main process alone resumes it)."""
+    for name, (usage, _) in api_usage(grader, "spec.grpo.grader").items():
+        if name in saved:
+            usage.requests += saved[name]["requests"]
+            usage.cached += saved[name]["cached"]
+            usage.billed(saved[name]["promptTokens"], saved[name]["completionTokens"])
 
 
 def sampling(grpo: dict, max_len: int) -> dict[str, Any]:

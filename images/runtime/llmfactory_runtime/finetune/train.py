@@ -215,6 +215,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             if saved.get("lossScale"):
                 scaler.load_state_dict(saved["lossScale"])
             state = checkpoint.TrainingState.from_json(saved)
+            if grpo and world.main:
+                group_relative.resume_grader_usage(grpo["grader"], state.grader_usage)
             if referenced:
                 reference = torch.load(local / "reference.pt", weights_only=True)
             if world.main and (local / TRACKING).is_dir():  # the earlier attempts' tracker files: curves go on
@@ -239,6 +241,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             reference[split] = logps if zero3 else world.sum_tensor(logps)
 
     def save_checkpoint(step: int) -> None:
+        if grpo:  # collective, as the save
+            state.grader_usage = group_relative.grader_usage(grpo["grader"], world.sum_tensor) or {}
+
         def write(local: Path) -> None:
             if deepspeed_on:  # collective: every rank writes its ZeRO shard
                 engine.save_checkpoint(str(local / "deepspeed"), tag="state")
