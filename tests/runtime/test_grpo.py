@@ -166,13 +166,14 @@ def test_a_cosine_grader_compares_embeddings_asks_once_for_each_text_and_a_new_p
         score(["Answer: new"])
 
 
-@pytest.mark.parametrize("pooling", [None, "cls", "lasttoken"])
+@pytest.mark.parametrize("pooling", [None, "cls", "lasttoken", "prompt"])
 def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configuration_says_and_is_loaded_once(
         tiny_model, monkeypatch, tmp_path, pooling):
     """grader.embeddingModel: the cosine of the two texts' pooled last hidden states (mean over the
-    tokens without a sentence-transformers 1_Pooling/config.json, else the first or last token's),
-    worked out here text by text; the model is loaded once a process, and a new process whose scores
-    are all in the store loads nothing."""
+    tokens without a sentence-transformers 1_Pooling/config.json, else the first or last token's; with
+    a default prompt in config_sentence_transformers.json, of the prompt and text, the prompt's tokens
+    out of the mean with include_prompt false), worked out here text by text; the model is loaded once
+    a process, and a new process whose scores are all in the store loads nothing."""
     from transformers import AutoModel
 
     from llmfactory_runtime import embedding_similarity, grader as grader_module
@@ -180,10 +181,16 @@ def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configurati
 
     folder = tmp_path / "encoder"
     shutil.copytree(tiny_model, folder)
+    prompt = "query: " if pooling == "prompt" else ""
     if pooling:
+        mode = {"cls": "pooling_mode_cls_token", "lasttoken": "pooling_mode_lasttoken",
+                "prompt": "pooling_mode_mean_tokens"}[pooling]
         (folder / "1_Pooling").mkdir()
-        mode = {"cls": "pooling_mode_cls_token", "lasttoken": "pooling_mode_lasttoken"}[pooling]
-        (folder / "1_Pooling" / "config.json").write_text(json.dumps({mode: True, "pooling_mode_mean_tokens": False}))
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": False, mode: True,
+                                                                      "include_prompt": not prompt}))
+    if prompt:
+        (folder / "config_sentence_transformers.json").write_text(json.dumps({
+            "prompts": {"query": prompt, "passage": "passage: "}, "default_prompt_name": "query"}))
     source = {"uri": f"file://{folder}"}
     spec = {"referenceField": "answer", "operation": "similarity", "metric": "cosine", "embeddingModel": source}
     graded = [graded_of({"prompt": "Capital of France?", "answer": "Paris is the capital"}, spec)] * 3
@@ -195,8 +202,12 @@ def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configurati
 
     def embedded(text: str) -> list[float]:
         with torch.no_grad():
-            hidden = model(**tok(text, return_tensors="pt")).last_hidden_state[0]
-        return (hidden[0] if pooling == "cls" else hidden[-1] if pooling == "lasttoken" else hidden.mean(0)).tolist()
+            hidden = model(**tok(prompt + text, return_tensors="pt")).last_hidden_state[0]
+        # sentence-transformers leaves out of the mean the prompt's tokens less its closing one (this
+        # tokenizer closes nothing: its last token counts as the text's)
+        skip = len(tok(prompt)["input_ids"]) - 1 if prompt else 0
+        return (hidden[0] if pooling == "cls" else hidden[-1] if pooling == "lasttoken" else hidden[skip:].mean(0)
+                ).tolist()
 
     expected = [max(0.0, cosine(embedded(a), embedded("Paris is the capital"))) for a in answers[:2]]
     assert got == pytest.approx(expected + [0.0], abs=1e-5) and got[0] != got[1]  # an empty answer scores 0

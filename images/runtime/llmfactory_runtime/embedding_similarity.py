@@ -90,13 +90,16 @@ def _embed(endpoint: dict[str, Any], texts: list[str], field: str, usage: Usage)
 
 @dataclass(frozen=True)
 class Encoder:
-    """A local embedding model: its last hidden states pooled (mean over the text's tokens, the first
-    token's: cls, or the last one's: lasttoken), texts cut at max_length tokens."""
+    """A local embedding model: each text after `prompt`, cut at max_length tokens, its last hidden
+    states pooled (mean over its tokens, less the prompt's first `unpooled` ones; the first token's:
+    cls; or the last one's: lasttoken), as sentence-transformers encodes."""
 
     model: Any
     tokenizer: Any
     pooling: str
     max_length: int
+    prompt: str = ""
+    unpooled: int = 0
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         import torch  # noqa: PLC0415 - only for a local model
@@ -104,8 +107,9 @@ class Encoder:
         out = []
         with torch.no_grad():
             for i in range(0, len(texts), EMBEDDING_BATCH):
-                batch = self.tokenizer(texts[i:i + EMBEDDING_BATCH], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.model.device)
+                batch = self.tokenizer([self.prompt + t for t in texts[i:i + EMBEDDING_BATCH]], padding=True,
+                                       truncation=True, max_length=self.max_length, return_tensors="pt"
+                                       ).to(self.model.device)
                 hidden = self.model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"]
                 if self.pooling == "cls":
@@ -113,15 +117,19 @@ class Encoder:
                 elif self.pooling == "lasttoken":  # padded on the right
                     pooled = hidden[torch.arange(len(hidden)), mask.sum(1) - 1]
                 else:
-                    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                    mask = mask.clone()
+                    mask[:, :self.unpooled] = 0
+                    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
                 out += pooled.cpu().tolist()
         return out
 
 
 def load_encoder(source: dict[str, Any]) -> Encoder:
-    """The model at source (transformers' AutoModel, compute dtype, best device), pooled as its
-    sentence-transformers 1_Pooling/config.json says (mean without one), texts cut at its
-    sentence_bert_config.json's max_seq_length, else its tokenizer's or position embeddings' limit."""
+    """The model at source (transformers' AutoModel, compute dtype, best device), as sentence-transformers
+    would encode with it: pooled as its 1_Pooling/config.json says (mean without one), each text after
+    the prompt config_sentence_transformers.json names default_prompt_name (with include_prompt false,
+    left out of the mean), cut at its sentence_bert_config.json's max_seq_length, else its tokenizer's or
+    position embeddings' limit."""
     from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
     from transformers.utils import cached_file  # noqa: PLC0415
 
@@ -144,4 +152,8 @@ def load_encoder(source: dict[str, Any]) -> Encoder:
     limit = (settings("sentence_bert_config.json").get("max_seq_length")
              or (tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None)
              or getattr(model.config, "max_position_embeddings", 512))
-    return Encoder(model, tokenizer, mode, int(limit))
+    prompts = settings("config_sentence_transformers.json")
+    prompt = (prompts.get("prompts") or {}).get(prompts.get("default_prompt_name") or "", "")
+    # sentence-transformers' prompt_length: the prompt's tokens less its closing special token
+    unpooled = len(tokenizer(prompt)["input_ids"]) - 1 if prompt and not pooling.get("include_prompt", True) else 0
+    return Encoder(model, tokenizer, mode, int(limit), prompt, unpooled)
