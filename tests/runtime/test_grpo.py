@@ -166,14 +166,17 @@ def test_a_cosine_grader_compares_embeddings_asks_once_for_each_text_and_a_new_p
         score(["Answer: new"])
 
 
-@pytest.mark.parametrize("pooling", [None, "cls", "lasttoken", "prompt"])
+@pytest.mark.parametrize("pooling", [None, "cls", "lasttoken", "prompt", "dense"])
 def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configuration_says_and_is_loaded_once(
         tiny_model, monkeypatch, tmp_path, pooling):
     """grader.embeddingModel: the cosine of the two texts' pooled last hidden states (mean over the
     tokens without a sentence-transformers 1_Pooling/config.json, else the first or last token's; with
     a default prompt in config_sentence_transformers.json, of the prompt and text, the prompt's tokens
-    out of the mean with include_prompt false), worked out here text by text; the model is loaded once
-    a process, and a new process whose scores are all in the store loads nothing."""
+    out of the mean with include_prompt false; with a Dense module in modules.json, through it), worked
+    out here text by text; the model is loaded once a process, and a new process whose scores are all in
+    the store loads nothing."""
+    from safetensors.torch import save_file
+
     from transformers import AutoModel
 
     from llmfactory_runtime import embedding_similarity, grader as grader_module
@@ -184,13 +187,29 @@ def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configurati
     prompt = "query: " if pooling == "prompt" else ""
     if pooling:
         mode = {"cls": "pooling_mode_cls_token", "lasttoken": "pooling_mode_lasttoken",
-                "prompt": "pooling_mode_mean_tokens"}[pooling]
+                "prompt": "pooling_mode_mean_tokens", "dense": "pooling_mode_cls_token"}[pooling]
         (folder / "1_Pooling").mkdir()
         (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": False, mode: True,
                                                                       "include_prompt": not prompt}))
     if prompt:
         (folder / "config_sentence_transformers.json").write_text(json.dumps({
             "prompts": {"query": prompt, "passage": "passage: "}, "default_prompt_name": "query"}))
+    head = None
+    if pooling == "dense":  # LaBSE's shape: CLS pooling (here in a folder of another name), then tanh(W x + b)
+        (folder / "1_Pooling").rename(folder / "pool")
+        (folder / "modules.json").write_text(json.dumps([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "pool", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+            {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+        hidden_size = json.loads((folder / "config.json").read_text())["hidden_size"]
+        (folder / "2_Dense").mkdir()
+        (folder / "2_Dense" / "config.json").write_text(json.dumps({
+            "in_features": hidden_size, "out_features": 5, "bias": True,
+            "activation_function": "torch.nn.modules.activation.Tanh"}))
+        torch.manual_seed(0)
+        head = {"linear.weight": torch.randn(5, hidden_size), "linear.bias": torch.randn(5)}
+        save_file(head, folder / "2_Dense" / "model.safetensors")
     source = {"uri": f"file://{folder}"}
     spec = {"referenceField": "answer", "operation": "similarity", "metric": "cosine", "embeddingModel": source}
     graded = [graded_of({"prompt": "Capital of France?", "answer": "Paris is the capital"}, spec)] * 3
@@ -206,8 +225,9 @@ def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configurati
         # sentence-transformers leaves out of the mean the prompt's tokens less its closing one (this
         # tokenizer closes nothing: its last token counts as the text's)
         skip = len(tok(prompt)["input_ids"]) - 1 if prompt else 0
-        return (hidden[0] if pooling == "cls" else hidden[-1] if pooling == "lasttoken" else hidden[skip:].mean(0)
-                ).tolist()
+        pooled = (hidden[0] if pooling in ("cls", "dense") else hidden[-1] if pooling == "lasttoken"
+                  else hidden[skip:].mean(0))
+        return (torch.tanh(head["linear.weight"] @ pooled + head["linear.bias"]) if head else pooled).tolist()
 
     expected = [max(0.0, cosine(embedded(a), embedded("Paris is the capital"))) for a in answers[:2]]
     assert got == pytest.approx(expected + [0.0], abs=1e-5) and got[0] != got[1]  # an empty answer scores 0

@@ -23,6 +23,7 @@ from . import EMBEDDINGS_KEY_ENV
 from .answer_cache import AnswerCache, digest
 from .openai_client import ChatClient, api_key
 from .finetune.estimate import EMBEDDING_BATCH
+from .task import InvalidTask
 from .usage import Usage
 
 BATCH = 256  # texts a request embeds (OpenAI takes up to 2048)
@@ -100,6 +101,7 @@ class Encoder:
     max_length: int
     prompt: str = ""
     unpooled: int = 0
+    dense: tuple = ()  # sentence-transformers' Dense modules after the pooling, in order (torch modules)
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         import torch  # noqa: PLC0415 - only for a local model
@@ -120,16 +122,20 @@ class Encoder:
                     mask = mask.clone()
                     mask[:, :self.unpooled] = 0
                     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+                for layer in self.dense:
+                    pooled = layer(pooled)
                 out += pooled.cpu().tolist()
         return out
 
 
 def load_encoder(source: dict[str, Any]) -> Encoder:
     """The model at source (transformers' AutoModel, compute dtype, best device), as sentence-transformers
-    would encode with it: pooled as its 1_Pooling/config.json says (mean without one), each text after
-    the prompt config_sentence_transformers.json names default_prompt_name (with include_prompt false,
-    left out of the mean), cut at its sentence_bert_config.json's max_seq_length, else its tokenizer's or
-    position embeddings' limit."""
+    would encode with it (its modules.json): pooled as its Pooling module's config says (mean without
+    one), then through its Dense modules; each text after the prompt config_sentence_transformers.json
+    names default_prompt_name (with include_prompt false, left out of the mean), cut at its
+    sentence_bert_config.json's max_seq_length, else its tokenizer's or position embeddings' limit."""
+    import torch  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
     from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
     from transformers.utils import cached_file  # noqa: PLC0415
 
@@ -137,11 +143,27 @@ def load_encoder(source: dict[str, Any]) -> Encoder:
 
     where, _, kwargs = locate(source)
 
-    def settings(name: str) -> dict[str, Any]:
-        path = cached_file(where, name, _raise_exceptions_for_missing_entries=False, **kwargs)
+    def found(name: str) -> str | None:
+        return cached_file(where, name, _raise_exceptions_for_missing_entries=False, **kwargs)
+
+    def settings(name: str) -> Any:
+        path = found(name)
         return json.loads(open(path).read()) if path else {}
 
-    pooling = settings("1_Pooling/config.json")
+    def dense(folder: str) -> torch.nn.Module:
+        config = settings(f"{folder}/config.json")
+        activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+        if not activation.startswith("torch.nn.") or not hasattr(torch.nn, activation.rsplit(".", 1)[-1]):
+            raise InvalidTask(f"embeddingModel {where}: {folder}'s activation {activation} is not a torch.nn module")
+        weights = found(f"{folder}/model.safetensors")
+        state = load_file(weights) if weights else torch.load(found(f"{folder}/pytorch_model.bin"), weights_only=True)
+        linear = torch.nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+        linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+        return torch.nn.Sequential(linear, getattr(torch.nn, activation.rsplit(".", 1)[-1])()).to(device()).eval()
+
+    modules = settings("modules.json") or []
+    pooling = settings(next((f"{m['path']}/config.json" for m in modules if m["type"].endswith(".Pooling")),
+                            "1_Pooling/config.json"))
     mode = ("cls" if pooling.get("pooling_mode_cls_token") else
             "lasttoken" if pooling.get("pooling_mode_lasttoken") else "mean")
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -156,4 +178,5 @@ def load_encoder(source: dict[str, Any]) -> Encoder:
     prompt = (prompts.get("prompts") or {}).get(prompts.get("default_prompt_name") or "", "")
     # sentence-transformers' prompt_length: the prompt's tokens less its closing special token
     unpooled = len(tokenizer(prompt)["input_ids"]) - 1 if prompt and not pooling.get("include_prompt", True) else 0
-    return Encoder(model, tokenizer, mode, int(limit), prompt, unpooled)
+    return Encoder(model, tokenizer, mode, int(limit), prompt, unpooled,
+                   tuple(dense(m["path"]) for m in modules if m["type"].endswith(".Dense")))

@@ -239,12 +239,11 @@ class GraderPart(ApiModel):
         "metric cosine: a local embedding model instead of an endpoint, run with transformers in each training "
         "(or benchmarking) process on its GPU, as sentence-transformers encodes with it: each text after the "
         "prompt its config_sentence_transformers.json names default_prompt_name, its last hidden states pooled "
-        "as its 1_Pooling/config.json says (mean, CLS or last token; mean without one). E.g. BAAI/bge-m3 or "
-        "sentence-transformers/paraphrase-multilingual-mpnet-base-v2; a Dense layer after the pooling (LaBSE's) "
-        "is not applied. Its weights take GPU memory beside the model's, which the planner counts (32 texts of "
-        "hyperparameters.maxSeqLength tokens at a time). Texts are cut at the model's own limit "
-        "(sentence_bert_config.json's max_seq_length, else its tokenizer's); scores and the references' "
-        "embeddings are cached in the store, as the endpoint's."))
+        "as its Pooling module says (mean, CLS or last token; mean without one), then through its Dense "
+        "modules. E.g. BAAI/bge-m3, sentence-transformers/LaBSE. Its weights take GPU memory beside the "
+        "model's, which the planner counts (32 texts of hyperparameters.maxSeqLength tokens at a time). Texts "
+        "are cut at the model's own limit (sentence_bert_config.json's max_seq_length, else its tokenizer's); "
+        "scores and the references' embeddings are cached in the store, as the endpoint's."))
     judge_model: TrainedModelSource | None = Field(None, description=(
         "operation judge: a local judge model instead of an API, run with transformers in each training "
         "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "
