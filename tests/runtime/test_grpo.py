@@ -240,6 +240,33 @@ def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configurati
     assert rewards(spec, answers + ["Marseille"], graded + graded[:1], cache, "spec.grpo.grader") == got + [new]
 
 
+def test_an_encoder_decoder_embedding_model_embeds_with_its_encoder_alone(tiny_model, tmp_path):
+    """A T5-based embedding model (sentence-t5, GTR): the mean of its encoder's last hidden states, as
+    T5EncoderModel gives them (AutoModel's encoder-decoder would want decoder inputs)."""
+    from transformers import T5Config, T5EncoderModel, T5Model
+
+    from llmfactory_runtime.embedding_similarity import cosine
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    T5Model(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4)
+            ).save_pretrained(tmp_path / "t5")
+    tok.save_pretrained(tmp_path / "t5")
+    spec = {"referenceField": "answer", "operation": "similarity", "metric": "cosine",
+            "embeddingModel": {"uri": f"file://{tmp_path / 't5'}"}}
+    graded = [graded_of({"prompt": "Capital of France?", "answer": "Paris is the capital"}, spec)] * 2
+    got = rewards(spec, ["Paris.", "It is Lyon, surely"], graded, f"file://{tmp_path}/cache", "spec.grpo.grader")
+    encoder = T5EncoderModel.from_pretrained(tmp_path / "t5").eval()
+
+    def embedded(text: str) -> list[float]:
+        with torch.no_grad():
+            return encoder(**tok(text, return_tensors="pt")).last_hidden_state[0].mean(0).tolist()
+
+    reference = embedded("Paris is the capital")
+    assert got == pytest.approx([max(0.0, cosine(embedded(a), reference)) for a in ("Paris.", "It is Lyon, surely")],
+                                abs=1e-5) and got[0] != got[1]
+
+
 def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_run_reads_its_ratings(
         tiny_model, monkeypatch, tmp_path):
     """grader.judgeModel: a judge model in the training process, its rating the expectation over its

@@ -170,7 +170,10 @@ def load_encoder(source: dict[str, Any]) -> Encoder:
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:  # a decoder's: any token will do under the attention mask
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(where, dtype=compute_dtype(), **kwargs).to(device()).eval()
+    model = AutoModel.from_pretrained(where, dtype=compute_dtype(), **kwargs)
+    if model.config.is_encoder_decoder:  # sentence-t5, GTR: the encoder's states alone (T5EncoderModel's)
+        model = model.get_encoder()
+    model = model.to(device()).eval()
     limit = (settings("sentence_bert_config.json").get("max_seq_length")
              or (tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None)
              or getattr(model.config, "max_position_embeddings", 512))

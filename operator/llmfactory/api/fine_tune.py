@@ -240,7 +240,8 @@ class GraderPart(ApiModel):
         "(or benchmarking) process on its GPU, as sentence-transformers encodes with it: each text after the "
         "prompt its config_sentence_transformers.json names default_prompt_name, its last hidden states pooled "
         "as its Pooling module says (mean, CLS or last token; mean without one), then through its Dense "
-        "modules. E.g. BAAI/bge-m3, sentence-transformers/LaBSE. Its weights take GPU memory beside the "
+        "modules (of an encoder-decoder, its encoder's states: sentence-t5). E.g. BAAI/bge-m3, "
+        "sentence-transformers/LaBSE. Its weights take GPU memory beside the "
         "model's, which the planner counts (32 texts of hyperparameters.maxSeqLength tokens at a time). Texts "
         "are cut at the model's own limit (sentence_bert_config.json's max_seq_length, else its tokenizer's); "
         "scores and the references' embeddings are cached in the store, as the endpoint's."))
