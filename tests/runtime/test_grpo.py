@@ -172,7 +172,8 @@ def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configurati
     """grader.embeddingModel: the cosine of the two texts' pooled last hidden states (mean over the
     tokens without a sentence-transformers 1_Pooling/config.json, else the first or last token's; with
     a default prompt in config_sentence_transformers.json, of the prompt and text, the prompt's tokens
-    out of the mean with include_prompt false; with a Dense module in modules.json, through it), worked
+    out of the mean with include_prompt false, or of grader.embeddingPrompt's instead; with a Dense module
+    in modules.json, through it), worked
     out here text by text; the model is loaded once a process, and a new process whose scores are all in
     the store loads nothing."""
     from safetensors.torch import save_file
@@ -238,6 +239,12 @@ def test_a_local_embedding_model_pools_its_last_hidden_states_as_its_configurati
     grader_module._models.clear()  # a new process: its scores read from the store, nothing loaded
     answer_cache._held.clear()
     assert rewards(spec, answers + ["Marseille"], graded + graded[:1], cache, "spec.grpo.grader") == got + [new]
+    if prompt:  # grader.embeddingPrompt instead of the model's default one: other embeddings, cached apart
+        monkeypatch.undo()
+        prompt = "passage: "
+        other = rewards({**spec, "embeddingPrompt": prompt}, answers, graded, cache, "spec.grpo.grader")
+        assert other == pytest.approx([max(0.0, cosine(embedded(a), embedded("Paris is the capital")))
+                                       for a in answers[:2]] + [0.0], abs=1e-5) and other != got
 
 
 def test_an_encoder_decoder_embedding_model_embeds_with_its_encoder_alone(tiny_model, tmp_path):

@@ -45,9 +45,11 @@ def api_embedder(endpoint: dict[str, Any], field: str, usage: Usage) -> Embedder
             lambda texts: _embed(endpoint, texts, field, usage))
 
 
-def local_embedder(source: dict[str, Any], loaded: Callable[[], Encoder]) -> Embedder:
-    """grader.embeddingModel: loaded() gives it (load_encoder's), at the first text not in the cache."""
-    return {"local": source}, lambda texts: loaded().embed(texts)
+def local_embedder(source: dict[str, Any], loaded: Callable[[], Encoder], prompt: str | None = None) -> Embedder:
+    """grader.embeddingModel: loaded() gives it (load_encoder's), at the first text not in the cache;
+    each text after `prompt` (grader.embeddingPrompt; None: the model's default one)."""
+    identity = {"local": source, **({"prompt": prompt} if prompt is not None else {})}
+    return identity, lambda texts: loaded().embed(texts, prompt)
 
 
 def cosines(embedder: Embedder, answers: list[str | None], references: list[str], cache_uri: str,
@@ -91,8 +93,9 @@ def _embed(endpoint: dict[str, Any], texts: list[str], field: str, usage: Usage)
 
 @dataclass(frozen=True)
 class Encoder:
-    """A local embedding model: each text after `prompt`, cut at max_length tokens, its last hidden
-    states pooled (mean over its tokens, less the prompt's first `unpooled` ones; the first token's:
+    """A local embedding model: each text after a prompt (`prompt`, its default), cut at max_length
+    tokens, its last hidden states pooled (mean over its tokens, the prompt's too with include_prompt;
+    the first token's:
     cls; or the last one's: lasttoken), as sentence-transformers encodes."""
 
     model: Any
@@ -100,16 +103,20 @@ class Encoder:
     pooling: str
     max_length: int
     prompt: str = ""
-    unpooled: int = 0
+    include_prompt: bool = True
     dense: tuple = ()  # sentence-transformers' Dense modules after the pooling, in order (torch modules)
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
+    def embed(self, texts: list[str], prompt: str | None = None) -> list[list[float]]:
+        """The texts' embeddings, each after `prompt` (None: the model's default one)."""
         import torch  # noqa: PLC0415 - only for a local model
 
+        prompt = self.prompt if prompt is None else prompt
+        # sentence-transformers' prompt_length: the prompt's tokens less its closing special token
+        unpooled = len(self.tokenizer(prompt)["input_ids"]) - 1 if prompt and not self.include_prompt else 0
         out = []
         with torch.no_grad():
             for i in range(0, len(texts), EMBEDDING_BATCH):
-                batch = self.tokenizer([self.prompt + t for t in texts[i:i + EMBEDDING_BATCH]], padding=True,
+                batch = self.tokenizer([prompt + t for t in texts[i:i + EMBEDDING_BATCH]], padding=True,
                                        truncation=True, max_length=self.max_length, return_tensors="pt"
                                        ).to(self.model.device)
                 hidden = self.model(**batch).last_hidden_state.float()
@@ -120,7 +127,7 @@ class Encoder:
                     pooled = hidden[torch.arange(len(hidden)), mask.sum(1) - 1]
                 else:
                     mask = mask.clone()
-                    mask[:, :self.unpooled] = 0
+                    mask[:, :unpooled] = 0
                     pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
                 for layer in self.dense:
                     pooled = layer(pooled)
@@ -179,7 +186,5 @@ def load_encoder(source: dict[str, Any]) -> Encoder:
              or getattr(model.config, "max_position_embeddings", 512))
     prompts = settings("config_sentence_transformers.json")
     prompt = (prompts.get("prompts") or {}).get(prompts.get("default_prompt_name") or "", "")
-    # sentence-transformers' prompt_length: the prompt's tokens less its closing special token
-    unpooled = len(tokenizer(prompt)["input_ids"]) - 1 if prompt and not pooling.get("include_prompt", True) else 0
-    return Encoder(model, tokenizer, mode, int(limit), prompt, unpooled,
+    return Encoder(model, tokenizer, mode, int(limit), prompt, pooling.get("include_prompt", True),
                    tuple(dense(m["path"]) for m in modules if m["type"].endswith(".Dense")))

@@ -95,7 +95,8 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
         local = grader.get("embeddingModel")
         if local:  # loaded only when a score is not in the cache, then held for the process's later calls
             embedder = embedding.local_embedder(local, lambda: _held(operation, local,
-                                                                     lambda: embedding.load_encoder(local)))
+                                                                     lambda: embedding.load_encoder(local)),
+                                                grader.get("embeddingPrompt"))
         else:
             embedder = embedding.api_embedder(grader["embeddings"], f"{field}.embeddings", _usage_of(field))
         return embedding.cosines(embedder, [extracted(a, grader) for a in answers], [r.strip() for r in references],

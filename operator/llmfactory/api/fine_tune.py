@@ -186,6 +186,8 @@ class GraderPart(ApiModel):
         {"rule": "!(has(self.embeddings) && has(self.embeddingModel))",
          "message": "set one of grader.embeddings (an OpenAI-compatible endpoint) or grader.embeddingModel (a local "
                     "model)"},
+        {"rule": "!has(self.embeddingPrompt) || has(self.embeddingModel)",
+         "message": "embeddingPrompt applies to grader.embeddingModel (a local embedding model) alone"},
         {"rule": "!has(self.embeddingModel) || !has(self.embeddingModel.ggufFile)",
          "message": "embeddingModel is an encoder in safetensors: name its folder or repository, not a GGUF file"},
         {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number', 'similarity']",
@@ -245,6 +247,9 @@ class GraderPart(ApiModel):
         "model's, which the planner counts (32 texts of hyperparameters.maxSeqLength tokens at a time). Texts "
         "are cut at the model's own limit (sentence_bert_config.json's max_seq_length, else its tokenizer's); "
         "scores and the references' embeddings are cached in the store, as the endpoint's."))
+    embedding_prompt: str | None = Field(None, max_length=1024, description=(
+        "embeddingModel: the text put before each text instead of the model's default prompt, for a model that "
+        "wants one and names none, e.g. 'query: ' for e5 models (their symmetric tasks' prefix); '' for none."))
     judge_model: TrainedModelSource | None = Field(None, description=(
         "operation judge: a local judge model instead of an API, run with transformers in each training "
         "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "
