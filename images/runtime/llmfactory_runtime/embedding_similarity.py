@@ -95,8 +95,8 @@ def _embed(endpoint: dict[str, Any], texts: list[str], field: str, usage: Usage)
 class Encoder:
     """A local embedding model: each text after a prompt (`prompt`, its default), cut at max_length
     tokens, its last hidden states pooled (mean over its tokens, the prompt's too with include_prompt;
-    the first token's:
-    cls; or the last one's: lasttoken), as sentence-transformers encodes."""
+    the first token's: cls; or the last one's: lasttoken), then through `dense`, as sentence-transformers
+    encodes."""
 
     model: Any
     tokenizer: Any
@@ -160,13 +160,14 @@ def load_encoder(source: dict[str, Any]) -> Encoder:
     def dense(folder: str) -> torch.nn.Module:
         config = settings(f"{folder}/config.json")
         activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
-        if not activation.startswith("torch.nn.") or not hasattr(torch.nn, activation.rsplit(".", 1)[-1]):
+        name = activation.rsplit(".", 1)[-1]
+        if not activation.startswith("torch.nn.") or not hasattr(torch.nn, name):
             raise InvalidTask(f"embeddingModel {where}: {folder}'s activation {activation} is not a torch.nn module")
         weights = found(f"{folder}/model.safetensors")
         state = load_file(weights) if weights else torch.load(found(f"{folder}/pytorch_model.bin"), weights_only=True)
         linear = torch.nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
         linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
-        return torch.nn.Sequential(linear, getattr(torch.nn, activation.rsplit(".", 1)[-1])()).to(device()).eval()
+        return torch.nn.Sequential(linear, getattr(torch.nn, name)()).to(device()).eval()
 
     modules = settings("modules.json") or []
     pooling = settings(next((f"{m['path']}/config.json" for m in modules if m["type"].endswith(".Pooling")),

@@ -92,15 +92,16 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
     if grader.get("metric") == "cosine":  # the embeddings of all of them at once
         from . import embedding_similarity as embedding  # noqa: PLC0415 - only for metric cosine
 
-        local = grader.get("embeddingModel")
+        local, usage = grader.get("embeddingModel"), None
         if local:  # loaded only when a score is not in the cache, then held for the process's later calls
             embedder = embedding.local_embedder(local, lambda: _held(operation, local,
                                                                      lambda: embedding.load_encoder(local)),
                                                 grader.get("embeddingPrompt"))
         else:
-            embedder = embedding.api_embedder(grader["embeddings"], f"{field}.embeddings", _usage_of(field))
+            usage = _usage_of(field)
+            embedder = embedding.api_embedder(grader["embeddings"], f"{field}.embeddings", usage)
         return embedding.cosines(embedder, [extracted(a, grader) for a in answers], [r.strip() for r in references],
-                                 cache_uri, None if local else _usage_of(field))
+                                 cache_uri, usage)
     if operation != "judge":
         return [reward(a, ref, grader) for a, ref in zip(answers, references)]
     from .benchmark.judge import judge_messages, judge_with_api, judge_with_model  # noqa: PLC0415 - only to judge

@@ -6,9 +6,9 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from .common import (ApiModel, ApiUsage, EmbeddingsEndpoint, KindInfo, LocalObjectReference, ModelSource, OpenAIEndpoint,
-                     Resources, RewardModelSource, RunOptions, SecretKeyRef, StatusBase, TrainedModelSource, URI_PATTERN,
-                     no_credentials_in_url)
+from .common import (ApiModel, ApiUsage, EmbeddingsEndpoint, KindInfo, LocalObjectReference, ModelSource,
+                     OpenAIEndpoint, Resources, RewardModelSource, RunOptions, SecretKeyRef, StatusBase,
+                     TrainedModelSource, URI_PATTERN, no_credentials_in_url)
 
 
 class BaseModel(ModelSource):

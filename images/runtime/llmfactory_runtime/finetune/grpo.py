@@ -3,7 +3,8 @@ it (grpo.iterations optimizer steps per batch of samples, DAPO's token-level los
 with beta).
 
 Each prompt gets `generations` sampled answers; each answer is scored by the grader; its advantage
-is its reward minus its group's mean (divided by the group's or the step's standard deviation as scaleRewards says).
+is its reward minus its group's mean (divided by the group's or the step's standard deviation, as
+scaleRewards says).
 Each answer token's loss is PPO's clipped surrogate  -min(ratio x advantage, clip(ratio, 1 - epsilon,
 1 + epsilonHigh) x advantage) + beta x KL, summed over the step's answer tokens and divided by their
 number (DAPO; grpo.lossType grpo and dr_grpo normalize as their papers do, see normalizer). On a step's first optimizer update the ratio is exp(logp - logp.detach()) (value 1,
@@ -239,7 +240,8 @@ def dynamic_sampling(groups: list[Groups], reserve: list[dict[str, Any]],
     return groups, later
 
 
-def sampled_batch(model, tokenizer, groups: Groups, grpo: dict, device, batch_std: float | None = None) -> dict[str, Any]:
+def sampled_batch(model, tokenizer, groups: Groups, grpo: dict, device,
+                  batch_std: float | None = None) -> dict[str, Any]:
     """A micro-batch of the step from its sampled groups: a batch of one answer (after its prompt) per
     row, only those that can move the loss (moving_rows), with each row's advantage (batch_std: the
     step's, for grpo.scaleRewards batch), and with
