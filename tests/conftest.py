@@ -167,3 +167,16 @@ def cpu_vllm(monkeypatch):
     monkeypatch.setenv("LLMFACTORY_VLLM", str(CPU_VLLM))
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the runtime's 4 take ~12 s to allocate here
     assert vllm_build(str(CPU_VLLM)) == "cpu"
+
+
+@pytest.fixture
+def without_wordnet(monkeypatch, tmp_path):
+    """nltk's data path without WordNet (grader metric meteor's), as on a machine that never fetched it."""
+    import nltk.data
+
+    from llmfactory_runtime import similarity
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
+    similarity._wordnet.cache_clear()
+    yield
+    similarity._wordnet.cache_clear()

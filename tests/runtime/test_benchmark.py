@@ -336,10 +336,10 @@ def test_a_kto_fine_tunes_held_out_labelled_answers_are_scored_against_its_base(
 
 
 def test_a_grpo_fine_tunes_held_out_prompts_are_answered_and_rewarded_against_its_base(tiny_model, tmp_path,
-                                                                                       openai_server):
+                                                                                       openai_server, without_wordnet):
     """reward.value and reward.baseline: the grader's mean reward of each model's greedy answers to
     the GRPO FineTune's test prompts, gate-able; each answer is kept, so a restarted run reads it
-    rather than asking again."""
+    rather than asking again. A grader that cannot score here (meteor without WordNet) is refused first."""
     from llmfactory_runtime.data import dumps_jsonl
     from llmfactory_runtime.generate import generate
 
@@ -401,6 +401,13 @@ def test_a_grpo_fine_tunes_held_out_prompts_are_answered_and_rewarded_against_it
     assert result["graderUsage"] == {"embeddings": {
         "requests": len(scored), "cached": 0, "promptTokens": openai_server.embedding_tokens, "completionTokens": 0,
         "costUsd": round(openai_server.embedding_tokens * 1e-4, 6)}} and openai_server.embedding_tokens > 0
+    # METEOR where nltk finds no WordNet: refused before any model answers, naming the field.
+    doc["spec"]["reward"]["grader"] = {"referenceField": "solution", "operation": "similarity", "metric": "meteor"}
+    task, store = _planned(doc, tmp_path, fine_tune, store="meteor")
+    with pytest.raises(InvalidTask, match=r"spec.reward.grader.metric: meteor matches synonyms by WordNet 3.0"):
+        benchmark.run(task, store, Progress(store))
+    assert not store.list("answers")
+    doc["spec"]["reward"]["grader"] = {"referenceField": "solution"}
     # A malformed row fails naming the field, the file and the row.
     (tmp_path / "prompts" / "test.jsonl").write_bytes(dumps_jsonl(rows + [{"messages": conversations[0]}]))
     task, store = _planned(doc, tmp_path, fine_tune, store="other")

@@ -99,6 +99,48 @@ def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_la
     assert describe({**grader("similarity"), "metric": "chrf"}) == "similarity (chrf) against field 'answer'"
 
 
+def test_meteor_matches_words_exactly_then_by_stem_then_as_wordnet_synonyms_recall_weighing_most():
+    """metric meteor (nltk's, Hugging Face evaluate's) by hand: Fmean = P R / (0.9 P + 0.1 R) over the
+    matched words, less 0.5 (chunks / matches)^3 for matches out of order. WordNet 3.0 is the one
+    scripts/fetch_wordnet.py put in the virtualenv (make does), found by nltk by itself."""
+    def score(answer: str, reference: str) -> float:
+        return reward(answer, reference, {**grader("similarity"), "metric": "meteor"})
+
+    def fmean(p: float, r: float) -> float:
+        return p * r / (0.9 * p + 0.1 * r)
+
+    assert score("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1 - 0.5 * (1 / 6) ** 3)
+    assert score("The cat, sat!", "the cat sat") == pytest.approx(1 - 0.5 * (1 / 3) ** 3)  # case, punctuation aside
+    assert score("the auto stopped", "the car stopped") == pytest.approx(1 - 0.5 * (1 / 3) ** 3)  # synonyms
+    assert score("he running fast", "he runs fast") == pytest.approx(1 - 0.5 * (1 / 3) ** 3)  # one Porter stem
+    assert score("the truck stopped", "the car stopped") == pytest.approx(2 / 3 * (1 - 0.5))  # 2 chunks of 2 matches
+    assert score("stopped the car", "the car stopped") == pytest.approx(1 - 0.5 * (2 / 3) ** 3)  # out of order
+    assert score("the car", "the car stopped") == pytest.approx(fmean(1, 2 / 3) * (1 - 0.5 * (1 / 2) ** 3))
+    assert score("the car stopped", "the car") == pytest.approx(fmean(2 / 3, 1) * (1 - 0.5 * (1 / 2) ** 3))
+    assert score("the car", "the car stopped") < score("the car stopped", "the car")  # a missed word costs more
+    assert score("Москва столица", "Москва столица") == pytest.approx(1 - 0.5 * (1 / 2) ** 3)  # exact matches
+    assert score("北京首都", "北京是首都") == pytest.approx(fmean(1, 4 / 5) * (1 - 0.5 * (2 / 4) ** 3))  # characters
+    assert score("", "the car") == 0.0 and score("a bus", "the car") == 0.0
+
+
+def test_meteor_without_wordnet_is_refused_before_the_model_loads_naming_the_field(without_wordnet, tiny_model):
+    """A GRPO run whose grader (here a sum's part) scores by meteor fails as an invalid task when its
+    prompts are read, before any model loads, naming the field and where WordNet comes from."""
+    from llmfactory_runtime.finetune import encoding
+
+    meteor = {**grader("similarity"), "metric": "meteor", "name": "alike", "weight": 1}
+    spec = {"objective": "grpo", "hyperparameters": {"maxSeqLength": 64},
+            "grpo": {"grader": {"operation": "sum", "parts": [grader("contains") | {"name": "has", "weight": 1}, meteor]}}}
+    rows = [{"messages": [{"role": "user", "content": "Capital of France?"}], "answer": "Paris"}]
+    with pytest.raises(InvalidTask, match=r"spec.grpo.grader.parts\[1\].metric: meteor matches synonyms by "
+                                          r"WordNet 3.0, which is not in nltk's data path \(.*nltk_data\): the "
+                                          r"runtime image has it; elsewhere run `python scripts/fetch_wordnet.py"):
+        encoding.encode(spec, AutoTokenizer.from_pretrained(tiny_model), rows, "train")
+    with pytest.raises(LookupError, match="meteor matches synonyms by WordNet 3.0"):  # never a silent 0
+        reward("Paris", "Paris", meteor)
+    assert reward("Paris", "Paris", {**meteor, "metric": "chrf"}) == pytest.approx(1.0)  # other metrics need none
+
+
 def test_a_judge_grader_rates_each_answer_against_its_reference_scaled_to_0_1_and_never_pays_twice(
         openai_server, monkeypatch, tmp_path):
     """OpenAI's score_model grader: the Benchmark's reference-guided prompt, (rating - 1) / 9, 0 for an
@@ -1097,8 +1139,8 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     term on the high-entropy half of the answer tokens: topEntropyQuantile, the KL on all). The
     rewards are a sum grader's: a python part, which reads a field of the row the other graders know
     nothing of (and logs what it saw), a check at half weight, and at weight 0 a local judge (the tiny
-    model) and a reward model, both in the training process, chrF, and cosine by an embeddings endpoint
-    (the local server's letter counts); each part's mean is reported."""
+    model) and a reward model, both in the training process, chrF, METEOR, and cosine by an embeddings
+    endpoint (the local server's letter counts); each part's mean is reported."""
     data = tmp_path / "data"
     data.mkdir()
     log = tmp_path / "graded.jsonl"
@@ -1120,6 +1162,8 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
                                              "rewardModel": {"uri": f"file://{tiny_reward_model}"}},
                                             {"operation": "similarity", "metric": "chrf", "referenceField": "answer",
                                              "name": "alike", "weight": 0},
+                                            {"operation": "similarity", "metric": "meteor", "referenceField": "answer",
+                                             "name": "alike_words", "weight": 0},
                                             {"operation": "similarity", "metric": "cosine", "referenceField": "answer",
                                              "name": "meaning", "weight": 0, "embeddings": {
                                                  "baseUrl": openai_server.url, "model": "text-embedding-3-small"}},
@@ -1165,6 +1209,9 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     alike = [sum(similarity(text, "a", "chrf") for _, _, text in graded[i:i + 8]) / 8 for i in range(0, 64, 8)]
     assert [e.value for e in accumulator.Scalars("train/rewards/alike")] == pytest.approx(alike, abs=1e-4)
     assert max(alike) > 0
+    # METEOR, by the WordNet the training process found in its virtualenv.
+    words = [sum(similarity(text, "a", "meteor") for _, _, text in graded[i:i + 8]) / 8 for i in range(0, 64, 8)]
+    assert [e.value for e in accumulator.Scalars("train/rewards/alike_words")] == pytest.approx(words, abs=1e-4)
     # The cosine part: the same, by the embeddings the server gave (the reference's asked for once).
     from llmfactory_runtime.embedding_similarity import cosine
     from tests.openai_server import letter_counts
@@ -1192,7 +1239,7 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
     assert "grader: sum of 1 x length (python, its source in the task document), 0.5 x has_a (contains against " \
            f"field 'answer'), 0 x judged (judge against field 'answer' by the local judge file://{tiny_model}), " \
            f"0 x preferred (reward model file://{tiny_reward_model}), 0 x alike (similarity (chrf) against field " \
-           "'answer'), 0 x meaning (similarity (cosine) against field 'answer' by text-embedding-3-small's " \
+           "'answer'), 0 x alike_words (similarity (meteor) against field 'answer'), 0 x meaning (similarity (cosine) against field 'answer' by text-embedding-3-small's " \
            f"embeddings), 0 x meaning_here (similarity (cosine) against field 'answer' by file://{tiny_model}'s " \
            "embeddings (local))" in card
 

@@ -160,7 +160,7 @@ BAD = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "contains", "metric": "bleu"}}}, "operation similarity needs grader.metric"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
-                  "grpo": {"grader": {"operation": "similarity", "metric": "meteor"}}}, "not in"),
+                  "grpo": {"grader": {"operation": "similarity", "metric": "bertscore"}}}, "not in"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "similarity", "metric": "cosine"}}}, "metric cosine needs grader.embeddings"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 import tomllib
 from pathlib import Path
 
@@ -130,6 +131,18 @@ def test_vllm_gets_a_virtualenv_of_its_own_where_the_runtime_looks_for_it():
     assert "LLMFACTORY_VLLM=/opt/vllm/bin/vllm" in env and 'os.environ.get("LLMFACTORY_VLLM")' in runtime
     copied = [arg for op, arg in final_stage(IMAGES["runtime"]) if op == "COPY"]
     assert "--from=build /opt/vllm /opt/vllm" in copied
+
+
+def test_wordnet_is_fetched_where_nltk_looks_in_the_image_and_in_makes_virtualenv():
+    """grader metric meteor needs WordNet: the image's /opt/venv and make's .venv each get it in
+    <prefix>/share/nltk_data, on nltk's own search path for the interpreter of that prefix."""
+    import nltk.data
+
+    assert str(Path(sys.prefix) / "share" / "nltk_data") in nltk.data.path
+    runs = [arg for op, arg in instructions(IMAGES["runtime"]) if op == "RUN" and "fetch_wordnet" in arg]
+    assert runs == ["python scripts/fetch_wordnet.py /opt/venv/share/nltk_data"]
+    assert "--from=build /opt/venv /opt/venv" in [arg for op, arg in final_stage(IMAGES["runtime"]) if op == "COPY"]
+    assert "$(BIN)/python scripts/fetch_wordnet.py $(VENV)/share/nltk_data" in (ROOT / "Makefile").read_text()
 
 
 @pytest.mark.parametrize("name", IMAGES)

@@ -15,7 +15,7 @@ from typing import Any
 from . import GRADER_KEY_ENV, python_grader
 from .data import prompt_of
 from .usage import Usage
-from .similarity import similarity
+from .similarity import missing, similarity
 from .task import InvalidTask
 
 # A number as final answers write it: sign, thousands commas, decimals, an exponent.
@@ -38,6 +38,21 @@ MODEL_FIELDS = {"judge": "judgeModel", "rewardModel": "rewardModel", "similarity
 def parts_of(grader: dict[str, Any]) -> list[dict[str, Any]]:
     """The graders whose rewards make the grader's: a sum's parts, or the grader itself."""
     return grader["parts"] if grader["operation"] == "sum" else [grader]
+
+
+def placed_parts(grader: dict[str, Any], field: str) -> list[tuple[dict[str, Any], str]]:
+    """parts_of the grader, each with where it is in the spec (`field`: the grader's place)."""
+    if grader["operation"] != "sum":
+        return [(grader, field)]
+    return [(part, f"{field}.parts[{i}]") for i, part in enumerate(grader["parts"])]
+
+
+def check_scorable(grader: dict[str, Any], field: str) -> None:
+    """An invalid task, before any answer is made, when a part of the grader cannot score in this
+    process: metric meteor without WordNet."""
+    for part, where in placed_parts(grader, field):
+        if part["operation"] == "similarity" and (problem := missing(part["metric"])):
+            raise InvalidTask(f"{where}.metric: {problem}")
 
 
 def reference_of(row: dict[str, Any], grader: dict[str, Any]) -> str | None:
@@ -150,10 +165,9 @@ def api_usage(grader: dict[str, Any], field: str) -> dict[str, tuple[Usage, dict
     """What this process asked of each API endpoint of the grader (`field`: where it is in the spec),
     with the endpoint's price: by part name for a sum's parts, else by the endpoint's field (judge or
     embeddings); none unasked yet count zeros, so every process of a run has the same ones."""
-    parts = ([(part["name"], part, f"{field}.parts[{i}]") for i, part in enumerate(grader["parts"])]
-             if grader["operation"] == "sum" else [(None, grader, field)])
-    return {name or endpoint: (_usage_of(where), part[endpoint].get("price"))
-            for name, part, where in parts if (endpoint := api_endpoint(part))}
+    summed = grader["operation"] == "sum"
+    return {part["name"] if summed else endpoint: (_usage_of(where), part[endpoint].get("price"))
+            for part, where in placed_parts(grader, field) if (endpoint := api_endpoint(part))}
 
 
 def grader_models(grader: dict[str, Any] | None) -> list[tuple[dict[str, Any], str]]:
@@ -176,8 +190,8 @@ def rewards_by_part(grader: dict[str, Any], answers: list[str], graded: list[dic
 def part_rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
                  field: str) -> dict[str, list[float]]:
     """Each part's rewards of a sum grader (operation sum), by the part's name."""
-    return {part["name"]: rewards(part, answers, graded, cache_uri, f"{field}.parts[{i}]")
-            for i, part in enumerate(grader["parts"])}
+    return {part["name"]: rewards(part, answers, graded, cache_uri, where)
+            for part, where in placed_parts(grader, field)}
 
 
 def weighted(grader: dict[str, Any], parts: dict[str, list[float]]) -> list[float]:

@@ -178,8 +178,8 @@ class GraderPart(ApiModel):
          "message": "rewardModel is a sequence-classification model in safetensors: transformers loads no "
                     "classification head from GGUF"},
         {"rule": "(self.operation == 'similarity') == has(self.metric)",
-         "message": "operation similarity needs grader.metric (fuzzy, bleu, gleu, chrf, rouge1-rouge5, rougeL or "
-                    "cosine), which applies to it alone"},
+         "message": "operation similarity needs grader.metric (fuzzy, bleu, gleu, chrf, meteor, rouge1-rouge5, "
+                    "rougeL or cosine), which applies to it alone"},
         {"rule": "(has(self.metric) && self.metric == 'cosine') == (has(self.embeddings) || has(self.embeddingModel))",
          "message": "metric cosine needs grader.embeddings (an OpenAI-compatible embeddings endpoint) or "
                     "grader.embeddingModel (a local one), which apply to it alone"},
@@ -210,13 +210,17 @@ class GraderPart(ApiModel):
         "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
         "grader.source's grade(sample, item) returns the reward. rewardModel: grader.rewardModel's score of the "
         "conversation (prompt and answer), on its own scale, as TRL's reward models."))
-    metric: Literal["fuzzy", "bleu", "gleu", "chrf", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5", "rougeL",
-                    "cosine"] | None = Field(None, description=(
+    metric: Literal["fuzzy", "bleu", "gleu", "chrf", "meteor", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5",
+                    "rougeL", "cosine"] | None = Field(None, description=(
         "operation similarity: fuzzy, difflib's ratio of matching characters (case and runs of whitespace "
         "aside); bleu, sacrebleu's sentence BLEU (tokenized as its zh where the reference has Chinese "
         "characters, 13a elsewhere); gleu, nltk's sentence GLEU (Google's BLEU for single sentences: the "
         "lesser of n-gram precision and recall, n 1-4); chrf, sacrebleu's chrF, character n-grams, for any "
-        "language and morphology (a good default for translations); rouge1 to rouge5, rougeL, rouge_score's "
+        "language and morphology (a good default for translations); meteor, nltk's METEOR (Hugging Face "
+        "evaluate's): the harmonic mean of unigram precision and recall, recall weighed 9 to 1, words matched "
+        "exactly, then by Porter stem, then as WordNet 3.0 synonyms (English; other languages match exactly), less "
+        "a penalty for matches out of order (the runtime image carries WordNet; elsewhere the run fails at its "
+        "start without it); rouge1 to rouge5, rougeL, rouge_score's "
         "F-measure of shared n-grams of 1 to 5 words (a text shorter than n words has none: 0), or of their "
         "longest common subsequence, for summaries (OpenAI's rouge_1 to rouge_5, rouge_l). BLEU "
         "aside, words are runs of letters and digits, each CJK character a word of its own. cosine: the cosine "

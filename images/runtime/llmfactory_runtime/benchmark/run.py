@@ -19,7 +19,7 @@ from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import preference_of, read_split
 from ..generate import generate
-from ..grader import api_usage, graded_rows, rewards_by_part
+from ..grader import api_usage, check_scorable, graded_rows, rewards_by_part
 from ..models import LazyModel
 from ..usage import Usage
 from ..progress import Progress
@@ -443,6 +443,7 @@ def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[st
 
 def _reward_prompts(spec: dict, dataset: dict) -> list[dict]:
     """The reward dataset's rows as the grader sees them (grader.graded_of: prompt messages, reference...)."""
+    check_scorable(spec["grader"], "spec.reward.grader")
     rows = read_split(dataset["uri"], spec["split"])[: spec.get("maxSamples") or None]
     prompts = graded_rows(rows, spec["grader"], f"spec.reward.dataset: {spec['split']}.jsonl")
     if not prompts:

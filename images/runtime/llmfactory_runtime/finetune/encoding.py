@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batching import encode_rows
+from ..grader import check_scorable
 from ..preference import encode_pairs, encode_unpaired, pair_lengths, token_counts
 from . import grpo as group_relative
 
@@ -38,6 +39,7 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
     objective, max_len = spec.get("objective", "sft"), spec["hyperparameters"]["maxSeqLength"]
     where = f"spec.objective {objective}: {split}.jsonl"
     if objective == "grpo":
+        check_scorable(spec["grpo"]["grader"], "spec.grpo.grader")  # before the model loads
         prompts = group_relative.encode_prompts(tokenizer, rows, max_len, spec["grpo"]["grader"], where)
         return Split(prompts, [len(e["prompt"]) for e in prompts])
     if objective == "kto":
