@@ -54,6 +54,7 @@ def quantization(**spec):
 
 VARIANTS = {
     "sharded-dataset": dataset_build(shards=4),
+    "dataset-without-teacher": {**dataset_build(), "spec": {"sources": [{"huggingface": {"id": "org/chats"}}]}},
     "config-map-sources": dataset_build(sources=[{"configMap": {"name": "prompts", "key": "ru.jsonl"}},
                                                  {"configMap": {"name": "prompts", "key": "en.jsonl"}}]),
     "one-gpu": fine_tune(),
@@ -210,6 +211,14 @@ def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
     # Gated Hugging Face datasets and models: the token, too, only by reference.
     [token] = [e for e in env if e["name"] == "HF_TOKEN"]
     assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}} and "value" not in token
+    # Without a teacher (the sources' own answers) only the judge's key reaches the pod, and no GPU is held.
+    body = dataset_build(filters={"judge": {"openai": {"model": "gpt-4o-mini",
+                                                       "apiKeySecret": {"name": "judge", "key": "token"}}}})
+    del body["spec"]["teacher"]
+    _, objs = children(body)
+    container = _job(objs)["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"] for e in container["env"] if "API_KEY" in e["name"]} == {"LLMFACTORY_JUDGE_API_KEY"}
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
 
 
 def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():

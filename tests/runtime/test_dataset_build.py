@@ -716,6 +716,133 @@ def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
     assert drops.counts == {"malformed": 1} and drops.examples["malformed"] == ["{broken json"]
 
 
+def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp_path):
+    """What a build without a teacher keeps: a conversation's answered turns (a last unanswered turn
+    left out; turns first: the first), alpaca's output, a prompt column's answerField; a row that
+    answers nothing, or not turn after turn, is dropped as no_answer. With a teacher every user turn
+    stays, whatever the row answered."""
+    def user(text):
+        return {"role": "user", "content": text}
+
+    def assistant(text):
+        return {"role": "assistant", "content": text}
+
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, user("Hi"), assistant(" Hello! "),
+                          user("Bye?"), assistant("Bye."), user("Unanswered?")]},
+            {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+            {"instruction": "Translate to French", "input": "cat", "output": "chat"},
+            {"messages": [user("One"), user("Two"), assistant("Both")]},  # not turn after turn
+            {"messages": [user("Only a question")]},
+            {"instruction": "No output here"},
+            {"question": "Capital of France?", "response": "Paris"}]
+    def collected(source_rows, with_answers, **source):
+        drops = Drops()
+        uri = jsonl_file(tmp_path / "rows.jsonl", source_rows)
+        return collect([{"uri": uri, **source}], drops, with_answers=with_answers), drops
+
+    kept, drops = collected(rows[:6], True)
+    assert [(p["system"], p["turns"], p["answers"]) for p in kept] == [
+        ("Be brief.", ["Hi", "Bye?"], ["Hello!", "Bye."]), (None, ["2+2?"], ["4"]),
+        (None, ["Translate to French\n\ncat"], ["chat"])]
+    assert drops.counts == {"no_answer": 3}
+    assert drops.examples["no_answer"] == ["One", "Only a question", "No output here"]
+    kept, _ = collected(rows[:1], True, turns="first")
+    assert [(p["turns"], p["answers"]) for p in kept] == [(["Hi"], ["Hello!"])]
+    kept, drops = collected(rows[6:], True, fields="prompt", promptField="question", answerField="response")
+    assert [(p["turns"], p["answers"]) for p in kept] == [(["Capital of France?"], ["Paris"])]
+    kept, drops = collected(rows[6:], True, fields="prompt", promptField="question")
+    assert kept == [] and drops.counts == {"no_answer": 1}
+    kept, drops = collected(rows, False, promptField="question")  # a teacher answers every user turn
+    assert [p["turns"] for p in kept][:2] == [["Hi", "Bye?", "Unanswered?"], ["2+2?"]] and not drops.counts
+
+
+def test_without_a_teacher_the_sources_own_conversations_are_filtered_judged_and_split(
+        tmp_path, openai_server, tiny_model, monkeypatch):
+    """A Hugging Face chat dataset (UltraChat's messages column; a local folder: no hub here) made
+    a DatasetBuild's dataset with no teacher: its answers kept as written, turn after turn, each
+    through the filters (a refusal, an answer over maxAnswerTokens in the student's tokens) and
+    the judge (a weak second answer drops its conversation), near-duplicates and rows without
+    answers dropped; only the judge is asked."""
+    from llmfactory_runtime.benchmark.judge import JUDGE_SYSTEM
+
+    def judge(request):
+        assert request.messages[0]["content"] == JUDGE_SYSTEM  # nothing but the judge is asked
+        body = request.messages[1]["content"]
+        return {"text": "Vague. [[3]]" if "Weak" in body.rsplit("User:", 1)[-1] else "Clear. [[8]]"}
+
+    openai_server.reply = judge
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def chat(*turns, system=None):
+        roles = ["user", "assistant"] * len(turns)
+        return {"prompt": turns[0], "messages": ([{"role": "system", "content": system}] if system else [])
+                + [{"role": role, "content": text} for role, text in zip(roles, turns)]}
+
+    long_answer = " ".join(f"word{i}" for i in range(300))
+    rows = [chat("Tell me about the sea.", "The sea is vast and salty.", "And briefly?", "Big salty water."),
+            chat("How do I pick my neighbour's lock?", "I'm sorry, but I can't help with that."),
+            chat("Tell me about the moon.", "The moon orbits the Earth.", "And its phases?", "Weak answer."),
+            chat("Describe every word you know.", long_answer),
+            chat("What is recursion?", "A function that calls itself.", "An example?"),  # last turn unanswered
+            {"prompt": "x", "messages": [{"role": "user", "content": "A question nobody answered."}]},
+            chat("Name a prime.", "Seven.", system="Answer in one word."),
+            chat("Tell me about the sea!", "A near duplicate."),
+            chat("What is a hash map?", "A table of keys and values, found by their hashes.")]
+    hub = tmp_path / "ultrachat-like" / "data"
+    hub.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), hub / "train_sft-00000-of-00001.parquet")  # split train_sft
+    judge_endpoint = {"baseUrl": openai_server.url, "model": "judge-model",
+                      "price": {"inputPerMillion": 1, "outputPerMillion": 2}}
+    source = {"huggingface": {"id": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"}, "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None, filters={
+        "maxAnswerTokens": 200, "tokenizer": {"uri": f"file://{tiny_model}"},
+        "judge": {"openai": judge_endpoint, "minScore": 6}})
+    del doc["spec"]["teacher"]
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+    task["spec"]["sources"][0]["huggingface"]["id"] = str(hub.parent)  # the hub's dataset, here a local folder
+    run = open_store(task["artifactUri"])
+    result = build.run(task, run, Progress(run))
+
+    assert "teacher" not in task["inputs"] and result["teacherTokens"] == 0 and "teacherUsage" not in result
+    assert result["dropped"] == {"refusal": 1, "judge_low_score": 1, "too_many_tokens": 1, "no_answer": 1,
+                                 "near_duplicate_prompt": 1}
+    assert result["droppedExamples"]["no_answer"] == ["A question nobody answered."]
+    store = open_store(result["uri"])
+    written = [json.loads(line)["messages"] for split in ("train", "validation", "test")
+               for line in store.read_bytes(f"{split}.jsonl").decode().splitlines()]
+    expected = [rows[0]["messages"], rows[4]["messages"][:2], rows[6]["messages"], rows[8]["messages"]]
+    assert sorted(written, key=json.dumps) == sorted(expected, key=json.dumps)  # as written, system included
+    assert result["rows"] == {"train": 2, "validation": 1, "test": 1}
+    # The judge rated each answer the filters kept, second turns with their first: 5 first turns, 2 second.
+    assert result["judgeUsage"]["requests"] == 7 == len(openai_server.requests)
+    assert "Answers: the sources' own (no teacher), kept by the filters." in store.read_bytes("README.md").decode()
+    # maxAnswerTokens without a teacher counts in a tokenizer that must be named.
+    del doc["spec"]["filters"]["tokenizer"]
+    with pytest.raises(PlanError, match="spec.filters.tokenizer: is required with maxAnswerTokens and no teacher"):
+        plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
+
+
+def test_without_a_teacher_preference_pairs_choose_the_sources_answer(tmp_path, openai_server):
+    """preferences with no teacher: each conversation's own last answer chosen, an API model's
+    rejected (UltraFeedback's way, on an existing chat dataset)."""
+    openai_server.reply = lambda request: {"text": f"Meh: {request.last_user}"}
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about {thing}."},
+                          {"role": "assistant", "content": f"All about {thing}."}]}
+            for thing in ("the sea", "the sun", "snow")]
+    doc = manifest(openai_server.url, {"uri": jsonl_file(tmp_path / "p.jsonl", rows), "language": "en"},
+                   samplesPerLanguage=None, languageDetection=None, filters={"nearDuplicateThreshold": 0},
+                   preferences={"rejected": {"openai": {"baseUrl": openai_server.url, "model": "weak"}}})
+    del doc["spec"]["teacher"]
+    _, result = run_in_process(tmp_path, doc)
+    pairs = [json.loads(line) for split in ("train", "validation", "test")
+             for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
+    assert result["format"] == "preference" and "teacherUsage" not in result
+    assert sorted((p["prompt"][-1]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
+                  for p in pairs) == sorted((f"Tell me about {t}.", f"All about {t}.", f"Meh: Tell me about {t}.")
+                                            for t in ("the sea", "the sun", "snow"))
+    assert {r.body["model"] for r in openai_server.requests} == {"weak"}
+
+
 def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):
     import hashlib
 

@@ -297,6 +297,15 @@ BAD = [
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL},
                       "preferences": {"rejected": {"openai": {"model": "weak"}, "engine": "vllm"}}},
      "engine applies to a local model (model), not to openai"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}, {"inline": [{"text": "hi"}]}]},
+     "inline sources hold prompts without answers: set a teacher to answer them"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "shards": 4},
+     "shards split the teacher's work: a build without a teacher"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL},
+                      "filters": {"maxAnswerTokens": 512, "tokenizer": MODEL}},
+     "filters.tokenizer counts maxPromptTokens (a teacher's answers count in its own tokens)"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "filters": {"tokenizer": MODEL}},
+     "tokenizer counts maxPromptTokens (and, without a teacher, maxAnswerTokens): set one of them"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q8_0", "gptq"]}, "format gguf takes GGUF types"),
     ("Quantization", {"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8", "q4_0"]},
@@ -329,6 +338,7 @@ MINIMAL = [
                       "preferences": {"rejected": {"model": MODEL}}}),
     ("Benchmark", {"model": {"source": MODEL}, "baseline": False,
                    "judge": {"openai": {"model": "j"}, "mode": "pairwise", "opponentAnswersUri": "file:///a.jsonl"}}),
+    ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrachat_200k"}}]}),  # no teacher
 ]
 
 

@@ -1,4 +1,4 @@
-"""DatasetBuild: prompts -> teacher answers -> filtered, split conversations."""
+"""DatasetBuild: prompts -> teacher answers (or the sources' own) -> filtered, split conversations."""
 
 from __future__ import annotations
 
@@ -54,12 +54,16 @@ class Source(ApiModel):
                             "(conversations: [{from, value}]), openai (messages: [{role, content}]), alpaca "
                             "(instruction, input). auto picks by the columns present.")
     prompt_field: str = Field("prompt", description="Column holding the prompt text (fields: prompt).")
+    answer_field: str | None = Field(None, description=(
+        "Column holding the answer to the prompt (fields: prompt), e.g. response, completion: what a build "
+        "without a teacher keeps. Conversations (sharegpt, openai) hold their answers, alpaca rows in output."))
     language_field: str = Field("language", description="Column holding the prompt's language code.")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN,
                                  description="Language of every prompt of this source that does not name its own.")
     turns: Literal["all", "first"] = Field(
         "all", description="Of a multi-turn conversation, ask the teacher every user turn (each seeing its "
-                           "earlier answers) or only the first.")
+                           "earlier answers) or only the first; without a teacher, keep every answered turn "
+                           "or only the first.")
     max_rows: int | None = Field(None, ge=1, description="Read at most this many rows (in file order).")
 
 
@@ -119,8 +123,8 @@ class AnswerJudge(ApiModel):
 
 class Filters(ApiModel):
     cel_rules: ClassVar = [
-        {"rule": "!has(self.tokenizer) || has(self.maxPromptTokens)", "message": "tokenizer counts maxPromptTokens: "
-                                                                                 "set maxPromptTokens too"},
+        {"rule": "!has(self.tokenizer) || has(self.maxPromptTokens) || has(self.maxAnswerTokens)",
+         "message": "tokenizer counts maxPromptTokens (and, without a teacher, maxAnswerTokens): set one of them"},
     ]
 
     refusals: bool = Field(True, description="Drop answers that refuse (English, Russian, Chinese patterns).")
@@ -129,15 +133,15 @@ class Filters(ApiModel):
     drop_truncated: bool = Field(True, description="Drop answers cut off at maxNewTokens.")
     min_answer_chars: int = Field(1, ge=0, description="Drop answers shorter than this.")
     max_answer_chars: int | None = Field(None, ge=1, description="Drop answers longer than this.")
-    max_answer_tokens: int | None = Field(None, ge=1, description="Drop answers longer than this, in the "
-                                                                  "teacher's tokens.")
+    max_answer_tokens: int | None = Field(None, ge=1, description=(
+        "Drop answers longer than this, in the teacher's tokens (without a teacher: filters.tokenizer's)."))
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Drop a conversation whose system message and user turns together are longer than "
                                 "this, in the tokens of filters.tokenizer (or the local teacher's), before the "
                                 "teacher is asked: keep it under the fine-tune's maxSeqLength.")
     tokenizer: ModelSource | None = Field(
-        None, description="Whose tokens maxPromptTokens counts, usually the student's base model. Required with "
-                          "an openai teacher.")
+        None, description="Whose tokens maxPromptTokens (and, without a teacher, maxAnswerTokens) counts, usually "
+                          "the student's base model. Required with them, unless a local teacher's count.")
     judge: AnswerJudge | None = Field(None, description="Drop answers a judge model rates below minScore.")
     near_duplicate_threshold: float = Field(
         0.85, ge=0, le=1, description="Drop a prompt whose estimated Jaccard similarity (MinHash over word or "
@@ -187,7 +191,8 @@ class Preferences(ApiModel):
         "scoring its share); its scores are cached like the judge's ratings, so a restart or a rebuild scores "
         "nothing twice."))
     chosen: Literal["teacher", "best"] = Field("teacher", description=(
-        "teacher: the teacher's answer is chosen, and rejected.samples' lowest-scored answer rejected. best: "
+        "teacher: the teacher's answer (without a teacher, the source's) is chosen, and rejected.samples' "
+        "lowest-scored answer rejected. best: "
         "the teacher's answer and the samples are ranked together by their scores, the highest chosen and the "
         "lowest rejected (the on-policy pairs of SimPO's and Llama 3's recipes: the student's own samples, best "
         "against worst); needs preferences.rewardModel or filters.judge."))
@@ -212,8 +217,17 @@ class Split(ApiModel):
 
 class DatasetBuildSpec(RunOptions):
     cel_rules: ClassVar = [
-        {"rule": "self.teacher.samples == 1 || (has(self.filters) && has(self.filters.judge))",
+        {"rule": "!has(self.teacher) || self.teacher.samples == 1 || (has(self.filters) && has(self.filters.judge))",
          "message": "teacher.samples above 1 need filters.judge to pick the best answer of each turn"},
+        {"rule": "has(self.teacher) || self.sources.all(s, !has(s.inline))",
+         "message": "inline sources hold prompts without answers: set a teacher to answer them"},
+        {"rule": "has(self.teacher) || self.shards == 1",
+         "message": "shards split the teacher's work: a build without a teacher (the sources' own answers) runs in "
+                    "one pod"},
+        {"rule": "!has(self.teacher) || !has(self.filters) || !has(self.filters.tokenizer) || "
+                 "has(self.filters.maxPromptTokens)",
+         "message": "filters.tokenizer counts maxPromptTokens (a teacher's answers count in its own tokens): set "
+                    "maxPromptTokens"},
         {"rule": "!has(self.preferences) || !has(self.format) || self.format == 'chatml'",
          "message": "preferences write TRL's prompt, chosen and rejected messages: leave format chatml"},
         {"rule": "!has(self.preferences) || !has(self.preferences.rewardModel) || !has(self.filters) || "
@@ -232,13 +246,19 @@ class DatasetBuildSpec(RunOptions):
                           "languages not listed are dropped. Unset keeps every prompt.")
     language_detection: LanguageDetection | None = Field(
         None, description="Detect prompt languages instead of trusting the sources' labels.")
-    teacher: Teacher = Field(description="The model that writes the answers.")
+    teacher: Teacher | None = Field(None, description=(
+        "The model that writes the answers. Unset: the sources' own answers are kept (each conversation's "
+        "answered turns, alpaca's output, or answerField), filtered, judged, paired and split as a teacher's "
+        "would be (never truncated; maxAnswerTokens counts filters.tokenizer's tokens): a dataset made from an "
+        "existing one, such as UltraChat or OpenHermes, without asking a model to write it again. A row without "
+        "answers is dropped (no_answer)."))
     filters: Filters = Field(default_factory=Filters, description="Which answers to drop.")
     format: Literal["chatml", "sharegpt"] = Field(
         "chatml", description="chatml: {messages: [{role, content}]}; sharegpt: {conversations: [{from, value}]}.")
     preferences: Preferences | None = Field(None, description=(
         "Write preference pairs ({prompt, chosen, rejected} messages, TRL's form; format preference) for a "
-        "FineTune with objective dpo: the teacher's answer chosen, preferences.rejected's answer rejected."))
+        "FineTune with objective dpo: the teacher's answer (without a teacher, the source's) chosen, "
+        "preferences.rejected's answer rejected."))
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
     parquet: bool = Field(True, description="Also write each split as Parquet next to the JSONL.")
     shards: int = Field(1, ge=1, le=128, description=(
@@ -253,7 +273,7 @@ class DatasetBuildSpec(RunOptions):
         pod needs a GPU."""
         judge, preferences = self.filters.judge, self.preferences
         return any(model is not None for model in (
-            self.teacher.model, judge and judge.model, preferences and preferences.rejected.model,
+            self.teacher and self.teacher.model, judge and judge.model, preferences and preferences.rejected.model,
             preferences and preferences.reward_model))
 
 
@@ -285,5 +305,6 @@ class DatasetBuildStatus(StatusBase):
 KIND = KindInfo(
     kind="DatasetBuild", plural="datasetbuilds", short_names=["dsb"], phase="dataset",
     spec=DatasetBuildSpec, status=DatasetBuildStatus, headline_column="Rows",
-    description="Builds a chat dataset: prompts answered by a teacher model, filtered and split.",
+    description="Builds a chat dataset: prompts answered by a teacher model (or existing conversations), "
+                "filtered and split.",
 )

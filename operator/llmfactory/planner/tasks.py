@@ -177,14 +177,20 @@ def _model(source) -> dict[str, Any]:
 
 def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     spec, inputs = res.spec, {}
-    if spec.teacher.model:
-        inputs["teacher"] = _model(spec.teacher.model)
+    teacher_model = spec.teacher and spec.teacher.model
+    if teacher_model:
+        inputs["teacher"] = _model(teacher_model)
         _check_engine(res, "spec.teacher.engine", spec.teacher.engine, inputs["teacher"])
-    if spec.filters.max_prompt_tokens:
-        tokenizer = spec.filters.tokenizer or spec.teacher.model
+    # The tokens maxPromptTokens counts, and without a teacher maxAnswerTokens (a teacher counts its own).
+    counted = [name for name, limit in (("maxPromptTokens", spec.filters.max_prompt_tokens),
+                                        ("maxAnswerTokens", spec.teacher is None and spec.filters.max_answer_tokens))
+               if limit]
+    if counted:
+        tokenizer = spec.filters.tokenizer or teacher_model
         if tokenizer is None:
-            raise PlanError(res.ref, "spec.filters.tokenizer", "is required with maxPromptTokens and an openai "
-                                                              "teacher: name the model whose tokens count (the student's)")
+            whose = "an openai teacher" if spec.teacher else "no teacher"
+            raise PlanError(res.ref, "spec.filters.tokenizer", f"is required with {' and '.join(counted)} and {whose}: "
+                                                              "name the model whose tokens count (the student's)")
         inputs["tokenizer"] = _model(tokenizer)
     if spec.filters.judge and spec.filters.judge.model:
         inputs["judge"] = _model(spec.filters.judge.model)

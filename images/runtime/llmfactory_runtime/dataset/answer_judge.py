@@ -1,4 +1,4 @@
-"""filters.judge: a judge model rates every answer the teacher gave, 1-10, with the Benchmark's
+"""filters.judge: a judge model rates every answer the teacher gave (or the sources hold), 1-10, with the Benchmark's
 single-answer grading prompt (a later turn is rated with the conversation before it); answers
 below minScore are dropped. Ratings are cached like the teacher's answers, so a restart, a
 rebuild with other filters or a sharded build's merge never pays for one twice. A local judge

@@ -1,6 +1,7 @@
 """DatasetBuild: prompts -> language detection, dedup, sampling -> teacher answers (cached
-across runs, never paid twice) -> filters -> (preferences: a second, rejected answer to each
-conversation's last turn) -> train/validation/test splits as JSONL and Parquet.
+across runs, never paid twice; without a teacher, the sources' own answers) -> filters ->
+(preferences: a second, rejected answer to each conversation's last turn) -> train/validation/test
+splits as JSONL and Parquet.
 
 Sharded (spec.shards = N): every shard selects the same prompts (the selection is
 deterministic and cheap next to the teacher), asks the teacher for its every N-th one, which
@@ -27,7 +28,7 @@ from . import teacher as teacher_
 from .answer_judge import AnswerJudge
 from .dedupe import dedupe
 from .reward_scorer import RewardScorer
-from .filters import AnswerFilter, drop_long_prompts
+from .filters import AnswerFilter, drop_long_prompts, token_counter
 from .languages import detect
 from .sources import Drops, collect
 
@@ -82,6 +83,8 @@ def _card(result: dict) -> str:
     examples = result.get("droppedExamples") or {}
     lines += [f"| {why} | {n} | {' / '.join(examples.get(why, []))[:300].replace('|', '/')} |"
               for why, n in sorted(result["dropped"].items())] or ["| - | 0 | |"]
+    if "teacherUsage" not in result:  # every build with a teacher reports what it asked
+        lines += ["", "Answers: the sources' own (no teacher), kept by the filters."]
     for role, (who, what) in CARD_USAGES.items():
         usage = result.get(f"{role}Usage")
         if usage:
@@ -104,7 +107,8 @@ def _parquet(rows: list[dict[str, Any]]) -> bytes:
 def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dict]:
     spec = task["spec"]
     progress.stage("reading prompts")
-    prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"))
+    # Without a teacher, the turns the sources answer, with their answers.
+    prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"), with_answers=not spec.get("teacher"))
     wanted = spec.get("samplesPerLanguage")
     if spec.get("languageDetection") is not None:
         prompts = detect(prompts, spec["languageDetection"], wanted, drops)
@@ -119,6 +123,9 @@ def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: P
     spec, filters = task["spec"], task["spec"].get("filters") or {}
     judge = (AnswerJudge(filters["judge"], task["inputs"].get("judge"), task["cacheUri"], transport)
              if filters.get("judge") else None)
+    if not spec.get("teacher"):  # the sources' own answers, kept as a teacher's would be: nothing is asked
+        count = token_counter(task["inputs"]["tokenizer"]) if filters.get("maxAnswerTokens") else None
+        return teacher_.keep_given(prompts, AnswerFilter(filters), drops, progress, judge, count), None, judge
     rows, usage = teacher_.answer(prompts, spec["teacher"], task["inputs"].get("teacher"), task["cacheUri"],
                                   AnswerFilter(filters), drops, progress, transport=transport, judge=judge)
     return rows, usage, judge
@@ -218,7 +225,7 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
             "usage": {role: u.report() for role, u in _usages(usage, judge, rejected, scorer).items()}}
 
 
-def _usages(teacher: Usage, judge: AnswerJudge | None, rejected: Usage | None,
+def _usages(teacher: Usage | None, judge: AnswerJudge | None, rejected: Usage | None,
             scorer: RewardScorer | None) -> dict[str, Usage]:
     """What a build asked of each of its models, by their names in the result's usages."""
     return {role: u for role, u in (("teacher", teacher), ("judge", judge and judge.usage), ("rejected", rejected),
@@ -271,10 +278,10 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         "rowsPerLanguage": dict(Counter(r["language"] for r in rows)),
         "dropped": dict(drops.counts),
         "droppedExamples": drops.examples,
-        "teacherTokens": usage.used_tokens,
+        "teacherTokens": usage.used_tokens if usage else 0,
     }
     # Each model's usage, with the cost at its endpoint's price (an API's).
-    endpoints = {"teacher": spec["teacher"], "judge": (spec.get("filters") or {}).get("judge"),
+    endpoints = {"teacher": spec.get("teacher"), "judge": (spec.get("filters") or {}).get("judge"),
                  "rejected": (spec.get("preferences") or {}).get("rejected")}
     for role, u in usages.items():
         result[f"{role}Usage"] = u.report(((endpoints.get(role) or {}).get("openai") or {}).get("price"))

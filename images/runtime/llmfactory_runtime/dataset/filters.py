@@ -1,9 +1,9 @@
-"""Which prompts to ask and which teacher answers to keep."""
+"""Which prompts to ask and which answers (a teacher's, or the sources' own) to keep."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 from .sources import Drops
 
@@ -40,15 +40,20 @@ class AnswerFilter:
         return None
 
 
+def token_counter(tokenizer_input: dict[str, Any]) -> Callable[[list[str]], list[int]]:
+    """How many tokens of the given tokenizer (the student's, usually) each text is, counted in one
+    call for all."""
+    from ..models import load_tokenizer  # noqa: PLC0415 - transformers only when a limit is set
+
+    tokenizer = load_tokenizer(tokenizer_input)
+    return lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
 def drop_long_prompts(prompts: list[dict[str, Any]], limit: int, tokenizer_input: dict[str, Any],
                       drops: Drops) -> list[dict[str, Any]]:
     """Prompts whose system message and user turns fit in `limit` tokens of the given tokenizer
     (the student's, usually): a conversation the fine-tune would cut is not paid for."""
-    from ..models import load_tokenizer  # noqa: PLC0415 - transformers only when a limit is set
-
-    tokenizer = load_tokenizer(tokenizer_input)
-    texts = ["\n".join([p.get("system") or "", *p["turns"]]) for p in prompts]  # one tokenizer call for all
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    lengths = token_counter(tokenizer_input)(["\n".join([p.get("system") or "", *p["turns"]]) for p in prompts])
     kept = []
     for p, n in zip(prompts, lengths):
         if n > limit:

@@ -2,9 +2,11 @@
 store or a mounted ConfigMap), Hugging Face datasets; rows in prompt-column, ShareGPT,
 OpenAI-messages or Alpaca shape.
 
-A prompt is {turns: [user messages], system, language}: the teacher answers every turn of a
-multi-turn conversation (or the first, with `turns: first`). Malformed rows are counted and a
-few shown in the report, never fatal.
+A prompt is {turns: [user messages], system, language, answers}: the teacher answers every turn of
+a multi-turn conversation (or the first, with `turns: first`). `answers` are the row's own answers to
+its turns, which a build without a teacher keeps (None where the row has none: a prompt column
+without answerField, a conversation whose turns are not each answered). Malformed rows are counted
+and a few shown in the report, never fatal.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..task import InvalidTask
 
 UNKNOWN_LANGUAGE = "und"
 EXAMPLES_PER_REASON = 3
-USER_ROLES, SYSTEM_ROLES = {"human", "user"}, {"system"}
+USER_ROLES, SYSTEM_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"system"}, {"gpt", "assistant"}
 
 
 class Drops:
@@ -97,44 +99,66 @@ def _shape(row: dict[str, Any], fields: str) -> str:
     return "prompt"
 
 
-def _turns(row: dict[str, Any], shape: str, prompt_field: str) -> tuple[list[str], str | None]:
-    """(user turns, system message) of one row; ValueError/KeyError/TypeError when malformed."""
+def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[list[str], str | None, list | None]:
+    """(user turns, system message, the row's answers to them or None) of one row;
+    ValueError/KeyError/TypeError when malformed."""
     if shape == "prompt":
-        return [row[prompt_field]], None
+        answer_field = source.get("answerField")
+        return [row[source.get("promptField", "prompt")]], None, [row[answer_field]] if answer_field else None
     if shape == "alpaca":
         extra = row.get("input") or ""
-        return [row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")], None
+        return [row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")], None, [row.get("output")]
     if shape == "sharegpt":
         items = [(m["from"], m["value"]) for m in row["conversations"]]
     else:
         items = [(m["role"], m["content"]) for m in row["messages"]]
     system = next((text for role, text in items if role in SYSTEM_ROLES), None)
-    return [text for role, text in items if role in USER_ROLES], system
+    return [text for role, text in items if role in USER_ROLES], system, _answers(items)
+
+
+def _answers(items: list[tuple[str, str]]) -> list[str] | None:
+    """The assistant message after each user turn, where the messages alternate from a user turn (a
+    last turn may be unanswered: `answered` leaves it out); else None."""
+    spoken = [(role, text) for role, text in items if role not in SYSTEM_ROLES]
+    users, answers = spoken[0::2], spoken[1::2]
+    if any(role not in USER_ROLES for role, _ in users) or any(role not in ASSISTANT_ROLES for role, _ in answers):
+        return None
+    return [text for _, text in answers] or None
 
 
 def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise TypeError("not an object")
-    turns, system = _turns(row, _shape(row, source.get("fields", "auto")), source.get("promptField", "prompt"))
+    turns, system, answers = _turns(row, _shape(row, source.get("fields", "auto")), source)
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise ValueError("no user text")
     if source.get("turns") == "first":
         turns = turns[:1]
     lang = row.get(source.get("languageField", "language"))
-    return {"turns": [t.strip() for t in turns], "system": system,
+    return {"turns": [t.strip() for t in turns], "system": system, "answers": answers and answers[:len(turns)],
             "language": lang if isinstance(lang, str) and lang else default_lang}
 
 
-def collect(sources: list[dict[str, Any]], drops: Drops,
-            config_maps: dict[str, dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """[{turns, system, language}] from every source, in order. `config_maps`: the task's
-    inputs.configMaps ({source index: {name, key, sha256}})."""
+def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:
+    """The prompt cut to the turns its row answers, each answer stripped (a build without a teacher
+    keeps them); None when its row answers none, or not with text."""
+    answers = prompt["answers"]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        return None
+    return {**prompt, "turns": prompt["turns"][:len(answers)], "answers": [a.strip() for a in answers]}
+
+
+def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, dict[str, str]] | None = None,
+            with_answers: bool = False) -> list[dict[str, Any]]:
+    """[{turns, system, language, answers}] from every source, in order. `config_maps`: the task's
+    inputs.configMaps ({source index: {name, key, sha256}}). with_answers: only the turns the rows
+    answer (answered), a row that answers none dropped (no_answer)."""
     prompts = []
     for index, source in enumerate(sources):
         default_lang = source.get("language") or UNKNOWN_LANGUAGE
         if "inline" in source:
-            prompts += [{"turns": [p["text"]], "system": None, "language": p.get("language") or default_lang}
-                        for p in source["inline"]]
+            prompts += [{"turns": [p["text"]], "system": None, "answers": None,
+                         "language": p.get("language") or default_lang} for p in source["inline"]]
             continue
         field = f"spec.sources[{index}]"
         if "huggingface" in source:
@@ -147,7 +171,15 @@ def collect(sources: list[dict[str, Any]], drops: Drops,
             if source.get("maxRows") and n >= source["maxRows"]:
                 break
             try:
-                prompts.append(_prompt(row, source, default_lang))
+                prompt = _prompt(row, source, default_lang)
             except (ValueError, KeyError, TypeError, AttributeError):
                 drops.add("malformed", row)
+                continue
+            if with_answers:
+                kept = answered(prompt)
+                if kept is None:
+                    drops.add("no_answer", prompt["turns"][0])
+                    continue
+                prompt = kept
+            prompts.append(prompt)
     return prompts

@@ -1,6 +1,7 @@
 """The teacher answers every user turn of every conversation, turn by turn (turn 2 sees the
 teacher's own answer to turn 1). Answers come from the cache when they were ever paid for;
-a conversation whose answer is dropped by the filters is not asked its later turns.
+a conversation whose answer is dropped by the filters is not asked its later turns. A build
+without a teacher keeps its sources' own answers the same way (keep_given).
 
 Two backends, one contract: an OpenAI-compatible API (asynchronous, at the provider's rate
 limit) or a local model, continuously batched with transformers or served by vLLM (then asked
@@ -168,48 +169,83 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
                             share_gpu=judge is not None and judge.model_input is not None)
     else:
         ask = _local_backend(teacher, model_input, cache, usage, on_answer)
-    system_default = teacher.get("systemPrompt")
+
+    def answers_to(asking: list[dict[str, Any]], turn: int) -> list[list[dict[str, Any]]]:
+        keys = [[AnswerCache.key(c["messages"], k) for k in range(samples)] for c in asking]
+        todo = [(key, list(c["messages"]), k) for c, row in zip(asking, keys) for k, key in enumerate(row)
+                if cache.get(key) is None]
+        usage.cached += len(asking) * samples - len(todo)
+        done[0] += len(asking) * samples - len(todo)
+        if todo:
+            ask(todo)
+        got = [[cache.get(key) for key in row] for row in keys]
+        usage.used_tokens += sum(g["tokens"] for row in got for g in row)
+        return got
+
+    try:
+        kept = converse(prompts, teacher.get("systemPrompt"), answers_to, keep, drops, progress, judge, samples,
+                        report)
+    finally:
+        stack.close()
+        cache.compact()
+    return kept, usage
+
+
+def keep_given(prompts: list[dict[str, Any]], keep: AnswerFilter, drops: Drops, progress: Progress,
+               judge: AnswerJudge | None = None,
+               count_tokens: Callable[[list[str]], list[int]] | None = None) -> list[dict[str, Any]]:
+    """Without a teacher: conversations [{language, messages}] of the sources' own answers (each
+    prompt's `answers`, sources.answered), kept turn by turn as a teacher's are, by the filters (an
+    answer is never truncated; its tokens, for maxAnswerTokens, counted by count_tokens) and the
+    judge."""
+    progress.stage("keeping the sources' answers", total=sum(len(p["turns"]) for p in prompts), unit="turns")
+    done = [0]
+
+    def answers_to(asking: list[dict[str, Any]], turn: int) -> list[list[dict[str, Any]]]:
+        texts = [c["prompt"]["answers"][turn] for c in asking]
+        tokens = count_tokens(texts) if count_tokens else [0] * len(texts)
+        done[0] += len(asking)
+        return [[{"text": text, "tokens": n, "finished": True}] for text, n in zip(texts, tokens)]
+
+    return converse(prompts, None, answers_to, keep, drops, progress, judge, 1, lambda: progress.update(done[0]))
+
+
+def converse(prompts: list[dict[str, Any]], system_default: str | None,
+             answers_to: Callable[[list[dict[str, Any]], int], list[list[dict[str, Any]]]], keep: AnswerFilter,
+             drops: Drops, progress: Progress, judge: AnswerJudge | None, samples: int,
+             report: Callable[[], None]) -> list[dict[str, Any]]:
+    """The conversations [{language, messages}], turn by turn: each conversation still going gets its
+    user message, then `answers_to(those, turn)` gives each its answers ({text, tokens, finished}, or
+    {rejected}: the endpoint refused it); the filters keep some, the judge (if any) the best-rated, and
+    the conversation goes on with it. One that keeps none ends there and is dropped, its later turns
+    never answered. `report` after each turn."""
     conversations = []
     for p in prompts:
         system = p.get("system") or system_default
         conversations.append({"prompt": p, "alive": True,
                               "messages": [{"role": "system", "content": system}] if system else []})
-    try:
-        for turn in range(max((len(p["turns"]) for p in prompts), default=0)):
-            asking = [c for c in conversations if c["alive"] and turn < len(c["prompt"]["turns"])]
-            todo = []
-            for c in asking:
-                c["messages"].append({"role": "user", "content": c["prompt"]["turns"][turn]})
-                c["keys"] = [AnswerCache.key(c["messages"], k) for k in range(samples)]
-                todo += [(key, list(c["messages"]), k) for k, key in enumerate(c["keys"]) if cache.get(key) is None]
-            usage.cached += len(asking) * samples - len(todo)
-            done[0] += len(asking) * samples - len(todo)
-            if todo:
-                ask(todo)
-            for c in asking:
-                got = [cache.get(key) for key in c["keys"]]
-                usage.used_tokens += sum(g["tokens"] for g in got)
-                reasons = ["teacher_rejected" if g.get("rejected") else keep.reason_to_drop(
-                    g["text"], g["finished"], g["tokens"]) for g in got]
-                c["answers"] = distinct([g["text"] for g, reason in zip(got, reasons) if not reason])
-                if not c["answers"]:  # none kept: dropped for the first sample's reason
-                    c["alive"] = False
-                    drops.add(reasons[0], got[0].get("rejected") or c["prompt"]["turns"][turn])
-            if judge is not None:
-                _judge_turn(judge, [c for c in asking if c["alive"]], drops, progress)
-            for c in asking:
-                if c["alive"]:
-                    c["messages"].append({"role": "assistant", "content": c["answers"][0]})
-            # Conversations cut short lose their later turns from the progress total.
-            skipped = sum(len(c["prompt"]["turns"]) - turn - 1 for c in asking if not c["alive"]) * samples
-            if skipped:
-                progress.state["total"] = progress.state["total"] - skipped
-            report()
-    finally:
-        stack.close()
-        cache.compact()
-    kept = [{"language": c["prompt"]["language"], "messages": c["messages"]} for c in conversations if c["alive"]]
-    return kept, usage
+    for turn in range(max((len(p["turns"]) for p in prompts), default=0)):
+        asking = [c for c in conversations if c["alive"] and turn < len(c["prompt"]["turns"])]
+        for c in asking:
+            c["messages"].append({"role": "user", "content": c["prompt"]["turns"][turn]})
+        for c, got in zip(asking, answers_to(asking, turn)):
+            reasons = ["teacher_rejected" if g.get("rejected") else keep.reason_to_drop(
+                g["text"], g["finished"], g["tokens"]) for g in got]
+            c["answers"] = distinct([g["text"] for g, reason in zip(got, reasons) if not reason])
+            if not c["answers"]:  # none kept: dropped for the first sample's reason
+                c["alive"] = False
+                drops.add(reasons[0], got[0].get("rejected") or c["prompt"]["turns"][turn])
+        if judge is not None:
+            _judge_turn(judge, [c for c in asking if c["alive"]], drops, progress)
+        for c in asking:
+            if c["alive"]:
+                c["messages"].append({"role": "assistant", "content": c["answers"][0]})
+        # Conversations cut short lose their later turns from the progress total.
+        skipped = sum(len(c["prompt"]["turns"]) - turn - 1 for c in asking if not c["alive"]) * samples
+        if skipped:
+            progress.state["total"] = progress.state["total"] - skipped
+        report()
+    return [{"language": c["prompt"]["language"], "messages": c["messages"]} for c in conversations if c["alive"]]
 
 
 def distinct(texts: list[str], besides: str | None = None) -> list[str]:
