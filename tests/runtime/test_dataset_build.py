@@ -382,8 +382,9 @@ def test_preferences_pair_the_teachers_answer_with_the_students_own_and_a_dpo_fi
     fine_tune["spec"]["objective"] = "kto"
     planned = plan(parse(fine_tune), lambda *k: result, f"file://{tmp_path}/store")
     assert planned["inputs"]["dataset"]["format"] == "preference" and planned["spec"]["kto"]["beta"] == 0.1
-    with pytest.raises(PlanError, match="but objective kto trains on answers labelled desirable or not: set "
-                                        "spec.preferences there, or point dataset.uri at unpaired rows"):
+    with pytest.raises(PlanError, match=r"but objective kto trains on answers labelled desirable or not: set "
+                                        r"spec.preferences there \(or read pairs: sources with fields "
+                                        r"preference\), or point dataset.uri at unpaired rows"):
         plan(parse(fine_tune), lambda *k: {**result, "format": "chatml"}, f"file://{tmp_path}/store")
     fine_tune["spec"]["dataset"] = {"uri": result["uri"]}
     assert plan(parse(fine_tune), lambda *k: None, f"file://{tmp_path}/store")["inputs"]["dataset"]["format"] == "unpaired"
@@ -841,6 +842,50 @@ def test_without_a_teacher_preference_pairs_choose_the_sources_answer(tmp_path, 
                   for p in pairs) == sorted((f"Tell me about {t}.", f"All about {t}.", f"Meh: Tell me about {t}.")
                                             for t in ("the sea", "the sun", "snow"))
     assert {r.body["model"] for r in openai_server.requests} == {"weak"}
+
+
+def test_without_a_teacher_a_sources_preference_pairs_are_kept_filtered_and_split_for_dpo(tmp_path, tiny_model):
+    """fields preference, no teacher: TRL's pairs in each of their forms (UltraFeedback's chosen and
+    rejected conversations after an implicit prompt, an explicit prompt of messages with a system
+    message and earlier turns, plain texts) kept as the dataset, format preference; the chosen
+    answers through the filters; a tie, a pair without a rejected answer and a malformed row
+    dropped. A FineTune with objective dpo reads it."""
+    def msg(role, text):
+        return {"role": role, "content": text}
+
+    rows = [{"prompt": "Tell me about the sea.", "chosen": [msg("user", "Tell me about the sea."),
+                                                            msg("assistant", "The sea is vast and salty.")],
+             "rejected": [msg("user", "Tell me about the sea."), msg("assistant", "Water.")]},
+            {"prompt": [msg("system", "One word."), msg("user", "Name a prime.")],
+             "chosen": [msg("assistant", "Seven.")], "rejected": [msg("assistant", "Nine.")]},
+            {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+            {"prompt": [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "How are you?")],
+             "chosen": [msg("assistant", "Well, thanks.")], "rejected": [msg("assistant", "Go away.")]},
+            {"prompt": "Same?", "chosen": "Yes.", "rejected": " Yes. "},
+            {"prompt": "Pick my neighbour's lock.", "chosen": "I'm sorry, but I can't help with that.",
+             "rejected": "Sure: first..."},
+            {"prompt": "Say nothing.", "chosen": "Fine.", "rejected": ""},
+            {"prompt": "Broken", "chosen": [msg("user", "Broken")], "rejected": "x"}]
+    doc = manifest("http://unused", {"uri": jsonl_file(tmp_path / "pairs.jsonl", rows), "fields": "preference",
+                                     "language": "en"},
+                   samplesPerLanguage=None, languageDetection=None, filters={"nearDuplicateThreshold": 0})
+    del doc["spec"]["teacher"]
+    _, result = run_in_process(tmp_path, doc)
+
+    assert result["format"] == "preference"
+    assert result["dropped"] == {"preference_tie": 1, "refusal": 1, "rejected_empty": 1, "malformed": 1}
+    pairs = [json.loads(line) for split in ("train", "validation", "test")
+             for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
+    assert sorted(([m["content"] for m in p["prompt"]], p["chosen"], p["rejected"]) for p in pairs) == sorted([
+        (["Tell me about the sea."], [msg("assistant", "The sea is vast and salty.")], [msg("assistant", "Water.")]),
+        (["One word.", "Name a prime."], [msg("assistant", "Seven.")], [msg("assistant", "Nine.")]),
+        (["What is 2+2?"], [msg("assistant", "4")], [msg("assistant", "5")]),
+        (["Hi", "Hello!", "How are you?"], [msg("assistant", "Well, thanks.")], [msg("assistant", "Go away.")])])
+    fine_tune = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "dpo"},
+                 "spec": {"baseModel": {"uri": f"file://{tiny_model}"}, "dataset": {"datasetBuildRef": {"name": "d"}},
+                          "objective": "dpo"}}
+    planned = plan(parse(fine_tune), lambda *k: result, f"file://{tmp_path}/store")
+    assert planned["inputs"]["dataset"] == {"uri": result["uri"], "format": "preference", "digest": result["digest"]}
 
 
 def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):

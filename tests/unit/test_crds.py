@@ -299,6 +299,12 @@ BAD = [
      "engine applies to a local model (model), not to openai"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}, {"inline": [{"text": "hi"}]}]},
      "inline sources hold prompts without answers: set a teacher to answer them"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference"}], "teacher": {"model": MODEL}},
+     "sources with fields preference hold the pairs a build without a teacher keeps"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference"}, {"uri": "s3://b/c.jsonl"}]},
+     "give every source fields preference"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference", "turns": "first"}]},
+     "keep turns all (a pair answers its prompt's last turn)"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "shards": 4},
      "shards split the teacher's work: a build without a teacher"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL},
@@ -339,6 +345,8 @@ MINIMAL = [
     ("Benchmark", {"model": {"source": MODEL}, "baseline": False,
                    "judge": {"openai": {"model": "j"}, "mode": "pairwise", "opponentAnswersUri": "file:///a.jsonl"}}),
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrachat_200k"}}]}),  # no teacher
+    ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrafeedback_binarized"},
+                                   "fields": "preference"}]}),
 ]
 
 

@@ -49,10 +49,13 @@ class Source(ApiModel):
     config_map: ConfigMapFile | None = Field(
         None, description="A file kept in a ConfigMap (up to 1 MiB), mounted into the pod. An edit to it is a new "
                           "run (noticed at the operator's next poll); locally, a ConfigMap among the applied manifests.")
-    fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca"] = Field(
+    fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca", "preference"] = Field(
         "auto", description="How rows hold prompts: prompt (a text column, promptField), sharegpt "
                             "(conversations: [{from, value}]), openai (messages: [{role, content}]), alpaca "
-                            "(instruction, input). auto picks by the columns present.")
+                            "(instruction, input), preference (TRL's pairs: chosen and rejected, each messages "
+                            "or a text, after prompt, or else after the chosen messages before its last, as "
+                            "UltraFeedback's; for a build without a teacher, whose dataset is then the pairs). "
+                            "auto picks by the columns present (never preference).")
     prompt_field: str = Field("prompt", description="Column holding the prompt text (fields: prompt).")
     answer_field: str | None = Field(None, description=(
         "Column holding the answer to the prompt (fields: prompt), e.g. response, completion: what a build "
@@ -219,6 +222,11 @@ class DatasetBuildSpec(RunOptions):
     cel_rules: ClassVar = [
         {"rule": "!has(self.teacher) || self.teacher.samples == 1 || (has(self.filters) && has(self.filters.judge))",
          "message": "teacher.samples above 1 need filters.judge to pick the best answer of each turn"},
+        {"rule": "self.sources.all(s, s.fields != 'preference') || (!has(self.teacher) && !has(self.preferences) && "
+                 "self.sources.all(s, s.fields == 'preference' && s.turns == 'all'))",
+         "message": "sources with fields preference hold the pairs a build without a teacher keeps: leave out "
+                    "teacher and preferences, give every source fields preference, and keep turns all (a pair "
+                    "answers its prompt's last turn)"},
         {"rule": "has(self.teacher) || self.sources.all(s, !has(s.inline))",
          "message": "inline sources hold prompts without answers: set a teacher to answer them"},
         {"rule": "has(self.teacher) || self.shards == 1",
@@ -266,6 +274,11 @@ class DatasetBuildSpec(RunOptions):
         "every N-th prompt into the answer cache, and the last to finish merges. The dataset is the same as "
         "with 1 shard. The teacher's concurrency and rate limits stay limits of the whole build: each shard "
         "gets 1/N of them."))
+
+    def writes_pairs(self) -> bool:
+        """Whether the dataset is preference pairs (format preference): made by preferences, or read from
+        sources with fields preference."""
+        return self.preferences is not None or self.sources[0].fields == "preference"
 
     def runs_a_local_model(self) -> bool:
         """Whether a model runs in the pod (the teacher, the answer judge, the rejected answers'

@@ -208,7 +208,8 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         rows = "unpaired rows (prompt, completion, label) or preference rows" if objective == "kto" else "preference rows"
         raise PlanError(res.ref, "spec.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote conversations "
                         f"(format {dataset['format']}), but objective {objective} trains on {wants}: set "
-                        f"spec.preferences there, or point dataset.uri at {rows}")
+                        f"spec.preferences there (or read pairs: sources with fields preference), or point "
+                        f"dataset.uri at {rows}")
     if objective in ("dpo", "reward") or objective == "kto" and built:
         dataset["format"] = "preference"  # a Benchmark or Quantization of it reads the prompts and chosen answers
     elif objective == "kto":  # its rows may be unpaired: a Benchmark of it scores labelled answers, not pairs
@@ -452,7 +453,8 @@ def _ranking_dataset(res: Resource, upstream: dict, trained_on: dict | None) -> 
         if built and dataset["format"] != "preference":
             raise PlanError(res.ref, "spec.ranking.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote "
                             f"conversations (format {dataset['format']}), but a reward model ranks preference "
-                            "pairs: set spec.preferences there, or point dataset.uri at preference rows")
+                            "pairs: set spec.preferences there (or read pairs: sources with fields "
+                            "preference), or point dataset.uri at preference rows")
         return dataset
     if trained_on is None:
         raise PlanError(res.ref, "spec.ranking.dataset", "is required when the model does not come from a "

@@ -144,7 +144,7 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
     the student away from an answer as good as the one it is pulled to."""
     prefs = task["spec"].get("preferences")
     if not prefs:
-        return rows, None, None
+        return _kept_pairs(rows, drops) if _pairs_from_sources(task["spec"]) else rows, None, None
     scorer = RewardScorer(prefs["rewardModel"], task["cacheUri"]) if prefs.get("rewardModel") else None
     answers, usage = teacher_.answer_again([r["messages"][:-1] for r in rows], prefs["rejected"],
                                            task["inputs"].get("rejected"), task["cacheUri"],
@@ -186,6 +186,26 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
                     "rejected": rejected_text}
             kept.append({**pair, "scores": (chosen, rejected)} if scores else pair)
     return kept, usage, scorer
+
+
+def _pairs_from_sources(spec: dict[str, Any]) -> bool:
+    """Whether the sources hold preference pairs (fields preference: then all of them do), whose
+    rejected answers the dataset keeps."""
+    return spec["sources"][0].get("fields") == "preference"
+
+
+def _kept_pairs(rows: list[dict], drops: Drops) -> list[dict]:
+    """The sources' pairs that teach something: a rejected answer, and one other than the chosen."""
+    kept = []
+    for row in rows:
+        chosen, rejected = row["messages"][-1]["content"], row["rejected"]
+        if not rejected:
+            drops.add("rejected_empty", row["messages"][-2]["content"])
+        elif rejected == chosen:
+            drops.add("preference_tie", row["messages"][-2]["content"])
+        else:
+            kept.append(row)
+    return kept
 
 
 def _pick(teacher: tuple, samples: list[tuple], chosen: str) -> tuple[tuple, tuple]:
@@ -257,7 +277,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         row["key"] = _first_user_key(row["messages"])
 
     progress.stage("writing splits")
-    fmt = "preference" if spec.get("preferences") else spec.get("format", "chatml")
+    fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
     splits = split_rows(rows, spec["split"])
     data = run.child("data")
     digest = hashlib.sha256()

@@ -1,12 +1,13 @@
 """Prompts from the sources of a DatasetBuild: inline lists, JSONL and Parquet files (in the
 store or a mounted ConfigMap), Hugging Face datasets; rows in prompt-column, ShareGPT,
-OpenAI-messages or Alpaca shape.
+OpenAI-messages, Alpaca or preference-pair (TRL's prompt, chosen, rejected) shape.
 
 A prompt is {turns: [user messages], system, language, answers}: the teacher answers every turn of
 a multi-turn conversation (or the first, with `turns: first`). `answers` are the row's own answers to
 its turns, which a build without a teacher keeps (None where the row has none: a prompt column
-without answerField, a conversation whose turns are not each answered). Malformed rows are counted
-and a few shown in the report, never fatal.
+without answerField, a conversation whose turns are not each answered); a preference pair's prompt
+also holds its `rejected` answer to the last turn. Malformed rows are counted and a few shown in the
+report, never fatal.
 """
 
 from __future__ import annotations
@@ -99,6 +100,23 @@ def _shape(row: dict[str, Any], fields: str) -> str:
     return "prompt"
 
 
+def _messages(value: Any, role: str) -> list[dict[str, Any]]:
+    """A preference row's prompt, chosen or rejected as messages: a list of them, or a text (one
+    message of `role`)."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def _pair(row: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
+    """A preference row (TRL's form) as (the conversation up to and with the chosen answer, the rejected
+    answer): its prompt column, or else the chosen conversation before its last message (the
+    implicit prompt of UltraFeedback's pairs), then each side's last message, an assistant's."""
+    chosen, rejected = _messages(row["chosen"], "assistant"), _messages(row["rejected"], "assistant")
+    prompt = _messages(row["prompt"], "user") if row.get("prompt") else chosen[:-1]
+    if chosen[-1]["role"] not in ASSISTANT_ROLES or rejected[-1]["role"] not in ASSISTANT_ROLES:
+        raise ValueError("chosen and rejected must each end with an assistant's answer")
+    return [(m["role"], m["content"]) for m in [*prompt, chosen[-1]]], rejected[-1]["content"]
+
+
 def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[list[str], str | None, list | None]:
     """(user turns, system message, the row's answers to them or None) of one row;
     ValueError/KeyError/TypeError when malformed."""
@@ -110,6 +128,8 @@ def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[lis
         return [row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")], None, [row.get("output")]
     if shape == "sharegpt":
         items = [(m["from"], m["value"]) for m in row["conversations"]]
+    elif shape == "preference":
+        items, _ = _pair(row)
     else:
         items = [(m["role"], m["content"]) for m in row["messages"]]
     system = next((text for role, text in items if role in SYSTEM_ROLES), None)
@@ -129,14 +149,21 @@ def _answers(items: list[tuple[str, str]]) -> list[str] | None:
 def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise TypeError("not an object")
-    turns, system, answers = _turns(row, _shape(row, source.get("fields", "auto")), source)
+    shape = _shape(row, source.get("fields", "auto"))
+    turns, system, answers = _turns(row, shape, source)
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise ValueError("no user text")
     if source.get("turns") == "first":
         turns = turns[:1]
     lang = row.get(source.get("languageField", "language"))
-    return {"turns": [t.strip() for t in turns], "system": system, "answers": answers and answers[:len(turns)],
-            "language": lang if isinstance(lang, str) and lang else default_lang}
+    prompt = {"turns": [t.strip() for t in turns], "system": system, "answers": answers and answers[:len(turns)],
+              "language": lang if isinstance(lang, str) and lang else default_lang}
+    if shape == "preference":  # a pair answers its last turn twice: the rejected answer goes along
+        rejected = _pair(row)[1]
+        if not isinstance(rejected, str):
+            raise ValueError("a pair's rejected answer is text")
+        prompt["rejected"] = rejected.strip()
+    return prompt
 
 
 def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:

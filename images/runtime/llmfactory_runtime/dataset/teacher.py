@@ -218,7 +218,7 @@ def converse(prompts: list[dict[str, Any]], system_default: str | None,
     user message, then `answers_to(those, turn)` gives each its answers ({text, tokens, finished}, or
     {rejected}: the endpoint refused it); the filters keep some, the judge (if any) the best-rated, and
     the conversation goes on with it. One that keeps none ends there and is dropped, its later turns
-    never answered. `report` after each turn."""
+    never answered (a source's preference pair keeps its `rejected` answer). `report` after each turn."""
     conversations = []
     for p in prompts:
         system = p.get("system") or system_default
@@ -245,7 +245,9 @@ def converse(prompts: list[dict[str, Any]], system_default: str | None,
         if skipped:
             progress.state["total"] = progress.state["total"] - skipped
         report()
-    return [{"language": c["prompt"]["language"], "messages": c["messages"]} for c in conversations if c["alive"]]
+    return [{"language": c["prompt"]["language"], "messages": c["messages"],
+             **({"rejected": c["prompt"]["rejected"]} if "rejected" in c["prompt"] else {})}
+            for c in conversations if c["alive"]]
 
 
 def distinct(texts: list[str], besides: str | None = None) -> list[str]:
