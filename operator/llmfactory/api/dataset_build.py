@@ -54,7 +54,9 @@ class Source(ApiModel):
                             "(conversations: [{from, value}]), openai (messages: [{role, content}]), alpaca "
                             "(instruction, input), preference (TRL's pairs: chosen and rejected, each messages "
                             "or a text, after prompt, or else after the chosen messages before its last, as "
-                            "UltraFeedback's; for a build without a teacher, whose dataset is then the pairs). "
+                            "UltraFeedback's; or Anthropic HH's transcripts, each turn after '\\n\\nHuman: ' or "
+                            "'\\n\\nAssistant: '; for a build without a teacher, whose dataset is then the "
+                            "pairs). "
                             "auto picks by the columns present (never preference).")
     prompt_field: str = Field("prompt", description="Column holding the prompt text (fields: prompt).")
     answer_field: str | None = Field(None, description=(

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -100,10 +101,21 @@ def _shape(row: dict[str, Any], fields: str) -> str:
     return "prompt"
 
 
+# Anthropic HH-RLHF's transcripts: "\n\nHuman: ...\n\nAssistant: ..." turn after turn.
+_TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
 def _messages(value: Any, role: str) -> list[dict[str, Any]]:
-    """A preference row's prompt, chosen or rejected as messages: a list of them, or a text (one
-    message of `role`)."""
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+    """A preference row's prompt, chosen or rejected as messages: a list of them, a transcript in
+    Anthropic HH's form (each turn after "\n\nHuman: " or "\n\nAssistant: "), or a text (one message
+    of `role`)."""
+    if not isinstance(value, str):
+        return list(value)
+    if not value.startswith("\n\nHuman: "):
+        return [{"role": role, "content": value}]
+    parts = _TRANSCRIPT_TURN.split(value)[1:]  # speaker, text, speaker, text, ...
+    return [{"role": "user" if speaker == "Human" else "assistant", "content": text}
+            for speaker, text in zip(parts[0::2], parts[1::2])]
 
 
 def _pair(row: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
