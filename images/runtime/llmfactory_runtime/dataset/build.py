@@ -198,10 +198,9 @@ def _kept_pairs(rows: list[dict], drops: Drops) -> list[dict]:
     """The sources' pairs that teach something: a rejected answer, and one other than the chosen."""
     kept = []
     for row in rows:
-        chosen, rejected = row["messages"][-1]["content"], row["rejected"]
-        if not rejected:
+        if not row["rejected"]:
             drops.add("rejected_empty", row["messages"][-2]["content"])
-        elif rejected == chosen:
+        elif not teacher_.distinct([row["rejected"]], besides=row["messages"][-1]["content"]):
             drops.add("preference_tie", row["messages"][-2]["content"])
         else:
             kept.append(row)

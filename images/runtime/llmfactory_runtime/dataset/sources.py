@@ -139,11 +139,12 @@ def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[lis
         extra = row.get("input") or ""
         return [row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")], None, [row.get("output")]
     if shape == "sharegpt":
-        items = [(m["from"], m["value"]) for m in row["conversations"]]
-    elif shape == "preference":
-        items, _ = _pair(row)
-    else:
-        items = [(m["role"], m["content"]) for m in row["messages"]]
+        return _conversation([(m["from"], m["value"]) for m in row["conversations"]])
+    return _conversation([(m["role"], m["content"]) for m in row["messages"]])
+
+
+def _conversation(items: list[tuple[str, str]]) -> tuple[list[str], str | None, list[str] | None]:
+    """(user turns, system message, answers) of a conversation's (role, text) messages."""
     system = next((text for role, text in items if role in SYSTEM_ROLES), None)
     return [text for role, text in items if role in USER_ROLES], system, _answers(items)
 
@@ -162,7 +163,14 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
     if not isinstance(row, dict):
         raise TypeError("not an object")
     shape = _shape(row, source.get("fields", "auto"))
-    turns, system, answers = _turns(row, shape, source)
+    rejected = None
+    if shape == "preference":  # a pair answers its last turn twice: the rejected answer goes along
+        items, rejected = _pair(row)
+        if not isinstance(rejected, str):
+            raise ValueError("a pair's rejected answer is text")
+        turns, system, answers = _conversation(items)
+    else:
+        turns, system, answers = _turns(row, shape, source)
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise ValueError("no user text")
     if source.get("turns") == "first":
@@ -170,10 +178,7 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
     lang = row.get(source.get("languageField", "language"))
     prompt = {"turns": [t.strip() for t in turns], "system": system, "answers": answers and answers[:len(turns)],
               "language": lang if isinstance(lang, str) and lang else default_lang}
-    if shape == "preference":  # a pair answers its last turn twice: the rejected answer goes along
-        rejected = _pair(row)[1]
-        if not isinstance(rejected, str):
-            raise ValueError("a pair's rejected answer is text")
+    if rejected is not None:
         prompt["rejected"] = rejected.strip()
     return prompt
 
