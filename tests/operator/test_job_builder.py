@@ -219,6 +219,10 @@ def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
     container = _job(objs)["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"] for e in container["env"] if "API_KEY" in e["name"]} == {"LLMFACTORY_JUDGE_API_KEY"}
     assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    body["spec"]["shards"] = 3  # the judge's work over 3 pods
+    _, objs = children(body)
+    job = _job(objs)["spec"]
+    assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 3, 3)
 
 
 def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():

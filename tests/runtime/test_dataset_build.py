@@ -755,6 +755,11 @@ def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp
     assert kept == [] and drops.counts == {"no_answer": 1}
     kept, drops = collected(rows, False, promptField="question")  # a teacher answers every user turn
     assert [p["turns"] for p in kept][:2] == [["Hi", "Bye?", "Unanswered?"], ["2+2?"]] and not drops.counts
+    # A pair's scores: both finite numbers, or none (JSON's NaN, a boolean, a text or one alone).
+    pairs = [{"prompt": "Q", "chosen": "A", "rejected": "B", "score_chosen": c, "score_rejected": r}
+             for c, r in ((9, 2.5), (float("nan"), 1), (True, 0), ("9", 1), (9, None))]
+    kept, _ = collected(pairs, True, fields="preference")
+    assert [p.get("scores") for p in kept] == [(9.0, 2.5), None, None, None, None]
 
 
 def test_without_a_teacher_the_sources_own_conversations_are_filtered_judged_and_split(
@@ -856,10 +861,13 @@ def test_without_a_teacher_a_sources_preference_pairs_are_kept_filtered_and_spli
 
     rows = [{"prompt": "Tell me about the sea.", "chosen": [msg("user", "Tell me about the sea."),
                                                             msg("assistant", "The sea is vast and salty.")],
-             "rejected": [msg("user", "Tell me about the sea."), msg("assistant", "Water.")]},
+             "rejected": [msg("user", "Tell me about the sea."), msg("assistant", "Water.")],
+             "score_chosen": 8.5, "score_rejected": 3},  # UltraFeedback's scores, carried
             {"prompt": [msg("system", "One word."), msg("user", "Name a prime.")],
              "chosen": [msg("assistant", "Seven.")], "rejected": [msg("assistant", "Nine.")]},
-            {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+            {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "score_chosen": 9},  # one score: none
+            {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon.",
+             "score_chosen": 5.0, "score_rejected": 5.0},  # rated alike: teaches nothing
             {"prompt": [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "How are you?")],
              "chosen": [msg("assistant", "Well, thanks.")], "rejected": [msg("assistant", "Go away.")]},
             {"prompt": "Same?", "chosen": "Yes.", "rejected": " Yes. "},
@@ -877,9 +885,13 @@ def test_without_a_teacher_a_sources_preference_pairs_are_kept_filtered_and_spli
     _, result = run_in_process(tmp_path, doc)
 
     assert result["format"] == "preference"
-    assert result["dropped"] == {"preference_tie": 1, "refusal": 1, "rejected_empty": 1, "malformed": 1}
+    assert result["dropped"] == {"preference_tie": 1, "refusal": 1, "rejected_empty": 1, "malformed": 1,
+                                 "preference_not_better": 1}
+    assert result["droppedExamples"]["preference_not_better"] == ["5.0 >= 5.0: Capital of France?"]
     pairs = [json.loads(line) for split in ("train", "validation", "test")
              for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
+    assert {p["prompt"][-1]["content"]: (p.get("score_chosen"), p.get("score_rejected")) for p in pairs
+            if "score_chosen" in p or "score_rejected" in p} == {"Tell me about the sea.": (8.5, 3.0)}
     assert sorted(([m["content"] for m in p["prompt"]], p["chosen"], p["rejected"]) for p in pairs) == sorted([
         (["Tell me about the sea."], [msg("assistant", "The sea is vast and salty.")], [msg("assistant", "Water.")]),
         (["One word.", "Name a prime."], [msg("assistant", "Seven.")], [msg("assistant", "Nine.")]),
@@ -892,6 +904,61 @@ def test_without_a_teacher_a_sources_preference_pairs_are_kept_filtered_and_spli
                           "objective": "dpo"}}
     planned = plan(parse(fine_tune), lambda *k: result, f"file://{tmp_path}/store")
     assert planned["inputs"]["dataset"] == {"uri": result["uri"], "format": "preference", "digest": result["digest"]}
+
+
+def test_a_judge_rates_both_answers_of_the_sources_pairs_and_shards_split_its_work(tmp_path, openai_server):
+    """fields preference with filters.judge and no teacher, over 2 shard processes: the judge rates
+    every chosen answer (minScore) and every rejected one, each once across the shards; its ratings
+    replace the source's scores in the rows, and a pair it rates alike is dropped. The merge equals a
+    single process's build."""
+    from llmfactory_runtime.benchmark.judge import JUDGE_SYSTEM
+
+    def judge(request):
+        assert request.messages[0]["content"] == JUDGE_SYSTEM
+        answer = request.messages[1]["content"].rsplit("[Answer]\n", 1)[1]
+        return {"text": "[[9]]" if answer.startswith("Good") else "[[2]]" if answer.startswith("Poor") else "[[4]]"}
+
+    openai_server.reply = judge
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Good answer {i}.", "rejected": f"Poor answer {i}.",
+             "score_chosen": 7, "score_rejected": 6} for i in range(6)]
+    rows += [{"prompt": "Question 6?", "chosen": "Good answer 6.", "rejected": "Good answer, too."},  # 9 >= 9
+             {"prompt": "Question 7?", "chosen": "Weak answer 7.", "rejected": "Poor answer 7."},  # 4 < minScore
+             {"prompt": "Question 8?", "chosen": "Good answer 8.", "rejected": "Good answer 8."}]  # a tie: unasked
+    judge_endpoint = {"baseUrl": openai_server.url, "model": "judge", "concurrency": 4}
+    doc = manifest("http://unused", {"uri": jsonl_file(tmp_path / "pairs.jsonl", rows), "fields": "preference",
+                                     "language": "en"},
+                   samplesPerLanguage=None, languageDetection=None, shards=2,
+                   filters={"nearDuplicateThreshold": 0, "judge": {"openai": judge_endpoint, "minScore": 6}})
+    del doc["spec"]["teacher"]
+    task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/sharded")
+    run = open_store(task["artifactUri"])
+    run.write_json("task.json", task)
+    cmd = [sys.executable, "-m", "llmfactory_runtime", "dataset", "--task", task["artifactUri"], "--shard"]
+    procs = [subprocess.Popen(cmd + [str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+
+    # Each chosen answer rated once (the tie's too: it is dropped after its turn is judged), each
+    # rejected one of a pair that passed minScore and is no tie: 9 + 7, none twice.
+    asked = [r.messages[1]["content"].rsplit("[Answer]\n", 1)[1].split("\n")[0] for r in openai_server.requests]
+    assert len(asked) == len(set(asked)) == 16 and openai_server.max_in_flight <= 4
+    shards = [run.read_json(f"shards/{i}/result.json") for i in range(2)]
+    assert sum(s["usage"]["judge"]["requests"] for s in shards) == 16
+    result = run.read_json("result.json")
+    assert _counts(result["judgeUsage"]) == {"requests": 16, "cached": 7}  # the merge: chosen ratings twice read
+    assert result["dropped"] == {"preference_not_better": 1, "judge_low_score": 1, "preference_tie": 1}
+    pairs = [json.loads(line) for split in ("train", "validation", "test")
+             for line in open_store(result["uri"]).read_bytes(f"{split}.jsonl").decode().splitlines()]
+    assert sorted(p["prompt"][-1]["content"] for p in pairs) == [f"Question {i}?" for i in range(6)]
+    assert {(p["score_chosen"], p["score_rejected"]) for p in pairs} == {(9.0, 2.0)}  # the judge's, not the source's
+
+    single_doc = json.loads(json.dumps(doc))
+    del single_doc["spec"]["shards"]
+    _, single = run_in_process(tmp_path / "single", single_doc)
+    assert single["digest"] == result["digest"] and single["dropped"] == result["dropped"]
+    # Shards need a model's work to split: the sources' answers, only filtered, run in one pod.
+    del doc["spec"]["filters"]["judge"]
+    with pytest.raises(PlanError, match="shards split the models' work"):
+        plan(parse(doc), lambda *k: None, f"file://{tmp_path}/sharded")
 
 
 def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):

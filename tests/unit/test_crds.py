@@ -306,7 +306,7 @@ BAD = [
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference", "turns": "first"}]},
      "keep turns all (a pair answers its prompt's last turn)"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "shards": 4},
-     "shards split the teacher's work: a build without a teacher"),
+     "shards split the models' work (the teacher's, filters.judge's, preferences'): a build without any"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL},
                       "filters": {"maxAnswerTokens": 512, "tokenizer": MODEL}},
      "filters.tokenizer counts maxPromptTokens (a teacher's answers count in its own tokens)"),
@@ -347,6 +347,9 @@ MINIMAL = [
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrachat_200k"}}]}),  # no teacher
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrafeedback_binarized"},
                                    "fields": "preference"}]}),
+    ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrafeedback_binarized"},
+                                   "fields": "preference"}], "shards": 4,  # the judge's work split
+                      "filters": {"judge": {"openai": {"model": "j"}}}}),
 ]
 
 

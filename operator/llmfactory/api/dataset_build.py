@@ -56,7 +56,10 @@ class Source(ApiModel):
                             "or a text, after prompt, or else after the chosen messages before its last, as "
                             "UltraFeedback's; or Anthropic HH's transcripts, each turn after '\\n\\nHuman: ' or "
                             "'\\n\\nAssistant: '; for a build without a teacher, whose dataset is then the "
-                            "pairs). "
+                            "pairs, with their score_chosen and score_rejected where the rows hold both, as "
+                            "UltraFeedback's, or else filters.judge's ratings of both answers; a pair whose "
+                            "rejected answer scores at least as high as the chosen is dropped, "
+                            "preference_not_better). "
                             "auto picks by the columns present (never preference).")
     prompt_field: str = Field("prompt", description="Column holding the prompt text (fields: prompt).")
     answer_field: str | None = Field(None, description=(
@@ -231,9 +234,10 @@ class DatasetBuildSpec(RunOptions):
                     "answers its prompt's last turn)"},
         {"rule": "has(self.teacher) || self.sources.all(s, !has(s.inline))",
          "message": "inline sources hold prompts without answers: set a teacher to answer them"},
-        {"rule": "has(self.teacher) || self.shards == 1",
-         "message": "shards split the teacher's work: a build without a teacher (the sources' own answers) runs in "
-                    "one pod"},
+        {"rule": "has(self.teacher) || self.shards == 1 || has(self.preferences) || "
+                 "(has(self.filters) && has(self.filters.judge))",
+         "message": "shards split the models' work (the teacher's, filters.judge's, preferences'): a build without "
+                    "any (the sources' own answers, only filtered) runs in one pod"},
         {"rule": "!has(self.teacher) || !has(self.filters) || !has(self.filters.tokenizer) || "
                  "has(self.filters.maxPromptTokens)",
          "message": "filters.tokenizer counts maxPromptTokens (a teacher's answers count in its own tokens): set "
@@ -272,10 +276,10 @@ class DatasetBuildSpec(RunOptions):
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
     parquet: bool = Field(True, description="Also write each split as Parquet next to the JSONL.")
     shards: int = Field(1, ge=1, le=128, description=(
-        "Split the teacher's work over this many pods (an Indexed Job; locally, processes): each answers "
-        "every N-th prompt into the answer cache, and the last to finish merges. The dataset is the same as "
-        "with 1 shard. The teacher's concurrency and rate limits stay limits of the whole build: each shard "
-        "gets 1/N of them."))
+        "Split the models' work over this many pods (an Indexed Job; locally, processes): each asks the "
+        "teacher (without one, the judge and preferences' models) about every N-th prompt, into their "
+        "caches, and the last to finish merges. The dataset is the same as with 1 shard. Every API's "
+        "concurrency and rate limits stay limits of the whole build: each shard gets 1/N of them."))
 
     def writes_pairs(self) -> bool:
         """Whether the dataset is preference pairs (format preference): made by preferences, or read from

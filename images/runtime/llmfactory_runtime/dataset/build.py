@@ -4,9 +4,10 @@ across runs, never paid twice; without a teacher, the sources' own answers) -> f
 splits as JSONL and Parquet.
 
 Sharded (spec.shards = N): every shard selects the same prompts (the selection is
-deterministic and cheap next to the teacher), asks the teacher for its every N-th one, which
-fills the answer cache, and commits what it paid; the merge is then an ordinary build that
-finds every answer in the cache, plus the shards' bills.
+deterministic and cheap next to the models), asks the teacher (or, without one, the judge and
+the preferences' models) about its every N-th one, which fills their caches, and commits what it
+paid; the merge is then an ordinary build that finds every answer and rating in the caches, plus
+the shards' bills.
 """
 
 from __future__ import annotations
@@ -140,11 +141,11 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
     With filters.judge, the answers are rated (the teacher's rating comes from the cache), or with
     preferences.rewardModel scored; the lowest-scored sample is rejected (with chosen best, the
     highest-scored of the teacher's answer and the samples is chosen and the lowest rejected), and a
-    pair whose rejected answer rates at least as high as the chosen one is dropped: DPO would push
-    the student away from an answer as good as the one it is pulled to."""
+    pair whose rejected answer rates at least as high as the chosen one is dropped (_chosen_better).
+    Without preferences, a source's pairs are kept by _kept_pairs."""
     prefs = task["spec"].get("preferences")
     if not prefs:
-        return _kept_pairs(rows, drops) if _pairs_from_sources(task["spec"]) else rows, None, None
+        return _kept_pairs(rows, drops, progress, judge) if _pairs_from_sources(task["spec"]) else rows, None, None
     scorer = RewardScorer(prefs["rewardModel"], task["cacheUri"]) if prefs.get("rewardModel") else None
     answers, usage = teacher_.answer_again([r["messages"][:-1] for r in rows], prefs["rejected"],
                                            task["inputs"].get("rejected"), task["cacheUri"],
@@ -179,9 +180,7 @@ def _rejected(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Pr
         teacher_answer, *rivals = [(scores.get(f"{i}.{k}"), text)
                                    for k, text in enumerate([row["messages"][-1]["content"], *samples])]
         (chosen, chosen_text), (rejected, rejected_text) = _pick(teacher_answer, rivals, prefs.get("chosen", "teacher"))
-        if chosen is not None and rejected is not None and rejected >= chosen:
-            drops.add("preference_not_better", f"{rejected:.1f} >= {chosen:.1f}: {row['messages'][-2]['content']}")
-        else:
+        if _chosen_better(row, (chosen, rejected), drops):
             pair = {**row, "messages": row["messages"][:-1] + [{"role": "assistant", "content": chosen_text}],
                     "rejected": rejected_text}
             kept.append({**pair, "scores": (chosen, rejected)} if scores else pair)
@@ -194,17 +193,39 @@ def _pairs_from_sources(spec: dict[str, Any]) -> bool:
     return spec["sources"][0].get("fields") == "preference"
 
 
-def _kept_pairs(rows: list[dict], drops: Drops) -> list[dict]:
-    """The sources' pairs that teach something: a rejected answer, and one other than the chosen."""
-    kept = []
+def _kept_pairs(rows: list[dict], drops: Drops, progress: Progress, judge: AnswerJudge | None) -> list[dict]:
+    """The sources' pairs that teach something: a rejected answer, one other than the chosen, and
+    one scored below the chosen where both are scored: by the judge (filters.judge, whose ratings
+    replace the source's; the chosen answer's comes from its cache) or by the source's own scores."""
+    pairs = []
     for row in rows:
         if not row["rejected"]:
             drops.add("rejected_empty", row["messages"][-2]["content"])
         elif not teacher_.distinct([row["rejected"]], besides=row["messages"][-1]["content"]):
             drops.add("preference_tie", row["messages"][-2]["content"])
         else:
-            kept.append(row)
-    return kept
+            pairs.append(row)
+    if judge is not None and pairs:
+        progress.stage(f"judging {len(pairs)} rejected answers")
+        ratings = judge.ratings({f"{i}.{side}": row["messages"][:-1] + [{"role": "assistant", "content": text}]
+                                 for i, row in enumerate(pairs)
+                                 for side, text in (("chosen", row["messages"][-1]["content"]),
+                                                    ("rejected", row["rejected"]))})
+        pairs = [{**row, "scores": (ratings.get(f"{i}.chosen"), ratings.get(f"{i}.rejected"))}
+                 for i, row in enumerate(pairs)]
+    return [row for row in pairs if _chosen_better(row, row.get("scores") or (None, None), drops)]
+
+
+def _chosen_better(row: dict, scores: tuple[float | None, float | None], drops: Drops) -> bool:
+    """Whether a pair (its conversation ending with the chosen answer) teaches a preference by its
+    (chosen, rejected) scores: unless the rejected answer scores at least as high (then it is dropped,
+    preference_not_better: DPO would push the student away from an answer as good as the one it is
+    pulled to). An unscored side decides nothing."""
+    chosen, rejected = scores
+    if chosen is not None and rejected is not None and rejected >= chosen:
+        drops.add("preference_not_better", f"{rejected:.1f} >= {chosen:.1f}: {row['messages'][-2]['content']}")
+        return False
+    return True
 
 
 def _pick(teacher: tuple, samples: list[tuple], chosen: str) -> tuple[tuple, tuple]:
@@ -233,8 +254,8 @@ def _shared_limits(spec: dict[str, Any], shards: int) -> dict[str, Any]:
 
 
 def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, transport=None) -> dict[str, Any]:
-    """Answer every shards-th prompt, starting at `shard`, into the answer cache, at 1/shards of
-    each API's limits (the provider's limits are the account's, not the pod's)."""
+    """Answer (rate, pair) every shards-th prompt, starting at `shard`, into the caches, at 1/shards
+    of each API's limits (the provider's limits are the account's, not the pod's)."""
     shards = task["spec"]["shards"]
     task = {**task, "spec": _shared_limits(task["spec"], shards)}
     prompts = _prompts(task, Drops(), progress)[shard::shards]

@@ -6,7 +6,8 @@ A prompt is {turns: [user messages], system, language, answers}: the teacher ans
 a multi-turn conversation (or the first, with `turns: first`). `answers` are the row's own answers to
 its turns, which a build without a teacher keeps (None where the row has none: a prompt column
 without answerField, a conversation whose turns are not each answered); a preference pair's prompt
-also holds its `rejected` answer to the last turn. Malformed rows are counted and a few shown in the
+also holds its `rejected` answer to the last turn, and its `scores` (chosen, rejected) where the row
+rates both (UltraFeedback's score_chosen and score_rejected). Malformed rows are counted and a few shown in the
 report, never fatal.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -180,7 +182,17 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
               "language": lang if isinstance(lang, str) and lang else default_lang}
     if rejected is not None:
         prompt["rejected"] = rejected.strip()
+        if _score(row.get("score_chosen")) is not None and _score(row.get("score_rejected")) is not None:
+            prompt["scores"] = (_score(row["score_chosen"]), _score(row["score_rejected"]))
     return prompt
+
+
+def _score(value: Any) -> float | None:
+    """A pair's score as its source gives it (UltraFeedback's score_chosen, score_rejected): a finite
+    number, else None (the pair is then unscored)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:
