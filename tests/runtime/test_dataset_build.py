@@ -760,6 +760,20 @@ def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp
              for c, r in ((9, 2.5), (float("nan"), 1), (True, 0), ("9", 1), (9, None))]
     kept, _ = collected(pairs, True, fields="preference")
     assert [p.get("scores") for p in kept] == [(9.0, 2.5), None, None, None, None]
+    # A system message from its own column (systemField): OpenOrca's prompt rows, Intel/orca_dpo_pairs'
+    # pairs (their prompt in promptField); an empty one is none, one not text makes the row malformed.
+    orca = [{"system_prompt": "You are an AI assistant.", "question": "Q?", "response": "A."},
+            {"system_prompt": " ", "question": "Q2?", "response": "B."},
+            {"system_prompt": 3, "question": "Q3?", "response": "C."}]
+    kept, drops = collected(orca, True, fields="prompt", promptField="question", answerField="response",
+                            systemField="system_prompt")
+    assert [(p["system"], p["turns"], p["answers"]) for p in kept] == [
+        ("You are an AI assistant.", ["Q?"], ["A."]), (None, ["Q2?"], ["B."])]
+    assert drops.counts == {"malformed": 1}
+    dpo_pairs = [{"system": "Be helpful.", "question": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}]
+    kept, _ = collected(dpo_pairs, True, fields="preference", promptField="question", systemField="system")
+    assert [(p["system"], p["turns"], p["answers"], p["rejected"]) for p in kept] == [
+        ("Be helpful.", ["Capital of France?"], ["Paris."], "Rome.")]
 
 
 def test_without_a_teacher_the_sources_own_conversations_are_filtered_judged_and_split(

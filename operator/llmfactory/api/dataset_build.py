@@ -61,7 +61,12 @@ class Source(ApiModel):
                             "rejected answer scores at least as high as the chosen is dropped, "
                             "preference_not_better). "
                             "auto picks by the columns present (never preference).")
-    prompt_field: str = Field("prompt", description="Column holding the prompt text (fields: prompt).")
+    prompt_field: str = Field("prompt", description=(
+        "Column holding the prompt text (fields: prompt; and fields: preference, where the prompt is read from "
+        "it when the row has it, e.g. question for Intel/orca_dpo_pairs)."))
+    system_field: str | None = Field(None, description=(
+        "Column holding a system message, for rows whose conversation has none (e.g. OpenOrca's "
+        "system_prompt, Intel/orca_dpo_pairs' system); an empty one is none."))
     answer_field: str | None = Field(None, description=(
         "Column holding the answer to the prompt (fields: prompt), e.g. response, completion: what a build "
         "without a teacher keeps. Conversations (sharegpt, openai) hold their answers, alpaca rows in output."))

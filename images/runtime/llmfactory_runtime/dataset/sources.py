@@ -120,12 +120,12 @@ def _messages(value: Any, role: str) -> list[dict[str, Any]]:
             for speaker, text in zip(parts[0::2], parts[1::2])]
 
 
-def _pair(row: dict[str, Any]) -> tuple[list[tuple[str, str]], str]:
+def _pair(row: dict[str, Any], prompt_field: str) -> tuple[list[tuple[str, str]], str]:
     """A preference row (TRL's form) as (the conversation up to and with the chosen answer, the rejected
     answer): its prompt column, or else the chosen conversation before its last message (the
     implicit prompt of UltraFeedback's pairs), then each side's last message, an assistant's."""
     chosen, rejected = _messages(row["chosen"], "assistant"), _messages(row["rejected"], "assistant")
-    prompt = _messages(row["prompt"], "user") if row.get("prompt") else chosen[:-1]
+    prompt = _messages(row[prompt_field], "user") if row.get(prompt_field) else chosen[:-1]
     if chosen[-1]["role"] not in ASSISTANT_ROLES or rejected[-1]["role"] not in ASSISTANT_ROLES:
         raise ValueError("chosen and rejected must each end with an assistant's answer")
     return [(m["role"], m["content"]) for m in [*prompt, chosen[-1]]], rejected[-1]["content"]
@@ -167,12 +167,13 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
     shape = _shape(row, source.get("fields", "auto"))
     rejected = None
     if shape == "preference":  # a pair answers its last turn twice: the rejected answer goes along
-        items, rejected = _pair(row)
+        items, rejected = _pair(row, source.get("promptField", "prompt"))
         if not isinstance(rejected, str):
             raise ValueError("a pair's rejected answer is text")
         turns, system, answers = _conversation(items)
     else:
         turns, system, answers = _turns(row, shape, source)
+    system = system or _system(row, source.get("systemField"))
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise ValueError("no user text")
     if source.get("turns") == "first":
@@ -193,6 +194,14 @@ def _score(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
+
+
+def _system(row: dict[str, Any], field: str | None) -> str | None:
+    """The system message in the row's `field` column (a source's systemField), None when empty."""
+    value = row.get(field) if field else None
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{field} is not text")
+    return value if value and value.strip() else None
 
 
 def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:
