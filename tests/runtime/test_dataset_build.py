@@ -975,6 +975,69 @@ def test_a_judge_rates_both_answers_of_the_sources_pairs_and_shards_split_its_wo
         plan(parse(doc), lambda *k: None, f"file://{tmp_path}/sharded")
 
 
+def test_format_graded_makes_each_answer_the_reference_of_a_grpo_prompt(tmp_path, openai_server, tiny_model):
+    """GSM8K's rows (question, a worked answer ending '#### n'), no teacher, format graded: each answer's
+    last '#### (.+)' becomes the prompt's reference, beside the prompt and the source's systemPrompt; an
+    answer without one is dropped. A GRPO FineTune plans on the build, encodes its rows and its grader
+    rewards a right answer. With a teacher, its answers are the references (it sees the systemPrompt)."""
+    from transformers import AutoTokenizer
+
+    from llmfactory.api.headline import headline
+    from llmfactory_runtime.finetune.encoding import encode
+    from llmfactory_runtime.grader import rewards
+
+    system = "Reason step by step, then give the final answer on a last line as '#### <number>'."
+    rows = [{"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+             "answer": "In May she sold 48/2 = <<48/2=24>>24.\n48+24 = <<48+24=72>>72\n#### 72"},
+            {"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+            {"question": "What is 10 - 4?", "answer": "The answer is 6."},  # no '####': no reference
+            {"question": "Compute 1,000 + 234.", "answer": "1,000 + 234 = 1,234\n#### 1,234"}]
+    source = {"uri": jsonl_file(tmp_path / "gsm8k.jsonl", rows), "fields": "prompt", "promptField": "question",
+              "answerField": "answer", "systemPrompt": system, "language": "en"}
+    doc = manifest("http://unused", source, samplesPerLanguage=None, languageDetection=None,
+                   format="graded", referencePattern="#### (.+)", split={"validation": 0.0, "test": 0.0})
+    del doc["spec"]["teacher"]
+    _, result = run_in_process(tmp_path, doc)
+
+    assert result["format"] == "graded" and result["dropped"] == {"no_reference": 1}
+    assert headline("DatasetBuild", result) == "3 prompts with references (3/0/0)"
+    store = open_store(result["uri"])
+    train = [json.loads(line) for line in store.read_bytes("train.jsonl").decode().splitlines()]
+    assert sorted(((r["messages"], r["reference"]) for r in train), key=json.dumps) == sorted((
+        ([{"role": "system", "content": system}, {"role": "user", "content": q}], ref)
+        for q, ref in ((rows[0]["question"], "72"), (rows[1]["question"], "5"), (rows[3]["question"], "1,234"))),
+        key=json.dumps)
+    assert "each with its reference answer in `reference`" in store.read_bytes("README.md").decode()
+
+    fine_tune = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "grpo"},
+                 "spec": {"baseModel": {"uri": f"file://{tiny_model}"}, "dataset": {"datasetBuildRef": {"name": "d"}},
+                          "objective": "grpo", "grpo": {"generations": 2, "grader": {"operation": "number",
+                                                                                     "extract": "#### (.+)"}},
+                          "resources": {"gpusPerNode": 0}}}
+    planned = plan(parse(fine_tune), lambda *k: result, f"file://{tmp_path}/store")
+    assert planned["inputs"]["dataset"] == {"uri": result["uri"], "format": "graded", "digest": result["digest"]}
+    prompts = encode(planned["spec"], AutoTokenizer.from_pretrained(tiny_model), train, "train").examples
+    assert len(prompts) == 3
+    answers = [f"So the total is {g['reference']}.\n#### {g['reference']}" for g in prompts]
+    grader = planned["spec"]["grpo"]["grader"]
+    assert rewards(grader, answers, prompts, f"file://{tmp_path}/cache", "spec.grpo.grader") == [1.0] * 3
+    assert rewards(grader, ["#### 0"] * 3, prompts, f"file://{tmp_path}/cache", "spec.grpo.grader") == [0.0] * 3
+
+    # A teacher's answers as references: it is asked with the source's systemPrompt.
+    openai_server.reply = lambda request: {"text": "Adding them up.\n#### 5" if "2 + 3" in request.last_user
+                                           else "I do not know."}
+    teacher_source = {"inline": [{"text": "What is 2 + 3?"}, {"text": "What is the meaning of life?"}],
+                      "systemPrompt": system, "language": "en"}
+    doc = manifest(openai_server.url, teacher_source, samplesPerLanguage=None, languageDetection=None,
+                   format="graded", referencePattern="#### (.+)", split={"validation": 0.0, "test": 0.0})
+    del doc["spec"]["teacher"]["openai"]["apiKeySecret"]
+    _, result = run_in_process(tmp_path / "taught", doc)
+    assert result["dropped"] == {"no_reference": 1}
+    [row] = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+    assert (row["messages"][0]["content"], row["reference"]) == (system, "5")
+    assert all(r.messages[0] == {"role": "system", "content": system} for r in openai_server.requests)
+
+
 def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):
     import hashlib
 

@@ -107,8 +107,13 @@ BAD = [
                   "kto": {"desirableWeight": 0}}, "violates minimum"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "grpo": {"generations": 4}},
      "grpo settings apply only to objective grpo"),
-    ("FineTune", {"baseModel": MODEL, "dataset": {"datasetBuildRef": {"name": "data"}}, "objective": "grpo"},
-     "objective grpo trains on prompts with reference answers for its grader at dataset.uri"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "referencePattern": "#### (.+)"},
+     "referencePattern takes the reference out of each answer for format graded: set format graded"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference"}], "format": "graded"},
+     "format graded writes each conversation's prompt with its answer as the reference"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "format": "graded", "teacher": {"model": MODEL},
+                      "preferences": {"rejected": {"model": MODEL}}},
+     "preferences write TRL's prompt, chosen and rejected messages: leave format chatml"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "hyperparameters": {"evalEverySteps": 5, "selectBest": True}},
      "objective grpo has no validation loss for hyperparameters.earlyStopping or selectBest"),
@@ -350,6 +355,9 @@ MINIMAL = [
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrafeedback_binarized"},
                                    "fields": "preference"}], "shards": 4,  # the judge's work split
                       "filters": {"judge": {"openai": {"model": "j"}}}}),
+    ("DatasetBuild", {"sources": [{"huggingface": {"id": "openai/gsm8k", "config": "main"}, "fields": "prompt",
+                                   "promptField": "question", "answerField": "answer"}],
+                      "format": "graded", "referencePattern": "#### (.+)"}),  # GRPO's prompts
 ]
 
 

@@ -66,8 +66,8 @@ def test_every_example_plans_once_what_it_references_succeeded(folder):
             assert (kind, name) in by_name, f"{res.ref} references {kind} {name}, which the example lacks"
             if kind == "FineTune":  # a reward model is only what a FineTune with objective reward trained
                 return {**UPSTREAM[kind], "objective": by_name[kind, name].spec.objective}
-            if kind == "DatasetBuild" and by_name[kind, name].spec.writes_pairs():
-                return {**UPSTREAM[kind], "format": "preference"}
+            if kind == "DatasetBuild":  # conversations, preference pairs or prompts with references
+                return {**UPSTREAM[kind], "format": by_name[kind, name].spec.written_format()}
             return UPSTREAM[kind]
         task = plan(res, result_of, "s3://bucket/llmfactory")
         assert not isinstance(task, Waiting) and task["digest"]

@@ -633,14 +633,66 @@ def test_a_benchmark_ranks_pairs_with_a_reward_model_and_with_nothing_else():
 
 
 def test_a_benchmarks_reward_prompts_from_a_dataset_build_are_waited_for_and_read():
-    """spec.reward.dataset may name a DatasetBuild, like perplexity's: the Benchmark waits for it."""
+    """spec.reward.dataset may name a DatasetBuild of prompts with references (format graded), like
+    perplexity's of conversations: the Benchmark waits for it; one of conversations, or a grader that
+    reads the reference elsewhere than the build writes it, is refused naming the field."""
     rewarded = m("Benchmark", "b", {"model": {"source": MODEL}, "reward": {
         "dataset": {"datasetBuildRef": {"name": "data"}}, "grader": {"operation": "number", "referenceField": "answer"}}})
     assert [r.name for r in dependency_order(parse(x) for x in [rewarded, DATA])] == ["data", "b"]
     waiting = plan(parse(rewarded), lookup({}), STORE)
     assert isinstance(waiting, Waiting) and waiting.field == "spec.reward.dataset.datasetBuildRef"
-    task = plan(parse(rewarded), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
-    assert task["inputs"]["rewardDataset"]["uri"] == DATA_RESULT["uri"]
+    graded = {**DATA_RESULT, "format": "graded"}
+    with pytest.raises(PlanError, match="spec.reward.grader.referenceField: is 'answer', but the DatasetBuild's rows "
+                                        r"\(format graded\) hold each prompt's reference answer in field 'reference'"):
+        plan(parse(rewarded), lookup({("DatasetBuild", "data"): graded}), STORE)
+    del rewarded["spec"]["reward"]["grader"]["referenceField"]
+    task = plan(parse(rewarded), lookup({("DatasetBuild", "data"): graded}), STORE)
+    assert task["inputs"]["rewardDataset"] == {"uri": DATA_RESULT["uri"], "format": "graded", "digest": "sha256:aaa"}
+    with pytest.raises(PlanError, match=r"spec.reward.dataset.datasetBuildRef: DatasetBuild data wrote conversations "
+                                        r"\(format chatml\), but spec.reward grades answers to prompts with reference "
+                                        "answers: set spec.format graded there, or point dataset.uri at such rows"):
+        plan(parse(rewarded), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
+
+
+def test_a_grpo_fine_tune_reads_a_dataset_builds_prompts_with_references_and_nothing_else_does():
+    """A DatasetBuild with format graded writes GRPO's prompts (its answers made references): a GRPO
+    FineTune reads it by datasetBuildRef, its grader (each part of a sum) at field reference; one of
+    conversations is refused for GRPO, and prompts without answers for supervised fine-tuning or
+    perplexity, each naming the field and the setting that writes what it needs."""
+    gsm8k = m("DatasetBuild", "data", {"sources": [{"uri": "s3://bucket/gsm8k.jsonl", "fields": "prompt",
+                                                    "promptField": "question", "answerField": "answer"}],
+                                       "format": "graded", "referencePattern": "#### (.+)"})
+    assert parse(gsm8k).spec.written_format() == "graded"
+    graded = {**DATA_RESULT, "format": "graded"}
+    grpo = copy.deepcopy(GRPO)
+    grpo["spec"]["dataset"] = {"datasetBuildRef": {"name": "data"}}
+    grpo["spec"]["grpo"]["grader"]["referenceField"] = "reference"
+    assert [r.name for r in dependency_order(parse(x) for x in [grpo, gsm8k])] == ["data", "ft"]
+    task = plan(parse(grpo), lookup({("DatasetBuild", "data"): graded}), STORE)
+    assert task["inputs"]["dataset"] == {"uri": DATA_RESULT["uri"], "format": "graded", "digest": "sha256:aaa"}
+    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data wrote conversations \(format "
+                                        r"chatml\), but objective grpo trains on prompts with reference answers for its "
+                                        "grader: set spec.format graded there"):
+        plan(parse(grpo), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
+    grpo["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
+        {"name": "format", "operation": "python", "source": "def grade(sample, item):\n    return 1.0\n"},
+        {"name": "correct", "operation": "number", "referenceField": "answer"}]}
+    with pytest.raises(PlanError, match=r"spec.grpo.grader.parts\[1\].referenceField: is 'answer'"):
+        plan(parse(grpo), lookup({("DatasetBuild", "data"): graded}), STORE)
+
+    sft = copy.deepcopy(FT)
+    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data wrote prompts with reference "
+                                        r"answers \(format graded\), but objective sft learns from answers: leave "
+                                        r"spec.format chatml \(or sharegpt\) there"):
+        plan(parse(sft), lookup({("DatasetBuild", "data"): graded}), STORE)
+    ppl = m("Benchmark", "b", {"model": {"source": MODEL}, "perplexity": {"dataset": {"datasetBuildRef": {"name": "data"}}}})
+    with pytest.raises(PlanError, match="spec.perplexity.dataset.datasetBuildRef: DatasetBuild data wrote prompts with "
+                                        "reference answers"):
+        plan(parse(ppl), lookup({("DatasetBuild", "data"): graded}), STORE)
+    bad = copy.deepcopy(gsm8k)
+    bad["spec"]["referencePattern"] = "#### ([0-9"
+    with pytest.raises(PlanError, match=r"spec.referencePattern: '#### \(\[0-9' is not a regular expression"):
+        plan(parse(bad), lookup({}), STORE)
 
 
 def test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judges_by_reference():

@@ -218,15 +218,22 @@ def describe(grader: dict[str, Any]) -> str:
 
 
 def extracted(answer: str, grader: dict[str, Any]) -> str | None:
-    """What of the answer the grader compares: grader.extract's last match (its first group, if it has
-    one), or the whole answer; stripped. None when extract finds nothing (the answer scores 0)."""
-    if grader.get("extract"):
-        matches = list(re.finditer(grader["extract"], answer, re.DOTALL))
+    """What of the answer the grader compares: grader.extract's last match, or the whole answer (last_match).
+    None when extract finds nothing (the answer scores 0)."""
+    return last_match(grader.get("extract"), answer)
+
+
+def last_match(pattern: str | None, text: str) -> str | None:
+    """The pattern's last match in the text (its first group, if it has one; the whole text without a
+    pattern), stripped; None when it finds nothing. A grader's extract reads answers so, and a
+    DatasetBuild's referencePattern the answers it makes references of."""
+    if pattern:
+        matches = list(re.finditer(pattern, text, re.DOTALL))
         if not matches:
             return None
         last = matches[-1]
-        answer = last.group(1) if last.re.groups else last.group(0)
-    return answer.strip()
+        text = last.group(1) if last.re.groups else last.group(0)
+    return text.strip()
 
 
 def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:

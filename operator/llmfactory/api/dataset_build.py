@@ -67,6 +67,10 @@ class Source(ApiModel):
     system_field: str | None = Field(None, description=(
         "Column holding a system message, for rows whose conversation has none (e.g. OpenOrca's "
         "system_prompt, Intel/orca_dpo_pairs' system); an empty one is none."))
+    system_prompt: str | None = Field(None, min_length=1, description=(
+        "A system message for this source's rows that hold none (neither in their conversation nor in "
+        "systemField), e.g. the answer format a GRPO grader's extract reads; it comes before "
+        "teacher.systemPrompt."))
     answer_field: str | None = Field(None, description=(
         "Column holding the answer to the prompt (fields: prompt), e.g. response, completion: what a build "
         "without a teacher keeps. Conversations (sharegpt, openai) hold their answers, alpaca rows in output."))
@@ -249,6 +253,11 @@ class DatasetBuildSpec(RunOptions):
                     "maxPromptTokens"},
         {"rule": "!has(self.preferences) || !has(self.format) || self.format == 'chatml'",
          "message": "preferences write TRL's prompt, chosen and rejected messages: leave format chatml"},
+        {"rule": "!has(self.format) || self.format != 'graded' || self.sources.all(s, s.fields != 'preference')",
+         "message": "format graded writes each conversation's prompt with its answer as the reference: sources "
+                    "with fields preference hold pairs, written as they are (leave format chatml)"},
+        {"rule": "!has(self.referencePattern) || (has(self.format) && self.format == 'graded')",
+         "message": "referencePattern takes the reference out of each answer for format graded: set format graded"},
         {"rule": "!has(self.preferences) || !has(self.preferences.rewardModel) || !has(self.filters) || "
                  "!has(self.filters.judge)",
          "message": "both filters.judge and preferences.rewardModel would score the pairs: set one"},
@@ -272,8 +281,17 @@ class DatasetBuildSpec(RunOptions):
         "existing one, such as UltraChat or OpenHermes, without asking a model to write it again. A row without "
         "answers is dropped (no_answer)."))
     filters: Filters = Field(default_factory=Filters, description="Which answers to drop.")
-    format: Literal["chatml", "sharegpt"] = Field(
-        "chatml", description="chatml: {messages: [{role, content}]}; sharegpt: {conversations: [{from, value}]}.")
+    format: Literal["chatml", "sharegpt", "graded"] = Field(
+        "chatml", description=(
+            "chatml: {messages: [{role, content}]}; sharegpt: {conversations: [{from, value}]}; graded: "
+            "{messages (up to the last user turn), reference} for a FineTune with objective grpo (or a "
+            "Benchmark's reward): each conversation's last answer, the source's or the teacher's, becomes the "
+            "reference its grader compares sampled answers with (see referencePattern; the grader's "
+            "referenceField is then reference)."))
+    reference_pattern: str | None = Field(None, min_length=1, max_length=1024, description=(
+        "format graded: a regular expression (Python's re) whose last match in each answer is the reference "
+        "(its first group, if it has one), e.g. '#### (.+)' for GSM8K's answers, as a grader's extract reads "
+        "an answer; unset, the whole answer. An answer it does not match is dropped (no_reference)."))
     preferences: Preferences | None = Field(None, description=(
         "Write preference pairs ({prompt, chosen, rejected} messages, TRL's form; format preference) for a "
         "FineTune with objective dpo: the teacher's answer (without a teacher, the source's) chosen, "
@@ -291,6 +309,10 @@ class DatasetBuildSpec(RunOptions):
         sources with fields preference."""
         return self.preferences is not None or self.sources[0].fields == "preference"
 
+    def written_format(self) -> str:
+        """The format of the rows the build writes (its result's format)."""
+        return "preference" if self.writes_pairs() else self.format
+
     def runs_a_local_model(self) -> bool:
         """Whether a model runs in the pod (the teacher, the answer judge, the rejected answers'
         writer or the pairs' reward model) rather than behind an API: what decides that the build's
@@ -303,7 +325,7 @@ class DatasetBuildSpec(RunOptions):
 
 class DatasetBuildResult(ApiModel):
     uri: str = Field(description="Prefix holding train.jsonl, validation.jsonl, test.jsonl and README.md.")
-    format: str = Field(description="Row format of the files.")
+    format: str = Field(description="Row format of the files: chatml, sharegpt, preference or graded.")
     digest: str = Field(description="sha256 over the split files.")
     rows: dict[str, int] = Field(description="Rows per split.")
     rows_per_language: dict[str, int] = Field(description="Rows kept per language.")

@@ -28,7 +28,10 @@ class DatasetInput(ApiModel):
         {"rule": "has(self.datasetBuildRef) != has(self.uri)", "message": "set exactly one of datasetBuildRef or uri"},
     ]
 
-    dataset_build_ref: LocalObjectReference | None = Field(None, description="A DatasetBuild in this namespace.")
+    dataset_build_ref: LocalObjectReference | None = Field(None, description=(
+        "A DatasetBuild in this namespace: of conversations, of preference pairs (spec.preferences, or sources "
+        "with fields preference) for objectives dpo, kto and reward, or of prompts with reference answers "
+        "(format graded) for objective grpo."))
     uri: str | None = Field(None, pattern=URI_PATTERN, description=(
         "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), or "
         "preference pairs in OpenAI's or TRL's form, which a FineTune with objective dpo or kto learns from "
@@ -629,9 +632,6 @@ class FineTuneSpec(RunOptions):
          "message": "grpo settings apply only to objective grpo"},
         {"rule": "(has(self.objective) && self.objective == 'reward') || !has(self.reward)",
          "message": "reward settings apply only to objective reward"},
-        {"rule": "!has(self.objective) || self.objective != 'grpo' || has(self.dataset.uri)",
-         "message": "objective grpo trains on prompts with reference answers for its grader at dataset.uri; "
-                    "a DatasetBuild writes answered conversations"},
         {"rule": "!has(self.objective) || self.objective != 'grpo' || !has(self.hyperparameters) "
                  "|| (!has(self.hyperparameters.earlyStopping) && (!has(self.hyperparameters.selectBest) "
                  "|| !self.hyperparameters.selectBest))",

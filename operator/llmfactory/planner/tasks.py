@@ -164,11 +164,40 @@ def config_map_files(res: Resource, config_map_of: ConfigMapLookup | None) -> di
     return files
 
 
-def _dataset(res: Resource, dataset, upstream: dict, path: str) -> dict[str, Any]:
-    if dataset.dataset_build_ref:
-        r = upstream[f"{path}.datasetBuildRef"]
-        return {"uri": r["uri"], "format": r["format"], "digest": r["digest"]}
-    return {"uri": dataset.uri, "format": "chatml", "digest": canonical_digest(dataset.uri)}
+# What a DatasetBuild wrote, by its result's format, and the setting there that writes each.
+BUILT = {"chatml": "conversations", "sharegpt": "conversations", "preference": "preference pairs",
+         "graded": "prompts with reference answers"}
+HOW_BUILT = {"conversations": "leave spec.format chatml (or sharegpt) there",
+             "preference pairs": "set spec.preferences there (or read pairs: sources with fields preference)",
+             "prompts with reference answers": "set spec.format graded there"}
+
+
+def _dataset(res: Resource, dataset, upstream: dict, path: str, reads: tuple[str, ...], use: str,
+             elsewhere: str) -> dict[str, Any]:
+    """The dataset's URI, format and digest. A DatasetBuild's must have written one of `reads` (BUILT's
+    kinds), else it is refused naming the field, what `use` needs, and where to get it: that build's
+    setting, or `elsewhere`, the rows to point dataset.uri at."""
+    if not dataset.dataset_build_ref:
+        return {"uri": dataset.uri, "format": "chatml", "digest": canonical_digest(dataset.uri)}
+    r, name = upstream[f"{path}.datasetBuildRef"], dataset.dataset_build_ref.name
+    if BUILT[r["format"]] not in reads:
+        raise PlanError(res.ref, f"{path}.datasetBuildRef", f"DatasetBuild {name} wrote {BUILT[r['format']]} "
+                        f"(format {r['format']}), but {use}: {HOW_BUILT[reads[0]]}, or point dataset.uri at "
+                        f"{elsewhere}")
+    return {"uri": r["uri"], "format": r["format"], "digest": r["digest"]}
+
+
+def _check_built_references(res: Resource, field: str, grader, dataset: dict[str, Any]) -> None:
+    """A DatasetBuild's graded rows hold each prompt's reference in field reference: every part of the
+    grader that compares with a reference must read it there."""
+    if dataset["format"] != "graded":
+        return
+    parts = [(f"{field}.parts[{i}]", part) for i, part in enumerate(grader.parts)] if grader.parts else [(field, grader)]
+    for where, part in parts:
+        if part.operation not in ("python", "rewardModel") and part.reference_field != "reference":
+            raise PlanError(res.ref, f"{where}.referenceField", f"is {part.reference_field!r}, but the DatasetBuild's "
+                            "rows (format graded) hold each prompt's reference answer in field 'reference': set "
+                            "referenceField: reference (the default)")
 
 
 def _model(source) -> dict[str, Any]:
@@ -177,6 +206,7 @@ def _model(source) -> dict[str, Any]:
 
 def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     spec, inputs = res.spec, {}
+    _check_pattern(res, "spec.referencePattern", spec.reference_pattern)
     teacher_model = spec.teacher and spec.teacher.model
     if teacher_model:
         inputs["teacher"] = _model(teacher_model)
@@ -200,21 +230,30 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     return inputs
 
 
+# What each objective reads of a DatasetBuild's rows (BUILT's kinds, the first the one to build), in
+# words, and the rows it reads at a dataset.uri instead.
+OBJECTIVE_READS = {
+    "sft": (("conversations", "preference pairs"), "learns from answers", "conversations"),
+    "dpo": (("preference pairs",), "trains on preference pairs", "preference rows"),
+    "reward": (("preference pairs",), "trains on preference pairs", "preference rows"),
+    "kto": (("preference pairs",), "trains on answers labelled desirable or not",
+            "unpaired rows (prompt, completion, label) or preference rows"),
+    "grpo": (("prompts with reference answers",), "trains on prompts with reference answers for its grader",
+             "such rows ({messages} ending with a user turn, beside grpo.grader.referenceField)"),
+}
+
+
 def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
-    dataset = _dataset(res, res.spec.dataset, upstream, "spec.dataset")
     objective, built = res.spec.objective, res.spec.dataset.dataset_build_ref
-    if objective in ("dpo", "kto", "reward") and built and dataset["format"] != "preference":
-        wants = "answers labelled desirable or not" if objective == "kto" else "preference pairs"
-        rows = "unpaired rows (prompt, completion, label) or preference rows" if objective == "kto" else "preference rows"
-        raise PlanError(res.ref, "spec.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote conversations "
-                        f"(format {dataset['format']}), but objective {objective} trains on {wants}: set "
-                        f"spec.preferences there (or read pairs: sources with fields preference), or point "
-                        f"dataset.uri at {rows}")
+    reads, use, elsewhere = OBJECTIVE_READS[objective]
+    dataset = _dataset(res, res.spec.dataset, upstream, "spec.dataset", reads, f"objective {objective} {use}",
+                       elsewhere)
     if objective in ("dpo", "reward") or objective == "kto" and built:
         dataset["format"] = "preference"  # a Benchmark or Quantization of it reads the prompts and chosen answers
     elif objective == "kto":  # its rows may be unpaired: a Benchmark of it scores labelled answers, not pairs
         dataset["format"] = "unpaired"
     elif objective == "grpo":  # prompts and references: no answers for a Benchmark or Quantization to read
+        _check_built_references(res, "spec.grpo.grader", res.spec.grpo.grader, dataset)
         dataset["format"] = "graded"
         _check_grader(res, "spec.grpo.grader", res.spec.grpo.grader)
         _check_engine(res, "spec.grpo.engine", res.spec.grpo.engine, res.spec.base_model.wire())
@@ -240,11 +279,7 @@ def _check_grader(res: Resource, field: str, grader) -> None:
     compile, or python source that does not parse or defines no grade(sample, item); a sum's parts alike."""
     for i, part in enumerate(getattr(grader, "parts", None) or []):
         _check_grader(res, f"{field}.parts[{i}]", part)
-    try:
-        re.compile(grader.extract or "")
-    except re.error as e:
-        raise PlanError(res.ref, f"{field}.extract", f"{grader.extract!r} is not a regular expression (Python's re): "
-                        f"{e}") from None
+    _check_pattern(res, f"{field}.extract", grader.extract)
     if grader.source is None:
         return
     try:
@@ -267,6 +302,14 @@ def _check_grader(res: Resource, field: str, grader) -> None:
         positional = len(grade.args.posonlyargs + grade.args.args)
         if positional - len(grade.args.defaults) > 2 or positional < 2 and not grade.args.vararg:
             raise PlanError(res.ref, f"{field}.source", "grade must take two arguments, grade(sample, item)")
+
+
+def _check_pattern(res: Resource, field: str, pattern: str | None) -> None:
+    """Refuse a regular expression the runtime's re (Python's) cannot compile."""
+    try:
+        re.compile(pattern or "")
+    except re.error as e:
+        raise PlanError(res.ref, field, f"{pattern!r} is not a regular expression (Python's re): {e}") from None
 
 
 def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:
@@ -398,7 +441,9 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         inputs["rankingDataset"] = _ranking_dataset(res, upstream, trained_on)
     if spec.perplexity:
         if spec.perplexity.dataset:
-            inputs["dataset"] = _dataset(res, spec.perplexity.dataset, upstream, "spec.perplexity.dataset")
+            inputs["dataset"] = _dataset(res, spec.perplexity.dataset, upstream, "spec.perplexity.dataset",
+                                         ("conversations", "preference pairs"),
+                                         "perplexity is measured on answers", "conversations")
         elif trained_on and trained_on["format"] == "graded":
             trainer = (f"FineTune {spec.model.fine_tune_ref.name}" if spec.model.fine_tune_ref else
                        f"the FineTune that Quantization {spec.model.quantization_ref.name} quantized")
@@ -425,7 +470,12 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         for source in (model, baseline) if baseline else (model,):
             _check_engine(res, "spec.reward.engine", spec.reward.engine, source)
         if spec.reward.dataset:
-            inputs["rewardDataset"] = _dataset(res, spec.reward.dataset, upstream, "spec.reward.dataset")
+            inputs["rewardDataset"] = _dataset(res, spec.reward.dataset, upstream, "spec.reward.dataset",
+                                               ("prompts with reference answers",),
+                                               "spec.reward grades answers to prompts with reference answers",
+                                               "such rows ({messages} ending with a user turn, beside "
+                                               "reward.grader.referenceField)")
+            _check_built_references(res, "spec.reward.grader", spec.reward.grader, inputs["rewardDataset"])
         elif trained_on and trained_on["format"] == "graded":
             inputs["rewardDataset"] = trained_on
         else:
@@ -448,14 +498,8 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 def _ranking_dataset(res: Resource, upstream: dict, trained_on: dict | None) -> dict[str, Any]:
     """spec.ranking's preference pairs: its dataset, or those the reward model trained on."""
     if res.spec.ranking.dataset:
-        dataset = _dataset(res, res.spec.ranking.dataset, upstream, "spec.ranking.dataset")
-        built = res.spec.ranking.dataset.dataset_build_ref
-        if built and dataset["format"] != "preference":
-            raise PlanError(res.ref, "spec.ranking.dataset.datasetBuildRef", f"DatasetBuild {built.name} wrote "
-                            f"conversations (format {dataset['format']}), but a reward model ranks preference "
-                            "pairs: set spec.preferences there (or read pairs: sources with fields "
-                            "preference), or point dataset.uri at preference rows")
-        return dataset
+        return _dataset(res, res.spec.ranking.dataset, upstream, "spec.ranking.dataset", ("preference pairs",),
+                        "a reward model ranks preference pairs", "preference rows")
     if trained_on is None:
         raise PlanError(res.ref, "spec.ranking.dataset", "is required when the model does not come from a "
                         "fineTuneRef: name preference rows (prompt, chosen, rejected)")

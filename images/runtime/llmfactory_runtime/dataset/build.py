@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import DATASET_BUILD_ENDPOINTS, at_path
 from ..data import SPLITS, dumps_jsonl, preference_row, to_row
+from ..grader import last_match
 from ..usage import Usage
 from ..progress import Progress
 from ..store import SHARDS, Store, finished_result
@@ -84,6 +85,9 @@ def _card(result: dict) -> str:
     examples = result.get("droppedExamples") or {}
     lines += [f"| {why} | {n} | {' / '.join(examples.get(why, []))[:300].replace('|', '/')} |"
               for why, n in sorted(result["dropped"].items())] or ["| - | 0 | |"]
+    if fmt == "graded":
+        lines += ["", "Rows: prompts (up to the last user turn), each with its reference answer in `reference`, "
+                      "for a FineTune with objective grpo."]
     if "teacherUsage" not in result:  # every build with a teacher reports what it asked
         lines += ["", "Answers: the sources' own (no teacher), kept by the filters."]
     for role, (who, what) in CARD_USAGES.items():
@@ -293,18 +297,18 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     usages = _usages(usage, judge, rejected_usage, scorer)
     if spec.get("shards", 1) > 1:
         _add_shard_bills(run, spec["shards"], usages)
+    fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
+    if fmt == "graded":
+        rows = _with_references(rows, spec.get("referencePattern"), drops)
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
 
     progress.stage("writing splits")
-    fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
     splits = split_rows(rows, spec["split"])
     data = run.child("data")
     digest = hashlib.sha256()
     for name in SPLITS:
-        rendered = [preference_row(r["messages"], r["rejected"], language=r["language"], **_scores(r))
-                    if fmt == "preference"
-                    else to_row(r["messages"], fmt, language=r["language"]) for r in splits[name]]
+        rendered = [_rendered(r, fmt) for r in splits[name]]
         blob = dumps_jsonl(rendered)
         data.write_bytes(f"{name}.jsonl", blob)
         digest.update(name.encode() + b"\0" + blob)
@@ -328,6 +332,29 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result
+
+
+def _with_references(rows: list[dict], pattern: str | None, drops: Drops) -> list[dict]:
+    """format graded: each conversation's last answer made its reference (referencePattern's last
+    match, as a grader's extract reads an answer); one whose answer gives none is dropped (no_reference)."""
+    kept = []
+    for row in rows:
+        reference = last_match(pattern, row["messages"][-1]["content"])
+        if reference:
+            kept.append({**row, "reference": reference})
+        else:
+            drops.add("no_reference", row["messages"][-1]["content"])
+    return kept
+
+
+def _rendered(row: dict, fmt: str) -> dict[str, Any]:
+    """A kept conversation as a row of the dataset's format: a preference pair, a prompt with its
+    reference (graded: the conversation up to its last user turn), or the conversation."""
+    if fmt == "preference":
+        return preference_row(row["messages"], row["rejected"], language=row["language"], **_scores(row))
+    if fmt == "graded":
+        return to_row(row["messages"][:-1], "chatml", reference=row["reference"], language=row["language"])
+    return to_row(row["messages"], fmt, language=row["language"])
 
 
 def _scores(row: dict) -> dict[str, float]:

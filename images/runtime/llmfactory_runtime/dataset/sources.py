@@ -173,7 +173,7 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
         turns, system, answers = _conversation(items)
     else:
         turns, system, answers = _turns(row, shape, source)
-    system = system or _system(row, source.get("systemField"))
+    system = system or _system(row, source.get("systemField")) or source.get("systemPrompt")
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise ValueError("no user text")
     if source.get("turns") == "first":
@@ -222,7 +222,7 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
     for index, source in enumerate(sources):
         default_lang = source.get("language") or UNKNOWN_LANGUAGE
         if "inline" in source:
-            prompts += [{"turns": [p["text"]], "system": None, "answers": None,
+            prompts += [{"turns": [p["text"]], "system": source.get("systemPrompt"), "answers": None,
                          "language": p.get("language") or default_lang} for p in source["inline"]]
             continue
         field = f"spec.sources[{index}]"
