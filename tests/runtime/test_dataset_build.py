@@ -753,6 +753,12 @@ def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp
     assert [(p["turns"], p["answers"]) for p in kept] == [(["Capital of France?"], ["Paris"])]
     kept, drops = collected(rows[6:], True, fields="prompt", promptField="question")
     assert kept == [] and drops.counts == {"no_answer": 1}
+    # A number is an answer's text (a column of final answers); a boolean is none.
+    kept, drops = collected([{"question": "9 - 1?", "response": 8}, {"question": "Half of 3?", "response": 1.5},
+                             {"question": "Is it so?", "response": True}], True, fields="prompt",
+                            promptField="question", answerField="response")
+    assert [(p["turns"], p["answers"]) for p in kept] == [(["9 - 1?"], ["8"]), (["Half of 3?"], ["1.5"])]
+    assert drops.counts == {"no_answer": 1}
     kept, drops = collected(rows, False, promptField="question")  # a teacher answers every user turn
     assert [p["turns"] for p in kept][:2] == [["Hi", "Bye?", "Unanswered?"], ["2+2?"]] and not drops.counts
     # A pair's scores: both finite numbers, or none (JSON's NaN, a boolean, a text or one alone).

@@ -189,8 +189,8 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
 
 
 def _score(value: Any) -> float | None:
-    """A pair's score as its source gives it (UltraFeedback's score_chosen, score_rejected): a finite
-    number, else None (the pair is then unscored)."""
+    """A number of the row's (a pair's score_chosen, score_rejected as UltraFeedback's; an answer): a
+    finite int or float, else None (a pair is then unscored)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
@@ -206,8 +206,9 @@ def _system(row: dict[str, Any], field: str | None) -> str | None:
 
 def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:
     """The prompt cut to the turns its row answers, each answer stripped (a build without a teacher
-    keeps them); None when its row answers none, or not with text."""
-    answers = prompt["answers"]
+    keeps them); None when its row answers none, or not with text (a number is its text: an answer
+    column of final answers, 72, made a graded build's references)."""
+    answers = [str(a) if _score(a) is not None else a for a in prompt["answers"] or []]
     if not answers or not all(isinstance(a, str) for a in answers):
         return None
     return {**prompt, "turns": prompt["turns"][:len(answers)], "answers": [a.strip() for a in answers]}
