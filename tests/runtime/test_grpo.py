@@ -452,10 +452,12 @@ def test_a_python_grader_runs_without_the_jobs_credentials(monkeypatch, tmp_path
 
 
 def test_the_examples_python_grader_rewards_the_right_answer_and_reasoning_in_think_tags():
-    """examples/seed-llama3/11-grpo-python-grader.yaml's grader, as the runtime runs it."""
+    """examples/seed-llama3/11-grpo-python-grader.yaml's grader, as the runtime runs it on a row of
+    09-grpo.yaml's DatasetBuild (format graded: the reference in field reference)."""
     example = Path(__file__).parents[2] / "examples/seed-llama3/11-grpo-python-grader.yaml"
     spec = yaml.safe_load(example.read_text())["spec"]["grpo"]["grader"] | {"referenceField": "reference"}
-    graded = [graded_of({"prompt": "Natalia sold 48 clips...", "answer": "1,250"}, spec)] * 5
+    graded = [graded_of({"messages": [{"role": "user", "content": "Natalia sold 48 clips..."}],
+                         "reference": "1,250", "language": "en"}, spec)] * 5
     answers = ["<think>48 + 1202</think>\n#### 1,250", "#### $1250", "<think>48 / 2</think>\n#### 24",
                "The answer is 1250.", "#### 1250 <think>late</think>"]
     assert rewards(spec, answers, graded, "file:///unused", "spec.grpo.grader") == [1.2, 1.0, 0.2, 0.0, 1.0]
