@@ -223,6 +223,15 @@ def test_teacher_and_answer_judge_keys_reach_the_pod_only_by_reference():
     _, objs = children(body)
     job = _job(objs)["spec"]
     assert (job["completionMode"], job["completions"], job["parallelism"]) == ("Indexed", 3, 3)
+    # difficulty's student behind an API and its grader's API judge: each key by reference.
+    body["spec"] |= {"format": "graded", "difficulty": {
+        "openai": {"model": "student", "apiKeySecret": {"name": "vllm", "key": "token"}},
+        "grader": {"operation": "judge", "judge": {"model": "gpt-4o", "apiKeySecret": {"name": "grader", "key": "k"}}}}}
+    _, objs = children(body)
+    env = {e["name"]: e["valueFrom"] for e in _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]
+           if "API_KEY" in e["name"]}
+    assert env["LLMFACTORY_DIFFICULTY_API_KEY"] == {"secretKeyRef": {"name": "vllm", "key": "token"}}
+    assert env["LLMFACTORY_GRADER_API_KEY"] == {"secretKeyRef": {"name": "grader", "key": "k"}}
 
 
 def test_deepspeed_runs_under_torchrun_with_its_config_in_the_task():

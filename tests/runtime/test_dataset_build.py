@@ -1044,6 +1044,72 @@ def test_format_graded_makes_each_answer_the_reference_of_a_grpo_prompt(tmp_path
     assert all(r.messages[0] == {"role": "system", "content": system} for r in openai_server.requests)
 
 
+def test_difficulty_keeps_the_prompts_the_student_sometimes_solves_and_samples_each_once(
+        tmp_path, openai_server, tiny_model):
+    """difficulty on a graded build: the student (here behind an API, scripted) answers each prompt 4
+    times, the grader scores them against the reference; a prompt it always solves (too_easy) or never
+    (too_hard) is dropped, one it refuses too, and a kept row carries its pass rate. A rebuild with
+    more samples asks only for the new ones. A local student (the tiny model) runs the same way."""
+    calls: dict[str, int] = {}
+
+    def student(request):
+        question = request.last_user
+        calls[question] = calls.get(question, 0) + 1
+        if "forbidden" in question:
+            return {"status": 400, "error": "content policy"}
+        right = {"easy": True, "hard": False}.get(question.split()[0], calls[question] % 4 in (1, 2))  # half
+        return {"text": f"Thinking.\n#### {42 if right else 7}"}
+
+    openai_server.reply = student
+    rows = [{"question": f"{kind} question {i}?", "answer": "#### 42"}
+            for kind in ("easy", "hard", "mixed", "forbidden") for i in range(2)]
+    difficulty = {"openai": {"baseUrl": openai_server.url, "model": "student", "concurrency": 1,
+                             "price": {"inputPerMillion": 1, "outputPerMillion": 1}},
+                  "samples": 4, "grader": {"operation": "number", "extract": "#### (.+)"}}
+    source = {"uri": jsonl_file(tmp_path / "math.jsonl", rows), "fields": "prompt", "promptField": "question",
+              "answerField": "answer", "language": "en"}
+    doc = manifest("http://unused", source, samplesPerLanguage=None, languageDetection=None, format="graded",
+                   referencePattern="#### (.+)", difficulty=difficulty, split={"validation": 0.0, "test": 0.0},
+                   filters={"nearDuplicateThreshold": 0})
+    del doc["spec"]["teacher"]
+    _, result = run_in_process(tmp_path, doc)
+
+    assert result["dropped"] == {"too_easy": 2, "too_hard": 2, "difficulty_refused": 2}
+    assert result["droppedExamples"]["too_easy"] == ["1.00: easy question 0?", "1.00: easy question 1?"]
+    train = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+    assert sorted((r["messages"][-1]["content"], r["reference"], r["pass_rate"]) for r in train) == [
+        ("mixed question 0?", "42", 0.5), ("mixed question 1?", "42", 0.5)]
+    assert _counts(result["difficultyUsage"]) == {"requests": 32, "cached": 0}  # 8 prompts x 4 (refusals kept)
+    assert result["difficultyUsage"]["costUsd"] > 0 and "graderUsage" not in result  # a check asks no API
+    assert "Difficulty samples (difficulty): 32 answers sampled" in open_store(result["uri"]).read_bytes(
+        "README.md").decode()
+
+    openai_server.requests.clear()
+    doc["spec"]["difficulty"]["samples"] = 6
+    _, again = run_in_process(tmp_path, doc)
+    assert len(openai_server.requests) == 16 and _counts(again["difficultyUsage"]) == {"requests": 16, "cached": 32}
+
+    # Over 2 shard processes: each samples its share once, the merge equals the single build.
+    openai_server.requests.clear()
+    calls.clear()
+    task = plan(parse({**doc, "spec": {**doc["spec"], "shards": 2}}), lambda *k: None, f"file://{tmp_path}/sharded")
+    run = open_store(task["artifactUri"])
+    run.write_json("task.json", task)
+    cmd = [sys.executable, "-m", "llmfactory_runtime", "dataset", "--task", task["artifactUri"], "--shard"]
+    procs = [subprocess.Popen(cmd + [str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(2)]
+    assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read().decode()[-2000:] for p in procs]
+    sharded = run.read_json("result.json")
+    assert len(openai_server.requests) == 48 and _counts(sharded["difficultyUsage"]) == {"requests": 48, "cached": 0}
+    assert (sharded["dropped"], sharded["rows"]) == (again["dropped"], again["rows"])
+
+    doc["spec"]["difficulty"] = {"model": {"uri": f"file://{tiny_model}"}, "samples": 2, "maxNewTokens": 4,
+                                 "grader": {"operation": "number", "extract": "#### (.+)"}}
+    doc["spec"]["sources"][0]["maxRows"] = 2
+    _, local = run_in_process(tmp_path / "local", doc)
+    assert local["dropped"] == {"too_hard": 2}  # a random model writes no '#### 42'
+    assert _counts(local["difficultyUsage"]) == {"requests": 4, "cached": 0}
+
+
 def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):
     import hashlib
 

@@ -109,6 +109,15 @@ BAD = [
      "grpo settings apply only to objective grpo"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "referencePattern": "#### (.+)"},
      "referencePattern takes the reference out of each answer for format graded: set format graded"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "difficulty": {
+        "model": MODEL, "grader": {"operation": "number"}}},
+     "difficulty filters GRPO's prompts with references: set format graded"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "format": "graded", "difficulty": {
+        "model": MODEL, "grader": {"operation": "number"}, "minPassRate": 0.5, "maxPassRate": 0.5}},
+     "minPassRate must be below maxPassRate"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "format": "graded", "difficulty": {
+        "openai": {"model": "student"}, "engine": "vllm", "grader": {"operation": "number"}}},
+     "engine applies to a local model (model), not to openai"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference"}], "format": "graded"},
      "format graded writes each conversation's prompt with its answer as the reference"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "format": "graded", "teacher": {"model": MODEL},
@@ -311,7 +320,8 @@ BAD = [
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference", "turns": "first"}]},
      "keep turns all (a pair answers its prompt's last turn)"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "shards": 4},
-     "shards split the models' work (the teacher's, filters.judge's, preferences'): a build without any"),
+     "shards split the models' work (the teacher's, filters.judge's, preferences', difficulty's): a build "
+     "without any"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL},
                       "filters": {"maxAnswerTokens": 512, "tokenizer": MODEL}},
      "filters.tokenizer counts maxPromptTokens (a teacher's answers count in its own tokens)"),

@@ -694,6 +694,22 @@ def test_a_grpo_fine_tune_reads_a_dataset_builds_prompts_with_references_and_not
     with pytest.raises(PlanError, match=r"spec.referencePattern: '#### \(\[0-9' is not a regular expression"):
         plan(parse(bad), lookup({}), STORE)
 
+    # difficulty: the student by fineTuneRef (waited for, read by URI), its grader checked as GRPO's.
+    filtered = copy.deepcopy(gsm8k)
+    filtered["spec"]["difficulty"] = {"model": {"fineTuneRef": {"name": "ft"}},
+                                      "grader": {"operation": "number", "extract": "#### (.+)"}}
+    waiting = plan(parse(filtered), lookup({}), STORE)
+    assert isinstance(waiting, Waiting) and waiting.field == "spec.difficulty.model.fineTuneRef"
+    task = plan(parse(filtered), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    assert task["inputs"]["difficulty"] == {"uri": FT_RESULT["modelUri"]}
+    assert parse(filtered).spec.runs_a_local_model()
+    for wrong, error in (({"extract": "#### ([0-9"}, r"spec.difficulty.grader.extract: .* is not a regular expression"),
+                         ({"referenceField": "answer"}, "spec.difficulty.grader.referenceField: is 'answer'")):
+        bad = copy.deepcopy(filtered)
+        bad["spec"]["difficulty"]["grader"] |= wrong
+        with pytest.raises(PlanError, match=error):
+            plan(parse(bad), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+
 
 def test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judges_by_reference():
     """On-policy preference pairs (the SFT model answers, its answers rejected, then DPO on top of it)

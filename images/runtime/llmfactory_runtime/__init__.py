@@ -19,6 +19,7 @@ class Interrupted(Exception):
 TEACHER_KEY_ENV = "LLMFACTORY_TEACHER_API_KEY"
 JUDGE_KEY_ENV = "LLMFACTORY_JUDGE_API_KEY"
 REJECTED_KEY_ENV = "LLMFACTORY_REJECTED_API_KEY"  # a DatasetBuild's preferences.rejected.openai
+DIFFICULTY_KEY_ENV = "LLMFACTORY_DIFFICULTY_API_KEY"  # a DatasetBuild's difficulty.openai
 GRADER_KEY_ENV = "LLMFACTORY_GRADER_API_KEY"  # a GRPO FineTune's or a Benchmark's reward grader.judge
 EMBEDDINGS_KEY_ENV = "LLMFACTORY_EMBEDDINGS_API_KEY"  # their grader.embeddings (metric cosine)
 
@@ -27,7 +28,7 @@ EMBEDDINGS_KEY_ENV = "LLMFACTORY_EMBEDDINGS_API_KEY"  # their grader.embeddings 
 # EKS Pod Identity, a profile). Code that is not ours to vouch for, such as a python grader running
 # what a model wrote, gets an environment without them.
 CREDENTIAL_ENV = (
-    TEACHER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, GRADER_KEY_ENV, EMBEDDINGS_KEY_ENV,
+    TEACHER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV, DIFFICULTY_KEY_ENV, GRADER_KEY_ENV, EMBEDDINGS_KEY_ENV,
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
     "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
@@ -41,6 +42,7 @@ DATASET_BUILD_ENDPOINTS = (
     (("teacher", "openai"), TEACHER_KEY_ENV),
     (("filters", "judge", "openai"), JUDGE_KEY_ENV),
     (("preferences", "rejected", "openai"), REJECTED_KEY_ENV),
+    (("difficulty", "openai"), DIFFICULTY_KEY_ENV),
 )
 
 

@@ -9,6 +9,7 @@ from pydantic import Field
 from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, ApiUsage, Engine, KindInfo, ModelSource,
                      OpenAIEndpoint, RewardModelSource, RunOptions, StatusBase,
                      TrainedModelSource)
+from .fine_tune import Grader
 
 LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
 
@@ -166,10 +167,9 @@ class Filters(ApiModel):
                                       "duplicates only.")
 
 
-class RejectedAnswers(ApiModel):
-    """Who writes the rejected answer of each preference pair: a local model, usually the student
-    before fine-tuning (its own answers are what DPO should move it away from), or a weaker model
-    behind an OpenAI-compatible API (UltraFeedback's way)."""
+class AnotherModel(ApiModel):
+    """A model a build asks besides its teacher, answering the conversations as they stand: a local
+    model or an OpenAI-compatible API."""
 
     cel_rules: ClassVar = [
         {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
@@ -177,24 +177,65 @@ class RejectedAnswers(ApiModel):
          "message": "engine applies to a local model (model), not to openai"},
         {"rule": "self.engine != 'vllm' || !has(self.model) || !has(self.model.ggufFile)",
          "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
+    ]
+
+    model: TrainedModelSource | None = Field(None, description="A local model, run inside the phase's pod.")
+    engine: Engine = Field("auto", description=ENGINE_DESCRIPTION)
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
+    batch_size: int = Field(8, ge=1, le=512, description="Prompts decoding together (transformers engine).")
+    seed: int = Field(0, description="Sampling seed when temperature > 0.")
+
+
+class RejectedAnswers(AnotherModel):
+    """Who writes the rejected answer of each preference pair: a local model, usually the student
+    before fine-tuning (its own answers are what DPO should move it away from), or a weaker model
+    behind an OpenAI-compatible API (UltraFeedback's way)."""
+
+    cel_rules: ClassVar = AnotherModel.cel_rules + [
         {"rule": "self.samples == 1 || self.temperature > 0",
          "message": "samples above 1 need temperature above 0: greedy decoding writes the same answer every time"},
     ]
 
-    model: TrainedModelSource | None = Field(None, description="A local model, run inside the phase's pod.")
     openai: OpenAIEndpoint | None = Field(None, description=(
         "An OpenAI-compatible chat-completions endpoint (its own apiKeySecret, rate limits and retries). "
         "A request it refuses for one prompt (400, 413, 422) drops that pair (rejected_refused)."))
-    engine: Engine = Field("auto", description=ENGINE_DESCRIPTION)
     temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")
-    max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
-    batch_size: int = Field(8, ge=1, le=512, description="Prompts decoding together (transformers engine).")
-    seed: int = Field(0, description="Sampling seed when temperature > 0.")
     samples: int = Field(1, ge=1, le=16, description=(
         "Answers sampled per conversation (best of N; above 1 it needs temperature above 0, and "
         "preferences.rewardModel or filters.judge to score them all): the lowest-scored one is rejected (with "
         "preferences.chosen best, ranked with the teacher's answer). Each is cached: a build with more samples "
         "asks only for the new ones."))
+
+
+class Difficulty(AnotherModel):
+    """Offline difficulty filtering of GRPO's prompts (format graded), as Skywork-OR1's and Polaris'
+    data: the model GRPO will train answers each prompt `samples` times, the grader scores each answer
+    against the prompt's reference, and a prompt too easy or too hard for it is dropped; GRPO learns
+    nothing from a group whose answers all score the same. Each row keeps its pass rate (pass_rate)."""
+
+    cel_rules: ClassVar = AnotherModel.cel_rules + [
+        {"rule": "self.minPassRate < self.maxPassRate", "message": "minPassRate must be below maxPassRate"},
+    ]
+
+    model: TrainedModelSource | None = Field(None, description=(
+        "The model GRPO will train (its baseModel, or a FineTune's by fineTuneRef), run inside the phase's pod."))
+    openai: OpenAIEndpoint | None = Field(None, description=(
+        "An OpenAI-compatible chat-completions endpoint serving that model (e.g. a vLLM server of it; its own "
+        "apiKeySecret, rate limits and retries). A request it refuses for one prompt (400, 413, 422) drops "
+        "that prompt (difficulty_refused)."))
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature: GRPO's own (grpo.temperature).")
+    max_new_tokens: int = Field(512, ge=1, le=32768, description="Longest answer, in tokens: GRPO's grpo.maxNewTokens.")
+    samples: int = Field(8, ge=2, le=64, description=(
+        "Answers sampled per prompt (GRPO's generations). Each is cached: a build with more samples asks only "
+        "for the new ones."))
+    grader: Grader = Field(description=(
+        "Scores each answer against the prompt's reference, as the GRPO FineTune's grpo.grader will (its "
+        "referenceField is reference): the pass rate is the mean of its rewards (of a check, the share of "
+        "answers that pass)."))
+    min_pass_rate: float = Field(0.0, ge=0, lt=1, description=(
+        "Drop a prompt whose pass rate is at or below this (too_hard); 0: one no answer passes."))
+    max_pass_rate: float = Field(1.0, gt=0, le=1, description=(
+        "Drop a prompt whose pass rate is at or above this (too_easy); 1: one every answer passes."))
 
 
 class Preferences(ApiModel):
@@ -243,10 +284,10 @@ class DatasetBuildSpec(RunOptions):
                     "answers its prompt's last turn)"},
         {"rule": "has(self.teacher) || self.sources.all(s, !has(s.inline))",
          "message": "inline sources hold prompts without answers: set a teacher to answer them"},
-        {"rule": "has(self.teacher) || self.shards == 1 || has(self.preferences) || "
+        {"rule": "has(self.teacher) || self.shards == 1 || has(self.preferences) || has(self.difficulty) || "
                  "(has(self.filters) && has(self.filters.judge))",
-         "message": "shards split the models' work (the teacher's, filters.judge's, preferences'): a build without "
-                    "any (the sources' own answers, only filtered) runs in one pod"},
+         "message": "shards split the models' work (the teacher's, filters.judge's, preferences', difficulty's): a "
+                    "build without any (the sources' own answers, only filtered) runs in one pod"},
         {"rule": "!has(self.teacher) || !has(self.filters) || !has(self.filters.tokenizer) || "
                  "has(self.filters.maxPromptTokens)",
          "message": "filters.tokenizer counts maxPromptTokens (a teacher's answers count in its own tokens): set "
@@ -258,6 +299,8 @@ class DatasetBuildSpec(RunOptions):
                     "with fields preference hold pairs, written as they are (leave format chatml)"},
         {"rule": "!has(self.referencePattern) || (has(self.format) && self.format == 'graded')",
          "message": "referencePattern takes the reference out of each answer for format graded: set format graded"},
+        {"rule": "!has(self.difficulty) || (has(self.format) && self.format == 'graded')",
+         "message": "difficulty filters GRPO's prompts with references: set format graded"},
         {"rule": "!has(self.preferences) || !has(self.preferences.rewardModel) || !has(self.filters) || "
                  "!has(self.filters.judge)",
          "message": "both filters.judge and preferences.rewardModel would score the pairs: set one"},
@@ -296,11 +339,14 @@ class DatasetBuildSpec(RunOptions):
         "Write preference pairs ({prompt, chosen, rejected} messages, TRL's form; format preference) for a "
         "FineTune with objective dpo: the teacher's answer (without a teacher, the source's) chosen, "
         "preferences.rejected's answer rejected."))
+    difficulty: Difficulty | None = Field(None, description=(
+        "format graded: keep the prompts neither too easy nor too hard for the model GRPO will train (its "
+        "answers sampled and graded here, cached; each row's pass_rate written)."))
     split: Split = Field(default_factory=Split, description="Train/validation/test split.")
     parquet: bool = Field(True, description="Also write each split as Parquet next to the JSONL.")
     shards: int = Field(1, ge=1, le=128, description=(
         "Split the models' work over this many pods (an Indexed Job; locally, processes): each asks the "
-        "teacher (without one, the judge and preferences' models) about every N-th prompt, into their "
+        "teacher, the judge, preferences' and difficulty's models about every N-th prompt, into their "
         "caches, and the last to finish merges. The dataset is the same as with 1 shard. Every API's "
         "concurrency and rate limits stay limits of the whole build: each shard gets 1/N of them."))
 
@@ -315,12 +361,14 @@ class DatasetBuildSpec(RunOptions):
 
     def runs_a_local_model(self) -> bool:
         """Whether a model runs in the pod (the teacher, the answer judge, the rejected answers'
-        writer or the pairs' reward model) rather than behind an API: what decides that the build's
-        pod needs a GPU."""
-        judge, preferences = self.filters.judge, self.preferences
+        writer, the pairs' reward model, difficulty's sampler or its grader's models) rather than behind
+        an API: what decides that the build's pod needs a GPU."""
+        judge, preferences, difficulty = self.filters.judge, self.preferences, self.difficulty
+        graders = [difficulty.grader, *(difficulty.grader.parts or [])] if difficulty else []
         return any(model is not None for model in (
             self.teacher and self.teacher.model, judge and judge.model, preferences and preferences.rejected.model,
-            preferences and preferences.reward_model))
+            preferences and preferences.reward_model, difficulty and difficulty.model,
+            *(m for g in graders for m in (g.judge_model, g.reward_model, g.embedding_model))))
 
 
 class DatasetBuildResult(ApiModel):
@@ -342,6 +390,11 @@ class DatasetBuildResult(ApiModel):
         None, description="preferences: rejected answers generated (cost: preferences.rejected.openai.price).")
     reward_model_usage: ApiUsage | None = Field(
         None, description="preferences.rewardModel: answers scored by this build.")
+    difficulty_usage: ApiUsage | None = Field(
+        None, description="difficulty: answers sampled (cost: difficulty.openai.price).")
+    grader_usage: dict[str, ApiUsage] | None = Field(None, description=(
+        "difficulty.grader's API endpoints (an API judge, cosine's embeddings), by endpoint field or a sum's "
+        "part name (cost: their price)."))
 
 
 class DatasetBuildStatus(StatusBase):

@@ -67,9 +67,10 @@ SECRET_ENV = (
     (("tracking", "wandb"), "WANDB_API_KEY"),
     (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"),
     (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
-    *DATASET_BUILD_ENDPOINTS,  # the teacher, the answer judge, the rejected answers' writer
+    *DATASET_BUILD_ENDPOINTS,  # the teacher, the answer judge, the rejected answers' writer, difficulty's
 )
-GRADERS = (("grpo", "grader"), ("reward", "grader"))  # a GRPO FineTune's, a Benchmark's reward: their API keys
+# A GRPO FineTune's, a Benchmark's reward's, a DatasetBuild's difficulty's: their API keys.
+GRADERS = (("grpo", "grader"), ("reward", "grader"), ("difficulty", "grader"))
 
 
 def _secret_env(spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -227,6 +227,12 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     if spec.preferences and spec.preferences.rejected.model:
         inputs["rejected"] = _model(spec.preferences.rejected.model)
         _check_engine(res, "spec.preferences.rejected.engine", spec.preferences.rejected.engine, inputs["rejected"])
+    if spec.difficulty:
+        _check_grader(res, "spec.difficulty.grader", spec.difficulty.grader)
+        _check_built_references(res, "spec.difficulty.grader", spec.difficulty.grader, {"format": "graded"})
+        if spec.difficulty.model:
+            inputs["difficulty"] = _model(spec.difficulty.model)
+            _check_engine(res, "spec.difficulty.engine", spec.difficulty.engine, inputs["difficulty"])
     return inputs
 
 

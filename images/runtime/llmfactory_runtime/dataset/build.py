@@ -22,13 +22,14 @@ from typing import Any
 
 from .. import DATASET_BUILD_ENDPOINTS, at_path
 from ..data import SPLITS, dumps_jsonl, preference_row, to_row
-from ..grader import last_match
+from ..grader import api_usage, last_match
 from ..usage import Usage
 from ..progress import Progress
 from ..store import SHARDS, Store, finished_result
 from . import teacher as teacher_
 from .answer_judge import AnswerJudge
 from .dedupe import dedupe
+from .difficulty import FIELD as DIFFICULTY, by_difficulty
 from .reward_scorer import RewardScorer
 from .filters import AnswerFilter, drop_long_prompts, token_counter
 from .languages import detect
@@ -71,7 +72,8 @@ def split_rows(rows: list[dict], split: dict) -> dict[str, list[dict]]:
 # Each model's line on the dataset card: who, and what it gave
 CARD_USAGES = {"teacher": ("Teacher", "answers received"), "judge": ("Judge (filters.judge)", "ratings"),
                "rejected": ("Rejected answers (preferences)", "generated"),
-               "rewardModel": ("Reward model (preferences.rewardModel)", "scores computed")}
+               "rewardModel": ("Reward model (preferences.rewardModel)", "scores computed"),
+               "difficulty": ("Difficulty samples (difficulty)", "answers sampled")}
 
 
 def _card(result: dict) -> str:
@@ -264,16 +266,19 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
     task = {**task, "spec": _shared_limits(task["spec"], shards)}
     prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
-    _, rejected, scorer = _rejected(task, rows, Drops(), progress, judge, transport)  # into the cache, for the merge
+    # Into the caches, for the merge:
+    paired, rejected, scorer = _rejected(task, rows, Drops(), progress, judge, transport)
+    _, sampled = _graded(task, paired, Drops(), progress, transport)
     return {"shard": shard, "prompts": len(prompts), "kept": len(rows),
-            "usage": {role: u.report() for role, u in _usages(usage, judge, rejected, scorer).items()}}
+            "usage": {role: u.report() for role, u in _usages(usage, judge, rejected, scorer, sampled).items()}}
 
 
 def _usages(teacher: Usage | None, judge: AnswerJudge | None, rejected: Usage | None,
-            scorer: RewardScorer | None) -> dict[str, Usage]:
+            scorer: RewardScorer | None, difficulty: Usage | None) -> dict[str, Usage]:
     """What a build asked of each of its models, by their names in the result's usages."""
     return {role: u for role, u in (("teacher", teacher), ("judge", judge and judge.usage), ("rejected", rejected),
-                                    ("rewardModel", scorer and scorer.usage)) if u is not None}
+                                    ("rewardModel", scorer and scorer.usage), ("difficulty", difficulty))
+            if u is not None}
 
 
 def _add_shard_bills(run: Store, shards: int, usages: dict[str, Usage]) -> None:
@@ -294,12 +299,11 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     prompts = _prompts(task, drops, progress)
     rows, usage, judge = _answer(task, prompts, drops, progress, transport)
     rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
-    usages = _usages(usage, judge, rejected_usage, scorer)
+    rows, difficulty_usage = _graded(task, rows, drops, progress, transport)
+    usages = _usages(usage, judge, rejected_usage, scorer, difficulty_usage)
     if spec.get("shards", 1) > 1:
         _add_shard_bills(run, spec["shards"], usages)
     fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
-    if fmt == "graded":
-        rows = _with_references(rows, spec.get("referencePattern"), drops)
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
 
@@ -326,12 +330,28 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     }
     # Each model's usage, with the cost at its endpoint's price (an API's).
     endpoints = {"teacher": spec.get("teacher"), "judge": (spec.get("filters") or {}).get("judge"),
-                 "rejected": (spec.get("preferences") or {}).get("rejected")}
+                 "rejected": (spec.get("preferences") or {}).get("rejected"), "difficulty": spec.get("difficulty")}
     for role, u in usages.items():
         result[f"{role}Usage"] = u.report(((endpoints.get(role) or {}).get("openai") or {}).get("price"))
+    if spec.get("difficulty"):  # its grader's API endpoints, if any
+        graders = {name: u.report(price) for name, (u, price)
+                   in api_usage(spec["difficulty"]["grader"], f"{DIFFICULTY}.grader").items()}
+        if graders:
+            result["graderUsage"] = graders
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result
+
+
+def _graded(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress,
+            transport=None) -> tuple[list[dict], Usage | None]:
+    """format graded: the rows with their references, and with difficulty those neither too easy nor too
+    hard (and what its sampling asked); other formats' rows as they are."""
+    spec = task["spec"]
+    if spec.get("format") != "graded":
+        return rows, None
+    rows = _with_references(rows, spec.get("referencePattern"), drops)
+    return by_difficulty(task, rows, drops, progress, transport) if spec.get("difficulty") else (rows, None)
 
 
 def _with_references(rows: list[dict], pattern: str | None, drops: Drops) -> list[dict]:
@@ -353,7 +373,8 @@ def _rendered(row: dict, fmt: str) -> dict[str, Any]:
     if fmt == "preference":
         return preference_row(row["messages"], row["rejected"], language=row["language"], **_scores(row))
     if fmt == "graded":
-        return to_row(row["messages"][:-1], "chatml", reference=row["reference"], language=row["language"])
+        rate = {"pass_rate": row["passRate"]} if "passRate" in row else {}
+        return to_row(row["messages"][:-1], "chatml", reference=row["reference"], **rate, language=row["language"])
     return to_row(row["messages"], fmt, language=row["language"])
 
 

@@ -287,17 +287,18 @@ def _judge_turn(judge: AnswerJudge, answering: list[dict[str, Any]], drops: Drop
 
 def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any], model_input: dict[str, Any] | None,
                  cache_uri: str, field: str, progress: Progress, share_gpu: bool = False,
-                 transport=None) -> tuple[list[list[dict[str, Any]]], Usage]:
+                 transport=None, key_env: str = REJECTED_KEY_ENV,
+                 what: str = "the rejected answers") -> tuple[list[list[dict[str, Any]]], Usage]:
     """Another model's answers to each conversation as it stands (ending with a user turn),
-    answerer.samples of them: a preference pair's rejected answer and its rivals, from
-    answerer.openai (its key in REJECTED_KEY_ENV) or the local model_input. Cached like the
-    teacher's, so a rerun asks only what is new. `field`: where the answerer is in the spec;
-    share_gpu: a local answer judge stays loaded beside it."""
+    answerer.samples of them (`what` they are, for the progress): a preference pair's rejected answer
+    and its rivals, or difficulty's samples, from answerer.openai (its key in key_env) or the local
+    model_input. Cached like the teacher's, so a rerun asks only what is new. `field`: where the
+    answerer is in the spec; share_gpu: a local answer judge stays loaded beside it."""
     cache = AnswerCache.opened(cache_uri, "teacher", cache_identity(answerer, model_input))
     usage = Usage()
     samples = answerer.get("samples", 1)
-    progress.stage("answering again (the rejected answers)" if samples == 1 else
-                   f"sampling {samples} answers to each conversation (the rejected answers)",
+    progress.stage(f"answering again ({what})" if samples == 1 else
+                   f"sampling {samples} answers to each conversation ({what})",
                    total=len(contexts) * samples, unit="answers")
     keys = [[AnswerCache.key(messages, k) for k in range(samples)] for messages in contexts]
     todo = list({key: (key, messages, k) for messages, row in zip(contexts, keys)
@@ -310,7 +311,7 @@ def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any],
     stack = contextlib.ExitStack()
     try:
         if todo and "openai" in answerer:
-            _openai_backend(answerer, cache, usage, on_answer, transport, key_env=REJECTED_KEY_ENV,
+            _openai_backend(answerer, cache, usage, on_answer, transport, key_env=key_env,
                             field=f"{field}.openai")(todo)
         elif todo and _engine(answerer, model_input, f"{field}.engine") == "vllm":
             _vllm_backend(answerer, model_input, cache, usage, on_answer, stack, share_gpu=share_gpu)(todo)
