@@ -26,9 +26,10 @@ def by_difficulty(task: dict[str, Any], rows: list[dict], drops: Drops, progress
     grader, field = spec["grader"], f"{FIELD}.grader"
     check_scorable(grader, field)  # before any answer is sampled
     prompts = [row["messages"][:-1] for row in rows]
+    judged_here = "judge" in task["inputs"]  # a local filters.judge stays loaded beside a vLLM student
     answers, usage = teacher.answer_again(prompts, spec, task["inputs"].get("difficulty"), task["cacheUri"], FIELD,
-                                          progress, transport=transport, key_env=DIFFICULTY_KEY_ENV,
-                                          what="the difficulty samples")
+                                          progress, share_gpu=judged_here, transport=transport,
+                                          key_env=DIFFICULTY_KEY_ENV, what="the difficulty samples")
     sampled, texts, graded = [], [], []
     for row, prompt, got in zip(rows, prompts, answers):
         refused = next((a["rejected"] for a in got if a.get("rejected")), None)
