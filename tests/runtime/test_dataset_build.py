@@ -1110,6 +1110,38 @@ def test_difficulty_keeps_the_prompts_the_student_sometimes_solves_and_samples_e
     assert _counts(local["difficultyUsage"]) == {"requests": 4, "cached": 0}
 
 
+def test_a_source_with_its_own_split_fills_it_and_its_questions_are_never_trained_on(tmp_path, tiny_model):
+    """GSM8K's train and test splits as two sources, the test one with split test (listed last): its
+    rows are the test split, spec.split shares out the others (validation), and the train source's copy
+    of a test question is the one dropped; difficulty leaves the test source's rows alone."""
+    train = [{"question": f"Q{i}: how many {thing} are there?", "answer": f"#### {i}"}
+             for i, thing in enumerate(["apples", "pears", "cats", "dogs", "boats", "cars", "trees", "birds",
+                                        "books", "cups"])] + [{"question": "What is 12 times 12?", "answer": "#### 144"}]
+    test = [{"question": "What is 12 times 12?", "answer": "#### 144"}, {"question": "What is 7 plus 8?", "answer": "#### 15"}]
+    source = {"fields": "prompt", "promptField": "question", "answerField": "answer", "language": "en"}
+    doc = manifest("http://unused", {"uri": jsonl_file(tmp_path / "train.jsonl", train), **source},
+                   samplesPerLanguage=None, languageDetection=None, format="graded", referencePattern="#### (.+)",
+                   split={"validation": 0.2, "test": 0.0}, filters={"nearDuplicateThreshold": 0})
+    doc["spec"]["sources"].append({"uri": jsonl_file(tmp_path / "test.jsonl", test), **source, "split": "test"})
+    del doc["spec"]["teacher"]
+    _, result = run_in_process(tmp_path, doc)
+
+    assert result["rows"] == {"train": 8, "validation": 2, "test": 2}
+    assert result["dropped"] == {"duplicate_prompt": 1}
+    store = open_store(result["uri"])
+    split = {name: sorted(json.loads(line)["messages"][-1]["content"]
+                          for line in store.read_bytes(f"{name}.jsonl").decode().splitlines())
+             for name in ("train", "validation", "test")}
+    assert split["test"] == ["What is 12 times 12?", "What is 7 plus 8?"]
+    assert "What is 12 times 12?" not in split["train"] + split["validation"]
+    # difficulty filters the shared-out rows only: a benchmark measures the test source whole.
+    doc["spec"]["difficulty"] = {"model": {"uri": f"file://{tiny_model}"}, "samples": 2, "maxNewTokens": 2,
+                                 "grader": {"operation": "number", "extract": "#### (.+)"}}
+    _, filtered = run_in_process(tmp_path / "filtered", doc)
+    assert filtered["rows"] == {"train": 0, "validation": 0, "test": 2}  # a random model solves none
+    assert filtered["dropped"] == {"duplicate_prompt": 1, "too_hard": 10}
+
+
 def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):
     import hashlib
 

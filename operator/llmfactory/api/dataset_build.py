@@ -83,6 +83,11 @@ class Source(ApiModel):
                            "earlier answers) or only the first; without a teacher, keep every answered turn "
                            "or only the first.")
     max_rows: int | None = Field(None, ge=1, description="Read at most this many rows (in file order).")
+    split: Literal["train", "validation", "test"] | None = Field(None, description=(
+        "Put every kept row of this source into this split (e.g. GSM8K's own test split as the test split), "
+        "besides spec.split's shares of the other sources' rows. A duplicate or near-duplicate of a test "
+        "(then validation) source's prompt is dropped from the other sources, whatever their order: no "
+        "held-out question is trained on; nor does difficulty filter a test or validation source's rows."))
 
 
 class Teacher(ApiModel):
@@ -268,8 +273,10 @@ class Split(ApiModel):
         {"rule": "self.validation + self.test < 1.0", "message": "validation + test must leave rows for train"},
     ]
 
-    validation: float = Field(0.1, ge=0, lt=1, description="Share of rows for validation.")
-    test: float = Field(0.1, ge=0, lt=1, description="Share of rows for test.")
+    validation: float = Field(0.1, ge=0, lt=1, description="Share of rows for validation (of the sources "
+                                                           "without a split of their own).")
+    test: float = Field(0.1, ge=0, lt=1, description="Share of rows for test (of the sources without a split "
+                                                     "of their own).")
     seed: int = Field(42, description="Seed of the shuffle; the same seed gives the same split.")
 
 

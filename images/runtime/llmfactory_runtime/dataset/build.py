@@ -36,6 +36,9 @@ from .languages import detect
 from .sources import Drops, collect
 
 
+HELD_OUT_FIRST = {"test": 0, "validation": 1}
+
+
 def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed: int,
                         drops: Drops) -> list[dict]:
     if not counts:
@@ -56,8 +59,15 @@ def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed
 
 
 def split_rows(rows: list[dict], split: dict) -> dict[str, list[dict]]:
-    """Seeded shuffle, then test, validation and train cuts. Prompts are unique, so no prompt
-    appears in two splits; a non-zero share gets at least one row when there are enough."""
+    """Seeded shuffle, then test, validation and train cuts; rows of a source with a fixed split go
+    there, besides. Prompts are unique, so no prompt appears in two splits; a non-zero share gets at
+    least one row when there are enough."""
+    fixed = {name: sorted((r for r in rows if r.get("split") == name), key=lambda r: r["key"]) for name in SPLITS}
+    cut = _shared_out([r for r in rows if not r.get("split")], split)
+    return {name: cut[name] + fixed[name] for name in SPLITS}
+
+
+def _shared_out(rows: list[dict], split: dict) -> dict[str, list[dict]]:
     rows = sorted(rows, key=lambda r: r["key"])
     random.Random(split.get("seed", 42)).shuffle(rows)
     n = len(rows)
@@ -120,6 +130,9 @@ def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dic
     if spec.get("languageDetection") is not None:
         prompts = detect(prompts, spec["languageDetection"], wanted, drops)
     filters = spec.get("filters") or {}
+    # A fixed test (then validation) source's prompts first: a duplicate of one is dropped from the others,
+    # so no held-out question is trained on, whatever the sources' order.
+    prompts = sorted(prompts, key=lambda p: HELD_OUT_FIRST.get(p.get("split"), len(HELD_OUT_FIRST)))
     prompts = dedupe(prompts, filters.get("nearDuplicateThreshold") or None, drops)  # 0: off
     if filters.get("maxPromptTokens"):
         prompts = drop_long_prompts(prompts, filters["maxPromptTokens"], task["inputs"]["tokenizer"], drops)
@@ -346,12 +359,18 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
 def _graded(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress,
             transport=None) -> tuple[list[dict], Usage | None]:
     """format graded: the rows with their references, and with difficulty those neither too easy nor too
-    hard (and what its sampling asked); other formats' rows as they are."""
+    hard (and what its sampling asked), but for a held-out source's rows, which a benchmark measures
+    whole; other formats' rows as they are."""
     spec = task["spec"]
     if spec.get("format") != "graded":
         return rows, None
     rows = _with_references(rows, spec.get("referencePattern"), drops)
-    return by_difficulty(task, rows, drops, progress, transport) if spec.get("difficulty") else (rows, None)
+    if not spec.get("difficulty"):
+        return rows, None
+    held_out = [row for row in rows if row.get("split") in HELD_OUT_FIRST]
+    kept, usage = by_difficulty(task, [row for row in rows if row.get("split") not in HELD_OUT_FIRST], drops,
+                                progress, transport)
+    return kept + held_out, usage
 
 
 def _with_references(rows: list[dict], pattern: str | None, drops: Drops) -> list[dict]:

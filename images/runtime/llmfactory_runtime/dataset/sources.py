@@ -7,8 +7,8 @@ a multi-turn conversation (or the first, with `turns: first`). `answers` are the
 its turns, which a build without a teacher keeps (None where the row has none: a prompt column
 without answerField, a conversation whose turns are not each answered); a preference pair's prompt
 also holds its `rejected` answer to the last turn, and its `scores` (chosen, rejected) where the row
-rates both (UltraFeedback's score_chosen and score_rejected). Malformed rows are counted and a few shown in the
-report, never fatal.
+rates both (UltraFeedback's score_chosen and score_rejected); a prompt of a source with a fixed
+`split` holds it. Malformed rows are counted and a few shown in the report, never fatal.
 """
 
 from __future__ import annotations
@@ -222,9 +222,10 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
     prompts = []
     for index, source in enumerate(sources):
         default_lang = source.get("language") or UNKNOWN_LANGUAGE
+        split = {"split": source["split"]} if source.get("split") else {}
         if "inline" in source:
             prompts += [{"turns": [p["text"]], "system": source.get("systemPrompt"), "answers": None,
-                         "language": p.get("language") or default_lang} for p in source["inline"]]
+                         "language": p.get("language") or default_lang, **split} for p in source["inline"]]
             continue
         field = f"spec.sources[{index}]"
         if "huggingface" in source:
@@ -247,5 +248,5 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
                     drops.add("no_answer", prompt["turns"][0])
                     continue
                 prompt = kept
-            prompts.append(prompt)
+            prompts.append({**prompt, **split})
     return prompts

@@ -26,8 +26,9 @@ from .sources import Drops
 # A request the endpoint refuses for this prompt only (content policy, too long): that row is
 # dropped. A bad key or unknown model fails the build in the client (an invalid task).
 PER_ROW_STATUSES = {400, 413, 422}
-# What a source's preference pair carries past its conversation (sources._prompt).
-PAIR_FIELDS = ("rejected", "scores")
+# What a prompt carries past its conversation into its row (sources.collect): a source pair's rejected
+# answer and scores, a source's fixed split.
+CARRIED = ("rejected", "scores", "split")
 
 
 @dataclass
@@ -220,7 +221,7 @@ def converse(prompts: list[dict[str, Any]], system_default: str | None,
     user message, then `answers_to(those, turn)` gives each its answers ({text, tokens, finished}, or
     {rejected}: the endpoint refused it); the filters keep some, the judge (if any) the best-rated, and
     the conversation goes on with it. One that keeps none ends there and is dropped, its later turns
-    never answered (a source's preference pair keeps its PAIR_FIELDS). `report` after each turn."""
+    never answered (a row keeps what its prompt CARRIED). `report` after each turn."""
     conversations = []
     for p in prompts:
         system = p.get("system") or system_default
@@ -248,7 +249,7 @@ def converse(prompts: list[dict[str, Any]], system_default: str | None,
             progress.state["total"] = progress.state["total"] - skipped
         report()
     return [{"language": c["prompt"]["language"], "messages": c["messages"],
-             **{k: c["prompt"][k] for k in PAIR_FIELDS if k in c["prompt"]}}
+             **{k: c["prompt"][k] for k in CARRIED if k in c["prompt"]}}
             for c in conversations if c["alive"]]
 
 
