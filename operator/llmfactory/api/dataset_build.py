@@ -74,7 +74,8 @@ class Source(ApiModel):
         "teacher.systemPrompt."))
     answer_field: str | None = Field(None, description=(
         "Column holding the answer to the prompt (fields: prompt), e.g. response, completion, a final answer "
-        "(text, or a number): what a build without a teacher keeps. Conversations (sharegpt, openai) hold their answers, alpaca rows in output."))
+        "(text, or a number): what a build without a teacher keeps. Conversations (sharegpt, openai) hold their "
+        "answers, alpaca rows in output."))
     language_field: str = Field("language", description="Column holding the prompt's language code.")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN,
                                  description="Language of every prompt of this source that does not name its own.")

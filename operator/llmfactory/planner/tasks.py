@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from llmfactory_runtime.grader import WITHOUT_REFERENCE
+
 from .. import API_VERSION
 from ..api import KINDS
 from ..api.common import RUNTIME_ONLY_FIELDS, ApiModel, RewardModelSource, operational_fields
@@ -194,7 +196,7 @@ def _check_built_references(res: Resource, field: str, grader, dataset: dict[str
         return
     parts = [(f"{field}.parts[{i}]", part) for i, part in enumerate(grader.parts)] if grader.parts else [(field, grader)]
     for where, part in parts:
-        if part.operation not in ("python", "rewardModel") and part.reference_field != "reference":
+        if part.operation not in WITHOUT_REFERENCE and part.reference_field != "reference":
             raise PlanError(res.ref, f"{where}.referenceField", f"is {part.reference_field!r}, but the DatasetBuild's "
                             "rows (format graded) hold each prompt's reference answer in field 'reference': set "
                             "referenceField: reference (the default)")

@@ -183,12 +183,12 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
               "language": lang if isinstance(lang, str) and lang else default_lang}
     if rejected is not None:
         prompt["rejected"] = rejected.strip()
-        if _score(row.get("score_chosen")) is not None and _score(row.get("score_rejected")) is not None:
-            prompt["scores"] = (_score(row["score_chosen"]), _score(row["score_rejected"]))
+        if _number(row.get("score_chosen")) is not None and _number(row.get("score_rejected")) is not None:
+            prompt["scores"] = (_number(row["score_chosen"]), _number(row["score_rejected"]))
     return prompt
 
 
-def _score(value: Any) -> float | None:
+def _number(value: Any) -> float | None:
     """A number of the row's (a pair's score_chosen, score_rejected as UltraFeedback's; an answer): a
     finite int or float, else None (a pair is then unscored)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -208,7 +208,7 @@ def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:
     """The prompt cut to the turns its row answers, each answer stripped (a build without a teacher
     keeps them); None when its row answers none, or not with text (a number is its text: an answer
     column of final answers, 72, made a graded build's references)."""
-    answers = [str(a) if _score(a) is not None else a for a in prompt["answers"] or []]
+    answers = [str(a) if _number(a) is not None else a for a in prompt["answers"] or []]
     if not answers or not all(isinstance(a, str) for a in answers):
         return None
     return {**prompt, "turns": prompt["turns"][:len(answers)], "answers": [a.strip() for a in answers]}
