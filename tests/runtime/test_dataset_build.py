@@ -1058,7 +1058,7 @@ def test_difficulty_keeps_the_prompts_the_student_sometimes_solves_and_samples_e
         if "forbidden" in question:
             return {"status": 400, "error": "content policy"}
         right = {"easy": True, "hard": False}.get(question.split()[0], calls[question] % 4 in (1, 2))  # half
-        return {"text": f"Thinking.\n#### {42 if right else 7}"}
+        return {"text": f"Thinking about {question}\n#### {42 if right else 7}"}
 
     openai_server.reply = student
     rows = [{"question": f"{kind} question {i}?", "answer": "#### 42"}
@@ -1089,9 +1089,16 @@ def test_difficulty_keeps_the_prompts_the_student_sometimes_solves_and_samples_e
     _, again = run_in_process(tmp_path, doc)
     assert len(openai_server.requests) == 16 and _counts(again["difficultyUsage"]) == {"requests": 16, "cached": 32}
 
-    # Over 2 shard processes: each samples its share once, the merge equals the single build.
+    # Over 2 shard processes: each samples its share once, the merge equals the single build. The
+    # grader's embeddings endpoint (a weight-0 part) is billed by the shards: the result counts their asks,
+    # and the merge (in the last shard's process) finds every score in the cache, its own shard's or not.
     openai_server.requests.clear()
     calls.clear()
+    number = doc["spec"]["difficulty"]["grader"]
+    doc["spec"]["difficulty"]["grader"] = {"operation": "sum", "parts": [
+        {**number, "name": "right"},
+        {"name": "meaning", "weight": 0, "operation": "similarity", "metric": "cosine",
+         "embeddings": {"baseUrl": openai_server.url, "model": "embed"}}]}
     task = plan(parse({**doc, "spec": {**doc["spec"], "shards": 2}}), lambda *k: None, f"file://{tmp_path}/sharded")
     run = open_store(task["artifactUri"])
     run.write_json("task.json", task)
@@ -1101,6 +1108,11 @@ def test_difficulty_keeps_the_prompts_the_student_sometimes_solves_and_samples_e
     sharded = run.read_json("result.json")
     assert len(openai_server.requests) == 48 and _counts(sharded["difficultyUsage"]) == {"requests": 48, "cached": 0}
     assert (sharded["dropped"], sharded["rows"]) == (again["dropped"], again["rows"])
+    # 6 answered prompts' distinct answers (easy and hard 1 each, mixed 2) with their reference: 8 pairs
+    assert sharded["graderUsage"] == {"meaning": {"requests": 8, "cached": 0, "completionTokens": 0,
+                                                  "promptTokens": openai_server.embedding_tokens}}
+    assert len(openai_server.embedded) == 10  # each shard's 4 answers and the reference: none twice
+    doc["spec"]["difficulty"]["grader"] = number
 
     doc["spec"]["difficulty"] = {"model": {"uri": f"file://{tiny_model}"}, "samples": 2, "maxNewTokens": 4,
                                  "grader": {"operation": "number", "extract": "#### (.+)"}}
@@ -1113,7 +1125,8 @@ def test_difficulty_keeps_the_prompts_the_student_sometimes_solves_and_samples_e
 def test_a_source_with_its_own_split_fills_it_and_its_questions_are_never_trained_on(tmp_path, tiny_model):
     """GSM8K's train and test splits as two sources, the test one with split test (listed last): its
     rows are the test split, spec.split shares out the others (validation), and the train source's copy
-    of a test question is the one dropped; difficulty leaves the test source's rows alone."""
+    of a test question is the one dropped; samplesPerLanguage and difficulty leave the test source's rows
+    alone."""
     train = [{"question": f"Q{i}: how many {thing} are there?", "answer": f"#### {i}"}
              for i, thing in enumerate(["apples", "pears", "cats", "dogs", "boats", "cars", "trees", "birds",
                                         "books", "cups"])] + [{"question": "What is 12 times 12?", "answer": "#### 144"}]
@@ -1134,6 +1147,10 @@ def test_a_source_with_its_own_split_fills_it_and_its_questions_are_never_traine
              for name in ("train", "validation", "test")}
     assert split["test"] == ["What is 12 times 12?", "What is 7 plus 8?"]
     assert "What is 12 times 12?" not in split["train"] + split["validation"]
+    # samplesPerLanguage samples the shared-out prompts; the test source's are kept besides the count.
+    _, sampled = run_in_process(tmp_path / "sampled", {**doc, "spec": {**doc["spec"], "samplesPerLanguage": {"en": 3}}})
+    assert sampled["rows"] == {"train": 2, "validation": 1, "test": 2}
+    assert sampled["dropped"] == {"duplicate_prompt": 1, "over_language_count": 7}
     # difficulty filters the shared-out rows only: a benchmark measures the test source whole.
     doc["spec"]["difficulty"] = {"model": {"uri": f"file://{tiny_model}"}, "samples": 2, "maxNewTokens": 2,
                                  "grader": {"operation": "number", "extract": "#### (.+)"}}

@@ -140,7 +140,8 @@ def test_a_grpo_fine_tunes_quantization_passes_its_prompts_on_without_measuring_
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "test.jsonl").write_bytes(dumps_jsonl([{"prompt": "2+2?", "reference": "4"}]))
     fine_tune = {"modelUri": f"file://{tiny_model}", "digest": "sha256:m", "baseModel": {"uri": f"file://{tiny_model}"},
-                 "datasetUri": f"file://{tmp_path / 'prompts'}", "datasetFormat": "graded", "datasetDigest": "sha256:d"}
+                 "datasetUri": f"file://{tmp_path / 'prompts'}", "datasetFormat": "graded", "datasetDigest": "sha256:d",
+                 "datasetReferenceFields": ["reference"]}
     doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization", "metadata": {"name": "tiny"},
            "spec": {"model": {"fineTuneRef": {"name": "grpo"}}, "types": ["q8_0"]}}
     task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
@@ -148,6 +149,7 @@ def test_a_grpo_fine_tunes_quantization_passes_its_prompts_on_without_measuring_
     result = quantize.run(task, store, Progress(store))
     assert "perplexity" not in result["artifacts"][0] and result["referencePerplexity"] is None and result["passed"]
     assert (result["datasetUri"], result["datasetFormat"]) == (fine_tune["datasetUri"], "graded")
+    assert result["datasetReferenceFields"] == ["reference"]  # passed on, for a Benchmark's reward grader
 
 
 def test_k_quants_without_llama_cpp_fail_before_any_work_naming_the_tool(tiny_model, tmp_path, monkeypatch):

@@ -961,6 +961,35 @@ def _rows(n: int) -> list[dict]:
     return [{"messages": [{"role": "user", "content": PAIRS[i % len(PAIRS)][0]}], "answer": "a"} for i in range(n)]
 
 
+def test_easy_first_trains_each_epoch_from_the_prompts_solved_most_often_to_the_hardest(tiny_model, tmp_path):
+    """grpo.promptOrder easyFirst: each epoch's prompts in the order of their pass_rate, highest first.
+    A python grader that rewards every answer with its row's pass rate makes each step's reward the mean
+    pass rate of its prompts. A row without a pass rate is an invalid task when the prompts are read."""
+    from llmfactory_runtime.finetune import encoding
+
+    rates = [0.3, 0.9, 0.1, 0.7, 0.5, 0.8, 0.2, 0.6]
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}], "answer": "a", "pass_rate": rate}
+            for i, rate in enumerate(rates)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl(rows))
+    grpo = {"generations": 2, "maxNewTokens": 2, "promptOrder": "easyFirst",
+            "grader": python_grader("def grade(sample, item):\n    return item['pass_rate']\n")}
+    task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", grpo=grpo,
+                         hyperparameters={"epochs": 2, "batchSize": 2})
+    proc = run_finetune(write_task(task, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    curve = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()
+    assert [float(line.split(",")[5]) for line in curve[1:]] == pytest.approx([0.85, 0.65, 0.4, 0.15] * 2)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    with pytest.raises(InvalidTask, match=r"spec.grpo.promptOrder: easyFirst orders the prompts by their pass_rate "
+                                          r"\(0-1\), but spec.objective grpo: train.jsonl has a row with None for "
+                                          r"prompt 'Question 2\?': build the prompts with a DatasetBuild's spec.difficulty"):
+        encoding.encode(task["spec"], tokenizer, rows[:2] + [{**rows[2], "pass_rate": None}], "train")
+    assert encoding.encode(task["spec"], tokenizer, rows[:2], "validation").ranks is None  # validation keeps its order
+
+
 @pytest.mark.slow
 def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_weights(tiny_model, tmp_path):
     """The reward of sampled answers rises over training; the saved model's greedy answers to the
@@ -982,6 +1011,7 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     run = open_store(task["artifactUri"])
     result = run.read_json("result.json")
     assert result["steps"] == 16 and result["datasetFormat"] == "graded"
+    assert result["datasetReferenceFields"] == ["answer"]  # where a Benchmark's reward grader may read references
     # iterations 2: two optimizer steps on each step's samples, the second one clipped to the sampling policy's.
     optimizer = torch.load(Path(task["artifactUri"][7:]) / "checkpoints/step-4/optimizer.pt", weights_only=False)
     assert {int(state["step"]) for state in optimizer["state"].values()} == {8}

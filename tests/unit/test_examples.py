@@ -67,7 +67,9 @@ def test_every_example_plans_once_what_it_references_succeeded(folder):
             if kind == "FineTune":  # a reward model is only what a FineTune with objective reward trained
                 return {**UPSTREAM[kind], "objective": by_name[kind, name].spec.objective}
             if kind == "DatasetBuild":  # conversations, preference pairs or prompts with references
-                return {**UPSTREAM[kind], "format": by_name[kind, name].spec.written_format()}
+                spec = by_name[kind, name].spec  # and, with difficulty, what its sampling asked
+                sampled = {"difficultyUsage": {"requests": 8, "cached": 0, "promptTokens": 0, "completionTokens": 0}}
+                return {**UPSTREAM[kind], "format": spec.written_format(), **(sampled if spec.difficulty else {})}
             return UPSTREAM[kind]
         task = plan(res, result_of, "s3://bucket/llmfactory")
         assert not isinstance(task, Waiting) and task["digest"]

@@ -400,7 +400,7 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
     assert task["inputs"]["dataset"]["format"] == "graded"
     assert task["spec"]["grpo"] == {"generations": 8, "temperature": 1.0, "topP": 1.0, "topK": 0, "minP": 0.0,
                                     "maxNewTokens": 256, "scaleRewards": "group",
-                                    "beta": 0.0, "lossType": "dapo", "maskTruncated": False, "iterations": 1, "epsilon": 0.2,
+                                    "beta": 0.0, "lossType": "dapo", "maskTruncated": False, "promptOrder": "shuffled", "iterations": 1, "epsilon": 0.2,
                                     "importanceSamplingLevel": "token", "topEntropyQuantile": 1.0,
                                     "grader": {"referenceField": "answer", "operation": "number",
                                                "extract": "#### (.+)"}, "engine": "transformers",
@@ -468,6 +468,16 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
     graded = {("FineTune", "ft"): {**FT_RESULT, "datasetFormat": "graded", "datasetUri": "s3://bucket/prompts"}}
     task = plan(parse(rewarded), lookup(graded), STORE)
     assert task["inputs"]["rewardDataset"]["uri"] == "s3://bucket/prompts"
+    # Where the FineTune's result says its prompts hold references, the grader must read one of those fields.
+    held = {("FineTune", "ft"): {**graded["FineTune", "ft"], "datasetReferenceFields": ["answer", "language"]}}
+    assert plan(parse(rewarded), lookup(held), STORE)["inputs"]["rewardDataset"]["referenceFields"] == [
+        "answer", "language"]
+    built = {("FineTune", "ft"): {**graded["FineTune", "ft"], "datasetReferenceFields": ["language", "reference"]}}
+    with pytest.raises(PlanError, match=r"spec.reward.grader.referenceField: is 'answer', but the prompts FineTune ft "
+                                        r"trained on hold a string or a number in every row only in fields "
+                                        r"\['language', 'reference'\]: set referenceField to the one with the "
+                                        "reference answer, or name spec.reward.dataset"):
+        plan(parse(rewarded), lookup(built), STORE)
     assert benchmark_metric_names(parse(rewarded).spec, baseline=True) == {"reward.value", "reward.baseline"}
     with pytest.raises(PlanError, match="spec.reward.dataset: is required unless the model comes from a fineTuneRef "
                                         "that trained with objective grpo"):
@@ -479,6 +489,10 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
     gguf = {("Quantization", "q"): {"artifacts": [{"uri": "s3://bucket/q/ft-q8_0.gguf", "sha256": "q"}],
                                     "datasetUri": "s3://bucket/prompts", "datasetFormat": "graded", "datasetDigest": "d"}}
     assert plan(parse(quantized), lookup(gguf), STORE)["inputs"]["rewardDataset"]["uri"] == "s3://bucket/prompts"
+    passed_on = {("Quantization", "q"): {**gguf["Quantization", "q"], "datasetReferenceFields": ["reference"]}}
+    with pytest.raises(PlanError, match="referenceField: is 'answer', but the prompts the FineTune that "
+                                        "Quantization q quantized trained on hold"):
+        plan(parse(quantized), lookup(passed_on), STORE)
     quantized["spec"]["perplexity"] = {}
     with pytest.raises(PlanError, match="spec.perplexity.dataset: is required: the FineTune that Quantization q "
                                         "quantized trained with objective grpo"):
@@ -670,6 +684,15 @@ def test_a_grpo_fine_tune_reads_a_dataset_builds_prompts_with_references_and_not
     assert [r.name for r in dependency_order(parse(x) for x in [grpo, gsm8k])] == ["data", "ft"]
     task = plan(parse(grpo), lookup({("DatasetBuild", "data"): graded}), STORE)
     assert task["inputs"]["dataset"] == {"uri": DATA_RESULT["uri"], "format": "graded", "digest": "sha256:aaa"}
+    # A curriculum by pass rate needs a build that measured them (difficulty, which reports its sampling).
+    curriculum = copy.deepcopy(grpo)
+    curriculum["spec"]["grpo"]["promptOrder"] = "easyFirst"
+    with pytest.raises(PlanError, match="spec.grpo.promptOrder: is easyFirst, which orders the prompts by their "
+                                        "pass_rate, but DatasetBuild data measured none: set spec.difficulty there"):
+        plan(parse(curriculum), lookup({("DatasetBuild", "data"): graded}), STORE)
+    measured = {**graded, "difficultyUsage": {"requests": 8, "cached": 0, "promptTokens": 0, "completionTokens": 0}}
+    assert plan(parse(curriculum), lookup({("DatasetBuild", "data"): measured}), STORE)["spec"]["grpo"][
+        "promptOrder"] == "easyFirst"
     with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data wrote conversations \(format "
                                         r"chatml\), but objective grpo trains on prompts with reference answers for its "
                                         "grader: set spec.format graded there"):

@@ -25,6 +25,7 @@ import threading
 import traceback
 
 from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, EXIT_OK, Interrupted, cpus
+from .answer_cache import AnswerCache
 from .store import SHARDS, TASK, Store, finished_result, open_store, write_result
 from .task import InvalidTask, load_task
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("shard %d committed; shards %s still working, the last of them merges", args.shard, waiting)
             return EXIT_OK
         log.info("every shard committed: merging")
+        AnswerCache.forget_held()  # the grader's, held since this shard's work: the other shards' is in the store
     return _execute(phase.run, task, run)
 
 

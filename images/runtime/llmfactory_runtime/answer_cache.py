@@ -40,6 +40,12 @@ class AnswerCache:
             _held[folder] = cls.opened(cache_uri, purpose, identity)
         return _held[folder]
 
+    @staticmethod
+    def forget_held() -> None:
+        """Let go of this process's held caches: each is loaded again at its next use, with what other
+        processes wrote since (the last shard of a DatasetBuild merges in its own process)."""
+        _held.clear()
+
     def __init__(self, cache_uri: str, purpose: str, identity: dict[str, Any]):
         """`identity`: what makes an answer differ besides the conversation (model, temperature,
         max tokens...). Its digest names the folder, so unrelated answers are never even read."""

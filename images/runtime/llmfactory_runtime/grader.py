@@ -61,6 +61,16 @@ def reference_of(row: dict[str, Any], grader: dict[str, Any]) -> str | None:
     return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
 
 
+def reference_fields(rows: list[dict[str, Any]]) -> list[str]:
+    """The fields in which every row holds what a grader could read as its reference (reference_of:
+    a string or a number)."""
+    held = None
+    for row in rows:
+        fields = {name for name in row if reference_of(row, {"referenceField": name}) is not None}
+        held = fields if held is None else held & fields
+    return sorted(held or ())
+
+
 def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
     """{messages: the prompt, question: its last user message, reference, item: the row} of a row for
     the grader. A ValueError says what the row lacks: every operation but python compares the answer

@@ -27,6 +27,11 @@ class Usage:
         self.requests += 1
         self.billed(prompt_tokens, completion_tokens)
 
+    def since(self, earlier: "Usage") -> "Usage":
+        """What was asked after `earlier` (this count as it was then)."""
+        return Usage(self.requests - earlier.requests, self.cached - earlier.cached,
+                     self.prompt_tokens - earlier.prompt_tokens, self.completion_tokens - earlier.completion_tokens)
+
     def report(self, price: dict[str, float] | None = None) -> dict[str, Any]:
         """The result's usage (its ApiUsage), with the cost at the endpoint's price when it has one."""
         out = {"requests": self.requests, "cached": self.cached, "promptTokens": self.prompt_tokens,

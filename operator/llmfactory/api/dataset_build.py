@@ -322,7 +322,9 @@ class DatasetBuildSpec(RunOptions):
     sources: list[Source] = Field(min_length=1, description="Where the prompts come from.")
     samples_per_language: dict[str, int] | None = Field(
         None, description="Keep at most this many prompts per language code (sampled with split.seed); "
-                          "languages not listed are dropped. Unset keeps every prompt.")
+                          "languages not listed are dropped. A test or validation source's prompts (sources[].split) "
+                          "are not sampled: in a listed language all are kept, besides the counts. Unset keeps "
+                          "every prompt.")
     language_detection: LanguageDetection | None = Field(
         None, description="Detect prompt languages instead of trusting the sources' labels.")
     teacher: Teacher | None = Field(None, description=(

@@ -419,6 +419,12 @@ class Grpo(ApiModel):
         "progress.json's promptsSampled counts a step's prompts sampled; its reward, answerLength and truncated "
         "are of every answer sampled, uniformGroups the share of the groups trained. Unset: none (uniform "
         "groups train with no advantage, their share in uniformGroups)."))
+    prompt_order: Literal["shuffled", "easyFirst"] = Field("shuffled", description=(
+        "The order of each epoch's prompts. shuffled: a seeded shuffle (hyperparameters.seed), as every "
+        "objective's. easyFirst: a curriculum, the shuffled prompts ordered by their pass_rate, highest first "
+        "(the prompts the student already solves most often early, the hardest last, every epoch): a "
+        "DatasetBuild's difficulty measures it and writes it in every row, and the planner refuses a build "
+        "without difficulty; a row of a dataset.uri without a pass_rate (0-1) fails the run before the model loads."))
     iterations: int = Field(1, ge=1, le=16, description=(
         "Optimizer steps on each batch of sampled answers (TRL's num_iterations, GRPO's mu): more learning "
         "per sampling, which dominates a step's time. From the second on, each answer token's ratio to the "
@@ -771,6 +777,9 @@ class FineTuneResult(ApiModel):
     dataset_uri: str = Field(description="Dataset the model was trained on.")
     dataset_format: str = Field(description="Row format of the dataset.")
     dataset_digest: str = Field(description="Digest of the dataset.")
+    dataset_reference_fields: list[str] | None = Field(None, description=(
+        "objective grpo: the fields in which every train row holds a string or a number, where a Benchmark's "
+        "reward grader (reading these prompts) may find its reference answer (referenceField)."))
     digest: str = Field(description="sha256 over the saved weights (merged model, else adapter).")
     first_loss: float = Field(description="Mean train loss of the first steps (ten, or a third of a shorter run).")
     final_loss: float = Field(description="Mean train loss of the last steps (ten, or a third of a shorter run).")

@@ -117,6 +117,8 @@ class QuantizationResult(ApiModel):
     dataset_uri: str | None = Field(None, description="Held-out data of the source model, passed on to a Benchmark.")
     dataset_format: str | None = Field(None, description="Row format of that data.")
     dataset_digest: str | None = Field(None, description="Digest of that data.")
+    dataset_reference_fields: list[str] | None = Field(None, description=(
+        "Of a GRPO model's prompts: the fields holding a reference answer, passed on to a Benchmark."))
 
 
 class QuantizationStatus(StatusBase):

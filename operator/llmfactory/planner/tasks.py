@@ -192,14 +192,18 @@ def _dataset(res: Resource, dataset, upstream: dict, path: str, reads: tuple[str
 def _check_built_references(res: Resource, field: str, grader, dataset: dict[str, Any]) -> None:
     """A DatasetBuild's graded rows hold each prompt's reference in field reference: every part of the
     grader that compares with a reference must read it there."""
-    if dataset["format"] != "graded":
-        return
+    if dataset["format"] == "graded":
+        _check_references(res, field, grader, ["reference"], "the DatasetBuild's rows (format graded) hold each "
+                          "prompt's reference answer in field 'reference': set referenceField: reference (the default)")
+
+
+def _check_references(res: Resource, field: str, grader, held: list[str], why: str) -> None:
+    """Every part of the grader that compares with a reference must read it in one of the fields the
+    rows hold one in (`held`); `why` says which rows hold what, and what to set."""
     parts = [(f"{field}.parts[{i}]", part) for i, part in enumerate(grader.parts)] if grader.parts else [(field, grader)]
     for where, part in parts:
-        if part.operation not in WITHOUT_REFERENCE and part.reference_field != "reference":
-            raise PlanError(res.ref, f"{where}.referenceField", f"is {part.reference_field!r}, but the DatasetBuild's "
-                            "rows (format graded) hold each prompt's reference answer in field 'reference': set "
-                            "referenceField: reference (the default)")
+        if part.operation not in WITHOUT_REFERENCE and part.reference_field not in held:
+            raise PlanError(res.ref, f"{where}.referenceField", f"is {part.reference_field!r}, but {why}")
 
 
 def _model(source) -> dict[str, Any]:
@@ -262,6 +266,12 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         dataset["format"] = "unpaired"
     elif objective == "grpo":  # prompts and references: no answers for a Benchmark or Quantization to read
         _check_built_references(res, "spec.grpo.grader", res.spec.grpo.grader, dataset)
+        # A build measured pass rates where its result says what difficulty's sampling asked.
+        if res.spec.grpo.prompt_order == "easyFirst" and built and "difficultyUsage" not in upstream[
+                "spec.dataset.datasetBuildRef"]:
+            raise PlanError(res.ref, "spec.grpo.promptOrder", f"is easyFirst, which orders the prompts by their "
+                            f"pass_rate, but DatasetBuild {built.name} measured none: set spec.difficulty there "
+                            "(the student answers each prompt and the grader scores it), or leave promptOrder shuffled")
         dataset["format"] = "graded"
         _check_grader(res, "spec.grpo.grader", res.spec.grpo.grader)
         _check_engine(res, "spec.grpo.engine", res.spec.grpo.engine, res.spec.base_model.wire())
@@ -344,7 +354,8 @@ def _trained_model(res: Resource, upstream: dict, field: str = "spec.model") -> 
     if spec.fine_tune_ref:
         ft = upstream[f"{field}.fineTuneRef"]
         _check_ranks(res, f"{field}.fineTuneRef", ft)
-        dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"]}
+        dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"],
+                   **_reference_fields(ft)}
         if ft.get("modelUri"):
             return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
         if res.kind == "Quantization":  # conversion reads a whole safetensors model
@@ -355,13 +366,20 @@ def _trained_model(res: Resource, upstream: dict, field: str = "spec.model") -> 
     if getattr(spec, "quantization_ref", None):
         q = upstream[f"{field}.quantizationRef"]
         first = q["artifacts"][0]
-        dataset = ({"uri": q["datasetUri"], "format": q["datasetFormat"], "digest": q["datasetDigest"]}
-                   if q.get("datasetUri") else None)
+        dataset = ({"uri": q["datasetUri"], "format": q["datasetFormat"], "digest": q["datasetDigest"],
+                    **_reference_fields(q)} if q.get("datasetUri") else None)
         if not first["uri"].endswith(".gguf"):  # a compressed-tensors folder
             return {"uri": first["uri"], "digest": first["sha256"]}, None, dataset
         folder, gguf_file = first["uri"].rsplit("/", 1)
         return {"uri": folder, "ggufFile": gguf_file, "digest": first["sha256"]}, None, dataset
     return _model(spec.source), None, None
+
+
+def _reference_fields(result: dict) -> dict[str, list[str]]:
+    """Where a GRPO FineTune's prompts (or a Quantization's of such a model, passed on) hold references,
+    for a Benchmark's reward grader to be checked against: none known of an earlier release's result."""
+    held = result.get("datasetReferenceFields")
+    return {"referenceFields": held} if held is not None else {}
 
 
 def _check_ranks(res: Resource, field: str, trained: dict) -> None:
@@ -453,9 +471,7 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                                          ("conversations", "preference pairs"),
                                          "perplexity is measured on answers", "conversations")
         elif trained_on and trained_on["format"] == "graded":
-            trainer = (f"FineTune {spec.model.fine_tune_ref.name}" if spec.model.fine_tune_ref else
-                       f"the FineTune that Quantization {spec.model.quantization_ref.name} quantized")
-            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: {trainer} trained with objective grpo "
+            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: {_trainer(res)} trained with objective grpo "
                             "on prompts without answers, which perplexity cannot be measured on; name a dataset of "
                             "conversations")
         elif trained_on:
@@ -485,6 +501,12 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                                                "reward.grader.referenceField)")
             _check_built_references(res, "spec.reward.grader", spec.reward.grader, inputs["rewardDataset"])
         elif trained_on and trained_on["format"] == "graded":
+            held = trained_on.get("referenceFields")
+            if held is not None:
+                _check_references(res, "spec.reward.grader", spec.reward.grader, held,
+                                  f"the prompts {_trainer(res)} trained on hold a string or a number in every row "
+                                  f"only in fields {held}: set referenceField to the one with the reference answer, "
+                                  "or name spec.reward.dataset")
             inputs["rewardDataset"] = trained_on
         else:
             raise PlanError(res.ref, "spec.reward.dataset", "is required unless the model comes from a fineTuneRef "
@@ -501,6 +523,13 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
             raise PlanError(res.ref, f"spec.gates[{i}].metric",
                             f"{gate.metric!r} is not reported by this benchmark; valid: {valid}")
     return inputs
+
+
+def _trainer(res: Resource) -> str:
+    """The FineTune a Benchmark's model comes from, in words."""
+    ref = res.spec.model
+    return (f"FineTune {ref.fine_tune_ref.name}" if ref.fine_tune_ref else
+            f"the FineTune that Quantization {ref.quantization_ref.name} quantized")
 
 
 def _ranking_dataset(res: Resource, upstream: dict, trained_on: dict | None) -> dict[str, Any]:

@@ -41,12 +41,18 @@ HELD_OUT_FIRST = {"test": 0, "validation": 1}
 
 def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed: int,
                         drops: Drops) -> list[dict]:
+    """At most counts[lang] prompts of each listed language, sampled, and none of the others; a held-out
+    source's prompts (a benchmark's test split) are not sampled, only kept in the listed languages, and
+    do not count: the test set stays whole and the other prompts fill the counts."""
     if not counts:
         return prompts
     rng, kept = random.Random(seed), []
     by_lang: dict[str, list[dict]] = {}
     for p in prompts:
-        by_lang.setdefault(p["language"], []).append(p)
+        if p.get("split") in HELD_OUT_FIRST and p["language"] in counts:
+            kept.append(p)
+        else:
+            by_lang.setdefault(p["language"], []).append(p)
     for lang, group in by_lang.items():
         take = min(len(group), counts.get(lang, 0))
         chosen = set(map(id, rng.sample(group, take)))
@@ -277,13 +283,15 @@ def run_shard(task: dict[str, Any], run: Store, progress: Progress, shard: int, 
     of each API's limits (the provider's limits are the account's, not the pod's)."""
     shards = task["spec"]["shards"]
     task = {**task, "spec": _shared_limits(task["spec"], shards)}
+    before = _grader_usages(task["spec"])
     prompts = _prompts(task, Drops(), progress)[shard::shards]
     rows, usage, judge = _answer(task, prompts, Drops(), progress, transport)
     # Into the caches, for the merge:
     paired, rejected, scorer = _rejected(task, rows, Drops(), progress, judge, transport)
     _, sampled = _graded(task, paired, Drops(), progress, transport)
     return {"shard": shard, "prompts": len(prompts), "kept": len(rows),
-            "usage": {role: u.report() for role, u in _usages(usage, judge, rejected, scorer, sampled).items()}}
+            "usage": {role: u.report() for role, u in _usages(usage, judge, rejected, scorer, sampled).items()},
+            "graderUsage": {name: u.report() for name, (u, _) in _grader_usages(task["spec"], before).items()}}
 
 
 def _usages(teacher: Usage | None, judge: AnswerJudge | None, rejected: Usage | None,
@@ -294,28 +302,40 @@ def _usages(teacher: Usage | None, judge: AnswerJudge | None, rejected: Usage | 
             if u is not None}
 
 
-def _add_shard_bills(run: Store, shards: int, usages: dict[str, Usage]) -> None:
-    """What the shards paid for, added to the merge's usages: the merge found those answers in the
-    cache, and counted them as cached."""
+def _grader_usages(spec: dict[str, Any], since: dict | None = None) -> dict[str, tuple[Usage, dict[str, float] | None]]:
+    """What difficulty's grader asked of its API endpoints, with their prices: since `since` (an earlier
+    answer of this; the last shard merges in its own process, whose count its shard's work is in)."""
+    if not spec.get("difficulty"):
+        return {}
+    return {name: (u.since((since or {}).get(name, (Usage(), None))[0]), price)
+            for name, (u, price) in api_usage(spec["difficulty"]["grader"], f"{DIFFICULTY}.grader").items()}
+
+
+def _add_shard_bills(run: Store, shards: int, usages: dict[str, Usage], graders: dict[str, Usage]) -> None:
+    """What the shards paid for, added to the merge's usages (by role) and its grader's (by endpoint):
+    the merge found those answers in the cache, and counted them as cached. (Two shards may both pay for
+    one text, e.g. a reference both embed: the cached count never goes below zero.)"""
     for i in range(shards):
-        bills = (finished_result(run.child(f"{SHARDS}/{i}")) or {}).get("usage", {})
-        for role, bill in bills.items():
-            if role in usages:
-                usages[role].cached -= bill["requests"]
-                usages[role].requests += bill["requests"]
-                usages[role].billed(bill["promptTokens"], bill["completionTokens"])
+        shard = finished_result(run.child(f"{SHARDS}/{i}")) or {}
+        for counts, bills in ((usages, shard.get("usage", {})), (graders, shard.get("graderUsage", {}))):
+            for name, bill in bills.items():
+                if name in counts:
+                    counts[name].cached = max(0, counts[name].cached - bill["requests"])
+                    counts[name].requests += bill["requests"]
+                    counts[name].billed(bill["promptTokens"], bill["completionTokens"])
 
 
 def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) -> dict[str, Any]:
     spec = task["spec"]
-    drops = Drops()
+    drops, before = Drops(), _grader_usages(spec)
     prompts = _prompts(task, drops, progress)
     rows, usage, judge = _answer(task, prompts, drops, progress, transport)
     rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
     rows, difficulty_usage = _graded(task, rows, drops, progress, transport)
     usages = _usages(usage, judge, rejected_usage, scorer, difficulty_usage)
+    graders = _grader_usages(spec, before)
     if spec.get("shards", 1) > 1:
-        _add_shard_bills(run, spec["shards"], usages)
+        _add_shard_bills(run, spec["shards"], usages, {name: u for name, (u, _) in graders.items()})
     fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
     for row in rows:
         row["key"] = _first_user_key(row["messages"])
@@ -346,11 +366,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
                  "rejected": (spec.get("preferences") or {}).get("rejected"), "difficulty": spec.get("difficulty")}
     for role, u in usages.items():
         result[f"{role}Usage"] = u.report(((endpoints.get(role) or {}).get("openai") or {}).get("price"))
-    if spec.get("difficulty"):  # its grader's API endpoints, if any
-        graders = {name: u.report(price) for name, (u, price)
-                   in api_usage(spec["difficulty"]["grader"], f"{DIFFICULTY}.grader").items()}
-        if graders:
-            result["graderUsage"] = graders
+    if graders:  # difficulty's grader's API endpoints
+        result["graderUsage"] = {name: u.report(price) for name, (u, price) in graders.items()}
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result

@@ -27,6 +27,7 @@ class Split:
     lengths: list[int]  # tokens of each unit as packing places it (a pair's: both conversations')
     desirable: torch.Tensor | None = None  # kto: each example's label
     answer_tokens: torch.Tensor | None = None  # dpo, reward: (pairs, 2) answer tokens, what dpo_terms averages over
+    ranks: list[float] | None = None  # grpo.promptOrder easyFirst: each prompt's pass rate, highest trained first
 
     @property
     def units(self) -> int:
@@ -41,7 +42,9 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
     if objective == "grpo":
         check_scorable(spec["grpo"]["grader"], "spec.grpo.grader")  # before the model loads
         prompts = group_relative.encode_prompts(tokenizer, rows, max_len, spec["grpo"]["grader"], where)
-        return Split(prompts, [len(e["prompt"]) for e in prompts])
+        easy_first = split == "train" and spec["grpo"].get("promptOrder") == "easyFirst"
+        return Split(prompts, [len(e["prompt"]) for e in prompts],
+                     ranks=group_relative.pass_rates(prompts, where) if easy_first else None)
     if objective == "kto":
         examples, desirable = encode_unpaired(tokenizer, rows, max_len, where)
         return Split(examples, [len(c["input_ids"]) for c in examples[::2]], desirable=desirable)

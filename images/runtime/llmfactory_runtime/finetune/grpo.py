@@ -31,6 +31,7 @@ from ..batching import collate_sequences, evaluating, token_logps
 from ..chat import IGNORE
 from ..generate import prompt_ids, stop_token_ids, to_generation
 from ..grader import api_usage, graded_rows, rewards_by_part
+from ..task import InvalidTask
 from ..usage import Usage
 
 
@@ -43,6 +44,21 @@ def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, wher
         if len(ids) < max_len:
             prompts.append({"prompt": ids, **graded})
     return prompts
+
+
+def pass_rates(prompts: list[dict[str, Any]], where: str) -> list[float]:
+    """Each prompt's pass_rate (0-1: how often the student solved it, as a DatasetBuild's difficulty
+    writes it), which grpo.promptOrder easyFirst orders the prompts by; a row without one is an invalid task."""
+    rates = []
+    for prompt in prompts:
+        rate = prompt["item"].get("pass_rate")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            raise InvalidTask(f"spec.grpo.promptOrder: easyFirst orders the prompts by their pass_rate (0-1), but "
+                              f"{where} has a row with {rate!r} for prompt {prompt['question'][:80]!r}: build the "
+                              "prompts with a DatasetBuild's spec.difficulty, which writes every row's, or leave "
+                              "promptOrder shuffled")
+        rates.append(float(rate))
+    return rates
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from .. import Interrupted
 from ..chat import check_own_template, template_of
 from ..data import read_split
+from ..grader import reference_fields
 from ..models import tokenizer_for
 from ..progress import Progress
 from ..store import Store
@@ -58,11 +59,16 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return factor
 
 
-def epoch_rows(lengths: list[int], epoch: int, hp: dict[str, Any], global_batch: int, max_len: int) -> list[list[int]]:
+def epoch_rows(lengths: list[int], epoch: int, hp: dict[str, Any], global_batch: int, max_len: int,
+               ranks: list[float] | None = None) -> list[list[int]]:
     """The epoch's sequences (each a list of indices of conversations, or of DPO pairs, of these
     lengths), shuffled with the seed and padded by wrapping around to whole steps, so every process
-    does the same number of micro-batches."""
+    does the same number of micro-batches. With ranks (grpo.promptOrder easyFirst: the prompts' pass
+    rates) the shuffled units are then ordered highest first: a curriculum from the prompts the student
+    solves most often to the hardest, every epoch, ties in the shuffle's order."""
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(hp["seed"] + epoch)).tolist()
+    if ranks is not None:
+        order.sort(key=lambda i: -ranks[i])  # stable: equal ranks keep the seeded order
     rows = pack(lengths, order, max_len) if hp["packing"] else one_per_row(order)
     short = -len(rows) % global_batch
     return rows + [rows[i % len(rows)] for i in range(short)]
@@ -141,7 +147,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # reward model scores a row at its end, so its pairs are never packed.
     per_step = global_batch * oversampling  # rows a step reads
     epochs = [epoch_rows(data.lengths, e, {**hp, "packing": hp["packing"] and objective not in ("grpo", "reward")}, per_step,
-                         encoding.unit_length(spec))
+                         encoding.unit_length(spec), data.ranks)
               for e in range(hp["epochs"])]
     steps_per_epoch = [len(rows) // per_step for rows in epochs]
     total_steps = sum(steps_per_epoch)
@@ -445,6 +451,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
         "datasetDigest": dataset["digest"],
+        # What a Benchmark's reward grader may read its reference from, in the prompts it reads by default.
+        **({"datasetReferenceFields": reference_fields(train_rows)} if grpo else {}),
         "lossCurveUri": outputs.write_loss_curve(run, state.history, state.evals, task["resource"]["name"],
                                                  sorted((s, r[0]) for s, r in state.rewards.items()) if grpo else None),
         "estimate": {_camel(k): round(v, 3) for k, v in budget.estimate.as_dict().items()},

@@ -182,4 +182,5 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         "datasetUri": dataset["uri"] if dataset else None,
         "datasetFormat": dataset["format"] if dataset else None,
         "datasetDigest": dataset["digest"] if dataset else None,
+        "datasetReferenceFields": (dataset or {}).get("referenceFields"),
     }
