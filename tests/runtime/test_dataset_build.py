@@ -1111,7 +1111,8 @@ def test_difficulty_keeps_the_prompts_the_student_sometimes_solves_and_samples_e
     # 6 answered prompts' distinct answers (easy and hard 1 each, mixed 2) with their reference: 8 pairs
     assert sharded["graderUsage"] == {"meaning": {"requests": 8, "cached": 0, "completionTokens": 0,
                                                   "promptTokens": openai_server.embedding_tokens}}
-    assert len(openai_server.embedded) == 10  # each shard's 4 answers and the reference: none twice
+    answers = [text for text in openai_server.embedded if text != "42"]  # (both shards may embed the reference)
+    assert len(answers) == len(set(answers)) == 8  # each shard's 4 answers, none embedded twice
     doc["spec"]["difficulty"]["grader"] = number
 
     doc["spec"]["difficulty"] = {"model": {"uri": f"file://{tiny_model}"}, "samples": 2, "maxNewTokens": 4,

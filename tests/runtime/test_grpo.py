@@ -963,8 +963,9 @@ def _rows(n: int) -> list[dict]:
 
 def test_easy_first_trains_each_epoch_from_the_prompts_solved_most_often_to_the_hardest(tiny_model, tmp_path):
     """grpo.promptOrder easyFirst: each epoch's prompts in the order of their pass_rate, highest first.
-    A python grader that rewards every answer with its row's pass rate makes each step's reward the mean
-    pass rate of its prompts. A row without a pass rate is an invalid task when the prompts are read."""
+    A python grader that rewards every answer with its row's pass rate (plus 0.01 for an odd length, so
+    that answers differ) makes each step's reward the mean pass rate of its prompts. A row without a pass rate is an invalid task when the prompts are read.
+    grpo.logCompletions writes each step's first prompt with its answers, their rewards and advantages."""
     from llmfactory_runtime.finetune import encoding
 
     rates = [0.3, 0.9, 0.1, 0.7, 0.5, 0.8, 0.2, 0.6]
@@ -973,14 +974,29 @@ def test_easy_first_trains_each_epoch_from_the_prompts_solved_most_often_to_the_
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_bytes(dumps_jsonl(rows))
-    grpo = {"generations": 2, "maxNewTokens": 2, "promptOrder": "easyFirst",
-            "grader": python_grader("def grade(sample, item):\n    return item['pass_rate']\n")}
+    grpo = {"generations": 2, "maxNewTokens": 2, "promptOrder": "easyFirst", "logCompletions": 1,
+            "grader": python_grader("def grade(sample, item):\n"
+                                    "    return item['pass_rate'] + len(sample['output_text']) % 2 / 100\n")}
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", grpo=grpo,
                          hyperparameters={"epochs": 2, "batchSize": 2})
     proc = run_finetune(write_task(task, tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     curve = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()
-    assert [float(line.split(",")[5]) for line in curve[1:]] == pytest.approx([0.85, 0.65, 0.4, 0.15] * 2)
+    assert [float(line.split(",")[5]) for line in curve[1:]] == pytest.approx([0.85, 0.65, 0.4, 0.15] * 2, abs=0.01)
+    result = open_store(task["artifactUri"]).read_json("result.json")
+    completions = open_store(result["completionsUri"])
+    assert sorted(completions.list("")) == [f"step-{n:06d}.jsonl" for n in range(1, 9)]
+    firsts = [json.loads(completions.read_bytes(f"step-{n:06d}.jsonl")) for n in range(1, 9)]
+    assert [row["prompt"][-1]["content"] for row in firsts] == ["Question 1?", "Question 3?", "Question 4?",
+                                                                 "Question 6?"] * 2
+    for row in firsts:  # each answer's reward as the grader gave it, its advantage against its group's
+        rewards = [a["reward"] for a in row["answers"]]
+        assert rewards == pytest.approx([float(rate) + len(a["text"]) % 2 / 100 for a in row["answers"]
+                                         for rate in [rates[int(row["prompt"][-1]["content"].split()[1][:-1])]]])
+        assert [a["advantage"] for a in row["answers"]] == pytest.approx(
+            advantages(torch.tensor(rewards), 2, "group").tolist(), abs=1e-3)
+        assert len(rewards) == 2 and all(isinstance(a["truncated"], bool) for a in row["answers"])
+    assert any(row["answers"][0]["advantage"] for row in firsts)  # answers of both lengths somewhere
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     with pytest.raises(InvalidTask, match=r"spec.grpo.promptOrder: easyFirst orders the prompts by their pass_rate "

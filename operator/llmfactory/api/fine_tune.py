@@ -419,6 +419,11 @@ class Grpo(ApiModel):
         "progress.json's promptsSampled counts a step's prompts sampled; its reward, answerLength and truncated "
         "are of every answer sampled, uniformGroups the share of the groups trained. Unset: none (uniform "
         "groups train with no advantage, their share in uniformGroups)."))
+    log_completions: int = Field(0, ge=0, le=256, description=(
+        "Each step, write the answers sampled to this many of its prompts (the main process's first), each with "
+        "its reward (a sum grader's parts too), advantage and whether it was cut, to completions/step-<N>.jsonl "
+        "in the run's artifacts (status.result.completionsUri), as TRL's log_completions: read them to see what "
+        "the policy learns to write, and whether it games the grader. 0: none."))
     prompt_order: Literal["shuffled", "easyFirst"] = Field("shuffled", description=(
         "The order of each epoch's prompts. shuffled: a seeded shuffle (hyperparameters.seed), as every "
         "objective's. easyFirst: a curriculum, the shuffled prompts ordered by their pass_rate, highest first "
@@ -777,6 +782,8 @@ class FineTuneResult(ApiModel):
     dataset_uri: str = Field(description="Dataset the model was trained on.")
     dataset_format: str = Field(description="Row format of the dataset.")
     dataset_digest: str = Field(description="Digest of the dataset.")
+    completions_uri: str | None = Field(None, description=(
+        "grpo.logCompletions: the answers sampled each step, one JSONL file a step (step-<N>.jsonl)."))
     dataset_reference_fields: list[str] | None = Field(None, description=(
         "objective grpo: the fields in which every train row holds a string or a number, where a Benchmark's "
         "reward grader (reading these prompts) may find its reference answer (referenceField)."))

@@ -13,6 +13,7 @@ import torch
 
 from ..batching import label_count, token_logps
 from ..chat import IGNORE
+from ..generate import stop_token_ids, to_generation
 from . import grpo as group_relative
 from .distributed import World
 
@@ -38,9 +39,9 @@ class GrpoStep:
                 groups, reserve, lambda fresh: draw([fresh[i:i + micro] for i in range(0, len(fresh), micro)]))
             self.drawn += later
         self.groups = groups
-        batch_std = (group_relative.rewards_std([g.rewards for g in groups], world.sum_tensor)
-                     if grpo["scaleRewards"] == "batch" else None)
-        self.sampled = [group_relative.sampled_batch(model, tokenizer, g, grpo, world.device, batch_std)
+        self.batch_std = (group_relative.rewards_std([g.rewards for g in groups], world.sum_tensor)
+                          if grpo["scaleRewards"] == "batch" else None)
+        self.sampled = [group_relative.sampled_batch(model, tokenizer, g, grpo, world.device, self.batch_std)
                         for g in groups]
         self.batches = [(s["batch"], None) for s in self.sampled]
         # Answer tokens in the loss, all processes (at least 1: with maskTruncated every answer may be out).
@@ -77,6 +78,24 @@ class GrpoStep:
         self.figures["clipped"] += terms.clipped
         self.figures["offPolicyMasked"] += terms.off_policy_masked
         return terms.loss / self.normalizer
+
+    def completions(self, tokenizer, prompts: int) -> list[dict[str, Any]]:
+        """The first `prompts` prompts this process trained on in the step (grpo.logCompletions), each with
+        its answers as the grader read them, their rewards (and parts'), advantages and whether each was cut."""
+        rows, stop = [], stop_token_ids(tokenizer)
+        for g in self.groups:
+            advantages = group_relative.advantages(g.rewards, g.generations, self.grpo["scaleRewards"], self.batch_std)
+            for p, prompt in enumerate(g.prompts):
+                answers = range(p * g.generations, (p + 1) * g.generations)
+                rows.append({"prompt": prompt["messages"], "reference": prompt["reference"], "answers": [
+                    {"text": to_generation(tokenizer, g.answers[a], stop).text,
+                     "reward": round(float(g.rewards[a]), 4), "advantage": round(float(advantages[a]), 4),
+                     "truncated": g.truncated[a], **({"parts": {name: round(float(got[a]), 4)
+                                                                for name, got in g.parts.items()}} if g.parts else {})}
+                    for a in answers]})
+                if len(rows) == prompts:
+                    return rows
+        return rows
 
     def report(self, updates: int) -> dict[str, float]:
         """The step's figures, all processes (progress.json's names; trackers.TRAIN_METRICS maps them)."""

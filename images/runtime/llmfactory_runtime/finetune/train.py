@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import Interrupted
 from ..chat import check_own_template, template_of
-from ..data import read_split
+from ..data import dumps_jsonl, read_split
 from ..grader import reference_fields
 from ..models import tokenizer_for
 from ..progress import Progress
@@ -47,6 +47,7 @@ from ..preference import needs_reference, pair_logps
 from .trackers import Trackers
 
 TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under the run at the end
+COMPLETIONS = "completions"  # grpo.logCompletions' files, a step each
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -378,6 +379,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if trackers:
             trackers.log_step(step, of_step | {"loss": step_loss, "learningRate": lr, "tokensPerSecond": rate}
                               | ({"reward": current.mean_reward} if grpo else {}))
+        if grpo and grpo.get("logCompletions") and world.main:  # a resumed run writes its steps' again, alike
+            run.write_bytes(f"{COMPLETIONS}/step-{step:06d}.jsonl",
+                            dumps_jsonl(current.completions(tokenizer, grpo["logCompletions"])))
 
         interrupted = world.any(stop.is_set())
         if not interrupted:  # else the checkpoint first: the grace period is short
@@ -453,6 +457,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "datasetDigest": dataset["digest"],
         # What a Benchmark's reward grader may read its reference from, in the prompts it reads by default.
         **({"datasetReferenceFields": reference_fields(train_rows)} if grpo else {}),
+        **({"completionsUri": run.child(COMPLETIONS).uri} if grpo and grpo.get("logCompletions") else {}),
         "lossCurveUri": outputs.write_loss_curve(run, state.history, state.evals, task["resource"]["name"],
                                                  sorted((s, r[0]) for s, r in state.rewards.items()) if grpo else None),
         "estimate": {_camel(k): round(v, 3) for k, v in budget.estimate.as_dict().items()},

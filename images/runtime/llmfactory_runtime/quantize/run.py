@@ -182,5 +182,6 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         "datasetUri": dataset["uri"] if dataset else None,
         "datasetFormat": dataset["format"] if dataset else None,
         "datasetDigest": dataset["digest"] if dataset else None,
-        "datasetReferenceFields": (dataset or {}).get("referenceFields"),
+        # Absent rather than null (a merge patch of status drops nulls): only a GRPO model's prompts have them.
+        **({"datasetReferenceFields": dataset["referenceFields"]} if dataset and "referenceFields" in dataset else {}),
     }
