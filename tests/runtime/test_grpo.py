@@ -965,7 +965,8 @@ def test_easy_first_trains_each_epoch_from_the_prompts_solved_most_often_to_the_
     """grpo.promptOrder easyFirst: each epoch's prompts in the order of their pass_rate, highest first.
     A python grader that rewards every answer with its row's pass rate (plus 0.01 for an odd length, so
     that answers differ) makes each step's reward the mean pass rate of its prompts. A row without a pass rate is an invalid task when the prompts are read.
-    grpo.logCompletions writes each step's first prompt with its answers, their rewards and advantages."""
+    grpo.logCompletions writes each step's first prompt with its answers, their rewards and advantages,
+    and shows them as a table in each tracker."""
     from llmfactory_runtime.finetune import encoding
 
     rates = [0.3, 0.9, 0.1, 0.7, 0.5, 0.8, 0.2, 0.6]
@@ -977,8 +978,11 @@ def test_easy_first_trains_each_epoch_from_the_prompts_solved_most_often_to_the_
     grpo = {"generations": 2, "maxNewTokens": 2, "promptOrder": "easyFirst", "logCompletions": 1,
             "grader": python_grader("def grade(sample, item):\n"
                                     "    return item['pass_rate'] + len(sample['output_text']) % 2 / 100\n")}
+    mlruns = tmp_path / "mlruns"
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", grpo=grpo,
-                         hyperparameters={"epochs": 2, "batchSize": 2})
+                         hyperparameters={"epochs": 2, "batchSize": 2}, tracking={
+                             "tensorboard": True, "wandb": {"project": "t", "mode": "offline"},
+                             "mlflow": {"trackingUri": f"file://{mlruns}", "experiment": "tests"}})
     proc = run_finetune(write_task(task, tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     curve = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()
@@ -997,6 +1001,21 @@ def test_easy_first_trains_each_epoch_from_the_prompts_solved_most_often_to_the_
             advantages(torch.tensor(rewards), 2, "group").tolist(), abs=1e-3)
         assert len(rewards) == 2 and all(isinstance(a["truncated"], bool) for a in row["answers"])
     assert any(row["answers"][0]["advantage"] for row in firsts)  # answers of both lengths somewhere
+    # In the trackers: a TensorBoard text, an MLflow table and a W&B table each step, of the same answers.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracking = Path(task["artifactUri"][7:]) / "tracking"
+    accumulator = EventAccumulator(str(next((tracking / "tensorboard").glob("events.out.tfevents.*"))))
+    accumulator.Reload()
+    texts = accumulator.Tensors("completions/text_summary")
+    assert [t.step for t in texts] == list(range(1, 9))
+    assert json.dumps(firsts[0]["answers"][0]["text"]) in texts[0].tensor_proto.string_val[0].decode()
+    tables = sorted(mlruns.glob("*/*/artifacts/completions/step-*.json"))
+    assert [p.name for p in tables] == [f"step-{n:06d}.json" for n in range(1, 9)]
+    logged = json.loads(tables[0].read_text())
+    assert [row[logged["columns"].index("reward")] for row in logged["data"]] == [
+        a["reward"] for a in firsts[0]["answers"]]
+    assert len(list((tracking / "wandb").glob("offline-run-*/files/media/table/completions_*.table.json"))) == 8
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     with pytest.raises(InvalidTask, match=r"spec.grpo.promptOrder: easyFirst orders the prompts by their pass_rate "

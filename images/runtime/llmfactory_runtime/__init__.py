@@ -46,6 +46,14 @@ DATASET_BUILD_ENDPOINTS = (
 )
 
 
+def markdown_cell(text: str, limit: int | None = None) -> str:
+    """Text for a Markdown table cell (reports, trackers' tables): cut at limit, quoted on one line, no
+    column breaks."""
+    import json  # noqa: PLC0415 - this module stays import-light
+
+    return json.dumps(text[:limit], ensure_ascii=False).replace("|", "\\|")
+
+
 def at_path(spec: dict, path: tuple[str, ...]):
     """spec[path[0]][path[1]]..., or None where a part is unset."""
     node = spec

@@ -422,8 +422,9 @@ class Grpo(ApiModel):
     log_completions: int = Field(0, ge=0, le=256, description=(
         "Each step, write the answers sampled to this many of its prompts (the main process's first), each with "
         "its reward (a sum grader's parts too), advantage and whether it was cut, to completions/step-<N>.jsonl "
-        "in the run's artifacts (status.result.completionsUri), as TRL's log_completions: read them to see what "
-        "the policy learns to write, and whether it games the grader. 0: none."))
+        "in the run's artifacts (status.result.completionsUri), and as a table in each of spec.tracking's trackers "
+        "(W&B's completions, a TensorBoard text, MLflow's completions/step-<N>.json), as TRL's log_completions: read "
+        "them to see what the policy learns to write, and whether it games the grader. 0: none."))
     prompt_order: Literal["shuffled", "easyFirst"] = Field("shuffled", description=(
         "The order of each epoch's prompts. shuffled: a seeded shuffle (hyperparameters.seed), as every "
         "objective's. easyFirst: a curriculum, the shuffled prompts ordered by their pass_rate, highest first "

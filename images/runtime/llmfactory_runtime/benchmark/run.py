@@ -15,6 +15,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from .. import markdown_cell
 from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import preference_of, read_split
@@ -451,11 +452,6 @@ def _reward_prompts(spec: dict, dataset: dict) -> list[dict]:
     return prompts
 
 
-def _cell(text: str, limit: int) -> str:
-    """Text for a Markdown table cell: cut at limit, quoted on one line, no column breaks."""
-    return json.dumps(text[:limit], ensure_ascii=False).replace("|", "\\|")
-
-
 def _ranking_lines(pairs: list[dict], ranked: dict[str, list[list[float]]], shown: int = 20) -> list[str]:
     """Accuracy by language, where the rows say theirs (a DatasetBuild's do), and the pairs the model
     ranks wrong, worst first (at most `shown`): what to read before trusting it."""
@@ -478,7 +474,7 @@ def _ranking_lines(pairs: list[dict], ranked: dict[str, list[list[float]]], show
               + " |", "|---|---|---|---|---|" + "---|" * len(ranked)]
     for margin, i in wrong[:shown]:
         prompt, chosen, rejected = preference_of(pairs[i])
-        texts = [_cell(messages[-1]["content"], 120) for messages in (prompt, chosen, rejected)]
+        texts = [markdown_cell(messages[-1]["content"], 120) for messages in (prompt, chosen, rejected)]
         scores = [f"{got[i][0]:.3g} / {got[i][1]:.3g}" for got in ranked.values()]
         lines.append(f"| {i + 1} | " + " | ".join(texts) + f" | {margin:.3g} | " + " | ".join(scores) + " |")
     return lines
@@ -516,8 +512,9 @@ def _report(task: dict, metrics: dict, gates: list, questions: list, judged: dic
             parts = ", ".join(f"{name} {got[i]:.3g}" for name, got in r.get("parts", {}).items())
             return f"{r['rewards'][i]:.3g}" + (f" ({parts})" if parts else "")
         for i, p in enumerate(prompts):
-            cells = [f"{scored(r, i)}: {_cell(r['answers'][i], 200)}" for r in rewarded.values()]
-            lines.append(f"| {_cell(p['question'], 120)} | {_cell(p['reference'] or '', 120)} | " + " | ".join(cells) + " |")
+            cells = [f"{scored(r, i)}: {markdown_cell(r['answers'][i], 200)}" for r in rewarded.values()]
+            lines.append(f"| {markdown_cell(p['question'], 120)} | {markdown_cell(p['reference'] or '', 120)} | "
+                         + " | ".join(cells) + " |")
     if ranked:
         lines += _ranking_lines(pairs, ranked)
     if questions:

@@ -10,6 +10,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from .. import markdown_cell
 from ..task import InvalidTask
 
 
@@ -32,6 +33,13 @@ TRAIN_METRICS = {
     "samplerLogpDiff": "sampling/sampling_logp_difference/mean",
     "samplerMasked": "sampling/importance_sampling_ratio/frac_masked",
 }
+
+
+def _markdown(table: list[dict[str, Any]]) -> str:
+    """Rows as a Markdown table, texts quoted on one line."""
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    return "\n".join(lines + ["| " + " | ".join(markdown_cell(v) if isinstance(v, str) else str(v) for v in row.values())
+                               + " |" for row in table])
 
 
 class Trackers:
@@ -77,6 +85,25 @@ class Trackers:
         """A training step's figures (progress.json's names), under TRAIN_METRICS' names."""
         self.log(step, {TRAIN_METRICS[k]: v for k, v in figures.items() if k in TRAIN_METRICS}
                  | {f"train/rewards/{k[7:]}": v for k, v in figures.items() if k.startswith("reward.")})
+
+    def log_completions(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """grpo.logCompletions' rows (GrpoStep.completions) as a table of the step's answers (prompt,
+        completion, reward, advantage), where each tracker shows tables: W&B's `completions` (TRL's
+        log_completions), a TensorBoard text (Markdown), an MLflow table artifact completions/step-N.json."""
+        table = [{"step": step, "prompt": row["prompt"][-1]["content"], "completion": answer["text"],
+                  "reward": answer["reward"], "advantage": answer["advantage"]}
+                 for row in rows for answer in row["answers"]]
+        if not table:
+            return
+        if self.tensorboard:
+            self.tensorboard.add_text("completions", _markdown(table), step)
+        if self.wandb:
+            wandb = importlib.import_module("wandb")
+            self.wandb.log({"completions": wandb.Table(columns=list(table[0]), data=[list(r.values()) for r in table])},
+                           step=step)
+        if self.mlflow:
+            self.mlflow.log_table({key: [r[key] for r in table] for key in table[0]},
+                                  artifact_file=f"completions/step-{step:06d}.json")
 
     def flush(self) -> None:
         """Local files up to date, for a checkpoint to carry them (the others report as they go)."""

@@ -380,8 +380,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             trackers.log_step(step, of_step | {"loss": step_loss, "learningRate": lr, "tokensPerSecond": rate}
                               | ({"reward": current.mean_reward} if grpo else {}))
         if grpo and grpo.get("logCompletions") and world.main:  # a resumed run writes its steps' again, alike
-            run.write_bytes(f"{COMPLETIONS}/step-{step:06d}.jsonl",
-                            dumps_jsonl(current.completions(tokenizer, grpo["logCompletions"])))
+            completions = current.completions(tokenizer, grpo["logCompletions"])
+            run.write_bytes(f"{COMPLETIONS}/step-{step:06d}.jsonl", dumps_jsonl(completions))
+            if trackers:
+                trackers.log_completions(step, completions)
 
         interrupted = world.any(stop.is_set())
         if not interrupted:  # else the checkpoint first: the grace period is short
