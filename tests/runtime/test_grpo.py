@@ -63,6 +63,23 @@ def test_the_grader_compares_the_answer_or_what_extract_picks_of_it_with_the_ref
     assert last_number("-3.5e2 and 1,000,000") == 1_000_000 and last_number("none") is None
 
 
+def test_a_math_grader_compares_the_final_answer_with_the_reference_as_mathematics():
+    """operation math (math-verify): the boxed answer is the one compared, against a bare reference or a
+    solution's boxed one, equal as numbers, fractions, expressions, intervals or choices; a wrong or
+    unparsable one scores 0, and extract narrows what is read first."""
+    math = grader("math")
+    assert reward(r"Halving 1 gives $\boxed{\frac{1}{2}}$.", "0.5", math) == 1.0
+    assert reward(r"$\boxed{0.5}$", r"\frac{1}{2}", math) == 1.0
+    assert reward(r"So the total is \boxed{\frac{2}{4}}", r"The answer is $\boxed{\frac{1}{2}}$.", math) == 1.0
+    assert reward(r"$\boxed{(x+1)^2}$", "x^2+2x+1", math) == 1.0  # symbolically equal
+    assert reward(r"$\boxed{[1, 2)}$", "[1,2)", math) == 1.0 and reward(r"$\boxed{(1, 2]}$", "[1,2)", math) == 0.0
+    assert reward(r"\boxed{B}", "B", math) == 1.0 and reward(r"\boxed{C}", "B", math) == 0.0
+    assert reward(r"\boxed{3} is what I get, not 4", "3", math) == 1.0  # the boxed answer, not the last number
+    assert reward(r"$\boxed{\frac{1}{3}}$", "0.33", math) == 0.0  # not rounded to the reference's digits
+    assert reward("no answer at all", "7", math) == 0.0 and reward(r"\boxed{7}", "", math) == 0.0
+    assert reward("#### 1/2 (I think 3)", "0.5", grader("math", extract=r"#### ([^(]+)")) == 1.0
+
+
 def test_a_similarity_grader_scores_how_alike_answer_and_reference_are_in_any_language():
     """grader operation similarity (OpenAI's text_similarity) by hand, 0-1 by metric: ROUGE's F-measures
     of shared n-grams of 1 to 5 words and of the longest common subsequence, GLEU's lesser of n-gram precision and

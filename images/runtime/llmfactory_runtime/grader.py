@@ -12,7 +12,7 @@ import math
 import re
 from typing import Any
 
-from . import GRADER_KEY_ENV, python_grader
+from . import GRADER_KEY_ENV, math_answer, python_grader
 from .data import prompt_of
 from .usage import Usage
 from .similarity import missing, similarity
@@ -247,7 +247,7 @@ def last_match(pattern: str | None, text: str) -> str | None:
 
 
 def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
-    """1.0 when the answer passes the grader's check (equals, contains, icontains, number), else 0.0;
+    """1.0 when the answer passes the grader's check (equals, contains, icontains, number, math), else 0.0;
     operation similarity: how alike they are, 0-1 (grader.metric; cosine: see rewards)."""
     answer = extracted(answer, grader)
     if answer is None:
@@ -262,6 +262,8 @@ def reward(answer: str, reference: str, grader: dict[str, Any]) -> float:
         passed = reference in answer
     elif operation == "icontains":
         passed = reference.lower() in answer.lower()
+    elif operation == "math":
+        passed = math_answer.equal(answer, reference)
     else:  # number
         got, want = last_number(answer), last_number(reference)
         passed = got is not None and want is not None and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-9)

@@ -193,8 +193,9 @@ class GraderPart(ApiModel):
          "message": "embeddingPrompt applies to grader.embeddingModel (a local embedding model) alone"},
         {"rule": "!has(self.embeddingModel) || !has(self.embeddingModel.ggufFile)",
          "message": "embeddingModel is an encoder in safetensors: name its folder or repository, not a GGUF file"},
-        {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number', 'similarity']",
-         "message": "extract applies to the equals, contains, icontains, number and similarity checks: a judge, a "
+        {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number', 'math', "
+                 "'similarity']",
+         "message": "extract applies to the equals, contains, icontains, number, math and similarity checks: a judge, a "
                     "python grader or a reward model reads the whole answer, and a sum's parts have their own"},
     ]
 
@@ -202,12 +203,18 @@ class GraderPart(ApiModel):
         "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number. "
         "Every row needs it, except with operation python, whose grade function reads the row itself, and "
         "rewardModel, which reads the prompt and answer only."))
-    operation: Literal["equals", "contains", "icontains", "number", "similarity", "judge", "python", "rewardModel"] = Field(
+    operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "python",
+                       "rewardModel"] = Field(
         "equals", description=(
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
         "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
-        "graders compare final answers. similarity: how alike the answer and the reference are, 0-1, by "
+        "graders compare final answers. math: the answer's final mathematical answer (its \\boxed{} one, else "
+        "the last expression math-verify finds; prompt for \\boxed{}) equals the reference (a bare answer such as '\\frac{1}{2}' "
+        "or a solution with its \\boxed{} answer) symbolically or numerically, by Hugging Face's math-verify "
+        "(TRL's accuracy_reward, Open R1's MATH grading): 1/2, 0.5 and \\frac{2}{4} agree, as do "
+        "(x+1)^2 and x^2+2x+1, sets, intervals and matrices; an answer or reference it cannot parse scores 0. "
+        "similarity: how alike the answer and the reference are, 0-1, by "
         "grader.metric (OpenAI's text_similarity grader): for translations and summaries. judge: grader.judge or grader.judgeModel rates the answer 1-10 against "
         "the reference (the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an "
         "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
@@ -313,8 +320,8 @@ class Grader(GraderPart):
                     "LLMFACTORY_EMBEDDINGS_API_KEY"},
     ]
 
-    operation: Literal["equals", "contains", "icontains", "number", "similarity", "judge", "python", "rewardModel",
-                       "sum"] = Field(
+    operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "python",
+                       "rewardModel", "sum"] = Field(
         "equals", description=GraderPart.model_fields["operation"].description + (
             " sum: the weighted sum of grader.parts' rewards (e.g. a correctness check plus a format reward)."))
     parts: list[WeightedPart] | None = Field(None, min_length=2, max_length=8, description=(
