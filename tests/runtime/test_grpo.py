@@ -981,9 +981,9 @@ def _rows(n: int) -> list[dict]:
 def test_easy_first_trains_each_epoch_from_the_prompts_solved_most_often_to_the_hardest(tiny_model, tmp_path):
     """grpo.promptOrder easyFirst: each epoch's prompts in the order of their pass_rate, highest first.
     A python grader that rewards every answer with its row's pass rate (plus 0.01 for an odd length, so
-    that answers differ) makes each step's reward the mean pass rate of its prompts. A row without a pass rate is an invalid task when the prompts are read.
-    grpo.logCompletions writes each step's first prompt with its answers, their rewards and advantages,
-    and shows them as a table in each tracker."""
+    that answers differ) makes each step's reward the mean pass rate of its prompts. A row without a pass
+    rate is an invalid task when the prompts are read. grpo.logCompletions writes each step's first prompt
+    with its answers, their rewards and advantages, and shows them as a table in each tracker."""
     from llmfactory_runtime.finetune import encoding
 
     rates = [0.3, 0.9, 0.1, 0.7, 0.5, 0.8, 0.2, 0.6]
@@ -1037,7 +1037,8 @@ def test_easy_first_trains_each_epoch_from_the_prompts_solved_most_often_to_the_
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     with pytest.raises(InvalidTask, match=r"spec.grpo.promptOrder: easyFirst orders the prompts by their pass_rate "
                                           r"\(0-1\), but spec.objective grpo: train.jsonl has a row with None for "
-                                          r"prompt 'Question 2\?': build the prompts with a DatasetBuild's spec.difficulty"):
+                                          r"prompt 'Question 2\?': build the prompts with a DatasetBuild's "
+                                          "spec.difficulty"):
         encoding.encode(task["spec"], tokenizer, rows[:2] + [{**rows[2], "pass_rate": None}], "train")
     assert encoding.encode(task["spec"], tokenizer, rows[:2], "validation").ranks is None  # validation keeps its order
 

@@ -195,8 +195,8 @@ class GraderPart(ApiModel):
          "message": "embeddingModel is an encoder in safetensors: name its folder or repository, not a GGUF file"},
         {"rule": "!has(self.extract) || self.operation in ['equals', 'contains', 'icontains', 'number', 'math', "
                  "'similarity']",
-         "message": "extract applies to the equals, contains, icontains, number, math and similarity checks: a judge, a "
-                    "python grader or a reward model reads the whole answer, and a sum's parts have their own"},
+         "message": "extract applies to the equals, contains, icontains, number, math and similarity checks: a "
+                    "judge, a python grader or a reward model reads the whole answer, and a sum's parts have their own"},
     ]
 
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
@@ -210,8 +210,8 @@ class GraderPart(ApiModel):
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
         "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
         "graders compare final answers. math: the answer's final mathematical answer (its \\boxed{} one, else "
-        "the last expression math-verify finds; prompt for \\boxed{}) equals the reference (a bare answer such as '\\frac{1}{2}' "
-        "or a solution with its \\boxed{} answer) symbolically or numerically, by Hugging Face's math-verify "
+        "the last expression math-verify finds; prompt for \\boxed{}) equals the reference (a bare answer such "
+        "as '\\frac{1}{2}' or a solution with its \\boxed{} answer) symbolically or numerically, by Hugging Face's math-verify "
         "(TRL's accuracy_reward, Open R1's MATH grading): 1/2, 0.5 and \\frac{2}{4} agree, as do "
         "(x+1)^2 and x^2+2x+1, sets, intervals and matrices; an answer or reference it cannot parse scores 0. "
         "similarity: how alike the answer and the reference are, 0-1, by "

@@ -471,9 +471,9 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                                          ("conversations", "preference pairs"),
                                          "perplexity is measured on answers", "conversations")
         elif trained_on and trained_on["format"] == "graded":
-            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: {_trainer(res)} trained with objective grpo "
-                            "on prompts without answers, which perplexity cannot be measured on; name a dataset of "
-                            "conversations")
+            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: {_trainer(res)} trained with objective "
+                            "grpo on prompts without answers, which perplexity cannot be measured on; name a dataset "
+                            "of conversations")
         elif trained_on:
             inputs["dataset"] = trained_on
         else:

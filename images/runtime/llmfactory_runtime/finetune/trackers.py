@@ -38,8 +38,8 @@ TRAIN_METRICS = {
 def _markdown(table: list[dict[str, Any]]) -> str:
     """Rows as a Markdown table, texts quoted on one line."""
     lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    return "\n".join(lines + ["| " + " | ".join(markdown_cell(v) if isinstance(v, str) else str(v) for v in row.values())
-                               + " |" for row in table])
+    cells = [[markdown_cell(v) if isinstance(v, str) else str(v) for v in row.values()] for row in table]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
 class Trackers:
