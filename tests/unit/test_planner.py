@@ -400,8 +400,8 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
     assert task["inputs"]["dataset"]["format"] == "graded"
     assert task["spec"]["grpo"] == {"generations": 8, "temperature": 1.0, "topP": 1.0, "topK": 0, "minP": 0.0,
                                     "maxNewTokens": 256, "scaleRewards": "group",
-                                    "beta": 0.0, "lossType": "dapo", "maskTruncated": False, "logCompletions": 0,
-                                    "promptOrder": "shuffled", "iterations": 1, "epsilon": 0.2,
+                                    "beta": 0.0, "lossType": "dapo", "maskTruncated": False, "iterations": 1,
+                                    "epsilon": 0.2,
                                     "importanceSamplingLevel": "token", "topEntropyQuantile": 1.0,
                                     "grader": {"referenceField": "answer", "operation": "number",
                                                "extract": "#### (.+)"}, "engine": "transformers",

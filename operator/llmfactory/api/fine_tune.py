@@ -426,14 +426,16 @@ class Grpo(ApiModel):
         "progress.json's promptsSampled counts a step's prompts sampled; its reward, answerLength and truncated "
         "are of every answer sampled, uniformGroups the share of the groups trained. Unset: none (uniform "
         "groups train with no advantage, their share in uniformGroups)."))
-    log_completions: int = Field(0, ge=0, le=256, description=(
+    # Optional, not defaulted: a GRPO FineTune planned before these settings came keeps its task digest
+    # (and so its finished run), as every field that is unset leaves it.
+    log_completions: int | None = Field(None, ge=1, le=256, description=(
         "Each step, write the answers sampled to this many of its prompts (the main process's first), each with "
         "its reward (a sum grader's parts too), advantage and whether it was cut, to completions/step-<N>.jsonl "
         "in the run's artifacts (status.result.completionsUri), and as a table in each of spec.tracking's trackers "
         "(W&B's completions, a TensorBoard text, MLflow's completions/step-<N>.json), as TRL's log_completions: read "
-        "them to see what the policy learns to write, and whether it games the grader. 0: none."))
-    prompt_order: Literal["shuffled", "easyFirst"] = Field("shuffled", description=(
-        "The order of each epoch's prompts. shuffled: a seeded shuffle (hyperparameters.seed), as every "
+        "them to see what the policy learns to write, and whether it games the grader. Unset: none."))
+    prompt_order: Literal["shuffled", "easyFirst"] | None = Field(None, description=(
+        "The order of each epoch's prompts. shuffled (unset): a seeded shuffle (hyperparameters.seed), as every "
         "objective's. easyFirst: a curriculum, the shuffled prompts ordered by their pass_rate, highest first "
         "(the prompts the student already solves most often early, the hardest last, every epoch): a "
         "DatasetBuild's difficulty measures it and writes it in every row, and the planner refuses a build "

@@ -271,7 +271,8 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                 "spec.dataset.datasetBuildRef"]:
             raise PlanError(res.ref, "spec.grpo.promptOrder", f"is easyFirst, which orders the prompts by their "
                             f"pass_rate, but DatasetBuild {built.name} measured none: set spec.difficulty there "
-                            "(the student answers each prompt and the grader scores it), or leave promptOrder shuffled")
+                            "(the student answers each prompt and the grader scores it), or leave promptOrder unset "
+                            "(shuffled)")
         dataset["format"] = "graded"
         _check_grader(res, "spec.grpo.grader", res.spec.grpo.grader)
         _check_engine(res, "spec.grpo.engine", res.spec.grpo.engine, res.spec.base_model.wire())

@@ -56,7 +56,7 @@ def pass_rates(prompts: list[dict[str, Any]], where: str) -> list[float]:
             raise InvalidTask(f"spec.grpo.promptOrder: easyFirst orders the prompts by their pass_rate (0-1), but "
                               f"{where} has a row with {rate!r} for prompt {prompt['question'][:80]!r}: build the "
                               "prompts with a DatasetBuild's spec.difficulty, which writes every row's, or leave "
-                              "promptOrder shuffled")
+                              "promptOrder unset (shuffled)")
         rates.append(float(rate))
     return rates
 
