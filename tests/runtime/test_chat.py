@@ -32,6 +32,24 @@ def test_only_assistant_turns_and_their_end_marker_are_learned(tiny_model):
     assert _learned_spans(tok, messages) == ["Paris.<|im_end|>\n", "Москва.<|im_end|>\n"]
 
 
+def test_loss_on_all_learns_every_token_of_the_rendered_conversation(tiny_model):
+    """hyperparameters.lossOn all (Axolotl's train_on_inputs): the system and user turns and the
+    template's markup are learned too, as SFT's encoding of the split gives them."""
+    from llmfactory_runtime.finetune import encoding
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris."}]
+    enc = encode_for_training(tok, messages, 512, every_token=True)
+    assert enc["labels"] == enc["input_ids"] and tok.decode(enc["input_ids"]).startswith("<|im_start|>system")
+    spec = {"objective": "sft", "hyperparameters": {"maxSeqLength": 512, "lossOn": "all"}}
+    rows = [{"messages": messages}, {"messages": [{"role": "user", "content": "hello"}]}]
+    split = encoding.encode(spec, tok, rows, "train")
+    assert [e["labels"] for e in split.examples] == [e["input_ids"] for e in split.examples] and split.units == 2
+    assumed = encoding.encode({**spec, "hyperparameters": {"maxSeqLength": 512}}, tok, rows, "train")
+    assert assumed.units == 1 and IGNORE in assumed.examples[0]["labels"]  # unset: the answers only
+
+
 def test_user_only_conversation_learns_nothing(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     assert _learned_spans(tok, [{"role": "user", "content": "hello"}]) == []

@@ -240,6 +240,8 @@ BAD = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo", "dpo": {"beta": 0}},
      "violates minimum"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo",
+                  "hyperparameters": {"lossOn": "all"}}, "hyperparameters.lossOn applies to objective sft"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo",
                   "dpo": {"loss": "ipo", "labelSmoothing": 0.1}}, "labelSmoothing applies to loss sigmoid"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo", "dpo": {"gamma": 1.0}},
      "gamma applies to loss simpo"),

@@ -12,10 +12,11 @@ from .data import messages_of, undesirable
 from .models import device
 
 
-def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[dict]:
-    """Encoded conversations that have at least one assistant token within max_len (of unpaired
-    rows, those whose answer is desirable)."""
-    encoded = [encode_for_training(tokenizer, messages_of(r), max_len) for r in rows if not undesirable(r)]
+def encode_rows(tokenizer, rows: list[dict], max_len: int, every_token: bool = False) -> list[dict]:
+    """Encoded conversations that have at least one assistant token (every_token: any token) within
+    max_len (of unpaired rows, those whose answer is desirable)."""
+    encoded = [encode_for_training(tokenizer, messages_of(r), max_len, every_token=every_token)
+               for r in rows if not undesirable(r)]
     return [e for e in encoded if any(label != IGNORE for label in e["labels"])]
 
 

@@ -144,14 +144,16 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]], first: int = 0) -
     return text, spans
 
 
-def encode_for_training(tokenizer, messages: list[dict[str, str]], max_length: int, first: int = 0) -> dict[str, Any]:
+def encode_for_training(tokenizer, messages: list[dict[str, str]], max_length: int, first: int = 0,
+                        every_token: bool = False) -> dict[str, Any]:
     """input_ids and labels, where labels are IGNORE everywhere but on assistant tokens (of the
-    messages from `first` on: a DPO pair's answers, not its prompt's earlier turns)."""
+    messages from `first` on: a DPO pair's answers, not its prompt's earlier turns); with every_token
+    (hyperparameters.lossOn all) the labels are every token's."""
     text, spans = assistant_spans(tokenizer, messages, first)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
                     truncation=True, max_length=max_length)
     labels = []
     for token, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        inside = any(a <= start < b for a, b in spans)
+        inside = every_token or any(a <= start < b for a, b in spans)
         labels.append(token if inside else IGNORE)
     return {"input_ids": enc["input_ids"], "labels": labels}

@@ -553,6 +553,13 @@ class Hyperparameters(ApiModel):
         "NEFTune (Jain et al., 2023): add uniform noise of at most alpha/sqrt(L x d) to the input embeddings "
         "in training steps (L the sequence's length, the packed one with packing; d the hidden size), as "
         "HF Trainer's neftune_noise_alpha does; 5 is the paper's usual value. Evaluation sees none."))
+    loss_on: Literal["assistant", "all"] | None = Field(None, description=(
+        "objective sft: the tokens the loss is on. assistant (unset): the assistant turns and their end-of-turn "
+        "markers only, as Axolotl's train_on_inputs false and TRL's assistant_only_loss. all: every token of "
+        "the rendered conversation, system and user turns and the template's markup too (Axolotl's "
+        "train_on_inputs true, TRL's SFTTrainer default): for continued pre-training on conversations, or a "
+        "model that should also learn to write the prompts. The validation loss is on the same tokens; a "
+        "Benchmark's perplexity reports both kinds either way."))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
     fused_kernels: bool = Field(False, description=(
         "Liger's fused Triton kernels for Llama-family models (RMSNorm, SwiGLU, RoPE, and linear + "
@@ -678,6 +685,10 @@ class FineTuneSpec(RunOptions):
          "message": "hyperparameters.fusedKernels cannot run under distribution.zeroStage 3: Liger's fused linear + "
                     "cross-entropy reads the output layer's weight directly, of which ZeRO 3 leaves each process "
                     "only its shard; use zeroStage 2 or set fusedKernels false"},
+        {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.lossOn) || !has(self.objective) "
+                 "|| self.objective == 'sft'",
+         "message": "hyperparameters.lossOn applies to objective sft: dpo, kto and reward compare answers, and grpo "
+                    "trains on its sampled answers"},
     ]
 
     base_model: BaseModel = Field(description="The model to fine-tune.")

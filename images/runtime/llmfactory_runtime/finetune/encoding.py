@@ -51,7 +51,7 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
     if objective in ("dpo", "reward"):
         pairs = encode_pairs(tokenizer, rows, max_len, where, margins=objective == "reward")
         return Split(pairs, pair_lengths(pairs), answer_tokens=token_counts(pairs))
-    conversations = encode_rows(tokenizer, rows, max_len)
+    conversations = encode_rows(tokenizer, rows, max_len, every_token=spec["hyperparameters"].get("lossOn") == "all")
     return Split(conversations, [len(c["input_ids"]) for c in conversations])
 
 
