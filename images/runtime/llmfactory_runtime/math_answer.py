@@ -27,18 +27,27 @@ def _reference(text: str):
     return parse(text if written else f"${text}$", extraction_mode="first_match", parsing_timeout=_seconds())
 
 
+@lru_cache(maxsize=1)
+def _answer_extraction() -> tuple:
+    """How an answer's final answer is found (TRL's accuracy_reward's): \\boxed{} first, then LaTeX or a
+    plain expression. Built once: equal runs for every sampled answer."""
+    from latex2sympy2_extended import NormalizationConfig  # noqa: PLC0415
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig  # noqa: PLC0415
+
+    latex = LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False,
+                                  normalization_config=NormalizationConfig(nits=False, malformed_operators=False,
+                                                                           basic_latex=True, boxed="all", units=True))
+    return (latex, ExprExtractionConfig())
+
+
 def equal(answer: str, reference: str) -> bool:
     """Whether the answer's final answer (its \\boxed{} one first, else the last expression math-verify
     finds) equals the reference's; False where either has none math-verify can parse."""
-    from latex2sympy2_extended import NormalizationConfig  # noqa: PLC0415
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify  # noqa: PLC0415
+    from math_verify import parse, verify  # noqa: PLC0415
 
     gold = _reference(reference)
     if not gold:
         return False
-    latex = LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False,
-                                  normalization_config=NormalizationConfig(nits=False, malformed_operators=False,
-                                                                           basic_latex=True, boxed="all", units=True))
-    got = parse(answer, extraction_config=[latex, ExprExtractionConfig()], extraction_mode="first_match",
+    got = parse(answer, extraction_config=list(_answer_extraction()), extraction_mode="first_match",
                 parsing_timeout=_seconds())
     return bool(got) and verify(gold, got, timeout_seconds=_seconds())

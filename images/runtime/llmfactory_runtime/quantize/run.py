@@ -183,5 +183,6 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         "datasetFormat": dataset["format"] if dataset else None,
         "datasetDigest": dataset["digest"] if dataset else None,
         # Absent rather than null (a merge patch of status drops nulls): only a GRPO model's prompts have them.
-        **({"datasetReferenceFields": dataset["referenceFields"]} if dataset and "referenceFields" in dataset else {}),
+        **({"datasetReferenceFields": dataset["referenceFields"]}
+           if dataset and "referenceFields" in dataset else {}),
     }
