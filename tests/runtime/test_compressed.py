@@ -95,7 +95,7 @@ def test_awq_calibrates_loads_back_and_is_held_to_the_bounds(tiny_model, tmp_pat
     assert awq["topTokenAgreementPercent"] < 100 and result["passed"] is False
 
 
-def test_calibrated_types_need_conversations(tiny_model, tmp_path):
+def test_calibrated_types_need_calibration_rows(tiny_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    with pytest.raises(InvalidTask, match="gptq needs calibration conversations"):
+    with pytest.raises(InvalidTask, match="gptq needs calibration rows"):
         compressed.compress(model, None, "gptq", tmp_path / "out", calibration=None)

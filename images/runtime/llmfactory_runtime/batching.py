@@ -1,4 +1,4 @@
-"""Conversations -> padded tensors, and the perplexity every phase measures the same way."""
+"""Conversations and raw text -> padded tensors, and the perplexity every phase measures the same way."""
 
 from __future__ import annotations
 
@@ -7,17 +7,50 @@ import math
 
 import torch
 
-from .chat import IGNORE, encode_for_training
-from .data import messages_of, undesirable
+from .chat import IGNORE, encode_for_training, render
+from .data import messages_of, text_of, undesirable
 from .models import device
+from .task import InvalidTask
 
 
-def encode_rows(tokenizer, rows: list[dict], max_len: int, every_token: bool = False) -> list[dict]:
+def encode_text(tokenizer, text: str, max_len: int) -> list[dict]:
+    """A raw-text row as continued pre-training learns it: the tokenizer's own encoding (with its
+    beginning-of-sequence token where it writes one) and the end-of-sequence token, as TRL and
+    torchtune add it, every token labelled, in pieces of max_len tokens, so that a long document is
+    learned whole rather than cut off (as Hugging Face's run_clm groups texts); a last piece too
+    short to predict a token is left out."""
+    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
+        ids.append(tokenizer.eos_token_id)
+    pieces = [ids[at:at + max_len] for at in range(0, len(ids), max_len)]
+    return [{"input_ids": piece, "labels": list(piece)} for piece in pieces if len(piece) > 1]
+
+
+def encode_rows(tokenizer, rows: list[dict], max_len: int, every_token: bool = False,
+                where: str = "the dataset") -> list[dict]:
     """Encoded conversations that have at least one assistant token (every_token: any token) within
-    max_len (of unpaired rows, those whose answer is desirable)."""
-    encoded = [encode_for_training(tokenizer, messages_of(r), max_len, every_token=every_token)
-               for r in rows if not undesirable(r)]
+    max_len (of unpaired rows, those whose answer is desirable), and raw-text rows' pieces
+    (encode_text), in the rows' order. A malformed row is an invalid task naming `where` (field and
+    file) and the row."""
+    encoded = []
+    for n, row in enumerate(rows, 1):
+        try:
+            text = text_of(row)
+            messages = None if text is not None or undesirable(row) else messages_of(row)
+        except ValueError as e:
+            raise InvalidTask(f"{where} row {n}: {e}") from None
+        if text is not None:
+            encoded += encode_text(tokenizer, text, max_len)
+        elif messages is not None:
+            encoded.append(encode_for_training(tokenizer, messages, max_len, every_token=every_token))
     return [e for e in encoded if any(label != IGNORE for label in e["labels"])]
+
+
+def as_trained(tokenizer, row: dict) -> str:
+    """A row's text as training reads it: a raw-text row's text, a conversation rendered by the chat
+    template (what quantization calibrates on)."""
+    text = text_of(row)
+    return text if text is not None else render(tokenizer, messages_of(row))
 
 
 # Rows' width: a multiple of this, 64 on a GPU. SDPA with a mask (packing's block-diagonal one, or
@@ -129,11 +162,13 @@ def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, all_tok
     return total / count if count else None
 
 
-def perplexity(model, tokenizer, rows: list[dict], max_len: int = 2048, batch_size: int = 4) -> dict[str, float]:
-    """{assistant: perplexity on assistant tokens, all: on every token} of a model on conversations."""
-    examples = encode_rows(tokenizer, rows, max_len)
+def perplexity(model, tokenizer, rows: list[dict], max_len: int = 2048, batch_size: int = 4,
+               where: str = "the dataset") -> dict[str, float]:
+    """{assistant: perplexity on the tokens training learns (assistant turns; a raw-text row's every
+    token), all: on every token} of a model on rows (encode_rows; `where` names them in its errors)."""
+    examples = encode_rows(tokenizer, rows, max_len, where=where)
     if not examples:
-        raise ValueError("no conversation with an assistant answer to measure perplexity on")
+        raise InvalidTask(f"{where}: no row with an assistant answer (or text) to measure perplexity on")
     return {"assistant": math.exp(mean_loss(model, examples, batch_size, tokenizer.pad_token_id)),
             "all": math.exp(mean_loss(model, examples, batch_size, tokenizer.pad_token_id, all_tokens=True))}
 

@@ -1,6 +1,6 @@
 """Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split;
-preference pairs for DPO in OpenAI's or TRL's form; TRL's unpaired rows for KTO; and prompts with
-reference answers for GRPO."""
+raw text ({text}) for continued pre-training; preference pairs for DPO in OpenAI's or TRL's form;
+TRL's unpaired rows for KTO; and prompts with reference answers for GRPO."""
 
 from __future__ import annotations
 
@@ -28,10 +28,33 @@ def preference_row(messages: list[dict[str, str]], rejected: str, **extra: Any) 
             **extra}
 
 
+# The fields a row with messages of some form holds: a row with `text` and none of them is raw text.
+_MESSAGE_FIELDS = ("messages", "conversations", "prompt", "chosen", "completion", "preferred_output", "input")
+
+
+def text_of(row: dict[str, Any]) -> str | None:
+    """The text of a raw-text row ({text}: a document for continued pre-training, as TRL's language
+    modeling rows, Axolotl's completion and torchtune's text_completion_dataset read it); None for a
+    row of messages (one with text beside its messages is a conversation). A ValueError says what is
+    wrong with the text."""
+    if "text" not in row or any(field in row for field in _MESSAGE_FIELDS):
+        return None
+    if not isinstance(row["text"], str) or not row["text"].strip():
+        raise ValueError(f"a text row's text must be a non-empty string, got {str(row['text'])[:80]!r}")
+    return row["text"]
+
+
+def _not_text(row: dict[str, Any]) -> None:
+    """A ValueError for a raw-text row where rows of messages are read."""
+    if text_of(row) is not None:
+        raise ValueError("a text row ({text}: continued pre-training) has no prompt or answer: it trains with "
+                         "objective sft only, and cannot be a preference pair, an unpaired example or a prompt")
+
+
 def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     """ChatML messages from a row in either format; of a preference row (DPO), the prompt and its
     chosen answer, and of an unpaired row (KTO), the prompt and its answer: what perplexity,
-    calibration and supervised fine-tuning on such a dataset see."""
+    calibration and supervised fine-tuning on such a dataset see. A raw-text row (text_of) has none."""
     if "messages" in row:
         return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     if "completion" in row:
@@ -62,6 +85,7 @@ def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[
     preferred_output, non_preferred_output}; TRL's {prompt, chosen, rejected} with strings or
     messages; or TRL's chosen and rejected whole conversations, whose common start is the prompt.
     A ValueError says what the row lacks."""
+    _not_text(row)
     if "preferred_output" in row or "non_preferred_output" in row:
         prompt = _turns(row.get("input", {}).get("messages"), "user")
         chosen, rejected = (_turns(row.get(k), "assistant") for k in ("preferred_output", "non_preferred_output"))
@@ -100,6 +124,7 @@ def labelled_of(row: dict[str, Any]) -> list[tuple[list[dict[str, str]], list[di
     label} (strings or messages; label true for a desirable answer); a preference row gives two, its
     chosen answer desirable and its rejected one not (TRL's unpair_preference_dataset). A ValueError
     says what the row lacks."""
+    _not_text(row)
     if "completion" not in row:
         if "label" in row:
             raise ValueError("an unpaired row needs prompt, completion and label")
@@ -118,6 +143,7 @@ def labelled_of(row: dict[str, Any]) -> list[tuple[list[dict[str, str]], list[di
 def prompt_of(row: dict[str, Any]) -> list[dict[str, str]]:
     """The prompt messages of a row that holds no answer (objective grpo's): OpenAI's {messages}
     ending with a user turn, or {prompt} (a string or messages). A ValueError says what the row lacks."""
+    _not_text(row)
     if "messages" not in row and "prompt" not in row:
         raise ValueError("needs messages (ending with a user turn) or prompt")
     prompt = _turns(row["messages"] if "messages" in row else row["prompt"], "user")

@@ -75,12 +75,12 @@ def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
     """{messages: the prompt, question: its last user message, reference, item: the row} of a row for
     the grader. A ValueError says what the row lacks: every operation but python compares the answer
     with the reference the row holds (a python grader reads what it needs of the row itself)."""
+    messages = prompt_of(row)
     compared = [part for part in parts_of(grader) if part["operation"] not in WITHOUT_REFERENCE]
     for part in compared:
         if reference_of(row, part) is None:
             raise ValueError(f"needs its reference answer in field {part['referenceField']!r} (grader.referenceField) "
                              f"as a string or a number, got {row.get(part['referenceField'])!r}")
-    messages = prompt_of(row)
     return {"messages": messages, "question": messages[-1]["content"],
             "reference": reference_of(row, compared[0] if compared else grader), "item": row}
 

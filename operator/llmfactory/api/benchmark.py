@@ -32,7 +32,9 @@ class ModelUnderTest(ApiModel):
 
 class Perplexity(ApiModel):
     dataset: DatasetInput | None = Field(
-        None, description="Conversations to score; defaults to the FineTune's dataset (a GRPO FineTune's "
+        None, description="Conversations to score (perplexity.value on their assistant tokens, "
+                          "perplexity.allTokens on every token), or raw text ({text} rows, every token in both); "
+                          "defaults to the FineTune's dataset (a GRPO FineTune's "
                           "prompts hold no answers: name one). Of preference pairs (a DPO FineTune's, or a "
                           "DatasetBuild's with preferences) the prompts and chosen answers "
                           "are scored, and the pairs too: preference.accuracy (share of pairs whose chosen answer "
@@ -42,7 +44,7 @@ class Perplexity(ApiModel):
                           "rows, with a baseline: preference.rewardAccuracy, the share of answers whose "
                           "log-probability change from the baseline lies on its label's side of KTO's reference point.")
     split: Literal["train", "validation", "test"] = Field("test", description="Which split to score.")
-    max_samples: int | None = Field(None, ge=1, description="Score at most this many conversations.")
+    max_samples: int | None = Field(None, ge=1, description="Score at most this many rows.")
 
 
 # MT-Bench's sampling temperatures by category: creative answers sampled, exact ones greedy.

@@ -33,7 +33,10 @@ class DatasetInput(ApiModel):
         "with fields preference) for objectives dpo, kto and reward, or of prompts with reference answers "
         "(format graded) for objective grpo."))
     uri: str | None = Field(None, pattern=URI_PATTERN, description=(
-        "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), or "
+        "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), raw "
+        "text ({text}: documents for continued pre-training, every token learned, with the tokenizer's "
+        "beginning- and end-of-sequence tokens, as TRL's language-modeling rows and Axolotl's completion "
+        "type; objective sft, alone or mixed with conversations), or "
         "preference pairs in OpenAI's or TRL's form, which a FineTune with objective dpo or kto learns from "
         "(anything else reads each pair's prompt with its chosen answer), or TRL's unpaired rows {prompt, "
         "completion, label} for objective kto (anything else reads the desirable ones), or prompts with "
@@ -531,7 +534,9 @@ class Hyperparameters(ApiModel):
         "objective dpo, sequences of whole pairs, up to twice maxSeqLength)."))
     gradient_accumulation: int = Field(1, ge=1, le=1024, description=(
         "Micro-batches per optimizer step. The global batch is batchSize x gradientAccumulation x processes."))
-    max_seq_length: int = Field(1024, ge=16, le=1048576, description="Tokens per sequence; longer conversations are cut.")
+    max_seq_length: int = Field(1024, ge=16, le=1048576, description=(
+        "Tokens per sequence; longer conversations are cut, longer raw text (rows {text}) is split into pieces "
+        "of this many tokens, each trained on."))
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for initialisation, dropout and shuffling.")
     packing: bool = Field(True, description=(
@@ -559,7 +564,8 @@ class Hyperparameters(ApiModel):
         "the rendered conversation, system and user turns and the template's markup too (Axolotl's "
         "train_on_inputs true, TRL's SFTTrainer default): for continued pre-training on conversations, or a "
         "model that should also learn to write the prompts. The validation loss is on the same tokens; a "
-        "Benchmark's perplexity reports both kinds either way."))
+        "Benchmark's perplexity reports both kinds either way. Raw-text rows ({text}) are learned on every "
+        "token either way."))
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% more compute.")
     fused_kernels: bool = Field(False, description=(
         "Liger's fused Triton kernels for Llama-family models (RMSNorm, SwiGLU, RoPE, and linear + "

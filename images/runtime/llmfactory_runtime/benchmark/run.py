@@ -168,12 +168,12 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], labe
     if prompts:
         out["reward"] = _rewarded(label, source, spec["reward"], prompts, run, progress, loaded)
     if rows:
+        where = f"spec.perplexity.dataset: {spec['perplexity']['split']}.jsonl"
         progress.stage(f"perplexity of {label}")
-        out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(*loaded(), rows))
+        out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(*loaded(), rows, where=where))
     if rows and labelled:
         what, scores = LABELLED_ROWS[labelled]
         progress.stage(f"{what} of {label}")
-        where = f"spec.perplexity.dataset: {spec['perplexity']['split']}.jsonl"
         out["preference"] = _cached(run, f"preference/{label}.json", lambda: scores(*loaded(), rows, where))
     if spec.get("lmEval"):
         progress.stage(f"lm-eval tasks on {label}")

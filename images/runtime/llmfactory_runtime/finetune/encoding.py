@@ -1,6 +1,7 @@
 """A dataset split as a FineTune's objective trains on it (spec.objective), in tokens.
 
-sft: conversations, labels on the assistant turns. dpo, reward: preference pairs, each pair's chosen
+sft: conversations, labels on the assistant turns, and raw text (continued pre-training), labels on
+every token, in pieces of maxSeqLength tokens. dpo, reward: preference pairs, each pair's chosen
 and rejected conversations side by side (preference.encode_pairs). kto: examples, each its own
 conversation beside a mismatched one (preference.encode_unpaired). grpo: prompts, whose answers each
 step samples (grpo.encode_prompts).
@@ -23,7 +24,7 @@ UNITS = {"sft": "conversation", "dpo": "pair", "reward": "pair", "kto": "example
 
 @dataclass(frozen=True)
 class Split:
-    examples: list[dict]  # conversations; pairs' (KTO: examples') two conversations in turn; grpo's prompts
+    examples: list[dict]  # conversations (and raw text's pieces); pairs' (KTO: examples') two conversations in turn; grpo's prompts
     lengths: list[int]  # tokens of each unit as packing places it (a pair's: both conversations')
     desirable: torch.Tensor | None = None  # kto: each example's label
     answer_tokens: torch.Tensor | None = None  # dpo, reward: (pairs, 2) answer tokens, what dpo_terms averages over
@@ -36,7 +37,8 @@ class Split:
 
 def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
     """`rows` of the dataset's `split` (named in the error a malformed row gets) as spec.objective trains
-    on them, each cut at hyperparameters.maxSeqLength; units with nothing to learn within it left out."""
+    on them, each cut at hyperparameters.maxSeqLength (raw text: split into pieces of it); units with
+    nothing to learn within it left out."""
     objective, max_len = spec.get("objective", "sft"), spec["hyperparameters"]["maxSeqLength"]
     where = f"spec.objective {objective}: {split}.jsonl"
     if objective == "grpo":
@@ -51,7 +53,8 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
     if objective in ("dpo", "reward"):
         pairs = encode_pairs(tokenizer, rows, max_len, where, margins=objective == "reward")
         return Split(pairs, pair_lengths(pairs), answer_tokens=token_counts(pairs))
-    conversations = encode_rows(tokenizer, rows, max_len, every_token=spec["hyperparameters"].get("lossOn") == "all")
+    conversations = encode_rows(tokenizer, rows, max_len, every_token=spec["hyperparameters"].get("lossOn") == "all",
+                                where=where)
     return Split(conversations, [len(c["input_ids"]) for c in conversations])
 
 

@@ -133,7 +133,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     examples = data.examples
     if not examples:
         raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {unit} has "
-                          + ("room for an answer" if grpo else "an assistant token") + " within it")
+                          + ("room for an answer" if grpo else "an assistant token (or text)") + " within it")
     early = hp.get("earlyStopping")
     select_best = bool(hp.get("selectBest") or early)  # early stopping outputs the best weights, as HF's does
     if select_best and not val.examples:

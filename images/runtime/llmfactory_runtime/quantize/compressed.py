@@ -1,6 +1,6 @@
 """compressed-tensors checkpoints for vLLM, written by llmcompressor: fp8 (FP8 weights, dynamic
 per-token FP8 activations; no calibration), gptq and awq (4-bit symmetric integer weights in
-groups, 16-bit activations; calibrated on conversations)."""
+groups, 16-bit activations; calibrated on the training data)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from ..chat import render
 from ..task import InvalidTask
 
 # llmcompressor presets. Symmetric 4-bit for awq too: transformers 5 cannot load the packed
@@ -65,11 +64,10 @@ def _recipe(type_name: str, group: int):
     return modifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
 
 
-def calibration_set(tokenizer, conversations: list[list[dict[str, str]]]):
-    """The conversations as the model saw them in training (its chat template), tokenized."""
+def calibration_set(tokenizer, texts: list[str]):
+    """The calibration rows as the model saw them in training (batching.as_trained), tokenized."""
     from datasets import Dataset  # noqa: PLC0415
 
-    texts = [render(tokenizer, messages) for messages in conversations]
     enc = tokenizer(texts, truncation=True, max_length=MAX_CALIBRATION_TOKENS, add_special_tokens=False)
     return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
 
@@ -83,7 +81,7 @@ def compress(model, tokenizer, type_name: str, out: Path, calibration=None) -> d
     kwargs: dict[str, Any] = {}
     if type_name in CALIBRATED:
         if calibration is None or len(calibration) == 0:
-            raise InvalidTask(f"spec.types: {type_name} needs calibration conversations (the FineTune's train split)")
+            raise InvalidTask(f"spec.types: {type_name} needs calibration rows (the FineTune's train split)")
         kwargs = {"dataset": calibration, "num_calibration_samples": len(calibration),
                   "max_seq_length": MAX_CALIBRATION_TOKENS, "shuffle_calibration_samples": False}
     oneshot(model=model, tokenizer=tokenizer, recipe=_recipe(type_name, group), **kwargs)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from .. import cpus
-from ..batching import perplexity, top_tokens
-from ..data import messages_of, read_split, undesirable
+from ..batching import as_trained, perplexity, top_tokens
+from ..data import messages_of, read_split, text_of, undesirable
 from ..digests import sha256_files
 from ..generate import generate
 from ..models import load_model, load_tokenizer, locate
@@ -39,23 +39,30 @@ def measure_quality(source: dict, rows: list[dict], prompt: str, cache: bool = T
 def _chat_prompt(rows: list[dict]) -> str:
     """A held-out user message when there is one."""
     for row in rows:
-        for message in messages_of(row):
+        for message in [] if text_of(row) is not None else messages_of(row):
             if message["role"] == "user":
                 return message["content"]
     return "Why is the sky blue? Answer in one sentence."
 
 
-def _calibration(spec: dict, dataset: dict) -> list[list[dict[str, str]]]:
-    """The first calibrationSamples conversations of the train split (of unpaired rows, the desirable ones)."""
+def _calibration(spec: dict, dataset: dict) -> list[dict]:
+    """The first calibrationSamples rows of the train split: conversations (of unpaired rows, the
+    desirable ones) and raw text."""
     rows = [r for r in read_split(dataset["uri"], "train") if not undesirable(r)]
-    return [messages_of(r) for r in rows[: spec["calibrationSamples"]]]
+    return rows[: spec["calibrationSamples"]]
 
 
-def _importance_matrix(base: Path, tmp: Path, conversations: list, progress: Progress) -> Path:
-    """llama-imatrix over the calibration conversations, as plain text."""
+def _plain_text(row: dict) -> str:
+    """A raw-text row's text, a conversation's messages one after another."""
+    text = text_of(row)
+    return text if text is not None else "\n".join(m["content"] for m in messages_of(row))
+
+
+def _importance_matrix(base: Path, tmp: Path, rows: list[dict], progress: Progress) -> Path:
+    """llama-imatrix over the calibration rows, as plain text."""
     progress.stage("computing the importance matrix")
     calibration, imatrix = tmp / "calibration.txt", tmp / "imatrix.dat"
-    calibration.write_text("\n\n".join("\n".join(m["content"] for m in c) for c in conversations))
+    calibration.write_text("\n\n".join(_plain_text(row) for row in rows))
     llama_cpp.importance_matrix(base, calibration, imatrix, cpus.available())
     return imatrix
 
@@ -95,9 +102,10 @@ class CompressedWriter:
         self.tokenizer, self._calibration = tokenizer, None
 
     def calibration(self):
-        """The tokenized calibration conversations, built once for gptq and awq alike."""
+        """The tokenized calibration rows, built once for gptq and awq alike."""
         if self._calibration is None and self.dataset:
-            self._calibration = compressed.calibration_set(self.tokenizer, _calibration(self.spec, self.dataset))
+            texts = [as_trained(self.tokenizer, row) for row in _calibration(self.spec, self.dataset)]
+            self._calibration = compressed.calibration_set(self.tokenizer, texts)
         return self._calibration
 
     def write(self, type_name: str, out: Path) -> tuple[int, dict]:

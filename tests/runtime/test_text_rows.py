@@ -1,0 +1,109 @@
+"""Raw-text rows ({text}): continued pre-training on documents, as TRL's language-modeling rows,
+Axolotl's completion type and torchtune's text_completion_dataset read them."""
+
+import math
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmfactory_runtime.batching import as_trained, encode_text, perplexity
+from llmfactory_runtime.chat import IGNORE, render
+from llmfactory_runtime.data import dumps_jsonl
+from llmfactory_runtime.finetune import encoding
+from llmfactory_runtime.quantize import run as quantize_run
+from llmfactory_runtime.store import open_store
+from llmfactory_runtime.task import InvalidTask
+
+from finetune_helpers import conversations, finetune_task, run_finetune, write_task
+from tiny_model import make_tokenizer
+
+SEA = "The sea is wide and the waves are blue. Sunlight is scattered by the air, blue light the most. "
+SPEC = {"objective": "sft", "hyperparameters": {"maxSeqLength": 16}}
+
+
+@pytest.mark.parametrize("style,bos", [("gpt2", None), ("sentencepiece", "<s>")])
+def test_a_document_is_learned_whole_in_pieces_between_the_tokenizers_own_sequence_markers(tmp_path, style, bos):
+    make_tokenizer(tmp_path, style=style)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    pieces = encode_text(tok, SEA * 2, 16)
+    whole = [t for p in pieces for t in p["input_ids"]]
+    assert whole == tok(SEA * 2)["input_ids"] + [tok.eos_token_id]  # nothing cut off, the end marked
+    assert (tok.convert_ids_to_tokens(whole[0]) == bos) == (bos is not None)  # BOS only where the tokenizer writes one
+    assert len(pieces) == -(-len(whole) // 16) > 1 and all(len(p["input_ids"]) <= 16 for p in pieces)
+    assert all(p["labels"] == p["input_ids"] for p in pieces)  # every token learned
+    # A last piece of one token predicts nothing: left out.
+    ids = tok(SEA)["input_ids"] + [tok.eos_token_id]
+    assert [p["input_ids"] for p in encode_text(tok, SEA, len(ids) - 1)] == [ids[:-1]]
+
+
+def test_text_rows_train_beside_conversations_and_a_row_with_messages_beside_text_is_a_conversation(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    [chat] = conversations(1)
+    rows = [{"text": SEA}, chat, {"text": "rendered elsewhere", **chat}]
+    split = encoding.encode({**SPEC, "hyperparameters": {"maxSeqLength": 512}}, tok, rows, "train")
+    assert split.units == 3 and split.lengths == [len(e["input_ids"]) for e in split.examples]
+    text, *chats = split.examples
+    assert text["labels"] == text["input_ids"] and tok.decode(text["input_ids"]) == SEA + tok.eos_token
+    assert all(IGNORE in c["labels"] and tok.decode(c["input_ids"]).startswith("<|im_start|>user") for c in chats)
+    # Pieces of maxSeqLength: one unit each, in the document's order.
+    split = encoding.encode(SPEC, tok, [{"text": SEA}], "train")
+    assert split.units > 1 and max(split.lengths) == 16
+    assert [t for e in split.examples for t in e["input_ids"]] == encode_text(tok, SEA, 512)[0]["input_ids"]
+
+
+@pytest.mark.parametrize("objective,rows,message", [
+    ("sft", [{"text": SEA}, {"text": "  "}], "spec.objective sft: train.jsonl row 2: a text row's text must be a "
+                                              "non-empty string, got '  '"),
+    ("sft", [{"text": ["a list"]}], "row 1: a text row's text must be a non-empty string"),
+    ("dpo", [{"text": SEA}], "spec.objective dpo: train.jsonl row 1: a text row .* trains with objective sft only"),
+    ("kto", [{"text": SEA}], "spec.objective kto: train.jsonl row 1: a text row .* trains with objective sft only"),
+    ("grpo", [{"text": SEA, "answer": "blue"}], "spec.objective grpo: train.jsonl row 1: a text row .* cannot be "
+                                                "a preference pair, an unpaired example or a prompt"),
+])
+def test_a_malformed_or_misplaced_text_row_is_an_invalid_task_naming_file_and_row(tiny_model, objective, rows, message):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    spec = {**SPEC, "objective": objective, "dpo": {"loss": "sigmoid"},
+            "grpo": {"grader": {"operation": "equals", "referenceField": "answer"}}}
+    with pytest.raises(InvalidTask, match=message):
+        encoding.encode(spec, tok, rows, "train")
+
+
+def test_perplexity_of_raw_text_is_on_every_token_and_quantization_calibrates_on_it_as_written(tiny_model, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    texts = [{"text": SEA}, {"text": "Море широкое, волны синие."}]
+    measured = perplexity(model, tok, texts)
+    assert measured["assistant"] == pytest.approx(measured["all"], rel=1e-6) and measured["all"] > 1
+    mixed = perplexity(model, tok, texts + conversations(2))
+    assert mixed["assistant"] != pytest.approx(mixed["all"])  # the conversations' prompts count in all only
+    with pytest.raises(InvalidTask, match="spec.perplexity.dataset: test.jsonl row 1: a text row's text"):
+        perplexity(model, tok, [{"text": ""}], where="spec.perplexity.dataset: test.jsonl")
+    # Calibration (gptq, awq) reads each row as training did; the importance matrix its words.
+    [chat] = conversations(1)
+    assert [as_trained(tok, r) for r in (texts[0], chat)] == [SEA, render(tok, chat["messages"])]
+    (tmp_path / "train.jsonl").write_bytes(dumps_jsonl([texts[0], chat, texts[1]]))
+    rows = quantize_run._calibration({"calibrationSamples": 2}, {"uri": f"file://{tmp_path}"})
+    assert rows == [texts[0], chat] and quantize_run._plain_text(rows[0]) == SEA
+    assert quantize_run._chat_prompt([texts[0], chat]) == chat["messages"][0]["content"]
+
+
+@pytest.mark.slow
+def test_continued_pretraining_on_documents_learns_them_and_lowers_their_held_out_perplexity(tiny_model, tmp_path):
+    """A FineTune whose dataset.uri holds documents longer than maxSeqLength: each is learned in pieces,
+    validated on held-out text, and the merged model finds that text likelier than its base did."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    documents = [{"text": SEA * (2 + i % 3)} for i in range(12)]
+    (folder / "train.jsonl").write_bytes(dumps_jsonl(documents))
+    (folder / "validation.jsonl").write_bytes(dumps_jsonl([{"text": SEA * 2}]))
+    task = finetune_task(tiny_model, f"file://{folder}", f"file://{tmp_path}/store",
+                         hyperparameters={"maxSeqLength": 32, "epochs": 3})
+    done = run_finetune(write_task(task, tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = open_store(task["artifactUri"]).read_json("result.json")
+    assert result["finalLoss"] < result["firstLoss"] - 0.5 and result["evalLoss"] < result["firstLoss"]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    held_out = [{"text": SEA * 2}]
+    before = perplexity(AutoModelForCausalLM.from_pretrained(tiny_model), tok, held_out)["all"]
+    after = perplexity(AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]), tok, held_out)["all"]
+    assert after < before / 2 and math.isclose(math.log(after), result["evalLoss"], rel_tol=0.05)
