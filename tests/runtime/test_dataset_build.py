@@ -1160,6 +1160,57 @@ def test_a_source_with_its_own_split_fills_it_and_its_questions_are_never_traine
     assert filtered["dropped"] == {"duplicate_prompt": 1, "too_hard": 10}
 
 
+def test_format_text_keeps_documents_as_written_for_continued_pretraining(tmp_path, tiny_model):
+    """A corpus of documents (a text column, as Wikipedia's and FineWeb's rows, and inline ones) made a
+    dataset of {text} rows: languages detected, duplicates and documents outside the length bounds or
+    without text dropped, a fixed test source kept whole, nothing asked of any model; a FineTune reads
+    the rows as raw text, every token learned."""
+    sea = "The sea covers most of the Earth. Its water is salty, and the wind drives its waves to the shore."
+    documents = [
+        {"text": sea, "title": "Sea"},
+        {"text": "The moon orbits the Earth about once a month, and its phases follow the sunlight it reflects."},
+        {"text": "Море покрывает большую часть Земли. Его вода солёная, а волны к берегу гонит ветер."},
+        {"text": "Луна обращается вокруг Земли примерно за месяц, и её фазы зависят от солнечного света."},
+        {"text": "Rivers carry fresh water from the mountains down to the sea, shaping valleys on their way."},
+        {"text": "Mountains rise where the plates of the Earth's crust push against each other for ages."},
+        {"text": sea.replace("shore", "beach")},  # a near duplicate
+        {"text": "Too short."},
+        {"title": "No text column"},
+        {"text": "   "},
+    ]
+    held_out = [{"text": "Forests cover about a third of the land, and they hold most of its animal species."}]
+    source = {"uri": jsonl_file(tmp_path / "wiki.jsonl", documents)}
+    doc = manifest("http://unused", source, samplesPerLanguage=None, format="text",
+                   languageDetection={"candidates": ["en", "ru"]}, split={"validation": 0.2, "test": 0.0},
+                   filters={"minAnswerChars": 20, "nearDuplicateThreshold": 0.5})
+    del doc["spec"]["teacher"]
+    doc["spec"]["sources"] += [{"inline": [{"text": "Deserts get less than a quarter of a metre of rain a year, "
+                                                   "and their nights are cold."}]},
+                               {"uri": jsonl_file(tmp_path / "held-out.jsonl", held_out), "split": "test"}]
+    task, result = run_in_process(tmp_path, doc)
+
+    assert task["inputs"] == {} and result["format"] == "text" and result["teacherTokens"] == 0
+    assert not any(key.endswith("Usage") for key in result)
+    assert result["dropped"] == {"malformed": 2, "near_duplicate_prompt": 1, "too_short": 1}
+    assert result["rows"] == {"train": 6, "validation": 1, "test": 1}
+    assert result["rowsPerLanguage"] == {"en": 6, "ru": 2}
+    store = open_store(result["uri"])
+    rows = {name: [json.loads(line) for line in store.read_bytes(f"{name}.jsonl").decode().splitlines()]
+            for name in ("train", "validation", "test")}
+    assert rows["test"] == [{"text": held_out[0]["text"], "language": "en"}]
+    written = sorted(r["text"] for split in rows.values() for r in split)
+    assert sea in written and documents[3]["text"] in written and all(set(r) == {"text", "language"}
+                                                                       for split in rows.values() for r in split)
+    assert "Rows: documents in `text`, for continued pre-training" in store.read_bytes("README.md").decode()
+    # The same corpus and seed: the same split, the same digest.
+    assert run_in_process(tmp_path / "again", doc)[1]["digest"] == result["digest"]
+    from llmfactory_runtime.finetune import encoding
+    from transformers import AutoTokenizer
+    split = encoding.encode({"objective": "sft", "hyperparameters": {"maxSeqLength": 512}},
+                            AutoTokenizer.from_pretrained(tiny_model), rows["train"], "train")
+    assert split.units == 6 and all(e["labels"] == e["input_ids"] for e in split.examples)
+
+
 def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):
     import hashlib
 

@@ -329,6 +329,16 @@ BAD = [
      "filters.tokenizer counts maxPromptTokens (a teacher's answers count in its own tokens)"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "filters": {"tokenizer": MODEL}},
      "tokenizer counts maxPromptTokens (and, without a teacher, maxAnswerTokens): set one of them"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/wiki.jsonl"}], "format": "text", "teacher": {"model": MODEL}},
+     "format text writes the sources' documents as they are, for continued pre-training: leave out teacher"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/wiki.jsonl"}], "format": "text",
+                      "filters": {"judge": {"openai": {"model": "j"}}}}, "leave out teacher, preferences, difficulty"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/wiki.jsonl", "fields": "prompt"}], "format": "text"},
+     "format text reads each row's document in the source's textField"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/wiki.jsonl", "systemPrompt": "Be brief."}], "format": "text"},
+     "format text reads each row's document in the source's textField"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/wiki.jsonl"}], "format": "text",
+                      "filters": {"maxPromptTokens": 2048, "tokenizer": MODEL}}, "format text keeps whole documents"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q8_0", "gptq"]}, "format gguf takes GGUF types"),
     ("Quantization", {"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8", "q4_0"]},
@@ -370,6 +380,9 @@ MINIMAL = [
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "openai/gsm8k", "config": "main"}, "fields": "prompt",
                                    "promptField": "question", "answerField": "answer"}],
                       "format": "graded", "referencePattern": "#### (.+)"}),  # GRPO's prompts
+    ("DatasetBuild", {"sources": [{"huggingface": {"id": "wikimedia/wikipedia", "config": "20231101.en"}},
+                                  {"inline": [{"text": "A document written in the manifest."}]}],
+                      "format": "text"}),  # documents for continued pre-training
 ]
 
 

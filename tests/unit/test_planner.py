@@ -4,6 +4,7 @@ import copy
 
 import pytest
 
+from llmfactory.api.headline import headline
 from llmfactory.planner import PlanError, Waiting, benchmark_metric_names, dependency_order, parse, plan
 from llmfactory.planner.graph import references, topological
 
@@ -667,6 +668,26 @@ def test_a_benchmarks_reward_prompts_from_a_dataset_build_are_waited_for_and_rea
                                         r"\(format chatml\), but spec.reward grades answers to prompts with reference "
                                         "answers: set spec.format graded there, or point dataset.uri at such rows"):
         plan(parse(rewarded), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
+
+
+def test_documents_a_dataset_build_writes_train_sft_and_are_measured_by_perplexity_and_nothing_else_reads_them():
+    """A DatasetBuild with format text writes documents (continued pre-training): a FineTune with objective
+    sft and a Benchmark's perplexity read them by datasetBuildRef; an objective that needs prompts or
+    pairs is refused, naming the setting that writes what it needs."""
+    corpus = m("DatasetBuild", "data", {"sources": [{"uri": "s3://bucket/wiki.parquet"}], "format": "text"})
+    assert parse(corpus).spec.written_format() == "text" and not parse(corpus).spec.runs_a_local_model()
+    documents = {**DATA_RESULT, "format": "text"}
+    task = plan(parse(FT), lookup({("DatasetBuild", "data"): documents}), STORE)
+    assert task["inputs"]["dataset"] == {"uri": DATA_RESULT["uri"], "format": "text", "digest": "sha256:aaa"}
+    ppl = m("Benchmark", "b", {"model": {"source": MODEL}, "perplexity": {"dataset": {"datasetBuildRef": {"name": "data"}}}})
+    assert plan(parse(ppl), lookup({("DatasetBuild", "data"): documents}), STORE)["inputs"]["dataset"]["format"] == "text"
+    dpo = copy.deepcopy(FT)
+    dpo["spec"]["objective"] = "dpo"
+    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data wrote documents \(format "
+                                        r"text\), but objective dpo trains on preference pairs: set spec.preferences"):
+        plan(parse(dpo), lookup({("DatasetBuild", "data"): documents}), STORE)
+    assert headline("DatasetBuild", {**documents, "rows": {"train": 8, "validation": 1, "test": 1}}) == \
+        "10 documents (8/1/1)"
 
 
 def test_a_grpo_fine_tune_reads_a_dataset_builds_prompts_with_references_and_nothing_else_does():

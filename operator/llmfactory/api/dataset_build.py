@@ -15,7 +15,7 @@ LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
 
 
 class InlinePrompt(ApiModel):
-    text: str = Field(min_length=1, description="The user prompt.")
+    text: str = Field(min_length=1, description="The user prompt (format text: a document).")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN,
                                  description="ISO 639 code of the prompt's language, e.g. en, ru, zh.")
 
@@ -76,6 +76,9 @@ class Source(ApiModel):
         "Column holding the answer to the prompt (fields: prompt), e.g. response, completion, a final answer "
         "(text, or a number): what a build without a teacher keeps. Conversations (sharegpt, openai) hold their "
         "answers, alpaca rows in output."))
+    text_field: str = Field("text", description=(
+        "Column holding the document (a text) of each row, for format text (continued pre-training), e.g. "
+        "text for Wikipedia's and FineWeb's rows, content for The Stack's."))
     language_field: str = Field("language", description="Column holding the prompt's language code.")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN,
                                  description="Language of every prompt of this source that does not name its own.")
@@ -155,8 +158,9 @@ class Filters(ApiModel):
     refusal_patterns: list[str] = Field(default_factory=list,
                                         description="Extra case-insensitive regular expressions marking a refusal.")
     drop_truncated: bool = Field(True, description="Drop answers cut off at maxNewTokens.")
-    min_answer_chars: int = Field(1, ge=0, description="Drop answers shorter than this.")
-    max_answer_chars: int | None = Field(None, ge=1, description="Drop answers longer than this.")
+    min_answer_chars: int = Field(1, ge=0, description="Drop answers (format text: documents) shorter than this.")
+    max_answer_chars: int | None = Field(None, ge=1, description="Drop answers (format text: documents) longer "
+                                                                  "than this.")
     max_answer_tokens: int | None = Field(None, ge=1, description=(
         "Drop answers longer than this, in the teacher's tokens (without a teacher: filters.tokenizer's)."))
     max_prompt_tokens: int | None = Field(
@@ -290,8 +294,21 @@ class DatasetBuildSpec(RunOptions):
          "message": "sources with fields preference hold the pairs a build without a teacher keeps: leave out "
                     "teacher and preferences, give every source fields preference, and keep turns all (a pair "
                     "answers its prompt's last turn)"},
-        {"rule": "has(self.teacher) || self.sources.all(s, !has(s.inline))",
+        {"rule": "has(self.teacher) || (has(self.format) && self.format == 'text') || self.sources.all(s, !has(s.inline))",
          "message": "inline sources hold prompts without answers: set a teacher to answer them"},
+        {"rule": "!has(self.format) || self.format != 'text' || (!has(self.teacher) && !has(self.preferences) && "
+                 "!has(self.difficulty) && !(has(self.filters) && has(self.filters.judge)))",
+         "message": "format text writes the sources' documents as they are, for continued pre-training: leave out "
+                    "teacher, preferences, difficulty and filters.judge, which answer and rate prompts"},
+        {"rule": "!has(self.format) || self.format != 'text' || self.sources.all(s, (!has(s.fields) || "
+                 "s.fields == 'auto') && !has(s.answerField) && !has(s.systemField) && !has(s.systemPrompt))",
+         "message": "format text reads each row's document in the source's textField: leave fields, answerField, "
+                    "systemField and systemPrompt unset"},
+        {"rule": "!has(self.format) || self.format != 'text' || !has(self.filters) || (!has(self.filters.maxPromptTokens) "
+                 "&& !has(self.filters.maxAnswerTokens) && !has(self.filters.tokenizer))",
+         "message": "format text keeps whole documents (a FineTune learns a long one in pieces of maxSeqLength): "
+                    "bound their length with filters.minAnswerChars and maxAnswerChars, not maxPromptTokens, "
+                    "maxAnswerTokens or tokenizer"},
         {"rule": "has(self.teacher) || self.shards == 1 || has(self.preferences) || has(self.difficulty) || "
                  "(has(self.filters) && has(self.filters.judge))",
          "message": "shards split the models' work (the teacher's, filters.judge's, preferences', difficulty's): a "
@@ -334,13 +351,17 @@ class DatasetBuildSpec(RunOptions):
         "existing one, such as UltraChat or OpenHermes, without asking a model to write it again. A row without "
         "answers is dropped (no_answer)."))
     filters: Filters = Field(default_factory=Filters, description="Which answers to drop.")
-    format: Literal["chatml", "sharegpt", "graded"] = Field(
+    format: Literal["chatml", "sharegpt", "graded", "text"] = Field(
         "chatml", description=(
             "chatml: {messages: [{role, content}]}; sharegpt: {conversations: [{from, value}]}; graded: "
             "{messages (up to the last user turn), reference} for a FineTune with objective grpo (or a "
             "Benchmark's reward): each conversation's last answer, the source's or the teacher's, becomes the "
             "reference its grader compares sampled answers with (see referencePattern; the grader's "
-            "referenceField is then reference)."))
+            "referenceField is then reference). text: {text} documents for continued pre-training (a FineTune "
+            "with objective sft learns every token; a Benchmark's perplexity reads them): each source row's "
+            "textField (an inline source's texts), without a teacher, kept by languageDetection, "
+            "samplesPerLanguage, the duplicate filters and filters.minAnswerChars and maxAnswerChars, which "
+            "bound a document's characters."))
     reference_pattern: str | None = Field(None, min_length=1, max_length=1024, description=(
         "format graded: a regular expression (Python's re) whose last match in each answer is the reference "
         "(its first group, if it has one), e.g. '#### (.+)' for GSM8K's answers, as a grader's extract reads "
@@ -383,7 +404,7 @@ class DatasetBuildSpec(RunOptions):
 
 class DatasetBuildResult(ApiModel):
     uri: str = Field(description="Prefix holding train.jsonl, validation.jsonl, test.jsonl and README.md.")
-    format: str = Field(description="Row format of the files: chatml, sharegpt, preference or graded.")
+    format: str = Field(description="Row format of the files: chatml, sharegpt, preference, graded or text.")
     digest: str = Field(description="sha256 over the split files.")
     rows: dict[str, int] = Field(description="Rows per split.")
     rows_per_language: dict[str, int] = Field(description="Rows kept per language.")
@@ -415,5 +436,5 @@ KIND = KindInfo(
     kind="DatasetBuild", plural="datasetbuilds", short_names=["dsb"], phase="dataset",
     spec=DatasetBuildSpec, status=DatasetBuildStatus, headline_column="Rows",
     description="Builds a chat dataset: prompts answered by a teacher model (or existing conversations), "
-                "filtered and split.",
+                "filtered and split; or documents for continued pre-training.",
 )

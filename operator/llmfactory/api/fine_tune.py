@@ -31,7 +31,8 @@ class DatasetInput(ApiModel):
     dataset_build_ref: LocalObjectReference | None = Field(None, description=(
         "A DatasetBuild in this namespace: of conversations, of preference pairs (spec.preferences, or sources "
         "with fields preference) for objectives dpo, kto and reward, or of prompts with reference answers "
-        "(format graded) for objective grpo."))
+        "(format graded) for objective grpo, or of documents (format text) for objective sft (continued "
+        "pre-training) and a Benchmark's perplexity."))
     uri: str | None = Field(None, pattern=URI_PATTERN, description=(
         "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), raw "
         "text ({text}: documents for continued pre-training, every token learned, with the tokenizer's "

@@ -11,7 +11,8 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
         return ""
     if kind == "DatasetBuild":
         rows = result["rows"]
-        unit = {"preference": "preference pairs", "graded": "prompts with references"}.get(result.get("format"), "rows")
+        unit = {"preference": "preference pairs", "graded": "prompts with references",
+                "text": "documents"}.get(result.get("format"), "rows")
         return f"{sum(rows.values())} {unit} ({rows.get('train', 0)}/{rows.get('validation', 0)}/{rows.get('test', 0)})"
     if kind == "FineTune":
         best = (f", best eval at step {result['bestStep']}" + (" (stopped early)" if result.get("stoppedEarly") else "")

@@ -168,10 +168,11 @@ def config_map_files(res: Resource, config_map_of: ConfigMapLookup | None) -> di
 
 # What a DatasetBuild wrote, by its result's format, and the setting there that writes each.
 BUILT = {"chatml": "conversations", "sharegpt": "conversations", "preference": "preference pairs",
-         "graded": "prompts with reference answers"}
+         "graded": "prompts with reference answers", "text": "documents"}
 HOW_BUILT = {"conversations": "leave spec.format chatml (or sharegpt) there",
              "preference pairs": "set spec.preferences there (or read pairs: sources with fields preference)",
-             "prompts with reference answers": "set spec.format graded there"}
+             "prompts with reference answers": "set spec.format graded there",
+             "documents": "set spec.format text there"}
 
 
 def _dataset(res: Resource, dataset, upstream: dict, path: str, reads: tuple[str, ...], use: str,
@@ -245,7 +246,7 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
 # What each objective reads of a DatasetBuild's rows (BUILT's kinds, the first the one to build), in
 # words, and the rows it reads at a dataset.uri instead.
 OBJECTIVE_READS = {
-    "sft": (("conversations", "preference pairs"), "learns from answers", "conversations"),
+    "sft": (("conversations", "preference pairs", "documents"), "learns from answers", "conversations"),
     "dpo": (("preference pairs",), "trains on preference pairs", "preference rows"),
     "reward": (("preference pairs",), "trains on preference pairs", "preference rows"),
     "kto": (("preference pairs",), "trains on answers labelled desirable or not",
@@ -469,8 +470,8 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     if spec.perplexity:
         if spec.perplexity.dataset:
             inputs["dataset"] = _dataset(res, spec.perplexity.dataset, upstream, "spec.perplexity.dataset",
-                                         ("conversations", "preference pairs"),
-                                         "perplexity is measured on answers", "conversations")
+                                         ("conversations", "preference pairs", "documents"),
+                                         "perplexity is measured on answers and documents", "conversations")
         elif trained_on and trained_on["format"] == "graded":
             raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: {_trainer(res)} trained with objective "
                             "grpo on prompts without answers, which perplexity cannot be measured on; name a dataset "

@@ -1,7 +1,8 @@
 """DatasetBuild: prompts -> language detection, dedup, sampling -> teacher answers (cached
 across runs, never paid twice; without a teacher, the sources' own answers) -> filters ->
 (preferences: a second, rejected answer to each conversation's last turn) -> train/validation/test
-splits as JSONL and Parquet.
+splits as JSONL and Parquet. Format text: documents through the same language detection, dedup,
+sampling and length bounds, then splits.
 
 Sharded (spec.shards = N): every shard selects the same prompts (the selection is
 deterministic and cheap next to the models), asks the teacher (or, without one, the judge and
@@ -106,7 +107,9 @@ def _card(result: dict) -> str:
     if fmt == "graded":
         lines += ["", "Rows: prompts (up to the last user turn), each with its reference answer in `reference`, "
                       "for a FineTune with objective grpo."]
-    if "teacherUsage" not in result:  # every build with a teacher reports what it asked
+    if fmt == "text":
+        lines += ["", "Rows: documents in `text`, for continued pre-training (a FineTune with objective sft)."]
+    elif "teacherUsage" not in result:  # every build with a teacher reports what it asked
         lines += ["", "Answers: the sources' own (no teacher), kept by the filters."]
     for role, (who, what) in CARD_USAGES.items():
         usage = result.get(f"{role}Usage")
@@ -131,7 +134,9 @@ def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dic
     spec = task["spec"]
     progress.stage("reading prompts")
     # Without a teacher, the turns the sources answer, with their answers.
-    prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"), with_answers=not spec.get("teacher"))
+    documents = spec.get("format") == "text"
+    prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"),
+                      with_answers=not spec.get("teacher") and not documents, documents=documents)
     wanted = spec.get("samplesPerLanguage")
     if spec.get("languageDetection") is not None:
         prompts = detect(prompts, spec["languageDetection"], wanted, drops)
@@ -143,6 +148,22 @@ def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dic
     if filters.get("maxPromptTokens"):
         prompts = drop_long_prompts(prompts, filters["maxPromptTokens"], task["inputs"]["tokenizer"], drops)
     return sample_per_language(prompts, wanted, spec["split"]["seed"], drops)
+
+
+def _documents(task: dict[str, Any], prompts: list[dict], drops: Drops) -> list[dict]:
+    """format text: the documents (each prompt's one turn) within filters.minAnswerChars and
+    maxAnswerChars, as rows of {text, language} (and a fixed split's)."""
+    filters = task["spec"].get("filters") or {}
+    bounds = AnswerFilter({"refusals": False, **{k: filters[k] for k in ("minAnswerChars", "maxAnswerChars") if k in filters}})
+    rows = []
+    for prompt in prompts:
+        [text] = prompt["turns"]
+        reason = bounds.reason_to_drop(text, finished=True)
+        if reason:
+            drops.add(reason, text)
+        else:
+            rows.append({"text": text, "language": prompt["language"], **({"split": prompt["split"]} if "split" in prompt else {})})
+    return rows
 
 
 def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: Progress, transport=None):
@@ -329,16 +350,19 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     spec = task["spec"]
     drops, before = Drops(), _grader_usages(spec)
     prompts = _prompts(task, drops, progress)
-    rows, usage, judge = _answer(task, prompts, drops, progress, transport)
-    rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
-    rows, difficulty_usage = _graded(task, rows, drops, progress, transport)
-    usages = _usages(usage, judge, rejected_usage, scorer, difficulty_usage)
+    if spec.get("format") == "text":  # documents, as they are: nothing to answer, rate or pair
+        rows, usage, usages = _documents(task, prompts, drops), None, {}
+    else:
+        rows, usage, judge = _answer(task, prompts, drops, progress, transport)
+        rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
+        rows, difficulty_usage = _graded(task, rows, drops, progress, transport)
+        usages = _usages(usage, judge, rejected_usage, scorer, difficulty_usage)
     graders = _grader_usages(spec, before)
     if spec.get("shards", 1) > 1:
         _add_shard_bills(run, spec["shards"], usages, {name: u for name, (u, _) in graders.items()})
     fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
     for row in rows:
-        row["key"] = _first_user_key(row["messages"])
+        row["key"] = _first_user_key(row["messages"]) if fmt != "text" else _key(None, row["text"])
 
     progress.stage("writing splits")
     splits = split_rows(rows, spec["split"])
@@ -408,6 +432,8 @@ def _rendered(row: dict, fmt: str) -> dict[str, Any]:
     reference (graded: the conversation up to its last user turn), or the conversation."""
     if fmt == "preference":
         return preference_row(row["messages"], row["rejected"], language=row["language"], **_scores(row))
+    if fmt == "text":
+        return {"text": row["text"], "language": row["language"]}
     if fmt == "graded":
         rate = {"pass_rate": row["passRate"]} if "passRate" in row else {}
         return to_row(row["messages"][:-1], "chatml", reference=row["reference"], **rate, language=row["language"])
@@ -424,5 +450,10 @@ def _first_user_key(messages: list[dict[str, str]]) -> str:
     """What orders rows before the seeded shuffle: the system message and the opening prompt
     (unique after dedupe), so the same data and seed always give the same split."""
     first = next(m["content"] for m in messages if m["role"] == "user")
-    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    return _key(messages[0]["content"] if messages[0]["role"] == "system" else None, first)
+
+
+def _key(system: str | None, first: str) -> str:
+    """The order of a row (a conversation's system message and opening prompt, a document's text)
+    before the seeded shuffle."""
     return hashlib.sha256(json.dumps([system, first]).encode()).hexdigest()[:32]

@@ -1,6 +1,7 @@
 """Prompts from the sources of a DatasetBuild: inline lists, JSONL and Parquet files (in the
 store or a mounted ConfigMap), Hugging Face datasets; rows in prompt-column, ShareGPT,
-OpenAI-messages, Alpaca or preference-pair (TRL's prompt, chosen, rejected) shape.
+OpenAI-messages, Alpaca or preference-pair (TRL's prompt, chosen, rejected) shape, or documents
+(format text: a text column).
 
 A prompt is {turns: [user messages], system, language, answers}: the teacher answers every turn of
 a multi-turn conversation (or the first, with `turns: first`). `answers` are the row's own answers to
@@ -161,9 +162,26 @@ def _answers(items: list[tuple[str, str]]) -> list[str] | None:
     return [text for _, text in answers] or None
 
 
-def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, Any]:
+def _document(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, Any]:
+    """A row's document (format text: its textField) as a prompt of one turn, which language detection,
+    the duplicate filters and sampling read as they read a prompt."""
+    text = row[source.get("textField", "text")]
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("no text")
+    return {"turns": [text.strip()], "system": None, "answers": None, "language": _language(row, source, default_lang)}
+
+
+def _language(row: dict[str, Any], source: dict[str, Any], default_lang: str) -> str:
+    """The language the row names in the source's languageField, else the source's."""
+    lang = row.get(source.get("languageField", "language"))
+    return lang if isinstance(lang, str) and lang else default_lang
+
+
+def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool = False) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise TypeError("not an object")
+    if documents:
+        return _document(row, source, default_lang)
     shape = _shape(row, source.get("fields", "auto"))
     rejected = None
     if shape == "preference":  # a pair answers its last turn twice: the rejected answer goes along
@@ -178,9 +196,8 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, An
         raise ValueError("no user text")
     if source.get("turns") == "first":
         turns = turns[:1]
-    lang = row.get(source.get("languageField", "language"))
     prompt = {"turns": [t.strip() for t in turns], "system": system, "answers": answers and answers[:len(turns)],
-              "language": lang if isinstance(lang, str) and lang else default_lang}
+              "language": _language(row, source, default_lang)}
     if rejected is not None:
         prompt["rejected"] = rejected.strip()
         if _number(row.get("score_chosen")) is not None and _number(row.get("score_rejected")) is not None:
@@ -215,10 +232,11 @@ def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, dict[str, str]] | None = None,
-            with_answers: bool = False) -> list[dict[str, Any]]:
+            with_answers: bool = False, documents: bool = False) -> list[dict[str, Any]]:
     """[{turns, system, language, answers}] from every source, in order. `config_maps`: the task's
     inputs.configMaps ({source index: {name, key, sha256}}). with_answers: only the turns the rows
-    answer (answered), a row that answers none dropped (no_answer)."""
+    answer (answered), a row that answers none dropped (no_answer). documents (format text): each
+    row's document, its one turn."""
     prompts = []
     for index, source in enumerate(sources):
         default_lang = source.get("language") or UNKNOWN_LANGUAGE
@@ -238,7 +256,7 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             if source.get("maxRows") and n >= source["maxRows"]:
                 break
             try:
-                prompt = _prompt(row, source, default_lang)
+                prompt = _prompt(row, source, default_lang, documents)
             except (ValueError, KeyError, TypeError, AttributeError):
                 drops.add("malformed", row)
                 continue
