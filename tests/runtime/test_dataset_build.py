@@ -1178,7 +1178,7 @@ def test_format_text_keeps_documents_as_written_for_continued_pretraining(tmp_pa
         {"title": "No text column"},
         {"text": "   "},
     ]
-    held_out = [{"text": "Forests cover about a third of the land, and they hold most of its animal species."}]
+    held_out = [{"content": "Forests cover about a third of the land, and they hold most of its animal species."}]
     source = {"uri": jsonl_file(tmp_path / "wiki.jsonl", documents)}
     doc = manifest("http://unused", source, samplesPerLanguage=None, format="text",
                    languageDetection={"candidates": ["en", "ru"]}, split={"validation": 0.2, "test": 0.0},
@@ -1186,7 +1186,8 @@ def test_format_text_keeps_documents_as_written_for_continued_pretraining(tmp_pa
     del doc["spec"]["teacher"]
     doc["spec"]["sources"] += [{"inline": [{"text": "Deserts get less than a quarter of a metre of rain a year, "
                                                    "and their nights are cold."}]},
-                               {"uri": jsonl_file(tmp_path / "held-out.jsonl", held_out), "split": "test"}]
+                               {"uri": jsonl_file(tmp_path / "held-out.jsonl", held_out), "split": "test",
+                                "textField": "content"}]  # The Stack's column
     task, result = run_in_process(tmp_path, doc)
 
     assert task["inputs"] == {} and result["format"] == "text" and result["teacherTokens"] == 0
@@ -1197,7 +1198,7 @@ def test_format_text_keeps_documents_as_written_for_continued_pretraining(tmp_pa
     store = open_store(result["uri"])
     rows = {name: [json.loads(line) for line in store.read_bytes(f"{name}.jsonl").decode().splitlines()]
             for name in ("train", "validation", "test")}
-    assert rows["test"] == [{"text": held_out[0]["text"], "language": "en"}]
+    assert rows["test"] == [{"text": held_out[0]["content"], "language": "en"}]
     written = sorted(r["text"] for split in rows.values() for r in split)
     assert sea in written and documents[3]["text"] in written and all(set(r) == {"text", "language"}
                                                                        for split in rows.values() for r in split)

@@ -339,6 +339,8 @@ BAD = [
      "format text reads each row's document in the source's textField"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/wiki.jsonl"}], "format": "text",
                       "filters": {"maxPromptTokens": 2048, "tokenizer": MODEL}}, "format text keeps whole documents"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "textField": "content"}], "teacher": {"model": MODEL}},
+     "textField names the column of format text's documents: set format text"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q8_0", "gptq"]}, "format gguf takes GGUF types"),
     ("Quantization", {"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8", "q4_0"]},

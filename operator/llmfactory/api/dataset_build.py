@@ -76,9 +76,9 @@ class Source(ApiModel):
         "Column holding the answer to the prompt (fields: prompt), e.g. response, completion, a final answer "
         "(text, or a number): what a build without a teacher keeps. Conversations (sharegpt, openai) hold their "
         "answers, alpaca rows in output."))
-    text_field: str = Field("text", description=(
-        "Column holding the document (a text) of each row, for format text (continued pre-training), e.g. "
-        "text for Wikipedia's and FineWeb's rows, content for The Stack's."))
+    text_field: str | None = Field(None, description=(
+        "Column holding the document (a text) of each row, for format text (continued pre-training); unset: "
+        "text, as Wikipedia's and FineWeb's rows have it (The Stack's: content)."))
     language_field: str = Field("language", description="Column holding the prompt's language code.")
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN,
                                  description="Language of every prompt of this source that does not name its own.")
@@ -304,6 +304,9 @@ class DatasetBuildSpec(RunOptions):
                  "s.fields == 'auto') && !has(s.answerField) && !has(s.systemField) && !has(s.systemPrompt))",
          "message": "format text reads each row's document in the source's textField: leave fields, answerField, "
                     "systemField and systemPrompt unset"},
+        {"rule": "(has(self.format) && self.format == 'text') || self.sources.all(s, !has(s.textField))",
+         "message": "textField names the column of format text's documents: set format text (a prompt column is "
+                    "promptField)"},
         {"rule": "!has(self.format) || self.format != 'text' || !has(self.filters) || (!has(self.filters.maxPromptTokens) "
                  "&& !has(self.filters.maxAnswerTokens) && !has(self.filters.tokenizer))",
          "message": "format text keeps whole documents (a FineTune learns a long one in pieces of maxSeqLength): "

@@ -165,7 +165,7 @@ def _answers(items: list[tuple[str, str]]) -> list[str] | None:
 def _document(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, Any]:
     """A row's document (format text: its textField) as a prompt of one turn, which language detection,
     the duplicate filters and sampling read as they read a prompt."""
-    text = row[source.get("textField", "text")]
+    text = row[source.get("textField") or "text"]
     if not isinstance(text, str) or not text.strip():
         raise ValueError("no text")
     return {"turns": [text.strip()], "system": None, "answers": None, "language": _language(row, source, default_lang)}
