@@ -1051,8 +1051,9 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     Off-policy masking and the entropy figure are seen on the way."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "train.jsonl").write_bytes(dumps_jsonl(_rows(16)))
-    (data / "validation.jsonl").write_bytes(dumps_jsonl(_rows(4)))
+    (data / "train.jsonl").write_bytes(dumps_jsonl([{**row, "solution": "a."} for row in _rows(16)]))
+    (data / "validation.jsonl").write_bytes(dumps_jsonl([{**row, "solution": "a."} for row in _rows(4)]))
+    (data / "test.jsonl").write_bytes(dumps_jsonl(_rows(2)))  # held out, without solutions
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="full",
                          grpo={"generations": 8, "maxNewTokens": 8, "grader": grader("contains"), "iterations": 2,
                                "epsilonHigh": 0.28, "offPolicyMaskThreshold": 0.05},
@@ -1064,7 +1065,8 @@ def test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_wei
     run = open_store(task["artifactUri"])
     result = run.read_json("result.json")
     assert result["steps"] == 16 and result["datasetFormat"] == "graded"
-    assert result["datasetReferenceFields"] == ["answer"]  # where a Benchmark's reward grader may read references
+    # Where a Benchmark's reward grader may read references, whichever split it reads: not the test rows' absent solution.
+    assert result["datasetReferenceFields"] == ["answer"]
     # iterations 2: two optimizer steps on each step's samples, the second one clipped to the sampling policy's.
     optimizer = torch.load(Path(task["artifactUri"][7:]) / "checkpoints/step-4/optimizer.pt", weights_only=False)
     assert {int(state["step"]) for state in optimizer["state"].values()} == {8}

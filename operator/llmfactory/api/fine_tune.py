@@ -813,7 +813,7 @@ class FineTuneResult(ApiModel):
     completions_uri: str | None = Field(None, description=(
         "grpo.logCompletions: the answers sampled each step, one JSONL file a step (step-<N>.jsonl)."))
     dataset_reference_fields: list[str] | None = Field(None, description=(
-        "objective grpo: the fields in which every train row holds a string or a number, where a Benchmark's "
+        "objective grpo: the fields in which every row (of every split) holds a string or a number, where a Benchmark's "
         "reward grader (reading these prompts) may find its reference answer (referenceField)."))
     digest: str = Field(description="sha256 over the saved weights (merged model, else adapter).")
     first_loss: float = Field(description="Mean train loss of the first steps (ten, or a third of a shorter run).")

@@ -457,8 +457,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
         "datasetDigest": dataset["digest"],
-        # What a Benchmark's reward grader may read its reference from, in the prompts it reads by default.
-        **({"datasetReferenceFields": reference_fields(train_rows)} if grpo else {}),
+        # What a Benchmark's reward grader may read its reference from, in whichever split it reads.
+        **({"datasetReferenceFields": reference_fields(train_rows + val_rows + read_split(dataset["uri"], "test"))}
+           if grpo else {}),
         **({"completionsUri": run.child(COMPLETIONS).uri} if grpo and grpo.get("logCompletions") else {}),
         "lossCurveUri": outputs.write_loss_curve(run, state.history, state.evals, task["resource"]["name"],
                                                  sorted((s, r[0]) for s, r in state.rewards.items()) if grpo else None),
