@@ -359,6 +359,76 @@ def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_
     assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == got
 
 
+POLITE = {"referenceField": "answer", "operation": "label", "labels": ["polite", "neutral", "rude"],
+          "passingLabels": ["polite", "neutral"],
+          "prompt": "A customer wrote ({{item.channel}}): {{prompt}}\n\nThe agent replied:\n{{sample.output_text}}\n\n"
+                    "How does the reply sound?"}
+
+
+def test_a_label_grader_asks_its_own_prompt_and_passes_the_labels_it_names_and_never_pays_twice(
+        openai_server, monkeypatch, tmp_path):
+    """OpenAI's label_model grader: the spec's prompt, the answer, the prompt's last user message and the
+    row's fields filled in, then the labels; the last [[label]] the judge names (case aside) scores 1 when
+    it passes, else 0, as does a reply without one after its re-asks. No reference is needed; a field the
+    prompt reads is. Its labels are kept in the store: the same answers again cost nothing."""
+    def judge(request):
+        reply = request.messages[1]["content"].split("The agent replied:\n", 1)[1].split("\n\n")[0]
+        if "whatever" in reply:
+            return {"text": "Dismissive: [[RUDE]]"}
+        if "hmm" in reply:
+            return {"text": "I would need more context."}
+        return {"text": "It could be [[neutral]] but the thanks make it [[Polite]]." if "thank" in reply
+                else "Plain. [[neutral]]"}
+    openai_server.reply = judge
+    monkeypatch.setenv("LLMFACTORY_GRADER_API_KEY", "sk-grader")
+    spec = {**POLITE, "judge": {"baseUrl": openai_server.url, "model": "gpt-4o-mini",
+                                "apiKeySecret": {"name": "g", "key": "k"}}}
+    row = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Where is my parcel?"}],
+           "channel": "email"}
+    graded = [graded_of(row, spec)] * 4
+    answers = ["It ships today, thank you for waiting.", "It ships today.", "whatever", "hmm"]
+    cache = f"file://{tmp_path}/cache"
+    assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == [1.0, 1.0, 0.0, 0.0]
+    asked = openai_server.requests[0].messages[1]["content"]
+    assert asked.startswith("A customer wrote (email): Where is my parcel?\n\nThe agent replied:\nIt ships today, ")
+    assert asked.endswith("give one label in the form [[label]]: [[polite]], [[neutral]], [[rude]].")
+    assert len(openai_server.requests) == 4 + 2  # the unlabelled reply asked again twice
+    assert "Give only the label now" in openai_server.requests[-1].messages[-1]["content"]
+    assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == [1.0, 1.0, 0.0, 0.0]
+    assert len(openai_server.requests) == 6
+    assert describe(spec) == "label by gpt-4o-mini, passing polite, neutral of polite, neutral, rude"
+    # Only polite passing: the same cached labels, other rewards.
+    assert rewards({**spec, "passingLabels": ["polite"]}, answers, graded, cache, "spec.grpo.grader") == [1.0, 0, 0, 0]
+    assert len(openai_server.requests) == 6
+    with pytest.raises(ValueError, match=r"needs field 'channel', which grader.prompt reads \({{item.channel}}\)"):
+        graded_of({"prompt": "Where is my parcel?"}, spec)
+
+
+def test_a_local_label_grader_rewards_its_probability_of_a_passing_label(tiny_model, tmp_path):
+    """grader.judgeModel with operation label: the reward is the judge's probability of writing one of
+    the passing labels (each label's, from its log-probabilities after "[["), worked out here."""
+    from llmfactory_runtime import models
+    from llmfactory_runtime.benchmark.judge import label_distribution, label_messages
+    from llmfactory_runtime.grader import filled
+
+    source = {"uri": f"file://{tiny_model}"}
+    spec = {**POLITE, "judgeModel": source}
+    graded = [graded_of({"prompt": "Where is my parcel?", "channel": "chat"}, spec)] * 2
+    answers = ["It ships today, thank you.", "whatever"]
+    got = rewards(spec, answers, graded, f"file://{tmp_path}/cache", "spec.grpo.grader")
+    model, tokenizer = models.load_model(source), models.load_tokenizer(source)
+    expected = []
+    for answer in answers:
+        messages = label_messages(filled(POLITE["prompt"], graded[0], answer), POLITE["labels"], "local")
+        assert "(chat): Where is my parcel?" in messages[1]["content"]
+        probs = label_distribution(model, tokenizer, messages, POLITE["labels"])
+        assert sum(probs.values()) == pytest.approx(1.0)
+        expected.append(probs["polite"] + probs["neutral"])
+    assert got == pytest.approx(expected, abs=1e-5) and all(0 < r < 1 for r in got)
+    every = {**spec, "passingLabels": POLITE["labels"]}
+    assert rewards(every, answers, graded, f"file://{tmp_path}/cache", "spec.grpo.grader") == pytest.approx([1.0, 1.0])
+
+
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory) -> Path:
     from tests.tiny_model import make_tiny_reward_model

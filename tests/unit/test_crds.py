@@ -73,6 +73,9 @@ def _manifest(kind, spec):
 
 
 MODEL = {"uri": "file:///models/m"}
+LABEL = {"operation": "label", "judge": {"model": "gpt-4o"}, "labels": ["good", "bad"], "passingLabels": ["good"],
+         "prompt": "Is this reply kind? {{sample.output_text}}"}
+
 BAD = [
     ("FineTune", {"baseModel": {"uri": "file:///m", "huggingface": "a/b"}, "dataset": {"uri": "file:///d"}},
      "set exactly one of huggingface, uri or fineTuneRef"),
@@ -133,9 +136,9 @@ BAD = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo", "method": "full",
                   "grpo": {"beta": 0.04}}, "grpo.beta above 0 needs method lora or qlora"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
-                  "grpo": {"grader": {"operation": "judge"}}}, "operation judge needs grader.judge"),
+                  "grpo": {"grader": {"operation": "judge"}}}, "operations judge and label need grader.judge"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
-                  "grpo": {"grader": {"judge": {"model": "gpt-4o"}}}}, "operation judge needs grader.judge"),
+                  "grpo": {"grader": {"judge": {"model": "gpt-4o"}}}}, "operations judge and label need grader.judge"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "regex"}}}, "not in"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
@@ -215,7 +218,7 @@ BAD = [
                       {"name": "b", "operation": "judge", "judge": {"model": "gpt-4o-mini"}}]}}},
      "grader.parts may hold one API judge"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
-                  "grpo": {"grader": {"judgeModel": MODEL}}}, "operation judge needs grader.judge"),
+                  "grpo": {"grader": {"judgeModel": MODEL}}}, "operations judge and label need grader.judge"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "rewardModel"}}}, "operation rewardModel needs grader.rewardModel"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
@@ -235,6 +238,22 @@ BAD = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {"operation": "python", "source": "def grade(s, i): return 1", "extract": "(.+)"}}},
      "extract applies to the equals, contains, icontains, number, math and similarity checks"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {**LABEL, "labels": None}}}, "operation label needs grader.labels"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {**LABEL, "operation": "equals", "judge": None}}}, "operation label needs grader.labels"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {**LABEL, "judge": None}}}, "operations judge and label need grader.judge"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {**LABEL, "passingLabels": ["Good"]}}},
+     "each of grader.passingLabels must be one of grader.labels"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {**LABEL, "labels": ["good", "good"]}}}, "grader.labels must differ from one another"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {**LABEL, "prompt": "Is this reply kind?"}}},
+     "grader.prompt must show the judge the answer: write {{sample.output_text}}"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {**LABEL, "labels": ["good", "[[bad]]"]}}}, "does not match"),
     ("DatasetBuild", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": MODEL}, "format": "sharegpt",
                       "preferences": {"rejected": {"model": MODEL}}}, "preferences write TRL's prompt"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "dpo", "dpo": {"beta": 0}},

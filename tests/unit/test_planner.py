@@ -432,6 +432,20 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
         python["spec"]["grpo"]["grader"]["source"] = source
         with pytest.raises(PlanError, match=f"spec.grpo.grader.source: {error}"):
             plan(parse(python), lookup({}), STORE)
+    # A label grader's prompt: only what the runtime fills in; labels told apart case aside, as it reads them.
+    labelled = copy.deepcopy(GRPO)
+    labelled["spec"]["grpo"]["grader"] = {
+        "operation": "label", "judge": {"model": "gpt-4o-mini"}, "labels": ["kind", "unkind"],
+        "passingLabels": ["kind"], "prompt": "Asked {{prompt}} ({{ item.topic }}), it said {{sample.output_text}}."}
+    assert plan(parse(labelled), lookup({}), STORE)["spec"]["grpo"]["grader"]["labels"] == ["kind", "unkind"]
+    labelled["spec"]["grpo"]["grader"]["prompt"] += " Expected: {{item.answer}}; {{sample.reference}} {{item.}}"
+    with pytest.raises(PlanError, match=r"spec.grpo.grader.prompt: has {{sample.reference}}, which names nothing: "
+                                        r"write {{sample.output_text}} \(the answer\)"):
+        plan(parse(labelled), lookup({}), STORE)
+    labelled["spec"]["grpo"]["grader"] |= {"prompt": "Kind? {{sample.output_text}}", "labels": ["kind", "Kind"]}
+    with pytest.raises(PlanError, match=r"spec.grpo.grader.labels: \['kind', 'Kind'\] holds two labels that differ "
+                                        "only in case"):
+        plan(parse(labelled), lookup({}), STORE)
     summed = copy.deepcopy(GRPO)
     summed["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
         {"name": "correct", "operation": "number", "referenceField": "answer"},

@@ -1,7 +1,8 @@
 """Rewards for objective grpo and a Benchmark's reward: an answer scored 1 or 0 against the reference
 answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, by how alike
 the two are (its text_similarity grader: similarity.py), rated by an
-LLM judge against it (OpenAI's score_model grader; an API, or a local model in this process), scored
+LLM judge against it (OpenAI's score_model grader; an API, or a local model in this process) or
+labelled by one as the spec's prompt asks (its label_model grader), scored
 by the spec's own Python (its python grader) or by a reward model (TRL's), or a weighted sum of such
 (TRL's reward functions and weights, OpenAI's multi grader)."""
 
@@ -28,11 +29,41 @@ def last_number(text: str) -> float | None:
 
 
 # Graders that read no reference answer: a python grader reads the row itself, a reward model the
-# prompt and answer.
-WITHOUT_REFERENCE = ("python", "rewardModel")
+# prompt and answer, a label grader what its prompt names.
+WITHOUT_REFERENCE = ("python", "rewardModel", "label")
 # Graders whose model runs in the grading process (judgeModel, rewardModel, embeddingModel), by the field
 # naming it.
-MODEL_FIELDS = {"judge": "judgeModel", "rewardModel": "rewardModel", "similarity": "embeddingModel"}
+MODEL_FIELDS = {"judge": "judgeModel", "label": "judgeModel", "rewardModel": "rewardModel",
+                "similarity": "embeddingModel"}
+# What a label grader's prompt may hold: {{sample.output_text}}, {{prompt}}, {{item.<field>}} (OpenAI's forms).
+PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+ANSWER, PROMPT, ITEM = "sample.output_text", "prompt", "item."
+
+
+def unknown_placeholders(prompt: str) -> list[str]:
+    """The {{...}} of a label grader's prompt that name nothing it fills in."""
+    return [name for name in PLACEHOLDER.findall(prompt)
+            if name not in (ANSWER, PROMPT) and not (name.startswith(ITEM) and len(name) > len(ITEM))]
+
+
+def _item_fields(grader: dict[str, Any]) -> list[str]:
+    """The row fields a label grader's prompt reads ({{item.<field>}})."""
+    return [name[len(ITEM):] for name in PLACEHOLDER.findall(grader.get("prompt") or "") if name.startswith(ITEM)]
+
+
+def filled(prompt: str, graded: dict[str, Any], answer: str) -> str:
+    """A label grader's prompt for one answer to one graded row: the answer, the prompt's last user
+    message and the row's fields in their places (a list or an object as JSON)."""
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name == ANSWER:
+            return answer
+        if name == PROMPT:
+            return graded["question"]
+        found = graded["item"][name[len(ITEM):]]
+        return found if isinstance(found, str) else json.dumps(found, ensure_ascii=False)
+
+    return PLACEHOLDER.sub(value, prompt)
 
 
 def parts_of(grader: dict[str, Any]) -> list[dict[str, Any]]:
@@ -76,6 +107,10 @@ def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
     the grader. A ValueError says what the row lacks: every operation but python compares the answer
     with the reference the row holds (a python grader reads what it needs of the row itself)."""
     messages = prompt_of(row)
+    for part in parts_of(grader):
+        for name in _item_fields(part):
+            if name not in row:
+                raise ValueError(f"needs field {name!r}, which grader.prompt reads ({{{{item.{name}}}}})")
     compared = [part for part in parts_of(grader) if part["operation"] not in WITHOUT_REFERENCE]
     for part in compared:
         if reference_of(row, part) is None:
@@ -106,6 +141,8 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
         return rewards_by_part(grader, answers, graded, cache_uri, field)[0]
     if operation == "python":
         return python_grader.grade(grader["source"], answers, [g["item"] for g in graded], field)
+    if operation == "label":
+        return _labelled(grader, answers, graded, cache_uri, field)
     if operation == "rewardModel":
         from . import reward_model  # noqa: PLC0415 - torch only for a reward model
 
@@ -146,6 +183,29 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
             for i in range(len(items))]
 
 
+def _labelled(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
+              field: str) -> list[float]:
+    """A label grader's rewards: 1 for an API judge's passing label, else 0 (no label after its re-asks
+    too); a local judge's probability of writing a passing one. Its judgements are cached as a judge's."""
+    from .benchmark.judge import (judge_with_api, judge_with_model, label_distribution,  # noqa: PLC0415
+                                  label_messages, label_parser)
+
+    labels, passing, local = grader["labels"], set(grader["passingLabels"]), grader.get("judgeModel")
+    items = [(str(i), label_messages(filled(grader["prompt"], g, a), labels, "local" if local else "api"))
+             for i, (a, g) in enumerate(zip(answers, graded))]
+    if local:
+        from .models import LazyModel  # noqa: PLC0415 - torch only for a local judge
+
+        judged = judge_with_model(lambda: _held("judge", local, LazyModel(local)), local, items, cache_uri, held=True,
+                                  judged=lambda model, tokenizer, messages: {
+                                      "labels": label_distribution(model, tokenizer, messages, labels)})
+        return [sum(p for label, p in judged[str(i)]["labels"].items() if label in passing) for i in range(len(items))]
+    judged = judge_with_api(grader["judge"], items, cache_uri, max_reasks=2, on_rating=lambda *_, **__: None,
+                            field=f"{field}.judge", kind="label", key_env=GRADER_KEY_ENV, held=True,
+                            usage=_usage_of(field), parser=label_parser(labels))
+    return [1.0 if judged[str(i)]["label"] in passing else 0.0 for i in range(len(items))]
+
+
 _models: dict[str, tuple[Any, Any]] = {}  # (model, tokenizer) graders loaded, by operation and source: once a process
 
 
@@ -166,7 +226,7 @@ def _usage_of(field: str) -> Usage:
 def api_endpoint(grader: dict[str, Any]) -> str | None:
     """The field of the API endpoint a grader (not a sum) asks: judge (an API judge), embeddings (metric
     cosine), or None."""
-    if grader["operation"] == "judge" and grader.get("judge"):
+    if grader["operation"] in ("judge", "label") and grader.get("judge"):
         return "judge"
     return "embeddings" if grader.get("embeddings") else None
 
@@ -216,6 +276,10 @@ def describe(grader: dict[str, Any]) -> str:
         return "sum of " + ", ".join(f"{p['weight']:g} x {p['name']} ({describe(p)})" for p in grader["parts"])
     if grader["operation"] == "python":
         return "python, its source in the task document"
+    if grader["operation"] == "label":
+        model = grader.get("judgeModel")
+        judge = f"the local judge {model.get('huggingface') or model['uri']}" if model else grader["judge"]["model"]
+        return f"label by {judge}, passing {', '.join(grader['passingLabels'])} of {', '.join(grader['labels'])}"
     model = grader.get(MODEL_FIELDS.get(grader["operation"], ""))
     if grader["operation"] == "rewardModel":
         return f"reward model {model.get('huggingface') or model['uri']}"

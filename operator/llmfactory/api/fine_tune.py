@@ -166,13 +166,22 @@ class Reward(ApiModel):
 class GraderPart(ApiModel):
     """One way of scoring an answer against the reference answer its row holds: 1 or 0 when it passes a
     check (as OpenAI's reinforcement fine-tuning string_check grader does), how alike the two are (its
-    text_similarity grader), an LLM judge's rating (its score_model grader), or the spec's own Python
-    function (its python grader)."""
+    text_similarity grader), an LLM judge's rating (its score_model grader) or label (its label_model
+    grader), or the spec's own Python function (its python grader)."""
 
     cel_rules: ClassVar = [
-        {"rule": "(self.operation == 'judge') == (has(self.judge) || has(self.judgeModel))",
-         "message": "operation judge needs grader.judge (an OpenAI-compatible judge) or grader.judgeModel (a local "
-                    "one), which apply to it alone"},
+        {"rule": "(self.operation in ['judge', 'label']) == (has(self.judge) || has(self.judgeModel))",
+         "message": "operations judge and label need grader.judge (an OpenAI-compatible judge) or grader.judgeModel "
+                    "(a local one), which apply to them alone"},
+        {"rule": "(self.operation == 'label') == (has(self.labels) && has(self.passingLabels) && has(self.prompt))",
+         "message": "operation label needs grader.labels (what the judge picks from), passingLabels (those that "
+                    "score 1) and prompt (what it is asked), which apply to it alone"},
+        {"rule": "!has(self.labels) || !has(self.passingLabels) || self.passingLabels.all(l, l in self.labels)",
+         "message": "each of grader.passingLabels must be one of grader.labels"},
+        {"rule": "!has(self.labels) || self.labels.all(l, self.labels.exists_one(m, m == l))",
+         "message": "grader.labels must differ from one another"},
+        {"rule": "!has(self.prompt) || self.prompt.contains('{{sample.output_text}}')",
+         "message": "grader.prompt must show the judge the answer: write {{sample.output_text}} where it goes"},
         {"rule": "!(has(self.judge) && has(self.judgeModel))",
          "message": "set one of grader.judge (an OpenAI-compatible judge) or grader.judgeModel (a local one)"},
         {"rule": "(self.operation == 'python') == has(self.source)",
@@ -205,10 +214,10 @@ class GraderPart(ApiModel):
 
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
         "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number. "
-        "Every row needs it, except with operation python, whose grade function reads the row itself, and "
-        "rewardModel, which reads the prompt and answer only."))
-    operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "python",
-                       "rewardModel"] = Field(
+        "Every row needs it, except with operation python, whose grade function reads the row itself, "
+        "rewardModel, which reads the prompt and answer only, and label, whose prompt names what it reads."))
+    operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "label",
+                       "python", "rewardModel"] = Field(
         "equals", description=(
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
@@ -221,7 +230,11 @@ class GraderPart(ApiModel):
         "similarity: how alike the answer and the reference are, 0-1, by "
         "grader.metric (OpenAI's text_similarity grader): for translations and summaries. judge: grader.judge or grader.judgeModel rates the answer 1-10 against "
         "the reference (the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an "
-        "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. python: "
+        "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. "
+        "label: the judge (grader.judge or grader.judgeModel) is asked grader.prompt and picks one of grader.labels "
+        "(OpenAI's label_model grader); an API judge's pick scores 1 when it is one of passingLabels, else 0 (as does "
+        "no pick after its re-asks), and a local judge's reward is its probability of picking one of them: for a "
+        "rubric, e.g. whether the answer is polite, on topic or follows a policy. python: "
         "grader.source's grade(sample, item) returns the reward. rewardModel: grader.rewardModel's score of the "
         "conversation (prompt and answer), on its own scale, as TRL's reward models."))
     metric: Literal["fuzzy", "bleu", "gleu", "chrf", "meteor", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5",
@@ -247,8 +260,8 @@ class GraderPart(ApiModel):
         "'\\\\boxed\\{(.+?)\\}'. An answer without a match scores 0, so the format is learned too. Unset: "
         "the whole answer."))
     judge: OpenAIEndpoint | None = Field(None, description=(
-        "operation judge: the OpenAI-compatible judge (its key by apiKeySecret, LLMFACTORY_GRADER_API_KEY for "
-        "local runs). Its ratings are cached in the store like the Benchmark judge's, so a resumed run gets "
+        "operations judge and label: the OpenAI-compatible judge (its key by apiKeySecret, LLMFACTORY_GRADER_API_KEY "
+        "for local runs). Its ratings (labels) are cached in the store like the Benchmark judge's, so a resumed run gets "
         "the same rewards without paying again."))
     embeddings: EmbeddingsEndpoint | None = Field(None, description=(
         "metric cosine: the OpenAI-compatible embeddings endpoint (its key by apiKeySecret, "
@@ -268,11 +281,22 @@ class GraderPart(ApiModel):
     embedding_prompt: str | None = Field(None, max_length=1024, description=(
         "embeddingModel: the text put before each text instead of the model's default prompt, for a model that "
         "wants one and names none, e.g. 'query: ' for e5 models (their symmetric tasks' prefix); '' for none."))
+    labels: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\[\]]+$")]] | None = Field(
+        None, min_length=2, max_length=10, description=(
+            "operation label: the labels the judge picks one of (2-10, without brackets), e.g. [correct, "
+            "incorrect] or [compliant, borderline, violation]; it answers in the form [[label]], case aside."))
+    passing_labels: list[str] | None = Field(None, min_length=1, description=(
+        "operation label: the labels (among grader.labels) that score 1."))
+    prompt: str | None = Field(None, min_length=1, max_length=32768, description=(
+        "operation label: what the judge is asked, as OpenAI's label_model input: {{sample.output_text}} is "
+        "the answer, {{prompt}} the prompt's last user message, {{item.<field>}} a field of the row (which "
+        "every row must then hold; a list or an object as JSON). The runtime adds the labels and the answer "
+        "format [[label]] after it. The planner refuses any other {{...}}."))
     judge_model: TrainedModelSource | None = Field(None, description=(
-        "operation judge: a local judge model instead of an API, run with transformers in each training "
+        "operations judge and label: a local judge model instead of an API, run with transformers in each training "
         "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "
-        "over its probabilities of writing 1..10, so it never fails to parse and costs one forward pass per "
-        "answer. An instruction-tuned model that can grade (e.g. Qwen2.5-7B-Instruct, a Prometheus model); its "
+        "over its probabilities of writing 1..10 (a label's reward, its probability of writing a passing "
+        "label), so it never fails to parse and costs one forward pass per answer. An instruction-tuned model that can grade (e.g. Qwen2.5-7B-Instruct, a Prometheus model); its "
         "weights take GPU memory beside the model's, which the planner counts. Its ratings are cached in the "
         "store, so a resumed run gets the same rewards without asking it again. For a judge too large to sit "
         "beside training, serve it with vLLM and name it in grader.judge instead."))
@@ -324,8 +348,8 @@ class Grader(GraderPart):
                     "LLMFACTORY_EMBEDDINGS_API_KEY"},
     ]
 
-    operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "python",
-                       "rewardModel", "sum"] = Field(
+    operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "label",
+                       "python", "rewardModel", "sum"] = Field(
         "equals", description=GraderPart.model_fields["operation"].description + (
             " sum: the weighted sum of grader.parts' rewards (e.g. a correctness check plus a format reward)."))
     parts: list[WeightedPart] | None = Field(None, min_length=2, max_length=8, description=(

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llmfactory_runtime.grader import WITHOUT_REFERENCE
+from llmfactory_runtime.grader import WITHOUT_REFERENCE, unknown_placeholders
 
 from .. import API_VERSION
 from ..api import KINDS
@@ -296,10 +296,19 @@ def _check_chat_template(res: Resource) -> None:
 
 def _check_grader(res: Resource, field: str, grader) -> None:
     """Refuse, before a Job runs, a grader the runtime could not use: an extract Python's re cannot
-    compile, or python source that does not parse or defines no grade(sample, item); a sum's parts alike."""
+    compile, a label prompt's {{...}} that names nothing, or python source that does not parse or defines
+    no grade(sample, item); a sum's parts alike."""
     for i, part in enumerate(getattr(grader, "parts", None) or []):
         _check_grader(res, f"{field}.parts[{i}]", part)
     _check_pattern(res, f"{field}.extract", grader.extract)
+    folded = [label.casefold() for label in grader.labels or []]
+    if len(set(folded)) < len(folded):  # the judge's [[label]] is read case aside
+        raise PlanError(res.ref, f"{field}.labels", f"{grader.labels} holds two labels that differ only in case")
+    unknown = unknown_placeholders(grader.prompt or "")
+    if unknown:
+        raise PlanError(res.ref, f"{field}.prompt", f"has {{{{{unknown[0]}}}}}, which names nothing: write "
+                        "{{sample.output_text}} (the answer), {{prompt}} (the prompt's last user message) or "
+                        "{{item.<field>}} (a field of the row)")
     if grader.source is None:
         return
     try:

@@ -9,6 +9,9 @@ Two judges, the same prompts:
   rating 1..10 (or verdict A, B, C) is scored by its log-probability; a rating is the
   expectation, a verdict the likeliest (never fails to parse, deterministic).
 
+A label grader (a GRPO or Benchmark reward) asks its own prompt and reads one of its labels in the
+same ways: [[label]] from an API judge, each label's probability from a local one.
+
 A pairwise comparison is asked twice, the answers in swapped places: a win needs both orders to
 agree, so a judge's preference for a position comes out as a tie (MT-Bench's rule).
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
-from typing import Any
+from typing import Any, Callable
 
 from ..answer_cache import AnswerCache
 from ..openai_client import JUDGE_KEY_ENV, ChatClient, api_key
@@ -90,6 +93,38 @@ def pairwise_messages(question: dict, first: list[str], second: list[str], turn:
                 f"[Conversation with assistant A]{_history(question, first, turn)}\n\n"
                 f"[Conversation with assistant B]{_history(question, second, turn)}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+
+
+def label_messages(prompt: str, labels: list[str], style: str = "local") -> list[dict[str, str]]:
+    """A label grader's question (its prompt, filled in), then the labels and the form of the reply."""
+    ask = {"api": "Think it over briefly, then give one label in the form [[label]]: ",
+           "local": "Reply with one label only, in the form [[label]]: "}[style]
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": f"{prompt}\n\n{ask}{_choices(labels)}."}]
+
+
+def _choices(labels: list[str]) -> str:
+    return ", ".join(f"[[{label}]]" for label in labels)
+
+
+LABEL = re.compile(r"\[\[([^\[\]]+)\]\]")
+
+
+def label_parser(labels: list[str]) -> tuple[Callable[[str], str | None], str]:
+    """(parse, re-ask) for an API judge picking one of `labels`: the last [[label]] in the reply that is
+    one of them, case aside (a judge may quote the format, or another label, earlier)."""
+    by_fold = {label.casefold(): label for label in labels}
+
+    def parse(reply: str) -> str | None:
+        found = [by_fold[m.strip().casefold()] for m in LABEL.findall(reply) if m.strip().casefold() in by_fold]
+        return found[-1] if found else None
+
+    return parse, f"Give only the label now: one of {_choices(labels)}."
+
+
+def label_distribution(model, tokenizer, messages: list[dict[str, str]], labels: list[str]) -> dict[str, float]:
+    """A local judge's probability of writing each label (choice_distribution)."""
+    return dict(zip(labels, choice_distribution(model, tokenizer, messages, labels)))
 
 
 def parse_verdict(reply: str) -> str | None:
@@ -181,10 +216,15 @@ class LanguageRule:
         return found != question_language and confidence >= LANGUAGE_RULE_CONFIDENCE
 
 
+def _rating(model, tokenizer, messages: list[dict[str, str]]) -> dict[str, float]:
+    return {"rating": expected_rating(rating_distribution(model, tokenizer, messages))}
+
+
 def judge_with_model(loaded, source: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
                      on_rating=lambda *_, **__: None, held: bool = False,
-                     usage: Usage | None = None) -> dict[str, dict[str, Any]]:
-    """{item id: {rating}} for each (id, judge messages in the local style) from a local judge:
+                     usage: Usage | None = None, judged=_rating) -> dict[str, dict[str, Any]]:
+    """{item id: {rating}} (or what `judged(model, tokenizer, messages)` gives: a label grader's
+    {labels: probabilities}) for each (id, judge messages in the local style) from a local judge:
     `source` the model, loaded() its model and tokenizer (a LazyModel, so that a run whose ratings
     are all cached loads nothing). Ratings are cached in the store by the exact prompt, as an API
     judge's are, so any phase asking the same judge the same question reads the same rating. `held`:
@@ -198,7 +238,7 @@ def judge_with_model(loaded, source: dict[str, Any], items: list[tuple[str, list
         verdict, cached = cache.get(key), True
         if verdict is None:
             model, tokenizer = loaded()
-            verdict, cached = {"rating": expected_rating(rating_distribution(model, tokenizer, messages))}, False
+            verdict, cached = judged(model, tokenizer, messages), False
             cache.put(key, verdict)
             usage.paid()
         else:
@@ -215,12 +255,13 @@ PARSERS = {"rating": (parse_rating, REASK), "verdict": (parse_verdict, REASK_VER
 def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[str, str]]]], cache_uri: str,
                    max_reasks: int, on_rating, transport=None, field: str = "spec.judge.openai", kind: str = "rating",
                    key_env: str = JUDGE_KEY_ENV, held: bool = False,
-                   usage: Usage | None = None) -> dict[str, dict[str, Any]]:
-    """{item id: {rating (or verdict: kind; None when the reply had none), reply, attempts}} for each
-    (id, judge messages). `field`: where the endpoint is in the spec, for error messages; `key_env`:
-    the variable its key is in; `usage`: where the verdicts asked for (requests) and found in the cache
-    are counted, with the tokens of every reply (re-asks included)."""
-    parse, reask = PARSERS[kind]
+                   usage: Usage | None = None, parser=None) -> dict[str, dict[str, Any]]:
+    """{item id: {rating (or verdict, or label: kind; None when the reply had none), reply, attempts}}
+    for each (id, judge messages). `field`: where the endpoint is in the spec, for error messages;
+    `key_env`: the variable its key is in; `usage`: where the verdicts asked for (requests) and found in
+    the cache are counted, with the tokens of every reply (re-asks included); `parser`: (parse, re-ask)
+    where PARSERS has none for the kind (label_parser)."""
+    parse, reask = parser or PARSERS[kind]
     usage = usage or Usage()
     cache = AnswerCache.opened(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
                                                                "model": endpoint["model"]}, "prompt": 1}, held)

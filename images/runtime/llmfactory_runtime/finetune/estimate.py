@@ -292,11 +292,11 @@ EMBEDDING_BATCH = 32  # texts a local embedding model embeds in one pass (embedd
 def grader_bytes(grader: ModelShape, seq_len: int, operation: str) -> float:
     """A grader's model in bf16 (models.compute_dtype on a GPU) and what one score holds: one layer's
     MLP at a time over the prompt and answer (up to maxSeqLength), and for a local judge (operation
-    judge) the KV cache of its prompt, with its instructions and the reference, repeated for each of
+    judge, or label) the KV cache of its prompt, with its instructions and the reference, repeated for each of
     the ten ratings it scores (benchmark/judge.py); the logits of the last position only. A reward
     model (rewardModel) reads REWARD_MODEL_BATCH conversations at once, without a cache, and has a
     score layer for a head; an embedding model (similarity) EMBEDDING_BATCH texts."""
-    judge = operation == "judge"
+    judge = operation in ("judge", "label")  # at most ten labels: no more than the ratings' copies
     if operation == "rewardModel":
         grader = replace(grader, scores=True)
     batch = EMBEDDING_BATCH if operation == "similarity" else REWARD_MODEL_BATCH
