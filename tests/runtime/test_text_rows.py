@@ -1,9 +1,12 @@
 """Raw-text rows ({text}): continued pre-training on documents, as TRL's language-modeling rows,
 Axolotl's completion type and torchtune's text_completion_dataset read them."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory_runtime.batching import as_trained, encode_text, perplexity
@@ -107,3 +110,55 @@ def test_continued_pretraining_on_documents_learns_them_and_lowers_their_held_ou
     before = perplexity(AutoModelForCausalLM.from_pretrained(tiny_model), tok, held_out)["all"]
     after = perplexity(AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]), tok, held_out)["all"]
     assert after < before / 2 and math.isclose(math.log(after), result["evalLoss"], rel_tol=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])  # untied output layer; tied to the embeddings
+def test_lora_train_embeddings_learns_the_embeddings_and_output_layer_whole(tmp_path, architecture):
+    """lora.trainEmbeddings (peft's modules_to_save, Unsloth's continued pre-training): the input
+    embeddings and the output layer train whole beside the adapters (one matrix where the model ties
+    them, and stays tied), the estimate counts them, the adapter on its base computes what the merged
+    model does, and vLLM is told it cannot serve the adapter."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from llmfactory_runtime.vllm_server import adapter_problem
+    from tiny_model import make_tiny_llama, make_tiny_qwen2
+
+    base = (make_tiny_llama if architecture == "llama" else make_tiny_qwen2)(tmp_path / "base")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(dumps_jsonl([{"text": SEA * (1 + i % 3)} for i in range(8)]))
+    task = finetune_task(base, f"file://{folder}", f"file://{tmp_path}/store",
+                         lora={"r": 4, "trainEmbeddings": True}, hyperparameters={"maxSeqLength": 32, "epochs": 2})
+    done = run_finetune(write_task(task, tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = open_store(task["artifactUri"]).read_json("result.json")
+    assert result["finalLoss"] < result["firstLoss"]
+    before = AutoModelForCausalLM.from_pretrained(base)
+    merged = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
+    vocab, hidden = before.get_input_embeddings().weight.shape
+
+    def moved(layer: str) -> set[int]:
+        change = getattr(merged, layer)().weight - getattr(before, layer)().weight
+        return set((change.abs().amax(-1) > 0).nonzero().flatten().tolist())
+
+    tied = architecture == "qwen2"
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == tied
+    tok = AutoTokenizer.from_pretrained(base)
+    seen = {t for i in range(3) for piece in encode_text(tok, SEA * (1 + i), 32) for t in piece["input_ids"]}
+    # Every row of the output layer learns (the softmax reaches them all); of untied embeddings, the rows
+    # of the tokens read, far more than a chat marker's few.
+    assert moved("get_output_embeddings") == set(range(vocab))
+    if not tied:
+        assert len(seen) // 2 < len(moved("get_input_embeddings")) and moved("get_input_embeddings") <= seen
+    adapter = result["adapterUri"][7:]
+    lora_params = sum(t.numel() for name, t in load_file(f"{adapter}/adapter_model.safetensors").items()
+                      if "lora_" in name)
+    assert result["estimate"]["trainableParams"] == lora_params + (1 if tied else 2) * vocab * hidden
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()(ids).logits
+        assert torch.allclose(on_base, merged.eval()(ids).logits, atol=1e-4)
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    assert "lora.trainEmbeddings" in adapter_problem(config)

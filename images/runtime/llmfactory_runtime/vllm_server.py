@@ -123,6 +123,9 @@ def adapter_problem(config: dict[str, Any]) -> str | None:
         return f"vLLM cannot serve a DoRA adapter (the FineTune's lora.dora) beside its base: {merged}"
     if int(config["r"]) > LORA_RANKS[-1]:
         return f"the adapter's LoRA rank {config['r']} is above vLLM's largest ({LORA_RANKS[-1]}): {merged}"
+    if config.get("modules_to_save") and config.get("task_type") != "SEQ_CLS":
+        return ("the adapter trains the embeddings and output layer whole (the FineTune's lora.trainEmbeddings), "
+                f"which vLLM's LoRA does not apply: {merged}")
     if config.get("trainable_token_indices"):
         return ("the adapter trains rows of chat markers its base lacks or never trained (a base model's), "
                 f"which vLLM's LoRA does not apply: {merged}")

@@ -56,6 +56,14 @@ class Lora(ApiModel):
     rs_lora: bool = Field(False, description=(
         "Rank-stabilized LoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r, so that high ranks "
         "keep learning (Kalajdzievski, 2023)."))
+    train_embeddings: bool | None = Field(None, description=(
+        "Also train the input embeddings and the output layer whole beside the adapters (peft's "
+        "modules_to_save, Axolotl's lora_modules_to_save: [embed_tokens, lm_head], as Unsloth's continued "
+        "pre-training recipe does), one matrix where the model ties them: for a new language or domain "
+        "vocabulary that low-rank adapters on the decoder cannot reach. Costs their gradients, fp32 master "
+        "copies and Adam moments (on Llama-3-8B about 1B trainable parameters, ~16 GiB, which the estimate "
+        "counts), and the adapter holds both matrices. vLLM cannot serve such an adapter beside its base: "
+        "engine auto answers with transformers, and the merged model serves. Unset: false."))
     dora: bool = Field(False, description=(
         "Weight-decomposed LoRA (DoRA, Liu et al., 2024): also train each adapted layer's weight "
         "magnitude. Often closer to a full fine-tune at the same rank; costs more time and activation "
@@ -703,6 +711,10 @@ class FineTuneSpec(RunOptions):
                  "|| ((!has(self.lora.dora) || !self.lora.dora) && (!has(self.lora.r) || self.lora.r <= 512))",
          "message": "grpo.engine vllm cannot serve a DoRA adapter or one of rank above 512 (vLLM's largest): "
                     "set lora.dora false and lora.r at most 512, or use engine transformers"},
+        {"rule": "!has(self.grpo) || !has(self.grpo.engine) || self.grpo.engine != 'vllm' || !has(self.lora) "
+                 "|| !has(self.lora.trainEmbeddings) || !self.lora.trainEmbeddings",
+         "message": "grpo.engine vllm cannot serve an adapter that trains the embeddings whole (lora.trainEmbeddings): "
+                    "use engine transformers"},
         {"rule": "!has(self.grpo) || !has(self.grpo.engine) || self.grpo.engine != 'vllm' "
                  "|| !has(self.baseModel.ggufFile)",
          "message": "grpo.engine vllm cannot load a GGUF base model (baseModel.ggufFile): use engine transformers"},

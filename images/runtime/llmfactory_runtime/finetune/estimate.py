@@ -121,6 +121,7 @@ class Plan:
     # Embedding rows an adapter trains beside itself: chat markers the base's vocabulary lacked
     # (model_setup._token_rows); only the runtime, which has the tokenizer, knows them.
     new_token_rows: int = 0
+    train_embeddings: bool = False  # lora.trainEmbeddings: the input embeddings and output layer trained whole
     vllm_sampler: bool = False  # GRPO's answers sampled by a vLLM server beside the process (grpo.engine vllm)
 
 
@@ -163,8 +164,8 @@ def trainable_params(shape: ModelShape, plan: Plan) -> int:
     adapted = adapted_dims(shape, plan)
     magnitudes = sum(out for _, out in adapted) if plan.lora_dora else 0  # DoRA's per-output magnitude
     wrapped = 1 if shape.tied_embeddings or shape.scores else 2  # the input embeddings, and an untied output layer
-    return shape.layers * (sum(plan.lora_r * (i + o) for i, o in adapted) + magnitudes) \
-        + wrapped * plan.new_token_rows * shape.hidden
+    rows = shape.vocab if plan.train_embeddings else plan.new_token_rows  # whole matrices, or the new rows alone
+    return shape.layers * (sum(plan.lora_r * (i + o) for i, o in adapted) + magnitudes) + wrapped * rows * shape.hidden
 
 
 def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str], ...] = ()) -> Estimate:
@@ -233,7 +234,7 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
         layer_bytes, fixed = shape.layers * per_layer, shape.layers * dora_fixed
     loss_bytes = 6 * h if plan.fused_loss else 12 * shape.outputs
     activations = tokens * (layer_bytes + loss_bytes) + fixed + dora_transient(shape, plan)
-    if plan.new_token_rows and plan.method != "full":
+    if plan.new_token_rows and plan.method != "full" and not plan.train_embeddings:
         # peft's trainable tokens write their rows into a copy of the whole matrix each forward: the
         # output layer's copy is kept for backward, which makes its whole gradient as well, at the
         # peak where the logits' are (the input embeddings' copy and gradient come and go when
@@ -249,6 +250,8 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
     matmul = shape.linear_params + shape.outputs * shape.hidden
     forward = 2 * matmul + 2 * shape.layers * plan.seq_len * shape.hidden
     backward = 2 * forward if plan.method == "full" else forward
+    if plan.train_embeddings and plan.method != "full":  # the output layer's weight gradient
+        backward += 2 * shape.outputs * shape.hidden
     if plan.lora_dora and plan.lora_dropout > 0:  # each adapted layer runs again on the dropped-out input
         adapted = 2 * shape.layers * sum(i * o for i, o in adapted_dims(shape, plan))
         forward, backward = forward + adapted, backward + adapted
@@ -344,6 +347,7 @@ def plan_of(spec: dict[str, Any]) -> Plan:
                 gpus=max(res.get("gpusPerNode", 1), 1) * res.get("nodes", 1),
                 lora_r=lora.get("r", 16), lora_targets=tuple(lora.get("targetModules") or ("all-linear",)),
                 lora_dropout=lora.get("dropout", 0.05), lora_dora=lora.get("dora", False),
+                train_embeddings=bool(lora.get("trainEmbeddings")),
                 gradient_checkpointing=hp.get("gradientCheckpointing", False),
                 weight_bytes=4 if hp.get("precision") == "fp32" else 2,
                 strategy=dist.get("strategy", "ddp"), zero_stage=(dist.get("zeroStage") or 0) if deepspeed else 0,

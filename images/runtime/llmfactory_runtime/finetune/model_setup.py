@@ -133,11 +133,14 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         lora = spec["lora"]
         targets = lora["targetModules"]
         # SEQ_CLS: peft trains the reward model's new score layer whole beside the adapters (modules_to_save).
+        # trainEmbeddings: the embeddings and output layer whole, the new rows with them.
+        whole = _embedding_layers(model, tied_too=True) if lora.get("trainEmbeddings") else None
         config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                             task_type="SEQ_CLS" if head else "CAUSAL_LM",
                             target_modules="all-linear" if targets == ["all-linear"] else targets,
                             use_rslora=lora.get("rsLora", False), use_dora=lora.get("dora", False),
-                            trainable_token_indices=_token_rows(model, new_rows))
+                            trainable_token_indices=None if whole else _token_rows(model, new_rows),
+                            modules_to_save=whole, ensure_weight_tying=bool(whole))
         try:
             model = get_peft_model(model, config)
         except ValueError as exc:  # e.g. a target module the architecture does not have
@@ -160,12 +163,18 @@ def _token_rows(model, rows: list[int]) -> dict[str, list[int]] | None:
     """peft's trainable_token_indices for the new rows: those rows alone of the input embeddings
     and, unless tied to them, of the output layer (its <|im_end|> row is what makes the model end a
     turn); the adapter keeps just these rows, not the whole 128k-row matrices."""
-    if not rows:
-        return None
+    return {name: rows for name in _embedding_layers(model)} if rows else None
+
+
+def _embedding_layers(model, tied_too: bool = False) -> list[str]:
+    """The names peft knows the input embeddings and, unless tied to them (or tied_too: peft's
+    ensure_weight_tying then keeps the two trained copies one), the output layer by (embed_tokens
+    and lm_head in Llama's, whatever the architecture calls them)."""
     names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
-    layers = [embeddings] + ([output] if output is not None and output.weight is not embeddings.weight else [])
-    return {names[id(layer)]: rows for layer in layers}
+    untied = output is not None and (tied_too or output.weight is not embeddings.weight)
+    layers = [embeddings] + ([output] if untied else [])
+    return [names[id(layer)] for layer in layers]
 
 
 def _train_in(model, dtype: torch.dtype) -> None:
