@@ -294,7 +294,8 @@ class DatasetBuildSpec(RunOptions):
          "message": "sources with fields preference hold the pairs a build without a teacher keeps: leave out "
                     "teacher and preferences, give every source fields preference, and keep turns all (a pair "
                     "answers its prompt's last turn)"},
-        {"rule": "has(self.teacher) || (has(self.format) && self.format == 'text') || self.sources.all(s, !has(s.inline))",
+        {"rule": "has(self.teacher) || (has(self.format) && self.format == 'text') || "
+                 "self.sources.all(s, !has(s.inline))",
          "message": "inline sources hold prompts without answers: set a teacher to answer them"},
         {"rule": "!has(self.format) || self.format != 'text' || (!has(self.teacher) && !has(self.preferences) && "
                  "!has(self.difficulty) && !(has(self.filters) && has(self.filters.judge)))",
@@ -307,8 +308,9 @@ class DatasetBuildSpec(RunOptions):
         {"rule": "(has(self.format) && self.format == 'text') || self.sources.all(s, !has(s.textField))",
          "message": "textField names the column of format text's documents: set format text (a prompt column is "
                     "promptField)"},
-        {"rule": "!has(self.format) || self.format != 'text' || !has(self.filters) || (!has(self.filters.maxPromptTokens) "
-                 "&& !has(self.filters.maxAnswerTokens) && !has(self.filters.tokenizer))",
+        {"rule": "!has(self.format) || self.format != 'text' || !has(self.filters) || "
+                 "(!has(self.filters.maxPromptTokens) && !has(self.filters.maxAnswerTokens) && "
+                 "!has(self.filters.tokenizer))",
          "message": "format text keeps whole documents (a FineTune learns a long one in pieces of maxSeqLength): "
                     "bound their length with filters.minAnswerChars and maxAnswerChars, not maxPromptTokens, "
                     "maxAnswerTokens or tokenizer"},

@@ -268,9 +268,9 @@ class GraderPart(ApiModel):
         "'\\\\boxed\\{(.+?)\\}'. An answer without a match scores 0, so the format is learned too. Unset: "
         "the whole answer."))
     judge: OpenAIEndpoint | None = Field(None, description=(
-        "operations judge and label: the OpenAI-compatible judge (its key by apiKeySecret, LLMFACTORY_GRADER_API_KEY "
-        "for local runs). Its ratings (labels) are cached in the store like the Benchmark judge's, so a resumed run gets "
-        "the same rewards without paying again."))
+        "operations judge and label: the OpenAI-compatible judge (its key by apiKeySecret, "
+        "LLMFACTORY_GRADER_API_KEY for local runs). Its ratings (labels) are cached in the store like the "
+        "Benchmark judge's, so a resumed run gets the same rewards without paying again."))
     embeddings: EmbeddingsEndpoint | None = Field(None, description=(
         "metric cosine: the OpenAI-compatible embeddings endpoint (its key by apiKeySecret, "
         "LLMFACTORY_EMBEDDINGS_API_KEY for local runs). A step's answers and references go in one request; "
@@ -304,7 +304,8 @@ class GraderPart(ApiModel):
         "operations judge and label: a local judge model instead of an API, run with transformers in each training "
         "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "
         "over its probabilities of writing 1..10 (a label's reward, its probability of writing a passing "
-        "label), so it never fails to parse and costs one forward pass per answer. An instruction-tuned model that can grade (e.g. Qwen2.5-7B-Instruct, a Prometheus model); its "
+        "label), so it never fails to parse and costs one forward pass per answer. An instruction-tuned model "
+        "that can grade (e.g. Qwen2.5-7B-Instruct, a Prometheus model); its "
         "weights take GPU memory beside the model's, which the planner counts. Its ratings are cached in the "
         "store, so a resumed run gets the same rewards without asking it again. For a judge too large to sit "
         "beside training, serve it with vLLM and name it in grader.judge instead."))

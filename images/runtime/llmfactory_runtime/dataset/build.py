@@ -154,7 +154,8 @@ def _documents(task: dict[str, Any], prompts: list[dict], drops: Drops) -> list[
     """format text: the documents (each prompt's one turn) within filters.minAnswerChars and
     maxAnswerChars, as rows of {text, language} (and a fixed split's)."""
     filters = task["spec"].get("filters") or {}
-    bounds = AnswerFilter({"refusals": False, **{k: filters[k] for k in ("minAnswerChars", "maxAnswerChars") if k in filters}})
+    bounds = AnswerFilter({"refusals": False, **{k: v for k, v in filters.items() if k in ("minAnswerChars",
+                                                                                         "maxAnswerChars")}})
     rows = []
     for prompt in prompts:
         [text] = prompt["turns"]
@@ -162,7 +163,8 @@ def _documents(task: dict[str, Any], prompts: list[dict], drops: Drops) -> list[
         if reason:
             drops.add(reason, text)
         else:
-            rows.append({"text": text, "language": prompt["language"], **({"split": prompt["split"]} if "split" in prompt else {})})
+            split = {"split": prompt["split"]} if "split" in prompt else {}
+            rows.append({"text": text, "language": prompt["language"], **split})
     return rows
 
 

@@ -24,7 +24,8 @@ UNITS = {"sft": "conversation", "dpo": "pair", "reward": "pair", "kto": "example
 
 @dataclass(frozen=True)
 class Split:
-    examples: list[dict]  # conversations (and raw text's pieces); pairs' (KTO: examples') two conversations in turn; grpo's prompts
+    # conversations (and raw text's pieces); pairs' (KTO: examples') two conversations in turn; grpo's prompts
+    examples: list[dict]
     lengths: list[int]  # tokens of each unit as packing places it (a pair's: both conversations')
     desirable: torch.Tensor | None = None  # kto: each example's label
     answer_tokens: torch.Tensor | None = None  # dpo, reward: (pairs, 2) answer tokens, what dpo_terms averages over
