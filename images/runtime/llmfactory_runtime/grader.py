@@ -106,12 +106,12 @@ def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
     """{messages: the prompt, question: its last user message, reference, item: the row} of a row for
     the grader. A ValueError says what the row lacks: every operation but python compares the answer
     with the reference the row holds (a python grader reads what it needs of the row itself)."""
-    messages = prompt_of(row)
-    for part in parts_of(grader):
+    messages, parts = prompt_of(row), parts_of(grader)
+    for part in parts:
         for name in _item_fields(part):
             if name not in row:
                 raise ValueError(f"needs field {name!r}, which grader.prompt reads ({{{{item.{name}}}}})")
-    compared = [part for part in parts_of(grader) if part["operation"] not in WITHOUT_REFERENCE]
+    compared = [part for part in parts if part["operation"] not in WITHOUT_REFERENCE]
     for part in compared:
         if reference_of(row, part) is None:
             raise ValueError(f"needs its reference answer in field {part['referenceField']!r} (grader.referenceField) "
@@ -276,14 +276,13 @@ def describe(grader: dict[str, Any]) -> str:
         return "sum of " + ", ".join(f"{p['weight']:g} x {p['name']} ({describe(p)})" for p in grader["parts"])
     if grader["operation"] == "python":
         return "python, its source in the task document"
-    if grader["operation"] == "label":
-        model = grader.get("judgeModel")
-        judge = f"the local judge {model.get('huggingface') or model['uri']}" if model else grader["judge"]["model"]
-        return f"label by {judge}, passing {', '.join(grader['passingLabels'])} of {', '.join(grader['labels'])}"
     model = grader.get(MODEL_FIELDS.get(grader["operation"], ""))
-    if grader["operation"] == "rewardModel":
-        return f"reward model {model.get('huggingface') or model['uri']}"
     name = model and (model.get("huggingface") or model["uri"])
+    if grader["operation"] == "label":
+        judge = f"the local judge {name}" if model else grader["judge"]["model"]
+        return f"label by {judge}, passing {', '.join(grader['passingLabels'])} of {', '.join(grader['labels'])}"
+    if grader["operation"] == "rewardModel":
+        return f"reward model {name}"
     by = (f" by {name}'s embeddings (local)" if grader["operation"] == "similarity" else f" by the local judge {name}"
           ) if model else ""
     by += f" by {grader['embeddings']['model']}'s embeddings" if grader.get("embeddings") else ""

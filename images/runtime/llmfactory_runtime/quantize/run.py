@@ -39,7 +39,9 @@ def measure_quality(source: dict, rows: list[dict], prompt: str, cache: bool = T
 def _chat_prompt(rows: list[dict]) -> str:
     """A held-out user message when there is one."""
     for row in rows:
-        for message in [] if text_of(row) is not None else messages_of(row):
+        if text_of(row) is not None:  # raw text has no user message
+            continue
+        for message in messages_of(row):
             if message["role"] == "user":
                 return message["content"]
     return "Why is the sky blue? Answer in one sentence."
