@@ -17,7 +17,7 @@ from llmfactory_runtime.quantize import run as quantize_run
 from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
 
-from finetune_helpers import conversations, finetune_task, run_finetune, write_task
+from finetune_helpers import conversations, finetune_task, loss_curve, run_finetune, write_task
 from tiny_model import make_tokenizer
 
 SEA = "The sea is wide and the waves are blue. Sunlight is scattered by the air, blue light the most. "
@@ -162,3 +162,39 @@ def test_lora_train_embeddings_learns_the_embeddings_and_output_layer_whole(tmp_
         assert torch.allclose(on_base, merged.eval()(ids).logits, atol=1e-4)
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
     assert "lora.trainEmbeddings" in adapter_problem(config)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed("ShareMemCommBuilder")
+def test_lora_embedding_learning_rate_steps_the_whole_matrices_at_their_own_rate_alone_and_under_zero2(tmp_path):
+    """lora.embeddingLearningRate (Unsloth's embedding_learning_rate): the matrices trainEmbeddings trains
+    whole move at their own rate while the adapters learn at theirs, on one process and under DeepSpeed
+    ZeRO-2 on two (the same steps: 1 x accumulation 2 vs 2 processes x 1), which shards their optimizer state."""
+    from tiny_model import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(dumps_jsonl([{"text": SEA * (1 + i % 3)} for i in range(8)]))
+    rate = 1e-8  # Adam moves a weight by at most ~3x its learning rate a step: these hardly move
+    lora = {"r": 4, "dropout": 0.0, "trainEmbeddings": True, "embeddingLearningRate": rate}
+    one = finetune_task(base, f"file://{folder}", f"file://{tmp_path}/one", lora=lora,
+                        hyperparameters={"maxSeqLength": 32, "epochs": 2, "batchSize": 1, "gradientAccumulation": 2})
+    zero2 = finetune_task(base, f"file://{folder}", f"file://{tmp_path}/zero2", lora=lora, resources={"gpusPerNode": 2},
+                          hyperparameters={"maxSeqLength": 32, "epochs": 2, "batchSize": 1},
+                          distribution={"strategy": "deepspeed", "zeroStage": 2})
+    before = AutoModelForCausalLM.from_pretrained(base)
+    merged = {}
+    for task, processes in ((one, 1), (zero2, 2)):
+        done = run_finetune(write_task(task, tmp_path), processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = open_store(task["artifactUri"]).read_json("result.json")
+        assert result["finalLoss"] < result["firstLoss"] - 0.3  # the adapters learn at learningRate 0.01
+        merged[processes] = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:])
+        for layer in ("get_input_embeddings", "get_output_embeddings"):
+            change = (getattr(merged[processes], layer)().weight - getattr(before, layer)().weight).abs().max()
+            assert 0 < change <= 3 * rate * result["steps"]
+    assert loss_curve(zero2) == pytest.approx(loss_curve(one), abs=1e-4)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        assert torch.allclose(merged[1].eval()(ids).logits, merged[2].eval()(ids).logits, atol=1e-4)

@@ -46,6 +46,11 @@ class DatasetInput(ApiModel):
 
 
 class Lora(ApiModel):
+    cel_rules: ClassVar = [
+        {"rule": "!has(self.embeddingLearningRate) || (has(self.trainEmbeddings) && self.trainEmbeddings)",
+         "message": "lora.embeddingLearningRate is the learning rate of the matrices lora.trainEmbeddings trains "
+                    "whole: set trainEmbeddings true, or remove it"},
+    ]
     r: int = Field(16, ge=1, le=1024, description="Rank of the adapter matrices.")
     alpha: int = Field(32, ge=1, description="Scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
@@ -64,6 +69,11 @@ class Lora(ApiModel):
         "copies and Adam moments (on Llama-3-8B about 1B trainable parameters, ~16 GiB, which the estimate "
         "counts), and the adapter holds both matrices. vLLM cannot serve such an adapter beside its base: "
         "engine auto answers with transformers, and the merged model serves. Unset: false."))
+    embedding_learning_rate: float | None = Field(None, gt=0, le=1, description=(
+        "Peak learning rate of the matrices trainEmbeddings trains whole (Unsloth's embedding_learning_rate; "
+        "its continued pre-training recipe uses a tenth of the adapters' rate): a whole embedding matrix "
+        "moved at an adapter's rate loses what its pretrained rows knew. Same warmup and schedule as "
+        "hyperparameters.learningRate; needs trainEmbeddings. Unset: hyperparameters.learningRate."))
     dora: bool = Field(False, description=(
         "Weight-decomposed LoRA (DoRA, Liu et al., 2024): also train each adapted layer's weight "
         "magnitude. Often closer to a full fine-tune at the same rank; costs more time and activation "

@@ -152,6 +152,18 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
     return model
 
 
+def parameter_groups(model, named: list, stepped: list, spec: dict) -> list[dict]:
+    """The optimizer's parameter groups: `stepped` (what it updates: the trainable parameters `named`
+    or their master copies, in that order) at hyperparameters.learningRate, but the matrices
+    lora.trainEmbeddings trains whole at lora.embeddingLearningRate where it is set."""
+    rate = (spec.get("lora") or {}).get("embeddingLearningRate")
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()] if rate else []
+    whole = {id(p) for layer in layers if hasattr(layer, "modules_to_save") for p in layer.modules_to_save.parameters()}
+    groups = [{"params": [s for (_, p), s in zip(named, stepped) if id(p) not in whole]},
+              {"params": [s for (_, p), s in zip(named, stepped) if id(p) in whole], "lr": rate}]
+    return [group for group in groups if group["params"]]
+
+
 def trained_token_rows(model) -> list[int]:
     """The token rows an adapter trains beside its adapters (load_for_training)."""
     config = getattr(model, "peft_config", {}).get("default")

@@ -40,8 +40,8 @@ from . import (checkpoint, distributed, encoding, evaluation, fit, grpo as group
                vllm_sampler)
 from .estimate import GIB
 from .master_weights import MasterWeights
-from .model_setup import (head_of, load_for_training, load_trainable_state, trainable_state, trained_token_rows,
-                          training_dtype)
+from .model_setup import (head_of, load_for_training, load_trainable_state, parameter_groups, trainable_state,
+                          trained_token_rows, training_dtype)
 from .packing import one_per_row, pack
 from ..preference import needs_reference, pair_logps
 from .trackers import Trackers
@@ -172,6 +172,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # DeepSpeed keeps its own.
     master = MasterWeights(named) if not deepspeed_on and MasterWeights.needed(params) else None
     stepped = master.params if master else params  # what the optimizer updates
+    groups = parameter_groups(model, named, stepped, spec)
     torch.manual_seed(hp["seed"] + 1000 * world.rank)
     random.seed(hp["seed"] + world.rank)
 
@@ -186,11 +187,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if world.main:
             run.write_json("deepspeed.json", config)  # what ran, for whoever debugs it
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, config=config,
+            model=model, model_parameters=groups, config=config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         inner = engine.module
     else:
-        optimizer = torch.optim.AdamW(stepped, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
+        optimizer = torch.optim.AdamW(groups, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
                   if world.size > 1 else model)
