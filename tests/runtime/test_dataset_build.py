@@ -1192,7 +1192,7 @@ def test_format_text_keeps_documents_as_written_for_continued_pretraining(tmp_pa
 
     assert task["inputs"] == {} and result["format"] == "text" and result["teacherTokens"] == 0
     assert not any(key.endswith("Usage") for key in result)
-    assert result["dropped"] == {"malformed": 2, "near_duplicate_prompt": 1, "too_short": 1}
+    assert result["dropped"] == {"malformed": 2, "near_duplicate_document": 1, "too_short": 1}
     assert result["rows"] == {"train": 6, "validation": 1, "test": 1}
     assert result["rowsPerLanguage"] == {"en": 6, "ru": 2}
     store = open_store(result["uri"])

@@ -199,7 +199,8 @@ def test_importance_matrix_needs_k_quants_and_calibration_data(spec, words):
 
 @pytest.mark.parametrize("spec, field, words", [
     ({"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8", "gptq"]},
-     "spec.types", "gptq calibrates on conversations, which only a fineTuneRef model provides"),
+     "spec.types", "gptq calibrates on the rows a model was tuned on (conversations or documents), which only a "
+     "fineTuneRef model provides"),
     ({"model": {"fineTuneRef": {"name": "ft"}}, "format": "compressed-tensors", "types": ["awq"],
       "resources": {"gpusPerNode": 0}}, "spec.resources.gpusPerNode", "awq runs on a CUDA GPU"),
 ])

@@ -570,8 +570,9 @@ def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                             f"{res.spec.model.fine_tune_ref.name} trained with objective grpo on prompts alone "
                             "(its answers were sampled in training)")
     if calibrated and not trained_on:
-        raise PlanError(res.ref, "spec.types", f"{calibrated[0]} calibrates on conversations, which only a "
-                        "fineTuneRef model provides (its dataset's train split); fp8 needs none")
+        raise PlanError(res.ref, "spec.types", f"{calibrated[0]} calibrates on the rows a model was tuned on "
+                        "(conversations or documents), which only a fineTuneRef model provides (its dataset's "
+                        "train split); fp8 needs none")
     gpus = res.spec.resources.gpus_per_node if res.spec.resources else None
     if "awq" in res.spec.types and gpus == 0:
         raise PlanError(res.ref, "spec.resources.gpusPerNode", "is 0, but awq runs on a CUDA GPU (llmcompressor's "

@@ -144,7 +144,8 @@ def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dic
     # A fixed test (then validation) source's prompts first: a duplicate of one is dropped from the others,
     # so no held-out question is trained on, whatever the sources' order.
     prompts = sorted(prompts, key=lambda p: HELD_OUT_FIRST.get(p.get("split"), len(HELD_OUT_FIRST)))
-    prompts = dedupe(prompts, filters.get("nearDuplicateThreshold") or None, drops)  # 0: off
+    prompts = dedupe(prompts, filters.get("nearDuplicateThreshold") or None, drops,  # 0: off
+                     unit="document" if documents else "prompt")
     if filters.get("maxPromptTokens"):
         prompts = drop_long_prompts(prompts, filters["maxPromptTokens"], task["inputs"]["tokenizer"], drops)
     return sample_per_language(prompts, wanted, spec["split"]["seed"], drops)

@@ -29,13 +29,16 @@ def shingles(text: str, n: int = 3) -> set[str]:
     return {" ".join(units[i:i + n]) for i in range(len(units) - n + 1)}
 
 
-def dedupe(prompts: list[dict[str, Any]], threshold: float | None, drops: Drops) -> list[dict[str, Any]]:
+def dedupe(prompts: list[dict[str, Any]], threshold: float | None, drops: Drops,
+           unit: str = "prompt") -> list[dict[str, Any]]:
+    """The prompts (or, unit "document", a text build's documents) but the duplicates, counted in
+    drops as duplicate_<unit> and near_duplicate_<unit>."""
     seen: set[str] = set()
     unique = []
     for p in prompts:
         key = _normal(p["turns"][0])  # conversations are told apart by their opening prompt, and
         if key in seen:               # unique first prompts mean no prompt can land in two splits
-            drops.add("duplicate_prompt", p["turns"][0])
+            drops.add(f"duplicate_{unit}", p["turns"][0])
             continue
         seen.add(key)
         unique.append(p)
@@ -52,7 +55,7 @@ def dedupe(prompts: list[dict[str, Any]], threshold: float | None, drops: Drops)
                                   num_perm=NUM_PERM, seed=1)
         for index, (p, signature) in enumerate(zip(chunk, signatures), start):
             if lsh.query(signature):
-                drops.add("near_duplicate_prompt", p["turns"][0])
+                drops.add(f"near_duplicate_{unit}", p["turns"][0])
                 continue
             lsh.insert(str(index), signature)
             kept.append(p)
