@@ -404,6 +404,33 @@ def test_a_label_grader_asks_its_own_prompt_and_passes_the_labels_it_names_and_n
         graded_of({"prompt": "Where is my parcel?"}, spec)
 
 
+def test_a_judge_grader_with_a_prompt_of_its_own_rates_what_the_prompt_shows_without_a_reference(
+        openai_server, monkeypatch, tmp_path):
+    """OpenAI's score_model grader: grader.prompt (a rubric, the answer, a field of the row) instead of
+    the MT-Bench prompt, then the 1-10 scale and [[rating]]; the rating scaled to 0-1, the rows needing
+    the fields it reads and no referenceField. The same answers again cost nothing."""
+    openai_server.reply = lambda request: {"text": "Warm and exact. [[9]]" if "thank" in request.messages[1]["content"]
+                                           else "Curt. [[3]]"}
+    monkeypatch.setenv("LLMFACTORY_GRADER_API_KEY", "sk-grader")
+    spec = {"referenceField": "answer", "operation": "judge",
+            "prompt": "Rubric: polite, and names the day ({{item.day}}).\n\nReply:\n{{sample.output_text}}",
+            "judge": {"baseUrl": openai_server.url, "model": "gpt-4o-mini", "apiKeySecret": {"name": "g", "key": "k"}}}
+    graded = [graded_of({"prompt": "Where is my parcel?", "day": "Monday"}, spec)] * 2  # no 'answer' field
+    answers, cache = ["It ships Monday, thank you for waiting.", "Monday."], f"file://{tmp_path}/cache"
+    assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == pytest.approx([8 / 9, 2 / 9])
+    asked = openai_server.requests[0].messages[1]["content"]
+    assert asked.startswith("Rubric: polite, and names the day (Monday).\n\nReply:\nIt ships Monday, thank you")
+    assert asked.endswith("Rate it on a scale of 1 to 10. Explain your judgement in a few sentences, then give the "
+                          "rating in the form [[rating]], for example [[5]].")
+    assert "[Reference]" not in asked and len(openai_server.requests) == 2
+    assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == pytest.approx([8 / 9, 2 / 9])
+    assert len(openai_server.requests) == 2
+    with pytest.raises(ValueError, match=r"needs field 'day', which grader.prompt reads"):
+        graded_of({"prompt": "Where is my parcel?"}, spec)
+    with pytest.raises(ValueError, match="needs its reference answer in field 'answer'"):  # the MT-Bench prompt's
+        graded_of({"prompt": "Where is my parcel?", "day": "Monday"}, {k: v for k, v in spec.items() if k != "prompt"})
+
+
 def test_a_local_label_grader_rewards_its_probability_of_a_passing_label(tiny_model, tmp_path):
     """grader.judgeModel with operation label: the reward is the judge's probability of writing one of
     the passing labels (each label's, from its log-probabilities after "[["), worked out here."""

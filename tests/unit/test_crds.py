@@ -254,6 +254,11 @@ BAD = [
      "grader.prompt must show the judge the answer: write {{sample.output_text}}"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
                   "grpo": {"grader": {**LABEL, "labels": ["good", "[[bad]]"]}}}, "does not match"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {**LABEL, "prompt": None}}}, "operation label needs grader.prompt"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",
+                  "grpo": {"grader": {"operation": "equals", "prompt": "Right? {{sample.output_text}}"}}},
+     "grader.prompt is what a judge is asked: it applies to operations judge and label"),
     ("DatasetBuild", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": MODEL}, "format": "sharegpt",
                       "preferences": {"rejected": {"model": MODEL}}}, "preferences write TRL's prompt"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo", "lora": {"trainEmbeddings": True},
@@ -411,6 +416,9 @@ MINIMAL = [
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "wikimedia/wikipedia", "config": "20231101.en"}},
                                   {"inline": [{"text": "A document written in the manifest."}]}],
                       "format": "text"}),  # documents for continued pre-training
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "objective": "grpo",  # OpenAI's score_model
+                  "grpo": {"grader": {"operation": "judge", "judge": {"model": "gpt-4o"},
+                                      "prompt": "Is it kind? {{sample.output_text}}"}}}),
 ]
 
 

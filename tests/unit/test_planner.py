@@ -495,6 +495,15 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
                                         r"\['language', 'reference'\]: set referenceField to the one with the "
                                         "reference answer, or name spec.reward.dataset"):
         plan(parse(rewarded), lookup(built), STORE)
+    # A judge asked its own prompt reads what the prompt names, not the referenceField.
+    rubric = copy.deepcopy(rewarded)
+    rubric["spec"]["reward"]["grader"] = {"operation": "judge", "judge": {"model": "gpt-4o"},
+                                          "prompt": "Polite? {{sample.output_text}}"}
+    unreferenced = {("FineTune", "ft"): {**graded["FineTune", "ft"], "datasetReferenceFields": ["language"]}}
+    assert plan(parse(rubric), lookup(unreferenced), STORE)["inputs"]["rewardDataset"]["uri"] == "s3://bucket/prompts"
+    del rubric["spec"]["reward"]["grader"]["prompt"]  # the MT-Bench prompt, reference-guided
+    with pytest.raises(PlanError, match="spec.reward.grader.referenceField: is 'reference', but the prompts"):
+        plan(parse(rubric), lookup(unreferenced), STORE)
     assert benchmark_metric_names(parse(rewarded).spec, baseline=True) == {"reward.value", "reward.baseline"}
     with pytest.raises(PlanError, match="spec.reward.dataset: is required unless the model comes from a fineTuneRef "
                                         "that trained with objective grpo"):

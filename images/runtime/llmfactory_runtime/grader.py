@@ -1,8 +1,8 @@
 """Rewards for objective grpo and a Benchmark's reward: an answer scored 1 or 0 against the reference
 answer its row holds, as OpenAI's string_check grader and GSM8K's final-answer check do, by how alike
 the two are (its text_similarity grader: similarity.py), rated by an
-LLM judge against it (OpenAI's score_model grader; an API, or a local model in this process) or
-labelled by one as the spec's prompt asks (its label_model grader), scored
+LLM judge against it or as the spec's prompt asks (OpenAI's score_model grader; an API, or a local
+model in this process) or labelled by one as the spec's prompt asks (its label_model grader), scored
 by the spec's own Python (its python grader) or by a reward model (TRL's), or a weighted sum of such
 (TRL's reward functions and weights, OpenAI's multi grader)."""
 
@@ -28,9 +28,6 @@ def last_number(text: str) -> float | None:
     return float(found[-1].replace(",", "")) if found else None
 
 
-# Graders that read no reference answer: a python grader reads the row itself, a reward model the
-# prompt and answer, a label grader what its prompt names.
-WITHOUT_REFERENCE = ("python", "rewardModel", "label")
 # Graders whose model runs in the grading process (judgeModel, rewardModel, embeddingModel), by the field
 # naming it.
 MODEL_FIELDS = {"judge": "judgeModel", "label": "judgeModel", "rewardModel": "rewardModel",
@@ -40,19 +37,26 @@ PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
 ANSWER, PROMPT, ITEM = "sample.output_text", "prompt", "item."
 
 
+def reads_reference(part: dict[str, Any]) -> bool:
+    """Whether a grader (not a sum) compares the answer with the row's reference (its referenceField):
+    not a python grader, which reads the row itself, a reward model, which reads the prompt and
+    answer, nor a judge asked its own prompt (label, or judge with one), which reads what it names."""
+    return part["operation"] not in ("python", "rewardModel", "label") and not part.get("prompt")
+
+
 def unknown_placeholders(prompt: str) -> list[str]:
-    """The {{...}} of a label grader's prompt that name nothing it fills in."""
+    """The {{...}} of a judge's prompt (grader.prompt) that name nothing it fills in."""
     return [name for name in PLACEHOLDER.findall(prompt)
             if name not in (ANSWER, PROMPT) and not (name.startswith(ITEM) and len(name) > len(ITEM))]
 
 
 def _item_fields(grader: dict[str, Any]) -> list[str]:
-    """The row fields a label grader's prompt reads ({{item.<field>}})."""
+    """The row fields a judge's prompt reads ({{item.<field>}})."""
     return [name[len(ITEM):] for name in PLACEHOLDER.findall(grader.get("prompt") or "") if name.startswith(ITEM)]
 
 
 def filled(prompt: str, graded: dict[str, Any], answer: str) -> str:
-    """A label grader's prompt for one answer to one graded row: the answer, the prompt's last user
+    """A judge's prompt (grader.prompt) for one answer to one graded row: the answer, the prompt's last user
     message and the row's fields in their places (a list or an object as JSON)."""
     def value(match: re.Match) -> str:
         name = match.group(1)
@@ -111,7 +115,7 @@ def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
         for name in _item_fields(part):
             if name not in row:
                 raise ValueError(f"needs field {name!r}, which grader.prompt reads ({{{{item.{name}}}}})")
-    compared = [part for part in parts if part["operation"] not in WITHOUT_REFERENCE]
+    compared = [part for part in parts if reads_reference(part)]
     for part in compared:
         if reference_of(row, part) is None:
             raise ValueError(f"needs its reference answer in field {part['referenceField']!r} (grader.referenceField) "
@@ -166,10 +170,13 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
                                  cache_uri, usage)
     if operation != "judge":
         return [reward(a, ref, grader) for a, ref in zip(answers, references)]
-    from .benchmark.judge import judge_messages, judge_with_api, judge_with_model  # noqa: PLC0415 - only to judge
+    from .benchmark.judge import (judge_messages, judge_with_api, judge_with_model,  # noqa: PLC0415 - only to judge
+                                  scored_messages)
 
     local = grader.get("judgeModel")
-    items = [(str(i), judge_messages({"turns": [g["question"]], "reference": ref}, [a], 0, "local" if local else "api"))
+    style = "local" if local else "api"
+    items = [(str(i), scored_messages(filled(grader["prompt"], g, a), style) if grader.get("prompt")
+              else judge_messages({"turns": [g["question"]], "reference": ref}, [a], 0, style))
              for i, (a, g, ref) in enumerate(zip(answers, graded, references))]
     if local:
         from .models import LazyModel  # noqa: PLC0415 - torch only for a local judge

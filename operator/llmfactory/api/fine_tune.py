@@ -191,9 +191,13 @@ class GraderPart(ApiModel):
         {"rule": "(self.operation in ['judge', 'label']) == (has(self.judge) || has(self.judgeModel))",
          "message": "operations judge and label need grader.judge (an OpenAI-compatible judge) or grader.judgeModel "
                     "(a local one), which apply to them alone"},
-        {"rule": "(self.operation == 'label') == (has(self.labels) && has(self.passingLabels) && has(self.prompt))",
-         "message": "operation label needs grader.labels (what the judge picks from), passingLabels (those that "
-                    "score 1) and prompt (what it is asked), which apply to it alone"},
+        {"rule": "(self.operation == 'label') == (has(self.labels) && has(self.passingLabels))",
+         "message": "operation label needs grader.labels (what the judge picks from) and passingLabels (those that "
+                    "score 1), which apply to it alone"},
+        {"rule": "self.operation != 'label' || has(self.prompt)",
+         "message": "operation label needs grader.prompt (what the judge is asked)"},
+        {"rule": "!has(self.prompt) || self.operation in ['judge', 'label']",
+         "message": "grader.prompt is what a judge is asked: it applies to operations judge and label"},
         {"rule": "!has(self.labels) || !has(self.passingLabels) || self.passingLabels.all(l, l in self.labels)",
          "message": "each of grader.passingLabels must be one of grader.labels"},
         {"rule": "!has(self.labels) || self.labels.all(l, self.labels.exists_one(m, m == l))",
@@ -233,7 +237,8 @@ class GraderPart(ApiModel):
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
         "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number. "
         "Every row needs it, except with operation python, whose grade function reads the row itself, "
-        "rewardModel, which reads the prompt and answer only, and label, whose prompt names what it reads."))
+        "rewardModel, which reads the prompt and answer only, and label (or judge with grader.prompt), whose "
+        "prompt names what it reads."))
     operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "label",
                        "python", "rewardModel"] = Field(
         "equals", description=(
@@ -246,8 +251,9 @@ class GraderPart(ApiModel):
         "(TRL's accuracy_reward, Open R1's MATH grading): 1/2, 0.5 and \\frac{2}{4} agree, as do "
         "(x+1)^2 and x^2+2x+1, sets, intervals and matrices; an answer or reference it cannot parse scores 0. "
         "similarity: how alike the answer and the reference are, 0-1, by "
-        "grader.metric (OpenAI's text_similarity grader): for translations and summaries. judge: grader.judge or grader.judgeModel rates the answer 1-10 against "
-        "the reference (the Benchmark's reference-guided MT-Bench prompt), scaled to 0-1 ((rating - 1) / 9; an "
+        "grader.metric (OpenAI's text_similarity grader): for translations and summaries. judge: grader.judge or "
+        "grader.judgeModel rates the answer 1-10 against the reference (the Benchmark's reference-guided MT-Bench "
+        "prompt), or as grader.prompt asks (OpenAI's score_model grader), scaled to 0-1 ((rating - 1) / 9; an "
         "answer an API judge gives no rating after its re-asks scores 0): for answers no string check can grade. "
         "label: the judge (grader.judge or grader.judgeModel) is asked grader.prompt and picks one of grader.labels "
         "(OpenAI's label_model grader); an API judge's pick scores 1 when it is one of passingLabels, else 0 (as does "
@@ -306,10 +312,13 @@ class GraderPart(ApiModel):
     passing_labels: list[str] | None = Field(None, min_length=1, description=(
         "operation label: the labels (among grader.labels) that score 1."))
     prompt: str | None = Field(None, min_length=1, max_length=32768, description=(
-        "operation label: what the judge is asked, as OpenAI's label_model input: {{sample.output_text}} is "
-        "the answer, {{prompt}} the prompt's last user message, {{item.<field>}} a field of the row (which "
-        "every row must then hold; a list or an object as JSON). The runtime adds the labels and the answer "
-        "format [[label]] after it. The planner refuses any other {{...}}."))
+        "operations label and judge: what the judge is asked, as OpenAI's label_model and score_model input: "
+        "{{sample.output_text}} is the answer, {{prompt}} the prompt's last user message, {{item.<field>}} a "
+        "field of the row (which every row must then hold; a list or an object as JSON). The runtime adds the "
+        "labels and the answer format [[label]] after it (judge: the 1-10 scale and [[rating]]). A judge with "
+        "a prompt reads no referenceField: the prompt shows the judge what it should see (a rubric, "
+        "{{item.<field>}}). The planner refuses any other {{...}}. Required by label; judge unset: the "
+        "MT-Bench prompt."))
     judge_model: TrainedModelSource | None = Field(None, description=(
         "operations judge and label: a local judge model instead of an API, run with transformers in each training "
         "(or benchmarking) process on its GPU, as the Benchmark's local judge: its rating is the expectation "

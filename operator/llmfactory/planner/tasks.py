@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llmfactory_runtime.grader import WITHOUT_REFERENCE, unknown_placeholders
+from llmfactory_runtime.grader import reads_reference, unknown_placeholders
 
 from .. import API_VERSION
 from ..api import KINDS
@@ -203,7 +203,7 @@ def _check_references(res: Resource, field: str, grader, held: list[str], why: s
     rows hold one in (`held`); `why` says which rows hold what, and what to set."""
     parts = [(f"{field}.parts[{i}]", part) for i, part in enumerate(grader.parts)] if grader.parts else [(field, grader)]
     for where, part in parts:
-        if part.operation not in WITHOUT_REFERENCE and part.reference_field not in held:
+        if reads_reference(part.wire()) and part.reference_field not in held:
             raise PlanError(res.ref, f"{where}.referenceField", f"is {part.reference_field!r}, but {why}")
 
 
@@ -296,7 +296,7 @@ def _check_chat_template(res: Resource) -> None:
 
 def _check_grader(res: Resource, field: str, grader) -> None:
     """Refuse, before a Job runs, a grader the runtime could not use: an extract Python's re cannot
-    compile, a label prompt's {{...}} that names nothing, or python source that does not parse or defines
+    compile, a judge's prompt's {{...}} that names nothing, or python source that does not parse or defines
     no grade(sample, item); a sum's parts alike."""
     for i, part in enumerate(getattr(grader, "parts", None) or []):
         _check_grader(res, f"{field}.parts[{i}]", part)

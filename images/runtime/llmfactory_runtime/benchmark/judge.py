@@ -10,7 +10,8 @@ Two judges, the same prompts:
   expectation, a verdict the likeliest (never fails to parse, deterministic).
 
 A label grader (a GRPO or Benchmark reward) asks its own prompt and reads one of its labels in the
-same ways: [[label]] from an API judge, each label's probability from a local one.
+same ways: [[label]] from an API judge, each label's probability from a local one. A judge grader
+with a prompt of its own asks it for a rating instead of the MT-Bench prompt.
 
 A pairwise comparison is asked twice, the answers in swapped places: a win needs both orders to
 agree, so a judge's preference for a position comes out as a tie (MT-Bench's rule).
@@ -93,6 +94,13 @@ def pairwise_messages(question: dict, first: list[str], second: list[str], turn:
                 f"[Conversation with assistant A]{_history(question, first, turn)}\n\n"
                 f"[Conversation with assistant B]{_history(question, second, turn)}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": body}]
+
+
+def scored_messages(prompt: str, style: str = "local") -> list[dict[str, str]]:
+    """A judge grader's own question (grader.prompt, filled in; OpenAI's score_model input), then the
+    scale and the form of the reply, as the MT-Bench prompt asks them."""
+    return [{"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": f"{prompt}\n\nRate it on a scale of 1 to 10. {ASK_STYLE[style]}"}]
 
 
 def label_messages(prompt: str, labels: list[str], style: str = "local") -> list[dict[str, str]]:
