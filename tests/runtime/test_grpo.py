@@ -339,7 +339,7 @@ def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_
     probabilities of 1..10 on the reference-guided prompt, scaled to 0-1. Ratings are kept in the
     store: a resumed run (a new process) gets the same rewards without loading the judge."""
     from llmfactory_runtime import grader as grader_module, models
-    from llmfactory_runtime.benchmark.judge import expected_rating, judge_messages, rating_distribution
+    from llmfactory_runtime.benchmark.judge import expected_rating, judge_messages, rating_distribution, scored_messages
 
     source = {"uri": f"file://{tiny_model}"}
     spec = {"referenceField": "answer", "operation": "judge", "judgeModel": source}
@@ -352,6 +352,13 @@ def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_
     assert "[Reference]\nParis" in asked[0][1]["content"]
     expected = [(expected_rating(rating_distribution(model, tokenizer, m)) - 1) / 9 for m in asked]
     assert got == pytest.approx(expected, abs=1e-5) and all(0 <= r <= 1 for r in got) and got[0] != got[1]
+
+    # Asked grader.prompt instead (OpenAI's score_model input): the same reading of the same judge.
+    rubric = {**spec, "prompt": "Is this the capital? {{sample.output_text}}"}
+    expected = [(expected_rating(rating_distribution(model, tokenizer, scored_messages(f"Is this the capital? {a}",
+                                                                                         "local"))) - 1) / 9
+                for a in answers]
+    assert rewards(rubric, answers, graded, cache, "spec.grpo.grader") == pytest.approx(expected, abs=1e-5)
 
     grader_module._models.clear()  # a new process: no judge loaded, its ratings read from the store
     answer_cache._held.clear()
