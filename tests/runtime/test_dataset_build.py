@@ -717,6 +717,28 @@ def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
     assert drops.counts == {"malformed": 1} and drops.examples["malformed"] == ["{broken json"]
 
 
+def test_a_hugging_face_source_with_max_rows_streams_its_first_rows_without_copying_the_split(tmp_path,
+                                                                                               monkeypatch):
+    """maxRows of a corpus (FineWeb, Wikipedia) reads those rows as the split streams, shard by shard:
+    the same rows, in the same order, as reading the whole split, with no Arrow copy of it on disk."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    hub = tmp_path / "wiki-like" / "data"
+    hub.mkdir(parents=True)
+    for shard in range(2):
+        pq.write_table(pa.Table.from_pylist([{"text": f"Document {shard}.{i} about the sea."} for i in range(3)]),
+                       hub / f"train-0000{shard}-of-00002.parquet")
+    source = {"huggingface": {"id": str(hub.parent)}}
+    streamed = collect([{**source, "maxRows": 4}], Drops(), documents=True)
+    assert not list((tmp_path / "cache").rglob("*.arrow"))
+    whole = collect([source], Drops(), documents=True)
+    assert list((tmp_path / "cache").rglob("*.arrow"))  # the whole split, copied as Arrow
+    assert [p["turns"] for p in streamed] == [p["turns"] for p in whole[:4]]
+    assert streamed[3]["turns"] == ["Document 1.0 about the sea."] and len(whole) == 6
+
+
 def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp_path):
     """What a build without a teacher keeps: a conversation's answered turns (a last unanswered turn
     left out; turns first: the first), alpaca's output, a prompt column's answerField; a row that

@@ -86,7 +86,9 @@ class Source(ApiModel):
         "all", description="Of a multi-turn conversation, ask the teacher every user turn (each seeing its "
                            "earlier answers) or only the first; without a teacher, keep every answered turn "
                            "or only the first.")
-    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows (in file order).")
+    max_rows: int | None = Field(None, ge=1, description=(
+        "Read at most this many rows (in file order). A huggingface source then streams them: only the "
+        "shards they are in are downloaded, not the whole split (the first 100k documents of FineWeb)."))
     split: Literal["train", "validation", "test"] | None = Field(None, description=(
         "Put every kept row of this source into this split (e.g. GSM8K's own test split as the test split), "
         "besides spec.split's shares of the other sources' rows. A duplicate or near-duplicate of a test "

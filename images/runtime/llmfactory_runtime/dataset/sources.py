@@ -81,15 +81,18 @@ def _rows_of_file(data: bytes, name: str, what: str) -> Iterable[Any]:
         raise InvalidTask(f"{what} is neither .jsonl nor .parquet")
 
 
-def rows_of_huggingface(hf: dict[str, Any]) -> Iterable[Any]:
+def rows_of_huggingface(hf: dict[str, Any], streaming: bool = False) -> Iterable[Any]:
+    """The split's rows in file order. streaming: read as they are iterated, shard by shard, so that
+    the first rows of a corpus (a source's maxRows of FineWeb or Wikipedia) cost those rows' shards,
+    not the whole split's download and its Arrow copy on disk."""
     import datasets  # noqa: PLC0415 - only for Hugging Face sources
 
     try:
         ds = datasets.load_dataset(hf["id"], name=hf.get("config"), split=hf.get("split", "train"),
-                                   revision=hf.get("revision"))
+                                   revision=hf.get("revision"), streaming=streaming)
+        yield from ds
     except FileNotFoundError as exc:  # no such dataset, split or data files: the spec is wrong
         raise InvalidTask(f"huggingface dataset {hf['id']}: {exc}") from None
-    yield from ds
 
 
 def _shape(row: dict[str, Any], fields: str) -> str:
@@ -247,7 +250,7 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             continue
         field = f"spec.sources[{index}]"
         if "huggingface" in source:
-            rows = rows_of_huggingface(source["huggingface"])
+            rows = rows_of_huggingface(source["huggingface"], streaming=bool(source.get("maxRows")))
         elif "configMap" in source:
             rows = _rows_of_config_map((config_maps or {})[str(index)], f"{field}.configMap")
         else:
