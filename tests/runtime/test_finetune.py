@@ -209,6 +209,32 @@ def test_full_fine_tune_trains_every_weight_and_saves_a_whole_model(tiny_model, 
     assert len(changed) == len(before)  # embeddings, norms, head: everything moved
 
 
+@pytest.mark.slow
+def test_8_bit_adam_trains_a_full_fine_tune_as_adamw_does_with_a_quarter_of_its_state_and_resumes_exactly(
+        tiny_model, dataset, tmp_path, one_process_full):
+    """hyperparameters.optimizer adamw8bit (bitsandbytes' AdamW8bit): the same run as one_process_full
+    but for the optimizer learns as far, its checkpointed state is 2 bytes a parameter, not AdamW's 8,
+    and a run killed after a checkpoint resumes from its 8-bit moments to the same weights."""
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="full",
+                         hyperparameters={**FULL, "optimizer": "adamw8bit"}, checkpointing={"everySteps": 5})
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result, adamw = _result(task), _result(one_process_full)
+    assert result["finalLoss"] < result["firstLoss"] - 0.5
+    assert result["finalLoss"] == pytest.approx(adamw["finalLoss"], abs=0.1)
+    run = open_store(task["artifactUri"])
+    saved = checkpoint.latest(run, ONE)
+    state = run.read_bytes(f"checkpoints/step-{saved}/optimizer.pt")
+    assert len(state) < 3 * result["estimate"]["trainableParams"]  # AdamW's: over 8 bytes a parameter
+
+    weights = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]).state_dict()
+    run.delete("COMMITTED")
+    run.delete("result.json")
+    _ok(run_finetune(write_task(task, tmp_path)))
+    assert _result(task)["resumedFromStep"] == saved and _result(task)["steps"] == result["steps"] > saved
+    resumed = AutoModelForCausalLM.from_pretrained(_result(task)["modelUri"][7:]).state_dict()
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+
+
 @pytest.mark.extended(reason=(
     "test_full_fine_tune_trains_every_weight_and_saves_a_whole_model trains a full fine-tune in fp32 and "
     "tests/unit/test_estimate.py counts the 16-bit one's fp32 master weights; only this test trains in "

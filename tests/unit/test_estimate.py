@@ -12,8 +12,8 @@ import pytest
 
 from llmfactory.planner import PlanError, Waiting, parse, plan
 from llmfactory.planner.estimate import check_fits
-from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, Plan, estimate, gpu_memory_utilization, grader_bytes,
-                                                   plan_of, shape_from_config)
+from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, Plan, does_not_fit, estimate, gpu_memory_utilization,
+                                                   grader_bytes, plan_of, shape_from_config)
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA3_8B = KNOWN_SHAPES["meta-llama/meta-llama-3-8b"]
@@ -110,6 +110,20 @@ def test_a_16_bit_full_fine_tune_counts_fp32_master_weights_and_moments():
     assert state_bytes("full", "bf16", strategy="deepspeed", zeroStage=2) == pytest.approx(16)
     assert state_bytes("full", "fp32") == pytest.approx(16)
     assert state_bytes("lora", "fp16") == state_bytes("lora", "bf16") < 2.5
+
+
+def test_8_bit_moments_take_a_quarter_of_adams_fp32_ones_and_the_refusal_names_them():
+    def est(optimizer: str | None, gpus: int = 1):
+        spec = {"method": "full", "hyperparameters": {"batchSize": 1, "maxSeqLength": 2048, "optimizer": optimizer,
+                                                      "gradientCheckpointing": True},
+                "resources": {"gpusPerNode": gpus}}
+        return plan_of(spec), estimate(LLAMA3_8B, plan_of(spec))
+
+    (_, fp32), (plan, eight) = est(None), est("adamw8bit")
+    moments = LLAMA3_8B.params * 6 / 2 ** 30  # 8 bytes -> 2 a parameter; the fp32 master copy stays
+    assert fp32.optimizer_gib - eight.optimizer_gib == pytest.approx(moments) and eight.total_gib < fp32.total_gib
+    assert "set hyperparameters.optimizer adamw8bit" in does_not_fit(fp32, 80, est(None)[0])
+    assert "adamw8bit" not in (does_not_fit(eight, 40, plan) or "")
 
 
 def test_shape_from_a_config_without_the_needed_fields_is_a_clear_error():

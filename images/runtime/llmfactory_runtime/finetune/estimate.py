@@ -113,6 +113,7 @@ class Plan:
     lora_dora: bool = False
     gradient_checkpointing: bool = False
     weight_bytes: int = 2  # bf16 / fp16; 4 for fp32
+    moment_bytes: int = 8  # Adam's two moments a trainable parameter: fp32, or 8-bit (hyperparameters.optimizer)
     strategy: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 0
     offload: bool = False
@@ -186,11 +187,11 @@ def estimate(shape: ModelShape, plan: Plan, graders: tuple[tuple[ModelShape, str
         weights /= world
 
     # Trainable state, adapters or the whole model: weights in the training dtype, Adam's moments in
-    # fp32 and, for 16-bit weights, an fp32 master copy (master_weights.py; DeepSpeed likewise,
+    # fp32 (or 8 bits) and, for 16-bit weights, an fp32 master copy (master_weights.py; DeepSpeed likewise,
     # sharded over the ranks from ZeRO 1 on), whose fp32 gradient plain PyTorch holds at the step.
     master = plan.weight_bytes == 2
     grads = trainable * (4 if master and plan.strategy != "deepspeed" else plan.weight_bytes)
-    optim = trainable * (12 if master else 8)
+    optim = trainable * ((4 if master else 0) + plan.moment_bytes)
     if plan.method != "full":
         weights += trainable * plan.weight_bytes
     if plan.zero_stage >= 2:
@@ -350,6 +351,7 @@ def plan_of(spec: dict[str, Any]) -> Plan:
                 train_embeddings=bool(lora.get("trainEmbeddings")),
                 gradient_checkpointing=hp.get("gradientCheckpointing", False),
                 weight_bytes=4 if hp.get("precision") == "fp32" else 2,
+                moment_bytes=2 if hp.get("optimizer") == "adamw8bit" else 8,
                 strategy=dist.get("strategy", "ddp"), zero_stage=(dist.get("zeroStage") or 0) if deepspeed else 0,
                 offload=deepspeed and dist.get("offload") == "cpu",
                 # DPO takes the log-probabilities from the logits itself: Liger's fused loss is SFT's only.
@@ -368,6 +370,8 @@ def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
     graders = ("use a smaller grader model (or serve a judge with vLLM behind grader.judge instead of judgeModel), "
                if est.graders_gib else "")
     graders += "set grpo.engine transformers (no vLLM beside the training), " if est.sampler_gib else ""
+    if plan.method == "full" and plan.moment_bytes > 2 and plan.strategy != "deepspeed":
+        graders += "set hyperparameters.optimizer adamw8bit (Adam's moments in 8 bits), "
     return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dropout}{graders}lower "
             f"hyperparameters.batchSize or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, "
             f"or shard with distribution.strategy deepspeed (zeroStage 3) over more GPUs")

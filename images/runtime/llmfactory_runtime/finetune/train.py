@@ -60,6 +60,16 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return factor
 
 
+def adamw(hp: dict[str, Any]) -> type[torch.optim.Optimizer]:
+    """The optimizer class hyperparameters.optimizer names: PyTorch's AdamW, or bitsandbytes' with its
+    moments in 8 bits (adamw8bit), which takes the same parameter groups and settings."""
+    if hp.get("optimizer") == "adamw8bit":
+        import bitsandbytes as bnb  # noqa: PLC0415 - only for 8-bit moments
+
+        return bnb.optim.AdamW8bit
+    return torch.optim.AdamW
+
+
 def epoch_rows(lengths: list[int], epoch: int, hp: dict[str, Any], global_batch: int, max_len: int,
                ranks: list[float] | None = None) -> list[list[int]]:
     """The epoch's sequences (each a list of indices of conversations, or of DPO pairs, of these
@@ -191,7 +201,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         inner = engine.module
     else:
-        optimizer = torch.optim.AdamW(groups, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
+        optimizer = adamw(hp)(groups, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         engine = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
                   if world.size > 1 else model)
