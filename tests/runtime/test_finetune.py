@@ -70,6 +70,42 @@ def test_learning_rate_warms_up_then_decays_as_the_scheduler_says(kind, expected
     assert [factor(step) for step in range(7)] == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_minimum_learning_rate_ratio_is_where_linear_and_cosine_decay_end():
+    assert [lr_lambda("linear", 2, 6, floor=0.1)(step) for step in range(7)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.775, 0.55, 0.325, 0.1])
+    assert lr_lambda("cosine", 2, 6, floor=0.1)(6) == pytest.approx(0.1)
+    assert lr_lambda("cosine", 2, 6, floor=0.1)(4) == pytest.approx(0.55)
+
+
+@pytest.mark.slow
+def test_max_steps_trains_that_many_steps_over_as_many_epochs_as_they_take_on_its_own_schedule(tiny_model, dataset,
+                                                                                              tmp_path):
+    """hyperparameters.maxSteps (HF Trainer's max_steps) overrides epochs: the data is read again,
+    reshuffled, until the steps are done; warmupSteps and the decay to minLearningRateRatio span them.
+    warmupSteps not below the run's steps is refused, naming the field and the count."""
+    one_epoch = finetune_task(tiny_model, dataset, f"file://{tmp_path}/one", hyperparameters={"epochs": 1})
+    _ok(run_finetune(write_task(one_epoch, tmp_path)))
+    per_epoch = _result(one_epoch)["steps"]
+    hp = {"epochs": 1, "maxSteps": per_epoch + 3, "warmupSteps": 2, "lrScheduler": "cosine",
+          "minLearningRateRatio": 0.1}
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/steps", hyperparameters=hp)
+    _ok(run_finetune(write_task(task, tmp_path)))
+    assert _result(task)["steps"] == per_epoch + 3
+    rows = [r.split(",") for r in open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
+    assert [int(r[1]) for r in rows] == [0] * per_epoch + [1] * 3
+    peak = task["spec"]["hyperparameters"]["learningRate"]
+    schedule = lr_lambda("cosine", 2, per_epoch + 3, floor=0.1)
+    assert [float(r[3]) for r in rows] == pytest.approx([peak * schedule(step) for step in range(1, per_epoch + 4)])
+    assert float(rows[-1][3]) == pytest.approx(0.1 * peak)
+
+    late = finetune_task(tiny_model, dataset, f"file://{tmp_path}/late",
+                         hyperparameters={"epochs": 1, "warmupSteps": per_epoch})
+    proc = run_finetune(write_task(late, tmp_path))
+    assert proc.returncode == 2  # invalid: no retries
+    assert (f"spec.hyperparameters.warmupSteps: {per_epoch} is not fewer than the run's {per_epoch} optimizer steps"
+            in open_store(late["artifactUri"]).read_json("progress.json")["message"])
+
+
 def test_packed_batch_restarts_positions_and_labels_only_assistant_tokens():
     examples = [{"input_ids": [11, 12, 13], "labels": [IGNORE, 12, 13]},
                 {"input_ids": [21, 22], "labels": [IGNORE, 22]},

@@ -571,16 +571,31 @@ class Hyperparameters(ApiModel):
     cel_rules: ClassVar = [
         {"rule": "!has(self.earlyStopping) || has(self.evalEverySteps)",
          "message": "earlyStopping needs evalEverySteps: the validation loss it watches is computed that often"},
+        {"rule": "!has(self.warmupSteps) || !has(self.maxSteps) || self.warmupSteps < self.maxSteps",
+         "message": "warmupSteps must be fewer than maxSteps: the learning rate would never reach its peak"},
+        {"rule": "!has(self.minLearningRateRatio) || !has(self.lrScheduler) || self.lrScheduler != 'constant'",
+         "message": "minLearningRateRatio is where linear and cosine decay end: lrScheduler constant does not decay"},
         {"rule": "!has(self.selectBest) || !self.selectBest || has(self.evalEverySteps)",
          "message": "selectBest needs evalEverySteps: the best weights are chosen among the evaluations"},
     ]
 
     epochs: int = Field(1, ge=1, le=1000, description="Passes over the train split.")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description=(
+        "Optimizer steps to train, instead of epochs (HF Trainer's max_steps, which overrides "
+        "num_train_epochs): the train split is read for as many epochs as the steps take, reshuffled "
+        "each time, the last cut short; warmup and decay span these steps. Unset: the epochs' steps."))
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description=(
+        "Optimizer steps of linear warmup, instead of warmupRatio's share (HF Trainer's warmup_steps); "
+        "fewer than the run's steps, which the runtime checks once it has counted them."))
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description=(
         "The learning rate after warmup: linear decay to zero (HF Trainer's and OpenAI's), cosine decay "
         "to zero (Axolotl's and torchtune's usual choice), or constant."))
+    min_learning_rate_ratio: float | None = Field(None, ge=0, lt=1, description=(
+        "Linear and cosine decay end at this share of learningRate instead of zero (HF Trainer's "
+        "cosine_with_min_lr, Axolotl's cosine_min_lr_ratio; continued pre-training recipes keep 0.1). "
+        "Unset: 0."))
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     optimizer: Literal["adamw", "adamw8bit"] | None = Field(None, description=(
         "adamw: PyTorch's AdamW, its two moments in fp32 (8 bytes a trainable parameter). adamw8bit: "

@@ -50,13 +50,15 @@ TRACKING = "tracking"  # trackers' local files: in each checkpoint, and under th
 COMPLETIONS = "completions"  # grpo.logCompletions' files, a step each
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    """Linear warmup, then (spec.hyperparameters.lrScheduler) linear or cosine decay to zero, or constant."""
+def lr_lambda(kind: str, warmup: int, total: int, floor: float = 0.0):
+    """Linear warmup, then (spec.hyperparameters.lrScheduler) linear or cosine decay to `floor`
+    (minLearningRateRatio; unset, zero), or constant."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         done = min(1.0, (step - warmup) / max(1, total - warmup))
-        return {"linear": 1.0 - done, "cosine": 0.5 * (1.0 + math.cos(math.pi * done)), "constant": 1.0}[kind]
+        left = {"linear": 1.0 - done, "cosine": 0.5 * (1.0 + math.cos(math.pi * done)), "constant": 1.0}[kind]
+        return left if kind == "constant" else floor + (1.0 - floor) * left
     return factor
 
 
@@ -157,11 +159,21 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # GRPO's sequences are made in the step (a prompt's answers), so its rows are prompts, one each; a
     # reward model scores a row at its end, so its pairs are never packed.
     per_step = global_batch * oversampling  # rows a step reads
-    epochs = [epoch_rows(data.lengths, e, {**hp, "packing": hp["packing"] and objective not in ("grpo", "reward")}, per_step,
-                         encoding.unit_length(spec), data.ranks)
-              for e in range(hp["epochs"])]
-    steps_per_epoch = [len(rows) // per_step for rows in epochs]
-    total_steps = sum(steps_per_epoch)
+    # hyperparameters.maxSteps: as many epochs as its steps take, whatever epochs says.
+    max_steps = hp.get("maxSteps")
+    packed = {**hp, "packing": hp["packing"] and objective not in ("grpo", "reward")}
+    epochs: list[list[list[int]]] = []
+    steps_per_epoch: list[int] = []
+    while len(epochs) < hp["epochs"] if not max_steps else sum(steps_per_epoch) < max_steps:
+        epochs.append(epoch_rows(data.lengths, len(epochs), packed, per_step, encoding.unit_length(spec), data.ranks))
+        steps_per_epoch.append(len(epochs[-1]) // per_step)
+        if not steps_per_epoch[-1]:  # fewer rows than a step reads: no epoch has a step
+            break
+    total_steps = min(sum(steps_per_epoch), max_steps or sum(steps_per_epoch))
+    if hp.get("warmupSteps") is not None and hp["warmupSteps"] >= total_steps:
+        raise InvalidTask(f"spec.hyperparameters.warmupSteps: {hp['warmupSteps']} is not fewer than the run's "
+                          f"{total_steps} optimizer steps, so the learning rate would never reach its peak: lower "
+                          "it, or use warmupRatio")
 
     sampler = None
     if grpo and grpo["engine"] == "vllm":  # before the model: vLLM takes its share of a GPU still empty
@@ -188,8 +200,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     # Optimizer and schedule (DeepSpeed builds its own from the same settings)
     updates_per_step = grpo["iterations"] if grpo else 1  # optimizer steps per step; the schedule counts them
-    warmup = int(total_steps * updates_per_step * hp["warmupRatio"])
-    schedule = lr_lambda(hp.get("lrScheduler", "linear"), warmup, total_steps * updates_per_step)
+    warmup = (hp["warmupSteps"] * updates_per_step if hp.get("warmupSteps") is not None
+              else int(total_steps * updates_per_step * hp["warmupRatio"]))
+    schedule = lr_lambda(hp.get("lrScheduler", "linear"), warmup, total_steps * updates_per_step,
+                         hp.get("minLearningRateRatio") or 0.0)
     if deepspeed_on:
         import deepspeed  # noqa: PLC0415 - only in images that train with it
 
