@@ -1438,7 +1438,8 @@ def test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_a
 @pytest.mark.extended(reason=(
     "test_grpo_raises_the_graders_reward_and_a_resumed_run_ends_with_the_same_weights runs GRPO with iterations "
     "in one process and test_a_lora_grpo_run_with_beta_and_a_sum_grader_reports_its_kl_to_the_base_and_each_parts_"
-    "rewards a sum grader with a local judge; this one runs both on two processes, under DDP and DeepSpeed ZeRO-2"))
+    "rewards a sum grader with a local judge, and test_easy_first_trains_each_epoch_from_the_prompts_solved_most_"
+    "often_to_the_hardest logs completions; this one runs them on two processes, under DDP and DeepSpeed ZeRO-2"))
 @pytest.mark.slow
 @pytest.mark.deepspeed("ShareMemCommBuilder")
 def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, tiny_reward_model, tmp_path,
@@ -1466,7 +1467,8 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
     tasks = [finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/{strategy}", objective="grpo",
                            # 16 new tokens: enough that some answers end (a random model seldom does).
                            grpo={"generations": 4, "maxNewTokens": 16, "iterations": 2, "maskTruncated": True,
-                                 "grader": summed, "topEntropyQuantile": 0.5, "scaleRewards": "batch"},
+                                 "grader": summed, "topEntropyQuantile": 0.5, "scaleRewards": "batch",
+                                 "logCompletions": 2},
                            distribution={"strategy": strategy}, resources={"gpusPerNode": 2},
                            hyperparameters={"epochs": 2, "batchSize": 1, "learningRate": 0.05})
              for strategy in ("ddp", "deepspeed")]
@@ -1478,6 +1480,12 @@ def test_grpo_on_two_processes_trains_alike_under_ddp_and_deepspeed(tiny_model, 
         usage = open_store(task["artifactUri"]).read_json("result.json")["graderUsage"]["meaning"]
         assert usage["promptTokens"] == openai_server.embedding_tokens - billed > 0
         assert usage["costUsd"] == round(usage["promptTokens"] * 5e-5, 6) and usage["requests"] > 0
+        # logCompletions 2: each step's prompts of both processes, every prompt once in the epoch
+        completions = open_store(open_store(task["artifactUri"]).read_json("result.json")["completionsUri"])
+        logged = [[json.loads(line)["prompt"][-1]["content"] for line in
+                   completions.read_bytes(f"step-{n:06d}.jsonl").decode().splitlines()] for n in range(1, 5)]
+        assert all(len(prompts) == 2 for prompts in logged)  # one of each process
+        assert sorted(p for prompts in logged for p in prompts) == sorted(r["messages"][0]["content"] for r in _rows(8))
     lines = [open_store(t["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:] for t in tasks]
     assert len(lines[0]) == len(lines[1]) == 8  # 8 prompts, 2 a step (1 per process), 2 epochs
     for ddp, deepspeed in zip(*lines):

@@ -485,7 +485,8 @@ class Grpo(ApiModel):
     # Optional, not defaulted: a GRPO FineTune planned before these settings came keeps its task digest
     # (and so its finished run), as every field that is unset leaves it.
     log_completions: int | None = Field(None, ge=1, le=256, description=(
-        "Each step, write the answers sampled to this many of its prompts (the main process's first), each with "
+        "Each step, write the answers sampled to this many of its prompts (the first of every process's, in rank "
+        "order), each with "
         "its reward (a sum grader's parts too), advantage and whether it was cut, to completions/step-<N>.jsonl "
         "in the run's artifacts (status.result.completionsUri), and as a table in each of spec.tracking's trackers "
         "(W&B's completions, a TensorBoard text, MLflow's completions/step-<N>.json), as TRL's log_completions: read "

@@ -55,6 +55,14 @@ class World:
         dist.all_gather(out, padded)
         return torch.cat([o[:int(n)] for o, n in zip(out, sizes)]).to(values.device)
 
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every process's picklable value, in rank order."""
+        if self.size == 1:
+            return [value]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0) > 0
 

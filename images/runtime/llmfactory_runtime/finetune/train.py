@@ -404,9 +404,12 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if trackers:
             trackers.log_step(step, of_step | {"loss": step_loss, "learningRate": lr, "tokensPerSecond": rate}
                               | ({"reward": current.mean_reward} if grpo else {}))
-        if grpo and grpo.get("logCompletions") and world.main:  # a resumed run writes its steps' again, alike
-            completions = current.completions(tokenizer, grpo["logCompletions"])
-            run.write_bytes(f"{COMPLETIONS}/step-{step:06d}.jsonl", dumps_jsonl(completions))
+        if grpo and grpo.get("logCompletions"):  # a resumed run writes its steps' again, alike
+            wanted = grpo["logCompletions"]  # the first prompts of all processes', in rank order (collective)
+            completions = [row for rows in world.gather_objects(current.completions(tokenizer, wanted))
+                           for row in rows][:wanted]
+            if world.main:
+                run.write_bytes(f"{COMPLETIONS}/step-{step:06d}.jsonl", dumps_jsonl(completions))
             if trackers:
                 trackers.log_completions(step, completions)
 
