@@ -22,6 +22,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,13 +97,15 @@ def make_dataset(folder: Path, conversations: int, seq: int, seed: int = 0, dpo:
     return f"file://{folder}"
 
 
-def task_for(model: Path, dataset: str, store: str, method: str, args, packing: bool) -> dict:
+def task_for(model: Path, dataset: str, store: str, method: str, args, packing: bool,
+             optimizer: str = "adamw") -> dict:
     spec = {"baseModel": {"uri": f"file://{model}"}, "dataset": {"uri": dataset}, "method": method,
             "mergeAdapter": False,
             "hyperparameters": {"epochs": 1, "batchSize": args.batch, "maxSeqLength": args.seq, "packing": packing,
                                 "learningRate": args.learning_rate,
                                 "gradientCheckpointing": args.checkpointing, "warmupRatio": 0.0,
-                                "fusedKernels": args.fused_kernels, "compile": args.compile},
+                                "fusedKernels": args.fused_kernels, "compile": args.compile,
+                                "optimizer": optimizer},
             "checkpointing": {"everySteps": 100000}, "resources": {"gpusPerNode": 1}}
     if args.dpo:
         spec["objective"] = "dpo"
@@ -112,21 +115,28 @@ def task_for(model: Path, dataset: str, store: str, method: str, args, packing: 
     if method == "qlora":
         spec["qlora"] = {"dequantizeOnce": args.qlora_dequantize}
     manifest = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune",
-                "metadata": {"name": f"bench-{method}-{'packed' if packing else 'padded'}"}, "spec": spec}
+                "metadata": {"name": f"bench-{method}-{'packed' if packing else 'padded'}-{optimizer}"}, "spec": spec}
     return plan(parse(manifest), lambda *key: None, store)
 
 
 def run_runtime(task: dict, workdir: Path) -> dict:
+    """The run's result, with its process's wall time and peak resident memory (the CPU's measure of
+    what a run holds; on a GPU the result's peakGpuMemoryGiB is)."""
     path = workdir / f"task-{task['digest'][:12]}.json"
     path.write_text(json.dumps(task))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "images" / "runtime"), os.environ.get("PYTHONPATH", "")])}
     began = time.time()
-    proc = subprocess.run([sys.executable, "-m", "llmfactory_runtime", "finetune", "--task", str(path)],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise SystemExit(f"runtime failed:\n{proc.stderr[-5000:]}")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "llmfactory_runtime", "finetune", "--task", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise SystemExit(f"runtime failed:\n{err.read().decode(errors='replace')[-5000:]}")
     result = json.loads(Path(task["artifactUri"][7:], "result.json").read_text())
     result["processSeconds"] = time.time() - began
+    result["peakRssGiB"] = usage.ru_maxrss / 2 ** 20  # KiB on Linux
     return result
 
 
@@ -188,7 +198,7 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     from llmfactory_runtime.finetune.master_weights import MasterWeights
     from llmfactory_runtime.finetune.model_setup import (gpu_memory_gib, load_for_training, qlora_dequantized,
                                                          training_dtype)
-    from llmfactory_runtime.finetune.train import epoch_rows
+    from llmfactory_runtime.finetune.train import adamw, epoch_rows
     from llmfactory_runtime.models import load_tokenizer
 
     spec, inputs = task["spec"], task["inputs"]
@@ -211,7 +221,7 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # As the runtime steps: a 16-bit full fine-tune through fp32 master weights (the copies timed too).
     master = MasterWeights(named) if MasterWeights.needed([p for _, p in named]) else None
-    optimizer = torch.optim.AdamW(master.params if master else [p for _, p in named], lr=hp["learningRate"])
+    optimizer = adamw(hp)(master.params if master else [p for _, p in named], lr=hp["learningRate"])
 
     def train(first: int, n: int) -> float:
         began = time.perf_counter()
@@ -274,6 +284,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="hyperparameters.compile (torch.compile per layer)")
     parser.add_argument("--qlora-dequantize", choices=["auto", "always", "never"], default="never",
                         help="spec.qlora.dequantizeOnce for the qlora runs")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit", "both"], default="adamw",
+                        help="hyperparameters.optimizer (both: each)")
     parser.add_argument("--hf-trainer", action="store_true", help="also run transformers' Trainer (padded, lora)")
     parser.add_argument("--workdir", default="/tmp/llmfactory-bench")
     parser.add_argument("--json", help="also write the rows here")
@@ -292,41 +304,50 @@ def main() -> None:
     print(f"model {args.shape}: {shape.params / 1e9:.2f}B params, ready in {time.time() - began:.0f} s", flush=True)
     dataset = make_dataset(work / f"data-{args.seq}{'-dpo' if args.dpo else ''}", args.conversations, args.seq,
                            dpo=args.dpo)
+    optimizers = ["adamw", "adamw8bit"] if args.optimizer == "both" else [args.optimizer]
     if args.profile:
         for method in args.methods.split(","):
-            packing = args.packing != "off"
-            profile(task_for(work / f"model-{args.shape}", dataset, f"file://{work}/profile", method, args, packing),
-                    shape, args.profile)
+            for optimizer in optimizers:
+                packing = args.packing != "off"
+                profile(task_for(work / f"model-{args.shape}", dataset, f"file://{work}/profile", method, args, packing,
+                                 optimizer), shape, args.profile)
         return
     rows = []
     for method in args.methods.split(","):
         for packing in {"on": [True], "off": [False], "both": [True, False]}[args.packing]:
-            task = task_for(work / f"model-{args.shape}", dataset, f"file://{work}/store-{time.time_ns()}", method, args, packing)
-            est = estimate(shape, plan_of(task["spec"]))
-            r = run_runtime(task, work)
-            mfu = r["tokensPerSecond"] * est.flops_per_token / PEAK_FLOPS if r.get("peakGpuMemoryGiB") else None
-            rows.append({"engine": "llmfactory", "method": method + ("*" if r.get("dequantizedOnce") else ""),
-                         "packing": packing, "tokensPerSecond": r["tokensPerSecond"],
-                         "realTokenShare": r["realTokenShare"], "mfu": mfu, "peakGpuMemoryGiB": r.get("peakGpuMemoryGiB"),
-                         "estimatedGiB": r["estimate"]["totalGib"], "steps": r["steps"], "trainTokens": r["trainTokens"],
-                         "firstLoss": r["firstLoss"], "finalLoss": r["finalLoss"]})
-            print(json.dumps(rows[-1]), flush=True)
+            for optimizer in optimizers:
+                task = task_for(work / f"model-{args.shape}", dataset, f"file://{work}/store-{time.time_ns()}", method,
+                                args, packing, optimizer)
+                est = estimate(shape, plan_of(task["spec"]))
+                r = run_runtime(task, work)
+                mfu = r["tokensPerSecond"] * est.flops_per_token / PEAK_FLOPS if r.get("peakGpuMemoryGiB") else None
+                rows.append({"engine": "llmfactory", "method": method + ("*" if r.get("dequantizedOnce") else ""),
+                             "optimizer": optimizer, "packing": packing, "tokensPerSecond": r["tokensPerSecond"],
+                             "realTokenShare": r["realTokenShare"], "mfu": mfu,
+                             "peakGpuMemoryGiB": r.get("peakGpuMemoryGiB"), "peakRssGiB": r["peakRssGiB"],
+                             "estimatedGiB": r["estimate"]["totalGib"], "steps": r["steps"],
+                             "trainTokens": r["trainTokens"], "firstLoss": r["firstLoss"], "finalLoss": r["finalLoss"]})
+                print(json.dumps(rows[-1]), flush=True)
     if args.hf_trainer:
         r = run_hf_trainer(work / f"model-{args.shape}", dataset, args)
-        rows.append({"engine": "hf-trainer", "method": "lora", "packing": False, **r})
+        rows.append({"engine": "hf-trainer", "method": "lora", "optimizer": "adamw", "packing": False, **r})
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.batch}, gradient checkpointing {args.checkpointing}, "
           f"lora r 16 all-linear dropout {args.lora_dropout}{' dora' if args.dora else ''}"
           f"{', objective dpo' if args.dpo else ''}, fused kernels {args.fused_kernels}, compile {args.compile}"
           f"{'; qlora* = 4-bit weights dequantized once' if any(r['method'] == 'qlora*' for r in rows) else ''}")
-    print(f"{'engine':<11} {'method':<6} {'packing':<8} {'tokens/s':>10} {'real share':>10} {'MFU':>6} {'peak GiB':>9} {'est. GiB':>9}")
+    print(f"{'engine':<11} {'method':<6} {'optimizer':<10} {'packing':<8} {'tokens/s':>10} {'real share':>10} "
+          f"{'MFU':>6} {'peak GiB':>9} {'RSS GiB':>8} {'est. GiB':>9} {'loss':>13}")
     for r in rows:
         peak = f"{r['peakGpuMemoryGiB']:.1f}" if r.get("peakGpuMemoryGiB") else "-"
+        rss = f"{r['peakRssGiB']:.2f}" if r.get("peakRssGiB") else "-"
         est_gib = f"{r['estimatedGiB']:.1f}" if r.get("estimatedGiB") else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-        print(f"{r['engine']:<11} {r['method']:<6} {str(r['packing']):<8} {r['tokensPerSecond']:>10.0f} "
-              f"{r['realTokenShare']:>10.1%} {mfu:>6} {peak:>9} {est_gib:>9}")
+        loss = f"{r['firstLoss']:.2f} -> {r['finalLoss']:.2f}" if r.get("firstLoss") else "-"
+        print(f"{r['engine']:<11} {r['method']:<6} {r['optimizer']:<10} {str(r['packing']):<8} "
+              f"{r['tokensPerSecond']:>10.0f} {r['realTokenShare']:>10.1%} {mfu:>6} {peak:>9} {rss:>8} {est_gib:>9} "
+              f"{loss:>13}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -33,3 +33,4 @@ def test_finetune_throughput_profiles_and_measures_both_adapter_methods(tmp_path
     (row,) = json.loads(rows.read_text())
     assert row["method"] == "qlora" and row["tokensPerSecond"] > 0 and 0.5 < row["realTokenShare"] <= 1
     assert row["finalLoss"] < row["firstLoss"] and row["estimatedGiB"] > 0
+    assert 0.2 < row["peakRssGiB"] < 20  # the run's process: torch and a tiny model
