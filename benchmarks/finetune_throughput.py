@@ -35,6 +35,7 @@ from llmfactory_runtime.finetune.estimate import KNOWN_SHAPES, PEAK_FLOPS, Model
 
 SHAPES = {
     "llama3-8b": KNOWN_SHAPES["meta-llama/meta-llama-3-8b"],
+    "llama3.2-3b": KNOWN_SHAPES["meta-llama/llama-3.2-3b"],  # a full fine-tune that fits one H100 with AdamW
     "small": ModelShape(hidden=512, layers=8, intermediate=1376, vocab=8000, heads=8, kv_heads=4),
     "tiny": ModelShape(hidden=64, layers=2, intermediate=128, vocab=400, heads=4, kv_heads=2),  # the suite's check
 }
@@ -333,8 +334,10 @@ def main() -> None:
         rows.append({"engine": "hf-trainer", "method": "lora", "optimizer": "adamw", "packing": False, **r})
         print(json.dumps(rows[-1]), flush=True)
 
-    print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.batch}, gradient checkpointing {args.checkpointing}, "
-          f"lora r 16 all-linear dropout {args.lora_dropout}{' dora' if args.dora else ''}"
+    adapters = (f", lora r 16 all-linear dropout {args.lora_dropout}{' dora' if args.dora else ''}"
+                if set(args.methods.split(",")) - {"full"} else "")
+    print(f"\n{args.shape}, seq {args.seq}, micro-batch {args.batch}, gradient checkpointing {args.checkpointing}"
+          f"{adapters}"
           f"{', objective dpo' if args.dpo else ''}, fused kernels {args.fused_kernels}, compile {args.compile}"
           f"{'; qlora* = 4-bit weights dequantized once' if any(r['method'] == 'qlora*' for r in rows) else ''}")
     print(f"{'engine':<11} {'method':<6} {'optimizer':<10} {'packing':<8} {'tokens/s':>10} {'real share':>10} "

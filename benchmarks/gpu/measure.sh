@@ -6,13 +6,15 @@
 # through the runtime, then both compiled through the runtime (compile time included). Part 2:
 # steady-state profiles (where the time goes), uncompiled and compiled, and QLoRA dequantized once.
 # Part 4: a Benchmark's answering with transformers on the GPU (the first batch of 8 twice: does the
-# first run pay per new shape, as training did before batching.row_width?).
+# first run pay per new shape, as training did before batching.row_width?). Part 5: a full fine-tune
+# (Llama-3.2-3B shape) with AdamW and with 8-bit AdamW (hyperparameters.optimizer): peak memory and
+# tokens/s of each.
 # Each step runs under a time limit and leaves its log and JSON rows in $OUT; a step that runs out
 # of time leaves what it printed. SHAPE, SEQ and CONVERSATIONS override the sizes (a dry run on
 # CPU: SHAPE=small SEQ=256 CONVERSATIONS=40 OUT=/tmp/out bash benchmarks/gpu/measure.sh 1).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-part=${1:?which part: 1, 2, 3 or 4}
+part=${1:?which part: 1, 2, 3, 4 or 5}
 OUT=${OUT:?set OUT to a folder for the logs}
 SHAPE=${SHAPE:-llama3-8b} SEQ=${SEQ:-2048} CONVERSATIONS=${CONVERSATIONS:-300}
 if compgen -G ".wheels/*.whl" > /dev/null; then
@@ -53,5 +55,7 @@ case $part in
         --max-new-tokens "${NEW_TOKENS:-256}" --batch 8,8,36 --workdir /tmp/llmfactory-bench > "$OUT/generation.log" 2>&1
     echo "rc=$?"
     tail -n 8 "$OUT/generation.log" ;;
-*)  echo "part must be 1, 2, 3 or 4" >&2; exit 2 ;;
+5)  SHAPE=${SHAPE_FULL:-llama3.2-3b} step full-optimizers 500 --conversations 150 --methods full --optimizer both \
+        --checkpointing ;;
+*)  echo "part must be 1, 2, 3, 4 or 5" >&2; exit 2 ;;
 esac
