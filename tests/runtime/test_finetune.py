@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -378,6 +379,30 @@ def one_process(tiny_model, dataset, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
+def test_lora_plus_steps_the_b_matrices_at_its_ratio_of_the_learning_rate(tiny_model, dataset, tmp_path, one_process):
+    """lora.loraPlusRatio (LoRA+): the same run as one_process but for the ratio; its B matrices (zero at
+    the start) move several times as far, its A matrices about as far, and the checkpointed optimizer
+    steps the B matrices at 16 times the A matrices' rate."""
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/plus", lora={**NO_DROPOUT, "loraPlusRatio": 16},
+                         hyperparameters={"gradientAccumulation": 2}, checkpointing={"everySteps": 4})
+    _ok(run_finetune(write_task(task, tmp_path)))
+    plus, plain = _adapter(task), _adapter(one_process)
+
+    def norm(weights: dict[str, torch.Tensor], matrix: str) -> float:
+        return float(torch.cat([w.flatten() for k, w in weights.items() if matrix in k]).norm())
+
+    assert norm(plus, "lora_B") > 3 * norm(plain, "lora_B") > 0
+    assert 0.5 < norm(plus, "lora_A") / norm(plain, "lora_A") < 2
+    assert _result(task)["finalLoss"] < _result(task)["firstLoss"]
+    run = open_store(task["artifactUri"])
+    with tempfile.TemporaryDirectory() as tmp:
+        run.download_file(f"checkpoints/step-{checkpoint.latest(run, ONE)}/optimizer.pt", Path(tmp) / "o.pt")
+        groups = torch.load(Path(tmp) / "o.pt", weights_only=False)["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.01, 0.16]
+    assert len(groups[1]["params"]) == sum("lora_B" in k for k in plus)
+
+
+@pytest.mark.slow
 def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_path, one_process):
     """Same global batch (1 x accumulation 2 vs 2 processes x 1): the same steps on the same data."""
     one = one_process
@@ -410,7 +435,6 @@ def _run_watching_the_commit(task: dict, task_path: Path, tmp_path: Path, proces
 
 def _adapter(task: dict) -> dict[str, torch.Tensor]:
     """The trained adapter's weights, from whichever store the task wrote to."""
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         open_store(task["artifactUri"]).download_file("adapter/adapter_model.safetensors", Path(tmp) / "a.safetensors")
         return load_file(Path(tmp) / "a.safetensors")

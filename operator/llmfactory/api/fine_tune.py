@@ -74,6 +74,11 @@ class Lora(ApiModel):
         "its continued pre-training recipe uses a tenth of the adapters' rate): a whole embedding matrix "
         "moved at an adapter's rate loses what its pretrained rows knew. Same warmup and schedule as "
         "hyperparameters.learningRate; needs trainEmbeddings. Unset: hyperparameters.learningRate."))
+    lora_plus_ratio: float | None = Field(None, ge=1, le=1024, description=(
+        "LoRA+ (Hayou et al., 2024; Axolotl's loraplus_lr_ratio, peft's create_loraplus_optimizer): the B "
+        "matrices (and DoRA's magnitudes) learn at this many times hyperparameters.learningRate, the A "
+        "matrices at it, which the paper found to train faster and better at the same cost; it suggests "
+        "16 (lower learningRate to match). Unset: one rate for both."))
     dora: bool = Field(False, description=(
         "Weight-decomposed LoRA (DoRA, Liu et al., 2024): also train each adapted layer's weight "
         "magnitude. Often closer to a full fine-tune at the same rank; costs more time and activation "

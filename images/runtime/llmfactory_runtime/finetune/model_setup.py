@@ -154,14 +154,24 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
 
 def parameter_groups(model, named: list, stepped: list, spec: dict) -> list[dict]:
     """The optimizer's parameter groups: `stepped` (what it updates: the trainable parameters `named`
-    or their master copies, in that order) at hyperparameters.learningRate, but the matrices
-    lora.trainEmbeddings trains whole at lora.embeddingLearningRate where it is set."""
-    rate = (spec.get("lora") or {}).get("embeddingLearningRate")
-    layers = [model.get_input_embeddings(), model.get_output_embeddings()] if rate else []
+    or their master copies, in that order) at hyperparameters.learningRate, but LoRA+'s B matrices
+    and DoRA's magnitudes (peft's create_loraplus_optimizer: lora_B and 1-d weights) at
+    lora.loraPlusRatio times it, and the matrices lora.trainEmbeddings trains whole at
+    lora.embeddingLearningRate, where these are set."""
+    lora, rate = spec.get("lora") or {}, spec["hyperparameters"]["learningRate"]
+    embedding_rate, ratio = lora.get("embeddingLearningRate"), lora.get("loraPlusRatio")
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()] if embedding_rate else []
     whole = {id(p) for layer in layers if hasattr(layer, "modules_to_save") for p in layer.modules_to_save.parameters()}
-    groups = [{"params": [s for (_, p), s in zip(named, stepped) if id(p) not in whole]},
-              {"params": [s for (_, p), s in zip(named, stepped) if id(p) in whole], "lr": rate}]
-    return [group for group in groups if group["params"]]
+
+    def group(name: str, p) -> int:
+        if id(p) in whole:
+            return 2
+        return 1 if ratio and ("lora_B" in name or p.ndim == 1) else 0
+
+    groups = [{"params": []}, {"params": [], "lr": rate * (ratio or 1)}, {"params": [], "lr": embedding_rate}]
+    for (name, p), s in zip(named, stepped):
+        groups[group(name, p)]["params"].append(s)
+    return [g for g in groups if g["params"]]
 
 
 def trained_token_rows(model) -> list[int]:
