@@ -25,7 +25,7 @@ from llmfactory_runtime.batching import collate_sequences as collate, encode_row
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
-from llmfactory_runtime.finetune.model_setup import load_for_training, trainable_state
+from llmfactory_runtime.finetune.model_setup import load_for_training, parameter_groups, trainable_state
 from llmfactory_runtime.finetune.packing import pack
 from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.finetune.evaluation import best_step, evaluations_without_improvement
@@ -376,6 +376,28 @@ def one_process(tiny_model, dataset, tmp_path_factory) -> dict:
                         hyperparameters={"gradientAccumulation": 2})
     _ok(run_finetune(write_task(one, folder)))
     return one
+
+
+@pytest.mark.parametrize("method,lora", [("full", None), ("lora", {"dora": True, "loraPlusRatio": 16})])
+def test_weight_decay_spares_norms_and_magnitudes_and_lora_plus_steps_b_and_magnitudes_faster(tiny_model, method, lora):
+    """hyperparameters.weightDecay decays matrices only (HF Trainer's and nanoGPT's rule): a decayed
+    norm's gain, or DoRA's magnitude, would shrink towards 0 instead of staying near its start."""
+    task = finetune_task(tiny_model, "file:///unused", "file:///unused", method=method,
+                         **({"lora": {"r": 4, **lora}} if lora else {}),
+                         hyperparameters={"weightDecay": 0.1, "learningRate": 0.001})
+    model = load_for_training(task["spec"], task["inputs"]["baseModel"], ONE, torch.float32)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = parameter_groups(model, named, [p for _, p in named], task["spec"])
+    names = {id(p): n for n, p in named}
+    by_group = [({names[id(p)] for p in g["params"]}, g["lr"], g.get("weight_decay")) for g in groups]
+    if method == "full":
+        norms = {n for n, p in named if "norm" in n}
+        assert len(norms) == 5 and by_group == [({n for n, _ in named} - norms, 0.001, None), (norms, 0.001, 0.0)]
+        return
+    a, b = ({n for n, _ in named if matrix in n} for matrix in ("lora_A", "lora_B"))
+    magnitudes = {n for n, _ in named if "magnitude" in n}
+    assert a and b and magnitudes and a | b | magnitudes == {n for n, _ in named}
+    assert by_group == [(a, 0.001, None), (b, 0.016, None), (magnitudes, 0.016, 0.0)]
 
 
 @pytest.mark.slow

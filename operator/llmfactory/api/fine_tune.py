@@ -602,7 +602,9 @@ class Hyperparameters(ApiModel):
         "Linear and cosine decay end at this share of learningRate instead of zero (HF Trainer's "
         "cosine_with_min_lr, Axolotl's cosine_min_lr_ratio; continued pre-training recipes keep 0.1). "
         "Unset: 0."))
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, description=(
+        "AdamW weight decay, of matrices only: norms, biases and DoRA's magnitudes are spared, as HF "
+        "Trainer and nanoGPT spare them (a decayed norm's gain shrinks towards 0, not the 1 it starts at)."))
     optimizer: Literal["adamw", "adamw8bit"] | None = Field(None, description=(
         "adamw: PyTorch's AdamW, its two moments in fp32 (8 bytes a trainable parameter). adamw8bit: "
         "bitsandbytes' AdamW8bit (HF Trainer's and Axolotl's adamw_bnb_8bit), the moments quantized blockwise "

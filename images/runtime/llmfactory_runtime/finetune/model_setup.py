@@ -157,21 +157,28 @@ def parameter_groups(model, named: list, stepped: list, spec: dict) -> list[dict
     or their master copies, in that order) at hyperparameters.learningRate, but LoRA+'s B matrices
     and DoRA's magnitudes (peft's create_loraplus_optimizer: lora_B and 1-d weights) at
     lora.loraPlusRatio times it, and the matrices lora.trainEmbeddings trains whole at
-    lora.embeddingLearningRate, where these are set."""
-    lora, rate = spec.get("lora") or {}, spec["hyperparameters"]["learningRate"]
+    lora.embeddingLearningRate, where these are set. Weight decay spares 1-d weights (norms,
+    biases, DoRA's magnitudes), as HF Trainer's and nanoGPT's: decayed, a norm's gain would shrink
+    towards 0, not towards the 1 it starts at. The group at the learning rate, decayed, comes first."""
+    lora, hp = spec.get("lora") or {}, spec["hyperparameters"]
     embedding_rate, ratio = lora.get("embeddingLearningRate"), lora.get("loraPlusRatio")
     layers = [model.get_input_embeddings(), model.get_output_embeddings()] if embedding_rate else []
     whole = {id(p) for layer in layers if hasattr(layer, "modules_to_save") for p in layer.modules_to_save.parameters()}
+    rates = [hp["learningRate"], hp["learningRate"] * (ratio or 1), embedding_rate]
 
-    def group(name: str, p) -> int:
+    def rate_of(name: str, p) -> int:
         if id(p) in whole:
             return 2
         return 1 if ratio and ("lora_B" in name or p.ndim == 1) else 0
 
-    groups = [{"params": []}, {"params": [], "lr": rate * (ratio or 1)}, {"params": [], "lr": embedding_rate}]
+    groups: dict[tuple[int, bool], dict] = {}
     for (name, p), s in zip(named, stepped):
-        groups[group(name, p)]["params"].append(s)
-    return [g for g in groups if g["params"]]
+        rate, spared = rate_of(name, p), bool(hp.get("weightDecay")) and p.ndim < 2
+        group = groups.setdefault((rate, spared), {"params": [], "lr": rates[rate]})
+        if spared:
+            group["weight_decay"] = 0.0
+        group["params"].append(s)
+    return [groups[key] for key in sorted(groups)]
 
 
 def trained_token_rows(model) -> list[int]:
