@@ -197,8 +197,8 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     from llmfactory_runtime.data import read_split
     from llmfactory_runtime.finetune.distributed import World
     from llmfactory_runtime.finetune.master_weights import MasterWeights
-    from llmfactory_runtime.finetune.model_setup import (gpu_memory_gib, load_for_training, qlora_dequantized,
-                                                         training_dtype)
+    from llmfactory_runtime.finetune.model_setup import (gpu_memory_gib, load_for_training, parameter_groups,
+                                                         qlora_dequantized, training_dtype)
     from llmfactory_runtime.finetune.train import adamw, epoch_rows
     from llmfactory_runtime.models import load_tokenizer
 
@@ -222,7 +222,8 @@ def profile(task: dict, shape: ModelShape, steps: int) -> None:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # As the runtime steps: a 16-bit full fine-tune through fp32 master weights (the copies timed too).
     master = MasterWeights(named) if MasterWeights.needed([p for _, p in named]) else None
-    optimizer = adamw(hp)(master.params if master else [p for _, p in named], lr=hp["learningRate"])
+    groups = parameter_groups(model, named, master.params if master else [p for _, p in named], spec)
+    optimizer = adamw(hp)(groups, lr=hp["learningRate"], weight_decay=hp["weightDecay"])
 
     def train(first: int, n: int) -> float:
         began = time.perf_counter()
