@@ -352,6 +352,7 @@ def test_a_local_judge_grader_rates_as_the_benchmarks_local_judge_and_a_resumed_
     assert "[Reference]\nParis" in asked[0][1]["content"]
     expected = [(expected_rating(rating_distribution(model, tokenizer, m)) - 1) / 9 for m in asked]
     assert got == pytest.approx(expected, abs=1e-5) and all(0 <= r <= 1 for r in got) and got[0] != got[1]
+    assert describe(spec) == f"judge against field 'answer' by the local judge file://{tiny_model}"
 
     # Asked grader.prompt instead (OpenAI's score_model input): the same reading of the same judge.
     rubric = {**spec, "prompt": "Is this the capital? {{sample.output_text}}"}
@@ -430,6 +431,8 @@ def test_a_judge_grader_with_a_prompt_of_its_own_rates_what_the_prompt_shows_wit
     assert asked.endswith("Rate it on a scale of 1 to 10. Explain your judgement in a few sentences, then give the "
                           "rating in the form [[rating]], for example [[5]].")
     assert "[Reference]" not in asked and len(openai_server.requests) == 2
+    assert describe(spec) == "judge by gpt-4o-mini, asked the grader's own prompt"
+    assert describe({**spec, "prompt": None}) == "judge against field 'answer' by gpt-4o-mini"
     assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == pytest.approx([8 / 9, 2 / 9])
     assert len(openai_server.requests) == 2
     with pytest.raises(ValueError, match=r"needs field 'day', which grader.prompt reads"):

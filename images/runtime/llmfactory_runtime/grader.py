@@ -285,13 +285,15 @@ def describe(grader: dict[str, Any]) -> str:
         return "python, its source in the task document"
     model = grader.get(MODEL_FIELDS.get(grader["operation"], ""))
     name = model and (model.get("huggingface") or model["uri"])
+    judge = grader["operation"] in ("judge", "label") and (f"the local judge {name}" if model
+                                                           else grader["judge"]["model"])
     if grader["operation"] == "label":
-        judge = f"the local judge {name}" if model else grader["judge"]["model"]
         return f"label by {judge}, passing {', '.join(grader['passingLabels'])} of {', '.join(grader['labels'])}"
+    if grader["operation"] == "judge" and grader.get("prompt"):
+        return f"judge by {judge}, asked the grader's own prompt"
     if grader["operation"] == "rewardModel":
         return f"reward model {name}"
-    by = (f" by {name}'s embeddings (local)" if grader["operation"] == "similarity" else f" by the local judge {name}"
-          ) if model else ""
+    by = f" by {judge}" if judge else f" by {name}'s embeddings (local)" if model else ""
     by += f" by {grader['embeddings']['model']}'s embeddings" if grader.get("embeddings") else ""
     metric = f" ({grader['metric']})" if grader.get("metric") else ""
     return f"{grader['operation']}{metric} against field {grader['referenceField']!r}{by}"
