@@ -80,16 +80,16 @@ def test_a_minimum_learning_rate_ratio_is_where_linear_and_cosine_decay_end():
 
 @pytest.mark.slow
 def test_max_steps_trains_that_many_steps_over_as_many_epochs_as_they_take_on_its_own_schedule(tiny_model, dataset,
-                                                                                              tmp_path):
+                                                                                              tmp_path, one_process):
     """hyperparameters.maxSteps (HF Trainer's max_steps) overrides epochs: the data is read again,
     reshuffled, until the steps are done; warmupSteps and the decay to minLearningRateRatio span them.
     warmupSteps not below the run's steps is refused, naming the field and the count."""
-    one_epoch = finetune_task(tiny_model, dataset, f"file://{tmp_path}/one", hyperparameters={"epochs": 1})
-    _ok(run_finetune(write_task(one_epoch, tmp_path)))
-    per_epoch = _result(one_epoch)["steps"]
+    epochs = [r.split(",")[1] for r in open_store(one_process["artifactUri"]).read_bytes("metrics/loss.csv").decode()
+              .splitlines()[1:]]
+    per_epoch = epochs.count("0")  # one_process's two epochs: the same data, seed and batches as here
     hp = {"epochs": 1, "maxSteps": per_epoch + 3, "warmupSteps": 2, "lrScheduler": "cosine",
-          "minLearningRateRatio": 0.1}
-    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/steps", hyperparameters=hp)
+          "minLearningRateRatio": 0.1, "gradientAccumulation": 2}
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/steps", lora=NO_DROPOUT, hyperparameters=hp)
     _ok(run_finetune(write_task(task, tmp_path)))
     assert _result(task)["steps"] == per_epoch + 3
     rows = [r.split(",") for r in open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
@@ -100,7 +100,7 @@ def test_max_steps_trains_that_many_steps_over_as_many_epochs_as_they_take_on_it
     assert float(rows[-1][3]) == pytest.approx(0.1 * peak)
 
     late = finetune_task(tiny_model, dataset, f"file://{tmp_path}/late",
-                         hyperparameters={"epochs": 1, "warmupSteps": per_epoch})
+                         hyperparameters={"epochs": 1, "warmupSteps": per_epoch, "gradientAccumulation": 2})
     proc = run_finetune(write_task(late, tmp_path))
     assert proc.returncode == 2  # invalid: no retries
     assert (f"spec.hyperparameters.warmupSteps: {per_epoch} is not fewer than the run's {per_epoch} optimizer steps"
