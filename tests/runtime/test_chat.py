@@ -1,16 +1,18 @@
 """Loss only on the assistant's words: the mask is exact, checked by hand on small cases."""
 
+import re
+
 import pytest
 from transformers import AutoTokenizer
 
-from llmfactory_runtime.chat import IGNORE, encode_for_training
+from llmfactory_runtime.chat import IGNORE, encode_for_training, render
 
 from finetune_helpers import OWN_SPEC, OWN_TEMPLATE
 
 
-def _learned_spans(tok, messages, max_len=512) -> list[str]:
+def _learned_spans(tok, messages, max_len=512, tools=None) -> list[str]:
     """The runs of consecutive learned tokens, decoded together (a Cyrillic letter is two byte tokens)."""
-    enc = encode_for_training(tok, messages, max_len)
+    enc = encode_for_training(tok, messages, max_len, tools=tools)
     assert len(enc["input_ids"]) == len(enc["labels"])
     spans, run = [], []
     for token, label in zip(enc["input_ids"] + [None], enc["labels"] + [IGNORE]):
@@ -164,3 +166,78 @@ def test_a_template_of_ones_own_that_cannot_locate_answers_is_refused_naming_the
                            template=template_of({**OWN_SPEC, "chatTemplateJinja": template}))
     with pytest.raises(InvalidTask, match=rf"^spec.chatTemplateJinja: .*{words}"):
         check_own_template(tok)
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                            "required": ["city"]}}}]
+TOOL_ROW = {"tools": WEATHER, "messages": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "18 C, sunny"},
+    {"role": "assistant", "content": "18 C and sunny.", "weight": 1}]}
+
+
+def test_tool_calls_are_learned_as_the_assistant_writes_them_and_tool_results_are_not(tiny_model):
+    """OpenAI's function-calling rows ({messages with tool_calls and tool results, tools}): ChatML writes
+    the tools in the system turn and each call as Qwen2.5 and Hermes do (what vLLM's hermes tool parser
+    reads back); the model learns its calls and answers, not the tools' signatures or results."""
+    from llmfactory_runtime.data import messages_of, tools_of
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    messages, tools = messages_of(TOOL_ROW), tools_of(TOOL_ROW)
+    text = render(tok, messages, tools=tools)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\n") and '"name": "get_weather"' in text
+    assert "<|im_start|>user\n<tool_response>\n18 C, sunny\n</tool_response><|im_end|>\n" in text
+    assert _learned_spans(tok, messages, 4096, tools=tools) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
+        "18 C and sunny.<|im_end|>\n"]
+    # Without tools or tool calls the template is plain ChatML, as before.
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert render(tok, plain) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+
+
+def test_an_answer_of_weight_0_is_not_learned(tiny_model):
+    """OpenAI's per-message weight: a bad earlier answer kept as context, not taught."""
+    from llmfactory_runtime.data import messages_of
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5.", "weight": 0},
+                        {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "4, sorry."}]}
+    assert _learned_spans(tok, messages_of(row)) == ["4, sorry.<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("message,error", [
+    ({"role": "user", "content": "Hi", "weight": 0}, "on assistant messages only"),
+    ({"role": "assistant", "content": "Hi", "weight": 0.5}, "a message's weight is 0 (not learned) or 1"),
+    ({"role": "user", "content": "Hi", "tool_calls": []}, "only assistant messages make tool calls"),
+    ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+     "a tool call is {type: function, function: {name, arguments}}"),
+])
+def test_a_malformed_message_is_an_invalid_task_naming_the_row(tiny_model, message, error):
+    from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.task import InvalidTask
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+            {"messages": [message, {"role": "assistant", "content": "Hello."}]}]
+    with pytest.raises(InvalidTask, match=f"train.jsonl row 2: .*{re.escape(error)}"):
+        encode_rows(tok, rows, 64, where="train.jsonl")
+    with pytest.raises(InvalidTask, match=r"row 1: a row's tools are \[\{type: function"):
+        encode_rows(tok, [{**rows[0], "tools": [{"type": "function"}]}], 64, where="train.jsonl")
+
+
+def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):
+    """Llama 3's template here (as Axolotl's llama3) has no tools: rows with tool calls would teach the
+    model to answer without the calls it should make."""
+    from llmfactory_runtime.chat import TEMPLATES, use_template
+    from llmfactory_runtime.data import messages_of, tools_of
+    from llmfactory_runtime.task import InvalidTask
+    from tests.tiny_model import make_tokenizer
+
+    llama3 = make_tokenizer(tmp_path / "llama3", style="llama3", chat_template=False)
+    use_template(llama3, *TEMPLATES["llama3"])
+    with pytest.raises(InvalidTask, match="the chat template does not write the tools or tool calls the data holds "
+                                          r"\(get_weather left out\): train with spec.chatTemplate chatml"):
+        encode_for_training(llama3, messages_of(TOOL_ROW), 512, tools=tools_of(TOOL_ROW))

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .chat import IGNORE, encode_for_training, render
-from .data import messages_of, text_of, undesirable
+from .data import messages_of, text_of, tools_of, undesirable
 from .models import device
 from .task import InvalidTask
 
@@ -37,12 +37,13 @@ def encode_rows(tokenizer, rows: list[dict], max_len: int, every_token: bool = F
         try:
             text = text_of(row)
             messages = None if text is not None or undesirable(row) else messages_of(row)
+            tools = tools_of(row)
         except ValueError as e:
             raise InvalidTask(f"{where} row {n}: {e}") from None
         if text is not None:
             encoded += encode_text(tokenizer, text, max_len)
         elif messages is not None:
-            encoded.append(encode_for_training(tokenizer, messages, max_len, every_token=every_token))
+            encoded.append(encode_for_training(tokenizer, messages, max_len, every_token=every_token, tools=tools))
     return [e for e in encoded if any(label != IGNORE for label in e["labels"])]
 
 
@@ -50,7 +51,7 @@ def as_trained(tokenizer, row: dict) -> str:
     """A row's text as training reads it: a raw-text row's text, a conversation rendered by the chat
     template (what quantization calibrates on)."""
     text = text_of(row)
-    return text if text is not None else render(tokenizer, messages_of(row))
+    return text if text is not None else render(tokenizer, messages_of(row), tools=tools_of(row))
 
 
 # Rows' width: a multiple of this, 64 on a GPU. SDPA with a mask (packing's block-diagonal one, or

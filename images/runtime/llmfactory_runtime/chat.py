@@ -8,9 +8,35 @@ from .task import InvalidTask
 
 # Templates a FineTune can ask for (spec.chatTemplate), with the markers they write as tokens. ChatML
 # is also what a tokenizer without a template of its own gets (a base model's, or one trained here).
+# ChatML writes tool calls as Qwen2.5 and Hermes do (vLLM's hermes tool parser reads them back): the
+# tools' signatures in the system turn, each call as <tool_call>{"name", "arguments"}</tool_call> in the
+# assistant's turn, the results in a user turn as <tool_response>s. A conversation without tools
+# renders as plain ChatML.
+_CHATML_TOOLS = ("<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}"
+                 "{% endif %}# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                 "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+                 "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}{{ '\n' }}</tools>\n\n"
+                 "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML "
+                 "tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+                 "<|im_end|>\n")
 TEMPLATES = {
-    "chatml": ("{% for message in messages %}"
-               "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "chatml": ("{% if tools %}" + _CHATML_TOOLS + "{% endif %}"
+               "{% for message in messages %}"
+               "{% if tools and loop.first and message['role'] == 'system' %}"
+               "{% elif message['role'] == 'tool' %}"
+               "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+               "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+               "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+               "{% else %}"
+               "{{ '<|im_start|>' + message['role'] + '\n' + (message['content'] or '') }}"
+               "{% for call in message.tool_calls or [] %}"
+               "{% set f = call.function if call.function is defined else call %}"
+               "{{ ('\n' if message['content'] or not loop.first else '') + '<tool_call>\n{\"name\": \"' + f.name"
+               " + '\", \"arguments\": ' + (f.arguments if f.arguments is string else f.arguments | tojson)"
+               " + '}\n</tool_call>' }}"
+               "{% endfor %}"
+               "{{ '<|im_end|>\n' }}"
+               "{% endif %}"
                "{% endfor %}"
                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
                ("<|im_start|>", "<|im_end|>")),
@@ -89,14 +115,14 @@ def end_of_turn(tokenizer) -> int | None:
     return max(ends)[1] if ends else None
 
 
-def apply_template(tokenizer, messages: list[dict[str, str]], **kwargs: Any):
+def apply_template(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None, **kwargs: Any):
     """tokenizer.apply_chat_template, where a template that refuses a conversation (raise_exception in
     its Jinja: Mistral-7B-Instruct-v0.1's and Gemma's refuse a system message) is an invalid task
     saying what it was given, not a crash to retry."""
     from jinja2 import TemplateError  # noqa: PLC0415 - transformers' own dependency
 
     try:
-        return tokenizer.apply_chat_template(messages, **kwargs)
+        return tokenizer.apply_chat_template(messages, **({"tools": tools} if tools else {}), **kwargs)
     except TemplateError as exc:
         roles = ", ".join(m["role"] for m in messages)
         raise InvalidTask(f"the model's chat template refuses a conversation of roles {roles}: {exc} (a FineTune "
@@ -123,33 +149,45 @@ def check_own_template(tokenizer) -> None:
                           "before it ended") from None
 
 
-def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return apply_template(tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> str:
+    return apply_template(tokenizer, messages, tools, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict[str, str]], first: int = 0) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans written by the assistant (each answer
-    and its end-of-turn marker, so the model learns to stop), from message `first` on."""
-    text = render(tokenizer, messages)
+def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
+                    tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation (with the `tools` it offers) and the character spans written by the
+    assistant (each answer, its tool calls and its end-of-turn marker, so the model learns to stop),
+    from message `first` on; an answer of weight 0 (OpenAI's) is not learned. A template that leaves
+    out the tools or a tool call is an invalid task: the model would learn to call what it never saw."""
+    text = render(tokenizer, messages, tools=tools)
+    missing = [t["function"]["name"] for t in tools or [] if t["function"]["name"] not in text]
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or i < first:
             continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, messages[: i + 1])
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        through = render(tokenizer, messages[: i + 1], tools=tools)
         if not text.startswith(through) or not through.startswith(prefix):
             raise ValueError("the chat template does not render conversations prefix by prefix; "
                              "assistant-only loss cannot be located")
-        spans.append((len(prefix), len(through)))
+        missing += [c["function"]["name"] for c in msg.get("tool_calls") or []
+                    if c["function"]["name"] not in through[len(prefix):]]
+        if msg.get("weight", 1):
+            spans.append((len(prefix), len(through)))
+    if missing:
+        raise InvalidTask(f"the chat template does not write the tools or tool calls the data holds ({missing[0]} "
+                          "left out): train with spec.chatTemplate chatml, which writes them as Qwen2.5 and "
+                          "Hermes do, or a model whose template does")
     return text, spans
 
 
-def encode_for_training(tokenizer, messages: list[dict[str, str]], max_length: int, first: int = 0,
-                        every_token: bool = False) -> dict[str, Any]:
+def encode_for_training(tokenizer, messages: list[dict[str, Any]], max_length: int, first: int = 0,
+                        every_token: bool = False, tools: list[dict] | None = None) -> dict[str, Any]:
     """input_ids and labels, where labels are IGNORE everywhere but on assistant tokens (of the
-    messages from `first` on: a DPO pair's answers, not its prompt's earlier turns); with every_token
-    (hyperparameters.lossOn all) the labels are every token's."""
-    text, spans = assistant_spans(tokenizer, messages, first)
+    messages from `first` on: a DPO pair's answers, not its prompt's earlier turns; not an answer of
+    weight 0); with every_token (hyperparameters.lossOn all) the labels are every token's."""
+    text, spans = assistant_spans(tokenizer, messages, first, tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
                     truncation=True, max_length=max_length)
     labels = []

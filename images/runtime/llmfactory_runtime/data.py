@@ -56,7 +56,7 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     chosen answer, and of an unpaired row (KTO), the prompt and its answer: what perplexity,
     calibration and supervised fine-tuning on such a dataset see. A raw-text row (text_of) has none."""
     if "messages" in row:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        return [_message(m) for m in row["messages"]]
     if "completion" in row:
         [(prompt, answer, _)] = labelled_of(row)
         return prompt + answer
@@ -64,6 +64,42 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
         prompt, chosen, _ = preference_of(row)
         return prompt + chosen
     return [{"role": _CHATML_ROLE[c["from"]], "content": c["value"]} for c in row["conversations"]]
+
+
+# What an OpenAI chat row's message may hold beside role and content: an assistant's tool calls, a tool
+# result's call id, a name, and an assistant message's weight (0: not learned, as OpenAI's fine-tuning reads it).
+_MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "weight")
+
+
+def _message(m: dict[str, Any]) -> dict[str, Any]:
+    """A row's message as templates read it (an assistant's tool calls kept, a missing or null
+    content empty, as OpenAI's tool-calling turns have it). A ValueError says what is wrong with it."""
+    kept = {"role": m["role"], "content": m.get("content") or "", **{k: m[k] for k in _MESSAGE_KEYS if k in m}}
+    if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or m["role"] != "assistant"):
+        raise ValueError(f"a message's weight is 0 (not learned) or 1, on assistant messages only, got "
+                         f"{m['weight']!r} on a {m['role']} message")
+    for call in m.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
+            raise ValueError("a tool call is {type: function, function: {name, arguments}}, got "
+                             f"{str(call)[:80]!r}")
+    if "tool_calls" in m and m["role"] != "assistant":
+        raise ValueError(f"only assistant messages make tool calls, not {m['role']!r} ones")
+    return kept
+
+
+def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The functions an OpenAI chat row offers its assistant ({tools: [{type: function, function:
+    {name, description, parameters}}]}), which its chat template writes before the conversation;
+    None without any. A ValueError says what is wrong with them."""
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance((t.get("function") or {}).get("name"),
+                                                                                  str) for t in tools):
+        raise ValueError(f"a row's tools are [{{type: function, function: {{name, description, parameters}}}}], "
+                         f"got {str(tools)[:80]!r}")
+    return tools or None
 
 
 def undesirable(row: dict[str, Any]) -> bool:

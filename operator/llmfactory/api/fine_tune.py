@@ -34,7 +34,10 @@ class DatasetInput(ApiModel):
         "(format graded) for objective grpo, or of documents (format text) for objective sft (continued "
         "pre-training) and a Benchmark's perplexity."))
     uri: str | None = Field(None, pattern=URI_PATTERN, description=(
-        "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT), raw "
+        "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT; OpenAI's "
+        "function-calling rows, the assistant's tool_calls and role tool results beside {tools}, which the "
+        "chat template writes, as chatTemplate chatml does in Qwen2.5's and Hermes' form; an assistant "
+        "message of weight 0 is context, not learned, as OpenAI's fine-tuning reads it), raw "
         "text ({text}: documents for continued pre-training, every token learned, with the tokenizer's "
         "beginning- and end-of-sequence tokens, as TRL's language-modeling rows and Axolotl's completion "
         "type; objective sft, alone or mixed with conversations), or "
