@@ -717,6 +717,21 @@ def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
     assert drops.counts == {"malformed": 1} and drops.examples["malformed"] == ["{broken json"]
 
 
+def test_a_function_calling_conversation_is_dropped_as_tool_calls_not_rebuilt_without_its_calls(tmp_path):
+    """A build answers turn by turn in plain text: an OpenAI tool-calling row would lose its calls, so it
+    is counted as tool_calls (a FineTune reads such rows whole by dataset.uri)."""
+    calls = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                          {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+                              "name": "get_weather", "arguments": "{}"}}]},
+                          {"role": "tool", "content": "18 C"}, {"role": "assistant", "content": "18 C."}]}
+    plain = {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]}
+    drops = Drops()
+    prompts = collect([{"uri": jsonl_file(tmp_path / "rows.jsonl", [calls, plain])}], drops, with_answers=True)
+    assert [p["turns"] for p in prompts] == [["Hi!"]]
+    assert drops.counts == {"tool_calls": 1}
+    assert drops.examples["tool_calls"][0].startswith('{"messages": [{"role": "user", "content": "Weather in Paris?"}')
+
+
 def test_a_hugging_face_source_with_max_rows_streams_its_first_rows_without_copying_the_split(tmp_path,
                                                                                                monkeypatch):
     """maxRows of a corpus (FineWeb, Wikipedia) reads those rows as the split streams, shard by shard:

@@ -208,6 +208,14 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool
     return prompt
 
 
+def _calls_tools(row: Any) -> bool:
+    """An OpenAI function-calling conversation (an assistant's tool_calls, a tool's result): a build
+    answers turn by turn in plain text and would lose the calls, so it drops the row as tool_calls."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    return isinstance(messages, list) and any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+                                              for m in messages)
+
+
 def _number(value: Any) -> float | None:
     """A number of the row's (a pair's score_chosen, score_rejected as UltraFeedback's; an answer): a
     finite int or float, else None (a pair is then unscored)."""
@@ -258,6 +266,9 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
         for n, row in enumerate(rows):
             if source.get("maxRows") and n >= source["maxRows"]:
                 break
+            if not documents and _calls_tools(row):  # kept whole by a FineTune's dataset.uri, not rebuilt turn by turn
+                drops.add("tool_calls", row)
+                continue
             try:
                 prompt = _prompt(row, source, default_lang, documents)
             except (ValueError, KeyError, TypeError, AttributeError):
