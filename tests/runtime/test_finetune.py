@@ -400,6 +400,9 @@ def test_weight_decay_spares_norms_and_magnitudes_and_lora_plus_steps_b_and_magn
     assert by_group == [(a, 0.001, None), (b, 0.016, None), (magnitudes, 0.016, 0.0)]
 
 
+@pytest.mark.extended(reason=(
+    "test_weight_decay_spares_norms_and_magnitudes_and_lora_plus_steps_b_and_magnitudes_faster checks LoRA+'s "
+    "parameter groups and rates; this one trains with them"))
 @pytest.mark.slow
 def test_lora_plus_steps_the_b_matrices_at_its_ratio_of_the_learning_rate(tiny_model, dataset, tmp_path, one_process):
     """lora.loraPlusRatio (LoRA+): the same run as one_process but for the ratio; its B matrices (zero at

@@ -2,6 +2,9 @@
 tool_calls and the tools' results, beside {tools}, as OpenAI's fine-tuning API takes them."""
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +51,32 @@ def test_a_fine_tune_learns_tool_calls_and_its_model_renders_the_tools_when_serv
                     tools=WEATHER)
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in prompt
     assert prompt.endswith("<|im_start|>user\nWeather in Rome?<|im_end|>\n<|im_start|>assistant\n")
+
+
+VLLM_HERMES = """
+import json, sys
+from transformers import AutoTokenizer
+from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+info = Hermes2ProToolParser(AutoTokenizer.from_pretrained(sys.argv[1])).extract_tool_calls(sys.argv[2], None)
+print(json.dumps([{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in info.tool_calls]))
+"""
+
+
+def test_vllms_hermes_tool_parser_reads_back_the_calls_chatml_teaches(tiny_model, cpu_vllm):
+    """What a served model writes when it has learned a call (its assistant turn up to <|im_end|>,
+    where generation stops), read by the parser `vllm serve --tool-call-parser hermes` uses."""
+    from transformers import AutoTokenizer
+
+    from llmfactory_runtime.chat import assistant_spans
+    from llmfactory_runtime.data import messages_of, tools_of
+    from test_chat import TOOL_ROW
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    messages = messages_of(TOOL_ROW)[:3]  # through the assistant's call
+    text, [(start, end)] = assistant_spans(tok, messages, tools=tools_of(TOOL_ROW))
+    written = text[start:end].removesuffix("<|im_end|>\n")
+    python = Path(os.environ["LLMFACTORY_VLLM"]).parent / "python"  # the vLLM build's own environment
+    done = subprocess.run([str(python), "-c", VLLM_HERMES, str(tiny_model), written], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
