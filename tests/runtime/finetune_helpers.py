@@ -87,3 +87,15 @@ OWN_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n'
                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 OWN_SPEC = {"chatTemplate": "jinja", "chatTemplateJinja": OWN_TEMPLATE,
             "chatTemplateTokens": ["<|user|>", "<|assistant|>", "<|end|>"]}
+
+
+# OpenAI function calling: a row offering one tool, whose assistant calls it and then answers.
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                            "required": ["city"]}}}]
+TOOL_ROW = {"tools": WEATHER, "messages": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "18 C, sunny"},
+    {"role": "assistant", "content": "18 C and sunny.", "weight": 1}]}

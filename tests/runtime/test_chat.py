@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from llmfactory_runtime.chat import IGNORE, encode_for_training, render
 
-from finetune_helpers import OWN_SPEC, OWN_TEMPLATE
+from finetune_helpers import OWN_SPEC, OWN_TEMPLATE, TOOL_ROW
 
 
 def _learned_spans(tok, messages, max_len=512, tools=None) -> list[str]:
@@ -167,16 +167,6 @@ def test_a_template_of_ones_own_that_cannot_locate_answers_is_refused_naming_the
     with pytest.raises(InvalidTask, match=rf"^spec.chatTemplateJinja: .*{words}"):
         check_own_template(tok)
 
-
-WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                            "required": ["city"]}}}]
-TOOL_ROW = {"tools": WEATHER, "messages": [
-    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-        "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
-    {"role": "tool", "tool_call_id": "c1", "content": "18 C, sunny"},
-    {"role": "assistant", "content": "18 C and sunny.", "weight": 1}]}
 
 
 def test_tool_calls_are_learned_as_the_assistant_writes_them_and_tool_results_are_not(tiny_model):

@@ -13,8 +13,7 @@ from llmfactory_runtime.data import dumps_jsonl
 from llmfactory_runtime.models import load_tokenizer
 from llmfactory_runtime.store import open_store
 
-from finetune_helpers import finetune_task, run_finetune, write_task
-from test_chat import WEATHER
+from finetune_helpers import TOOL_ROW, WEATHER, finetune_task, run_finetune, write_task
 
 
 def _row(city: str) -> dict:
@@ -69,7 +68,6 @@ def test_vllms_hermes_tool_parser_reads_back_the_calls_chatml_teaches(tiny_model
 
     from llmfactory_runtime.chat import assistant_spans
     from llmfactory_runtime.data import messages_of, tools_of
-    from test_chat import TOOL_ROW
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     messages = messages_of(TOOL_ROW)[:3]  # through the assistant's call

@@ -16,8 +16,8 @@ _CHATML_TOOLS = ("<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{
                  "{% endif %}# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
                  "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
                  "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}{{ '\n' }}</tools>\n\n"
-                 "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML "
-                 "tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+                 "For each function call, return a json object with function name and arguments within "
+                 "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
                  "<|im_end|>\n")
 TEMPLATES = {
     "chatml": ("{% if tools %}" + _CHATML_TOOLS + "{% endif %}"

@@ -56,8 +56,8 @@ def _item_fields(grader: dict[str, Any]) -> list[str]:
 
 
 def filled(prompt: str, graded: dict[str, Any], answer: str) -> str:
-    """A judge's prompt (grader.prompt) for one answer to one graded row: the answer, the prompt's last user
-    message and the row's fields in their places (a list or an object as JSON)."""
+    """A judge's prompt (grader.prompt) for one answer to one graded row: the answer, the prompt's
+    last user message and the row's fields in their places (a list or an object as JSON)."""
     def value(match: re.Match) -> str:
         name = match.group(1)
         if name == ANSWER:

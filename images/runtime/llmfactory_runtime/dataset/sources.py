@@ -266,7 +266,7 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
         for n, row in enumerate(rows):
             if source.get("maxRows") and n >= source["maxRows"]:
                 break
-            if not documents and _calls_tools(row):  # kept whole by a FineTune's dataset.uri, not rebuilt turn by turn
+            if not documents and _calls_tools(row):  # a FineTune reads such rows whole, by dataset.uri
                 drops.add("tool_calls", row)
                 continue
             try:

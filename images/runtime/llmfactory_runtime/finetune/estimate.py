@@ -370,9 +370,9 @@ def does_not_fit(est: Estimate, gpu_gib: float, plan: Plan) -> str | None:
     graders = ("use a smaller grader model (or serve a judge with vLLM behind grader.judge instead of judgeModel), "
                if est.graders_gib else "")
     graders += "set grpo.engine transformers (no vLLM beside the training), " if est.sampler_gib else ""
-    if plan.method == "full" and plan.moment_bytes > 2 and plan.strategy != "deepspeed":
-        graders += "set hyperparameters.optimizer adamw8bit (Adam's moments in 8 bits), "
-    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dropout}{graders}lower "
+    moments = ("set hyperparameters.optimizer adamw8bit (Adam's moments in 8 bits), "
+               if plan.method == "full" and plan.moment_bytes > 2 and plan.strategy != "deepspeed" else "")
+    return (f"needs {est.summary()}, more than the {gpu_gib:g} GiB a GPU has; {dropout}{graders}{moments}lower "
             f"hyperparameters.batchSize or maxSeqLength, set hyperparameters.gradientCheckpointing, use method qlora, "
             f"or shard with distribution.strategy deepspeed (zeroStage 3) over more GPUs")
 

@@ -159,17 +159,20 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # GRPO's sequences are made in the step (a prompt's answers), so its rows are prompts, one each; a
     # reward model scores a row at its end, so its pairs are never packed.
     per_step = global_batch * oversampling  # rows a step reads
-    # hyperparameters.maxSteps: as many epochs as its steps take, whatever epochs says.
     max_steps = hp.get("maxSteps")
     packed = {**hp, "packing": hp["packing"] and objective not in ("grpo", "reward")}
     epochs: list[list[list[int]]] = []
     steps_per_epoch: list[int] = []
-    while len(epochs) < hp["epochs"] if not max_steps else sum(steps_per_epoch) < max_steps:
+
+    def more_epochs() -> bool:  # hyperparameters.maxSteps: as many epochs as its steps take, whatever epochs says
+        return sum(steps_per_epoch) < max_steps if max_steps else len(epochs) < hp["epochs"]
+
+    while more_epochs():
         epochs.append(epoch_rows(data.lengths, len(epochs), packed, per_step, encoding.unit_length(spec), data.ranks))
         steps_per_epoch.append(len(epochs[-1]) // per_step)
         if not steps_per_epoch[-1]:  # fewer rows than a step reads: no epoch has a step
             break
-    total_steps = min(sum(steps_per_epoch), max_steps or sum(steps_per_epoch))
+    total_steps = min(sum(steps_per_epoch), max_steps) if max_steps else sum(steps_per_epoch)
     if hp.get("warmupSteps") is not None and hp["warmupSteps"] >= total_steps:
         raise InvalidTask(f"spec.hyperparameters.warmupSteps: {hp['warmupSteps']} is not fewer than the run's "
                           f"{total_steps} optimizer steps, so the learning rate would never reach its peak: lower "
