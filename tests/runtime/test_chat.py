@@ -229,5 +229,5 @@ def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_pat
     llama3 = make_tokenizer(tmp_path / "llama3", style="llama3", chat_template=False)
     use_template(llama3, *TEMPLATES["llama3"])
     with pytest.raises(InvalidTask, match="the chat template does not write the tools or tool calls the data holds "
-                                          r"\(get_weather left out\): train with spec.chatTemplate chatml"):
+                                          r"\(get_weather left out\): a FineTune's spec.chatTemplate chatml"):
         encode_for_training(llama3, messages_of(TOOL_ROW), 512, tools=tools_of(TOOL_ROW))

@@ -397,7 +397,8 @@ def test_a_label_grader_asks_its_own_prompt_and_passes_the_labels_it_names_and_n
     answers = ["It ships today, thank you for waiting.", "It ships today.", "whatever", "hmm"]
     cache = f"file://{tmp_path}/cache"
     assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == [1.0, 1.0, 0.0, 0.0]
-    asked = openai_server.requests[0].messages[1]["content"]
+    # The first answer's request (the four are asked at once, in any order).
+    asked = next(r.messages[1]["content"] for r in openai_server.requests if "thank you" in r.messages[1]["content"])
     assert asked.startswith("A customer wrote (email): Where is my parcel?\n\nThe agent replied:\nIt ships today, ")
     assert asked.endswith("give one label in the form [[label]]: [[polite]], [[neutral]], [[rude]].")
     assert len(openai_server.requests) == 4 + 2  # the unlabelled reply asked again twice
@@ -426,7 +427,7 @@ def test_a_judge_grader_with_a_prompt_of_its_own_rates_what_the_prompt_shows_wit
     graded = [graded_of({"prompt": "Where is my parcel?", "day": "Monday"}, spec)] * 2  # no 'answer' field
     answers, cache = ["It ships Monday, thank you for waiting.", "Monday."], f"file://{tmp_path}/cache"
     assert rewards(spec, answers, graded, cache, "spec.grpo.grader") == pytest.approx([8 / 9, 2 / 9])
-    asked = openai_server.requests[0].messages[1]["content"]
+    asked = next(r.messages[1]["content"] for r in openai_server.requests if "thank" in r.messages[1]["content"])
     assert asked.startswith("Rubric: polite, and names the day (Monday).\n\nReply:\nIt ships Monday, thank you")
     assert asked.endswith("Rate it on a scale of 1 to 10. Explain your judgement in a few sentences, then give the "
                           "rating in the form [[rating]], for example [[5]].")
@@ -625,7 +626,8 @@ def test_a_sum_grader_adds_its_parts_rewards_each_times_its_weight_each_against_
 def test_a_row_gives_its_prompt_and_reference_or_an_error_naming_what_it_lacks(tiny_model):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "6 x 7?"}]
     row = {"messages": messages, "answer": 42}
-    assert graded_of(row, grader()) == {"messages": messages, "question": "6 x 7?", "reference": "42", "item": row}
+    assert graded_of(row, grader()) == {"messages": messages, "tools": None, "question": "6 x 7?", "reference": "42",
+                                        "item": row}
     assert graded_of({"prompt": "6 x 7?", "answer": "42"}, grader())["messages"] == [{"role": "user", "content": "6 x 7?"}]
     with pytest.raises(ValueError, match="reference answer in field 'answer'.*got None"):
         graded_of({"messages": messages}, grader())

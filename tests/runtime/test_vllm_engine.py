@@ -7,6 +7,7 @@ import os
 import stat
 import textwrap
 
+import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -31,13 +32,14 @@ def _executable(path, body: str) -> str:
     return str(path)
 
 
-def _benchmark_task(tiny_model, tmp_path, engine: str, source=None, **judge) -> dict:
-    """A Benchmark of the tiny model; `source` replaces its model as the planner resolves a FineTune's
-    (its adapter beside its base)."""
+def _benchmark_task(tiny_model, tmp_path, engine: str, source=None, reward=None, **judge) -> dict:
+    """A Benchmark of the tiny model (and a reward section, when given); `source` replaces its model as
+    the planner resolves a FineTune's (its adapter beside its base)."""
     doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": f"b-{engine}"},
            "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}}, "baseline": False,
                     "judge": {"model": {"uri": f"file://{tiny_model}"}, "languages": ["en"], "maxQuestions": 2,
-                              "maxNewTokens": 8, "engine": engine, **judge}}}
+                              "maxNewTokens": 8, "engine": engine, **judge},
+                    **({"reward": {**reward, "engine": engine}} if reward else {})}}
     task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
     task["inputs"]["model"] = source or task["inputs"]["model"]
     return task
@@ -226,22 +228,56 @@ def _text(answer: str) -> str:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU build serves where no GPU is visible")
 def test_vllm_answers_every_turn_as_the_transformers_engine_does_with_the_adapter_beside_its_base(
-        served_model, tmp_path, cpu_vllm, capfd):
+        served_model, tmp_path, cpu_vllm, capfd, monkeypatch):
     """A Benchmark of a FineTune's adapter, answered by `vllm serve` (its CPU build) and by
     transformers: the same greedy answers to both turns of each question, the second turn after the
-    first answer. The adapter changes them, so vLLM served it, not its base alone. vLLM served the
-    model at the length its KV cache holds (without --max-model-len auto it refused to start)."""
+    first answer, and to the reward prompts, offered their tools, one after an earlier call and its
+    result; one server answers both. The adapter changes them, so vLLM served it, not its base alone.
+    vLLM served the model at the length its KV cache holds (without --max-model-len auto it refused to start)."""
+    from llmfactory_runtime.data import dumps_jsonl
+    from llmfactory_runtime.generate import generate, prompt_ids
+
+    from finetune_helpers import TOOL_ROW, WEATHER
+
     base, tuned = served_model
     assert choose_engine("auto", tuned, "spec.judge.engine") == "transformers"  # a CPU build only when asked
     assert choose_engine("vllm", tuned, "spec.judge.engine") == "vllm"
+    # A first call written compactly, as OpenAI's API writes arguments: both engines render it as vLLM does.
+    earlier = [*TOOL_ROW["messages"][:2], {**TOOL_ROW["messages"][2], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+               TOOL_ROW["messages"][3], {"role": "user", "content": "And in Oslo?"}]
+    prompts = [[{"role": "user", "content": "Weather in Lima?"}], earlier]
+    (tmp_path / "calls").mkdir()
+    (tmp_path / "calls" / "test.jsonl").write_bytes(dumps_jsonl(
+        [{"tools": WEATHER, "messages": m, "calls": calls}
+         for m, calls in zip(prompts, [[], TOOL_ROW["messages"][2]["tool_calls"]])]))
+    reward = {"grader": {"operation": "toolCalls", "referenceField": "calls"}, "maxNewTokens": 8,
+              "dataset": {"uri": f"file://{tmp_path / 'calls'}"}}
+    starts, rendered = [], []
+
+    class CountedServer(VllmServer):
+        """Counts its starts, and asks vLLM how it renders the reward prompts with their tools."""
+
+        def __enter__(self):
+            started = super().__enter__()
+            starts.append(self.source)
+            rendered.extend(httpx.post(f"{self.url}/tokenize", json={"model": self.endpoint["model"], "messages": m,
+                                                                     "tools": WEATHER}).json()["tokens"]
+                            for m in prompts)
+            return started
+
+    monkeypatch.setattr(benchmark, "VllmServer", CountedServer)
     runs, reports = {}, {}
     for engine, source in (("vllm", tuned), ("transformers", tuned), ("base", base)):
         # Greedy in every category (writing's default 0.7 samples, each engine with its own generator).
         task = _benchmark_task(base["uri"].removeprefix("file://"), tmp_path / engine,
-                               "transformers" if engine == "base" else engine, source, temperatures={})
+                               "transformers" if engine == "base" else engine, source, reward, temperatures={})
         store = open_store(task["artifactUri"])
         benchmark.run(task, store, Progress(store))
         runs[engine], reports[engine] = store.read_json("report/report.json"), store.read_bytes("report/report.md")
+    assert starts == [tuned]
+    tokenizer = AutoTokenizer.from_pretrained(base["uri"].removeprefix("file://"))
+    assert rendered == [prompt_ids(tokenizer, m, WEATHER) for m in prompts]  # as transformers renders them
     generation = runs["vllm"]["generation"]["model"]
     assert generation["engine"] == "vllm" and generation["answered"] == 4 and generation["answersPerSecond"] > 0
     answers = {engine: {q: [_text(a) for a in turns] for q, turns in run["answers"]["model"].items()}
@@ -249,6 +285,13 @@ def test_vllm_answers_every_turn_as_the_transformers_engine_does_with_the_adapte
     assert all(len(turns) == 2 and all(turns) for turns in answers["vllm"].values()), answers["vllm"]
     assert answers["vllm"] == answers["transformers"]
     assert answers["transformers"] != answers["base"]
+    rewarded = {engine: [_text(a) for a in run["rewarded"]["model"]["answers"]] for engine, run in runs.items()}
+    assert rewarded["vllm"] == rewarded["transformers"] and all(rewarded["vllm"])
+    # The tools were in the prompts: without them the same model answers otherwise.
+    model = AutoModelForCausalLM.from_pretrained(base["uri"].removeprefix("file://"))
+    plain = [_text(g.text) for g in generate(model, tokenizer, prompts, 8)]
+    assert [_text(g.text) for g in generate(model, tokenizer, prompts, 8, tools=[WEATHER, WEATHER])] == \
+        rewarded["base"] != plain
     assert "| model | vllm | 4 |" in reports["vllm"].decode()
     assert "Auto-fit max_model_len: reduced from 524288 to" in capfd.readouterr().err
 

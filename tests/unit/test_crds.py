@@ -119,6 +119,10 @@ BAD = [
         "model": MODEL, "grader": {"operation": "number"}, "minPassRate": 0.5, "maxPassRate": 0.5}},
      "minPassRate must be below maxPassRate"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "format": "graded", "difficulty": {
+        "model": MODEL, "grader": {"operation": "sum", "parts": [
+            {"name": "calls", "operation": "toolCalls", "weight": 1}, {"name": "n", "operation": "number", "weight": 1}]}}},
+     "grader operation toolCalls grades tool calls, which a DatasetBuild's prompts do not offer"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "format": "graded", "difficulty": {
         "openai": {"model": "student"}, "engine": "vllm", "grader": {"operation": "number"}}},
      "engine applies to a local model (model), not to openai"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference"}], "format": "graded"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .task import InvalidTask
@@ -115,6 +116,39 @@ def end_of_turn(tokenizer) -> int | None:
     return max(ends)[1] if ends else None
 
 
+def _for_template(message: dict[str, Any]) -> dict[str, Any]:
+    """The message as chat templates read it: a tool call's arguments as an object, not OpenAI's JSON
+    text, as vLLM's server hands them to a template (Qwen2.5's and Hermes' write them with tojson), so
+    that training, both engines and a served model see the same calls."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        arguments = call["function"]["arguments"]
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError:
+                parsed = None
+            arguments = parsed if isinstance(parsed, dict) else arguments
+        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": calls}
+
+
+def unwritten(text: str, tools: list[dict] | None, calls: list[dict] = ()) -> list[str]:
+    """The names of the tools (and tool calls) a rendered text leaves out."""
+    return [t["function"]["name"] for t in [*(tools or []), *calls] if t["function"]["name"] not in text]
+
+
+def refuse_unwritten(missing: list[str]) -> None:
+    """An invalid task when a template left out a tool or a call (`unwritten`): the model would learn
+    (or be asked) to call what it never saw."""
+    if missing:
+        raise InvalidTask(f"the chat template does not write the tools or tool calls the data holds ({missing[0]} "
+                          "left out): a FineTune's spec.chatTemplate chatml writes them as Qwen2.5 and Hermes "
+                          "do; or use a model whose template writes them")
+
+
 def apply_template(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None, **kwargs: Any):
     """tokenizer.apply_chat_template, where a template that refuses a conversation (raise_exception in
     its Jinja: Mistral-7B-Instruct-v0.1's and Gemma's refuse a system message) is an invalid task
@@ -122,7 +156,8 @@ def apply_template(tokenizer, messages: list[dict[str, Any]], tools: list[dict] 
     from jinja2 import TemplateError  # noqa: PLC0415 - transformers' own dependency
 
     try:
-        return tokenizer.apply_chat_template(messages, **({"tools": tools} if tools else {}), **kwargs)
+        offered = {"tools": tools} if tools else {}
+        return tokenizer.apply_chat_template([_for_template(m) for m in messages], **offered, **kwargs)
     except TemplateError as exc:
         roles = ", ".join(m["role"] for m in messages)
         raise InvalidTask(f"the model's chat template refuses a conversation of roles {roles}: {exc} (a FineTune "
@@ -161,7 +196,7 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
     from message `first` on; an answer of weight 0 (OpenAI's) is not learned. A template that leaves
     out the tools or a tool call is an invalid task: the model would learn to call what it never saw."""
     text = render(tokenizer, messages, tools=tools)
-    missing = [t["function"]["name"] for t in tools or [] if t["function"]["name"] not in text]
+    missing = unwritten(text, tools)
     spans = []
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or i < first:
@@ -171,14 +206,10 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
         if not text.startswith(through) or not through.startswith(prefix):
             raise ValueError("the chat template does not render conversations prefix by prefix; "
                              "assistant-only loss cannot be located")
-        missing += [c["function"]["name"] for c in msg.get("tool_calls") or []
-                    if c["function"]["name"] not in through[len(prefix):]]
+        missing += unwritten(through[len(prefix):], None, msg.get("tool_calls") or [])
         if msg.get("weight", 1):
             spans.append((len(prefix), len(through)))
-    if missing:
-        raise InvalidTask(f"the chat template does not write the tools or tool calls the data holds ({missing[0]} "
-                          "left out): train with spec.chatTemplate chatml, which writes them as Qwen2.5 and "
-                          "Hermes do, or a model whose template does")
+    refuse_unwritten(missing)
     return text, spans
 
 

@@ -9,6 +9,7 @@ import math
 from typing import Any, Iterable
 
 from .store import open_store
+from .tool_calls import expected_calls
 
 SPLITS = ("train", "validation", "test")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -176,16 +177,42 @@ def labelled_of(row: dict[str, Any]) -> list[tuple[list[dict[str, str]], list[di
     return [(prompt, answer, row["label"])]
 
 
-def prompt_of(row: dict[str, Any]) -> list[dict[str, str]]:
+def prompt_of(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The prompt messages of a row that holds no answer (objective grpo's): OpenAI's {messages}
-    ending with a user turn, or {prompt} (a string or messages). A ValueError says what the row lacks."""
+    ending with a user turn (or a tool's result, after the assistant's calls), or {prompt} (a string
+    or messages). A ValueError says what the row lacks."""
     _not_text(row)
     if "messages" not in row and "prompt" not in row:
         raise ValueError("needs messages (ending with a user turn) or prompt")
-    prompt = _turns(row["messages"] if "messages" in row else row["prompt"], "user")
-    if not prompt or prompt[-1]["role"] != "user":
-        raise ValueError("a prompt must end with a user message (the answer is sampled, not given)")
+    value = row["messages"] if "messages" in row else row["prompt"]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
+        return ended_by_asking([_message(m) for m in value])  # an assistant's tool calls kept
+    return ended_by_asking(_turns(value, "user"))  # a string (or a ValueError saying what it is)
+
+
+def ended_by_asking(prompt: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The prompt, when it ends where the assistant answers: after a user message or a tool's result.
+    A ValueError otherwise."""
+    if not prompt or prompt[-1]["role"] not in ("user", "tool"):
+        raise ValueError("a prompt must end with a user message or a tool's result (the answer is sampled, "
+                         "not given)")
     return prompt
+
+
+def answered(row: dict[str, Any]) -> bool:
+    """Whether the row is a conversation ending with the assistant's turn (a fine-tuning row), not a prompt."""
+    messages = row.get("messages")
+    return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
+        and messages[-1].get("role") == "assistant"
+
+
+def graded_turn(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(prompt, expected calls) of a conversation ending with the assistant's turn: the messages before
+    its last turn that calls tools and that turn's calls; without one, before its last turn, which
+    expects none (an answer in words). A ValueError says what is wrong with them."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    last = ([i for i in turns if messages[i].get("tool_calls")] or turns)[-1]
+    return ended_by_asking(messages[:last]), expected_calls(messages[last].get("tool_calls") or [])
 
 
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
-from .chat import apply_template, end_of_turn
+from .chat import apply_template, end_of_turn, refuse_unwritten, render, unwritten
 
 # The most prompt tokens one forward pass takes in (longer prompts are prefilled in chunks).
 MAX_BATCH_TOKENS = 2048
@@ -31,8 +32,13 @@ def stop_token_ids(tokenizer) -> list[int]:
                   if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id)
 
 
-def prompt_ids(tokenizer, conversation: list[dict[str, str]]) -> list[int]:
-    return list(apply_template(tokenizer, conversation, add_generation_prompt=True, return_dict=True)["input_ids"])
+def prompt_ids(tokenizer, conversation: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+    """The conversation's tokens up to where the assistant answers, with the tools it may call
+    (a template that leaves one out is an invalid task)."""
+    if tools:
+        refuse_unwritten(unwritten(render(tokenizer, conversation, add_generation_prompt=True, tools=tools), tools))
+    encoded = apply_template(tokenizer, conversation, tools, add_generation_prompt=True, return_dict=True)
+    return list(encoded["input_ids"])
 
 
 def to_generation(tokenizer, tokens: list[int], stop: list[int]) -> Generation:
@@ -48,13 +54,15 @@ def to_generation(tokenizer, tokens: list[int], stop: list[int]) -> Generation:
 @torch.no_grad()  # not inference_mode: the KV cache made here is written by the generation thread
 def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0, concurrency: int = 8,
-             on_answer: Callable[[int, Generation], None] | None = None) -> list[Generation]:
-    """Answer the last user turn of each conversation, in order; on_answer(index, answer) as each
-    one finishes. Up to `concurrency` conversations decode together, and one that ends hands its
-    place to the next at once: a static batch would go on decoding until its longest answer ends."""
+             on_answer: Callable[[int, Generation], None] | None = None,
+             tools: list[list[dict] | None] | None = None) -> list[Generation]:
+    """Answer the last user turn of each conversation (offered tools[i], when given), in order;
+    on_answer(index, answer) as each one finishes. Up to `concurrency` conversations decode together,
+    and one that ends hands its place to the next at once: a static batch would go on decoding until
+    its longest answer ends."""
     if not conversations:
         return []
-    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    prompts = [prompt_ids(tokenizer, c, tools[i] if tools else None) for i, c in enumerate(conversations)]
     stop = stop_token_ids(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,

@@ -14,10 +14,11 @@ import re
 from typing import Any
 
 from . import GRADER_KEY_ENV, math_answer, python_grader
-from .data import prompt_of
+from .data import answered, graded_turn, messages_of, prompt_of, tools_of
 from .usage import Usage
 from .similarity import missing, similarity
 from .task import InvalidTask
+from .tool_calls import answered_calls, expected_calls, same_calls, shown
 
 # A number as final answers write it: sign, thousands commas, decimals, an exponent.
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
@@ -107,31 +108,62 @@ def reference_fields(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
-    """{messages: the prompt, question: its last user message, reference, item: the row} of a row for
-    the grader. A ValueError says what the row lacks: every operation but python compares the answer
-    with the reference the row holds (a python grader reads what it needs of the row itself)."""
-    messages, parts = prompt_of(row), parts_of(grader)
+    """{messages: the prompt, tools: the functions it offers (or None), question: its last user message,
+    reference, item: the row} of a row for the grader; for a toolCalls grader, a conversation ending with
+    the assistant's turn is graded on its last turn that calls tools (calls: those calls). A ValueError
+    says what the row lacks: every operation but python compares the answer with the reference the row
+    holds (a python grader reads what it needs of the row itself)."""
+    parts = parts_of(grader)
+    calls = None
+    if any(part["operation"] == "toolCalls" for part in parts) and answered(row):
+        messages, calls = graded_turn(messages_of(row))
+    else:
+        messages = prompt_of(row)
     for part in parts:
         for name in _item_fields(part):
             if name not in row:
                 raise ValueError(f"needs field {name!r}, which grader.prompt reads ({{{{item.{name}}}}})")
     compared = [part for part in parts if reads_reference(part)]
     for part in compared:
-        if reference_of(row, part) is None:
+        if part["operation"] == "toolCalls":
+            calls_of({"item": row, "calls": calls}, part)
+        elif reference_of(row, part) is None:
             raise ValueError(f"needs its reference answer in field {part['referenceField']!r} (grader.referenceField) "
                              f"as a string or a number, got {row.get(part['referenceField'])!r}")
-    return {"messages": messages, "question": messages[-1]["content"],
-            "reference": reference_of(row, compared[0] if compared else grader), "item": row}
+    first = compared[0] if compared else grader
+    reference = (shown(calls_of({"item": row, "calls": calls}, first)) if first["operation"] == "toolCalls"
+                 else reference_of(row, first))
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+    return {"messages": messages, "tools": tools_of(row), "question": question, "reference": reference, "item": row,
+            **({"calls": calls} if calls is not None else {})}
+
+
+def calls_of(graded: dict[str, Any], part: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tool calls a toolCalls grader expects of a graded row: its conversation's graded turn's, else
+    those in the row's referenceField. A ValueError names the field when they are missing or malformed."""
+    if graded.get("calls") is not None:
+        return graded["calls"]
+    try:
+        return expected_calls(graded["item"].get(part["referenceField"]))
+    except ValueError as e:
+        raise ValueError(f"needs the tool calls it expects in field {part['referenceField']!r} (grader.referenceField), "
+                         f"or to be a conversation ending with the assistant's turn: {e}") from None
 
 
 def graded_rows(rows: list[dict[str, Any]], grader: dict[str, Any], where: str) -> list[dict[str, Any]]:
-    """graded_of each row; a malformed one is an invalid task naming `where` (field and file) and the row."""
+    """graded_of each row; a malformed one is an invalid task naming `where` (field and file) and the row,
+    as are rows of which none expects a tool call for a toolCalls grader (a DatasetBuild's conversations)."""
     out = []
     for n, row in enumerate(rows, 1):
         try:
             out.append(graded_of(row, grader))
         except ValueError as e:
             raise InvalidTask(f"{where} row {n}: {e}") from None
+    calling = [part for part in parts_of(grader) if part["operation"] == "toolCalls"]
+    if out and calling and not any(calls_of(g, part) for g in out for part in calling):
+        raise InvalidTask(f"{where}: no row expects a tool call, so grader toolCalls would only check that the "
+                          "answers make none: give conversations that call tools (OpenAI's tool_calls beside the "
+                          "row's tools), or prompts with the calls they expect in its referenceField")
     return out
 
 
@@ -147,6 +179,8 @@ def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, A
         return python_grader.grade(grader["source"], answers, [g["item"] for g in graded], field)
     if operation == "label":
         return _labelled(grader, answers, graded, cache_uri, field)
+    if operation == "toolCalls":
+        return [float(same_calls(answered_calls(a), calls_of(g, grader))) for a, g in zip(answers, graded)]
     if operation == "rewardModel":
         from . import reward_model  # noqa: PLC0415 - torch only for a reward model
 
@@ -293,6 +327,9 @@ def describe(grader: dict[str, Any]) -> str:
         return f"judge by {judge}, asked the grader's own prompt"
     if grader["operation"] == "rewardModel":
         return f"reward model {name}"
+    if grader["operation"] == "toolCalls":
+        return (f"toolCalls: the calls of a conversation's last calling turn, or those in field "
+                f"{grader['referenceField']!r}")
     by = f" by {judge}" if judge else f" by {name}'s embeddings (local)" if model else ""
     by += f" by {grader['embeddings']['model']}'s embeddings" if grader.get("embeddings") else ""
     metric = f" ({grader['metric']})" if grader.get("metric") else ""

@@ -1,5 +1,6 @@
 """A grader written in Python, as OpenAI's python grader: the spec's source defines
-grade(sample, item) -> float, called with sample {"output_text": the answer} and item the dataset row.
+grade(sample, item) -> float, called with sample {"output_text": the answer, "output_tools": the tool
+calls it makes, as OpenAI's tool calls} and item the dataset row.
 
 The source runs in a child process of its own (`python -m llmfactory_runtime.python_grader`), one per
 training process and source, for three reasons: its state and random draws stay out of training's (a
@@ -29,6 +30,7 @@ from typing import Any
 
 from . import CREDENTIAL_ENV
 from .task import InvalidTask
+from .tool_calls import openai_calls
 
 # Seconds one grade() call (and the source's top-level code) may run: a hung grader stops the run
 # with an error, not forever.
@@ -50,7 +52,8 @@ class PythonGrader:
             raise InvalidTask(f"{field}.source: {reply['error']}")
 
     def grade(self, answers: list[str], items: list[dict[str, Any]]) -> list[float]:
-        reply = self._ask({"samples": [{"output_text": a} for a in answers], "items": items})
+        reply = self._ask({"samples": [{"output_text": a, "output_tools": openai_calls(a)} for a in answers],
+                           "items": items})
         if "error" in reply:
             raise InvalidTask(f"{self.field}.source: grade() failed on the answer "
                               f"{answers[reply['index']][:300]!r}: {reply['error']}")

@@ -329,15 +329,19 @@ class VllmServer:
             self._workdir.cleanup()
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0, on_answer: Callable[[int, Generation], None] | None = None) -> list[Generation]:
-        """What generate.generate returns for these conversations, all sent at once (vLLM schedules them)."""
+                 seed: int = 0, on_answer: Callable[[int, Generation], None] | None = None,
+                 tools: list[list[dict] | None] | None = None) -> list[Generation]:
+        """What generate.generate returns for these conversations, all sent at once (vLLM schedules them).
+        Tools go with tool_choice none: the template writes them into the prompt as with transformers,
+        and the answer comes back as the text the model wrote, its calls unparsed."""
         answers: list[Generation | None] = [None] * len(conversations)
 
         async def ask_all() -> list[Generation]:
             async with ChatClient(self.endpoint, None, "vLLM") as client:
                 async def ask(i: int) -> None:
+                    offered = {"tools": tools[i], "tool_choice": "none"} if tools and tools[i] else {}
                     c = await client.complete(conversations[i], max_new_tokens, temperature, seed=seed,
-                                              **self.request_params)
+                                              **offered, **self.request_params)
                     answers[i] = Generation(c.text, answer_tokens(c), c.finished)
                     if on_answer:
                         on_answer(i, answers[i])

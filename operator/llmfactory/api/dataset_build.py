@@ -227,6 +227,10 @@ class Difficulty(AnotherModel):
 
     cel_rules: ClassVar = AnotherModel.cel_rules + [
         {"rule": "self.minPassRate < self.maxPassRate", "message": "minPassRate must be below maxPassRate"},
+        {"rule": "self.grader.operation != 'toolCalls' && (!has(self.grader.parts) || "
+                 "self.grader.parts.all(p, p.operation != 'toolCalls'))",
+         "message": "grader operation toolCalls grades tool calls, which a DatasetBuild's prompts do not offer "
+                    "(it drops tool-calling rows): grade the prompts' reference answers"},
     ]
 
     model: TrainedModelSource | None = Field(None, description=(

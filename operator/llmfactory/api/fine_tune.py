@@ -243,12 +243,13 @@ class GraderPart(ApiModel):
     ]
 
     reference_field: str = Field("reference", min_length=1, max_length=253, description=(
-        "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number. "
+        "The row's field holding the reference answer (OpenAI's {{item.<field>}}), a string or a number (of "
+        "operation toolCalls, the tool calls expected, unless the row is a conversation ending with them). "
         "Every row needs it, except with operation python, whose grade function reads the row itself, "
         "rewardModel, which reads the prompt and answer only, and label (or judge with grader.prompt), whose "
         "prompt names what it reads."))
     operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "label",
-                       "python", "rewardModel"] = Field(
+                       "python", "rewardModel", "toolCalls"] = Field(
         "equals", description=(
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
@@ -267,8 +268,17 @@ class GraderPart(ApiModel):
         "(OpenAI's label_model grader); an API judge's pick scores 1 when it is one of passingLabels, else 0 (as does "
         "no pick after its re-asks), and a local judge's reward is its probability of picking one of them: for a "
         "rubric, e.g. whether the answer is polite, on topic or follows a policy. python: "
-        "grader.source's grade(sample, item) returns the reward. rewardModel: grader.rewardModel's score of the "
-        "conversation (prompt and answer), on its own scale, as TRL's reward models."))
+        "grader.source's grade(sample, item) returns the reward (sample.output_text, the answer; sample.output_tools, "
+        "the tool calls it makes, as OpenAI's). rewardModel: grader.rewardModel's score of the "
+        "conversation (prompt and answer), on its own scale, as TRL's reward models. toolCalls: 1 when the answer "
+        "makes exactly the tool calls expected, in any order (the same functions with equal arguments as JSON, "
+        "none missing or extra: the Berkeley Function-Calling Leaderboard's AST check), else 0. The prompt is "
+        "offered the row's tools (OpenAI's {tools}) through the model's chat template; the answer's calls are "
+        "read as the template writes them (<tool_call> blocks, or JSON {name, arguments}); a malformed call "
+        "scores 0. The calls expected: of a conversation ending with the assistant's turn (a fine-tuning row), "
+        "its last turn that calls tools, the prompt the messages before it (without such a turn, its last turn, "
+        "which calls none: an answer in words expected); of a prompt row, referenceField's list of OpenAI tool "
+        "calls ([] for none)."))
     metric: Literal["fuzzy", "bleu", "gleu", "chrf", "meteor", "rouge1", "rouge2", "rouge3", "rouge4", "rouge5",
                     "rougeL", "cosine"] | None = Field(None, description=(
         "operation similarity: fuzzy, difflib's ratio of matching characters (case and runs of whitespace "
@@ -385,7 +395,7 @@ class Grader(GraderPart):
     ]
 
     operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "label",
-                       "python", "rewardModel", "sum"] = Field(
+                       "python", "rewardModel", "toolCalls", "sum"] = Field(
         "equals", description=GraderPart.model_fields["operation"].description + (
             " sum: the weighted sum of grader.parts' rewards (e.g. a correctness check plus a format reward)."))
     parts: list[WeightedPart] | None = Field(None, min_length=2, max_length=8, description=(

@@ -294,6 +294,13 @@ def _check_chat_template(res: Resource) -> None:
         raise PlanError(res.ref, "spec.chatTemplateJinja", f"does not parse as Jinja: line {e.lineno}: {e.message}") from None
 
 
+def _grades_tool_calls(grader) -> bool:
+    """Whether the grader's references are all tool calls, which conversations hold (a toolCalls part,
+    and no other part that reads a reference field)."""
+    compared = [p for p in (grader.parts or [grader]) if reads_reference(p.wire())]
+    return bool(compared) and all(p.operation == "toolCalls" for p in compared)
+
+
 def _check_grader(res: Resource, field: str, grader) -> None:
     """Refuse, before a Job runs, a grader the runtime could not use: an extract Python's re cannot
     compile, a judge's prompt's {{...}} that names nothing, or python source that does not parse or defines
@@ -519,10 +526,13 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                                   f"only in fields {held}: set referenceField to the one with the reference answer, "
                                   "or name spec.reward.dataset")
             inputs["rewardDataset"] = trained_on
+        elif trained_on and trained_on["format"] == "chatml" and _grades_tool_calls(spec.reward.grader):
+            inputs["rewardDataset"] = trained_on  # its conversations' calls are the references
         else:
             raise PlanError(res.ref, "spec.reward.dataset", "is required unless the model comes from a fineTuneRef "
                             "that trained with objective grpo, or a quantizationRef of one (whose prompts and "
-                            "reference answers it reads): name a dataset of prompts with reference answers")
+                            "reference answers it reads), or the grader is toolCalls and the FineTune trained on "
+                            "conversations: name a dataset of prompts with reference answers")
     known = benchmark_metric_names(spec, baseline is not None, (inputs.get("dataset") or {}).get("format"))
     # lm-eval metrics depend on the task's YAML: any metric of a named task may be gated.
     tasks = set(spec.lm_eval.tasks) if spec.lm_eval else set()

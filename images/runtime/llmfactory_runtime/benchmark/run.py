@@ -77,53 +77,67 @@ def _answer(ask, judge: dict, questions: list[dict], answers: dict[str, list[str
     return answered
 
 
-@contextlib.contextmanager
-def _asking(engine: str, label: str, source: dict, loaded, batch_size: int, progress: Progress):
-    """ask(conversations, max_new_tokens, temperature, seed, on_answer=...) of the model: a vLLM server's,
-    or transformers' continuous batching of batch_size conversations."""
-    if engine == "vllm":
-        progress.stage(f"starting vLLM for {label}")
-        with VllmServer(source) as server:
-            yield server.generate
-    else:
-        model, tokenizer = loaded()
-        yield partial(generate, model, tokenizer, concurrency=batch_size)
+class _Answering:
+    """ask(conversations, max_new_tokens, temperature, seed, on_answer=..., tools=...) of one model, for
+    as long as it answers: a vLLM server's, started once for the judge's questions and the reward
+    prompts alike, or transformers' continuous batching. Never both at once: the server gives the
+    GPU back before transformers loads the model."""
+
+    def __init__(self, label: str, source: dict, loaded, progress: Progress):
+        self.label, self.source, self.loaded, self.progress = label, source, loaded, progress
+        self.running = contextlib.ExitStack()
+        self.server: VllmServer | None = None
+
+    def ask(self, engine: str, batch_size: int):
+        if engine != "vllm":
+            self.close()
+            model, tokenizer = self.loaded()
+            return partial(generate, model, tokenizer, concurrency=batch_size)
+        if self.server is None:
+            self.progress.stage(f"starting vLLM for {self.label}")
+            self.server = self.running.enter_context(VllmServer(self.source))
+        return self.server.generate
+
+    def close(self) -> None:
+        self.running.close()
+        self.server = None
 
 
 def _answer_questions(label: str, source: dict, judge: dict, questions: list[dict], run: Store, progress: Progress,
-                      loaded) -> tuple[dict[str, list[str]], dict[str, Any]]:
+                      answering: _Answering) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """The model's answers, and how they were made (engine, answers per second)."""
     answers = run.read_json_or_none(f"answers/{label}.json") or {}
     engine = choose_engine(judge.get("engine", "auto"), source, "spec.judge.engine")
     if all(len(answers.get(q["question_id"], [])) == len(q["turns"]) for q in questions):
         return answers, {"engine": engine, "answered": 0, "seconds": 0.0, "answersPerSecond": None}  # restarted
-    with _asking(engine, label, source, loaded, judge["batchSize"], progress) as ask:
-        started = time.monotonic()  # from the first question: loading the model or starting a server is not answering
-        answered = _answer(ask, judge, questions, answers, lambda: run.write_json(f"answers/{label}.json", answers),
-                           progress)
+    ask = answering.ask(engine, judge["batchSize"])
+    started = time.monotonic()  # from the first question: loading the model or starting a server is not answering
+    answered = _answer(ask, judge, questions, answers, lambda: run.write_json(f"answers/{label}.json", answers),
+                       progress)
     seconds = time.monotonic() - started
     return answers, {"engine": engine, "answered": answered, "seconds": round(seconds, 2),
                      "answersPerSecond": round(answered / seconds, 3) if answered and seconds else None}
 
 
 def _rewarded(label: str, source: dict, spec: dict, prompts: list[dict], run: Store, progress: Progress,
-              loaded) -> dict[str, list]:
-    """{answers}: the model's greedy answer to each graded row's prompt, which the grader then rewards.
-    Each answer is saved as it comes (a restarted benchmark asks only for the missing ones)."""
+              answering: _Answering) -> dict[str, list]:
+    """{answers}: the model's greedy answer to each graded row's prompt (offered its row's tools), which
+    the grader then rewards. Each answer is saved as it comes (a restarted benchmark asks only for the
+    missing ones)."""
     path = f"answers/reward-{label}.json"
     answers: dict[str, str] = run.read_json_or_none(path) or {}
     todo = [i for i in range(len(prompts)) if str(i) not in answers]
     if todo:
-        engine = choose_engine(spec["engine"], source, "spec.reward.engine")
-        with _asking(engine, label, source, loaded, spec["batchSize"], progress) as ask:
-            progress.stage(f"answering the reward prompts ({label})", total=len(prompts), unit="answers")
+        ask = answering.ask(choose_engine(spec["engine"], source, "spec.reward.engine"), spec["batchSize"])
+        progress.stage(f"answering the reward prompts ({label})", total=len(prompts), unit="answers")
 
-            def done(i: int, g) -> None:
-                answers[str(todo[i])] = g.text
-                run.write_json(path, answers)
-                progress.update(len(answers))
+        def done(i: int, g) -> None:
+            answers[str(todo[i])] = g.text
+            run.write_json(path, answers)
+            progress.update(len(answers))
 
-            ask([prompts[i]["messages"] for i in todo], spec["maxNewTokens"], 0.0, 0, on_answer=done)
+        ask([prompts[i]["messages"] for i in todo], spec["maxNewTokens"], 0.0, 0, on_answer=done,
+            tools=[prompts[i]["tools"] for i in todo])
     return {"answers": [answers[str(i)] for i in range(len(prompts))]}
 
 
@@ -159,14 +173,19 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], labe
                     tasks_dir: Path | None) -> dict[str, Any]:
     """Answers, rewarded answers, perplexity (and, of rows in a LABELLED_ROWS format, the answers'
     log-probabilities) and lm-eval scores of one model (label: model or baseline). Answers first: a
-    vLLM server has given the GPU back before transformers loads the model, if it must."""
+    vLLM server (one for the questions and the prompts) has given the GPU back before transformers loads
+    the model, if it must."""
     loaded = LazyModel(source, on_load=lambda: progress.stage(f"loading {label}"))
     out: dict[str, Any] = {}
-    if questions:
-        out["answers"], out["generation"] = _answer_questions(label, source, spec["judge"], questions, run,
-                                                              progress, loaded)
-    if prompts:
-        out["reward"] = _rewarded(label, source, spec["reward"], prompts, run, progress, loaded)
+    answering = _Answering(label, source, loaded, progress)
+    try:
+        if questions:
+            out["answers"], out["generation"] = _answer_questions(label, source, spec["judge"], questions, run,
+                                                                  progress, answering)
+        if prompts:
+            out["reward"] = _rewarded(label, source, spec["reward"], prompts, run, progress, answering)
+    finally:
+        answering.close()
     if rows:
         where = f"spec.perplexity.dataset: {spec['perplexity']['split']}.jsonl"
         progress.stage(f"perplexity of {label}")

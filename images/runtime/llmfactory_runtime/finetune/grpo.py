@@ -40,7 +40,7 @@ def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, wher
     leaves room for an answer within max_len."""
     prompts = []
     for graded in graded_rows(rows, grader, where):
-        ids = prompt_ids(tokenizer, graded["messages"])
+        ids = prompt_ids(tokenizer, graded["messages"], graded["tools"])
         if len(ids) < max_len:
             prompts.append({"prompt": ids, **graded})
     return prompts
