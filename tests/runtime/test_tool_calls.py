@@ -213,3 +213,14 @@ def test_prompts_offer_their_tools_to_the_model_and_a_template_that_leaves_them_
               "                                 for c in calls)\n")
     answer = _written("get_weather", city="Paris") + _written("get_weather", city="Oslo")
     assert grade(source, [answer, "Sunny.", "<tool_call>{oops"], [{}, {}, {}], "spec.grpo.grader") == [21, 0, 0]
+
+
+def test_the_importance_matrix_reads_a_tool_conversations_signatures_and_calls_too():
+    """llama-imatrix calibrates on plain text: a tool-calling row gives its tools and calls as JSON
+    beside its messages' words, not the words alone (its calls' contents are empty)."""
+    from llmfactory_runtime.quantize.run import _plain_text
+
+    text = _plain_text(TOOL_ROW)
+    assert text.splitlines() == [json.dumps(WEATHER[0]), "Be brief.", "Weather in Paris?",
+                                 '{"name": "get_weather", "arguments": {"city": "Paris"}}', "18 C, sunny",
+                                 "18 C and sunny."]

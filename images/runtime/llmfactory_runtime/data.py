@@ -199,7 +199,7 @@ def ended_by_asking(prompt: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return prompt
 
 
-def answered(row: dict[str, Any]) -> bool:
+def ends_with_answer(row: dict[str, Any]) -> bool:
     """Whether the row is a conversation ending with the assistant's turn (a fine-tuning row), not a prompt."""
     messages = row.get("messages")
     return isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \

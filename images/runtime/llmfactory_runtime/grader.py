@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from . import GRADER_KEY_ENV, math_answer, python_grader
-from .data import answered, graded_turn, messages_of, prompt_of, tools_of
+from .data import ends_with_answer, graded_turn, messages_of, prompt_of, tools_of
 from .usage import Usage
 from .similarity import missing, similarity
 from .task import InvalidTask
@@ -115,7 +115,7 @@ def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
     holds (a python grader reads what it needs of the row itself)."""
     parts = parts_of(grader)
     calls = None
-    if any(part["operation"] == "toolCalls" for part in parts) and answered(row):
+    if any(part["operation"] == "toolCalls" for part in parts) and ends_with_answer(row):
         messages, calls = graded_turn(messages_of(row))
     else:
         messages = prompt_of(row)

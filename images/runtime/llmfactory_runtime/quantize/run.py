@@ -5,6 +5,7 @@ question; GGUF files also through llama.cpp itself when llama-cpp-python is inst
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,13 +15,14 @@ import torch
 
 from .. import cpus
 from ..batching import as_trained, perplexity, top_tokens
-from ..data import messages_of, read_split, text_of, undesirable
+from ..data import messages_of, read_split, text_of, tools_of, undesirable
 from ..digests import sha256_files
 from ..generate import generate
 from ..models import load_model, load_tokenizer, locate
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
+from ..tool_calls import expected_calls
 from . import compressed, llama_cpp
 from .gguf_export import export
 
@@ -55,9 +57,15 @@ def _calibration(spec: dict, dataset: dict) -> list[dict]:
 
 
 def _plain_text(row: dict) -> str:
-    """A raw-text row's text, a conversation's messages one after another."""
+    """A raw-text row's text; a conversation's words one after another: the tools it offers and the
+    calls its assistant makes as JSON (what the model reads and writes of them), and each message's content."""
     text = text_of(row)
-    return text if text is not None else "\n".join(m["content"] for m in messages_of(row))
+    if text is not None:
+        return text
+    parts = [json.dumps(tool, ensure_ascii=False) for tool in tools_of(row) or []]
+    for m in messages_of(row):
+        parts += [m["content"], *(json.dumps(c, ensure_ascii=False) for c in expected_calls(m.get("tool_calls") or []))]
+    return "\n".join(part for part in parts if part)
 
 
 def _importance_matrix(base: Path, tmp: Path, rows: list[dict], progress: Progress) -> Path:
