@@ -508,6 +508,24 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
     with pytest.raises(PlanError, match="spec.reward.dataset: is required unless the model comes from a fineTuneRef "
                                         "that trained with objective grpo"):
         plan(parse(rewarded), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    # A toolCalls grader reads the calls of the conversations a FineTune trained on by dataset.uri (format
+    # chatml), alone or beside parts that read no reference field; not a DatasetBuild's ShareGPT rows.
+    calls = copy.deepcopy(rewarded)
+    calls["spec"]["reward"]["grader"] = {"operation": "toolCalls"}
+    assert plan(parse(calls), lookup({("FineTune", "ft"): FT_RESULT}), STORE)["inputs"]["rewardDataset"]["uri"] == \
+        "s3://bucket/data"
+    calls["spec"]["reward"]["grader"] = {"operation": "sum", "parts": [
+        {"name": "calls", "operation": "toolCalls"}, {"name": "brief", "operation": "python", "weight": 0.1,
+                                                     "source": "def grade(s, i): return 1"}]}
+    assert plan(parse(calls), lookup({("FineTune", "ft"): FT_RESULT}), STORE)["inputs"]["rewardDataset"]["uri"] == \
+        "s3://bucket/data"
+    calls["spec"]["reward"]["grader"]["parts"][1] = {"name": "exact", "operation": "equals", "weight": 0.1}
+    with pytest.raises(PlanError, match="spec.reward.dataset: is required unless .* or the grader is toolCalls and "
+                                        "the FineTune trained on conversations"):
+        plan(parse(calls), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+    calls["spec"]["reward"]["grader"] = {"operation": "toolCalls"}
+    with pytest.raises(PlanError, match="spec.reward.dataset: is required unless"):
+        plan(parse(calls), lookup({("FineTune", "ft"): {**FT_RESULT, "datasetFormat": "sharegpt"}}), STORE)
     # Of a Quantization of the GRPO FineTune: the prompts its result passes on (perplexity still needs a dataset).
     quantized = copy.deepcopy(rewarded)
     quantized["spec"]["model"] = {"quantizationRef": {"name": "q"}}
