@@ -209,6 +209,8 @@ class LazyModel:
     def release(self) -> None:
         self._held = None
         gc.collect()
+        if torch.cuda.is_available():  # back to the device, for another process (a vLLM server) to take
+            torch.cuda.empty_cache()
 
 
 def _save_gguf_cache(model, tokenizer, path: Path) -> None:

@@ -81,7 +81,8 @@ class _Answering:
     """ask(conversations, max_new_tokens, temperature, seed, on_answer=..., tools=...) of one model, for
     as long as it answers: a vLLM server's, started once for the judge's questions and the reward
     prompts alike, or transformers' continuous batching. Never both at once: the server gives the
-    GPU back before transformers loads the model."""
+    GPU back before transformers loads the model, and a model transformers holds is let go before
+    the server starts."""
 
     def __init__(self, label: str, source: dict, loaded, progress: Progress):
         self.label, self.source, self.loaded, self.progress = label, source, loaded, progress
@@ -94,6 +95,7 @@ class _Answering:
             model, tokenizer = self.loaded()
             return partial(generate, model, tokenizer, concurrency=batch_size)
         if self.server is None:
+            self.loaded.release()  # the judge's answers by transformers, the reward's by vLLM: its GPU memory back
             self.progress.stage(f"starting vLLM for {self.label}")
             self.server = self.running.enter_context(VllmServer(self.source))
         return self.server.generate
