@@ -24,6 +24,8 @@ from llmfactory_runtime.openai_client import TokenBucket, retry_after
 from llmfactory_runtime.progress import Progress
 from llmfactory_runtime.store import open_store, write_result
 
+from finetune_helpers import WEATHER
+
 KEY = "sk-test-0123456789abcdef"
 SHAREGPT_ROWS = [
     {"conversations": [{"from": "human", "value": "Explain how a hash map works, in short."},
@@ -717,19 +719,40 @@ def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
     assert drops.counts == {"malformed": 1} and drops.examples["malformed"] == ["{broken json"]
 
 
-def test_a_function_calling_conversation_is_dropped_as_tool_calls_not_rebuilt_without_its_calls(tmp_path):
-    """A build answers turn by turn in plain text: an OpenAI tool-calling row would lose its calls, so it
-    is counted as tool_calls (a FineTune reads such rows whole by dataset.uri)."""
-    calls = {"messages": [{"role": "user", "content": "Weather in Paris?"},
-                          {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
-                              "name": "get_weather", "arguments": "{}"}}]},
-                          {"role": "tool", "content": "18 C"}, {"role": "assistant", "content": "18 C."}]}
+def test_function_calling_conversations_are_kept_whole_without_a_teacher_and_dropped_where_rebuilt(tmp_path):
+    """A build that writes the sources' own conversations (no teacher, chatml) keeps an OpenAI
+    tool-calling row whole: its calls, the tools' results and its tools, after the answer filters
+    (a refusal among its text answers drops it) and the duplicate filter (by its user turns), with a
+    source's system prompt first. A build that rebuilds turns in plain text (a teacher's, sharegpt's)
+    would lose the calls and drops such rows as tool_calls."""
+    def calls(city: str, answer: str) -> dict:
+        return {"tools": WEATHER, "messages": [
+            {"role": "user", "content": f"Weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": json.dumps({"city": city})}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "18 C"}, {"role": "assistant", "content": answer}]}
+
     plain = {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]}
+    rows = [calls("Paris", "18 C in Paris."), calls("Oslo", "I'm sorry, but I can't help with that."),
+            calls("Paris", "Sunny."), plain]
+    source = {"uri": jsonl_file(tmp_path / "rows.jsonl", rows), "language": "en", "systemPrompt": "Be brief."}
+    doc = manifest("http://unused", source, samplesPerLanguage=None, languageDetection=None,
+                   split={"validation": 0.0, "test": 0.0})
+    del doc["spec"]["teacher"]
+    _, result = run_in_process(tmp_path / "kept", doc)
+    assert result["dropped"] == {"refusal": 1, "duplicate_prompt": 1} and result["rows"]["train"] == 2
+    written = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+    [kept] = [row for row in written if "tools" in row]
+    assert kept["tools"] == WEATHER and kept["language"] == "en"
+    assert kept["messages"] == [{"role": "system", "content": "Be brief."}, rows[0]["messages"][0],
+                                {**rows[0]["messages"][1], "content": ""}, *rows[0]["messages"][2:]]
+    # Rebuilt in plain text (sharegpt here; a teacher's build alike): dropped as tool_calls.
+    doc["spec"]["format"] = "sharegpt"
+    _, result = run_in_process(tmp_path / "rebuilt", doc)
+    assert result["dropped"] == {"tool_calls": 3} and result["rows"]["train"] == 1
     drops = Drops()
-    prompts = collect([{"uri": jsonl_file(tmp_path / "rows.jsonl", [calls, plain])}], drops, with_answers=True)
-    assert [p["turns"] for p in prompts] == [["Hi!"]]
-    assert drops.counts == {"tool_calls": 1}
-    assert drops.examples["tool_calls"][0].startswith('{"messages": [{"role": "user", "content": "Weather in Paris?"}')
+    assert [p["turns"] for p in collect([source], drops, with_answers=True)] == [["Hi!"]]
+    assert drops.examples["tool_calls"][0].startswith('{"tools": [{"type": "function"')
 
 
 def test_a_hugging_face_source_with_max_rows_streams_its_first_rows_without_copying_the_split(tmp_path,

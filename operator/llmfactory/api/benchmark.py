@@ -133,7 +133,7 @@ class Reward(ApiModel):
         "grader.referenceField; for operation toolCalls, conversations ending with the assistant's turn, as a "
         "FineTune's tool-calling rows); defaults to the FineTune's dataset, when it trained with objective grpo "
         "(the model a fineTuneRef, or a quantizationRef of such a FineTune), or, with grader toolCalls, when it "
-        "trained on conversations given by dataset.uri (split says which of its splits)."))
+        "trained on conversations (dataset.uri, or a DatasetBuild's of format chatml; split says which split)."))
     split: Literal["train", "validation", "test"] = Field("test", description="Which split's prompts to answer.")
     max_samples: int | None = Field(None, ge=1, description="Answer at most this many prompts.")
     max_new_tokens: int = Field(256, ge=1, le=131072, description="Longest answer (the FineTune's grpo.maxNewTokens).")

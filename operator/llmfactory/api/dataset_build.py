@@ -52,7 +52,11 @@ class Source(ApiModel):
                           "run (noticed at the operator's next poll); locally, a ConfigMap among the applied manifests.")
     fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca", "preference"] = Field(
         "auto", description="How rows hold prompts: prompt (a text column, promptField), sharegpt "
-                            "(conversations: [{from, value}]), openai (messages: [{role, content}]), alpaca "
+                            "(conversations: [{from, value}]), openai (messages: [{role, content}]; a "
+                            "function-calling row, with an assistant's tool_calls and role tool results beside "
+                            "its tools, is kept whole by a build without a teacher that writes chatml and asks "
+                            "no judge or pairs, through the answer filters and dedupe; any other build drops it "
+                            "as tool_calls, rather than rebuild its turns without the calls), alpaca "
                             "(instruction, input), preference (TRL's pairs: chosen and rejected, each messages "
                             "or a text, after prompt, or else after the chosen messages before its last, as "
                             "UltraFeedback's; or Anthropic HH's transcripts, each turn after '\\n\\nHuman: ' or "

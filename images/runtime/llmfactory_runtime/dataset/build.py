@@ -136,7 +136,8 @@ def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dic
     # Without a teacher, the turns the sources answer, with their answers.
     documents = spec.get("format") == "text"
     prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"),
-                      with_answers=not spec.get("teacher") and not documents, documents=documents)
+                      with_answers=not spec.get("teacher") and not documents, documents=documents,
+                      whole_tools=keeps_tool_calls(spec))
     wanted = spec.get("samplesPerLanguage")
     if spec.get("languageDetection") is not None:
         prompts = detect(prompts, spec["languageDetection"], wanted, drops)
@@ -149,6 +150,14 @@ def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dic
     if filters.get("maxPromptTokens"):
         prompts = drop_long_prompts(prompts, filters["maxPromptTokens"], task["inputs"]["tokenizer"], drops)
     return sample_per_language(prompts, wanted, spec["split"]["seed"], drops)
+
+
+def keeps_tool_calls(spec: dict[str, Any]) -> bool:
+    """Whether the build keeps function-calling conversations whole: it writes the sources' own
+    conversations (no teacher) as chatml, unjudged and unpaired; every other build rebuilds turns as
+    text, or writes rows without their calls, and drops them (tool_calls)."""
+    return (not spec.get("teacher") and spec.get("format", "chatml") == "chatml" and not spec.get("preferences")
+            and not _pairs_from_sources(spec) and not (spec.get("filters") or {}).get("judge"))
 
 
 def _documents(task: dict[str, Any], prompts: list[dict], drops: Drops) -> list[dict]:
@@ -440,7 +449,7 @@ def _rendered(row: dict, fmt: str) -> dict[str, Any]:
     if fmt == "graded":
         rate = {"pass_rate": row["passRate"]} if "passRate" in row else {}
         return to_row(row["messages"][:-1], "chatml", reference=row["reference"], **rate, language=row["language"])
-    return to_row(row["messages"], fmt, language=row["language"])
+    return to_row(row["messages"], fmt, language=row["language"], **({"tools": row["tools"]} if "tools" in row else {}))
 
 
 def _scores(row: dict) -> dict[str, float]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
+from ..data import messages_of, tools_of
 from ..store import read_file
 from ..task import InvalidTask
 
@@ -210,10 +211,30 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool
 
 def _calls_tools(row: Any) -> bool:
     """An OpenAI function-calling conversation (an assistant's tool_calls, a tool's result): a build
-    answers turn by turn in plain text and would lose the calls, so it drops the row as tool_calls."""
+    that answers turn by turn in plain text would lose the calls, so it drops the row as tool_calls;
+    one that keeps the sources' own conversations keeps it whole (_whole)."""
     messages = row.get("messages") if isinstance(row, dict) else None
     return isinstance(messages, list) and any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
                                               for m in messages)
+
+
+def _whole(row: dict[str, Any], source: dict[str, Any], default_lang: str) -> dict[str, Any]:
+    """A function-calling conversation kept as it is (whole: its messages, an assistant's calls and the
+    tools' results among them, and the tools it offers), with its user turns, system message and text
+    answers for what reads a prompt (language detection, dedupe, sampling) and the answer filters; a
+    source's system prompt goes first where it has none. ValueError when malformed."""
+    messages, tools = messages_of(row), tools_of(row)
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("a function-calling conversation ends with the assistant's turn")
+    turns = [m["content"].strip() for m in messages if m["role"] == "user"]
+    if not turns or not all(turns):
+        raise ValueError("no user text")
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    if system is None and (system := _system(row, source.get("systemField")) or source.get("systemPrompt")):
+        messages = [{"role": "system", "content": system}, *messages]
+    return {"turns": turns, "system": system, "language": _language(row, source, default_lang),
+            "answers": [m["content"] for m in messages if m["role"] == "assistant" and m["content"].strip()],
+            "whole": {"messages": messages, **({"tools": tools} if tools else {})}}
 
 
 def _number(value: Any) -> float | None:
@@ -243,11 +264,12 @@ def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, dict[str, str]] | None = None,
-            with_answers: bool = False, documents: bool = False) -> list[dict[str, Any]]:
+            with_answers: bool = False, documents: bool = False, whole_tools: bool = False) -> list[dict[str, Any]]:
     """[{turns, system, language, answers}] from every source, in order. `config_maps`: the task's
     inputs.configMaps ({source index: {name, key, sha256}}). with_answers: only the turns the rows
     answer (answered), a row that answers none dropped (no_answer). documents (format text): each
-    row's document, its one turn."""
+    row's document, its one turn. whole_tools: a function-calling conversation is kept whole
+    (_whole), else dropped (tool_calls)."""
     prompts = []
     for index, source in enumerate(sources):
         default_lang = source.get("language") or UNKNOWN_LANGUAGE
@@ -266,15 +288,16 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
         for n, row in enumerate(rows):
             if source.get("maxRows") and n >= source["maxRows"]:
                 break
-            if not documents and _calls_tools(row):  # a FineTune reads such rows whole, by dataset.uri
+            calls = not documents and _calls_tools(row)
+            if calls and not whole_tools:  # a FineTune reads such rows whole, by dataset.uri
                 drops.add("tool_calls", row)
                 continue
             try:
-                prompt = _prompt(row, source, default_lang, documents)
+                prompt = _whole(row, source, default_lang) if calls else _prompt(row, source, default_lang, documents)
             except (ValueError, KeyError, TypeError, AttributeError):
                 drops.add("malformed", row)
                 continue
-            if with_answers:
+            if with_answers and not calls:
                 kept = answered(prompt)
                 if kept is None:
                     drops.add("no_answer", prompt["turns"][0])

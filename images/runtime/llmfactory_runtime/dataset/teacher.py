@@ -200,7 +200,18 @@ def keep_given(prompts: list[dict[str, Any]], keep: AnswerFilter, drops: Drops, 
     """Without a teacher: conversations [{language, messages}] of the sources' own answers (each
     prompt's `answers`, sources.answered), kept turn by turn as a teacher's are, by the filters (an
     answer is never truncated; its tokens, for maxAnswerTokens, counted by count_tokens) and the
-    judge."""
+    judge; a function-calling conversation kept whole (sources._whole) by the filters alone, each of its
+    text answers through them ([{language, messages, tools}])."""
+    whole = [p for p in prompts if "whole" in p]
+    prompts = [p for p in prompts if "whole" not in p]
+    kept_whole = []
+    for p in whole:
+        tokens = count_tokens(p["answers"]) if count_tokens and p["answers"] else [0] * len(p["answers"])
+        reason = next((r for text, n in zip(p["answers"], tokens) if (r := keep.reason_to_drop(text, True, n))), None)
+        if reason:
+            drops.add(reason, p["turns"][0])
+        else:
+            kept_whole.append({"language": p["language"], **p["whole"], **{k: p[k] for k in CARRIED if k in p}})
     progress.stage("keeping the sources' answers", total=sum(len(p["turns"]) for p in prompts), unit="turns")
     done = [0]
 
@@ -210,7 +221,8 @@ def keep_given(prompts: list[dict[str, Any]], keep: AnswerFilter, drops: Drops, 
         done[0] += len(asking)
         return [[{"text": text, "tokens": n, "finished": True}] for text, n in zip(texts, tokens)]
 
-    return converse(prompts, None, answers_to, keep, drops, progress, judge, 1, lambda: progress.update(done[0]))
+    return converse(prompts, None, answers_to, keep, drops, progress, judge, 1,
+                    lambda: progress.update(done[0])) + kept_whole
 
 
 def converse(prompts: list[dict[str, Any]], system_default: str | None,
