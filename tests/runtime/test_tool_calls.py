@@ -224,3 +224,31 @@ def test_the_importance_matrix_reads_a_tool_conversations_signatures_and_calls_t
     assert text.splitlines() == [json.dumps(WEATHER[0]), "Be brief.", "Weather in Paris?",
                                  '{"name": "get_weather", "arguments": {"city": "Paris"}}', "18 C, sunny",
                                  "18 C and sunny."]
+
+
+@pytest.mark.slow
+def test_grpo_samples_answers_to_a_tool_conversations_calling_turn_and_rewards_their_calls(tmp_path):
+    """A GRPO FineTune on tool-calling conversations with grader toolCalls (its prompts offered their
+    tools: see encode_prompts above): each prompt is the conversation up to its calling turn, and the
+    logged completions name the calls expected."""
+    from tests.tiny_model import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base", context=2048)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl([_row(city) for city in ["Paris", "Tokyo", "Lima", "Oslo"]]))
+    grader = {"operation": "toolCalls"}
+    task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", objective="grpo", method="full",
+                         grpo={"generations": 2, "maxNewTokens": 16, "grader": grader, "logCompletions": 4},
+                         hyperparameters={"epochs": 1, "batchSize": 2, "maxSeqLength": 1024})
+    done = run_finetune(write_task(task, tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = open_store(task["artifactUri"])
+    assert run.read_json("result.json")["steps"] == 2
+    logged = [json.loads(line) for step in (1, 2)
+              for line in run.read_bytes(f"completions/step-{step:06d}.jsonl").decode().splitlines()]
+    assert sorted(row["reference"] for row in logged) == sorted(f'get_weather({{"city": "{city}"}})'
+                                                              for city in ["Paris", "Tokyo", "Lima", "Oslo"])
+    for row in logged:  # the prompt is the conversation before the calling turn; two answers sampled to it
+        city = row["reference"].split('"')[3]
+        assert row["prompt"] == [{"role": "user", "content": f"Weather in {city}?"}] and len(row["answers"]) == 2
