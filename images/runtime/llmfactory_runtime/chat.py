@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .task import InvalidTask
+from .tool_calls import arguments_object
 
 # Templates a FineTune can ask for (spec.chatTemplate), with the markers they write as tokens. ChatML
 # is also what a tokenizer without a template of its own gets (a base model's, or one trained here).
@@ -125,13 +125,8 @@ def _for_template(message: dict[str, Any]) -> dict[str, Any]:
     calls = []
     for call in message["tool_calls"]:
         arguments = call["function"]["arguments"]
-        if isinstance(arguments, str):
-            try:
-                parsed = json.loads(arguments)
-            except json.JSONDecodeError:
-                parsed = None
-            arguments = parsed if isinstance(parsed, dict) else arguments
-        calls.append({**call, "function": {**call["function"], "arguments": arguments}})
+        parsed = arguments_object(arguments) if isinstance(arguments, str) else None
+        calls.append({**call, "function": {**call["function"], "arguments": arguments if parsed is None else parsed}})
     return {**message, "tool_calls": calls}
 
 

@@ -123,19 +123,20 @@ def graded_of(row: dict[str, Any], grader: dict[str, Any]) -> dict[str, Any]:
         for name in _item_fields(part):
             if name not in row:
                 raise ValueError(f"needs field {name!r}, which grader.prompt reads ({{{{item.{name}}}}})")
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
+    graded = {"messages": messages, "tools": tools_of(row), "question": question, "item": row,
+              **({"calls": calls} if calls is not None else {})}
     compared = [part for part in parts if reads_reference(part)]
     for part in compared:
         if part["operation"] == "toolCalls":
-            calls_of({"item": row, "calls": calls}, part)
+            calls_of(graded, part)
         elif reference_of(row, part) is None:
             raise ValueError(f"needs its reference answer in field {part['referenceField']!r} (grader.referenceField) "
                              f"as a string or a number, got {row.get(part['referenceField'])!r}")
     first = compared[0] if compared else grader
-    reference = (shown(calls_of({"item": row, "calls": calls}, first)) if first["operation"] == "toolCalls"
-                 else reference_of(row, first))
-    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-    return {"messages": messages, "tools": tools_of(row), "question": question, "reference": reference, "item": row,
-            **({"calls": calls} if calls is not None else {})}
+    graded["reference"] = (shown(calls_of(graded, first)) if first["operation"] == "toolCalls"
+                           else reference_of(row, first))
+    return graded
 
 
 def calls_of(graded: dict[str, Any], part: dict[str, Any]) -> list[dict[str, Any]]:

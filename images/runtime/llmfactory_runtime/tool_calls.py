@@ -21,13 +21,19 @@ def _call(value: Any) -> dict[str, Any] | None:
         value = value["function"]
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
-    arguments = value.get("arguments", value.get("parameters", {}))
+    arguments = arguments_object(value.get("arguments", value.get("parameters", {})))
+    return {"name": value["name"], "arguments": arguments} if arguments is not None else None
+
+
+def arguments_object(arguments: Any) -> dict[str, Any] | None:
+    """A call's arguments as an object: OpenAI's JSON text parsed (empty text: none); None when they
+    are not an object."""
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
             return None
-    return {"name": value["name"], "arguments": arguments} if isinstance(arguments, dict) else None
+    return arguments if isinstance(arguments, dict) else None
 
 
 def _calls(values: list[Any]) -> list[dict[str, Any]] | None:
