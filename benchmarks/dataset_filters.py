@@ -56,11 +56,11 @@ def main() -> None:
     results = [
         timed("answer filters (refusal, length, truncation)", rows,
               lambda drops: sum(keep.reason_to_drop(*a) is None for a in answers)),
-        timed("exact duplicate prompts", rows, lambda drops: len(dedupe(prompts, None, drops))),
-        timed("near-duplicate prompts (MinHash LSH, 0.85)", rows, lambda drops: len(dedupe(prompts, 0.85, drops))),
+        timed("exact duplicate prompts", rows, lambda drops: len(list(dedupe(prompts, None, drops)))),
+        timed("near-duplicate prompts (MinHash LSH, 0.85)", rows, lambda drops: len(list(dedupe(prompts, 0.85, drops)))),
         timed("language detection (py3langid, en/ru/zh)", rows,
-              lambda drops: len(detect([dict(p) for p in prompts], {"minConfidence": 0.5},
-                                       {"en": rows, "ru": rows, "zh": rows}, drops))),
+              lambda drops: len(list(detect(prompts, {"minConfidence": 0.5}, {"en": rows, "ru": rows, "zh": rows},
+                                            drops)))),
     ]
     print(f"{rows} synthetic conversations (en/ru/zh, ~5% refusals, ~10% near-duplicate prompts)")
     print(f"{'stage':48} {'seconds':>8} {'rows/s':>10} {'dropped':>8}")

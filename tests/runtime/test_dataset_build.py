@@ -711,8 +711,8 @@ def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
     messages = tmp_path / "messages.parquet"
     pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": "2+2?"}]}]), messages)
     drops = Drops()
-    prompts = collect([{"huggingface": {"id": str(hub.parent), "split": "train"}, "languageField": "nope"},
-                       {"uri": alpaca, "language": "en"}, {"uri": f"file://{messages}"}], drops)
+    prompts = list(collect([{"huggingface": {"id": str(hub.parent), "split": "train"}, "languageField": "nope"},
+                            {"uri": alpaca, "language": "en"}, {"uri": f"file://{messages}"}], drops))
     assert [p["turns"] for p in prompts] == [["Привет! Как дела?"], ["Hi!"], ["Translate to French\n\ncat"],
                                              ["Name a color"], ["2+2?"]]
     assert prompts[1]["system"] == "Be brief." and prompts[2]["language"] == "en"
@@ -769,9 +769,9 @@ def test_a_hugging_face_source_with_max_rows_streams_its_first_rows_without_copy
         pq.write_table(pa.Table.from_pylist([{"text": f"Document {shard}.{i} about the sea."} for i in range(3)]),
                        hub / f"train-0000{shard}-of-00002.parquet")
     source = {"huggingface": {"id": str(hub.parent)}}
-    streamed = collect([{**source, "maxRows": 4}], Drops(), documents=True)
+    streamed = list(collect([{**source, "maxRows": 4}], Drops(), documents=True))
     assert not list((tmp_path / "cache").rglob("*.arrow"))
-    whole = collect([source], Drops(), documents=True)
+    whole = list(collect([source], Drops(), documents=True))
     assert list((tmp_path / "cache").rglob("*.arrow"))  # the whole split, copied as Arrow
     assert [p["turns"] for p in streamed] == [p["turns"] for p in whole[:4]]
     assert streamed[3]["turns"] == ["Document 1.0 about the sea."] and len(whole) == 6
@@ -799,7 +799,7 @@ def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp
     def collected(source_rows, with_answers, **source):
         drops = Drops()
         uri = jsonl_file(tmp_path / "rows.jsonl", source_rows)
-        return collect([{"uri": uri, **source}], drops, with_answers=with_answers), drops
+        return list(collect([{"uri": uri, **source}], drops, with_answers=with_answers)), drops
 
     kept, drops = collected(rows[:6], True)
     assert [(p["system"], p["turns"], p["answers"]) for p in kept] == [
@@ -1265,6 +1265,14 @@ def test_format_text_keeps_documents_as_written_for_continued_pretraining(tmp_pa
     assert "Rows: documents in `text`, for continued pre-training" in store.read_bytes("README.md").decode()
     # The same corpus and seed: the same split, the same digest.
     assert run_in_process(tmp_path / "again", doc)[1]["digest"] == result["digest"]
+    # samplesPerLanguage is filled with documents the bounds and duplicate filters keep ("Too short." is
+    # English too, and no sample of it is lost); a document left over is shown as the others are.
+    _, sampled = run_in_process(tmp_path / "sampled", {**doc, "spec": {**doc["spec"], "samplesPerLanguage": {"en": 4}}})
+    assert sampled["rowsPerLanguage"] == {"en": 5}  # 4 sampled and the held-out test source's
+    assert sampled["dropped"] == {**result["dropped"], "over_language_count": 1, "language_not_requested": 2}
+    [left_over] = sampled["droppedExamples"]["over_language_count"]
+    assert left_over.removeprefix("[en] ") in written and "[ru] " + documents[2]["text"] in (
+        sampled["droppedExamples"]["language_not_requested"])
     from llmfactory_runtime.finetune import encoding
     from transformers import AutoTokenizer
     split = encoding.encode({"objective": "sft", "hyperparameters": {"maxSeqLength": 512}},
@@ -1283,12 +1291,12 @@ def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_plann
     monkeypatch.setenv("LLMFACTORY_CONFIG_MAPS", str(tmp_path))
     planned = {"0": {"name": "prompts", "key": "p.jsonl", "sha256": hashlib.sha256((folder / "p.jsonl").read_bytes()).hexdigest()}}
     drops = Drops()
-    prompts = collect([{"configMap": {"name": "prompts", "key": "p.jsonl"}, "language": "ru"}], drops, planned)
+    prompts = list(collect([{"configMap": {"name": "prompts", "key": "p.jsonl"}, "language": "ru"}], drops, planned))
     assert [(p["turns"], p["language"]) for p in prompts] == [(["Почему небо голубое?"], "ru")]
     assert drops.counts == {"malformed": 1}
     (folder / "p.jsonl").write_text('{"prompt": "edited after planning"}\n')
     with pytest.raises(InvalidTask, match=r"spec.sources\[0\].configMap: ConfigMap prompts changed after this run"):
-        collect([{"configMap": {"name": "prompts", "key": "p.jsonl"}}], Drops(), planned)
+        list(collect([{"configMap": {"name": "prompts", "key": "p.jsonl"}}], Drops(), planned))
 
 
 def test_short_prompts_are_told_apart_among_the_requested_languages():
@@ -1300,7 +1308,7 @@ def test_short_prompts_are_told_apart_among_the_requested_languages():
     found = detect([{"turns": [t]} for t, _ in samples], {"minConfidence": 0.5}, {"ru": 1, "en": 1, "zh": 1}, drops)
     assert [p["language"] for p in found] == [lang for _, lang in samples]
     with pytest.raises(ValueError, match="spec.languageDetection.candidates: xx"):
-        detect([], {"candidates": ["en", "xx"]}, None, drops)
+        list(detect([], {"candidates": ["en", "xx"]}, None, drops))
 
 
 def test_token_bucket_waits_for_the_rate_and_retry_after_parses_both_forms():

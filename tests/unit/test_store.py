@@ -2,7 +2,7 @@
 
 import pytest
 
-from llmfactory_runtime.store import finished_result, open_store, write_result
+from llmfactory_runtime.store import finished_result, local_copy, open_store, write_result
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -25,6 +25,21 @@ def test_bytes_and_json_round_trip(store):
         store.read_bytes("nothing")
     assert store.list("a") == ["b.txt", "c.json"]
     assert store.child("a").read_bytes("b.txt") == b"two"
+
+
+def test_a_file_is_read_from_local_disk_where_it_lies_and_from_a_download_of_an_s3_object(store, tmp_path):
+    """local_copy: what reads a source larger than memory in pieces (a DatasetBuild's corpus)."""
+    store.write_bytes("corpus/part.jsonl", b'{"text": "one"}\n' * 1000)
+    with local_copy(f"{store.uri}/corpus/part.jsonl") as path:
+        assert path.read_bytes() == b'{"text": "one"}\n' * 1000 and path.name == "part.jsonl"
+        local = store.local_path("corpus/part.jsonl") is not None
+        assert (path == store.local_path("corpus/part.jsonl")) is local  # file://: no copy
+    assert path.exists() is local  # a download is deleted after
+    with pytest.raises(FileNotFoundError):
+        with local_copy(f"{store.uri}/corpus/missing.jsonl"):
+            pass
+    with pytest.raises(FileNotFoundError):
+        store.download_file("corpus/missing.jsonl", tmp_path / "missing.jsonl")
 
 
 def test_result_counts_only_once_committed(store):

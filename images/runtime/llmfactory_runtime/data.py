@@ -216,7 +216,12 @@ def graded_turn(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
 
 
 def dumps_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    return b"".join(map(jsonl_line, rows))
+
+
+def jsonl_line(row: dict[str, Any]) -> bytes:
+    """A row as a line of a JSONL file, as every file the runtime writes has it."""
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode()
 
 
 def read_split(dataset_uri: str, split: str) -> list[dict[str, Any]]:

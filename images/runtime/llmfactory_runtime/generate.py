@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
-from .chat import apply_template, end_of_turn, refuse_unwritten, render, unwritten
+from .chat import end_of_turn, refuse_unwritten, render, unwritten
 
 # The most prompt tokens one forward pass takes in (longer prompts are prefilled in chunks).
 MAX_BATCH_TOKENS = 2048
@@ -34,11 +34,11 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def prompt_ids(tokenizer, conversation: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
     """The conversation's tokens up to where the assistant answers, with the tools it may call
-    (a template that leaves one out is an invalid task)."""
-    if tools:
-        refuse_unwritten(unwritten(render(tokenizer, conversation, add_generation_prompt=True, tools=tools), tools))
-    encoded = apply_template(tokenizer, conversation, tools, add_generation_prompt=True, return_dict=True)
-    return list(encoded["input_ids"])
+    (a template that leaves one out is an invalid task): the rendered text's tokens, as
+    apply_chat_template gives them and as training tokenizes its conversations."""
+    text = render(tokenizer, conversation, add_generation_prompt=True, tools=tools)
+    refuse_unwritten(unwritten(text, tools))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def to_generation(tokenizer, tokens: list[int], stop: list[int]) -> Generation:

@@ -1,8 +1,8 @@
 """DatasetBuild: prompts -> language detection, dedup, sampling -> teacher answers (cached
 across runs, never paid twice; without a teacher, the sources' own answers) -> filters ->
 (preferences: a second, rejected answer to each conversation's last turn) -> train/validation/test
-splits as JSONL and Parquet. Format text: documents through the same language detection, dedup,
-sampling and length bounds, then splits.
+splits as JSONL and Parquet (splits.py). Format text: documents streamed through the length
+bounds, the same language detection, dedup and sampling, then splits (corpus.py).
 
 Sharded (spec.shards = N): every shard selects the same prompts (the selection is
 deterministic and cheap next to the models), asks the teacher (or, without one, the judge and
@@ -15,75 +15,24 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
-import json
-import random
 from collections import Counter
 from typing import Any
 
 from .. import DATASET_BUILD_ENDPOINTS, at_path
-from ..data import SPLITS, dumps_jsonl, preference_row, to_row
+from ..data import SPLITS, preference_row, to_row
 from ..grader import api_usage, last_match
 from ..usage import Usage
 from ..progress import Progress
 from ..store import SHARDS, Store, finished_result
-from . import teacher as teacher_
+from . import corpus, teacher as teacher_
 from .answer_judge import AnswerJudge
 from .dedupe import dedupe
 from .difficulty import FIELD as DIFFICULTY, by_difficulty
 from .reward_scorer import RewardScorer
 from .filters import AnswerFilter, drop_long_prompts, token_counter
 from .languages import detect
-from .sources import Drops, collect
-
-
-HELD_OUT_FIRST = {"test": 0, "validation": 1}
-
-
-def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed: int,
-                        drops: Drops) -> list[dict]:
-    """At most counts[lang] prompts of each listed language, sampled, and none of the others; a held-out
-    source's prompts (a benchmark's test split) are not sampled, only kept in the listed languages, and
-    do not count: the test set stays whole and the other prompts fill the counts."""
-    if not counts:
-        return prompts
-    rng, kept = random.Random(seed), []
-    by_lang: dict[str, list[dict]] = {}
-    for p in prompts:
-        if p.get("split") in HELD_OUT_FIRST and p["language"] in counts:
-            kept.append(p)
-        else:
-            by_lang.setdefault(p["language"], []).append(p)
-    for lang, group in by_lang.items():
-        take = min(len(group), counts.get(lang, 0))
-        chosen = set(map(id, rng.sample(group, take)))
-        kept += [p for p in group if id(p) in chosen]
-        for p in group:
-            if id(p) not in chosen:
-                drops.add("language_not_requested" if lang not in counts else "over_language_count",
-                          f"[{lang}] {p['turns'][0]}")
-    return kept
-
-
-def split_rows(rows: list[dict], split: dict) -> dict[str, list[dict]]:
-    """Seeded shuffle, then test, validation and train cuts; rows of a source with a fixed split go
-    there, besides. Prompts are unique, so no prompt appears in two splits; a non-zero share gets at
-    least one row when there are enough."""
-    fixed = {name: sorted((r for r in rows if r.get("split") == name), key=lambda r: r["key"]) for name in SPLITS}
-    cut = _shared_out([r for r in rows if not r.get("split")], split)
-    return {name: cut[name] + fixed[name] for name in SPLITS}
-
-
-def _shared_out(rows: list[dict], split: dict) -> dict[str, list[dict]]:
-    rows = sorted(rows, key=lambda r: r["key"])
-    random.Random(split.get("seed", 42)).shuffle(rows)
-    n = len(rows)
-    sizes = {}
-    for name in ("test", "validation"):
-        share = split.get(name, 0.1)
-        sizes[name] = max(1, round(n * share)) if share > 0 and n >= 3 else round(n * share)
-    cut_test, cut_val = sizes["test"], sizes["test"] + sizes["validation"]
-    return {"test": rows[:cut_test], "validation": rows[cut_test:cut_val], "train": rows[cut_val:]}
+from .sources import HELD_OUT_FIRST, Drops, collect
+from .splits import row_key, sample_per_language, split_rows, write_split
 
 
 # Each model's line on the dataset card: who, and what it gave
@@ -121,32 +70,17 @@ def _card(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _parquet(rows: list[dict[str, Any]]) -> bytes:
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buf, compression="zstd")
-    return buf.getvalue()
-
-
 def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dict]:
     spec = task["spec"]
     progress.stage("reading prompts")
     # Without a teacher, the turns the sources answer, with their answers.
-    documents = spec.get("format") == "text"
-    prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"),
-                      with_answers=not spec.get("teacher") and not documents, documents=documents,
+    prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"), with_answers=not spec.get("teacher"),
                       whole_tools=keeps_tool_calls(spec))
     wanted = spec.get("samplesPerLanguage")
     if spec.get("languageDetection") is not None:
         prompts = detect(prompts, spec["languageDetection"], wanted, drops)
     filters = spec.get("filters") or {}
-    # A fixed test (then validation) source's prompts first: a duplicate of one is dropped from the others,
-    # so no held-out question is trained on, whatever the sources' order.
-    prompts = sorted(prompts, key=lambda p: HELD_OUT_FIRST.get(p.get("split"), len(HELD_OUT_FIRST)))
-    prompts = dedupe(prompts, filters.get("nearDuplicateThreshold") or None, drops,  # 0: off
-                     unit="document" if documents else "prompt")
+    prompts = list(dedupe(prompts, filters.get("nearDuplicateThreshold") or None, drops))  # 0: off
     if filters.get("maxPromptTokens"):
         prompts = drop_long_prompts(prompts, filters["maxPromptTokens"], task["inputs"]["tokenizer"], drops)
     return sample_per_language(prompts, wanted, spec["split"]["seed"], drops)
@@ -158,24 +92,6 @@ def keeps_tool_calls(spec: dict[str, Any]) -> bool:
     text, or writes rows without their calls, and drops them (tool_calls)."""
     return (not spec.get("teacher") and spec.get("format", "chatml") == "chatml" and not spec.get("preferences")
             and not _pairs_from_sources(spec) and not (spec.get("filters") or {}).get("judge"))
-
-
-def _documents(task: dict[str, Any], prompts: list[dict], drops: Drops) -> list[dict]:
-    """format text: the documents (each prompt's one turn) within filters.minAnswerChars and
-    maxAnswerChars, as rows of {text, language} (and a fixed split's)."""
-    filters = task["spec"].get("filters") or {}
-    bounds = AnswerFilter({"refusals": False, **{k: v for k, v in filters.items() if k in ("minAnswerChars",
-                                                                                         "maxAnswerChars")}})
-    rows = []
-    for prompt in prompts:
-        [text] = prompt["turns"]
-        reason = bounds.reason_to_drop(text, finished=True)
-        if reason:
-            drops.add(reason, text)
-        else:
-            split = {"split": prompt["split"]} if "split" in prompt else {}
-            rows.append({"text": text, "language": prompt["language"], **split})
-    return rows
 
 
 def _answer(task: dict[str, Any], prompts: list[dict], drops: Drops, progress: Progress, transport=None):
@@ -360,39 +276,27 @@ def _add_shard_bills(run: Store, shards: int, usages: dict[str, Usage], graders:
 
 def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) -> dict[str, Any]:
     spec = task["spec"]
-    drops, before = Drops(), _grader_usages(spec)
-    prompts = _prompts(task, drops, progress)
-    if spec.get("format") == "text":  # documents, as they are: nothing to answer, rate or pair
-        rows, usage, usages = _documents(task, prompts, drops), None, {}
+    drops, before, data = Drops(), _grader_usages(spec), run.child("data")
+    if spec.get("format") == "text":  # documents, as they are: nothing to answer, rate or pair; streamed
+        fmt, usage, usages = "text", None, {}
+        written = corpus.write(task, data, drops, progress)
     else:
+        prompts = _prompts(task, drops, progress)
         rows, usage, judge = _answer(task, prompts, drops, progress, transport)
         rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
         rows, difficulty_usage = _graded(task, rows, drops, progress, transport)
         usages = _usages(usage, judge, rejected_usage, scorer, difficulty_usage)
+        fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
+        written = _write(rows, fmt, spec, data, progress)
     graders = _grader_usages(spec, before)
     if spec.get("shards", 1) > 1:
         _add_shard_bills(run, spec["shards"], usages, {name: u for name, (u, _) in graders.items()})
-    fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
-    for row in rows:
-        row["key"] = _first_user_key(row["messages"]) if fmt != "text" else _key(None, row["text"])
-
-    progress.stage("writing splits")
-    splits = split_rows(rows, spec["split"])
-    data = run.child("data")
-    digest = hashlib.sha256()
-    for name in SPLITS:
-        rendered = [_rendered(r, fmt) for r in splits[name]]
-        blob = dumps_jsonl(rendered)
-        data.write_bytes(f"{name}.jsonl", blob)
-        digest.update(name.encode() + b"\0" + blob)
-        if spec.get("parquet", True):
-            data.write_bytes(f"{name}.parquet", _parquet(rendered))
     result = {
         "uri": data.uri,
         "format": fmt,
-        "digest": "sha256:" + digest.hexdigest(),
-        "rows": {name: len(splits[name]) for name in SPLITS},
-        "rowsPerLanguage": dict(Counter(r["language"] for r in rows)),
+        "digest": written["digest"],
+        "rows": written["rows"],
+        "rowsPerLanguage": written["rowsPerLanguage"],
         "dropped": dict(drops.counts),
         "droppedExamples": drops.examples,
         "teacherTokens": usage.used_tokens if usage else 0,
@@ -407,6 +311,18 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result
+
+
+def _write(rows: list[dict], fmt: str, spec: dict[str, Any], data: Store, progress: Progress) -> dict[str, Any]:
+    """The kept conversations' splits written to data: {rows: per split, rowsPerLanguage, digest}."""
+    for row in rows:
+        row["key"] = _first_user_key(row["messages"])
+    progress.stage("writing splits")
+    splits, digest = split_rows(rows, spec["split"]), hashlib.sha256()
+    counts = {name: write_split(data, name, (_rendered(r, fmt) for r in splits[name]), digest, spec.get("parquet", True))
+              for name in SPLITS}
+    return {"rows": counts, "rowsPerLanguage": dict(Counter(r["language"] for r in rows)),
+            "digest": "sha256:" + digest.hexdigest()}
 
 
 def _graded(task: dict[str, Any], rows: list[dict], drops: Drops, progress: Progress,
@@ -444,8 +360,6 @@ def _rendered(row: dict, fmt: str) -> dict[str, Any]:
     reference (graded: the conversation up to its last user turn), or the conversation."""
     if fmt == "preference":
         return preference_row(row["messages"], row["rejected"], language=row["language"], **_scores(row))
-    if fmt == "text":
-        return {"text": row["text"], "language": row["language"]}
     if fmt == "graded":
         rate = {"pass_rate": row["passRate"]} if "passRate" in row else {}
         return to_row(row["messages"][:-1], "chatml", reference=row["reference"], **rate, language=row["language"])
@@ -459,13 +373,6 @@ def _scores(row: dict) -> dict[str, float]:
 
 
 def _first_user_key(messages: list[dict[str, str]]) -> str:
-    """What orders rows before the seeded shuffle: the system message and the opening prompt
-    (unique after dedupe), so the same data and seed always give the same split."""
+    """A conversation's row_key: its system message and opening prompt (unique after dedupe)."""
     first = next(m["content"] for m in messages if m["role"] == "user")
-    return _key(messages[0]["content"] if messages[0]["role"] == "system" else None, first)
-
-
-def _key(system: str | None, first: str) -> str:
-    """The order of a row (a conversation's system message and opening prompt, a document's text)
-    before the seeded shuffle."""
-    return hashlib.sha256(json.dumps([system, first]).encode()).hexdigest()[:32]
+    return row_key(messages[0]["content"] if messages[0]["role"] == "system" else None, first)

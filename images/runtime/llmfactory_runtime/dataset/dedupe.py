@@ -4,8 +4,9 @@ opening prompt; the first one kept."""
 
 from __future__ import annotations
 
+import hashlib
 import re
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from .sources import Drops
 
@@ -29,34 +30,69 @@ def shingles(text: str, n: int = 3) -> set[str]:
     return {" ".join(units[i:i + n]) for i in range(len(units) - n + 1)}
 
 
-def dedupe(prompts: list[dict[str, Any]], threshold: float | None, drops: Drops,
-           unit: str = "prompt") -> list[dict[str, Any]]:
-    """The prompts (or, unit "document", a text build's documents) but the duplicates, counted in
-    drops as duplicate_<unit> and near_duplicate_<unit>."""
-    seen: set[str] = set()
-    unique = []
-    for p in prompts:
-        key = _normal(p["turns"][0])  # conversations are told apart by their opening prompt, and
-        if key in seen:               # unique first prompts mean no prompt can land in two splits
-            drops.add(f"duplicate_{unit}", p["turns"][0])
-            continue
-        seen.add(key)
-        unique.append(p)
-    if threshold is None:
-        return unique
-    from datasketch import MinHash, MinHashLSH  # noqa: PLC0415
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-    kept = []
-    for start in range(0, len(unique), BULK):
-        chunk = unique[start:start + BULK]
-        # bulk: the permutations are drawn once per chunk, not once per prompt (4x faster)
-        signatures = MinHash.bulk([[s.encode() for s in shingles(p["turns"][0])] for p in chunk],
-                                  num_perm=NUM_PERM, seed=1)
-        for index, (p, signature) in enumerate(zip(chunk, signatures), start):
-            if lsh.query(signature):
-                drops.add(f"near_duplicate_{unit}", p["turns"][0])
+def dedupe(prompts: Iterable[dict[str, Any]], threshold: float | None, drops: Drops,
+           unit: str = "prompt") -> Iterator[dict[str, Any]]:
+    """The prompts (or, unit "document", a text build's documents) but the duplicates, as they come,
+    counted in drops as duplicate_<unit> and near_duplicate_<unit>. What it remembers of each prompt
+    kept is a digest (and with a threshold, its MinHash bands), not its text: a corpus larger than
+    memory goes through."""
+    seen: set[bytes] = set()
+    bands = Bands(threshold) if threshold is not None else None
+    for chunk in _chunks(prompts, BULK):
+        unique = []
+        for p in chunk:
+            # conversations are told apart by their opening prompt, and unique
+            # first prompts mean no prompt can land in two splits
+            key = hashlib.blake2b(_normal(p["turns"][0]).encode(), digest_size=16).digest()
+            if key in seen:
+                drops.add(f"duplicate_{unit}", p["turns"][0])
                 continue
-            lsh.insert(str(index), signature)
-            kept.append(p)
-    return kept
+            seen.add(key)
+            unique.append(p)
+        yield from _distinct(unique, bands, drops, unit) if bands is not None else unique
+
+
+class Bands:
+    """MinHash LSH reduced to what dedupe asks of it: whether a signature shares a band with one kept
+    before (what datasketch's MinHashLSH.query answers: candidates, unverified), with its bands and
+    rows for the threshold. A kept signature's bands are remembered as 64-bit hashes: ~0.6 KB a
+    document, where MinHashLSH keeps each band's bytes and the key twice (~2.9 KB)."""
+
+    def __init__(self, threshold: float):
+        from datasketch import MinHashLSH  # noqa: PLC0415
+
+        self.ranges = MinHashLSH(threshold=threshold, num_perm=NUM_PERM).hashranges
+        self.tables: list[set[int]] = [set() for _ in self.ranges]
+
+    def seen_else_keep(self, signature) -> bool:
+        """Whether a kept signature shares a band with this one; if none does, this one is kept."""
+        hashes = [hash(signature.hashvalues[start:end].tobytes()) for start, end in self.ranges]
+        if any(h in table for h, table in zip(hashes, self.tables)):
+            return True
+        for h, table in zip(hashes, self.tables):
+            table.add(h)
+        return False
+
+
+def _distinct(chunk: list[dict[str, Any]], bands: Bands, drops: Drops, unit: str) -> Iterator[dict[str, Any]]:
+    """The chunk's prompts that are not near duplicates of one kept before (in bands, which takes them)."""
+    from datasketch import MinHash  # noqa: PLC0415
+
+    # bulk: the permutations are drawn once per chunk, not once per prompt (4x faster)
+    signatures = MinHash.bulk([[s.encode() for s in shingles(p["turns"][0])] for p in chunk], num_perm=NUM_PERM, seed=1)
+    for p, signature in zip(chunk, signatures):
+        if bands.seen_else_keep(signature):
+            drops.add(f"near_duplicate_{unit}", p["turns"][0])
+        else:
+            yield p
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

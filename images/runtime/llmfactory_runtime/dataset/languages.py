@@ -5,7 +5,7 @@ the candidates default to the keys of samplesPerLanguage. Accuracy: benchmarks/l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from ..task import InvalidTask
 from .sources import Drops
@@ -24,15 +24,14 @@ def identifier(candidates: list[str]):
     return ident
 
 
-def detect(prompts: list[dict[str, Any]], spec: dict[str, Any], wanted: dict[str, int] | None,
-           drops: Drops) -> list[dict[str, Any]]:
-    """Prompts with their detected language; those detected with too little confidence dropped."""
+def detect(prompts: Iterable[dict[str, Any]], spec: dict[str, Any], wanted: dict[str, int] | None,
+           drops: Drops) -> Iterator[dict[str, Any]]:
+    """Prompts with their detected language, as they come; those detected with too little confidence
+    dropped."""
     ident = identifier(spec.get("candidates") or sorted(wanted or {}))
-    kept = []
     for p in prompts:
         lang, confidence = ident.classify(p["turns"][0])
         if confidence < spec.get("minConfidence", 0.5):
             drops.add("language_uncertain", p["turns"][0])
             continue
-        kept.append({**p, "language": lang, "languageConfidence": round(float(confidence), 3)})
-    return kept
+        yield {**p, "language": lang, "languageConfidence": round(float(confidence), 3)}

@@ -15,21 +15,24 @@ rates both (UltraFeedback's score_chosen and score_rejected); a prompt of a sour
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
 from ..data import messages_of, tools_of
-from ..store import read_file
+from ..store import local_copy
 from ..task import InvalidTask
 
 UNKNOWN_LANGUAGE = "und"
+PARQUET_BATCH = 1024
+# A fixed test (then validation) source's rows come first: a duplicate of one is dropped from the
+# others, so no held-out question is trained on, whatever the sources' order.
+HELD_OUT_FIRST = {"test": 0, "validation": 1}
 EXAMPLES_PER_REASON = 3
 USER_ROLES, SYSTEM_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"system"}, {"gpt", "assistant"}
 
@@ -42,15 +45,22 @@ class Drops:
         self.examples: dict[str, list[str]] = {}
 
     def add(self, reason: str, example: Any = "", n: int = 1) -> None:
+        """example: the row or text, or a function that gives it (read only for the few shown)."""
         self.counts[reason] += n
         shown = self.examples.setdefault(reason, [])
+        if callable(example) and len(shown) < EXAMPLES_PER_REASON:
+            example = example()
         if example and len(shown) < EXAMPLES_PER_REASON:
             text = example if isinstance(example, str) else json.dumps(example, ensure_ascii=False, default=str)
             shown.append(text if len(text) <= 120 else text[:117] + "...")
 
 
 def _rows_of_uri(uri: str, field: str) -> Iterable[Any]:
-    yield from _rows_of_file(read_file(uri), uri.rstrip("/").rsplit("/", 1)[-1], f"{field}: {uri}")
+    try:
+        with local_copy(uri) as path:
+            yield from _rows_of_file(path, f"{field}: {uri}")
+    except FileNotFoundError:
+        raise InvalidTask(f"{field}: there is no file at {uri}") from None
 
 
 def _rows_of_config_map(file: dict[str, str], field: str) -> Iterable[Any]:
@@ -63,21 +73,25 @@ def _rows_of_config_map(file: dict[str, str], field: str) -> Iterable[Any]:
     if hashlib.sha256(data).hexdigest() != file["sha256"]:
         raise InvalidTask(f"{field}: ConfigMap {file['name']} changed after this run was planned; the operator "
                           "plans a new run for the new content")
-    yield from _rows_of_file(data, file["key"], f"{field}: ConfigMap {file['name']} key {file['key']}")
+    yield from _rows_of_file(path, f"{field}: ConfigMap {file['name']} key {file['key']}")
 
 
-def _rows_of_file(data: bytes, name: str, what: str) -> Iterable[Any]:
-    if name.endswith(".parquet"):
+def _rows_of_file(path: Path, what: str) -> Iterable[Any]:
+    """The file's rows, read a piece at a time (a corpus may be larger than memory): a Parquet
+    file's by row batch, a JSONL file's by line."""
+    if path.name.endswith(".parquet"):
         import pyarrow.parquet as pq  # noqa: PLC0415 - only for Parquet sources
 
-        yield from pq.read_table(io.BytesIO(data)).to_pylist()
-    elif name.endswith((".jsonl", ".json")):
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError:
-                    yield line  # counted as malformed by the caller
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH):
+            yield from batch.to_pylist()
+    elif path.name.endswith((".jsonl", ".json")):
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        yield line.rstrip("\r\n")  # counted as malformed by the caller
     else:
         raise InvalidTask(f"{what} is neither .jsonl nor .parquet")
 
@@ -264,19 +278,20 @@ def answered(prompt: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, dict[str, str]] | None = None,
-            with_answers: bool = False, documents: bool = False, whole_tools: bool = False) -> list[dict[str, Any]]:
-    """[{turns, system, language, answers}] from every source, in order. `config_maps`: the task's
-    inputs.configMaps ({source index: {name, key, sha256}}). with_answers: only the turns the rows
-    answer (answered), a row that answers none dropped (no_answer). documents (format text): each
-    row's document, its one turn. whole_tools: a function-calling conversation is kept whole
-    (_whole), else dropped (tool_calls)."""
-    prompts = []
-    for index, source in enumerate(sources):
+            with_answers: bool = False, documents: bool = False, whole_tools: bool = False) -> Iterator[dict[str, Any]]:
+    """{turns, system, language, answers} of every source's rows, as they are read: a fixed test
+    source's first, then a validation source's, then the others in order (HELD_OUT_FIRST).
+    `config_maps`: the task's inputs.configMaps ({source index: {name, key, sha256}}). with_answers:
+    only the turns the rows answer (answered), a row that answers none dropped (no_answer). documents
+    (format text): each row's document, its one turn. whole_tools: a function-calling conversation is
+    kept whole (_whole), else dropped (tool_calls)."""
+    ordered = sorted(enumerate(sources), key=lambda s: HELD_OUT_FIRST.get(s[1].get("split"), len(HELD_OUT_FIRST)))
+    for index, source in ordered:
         default_lang = source.get("language") or UNKNOWN_LANGUAGE
         split = {"split": source["split"]} if source.get("split") else {}
         if "inline" in source:
-            prompts += [{"turns": [p["text"]], "system": source.get("systemPrompt"), "answers": None,
-                         "language": p.get("language") or default_lang, **split} for p in source["inline"]]
+            yield from ({"turns": [p["text"]], "system": source.get("systemPrompt"), "answers": None,
+                         "language": p.get("language") or default_lang, **split} for p in source["inline"])
             continue
         field = f"spec.sources[{index}]"
         if "huggingface" in source:
@@ -303,5 +318,4 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
                     drops.add("no_answer", prompt["turns"][0])
                     continue
                 prompt = kept
-            prompts.append({**prompt, **split})
-    return prompts
+            yield {**prompt, **split}

@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 from .base import COMMIT_MARKER, Store
 
@@ -28,6 +31,24 @@ def read_file(uri: str) -> bytes:
     """One file named by its whole URI (a questions file, a task document, a source's rows)."""
     folder, name = uri.rstrip("/").rsplit("/", 1)
     return open_store(folder).read_bytes(name)
+
+
+@contextmanager
+def local_copy(uri: str) -> Iterator[Path]:
+    """The file a URI names as a local path, to read in pieces (a corpus larger than memory): a
+    file:// URI's own, an s3:// object's download in a temporary directory, deleted after.
+    FileNotFoundError when there is none."""
+    folder, name = uri.rstrip("/").rsplit("/", 1)
+    store = open_store(folder)
+    path = store.local_path(name)
+    if path is not None:  # file://: read where it is
+        if not path.is_file():
+            raise FileNotFoundError(uri)
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        store.download_file(name, Path(tmp) / name)
+        yield Path(tmp) / name
 
 
 def finished_result(run: Store) -> dict[str, Any] | None:
@@ -65,4 +86,4 @@ def write_result(run: Store, result: dict[str, Any]) -> None:
 
 
 __all__ = ["COMMIT_MARKER", "PROGRESS", "RESULT", "SHARDS", "TASK", "Store", "finished_result", "open_store",
-           "read_file", "read_progress", "write_result"]
+           "local_copy", "read_file", "read_progress", "write_result"]

@@ -49,6 +49,10 @@ class Store(ABC):
     @abstractmethod
     def download_file(self, rel: str, local: Path) -> None: ...
 
+    def local_path(self, rel: str) -> Path | None:
+        """Where the object lies on this machine's disk, if it does (file://), else None."""
+        return None
+
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 

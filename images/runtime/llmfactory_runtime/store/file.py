@@ -48,6 +48,9 @@ class FileStore(Store):
     def upload_file(self, local: Path, rel: str) -> None:
         atomic_write(self._path(rel), source=local)  # two processes may upload the same file
 
+    def local_path(self, rel: str) -> Path:
+        return self._path(rel)
+
     def download_file(self, rel: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self._path(rel), local)

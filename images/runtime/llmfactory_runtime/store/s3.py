@@ -90,4 +90,9 @@ class S3Store(Store):
 
     def download_file(self, rel: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        self.client.download_file(self.bucket, self._key(rel), str(local))
+        try:
+            self.client.download_file(self.bucket, self._key(rel), str(local))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                raise FileNotFoundError(f"{self.uri}/{rel}") from None
+            raise

@@ -1,0 +1,109 @@
+"""From kept rows to a dataset's files: sampling per language, the seeded train/validation/test
+split, and each split written as JSONL (whose bytes the dataset's digest is of) and Parquet,
+streamed through local files so that a split larger than memory can be written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..data import SPLITS, jsonl_line
+from ..store import Store
+from .sources import HELD_OUT_FIRST, Drops
+
+PARQUET_ROWS = 8192  # rows per Parquet row group, when the split's columns are known before its rows
+
+
+def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed: int, drops: Drops,
+                        shown: Callable[[dict], str] = lambda p: p["turns"][0]) -> list[dict]:
+    """At most counts[lang] prompts of each listed language, sampled, and none of the others; a held-out
+    source's prompts (a benchmark's test split) are not sampled, only kept in the listed languages, and
+    do not count: the test set stays whole and the other prompts fill the counts. shown: a prompt's
+    text, for the few dropped ones the report shows."""
+    if not counts:
+        return prompts
+    rng, kept = random.Random(seed), []
+    by_lang: dict[str, list[dict]] = {}
+    for p in prompts:
+        if p.get("split") in HELD_OUT_FIRST and p["language"] in counts:
+            kept.append(p)
+        else:
+            by_lang.setdefault(p["language"], []).append(p)
+    for lang, group in by_lang.items():
+        take = min(len(group), counts.get(lang, 0))
+        chosen = set(map(id, rng.sample(group, take)))
+        kept += [p for p in group if id(p) in chosen]
+        for p in group:
+            if id(p) not in chosen:
+                drops.add("language_not_requested" if lang not in counts else "over_language_count",
+                          lambda p=p, lang=lang: f"[{lang}] {shown(p)}")
+    return kept
+
+
+def split_rows(rows: list[dict], split: dict) -> dict[str, list[dict]]:
+    """Seeded shuffle, then test, validation and train cuts; rows of a source with a fixed split go
+    there, besides. Prompts are unique, so no prompt appears in two splits; a non-zero share gets at
+    least one row when there are enough. A row's `key` orders it before the shuffle (row_key)."""
+    fixed = {name: sorted((r for r in rows if r.get("split") == name), key=lambda r: r["key"]) for name in SPLITS}
+    cut = _shared_out([r for r in rows if not r.get("split")], split)
+    return {name: cut[name] + fixed[name] for name in SPLITS}
+
+
+def _shared_out(rows: list[dict], split: dict) -> dict[str, list[dict]]:
+    rows = sorted(rows, key=lambda r: r["key"])
+    random.Random(split.get("seed", 42)).shuffle(rows)
+    n = len(rows)
+    sizes = {}
+    for name in ("test", "validation"):
+        share = split.get(name, 0.1)
+        sizes[name] = max(1, round(n * share)) if share > 0 and n >= 3 else round(n * share)
+    cut_test, cut_val = sizes["test"], sizes["test"] + sizes["validation"]
+    return {"test": rows[:cut_test], "validation": rows[cut_test:cut_val], "train": rows[cut_val:]}
+
+
+def row_key(system: str | None, first: str) -> str:
+    """The order of a row (a conversation's system message and opening prompt, a document's text)
+    before the seeded shuffle: the same data and seed always give the same split."""
+    return hashlib.sha256(json.dumps([system, first]).encode()).hexdigest()[:32]
+
+
+def write_split(data: Store, name: str, rows: Iterable[dict[str, Any]], digest: Any, parquet: bool,
+                schema: Any = None) -> int:
+    """One split's rows as data's <name>.jsonl (and <name>.parquet), written to local files as they come
+    and then uploaded; the digest takes the split's name and its JSONL bytes. Parquet's columns are
+    `schema`'s, its rows written in groups as they come; without one, they are inferred from all the
+    rows at once (which are then held). Returns the number of rows."""
+    digest.update(name.encode() + b"\0")
+    count, held, writer = 0, [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        jsonl, table = Path(tmp) / f"{name}.jsonl", Path(tmp) / f"{name}.parquet"
+        import pyarrow as pa  # noqa: PLC0415
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        if parquet and schema is not None:
+            writer = pq.ParquetWriter(table, schema, compression="zstd")
+        with jsonl.open("wb") as out:
+            for row in rows:
+                line = jsonl_line(row)
+                out.write(line)
+                digest.update(line)
+                count += 1
+                if parquet:
+                    held.append(row)
+                    if writer is not None and len(held) == PARQUET_ROWS:
+                        writer.write_table(pa.Table.from_pylist(held, schema))
+                        held = []
+        if writer is not None:
+            if held or not count:
+                writer.write_table(pa.Table.from_pylist(held, schema))
+            writer.close()
+        elif parquet:
+            pq.write_table(pa.Table.from_pylist(held), table, compression="zstd")
+        data.upload_file(jsonl, f"{name}.jsonl")
+        if parquet:
+            data.upload_file(table, f"{name}.parquet")
+    return count
