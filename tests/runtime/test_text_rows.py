@@ -36,7 +36,7 @@ def test_a_document_is_learned_whole_in_pieces_between_the_tokenizers_own_sequen
     assert all(p["labels"] == p["input_ids"] for p in pieces)  # every token learned
     # A last piece of one token predicts nothing: left out.
     ids = tok(SEA)["input_ids"] + [tok.eos_token_id]
-    assert [p["input_ids"] for p in encode_text(tok, SEA, len(ids) - 1)] == [ids[:-1]]
+    assert [list(p["input_ids"]) for p in encode_text(tok, SEA, len(ids) - 1)] == [ids[:-1]]
 
 
 def test_text_rows_train_beside_conversations_and_a_row_with_messages_beside_text_is_a_conversation(tiny_model):
@@ -51,7 +51,7 @@ def test_text_rows_train_beside_conversations_and_a_row_with_messages_beside_tex
     # Pieces of maxSeqLength: one unit each, in the document's order.
     split = encoding.encode(SPEC, tok, [{"text": SEA}], "train")
     assert split.units > 1 and max(split.lengths) == 16
-    assert [t for e in split.examples for t in e["input_ids"]] == encode_text(tok, SEA, 512)[0]["input_ids"]
+    assert [t for e in split.examples for t in e["input_ids"]] == list(encode_text(tok, SEA, 512)[0]["input_ids"])
 
 
 @pytest.mark.parametrize("objective,rows,message", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from array import array
 
 import torch
 
@@ -18,12 +19,14 @@ def encode_text(tokenizer, text: str, max_len: int) -> list[dict]:
     beginning-of-sequence token where it writes one) and the end-of-sequence token, as TRL and
     torchtune add it, every token labelled, in pieces of max_len tokens, so that a long document is
     learned whole rather than cut off (as Hugging Face's run_clm groups texts); a last piece too
-    short to predict a token is left out."""
+    short to predict a token is left out. A piece's tokens are one compact array (4 bytes a token, where
+    a list of ints takes ~36), its input_ids and labels alike: a corpus is held whole, by every process."""
     ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
     if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
         ids.append(tokenizer.eos_token_id)
+    ids = array("i", ids)
     pieces = [ids[at:at + max_len] for at in range(0, len(ids), max_len)]
-    return [{"input_ids": piece, "labels": list(piece)} for piece in pieces if len(piece) > 1]
+    return [{"input_ids": piece, "labels": piece} for piece in pieces if len(piece) > 1]
 
 
 def encode_rows(tokenizer, rows: list[dict], max_len: int, every_token: bool = False,

@@ -140,8 +140,11 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     train_rows, val_rows = read_split(dataset["uri"], "train"), read_split(dataset["uri"], "validation")
     if not train_rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
+    # What a Benchmark's reward grader may read its reference from, in whichever split it reads.
+    references = reference_fields(train_rows + val_rows + read_split(dataset["uri"], "test")) if grpo else None
     data = encoding.encode(spec, tokenizer, train_rows, "train")
     val = encoding.encode(spec, tokenizer, val_rows, "validation")
+    del train_rows, val_rows  # training reads the encoded units: a corpus is not held twice, as text and tokens
     examples = data.examples
     if not examples:
         raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {unit} has "
@@ -488,9 +491,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
         "datasetDigest": dataset["digest"],
-        # What a Benchmark's reward grader may read its reference from, in whichever split it reads.
-        **({"datasetReferenceFields": reference_fields(train_rows + val_rows + read_split(dataset["uri"], "test"))}
-           if grpo else {}),
+        **({"datasetReferenceFields": references} if grpo else {}),
         **({"completionsUri": run.child(COMPLETIONS).uri} if grpo and grpo.get("logCompletions") else {}),
         "lossCurveUri": outputs.write_loss_curve(run, state.history, state.evals, task["resource"]["name"],
                                                  sorted((s, r[0]) for s, r in state.rewards.items()) if grpo else None),
