@@ -55,6 +55,8 @@ def quantization(**spec):
 VARIANTS = {
     "sharded-dataset": dataset_build(shards=4),
     "dataset-without-teacher": {**dataset_build(), "spec": {"sources": [{"huggingface": {"id": "org/chats"}}]}},
+    "text-corpus": {**dataset_build(), "spec": {"sources": [{"uri": "s3://corpora/fineweb/part-0.parquet"}],
+                                                 "format": "text", "resources": {"ephemeralStorage": "500Gi"}}},
     "config-map-sources": dataset_build(sources=[{"configMap": {"name": "prompts", "key": "ru.jsonl"}},
                                                  {"configMap": {"name": "prompts", "key": "en.jsonl"}}]),
     "one-gpu": fine_tune(),
@@ -251,6 +253,15 @@ def test_multi_gpu_runs_torchrun_on_one_node():
     grace = _job(objs)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert f"--shutdown-timeout={grace - 10}" in container["command"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "64", "memory": "900Gi"}
+
+
+def test_a_text_corpus_build_asks_for_the_local_disk_it_spills_its_documents_to():
+    _, objs = children(VARIANTS["text-corpus"])
+    pod = _job(objs)["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"] == {"limits": {"ephemeral-storage": "500Gi"}, "requests": {"ephemeral-storage": "500Gi"}}
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]  # on the node's disk, within the pod's request
 
 
 def test_multi_node_is_an_indexed_job_with_a_headless_service():

@@ -384,6 +384,10 @@ BAD = [
                       "filters": {"maxPromptTokens": 2048, "tokenizer": MODEL}}, "format text keeps whole documents"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "textField": "content"}], "teacher": {"model": MODEL}},
      "textField names the column of format text's documents: set format text"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/wiki.jsonl"}], "format": "text",
+                      "resources": {"ephemeralStorage": "500 GB"}}, "does not match"),  # a quantity: 500G, 500Gi
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "resources": {"memory": "64 gigs"}},
+     "does not match"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q8_0", "gptq"]}, "format gguf takes GGUF types"),
     ("Quantization", {"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8", "q4_0"]},

@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any, Iterable
 
-from .store import open_store
+from .store import local_copy
 from .tool_calls import expected_calls
 
 SPLITS = ("train", "validation", "test")
@@ -225,9 +225,10 @@ def jsonl_line(row: dict[str, Any]) -> bytes:
 
 
 def read_split(dataset_uri: str, split: str) -> list[dict[str, Any]]:
-    """Rows of one split; an absent split file is an empty split."""
+    """Rows of one split, read line by line (a corpus's split is not held as bytes and lines besides);
+    an absent split file is an empty split."""
     try:
-        raw = open_store(dataset_uri).read_bytes(f"{split}.jsonl")
+        with local_copy(f"{dataset_uri.rstrip('/')}/{split}.jsonl") as path, path.open(encoding="utf-8") as lines:
+            return [json.loads(line) for line in lines if line.strip()]
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]

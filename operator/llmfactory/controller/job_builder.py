@@ -179,9 +179,9 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     limits: dict[str, str] = {}
     if gpus:
         limits[settings.gpu_resource] = str(gpus)
-    for key in ("cpu", "memory"):
-        if resources.get(key):
-            limits[key] = resources[key]
+    for field, key in (("cpu", "cpu"), ("memory", "memory"), ("ephemeralStorage", "ephemeral-storage")):
+        if resources.get(field):
+            limits[key] = resources[field]
     container = {
         "name": CONTAINER,
         "image": settings.image,
