@@ -184,7 +184,8 @@ class PodResources(ApiModel):
     ephemeral_storage: str | None = Field(None, pattern=QUANTITY_PATTERN, description=(
         "Local disk request and limit (ephemeral-storage), e.g. '200Gi': the pod's /tmp and /cache, where models, "
         "Hugging Face datasets and S3 sources are downloaded, a DatasetBuild of format text spills the documents "
-        "it keeps (about the kept corpus's size) and a FineTune stages its checkpoints. The scheduler then places "
+        "it keeps and writes each split before its upload (about 2.5 times the kept documents' size, beside the "
+        "source file it reads), and a FineTune stages its checkpoints. The scheduler then places "
         "the pod on a node with that much free; unset, none is requested and a node short of disk evicts the pod."))
 
 
