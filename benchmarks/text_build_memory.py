@@ -1,5 +1,7 @@
 """A DatasetBuild of format text (continued pre-training documents) on a synthetic corpus: peak
-memory (RSS) and wall time of the whole build, as a Job runs it, for several corpus sizes. Each
+memory (RSS) and wall time of the whole build, as a Job runs it, for several corpus sizes, on one
+CPU and on all of this machine's (language detection and the MinHash signatures then run in a
+worker process a CPU; their memory is not in the peak, which is the build's own process). Each
 build runs in a fresh process, so each peak is its own. The corpus is a JSONL file of English and
 Russian documents of ~2 KB (a FineWeb page's median is ~2.5 KB), 5% of them exact duplicates;
 language detection and the near-duplicate filter are on, as the seed example sets them.
@@ -10,6 +12,7 @@ language detection and the near-duplicate filter are on, as the seed example set
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -23,7 +26,8 @@ WORDS = {"en": "the river model data city music light winter garden question ans
                "гора лес люди наука вода энергия остров мост дорога век".split()}
 
 CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, time
+os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:int(sys.argv[3])]))  # the CPUs a pod may use
 from llmfactory.planner import parse, plan
 from llmfactory_runtime.dataset import build
 from llmfactory_runtime.progress import Progress
@@ -66,17 +70,19 @@ def main() -> None:
                             "languageDetection": {"candidates": ["en", "ru"]},
                             "filters": {"minAnswerChars": 200, "nearDuplicateThreshold": 0.85},
                             "split": {"validation": 0.01, "test": 0.01}}}
-            start = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(doc), f"file://{tmp}/store"],
-                                 check=True, capture_output=True, text=True).stdout
-            measured = json.loads(out.strip().splitlines()[-1])
-            rows.append((documents, size / 2**20, measured["peak_mib"], measured["seconds"],
-                         time.perf_counter() - start, sum(measured["rows"].values())))
-    print(f"{'documents':>10} | {'corpus MiB':>10} | {'peak RSS MiB':>12} | {'build s':>8} | {'process s':>9} | "
-          f"{'rows written':>12}")
-    print("-" * 76)
-    for documents, mib, peak, build_s, process_s, written in rows:
-        print(f"{documents:>10} | {mib:>10.0f} | {peak:>12.0f} | {build_s:>8.1f} | {process_s:>9.1f} | {written:>12}")
+            for cpus in sorted({1, len(os.sched_getaffinity(0))}):
+                start = time.perf_counter()
+                out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(doc), f"file://{tmp}/store-{cpus}",
+                                      str(cpus)], check=True, capture_output=True, text=True).stdout
+                measured = json.loads(out.strip().splitlines()[-1])
+                rows.append((documents, size / 2**20, cpus, measured["peak_mib"], measured["seconds"],
+                             time.perf_counter() - start, sum(measured["rows"].values())))
+    print(f"{'documents':>10} | {'corpus MiB':>10} | {'CPUs':>4} | {'peak RSS MiB':>12} | {'build s':>8} | "
+          f"{'process s':>9} | {'rows written':>12}")
+    print("-" * 83)
+    for documents, mib, cpus, peak, build_s, process_s, written in rows:
+        print(f"{documents:>10} | {mib:>10.0f} | {cpus:>4} | {peak:>12.0f} | {build_s:>8.1f} | {process_s:>9.1f} | "
+              f"{written:>12}")
 
 
 if __name__ == "__main__":

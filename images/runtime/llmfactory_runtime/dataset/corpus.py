@@ -4,10 +4,12 @@ as it is read; a kept one is written to a spill file on local disk (the Job's /t
 and only its record (key, language, split, where its line is) stays in memory for the sampling and
 the seeded split, which read the records as a conversation build reads its rows. So memory grows by
 a record per kept document (and, with filters.nearDuplicateThreshold, its MinHash bands), not by its
-text: benchmarks/text_build_memory.py."""
+text: benchmarks/text_build_memory.py. Language detection and the MinHash signatures, most of the
+time a document takes, run in a process a CPU (pieces.py); the outcome is the same with one."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -15,16 +17,21 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
+from ..cpus import available
 from ..data import SPLITS, jsonl_line
 from ..progress import Progress
 from ..store import Store
 from .dedupe import dedupe
 from .filters import AnswerFilter
 from .languages import detect
+from .pieces import Workers
 from .sources import Drops, collect
 from .splits import row_key, sample_per_language, split_rows, write_split
 
 READ_FIGURE_EVERY = 1000  # documents between progress figures while reading
+# Beyond this many workers the build's own process is the bottleneck (reading, exact keys, band
+# lookups, the spill: ~20% of a document's time); each worker holds ~150 MB (the language model).
+MAX_WORKERS = 8
 
 
 class Spill:
@@ -56,13 +63,15 @@ def write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress) -
     spec = task["spec"]
     filters = spec.get("filters") or {}
     progress.stage("reading documents", unit="documents")
-    documents = collect(spec["sources"], drops, task["inputs"].get("configMaps"), documents=True)
-    documents = _within_bounds(documents, filters, drops)
-    if spec.get("languageDetection") is not None:
-        documents = detect(documents, spec["languageDetection"], spec.get("samplesPerLanguage"), drops)
-    documents = dedupe(documents, filters.get("nearDuplicateThreshold") or None, drops, unit="document")  # 0: off
     schema = pa.schema([("text", pa.string()), ("language", pa.string())])
-    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "documents.jsonl").open("w+b") as file:
+    with (_workers() as workers, tempfile.TemporaryDirectory() as tmp,
+          (Path(tmp) / "documents.jsonl").open("w+b") as file):
+        documents = collect(spec["sources"], drops, task["inputs"].get("configMaps"), documents=True)
+        documents = _within_bounds(documents, filters, drops)
+        if spec.get("languageDetection") is not None:
+            documents = detect(documents, spec["languageDetection"], spec.get("samplesPerLanguage"), drops, workers)
+        threshold = filters.get("nearDuplicateThreshold") or None  # 0: exact duplicates only
+        documents = dedupe(documents, threshold, drops, "document", workers)
         spill = Spill(file)
         records = list(_counted(map(spill.add, documents), progress))
         records = sample_per_language(records, spec.get("samplesPerLanguage"), spec["split"]["seed"], drops,
@@ -73,6 +82,13 @@ def write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress) -
                 for name in SPLITS}
     return {"rows": rows, "rowsPerLanguage": dict(Counter(r["language"] for r in records)),
             "digest": "sha256:" + digest.hexdigest()}
+
+
+def _workers() -> contextlib.AbstractContextManager[Workers | None]:
+    """Processes for language detection and MinHash signatures, one a CPU the pod may use (none with one),
+    at most MAX_WORKERS."""
+    count = min(available(), MAX_WORKERS)
+    return Workers(count) if count > 1 else contextlib.nullcontext()
 
 
 def _within_bounds(documents: Iterable[dict], filters: dict[str, Any], drops: Drops) -> Iterator[dict]:

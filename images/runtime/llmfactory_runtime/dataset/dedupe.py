@@ -8,11 +8,12 @@ import hashlib
 import re
 from typing import Any, Iterable, Iterator
 
+from .pieces import Workers, chunks, computed
 from .sources import Drops
 
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 NUM_PERM = 128
-BULK = 4096
+BULK = 1024  # prompts signed at a time (a worker's piece)
 
 
 def _normal(text: str) -> str:
@@ -30,17 +31,17 @@ def shingles(text: str, n: int = 3) -> set[str]:
     return {" ".join(units[i:i + n]) for i in range(len(units) - n + 1)}
 
 
-def dedupe(prompts: Iterable[dict[str, Any]], threshold: float | None, drops: Drops,
-           unit: str = "prompt") -> Iterator[dict[str, Any]]:
+def dedupe(prompts: Iterable[dict[str, Any]], threshold: float | None, drops: Drops, unit: str = "prompt",
+           workers: Workers | None = None) -> Iterator[dict[str, Any]]:
     """The prompts (or, unit "document", a text build's documents) but the duplicates, as they come,
-    counted in drops as duplicate_<unit> and near_duplicate_<unit>. What it remembers of each prompt
-    kept is a digest (and with a threshold, its MinHash bands), not its text: a corpus larger than
-    memory goes through."""
+    counted in drops as duplicate_<unit> and near_duplicate_<unit>; signatures computed by the workers'
+    processes, when given. What it remembers of each prompt kept is a digest (and with a threshold,
+    its MinHash bands), not its text: a corpus larger than memory goes through."""
     seen: set[bytes] = set()
-    bands = Bands(threshold) if threshold is not None else None
-    for chunk in _chunks(prompts, BULK):
-        unique = []
-        for p in chunk:
+
+    def unique(piece: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept = []
+        for p in piece:
             # conversations are told apart by their opening prompt, and unique
             # first prompts mean no prompt can land in two splits
             key = hashlib.blake2b(_normal(p["turns"][0]).encode(), digest_size=16).digest()
@@ -48,8 +49,29 @@ def dedupe(prompts: Iterable[dict[str, Any]], threshold: float | None, drops: Dr
                 drops.add(f"duplicate_{unit}", p["turns"][0])
                 continue
             seen.add(key)
-            unique.append(p)
-        yield from _distinct(unique, bands, drops, unit) if bands is not None else unique
+            kept.append(p)
+        return kept
+
+    if threshold is None:
+        for piece in chunks(prompts, BULK):
+            yield from unique(piece)
+        return
+    bands = Bands(threshold)
+    for piece, signatures in computed(map(unique, chunks(prompts, BULK)), signed, lambda p: p["turns"][0], workers):
+        for p, signature in zip(piece, signatures):
+            if bands.seen_else_keep(signature):
+                drops.add(f"near_duplicate_{unit}", p["turns"][0])
+            else:
+                yield p
+
+
+def signed(texts: list[str]) -> list[Any]:
+    """The texts' MinHash signatures (their hash values, as arrays). In bulk: the permutations are
+    drawn once for all, not once a text (4x faster)."""
+    from datasketch import MinHash  # noqa: PLC0415
+
+    return [m.hashvalues for m in MinHash.bulk([[s.encode() for s in shingles(t)] for t in texts],
+                                               num_perm=NUM_PERM, seed=1)]
 
 
 class Bands:
@@ -65,34 +87,11 @@ class Bands:
         self.tables: list[set[int]] = [set() for _ in self.ranges]
 
     def seen_else_keep(self, signature) -> bool:
-        """Whether a kept signature shares a band with this one; if none does, this one is kept."""
-        hashes = [hash(signature.hashvalues[start:end].tobytes()) for start, end in self.ranges]
+        """Whether a kept signature (hash values) shares a band with this one; if none does, this one is
+        kept."""
+        hashes = [hash(signature[start:end].tobytes()) for start, end in self.ranges]
         if any(h in table for h, table in zip(hashes, self.tables)):
             return True
         for h, table in zip(hashes, self.tables):
             table.add(h)
         return False
-
-
-def _distinct(chunk: list[dict[str, Any]], bands: Bands, drops: Drops, unit: str) -> Iterator[dict[str, Any]]:
-    """The chunk's prompts that are not near duplicates of one kept before (in bands, which takes them)."""
-    from datasketch import MinHash  # noqa: PLC0415
-
-    # bulk: the permutations are drawn once per chunk, not once per prompt (4x faster)
-    signatures = MinHash.bulk([[s.encode() for s in shingles(p["turns"][0])] for p in chunk], num_perm=NUM_PERM, seed=1)
-    for p, signature in zip(chunk, signatures):
-        if bands.seen_else_keep(signature):
-            drops.add(f"near_duplicate_{unit}", p["turns"][0])
-        else:
-            yield p
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -5,10 +5,14 @@ the candidates default to the keys of samplesPerLanguage. Accuracy: benchmarks/l
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Iterator
 
 from ..task import InvalidTask
+from .pieces import Workers, chunks, computed
 from .sources import Drops
+
+PIECE = 256  # prompts (documents) a worker classifies at a time
 
 
 def identifier(candidates: list[str]):
@@ -24,14 +28,31 @@ def identifier(candidates: list[str]):
     return ident
 
 
+@functools.lru_cache(maxsize=4)
+def _identifier(candidates: tuple[str, ...]):
+    """This process's identifier for the candidates (a worker's, loaded once)."""
+    return identifier(list(candidates))
+
+
+def classified(candidates: tuple[str, ...], texts: list[str]) -> list[tuple[str, float]]:
+    """(language, confidence) of each text, among the candidates (all the model knows when none)."""
+    ident = _identifier(candidates)
+    return [(lang, float(confidence)) for lang, confidence in map(ident.classify, texts)]
+
+
 def detect(prompts: Iterable[dict[str, Any]], spec: dict[str, Any], wanted: dict[str, int] | None,
-           drops: Drops) -> Iterator[dict[str, Any]]:
-    """Prompts with their detected language, as they come; those detected with too little confidence
-    dropped."""
-    ident = identifier(spec.get("candidates") or sorted(wanted or {}))
-    for p in prompts:
-        lang, confidence = ident.classify(p["turns"][0])
-        if confidence < spec.get("minConfidence", 0.5):
-            drops.add("language_uncertain", p["turns"][0])
-            continue
-        yield {**p, "language": lang, "languageConfidence": round(float(confidence), 3)}
+           drops: Drops, workers: Workers | None = None) -> Iterator[dict[str, Any]]:
+    """Prompts with their detected language, as they come (classified by the workers' processes,
+    when given); those detected with too little confidence dropped."""
+    candidates = tuple(spec.get("candidates") or sorted(wanted or {}))
+    _identifier(candidates)  # unknown candidates are refused before any prompt is read
+    try:
+        for piece, found in computed(chunks(prompts, PIECE), functools.partial(classified, candidates),
+                                     lambda p: p["turns"][0], workers):
+            for p, (lang, confidence) in zip(piece, found):
+                if confidence < spec.get("minConfidence", 0.5):
+                    drops.add("language_uncertain", p["turns"][0])
+                    continue
+                yield {**p, "language": lang, "languageConfidence": round(confidence, 3)}
+    finally:
+        _identifier.cache_clear()  # the model (~50 MB) is not held through the stages after this one
