@@ -5,6 +5,7 @@ stay in one process, so the outcome is the same with one process or many."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -48,10 +49,11 @@ def computed(pieces: Iterable[list[Any]], fn: Callable[[list[Any]], list[Any]], 
     """(piece, fn([read(item) for item in piece])) for each piece, in order: the first here, the others
     by the workers, two pieces a worker in flight (fn picklable: a module's function), or here without."""
     pieces = iter(pieces)
-    for piece in pieces:
+    # The first piece here: a stream of one piece starts no process.
+    for piece in pieces if workers is None else itertools.islice(pieces, 1):
         yield piece, fn([read(item) for item in piece])
-        if workers is not None:
-            break
+    if workers is None:
+        return
     pending: deque = deque()
     for piece in pieces:
         pending.append((piece, workers.submit(fn, [read(item) for item in piece])))

@@ -77,13 +77,13 @@ def write_split(data: Store, name: str, rows: Iterable[dict[str, Any]], digest: 
     and then uploaded; the digest takes the split's name and its JSONL bytes. Parquet's columns are
     `schema`'s, its rows written in groups as they come; without one, they are inferred from all the
     rows at once (which are then held). Returns the number of rows."""
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
     digest.update(name.encode() + b"\0")
     count, held, writer = 0, [], None
     with tempfile.TemporaryDirectory() as tmp:
         jsonl, table = Path(tmp) / f"{name}.jsonl", Path(tmp) / f"{name}.parquet"
-        import pyarrow as pa  # noqa: PLC0415
-        import pyarrow.parquet as pq  # noqa: PLC0415
-
         if parquet and schema is not None:
             writer = pq.ParquetWriter(table, schema, compression="zstd")
         with jsonl.open("wb") as out:
