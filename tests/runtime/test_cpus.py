@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmfactory_runtime import cpus
-from llmfactory_runtime.__main__ import _size_torch_threads
+from llmfactory_runtime.__main__ import _size_thread_pools
 
 
 @pytest.fixture
@@ -42,13 +42,19 @@ def test_torch_threads_share_the_quota_among_a_pods_processes_unless_the_user_ch
     assert cpus.torch_threads({"OMP_NUM_THREADS": "6"}, tmp_path) is None  # torchrun's or the user's choice stands
 
 
-def test_the_entrypoint_sets_torchs_pool_to_its_share(monkeypatch):
+def test_the_entrypoint_sets_torchs_pool_to_its_share_and_the_tokenizers_pool_to_the_pods_cpus(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpus, "available", lambda cgroup=cpus.CGROUP: 6)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     try:
-        _size_torch_threads()
-        assert torch.get_num_threads() == 3
+        _size_thread_pools()
+        # The tokenizers library's (rayon's) threads: all the pod's CPUs, for the one process of the
+        # node that tokenizes a FineTune's dataset while the others wait.
+        assert torch.get_num_threads() == 3 and os.environ["RAYON_NUM_THREADS"] == "6"
+        monkeypatch.setenv("RAYON_NUM_THREADS", "2")  # the user's choice stands
+        _size_thread_pools()
+        assert os.environ["RAYON_NUM_THREADS"] == "2"
     finally:
         torch.set_num_threads(before)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         run.write_json(TASK, task)
 
     phase = importlib.import_module(PHASES[args.phase])  # imports torch: after the cheap checks
-    _size_torch_threads()
+    _size_thread_pools()
     if args.shard is not None:
         shards = int(task["spec"].get("shards", 1))
         if args.phase != "dataset" or not 0 <= args.shard < shards:
@@ -88,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     return _execute(phase.run, task, run)
 
 
-def _size_torch_threads() -> None:
-    """As many threads as the pod's CPU limit allows, not one per core of the node."""
+def _size_thread_pools() -> None:
+    """As many threads as the pod's CPU limit allows, not one per core of the node: PyTorch's, shared
+    by the pod's training processes, and the tokenizers library's (Rust's rayon), which tokenizes a
+    FineTune's raw texts while the node's other processes wait (finetune/token_files.py)."""
     import torch  # noqa: PLC0415
+
+    os.environ.setdefault("RAYON_NUM_THREADS", str(cpus.available()))
 
     threads = cpus.torch_threads()
     if threads is not None and threads != torch.get_num_threads():

@@ -5,49 +5,75 @@ from __future__ import annotations
 import contextlib
 import math
 from array import array
+from typing import Iterable, Iterator
 
 import torch
 
-from .chat import IGNORE, encode_for_training, render
+from .chat import IGNORE, assistant_spans, encode_many_for_training, render
 from .data import messages_of, text_of, tools_of, undesirable
+from .dataset.pieces import chunks
 from .models import device
 from .task import InvalidTask
 
 
-def encode_text(tokenizer, text: str, max_len: int) -> list[dict]:
-    """A raw-text row as continued pre-training learns it: the tokenizer's own encoding (with its
-    beginning-of-sequence token where it writes one) and the end-of-sequence token, as TRL and
+def text_pieces(ids: list[int], eos_id: int | None, max_len: int) -> list[dict]:
+    """A raw-text row's tokens (the tokenizer's own encoding, with its beginning-of-sequence token where
+    it writes one) as continued pre-training learns them: the end-of-sequence token added, as TRL and
     torchtune add it, every token labelled, in pieces of max_len tokens, so that a long document is
     learned whole rather than cut off (as Hugging Face's run_clm groups texts); a last piece too
     short to predict a token is left out. A piece's tokens are one compact array (4 bytes a token, where
-    a list of ints takes ~36), its input_ids and labels alike: a corpus is held whole, by every process."""
-    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-    if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:
-        ids.append(tokenizer.eos_token_id)
+    a list of ints takes ~36), its input_ids and labels alike."""
+    if eos_id is not None and ids[-1:] != [eos_id]:
+        ids.append(eos_id)
     ids = array("i", ids)
     pieces = [ids[at:at + max_len] for at in range(0, len(ids), max_len)]
     return [{"input_ids": piece, "labels": piece} for piece in pieces if len(piece) > 1]
 
 
-def encode_rows(tokenizer, rows: list[dict], max_len: int, every_token: bool = False,
-                where: str = "the dataset") -> list[dict]:
+def encode_text(tokenizer, text: str, max_len: int) -> list[dict]:
+    """One raw-text row's pieces (text_pieces)."""
+    return text_pieces(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"], tokenizer.eos_token_id,
+                       max_len)
+
+
+# Rows read at once: their raw texts are tokenized in one call, their conversations in another,
+# which the tokenizers library spreads over its threads (a core each).
+ROWS_AT_ONCE = 256
+
+
+def encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = False,
+            where: str = "the dataset") -> Iterator[dict]:
     """Encoded conversations that have at least one assistant token (every_token: any token) within
     max_len (of unpaired rows, those whose answer is desirable), and raw-text rows' pieces
-    (encode_text), in the rows' order. A malformed row is an invalid task naming `where` (field and
-    file) and the row."""
-    encoded = []
-    for n, row in enumerate(rows, 1):
-        try:
-            text = text_of(row)
-            messages = None if text is not None or undesirable(row) else messages_of(row)
-            tools = tools_of(row)
-        except ValueError as e:
-            raise InvalidTask(f"{where} row {n}: {e}") from None
-        if text is not None:
-            encoded += encode_text(tokenizer, text, max_len)
-        elif messages is not None:
-            encoded.append(encode_for_training(tokenizer, messages, max_len, every_token=every_token, tools=tools))
-    return [e for e in encoded if any(label != IGNORE for label in e["labels"])]
+    (text_pieces), in the rows' order, as the rows are read. A malformed row is an invalid task
+    naming `where` (field and file) and the row."""
+    for chunk in chunks(enumerate(rows, 1), ROWS_AT_ONCE):
+        read = []
+        for n, row in chunk:
+            try:
+                text = text_of(row)
+                messages = None if text is not None or undesirable(row) else messages_of(row)
+                read.append((text, messages, tools_of(row)))
+            except ValueError as e:
+                raise InvalidTask(f"{where} row {n}: {e}") from None
+        texts = [text for text, _, _ in read if text is not None]
+        tokenized = iter(tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else ())
+        conversations = iter(encode_many_for_training(tokenizer, [
+            assistant_spans(tokenizer, messages, tools=tools) for text, messages, tools in read
+            if text is None and messages is not None], max_len, every_token))
+        for text, messages, _ in read:
+            if text is not None:
+                yield from text_pieces(next(tokenized), tokenizer.eos_token_id, max_len)
+            elif messages is not None:
+                example = next(conversations)
+                if any(label != IGNORE for label in example["labels"]):
+                    yield example
+
+
+def encode_rows(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = False,
+                where: str = "the dataset") -> list[dict]:
+    """encoded(), as a list."""
+    return list(encoded(tokenizer, rows, max_len, every_token, where))
 
 
 def as_trained(tokenizer, row: dict) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .task import InvalidTask
 from .tool_calls import arguments_object
 
@@ -213,11 +215,28 @@ def encode_for_training(tokenizer, messages: list[dict[str, Any]], max_length: i
     """input_ids and labels, where labels are IGNORE everywhere but on assistant tokens (of the
     messages from `first` on: a DPO pair's answers, not its prompt's earlier turns; not an answer of
     weight 0); with every_token (hyperparameters.lossOn all) the labels are every token's."""
-    text, spans = assistant_spans(tokenizer, messages, first, tools)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                    truncation=True, max_length=max_length)
-    labels = []
-    for token, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
-        inside = every_token or any(a <= start < b for a, b in spans)
-        labels.append(token if inside else IGNORE)
-    return {"input_ids": enc["input_ids"], "labels": labels}
+    [encoded] = encode_many_for_training(tokenizer, [assistant_spans(tokenizer, messages, first, tools)], max_length,
+                                         every_token)
+    return encoded
+
+
+def encode_many_for_training(tokenizer, rendered: list[tuple[str, list[tuple[int, int]]]], max_length: int,
+                             every_token: bool = False) -> list[dict[str, Any]]:
+    """encode_for_training of conversations already rendered (assistant_spans: text, assistant spans),
+    tokenized in one call, which the tokenizers library spreads over its threads; a token is learned
+    where it starts inside a span."""
+    if not rendered:
+        return []
+    encodings = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
+                          truncation=True, max_length=max_length)
+    out = []
+    for (_, spans), ids, offsets in zip(rendered, encodings["input_ids"], encodings["offset_mapping"]):
+        if every_token:
+            out.append({"input_ids": ids, "labels": list(ids)})
+            continue
+        starts = np.array([start for start, _end in offsets], dtype=np.int64)
+        inside = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:
+            inside |= (starts >= a) & (starts < b)
+        out.append({"input_ids": ids, "labels": np.where(inside, ids, IGNORE).tolist()})
+    return out

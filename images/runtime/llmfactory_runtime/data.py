@@ -4,9 +4,10 @@ TRL's unpaired rows for KTO; and prompts with reference answers for GRPO."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .store import local_copy
 from .tool_calls import expected_calls
@@ -224,11 +225,19 @@ def jsonl_line(row: dict[str, Any]) -> bytes:
     return (json.dumps(row, ensure_ascii=False) + "\n").encode()
 
 
-def read_split(dataset_uri: str, split: str) -> list[dict[str, Any]]:
-    """Rows of one split, read line by line (a corpus's split is not held as bytes and lines besides);
-    an absent split file is an empty split."""
+def read_split(dataset_uri: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The rows of one split (iter_split), or its first `limit`, read no further (a Benchmark's or a
+    Quantization's few hundred of a corpus); an absent split file is an empty split."""
+    return list(itertools.islice(iter_split(dataset_uri, split), limit))
+
+
+def iter_split(dataset_uri: str, split: str) -> Iterator[dict[str, Any]]:
+    """Rows of one split as they are read, line by line (a corpus's split is not held as bytes and
+    lines besides); an absent split file has none."""
     try:
         with local_copy(f"{dataset_uri.rstrip('/')}/{split}.jsonl") as path, path.open(encoding="utf-8") as lines:
-            return [json.loads(line) for line in lines if line.strip()]
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)
     except FileNotFoundError:
-        return []
+        return

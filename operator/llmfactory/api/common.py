@@ -178,14 +178,15 @@ class PodResources(ApiModel):
         None, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); unset: the operator's default for the kind "
                                        "(none for a DatasetBuild whose teacher is an API).")
     cpu: str | None = Field(None, pattern=QUANTITY_PATTERN, description=(
-        "CPU request and limit, e.g. '8'. PyTorch's and llama.cpp's thread pools are sized to it, not to the "
-        "node's cores."))
+        "CPU request and limit, e.g. '8'. PyTorch's, llama.cpp's and the tokenizers library's thread pools are "
+        "sized to it, not to the node's cores."))
     memory: str | None = Field(None, pattern=QUANTITY_PATTERN, description="Memory request and limit, e.g. '64Gi'.")
     ephemeral_storage: str | None = Field(None, pattern=QUANTITY_PATTERN, description=(
         "Local disk request and limit (ephemeral-storage), e.g. '200Gi': the pod's /tmp and /cache, where models, "
         "Hugging Face datasets and S3 sources are downloaded, a DatasetBuild of format text spills the documents "
         "it keeps and writes each split before its upload (about 2.5 times the kept documents' size, beside the "
-        "source file it reads), and a FineTune stages its checkpoints. The scheduler then places "
+        "source file it reads), and a FineTune stages its checkpoints and keeps its dataset tokenized (3 bytes a "
+        "token where the vocabulary has at most 65,536 ids, 5 otherwise). The scheduler then places "
         "the pod on a node with that much free; unset, none is requested and a node short of disk evicts the pod."))
 
 

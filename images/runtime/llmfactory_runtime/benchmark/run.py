@@ -466,7 +466,7 @@ def evaluate_gates(gates: list[dict], metrics: dict[str, float]) -> list[dict[st
 def _reward_prompts(spec: dict, dataset: dict) -> list[dict]:
     """The reward dataset's rows as the grader sees them (grader.graded_of: prompt messages, reference...)."""
     check_scorable(spec["grader"], "spec.reward.grader")
-    rows = read_split(dataset["uri"], spec["split"])[: spec.get("maxSamples") or None]
+    rows = read_split(dataset["uri"], spec["split"], spec.get("maxSamples") or None)
     prompts = graded_rows(rows, spec["grader"], f"spec.reward.dataset: {spec['split']}.jsonl")
     if not prompts:
         raise InvalidTask(f"spec.reward.dataset: {dataset['uri']} has no {spec['split']} rows to answer")
@@ -563,7 +563,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     rows: list[dict] = []
     if spec.get("perplexity"):
         ppl = spec["perplexity"]
-        rows = read_split(inputs["dataset"]["uri"], ppl["split"])[: ppl.get("maxSamples") or None]
+        rows = read_split(inputs["dataset"]["uri"], ppl["split"], ppl.get("maxSamples") or None)
     questions = questions_.load(spec["judge"]) if spec.get("judge") else []
     opponent = (questions_.opponent_answers(spec["judge"]["opponentAnswersUri"], questions)  # refused before answering
                 if questions and spec["judge"].get("opponentAnswersUri") else None)
@@ -578,8 +578,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         labelled = None  # a labelled answer's log-probability says something only as a change from the baseline's
     pairs: list[dict] = []
     if spec.get("ranking"):  # a reward model: ranking alone (the CRD's rule)
-        pairs = read_split(inputs["rankingDataset"]["uri"], spec["ranking"]["split"])[
-            : spec["ranking"].get("maxSamples") or None]
+        pairs = read_split(inputs["rankingDataset"]["uri"], spec["ranking"]["split"],
+                           spec["ranking"].get("maxSamples") or None)
         if not pairs:
             raise InvalidTask(f"spec.ranking.dataset: {inputs['rankingDataset']['uri']} has no "
                               f"{spec['ranking']['split']} pairs to rank")

@@ -1,22 +1,27 @@
 """A dataset split as a FineTune's objective trains on it (spec.objective), in tokens.
 
 sft: conversations, labels on the assistant turns, and raw text (continued pre-training), labels on
-every token, in pieces of maxSeqLength tokens. dpo, reward: preference pairs, each pair's chosen
-and rejected conversations side by side (preference.encode_pairs). kto: examples, each its own
-conversation beside a mismatched one (preference.encode_unpaired). grpo: prompts, whose answers each
-step samples (grpo.encode_prompts).
+every token, in pieces of maxSeqLength tokens (in training, in files a node's processes share:
+token_files). dpo, reward: preference pairs, each pair's chosen and rejected conversations side by
+side (preference.encode_pairs). kto: examples, each its own conversation beside a mismatched one
+(preference.encode_unpaired). grpo: prompts, whose answers each step samples (grpo.encode_prompts).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..batching import encode_rows
+from ..data import read_split
 from ..grader import check_scorable
 from ..preference import encode_pairs, encode_unpaired, pair_lengths, token_counts
-from . import grpo as group_relative
+from . import grpo as group_relative, token_files
+from .distributed import World
 
 # What one unit of data (a row of the dataset, as training reads it) is, by objective
 UNITS = {"sft": "conversation", "dpo": "pair", "reward": "pair", "kto": "example", "grpo": "prompt"}
@@ -25,15 +30,29 @@ UNITS = {"sft": "conversation", "dpo": "pair", "reward": "pair", "kto": "example
 @dataclass(frozen=True)
 class Split:
     # conversations (and raw text's pieces); pairs' (KTO: examples') two conversations in turn; grpo's prompts
-    examples: list[dict]
+    examples: Sequence[dict]  # a list, or sft's token_files
     lengths: list[int]  # tokens of each unit as packing places it (a pair's: both conversations')
     desirable: torch.Tensor | None = None  # kto: each example's label
     answer_tokens: torch.Tensor | None = None  # dpo, reward: (pairs, 2) answer tokens, what dpo_terms averages over
     ranks: list[float] | None = None  # grpo.promptOrder easyFirst: each prompt's pass rate, highest trained first
+    rows: int = 0  # rows of the split they were encoded from
 
     @property
     def units(self) -> int:
         return len(self.lengths)
+
+
+def read(spec: dict, tokenizer, dataset_uri: str, split: str, world: World, scope: str,
+         running: contextlib.ExitStack) -> Split:
+    """A split of the dataset as spec.objective trains on it (encode); sft's conversations and raw
+    text's pieces tokenized once a node into files its processes share (token_files), for the run
+    (`scope`) while `running` is open."""
+    if spec.get("objective", "sft") != "sft":
+        rows = read_split(dataset_uri, split)
+        return dataclasses.replace(encode(spec, tokenizer, rows, split), rows=len(rows))
+    examples = token_files.shared(tokenizer, dataset_uri, split, spec["hyperparameters"]["maxSeqLength"],
+                                  _every_token(spec), f"spec.objective sft: {split}.jsonl", world, scope, running)
+    return Split(examples, examples.lengths(), rows=examples.rows)
 
 
 def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
@@ -54,9 +73,12 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
     if objective in ("dpo", "reward"):
         pairs = encode_pairs(tokenizer, rows, max_len, where, margins=objective == "reward")
         return Split(pairs, pair_lengths(pairs), answer_tokens=token_counts(pairs))
-    conversations = encode_rows(tokenizer, rows, max_len, every_token=spec["hyperparameters"].get("lossOn") == "all",
-                                where=where)
+    conversations = encode_rows(tokenizer, rows, max_len, every_token=_every_token(spec), where=where)
     return Split(conversations, [len(c["input_ids"]) for c in conversations])
+
+
+def _every_token(spec: dict) -> bool:
+    return spec["hyperparameters"].get("lossOn") == "all"
 
 
 def unit_length(spec: dict) -> int:

@@ -135,16 +135,15 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     budget = fit.check(spec, inputs["baseModel"], world, dtype, len(added_tokens))
 
     # Data
-    progress.stage("loading data and model")
+    progress.stage("reading and tokenizing the dataset")
     dataset = inputs["dataset"]
-    train_rows, val_rows = read_split(dataset["uri"], "train"), read_split(dataset["uri"], "validation")
-    if not train_rows:
+    data, val = (encoding.read(spec, tokenizer, dataset["uri"], split, world, run.uri, running)
+                 for split in ("train", "validation"))
+    if not data.rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
     # What a Benchmark's reward grader may read its reference from, in whichever split it reads.
-    references = reference_fields(train_rows + val_rows + read_split(dataset["uri"], "test")) if grpo else None
-    data = encoding.encode(spec, tokenizer, train_rows, "train")
-    val = encoding.encode(spec, tokenizer, val_rows, "validation")
-    del train_rows, val_rows  # training reads the encoded units: a corpus is not held twice, as text and tokens
+    references = reference_fields([row for split in ("train", "validation", "test")
+                                   for row in read_split(dataset["uri"], split)]) if grpo else None
     examples = data.examples
     if not examples:
         raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {unit} has "
@@ -189,8 +188,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
     # Model: the same initial weights on every process, then each its own dropout stream.
     torch.manual_seed(hp["seed"])
-    if budget.dequantize:
-        progress.stage("loading data and model (qlora: 4-bit weights dequantized once, see spec.qlora.dequantizeOnce)")
+    progress.stage("loading the model" + (" (qlora: 4-bit weights dequantized once, see spec.qlora.dequantizeOnce)"
+                                          if budget.dequantize else ""))
     model = load_for_training(spec, inputs["baseModel"], world, dtype, budget.dequantize,
                               head_of(spec, tokenizer.pad_token_id), tokenizer, added_tokens)
     budget = budget.with_token_rows(len(trained_token_rows(model)))  # marker rows seen only in the weights

@@ -5,6 +5,7 @@ question; GGUF files also through llama.cpp itself when llama-cpp-python is inst
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ import torch
 
 from .. import cpus
 from ..batching import as_trained, perplexity, top_tokens
-from ..data import messages_of, read_split, text_of, tools_of, undesirable
+from ..data import iter_split, messages_of, read_split, text_of, tools_of, undesirable
 from ..digests import sha256_files
 from ..generate import generate
 from ..models import load_model, load_tokenizer, locate
@@ -52,8 +53,8 @@ def _chat_prompt(rows: list[dict]) -> str:
 def _calibration(spec: dict, dataset: dict) -> list[dict]:
     """The first calibrationSamples rows of the train split: conversations (of unpaired rows, the
     desirable ones) and raw text."""
-    rows = [r for r in read_split(dataset["uri"], "train") if not undesirable(r)]
-    return rows[: spec["calibrationSamples"]]
+    return list(itertools.islice((r for r in iter_split(dataset["uri"], "train") if not undesirable(r)),
+                                 spec["calibrationSamples"]))
 
 
 def _plain_text(row: dict) -> str:
@@ -151,7 +152,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         if spec.get("importanceMatrix"):
             llama_cpp.tool("llama-imatrix")
     dataset = inputs.get("dataset")  # a GRPO FineTune's prompts (format graded) have no answers to measure on
-    rows = (read_split(dataset["uri"], "test")[: validation["maxSamples"]]
+    rows = (read_split(dataset["uri"], "test", validation["maxSamples"])
             if dataset and dataset["format"] != "graded" else [])
     prompt = _chat_prompt(rows)
     progress.stage("measuring the unquantized model" if rows else "converting",
