@@ -76,12 +76,15 @@ def test_ids_are_two_bytes_where_the_vocabulary_fits_and_four_where_not(tiny_mod
         assert [list(e["input_ids"]) for e in token_files.TokenFiles(directory)] == ids
 
 
-def test_a_finished_directory_is_reused_a_partial_one_never_and_both_are_gone_when_the_run_ends(tiny_model, tmp_path):
+def test_a_finished_directory_is_reused_a_partial_one_never_and_both_are_gone_when_the_run_ends(tiny_model, tmp_path,
+                                                                                               caplog):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     dataset, spec = _dataset(tmp_path, _rows()[:40]), _spec(32)
+    caplog.set_level("INFO", logger=token_files.__name__)
     with contextlib.ExitStack() as running:
         first = encoding.read(spec, tok, dataset, "train", ALONE, "run-a", running)
         directory = token_files.location(tok, dataset, "train", 32, False, "run-a")
+        assert f"train.jsonl: 40 rows tokenized, {first.units} examples of {sum(first.lengths)} tokens" in caplog.text
         assert np.array_equal(np.load(directory / "offsets.npy"), first.examples.offsets)
         kept = tmp_path / "kept"
         shutil.copytree(directory, kept)
@@ -92,9 +95,10 @@ def test_a_finished_directory_is_reused_a_partial_one_never_and_both_are_gone_wh
     shutil.copytree(kept, directory)
     (directory.parent / f".{directory.name}-killed").mkdir()
     shutil.rmtree(dataset[7:])
+    caplog.clear()
     with contextlib.ExitStack() as running:
         again = encoding.read(spec, tok, dataset, "train", ALONE, "run-a", running)
-        assert again.lengths == first.lengths and again.rows == 40
+        assert again.lengths == first.lengths and again.rows == 40 and "tokenized" not in caplog.text
         # Another run (or other settings) is not given these files: it reads the dataset, here gone.
         assert encoding.read(spec, tok, dataset, "train", ALONE, "run-b", running).rows == 0
     assert not directory.exists()

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -27,6 +28,8 @@ from ..data import iter_split
 from ..store.base import atomic_write
 from ..task import InvalidTask
 from .distributed import World
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(tempfile.gettempdir())
 WAIT = 0.2  # seconds between a waiting process's looks
@@ -120,6 +123,10 @@ def shared(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: b
             except InvalidTask as e:
                 atomic_write(invalid, str(e).encode())
                 raise
+            files = TokenFiles(directory)
+            log.info("%s.jsonl: %d rows tokenized, %d examples of %d tokens, %.1f MB in %s", split, files.rows,
+                     len(files), int(files.offsets[-1]), sum(f.stat().st_size for f in directory.iterdir()) / 1e6,
+                     directory)
     while not directory.is_dir():  # the node's first process is writing them
         if invalid.is_file():
             raise InvalidTask(invalid.read_text())
