@@ -8,7 +8,9 @@ library's threads (once a node). SmolLM2's tokenizer (49k tokens: ids above 256 
 object in a list; two bytes a token in the files); documents of ~2.7 KB as in text_build_memory.py.
 Then conversations (a question of 600 characters of those documents, an answer of 1800): encoded one
 by one (`chat.encode_for_training`, at 217e3d4) vs `batching.encoded` (rendered one by one,
-tokenized many at once, labels by numpy), conversations a second.
+tokenized many at once, labels by numpy) in this process vs in worker processes, one a CPU
+(`token_files._encoded`, as a FineTune writes its files; their start included), conversations a
+second, and the CPU seconds the process itself spends (the tokenizers library's threads included).
 
     .venv/bin/python benchmarks/sft_tokens.py [documents ...]   # default: 2000 8000
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from text_build_memory import WORDS
 
+from llmfactory_runtime import cpus
 from llmfactory_runtime.batching import encode_text, encoded
 from llmfactory_runtime.chat import encode_for_training
 from llmfactory_runtime.finetune import encoding, token_files
@@ -78,8 +81,10 @@ def main() -> None:
         print(f"{n:>9} | {tokens:>10} | {lists / tokens:>11.1f} | {arrays / tokens:>12.1f} | {private / tokens:>14.2f} | "
               f"{disk / tokens:>10.1f} | {one_by_one:>12.1f} | {batched:>9.1f}")
 
-    print(f"\n{'conversations':>13} | {'tokens':>10} | {'one by one /s':>13} | {'batched /s':>10}")
-    print("-" * 56)
+    workers = min(cpus.available(), token_files.MAX_WORKERS)
+    print(f"\n{'conversations':>13} | {'tokens':>10} | {'one by one /s':>13} | {'batched /s':>10} | "
+          f"{'its CPU s':>9} | {f'{workers} workers /s':>13} | {'writer CPU s':>12}")
+    print("-" * 100)
     for n in [int(a) for a in sys.argv[1:]] or [2000, 8000]:
         rows = [{"messages": [{"role": "user", "content": d["text"][:600]},
                               {"role": "assistant", "content": d["text"][600:2400]}]} for d in documents(n)]
@@ -87,10 +92,14 @@ def main() -> None:
         for row in rows:
             encode_for_training(tokenizer, row["messages"], max_len)
         one_by_one = time.perf_counter() - started
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         tokens = sum(len(e["input_ids"]) for e in encoded(tokenizer, rows, max_len))
-        batched = time.perf_counter() - started
-        print(f"{n:>13} | {tokens:>10} | {n / one_by_one:>13.0f} | {n / batched:>10.0f}")
+        batched, batched_cpu = time.perf_counter() - started, time.process_time() - cpu
+        started, cpu = time.perf_counter(), time.process_time()  # with the workers' start (spawned: importing transformers)
+        assert tokens == sum(len(e["input_ids"]) for e in token_files._encoded(tokenizer, rows, max_len, False, "bench"))
+        spread, writer_cpu = time.perf_counter() - started, time.process_time() - cpu
+        print(f"{n:>13} | {tokens:>10} | {n / one_by_one:>13.0f} | {n / batched:>10.0f} | {batched_cpu:>9.1f} | "
+              f"{n / spread:>13.0f} | {writer_cpu:>12.1f}")
 
 
 if __name__ == "__main__":

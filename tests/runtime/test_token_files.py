@@ -15,11 +15,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from llmfactory_runtime import cpus
 from llmfactory_runtime.batching import encode_rows, encode_text
 from llmfactory_runtime.chat import IGNORE, encode_for_training
 from llmfactory_runtime.data import dumps_jsonl, read_split
 from llmfactory_runtime.finetune import encoding, token_files
 from llmfactory_runtime.finetune.distributed import World
+from llmfactory_runtime.dataset.pieces import Workers
 from llmfactory_runtime.task import InvalidTask
 
 from finetune_helpers import conversations
@@ -148,3 +150,28 @@ def test_a_benchmark_or_quantization_reads_the_first_rows_of_a_split_and_no_furt
     with pytest.raises(json.JSONDecodeError):
         read_split(f"file://{folder}", "test")
     assert read_split(f"file://{folder}", "train") == []  # no such split
+
+
+def test_worker_processes_encode_the_same_examples_in_order_and_name_a_malformed_rows_number(tiny_model, tmp_path,
+                                                                                             monkeypatch):
+    """Rendering conversations is Python's work, one core's: a split of several pieces is encoded by
+    a worker process a CPU, into the same files as by one process; an invalid row in a worker's
+    piece is named by its number in the split."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = _rows()
+    monkeypatch.setattr(token_files, "PIECE", 64)  # 600 rows: ten pieces
+    monkeypatch.setattr(cpus, "available", lambda cgroup=cpus.CGROUP: 3)
+    handed = []
+    submit = Workers.submit
+    monkeypatch.setattr(Workers, "submit", lambda self, fn, *args: handed.append(len(args[0])) or submit(self, fn, *args))
+    for name, count in (("one", 1), ("three", 3)):
+        monkeypatch.setattr(cpus, "available", lambda cgroup=cpus.CGROUP, count=count: count)
+        counted = token_files.Counted(rows)
+        token_files.write(token_files._encoded(tok, counted, 24, False, "train.jsonl"), tmp_path / name, len(tok), counted)
+    assert handed == [64] * 8 + [24]  # the first piece here, the others to the workers
+    one, three = token_files.TokenFiles(tmp_path / "one"), token_files.TokenFiles(tmp_path / "three")
+    assert three.rows == one.rows == 600 and three.lengths() == one.lengths()
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["labels"], b["labels"])
+               for a, b in zip(one, three))
+    with pytest.raises(InvalidTask, match="train.jsonl row 300: a text row's text must be a non-empty string"):
+        list(token_files._encoded(tok, rows[:299] + [{"text": "  "}] + rows[300:], 24, False, "train.jsonl"))

@@ -42,12 +42,12 @@ ROWS_AT_ONCE = 256
 
 
 def encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = False,
-            where: str = "the dataset") -> Iterator[dict]:
+            where: str = "the dataset", first: int = 1) -> Iterator[dict]:
     """Encoded conversations that have at least one assistant token (every_token: any token) within
     max_len (of unpaired rows, those whose answer is desirable), and raw-text rows' pieces
     (text_pieces), in the rows' order, as the rows are read. A malformed row is an invalid task
-    naming `where` (field and file) and the row."""
-    for chunk in chunks(enumerate(rows, 1), ROWS_AT_ONCE):
+    naming `where` (field and file) and the row (numbered from `first`)."""
+    for chunk in chunks(enumerate(rows, first), ROWS_AT_ONCE):
         read = []
         for n, row in chunk:
             try:

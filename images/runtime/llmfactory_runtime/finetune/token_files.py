@@ -1,30 +1,35 @@
 """An sft split tokenized once a node, into files that every process of the node maps, as nanoGPT's
-train.bin: the dataset is read and tokenized by one process of each node (as a stream, many rows
-to a call of the tokenizers library, whose threads take the pod's CPUs), where every process did
-all of it before, and held once, in the page cache, where every process held its own copy (4 to 6
-bytes a token each; benchmarks/RESULTS.md). The files live on the node's disk (the Job's /tmp) for
-the run."""
+train.bin: the dataset is read by one process of each node, as a stream, and tokenized in pieces
+by worker processes, one a CPU of the pod (many rows to a call of the tokenizers library), where
+every process did all of it before, on one core; and held once, in the page cache, where every
+process held its own copy (4 to 6 bytes a token each; benchmarks/RESULTS.md). The files live on
+the node's disk (the Job's /tmp) for the run."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import tempfile
 import time
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from ..batching import encoded
+from .. import cpus
 from ..chat import IGNORE
 from ..data import iter_split
+from ..dataset.pieces import Workers, chunks, computed
 from ..store.base import atomic_write
 from ..task import InvalidTask
 from .distributed import World
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(tempfile.gettempdir())
 WAIT = 0.2  # seconds between a waiting process's looks
+PIECE = 1024  # rows a worker encodes at once
+MAX_WORKERS = 8  # each holds transformers and the tokenizer: as many as a text DatasetBuild's, at most
 
 
 class TokenFiles(Sequence):
@@ -119,7 +126,7 @@ def shared(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: b
         if not directory.is_dir():
             rows = Counted(iter_split(dataset_uri, split))
             try:
-                write(encoded(tokenizer, rows, max_len, every_token, where), directory, len(tokenizer), rows)
+                write(_encoded(tokenizer, rows, max_len, every_token, where), directory, len(tokenizer), rows)
             except InvalidTask as e:
                 atomic_write(invalid, str(e).encode())
                 raise
@@ -132,6 +139,39 @@ def shared(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: b
             raise InvalidTask(invalid.read_text())
         time.sleep(WAIT)
     return TokenFiles(directory)
+
+
+def _encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool, where: str) -> Iterator[dict]:
+    """batching.encoded's examples of the rows, in order, their pieces encoded by worker processes, one
+    a CPU the pod may use (none with one; none for a split of one piece), with the tokenizer saved
+    once to disk and loaded by each: rendering conversations is Python's, one core's, work."""
+    count = min(cpus.available(), MAX_WORKERS)
+    if count < 2:
+        yield from encoded(tokenizer, rows, max_len, every_token, where)
+        return
+    with tempfile.TemporaryDirectory(prefix="llmfactory-tokenizer-") as saved, Workers(count) as workers:
+        tokenizer.save_pretrained(saved)
+        encode = functools.partial(_encode_piece, saved, max_len, every_token, where)
+        for _, examples in computed(chunks(enumerate(rows, 1), PIECE), encode, lambda numbered: numbered, workers):
+            yield from examples
+
+
+def _encode_piece(saved: str, max_len: int, every_token: bool, where: str,
+                  numbered: list[tuple[int, dict]]) -> list[dict]:
+    """A piece's examples (rows numbered as the split's), as compact arrays to send back."""
+    examples = encoded(_saved_tokenizer(saved), [row for _, row in numbered], max_len, every_token, where,
+                       first=numbered[0][0])
+    return [{"input_ids": np.asarray(e["input_ids"], np.int32), "labels": np.asarray(e["labels"], np.int32)}
+            for e in examples]
+
+
+@functools.lru_cache(maxsize=1)
+def _saved_tokenizer(saved: str):
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    if multiprocessing.parent_process() is not None:  # a worker: a CPU each, not a thread a CPU each
+        os.environ["RAYON_NUM_THREADS"] = "1"
+    return AutoTokenizer.from_pretrained(saved)
 
 
 def location(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: bool, scope: str) -> Path:
