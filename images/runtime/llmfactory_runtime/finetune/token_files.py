@@ -152,8 +152,11 @@ def _encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool, w
     with tempfile.TemporaryDirectory(prefix="llmfactory-tokenizer-") as saved, Workers(count) as workers:
         tokenizer.save_pretrained(saved)
         encode = functools.partial(_encode_piece, saved, max_len, every_token, where)
-        for _, examples in computed(chunks(enumerate(rows, 1), PIECE), encode, lambda numbered: numbered, workers):
-            yield from examples
+        try:
+            for _, examples in computed(chunks(enumerate(rows, 1), PIECE), encode, lambda numbered: numbered, workers):
+                yield from examples
+        finally:
+            _saved_tokenizer.cache_clear()  # this process's copy, for the first piece
 
 
 def _encode_piece(saved: str, max_len: int, every_token: bool, where: str,
