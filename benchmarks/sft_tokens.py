@@ -9,7 +9,7 @@ object in a list; two bytes a token in the files); documents of ~2.7 KB as in te
 Then conversations (a question of 600 characters of those documents, an answer of 1800): encoded one
 by one (`chat.encode_for_training`, at 217e3d4) vs `batching.encoded` (rendered one by one,
 tokenized many at once, labels by numpy) in this process vs in worker processes, one a CPU
-(`token_files._encoded`, as a FineTune writes its files; their start included), conversations a
+(`token_files.encoded_by_workers`, as a FineTune writes its files; their start included), conversations a
 second, and the CPU seconds the process itself spends (the tokenizers library's threads included).
 
     .venv/bin/python benchmarks/sft_tokens.py [documents ...]   # default: 2000 8000
@@ -96,7 +96,7 @@ def main() -> None:
         tokens = sum(len(e["input_ids"]) for e in encoded(tokenizer, rows, max_len))
         batched, batched_cpu = time.perf_counter() - started, time.process_time() - cpu
         started, cpu = time.perf_counter(), time.process_time()  # with the workers' start (spawned: importing transformers)
-        assert tokens == sum(len(e["input_ids"]) for e in token_files._encoded(tokenizer, rows, max_len, False, "bench"))
+        assert tokens == sum(len(e["input_ids"]) for e in token_files.encoded_by_workers(tokenizer, rows, max_len, False, "bench"))
         spread, writer_cpu = time.perf_counter() - started, time.process_time() - cpu
         print(f"{n:>13} | {tokens:>10} | {n / one_by_one:>13.0f} | {n / batched:>10.0f} | {batched_cpu:>9.1f} | "
               f"{n / spread:>13.0f} | {writer_cpu:>12.1f}")

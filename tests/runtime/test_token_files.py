@@ -167,11 +167,11 @@ def test_worker_processes_encode_the_same_examples_in_order_and_name_a_malformed
     for name, count in (("one", 1), ("three", 3)):
         monkeypatch.setattr(cpus, "available", lambda cgroup=cpus.CGROUP, count=count: count)
         counted = token_files.Counted(rows)
-        token_files.write(token_files._encoded(tok, counted, 24, False, "train.jsonl"), tmp_path / name, len(tok), counted)
+        token_files.write(token_files.encoded_by_workers(tok, counted, 24, False, "train.jsonl"), tmp_path / name, len(tok), counted)
     assert handed == [64] * 8 + [24]  # the first piece here, the others to the workers
     one, three = token_files.TokenFiles(tmp_path / "one"), token_files.TokenFiles(tmp_path / "three")
     assert three.rows == one.rows == 600 and three.lengths() == one.lengths()
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["labels"], b["labels"])
                for a, b in zip(one, three))
     with pytest.raises(InvalidTask, match="train.jsonl row 300: a text row's text must be a non-empty string"):
-        list(token_files._encoded(tok, rows[:299] + [{"text": "  "}] + rows[300:], 24, False, "train.jsonl"))
+        list(token_files.encoded_by_workers(tok, rows[:299] + [{"text": "  "}] + rows[300:], 24, False, "train.jsonl"))

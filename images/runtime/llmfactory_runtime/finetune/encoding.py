@@ -43,12 +43,12 @@ class Split:
 
 
 def read(spec: dict, tokenizer, dataset_uri: str, split: str, world: World, scope: str,
-         running: contextlib.ExitStack) -> Split:
-    """A split of the dataset as spec.objective trains on it (encode); sft's conversations and raw
-    text's pieces tokenized once a node into files its processes share (token_files), for the run
-    (`scope`) while `running` is open."""
+         running: contextlib.ExitStack, rows: list[dict] | None = None) -> Split:
+    """A split of the dataset as spec.objective trains on it (encode; `rows`: the split's, where the
+    caller has read them); sft's conversations and raw text's pieces tokenized once a node into files
+    its processes share (token_files), for the run (`scope`) while `running` is open."""
     if spec.get("objective", "sft") != "sft":
-        rows = read_split(dataset_uri, split)
+        rows = read_split(dataset_uri, split) if rows is None else rows
         return dataclasses.replace(encode(spec, tokenizer, rows, split), rows=len(rows))
     examples = token_files.shared(tokenizer, dataset_uri, split, spec["hyperparameters"]["maxSeqLength"],
                                   _every_token(spec), f"spec.objective sft: {split}.jsonl", world, scope, running)

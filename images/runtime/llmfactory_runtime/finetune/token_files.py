@@ -120,28 +120,32 @@ def shared(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: b
     of billions of tokens could outlast."""
     directory = location(tokenizer, dataset_uri, split, max_len, every_token, scope)
     invalid = directory.with_name(f"{directory.name}.invalid")
+    wrote = False
     if world.local_rank == 0:
         running.callback(shutil.rmtree, directory, True)
         running.callback(invalid.unlink, missing_ok=True)
         if not directory.is_dir():
             rows = Counted(iter_split(dataset_uri, split))
             try:
-                write(_encoded(tokenizer, rows, max_len, every_token, where), directory, len(tokenizer), rows)
+                write(encoded_by_workers(tokenizer, rows, max_len, every_token, where), directory, len(tokenizer),
+                      rows)
             except InvalidTask as e:
                 atomic_write(invalid, str(e).encode())
                 raise
-            files = TokenFiles(directory)
-            log.info("%s.jsonl: %d rows tokenized, %d examples of %d tokens, %.1f MB in %s", split, files.rows,
-                     len(files), int(files.offsets[-1]), sum(f.stat().st_size for f in directory.iterdir()) / 1e6,
-                     directory)
+            wrote = True
     while not directory.is_dir():  # the node's first process is writing them
         if invalid.is_file():
             raise InvalidTask(invalid.read_text())
         time.sleep(WAIT)
-    return TokenFiles(directory)
+    files = TokenFiles(directory)
+    if wrote:
+        log.info("%s.jsonl: %d rows tokenized, %d examples of %d tokens, %.1f MB in %s", split, files.rows,
+                 len(files), int(files.offsets[-1]), sum(f.stat().st_size for f in directory.iterdir()) / 1e6,
+                 directory)
+    return files
 
 
-def _encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool, where: str) -> Iterator[dict]:
+def encoded_by_workers(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool, where: str) -> Iterator[dict]:
     """batching.encoded's examples of the rows, in order, their pieces encoded by worker processes, one
     a CPU the pod may use (none with one; none for a split of one piece), with the tokenizer saved
     once to disk and loaded by each: rendering conversations is Python's, one core's, work."""

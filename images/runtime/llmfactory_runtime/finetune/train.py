@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import Interrupted
 from ..chat import check_own_template, template_of
-from ..data import dumps_jsonl, read_split
+from ..data import SPLITS, dumps_jsonl, read_split
 from ..grader import reference_fields
 from ..models import tokenizer_for
 from ..progress import Progress
@@ -137,13 +137,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     # Data
     progress.stage("reading and tokenizing the dataset")
     dataset = inputs["dataset"]
-    data, val = (encoding.read(spec, tokenizer, dataset["uri"], split, world, run.uri, running)
+    # GRPO's splits, all three: what a Benchmark's reward grader may read its reference from, in
+    # whichever split it reads.
+    prompt_rows = {split: read_split(dataset["uri"], split) for split in SPLITS} if grpo else {}
+    data, val = (encoding.read(spec, tokenizer, dataset["uri"], split, world, run.uri, running, prompt_rows.get(split))
                  for split in ("train", "validation"))
     if not data.rows:
         raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
-    # What a Benchmark's reward grader may read its reference from, in whichever split it reads.
-    references = reference_fields([row for split in ("train", "validation", "test")
-                                   for row in read_split(dataset["uri"], split)]) if grpo else None
+    references = reference_fields([row for rows in prompt_rows.values() for row in rows]) if grpo else None
     examples = data.examples
     if not examples:
         raise InvalidTask(f"spec.hyperparameters.maxSeqLength: no train {unit} has "
