@@ -199,7 +199,8 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
         if msg["role"] != "assistant" or i < first:
             continue
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-        through = render(tokenizer, messages[: i + 1], tools=tools)
+        # the last message's conversation is the text itself: a one-turn conversation costs two renders
+        through = text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], tools=tools)
         if not text.startswith(through) or not through.startswith(prefix):
             raise ValueError("the chat template does not render conversations prefix by prefix; "
                              "assistant-only loss cannot be located")
