@@ -162,13 +162,16 @@ def test_a_benchmark_whose_gates_fail_fails_and_what_it_gates_is_skipped_saying_
     lines = {line.split()[1]: line for line in run.stdout.splitlines() if line.startswith("│ ")}
     assert "Failed" in lines["Benchmark/bench"] and "Skipped" in lines["Quantization/gguf"], run.stdout
     text = " ".join(run.stdout.split())
-    assert "Benchmark bench did not succeed (benchmark finished but gates failed: perplexity.value < 1.0)" in text
+    [measured] = results(store, [bench])["bench"]
+    # The failed gate with the value it got, which the user compares with the threshold.
+    got = measured["metrics"]["perplexity.value"]
+    why = f"benchmark finished but gates failed: perplexity.value < 1.0 (got {got:.4g})"
+    assert f"Benchmark bench did not succeed ({why})" in text
     assert not results(store, [gated])["gguf"]
     # Its finished result, reused, fails the same way.
     again = LocalRunner(store, tmp_path / "artifacts" / "logs", Console(file=io.StringIO())).run([bench, gated])
     assert [(o.status, o.message) for o in again] == [
-        ("Failed", "benchmark finished but gates failed: perplexity.value < 1.0"),
-        ("Skipped", "Benchmark bench did not succeed (benchmark finished but gates failed: perplexity.value < 1.0)")]
+        ("Failed", why), ("Skipped", f"Benchmark bench did not succeed ({why})")]
 
 
 def test_bad_manifest_is_refused_before_anything_runs(tiny_model, tmp_path):

@@ -249,6 +249,33 @@ def test_a_lora_adapter_is_merged_onto_its_base_when_loaded(tiny_model, tmp_path
         assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)  # the adapter changed it
 
 
+def test_perplexity_of_a_split_the_dataset_lacks_is_refused_naming_the_splits_it_has(tiny_model, tmp_path):
+    """Not a run without perplexity whose gate then fails as if it were too high: the field, the
+    URI and what is there (a mistyped folder, a dataset built without that split, an empty file)."""
+    from llmfactory_runtime.data import dumps_jsonl
+
+    data = tmp_path / "rows"
+    data.mkdir()
+    (data / "train.jsonl").write_bytes(dumps_jsonl([{"messages": [{"role": "user", "content": "Hi"},
+                                                                  {"role": "assistant", "content": "Hello."}]}]))
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "ppl"},
+           "spec": {"model": {"source": {"uri": f"file://{tiny_model}"}}, "baseline": False,
+                    "perplexity": {"dataset": {"uri": f"file://{data}"}, "split": "test"},
+                    "gates": [{"metric": "perplexity.value", "op": "<=", "value": 10}]}}
+    for made, why in [(None, "no test.jsonl there, only train.jsonl"), ("", "its test.jsonl is empty")]:
+        if made is not None:
+            (data / "test.jsonl").write_text(made)
+        task, store = _planned(doc, tmp_path, store=f"store-{made is None}")
+        with pytest.raises(InvalidTask, match=rf"^spec.perplexity.split: file://{data} has no test rows \({why}\)$"):
+            benchmark.run(task, store, Progress(store))
+        assert not store.list()  # refused before any model was loaded or answered
+    doc["spec"]["perplexity"]["dataset"]["uri"] = f"file://{tmp_path}"  # the folder above the dataset's
+    task, store = _planned(doc, tmp_path, store="above")
+    with pytest.raises(InvalidTask, match=r"\(none of train.jsonl, validation.jsonl, test.jsonl there: name the "
+                                          r"dataset's folder\)$"):
+        benchmark.run(task, store, Progress(store))
+
+
 def _benchmark_of_held_out_rows(tiny_model, tmp_path, rows: list[dict], dataset_format: str, seed: int):
     """A Benchmark of a FineTune (a random adapter on the tiny model) whose dataset is `rows` in
     `dataset_format`, the test split; its gate names preference.rewardAccuracy. Returns the

@@ -990,6 +990,17 @@ def test_what_needs_a_gpu_on_a_machine_without_cuda_is_an_invalid_task_naming_th
     assert message in open_store(task["artifactUri"]).read_json("progress.json")["message"]
 
 
+def test_a_dataset_uri_without_a_train_split_fails_at_once_saying_what_is_there(tiny_model, tmp_path):
+    """A mistyped URI (the folder above the dataset's) is not "no train rows" to puzzle over."""
+    write_dataset(tmp_path / "data" / "v1")
+    task = finetune_task(tiny_model, f"file://{tmp_path / 'data'}", f"file://{tmp_path}/store")
+    proc = run_finetune(write_task(task, tmp_path))
+    assert proc.returncode == 2, proc.stderr  # invalid: the Job is not retried
+    assert open_store(task["artifactUri"]).read_json("progress.json")["message"].endswith(
+        f"spec.dataset: file://{tmp_path / 'data'} has no train rows (none of train.jsonl, validation.jsonl, "
+        "test.jsonl there: name the dataset's folder)")
+
+
 SHORT = [("What is the capital of France?", "Paris."), ("Why is the sky blue?", "Scattering."),
          ("Name a sea.", "The Baltic.")]
 

@@ -152,6 +152,31 @@ def test_a_grpo_fine_tunes_quantization_passes_its_prompts_on_without_measuring_
     assert result["datasetReferenceFields"] == ["reference"]  # passed on, for a Benchmark's reward grader
 
 
+def test_a_validation_bound_without_test_rows_is_refused_before_any_conversion(tiny_model, tmp_path):
+    """A FineTune whose dataset has no test split: maxPerplexityIncreasePercent has nothing to measure
+    on, so the run fails naming the field and the splits there are, rather than passing unchecked."""
+    from llmfactory.planner import parse, plan
+    from llmfactory_runtime.data import dumps_jsonl
+    from llmfactory_runtime.progress import Progress
+    from llmfactory_runtime.quantize import run as quantize
+    from llmfactory_runtime.store import open_store
+
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "train.jsonl").write_bytes(dumps_jsonl([{"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]))
+    fine_tune = {"modelUri": f"file://{tiny_model}", "digest": "sha256:m", "baseModel": {"uri": f"file://{tiny_model}"},
+                 "datasetUri": f"file://{tmp_path / 'rows'}", "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization", "metadata": {"name": "tiny"},
+           "spec": {"model": {"fineTuneRef": {"name": "sft"}}, "types": ["q8_0"],
+                    "validation": {"maxPerplexityIncreasePercent": 5}}}
+    task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    with pytest.raises(InvalidTask, match=r"^spec.validation.maxPerplexityIncreasePercent: file://.*/rows has no test "
+                                          r"rows \(no test.jsonl there, only train.jsonl\), to measure on$"):
+        quantize.run(task, store, Progress(store))
+    assert store.list("gguf") == []
+
+
 def test_k_quants_without_llama_cpp_fail_before_any_work_naming_the_tool(tiny_model, tmp_path, monkeypatch):
     from llmfactory_runtime.progress import Progress
     from llmfactory_runtime.quantize import run as quantize

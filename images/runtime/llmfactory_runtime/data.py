@@ -9,7 +9,7 @@ import json
 import math
 from typing import Any, Iterable, Iterator
 
-from .store import local_copy
+from .store import local_copy, open_store
 from .tool_calls import expected_calls
 
 SPLITS = ("train", "validation", "test")
@@ -241,3 +241,17 @@ def iter_split(dataset_uri: str, split: str) -> Iterator[dict[str, Any]]:
                     yield json.loads(line)
     except FileNotFoundError:
         return
+
+
+def no_rows(dataset_uri: str, split: str, what: str = "rows") -> str:
+    """Why a split was read empty, for the error that names it: whether its file is there at all (a
+    mistyped URI, a dataset built without that split) and which splits are."""
+    store = open_store(dataset_uri.rstrip("/"))
+    there = [f"{s}.jsonl" for s in SPLITS if store.exists(f"{s}.jsonl")]
+    if f"{split}.jsonl" in there:
+        why = f"its {split}.jsonl is empty"
+    elif there:
+        why = f"no {split}.jsonl there, only {', '.join(there)}"
+    else:
+        why = "none of train.jsonl, validation.jsonl, test.jsonl there: name the dataset's folder"
+    return f"{dataset_uri} has no {split} {what} ({why})"

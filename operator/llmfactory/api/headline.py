@@ -56,4 +56,9 @@ def gates_failed(kind: str, result: dict[str, Any]) -> str | None:
     What waits on it (spec.benchmarkRef) does not start: the operator and `llmfactory run` alike."""
     if kind != "Benchmark" or not result.get("gates") or result.get("passed"):
         return None
-    return f"benchmark finished but gates failed: {', '.join(g['gate'] for g in result['gates'] if not g['passed'])}"
+    failed = [f"{g['gate']} ({_measured(g.get('value'))})" for g in result["gates"] if not g["passed"]]
+    return f"benchmark finished but gates failed: {', '.join(failed)}"
+
+
+def _measured(value: float | None) -> str:
+    return "not measured" if value is None else f"got {value:.4g}"

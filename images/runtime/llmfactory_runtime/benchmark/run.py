@@ -18,7 +18,7 @@ from typing import Any
 from .. import markdown_cell
 from ..batching import perplexity
 from ..preference import labelled_agreement, labelled_scores, pair_scores
-from ..data import preference_of, read_split
+from ..data import no_rows, preference_of, read_split
 from ..generate import generate
 from ..grader import api_usage, check_scorable, graded_rows, rewards_by_part
 from ..models import LazyModel
@@ -467,10 +467,9 @@ def _reward_prompts(spec: dict, dataset: dict) -> list[dict]:
     """The reward dataset's rows as the grader sees them (grader.graded_of: prompt messages, reference...)."""
     check_scorable(spec["grader"], "spec.reward.grader")
     rows = read_split(dataset["uri"], spec["split"], spec.get("maxSamples") or None)
-    prompts = graded_rows(rows, spec["grader"], f"spec.reward.dataset: {spec['split']}.jsonl")
-    if not prompts:
-        raise InvalidTask(f"spec.reward.dataset: {dataset['uri']} has no {spec['split']} rows to answer")
-    return prompts
+    if not rows:
+        raise InvalidTask(f"spec.reward.dataset: {no_rows(dataset['uri'], spec['split'])}")
+    return graded_rows(rows, spec["grader"], f"spec.reward.dataset: {spec['split']}.jsonl")  # a row each
 
 
 def _ranking_lines(pairs: list[dict], ranked: dict[str, list[list[float]]], shown: int = 20) -> list[str]:
@@ -564,6 +563,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     if spec.get("perplexity"):
         ppl = spec["perplexity"]
         rows = read_split(inputs["dataset"]["uri"], ppl["split"], ppl.get("maxSamples") or None)
+        if not rows:  # else no perplexity at all, and a gate on it failing as if it were too high
+            raise InvalidTask(f"spec.perplexity.split: {no_rows(inputs['dataset']['uri'], ppl['split'])}")
     questions = questions_.load(spec["judge"]) if spec.get("judge") else []
     opponent = (questions_.opponent_answers(spec["judge"]["opponentAnswersUri"], questions)  # refused before answering
                 if questions and spec["judge"].get("opponentAnswersUri") else None)
@@ -581,8 +582,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         pairs = read_split(inputs["rankingDataset"]["uri"], spec["ranking"]["split"],
                            spec["ranking"].get("maxSamples") or None)
         if not pairs:
-            raise InvalidTask(f"spec.ranking.dataset: {inputs['rankingDataset']['uri']} has no "
-                              f"{spec['ranking']['split']} pairs to rank")
+            ranked = no_rows(inputs["rankingDataset"]["uri"], spec["ranking"]["split"], "pairs")
+            raise InvalidTask(f"spec.ranking.dataset: {ranked}")
         found = {row.get("language") for row in pairs} - {None}
         missing = [lang for lang in spec["ranking"].get("languages") or [] if lang not in found]
         if missing:

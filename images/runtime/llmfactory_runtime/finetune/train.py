@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import Interrupted
 from ..chat import check_own_template, template_of
-from ..data import SPLITS, dumps_jsonl, read_split
+from ..data import SPLITS, dumps_jsonl, no_rows, read_split
 from ..grader import reference_fields
 from ..models import tokenizer_for
 from ..progress import Progress
@@ -143,7 +143,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     data, val = (encoding.read(spec, tokenizer, dataset["uri"], split, world, run.uri, running, prompt_rows.get(split))
                  for split in ("train", "validation"))
     if not data.rows:
-        raise InvalidTask(f"dataset {dataset['uri']} has no train rows")
+        raise InvalidTask(f"spec.dataset: {no_rows(dataset['uri'], 'train')}")
     references = reference_fields([row for rows in prompt_rows.values() for row in rows]) if grpo else None
     examples = data.examples
     if not examples:

@@ -16,7 +16,7 @@ import torch
 
 from .. import cpus
 from ..batching import as_trained, perplexity, top_tokens
-from ..data import iter_split, messages_of, read_split, text_of, tools_of, undesirable
+from ..data import iter_split, messages_of, no_rows, read_split, text_of, tools_of, undesirable
 from ..digests import sha256_files
 from ..generate import generate
 from ..models import load_model, load_tokenizer, locate
@@ -154,6 +154,10 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     dataset = inputs.get("dataset")  # a GRPO FineTune's prompts (format graded) have no answers to measure on
     rows = (read_split(dataset["uri"], "test", validation["maxSamples"])
             if dataset and dataset["format"] != "graded" else [])
+    bounded = [f for f in ("maxPerplexityIncreasePercent", "minTopTokenAgreementPercent")
+               if validation.get(f) is not None]
+    if bounded and not rows:  # the planner saw a dataset; its test split decides, else nothing would be checked
+        raise InvalidTask(f"spec.validation.{bounded[0]}: {no_rows(dataset['uri'], 'test')}, to measure on")
     prompt = _chat_prompt(rows)
     progress.stage("measuring the unquantized model" if rows else "converting",
                    total=len(types), unit="types")
