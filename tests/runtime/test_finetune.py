@@ -990,15 +990,24 @@ def test_what_needs_a_gpu_on_a_machine_without_cuda_is_an_invalid_task_naming_th
     assert message in open_store(task["artifactUri"]).read_json("progress.json")["message"]
 
 
-def test_a_dataset_uri_without_a_train_split_fails_at_once_saying_what_is_there(tiny_model, tmp_path):
-    """A mistyped URI (the folder above the dataset's) is not "no train rows" to puzzle over."""
-    write_dataset(tmp_path / "data" / "v1")
-    task = finetune_task(tiny_model, f"file://{tmp_path / 'data'}", f"file://{tmp_path}/store")
+@pytest.mark.parametrize("mistake", ["dataset folder", "target module"])
+def test_a_mistake_only_the_run_can_see_fails_it_at_once_naming_the_field_and_what_would_do(tiny_model, tmp_path,
+                                                                                            mistake):
+    """A dataset URI of the folder above the dataset's is not "no train rows" to puzzle over; a
+    misspelt target module is not left out in silence (peft adapts the others and says nothing)."""
+    data = write_dataset(tmp_path / "data" / "v1")
+    if mistake == "dataset folder":
+        spec, message = {}, (f"spec.dataset: file://{tmp_path / 'data'} has no train rows (none of train.jsonl, "
+                             "validation.jsonl, test.jsonl there: name the dataset's folder)")
+        data = f"file://{tmp_path / 'data'}"
+    else:
+        spec = {"lora": {"targetModules": ["q_proj", "gate_prj"]}}
+        message = ("spec.lora.targetModules: no module of the model is named gate_prj; its linear layers are "
+                   "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or give all-linear)")
+    task = finetune_task(tiny_model, data, f"file://{tmp_path}/store", **spec)
     proc = run_finetune(write_task(task, tmp_path))
     assert proc.returncode == 2, proc.stderr  # invalid: the Job is not retried
-    assert open_store(task["artifactUri"]).read_json("progress.json")["message"].endswith(
-        f"spec.dataset: file://{tmp_path / 'data'} has no train rows (none of train.jsonl, validation.jsonl, "
-        "test.jsonl there: name the dataset's folder)")
+    assert open_store(task["artifactUri"]).read_json("progress.json")["message"].endswith(message)
 
 
 SHORT = [("What is the capital of France?", "Paris."), ("Why is the sky blue?", "Scattering."),

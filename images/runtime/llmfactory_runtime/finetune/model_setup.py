@@ -132,6 +132,8 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         from peft import LoraConfig, get_peft_model  # noqa: PLC0415
         lora = spec["lora"]
         targets = lora["targetModules"]
+        if targets != ["all-linear"]:
+            refuse_unmatched_targets(model, targets)
         # SEQ_CLS: peft trains the reward model's new score layer whole beside the adapters (modules_to_save).
         # trainEmbeddings: the embeddings and output layer whole, the new rows with them.
         whole = _embedding_layers(model, tied_too=True) if lora.get("trainEmbeddings") else None
@@ -150,6 +152,20 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         _compile_layers(model)
     model.train()
     return model
+
+
+def refuse_unmatched_targets(model, targets: list[str]) -> None:
+    """A target module no module of the model is named by (peft matches a name or its dotted end):
+    peft adapts the others and says nothing, so a typo (gate_prj) would train less than asked."""
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        from transformers.pytorch_utils import Conv1D  # noqa: PLC0415 - GPT-2's linear layers
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, (torch.nn.Linear, Conv1D))})
+        raise InvalidTask(f"spec.lora.targetModules: no module of the model is named {', '.join(unmatched)}; its "
+                          f"linear layers are {', '.join(linear)} (or give all-linear)")
 
 
 def parameter_groups(model, named: list, stepped: list, spec: dict) -> list[dict]:
