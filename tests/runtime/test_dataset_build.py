@@ -22,6 +22,7 @@ from llmfactory_runtime.dataset import build
 from llmfactory_runtime.dataset.sources import Drops, collect
 from llmfactory_runtime.openai_client import TokenBucket, retry_after
 from llmfactory_runtime.progress import Progress
+from llmfactory_runtime.task import InvalidTask
 from llmfactory_runtime.store import open_store, write_result
 
 from finetune_helpers import WEATHER
@@ -680,19 +681,45 @@ def test_local_samples_of_one_conversation_differ_and_are_cached(tmp_path, tiny_
 
 def test_a_local_judge_rates_by_log_probabilities(tmp_path, tiny_model):
     """A local teacher and a local judge (the tiny random model: its expected rating is somewhere
-    in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one). The
-    second build changes only the bar: the answers and their ratings come from the cache."""
+    in 1..10, never 10, so a bar of 10 drops every answer and a bar of 1 keeps every one). A build
+    that keeps no rows fails saying what dropped them; the second build changes only the bar: the
+    answers and their ratings, paid by the failed one, come from the cache."""
     model = {"uri": f"file://{tiny_model}"}
     prompts = [{"text": f"Question {i} about colours?", "language": "en"} for i in range(3)]
-    for bar, kept in ((10, 0), (1, 3)):
+    for bar in (10, 1):
         doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "DatasetBuild", "metadata": {"name": "local"},
                "spec": {"sources": [{"inline": prompts}], "teacher": {"model": model, "maxNewTokens": 8},
                         "filters": {"nearDuplicateThreshold": 0, "dropTruncated": False, "refusals": False,
                                     "judge": {"model": model, "minScore": bar}}}}
+        if bar == 10:
+            with pytest.raises(InvalidTask, match=r"^the build kept no rows: dropped 3 as judge_low_score \(e\.g\. "
+                                                  r"\d+(\.\d+)?: Question 0 about colours\?\)$"):
+                run_in_process(tmp_path, doc)
+            continue
         _, result = run_in_process(tmp_path, doc)
-        assert sum(result["rows"].values()) == kept
-        assert _counts(result["judgeUsage"]) == ({"requests": 3, "cached": 0} if bar == 10 else {"requests": 0, "cached": 3})
-        assert result["dropped"] == ({"judge_low_score": 3} if kept == 0 else {})
+        assert sum(result["rows"].values()) == 3 and result["dropped"] == {}
+        assert _counts(result["judgeUsage"]) == {"requests": 0, "cached": 3}
+
+
+def test_a_source_none_of_whose_rows_can_be_read_fails_naming_the_reason_and_the_fields(tmp_path, monkeypatch):
+    """A few malformed rows are dropped and counted; a source whose every row (or first thousand) is
+    malformed has a mapping that does not fit its data (a misspelt promptField): the build fails,
+    naming the source, the first row's trouble and its fields, not "Succeeded, 0 rows"."""
+    from llmfactory_runtime.dataset import sources
+
+    rows = [{"question": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(12)]
+    uri = jsonl_file(tmp_path / "rows.jsonl", rows)
+    good = {"uri": uri, "fields": "prompt", "promptField": "question", "answerField": "answer"}
+    with pytest.raises(InvalidTask, match=r"^spec.sources\[1\]: none of its 12 rows could be read, the first: no "
+                                          r"field 'questoin' \(its fields: question, answer\); check fields, "
+                                          r"promptField and answerField$"):
+        list(collect([good, {**good, "promptField": "questoin"}], Drops()))
+    with pytest.raises(InvalidTask, match=r"^spec.sources\[0\]: none of its 12 rows could be read, the first: no "
+                                          r"field 'body' \(its fields: question, answer\); check textField$"):
+        list(collect([{"uri": uri, "textField": "body"}], Drops(), documents=True))
+    monkeypatch.setattr(sources, "UNREADABLE", 5)  # a corpus's first rows: no need to read it all to know
+    with pytest.raises(InvalidTask, match=r"^spec.sources\[0\]: none of its first 5 rows could be read"):
+        list(collect([{**good, "answerField": "solution"}], Drops()))
 
 
 def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
@@ -1178,9 +1205,9 @@ def test_difficulty_keeps_the_prompts_the_student_sometimes_solves_and_samples_e
     doc["spec"]["difficulty"] = {"model": {"uri": f"file://{tiny_model}"}, "samples": 2, "maxNewTokens": 4,
                                  "grader": {"operation": "number", "extract": "#### (.+)"}}
     doc["spec"]["sources"][0]["maxRows"] = 2
-    _, local = run_in_process(tmp_path / "local", doc)
-    assert local["dropped"] == {"too_hard": 2}  # a random model writes no '#### 42'
-    assert _counts(local["difficultyUsage"]) == {"requests": 4, "cached": 0}
+    # A random model writes no '#### 42': each prompt's pass rate is 0, and a build that keeps no row fails.
+    with pytest.raises(InvalidTask, match=r"^the build kept no rows: dropped 2 as too_hard \(e\.g\. 0\.00: "):
+        run_in_process(tmp_path / "local", doc)
 
 
 def test_a_source_with_its_own_split_fills_it_and_its_questions_are_never_trained_on(tmp_path, tiny_model):
@@ -1316,7 +1343,6 @@ def test_a_corpus_gets_the_same_dataset_from_one_process_as_from_several(tmp_pat
 def test_a_config_map_source_is_read_where_it_is_mounted_and_only_with_the_planned_content(tmp_path, monkeypatch):
     import hashlib
 
-    from llmfactory_runtime.task import InvalidTask
 
     folder = tmp_path / "prompts"
     folder.mkdir()

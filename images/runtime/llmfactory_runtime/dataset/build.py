@@ -24,6 +24,7 @@ from ..grader import api_usage, last_match
 from ..usage import Usage
 from ..progress import Progress
 from ..store import SHARDS, Store, finished_result
+from ..task import InvalidTask
 from . import corpus, teacher as teacher_
 from .answer_judge import AnswerJudge
 from .dedupe import dedupe
@@ -288,6 +289,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         usages = _usages(usage, judge, rejected_usage, scorer, difficulty_usage)
         fmt = "preference" if spec.get("preferences") or _pairs_from_sources(spec) else spec.get("format", "chatml")
         written = _write(rows, fmt, spec, data, progress)
+    if not any(written["rows"].values()):  # not a dataset a FineTune or a Benchmark could read
+        raise InvalidTask(f"the build kept no rows: {_nothing_kept(drops)}")
     graders = _grader_usages(spec, before)
     if spec.get("shards", 1) > 1:
         _add_shard_bills(run, spec["shards"], usages, {name: u for name, (u, _) in graders.items()})
@@ -311,6 +314,17 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
     return result
+
+
+def _nothing_kept(drops: Drops) -> str:
+    """Why a build kept no rows: what dropped them, the commonest reason first with an example."""
+    if not drops.counts:
+        return "its sources hold none"
+    reasons = [f"{n} as {why}" for why, n in drops.counts.most_common()]
+    top = drops.counts.most_common(1)[0][0]
+    if drops.examples.get(top):
+        reasons[0] += f" (e.g. {drops.examples[top][0]})"
+    return "dropped " + ", ".join(reasons)
 
 
 def _write(rows: list[dict], fmt: str, spec: dict[str, Any], data: Store, progress: Progress) -> dict[str, Any]:

@@ -9,7 +9,9 @@ its turns, which a build without a teacher keeps (None where the row has none: a
 without answerField, a conversation whose turns are not each answered); a preference pair's prompt
 also holds its `rejected` answer to the last turn, and its `scores` (chosen, rejected) where the row
 rates both (UltraFeedback's score_chosen and score_rejected); a prompt of a source with a fixed
-`split` holds it. Malformed rows are counted and a few shown in the report, never fatal.
+`split` holds it. Malformed rows are counted and a few shown in the report, not fatal, unless a
+source's first rows are all malformed: that is a mapping that does not fit the data (a misspelt
+promptField), which fails the build naming the reason and the row's fields.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ PARQUET_BATCH = 1024
 # A fixed test (then validation) source's rows come first: a duplicate of one is dropped from the
 # others, so no held-out question is trained on, whatever the sources' order.
 HELD_OUT_FIRST = {"test": 0, "validation": 1}
+UNREADABLE = 1000  # a source whose first rows are all malformed (or all of them, if fewer) fails the build
 EXAMPLES_PER_REASON = 3
 USER_ROLES, SYSTEM_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"system"}, {"gpt", "assistant"}
 
@@ -300,16 +303,22 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             rows = _rows_of_config_map((config_maps or {})[str(index)], f"{field}.configMap")
         else:
             rows = _rows_of_uri(source["uri"], f"{field}.uri")
+        read, malformed, first_error = 0, 0, None
         for n, row in enumerate(rows):
             if source.get("maxRows") and n >= source["maxRows"]:
                 break
+            if malformed == read == UNREADABLE:
+                _refuse_unreadable(field, source, f"first {read}", first_error, documents)
+            read += 1
             calls = not documents and _calls_tools(row)
             if calls and not whole_tools:  # a FineTune reads such rows whole, by dataset.uri
                 drops.add("tool_calls", row)
                 continue
             try:
                 prompt = _whole(row, source, default_lang) if calls else _prompt(row, source, default_lang, documents)
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                malformed += 1
+                first_error = first_error or (exc, row)
                 drops.add("malformed", row)
                 continue
             if with_answers and not calls:
@@ -319,3 +328,17 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
                     continue
                 prompt = kept
             yield {**prompt, **split}
+        if malformed and malformed == read:
+            _refuse_unreadable(field, source, str(read), first_error, documents)
+
+
+def _refuse_unreadable(field: str, source: dict[str, Any], read: str, first_error: tuple[Exception, Any],
+                       documents: bool) -> None:
+    """A source none of whose (first) rows could be read: the mapping does not fit the data."""
+    exc, row = first_error
+    reason = f"no field {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+    found = f"its fields: {', '.join(map(str, row))}" if isinstance(row, dict) else f"a {type(row).__name__}"
+    mapping = ("textField" if documents else
+               "fields, promptField and answerField" if source.get("fields", "auto") in ("auto", "prompt") else "fields")
+    raise InvalidTask(f"{field}: none of its {read} rows could be read, the first: {reason} ({found}); "
+                      f"check {mapping}")
