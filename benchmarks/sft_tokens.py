@@ -72,9 +72,10 @@ def main() -> None:
         split = None  # let go before the files are measured
         with tempfile.TemporaryDirectory() as tmp:
             directory = Path(tmp) / "train"
-            counted = token_files.Counted(rows)
+            counted, tally = token_files.Counted(rows), token_files.Counter()
             started = time.perf_counter()
-            token_files.write(encoded(tokenizer, counted, max_len), directory, len(tokenizer), counted)
+            token_files.write(encoded(tokenizer, counted, max_len, tally=tally), directory, len(tokenizer), counted,
+                              tally)
             batched = time.perf_counter() - started
             disk = sum(f.stat().st_size for f in directory.iterdir())
             _, private = traced(lambda: (lambda files: (files, files.lengths()))(token_files.TokenFiles(directory)))

@@ -11,6 +11,7 @@ from typing import Any
 
 from llmfactory.planner import parse, plan
 from llmfactory_runtime.store import open_store
+from llmfactory_runtime.chat import IGNORE, encode_for_training
 from llmfactory_runtime.data import dumps_jsonl
 
 PAIRS = [
@@ -99,3 +100,16 @@ TOOL_ROW = {"tools": WEATHER, "messages": [
         "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
     {"role": "tool", "tool_call_id": "c1", "content": "18 C, sunny"},
     {"role": "assistant", "content": "18 C and sunny.", "weight": 1}]}
+
+
+def cut_and_left_out(tok, rows: list[dict], max_len: int, every_token: bool = False) -> tuple[int, int]:
+    """From whole encodings: the conversations longer than max_len tokens that learn a token within
+    it (cut), and those that learn none within it (left out)."""
+    cut = left = 0
+    for row in rows:
+        if "messages" in row:
+            whole = encode_for_training(tok, row["messages"], 10 ** 6, every_token=every_token)
+            learned = [i for i, label in enumerate(whole["labels"]) if label != IGNORE]
+            left += not learned or learned[0] >= max_len
+            cut += bool(learned) and learned[0] < max_len < len(whole["input_ids"])
+    return cut, left

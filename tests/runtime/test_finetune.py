@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from llmfactory.api.headline import headline
 from llmfactory_runtime import batching
 from llmfactory_runtime.batching import collate_sequences as collate, encode_rows, label_count, loss_sums
 from llmfactory_runtime.chat import IGNORE
@@ -27,13 +28,13 @@ from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
 from llmfactory_runtime.finetune.model_setup import load_for_training, parameter_groups, trainable_state
 from llmfactory_runtime.finetune.packing import pack
-from llmfactory_runtime.data import dumps_jsonl
+from llmfactory_runtime.data import dumps_jsonl, read_split
 from llmfactory_runtime.finetune.evaluation import best_step, evaluations_without_improvement
 from llmfactory_runtime.finetune.train import lr_lambda
 from llmfactory_runtime.store import finished_result, open_store
 
-from finetune_helpers import (OWN_SPEC, PAIRS, SMOLLM2, conversations, finetune_task, loss_curve, run_finetune,
-                              runtime_command, write_dataset, write_task)
+from finetune_helpers import (OWN_SPEC, PAIRS, SMOLLM2, conversations, cut_and_left_out, finetune_task, loss_curve,
+                              run_finetune, runtime_command, write_dataset, write_task)
 
 NO_DROPOUT = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
 
@@ -190,6 +191,10 @@ def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_ru
     assert result["finalLoss"] < result["firstLoss"] - 0.3
     assert result["evalLoss"] is not None and result["steps"] == len((Path(result["lossCurveUri"][7:]) / "loss.csv").read_text().splitlines()) - 1
     assert 0.5 < result["realTokenShare"] <= 1 and result["tokensPerSecond"] > 0 and result["processes"] == 1
+    # maxSeqLength 96 cuts the longest conversations: counted, and said in the headline
+    cut, left = cut_and_left_out(AutoTokenizer.from_pretrained(tiny_model), read_split(dataset, "train"), 96)
+    assert result["truncatedRows"] == cut > 0 and "rowsLeftOut" not in result and left == 0
+    assert headline("FineTune", result).endswith(f", {cut} rows cut at maxSeqLength")
     assert (Path(result["lossCurveUri"][7:]) / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter, merged = Path(result["adapterUri"][7:]), Path(result["modelUri"][7:])
     assert task["inputs"]["dataset"]["digest"] in (merged / "README.md").read_text()
@@ -440,6 +445,7 @@ def test_two_processes_follow_the_loss_curve_of_one(tiny_model, dataset, tmp_pat
     assert max(abs(a - b) for a, b in zip(*curve)) < 1e-4
     assert _result(two)["processes"] == 2
     assert _result(two)["trainTokens"] == _result(one)["trainTokens"]
+    assert _result(two)["truncatedRows"] == _result(one)["truncatedRows"] > 0  # the split's, not a process's
     assert _result(two)["evalLoss"] == pytest.approx(_result(one)["evalLoss"], abs=1e-4)  # each evaluated half
 
 
@@ -990,16 +996,22 @@ def test_what_needs_a_gpu_on_a_machine_without_cuda_is_an_invalid_task_naming_th
     assert message in open_store(task["artifactUri"]).read_json("progress.json")["message"]
 
 
-@pytest.mark.parametrize("mistake", ["dataset folder", "target module"])
+@pytest.mark.parametrize("mistake", ["dataset folder", "target module", "no validation split"])
 def test_a_mistake_only_the_run_can_see_fails_it_at_once_naming_the_field_and_what_would_do(tiny_model, tmp_path,
                                                                                             mistake):
     """A dataset URI of the folder above the dataset's is not "no train rows" to puzzle over; a
-    misspelt target module is not left out in silence (peft adapts the others and says nothing)."""
+    misspelt target module is not left out in silence (peft adapts the others and says nothing),
+    nor is evalEverySteps on a dataset without a validation split (no evaluation at all)."""
     data = write_dataset(tmp_path / "data" / "v1")
     if mistake == "dataset folder":
         spec, message = {}, (f"spec.dataset: file://{tmp_path / 'data'} has no train rows (none of train.jsonl, "
                              "validation.jsonl, test.jsonl there: name the dataset's folder)")
         data = f"file://{tmp_path / 'data'}"
+    elif mistake == "no validation split":
+        (tmp_path / "data" / "v1" / "validation.jsonl").unlink()
+        spec = {"hyperparameters": {"evalEverySteps": 2}}
+        message = (f"spec.hyperparameters.evalEverySteps: {data} has no validation conversations (no "
+                   "validation.jsonl there, only train.jsonl), to evaluate on")
     else:
         spec = {"lora": {"targetModules": ["q_proj", "gate_prj"]}}
         message = ("spec.lora.targetModules: no module of the model is named gate_prj; its linear layers are "

@@ -24,10 +24,13 @@ from llmfactory_runtime.finetune.distributed import World
 from llmfactory_runtime.dataset.pieces import Workers
 from llmfactory_runtime.task import InvalidTask
 
-from finetune_helpers import conversations
+from finetune_helpers import conversations, cut_and_left_out
 
 SEA = "The sea is wide and the waves are blue. Sunlight is scattered by the air, blue light the most. "
 ALONE = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
+
+
+MAX_LEN = 32  # some conversations fit, some are cut, some answers start past it
 
 
 def _spec(max_len: int, loss_on: str = "assistant") -> dict:
@@ -49,11 +52,15 @@ def _dataset(tmp_path, rows: list[dict]) -> str:
 @pytest.mark.parametrize("loss_on", ["assistant", "all"])
 def test_the_files_hold_the_examples_encoding_makes_in_memory_in_order(tiny_model, tmp_path, loss_on):
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    rows, spec = _rows(), _spec(24, loss_on)
+    rows, spec = _rows(), _spec(MAX_LEN, loss_on)
     with contextlib.ExitStack() as running:
         split = encoding.read(spec, tok, _dataset(tmp_path, rows), "train", ALONE, str(tmp_path), running)
         expected = encoding.encode(spec, tok, rows, "train")
         assert split.rows == len(rows) and split.lengths == expected.lengths and split.units > len(rows)
+        # What a too short maxSeqLength costs, counted for the result (truncatedRows, rowsLeftOut)
+        cut, left = cut_and_left_out(tok, rows, MAX_LEN, loss_on == "all")
+        assert (split.truncated, split.unlearned) == (expected.truncated, expected.unlearned) == (cut, left)
+        assert cut > 0 and (left > 0) == (loss_on == "assistant")
         assert [list(e["input_ids"]) for e in split.examples] == [list(e["input_ids"]) for e in expected.examples]
         assert [list(e["labels"]) for e in split.examples] == [list(e["labels"]) for e in expected.examples]
         # A process's share of an evaluation (every second example from the second), and a batch of it
@@ -62,8 +69,8 @@ def test_the_files_hold_the_examples_encoding_makes_in_memory_in_order(tiny_mode
         assert view.lengths() == [expected.lengths[i] for i in (5, 7, 9)] and len(split.examples[-3:]) == 3
     # The rows' raw texts are tokenized many at once: as each alone.
     one_by_one = [piece for row in rows for piece in (
-        encode_text(tok, row["text"], 24) if "text" in row else
-        [encode_for_training(tok, row["messages"], 24, every_token=loss_on == "all")]) if set(piece["labels"]) != {IGNORE}]
+        encode_text(tok, row["text"], MAX_LEN) if "text" in row else
+        [encode_for_training(tok, row["messages"], MAX_LEN, every_token=loss_on == "all")]) if set(piece["labels"]) != {IGNORE}]
     assert [list(e["input_ids"]) for e in expected.examples] == [list(e["input_ids"]) for e in one_by_one]
 
 
@@ -73,7 +80,7 @@ def test_ids_are_two_bytes_where_the_vocabulary_fits_and_four_where_not(tiny_mod
     ids = [list(e["input_ids"]) for e in examples]
     for vocabulary, size in ((len(tok), 2), (2 ** 17, 4)):
         directory = tmp_path / f"v{vocabulary}"
-        token_files.write(examples, directory, vocabulary, token_files.Counted([]))
+        token_files.write(examples, directory, vocabulary, token_files.Counted([]), token_files.Counter())
         assert (directory / "ids.bin").stat().st_size == size * sum(map(len, ids))
         assert [list(e["input_ids"]) for e in token_files.TokenFiles(directory)] == ids
 
@@ -166,11 +173,13 @@ def test_worker_processes_encode_the_same_examples_in_order_and_name_a_malformed
     monkeypatch.setattr(Workers, "submit", lambda self, fn, *args: handed.append(len(args[0])) or submit(self, fn, *args))
     for name, count in (("one", 1), ("three", 3)):
         monkeypatch.setattr(cpus, "available", lambda cgroup=cpus.CGROUP, count=count: count)
-        counted = token_files.Counted(rows)
-        token_files.write(token_files.encoded_by_workers(tok, counted, 24, False, "train.jsonl"), tmp_path / name, len(tok), counted)
+        counted, tally = token_files.Counted(rows), token_files.Counter()
+        token_files.write(token_files.encoded_by_workers(tok, counted, MAX_LEN, False, "train.jsonl", tally), tmp_path / name,
+                          len(tok), counted, tally)
     assert handed == [64] * 8 + [24]  # the first piece here, the others to the workers
     one, three = token_files.TokenFiles(tmp_path / "one"), token_files.TokenFiles(tmp_path / "three")
     assert three.rows == one.rows == 600 and three.lengths() == one.lengths()
+    assert three.tally == one.tally == dict(zip(("truncated", "unlearned"), cut_and_left_out(tok, rows, MAX_LEN)))
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) and np.array_equal(a["labels"], b["labels"])
                for a, b in zip(one, three))
     with pytest.raises(InvalidTask, match="train.jsonl row 300: a text row's text must be a non-empty string"):

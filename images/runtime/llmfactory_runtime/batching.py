@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from array import array
 from typing import Iterable, Iterator
 
@@ -42,11 +43,14 @@ ROWS_AT_ONCE = 256
 
 
 def encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = False,
-            where: str = "the dataset", first: int = 1) -> Iterator[dict]:
+            where: str = "the dataset", first: int = 1, tally: Counter | None = None) -> Iterator[dict]:
     """Encoded conversations that have at least one assistant token (every_token: any token) within
     max_len (of unpaired rows, those whose answer is desirable), and raw-text rows' pieces
     (text_pieces), in the rows' order, as the rows are read. A malformed row is an invalid task
-    naming `where` (field and file) and the row (numbered from `first`)."""
+    naming `where` (field and file) and the row (numbered from `first`). `tally` counts the
+    conversations cut at max_len ("truncated") and those left out ("unlearned"), what a user whose
+    maxSeqLength is too short must be told."""
+    tally = Counter() if tally is None else tally
     for chunk in chunks(enumerate(rows, first), ROWS_AT_ONCE):
         read = []
         for n, row in chunk:
@@ -66,8 +70,11 @@ def encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = F
                 yield from text_pieces(next(tokenized), tokenizer.eos_token_id, max_len)
             elif messages is not None:
                 example = next(conversations)
-                if any(label != IGNORE for label in example["labels"]):
-                    yield example
+                if not any(label != IGNORE for label in example["labels"]):
+                    tally["unlearned"] += 1
+                    continue
+                tally["truncated"] += example.pop("truncated", False)
+                yield example
 
 
 def encode_rows(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = False,

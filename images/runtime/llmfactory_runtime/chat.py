@@ -225,19 +225,21 @@ def encode_many_for_training(tokenizer, rendered: list[tuple[str, list[tuple[int
                              every_token: bool = False) -> list[dict[str, Any]]:
     """encode_for_training of conversations already rendered (assistant_spans: text, assistant spans),
     tokenized in one call, which the tokenizers library spreads over its threads; a token is learned
-    where it starts inside a span."""
+    where it starts inside a span. A conversation cut at max_length says so ("truncated": True)."""
     if not rendered:
         return []
     encodings = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True,
                           truncation=True, max_length=max_length)
     out = []
-    for (_, spans), ids, offsets in zip(rendered, encodings["input_ids"], encodings["offset_mapping"]):
+    for (text, spans), ids, offsets in zip(rendered, encodings["input_ids"], encodings["offset_mapping"]):
+        # cut where text is left after the last token (the tokenizer truncates after encoding it all)
+        cut = {"truncated": True} if len(ids) >= max_length and text[offsets[-1][1]:].strip() else {}
         if every_token:
-            out.append({"input_ids": ids, "labels": list(ids)})
+            out.append({"input_ids": ids, "labels": list(ids), **cut})
             continue
         starts = np.array([start for start, _end in offsets], dtype=np.int64)
         inside = np.zeros(len(ids), dtype=bool)
         for a, b in spans:
             inside |= (starts >= a) & (starts < b)
-        out.append({"input_ids": ids, "labels": np.where(inside, ids, IGNORE).tolist()})
+        out.append({"input_ids": ids, "labels": np.where(inside, ids, IGNORE).tolist(), **cut})
     return out

@@ -633,8 +633,9 @@ class Hyperparameters(ApiModel):
     gradient_accumulation: int = Field(1, ge=1, le=1024, description=(
         "Micro-batches per optimizer step. The global batch is batchSize x gradientAccumulation x processes."))
     max_seq_length: int = Field(1024, ge=16, le=1048576, description=(
-        "Tokens per sequence; longer conversations are cut, longer raw text (rows {text}) is split into pieces "
-        "of this many tokens, each trained on."))
+        "Tokens per sequence; longer conversations are cut (counted in result.truncatedRows and the headline; "
+        "one whose answers start past it is left out, result.rowsLeftOut), longer raw text (rows {text}) is split "
+        "into pieces of this many tokens, each trained on."))
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed for initialisation, dropout and shuffling.")
     packing: bool = Field(True, description=(
@@ -928,6 +929,12 @@ class FineTuneResult(ApiModel):
         "Loss on the validation split after training (the DPO loss with objective dpo, KTO's with kto, the "
         "pair loss with reward)."))
     steps: int = Field(description="Optimizer steps.")
+    truncated_rows: int | None = Field(None, description=(
+        "Objective sft: train conversations longer than hyperparameters.maxSeqLength, cut at it (the end of "
+        "their answers, and of their turn, not learned: raise maxSeqLength if they are many). Absent when none."))
+    rows_left_out: int | None = Field(None, description=(
+        "Objective sft: train conversations with no token to learn within maxSeqLength (an answer that starts "
+        "past it, or none of weight 1), not trained on. Absent when none."))
     train_tokens: int = Field(description="Tokens seen in training (non-padding).")
     tokens_per_second: float = Field(description="Training throughput (real tokens, all processes).")
     real_token_share: float = Field(description="Share of the tokens computed on that were not padding (0-1).")

@@ -21,7 +21,8 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
             base = f"{result['baseReward']:.2f} -> " if result.get("baseReward") is not None else ""
             return f"reward {base}{result['reward']:.2f}"
         rewards = f", reward accuracy {result['rewardAccuracy']:.2f}" if result.get("rewardAccuracy") is not None else ""
-        return f"loss {result['firstLoss']:.3f} -> {result['finalLoss']:.3f}{rewards}{best}"
+        cut = f", {result['truncatedRows']} rows cut at maxSeqLength" if result.get("truncatedRows") else ""
+        return f"loss {result['firstLoss']:.3f} -> {result['finalLoss']:.3f}{rewards}{best}{cut}"
     if kind == "Benchmark":
         m = result["metrics"]
         parts = []

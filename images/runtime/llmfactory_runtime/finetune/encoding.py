@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..batching import encode_rows
+from ..batching import encoded
 from ..data import read_split
 from ..grader import check_scorable
 from ..preference import encode_pairs, encode_unpaired, pair_lengths, token_counts
@@ -36,6 +37,8 @@ class Split:
     answer_tokens: torch.Tensor | None = None  # dpo, reward: (pairs, 2) answer tokens, what dpo_terms averages over
     ranks: list[float] | None = None  # grpo.promptOrder easyFirst: each prompt's pass rate, highest trained first
     rows: int = 0  # rows of the split they were encoded from
+    truncated: int = 0  # sft: conversations cut at maxSeqLength
+    unlearned: int = 0  # sft: conversations with no token to learn within it, left out
 
     @property
     def units(self) -> int:
@@ -52,7 +55,8 @@ def read(spec: dict, tokenizer, dataset_uri: str, split: str, world: World, scop
         return dataclasses.replace(encode(spec, tokenizer, rows, split), rows=len(rows))
     examples = token_files.shared(tokenizer, dataset_uri, split, spec["hyperparameters"]["maxSeqLength"],
                                   _every_token(spec), f"spec.objective sft: {split}.jsonl", world, scope, running)
-    return Split(examples, examples.lengths(), rows=examples.rows)
+    return Split(examples, examples.lengths(), rows=examples.rows, truncated=examples.tally["truncated"],
+                 unlearned=examples.tally["unlearned"])
 
 
 def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
@@ -73,8 +77,10 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
     if objective in ("dpo", "reward"):
         pairs = encode_pairs(tokenizer, rows, max_len, where, margins=objective == "reward")
         return Split(pairs, pair_lengths(pairs), answer_tokens=token_counts(pairs))
-    conversations = encode_rows(tokenizer, rows, max_len, every_token=_every_token(spec), where=where)
-    return Split(conversations, [len(c["input_ids"]) for c in conversations])
+    tally = Counter()
+    conversations = list(encoded(tokenizer, rows, max_len, _every_token(spec), where, tally=tally))
+    return Split(conversations, [len(c["input_ids"]) for c in conversations], truncated=tally["truncated"],
+                 unlearned=tally["unlearned"])
 
 
 def _every_token(spec: dict) -> bool:

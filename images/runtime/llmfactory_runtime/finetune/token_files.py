@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from array import array
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,11 +46,13 @@ MAX_WORKERS = 8  # each holds transformers and the tokenizer: as many as a text 
 class TokenFiles(Sequence):
     """The examples `write` put in a directory, each {"input_ids", "labels"} as int64 arrays read
     from the maps when asked for; a slice is a view of them, not a copy (an evaluation's share of the
-    validation split); `rows`: the split's rows they were encoded from."""
+    validation split); `rows`: the split's rows they were encoded from; `tally`: of those, the
+    conversations cut at maxSeqLength (truncated) and left out for it (unlearned)."""
 
     def __init__(self, directory: Path):
         meta = json.loads((directory / "meta.json").read_text())
         self.rows, self.offsets = meta["rows"], np.load(directory / "offsets.npy")
+        self.tally = Counter(meta["tally"])
         self.picked = range(len(self.offsets) - 1)
         tokens = int(self.offsets[-1])
         # np.memmap cannot map an empty file: a split with no examples has no tokens to map
@@ -85,11 +88,11 @@ class Counted:
             yield item
 
 
-def write(examples: Iterable[dict], directory: Path, vocabulary: int, rows: Counted) -> None:
+def write(examples: Iterable[dict], directory: Path, vocabulary: int, rows: Counted, tally: Counter) -> None:
     """Examples (encoded from `rows`) as files in `directory`: their token ids (uint16 where the
     vocabulary fits, as nanoGPT's, int32 otherwise), which tokens are learned (a byte each), where each
-    example starts; made in a directory beside it and renamed to it whole, so that a directory there
-    is a finished one."""
+    example starts, and the `tally` their encoding counted; made in a directory beside it and renamed
+    to it whole, so that a directory there is a finished one."""
     dtype = np.uint16 if vocabulary <= 2 ** 16 else np.int32
     partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
@@ -101,7 +104,8 @@ def write(examples: Iterable[dict], directory: Path, vocabulary: int, rows: Coun
                 learned.write((np.asarray(example["labels"]) != IGNORE).tobytes())
                 offsets.append(offsets[-1] + len(tokens))
         np.save(partial / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
-        (partial / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "rows": rows.count}))
+        (partial / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "rows": rows.count,
+                                                       "tally": dict(tally)}))
         partial.rename(directory)
     except OSError:
         if not directory.is_dir():
@@ -125,10 +129,10 @@ def shared(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: b
         running.callback(shutil.rmtree, directory, True)
         running.callback(invalid.unlink, missing_ok=True)
         if not directory.is_dir():
-            rows = Counted(iter_split(dataset_uri, split))
+            rows, tally = Counted(iter_split(dataset_uri, split)), Counter()
             try:
-                write(encoded_by_workers(tokenizer, rows, max_len, every_token, where), directory, len(tokenizer),
-                      rows)
+                write(encoded_by_workers(tokenizer, rows, max_len, every_token, where, tally), directory,
+                      len(tokenizer), rows, tally)
             except InvalidTask as e:
                 atomic_write(invalid, str(e).encode())
                 raise
@@ -142,34 +146,43 @@ def shared(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: b
         log.info("%s.jsonl: %d rows tokenized, %d examples of %d tokens, %.1f MB in %s", split, files.rows,
                  len(files), int(files.offsets[-1]), sum(f.stat().st_size for f in directory.iterdir()) / 1e6,
                  directory)
+        if files.tally["truncated"] or files.tally["unlearned"]:
+            log.warning("%s.jsonl: %d conversations longer than maxSeqLength %d cut at it (the end of their answers "
+                        "not learned), %d with no answer token within it left out", split, files.tally["truncated"],
+                        max_len, files.tally["unlearned"])
     return files
 
 
-def encoded_by_workers(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool, where: str) -> Iterator[dict]:
-    """batching.encoded's examples of the rows, in order, their pieces encoded by worker processes, one
-    a CPU the pod may use (none with one; none for a split of one piece), with the tokenizer saved
-    once to disk and loaded by each: rendering conversations is Python's, one core's, work."""
+def encoded_by_workers(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool, where: str,
+                       tally: Counter | None = None) -> Iterator[dict]:
+    """batching.encoded's examples of the rows, in order (and its `tally`), their pieces encoded by
+    worker processes, one a CPU the pod may use (none with one; none for a split of one piece), with
+    the tokenizer saved once to disk and loaded by each: rendering conversations is Python's, one core's, work."""
+    tally = Counter() if tally is None else tally
     count = min(cpus.available(), MAX_WORKERS)
     if count < 2:
-        yield from encoded(tokenizer, rows, max_len, every_token, where)
+        yield from encoded(tokenizer, rows, max_len, every_token, where, tally=tally)
         return
     with tempfile.TemporaryDirectory(prefix="llmfactory-tokenizer-") as saved, Workers(count) as workers:
         tokenizer.save_pretrained(saved)
         encode = functools.partial(_encode_piece, saved, max_len, every_token, where)
         try:
-            for _, examples in computed(chunks(enumerate(rows, 1), PIECE), encode, lambda numbered: numbered, workers):
+            for _, (examples, counted) in computed(chunks(enumerate(rows, 1), PIECE), encode, lambda numbered: numbered,
+                                                   workers):
+                tally.update(counted)
                 yield from examples
         finally:
             _saved_tokenizer.cache_clear()  # this process's copy, for the first piece
 
 
 def _encode_piece(saved: str, max_len: int, every_token: bool, where: str,
-                  numbered: list[tuple[int, dict]]) -> list[dict]:
-    """A piece's examples (rows numbered as the split's), as compact arrays to send back."""
+                  numbered: list[tuple[int, dict]]) -> tuple[list[dict], Counter]:
+    """A piece's examples (rows numbered as the split's), as compact arrays to send back, and their tally."""
+    tally = Counter()
     examples = encoded(_saved_tokenizer(saved), [row for _, row in numbered], max_len, every_token, where,
-                       first=numbered[0][0])
+                       first=numbered[0][0], tally=tally)
     return [{"input_ids": np.asarray(e["input_ids"], np.int32), "labels": np.asarray(e["labels"], np.int32)}
-            for e in examples]
+            for e in examples], tally
 
 
 @functools.lru_cache(maxsize=1)

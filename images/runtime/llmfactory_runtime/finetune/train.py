@@ -151,10 +151,13 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                           + ("room for an answer" if grpo else "an assistant token (or text)") + " within it")
     early = hp.get("earlyStopping")
     select_best = bool(hp.get("selectBest") or early)  # early stopping outputs the best weights, as HF's does
-    if select_best and not val.examples:
-        raise InvalidTask(f"spec.hyperparameters.{'earlyStopping' if early else 'selectBest'}: dataset "
-                          f"{dataset['uri']} has no validation {unit} within maxSeqLength "
-                          "to choose by")
+    evaluating = ("earlyStopping" if early else "selectBest" if select_best else
+                  "evalEverySteps" if hp.get("evalEverySteps") else None)
+    if evaluating and not val.examples:  # else no evaluation at all, and the run would not say so
+        why = (no_rows(dataset["uri"], "validation", f"{unit}s") if not val.rows else
+               f"{dataset['uri']} has no validation {unit} within maxSeqLength")
+        raise InvalidTask(f"spec.hyperparameters.{evaluating}: {why}, to "
+                          + ("choose by" if select_best else "evaluate on"))
     micro, accum = hp["batchSize"], hp["gradientAccumulation"]
     global_batch = micro * accum * world.size  # sequences per optimizer step, all processes together
     # grpo.dynamicSampling: a step reads more prompts than it trains on, to replace groups that teach nothing
@@ -459,6 +462,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         "finalLoss": round(sum(last) / len(last), 4),
         "evalLoss": round(eval_loss, 4) if eval_loss is not None else None,
         "steps": step,
+        "truncatedRows": data.truncated or None,
+        "rowsLeftOut": data.unlearned or None,
         "bestStep": best,
         "stoppedEarly": step < total_steps if early else None,
         "rewardAccuracy": round(reward[0], 4) if reward and paired else None,
