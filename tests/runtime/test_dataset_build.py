@@ -722,6 +722,19 @@ def test_a_source_none_of_whose_rows_can_be_read_fails_naming_the_reason_and_the
         list(collect([{**good, "answerField": "solution"}], Drops()))
 
 
+def test_a_language_the_counts_ask_for_that_no_prompt_is_in_fails_naming_the_languages_there_are():
+    """Tagengo labels its rows "Russian": with samplesPerLanguage {ru, en} the build would keep English
+    alone and succeed. It fails, saying which languages the prompts have; a count of 0 asks for none."""
+    from llmfactory_runtime.dataset.splits import sample_per_language
+
+    prompts = [{"turns": [f"q{i}"], "language": "Russian" if i % 3 else "en"} for i in range(9)]
+    with pytest.raises(InvalidTask, match=r"^spec.samplesPerLanguage: no prompt in ru; the prompts' languages: "
+                                          r"Russian \(6\), en \(3\)\. A source's language or languageField"):
+        sample_per_language(prompts, {"en": 2, "ru": 2}, 0, Drops())
+    kept = sample_per_language(prompts, {"en": 2, "ru": 0, "Russian": 1}, 0, Drops())
+    assert sorted(p["language"] for p in kept) == ["Russian", "en", "en"]
+
+
 def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
     """A Hugging Face dataset (datasets.load_dataset on a local folder: no hub here), Parquet,
     Alpaca and OpenAI-messages rows; malformed rows counted with examples."""

@@ -355,8 +355,9 @@ class DatasetBuildSpec(RunOptions):
     samples_per_language: dict[str, int] | None = Field(
         None, description="Keep at most this many prompts per language code (sampled with split.seed); "
                           "languages not listed are dropped. A test or validation source's prompts (sources[].split) "
-                          "are not sampled: in a listed language all are kept, besides the counts. Unset keeps "
-                          "every prompt.")
+                          "are not sampled: in a listed language all are kept, besides the counts. A listed "
+                          "language (of a count above 0) that no prompt is in fails the build, naming the "
+                          "languages the prompts have. Unset keeps every prompt.")
     language_detection: LanguageDetection | None = Field(
         None, description="Detect prompt languages instead of trusting the sources' labels.")
     teacher: Teacher | None = Field(None, description=(

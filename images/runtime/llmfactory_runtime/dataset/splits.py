@@ -8,11 +8,13 @@ import hashlib
 import json
 import random
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..data import SPLITS, jsonl_line
 from ..store import Store
+from ..task import InvalidTask
 from .sources import HELD_OUT_FIRST, Drops
 
 PARQUET_ROWS = 8192  # rows per Parquet row group, when the split's columns are known before its rows
@@ -23,7 +25,8 @@ def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed
     """At most counts[lang] prompts of each listed language, sampled, and none of the others; a held-out
     source's prompts (a benchmark's test split) are not sampled, only kept in the listed languages, and
     do not count: the test set stays whole and the other prompts fill the counts. shown: a prompt's
-    text, for the few dropped ones the report shows."""
+    text, for the few dropped ones the report shows. A listed language no prompt is in is an invalid
+    task: a source labelled "Russian" where the counts say ru would otherwise build without it."""
     if not counts:
         return prompts
     rng, kept = random.Random(seed), []
@@ -33,6 +36,13 @@ def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed
             kept.append(p)
         else:
             by_lang.setdefault(p["language"], []).append(p)
+    found = Counter(p["language"] for p in prompts)
+    missing = [lang for lang, n in counts.items() if n and not found[lang]]
+    if missing:
+        languages = ", ".join(f"{lang} ({n})" for lang, n in found.most_common()) or "none: no prompt was kept"
+        raise InvalidTask(f"spec.samplesPerLanguage: no prompt in {', '.join(missing)}; the prompts' languages: "
+                          f"{languages}. A source's language or languageField names them, or languageDetection "
+                          "finds them")
     for lang, group in by_lang.items():
         take = min(len(group), counts.get(lang, 0))
         chosen = set(map(id, rng.sample(group, take)))
