@@ -83,6 +83,23 @@ def test_openai_and_trl_preference_rows_give_the_same_prompt_and_answers():
         preference_of({"prompt": [user, good], "chosen": [good], "rejected": [bad]})
 
 
+def test_pairs_cut_at_max_seq_length_and_pairs_left_out_for_it_are_counted(tiny_model):
+    """What result.truncatedRows and rowsLeftOut report for dpo and reward: a pair whose either
+    answer runs past maxSeqLength is cut; one whose answers start past it is left out."""
+    from llmfactory_runtime.finetune import encoding
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    short, long = "Blue.", " ".join(["the sea is wide and blue"] * 20)
+    rows = [{"prompt": "Sky?", "chosen": short, "rejected": "Red."},  # fits
+            {"prompt": "Sky?", "chosen": short, "rejected": long},  # cut
+            {"prompt": " ".join(["why"] * 80), "chosen": short, "rejected": "Red."}]  # answers past it: left out
+    for objective in ("dpo", "reward"):
+        spec = {"objective": objective, "hyperparameters": {"maxSeqLength": 40}}
+        split = encoding.encode(spec, tok, rows, "train")
+        assert (split.units, split.truncated, split.unlearned) == (2, 1, 1)
+        assert not any("truncated" in c for c in split.examples)  # counted, not carried into the batches
+
+
 def test_the_preference_losses_by_hand_and_sft_weight_adds_the_chosen_answers_mean_token_nll():
     policy = torch.tensor([[-10.0, -12.0], [-8.0, -6.0]])  # summed answer log-probabilities: chosen, rejected
     reference = torch.tensor([[-11.0, -11.0], [-8.0, -6.0]])

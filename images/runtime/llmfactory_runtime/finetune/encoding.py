@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from ..grader import check_scorable
 from ..preference import encode_pairs, encode_unpaired, pair_lengths, token_counts
 from . import grpo as group_relative, token_files
 from .distributed import World
+
+log = logging.getLogger(__name__)
 
 # What one unit of data (a row of the dataset, as training reads it) is, by objective
 UNITS = {"sft": "conversation", "dpo": "pair", "reward": "pair", "kto": "example", "grpo": "prompt"}
@@ -37,8 +40,8 @@ class Split:
     answer_tokens: torch.Tensor | None = None  # dpo, reward: (pairs, 2) answer tokens, what dpo_terms averages over
     ranks: list[float] | None = None  # grpo.promptOrder easyFirst: each prompt's pass rate, highest trained first
     rows: int = 0  # rows of the split they were encoded from
-    truncated: int = 0  # sft: conversations cut at maxSeqLength
-    unlearned: int = 0  # sft: conversations with no token to learn within it, left out
+    truncated: int = 0  # sft, dpo, reward: rows (conversations, pairs) cut at maxSeqLength
+    unlearned: int = 0  # sft, dpo, reward: rows with no answer token within it, left out
 
     @property
     def units(self) -> int:
@@ -52,11 +55,17 @@ def read(spec: dict, tokenizer, dataset_uri: str, split: str, world: World, scop
     its processes share (token_files), for the run (`scope`) while `running` is open."""
     if spec.get("objective", "sft") != "sft":
         rows = read_split(dataset_uri, split) if rows is None else rows
-        return dataclasses.replace(encode(spec, tokenizer, rows, split), rows=len(rows))
-    examples = token_files.shared(tokenizer, dataset_uri, split, spec["hyperparameters"]["maxSeqLength"],
-                                  _every_token(spec), f"spec.objective sft: {split}.jsonl", world, scope, running)
-    return Split(examples, examples.lengths(), rows=examples.rows, truncated=examples.tally["truncated"],
-                 unlearned=examples.tally["unlearned"])
+        read = dataclasses.replace(encode(spec, tokenizer, rows, split), rows=len(rows))
+    else:
+        examples = token_files.shared(tokenizer, dataset_uri, split, spec["hyperparameters"]["maxSeqLength"],
+                                      _every_token(spec), f"spec.objective sft: {split}.jsonl", world, scope, running)
+        read = Split(examples, examples.lengths(), rows=examples.rows, truncated=examples.tally["truncated"],
+                     unlearned=examples.tally["unlearned"])
+    if world.main and (read.truncated or read.unlearned):
+        log.warning("%s.jsonl: %d rows longer than maxSeqLength %d cut at it (the end of their answers not learned), "
+                    "%d with no answer token within it left out", split, read.truncated,
+                    spec["hyperparameters"]["maxSeqLength"], read.unlearned)
+    return read
 
 
 def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
@@ -76,7 +85,10 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
         return Split(examples, [len(c["input_ids"]) for c in examples[::2]], desirable=desirable)
     if objective in ("dpo", "reward"):
         pairs = encode_pairs(tokenizer, rows, max_len, where, margins=objective == "reward")
-        return Split(pairs, pair_lengths(pairs), answer_tokens=token_counts(pairs))
+        cut = sum(chosen.pop("truncated", False) | rejected.pop("truncated", False)
+                  for chosen, rejected in zip(pairs[::2], pairs[1::2]))
+        return Split(pairs, pair_lengths(pairs), answer_tokens=token_counts(pairs), truncated=cut,
+                     unlearned=len(rows) - len(pairs) // 2)
     tally = Counter()
     conversations = list(encoded(tokenizer, rows, max_len, _every_token(spec), where, tally=tally))
     return Split(conversations, [len(c["input_ids"]) for c in conversations], truncated=tally["truncated"],

@@ -146,10 +146,6 @@ def shared(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: b
         log.info("%s.jsonl: %d rows tokenized, %d examples of %d tokens, %.1f MB in %s", split, files.rows,
                  len(files), int(files.offsets[-1]), sum(f.stat().st_size for f in directory.iterdir()) / 1e6,
                  directory)
-        if files.tally["truncated"] or files.tally["unlearned"]:
-            log.warning("%s.jsonl: %d conversations longer than maxSeqLength %d cut at it (the end of their answers "
-                        "not learned), %d with no answer token within it left out", split, files.tally["truncated"],
-                        max_len, files.tally["unlearned"])
     return files
 
 
