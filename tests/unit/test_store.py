@@ -42,6 +42,20 @@ def test_a_file_is_read_from_local_disk_where_it_lies_and_from_a_download_of_an_
         store.download_file("corpus/missing.jsonl", tmp_path / "missing.jsonl")
 
 
+def test_a_split_read_empty_says_whether_its_file_is_there_and_which_are(store):
+    """data.no_rows, what a FineTune, Benchmark or Quantization says of a split it found no rows in."""
+    from llmfactory_runtime.data import no_rows, read_split
+
+    store.write_bytes("data/train.jsonl", b'{"text": "one"}\n')
+    store.write_bytes("data/test.jsonl", b"")
+    assert read_split(f"{store.uri}/data", "validation") == read_split(f"{store.uri}/data", "test") == []
+    assert no_rows(f"{store.uri}/data", "validation") == (f"{store.uri}/data has no validation rows (no "
+                                                          "validation.jsonl there, only train.jsonl, test.jsonl)")
+    assert no_rows(f"{store.uri}/data", "test", "pairs").endswith("has no test pairs (its test.jsonl is empty)")
+    assert no_rows(store.uri, "train").endswith("(none of train.jsonl, validation.jsonl, test.jsonl there: name the "
+                                                "dataset's folder)")
+
+
 def test_result_counts_only_once_committed(store):
     run = store.child("ns/finetune/x/0123")
     assert finished_result(run) is None
