@@ -83,9 +83,10 @@ def test_openai_and_trl_preference_rows_give_the_same_prompt_and_answers():
         preference_of({"prompt": [user, good], "chosen": [good], "rejected": [bad]})
 
 
-def test_pairs_cut_at_max_seq_length_and_pairs_left_out_for_it_are_counted(tiny_model):
+def test_pairs_and_kto_examples_cut_at_max_seq_length_and_left_out_for_it_are_counted(tiny_model):
     """What result.truncatedRows and rowsLeftOut report for dpo and reward: a pair whose either
-    answer runs past maxSeqLength is cut; one whose answers start past it is left out."""
+    answer runs past maxSeqLength is cut; one whose answers start past it is left out. For kto, its
+    examples (a preference row gives two: its chosen answer and its rejected one)."""
     from llmfactory_runtime.finetune import encoding
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -93,11 +94,17 @@ def test_pairs_cut_at_max_seq_length_and_pairs_left_out_for_it_are_counted(tiny_
     rows = [{"prompt": "Sky?", "chosen": short, "rejected": "Red."},  # fits
             {"prompt": "Sky?", "chosen": short, "rejected": long},  # cut
             {"prompt": " ".join(["why"] * 80), "chosen": short, "rejected": "Red."}]  # answers past it: left out
-    for objective in ("dpo", "reward"):
+    for objective, counts in (("dpo", (2, 1, 1)), ("reward", (2, 1, 1)), ("kto", (4, 1, 2))):
         spec = {"objective": objective, "hyperparameters": {"maxSeqLength": 40}}
         split = encoding.encode(spec, tok, rows, "train")
-        assert (split.units, split.truncated, split.unlearned) == (2, 1, 1)
+        assert (split.units, split.truncated, split.unlearned) == counts, objective
         assert not any("truncated" in c for c in split.examples)  # counted, not carried into the batches
+    # kto's unpaired rows: one example each; a mismatched conversation cut (its answer is the next
+    # example's long one) is no one's answer cut.
+    unpaired = [{"prompt": "Sky?", "completion": short, "label": True},
+                {"prompt": "Sky?", "completion": long, "label": False}]
+    split = encoding.encode({"objective": "kto", "hyperparameters": {"maxSeqLength": 40}}, tok, unpaired, "train")
+    assert (split.units, split.truncated, split.unlearned) == (2, 1, 0)
 
 
 def test_the_preference_losses_by_hand_and_sft_weight_adds_the_chosen_answers_mean_token_nll():

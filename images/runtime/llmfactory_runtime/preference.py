@@ -13,6 +13,7 @@ reference, and no second copy of the model is held for it.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Callable
 
 import torch
@@ -24,13 +25,16 @@ from .data import labelled_of, margin_of, preference_of
 from .task import InvalidTask
 
 
-def encode_pairs(tokenizer, rows: list[dict], max_len: int, where: str, margins: bool = False) -> list[dict]:
+def encode_pairs(tokenizer, rows: list[dict], max_len: int, where: str, margins: bool = False,
+                 tally: Counter | None = None) -> list[dict]:
     """Conversations in pairs, [chosen 0, rejected 0, chosen 1, ...], each cut at max_len, labels on
     the answers only (not on the prompt's earlier assistant turns); with `margins` (a reward model's
     loss reads them, pair_margins; DPO ignores the column, as TRL's does) the chosen one carries the
     row's margin (data.margin_of). A pair whose chosen or rejected answer lies wholly beyond max_len
     is left out: it has nothing to compare. `where` names the field and file in the error a
-    malformed row gets."""
+    malformed row gets. `tally` counts the pairs cut at max_len, either answer ("truncated"), and
+    those left out ("unlearned")."""
+    tally = Counter() if tally is None else tally
     convs = []
     for n, row in enumerate(rows, 1):
         try:
@@ -40,8 +44,12 @@ def encode_pairs(tokenizer, rows: list[dict], max_len: int, where: str, margins:
             raise InvalidTask(f"{where} row {n}: {e}") from None
         pair = [encode_for_training(tokenizer, prompt + answer, max_len, first=len(prompt)) for answer in (chosen, rejected)]
         pair[0]["margin"] = margin
+        cut = any([c.pop("truncated", False) for c in pair])  # a list: pop both marks
         if all(any(label != IGNORE for label in c["labels"]) for c in pair):
             convs += pair
+            tally["truncated"] += cut
+        else:
+            tally["unlearned"] += 1
     return convs
 
 
@@ -151,11 +159,15 @@ def dpo_terms(policy: torch.Tensor, reference: torch.Tensor | None, tokens: torc
     return loss, margin
 
 
-def encode_unpaired(tokenizer, rows: list[dict], max_len: int, where: str) -> tuple[list[dict], torch.Tensor]:
+def encode_unpaired(tokenizer, rows: list[dict], max_len: int, where: str,
+                    tally: Counter | None = None) -> tuple[list[dict], torch.Tensor]:
     """KTO's examples as pairs, [own 0, mismatched 0, own 1, ...], and whether each is desirable.
     The mismatched conversation is the example's prompt with the next example's answer (TRL's KL
     completions, shifted by one over the whole split rather than within a batch, so that they do not
-    depend on how batches fall). An example whose answer lies wholly beyond max_len is left out."""
+    depend on how batches fall). An example whose answer lies wholly beyond max_len is left out.
+    `tally` counts the examples whose own conversation is cut at max_len ("truncated") and those left
+    out ("unlearned")."""
+    tally = Counter() if tally is None else tally
     examples = []
     for n, row in enumerate(rows, 1):
         try:
@@ -166,9 +178,14 @@ def encode_unpaired(tokenizer, rows: list[dict], max_len: int, where: str) -> tu
     for i, (prompt, answer, label) in enumerate(examples):
         other = examples[(i + 1) % len(examples)][1]
         own, mismatched = (encode_for_training(tokenizer, prompt + a, max_len, first=len(prompt)) for a in (answer, other))
+        cut = own.pop("truncated", False)
+        mismatched.pop("truncated", None)  # its cut end is no one's answer
         if any(t != IGNORE for t in own["labels"]):
             convs += [own, mismatched]
             desirable.append(label)
+            tally["truncated"] += cut
+        else:
+            tally["unlearned"] += 1
     return convs, torch.tensor(desirable, dtype=torch.bool)
 
 

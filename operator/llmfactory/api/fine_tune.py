@@ -930,11 +930,12 @@ class FineTuneResult(ApiModel):
         "pair loss with reward)."))
     steps: int = Field(description="Optimizer steps.")
     truncated_rows: int | None = Field(None, description=(
-        "Objectives sft, dpo and reward: train rows (conversations; pairs, either answer) longer than "
+        "All objectives but grpo: train rows (conversations; pairs, either answer; kto's examples, two of a "
+        "preference row) longer than "
         "hyperparameters.maxSeqLength, cut at it (the end of their answers, and of their turn, not learned: "
         "raise maxSeqLength if they are many). Absent when none."))
     rows_left_out: int | None = Field(None, description=(
-        "Objectives sft, dpo and reward: train rows with no token to learn within maxSeqLength (an answer "
+        "All objectives but grpo: train rows (kto: examples) with no token to learn within maxSeqLength (an answer "
         "that starts past it, or none of weight 1), not trained on. Absent when none."))
     train_tokens: int = Field(description="Tokens seen in training (non-padding).")
     tokens_per_second: float = Field(description="Training throughput (real tokens, all processes).")

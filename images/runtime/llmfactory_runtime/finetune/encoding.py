@@ -40,8 +40,8 @@ class Split:
     answer_tokens: torch.Tensor | None = None  # dpo, reward: (pairs, 2) answer tokens, what dpo_terms averages over
     ranks: list[float] | None = None  # grpo.promptOrder easyFirst: each prompt's pass rate, highest trained first
     rows: int = 0  # rows of the split they were encoded from
-    truncated: int = 0  # sft, dpo, reward: rows (conversations, pairs) cut at maxSeqLength
-    unlearned: int = 0  # sft, dpo, reward: rows with no answer token within it, left out
+    truncated: int = 0  # all but grpo: units (conversations, pairs, examples) cut at maxSeqLength
+    unlearned: int = 0  # all but grpo: units with no answer token within it, left out
 
     @property
     def units(self) -> int:
@@ -62,8 +62,9 @@ def read(spec: dict, tokenizer, dataset_uri: str, split: str, world: World, scop
         read = Split(examples, examples.lengths(), rows=examples.rows, truncated=examples.tally["truncated"],
                      unlearned=examples.tally["unlearned"])
     if world.main and (read.truncated or read.unlearned):
-        log.warning("%s.jsonl: %d rows longer than maxSeqLength %d cut at it (the end of their answers not learned), "
-                    "%d with no answer token within it left out", split, read.truncated,
+        unit = UNITS[spec.get("objective", "sft")]
+        log.warning("%s.jsonl: %d %ss longer than maxSeqLength %d cut at it (the end of their answers not learned), "
+                    "%d with no answer token within it left out", split, read.truncated, unit,
                     spec["hyperparameters"]["maxSeqLength"], read.unlearned)
     return read
 
@@ -80,16 +81,15 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
         easy_first = split == "train" and spec["grpo"].get("promptOrder") == "easyFirst"
         return Split(prompts, [len(e["prompt"]) for e in prompts],
                      ranks=group_relative.pass_rates(prompts, where) if easy_first else None)
-    if objective == "kto":
-        examples, desirable = encode_unpaired(tokenizer, rows, max_len, where)
-        return Split(examples, [len(c["input_ids"]) for c in examples[::2]], desirable=desirable)
-    if objective in ("dpo", "reward"):
-        pairs = encode_pairs(tokenizer, rows, max_len, where, margins=objective == "reward")
-        cut = sum(chosen.pop("truncated", False) | rejected.pop("truncated", False)
-                  for chosen, rejected in zip(pairs[::2], pairs[1::2]))
-        return Split(pairs, pair_lengths(pairs), answer_tokens=token_counts(pairs), truncated=cut,
-                     unlearned=len(rows) - len(pairs) // 2)
     tally = Counter()
+    if objective == "kto":
+        examples, desirable = encode_unpaired(tokenizer, rows, max_len, where, tally=tally)
+        return Split(examples, [len(c["input_ids"]) for c in examples[::2]], desirable=desirable,
+                     truncated=tally["truncated"], unlearned=tally["unlearned"])
+    if objective in ("dpo", "reward"):
+        pairs = encode_pairs(tokenizer, rows, max_len, where, margins=objective == "reward", tally=tally)
+        return Split(pairs, pair_lengths(pairs), answer_tokens=token_counts(pairs), truncated=tally["truncated"],
+                     unlearned=tally["unlearned"])
     conversations = list(encoded(tokenizer, rows, max_len, _every_token(spec), where, tally=tally))
     return Split(conversations, [len(c["input_ids"]) for c in conversations], truncated=tally["truncated"],
                  unlearned=tally["unlearned"])
