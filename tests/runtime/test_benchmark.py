@@ -171,8 +171,11 @@ def test_questions_from_a_file_or_a_hugging_face_dataset_in_mt_bench_columns(tmp
         ("81", "writing", 2, None), ("111", "math", 2, ["6", "12"])]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": "a", "turns": ["one"], "language": "ru"}\n{"question_id": "b", "turns": "x"}\n')
-    with pytest.raises(InvalidTask, match="questionsUri: question 2"):
+    with pytest.raises(InvalidTask, match="questionsUri: question 2: turns must be a list of one or two strings "
+                                          r"\(its fields: question_id, turns\)"):
         load({"questionsUri": f"file://{bad}", "languages": ["ru"]})
+    with pytest.raises(InvalidTask, match=f"spec.judge.questionsUri: there is no file at file://{tmp_path}/nope.jsonl"):
+        load({"questionsUri": f"file://{tmp_path}/nope.jsonl", "languages": ["ru"]})
     ok = tmp_path / "ok.jsonl"
     ok.write_text('{"question_id": "a", "turns": ["one"], "language": "ru"}\n')
     assert [q["question_id"] for q in load({"questionsUri": f"file://{ok}", "languages": ["ru"]})] == ["a"]

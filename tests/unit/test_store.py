@@ -117,3 +117,21 @@ def test_s3_credentials_are_enforced(s3_bucket, monkeypatch):
 def test_unknown_schemes_are_refused():
     with pytest.raises(ValueError, match="s3://bucket/prefix or file:///absolute/path"):
         open_store("gs://bucket/x")
+
+
+def test_a_model_uri_that_names_nothing_loadable_is_refused_saying_what_is_there(store):
+    """What a misspelt model URI or ggufFile gets before any loading: not a hub error about a file
+    it looked for online; an S3 prefix with nothing under it is not cached as an empty model."""
+    from llmfactory_runtime.models import locate
+    from llmfactory_runtime.task import InvalidTask
+
+    with pytest.raises(InvalidTask, match=f"model {store.uri}/models/later: .*(does not exist|there is nothing there)"):
+        locate({"uri": f"{store.uri}/models/later"})
+    store.write_bytes("models/later/config.json", b"{}")
+    assert locate({"uri": f"{store.uri}/models/later"})[1] is None  # uploaded since: found
+    store.write_bytes("models/m/model.Q8_0.gguf", b"GGUF")
+    with pytest.raises(InvalidTask, match=r"ggufFile model.Q4_0.gguf is not there \(its GGUF files: model.Q8_0.gguf\)"):
+        locate({"uri": f"{store.uri}/models/m", "ggufFile": "model.Q4_0.gguf"})
+    with pytest.raises(InvalidTask, match=r"no config.json there \(its GGUF files: model.Q8_0.gguf: set ggufFile to one\)"):
+        locate({"uri": f"{store.uri}/models/m"})
+    assert locate({"uri": f"{store.uri}/models/m", "ggufFile": "model.Q8_0.gguf"})[1] == "model.Q8_0.gguf"

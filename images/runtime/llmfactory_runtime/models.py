@@ -45,8 +45,9 @@ def _package_path(uri: str) -> Path:
     return Path(spec.origin).parent / parsed.path.lstrip("/")
 
 
-def locate(source: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
-    """(directory or hub id, GGUF file name or None, from_pretrained kwargs) for a ModelSource."""
+def locate(source: dict[str, Any], what: str = "model") -> tuple[str, str | None, dict[str, Any]]:
+    """(directory or hub id, GGUF file name or None, from_pretrained kwargs) for a ModelSource (`what`:
+    another folder a URI names, for the error that says it is missing)."""
     gguf = source.get("ggufFile")
     if source.get("huggingface"):
         return source["huggingface"], gguf, {"revision": source.get("revision")}
@@ -59,14 +60,30 @@ def locate(source: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
         path = cache_root() / "downloads" / hashlib.sha256(uri.encode()).hexdigest()[:24]
         if not (path / ".complete").exists():
             open_store(uri).download_dir("", path, require_commit=False)
+            if not path.is_dir():  # not one object under that prefix (and nothing cached as if it were)
+                raise InvalidTask(f"{what} {uri}: there is nothing there")
             (path / ".complete").touch()
     else:
         raise InvalidTask(f"model source needs huggingface or uri (s3://, file://, package://), got {source}")
     if path.suffix == ".gguf":
         path, gguf = path.parent, path.name
     if not path.exists():
-        raise InvalidTask(f"model {uri}: {path} does not exist")
+        raise InvalidTask(f"{what} {uri}: {path} does not exist")
+    if what == "model":
+        _refuse_unloadable(path, gguf, uri)
     return str(path), gguf, {}
+
+
+def _refuse_unloadable(path: Path, gguf: str | None, uri: str) -> None:
+    """A local folder that from_pretrained would search the hub for (no config.json, a ggufFile it
+    lacks): named here, with the GGUF files it has, rather than in a hub error about a missing file."""
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    there = f"its GGUF files: {', '.join(ggufs)}" if ggufs else "it has no .gguf file"
+    if gguf and not (path / gguf).is_file():
+        raise InvalidTask(f"model {uri}: ggufFile {gguf} is not there ({there})")
+    if not gguf and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        hint = "set ggufFile to one" if ggufs else "name a Hugging Face model folder"
+        raise InvalidTask(f"model {uri}: no config.json there ({there}: {hint})")
 
 
 def _gguf_cache(source: dict[str, Any], cache: bool) -> Path | None:

@@ -20,7 +20,7 @@ def task_folder(uri: str | None) -> Path | None:
     from ..models import locate  # noqa: PLC0415 - the one place that turns a URI into a local folder
 
     try:
-        return Path(locate({"uri": uri})[0])
+        return Path(locate({"uri": uri}, what="task folder")[0])
     except InvalidTask as exc:
         raise InvalidTask(f"spec.lmEval.tasksUri: {exc}") from None
 

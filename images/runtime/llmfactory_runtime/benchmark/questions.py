@@ -26,8 +26,15 @@ def _rows_of(judge: dict[str, Any]) -> tuple[str, Any]:
         from ..dataset.sources import rows_of_huggingface  # noqa: PLC0415
 
         return "spec.judge.questionsDataset", rows_of_huggingface(judge["questionsDataset"])
-    lines = read_file(judge["questionsUri"]).decode().splitlines()
+    lines = _read_given(judge["questionsUri"], "spec.judge.questionsUri").decode().splitlines()
     return "spec.judge.questionsUri", (line for line in lines if line.strip())
+
+
+def _read_given(uri: str, field: str) -> bytes:
+    try:
+        return read_file(uri)
+    except FileNotFoundError:
+        raise InvalidTask(f"{field}: there is no file at {uri}") from None
 
 
 def _external(judge: dict[str, Any]) -> list[dict]:
@@ -36,18 +43,20 @@ def _external(judge: dict[str, Any]) -> list[dict]:
     for n, q in enumerate(rows, 1):
         try:
             q = json.loads(q) if isinstance(q, str) else q
+            if not isinstance(q, dict):
+                raise ValueError(f"a question is a JSON object, got {type(q).__name__}")
             # MT-Bench's own columns on the hub (HuggingFaceH4/mt_bench_prompts) are prompt and prompt_id.
             turns = q.get("turns") or q.get("prompt")
             if not (isinstance(turns, list) and 1 <= len(turns) <= 2 and all(isinstance(t, str) for t in turns)):
-                raise ValueError("turns must be a list of one or two strings")
+                raise ValueError(f"turns must be a list of one or two strings (its fields: {', '.join(q)})")
             qid = q.get("question_id", q.get("prompt_id"))
             if qid is None:
-                raise KeyError("question_id")
+                raise ValueError(f"no question_id (its fields: {', '.join(q)})")
             questions.append({"question_id": str(qid), "category": q.get("category") or "general",
                               "turns": turns, "reference": q.get("reference") or None,
                               "language": q.get("language") or "en"})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidTask(f"{field}: question {n}: {exc!r}") from None
+        except ValueError as exc:  # json's JSONDecodeError too
+            raise InvalidTask(f"{field}: question {n}: {exc}") from None
     return questions
 
 
@@ -77,7 +86,7 @@ def opponent_answers(uri: str, questions: list[dict]) -> dict[str, list[str]]:
     turns}. A question without an answer to each of its turns is an invalid task."""
     field = "spec.judge.opponentAnswersUri"
     found: dict[str, list[str]] = {}
-    for n, line in enumerate(read_file(uri).decode().splitlines(), 1):
+    for n, line in enumerate(_read_given(uri, field).decode().splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -87,7 +96,8 @@ def opponent_answers(uri: str, questions: list[dict]) -> dict[str, list[str]]:
                 raise ValueError("turns must be a list of strings")
             found[str(row["question_id"])] = turns
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise InvalidTask(f"{field}: row {n}: {exc!r} (MT-Bench's model_answer rows: question_id, "
+            what = f"no {exc.args[0]}" if isinstance(exc, KeyError) else exc
+            raise InvalidTask(f"{field}: row {n}: {what} (MT-Bench's model_answer rows: question_id, "
                               "choices: [{turns: [...]}])") from None
     short = [q["question_id"] for q in questions if len(found.get(q["question_id"], [])) < len(q["turns"])]
     if short:
