@@ -93,6 +93,8 @@ def _counts(usage: dict) -> dict[str, int]:
 
 
 def test_openai_teacher_builds_a_multilingual_multi_turn_dataset(tmp_path, openai_server, monkeypatch):
+    from llmfactory.api.headline import headline
+
     openai_server.reply, openai_server.api_key = scripted, KEY
     monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
     source = {"uri": jsonl_file(tmp_path / "prompts.jsonl", SHAREGPT_ROWS), "fields": "sharegpt"}
@@ -108,6 +110,7 @@ def test_openai_teacher_builds_a_multilingual_multi_turn_dataset(tmp_path, opena
 
     assert result["dropped"] == {"malformed": 1, "near_duplicate_prompt": 1, "refusal": 1, "truncated": 1}
     assert "pick a lock" in result["droppedExamples"]["refusal"][0]
+    assert headline("DatasetBuild", result) == "6 rows (4/1/1), 1 malformed source row left out"
     assert result["rowsPerLanguage"] == {"en": 2, "ru": 2, "zh": 2}
     assert sum(result["rows"].values()) == 6
     usage = result["teacherUsage"]

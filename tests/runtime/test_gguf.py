@@ -177,6 +177,48 @@ def test_a_validation_bound_without_test_rows_is_refused_before_any_conversion(t
     assert store.list("gguf") == []
 
 
+def test_an_artifact_outside_the_validation_bounds_fails_the_quantization_saying_by_how_much(tiny_model, tmp_path):
+    """maxPerplexityIncreasePercent 0 and minTopTokenAgreementPercent 100: f32 keeps the model exactly
+    and passes, q4_0 does not; the run is Failed (reason ValidationFailed) quoting what q4_0 got, its
+    artifacts kept, and the headline gives each type's perplexity change."""
+    from llmfactory.api.headline import gates_failed, headline
+    from llmfactory.controller.status import succeeded
+    from llmfactory.planner import parse, plan
+    from llmfactory_runtime.data import dumps_jsonl
+    from llmfactory_runtime.progress import Progress
+    from llmfactory_runtime.quantize import run as quantize
+    from llmfactory_runtime.store import open_store
+
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "test.jsonl").write_bytes(dumps_jsonl([{"messages": [
+        {"role": "user", "content": f"Name a colour ({i})."}, {"role": "assistant", "content": TEXT}]} for i in range(4)]))
+    fine_tune = {"modelUri": f"file://{tiny_model}", "digest": "sha256:m", "baseModel": {"uri": f"file://{tiny_model}"},
+                 "datasetUri": f"file://{tmp_path / 'rows'}", "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization", "metadata": {"name": "tiny"},
+           "spec": {"model": {"fineTuneRef": {"name": "sft"}}, "types": ["f32", "q4_0"],
+                    "validation": {"maxPerplexityIncreasePercent": 0, "minTopTokenAgreementPercent": 100}}}
+    task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    result = quantize.run(task, store, Progress(store))
+    f32, q4 = result["artifacts"]
+    assert "failures" not in f32 and f32["perplexityIncreasePercent"] == 0 and result["passed"] is False
+    expected = []
+    if q4["perplexityIncreasePercent"] > 0:
+        expected.append(f"perplexity {q4['perplexityIncreasePercent']:+.2f}% over the unquantized model's "
+                        "(maxPerplexityIncreasePercent 0)")
+    if q4["topTokenAgreementPercent"] < 100:
+        expected.append(f"top-token agreement {q4['topTokenAgreementPercent']:.2f}% (minTopTokenAgreementPercent 100)")
+    assert expected and q4["failures"] == expected
+    assert sorted(store.list("gguf")) == ["COMMITTED", "tiny-f32.gguf", "tiny-q4_0.gguf"]  # kept, to look at
+    why = "quantization finished but validation failed: " + "; ".join(f"q4_0: {f}" for f in expected)
+    assert gates_failed("Quantization", result) == why
+    line = headline("Quantization", result)
+    assert line.startswith("f32 ") and " MB (ppl +0.00%), q4_0 " in line
+    status = succeeded("Quantization", result, {}, 1)
+    assert status["phase"] == "Failed" and status["conditions"][0]["reason"] == "ValidationFailed"
+    assert status["conditions"][0]["message"] == why
+
+
 def test_k_quants_without_llama_cpp_fail_before_any_work_naming_the_tool(tiny_model, tmp_path, monkeypatch):
     from llmfactory_runtime.progress import Progress
     from llmfactory_runtime.quantize import run as quantize

@@ -13,7 +13,11 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
         rows = result["rows"]
         unit = {"preference": "preference pairs", "graded": "prompts with references",
                 "text": "documents"}.get(result.get("format"), "rows")
-        return f"{sum(rows.values())} {unit} ({rows.get('train', 0)}/{rows.get('validation', 0)}/{rows.get('test', 0)})"
+        # rows a source held that could not be read: a sign of a mapping that half fits the data
+        malformed = (result.get("dropped") or {}).get("malformed")
+        unread = f", {malformed} malformed source row{'s' * (malformed > 1)} left out" if malformed else ""
+        return (f"{sum(rows.values())} {unit} ({rows.get('train', 0)}/{rows.get('validation', 0)}/{rows.get('test', 0)})"
+                f"{unread}")
     if kind == "FineTune":
         best = (f", best eval at step {result['bestStep']}" + (" (stopped early)" if result.get("stoppedEarly") else "")
                 if result.get("bestStep") else "")
@@ -48,13 +52,19 @@ def headline(kind: str, result: dict[str, Any] | None) -> str:
             parts.append("gates passed" if result["passed"] else "gates FAILED")
         return ", ".join(parts)
     if kind == "Quantization":
-        return ", ".join(f"{a['type']} {a['sizeBytes'] / 1e6:.1f} MB" for a in result["artifacts"])
+        return ", ".join(f"{a['type']} {a['sizeBytes'] / 1e6:.1f} MB" + (
+            f" (ppl {a['perplexityIncreasePercent']:+.2f}%)" if a.get("perplexityIncreasePercent") is not None else "")
+            for a in result["artifacts"])
     return ""
 
 
 def gates_failed(kind: str, result: dict[str, Any]) -> str | None:
-    """Why a finished run counts as failed (a Benchmark whose gates did not all pass), or None.
-    What waits on it (spec.benchmarkRef) does not start: the operator and `llmfactory run` alike."""
+    """Why a finished run counts as failed, or None: a Benchmark whose gates did not all pass, a
+    Quantization an artifact of which failed validation. What waits on it (spec.benchmarkRef, a
+    Benchmark of the Quantization) does not start: the operator and `llmfactory run` alike."""
+    if kind == "Quantization":
+        failed = [f"{a['type']}: {why}" for a in result["artifacts"] for why in a.get("failures") or []]
+        return f"quantization finished but validation failed: {'; '.join(failed)}" if failed else None
     if kind != "Benchmark" or not result.get("gates") or result.get("passed"):
         return None
     failed = [f"{g['gate']} ({_measured(g.get('value'))})" for g in result["gates"] if not g["passed"]]

@@ -32,7 +32,8 @@ class QuantizationInput(ApiModel):
 
 class Validation(ApiModel):
     max_perplexity_increase_percent: float | None = Field(
-        None, ge=0, description="Fail when a type's perplexity exceeds the unquantized model's by more than this.")
+        None, ge=0, description="Fail when a type's perplexity exceeds the unquantized model's by more than this "
+                                "(percent). Needs test rows in the FineTune's dataset.")
     min_top_token_agreement_percent: float | None = Field(
         None, ge=0, le=100, description="Fail when a type's most likely next token matches the unquantized "
                                         "model's at fewer than this share of held-out assistant positions.")
@@ -101,6 +102,10 @@ class QuantizedArtifact(ApiModel):
                                                  "loaded back through transformers.")
     llama_cpp: LlamaCppCheck | None = Field(
         None, description="The file loaded by llama.cpp itself (llama-cpp-python, when the runtime has it).")
+    failures: list[str] | None = Field(None, description=(
+        "Why it failed validation: each bound it missed, with the value it got, and a llama.cpp tokenizer "
+        "that cuts text otherwise than the model's. Absent when it passed; any makes the Quantization Failed "
+        "(reason ValidationFailed), its artifacts kept."))
 
 
 class LlamaCppCheck(ApiModel):
@@ -113,7 +118,7 @@ class LlamaCppCheck(ApiModel):
 class QuantizationResult(ApiModel):
     artifacts: list[QuantizedArtifact] = Field(description="One per requested type.")
     reference_perplexity: float | None = Field(None, description="Perplexity of the unquantized model.")
-    passed: bool = Field(description="Every artifact within validation bounds.")
+    passed: bool = Field(description="Every artifact within validation bounds (none has failures).")
     dataset_uri: str | None = Field(None, description="Held-out data of the source model, passed on to a Benchmark.")
     dataset_format: str | None = Field(None, description="Row format of that data.")
     dataset_digest: str | None = Field(None, description="Digest of that data.")

@@ -42,5 +42,6 @@ def succeeded(kind: str, result: dict[str, Any], old: dict[str, Any], generation
     line = headline(kind, result)
     failure = gates_failed(kind, result)
     if failure:
-        return situation("Failed", "GatesFailed", failure, old, generation, result=result, headline=line, **fields)
+        reason = "ValidationFailed" if kind == "Quantization" else "GatesFailed"
+        return situation("Failed", reason, failure, old, generation, result=result, headline=line, **fields)
     return situation("Succeeded", "Succeeded", line, old, generation, result=result, headline=line, **fields)

@@ -131,11 +131,18 @@ class CompressedWriter:
         return params, extra
 
 
-def _within_bounds(art: dict, validation: dict) -> bool:
+def _outside_bounds(art: dict, validation: dict) -> list[str]:
+    """The validation bounds an artifact missed, each as a sentence with the value it got."""
     bound = validation.get("maxPerplexityIncreasePercent")
     floor = validation.get("minTopTokenAgreementPercent")
-    return not ((bound is not None and art["perplexityIncreasePercent"] > bound) or
-                (floor is not None and art["topTokenAgreementPercent"] < floor))
+    failures = []
+    if bound is not None and art["perplexityIncreasePercent"] > bound:
+        failures.append(f"perplexity {art['perplexityIncreasePercent']:+.2f}% over the unquantized model's "
+                        f"(maxPerplexityIncreasePercent {bound:g})")
+    if floor is not None and art["topTokenAgreementPercent"] < floor:
+        failures.append(f"top-token agreement {art['topTokenAgreementPercent']:.2f}% "
+                        f"(minTopTokenAgreementPercent {floor:g})")
+    return failures
 
 
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
@@ -163,7 +170,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                    total=len(types), unit="types")
     reference, reference_tops, _ = measure_quality(inputs["model"], rows, prompt) if rows else (None, [], None)
 
-    artifacts, passed, tokenizer = [], True, load_tokenizer(inputs["model"])
+    artifacts, tokenizer = [], load_tokenizer(inputs["model"])
     name, prefix = task["resource"]["name"], "gguf" if is_gguf else "compressed"
     with tempfile.TemporaryDirectory() as tmp:
         writer = GgufWriter(task, Path(tmp), progress) if is_gguf else CompressedWriter(task, tokenizer)
@@ -175,6 +182,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
             size = sum(p.stat().st_size for p in _files(out))
             art = {"type": type_name, "uri": f"{run.uri}/{prefix}/{out.name}", "sizeBytes": size,
                    "sha256": sha256_files(_files(out)), "bitsPerWeight": round(size * 8 / params, 3), **extra}
+            failures = []
             if rows:
                 progress.stage(f"validating {type_name}", total=len(types), unit="types")
                 progress.update(i)
@@ -185,10 +193,13 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
                 art["perplexityIncreasePercent"] = round(100 * (value - reference) / reference, 3)
                 art["topTokenAgreementPercent"] = round(
                     100 * sum(a == b for a, b in zip(tops, reference_tops)) / max(len(reference_tops), 1), 2)
-                passed &= _within_bounds(art, validation)
+                failures += _outside_bounds(art, validation)
             if is_gguf and llama_cpp.can_load_back():
                 art["llamaCpp"] = llama_cpp.load_back(out, tokenizer, prompt, cpus.available())
-                passed &= art["llamaCpp"]["tokenizerMatches"]
+                if not art["llamaCpp"]["tokenizerMatches"]:
+                    failures.append("llama.cpp cuts text into other tokens than the model's tokenizer")
+            if failures:
+                art["failures"] = failures
             if is_gguf:
                 run.upload_file(out, f"gguf/{out.name}")
                 out.unlink()
@@ -201,7 +212,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     return {
         "artifacts": artifacts,
         "referencePerplexity": round(reference, 4) if reference else None,
-        "passed": passed,
+        "passed": not any(art.get("failures") for art in artifacts),
         "datasetUri": dataset["uri"] if dataset else None,
         "datasetFormat": dataset["format"] if dataset else None,
         "datasetDigest": dataset["digest"] if dataset else None,
