@@ -183,21 +183,12 @@ def test_an_artifact_outside_the_validation_bounds_fails_the_quantization_saying
     artifacts kept, and the headline gives each type's perplexity change."""
     from llmfactory.api.headline import gates_failed, headline
     from llmfactory.controller.status import succeeded
-    from llmfactory.planner import parse, plan
-    from llmfactory_runtime.data import dumps_jsonl
     from llmfactory_runtime.progress import Progress
     from llmfactory_runtime.quantize import run as quantize
     from llmfactory_runtime.store import open_store
 
-    (tmp_path / "rows").mkdir()
-    (tmp_path / "rows" / "test.jsonl").write_bytes(dumps_jsonl([{"messages": [
-        {"role": "user", "content": f"Name a colour ({i})."}, {"role": "assistant", "content": TEXT}]} for i in range(4)]))
-    fine_tune = {"modelUri": f"file://{tiny_model}", "digest": "sha256:m", "baseModel": {"uri": f"file://{tiny_model}"},
-                 "datasetUri": f"file://{tmp_path / 'rows'}", "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
-    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization", "metadata": {"name": "tiny"},
-           "spec": {"model": {"fineTuneRef": {"name": "sft"}}, "types": ["f32", "q4_0"],
-                    "validation": {"maxPerplexityIncreasePercent": 0, "minTopTokenAgreementPercent": 100}}}
-    task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
+    task = _sft_quantization(tiny_model, tmp_path, ["f32", "q4_0"],
+                             validation={"maxPerplexityIncreasePercent": 0, "minTopTokenAgreementPercent": 100})
     store = open_store(task["artifactUri"])
     result = quantize.run(task, store, Progress(store))
     f32, q4 = result["artifacts"]
@@ -217,6 +208,56 @@ def test_an_artifact_outside_the_validation_bounds_fails_the_quantization_saying
     status = succeeded("Quantization", result, {}, 1)
     assert status["phase"] == "Failed" and status["conditions"][0]["reason"] == "ValidationFailed"
     assert status["conditions"][0]["message"] == why
+
+
+def test_a_quantization_killed_between_types_resumes_without_measuring_or_converting_twice(tiny_model, tmp_path,
+                                                                                          monkeypatch):
+    """A pod preempted after f16 was converted, measured and uploaded: the restarted run converts
+    only q8_0 and measures only it (the unquantized model's figures are kept in the run too), and
+    ends with what an uninterrupted run gives."""
+    from llmfactory_runtime.progress import Progress
+    from llmfactory_runtime.quantize import run as quantize
+    from llmfactory_runtime.store import open_store
+
+    def run_in(store_name: str):
+        task = _sft_quantization(tiny_model, tmp_path, ["f16", "q8_0"], store_name)
+        store = open_store(task["artifactUri"])
+        return store, quantize.run(task, store, Progress(store))
+
+    _, whole = run_in("whole")
+    export, measure, calls = quantize.export, quantize.measure_quality, []
+
+    def preempted(folder, out, type_name, name):
+        if type_name == "q8_0":
+            raise KeyboardInterrupt("SIGTERM")  # what a kill leaves: nothing of q8_0 recorded
+        return export(folder, out, type_name, name)
+
+    monkeypatch.setattr(quantize, "export", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        run_in("resumed")
+    monkeypatch.setattr(quantize, "export", lambda *a: calls.append(("export", a[2])) or export(*a))
+    monkeypatch.setattr(quantize, "measure_quality", lambda source, *a, **k: calls.append(("measure", source))
+                        or measure(source, *a, **k))
+    store, resumed = run_in("resumed")
+    assert calls == [("export", "q8_0"), ("measure", {"uri": calls[1][1]["uri"], "ggufFile": "tiny-q8_0.gguf"})]
+    unrun = lambda result: [{k: v for k, v in a.items() if k != "uri"} for a in result["artifacts"]]  # noqa: E731
+    assert unrun(resumed) == unrun(whole) and resumed["referencePerplexity"] == whole["referencePerplexity"]
+    assert sorted(store.list("gguf")) == ["COMMITTED", "tiny-f16.gguf", "tiny-q8_0.gguf"]
+
+
+def _sft_quantization(model, tmp_path, types, store_name="store", validation=None):
+    """A Quantization of an SFT FineTune of `model` whose dataset has four held-out conversations."""
+    from llmfactory.planner import parse, plan
+    from llmfactory_runtime.data import dumps_jsonl
+
+    (tmp_path / "rows").mkdir(exist_ok=True)
+    (tmp_path / "rows" / "test.jsonl").write_bytes(dumps_jsonl([{"messages": [
+        {"role": "user", "content": f"Name a colour ({i})."}, {"role": "assistant", "content": TEXT}]} for i in range(4)]))
+    fine_tune = {"modelUri": f"file://{model}", "digest": "sha256:m", "baseModel": {"uri": f"file://{model}"},
+                 "datasetUri": f"file://{tmp_path / 'rows'}", "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization", "metadata": {"name": "tiny"},
+           "spec": {"model": {"fineTuneRef": {"name": "sft"}}, "types": types, "validation": validation or {}}}
+    return plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/{store_name}")
 
 
 def test_k_quants_without_llama_cpp_fail_before_any_work_naming_the_tool(tiny_model, tmp_path, monkeypatch):

@@ -35,15 +35,6 @@ from .judge import (LanguageRule, comparison_outcome, judge_messages, judge_with
 OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
 
 
-def _cached(run: Store, key: str, compute) -> Any:
-    """Work saved under key in the run: done once, even across restarts."""
-    found = run.read_json_or_none(key)
-    if found is None:
-        found = compute()
-        run.write_json(key, found)
-    return found
-
-
 def _answer(ask, judge: dict, questions: list[dict], answers: dict[str, list[str]], save, progress: Progress) -> int:
     """Answer every turn with ask(conversations, max_new_tokens, temperature, seed, on_answer); turn 2
     sees the model's own first answer. Sampled at each category's temperature (greedy where
@@ -162,7 +153,7 @@ def _ranked(label: str, source: dict, spec: dict, rows: list[dict], run: Store, 
                                         conversations, spec["batchSize"])
         return {"rewards": [scored[i:i + 2] for i in range(0, len(scored), 2)]}
 
-    return _cached(run, f"ranking/{label}.json", rank)
+    return run.once(f"ranking/{label}.json", rank)
 
 
 # How a Benchmark scores rows that say which answers are wanted, by the dataset's format: preference
@@ -191,14 +182,14 @@ def _evaluate_model(label: str, source: dict, spec: dict, rows: list[dict], labe
     if rows:
         where = f"spec.perplexity.dataset: {spec['perplexity']['split']}.jsonl"
         progress.stage(f"perplexity of {label}")
-        out["perplexity"] = _cached(run, f"perplexity/{label}.json", lambda: perplexity(*loaded(), rows, where=where))
+        out["perplexity"] = run.once(f"perplexity/{label}.json", lambda: perplexity(*loaded(), rows, where=where))
     if rows and labelled:
         what, scores = LABELLED_ROWS[labelled]
         progress.stage(f"{what} of {label}")
-        out["preference"] = _cached(run, f"preference/{label}.json", lambda: scores(*loaded(), rows, where))
+        out["preference"] = run.once(f"preference/{label}.json", lambda: scores(*loaded(), rows, where))
     if spec.get("lmEval"):
         progress.stage(f"lm-eval tasks on {label}")
-        out["lmEval"] = _cached(run, f"lm-eval/{label}.json",
+        out["lmEval"] = run.once(f"lm-eval/{label}.json",
                                 lambda: lm_eval_tasks.evaluate(*loaded(), spec["lmEval"], tasks_dir))
     loaded.release()
     return out

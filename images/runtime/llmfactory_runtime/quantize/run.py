@@ -9,6 +9,7 @@ import itertools
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,37 @@ class CompressedWriter:
         return params, extra
 
 
+@dataclass(frozen=True)
+class Check:
+    """What each artifact is held to: the unquantized model's perplexity and top tokens on held-out
+    rows (none: nothing to measure), the validation bounds, and llama.cpp's reading of its tokenizer."""
+    rows: list[dict]
+    prompt: str
+    validation: dict
+    reference: dict | None  # {perplexity, tops}
+    tokenizer: Any
+
+    def failures(self, art: dict, out: Path) -> list[str]:
+        """Measure the artifact at `out` into `art`; the bounds it missed, each a sentence with its value."""
+        failures = []
+        if self.rows:
+            # Loaded back the way users of transformers will load it: proof the artifact is usable (a
+            # GGUF file; a compressed-tensors folder).
+            loaded = {"uri": f"file://{out.parent}", "ggufFile": out.name} if out.is_file() else {"uri": f"file://{out}"}
+            value, tops, art["answer"] = measure_quality(loaded, self.rows, self.prompt, cache=False)
+            reference, reference_tops = self.reference["perplexity"], self.reference["tops"]
+            art["perplexity"] = round(value, 4)
+            art["perplexityIncreasePercent"] = round(100 * (value - reference) / reference, 3)
+            art["topTokenAgreementPercent"] = round(
+                100 * sum(a == b for a, b in zip(tops, reference_tops)) / max(len(reference_tops), 1), 2)
+            failures += _outside_bounds(art, self.validation)
+        if out.is_file() and llama_cpp.can_load_back():
+            art["llamaCpp"] = llama_cpp.load_back(out, self.tokenizer, self.prompt, cpus.available())
+            if not art["llamaCpp"]["tokenizerMatches"]:
+                failures.append("llama.cpp cuts text into other tokens than the model's tokenizer")
+        return failures
+
+
 def _outside_bounds(art: dict, validation: dict) -> list[str]:
     """The validation bounds an artifact missed, each as a sentence with the value it got."""
     bound = validation.get("maxPerplexityIncreasePercent")
@@ -143,6 +175,28 @@ def _outside_bounds(art: dict, validation: dict) -> list[str]:
         failures.append(f"top-token agreement {art['topTokenAgreementPercent']:.2f}% "
                         f"(minTopTokenAgreementPercent {floor:g})")
     return failures
+
+
+def _convert(type_name: str, writer, out: Path, key: str, run: Store, check: Check, progress: Progress,
+             place: tuple[int, int]) -> dict:
+    """One type written to `out`, measured, and uploaded to the run at `key`: its artifact record."""
+    params, extra = writer.write(type_name, out)
+    size = sum(p.stat().st_size for p in _files(out))
+    art = {"type": type_name, "uri": f"{run.uri}/{key}", "sizeBytes": size,
+           "sha256": sha256_files(_files(out)), "bitsPerWeight": round(size * 8 / params, 3), **extra}
+    if check.rows:
+        progress.stage(f"validating {type_name}", total=place[1], unit="types")
+        progress.update(place[0])
+    failures = check.failures(art, out)
+    if failures:
+        art["failures"] = failures
+    if out.is_file():
+        run.upload_file(out, key)
+        out.unlink()
+    else:
+        run.upload_dir(out, key)  # committed folder by folder
+        shutil.rmtree(out)
+    return art
 
 
 def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
@@ -166,52 +220,27 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     if bounded and not rows:  # the planner saw a dataset; its test split decides, else nothing would be checked
         raise InvalidTask(f"spec.validation.{bounded[0]}: {no_rows(dataset['uri'], 'test')}, to measure on")
     prompt = _chat_prompt(rows)
-    progress.stage("measuring the unquantized model" if rows else "converting",
-                   total=len(types), unit="types")
-    reference, reference_tops, _ = measure_quality(inputs["model"], rows, prompt) if rows else (None, [], None)
-
-    artifacts, tokenizer = [], load_tokenizer(inputs["model"])
-    name, prefix = task["resource"]["name"], "gguf" if is_gguf else "compressed"
+    progress.stage("measuring the unquantized model" if rows else "converting", total=len(types), unit="types")
+    # Each step is saved in the run as it finishes, so a restarted pod (a preempted node) measures the
+    # unquantized model and converts each type once.
+    reference = run.once("validation/reference.json", lambda: dict(zip(
+        ("perplexity", "tops"), measure_quality(inputs["model"], rows, prompt)[:2]))) if rows else None
+    check = Check(rows, prompt, validation, reference, load_tokenizer(inputs["model"]))
+    artifacts, name, prefix = [], task["resource"]["name"], "gguf" if is_gguf else "compressed"
     with tempfile.TemporaryDirectory() as tmp:
-        writer = GgufWriter(task, Path(tmp), progress) if is_gguf else CompressedWriter(task, tokenizer)
+        writer = GgufWriter(task, Path(tmp), progress) if is_gguf else CompressedWriter(task, check.tokenizer)
         for i, type_name in enumerate(types):
             progress.stage(f"converting to {type_name}", total=len(types), unit="types")
             progress.update(i)
             out = Path(tmp) / (f"{name}-{type_name}.gguf" if is_gguf else f"{name}-{type_name}")
-            params, extra = writer.write(type_name, out)
-            size = sum(p.stat().st_size for p in _files(out))
-            art = {"type": type_name, "uri": f"{run.uri}/{prefix}/{out.name}", "sizeBytes": size,
-                   "sha256": sha256_files(_files(out)), "bitsPerWeight": round(size * 8 / params, 3), **extra}
-            failures = []
-            if rows:
-                progress.stage(f"validating {type_name}", total=len(types), unit="types")
-                progress.update(i)
-                # Loaded back the way users of transformers will load it: proof the artifact is usable.
-                loaded = {"uri": f"file://{tmp}", "ggufFile": out.name} if is_gguf else {"uri": f"file://{out}"}
-                value, tops, art["answer"] = measure_quality(loaded, rows, prompt, cache=False)
-                art["perplexity"] = round(value, 4)
-                art["perplexityIncreasePercent"] = round(100 * (value - reference) / reference, 3)
-                art["topTokenAgreementPercent"] = round(
-                    100 * sum(a == b for a, b in zip(tops, reference_tops)) / max(len(reference_tops), 1), 2)
-                failures += _outside_bounds(art, validation)
-            if is_gguf and llama_cpp.can_load_back():
-                art["llamaCpp"] = llama_cpp.load_back(out, tokenizer, prompt, cpus.available())
-                if not art["llamaCpp"]["tokenizerMatches"]:
-                    failures.append("llama.cpp cuts text into other tokens than the model's tokenizer")
-            if failures:
-                art["failures"] = failures
-            if is_gguf:
-                run.upload_file(out, f"gguf/{out.name}")
-                out.unlink()
-            else:
-                run.upload_dir(out, f"compressed/{out.name}")  # committed folder by folder
-                shutil.rmtree(out)
+            art = run.once(f"artifacts/{type_name}.json", lambda: _convert(
+                type_name, writer, out, f"{prefix}/{out.name}", run, check, progress, (i, len(types))))
             artifacts.append(art)
-            progress.update(i + 1, figure=f"{type_name} {size / 1e6:.1f} MB")
+            progress.update(i + 1, figure=f"{type_name} {art['sizeBytes'] / 1e6:.1f} MB")
     run.commit(prefix)
     return {
         "artifacts": artifacts,
-        "referencePerplexity": round(reference, 4) if reference else None,
+        "referencePerplexity": round(reference["perplexity"], 4) if reference else None,
         "passed": not any(art.get("failures") for art in artifacts),
         "datasetUri": dataset["uri"] if dataset else None,
         "datasetFormat": dataset["format"] if dataset else None,

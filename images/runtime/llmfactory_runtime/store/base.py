@@ -65,6 +65,14 @@ class Store(ABC):
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True).encode())
 
+    def once(self, rel: str, compute: Callable[[], Any]) -> Any:
+        """compute()'s result (JSON), saved under rel: work a run does once, even across restarts."""
+        found = self.read_json_or_none(rel)
+        if found is None:
+            found = compute()
+            self.write_json(rel, found)
+        return found
+
     def commit(self, rel: str = "", manifest: dict[str, Any] | None = None) -> None:
         """Mark everything under rel as complete. Write it last: readers trust only committed prefixes."""
         self.write_json(_join(rel, COMMIT_MARKER), manifest or {})
