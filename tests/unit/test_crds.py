@@ -407,6 +407,23 @@ def test_bad_specs_are_rejected_by_the_crd_and_by_the_planner_with_a_clear_messa
     assert expected in str(err.value) or expected in PYDANTIC_WORDS, err.value
 
 
+@pytest.mark.parametrize("spec,expected", [
+    ({"hyperparameter": {"epochs": 2}}, "spec.hyperparameter: unknown field (the API server would prune it); "
+                                        "did you mean hyperparameters?"),
+    ({"hyperparameters": {"learning_rate": 0.1}}, "spec.hyperparameters.learning_rate: unknown field (the API "
+                                                  "server would prune it); did you mean learningRate?"),
+    ({"lora": {"rank": 8}}, "spec.lora.rank: unknown field (the API server would prune it); the fields here: "
+                            "alpha, dora, dropout, embeddingLearningRate, loraPlusRatio, r, rsLora, targetModules, "
+                            "trainEmbeddings"),
+])
+def test_an_unknown_field_is_named_with_the_one_meant_or_the_fields_there_are(spec, expected):
+    """pydantic's "Extra inputs are not permitted" (and its silence on a snake_case name, which it takes
+    as the field's own) is not how a user finds the field they misspelt."""
+    with pytest.raises(PlanError) as err:
+        parse(_manifest("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, **spec}))
+    assert expected in str(err.value), err.value
+
+
 PYDANTIC_WORDS = {"not in", "minimum", "violates minimum", "does not match", "unknown field",
                   "format gguf takes GGUF types", "format compressed-tensors takes types fp8, gptq, awq"}
 

@@ -9,6 +9,7 @@ of the API types are their single statement, not mirrored by hand in Python."""
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import re
 from functools import lru_cache
@@ -72,6 +73,12 @@ def with_defaults(schema: dict, value: Any) -> Any:
     return value
 
 
+def _nearest(name: str, fields: dict) -> str:
+    """What a misspelt field was likely meant to be (a singular, snake_case), else the fields there are."""
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
+    return f"did you mean {close[0]}?" if close else f"the fields here: {', '.join(sorted(fields))}"
+
+
 def validate(schema: dict, value: Any, path: str = "") -> list[str]:
     errors: list[str] = []
     kind = schema.get("type")
@@ -107,7 +114,7 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
             elif isinstance(schema.get("additionalProperties"), dict):
                 errors += validate(schema["additionalProperties"], item, f"{path}.{name}")
             elif props is not None and not schema.get("x-kubernetes-preserve-unknown-fields"):
-                errors.append(f"{path}.{name}: unknown field (the API server would prune it)")
+                errors.append(f"{path}.{name}: unknown field (the API server would prune it); {_nearest(name, props)}")
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
             errors += validate(schema["items"], item, f"{path}[{i}]")

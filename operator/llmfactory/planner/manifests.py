@@ -68,12 +68,19 @@ def parse(manifest: dict[str, Any], default_namespace: str = "default") -> Resou
         spec = KINDS[kind].spec.model_validate(manifest["spec"])
     except ValidationError as exc:
         first = exc.errors()[0]
+        if first["type"] == "extra_forbidden":  # the schema check names the field meant, or those there are
+            _refuse_invalid(ref, kind, manifest)
         raise PlanError(ref, _field_path(first["loc"]), first["msg"]) from None
+    _refuse_invalid(ref, kind, manifest)
+    return Resource(kind, meta.get("namespace", default_namespace), meta["name"], spec, manifest)
+
+
+def _refuse_invalid(ref: str, kind: str, manifest: dict[str, Any]) -> None:
+    """The first error the API server would give the manifest, naming its field."""
     errors = validate_resource(_crd(kind), {k: v for k, v in manifest.items() if k != "status"})
     if errors:
         where, _, message = errors[0].partition(": ")
         raise PlanError(ref, where.removeprefix(f"{kind}."), message)
-    return Resource(kind, meta.get("namespace", default_namespace), meta["name"], spec, manifest)
 
 
 def read_manifests(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
