@@ -220,6 +220,14 @@ def test_lm_eval_task_from_a_local_folder_scores_as_the_log_likelihoods_say(tiny
     from llmfactory_runtime.task import InvalidTask
     with pytest.raises(InvalidTask, match=r"spec.lmEval.tasks: no task named \['no_such_task'\]"):
         benchmark.run(task, store, Progress(store))
+    # A task whose data file is misnamed: refused (no retry would find it), naming the file.
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_quiz.yaml").write_text(
+        (folder / "tiny_quiz.yaml").read_text().replace("test: tiny_quiz.jsonl", "test: tiny_quizz.jsonl"))
+    doc["spec"]["lmEval"] = {"tasks": ["tiny_quiz"], "tasksUri": f"file://{tmp_path}/tasks"}
+    task, store = _planned(doc, tmp_path, store="store3")
+    with pytest.raises(InvalidTask, match=r"spec.lmEval.tasks: a task's data is not there: .*tiny_quizz.jsonl"):
+        benchmark.run(task, store, Progress(store))
 
 
 def _random_adapter(tiny_model, folder, seed: int):

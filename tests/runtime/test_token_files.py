@@ -154,7 +154,7 @@ def test_a_benchmark_or_quantization_reads_the_first_rows_of_a_split_and_no_furt
     folder.mkdir()
     (folder / "test.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\nnot json\n')
     assert read_split(f"file://{folder}", "test", 2) == [{"text": "one"}, {"text": "two"}]
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(InvalidTask, match="test.jsonl line 4: not JSON"):
         read_split(f"file://{folder}", "test")
     assert read_split(f"file://{folder}", "train") == []  # no such split
 

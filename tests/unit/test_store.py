@@ -56,6 +56,19 @@ def test_a_split_read_empty_says_whether_its_file_is_there_and_which_are(store):
                                                 "dataset's folder)")
 
 
+def test_a_split_line_that_is_not_a_json_row_is_refused_naming_the_file_and_line(store):
+    """A hand-written or cut-off JSONL: refused as the user's to mend (exit 2, no retry), not a crash."""
+    from llmfactory_runtime.data import read_split
+    from llmfactory_runtime.task import InvalidTask
+
+    store.write_bytes("data/train.jsonl", b'{"text": "one"}\n\n{"text": "tw')  # cut off
+    with pytest.raises(InvalidTask, match=f"^{store.uri}/data/train.jsonl line 3: not JSON \\(Unterminated string"):
+        read_split(f"{store.uri}/data", "train")
+    store.write_bytes("data/train.jsonl", b'{"text": "one"}\n["two"]\n')
+    with pytest.raises(InvalidTask, match="train.jsonl line 2: a row is a JSON object, got list"):
+        read_split(f"{store.uri}/data", "train")
+
+
 def test_result_counts_only_once_committed(store):
     run = store.child("ns/finetune/x/0123")
     assert finished_result(run) is None

@@ -10,6 +10,7 @@ import math
 from typing import Any, Iterable, Iterator
 
 from .store import local_copy, open_store
+from .task import InvalidTask
 from .tool_calls import expected_calls
 
 SPLITS = ("train", "validation", "test")
@@ -234,13 +235,24 @@ def read_split(dataset_uri: str, split: str, limit: int | None = None) -> list[d
 def iter_split(dataset_uri: str, split: str) -> Iterator[dict[str, Any]]:
     """Rows of one split as they are read, line by line (a corpus's split is not held as bytes and
     lines besides); an absent split file has none."""
+    uri = f"{dataset_uri.rstrip('/')}/{split}.jsonl"
     try:
-        with local_copy(f"{dataset_uri.rstrip('/')}/{split}.jsonl") as path, path.open(encoding="utf-8") as lines:
-            for line in lines:
+        with local_copy(uri) as path, path.open(encoding="utf-8") as lines:
+            for n, line in enumerate(lines, 1):
                 if line.strip():
-                    yield json.loads(line)
+                    yield _row(line, uri, n)
     except FileNotFoundError:
         return
+
+
+def _row(line: str, uri: str, n: int) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:  # a file written by hand, or cut off: no retry mends it
+        raise InvalidTask(f"{uri} line {n}: not JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise InvalidTask(f"{uri} line {n}: a row is a JSON object, got {type(row).__name__}")
+    return row
 
 
 def no_rows(dataset_uri: str, split: str, what: str = "rows") -> str:

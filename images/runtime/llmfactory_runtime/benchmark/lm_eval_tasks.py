@@ -48,11 +48,15 @@ def evaluate(model, tokenizer, spec: dict[str, Any], tasks_dir: Path | None) -> 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.get("batchSize", 8), device=str(model.device))
     # Relative data_files in the YAML resolve against the task folder.
     with contextlib.chdir(tasks_dir) if tasks_dir else contextlib.nullcontext():
-        out = lm_eval.simple_evaluate(model=lm, tasks=spec["tasks"], num_fewshot=spec.get("numFewshot"),
-                                      limit=spec.get("limit"), task_manager=manager, log_samples=False,
-                                      apply_chat_template=spec.get("chatTemplate", False), bootstrap_iters=0,
-                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                                      fewshot_random_seed=0)
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=spec["tasks"], num_fewshot=spec.get("numFewshot"),
+                                          limit=spec.get("limit"), task_manager=manager, log_samples=False,
+                                          apply_chat_template=spec.get("chatTemplate", False), bootstrap_iters=0,
+                                          random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                          fewshot_random_seed=0)
+        except FileNotFoundError as exc:  # datasets' "not found" errors too: no retry finds the data
+            raise InvalidTask(f"spec.lmEval.tasks: a task's data is not there: {exc} (a task YAML's data_files "
+                              "are read relative to tasksUri; a hub dataset needs the hub)") from None
     metrics = {}
     for task, values in out["results"].items():
         for key, value in values.items():
