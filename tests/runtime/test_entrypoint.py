@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from llmfactory_runtime import EXIT_FAILED, EXIT_INTERRUPTED, Interrupted
+from llmfactory_runtime import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, Interrupted
 from llmfactory_runtime.__main__ import _execute
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
 
@@ -64,3 +64,23 @@ def test_sigterm_anywhere_in_the_work_is_an_interruption_not_a_failure(tmp_path)
     progress = run.read_json(PROGRESS)
     assert progress["state"] == "Interrupted" and progress["message"].startswith("SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is before  # outside the work, SIGTERM is as it was
+
+
+def test_running_out_of_gpu_memory_is_refused_with_what_to_change_not_retried(tmp_path):
+    """The same batches run out again on a retry (of a whole 8B model's load): exit 2, which the Job's
+    podFailurePolicy fails at once, with torch's figures and the fields that lower the need."""
+    import torch
+
+    run = open_store(f"file://{tmp_path}/run")
+
+    def training(task, run, progress):
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.19 GiB "
+            "is free. Including non-PyTorch memory, this process has 77.90 GiB memory in use. If reserved but "
+            "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+    assert _execute(training, {"phase": "finetune"}, run) == EXIT_INVALID_TASK
+    message = run.read_json(PROGRESS)["message"]
+    assert message.startswith("OutOfGPUMemory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                              "capacity of 79.10 GiB of which 1.19 GiB is free. Lower hyperparameters.batchSize")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in message and not run.is_committed()

@@ -126,6 +126,31 @@ def _stopped_by_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+# What to change when a phase runs out of GPU memory, by phase.
+MEMORY_ADVICE = {
+    "finetune": "Lower hyperparameters.batchSize (raise gradientAccumulation to keep the batch) or maxSeqLength, "
+                "set hyperparameters.gradientCheckpointing, use method qlora, or more GPUs (resources.gpusPerNode, "
+                "distribution.strategy deepspeed).",
+    "benchmark": "Lower the batchSize of the part that ran out (judge, perplexity, lmEval, ranking) or "
+                 "judge.maxNewTokens, or ask for a larger GPU (resources.gpuMemoryGiB).",
+    "dataset": "Lower the local model's batchSize (teacher, preferences, filters, difficulty) or its maxNewTokens, "
+               "or ask for a larger GPU (resources.gpuMemoryGiB).",
+    "quantize": "Ask for a larger GPU (resources.gpuMemoryGiB), or lower calibrationSamples.",
+    None: "Lower the batch size, or ask for a larger GPU.",
+}
+
+
+def _out_of_gpu_memory(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # imported by every phase that can run out; not here to stay cheap
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
+def _first_sentences(message: str, n: int = 3) -> str:
+    """torch's "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ... free.", without its
+    paragraph of allocator settings."""
+    return ". ".join(message.split(". ")[:n]).rstrip(".") + "."
+
+
 def _execute(work, task: dict, run: Store) -> int:
     """Run one unit of work under `run`: its progress.json while it works, its result + commit
     marker when done; the exit code says whether a retry can help. Work that returns no result is
@@ -150,6 +175,9 @@ def _execute(work, task: dict, run: Store) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - reported to the operator, then the pod fails
         traceback.print_exc()
+        if _out_of_gpu_memory(exc):  # the same batches run out again on a retry: the spec is to change
+            progress.finish("Failed", f"OutOfGPUMemory: {_first_sentences(str(exc))} {MEMORY_ADVICE[task.get('phase')]}")
+            return EXIT_INVALID_TASK
         progress.finish("Failed", f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
     if result is None:
