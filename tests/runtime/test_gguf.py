@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import gguf
 import numpy as np
@@ -243,6 +244,42 @@ def test_a_quantization_killed_between_types_resumes_without_measuring_or_conver
     unrun = lambda result: [{k: v for k, v in a.items() if k != "uri"} for a in result["artifacts"]]  # noqa: E731
     assert unrun(resumed) == unrun(whole) and resumed["referencePerplexity"] == whole["referencePerplexity"]
     assert sorted(store.list("gguf")) == ["COMMITTED", "tiny-f16.gguf", "tiny-q8_0.gguf"]
+
+
+def test_a_restarted_k_quant_run_reuses_the_importance_matrix_it_computed(tiny_model, tmp_path, monkeypatch):
+    """llama-imatrix over the calibration rows takes minutes on an 8B model: kept in the run, so a pod
+    preempted while quantizing reads it back rather than computing it again. (llama.cpp's tools are
+    stood in for here; they run for real in test_k_quant_and_importance_matrix_through_llama_cpp.)"""
+    from llmfactory_runtime.data import dumps_jsonl
+    from llmfactory_runtime.progress import Progress
+    from llmfactory_runtime.quantize import llama_cpp, run as quantize
+    from llmfactory_runtime.store import open_store
+
+    computed, used = [], []
+
+    def importance_matrix(model, calibration_text, out, threads):
+        computed.append(calibration_text.read_text())
+        out.write_bytes(b"imatrix of " + calibration_text.read_bytes()[:32])
+
+    def k_quantize(source, out, type_name, threads, imatrix=None):
+        used.append(imatrix.read_bytes())
+        if len(used) == 1:
+            raise KeyboardInterrupt("SIGTERM")  # preempted while quantizing
+        shutil.copyfile(source, out)  # an f16 file under the K type's name: what the rest of the run reads
+
+    monkeypatch.setattr(llama_cpp, "tool", lambda name: name)
+    monkeypatch.setattr(llama_cpp, "importance_matrix", importance_matrix)
+    monkeypatch.setattr(llama_cpp, "k_quantize", k_quantize)
+    task = _sft_quantization(tiny_model, tmp_path, ["q4_k_m"])
+    task["spec"]["importanceMatrix"] = True
+    (tmp_path / "rows" / "train.jsonl").write_bytes(dumps_jsonl([{"text": TEXT}] * 3))
+    store = open_store(task["artifactUri"])
+    with pytest.raises(KeyboardInterrupt):
+        quantize.run(task, store, Progress(store))
+    result = quantize.run(task, store, Progress(store))
+    assert len(computed) == 1 and TEXT in computed[0]
+    assert used == [b"imatrix of " + TEXT.encode()[:32]] * 2
+    assert [a["type"] for a in result["artifacts"]] == ["q4_k_m"]
 
 
 def _sft_quantization(model, tmp_path, types, store_name="store", validation=None):

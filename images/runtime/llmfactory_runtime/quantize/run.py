@@ -29,6 +29,9 @@ from . import compressed, llama_cpp
 from .gguf_export import export
 
 
+IMPORTANCE_MATRIX = "validation/imatrix.dat"  # in the run, once computed
+
+
 def measure_quality(source: dict, rows: list[dict], prompt: str, cache: bool = True) -> tuple[float, list[int], str]:
     """(perplexity on assistant tokens, the top token at each of them, the start of a greedy answer)."""
     tokenizer = load_tokenizer(source, cache=cache)
@@ -70,13 +73,12 @@ def _plain_text(row: dict) -> str:
     return "\n".join(part for part in parts if part)
 
 
-def _importance_matrix(base: Path, tmp: Path, rows: list[dict], progress: Progress) -> Path:
-    """llama-imatrix over the calibration rows, as plain text."""
+def _importance_matrix(base: Path, imatrix: Path, rows: list[dict], progress: Progress) -> None:
+    """llama-imatrix over the calibration rows, as plain text, into `imatrix`."""
     progress.stage("computing the importance matrix")
-    calibration, imatrix = tmp / "calibration.txt", tmp / "imatrix.dat"
+    calibration = imatrix.with_name("calibration.txt")
     calibration.write_text("\n\n".join(_plain_text(row) for row in rows))
     llama_cpp.importance_matrix(base, calibration, imatrix, cpus.available())
-    return imatrix
 
 
 def _files(out: Path) -> list[Path]:
@@ -85,12 +87,13 @@ def _files(out: Path) -> list[Path]:
 
 class GgufWriter:
     """GGUF files: Python types straight from the safetensors; K-quants from one f16 GGUF (and one
-    importance matrix) shared by every K type of the run."""
+    importance matrix, kept in the run: a restarted pod does not compute it again) shared by every
+    K type of the run."""
 
-    def __init__(self, task: dict, tmp: Path, progress: Progress):
+    def __init__(self, task: dict, tmp: Path, run: Store, progress: Progress):
         self.spec, self.dataset, self.name = task["spec"], task["inputs"].get("dataset"), task["resource"]["name"]
         self.folder = Path(locate(task["inputs"]["model"])[0])
-        self.tmp, self.progress = tmp, progress
+        self.tmp, self.run, self.progress = tmp, run, progress
         self.base, self.base_params, self.imatrix = tmp / "base-f16.gguf", None, None
 
     def write(self, type_name: str, out: Path) -> tuple[int, dict]:
@@ -100,10 +103,18 @@ class GgufWriter:
         if self.base_params is None:
             self.base_params = export(self.folder, self.base, "f16", self.name)
             if self.spec.get("importanceMatrix"):
-                self.imatrix = _importance_matrix(self.base, self.tmp, _calibration(self.spec, self.dataset),
-                                                  self.progress)
+                self.imatrix = self._importance_matrix()
         llama_cpp.k_quantize(self.base, out, type_name, cpus.available(), self.imatrix)
         return self.base_params, {}
+
+    def _importance_matrix(self) -> Path:
+        kept, path = IMPORTANCE_MATRIX, self.tmp / "imatrix.dat"
+        if self.run.exists(kept):
+            self.run.download_file(kept, path)
+            return path
+        _importance_matrix(self.base, path, _calibration(self.spec, self.dataset), self.progress)
+        self.run.upload_file(path, kept)
+        return path
 
 
 class CompressedWriter:
@@ -228,7 +239,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     check = Check(rows, prompt, validation, reference, load_tokenizer(inputs["model"]))
     artifacts, name, prefix = [], task["resource"]["name"], "gguf" if is_gguf else "compressed"
     with tempfile.TemporaryDirectory() as tmp:
-        writer = GgufWriter(task, Path(tmp), progress) if is_gguf else CompressedWriter(task, check.tokenizer)
+        writer = GgufWriter(task, Path(tmp), run, progress) if is_gguf else CompressedWriter(task, check.tokenizer)
         for i, type_name in enumerate(types):
             progress.stage(f"converting to {type_name}", total=len(types), unit="types")
             progress.update(i)
