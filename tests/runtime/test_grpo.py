@@ -641,6 +641,13 @@ def test_a_row_gives_its_prompt_and_reference_or_an_error_naming_what_it_lacks(t
     with pytest.raises(InvalidTask, match="spec.objective grpo: train.jsonl row 2: needs its reference answer"):
         encode_prompts(tok, [{"prompt": "a", "answer": "b"}, {"prompt": "c", "solution": "d"}], 96, grader(),
                        "spec.objective grpo: train.jsonl")
+    # A prompt that fills maxSeqLength leaves no room for an answer: left out, and counted (result.rowsLeftOut).
+    from llmfactory_runtime.finetune import encoding
+
+    spec = {"objective": "grpo", "grpo": {"grader": grader()}, "hyperparameters": {"maxSeqLength": 40}}
+    split = encoding.encode(spec, tok, [{"prompt": "6 x 7?", "answer": "42"},
+                                        {"prompt": " ".join(["why"] * 80), "answer": "42"}], "train")
+    assert (split.units, split.truncated, split.unlearned) == (1, 0, 1)
 
 
 def test_advantages_are_each_reward_against_its_groups_mean_divided_by_its_groups_or_the_steps_spread_or_not():

@@ -935,8 +935,8 @@ class FineTuneResult(ApiModel):
         "hyperparameters.maxSeqLength, cut at it (the end of their answers, and of their turn, not learned: "
         "raise maxSeqLength if they are many). Absent when none."))
     rows_left_out: int | None = Field(None, description=(
-        "All objectives but grpo: train rows (kto: examples) with no token to learn within maxSeqLength (an answer "
-        "that starts past it, or none of weight 1), not trained on. Absent when none."))
+        "Train rows (kto: examples) with no token to learn within maxSeqLength (an answer that starts past it, "
+        "or none of weight 1; grpo: a prompt that leaves no room for an answer), not trained on. Absent when none."))
     train_tokens: int = Field(description="Tokens seen in training (non-padding).")
     tokens_per_second: float = Field(description="Training throughput (real tokens, all processes).")
     real_token_share: float = Field(description="Share of the tokens computed on that were not padding (0-1).")

@@ -41,7 +41,7 @@ class Split:
     ranks: list[float] | None = None  # grpo.promptOrder easyFirst: each prompt's pass rate, highest trained first
     rows: int = 0  # rows of the split they were encoded from
     truncated: int = 0  # all but grpo: units (conversations, pairs, examples) cut at maxSeqLength
-    unlearned: int = 0  # all but grpo: units with no answer token within it, left out
+    unlearned: int = 0  # units with no answer token within it (grpo: prompts that fill it), left out
 
     @property
     def units(self) -> int:
@@ -75,13 +75,13 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
     nothing to learn within it left out."""
     objective, max_len = spec.get("objective", "sft"), spec["hyperparameters"]["maxSeqLength"]
     where = f"spec.objective {objective}: {split}.jsonl"
+    tally = Counter()
     if objective == "grpo":
         check_scorable(spec["grpo"]["grader"], "spec.grpo.grader")  # before the model loads
-        prompts = group_relative.encode_prompts(tokenizer, rows, max_len, spec["grpo"]["grader"], where)
+        prompts = group_relative.encode_prompts(tokenizer, rows, max_len, spec["grpo"]["grader"], where, tally)
         easy_first = split == "train" and spec["grpo"].get("promptOrder") == "easyFirst"
-        return Split(prompts, [len(e["prompt"]) for e in prompts],
+        return Split(prompts, [len(e["prompt"]) for e in prompts], unlearned=tally["unlearned"],
                      ranks=group_relative.pass_rates(prompts, where) if easy_first else None)
-    tally = Counter()
     if objective == "kto":
         examples, desirable = encode_unpaired(tokenizer, rows, max_len, where, tally=tally)
         return Split(examples, [len(c["input_ids"]) for c in examples[::2]], desirable=desirable,

@@ -21,6 +21,7 @@ what the uninterrupted run sampled.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -35,14 +36,18 @@ from ..task import InvalidTask
 from ..usage import Usage
 
 
-def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str) -> list[dict[str, Any]]:
+def encode_prompts(tokenizer, rows: list[dict], max_len: int, grader: dict, where: str,
+                   tally: Counter | None = None) -> list[dict[str, Any]]:
     """{prompt: token ids, and the grader's view of the row (grader.graded_of)} of each row whose prompt
-    leaves room for an answer within max_len."""
+    leaves room for an answer within max_len; `tally` counts those left out ("unlearned")."""
+    tally = Counter() if tally is None else tally
     prompts = []
     for graded in graded_rows(rows, grader, where):
         ids = prompt_ids(tokenizer, graded["messages"], graded["tools"])
         if len(ids) < max_len:
             prompts.append({"prompt": ids, **graded})
+        else:
+            tally["unlearned"] += 1
     return prompts
 
 
