@@ -537,6 +537,26 @@ def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupte
     assert len(steps) <= 2  # keepLast
 
 
+def test_an_adapter_run_stopped_after_its_last_step_resumes_there_without_training_again(tiny_model, dataset,
+                                                                                          tmp_path, uninterrupted):
+    """A pod killed while it evaluates, merges and uploads (all done, no result committed yet): the
+    next attempt starts at the checkpoint of the last step, not at the last periodic one (every 3)."""
+    shutil.copytree(uninterrupted["artifactUri"][7:], tmp_path / "store" / "run")
+    task = {**uninterrupted, "artifactUri": f"file://{tmp_path}/store/run"}
+    run = open_store(task["artifactUri"])
+    steps = run.read_json("result.json")["steps"]
+    assert steps % 3 and run.is_committed(f"checkpoints/step-{steps}")
+    for key in ("result.json", "COMMITTED"):
+        run.delete(key)
+    run.delete_prefix("adapter")
+    _ok(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    assert result["resumedFromStep"] == result["steps"] == steps
+    expected, got = _adapter(uninterrupted), _adapter(task)
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+    assert loss_curve(task) == pytest.approx(loss_curve(uninterrupted), abs=1e-6)
+
+
 @pytest.mark.parametrize("losses,min_delta,since", [
     ([3.0, 2.5, 2.6, 2.55, 2.7], 0.0, 3),
     ([3.0, 2.5, 2.6, 2.4], 0.0, 0),

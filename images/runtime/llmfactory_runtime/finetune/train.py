@@ -426,7 +426,10 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if not interrupted:  # else the checkpoint first: the grace period is short
             evaluate_on_the_way(step)
         new_best = select_best and evaluation.best_step(state.evals) == step  # its weights may be the ones to output
-        if interrupted or new_best or (step % ckpt["everySteps"] == 0 and step < total_steps):
+        # After the last step too where it is cheap (an adapter's): a pod stopped while it evaluates,
+        # merges and uploads resumes there, not at the last periodic checkpoint.
+        last = step == total_steps and spec["method"] != "full"
+        if interrupted or new_best or last or (step % ckpt["everySteps"] == 0 and step < total_steps):
             save_checkpoint(step)
         if interrupted:
             raise Interrupted(f"SIGTERM at step {step}: checkpoint saved, the next attempt resumes there")
