@@ -73,14 +73,6 @@ def _plain_text(row: dict) -> str:
     return "\n".join(part for part in parts if part)
 
 
-def _importance_matrix(base: Path, imatrix: Path, rows: list[dict], progress: Progress) -> None:
-    """llama-imatrix over the calibration rows, as plain text, into `imatrix`."""
-    progress.stage("computing the importance matrix")
-    calibration = imatrix.with_name("calibration.txt")
-    calibration.write_text("\n\n".join(_plain_text(row) for row in rows))
-    llama_cpp.importance_matrix(base, calibration, imatrix, cpus.available())
-
-
 def _files(out: Path) -> list[Path]:
     return [out] if out.is_file() else sorted(p for p in out.rglob("*") if p.is_file())
 
@@ -108,12 +100,16 @@ class GgufWriter:
         return self.base_params, {}
 
     def _importance_matrix(self) -> Path:
-        kept, path = IMPORTANCE_MATRIX, self.tmp / "imatrix.dat"
-        if self.run.exists(kept):
-            self.run.download_file(kept, path)
+        """llama-imatrix over the calibration rows as plain text; or the run's, computed before a restart."""
+        path = self.tmp / "imatrix.dat"
+        if self.run.exists(IMPORTANCE_MATRIX):
+            self.run.download_file(IMPORTANCE_MATRIX, path)
             return path
-        _importance_matrix(self.base, path, _calibration(self.spec, self.dataset), self.progress)
-        self.run.upload_file(path, kept)
+        self.progress.stage("computing the importance matrix")
+        calibration = self.tmp / "calibration.txt"
+        calibration.write_text("\n\n".join(_plain_text(row) for row in _calibration(self.spec, self.dataset)))
+        llama_cpp.importance_matrix(self.base, calibration, path, cpus.available())
+        self.run.upload_file(path, IMPORTANCE_MATRIX)
         return path
 
 
