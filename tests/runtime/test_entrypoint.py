@@ -6,6 +6,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from llmfactory_runtime import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, Interrupted
 from llmfactory_runtime.__main__ import _execute
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
@@ -84,3 +86,25 @@ def test_running_out_of_gpu_memory_is_refused_with_what_to_change_not_retried(tm
     assert message.startswith("OutOfGPUMemory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
                               "capacity of 79.10 GiB of which 1.19 GiB is free. Lower hyperparameters.batchSize")
     assert "PYTORCH_CUDA_ALLOC_CONF" not in message and not run.is_committed()
+
+
+@pytest.mark.parametrize("spec,field,variable", [
+    ({"judge": {"openai": {"model": "gpt-4o", "apiKeySecret": {"name": "judge", "key": "k"}}}},
+     "spec.judge.openai", "LLMFACTORY_JUDGE_API_KEY"),
+    ({"grpo": {"grader": {"operation": "sum", "parts": [
+        {"name": "ok", "operation": "equals"},
+        {"name": "kind", "operation": "judge", "judge": {"model": "j", "apiKeySecret": {"name": "g", "key": "k"}}}]}}},
+     "spec.grpo.grader.parts[1].judge", "LLMFACTORY_GRADER_API_KEY"),
+    ({"sources": [], "filters": {"judge": {"openai": {"model": "j", "apiKeySecret": {"name": "j", "key": "k"}}}}},
+     "spec.filters.judge.openai", "LLMFACTORY_JUDGE_API_KEY"),
+])
+def test_a_missing_api_key_fails_the_run_before_any_work(tmp_path, monkeypatch, spec, field, variable):
+    """A judge's key the pod lacks (locally: not exported) is found before the model loads and
+    answers, not when the answers are to be judged."""
+    monkeypatch.delenv(variable, raising=False)
+    run, worked = open_store(f"file://{tmp_path}/run"), []
+    assert _execute(lambda task, run, progress: worked.append(1), {"phase": "benchmark", "spec": spec}, run) == \
+        EXIT_INVALID_TASK
+    assert not worked
+    assert run.read_json(PROGRESS)["message"].startswith(f"InvalidTask: {field}.apiKeySecret names Secret ")
+    assert variable in run.read_json(PROGRESS)["message"]

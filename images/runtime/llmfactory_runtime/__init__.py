@@ -61,6 +61,26 @@ def at_path(spec: dict, path: tuple[str, ...]):
         node = node.get(key) if isinstance(node, dict) else None
     return node
 
+
+# A GRPO FineTune's, a Benchmark's reward's, a DatasetBuild's difficulty's grader: its judge and
+# embeddings endpoints (itself, or each of a sum's parts).
+GRADERS = (("grpo", "grader"), ("reward", "grader"), ("difficulty", "grader"))
+
+
+def api_endpoints(spec: dict) -> list[tuple[dict, str, str]]:
+    """(endpoint, the variable its key reaches the pod in, its field) of every OpenAI-compatible
+    endpoint a spec names: what the operator passes keys for, and the runtime checks before any work."""
+    found = [(at_path(spec, path), name, "spec." + ".".join(path))
+             for path, name in ((("judge", "openai"), JUDGE_KEY_ENV), *DATASET_BUILD_ENDPOINTS)]
+    for path in GRADERS:
+        grader, field = at_path(spec, path), "spec." + ".".join(path)
+        parts = [(grader, field)] if grader and not grader.get("parts") else \
+            [(part, f"{field}.parts[{i}]") for i, part in enumerate((grader or {}).get("parts") or [])]
+        for part, where in parts:
+            found += [(part.get("judge"), GRADER_KEY_ENV, f"{where}.judge"),
+                      (part.get("embeddings"), EMBEDDINGS_KEY_ENV, f"{where}.embeddings")]
+    return [(endpoint, name, field) for endpoint, name, field in found if endpoint]
+
 # Where a Job mounts the ConfigMaps a DatasetBuild reads prompts from (<dir>/<name>/<key>); the
 # local runner points this variable at the folder it writes them to.
 CONFIG_MAPS_ENV, CONFIG_MAPS_DIR = "LLMFACTORY_CONFIG_MAPS", "/etc/llmfactory/config-maps"

@@ -157,6 +157,7 @@ def _execute(work, task: dict, run: Store) -> int:
     a worker of a distributed run (torchrun rank > 0): rank 0 writes the result when it has saved
     everything, so the worker commits nothing (a commit of its own would mark the run finished
     while rank 0 still uploads, and finished for good if rank 0 then died)."""
+    from .openai_client import require_keys  # noqa: PLC0415
     from .progress import Progress  # noqa: PLC0415
 
     # One writer of progress.json per run: a torchrun rank other than 0 that stops (SIGTERM) or fails
@@ -164,6 +165,7 @@ def _execute(work, task: dict, run: Store) -> int:
     progress = Progress(run, writes=os.environ.get("RANK", "0") == "0")
     try:
         with _stopped_by_sigterm():
+            require_keys(task.get("spec") or {})
             result = work(task, run, progress)
     except InvalidTask as exc:
         log.error("invalid task: %s", exc)

@@ -25,6 +25,7 @@ import httpx
 
 from . import (EMBEDDINGS_KEY_ENV, GRADER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV,  # noqa: F401 - re-exported
                TEACHER_KEY_ENV)
+from . import api_endpoints
 from .task import InvalidTask
 from .usage import Usage
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -60,6 +61,13 @@ def api_key(endpoint: dict[str, Any], env_name: str, field: str) -> str | None:
         raise InvalidTask(f"{field}.apiKeySecret names Secret {ref['name']} key {ref['key']}, but {env_name} is "
                           f"not set: on a cluster the operator passes it to the pod; locally, export {env_name}")
     return key
+
+
+def require_keys(spec: dict[str, Any]) -> None:
+    """Every API key the spec's endpoints name is there (api_key): before any work, so that a missing
+    judge's key fails the run now, not after the model has answered."""
+    for endpoint, env_name, field in api_endpoints(spec):
+        api_key(endpoint, env_name, field)
 
 
 class TokenBucket:

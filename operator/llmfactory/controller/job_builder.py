@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmfactory_runtime import (CONFIG_MAPS_DIR, DATASET_BUILD_ENDPOINTS, EMBEDDINGS_KEY_ENV, EXIT_INTERRUPTED,
-                                EXIT_INVALID_TASK, GRADER_KEY_ENV, JUDGE_KEY_ENV, at_path)
+from llmfactory_runtime import CONFIG_MAPS_DIR, EXIT_INTERRUPTED, EXIT_INVALID_TASK, api_endpoints, at_path
 
 from ..api import KINDS
 from ..api.dataset_build import DatasetBuildSpec
@@ -62,22 +61,18 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
 
 
 # Where each API key of a spec reaches the runtime: by secretKeyRef into these variables, so the
-# key never passes through the operator, the task document or the status.
-SECRET_ENV = (
+# key never passes through the operator, the task document or the status. The trackers' here; the
+# OpenAI-compatible endpoints' (teacher, judges, graders...) are the runtime's api_endpoints, which
+# it checks before any work.
+TRACKER_ENV = (
     (("tracking", "wandb"), "WANDB_API_KEY"),
     (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"),
-    (("judge", "openai"), JUDGE_KEY_ENV),  # a Benchmark's judge
-    *DATASET_BUILD_ENDPOINTS,  # the teacher, the answer judge, the rejected answers' writer, difficulty's
 )
-# A GRPO FineTune's, a Benchmark's reward's, a DatasetBuild's difficulty's: their API keys.
-GRADERS = (("grpo", "grader"), ("reward", "grader"), ("difficulty", "grader"))
 
 
 def _secret_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    endpoints = [(at_path(spec, path), name) for path, name in SECRET_ENV]
-    for grader in filter(None, (at_path(spec, path) for path in GRADERS)):  # itself, or a sum's part (one each, by CEL)
-        for part in grader.get("parts") or [grader]:
-            endpoints += [(part.get("judge"), GRADER_KEY_ENV), (part.get("embeddings"), EMBEDDINGS_KEY_ENV)]
+    endpoints = [(at_path(spec, path), name) for path, name in TRACKER_ENV]
+    endpoints += [(endpoint, name) for endpoint, name, _ in api_endpoints(spec)]
     env = []
     for endpoint, name in endpoints:
         ref = (endpoint or {}).get("apiKeySecret")
