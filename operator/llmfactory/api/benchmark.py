@@ -66,6 +66,7 @@ class Judge(ApiModel):
     model: TrainedModelSource | None = Field(None, description="A local judge model run with transformers (its rating "
                                                         "is the expectation over its probabilities of 1..10).")
     languages: list[str] = Field(default_factory=lambda: ["en", "ru", "zh"], min_length=1,
+                                 json_schema_extra={"x-kubernetes-list-type": "set"},
                                  description="Languages to ask in: the built-in question sets (en, ru, zh), or "
                                              "the questions of questionsUri whose `language` is listed.")
     questions_dataset: HuggingFaceDataset | None = Field(
@@ -155,7 +156,8 @@ class Ranking(ApiModel):
     split: Literal["train", "validation", "test"] = Field("test", description="Which split's pairs to rank.")
     max_samples: int | None = Field(None, ge=1, description="Rank at most this many pairs.")
     batch_size: int = Field(8, ge=1, le=512, description="Conversations scored together (right-padded).")
-    languages: list[Annotated[str, Field(pattern=LANGUAGE_PATTERN)]] = Field(default_factory=list, description=(
+    languages: list[Annotated[str, Field(pattern=LANGUAGE_PATTERN)]] = Field(
+        default_factory=list, json_schema_extra={"x-kubernetes-list-type": "set"}, description=(
         "Also report ranking.accuracy.<language> (and ranking.baseline.<language> against a baseline) for "
         "these languages, which gates may name: the pairs whose row says that language (a DatasetBuild's "
         "rows do). A listed language without pairs fails the run, naming the languages the rows have. The "

@@ -57,6 +57,7 @@ class QuantizationSpec(RunOptions):
                             "written by llmcompressor, one folder per type (a GPU by default; awq needs one).")
     types: list[QuantType] = Field(
         default_factory=lambda: ["q8_0"], min_length=1, max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
         description="One artifact per type. gguf: f32 ... q2_k; K-quants (q4_k_m, ...) run llama.cpp's "
                     "llama-quantize, which the runtime image carries. compressed-tensors: fp8 (FP8 weights, "
                     "dynamic FP8 activations), gptq and awq (4-bit weights, 16-bit activations; calibrated on "

@@ -118,6 +118,13 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
             errors += validate(schema["items"], item, f"{path}[{i}]")
+        if schema.get("x-kubernetes-list-type") == "set":  # the API server's "Duplicate value"
+            seen = set()
+            for i, item in enumerate(value):
+                key = json.dumps(item, sort_keys=True)
+                if key in seen:
+                    errors.append(f"{path}[{i}]: duplicate value {item!r}: a set names each value once")
+                seen.add(key)
     if not errors:
         rules = schema.get("x-kubernetes-validations", [])
         value_json = json.dumps(value, sort_keys=True) if rules else ""  # once for all the node's rules
