@@ -109,8 +109,9 @@ class Judge(ApiModel):
 class LmEval(ApiModel):
     """EleutherAI lm-evaluation-harness tasks, offline (multiple-choice suites such as MMLU)."""
 
-    tasks: list[str] = Field(min_length=1, description="Task or group names, as lm_eval --tasks takes them; "
-                                                       "metrics are reported as lmEval.<task>.<metric>.")
+    tasks: list[str] = Field(min_length=1, json_schema_extra={"x-kubernetes-list-type": "set"},
+                             description="Task or group names, as lm_eval --tasks takes them; metrics are "
+                                         "reported as lmEval.<task>.<metric>.")
     tasks_uri: str | None = Field(
         None, pattern=URI_PATTERN, description="A folder (s3:// or file://) of task YAML files and their data, "
                                                "lm_eval's --include_path; data_files paths are relative to it. "
