@@ -97,10 +97,12 @@ def test_running_out_of_gpu_memory_is_refused_with_what_to_change_not_retried(tm
      "spec.grpo.grader.parts[1].judge", "LLMFACTORY_GRADER_API_KEY"),
     ({"sources": [], "filters": {"judge": {"openai": {"model": "j", "apiKeySecret": {"name": "j", "key": "k"}}}}},
      "spec.filters.judge.openai", "LLMFACTORY_JUDGE_API_KEY"),
+    ({"tracking": {"wandb": {"project": "p", "mode": "online", "apiKeySecret": {"name": "w", "key": "k"}}}},
+     "spec.tracking.wandb", "WANDB_API_KEY"),
 ])
 def test_a_missing_api_key_fails_the_run_before_any_work(tmp_path, monkeypatch, spec, field, variable):
-    """A judge's key the pod lacks (locally: not exported) is found before the model loads and
-    answers, not when the answers are to be judged."""
+    """A judge's (or a tracker's) key the pod lacks (locally: not exported) is found before the model
+    loads and answers, not when the answers are to be judged."""
     monkeypatch.delenv(variable, raising=False)
     run, worked = open_store(f"file://{tmp_path}/run"), []
     assert _execute(lambda task, run, progress: worked.append(1), {"phase": "benchmark", "spec": spec}, run) == \

@@ -67,11 +67,16 @@ def at_path(spec: dict, path: tuple[str, ...]):
 GRADERS = (("grpo", "grader"), ("reward", "grader"), ("difficulty", "grader"))
 
 
-def api_endpoints(spec: dict) -> list[tuple[dict, str, str]]:
-    """(endpoint, the variable its key reaches the pod in, its field) of every OpenAI-compatible
-    endpoint a spec names: what the operator passes keys for, and the runtime checks before any work."""
+# Where a FineTune's trackers take their keys from (the libraries read these variables themselves).
+TRACKER_KEYS = ((("tracking", "wandb"), "WANDB_API_KEY"), (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"))
+
+
+def api_keys(spec: dict) -> list[tuple[dict, str, str]]:
+    """(what may name an apiKeySecret, the variable its key reaches the pod in, its field) of every
+    OpenAI-compatible endpoint and tracker a spec names: what the operator passes keys for (by
+    secretKeyRef, never through itself), and what the runtime checks before any work."""
     found = [(at_path(spec, path), name, "spec." + ".".join(path))
-             for path, name in ((("judge", "openai"), JUDGE_KEY_ENV), *DATASET_BUILD_ENDPOINTS)]
+             for path, name in ((("judge", "openai"), JUDGE_KEY_ENV), *DATASET_BUILD_ENDPOINTS, *TRACKER_KEYS)]
     for path in GRADERS:
         grader, field = at_path(spec, path), "spec." + ".".join(path)
         parts = [(grader, field)] if grader and not grader.get("parts") else \

@@ -25,7 +25,7 @@ import httpx
 
 from . import (EMBEDDINGS_KEY_ENV, GRADER_KEY_ENV, JUDGE_KEY_ENV, REJECTED_KEY_ENV,  # noqa: F401 - re-exported
                TEACHER_KEY_ENV)
-from . import api_endpoints
+from . import api_keys
 from .task import InvalidTask
 from .usage import Usage
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
@@ -64,10 +64,10 @@ def api_key(endpoint: dict[str, Any], env_name: str, field: str) -> str | None:
 
 
 def require_keys(spec: dict[str, Any]) -> None:
-    """Every API key the spec's endpoints name is there (api_key): before any work, so that a missing
-    judge's key fails the run now, not after the model has answered."""
-    for endpoint, env_name, field in api_endpoints(spec):
-        api_key(endpoint, env_name, field)
+    """Every API key the spec names is there (api_key): before any work, so that a missing judge's or
+    tracker's key fails the run now, not after the model has loaded and answered."""
+    for holder, env_name, field in api_keys(spec):
+        api_key(holder, env_name, field)
 
 
 class TokenBucket:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmfactory_runtime import CONFIG_MAPS_DIR, EXIT_INTERRUPTED, EXIT_INVALID_TASK, api_endpoints, at_path
+from llmfactory_runtime import CONFIG_MAPS_DIR, EXIT_INTERRUPTED, EXIT_INVALID_TASK, api_keys
 
 from ..api import KINDS
 from ..api.dataset_build import DatasetBuildSpec
@@ -60,25 +60,12 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
             "uid": body["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
-# Where each API key of a spec reaches the runtime: by secretKeyRef into these variables, so the
-# key never passes through the operator, the task document or the status. The trackers' here; the
-# OpenAI-compatible endpoints' (teacher, judges, graders...) are the runtime's api_endpoints, which
-# it checks before any work.
-TRACKER_ENV = (
-    (("tracking", "wandb"), "WANDB_API_KEY"),
-    (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"),
-)
-
-
 def _secret_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    endpoints = [(at_path(spec, path), name) for path, name in TRACKER_ENV]
-    endpoints += [(endpoint, name) for endpoint, name, _ in api_endpoints(spec)]
-    env = []
-    for endpoint, name in endpoints:
-        ref = (endpoint or {}).get("apiKeySecret")
-        if ref:
-            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref["key"]}}})
-    return env
+    """Each API key of the spec, by secretKeyRef into the variable the runtime reads it from: the
+    key never passes through the operator, the task document or the status."""
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": holder["apiKeySecret"]["name"],
+                                                          "key": holder["apiKeySecret"]["key"]}}}
+            for holder, name, _ in api_keys(spec) if holder.get("apiKeySecret")]
 
 
 def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
