@@ -26,7 +26,8 @@ from llmfactory_runtime.batching import collate_sequences as collate, encode_row
 from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
-from llmfactory_runtime.finetune.model_setup import load_for_training, parameter_groups, trainable_state
+from llmfactory_runtime.finetune.model_setup import check_targets, load_for_training, parameter_groups, trainable_state
+from llmfactory_runtime.task import InvalidTask
 from llmfactory_runtime.finetune.packing import pack
 from llmfactory_runtime.data import dumps_jsonl, read_split
 from llmfactory_runtime.finetune.evaluation import best_step, evaluations_without_improvement
@@ -555,6 +556,23 @@ def test_an_adapter_run_stopped_after_its_last_step_resumes_there_without_traini
     expected, got = _adapter(uninterrupted), _adapter(task)
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
     assert loss_curve(task) == pytest.approx(loss_curve(uninterrupted), abs=1e-6)
+
+
+def test_target_modules_are_checked_on_the_models_skeleton_before_any_weight_is_read(tiny_model, tmp_path):
+    """A folder with the config alone (no weights): enough to refuse a misspelt module (an 8B's
+    weights take minutes to read, or to download), and to accept a reward model's score layer."""
+
+    (tmp_path / "config-only").mkdir()
+    shutil.copy(tiny_model / "config.json", tmp_path / "config-only")
+    base = {"uri": f"file://{tmp_path}/config-only"}
+    with pytest.raises(InvalidTask, match="^spec.lora.targetModules: no module of the model is named gate_prj; its "
+                                          "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, "
+                                          r"up_proj, v_proj \(or give all-linear\)$"):
+        check_targets({"method": "lora", "lora": {"targetModules": ["q_proj", "gate_prj"]}}, base)
+    check_targets({"method": "lora", "lora": {"targetModules": ["q_proj", "gate_proj"]}}, base)
+    check_targets({"method": "qlora", "objective": "reward", "lora": {"targetModules": ["q_proj", "score"]}}, base)
+    with pytest.raises(InvalidTask, match="named score"):  # a language model has no score layer
+        check_targets({"method": "lora", "lora": {"targetModules": ["score"]}}, base)
 
 
 @pytest.mark.parametrize("losses,min_delta,since", [

@@ -61,8 +61,8 @@ class Lora(ApiModel):
         default_factory=lambda: ["all-linear"], min_length=1,
         description="Module names to adapt (e.g. q_proj, v_proj; a name or its dotted end, as peft matches), or "
                     "['all-linear']: every linear layer of the decoder blocks, whatever the architecture calls "
-                    "them (not the output head). A name no module of the model has fails the run, naming the "
-                    "model's linear layers.")
+                    "them (not the output head). A name no module of the model has fails the run before its "
+                    "weights are read (checked on the model's config), naming the model's linear layers.")
     rs_lora: bool = Field(False, description=(
         "Rank-stabilized LoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r, so that high ranks "
         "keep learning (Kalajdzievski, 2023)."))

@@ -131,9 +131,7 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
     if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model  # noqa: PLC0415
         lora = spec["lora"]
-        targets = lora["targetModules"]
-        if targets != ["all-linear"]:
-            refuse_unmatched_targets(model, targets)
+        targets = lora["targetModules"]  # each a module of the model's: check_targets, before loading
         # SEQ_CLS: peft trains the reward model's new score layer whole beside the adapters (modules_to_save).
         # trainEmbeddings: the embeddings and output layer whole, the new rows with them.
         whole = _embedding_layers(model, tied_too=True) if lora.get("trainEmbeddings") else None
@@ -152,6 +150,22 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         _compile_layers(model)
     model.train()
     return model
+
+
+def check_targets(spec: dict[str, Any], base: dict[str, Any]) -> None:
+    """lora.targetModules against the model's skeleton, built from its config on the meta device (no
+    weights; a second for an 8B): a name it lacks is refused before the weights are read, which takes
+    minutes for an 8B (and a download from the hub)."""
+    targets = (spec.get("lora") or {}).get("targetModules") or ["all-linear"]
+    if spec["method"] == "full" or targets == ["all-linear"]:
+        return
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    head, config = head_of(spec, None), load_config(base)
+    config.num_labels = head.get("num_labels", config.num_labels)
+    with torch.device("meta"):
+        skeleton = head.get("auto_class", AutoModelForCausalLM).from_config(config)
+    refuse_unmatched_targets(skeleton, targets)
 
 
 def refuse_unmatched_targets(model, targets: list[str]) -> None:

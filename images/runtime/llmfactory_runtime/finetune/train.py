@@ -40,8 +40,8 @@ from . import (checkpoint, distributed, encoding, evaluation, fit, grpo as group
                vllm_sampler)
 from .estimate import GIB
 from .master_weights import MasterWeights
-from .model_setup import (head_of, load_for_training, load_trainable_state, parameter_groups, trainable_state,
-                          trained_token_rows, training_dtype)
+from .model_setup import (check_targets, head_of, load_for_training, load_trainable_state, parameter_groups,
+                          trainable_state, trained_token_rows, training_dtype)
 from .packing import one_per_row, pack
 from ..preference import needs_reference, pair_logps
 from .trackers import Trackers
@@ -133,6 +133,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if spec.get("chatTemplate") == "jinja":
         check_own_template(tokenizer)
     budget = fit.check(spec, inputs["baseModel"], world, dtype, len(added_tokens))
+    check_targets(spec, inputs["baseModel"])
 
     # Data
     progress.stage("reading and tokenizing the dataset")
