@@ -65,8 +65,6 @@ def at_path(spec: dict, path: tuple[str, ...]):
 # A GRPO FineTune's, a Benchmark's reward's, a DatasetBuild's difficulty's grader: its judge and
 # embeddings endpoints (itself, or each of a sum's parts).
 GRADERS = (("grpo", "grader"), ("reward", "grader"), ("difficulty", "grader"))
-
-
 # Where a FineTune's trackers take their keys from (the libraries read these variables themselves).
 TRACKER_KEYS = ((("tracking", "wandb"), "WANDB_API_KEY"), (("tracking", "mlflow"), "MLFLOW_TRACKING_TOKEN"))
 
@@ -85,6 +83,7 @@ def api_keys(spec: dict) -> list[tuple[dict, str, str]]:
             found += [(part.get("judge"), GRADER_KEY_ENV, f"{where}.judge"),
                       (part.get("embeddings"), EMBEDDINGS_KEY_ENV, f"{where}.embeddings")]
     return [(endpoint, name, field) for endpoint, name, field in found if endpoint]
+
 
 # Where a Job mounts the ConfigMaps a DatasetBuild reads prompts from (<dir>/<name>/<key>); the
 # local runner points this variable at the folder it writes them to.

@@ -178,7 +178,8 @@ def _execute(work, task: dict, run: Store) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the operator, then the pod fails
         traceback.print_exc()
         if _out_of_gpu_memory(exc):  # the same batches run out again on a retry: the spec is to change
-            progress.finish("Failed", f"OutOfGPUMemory: {_first_sentences(str(exc))} {MEMORY_ADVICE[task.get('phase')]}")
+            advice = MEMORY_ADVICE[task.get("phase")]
+            progress.finish("Failed", f"OutOfGPUMemory: {_first_sentences(str(exc))} {advice}")
             return EXIT_INVALID_TASK
         progress.finish("Failed", f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
