@@ -48,7 +48,9 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     """Print each resource's task, as far as it can be resolved without running anything."""
     try:
-        manifests, config_maps = config_maps_among(read_manifests(args.file))
+        manifests, config_maps, others = config_maps_among(read_manifests(args.file))
+        for other in others:
+            print(f"{other}: left out (not an llmfactory kind)")
         for res in dependency_order(parse(m) for m in manifests):
             task = plan(res, lambda *key: None, _store_uri(args.store),
                         lambda namespace, name: config_maps.get((namespace, name)))

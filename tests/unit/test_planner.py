@@ -5,7 +5,8 @@ import copy
 import pytest
 
 from llmfactory.api.headline import headline
-from llmfactory.planner import PlanError, Waiting, benchmark_metric_names, dependency_order, parse, plan
+from llmfactory.planner import (PlanError, Waiting, benchmark_metric_names, config_maps_among, dependency_order, parse,
+                               plan)
 from llmfactory.planner.graph import references, topological
 
 STORE = "s3://bucket/llmfactory"
@@ -857,3 +858,18 @@ def test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judg
     with pytest.raises(PlanError, match="spec.preferences.rewardModel.fineTuneRef: FineTune rm trained with objective "
                                         "sft, so it is a language model, not a reward model"):
         plan(parse(ranked), lookup({("FineTune", "sft"): FT_RESULT, ("FineTune", "rm"): FT_RESULT}), STORE)
+
+
+def test_other_objects_in_a_gitops_folder_are_left_out_by_name_and_a_wrong_llmfactory_version_is_not():
+    """`llmfactory plan -f` on an Argo CD or Flux folder: its Secret, Namespace or Application are
+    not the planner's (named, left out); a ConfigMap is read as a DatasetBuild's source; a document
+    of llmfactory's group at a version it does not serve is refused, not left out."""
+    docs = [{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "openai", "namespace": "ml"}},
+            {"apiVersion": "argoproj.io/v1alpha1", "kind": "Application", "metadata": {"name": "app"}},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prompts"}},
+            {"apiVersion": "llmfactory.dev/v1", "kind": "FineTune", "metadata": {"name": "x"}}]
+    rest, config_maps, others = config_maps_among(docs)
+    assert others == ["Secret ml/openai", "Application default/app"]
+    assert list(config_maps) == [("default", "prompts")]
+    with pytest.raises(PlanError, match="expected apiVersion llmfactory.dev/v1alpha1"):
+        [parse(doc) for doc in rest]

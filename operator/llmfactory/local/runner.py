@@ -48,7 +48,9 @@ class LocalRunner:
         self.poll_seconds = poll_seconds
 
     def run(self, manifests: list[dict[str, Any]]) -> list[Outcome]:
-        manifests, self.config_maps = config_maps_among(manifests)
+        manifests, self.config_maps, others = config_maps_among(manifests)
+        for other in others:
+            self.console.print(f"{other}: left out (not an llmfactory kind)", soft_wrap=True)
         resources = dependency_order(parse(m) for m in manifests)
         outcomes: dict[tuple, Outcome] = {}
 

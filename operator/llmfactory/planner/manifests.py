@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import ValidationError
 
-from .. import API_VERSION
+from .. import API_VERSION, GROUP
 from ..api import KINDS
 from ..api.common import ApiModel
 from ..api.crd import crd
@@ -100,17 +100,22 @@ def read_manifests(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 def config_maps_among(docs: list[dict[str, Any]], default_namespace: str = "default"
-                      ) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
-    """(the llmfactory manifests, {(namespace, name): ConfigMap}): a DatasetBuild applied from
-    files reads its ConfigMap sources from the same files."""
-    config_maps, rest = {}, []
+                      ) -> tuple[list[dict[str, Any]], dict[tuple[str, str], dict[str, Any]], list[str]]:
+    """(the llmfactory manifests, {(namespace, name): ConfigMap}, the other objects left out as
+    "Kind namespace/name"): a DatasetBuild applied from files reads its ConfigMap sources from the
+    same files; a Secret, a Namespace or an Argo CD Application beside them (a GitOps folder) is not
+    the planner's. A document of llmfactory's group, or of none, is parsed (and refused if wrong)."""
+    config_maps, rest, others = {}, [], []
     for doc in docs:
-        if doc.get("apiVersion") == "v1" and doc.get("kind") == "ConfigMap":
-            meta = doc.get("metadata") or {}
-            config_maps[(meta.get("namespace", default_namespace), meta.get("name"))] = doc
+        meta, version = doc.get("metadata") or {}, str(doc.get("apiVersion") or "")
+        where = (meta.get("namespace", default_namespace), meta.get("name"))
+        if version == "v1" and doc.get("kind") == "ConfigMap":
+            config_maps[where] = doc
+        elif version and not version.startswith(f"{GROUP}/"):
+            others.append(f"{doc.get('kind')} {where[0]}/{where[1]}")
         else:
             rest.append(doc)
-    return rest, config_maps
+    return rest, config_maps, others
 
 
 def config_map_bytes(config_map: dict[str, Any], key: str) -> bytes | None:
