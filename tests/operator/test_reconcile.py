@@ -458,6 +458,41 @@ async def test_invalid_spec_is_stalled_with_the_field_named(cluster, operator, t
     assert event["type"] == "Warning" and "spec.gates[0].metric" in event["message"]
 
 
+async def test_a_quantization_that_fails_validation_is_failed_and_what_reads_it_waits(
+        cluster, operator, operator_settings, tiny_model):
+    """Its result found committed in the store (a finished run of the same task) with a file llama.cpp
+    reads otherwise than the model: Failed, reason ValidationFailed, quoting it, a Warning Event
+    saying so; a Benchmark of it waits."""
+    from llmfactory.planner import parse, plan
+    from llmfactory_runtime.store import write_result
+
+    gguf = pipeline(tiny_model)[3]
+    gguf["spec"] = {"model": {"source": {"uri": f"file://{tiny_model}"}}, "types": ["q4_0"]}
+    task = plan(parse(gguf), lambda *k: None, operator_settings.store_uri)
+    miss = "llama.cpp cuts text into other tokens than the model's tokenizer"
+    write_result(open_store(task["artifactUri"]), {
+        "artifacts": [{"type": "q4_0", "uri": f"{task['artifactUri']}/gguf/gguf-q4_0.gguf", "sizeBytes": 1000,
+                       "sha256": "0" * 64, "bitsPerWeight": 4.5, "failures": [miss],
+                       "llamaCpp": {"tokenizerMatches": False, "answer": "", "tokensPerSecond": 1.0}}],
+        "passed": False})
+    await cluster.apply(gguf)
+    obj = await cluster.wait_for("Quantization", "gguf", phase_is("Failed"))
+    stalled = condition(obj, "Stalled")
+    why = f"quantization finished but validation failed: q4_0: {miss}"
+    assert (stalled["status"], stalled["reason"], stalled["message"]) == ("True", "ValidationFailed", why)
+    assert obj["status"]["headline"] == "q4_0 0.0 MB" and cluster.objects("jobs") == []
+    [event] = [e for e in await events_for(cluster, "gguf", "ValidationFailed") if e["reason"] == "ValidationFailed"]
+    assert event["type"] == "Warning" and event["message"].endswith(why)
+
+    bench = pipeline(tiny_model)[2]
+    bench["spec"] = {"model": {"quantizationRef": {"name": "gguf"}}, "baseline": False,
+                     "perplexity": {"dataset": {"uri": f"file://{tiny_model}"}}}
+    await cluster.apply(bench)
+    waiting = await cluster.wait_for("Benchmark", "bench", phase_is("Waiting"))
+    assert condition(waiting, "Ready")["reason"] == "DependencyFailed"
+    assert "(ValidationFailed): " + why in condition(waiting, "Ready")["message"]
+
+
 async def test_invalid_task_fails_at_once_with_the_runtimes_error(cluster, operator, job_controller, tmp_path):
     data = pipeline(tmp_path / "no-such-model")[0]
     await cluster.apply(data)

@@ -197,7 +197,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
 
 def _finished(body: dict[str, Any], task: dict[str, Any], result: dict[str, Any], run, kube: Kube,
               fields: dict[str, Any]) -> Outcome:
-    """Succeeded (or, for a Benchmark, gates failed) on the run's committed result."""
+    """Succeeded (or failed: a Benchmark's gates, a Quantization's validation) on the run's committed result."""
     kind, meta, old = body["kind"], body["metadata"], body.get("status") or {}
     fresh = old.get("taskDigest") != task["digest"] or old.get("phase") != "Succeeded"
     patch = succeeded(kind, result, old, meta.get("generation"), **fields, progress=_progress(run, done=True))
@@ -205,7 +205,9 @@ def _finished(body: dict[str, Any], task: dict[str, Any], result: dict[str, Any]
     job_name = job_builder.child_name(meta["name"], task["digest"])
     job = kube.get_or_none(job_builder.jobs_path(meta["namespace"], job_name))
     verb = "finished" if job and _owned(body, job) else "reused a finished result with the same task digest"
-    return Outcome(patch, ("Normal", patch["conditions"][0]["reason"], f"{verb}: {patch.get('headline', '')}")
+    failed = patch["phase"] == "Failed"  # a finished run that counts as failed: why, not the headline
+    return Outcome(patch, ("Warning" if failed else "Normal", patch["conditions"][0]["reason"],
+                           f"{verb}: {patch['conditions'][0]['message'] if failed else patch.get('headline', '')}")
                    if fresh else None)
 
 
