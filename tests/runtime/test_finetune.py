@@ -27,6 +27,7 @@ from llmfactory_runtime.chat import IGNORE
 from llmfactory_runtime.finetune import checkpoint
 from llmfactory_runtime.finetune.distributed import World
 from llmfactory_runtime.finetune.model_setup import check_targets, load_for_training, parameter_groups, trainable_state
+from llmfactory_runtime.models import load_config
 from llmfactory_runtime.task import InvalidTask
 from llmfactory_runtime.finetune.packing import pack
 from llmfactory_runtime.data import dumps_jsonl, read_split
@@ -564,7 +565,7 @@ def test_target_modules_are_checked_on_the_models_skeleton_before_any_weight_is_
 
     (tmp_path / "config-only").mkdir()
     shutil.copy(tiny_model / "config.json", tmp_path / "config-only")
-    base = {"uri": f"file://{tmp_path}/config-only"}
+    base = load_config({"uri": f"file://{tmp_path}/config-only"})
     with pytest.raises(InvalidTask, match="^spec.lora.targetModules: no module of the model is named gate_prj; its "
                                           "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, "
                                           r"up_proj, v_proj \(or give all-linear\)$"):

@@ -40,11 +40,10 @@ class Budget:
         return replace(self, plan=plan, estimate=est)
 
 
-def check(spec: dict[str, Any], base_model: dict[str, Any], world: World, dtype: torch.dtype,
-          new_token_rows: int) -> Budget:
-    """The run's budget on one of world's processes (base_model: the task's input); `new_token_rows`:
-    the chat markers the tokenizer added. Raises InvalidTask, naming spec.resources, when it cannot fit the GPU."""
-    shape = shape_from_config(load_config(base_model).to_dict())
+def check(spec: dict[str, Any], config, world: World, dtype: torch.dtype, new_token_rows: int) -> Budget:
+    """The run's budget on one of world's processes (config: the base model's); `new_token_rows`: the
+    chat markers the tokenizer added. Raises InvalidTask, naming spec.resources, when it cannot fit the GPU."""
+    shape = shape_from_config(config.to_dict())
     precision = next(name for name, d in DTYPES.items() if d == dtype)
     plan = replace(plan_of({**spec, "hyperparameters": {**spec["hyperparameters"], "precision": precision},
                             "resources": {"gpusPerNode": world.size, "nodes": 1}}), new_token_rows=new_token_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import torch
@@ -152,16 +153,16 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
     return model
 
 
-def check_targets(spec: dict[str, Any], base: dict[str, Any]) -> None:
-    """lora.targetModules against the model's skeleton, built from its config on the meta device (no
-    weights; a second for an 8B): a name it lacks is refused before the weights are read, which takes
-    minutes for an 8B (and a download from the hub)."""
+def check_targets(spec: dict[str, Any], config) -> None:
+    """lora.targetModules against the model's skeleton, built from its config (load_config) on the meta
+    device (no weights; a second for an 8B): a name it lacks is refused before the weights are read,
+    which takes minutes for an 8B (and a download from the hub)."""
     targets = (spec.get("lora") or {}).get("targetModules") or ["all-linear"]
     if spec["method"] == "full" or targets == ["all-linear"]:
         return
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    head, config = head_of(spec, None), load_config(base)
+    head, config = head_of(spec, None), copy.deepcopy(config)  # the caller's is left as it was
     config.num_labels = head.get("num_labels", config.num_labels)
     with torch.device("meta"):
         skeleton = head.get("auto_class", AutoModelForCausalLM).from_config(config)

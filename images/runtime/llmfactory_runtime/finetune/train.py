@@ -32,7 +32,7 @@ from .. import Interrupted
 from ..chat import check_own_template, template_of
 from ..data import SPLITS, dumps_jsonl, no_rows, read_split
 from ..grader import reference_fields
-from ..models import tokenizer_for
+from ..models import load_config, tokenizer_for
 from ..progress import Progress
 from ..store import Store
 from ..task import InvalidTask
@@ -132,8 +132,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     tokenizer, added_tokens = tokenizer_for(inputs["baseModel"], template=template_of(spec))
     if spec.get("chatTemplate") == "jinja":
         check_own_template(tokenizer)
-    budget = fit.check(spec, inputs["baseModel"], world, dtype, len(added_tokens))
-    check_targets(spec, inputs["baseModel"])
+    config = load_config(inputs["baseModel"])  # weights later: first what the config alone can refuse
+    budget = fit.check(spec, config, world, dtype, len(added_tokens))
+    check_targets(spec, config)
 
     # Data
     progress.stage("reading and tokenizing the dataset")
