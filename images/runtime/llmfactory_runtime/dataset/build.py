@@ -280,7 +280,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
     drops, before, data = Drops(), _grader_usages(spec), run.child("data")
     if spec.get("format") == "text":  # documents, as they are: nothing to answer, rate or pair; streamed
         fmt, usage, usages = "text", None, {}
-        written = corpus.write(task, data, drops, progress)
+        written = corpus.write(task, data, drops, progress, run.child(corpus.STATE))
     else:
         prompts = _prompts(task, drops, progress)
         rows, usage, judge = _answer(task, prompts, drops, progress, transport)
@@ -313,6 +313,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         result["graderUsage"] = {name: u.report(price) for name, (u, price) in graders.items()}
     data.write_bytes("README.md", _card(result).encode())
     data.commit()
+    if fmt == "text":
+        run.child(corpus.STATE).delete_prefix()  # the dataset is whole: what a restart would need is not
     return result
 
 

@@ -5,12 +5,16 @@ and only its record (key, language, split, where its line is) stays in memory fo
 the seeded split, which read the records as a conversation build reads its rows. So memory grows by
 a record per kept document (and, with filters.nearDuplicateThreshold, its MinHash bands), not by its
 text: benchmarks/text_build_memory.py. Language detection and the MinHash signatures, most of the
-time a document takes, run in a process a CPU (pieces.py); the outcome is the same with one."""
+time a document takes, run in a process a CPU (pieces.py); the outcome is the same with one.
+The stream goes through the filters SEGMENT documents at a time, and what was decided about each
+segment is saved with the run (Segments), so that a build stopped midway goes on where it was."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import itertools
 import json
 import tempfile
 from collections import Counter
@@ -21,7 +25,7 @@ from ..cpus import available
 from ..data import SPLITS, jsonl_line
 from ..progress import Progress
 from ..store import Store
-from .dedupe import dedupe
+from .dedupe import Duplicates, digest
 from .filters import AnswerFilter
 from .languages import detect
 from .pieces import Workers
@@ -29,6 +33,10 @@ from .sources import Drops, collect
 from .splits import row_key, sample_per_language, split_rows, write_split
 
 READ_FIGURE_EVERY = 1000  # documents between progress figures while reading
+# Documents read between saved states (Segments): at most what a restarted build classifies and signs
+# again (~1 minute's work on 8 CPUs, ~4 on 2); each save drains the workers' pipeline once.
+SEGMENT = 200_000
+STATE = "corpus"  # the run's folder of saved segments
 # Beyond this many workers the build's own process is the bottleneck (reading, exact keys, band
 # lookups, the spill: ~20% of a document's time); each worker holds ~150 MB (the language model).
 MAX_WORKERS = 8
@@ -56,24 +64,48 @@ class Spill:
         return self.row(record)["text"]
 
 
-def write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress) -> dict[str, Any]:
-    """The splits of the sources' documents written to data: {rows: per split, rowsPerLanguage, digest}."""
+def write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress, state: Store) -> dict[str, Any]:
+    """The splits of the sources' documents written to data: {rows: per split, rowsPerLanguage, digest}.
+    What was decided about the documents read so far is saved in `state` every SEGMENT documents
+    (Segments): a build restarted after its pod was stopped reads those again but classifies and signs
+    none of them, and ends with the dataset an uninterrupted build writes."""
+    try:
+        written = _write(task, data, drops, progress, Segments(state))
+    except StartOver as exc:
+        progress.stage(f"starting over: {exc}")
+        state.delete_prefix()
+        drops.counts.clear()
+        drops.examples.clear()
+        written = _write(task, data, drops, progress, Segments(state))
+    return written
+
+
+def _write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress, segments: "Segments") -> dict[str, Any]:
     import pyarrow as pa  # noqa: PLC0415
 
     spec = task["spec"]
     filters = spec.get("filters") or {}
-    progress.stage("reading documents", unit="documents")
     schema = pa.schema([("text", pa.string()), ("language", pa.string())])
     with (_workers() as workers, tempfile.TemporaryDirectory() as tmp,
           (Path(tmp) / "documents.jsonl").open("w+b") as file):
-        documents = collect(spec["sources"], drops, task["inputs"].get("configMaps"), documents=True)
-        documents = _within_bounds(documents, filters, drops)
-        if spec.get("languageDetection") is not None:
-            documents = detect(documents, spec["languageDetection"], spec.get("samplesPerLanguage"), drops, workers)
-        threshold = filters.get("nearDuplicateThreshold") or None  # 0: exact duplicates only
-        documents = dedupe(documents, threshold, drops, "document", workers)
         spill = Spill(file)
-        records = list(_counted(map(spill.add, documents), progress))
+        duplicates = Duplicates(filters.get("nearDuplicateThreshold") or None, log=True)  # 0: exact duplicates only
+        read = Numbered(collect(spec["sources"], drops, task["inputs"].get("configMaps"), documents=True))
+        records = segments.restore(read, spill, duplicates, drops, progress)
+        progress.stage("reading documents", unit="documents")
+        while not read.ended:
+            kept: list[tuple[int, str]] = []
+            before = read.count
+            documents = _within_bounds(read.next(SEGMENT), filters, drops)
+            if spec.get("languageDetection") is not None:
+                documents = detect(documents, spec["languageDetection"], spec.get("samplesPerLanguage"), drops, workers)
+            for document in duplicates.unique(documents, drops, "document", workers):
+                records.append(spill.add(document))
+                kept.append((document["n"], document["language"]))
+                if len(records) % READ_FIGURE_EVERY == 0:
+                    progress.update(len(records), figure=f"{len(records)} documents kept")
+            if read.count > before:
+                segments.save(read.count, kept, duplicates, drops)
         records = sample_per_language(records, spec.get("samplesPerLanguage"), spec["split"]["seed"], drops,
                                       shown=spill.text)
         progress.stage("writing splits")
@@ -82,6 +114,96 @@ def write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress) -
                 for name in SPLITS}
     return {"rows": rows, "rowsPerLanguage": dict(Counter(r["language"] for r in records)),
             "digest": "sha256:" + digest.hexdigest()}
+
+
+class Numbered:
+    """The sources' documents, each numbered ("n") in the order read, taken SEGMENT at a time."""
+
+    def __init__(self, documents: Iterator[dict[str, Any]]):
+        self.documents, self.count, self.ended = documents, 0, False
+
+    def next(self, limit: int) -> Iterator[dict[str, Any]]:
+        """Up to `limit` more documents (fewer: the sources are read to their end)."""
+        for _ in range(limit):
+            document = next(self.documents, None)
+            if document is None:
+                self.ended = True
+                return
+            document["n"] = self.count
+            self.count += 1
+            yield document
+
+
+class StartOver(Exception):
+    """The saved segments do not describe the sources as they are now (a source changed since, or a
+    segment is missing): the build starts over."""
+
+
+class Segments:
+    """What a text build decided about each SEGMENT documents it read, saved once they all went
+    through the filters (one object a segment, written at once, so a segment is saved whole or not at
+    all): how many documents were read in all, which were kept and in which language, what the
+    duplicate filter remembers of them (Duplicates.log), and the drops so far. Not their text: the
+    sources hold it, and a restarted build reads it there again."""
+
+    def __init__(self, store: Store):
+        self.store, self.saved = store, 0
+
+    def save(self, read: int, kept: list[tuple[int, str]], duplicates: Duplicates, drops: Drops) -> None:
+        import numpy as np  # noqa: PLC0415
+
+        log, duplicates.log[:] = list(duplicates.log), []
+        bands = [b for _, b, k in log if k and b is not None]
+        arrays = {"kept": np.array([n for n, _ in kept], dtype=np.int64),
+                  "languages": np.array([lang for _, lang in kept], dtype=str),
+                  # 16-byte digests as rows of bytes (numpy's S16 would drop a digest's trailing zero bytes)
+                  "kept_keys": np.frombuffer(b"".join(key for key, _, k in log if k), np.uint8).reshape(-1, 16),
+                  "other_keys": np.frombuffer(b"".join(key for key, _, k in log if not k), np.uint8).reshape(-1, 16),
+                  "bands": np.array(bands, dtype=np.uint64)}
+        meta = {"read": read, "drops": {"counts": dict(drops.counts), "examples": drops.examples}}
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
+        self.store.write_bytes(f"segment-{self.saved:06d}.npz", buffer.getvalue())
+        self.saved += 1
+
+    def restore(self, read: Numbered, spill: Spill, duplicates: Duplicates, drops: Drops,
+                progress: Progress) -> list[dict[str, Any]]:
+        """The records of the documents kept by the segments saved before, spilled again as they are
+        read again (restoring what the duplicate filter remembered of them and the drops); none
+        before the first attempt. StartOver when the sources now hold other documents there."""
+        import numpy as np  # noqa: PLC0415
+
+        names = [name for name in self.store.list() if name.startswith("segment-")]
+        records: list[dict[str, Any]] = []
+        for index, name in enumerate(names):
+            if name != f"segment-{index:06d}.npz":
+                raise StartOver(f"{self.store.uri}/{name} is not segment {index}: a segment is missing")
+            with np.load(io.BytesIO(self.store.read_bytes(name))) as segment:
+                meta = json.loads(segment["meta"].item())
+                if index == 0:
+                    progress.stage("reading again the documents read before a restart", unit="documents")
+                for key in segment["other_keys"]:
+                    duplicates.remember(key.tobytes())
+                kept = iter(zip(segment["kept"].tolist(), segment["languages"].tolist(), segment["kept_keys"],
+                                segment["bands"] if len(segment["bands"]) else itertools.repeat(None)))
+                wanted = next(kept, None)
+                for document in read.next(meta["read"] - read.count):
+                    if wanted is not None and wanted[0] == document["n"]:
+                        _, language, key, bands = wanted
+                        if digest(document["turns"][0]) != key.tobytes():
+                            raise StartOver(f"the sources changed since the last attempt: document {document['n']} "
+                                        "is not the one it kept")
+                        records.append(spill.add({**document, "language": language}))
+                        duplicates.remember(key.tobytes(), bands)
+                        wanted = next(kept, None)
+                if wanted is not None or read.count < meta["read"]:
+                    raise StartOver(f"the sources changed since the last attempt: they hold fewer than the "
+                                    f"{meta['read']} documents it read")
+            progress.update(read.count, figure=f"{len(records)} documents kept")
+            self.saved = index + 1
+        if names:
+            drops.counts, drops.examples = Counter(meta["drops"]["counts"]), meta["drops"]["examples"]
+        return records
 
 
 def _workers() -> contextlib.AbstractContextManager[Workers | None]:
@@ -102,10 +224,3 @@ def _within_bounds(documents: Iterable[dict], filters: dict[str, Any], drops: Dr
             drops.add(reason, text)
         else:
             yield document
-
-
-def _counted(records: Iterable[dict], progress: Progress) -> Iterator[dict]:
-    for n, record in enumerate(records, 1):
-        if n % READ_FIGURE_EVERY == 0:
-            progress.update(n, figure=f"{n} documents kept")
-        yield record

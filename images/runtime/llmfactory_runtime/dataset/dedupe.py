@@ -4,6 +4,7 @@ opening prompt; the first one kept."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from typing import Any, Iterable, Iterator
@@ -35,49 +36,83 @@ def dedupe(prompts: Iterable[dict[str, Any]], threshold: float | None, drops: Dr
            workers: Workers | None = None) -> Iterator[dict[str, Any]]:
     """The prompts (or, unit "document", a text build's documents) but the duplicates, as they come,
     counted in drops as duplicate_<unit> and near_duplicate_<unit>; signatures computed by the workers'
-    processes, when given. What it remembers of each prompt kept is a digest (and with a threshold,
-    its MinHash bands), not its text: a corpus larger than memory goes through."""
-    seen: set[bytes] = set()
+    processes, when given."""
+    return Duplicates(threshold).unique(prompts, drops, unit, workers)
 
-    def unique(piece: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        kept = []
+
+class Duplicates:
+    """What the duplicate filter remembers of the prompts it let through: a digest of each (exact
+    duplicates), and with a threshold its MinHash bands (near ones), not its text: a corpus larger than
+    memory goes through. `log` (a text build's) lists, in order, each remembered prompt's digest, its
+    bands and whether it was kept, for remember() to restore in a later process."""
+
+    def __init__(self, threshold: float | None, log: bool = False):
+        self.seen: set[bytes] = set()
+        self.bands = Bands(threshold) if threshold is not None else None
+        self.log: list[tuple[bytes, Any, bool]] | None = [] if log else None
+
+    def unique(self, prompts: Iterable[dict[str, Any]], drops: Drops, unit: str,
+               workers: Workers | None = None) -> Iterator[dict[str, Any]]:
+        if self.bands is None:
+            for piece in chunks(prompts, BULK):
+                for p, key in self._new(piece, drops, unit):
+                    self._logged(key, None, True)
+                    yield p
+            return
+        for piece, hashes in computed(map(lambda piece: list(self._new(piece, drops, unit)), chunks(prompts, BULK)),
+                                      functools.partial(signed, self.bands.ranges), lambda p: p[0]["turns"][0], workers):
+            for (p, key), bands in zip(piece, hashes):
+                seen = self.bands.seen_else_keep(bands.tolist())
+                self._logged(key, bands, not seen)
+                if seen:
+                    drops.add(f"near_duplicate_{unit}", p["turns"][0])
+                else:
+                    yield p
+
+    def _new(self, piece: list[dict[str, Any]], drops: Drops, unit: str) -> Iterator[tuple[dict[str, Any], bytes]]:
+        """The piece's prompts not seen before, each with its digest."""
         for p in piece:
             # conversations are told apart by their opening prompt, and unique
             # first prompts mean no prompt can land in two splits
-            key = hashlib.blake2b(_normal(p["turns"][0]).encode(), digest_size=16).digest()
-            if key in seen:
+            key = digest(p["turns"][0])
+            if key in self.seen:
                 drops.add(f"duplicate_{unit}", p["turns"][0])
                 continue
-            seen.add(key)
-            kept.append(p)
-        return kept
+            self.seen.add(key)
+            yield p, key
 
-    if threshold is None:
-        for piece in chunks(prompts, BULK):
-            yield from unique(piece)
-        return
-    bands = Bands(threshold)
-    for piece, signatures in computed(map(unique, chunks(prompts, BULK)), signed, lambda p: p["turns"][0], workers):
-        for p, signature in zip(piece, signatures):
-            if bands.seen_else_keep(signature):
-                drops.add(f"near_duplicate_{unit}", p["turns"][0])
-            else:
-                yield p
+    def _logged(self, key: bytes, bands: Any, kept: bool) -> None:
+        if self.log is not None:
+            self.log.append((key, bands, kept))
+
+    def remember(self, key: bytes, bands: Any = None) -> None:
+        """A prompt let through in an earlier process: its digest and, for a kept one, its bands."""
+        self.seen.add(key)
+        if bands is not None:
+            self.bands.keep(bands.tolist())
 
 
-def signed(texts: list[str]) -> list[Any]:
-    """The texts' MinHash signatures (their hash values, as arrays). In bulk: the permutations are
-    drawn once for all, not once a text (4x faster)."""
+def digest(text: str) -> bytes:
+    """A prompt's identity for the exact duplicate filter: its text, case and whitespace folded."""
+    return hashlib.blake2b(_normal(text).encode(), digest_size=16).digest()
+
+
+def signed(ranges: list[tuple[int, int]], texts: list[str]) -> Any:
+    """The texts' MinHash signatures, as a 64-bit digest of each band (ranges) of each: an array, a
+    row a text. In bulk: the permutations are drawn once for all, not once a text (4x faster). A
+    digest, not Python's hash(): a later process (a resumed build) finds the same."""
+    import numpy as np  # noqa: PLC0415
     from datasketch import MinHash  # noqa: PLC0415
 
-    return [m.hashvalues for m in MinHash.bulk([[s.encode() for s in shingles(t)] for t in texts],
-                                               num_perm=NUM_PERM, seed=1)]
+    signatures = MinHash.bulk([[s.encode() for s in shingles(t)] for t in texts], num_perm=NUM_PERM, seed=1)
+    return np.array([[int.from_bytes(hashlib.blake2b(m.hashvalues[start:end].tobytes(), digest_size=8).digest(), "little")
+                      for start, end in ranges] for m in signatures], dtype=np.uint64).reshape(len(texts), len(ranges))
 
 
 class Bands:
     """MinHash LSH reduced to what dedupe asks of it: whether a signature shares a band with one kept
     before (what datasketch's MinHashLSH.query answers: candidates, unverified), with its bands and
-    rows for the threshold. A kept signature's bands are remembered as 64-bit hashes: ~0.6 KB a
+    rows for the threshold. A kept signature's bands are remembered as 64-bit digests: ~0.6 KB a
     document, where MinHashLSH keeps each band's bytes and the key twice (~2.9 KB)."""
 
     def __init__(self, threshold: float):
@@ -86,12 +121,14 @@ class Bands:
         self.ranges = MinHashLSH(threshold=threshold, num_perm=NUM_PERM).hashranges
         self.tables: list[set[int]] = [set() for _ in self.ranges]
 
-    def seen_else_keep(self, signature) -> bool:
-        """Whether a kept signature (hash values) shares a band with this one; if none does, this one is
+    def seen_else_keep(self, hashes: list[int]) -> bool:
+        """Whether a kept signature shares a band (its digest) with this one; if none does, this one is
         kept."""
-        hashes = [hash(signature[start:end].tobytes()) for start, end in self.ranges]
         if any(h in table for h, table in zip(hashes, self.tables)):
             return True
+        self.keep(hashes)
+        return False
+
+    def keep(self, hashes: list[int]) -> None:
         for h, table in zip(hashes, self.tables):
             table.add(h)
-        return False

@@ -49,8 +49,8 @@ def computed(pieces: Iterable[list[Any]], fn: Callable[[list[Any]], list[Any]], 
     """(piece, fn([read(item) for item in piece])) for each piece, in order: the first here, the others
     by the workers, two pieces a worker in flight (fn picklable: a module's function), or here without."""
     pieces = iter(pieces)
-    # The first piece here: a stream of one piece starts no process.
-    for piece in pieces if workers is None else itertools.islice(pieces, 1):
+    # The first piece here: a stream of one piece starts no process (once started, they take it too).
+    for piece in pieces if workers is None else itertools.islice(pieces, 0 if workers.pool else 1):
         yield piece, fn([read(item) for item in piece])
     if workers is None:
         return
