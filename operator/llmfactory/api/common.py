@@ -235,8 +235,9 @@ class RunOptions(ApiModel):
                                                 "kueue.x-k8s.io/queue-name label, and Kueue admits it.")
     suspend: bool = Field(
         False, description="Pause the run: its Job is suspended, so its pods stop (a FineTune saves a checkpoint "
-                           "first, a DatasetBuild or Benchmark keeps the answers it has, a Quantization the types "
-                           "it finished) and none starts until "
+                           "first, a DatasetBuild or Benchmark keeps the answers it has (a text DatasetBuild, what "
+                           "it decided of each 200,000 documents read), a Quantization the types it finished) and "
+                           "none starts until "
                            "this is false again; the run then resumes where it stopped. A resource created "
                            "suspended starts nothing. With queueName, Kueue owns the Job's suspend, so its "
                            "Workload is deactivated instead (spec.active: false) and gives its quota back.")
