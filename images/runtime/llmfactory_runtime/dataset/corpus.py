@@ -27,7 +27,7 @@ from ..progress import Progress
 from ..store import Store
 from .dedupe import Duplicates, digest
 from .filters import AnswerFilter
-from .languages import detect
+from .languages import detect, release
 from .pieces import Workers
 from .sources import Drops, collect
 from .splits import row_key, sample_per_language, split_rows, write_split
@@ -98,7 +98,8 @@ def _write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress, 
             before = read.count
             documents = _within_bounds(read.next(SEGMENT), filters, drops)
             if spec.get("languageDetection") is not None:
-                documents = detect(documents, spec["languageDetection"], spec.get("samplesPerLanguage"), drops, workers)
+                documents = detect(documents, spec["languageDetection"], spec.get("samplesPerLanguage"), drops, workers,
+                                   hold=True)
             for document in duplicates.unique(documents, drops, "document", workers):
                 records.append(spill.add(document))
                 kept.append((document["n"], document["language"]))
@@ -106,6 +107,7 @@ def _write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress, 
                     progress.update(len(records), figure=f"{len(records)} documents kept")
             if read.count > before:
                 segments.save(read.count, kept, duplicates, drops)
+        release()
         records = sample_per_language(records, spec.get("samplesPerLanguage"), spec["split"]["seed"], drops,
                                       shown=spill.text)
         progress.stage("writing splits")

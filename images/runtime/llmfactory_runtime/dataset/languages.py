@@ -41,9 +41,10 @@ def classified(candidates: tuple[str, ...], texts: list[str]) -> list[tuple[str,
 
 
 def detect(prompts: Iterable[dict[str, Any]], spec: dict[str, Any], wanted: dict[str, int] | None,
-           drops: Drops, workers: Workers | None = None) -> Iterator[dict[str, Any]]:
+           drops: Drops, workers: Workers | None = None, hold: bool = False) -> Iterator[dict[str, Any]]:
     """Prompts with their detected language, as they come (classified by the workers' processes,
-    when given); those detected with too little confidence dropped."""
+    when given); those detected with too little confidence dropped. The model (~50 MB) is let go
+    when they end, unless `hold` (a text build's next segment reads with it; release() then)."""
     candidates = tuple(spec.get("candidates") or sorted(wanted or {}))
     _identifier(candidates)  # unknown candidates are refused before any prompt is read
     try:
@@ -55,4 +56,10 @@ def detect(prompts: Iterable[dict[str, Any]], spec: dict[str, Any], wanted: dict
                     continue
                 yield {**p, "language": lang, "languageConfidence": round(confidence, 3)}
     finally:
-        _identifier.cache_clear()  # the model (~50 MB) is not held through the stages after this one
+        if not hold:
+            release()
+
+
+def release() -> None:
+    """This process's language model let go: not held through the stages after detection."""
+    _identifier.cache_clear()
