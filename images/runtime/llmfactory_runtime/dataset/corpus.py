@@ -25,7 +25,7 @@ from ..cpus import available
 from ..data import SPLITS, jsonl_line
 from ..progress import Progress
 from ..store import Store
-from .dedupe import Duplicates, digest
+from .dedupe import Duplicates, digest as duplicate_key
 from .filters import AnswerFilter
 from .languages import detect, release
 from .pieces import Workers
@@ -192,7 +192,7 @@ class Segments:
                 for document in read.next(meta["read"] - read.count):
                     if wanted is not None and wanted[0] == document["n"]:
                         _, language, key, bands = wanted
-                        if digest(document["turns"][0]) != key.tobytes():
+                        if duplicate_key(document["turns"][0]) != key.tobytes():
                             raise StartOver(f"the sources changed since the last attempt: document {document['n']} "
                                         "is not the one it kept")
                         records.append(spill.add({**document, "language": language}))
