@@ -126,7 +126,14 @@ def test_a_text_build_stopped_anywhere_resumes_from_its_saved_segments_to_the_sa
         monkeypatch.setattr(corpus.Spill, "add", add)
         saved = saved_segments(f"stopped-{trial}") * corpus.SEGMENT
         classified.clear()
+        stages = []
+        stage = Progress.stage
+        monkeypatch.setattr(Progress, "stage", lambda self, name, **k: stages.append((name, k.get("total"))) or
+                            stage(self, name, **k))
         resumed, run = build_in(f"stopped-{trial}")
+        monkeypatch.setattr(Progress, "stage", stage)
+        # What `kubectl get` shows meanwhile: how many documents it reads again, out of how many.
+        assert (("reading again the documents read before a restart", saved) in stages) == (saved > 0)
         assert resumed == whole, f"stopped at the {stop_at}th document kept"
         # Classified again: only the documents read after the last saved segment (within the length bounds).
         assert len(classified) == sum(1 for t in texts[saved:] if len(t) >= 20), stop_at

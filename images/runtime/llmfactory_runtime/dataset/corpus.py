@@ -165,7 +165,8 @@ class Segments:
         meta = {"read": read, "drops": {"counts": dict(drops.counts), "examples": drops.examples}}
         buffer = io.BytesIO()
         np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
-        self.store.write_bytes(f"segment-{self.saved:06d}.npz", buffer.getvalue())
+        # named by the documents read in all too: a restart knows how many it reads again before it does
+        self.store.write_bytes(f"segment-{self.saved:06d}-{read:012d}.npz", buffer.getvalue())
         self.saved += 1
 
     def restore(self, read: Numbered, spill: Spill, duplicates: Duplicates, drops: Drops,
@@ -177,13 +178,14 @@ class Segments:
 
         names = [name for name in self.store.list() if name.startswith("segment-")]
         records: list[dict[str, Any]] = []
+        if names:
+            progress.stage("reading again the documents read before a restart", unit="documents",
+                           total=int(names[-1].removesuffix(".npz").rsplit("-", 1)[1]))
         for index, name in enumerate(names):
-            if name != f"segment-{index:06d}.npz":
+            if not name.startswith(f"segment-{index:06d}-"):
                 raise StartOver(f"{self.store.uri}/{name} is not segment {index}: a segment is missing")
             with np.load(io.BytesIO(self.store.read_bytes(name))) as segment:
                 meta = json.loads(segment["meta"].item())
-                if index == 0:
-                    progress.stage("reading again the documents read before a restart", unit="documents")
                 for key in segment["other_keys"]:
                     duplicates.remember(key.tobytes())
                 kept = iter(zip(segment["kept"].tolist(), segment["languages"].tolist(), segment["kept_keys"],
@@ -198,10 +200,11 @@ class Segments:
                         records.append(spill.add({**document, "language": language}))
                         duplicates.remember(key.tobytes(), bands)
                         wanted = next(kept, None)
+                    if document["n"] % READ_FIGURE_EVERY == 0:
+                        progress.update(document["n"], figure=f"{len(records)} documents kept")
                 if wanted is not None or read.count < meta["read"]:
                     raise StartOver(f"the sources changed since the last attempt: they hold fewer than the "
                                     f"{meta['read']} documents it read")
-            progress.update(read.count, figure=f"{len(records)} documents kept")
             self.saved = index + 1
         if names:
             drops.counts, drops.examples = Counter(meta["drops"]["counts"]), meta["drops"]["examples"]
