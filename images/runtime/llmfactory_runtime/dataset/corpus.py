@@ -178,9 +178,9 @@ class Segments:
 
         names = [name for name in self.store.list() if name.startswith("segment-")]
         records: list[dict[str, Any]] = []
+        total = int(names[-1].removesuffix(".npz").rsplit("-", 1)[1]) if names else 0
         if names:
-            progress.stage("reading again the documents read before a restart", unit="documents",
-                           total=int(names[-1].removesuffix(".npz").rsplit("-", 1)[1]))
+            progress.stage("reading again the documents read before a restart", unit="documents", total=total)
         for index, name in enumerate(names):
             if not name.startswith(f"segment-{index:06d}-"):
                 raise StartOver(f"{self.store.uri}/{name} is not segment {index}: a segment is missing")
@@ -201,7 +201,8 @@ class Segments:
                         duplicates.remember(key.tobytes(), bands)
                         wanted = next(kept, None)
                     if document["n"] % READ_FIGURE_EVERY == 0:
-                        progress.update(document["n"], figure=f"{len(records)} documents kept")
+                        progress.update(document["n"], figure=f"{document['n']} of {total} documents read again, "
+                                                              f"{len(records)} kept")
                 if wanted is not None or read.count < meta["read"]:
                     raise StartOver(f"the sources changed since the last attempt: they hold fewer than the "
                                     f"{meta['read']} documents it read")
