@@ -154,7 +154,7 @@ class Segments:
     def save(self, read: int, kept: list[tuple[int, str]], duplicates: Duplicates, drops: Drops) -> None:
         import numpy as np  # noqa: PLC0415
 
-        log, duplicates.log[:] = list(duplicates.log), []
+        log = duplicates.drain_log()
         bands = [b for _, b, k in log if k and b is not None]
         arrays = {"kept": np.array([n for n, _ in kept], dtype=np.int64),
                   "languages": np.array([lang for _, lang in kept], dtype=str),
@@ -194,11 +194,12 @@ class Segments:
                 for document in read.next(meta["read"] - read.count):
                     if wanted is not None and wanted[0] == document["n"]:
                         _, language, key, bands = wanted
-                        if duplicate_key(document["turns"][0]) != key.tobytes():
+                        key = key.tobytes()
+                        if duplicate_key(document["turns"][0]) != key:
                             raise StartOver(f"the sources changed since the last attempt: document {document['n']} "
                                         "is not the one it kept")
                         records.append(spill.add({**document, "language": language}))
-                        duplicates.remember(key.tobytes(), bands)
+                        duplicates.remember(key, bands)
                         wanted = next(kept, None)
                     if document["n"] % READ_FIGURE_EVERY == 0:
                         progress.update(document["n"], figure=f"{document['n']} of {total} documents read again, "

@@ -59,8 +59,9 @@ class Duplicates:
                     self._logged(key, None, True)
                     yield p
             return
-        for piece, hashes in computed(map(lambda piece: list(self._new(piece, drops, unit)), chunks(prompts, BULK)),
-                                      functools.partial(signed, self.bands.ranges), lambda p: p[0]["turns"][0], workers):
+        pieces = (list(self._new(piece, drops, unit)) for piece in chunks(prompts, BULK))
+        for piece, hashes in computed(pieces, functools.partial(signed, self.bands.ranges), lambda p: p[0]["turns"][0],
+                                      workers):
             for (p, key), bands in zip(piece, hashes):
                 seen = self.bands.seen_else_keep(bands.tolist())
                 self._logged(key, bands, not seen)
@@ -84,6 +85,11 @@ class Duplicates:
     def _logged(self, key: bytes, bands: Any, kept: bool) -> None:
         if self.log is not None:
             self.log.append((key, bands, kept))
+
+    def drain_log(self) -> list[tuple[bytes, Any, bool]]:
+        """The log so far, which starts again empty."""
+        log, self.log = self.log, []
+        return log
 
     def remember(self, key: bytes, bands: Any = None) -> None:
         """A prompt let through in an earlier process: its digest and, for a kept one, its bands."""
