@@ -266,6 +266,7 @@ def test_8_bit_adam_trains_a_full_fine_tune_as_adamw_does_with_a_quarter_of_its_
     assert result["finalLoss"] < result["firstLoss"] - 0.5
     assert result["finalLoss"] == pytest.approx(adamw["finalLoss"], abs=0.1)
     run = open_store(task["artifactUri"])
+    run.delete_prefix(f"checkpoints/step-{result['steps']}")  # killed before the end: from the last periodic one
     saved = checkpoint.latest(run, ONE)
     state = run.read_bytes(f"checkpoints/step-{saved}/optimizer.pt")
     assert len(state) < 3 * result["estimate"]["trainableParams"]  # AdamW's: over 8 bytes a parameter
@@ -539,24 +540,31 @@ def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupte
     assert len(steps) <= 2  # keepLast
 
 
-def test_an_adapter_run_stopped_after_its_last_step_resumes_there_without_training_again(tiny_model, dataset,
-                                                                                          tmp_path, uninterrupted):
+@pytest.mark.parametrize("finished", ["uninterrupted", "one_process_full"])
+def test_a_run_stopped_after_its_last_step_resumes_there_without_training_again(finished, tmp_path, request):
     """A pod killed while it evaluates, merges and uploads (all done, no result committed yet): the
-    next attempt starts at the checkpoint of the last step, not at the last periodic one (every 3)."""
-    shutil.copytree(uninterrupted["artifactUri"][7:], tmp_path / "store" / "run")
-    task = {**uninterrupted, "artifactUri": f"file://{tmp_path}/store/run"}
+    next attempt starts at the checkpoint of the last step, not at the last periodic one (every 3 for
+    the adapter; the full fine-tune's every 100 is more than its steps), and saves the same weights.
+    That last checkpoint holds no optimizer state: nothing steps after it."""
+    done = request.getfixturevalue(finished)
+    shutil.copytree(done["artifactUri"][7:], tmp_path / "store" / "run")
+    task = {**done, "artifactUri": f"file://{tmp_path}/store/run"}
     run = open_store(task["artifactUri"])
     steps = run.read_json("result.json")["steps"]
-    assert steps % 3 and run.is_committed(f"checkpoints/step-{steps}")
+    assert steps % task["spec"]["checkpointing"]["everySteps"] and run.is_committed(f"checkpoints/step-{steps}")
+    assert not any(k.endswith("optimizer.pt") for k in run.list(f"checkpoints/step-{steps}"))
+    saved = "adapter" if task["spec"]["method"] != "full" else "model"
     for key in ("result.json", "COMMITTED"):
         run.delete(key)
-    run.delete_prefix("adapter")
+    run.delete_prefix(saved)
     _ok(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["resumedFromStep"] == result["steps"] == steps
-    expected, got = _adapter(uninterrupted), _adapter(task)
-    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
-    assert loss_curve(task) == pytest.approx(loss_curve(uninterrupted), abs=1e-6)
+    weights = {"adapter": "adapter/adapter_model.safetensors", "model": "model/model.safetensors"}[saved]
+    expected, got = (load_file(Path(t["artifactUri"][7:]) / weights) for t in (done, task))
+    assert expected.keys() == got.keys() and all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+    assert result["evalLoss"] == pytest.approx(_result(done)["evalLoss"], abs=1e-5)
+    assert loss_curve(task) == pytest.approx(loss_curve(done), abs=1e-6)
 
 
 def test_target_modules_are_checked_on_the_models_skeleton_before_any_weight_is_read(tiny_model, tmp_path):

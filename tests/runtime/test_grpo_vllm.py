@@ -51,6 +51,10 @@ def _greedy_as_the_training_model(sampler: VllmSampler, model, tokenizer, prompt
     return got
 
 
+@pytest.mark.extended(reason=(
+    "a vLLM start of its own (a minute on 2 cores); test_a_grpo_run_sampling_with_vllm_trains_and_a_resumed_run_"
+    "samples_what_it_sampled checks the adapter's sync through a run: vLLM's numbers stay the training model's as "
+    "the adapter moves, and the same generator state samples the same answers"))
 def test_vllm_samples_with_the_adapter_as_each_step_left_it_and_as_the_training_model_would(base, cpu_vllm):
     """Greedy answers from vLLM after each sync equal the training model's own (transformers), with
     the end-of-turn token where one ended; new adapter weights (an optimizer step) change them. With

@@ -713,8 +713,8 @@ class Checkpointing(ApiModel):
     """Training state saved to the artifact store, so a preempted or killed run resumes where it was."""
 
     every_steps: int = Field(100, ge=1, description=(
-        "Save every this many optimizer steps (and on SIGTERM; with lora and qlora after the last step too, so "
-        "a pod stopped while it merges and uploads resumes there)."))
+        "Save every this many optimizer steps (and on SIGTERM, and after the last step, so a pod stopped while it "
+        "evaluates, merges and uploads resumes there; without DeepSpeed that last one holds no optimizer state)."))
     keep_last: int = Field(2, ge=1, le=100, description="Committed checkpoints kept; older ones are deleted.")
 
 

@@ -248,7 +248,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 load_trainable_state(inner, trained)
                 if master:
                     master.load(trained)
-                if not weights_only:
+                if not weights_only and step < total_steps:  # the last step's holds none (save_checkpoint)
                     optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=False))
                     scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=False))
             if weights_only:
@@ -292,8 +292,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 engine.save_checkpoint(str(local / "deepspeed"), tag="state")
             elif world.main:
                 save_file(master.state() if master else trainable_state(inner), local / "trainable.safetensors")
-                torch.save(optimizer.state_dict(), local / "optimizer.pt")
-                torch.save(scheduler.state_dict(), local / "scheduler.pt")
+                if step < total_steps:  # nothing steps after the last: no optimizer state (most of a full fine-tune's)
+                    torch.save(optimizer.state_dict(), local / "optimizer.pt")
+                    torch.save(scheduler.state_dict(), local / "scheduler.pt")
             if world.main:
                 (local / "state.json").write_text(json.dumps(state.to_json(step, scaler.state_dict())))
                 if referenced:
@@ -428,10 +429,9 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         if not interrupted:  # else the checkpoint first: the grace period is short
             evaluate_on_the_way(step)
         new_best = select_best and evaluation.best_step(state.evals) == step  # its weights may be the ones to output
-        # After the last step too where it is cheap (an adapter's): a pod stopped while it evaluates,
-        # merges and uploads resumes there, not at the last periodic checkpoint.
-        last = step == total_steps and spec["method"] != "full"
-        if interrupted or new_best or last or (step % ckpt["everySteps"] == 0 and step < total_steps):
+        # After the last step too (as HF Trainer does): a pod stopped while it evaluates, merges and
+        # uploads resumes there, not at the last periodic checkpoint, up to everySteps steps before.
+        if interrupted or new_best or step == total_steps or step % ckpt["everySteps"] == 0:
             save_checkpoint(step)
         if interrupted:
             raise Interrupted(f"SIGTERM at step {step}: checkpoint saved, the next attempt resumes there")
