@@ -149,13 +149,16 @@ def test_a_grpo_fine_tunes_quantization_passes_its_prompts_on_without_measuring_
     store = open_store(task["artifactUri"])
     result = quantize.run(task, store, Progress(store))
     assert "perplexity" not in result["artifacts"][0] and result["referencePerplexity"] is None and result["passed"]
+    assert result["measuredRows"] is None
     assert (result["datasetUri"], result["datasetFormat"]) == (fine_tune["datasetUri"], "graded")
     assert result["datasetReferenceFields"] == ["reference"]  # passed on, for a Benchmark's reward grader
 
 
-def test_a_validation_bound_without_test_rows_is_refused_before_any_conversion(tiny_model, tmp_path):
+def test_a_validation_bound_without_test_rows_is_refused_before_any_conversion_and_measures_on_validation_if_told(
+        tiny_model, tmp_path):
     """A FineTune whose dataset has no test split: maxPerplexityIncreasePercent has nothing to measure
-    on, so the run fails naming the field and the splits there are, rather than passing unchecked."""
+    on, so the run fails naming the field, the splits there are and spec.validation.split, rather than
+    passing unchecked; with split validation it measures each type on the validation rows."""
     from llmfactory.planner import parse, plan
     from llmfactory_runtime.data import dumps_jsonl
     from llmfactory_runtime.progress import Progress
@@ -163,8 +166,10 @@ def test_a_validation_bound_without_test_rows_is_refused_before_any_conversion(t
     from llmfactory_runtime.store import open_store
 
     (tmp_path / "rows").mkdir()
-    (tmp_path / "rows" / "train.jsonl").write_bytes(dumps_jsonl([{"messages": [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]))
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in (("Hi", "Hello."), ("What is two and two?", "Four."), ("Name a colour.", "Blue."))]
+    (tmp_path / "rows" / "train.jsonl").write_bytes(dumps_jsonl(rows[:1]))
+    (tmp_path / "rows" / "validation.jsonl").write_bytes(dumps_jsonl(rows[1:]))
     fine_tune = {"modelUri": f"file://{tiny_model}", "digest": "sha256:m", "baseModel": {"uri": f"file://{tiny_model}"},
                  "datasetUri": f"file://{tmp_path / 'rows'}", "datasetFormat": "chatml", "datasetDigest": "sha256:d"}
     doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Quantization", "metadata": {"name": "tiny"},
@@ -173,9 +178,18 @@ def test_a_validation_bound_without_test_rows_is_refused_before_any_conversion(t
     task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
     store = open_store(task["artifactUri"])
     with pytest.raises(InvalidTask, match=r"^spec.validation.maxPerplexityIncreasePercent: file://.*/rows has no test "
-                                          r"rows \(no test.jsonl there, only train.jsonl\), to measure on$"):
+                                          r"rows \(no test.jsonl there, only train.jsonl, validation.jsonl\), to "
+                                          r"measure on \(spec.validation.split validation measures on its validation "
+                                          r"split\)$"):
         quantize.run(task, store, Progress(store))
     assert store.list("gguf") == []
+
+    doc["spec"]["validation"]["split"] = "validation"
+    task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
+    store = open_store(task["artifactUri"])
+    result = quantize.run(task, store, Progress(store))
+    assert result["passed"] and result["measuredRows"] == 2 and result["referencePerplexity"] > 1
+    assert abs(result["artifacts"][0]["perplexityIncreasePercent"]) < 5
 
 
 def test_an_artifact_outside_the_validation_bounds_fails_the_quantization_saying_by_how_much(tiny_model, tmp_path):

@@ -31,13 +31,16 @@ class QuantizationInput(ApiModel):
 
 
 class Validation(ApiModel):
+    split: Literal["test", "validation"] = Field("test", description=(
+        "Which held-out split of the FineTune's dataset each type is measured on: validation for a dataset "
+        "built without a test split (the FineTune evaluated on it, it did not learn it)."))
     max_perplexity_increase_percent: float | None = Field(
         None, ge=0, description="Fail when a type's perplexity exceeds the unquantized model's by more than this "
-                                "(percent). Needs test rows in the FineTune's dataset.")
+                                "(percent). Needs rows in that split.")
     min_top_token_agreement_percent: float | None = Field(
         None, ge=0, le=100, description="Fail when a type's most likely next token matches the unquantized "
                                         "model's at fewer than this share of held-out assistant positions.")
-    max_samples: int = Field(32, ge=1, description="Held-out conversations to measure perplexity on.")
+    max_samples: int = Field(32, ge=1, description="Conversations of that split to measure on (its first ones).")
 
 
 class QuantizationSpec(RunOptions):
@@ -69,7 +72,7 @@ class QuantizationSpec(RunOptions):
         256, ge=1, le=100000, description="Train-split conversations the importance matrix, gptq and awq "
                                           "calibrate on (each cut at 2048 tokens).")
     validation: Validation = Field(default_factory=Validation,
-                                   description="Perplexity check on the FineTune's test split.")
+                                   description="Perplexity check on a held-out split of the FineTune's dataset.")
     benchmark_ref: LocalObjectReference | None = Field(
         None, description="Convert only once this Benchmark has succeeded, i.e. passed its gates (one whose "
                           "gates fail never succeeds: the Quantization keeps waiting). A gate, not an input: "
@@ -119,6 +122,9 @@ class LlamaCppCheck(ApiModel):
 class QuantizationResult(ApiModel):
     artifacts: list[QuantizedArtifact] = Field(description="One per requested type.")
     reference_perplexity: float | None = Field(None, description="Perplexity of the unquantized model.")
+    measured_rows: int | None = Field(None, description=(
+        "Conversations of spec.validation.split each type was measured on. Absent: none was measured (a model "
+        "given by URI, a GRPO FineTune's prompts, or a dataset without rows in that split and no bounds set)."))
     passed: bool = Field(description="Every artifact within validation bounds (none has failures).")
     dataset_uri: str | None = Field(None, description="Held-out data of the source model, passed on to a Benchmark.")
     dataset_format: str | None = Field(None, description="Row format of that data.")

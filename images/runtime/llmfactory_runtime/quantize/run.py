@@ -220,12 +220,15 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
         if spec.get("importanceMatrix"):
             llama_cpp.tool("llama-imatrix")
     dataset = inputs.get("dataset")  # a GRPO FineTune's prompts (format graded) have no answers to measure on
-    rows = (read_split(dataset["uri"], "test", validation["maxSamples"])
+    split = validation["split"]
+    rows = (read_split(dataset["uri"], split, validation["maxSamples"])
             if dataset and dataset["format"] != "graded" else [])
     bounded = [f for f in ("maxPerplexityIncreasePercent", "minTopTokenAgreementPercent")
                if validation.get(f) is not None]
-    if bounded and not rows:  # the planner saw a dataset; its test split decides, else nothing would be checked
-        raise InvalidTask(f"spec.validation.{bounded[0]}: {no_rows(dataset['uri'], 'test')}, to measure on")
+    if bounded and not rows:  # the planner saw a dataset; its split decides, else nothing would be checked
+        other = "validation" if split == "test" else "test"
+        raise InvalidTask(f"spec.validation.{bounded[0]}: {no_rows(dataset['uri'], split)}, to measure on "
+                          f"(spec.validation.split {other} measures on its {other} split)")
     prompt = _chat_prompt(rows)
     progress.stage("measuring the unquantized model" if rows else "converting", total=len(types), unit="types")
     # Each step is saved in the run as it finishes, so a restarted pod (a preempted node) measures the
@@ -248,6 +251,7 @@ def run(task: dict[str, Any], run: Store, progress: Progress) -> dict[str, Any]:
     return {
         "artifacts": artifacts,
         "referencePerplexity": round(reference["perplexity"], 4) if reference else None,
+        "measuredRows": len(rows) or None,
         "passed": not any(art.get("failures") for art in artifacts),
         "datasetUri": dataset["uri"] if dataset else None,
         "datasetFormat": dataset["format"] if dataset else None,
