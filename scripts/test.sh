@@ -20,7 +20,8 @@ log=$(mktemp)
 BESIDE=(tests/operator tests/runtime/test_benchmark.py tests/runtime/test_dataset_build.py
         tests/runtime/test_preference.py tests/runtime/test_reward_model.py tests/runtime/test_compressed.py
         tests/runtime/test_grpo.py tests/runtime/test_chat.py tests/runtime/test_text_rows.py
-        tests/runtime/test_tool_calls.py tests/runtime/test_token_files.py $(ls tests/unit/test_*.py | grep -v test_store.py))
+        tests/runtime/test_tool_calls.py tests/runtime/test_token_files.py tests/runtime/test_multiprocess_finetune.py
+        $(ls tests/unit/test_*.py | grep -v test_store.py))
 OMP_NUM_THREADS=1 "$bin/pytest" "${BESIDE[@]}" --durations=10 "$@" > "$log" 2>&1 &
 beside=$!
 "$bin/pytest" "${BESIDE[@]/#/--ignore=}" --durations=15 "$@"

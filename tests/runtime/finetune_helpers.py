@@ -77,6 +77,11 @@ def run_finetune(task_path: Path, processes: int = 1, timeout: float = 300) -> s
     return subprocess.run(runtime_command(task_path, processes), capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def succeeded(proc: subprocess.CompletedProcess) -> None:
+    """The runtime process exited 0 (else its stderr's end, to see why)."""
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def loss_curve(task: dict[str, Any]) -> list[float]:
     """The run's training loss at each step, from its metrics/loss.csv."""
     rows = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]

@@ -36,7 +36,7 @@ from llmfactory_runtime.finetune.train import lr_lambda
 from llmfactory_runtime.store import finished_result, open_store
 
 from finetune_helpers import (OWN_SPEC, PAIRS, SMOLLM2, conversations, cut_and_left_out, finetune_task, loss_curve,
-                              run_finetune, runtime_command, write_dataset, write_task)
+                              run_finetune, runtime_command, succeeded, write_dataset, write_task)
 
 NO_DROPOUT = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
 
@@ -44,9 +44,6 @@ NO_DROPOUT = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear
 def _result(task: dict) -> dict:
     return open_store(task["artifactUri"]).read_json("result.json")
 
-
-def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 # --- packing and masking, checked by hand ---------------------------------------------------------
@@ -93,7 +90,7 @@ def test_max_steps_trains_that_many_steps_over_as_many_epochs_as_they_take_on_it
     hp = {"epochs": 1, "maxSteps": per_epoch + 3, "warmupSteps": 2, "lrScheduler": "cosine",
           "minLearningRateRatio": 0.1, "gradientAccumulation": 2}
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/steps", lora=NO_DROPOUT, hyperparameters=hp)
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     assert _result(task)["steps"] == per_epoch + 3
     rows = [r.split(",") for r in open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]]
     assert [int(r[1]) for r in rows] == [0] * per_epoch + [1] * 3
@@ -188,7 +185,7 @@ def test_lora_run_learns_and_leaves_adapter_model_card_loss_curve_and_tracker_ru
         "evalEverySteps": 4, "lrScheduler": "cosine"}, tracking={
         "tensorboard": True, "wandb": {"project": "llmfactory-test", "mode": "offline"},
         "mlflow": {"trackingUri": f"file://{mlruns}", "experiment": "tests"}})
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"] - 0.3
     assert result["evalLoss"] is not None and result["steps"] == len((Path(result["lossCurveUri"][7:]) / "loss.csv").read_text().splitlines()) - 1
@@ -237,7 +234,7 @@ def one_process_full(tiny_model, dataset, tmp_path_factory) -> dict:
     """A full fine-tune in one process (run once): checked on its own, and reproduced by ZeRO-3."""
     folder = tmp_path_factory.mktemp("one-process-full")
     task = finetune_task(tiny_model, dataset, f"file://{folder}/store", method="full", hyperparameters=FULL)
-    _ok(run_finetune(write_task(task, folder)))
+    succeeded(run_finetune(write_task(task, folder)))
     return task
 
 
@@ -261,7 +258,7 @@ def test_8_bit_adam_trains_a_full_fine_tune_as_adamw_does_with_a_quarter_of_its_
     and a run killed after a checkpoint resumes from its 8-bit moments to the same weights."""
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="full",
                          hyperparameters={**FULL, "optimizer": "adamw8bit"}, checkpointing={"everySteps": 5})
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result, adamw = _result(task), _result(one_process_full)
     assert result["finalLoss"] < result["firstLoss"] - 0.5
     assert result["finalLoss"] == pytest.approx(adamw["finalLoss"], abs=0.1)
@@ -274,7 +271,7 @@ def test_8_bit_adam_trains_a_full_fine_tune_as_adamw_does_with_a_quarter_of_its_
     weights = AutoModelForCausalLM.from_pretrained(result["modelUri"][7:]).state_dict()
     run.delete("COMMITTED")
     run.delete("result.json")
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     assert _result(task)["resumedFromStep"] == saved and _result(task)["steps"] == result["steps"] > saved
     resumed = AutoModelForCausalLM.from_pretrained(_result(task)["modelUri"][7:]).state_dict()
     assert all(torch.equal(resumed[k], weights[k]) for k in weights)
@@ -296,7 +293,7 @@ def test_16_bit_full_fine_tunes_step_fp32_master_weights_and_move_as_fp32_does(t
                                       checkpointing={"everySteps": 4}) for precision in ("fp32", "bf16", "fp16")}
     with ThreadPoolExecutor(3) as pool:  # independent runs side by side
         for done in [pool.submit(run_finetune, write_task(task, tmp_path)) for task in tasks.values()]:
-            _ok(done.result())
+            succeeded(done.result())
     runs = {precision: (task, AutoModelForCausalLM.from_pretrained(_result(task)["modelUri"][7:],
                                                                    dtype=torch.float32).state_dict())
             for precision, task in tasks.items()}
@@ -323,7 +320,7 @@ def test_16_bit_full_fine_tunes_step_fp32_master_weights_and_move_as_fp32_does(t
     run = open_store(task["artifactUri"])
     run.delete("COMMITTED")
     run.delete("result.json")
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     assert _result(task)["resumedFromStep"] == 4 and _result(task)["steps"] == steps > 4
     resumed = AutoModelForCausalLM.from_pretrained(_result(task)["modelUri"][7:], dtype=torch.float32).state_dict()
     assert all(torch.equal(resumed[k], weights[k]) for k in weights)
@@ -343,7 +340,7 @@ def test_16_bit_lora_steps_fp32_master_weights_and_moves_as_fp32_does(tiny_model
              for precision in ("fp32", "bf16", "fp16")}
     with ThreadPoolExecutor(3) as pool:
         for done in [pool.submit(run_finetune, write_task(task, tmp_path)) for task in tasks.values()]:
-            _ok(done.result())
+            succeeded(done.result())
 
     def adapter(task: dict) -> dict[str, torch.Tensor]:
         return load_file(Path(_result(task)["adapterUri"][7:], "adapter_model.safetensors"))
@@ -371,7 +368,7 @@ def test_16_bit_lora_steps_fp32_master_weights_and_moves_as_fp32_does(tiny_model
     run = open_store(task["artifactUri"])
     run.delete("COMMITTED")
     run.delete("result.json")
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     assert _result(task)["resumedFromStep"] == 4
     assert all(torch.equal(adapter(task)[k], weights[k]) for k in weights)
 
@@ -382,7 +379,7 @@ def one_process(tiny_model, dataset, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("one-process")
     one = finetune_task(tiny_model, dataset, f"file://{folder}/one", lora=NO_DROPOUT,
                         hyperparameters={"gradientAccumulation": 2})
-    _ok(run_finetune(write_task(one, folder)))
+    succeeded(run_finetune(write_task(one, folder)))
     return one
 
 
@@ -418,7 +415,7 @@ def test_lora_plus_steps_the_b_matrices_at_its_ratio_of_the_learning_rate(tiny_m
     steps the B matrices at 16 times the A matrices' rate."""
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/plus", lora={**NO_DROPOUT, "loraPlusRatio": 16},
                          hyperparameters={"gradientAccumulation": 2}, checkpointing={"everySteps": 4})
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     plus, plain = _adapter(task), _adapter(one_process)
 
     def norm(weights: dict[str, torch.Tensor], matrix: str) -> float:
@@ -506,7 +503,7 @@ def uninterrupted(tiny_model, dataset, tmp_path_factory) -> dict:
     """The run the killed and resumed ones must end as (run once for every trial)."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     reference = finetune_task(tiny_model, dataset, f"file://{folder}/reference", **KILLED_SPEC)
-    _ok(run_finetune(write_task(reference, folder)))
+    succeeded(run_finetune(write_task(reference, folder)))
     return reference
 
 
@@ -528,7 +525,7 @@ def test_killed_at_random_moments_and_resumed_from_s3_ends_with_the_uninterrupte
         proc.kill()  # SIGKILL: no chance to save; resume from the last committed checkpoint
         proc.wait()
         assert open_store(task["artifactUri"]).read_json_or_none("result.json") is None
-    _ok(run_finetune(path))
+    succeeded(run_finetune(path))
 
     result, expected, got = _result(task), _adapter(uninterrupted), _adapter(task)
     assert result["resumedFromStep"] is not None and result["resumedFromStep"] % 3 == 0
@@ -557,7 +554,7 @@ def test_a_run_stopped_after_its_last_step_resumes_there_without_training_again(
     for key in ("result.json", "COMMITTED"):
         run.delete(key)
     run.delete_prefix(saved)
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["resumedFromStep"] == result["steps"] == steps
     weights = {"adapter": "adapter/adapter_model.safetensors", "model": "model/model.safetensors"}[saved]
@@ -611,7 +608,7 @@ def test_early_stopping_ends_training_and_saves_the_best_evaluations_weights(tin
     task = finetune_task(tiny_model, f"file://{data}", f"file://{tmp_path}/store", lora=NO_DROPOUT,
                          checkpointing={"everySteps": 1, "keepLast": 1}, hyperparameters={
                              "epochs": 8, "learningRate": 0.03, "evalEverySteps": 1, "earlyStopping": {"patience": 3}})
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     curve = [line.split(",") for line in open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode()
              .splitlines()[1:]]
@@ -651,7 +648,7 @@ def test_sigterm_saves_a_checkpoint_at_once_and_the_next_attempt_resumes_there(t
     step = int(saved.split("/")[0][5:])
     progress = run.read_json("progress.json")
     assert progress["state"] == "Interrupted" and "SIGTERM at step" in progress["message"]
-    _ok(run_finetune(path))
+    succeeded(run_finetune(path))
     assert _result(task)["resumedFromStep"] == step
     # The tracker files are whole: the first attempt's came back with the checkpoint.
     tracking = Path(task["artifactUri"][7:]) / "tracking"
@@ -698,7 +695,7 @@ def test_deepspeed_zero2_with_cpu_offload_on_two_processes_matches_one_process_a
     proc.send_signal(signal.SIGTERM)  # to torchrun (a pod's PID 1), which passes it on to its workers
     assert proc.wait(timeout=120) == 3  # the runtime's code, not torchrun's 1
     assert checkpoint.latest(open_store(ds["artifactUri"]), ONE) is not None
-    _ok(run_finetune(path, processes=2))
+    succeeded(run_finetune(path, processes=2))
     assert _result(ds)["resumedFromStep"] is not None
     config = open_store(ds["artifactUri"]).read_json("deepspeed.json")
     assert config["zero_optimization"]["stage"] == 2 and config["train_micro_batch_size_per_gpu"] == 2
@@ -776,7 +773,7 @@ def test_qlora_trains_a_4bit_base_on_cpu_and_its_adapter_reloads(tiny_model, dat
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", method="qlora", lora=NO_DROPOUT,
                          hyperparameters={"learningRate": 0.005})
     assert task["spec"]["qlora"] == {"quantType": "nf4", "doubleQuantization": True, "dequantizeOnce": "never"}
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"] - 0.3
     assert result["dequantizedOnce"] is False  # the default keeps the weights 4-bit
@@ -790,7 +787,7 @@ def test_qlora_trains_a_4bit_base_on_cpu_and_its_adapter_reloads(tiny_model, dat
     # Dequantized once, the same 4-bit-rounded weights: the same run, step for step.
     once = finetune_task(tiny_model, dataset, f"file://{tmp_path}/once", method="qlora", lora=NO_DROPOUT,
                          qlora={"dequantizeOnce": "always"}, hyperparameters={"learningRate": 0.005})
-    _ok(run_finetune(write_task(once, tmp_path)))
+    succeeded(run_finetune(write_task(once, tmp_path)))
     assert _result(once)["dequantizedOnce"] is True
     assert loss_curve(once) == pytest.approx(loss_curve(task), abs=1e-5)
     expected, got = _adapter(task), _adapter(once)
@@ -801,7 +798,7 @@ def test_dora_with_rank_stabilized_scaling_trains_magnitudes_and_merges_into_the
         tiny_model, dataset, tmp_path):
     task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store",
                          lora={**NO_DROPOUT, "dora": True, "rsLora": True})
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"] - 0.3
     from peft import PeftModel
@@ -1004,7 +1001,7 @@ def test_qlora_on_smollm2_learns_and_its_adapter_reloads_on_the_pretrained_base(
     task = finetune_task(SMOLLM2, dataset, f"file://{tmp_path}/store", method="qlora", mergeAdapter=False,
                          lora={"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]},
                          hyperparameters={"epochs": 1, "batchSize": 4, "maxSeqLength": 96, "learningRate": 0.002})
-    _ok(run_finetune(write_task(task, tmp_path), timeout=600))
+    succeeded(run_finetune(write_task(task, tmp_path), timeout=600))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"] and "modelUri" not in result
     from peft import PeftModel
@@ -1021,7 +1018,7 @@ def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_mo
     zero3 = finetune_task(tiny_model, dataset, f"file://{tmp_path}/zero3", method="full", resources={"gpusPerNode": 2},
                           hyperparameters={**FULL, "gradientAccumulation": 1},
                           distribution={"strategy": "deepspeed", "zeroStage": 3})
-    _ok(run_finetune(write_task(zero3, tmp_path), processes=2))
+    succeeded(run_finetune(write_task(zero3, tmp_path), processes=2))
     assert loss_curve(zero3) == pytest.approx(loss_curve(one), abs=1e-4)
     expected = AutoModelForCausalLM.from_pretrained(_result(one)["modelUri"][7:]).state_dict()
     gathered = AutoModelForCausalLM.from_pretrained(_result(zero3)["modelUri"][7:]).state_dict()
@@ -1100,7 +1097,7 @@ def test_a_base_model_without_a_chat_template_learns_chatml_markers_as_tokens_an
     data = _short_answers(tmp_path / "data")
     task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", method="qlora", lora=NO_DROPOUT,
                          mergeAdapter=True, hyperparameters={"epochs": 3})
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
 
     adapter = Path(result["adapterUri"][7:])
@@ -1213,7 +1210,7 @@ def test_a_base_whose_end_of_turn_was_never_trained_learns_to_end_its_turn_on_it
     data = _short_answers(tmp_path / "data")
     task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", lora=NO_DROPOUT,
                          hyperparameters={"epochs": 3})
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert {k: v.shape for k, v in _adapter(task).items() if "lora" not in k} == {
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (3, 64),
@@ -1257,7 +1254,7 @@ def test_a_template_that_refuses_the_data_is_named_and_chat_template_llama3_rend
             "must alternate") in open_store(refused["artifactUri"]).read_json("progress.json")["message"]
 
     task = finetune_task(base, f"file://{data}", f"file://{tmp_path}/store", chatTemplate="llama3", lora=NO_DROPOUT)
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["finalLoss"] < result["firstLoss"]
     saved = AutoTokenizer.from_pretrained(result["adapterUri"][7:])  # what a Benchmark or Quantization renders with
@@ -1273,7 +1270,7 @@ def test_a_template_that_refuses_the_data_is_named_and_chat_template_llama3_rend
 
     # Or a template of one's own (Phi-3's markers), saved with the model as Llama 3's is.
     own = finetune_task(base, f"file://{data}", f"file://{tmp_path}/own", lora=NO_DROPOUT, mergeAdapter=False, **OWN_SPEC)
-    _ok(run_finetune(write_task(own, tmp_path)))
+    succeeded(run_finetune(write_task(own, tmp_path)))
     saved = AutoTokenizer.from_pretrained(_result(own)["adapterUri"][7:])
     assert saved.apply_chat_template([{"role": "system", "content": "Be brief."}], tokenize=False) == \
         "<|system|>\nBe brief.<|end|>\n"

@@ -20,7 +20,7 @@ from llmfactory_runtime.preference import (answer_logps, collate_pairs, dpo_term
                                            kto_agrees, kto_terms, pair_logps, token_counts)
 from llmfactory_runtime.store import open_store
 
-from finetune_helpers import PAIRS, finetune_task, loss_curve, run_finetune, write_task
+from finetune_helpers import PAIRS, finetune_task, loss_curve, run_finetune, succeeded, write_task
 
 REFUSAL = "I cannot answer that."
 
@@ -38,9 +38,6 @@ def _dataset(folder: Path) -> str:
     return f"file://{folder}"
 
 
-def _ok(proc) -> None:
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
 
 def _resumed_from_step_4_ends_with_the_same_weights(run, task_path: Path, result: dict) -> None:
     """As if the run had been killed after its checkpoint at step 4 (later checkpoints and the result
@@ -50,7 +47,7 @@ def _resumed_from_step_4_ends_with_the_same_weights(run, task_path: Path, result
     for key in run.list("checkpoints"):
         if not key.startswith("step-4/"):
             run.delete(f"checkpoints/{key}")
-    _ok(run_finetune(task_path))
+    succeeded(run_finetune(task_path))
     result = run.read_json("result.json")
     assert result["resumedFromStep"] == 4
     resumed = load_file(Path(result["adapterUri"][7:]) / "adapter_model.safetensors")
@@ -166,7 +163,7 @@ def test_dpo_learns_to_prefer_the_chosen_answers_and_a_resumed_run_keeps_its_ref
                          dpo={"beta": 0.2}, checkpointing={"everySteps": 4, "keepLast": 20},
                          hyperparameters={"epochs": 3, "learningRate": 0.02})
     path = write_task(task, tmp_path)
-    _ok(run_finetune(path))
+    succeeded(run_finetune(path))
     run = open_store(task["artifactUri"])
     result = run.read_json("result.json")
     assert loss_curve(task)[0] == pytest.approx(math.log(2), abs=1e-5)
@@ -192,7 +189,7 @@ def test_orpo_trains_without_a_reference_and_reports_its_own_margin(tiny_model, 
     task = finetune_task(tiny_model, _dataset(tmp_path / "data"), f"file://{tmp_path}/store", objective="dpo",
                          dpo={"loss": "orpo", "beta": 0.2}, checkpointing={"everySteps": 4, "keepLast": 20},
                          hyperparameters={"epochs": 3, "learningRate": 0.02})
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     run = open_store(task["artifactUri"])
     result = run.read_json("result.json")
     saved = run.list("checkpoints")
@@ -273,7 +270,7 @@ def test_kto_learns_from_unpaired_labels_and_a_resumed_run_keeps_its_reference(t
                          hyperparameters={"epochs": 2, "learningRate": 0.02})
     assert task["spec"]["kto"] == {"beta": 0.5, "desirableWeight": 1.0, "undesirableWeight": 1.0}
     path = write_task(task, tmp_path)
-    _ok(run_finetune(path))
+    succeeded(run_finetune(path))
     run = open_store(task["artifactUri"])
     result = run.read_json("result.json")
     assert loss_curve(task)[0] == pytest.approx(0.5, abs=1e-6)
@@ -325,7 +322,7 @@ def two_processes_and_one(model, tmp_path: Path, strategy: str, data: str, **spe
                            hyperparameters={**hp, "gradientAccumulation": 3 - processes}, **spec)
              for processes in (1, 2)]
     for processes, task in zip((1, 2), tasks):
-        _ok(run_finetune(write_task(task, tmp_path), processes=processes))
+        succeeded(run_finetune(write_task(task, tmp_path), processes=processes))
     curves = [loss_curve(task) for task in tasks]
     assert len(curves[0]) == len(curves[1]) > 3
     assert max(abs(a - b) for a, b in zip(*curves)) < 1e-4

@@ -21,9 +21,8 @@ from llmfactory_runtime.progress import Progress
 from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
 
-from finetune_helpers import finetune_task, loss_curve, run_finetune, write_task
-from test_preference import (_ok, _resumed_from_step_4_ends_with_the_same_weights, _rows,
-                             two_processes_and_one)
+from finetune_helpers import finetune_task, loss_curve, run_finetune, succeeded, write_task
+from test_preference import _resumed_from_step_4_ends_with_the_same_weights, _rows, two_processes_and_one
 
 
 def test_the_reward_loss_by_hand():
@@ -71,7 +70,7 @@ def test_a_trained_reward_model_ranks_the_chosen_answers_first_where_the_grader_
     grader loads it, gives the margin and validation loss the run reported (padding in training did
     not move where a conversation is read); and the adapter loads as peft's sequence classifier."""
     task = _task(tiny_model, tmp_path)
-    _ok(run_finetune(write_task(task, tmp_path)))
+    succeeded(run_finetune(write_task(task, tmp_path)))
     result = open_store(task["artifactUri"]).read_json("result.json")
     assert result["objective"] == "reward" and result["datasetFormat"] == "preference"
     assert result["rewardAccuracy"] == 1.0 and result["evalLoss"] < 0.3 < result["firstLoss"]
@@ -192,7 +191,7 @@ def _task(tiny_model, tmp_path: Path, **spec) -> dict:
 def test_a_resumed_reward_model_run_ends_with_the_uninterrupted_weights(tiny_model, tmp_path):
     task = _task(tiny_model, tmp_path, checkpointing={"everySteps": 4, "keepLast": 20})
     path = write_task(task, tmp_path)
-    _ok(run_finetune(path))
+    succeeded(run_finetune(path))
     run = open_store(task["artifactUri"])
     _resumed_from_step_4_ends_with_the_same_weights(run, path, run.read_json("result.json"))
 

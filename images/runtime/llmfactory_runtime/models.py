@@ -230,13 +230,27 @@ class LazyModel:
             torch.cuda.empty_cache()
 
 
+def save_pretrained_here(model, folder: Path) -> None:
+    """model.save_pretrained into `folder`, whichever process calls it: while a process group is up,
+    transformers writes a model's weights on rank 0 alone (should_save_on_this_rank), so another rank's
+    folder would hold its config and no weights. (peft writes an adapter on every rank.)"""
+    own = torch.distributed.is_initialized() and hasattr(model, "should_save_on_this_rank")
+    if own:
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if own:
+            del model.should_save_on_this_rank
+
+
 def _save_gguf_cache(model, tokenizer, path: Path) -> None:
     # A GGUF-loaded model refuses save_pretrained while it still names its quantizer.
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
+    save_pretrained_here(model, tmp)  # each process of a run its own, the first whole one kept
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").touch()
     try:

@@ -27,6 +27,7 @@ import httpx
 import torch
 
 from ..generate import stop_token_ids
+from ..models import save_pretrained_here
 from ..task import InvalidTask
 from ..vllm_server import SERVED_NAME, VllmServer, adapter_problem, base_of, choose_engine
 from .estimate import Estimate, gpu_memory_utilization
@@ -83,7 +84,7 @@ class VllmSampler:
         (loaded beside the one before, which is then unloaded), or a full fine-tune's weights."""
         began = time.perf_counter()
         folder = Path(self.server.workdir, f"policy-{step}")
-        model.save_pretrained(folder)
+        save_pretrained_here(model, folder)  # each process serves its own vLLM from its own folder
         if self.server.reloads_weights:
             self.server.reload_weights(folder)
             name = SERVED_NAME
