@@ -118,8 +118,10 @@ def test_quickstart_pipeline_on_a_tiny_model_with_artifacts_in_s3(tiny_model, tm
     assert "unchanged" in again.stdout
 
     # A changed FineTune runs again, not the dataset it reads (that its dependents' digests follow
-    # its own is the planner's, tested there; they are left out of this run to save two phases).
-    manifests[1]["spec"]["hyperparameters"]["epochs"] = 4
+    # its own is the planner's, tested there; they are left out of this run to save two phases). The
+    # change: one process and one epoch, the cheapest run.
+    manifests[1]["spec"]["hyperparameters"]["epochs"] = 1
+    manifests[1]["spec"]["resources"] = {"gpusPerNode": 1}
     changed = llmfactory(tmp_path, manifests[:2], store, env=seaweedfs)
     assert changed.returncode == 0, changed.stdout
     lines = {line.split()[1]: line for line in changed.stdout.splitlines() if line.startswith("│ ")}

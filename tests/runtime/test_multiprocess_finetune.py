@@ -33,8 +33,8 @@ def test_an_adapter_under_deepspeed_checkpoints_its_trained_weights_not_the_froz
     from tiny_model import make_tiny_qwen2
 
     tiny_model = make_tiny_qwen2(tmp_path / "base")
-    task = finetune_task(tiny_model, write_dataset(tmp_path / "data"), f"file://{tmp_path}/store", lora=ADAPTER,
-                         resources={"gpusPerNode": 2}, distribution={"strategy": "deepspeed", "zeroStage": 2},
+    task = finetune_task(tiny_model, write_dataset(tmp_path / "data", train=24), f"file://{tmp_path}/store",
+                         lora=ADAPTER, resources={"gpusPerNode": 2}, distribution={"strategy": "deepspeed", "zeroStage": 2},
                          hyperparameters={"epochs": 1}, checkpointing={"everySteps": 2, "keepLast": 10})
     path, run, folder = write_task(task, tmp_path), open_store(task["artifactUri"]), Path(task["artifactUri"][7:])
     succeeded(run_finetune(path, processes=2))
