@@ -29,7 +29,8 @@ def test_an_adapter_under_deepspeed_checkpoints_its_trained_weights_not_the_froz
     """LoRA under ZeRO-2 on two processes: a checkpoint holds the adapter's weights and their optimizer
     state, not the frozen base (which DeepSpeed saves whole at every checkpoint unless told; told, it
     still keeps an output head tied to the embeddings, as this Qwen2's); a run resumed from one ends with
-    the uninterrupted run's adapter and loss curve."""
+    the uninterrupted run's adapter and loss curve. The last step's holds no optimizer state (nothing
+    steps after it), and a run stopped after it resumes there to the same adapter."""
     from tiny_model import make_tiny_qwen2
 
     tiny_model = make_tiny_qwen2(tmp_path / "base")
@@ -47,15 +48,24 @@ def test_an_adapter_under_deepspeed_checkpoints_its_trained_weights_not_the_froz
     checkpoint_bytes = sum(f.stat().st_size for f in (folder / "checkpoints/step-2").rglob("*") if f.is_file())
     assert checkpoint_bytes < (tiny_model / "model.safetensors").stat().st_size / 2
 
-    for key in ("result.json", "COMMITTED"):
-        run.delete(key)
+    optimizer_shards = {step: sorted(p.name for p in (folder / f"checkpoints/step-{step}").rglob("*optim_states.pt"))
+                        for step in (2, steps)}
+    assert optimizer_shards == {2: [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], steps: []}
+
+    def resumed_from(step: int) -> None:
+        for key in ("result.json", "COMMITTED"):
+            run.delete(key)
+        run.delete_prefix("adapter")
+        succeeded(run_finetune(path, processes=2))
+        assert run.read_json("result.json")["resumedFromStep"] == step
+        assert loss_curve(task) == pytest.approx(curve, abs=1e-6)
+        resumed = load_file(folder / "adapter" / "adapter_model.safetensors")
+        assert all(torch.allclose(resumed[k], adapter[k], atol=1e-6) for k in adapter)
+
+    resumed_from(steps)
     for later in range(3, steps + 1):
         shutil.rmtree(folder / f"checkpoints/step-{later}", ignore_errors=True)
-    succeeded(run_finetune(path, processes=2))
-    assert run.read_json("result.json")["resumedFromStep"] == 2
-    assert loss_curve(task) == pytest.approx(curve, abs=1e-6)
-    resumed = load_file(folder / "adapter" / "adapter_model.safetensors")
-    assert all(torch.allclose(resumed[k], adapter[k], atol=1e-6) for k in adapter)
+    resumed_from(2)
 
 
 def _load_in_turn(rank: int, rendezvous: str, source: dict, cache: str) -> None:

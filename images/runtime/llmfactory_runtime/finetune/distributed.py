@@ -93,8 +93,19 @@ def init() -> World:
     return World(rank=rank, size=size, local_rank=local_rank, device=device)
 
 
+def group_of_one(world: World) -> None:
+    """A process group of this process alone, and the launcher's variables that DeepSpeed asks for, where
+    no launcher set them (a one-GPU pod runs the runtime without torchrun): without them, DeepSpeed looks
+    for MPI to find its peers, then refuses to start."""
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(name, value)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+
+
 def shutdown(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -218,6 +218,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     if deepspeed_on:
         import deepspeed  # noqa: PLC0415 - only in images that train with it
 
+        distributed.group_of_one(world)
         config = distributed.deepspeed_config(dist_spec, hp, dtype, world.device.type == "cuda")
         if world.main:
             run.write_json("deepspeed.json", config)  # what ran, for whoever debugs it
@@ -241,9 +242,13 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         nonlocal state, reference
         with tempfile.TemporaryDirectory(prefix="llmfactory-resume-") as tmp:
             local = checkpoint.download(run, step, Path(tmp), world)
-            if deepspeed_on:  # collective; its optimizer state too, which no longer matters at the end
+            if deepspeed_on:  # collective
                 # An adapter's checkpoint lacks the frozen base (save_checkpoint): loaded at the start already.
-                engine.load_checkpoint(str(local / "deepspeed"), tag="state", load_module_strict=spec["method"] == "full")
+                # Under ZeRO 2 the module states hold the weights whole: the optimizer's shards are read only
+                # to train on (the last step's checkpoint has none); under ZeRO 3 they hold the weights.
+                moments = zero3 or not (weights_only or step == total_steps)
+                engine.load_checkpoint(str(local / "deepspeed"), tag="state", load_module_strict=spec["method"] == "full",
+                                       load_optimizer_states=moments)
             else:
                 trained = load_file(local / "trainable.safetensors")
                 load_trainable_state(inner, trained)
@@ -294,6 +299,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
                 # the whole frozen base (16 GB of an 8B's bf16; SmolLM2: 617 MB, not 78: RESULTS.md).
                 engine.save_checkpoint(str(local / "deepspeed"), tag="state", exclude_frozen_parameters=True)
                 checkpoint.drop_frozen_weights(local / "deepspeed", inner)
+                if step == total_steps and not zero3:  # nothing steps after the last (ZeRO 3's hold its weights)
+                    checkpoint.drop_optimizer_shards(local / "deepspeed")
             elif world.main:
                 save_file(master.state() if master else trainable_state(inner), local / "trainable.safetensors")
                 if step < total_steps:  # nothing steps after the last: no optimizer state (most of a full fine-tune's)
