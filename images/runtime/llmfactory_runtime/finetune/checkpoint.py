@@ -125,12 +125,13 @@ def drop_frozen_weights(deepspeed_dir: Path, model: torch.nn.Module) -> None:
     head tied to the embeddings stays (113 MB of SmolLM2's fp32, 790 MB of Llama-3.2-3B's bf16 per
     checkpoint, beside an adapter of a few MB). The base they come from is loaded at every start."""
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    if not frozen:  # a full fine-tune: nothing to read again
+    kept = frozen - {name for name, p in model.named_parameters() if not p.requires_grad}
+    if not kept:  # a full fine-tune, or no frozen weight tied to another: nothing to read again
         return
     for path in deepspeed_dir.rglob("*model_states.pt"):
         states = torch.load(path, weights_only=False)
-        if frozen & set(states["module"]):
-            states["module"] = {k: v for k, v in states["module"].items() if k not in frozen}
+        if kept & set(states["module"]):
+            states["module"] = {k: v for k, v in states["module"].items() if k not in kept}
             torch.save(states, path)
 
 
