@@ -83,14 +83,18 @@ def _load_in_turn(rank: int, rendezvous: str, source: dict, cache: str) -> None:
     dist.destroy_process_group()
 
 
+def _gguf_of(model: Path, tmp_path: Path) -> dict:
+    (tmp_path / "gguf").mkdir()
+    export(model, tmp_path / "gguf" / "tiny.gguf", "f32", "tiny")
+    return {"uri": f"file://{tmp_path / 'gguf'}", "ggufFile": "tiny.gguf"}
+
+
 def test_a_gguf_base_loaded_by_two_processes_leaves_a_whole_safetensors_copy_in_the_cache(tiny_model, tmp_path):
     """A base given as a GGUF file is dequantized once and kept as safetensors in the node's cache, each
     process of a run writing its own copy, the first whole one kept. In a process group transformers'
     save_pretrained writes weights on rank 0 alone: another rank's copy (then a tokenizer alone), saved
     first, must not become the cache that every later load on the node reads (a FineTune's merge)."""
-    (tmp_path / "gguf").mkdir()
-    export(tiny_model, tmp_path / "gguf" / "tiny.gguf", "f32", "tiny")
-    source, cache = {"uri": f"file://{tmp_path / 'gguf'}", "ggufFile": "tiny.gguf"}, tmp_path / "cache"
+    source, cache = _gguf_of(tiny_model, tmp_path), tmp_path / "cache"
     torch.multiprocessing.spawn(_load_in_turn, args=(str(tmp_path / "rendezvous"), source, str(cache)), nprocs=2)
     copies = list((cache / "gguf-as-safetensors").iterdir())
     assert len(copies) == 1 and {".complete", "config.json", "model.safetensors", "tokenizer.json"} <= {
@@ -98,6 +102,34 @@ def test_a_gguf_base_loaded_by_two_processes_leaves_a_whole_safetensors_copy_in_
     expected = load_file(tiny_model / "model.safetensors")
     got = load_file(copies[0] / "model.safetensors")
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def _load_for_training(rank: int, rendezvous: str, source: dict, cache: str) -> None:
+    import logging  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+
+    from llmfactory_runtime.finetune.distributed import World  # noqa: PLC0415
+    from llmfactory_runtime.finetune.model_setup import load_for_training  # noqa: PLC0415
+
+    os.environ["LLMFACTORY_CACHE"] = cache
+    logging.basicConfig(level=logging.INFO)  # to stderr, as the runtime's in a pod
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    load_for_training({"method": "full", "hyperparameters": {"gradientCheckpointing": False}}, source,
+                      World(rank, 2, rank, torch.device("cpu")), torch.float32)
+    dist.destroy_process_group()
+
+
+def test_the_processes_of_a_run_on_a_gguf_base_dequantize_it_once_and_read_that_copy(tiny_model, tmp_path, capfd):
+    """The processes of a FineTune on one node, loading a GGUF base to train at once: the first
+    dequantizes it and keeps the safetensors copy in the node's cache, the others read that copy
+    (each dequantizing its own would hold and write an 8B's 16 GB of bf16 per process)."""
+    source, cache = _gguf_of(tiny_model, tmp_path), tmp_path / "cache"
+    torch.multiprocessing.spawn(_load_for_training, args=(str(tmp_path / "rendezvous"), source, str(cache)), nprocs=2)
+    log = capfd.readouterr().err
+    assert log.count("dequantizing the GGUF base tiny.gguf") == 1
+    assert log.count("the GGUF base kept as safetensors in") == 1
+    assert [".tmp-" in p.name for p in (cache / "gguf-as-safetensors").iterdir()] == [False]  # one copy, whole
 
 
 def _save_policies(rank: int, rendezvous: str, model: str, out: str) -> None:

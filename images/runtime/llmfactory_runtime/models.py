@@ -151,6 +151,8 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, c
         model = auto_class.from_pretrained(cached, dtype=dtype, **kwargs)
     else:
         where, gguf, extra = locate(source)
+        if gguf:
+            log.info("dequantizing the GGUF base %s", gguf)
         model = auto_class.from_pretrained(where, gguf_file=gguf, dtype=dtype, **extra, **kwargs)
         if cached:
             _save_gguf_cache(model, AutoTokenizer.from_pretrained(where, gguf_file=gguf), cached)
@@ -255,5 +257,6 @@ def _save_gguf_cache(model, tokenizer, path: Path) -> None:
     (tmp / ".complete").touch()
     try:
         tmp.rename(path)  # atomic: a concurrent reader sees no cache or a whole one
+        log.info("the GGUF base kept as safetensors in %s", path)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)

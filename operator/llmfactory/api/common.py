@@ -70,7 +70,10 @@ class ModelSource(ApiModel):
         description="s3://bucket/prefix/ or file:///path/ of a saved transformers model, or "
                     "package://python_package/path of one shipped in an installed package.")
     gguf_file: str | None = Field(
-        None, description="Load this GGUF file inside the model location instead of safetensors.")
+        None, description=(
+        "Load this GGUF file inside the model location instead of safetensors. It is dequantized once, "
+        "by one of a pod's processes, and kept as safetensors in the cache that later loads read "
+        "(/cache in a pod, ~/.cache/llmfactory on a machine)."))
 
 
 # How a local model generates text (answers of a teacher or of a model under test).

@@ -6,10 +6,11 @@ collective is the identity. gloo on CPU, NCCL on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,6 +78,21 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+@contextlib.contextmanager
+def node_first(world: World, needed: bool = True) -> Iterator[None]:
+    """Collective (`needed` the same on every process): each node's first process (local rank 0) runs
+    the block before the node's others do, so that what it leaves on the node's disk (a GGUF base
+    dequantized into the cache) is there for them to read, not made again by each."""
+    if not needed or world.size == 1:
+        yield
+        return
+    if world.local_rank != 0:
+        world.barrier()
+    yield
+    if world.local_rank == 0:
+        world.barrier()
 
 
 def init() -> World:

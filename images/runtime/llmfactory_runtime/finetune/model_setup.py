@@ -8,9 +8,9 @@ from typing import Any, Sequence
 import torch
 
 from ..chat import marker_ids
-from ..models import load_config, load_model, load_tokenizer, start_rows, untrained_rows
+from ..models import load_config, load_model, load_tokenizer, locate, start_rows, untrained_rows
 from ..task import InvalidTask
-from .distributed import World
+from .distributed import World, node_first
 from .estimate import GIB, Estimate, ModelShape, Plan, as_dequantized, dequantized_does_not_fit, estimate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -96,7 +96,10 @@ def load_for_training(spec: dict[str, Any], base: dict[str, Any], world: World, 
         kwargs["device_map"] = {"": world.device}
     checkpoint_rows = load_config(base).get_text_config().vocab_size
     tokenizer = tokenizer or load_tokenizer(base)
-    model = load_model(base, dtype=dtype, to=world.device, tokenizer=tokenizer, **kwargs)
+    # A GGUF base is dequantized and kept as safetensors in the node's cache by one process, read there by the
+    # others: not dequantized in each (an 8B's 16 GB of bf16 in memory and on disk per process).
+    with node_first(world, locate(base)[1] is not None):
+        model = load_model(base, dtype=dtype, to=world.device, tokenizer=tokenizer, **kwargs)
     # Rows of chat markers the base never trained: the ones added for it (grown by load_model, or in a
     # padded vocabulary's spare rows) and the template's own where they are still zeros (Llama-3.1-8B
     # base's <|eot_id|>; not the padding token's, zero by design: nn.Embedding's padding_idx keeps it
