@@ -1019,15 +1019,33 @@ def test_qlora_on_smollm2_learns_and_its_adapter_reloads_on_the_pretrained_base(
 @pytest.mark.deepspeed("ShareMemCommBuilder")
 def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_model(tiny_model, dataset, tmp_path,
                                                                                    one_process_full):
+    """Two processes under ZeRO-3 follow one process's loss curve to its model. The last step's
+    checkpoint keeps the shards of the fp32 weights but not Adam's moments (nothing steps after it),
+    and a pod stopped after that step resumes there to the same model."""
     one = one_process_full
     zero3 = finetune_task(tiny_model, dataset, f"file://{tmp_path}/zero3", method="full", resources={"gpusPerNode": 2},
-                          hyperparameters={**FULL, "gradientAccumulation": 1},
+                          hyperparameters={**FULL, "gradientAccumulation": 1}, checkpointing={"everySteps": 10},
                           distribution={"strategy": "deepspeed", "zeroStage": 3})
-    succeeded(run_finetune(write_task(zero3, tmp_path), processes=2))
+    path = write_task(zero3, tmp_path)
+    succeeded(run_finetune(path, processes=2))
     assert loss_curve(zero3) == pytest.approx(loss_curve(one), abs=1e-4)
     expected = AutoModelForCausalLM.from_pretrained(_result(one)["modelUri"][7:]).state_dict()
     gathered = AutoModelForCausalLM.from_pretrained(_result(zero3)["modelUri"][7:]).state_dict()
     assert all(torch.allclose(gathered[k], expected[k], atol=1e-4) for k in expected)
+    saved = Path(_result(zero3)["modelUri"][7:]) / "model.safetensors"
+    first = load_file(saved)
+
+    run, steps = open_store(zero3["artifactUri"]), _result(zero3)["steps"]
+    shard_bytes = {int(p.parts[-4][5:]): p.stat().st_size  # step-N/deepspeed/state/<shard>
+                   for p in Path(zero3["artifactUri"][7:], "checkpoints").rglob("zero_pp_rank_0_*optim_states.pt")}
+    assert len(shard_bytes) == 2 and shard_bytes[steps] < 0.4 * shard_bytes[min(shard_bytes)]
+    for key in ("result.json", "COMMITTED"):
+        run.delete(key)
+    run.delete_prefix("model")
+    succeeded(run_finetune(path, processes=2))
+    assert _result(zero3)["resumedFromStep"] == steps
+    resumed = load_file(saved)
+    assert resumed.keys() == first.keys() and all(torch.equal(resumed[k], first[k]) for k in first)
 
 
 @pytest.mark.parametrize("processes,spec,message", [

@@ -714,8 +714,8 @@ class Checkpointing(ApiModel):
 
     every_steps: int = Field(100, ge=1, description=(
         "Save every this many optimizer steps (and on SIGTERM, and after the last step, so a pod stopped while it "
-        "evaluates, merges and uploads resumes there; that last one holds no optimizer state, but under DeepSpeed "
-        "ZeRO 3, whose optimizer shards hold the weights)."))
+        "evaluates, merges and uploads resumes there; that last one holds no optimizer state: under DeepSpeed "
+        "ZeRO 3 its shards keep the fp32 weights, not Adam's moments)."))
     keep_last: int = Field(2, ge=1, le=100, description="Committed checkpoints kept; older ones are deleted.")
 
 
