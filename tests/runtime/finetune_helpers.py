@@ -82,6 +82,14 @@ def succeeded(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def unfinished(run, outputs: str) -> None:
+    """The run's store as a pod stopped after its last step leaves it: its last checkpoint committed, but not
+    its `outputs` (adapter, model) nor its result."""
+    for key in ("result.json", "COMMITTED"):
+        run.delete(key)
+    run.delete_prefix(outputs)
+
+
 def loss_curve(task: dict[str, Any]) -> list[float]:
     """The run's training loss at each step, from its metrics/loss.csv."""
     rows = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]

@@ -36,7 +36,7 @@ from llmfactory_runtime.finetune.train import lr_lambda
 from llmfactory_runtime.store import finished_result, open_store
 
 from finetune_helpers import (OWN_SPEC, PAIRS, SMOLLM2, conversations, cut_and_left_out, finetune_task, loss_curve,
-                              run_finetune, runtime_command, succeeded, write_dataset, write_task)
+                              run_finetune, runtime_command, succeeded, unfinished, write_dataset, write_task)
 
 NO_DROPOUT = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
 
@@ -551,9 +551,7 @@ def test_a_run_stopped_after_its_last_step_resumes_there_without_training_again(
     assert steps % task["spec"]["checkpointing"]["everySteps"] and run.is_committed(f"checkpoints/step-{steps}")
     assert not any(k.endswith("optimizer.pt") for k in run.list(f"checkpoints/step-{steps}"))
     saved = "adapter" if task["spec"]["method"] != "full" else "model"
-    for key in ("result.json", "COMMITTED"):
-        run.delete(key)
-    run.delete_prefix(saved)
+    unfinished(run, saved)
     succeeded(run_finetune(write_task(task, tmp_path)))
     result = _result(task)
     assert result["resumedFromStep"] == result["steps"] == steps
@@ -1039,9 +1037,7 @@ def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_mo
     shard_bytes = {int(p.parts[-4][5:]): p.stat().st_size  # step-N/deepspeed/state/<shard>
                    for p in Path(zero3["artifactUri"][7:], "checkpoints").rglob("zero_pp_rank_0_*optim_states.pt")}
     assert len(shard_bytes) == 2 and shard_bytes[steps] < 0.4 * shard_bytes[min(shard_bytes)]
-    for key in ("result.json", "COMMITTED"):
-        run.delete(key)
-    run.delete_prefix("model")
+    unfinished(run, "model")
     succeeded(run_finetune(path, processes=2))
     assert _result(zero3)["resumedFromStep"] == steps
     resumed = load_file(saved)

@@ -17,7 +17,7 @@ from llmfactory_runtime.store import open_store
 from llmfactory_runtime.models import save_pretrained_here
 from llmfactory_runtime.quantize.gguf_export import export
 
-from finetune_helpers import finetune_task, loss_curve, run_finetune, succeeded, write_dataset, write_task
+from finetune_helpers import finetune_task, loss_curve, run_finetune, succeeded, unfinished, write_dataset, write_task
 
 ADAPTER = {"r": 4, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
 
@@ -53,9 +53,7 @@ def test_an_adapter_under_deepspeed_checkpoints_its_trained_weights_not_the_froz
     assert optimizer_shards == {2: [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], steps: []}
 
     def resumed_from(step: int) -> None:
-        for key in ("result.json", "COMMITTED"):
-            run.delete(key)
-        run.delete_prefix("adapter")
+        unfinished(run, "adapter")
         succeeded(run_finetune(path, processes=2))
         assert run.read_json("result.json")["resumedFromStep"] == step
         assert loss_curve(task) == pytest.approx(curve, abs=1e-6)

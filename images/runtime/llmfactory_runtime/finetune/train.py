@@ -295,14 +295,14 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
 
         def write(local: Path) -> None:
             if deepspeed_on:  # collective: every rank writes its ZeRO shard
+                last = step == total_steps  # nothing steps after it: no optimizer state
+                if last and zero3:  # its shards hold the fp32 weights: Adam's moments go (8 of their 12 bytes a
+                    engine.optimizer.optimizer.state.clear()  # weight), and their memory before the evaluation
                 # Trained weights only, as HF Trainer saves a peft model's: else an adapter's checkpoint holds
                 # the whole frozen base (16 GB of an 8B's bf16; SmolLM2: 617 MB, not 78: RESULTS.md).
-                if step == total_steps and zero3:  # nothing steps after the last: Adam's moments go (and
-                    # their memory, before the evaluation), 8 of the 12 bytes a weight its shards hold
-                    engine.optimizer.optimizer.state.clear()
                 engine.save_checkpoint(str(local / "deepspeed"), tag="state", exclude_frozen_parameters=True)
                 checkpoint.drop_frozen_weights(local / "deepspeed", inner)
-                if step == total_steps and not zero3:  # ZeRO 3's shards hold its weights
+                if last and not zero3:  # ZeRO 2's module states hold the weights whole
                     checkpoint.drop_optimizer_shards(local / "deepspeed")
             elif world.main:
                 save_file(master.state() if master else trainable_state(inner), local / "trainable.safetensors")
