@@ -4,6 +4,7 @@ retries, the answer cache across a kill, and keys kept out of everything written
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmfactory.planner import PlanError, parse, plan
-from llmfactory_runtime.dataset import build
+from llmfactory_runtime.dataset import build, splits
 from llmfactory_runtime.dataset.sources import Drops, collect
 from llmfactory_runtime.openai_client import TokenBucket, retry_after
 from llmfactory_runtime.progress import Progress
@@ -142,6 +143,48 @@ def test_openai_teacher_builds_a_multilingual_multi_turn_dataset(tmp_path, opena
     _, again = run_in_process(tmp_path, changed)
     assert openai_server.requests == [] and again["teacherUsage"]["requests"] == 0
     assert again["teacherUsage"]["cached"] == 9 and again["rowsPerLanguage"] == result["rowsPerLanguage"]
+
+
+@pytest.mark.parametrize("group_rows, group_bytes, groups", [(2, 2**20, 3), (1000, 1, 5)])
+def test_a_splits_parquet_holds_every_rows_fields_whichever_row_group_they_first_appear_in(
+        tmp_path, monkeypatch, group_rows, group_bytes, groups):
+    """A split is written to Parquet a row group at a time (never held whole: a group ends at its
+    PARQUET_ROWS-th row or its PARQUET_BYTES-th byte of JSON), its columns inferred from every row: a
+    field that first appears in a later group or row (tools, a message's tool_calls and weight), or as
+    a float after ints, is a column of the file; rows without it read it as null; the digest is of the
+    JSONL alone, as without Parquet."""
+    monkeypatch.setattr(splits, "PARQUET_ROWS", group_rows)
+    monkeypatch.setattr(splits, "PARQUET_BYTES", group_bytes)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    rows = [{"messages": chat, "language": "en", "score": 7},
+            {"messages": chat, "language": "ru", "score": 8},
+            {"messages": chat, "language": "en", "score": 6.5},
+            {"messages": [chat[0], {"role": "assistant", "content": "", "tool_calls": [call], "weight": 0}],
+             "language": "en", "tools": WEATHER},
+            {"messages": chat, "language": "zh"}]
+    digests = {}
+    for parquet in (True, False):
+        data, digests[parquet] = open_store(f"file://{tmp_path}/{parquet}"), hashlib.sha256()
+        assert splits.write_split(data, "train", iter(rows), digests[parquet], parquet) == len(rows)
+    assert digests[True].hexdigest() == digests[False].hexdigest()
+    table = pq.ParquetFile(tmp_path / "True" / "train.parquet")
+    assert table.metadata.num_row_groups == groups
+    assert table.schema_arrow.field("score").type == pa.float64()
+    assert [_without_nulls(r) for r in table.read().to_pylist()] == [_without_nulls(r) for r in rows]
+    assert table.read().to_pylist()[0]["tools"] is None
+    empty = open_store(f"file://{tmp_path}/empty")
+    assert splits.write_split(empty, "test", iter([]), hashlib.sha256(), True) == 0
+    assert pq.read_table(tmp_path / "empty" / "test.parquet").num_rows == 0
+
+
+def _without_nulls(value):
+    """A row as JSON gives it: Parquet's nulls for the fields a row lacks left out."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def test_rate_limited_and_failing_endpoint_is_retried_as_it_asks(tmp_path, openai_server, monkeypatch):

@@ -282,8 +282,8 @@ def run(task: dict[str, Any], run: Store, progress: Progress, transport=None) ->
         fmt, usage, usages = "text", None, {}
         written = corpus.write(task, data, drops, progress, run.child(corpus.STATE))
     else:
-        prompts = _prompts(task, drops, progress)
-        rows, usage, judge = _answer(task, prompts, drops, progress, transport)
+        # The prompts let go once answered: the rows hold what of them the dataset keeps.
+        rows, usage, judge = _answer(task, _prompts(task, drops, progress), drops, progress, transport)
         rows, rejected_usage, scorer = _rejected(task, rows, drops, progress, judge, transport)
         rows, difficulty_usage = _graded(task, rows, drops, progress, transport)
         usages = _usages(usage, judge, rejected_usage, scorer, difficulty_usage)

@@ -17,7 +17,9 @@ from ..store import Store
 from ..task import InvalidTask
 from .sources import HELD_OUT_FIRST, Drops
 
-PARQUET_ROWS = 8192  # rows per Parquet row group, when the split's columns are known before its rows
+# A Parquet row group: this many rows, or fewer as long as their JSON takes this many bytes (long
+# conversations: a group is held in memory while it is written)
+PARQUET_ROWS, PARQUET_BYTES = 8192, 64 * 2**20
 
 
 def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed: int, drops: Drops,
@@ -85,17 +87,16 @@ def write_split(data: Store, name: str, rows: Iterable[dict[str, Any]], digest: 
                 schema: Any = None) -> int:
     """One split's rows as data's <name>.jsonl (and <name>.parquet), written to local files as they come
     and then uploaded; the digest takes the split's name and its JSONL bytes. Parquet's columns are
-    `schema`'s, its rows written in groups as they come; without one, they are inferred from all the
-    rows at once (which are then held). Returns the number of rows."""
+    `schema`'s, its rows written in groups as they come; without one, every field of every row (_columns,
+    group by group), and the groups are read back from the JSONL file once it is written. Either way one
+    group is held at a time, never the split. Returns the number of rows."""
     import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
 
     digest.update(name.encode() + b"\0")
-    count, held, writer = 0, [], None
+    count, group, held, inferred = 0, [], 0, []
     with tempfile.TemporaryDirectory() as tmp:
         jsonl, table = Path(tmp) / f"{name}.jsonl", Path(tmp) / f"{name}.parquet"
-        if parquet and schema is not None:
-            writer = pq.ParquetWriter(table, schema, compression="zstd")
+        writer = _ParquetGroups(table, schema) if parquet and schema is not None else None
         with jsonl.open("wb") as out:
             for row in rows:
                 line = jsonl_line(row)
@@ -103,17 +104,61 @@ def write_split(data: Store, name: str, rows: Iterable[dict[str, Any]], digest: 
                 digest.update(line)
                 count += 1
                 if parquet:
-                    held.append(row)
-                    if writer is not None and len(held) == PARQUET_ROWS:
-                        writer.write_table(pa.Table.from_pylist(held, schema))
-                        held = []
+                    group.append(row)
+                    held += len(line)
+                if _full(group, held):
+                    if writer is not None:
+                        writer.write(group)
+                    else:
+                        inferred.append(_columns(group))
+                    group, held = [], 0
+        if parquet and writer is None:  # every group's columns known: the groups again, read from the JSONL
+            inferred.append(_columns(group))
+            writer, group, held = _ParquetGroups(table, pa.unify_schemas(inferred, promote_options="permissive")), [], 0
+            with jsonl.open("rb") as lines:
+                for line in lines:
+                    group.append(json.loads(line))
+                    held += len(line)
+                    if _full(group, held):
+                        writer.write(group)
+                        group, held = [], 0
         if writer is not None:
-            if held or not count:
-                writer.write_table(pa.Table.from_pylist(held, schema))
-            writer.close()
-        elif parquet:
-            pq.write_table(pa.Table.from_pylist(held), table, compression="zstd")
+            writer.close(group)
         data.upload_file(jsonl, f"{name}.jsonl")
         if parquet:
             data.upload_file(table, f"{name}.parquet")
     return count
+
+
+def _full(group: list[dict[str, Any]], held: int) -> bool:
+    """Whether a row group (its rows' JSON: `held` bytes) is to be written."""
+    return len(group) == PARQUET_ROWS or held >= PARQUET_BYTES
+
+
+def _columns(rows: list[dict[str, Any]]) -> Any:
+    """The Parquet columns of rows: every field any of them has, nested ones too, each of the type
+    its values share (Arrow's Table.from_pylist would take the first row's fields alone)."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    return pa.schema(list(pa.array(rows).type)) if rows else pa.schema([])
+
+
+class _ParquetGroups:
+    """A Parquet file written a row group at a time, its columns known before its rows."""
+
+    def __init__(self, path: Path, schema: Any):
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        self.schema, self.writer, self.groups = schema, pq.ParquetWriter(path, schema, compression="zstd"), 0
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        import pyarrow as pa  # noqa: PLC0415
+
+        self.writer.write_table(pa.Table.from_pylist(rows, self.schema))
+        self.groups += 1
+
+    def close(self, last: list[dict[str, Any]]) -> None:
+        """The last rows written (an empty split: its one empty group), and the file closed."""
+        if last or not self.groups:
+            self.write(last)
+        self.writer.close()
