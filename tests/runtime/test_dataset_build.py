@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmfactory.planner import PlanError, parse, plan
+from llmfactory_runtime.data import messages_of
 from llmfactory_runtime.dataset import build, splits
 from llmfactory_runtime.dataset.sources import Drops, collect
 from llmfactory_runtime.openai_client import TokenBucket, retry_after
@@ -26,7 +27,7 @@ from llmfactory_runtime.progress import Progress
 from llmfactory_runtime.task import InvalidTask
 from llmfactory_runtime.store import open_store, write_result
 
-from finetune_helpers import WEATHER
+from finetune_helpers import TOOL_ROW, WEATHER
 
 KEY = "sk-test-0123456789abcdef"
 SHAREGPT_ROWS = [
@@ -176,6 +177,22 @@ def test_a_splits_parquet_holds_every_rows_fields_whichever_row_group_they_first
     empty = open_store(f"file://{tmp_path}/empty")
     assert splits.write_split(empty, "test", iter([]), hashlib.sha256(), True) == 0
     assert pq.read_table(tmp_path / "empty" / "test.parquet").num_rows == 0
+
+
+def test_a_builds_parquet_split_read_back_as_a_source_gives_its_conversations_as_they_were(tmp_path):
+    """Parquet (and a Hugging Face dataset) gives every message the fields any message of the file
+    has, null where it had none (a user message's tool_calls, weight): read as a source, such a split
+    gives back its conversations, a function-calling one whole, none of them malformed."""
+    plain = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Look outside."}]}
+    data = open_store(f"file://{tmp_path}/data")
+    splits.write_split(data, "train", iter([plain, TOOL_ROW]), hashlib.sha256(), True)
+    drops = Drops()
+    read = list(collect([{"uri": f"file://{tmp_path}/data/train.parquet", "language": "en"}], drops,
+                        with_answers=True, whole_tools=True))
+    assert not drops.counts
+    assert [p["turns"] for p in read] == [["Weather?"], ["Weather in Paris?"]]
+    assert read[0]["answers"] == ["Look outside."]
+    assert read[1]["whole"] == {"messages": messages_of(TOOL_ROW), "tools": TOOL_ROW["tools"]}
 
 
 def _without_nulls(value):

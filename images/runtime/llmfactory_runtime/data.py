@@ -76,9 +76,11 @@ _MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "weight")
 
 def _message(m: dict[str, Any]) -> dict[str, Any]:
     """A row's message as templates read it (an assistant's tool calls kept, a missing or null
-    content empty, as OpenAI's tool-calling turns have it). A ValueError says what is wrong with it."""
-    kept = {"role": m["role"], "content": m.get("content") or "", **{k: m[k] for k in _MESSAGE_KEYS if k in m}}
-    if "weight" in m and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or m["role"] != "assistant"):
+    content empty, as OpenAI's tool-calling turns have it; a null field absent, as Parquet and Hugging
+    Face datasets give every message the fields any message has). A ValueError says what is wrong with it."""
+    kept = {"role": m["role"], "content": m.get("content") or "",
+            **{k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}}
+    if "weight" in kept and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or m["role"] != "assistant"):
         raise ValueError(f"a message's weight is 0 (not learned) or 1, on assistant messages only, got "
                          f"{m['weight']!r} on a {m['role']} message")
     for call in m.get("tool_calls") or []:
@@ -86,7 +88,7 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
             raise ValueError("a tool call is {type: function, function: {name, arguments}}, got "
                              f"{str(call)[:80]!r}")
-    if "tool_calls" in m and m["role"] != "assistant":
+    if "tool_calls" in kept and m["role"] != "assistant":
         raise ValueError(f"only assistant messages make tool calls, not {m['role']!r} ones")
     return kept
 
