@@ -1,7 +1,12 @@
 """The artifact store, file:// and s3:// (a real SeaweedFS server), behaves the same."""
 
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
+from llmfactory_runtime import answer_cache
+from llmfactory_runtime.answer_cache import AnswerCache
 from llmfactory_runtime.store import finished_result, local_copy, open_store, write_result
 
 
@@ -119,6 +124,27 @@ def test_delete_prefix_removes_only_that_prefix(store):
     store.write_bytes("drop/b/c", b"1")
     store.delete_prefix("drop")
     assert store.list("drop") == [] and store.list("keep") == ["a"]
+
+
+def test_an_answer_cache_folds_answers_into_packs_as_they_come_and_a_restart_reads_every_one(store, monkeypatch):
+    """Every COMPACT_EVERY answers become one pack and their single objects go (a restart, after a
+    kill that left no time to compact, reads a few packs, not an object an answer); answers put from
+    many threads at once are each kept, in a pack or as a single, none deleted unpacked."""
+    monkeypatch.setattr(answer_cache, "COMPACT_EVERY", 4)
+    cache = AnswerCache.opened(store.uri, "teacher", {"model": "m"})
+    for i in range(10):
+        cache.put(f"k{i}", {"text": f"answer {i}"})
+    folder = store.child(f"teacher/{answer_cache.digest({'model': 'm'})[:24]}")
+    kinds = Counter(name.split("/")[0] for name in folder.list())
+    assert kinds == {answer_cache.PACKS: 2, answer_cache.SINGLES: 2}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: cache.put(f"t{i}", {"text": f"answer {i}"}), range(100)))
+    again = AnswerCache.opened(store.uri, "teacher", {"model": "m"})
+    assert again.answers == cache.answers and len(again.answers) == 110
+    assert sum(name.startswith(answer_cache.SINGLES) for name in folder.list()) < 4
+    again.compact(minimum=1)
+    assert not any(name.startswith(answer_cache.SINGLES) for name in folder.list())
+    assert AnswerCache.opened(store.uri, "teacher", {"model": "m"}).answers == cache.answers
 
 
 def test_s3_credentials_are_enforced(s3_bucket, monkeypatch):

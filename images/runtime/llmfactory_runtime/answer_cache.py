@@ -3,14 +3,16 @@ asked (the model, the parameters, the whole conversation up to the question): a 
 build, or a new build that only changed its filters or split, never pays for them again.
 
 Each answer is written as its own object the moment it arrives (a kill loses nothing that was
-received); `compact` folds them into one pack so that the next start reads a few objects, not
-thousands.
+received); `compact` folds them into one pack, every COMPACT_EVERY answers and at the end, so that
+the next start reads a few objects, not thousands (a million single answers: minutes to read, and
+hours to delete one request at a time at S3's latency).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from .store import Store, open_store
 
 SINGLES, PACKS = "answers", "packs"
+COMPACT_EVERY = 1000  # single answers folded into a pack as they come (~2 MB of a teacher's answers)
 _held: dict[str, AnswerCache] = {}  # AnswerCache.opened(held=True)'s, by folder
 
 
@@ -52,6 +55,7 @@ class AnswerCache:
         self.store: Store = open_store(f"{cache_uri.rstrip('/')}/{purpose}/{digest(identity)[:24]}")
         self.answers: dict[str, dict[str, Any]] = {}
         self.written: list[str] = []
+        self._lock = threading.Lock()  # put from several threads (an API's answers as they arrive)
 
     @staticmethod
     def key(messages: list[dict[str, str]], sample: int = 0) -> str:
@@ -81,7 +85,11 @@ class AnswerCache:
     def put(self, key: str, answer: dict[str, Any]) -> None:
         self.store.write_json(f"{SINGLES}/{key}.json", answer)
         self.answers[key] = answer
-        self.written.append(f"{SINGLES}/{key}.json")
+        with self._lock:
+            self.written.append(f"{SINGLES}/{key}.json")
+            full = len(self.written) >= COMPACT_EVERY
+        if full:
+            self.compact(minimum=COMPACT_EVERY)
 
     def put_pack(self, answers: dict[str, dict[str, Any]]) -> None:
         """Answers computed together (a batch of scores), written as one pack."""
@@ -90,12 +98,12 @@ class AnswerCache:
 
     def compact(self, minimum: int = 64) -> None:
         """The single answers into one pack, then the singles go (the pack is written first, so a
-        kill in between only leaves duplicates)."""
-        if len(self.written) < minimum:
-            return
-        keys = [name.rsplit("/", 1)[-1].removesuffix(".json") for name in self.written]
+        kill in between only leaves duplicates). Those put meanwhile wait for the next pack."""
+        with self._lock:
+            if len(self.written) < minimum:
+                return
+            names, self.written = self.written, []
+        keys = [name.rsplit("/", 1)[-1].removesuffix(".json") for name in names]
         self.store.write_json(f"{PACKS}/{uuid.uuid4().hex}.json",
                               {k: self.answers[k] for k in keys if k in self.answers})
-        for name in self.written:
-            self.store.delete(name)
-        self.written = []
+        self.store.delete_many(names)

@@ -43,6 +43,11 @@ class Store(ABC):
     def delete(self, rel: str) -> None:
         """Remove one object; absent is fine."""
 
+    def delete_many(self, rels: list[str]) -> None:
+        """Remove these objects (absent ones are fine), as few requests as the store allows."""
+        for rel in rels:
+            self.delete(rel)
+
     @abstractmethod
     def upload_file(self, local: Path, rel: str) -> None: ...
 

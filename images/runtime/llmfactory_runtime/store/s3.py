@@ -77,13 +77,19 @@ class S3Store(Store):
         return sorted(k[cut:] for k in self._keys(rel))
 
     def delete_prefix(self, rel: str = "") -> None:
-        keys = self._keys(rel)
-        for i in range(0, len(keys), 1000):
-            self.client.delete_objects(Bucket=self.bucket,
-                                       Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+        self._delete_keys(self._keys(rel))
 
     def delete(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
+
+    def delete_many(self, rels: list[str]) -> None:
+        self._delete_keys([self._key(rel) for rel in rels])
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        """A thousand objects a request (S3's DeleteObjects), not a request each."""
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(Bucket=self.bucket,
+                                       Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
 
     def upload_file(self, local: Path, rel: str) -> None:
         self.client.upload_file(str(local), self.bucket, self._key(rel))
