@@ -4,6 +4,7 @@ retries, the answer cache across a kill, and keys kept out of everything written
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ from llmfactory.planner import PlanError, parse, plan
 from llmfactory_runtime.data import messages_of
 from llmfactory_runtime.dataset import build, splits
 from llmfactory_runtime.dataset.sources import Drops, collect
-from llmfactory_runtime.openai_client import TokenBucket, retry_after
+from llmfactory_runtime.openai_client import ChatClient, TokenBucket, retry_after
 from llmfactory_runtime.progress import Progress
 from llmfactory_runtime.task import InvalidTask
 from llmfactory_runtime.store import open_store, write_result
@@ -202,6 +203,23 @@ def _without_nulls(value):
     if isinstance(value, list):
         return [_without_nulls(v) for v in value]
     return value
+
+
+def test_a_clients_work_on_many_prompts_keeps_a_task_only_for_each_request_it_can_have_in_flight():
+    """A million prompts are not a million waiting tasks (~5 KB each, benchmarks/teacher_memory.py):
+    each prompt is worked on once, by at most twice the endpoint's concurrency tasks at once."""
+    async def work_on(items: int) -> list[tuple[int, int]]:
+        seen = []
+        async with ChatClient({"model": "m", "concurrency": 3}, None, "spec.teacher.openai") as client:
+            async def work(i: int) -> None:
+                seen.append((i, len(asyncio.all_tasks())))
+                await asyncio.sleep(0)
+            await client.each(range(items), work)
+        return seen
+
+    seen = asyncio.run(work_on(1000))
+    assert sorted(i for i, _ in seen) == list(range(1000))
+    assert max(tasks for _, tasks in seen) == 2 * 3 + 1  # and the one that waits on them
 
 
 def test_rate_limited_and_failing_endpoint_is_retried_as_it_asks(tmp_path, openai_server, monkeypatch):

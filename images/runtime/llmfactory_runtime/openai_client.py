@@ -19,7 +19,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 import httpx
 
@@ -135,7 +135,8 @@ class ChatClient:
         self.http = httpx.AsyncClient(base_url=endpoint.get("baseUrl", "https://api.openai.com/v1").rstrip("/"),
                                       headers=headers, transport=transport,
                                       timeout=httpx.Timeout(endpoint.get("timeoutSeconds", 120)))
-        self.slots = asyncio.Semaphore(endpoint.get("concurrency", 16))
+        self.concurrency = endpoint.get("concurrency", 16)
+        self.slots = asyncio.Semaphore(self.concurrency)
         rpm, tpm = endpoint.get("requestsPerMinute"), endpoint.get("tokensPerMinute")
         self.requests = TokenBucket(rpm) if rpm else None
         self.tokens = TokenBucket(tpm) if tpm else None
@@ -149,6 +150,18 @@ class ChatClient:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+    async def each(self, items: Iterable[Any], work: Callable[[Any], Awaitable[None]]) -> None:
+        """work(item) for every item, as many at once as keep the client's requests in flight (twice
+        `concurrency`: one request goes out while another's answer is saved): a task for each of those,
+        not one for each item (a million prompts' waiting tasks held ~1.7 GB)."""
+        pending = iter(items)
+
+        async def worker() -> None:
+            for item in pending:
+                await work(item)
+
+        await asyncio.gather(*(worker() for _ in range(2 * self.concurrency)))
 
     async def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0,
                        **extra: Any) -> Completion:

@@ -346,7 +346,7 @@ class VllmServer:
                     if on_answer:
                         on_answer(i, answers[i])
 
-                await asyncio.gather(*(ask(i) for i in range(len(conversations))))
+                await client.each(range(len(conversations)), ask)
             return answers
 
         return asyncio.run(ask_all())

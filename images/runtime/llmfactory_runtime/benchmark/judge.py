@@ -289,7 +289,8 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
 
     async def rate_all() -> None:
         async with ChatClient(endpoint, key, field, transport=transport, usage=usage) as client:
-            async def rate(item_id: str, messages: list[dict[str, str]]) -> None:
+            async def rate(item: tuple[str, list[dict[str, str]]]) -> None:
+                item_id, messages = item
                 asked = list(messages)
                 for attempt in range(1, max_reasks + 2):
                     reply = (await client.complete(asked, max_tokens=512, temperature=0.0)).text
@@ -303,7 +304,7 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
                 out[item_id] = verdict
                 on_rating(item_id, verdict, cached=False)
 
-            await asyncio.gather(*(rate(i, m) for i, m in todo))
+            await client.each(todo, rate)
 
     try:
         asyncio.run(rate_all())

@@ -68,7 +68,8 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
 
     async def ask_all(todo: Todo) -> None:
         async with ChatClient(endpoint, key, field, transport=transport) as client:
-            async def ask(cache_key: str, messages: list[dict], sample: int) -> None:
+            async def ask(item: tuple[str, list[dict], int]) -> None:
+                cache_key, messages, sample = item
                 params = {**(extra or {})}
                 if "seed" in params:
                     params["seed"] += sample
@@ -86,7 +87,7 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
                 usage.add(answer)
                 on_answer()
 
-            await asyncio.gather(*(ask(*item) for item in todo))
+            await client.each(todo, ask)
 
     return lambda todo: asyncio.run(ask_all(todo))
 
