@@ -10,7 +10,9 @@ Anything else fails naming what it found."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -51,14 +53,24 @@ def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def _tensor_type(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+def _tensor_type(name: str, shape: list[int], qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
     """Norms and other vectors stay F32; a matrix whose rows do not fill whole blocks falls back to F16."""
-    if data.ndim < 2:
+    if len(shape) < 2:
         return gguf.GGMLQuantizationType.F32
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    if data.shape[-1] % block:
+    if shape[-1] % block:
         return gguf.GGMLQuantizationType.F16
     return qtype
+
+
+def _stored(shape: list[int], ttype: gguf.GGMLQuantizationType) -> tuple[list[int], np.dtype, int]:
+    """(shape, dtype, bytes) of a tensor of `shape` as gguf.quantize returns it in `ttype`: F32 and F16
+    as such, the others as rows of bytes."""
+    if ttype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        dtype = np.dtype(np.float32 if ttype == gguf.GGMLQuantizationType.F32 else np.float16)
+        return list(shape), dtype, math.prod(shape) * dtype.itemsize
+    stored = list(gguf.quant_shape_to_byte_shape(shape, ttype))
+    return stored, np.dtype(np.uint8), math.prod(stored)
 
 
 def _pre_tokenizer_name(pre: dict | None) -> str:
@@ -181,27 +193,37 @@ def export(folder: Path, out: Path, type_name: str, name: str) -> int:
     writer.add_file_type(file_type)
     _add_tokenizer(writer, folder, config["vocab_size"])
 
+    # Two passes over the weights: what each tensor will be (from the safetensors headers), written as
+    # the file's tensor infos; then each tensor converted and written in turn, so that one is held at a
+    # time, not the whole model (an 8B in f16: 16 GB of memory otherwise).
     names = gguf.get_tensor_name_map(gguf_arch, n_layers)
-    params = 0
+    planned = []  # (shard, HF name, GGUF name, GGUF type)
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as f:
             for hf_name in f.keys():
                 if "rotary_emb.inv_freq" in hf_name:
                     continue
+                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    raise InvalidTask(f"tensor {hf_name!r} has no GGUF name for architecture {arch}")
+                shape = f.get_slice(hf_name).get_shape()
+                ttype = _tensor_type(gguf_name, shape, qtype)
+                writer.add_tensor_info(gguf_name, *_stored(shape, ttype), raw_dtype=ttype)
+                planned.append((shard, hf_name, gguf_name, ttype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    params = 0
+    for shard, tensors in itertools.groupby(planned, key=lambda t: t[0]):
+        with safe_open(shard, framework="pt") as f:
+            for _, hf_name, gguf_name, ttype in tensors:
                 data = f.get_tensor(hf_name).float().numpy()  # bf16 has no numpy dtype
                 if permute and hf_name.endswith("q_proj.weight"):
                     data = permute_qk(data, n_head)
                 elif permute and hf_name.endswith("k_proj.weight"):
                     data = permute_qk(data, n_kv)
-                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise InvalidTask(f"tensor {hf_name!r} has no GGUF name for architecture {arch}")
                 params += data.size
-                ttype = _tensor_type(gguf_name, data, qtype)
-                writer.add_tensor(gguf_name, gguf.quantize(data, ttype), raw_dtype=ttype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+                writer.write_tensor_data(gguf.quantize(data, ttype))
     writer.close()
     return params
 
