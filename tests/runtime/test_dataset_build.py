@@ -1401,12 +1401,14 @@ def test_format_text_keeps_documents_as_written_for_continued_pretraining(tmp_pa
     assert split.units == 6 and all(e["labels"] == e["input_ids"] for e in split.examples)
 
 
-def test_a_corpus_gets_the_same_dataset_from_one_process_as_from_several(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["text", "chatml"])
+def test_a_build_gets_the_same_dataset_from_one_process_as_from_several(tmp_path, monkeypatch, fmt):
     """Language detection and the MinHash signatures run in worker processes, one a CPU, on pieces of
-    the stream; what is kept and dropped, the splits and the digest are one process's."""
+    the stream: of a corpus's documents, of a conversation build's prompts; what is kept and dropped,
+    the splits and the digest are one process's."""
     import random
 
-    from llmfactory_runtime.dataset import corpus, dedupe as dedupe_module, languages, pieces
+    from llmfactory_runtime.dataset import dedupe as dedupe_module, languages, pieces
 
     monkeypatch.setattr(languages, "PIECE", 8)  # many pieces from a small corpus
     monkeypatch.setattr(dedupe_module, "BULK", 16)
@@ -1415,22 +1417,26 @@ def test_a_corpus_gets_the_same_dataset_from_one_process_as_from_several(tmp_pat
              "ru": "река лес гора город зима сад музыка история рынок свет вода дорога".split()}
     texts = [" ".join(rng.choice(words["en" if i % 3 else "ru"]) for _ in range(40)) + f" {i}." for i in range(90)]
     texts += [texts[5], texts[40].replace("river", "stream", 1), "short"]  # exact and near duplicates, too short
-    doc = manifest("http://unused", {"uri": jsonl_file(tmp_path / "corpus.jsonl", [{"text": t} for t in texts])},
-                   samplesPerLanguage={"en": 50, "ru": 20}, format="text", languageDetection={"candidates": ["en", "ru"]},
-                   filters={"minAnswerChars": 20, "nearDuplicateThreshold": 0.8})
+    rows = ([{"text": t} for t in texts] if fmt == "text" else
+            [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": f"An answer to {i}."}]}
+             for i, t in enumerate(texts)])
+    doc = manifest("http://unused", {"uri": jsonl_file(tmp_path / "corpus.jsonl", rows)},
+                   samplesPerLanguage={"en": 50, "ru": 20}, format=fmt, languageDetection={"candidates": ["en", "ru"]},
+                   filters={"minAnswerChars": 10, "nearDuplicateThreshold": 0.8})
     del doc["spec"]["teacher"]
     handed = []
     submit = pieces.Workers.submit
     monkeypatch.setattr(pieces.Workers, "submit", lambda self, fn, *args: handed.append(fn) or submit(self, fn, *args))
     results = {}
     for cpus in (1, 3):
-        monkeypatch.setattr(corpus, "available", lambda: cpus)
+        monkeypatch.setattr(pieces, "available", lambda: cpus)
         _, result = run_in_process(tmp_path / f"cpus-{cpus}", doc)
         results[cpus] = {k: v for k, v in result.items() if k != "uri"}
     assert {getattr(fn, "func", fn).__name__ for fn in handed} == {"classified", "signed"}
     assert results[3] == results[1]
-    assert results[1]["dropped"] == {"duplicate_document": 1, "near_duplicate_document": 1, "too_short": 1,
-                                     "over_language_count": 20}  # 60 en and 30 ru documents kept
+    unit, short = ("document", {"too_short": 1}) if fmt == "text" else ("prompt", {})  # a prompt is not an answer
+    assert results[1]["dropped"] == {f"duplicate_{unit}": 1, f"near_duplicate_{unit}": 1, **short,
+                                     "over_language_count": 20 + (fmt == "chatml")}  # 50 en and 20 ru kept
     assert sum(results[1]["rows"].values()) == 70
 
 

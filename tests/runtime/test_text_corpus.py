@@ -78,10 +78,10 @@ def test_a_text_build_stopped_anywhere_resumes_from_its_saved_segments_to_the_sa
     random document (3 trials), the next attempt reads the documents before its last saved segment
     again but classifies none of them, and writes the dataset an uninterrupted build writes; sources
     changed in between, it starts over; its saved segments are gone once the dataset is whole."""
-    from llmfactory_runtime.dataset import corpus, dedupe, languages
+    from llmfactory_runtime.dataset import corpus, dedupe, languages, pieces
 
     monkeypatch.setattr(corpus, "SEGMENT", 16)
-    monkeypatch.setattr(corpus, "available", lambda: 1)
+    monkeypatch.setattr(pieces, "available", lambda: 1)
     monkeypatch.setattr(languages, "PIECE", 4)  # several pieces a segment
     monkeypatch.setattr(dedupe, "BULK", 4)
     rng = random.Random(3)

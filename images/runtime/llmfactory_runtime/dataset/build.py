@@ -32,6 +32,7 @@ from .difficulty import FIELD as DIFFICULTY, by_difficulty
 from .reward_scorer import RewardScorer
 from .filters import AnswerFilter, drop_long_prompts, token_counter
 from .languages import detect
+from .pieces import pod_workers
 from .sources import HELD_OUT_FIRST, Drops, collect
 from .splits import row_key, sample_per_language, split_rows, write_split
 
@@ -77,11 +78,12 @@ def _prompts(task: dict[str, Any], drops: Drops, progress: Progress) -> list[dic
     # Without a teacher, the turns the sources answer, with their answers.
     prompts = collect(spec["sources"], drops, task["inputs"].get("configMaps"), with_answers=not spec.get("teacher"),
                       whole_tools=keeps_tool_calls(spec))
-    wanted = spec.get("samplesPerLanguage")
-    if spec.get("languageDetection") is not None:
-        prompts = detect(prompts, spec["languageDetection"], wanted, drops)
-    filters = spec.get("filters") or {}
-    prompts = list(dedupe(prompts, filters.get("nearDuplicateThreshold") or None, drops))  # 0: off
+    wanted, filters = spec.get("samplesPerLanguage"), spec.get("filters") or {}
+    with pod_workers() as workers:  # language detection and MinHash signatures on each of the pod's CPUs
+        if spec.get("languageDetection") is not None:
+            prompts = detect(prompts, spec["languageDetection"], wanted, drops, workers)
+        prompts = list(dedupe(prompts, filters.get("nearDuplicateThreshold") or None, drops,  # 0: off
+                              workers=workers))
     if filters.get("maxPromptTokens"):
         prompts = drop_long_prompts(prompts, filters["maxPromptTokens"], task["inputs"]["tokenizer"], drops)
     return sample_per_language(prompts, wanted, spec["split"]["seed"], drops)

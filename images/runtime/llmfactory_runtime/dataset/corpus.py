@@ -11,7 +11,6 @@ segment is saved with the run (Segments), so that a build stopped midway goes on
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import itertools
@@ -21,14 +20,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
-from ..cpus import available
 from ..data import SPLITS, jsonl_line
 from ..progress import Progress
 from ..store import Store
 from .dedupe import Duplicates, digest as duplicate_key
 from .filters import AnswerFilter
 from .languages import detect, release
-from .pieces import Workers
+from .pieces import pod_workers
 from .sources import Drops, collect
 from .splits import row_key, sample_per_language, split_rows, write_split
 
@@ -37,9 +35,6 @@ READ_FIGURE_EVERY = 1000  # documents between progress figures while reading
 # again (~1 minute's work on 8 CPUs, ~4 on 2); each save drains the workers' pipeline once.
 SEGMENT = 200_000
 STATE = "corpus"  # the run's folder of saved segments
-# Beyond this many workers the build's own process is the bottleneck (reading, exact keys, band
-# lookups, the spill: ~20% of a document's time); each worker holds ~150 MB (the language model).
-MAX_WORKERS = 8
 
 
 class Spill:
@@ -86,7 +81,7 @@ def _write(task: dict[str, Any], data: Store, drops: Drops, progress: Progress, 
     spec = task["spec"]
     filters = spec.get("filters") or {}
     schema = pa.schema([("text", pa.string()), ("language", pa.string())])
-    with (_workers() as workers, tempfile.TemporaryDirectory() as tmp,
+    with (pod_workers() as workers, tempfile.TemporaryDirectory() as tmp,
           (Path(tmp) / "documents.jsonl").open("w+b") as file):
         spill = Spill(file)
         duplicates = Duplicates(filters.get("nearDuplicateThreshold") or None, log=True)  # 0: exact duplicates only
@@ -211,13 +206,6 @@ class Segments:
         if names:
             drops.counts, drops.examples = Counter(meta["drops"]["counts"]), meta["drops"]["examples"]
         return records
-
-
-def _workers() -> contextlib.AbstractContextManager[Workers | None]:
-    """Processes for language detection and MinHash signatures, one a CPU the pod may use (none with one),
-    at most MAX_WORKERS."""
-    count = min(available(), MAX_WORKERS)
-    return Workers(count) if count > 1 else contextlib.nullcontext()
 
 
 def _within_bounds(documents: Iterable[dict], filters: dict[str, Any], drops: Drops) -> Iterator[dict]:

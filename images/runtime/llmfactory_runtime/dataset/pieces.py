@@ -5,11 +5,19 @@ stay in one process, so the outcome is the same with one process or many."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
+
+from ..cpus import available
+
+
+# Beyond this many workers the build's own process is the bottleneck (a text build's reading, exact
+# keys, band lookups, the spill: ~20% of a document's time); each worker holds ~150 MB (the language model).
+MAX_WORKERS = 8
 
 
 class Workers:
@@ -63,3 +71,10 @@ def computed(pieces: Iterable[list[Any]], fn: Callable[[list[Any]], list[Any]], 
     while pending:
         done, future = pending.popleft()
         yield done, future.result()
+
+
+def pod_workers() -> contextlib.AbstractContextManager[Workers | None]:
+    """Processes for language detection and MinHash signatures, one a CPU the pod may use (none with one),
+    at most MAX_WORKERS."""
+    count = min(available(), MAX_WORKERS)
+    return Workers(count) if count > 1 else contextlib.nullcontext()
