@@ -153,17 +153,20 @@ def test_a_splits_parquet_holds_every_rows_fields_whichever_row_group_they_first
     """A split is written to Parquet a row group at a time (never held whole: a group ends at its
     PARQUET_ROWS-th row or its PARQUET_BYTES-th byte of JSON), its columns inferred from every row: a
     field that first appears in a later group or row (tools, a message's tool_calls and weight), or as
-    a float after ints, is a column of the file; rows without it read it as null; the digest is of the
-    JSONL alone, as without Parquet."""
+    a float after ints, is a column of the file; rows without it read it as null; tools (free-form JSON
+    schemas) and a field no one type holds (a number here, text there) are JSON text, as Hugging Face
+    datasets keep them; the digest is of the JSONL alone, as without Parquet."""
     monkeypatch.setattr(splits, "PARQUET_ROWS", group_rows)
     monkeypatch.setattr(splits, "PARQUET_BYTES", group_bytes)
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
-    rows = [{"messages": chat, "language": "en", "score": 7},
-            {"messages": chat, "language": "ru", "score": 8},
+    other = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "enum": [1, 2]}}}}}]
+    rows = [{"messages": chat, "language": "en", "score": 7, "note": 1},
+            {"messages": chat, "language": "ru", "score": 8, "tools": other},
             {"messages": chat, "language": "en", "score": 6.5},
             {"messages": [chat[0], {"role": "assistant", "content": "", "tool_calls": [call], "weight": 0}],
-             "language": "en", "tools": WEATHER},
+             "language": "en", "tools": WEATHER, "note": "one"},
             {"messages": chat, "language": "zh"}]
     digests = {}
     for parquet in (True, False):
@@ -173,8 +176,12 @@ def test_a_splits_parquet_holds_every_rows_fields_whichever_row_group_they_first
     table = pq.ParquetFile(tmp_path / "True" / "train.parquet")
     assert table.metadata.num_row_groups == groups
     assert table.schema_arrow.field("score").type == pa.float64()
-    assert [_without_nulls(r) for r in table.read().to_pylist()] == [_without_nulls(r) for r in rows]
-    assert table.read().to_pylist()[0]["tools"] is None
+    assert table.schema_arrow.field("tools").type == table.schema_arrow.field("note").type == pa.string()
+    read = table.read().to_pylist()
+    assert [r["note"] for r in read] == ["1", None, None, '"one"', None] and read[0]["tools"] is None
+    assert [json.loads(r["tools"]) if r["tools"] else None for r in read] == [r.get("tools") for r in rows]
+    assert [_without_nulls({**r, "tools": None, "note": None}) for r in read] == [
+        _without_nulls({**r, "tools": None, "note": None}) for r in rows]
     empty = open_store(f"file://{tmp_path}/empty")
     assert splits.write_split(empty, "test", iter([]), hashlib.sha256(), True) == 0
     assert pq.read_table(tmp_path / "empty" / "test.parquet").num_rows == 0

@@ -100,6 +100,11 @@ def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
     tools = row.get("tools")
     if tools is None:
         return None
+    if isinstance(tools, str):  # JSON text, as Hugging Face datasets (and a DatasetBuild's Parquet) keep them
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise ValueError(f"a row's tools are not JSON: {tools[:80]!r}") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance((t.get("function") or {}).get("name"),
                                                                                   str) for t in tools):
         raise ValueError(f"a row's tools are [{{type: function, function: {{name, description, parameters}}}}], "

@@ -20,6 +20,11 @@ from .sources import HELD_OUT_FIRST, Drops
 # A Parquet row group: this many rows, or fewer as long as their JSON takes this many bytes (long
 # conversations: a group is held in memory while it is written)
 PARQUET_ROWS, PARQUET_BYTES = 8192, 64 * 2**20
+# Columns written to Parquet as JSON text, as Hugging Face datasets keep them: a row's tools are free-form
+# JSON schemas, which one Arrow type for all would give each tool every other's parameters (as nulls).
+# So is any column whose values no one Arrow type holds (a field a number in one row, text in another).
+JSON_COLUMNS = {"tools"}
+JSON = {b"json": b"true"}  # such a column's field metadata
 
 
 def sample_per_language(prompts: list[dict], counts: dict[str, int] | None, seed: int, drops: Drops,
@@ -90,8 +95,6 @@ def write_split(data: Store, name: str, rows: Iterable[dict[str, Any]], digest: 
     `schema`'s, its rows written in groups as they come; without one, every field of every row (_columns,
     group by group), and the groups are read back from the JSONL file once it is written. Either way one
     group is held at a time, never the split. Returns the number of rows."""
-    import pyarrow as pa  # noqa: PLC0415
-
     digest.update(name.encode() + b"\0")
     count, group, held, inferred = 0, [], 0, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +117,7 @@ def write_split(data: Store, name: str, rows: Iterable[dict[str, Any]], digest: 
                     group, held = [], 0
         if parquet and writer is None:  # every group's columns known: the groups again, read from the JSONL
             inferred.append(_columns(group))
-            writer, group, held = _ParquetGroups(table, pa.unify_schemas(inferred, promote_options="permissive")), [], 0
+            writer, group, held = _ParquetGroups(table, _unified(inferred)), [], 0
             with jsonl.open("rb") as lines:
                 for line in lines:
                     group.append(json.loads(line))
@@ -136,11 +139,34 @@ def _full(group: list[dict[str, Any]], held: int) -> bool:
 
 
 def _columns(rows: list[dict[str, Any]]) -> Any:
-    """The Parquet columns of rows: every field any of them has, nested ones too, each of the type
-    its values share (Arrow's Table.from_pylist would take the first row's fields alone)."""
+    """The Parquet columns of rows: every field any of them has, each of the type its values share, nested
+    fields too (Arrow's Table.from_pylist would take the first row's fields alone), or JSON text."""
     import pyarrow as pa  # noqa: PLC0415
 
-    return pa.schema(list(pa.array(rows).type)) if rows else pa.schema([])
+    fields = []
+    for name in dict.fromkeys(k for row in rows for k in row):
+        try:
+            typed = name not in JSON_COLUMNS and pa.field(name, pa.array([row.get(name) for row in rows]).type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            typed = None
+        fields.append(typed or pa.field(name, pa.string(), metadata=JSON))
+    return pa.schema(fields)
+
+
+def _unified(groups: list[Any]) -> Any:
+    """One schema for the groups' columns: each column's types promoted to one, or JSON text."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    fields = []
+    for name in dict.fromkeys(field.name for schema in groups for field in schema):
+        found = [schema.field(name) for schema in groups if name in schema.names]
+        try:
+            typed = not any(f.metadata for f in found) and pa.unify_schemas(
+                [pa.schema([f]) for f in found], promote_options="permissive").field(0)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            typed = None
+        fields.append(typed or pa.field(name, pa.string(), metadata=JSON))
+    return pa.schema(fields)
 
 
 class _ParquetGroups:
@@ -150,10 +176,14 @@ class _ParquetGroups:
         import pyarrow.parquet as pq  # noqa: PLC0415
 
         self.schema, self.writer, self.groups = schema, pq.ParquetWriter(path, schema, compression="zstd"), 0
+        self.json = [field.name for field in schema if field.metadata == JSON]
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa  # noqa: PLC0415
 
+        if self.json:
+            rows = [{**row, **{k: json.dumps(row[k], ensure_ascii=False) for k in self.json if row.get(k) is not None}}
+                    for row in rows]
         self.writer.write_table(pa.Table.from_pylist(rows, self.schema))
         self.groups += 1
 
