@@ -143,30 +143,34 @@ def _columns(rows: list[dict[str, Any]]) -> Any:
     fields too (Arrow's Table.from_pylist would take the first row's fields alone), or JSON text."""
     import pyarrow as pa  # noqa: PLC0415
 
-    fields = []
-    for name in dict.fromkeys(k for row in rows for k in row):
-        try:
-            typed = name not in JSON_COLUMNS and pa.field(name, pa.array([row.get(name) for row in rows]).type)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            typed = None
-        fields.append(typed or pa.field(name, pa.string(), metadata=JSON))
-    return pa.schema(fields)
+    return pa.schema([_field(name, lambda name=name: pa.array([row.get(name) for row in rows]).type)
+                      for name in dict.fromkeys(k for row in rows for k in row)])
 
 
 def _unified(groups: list[Any]) -> Any:
     """One schema for the groups' columns: each column's types promoted to one, or JSON text."""
     import pyarrow as pa  # noqa: PLC0415
 
-    fields = []
-    for name in dict.fromkeys(field.name for schema in groups for field in schema):
+    def promoted(name: str) -> Any:
         found = [schema.field(name) for schema in groups if name in schema.names]
-        try:
-            typed = not any(f.metadata for f in found) and pa.unify_schemas(
-                [pa.schema([f]) for f in found], promote_options="permissive").field(0)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            typed = None
-        fields.append(typed or pa.field(name, pa.string(), metadata=JSON))
-    return pa.schema(fields)
+        if any(f.metadata for f in found):  # JSON text in one group: in all
+            return None
+        return pa.unify_schemas([pa.schema([f]) for f in found], promote_options="permissive").field(0).type
+
+    return pa.schema([_field(name, lambda name=name: promoted(name))
+                      for name in dict.fromkeys(field.name for schema in groups for field in schema)])
+
+
+def _field(name: str, type_of: Callable[[], Any]) -> Any:
+    """A column of type_of()'s type, or of JSON text: a JSON_COLUMNS one, or where type_of finds no one
+    type (None, or Arrow's refusal)."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    try:
+        typed = None if name in JSON_COLUMNS else type_of()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        typed = None
+    return pa.field(name, pa.string(), metadata=JSON) if typed is None else pa.field(name, typed)
 
 
 class _ParquetGroups:
