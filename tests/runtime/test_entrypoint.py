@@ -9,8 +9,10 @@ import time
 import pytest
 
 from llmfactory_runtime import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, Interrupted
-from llmfactory_runtime.__main__ import _execute
+from llmfactory_runtime.__main__ import _execute, unused_libraries
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
+
+from tests.runtime.finetune_helpers import finetune_task
 
 
 def test_a_worker_rank_commits_nothing_and_leaves_progress_to_rank_0(tmp_path):
@@ -110,3 +112,18 @@ def test_a_missing_api_key_fails_the_run_before_any_work(tmp_path, monkeypatch, 
     assert not worked
     assert run.read_json(PROGRESS)["message"].startswith(f"InvalidTask: {field}.apiKeySecret names Secret ")
     assert variable in run.read_json(PROGRESS)["message"]
+
+
+@pytest.mark.parametrize("spec, unused", [
+    ({"method": "lora"}, ["deepspeed", "bitsandbytes"]),
+    ({"method": "qlora"}, ["deepspeed"]),
+    ({"method": "full", "hyperparameters": {"optimizer": "adamw8bit"}}, ["deepspeed"]),
+    ({"method": "lora", "distribution": {"strategy": "deepspeed"}}, ["bitsandbytes"]),
+])
+def test_a_process_leaves_out_only_the_libraries_its_task_does_not_use(tmp_path, spec, unused):
+    """DeepSpeed and bitsandbytes cost ~1 s each to import and libraries import them whenever they are
+    installed; a task that would use one and found it left out would fail ("needs bitsandbytes,
+    which this runtime image lacks")."""
+    task = finetune_task(tmp_path / "model", f"file://{tmp_path}/data", f"file://{tmp_path}/store", **spec)
+    assert unused_libraries(task) == unused
+    assert unused_libraries({**task, "phase": "benchmark"}) == ["deepspeed", "bitsandbytes"]

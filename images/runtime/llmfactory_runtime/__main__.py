@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not run.exists(TASK):
         run.write_json(TASK, task)
 
+    _leave_out_unused_libraries(task)
     phase = importlib.import_module(PHASES[args.phase])  # imports torch: after the cheap checks
     _size_thread_pools()
     if args.shard is not None:
@@ -86,6 +87,31 @@ def main(argv: list[str] | None = None) -> int:
         log.info("every shard committed: merging")
         AnswerCache.forget_held()  # the grader's, held since this shard's work: the other shards' is in the store
     return _execute(phase.run, task, run)
+
+
+def unused_libraries(task: dict) -> list[str]:
+    """The installed libraries the task has no use for: DeepSpeed but for a FineTune's
+    distribution.strategy deepspeed, bitsandbytes but for a FineTune's method qlora or optimizer
+    adamw8bit."""
+    spec = task.get("spec") or {}
+    finetune = task["phase"] == "finetune"
+    unused = []
+    if not (finetune and (spec.get("distribution") or {}).get("strategy") == "deepspeed"):
+        unused.append("deepspeed")
+    if not (finetune and (spec.get("method") == "qlora"
+                          or (spec.get("hyperparameters") or {}).get("optimizer") == "adamw8bit")):
+        unused.append("bitsandbytes")
+    return unused
+
+
+def _leave_out_unused_libraries(task: dict) -> None:
+    """The process runs as if the libraries the task does not use were not installed. Libraries
+    import them whenever they are, at ~1 s each: peft imports bitsandbytes (which imports torch's
+    compiler), accelerate imports DeepSpeed (which imports MLflow) at every save_pretrained.
+    Measured on a small LoRA fine-tune on CPU: 8.1 -> 5.9 s. A None in sys.modules is what
+    importlib.util.find_spec, and so every library's is-it-available check, reads as absent."""
+    for name in unused_libraries(task):
+        sys.modules.setdefault(name, None)
 
 
 def _size_thread_pools() -> None:
