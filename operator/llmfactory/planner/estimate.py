@@ -15,6 +15,7 @@ from llmfactory_runtime.grader import grader_models
 
 from ..api.common import ModelSource, operational_fields
 from .errors import PlanError
+from .gguf_header import read_header
 from .manifests import Resource
 
 
@@ -30,26 +31,17 @@ def _local_path(uri: str) -> Path | None:
 
 
 def _gguf_shape(path: Path) -> ModelShape | None:
-    try:
-        from gguf import GGUFReader  # noqa: PLC0415 - optional in the operator image
-    except ImportError:
+    header = read_header(path)
+    if header is None:
         return None
-    reader = GGUFReader(path)
-    fields = reader.fields
-
-    def value(key: str):
-        field = fields.get(key)
-        return None if field is None else field.parts[field.data[0]].tolist()
-
-    arch = bytes(value("general.architecture")).decode()
-    vocab = fields.get("tokenizer.ggml.tokens")
-    tensors = {t.name for t in reader.tensors}
-    config = {"hidden_size": value(f"{arch}.embedding_length"), "num_hidden_layers": value(f"{arch}.block_count"),
-              "intermediate_size": value(f"{arch}.feed_forward_length"),
-              "num_attention_heads": value(f"{arch}.attention.head_count"),
-              "num_key_value_heads": value(f"{arch}.attention.head_count_kv"),
-              "vocab_size": len(vocab.data) if vocab else None, "tie_word_embeddings": "output.weight" not in tensors}
-    config = {k: (v[0] if isinstance(v, list) else v) for k, v in config.items() if v is not None}
+    arch = header.values.get("general.architecture")
+    config = {"hidden_size": f"{arch}.embedding_length", "num_hidden_layers": f"{arch}.block_count",
+              "intermediate_size": f"{arch}.feed_forward_length", "num_attention_heads": f"{arch}.attention.head_count",
+              "num_key_value_heads": f"{arch}.attention.head_count_kv"}
+    config = {name: header.values[key] for name, key in config.items() if key in header.values}
+    if "tokenizer.ggml.tokens" in header.lengths:
+        config["vocab_size"] = header.lengths["tokenizer.ggml.tokens"]
+    config["tie_word_embeddings"] = "output.weight" not in header.tensors
     return shape_from_config(config)
 
 
