@@ -3,9 +3,10 @@ of N answers costs in requests and time as it answers, what a restart after a ki
 compact) reads, what the build's end does to fold the answers into packs, and what the next start
 reads. Against a local SeaweedFS (`weed mini`, started here, as the tests' fixture does), whose
 requests take ~1 ms; at S3's ~20 ms a request, the request counts are what the times scale with.
-Answers of ~1.5 KB, put by 16 threads as an API's answers arrive.
+Answers of ~1.5 KB, put by 16 threads as an API's answers arrive. Then a GRPO run's grader (a reward
+model's or an embedding model's scores, a pack of 64 a step) over STEPS steps, and its restart.
 
-    .venv/bin/python benchmarks/answer_cache.py [answers ...]   # default: 5000 20000
+    .venv/bin/python benchmarks/answer_cache.py [answers ...]   # default: 5000 20000; STEPS 5000
 """
 
 from __future__ import annotations
@@ -87,12 +88,36 @@ def measure(answers: int) -> dict[str, tuple[float, int]]:
             "the build's end (compact)": _timed(end), "restart after the end": _timed(restart)}
 
 
+STEPS = 5000
+
+
+def measure_grader(steps: int) -> dict[str, tuple[float, int]]:
+    uri, identity = "s3://answer-cache/cache", {"model": "rm", "steps": steps}
+    cache = AnswerCache(uri, "grader", identity)
+    cache.load()
+
+    def training() -> Counter:
+        calls = _counted(cache)
+        for step in range(steps):
+            cache.put_pack({f"{step:032x}{i:032x}": {"score": i / 64} for i in range(64)})
+        return calls
+
+    def restart() -> Counter:
+        again = AnswerCache(uri, "grader", identity)
+        calls = _counted(again)
+        assert len(again.load()) == steps * 64
+        return calls
+
+    return {f"grader: {steps} steps": _timed(training), "grader: restart": _timed(restart)}
+
+
 def main() -> None:
     sizes = [int(a) for a in sys.argv[1:]] or [5000, 20000]
     with tempfile.TemporaryDirectory() as tmp:
         weed = _weed(Path(tmp))
         try:
             rows = [(n, step, *cost) for n in sizes for step, cost in measure(n).items()]
+            rows += [(STEPS * 64, step, *cost) for step, cost in measure_grader(STEPS).items()]
         finally:
             weed.terminate()
             weed.wait()

@@ -147,6 +147,23 @@ def test_an_answer_cache_folds_answers_into_packs_as_they_come_and_a_restart_rea
     assert AnswerCache.opened(store.uri, "teacher", {"model": "m"}).answers == cache.answers
 
 
+def test_a_grader_cache_that_writes_a_pack_a_step_folds_them_and_a_restart_reads_a_few(store, monkeypatch):
+    """A GRPO run's grader writes a batch of scores as one pack every step (10,000 steps: 10,000 objects
+    for the next start to read): every COMPACT_EVERY objects written, packs and single answers alike,
+    become one pack, and what they held is all still there."""
+    monkeypatch.setattr(answer_cache, "COMPACT_EVERY", 4)
+    cache = AnswerCache.opened(store.uri, "grader", {"model": "rm"}, held=True)
+    for step in range(9):
+        cache.put_pack({f"s{step}-{i}": {"score": step + i / 10} for i in range(3)})
+    cache.put("single", {"score": 0.5})
+    folder = store.child(f"grader/{answer_cache.digest({'model': 'rm'})[:24]}")
+    assert len(folder.list()) == 2 + 2  # two folds of 4, then a pack and a single
+    AnswerCache.forget_held()
+    again = AnswerCache.opened(store.uri, "grader", {"model": "rm"})
+    assert again.answers == cache.answers and len(again.answers) == 9 * 3 + 1
+    assert again.get("s8-2") == {"score": 8.2}
+
+
 def test_s3_credentials_are_enforced(s3_bucket, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(Exception, match="(?i)signature|denied|forbidden"):

@@ -3,9 +3,10 @@ asked (the model, the parameters, the whole conversation up to the question): a 
 build, or a new build that only changed its filters or split, never pays for them again.
 
 Each answer is written as its own object the moment it arrives (a kill loses nothing that was
-received); `compact` folds them into one pack, every COMPACT_EVERY answers and at the end, so that
-the next start reads a few objects, not thousands (a million single answers: minutes to read, and
-hours to delete one request at a time at S3's latency).
+received), answers computed together (a grader's batch of scores) as one pack; `compact` folds the
+objects written so into one pack, every COMPACT_EVERY objects and at the end, so that the next
+start reads a few objects, not thousands (a million single answers: minutes to read, and hours to
+delete one request at a time at S3's latency; a GRPO run's grader, a pack a step).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from .store import Store, open_store
 
 SINGLES, PACKS = "answers", "packs"
-COMPACT_EVERY = 1000  # single answers folded into a pack as they come (~2 MB of a teacher's answers)
+COMPACT_EVERY = 1000  # objects folded into a pack as they come (~2 MB of a teacher's single answers)
 _held: dict[str, AnswerCache] = {}  # AnswerCache.opened(held=True)'s, by folder
 
 
@@ -54,7 +55,7 @@ class AnswerCache:
         max tokens...). Its digest names the folder, so unrelated answers are never even read."""
         self.store: Store = open_store(f"{cache_uri.rstrip('/')}/{purpose}/{digest(identity)[:24]}")
         self.answers: dict[str, dict[str, Any]] = {}
-        self.written: list[str] = []
+        self.written: list[tuple[str, list[str]]] = []  # (object, its keys): to fold into the next pack
         self._lock = threading.Lock()  # put from several threads (an API's answers as they arrive)
 
     @staticmethod
@@ -71,39 +72,50 @@ class AnswerCache:
                 data = self.store.read_json(name)
             except (ValueError, OSError):  # cut short by a kill while writing: as if never received
                 return {}
-            return data if name.startswith(PACKS) else {name.rsplit("/", 1)[-1].removesuffix(".json"): data}
+            return data if name.startswith(PACKS) else {_single_key(name): data}
 
         with ThreadPoolExecutor(16) as pool:
             for part in pool.map(read, names):
                 self.answers.update(part)
-        self.written = [n for n in names if n.startswith(SINGLES)]
+        self.written = [(n, [_single_key(n)]) for n in names if n.startswith(SINGLES)]
         return self.answers
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.answers.get(key)
 
     def put(self, key: str, answer: dict[str, Any]) -> None:
-        self.store.write_json(f"{SINGLES}/{key}.json", answer)
-        self.answers[key] = answer
+        name = f"{SINGLES}/{key}.json"
+        self.store.write_json(name, answer)
+        self._keep(name, {key: answer})
+
+    def put_pack(self, answers: dict[str, dict[str, Any]]) -> None:
+        """Answers computed together (a batch of scores), written as one pack."""
+        name = f"{PACKS}/{uuid.uuid4().hex}.json"
+        self.store.write_json(name, answers)
+        self._keep(name, answers)
+
+    def _keep(self, name: str, answers: dict[str, dict[str, Any]]) -> None:
+        """The answers just written as object `name`, held; every COMPACT_EVERY such objects, one pack."""
+        self.answers.update(answers)
         with self._lock:
-            self.written.append(f"{SINGLES}/{key}.json")
+            self.written.append((name, list(answers)))
             full = len(self.written) >= COMPACT_EVERY
         if full:
             self.compact(minimum=COMPACT_EVERY)
 
-    def put_pack(self, answers: dict[str, dict[str, Any]]) -> None:
-        """Answers computed together (a batch of scores), written as one pack."""
-        self.store.write_json(f"{PACKS}/{uuid.uuid4().hex}.json", answers)
-        self.answers.update(answers)
-
     def compact(self, minimum: int = 64) -> None:
-        """The single answers into one pack, then the singles go (the pack is written first, so a
-        kill in between only leaves duplicates). Those put meanwhile wait for the next pack."""
+        """The objects this process wrote (and single answers found at the start) into one pack, then
+        they go (the pack is written first, so a kill in between only leaves duplicates). Those
+        written meanwhile wait for the next pack."""
         with self._lock:
             if len(self.written) < minimum:
                 return
-            names, self.written = self.written, []
-        keys = [name.rsplit("/", 1)[-1].removesuffix(".json") for name in names]
+            written, self.written = self.written, []
+        keys = [key for _, keys in written for key in keys]
         self.store.write_json(f"{PACKS}/{uuid.uuid4().hex}.json",
                               {k: self.answers[k] for k in keys if k in self.answers})
-        self.store.delete_many(names)
+        self.store.delete_many([name for name, _ in written])
+
+
+def _single_key(name: str) -> str:
+    return name.rsplit("/", 1)[-1].removesuffix(".json")
