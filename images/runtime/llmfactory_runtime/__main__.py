@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 def unused_libraries(task: dict) -> list[str]:
     """The installed libraries the task has no use for: DeepSpeed but for a FineTune's
     distribution.strategy deepspeed (no checkpoint needs it to load, unlike bitsandbytes, which a
-    4-bit checkpoint does: it stays, though peft imports it, with torch's compiler, in ~1.2 s)."""
+    4-bit checkpoint does: it stays, though peft imports it, with torch's compiler, in ~1.7 s)."""
     spec = task.get("spec") or {}
     if task["phase"] == "finetune" and (spec.get("distribution") or {}).get("strategy") == "deepspeed":
         return []

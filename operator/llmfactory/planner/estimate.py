@@ -35,10 +35,10 @@ def _gguf_shape(path: Path) -> ModelShape | None:
     if header is None:
         return None
     arch = header.values.get("general.architecture")
-    config = {"hidden_size": f"{arch}.embedding_length", "num_hidden_layers": f"{arch}.block_count",
-              "intermediate_size": f"{arch}.feed_forward_length", "num_attention_heads": f"{arch}.attention.head_count",
-              "num_key_value_heads": f"{arch}.attention.head_count_kv"}
-    config = {name: header.values[key] for name, key in config.items() if key in header.values}
+    keys = {"hidden_size": f"{arch}.embedding_length", "num_hidden_layers": f"{arch}.block_count",
+            "intermediate_size": f"{arch}.feed_forward_length", "num_attention_heads": f"{arch}.attention.head_count",
+            "num_key_value_heads": f"{arch}.attention.head_count_kv"}
+    config = {name: header.values[key] for name, key in keys.items() if key in header.values}
     if "tokenizer.ggml.tokens" in header.lengths:
         config["vocab_size"] = header.lengths["tokenizer.ggml.tokens"]
     config["tie_word_embeddings"] = "output.weight" not in header.tensors
