@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from llmfactory_runtime import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, Interrupted
-from llmfactory_runtime.__main__ import _execute, unused_libraries
+from llmfactory_runtime import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, Interrupted, libraries
+from llmfactory_runtime.__main__ import _execute
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
 
 from tests.runtime.finetune_helpers import finetune_task
@@ -115,12 +118,56 @@ def test_a_missing_api_key_fails_the_run_before_any_work(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("spec, unused", [
-    ({"method": "lora"}, ["deepspeed"]),
-    ({"method": "full", "distribution": {"strategy": "deepspeed"}}, []),
+    ({"method": "lora"}, ["deepspeed", "bitsandbytes"]),
+    ({"method": "qlora"}, ["deepspeed"]),
+    ({"method": "full", "hyperparameters": {"optimizer": "adamw8bit"}}, ["deepspeed"]),
+    ({"method": "full", "distribution": {"strategy": "deepspeed"}}, ["bitsandbytes"]),
 ])
-def test_a_process_leaves_out_deepspeed_unless_its_task_trains_with_it(tmp_path, spec, unused):
-    """DeepSpeed costs ~1 s to import, and accelerate imports it at every save_pretrained when it is
-    installed; a fine-tune under DeepSpeed that found it left out would fail."""
+def test_a_process_leaves_out_the_optional_libraries_its_task_does_not_name(tmp_path, monkeypatch, spec, unused):
+    """DeepSpeed and bitsandbytes cost ~1 s and ~1.7 s to import, and accelerate and peft import them
+    whenever they are installed; a task that names one and found it left out would fail. A process of
+    several keeps bitsandbytes (a rank cannot restart alone when a checkpoint needs it); the restart
+    keeps everything."""
     task = finetune_task(tmp_path / "model", f"file://{tmp_path}/data", f"file://{tmp_path}/store", **spec)
-    assert unused_libraries(task) == unused
-    assert unused_libraries({**task, "phase": "benchmark"}) == ["deepspeed"]
+    assert libraries.unused(task) == unused
+    assert libraries.unused({**task, "phase": "benchmark"}) == ["deepspeed", "bitsandbytes"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "bitsandbytes" not in libraries.unused(task)
+    monkeypatch.setenv(libraries.KEEP_ENV, "1")
+    assert libraries.unused(task) == []
+
+
+def test_a_benchmark_of_a_model_saved_4_bit_restarts_with_bitsandbytes_and_measures_it(tiny_model, tmp_path):
+    """A Benchmark leaves bitsandbytes out, not knowing its models before it loads them; one saved
+    4-bit by bitsandbytes (an Unsloth "-bnb-4bit" checkpoint) restarts the process with it, and the
+    run measures it as any other."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from llmfactory.planner import parse, plan
+    from llmfactory_runtime.data import dumps_jsonl
+
+    quantized = tmp_path / "bnb-4bit"
+    AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+                                         device_map={"": "cpu"}).save_pretrained(quantized)
+    for tokenizer_file in tiny_model.glob("*token*"):
+        shutil.copy(tokenizer_file, quantized)
+    data = tmp_path / "rows"
+    data.mkdir()
+    (data / "test.jsonl").write_bytes(dumps_jsonl([{"messages": [{"role": "user", "content": "Hi"},
+                                                                 {"role": "assistant", "content": "Hello there."}]}]))
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "ppl"},
+           "spec": {"model": {"source": {"uri": f"file://{quantized}"}}, "baseline": False,
+                    "perplexity": {"dataset": {"uri": f"file://{data}"}, "split": "test"}}}
+    task = plan(parse(doc), lambda *key: None, f"file://{tmp_path}/store")
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(task))
+    env = {k: v for k, v in os.environ.items() if k != libraries.KEEP_ENV}
+    done = subprocess.run([sys.executable, "-m", "llmfactory_runtime", "benchmark", "--task", str(path)],
+                          capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{quantized} is quantized with bitsandbytes: it needs bitsandbytes" in done.stderr
+    assert done.stderr.count("restarting with every installed library") == 1
+    result = finished_result(open_store(task["artifactUri"]))
+    assert result["metrics"]["perplexity.value"] > 1

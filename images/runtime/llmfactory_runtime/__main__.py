@@ -24,7 +24,7 @@ import sys
 import threading
 import traceback
 
-from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, EXIT_OK, Interrupted, cpus
+from . import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_TASK, EXIT_OK, Interrupted, cpus, libraries
 from .answer_cache import AnswerCache
 from .store import SHARDS, TASK, Store, finished_result, open_store, write_result
 from .task import InvalidTask, load_task
@@ -67,7 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     if not run.exists(TASK):
         run.write_json(TASK, task)
 
-    _leave_out_unused_libraries(task)
+    libraries.leave_out(task)
+    try:
+        return _run_phase(args, task, run)
+    except libraries.Needed as exc:
+        log.warning("%s: restarting with every installed library", exc)
+        libraries.restart(sys.argv[1:] if argv is None else argv)
+        raise  # not reached: the process is replaced
+
+
+def _run_phase(args: argparse.Namespace, task: dict, run: Store) -> int:
     phase = importlib.import_module(PHASES[args.phase])  # imports torch: after the cheap checks
     _size_thread_pools()
     if args.shard is not None:
@@ -87,25 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         log.info("every shard committed: merging")
         AnswerCache.forget_held()  # the grader's, held since this shard's work: the other shards' is in the store
     return _execute(phase.run, task, run)
-
-
-def unused_libraries(task: dict) -> list[str]:
-    """The installed libraries the task has no use for: DeepSpeed but for a FineTune's
-    distribution.strategy deepspeed (no checkpoint needs it to load, unlike bitsandbytes, which a
-    4-bit checkpoint does: it stays, though peft imports it, with torch's compiler, in ~1.7 s)."""
-    spec = task.get("spec") or {}
-    if task["phase"] == "finetune" and (spec.get("distribution") or {}).get("strategy") == "deepspeed":
-        return []
-    return ["deepspeed"]
-
-
-def _leave_out_unused_libraries(task: dict) -> None:
-    """The process runs as if the libraries the task does not use were not installed: accelerate
-    imports DeepSpeed whenever it is (at every save_pretrained), which imports MLflow for its
-    autotuner, ~1 s. A None in sys.modules is what importlib.util.find_spec, and so every library's
-    is-it-available check, reads as absent."""
-    for name in unused_libraries(task):
-        sys.modules.setdefault(name, None)
 
 
 def _size_thread_pools() -> None:
@@ -187,6 +177,8 @@ def _execute(work, task: dict, run: Store) -> int:
         with _stopped_by_sigterm():
             require_keys(task.get("spec") or {})
             result = work(task, run, progress)
+    except libraries.Needed:
+        raise  # not the work's failure: main restarts the process
     except InvalidTask as exc:
         log.error("invalid task: %s", exc)
         progress.finish("Failed", f"InvalidTask: {exc}")

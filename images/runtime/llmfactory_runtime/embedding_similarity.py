@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import EMBEDDINGS_KEY_ENV
+from . import EMBEDDINGS_KEY_ENV, libraries
 from .answer_cache import AnswerCache, digest
 from .openai_client import ChatClient, api_key
 from .finetune.estimate import EMBEDDING_BATCH
@@ -178,6 +178,7 @@ def load_encoder(source: dict[str, Any]) -> Encoder:
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:  # a decoder's: any token will do under the attention mask
         tokenizer.pad_token = tokenizer.eos_token
+    libraries.check_checkpoint(where, **kwargs)
     model = AutoModel.from_pretrained(where, dtype=compute_dtype(), **kwargs)
     if model.config.is_encoder_decoder:  # sentence-t5, GTR: the encoder's states alone (T5EncoderModel's)
         model = model.get_encoder()

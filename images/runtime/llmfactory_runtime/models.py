@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from . import libraries
 from .chat import TEMPLATES, use_template
 from .store import open_store
 from .task import InvalidTask
@@ -153,6 +154,8 @@ def load_model(source: dict[str, Any], dtype: torch.dtype | str | None = None, c
         where, gguf, extra = locate(source)
         if gguf:
             log.info("dequantizing the GGUF base %s", gguf)
+        else:
+            libraries.check_checkpoint(where, **extra)
         model = auto_class.from_pretrained(where, gguf_file=gguf, dtype=dtype, **extra, **kwargs)
         if cached:
             _save_gguf_cache(model, AutoTokenizer.from_pretrained(where, gguf_file=gguf), cached)

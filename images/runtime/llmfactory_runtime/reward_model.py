@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from .batching import collate_sequences, evaluating, row_width
+from . import libraries
 from .chat import render
 from .finetune.estimate import REWARD_MODEL_BATCH
 from .models import compute_dtype, device, fit_embeddings, load_tokenizer, locate
@@ -23,6 +24,7 @@ def load(source: dict[str, Any], field: str) -> tuple[Any, Any]:
     trained classification head (a causal LM, whose head transformers would initialise at random)
     or with other than one label is an invalid task naming `field`."""
     where, _, kwargs = locate(source)
+    libraries.check_checkpoint(where, **kwargs)
     model, info = AutoModelForSequenceClassification.from_pretrained(where, dtype=compute_dtype(),
                                                                      output_loading_info=True, **kwargs)
     if info["missing_keys"]:
