@@ -8,10 +8,8 @@ any restart of a pod."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 KEEP_ENV = "LLMFACTORY_KEEP_LIBRARIES"  # set by the restart: this process imports as installed
@@ -19,10 +17,6 @@ KEEP_ENV = "LLMFACTORY_KEEP_LIBRARIES"  # set by the restart: this process impor
 
 class Needed(Exception):
     """A library this process left out that its work turns out to need: the process restarts."""
-
-    def __init__(self, name: str, why: str):
-        super().__init__(f"{why}: it needs {name}, which this process had left out")
-        self.name = name
 
 
 def unused(task: dict[str, Any]) -> list[str]:
@@ -33,13 +27,11 @@ def unused(task: dict[str, Any]) -> list[str]:
         return []
     spec = task.get("spec") or {}
     finetune = task.get("phase") == "finetune"
-    left = []
-    if not (finetune and (spec.get("distribution") or {}).get("strategy") == "deepspeed"):
-        left.append("deepspeed")
-    if not (finetune and (spec.get("method") == "qlora" or (spec.get("hyperparameters") or {}).get("optimizer") == "adamw8bit")
-            or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        left.append("bitsandbytes")
-    return left
+    deepspeed = finetune and (spec.get("distribution") or {}).get("strategy") == "deepspeed"
+    quantizes = finetune and (spec.get("method") == "qlora"
+                              or (spec.get("hyperparameters") or {}).get("optimizer") == "adamw8bit")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    return [name for name, used in (("deepspeed", deepspeed), ("bitsandbytes", quantizes or ranks > 1)) if not used]
 
 
 def leave_out(task: dict[str, Any]) -> None:
@@ -58,15 +50,12 @@ def check_checkpoint(where: str, **kwargs: Any) -> None:
     Needed when they are quantized by a library this process left out."""
     if not _left_out("bitsandbytes"):
         return
-    config = Path(where) / "config.json"
-    if config.is_file():
-        settings = json.loads(config.read_text())
-    else:  # a hub id: what from_pretrained reads first, from the same cache
-        from transformers import PretrainedConfig  # noqa: PLC0415
+    # The config alone (a folder's file, a hub id's from the cache from_pretrained then reads).
+    from transformers import PretrainedConfig  # noqa: PLC0415
 
-        settings = PretrainedConfig.get_config_dict(where, **kwargs)[0]
+    settings = PretrainedConfig.get_config_dict(where, **kwargs)[0]
     if (settings.get("quantization_config") or {}).get("quant_method") == "bitsandbytes":
-        raise Needed("bitsandbytes", f"{where} is quantized with bitsandbytes")
+        raise Needed(f"{where} is quantized with bitsandbytes: it needs bitsandbytes, which this process had left out")
 
 
 def restart(argv: list[str]) -> None:
