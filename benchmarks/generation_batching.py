@@ -1,9 +1,12 @@
 """Local answering on SmolLM2-135M-Instruct (the quickstart's teacher), on the quickstart
 DatasetBuild's prompts and settings: one prompt at a time, static batches (transformers'
-`generate` with left padding: a batch decodes until its longest answer ends), and the runtime's
-continuous batching (a finished answer hands its place to the next prompt at once).
+`generate` with left padding: a batch decodes until its longest answer ends), continuous batching
+(a finished answer hands its place to the next prompt at once), and the runtime's choice
+(`llmfactory_runtime.generate.generate`: continuous where prompts wait for a place, else one static
+batch).
 
     .venv/bin/python benchmarks/generation_batching.py [--prompts 100] [--max-new-tokens 160] [--batch 16,24]
+    .venv/bin/python benchmarks/generation_batching.py --prompts 6 --max-new-tokens 96 --batch 8
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmfactory_runtime.generate import generate, stop_token_ids, to_generation
+from llmfactory_runtime.generate import (continuous, generate, generation_config, prompt_ids, stop_token_ids,
+                                         to_generation)
 from llmfactory_runtime.models import load_model, load_tokenizer
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart" / "01-dataset.yaml"
@@ -32,6 +36,16 @@ def static_batches(model, tokenizer, conversations, max_new_tokens: int, batch: 
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
                              pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None)
         answers += [to_generation(tokenizer, row, stop) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+    return answers
+
+
+@torch.no_grad()
+def continuous_batches(model, tokenizer, conversations, max_new_tokens: int, batch: int) -> list:
+    """Continuous batching, even where every prompt fits in one batch."""
+    stop, answers = stop_token_ids(tokenizer), [None] * len(conversations)
+    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    for i, tokens in continuous(model, prompts, generation_config(tokenizer, max_new_tokens, 0.0), 0, batch):
+        answers[i] = to_generation(tokenizer, tokens, stop)
     return answers
 
 
@@ -57,13 +71,17 @@ def main() -> None:
     for b in (int(x) for x in args.batch.split(",")):
         runs.append(("static batches", b, lambda b=b: static_batches(model, tokenizer, conversations,
                                                                       args.max_new_tokens, b)))
-        runs.append(("continuous", b, lambda b=b: generate(model, tokenizer, conversations, args.max_new_tokens,
-                                                            concurrency=b)))
+        runs.append(("continuous", b, lambda b=b: continuous_batches(model, tokenizer, conversations,
+                                                                      args.max_new_tokens, b)))
+        if len(conversations) <= b:  # else the runtime's is the continuous row
+            runs.append(("the runtime's: one static batch", b, lambda b=b: generate(
+                model, tokenizer, conversations, args.max_new_tokens, concurrency=b)))
     print(f"{len(conversations)} prompts, up to {args.max_new_tokens} new tokens, greedy, "
           f"{torch.get_num_threads()} threads")
     print("| decoding | batch | seconds | answers/s | tokens/s | same answers as continuous |\n|---|---|---|---|---|---|")
     reference = None
-    for name, batch, run in reversed(runs):  # continuous first: the others are compared with it
+    runs.sort(key=lambda r: r[0] != "continuous")  # continuous first: the others are compared with it
+    for name, batch, run in runs:
         began = time.perf_counter()
         answers = run()
         seconds = time.perf_counter() - began

@@ -1,5 +1,6 @@
-"""Local generation by continuous batching: the answers a conversation gets do not depend on the
-conversations decoding beside it, and each answer is handed over as soon as it is finished."""
+"""Local generation by continuous batching, or one static batch where every conversation fits in
+it: the answers a conversation gets do not depend on the conversations decoding beside it, nor on
+the way they decode, and each answer is handed over as soon as it is finished."""
 
 from __future__ import annotations
 
@@ -38,22 +39,30 @@ def test_each_answer_is_the_one_the_conversation_gets_decoded_alone(model_and_to
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                              eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, top_p=None, top_k=None)
         alone.append(to_generation(tokenizer, out[0, ids.shape[1]:].tolist(), stop))
-    handed = []
-    # Three at a time for seven conversations: places are handed on while others still decode.
-    answers = generate(model, tokenizer, CONVERSATIONS, 12, concurrency=3, on_answer=lambda i, g: handed.append((i, g)))
-    assert answers == alone
-    assert sorted(i for i, _ in handed) == list(range(len(CONVERSATIONS)))
-    assert all(answers[i] is g for i, g in handed)
+    # Three at a time for seven conversations: places are handed on while others still decode. Eight
+    # at a time: one static batch, left-padded to the longest prompt.
+    for concurrency in (3, 8):
+        handed = []
+        answers = generate(model, tokenizer, CONVERSATIONS, 12, concurrency=concurrency,
+                           on_answer=lambda i, g: handed.append((i, g)))
+        assert answers == alone, concurrency
+        assert sorted(i for i, _ in handed) == list(range(len(CONVERSATIONS)))
+        assert all(answers[i] is g for i, g in handed)
     assert all(0 < a.tokens <= 12 for a in answers) and any(a.text for a in answers)
 
 
 def test_sampling_is_reproducible_by_seed(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    first, again = (generate(model, tokenizer, CONVERSATIONS, 10, temperature=1.5, seed=5, concurrency=4)
-                    for _ in range(2))
-    other = generate(model, tokenizer, CONVERSATIONS, 10, temperature=1.5, seed=6, concurrency=4)
-    assert first == again
-    assert first != other
+    for concurrency in (4, 8):  # continuous, and one static batch
+        first, again = (generate(model, tokenizer, CONVERSATIONS, 10, temperature=1.5, seed=5, concurrency=concurrency)
+                        for _ in range(2))
+        other = generate(model, tokenizer, CONVERSATIONS, 10, temperature=1.5, seed=6, concurrency=concurrency)
+        assert first == again
+        assert first != other
+    # The seed's draws leave the process's own random state where it was (a FineTune's, say).
+    state = torch.get_rng_state()
+    generate(model, tokenizer, CONVERSATIONS, 10, temperature=1.5, seed=5, concurrency=8)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_an_answer_ends_at_the_first_end_of_turn_token(model_and_tokenizer):

@@ -4,7 +4,8 @@ continuous batching; vllm_server.VllmServer.generate is the same with vLLM."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,26 +60,44 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
     """Answer the last user turn of each conversation (offered tools[i], when given), in order;
     on_answer(index, answer) as each one finishes. Up to `concurrency` conversations decode together,
     and one that ends hands its place to the next at once: a static batch would go on decoding until
-    its longest answer ends."""
+    its longest answer ends. Conversations that all fit in one batch are one static batch: with none
+    waiting for a place, continuous batching has nothing to hand on, and its packed attention costs more
+    a step (a Benchmark's few questions of a temperature: benchmarks/generation_batching.py)."""
     if not conversations:
         return []
     prompts = [prompt_ids(tokenizer, c, tools[i] if tools else None) for i, c in enumerate(conversations)]
+    config, stop = generation_config(tokenizer, max_new_tokens, temperature), stop_token_ids(tokenizer)
+    decode = _one_batch if len(prompts) <= concurrency else partial(continuous, concurrency=concurrency)
+    answers: list[Generation | None] = [None] * len(prompts)
+    for i, tokens in decode(model, prompts, config, seed):
+        answers[i] = to_generation(tokenizer, tokens, stop)
+        if on_answer:
+            on_answer(i, answers[i])
+    return answers
+
+
+def generation_config(tokenizer, max_new_tokens: int, temperature: float) -> GenerationConfig:
+    """Greedy at temperature 0, else sampled from the whole distribution; ends on end-of-turn."""
     stop = stop_token_ids(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-                              top_p=None, top_k=None, **sampling)
-    concurrency = min(concurrency, len(prompts))
-    longest = max(len(p) for p in prompts) + max_new_tokens
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
+                            top_p=None, top_k=None, **sampling)
+
+
+def continuous(model, prompts: list[list[int]], config: GenerationConfig, seed: int,
+               concurrency: int) -> Iterator[tuple[int, list[int]]]:
+    """(index, new tokens) of each prompt as it finishes, by transformers' continuous batching."""
+    longest = max(len(p) for p in prompts) + config.max_new_tokens
     # A cache that holds every running conversation whole, sized from the work rather than from free
     # memory (the library's default takes most of it: a whole node's RAM on CPU, the share of a judge
     # loaded beside it on a GPU), so nothing is ever evicted and recomputed.
     batching = ContinuousBatchingConfig(max_requests_per_batch=concurrency, seed=seed,
                                         max_batch_tokens=max(MAX_BATCH_TOKENS, concurrency))
     batching.num_blocks = concurrency * math.ceil(longest / batching.page_size)
-    answers: list[Generation | None] = [None] * len(prompts)
     with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=batching,
                                                    block=True, timeout=60) as manager:
-        index = {rid: i for i, rid in enumerate(manager.add_requests(prompts, max_new_tokens=max_new_tokens))}
+        index = {rid: i for i, rid in enumerate(manager.add_requests(prompts, max_new_tokens=config.max_new_tokens))}
         waiting = len(prompts)
         while waiting:
             result = manager.get_result(timeout=1)
@@ -91,9 +110,17 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
                 continue
             if result.error is not None:
                 raise RuntimeError(f"generation failed: {result.error}")
-            i = index[result.request_id]
-            answers[i] = to_generation(tokenizer, result.generated_tokens, stop)
             waiting -= 1
-            if on_answer:
-                on_answer(i, answers[i])
-    return answers
+            yield index[result.request_id], result.generated_tokens
+
+
+def _one_batch(model, prompts: list[list[int]], config: GenerationConfig, seed: int) -> Iterator[tuple[int, list[int]]]:
+    """(index, new tokens) of each prompt, decoded together by transformers' generate, left-padded."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[config.pad_token_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    # The seed's draws, without moving the process's own random state (a FineTune's, a test's).
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    yield from enumerate(row[width:].tolist() for row in out)

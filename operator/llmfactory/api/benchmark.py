@@ -8,8 +8,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from .common import (ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, ApiUsage, Engine, KindInfo, LocalObjectReference,
-                     ModelSource, OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
+from .common import (BATCH_SIZE_DESCRIPTION, ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, ApiUsage, Engine, KindInfo,
+                     LocalObjectReference, ModelSource, OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
 from .dataset_build import LANGUAGE_PATTERN, HuggingFaceDataset
 from .fine_tune import DatasetInput, Grader
 
@@ -77,8 +77,7 @@ class Judge(ApiModel):
                                                "category, turns (one or two), optional reference and language.")
     max_questions: int | None = Field(None, ge=1, description="Questions per language, at most.")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer of the model under test.")
-    batch_size: int = Field(8, ge=1, le=512, description="Questions decoding together (transformers engine; one "
-                                                        "that ends hands its place to the next at once).")
+    batch_size: int = Field(8, ge=1, le=512, description=BATCH_SIZE_DESCRIPTION.format(what="Questions"))
     engine: Engine = Field("auto", description=ENGINE_DESCRIPTION.replace("the local model", "the model under "
                                                                           "test (and its baseline)"))
     temperatures: dict[str, float] = Field(
@@ -139,8 +138,7 @@ class Reward(ApiModel):
     split: Literal["train", "validation", "test"] = Field("test", description="Which split's prompts to answer.")
     max_samples: int | None = Field(None, ge=1, description="Answer at most this many prompts.")
     max_new_tokens: int = Field(256, ge=1, le=131072, description="Longest answer (the FineTune's grpo.maxNewTokens).")
-    batch_size: int = Field(8, ge=1, le=512, description=(
-        "Prompts decoding together (transformers engine; one that ends hands its place to the next at once)."))
+    batch_size: int = Field(8, ge=1, le=512, description=BATCH_SIZE_DESCRIPTION.format(what="Prompts"))
     engine: Engine = Field("auto", description=ENGINE_DESCRIPTION.replace("the local model", "the model under "
                                                                           "test (and its baseline)"))
 

@@ -84,6 +84,10 @@ ENGINE_DESCRIPTION = (
     "GGUF too), or auto: "
     "vLLM where the image has it, a GPU is visible and vLLM can serve the model (not a GGUF file; a LoRA adapter "
     "without DoRA, of rank up to 512 and training no token rows), transformers otherwise.")
+# batchSize of a local model's answering (transformers engine), "Prompts" or "Questions".
+BATCH_SIZE_DESCRIPTION = (
+    "{what} decoding together (transformers engine): where more wait, one that ends hands its place to the next "
+    "at once (continuous batching); where all fit, they decode as one batch.")
 
 
 class LocalObjectReference(ApiModel):

@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .common import (ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, ApiUsage, Engine, KindInfo, ModelSource,
-                     OpenAIEndpoint, RewardModelSource, RunOptions, StatusBase,
+from .common import (BATCH_SIZE_DESCRIPTION, ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, ApiUsage,
+                     Engine, KindInfo, ModelSource, OpenAIEndpoint, RewardModelSource, RunOptions, StatusBase,
                      TrainedModelSource)
 from .fine_tune import Grader
 
@@ -119,9 +119,8 @@ class Teacher(ApiModel):
     system_prompt: str | None = Field(None, description="System message sent before every prompt.")
     temperature: float = Field(0.0, ge=0, le=2, description="0 decodes greedily (reproducible).")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest answer, in tokens.")
-    batch_size: int = Field(8, ge=1, le=512, description="Prompts decoding together (local model, transformers "
-                                                        "engine; one that ends hands its place to the next at once; "
-                                                        "vLLM schedules every prompt of a turn itself).")
+    batch_size: int = Field(8, ge=1, le=512, description=BATCH_SIZE_DESCRIPTION.format(what="Prompts") + (
+        " vLLM schedules every prompt of a turn itself."))
     seed: int = Field(0, description="Sampling seed when temperature > 0.")
     samples: int = Field(1, ge=1, le=16, description=(
         "Answers sampled per turn (rejection sampling, as Llama 3's SFT data; above 1 it needs temperature "
