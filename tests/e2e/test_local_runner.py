@@ -145,6 +145,19 @@ def test_failure_is_shown_and_dependents_are_skipped(tiny_model, tmp_path):
     assert "did not succeed (DatasetBuild" not in text  # no reason nested in another
 
 
+def test_a_spec_wrong_by_itself_is_refused_before_anything_runs(tiny_model, tmp_path):
+    """A Benchmark's gate on a metric it never reports is refused before its DatasetBuild and
+    FineTune run, not after them."""
+    manifests = pipeline(tiny_model)
+    manifests[2]["spec"]["gates"] = [{"metric": "perplexity.change", "op": "<", "value": 0}]
+    run = llmfactory(tmp_path, manifests, f"file://{tmp_path}/artifacts")
+    assert run.returncode == 2, run.stdout
+    text = " ".join(run.stdout.split())
+    assert "Benchmark default/bench: spec.gates[0].metric: 'perplexity.change' is not reported" in text
+    assert "'perplexity.changePercent'" in text
+    assert not (tmp_path / "artifacts").exists()  # nothing ran
+
+
 def test_a_benchmark_whose_gates_fail_fails_and_what_it_gates_is_skipped_saying_why(tiny_model, tmp_path):
     """As on the cluster: a Benchmark that finished with a failed gate is a failure, run or reused,
     and a Quantization gated on it (spec.benchmarkRef) does not start."""

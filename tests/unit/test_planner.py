@@ -175,6 +175,21 @@ def test_gate_on_an_unknown_metric_is_refused_with_the_valid_ones():
     assert "judge.score.ru" in err.value.message
 
 
+def test_a_gate_on_a_metric_never_reported_is_refused_before_waiting_for_the_fine_tune():
+    """Not hours later, when the FineTune it waits for has trained: a typo is refused when applied. A
+    gate on a metric that depends on the dataset (a preference pair's) waits to be checked with it."""
+    typo = copy.deepcopy(BENCH)
+    typo["spec"]["gates"] = [{"metric": "judge.scor", "op": ">=", "value": 5}]
+    with pytest.raises(PlanError) as err:
+        plan(parse(typo), lookup({}), STORE)
+    assert err.value.field == "spec.gates[0].metric" and "'judge.score'" in err.value.message
+    pairs = copy.deepcopy(BENCH)
+    pairs["spec"]["gates"] = [{"metric": "preference.accuracy", "op": ">=", "value": 0.6}]
+    assert isinstance(plan(parse(pairs), lookup({}), STORE), Waiting)
+    with pytest.raises(PlanError, match=r"spec.gates\[0\].metric: 'preference.accuracy' is not reported"):
+        plan(parse(pairs), lookup({("FineTune", "ft"): FT_RESULT}), STORE)  # trained on conversations, not pairs
+
+
 def test_metric_names_depend_on_the_suites_and_the_baseline():
     spec = parse(BENCH).spec
     assert "judge.baseline.ru" in benchmark_metric_names(spec, baseline=True)

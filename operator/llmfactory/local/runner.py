@@ -52,6 +52,8 @@ class LocalRunner:
         for other in others:
             self.console.print(f"{other}: left out (not an llmfactory kind)", soft_wrap=True)
         resources = dependency_order(parse(m) for m in manifests)
+        for res in resources:  # what a spec shows wrong by itself (a gate's metric) is refused before anything runs
+            plan(res, lambda *_: None, self.store_uri, lambda ns, name: self.config_maps.get((ns, name)))
         outcomes: dict[tuple, Outcome] = {}
 
         def result_of(kind: str, namespace: str, name: str):

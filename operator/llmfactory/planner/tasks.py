@@ -53,10 +53,13 @@ def artifact_uri(store_uri: str, res: Resource, digest: str) -> str:
     return f"{store_uri.rstrip('/')}/{res.namespace}/{res.kind.lower()}/{res.name}/{digest[:16]}"
 
 
+ANY_FORMAT = "any"  # benchmark_metric_names before the dataset is known
+
+
 def benchmark_metric_names(spec, baseline: bool, dataset_format: str | None = None) -> set[str]:
     """The metrics a Benchmark with this spec reports (what gates may name); dataset_format: its
     perplexity dataset's, whose preference pairs it scores too, and (against a baseline) unpaired
-    rows' labelled answers."""
+    rows' labelled answers; ANY_FORMAT: what it may report on any dataset."""
     names: set[str] = set()
     if spec.ranking:
         names |= {"ranking.accuracy", "ranking.margin"} | ({"ranking.baseline"} if baseline else set())
@@ -66,7 +69,7 @@ def benchmark_metric_names(spec, baseline: bool, dataset_format: str | None = No
         names |= {"perplexity.value", "perplexity.allTokens"}
         if baseline:
             names |= {"perplexity.baseline", "perplexity.changePercent"}
-        if dataset_format == "preference":
+        if dataset_format in ("preference", ANY_FORMAT):
             names |= {"preference.accuracy"} | ({"preference.baseline", "preference.rewardAccuracy"} if baseline else set())
         elif dataset_format == "unpaired" and baseline:
             names |= {"preference.rewardAccuracy"}
@@ -110,6 +113,8 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str,
     (or a ConfigMap it reads does not exist yet)."""
     if res.kind == "FineTune":  # refuse before waiting on anything
         _check_chat_template(res)
+    if res.kind == "Benchmark":
+        _check_gates_early(res)
     estimate = check_fits(res) if res.kind == "FineTune" else None
     upstream: dict[str, dict[str, Any]] = {}
     for path, kind, name in references(res):
@@ -533,17 +538,27 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                             "that trained with objective grpo, or a quantizationRef of one (whose prompts and "
                             "reference answers it reads), or the grader is toolCalls and the FineTune trained on "
                             "conversations: name a dataset of prompts with reference answers")
-    known = benchmark_metric_names(spec, baseline is not None, (inputs.get("dataset") or {}).get("format"))
-    # lm-eval metrics depend on the task's YAML: any metric of a named task may be gated.
-    tasks = set(spec.lm_eval.tasks) if spec.lm_eval else set()
-    for i, gate in enumerate(spec.gates):
+    _check_gates(res, benchmark_metric_names(spec, baseline is not None, (inputs.get("dataset") or {}).get("format")))
+    return inputs
+
+
+def _check_gates(res: Resource, known: set[str]) -> None:
+    """Each gate names a metric in `known` or of a listed lm-eval task (whose metrics its YAML names)."""
+    tasks = set(res.spec.lm_eval.tasks) if res.spec.lm_eval else set()
+    for i, gate in enumerate(res.spec.gates):
         parts = gate.metric.split(".")
         of_task = parts[0] == "lmEval" and len(parts) >= 3 and parts[-2] in tasks
         if gate.metric not in known and not of_task:
             valid = sorted(known) + [f"lmEval.{t}.<metric>" for t in sorted(tasks)]
             raise PlanError(res.ref, f"spec.gates[{i}].metric",
                             f"{gate.metric!r} is not reported by this benchmark; valid: {valid}")
-    return inputs
+
+
+def _check_gates_early(res: Resource) -> None:
+    """Before waiting for what the model and data come from: a gate on a metric this spec reports with
+    no dataset and no baseline (those depend on what the Benchmark reads, checked again once it is
+    planned) is refused now, not when its FineTune has trained for hours."""
+    _check_gates(res, benchmark_metric_names(res.spec, bool(res.spec.baseline), ANY_FORMAT))
 
 
 def _trainer(res: Resource) -> str:
