@@ -449,6 +449,11 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
         python["spec"]["grpo"]["grader"]["source"] = source
         with pytest.raises(PlanError, match=f"spec.grpo.grader.source: {error}"):
             plan(parse(python), lookup({}), STORE)
+    # On prompts a DatasetBuild has yet to make: refused before waiting for it.
+    python["spec"]["dataset"] = {"datasetBuildRef": {"name": "data"}}
+    python["spec"]["grpo"]["grader"]["referenceField"] = "reference"
+    with pytest.raises(PlanError, match="spec.grpo.grader.source: grade is async"):
+        plan(parse(python), lookup({}), STORE)
     # A label grader's prompt: only what the runtime fills in; labels told apart case aside, as it reads them.
     labelled = copy.deepcopy(GRPO)
     labelled["spec"]["grpo"]["grader"] = {
@@ -582,7 +587,7 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
     bad = copy.deepcopy(rewarded)
     bad["spec"]["reward"]["grader"]["extract"] = "[0-9"
     with pytest.raises(PlanError, match="spec.reward.grader.extract: '\\[0-9' is not a regular expression"):
-        plan(parse(bad), lookup(graded), STORE)
+        plan(parse(bad), lookup({}), STORE)  # before waiting for the FineTune
 
 
 def test_a_reward_model_fine_tune_feeds_a_grpo_grader_by_reference_and_nothing_that_needs_text():
@@ -811,7 +816,7 @@ def test_a_grpo_fine_tune_reads_a_dataset_builds_prompts_with_references_and_not
         bad = copy.deepcopy(filtered)
         bad["spec"]["difficulty"]["grader"] |= wrong
         with pytest.raises(PlanError, match=error):
-            plan(parse(bad), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+            plan(parse(bad), lookup({}), STORE)  # before waiting for the FineTune
 
 
 def test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judges_by_reference():

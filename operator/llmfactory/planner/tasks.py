@@ -111,10 +111,7 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str,
          config_map_of: ConfigMapLookup | None = None) -> dict[str, Any] | Waiting:
     """The task document for `res`, or Waiting when a referenced resource has not succeeded
     (or a ConfigMap it reads does not exist yet)."""
-    if res.kind == "FineTune":  # refuse before waiting on anything
-        _check_chat_template(res)
-    if res.kind == "Benchmark":
-        _check_gates_early(res)
+    _check_spec(res)
     estimate = check_fits(res) if res.kind == "FineTune" else None
     upstream: dict[str, dict[str, Any]] = {}
     for path, kind, name in references(res):
@@ -218,7 +215,6 @@ def _model(source) -> dict[str, Any]:
 
 def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     spec, inputs = res.spec, {}
-    _check_pattern(res, "spec.referencePattern", spec.reference_pattern)
     teacher_model = spec.teacher and spec.teacher.model
     if teacher_model:
         inputs["teacher"] = _model(teacher_model)
@@ -239,12 +235,9 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     if spec.preferences and spec.preferences.rejected.model:
         inputs["rejected"] = _model(spec.preferences.rejected.model)
         _check_engine(res, "spec.preferences.rejected.engine", spec.preferences.rejected.engine, inputs["rejected"])
-    if spec.difficulty:
-        _check_grader(res, "spec.difficulty.grader", spec.difficulty.grader)
-        _check_built_references(res, "spec.difficulty.grader", spec.difficulty.grader, {"format": "graded"})
-        if spec.difficulty.model:
-            inputs["difficulty"] = _model(spec.difficulty.model)
-            _check_engine(res, "spec.difficulty.engine", spec.difficulty.engine, inputs["difficulty"])
+    if spec.difficulty and spec.difficulty.model:
+        inputs["difficulty"] = _model(spec.difficulty.model)
+        _check_engine(res, "spec.difficulty.engine", spec.difficulty.engine, inputs["difficulty"])
     return inputs
 
 
@@ -280,9 +273,28 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                             "(the student answers each prompt and the grader scores it), or leave promptOrder unset "
                             "(shuffled)")
         dataset["format"] = "graded"
-        _check_grader(res, "spec.grpo.grader", res.spec.grpo.grader)
         _check_engine(res, "spec.grpo.engine", res.spec.grpo.engine, res.spec.base_model.wire())
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
+
+
+def _check_spec(res: Resource) -> None:
+    """What a spec shows wrong by itself, refused before it waits on anything: not once the FineTune or
+    DatasetBuild it waits for has run for hours. A gate is checked against the metrics the Benchmark may
+    report on any dataset, and again once it is planned (those of a preference dataset depend on it)."""
+    spec = res.spec
+    if res.kind == "FineTune":
+        _check_chat_template(res)
+        if spec.objective == "grpo":
+            _check_grader(res, "spec.grpo.grader", spec.grpo.grader)
+    elif res.kind == "DatasetBuild":
+        _check_pattern(res, "spec.referencePattern", spec.reference_pattern)
+        if spec.difficulty:
+            _check_grader(res, "spec.difficulty.grader", spec.difficulty.grader)
+            _check_built_references(res, "spec.difficulty.grader", spec.difficulty.grader, {"format": "graded"})
+    elif res.kind == "Benchmark":
+        if spec.reward:
+            _check_grader(res, "spec.reward.grader", spec.reward.grader)
+        _check_gates(res, benchmark_metric_names(spec, bool(spec.baseline), ANY_FORMAT))
 
 
 def _check_chat_template(res: Resource) -> None:
@@ -513,7 +525,6 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     if spec.judge and spec.judge.model:
         inputs["judge"] = _model(spec.judge.model)
     if spec.reward:
-        _check_grader(res, "spec.reward.grader", spec.reward.grader)
         for source in (model, baseline) if baseline else (model,):
             _check_engine(res, "spec.reward.engine", spec.reward.engine, source)
         if spec.reward.dataset:
@@ -554,11 +565,6 @@ def _check_gates(res: Resource, known: set[str]) -> None:
                             f"{gate.metric!r} is not reported by this benchmark; valid: {valid}")
 
 
-def _check_gates_early(res: Resource) -> None:
-    """Before waiting for what the model and data come from: a gate on a metric this spec reports with
-    no dataset and no baseline (those depend on what the Benchmark reads, checked again once it is
-    planned) is refused now, not when its FineTune has trained for hours."""
-    _check_gates(res, benchmark_metric_names(res.spec, bool(res.spec.baseline), ANY_FORMAT))
 
 
 def _trainer(res: Resource) -> str:
