@@ -291,10 +291,21 @@ def _check_spec(res: Resource) -> None:
         if spec.difficulty:
             _check_grader(res, "spec.difficulty.grader", spec.difficulty.grader)
             _check_built_references(res, "spec.difficulty.grader", spec.difficulty.grader, {"format": "graded"})
+    elif res.kind == "Quantization":
+        _check_quantization_types(res)
     elif res.kind == "Benchmark":
         if spec.reward:
             _check_grader(res, "spec.reward.grader", spec.reward.grader)
         _check_gates(res, benchmark_metric_names(spec, bool(spec.baseline), ANY_FORMAT))
+
+
+def _check_quantization_types(res: Resource) -> None:
+    gpus = res.spec.resources.gpus_per_node if res.spec.resources else None
+    if "awq" in res.spec.types and gpus == 0:
+        raise PlanError(res.ref, "spec.resources.gpusPerNode", "is 0, but awq runs on a CUDA GPU (llmcompressor's "
+                        "AWQ); leave it unset or give 1, or use gptq or fp8, which also run on CPU")
+    if res.spec.importance_matrix and not any(t.endswith(("_k", "_k_m", "_k_s")) for t in res.spec.types):
+        raise PlanError(res.ref, "spec.importanceMatrix", "applies to K-quants only (q4_k_m, q5_k_m, q6_k, ...)")
 
 
 def _check_chat_template(res: Resource) -> None:
@@ -604,15 +615,9 @@ def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         raise PlanError(res.ref, "spec.types", f"{calibrated[0]} calibrates on the rows a model was tuned on "
                         "(conversations or documents), which only a fineTuneRef model provides (its dataset's "
                         "train split); fp8 needs none")
-    gpus = res.spec.resources.gpus_per_node if res.spec.resources else None
-    if "awq" in res.spec.types and gpus == 0:
-        raise PlanError(res.ref, "spec.resources.gpusPerNode", "is 0, but awq runs on a CUDA GPU (llmcompressor's "
-                        "AWQ); leave it unset or give 1, or use gptq or fp8, which also run on CPU")
     if res.spec.importance_matrix and not trained_on:
         raise PlanError(res.ref, "spec.importanceMatrix", "needs calibration data, which only a fineTuneRef model "
                                                           "provides (its dataset's train split)")
-    if res.spec.importance_matrix and not any(t.endswith(("_k", "_k_m", "_k_s")) for t in res.spec.types):
-        raise PlanError(res.ref, "spec.importanceMatrix", "applies to K-quants only (q4_k_m, q5_k_m, q6_k, ...)")
     if res.spec.validation.min_top_token_agreement_percent is not None and not trained_on:
         raise PlanError(res.ref, "spec.validation.minTopTokenAgreementPercent",
                         "needs held-out data, which only a fineTuneRef model provides")
