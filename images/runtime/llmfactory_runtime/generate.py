@@ -1,12 +1,13 @@
 """Chat generation with a local transformers model (teacher answers, benchmark answers), by
-continuous batching; vllm_server.VllmServer.generate is the same with vLLM."""
+continuous batching (or one static batch where every conversation fits in it);
+vllm_server.VllmServer.generate is the same with vLLM."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
