@@ -4,6 +4,8 @@ the way they decode, and each answer is handed over as soon as it is finished.""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -49,6 +51,39 @@ def test_each_answer_is_the_one_the_conversation_gets_decoded_alone(model_and_to
         assert sorted(i for i, _ in handed) == list(range(len(CONVERSATIONS)))
         assert all(answers[i] is g for i, g in handed)
     assert all(0 < a.tokens <= 12 for a in answers) and any(a.text for a in answers)
+
+
+def test_the_models_own_generation_defaults_change_no_answer(model_and_tokenizer):
+    """An instruct model's generation_config.json (Qwen2.5's repetition_penalty, top_k and top_p, say)
+    is not what the runtime samples with: greedy is greedy and sampling is plain temperature sampling,
+    on either path, as on vLLM (--generation-config vllm)."""
+    model, tokenizer = model_and_tokenizer
+    plain = {concurrency: [generate(model, tokenizer, CONVERSATIONS, 10, temperature=t, seed=3, concurrency=concurrency)
+                           for t in (0.0, 1.5)] for concurrency in (3, 8)}
+    own = model.generation_config
+    model.generation_config = copy.deepcopy(own)
+    model.generation_config.update(do_sample=True, temperature=0.3, top_k=2, top_p=0.5, repetition_penalty=3.0,
+                                   no_repeat_ngram_size=1)
+    try:
+        for concurrency in (3, 8):
+            answers = [generate(model, tokenizer, CONVERSATIONS, 10, temperature=t, seed=3, concurrency=concurrency)
+                       for t in (0.0, 1.5)]
+            assert answers == plain[concurrency], concurrency
+    finally:
+        model.generation_config = own
+
+
+def test_sampling_draws_from_the_whole_distribution_on_either_path(model_and_tokenizer):
+    """Not from the 50 likeliest tokens (transformers' default top_k where a config leaves it unset)."""
+    model, tokenizer = model_and_tokenizer
+    conversation = CONVERSATIONS[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids(tokenizer, conversation)])).logits[0, -1]
+    top_50 = {tokenizer.decode([t]).strip() for t in logits.topk(50).indices.tolist()}
+    for concurrency in (16, 64):  # continuous, and one static batch
+        drawn = {a.text for a in generate(model, tokenizer, [conversation] * 64, 1, temperature=3.0, seed=1,
+                                          concurrency=concurrency)} - {""}  # "": end of turn, or a space
+        assert drawn - top_50, concurrency
 
 
 def test_sampling_is_reproducible_by_seed(model_and_tokenizer):

@@ -78,12 +78,13 @@ def generate(model, tokenizer, conversations: list[list[dict[str, str]]], max_ne
 
 
 def generation_config(tokenizer, max_new_tokens: int, temperature: float) -> GenerationConfig:
-    """Greedy at temperature 0, else sampled from the whole distribution; ends on end-of-turn."""
+    """Greedy at temperature 0, else sampled from the whole distribution (no top-k, no top-p); ends on
+    end-of-turn."""
     stop = stop_token_ids(tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0
+                else {"do_sample": False, "top_k": None, "top_p": None})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
-                            top_p=None, top_k=None, **sampling)
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad, **sampling)
 
 
 def continuous(model, prompts: list[list[int]], config: GenerationConfig, seed: int,
@@ -120,8 +121,15 @@ def _one_batch(model, prompts: list[list[int]], config: GenerationConfig, seed: 
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[config.pad_token_id] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    # The seed's draws, without moving the process's own random state (a FineTune's, a test's).
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    # generate fills what `config` leaves unset from the model's generation_config.json (an instruct
+    # model's repetition_penalty, top_k, top_p): from neutral defaults instead, as continuous batching
+    # and vLLM (--generation-config vllm) answer. The seed's draws, without moving the process's own
+    # random state (a FineTune's, a test's).
+    own, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    finally:
+        model.generation_config = own
     yield from enumerate(row[width:].tolist() for row in out)
