@@ -761,6 +761,12 @@ def test_sampled_answers_stop_at_the_end_of_turn_fit_the_sequence_and_are_the_on
     assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu", top_p=1e-6) == repeated
     assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu", min_p=0.999) == repeated
     assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu", top_k=50) != repeated
+    # The model's own generation_config.json (an instruct model's repetition penalty, min_p, ...) is
+    # not what GRPO samples with: the spec's settings alone, as on vLLM.
+    model.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=1, min_p=0.5, top_k=2, top_p=0.5)
+    torch.manual_seed(0)
+    assert sample(model, tok, prompts, 4, 1.0, 30, 40, "cpu") == answers
+    assert sample(model, tok, prompts, 1, 0.0, 30, 40, "cpu") == greedy
     seqs = sequences(prompts, answers, 4)
     assert seqs[5]["input_ids"] == prompts[1] + answers[5]
     assert seqs[5]["labels"] == [IGNORE] * len(prompts[1]) + answers[5]

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from transformers import GenerationConfig
 
 from ..batching import collate_sequences, evaluating, token_logps
 from ..chat import IGNORE
-from ..generate import prompt_ids, stop_token_ids, to_generation
+from ..generate import config_alone, prompt_ids, stop_token_ids, to_generation
 from ..grader import api_usage, graded_rows, rewards_by_part
 from ..task import InvalidTask
 from ..usage import Usage
@@ -82,11 +83,12 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
     # The spec's settings alone: nothing of the model's generation config (its top_p, top_k, repetition
     # penalty) applies.
     sampling = ({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                 "min_p": min_p or None} if temperature > 0 else {"do_sample": False}) | {"repetition_penalty": 1.0}
+                 "min_p": min_p or None} if temperature > 0 else {"do_sample": False})
+    config = GenerationConfig(num_return_sequences=n, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                              max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
+                              **sampling)
     with evaluating(model):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), num_return_sequences=n,
-                             max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
-                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)
+        out = config_alone(model, ids.to(device), mask.to(device), config)
     return [tokens[:answer_length(tokens, stop, max_len - len(prompts[k // n]))]
             for k, tokens in enumerate(out[:, width:].tolist())]
 
