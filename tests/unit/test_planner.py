@@ -314,6 +314,12 @@ def test_vllm_is_refused_for_a_gguf_model_before_a_job_runs():
     teacher["spec"]["resources"] = {"gpusPerNode": 0}
     with pytest.raises(PlanError, match="spec.resources.gpusPerNode: is 0, but spec.teacher.engine is vllm"):
         plan(parse(teacher), lookup({}), STORE)
+    # A GRPO FineTune sampling a GGUF base with vLLM: refused before waiting for its prompts.
+    grpo = copy.deepcopy(GRPO)
+    grpo["spec"] |= {"baseModel": {"uri": "file:///m/x.gguf"}, "dataset": {"datasetBuildRef": {"name": "data"}}}
+    grpo["spec"]["grpo"] |= {"engine": "vllm", "grader": {**grpo["spec"]["grpo"]["grader"], "referenceField": "reference"}}
+    with pytest.raises(PlanError, match="spec.grpo.engine: is vllm, but the model is the GGUF file x.gguf"):
+        plan(parse(grpo), lookup({}), STORE)
 
 
 def test_config_map_sources_wait_for_the_config_map_and_its_content_is_in_the_digest():

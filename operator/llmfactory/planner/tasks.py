@@ -218,7 +218,6 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     teacher_model = spec.teacher and spec.teacher.model
     if teacher_model:
         inputs["teacher"] = _model(teacher_model)
-        _check_engine(res, "spec.teacher.engine", spec.teacher.engine, inputs["teacher"])
     # The tokens maxPromptTokens counts, and without a teacher maxAnswerTokens (a teacher counts its own).
     counted = [name for name, limit in (("maxPromptTokens", spec.filters.max_prompt_tokens),
                                         ("maxAnswerTokens", spec.teacher is None and spec.filters.max_answer_tokens))
@@ -234,10 +233,8 @@ def _dataset_build_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         inputs["judge"] = _model(spec.filters.judge.model)
     if spec.preferences and spec.preferences.rejected.model:
         inputs["rejected"] = _model(spec.preferences.rejected.model)
-        _check_engine(res, "spec.preferences.rejected.engine", spec.preferences.rejected.engine, inputs["rejected"])
     if spec.difficulty and spec.difficulty.model:
         inputs["difficulty"] = _model(spec.difficulty.model)
-        _check_engine(res, "spec.difficulty.engine", spec.difficulty.engine, inputs["difficulty"])
     return inputs
 
 
@@ -273,7 +270,6 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                             "(the student answers each prompt and the grader scores it), or leave promptOrder unset "
                             "(shuffled)")
         dataset["format"] = "graded"
-        _check_engine(res, "spec.grpo.engine", res.spec.grpo.engine, res.spec.base_model.wire())
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
 
 
@@ -286,8 +282,15 @@ def _check_spec(res: Resource) -> None:
         _check_chat_template(res)
         if spec.objective == "grpo":
             _check_grader(res, "spec.grpo.grader", spec.grpo.grader)
+            _check_engine(res, "spec.grpo.engine", spec.grpo.engine, _model(spec.base_model))
     elif res.kind == "DatasetBuild":
         _check_pattern(res, "spec.referencePattern", spec.reference_pattern)
+        # Models named by fineTuneRef are a FineTune's merged safetensors, which vLLM reads.
+        for field, part in (("spec.teacher", spec.teacher), ("spec.preferences.rejected",
+                                                              spec.preferences and spec.preferences.rejected),
+                            ("spec.difficulty", spec.difficulty)):
+            if part and part.model:
+                _check_engine(res, f"{field}.engine", part.engine, _model(part.model))
         if spec.difficulty:
             _check_grader(res, "spec.difficulty.grader", spec.difficulty.grader)
             _check_built_references(res, "spec.difficulty.grader", spec.difficulty.grader, {"format": "graded"})
