@@ -289,6 +289,11 @@ def test_a_quantization_is_compared_with_the_fine_tune_it_was_made_from():
     assert order.index("ft") < order.index("b")
     with pytest.raises(PlanError, match="baselineModel is the baseline to evaluate: set baseline true"):
         parse(m("Benchmark", "b", {**b["spec"], "baseline": False, "judge": {"openai": {"model": "judge"}}}))
+    # Without it, a GGUF has nothing to be compared with (no base): refused before waiting for the Quantization.
+    alone = copy.deepcopy(b)
+    del alone["spec"]["baselineModel"]
+    with pytest.raises(PlanError, match="spec.judge.mode: is pairwise, which compares the model with its baseline"):
+        plan(parse(alone), lookup({}), STORE)
 
 
 def test_vllm_is_refused_for_a_gguf_model_before_a_job_runs():
@@ -314,7 +319,12 @@ def test_vllm_is_refused_for_a_gguf_model_before_a_job_runs():
     teacher["spec"]["resources"] = {"gpusPerNode": 0}
     with pytest.raises(PlanError, match="spec.resources.gpusPerNode: is 0, but spec.teacher.engine is vllm"):
         plan(parse(teacher), lookup({}), STORE)
-    # A GRPO FineTune sampling a GGUF base with vLLM: refused before waiting for its prompts.
+    # A Benchmark of a GGUF file given as a source, and a GRPO FineTune sampling a GGUF base, with vLLM:
+    # refused before waiting for their data.
+    bench = m("Benchmark", "b", {"model": {"source": {"uri": "file:///m/x.gguf"}}, "judge": vllm_judge,
+                                 "perplexity": {"dataset": {"datasetBuildRef": {"name": "data"}}}})
+    with pytest.raises(PlanError, match="spec.judge.engine: is vllm, but the model is the GGUF file x.gguf"):
+        plan(parse(bench), lookup({}), STORE)
     grpo = copy.deepcopy(GRPO)
     grpo["spec"] |= {"baseModel": {"uri": "file:///m/x.gguf"}, "dataset": {"datasetBuildRef": {"name": "data"}}}
     grpo["spec"]["grpo"] |= {"engine": "vllm", "grader": {**grpo["spec"]["grpo"]["grader"], "referenceField": "reference"}}

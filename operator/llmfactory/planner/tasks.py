@@ -297,9 +297,29 @@ def _check_spec(res: Resource) -> None:
     elif res.kind == "Quantization":
         _check_quantization_types(res)
     elif res.kind == "Benchmark":
-        if spec.reward:
-            _check_grader(res, "spec.reward.grader", spec.reward.grader)
-        _check_gates(res, benchmark_metric_names(spec, bool(spec.baseline), ANY_FORMAT))
+        _check_benchmark_spec(res)
+
+
+def _check_benchmark_spec(res: Resource) -> None:
+    """A Benchmark's checks of its spec alone: what needs a baseline where it can have none, a model
+    given as a source that vLLM cannot serve, its reward's grader, its gates."""
+    spec = res.spec
+    # Its baseline: the baselineModel, else the base of the FineTune it measures (none for a reward model's).
+    baseline = spec.baseline and bool(spec.baseline_model or (spec.model.fine_tune_ref and not spec.ranking))
+    if spec.judge and spec.judge.mode != "single" and not baseline and not spec.judge.opponent_answers_uri:
+        raise PlanError(res.ref, "spec.judge.mode", f"is {spec.judge.mode}, which compares the model with its "
+                        "baseline, the base model of a fineTuneRef; this model has none: name one in "
+                        "spec.baselineModel, give spec.judge.opponentAnswersUri, or use mode single")
+    if spec.perplexity and not spec.perplexity.dataset and spec.model.source:
+        raise PlanError(res.ref, "spec.perplexity.dataset", "is required when the model does not come from a fineTuneRef")
+    sources = [spec.model.source] + ([spec.baseline_model.source] if spec.baseline and spec.baseline_model else [])
+    for source in filter(None, sources):  # a fineTuneRef's or quantizationRef's model: once it is known
+        for part, field in ((spec.judge, "spec.judge.engine"), (spec.reward, "spec.reward.engine")):
+            if part:
+                _check_engine(res, field, part.engine, _model(source))
+    if spec.reward:
+        _check_grader(res, "spec.reward.grader", spec.reward.grader)
+    _check_gates(res, benchmark_metric_names(spec, baseline, ANY_FORMAT))
 
 
 def _check_quantization_types(res: Resource) -> None:
@@ -528,10 +548,6 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         else:
             raise PlanError(res.ref, "spec.perplexity.dataset",
                             "is required when the model does not come from a fineTuneRef")
-    if spec.judge and spec.judge.mode != "single" and not baseline and not spec.judge.opponent_answers_uri:
-        raise PlanError(res.ref, "spec.judge.mode", f"is {spec.judge.mode}, which compares the model with its "
-                        "baseline, the base model of a fineTuneRef; this model has none: name one in "
-                        "spec.baselineModel, give spec.judge.opponentAnswersUri, or use mode single")
     if spec.judge:
         _check_engine(res, "spec.judge.engine", spec.judge.engine, model)
         if baseline:
