@@ -117,25 +117,26 @@ def continuous(model, prompts: list[list[int]], config: GenerationConfig, seed: 
 
 
 def _one_batch(model, prompts: list[list[int]], config: GenerationConfig, seed: int) -> Iterator[tuple[int, list[int]]]:
-    """(index, new tokens) of each prompt, decoded together by transformers' generate, left-padded."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[config.pad_token_id] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    # The seed's draws, without moving the process's own random state (a FineTune's, a test's).
+    """(index, new tokens) of each prompt, decoded together, with the seed's draws, without moving the
+    process's own random state (a FineTune's, a test's)."""
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = config_alone(model, ids, mask, config)
-    yield from enumerate(row[width:].tolist() for row in out)
+        yield from enumerate(decode_together(model, prompts, config))
 
 
-def config_alone(model, ids: torch.Tensor, mask: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-    """transformers' generate as `config` says and nothing else: generate fills what a config leaves
-    unset from the model's generation_config.json (an instruct model's repetition penalty, top-k,
-    top-p), here from neutral defaults, as continuous batching and vLLM (--generation-config vllm) answer.
-    `model` may be a peft model: the generation config read is its base model's."""
+def decode_together(model, prompts: list[list[int]], config: GenerationConfig, device=None) -> list[list[int]]:
+    """Each prompt's new tokens, the prompts left-padded into one batch of transformers' generate, as
+    `config` says and nothing else: generate fills what a config leaves unset from the model's
+    generation_config.json (an instruct model's repetition penalty, top-k, top-p), here from neutral
+    defaults, as continuous batching and vLLM (--generation-config vllm) answer. `model` may be a peft
+    model: the generation config read is its base model's. The batch goes to `device`, else the model's."""
+    width, device = max(len(p) for p in prompts), device or model.device
+    ids = torch.tensor([[config.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     own, inner.generation_config = inner.generation_config, GenerationConfig()
     try:
-        return model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     finally:
         inner.generation_config = own
+    return out[:, width:].tolist()

@@ -54,6 +54,8 @@ def artifact_uri(store_uri: str, res: Resource, digest: str) -> str:
 
 
 ANY_FORMAT = "any"  # benchmark_metric_names before the dataset is known
+# A Benchmark's perplexity of a model given as a source, or of a Quantization that kept no dataset.
+PERPLEXITY_NEEDS_DATASET = "is required when the model does not come from a fineTuneRef"
 
 
 def benchmark_metric_names(spec, baseline: bool, dataset_format: str | None = None) -> set[str]:
@@ -311,7 +313,7 @@ def _check_benchmark_spec(res: Resource) -> None:
                         "baseline, the base model of a fineTuneRef; this model has none: name one in "
                         "spec.baselineModel, give spec.judge.opponentAnswersUri, or use mode single")
     if spec.perplexity and not spec.perplexity.dataset and spec.model.source:
-        raise PlanError(res.ref, "spec.perplexity.dataset", "is required when the model does not come from a fineTuneRef")
+        raise PlanError(res.ref, "spec.perplexity.dataset", PERPLEXITY_NEEDS_DATASET)
     sources = [spec.model.source] + ([spec.baseline_model.source] if spec.baseline and spec.baseline_model else [])
     for source in filter(None, sources):  # a fineTuneRef's or quantizationRef's model: once it is known
         for part, field in ((spec.judge, "spec.judge.engine"), (spec.reward, "spec.reward.engine")):
@@ -546,8 +548,7 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         elif trained_on:
             inputs["dataset"] = trained_on
         else:
-            raise PlanError(res.ref, "spec.perplexity.dataset",
-                            "is required when the model does not come from a fineTuneRef")
+            raise PlanError(res.ref, "spec.perplexity.dataset", PERPLEXITY_NEEDS_DATASET)
     if spec.judge:
         _check_engine(res, "spec.judge.engine", spec.judge.engine, model)
         if baseline:

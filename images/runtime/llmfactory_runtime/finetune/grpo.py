@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 
 from ..batching import collate_sequences, evaluating, token_logps
 from ..chat import IGNORE
-from ..generate import config_alone, prompt_ids, stop_token_ids, to_generation
+from ..generate import decode_together, prompt_ids, stop_token_ids, to_generation
 from ..grader import api_usage, graded_rows, rewards_by_part
 from ..task import InvalidTask
 from ..usage import Usage
@@ -74,23 +74,16 @@ def sample(model, tokenizer, prompts: list[list[int]], n: int, temperature: floa
     drawn from, as grpo.topP, topK and minP say), in order: prompt 0's n, prompt 1's, ...
     Each answer's tokens run up to and with its first end-of-turn token (learning to stop is learned
     too), cut so that prompt and answer fit max_len. Dropout is off while sampling."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
     stop = stop_token_ids(tokenizer)
-    # The spec's settings alone: nothing of the model's generation config (its top_p, top_k, repetition
-    # penalty) applies.
+    # The spec's settings alone (decode_together takes nothing from the model's generation config).
     sampling = ({"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                  "min_p": min_p or None} if temperature > 0 else {"do_sample": False})
     config = GenerationConfig(num_return_sequences=n, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
                               max_new_tokens=max(1, min(max_new_tokens, max_len - min(len(p) for p in prompts))),
                               **sampling)
     with evaluating(model):
-        out = config_alone(model, ids.to(device), mask.to(device), config)
-    return [tokens[:answer_length(tokens, stop, max_len - len(prompts[k // n]))]
-            for k, tokens in enumerate(out[:, width:].tolist())]
+        out = decode_together(model, prompts, config, device)
+    return [tokens[:answer_length(tokens, stop, max_len - len(prompts[k // n]))] for k, tokens in enumerate(out)]
 
 
 def answer_length(tokens: list[int], stop: list[int], room: int) -> int:
