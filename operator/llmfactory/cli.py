@@ -14,7 +14,8 @@ from llmfactory_runtime.finetune.estimate import Estimate
 
 from .api import KINDS
 from .api.crd import crd
-from .planner import PlanError, Waiting, config_maps_among, dependency_order, parse, plan, read_manifests
+from .planner import (PlanError, Waiting, config_maps_among, dependency_order, parse, plan, promises_among,
+                      read_manifests)
 
 
 def _store_uri(value: str) -> str:
@@ -51,9 +52,11 @@ def cmd_plan(args) -> int:
         manifests, config_maps, others = config_maps_among(read_manifests(args.file))
         for other in others:
             print(f"{other}: left out (not an llmfactory kind)")
-        for res in dependency_order(parse(m) for m in manifests):
+        resources = dependency_order(parse(m) for m in manifests)
+        promise_of = promises_among(resources)
+        for res in resources:
             task = plan(res, lambda *key: None, _store_uri(args.store),
-                        lambda namespace, name: config_maps.get((namespace, name)))
+                        lambda namespace, name: config_maps.get((namespace, name)), promise_of)
             if isinstance(task, Waiting):
                 print(f"{res.ref}: {task.reason}")
             else:

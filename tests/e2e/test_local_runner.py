@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from llmfactory.local.runner import LocalRunner
 from llmfactory.planner import benchmark_metric_names, parse
 from llmfactory_runtime.store import PROGRESS, finished_result, open_store
+from tests.promises import assert_promise_kept
 
 PROMPTS = [("What is the capital of France?", "en"), ("Why is the sky blue?", "en"),
            ("Write a poem about the sea.", "en"), ("What is the capital of France?", "en"),
@@ -79,6 +80,8 @@ def test_quickstart_pipeline_on_a_tiny_model_with_artifacts_in_s3(tiny_model, tm
 
     found = results(store, manifests)
     data, ft, bench, quant = (found[n][0] for n in ("data", "ft", "bench", "gguf"))
+    for name in ("data", "ft", "bench", "gguf"):  # what their dependents were checked against before they ran
+        assert_promise_kept(manifests, name, found[name][0])
     # DatasetBuild: one duplicate prompt dropped, every language kept, splits add up.
     assert data["dropped"] == {"duplicate_prompt": 1}
     assert data["rowsPerLanguage"] == {"en": 3, "ru": 3, "zh": 3}
@@ -145,16 +148,21 @@ def test_failure_is_shown_and_dependents_are_skipped(tiny_model, tmp_path):
     assert "did not succeed (DatasetBuild" not in text  # no reason nested in another
 
 
-def test_a_spec_wrong_by_itself_is_refused_before_anything_runs(tiny_model, tmp_path):
-    """A Benchmark's gate on a metric it never reports is refused before its DatasetBuild and
-    FineTune run, not after them."""
+@pytest.mark.parametrize("index, change, errors", [
+    (2, {"gates": [{"metric": "perplexity.change", "op": "<", "value": 0}]},
+     ("Benchmark default/bench: spec.gates[0].metric: 'perplexity.change' is not reported", "'perplexity.changePercent'")),
+    (1, {"mergeAdapter": False},  # wrong beside what references it: the Quantization reads a merged model
+     ("Quantization default/gguf: spec.model.fineTuneRef: FineTune ft keeps only its adapter (spec.mergeAdapter: "
+      "false); set mergeAdapter: true there to quantize it",)),
+], ids=["a gate on a metric never reported", "a quantization of an adapter"])
+def test_a_spec_wrong_by_itself_or_beside_what_it_references_is_refused_before_anything_runs(
+        tiny_model, tmp_path, index, change, errors):
+    """Refused before the DatasetBuild and FineTune run, not after them."""
     manifests = pipeline(tiny_model)
-    manifests[2]["spec"]["gates"] = [{"metric": "perplexity.change", "op": "<", "value": 0}]
+    manifests[index]["spec"] |= change
     run = llmfactory(tmp_path, manifests, f"file://{tmp_path}/artifacts")
     assert run.returncode == 2, run.stdout
-    text = " ".join(run.stdout.split())
-    assert "Benchmark default/bench: spec.gates[0].metric: 'perplexity.change' is not reported" in text
-    assert "'perplexity.changePercent'" in text
+    assert all(error in " ".join(run.stdout.split()) for error in errors), run.stdout
     assert not (tmp_path / "artifacts").exists()  # nothing ran
 
 
@@ -169,7 +177,7 @@ def test_a_benchmark_whose_gates_fail_fails_and_what_it_gates_is_skipped_saying_
     bench = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "bench"}, "spec": {
         "model": {"source": {"uri": f"file://{tiny_model}"}}, "perplexity": {"dataset": {"uri": f"file://{data}"}},
         "gates": [{"metric": "perplexity.value", "op": "<", "value": 1}]}}  # never: perplexity is at least 1
-    gated = {**pipeline(tiny_model)[3], "spec": {**pipeline(tiny_model)[3]["spec"], "benchmarkRef": {"name": "bench"},
+    gated = {**pipeline(tiny_model)[3], "spec": {"types": ["f16"], "benchmarkRef": {"name": "bench"},
                                                  "model": {"source": {"uri": f"file://{tiny_model}"}}}}
     store = f"file://{tmp_path}/artifacts"
     run = llmfactory(tmp_path, [bench, gated], store)

@@ -448,7 +448,7 @@ async def test_invalid_spec_is_stalled_with_the_field_named(cluster, operator, t
 
     # What waits on it says that it failed and why, rather than only that it waits.
     gated = pipeline(tiny_model)[3]
-    gated["spec"] |= {"model": {"source": {"uri": f"file://{tiny_model}"}}, "benchmarkRef": {"name": "bench"}}
+    gated["spec"] = {"types": ["f16"], "model": {"source": {"uri": f"file://{tiny_model}"}}, "benchmarkRef": {"name": "bench"}}
     await cluster.apply(gated)
     waiting = await cluster.wait_for("Quantization", "gguf", phase_is("Waiting"))
     ready = condition(waiting, "Ready")
@@ -457,6 +457,30 @@ async def test_invalid_spec_is_stalled_with_the_field_named(cluster, operator, t
                                        "(InvalidSpec): spec.gates[0].metric"), ready["message"]
     [event] = [e for e in await events_for(cluster, "gguf", "DependencyFailed") if e["reason"] == "DependencyFailed"]
     assert event["type"] == "Warning" and "spec.gates[0].metric" in event["message"]
+
+
+async def test_a_resource_refused_for_what_anothers_spec_promises_waits_once_that_spec_is_mended(
+        cluster, operator, tiny_model):
+    """A FineTune with objective dpo on a build of conversations is refused as soon as the build is
+    applied, not once it has run; the build's spec mended, the FineTune waits for it at once (nothing
+    else would plan a refused resource again until the build finished)."""
+    data, ft = pipeline(tiny_model)[:2]
+    ft["spec"]["objective"] = "dpo"
+    await cluster.apply(ft)
+    await cluster.wait_for("FineTune", "ft", phase_is("Waiting"))  # nothing known yet of what it reads
+    await cluster.apply(data)  # no job controller here: the build's Job never runs
+    refused = await cluster.wait_for("FineTune", "ft", phase_is("Failed"))
+    stalled = condition(refused, "Stalled")
+    assert stalled["reason"] == "InvalidSpec" and stalled["message"].startswith(
+        "spec.dataset.datasetBuildRef: DatasetBuild data writes conversations (format chatml), but objective dpo "
+        "trains on preference pairs"), stalled
+    assert not [j for j in cluster.objects("jobs") if j["metadata"]["name"].startswith("ft-")]
+    # Once kopf is done with the build's creation, so that only the change of its spec can plan the FineTune.
+    await cluster.wait_for("DatasetBuild", "data", lambda o: "kopf.zalando.org/last-handled-configuration" in (
+        o["metadata"].get("annotations") or {}))
+    await cluster.patch_spec("DatasetBuild", "data", {"preferences": {"rejected": {"model": data["spec"]["teacher"]["model"]}}})
+    waiting = await cluster.wait_for("FineTune", "ft", phase_is("Waiting"), timeout=30)
+    assert condition(waiting, "Ready")["message"] == "waiting for DatasetBuild data (spec.dataset.datasetBuildRef) to succeed"
 
 
 async def test_a_quantization_that_fails_validation_is_failed_and_what_reads_it_waits(

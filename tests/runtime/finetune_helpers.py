@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from llmfactory.planner import parse, plan
-from llmfactory_runtime.store import open_store
+from llmfactory_runtime.store import finished_result, open_store
 from llmfactory_runtime.chat import IGNORE, encode_for_training
 from llmfactory_runtime.data import dumps_jsonl
+from tests.promises import assert_task_kept_promise
 
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris."),
@@ -74,7 +75,12 @@ def runtime_command(task_path: Path, processes: int = 1) -> list[str]:
 
 def run_finetune(task_path: Path, processes: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(runtime_command(task_path, processes), capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(runtime_command(task_path, processes), capture_output=True, text=True, timeout=timeout, env=env)
+    task = json.loads(task_path.read_text())
+    result = finished_result(open_store(task["artifactUri"])) if proc.returncode == 0 else None
+    if result is not None:  # what the planner checked this FineTune's dependents against, before it ran
+        assert_task_kept_promise(task, result)
+    return proc
 
 
 def succeeded(proc: subprocess.CompletedProcess) -> None:

@@ -14,6 +14,7 @@ from llmfactory_runtime.quantize import compressed
 from llmfactory_runtime.quantize import run as quantize
 from llmfactory_runtime.store import open_store
 from llmfactory_runtime.task import InvalidTask
+from tests.promises import assert_task_kept_promise
 from tests.runtime.finetune_helpers import conversations, write_dataset
 
 
@@ -33,7 +34,9 @@ def quantization_task(model, tmp_path, types, **spec):
 
 def run_task(task):
     store = open_store(task["artifactUri"])
-    return store, quantize.run(task, store, Progress(store))
+    result = quantize.run(task, store, Progress(store))
+    assert_task_kept_promise(task, result)
+    return store, result
 
 
 def test_fp8_and_gptq_checkpoints_load_back_and_are_measured(tiny_model, tmp_path):

@@ -29,6 +29,7 @@ from llmfactory_runtime.task import InvalidTask
 from llmfactory_runtime.store import open_store, write_result
 
 from finetune_helpers import TOOL_ROW, WEATHER
+from tests.promises import assert_task_kept_promise
 
 KEY = "sk-test-0123456789abcdef"
 SHAREGPT_ROWS = [
@@ -87,7 +88,9 @@ def jsonl_file(path: Path, rows: list) -> str:
 def run_in_process(tmp_path: Path, doc: dict) -> tuple[dict, dict]:
     task = plan(parse(doc), lambda *k: None, f"file://{tmp_path}/store")
     store = open_store(task["artifactUri"])
-    return task, build.run(task, store, Progress(store))
+    result = build.run(task, store, Progress(store))
+    assert_task_kept_promise(task, result)
+    return task, result
 
 
 def _counts(usage: dict) -> dict[str, int]:
@@ -467,7 +470,7 @@ def test_preferences_pair_the_teachers_answer_with_the_students_own_and_a_dpo_fi
                           "objective": "dpo", "resources": {"gpusPerNode": 0}}}
     planned = plan(parse(fine_tune), lambda *k: result, f"file://{tmp_path}/store")
     assert planned["inputs"]["dataset"] == {"uri": result["uri"], "format": "preference", "digest": result["digest"]}
-    with pytest.raises(PlanError, match="spec.dataset.datasetBuildRef: DatasetBuild seed-data wrote conversations"):
+    with pytest.raises(PlanError, match="spec.dataset.datasetBuildRef: DatasetBuild seed-data writes conversations"):
         plan(parse(fine_tune), lambda *k: {**result, "format": "chatml"}, f"file://{tmp_path}/store")
     # So does a KTO one (each pair a desirable and an undesirable answer); rows at a URI may be unpaired.
     fine_tune["spec"]["objective"] = "kto"

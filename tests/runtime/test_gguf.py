@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmfactory_runtime.quantize.gguf_export import export
 from llmfactory_runtime.task import InvalidTask
+from tests.promises import assert_task_kept_promise
 
 TEXT = "Почему небо голубое? The sea is wide. 为什么天空是蓝色的？"
 
@@ -148,6 +149,7 @@ def test_a_grpo_fine_tunes_quantization_passes_its_prompts_on_without_measuring_
     task = plan(parse(doc), lambda *k: fine_tune, f"file://{tmp_path}/store")
     store = open_store(task["artifactUri"])
     result = quantize.run(task, store, Progress(store))
+    assert_task_kept_promise(task, result)  # the file a Benchmark's vLLM check was told of
     assert "perplexity" not in result["artifacts"][0] and result["referencePerplexity"] is None and result["passed"]
     assert result["measuredRows"] is None
     assert (result["datasetUri"], result["datasetFormat"]) == (fine_tune["datasetUri"], "graded")

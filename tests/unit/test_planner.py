@@ -6,7 +6,7 @@ import pytest
 
 from llmfactory.api.headline import headline
 from llmfactory.planner import (PlanError, Waiting, benchmark_metric_names, config_maps_among, dependency_order, parse,
-                               plan)
+                               plan, promises_among)
 from llmfactory.planner.graph import references, topological
 
 STORE = "s3://bucket/llmfactory"
@@ -332,6 +332,91 @@ def test_vllm_is_refused_for_a_gguf_model_before_a_job_runs():
         plan(parse(grpo), lookup({}), STORE)
 
 
+def refused_before_waiting(res: dict, *others: dict) -> PlanError:
+    """The error planning `res` raises with nothing run yet, when `others` are applied beside it."""
+    resources = [parse(x) for x in (res, *others)]
+    with pytest.raises(PlanError) as err:
+        plan(resources[0], lookup({}), STORE, promise_of=promises_among(resources))
+    return err.value
+
+
+def waits(res: dict, *others: dict) -> Waiting:
+    resources = [parse(x) for x in (res, *others)]
+    waiting = plan(resources[0], lookup({}), STORE, promise_of=promises_among(resources))
+    assert isinstance(waiting, Waiting)
+    return waiting
+
+
+def test_what_a_referenced_resources_spec_promises_is_checked_before_waiting_for_it():
+    """Applied together, a resource is refused for what the spec of one it references decides (the rows a
+    DatasetBuild writes, a FineTune's objective and whether it keeps its model, a Quantization's format),
+    not once that one has run for hours; what only a result will say (what the rows hold) waits for it."""
+    dpo = copy.deepcopy(FT)
+    dpo["spec"]["objective"] = "dpo"
+    err = refused_before_waiting(dpo, DATA)
+    assert (err.field, err.message.split(":")[0]) == ("spec.dataset.datasetBuildRef", "DatasetBuild data writes "
+                                                                                      "conversations (format chatml), but objective dpo trains on preference pairs")
+    assert waits(dpo).field == "spec.dataset.datasetBuildRef"  # nothing known of a build not applied
+    assert waits(BENCH, FT).field == "spec.model.fineTuneRef"  # nor of the rows its FineTune trains on
+    pairs = copy.deepcopy(DATA)
+    pairs["spec"]["preferences"] = {"rejected": {"model": MODEL}}
+    assert waits(dpo, pairs).field == "spec.dataset.datasetBuildRef"
+
+    # A GRPO curriculum by pass rate on a graded build that samples none.
+    gsm8k = m("DatasetBuild", "data", {"sources": [{"uri": "s3://bucket/gsm8k.jsonl", "fields": "prompt",
+                                                    "promptField": "question", "answerField": "answer"}],
+                                       "format": "graded", "referencePattern": "#### (.+)"})
+    curriculum = copy.deepcopy(GRPO)
+    curriculum["spec"]["dataset"] = {"datasetBuildRef": {"name": "data"}}
+    curriculum["spec"]["grpo"] |= {"promptOrder": "easyFirst",
+                                   "grader": {**GRPO["spec"]["grpo"]["grader"], "referenceField": "reference"}}
+    err = refused_before_waiting(curriculum, gsm8k)
+    assert err.field == "spec.grpo.promptOrder" and "DatasetBuild data measures none" in err.message
+    gsm8k["spec"]["difficulty"] = {"model": MODEL, "grader": {"operation": "number", "extract": "#### (.+)"}}
+    waits(curriculum, gsm8k)
+
+    # A FineTune that keeps only its adapter: not quantized, nor trained on; benchmarked on its base,
+    # which vLLM cannot load when it is a GGUF file.
+    adapter_only = m("FineTune", "ft", {"baseModel": {"uri": "file:///m/base.gguf"}, "mergeAdapter": False,
+                                        "dataset": {"uri": "s3://bucket/chat"}})
+    err = refused_before_waiting(QUANT, adapter_only)
+    assert err.field == "spec.model.fineTuneRef" and "FineTune ft keeps only its adapter" in err.message
+    staged = m("FineTune", "next", {"baseModel": {"fineTuneRef": {"name": "ft"}}, "dataset": {"uri": "s3://bucket/chat"}})
+    assert "keeps only its adapter" in refused_before_waiting(staged, adapter_only).message
+    vllm_judge = {"openai": {"model": "judge"}, "engine": "vllm"}
+    judged = m("Benchmark", "bench", {"model": {"fineTuneRef": {"name": "ft"}}, "judge": vllm_judge})
+    err = refused_before_waiting(judged, adapter_only)
+    assert err.field == "spec.judge.engine" and "the GGUF file base.gguf" in err.message
+    merged = copy.deepcopy(adapter_only)
+    merged["spec"]["mergeAdapter"] = True
+    waits(QUANT, merged)
+    assert "the GGUF file base.gguf" in refused_before_waiting(judged, merged).message  # the base, its baseline
+    judged["spec"]["baseline"] = False
+    waits(judged, merged)
+
+    # A Quantization's GGUF file (named as its run names it) for vLLM; its compressed-tensors folder is fine.
+    of_quantization = m("Benchmark", "bench", {"model": {"quantizationRef": {"name": "q"}}, "judge": vllm_judge})
+    err = refused_before_waiting(of_quantization, QUANT, FT, DATA)
+    assert err.field == "spec.judge.engine" and "the GGUF file q-q8_0.gguf" in err.message
+    fp8 = copy.deepcopy(QUANT)
+    fp8["spec"] |= {"format": "compressed-tensors", "types": ["fp8"]}
+    waits(of_quantization, fp8, FT, DATA)
+
+    # Through a FineTune to the build it trains on: perplexity on the prompts a GRPO FineTune trains on.
+    grpo = copy.deepcopy(curriculum)
+    grpo["spec"]["grpo"].pop("promptOrder")
+    err = refused_before_waiting(BENCH, grpo, gsm8k)
+    assert err.field == "spec.perplexity.dataset" and "FineTune ft trains with objective grpo" in err.message
+    # Which fields of the prompts hold references only the GRPO run finds: a reward grader reading
+    # another field waits for it, and is checked then.
+    reward = m("Benchmark", "bench", {"model": {"fineTuneRef": {"name": "ft"}},
+                                      "reward": {"grader": {"operation": "number", "referenceField": "answer"}}})
+    waits(reward, grpo, gsm8k)
+    with pytest.raises(PlanError, match=r"spec.reward.grader.referenceField: is 'answer'"):
+        plan(parse(reward), lookup({("FineTune", "ft"): {**FT_RESULT, "objective": "grpo", "datasetFormat": "graded",
+                                                         "datasetReferenceFields": ["reference"]}}), STORE)
+
+
 def test_config_map_sources_wait_for_the_config_map_and_its_content_is_in_the_digest():
     import base64
 
@@ -398,7 +483,7 @@ def test_an_adapter_only_fine_tune_is_benchmarked_on_its_base_but_not_quantized(
     task = plan(parse(BENCH), lookup({("FineTune", "ft"): adapter_only}), STORE)
     assert task["inputs"]["model"] == {**MODEL, "adapterUri": "s3://bucket/ft/adapter", "digest": "sha256:fff"}
     assert task["inputs"]["baseline"] == MODEL
-    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft kept only its adapter.*mergeAdapter: true"):
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft keeps only its adapter.*mergeAdapter: true"):
         plan(parse(QUANT), lookup({("FineTune", "ft"): adapter_only}), STORE)
 
 
@@ -414,7 +499,7 @@ def test_a_fine_tune_goes_on_training_another_fine_tunes_model_after_it_and_reru
     retrained = {**FT_RESULT, "modelUri": "s3://bucket/default/finetune/ft/0123456789abcdef/model"}
     assert plan(parse(staged), lookup({("FineTune", "ft"): retrained}), STORE)["digest"] != task["digest"]
     adapter_only = {k: v for k, v in FT_RESULT.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/ft/adapter"}
-    with pytest.raises(PlanError, match="spec.baseModel.fineTuneRef: FineTune ft kept only its adapter.*mergeAdapter: true"):
+    with pytest.raises(PlanError, match="spec.baseModel.fineTuneRef: FineTune ft keeps only its adapter.*mergeAdapter: true"):
         plan(parse(staged), lookup({("FineTune", "ft"): adapter_only}), STORE)
     with pytest.raises(PlanError, match="spec.baseModel: .*set exactly one of huggingface, uri or fineTuneRef"):
         parse(m("FineTune", "x", {"baseModel": {"fineTuneRef": {"name": "ft"}, "uri": "file:///m"},
@@ -498,7 +583,7 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
         python["spec"]["grpo"]["grader"]["source"] = source
         assert plan(parse(python), lookup({}), STORE)
     trained = {("FineTune", "ft"): {**FT_RESULT, "datasetFormat": "graded", "datasetUri": "s3://bucket/prompts"}}
-    with pytest.raises(PlanError, match="spec.perplexity.dataset: is required: FineTune ft trained with objective "
+    with pytest.raises(PlanError, match="spec.perplexity.dataset: is required: FineTune ft trains with objective "
                                         "grpo on prompts without answers"):
         plan(parse(BENCH), lookup(trained), STORE)
     judged = copy.deepcopy(BENCH)
@@ -510,7 +595,7 @@ def test_a_grpo_fine_tune_reads_prompts_which_benchmarks_and_quantizations_canno
     validated = copy.deepcopy(QUANT)
     validated["spec"]["validation"] = {"maxPerplexityIncreasePercent": 5}
     with pytest.raises(PlanError, match="spec.validation.maxPerplexityIncreasePercent: needs conversations with "
-                                        "answers, but FineTune ft trained with objective grpo"):
+                                        "answers, but FineTune ft trains with objective grpo"):
         plan(parse(validated), lookup(trained), STORE)
 
 
@@ -576,7 +661,7 @@ def test_a_benchmarks_reward_reads_a_grpo_fine_tunes_prompts_or_a_named_dataset(
         plan(parse(quantized), lookup(passed_on), STORE)
     quantized["spec"]["perplexity"] = {}
     with pytest.raises(PlanError, match="spec.perplexity.dataset: is required: the FineTune that Quantization q "
-                                        "quantized trained with objective grpo"):
+                                        "quantized trains with objective grpo"):
         plan(parse(quantized), lookup(gguf), STORE)
     named = copy.deepcopy(rewarded)
     named["spec"]["reward"]["dataset"] = {"uri": "s3://bucket/math"}
@@ -612,7 +697,7 @@ def test_a_reward_model_fine_tune_feeds_a_grpo_grader_by_reference_and_nothing_t
     a new run), and a language model named there, an adapter alone, or a Benchmark, Quantization or
     further SFT of the reward model are refused naming the field."""
     rm = m("FineTune", "rm", {"baseModel": MODEL, "dataset": {"datasetBuildRef": {"name": "data"}}, "objective": "reward"})
-    with pytest.raises(PlanError, match="spec.dataset.datasetBuildRef: DatasetBuild data wrote conversations .*"
+    with pytest.raises(PlanError, match="spec.dataset.datasetBuildRef: DatasetBuild data writes conversations .*"
                                         "objective reward trains on preference pairs"):
         plan(parse(rm), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
     pairs = {**DATA_RESULT, "format": "preference"}
@@ -634,11 +719,11 @@ def test_a_reward_model_fine_tune_feeds_a_grpo_grader_by_reference_and_nothing_t
     assert task["spec"]["grpo"]["grader"]["parts"][1]["rewardModel"] == {"uri": FT_RESULT["modelUri"]}
     retrained = {**trained, "modelUri": "s3://bucket/default/finetune/rm/0123456789abcdef/model"}
     assert plan(parse(grpo), lookup({("FineTune", "rm"): retrained}), STORE)["digest"] != task["digest"]
-    with pytest.raises(PlanError, match=r"spec.grpo.grader.parts\[1\].rewardModel.fineTuneRef: FineTune rm trained "
+    with pytest.raises(PlanError, match=r"spec.grpo.grader.parts\[1\].rewardModel.fineTuneRef: FineTune rm trains "
                                         "with objective sft, so it is a language model, not a reward model"):
         plan(parse(grpo), lookup({("FineTune", "rm"): FT_RESULT}), STORE)
     adapter_only = {k: v for k, v in trained.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/rm/adapter"}
-    with pytest.raises(PlanError, match=r"parts\[1\].rewardModel.fineTuneRef: FineTune rm kept only its adapter"):
+    with pytest.raises(PlanError, match=r"parts\[1\].rewardModel.fineTuneRef: FineTune rm keeps only its adapter"):
         plan(parse(grpo), lookup({("FineTune", "rm"): adapter_only}), STORE)
     benchmark = m("Benchmark", "b", {"model": {"source": {"uri": "s3://bucket/tuned"}}, "baseline": False, "reward": {
         "dataset": {"uri": "s3://bucket/prompts"},
@@ -646,14 +731,14 @@ def test_a_reward_model_fine_tune_feeds_a_grpo_grader_by_reference_and_nothing_t
     task = plan(parse(benchmark), lookup({("FineTune", "rm"): trained}), STORE)
     assert task["spec"]["reward"]["grader"]["rewardModel"] == {"uri": FT_RESULT["modelUri"]}
 
-    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft trained a reward model, which scores "
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft trains a reward model, which scores "
                                         "conversations and writes none: benchmark it with spec.ranking"):
         plan(parse(BENCH), lookup({("FineTune", "ft"): trained}), STORE)
-    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft trained a reward model, .*nothing to "
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft trains a reward model, .*nothing to "
                                         "quantize"):
         plan(parse(QUANT), lookup({("FineTune", "ft"): trained}), STORE)
     further = m("FineTune", "more", {"baseModel": {"fineTuneRef": {"name": "ft"}}, "dataset": {"uri": "s3://d"}})
-    with pytest.raises(PlanError, match="spec.baseModel.fineTuneRef: FineTune ft trained a reward model, which "
+    with pytest.raises(PlanError, match="spec.baseModel.fineTuneRef: FineTune ft trains a reward model, which "
                                         "scores conversations and cannot write them: objective sft"):
         plan(parse(further), lookup({("FineTune", "ft"): trained}), STORE)
     further["spec"]["objective"] = "reward"  # a reward model trained further on other pairs
@@ -698,14 +783,14 @@ def test_a_benchmark_ranks_pairs_with_a_reward_model_and_with_nothing_else():
     earlier = {**rm_result, "modelUri": "s3://bucket/rm0/model", "digest": "sha256:000"}
     task = plan(parse(against), lookup({("FineTune", "rm"): rm_result, ("FineTune", "rm0"): earlier}), STORE)
     assert task["inputs"]["baseline"] == {"uri": "s3://bucket/rm0/model", "digest": "sha256:000"}
-    with pytest.raises(PlanError, match="spec.baselineModel.fineTuneRef: FineTune rm0 trained with objective sft, so "
+    with pytest.raises(PlanError, match="spec.baselineModel.fineTuneRef: FineTune rm0 trains with objective sft, so "
                                         "it is a language model, which spec.ranking cannot score"):
         plan(parse(against), lookup({("FineTune", "rm"): rm_result, ("FineTune", "rm0"): FT_RESULT}), STORE)
-    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune rm trained with objective dpo, so it is a "
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune rm trains with objective dpo, so it is a "
                                         "language model"):
         plan(parse(ranking), lookup({("FineTune", "rm"): {**rm_result, "objective": "dpo"}}), STORE)
     adapter_only = {k: v for k, v in rm_result.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/rm/adapter"}
-    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune rm kept only its adapter"):
+    with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune rm keeps only its adapter"):
         plan(parse(ranking), lookup({("FineTune", "rm"): adapter_only}), STORE)
 
     # Pairs from a DatasetBuild: waited for, and refused unless it wrote preference pairs.
@@ -716,7 +801,7 @@ def test_a_benchmark_ranks_pairs_with_a_reward_model_and_with_nothing_else():
     pairs = {**DATA_RESULT, "format": "preference"}
     task = plan(parse(built), lookup({("FineTune", "rm"): rm_result, ("DatasetBuild", "data"): pairs}), STORE)
     assert task["inputs"]["rankingDataset"]["uri"] == DATA_RESULT["uri"]
-    with pytest.raises(PlanError, match="spec.ranking.dataset.datasetBuildRef: DatasetBuild data wrote conversations"):
+    with pytest.raises(PlanError, match="spec.ranking.dataset.datasetBuildRef: DatasetBuild data writes conversations"):
         plan(parse(built), lookup({("FineTune", "rm"): rm_result, ("DatasetBuild", "data"): DATA_RESULT}), STORE)
     # A reward model by source: the runtime checks it is one; its pairs must be named.
     by_source = m("Benchmark", "b", {"model": {"source": {"uri": "s3://bucket/rm"}}, "ranking": {}})
@@ -743,7 +828,7 @@ def test_a_benchmarks_reward_prompts_from_a_dataset_build_are_waited_for_and_rea
     del rewarded["spec"]["reward"]["grader"]["referenceField"]
     task = plan(parse(rewarded), lookup({("DatasetBuild", "data"): graded}), STORE)
     assert task["inputs"]["rewardDataset"] == {"uri": DATA_RESULT["uri"], "format": "graded", "digest": "sha256:aaa"}
-    with pytest.raises(PlanError, match=r"spec.reward.dataset.datasetBuildRef: DatasetBuild data wrote conversations "
+    with pytest.raises(PlanError, match=r"spec.reward.dataset.datasetBuildRef: DatasetBuild data writes conversations "
                                         r"\(format chatml\), but spec.reward grades answers to prompts with reference "
                                         "answers: set spec.format graded there, or point dataset.uri at such rows"):
         plan(parse(rewarded), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
@@ -762,7 +847,7 @@ def test_documents_a_dataset_build_writes_train_sft_and_are_measured_by_perplexi
     assert plan(parse(ppl), lookup({("DatasetBuild", "data"): documents}), STORE)["inputs"]["dataset"]["format"] == "text"
     dpo = copy.deepcopy(FT)
     dpo["spec"]["objective"] = "dpo"
-    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data wrote documents \(format "
+    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data writes documents \(format "
                                         r"text\), but objective dpo trains on preference pairs: set spec.preferences"):
         plan(parse(dpo), lookup({("DatasetBuild", "data"): documents}), STORE)
     assert headline("DatasetBuild", {**documents, "rows": {"train": 8, "validation": 1, "test": 1}}) == \
@@ -789,12 +874,12 @@ def test_a_grpo_fine_tune_reads_a_dataset_builds_prompts_with_references_and_not
     curriculum = copy.deepcopy(grpo)
     curriculum["spec"]["grpo"]["promptOrder"] = "easyFirst"
     with pytest.raises(PlanError, match="spec.grpo.promptOrder: is easyFirst, which orders the prompts by their "
-                                        "pass_rate, but DatasetBuild data measured none: set spec.difficulty there"):
+                                        "pass_rate, but DatasetBuild data measures none: set spec.difficulty there"):
         plan(parse(curriculum), lookup({("DatasetBuild", "data"): graded}), STORE)
     measured = {**graded, "difficultyUsage": {"requests": 8, "cached": 0, "promptTokens": 0, "completionTokens": 0}}
     assert plan(parse(curriculum), lookup({("DatasetBuild", "data"): measured}), STORE)["spec"]["grpo"][
         "promptOrder"] == "easyFirst"
-    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data wrote conversations \(format "
+    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data writes conversations \(format "
                                         r"chatml\), but objective grpo trains on prompts with reference answers for its "
                                         "grader: set spec.format graded there"):
         plan(parse(grpo), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
@@ -805,12 +890,12 @@ def test_a_grpo_fine_tune_reads_a_dataset_builds_prompts_with_references_and_not
         plan(parse(grpo), lookup({("DatasetBuild", "data"): graded}), STORE)
 
     sft = copy.deepcopy(FT)
-    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data wrote prompts with reference "
+    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: DatasetBuild data writes prompts with reference "
                                         r"answers \(format graded\), but objective sft learns from answers: leave "
                                         r"spec.format chatml \(or sharegpt\) there"):
         plan(parse(sft), lookup({("DatasetBuild", "data"): graded}), STORE)
     ppl = m("Benchmark", "b", {"model": {"source": MODEL}, "perplexity": {"dataset": {"datasetBuildRef": {"name": "data"}}}})
-    with pytest.raises(PlanError, match="spec.perplexity.dataset.datasetBuildRef: DatasetBuild data wrote prompts with "
+    with pytest.raises(PlanError, match="spec.perplexity.dataset.datasetBuildRef: DatasetBuild data writes prompts with "
                                         "reference answers"):
         plan(parse(ppl), lookup({("DatasetBuild", "data"): graded}), STORE)
     bad = copy.deepcopy(gsm8k)
@@ -857,11 +942,11 @@ def test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judg
     by_uri["spec"]["preferences"]["rejected"]["model"] = {"uri": FT_RESULT["modelUri"]}
     assert plan(parse(by_uri), lookup({}), STORE)["digest"] == task["digest"]
     reward = {**FT_RESULT, "objective": "reward"}
-    with pytest.raises(PlanError, match="spec.preferences.rejected.model.fineTuneRef: FineTune sft trained a reward "
+    with pytest.raises(PlanError, match="spec.preferences.rejected.model.fineTuneRef: FineTune sft trains a reward "
                                         "model, which scores conversations and writes none"):
         plan(parse(pairs), lookup({("FineTune", "sft"): reward}), STORE)
     adapter_only = {k: v for k, v in FT_RESULT.items() if k != "modelUri"} | {"adapterUri": "s3://bucket/sft/adapter"}
-    with pytest.raises(PlanError, match="spec.preferences.rejected.model.fineTuneRef: FineTune sft kept only its adapter"):
+    with pytest.raises(PlanError, match="spec.preferences.rejected.model.fineTuneRef: FineTune sft keeps only its adapter"):
         plan(parse(pairs), lookup({("FineTune", "sft"): adapter_only}), STORE)
 
     # A teacher, a DatasetBuild's judge, a Benchmark's judge and a grader's local judge alike.
@@ -891,7 +976,7 @@ def test_a_model_trained_by_a_fine_tune_writes_rejected_answers_teaches_and_judg
     assert "spec.preferences.rewardModel.fineTuneRef" in [path for path, _, _ in references(parse(ranked))]
     upstream = lookup({("FineTune", "sft"): FT_RESULT, ("FineTune", "rm"): reward})
     assert plan(parse(ranked), upstream, STORE)["spec"]["preferences"]["rewardModel"] == {"uri": FT_RESULT["modelUri"]}
-    with pytest.raises(PlanError, match="spec.preferences.rewardModel.fineTuneRef: FineTune rm trained with objective "
+    with pytest.raises(PlanError, match="spec.preferences.rewardModel.fineTuneRef: FineTune rm trains with objective "
                                         "sft, so it is a language model, not a reward model"):
         plan(parse(ranked), lookup({("FineTune", "sft"): FT_RESULT, ("FineTune", "rm"): FT_RESULT}), STORE)
 

@@ -16,7 +16,7 @@ from ..api import KINDS
 from . import metrics
 from .job_builder import MANAGED_BY
 from .kube import SERVER_ENV, Kube, NotFound, custom_path
-from .reconcile import dependents, job_owner, job_summary, reconcile
+from .reconcile import dependents, job_owner, job_summary, reconcile, refused
 from .settings import OperatorSettings
 
 FINALIZER = "llmfactory.dev/artifacts"
@@ -173,6 +173,17 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
             except NotFound:  # deleted in between
                 pass
 
+    def on_spec_changed(body: kopf.Body, **_: Any) -> None:
+        # What was refused for what this spec promised (a FineTune with objective dpo on a build of
+        # conversations) plans again at once: the change may have mended it. Nothing else is nudged:
+        # what ran on this one's last result reruns once its new result is there (on_settled).
+        meta = body["metadata"]
+        why = f"{body['kind']} {meta['name']} changed (generation {meta.get('generation')})"
+        for kind, name in dependents(client(), body["kind"], meta["namespace"], meta["name"]):
+            obj = client().get_or_none(custom_path(KINDS[kind].plural, meta["namespace"], name))
+            if obj and refused(obj):
+                nudge(kind, meta["namespace"], name, why)
+
     def on_job_event(body: kopf.Body, **_: Any) -> None:
         owner = job_owner(dict(body))
         if owner:
@@ -195,6 +206,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
         kopf.on.event(*resource, registry=registry, when=settled_now)(on_settled)
         kopf.on.create(*resource, registry=registry)(on_change)
         kopf.on.update(*resource, registry=registry)(on_change)
+        kopf.on.create(*resource, registry=registry)(on_spec_changed)
+        kopf.on.update(*resource, registry=registry, field="spec")(on_spec_changed)
         kopf.on.resume(*resource, registry=registry)(on_change)
         kopf.timer(*resource, registry=registry, interval=config.poll_seconds, initial_delay=config.poll_seconds)(on_timer)
         kopf.on.delete(*resource, registry=registry, when=deletes_artifacts)(on_delete)

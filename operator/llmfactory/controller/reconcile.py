@@ -14,7 +14,8 @@ from llmfactory_runtime.finetune.estimate import Estimate
 from llmfactory_runtime.store import finished_result, open_store, read_progress
 
 from ..api import KINDS
-from ..planner import PlanError, Waiting, parse, plan, references
+from ..planner import PlanError, Waiting, parse, plan, promised, references
+from ..planner.promise import Promise
 from . import job_builder
 from .kube import Kube, NotFound, custom_path
 from .settings import OperatorSettings
@@ -61,6 +62,19 @@ def upstream_results(kube: Kube, seen: dict[tuple[str, str], dict] | None = None
     return result_of
 
 
+def upstream_promises(kube: Kube, seen: dict[tuple[str, str], dict]) -> Callable[[str, str, str], Promise]:
+    """The planner's lookup of what a referenced resource that has not succeeded promises, from its
+    spec (as result_of read it, in `seen`); nothing for one that does not exist or does not parse (its
+    own reconciliation says why)."""
+    def promise_of(kind: str, namespace: str, name: str) -> Promise:
+        obj = seen.get((kind, name)) or kube.get_or_none(custom_path(KINDS[kind].plural, namespace, name))
+        try:
+            return promised(parse(manifest_of(obj)), promise_of) if obj else Promise()
+        except PlanError:
+            return Promise()
+    return promise_of
+
+
 def _waiting(task: Waiting, upstream: dict[str, Any], old: dict[str, Any], generation: int | None,
              extra: dict[str, Any]) -> Outcome:
     """Waiting on a referenced resource (`upstream`, as the planner read it); one that has failed is
@@ -77,6 +91,14 @@ def _waiting(task: Waiting, upstream: dict[str, Any], old: dict[str, Any], gener
     unchanged = old.get("phase") == "Waiting" and _condition(old, "Reconciling").get("reason") == reason
     return Outcome(situation("Waiting", reason, message, old, generation, **extra),
                    None if unchanged else (*event, message))
+
+
+def refused(obj: dict[str, Any]) -> bool:
+    """Whether the planner refused the object's current spec (InvalidSpec)."""
+    status = obj.get("status") or {}
+    stalled = _condition(status, "Stalled")
+    return (stalled.get("status"), stalled.get("reason")) == ("True", "InvalidSpec") and \
+        status.get("observedGeneration") == obj["metadata"].get("generation")
 
 
 def _condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:
@@ -99,7 +121,8 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> 
     try:
         res = parse(manifest_of(body))
         task = plan(res, upstream_results(kube, seen), settings.store_uri,
-                    lambda namespace, name: kube.get_or_none(f"/api/v1/namespaces/{namespace}/configmaps/{name}"))
+                    lambda namespace, name: kube.get_or_none(f"/api/v1/namespaces/{namespace}/configmaps/{name}"),
+                    upstream_promises(kube, seen))
     except PlanError as exc:
         message = f"{exc.field}: {exc.message}"
         return Outcome(situation("Failed", "InvalidSpec", message, old, generation),

@@ -20,7 +20,7 @@ from llmfactory_runtime.store import TASK, finished_result, open_store, read_pro
 
 from ..api import KINDS
 from ..api.headline import gates_failed, headline
-from ..planner import Resource, Waiting, config_maps_among, dependency_order, parse, plan
+from ..planner import Resource, Waiting, config_maps_among, dependency_order, parse, plan, promises_among
 from ..planner.manifests import config_map_bytes
 
 
@@ -52,8 +52,11 @@ class LocalRunner:
         for other in others:
             self.console.print(f"{other}: left out (not an llmfactory kind)", soft_wrap=True)
         resources = dependency_order(parse(m) for m in manifests)
-        for res in resources:  # what a spec shows wrong by itself (a gate's metric) is refused before anything runs
-            plan(res, lambda *_: None, self.store_uri, lambda ns, name: self.config_maps.get((ns, name)))
+        # What a spec shows wrong by itself (a gate's metric) or beside what it references (a FineTune with
+        # objective dpo on a build of conversations) is refused before anything runs.
+        promise_of = promises_among(resources)
+        for res in resources:
+            plan(res, lambda *_: None, self.store_uri, lambda ns, name: self.config_maps.get((ns, name)), promise_of)
         outcomes: dict[tuple, Outcome] = {}
 
         def result_of(kind: str, namespace: str, name: str):

@@ -25,6 +25,7 @@ from .errors import PlanError
 from .estimate import check_fits
 from .graph import references, trained_models
 from .manifests import Resource, config_map_bytes
+from .promise import Promise, PromiseLookup, Unknown, trained_format
 
 ResultLookup = Callable[[str, str, str], "dict[str, Any] | None"]  # (kind, namespace, name) -> status.result
 ConfigMapLookup = Callable[[str, str], "dict[str, Any] | None"]  # (namespace, name) -> the ConfigMap
@@ -109,18 +110,24 @@ def digest_spec(res: Resource) -> dict[str, Any]:
     return digested
 
 
-def plan(res: Resource, result_of: ResultLookup, store_uri: str,
-         config_map_of: ConfigMapLookup | None = None) -> dict[str, Any] | Waiting:
-    """The task document for `res`, or Waiting when a referenced resource has not succeeded
-    (or a ConfigMap it reads does not exist yet)."""
+def plan(res: Resource, result_of: ResultLookup, store_uri: str, config_map_of: ConfigMapLookup | None = None,
+         promise_of: PromiseLookup | None = None) -> dict[str, Any] | Waiting:
+    """The task document for `res`, or Waiting when a referenced resource has not succeeded (or a
+    ConfigMap it reads does not exist yet). Before it waits, `res` is checked against what those
+    resources' specs promise (`promise_of`, where their manifests are known)."""
     _check_spec(res)
     estimate = check_fits(res) if res.kind == "FineTune" else None
     upstream: dict[str, dict[str, Any]] = {}
+    waiting = None
     for path, kind, name in references(res):
         result = result_of(kind, res.namespace, name)
         if result is None:
-            return Waiting(kind, name, path, estimate.as_dict() if estimate else None)
+            waiting = waiting or Waiting(kind, name, path, estimate.as_dict() if estimate else None)
+            result = promise_of(kind, res.namespace, name) if promise_of else Promise()
         upstream[path] = result
+    if waiting:
+        _check_promises(res, upstream)
+        return waiting
     res = _with_trained_models(res, upstream)
     inputs = _INPUTS[res.kind](res, upstream)
     if res.kind == "DatasetBuild":
@@ -147,6 +154,15 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str,
     if estimate is not None:
         task["estimate"] = estimate.as_dict()
     return task
+
+
+def _check_promises(res: Resource, upstream: dict[str, dict[str, Any]]) -> None:
+    """The checks of the inputs, made on what the referenced resources promise: the first that reads
+    what only a result will say ends them, to be made again with the results."""
+    try:
+        _INPUTS[res.kind](_with_trained_models(res, upstream), upstream)
+    except Unknown:
+        pass
 
 
 def config_map_files(res: Resource, config_map_of: ConfigMapLookup | None) -> dict[str, dict] | Waiting:
@@ -188,7 +204,7 @@ def _dataset(res: Resource, dataset, upstream: dict, path: str, reads: tuple[str
         return {"uri": dataset.uri, "format": "chatml", "digest": canonical_digest(dataset.uri)}
     r, name = upstream[f"{path}.datasetBuildRef"], dataset.dataset_build_ref.name
     if BUILT[r["format"]] not in reads:
-        raise PlanError(res.ref, f"{path}.datasetBuildRef", f"DatasetBuild {name} wrote {BUILT[r['format']]} "
+        raise PlanError(res.ref, f"{path}.datasetBuildRef", f"DatasetBuild {name} writes {BUILT[r['format']]} "
                         f"(format {r['format']}), but {use}: {HOW_BUILT[reads[0]]}, or point dataset.uri at "
                         f"{elsewhere}")
     return {"uri": r["uri"], "format": r["format"], "digest": r["digest"]}
@@ -258,20 +274,16 @@ def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     reads, use, elsewhere = OBJECTIVE_READS[objective]
     dataset = _dataset(res, res.spec.dataset, upstream, "spec.dataset", reads, f"objective {objective} {use}",
                        elsewhere)
-    if objective in ("dpo", "reward") or objective == "kto" and built:
-        dataset["format"] = "preference"  # a Benchmark or Quantization of it reads the prompts and chosen answers
-    elif objective == "kto":  # its rows may be unpaired: a Benchmark of it scores labelled answers, not pairs
-        dataset["format"] = "unpaired"
-    elif objective == "grpo":  # prompts and references: no answers for a Benchmark or Quantization to read
+    if objective == "grpo":
         _check_built_references(res, "spec.grpo.grader", res.spec.grpo.grader, dataset)
         # A build measured pass rates where its result says what difficulty's sampling asked.
         if res.spec.grpo.prompt_order == "easyFirst" and built and "difficultyUsage" not in upstream[
                 "spec.dataset.datasetBuildRef"]:
             raise PlanError(res.ref, "spec.grpo.promptOrder", f"is easyFirst, which orders the prompts by their "
-                            f"pass_rate, but DatasetBuild {built.name} measured none: set spec.difficulty there "
+                            f"pass_rate, but DatasetBuild {built.name} measures none: set spec.difficulty there "
                             "(the student answers each prompt and the grader scores it), or leave promptOrder unset "
                             "(shuffled)")
-        dataset["format"] = "graded"
+    dataset["format"] = trained_format(objective, built is not None, dataset["format"])
     return {"baseModel": _base_model(res, upstream), "dataset": dataset}
 
 
@@ -409,11 +421,11 @@ def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:
         return _model(res.spec.base_model)
     trained = upstream["spec.baseModel.fineTuneRef"]
     if trained.get("objective") == "reward" and res.spec.objective != "reward":
-        raise PlanError(res.ref, "spec.baseModel.fineTuneRef", f"FineTune {ref.name} trained a reward model, which "
+        raise PlanError(res.ref, "spec.baseModel.fineTuneRef", f"FineTune {ref.name} trains a reward model, which "
                         f"scores conversations and cannot write them: objective {res.spec.objective} needs a language "
                         "model (name its base, or the FineTune that trained it)")
     if not trained.get("modelUri"):  # an adapter alone is relative to a base this run would not know
-        raise PlanError(res.ref, "spec.baseModel.fineTuneRef", f"FineTune {ref.name} kept only its adapter "
+        raise PlanError(res.ref, "spec.baseModel.fineTuneRef", f"FineTune {ref.name} keeps only its adapter "
                         "(spec.mergeAdapter: false); set mergeAdapter: true there to train on its model")
     return {"uri": trained["modelUri"]}
 
@@ -425,13 +437,13 @@ def _trained_model(res: Resource, upstream: dict, field: str = "spec.model") -> 
     if spec.fine_tune_ref:
         ft = upstream[f"{field}.fineTuneRef"]
         _check_ranks(res, f"{field}.fineTuneRef", ft)
+        if res.kind == "Quantization" and not ft.get("modelUri"):  # conversion reads a whole safetensors model
+            raise PlanError(res.ref, f"{field}.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} keeps only its "
+                            "adapter (spec.mergeAdapter: false); set mergeAdapter: true there to quantize it")
         dataset = {"uri": ft["datasetUri"], "format": ft["datasetFormat"], "digest": ft["datasetDigest"],
                    **_reference_fields(ft)}
         if ft.get("modelUri"):
             return {"uri": ft["modelUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
-        if res.kind == "Quantization":  # conversion reads a whole safetensors model
-            raise PlanError(res.ref, f"{field}.fineTuneRef", f"FineTune {spec.fine_tune_ref.name} kept only its "
-                            "adapter (spec.mergeAdapter: false); set mergeAdapter: true there to quantize it")
         # A Benchmark evaluates the adapter on its base, merged when loaded.
         return {**ft["baseModel"], "adapterUri": ft["adapterUri"], "digest": ft["digest"]}, ft["baseModel"], dataset
     if getattr(spec, "quantization_ref", None):
@@ -463,15 +475,15 @@ def _check_ranks(res: Resource, field: str, trained: dict) -> None:
     ref = (res.spec.baseline_model if name == "spec.baselineModel" else res.spec.model).fine_tune_ref.name
     if reward and not ranking:
         use = "benchmark it with spec.ranking" if res.kind == "Benchmark" else "there is nothing to quantize"
-        raise PlanError(res.ref, field, f"FineTune {ref} trained a reward model, which scores conversations and "
+        raise PlanError(res.ref, field, f"FineTune {ref} trains a reward model, which scores conversations and "
                         f"writes none: {use} (how it ranks held-out preference pairs), or use it as "
                         "grader.rewardModel (fineTuneRef) of a GRPO FineTune or a Benchmark's reward")
     if ranking and not reward:
-        raise PlanError(res.ref, field, f"FineTune {ref} trained with objective {trained.get('objective') or 'sft'}, "
+        raise PlanError(res.ref, field, f"FineTune {ref} trains with objective {trained.get('objective') or 'sft'}, "
                         "so it is a language model, which spec.ranking cannot score: name a FineTune with objective "
                         "reward (a language model's preference is perplexity's preference.accuracy on preference pairs)")
     if ranking and not trained.get("modelUri"):
-        raise PlanError(res.ref, field, f"FineTune {ref} kept only its adapter (spec.mergeAdapter: false); set "
+        raise PlanError(res.ref, field, f"FineTune {ref} keeps only its adapter (spec.mergeAdapter: false); set "
                         "mergeAdapter: true there to rank pairs with its model")
 
 
@@ -486,14 +498,14 @@ def _with_trained_models(res: Resource, upstream: dict) -> Resource:
         field, name = f"{path}.fineTuneRef", source.fine_tune_ref.name
         trained, scores = upstream[field], isinstance(source, RewardModelSource)
         if scores and trained.get("objective") != "reward":
-            raise PlanError(res.ref, field, f"FineTune {name} trained with objective "
+            raise PlanError(res.ref, field, f"FineTune {name} trains with objective "
                             f"{trained.get('objective') or 'sft'}, so it is a language model, not a reward model: "
                             "name a FineTune with objective reward")
         if not scores and trained.get("objective") == "reward":
-            raise PlanError(res.ref, field, f"FineTune {name} trained a reward model, which scores conversations and "
+            raise PlanError(res.ref, field, f"FineTune {name} trains a reward model, which scores conversations and "
                             "writes none: name a FineTune that trained a language model")
         if not trained.get("modelUri"):
-            raise PlanError(res.ref, field, f"FineTune {name} kept only its adapter (spec.mergeAdapter: false); "
+            raise PlanError(res.ref, field, f"FineTune {name} keeps only its adapter (spec.mergeAdapter: false); "
                             "set mergeAdapter: true there to read its model")
         uris[path] = trained["modelUri"]
     return dataclasses.replace(res, spec=_replaced(res.spec, "spec", uris)) if uris else res
@@ -542,7 +554,7 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                                          ("conversations", "preference pairs", "documents"),
                                          "perplexity is measured on answers and documents", "conversations")
         elif trained_on and trained_on["format"] == "graded":
-            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: {_trainer(res)} trained with objective "
+            raise PlanError(res.ref, "spec.perplexity.dataset", f"is required: {_trainer(res)} trains with objective "
                             "grpo on prompts without answers, which perplexity cannot be measured on; name a dataset "
                             "of conversations")
         elif trained_on:
@@ -629,8 +641,8 @@ def _quantization_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
                  if validation.max_perplexity_increase_percent is not None else None)
         if needs:
             raise PlanError(res.ref, needs, f"needs conversations with answers, but FineTune "
-                            f"{res.spec.model.fine_tune_ref.name} trained with objective grpo on prompts alone "
-                            "(its answers were sampled in training)")
+                            f"{res.spec.model.fine_tune_ref.name} trains with objective grpo on prompts alone "
+                            "(its answers are sampled in training)")
     if calibrated and not trained_on:
         raise PlanError(res.ref, "spec.types", f"{calibrated[0]} calibrates on the rows a model was tuned on "
                         "(conversations or documents), which only a fineTuneRef model provides (its dataset's "
