@@ -395,5 +395,6 @@ def test_quantization_phase_records_llama_cpp_load_back(tiny_model, tmp_path):
     task = quantization_task(tiny_model, tmp_path, ["q8_0"])
     store = open_store(task["artifactUri"])
     result = quantize.run(task, store, Progress(store))
+    assert_task_kept_promise(task, result)  # of a source model: its file, and no dataset
     checked = result["artifacts"][0]["llamaCpp"]
     assert checked["tokenizerMatches"] and checked["tokensPerSecond"] > 0 and result["passed"]
