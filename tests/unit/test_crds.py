@@ -12,7 +12,7 @@ from llmfactory.api.crd import crd
 from llmfactory.cli import main as cli
 from llmfactory.api.schema_check import validate, validate_resource, with_defaults
 from llmfactory.planner import PlanError, parse
-from llmfactory.planner.tasks import digest_spec
+from llmfactory.planner.digest import digest_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSIONS = sorted({v for v in kubernetes_validate.utils.all_versions()

@@ -39,7 +39,7 @@ def references(res: Resource) -> list[tuple[str, str, str]]:
 def trained_models(node: Any, path: str = "spec") -> list[tuple[str, TrainedModelSource]]:
     """(field path, source) of every model the spec names by fineTuneRef to read it (a teacher, a
     judge, a grader's reward model...), wherever it sits: a FineTune's baseModel, which it trains
-    further, and the model a Benchmark or Quantization evaluates are read apart (tasks.py)."""
+    further, and the model a Benchmark or Quantization evaluates are read apart (inputs.py)."""
     if isinstance(node, TrainedModelSource):
         return [(path, node)] if node.fine_tune_ref else []
     if isinstance(node, list):
