@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .manifests import Key, Resource
 
-PENDING = "pending://"  # a URI or digest only the run decides: no check reads its value
+PENDING = "pending://"  # a URI or digest only the run decides; a file name after it is promised too
 
 
 class Unknown(Exception):
