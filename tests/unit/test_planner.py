@@ -354,8 +354,8 @@ def test_what_a_referenced_resources_spec_promises_is_checked_before_waiting_for
     dpo = copy.deepcopy(FT)
     dpo["spec"]["objective"] = "dpo"
     err = refused_before_waiting(dpo, DATA)
-    assert (err.field, err.message.split(":")[0]) == ("spec.dataset.datasetBuildRef", "DatasetBuild data writes "
-                                                                                      "conversations (format chatml), but objective dpo trains on preference pairs")
+    assert err.field == "spec.dataset.datasetBuildRef" and err.message.startswith(
+        "DatasetBuild data writes conversations (format chatml), but objective dpo trains on preference pairs")
     assert waits(dpo).field == "spec.dataset.datasetBuildRef"  # nothing known of a build not applied
     assert waits(BENCH, FT).field == "spec.model.fineTuneRef"  # nor of the rows its FineTune trains on
     pairs = copy.deepcopy(DATA)
@@ -393,6 +393,19 @@ def test_what_a_referenced_resources_spec_promises_is_checked_before_waiting_for
     assert "the GGUF file base.gguf" in refused_before_waiting(judged, merged).message  # the base, its baseline
     judged["spec"]["baseline"] = False
     waits(judged, merged)
+
+    # A reward model where text is written, a language model where one scores.
+    rm = m("FineTune", "rm", {"baseModel": MODEL, "objective": "reward", "dataset": {"uri": "s3://bucket/pairs"}})
+    taught = m("DatasetBuild", "d", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": {"fineTuneRef": {
+        "name": "rm"}}}})
+    err = refused_before_waiting(taught, rm)
+    assert err.field == "spec.teacher.model.fineTuneRef" and "FineTune rm trains a reward model" in err.message
+    ranked = m("Benchmark", "bench", {"model": {"fineTuneRef": {"name": "ft"}}, "ranking": {"dataset": {
+        "uri": "s3://bucket/pairs"}}})
+    assert "FineTune ft trains with objective sft, so it is a language model" in refused_before_waiting(
+        ranked, merged).message
+    waits(m("Benchmark", "bench", {"model": {"fineTuneRef": {"name": "rm"}}, "ranking": {"dataset": {
+        "uri": "s3://bucket/pairs"}}}), rm)
 
     # A Quantization's GGUF file (named as its run names it) for vLLM; its compressed-tensors folder is fine.
     of_quantization = m("Benchmark", "bench", {"model": {"quantizationRef": {"name": "q"}}, "judge": vllm_judge})

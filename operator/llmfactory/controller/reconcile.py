@@ -14,8 +14,7 @@ from llmfactory_runtime.finetune.estimate import Estimate
 from llmfactory_runtime.store import finished_result, open_store, read_progress
 
 from ..api import KINDS
-from ..planner import PlanError, Waiting, parse, plan, promised, references
-from ..planner.promise import Promise
+from ..planner import PlanError, Promise, Waiting, parse, plan, promised, references
 from . import job_builder
 from .kube import Kube, NotFound, custom_path
 from .settings import OperatorSettings
