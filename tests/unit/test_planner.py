@@ -1,8 +1,11 @@
 """The planner: tasks, digests, references, and errors that name the resource and field."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
+import yaml
 
 from llmfactory.api.headline import headline
 from llmfactory.planner import (PlanError, Waiting, benchmark_metric_names, config_maps_among, dependency_order, parse,
@@ -1007,3 +1010,20 @@ def test_other_objects_in_a_gitops_folder_are_left_out_by_name_and_a_wrong_llmfa
     assert list(config_maps) == [("default", "prompts")]
     with pytest.raises(PlanError, match="expected apiVersion llmfactory.dev/v1alpha1"):
         [parse(doc) for doc in rest]
+
+
+def test_llmfactory_plan_refuses_what_a_referenced_resources_spec_does_not_fit(tmp_path):
+    """`llmfactory plan -f` (a CI step before a GitOps merge) checks each resource against the specs of
+    those it references, as the operator and `llmfactory run` do."""
+    dpo = copy.deepcopy(FT)
+    dpo["spec"]["objective"] = "dpo"
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump_all([DATA, dpo]))
+    plan_cli = [sys.executable, "-m", "llmfactory.cli", "plan", "-f", str(tmp_path / "pipeline.yaml")]
+    refused = subprocess.run(plan_cli, capture_output=True, text=True)
+    assert refused.returncode == 2 and "FineTune default/ft: spec.dataset.datasetBuildRef: DatasetBuild data writes " \
+                                       "conversations (format chatml)" in refused.stderr, refused.stderr
+    pairs = copy.deepcopy(DATA)
+    pairs["spec"]["preferences"] = {"rejected": {"model": MODEL}}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump_all([pairs, dpo]))
+    planned = subprocess.run(plan_cli, capture_output=True, text=True, check=True)
+    assert "FineTune default/ft: waiting for DatasetBuild data (spec.dataset.datasetBuildRef) to succeed" in planned.stdout
