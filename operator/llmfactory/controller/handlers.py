@@ -179,10 +179,8 @@ def register(registry: kopf.OperatorRegistry, config: OperatorSettings, kube: Ku
         # what ran on this one's last result reruns once its new result is there (on_settled).
         meta = body["metadata"]
         why = f"{body['kind']} {meta['name']} changed (generation {meta.get('generation')})"
-        for kind, name in dependents(client(), body["kind"], meta["namespace"], meta["name"]):
-            obj = client().get_or_none(custom_path(KINDS[kind].plural, meta["namespace"], name))
-            if obj and refused(obj):
-                nudge(kind, meta["namespace"], name, why)
+        for kind, name in dependents(client(), body["kind"], meta["namespace"], meta["name"], where=refused):
+            nudge(kind, meta["namespace"], name, why)
 
     def on_job_event(body: kopf.Body, **_: Any) -> None:
         owner = job_owner(dict(body))

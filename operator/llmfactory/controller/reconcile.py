@@ -474,13 +474,15 @@ def job_summary(job: dict[str, Any]) -> str:
             f"succeeded={status.get('succeeded', 0)} {','.join(done)}").strip()
 
 
-def dependents(kube: Kube, kind: str, namespace: str, name: str) -> list[tuple[str, str]]:
-    """(kind, name) of the resources in the namespace that reference this one: those waiting for it,
-    and those that ran on an earlier result of it, for which a new result is a new task (a Benchmark
-    of a retrained FineTune). Reconciled on an unchanged task, a finished one stays as it is."""
+def dependents(kube: Kube, kind: str, namespace: str, name: str,
+               where: Callable[[dict[str, Any]], bool] = lambda obj: True) -> list[tuple[str, str]]:
+    """(kind, name) of the resources in the namespace that reference this one (and are `where`, as
+    listed): those waiting for it, and those that ran on an earlier result of it, for which a new result
+    is a new task (a Benchmark of a retrained FineTune). Reconciled on an unchanged task, a finished one
+    stays as it is."""
     found = []
     for info in KINDS.values():
-        for obj in kube.list(custom_path(info.plural, namespace), {}):
+        for obj in filter(where, kube.list(custom_path(info.plural, namespace), {})):
             try:
                 refs = references(parse(manifest_of(obj)))
             except PlanError:

@@ -117,7 +117,7 @@ def _quantization(res: Resource, promise_of) -> Promise:
     if not spec.model.fine_tune_ref:  # it passes on the dataset of the FineTune it quantized, if any
         return Promise(fields, set(dataset))
     trained = promise_of("FineTune", spec.model.fine_tune_ref.name)
-    passed_on = {key: trained[key] for key in dataset if dict.__contains__(trained, key)}
+    passed_on = {key: trained[key] for key in trained.keys() & set(dataset)}  # keys(): only those it holds
     return Promise({**fields, **passed_on}, set(dataset) & trained.absent)
 
 
