@@ -1476,8 +1476,14 @@ def test_short_prompts_are_told_apart_among_the_requested_languages():
     drops = Drops()
     found = detect([{"turns": [t]} for t, _ in samples], {"minConfidence": 0.5}, {"ru": 1, "en": 1, "zh": 1}, drops)
     assert [p["language"] for p in found] == [lang for _, lang in samples]
-    with pytest.raises(ValueError, match="spec.languageDetection.candidates: xx"):
+    with pytest.raises(InvalidTask, match="spec.languageDetection.candidates: xx unknown"):
         list(detect([], {"candidates": ["en", "xx"]}, None, drops))
+    # Without candidates, samplesPerLanguage's languages are the candidates, and it is named.
+    with pytest.raises(InvalidTask, match="spec.samplesPerLanguage: xx unknown"):
+        list(detect([], {}, {"en": 1, "xx": 1}, drops))
+    from llmfactory_runtime.benchmark.judge import LanguageRule
+    with pytest.raises(InvalidTask, match="spec.judge.languages: xx unknown.*languageRule false"):
+        LanguageRule(["en", "xx"])
 
 
 def test_token_bucket_waits_for_the_rate_and_retry_after_parses_both_forms():

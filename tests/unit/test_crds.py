@@ -1,6 +1,7 @@
 """crds/ is generated from the API models, valid for every Kubernetes version we support,
 structural, and its CEL rules say what they mean."""
 
+from importlib import resources
 from pathlib import Path
 
 import kubernetes_validate
@@ -8,6 +9,9 @@ import pytest
 import yaml
 
 from llmfactory.api import KINDS
+from llmfactory.api.benchmark import BUILTIN_QUESTION_LANGUAGES
+from llmfactory.api.common import PATTERN_MEANINGS
+from llmfactory.api.dataset_build import DETECTABLE_LANGUAGES
 from llmfactory.api.crd import crd
 from llmfactory.cli import main as cli
 from llmfactory.api.schema_check import validate, validate_resource, with_defaults
@@ -388,6 +392,15 @@ BAD = [
                       "resources": {"ephemeralStorage": "500 GB"}}, "does not match"),  # a quantity: 500G, 500Gi
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "resources": {"memory": "64 gigs"}},
      "does not match"),
+    ("Benchmark", {"model": {"source": MODEL}, "judge": {"openai": {"model": "j"}, "languages": ["en", "de"]}},
+     "the built-in question sets are en, ru, zh: give questionsUri or questionsDataset to ask in other languages"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "languageDetection": {"candidates": ["en", "xx"]}},
+     "candidates: each prompt's language is detected among the 140 languages py3langid knows"),
+    ("Benchmark", {"model": {"source": MODEL}, "judge": {"openai": {"model": "j"}, "languages": ["en", "xx"],
+                                                          "questionsUri": "file:///q.jsonl"}},
+     "languageRule detects each answer's language among the 140 languages py3langid knows (ISO 639 codes, e.g. en, "
+     "ru, zh, de, ja; `kubectl explain datasetbuild.spec.languageDetection.candidates` lists them): set languageRule "
+     "false to ask in others"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q8_0", "q4_0", "q8_0"]},
      "duplicate value 'q8_0': a set names each value once"),
@@ -428,6 +441,64 @@ def test_an_unknown_field_is_named_with_the_one_meant_or_the_fields_there_are(sp
     with pytest.raises(PlanError) as err:
         parse(_manifest("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, **spec}))
     assert expected in str(err.value), err.value
+
+
+@pytest.mark.parametrize("kind,spec,expected", [
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "resources": {"memory": "64 gigs"}},
+     "spec.resources.memory: '64 gigs' is not a Kubernetes quantity, e.g. 8, 500m, 64Gi"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "data/train.jsonl"}},
+     "spec.dataset.uri: 'data/train.jsonl' is not a URI starting with s3://, file:// or package://"),
+    ("FineTune", {"baseModel": {"huggingface": "Llama-3.1-8B"}, "dataset": {"uri": "file:///d"}},
+     "spec.baseModel.huggingface: 'Llama-3.1-8B' is not a Hugging Face repository id, owner/name"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "hyperparameters": {"lrScheduler": "cosin"}},
+     "spec.hyperparameters.lrScheduler: Input should be 'linear', 'cosine' or 'constant', not 'cosin'"),
+    ("Benchmark", {"model": {"source": MODEL}, "judge": {"openai": {"model": "j"}, "languages": ["EN"]}},
+     "spec.judge.languages[0]: 'EN' is not an ISO 639 language code of 2 or 3 lowercase letters, e.g. en, ru, zh"),
+])
+def test_a_value_out_of_its_fields_bounds_is_named_with_what_would_be_valid(kind, spec, expected):
+    """What the planner says of a value that breaks a pattern is what the pattern means, not its regular
+    expression (a Kubernetes quantity's is 90 characters), and each message shows the value it got."""
+    with pytest.raises(PlanError) as err:
+        parse(_manifest(kind, spec))
+    assert expected in str(err.value), err.value
+
+
+def test_a_url_with_credentials_is_refused_without_repeating_them():
+    spec = {"sources": [{"inline": [{"text": "hi"}]}],
+            "teacher": {"openai": {"model": "gpt-4o", "baseUrl": "ftp://user:s3cret@llm.internal/v1"}}}
+    with pytest.raises(PlanError) as err:
+        parse(_manifest("DatasetBuild", spec))
+    assert "spec.teacher.openai.baseUrl" in str(err.value) and "s3cret" not in str(err.value), err.value
+
+
+def test_the_built_in_question_languages_are_the_question_sets_shipped():
+    shipped = resources.files("llmfactory_runtime.benchmark") / "questions"
+    assert sorted(p.name.removesuffix(".jsonl") for p in shipped.iterdir()) == sorted(BUILTIN_QUESTION_LANGUAGES)
+    parse(_manifest("Benchmark", {"model": {"source": MODEL},  # any language of one's own questions
+                                  "judge": {"openai": {"model": "j"}, "languages": ["de"], "questionsUri": "file:///q"}}))
+    parse(_manifest("Benchmark", {"model": {"source": MODEL},  # one the language rule cannot tell, without it
+                                  "judge": {"openai": {"model": "j"}, "languages": ["xx"], "questionsUri": "file:///q",
+                                            "languageRule": False}}))
+
+
+def test_the_detectable_languages_are_those_the_language_model_knows():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    known = set(LanguageIdentifier.from_model_file(MODEL_FILE).nb_classes)
+    assert sorted(known) == list(DETECTABLE_LANGUAGES)
+
+
+def test_every_pattern_of_the_crds_says_what_it_means():
+    def patterns(schema):
+        if isinstance(schema, dict):
+            yield from [schema["pattern"]] if "pattern" in schema else []
+            for value in schema.values():
+                yield from patterns(value)
+        elif isinstance(schema, list):
+            for value in schema:
+                yield from patterns(value)
+    found = {p for info in KINDS.values() for p in patterns(crd(info))}
+    assert len(found) >= 8 and found <= set(PATTERN_MEANINGS), found - set(PATTERN_MEANINGS)
 
 
 PYDANTIC_WORDS = {"not in", "minimum", "violates minimum", "does not match", "unknown field",

@@ -206,6 +206,23 @@ def test_quantization_validation_needs_held_out_data():
     assert err.value.field == "spec.validation.maxPerplexityIncreasePercent"
 
 
+@pytest.mark.parametrize("detection, wanted, words", [
+    ({}, {"en": 10, "english": 10}, "names english, but languageDetection (without candidates) detects among its "
+                                    "languages, and the 140 py3langid knows are ISO 639 codes"),
+    ({"candidates": ["en", "ru"]}, {"en": 10, "zh": 10, "ru": 0},
+     "counts zh, which languageDetection never assigns: its candidates are en, ru"),
+])
+def test_samples_per_language_counts_languages_the_detection_assigns(detection, wanted, words):
+    """Refused when applied, not once the build has read every prompt (or, without candidates, at its
+    start in a pod: the runtime's own check is the last)."""
+    spec = {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"openai": {"model": "gpt-4o"}},
+            "languageDetection": detection, "samplesPerLanguage": wanted}
+    with pytest.raises(PlanError) as err:
+        plan(parse(m("DatasetBuild", "d", spec)), lookup({}), STORE)
+    assert err.value.field == "spec.samplesPerLanguage" and words in err.value.message
+    plan(parse(m("DatasetBuild", "d", {**spec, "samplesPerLanguage": {"en": 10, "ru": 10}})), lookup({}), STORE)
+
+
 @pytest.mark.parametrize("spec, words", [
     ({"model": {"source": MODEL}, "types": ["q4_k_m"], "importanceMatrix": True}, "calibration data"),
     ({"model": {"fineTuneRef": {"name": "ft"}}, "types": ["q8_0"], "importanceMatrix": True}, "K-quants only"),
@@ -751,7 +768,7 @@ def test_a_reward_model_fine_tune_feeds_a_grpo_grader_by_reference_and_nothing_t
                                         "conversations and writes none: benchmark it with spec.ranking"):
         plan(parse(BENCH), lookup({("FineTune", "ft"): trained}), STORE)
     with pytest.raises(PlanError, match="spec.model.fineTuneRef: FineTune ft trains a reward model, .*nothing to "
-                                        "quantize"):
+                                        "quantize; benchmark it with a Benchmark's spec.ranking"):
         plan(parse(QUANT), lookup({("FineTune", "ft"): trained}), STORE)
     further = m("FineTune", "more", {"baseModel": {"fineTuneRef": {"name": "ft"}}, "dataset": {"uri": "s3://d"}})
     with pytest.raises(PlanError, match="spec.baseModel.fineTuneRef: FineTune ft trains a reward model, which "

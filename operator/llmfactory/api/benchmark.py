@@ -9,8 +9,9 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field
 
 from .common import (BATCH_SIZE_DESCRIPTION, ENGINE_DESCRIPTION, URI_PATTERN, ApiModel, ApiUsage, Engine, KindInfo,
-                     LocalObjectReference, ModelSource, OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource)
-from .dataset_build import LANGUAGE_PATTERN, HuggingFaceDataset
+                     LocalObjectReference, ModelSource, OpenAIEndpoint, RunOptions, StatusBase, TrainedModelSource,
+                     pattern)
+from .dataset_build import LANGUAGE_PATTERN, HuggingFaceDataset, detectable
 from .fine_tune import DatasetInput, Grader
 
 
@@ -52,6 +53,10 @@ DEFAULT_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "mat
                         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1}
 
 
+# The project's own question sets (llmfactory_runtime/benchmark/questions/<language>.jsonl).
+BUILTIN_QUESTION_LANGUAGES = ("en", "ru", "zh")
+
+
 class Judge(ApiModel):
     """MT-Bench-style judging of multi-turn answers by an LLM judge: single-answer grading (1-10),
     and/or pairwise comparison with the baseline's answers."""
@@ -60,15 +65,22 @@ class Judge(ApiModel):
         {"rule": "has(self.model) != has(self.openai)", "message": "set exactly one of model or openai"},
         {"rule": "!(has(self.questionsUri) && has(self.questionsDataset))",
          "message": "set at most one of questionsUri or questionsDataset"},
+        {"rule": "has(self.questionsUri) || has(self.questionsDataset) || self.languages.all(l, l in "
+                 f"{list(BUILTIN_QUESTION_LANGUAGES)})", "fieldPath": ".languages",
+         "message": f"the built-in question sets are {', '.join(BUILTIN_QUESTION_LANGUAGES)}: give questionsUri or "
+                    "questionsDataset to ask in other languages"},
+        detectable("languages", "languageRule detects each answer's language", unless="!self.languageRule",
+                   then="set languageRule false to ask in others"),
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible judge, e.g. gpt-4o.")
     model: TrainedModelSource | None = Field(None, description="A local judge model run with transformers (its rating "
                                                         "is the expectation over its probabilities of 1..10).")
-    languages: list[str] = Field(default_factory=lambda: ["en", "ru", "zh"], min_length=1,
-                                 json_schema_extra={"x-kubernetes-list-type": "set"},
-                                 description="Languages to ask in: the built-in question sets (en, ru, zh), or "
-                                             "the questions of questionsUri whose `language` is listed.")
+    languages: list[Annotated[str, Field(pattern=LANGUAGE_PATTERN, max_length=3)]] = Field(
+        default_factory=lambda: list(BUILTIN_QUESTION_LANGUAGES), min_length=1, max_length=64,  # CEL's cost bound
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Languages to ask in: the built-in question sets (en, ru, zh), or the questions of questionsUri "
+                    "or questionsDataset whose `language` is listed.")
     questions_dataset: HuggingFaceDataset | None = Field(
         None, description="A Hugging Face dataset of questions instead of the built-in sets (MT-Bench's own, "
                           "ru_mt_bench...), with the same columns as questionsUri.")
@@ -164,7 +176,7 @@ class Ranking(ApiModel):
 
 
 class Gate(ApiModel):
-    metric: str = Field(pattern=r"^[a-zA-Z][\w.]*$",
+    metric: str = Field(pattern=pattern(r"^[a-zA-Z][\w.]*$", "a metric's name, e.g. judge.score"),
                         description="A metric of the result, e.g. judge.score, judge.winRate, perplexity.value, "
                                     "perplexity.changePercent, reward.value, ranking.accuracy.")
     op: Literal[">=", ">", "<=", "<"] = Field(description="Comparison the metric must satisfy.")

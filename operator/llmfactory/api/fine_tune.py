@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from .common import (ApiModel, ApiUsage, EmbeddingsEndpoint, KindInfo, LocalObjectReference, ModelSource,
                      OpenAIEndpoint, Resources, RewardModelSource, RunOptions, SecretKeyRef, StatusBase,
-                     TrainedModelSource, URI_PATTERN, no_credentials_in_url)
+                     TrainedModelSource, URI_PATTERN, no_credentials_in_url, pattern)
 
 
 class BaseModel(ModelSource):
@@ -325,7 +325,7 @@ class GraderPart(ApiModel):
     embedding_prompt: str | None = Field(None, max_length=1024, description=(
         "embeddingModel: the text put before each text instead of the model's default prompt, for a model that "
         "wants one and names none, e.g. 'query: ' for e5 models (their symmetric tasks' prefix); '' for none."))
-    labels: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\[\]]+$")]] | None = Field(
+    labels: list[Annotated[str, Field(min_length=1, max_length=64, pattern=pattern(r"^[^\[\]]+$", "a label without brackets"))]] | None = Field(
         None, min_length=2, max_length=10, description=(
             "operation label: the labels the judge picks one of (2-10, without brackets), e.g. [correct, "
             "incorrect] or [compliant, borderline, violation]; it answers in the form [[label]], case aside."))
@@ -370,7 +370,7 @@ class GraderPart(ApiModel):
 class WeightedPart(GraderPart):
     """A part of a sum grader (grader.parts): its reward, weighted."""
 
-    name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z][a-z0-9_]*$", description=(
+    name: str = Field(min_length=1, max_length=40, pattern=pattern(r"^[a-z][a-z0-9_]*$", "a lowercase letter, then lowercase letters, digits and '_'"), description=(
         "Names the part's mean reward in progress.json (reward.<name>) and the trackers (train/rewards/<name>), "
         "as TRL logs each reward function's."))
     weight: float = Field(1.0, ge=-100, le=100, description=(

@@ -9,6 +9,7 @@ from typing import Any
 
 from llmfactory_runtime.grader import reads_reference, unknown_placeholders
 
+from ..api.dataset_build import DETECTABLE_LANGUAGES
 from .errors import PlanError
 from .manifests import Resource
 
@@ -65,6 +66,7 @@ def check_spec(res: Resource) -> None:
             check_engine(res, "spec.grpo.engine", spec.grpo.engine, spec.base_model.wire())
     elif res.kind == "DatasetBuild":
         _check_pattern(res, "spec.referencePattern", spec.reference_pattern)
+        _check_detected_languages(res)
         # Models named by fineTuneRef are a FineTune's merged safetensors, which vLLM reads.
         for field, part in (("spec.teacher", spec.teacher), ("spec.preferences.rejected",
                                                               spec.preferences and spec.preferences.rejected),
@@ -78,6 +80,29 @@ def check_spec(res: Resource) -> None:
         _check_quantization_types(res)
     elif res.kind == "Benchmark":
         _check_benchmark_spec(res)
+
+
+def _check_detected_languages(res: Resource) -> None:
+    """With languageDetection, samplesPerLanguage names languages the detector assigns: without candidates
+    they are its candidates, each one it must know (the CRD checks candidates; a CEL rule over a map's keys
+    would cost the API server too much); with candidates, a language it counts is one of them, or no prompt
+    is ever in it and the build fails once it has read them all."""
+    spec = res.spec
+    detection, wanted = spec.language_detection, spec.samples_per_language or {}
+    if not detection:
+        return
+    if detection.candidates:
+        never = sorted(lang for lang, count in wanted.items() if count > 0 and lang not in detection.candidates)
+        if never:
+            raise PlanError(res.ref, "spec.samplesPerLanguage", f"counts {', '.join(never)}, which languageDetection "
+                            f"never assigns: its candidates are {', '.join(detection.candidates)}")
+        return
+    unknown = sorted(set(wanted) - set(DETECTABLE_LANGUAGES))
+    if unknown:
+        raise PlanError(res.ref, "spec.samplesPerLanguage", f"names {', '.join(unknown)}, but languageDetection "
+                        f"(without candidates) detects among its languages, and the {len(DETECTABLE_LANGUAGES)} "
+                        "py3langid knows are ISO 639 codes such as en, ru, zh, de, ja (`kubectl explain "
+                        "datasetbuild.spec.languageDetection.candidates` lists them)")
 
 
 def _check_benchmark_spec(res: Resource) -> None:

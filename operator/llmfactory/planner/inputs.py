@@ -159,7 +159,8 @@ def _check_ranks(res: Resource, field: str, trained: dict) -> None:
     ranking = res.kind == "Benchmark" and res.spec.ranking is not None
     ref = (res.spec.baseline_model if name == "spec.baselineModel" else res.spec.model).fine_tune_ref.name
     if reward and not ranking:
-        use = "benchmark it with spec.ranking" if res.kind == "Benchmark" else "there is nothing to quantize"
+        use = "benchmark it with spec.ranking" if res.kind == "Benchmark" else "there is nothing to quantize; benchmark it with a " \
+              "Benchmark's spec.ranking"
         raise PlanError(res.ref, field, f"FineTune {ref} trains a reward model, which scores conversations and "
                         f"writes none: {use} (how it ranks held-out preference pairs), or use it as "
                         "grader.rewardModel (fineTuneRef) of a GRPO FineTune or a Benchmark's reward")

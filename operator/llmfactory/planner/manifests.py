@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 
 from .. import API_VERSION, GROUP
 from ..api import KINDS
-from ..api.common import ApiModel
+from ..api.common import CREDENTIALS_IN_URL, PATTERN_MEANINGS, ApiModel
 from ..api.crd import crd
 from ..api.schema_check import validate_resource, without_nulls
 from .errors import PlanError
@@ -70,9 +71,22 @@ def parse(manifest: dict[str, Any], default_namespace: str = "default") -> Resou
         first = exc.errors()[0]
         if first["type"] == "extra_forbidden":  # the schema check names the field meant, or those there are
             _refuse_invalid(ref, kind, manifest)
-        raise PlanError(ref, _field_path(first["loc"]), first["msg"]) from None
+        raise PlanError(ref, _field_path(first["loc"]), _message(first)) from None
     _refuse_invalid(ref, kind, manifest)
     return Resource(kind, meta.get("namespace", default_namespace), meta["name"], spec, manifest)
+
+
+def _message(error: dict[str, Any]) -> str:
+    """A field's error with the value it got (none that carries a credential) and, for a pattern, what
+    the pattern means: "'64GB' is not a Kubernetes quantity, e.g. ...", not the regular expression."""
+    value = error.get("input")
+    if not isinstance(value, (str, int, float)) or re.match(CREDENTIALS_IN_URL, str(value)):
+        return error["msg"]
+    if error["type"] == "string_pattern_mismatch":
+        regex = error["ctx"]["pattern"]
+        return f"{value!r} is not {PATTERN_MEANINGS[regex]}" if regex in PATTERN_MEANINGS else \
+            f"{value!r} does not match {regex}"
+    return f"{error['msg']}, not {value!r}"
 
 
 def _refuse_invalid(ref: str, kind: str, manifest: dict[str, Any]) -> None:

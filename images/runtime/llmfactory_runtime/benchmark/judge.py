@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from ..answer_cache import AnswerCache
 from ..openai_client import JUDGE_KEY_ENV, ChatClient, api_key
+from ..task import InvalidTask
 from ..usage import Usage
 from .questions import reference
 
@@ -213,9 +214,12 @@ class LanguageRule:
     """Is an answer confidently in another language than its question?"""
 
     def __init__(self, languages: list[str]):
-        from ..dataset.languages import identifier  # noqa: PLC0415
+        from ..dataset.languages import UnknownLanguages, identifier  # noqa: PLC0415
 
-        self.ident = identifier(sorted(set(languages) | {"en"}))
+        try:
+            self.ident = identifier(sorted(set(languages) | {"en"}))
+        except UnknownLanguages as exc:
+            raise InvalidTask(f"spec.judge.languages: {exc} (or set spec.judge.languageRule false)") from None
 
     def off_language(self, question_language: str, answer: str) -> bool:
         if sum(c.isalpha() for c in answer) < LANGUAGE_RULE_MIN_LETTERS:

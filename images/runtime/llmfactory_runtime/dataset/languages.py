@@ -15,14 +15,18 @@ from .sources import Drops
 PIECE = 256  # prompts (documents) a worker classifies at a time
 
 
+class UnknownLanguages(ValueError):
+    """Candidates the language model does not know; the caller names the field that gave them."""
+
+
 def identifier(candidates: list[str]):
     from py3langid.langid import MODEL_FILE, LanguageIdentifier  # noqa: PLC0415
 
     ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     unknown = sorted(set(candidates) - set(ident.nb_classes))
     if unknown:
-        raise InvalidTask(f"spec.languageDetection.candidates: {', '.join(unknown)} unknown to the language "
-                          f"model; it knows {', '.join(sorted(ident.nb_classes))}")
+        raise UnknownLanguages(f"{', '.join(unknown)} unknown to the language model; it knows "
+                               f"{', '.join(sorted(set(ident.nb_classes)))}")
     if candidates:
         ident.set_languages(candidates)
     return ident
@@ -46,7 +50,11 @@ def detect(prompts: Iterable[dict[str, Any]], spec: dict[str, Any], wanted: dict
     when given); those detected with too little confidence dropped. The model (~50 MB) is let go
     when they end, unless `hold` (a text build's next segment reads with it; release() then)."""
     candidates = tuple(spec.get("candidates") or sorted(wanted or {}))
-    _identifier(candidates)  # unknown candidates are refused before any prompt is read
+    try:
+        _identifier(candidates)  # unknown candidates are refused before any prompt is read
+    except UnknownLanguages as exc:
+        field = "spec.languageDetection.candidates" if spec.get("candidates") else "spec.samplesPerLanguage"
+        raise InvalidTask(f"{field}: {exc}") from None
     try:
         for piece, found in computed(chunks(prompts, PIECE), functools.partial(classified, candidates),
                                      lambda p: p["turns"][0], workers):
