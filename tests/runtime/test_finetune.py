@@ -1052,8 +1052,8 @@ def test_deepspeed_zero3_full_fine_tune_shards_weights_and_saves_the_gathered_mo
 ])
 def test_what_needs_a_gpu_on_a_machine_without_cuda_is_an_invalid_task_naming_the_field(tiny_model, dataset, tmp_path,
                                                                                         processes, spec, message):
-    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store",
-                         resources={"gpusPerNode": 0 if processes == 1 else processes}, **spec)
+    # Pods that ask for GPUs (on pods given none the CRD refuses these specs) on a machine without CUDA.
+    task = finetune_task(tiny_model, dataset, f"file://{tmp_path}/store", resources={"gpusPerNode": processes}, **spec)
     proc = run_finetune(write_task(task, tmp_path), processes=processes)
     assert proc.returncode == 2  # the Job fails at once (podFailurePolicy), no retries: under torchrun too
     assert message in open_store(task["artifactUri"]).read_json("progress.json")["message"]

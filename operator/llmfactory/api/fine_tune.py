@@ -747,6 +747,10 @@ class Tracking(ApiModel):
     mlflow: MLflow | None = Field(None, description="Report to MLflow.")
 
 
+# A CEL condition: the spec's pods get no GPU.
+ON_CPU = "(has(self.resources) && has(self.resources.gpusPerNode) && self.resources.gpusPerNode == 0)"
+
+
 class FineTuneSpec(RunOptions):
     cel_rules: ClassVar = [
         {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.optimizer) "
@@ -806,6 +810,15 @@ class FineTuneSpec(RunOptions):
                  "|| self.objective == 'sft'",
          "message": "hyperparameters.lossOn applies to objective sft: dpo, kto and reward compare answers, and grpo "
                     "trains on its sampled answers"},
+        {"rule": f"!{ON_CPU} || !has(self.hyperparameters) || !has(self.hyperparameters.fusedKernels) "
+                 "|| !self.hyperparameters.fusedKernels",
+         "message": "hyperparameters.fusedKernels are Triton kernels for a CUDA GPU, and resources.gpusPerNode is 0: "
+                    "set fusedKernels false"},
+        {"rule": f"!{ON_CPU} || !has(self.hyperparameters) || !has(self.hyperparameters.precision) "
+                 "|| self.hyperparameters.precision != 'fp16' || !has(self.distribution) "
+                 "|| self.distribution.strategy != 'deepspeed'",
+         "message": "hyperparameters.precision fp16 under distribution.strategy deepspeed needs a GPU (DeepSpeed has "
+                    "no fp16 on CPU), and resources.gpusPerNode is 0: use bf16 or fp32, or strategy ddp"},
     ]
 
     base_model: BaseModel = Field(description="The model to fine-tune.")

@@ -24,6 +24,8 @@ QuantType = Literal[GgufType, CompressedType]
 class QuantizationInput(ApiModel):
     cel_rules: ClassVar = [
         {"rule": "has(self.fineTuneRef) != has(self.source)", "message": "set exactly one of fineTuneRef or source"},
+        {"rule": "!has(self.source) || !has(self.source.ggufFile)", "fieldPath": ".source.ggufFile",
+         "message": "the model is already a GGUF file: quantize the safetensors model it came from"},
     ]
 
     fine_tune_ref: LocalObjectReference | None = Field(None, description="A FineTune's trained model.")
