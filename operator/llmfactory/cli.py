@@ -14,8 +14,8 @@ from llmfactory_runtime.finetune.estimate import Estimate
 
 from .api import KINDS
 from .api.crd import crd
-from .planner import (PlanError, Waiting, config_maps_among, dependency_order, parse, plan, promises_among,
-                      read_manifests)
+from .planner import (ManifestError, PlanError, Waiting, config_maps_among, dependency_order, parse, plan,
+                      promises_among, read_manifests)
 
 
 def _store_uri(value: str) -> str:
@@ -31,7 +31,7 @@ def cmd_run(args) -> int:
     runner = LocalRunner(_store_uri(args.store), Path(args.log_dir), console)
     try:
         outcomes = runner.run(read_manifests(args.file))
-    except (PlanError, FileNotFoundError) as exc:
+    except (PlanError, ManifestError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     console.print(summary(outcomes))
@@ -66,7 +66,7 @@ def cmd_plan(args) -> int:
             estimate = task.estimate if isinstance(task, Waiting) else task.get("estimate")
             if estimate:
                 print(f"  estimate: {Estimate(**estimate).summary()}")
-    except (PlanError, FileNotFoundError) as exc:
+    except (PlanError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

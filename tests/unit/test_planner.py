@@ -1044,3 +1044,20 @@ def test_llmfactory_plan_refuses_what_a_referenced_resources_spec_does_not_fit(t
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump_all([pairs, dpo]))
     planned = subprocess.run(plan_cli, capture_output=True, text=True, check=True)
     assert "FineTune default/ft: waiting for DatasetBuild data (spec.dataset.datasetBuildRef) to succeed" in planned.stdout
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("apiVersion: llmfactory.dev/v1alpha1\nkind: FineTune\nmetadata: {name: ft\n",
+     ["pipeline.yaml: not valid YAML: while parsing a flow mapping", 'in "', 'pipeline.yaml", line 3, column 11']),
+    ("- apiVersion: llmfactory.dev/v1alpha1\n- kind: FineTune\n",
+     ["pipeline.yaml: document 1 is not a Kubernetes object (a mapping of apiVersion, kind, metadata and spec)"]),
+    ("apiVersion: llmfactory.dev/v1alpha1\nkind: FineTune\nmetadata: ft\n",
+     ["pipeline.yaml: document 1 is not a Kubernetes object"]),
+])
+def test_a_manifest_file_that_is_not_kubernetes_objects_is_refused_naming_the_file_and_line(tmp_path, text, expected):
+    (tmp_path / "pipeline.yaml").write_text(text)
+    for command in ("plan", "run"):
+        refused = subprocess.run([sys.executable, "-m", "llmfactory.cli", command, "-f", str(tmp_path / "pipeline.yaml"),
+                                  "--store", str(tmp_path / "store")], capture_output=True, text=True, cwd=tmp_path)
+        out = " ".join((refused.stdout + refused.stderr).split())  # rich wraps long lines
+        assert refused.returncode == 2 and "Traceback" not in out and all(e in out for e in expected), out

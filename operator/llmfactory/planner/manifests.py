@@ -97,6 +97,10 @@ def _refuse_invalid(ref: str, kind: str, manifest: dict[str, Any]) -> None:
         raise PlanError(ref, where.removeprefix(f"{kind}."), message)
 
 
+class ManifestError(ValueError):
+    """A manifest file that is not there, or not YAML documents of Kubernetes objects."""
+
+
 def read_manifests(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Every YAML document in the given files and directories (*.yaml, *.yml), sorted by path."""
     files: list[Path] = []
@@ -106,10 +110,19 @@ def read_manifests(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         elif p.exists():
             files.append(p)
         else:
-            raise FileNotFoundError(f"no such manifest file or directory: {p}")
+            raise ManifestError(f"no such manifest file or directory: {p}")
     docs = []
     for f in files:
-        docs += [d for d in yaml.safe_load_all(f.read_text()) if d]
+        try:
+            with f.open(encoding="utf-8") as stream:
+                found = [d for d in yaml.safe_load_all(stream) if d]
+        except yaml.YAMLError as exc:  # its message says where: the file, line and column
+            raise ManifestError(f"{f}: not valid YAML: {exc}") from None
+        for n, doc in enumerate(found, 1):
+            if not isinstance(doc, dict) or not isinstance(doc.get("metadata", {}), dict):
+                raise ManifestError(f"{f}: document {n} is not a Kubernetes object (a mapping of apiVersion, kind, "
+                                    f"metadata and spec), but {type(doc).__name__} {str(doc)[:80]!r}")
+        docs += found
     return docs
 
 
