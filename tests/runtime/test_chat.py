@@ -1,5 +1,6 @@
 """Loss only on the assistant's words: the mask is exact, checked by hand on small cases."""
 
+import json
 import re
 
 import pytest
@@ -196,6 +197,30 @@ def test_an_answer_of_weight_0_is_not_learned(tiny_model):
     row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5.", "weight": 0},
                         {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "4, sorry."}]}
     assert _learned_spans(tok, messages_of(row)) == ["4, sorry.<|im_end|>\n"]
+
+
+def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
+    """OpenAI's chat format allows a message's content as an array of parts: a text-only template
+    would write the list's Python form into the training text; the DatasetBuild's reader dropped the rows."""
+    from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.data import messages_of
+    from llmfactory_runtime.dataset.sources import Drops, collect
+    from llmfactory_runtime.task import InvalidTask
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "4."}]}]}
+    assert messages_of(row) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]
+    assert _learned_spans(tok, messages_of(row)) == ["4.<|im_end|>\n"]
+    assert "type" not in render(tok, messages_of(row))
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    drops = Drops()
+    [prompt] = collect([{"uri": f"file://{tmp_path}/rows.jsonl"}], drops, None, with_answers=True)
+    assert (prompt["turns"], prompt["answers"], drops.counts) == (["What is 2+2?"], ["4."], {})
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    with pytest.raises(InvalidTask, match=r"train.jsonl row 1: a message's content parts are text .* got .*image_url"):
+        encode_rows(tok, [{"messages": [{"role": "user", "content": [image]}, row["messages"][1]]}], 64,
+                    where="train.jsonl")
 
 
 @pytest.mark.parametrize("message,error", [

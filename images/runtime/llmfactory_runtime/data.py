@@ -74,11 +74,32 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
 _MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "weight")
 
 
+def content_text(content: Any) -> str:
+    """A message's content as text: a string; OpenAI's array of content parts, whose text parts (and an
+    assistant's refusal) are written one after the other, as chat templates that read parts write them
+    (a text-only template would write the list itself); a null content empty. A ValueError for a part
+    that is not text (an image, audio, a file) or for anything else."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ValueError(f"a message's content is text or a list of content parts, got {str(content)[:80]!r}")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "refusal") and isinstance(part.get(kind), str):
+            texts.append(part[kind])
+        else:
+            raise ValueError(f"a message's content parts are text ({{type: text, text}}); the models trained and "
+                             f"measured here read text only, got {str(part)[:80]!r}")
+    return "".join(texts)
+
+
 def _message(m: dict[str, Any]) -> dict[str, Any]:
     """A row's message as templates read it (an assistant's tool calls kept, a missing or null
-    content empty, as OpenAI's tool-calling turns have it; a null field absent, as Parquet and Hugging
-    Face datasets give every message the fields any message has). A ValueError says what is wrong with it."""
-    kept = {"role": m["role"], "content": m.get("content") or "",
+    content empty, as OpenAI's tool-calling turns have it, and content parts as text; a null field
+    absent, as Parquet and Hugging Face datasets give every message the fields any message has). A
+    ValueError says what is wrong with it."""
+    kept = {"role": m["role"], "content": content_text(m.get("content")),
             **{k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}}
     if "weight" in kept and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or m["role"] != "assistant"):
         raise ValueError(f"a message's weight is 0 (not learned) or 1, on assistant messages only, got "
@@ -122,7 +143,7 @@ def _turns(value: Any, role: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+        return [{"role": m["role"], "content": content_text(m["content"])} for m in value]
     raise ValueError(f"expected a string or a list of {{role, content}} messages, got {str(value)[:80]!r}")
 
 

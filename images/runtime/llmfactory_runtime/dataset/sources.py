@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
-from ..data import messages_of, tools_of
+from ..data import content_text, messages_of, tools_of
 from ..store import local_copy
 from ..task import InvalidTask
 
@@ -134,7 +134,7 @@ def _messages(value: Any, role: str) -> list[dict[str, Any]]:
     Anthropic HH's form (each turn after "\n\nHuman: " or "\n\nAssistant: "), or a text (one message
     of `role`)."""
     if not isinstance(value, str):
-        return list(value)
+        return [{**m, "content": content_text(m["content"])} for m in value]
     if not value.startswith("\n\nHuman: "):
         return [{"role": role, "content": value}]
     parts = _TRANSCRIPT_TURN.split(value)[1:]  # speaker, text, speaker, text, ...
@@ -164,7 +164,7 @@ def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[lis
         return [row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")], None, [row.get("output")]
     if shape == "sharegpt":
         return _conversation([(m["from"], m["value"]) for m in row["conversations"]])
-    return _conversation([(m["role"], m["content"]) for m in row["messages"]])
+    return _conversation([(m["role"], content_text(m["content"])) for m in row["messages"]])
 
 
 def _conversation(items: list[tuple[str, str]]) -> tuple[list[str], str | None, list[str] | None]:
