@@ -199,6 +199,28 @@ def test_an_answer_of_weight_0_is_not_learned(tiny_model):
     assert _learned_spans(tok, messages_of(row)) == ["4, sorry.<|im_end|>\n"]
 
 
+def test_a_roles_other_names_are_read_as_the_role_and_a_malformed_conversation_names_its_row(tiny_model):
+    """ShareGPT's human and gpt in a messages row, OpenAI's developer (its newer system) and a ShareGPT row
+    that says user and assistant train as the same conversation; a turn without its text fails the run
+    naming the row (a KeyError's traceback before)."""
+    from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.data import messages_of
+    from llmfactory_runtime.task import InvalidTask
+
+    canonical = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                 {"role": "assistant", "content": "Hello."}]
+    rows = [{"messages": [{"role": "developer", "content": "Be brief."}, {"role": "human", "content": "Hi"},
+                          {"role": "gpt", "content": "Hello."}]},
+            {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "user", "value": "Hi"},
+                               {"from": "assistant", "value": "Hello."}]}]
+    assert [messages_of(row) for row in rows] == [canonical, canonical]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert _learned_spans(tok, messages_of(rows[0])) == ["Hello.<|im_end|>\n"]
+    malformed = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt"}]}
+    with pytest.raises(InvalidTask, match=r"train.jsonl row 3: a row's conversations are a list of \{from, value\}"):
+        encode_rows(tok, [*rows, malformed], 64, where="train.jsonl")
+
+
 def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
     """OpenAI's chat format allows a message's content as an array of parts: a text-only template
     would write the list's Python form into the training text; the DatasetBuild's reader dropped the rows."""
@@ -227,6 +249,9 @@ def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
     ({"role": "user", "content": "Hi", "weight": 0}, "on assistant messages only"),
     ({"role": "assistant", "content": "Hi", "weight": 0.5}, "a message's weight is 0 (not learned) or 1"),
     ({"role": "user", "content": "Hi", "tool_calls": []}, "only assistant messages make tool calls"),
+    ({"role": "bot", "content": "Hi"}, "a message's role is one of system, developer, user, human, assistant, gpt, "
+                                       "tool, got 'bot'"),
+    ({"content": "Hi"}, "a row's messages are a list of {role, content} messages"),
     ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
      "a tool call is {type: function, function: {name, arguments}}"),
 ])

@@ -15,7 +15,17 @@ from .tool_calls import expected_calls
 
 SPLITS = ("train", "validation", "test")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
-_CHATML_ROLE = {v: k for k, v in _SHAREGPT_ROLE.items()}
+# A message's role as chat templates name it, from what datasets call it: OpenAI's (developer is its
+# newer name for system), and ShareGPT's (human, gpt) in either format.
+ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
+         "gpt": "assistant", "tool": "tool"}
+
+
+def role_of(name: Any) -> str:
+    """A message's role (ROLES); a ValueError naming the roles there are for anything else."""
+    if name not in ROLES:
+        raise ValueError(f"a message's role is one of {', '.join(ROLES)}, got {str(name)[:40]!r}")
+    return ROLES[name]
 
 
 def to_row(messages: list[dict[str, str]], fmt: str, **extra: Any) -> dict[str, Any]:
@@ -59,14 +69,22 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     chosen answer, and of an unpaired row (KTO), the prompt and its answer: what perplexity,
     calibration and supervised fine-tuning on such a dataset see. A raw-text row (text_of) has none."""
     if "messages" in row:
-        return [_message(m) for m in row["messages"]]
+        return [_message(m) for m in _listed(row["messages"], "messages", "{role, content}")]
     if "completion" in row:
         [(prompt, answer, _)] = labelled_of(row)
         return prompt + answer
     if "conversations" not in row:
         prompt, chosen, _ = preference_of(row)
         return prompt + chosen
-    return [{"role": _CHATML_ROLE[c["from"]], "content": c["value"]} for c in row["conversations"]]
+    return [{"role": role_of(c.get("from")), "content": content_text(c["value"])}
+            for c in _listed(row["conversations"], "conversations", "{from, value}", "value")]
+
+
+def _listed(messages: Any, field: str, shape: str, needs: str = "role") -> list[dict[str, Any]]:
+    """A row's list of messages, each a JSON object with `needs`; a ValueError saying what it is otherwise."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and needs in m for m in messages):
+        raise ValueError(f"a row's {field} are a list of {shape} messages, got {str(messages)[:80]!r}")
+    return messages
 
 
 # What an OpenAI chat row's message may hold beside role and content: an assistant's tool calls, a tool
@@ -99,9 +117,9 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
     content empty, as OpenAI's tool-calling turns have it, and content parts as text; a null field
     absent, as Parquet and Hugging Face datasets give every message the fields any message has). A
     ValueError says what is wrong with it."""
-    kept = {"role": m["role"], "content": content_text(m.get("content")),
+    kept = {"role": role_of(m["role"]), "content": content_text(m.get("content")),
             **{k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}}
-    if "weight" in kept and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or m["role"] != "assistant"):
+    if "weight" in kept and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or kept["role"] != "assistant"):
         raise ValueError(f"a message's weight is 0 (not learned) or 1, on assistant messages only, got "
                          f"{m['weight']!r} on a {m['role']} message")
     for call in m.get("tool_calls") or []:
@@ -109,7 +127,7 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
             raise ValueError("a tool call is {type: function, function: {name, arguments}}, got "
                              f"{str(call)[:80]!r}")
-    if "tool_calls" in kept and m["role"] != "assistant":
+    if "tool_calls" in kept and kept["role"] != "assistant":
         raise ValueError(f"only assistant messages make tool calls, not {m['role']!r} ones")
     return kept
 
@@ -143,7 +161,7 @@ def _turns(value: Any, role: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": m["role"], "content": content_text(m["content"])} for m in value]
+        return [{"role": role_of(m["role"]), "content": content_text(m["content"])} for m in value]
     raise ValueError(f"expected a string or a list of {{role, content}} messages, got {str(value)[:80]!r}")
 
 

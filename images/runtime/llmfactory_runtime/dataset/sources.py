@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
-from ..data import content_text, messages_of, tools_of
+from ..data import ROLES, content_text, messages_of, tools_of
 from ..store import local_copy
 from ..task import InvalidTask
 
@@ -37,7 +37,8 @@ PARQUET_BATCH = 1024
 HELD_OUT_FIRST = {"test": 0, "validation": 1}
 UNREADABLE = 1000  # a source whose first rows are all malformed (or all of them, if fewer) fails the build
 EXAMPLES_PER_REASON = 3
-USER_ROLES, SYSTEM_ROLES, ASSISTANT_ROLES = {"human", "user"}, {"system"}, {"gpt", "assistant"}
+USER_ROLES, SYSTEM_ROLES, ASSISTANT_ROLES = ({name for name, role in ROLES.items() if role == kind}
+                                             for kind in ("user", "system", "assistant"))
 
 
 class Drops:
