@@ -252,6 +252,7 @@ def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
     ({"role": "bot", "content": "Hi"}, "a message's role is one of system, developer, user, human, assistant, gpt, "
                                        "tool, got 'bot'"),
     ({"content": "Hi"}, "a row's messages are a list of {role, content} messages"),
+    ({"role": ["user"], "content": "Hi"}, "a message's role is one of system"),
     ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
      "a tool call is {type: function, function: {name, arguments}}"),
 ])
@@ -264,8 +265,9 @@ def test_a_malformed_message_is_an_invalid_task_naming_the_row(tiny_model, messa
             {"messages": [message, {"role": "assistant", "content": "Hello."}]}]
     with pytest.raises(InvalidTask, match=f"train.jsonl row 2: .*{re.escape(error)}"):
         encode_rows(tok, rows, 64, where="train.jsonl")
-    with pytest.raises(InvalidTask, match=r"row 1: a row's tools are \[\{type: function"):
-        encode_rows(tok, [{**rows[0], "tools": [{"type": "function"}]}], 64, where="train.jsonl")
+    for tools in ([{"type": "function"}], [{"type": "function", "function": ["f"]}]):
+        with pytest.raises(InvalidTask, match=r"row 1: a row's tools are \[\{type: function"):
+            encode_rows(tok, [{**rows[0], "tools": tools}], 64, where="train.jsonl")
 
 
 def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):

@@ -23,7 +23,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "human": "us
 
 def role_of(name: Any) -> str:
     """A message's role (ROLES); a ValueError naming the roles there are for anything else."""
-    if name not in ROLES:
+    if not isinstance(name, str) or name not in ROLES:
         raise ValueError(f"a message's role is one of {', '.join(ROLES)}, got {str(name)[:40]!r}")
     return ROLES[name]
 
@@ -144,8 +144,8 @@ def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
             tools = json.loads(tools)
         except ValueError:
             raise ValueError(f"a row's tools are not JSON: {tools[:80]!r}") from None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance((t.get("function") or {}).get("name"),
-                                                                                  str) for t in tools):
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
         raise ValueError(f"a row's tools are [{{type: function, function: {{name, description, parameters}}}}], "
                          f"got {str(tools)[:80]!r}")
     return tools or None
@@ -172,7 +172,8 @@ def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[
     A ValueError says what the row lacks."""
     _not_text(row)
     if "preferred_output" in row or "non_preferred_output" in row:
-        prompt = _turns(row.get("input", {}).get("messages"), "user")
+        given = row.get("input")
+        prompt = _turns(given.get("messages") if isinstance(given, dict) else given, "user")
         chosen, rejected = (_turns(row.get(k), "assistant") for k in ("preferred_output", "non_preferred_output"))
     elif "chosen" in row and "rejected" in row:
         chosen, rejected = _turns(row["chosen"], "assistant"), _turns(row["rejected"], "assistant")
