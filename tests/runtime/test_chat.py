@@ -221,6 +221,24 @@ def test_a_roles_other_names_are_read_as_the_role_and_a_malformed_conversation_n
         encode_rows(tok, [*rows, malformed], 64, where="train.jsonl")
 
 
+def test_alpaca_and_prompt_completion_rows_train_as_a_conversation_of_one_turn(tiny_model):
+    """Axolotl's alpaca type and TRL's prompt-completion rows (OpenAI's legacy format), given to a FineTune
+    or a Benchmark as they are: the answer learned, the instruction (and its input) the prompt. Before, an
+    alpaca row failed as a preference pair without chosen and rejected, a prompt-completion row as an
+    unpaired one without its label."""
+    from llmfactory_runtime.batching import encode_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    conversation = {"messages": [{"role": "user", "content": "Translate to English.\n\nhola"},
+                                 {"role": "assistant", "content": "hello"}]}
+    rows = [{"instruction": "Translate to English.", "input": "hola", "output": "hello"},
+            {"prompt": "Translate to English.\n\nhola", "completion": "hello"},
+            {"prompt": conversation["messages"][:1], "completion": conversation["messages"][1:]}]
+    [expected, *encoded] = encode_rows(tok, [conversation, *rows], 64, where="train.jsonl")
+    assert encoded == [expected] * 3
+    assert _learned_spans(tok, conversation["messages"]) == ["hello<|im_end|>\n"]
+
+
 def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
     """OpenAI's chat format allows a message's content as an array of parts: a text-only template
     would write the list's Python form into the training text; the DatasetBuild's reader dropped the rows."""

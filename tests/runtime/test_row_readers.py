@@ -8,7 +8,7 @@ from llmfactory_runtime import data
 
 KEYS = ["messages", "conversations", "prompt", "chosen", "rejected", "completion", "label", "input", "preferred_output",
         "non_preferred_output", "text", "tools", "margin", "role", "content", "from", "value", "type", "function",
-        "tool_calls", "weight", "name", "arguments", "refusal"]
+        "tool_calls", "weight", "name", "arguments", "refusal", "instruction", "output"]
 READERS = [data.messages_of, data.preference_of, data.labelled_of, data.prompt_of, data.tools_of, data.text_of,
            data.margin_of]
 

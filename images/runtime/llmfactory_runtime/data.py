@@ -42,7 +42,8 @@ def preference_row(messages: list[dict[str, str]], rejected: str, **extra: Any) 
 
 
 # The fields a row with messages of some form holds: a row with `text` and none of them is raw text.
-_MESSAGE_FIELDS = ("messages", "conversations", "prompt", "chosen", "completion", "preferred_output", "input")
+_MESSAGE_FIELDS = ("messages", "conversations", "prompt", "chosen", "completion", "preferred_output", "input",
+                   "instruction")
 
 
 def text_of(row: dict[str, Any]) -> str | None:
@@ -70,9 +71,13 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     calibration and supervised fine-tuning on such a dataset see. A raw-text row (text_of) has none."""
     if "messages" in row:
         return [_message(m) for m in _listed(row["messages"], "messages", "{role, content}")]
-    if "completion" in row:
-        [(prompt, answer, _)] = labelled_of(row)
+    if "completion" in row:  # TRL's prompt-completion row (OpenAI's legacy one), or an unpaired row (KTO's)
+        if "label" in row:
+            labelled_of(row)  # a label that is not true or false would have its answer learned
+        prompt, answer = _prompt_completion(row, "a prompt-completion row")
         return prompt + answer
+    if "instruction" in row:
+        return _alpaca(row)
     if "conversations" not in row:
         prompt, chosen, _ = preference_of(row)
         return prompt + chosen
@@ -218,12 +223,34 @@ def labelled_of(row: dict[str, Any]) -> list[tuple[list[dict[str, str]], list[di
         return [(prompt, chosen, True), (prompt, rejected, False)]
     if not isinstance(row.get("label"), bool):
         raise ValueError(f"an unpaired row's label must be true (a desirable answer) or false, got {row.get('label')!r}")
+    prompt, answer = _prompt_completion(row, "an unpaired row")
+    return [(prompt, answer, row["label"])]
+
+
+def _prompt_completion(row: dict[str, Any], what: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(prompt, answer) messages of a row's prompt and completion, each a string or messages."""
     prompt, answer = _turns(row.get("prompt"), "user"), _turns(row["completion"], "assistant")
     if not prompt or prompt[-1]["role"] == "assistant":
-        raise ValueError("an unpaired row's prompt must end with a user (or system) message")
+        raise ValueError(f"{what}'s prompt must end with a user (or system) message")
     if not answer or any(m["role"] != "assistant" for m in answer):
-        raise ValueError("an unpaired row's completion must be one or more assistant messages")
-    return [(prompt, answer, row["label"])]
+        raise ValueError(f"{what}'s completion must be one or more assistant messages")
+    return prompt, answer
+
+
+def alpaca_prompt(row: dict[str, Any]) -> str:
+    """An Alpaca row's user turn: its instruction, and its input (the text the instruction is about)
+    after a blank line, as Axolotl's alpaca type joins them. A ValueError where they are not text."""
+    instruction, extra = row["instruction"], row.get("input") or ""
+    if not isinstance(instruction, str) or not instruction.strip() or not isinstance(extra, str):
+        raise ValueError(f"an Alpaca row's instruction (and input) are text, got {str(instruction)[:80]!r}")
+    return instruction + (f"\n\n{extra}" if extra.strip() else "")
+
+
+def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
+    """An Alpaca row {instruction, input, output} as a conversation of one turn."""
+    if not isinstance(row.get("output"), str):
+        raise ValueError(f"an Alpaca row's output is its answer, text, got {str(row.get('output'))[:80]!r}")
+    return [{"role": "user", "content": alpaca_prompt(row)}, {"role": "assistant", "content": row["output"]}]
 
 
 def prompt_of(row: dict[str, Any]) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
-from ..data import ROLES, content_text, messages_of, tools_of
+from ..data import ROLES, alpaca_prompt, content_text, messages_of, tools_of
 from ..store import local_copy
 from ..task import InvalidTask
 
@@ -161,8 +161,7 @@ def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[lis
         answer_field = source.get("answerField")
         return [row[source.get("promptField", "prompt")]], None, [row[answer_field]] if answer_field else None
     if shape == "alpaca":
-        extra = row.get("input") or ""
-        return [row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")], None, [row.get("output")]
+        return [alpaca_prompt(row)], None, [row.get("output")]
     if shape == "sharegpt":
         return _conversation([(m["from"], m["value"]) for m in row["conversations"]])
     return _conversation([(m["role"], content_text(m["content"])) for m in row["messages"]])
