@@ -952,6 +952,17 @@ def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp
     assert drops.counts == {"no_answer": 1}
     kept, drops = collected(rows, False, promptField="question")  # a teacher answers every user turn
     assert [p["turns"] for p in kept][:2] == [["Hi", "Bye?", "Unanswered?"], ["2+2?"]] and not drops.counts
+    # TRL's prompt-completion rows (text or messages) answer their prompt; an unpaired row labelled false
+    # (KTO's undesirable answer) is not an answer to keep, but its prompt is one for a teacher to answer.
+    completions = [{"prompt": "3+3?", "completion": "6"},
+                   {"prompt": [{"role": "system", "content": "Be brief."}, user("4+4?")], "completion": [assistant("8")]},
+                   {"prompt": "5+5?", "completion": "11", "label": False}]
+    kept, drops = collected(completions, True)
+    assert [(p["system"], p["turns"], p["answers"]) for p in kept] == [(None, ["3+3?"], ["6"]),
+                                                                       ("Be brief.", ["4+4?"], ["8"])]
+    assert drops.counts == {"undesirable": 1}
+    kept, drops = collected(completions, False)
+    assert [p["turns"] for p in kept] == [["3+3?"], ["4+4?"], ["5+5?"]] and not drops.counts
     # A pair's scores: both finite numbers, or none (JSON's NaN, a boolean, a text or one alone).
     pairs = [{"prompt": "Q", "chosen": "A", "rejected": "B", "score_chosen": c, "score_rejected": r}
              for c, r in ((9, 2.5), (float("nan"), 1), (True, 0), ("9", 1), (9, None))]

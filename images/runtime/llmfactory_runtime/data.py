@@ -74,7 +74,7 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     if "completion" in row:  # TRL's prompt-completion row (OpenAI's legacy one), or an unpaired row (KTO's)
         if "label" in row:
             labelled_of(row)  # a label that is not true or false would have its answer learned
-        prompt, answer = _prompt_completion(row, "a prompt-completion row")
+        prompt, answer = prompt_completion(row, "a prompt-completion row")
         return prompt + answer
     if "instruction" in row:
         return _alpaca(row)
@@ -223,11 +223,11 @@ def labelled_of(row: dict[str, Any]) -> list[tuple[list[dict[str, str]], list[di
         return [(prompt, chosen, True), (prompt, rejected, False)]
     if not isinstance(row.get("label"), bool):
         raise ValueError(f"an unpaired row's label must be true (a desirable answer) or false, got {row.get('label')!r}")
-    prompt, answer = _prompt_completion(row, "an unpaired row")
+    prompt, answer = prompt_completion(row, "an unpaired row")
     return [(prompt, answer, row["label"])]
 
 
-def _prompt_completion(row: dict[str, Any], what: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def prompt_completion(row: dict[str, Any], what: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(prompt, answer) messages of a row's prompt and completion, each a string or messages."""
     prompt, answer = _turns(row.get("prompt"), "user"), _turns(row["completion"], "assistant")
     if not prompt or prompt[-1]["role"] == "assistant":

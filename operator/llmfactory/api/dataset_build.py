@@ -389,10 +389,11 @@ class DatasetBuildSpec(RunOptions):
         None, description="Detect prompt languages instead of trusting the sources' labels.")
     teacher: Teacher | None = Field(None, description=(
         "The model that writes the answers. Unset: the sources' own answers are kept (each conversation's "
-        "answered turns, alpaca's output, or answerField), filtered, judged, paired and split as a teacher's "
-        "would be (never truncated; maxAnswerTokens counts filters.tokenizer's tokens): a dataset made from an "
-        "existing one, such as UltraChat or OpenHermes, without asking a model to write it again. A row without "
-        "answers is dropped (no_answer)."))
+        "answered turns, alpaca's output, a prompt-completion row's completion, or answerField), filtered, "
+        "judged, paired and split as a teacher's would be (never truncated; maxAnswerTokens counts "
+        "filters.tokenizer's tokens): a dataset made from an existing one, such as UltraChat or OpenHermes, "
+        "without asking a model to write it again. A row without answers is dropped (no_answer), and one "
+        "labelled false (KTO's undesirable answer) as undesirable."))
     filters: Filters = Field(default_factory=Filters, description="Which answers to drop.")
     format: Literal["chatml", "sharegpt", "graded", "text"] = Field(
         "chatml", description=(

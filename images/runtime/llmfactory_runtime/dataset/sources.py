@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
-from ..data import ROLES, alpaca_prompt, content_text, messages_of, tools_of
+from ..data import ROLES, alpaca_prompt, content_text, messages_of, prompt_completion, tools_of, undesirable
 from ..store import local_copy
 from ..task import InvalidTask
 
@@ -158,8 +158,11 @@ def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[lis
     """(user turns, system message, the row's answers to them or None) of one row;
     ValueError/KeyError/TypeError when malformed."""
     if shape == "prompt":
-        answer_field = source.get("answerField")
-        return [row[source.get("promptField", "prompt")]], None, [row[answer_field]] if answer_field else None
+        field, answer_field = source.get("promptField", "prompt"), source.get("answerField")
+        if field == "prompt" and not answer_field and "completion" in row:  # TRL's prompt-completion row
+            prompt, answer = prompt_completion(row, "a prompt-completion row")
+            return _conversation([(m["role"], m["content"]) for m in prompt + answer])
+        return [row[field]], None, [row[answer_field]] if answer_field else None
     if shape == "alpaca":
         return [alpaca_prompt(row)], None, [row.get("output")]
     if shape == "sharegpt":
@@ -313,6 +316,9 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             calls = not documents and _calls_tools(row)
             if calls and not whole_tools:  # a FineTune reads such rows whole, by dataset.uri
                 drops.add("tool_calls", row)
+                continue
+            if with_answers and isinstance(row, dict) and undesirable(row):  # KTO's label false: an answer not to keep
+                drops.add("undesirable", row)
                 continue
             try:
                 prompt = _whole(row, source, default_lang) if calls else _prompt(row, source, default_lang, documents)
