@@ -1074,7 +1074,8 @@ def test_without_a_teacher_preference_pairs_choose_the_sources_answer(tmp_path, 
 def test_without_a_teacher_a_sources_preference_pairs_are_kept_filtered_and_split_for_dpo(tmp_path, tiny_model):
     """fields preference, no teacher: TRL's pairs in each of their forms (UltraFeedback's chosen and
     rejected conversations after an implicit prompt, an explicit prompt of messages with a system
-    message and earlier turns, plain texts) and Anthropic HH's transcripts (one and several turns)
+    message and earlier turns, plain texts), Anthropic HH's transcripts (one and several turns) and
+    OpenAI's pairs (the FineTune's reader's: dropped as malformed before)
     kept as the dataset, format preference; the chosen
     answers through the filters; a tie, a pair without a rejected answer and a malformed row
     dropped. A FineTune with objective dpo reads it."""
@@ -1099,7 +1100,9 @@ def test_without_a_teacher_a_sources_preference_pairs_are_kept_filtered_and_spli
             {"prompt": "Broken", "chosen": [msg("user", "Broken")], "rejected": "x"},
             {"chosen": "\n\nHuman: What is 3+3?\n\nAssistant: 6.", "rejected": "\n\nHuman: What is 3+3?\n\nAssistant: 7."},
             {"chosen": "\n\nHuman: Hello\n\nAssistant: Hi!\n\nHuman: Tell me a fact.\n\nAssistant: Water boils at 100 C.",
-             "rejected": "\n\nHuman: Hello\n\nAssistant: Hi!\n\nHuman: Tell me a fact.\n\nAssistant: No."}]
+             "rejected": "\n\nHuman: Hello\n\nAssistant: Hi!\n\nHuman: Tell me a fact.\n\nAssistant: No."},
+            {"input": {"messages": [msg("user", "Largest planet?")]},  # OpenAI's preference rows
+             "preferred_output": [msg("assistant", "Jupiter.")], "non_preferred_output": [msg("assistant", "Mars.")]}]
     doc = manifest("http://unused", {"uri": jsonl_file(tmp_path / "pairs.jsonl", rows), "fields": "preference",
                                      "language": "en"},
                    samplesPerLanguage=None, languageDetection=None, filters={"nearDuplicateThreshold": 0})
@@ -1120,7 +1123,8 @@ def test_without_a_teacher_a_sources_preference_pairs_are_kept_filtered_and_spli
         (["What is 2+2?"], [msg("assistant", "4")], [msg("assistant", "5")]),
         (["Hi", "Hello!", "How are you?"], [msg("assistant", "Well, thanks.")], [msg("assistant", "Go away.")]),
         (["What is 3+3?"], [msg("assistant", "6.")], [msg("assistant", "7.")]),
-        (["Hello", "Hi!", "Tell me a fact."], [msg("assistant", "Water boils at 100 C.")], [msg("assistant", "No.")])])
+        (["Hello", "Hi!", "Tell me a fact."], [msg("assistant", "Water boils at 100 C.")], [msg("assistant", "No.")]),
+        (["Largest planet?"], [msg("assistant", "Jupiter.")], [msg("assistant", "Mars.")])])
     fine_tune = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "dpo"},
                  "spec": {"baseModel": {"uri": f"file://{tiny_model}"}, "dataset": {"datasetBuildRef": {"name": "d"}},
                           "objective": "dpo"}}

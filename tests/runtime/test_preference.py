@@ -62,12 +62,17 @@ def test_openai_and_trl_preference_rows_give_the_same_prompt_and_answers():
         {"input": {"messages": [system, user]}, "preferred_output": [good], "non_preferred_output": [bad]},  # OpenAI
         {"prompt": [system, user], "chosen": [good], "rejected": [bad]},  # TRL, explicit prompt
         {"chosen": [system, user, good], "rejected": [system, user, bad]},  # TRL, implicit prompt
+        # UltraFeedback's binarized rows: a prompt column beside whole conversations (TRL's maybe_extract_prompt)
+        {"prompt": "Capital of France?", "chosen": [system, user, good], "rejected": [system, user, bad]},
     ]
     for row in forms:
         assert preference_of(row) == ([system, user], [good], [bad])
         assert messages_of(row) == [system, user, good]  # what perplexity and calibration read
     assert preference_of({"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."}) == \
         ([user], [good], [bad])
+    # Anthropic HH's transcripts, read by a FineTune as a DatasetBuild reads them.
+    assert preference_of({"chosen": "\n\nHuman: Capital of France?\n\nAssistant: Paris.",
+                          "rejected": "\n\nHuman: Capital of France?\n\nAssistant: Lyon."}) == ([user], [good], [bad])
     # Two whole conversations that differ in a later turn share the earlier turns as their prompt.
     follow = {"role": "user", "content": "And of Italy?"}
     assert preference_of({"chosen": [user, good, follow, {"role": "assistant", "content": "Rome."}],

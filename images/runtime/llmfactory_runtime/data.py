@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from typing import Any, Iterable, Iterator
 
 from .store import local_copy, open_store
@@ -162,7 +163,17 @@ def undesirable(row: dict[str, Any]) -> bool:
     return "completion" in row and row.get("label") is False
 
 
+# Anthropic HH-RLHF's transcripts: "\n\nHuman: ...\n\nAssistant: ..." turn after turn.
+_TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
 def _turns(value: Any, role: str) -> list[dict[str, str]]:
+    """Messages of a row's field: a list of them, a transcript in Anthropic HH's form (each turn after
+    "\n\nHuman: " or "\n\nAssistant: "), or a text (one message of `role`)."""
+    if isinstance(value, str) and value.startswith("\n\nHuman: "):
+        parts = _TRANSCRIPT_TURN.split(value)[1:]  # speaker, text, speaker, text, ...
+        return [{"role": "user" if speaker == "Human" else "assistant", "content": text}
+                for speaker, text in zip(parts[0::2], parts[1::2])]
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
@@ -173,8 +184,8 @@ def _turns(value: Any, role: str) -> list[dict[str, str]]:
 def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
     """(prompt, chosen, rejected) messages of a preference row: OpenAI's {input: {messages},
     preferred_output, non_preferred_output}; TRL's {prompt, chosen, rejected} with strings or
-    messages; or TRL's chosen and rejected whole conversations, whose common start is the prompt.
-    A ValueError says what the row lacks."""
+    messages; or TRL's chosen and rejected whole conversations (or Anthropic HH's transcripts), whose
+    common start is the prompt. A ValueError says what the row lacks."""
     _not_text(row)
     if "preferred_output" in row or "non_preferred_output" in row:
         given = row.get("input")
@@ -182,9 +193,10 @@ def preference_of(row: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict[
         chosen, rejected = (_turns(row.get(k), "assistant") for k in ("preferred_output", "non_preferred_output"))
     elif "chosen" in row and "rejected" in row:
         chosen, rejected = _turns(row["chosen"], "assistant"), _turns(row["rejected"], "assistant")
-        if "prompt" in row:
+        if "prompt" in row and all(m["role"] == "assistant" for m in chosen):
             prompt = _turns(row["prompt"], "user")
-        else:  # whole conversations: the prompt is what they share, up to the first message that differs
+        else:  # whole conversations (UltraFeedback's, beside a prompt column that repeats their start, as TRL's
+            # maybe_extract_prompt reads them): the prompt is what they share, up to the first message that differs
             shared = next((i for i, (c, r) in enumerate(zip(chosen, rejected)) if c != r), min(len(chosen), len(rejected)))
             while shared and chosen[shared - 1]["role"] == "assistant":  # the answers start after a prompt turn
                 shared -= 1

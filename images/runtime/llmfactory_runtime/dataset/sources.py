@@ -20,13 +20,13 @@ import hashlib
 import json
 import math
 import os
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
-from ..data import ROLES, alpaca_prompt, content_text, messages_of, prompt_completion, tools_of, undesirable
+from ..data import (ROLES, alpaca_prompt, content_text, messages_of, preference_of, prompt_completion, tools_of,
+                    undesirable)
 from ..store import local_copy
 from ..task import InvalidTask
 
@@ -126,31 +126,13 @@ def _shape(row: dict[str, Any], fields: str) -> str:
     return "prompt"
 
 
-# Anthropic HH-RLHF's transcripts: "\n\nHuman: ...\n\nAssistant: ..." turn after turn.
-_TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant): ")
-
-
-def _messages(value: Any, role: str) -> list[dict[str, Any]]:
-    """A preference row's prompt, chosen or rejected as messages: a list of them, a transcript in
-    Anthropic HH's form (each turn after "\n\nHuman: " or "\n\nAssistant: "), or a text (one message
-    of `role`)."""
-    if not isinstance(value, str):
-        return [{**m, "content": content_text(m["content"])} for m in value]
-    if not value.startswith("\n\nHuman: "):
-        return [{"role": role, "content": value}]
-    parts = _TRANSCRIPT_TURN.split(value)[1:]  # speaker, text, speaker, text, ...
-    return [{"role": "user" if speaker == "Human" else "assistant", "content": text}
-            for speaker, text in zip(parts[0::2], parts[1::2])]
-
-
 def _pair(row: dict[str, Any], prompt_field: str) -> tuple[list[tuple[str, str]], str]:
-    """A preference row (TRL's form) as (the conversation up to and with the chosen answer, the rejected
-    answer): its prompt column, or else the chosen conversation before its last message (the
-    implicit prompt of UltraFeedback's pairs), then each side's last message, an assistant's."""
-    chosen, rejected = _messages(row["chosen"], "assistant"), _messages(row["rejected"], "assistant")
-    prompt = _messages(row[prompt_field], "user") if row.get(prompt_field) else chosen[:-1]
-    if chosen[-1]["role"] not in ASSISTANT_ROLES or rejected[-1]["role"] not in ASSISTANT_ROLES:
-        raise ValueError("chosen and rejected must each end with an assistant's answer")
+    """A preference row, in any form a FineTune reads (data.preference_of: TRL's, OpenAI's, Anthropic HH's
+    transcripts), as (the conversation up to and with the chosen answer, the rejected answer): its prompt
+    from promptField where the source names another column, then each side's last message."""
+    if prompt_field != "prompt" and row.get(prompt_field):
+        row = {**row, "prompt": row[prompt_field]}
+    prompt, chosen, rejected = preference_of(row)
     return [(m["role"], m["content"]) for m in [*prompt, chosen[-1]]], rejected[-1]["content"]
 
 
