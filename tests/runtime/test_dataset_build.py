@@ -908,6 +908,23 @@ def test_a_hugging_face_source_with_max_rows_streams_its_first_rows_without_copy
     assert streamed[3]["turns"] == ["Document 1.0 about the sea."] and len(whole) == 6
 
 
+def test_a_json_file_of_one_array_is_read_row_by_row_as_a_json_lines_file_is(tmp_path):
+    """Alpaca's alpaca_data.json is one pretty-printed JSON array, which a line-by-line reader found
+    malformed on every line."""
+    rows = [{"instruction": "Translate to French", "input": "cat", "output": "chat"},
+            {"instruction": "Say hi", "input": "", "output": "Hi!"}]
+    (tmp_path / "alpaca_data.json").write_text("\n  " + json.dumps(rows, indent=4))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("alpaca_data.json", "lines.json"):
+        drops = Drops()
+        kept = list(collect([{"uri": f"file://{tmp_path}/{name}"}], drops, with_answers=True))
+        assert [(p["turns"], p["answers"]) for p in kept] == [(["Translate to French\n\ncat"], ["chat"]),
+                                                              (["Say hi"], ["Hi!"])] and not drops.counts
+    (tmp_path / "broken.json").write_text(json.dumps(rows)[:-2])
+    with pytest.raises(InvalidTask, match="broken.json: a JSON array that does not parse"):
+        list(collect([{"uri": f"file://{tmp_path}/broken.json"}], Drops(), with_answers=True))
+
+
 def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp_path):
     """What a build without a teacher keeps: a conversation's answered turns (a last unanswered turn
     left out; turns first: the first), alpaca's output, a prompt column's answerField; a row that

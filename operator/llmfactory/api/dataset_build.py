@@ -70,7 +70,8 @@ class Source(ApiModel):
 
     inline: list[InlinePrompt] | None = Field(None, min_length=1, description="Prompts written in the manifest.")
     uri: str | None = Field(None, pattern=URI_PATTERN,
-                            description="A .jsonl or .parquet file (s3:// or file://).")
+                            description="A .jsonl or .parquet file (s3:// or file://); a .json file of "
+                                        "JSON lines or of one JSON array of rows (Alpaca's alpaca_data.json).")
     huggingface: HuggingFaceDataset | None = Field(None, description="A Hugging Face dataset.")
     config_map: ConfigMapFile | None = Field(
         None, description="A file kept in a ConfigMap (up to 1 MiB), mounted into the pod. An edit to it is a new "

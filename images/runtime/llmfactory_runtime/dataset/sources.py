@@ -80,9 +80,18 @@ def _rows_of_config_map(file: dict[str, str], field: str) -> Iterable[Any]:
     yield from _rows_of_file(path, f"{field}: ConfigMap {file['name']} key {file['key']}")
 
 
+def _opens_array(stream) -> bool:
+    """Whether the text file's first character that is not white space opens a JSON array (the stream
+    back at its start)."""
+    while (chunk := stream.read(4096)) and not chunk.strip():
+        pass
+    stream.seek(0)
+    return chunk.lstrip().startswith("[")
+
+
 def _rows_of_file(path: Path, what: str) -> Iterable[Any]:
     """The file's rows, read a piece at a time (a corpus may be larger than memory): a Parquet
-    file's by row batch, a JSONL file's by line."""
+    file's by row batch, a JSONL file's by line; a .json file holding one JSON array, whole."""
     if path.name.endswith(".parquet"):
         import pyarrow.parquet as pq  # noqa: PLC0415 - only for Parquet sources
 
@@ -90,6 +99,13 @@ def _rows_of_file(path: Path, what: str) -> Iterable[Any]:
             yield from batch.to_pylist()
     elif path.name.endswith((".jsonl", ".json")):
         with path.open(encoding="utf-8", errors="replace") as lines:
+            if path.name.endswith(".json") and _opens_array(lines):  # one JSON array, as Alpaca's alpaca_data.json
+                try:
+                    rows = json.load(lines)
+                except ValueError as exc:
+                    raise InvalidTask(f"{what}: a JSON array that does not parse: {exc}") from None
+                yield from rows
+                return
             for line in lines:
                 if line.strip():
                     try:
