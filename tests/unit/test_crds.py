@@ -408,6 +408,8 @@ BAD = [
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "resources": {"gpusPerNode": 0},
                   "hyperparameters": {"precision": "fp16"}, "distribution": {"strategy": "deepspeed"}},
      "precision fp16 under distribution.strategy deepspeed needs a GPU"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "s3://b/data/train.jsonl"}},
+     "uri is the folder holding train.jsonl (and validation.jsonl, test.jsonl), not a file"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q4_k_xl"]}, "not in"),
     ("Quantization", {"model": {"source": MODEL}, "types": ["q8_0", "q4_0", "q8_0"]},
      "duplicate value 'q8_0': a set names each value once"),

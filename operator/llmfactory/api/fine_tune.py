@@ -26,6 +26,9 @@ class BaseModel(ModelSource):
 class DatasetInput(ApiModel):
     cel_rules: ClassVar = [
         {"rule": "has(self.datasetBuildRef) != has(self.uri)", "message": "set exactly one of datasetBuildRef or uri"},
+        {"rule": "!has(self.uri) || !self.uri.matches('[.](jsonl|json|parquet)$')", "fieldPath": ".uri",
+         "message": "uri is the folder holding train.jsonl (and validation.jsonl, test.jsonl), not a file: name the "
+                    "folder, e.g. s3://bucket/data/"},
     ]
 
     dataset_build_ref: LocalObjectReference | None = Field(None, description=(
