@@ -249,7 +249,7 @@ def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]},
-                        {"role": "assistant", "content": [{"type": "text", "text": "4."}]}]}
+                        {"role": "assistant", "content": [{"type": "output_text", "text": "4."}]}]}  # Responses API
     assert messages_of(row) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]
     assert _learned_spans(tok, messages_of(row)) == ["4.<|im_end|>\n"]
     assert "type" not in render(tok, messages_of(row))

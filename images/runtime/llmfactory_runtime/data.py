@@ -98,6 +98,11 @@ def _listed(messages: Any, field: str, shape: str, needs: str = "role") -> list[
 _MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "weight")
 
 
+# The content parts that hold text, and the field that holds it: Chat Completions' (text, an assistant's
+# refusal) and the Responses API's (input_text, output_text).
+_TEXT_PARTS = {"text": "text", "refusal": "refusal", "input_text": "text", "output_text": "text"}
+
+
 def content_text(content: Any) -> str:
     """A message's content as text: a string; OpenAI's array of content parts, whose text parts (and an
     assistant's refusal) are written one after the other, as chat templates that read parts write them
@@ -110,8 +115,9 @@ def content_text(content: Any) -> str:
     texts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("text", "refusal") and isinstance(part.get(kind), str):
-            texts.append(part[kind])
+        field = _TEXT_PARTS.get(kind)
+        if field and isinstance(part.get(field), str):
+            texts.append(part[field])
         else:
             raise ValueError(f"a message's content parts are text ({{type: text, text}}); the models trained and "
                              f"measured here read text only, got {str(part)[:80]!r}")
