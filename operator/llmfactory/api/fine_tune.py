@@ -68,7 +68,9 @@ class Lora(ApiModel):
         description="Module names to adapt (e.g. q_proj, v_proj; a name or its dotted end, as peft matches), or "
                     "['all-linear']: every linear layer of the decoder blocks, whatever the architecture calls "
                     "them (not the output head). A name no module of the model has fails the run before its "
-                    "weights are read (checked on the model's config), naming the model's linear layers.")
+                    "weights are read (checked on the model's config), naming the model's linear layers; it is "
+                    "refused when applied where the base's architecture is read offline (a known hub id, a local "
+                    "config.json or GGUF file) and names its layers as Llama's (Llama, Mistral, Qwen2, Gemma).")
     rs_lora: bool = Field(False, description=(
         "Rank-stabilized LoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r, so that high ranks "
         "keep learning (Kalajdzievski, 2023)."))

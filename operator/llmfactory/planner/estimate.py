@@ -45,20 +45,68 @@ def _gguf_shape(path: Path) -> ModelShape | None:
     return shape_from_config(config)
 
 
+def _model_files(source) -> Path | None:
+    """The local GGUF file or folder of a source, where the planner can read it."""
+    path = _local_path(source.uri or "")
+    if path is not None and source.gguf_file:
+        path = path / source.gguf_file
+    return path
+
+
 def model_shape(source) -> ModelShape | None:
     """The base model's shape, or None when it cannot be known without downloading it."""
     if source.huggingface:
         return KNOWN_SHAPES.get(source.huggingface.lower())
-    path = _local_path(source.uri or "")
+    path = _model_files(source)
     if path is None:
         return None
-    if source.gguf_file:
-        path = path / source.gguf_file
     if path.suffix == ".gguf" and path.is_file():
         return _gguf_shape(path)
     if (path / "config.json").is_file():
         return shape_from_config(json.loads((path / "config.json").read_text()))
     return None
+
+
+# Architectures whose decoder layers name their linear layers as Llama's do (the estimate's module_dims):
+# config.json's model_type, a GGUF file's general.architecture. The hub ids the estimate knows are all such.
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+LLAMA_LAYERS = (*ModelShape(1, 1, 1, 1, 1, 1).module_dims(), "lm_head")
+
+
+def _llama_layout(source) -> str | None:
+    """The architecture of a base model of Llama's layout, as read offline; None when it is another or
+    unknown (the runtime checks its targets on the model's own skeleton)."""
+    if source.huggingface:
+        return "llama" if source.huggingface.lower() in KNOWN_SHAPES else None
+    path = _model_files(source)
+    if path is None:
+        return None
+    if path.suffix == ".gguf" and path.is_file():
+        header = read_header(path)  # a file that is not GGUF: check_fits refused it
+        kind = header.values.get("general.architecture") if header else None
+    elif (path / "config.json").is_file():
+        kind = json.loads((path / "config.json").read_text()).get("model_type")
+    else:
+        return None
+    return kind if kind in LLAMA_LAYOUT else None
+
+
+def check_targets(res: Resource) -> None:
+    """lora.targetModules against the linear layers of a base model of Llama's layout, when the planner
+    can read which it is: a typo is refused when the FineTune is applied, not in its Job once what it
+    waits for has run. A target matches a layer by its name or its dotted end, as peft's do; embed_tokens
+    is a layer peft adapts too, and a reward model's score layer (objective reward)."""
+    lora = res.spec.lora
+    targets = lora.target_modules if lora and res.spec.method != "full" else ["all-linear"]
+    if targets == ["all-linear"]:
+        return
+    layers = (*LLAMA_LAYERS, "embed_tokens", *(["score"] if res.spec.objective == "reward" else []))
+    unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in layers]
+    kind = _llama_layout(res.spec.base_model) if unknown else None
+    if kind:
+        raise PlanError(res.ref, "spec.lora.targetModules", f"no module of the base model (a {kind} model) is named "
+                        f"{', '.join(unknown)}; its linear layers are {', '.join(sorted(LLAMA_LAYERS))} (or give "
+                        "all-linear)")
 
 
 def check_fits(res: Resource) -> Estimate | None:

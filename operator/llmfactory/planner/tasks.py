@@ -17,7 +17,7 @@ from ..api.common import operational_fields
 from .checks import check_spec
 from .digest import canonical_digest, digest_spec
 from .errors import PlanError
-from .estimate import check_fits
+from .estimate import check_fits, check_targets
 from .graph import references
 from .inputs import check_promises, inputs_of
 from .manifests import Resource, config_map_bytes
@@ -53,6 +53,8 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str, config_map_of: 
     resources' specs promise (`promise_of`, where their manifests are known)."""
     check_spec(res)
     estimate = check_fits(res) if res.kind == "FineTune" else None
+    if res.kind == "FineTune":
+        check_targets(res)
     upstream: dict[str, dict[str, Any]] = {}
     waiting = None
     for path, kind, name in references(res):
