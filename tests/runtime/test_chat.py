@@ -268,7 +268,7 @@ def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
     ({"role": "assistant", "content": "Hi", "weight": 0.5}, "a message's weight is 0 (not learned) or 1"),
     ({"role": "user", "content": "Hi", "tool_calls": []}, "only assistant messages make tool calls"),
     ({"role": "bot", "content": "Hi"}, "a message's role is one of system, developer, user, human, assistant, gpt, "
-                                       "tool, got 'bot'"),
+                                       "tool, function, got 'bot'"),
     ({"content": "Hi"}, "a row's messages are a list of {role, content} messages"),
     ({"role": ["user"], "content": "Hi"}, "a message's role is one of system"),
     ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
@@ -286,6 +286,28 @@ def test_a_malformed_message_is_an_invalid_task_naming_the_row(tiny_model, messa
     for tools in ([{"type": "function"}], [{"type": "function", "function": ["f"]}]):
         with pytest.raises(InvalidTask, match=r"row 1: a row's tools are \[\{type: function"):
             encode_rows(tok, [{**rows[0], "tools": tools}], 64, where="train.jsonl")
+
+
+def test_openai_legacy_function_calling_rows_train_as_tool_calling_rows(tiny_model, tmp_path):
+    """OpenAI's function calling before tools (2023): the row's functions, an assistant's function_call,
+    the result in a message of role function. They train as the tool-calling row they say the same as;
+    a DatasetBuild without a teacher keeps them whole, as it does tool-calling rows."""
+    from llmfactory_runtime.data import messages_of, tools_of
+    from llmfactory_runtime.dataset.sources import Drops, collect
+
+    system, user, call, result, answer = TOOL_ROW["messages"]
+    legacy = {"functions": [tool["function"] for tool in TOOL_ROW["tools"]], "messages": [
+        system, user, {"role": "assistant", "content": None, "function_call": call["tool_calls"][0]["function"]},
+        {"role": "function", "name": "get_weather", "content": result["content"]}, answer]}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert tools_of(legacy) == tools_of(TOOL_ROW)
+    assert render(tok, messages_of(legacy), tools=tools_of(legacy)) == \
+        render(tok, messages_of(TOOL_ROW), tools=tools_of(TOOL_ROW))
+    assert _learned_spans(tok, messages_of(legacy), 4096, tools=tools_of(legacy)) == \
+        _learned_spans(tok, messages_of(TOOL_ROW), 4096, tools=tools_of(TOOL_ROW))
+    (tmp_path / "rows.jsonl").write_text(json.dumps(legacy) + "\n")
+    [kept] = collect([{"uri": f"file://{tmp_path}/rows.jsonl"}], Drops(), None, with_answers=True, whole_tools=True)
+    assert kept["whole"]["messages"] == messages_of(legacy)
 
 
 def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):

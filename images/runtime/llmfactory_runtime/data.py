@@ -19,7 +19,7 @@ _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 # A message's role as chat templates name it, from what datasets call it: OpenAI's (developer is its
 # newer name for system), and ShareGPT's (human, gpt) in either format.
 ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user", "assistant": "assistant",
-         "gpt": "assistant", "tool": "tool"}
+         "gpt": "assistant", "tool": "tool", "function": "tool"}  # function: OpenAI's legacy function results
 
 
 def role_of(name: Any) -> str:
@@ -131,10 +131,12 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
     ValueError says what is wrong with it."""
     kept = {"role": role_of(m["role"]), "content": content_text(m.get("content")),
             **{k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}}
+    if "tool_calls" not in kept and m.get("function_call") is not None:  # OpenAI's legacy function calling
+        kept["tool_calls"] = [{"type": "function", "function": m["function_call"]}]
     if "weight" in kept and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or kept["role"] != "assistant"):
         raise ValueError(f"a message's weight is 0 (not learned) or 1, on assistant messages only, got "
                          f"{m['weight']!r} on a {m['role']} message")
-    for call in m.get("tool_calls") or []:
+    for call in kept.get("tool_calls") or []:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
             raise ValueError("a tool call is {type: function, function: {name, arguments}}, got "
@@ -149,6 +151,8 @@ def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
     {name, description, parameters}}]}), which its chat template writes before the conversation;
     None without any. A ValueError says what is wrong with them."""
     tools = row.get("tools")
+    if tools is None and isinstance(row.get("functions"), list):  # OpenAI's legacy functions
+        tools = [{"type": "function", "function": f} for f in row["functions"]]
     if tools is None:
         return None
     if isinstance(tools, str):  # JSON text, as Hugging Face datasets (and a DatasetBuild's Parquet) keep them

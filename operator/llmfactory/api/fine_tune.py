@@ -39,7 +39,8 @@ class DatasetInput(ApiModel):
     uri: str | None = Field(None, pattern=URI_PATTERN, description=(
         "Prefix holding train.jsonl and validation.jsonl: conversations (ChatML messages or ShareGPT; OpenAI's "
         "function-calling rows, the assistant's tool_calls and role tool results beside {tools}, which the "
-        "chat template writes, as chatTemplate chatml does in Qwen2.5's and Hermes' form; an assistant "
+        "chat template writes, as chatTemplate chatml does in Qwen2.5's and Hermes' form, and its legacy "
+        "functions, function_call and role function; an assistant "
         "message of weight 0 is context, not learned, as OpenAI's fine-tuning reads it; Alpaca's {instruction, "
         "input, output} and TRL's prompt-completion rows {prompt, completion}, text or messages, each a "
         "conversation of one turn), raw "

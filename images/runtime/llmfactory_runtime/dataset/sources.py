@@ -232,8 +232,9 @@ def _calls_tools(row: Any) -> bool:
     that answers turn by turn in plain text would lose the calls, so it drops the row as tool_calls;
     one that keeps the sources' own conversations keeps it whole (_whole)."""
     messages = row.get("messages") if isinstance(row, dict) else None
-    return isinstance(messages, list) and any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
-                                              for m in messages)
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function"))
+        for m in messages)
 
 
 def _whole(row: dict[str, Any], source: dict[str, Any], default_lang: str) -> dict[str, Any]:
