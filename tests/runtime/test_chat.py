@@ -271,6 +271,7 @@ def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
                                        "tool, function, got 'bot'"),
     ({"content": "Hi"}, "a row's messages are a list of {role, content} messages"),
     ({"role": ["user"], "content": "Hi"}, "a message's role is one of system"),
+    ({"role": "assistant", "content": "Hi", "tool_calls": "get_weather"}, "a message's tool_calls are a list of calls"),
     ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
      "a tool call is {type: function, function: {name, arguments}}"),
 ])
@@ -308,6 +309,36 @@ def test_openai_legacy_function_calling_rows_train_as_tool_calling_rows(tiny_mod
     (tmp_path / "rows.jsonl").write_text(json.dumps(legacy) + "\n")
     [kept] = collect([{"uri": f"file://{tmp_path}/rows.jsonl"}], Drops(), None, with_answers=True, whole_tools=True)
     assert kept["whole"]["messages"] == messages_of(legacy)
+
+
+def test_llama_factory_sharegpt_tool_rows_train_as_tool_calling_rows(tiny_model, tmp_path):
+    """LLaMA-Factory's ShareGPT function calling: function_call turns (the call as JSON, its arguments an
+    object) and observation turns, the tools a JSON list of the functions alone. They train as the
+    OpenAI row they say the same as; a DatasetBuild keeps them whole."""
+    from llmfactory_runtime.data import messages_of, tools_of
+    from llmfactory_runtime.dataset.sources import Drops, collect
+    from llmfactory_runtime.task import InvalidTask
+    from llmfactory_runtime.batching import encode_rows
+
+    system, user, call, result, answer = TOOL_ROW["messages"]
+    function = call["tool_calls"][0]["function"]
+    row = {"tools": json.dumps([tool["function"] for tool in TOOL_ROW["tools"]]), "conversations": [
+        {"from": "system", "value": system["content"]}, {"from": "human", "value": user["content"]},
+        {"from": "function_call", "value": json.dumps({"name": function["name"],
+                                                        "arguments": json.loads(function["arguments"])})},
+        {"from": "observation", "value": result["content"]}, {"from": "gpt", "value": answer["content"]}]}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert tools_of(row) == tools_of(TOOL_ROW)
+    assert render(tok, messages_of(row), tools=tools_of(row)) == \
+        render(tok, messages_of(TOOL_ROW), tools=tools_of(TOOL_ROW))
+    assert _learned_spans(tok, messages_of(row), 4096, tools=tools_of(row)) == \
+        _learned_spans(tok, messages_of(TOOL_ROW), 4096, tools=tools_of(TOOL_ROW))
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    [kept] = collect([{"uri": f"file://{tmp_path}/rows.jsonl"}], Drops(), None, with_answers=True, whole_tools=True)
+    assert kept["whole"]["messages"] == messages_of(row)
+    broken = {**row, "conversations": [*row["conversations"][:2], {"from": "function_call", "value": "get_weather"}]}
+    with pytest.raises(InvalidTask, match="row 1: a function_call turn's value is its call as JSON"):
+        encode_rows(tok, [broken], 64, where="train.jsonl")
 
 
 def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):

@@ -82,8 +82,33 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     if "conversations" not in row:
         prompt, chosen, _ = preference_of(row)
         return prompt + chosen
-    return [{"role": role_of(c.get("from")), "content": content_text(c["value"])}
-            for c in _listed(row["conversations"], "conversations", "{from, value}", "value")]
+    return [_sharegpt_message(c) for c in _listed(row["conversations"], "conversations", "{from, value}", "value")]
+
+
+# LLaMA-Factory's ShareGPT tool turns: an assistant's calls as JSON, and a tool's result.
+SHAREGPT_TOOL_TURNS = ("function_call", "observation")
+
+
+def _sharegpt_message(turn: dict[str, Any]) -> dict[str, Any]:
+    """A ShareGPT turn as a message; LLaMA-Factory's function_call turn (a call as JSON, {name,
+    arguments}, or a list of them) an assistant's tool calls, its observation a tool's result."""
+    if turn.get("from") != "function_call":
+        role = "tool" if turn.get("from") == "observation" else role_of(turn.get("from"))
+        return {"role": role, "content": content_text(turn["value"])}
+    try:
+        calls = json.loads(turn["value"])
+    except (TypeError, ValueError):
+        raise ValueError(f"a function_call turn's value is its call as JSON ({{name, arguments}}), got "
+                         f"{str(turn['value'])[:80]!r}") from None
+    return _message({"role": "assistant", "content": None,
+                     "tool_calls": [_as_tool_call(call) for call in (calls if isinstance(calls, list) else [calls])]})
+
+
+def _as_tool_call(call: Any) -> dict[str, Any]:
+    """A call {name, arguments} as OpenAI's tool call, its arguments JSON text as OpenAI's are."""
+    if isinstance(call, dict) and not isinstance(call.get("arguments", ""), str):
+        call = {**call, "arguments": json.dumps(call["arguments"], ensure_ascii=False)}
+    return {"type": "function", "function": call}
 
 
 def _listed(messages: Any, field: str, shape: str, needs: str = "role") -> list[dict[str, Any]]:
@@ -136,6 +161,8 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
     if "weight" in kept and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or kept["role"] != "assistant"):
         raise ValueError(f"a message's weight is 0 (not learned) or 1, on assistant messages only, got "
                          f"{m['weight']!r} on a {m['role']} message")
+    if not isinstance(kept.get("tool_calls", []), list):
+        raise ValueError(f"a message's tool_calls are a list of calls, got {str(kept['tool_calls'])[:80]!r}")
     for call in kept.get("tool_calls") or []:
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or "arguments" not in function:
@@ -160,6 +187,8 @@ def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
             tools = json.loads(tools)
         except ValueError:
             raise ValueError(f"a row's tools are not JSON: {tools[:80]!r}") from None
+    if isinstance(tools, list) and all(isinstance(t, dict) and "function" not in t and "name" in t for t in tools):
+        tools = [{"type": "function", "function": t} for t in tools]  # LLaMA-Factory's: the functions alone
     if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
                                               and isinstance(t["function"].get("name"), str) for t in tools):
         raise ValueError(f"a row's tools are [{{type: function, function: {{name, description, parameters}}}}], "

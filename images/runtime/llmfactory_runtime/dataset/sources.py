@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
-from ..data import (ROLES, alpaca_prompt, content_text, messages_of, preference_of, prompt_completion, tools_of,
-                    undesirable)
+from ..data import (ROLES, SHAREGPT_TOOL_TURNS, alpaca_prompt, content_text, messages_of, preference_of,
+                    prompt_completion, tools_of, undesirable)
 from ..store import local_copy
 from ..task import InvalidTask
 
@@ -228,13 +228,17 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool
 
 
 def _calls_tools(row: Any) -> bool:
-    """An OpenAI function-calling conversation (an assistant's tool_calls, a tool's result): a build
+    """A function-calling conversation (OpenAI's: an assistant's tool_calls or function_call, a tool's
+    result; LLaMA-Factory's ShareGPT function_call and observation turns): a build
     that answers turn by turn in plain text would lose the calls, so it drops the row as tool_calls;
     one that keeps the sources' own conversations keeps it whole (_whole)."""
-    messages = row.get("messages") if isinstance(row, dict) else None
-    return isinstance(messages, list) and any(
+    if not isinstance(row, dict):
+        return False
+    messages, turns = row.get("messages"), row.get("conversations")
+    return (isinstance(messages, list) and any(
         isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function"))
-        for m in messages)
+        for m in messages)) or (isinstance(turns, list) and any(
+            isinstance(t, dict) and t.get("from") in SHAREGPT_TOOL_TURNS for t in turns))
 
 
 def _whole(row: dict[str, Any], source: dict[str, Any], default_lang: str) -> dict[str, Any]:
