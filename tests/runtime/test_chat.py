@@ -289,36 +289,37 @@ def test_a_malformed_message_is_an_invalid_task_naming_the_row(tiny_model, messa
             encode_rows(tok, [{**rows[0], "tools": tools}], 64, where="train.jsonl")
 
 
-def test_openai_legacy_function_calling_rows_train_as_tool_calling_rows(tiny_model, tmp_path):
-    """OpenAI's function calling before tools (2023): the row's functions, an assistant's function_call,
-    the result in a message of role function. They train as the tool-calling row they say the same as;
-    a DatasetBuild without a teacher keeps them whole, as it does tool-calling rows."""
+def _trains_as_the_tool_row(tok, row, tmp_path) -> None:
+    """The row trains as TOOL_ROW (OpenAI's tool calling), which it says the same as: the same tools, text
+    and labels; a DatasetBuild without a teacher keeps it whole."""
     from llmfactory_runtime.data import messages_of, tools_of
     from llmfactory_runtime.dataset.sources import Drops, collect
 
+    assert tools_of(row) == tools_of(TOOL_ROW)
+    assert render(tok, messages_of(row), tools=tools_of(row)) == \
+        render(tok, messages_of(TOOL_ROW), tools=tools_of(TOOL_ROW))
+    assert _learned_spans(tok, messages_of(row), 4096, tools=tools_of(row)) == \
+        _learned_spans(tok, messages_of(TOOL_ROW), 4096, tools=tools_of(TOOL_ROW))
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
+    [kept] = collect([{"uri": f"file://{tmp_path}/rows.jsonl"}], Drops(), None, with_answers=True, whole_tools=True)
+    assert kept["whole"]["messages"] == messages_of(row)
+
+
+def test_openai_legacy_function_calling_rows_train_as_tool_calling_rows(tiny_model, tmp_path):
+    """OpenAI's function calling before tools (2023): the row's functions, an assistant's function_call,
+    the result in a message of role function."""
     system, user, call, result, answer = TOOL_ROW["messages"]
     legacy = {"functions": [tool["function"] for tool in TOOL_ROW["tools"]], "messages": [
         system, user, {"role": "assistant", "content": None, "function_call": call["tool_calls"][0]["function"]},
         {"role": "function", "name": "get_weather", "content": result["content"]}, answer]}
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    assert tools_of(legacy) == tools_of(TOOL_ROW)
-    assert render(tok, messages_of(legacy), tools=tools_of(legacy)) == \
-        render(tok, messages_of(TOOL_ROW), tools=tools_of(TOOL_ROW))
-    assert _learned_spans(tok, messages_of(legacy), 4096, tools=tools_of(legacy)) == \
-        _learned_spans(tok, messages_of(TOOL_ROW), 4096, tools=tools_of(TOOL_ROW))
-    (tmp_path / "rows.jsonl").write_text(json.dumps(legacy) + "\n")
-    [kept] = collect([{"uri": f"file://{tmp_path}/rows.jsonl"}], Drops(), None, with_answers=True, whole_tools=True)
-    assert kept["whole"]["messages"] == messages_of(legacy)
+    _trains_as_the_tool_row(AutoTokenizer.from_pretrained(tiny_model), legacy, tmp_path)
 
 
 def test_llama_factory_sharegpt_tool_rows_train_as_tool_calling_rows(tiny_model, tmp_path):
     """LLaMA-Factory's ShareGPT function calling: function_call turns (the call as JSON, its arguments an
-    object) and observation turns, the tools a JSON list of the functions alone. They train as the
-    OpenAI row they say the same as; a DatasetBuild keeps them whole."""
-    from llmfactory_runtime.data import messages_of, tools_of
-    from llmfactory_runtime.dataset.sources import Drops, collect
-    from llmfactory_runtime.task import InvalidTask
+    object) and observation turns, the tools a JSON list of the functions alone."""
     from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.task import InvalidTask
 
     system, user, call, result, answer = TOOL_ROW["messages"]
     function = call["tool_calls"][0]["function"]
@@ -328,14 +329,7 @@ def test_llama_factory_sharegpt_tool_rows_train_as_tool_calling_rows(tiny_model,
                                                         "arguments": json.loads(function["arguments"])})},
         {"from": "observation", "value": result["content"]}, {"from": "gpt", "value": answer["content"]}]}
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    assert tools_of(row) == tools_of(TOOL_ROW)
-    assert render(tok, messages_of(row), tools=tools_of(row)) == \
-        render(tok, messages_of(TOOL_ROW), tools=tools_of(TOOL_ROW))
-    assert _learned_spans(tok, messages_of(row), 4096, tools=tools_of(row)) == \
-        _learned_spans(tok, messages_of(TOOL_ROW), 4096, tools=tools_of(TOOL_ROW))
-    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
-    [kept] = collect([{"uri": f"file://{tmp_path}/rows.jsonl"}], Drops(), None, with_answers=True, whole_tools=True)
-    assert kept["whole"]["messages"] == messages_of(row)
+    _trains_as_the_tool_row(tok, row, tmp_path)
     broken = {**row, "conversations": [*row["conversations"][:2], {"from": "function_call", "value": "get_weather"}]}
     with pytest.raises(InvalidTask, match="row 1: a function_call turn's value is its call as JSON"):
         encode_rows(tok, [broken], 64, where="train.jsonl")
