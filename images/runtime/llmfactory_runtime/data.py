@@ -73,9 +73,10 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     if "messages" in row:
         return [_message(m) for m in _listed(row["messages"], "messages", "{role, content}")]
     if "completion" in row:  # TRL's prompt-completion row (OpenAI's legacy one), or an unpaired row (KTO's)
-        if "label" in row:
-            labelled_of(row)  # a label that is not true or false would have its answer learned
-        prompt, answer = prompt_completion(row, "a prompt-completion row")
+        if "label" in row:  # checked: a label that is not true or false would have its answer learned
+            [(prompt, answer, _)] = labelled_of(row)
+        else:
+            prompt, answer = prompt_completion(row, "a prompt-completion row")
         return prompt + answer
     if "instruction" in row:
         return _alpaca(row)

@@ -45,7 +45,8 @@ class InlinePrompt(ApiModel):
 
 
 class HuggingFaceDataset(ApiModel):
-    id: str = Field(pattern=pattern(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", "a Hugging Face dataset id, owner/name or name"),
+    id: str = Field(pattern=pattern(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$",
+                                    "a Hugging Face dataset id, owner/name or name"),
                     description="Dataset repository id, e.g. lightblue/tagengo-gpt4.")
     config: str | None = Field(None, description="Configuration (subset) name.")
     split: str = Field("train", description="Split to read.")
@@ -87,7 +88,8 @@ class Source(ApiModel):
                             "or a text, after prompt, or else after what the chosen and rejected conversations "
                             "share, as UltraFeedback's; OpenAI's input.messages, preferred_output and "
                             "non_preferred_output; or Anthropic HH's transcripts, each turn after '\\n\\nHuman: ' or "
-                            "'\\n\\nAssistant: '; the rows a FineTune reads as pairs; for a build without a teacher, whose dataset is then the "
+                            "'\\n\\nAssistant: '; the rows a FineTune reads as pairs; for a build without a "
+                            "teacher, whose dataset is then the "
                             "pairs, with their score_chosen and score_rejected where the rows hold both, as "
                             "UltraFeedback's, or else filters.judge's ratings of both answers; a pair whose "
                             "rejected answer scores at least as high as the chosen is dropped, "
