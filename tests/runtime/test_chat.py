@@ -335,6 +335,38 @@ def test_llama_factory_sharegpt_tool_rows_train_as_tool_calling_rows(tiny_model,
         encode_rows(tok, [broken], 64, where="train.jsonl")
 
 
+def test_glaive_function_calling_rows_train_as_tool_calling_rows_and_plain_ones_as_conversations(tiny_model, tmp_path):
+    """glaive-function-calling-v2's rows: the functions as JSON after the system's words, the turns one
+    text, a call after <functioncall> with its arguments in single quotes. A build with a teacher asks the
+    plain rows' turns and drops the calling ones (it would lose the calls); a call that is not one fails
+    naming the row."""
+    from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.dataset.sources import Drops, collect
+    from llmfactory_runtime.task import InvalidTask
+
+    system, user, call, result, answer = TOOL_ROW["messages"]
+    function = call["tool_calls"][0]["function"]
+    row = {"system": f"SYSTEM: {system['content']} -\n" + "\n\n".join(
+               json.dumps(tool["function"], indent=4) for tool in TOOL_ROW["tools"]) + "\n",
+           "chat": f"USER: {user['content']}\n\n\nASSISTANT: <functioncall> {{\"name\": \"{function['name']}\", "
+                   f"\"arguments\": '{function['arguments']}'}} <|endoftext|>\n\n\nFUNCTION RESPONSE: "
+                   f"{result['content']}\n\n\nASSISTANT: {answer['content']} <|endoftext|>\n\n\n"}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    _trains_as_the_tool_row(tok, row, tmp_path)
+    plain = {"system": "SYSTEM: You are a helpful assistant, with no access to external functions.",
+             "chat": "USER: Two jokes?\n\n\nASSISTANT: One. <|endoftext|>\n\n\nUSER: Another?\n\n\n"
+                     "ASSISTANT: Two. <|endoftext|>\n\n\n"}
+    (tmp_path / "glaive.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(plain) + "\n")
+    drops = Drops()
+    [asked] = collect([{"uri": f"file://{tmp_path}/glaive.jsonl"}], drops)
+    assert asked["system"] == "You are a helpful assistant, with no access to external functions."
+    assert asked["turns"] == ["Two jokes?", "Another?"] and asked["answers"] == ["One.", "Two."]
+    assert drops.counts == {"tool_calls": 1}
+    broken = {**row, "chat": row["chat"].replace(f'{{"name": "{function["name"]}"', "get_weather(")}
+    with pytest.raises(InvalidTask, match="row 1: a glaive call is <functioncall>"):
+        encode_rows(tok, [broken], 64, where="train.jsonl")
+
+
 def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):
     """Llama 3's template here (as Axolotl's llama3) has no tools: rows with tool calls would teach the
     model to answer without the calls it should make."""

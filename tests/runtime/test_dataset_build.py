@@ -910,7 +910,7 @@ def test_a_hugging_face_source_with_max_rows_streams_its_first_rows_without_copy
 
 def test_a_json_file_of_one_array_is_read_row_by_row_as_a_json_lines_file_is(tmp_path):
     """Alpaca's alpaca_data.json is one pretty-printed JSON array, which a line-by-line reader found
-    malformed on every line."""
+    malformed on every line; a file of one object is refused saying where its rows are."""
     rows = [{"instruction": "Translate to French", "input": "cat", "output": "chat"},
             {"instruction": "Say hi", "input": "", "output": "Hi!"}]
     (tmp_path / "alpaca_data.json").write_text("\n  " + json.dumps(rows, indent=4))
@@ -923,6 +923,11 @@ def test_a_json_file_of_one_array_is_read_row_by_row_as_a_json_lines_file_is(tmp
     (tmp_path / "broken.json").write_text(json.dumps(rows)[:-2])
     with pytest.raises(InvalidTask, match="broken.json: a JSON array that does not parse"):
         list(collect([{"uri": f"file://{tmp_path}/broken.json"}], Drops(), with_answers=True))
+    # One object holding the rows under a key (SQuAD's form, Hugging Face's field=): its lines are not rows.
+    (tmp_path / "squad.json").write_text(json.dumps({"version": "1.1", "data": rows}, indent=2))
+    with pytest.raises(InvalidTask, match=r"squad.json is one JSON object \(keys: version, data\), not rows: .* "
+                                          r"write the rows under data as JSON lines: jq -c '.data\[\]'"):
+        list(collect([{"uri": f"file://{tmp_path}/squad.json"}], Drops(), with_answers=True))
 
 
 def test_each_shape_gives_the_answers_its_rows_hold_to_the_turns_they_answer(tmp_path):

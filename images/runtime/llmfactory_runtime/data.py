@@ -1,4 +1,5 @@
-"""Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split;
+"""Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split (and
+the layouts other datasets write: Alpaca's, TRL's prompt-completion, glaive's);
 raw text ({text}) for continued pre-training; preference pairs for DPO in OpenAI's or TRL's form;
 TRL's unpaired rows for KTO; and prompts with reference answers for GRPO."""
 
@@ -12,7 +13,8 @@ from typing import Any, Iterable, Iterator
 
 from .store import local_copy, open_store
 from .task import InvalidTask
-from .tool_calls import expected_calls
+from .glaive import glaive_messages, glaive_tools, is_glaive
+from .tool_calls import expected_calls, openai_call
 
 SPLITS = ("train", "validation", "test")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -80,6 +82,8 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
         return prompt + answer
     if "instruction" in row:
         return _alpaca(row)
+    if is_glaive(row):
+        return [_message(m) for m in glaive_messages(row)]
     if "conversations" not in row:
         prompt, chosen, _ = preference_of(row)
         return prompt + chosen
@@ -102,14 +106,7 @@ def _sharegpt_message(turn: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"a function_call turn's value is its call as JSON ({{name, arguments}}), got "
                          f"{str(turn['value'])[:80]!r}") from None
     return _message({"role": "assistant", "content": None,
-                     "tool_calls": [_as_tool_call(call) for call in (calls if isinstance(calls, list) else [calls])]})
-
-
-def _as_tool_call(call: Any) -> dict[str, Any]:
-    """A call {name, arguments} as OpenAI's tool call, its arguments JSON text as OpenAI's are."""
-    if isinstance(call, dict) and not isinstance(call.get("arguments", ""), str):
-        call = {**call, "arguments": json.dumps(call["arguments"], ensure_ascii=False)}
-    return {"type": "function", "function": call}
+                     "tool_calls": [openai_call(call) for call in (calls if isinstance(calls, list) else [calls])]})
 
 
 def _listed(messages: Any, field: str, shape: str, needs: str = "role") -> list[dict[str, Any]]:
@@ -181,6 +178,8 @@ def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
     tools = row.get("tools")
     if tools is None and isinstance(row.get("functions"), list):  # OpenAI's legacy functions
         tools = [{"type": "function", "function": f} for f in row["functions"]]
+    if tools is None and is_glaive(row):  # glaive's: JSON objects after its system's words
+        tools = glaive_tools(row)
     if tools is None:
         return None
     if isinstance(tools, str):  # JSON text, as Hugging Face datasets (and a DatasetBuild's Parquet) keep them

@@ -25,6 +25,13 @@ def _call(value: Any) -> dict[str, Any] | None:
     return {"name": value["name"], "arguments": arguments} if arguments is not None else None
 
 
+def openai_call(call: Any) -> dict[str, Any]:
+    """A call {name, arguments} as OpenAI's tool call, its arguments JSON text as OpenAI's are."""
+    if isinstance(call, dict) and not isinstance(call.get("arguments", ""), str):
+        call = {**call, "arguments": json.dumps(call["arguments"], ensure_ascii=False)}
+    return {"type": "function", "function": call}
+
+
 def arguments_object(arguments: Any) -> dict[str, Any] | None:
     """A call's arguments as an object: OpenAI's JSON text parsed (empty text: none); None when they
     are not an object."""

@@ -77,14 +77,17 @@ class Source(ApiModel):
     config_map: ConfigMapFile | None = Field(
         None, description="A file kept in a ConfigMap (up to 1 MiB), mounted into the pod. An edit to it is a new "
                           "run (noticed at the operator's next poll); locally, a ConfigMap among the applied manifests.")
-    fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca", "preference"] = Field(
+    fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca", "glaive", "preference"] = Field(
         "auto", description="How rows hold prompts: prompt (a text column, promptField), sharegpt "
                             "(conversations: [{from, value}]), openai (messages: [{role, content}]; a "
                             "function-calling row, with an assistant's tool_calls and role tool results beside "
                             "its tools, is kept whole by a build without a teacher that writes chatml and asks "
                             "no judge or pairs, through the answer filters and dedupe; any other build drops it "
                             "as tool_calls, rather than rebuild its turns without the calls), alpaca "
-                            "(instruction, input), preference (TRL's pairs: chosen and rejected, each messages "
+                            "(instruction, input), glaive (glaive-function-calling-v2's system and chat texts, "
+                            "read as the openai row they say the same as: the functions after the system's words "
+                            "its tools, a <functioncall> an assistant's tool call, a FUNCTION RESPONSE a tool's "
+                            "result), preference (TRL's pairs: chosen and rejected, each messages "
                             "or a text, after prompt, or else after what the chosen and rejected conversations "
                             "share, as UltraFeedback's; OpenAI's input.messages, preferred_output and "
                             "non_preferred_output; or Anthropic HH's transcripts, each turn after '\\n\\nHuman: ' or "

@@ -1,6 +1,6 @@
 """Prompts from the sources of a DatasetBuild: inline lists, JSONL and Parquet files (in the
 store or a mounted ConfigMap), Hugging Face datasets; rows in prompt-column, ShareGPT,
-OpenAI-messages, Alpaca or preference-pair (TRL's prompt, chosen, rejected) shape, or documents
+OpenAI-messages, Alpaca, glaive or preference-pair (TRL's prompt, chosen, rejected) shape, or documents
 (format text: a text column).
 
 A prompt is {turns: [user messages], system, language, answers}: the teacher answers every turn of
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
+from .. import glaive
 from ..data import (ROLES, SHAREGPT_TOOL_TURNS, alpaca_prompt, content_text, messages_of, preference_of,
                     prompt_completion, tools_of, undesirable)
 from ..store import local_copy
@@ -80,18 +81,42 @@ def _rows_of_config_map(file: dict[str, str], field: str) -> Iterable[Any]:
     yield from _rows_of_file(path, f"{field}: ConfigMap {file['name']} key {file['key']}")
 
 
-def _opens_array(stream) -> bool:
-    """Whether the text file's first character that is not white space opens a JSON array (the stream
-    back at its start)."""
+def _opens(stream) -> str:
+    """The text file's first character that is not white space ('' for none), the stream back at its start."""
     while (chunk := stream.read(4096)) and not chunk.strip():
         pass
     stream.seek(0)
-    return chunk.lstrip().startswith("[")
+    return chunk.lstrip()[:1]
+
+
+def _refuse_one_object(stream, what: str) -> None:
+    """An InvalidTask for a .json file that is one JSON object over several lines (rows under one of its
+    keys, as SQuAD's data, which Hugging Face reads with field=): its lines are not rows. A file whose
+    first line is a JSON object is JSON lines (the stream back at its start)."""
+    while not (first := stream.readline()).strip():
+        pass
+    try:
+        json.loads(first)
+        whole = None
+    except ValueError:
+        stream.seek(0)
+        try:
+            whole = json.load(stream)
+        except ValueError:
+            whole = None
+    stream.seek(0)
+    if not isinstance(whole, dict):
+        return
+    lists = [key for key, value in whole.items() if isinstance(value, list)]
+    under = f"; write the rows under {lists[0]} as JSON lines: jq -c '.{lists[0]}[]'" if len(lists) == 1 else ""
+    raise InvalidTask(f"{what} is one JSON object (keys: {', '.join(map(str, whole))[:200]}), not rows: a .json "
+                      f"source holds JSON lines or one JSON array of rows{under}")
 
 
 def _rows_of_file(path: Path, what: str) -> Iterable[Any]:
     """The file's rows, read a piece at a time (a corpus may be larger than memory): a Parquet
-    file's by row batch, a JSONL file's by line; a .json file holding one JSON array, whole."""
+    file's by row batch, a JSONL file's by line; a .json file holding one JSON array, whole (one holding
+    an object is refused)."""
     if path.name.endswith(".parquet"):
         import pyarrow.parquet as pq  # noqa: PLC0415 - only for Parquet sources
 
@@ -99,7 +124,10 @@ def _rows_of_file(path: Path, what: str) -> Iterable[Any]:
             yield from batch.to_pylist()
     elif path.name.endswith((".jsonl", ".json")):
         with path.open(encoding="utf-8", errors="replace") as lines:
-            if path.name.endswith(".json") and _opens_array(lines):  # one JSON array, as Alpaca's alpaca_data.json
+            first = _opens(lines) if path.name.endswith(".json") else ""
+            if first == "{":
+                _refuse_one_object(lines, what)
+            if first == "[":  # one JSON array, as Alpaca's alpaca_data.json
                 try:
                     rows = json.load(lines)
                 except ValueError as exc:
@@ -139,6 +167,8 @@ def _shape(row: dict[str, Any], fields: str) -> str:
         return "openai"
     if "instruction" in row:
         return "alpaca"
+    if glaive.is_glaive(row):
+        return "glaive"
     return "prompt"
 
 
@@ -165,6 +195,8 @@ def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[lis
         return [alpaca_prompt(row)], None, [row.get("output")]
     if shape == "sharegpt":
         return _conversation([(m["from"], m["value"]) for m in row["conversations"]])
+    if shape == "glaive":
+        return _conversation([(m["role"], m["content"]) for m in glaive.glaive_messages(row)])
     return _conversation([(m["role"], content_text(m["content"])) for m in row["messages"]])
 
 
@@ -229,7 +261,7 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool
 
 def _calls_tools(row: Any) -> bool:
     """A function-calling conversation (OpenAI's: an assistant's tool_calls or function_call, a tool's
-    result; LLaMA-Factory's ShareGPT function_call and observation turns): a build
+    result; LLaMA-Factory's ShareGPT function_call and observation turns; glaive's <functioncall>): a build
     that answers turn by turn in plain text would lose the calls, so it drops the row as tool_calls;
     one that keeps the sources' own conversations keeps it whole (_whole)."""
     if not isinstance(row, dict):
@@ -238,7 +270,7 @@ def _calls_tools(row: Any) -> bool:
     return (isinstance(messages, list) and any(
         isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function"))
         for m in messages)) or (isinstance(turns, list) and any(
-            isinstance(t, dict) and t.get("from") in SHAREGPT_TOOL_TURNS for t in turns))
+            isinstance(t, dict) and t.get("from") in SHAREGPT_TOOL_TURNS for t in turns)) or glaive.calls_tools(row)
 
 
 def _whole(row: dict[str, Any], source: dict[str, Any], default_lang: str) -> dict[str, Any]:
