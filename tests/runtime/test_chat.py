@@ -221,22 +221,33 @@ def test_a_roles_other_names_are_read_as_the_role_and_a_malformed_conversation_n
         encode_rows(tok, [*rows, malformed], 64, where="train.jsonl")
 
 
-def test_alpaca_and_prompt_completion_rows_train_as_a_conversation_of_one_turn(tiny_model):
-    """Axolotl's alpaca type and TRL's prompt-completion rows (OpenAI's legacy format), given to a FineTune
-    or a Benchmark as they are: the answer learned, the instruction (and its input) the prompt. Before, an
-    alpaca row failed as a preference pair without chosen and rejected, a prompt-completion row as an
-    unpaired one without its label."""
+def test_alpaca_and_prompt_completion_rows_train_as_a_conversation_of_one_turn(tiny_model, tmp_path):
+    """Axolotl's alpaca type (and Dolly's rows, their input in context, the answer in response) and TRL's
+    prompt-completion rows (OpenAI's legacy format), given to a FineTune or a Benchmark as they are: the
+    answer learned, the instruction (and its input) the prompt. Before, an alpaca row failed as a
+    preference pair without chosen and rejected, a prompt-completion row as an unpaired one without its
+    label; a DatasetBuild's teacher was asked a Dolly instruction without its context."""
     from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.data import messages_of
+    from llmfactory_runtime.dataset.sources import Drops, collect
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     conversation = {"messages": [{"role": "user", "content": "Translate to English.\n\nhola"},
                                  {"role": "assistant", "content": "hello"}]}
     rows = [{"instruction": "Translate to English.", "input": "hola", "output": "hello"},
+            {"instruction": "Translate to English.", "context": "hola", "response": "hello", "category": "x"},  # Dolly's
             {"prompt": "Translate to English.\n\nhola", "completion": "hello"},
             {"prompt": conversation["messages"][:1], "completion": conversation["messages"][1:]}]
     [expected, *encoded] = encode_rows(tok, [conversation, *rows], 64, where="train.jsonl")
-    assert encoded == [expected] * 3
+    assert encoded == [expected] * 4
     assert _learned_spans(tok, conversation["messages"]) == ["hello<|im_end|>\n"]
+    # Axolotl's alpaca_w_system: the row's system message goes first, for a FineTune and a DatasetBuild alike.
+    with_system = {**rows[0], "system": "Be brief."}
+    assert messages_of(with_system) == [{"role": "system", "content": "Be brief."}, *conversation["messages"]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in (with_system, rows[1])))
+    assert [(p["system"], p["turns"], p["answers"]) for p in collect([{"uri": f"file://{tmp_path}/rows.jsonl"}],
+                                                                     Drops(), with_answers=True)] == [
+        ("Be brief.", ["Translate to English.\n\nhola"], ["hello"]), (None, ["Translate to English.\n\nhola"], ["hello"])]
 
 
 def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):

@@ -9,7 +9,7 @@ from llmfactory_runtime import data
 KEYS = ["messages", "conversations", "prompt", "chosen", "rejected", "completion", "label", "input", "preferred_output",
         "non_preferred_output", "text", "tools", "margin", "role", "content", "from", "value", "type", "function",
         "tool_calls", "weight", "name", "arguments", "refusal", "instruction", "output",
-        "function_call", "observation", "functions", "from", "value", "system", "chat"]
+        "function_call", "observation", "functions", "from", "value", "system", "chat", "context", "response"]
 READERS = [data.messages_of, data.preference_of, data.labelled_of, data.prompt_of, data.tools_of, data.text_of,
            data.margin_of]
 

@@ -288,20 +288,27 @@ def prompt_completion(row: dict[str, Any], what: str) -> tuple[list[dict[str, st
     return prompt, answer
 
 
-def alpaca_prompt(row: dict[str, Any]) -> str:
-    """An Alpaca row's user turn: its instruction, and its input (the text the instruction is about)
-    after a blank line, as Axolotl's alpaca type joins them. A ValueError where they are not text."""
-    instruction, extra = row["instruction"], row.get("input") or ""
-    if not isinstance(instruction, str) or not instruction.strip() or not isinstance(extra, str):
-        raise ValueError(f"an Alpaca row's instruction (and input) are text, got {str(instruction)[:80]!r}")
-    return instruction + (f"\n\n{extra}" if extra.strip() else "")
+def alpaca_of(row: dict[str, Any]) -> tuple[str | None, str, Any]:
+    """(system message, user turn, answer) of an Alpaca row {instruction, input, output}, or Dolly's
+    {instruction, context, response}: the instruction, and its input (the text the instruction is about)
+    after a blank line, as Axolotl's alpaca type joins them; a `system` column (Axolotl's
+    alpaca_w_system) the system message. The answer as the row holds it (None without one). A
+    ValueError where the instruction, input or system are not text."""
+    instruction, extra, system = row["instruction"], row.get("input") or row.get("context") or "", row.get("system")
+    if not isinstance(instruction, str) or not instruction.strip() or not isinstance(extra, str) \
+            or not isinstance(system, (str, type(None))):
+        raise ValueError(f"an Alpaca row's instruction (and input, system) are text, got {str(instruction)[:80]!r}")
+    return (system if system and system.strip() else None, instruction + (f"\n\n{extra}" if extra.strip() else ""),
+            row.get("output", row.get("response")))
 
 
 def _alpaca(row: dict[str, Any]) -> list[dict[str, str]]:
-    """An Alpaca row {instruction, input, output} as a conversation of one turn."""
-    if not isinstance(row.get("output"), str):
-        raise ValueError(f"an Alpaca row's output is its answer, text, got {str(row.get('output'))[:80]!r}")
-    return [{"role": "user", "content": alpaca_prompt(row)}, {"role": "assistant", "content": row["output"]}]
+    """An Alpaca (or Dolly) row as a conversation of one turn."""
+    system, prompt, output = alpaca_of(row)
+    if not isinstance(output, str):
+        raise ValueError(f"an Alpaca row's output (Dolly's response) is its answer, text, got {str(output)[:80]!r}")
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt},
+            {"role": "assistant", "content": output}]
 
 
 def prompt_of(row: dict[str, Any]) -> list[dict[str, Any]]:

@@ -84,7 +84,7 @@ class Source(ApiModel):
                             "its tools, is kept whole by a build without a teacher that writes chatml and asks "
                             "no judge or pairs, through the answer filters and dedupe; any other build drops it "
                             "as tool_calls, rather than rebuild its turns without the calls), alpaca "
-                            "(instruction, input), glaive (glaive-function-calling-v2's system and chat texts, "
+                            "(instruction, input, output, system; Dolly's context and response), glaive (glaive-function-calling-v2's system and chat texts, "
                             "read as the openai row they say the same as: the functions after the system's words "
                             "its tools, a <functioncall> an assistant's tool call, a FUNCTION RESPONSE a tool's "
                             "result), preference (TRL's pairs: chosen and rejected, each messages "
@@ -111,7 +111,7 @@ class Source(ApiModel):
     answer_field: str | None = Field(None, description=(
         "Column holding the answer to the prompt (fields: prompt), e.g. response, completion, a final answer "
         "(text, or a number): what a build without a teacher keeps. Conversations (sharegpt, openai) hold their "
-        "answers, alpaca rows in output."))
+        "answers, alpaca rows in output (Dolly's in response)."))
     text_field: str | None = Field(None, description=(
         "Column holding the document (a text) of each row, for format text (continued pre-training); unset: "
         "text, as Wikipedia's and FineWeb's rows have it (The Stack's: content)."))

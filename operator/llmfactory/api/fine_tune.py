@@ -43,7 +43,7 @@ class DatasetInput(ApiModel):
         "functions, function_call and role function, LLaMA-Factory's ShareGPT function_call and "
         "observation turns, and glaive-function-calling-v2's {system, chat} texts; an assistant "
         "message of weight 0 is context, not learned, as OpenAI's fine-tuning reads it; Alpaca's {instruction, "
-        "input, output} and TRL's prompt-completion rows {prompt, completion}, text or messages, each a "
+        "input, output} (Dolly's {instruction, context, response}; a system column first) and TRL's prompt-completion rows {prompt, completion}, text or messages, each a "
         "conversation of one turn), raw "
         "text ({text}: documents for continued pre-training, every token learned, with the tokenizer's "
         "beginning- and end-of-sequence tokens, as TRL's language-modeling rows and Axolotl's completion "

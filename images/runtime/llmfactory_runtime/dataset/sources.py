@@ -26,7 +26,7 @@ from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
 from .. import glaive
-from ..data import (ROLES, SHAREGPT_TOOL_TURNS, alpaca_prompt, content_text, messages_of, preference_of,
+from ..data import (ROLES, SHAREGPT_TOOL_TURNS, alpaca_of, content_text, messages_of, preference_of,
                     prompt_completion, tools_of, undesirable)
 from ..store import local_copy
 from ..task import InvalidTask
@@ -192,7 +192,8 @@ def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[lis
             return _conversation([(m["role"], m["content"]) for m in prompt + answer])
         return [row[field]], None, [row[answer_field]] if answer_field else None
     if shape == "alpaca":
-        return [alpaca_prompt(row)], None, [row.get("output")]
+        system, prompt, output = alpaca_of(row)
+        return [prompt], system, [output]
     if shape == "sharegpt":
         return _conversation([(m["from"], m["value"]) for m in row["conversations"]])
     if shape == "glaive":
