@@ -813,6 +813,30 @@ def test_a_source_none_of_whose_rows_can_be_read_fails_naming_the_reason_and_the
         list(collect([{**good, "answerField": "solution"}], Drops()))
 
 
+def test_a_conversation_in_a_column_of_another_name_is_read_where_messages_field_says(tmp_path):
+    """lmsys-chat-1m's and WildChat's conversation column ([{role, content}]; Axolotl's field_messages):
+    read by fields auto, or where messagesField names it, in either message form; fields openai alone
+    looks for messages, and the refusal says which fields map the rows."""
+    rows = [{"conversation_id": "a", "conversation": [{"role": "user", "content": "Hi there"},
+                                                      {"role": "assistant", "content": "Hello!"}]},
+            {"conversation_id": "b", "conversation": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}]
+    uri = jsonl_file(tmp_path / "rows.jsonl", rows)
+    expected = [(["Hi there"], ["Hello!"]), (["2+2?"], ["4"])]
+    for source in ({"uri": uri}, {"uri": uri, "messagesField": "conversation"}):
+        drops = Drops()
+        assert [(p["turns"], p["answers"]) for p in collect([source], drops, with_answers=True)] == expected
+        assert not drops.counts
+    drops = Drops()
+    kept = collect([{"uri": uri, "messagesField": "conversation", "fields": "openai"}], drops, with_answers=True)
+    assert [(p["turns"], p["answers"]) for p in kept] == expected[:1] and drops.counts == {"malformed": 1}
+    with pytest.raises(InvalidTask, match=r"no field 'messages' \(its fields: conversation_id, conversation\); "
+                                          r"check fields and messagesField$"):
+        list(collect([{"uri": uri, "fields": "openai"}], Drops()))
+    with pytest.raises(InvalidTask, match=r"no field 'dialog' .*; check fields, messagesField, promptField and "
+                                          r"answerField$"):
+        list(collect([{"uri": uri, "messagesField": "dialog"}], Drops()))
+
+
 def test_a_language_the_counts_ask_for_that_no_prompt_is_in_fails_naming_the_languages_there_are():
     """Tagengo labels its rows "Russian": with samplesPerLanguage {ru, en} the build would keep English
     alone and succeed. It fails, saying which languages the prompts have; a count of 0 asks for none."""

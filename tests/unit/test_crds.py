@@ -368,6 +368,9 @@ BAD = [
      "give every source fields preference"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "preference", "turns": "first"}]},
      "keep turns all (a pair answers its prompt's last turn)"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl", "fields": "prompt", "messagesField": "conversation"}],
+                      "teacher": {"model": MODEL}},
+     "messagesField names the column of a conversation: fields auto, openai or sharegpt"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "shards": 4},
      "shards split the models' work (the teacher's, filters.judge's, preferences', difficulty's): a build "
      "without any"),
@@ -524,6 +527,8 @@ MINIMAL = [
     ("Benchmark", {"model": {"source": MODEL}, "baseline": False,
                    "judge": {"openai": {"model": "j"}, "mode": "pairwise", "opponentAnswersUri": "file:///a.jsonl"}}),
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrachat_200k"}}]}),  # no teacher
+    ("DatasetBuild", {"sources": [{"huggingface": {"id": "lmsys/lmsys-chat-1m"}, "messagesField": "conversation",
+                                   "fields": "openai", "maxRows": 1000}], "teacher": {"openai": {"model": "gpt-4o"}}}),
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrafeedback_binarized"},
                                    "fields": "preference"}]}),
     ("DatasetBuild", {"sources": [{"huggingface": {"id": "HuggingFaceH4/ultrafeedback_binarized"},

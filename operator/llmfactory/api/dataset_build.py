@@ -67,6 +67,9 @@ class Source(ApiModel):
         {"rule": "(has(self.inline) ? 1 : 0) + (has(self.uri) ? 1 : 0) + (has(self.huggingface) ? 1 : 0)"
                  " + (has(self.configMap) ? 1 : 0) == 1",
          "message": "set exactly one of inline, uri, huggingface or configMap"},
+        {"rule": "!has(self.messagesField) || !has(self.fields) || self.fields in ['auto', 'openai', 'sharegpt']",
+         "fieldPath": ".messagesField",
+         "message": "messagesField names the column of a conversation: fields auto, openai or sharegpt"},
     ]
 
     inline: list[InlinePrompt] | None = Field(None, min_length=1, description="Prompts written in the manifest.")
@@ -98,6 +101,11 @@ class Source(ApiModel):
                             "rejected answer scores at least as high as the chosen is dropped, "
                             "preference_not_better). "
                             "auto picks by the columns present (never preference).")
+    messages_field: str | None = Field(None, min_length=1, description=(
+        "Column holding each row's conversation, where it is not messages (openai) or conversations "
+        "(sharegpt): e.g. conversation for lmsys-chat-1m and WildChat ([{role, content}]), as Axolotl's "
+        "field_messages; fields auto reads a conversation column of [{role, content}] or [{from, value}] "
+        "by itself."))
     prompt_field: str = Field("prompt", description=(
         "Column holding the prompt text (fields: prompt; and fields: preference, where the prompt is read from "
         "it when the row has it, e.g. question for Intel/orca_dpo_pairs)."))

@@ -172,6 +172,24 @@ def _shape(row: dict[str, Any], fields: str) -> str:
     return "prompt"
 
 
+def _moved_conversation(row: Any, source: dict[str, Any]) -> Any:
+    """The row with its conversation where the readers look for it: the source's messagesField column
+    (lmsys-chat-1m's and WildChat's conversation, which fields auto reads by itself) as messages
+    ({role, content}) or conversations ({from, value}: sharegpt). A KeyError for a row without the
+    column messagesField names."""
+    field = source.get("messagesField")
+    if field is None and isinstance(row, dict) and "messages" not in row and "conversations" not in row \
+            and source.get("fields", "auto") == "auto" and isinstance(row.get("conversation"), list):
+        field = "conversation"
+    if field is None or not isinstance(row, dict):
+        return row
+    turns = row[field]
+    sharegpt = source.get("fields") == "sharegpt" or (source.get("fields", "auto") == "auto" and isinstance(
+        turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0])
+    rest = {k: v for k, v in row.items() if k not in (field, "messages", "conversations")}
+    return {**rest, "conversations" if sharegpt else "messages": turns}
+
+
 def _pair(row: dict[str, Any], prompt_field: str) -> tuple[list[tuple[str, str]], str]:
     """A preference row, in any form a FineTune reads (data.preference_of: TRL's, OpenAI's, Anthropic HH's
     transcripts), as (the conversation up to and with the chosen answer, the rejected answer): its prompt
@@ -349,14 +367,15 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             if malformed == read == UNREADABLE:
                 _refuse_unreadable(field, source, f"first {read}", first_error, documents)
             read += 1
-            calls = not documents and _calls_tools(row)
-            if calls and not whole_tools:  # a FineTune reads such rows whole, by dataset.uri
-                drops.add("tool_calls", row)
-                continue
-            if with_answers and isinstance(row, dict) and undesirable(row):  # KTO's label false: an answer not to keep
-                drops.add("undesirable", row)
-                continue
             try:
+                row = row if documents else _moved_conversation(row, source)
+                calls = not documents and _calls_tools(row)
+                if calls and not whole_tools:  # a FineTune reads such rows whole, by dataset.uri
+                    drops.add("tool_calls", row)
+                    continue
+                if with_answers and isinstance(row, dict) and undesirable(row):  # KTO's label false: not to keep
+                    drops.add("undesirable", row)
+                    continue
                 prompt = _whole(row, source, default_lang) if calls else _prompt(row, source, default_lang, documents)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 malformed += 1
@@ -374,13 +393,17 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             _refuse_unreadable(field, source, str(read), first_error, documents)
 
 
+# The fields of a source that say where its rows hold what, by its `fields`.
+MAPPINGS = {"auto": "fields, messagesField, promptField and answerField", "prompt": "fields, promptField and answerField",
+            "openai": "fields and messagesField", "sharegpt": "fields and messagesField"}
+
+
 def _refuse_unreadable(field: str, source: dict[str, Any], read: str, first_error: tuple[Exception, Any],
                        documents: bool) -> None:
     """A source none of whose (first) rows could be read: the mapping does not fit the data."""
     exc, row = first_error
     reason = f"no field {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
     found = f"its fields: {', '.join(map(str, row))}" if isinstance(row, dict) else f"a {type(row).__name__}"
-    mapping = ("textField" if documents else
-               "fields, promptField and answerField" if source.get("fields", "auto") in ("auto", "prompt") else "fields")
+    mapping = "textField" if documents else MAPPINGS.get(source.get("fields", "auto"), "fields")
     raise InvalidTask(f"{field}: none of its {read} rows could be read, the first: {reason} ({found}); "
                       f"check {mapping}")
