@@ -328,6 +328,40 @@ def test_grpo_sampling_with_vllm_counts_its_share_of_the_gpu_and_sets_vllms_frac
     assert check_fits(parse(full)).sampler_gib * 2 ** 30 == pytest.approx(llama.params * 2 + cache + 2 * 2 ** 30)
 
 
+def test_a_fine_tune_of_a_fine_tunes_model_is_estimated_and_checked_as_the_base_that_one_trained_from():
+    """SFT, then DPO on its model (fineTuneRef): the DPO run has the 70B shape its upstream trained
+    from, as the upstream's spec promises (applied together) or its result says (applied later), so
+    it is refused with the numbers, and a misspelt target, when applied, not in its Job. A model
+    trained from a FineTune's model is named by a URI only its run knows: not estimated, as before."""
+    from llmfactory.planner.promise import promises_among
+
+    sft = _fine_tune("meta-llama/Meta-Llama-3-8B", {"gpusPerNode": 1}, method="lora", mergeAdapter=True)
+    sft["metadata"]["name"] = "sft"
+    dpo = _fine_tune("x/y", {"gpusPerNode": 1}, method="full", objective="dpo")
+    dpo["spec"]["baseModel"] = {"fineTuneRef": {"name": "sft"}}
+    promises = promises_among([parse(sft), parse(dpo)])
+    results = {"sft": {"objective": "sft", "baseModel": {"huggingface": "meta-llama/Meta-Llama-3-8B"},
+                       "modelUri": "s3://b/sft/model", "digest": "d"}}
+
+    def result_of(kind, namespace, name):
+        return results.get(name) if kind == "FineTune" else None
+
+    for lookup in ({"promise_of": promises}, {"result_of": result_of}):
+        with pytest.raises(PlanError) as err:
+            plan(parse(dpo), lookup.get("result_of", lambda *key: None), "file:///tmp/store", promise_of=lookup.get("promise_of"))
+        assert err.value.field == "spec.resources" and "80 GiB" in err.value.message
+    dpo["spec"].update(method="lora", lora={"targetModules": ["q_prj"]},
+                       hyperparameters={"batchSize": 1, "gradientCheckpointing": True})
+    with pytest.raises(PlanError, match="no module of the base model .* is named q_prj"):
+        plan(parse(dpo), lambda *key: None, "file:///tmp/store", promise_of=promises)
+    dpo["spec"]["lora"]["targetModules"] = ["q_proj"]
+    waiting = plan(parse(dpo), lambda *key: None, "file:///tmp/store", promise_of=promises_among([parse(sft), parse(dpo)]))
+    assert isinstance(waiting, Waiting) and waiting.estimate["total_gib"] < 80
+    results["sft"]["baseModel"] = {"uri": "s3://b/first/model"}  # itself trained from a FineTune's model
+    waiting = plan(parse(dpo), result_of, "file:///tmp/store")
+    assert isinstance(waiting, Waiting) and waiting.estimate is None
+
+
 def test_unknown_models_are_not_refused_the_runtime_checks_them():
     waiting = plan(parse(_fine_tune("someone/unknown-model", {"gpusPerNode": 1})), lambda *key: None, "file:///tmp/store")
     assert isinstance(waiting, Waiting) and waiting.estimate is None

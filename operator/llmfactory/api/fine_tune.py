@@ -72,7 +72,8 @@ class Lora(ApiModel):
                     "them (not the output head). A name no module of the model has fails the run before its "
                     "weights are read (checked on the model's config), naming the model's linear layers; it is "
                     "refused when applied where the base's architecture is read offline (a known hub id, a local "
-                    "config.json or GGUF file) and names its layers as Llama's (Llama, Mistral, Qwen2, Gemma).")
+                    "config.json or GGUF file; of a fineTuneRef base, the base it trained from) and names its "
+                    "layers as Llama's (Llama, Mistral, Qwen2, Gemma).")
     rs_lora: bool = Field(False, description=(
         "Rank-stabilized LoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r, so that high ranks "
         "keep learning (Kalajdzievski, 2023)."))

@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
+
+from pydantic import ValidationError
 
 from llmfactory_runtime.finetune.estimate import (KNOWN_SHAPES, Estimate, ModelShape, as_dequantized,
                                                    dequantized_does_not_fit, does_not_fit, estimate, plan_of,
@@ -17,6 +20,7 @@ from ..api.common import ModelSource, operational_fields
 from .errors import PlanError
 from .gguf_header import read_header
 from .manifests import Resource
+from .promise import Unknown
 
 
 def _local_path(uri: str) -> Path | None:
@@ -91,29 +95,44 @@ def _llama_layout(source) -> str | None:
     return kind if kind in LLAMA_LAYOUT else None
 
 
-def check_targets(res: Resource) -> None:
+def check_targets(res: Resource, base=None) -> None:
     """lora.targetModules against the linear layers of a base model of Llama's layout, when the planner
     can read which it is: a typo is refused when the FineTune is applied, not in its Job once what it
     waits for has run. A target matches a layer by its name or its dotted end, as peft's do; embed_tokens
-    is a layer peft adapts too, and a reward model's score layer (objective reward)."""
+    is a layer peft adapts too, and a reward model's score layer (objective reward). `base`: the model
+    whose layers the base has (shape_source), unset: the spec's baseModel."""
     lora = res.spec.lora
     targets = lora.target_modules if lora and res.spec.method != "full" else ["all-linear"]
     if targets == ["all-linear"]:
         return
     layers = (*LLAMA_LAYERS, "embed_tokens", *(["score"] if res.spec.objective == "reward" else []))
     unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in layers]
-    kind = _llama_layout(res.spec.base_model) if unknown else None
+    kind = _llama_layout(base or res.spec.base_model) if unknown else None
     if kind:
         raise PlanError(res.ref, "spec.lora.targetModules", f"no module of the base model (a {kind} model) is named "
                         f"{', '.join(unknown)}; its linear layers are {', '.join(sorted(LLAMA_LAYERS))} (or give "
                         "all-linear)")
 
 
-def check_fits(res: Resource) -> Estimate | None:
-    """The estimate for a FineTune (None when the model's shape is not known offline); a
-    refusal when it cannot fit the GPUs it asks for."""
+def shape_source(res: Resource, trained: dict[str, Any] | None = None) -> Any:
+    """The model whose shape a FineTune's base has: its baseModel, or for a FineTune's model (fineTuneRef)
+    the base that one trained from, as its result or promise (`trained`) names it, where that is a
+    source the planner can read (a model trained from another FineTune's is named by a URI only its run
+    knows); None when it cannot be read."""
+    if res.spec.base_model.fine_tune_ref is None:
+        return res.spec.base_model
     try:
-        shape = model_shape(res.spec.base_model)
+        base = trained["baseModel"] if trained is not None else None
+        return ModelSource.model_validate(base) if isinstance(base, dict) else None
+    except (Unknown, ValidationError):  # a promise that names no base; a pending URI
+        return None
+
+
+def check_fits(res: Resource, base=None) -> Estimate | None:
+    """The estimate for a FineTune (None when the model's shape is not known offline); a
+    refusal when it cannot fit the GPUs it asks for. `base`: as check_targets'."""
+    try:
+        shape = model_shape(base or res.spec.base_model)
     except ValueError as exc:
         raise PlanError(res.ref, "spec.baseModel", str(exc)) from None
     if shape is None:

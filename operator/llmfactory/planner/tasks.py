@@ -8,7 +8,7 @@ over all of that. Same inputs, same digest, same artifact prefix: finished work 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from .. import API_VERSION
@@ -17,7 +17,7 @@ from ..api.common import operational_fields
 from .checks import check_spec
 from .digest import canonical_digest, digest_spec
 from .errors import PlanError
-from .estimate import check_fits, check_targets
+from .estimate import check_fits, check_targets, shape_source
 from .graph import references
 from .inputs import check_promises, inputs_of
 from .manifests import Resource, config_map_bytes
@@ -52,20 +52,23 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str, config_map_of: 
     ConfigMap it reads does not exist yet). Before it waits, `res` is checked against what those
     resources' specs promise (`promise_of`, where their manifests are known)."""
     check_spec(res)
-    estimate = check_fits(res) if res.kind == "FineTune" else None
-    if res.kind == "FineTune":
-        check_targets(res)
     upstream: dict[str, dict[str, Any]] = {}
     waiting = None
     for path, kind, name in references(res):
         result = result_of(kind, res.namespace, name)
         if result is None:
-            waiting = waiting or Waiting(kind, name, path, estimate.as_dict() if estimate else None)
+            waiting = waiting or Waiting(kind, name, path)
             result = promise_of(kind, res.namespace, name) if promise_of else Promise()
         upstream[path] = result
+    estimate = None
+    if res.kind == "FineTune":  # a FineTune's model (fineTuneRef) has the shape of the base it was trained from
+        base = shape_source(res, upstream.get("spec.baseModel.fineTuneRef"))
+        if base is not None:  # a misspelt target first: the estimate would count no adapters
+            check_targets(res, base)
+            estimate = check_fits(res, base)
     if waiting:
         check_promises(res, upstream)
-        return waiting
+        return replace(waiting, estimate=estimate.as_dict() if estimate else None)
     res, inputs = inputs_of(res, upstream)
     if res.kind == "DatasetBuild":
         files = config_map_files(res, config_map_of)
