@@ -300,6 +300,25 @@ def test_a_later_attempt_of_a_multi_node_fine_tune_is_a_new_job_whose_pods_meet_
     kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
 
 
+def test_a_resources_own_backoff_limit_and_deadline_replace_the_operators_and_leave_its_task_as_it_was():
+    """Kubeflow's runPolicy: a run's retries and time are the resource's to set (a DatasetBuild on spot
+    nodes retried more, a FineTune given a day); not part of what the run computes, so the same task."""
+    own = {"backoffLimit": 7, "activeDeadlineSeconds": 2 * 24 * 3600}
+    for variant in ("one-gpu", "two-nodes"):
+        body = VARIANTS[variant]
+        task, _ = children(body)
+        limited = {**body, "spec": {**body["spec"], **own}}
+        limited_task, objs = children(limited)
+        assert limited_task["digest"] == task["digest"] and "backoffLimit" not in limited_task["spec"]
+        job = _job(objs)
+        assert job["spec"]["activeDeadlineSeconds"] == own["activeDeadlineSeconds"]
+        assert job["spec"]["backoffLimit"] == (0 if variant == "two-nodes" else 7)  # attempts are the operator's there
+        later = build(limited, limited_task, SETTINGS, attempt=2, failures=1, active_before=3600)
+        if variant == "two-nodes":  # the attempts share the resource's deadline
+            assert _job(later)["spec"]["activeDeadlineSeconds"] == own["activeDeadlineSeconds"] - 3600
+        kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+
+
 def test_sharded_dataset_build_is_an_indexed_job_with_one_pod_per_shard():
     task, objs = children(VARIANTS["sharded-dataset"])
     assert [o["kind"] for o in objs] == ["ConfigMap", "Job"]  # no rendezvous: shards meet in the store

@@ -317,10 +317,14 @@ async def test_a_multi_node_fine_tune_counts_only_real_failures_and_starts_each_
 async def test_a_multi_node_fine_tunes_attempts_share_one_active_deadline(cluster, operator, job_controller,
                                                                          operator_settings, tiny_model, tmp_path):
     """A Job's activeDeadlineSeconds spans its pods' retries; a multi-node run's attempts are Jobs of
-    their own, and together get no more than the deadline (7 days by default)."""
+    their own, and together get no more than the deadline (the operator's, 7 days by default; here the
+    resource's own, 6 days, as Kubeflow's runPolicy sets one)."""
     job_controller.paused = True  # this test plays the Job controller by hand
-    deadline, day = operator_settings.active_deadline_seconds, 24 * 3600
-    await cluster.apply(two_node_fine_tune(tiny_model, tmp_path, epochs=1))
+    deadline, day = 6 * 24 * 3600, 24 * 3600
+    assert deadline < operator_settings.active_deadline_seconds
+    ft = two_node_fine_tune(tiny_model, tmp_path, epochs=1)
+    ft["spec"]["activeDeadlineSeconds"] = deadline
+    await cluster.apply(ft)
     obj = await cluster.wait_for("FineTune", "ft", lambda o: (o.get("status") or {}).get("jobName"))
     first = obj["status"]["jobName"]
 
@@ -328,14 +332,14 @@ async def test_a_multi_node_fine_tunes_attempts_share_one_active_deadline(cluste
         now = datetime.now(timezone.utc)
         return {"active": 0, "failed": 1, "startTime": f"{now - timedelta(days=days):%Y-%m-%dT%H:%M:%SZ}",
                 "conditions": [{**failed(reason, message)[0], "lastTransitionTime": f"{now:%Y-%m-%dT%H:%M:%SZ}"}]}
-    # Attempt 1 ran 4 days, then a node was preempted: attempt 2 gets the 3 days left.
+    # Attempt 1 ran 4 days, then a node was preempted: attempt 2 gets the 2 days left.
     await end_job(cluster, first, ran(4, "PodFailurePolicy",
                                       f"Pod default/{first}-1-x has condition DisruptionTarget matching FailJob rule at index 2"))
     obj = await cluster.wait_for("FineTune", "ft", lambda o: o["status"].get("jobName") == f"{first}-2")
     [second] = [j for j in cluster.objects("jobs") if j["metadata"]["name"] == f"{first}-2"]
     assert deadline - 4 * day - 5 <= second["spec"]["activeDeadlineSeconds"] <= deadline - 4 * day
-    # Attempt 2 fails after 3.5 days: a retry is left (backoffLimit 1), time is not.
-    await end_job(cluster, f"{first}-2", ran(3.5, "BackoffLimitExceeded", "Job has reached the specified backoff limit"))
+    # Attempt 2 fails after 2.5 days: a retry is left (backoffLimit 1), time is not.
+    await end_job(cluster, f"{first}-2", ran(2.5, "BackoffLimitExceeded", "Job has reached the specified backoff limit"))
     obj = await cluster.wait_for("FineTune", "ft", phase_is("Failed"))
     stalled = condition(obj, "Stalled")
     assert stalled["reason"] == "DeadlineExceeded", story(cluster, job_controller, obj)
@@ -539,7 +543,11 @@ async def test_crashing_run_is_retried_then_failed(cluster, operator, job_contro
     await cluster.apply(data)
     obj = await cluster.wait_for("DatasetBuild", "data", phase_is("Failed"), timeout=120)
     assert condition(obj, "Stalled")["reason"] == "BackoffLimitExceeded"
-    assert obj["status"]["attempts"] == 2  # backoffLimit 1: one retry
+    assert obj["status"]["attempts"] == 2  # the operator's backoffLimit 1: one retry
+    # The resource's own backoffLimit (Kubeflow's runPolicy): none.
+    await cluster.apply({**data, "metadata": {"name": "data-once"}, "spec": {**data["spec"], "backoffLimit": 0}})
+    obj = await cluster.wait_for("DatasetBuild", "data-once", phase_is("Failed"), timeout=120)
+    assert condition(obj, "Stalled")["reason"] == "BackoffLimitExceeded" and obj["status"]["attempts"] == 1
 
 
 async def failed_for_a_missing_model(cluster, tmp_path) -> tuple[dict, dict, Path]:

@@ -268,12 +268,22 @@ class RunOptions(ApiModel):
     scheduling: Scheduling | None = Field(None, description="Node selector, tolerations and affinity of the "
                                                             "phase's pods, overriding the operator's defaults.")
     resources: PodResources | None = Field(None, description="GPUs, CPU and memory of the phase's pod.")
+    backoff_limit: int | None = Field(None, ge=0, le=100, description=(
+        "Failed attempts retried, each resuming from what the last one saved, before the run fails "
+        "(BackoffLimitExceeded); an attempt interrupted by preemption or eviction is not counted, nor is a "
+        "spec the run refuses retried. Unset: the operator's (Helm value runtime.backoffLimit, 3). As Kubeflow's "
+        "runPolicy.backoffLimit; a change applies to the attempts after it (llmfactory run runs a phase once)."))
+    active_deadline_seconds: int | None = Field(None, ge=60, description=(
+        "Seconds the run's attempts may be active, summed over its retries: past it the attempt is stopped and "
+        "no other starts (DeadlineExceeded). Unset: the operator's (Helm value runtime.activeDeadlineSeconds, 7 "
+        "days). As Kubeflow's runPolicy.activeDeadlineSeconds; a change applies to the attempts after it."))
 
 
 # Where, when and how a run is scheduled, not what it computes: left out of the task. (A FineTune's
 # resources are in it: the number of processes shapes the global batch.) benchmarkRef gates when a
 # FineTune or Quantization starts; the graph reads it.
-OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources", "benchmarkRef")
+OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources", "benchmarkRef", "backoffLimit",
+                      "activeDeadlineSeconds")
 
 
 def operational_fields(kind: str) -> tuple[str, ...]:

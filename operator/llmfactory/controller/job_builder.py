@@ -218,7 +218,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         # Preemption, eviction, node drain: not the workload's fault, not counted.
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]
-    backoff_limit = settings.backoff_limit
+    backoff_limit, deadline = settings.limits(spec)
     if nodes > 1:
         # JobSet's rule: when one node's pod ends, every pod of the run restarts, as a new Job. A
         # replacement pod in the same Job would get the old pod's hostname and could join the old
@@ -236,10 +236,10 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     }
     if queue or spec.get("suspend"):
         job_spec["suspend"] = True  # Kueue admits it by unsuspending; spec.suspend: see reconcile
-    if settings.active_deadline_seconds:
+    if deadline:
         # A Job's deadline spans its pods' retries; a multi-node run's attempts are Jobs of their
         # own, so each gets what the earlier ones left.
-        job_spec["activeDeadlineSeconds"] = settings.active_deadline_seconds - (active_before if nodes > 1 else 0)
+        job_spec["activeDeadlineSeconds"] = deadline - (active_before if nodes > 1 else 0)
     if settings.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
     if nodes > 1 or shards > 1:

@@ -387,14 +387,14 @@ def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: O
     if latest and ending in ("interrupted", "failed"):
         attempt = job_builder.attempt_of(latest)
         failures = job_builder.failures_before(latest) + (ending == "failed")
-        if failures <= settings.backoff_limit:
+        backoff_limit, deadline = settings.limits(body.get("spec") or {})
+        if failures <= backoff_limit:
             why = progress.get("message") if progress.get("state") in ("Failed", "Interrupted") else \
                 _failed(latest).get("message") if ending == "interrupted" else \
                 f"a pod of Job {latest['metadata']['name']} failed"
             done = "was interrupted" if ending == "interrupted" else "failed"
             reason = "Interrupted" if ending == "interrupted" else "Retrying"
             active = job_builder.active_seconds_before(latest) + _active_seconds(latest)
-            deadline = settings.active_deadline_seconds
             if deadline and active >= deadline:
                 return latest, False, ("Failed", "DeadlineExceeded", (
                     f"attempt {attempt} {done} ({why}), and the run has used its activeDeadlineSeconds "
@@ -405,7 +405,7 @@ def _attempt(body: dict[str, Any], task: dict[str, Any], kube: Kube, settings: O
                                                           "starts once its pods have stopped")
             attempt += 1
             counted = "not counted as a failure" if ending == "interrupted" else \
-                f"{failures} of {settings.backoff_limit} retries used"
+                f"{failures} of {backoff_limit} retries used"
             turn = ("Running", reason, f"attempt {attempt - 1} {done} ({why}); attempt {attempt} resumes from the "
                                        f"last checkpoint ({counted})")
     elif latest:  # running, or ended for good: the same Job, as made

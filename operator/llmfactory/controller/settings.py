@@ -39,6 +39,12 @@ class OperatorSettings(BaseModel):
     poll_seconds: float = Field(10.0, description="How often running and waiting resources (and finished ones "
                                                   "that read ConfigMaps) are checked.")
 
+    def limits(self, spec: dict[str, Any]) -> tuple[int, int | None]:
+        """(backoffLimit, activeDeadlineSeconds) of a resource's runs: its spec's, else these."""
+        backoff, deadline = spec.get("backoffLimit"), spec.get("activeDeadlineSeconds")
+        return (self.backoff_limit if backoff is None else backoff,
+                self.active_deadline_seconds if deadline is None else deadline)
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "OperatorSettings":
         env = os.environ if env is None else env
