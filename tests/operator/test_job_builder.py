@@ -118,6 +118,23 @@ def test_single_gpu_job_is_locked_down_and_owned():
     assert pod["serviceAccountName"] == "llmfactory-runtime"
 
 
+def test_the_runtime_images_pull_secrets_and_the_platforms_extra_env_reach_every_jobs_pod():
+    """A private registry's mirror of the runtime image, a proxy or NCCL's network interface: a
+    platform team's settings (Helm's runtime.imagePullSecrets and extraEnv), beside the operator's own."""
+    settings = SETTINGS.model_copy(update={"image_pull_secrets": ["regcred"], "extra_env": [
+        {"name": "HTTPS_PROXY", "value": "http://proxy.corp:3128"},
+        {"name": "NCCL_SOCKET_IFNAME", "valueFrom": {"configMapKeyRef": {"name": "nccl", "key": "if"}}}]})
+    for variant in ("one-gpu", "two-nodes", "sharded-dataset"):
+        job = _job(children(VARIANTS[variant], settings)[1])
+        pod = job["spec"]["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["HTTPS_PROXY"]["value"] == "http://proxy.corp:3128" and "valueFrom" in env["NCCL_SOCKET_IFNAME"]
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "llmfactory-s3"
+        kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+    assert "imagePullSecrets" not in _job(children(VARIANTS["one-gpu"])[1])["spec"]["template"]["spec"]
+
+
 def test_credentials_are_references_never_values():
     _, objs = children(VARIANTS["one-gpu"])
     env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]

@@ -24,7 +24,9 @@ EVERYTHING = {
     "store": {"uri": "s3://team-bucket/llmfactory",
               "s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1", "credentialsSecret": "s3-keys"}},
     "runtime": {"image": "registry.example.com/llmfactory/runtime:0.1.0", "serviceAccount": "trainer",
-                "hfTokenSecret": "hf-token",
+                "hfTokenSecret": "hf-token", "imagePullSecrets": ["regcred"],
+                "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy.corp:3128"},
+                             {"name": "NCCL_SOCKET_IFNAME", "valueFrom": {"configMapKeyRef": {"name": "nccl", "key": "if"}}}],
                 "defaultGpus": {"DatasetBuild": 0, "FineTune": 8, "Benchmark": 1, "Quantization": 0},
                 "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -89,6 +91,9 @@ def test_helm_3_and_4_render_the_same(tmp_path):
     ({**MINIMAL, "logLevel": "loud"}, "logLevel"),
     ({**MINIMAL, "runtime": {"image": "x", "shmSize": "lots"}}, "shmSize"),
     ({**MINIMAL, "storeUri": "s3://team-bucket/x"}, "storeUri"),
+    ({**MINIMAL, "runtime": {"image": "x", "extraEnv": [{"name": "HF_TOKEN", "value": "hf_x"}]}}, "runtime.extraEnv"),
+    ({**MINIMAL, "runtime": {"image": "x", "extraEnv": [{"name": "LLMFACTORY_CACHE", "value": "/x"}]}}, "runtime.extraEnv"),
+    ({**MINIMAL, "runtime": {"image": "x", "extraEnv": [{"value": "no name"}]}}, "runtime.extraEnv"),
 ])
 def test_bad_values_are_refused_naming_the_key(bad, message, tmp_path):
     for version in HELM_VERSIONS:
@@ -107,6 +112,7 @@ def test_operator_settings_read_back_what_the_values_say(tmp_path):
     assert settings.store_uri == EVERYTHING["store"]["uri"]
     assert settings.image == runtime["image"] and settings.service_account == "trainer"
     assert settings.hf_token_secret == "hf-token"
+    assert settings.image_pull_secrets == ["regcred"] and settings.extra_env == runtime["extraEnv"]
     assert settings.default_gpus == runtime["defaultGpus"]
     assert (settings.node_selector, settings.tolerations, settings.affinity) == (
         runtime["nodeSelector"], runtime["tolerations"], runtime["affinity"])
@@ -118,6 +124,19 @@ def test_operator_settings_read_back_what_the_values_say(tmp_path):
     # The operator's own S3 access: keys by reference only.
     secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     assert secret_refs == {k: {"name": "s3-keys", "key": k} for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+
+
+def test_the_schema_refuses_the_extra_env_the_operator_refuses():
+    """The variables the operator sets itself, which runtime.extraEnv may not replace: one list, the
+    operator's, which the schema repeats for helm install to refuse them first."""
+    from llmfactory.controller.settings import OPERATOR_ENV
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    name = schema["properties"]["runtime"]["properties"]["extraEnv"]["items"]["properties"]["name"]
+    assert name["not"]["anyOf"] == [{"pattern": "^LLMFACTORY_"}, {"enum": list(OPERATOR_ENV)}]
+    for bad in ({"name": "HF_TOKEN", "value": "x"}, {"name": "LLMFACTORY_CACHE", "value": "/x"}, {"value": "x"}):
+        with pytest.raises(ValueError, match="runtime.extraEnv"):
+            OperatorSettings(store_uri="s3://b/p", extra_env=[bad])
 
 
 def test_default_settings_match_the_operators_defaults(tmp_path):

@@ -169,7 +169,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": _command(kind, gpus, nodes, job_name, name, shards, settings.termination_grace_seconds),
-        "env": _env(settings) + _secret_env(spec),
+        "env": _env(settings) + settings.extra_env + _secret_env(spec),
         "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
                          {"name": "shm", "mountPath": "/dev/shm"},
@@ -192,6 +192,8 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
+    if settings.image_pull_secrets:  # a private registry's mirror of the runtime image
+        pod_spec["imagePullSecrets"] = [{"name": secret} for secret in settings.image_pull_secrets]
     if kind == "FineTune":  # SIGTERM makes training checkpoint before it exits: give it the time
         pod_spec["terminationGracePeriodSeconds"] = settings.termination_grace_seconds
     # The GPU pool by default; the resource's own scheduling, field by field, wins.

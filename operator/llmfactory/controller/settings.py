@@ -6,13 +6,24 @@ import json
 import os
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+# What the Jobs' containers get from the operator, which runtime.extraEnv may not replace: the runtime's
+# own variables, the store's and the hub's credentials, the API keys (all LLMFACTORY_* or these).
+OPERATOR_ENV = ("HOME", "HF_HOME", "PYTHONUNBUFFERED", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN")
 
 
 class OperatorSettings(BaseModel):
     store_uri: str = Field(description="Artifact store root, e.g. s3://bucket/llmfactory.")
     image: str = Field("ghcr.io/llmfactory/runtime:0.1.0", description="Runtime image of every Job.")
     image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, description="Secrets for pulling the runtime image (a private registry's mirror), in "
+                                          "each namespace that runs resources.")
+    extra_env: list[dict[str, Any]] = Field(
+        default_factory=list, description="Environment variables of every Job's container (corev1.EnvVar: value or "
+                                          "valueFrom), e.g. HTTP_PROXY, NCCL_SOCKET_IFNAME.")
     service_account: str | None = Field(None, description="ServiceAccount of the Jobs' pods (e.g. for IRSA).")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, SeaweedFS, Ceph).")
     s3_region: str | None = None
@@ -38,6 +49,18 @@ class OperatorSettings(BaseModel):
                          "checkpoint to the store.")
     poll_seconds: float = Field(10.0, description="How often running and waiting resources (and finished ones "
                                                   "that read ConfigMaps) are checked.")
+
+    @field_validator("extra_env")
+    @classmethod
+    def _not_the_operators(cls, env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for var in env:
+            name = var.get("name") if isinstance(var, dict) else None
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"runtime.extraEnv: each entry is an EnvVar {{name, value or valueFrom}}, got {var!r}")
+            if name in OPERATOR_ENV or name.startswith("LLMFACTORY_"):
+                raise ValueError(f"runtime.extraEnv: {name} is set by the operator (the store's, the hub's and the "
+                                 "API keys' variables, and LLMFACTORY_*): set it through the chart's own values")
+        return env
 
     def limits(self, spec: dict[str, Any]) -> tuple[int, int | None]:
         """(backoffLimit, activeDeadlineSeconds) of a resource's runs: its spec's, else these."""
