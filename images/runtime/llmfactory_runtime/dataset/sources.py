@@ -108,7 +108,8 @@ def _refuse_one_object(stream, what: str) -> None:
     if not isinstance(whole, dict):
         return
     lists = [key for key, value in whole.items() if isinstance(value, list)]
-    under = f"; write the rows under {lists[0]} as JSON lines: jq -c '.{lists[0]}[]'" if len(lists) == 1 else ""
+    under = (f"; write the rows under {lists[0]} as JSON lines: jq -c '.{lists[0]}[]'"
+             if len(lists) == 1 and lists[0] not in ("messages", "conversations") else "")  # not one row's turns
     raise InvalidTask(f"{what} is one JSON object (keys: {', '.join(map(str, whole))[:200]}), not rows: a .json "
                       f"source holds JSON lines or one JSON array of rows{under}")
 
