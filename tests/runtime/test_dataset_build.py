@@ -815,8 +815,8 @@ def test_a_source_none_of_whose_rows_can_be_read_fails_naming_the_reason_and_the
 
 def test_a_conversation_in_a_column_of_another_name_is_read_where_messages_field_says(tmp_path):
     """lmsys-chat-1m's and WildChat's conversation column ([{role, content}]; Axolotl's field_messages):
-    read by fields auto, or where messagesField names it, in either message form; fields openai alone
-    looks for messages, and the refusal says which fields map the rows."""
+    read by fields auto, or where messagesField names it, in either message form, and Capybara's
+    exchanges; fields openai alone looks for messages, and the refusal says which fields map the rows."""
     rows = [{"conversation_id": "a", "conversation": [{"role": "user", "content": "Hi there"},
                                                       {"role": "assistant", "content": "Hello!"}]},
             {"conversation_id": "b", "conversation": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}]
@@ -835,6 +835,13 @@ def test_a_conversation_in_a_column_of_another_name_is_read_where_messages_field
     with pytest.raises(InvalidTask, match=r"no field 'dialog' .*; check fields, messagesField, promptField and "
                                           r"answerField$"):
         list(collect([{"uri": uri, "messagesField": "dialog"}], Drops()))
+    # Capybara's exchanges, each a user's input and the assistant's output; a refusal shows the row as read.
+    capybara = [{"source": "x", "conversation": [{"input": "Hi there", "output": "Hello!"}, {"input": "2+2?", "output": "4"}]}]
+    kept = collect([{"uri": jsonl_file(tmp_path / "capybara.jsonl", capybara)}], Drops(), with_answers=True)
+    assert [(p["turns"], p["answers"]) for p in kept] == [(["Hi there", "2+2?"], ["Hello!", "4"])]
+    broken = [{"source": "x", "conversation": [{"text": "Hi"}]}]
+    with pytest.raises(InvalidTask, match=r"no field 'role' \(its fields: source, conversation\)"):
+        list(collect([{"uri": jsonl_file(tmp_path / "broken.jsonl", broken)}], Drops()))
 
 
 def test_a_language_the_counts_ask_for_that_no_prompt_is_in_fails_naming_the_languages_there_are():

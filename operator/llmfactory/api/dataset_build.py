@@ -105,7 +105,7 @@ class Source(ApiModel):
         "Column holding each row's conversation, where it is not messages (openai) or conversations "
         "(sharegpt): e.g. conversation for lmsys-chat-1m and WildChat ([{role, content}]), as Axolotl's "
         "field_messages; fields auto reads a conversation column of [{role, content}] or [{from, value}] "
-        "by itself."))
+        "by itself, and Capybara's exchanges [{input, output}], each a user's turn and its answer."))
     prompt_field: str = Field("prompt", description=(
         "Column holding the prompt text (fields: prompt; and fields: preference, where the prompt is read from "
         "it when the row has it, e.g. question for Intel/orca_dpo_pairs)."))

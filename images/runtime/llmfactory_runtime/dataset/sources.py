@@ -176,8 +176,8 @@ def _shape(row: dict[str, Any], fields: str) -> str:
 def _moved_conversation(row: Any, source: dict[str, Any]) -> Any:
     """The row with its conversation where the readers look for it: the source's messagesField column
     (lmsys-chat-1m's and WildChat's conversation, which fields auto reads by itself) as messages
-    ({role, content}) or conversations ({from, value}: sharegpt). A KeyError for a row without the
-    column messagesField names."""
+    ({role, content}; Capybara's exchanges [{input, output}] as a user's and an assistant's) or
+    conversations ({from, value}: sharegpt). A KeyError for a row without the column messagesField names."""
     field = source.get("messagesField")
     if field is None and isinstance(row, dict) and "messages" not in row and "conversations" not in row \
             and source.get("fields", "auto") == "auto" and isinstance(row.get("conversation"), list):
@@ -185,6 +185,9 @@ def _moved_conversation(row: Any, source: dict[str, Any]) -> Any:
     if field is None or not isinstance(row, dict):
         return row
     turns = row[field]
+    if isinstance(turns, list) and turns and all(isinstance(t, dict) and t.keys() == {"input", "output"} for t in turns):
+        turns = [m for t in turns for m in ({"role": "user", "content": t["input"]},
+                                            {"role": "assistant", "content": t["output"]})]
     sharegpt = source.get("fields") == "sharegpt" or (source.get("fields", "auto") == "auto" and isinstance(
         turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0])
     rest = {k: v for k, v in row.items() if k not in (field, "messages", "conversations")}
@@ -368,16 +371,17 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             if malformed == read == UNREADABLE:
                 _refuse_unreadable(field, source, f"first {read}", first_error, documents)
             read += 1
-            try:
-                row = row if documents else _moved_conversation(row, source)
-                calls = not documents and _calls_tools(row)
+            try:  # the row as read is what a report shows; `moved`, what the readers read
+                moved = row if documents else _moved_conversation(row, source)
+                calls = not documents and _calls_tools(moved)
                 if calls and not whole_tools:  # a FineTune reads such rows whole, by dataset.uri
                     drops.add("tool_calls", row)
                     continue
-                if with_answers and isinstance(row, dict) and undesirable(row):  # KTO's label false: not to keep
+                if with_answers and isinstance(moved, dict) and undesirable(moved):  # KTO's label false: not to keep
                     drops.add("undesirable", row)
                     continue
-                prompt = _whole(row, source, default_lang) if calls else _prompt(row, source, default_lang, documents)
+                prompt = (_whole(moved, source, default_lang) if calls
+                          else _prompt(moved, source, default_lang, documents))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 malformed += 1
                 first_error = first_error or (exc, row)
