@@ -367,12 +367,14 @@ def test_glaive_function_calling_rows_train_as_tool_calling_rows_and_plain_ones_
     plain = {"system": "SYSTEM: You are a helpful assistant, with no access to external functions.",
              "chat": "USER: Two jokes?\n\n\nASSISTANT: One. <|endoftext|>\n\n\nUSER: Another?\n\n\n"
                      "ASSISTANT: Two. <|endoftext|>\n\n\n"}
-    (tmp_path / "glaive.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(plain) + "\n")
+    # Offered the functions, it calls none: a teacher, not shown them, would answer another question.
+    uncalled = {**row, "chat": "USER: Hi\n\n\nASSISTANT: Hello! <|endoftext|>\n\n\n"}
+    (tmp_path / "glaive.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (row, plain, uncalled)))
     drops = Drops()
     [asked] = collect([{"uri": f"file://{tmp_path}/glaive.jsonl"}], drops)
     assert asked["system"] == "You are a helpful assistant, with no access to external functions."
     assert asked["turns"] == ["Two jokes?", "Another?"] and asked["answers"] == ["One.", "Two."]
-    assert drops.counts == {"tool_calls": 1}
+    assert drops.counts == {"tool_calls": 2}
     broken = {**row, "chat": row["chat"].replace(f'{{"name": "{function["name"]}"', "get_weather(")}
     with pytest.raises(InvalidTask, match="row 1: a glaive call is <functioncall>"):
         encode_rows(tok, [broken], 64, where="train.jsonl")

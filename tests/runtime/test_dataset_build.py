@@ -883,7 +883,7 @@ def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):
 
 def test_function_calling_conversations_are_kept_whole_without_a_teacher_and_dropped_where_rebuilt(tmp_path):
     """A build that writes the sources' own conversations (no teacher, chatml) keeps an OpenAI
-    tool-calling row whole: its calls, the tools' results and its tools, after the answer filters
+    tool-calling row (or one offering tools it does not call) whole: its calls, the tools' results and its tools, after the answer filters
     (a refusal among its text answers drops it) and the duplicate filter (by its user turns), with a
     source's system prompt first. A build that rebuilds turns in plain text (a teacher's, sharegpt's)
     would lose the calls and drops such rows as tool_calls."""
@@ -895,23 +895,27 @@ def test_function_calling_conversations_are_kept_whole_without_a_teacher_and_dro
             {"role": "tool", "tool_call_id": "c1", "content": "18 C"}, {"role": "assistant", "content": answer}]}
 
     plain = {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]}
+    # Offered the tools, it answers without a call: that is what it teaches, with the tools in view.
+    uncalled = {"tools": WEATHER, "messages": [{"role": "user", "content": "What is a weather front?"},
+                                               {"role": "assistant", "content": "Where two air masses meet."}]}
     rows = [calls("Paris", "18 C in Paris."), calls("Oslo", "I'm sorry, but I can't help with that."),
-            calls("Paris", "Sunny."), plain]
+            calls("Paris", "Sunny."), plain, uncalled]
     source = {"uri": jsonl_file(tmp_path / "rows.jsonl", rows), "language": "en", "systemPrompt": "Be brief."}
     doc = manifest("http://unused", source, samplesPerLanguage=None, languageDetection=None,
                    split={"validation": 0.0, "test": 0.0})
     del doc["spec"]["teacher"]
     _, result = run_in_process(tmp_path / "kept", doc)
-    assert result["dropped"] == {"refusal": 1, "duplicate_prompt": 1} and result["rows"]["train"] == 2
+    assert result["dropped"] == {"refusal": 1, "duplicate_prompt": 1} and result["rows"]["train"] == 3
     written = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
-    [kept] = [row for row in written if "tools" in row]
+    [kept, offered] = sorted((row for row in written if "tools" in row), key=lambda row: len(row["messages"]), reverse=True)
+    assert offered["messages"][1:] == uncalled["messages"] and offered["tools"] == WEATHER
     assert kept["tools"] == WEATHER and kept["language"] == "en"
     assert kept["messages"] == [{"role": "system", "content": "Be brief."}, rows[0]["messages"][0],
                                 {**rows[0]["messages"][1], "content": ""}, *rows[0]["messages"][2:]]
     # Rebuilt in plain text (sharegpt here; a teacher's build alike): dropped as tool_calls.
     doc["spec"]["format"] = "sharegpt"
     _, result = run_in_process(tmp_path / "rebuilt", doc)
-    assert result["dropped"] == {"tool_calls": 3} and result["rows"]["train"] == 1
+    assert result["dropped"] == {"tool_calls": 4} and result["rows"]["train"] == 1
     drops = Drops()
     assert [p["turns"] for p in collect([source], drops, with_answers=True)] == [["Hi!"]]
     assert drops.examples["tool_calls"][0].startswith('{"tools": [{"type": "function"')

@@ -26,9 +26,9 @@ def is_glaive(row: dict[str, Any]) -> bool:
     return isinstance(row.get("chat"), str) and "messages" not in row and "conversations" not in row
 
 
-def calls_tools(row: dict[str, Any]) -> bool:
-    """Whether the glaive row's assistant calls a function."""
-    return is_glaive(row) and CALL in row["chat"]
+def uses_tools(row: dict[str, Any]) -> bool:
+    """Whether the glaive row offers functions (its system is followed by them) or calls one."""
+    return is_glaive(row) and (CALL in row["chat"] or "{" in str(row.get("system") or ""))
 
 
 def _system(row: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:

@@ -84,7 +84,7 @@ class Source(ApiModel):
         "auto", description="How rows hold prompts: prompt (a text column, promptField), sharegpt "
                             "(conversations: [{from, value}]), openai (messages: [{role, content}]; a "
                             "function-calling row, with an assistant's tool_calls and role tool results beside "
-                            "its tools, is kept whole by a build without a teacher that writes chatml and asks "
+                            "its tools (or its tools alone, none called), is kept whole by a build without a teacher that writes chatml and asks "
                             "no judge or pairs, through the answer filters and dedupe; any other build drops it "
                             "as tool_calls, rather than rebuild its turns without the calls), alpaca "
                             "(instruction, input, output, system; Dolly's context and response), glaive (glaive-function-calling-v2's system and chat texts, "

@@ -282,18 +282,22 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool
     return prompt
 
 
-def _calls_tools(row: Any) -> bool:
+def _uses_tools(row: Any) -> bool:
     """A function-calling conversation (OpenAI's: an assistant's tool_calls or function_call, a tool's
-    result; LLaMA-Factory's ShareGPT function_call and observation turns; glaive's <functioncall>): a build
-    that answers turn by turn in plain text would lose the calls, so it drops the row as tool_calls;
-    one that keeps the sources' own conversations keeps it whole (_whole)."""
+    result; LLaMA-Factory's ShareGPT function_call and observation turns; glaive's <functioncall>), or
+    one that offers tools without calling them (its tools or functions; glaive's after its system): the
+    answer that calls none is what it teaches then. A build that answers turn by turn in plain text would
+    lose the calls or the tools, so it drops the row as tool_calls; one that keeps the sources' own
+    conversations keeps it whole (_whole)."""
     if not isinstance(row, dict):
         return False
+    if row.get("tools") not in (None, "", "[]", []) or row.get("functions"):
+        return True
     messages, turns = row.get("messages"), row.get("conversations")
     return (isinstance(messages, list) and any(
         isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function"))
         for m in messages)) or (isinstance(turns, list) and any(
-            isinstance(t, dict) and t.get("from") in SHAREGPT_TOOL_TURNS for t in turns)) or glaive.calls_tools(row)
+            isinstance(t, dict) and t.get("from") in SHAREGPT_TOOL_TURNS for t in turns)) or glaive.uses_tools(row)
 
 
 def _whole(row: dict[str, Any], source: dict[str, Any], default_lang: str) -> dict[str, Any]:
@@ -373,7 +377,7 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             read += 1
             try:  # the row as read is what a report shows; `moved`, what the readers read
                 moved = row if documents else _moved_conversation(row, source)
-                calls = not documents and _calls_tools(moved)
+                calls = not documents and _uses_tools(moved)
                 if calls and not whole_tools:  # a FineTune reads such rows whole, by dataset.uri
                     drops.add("tool_calls", row)
                     continue
