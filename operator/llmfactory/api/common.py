@@ -272,11 +272,12 @@ class RunOptions(ApiModel):
         "Failed attempts retried, each resuming from what the last one saved, before the run fails "
         "(BackoffLimitExceeded); an attempt interrupted by preemption or eviction is not counted, nor is a "
         "spec the run refuses retried. Unset: the operator's (Helm value runtime.backoffLimit, 3). As Kubeflow's "
-        "runPolicy.backoffLimit; a change applies to the attempts after it (llmfactory run runs a phase once)."))
+        "runPolicy.backoffLimit; a change applies to the Jobs made after it (a multi-node FineTune's next attempt; "
+        "llmfactory run runs a phase once)."))
     active_deadline_seconds: int | None = Field(None, ge=60, description=(
         "Seconds the run's attempts may be active, summed over its retries: past it the attempt is stopped and "
         "no other starts (DeadlineExceeded). Unset: the operator's (Helm value runtime.activeDeadlineSeconds, 7 "
-        "days). As Kubeflow's runPolicy.activeDeadlineSeconds; a change applies to the attempts after it."))
+        "days). As Kubeflow's runPolicy.activeDeadlineSeconds; a change applies to the Jobs made after it."))
 
 
 # Where, when and how a run is scheduled, not what it computes: left out of the task. (A FineTune's
