@@ -291,9 +291,10 @@ def _uses_tools(row: Any) -> bool:
     conversations keeps it whole (_whole)."""
     if not isinstance(row, dict):
         return False
-    if row.get("tools") not in (None, "", "[]", []) or row.get("functions"):
-        return True
     messages, turns = row.get("messages"), row.get("conversations")
+    if (messages is not None or turns is not None) and (row.get("tools") not in (None, "", "[]", [])
+                                                        or row.get("functions")):
+        return True  # a conversation's; a prompt column's row is read as its prompt, as before
     return (isinstance(messages, list) and any(
         isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function"))
         for m in messages)) or (isinstance(turns, list) and any(
