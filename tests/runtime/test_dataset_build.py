@@ -919,6 +919,11 @@ def test_function_calling_conversations_are_kept_whole_without_a_teacher_and_dro
     drops = Drops()
     assert [p["turns"] for p in collect([source], drops, with_answers=True)] == [["Hi!"]]
     assert drops.examples["tool_calls"][0].startswith('{"tools": [{"type": "function"')
+    # A prompt column's row beside a tools column (Salesforce's xlam) is its prompt, as any prompt row.
+    xlam = [{"query": "Weather in Oslo?", "tools": json.dumps(WEATHER), "answers": "[]"}]
+    [asked] = collect([{"uri": jsonl_file(tmp_path / "xlam.jsonl", xlam), "fields": "prompt", "promptField": "query"}],
+                      Drops())
+    assert asked["turns"] == ["Weather in Oslo?"]
 
 
 def test_a_hugging_face_source_with_max_rows_streams_its_first_rows_without_copying_the_split(tmp_path,
