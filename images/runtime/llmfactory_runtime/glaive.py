@@ -28,18 +28,32 @@ def is_glaive(row: dict[str, Any]) -> bool:
 
 def uses_tools(row: dict[str, Any]) -> bool:
     """Whether the glaive row offers functions (its system is followed by them) or calls one."""
-    return is_glaive(row) and (CALL in row["chat"] or "{" in str(row.get("system") or ""))
+    return is_glaive(row) and (CALL in row["chat"] or _system(row)[1] >= 0)
 
 
-def _system(row: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
-    """(the system's words, the functions written after them); a ValueError when they are not JSON."""
+def _system(row: dict[str, Any]) -> tuple[str, int]:
+    """(the system's text, where the functions after its words start: -1 for none); a ValueError when
+    it is not text."""
     text = row.get("system") or ""
     if not isinstance(text, str):
         raise ValueError(f"a glaive row's system is text, got {str(text)[:80]!r}")
     text = text.strip().removeprefix("SYSTEM:").strip()
-    start = pos = text.find("{")
-    if start < 0:
-        return text, []
+    return text, text.find("{")
+
+
+def _words(row: dict[str, Any]) -> str:
+    """The system's words, without the functions after them (which the chat template writes itself)."""
+    text, start = _system(row)
+    # "... Use them if required -": the dash led to the functions
+    return text if start < 0 else text[:start].rstrip(" -\n")
+
+
+def glaive_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The functions the row's system offers, as OpenAI's tools (None without any); a ValueError when
+    they are not JSON objects."""
+    text, pos = _system(row)
+    if pos < 0:
+        return None
     functions = []
     while pos < len(text):
         try:
@@ -50,13 +64,7 @@ def _system(row: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         functions.append(function)
         while pos < len(text) and text[pos].isspace():
             pos += 1
-    # "... Use them if required -": the dash led to the functions, which the chat template writes itself
-    return text[:start].rstrip(" -\n"), functions
-
-
-def glaive_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The functions the row's system offers, as OpenAI's tools; None without any."""
-    return [{"type": "function", "function": f} for f in _system(row)[1]] or None
+    return [{"type": "function", "function": f} for f in functions] or None
 
 
 def _call(text: str) -> dict[str, Any]:
@@ -79,7 +87,7 @@ def glaive_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The row's system message (its words) and its turns as OpenAI's messages: an assistant's
     <functioncall> its tool call (the words before it its content), a FUNCTION RESPONSE a tool's
     result. A ValueError when the chat is not such turns."""
-    system, _ = _system(row)
+    system = _words(row)
     parts = _TURN.split(row["chat"])
     if parts[0].strip() or len(parts) == 1:
         raise ValueError(f"a glaive chat is USER:, ASSISTANT: and FUNCTION RESPONSE: turns, got "
