@@ -155,7 +155,7 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
     kept = {"role": role_of(m["role"]), "content": content_text(m.get("content")),
             **{k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}}
     if "tool_calls" not in kept and m.get("function_call") is not None:  # OpenAI's legacy function calling
-        kept["tool_calls"] = [{"type": "function", "function": m["function_call"]}]
+        kept["tool_calls"] = [openai_call(m["function_call"])]
     if "weight" in kept and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or kept["role"] != "assistant"):
         raise ValueError(f"a message's weight is 0 (not learned) or 1, on assistant messages only, got "
                          f"{m['weight']!r} on a {m['role']} message")
