@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from llmfactory_runtime.chat import IGNORE, encode_for_training, render
 
-from finetune_helpers import OWN_SPEC, OWN_TEMPLATE, TOOL_ROW
+from finetune_helpers import OWN_SPEC, OWN_TEMPLATE, TOOL_ROW, WEATHER
 
 
 def _learned_spans(tok, messages, max_len=512, tools=None) -> list[str]:
@@ -278,6 +278,7 @@ def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
     ({"role": "user", "content": "Hi", "weight": 0}, "on assistant messages only"),
     ({"role": "assistant", "content": "Hi", "weight": 0.5}, "a message's weight is 0 (not learned) or 1"),
     ({"role": "user", "content": "Hi", "tool_calls": []}, "only assistant messages make tool calls"),
+    ({"role": "user", "content": [{"type": {"text": "Hi"}}]}, "a message's content parts are text"),
     ({"role": "bot", "content": "Hi"}, "a message's role is one of system, developer, user, human, assistant, gpt, "
                                        "tool, function, got 'bot'"),
     ({"content": "Hi"}, "a row's messages are a list of {role, content} messages"),
@@ -378,6 +379,119 @@ def test_glaive_function_calling_rows_train_as_tool_calling_rows_and_plain_ones_
     broken = {**row, "chat": row["chat"].replace(f'{{"name": "{function["name"]}"', "get_weather(")}
     with pytest.raises(InvalidTask, match="row 1: a glaive call is <functioncall>"):
         encode_rows(tok, [broken], 64, where="train.jsonl")
+
+
+def test_hermes_function_calling_rows_train_as_tool_calling_rows_with_json_calls(tiny_model, tmp_path):
+    """hermes-function-calling-v1's ShareGPT rows: the functions in the system turn between <tools> and
+    </tools>, the calls in <tool_call> blocks and the results in <tool_response> blocks, as Python
+    literals. Read as text, the model would learn calls in single quotes that no JSON parser reads back
+    (and the results' tags twice); they train as the OpenAI row they say the same as."""
+    from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.data import messages_of
+    from llmfactory_runtime.dataset.sources import Drops, collect
+    from llmfactory_runtime.task import InvalidTask
+
+    system, user, call, result, answer = TOOL_ROW["messages"]
+    row = {"id": "h1", "category": "Weather", "conversations": [
+        {"from": "system", "value": f"{system['content']} <tools>\n{[tool for tool in TOOL_ROW['tools']]!r}\n</tools> "
+                                    "For each function call return a json object with function name and arguments "
+                                    "within <tool_call> </tool_call> tags with the following schema:\n<tool_call>\n"
+                                    "{'arguments': <args-dict>, 'name': <function-name>}\n</tool_call>\n"},
+        {"from": "human", "value": user["content"]},
+        {"from": "gpt", "value": "<tool_call>\n{'arguments': {'city': 'Paris'}, 'name': 'get_weather'}\n</tool_call>"},
+        {"from": "tool", "value": f"<tool_response>\n{result['content']}\n</tool_response>"},
+        {"from": "gpt", "value": answer["content"]}]}
+    assert "'get_weather'" in row["conversations"][0]["value"]  # the tools as Python writes them
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    _trains_as_the_tool_row(tok, row, tmp_path)
+    drops = Drops()  # a teacher's build, answering turn by turn in plain text, would lose the calls
+    assert list(collect([{"uri": f"file://{tmp_path}/rows.jsonl"}], drops)) == [] and drops.counts == {"tool_calls": 1}
+    # Two calls in one turn, and results written as Python literals: two tool messages, each JSON.
+    turns = row["conversations"]
+    both = {"conversations": [*turns[:2], {"from": "gpt", "value": turns[2]["value"] + "\n" + turns[2]["value"].replace(
+        "Paris", "Oslo")}, {"from": "tool", "value": "<tool_response>\n{'name': 'get_weather', 'content': {'c': 18, "
+                                                     "'sunny': True}}\n</tool_response>\n<tool_response>\nnone\n"
+                                                     "</tool_response>"}, turns[4]]}
+    read = messages_of(both)
+    assert [c["function"]["arguments"] for c in read[2]["tool_calls"]] == ['{"city": "Paris"}', '{"city": "Oslo"}']
+    assert [m["content"] for m in read[3:5]] == ['{"name": "get_weather", "content": {"c": 18, "sunny": true}}', "none"]
+    for value, error in (("<tool_call>\nget_weather(city='Paris')\n</tool_call>",
+                          "a Hermes <tool_call> is JSON or a Python literal, got \"get_weather(city='Paris')\""),
+                         ("<tool_call>\n{'arguments': {'city': 'Paris'}}\n</tool_call>",
+                          "a tool call is {type: function, function: {name, arguments}}")):
+        broken = {"conversations": [*turns[:2], {"from": "gpt", "value": value}]}
+        with pytest.raises(InvalidTask, match=re.escape(f"row 1: {error}")):
+            encode_rows(tok, [broken], 64, where="train.jsonl")
+    # Without <tools> offered, the tags are words: an answer that teaches the format stays text.
+    prose = [{"from": "human", "value": "How does Hermes call?"}, {"from": "gpt", "value": "<tool_call>{name}</tool_call>"}]
+    assert messages_of({"conversations": prose})[1] == {"role": "assistant", "content": prose[1]["value"]}
+    unclosed = {"conversations": [{"from": "system", "value": "Be brief. <tools> [{'name': 'f'}]"}, *turns[1:3]]}
+    with pytest.raises(InvalidTask, match=re.escape("row 1: a Hermes system's <tools> end with </tools>")):
+        encode_rows(tok, [unclosed], 64, where="train.jsonl")
+
+
+def test_xlam_rows_train_as_the_query_and_its_tool_calls_with_json_schema_tools(tiny_model, tmp_path):
+    """Salesforce's xlam-function-calling-60k: {query, tools, answers}, the tools and answers JSON text,
+    a tool's parameters {name: {type, description, default}} in Python's type names. They train as the
+    OpenAI row of the query and its calls, the tools with JSON Schema parameters (what vLLM and OpenAI
+    show a model); a build without a teacher keeps them whole, one with a teacher drops them, and one that
+    reads the query as a prompt column asks it."""
+    from llmfactory_runtime.batching import encode_rows
+    from llmfactory_runtime.data import messages_of, tools_of
+    from llmfactory_runtime.dataset.sources import Drops, collect
+    from llmfactory_runtime.task import InvalidTask
+
+    _, user, call, _, _ = TOOL_ROW["messages"]
+    function = call["tool_calls"][0]["function"]
+    tool = WEATHER[0]["function"]
+    row = {"id": 7, "query": user["content"], "answers": json.dumps([{"name": function["name"], "arguments": {"city": "Paris"}}]),
+           "tools": json.dumps([{"name": tool["name"], "description": tool["description"],
+                                 "parameters": {"city": {"type": "str"}}}])}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert tools_of(row) == WEATHER
+    assert messages_of(row) == [user, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": function}]}]
+    assert _learned_spans(tok, messages_of(row), 4096, tools=tools_of(row)) == \
+        ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n']
+    # Python's type names as JSON Schema's; optional where the type says so or a default is given.
+    typed = {**row, "tools": [{"name": "top_k", "parameters": {
+        "nums": {"description": "The numbers.", "type": "List[int]"}, "k": {"type": "int, optional"},
+        "order": {"type": "str", "default": "desc"}, "key": {"type": "Callable"}, "pairs": {"type": "Dict[str, Any]"}}}]}
+    assert tools_of(typed)[0]["function"]["parameters"] == {"type": "object", "required": ["nums", "key", "pairs"], "properties": {
+        "nums": {"type": "array", "items": {"type": "integer"}, "description": "The numbers."}, "k": {"type": "integer"},
+        "order": {"type": "string", "default": "desc"}, "key": {}, "pairs": {"type": "object"}}}
+    (tmp_path / "xlam.jsonl").write_text(json.dumps(row) + "\n")
+    [kept] = collect([{"uri": f"file://{tmp_path}/xlam.jsonl"}], Drops(), None, with_answers=True, whole_tools=True)
+    assert kept["whole"] == {"messages": messages_of(row), "tools": WEATHER} and kept["turns"] == [user["content"]]
+    drops = Drops()
+    assert list(collect([{"uri": f"file://{tmp_path}/xlam.jsonl", "fields": "xlam"}], drops)) == []
+    assert drops.counts == {"tool_calls": 1}
+    [asked] = collect([{"uri": f"file://{tmp_path}/xlam.jsonl", "fields": "prompt", "promptField": "query"}], Drops())
+    assert asked["turns"] == [user["content"]]
+    for answers, error in (("[]", "an xlam row's answers are the calls that answer its query, got none"),
+                           ("get_weather(city='Paris')", "an xlam row's answers are a JSON list of {name, arguments}")):
+        with pytest.raises(InvalidTask, match=re.escape(f"row 1: {error}")):
+            encode_rows(tok, [{**row, "answers": answers}], 64, where="train.jsonl")
+
+
+def test_a_conversation_rows_system_column_is_its_system_message(tiny_model):
+    """LLaMA-Factory's ShareGPT (and OpenAI) rows keep their system message in a system column: it comes
+    first, unless the conversation has its own; a DatasetBuild's teacher is given it too."""
+    from llmfactory_runtime.data import messages_of
+    from llmfactory_runtime.dataset.sources import _prompt
+
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+    row = {"system": "Answer as a pirate.", "conversations": turns}
+    assert messages_of(row) == [{"role": "system", "content": "Answer as a pirate."},
+                                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert messages_of({**row, "conversations": [{"from": "system", "value": "Be brief."}, *turns]})[0]["content"] == \
+        "Be brief."
+    assert messages_of({**row, "system": ""}) == messages_of({"conversations": turns})
+    assert _prompt(row, {}, "en")["system"] == "Answer as a pirate."
+    openai = {"system": "Answer as a pirate.", "messages": [{"role": "user", "content": "Hi"}]}
+    assert messages_of(openai)[0] == {"role": "system", "content": "Answer as a pirate."}
+    with pytest.raises(ValueError, match="a row's system is text, got"):
+        messages_of({**row, "system": ["Be brief."]})
 
 
 def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):

@@ -1,5 +1,5 @@
 """Dataset rows on disk: ChatML ({messages}) or ShareGPT ({conversations}), JSONL per split (and
-the layouts other datasets write: Alpaca's, TRL's prompt-completion, glaive's);
+the layouts other datasets write: Alpaca's, TRL's prompt-completion, glaive's, xlam's);
 raw text ({text}) for continued pre-training; preference pairs for DPO in OpenAI's or TRL's form;
 TRL's unpaired rows for KTO; and prompts with reference answers for GRPO."""
 
@@ -14,7 +14,9 @@ from typing import Any, Iterable, Iterator
 from .store import local_copy, open_store
 from .task import InvalidTask
 from .glaive import glaive_messages, glaive_tools, is_glaive
+from .hermes import hermes_messages, hermes_tools, is_hermes
 from .tool_calls import expected_calls, openai_call
+from .xlam import is_xlam, xlam_messages, xlam_tools
 
 SPLITS = ("train", "validation", "test")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -73,7 +75,7 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     chosen answer, and of an unpaired row (KTO), the prompt and its answer: what perplexity,
     calibration and supervised fine-tuning on such a dataset see. A raw-text row (text_of) has none."""
     if "messages" in row:
-        return [_message(m) for m in _listed(row["messages"], "messages", "{role, content}")]
+        return _with_system(row, [_message(m) for m in _listed(row["messages"], "messages", "{role, content}")])
     if "completion" in row:  # TRL's prompt-completion row (OpenAI's legacy one), or an unpaired row (KTO's)
         if "label" in row:  # checked: a label that is not true or false would have its answer learned
             [(prompt, answer, _)] = labelled_of(row)
@@ -84,10 +86,27 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
         return _alpaca(row)
     if is_glaive(row):
         return [_message(m) for m in glaive_messages(row)]
+    if is_xlam(row):
+        return [_message(m) for m in xlam_messages(row)]
     if "conversations" not in row:
         prompt, chosen, _ = preference_of(row)
         return prompt + chosen
-    return [_sharegpt_message(c) for c in _listed(row["conversations"], "conversations", "{from, value}", "value")]
+    return _with_system(row, [_sharegpt_message(c)
+                              for c in _listed(row["conversations"], "conversations", "{from, value}", "value")])
+
+
+def _with_system(row: dict[str, Any], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A conversation with Hermes' texts read as tool calls (hermes.py), and its row's system column first
+    (LLaMA-Factory's ShareGPT and OpenAI rows keep the system message there) where the conversation has
+    none of its own; a ValueError when it is not text."""
+    if is_hermes(next((m["content"] for m in messages if m["role"] == "system"), None)):
+        messages = [_message(m) for m in hermes_messages(messages)]
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"a row's system is text, got {str(system)[:80]!r}")
+    if not (system or "").strip() or any(m["role"] == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
 
 
 # LLaMA-Factory's ShareGPT tool turns: an assistant's calls as JSON, and a tool's result.
@@ -138,7 +157,7 @@ def content_text(content: Any) -> str:
     texts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        field = _TEXT_PARTS.get(kind)
+        field = _TEXT_PARTS.get(kind) if isinstance(kind, str) else None
         if field and isinstance(part.get(field), str):
             texts.append(part[field])
         else:
@@ -178,8 +197,12 @@ def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
     tools = row.get("tools")
     if tools is None and isinstance(row.get("functions"), list):  # OpenAI's legacy functions
         tools = [{"type": "function", "function": f} for f in row["functions"]]
-    if tools is None and is_glaive(row):  # glaive's: JSON objects after its system's words
+    if is_xlam(row):  # xlam's: their parameters written with Python's type names
+        tools = xlam_tools(row)
+    elif tools is None and is_glaive(row):  # glaive's: JSON objects after its system's words
         tools = glaive_tools(row)
+    elif tools is None:  # Hermes': between <tools> and </tools> in the system turn
+        tools = hermes_tools(system_turn(row))
     if tools is None:
         return None
     if isinstance(tools, str):  # JSON text, as Hugging Face datasets (and a DatasetBuild's Parquet) keep them
@@ -194,6 +217,15 @@ def tools_of(row: dict[str, Any]) -> list[dict[str, Any]] | None:
         raise ValueError(f"a row's tools are [{{type: function, function: {{name, description, parameters}}}}], "
                          f"got {str(tools)[:80]!r}")
     return tools or None
+
+
+def system_turn(row: dict[str, Any]) -> str | None:
+    """The text of a conversation's first system turn (ShareGPT's or OpenAI's), None without one."""
+    turns = row.get("conversations") if "messages" not in row else row["messages"]
+    key, name = ("value", "from") if "messages" not in row else ("content", "role")
+    text = next((t.get(key) for t in turns if isinstance(t, dict) and t.get(name) in ("system", "developer")),
+                None) if isinstance(turns, list) else None
+    return text if isinstance(text, str) else None
 
 
 def undesirable(row: dict[str, Any]) -> bool:

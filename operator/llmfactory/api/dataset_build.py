@@ -80,17 +80,21 @@ class Source(ApiModel):
     config_map: ConfigMapFile | None = Field(
         None, description="A file kept in a ConfigMap (up to 1 MiB), mounted into the pod. An edit to it is a new "
                           "run (noticed at the operator's next poll); locally, a ConfigMap among the applied manifests.")
-    fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca", "glaive", "preference"] = Field(
+    fields: Literal["auto", "prompt", "sharegpt", "openai", "alpaca", "glaive", "xlam", "preference"] = Field(
         "auto", description="How rows hold prompts: prompt (a text column, promptField), sharegpt "
                             "(conversations: [{from, value}]), openai (messages: [{role, content}]; a "
                             "function-calling row, with an assistant's tool_calls and role tool results beside "
                             "its tools (or its tools alone, none called), is kept whole by a build without a teacher that writes chatml and asks "
                             "no judge or pairs, through the answer filters and dedupe; any other build drops it "
-                            "as tool_calls, rather than rebuild its turns without the calls), alpaca "
+                            "as tool_calls, rather than rebuild its turns without the calls; so is a sharegpt or openai row in "
+                            "hermes-function-calling-v1's form, its functions in <tools> and calls in <tool_call> "
+                            "texts, read as tool calls), alpaca "
                             "(instruction, input, output, system; Dolly's context and response), glaive (glaive-function-calling-v2's system and chat texts, "
                             "read as the openai row they say the same as: the functions after the system's words "
                             "its tools, a <functioncall> an assistant's tool call, a FUNCTION RESPONSE a tool's "
-                            "result), preference (TRL's pairs: chosen and rejected, each messages "
+                            "result), xlam (Salesforce's xlam-function-calling-60k: {query, tools, answers}, read "
+                            "as the openai row of the query and its calls, the tools' parameters as JSON Schema; "
+                            "fields prompt with promptField query asks a teacher the queries instead), preference (TRL's pairs: chosen and rejected, each messages "
                             "or a text, after prompt, or else after what the chosen and rejected conversations "
                             "share, as UltraFeedback's; OpenAI's input.messages, preferred_output and "
                             "non_preferred_output; or Anthropic HH's transcripts, each turn after '\\n\\nHuman: ' or "
@@ -111,7 +115,8 @@ class Source(ApiModel):
         "it when the row has it, e.g. question for Intel/orca_dpo_pairs)."))
     system_field: str | None = Field(None, description=(
         "Column holding a system message, for rows whose conversation has none (e.g. OpenOrca's "
-        "system_prompt, Intel/orca_dpo_pairs' system); an empty one is none."))
+        "system_prompt, Intel/orca_dpo_pairs' system); an empty one is none. Unset: a conversation's (sharegpt, "
+        "openai) is read from a system column, as LLaMA-Factory's rows hold it."))
     system_prompt: str | None = Field(None, min_length=1, description=(
         "A system message for this source's rows that hold none (neither in their conversation nor in "
         "systemField), e.g. the answer format a GRPO grader's extract reads; it comes before "

@@ -1,6 +1,6 @@
 """Prompts from the sources of a DatasetBuild: inline lists, JSONL and Parquet files (in the
 store or a mounted ConfigMap), Hugging Face datasets; rows in prompt-column, ShareGPT,
-OpenAI-messages, Alpaca, glaive or preference-pair (TRL's prompt, chosen, rejected) shape, or documents
+OpenAI-messages, Alpaca, glaive, xlam or preference-pair (TRL's prompt, chosen, rejected) shape, or documents
 (format text: a text column).
 
 A prompt is {turns: [user messages], system, language, answers}: the teacher answers every turn of
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
-from .. import glaive
+from .. import glaive, hermes, xlam
 from ..data import (ROLES, SHAREGPT_TOOL_TURNS, alpaca_of, content_text, messages_of, preference_of,
-                    prompt_completion, tools_of, undesirable)
+                    prompt_completion, system_turn, tools_of, undesirable)
 from ..store import local_copy
 from ..task import InvalidTask
 
@@ -170,6 +170,8 @@ def _shape(row: dict[str, Any], fields: str) -> str:
         return "alpaca"
     if glaive.is_glaive(row):
         return "glaive"
+    if xlam.is_xlam(row):
+        return "xlam"
     return "prompt"
 
 
@@ -220,6 +222,8 @@ def _turns(row: dict[str, Any], shape: str, source: dict[str, Any]) -> tuple[lis
         return _conversation([(m["from"], m["value"]) for m in row["conversations"]])
     if shape == "glaive":
         return _conversation([(m["role"], m["content"]) for m in glaive.glaive_messages(row)])
+    if shape == "xlam":  # a row of xlam's layout is kept whole (_uses_tools): this one is not
+        raise ValueError("an xlam row is {query, tools, answers}")
     return _conversation([(m["role"], content_text(m["content"])) for m in row["messages"]])
 
 
@@ -268,7 +272,9 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool
         turns, system, answers = _conversation(items)
     else:
         turns, system, answers = _turns(row, shape, source)
-    system = system or _system(row, source.get("systemField")) or source.get("systemPrompt")
+    # LLaMA-Factory's conversations keep their system message in a system column
+    system_field = source.get("systemField") or ("system" if shape in ("sharegpt", "openai") else None)
+    system = system or _system(row, system_field) or source.get("systemPrompt")
     if not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise ValueError("no user text")
     if source.get("turns") == "first":
@@ -282,9 +288,10 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool
     return prompt
 
 
-def _uses_tools(row: Any) -> bool:
+def _uses_tools(row: Any, fields: str) -> bool:
     """A function-calling conversation (OpenAI's: an assistant's tool_calls or function_call, a tool's
-    result; LLaMA-Factory's ShareGPT function_call and observation turns; glaive's <functioncall>), or
+    result; LLaMA-Factory's ShareGPT function_call and observation turns; glaive's <functioncall>; Hermes'
+    <tools> in its system turn; xlam's answers, unless the source reads its query as a prompt column), or
     one that offers tools without calling them (its tools or functions; glaive's after its system): the
     answer that calls none is what it teaches then. A build that answers turn by turn in plain text would
     lose the calls or the tools, so it drops the row as tool_calls; one that keeps the sources' own
@@ -295,10 +302,13 @@ def _uses_tools(row: Any) -> bool:
     if (messages is not None or turns is not None) and (row.get("tools") not in (None, "", "[]", [])
                                                         or row.get("functions")):
         return True  # a conversation's; a prompt column's row is read as its prompt, as before
-    return (isinstance(messages, list) and any(
-        isinstance(m, dict) and (m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function"))
-        for m in messages)) or (isinstance(turns, list) and any(
-            isinstance(t, dict) and t.get("from") in SHAREGPT_TOOL_TURNS for t in turns)) or glaive.uses_tools(row)
+    listed = [t for t in (messages if isinstance(messages, list) else turns if isinstance(turns, list) else [])
+              if isinstance(t, dict)]
+    if any(t.get("tool_calls") or t.get("function_call") or t.get("role") in ("tool", "function")
+           or t.get("from") in SHAREGPT_TOOL_TURNS for t in listed):
+        return True
+    return (hermes.is_hermes(system_turn(row)) or glaive.uses_tools(row)
+            or (fields in ("auto", "xlam") and xlam.is_xlam(row)))
 
 
 def _whole(row: dict[str, Any], source: dict[str, Any], default_lang: str) -> dict[str, Any]:
@@ -378,7 +388,7 @@ def collect(sources: list[dict[str, Any]], drops: Drops, config_maps: dict[str, 
             read += 1
             try:  # the row as read is what a report shows; `moved`, what the readers read
                 moved = row if documents else _moved_conversation(row, source)
-                calls = not documents and _uses_tools(moved)
+                calls = not documents and _uses_tools(moved, source.get("fields", "auto"))
                 if calls and not whole_tools:  # a FineTune reads such rows whole, by dataset.uri
                     drops.add("tool_calls", row)
                     continue
