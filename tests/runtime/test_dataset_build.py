@@ -901,12 +901,29 @@ def test_function_calling_conversations_are_kept_whole_without_a_teacher_and_dro
     rows = [calls("Paris", "18 C in Paris."), calls("Oslo", "I'm sorry, but I can't help with that."),
             calls("Paris", "Sunny."), plain, uncalled]
     source = {"uri": jsonl_file(tmp_path / "rows.jsonl", rows), "language": "en", "systemPrompt": "Be brief."}
+    # The published corpora's forms, read as such rows: xlam's {query, tools, answers}, Hermes' <tool_call>s.
+    xlam = {"query": "Weather in Rome?", "answers": json.dumps([{"name": "get_weather", "arguments": {"city": "Rome"}}]),
+            "tools": json.dumps([{"name": "get_weather", "description": "The weather in a city.",
+                                  "parameters": {"city": {"type": "str"}}}])}
+    hermes = {"conversations": [
+        {"from": "system", "value": f"You call functions. <tools> {[t['function'] for t in WEATHER]!r} </tools>"},
+        {"from": "human", "value": "Weather in Lima?"},
+        {"from": "gpt", "value": "<tool_call>\n{'arguments': {'city': 'Lima'}, 'name': 'get_weather'}\n</tool_call>"}]}
+    corpora = {"uri": jsonl_file(tmp_path / "corpora.jsonl", [xlam, hermes]), "language": "en"}
     doc = manifest("http://unused", source, samplesPerLanguage=None, languageDetection=None,
                    split={"validation": 0.0, "test": 0.0})
+    doc["spec"]["sources"].append(corpora)
     del doc["spec"]["teacher"]
     _, result = run_in_process(tmp_path / "kept", doc)
-    assert result["dropped"] == {"refusal": 1, "duplicate_prompt": 1} and result["rows"]["train"] == 3
+    assert result["dropped"] == {"refusal": 1, "duplicate_prompt": 1} and result["rows"]["train"] == 5
     written = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+    calls = {row["messages"][-2]["content"]: row for row in written if row["messages"][-1].get("tool_calls")}
+    assert calls["Weather in Rome?"]["tools"] == calls["Weather in Lima?"]["tools"] == WEATHER
+    assert [row["messages"][-1]["tool_calls"] for row in (calls["Weather in Rome?"], calls["Weather in Lima?"])] == [
+        [{"type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]
+        for city in ("Rome", "Lima")]
+    assert calls["Weather in Lima?"]["messages"][0] == {"role": "system", "content": "You call functions."}
+    written = [row for row in written if row["messages"][-1].get("tool_calls") is None]
     [kept, offered] = sorted((row for row in written if "tools" in row), key=lambda row: len(row["messages"]), reverse=True)
     assert offered["messages"][1:] == uncalled["messages"] and offered["tools"] == WEATHER
     assert kept["tools"] == WEATHER and kept["language"] == "en"
@@ -915,7 +932,7 @@ def test_function_calling_conversations_are_kept_whole_without_a_teacher_and_dro
     # Rebuilt in plain text (sharegpt here; a teacher's build alike): dropped as tool_calls.
     doc["spec"]["format"] = "sharegpt"
     _, result = run_in_process(tmp_path / "rebuilt", doc)
-    assert result["dropped"] == {"tool_calls": 4} and result["rows"]["train"] == 1
+    assert result["dropped"] == {"tool_calls": 6} and result["rows"]["train"] == 1
     drops = Drops()
     assert [p["turns"] for p in collect([source], drops, with_answers=True)] == [["Hi!"]]
     assert drops.examples["tool_calls"][0].startswith('{"tools": [{"type": "function"')

@@ -916,6 +916,27 @@ def test_a_grpo_fine_tune_reads_a_dataset_builds_prompts_with_references_and_not
                                         r"chatml\), but objective grpo trains on prompts with reference answers for its "
                                         "grader: set spec.format graded there"):
         plan(parse(grpo), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
+    # A toolCalls grader reads a build's chatml conversations (function-calling rows kept whole), their calls
+    # the references; not its ShareGPT rows, which hold none. A Benchmark's reward.dataset alike.
+    calls = copy.deepcopy(grpo)
+    calls["spec"]["grpo"]["grader"] = {"operation": "toolCalls"}
+    assert plan(parse(calls), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)["inputs"]["dataset"]["uri"] == \
+        DATA_RESULT["uri"]
+    sharegpt = {("DatasetBuild", "data"): {**DATA_RESULT, "format": "sharegpt"}}
+    with pytest.raises(PlanError, match=r"spec.dataset.datasetBuildRef: writes ShareGPT rows, which hold no tool calls "
+                                        "for grader toolCalls to compare with .*: set spec.format chatml there"):
+        plan(parse(calls), lookup(sharegpt), STORE)
+    bench = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "b"}, "spec": {
+        "model": {"source": {"huggingface": "org/m"}}, "reward": {"dataset": {"datasetBuildRef": {"name": "data"}},
+                                                      "grader": {"operation": "toolCalls"}}}}
+    assert plan(parse(bench), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)["inputs"]["rewardDataset"][
+        "format"] == "chatml"
+    with pytest.raises(PlanError, match="spec.reward.dataset.datasetBuildRef: writes ShareGPT rows"):
+        plan(parse(bench), lookup(sharegpt), STORE)
+    bench["spec"]["reward"]["grader"] = {"operation": "number"}
+    with pytest.raises(PlanError, match=r"spec.reward.dataset.datasetBuildRef: DatasetBuild data writes conversations "
+                                        r"\(format chatml\), but spec.reward grades answers to prompts with reference"):
+        plan(parse(bench), lookup({("DatasetBuild", "data"): DATA_RESULT}), STORE)
     grpo["spec"]["grpo"]["grader"] = {"operation": "sum", "parts": [
         {"name": "format", "operation": "python", "source": "def grade(sample, item):\n    return 1.0\n"},
         {"name": "correct", "operation": "number", "referenceField": "answer"}]}

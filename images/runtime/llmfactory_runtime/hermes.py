@@ -1,10 +1,11 @@
 """Conversations in the form of Nous Research's hermes-function-calling-v1 (its ShareGPT rows, or
-OpenAI messages converted from them): the functions written in the system turn between <tools> and </tools>, an assistant's calls in <tool_call> blocks and a tool turn's results
-in <tool_response> blocks, each a Python literal ({'arguments': {...}, 'name': ...}: single quotes).
-Read as plain text, a model learns to write calls in single quotes, which no JSON parser (vLLM's
-hermes one, a Benchmark's toolCalls) reads back, and the results' tags twice (the chat template
-writes its own). So they are read as the OpenAI tool-calling row they say the same as: the functions
-its tools, the calls tool_calls, the results tool messages as JSON."""
+OpenAI messages converted from them): the functions written in the system turn between <tools> and
+</tools>, an assistant's calls in <tool_call> blocks and a tool turn's results in <tool_response>
+blocks, each a Python literal ({'arguments': {...}, 'name': ...}: single quotes). Read as plain text,
+a model learns to write calls in single quotes, which no JSON parser (vLLM's hermes one, a
+Benchmark's toolCalls) reads back, and the results' tags twice (the chat template writes its own).
+So they are read as the OpenAI tool-calling row they say the same as: the functions its tools, the
+calls tool_calls, the results tool messages as JSON."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ _RESPONSE = re.compile(r"<tool_response>(.*?)</tool_response>", re.DOTALL)
 
 
 def is_hermes(system: Any) -> bool:
-    """Whether a conversation whose system message (its text, or None) this is is in Hermes' form: the
-    system offers <tools>. Only then are <tool_call> and <tool_response> texts read as calls and results
+    """Whether a conversation is in Hermes' form, by its system message (text, or None): one that offers
+    <tools>. Only then are <tool_call> and <tool_response> texts read as calls and results
     (an answer that shows those tags in prose, teaching the format, stays text)."""
     return isinstance(system, str) and "<tools>" in system
 

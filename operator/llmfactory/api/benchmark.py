@@ -144,7 +144,7 @@ class Reward(ApiModel):
     dataset: DatasetInput | None = Field(None, description=(
         "Prompts with reference answers ({messages} ending with a user turn, or {prompt}, beside "
         "grader.referenceField; for operation toolCalls, conversations ending with the assistant's turn, as a "
-        "FineTune's tool-calling rows); defaults to the FineTune's dataset, when it trained with objective grpo "
+        "FineTune's tool-calling rows, or a DatasetBuild's of format chatml); defaults to the FineTune's dataset, when it trained with objective grpo "
         "(the model a fineTuneRef, or a quantizationRef of such a FineTune), or, with grader toolCalls, when it "
         "trained on conversations (dataset.uri, or a DatasetBuild's of format chatml; split says which split)."))
     split: Literal["train", "validation", "test"] = Field("test", description="Which split's prompts to answer.")

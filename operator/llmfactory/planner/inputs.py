@@ -80,13 +80,32 @@ OBJECTIVE_READS = {
 }
 
 
+def _graded(reads: tuple[str, ...], grader) -> tuple[str, ...]:
+    """What a grader's prompts may be read from: `reads`, and for a grader of tool calls alone, conversations
+    too (a DatasetBuild's chatml keeps function-calling rows whole): their calling turns are the prompts,
+    their calls the references."""
+    return (*reads, "conversations") if grades_tool_calls(grader) else reads
+
+
+def _check_calls_kept(res: Resource, path: str, dataset: dict[str, Any], grader) -> None:
+    """A grader of tool calls reads them in conversations a DatasetBuild kept whole, which only chatml
+    writes: its ShareGPT rows hold none."""
+    if dataset["format"] == "sharegpt" and grades_tool_calls(grader):
+        raise PlanError(res.ref, f"{path}.datasetBuildRef", "writes ShareGPT rows, which hold no tool calls for grader "
+                        "toolCalls to compare with (a build keeps function-calling rows whole only in chatml): set "
+                        "spec.format chatml there")
+
+
 def _fine_tune_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     objective, built = res.spec.objective, res.spec.dataset.dataset_build_ref
     reads, use, elsewhere = OBJECTIVE_READS[objective]
+    if objective == "grpo":
+        reads = _graded(reads, res.spec.grpo.grader)
     dataset = _dataset(res, res.spec.dataset, upstream, "spec.dataset", reads, f"objective {objective} {use}",
                        elsewhere)
     if objective == "grpo":
         check_built_references(res, "spec.grpo.grader", res.spec.grpo.grader, dataset)
+        _check_calls_kept(res, "spec.dataset", dataset, res.spec.grpo.grader)
         # A build measured pass rates where its result says what difficulty's sampling asked.
         if res.spec.grpo.prompt_order == "easyFirst" and built and "difficultyUsage" not in upstream[
                 "spec.dataset.datasetBuildRef"]:
@@ -245,11 +264,12 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
             check_engine(res, "spec.reward.engine", spec.reward.engine, source)
         if spec.reward.dataset:
             inputs["rewardDataset"] = _dataset(res, spec.reward.dataset, upstream, "spec.reward.dataset",
-                                               ("prompts with reference answers",),
+                                               _graded(("prompts with reference answers",), spec.reward.grader),
                                                "spec.reward grades answers to prompts with reference answers",
                                                "such rows ({messages} ending with a user turn, beside "
                                                "reward.grader.referenceField)")
             check_built_references(res, "spec.reward.grader", spec.reward.grader, inputs["rewardDataset"])
+            _check_calls_kept(res, "spec.reward.dataset", inputs["rewardDataset"], spec.reward.grader)
         elif trained_on and trained_on["format"] == "graded":
             held = trained_on.get("referenceFields")
             if held is not None:
