@@ -387,7 +387,7 @@ def test_hermes_function_calling_rows_train_as_tool_calling_rows_with_json_calls
     literals. Read as text, the model would learn calls in single quotes that no JSON parser reads back
     (and the results' tags twice); they train as the OpenAI row they say the same as."""
     from llmfactory_runtime.batching import encode_rows
-    from llmfactory_runtime.data import messages_of
+    from llmfactory_runtime.data import messages_of, tools_of
     from llmfactory_runtime.dataset.sources import Drops, collect
     from llmfactory_runtime.task import InvalidTask
 
@@ -425,9 +425,12 @@ def test_hermes_function_calling_rows_train_as_tool_calling_rows_with_json_calls
     # Without <tools> offered, the tags are words: an answer that teaches the format stays text.
     prose = [{"from": "human", "value": "How does Hermes call?"}, {"from": "gpt", "value": "<tool_call>{name}</tool_call>"}]
     assert messages_of({"conversations": prose})[1] == {"role": "assistant", "content": prose[1]["value"]}
-    unclosed = {"conversations": [{"from": "system", "value": "Be brief. <tools> [{'name': 'f'}]"}, *turns[1:3]]}
-    with pytest.raises(InvalidTask, match=re.escape("row 1: a Hermes system's <tools> end with </tools>")):
-        encode_rows(tok, [unclosed], 64, where="train.jsonl")
+    # Hermes' own system prompt names the tags before its block ("within <tools> </tools> XML tags").
+    hermes_prompt = ("You are a function calling AI model. You are provided with function signatures within <tools> "
+                     "</tools> XML tags. You may call one or more functions to assist with the user query.")
+    own = {"conversations": [{**turns[0], "value": turns[0]["value"].replace(system["content"], hermes_prompt)},
+                             *turns[1:]]}
+    assert tools_of(own) == tools_of(TOOL_ROW) and messages_of(own)[0] == {"role": "system", "content": hermes_prompt}
 
 
 def test_xlam_rows_train_as_the_query_and_its_tool_calls_with_json_schema_tools(tiny_model, tmp_path):

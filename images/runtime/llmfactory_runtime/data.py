@@ -75,7 +75,7 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     chosen answer, and of an unpaired row (KTO), the prompt and its answer: what perplexity,
     calibration and supervised fine-tuning on such a dataset see. A raw-text row (text_of) has none."""
     if "messages" in row:
-        return _with_system(row, [_message(m) for m in _listed(row["messages"], "messages", "{role, content}")])
+        return _as_written(row, [_message(m) for m in _listed(row["messages"], "messages", "{role, content}")])
     if "completion" in row:  # TRL's prompt-completion row (OpenAI's legacy one), or an unpaired row (KTO's)
         if "label" in row:  # checked: a label that is not true or false would have its answer learned
             [(prompt, answer, _)] = labelled_of(row)
@@ -91,14 +91,14 @@ def messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
     if "conversations" not in row:
         prompt, chosen, _ = preference_of(row)
         return prompt + chosen
-    return _with_system(row, [_sharegpt_message(c)
-                              for c in _listed(row["conversations"], "conversations", "{from, value}", "value")])
+    return _as_written(row, [_sharegpt_message(c)
+                             for c in _listed(row["conversations"], "conversations", "{from, value}", "value")])
 
 
-def _with_system(row: dict[str, Any], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A conversation with Hermes' texts read as tool calls (hermes.py), and its row's system column first
-    (LLaMA-Factory's ShareGPT and OpenAI rows keep the system message there) where the conversation has
-    none of its own; a ValueError when it is not text."""
+def _as_written(row: dict[str, Any], messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A conversation's messages as the row means them: Hermes' texts read as tool calls (hermes.py), and
+    the row's system column first (LLaMA-Factory's ShareGPT and OpenAI rows keep the system message
+    there) where the conversation has none of its own; a ValueError when that is not text."""
     if is_hermes(next((m["content"] for m in messages if m["role"] == "system"), None)):
         messages = [_message(m) for m in hermes_messages(messages)]
     system = row.get("system")

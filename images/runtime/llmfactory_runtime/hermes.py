@@ -21,11 +21,17 @@ _CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 _RESPONSE = re.compile(r"<tool_response>(.*?)</tool_response>", re.DOTALL)
 
 
+def _tools_block(system: Any) -> re.Match | None:
+    """The system message's <tools> block that holds the functions: the first with anything inside (the
+    words before it may name the tags: 'signatures within <tools></tools> XML tags')."""
+    return next((m for m in _TOOLS.finditer(system) if m[1].strip()), None) if isinstance(system, str) else None
+
+
 def is_hermes(system: Any) -> bool:
     """Whether a conversation is in Hermes' form, by its system message (text, or None): one that offers
-    <tools>. Only then are <tool_call> and <tool_response> texts read as calls and results
-    (an answer that shows those tags in prose, teaching the format, stays text)."""
-    return isinstance(system, str) and "<tools>" in system
+    functions in a <tools> block. Only then are <tool_call> and <tool_response> texts read as calls and
+    results (an answer that shows those tags in prose, teaching the format, stays text)."""
+    return _tools_block(system) is not None
 
 
 def literal(text: str, what: str) -> Any:
@@ -42,12 +48,8 @@ def literal(text: str, what: str) -> Any:
 
 
 def hermes_tools(system: str | None) -> list[dict[str, Any]] | None:
-    """The functions a system message offers between <tools> and </tools>, as OpenAI's tools (None
-    without any)."""
-    found = _TOOLS.search(system or "")
-    if not found and "<tools>" in (system or ""):
-        raise ValueError(f"a Hermes system's <tools> end with </tools>, got {system[system.index('<tools>'):][:80]!r}")
-    if not found:
+    """The functions a system message offers in its <tools> block, as OpenAI's tools (None without any)."""
+    if (found := _tools_block(system)) is None:
         return None
     tools = literal(found[1], "a Hermes system's <tools>")
     tools = tools if isinstance(tools, list) else [tools]
@@ -64,8 +66,8 @@ def hermes_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     read = []
     for m in messages:
         role, text = m["role"], m["content"]
-        if role == "system" and "<tools>" in text:
-            words = text.split("<tools>", 1)[0].strip()
+        if role == "system" and (found := _tools_block(text)):
+            words = text[:found.start()].strip()
             read += [{**m, "content": words}] if words else []
         elif role == "assistant" and "<tool_call>" in text:
             calls = [literal(block, "a Hermes <tool_call>") for block in _CALL.findall(text)]
