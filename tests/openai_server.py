@@ -42,7 +42,7 @@ def letter_counts(text: str) -> list[float]:
 
 @dataclass
 class OpenAIServer:
-    """`reply(request)` -> {text, finish_reason?} or {status, headers?, error?} for a failure;
+    """`reply(request)` -> {text, finish_reason?, reasoning?} or {status, headers?, error?} for a failure;
     `delay` (seconds) holds the answer back."""
 
     reply: Callable[[Request], dict[str, Any]] = default_reply
@@ -75,12 +75,17 @@ class OpenAIServer:
                 req.status = out["status"]
                 return web.json_response({"error": {"message": out.get("error", "scripted failure")}},
                                          status=out["status"], headers=out.get("headers"))
+            if any("reasoning_content" in m for m in req.messages):  # as DeepSeek's API refuses it
+                req.status = 400
+                return web.json_response({"error": {"message": "reasoning_content is not allowed in the input "
+                                                               "messages"}}, status=400)
             req.status = 200
             text = out["text"]
             req.billed = (sum(len(m["content"]) for m in req.messages) // 4 + 1, len(text.split()))
             response = web.json_response({
                 "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, **(
+                                 {"reasoning_content": out["reasoning"]} if out.get("reasoning") else {})},
                              "finish_reason": out.get("finish_reason", "stop")}],
                 "usage": {"prompt_tokens": req.billed[0], "completion_tokens": req.billed[1],
                           "total_tokens": sum(req.billed)}})

@@ -279,6 +279,7 @@ def test_openai_content_parts_are_read_as_their_text(tiny_model, tmp_path):
     ({"role": "assistant", "content": "Hi", "weight": 0.5}, "a message's weight is 0 (not learned) or 1"),
     ({"role": "user", "content": "Hi", "tool_calls": []}, "only assistant messages make tool calls"),
     ({"role": "user", "content": [{"type": {"text": "Hi"}}]}, "a message's content parts are text"),
+    ({"role": "user", "content": "Hi", "reasoning_content": "Hm."}, "a message's reasoning is text, on assistant messages only"),
     ({"role": "bot", "content": "Hi"}, "a message's role is one of system, developer, user, human, assistant, gpt, "
                                        "tool, function, got 'bot'"),
     ({"content": "Hi"}, "a row's messages are a list of {role, content} messages"),
@@ -495,6 +496,28 @@ def test_a_conversation_rows_system_column_is_its_system_message(tiny_model):
     assert messages_of(openai)[0] == {"role": "system", "content": "Answer as a pirate."}
     with pytest.raises(ValueError, match="a row's system is text, got"):
         messages_of({**row, "system": ["Be brief."]})
+
+
+def test_an_answers_reasoning_is_learned_where_the_template_writes_it_or_in_think_tags(tiny_model):
+    """Rows that keep an assistant's reasoning apart from its answer (vLLM's, DeepSeek's and Qwen3's
+    reasoning_content, gpt-oss' thinking, OpenRouter's reasoning): a template that reads it (Qwen3's,
+    gpt-oss') is given it; one that does not (ChatML here, Llama 3's) gets it in <think> tags before the
+    answer, as DeepSeek-R1's distilled models write it. Either way it is learned with the answer."""
+    from llmfactory_runtime.chat import use_template
+    from llmfactory_runtime.data import messages_of
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for field in ("reasoning_content", "reasoning", "thinking"):
+        row = {"messages": [{"role": "user", "content": "2+2?"},
+                            {"role": "assistant", "content": "4", field: " Two and two make four. "}]}
+        assert messages_of(row)[1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
+        assert _learned_spans(tok, messages_of(row)) == ["<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>\n"]
+    # gpt-oss' template reads `thinking`, Qwen3's `reasoning_content`: either is given it, once.
+    for field in ("thinking", "reasoning_content"):
+        use_template(tok, "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m." + field + " %}[{{ m." + field +
+                     " }}] {% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", ("<|im_start|>", "<|im_end|>"))
+        assert _learned_spans(tok, messages_of(row)) == ["[Two and two make four.] 4<|im_end|>\n"]
 
 
 def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):

@@ -150,6 +150,50 @@ def test_openai_teacher_builds_a_multilingual_multi_turn_dataset(tmp_path, opena
     assert again["teacherUsage"]["cached"] == 9 and again["rowsPerLanguage"] == result["rowsPerLanguage"]
 
 
+def test_a_reasoning_teachers_thoughts_are_kept_with_its_answers_and_never_sent_back(tmp_path, openai_server,
+                                                                                    monkeypatch):
+    """A reasoning model's API returns its chain of thought apart from the answer (DeepSeek's and vLLM's
+    reasoning_content): the build writes it with each answer (chatml: the assistant message's
+    reasoning_content; sharegpt: in <think> tags before the answer), never sends it back with a later turn
+    (DeepSeek's API refuses that, and the fixture does too) and caches it with the answer: teacher.reasoning
+    drop writes the answers alone and asks nothing again. A build without a teacher keeps its sources'
+    reasoning (gpt-oss' thinking here) as it keeps their answers."""
+    openai_server.reply = lambda r: {"text": f"Answer: {r.last_user}", "reasoning": f"Thinking of {r.last_user}"}
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
+    turns = [{"from": "human", "value": "What is a hash map?"}, {"from": "gpt", "value": "old"},
+             {"from": "human", "value": "And a collision?"}]
+    source = {"uri": jsonl_file(tmp_path / "prompts.jsonl", [{"conversations": turns}]), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None,
+                   split={"validation": 0.0, "test": 0.0})
+
+    def written(spec: dict) -> dict:  # each build's own prefix; one answer cache
+        _, result = run_in_process(tmp_path, {**doc, "spec": {**doc["spec"], **spec}})
+        [row] = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+        return row
+
+    said = [{"role": "assistant", "content": f"Answer: {q}", "reasoning_content": f"Thinking of {q}"}
+            for q in ("What is a hash map?", "And a collision?")]
+    assert written({})["messages"] == [{"role": "user", "content": "What is a hash map?"}, said[0],
+                                               {"role": "user", "content": "And a collision?"}, said[1]]
+    assert [r.status for r in openai_server.requests] == [200, 200]
+    assert openai_server.requests[1].messages[1] == {"role": "assistant", "content": "Answer: What is a hash map?"}
+    assert written({"format": "sharegpt"})["conversations"][1]["value"] == \
+        "<think>\nThinking of What is a hash map?\n</think>\n\nAnswer: What is a hash map?"
+    teacher = {**doc["spec"]["teacher"], "reasoning": "drop"}
+    assert written({"teacher": teacher})["messages"][1] == {"role": "assistant",
+                                                                    "content": "Answer: What is a hash map?"}
+    assert len(openai_server.requests) == 2  # the answers and their reasoning come from the cache
+    given = {"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4", "thinking": "Two and two make four."}]}
+    source = {"uri": jsonl_file(tmp_path / "given.jsonl", [given]), "language": "en"}
+    no_teacher = manifest("http://unused", source, samplesPerLanguage=None, languageDetection=None,
+                          split={"validation": 0.0, "test": 0.0})
+    del no_teacher["spec"]["teacher"]
+    _, result = run_in_process(tmp_path / "given", no_teacher)
+    [row] = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+    assert row["messages"][1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
+
+
 @pytest.mark.parametrize("group_rows, group_bytes, groups", [(2, 2**20, 3), (1000, 1, 5)])
 def test_a_splits_parquet_holds_every_rows_fields_whichever_row_group_they_first_appear_in(
         tmp_path, monkeypatch, group_rows, group_bytes, groups):

@@ -114,6 +114,8 @@ BAD = [
                   "kto": {"desirableWeight": 0}}, "violates minimum"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "grpo": {"generations": 4}},
      "grpo settings apply only to objective grpo"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL, "reasoning": "drop"}},
+     "reasoning drop applies to an openai teacher, whose API returns the reasoning apart from the answer"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "referencePattern": "#### (.+)"},
      "referencePattern takes the reference out of each answer for format graded: set format graded"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "difficulty": {

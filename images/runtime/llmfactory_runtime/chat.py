@@ -118,6 +118,45 @@ def end_of_turn(tokenizer) -> int | None:
     return max(ends)[1] if ends else None
 
 
+# An assistant message's reasoning (its chain of thought) as rows hold it: vLLM's, DeepSeek's and Qwen3's
+# name, which data._message gives the others (gpt-oss' thinking, OpenRouter's reasoning).
+REASONING_KEY = "reasoning_content"
+# Where a message's reasoning is written: the field a template reads it from, Qwen3's
+# reasoning_content and gpt-oss's thinking, or else before the answer in <think> tags, as DeepSeek-R1's
+# distilled models and the datasets of inline traces (OpenThoughts) write it.
+_PROBE = "\u2063probe\u2063"
+_writes_reasoning: dict[str, bool] = {}  # by template text
+
+
+def writes_reasoning(tokenizer) -> bool:
+    """Whether the tokenizer's chat template writes an assistant message's reasoning field."""
+    template = str(tokenizer.chat_template)
+    if template not in _writes_reasoning:
+        try:
+            text = tokenizer.apply_chat_template([_SAMPLE[0], {**_SAMPLE[1], REASONING_KEY: _PROBE, "thinking": _PROBE}],
+                                                 tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that cannot render this writes nothing of it
+            text = ""
+        _writes_reasoning[template] = _PROBE in text
+    return _writes_reasoning[template]
+
+
+def thought_and_said(message: dict[str, Any]) -> str:
+    """The message's content, after its reasoning in <think> tags where it has any."""
+    reasoning = message.get(REASONING_KEY)
+    return f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}" if reasoning else message["content"]
+
+
+def _reasoned(message: dict[str, Any], in_field: bool) -> dict[str, Any]:
+    """An assistant message's reasoning where the template writes it: in both fields templates read, or
+    in <think> tags before its content."""
+    if not message.get(REASONING_KEY):
+        return message
+    if in_field:
+        return {**message, "thinking": message[REASONING_KEY]}
+    return {**{k: v for k, v in message.items() if k != REASONING_KEY}, "content": thought_and_said(message)}
+
+
 def _for_template(message: dict[str, Any]) -> dict[str, Any]:
     """The message as chat templates read it: a tool call's arguments as an object, not OpenAI's JSON
     text, as vLLM's server hands them to a template (Qwen2.5's and Hermes' write them with tojson), so
@@ -154,6 +193,9 @@ def apply_template(tokenizer, messages: list[dict[str, Any]], tools: list[dict] 
 
     try:
         offered = {"tools": tools} if tools else {}
+        if any(m.get(REASONING_KEY) for m in messages):
+            in_field = writes_reasoning(tokenizer)
+            messages = [_reasoned(m, in_field) for m in messages]
         return tokenizer.apply_chat_template([_for_template(m) for m in messages], **offered, **kwargs)
     except TemplateError as exc:
         roles = ", ".join(m["role"] for m in messages)

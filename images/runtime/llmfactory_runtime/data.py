@@ -11,6 +11,7 @@ import math
 import re
 from typing import Any, Iterable, Iterator
 
+from .chat import REASONING_KEY, thought_and_said
 from .store import local_copy, open_store
 from .task import InvalidTask
 from .glaive import glaive_messages, glaive_tools, is_glaive
@@ -34,10 +35,19 @@ def role_of(name: Any) -> str:
 
 
 def to_row(messages: list[dict[str, str]], fmt: str, **extra: Any) -> dict[str, Any]:
+    """A conversation as a row of the format: OpenAI's messages (an answer's reasoning in REASONING_KEY),
+    or ShareGPT's turns, which have no field for it: there in <think> tags before the answer."""
     if fmt == "sharegpt":
-        return {"conversations": [{"from": _SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in messages],
+        return {"conversations": [{"from": _SHAREGPT_ROLE[m["role"]], "value": thought_and_said(m)} for m in messages],
                 **extra}
     return {"messages": messages, **extra}
+
+
+def without_reasoning(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with its answers' reasoning left out: as a model is asked it (DeepSeek's API
+    refuses reasoning in a request, and a model is not shown earlier thoughts), and as its answers are
+    cached by; a preference pair's or a graded prompt's messages."""
+    return [{k: v for k, v in m.items() if k != REASONING_KEY} if REASONING_KEY in m else m for m in messages]
 
 
 def preference_row(messages: list[dict[str, str]], rejected: str, **extra: Any) -> dict[str, Any]:
@@ -138,6 +148,9 @@ def _listed(messages: Any, field: str, shape: str, needs: str = "role") -> list[
 # What an OpenAI chat row's message may hold beside role and content: an assistant's tool calls, a tool
 # result's call id, a name, and an assistant message's weight (0: not learned, as OpenAI's fine-tuning reads it).
 _MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "weight")
+# Where rows keep an assistant's reasoning apart from its answer: vLLM's, DeepSeek's and Qwen3's field,
+# OpenRouter's, and gpt-oss' (HuggingFaceH4/Multilingual-Thinking); templates are given it (chat._reasoned).
+REASONING_FIELDS = (REASONING_KEY, "reasoning", "thinking")
 
 
 # The content parts that hold text, and the field that holds it: Chat Completions' (text, an assistant's
@@ -173,6 +186,12 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
     ValueError says what is wrong with it."""
     kept = {"role": role_of(m["role"]), "content": content_text(m.get("content")),
             **{k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}}
+    reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
+    if reasoning is not None and (not isinstance(reasoning, str) or kept["role"] != "assistant"):
+        raise ValueError(f"a message's reasoning is text, on assistant messages only, got {str(reasoning)[:80]!r} "
+                         f"on a {m['role']} message")
+    if reasoning and reasoning.strip():
+        kept[REASONING_KEY] = reasoning.strip()
     if "tool_calls" not in kept and m.get("function_call") is not None:  # OpenAI's legacy function calling
         kept["tool_calls"] = [openai_call(m["function_call"])]
     if "weight" in kept and (m["weight"] not in (0, 1) or isinstance(m["weight"], bool) or kept["role"] != "assistant"):

@@ -45,6 +45,9 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    # A reasoning model's chain of thought, apart from its answer: DeepSeek's and vLLM's (a
+    # --reasoning-parser) reasoning_content, OpenRouter's and newer vLLM's reasoning.
+    reasoning: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -224,6 +227,8 @@ class ChatClient:
             # Stripped: the chat template sets the whitespace around a turn, not the answer (the
             # transformers engine's are stripped too: generate.to_generation).
             text = (choice["message"].get("content") or "").strip()
+            reasoning = next((r.strip() for r in (choice["message"].get("reasoning_content"),
+                                                  choice["message"].get("reasoning")) if isinstance(r, str)), None)
         except (KeyError, IndexError, TypeError, AttributeError):
             raise EndpointError(f"{self.endpoint.get('baseUrl')}: not a chat completion: {str(data)[:200]}") from None
         usage = data.get("usage") or {}
@@ -232,7 +237,7 @@ class ChatClient:
             self.tokens.take(prompt + completion - reserved)
         if self.usage:
             self.usage.billed(prompt, completion)
-        return Completion(text, choice.get("finish_reason") or "stop", prompt, completion)
+        return Completion(text, choice.get("finish_reason") or "stop", prompt, completion, reasoning or None)
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -156,6 +156,9 @@ class Teacher(ApiModel):
          "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
         {"rule": "self.samples == 1 || self.temperature > 0",
          "message": "samples above 1 need temperature above 0: greedy decoding writes the same answer every time"},
+        {"rule": "self.reasoning == 'keep' || has(self.openai)",
+         "message": "reasoning drop applies to an openai teacher, whose API returns the reasoning apart from the "
+                    "answer; a local teacher's answer is its text as generated"},
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible chat-completions endpoint.")
@@ -172,6 +175,15 @@ class Teacher(ApiModel):
         "above 0 and filters.judge): the judge rates every answer the filters keep and the conversation goes "
         "on with the best-rated one, dropped when even that rates below minScore. Each is cached: a build "
         "with more samples asks only for the new ones."))
+    reasoning: Literal["keep", "drop"] = Field("keep", description=(
+        "A reasoning model's chain of thought, which its API returns apart from the answer (DeepSeek's and "
+        "vLLM's reasoning_content, OpenRouter's reasoning): keep writes it with each answer, for a student that "
+        "learns to reason (chatml: the assistant message's reasoning_content, which a FineTune gives a template "
+        "that reads it, Qwen3's or gpt-oss', and writes in <think> tags before the answer for any other; "
+        "sharegpt: in <think> tags); drop keeps the answers alone. It is cached with the answer either way: "
+        "switching asks nothing again. The filters and judge read the answer (maxAnswerTokens counts the "
+        "teacher's completion tokens, its reasoning's among them); preference pairs and graded prompts hold "
+        "answers alone. A local teacher's answer is its text as generated."))
 
 
 class LanguageDetection(ApiModel):

@@ -19,7 +19,7 @@ from collections import Counter
 from typing import Any
 
 from .. import DATASET_BUILD_ENDPOINTS, at_path
-from ..data import SPLITS, preference_row, to_row
+from ..data import SPLITS, preference_row, to_row, without_reasoning
 from ..grader import api_usage, last_match
 from ..usage import Usage
 from ..progress import Progress
@@ -376,11 +376,13 @@ def _with_references(rows: list[dict], pattern: str | None, drops: Drops) -> lis
 def _rendered(row: dict, fmt: str) -> dict[str, Any]:
     """A kept conversation as a row of the dataset's format: a preference pair, a prompt with its
     reference (graded: the conversation up to its last user turn), or the conversation."""
-    if fmt == "preference":
-        return preference_row(row["messages"], row["rejected"], language=row["language"], **_scores(row))
+    if fmt == "preference":  # answers alone: the rejected side has no reasoning to weigh against
+        return preference_row(without_reasoning(row["messages"]), row["rejected"], language=row["language"],
+                              **_scores(row))
     if fmt == "graded":
         rate = {"pass_rate": row["passRate"]} if "passRate" in row else {}
-        return to_row(row["messages"][:-1], "chatml", reference=row["reference"], **rate, language=row["language"])
+        return to_row(without_reasoning(row["messages"][:-1]), "chatml", reference=row["reference"], **rate,
+                      language=row["language"])
     return to_row(row["messages"], fmt, language=row["language"], **({"tools": row["tools"]} if "tools" in row else {}))
 
 

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from .. import usage as usage_module
 from ..answer_cache import AnswerCache
+from ..chat import REASONING_KEY
+from ..data import without_reasoning
 from ..openai_client import REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, Completion, EndpointError, api_key
 from ..progress import Progress
 from .answer_judge import AnswerJudge
@@ -77,7 +79,7 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
                                               teacher.get("temperature", 0.0), **params)
                     answer = {"text": c.text, "tokens": tokens(c), "promptTokens": c.prompt_tokens,
-                              "finished": c.finished}
+                              "finished": c.finished, **({"reasoning": c.reasoning} if c.reasoning else {})}
                 except EndpointError as exc:
                     if exc.status not in PER_ROW_STATUSES:
                         raise
@@ -175,8 +177,9 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
         ask = _local_backend(teacher, model_input, cache, usage, on_answer)
 
     def answers_to(asking: list[dict[str, Any]], turn: int) -> list[list[dict[str, Any]]]:
-        keys = [[AnswerCache.key(c["messages"], k) for k in range(samples)] for c in asking]
-        todo = [(key, list(c["messages"]), k) for c, row in zip(asking, keys) for k, key in enumerate(row)
+        asked = [without_reasoning(c["messages"]) for c in asking]
+        keys = [[AnswerCache.key(messages, k) for k in range(samples)] for messages in asked]
+        todo = [(key, messages, k) for messages, row in zip(asked, keys) for k, key in enumerate(row)
                 if cache.get(key) is None]
         usage.cached += len(asking) * samples - len(todo)
         done[0] += len(asking) * samples - len(todo)
@@ -188,7 +191,7 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
 
     try:
         kept = converse(prompts, teacher.get("systemPrompt"), answers_to, keep, drops, progress, judge, samples,
-                        report)
+                        report, teacher.get("reasoning", "keep") == "keep")
     finally:
         stack.close()
         cache.compact()
@@ -220,7 +223,9 @@ def keep_given(prompts: list[dict[str, Any]], keep: AnswerFilter, drops: Drops, 
         texts = [c["prompt"]["answers"][turn] for c in asking]
         tokens = count_tokens(texts) if count_tokens else [0] * len(texts)
         done[0] += len(asking)
-        return [[{"text": text, "tokens": n, "finished": True}] for text, n in zip(texts, tokens)]
+        thoughts = [c["prompt"]["reasoning"][turn] if c["prompt"].get("reasoning") else None for c in asking]
+        return [[{"text": text, "tokens": n, "finished": True, **({"reasoning": r} if r else {})}]
+                for text, n, r in zip(texts, tokens, thoughts)]
 
     return converse(prompts, None, answers_to, keep, drops, progress, judge, 1,
                     lambda: progress.update(done[0])) + kept_whole
@@ -229,12 +234,13 @@ def keep_given(prompts: list[dict[str, Any]], keep: AnswerFilter, drops: Drops, 
 def converse(prompts: list[dict[str, Any]], system_default: str | None,
              answers_to: Callable[[list[dict[str, Any]], int], list[list[dict[str, Any]]]], keep: AnswerFilter,
              drops: Drops, progress: Progress, judge: AnswerJudge | None, samples: int,
-             report: Callable[[], None]) -> list[dict[str, Any]]:
+             report: Callable[[], None], keep_reasoning: bool = True) -> list[dict[str, Any]]:
     """The conversations [{language, messages}], turn by turn: each conversation still going gets its
-    user message, then `answers_to(those, turn)` gives each its answers ({text, tokens, finished}, or
-    {rejected}: the endpoint refused it); the filters keep some, the judge (if any) the best-rated, and
-    the conversation goes on with it. One that keeps none ends there and is dropped, its later turns
-    never answered (a row keeps what its prompt CARRIED). `report` after each turn."""
+    user message, then `answers_to(those, turn)` gives each its answers ({text, tokens, finished, and a
+    reasoning model's reasoning}, or {rejected}: the endpoint refused it); the filters keep some, the
+    judge (if any) the best-rated, and the conversation goes on with it, its reasoning (unless not
+    `keep_reasoning`) in the message's REASONING_KEY. One that keeps none ends there and is dropped, its
+    later turns never answered (a row keeps what its prompt CARRIED). `report` after each turn."""
     conversations = []
     for p in prompts:
         system = p.get("system") or system_default
@@ -248,6 +254,7 @@ def converse(prompts: list[dict[str, Any]], system_default: str | None,
             reasons = ["teacher_rejected" if g.get("rejected") else keep.reason_to_drop(
                 g["text"], g["finished"], g["tokens"]) for g in got]
             c["answers"] = distinct([g["text"] for g, reason in zip(got, reasons) if not reason])
+            c["reasoning"] = {g["text"]: g["reasoning"] for g in got if keep_reasoning and g.get("reasoning")}
             if not c["answers"]:  # none kept: dropped for the first sample's reason
                 c["alive"] = False
                 drops.add(reasons[0], got[0].get("rejected") or c["prompt"]["turns"][turn])
@@ -255,7 +262,9 @@ def converse(prompts: list[dict[str, Any]], system_default: str | None,
             _judge_turn(judge, [c for c in asking if c["alive"]], drops, progress)
         for c in asking:
             if c["alive"]:
-                c["messages"].append({"role": "assistant", "content": c["answers"][0]})
+                thought = c["reasoning"].get(c["answers"][0])
+                c["messages"].append({"role": "assistant", "content": c["answers"][0],
+                                      **({REASONING_KEY: thought} if thought else {})})
         # Conversations cut short lose their later turns from the progress total.
         skipped = sum(len(c["prompt"]["turns"]) - turn - 1 for c in asking if not c["alive"]) * samples
         if skipped:
@@ -311,6 +320,7 @@ def answer_again(contexts: list[list[dict[str, str]]], answerer: dict[str, Any],
     cache = AnswerCache.opened(cache_uri, "teacher", cache_identity(answerer, model_input))
     usage = Usage()
     samples = answerer.get("samples", 1)
+    contexts = [without_reasoning(messages) for messages in contexts]
     progress.stage(f"answering again ({what})" if samples == 1 else
                    f"sampling {samples} answers to each conversation ({what})",
                    total=len(contexts) * samples, unit="answers")
