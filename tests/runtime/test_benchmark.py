@@ -660,3 +660,35 @@ def test_a_local_judge_grades_and_compares_by_its_likeliest_verdict(tiny_model, 
             outcomes.append(comparison_outcome(*pair))
     assert metrics["judge.winRate"] == pytest.approx(sum({"win": 1, "tie": 0.5, "loss": 0}[o] for o in outcomes) / 2)
     assert metrics["judge.undecided"] == 0 and {"judge.score", "judge.baseline"} <= metrics.keys()
+
+
+def test_a_reasoning_models_answers_are_judged_by_what_they_say_after_their_thoughts(tmp_path, monkeypatch):
+    """A model trained on reasoning traces answers "<think>...</think> answer": the judge rates, and the
+    language rule reads, the answer alone, and the question's second turn sees the answer alone; an
+    answer whose reasoning never ended (cut at maxNewTokens) said nothing."""
+    from types import SimpleNamespace
+
+    from llmfactory_runtime.chat import said
+
+    assert said("<think>\nHm, 2+2.\n</think>\n\n4") == "4" and said("4") == "4" and said("<think>\nHm, 2+") == ""
+    thoughts = ("<think>\nПользователь спрашивает, почему небо голубое. Воздух рассеивает синий свет сильнее, чем "
+                "красный, поэтому небо кажется голубым. Отвечу по-английски.\n</think>\n\n")
+    answer = "Air scatters blue sunlight far more than red sunlight, so the sky looks blue."
+    questions = [{"question_id": "q", "category": "stem", "turns": ["Why is the sky blue?", "Shorter?"],
+                  "language": "en"}]
+    seen = []
+    monkeypatch.setattr(benchmark, "_judge_items", lambda judge, items, *_: seen.extend(items) or {i: 8.0 for i, _ in items})
+    store = open_store(f"file://{tmp_path}")
+    out = benchmark._judge({"languages": ["en", "ru"], "openai": {}}, None, questions,
+                       {"model": {"q": [thoughts + answer, "Scattering."]}}, None, {}, store, Progress(store))
+    assert out["ratings"] == {"model": {"q": [8.0, 8.0]}}  # thought in Russian, answered in English: judged
+    assert answer in seen[0][1][1]["content"] and "<think>" not in seen[0][1][1]["content"] + seen[1][1][1]["content"]
+    asked = []
+
+    def ask(conversations, max_new_tokens, temperature, seed, on_answer):
+        asked.extend(conversations)
+        for i in range(len(conversations)):
+            on_answer(i, SimpleNamespace(text="Scattering."))
+
+    benchmark._answer(ask, {"maxNewTokens": 8}, questions, {"q": [thoughts + answer]}, lambda: None, Progress(store))
+    assert asked[0][1] == {"role": "assistant", "content": answer}

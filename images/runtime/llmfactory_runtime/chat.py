@@ -147,6 +147,15 @@ def thought_and_said(message: dict[str, Any]) -> str:
     return f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}" if reasoning else message["content"]
 
 
+def said(answer: str) -> str:
+    """An answer without the reasoning a model wrote before it in <think> tags (as one trained on
+    reasoning traces does): what a judge rates and a later turn sees of it; "" where the reasoning never
+    ended (cut at the answer's token limit), an answer without any as it is."""
+    if not answer.lstrip().startswith("<think>"):
+        return answer
+    return answer.split("</think>", 1)[1].strip() if "</think>" in answer else ""
+
+
 def _reasoned(message: dict[str, Any], in_field: bool) -> dict[str, Any]:
     """An assistant message's reasoning where the template writes it: in both fields templates read, or
     in <think> tags before its content."""

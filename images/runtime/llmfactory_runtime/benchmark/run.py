@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import markdown_cell
 from ..batching import perplexity
+from ..chat import said
 from ..preference import labelled_agreement, labelled_scores, pair_scores
 from ..data import no_rows, preference_of, read_split
 from ..generate import generate
@@ -54,8 +55,8 @@ def _answer(ask, judge: dict, questions: list[dict], answers: dict[str, list[str
             for q in group:
                 earlier = answers.get(q["question_id"], [])
                 messages = []
-                for i in range(turn):
-                    messages += [{"role": "user", "content": q["turns"][i]}, {"role": "assistant", "content": earlier[i]}]
+                for i in range(turn):  # the earlier answer as said, its reasoning left out (as Qwen3's template does)
+                    messages += [{"role": "user", "content": q["turns"][i]}, {"role": "assistant", "content": said(earlier[i])}]
                 conversations.append(messages + [{"role": "user", "content": q["turns"][turn]}])
 
             def done(i: int, g, group=group) -> None:
@@ -284,6 +285,9 @@ def _judge(judge: dict, judge_model: dict | None, questions: list[dict], answers
     rule = LanguageRule(judge["languages"]) if judge.get("languageRule", True) else None
     local_judge = LazyModel(judge_model)
     usage = Usage()
+    # A reasoning model's answers are rated, and their language told, by what they say after their <think>.
+    answers = {label: {qid: list(map(said, turns)) for qid, turns in by_id.items()} for label, by_id in answers.items()}
+    opponent = opponent and {qid: list(map(said, turns)) for qid, turns in opponent.items()}
 
     def judging(items, kind, stage):
         progress.stage(stage, total=len(items), unit="judgements")
