@@ -217,13 +217,15 @@ def test_prompts_offer_their_tools_to_the_model_and_a_template_that_leaves_them_
 
 def test_the_importance_matrix_reads_a_tool_conversations_signatures_and_calls_too():
     """llama-imatrix calibrates on plain text: a tool-calling row gives its tools and calls as JSON
-    beside its messages' words, not the words alone (its calls' contents are empty)."""
+    beside its messages' words, not the words alone (its calls' contents are empty), and an answer's
+    reasoning before it (the model writes both)."""
     from llmfactory_runtime.quantize.run import _plain_text
 
-    text = _plain_text(TOOL_ROW)
+    system, user, call, result, answer = TOOL_ROW["messages"]
+    text = _plain_text({**TOOL_ROW, "messages": [system, user, call, result, {**answer, "reasoning_content": "Mild."}]})
     assert text.splitlines() == [json.dumps(WEATHER[0]), "Be brief.", "Weather in Paris?",
                                  '{"name": "get_weather", "arguments": {"city": "Paris"}}', "18 C, sunny",
-                                 "18 C and sunny."]
+                                 "Mild.", "18 C and sunny."]
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import torch
 
 from .. import cpus
 from ..batching import as_trained, perplexity, top_tokens
+from ..chat import REASONING_KEY
 from ..data import iter_split, messages_of, no_rows, read_split, text_of, tools_of, undesirable
 from ..digests import sha256_files
 from ..generate import generate
@@ -63,13 +64,15 @@ def _calibration(spec: dict, dataset: dict) -> list[dict]:
 
 def _plain_text(row: dict) -> str:
     """A raw-text row's text; a conversation's words one after another: the tools it offers and the
-    calls its assistant makes as JSON (what the model reads and writes of them), and each message's content."""
+    calls its assistant makes as JSON (what the model reads and writes of them), and each message's
+    content, after its reasoning where it has any (the model writes that too)."""
     text = text_of(row)
     if text is not None:
         return text
     parts = [json.dumps(tool, ensure_ascii=False) for tool in tools_of(row) or []]
     for m in messages_of(row):
-        parts += [m["content"], *(json.dumps(c, ensure_ascii=False) for c in expected_calls(m.get("tool_calls") or []))]
+        parts += [m.get(REASONING_KEY), m["content"],
+                  *(json.dumps(c, ensure_ascii=False) for c in expected_calls(m.get("tool_calls") or []))]
     return "\n".join(part for part in parts if part)
 
 
