@@ -502,9 +502,11 @@ def test_an_answers_reasoning_is_learned_where_the_template_writes_it_or_in_thin
     """Rows that keep an assistant's reasoning apart from its answer (vLLM's, DeepSeek's and Qwen3's
     reasoning_content, gpt-oss' thinking, OpenRouter's reasoning): a template that reads it (Qwen3's,
     gpt-oss') is given it; one that does not (ChatML here, Llama 3's) gets it in <think> tags before the
-    answer, as DeepSeek-R1's distilled models write it. Either way it is learned with the answer."""
+    answer, as DeepSeek-R1's distilled models write it. Either way it is learned with the answer; a template
+    that drops it is refused."""
     from llmfactory_runtime.chat import use_template
     from llmfactory_runtime.data import messages_of
+    from llmfactory_runtime.task import InvalidTask
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     for field in ("reasoning_content", "reasoning", "thinking"):
@@ -518,6 +520,12 @@ def test_an_answers_reasoning_is_learned_where_the_template_writes_it_or_in_thin
                      " }}] {% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", ("<|im_start|>", "<|im_end|>"))
         assert _learned_spans(tok, messages_of(row)) == ["[Two and two make four.] 4<|im_end|>\n"]
+    # DeepSeek-R1's distilled models' template drops what comes before </think>: refused, not lost.
+    use_template(tok, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+                 ("<|im_start|>", "<|im_end|>"))
+    with pytest.raises(InvalidTask, match="the chat template drops the reasoning the data holds"):
+        _learned_spans(tok, messages_of(row))
 
 
 def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):

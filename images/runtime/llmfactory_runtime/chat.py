@@ -240,9 +240,10 @@ def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: boo
 def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
                     tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation (with the `tools` it offers) and the character spans written by the
-    assistant (each answer, its tool calls and its end-of-turn marker, so the model learns to stop),
-    from message `first` on; an answer of weight 0 (OpenAI's) is not learned. A template that leaves
-    out the tools or a tool call is an invalid task: the model would learn to call what it never saw."""
+    assistant (each answer, its reasoning, its tool calls and its end-of-turn marker, so the model learns
+    to stop), from message `first` on; an answer of weight 0 (OpenAI's) is not learned. A template that
+    leaves out the tools, a tool call or an answer's reasoning is an invalid task: the model would learn
+    to call what it never saw, or answer without the thought the data holds."""
     text = render(tokenizer, messages, tools=tools)
     missing = unwritten(text, tools)
     spans = []
@@ -256,6 +257,10 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
             raise ValueError("the chat template does not render conversations prefix by prefix; "
                              "assistant-only loss cannot be located")
         missing += unwritten(through[len(prefix):], None, msg.get("tool_calls") or [])
+        if msg.get(REASONING_KEY) and msg[REASONING_KEY] not in through[len(prefix):]:
+            raise InvalidTask("the chat template drops the reasoning the data holds (as DeepSeek-R1's distilled "
+                              "models' template drops what comes before </think>): a FineTune's spec.chatTemplate "
+                              "chatml writes it in <think> tags before the answer")
         if msg.get("weight", 1):
             spans.append((len(prefix), len(through)))
     refuse_unwritten(missing)
