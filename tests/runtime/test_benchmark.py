@@ -692,3 +692,18 @@ def test_a_reasoning_models_answers_are_judged_by_what_they_say_after_their_thou
 
     benchmark._answer(ask, {"maxNewTokens": 8}, questions, {"q": [thoughts + answer]}, lambda: None, Progress(store))
     assert asked[0][1] == {"role": "assistant", "content": answer}
+
+
+def test_a_reasoning_model_judge_is_asked_its_effort_with_room_to_reason(tmp_path, openai_server):
+    """A reasoning judge (openai.reasoningEffort) is asked max_completion_tokens, which counts its
+    reasoning, with room for thousands of tokens of it before the rating, and no temperature."""
+    from llmfactory_runtime.benchmark.judge import REASONING_REPLY_TOKENS, judge_with_api
+
+    openai_server.reply = lambda request: {"text": "Fine. [[7]]"}
+    endpoint = {"baseUrl": openai_server.url, "model": "o3", "reasoningEffort": "medium"}
+    verdicts = judge_with_api(endpoint, [("q", judge_messages({"turns": ["Hi?"]}, ["Hello."], 0, "api"))],
+                              f"file://{tmp_path}/cache", 1, lambda *_, **__: None)
+    assert verdicts["q"]["rating"] == 7
+    [asked] = openai_server.requests
+    assert asked.body["max_completion_tokens"] == REASONING_REPLY_TOKENS and asked.body["reasoning_effort"] == "medium"
+    assert "max_tokens" not in asked.body and "temperature" not in asked.body

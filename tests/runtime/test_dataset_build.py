@@ -194,6 +194,28 @@ def test_a_reasoning_teachers_thoughts_are_kept_with_its_answers_and_never_sent_
     assert row["messages"][1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
 
 
+def test_a_reasoning_model_teacher_is_asked_its_effort_with_max_completion_tokens(tmp_path, openai_server,
+                                                                                monkeypatch):
+    """OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens and a temperature of their caller's:
+    with openai.reasoningEffort the teacher is asked reasoning_effort and max_completion_tokens instead,
+    and its answers are cached apart from the same model's at another effort."""
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
+    source = {"uri": jsonl_file(tmp_path / "prompts.jsonl", [{"prompt": "What is a hash map?"}]), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None,
+                   split={"validation": 0.0, "test": 0.0})
+    doc["spec"]["teacher"]["openai"]["reasoningEffort"] = "low"
+    run_in_process(tmp_path, doc)
+    [asked] = openai_server.requests
+    assert {k: asked.body.get(k) for k in ("max_completion_tokens", "reasoning_effort", "max_tokens", "temperature")} \
+        == {"max_completion_tokens": 64, "reasoning_effort": "low", "max_tokens": None, "temperature": None}
+    doc["spec"]["teacher"]["openai"]["reasoningEffort"] = "high"
+    run_in_process(tmp_path, doc)
+    assert len(openai_server.requests) == 2 and openai_server.requests[1].body["reasoning_effort"] == "high"
+    doc["spec"]["split"]["seed"] = 7  # another build of the same answers: all cached
+    _, result = run_in_process(tmp_path, doc)
+    assert len(openai_server.requests) == 2 and result["teacherUsage"]["cached"] == 1
+
+
 @pytest.mark.parametrize("group_rows, group_bytes, groups", [(2, 2**20, 3), (1000, 1, 5)])
 def test_a_splits_parquet_holds_every_rows_fields_whichever_row_group_they_first_appear_in(
         tmp_path, monkeypatch, group_rows, group_bytes, groups):

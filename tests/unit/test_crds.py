@@ -114,6 +114,10 @@ BAD = [
                   "kto": {"desirableWeight": 0}}, "violates minimum"),
     ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "grpo": {"generations": 4}},
      "grpo settings apply only to objective grpo"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "format": "graded", "difficulty": {
+        "model": MODEL, "grader": {"operation": "similarity", "metric": "cosine", "embeddings": {
+            "model": "text-embedding-3-small", "reasoningEffort": "low"}}}},
+     "reasoningEffort applies to a chat model, not embeddings"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL, "reasoning": "drop"}},
      "reasoning drop applies to an openai teacher, whose API returns the reasoning apart from the answer"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "referencePattern": "#### (.+)"},

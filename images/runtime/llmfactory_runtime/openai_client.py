@@ -54,6 +54,14 @@ class Completion:
         return self.finish_reason != "length"
 
 
+def endpoint_identity(endpoint: dict[str, Any]) -> dict[str, Any]:
+    """What of an endpoint decides its answers, for the caches that keep them: its URL and model, and the
+    reasoning effort it is asked for (only where set: caches from before it was a field stay found)."""
+    effort = endpoint.get("reasoningEffort")
+    return {"baseUrl": endpoint.get("baseUrl"), "model": endpoint["model"],
+            **({"reasoningEffort": effort} if effort else {})}
+
+
 def api_key(endpoint: dict[str, Any], env_name: str, field: str) -> str | None:
     """The key from the environment, where the Job put it by secretKeyRef (locally: export it)."""
     ref = endpoint.get("apiKeySecret")
@@ -168,8 +176,11 @@ class ChatClient:
 
     async def complete(self, messages: list[dict[str, str]], max_tokens: int, temperature: float = 0.0,
                        **extra: Any) -> Completion:
-        body = {"model": self.endpoint["model"], "messages": messages, "max_tokens": max_tokens,
-                "temperature": temperature, **extra}
+        effort = self.endpoint.get("reasoningEffort")
+        # A reasoning model (OpenAI's o-series, gpt-5) refuses max_tokens and any temperature but its own.
+        limits = ({"max_completion_tokens": max_tokens, "reasoning_effort": effort} if effort else
+                  {"max_tokens": max_tokens, "temperature": temperature})
+        body = {"model": self.endpoint["model"], "messages": messages, **limits, **extra}
         # ~4 characters a token: reserved now, corrected by the reported usage afterwards.
         reserved = sum(len(m["content"]) for m in messages) / 4 + max_tokens
         return self._parse(await self._post("/chat/completions", body, reserved), reserved)

@@ -181,11 +181,20 @@ class OpenAIEndpoint(ApiModel):
     price: Price | None = Field(None, description=(
         "Token prices: the cost in the result's usage of this endpoint (teacherUsage, judgeUsage, rejectedUsage, "
         "graderUsage)."))
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(None, description=(
+        "For a reasoning model that takes it (OpenAI's o-series and gpt-5, gpt-oss on vLLM): sent as "
+        "reasoning_effort, the answer's token limit as max_completion_tokens (which such models take instead "
+        "of max_tokens, and which counts their reasoning: leave room for it; a judge's reply may take 16,384) "
+        "and no temperature (they sample at their own). Part of what caches an answer. Unset: max_tokens and temperature, as every "
+        "OpenAI-compatible server takes them."))
 
 
 class EmbeddingsEndpoint(OpenAIEndpoint):
     """An OpenAI-compatible embeddings API: OpenAI, Azure OpenAI, vLLM or Text Embeddings Inference serving an
     embedding model, llama.cpp's server with --embedding..."""
+
+    cel_rules: ClassVar = OpenAIEndpoint.cel_rules + [
+        {"rule": "!has(self.reasoningEffort)", "message": "reasoningEffort applies to a chat model, not embeddings"}]
 
     base_url: str = Field("https://api.openai.com/v1", pattern=HTTP_URL_PATTERN, max_length=2048,
                           description="API root; requests go to {baseUrl}/embeddings.")

@@ -28,7 +28,7 @@ import re
 from typing import Any, Callable
 
 from ..answer_cache import AnswerCache
-from ..openai_client import JUDGE_KEY_ENV, ChatClient, api_key
+from ..openai_client import JUDGE_KEY_ENV, ChatClient, api_key, endpoint_identity
 from ..task import InvalidTask
 from ..usage import Usage
 from .questions import reference
@@ -36,6 +36,7 @@ from .questions import reference
 RATINGS = list(range(1, 11))
 LANGUAGE_RULE_MIN_LETTERS = 20
 LANGUAGE_RULE_CONFIDENCE = 0.9
+REPLY_TOKENS, REASONING_REPLY_TOKENS = 512, 16384  # an API judge's reply: a few sentences and the verdict
 
 JUDGE_SYSTEM = "You are a strict, impartial judge of answers written by AI assistants."
 CRITERIA = ("considering helpfulness, correctness, relevance, depth and whether it is written in the language of "
@@ -275,8 +276,7 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
     where PARSERS has none for the kind (label_parser)."""
     parse, reask = parser or PARSERS[kind]
     usage = usage or Usage()
-    cache = AnswerCache.opened(cache_uri, "judge", {"openai": {"baseUrl": endpoint.get("baseUrl"),
-                                                               "model": endpoint["model"]}, "prompt": 1}, held)
+    cache = AnswerCache.opened(cache_uri, "judge", {"openai": endpoint_identity(endpoint), "prompt": 1}, held)
     out: dict[str, dict[str, Any]] = {}
     todo = []
     for item_id, messages in items:
@@ -290,6 +290,8 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
     if not todo:
         return out
     key = api_key(endpoint, key_env, field)
+    # A reasoning judge's limit counts its reasoning too, which runs to thousands of tokens before a rating.
+    reply_tokens = REASONING_REPLY_TOKENS if endpoint.get("reasoningEffort") else REPLY_TOKENS
 
     async def rate_all() -> None:
         async with ChatClient(endpoint, key, field, transport=transport, usage=usage) as client:
@@ -297,7 +299,7 @@ def judge_with_api(endpoint: dict[str, Any], items: list[tuple[str, list[dict[st
                 item_id, messages = item
                 asked = list(messages)
                 for attempt in range(1, max_reasks + 2):
-                    reply = (await client.complete(asked, max_tokens=512, temperature=0.0)).text
+                    reply = (await client.complete(asked, max_tokens=reply_tokens, temperature=0.0)).text
                     judged = parse(reply)
                     if judged is not None or attempt > max_reasks:
                         break

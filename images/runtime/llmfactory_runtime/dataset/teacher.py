@@ -19,7 +19,8 @@ from .. import usage as usage_module
 from ..answer_cache import AnswerCache
 from ..chat import REASONING_KEY
 from ..data import without_reasoning
-from ..openai_client import REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, Completion, EndpointError, api_key
+from ..openai_client import (REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, Completion, EndpointError, api_key,
+                             endpoint_identity)
 from ..progress import Progress
 from .answer_judge import AnswerJudge
 from .filters import AnswerFilter
@@ -48,8 +49,7 @@ def cache_identity(teacher: dict[str, Any], model_input: dict[str, Any] | None) 
     """What, besides the conversation, decides an answer."""
     params = {"temperature": teacher.get("temperature", 0.0), "maxNewTokens": teacher.get("maxNewTokens", 256)}
     if "openai" in teacher:
-        return {"openai": {"baseUrl": teacher["openai"].get("baseUrl"), "model": teacher["openai"]["model"]},
-                **params}
+        return {"openai": endpoint_identity(teacher["openai"]), **params}
     return {"model": model_input, "seed": teacher.get("seed", 0), **params}
 
 
