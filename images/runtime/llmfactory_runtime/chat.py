@@ -130,12 +130,14 @@ _writes_reasoning: dict[str, bool] = {}  # by template text
 
 def writes_reasoning(tokenizer) -> bool:
     """Whether the tokenizer's chat template writes an assistant message's reasoning field."""
+    from jinja2 import TemplateError  # noqa: PLC0415 - transformers' own dependency
+
     template = str(tokenizer.chat_template)
     if template not in _writes_reasoning:
+        probe = [_SAMPLE[0], {**_SAMPLE[1], REASONING_KEY: _PROBE, "thinking": _PROBE}]
         try:
-            text = tokenizer.apply_chat_template([_SAMPLE[0], {**_SAMPLE[1], REASONING_KEY: _PROBE, "thinking": _PROBE}],
-                                                 tokenize=False)
-        except Exception:  # noqa: BLE001 - a template that cannot render this writes nothing of it
+            text = tokenizer.apply_chat_template(probe, tokenize=False)
+        except (TemplateError, ValueError, TypeError):  # one that cannot render this writes nothing of it
             text = ""
         _writes_reasoning[template] = _PROBE in text
     return _writes_reasoning[template]

@@ -294,7 +294,8 @@ def _reasoning(row: dict[str, Any], shape: str) -> list[str | None] | None:
     """The reasoning each answer of a conversation keeps apart from it (REASONING_FIELDS: vLLM's and
     DeepSeek's reasoning_content, gpt-oss' thinking), by the answer's turn; None where none does."""
     turns = row.get("messages") if shape == "openai" else row.get("conversations") if shape == "sharegpt" else None
-    answers = [t for t in turns or [] if isinstance(t, dict) and ROLES.get(str(t.get("role", t.get("from")))) == "assistant"]
+    answers = [t for t in turns or []
+               if isinstance(t, dict) and ROLES.get(str(t.get("role", t.get("from")))) == "assistant"]
     thoughts = [next((t[k].strip() for k in REASONING_FIELDS if isinstance(t.get(k), str) and t[k].strip()), None)
                 for t in answers]
     return thoughts if any(thoughts) else None
