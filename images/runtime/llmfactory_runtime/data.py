@@ -179,6 +179,11 @@ def content_text(content: Any) -> str:
     return "".join(texts)
 
 
+def reasoning_of(message: dict[str, Any]) -> Any:
+    """What a row's message holds as its reasoning, in the first of REASONING_FIELDS it has (None: none)."""
+    return next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+
+
 def _message(m: dict[str, Any]) -> dict[str, Any]:
     """A row's message as templates read it (an assistant's tool calls kept, a missing or null
     content empty, as OpenAI's tool-calling turns have it, and content parts as text; a null field
@@ -186,7 +191,7 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
     ValueError says what is wrong with it."""
     kept = {"role": role_of(m["role"]), "content": content_text(m.get("content")),
             **{k: m[k] for k in _MESSAGE_KEYS if m.get(k) is not None}}
-    reasoning = next((m[k] for k in REASONING_FIELDS if m.get(k) is not None), None)
+    reasoning = reasoning_of(m)
     if reasoning is not None and (not isinstance(reasoning, str) or kept["role"] != "assistant"):
         raise ValueError(f"a message's reasoning is text, on assistant messages only, got {str(reasoning)[:80]!r} "
                          f"on a {m['role']} message")

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import EMBEDDINGS_KEY_ENV, libraries
 from .answer_cache import AnswerCache, digest
-from .openai_client import ChatClient, api_key
+from .openai_client import ChatClient, api_key, endpoint_identity
 from .finetune.estimate import EMBEDDING_BATCH
 from .task import InvalidTask
 from .usage import Usage
@@ -41,8 +41,7 @@ Embedder = tuple[dict[str, Any], Callable[[list[str]], list[list[float]]]]
 
 def api_embedder(endpoint: dict[str, Any], field: str, usage: Usage) -> Embedder:
     """grader.embeddings (`field` names it in errors), its tokens counted in `usage`."""
-    return ({"baseUrl": endpoint.get("baseUrl"), "model": endpoint["model"]},
-            lambda texts: _embed(endpoint, texts, field, usage))
+    return endpoint_identity(endpoint), lambda texts: _embed(endpoint, texts, field, usage)
 
 
 def local_embedder(source: dict[str, Any], loaded: Callable[[], Encoder], prompt: str | None = None) -> Embedder:

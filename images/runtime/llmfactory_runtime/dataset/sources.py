@@ -26,8 +26,8 @@ from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
 from .. import glaive, hermes, xlam
-from ..data import (REASONING_FIELDS, ROLES, SHAREGPT_TOOL_TURNS, alpaca_of, content_text, messages_of,
-                    preference_of, prompt_completion, system_turn, tools_of, undesirable)
+from ..data import (ROLES, SHAREGPT_TOOL_TURNS, alpaca_of, content_text, messages_of, preference_of,
+                    prompt_completion, reasoning_of, system_turn, tools_of, undesirable)
 from ..store import local_copy
 from ..task import InvalidTask
 
@@ -291,13 +291,12 @@ def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool
 
 
 def _reasoning(row: dict[str, Any], shape: str) -> list[str | None] | None:
-    """The reasoning each answer of a conversation keeps apart from it (REASONING_FIELDS: vLLM's and
+    """The reasoning each answer of a conversation keeps apart from it (data.reasoning_of: vLLM's and
     DeepSeek's reasoning_content, gpt-oss' thinking), by the answer's turn; None where none does."""
     turns = row.get("messages") if shape == "openai" else row.get("conversations") if shape == "sharegpt" else None
     answers = [t for t in turns or []
                if isinstance(t, dict) and ROLES.get(str(t.get("role", t.get("from")))) == "assistant"]
-    thoughts = [next((t[k].strip() for k in REASONING_FIELDS if isinstance(t.get(k), str) and t[k].strip()), None)
-                for t in answers]
+    thoughts = [r.strip() or None if isinstance(r := reasoning_of(t), str) else None for t in answers]
     return thoughts if any(thoughts) else None
 
 
