@@ -528,6 +528,126 @@ def test_an_answers_reasoning_is_learned_where_the_template_writes_it_or_in_thin
         _learned_spans(tok, messages_of(row))
 
 
+# Qwen3's template, in short: the answers after the last question are written with their reasoning in
+# <think> tags (an empty block where they have none; reasoning inline in the content read as Qwen3's
+# reads it), every earlier answer without it.
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last=messages|length - 1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set thought = m.reasoning_content or '' %}"
+    "{%- if '</think>' in content %}{%- set thought = content.split('</think>')[0].split('<think>')[-1].strip() %}"
+    "{%- set content = content.split('</think>')[-1].lstrip() %}{%- endif %}"
+    "{%- if loop.index0 > ns.last %}{{- '<|im_start|>assistant\\n<think>\\n' + thought + '\\n</think>\\n\\n' + content }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def _examples(tok, rows: list[dict], every_token: bool = False) -> list[tuple[str, list[str]]]:
+    """An sft split's examples as training reads them: each example's text and its learned runs."""
+    from llmfactory_runtime.finetune import encoding
+
+    split = encoding.encode({"objective": "sft", "hyperparameters": {"maxSeqLength": 512,
+                                                                      "lossOn": "all" if every_token else "assistant"}},
+                            tok, rows, "train")
+    out = []
+    for e in split.examples:
+        runs, run = [], []
+        for token, label in zip(e["input_ids"] + [None], e["labels"] + [IGNORE]):
+            if label != IGNORE:
+                run.append(token)
+            elif run:
+                runs, run = [*runs, tok.decode(run)], []
+        out.append((tok.decode(e["input_ids"]), runs))
+    return out, split.by_answer
+
+
+def _read_as_finetune(tok, rows: list[dict], tmp_path, caplog) -> list[list[int]]:
+    """The examples' ids of an sft split as a FineTune reads it (the token files of a node)."""
+    import contextlib
+
+    import torch
+
+    from llmfactory_runtime.data import dumps_jsonl
+    from llmfactory_runtime.finetune import encoding
+    from llmfactory_runtime.finetune.distributed import World
+
+    (tmp_path / "train.jsonl").write_bytes(dumps_jsonl(rows))
+    caplog.set_level("INFO", logger=encoding.__name__)
+    with contextlib.ExitStack() as running:
+        split = encoding.read({"objective": "sft", "hyperparameters": {"maxSeqLength": 512}}, tok, f"file://{tmp_path}",
+                              "train", World(rank=0, size=1, local_rank=0, device=torch.device("cpu")), "run", running)
+        return [e["input_ids"].tolist() for e in split.examples]
+
+
+def test_a_template_that_writes_earlier_answers_otherwise_learns_each_answer_after_the_conversation_before_it(
+        tiny_model, tmp_path, caplog):
+    """Qwen3's template writes an answer's reasoning only after the last question: rendered whole, a
+    conversation's first answer has none, though the model wrote one. Such a conversation (it was refused
+    as not "prefix by prefix", reasoning or not) is learned answer by answer: each answer after the
+    conversation before it as the template writes it then, which is what the model reads and writes
+    when it answers that turn."""
+    from llmfactory_runtime.chat import use_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    use_template(tok, QWEN3_LIKE, ("<|im_start|>", "<|im_end|>"))
+    q1, q2 = "<|im_start|>user\n2+2?<|im_end|>\n", "<|im_start|>user\n3+3?<|im_end|>\n"
+    reasoned = {"messages": [{"role": "user", "content": "2+2?"},
+                             {"role": "assistant", "content": "4", "reasoning_content": "two and two"},
+                             {"role": "user", "content": "3+3?"},
+                             {"role": "assistant", "content": "<think>three and three</think>6"}]}  # inline, as OpenR1's
+    examples, by_answer = _examples(tok, [reasoned])
+    first, second = "<|im_start|>assistant\n<think>\ntwo and two\n</think>\n\n4<|im_end|>\n", \
+        "<|im_start|>assistant\n<think>\nthree and three\n</think>\n\n6<|im_end|>\n"
+    assert examples == [(q1 + first, [first[len("<|im_start|>assistant\n"):]]),
+                        (q1 + "<|im_start|>assistant\n4<|im_end|>\n" + q2 + second, [second[len("<|im_start|>assistant\n"):]])]
+    assert by_answer == 1
+    # As a FineTune reads it (a node's token files), saying so.
+    assert _read_as_finetune(tok, [reasoned, reasoned], tmp_path, caplog) == [
+        tok.encode(text, add_special_tokens=False) for text, _ in examples * 2]
+    assert "train.jsonl: 2 conversations learned answer by answer" in caplog.text
+    # Without reasoning, each answer is learned with the empty block the template writes; an answer of
+    # weight 0 is only what the next one reads; a one-turn conversation is one example, as always.
+    plain = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "weight": 0},
+                          {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}
+    one_turn = {"messages": [plain["messages"][0], {"role": "assistant", "content": "4"}]}
+    examples, by_answer = _examples(tok, [plain, one_turn, {"messages": plain["messages"][:3]}])
+    assert examples == [
+        (q1 + "<|im_start|>assistant\n4<|im_end|>\n" + q2 + "<|im_start|>assistant\n<think>\n\n</think>\n\n6<|im_end|>\n",
+         ["<think>\n\n</think>\n\n6<|im_end|>\n"]),
+        (q1 + "<|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>\n", ["<think>\n\n</think>\n\n4<|im_end|>\n"])]
+    assert by_answer == 0
+    # Every token learned (lossOn all): the conversation once, as the template writes it.
+    examples, by_answer = _examples(tok, [reasoned], every_token=True)
+    assert [text for text, _ in examples] == [q1 + "<|im_start|>assistant\n4<|im_end|>\n" + q2 + second]
+    assert by_answer == 0
+
+
+def test_a_template_that_drops_inline_reasoning_or_writes_answers_elsewhere_is_refused(tiny_model):
+    """Reasoning inline in an answer (`<think>...</think>` before it, OpenR1's and OpenThoughts' rows)
+    under a template that strips it (DeepSeek-R1's distilled models'): refused as the reasoning field
+    is, not learned as answers alone. A template whose answers do not follow its generation prompt:
+    refused naming spec.chatTemplate, not a crash."""
+    from llmfactory_runtime.chat import use_template
+    from llmfactory_runtime.task import InvalidTask
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    inline = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>two and two</think>4"}]
+    assert _learned_spans(tok, inline) == ["<think>two and two</think>4<|im_end|>\n"]  # ChatML writes it as it is
+    use_template(tok, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+                 ("<|im_start|>", "<|im_end|>"))
+    with pytest.raises(InvalidTask, match="the chat template drops the reasoning the data holds"):
+        _learned_spans(tok, inline)
+    assert _learned_spans(tok, [inline[0], {"role": "assistant", "content": "<think></think>4"}]) == ["4<|im_end|>\n"]
+
+    use_template(tok, "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>bot\n{% endif %}", ("<|im_start|>", "<|im_end|>"))
+    with pytest.raises(InvalidTask, match="does not write an answer where its generation prompt ends.*spec.chatTemplate chatml"):
+        _examples(tok, [{"messages": [inline[0], {"role": "assistant", "content": "4"}]}])
+
+
 def test_a_template_that_writes_no_tool_calls_is_refused_before_training(tmp_path):
     """Llama 3's template here (as Axolotl's llama3) has no tools: rows with tool calls would teach the
     model to answer without the calls it should make."""

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .chat import IGNORE, assistant_spans, encode_many_for_training, render
+from .chat import IGNORE, encode_many_for_training, render, training_views
 from .data import messages_of, text_of, tools_of, undesirable
 from .dataset.pieces import chunks
 from .models import device
@@ -45,11 +45,12 @@ ROWS_AT_ONCE = 256
 def encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = False,
             where: str = "the dataset", first: int = 1, tally: Counter | None = None) -> Iterator[dict]:
     """Encoded conversations that have at least one assistant token (every_token: any token) within
-    max_len (of unpaired rows, those whose answer is desirable), and raw-text rows' pieces
+    max_len (of unpaired rows, those whose answer is desirable; a conversation its template does not
+    write prefix by prefix: one example an answer, chat.training_views), and raw-text rows' pieces
     (text_pieces), in the rows' order, as the rows are read. A malformed row is an invalid task
     naming `where` (field and file) and the row (numbered from `first`). `tally` counts the
     conversations cut at max_len ("truncated") and those left out ("unlearned"), what a user whose
-    maxSeqLength is too short must be told."""
+    maxSeqLength is too short must be told, and those learned answer by answer ("by answer")."""
     tally = Counter() if tally is None else tally
     for chunk in chunks(enumerate(rows, first), ROWS_AT_ONCE):
         read = []
@@ -62,19 +63,22 @@ def encoded(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = F
                 raise InvalidTask(f"{where} row {n}: {e}") from None
         texts = [text for text, _, _ in read if text is not None]
         tokenized = iter(tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else ())
-        conversations = iter(encode_many_for_training(tokenizer, [
-            assistant_spans(tokenizer, messages, tools=tools) for text, messages, tools in read
-            if text is None and messages is not None], max_len, every_token))
-        for text, messages, _ in read:
+        views = [training_views(tokenizer, messages, tools, every_token) if text is None and messages is not None
+                 else [] for text, messages, tools in read]
+        examples = iter(encode_many_for_training(tokenizer, [v for own in views for v in own], max_len, every_token))
+        for (text, messages, _), own in zip(read, views):
             if text is not None:
                 yield from text_pieces(next(tokenized), tokenizer.eos_token_id, max_len)
             elif messages is not None:
-                example = next(conversations)
-                if not any(label != IGNORE for label in example["labels"]):
+                conversation = [next(examples) for _ in own]
+                learned = [e for e in conversation if any(label != IGNORE for label in e["labels"])]
+                if not learned:
                     tally["unlearned"] += 1
                     continue
-                tally["truncated"] += example.pop("truncated", False)
-                yield example
+                tally["truncated"] += any([e.pop("truncated", False) for e in conversation])  # a list: pop every mark
+                if len(own) > 1:
+                    tally["by answer"] += 1
+                yield from learned
 
 
 def encode_rows(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool = False,

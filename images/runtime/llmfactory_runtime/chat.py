@@ -149,6 +149,14 @@ def thought_and_said(message: dict[str, Any]) -> str:
     return f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}" if reasoning else message["content"]
 
 
+def inline_reasoning(content: Any) -> str:
+    """The reasoning a message's content holds before its answer, in <think> tags (as DeepSeek-R1's
+    distilled models write it, and OpenR1's and OpenThoughts' rows keep it); "" where it holds none."""
+    if not isinstance(content, str) or "</think>" not in content:
+        return ""
+    return content.split("</think>", 1)[0].split("<think>")[-1].strip()
+
+
 def said(answer: str) -> str:
     """An answer without the reasoning a model wrote before it in <think> tags (as one trained on
     reasoning traces does): what a judge rates and a later turn sees of it; "" where the reasoning never
@@ -217,7 +225,8 @@ def apply_template(tokenizer, messages: list[dict[str, Any]], tools: list[dict] 
 
 def check_own_template(tokenizer) -> None:
     """A FineTune's own template (spec.chatTemplateJinja), tried on a conversation before any data:
-    it must render one, and prefix by prefix, for the loss to find each answer."""
+    it must render one, writing the answer where the conversation before it ended, for the loss to find
+    each answer."""
     from jinja2 import TemplateError  # noqa: PLC0415
 
     try:
@@ -232,6 +241,12 @@ def check_own_template(tokenizer) -> None:
     except ValueError as exc:
         raise InvalidTask(f"spec.chatTemplateJinja: {exc}: it must write each message where the conversation "
                           "before it ended") from None
+
+
+class NotPrefixByPrefix(ValueError):
+    """A chat template writes a conversation's earlier messages otherwise than it wrote them when they
+    were the last: Qwen3's drops the reasoning of answers before the last question (and writes an empty
+    <think> block before the last answers), Mistral's writes the tools before the last question."""
 
 
 def render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
@@ -256,10 +271,11 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
         # the last message's conversation is the text itself: a one-turn conversation costs two renders
         through = text if i == len(messages) - 1 else render(tokenizer, messages[: i + 1], tools=tools)
         if not text.startswith(through) or not through.startswith(prefix):
-            raise ValueError("the chat template does not render conversations prefix by prefix; "
-                             "assistant-only loss cannot be located")
+            raise NotPrefixByPrefix("the chat template does not render conversations prefix by prefix; "
+                                    "assistant-only loss cannot be located")
         missing += unwritten(through[len(prefix):], None, msg.get("tool_calls") or [])
-        if msg.get(REASONING_KEY) and msg[REASONING_KEY] not in through[len(prefix):]:
+        thought = msg.get(REASONING_KEY) or inline_reasoning(msg.get("content"))
+        if thought and thought not in through[len(prefix):]:
             raise InvalidTask("the chat template drops the reasoning the data holds (as DeepSeek-R1's distilled "
                               "models' template drops what comes before </think>): a FineTune's spec.chatTemplate "
                               "chatml writes it in <think> tags before the answer")
@@ -267,6 +283,29 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
             spans.append((len(prefix), len(through)))
     refuse_unwritten(missing)
     return text, spans
+
+
+def training_views(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                   every_token: bool = False) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The texts a conversation is learned from, each with its assistant spans (assistant_spans): the
+    conversation itself where its template writes it prefix by prefix; else (NotPrefixByPrefix: Qwen3's)
+    one text an answer learned, the conversation up to it as the template writes it then, so that each
+    answer is learned as the model writes it after that conversation, its reasoning with it. Every
+    token learned (every_token): the conversation as the template writes it, once."""
+    try:
+        return [assistant_spans(tokenizer, messages, tools=tools)]
+    except NotPrefixByPrefix:
+        if every_token:
+            text = render(tokenizer, messages, tools=tools)
+            refuse_unwritten(unwritten(text, tools))
+            return [(text, [])]
+    try:
+        return [assistant_spans(tokenizer, messages[: i + 1], first=i, tools=tools)
+                for i, msg in enumerate(messages) if msg["role"] == "assistant" and msg.get("weight", 1)]
+    except NotPrefixByPrefix:
+        raise InvalidTask("the chat template does not write an answer where its generation prompt ends, so the "
+                          "loss cannot find the answers: a FineTune's spec.chatTemplate chatml (or llama3, or "
+                          "jinja) renders the data with a template that does") from None
 
 
 def encode_for_training(tokenizer, messages: list[dict[str, Any]], max_length: int, first: int = 0,

@@ -848,9 +848,10 @@ class FineTuneSpec(RunOptions):
         "LoRA and QLoRA train those rows beside the adapters."))
     chat_template_jinja: str | None = Field(None, min_length=1, max_length=65536, description=(
         "chatTemplate jinja: the template, in the Jinja of a tokenizer's chat_template (rendered as "
-        "transformers does, with messages, add_generation_prompt, bos_token and eos_token). It must render a "
-        "conversation prefix by prefix, each message's text starting where the shorter conversation's "
-        "ended, for the loss to find each answer. The planner parses it; the runtime renders a "
+        "transformers does, with messages, add_generation_prompt, bos_token and eos_token). It must write an "
+        "answer where the conversation before it, with the generation prompt, ended, for the loss to find "
+        "it; one that writes earlier turns otherwise (Qwen3's drops their reasoning) has each answer learned "
+        "after the conversation before it as it writes it then. The planner parses it; the runtime renders a "
         "conversation with it before it reads any data."))
     chat_template_tokens: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
         None, max_length=64, description=(

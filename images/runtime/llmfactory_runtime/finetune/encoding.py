@@ -42,6 +42,7 @@ class Split:
     rows: int = 0  # rows of the split they were encoded from
     truncated: int = 0  # all but grpo: units (conversations, pairs, examples) cut at maxSeqLength
     unlearned: int = 0  # units with no answer token within it (grpo: prompts that fill it), left out
+    by_answer: int = 0  # sft: conversations learned answer by answer, one example each (chat.training_views)
 
     @property
     def units(self) -> int:
@@ -60,7 +61,11 @@ def read(spec: dict, tokenizer, dataset_uri: str, split: str, world: World, scop
         examples = token_files.shared(tokenizer, dataset_uri, split, spec["hyperparameters"]["maxSeqLength"],
                                       _every_token(spec), f"spec.objective sft: {split}.jsonl", world, scope, running)
         read = Split(examples, examples.lengths(), rows=examples.rows, truncated=examples.tally["truncated"],
-                     unlearned=examples.tally["unlearned"])
+                     unlearned=examples.tally["unlearned"], by_answer=examples.tally["by answer"])
+    if world.main and read.by_answer:
+        log.info("%s.jsonl: %d conversations learned answer by answer, each answer after the conversation before it "
+                 "as the model's chat template writes it then (it writes earlier turns otherwise: Qwen3's drops "
+                 "their reasoning); spec.chatTemplate chatml learns each once", split, read.by_answer)
     if world.main and (read.truncated or read.unlearned):
         unit = UNITS[spec.get("objective", "sft")]
         log.warning("%s.jsonl: %d %ss longer than maxSeqLength %d cut at it (the end of their answers not learned), "
@@ -92,7 +97,7 @@ def encode(spec: dict, tokenizer, rows: list[dict], split: str) -> Split:
                      unlearned=tally["unlearned"])
     conversations = list(encoded(tokenizer, rows, max_len, _every_token(spec), where, tally=tally))
     return Split(conversations, [len(c["input_ids"]) for c in conversations], truncated=tally["truncated"],
-                 unlearned=tally["unlearned"])
+                 unlearned=tally["unlearned"], by_answer=tally["by answer"])
 
 
 def _every_token(spec: dict) -> bool:
