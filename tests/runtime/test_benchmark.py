@@ -671,6 +671,8 @@ def test_a_reasoning_models_answers_are_judged_by_what_they_say_after_their_thou
     from llmfactory_runtime.chat import said
 
     assert said("<think>\nHm, 2+2.\n</think>\n\n4") == "4" and said("4") == "4" and said("<think>\nHm, 2+") == ""
+    assert said("Hm, 2+2.\n</think>\n\n4") == "4"  # DeepSeek-R1's distilled models: their prompt opens the tag
+    assert said("Write <think> and </think> around it.") == "Write <think> and </think> around it."
     thoughts = ("<think>\nПользователь спрашивает, почему небо голубое. Воздух рассеивает синий свет сильнее, чем "
                 "красный, поэтому небо кажется голубым. Отвечу по-английски.\n</think>\n\n")
     answer = "Air scatters blue sunlight far more than red sunlight, so the sky looks blue."

@@ -194,6 +194,32 @@ def test_a_reasoning_teachers_thoughts_are_kept_with_its_answers_and_never_sent_
     assert row["messages"][1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."}
 
 
+def test_a_teachers_thoughts_written_before_its_answer_are_kept_apart_from_it(tmp_path, openai_server, monkeypatch):
+    """A local teacher's answers are its text as generated, and so are a server's without a reasoning
+    parser: Qwen3 writes its thoughts in <think> tags before the answer, DeepSeek-R1's distilled models
+    end them with </think> alone (their prompt opens the tag). They are parted as vLLM's reasoning parsers
+    part them: the filters and the next turn read the answer, the row keeps the thoughts apart; thoughts
+    that never ended (cut at maxNewTokens) answer nothing."""
+    replies = {"What is a hash map?": "<think>\nThinking of hash maps.\n</think>\n\nA table of keys.",
+               "And a collision?": "Thinking of collisions.\n</think>\n\nTwo keys in one slot.",
+               "Why is the sky blue?": "<think>\nThe sky... Rayleigh... so"}
+    openai_server.reply = lambda r: {"text": replies[r.last_user]}
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
+    rows = [{"conversations": [{"from": "human", "value": "What is a hash map?"}, {"from": "gpt", "value": "old"},
+                               {"from": "human", "value": "And a collision?"}]}, {"prompt": "Why is the sky blue?"}]
+    source = {"uri": jsonl_file(tmp_path / "prompts.jsonl", rows), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None,
+                   split={"validation": 0.0, "test": 0.0})
+    _, result = run_in_process(tmp_path, doc)
+    [row] = [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()]
+    assert row["messages"][1::2] == [
+        {"role": "assistant", "content": "A table of keys.", "reasoning_content": "Thinking of hash maps."},
+        {"role": "assistant", "content": "Two keys in one slot.", "reasoning_content": "Thinking of collisions."}]
+    [second] = [r for r in openai_server.requests if r.last_user == "And a collision?"]
+    assert second.messages[1] == {"role": "assistant", "content": "A table of keys."}
+    assert result["dropped"] == {"empty": 1}
+
+
 def test_a_reasoning_model_teacher_is_asked_its_effort_with_max_completion_tokens(tmp_path, openai_server,
                                                                                 monkeypatch):
     """OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens and a temperature of their caller's:

@@ -118,8 +118,6 @@ BAD = [
         "model": MODEL, "grader": {"operation": "similarity", "metric": "cosine", "embeddings": {
             "model": "text-embedding-3-small", "reasoningEffort": "low"}}}},
      "reasoningEffort applies to a chat model, not embeddings"),
-    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "teacher": {"model": MODEL, "reasoning": "drop"}},
-     "reasoning drop applies to an openai teacher, whose API returns the reasoning apart from the answer"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "referencePattern": "#### (.+)"},
      "referencePattern takes the reference out of each answer for format graded: set format graded"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "difficulty": {

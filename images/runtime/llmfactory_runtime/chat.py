@@ -149,21 +149,25 @@ def thought_and_said(message: dict[str, Any]) -> str:
     return f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}" if reasoning else message["content"]
 
 
-def inline_reasoning(content: Any) -> str:
-    """The reasoning a message's content holds before its answer, in <think> tags (as DeepSeek-R1's
-    distilled models write it, and OpenR1's and OpenThoughts' rows keep it); "" where it holds none."""
-    if not isinstance(content, str) or "</think>" not in content:
-        return ""
-    return content.split("</think>", 1)[0].split("<think>")[-1].strip()
+def reasoning_apart(text: str) -> tuple[str, str]:
+    """A text's reasoning and its answer, as a reasoning model writes them: the reasoning in <think> tags
+    before the answer (Qwen3's, and OpenR1's rows), or ended by </think> alone where the generation
+    prompt opened the tag (DeepSeek-R1's distilled models'), as vLLM's reasoning parsers part them;
+    ("", text) where it holds none, (reasoning, "") where the reasoning never ended (cut at the
+    answer's token limit)."""
+    if text.lstrip().startswith("<think>"):
+        thought, closed, answer = text.lstrip()[len("<think>"):].partition("</think>")
+        return thought.strip(), answer.strip() if closed else ""
+    thought, closed, answer = text.partition("</think>")
+    if closed and "<think>" not in thought:
+        return thought.strip(), answer.strip()
+    return "", text
 
 
 def said(answer: str) -> str:
-    """An answer without the reasoning a model wrote before it in <think> tags (as one trained on
-    reasoning traces does): what a judge rates and a later turn sees of it; "" where the reasoning never
-    ended (cut at the answer's token limit), an answer without any as it is."""
-    if not answer.lstrip().startswith("<think>"):
-        return answer
-    return answer.split("</think>", 1)[1].strip() if "</think>" in answer else ""
+    """An answer without the reasoning a model wrote before it (reasoning_apart): what a judge rates
+    and a later turn sees of it; "" where the reasoning never ended."""
+    return reasoning_apart(answer)[1]
 
 
 def _reasoned(message: dict[str, Any], in_field: bool) -> dict[str, Any]:
@@ -274,7 +278,8 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], first: int = 0,
             raise NotPrefixByPrefix("the chat template does not render conversations prefix by prefix; "
                                     "assistant-only loss cannot be located")
         missing += unwritten(through[len(prefix):], None, msg.get("tool_calls") or [])
-        thought = msg.get(REASONING_KEY) or inline_reasoning(msg.get("content"))
+        content = msg.get("content")
+        thought = msg.get(REASONING_KEY) or (reasoning_apart(content)[0] if isinstance(content, str) else "")
         if thought and thought not in through[len(prefix):]:
             raise InvalidTask("the chat template drops the reasoning the data holds (as DeepSeek-R1's distilled "
                               "models' template drops what comes before </think>): a FineTune's spec.chatTemplate "

@@ -156,9 +156,6 @@ class Teacher(ApiModel):
          "message": "engine vllm cannot load a GGUF model (model.ggufFile): use engine transformers or auto"},
         {"rule": "self.samples == 1 || self.temperature > 0",
          "message": "samples above 1 need temperature above 0: greedy decoding writes the same answer every time"},
-        {"rule": "self.reasoning == 'keep' || has(self.openai)",
-         "message": "reasoning drop applies to an openai teacher, whose API returns the reasoning apart from the "
-                    "answer; a local teacher's answer is its text as generated"},
     ]
 
     openai: OpenAIEndpoint | None = Field(None, description="An OpenAI-compatible chat-completions endpoint.")
@@ -177,13 +174,15 @@ class Teacher(ApiModel):
         "with more samples asks only for the new ones."))
     reasoning: Literal["keep", "drop"] = Field("keep", description=(
         "A reasoning model's chain of thought, which its API returns apart from the answer (DeepSeek's and "
-        "vLLM's reasoning_content, OpenRouter's reasoning): keep writes it with each answer, for a student that "
+        "vLLM's reasoning_content, OpenRouter's reasoning) and a local teacher (or a server without a reasoning "
+        "parser) writes before it in <think> tags (Qwen3's; DeepSeek-R1's distilled models' prompt opens the tag): "
+        "keep writes it with each answer, for a student that "
         "learns to reason (chatml: the assistant message's reasoning_content, which a FineTune gives a template "
         "that reads it, Qwen3's or gpt-oss', and writes in <think> tags before the answer for any other; "
         "sharegpt: in <think> tags); drop keeps the answers alone. It is cached with the answer either way: "
         "switching asks nothing again. The filters and judge read the answer (maxAnswerTokens counts the "
         "teacher's completion tokens, its reasoning's among them); preference pairs and graded prompts hold "
-        "answers alone. A local teacher's answer is its text as generated."))
+        "answers alone."))
 
 
 class LanguageDetection(ApiModel):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .. import usage as usage_module
 from ..answer_cache import AnswerCache
-from ..chat import REASONING_KEY
+from ..chat import REASONING_KEY, reasoning_apart
 from ..data import without_reasoning
 from ..openai_client import (REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, Completion, EndpointError, api_key,
                              endpoint_identity)
@@ -185,7 +185,7 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
         done[0] += len(asking) * samples - len(todo)
         if todo:
             ask(todo)
-        got = [[cache.get(key) for key in row] for row in keys]
+        got = [[_parted(cache.get(key)) for key in row] for row in keys]
         usage.used_tokens += sum(g["tokens"] for row in got for g in row)
         return got
 
@@ -196,6 +196,15 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
         stack.close()
         cache.compact()
     return kept, usage
+
+
+def _parted(answer: dict[str, Any]) -> dict[str, Any]:
+    """A teacher's answer with the reasoning its text holds apart (chat.reasoning_apart), as an API that
+    parts them gives it: a local teacher's text as generated, and a server's without a reasoning parser."""
+    if answer.get("rejected") or answer.get("reasoning"):
+        return answer
+    thought, text = reasoning_apart(answer["text"])
+    return {**answer, "text": text, **({"reasoning": thought} if thought else {})}
 
 
 def keep_given(prompts: list[dict[str, Any]], keep: AnswerFilter, drops: Drops, progress: Progress,
