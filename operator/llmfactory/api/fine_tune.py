@@ -941,6 +941,9 @@ class FineTuneResult(ApiModel):
         "template, generation config, model card. Absent when mergeAdapter is false."))
     adapter_uri: str | None = Field(None, description="LoRA adapter (methods lora and qlora), with tokenizer and model card.")
     base_model: ModelSource = Field(description="The model that was fine-tuned.")
+    base_fine_tune: str | None = Field(None, description=(
+        "The FineTune whose model it was (spec.baseModel.fineTuneRef): a chain's model has the shape of its first "
+        "FineTune's base, which the planner estimates the next one by."))
     objective: str | None = Field(None, description=(
         "What it trained with (spec.objective): reward for a reward model, which scores conversations "
         "rather than writing them."))

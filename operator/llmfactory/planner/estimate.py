@@ -20,7 +20,7 @@ from ..api.common import ModelSource, operational_fields
 from .errors import PlanError
 from .gguf_header import read_header
 from .manifests import Resource
-from .promise import Unknown
+from .promise import PromiseLookup, Unknown
 
 
 def _local_path(uri: str) -> Path | None:
@@ -114,18 +114,34 @@ def check_targets(res: Resource, base=None) -> None:
                         "all-linear)")
 
 
-def shape_source(res: Resource, trained: dict[str, Any] | None = None) -> Any:
+def shape_source(res: Resource, trained: dict[str, Any] | None = None,
+                 promise_of: PromiseLookup | None = None) -> Any:
     """The model whose shape a FineTune's base has: its baseModel, or for a FineTune's model (fineTuneRef)
-    the base that one trained from, as its result or promise (`trained`) names it, where that is a
-    source the planner can read (a model trained from another FineTune's is named by a URI only its run
-    knows); None when it cannot be read."""
+    the base the first FineTune of the chain trained from (SFT, then DPO, then GRPO), as their specs
+    promise it (`promise_of`), or else the base the one it names trained from, as its result or promise
+    (`trained`) says, where that is a source the planner can read (a model trained from another
+    FineTune's is named by a URI only its run knows); None when it cannot be read."""
     if res.spec.base_model.fine_tune_ref is None:
         return res.spec.base_model
     try:
-        base = trained["baseModel"] if trained is not None else None
+        base = _first_base(res, promise_of) if promise_of else None
+        base = base or (trained["baseModel"] if trained is not None else None)
         return ModelSource.model_validate(base) if isinstance(base, dict) else None
     except (Unknown, ValidationError):  # a promise that names no base; a pending URI
         return None
+
+
+def _first_base(res: Resource, promise_of: PromiseLookup) -> dict[str, Any] | None:
+    """The baseModel of the first FineTune of the chain res trains from, as their specs promise it; None
+    where one of them is not known (or they name each other in a circle, which waits forever)."""
+    seen, name = {res.name}, res.spec.base_model.fine_tune_ref.name
+    while name not in seen:
+        seen.add(name)
+        promised = promise_of("FineTune", res.namespace, name)
+        if "baseFineTune" not in promised:
+            return promised["baseModel"]
+        name = promised["baseFineTune"]
+    return None
 
 
 def check_fits(res: Resource, base=None) -> Estimate | None:

@@ -90,6 +90,10 @@ def _fine_tune(res: Resource, promise_of) -> Promise:
         "objective": spec.objective, "digest": PENDING, "datasetUri": PENDING, "datasetDigest": PENDING,
         # A source is passed on as it is; a FineTune's model by the URI only its result knows.
         "baseModel": {"uri": PENDING} if spec.base_model.fine_tune_ref else spec.base_model.wire()}
+    if spec.base_model.fine_tune_ref:  # the FineTune whose model it trains from: a chain's shape is its first base's
+        fields["baseFineTune"] = spec.base_model.fine_tune_ref.name
+    else:
+        absent.add("baseFineTune")
     for key, kept in (("modelUri", spec.method == "full" or spec.merge_adapter), ("adapterUri", spec.method != "full")):
         if kept:
             fields[key] = PENDING

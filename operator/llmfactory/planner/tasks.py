@@ -62,7 +62,7 @@ def plan(res: Resource, result_of: ResultLookup, store_uri: str, config_map_of: 
         upstream[path] = result
     estimate = None
     if res.kind == "FineTune":  # a FineTune's model (fineTuneRef) has the shape of the base it was trained from
-        base = shape_source(res, upstream.get("spec.baseModel.fineTuneRef"))
+        base = shape_source(res, upstream.get("spec.baseModel.fineTuneRef"), promise_of)
         if base is not None:  # a misspelt target first: the estimate would count no adapters
             check_targets(res, base)
             estimate = check_fits(res, base)

@@ -511,6 +511,7 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
         **result,
         **summary,
         "baseModel": inputs["baseModel"],
+        **({"baseFineTune": ref["name"]} if (ref := task["spec"]["baseModel"].get("fineTuneRef")) else {}),
         "objective": objective,
         "datasetUri": dataset["uri"],
         "datasetFormat": dataset["format"],
