@@ -63,6 +63,23 @@ def test_the_grader_compares_the_answer_or_what_extract_picks_of_it_with_the_ref
     assert last_number("-3.5e2 and 1,000,000") == 1_000_000 and last_number("none") is None
 
 
+def test_a_reasoning_models_answer_is_graded_by_what_it_says_after_its_reasoning():
+    """As OpenAI's graders read a reasoning model's output_text: a GRPO run on reasoning traces (or a
+    Benchmark of such a model) grades the answer after `<think>...</think>` (or after `</think>` alone,
+    DeepSeek-R1's distilled models'), not the thoughts; thoughts cut at maxNewTokens answer nothing, so
+    a number in them earns no reward."""
+    rows = [graded_of({"prompt": "6 x 7?", "answer": "42"}, grader(op)) for op in ("equals", "number", "contains")]
+    answers = ["<think>\n6 x 7... 40 + 2 = 42\n</think>\n\n42", "Six sevens: 42.\n</think>\n\n42",
+               "<think>\n6 x 7 is 42, I think, or 41\n</think>\n\nIt is 41.", "<think>\n6 x 7 = 42, so the answer is"]
+    got = {op: rewards(grader(op), answers, [row] * 4, "file:///unused", "spec.grpo.grader")
+           for op, row in zip(("equals", "number", "contains"), rows)}
+    assert got == {"equals": [1.0, 1.0, 0.0, 0.0], "number": [1.0, 1.0, 0.0, 0.0], "contains": [1.0, 1.0, 0.0, 0.0]}
+    summed = {"operation": "sum", "parts": [{**grader("equals"), "name": "exact", "weight": 1.0},
+                                            {**grader("number"), "name": "final", "weight": 0.5}]}
+    assert rewards(summed, answers, [graded_of({"prompt": "6 x 7?", "answer": "42"}, summed)] * 4, "file:///unused",
+                   "spec.grpo.grader") == [1.5, 1.5, 0.0, 0.0]
+
+
 def test_a_math_grader_compares_the_final_answer_with_the_reference_as_mathematics():
     """operation math (math-verify): the boxed answer is the one compared, against a bare reference or a
     solution's boxed one, equal as numbers, fractions, expressions, intervals or choices; a wrong or
@@ -584,8 +601,10 @@ def test_the_examples_python_grader_rewards_the_right_answer_and_reasoning_in_th
     graded = [graded_of({"messages": [{"role": "user", "content": "Natalia sold 48 clips..."}],
                          "reference": "1,250", "language": "en"}, spec)] * 5
     answers = ["<think>48 + 1202</think>\n#### 1,250", "#### $1250", "<think>48 / 2</think>\n#### 24",
-               "The answer is 1250.", "#### 1250 <think>late</think>"]
-    assert rewards(spec, answers, graded, "file:///unused", "spec.grpo.grader") == [1.2, 1.0, 0.2, 0.0, 1.0]
+               "The answer is 1250.", "#### 1250 <think>late</think>", "<think>48 + 1202, so #### 1250",
+               "<think>\n\n</think>\n\n#### 1250"]
+    assert rewards(spec, answers, graded[:1] * 7, "file:///unused", "spec.grpo.grader") == [1.2, 1.0, 0.2, 0.0, 1.0, 0.0,
+                                                                                         1.0]
 
 
 def test_python_source_that_cannot_load_or_ends_its_process_is_an_error_naming_the_field():

@@ -212,7 +212,8 @@ def test_prompts_offer_their_tools_to_the_model_and_a_template_that_leaves_them_
               "    return 10 * len(calls) + sum(json.loads(c['function']['arguments'])['city'] == 'Oslo'\n"
               "                                 for c in calls)\n")
     answer = _written("get_weather", city="Paris") + _written("get_weather", city="Oslo")
-    assert grade(source, [answer, "Sunny.", "<tool_call>{oops"], [{}, {}, {}], "spec.grpo.grader") == [21, 0, 0]
+    assert grade(source, [("", a) for a in (answer, "Sunny.", "<tool_call>{oops")], [{}, {}, {}],
+                 "spec.grpo.grader") == [21, 0, 0]
 
 
 def test_the_importance_matrix_reads_a_tool_conversations_signatures_and_calls_too():

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from . import GRADER_KEY_ENV, math_answer, python_grader
+from .chat import reasoning_apart, said
 from .data import ends_with_answer, graded_turn, messages_of, prompt_of, tools_of
 from .usage import Usage
 from .similarity import missing, similarity
@@ -171,13 +172,17 @@ def graded_rows(rows: list[dict[str, Any]], grader: dict[str, Any], where: str) 
 def rewards(grader: dict[str, Any], answers: list[str], graded: list[dict[str, Any]], cache_uri: str,
             field: str) -> list[float]:
     """The grader's reward of each answer to its graded row (as graded_of gives them): 0-1, what a
-    python grader returns, a reward model's score, or a sum's weighted parts. An API judge is asked
-    about all of them at once, within its limits; `field` names the grader in the spec, for its errors."""
+    python grader returns, a reward model's score, or a sum's weighted parts. An answer is what it says
+    after a reasoning model's reasoning (chat.reasoning_apart), as OpenAI's graders read a reasoning
+    model's output_text; a python grader is given the reasoning too. An API judge is asked about all of
+    them at once, within its limits; `field` names the grader in the spec, for its errors."""
     operation = grader["operation"]
     if operation == "sum":
         return rewards_by_part(grader, answers, graded, cache_uri, field)[0]
     if operation == "python":
-        return python_grader.grade(grader["source"], answers, [g["item"] for g in graded], field)
+        return python_grader.grade(grader["source"], list(map(reasoning_apart, answers)), [g["item"] for g in graded],
+                                   field)
+    answers = list(map(said, answers))
     if operation == "label":
         return _labelled(grader, answers, graded, cache_uri, field)
     if operation == "toolCalls":

@@ -1,6 +1,7 @@
 """A grader written in Python, as OpenAI's python grader: the spec's source defines
 grade(sample, item) -> float, called with sample {"output_text": the answer, "output_tools": the tool
-calls it makes, as OpenAI's tool calls} and item the dataset row.
+calls it makes, as OpenAI's tool calls, "output_reasoning": the reasoning a reasoning model wrote before
+it, "" where none} and item the dataset row.
 
 The source runs in a child process of its own (`python -m llmfactory_runtime.python_grader`), one per
 training process and source, for three reasons: its state and random draws stay out of training's (a
@@ -51,12 +52,13 @@ class PythonGrader:
             self.close()
             raise InvalidTask(f"{field}.source: {reply['error']}")
 
-    def grade(self, answers: list[str], items: list[dict[str, Any]]) -> list[float]:
-        reply = self._ask({"samples": [{"output_text": a, "output_tools": openai_calls(a)} for a in answers],
-                           "items": items})
+    def grade(self, answers: list[tuple[str, str]], items: list[dict[str, Any]]) -> list[float]:
+        """The scores of answers (reasoning, what it says) with their rows."""
+        reply = self._ask({"samples": [{"output_text": a, "output_tools": openai_calls(a), "output_reasoning": r}
+                                       for r, a in answers], "items": items})
         if "error" in reply:
             raise InvalidTask(f"{self.field}.source: grade() failed on the answer "
-                              f"{answers[reply['index']][:300]!r}: {reply['error']}")
+                              f"{answers[reply['index']][1][:300]!r}: {reply['error']}")
         return reply["scores"]
 
     def _ask(self, request: dict) -> dict:
@@ -88,8 +90,9 @@ def _environment() -> dict[str, str]:
     return env | {"AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
 
 
-def grade(source: str, answers: list[str], items: list[dict[str, Any]], field: str) -> list[float]:
-    """grade(sample, item) of each answer with its row, by the source's process (started once per source)."""
+def grade(source: str, answers: list[tuple[str, str]], items: list[dict[str, Any]], field: str) -> list[float]:
+    """grade(sample, item) of each answer (its reasoning, what it says) with its row, by the source's process
+    (started once per source)."""
     if source not in _running:
         _running[source] = PythonGrader(source, field)
     return _running[source].grade(answers, items)

@@ -266,6 +266,8 @@ class GraderPart(ApiModel):
     operation: Literal["equals", "contains", "icontains", "number", "math", "similarity", "judge", "label",
                        "python", "rewardModel", "toolCalls"] = Field(
         "equals", description=(
+        "The answer is what a reasoning model says after its reasoning (<think>...</think>), as OpenAI's graders "
+        "read a reasoning model's output_text; reasoning cut off before it ends answers nothing. "
         "equals: the answer (after extract) is the reference, leading and trailing whitespace aside. "
         "contains: the answer contains the reference; icontains: ignoring case. number: the last number "
         "in the answer (commas and a leading $ allowed) equals the reference's, as GSM8K's and MATH's "
@@ -284,7 +286,7 @@ class GraderPart(ApiModel):
         "no pick after its re-asks), and a local judge's reward is its probability of picking one of them: for a "
         "rubric, e.g. whether the answer is polite, on topic or follows a policy. python: "
         "grader.source's grade(sample, item) returns the reward (sample.output_text, the answer; sample.output_tools, "
-        "the tool calls it makes, as OpenAI's). rewardModel: grader.rewardModel's score of the "
+        "the tool calls it makes, as OpenAI's; sample.output_reasoning, the reasoning before it). rewardModel: grader.rewardModel's score of the "
         "conversation (prompt and answer), on its own scale, as TRL's reward models. toolCalls: 1 when the answer "
         "makes exactly the tool calls expected, in any order (the same functions with equal arguments as JSON, "
         "none missing or extra: the Berkeley Function-Calling Leaderboard's AST check), else 0. The prompt is "
@@ -370,7 +372,8 @@ class GraderPart(ApiModel):
         "pass (right-padded, each read at its last token, as transformers reads one alone); its weights take GPU memory beside the model's, which the planner counts."))
     source: str | None = Field(None, min_length=1, max_length=262144, description=(
         "operation python: Python source (OpenAI's python grader) defining grade(sample, item) that returns "
-        "the reward as a number: sample is {\"output_text\": the answer}, item the dataset row with all its "
+        "the reward as a number: sample is {\"output_text\": the answer, \"output_tools\": its tool calls, "
+        "\"output_reasoning\": the reasoning before it}, item the dataset row with all its "
         "fields. It runs in a process of its own beside each training process, with the runtime image's "
         "packages and the Job's environment less its credentials (the store's keys, API keys, tokens), as it "
         "may run code a model wrote; it is no sandbox: what files and network the Job reaches, it reaches. A call may take "
