@@ -242,6 +242,25 @@ def test_a_reasoning_model_teacher_is_asked_its_effort_with_max_completion_token
     assert len(openai_server.requests) == 2 and result["teacherUsage"]["cached"] == 1
 
 
+def test_a_teachers_chat_template_kwargs_are_sent_with_each_request_and_cache_its_answers_apart(
+        tmp_path, openai_server, monkeypatch):
+    """Qwen3 served by vLLM reasons before every answer unless its template is told otherwise:
+    openai.chatTemplateKwargs {enable_thinking: false} is sent as vLLM's chat_template_kwargs, and the
+    answers it gets are cached apart from those asked without it."""
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
+    source = {"uri": jsonl_file(tmp_path / "prompts.jsonl", [{"prompt": "What is a hash map?"}]), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None,
+                   split={"validation": 0.0, "test": 0.0})
+    run_in_process(tmp_path, doc)
+    doc["spec"]["teacher"]["openai"]["chatTemplateKwargs"] = {"enable_thinking": False}
+    run_in_process(tmp_path, doc)
+    first, second = openai_server.requests
+    assert "chat_template_kwargs" not in first.body and second.body["chat_template_kwargs"] == {"enable_thinking": False}
+    doc["spec"]["split"]["seed"] = 7  # another build of the same answers: all cached
+    _, result = run_in_process(tmp_path, doc)
+    assert len(openai_server.requests) == 2 and result["teacherUsage"]["cached"] == 1
+
+
 @pytest.mark.parametrize("group_rows, group_bytes, groups", [(2, 2**20, 3), (1000, 1, 5)])
 def test_a_splits_parquet_holds_every_rows_fields_whichever_row_group_they_first_appear_in(
         tmp_path, monkeypatch, group_rows, group_bytes, groups):

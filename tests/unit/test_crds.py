@@ -118,6 +118,10 @@ BAD = [
         "model": MODEL, "grader": {"operation": "similarity", "metric": "cosine", "embeddings": {
             "model": "text-embedding-3-small", "reasoningEffort": "low"}}}},
      "reasoningEffort applies to a chat model, not embeddings"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "format": "graded", "difficulty": {
+        "model": MODEL, "grader": {"operation": "similarity", "metric": "cosine", "embeddings": {
+            "model": "text-embedding-3-small", "chatTemplateKwargs": {"enable_thinking": False}}}}},
+     "chatTemplateKwargs applies to a chat model's template, not embeddings"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "referencePattern": "#### (.+)"},
      "referencePattern takes the reference out of each answer for format graded: set format graded"),
     ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "difficulty": {

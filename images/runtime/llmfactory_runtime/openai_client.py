@@ -56,10 +56,10 @@ class Completion:
 
 def endpoint_identity(endpoint: dict[str, Any]) -> dict[str, Any]:
     """What of an endpoint decides its answers, for the caches that keep them: its URL and model, and the
-    reasoning effort it is asked for (only where set: caches from before it was a field stay found)."""
-    effort = endpoint.get("reasoningEffort")
+    reasoning effort and chat template arguments it is asked with (only where set: caches from before
+    they were fields stay found)."""
     return {"baseUrl": endpoint.get("baseUrl"), "model": endpoint["model"],
-            **({"reasoningEffort": effort} if effort else {})}
+            **{k: endpoint[k] for k in ("reasoningEffort", "chatTemplateKwargs") if endpoint.get(k)}}
 
 
 def api_key(endpoint: dict[str, Any], env_name: str, field: str) -> str | None:
@@ -180,7 +180,9 @@ class ChatClient:
         # A reasoning model (OpenAI's o-series, gpt-5) refuses max_tokens and any temperature but its own.
         limits = ({"max_completion_tokens": max_tokens, "reasoning_effort": effort} if effort else
                   {"max_tokens": max_tokens, "temperature": temperature})
-        body = {"model": self.endpoint["model"], "messages": messages, **limits, **extra}
+        template = self.endpoint.get("chatTemplateKwargs")  # vLLM's, SGLang's, llama.cpp's
+        body = {"model": self.endpoint["model"], "messages": messages, **limits,
+                **({"chat_template_kwargs": template} if template else {}), **extra}
         # ~4 characters a token: reserved now, corrected by the reported usage afterwards.
         reserved = sum(len(m["content"]) for m in messages) / 4 + max_tokens
         return self._parse(await self._post("/chat/completions", body, reserved), reserved)

@@ -187,6 +187,11 @@ class OpenAIEndpoint(ApiModel):
         "of max_tokens, and which counts their reasoning: leave room for it; a judge's reply may take 16,384) "
         "and no temperature (they sample at their own). Part of what caches an answer. Unset: max_tokens and temperature, as every "
         "OpenAI-compatible server takes them."))
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "Sent with each request as chat_template_kwargs, which vLLM, SGLang and llama.cpp's server pass to the "
+        "model's chat template: {enable_thinking: false} has Qwen3 (and SmolLM3, GLM-4.5) answer without "
+        "reasoning first, {thinking: true} has DeepSeek-V3.1 reason. OpenAI's API refuses it. Part of what "
+        "caches an answer."), json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
 
 class EmbeddingsEndpoint(OpenAIEndpoint):
@@ -194,7 +199,9 @@ class EmbeddingsEndpoint(OpenAIEndpoint):
     embedding model, llama.cpp's server with --embedding..."""
 
     cel_rules: ClassVar = OpenAIEndpoint.cel_rules + [
-        {"rule": "!has(self.reasoningEffort)", "message": "reasoningEffort applies to a chat model, not embeddings"}]
+        {"rule": "!has(self.reasoningEffort)", "message": "reasoningEffort applies to a chat model, not embeddings"},
+        {"rule": "!has(self.chatTemplateKwargs)",
+         "message": "chatTemplateKwargs applies to a chat model's template, not embeddings"}]
 
     base_url: str = Field("https://api.openai.com/v1", pattern=HTTP_URL_PATTERN, max_length=2048,
                           description="API root; requests go to {baseUrl}/embeddings.")
