@@ -530,7 +530,7 @@ def test_an_answers_reasoning_is_learned_where_the_template_writes_it_or_in_thin
 
 # Qwen3's template, in short: the answers after the last question are written with their reasoning in
 # <think> tags (an empty block where they have none; reasoning inline in the content read as Qwen3's
-# reads it), every earlier answer without it.
+# reads it), every earlier answer without it; enable_thinking false writes the empty block in the prompt.
 QWEN3_LIKE = (
     "{%- set ns = namespace(last=messages|length - 1) %}"
     "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
@@ -541,7 +541,36 @@ QWEN3_LIKE = (
     "{%- if loop.index0 > ns.last %}{{- '<|im_start|>assistant\\n<think>\\n' + thought + '\\n</think>\\n\\n' + content }}"
     "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}{{- '<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def test_a_models_chat_template_kwargs_render_every_conversation_and_are_never_saved(tiny_model, tmp_path):
+    """A Benchmark's model under test with chatTemplateKwargs {enable_thinking: false} (Qwen3 answering
+    without reasoning): every prompt of it is rendered so, by transformers and by vLLM's server (sent
+    as its chat_template_kwargs); the tokenizer saved from it renders as the template does alone."""
+    from llmfactory_runtime.chat import use_template
+    from llmfactory_runtime.models import tokenizer_for
+    from llmfactory_runtime.vllm_server import VllmServer
+
+    import shutil
+
+    shutil.copytree(tiny_model, tmp_path / "qwen3-like")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    use_template(tok, QWEN3_LIKE, ("<|im_start|>", "<|im_end|>"))
+    tok.save_pretrained(tmp_path / "qwen3-like")
+    question = [{"role": "user", "content": "2+2?"}]
+    source = {"uri": f"file://{tmp_path}/qwen3-like", "chatTemplateKwargs": {"enable_thinking": False}}
+    for model in (source, {**source, "adapterUri": f"file://{tmp_path}/qwen3-like"}):
+        tok, _ = tokenizer_for(model, cache=False)
+        assert render(tok, question, add_generation_prompt=True).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert VllmServer(model).request_params["chat_template_kwargs"] == {"enable_thinking": False}
+    shutil.copytree(tiny_model, tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
+    plain, _ = tokenizer_for({"uri": f"file://{tmp_path}/saved"}, cache=False)
+    assert render(plain, question, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    assert "chat_template_kwargs" not in VllmServer({"uri": f"file://{tmp_path}/saved"}).request_params
 
 
 def _examples(tok, rows: list[dict], every_token: bool = False) -> list[tuple[str, list[str]]]:

@@ -289,6 +289,23 @@ def test_benchmark_of_a_quantization_loads_its_first_artifact():
     assert task["inputs"]["model"] == {"uri": "s3://b/q/compressed/x-fp8", "digest": "abc"}
 
 
+def test_a_model_under_tests_chat_template_kwargs_go_with_it_and_to_the_base_it_is_compared_with():
+    """spec.model.chatTemplateKwargs ({enable_thinking: false}: Qwen3 without reasoning) is how the model
+    under test is rendered, and its base (the baseline it implies), so the two are asked alike; a
+    baselineModel has its own; a Benchmark without any plans as it did (the same digest)."""
+    results = lookup({("FineTune", "ft"): FT_RESULT, ("DatasetBuild", "data"): DATA_RESULT})
+    before = plan(parse(BENCH), results, STORE)
+    plain = {"enable_thinking": False}
+    spec = {**BENCH["spec"], "model": {"fineTuneRef": {"name": "ft"}, "chatTemplateKwargs": plain}}
+    task = plan(parse(m("Benchmark", "bench", spec)), results, STORE)
+    assert task["inputs"]["model"] == {"uri": "s3://bucket/ft/model", "digest": "sha256:fff", "chatTemplateKwargs": plain}
+    assert task["inputs"]["baseline"] == {**MODEL, "chatTemplateKwargs": plain} and task["digest"] != before["digest"]
+    spec["baselineModel"] = {"source": MODEL}
+    assert plan(parse(m("Benchmark", "bench", spec)), results, STORE)["inputs"]["baseline"] == MODEL
+    assert before["inputs"]["model"] == {"uri": "s3://bucket/ft/model", "digest": "sha256:fff"}
+    assert before["digest"] == plan(parse(copy.deepcopy(BENCH)), results, STORE)["digest"]
+
+
 def test_a_quantization_is_compared_with_the_fine_tune_it_was_made_from():
     """spec.baselineModel: the baseline is the named FineTune's model, not a base; the Benchmark
     waits for it, runs after it, and its digest follows that model's."""

@@ -208,6 +208,21 @@ def refuse_unwritten(missing: list[str]) -> None:
                           "do; or use a model whose template writes them")
 
 
+# Where a tokenizer keeps the arguments its model's template is rendered with (a model input's
+# chatTemplateKwargs: Qwen3's enable_thinking), for every render of this process; never saved with it.
+_TEMPLATE_KWARGS = "llmfactory_chat_template_kwargs"
+
+
+def set_template_kwargs(tokenizer, kwargs: dict[str, Any]) -> None:
+    """Render every conversation of this tokenizer with these template arguments."""
+    setattr(tokenizer, _TEMPLATE_KWARGS, dict(kwargs))
+
+
+def template_kwargs(tokenizer) -> dict[str, Any]:
+    """The template arguments the tokenizer renders with (set_template_kwargs), {} for none."""
+    return getattr(tokenizer, _TEMPLATE_KWARGS, {})
+
+
 def apply_template(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None, **kwargs: Any):
     """tokenizer.apply_chat_template, where a template that refuses a conversation (raise_exception in
     its Jinja: Mistral-7B-Instruct-v0.1's and Gemma's refuse a system message) is an invalid task
@@ -219,7 +234,8 @@ def apply_template(tokenizer, messages: list[dict[str, Any]], tools: list[dict] 
         if any(m.get(REASONING_KEY) for m in messages):
             in_field = writes_reasoning(tokenizer)
             messages = [_reasoned(m, in_field) for m in messages]
-        return tokenizer.apply_chat_template([_for_template(m) for m in messages], **offered, **kwargs)
+        return tokenizer.apply_chat_template([_for_template(m) for m in messages], **offered,
+                                             **{**template_kwargs(tokenizer), **kwargs})
     except TemplateError as exc:
         roles = ", ".join(m["role"] for m in messages)
         raise InvalidTask(f"the model's chat template refuses a conversation of roles {roles}: {exc} (a FineTune "

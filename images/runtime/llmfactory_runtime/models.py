@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from . import libraries
-from .chat import TEMPLATES, use_template
+from .chat import TEMPLATES, set_template_kwargs, use_template
 from .store import open_store
 from .task import InvalidTask
 
@@ -104,11 +104,12 @@ def load_tokenizer(source: dict[str, Any], cache: bool = True) -> PreTrainedToke
 def tokenizer_for(source: dict[str, Any], cache: bool = True,
                   template: tuple[str, tuple[str, ...]] | None = None) -> tuple[PreTrainedTokenizerBase, list[int]]:
     """The source's tokenizer with chat `template` and its markers (chat.template_of; None: its own,
-    ChatML where it has none), and the ids of the markers that gave it beyond the tokenizer as
-    shipped: rows the checkpoint never trained even where it has them (a vocabulary padded to a
-    multiple of 64)."""
+    ChatML where it has none), rendering with the source's chatTemplateKwargs, and the ids of the
+    markers that gave it beyond the tokenizer as shipped: rows the checkpoint never trained even where
+    it has them (a vocabulary padded to a multiple of 64)."""
     if source.get("adapterUri"):  # a FineTune keeps the tokenizer it trained with beside its adapter
-        return tokenizer_for({"uri": source["adapterUri"]}, cache, template)
+        return tokenizer_for({"uri": source["adapterUri"], **{k: v for k, v in source.items() if k == "chatTemplateKwargs"}},
+                             cache, template)
     cached = _gguf_cache(source, cache)
     if cached and (cached / ".complete").exists():
         tok = AutoTokenizer.from_pretrained(cached)
@@ -120,6 +121,8 @@ def tokenizer_for(source: dict[str, Any], cache: bool = True,
         added = use_template(tok, *(template or TEMPLATES["chatml"]))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if source.get("chatTemplateKwargs"):
+        set_template_kwargs(tok, source["chatTemplateKwargs"])
     return tok, added
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from .chat import template_kwargs
 from .generate import Generation, stop_token_ids
 from .models import compute_dtype, load_config, load_tokenizer, locate
 from .openai_client import ChatClient, Completion
@@ -207,8 +208,11 @@ class VllmServer:
         self.tokenizer = tokenizer or load_tokenizer(source)
         self.dtype, self.lora_rank, self.max_model_len, self.cuda_device = dtype, lora_rank, max_model_len, cuda_device
         self.reloads_weights = reloads_weights
-        # Sent with every request: stop where the transformers engine stops, no special tokens in text.
-        self.request_params = {"stop_token_ids": stop_token_ids(self.tokenizer), "skip_special_tokens": True}
+        # Sent with every request: stop where the transformers engine stops, no special tokens in text,
+        # the template rendered as transformers renders it.
+        rendered_with = template_kwargs(self.tokenizer)
+        self.request_params = {"stop_token_ids": stop_token_ids(self.tokenizer), "skip_special_tokens": True,
+                               **({"chat_template_kwargs": rendered_with} if rendered_with else {})}
         self.process: subprocess.Popen | None = None
         self.log_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.port = _free_port()

@@ -4,7 +4,7 @@ preference pairs, with gates."""
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -29,6 +29,12 @@ class ModelUnderTest(ApiModel):
         None, description="A Quantization's first artifact (GGUF file or compressed-tensors folder), loaded back "
                           "through transformers.")
     source: ModelSource | None = Field(None, description="Any model by Hugging Face id or URI.")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "Arguments its chat template is rendered with, wherever this Benchmark renders a conversation for it "
+        "(as transformers' apply_chat_template and vLLM's chat_template_kwargs take them): {enable_thinking: "
+        "false} has Qwen3 (and SmolLM3, GLM-4.5) answer without reasoning first. spec.model's apply to the "
+        "baseline it implies (its FineTune's base); spec.baselineModel has its own. lm-eval renders with the "
+        "template's defaults."), json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
 
 class Perplexity(ApiModel):

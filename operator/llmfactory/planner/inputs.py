@@ -229,6 +229,12 @@ def _replaced(node: Any, path: str, uris: dict[str, str]) -> Any:
     return node.model_copy(update=updates) if updates else node
 
 
+def _rendered_with(model: dict[str, Any], spec) -> dict[str, Any]:
+    """A model input with the chat template arguments (chatTemplateKwargs) of the model under test
+    `spec` names; as it was where it names none (so that a task's digest is what it was)."""
+    return {**model, "chatTemplateKwargs": spec.chat_template_kwargs} if spec.chat_template_kwargs else model
+
+
 def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
     spec = res.spec
     model, base, trained_on = _trained_model(res, upstream)
@@ -236,6 +242,7 @@ def _benchmark_inputs(res: Resource, upstream: dict) -> dict[str, Any]:
         base = None
     if spec.baseline_model:  # another model to compare with than the FineTune's base
         base = _trained_model(res, upstream, "spec.baselineModel")[0]
+    model, base = _rendered_with(model, spec.model), base and _rendered_with(base, spec.baseline_model or spec.model)
     baseline = base if spec.baseline else None
     inputs: dict[str, Any] = {"model": model, "baseline": baseline}
     if spec.ranking:
