@@ -306,6 +306,17 @@ def test_a_model_under_tests_chat_template_kwargs_go_with_it_and_to_the_base_it_
     assert before["digest"] == plan(parse(copy.deepcopy(BENCH)), results, STORE)["digest"]
 
 
+def test_a_local_teachers_chat_template_kwargs_go_with_it_to_the_runtime_from_a_fine_tunes_model_too():
+    """A local teacher (or judge) model's chatTemplateKwargs reach the runtime with it, where a FineTune's
+    model (fineTuneRef) is read by URI as where it is named by one."""
+    plain = {"enable_thinking": False}
+    for model, read in (({**MODEL, "chatTemplateKwargs": plain}, MODEL["uri"]),
+                        ({"fineTuneRef": {"name": "ft"}, "chatTemplateKwargs": plain}, "s3://bucket/ft/model")):
+        taught = m("DatasetBuild", "d", {"sources": [{"inline": [{"text": "hi"}]}], "teacher": {"model": model}})
+        task = plan(parse(taught), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+        assert task["inputs"]["teacher"] == {"uri": read, "chatTemplateKwargs": plain}
+
+
 def test_a_quantization_is_compared_with_the_fine_tune_it_was_made_from():
     """spec.baselineModel: the baseline is the named FineTune's model, not a base; the Benchmark
     waits for it, runs after it, and its digest follows that model's."""

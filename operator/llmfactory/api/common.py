@@ -128,6 +128,11 @@ class TrainedModelSource(ModelSource):
         "A FineTune in this namespace whose merged model (its mergeAdapter true) this is: e.g. the SFT model "
         "writing the rejected answers of on-policy preference pairs, or a judge fine-tuned to grade. This "
         "resource waits until that one has succeeded, and runs again when it is retrained."))
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "Arguments its chat template is rendered with wherever it is asked (by transformers, and sent to vLLM as "
+        "chat_template_kwargs): {enable_thinking: false} has Qwen3 (and SmolLM3, GLM-4.5) answer without "
+        "reasoning first. Part of what caches its answers."),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
 
 class RewardModelSource(TrainedModelSource):
