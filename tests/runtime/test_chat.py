@@ -571,6 +571,11 @@ def test_a_models_chat_template_kwargs_render_every_conversation_and_are_never_s
     plain, _ = tokenizer_for({"uri": f"file://{tmp_path}/saved"}, cache=False)
     assert render(plain, question, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
     assert "chat_template_kwargs" not in VllmServer({"uri": f"file://{tmp_path}/saved"}).request_params
+    # A GGUF model dequantized once is the same weights however its template is rendered.
+    from llmfactory_runtime.models import _gguf_cache
+
+    from finetune_helpers import SMOLLM2
+    assert _gguf_cache({**SMOLLM2, "chatTemplateKwargs": {"enable_thinking": False}}, True) == _gguf_cache(SMOLLM2, True)
 
 
 def _examples(tok, rows: list[dict], every_token: bool = False) -> list[tuple[str, list[str]]]:

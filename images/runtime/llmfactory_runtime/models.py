@@ -93,7 +93,8 @@ def _gguf_cache(source: dict[str, Any], cache: bool) -> Path | None:
     if not gguf or not cache:
         return None
     stat = (Path(where) / gguf).stat() if Path(where, gguf).exists() else None
-    key = json.dumps([source, stat.st_size if stat else None, stat.st_mtime if stat else None], sort_keys=True)
+    weights = {k: v for k, v in source.items() if k != "chatTemplateKwargs"}  # how it renders is not what it holds
+    key = json.dumps([weights, stat.st_size if stat else None, stat.st_mtime if stat else None], sort_keys=True)
     return cache_root() / "gguf-as-safetensors" / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
