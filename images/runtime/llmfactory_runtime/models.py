@@ -109,8 +109,8 @@ def tokenizer_for(source: dict[str, Any], cache: bool = True,
     markers that gave it beyond the tokenizer as shipped: rows the checkpoint never trained even where
     it has them (a vocabulary padded to a multiple of 64)."""
     if source.get("adapterUri"):  # a FineTune keeps the tokenizer it trained with beside its adapter
-        return tokenizer_for({"uri": source["adapterUri"], **{k: v for k, v in source.items() if k == "chatTemplateKwargs"}},
-                             cache, template)
+        beside = {"uri": source["adapterUri"], "chatTemplateKwargs": source.get("chatTemplateKwargs")}
+        return tokenizer_for(beside, cache, template)
     cached = _gguf_cache(source, cache)
     if cached and (cached / ".complete").exists():
         tok = AutoTokenizer.from_pretrained(cached)
