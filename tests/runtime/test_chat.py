@@ -578,6 +578,31 @@ def test_a_models_chat_template_kwargs_render_every_conversation_and_are_never_s
     assert _gguf_cache({**SMOLLM2, "chatTemplateKwargs": {"enable_thinking": False}}, True) == _gguf_cache(SMOLLM2, True)
 
 
+def test_a_fine_tunes_chat_template_kwargs_render_its_data_in_every_tokenizing_process(tiny_model, tmp_path, monkeypatch):
+    """baseModel.chatTemplateKwargs {enable_thinking: false}: Qwen3's empty <think> block is the prompt's
+    (as when Qwen3 answers without reasoning), not learned; the worker processes that tokenize a split
+    render as the training process does, and the node's token files are told apart from another
+    rendering's."""
+    from llmfactory_runtime import cpus
+    from llmfactory_runtime.batching import encoded
+    from llmfactory_runtime.chat import set_template_kwargs, use_template
+    from llmfactory_runtime.finetune import token_files
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    use_template(tok, QWEN3_LIKE, ("<|im_start|>", "<|im_end|>"))
+    before = token_files.fingerprint(tok)
+    set_template_kwargs(tok, {"enable_thinking": False})
+    assert token_files.fingerprint(tok) != before
+    rows = [{"messages": [{"role": "user", "content": f"{n}+{n}?"}, {"role": "assistant", "content": str(2 * n)}]}
+            for n in range(12)]
+    [first, *_] = in_memory = list(encoded(tok, rows, 64))
+    assert tok.decode([t for t, label in zip(first["input_ids"], first["labels"]) if label != IGNORE]) == "0<|im_end|>\n"
+    monkeypatch.setattr(token_files, "PIECE", 4)
+    monkeypatch.setattr(cpus, "available", lambda cgroup=cpus.CGROUP: 2)
+    by_workers = list(token_files.encoded_by_workers(tok, rows, 64, False, "train.jsonl"))
+    assert [e["labels"].tolist() for e in by_workers] == [e["labels"] for e in in_memory]
+
+
 def _examples(tok, rows: list[dict], every_token: bool = False) -> list[tuple[str, list[str]]]:
     """An sft split's examples as training reads them: each example's text and its learned runs."""
     from llmfactory_runtime.finetune import encoding

@@ -317,6 +317,22 @@ def test_a_local_teachers_chat_template_kwargs_go_with_it_to_the_runtime_from_a_
         assert task["inputs"]["teacher"] == {"uri": read, "chatTemplateKwargs": plain}
 
 
+def test_a_fine_tunes_chat_template_kwargs_are_how_it_renders_not_what_it_trains_or_promises():
+    """baseModel.chatTemplateKwargs reach the runtime in the task's spec; the base it trains (its input,
+    what its result names and its spec promises) is the model alone, of a source or a FineTune's model."""
+    from llmfactory.planner import promises_among
+
+    plain = {"enable_thinking": False}
+    for base, read in (({**MODEL, "chatTemplateKwargs": plain}, MODEL), ({"fineTuneRef": {"name": "ft"},
+                                                                          "chatTemplateKwargs": plain},
+                                                                         {"uri": "s3://bucket/ft/model"})):
+        tuned = m("FineTune", "next", {"baseModel": base, "dataset": {"uri": "s3://bucket/chat"}})
+        task = plan(parse(tuned), lookup({("FineTune", "ft"): FT_RESULT}), STORE)
+        assert task["spec"]["baseModel"]["chatTemplateKwargs"] == plain and task["inputs"]["baseModel"] == read
+        promised = promises_among([parse(tuned), parse(FT)])("FineTune", "default", "next")
+        assert promised["baseModel"] in (MODEL, {"uri": "pending://"})
+
+
 def test_a_quantization_is_compared_with_the_fine_tune_it_was_made_from():
     """spec.baselineModel: the baseline is the named FineTune's model, not a base; the Benchmark
     waits for it, runs after it, and its digest follows that model's."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -21,6 +21,16 @@ class BaseModel(ModelSource):
         "as the OpenAI API fine-tunes a fine-tuned model (e.g. general instructions first, then a domain); "
         "this one waits until that one has succeeded, and runs again on the new model when that one is "
         "retrained."))
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description=(
+        "Arguments its chat template renders the data with (transformers' apply_chat_template's, vLLM's "
+        "chat_template_kwargs): with {enable_thinking: false} Qwen3's empty <think> block is the prompt's, as "
+        "it is when Qwen3 answers without reasoning, not learned; GRPO's prompts are rendered so too. The "
+        "model saved renders with its template's defaults."),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    def as_source(self) -> dict[str, Any]:
+        """The model itself, as a result names it: the wire form without how its template renders."""
+        return {k: v for k, v in self.wire().items() if k != "chatTemplateKwargs"}
 
 
 class DatasetInput(ApiModel):

@@ -63,7 +63,7 @@ def check_spec(res: Resource) -> None:
         _check_chat_template(res)
         if spec.objective == "grpo":
             _check_grader(res, "spec.grpo.grader", spec.grpo.grader)
-            check_engine(res, "spec.grpo.engine", spec.grpo.engine, spec.base_model.wire())
+            check_engine(res, "spec.grpo.engine", spec.grpo.engine, spec.base_model.as_source())
     elif res.kind == "DatasetBuild":
         _check_pattern(res, "spec.referencePattern", spec.reference_pattern)
         _check_detected_languages(res)

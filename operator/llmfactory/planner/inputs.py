@@ -122,7 +122,7 @@ def _base_model(res: Resource, upstream: dict) -> dict[str, Any]:
     that one's task digest, so a retrained base is a new run here too)."""
     ref = res.spec.base_model.fine_tune_ref
     if ref is None:
-        return res.spec.base_model.wire()
+        return res.spec.base_model.as_source()
     trained = upstream["spec.baseModel.fineTuneRef"]
     if trained.get("objective") == "reward" and res.spec.objective != "reward":
         raise PlanError(res.ref, "spec.baseModel.fineTuneRef", f"FineTune {ref.name} trains a reward model, which "

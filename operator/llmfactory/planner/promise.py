@@ -89,7 +89,7 @@ def _fine_tune(res: Resource, promise_of) -> Promise:
     fields: dict[str, Any] = {
         "objective": spec.objective, "digest": PENDING, "datasetUri": PENDING, "datasetDigest": PENDING,
         # A source is passed on as it is; a FineTune's model by the URI only its result knows.
-        "baseModel": {"uri": PENDING} if spec.base_model.fine_tune_ref else spec.base_model.wire()}
+        "baseModel": {"uri": PENDING} if spec.base_model.fine_tune_ref else spec.base_model.as_source()}
     if spec.base_model.fine_tune_ref:  # the FineTune whose model it trains from: a chain's shape is its first base's
         fields["baseFineTune"] = spec.base_model.fine_tune_ref.name
     else:

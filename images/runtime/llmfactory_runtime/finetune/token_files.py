@@ -28,7 +28,7 @@ import numpy as np
 
 from ..batching import encoded
 from .. import cpus
-from ..chat import IGNORE
+from ..chat import IGNORE, set_template_kwargs, template_kwargs
 from ..data import iter_split
 from ..dataset.pieces import Workers, chunks, computed
 from ..store.base import atomic_write
@@ -149,6 +149,10 @@ def shared(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: b
     return files
 
 
+# Beside the tokenizer the workers load: the arguments its template renders with (chat.template_kwargs).
+RENDERED_WITH = "llmfactory_chat_template_kwargs.json"
+
+
 def encoded_by_workers(tokenizer, rows: Iterable[dict], max_len: int, every_token: bool, where: str,
                        tally: Counter | None = None) -> Iterator[dict]:
     """batching.encoded's examples of the rows, in order (and its `tally`), their pieces encoded by
@@ -161,6 +165,7 @@ def encoded_by_workers(tokenizer, rows: Iterable[dict], max_len: int, every_toke
         return
     with tempfile.TemporaryDirectory(prefix="llmfactory-tokenizer-") as saved, Workers(count) as workers:
         tokenizer.save_pretrained(saved)
+        Path(saved, RENDERED_WITH).write_text(json.dumps(template_kwargs(tokenizer)))  # not saved with it
         encode = functools.partial(_encode_piece, saved, max_len, every_token, where)
         try:
             for _, (examples, counted) in computed(chunks(enumerate(rows, 1), PIECE), encode, lambda numbered: numbered,
@@ -187,7 +192,9 @@ def _saved_tokenizer(saved: str):
 
     if multiprocessing.parent_process() is not None:  # a worker: a CPU each, not a thread a CPU each
         os.environ["RAYON_NUM_THREADS"] = "1"
-    return AutoTokenizer.from_pretrained(saved)
+    tokenizer = AutoTokenizer.from_pretrained(saved)
+    set_template_kwargs(tokenizer, json.loads(Path(saved, RENDERED_WITH).read_text()))
+    return tokenizer
 
 
 def location(tokenizer, dataset_uri: str, split: str, max_len: int, every_token: bool, scope: str) -> Path:
@@ -198,7 +205,8 @@ def location(tokenizer, dataset_uri: str, split: str, max_len: int, every_token:
 
 def fingerprint(tokenizer) -> str:
     """What decides a tokenizer's ids: its vocabulary, merges, normalizers and added tokens (not the
-    truncation and padding a call leaves set on it), and its chat template."""
+    truncation and padding a call leaves set on it), and its chat template and the arguments it renders
+    with."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         described = json.dumps({k: v for k, v in json.loads(backend.to_str()).items()
@@ -206,4 +214,5 @@ def fingerprint(tokenizer) -> str:
     else:
         described = repr(sorted(tokenizer.get_vocab().items()))
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else repr(tokenizer.chat_template)
-    return hashlib.blake2b((described + template).encode(), digest_size=16).hexdigest()
+    rendered_with = json.dumps(template_kwargs(tokenizer), sort_keys=True)
+    return hashlib.blake2b((described + template + rendered_with).encode(), digest_size=16).hexdigest()

@@ -129,7 +129,8 @@ def train(task: dict[str, Any], run: Store, progress: Progress, world: distribut
     stop = sigterm_flag()
 
     # The template is saved with the adapter and the merged model: every later load renders as training did.
-    tokenizer, added_tokens = tokenizer_for(inputs["baseModel"], template=template_of(spec))
+    rendered_with = {"chatTemplateKwargs": spec["baseModel"].get("chatTemplateKwargs")}  # not saved with it
+    tokenizer, added_tokens = tokenizer_for({**inputs["baseModel"], **rendered_with}, template=template_of(spec))
     if spec.get("chatTemplate") == "jinja":
         check_own_template(tokenizer)
     config = load_config(inputs["baseModel"])  # weights later: first what the config alone can refuse
