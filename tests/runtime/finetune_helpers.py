@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,39 @@ def loss_curve(task: dict[str, Any]) -> list[float]:
     """The run's training loss at each step, from its metrics/loss.csv."""
     rows = open_store(task["artifactUri"]).read_bytes("metrics/loss.csv").decode().splitlines()[1:]
     return [float(r.split(",")[2]) for r in rows]
+
+
+# Qwen3's template, in short: the answers after the last question are written with their reasoning in
+# <think> tags (an empty block where they have none; reasoning inline in the content read as Qwen3's
+# reads it), every earlier answer without it; enable_thinking false writes the empty block in the prompt.
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last=messages|length - 1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set thought = m.reasoning_content or '' %}"
+    "{%- if '</think>' in content %}{%- set thought = content.split('</think>')[0].split('<think>')[-1].strip() %}"
+    "{%- set content = content.split('</think>')[-1].lstrip() %}{%- endif %}"
+    "{%- if loop.index0 > ns.last %}{{- '<|im_start|>assistant\\n<think>\\n' + thought + '\\n</think>\\n\\n' + content }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def qwen3_like(tiny_model: Path, folder: Path | None = None):
+    """The tiny model's tokenizer with QWEN3_LIKE as its chat template; with `folder`, saved there
+    beside a copy of the model: a model of that template."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from llmfactory_runtime.chat import use_template  # noqa: PLC0415
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    use_template(tok, QWEN3_LIKE, ("<|im_start|>", "<|im_end|>"))
+    if folder is not None:
+        shutil.copytree(tiny_model, folder)
+        tok.save_pretrained(folder)
+    return tok
 
 
 # Phi-3's turn markers, as a template of one's own (spec.chatTemplate jinja).

@@ -230,6 +230,34 @@ def test_lm_eval_task_from_a_local_folder_scores_as_the_log_likelihoods_say(tiny
         benchmark.run(task, store, Progress(store))
 
 
+def test_lm_eval_prompts_in_the_chat_template_are_rendered_with_the_models_template_arguments(
+        tiny_model, tmp_path, monkeypatch):
+    """lmEval.chatTemplate on Qwen3 with chatTemplateKwargs {enable_thinking: false}: every prompt lm-eval
+    scores ends as the model's answers without reasoning begin (the empty think block), as the judged
+    answers' prompts do."""
+    from pathlib import Path
+
+    from lm_eval.models.huggingface import HFLM
+
+    from finetune_helpers import qwen3_like
+
+    qwen3_like(tiny_model, tmp_path / "qwen3-like")
+    rendered = []
+    original = HFLM.apply_chat_template
+    monkeypatch.setattr(HFLM, "apply_chat_template",
+                        lambda self, *a, **k: rendered.append(original(self, *a, **k)) or rendered[-1])
+    folder = Path(__file__).parents[1] / "fixtures" / "lm_eval_tasks"
+    doc = {"apiVersion": "llmfactory.dev/v1alpha1", "kind": "Benchmark", "metadata": {"name": "mc"},
+           "spec": {"model": {"source": {"uri": f"file://{tmp_path}/qwen3-like"},
+                              "chatTemplateKwargs": {"enable_thinking": False}}, "baseline": False,
+                    "lmEval": {"tasks": ["tiny_quiz"], "tasksUri": f"file://{folder}", "chatTemplate": True}}}
+    result, _ = _run(doc, tmp_path)
+    assert 0 <= result["metrics"]["lmEval.tiny_quiz.acc"] <= 1
+    assert rendered and all(p.startswith("<|im_start|>user\nQuestion: ") and
+                            p.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+                            for p in rendered), rendered
+
+
 def _random_adapter(tiny_model, folder, seed: int):
     """A LoRA adapter with random (not zero) B matrices, saved with its tokenizer: a "fine-tuned"
     model whose answers differ from its base's."""

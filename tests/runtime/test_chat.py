@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from llmfactory_runtime.chat import IGNORE, encode_for_training, render
 
-from finetune_helpers import OWN_SPEC, OWN_TEMPLATE, TOOL_ROW, WEATHER
+from finetune_helpers import OWN_SPEC, OWN_TEMPLATE, TOOL_ROW, WEATHER, qwen3_like
 
 
 def _learned_spans(tok, messages, max_len=512, tools=None) -> list[str]:
@@ -528,38 +528,16 @@ def test_an_answers_reasoning_is_learned_where_the_template_writes_it_or_in_thin
         _learned_spans(tok, messages_of(row))
 
 
-# Qwen3's template, in short: the answers after the last question are written with their reasoning in
-# <think> tags (an empty block where they have none; reasoning inline in the content read as Qwen3's
-# reads it), every earlier answer without it; enable_thinking false writes the empty block in the prompt.
-QWEN3_LIKE = (
-    "{%- set ns = namespace(last=messages|length - 1) %}"
-    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
-    "{%- for m in messages %}{%- if m.role == 'assistant' %}"
-    "{%- set content = m.content %}{%- set thought = m.reasoning_content or '' %}"
-    "{%- if '</think>' in content %}{%- set thought = content.split('</think>')[0].split('<think>')[-1].strip() %}"
-    "{%- set content = content.split('</think>')[-1].lstrip() %}{%- endif %}"
-    "{%- if loop.index0 > ns.last %}{{- '<|im_start|>assistant\\n<think>\\n' + thought + '\\n</think>\\n\\n' + content }}"
-    "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}{{- '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}")
-
-
 def test_a_models_chat_template_kwargs_render_every_conversation_and_are_never_saved(tiny_model, tmp_path):
     """A Benchmark's model under test with chatTemplateKwargs {enable_thinking: false} (Qwen3 answering
     without reasoning): every prompt of it is rendered so, by transformers and by vLLM's server (sent
     as its chat_template_kwargs); the tokenizer saved from it renders as the template does alone."""
-    from llmfactory_runtime.chat import use_template
     from llmfactory_runtime.models import tokenizer_for
     from llmfactory_runtime.vllm_server import VllmServer
 
     import shutil
 
-    shutil.copytree(tiny_model, tmp_path / "qwen3-like")
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    use_template(tok, QWEN3_LIKE, ("<|im_start|>", "<|im_end|>"))
-    tok.save_pretrained(tmp_path / "qwen3-like")
+    qwen3_like(tiny_model, tmp_path / "qwen3-like")
     question = [{"role": "user", "content": "2+2?"}]
     source = {"uri": f"file://{tmp_path}/qwen3-like", "chatTemplateKwargs": {"enable_thinking": False}}
     for model in (source, {**source, "adapterUri": f"file://{tmp_path}/qwen3-like"}):
@@ -585,11 +563,10 @@ def test_a_fine_tunes_chat_template_kwargs_render_its_data_in_every_tokenizing_p
     rendering's."""
     from llmfactory_runtime import cpus
     from llmfactory_runtime.batching import encoded
-    from llmfactory_runtime.chat import set_template_kwargs, use_template
+    from llmfactory_runtime.chat import set_template_kwargs
     from llmfactory_runtime.finetune import token_files
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    use_template(tok, QWEN3_LIKE, ("<|im_start|>", "<|im_end|>"))
+    tok = qwen3_like(tiny_model)
     before = token_files.fingerprint(tok)
     set_template_kwargs(tok, {"enable_thinking": False})
     assert token_files.fingerprint(tok) != before
@@ -647,10 +624,7 @@ def test_a_template_that_writes_earlier_answers_otherwise_learns_each_answer_aft
     as not "prefix by prefix", reasoning or not) is learned answer by answer: each answer after the
     conversation before it as the template writes it then, which is what the model reads and writes
     when it answers that turn."""
-    from llmfactory_runtime.chat import use_template
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    use_template(tok, QWEN3_LIKE, ("<|im_start|>", "<|im_end|>"))
+    tok = qwen3_like(tiny_model)
     q1, q2 = "<|im_start|>user\n2+2?<|im_end|>\n", "<|im_start|>user\n3+3?<|im_end|>\n"
     reasoned = {"messages": [{"role": "user", "content": "2+2?"},
                              {"role": "assistant", "content": "4", "reasoning_content": "two and two"},
@@ -681,6 +655,40 @@ def test_a_template_that_writes_earlier_answers_otherwise_learns_each_answer_aft
     examples, by_answer = _examples(tok, [reasoned], every_token=True)
     assert [text for text, _ in examples] == [q1 + "<|im_start|>assistant\n4<|im_end|>\n" + q2 + second]
     assert by_answer == 0
+
+
+def test_perplexity_under_such_a_template_counts_each_answer_once_and_each_conversation_once(tiny_model):
+    """A Benchmark's perplexity of a conversation learned answer by answer: over answers, each answer
+    read after the conversation before it, as it was learned; over every token, the conversation once
+    as the template writes it, not its history again for each answer."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfactory_runtime.batching import perplexity
+
+    tok, model = qwen3_like(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    def losses(prefix: str, text: str) -> list[float]:
+        """The next-token losses of text's tokens after prefix's (all of them where prefix is empty)."""
+        ids = tok(prefix + text, add_special_tokens=False)["input_ids"]
+        start = max(1, len(tok(prefix, add_special_tokens=False)["input_ids"]))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        return [-float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids))]
+
+    q1, q2 = "<|im_start|>user\n2+2?<|im_end|>\n", "<|im_start|>user\n3+3?<|im_end|>\n"
+    opened, block = "<|im_start|>assistant\n", "<think>\n\n</think>\n\n"
+    row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                        {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}
+    answers = losses(q1 + opened, block + "4<|im_end|>\n") + \
+        losses(q1 + opened + "4<|im_end|>\n" + q2 + opened, block + "6<|im_end|>\n")
+    every = losses("", render(tok, row["messages"]))
+    assert render(tok, row["messages"]) == q1 + opened + "4<|im_end|>\n" + q2 + opened + block + "6<|im_end|>\n"
+    measured = perplexity(model, tok, [row])
+    assert measured["assistant"] == pytest.approx(math.exp(sum(answers) / len(answers)), rel=1e-4)
+    assert measured["all"] == pytest.approx(math.exp(sum(every) / len(every)), rel=1e-4)
 
 
 def test_a_template_that_drops_inline_reasoning_or_writes_answers_elsewhere_is_refused(tiny_model):

@@ -1303,6 +1303,34 @@ def test_a_template_that_refuses_the_data_is_named_and_chat_template_llama3_rend
     assert saved.convert_tokens_to_ids(OWN_SPEC["chatTemplateTokens"]) == [656, 657, 658]
 
 
+def test_a_base_models_chat_template_arguments_render_what_it_learns_and_is_judged_on(tiny_model, tmp_path):
+    """baseModel.chatTemplateKwargs {enable_thinking: false} on Qwen3: the empty <think> block is the
+    prompt's, as when Qwen3 answers without reasoning, so the validation loss is the answers' alone as
+    those arguments render them; the model saved renders with its template's defaults, and the result
+    names the model alone (as the planner promised)."""
+    from llmfactory_runtime.chat import render, set_template_kwargs
+
+    from finetune_helpers import qwen3_like
+
+    base = tmp_path / "qwen3-like"
+    qwen3_like(tiny_model, base)
+    data = write_dataset(tmp_path / "data", train=12, validation=4)
+    plain = {"enable_thinking": False}
+    task = finetune_task({"uri": f"file://{base}", "chatTemplateKwargs": plain}, data, f"file://{tmp_path}/store",
+                         lora=NO_DROPOUT, hyperparameters={"epochs": 1})
+    succeeded(run_finetune(write_task(task, tmp_path)))
+    result = _result(task)
+    assert result["baseModel"] == {"uri": f"file://{base}"}
+    merged = Path(result["modelUri"][7:])
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged)
+    question = [{"role": "user", "content": "2+2?"}]
+    assert render(tokenizer, question, add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    set_template_kwargs(tokenizer, plain)
+    rows = read_split(data, "validation")
+    total, count = loss_sums(model, encode_rows(tokenizer, rows, 96), 2, tokenizer.pad_token_id)
+    assert total / count == pytest.approx(result["evalLoss"], abs=1e-4)
+
+
 def _gather_in_process(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist  # noqa: PLC0415
 

@@ -206,12 +206,15 @@ def mean_loss(model, examples: list[dict], batch_size: int, pad_id: int, all_tok
 def perplexity(model, tokenizer, rows: list[dict], max_len: int = 2048, batch_size: int = 4,
                where: str = "the dataset") -> dict[str, float]:
     """{assistant: perplexity on the tokens training learns (assistant turns; a raw-text row's every
-    token), all: on every token} of a model on rows (encode_rows; `where` names them in its errors)."""
+    token), all: on every token} of a model on rows (encode_rows; `where` names them in its errors).
+    Every token is each conversation once, as its template writes it: the examples of a conversation
+    learned answer by answer (chat.training_views) would count its history once an answer."""
     examples = encode_rows(tokenizer, rows, max_len, where=where)
     if not examples:
         raise InvalidTask(f"{where}: no row with an assistant answer (or text) to measure perplexity on")
+    whole = encode_rows(tokenizer, rows, max_len, every_token=True, where=where)
     return {"assistant": math.exp(mean_loss(model, examples, batch_size, tokenizer.pad_token_id)),
-            "all": math.exp(mean_loss(model, examples, batch_size, tokenizer.pad_token_id, all_tokens=True))}
+            "all": math.exp(mean_loss(model, whole, batch_size, tokenizer.pad_token_id, all_tokens=True))}
 
 
 def top_tokens(model, tokenizer, rows: list[dict], max_len: int = 2048, batch_size: int = 4) -> list[int]:

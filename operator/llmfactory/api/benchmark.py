@@ -33,8 +33,8 @@ class ModelUnderTest(ApiModel):
         "Arguments its chat template is rendered with, wherever this Benchmark renders a conversation for it "
         "(as transformers' apply_chat_template and vLLM's chat_template_kwargs take them): {enable_thinking: "
         "false} has Qwen3 (and SmolLM3, GLM-4.5) answer without reasoning first. spec.model's apply to the "
-        "baseline it implies (its FineTune's base); spec.baselineModel has its own. lm-eval renders with the "
-        "template's defaults."), json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+        "baseline it implies (its FineTune's base); spec.baselineModel has its own; lm-eval's prompts too, with "
+        "lmEval.chatTemplate."), json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
 
 
 class Perplexity(ApiModel):

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..chat import template_kwargs
 from ..task import InvalidTask
 
 
@@ -45,7 +46,9 @@ def evaluate(model, tokenizer, spec: dict[str, Any], tasks_dir: Path | None) -> 
     if unknown:
         where = f" in {spec['tasksUri']}" if spec.get("tasksUri") else " (set tasksUri to a folder of task YAML)"
         raise InvalidTask(f"spec.lmEval.tasks: no task named {unknown}{where}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.get("batchSize", 8), device=str(model.device))
+    # The model's chatTemplateKwargs ({enable_thinking: false}) render lm-eval's prompts as every other one.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.get("batchSize", 8), device=str(model.device),
+              chat_template_args=template_kwargs(tokenizer))
     # Relative data_files in the YAML resolve against the task folder.
     with contextlib.chdir(tasks_dir) if tasks_dir else contextlib.nullcontext():
         try:
