@@ -42,8 +42,10 @@ def letter_counts(text: str) -> list[float]:
 
 @dataclass
 class OpenAIServer:
-    """`reply(request)` -> {text, finish_reason?, reasoning?} or {status, headers?, error?} for a failure;
-    `delay` (seconds) holds the answer back."""
+    """`reply(request)` -> {text, finish_reason?, reasoning?, hiddenReasoning?} or {status, headers?, error?}
+    for a failure; `delay` (seconds) holds the answer back. Its tokens are words; a reasoning_content's
+    (and hiddenReasoning's words, thoughts an OpenAI reasoning model keeps to itself) are among the
+    completion tokens, reported as its reasoning tokens."""
 
     reply: Callable[[Request], dict[str, Any]] = default_reply
     embed: Callable[[str], list[float]] = letter_counts  # /embeddings: each input's vector
@@ -81,14 +83,16 @@ class OpenAIServer:
                                                                "messages"}}, status=400)
             req.status = 200
             text = out["text"]
-            req.billed = (sum(len(m["content"]) for m in req.messages) // 4 + 1, len(text.split()))
+            thought = len((out.get("reasoning") or "").split()) + out.get("hiddenReasoning", 0)
+            req.billed = (sum(len(m["content"]) for m in req.messages) // 4 + 1, len(text.split()) + thought)
             response = web.json_response({
                 "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, **(
                                  {"reasoning_content": out["reasoning"]} if out.get("reasoning") else {})},
                              "finish_reason": out.get("finish_reason", "stop")}],
                 "usage": {"prompt_tokens": req.billed[0], "completion_tokens": req.billed[1],
-                          "total_tokens": sum(req.billed)}})
+                          "total_tokens": sum(req.billed),
+                          **({"completion_tokens_details": {"reasoning_tokens": thought}} if thought else {})}})
             req.delivered_at = time.monotonic()
             return response
         finally:

@@ -220,6 +220,49 @@ def test_a_teachers_thoughts_written_before_its_answer_are_kept_apart_from_it(tm
     assert result["dropped"] == {"empty": 1}
 
 
+def test_max_answer_tokens_counts_the_reasoning_a_row_keeps_and_no_other(tmp_path, openai_server, monkeypatch):
+    """filters.maxAnswerTokens keeps a conversation under the fine-tune's length: a reasoning teacher's
+    thoughts count where the row keeps them, not where teacher.reasoning drops them or the API keeps them
+    to itself (OpenAI's reasoning models, which bill and report reasoning tokens they never show). An API
+    whose answer holds its thoughts inline reports none: all its tokens count."""
+    long_thought = " ".join(["hmm"] * 20)
+    replies = {"What is a hash map?": {"text": "A table of keys.", "reasoning": long_thought},
+               "And a collision?": {"text": "Two keys in one slot.", "hiddenReasoning": 20},
+               "Why is the sky blue?": {"text": f"<think>{long_thought}</think>Air scatters blue."}}
+    openai_server.reply = lambda r: replies[r.last_user]
+    monkeypatch.setenv("LLMFACTORY_TEACHER_API_KEY", KEY)
+    source = {"uri": jsonl_file(tmp_path / "prompts.jsonl", [{"prompt": q} for q in replies]), "language": "en"}
+    doc = manifest(openai_server.url, source, samplesPerLanguage=None, languageDetection=None,
+                   split={"validation": 0.0, "test": 0.0}, filters={"maxAnswerTokens": 10})
+
+    def built(reasoning: str) -> tuple[list[dict], dict]:
+        teacher = {**doc["spec"]["teacher"], "reasoning": reasoning}
+        _, result = run_in_process(tmp_path, {**doc, "spec": {**doc["spec"], "teacher": teacher}})  # one cache
+        return [json.loads(line) for line in open_store(result["uri"]).read_bytes("train.jsonl").decode().splitlines()], \
+            result
+
+    rows, result = built("keep")
+    assert [r["messages"][1] for r in rows] == [{"role": "assistant", "content": "Two keys in one slot."}]
+    assert result["dropped"] == {"too_many_tokens": 2}  # 24 and 22 tokens with the thoughts they keep
+    assert result["teacherUsage"]["completionTokens"] == 24 + 25 + 22  # every token is paid for
+    rows, result = built("drop")
+    assert sorted(r["messages"][1]["content"] for r in rows) == ["A table of keys.", "Two keys in one slot."]
+    assert result["dropped"] == {"too_many_tokens": 1}  # the inline thoughts: no reasoning tokens said
+    assert len(openai_server.requests) == 3  # the second build asked nothing again
+
+
+def test_a_local_teachers_answer_without_its_reasoning_is_counted_in_its_own_tokens():
+    """A local teacher's text holds its thoughts (parted after): with teacher.reasoning drop, what
+    maxAnswerTokens counts is the answer's tokens in its tokenizer, which no API reports."""
+    from llmfactory_runtime.dataset.teacher import _kept_tokens
+
+    answer = {"text": "A table of keys.", "reasoning": " ".join(["hmm"] * 20), "tokens": 27, "finished": True}
+    words = lambda texts: [len(t.split()) for t in texts]  # noqa: E731 - a tokenizer's count, in words
+    assert _kept_tokens(answer, False, words)["tokens"] == 4
+    assert _kept_tokens(answer, True, words)["tokens"] == 27
+    assert _kept_tokens({**answer, "reasoning": None}, False, words)["tokens"] == 27  # nothing parted: as generated
+
+
 def test_a_reasoning_model_teacher_is_asked_its_effort_with_max_completion_tokens(tmp_path, openai_server,
                                                                                 monkeypatch):
     """OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens and a temperature of their caller's:

@@ -48,6 +48,9 @@ class Completion:
     # A reasoning model's chain of thought, apart from its answer: DeepSeek's and vLLM's (a
     # --reasoning-parser) reasoning_content, OpenRouter's and newer vLLM's reasoning.
     reasoning: str | None = None
+    # Its tokens among completion_tokens, where the API says (usage.completion_tokens_details: OpenAI's,
+    # whose reasoning models keep the thoughts to themselves, and vLLM's with a reasoning parser).
+    reasoning_tokens: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -250,7 +253,10 @@ class ChatClient:
             self.tokens.take(prompt + completion - reserved)
         if self.usage:
             self.usage.billed(prompt, completion)
-        return Completion(text, choice.get("finish_reason") or "stop", prompt, completion, reasoning or None)
+        details = usage.get("completion_tokens_details") or {}
+        thought_tokens = details.get("reasoning_tokens") if isinstance(details, dict) else None
+        return Completion(text, choice.get("finish_reason") or "stop", prompt, completion, reasoning or None,
+                          int(thought_tokens) if thought_tokens else None)
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -180,9 +180,10 @@ class Teacher(ApiModel):
         "learns to reason (chatml: the assistant message's reasoning_content, which a FineTune gives a template "
         "that reads it, Qwen3's or gpt-oss', and writes in <think> tags before the answer for any other; "
         "sharegpt: in <think> tags); drop keeps the answers alone. It is cached with the answer either way: "
-        "switching asks nothing again. The filters and judge read the answer (maxAnswerTokens counts the "
-        "teacher's completion tokens, its reasoning's among them); preference pairs and graded prompts hold "
-        "answers alone."))
+        "switching asks nothing again. The filters and judge read the answer; maxAnswerTokens counts the "
+        "reasoning a row keeps, not what drop leaves out or an API keeps to itself (OpenAI's reasoning models): "
+        "those are counted less the reasoning tokens the API reports (all of them where it reports none), a "
+        "local teacher's answer in its tokenizer. Preference pairs and graded prompts hold answers alone."))
 
 
 class LanguageDetection(ApiModel):
@@ -226,7 +227,8 @@ class Filters(ApiModel):
     max_answer_chars: int | None = Field(None, ge=1, description="Drop answers (format text: documents) longer "
                                                                   "than this.")
     max_answer_tokens: int | None = Field(None, ge=1, description=(
-        "Drop answers longer than this, in the teacher's tokens (without a teacher: filters.tokenizer's)."))
+        "Drop answers longer than this, in the teacher's tokens (without a teacher: filters.tokenizer's); a "
+        "reasoning teacher's thoughts count where the row keeps them (teacher.reasoning)."))
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Drop a conversation whose system message and user turns together are longer than "
                                 "this, in the tokens of filters.tokenizer (or the local teacher's), before the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ from ..openai_client import (REJECTED_KEY_ENV, TEACHER_KEY_ENV, ChatClient, Comp
                              endpoint_identity)
 from ..progress import Progress
 from .answer_judge import AnswerJudge
-from .filters import AnswerFilter
+from .filters import AnswerFilter, token_counter
 from .sources import Drops
 
 # A request the endpoint refuses for this prompt only (content policy, too long): that row is
@@ -79,7 +80,8 @@ def _openai_backend(teacher: dict[str, Any], cache: AnswerCache, usage: Usage, o
                     c = await client.complete(messages, teacher.get("maxNewTokens", 256),
                                               teacher.get("temperature", 0.0), **params)
                     answer = {"text": c.text, "tokens": tokens(c), "promptTokens": c.prompt_tokens,
-                              "finished": c.finished, **({"reasoning": c.reasoning} if c.reasoning else {})}
+                              "finished": c.finished, **({"reasoning": c.reasoning} if c.reasoning else {}),
+                              **({"reasoningTokens": c.reasoning_tokens} if c.reasoning_tokens else {})}
                 except EndpointError as exc:
                     if exc.status not in PER_ROW_STATUSES:
                         raise
@@ -167,6 +169,11 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
         done[0] += 1
         report()
 
+    keep_reasoning = teacher.get("reasoning", "keep") == "keep"
+    # A local teacher's answers without their reasoning are counted in its tokens, for maxAnswerTokens
+    # (its tokenizer loaded at the first such answer).
+    counter = functools.cache(lambda: token_counter(model_input))
+    count = (lambda texts: counter()(texts)) if keep.spec.get("maxAnswerTokens") and model_input else None
     stack = contextlib.ExitStack()
     if "openai" in teacher:
         ask = _openai_backend(teacher, cache, usage, on_answer, transport)
@@ -187,11 +194,11 @@ def answer(prompts: list[dict[str, Any]], teacher: dict[str, Any], model_input: 
             ask(todo)
         got = [[_parted(cache.get(key)) for key in row] for row in keys]
         usage.used_tokens += sum(g["tokens"] for row in got for g in row)
-        return got
+        return [[_kept_tokens(g, keep_reasoning, count) for g in row] for row in got]
 
     try:
         kept = converse(prompts, teacher.get("systemPrompt"), answers_to, keep, drops, progress, judge, samples,
-                        report, teacher.get("reasoning", "keep") == "keep")
+                        report, keep_reasoning)
     finally:
         stack.close()
         cache.compact()
@@ -205,6 +212,21 @@ def _parted(answer: dict[str, Any]) -> dict[str, Any]:
         return answer
     thought, text = reasoning_apart(answer["text"])
     return {**answer, "text": text, **({"reasoning": thought} if thought else {})}
+
+
+def _kept_tokens(answer: dict[str, Any], keep_reasoning: bool, count: Callable[[list[str]], list[int]] | None
+                 ) -> dict[str, Any]:
+    """An answer whose `tokens` (what maxAnswerTokens counts) are those of what its row keeps: its
+    reasoning's too where the row keeps it; else the answer's alone, a local teacher's counted by its
+    tokenizer (`count`), an API's completion tokens less the reasoning tokens it reports (OpenAI's
+    reasoning models report thoughts they never show). An API that reports none: all of them."""
+    if answer.get("rejected") or (keep_reasoning and answer.get("reasoning")):
+        return answer
+    if count is not None and answer.get("reasoning"):
+        return {**answer, "tokens": count([answer["text"]])[0]}
+    if answer.get("reasoningTokens"):
+        return {**answer, "tokens": max(answer["tokens"] - answer["reasoningTokens"], 0)}
+    return answer
 
 
 def keep_given(prompts: list[dict[str, Any]], keep: AnswerFilter, drops: Drops, progress: Progress,
