@@ -998,6 +998,20 @@ def test_a_conversation_in_a_column_of_another_name_is_read_where_messages_field
         list(collect([{"uri": jsonl_file(tmp_path / "broken.jsonl", broken)}], Drops()))
 
 
+def test_a_rows_language_tag_with_a_region_or_script_is_read_as_its_language_code(tmp_path):
+    """OpenAssistant labels its rows pt-BR, zh-CN: samplesPerLanguage counts codes (pt, zh), so each row's
+    tag is read as its language, in any case or separator; a name (Tagengo's Russian) stays as written."""
+    from llmfactory_runtime.dataset.splits import sample_per_language
+
+    rows = [{"prompt": "Olá, tudo bem?", "lang": "pt-BR"}, {"prompt": "你好吗？", "lang": "zh_Hans_CN"},
+            {"prompt": "How are you?", "lang": "EN"}, {"prompt": "Как дела?", "lang": "Russian"},
+            {"prompt": "Hola", "lang": ""}]
+    kept = list(collect([{"uri": jsonl_file(tmp_path / "oasst.jsonl", rows), "languageField": "lang", "language": "es"}],
+                        Drops()))
+    assert [p["language"] for p in kept] == ["pt", "zh", "en", "Russian", "es"]
+    assert len(sample_per_language(kept, {"pt": 1, "zh": 1}, 0, Drops())) == 2
+
+
 def test_a_language_the_counts_ask_for_that_no_prompt_is_in_fails_naming_the_languages_there_are():
     """Tagengo labels its rows "Russian": with samplesPerLanguage {ru, en} the build would keep English
     alone and succeed. It fails, saying which languages the prompts have; a count of 0 asks for none."""

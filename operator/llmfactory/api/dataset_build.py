@@ -128,7 +128,8 @@ class Source(ApiModel):
     text_field: str | None = Field(None, description=(
         "Column holding the document (a text) of each row, for format text (continued pre-training); unset: "
         "text, as Wikipedia's and FineWeb's rows have it (The Stack's: content)."))
-    language_field: str = Field("language", description="Column holding the prompt's language code.")
+    language_field: str = Field("language", description=(
+        "Column holding the prompt's language code; a BCP 47 tag's language is its code (pt-BR, zh_Hans: pt, zh)."))
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN,
                                  description="Language of every prompt of this source that does not name its own.")
     turns: Literal["all", "first"] = Field(
