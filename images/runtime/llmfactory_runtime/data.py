@@ -27,6 +27,17 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "human": "us
          "gpt": "assistant", "tool": "tool", "function": "tool"}  # function: OpenAI's legacy function results
 
 
+# A BCP 47 tag (OpenAssistant's pt-BR, zh-CN; en_US): its language subtag is the language's code.
+LANGUAGE_TAG = re.compile(r"([A-Za-z]{2,3})(?:[-_][A-Za-z0-9]{1,8})*")
+
+
+def language_code(label: str) -> str:
+    """The language code a row's label names: a tag's language subtag, lowercased (samplesPerLanguage and a
+    Benchmark's languages name codes, and no variants); anything else (Tagengo's Russian) as written."""
+    tag = LANGUAGE_TAG.fullmatch(label.strip())
+    return tag.group(1).lower() if tag else label
+
+
 def role_of(name: Any) -> str:
     """A message's role (ROLES); a ValueError naming the roles there are for anything else."""
     if not isinstance(name, str) or name not in ROLES:

@@ -7,6 +7,7 @@ import json
 from importlib import resources
 from typing import Any
 
+from ..data import language_code
 from ..store import read_file
 from ..task import InvalidTask
 
@@ -54,7 +55,7 @@ def _external(judge: dict[str, Any]) -> list[dict]:
                 raise ValueError(f"no question_id (its fields: {', '.join(q)})")
             questions.append({"question_id": str(qid), "category": q.get("category") or "general",
                               "turns": turns, "reference": q.get("reference") or None,
-                              "language": q.get("language") or "en"})
+                              "language": language_code(q.get("language") or "en")})
         except ValueError as exc:  # json's JSONDecodeError too
             raise InvalidTask(f"{field}: question {n}: {exc}") from None
     return questions

@@ -20,14 +20,13 @@ import hashlib
 import json
 import math
 import os
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .. import CONFIG_MAPS_DIR, CONFIG_MAPS_ENV
 from .. import glaive, hermes, xlam
-from ..data import (ROLES, SHAREGPT_TOOL_TURNS, alpaca_of, content_text, messages_of, preference_of,
+from ..data import (ROLES, SHAREGPT_TOOL_TURNS, alpaca_of, content_text, language_code, messages_of, preference_of,
                     prompt_completion, reasoning_of, system_turn, tools_of, undesirable)
 from ..store import local_copy
 from ..task import InvalidTask
@@ -253,18 +252,10 @@ def _document(row: Any, source: dict[str, Any], default_lang: str) -> dict[str, 
     return {"turns": [text.strip()], "system": None, "answers": None, "language": _language(row, source, default_lang)}
 
 
-# A BCP 47 tag (OpenAssistant's pt-BR, zh-CN; en_US): its language subtag is the row's language code.
-LANGUAGE_TAG = re.compile(r"([A-Za-z]{2,3})(?:[-_][A-Za-z0-9]{1,8})*")
-
-
 def _language(row: dict[str, Any], source: dict[str, Any], default_lang: str) -> str:
-    """The language the row names in the source's languageField (a tag's language code: samplesPerLanguage
-    counts codes, and no variant), else the source's. A name (Tagengo's Russian) is kept as written."""
+    """The language the row names in the source's languageField (language_code), else the source's."""
     lang = row.get(source.get("languageField", "language"))
-    if not isinstance(lang, str) or not lang.strip():
-        return default_lang
-    tag = LANGUAGE_TAG.fullmatch(lang.strip())
-    return tag.group(1).lower() if tag else lang
+    return language_code(lang) if isinstance(lang, str) and lang.strip() else default_lang
 
 
 def _prompt(row: Any, source: dict[str, Any], default_lang: str, documents: bool = False) -> dict[str, Any]:
