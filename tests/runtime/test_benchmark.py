@@ -178,8 +178,9 @@ def test_questions_from_a_file_or_a_hugging_face_dataset_in_mt_bench_columns(tmp
         load({"questionsUri": f"file://{tmp_path}/nope.jsonl", "languages": ["ru"]})
     ok = tmp_path / "ok.jsonl"
     ok.write_text('{"question_id": "a", "turns": ["one"], "language": "ru"}\n'
-                  '{"question_id": "b", "turns": ["um"], "language": "pt-BR"}\n')  # a tag: its language
-    assert [q["question_id"] for q in load({"questionsUri": f"file://{ok}", "languages": ["ru"]})] == ["a"]
+                  '{"question_id": "b", "turns": ["um"], "language": "pt-BR"}\n'  # a tag: its language
+                  '{"question_id": "c", "turns": ["два"], "language": "Russian"}\n')  # a name: its language
+    assert [q["question_id"] for q in load({"questionsUri": f"file://{ok}", "languages": ["ru"]})] == ["a", "c"]
     assert [q["language"] for q in load({"questionsUri": f"file://{ok}", "languages": ["pt"]})] == ["pt"]
     with pytest.raises(InvalidTask, match="no question in languages.*'ru'"):
         load({"questionsUri": f"file://{ok}", "languages": ["zh"]})

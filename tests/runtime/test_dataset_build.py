@@ -998,31 +998,34 @@ def test_a_conversation_in_a_column_of_another_name_is_read_where_messages_field
         list(collect([{"uri": jsonl_file(tmp_path / "broken.jsonl", broken)}], Drops()))
 
 
-def test_a_rows_language_tag_with_a_region_or_script_is_read_as_its_language_code(tmp_path):
-    """OpenAssistant labels its rows pt-BR, zh-CN: samplesPerLanguage counts codes (pt, zh), so each row's
-    tag is read as its language, in any case or separator; a name (Tagengo's Russian) stays as written."""
+def test_a_rows_language_label_is_read_as_the_code_samples_per_language_counts(tmp_path):
+    """samplesPerLanguage counts codes (pt, zh, ru), and datasets label rows otherwise: OpenAssistant with
+    BCP 47 tags (pt-BR, zh-CN), Aya with ISO 639-3 codes (eng, arb), Tagengo and lmsys with names (Russian).
+    Each is read as its language's code, in any case or separator; a label that names no language stays
+    as written (and the counts' error names it)."""
     from llmfactory_runtime.dataset.splits import sample_per_language
 
-    rows = [{"prompt": "Olá, tudo bem?", "lang": "pt-BR"}, {"prompt": "你好吗？", "lang": "zh_Hans_CN"},
-            {"prompt": "How are you?", "lang": "EN"}, {"prompt": "Как дела?", "lang": "Russian"},
-            {"prompt": "Hola", "lang": ""}]
-    kept = list(collect([{"uri": jsonl_file(tmp_path / "oasst.jsonl", rows), "languageField": "lang", "language": "es"}],
+    labels = {"pt-BR": "pt", "zh_Hans_CN": "zh", "EN": "en", "Russian": "ru", "Русский": "ru", "eng": "en",
+              "arb": "ar", "Brazilian Portuguese": "pt", "unknown": "unknown", "": "es"}
+    rows = [{"prompt": f"prompt {i}", "lang": label} for i, label in enumerate(labels)]
+    kept = list(collect([{"uri": jsonl_file(tmp_path / "rows.jsonl", rows), "languageField": "lang", "language": "es"}],
                         Drops()))
-    assert [p["language"] for p in kept] == ["pt", "zh", "en", "Russian", "es"]
-    assert len(sample_per_language(kept, {"pt": 1, "zh": 1}, 0, Drops())) == 2
+    assert [p["language"] for p in kept] == list(labels.values())
+    assert len(sample_per_language(kept, {"pt": 1, "zh": 1, "ru": 2}, 0, Drops())) == 4
 
 
 def test_a_language_the_counts_ask_for_that_no_prompt_is_in_fails_naming_the_languages_there_are():
-    """Tagengo labels its rows "Russian": with samplesPerLanguage {ru, en} the build would keep English
-    alone and succeed. It fails, saying which languages the prompts have; a count of 0 asks for none."""
+    """A source labels its Russian rows with what names no language ("unknown"): with samplesPerLanguage
+    {ru, en} the build would keep English alone and succeed. It fails, saying which
+    languages the prompts have; a count of 0 asks for none."""
     from llmfactory_runtime.dataset.splits import sample_per_language
 
-    prompts = [{"turns": [f"q{i}"], "language": "Russian" if i % 3 else "en"} for i in range(9)]
+    prompts = [{"turns": [f"q{i}"], "language": "unknown" if i % 3 else "en"} for i in range(9)]
     with pytest.raises(InvalidTask, match=r"^spec.samplesPerLanguage: no prompt in ru; the prompts' languages: "
-                                          r"Russian \(6\), en \(3\)\. A source's language or languageField"):
+                                          r"unknown \(6\), en \(3\)\. A source's language or languageField"):
         sample_per_language(prompts, {"en": 2, "ru": 2}, 0, Drops())
-    kept = sample_per_language(prompts, {"en": 2, "ru": 0, "Russian": 1}, 0, Drops())
-    assert sorted(p["language"] for p in kept) == ["Russian", "en", "en"]
+    kept = sample_per_language(prompts, {"en": 2, "ru": 0, "unknown": 1}, 0, Drops())
+    assert sorted(p["language"] for p in kept) == ["en", "en", "unknown"]
 
 
 def test_hugging_face_parquet_and_field_shapes(tmp_path, monkeypatch):

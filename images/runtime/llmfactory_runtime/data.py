@@ -5,6 +5,7 @@ TRL's unpaired rows for KTO; and prompts with reference answers for GRPO."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -27,15 +28,24 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "human": "us
          "gpt": "assistant", "tool": "tool", "function": "tool"}  # function: OpenAI's legacy function results
 
 
-# A BCP 47 tag (OpenAssistant's pt-BR, zh-CN; en_US): its language subtag is the language's code.
+# A BCP 47 tag (OpenAssistant's pt-BR, zh-CN; en_US) or an ISO 639 code: its first subtag is the language.
 LANGUAGE_TAG = re.compile(r"([A-Za-z]{2,3})(?:[-_][A-Za-z0-9]{1,8})*")
 
 
+@functools.lru_cache(maxsize=4096)
 def language_code(label: str) -> str:
-    """The language code a row's label names: a tag's language subtag, lowercased (samplesPerLanguage and a
-    Benchmark's languages name codes, and no variants); anything else (Tagengo's Russian) as written."""
-    tag = LANGUAGE_TAG.fullmatch(label.strip())
-    return tag.group(1).lower() if tag else label
+    """The language code a row's label names, as samplesPerLanguage and a Benchmark's languages name them
+    (ISO 639-1 where a language has one, no variants): a BCP 47 tag's language (OpenAssistant's pt-BR),
+    an ISO 639-3 code (Aya's eng, arb), a language's name in English or in itself (Tagengo's Russian,
+    Русский); anything else (a typo, lmsys' "unknown") as written, which the counts then name."""
+    import langcodes  # noqa: PLC0415  (its name index loads at the first name)
+
+    text = label.strip()
+    tag = LANGUAGE_TAG.fullmatch(text)
+    try:
+        return langcodes.standardize_tag(tag.group(1), macro=True) if tag else langcodes.find(text).language
+    except (LookupError, ValueError):
+        return tag.group(1).lower() if tag else label
 
 
 def role_of(name: Any) -> str:

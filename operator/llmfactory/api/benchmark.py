@@ -86,7 +86,8 @@ class Judge(ApiModel):
         default_factory=lambda: list(BUILTIN_QUESTION_LANGUAGES), min_length=1, max_length=64,  # CEL's cost bound
         json_schema_extra={"x-kubernetes-list-type": "set"},
         description="Languages to ask in: the built-in question sets (en, ru, zh), or the questions of questionsUri "
-                    "or questionsDataset whose `language` is listed (a BCP 47 tag's is its code: pt-BR is pt).")
+                    "or questionsDataset whose `language` is listed (read as a code: a BCP 47 tag's language, an ISO "
+                    "639-3 code's or a language name's: pt-BR, por and Portuguese are pt).")
     questions_dataset: HuggingFaceDataset | None = Field(
         None, description="A Hugging Face dataset of questions instead of the built-in sets (MT-Bench's own, "
                           "ru_mt_bench...), with the same columns as questionsUri.")

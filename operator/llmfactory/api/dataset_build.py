@@ -129,7 +129,9 @@ class Source(ApiModel):
         "Column holding the document (a text) of each row, for format text (continued pre-training); unset: "
         "text, as Wikipedia's and FineWeb's rows have it (The Stack's: content)."))
     language_field: str = Field("language", description=(
-        "Column holding the prompt's language code; a BCP 47 tag's language is its code (pt-BR, zh_Hans: pt, zh)."))
+        "Column holding the prompt's language, read as the code samplesPerLanguage counts: a BCP 47 tag's "
+        "language (OpenAssistant's pt-BR: pt), an ISO 639-3 code's (Aya's eng: en), a language's name in English "
+        "or in itself (Tagengo's Russian, Русский: ru); a label that names no language is kept as written."))
     language: str | None = Field(None, pattern=LANGUAGE_PATTERN,
                                  description="Language of every prompt of this source that does not name its own.")
     turns: Literal["all", "first"] = Field(
