@@ -253,6 +253,24 @@ def test_local_run_reads_a_config_map_among_the_manifests_and_runs_shards_as_pro
     assert "every shard committed: merging" in log
 
 
+def test_a_resources_env_is_what_its_phase_process_gets_as_far_as_this_machine_can_give_it(tiny_model):
+    """Values as written; a ConfigMap's key from the ConfigMaps applied with it; a Secret's variable (and
+    a ConfigMap's that was not applied) left as the caller's environment has it, as API keys are."""
+    from llmfactory.local.runner import spec_env
+
+    manifest = pipeline(tiny_model)[1]
+    manifest["spec"]["env"] = [
+        {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
+        {"name": "NCCL_DEBUG", "valueFrom": {"configMapKeyRef": {"name": "nccl", "key": "debug"}}},
+        {"name": "NCCL_IB_HCA", "valueFrom": {"configMapKeyRef": {"name": "nccl", "key": "hca"}}},
+        {"name": "PROXY_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "password"}}}]
+    nccl = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "nccl", "namespace": "default"},
+            "data": {"debug": "INFO"}}
+    assert spec_env(parse(manifest), {("default", "nccl"): nccl}) == {
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "NCCL_DEBUG": "INFO"}
+    assert spec_env(parse(manifest), {}) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
 def test_runtime_rejects_a_task_for_another_phase(tiny_model, tmp_path):
     from llmfactory.planner import plan
 

@@ -186,17 +186,24 @@ class JobController:
 
     def _environment(self, job: dict, container: dict) -> dict[str, str]:
         env = {**os.environ, **self.env}
-        secrets = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in objects_of(self.server, "secrets")}
+        namespace = job["metadata"]["namespace"]
         for var in container.get("env", []):
             if var["name"] in ("HOME", "LLMFACTORY_CACHE", "HF_HOME"):
                 continue  # paths inside the image; the test process has its own
             if "value" in var:
                 env[var["name"]] = var["value"]
-            else:  # the kubelet resolves secretKeyRef; so do we
+            elif "secretKeyRef" in var["valueFrom"]:  # the kubelet resolves references; so do we
                 ref = var["valueFrom"]["secretKeyRef"]
-                secret = secrets[(job["metadata"]["namespace"], ref["name"])]
+                secret = self._object("secrets", namespace, ref["name"])
                 env[var["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+            else:
+                ref = var["valueFrom"]["configMapKeyRef"]
+                env[var["name"]] = self._object("configmaps", namespace, ref["name"])["data"][ref["key"]]
         return env
+
+    def _object(self, plural: str, namespace: str, name: str) -> dict:
+        return next(o for o in objects_of(self.server, plural)
+                    if (o["metadata"]["namespace"], o["metadata"]["name"]) == (namespace, name))
 
     async def _execute_noting_errors(self, job: dict) -> None:
         """A Job this stand-in cannot run (say, its ConfigMap is gone) would otherwise just never

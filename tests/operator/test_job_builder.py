@@ -135,6 +135,31 @@ def test_the_runtime_images_pull_secrets_and_the_platforms_extra_env_reach_every
     assert "imagePullSecrets" not in _job(children(VARIANTS["one-gpu"])[1])["spec"]["template"]["spec"]
 
 
+def test_a_resources_own_env_reaches_its_pods_over_the_platforms_and_leaves_its_task_as_it_was():
+    """One FineTune's allocator setting, NCCL's debug level from a ConfigMap, a proxy's password from a
+    Secret (Kubeflow TrainJob's trainer.env): its Jobs get them beside the operator's variables, over
+    runtime.extraEnv where both name one; not part of what the run computes, so the same task."""
+    settings = SETTINGS.model_copy(update={"extra_env": [{"name": "NCCL_DEBUG", "value": "WARN"},
+                                                         {"name": "HTTPS_PROXY", "value": "http://proxy.corp:3128"}]})
+    own = [{"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
+           {"name": "NCCL_DEBUG", "valueFrom": {"configMapKeyRef": {"name": "nccl", "key": "debug"}}},
+           {"name": "PROXY_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "password"}}}]
+    for variant in ("one-gpu", "two-nodes", "sharded-dataset"):
+        body = VARIANTS[variant]
+        task, _ = children(body, settings)
+        with_env = {**body, "spec": {**body["spec"], "env": own}}
+        env_task, objs = children(with_env, settings)
+        assert env_task["digest"] == task["digest"] and "env" not in env_task["spec"]
+        job = _job(objs)
+        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        names = [var["name"] for var in env]
+        assert len(names) == len(set(names)) and {"HOME", "HF_HOME", "AWS_ACCESS_KEY_ID"} <= set(names)
+        by_name = {var["name"]: var for var in env}
+        assert [by_name[var["name"]] for var in own] == own  # the resource's, not the platform's NCCL_DEBUG
+        assert by_name["HTTPS_PROXY"] == {"name": "HTTPS_PROXY", "value": "http://proxy.corp:3128"}
+        kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+
+
 def test_credentials_are_references_never_values():
     _, objs = children(VARIANTS["one-gpu"])
     env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]

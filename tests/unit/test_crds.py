@@ -432,6 +432,23 @@ BAD = [
     ("Quantization", {"model": {"source": MODEL}, "format": "compressed-tensors", "types": ["fp8", "q4_0"]},
      "format compressed-tensors takes types fp8, gptq, awq"),
     ("Quantization", {"model": {"source": MODEL, "fineTuneRef": {"name": "a"}}}, "set exactly one of fineTuneRef or source"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "env": [{"name": "LLMFACTORY_CACHE", "value": "/x"}]},
+     "spec.env[0].name: the operator sets LLMFACTORY_* and HOME"),
+    ("Benchmark", {"model": {"source": MODEL}, "perplexity": {}, "env": [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]},
+     "set them through the chart's values or apiKeySecret"),
+    ("DatasetBuild", {"sources": [{"uri": "s3://b/p.jsonl"}], "env": [{"name": "proxy_password", "value": "hunter2"}]},
+     "spec.env[0].value: a variable named as a credential"),
+    ("Quantization", {"model": {"source": MODEL}, "env": [{"name": "NCCL_DEBUG"}]},
+     "spec.env[0]: an env entry sets one of value and valueFrom"),
+    ("Quantization", {"model": {"source": MODEL}, "env": [{"name": "NCCL_DEBUG", "value": "INFO", "valueFrom": {
+        "configMapKeyRef": {"name": "nccl", "key": "debug"}}}]}, "an env entry sets one of value and valueFrom"),
+    ("Quantization", {"model": {"source": MODEL}, "env": [{"name": "NCCL_DEBUG", "valueFrom": {
+        "configMapKeyRef": {"name": "nccl", "key": "debug"}, "secretKeyRef": {"name": "nccl", "key": "debug"}}}]},
+     "spec.env[0].valueFrom: valueFrom names one of secretKeyRef and configMapKeyRef"),
+    ("Quantization", {"model": {"source": MODEL}, "env": [{"name": "NCCL_DEBUG", "value": "INFO"},
+                                                         {"name": "NCCL_DEBUG", "value": "WARN"}]},
+     "spec.env[1]: duplicate name 'NCCL_DEBUG': each item of this list names its own"),
 ]
 
 
@@ -489,6 +506,10 @@ def test_a_url_with_credentials_is_refused_without_repeating_them():
     with pytest.raises(PlanError) as err:
         parse(_manifest("DatasetBuild", spec))
     assert "spec.teacher.openai.baseUrl" in str(err.value) and "s3cret" not in str(err.value), err.value
+    spec = {"sources": [{"inline": [{"text": "hi"}]}], "env": [{"name": "WANDB_API_KEY", "value": "s3cret"}]}
+    with pytest.raises(PlanError) as err:
+        parse(_manifest("DatasetBuild", spec))
+    assert "spec.env[0]" in str(err.value) and "s3cret" not in str(err.value), err.value
 
 
 def test_the_built_in_question_languages_are_the_question_sets_shipped():

@@ -129,7 +129,7 @@ def test_operator_settings_read_back_what_the_values_say(tmp_path):
 def test_the_schema_refuses_the_extra_env_the_operator_refuses():
     """The variables the operator sets itself, which runtime.extraEnv may not replace: one list, the
     operator's, which the schema repeats for helm install to refuse them first."""
-    from llmfactory.controller.settings import OPERATOR_ENV
+    from llmfactory.api.common import OPERATOR_ENV
 
     schema = json.loads((CHART / "values.schema.json").read_text())
     name = schema["properties"]["runtime"]["properties"]["extraEnv"]["items"]["properties"]["name"]

@@ -148,6 +148,52 @@ class SecretKeyRef(ApiModel):
     key: str = Field(min_length=1, description="Key inside the Secret.")
 
 
+class ConfigMapKeyRef(ApiModel):
+    name: str = Field(pattern=NAME_PATTERN, description="Name of a ConfigMap in the same namespace.")
+    key: str = Field(min_length=1, description="Key inside the ConfigMap.")
+
+
+# What the Jobs' containers get from the operator, which neither runtime.extraEnv nor a spec's env may
+# replace: the runtime's own variables, the store's and the hub's credentials, the API keys (all
+# LLMFACTORY_* or these).
+OPERATOR_ENV = ("HOME", "HF_HOME", "PYTHONUNBUFFERED", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN")
+ENV_NAME_PATTERN = pattern(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", "an environment variable's name: letters, digits, "
+                                                          "'_', '-' and '.', not starting with a digit")
+# A variable whose name says it holds a credential (WANDB_API_KEY, a proxy's PASSWORD, a hub TOKEN):
+# its value would be copied into the spec, the Job and every `kubectl get -o yaml`.
+CREDENTIAL_NAME = r"(?i)(^|_)(API_?KEY|KEY|TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIALS?)$"
+
+
+class EnvVarSource(ApiModel):
+    """Where a variable's value is read from when the pod starts: a key of a Secret or of a ConfigMap."""
+
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {"rule": "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+         "message": "valueFrom names one of secretKeyRef and configMapKeyRef"}]
+
+    secret_key_ref: SecretKeyRef | None = Field(None, description="A key of a Secret in the same namespace.")
+    config_map_key_ref: ConfigMapKeyRef | None = Field(None, description="A key of a ConfigMap in the same namespace.")
+
+
+class EnvVar(ApiModel):
+    """corev1.EnvVar: a variable of the phase's container."""
+
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {"rule": "has(self.value) != has(self.valueFrom)", "message": "an env entry sets one of value and valueFrom"},
+        {"rule": f"!self.name.startsWith('LLMFACTORY_') && !(self.name in {list(OPERATOR_ENV)})",
+         "fieldPath": ".name",
+         "message": f"the operator sets LLMFACTORY_* and {', '.join(OPERATOR_ENV)} itself (the store's, the hub's "
+                    "and the API keys' variables): set them through the chart's values or apiKeySecret"},
+        {"rule": f"!has(self.value) || !self.name.matches('{CREDENTIAL_NAME}')", "fieldPath": ".value",
+         "message": "a variable named as a credential (..._KEY, ..._TOKEN, ..._PASSWORD, ..._SECRET) is read from a "
+                    "Secret: valueFrom.secretKeyRef, not value, which would copy it into the spec and the Job"}]
+
+    name: str = Field(pattern=ENV_NAME_PATTERN, max_length=128, description="The variable's name.")
+    value: str | None = Field(None, description="Its value, as written.")
+    value_from: EnvVarSource | None = Field(None, description="Where its value is read from when the pod starts.")
+
+
 class Price(ApiModel):
     input_per_million: float = Field(ge=0, description="USD per million prompt tokens.")
     output_per_million: float = Field(ge=0, description="USD per million completion tokens.")
@@ -289,6 +335,13 @@ class RunOptions(ApiModel):
     scheduling: Scheduling | None = Field(None, description="Node selector, tolerations and affinity of the "
                                                             "phase's pods, overriding the operator's defaults.")
     resources: PodResources | None = Field(None, description="GPUs, CPU and memory of the phase's pod.")
+    env: list[EnvVar] | None = Field(None, max_length=64, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}, description=(
+        "Environment variables of the phase's container, besides and over the operator's runtime.extraEnv (Helm "
+        "value): PYTORCH_CUDA_ALLOC_CONF, NCCL_DEBUG, NCCL_SOCKET_IFNAME, HTTPS_PROXY. A value as written, or "
+        "valueFrom a Secret's or ConfigMap's key; a credential only from a Secret. Locally (llmfactory run) values "
+        "are set, a ConfigMap's key read from the applied ConfigMaps, and a Secret's variable left as your "
+        "environment has it. A change applies to the Jobs made after it."))
     backoff_limit: int | None = Field(None, ge=0, le=100, description=(
         "Failed attempts retried, each resuming from what the last one saved, before the run fails "
         "(BackoffLimitExceeded); an attempt interrupted by preemption or eviction is not counted, nor is a "
@@ -304,8 +357,8 @@ class RunOptions(ApiModel):
 # Where, when and how a run is scheduled, not what it computes: left out of the task. (A FineTune's
 # resources are in it: the number of processes shapes the global batch.) benchmarkRef gates when a
 # FineTune or Quantization starts; the graph reads it.
-OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources", "benchmarkRef", "backoffLimit",
-                      "activeDeadlineSeconds")
+OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources", "env", "benchmarkRef",
+                      "backoffLimit", "activeDeadlineSeconds")
 
 
 def operational_fields(kind: str) -> tuple[str, ...]:

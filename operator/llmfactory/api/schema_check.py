@@ -125,6 +125,14 @@ def validate(schema: dict, value: Any, path: str = "") -> list[str]:
                 if key in seen:
                     errors.append(f"{path}[{i}]: duplicate value {item!r}: a set names each value once")
                 seen.add(key)
+        if schema.get("x-kubernetes-list-type") == "map":  # the API server's "Duplicate value" of an item's keys
+            keys, seen = schema.get("x-kubernetes-list-map-keys", []), set()
+            for i, item in enumerate(value):
+                key = tuple((item or {}).get(k) for k in keys) if isinstance(item, dict) else None
+                if key in seen:
+                    named = ", ".join(f"{k} {v!r}" for k, v in zip(keys, key))
+                    errors.append(f"{path}[{i}]: duplicate {named}: each item of this list names its own")
+                seen.add(key)
     if not errors:
         rules = schema.get("x-kubernetes-validations", [])
         value_json = json.dumps(value, sort_keys=True) if rules else ""  # once for all the node's rules

@@ -68,6 +68,13 @@ def _secret_env(spec: dict[str, Any]) -> list[dict[str, Any]]:
             for holder, name, _ in api_keys(spec) if holder.get("apiKeySecret")]
 
 
+def _extra_env(operators: list[dict[str, Any]], resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """runtime.extraEnv, then the resource's own env, which wins where both name a variable (a container
+    with a name twice is warned about by the API server, and its last one silently wins)."""
+    own = {var["name"] for var in resources}
+    return [var for var in operators if var["name"] not in own] + resources
+
+
 def _env(settings: OperatorSettings) -> list[dict[str, Any]]:
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "LLMFACTORY_CACHE", "value": "/cache"},
            {"name": "HF_HOME", "value": "/cache/huggingface"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
@@ -169,7 +176,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": _command(kind, gpus, nodes, job_name, name, shards, settings.termination_grace_seconds),
-        "env": _env(settings) + settings.extra_env + _secret_env(spec),
+        "env": _env(settings) + _extra_env(settings.extra_env, spec.get("env") or []) + _secret_env(spec),
         "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
                          {"name": "shm", "mountPath": "/dev/shm"},

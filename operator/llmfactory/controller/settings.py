@@ -8,10 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-# What the Jobs' containers get from the operator, which runtime.extraEnv may not replace: the runtime's
-# own variables, the store's and the hub's credentials, the API keys (all LLMFACTORY_* or these).
-OPERATOR_ENV = ("HOME", "HF_HOME", "PYTHONUNBUFFERED", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN")
+from ..api.common import OPERATOR_ENV
 
 
 class OperatorSettings(BaseModel):

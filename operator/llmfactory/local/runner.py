@@ -93,7 +93,7 @@ class LocalRunner:
         shards = task["spec"].get("shards", 1) if res.kind == "DatasetBuild" else 1
         # A sharded build: one process per shard, as the Indexed Job's pods; the last one merges.
         commands = [command + ["--shard", str(i)] for i in range(shards)] if shards > 1 else [command]
-        env = {**self.env, CONFIG_MAPS_ENV: str(self._write_config_maps(res.namespace))}
+        env = {**self.env, **spec_env(res, self.config_maps), CONFIG_MAPS_ENV: str(self._write_config_maps(res.namespace))}
         with log.open("w") as out:
             procs = [subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT, env=env) for c in commands]
             progress: dict[str, Any] = {}
@@ -132,6 +132,19 @@ class LocalRunner:
         counter = f" {done}/{total} {progress.get('unit') or ''}" if total else ""
         bars.update(bar, description=f"{label}: {stage}{counter}", completed=progress.get("percent") or 0,
                     figure=progress.get("figure") or "")
+
+
+def spec_env(res: Resource, config_maps: dict[tuple[str, str], dict]) -> dict[str, str]:
+    """A resource's spec.env as this machine can give its phase's process: values as written, a
+    ConfigMap's key from the applied ConfigMaps; a Secret's variable (and a ConfigMap's not applied)
+    as this process's environment has it, as API keys are."""
+    env = {}
+    for var in res.spec.env or []:
+        ref = var.value_from.config_map_key_ref if var.value_from else None
+        content = config_map_bytes(config_maps.get((res.namespace, ref.name)) or {}, ref.key) if ref else None
+        if var.value is not None or content is not None:
+            env[var.name] = var.value if var.value is not None else content.decode()
+    return env
 
 
 def _finished(res: Resource, status: str, task: dict[str, Any], result: dict[str, Any], seconds: float = 0.0,
