@@ -160,6 +160,32 @@ def test_a_resources_own_env_reaches_its_pods_over_the_platforms_and_leaves_its_
         kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
 
 
+def test_a_resources_volumes_are_mounted_where_its_file_uris_read_and_leave_its_task_as_it_was():
+    """Models on shared storage (a claim at /models, read-only) and a Hugging Face cache on NFS that
+    every Job downloads into once (/cache/huggingface, below the cache emptyDir, writable): each pod
+    of the run mounts them; where the data is mounted does not change what the run computes."""
+    volumes = [{"name": "models", "mountPath": "/models", "persistentVolumeClaim": {"claimName": "models"},
+                "subPath": "meta-llama"},
+               {"name": "hf-cache", "mountPath": "/cache/huggingface", "readOnly": False,
+                "nfs": {"server": "nfs.storage", "path": "/exports/hf"}}]
+    for variant in ("one-gpu", "two-nodes", "sharded-dataset", "config-map-sources"):
+        body = VARIANTS[variant]
+        task, _ = children(body)
+        mounted_task, objs = children({**body, "spec": {**body["spec"], "volumes": volumes}})
+        assert mounted_task["digest"] == task["digest"] and "volumes" not in mounted_task["spec"]
+        job = _job(objs)
+        pod = job["spec"]["template"]["spec"]
+        by_name = {v["name"]: v for v in pod["volumes"]}
+        assert by_name["models"] == {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+        assert by_name["hf-cache"] == {"name": "hf-cache", "nfs": {"server": "nfs.storage", "path": "/exports/hf",
+                                                                   "readOnly": False}}
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["models"] == {"name": "models", "mountPath": "/models", "readOnly": True, "subPath": "meta-llama"}
+        assert mounts["hf-cache"] == {"name": "hf-cache", "mountPath": "/cache/huggingface", "readOnly": False}
+        assert {"task", "shm", "tmp", "cache"} <= set(mounts) and len(pod["volumes"]) == len(mounts)
+        kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
+
+
 def test_credentials_are_references_never_values():
     _, objs = children(VARIANTS["one-gpu"])
     env = _job(objs)["spec"]["template"]["spec"]["containers"][0]["env"]

@@ -449,6 +449,27 @@ BAD = [
     ("Quantization", {"model": {"source": MODEL}, "env": [{"name": "NCCL_DEBUG", "value": "INFO"},
                                                          {"name": "NCCL_DEBUG", "value": "WARN"}]},
      "spec.env[1]: duplicate name 'NCCL_DEBUG': each item of this list names its own"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "volumes": [
+        {"name": "models", "mountPath": "/models"}]}, "spec.volumes[0]: a volume is one of persistentVolumeClaim and nfs"),
+    ("FineTune", {"baseModel": MODEL, "dataset": {"uri": "file:///d"}, "volumes": [
+        {"name": "models", "mountPath": "/models", "persistentVolumeClaim": {"claimName": "m"},
+         "nfs": {"server": "nfs", "path": "/m"}}]}, "a volume is one of persistentVolumeClaim and nfs"),
+    ("Benchmark", {"model": {"source": MODEL}, "perplexity": {}, "volumes": [
+        {"name": "models", "mountPath": "/cache", "persistentVolumeClaim": {"claimName": "m"}}]},
+     "spec.volumes[0].mountPath: the pods' own volumes are mounted at /etc/llmfactory, /dev/shm, /tmp, /cache"),
+    ("Benchmark", {"model": {"source": MODEL}, "perplexity": {}, "volumes": [
+        {"name": "models", "mountPath": "/etc", "persistentVolumeClaim": {"claimName": "m"}}]},
+     "spec.volumes[0].mountPath: the pods' own volumes are mounted at"),
+    ("Quantization", {"model": {"source": MODEL}, "volumes": [
+        {"name": "cache", "mountPath": "/models", "persistentVolumeClaim": {"claimName": "m"}}]},
+     "spec.volumes[0].name: task, shm, tmp, cache and source-* name the pods' own volumes"),
+    ("Quantization", {"model": {"source": MODEL}, "volumes": [
+        {"name": "a", "mountPath": "/models", "persistentVolumeClaim": {"claimName": "a"}},
+        {"name": "b", "mountPath": "/models", "nfs": {"server": "nfs", "path": "/m"}}]},
+     "spec.volumes: each volume is mounted at a path of its own"),
+    ("Quantization", {"model": {"source": MODEL}, "volumes": [
+        {"name": "a", "mountPath": "/models/../etc", "persistentVolumeClaim": {"claimName": "a"}}]},
+     "spec.volumes[0].mountPath"),
 ]
 
 

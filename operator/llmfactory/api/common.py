@@ -314,6 +314,49 @@ class Scheduling(ApiModel):
     priority_class_name: str | None = Field(None, pattern=NAME_PATTERN, description="PriorityClass of the pods.")
 
 
+class PersistentVolumeClaimSource(ApiModel):
+    claim_name: str = Field(pattern=NAME_PATTERN, description="A PersistentVolumeClaim in the same namespace (ReadOnlyMany "
+                                                              "or ReadWriteMany for a run of several pods).")
+
+
+class NfsSource(ApiModel):
+    server: str = Field(min_length=1, description="Hostname or IP address of the NFS server.")
+    path: str = Field(pattern=pattern(r"^/", "an absolute path"), description="The path the server exports.")
+
+
+# Where the pods' own volumes are mounted (the task, /dev/shm, the scratch and cache emptyDirs): a volume
+# may be mounted below /tmp and /cache (a shared Hugging Face cache at /cache/huggingface), not at them.
+RESERVED_MOUNT_PATHS = ("/etc/llmfactory", "/dev/shm", "/tmp", "/cache")
+MOUNT_PATH_PATTERN = pattern(r"^(/[-_a-zA-Z0-9][-._a-zA-Z0-9]*)+$",
+                             "an absolute path without a trailing '/', '.' or '..' segments, e.g. /models")
+
+
+class Volume(ApiModel):
+    """Storage mounted into the phase's pods: a PersistentVolumeClaim or an NFS export."""
+
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {"rule": "has(self.persistentVolumeClaim) != has(self.nfs)",
+         "message": "a volume is one of persistentVolumeClaim and nfs"},
+        {"rule": f"!({list(RESERVED_MOUNT_PATHS)}.exists(p, p == self.mountPath || p.startsWith(self.mountPath + '/')))",
+         "fieldPath": ".mountPath",
+         "message": f"the pods' own volumes are mounted at {', '.join(RESERVED_MOUNT_PATHS)}: mount elsewhere, or below "
+                    "/tmp or /cache (a shared Hugging Face cache at /cache/huggingface)"},
+        {"rule": "!(self.name in ['task', 'shm', 'tmp', 'cache']) && !self.name.startsWith('source-')",
+         "fieldPath": ".name", "message": "task, shm, tmp, cache and source-* name the pods' own volumes"}]
+
+    name: str = Field(pattern=pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "a DNS label: lowercase letters, digits "
+                                      "and '-', starting and ending with a letter or digit"), max_length=63,
+                      description="The volume's name in the pods (a DNS label).")
+    mount_path: str = Field(pattern=MOUNT_PATH_PATTERN, max_length=256, description="Where the pods see it, e.g. /models.")
+    sub_path: str | None = Field(None, pattern=pattern(r"^[-_a-zA-Z0-9][-._a-zA-Z0-9]*(/[-_a-zA-Z0-9][-._a-zA-Z0-9]*)*$",
+                                                       "a relative path without '.' or '..' segments, e.g. llama-3"),
+                                 max_length=256, description="A folder inside the volume to mount instead of its root.")
+    read_only: bool = Field(True, description="Mounted read-only (models, datasets); false lets the run write there "
+                                              "(a shared Hugging Face cache).")
+    persistent_volume_claim: PersistentVolumeClaimSource | None = Field(None, description="A PersistentVolumeClaim.")
+    nfs: NfsSource | None = Field(None, description="An NFS export.")
+
+
 class RunOptions(ApiModel):
     """How a phase's runs are scheduled and cleaned up: fields every kind's spec has. They do
     not change what a run computes, so they are not part of the task digest."""
@@ -342,6 +385,15 @@ class RunOptions(ApiModel):
         "valueFrom a Secret's or ConfigMap's key; a credential only from a Secret. Locally (llmfactory run) values "
         "are set, a ConfigMap's key read from the applied ConfigMaps, and a Secret's variable left as your "
         "environment has it. A change applies to the Jobs made after it."))
+    volumes: list[Volume] | None = Field(None, max_length=16, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
+        "x-kubernetes-validations": [{"rule": "self.all(a, self.exists_one(b, b.mountPath == a.mountPath))",
+                                      "message": "each volume is mounted at a path of its own"}]}, description=(
+        "PersistentVolumeClaims and NFS exports mounted into the phase's pods, where file:// URIs find them: models "
+        "and datasets on shared storage (file:///models/llama-3-8b with a claim mounted at /models), a shared "
+        "Hugging Face cache at /cache/huggingface (readOnly false) that Jobs download each model into once. "
+        "Locally (llmfactory run) ignored: file:// names this machine's paths. A change applies to the Jobs made "
+        "after it."))
     backoff_limit: int | None = Field(None, ge=0, le=100, description=(
         "Failed attempts retried, each resuming from what the last one saved, before the run fails "
         "(BackoffLimitExceeded); an attempt interrupted by preemption or eviction is not counted, nor is a "
@@ -357,7 +409,7 @@ class RunOptions(ApiModel):
 # Where, when and how a run is scheduled, not what it computes: left out of the task. (A FineTune's
 # resources are in it: the number of processes shapes the global batch.) benchmarkRef gates when a
 # FineTune or Quantization starts; the graph reads it.
-OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources", "env", "benchmarkRef",
+OPERATIONAL_FIELDS = ("deletionPolicy", "queueName", "suspend", "scheduling", "resources", "env", "volumes", "benchmarkRef",
                       "backoffLimit", "activeDeadlineSeconds")
 
 

@@ -104,6 +104,19 @@ def _config_map_volumes(task: dict[str, Any]) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+def _volumes(spec_volumes: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) of the resource's spec.volumes: its claims and NFS exports, read-only unless it says."""
+    volumes, mounts = [], []
+    for v in spec_volumes:
+        read_only = v.get("readOnly", True)
+        source = ({"persistentVolumeClaim": {"claimName": v["persistentVolumeClaim"]["claimName"], "readOnly": read_only}}
+                  if "persistentVolumeClaim" in v else {"nfs": {**v["nfs"], "readOnly": read_only}})
+        volumes.append({"name": v["name"], **source})
+        mount = {"name": v["name"], "mountPath": v["mountPath"], "readOnly": read_only}
+        mounts.append({**mount, "subPath": v["subPath"]} if v.get("subPath") else mount)
+    return volumes, mounts
+
+
 def _command(kind: str, gpus: int, nodes: int, job: str, service: str, shards: int, grace_seconds: int) -> list[str]:
     phase = KINDS[kind].phase
     runtime = ["-m", "llmfactory_runtime", phase, "--task", TASK_PATH]
@@ -165,6 +178,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "data": {"task.json": json.dumps(task, indent=2, sort_keys=True)},
     }
     source_volumes, source_mounts = _config_map_volumes(task)
+    own_volumes, own_mounts = _volumes(spec.get("volumes") or [])
     limits: dict[str, str] = {}
     if gpus:
         limits[settings.gpu_resource] = str(gpus)
@@ -181,7 +195,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "volumeMounts": [{"name": "task", "mountPath": TASK_DIR, "readOnly": True},
                          {"name": "shm", "mountPath": "/dev/shm"},
                          {"name": "tmp", "mountPath": "/tmp"},
-                         {"name": "cache", "mountPath": "/cache"}, *source_mounts],
+                         {"name": "cache", "mountPath": "/cache"}, *source_mounts, *own_mounts],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
     }
@@ -195,7 +209,7 @@ def build(body: dict[str, Any], task: dict[str, Any], settings: OperatorSettings
         "volumes": [{"name": "task", "configMap": {"name": name}},
                     {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
                     {"name": "tmp", "emptyDir": {}},
-                    {"name": "cache", "emptyDir": {}}, *source_volumes],
+                    {"name": "cache", "emptyDir": {}}, *source_volumes, *own_volumes],
     }
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
